@@ -1,0 +1,155 @@
+import type { DescFile, DescService } from "@bufbuild/protobuf";
+import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import { file_grpc_health_v1_health, Health } from "../gen/grpc/health/v1/health_pb.js";
+import { file_grpc_reflection_v1_reflection, ServerReflection as ReflectionV1 } from "../gen/grpc/reflection/v1/reflection_pb.js";
+import {
+  file_grpc_reflection_v1alpha_reflection,
+  ServerReflection as ReflectionV1Alpha,
+} from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import { file_tessera_v1_error_details } from "../gen/tessera/v1/error_details_pb.js";
+import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { type AuditLog, createAuditLog } from "./audit.js";
+import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
+import { createJwtService, type JwtService } from "./auth/jwt.js";
+import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
+import { ensureAdmin, ensureDefaultTenant, type BootstrapResult } from "./bootstrap.js";
+import type { Config } from "./config.js";
+import { createAuditInterceptor } from "./interceptors/audit.js";
+import { assertAuthRules } from "./interceptors/auth-rule.js";
+import { createAuthnInterceptor } from "./interceptors/authn.js";
+import { createAuthzInterceptor } from "./interceptors/authz.js";
+import { createErrorInterceptor } from "./interceptors/errors.js";
+import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
+import { createLogger } from "./logger.js";
+import { createRateLimits, type RateLimits } from "./rate-limit.js";
+import { createHealthService } from "./services/health/health-service.js";
+import { createReflectionServices } from "./services/reflection/reflection-service.js";
+import { SessionIssuer } from "./services/user/sessions.js";
+import { createUserService } from "./services/user/user-service.js";
+import { initORM, type Storage } from "./storage/orm.js";
+import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
+
+/** The service version reported by /health. */
+export const VERSION = "0.1.0";
+
+/** Everything a running Tessera is made of, independent of the transport serving it. */
+export interface App {
+  config: Config;
+  logger: Logger;
+  storage: Storage;
+  sql: SqlRunner;
+  jwt: JwtService;
+  authenticator: Authenticator;
+  limits: RateLimits | undefined;
+  audit: AuditLog;
+  /** The admin bootstrap outcome of this start (a generated password is in it once). */
+  bootstrap: BootstrapResult;
+  /** Tessera services, in the order they are registered. */
+  services: DescService[];
+  /** Registers every service on a Connect router. */
+  routes: (router: ConnectRouter) => void;
+  /** Interceptor chain, outermost first. */
+  interceptors: Interceptor[];
+  defaultTenantId(): Promise<string>;
+  startedAt: number;
+  close(): Promise<void>;
+}
+
+/** Options for {@link createApp}. */
+export interface CreateAppOptions {
+  logger?: Logger;
+}
+
+/**
+ * Build the application: storage (migrated), admin bootstrap, keys, verifiers,
+ * interceptors and services. The HTTP/TLS layer lives in server.ts.
+ */
+export async function createApp(config: Config, options: CreateAppOptions = {}): Promise<App> {
+  const logger = options.logger ?? createLogger(config.log.level);
+  const storage = await initORM({ url: config.database.url, debug: config.database.debug, migrate: true });
+  try {
+    const sql = await createSqlRunner(storage);
+    const bootstrap = await ensureAdmin(storage.em.fork(), {
+      username: config.admin.username,
+      password: config.admin.password,
+      iterations: config.auth.passwordIterations,
+    });
+    let defaultTenant: string | undefined;
+    const defaultTenantId = async () => {
+      defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
+      return defaultTenant;
+    };
+    const jwt = await createJwtService({ config: config.auth.jwt, storage });
+    const users = new UserStateReader(sql);
+    const authenticator = new Authenticator();
+    authenticator.bearer.push(createJwtBearerVerifier(jwt, { user: createUserClaimsLoader(users) }));
+    if (config.auth.basic.enabled) {
+      authenticator.basic.push(
+        createUserBasicVerifier({ users, cacheSize: config.auth.tokens.cacheSize, iterations: config.auth.passwordIterations }),
+      );
+    }
+    const limits = config.rateLimit.enabled ? createRateLimits(config.rateLimit) : undefined;
+    const audit = createAuditLog({ sql, logger });
+    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
+
+    const services: DescService[] = [UserService];
+    assertAuthRules(services);
+    const files: DescFile[] = [
+      file_tessera_v1_user_service,
+      file_tessera_v1_error_details,
+      file_grpc_health_v1_health,
+      file_grpc_reflection_v1_reflection,
+      file_grpc_reflection_v1alpha_reflection,
+    ];
+    const servedNames = [...services, Health, ReflectionV1, ReflectionV1Alpha].map((s) => s.typeName);
+    const reflection = createReflectionServices(files, servedNames);
+    const userService = createUserService({
+      storage,
+      sessions,
+      passwordIterations: config.auth.passwordIterations,
+      defaultTenantId,
+      limits,
+    });
+    const health = createHealthService({ ping: () => storage.ping(), services: services.map((s) => s.typeName) });
+
+    const interceptors: Interceptor[] = [
+      createErrorInterceptor({ logger }),
+      ...(limits ? [createRateLimitInterceptor({ limits })] : []),
+      createAuditInterceptor({ audit }),
+      createAuthnInterceptor({ authenticator, limits }),
+      createAuthzInterceptor({ limits }),
+    ];
+
+    return {
+      config,
+      logger,
+      storage,
+      sql,
+      jwt,
+      authenticator,
+      limits,
+      audit,
+      bootstrap,
+      services,
+      routes(router) {
+        router.service(UserService, userService);
+        router.service(Health, health);
+        router.service(ReflectionV1, reflection.v1);
+        router.service(ReflectionV1Alpha, reflection.v1alpha);
+      },
+      interceptors,
+      defaultTenantId,
+      startedAt: Date.now(),
+      async close() {
+        jwt.close();
+        await audit.close();
+        await limits?.close();
+        await storage.close();
+      },
+    };
+  } catch (err) {
+    await storage.close();
+    throw err;
+  }
+}

@@ -1,0 +1,90 @@
+import type { RequestState } from "../context.js";
+import { TesseraError } from "../errors.js";
+import type { PresentedCredential } from "./credentials.js";
+import type { AccessTokenClaims, JwtService } from "./jwt.js";
+import type { PeerCertificateInfo, Principal } from "./principal.js";
+
+/**
+ * Verifies one shape of bearer token (JWT, a prefixed opaque token, the admin token).
+ * Returns null when the token is not of its shape, so the next verifier can try;
+ * throws TesseraError when the token is of its shape but not acceptable.
+ */
+export interface BearerVerifier {
+  readonly name: string;
+  verify(token: string, state: RequestState): Promise<Principal | null>;
+}
+
+/** Verifies Basic credentials; null when the username is not one it knows. */
+export interface BasicVerifier {
+  readonly name: string;
+  verify(username: string, password: string, state: RequestState): Promise<Principal | null>;
+}
+
+/** Maps a verified client certificate (with no header credential) to a principal, or null. */
+export interface CertificateVerifier {
+  readonly name: string;
+  verify(certificate: PeerCertificateInfo, state: RequestState): Promise<Principal | null>;
+}
+
+/** Turns verified access-token claims into a principal by reading the subject's current state. */
+export type ClaimsLoader = (claims: AccessTokenClaims, state: RequestState) => Promise<Principal>;
+
+/**
+ * The verifiers the authentication interceptor consults. Features register theirs at
+ * start-up (tokens, machine users, certificates); order matters only between verifiers
+ * whose shapes could overlap, and none do.
+ */
+export class Authenticator {
+  readonly bearer: BearerVerifier[] = [];
+  readonly basic: BasicVerifier[] = [];
+  readonly certificate: CertificateVerifier[] = [];
+
+  /** Authenticate a presented credential, or the connection's certificate when none was sent. */
+  async authenticate(credential: PresentedCredential | null, state: RequestState): Promise<Principal | null> {
+    if (credential === null) {
+      if (!state.certificate) return null;
+      for (const v of this.certificate) {
+        const p = await v.verify(state.certificate, state);
+        if (p) return p;
+      }
+      return null;
+    }
+    if (credential.type === "basic") {
+      for (const v of this.basic) {
+        const p = await v.verify(credential.username, credential.password, state);
+        if (p) return p;
+      }
+      throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+    }
+    for (const v of this.bearer) {
+      const p = await v.verify(credential.token, state);
+      if (p) return p;
+    }
+    throw new TesseraError("TOKEN_INVALID", "token is not recognised");
+  }
+}
+
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
+/**
+ * Bearer verifier for Tessera-issued access tokens. After the signature (cached per
+ * token), the subject's current state is read on every request, so a disabled or deleted
+ * subject is refused at once; a certificate-bound token (cnf x5t#S256) is accepted only
+ * on a connection presenting that same certificate (RFC 8705).
+ */
+export function createJwtBearerVerifier(jwt: JwtService, loaders: Partial<Record<"user" | "machine", ClaimsLoader>>): BearerVerifier {
+  return {
+    name: "jwt",
+    async verify(token, state) {
+      if (!JWT_SHAPE.test(token)) return null;
+      const claims = await jwt.verify(token);
+      const bound = claims.cnf?.["x5t#S256"];
+      if (bound !== undefined && state.certificate?.thumbprint !== bound) {
+        throw new TesseraError("TOKEN_NOT_BOUND", "token is bound to a client certificate this connection did not present");
+      }
+      const loader = loaders[claims.pk];
+      if (!loader) throw new TesseraError("TOKEN_INVALID", "token subject kind is not accepted");
+      return loader(claims, state);
+    },
+  };
+}

@@ -1,0 +1,53 @@
+import { TesseraError } from "../errors.js";
+
+/** A credential found in the request headers. Never log it. */
+export type PresentedCredential =
+  | { type: "bearer"; token: string }
+  | { type: "api-key"; token: string }
+  | { type: "basic"; username: string; password: string };
+
+const TOKEN_CHARS = /^[\x21-\x7e]+$/;
+
+/**
+ * Read `Authorization: Bearer`, `Authorization: Basic` and `X-API-Key`. Two credentials
+ * in one request are refused rather than guessed between.
+ * @returns null when no credential was sent.
+ * @throws TesseraError AUTH_HEADER_MALFORMED, MULTIPLE_CREDENTIALS
+ */
+export function parseCredentials(headers: Headers): PresentedCredential | null {
+  const authorization = headers.get("authorization");
+  const apiKey = headers.get("x-api-key");
+  if (authorization !== null && apiKey !== null) {
+    throw new TesseraError("MULTIPLE_CREDENTIALS", "send one credential: Authorization or X-API-Key, not both");
+  }
+  if (apiKey !== null) {
+    const token = apiKey.trim();
+    // Headers joined from repeats arrive as "a, b".
+    if (!token || !TOKEN_CHARS.test(token) || token.includes(",")) {
+      throw new TesseraError("AUTH_HEADER_MALFORMED", "X-API-Key must hold exactly one key");
+    }
+    return { type: "api-key", token };
+  }
+  if (authorization === null) return null;
+  const value = authorization.trim();
+  const space = value.indexOf(" ");
+  if (space < 0) throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token> or Basic <credentials>");
+  const scheme = value.slice(0, space).toLowerCase();
+  const rest = value.slice(space + 1).trim();
+  if (scheme === "bearer") {
+    if (!rest || !TOKEN_CHARS.test(rest) || rest.includes(",")) {
+      throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token>");
+    }
+    return { type: "bearer", token: rest };
+  }
+  if (scheme === "basic") {
+    if (!/^[A-Za-z0-9+/]+={0,2}$/.test(rest)) {
+      throw new TesseraError("AUTH_HEADER_MALFORMED", "Basic credentials must be base64");
+    }
+    const decoded = Buffer.from(rest, "base64").toString("utf8");
+    const colon = decoded.indexOf(":");
+    if (colon <= 0) throw new TesseraError("AUTH_HEADER_MALFORMED", "Basic credentials must be username:password");
+    return { type: "basic", username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
+  }
+  throw new TesseraError("AUTH_HEADER_MALFORMED", "unsupported Authorization scheme (use Bearer or Basic)");
+}

@@ -1,0 +1,65 @@
+import { pbkdf2, randomBytes, timingSafeEqual } from "node:crypto";
+import { promisify } from "node:util";
+
+const pbkdf2Async = promisify(pbkdf2);
+
+/** OWASP 2023 recommendation for PBKDF2-HMAC-SHA256. */
+export const DEFAULT_ITERATIONS = 600_000;
+const KEY_LENGTH = 32;
+const SALT_LENGTH = 16;
+
+/**
+ * Hash a secret (password or token secret) with PBKDF2-SHA256. The result is a
+ * self-describing string `pbkdf2-sha256$<iterations>$<salt b64>$<hash b64>`, so the
+ * parameters are stored with each hash and can be raised later without a migration.
+ * Runs on the libuv thread pool: never blocks the event loop.
+ */
+export async function hashSecret(secret: string, iterations = DEFAULT_ITERATIONS): Promise<string> {
+  const salt = randomBytes(SALT_LENGTH);
+  const hash = await pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256");
+  return `pbkdf2-sha256$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
+}
+
+/** The parameters stored in a hash string. */
+export interface HashParameters {
+  algorithm: "pbkdf2-sha256";
+  iterations: number;
+  salt: Buffer;
+  hash: Buffer;
+}
+
+/** Parse a stored hash; null when it is not in the expected format. */
+export function parseHash(stored: string): HashParameters | null {
+  const parts = stored.split("$");
+  if (parts.length !== 4 || parts[0] !== "pbkdf2-sha256") return null;
+  const iterations = Number(parts[1]);
+  if (!Number.isInteger(iterations) || iterations < 1) return null;
+  return {
+    algorithm: "pbkdf2-sha256",
+    iterations,
+    salt: Buffer.from(parts[2]!, "base64"),
+    hash: Buffer.from(parts[3]!, "base64"),
+  };
+}
+
+/** Constant-time verification of `secret` against a stored hash. */
+export async function verifySecret(secret: string, stored: string): Promise<boolean> {
+  const params = parseHash(stored);
+  if (!params) return false;
+  const candidate = await pbkdf2Async(secret, params.salt, params.iterations, params.hash.length, "sha256");
+  return candidate.length === params.hash.length && timingSafeEqual(candidate, params.hash);
+}
+
+/**
+ * A hash of a random password nobody knows, computed once, so that a login for an
+ * unknown user costs the same PBKDF2 work as for a known one (no user enumeration by timing).
+ */
+const dummyHashes = new Map<number, Promise<string>>();
+export function dummyPasswordHash(iterations = DEFAULT_ITERATIONS): Promise<string> {
+  let hash = dummyHashes.get(iterations);
+  if (!hash) {
+    hash = hashSecret(randomBytes(24).toString("base64"), iterations);
+    dummyHashes.set(iterations, hash);
+  }
+  return hash;
+}

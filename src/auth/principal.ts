@@ -1,0 +1,56 @@
+import { PrincipalKind } from "../../gen/tessera/v1/options_pb.js";
+
+/** How a principal proved who it is. */
+export type AuthMethod = "jwt" | "pat" | "api_key" | "basic" | "machine_token" | "mtls" | "admin_token";
+
+/** A verified client certificate, as the TLS layer presented it. */
+export interface PeerCertificateInfo {
+  /** SHA-256 of the DER certificate, lowercase hex without colons. */
+  sha256Fingerprint: string;
+  /** The same digest base64url-encoded: RFC 8705 `x5t#S256`. */
+  thumbprint: string;
+  /** Subject common name, if any. */
+  commonName: string | null;
+  /** URI subject alternative names (e.g. SPIFFE ids). */
+  sanUris: readonly string[];
+}
+
+/** Who is calling, after authentication. Carries no secret. */
+export interface Principal {
+  kind: "user" | "machine" | "admin";
+  method: AuthMethod;
+  /** User id, machine-user id, or "admin-token". */
+  id: string;
+  /** Null only for the static admin token, which spans tenants. */
+  tenantId: string | null;
+  username?: string;
+  /** Effective scopes for this request. */
+  scopes: readonly string[];
+  /** Machine users: the applications they are assigned to. */
+  applicationIds?: readonly string[];
+  /** The token row (PAT, API key, machine token) or JWT id that authenticated the call. */
+  credentialId?: string;
+  /** The verified client certificate of the connection, if any. */
+  certificate?: PeerCertificateInfo | null;
+}
+
+/** Whether an auth rule's principal kind admits this principal. */
+export function admits(kind: PrincipalKind, principal: Principal): boolean {
+  switch (kind) {
+    case PrincipalKind.USER:
+      return principal.kind === "user";
+    case PrincipalKind.MACHINE_USER:
+      return principal.kind === "machine" && principal.method !== "mtls";
+    case PrincipalKind.MTLS_CLIENT:
+      return principal.kind === "machine" && principal.method === "mtls";
+    case PrincipalKind.ADMIN_TOKEN:
+      return principal.kind === "admin";
+    default:
+      return false;
+  }
+}
+
+/** Whether the principal may act across tenants (holds the bare `*` scope). */
+export function isSuperuser(principal: Principal): boolean {
+  return principal.scopes.includes("*");
+}

@@ -1,0 +1,139 @@
+import { createHmac, randomBytes } from "node:crypto";
+import { LRUCache } from "lru-cache";
+import { TesseraError } from "../errors.js";
+import type { SqlRunner } from "../storage/sql.js";
+import { toBool, toMillis } from "../storage/sql.js";
+import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
+import { dummyPasswordHash, verifySecret } from "./password.js";
+import type { Principal } from "./principal.js";
+import { intersectScopes, parseScopeString } from "./scopes.js";
+
+/** A user's current state as the authentication path needs it. */
+export interface UserAuthState {
+  id: string;
+  username: string;
+  tenantId: string;
+  scopes: string[];
+  disabled: boolean;
+  tenantDisabled: boolean;
+  passwordHash: string;
+  createdAt: number;
+}
+
+interface UserRow {
+  id: string;
+  username: string;
+  tenant_id: string;
+  scopes: string;
+  disabled: unknown;
+  tenant_disabled: unknown;
+  password_hash: string;
+  created_at: unknown;
+}
+
+const SELECT =
+  "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, t.disabled as tenant_disabled " +
+  "from users u join tenants t on t.id = u.tenant_id where ";
+
+function toState(row: UserRow | undefined): UserAuthState | null {
+  if (!row) return null;
+  return {
+    id: row.id,
+    username: row.username,
+    tenantId: row.tenant_id,
+    scopes: parseScopeString(row.scopes),
+    disabled: toBool(row.disabled),
+    tenantDisabled: toBool(row.tenant_disabled),
+    passwordHash: row.password_hash,
+    createdAt: toMillis(row.created_at) ?? 0,
+  };
+}
+
+/** Reads user rows with prepared statements (one indexed look-up). */
+export class UserStateReader {
+  constructor(private readonly sql: SqlRunner) {}
+
+  async byId(id: string): Promise<UserAuthState | null> {
+    return toState(await this.sql.get<UserRow>(`${SELECT}u.id = ?`, [id]));
+  }
+
+  async byUsername(username: string): Promise<UserAuthState | null> {
+    return toState(await this.sql.get<UserRow>(`${SELECT}u.username = ?`, [username]));
+  }
+}
+
+/** Refuse a user that may not act now. */
+export function assertUserActive(user: UserAuthState | null): asserts user is UserAuthState {
+  if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
+  if (user.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+  if (user.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+}
+
+/**
+ * Loader for user access tokens: the user must still exist and be enabled, and the
+ * token's scopes are cut down to what the user still holds.
+ */
+export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
+  return async (claims, state) => {
+    const user = await users.byId(claims.sub);
+    assertUserActive(user);
+    if (user.tenantId !== claims.tid) throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
+    const principal: Principal = {
+      kind: "user",
+      method: "jwt",
+      id: user.id,
+      tenantId: user.tenantId,
+      username: user.username,
+      scopes: intersectScopes(parseScopeString(claims.scope), user.scopes),
+      certificate: state.certificate,
+    };
+    if (claims.jti) principal.credentialId = claims.jti;
+    return principal;
+  };
+}
+
+/** Options for {@link createUserBasicVerifier}. */
+export interface UserBasicVerifierOptions {
+  users: UserStateReader;
+  cacheSize: number;
+  iterations: number;
+}
+
+/**
+ * HTTP Basic for users. PBKDF2 at 600k iterations costs ~200 ms, so a verified
+ * username/password pair is remembered under an HMAC (with a per-process random key, so
+ * the cache holds nothing replayable) together with the password hash it matched. Each
+ * request still reads the user row: a password change, disabling or deletion applies at
+ * once. Unknown usernames cost a dummy PBKDF2 so timing does not reveal which exist.
+ */
+export function createUserBasicVerifier(options: UserBasicVerifierOptions): BasicVerifier {
+  const key = randomBytes(32);
+  const cache = new LRUCache<string, string>({ max: Math.max(1, options.cacheSize) });
+  return {
+    name: "user-basic",
+    async verify(username, password, state) {
+      const user = await options.users.byUsername(username);
+      const cacheKey = createHmac("sha256", key).update(username).update("\0").update(password).digest("base64");
+      if (!user) {
+        await verifySecret(password, await dummyPasswordHash(options.iterations));
+        return null;
+      }
+      if (cache.get(cacheKey) !== user.passwordHash) {
+        if (!(await verifySecret(password, user.passwordHash))) {
+          throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+        }
+        cache.set(cacheKey, user.passwordHash);
+      }
+      assertUserActive(user);
+      return {
+        kind: "user",
+        method: "basic",
+        id: user.id,
+        tenantId: user.tenantId,
+        username: user.username,
+        scopes: user.scopes,
+        certificate: state.certificate,
+      };
+    },
+  };
+}

@@ -1,0 +1,137 @@
+import { resolve } from "node:path";
+import type { Command } from "commander";
+import { createApp } from "../app.js";
+import { ensureAdmin } from "../bootstrap.js";
+import { createClientCertificate, ensureDevCertificates } from "../certs/dev-ca.js";
+import { type ConfigInput, loadConfig } from "../config.js";
+import { createLogger } from "../logger.js";
+import { startServer } from "../server.js";
+import { initORM } from "../storage/orm.js";
+
+/** Options shared by the server-side commands. */
+interface ServerFlags {
+  config?: string;
+  host?: string;
+  port?: string;
+  database?: string;
+  certDir?: string;
+  mtls?: "off" | "optional" | "require";
+  insecurePlaintext?: boolean;
+}
+
+function configFrom(flags: ServerFlags) {
+  const overrides: ConfigInput = { server: {}, database: {} };
+  if (flags.host) overrides.server!.host = flags.host;
+  if (flags.port) overrides.server!.port = Number.parseInt(flags.port, 10);
+  if (flags.certDir) overrides.server!.certDir = flags.certDir;
+  if (flags.mtls) overrides.server!.mtls = flags.mtls;
+  if (flags.insecurePlaintext) overrides.server!.insecurePlaintext = true;
+  if (flags.database) overrides.database!.url = flags.database;
+  return loadConfig({ ...(flags.config ? { file: flags.config } : {}), overrides });
+}
+
+function withServerFlags(cmd: Command): Command {
+  return cmd
+    .option("-c, --config <file>", "YAML configuration file (env: TESSERA_CONFIG)")
+    .option("--database <url>", "database URL (env: TESSERA_DATABASE_URL)");
+}
+
+/** Print a secret once, to stdout only. */
+function showOnce(text: string): void {
+  process.stdout.write(`${text}\n`);
+}
+
+/** Register serve, migrate, init and certs on the program. */
+export function registerServerCommands(program: Command): void {
+  withServerFlags(
+    program
+      .command("serve")
+      .description("run the server: gRPC, gRPC-Web and Connect on one TLS port")
+      .option("--host <host>", "address to listen on (env: TESSERA_HOST)")
+      .option("-p, --port <port>", "port (env: TESSERA_PORT)")
+      .option("--cert-dir <dir>", "certificate folder (env: TESSERA_CERT_DIR)")
+      .option("--mtls <mode>", "off | optional | require (env: TESSERA_MTLS)")
+      .option("--insecure-plaintext", "serve without TLS (development only)"),
+  ).action(async (flags: ServerFlags) => {
+    const config = configFrom(flags);
+    const logger = createLogger(config.log.level);
+    const app = await createApp(config, { logger });
+    if (app.bootstrap.generatedPassword) {
+      showOnce(`Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`);
+    }
+    const server = await startServer(app);
+    logger.info({ url: server.url, mtls: config.server.mtls, database: app.storage.target.kind }, "tessera listening");
+    process.on("SIGHUP", () => {
+      server.reloadTls().then(
+        () => logger.info("TLS material reloaded"),
+        (err: Error) => logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
+      );
+    });
+    let stopping = false;
+    const stop = async (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      logger.info({ signal }, "shutting down");
+      await server.close();
+      await app.close();
+      process.exit(0);
+    };
+    process.on("SIGINT", () => void stop("SIGINT"));
+    process.on("SIGTERM", () => void stop("SIGTERM"));
+  });
+
+  withServerFlags(program.command("migrate").description("apply pending database migrations and exit")).action(
+    async (flags: ServerFlags) => {
+      const config = configFrom(flags);
+      const storage = await initORM({ url: config.database.url, migrate: false });
+      try {
+        const applied = await storage.migrate();
+        showOnce(applied.length ? `applied: ${applied.join(", ")}` : "database is up to date");
+      } finally {
+        await storage.close();
+      }
+    },
+  );
+
+  withServerFlags(program.command("init").description("migrate and create the bootstrap admin (password from TESSERA_ADMIN_PASSWORD or generated)")).action(
+    async (flags: ServerFlags) => {
+      const config = configFrom(flags);
+      const storage = await initORM({ url: config.database.url, migrate: true });
+      try {
+        const result = await ensureAdmin(storage.em.fork(), {
+          username: config.admin.username,
+          password: config.admin.password,
+          iterations: config.auth.passwordIterations,
+        });
+        if (!result.created) showOnce(`admin user "${result.username}" already exists`);
+        else if (result.generatedPassword) showOnce(`Created admin user "${result.username}" with password: ${result.generatedPassword}`);
+        else showOnce(`Created admin user "${result.username}" with the configured password`);
+      } finally {
+        await storage.close();
+      }
+    },
+  );
+
+  const certs = program.command("certs").description("development certificates");
+  certs
+    .command("init", { isDefault: true })
+    .description("create a development CA and server certificate in the cert folder if absent")
+    .option("--cert-dir <dir>", "certificate folder (env: TESSERA_CERT_DIR)")
+    .action(async (flags: { certDir?: string }) => {
+      const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
+      const result = await ensureDevCertificates(dir);
+      showOnce(result.created ? `created development CA and server certificate in ${dir}` : `certificates already present in ${dir}`);
+    });
+  certs
+    .command("client <name>")
+    .description("mint a client certificate signed by the development CA (client.crt, client.key, ca.crt)")
+    .option("--cert-dir <dir>", "folder holding ca.crt and ca.key (env: TESSERA_CERT_DIR)")
+    .option("-o, --out <dir>", "output folder (default: ./<name>)")
+    .option("--san-uri <uri>", "URI subject alternative name, e.g. spiffe://tenant/app")
+    .action(async (name: string, flags: { certDir?: string; out?: string; sanUri?: string }) => {
+      const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
+      const out = resolve(flags.out ?? name);
+      const result = await createClientCertificate(dir, name, out, flags.sanUri ? { sanUri: flags.sanUri } : {});
+      showOnce(`wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`);
+    });
+}

@@ -1,0 +1,44 @@
+import { randomUUID } from "node:crypto";
+import { type ContextValues, createContextKey } from "@connectrpc/connect";
+import type { EntityManager } from "@mikro-orm/knex";
+import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
+
+/**
+ * Per-request state shared by the HTTP layer, the interceptors and the handlers through
+ * one Connect context value (one allocation per request).
+ */
+export interface RequestState {
+  requestId: string;
+  /** Client IP (X-Forwarded-For only when server.trustProxy is on). */
+  ip: string;
+  /** The connection's verified client certificate, or null. */
+  certificate: PeerCertificateInfo | null;
+  /** Set by the authentication interceptor; null on public methods. */
+  principal: Principal | null;
+  /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
+  responseHeaders?: Record<string, string>;
+  /** The request's EntityManager fork, created on first use by {@link requestEm}. */
+  em?: EntityManager;
+}
+
+/** Context key of {@link RequestState}; the default (in-memory transports) is filled lazily. */
+export const requestStateKey = createContextKey<RequestState | undefined>(undefined, {
+  description: "tessera request state",
+});
+
+/** The request state, created on first use where no HTTP layer made one (in-memory transports). */
+export function requestState(values: ContextValues): RequestState {
+  let state = values.get(requestStateKey);
+  if (!state) {
+    state = { requestId: randomUUID(), ip: "in-process", certificate: null, principal: null };
+    values.set(requestStateKey, state);
+  }
+  return state;
+}
+
+/** One EntityManager fork per request, forked only when a handler needs the ORM. */
+export function requestEm(values: ContextValues, root: EntityManager): EntityManager {
+  const state = requestState(values);
+  state.em ??= root.fork();
+  return state.em;
+}

@@ -1,0 +1,170 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { create } from "@bufbuild/protobuf";
+
+/**
+ * Stable reason codes of Tessera errors. Clients (and tests) switch on these; the
+ * message is for humans and may change. Each maps to exactly one Connect code in
+ * {@link REASONS}, the one place that decides codes, HTTP statuses and headers.
+ */
+export type ErrorReason =
+  | "AUTH_REQUIRED"
+  | "AUTH_HEADER_MALFORMED"
+  | "MULTIPLE_CREDENTIALS"
+  | "TOKEN_INVALID"
+  | "TOKEN_EXPIRED"
+  | "TOKEN_REVOKED"
+  | "TOKEN_NOT_BOUND"
+  | "CREDENTIALS_INVALID"
+  | "PRINCIPAL_DISABLED"
+  | "ACCESS_DENIED"
+  | "PRINCIPAL_NOT_ALLOWED"
+  | "INVALID_ARGUMENT"
+  | "NOT_FOUND"
+  | "ALREADY_EXISTS"
+  | "FAILED_PRECONDITION"
+  | "RATE_LIMITED"
+  | "UNAVAILABLE"
+  | "INTERNAL";
+
+interface ReasonSpec {
+  code: Code;
+  /** The seed's short "error" word for the HTTP JSON envelope. */
+  title: string;
+  /** For 401s: whether a credential was presented (RFC 6750 error="invalid_token"). */
+  invalidToken?: boolean;
+}
+
+/** The single mapping from reason to Connect code (and so to HTTP status). */
+export const REASONS: Readonly<Record<ErrorReason, ReasonSpec>> = {
+  AUTH_REQUIRED: { code: Code.Unauthenticated, title: "Unauthorized" },
+  AUTH_HEADER_MALFORMED: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  MULTIPLE_CREDENTIALS: { code: Code.InvalidArgument, title: "Bad Request" },
+  TOKEN_INVALID: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  TOKEN_EXPIRED: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  TOKEN_REVOKED: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  TOKEN_NOT_BOUND: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  CREDENTIALS_INVALID: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  PRINCIPAL_DISABLED: { code: Code.Unauthenticated, title: "Unauthorized", invalidToken: true },
+  ACCESS_DENIED: { code: Code.PermissionDenied, title: "Forbidden" },
+  PRINCIPAL_NOT_ALLOWED: { code: Code.PermissionDenied, title: "Forbidden" },
+  INVALID_ARGUMENT: { code: Code.InvalidArgument, title: "Bad Request" },
+  NOT_FOUND: { code: Code.NotFound, title: "Not Found" },
+  ALREADY_EXISTS: { code: Code.AlreadyExists, title: "Conflict" },
+  FAILED_PRECONDITION: { code: Code.FailedPrecondition, title: "Precondition Failed" },
+  RATE_LIMITED: { code: Code.ResourceExhausted, title: "Too Many Requests" },
+  UNAVAILABLE: { code: Code.Unavailable, title: "Service Unavailable" },
+  INTERNAL: { code: Code.Internal, title: "Internal Server Error" },
+};
+
+/** Options of a {@link TesseraError}. */
+export interface TesseraErrorOptions {
+  /** Response headers (Connect) / trailers (gRPC), e.g. Retry-After. Never secrets. */
+  headers?: Record<string, string>;
+  /** Non-secret context returned in ErrorInfo.metadata. */
+  metadata?: Record<string, string>;
+  cause?: unknown;
+}
+
+/** The one domain error type. Messages must never contain a credential. */
+export class TesseraError extends Error {
+  override readonly name = "TesseraError";
+  readonly reason: ErrorReason;
+  readonly headers: Record<string, string>;
+  readonly metadata: Record<string, string>;
+
+  constructor(reason: ErrorReason, message: string, options: TesseraErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.reason = reason;
+    this.headers = options.headers ?? {};
+    this.metadata = options.metadata ?? {};
+  }
+
+  /** The Connect code this error maps to. */
+  get code(): Code {
+    return REASONS[this.reason].code;
+  }
+}
+
+/** RFC 6750 WWW-Authenticate value for a 401/403. */
+export function wwwAuthenticate(reason: ErrorReason, message: string, requiredScopes?: readonly string[]): string {
+  const spec = REASONS[reason];
+  if (spec.code === Code.PermissionDenied) {
+    const scope = requiredScopes && requiredScopes.length > 0 ? `, scope="${requiredScopes.join(" ")}"` : "";
+    return `Bearer realm="tessera", error="insufficient_scope"${scope}`;
+  }
+  if (spec.invalidToken) {
+    // error_description is restricted to %x20-21 / %x23-5B / %x5D-7E: strip quotes and backslashes.
+    const description = message.replace(/["\\]/g, "'").replace(/[^\x20-\x7e]/g, "");
+    return `Bearer realm="tessera", error="invalid_token", error_description="${description}"`;
+  }
+  return `Bearer realm="tessera"`;
+}
+
+/**
+ * Convert anything thrown by a handler or interceptor into the ConnectError sent on the
+ * wire: reason and request id in an ErrorInfo detail, headers for 401/403/429. Unknown
+ * errors become Internal with a generic message so internals never leak.
+ */
+export function toConnectError(err: unknown, requestId: string, requiredScopes?: readonly string[]): ConnectError {
+  let reason: ErrorReason;
+  let message: string;
+  let headers: Record<string, string> = {};
+  let metadata: Record<string, string> = {};
+  let code: Code;
+  if (err instanceof TesseraError) {
+    reason = err.reason;
+    message = err.message;
+    headers = { ...err.headers };
+    metadata = err.metadata;
+    code = err.code;
+  } else if (err instanceof ConnectError) {
+    // Errors raised by connect itself (bad framing, message too large, unknown method).
+    if (err.findDetails(ErrorInfoSchema).length > 0) return err;
+    code = err.code;
+    reason = reasonForCode(err.code);
+    message = err.rawMessage;
+  } else {
+    code = Code.Internal;
+    reason = "INTERNAL";
+    message = "internal error";
+  }
+  if ((code === Code.Unauthenticated || code === Code.PermissionDenied) && !headers["www-authenticate"]) {
+    headers["www-authenticate"] = wwwAuthenticate(reason, message, requiredScopes);
+  }
+  const info = create(ErrorInfoSchema, { reason, domain: "tessera", metadata, requestId });
+  const ce = new ConnectError(message, code, headers, [{ desc: ErrorInfoSchema, value: info }], err);
+  return ce;
+}
+
+function reasonForCode(code: Code): ErrorReason {
+  switch (code) {
+    case Code.Unauthenticated:
+      return "TOKEN_INVALID";
+    case Code.PermissionDenied:
+      return "ACCESS_DENIED";
+    case Code.InvalidArgument:
+      return "INVALID_ARGUMENT";
+    case Code.NotFound:
+      return "NOT_FOUND";
+    case Code.AlreadyExists:
+      return "ALREADY_EXISTS";
+    case Code.FailedPrecondition:
+      return "FAILED_PRECONDITION";
+    case Code.ResourceExhausted:
+      return "RATE_LIMITED";
+    case Code.Unavailable:
+      return "UNAVAILABLE";
+    default:
+      return "INTERNAL";
+  }
+}
+
+/** Shorthands for the common cases. */
+export const errors = {
+  invalidArgument: (message: string, field?: string) =>
+    new TesseraError("INVALID_ARGUMENT", message, field ? { metadata: { field } } : {}),
+  notFound: (what: string) => new TesseraError("NOT_FOUND", `${what} not found`),
+  alreadyExists: (message: string) => new TesseraError("ALREADY_EXISTS", message),
+  accessDenied: (message = "insufficient permissions") => new TesseraError("ACCESS_DENIED", message),
+};

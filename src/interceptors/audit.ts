@@ -1,0 +1,47 @@
+import type { Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { AuditLog } from "../audit.js";
+import { requestState } from "../context.js";
+import { TesseraError } from "../errors.js";
+
+/** Reads are not audited (except when refused); everything that changes state or logs in is. */
+const READ_ONLY = /^(Get|List|Check)/;
+
+/**
+ * Audit interceptor: records every state-changing call and every refused call with
+ * actor, action, target id and outcome. Request bodies are never recorded (they hold
+ * passwords and tokens); the target is the request's `id` field when it has one.
+ */
+export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
+  return (next) => async (req) => {
+    const readOnly = READ_ONLY.test(req.method.name);
+    try {
+      const res = await next(req);
+      if (!readOnly) write(req, "success", null);
+      return res;
+    } catch (err) {
+      const reason = err instanceof TesseraError ? err.reason : err instanceof ConnectError ? Code[err.code] : "INTERNAL";
+      // Refused reads are not written: a flood of bad credentials must not become a flood of writes.
+      if (!readOnly) write(req, "failure", reason);
+      throw err;
+    }
+  };
+
+  function write(req: Parameters<Parameters<Interceptor>[0]>[0], outcome: "success" | "failure", reason: string | null) {
+    const state = requestState(req.contextValues);
+    const p = state.principal;
+    const message = req.stream ? undefined : (req.message as Record<string, unknown>);
+    const target = message && typeof message.id === "string" && message.id ? message.id : null;
+    deps.audit.record({
+      requestId: state.requestId,
+      tenantId: p?.tenantId ?? null,
+      actorKind: p?.kind ?? "anonymous",
+      actorId: p?.id ?? null,
+      action: `${req.service.typeName}/${req.method.name}`,
+      targetId: target,
+      outcome,
+      reason,
+      ip: state.ip,
+    });
+  }
+}

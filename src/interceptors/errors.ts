@@ -1,0 +1,36 @@
+import type { Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import { requestState } from "../context.js";
+import { toConnectError } from "../errors.js";
+
+/**
+ * Outermost interceptor: every error leaves as a ConnectError carrying a stable reason
+ * and the request id; unexpected errors are logged (with the request id, never the
+ * request) and become Internal. Also applies headers other interceptors queued.
+ */
+export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
+  return (next) => async (req) => {
+    const state = requestState(req.contextValues);
+    try {
+      const res = await next(req);
+      if (state.responseHeaders) for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
+      return res;
+    } catch (err) {
+      const ce = toConnectError(err, state.requestId);
+      if (ce.code === Code.Internal || ce.code === Code.Unknown) {
+        deps.logger.error(
+          { requestId: state.requestId, method: `${req.service.typeName}/${req.method.name}`, err: err instanceof ConnectError ? err.rawMessage : describe(err) },
+          "request failed",
+        );
+      }
+      if (state.responseHeaders) for (const [k, v] of Object.entries(state.responseHeaders)) if (!ce.metadata.has(k)) ce.metadata.set(k, v);
+      throw ce;
+    }
+  };
+}
+
+function describe(err: unknown): { name: string; message: string; stack?: string } {
+  if (err instanceof Error) return { name: err.name, message: err.message, ...(err.stack ? { stack: err.stack } : {}) };
+  return { name: "unknown", message: String(err) };
+}

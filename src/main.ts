@@ -1,0 +1,48 @@
+import { Command, CommanderError } from "commander";
+import { registerServerCommands } from "./cli/server-commands.js";
+import { VERSION } from "./app.js";
+import { ConfigError } from "./config.js";
+
+/** Exit codes (documented in --help). */
+export const EXIT = { ok: 0, error: 1, usage: 2, unauthenticated: 3, permissionDenied: 4, notFound: 5, unavailable: 6 } as const;
+
+/** Build the `tessera` command line. */
+export function buildProgram(): Command {
+  const program = new Command("tessera")
+    .description("Tessera: authentication and identity for platform APIs")
+    .version(VERSION)
+    .exitOverride()
+    .addHelpText(
+      "after",
+      `\nExit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, 5 not found, 6 unavailable.`,
+    );
+  registerServerCommands(program);
+  return program;
+}
+
+/** Run the CLI with `argv` (as process.argv). */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    }
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      return EXIT.usage;
+    }
+    process.stderr.write(`error: ${(err as Error).message}\n`);
+    return EXIT.error;
+  }
+}
+
+const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
+if (isEntry) {
+  main(process.argv).then((code) => {
+    // `serve` keeps running; other commands exit with their code.
+    if (code !== EXIT.ok || !process.argv.includes("serve")) process.exitCode = code;
+  });
+}

@@ -1,0 +1,256 @@
+import { randomUUID } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import http2 from "node:http2";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { join } from "node:path";
+import type { TLSSocket } from "node:tls";
+import { createContextValues } from "@connectrpc/connect";
+import { cors as connectCors } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { App } from "./app.js";
+import { VERSION } from "./app.js";
+import type { PeerCertificateInfo } from "./auth/principal.js";
+import { ensureDevCertificates } from "./certs/dev-ca.js";
+import type { Config } from "./config.js";
+import { type RequestState, requestStateKey } from "./context.js";
+
+type Request = IncomingMessage | http2.Http2ServerRequest;
+type Response = ServerResponse | http2.Http2ServerResponse;
+
+/** TLS files read from the cert folder. */
+export interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  crl?: Buffer;
+}
+
+/**
+ * Read ca.crt, server.crt, server.key (and ca.crl when present) from the cert folder,
+ * generating a development CA and server certificate first when allowed and absent.
+ */
+export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMaterial> {
+  const dir = config.certDir;
+  const need = ["ca.crt", "server.crt", "server.key"].map((f) => join(dir, f));
+  if (need.some((p) => !existsSync(p))) {
+    if (!config.devCertificates) {
+      throw new Error(`TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`);
+    }
+    await ensureDevCertificates(dir);
+  }
+  const [ca, cert, key] = need.map((p) => readFileSync(p));
+  const crlPath = join(dir, "ca.crl");
+  return { ca: ca!, cert: cert!, key: key!, ...(existsSync(crlPath) ? { crl: readFileSync(crlPath) } : {}) };
+}
+
+const securityHeaders = (tls: boolean): [string, string][] => [
+  ["x-content-type-options", "nosniff"],
+  ["x-frame-options", "DENY"],
+  ["x-xss-protection", "1; mode=block"],
+  ["content-security-policy", "default-src 'self'"],
+  ...(tls ? ([["strict-transport-security", "max-age=31536000; includeSubDomains"]] as [string, string][]) : []),
+];
+
+const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
+const kState = Symbol("tessera.requestState");
+
+function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
+  if (!socket.authorized) return null;
+  const cert = socket.getPeerCertificate(false);
+  if (!cert || !cert.raw) return null;
+  const hex = cert.fingerprint256.replace(/:/g, "").toLowerCase();
+  const sanUris = (cert.subjectaltname ?? "")
+    .split(/,\s*/)
+    .filter((s) => s.startsWith("URI:"))
+    .map((s) => s.slice(4));
+  const cn = cert.subject?.CN;
+  return {
+    sha256Fingerprint: hex,
+    thumbprint: Buffer.from(hex, "hex").toString("base64url"),
+    commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
+    sanUris,
+  };
+}
+
+/** A listening Tessera server. */
+export interface TesseraServer {
+  server: http2.Http2SecureServer | http2.Http2Server;
+  port: number;
+  /** e.g. https://127.0.0.1:50052 */
+  url: string;
+  /** Replace certificate, key, CA and CRL for new handshakes; open connections stay. */
+  reloadTls(): Promise<void>;
+  /** Stop accepting, let open requests finish for up to `graceMs`, then cut connections. */
+  close(graceMs?: number): Promise<void>;
+}
+
+/**
+ * The request handler: request id, security headers and CORS on every response, the
+ * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json), and the Connect adapter
+ * serving gRPC, gRPC-Web and Connect for everything else.
+ */
+export function createRequestHandler(app: App, options: { tls: boolean }) {
+  const { config } = app;
+  const certCache = new WeakMap<object, PeerCertificateInfo | null>();
+  const headers = securityHeaders(options.tls);
+  const allowedOrigins = new Set(config.cors.allowedOrigins);
+  const anyOrigin = allowedOrigins.has("*");
+  const exposed = [...connectCors.exposedHeaders, "X-Request-Id", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After", "WWW-Authenticate"].join(", ");
+  const allowHeaders = [...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"])].join(", ");
+
+  const adapter = connectNodeAdapter({
+    routes: app.routes,
+    interceptors: app.interceptors,
+    readMaxBytes: config.server.readMaxBytes,
+    contextValues: (req) => createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
+  });
+
+  function peerCertificate(req: Request): PeerCertificateInfo | null {
+    if (!options.tls || config.server.mtls === "off") return null;
+    // One parse per connection: the certificate cannot change within it.
+    const owner: object = "stream" in req ? req.stream.session ?? req.socket : req.socket;
+    let info = certCache.get(owner);
+    if (info === undefined) {
+      info = parseCertificate(req.socket as TLSSocket);
+      certCache.set(owner, info);
+    }
+    return info;
+  }
+
+  function clientIp(req: Request): string {
+    if (config.server.trustProxy) {
+      const fwd = req.headers["x-forwarded-for"];
+      const first = (Array.isArray(fwd) ? fwd[0] : fwd)?.split(",")[0]?.trim();
+      if (first) return first;
+    }
+    return req.socket.remoteAddress ?? "unknown";
+  }
+
+  function json(res: Response, status: number, body: unknown) {
+    const text = JSON.stringify(body);
+    res.statusCode = status;
+    res.setHeader("content-type", "application/json");
+    res.setHeader("cache-control", "no-store");
+    res.end(text);
+  }
+
+  return function handle(req: Request, res: Response): void {
+    const incoming = req.headers["x-request-id"];
+    const requestId = typeof incoming === "string" && REQUEST_ID_RE.test(incoming) ? incoming : randomUUID();
+    res.setHeader("x-request-id", requestId);
+    for (const [k, v] of headers) res.setHeader(k, v);
+
+    const origin = req.headers.origin;
+    if (origin && (anyOrigin || allowedOrigins.has(origin))) {
+      res.setHeader("access-control-allow-origin", anyOrigin ? "*" : origin);
+      if (!anyOrigin) res.setHeader("vary", "Origin");
+      res.setHeader("access-control-expose-headers", exposed);
+      if (req.method === "OPTIONS") {
+        res.setHeader("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS");
+        res.setHeader("access-control-allow-headers", allowHeaders);
+        res.setHeader("access-control-max-age", String(config.cors.maxAge));
+        res.statusCode = 204;
+        res.end();
+        return;
+      }
+    }
+
+    const path = (req.url ?? "/").split("?")[0];
+    if (req.method === "GET" || req.method === "HEAD") {
+      if (path === "/health") {
+        json(res, 200, { ok: true, data: { status: "healthy", version: VERSION, uptime: Math.floor((Date.now() - app.startedAt) / 1000) } });
+        return;
+      }
+      if (path === "/ready") {
+        app.storage.ping().then(
+          (up) =>
+            up
+              ? json(res, 200, { ok: true, data: { status: "ready", database: "up" } })
+              : json(res, 503, { ok: false, error: "Service Unavailable", code: "UNAVAILABLE", message: "database unavailable", request_id: requestId }),
+          () => json(res, 503, { ok: false, error: "Service Unavailable", code: "UNAVAILABLE", message: "database unavailable", request_id: requestId }),
+        );
+        return;
+      }
+      if (path === "/.well-known/jwks.json") {
+        res.setHeader("cache-control", "public, max-age=300");
+        json(res, 200, app.jwt.jwks());
+        res.setHeader("cache-control", "public, max-age=300");
+        return;
+      }
+    }
+
+    const state: RequestState = { requestId, ip: clientIp(req), certificate: peerCertificate(req), principal: null };
+    (req as unknown as Record<symbol, RequestState>)[kState] = state;
+    adapter(req, res);
+  };
+}
+
+/** Build and start the server on the configured host and port (port 0 picks a free one). */
+export async function startServer(app: App): Promise<TesseraServer> {
+  const { server: cfg } = app.config;
+  const tls = !cfg.insecurePlaintext;
+  const handler = createRequestHandler(app, { tls });
+  const settings: http2.Settings = { maxConcurrentStreams: cfg.maxConcurrentStreams, maxHeaderListSize: cfg.maxHeaderListSize };
+  let server: http2.Http2SecureServer | http2.Http2Server;
+  const tlsOptions = async () => {
+    const m = await loadTlsMaterial(cfg);
+    return {
+      ca: m.ca,
+      cert: m.cert,
+      key: m.key,
+      ...(m.crl ? { crl: m.crl } : {}),
+    };
+  };
+  if (tls) {
+    server = http2.createSecureServer({
+      ...(await tlsOptions()),
+      allowHTTP1: true,
+      requestCert: cfg.mtls !== "off",
+      rejectUnauthorized: cfg.mtls === "require",
+      settings,
+      minVersion: "TLSv1.2",
+    });
+  } else {
+    // Development only: h2c plus HTTP/1.1 on one port.
+    server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
+  }
+  server.on("request", handler);
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(cfg.port, cfg.host, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  const port = (server.address() as AddressInfo).port;
+  const host = cfg.host === "0.0.0.0" || cfg.host === "::" ? "127.0.0.1" : cfg.host;
+  const sessions = new Set<http2.Http2Session>();
+  const sockets = new Set<import("node:net").Socket>();
+  server.on("session", (s: http2.Http2Session) => {
+    sessions.add(s);
+    s.once("close", () => sessions.delete(s));
+  });
+  server.on("connection", (socket: import("node:net").Socket) => {
+    sockets.add(socket);
+    socket.once("close", () => sockets.delete(socket));
+  });
+  return {
+    server,
+    port,
+    url: `${tls ? "https" : "http"}://${host}:${port}`,
+    async reloadTls() {
+      if (tls) (server as http2.Http2SecureServer).setSecureContext(await tlsOptions());
+    },
+    async close(graceMs = 2000) {
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        // HTTP/2 sessions get GOAWAY and finish their streams; what remains after the grace period is cut.
+        for (const s of sessions) s.close();
+        setTimeout(() => {
+          for (const socket of sockets) socket.destroy();
+        }, graceMs).unref();
+      });
+    },
+  };
+}

@@ -1,0 +1,73 @@
+import type { HandlerContext } from "@connectrpc/connect";
+import type { Principal } from "../auth/principal.js";
+import { isSuperuser } from "../auth/principal.js";
+import { hasAllScopes, isValidScope } from "../auth/scopes.js";
+import { requestState } from "../context.js";
+import { TesseraError, errors } from "../errors.js";
+
+/** The authenticated principal of a handler's request (the interceptors guarantee one on non-public methods). */
+export function principalOf(ctx: HandlerContext): Principal {
+  const p = requestState(ctx.values).principal;
+  if (!p) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
+  return p;
+}
+
+/**
+ * The tenant a principal's queries are confined to, or null for a superuser (`*`), who
+ * sees every tenant. Every list and look-up by id goes through this.
+ */
+export function tenantScope(principal: Principal): string | null {
+  return isSuperuser(principal) ? null : principal.tenantId;
+}
+
+/** Whether a row of `tenantId` is visible to the principal (not visible reads as NotFound). */
+export function canSeeTenant(principal: Principal, tenantId: string): boolean {
+  const scope = tenantScope(principal);
+  return scope === null || scope === tenantId;
+}
+
+/** Validate requested scopes and that the caller holds them (no privilege escalation). */
+export function assertGrantableScopes(principal: Principal, scopes: readonly string[]): void {
+  for (const s of scopes) if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "scopes");
+  if (!hasAllScopes(principal.scopes, scopes)) {
+    throw new TesseraError("ACCESS_DENIED", "cannot grant scopes the caller does not hold");
+  }
+}
+
+const USERNAME_RE = /^[A-Za-z0-9][A-Za-z0-9._@-]{2,63}$/;
+
+/** Usernames: 3-64 characters, letters, digits and . _ @ - */
+export function assertUsername(username: string, field = "username"): void {
+  if (!USERNAME_RE.test(username)) {
+    throw errors.invalidArgument(`${field} must be 3-64 characters of letters, digits and . _ @ -`, field);
+  }
+}
+
+/** Password policy (NIST 800-63B): at least 12 characters, at most 1024; no composition rules. */
+export function assertPassword(password: string, field = "password"): void {
+  if (password.length < 12) throw errors.invalidArgument(`${field} must be at least 12 characters`, field);
+  if (password.length > 1024) throw errors.invalidArgument(`${field} must be at most 1024 characters`, field);
+}
+
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** Ids are UUIDs; anything else cannot exist, so it is NotFound (same as a missing row), after a format check. */
+export function assertId(id: string, what: string, field = "id"): void {
+  if (!id) throw errors.invalidArgument(`${field} is required`, field);
+  if (!UUID_RE.test(id)) throw errors.notFound(what);
+}
+
+/** Keyset pagination over ids: page size (default 50, max 200) and the id to start after. */
+export function pageParams(pageSize: number, pageToken: string): { limit: number; after: string | null } {
+  if (pageSize < 0) throw errors.invalidArgument("page_size must not be negative", "page_size");
+  const limit = pageSize === 0 ? 50 : Math.min(pageSize, 200);
+  if (!pageToken) return { limit, after: null };
+  const after = Buffer.from(pageToken, "base64url").toString("utf8");
+  if (!UUID_RE.test(after)) throw errors.invalidArgument("page_token is not valid", "page_token");
+  return { limit, after };
+}
+
+/** The token for the page after `items`, or "" when this was the last page. */
+export function nextPageToken(items: readonly { id: string }[], limit: number): string {
+  return items.length === limit ? Buffer.from(items[items.length - 1]!.id, "utf8").toString("base64url") : "";
+}

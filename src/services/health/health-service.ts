@@ -1,0 +1,45 @@
+import type { ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { HealthCheckResponse_ServingStatus as Status, Health } from "../../../gen/grpc/health/v1/health_pb.js";
+
+/**
+ * grpc.health.v1.Health. The overall status ("") and each served service are SERVING
+ * while the database answers; unknown service names are NotFound, as the protocol says.
+ */
+export function createHealthService(deps: { ping: () => Promise<boolean>; services: readonly string[] }): ServiceImpl<typeof Health> {
+  const known = new Set(["", ...deps.services]);
+  const status = async () => ((await deps.ping()) ? Status.SERVING : Status.NOT_SERVING);
+  return {
+    async check(req) {
+      if (!known.has(req.service)) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
+      return { status: await status() };
+    },
+    async list() {
+      const s = await status();
+      const statuses: Record<string, { status: Status }> = {};
+      for (const name of known) statuses[name] = { status: s };
+      return { statuses };
+    },
+    async *watch(req, ctx) {
+      if (!known.has(req.service)) {
+        yield { status: Status.SERVICE_UNKNOWN };
+        return;
+      }
+      let last: Status | undefined;
+      while (!ctx.signal.aborted) {
+        const s = await status();
+        if (s !== last) {
+          last = s;
+          yield { status: s };
+        }
+        await new Promise<void>((resolve) => {
+          const t = setTimeout(resolve, 5000);
+          ctx.signal.addEventListener("abort", () => {
+            clearTimeout(t);
+            resolve();
+          }, { once: true });
+        });
+      }
+    },
+  };
+}

@@ -1,0 +1,96 @@
+import { createHash, randomBytes, randomUUID } from "node:crypto";
+import type { EntityManager } from "@mikro-orm/knex";
+import type { JwtService } from "../../auth/jwt.js";
+import { TesseraError } from "../../errors.js";
+import { RefreshToken, Tenant, User } from "../../storage/entities.js";
+import { parseScopeString } from "../../auth/scopes.js";
+
+/** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
+export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
+
+/** A freshly issued access + refresh token pair. */
+export interface TokenPair {
+  accessToken: string;
+  accessTokenExpiresAt: Date;
+  refreshToken: string;
+  refreshTokenExpiresAt: Date;
+}
+
+function hashRefreshToken(token: string): string {
+  // 256 random bits: a fast hash is enough; a slow one would protect nothing more.
+  return createHash("sha256").update(token).digest("hex");
+}
+
+/** Issues and rotates user sessions (access JWT + rotating refresh token). */
+export class SessionIssuer {
+  constructor(
+    private readonly jwt: JwtService,
+    private readonly refreshTtlSeconds: number,
+  ) {}
+
+  /** Issue a pair for `user`; `familyId` continues a rotation family. */
+  async issue(em: EntityManager, user: User, familyId: string = randomUUID()): Promise<TokenPair> {
+    const access = await this.jwt.issue({
+      subject: user.id,
+      tenantId: user.tenantId,
+      scopes: parseScopeString(user.scopes),
+      kind: "user",
+      username: user.username,
+    });
+    const refreshToken = REFRESH_TOKEN_PREFIX + randomBytes(32).toString("base64url");
+    const refreshTokenExpiresAt = new Date(Date.now() + this.refreshTtlSeconds * 1000);
+    em.create(RefreshToken, {
+      id: randomUUID(),
+      familyId,
+      userId: user.id,
+      tokenHash: hashRefreshToken(refreshToken),
+      createdAt: new Date(),
+      expiresAt: refreshTokenExpiresAt,
+      spentAt: null,
+      revokedAt: null,
+    });
+    await em.flush();
+    return { accessToken: access.token, accessTokenExpiresAt: access.expiresAt, refreshToken, refreshTokenExpiresAt };
+  }
+
+  /**
+   * Spend a refresh token for a new pair. Re-use of a spent token (a sign it was stolen)
+   * revokes the whole family, so both the thief and the victim must log in again.
+   */
+  async rotate(em: EntityManager, refreshToken: string): Promise<TokenPair> {
+    const row = refreshToken.startsWith(REFRESH_TOKEN_PREFIX)
+      ? await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(refreshToken) })
+      : null;
+    if (!row) throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
+    if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
+    const now = new Date();
+    // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
+    const spent = row.spentAt ? 0 : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
+    if (spent === 0) {
+      await this.revokeFamily(em, row.familyId);
+      throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
+    }
+    if (row.expiresAt.getTime() <= now.getTime()) throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
+    const user = await em.findOne(User, { id: row.userId });
+    if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
+    const tenant = await em.findOne(Tenant, { id: user.tenantId });
+    if (user.disabled || !tenant || tenant.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+    return this.issue(em, user, row.familyId);
+  }
+
+  /** Revoke the family of a refresh token; unknown tokens are ignored (logout is idempotent). */
+  async logout(em: EntityManager, refreshToken: string): Promise<void> {
+    if (!refreshToken.startsWith(REFRESH_TOKEN_PREFIX)) return;
+    const row = await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(refreshToken) });
+    if (row) await this.revokeFamily(em, row.familyId);
+  }
+
+  async revokeFamily(em: EntityManager, familyId: string): Promise<void> {
+    await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: new Date() });
+  }
+
+  /** Revoke every session of a user (password change, disable). */
+  async revokeUser(em: EntityManager, userId: string): Promise<void> {
+    await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: new Date() });
+  }
+}

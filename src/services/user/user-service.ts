@@ -1,0 +1,229 @@
+import { randomUUID } from "node:crypto";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import type { EntityManager } from "@mikro-orm/knex";
+import { type UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
+import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
+import { formatScopes, parseScopeString } from "../../auth/scopes.js";
+import { requestEm, requestState } from "../../context.js";
+import { TesseraError, errors } from "../../errors.js";
+import { type RateLimits, rateLimitedError } from "../../rate-limit.js";
+import { Tenant, User } from "../../storage/entities.js";
+import type { Storage } from "../../storage/orm.js";
+import {
+  assertGrantableScopes,
+  assertId,
+  assertPassword,
+  assertUsername,
+  canSeeTenant,
+  nextPageToken,
+  pageParams,
+  principalOf,
+  tenantScope,
+} from "../common.js";
+import type { SessionIssuer } from "./sessions.js";
+
+/** Dependencies of the UserService implementation. */
+export interface UserServiceDeps {
+  storage: Storage;
+  sessions: SessionIssuer;
+  passwordIterations: number;
+  defaultTenantId: () => Promise<string>;
+  limits?: RateLimits | undefined;
+}
+
+/** The wire shape of a user. */
+export function userToProto(user: User): MessageInitShape<typeof UserSchema> {
+  return {
+    id: user.id,
+    username: user.username,
+    tenantId: user.tenantId,
+    permissions: parseScopeString(user.scopes),
+    disabled: user.disabled,
+    createdAt: timestampFromDate(user.createdAt),
+    updatedAt: timestampFromDate(user.updatedAt),
+  };
+}
+
+const GENERIC_LOGIN_FAILURE = "invalid username or password";
+
+/** UserService: sessions and user administration. */
+export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof UserService> {
+  const { storage, sessions } = deps;
+  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, storage.em);
+
+  /** A user visible to the caller, or NotFound (another tenant's user reads as missing). */
+  async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
+    assertId(id, "user");
+    const user = await em(ctx).findOne(User, { id });
+    if (!user || !canSeeTenant(principalOf(ctx), user.tenantId)) throw errors.notFound("user");
+    return user;
+  }
+
+  return {
+    async login(req, ctx) {
+      const state = requestState(ctx.values);
+      if (deps.limits) {
+        const blocked = await deps.limits.authFailures.exhausted(state.ip);
+        if (blocked) throw rateLimitedError(blocked, "too many failed login attempts; try again later");
+      }
+      if (!req.username || !req.password) throw errors.invalidArgument("username and password are required");
+      const user = await em(ctx).findOne(User, { username: req.username });
+      // Same PBKDF2 work whether or not the user exists, and one message for every failure.
+      const ok = await verifySecret(req.password, user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)));
+      const tenant = user && ok ? await em(ctx).findOne(Tenant, { id: user.tenantId }) : null;
+      if (!user || !ok || user.disabled || !tenant || tenant.disabled) {
+        await deps.limits?.authFailures.consume(state.ip);
+        throw new TesseraError("CREDENTIALS_INVALID", GENERIC_LOGIN_FAILURE);
+      }
+      state.principal = { kind: "user", method: "basic", id: user.id, tenantId: user.tenantId, username: user.username, scopes: [] };
+      const pair = await sessions.issue(em(ctx), user);
+      return {
+        accessToken: pair.accessToken,
+        accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
+        refreshToken: pair.refreshToken,
+        refreshTokenExpiresAt: timestampFromDate(pair.refreshTokenExpiresAt),
+        user: userToProto(user),
+        tokenType: "Bearer",
+      };
+    },
+
+    async refreshToken(req, ctx) {
+      if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
+      const pair = await sessions.rotate(em(ctx), req.refreshToken);
+      return {
+        accessToken: pair.accessToken,
+        accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
+        refreshToken: pair.refreshToken,
+        refreshTokenExpiresAt: timestampFromDate(pair.refreshTokenExpiresAt),
+        tokenType: "Bearer",
+      };
+    },
+
+    async logout(req, ctx) {
+      if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
+      await sessions.logout(em(ctx), req.refreshToken);
+      return {};
+    },
+
+    async getCurrentUser(_req, ctx) {
+      const principal = principalOf(ctx);
+      const user = await em(ctx).findOne(User, { id: principal.id });
+      if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
+      return {
+        id: user.id,
+        username: user.username,
+        tenantId: user.tenantId,
+        permissions: [...principal.scopes],
+        createdAt: timestampFromDate(user.createdAt),
+        ...(principal.certificate
+          ? {
+              clientCertificate: {
+                sha256Fingerprint: principal.certificate.sha256Fingerprint,
+                commonName: principal.certificate.commonName ?? "",
+                sanUris: [...principal.certificate.sanUris],
+              },
+            }
+          : {}),
+      };
+    },
+
+    async changePassword(req, ctx) {
+      const principal = principalOf(ctx);
+      assertPassword(req.newPassword, "new_password");
+      const user = await em(ctx).findOne(User, { id: principal.id });
+      if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
+      if (!(await verifySecret(req.currentPassword, user.passwordHash))) {
+        throw new TesseraError("CREDENTIALS_INVALID", "current password is wrong");
+      }
+      user.passwordHash = await hashSecret(req.newPassword, deps.passwordIterations);
+      await em(ctx).flush();
+      await sessions.revokeUser(em(ctx), user.id);
+      return {};
+    },
+
+    async createUser(req, ctx) {
+      const principal = principalOf(ctx);
+      assertUsername(req.username);
+      assertPassword(req.password);
+      assertGrantableScopes(principal, req.scopes);
+      let tenantId = req.tenantId ?? principal.tenantId ?? (await deps.defaultTenantId());
+      if (req.tenantId !== undefined) {
+        assertId(req.tenantId, "tenant", "tenant_id");
+        const scope = tenantScope(principal);
+        if (scope !== null && scope !== req.tenantId) {
+          throw new TesseraError("ACCESS_DENIED", "only a principal holding * may create users in another tenant");
+        }
+        tenantId = req.tenantId;
+      }
+      const tenant = await em(ctx).findOne(Tenant, { id: tenantId });
+      if (!tenant) throw errors.notFound("tenant");
+      if (await em(ctx).count(User, { username: req.username })) throw errors.alreadyExists("username is taken");
+      const now = new Date();
+      const user = em(ctx).create(User, {
+        id: randomUUID(),
+        tenantId,
+        username: req.username,
+        passwordHash: await hashSecret(req.password, deps.passwordIterations),
+        scopes: formatScopes(req.scopes),
+        disabled: false,
+        createdAt: now,
+        updatedAt: now,
+      });
+      await em(ctx).flush();
+      return { user: userToProto(user) };
+    },
+
+    async getUser(req, ctx) {
+      return { user: userToProto(await visibleUser(ctx, req.id)) };
+    },
+
+    async listUsers(req, ctx) {
+      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const scope = tenantScope(principalOf(ctx));
+      const where = scope === null ? {} : { tenantId: scope };
+      const users = await em(ctx).find(
+        User,
+        after ? { ...where, id: { $gt: after } } : where,
+        { orderBy: { id: "asc" }, limit },
+      );
+      const total = await em(ctx).count(User, where);
+      return { users: users.map(userToProto), nextPageToken: nextPageToken(users, limit), totalSize: total };
+    },
+
+    async updateUser(req, ctx) {
+      const principal = principalOf(ctx);
+      const user = await visibleUser(ctx, req.id);
+      if (req.scopes) {
+        assertGrantableScopes(principal, req.scopes.scopes);
+        user.scopes = formatScopes(req.scopes.scopes);
+      }
+      let revoke = false;
+      if (req.disabled !== undefined) {
+        if (req.disabled && user.id === principal.id) {
+          throw new TesseraError("FAILED_PRECONDITION", "you cannot disable yourself");
+        }
+        user.disabled = req.disabled;
+        revoke ||= req.disabled;
+      }
+      if (req.password !== undefined) {
+        assertPassword(req.password);
+        user.passwordHash = await hashSecret(req.password, deps.passwordIterations);
+        revoke = true;
+      }
+      user.updatedAt = new Date();
+      await em(ctx).flush();
+      if (revoke) await sessions.revokeUser(em(ctx), user.id);
+      return { user: userToProto(user) };
+    },
+
+    async deleteUser(req, ctx) {
+      const principal = principalOf(ctx);
+      const user = await visibleUser(ctx, req.id);
+      if (user.id === principal.id) throw new TesseraError("FAILED_PRECONDITION", "you cannot delete yourself");
+      await em(ctx).removeAndFlush(user);
+      return {};
+    },
+  };
+}

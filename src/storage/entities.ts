@@ -1,0 +1,155 @@
+import { EntitySchema } from "@mikro-orm/core";
+
+/**
+ * Entities are plain classes described by EntitySchema (no decorators, no reflect-metadata).
+ * Foreign keys are plain id columns: the hot authentication path reads rows with raw
+ * prepared statements (see auth-store.ts), and handlers never need lazy relations.
+ * Column names follow the underscore naming strategy (createdAt -> created_at).
+ */
+
+/** A tenant: the isolation boundary of users, machine users, applications and tokens. */
+export class Tenant {
+  id!: string;
+  name!: string;
+  disabled = false;
+  createdAt: Date = new Date();
+  updatedAt: Date = new Date();
+}
+
+export const TenantSchema = new EntitySchema<Tenant>({
+  class: Tenant,
+  tableName: "tenants",
+  properties: {
+    id: { type: "string", primary: true, length: 36 },
+    name: { type: "string", length: 200, unique: true },
+    disabled: { type: "boolean", default: false },
+    createdAt: { type: "Date" },
+    updatedAt: { type: "Date", onUpdate: () => new Date() },
+  },
+});
+
+/** A human user. `scopes` is space-separated, normalised by formatScopes. */
+export class User {
+  id!: string;
+  tenantId!: string;
+  username!: string;
+  passwordHash!: string;
+  scopes = "";
+  disabled = false;
+  createdAt: Date = new Date();
+  updatedAt: Date = new Date();
+}
+
+export const UserSchema = new EntitySchema<User>({
+  class: User,
+  tableName: "users",
+  properties: {
+    id: { type: "string", primary: true, length: 36 },
+    tenantId: { type: "string", length: 36, index: true },
+    username: { type: "string", length: 200, unique: true },
+    passwordHash: { type: "string", length: 255 },
+    scopes: { type: "text", default: "" },
+    disabled: { type: "boolean", default: false },
+    createdAt: { type: "Date" },
+    updatedAt: { type: "Date", onUpdate: () => new Date() },
+  },
+});
+
+/**
+ * A refresh token. Only the SHA-256 of the token is stored: the token carries 256 bits
+ * of randomness, so a slow hash adds nothing. Tokens of one login form a family; re-use of
+ * a spent member revokes the family (OAuth 2.0 Security BCP, refresh token rotation).
+ */
+export class RefreshToken {
+  id!: string;
+  familyId!: string;
+  userId!: string;
+  tokenHash!: string;
+  createdAt: Date = new Date();
+  expiresAt!: Date;
+  spentAt?: Date | null = null;
+  revokedAt?: Date | null = null;
+}
+
+export const RefreshTokenSchema = new EntitySchema<RefreshToken>({
+  class: RefreshToken,
+  tableName: "refresh_tokens",
+  properties: {
+    id: { type: "string", primary: true, length: 36 },
+    familyId: { type: "string", length: 36, index: true },
+    userId: { type: "string", length: 36, index: true },
+    tokenHash: { type: "string", length: 64, unique: true },
+    createdAt: { type: "Date" },
+    expiresAt: { type: "Date" },
+    spentAt: { type: "Date", nullable: true },
+    revokedAt: { type: "Date", nullable: true },
+  },
+});
+
+/** An asymmetric JWT signing key (JWK). Retired keys keep verifying until their tokens expire. */
+export class SigningKey {
+  kid!: string;
+  alg!: string;
+  privateJwk!: string;
+  publicJwk!: string;
+  createdAt: Date = new Date();
+  retiredAt?: Date | null = null;
+}
+
+export const SigningKeySchema = new EntitySchema<SigningKey>({
+  class: SigningKey,
+  tableName: "signing_keys",
+  properties: {
+    kid: { type: "string", primary: true, length: 64 },
+    alg: { type: "string", length: 16 },
+    privateJwk: { type: "text" },
+    publicJwk: { type: "text" },
+    createdAt: { type: "Date" },
+    retiredAt: { type: "Date", nullable: true },
+  },
+});
+
+/** One audit record. Never holds a secret: actor, action, target ids and outcome only. */
+export class AuditEvent {
+  id!: string;
+  at: Date = new Date();
+  requestId!: string;
+  tenantId?: string | null = null;
+  actorKind!: string;
+  actorId?: string | null = null;
+  action!: string;
+  targetId?: string | null = null;
+  outcome!: string;
+  reason?: string | null = null;
+  ip?: string | null = null;
+}
+
+export const AuditEventSchema = new EntitySchema<AuditEvent>({
+  class: AuditEvent,
+  tableName: "audit_events",
+  properties: {
+    id: { type: "string", primary: true, length: 36 },
+    at: { type: "Date", index: true },
+    requestId: { type: "string", length: 64 },
+    tenantId: { type: "string", length: 36, nullable: true, index: true },
+    actorKind: { type: "string", length: 32 },
+    actorId: { type: "string", length: 64, nullable: true },
+    action: { type: "string", length: 128 },
+    targetId: { type: "string", length: 64, nullable: true },
+    outcome: { type: "string", length: 32 },
+    reason: { type: "string", length: 64, nullable: true },
+    ip: { type: "string", length: 64, nullable: true },
+  },
+});
+
+/**
+ * Entity schemas registered with the ORM. Feature modules append theirs here
+ * (one line each) so initORM stays the single place that knows them all.
+ */
+export const ENTITIES: EntitySchema<any>[] = [
+  TenantSchema,
+  UserSchema,
+  RefreshTokenSchema,
+  SigningKeySchema,
+  AuditEventSchema,
+];

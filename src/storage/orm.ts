@@ -1,0 +1,135 @@
+import { MikroORM as BetterSqliteORM, BetterSqliteDriver } from "@mikro-orm/better-sqlite";
+import type { MikroORM, Options } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
+import { Migrator } from "@mikro-orm/migrations";
+import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql";
+import { ENTITIES } from "./entities.js";
+import { MIGRATIONS } from "./migrations/index.js";
+
+/** Which database a URL selects. */
+export type DatabaseKind = "sqlite" | "postgresql";
+
+/** A parsed database URL. */
+export interface DatabaseTarget {
+  kind: DatabaseKind;
+  /** SQLite: file path or ":memory:". PostgreSQL: the connection URL without our `schema` parameter. */
+  location: string;
+  /** PostgreSQL schema (from `?schema=`), default "public". */
+  schema?: string;
+}
+
+/**
+ * Parse `sqlite:<path>`, `sqlite::memory:`, a bare path ending in .db/.sqlite, or
+ * `postgres://` / `postgresql://` (with an optional `schema` query parameter).
+ */
+export function parseDatabaseUrl(url: string): DatabaseTarget {
+  if (/^postgres(ql)?:\/\//.test(url)) {
+    const u = new URL(url);
+    const schema = u.searchParams.get("schema") ?? undefined;
+    u.searchParams.delete("schema");
+    if (schema !== undefined && !/^[a-z_][a-z0-9_]{0,62}$/.test(schema)) {
+      throw new Error(`database.url: schema "${schema}" must match [a-z_][a-z0-9_]*`);
+    }
+    return { kind: "postgresql", location: u.toString(), ...(schema ? { schema } : {}) };
+  }
+  if (url.startsWith("sqlite:")) {
+    const location = url.slice("sqlite:".length);
+    if (!location) throw new Error("database.url: sqlite: needs a file path or :memory:");
+    return { kind: "sqlite", location };
+  }
+  if (/\.(db|sqlite3?)$/.test(url)) return { kind: "sqlite", location: url };
+  throw new Error(`database.url: unsupported URL (use sqlite:<file> or postgres://…)`);
+}
+
+/** The ORM and what the rest of the service needs from it. */
+export interface Storage {
+  orm: MikroORM;
+  /** The root EntityManager; fork it per request (never use it directly in handlers). */
+  em: EntityManager;
+  target: DatabaseTarget;
+  /** Run pending migrations; returns the names applied. */
+  migrate(): Promise<string[]>;
+  /** Whether the database answers a trivial query. */
+  ping(): Promise<boolean>;
+  close(): Promise<void>;
+}
+
+/** Options for {@link initORM}. */
+export interface InitOrmOptions {
+  url: string;
+  debug?: boolean;
+  /** Run migrations before returning (the server does; `migrate --status` does not). */
+  migrate?: boolean;
+}
+
+/** Connect to the configured database (migrations run on request). */
+export async function initORM(options: InitOrmOptions): Promise<Storage> {
+  const target = parseDatabaseUrl(options.url);
+  const common: Partial<Options> = {
+    entities: ENTITIES,
+    debug: options.debug ?? false,
+    extensions: [Migrator],
+    // Entity classes are plain; no metadata discovery from TS sources is needed.
+    discovery: { warnWhenNoEntities: false },
+    migrations: {
+      migrationsList: MIGRATIONS,
+      transactional: true,
+      allOrNothing: true,
+      snapshot: false,
+      tableName: "mikro_orm_migrations",
+      silent: true,
+    },
+    allowGlobalContext: false,
+  };
+  let orm: MikroORM;
+  if (target.kind === "sqlite") {
+    orm = await BetterSqliteORM.init({ ...common, driver: BetterSqliteDriver, dbName: target.location } as Options<BetterSqliteDriver>);
+    if (target.location !== ":memory:") {
+      // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
+      await orm.em.getConnection().execute("pragma journal_mode = wal");
+      await orm.em.getConnection().execute("pragma synchronous = normal");
+    }
+    await orm.em.getConnection().execute("pragma busy_timeout = 5000");
+  } else {
+    orm = await PostgresORM.init({
+      ...common,
+      driver: PostgreSqlDriver,
+      clientUrl: target.location,
+      ...(target.schema
+        ? {
+            schema: target.schema,
+            // Unqualified names in migrations and raw queries resolve to the configured schema.
+            driverOptions: { connection: { options: `-c search_path=${target.schema}` } },
+          }
+        : {}),
+      pool: { min: 1, max: 10 },
+    } as Options<PostgreSqlDriver>);
+    if (target.schema) {
+      await orm.em.getConnection().execute(`create schema if not exists "${target.schema}"`);
+    }
+  }
+  const em = orm.em as unknown as EntityManager;
+  const storage: Storage = {
+    orm,
+    em,
+    target,
+    async migrate() {
+      const migrator = orm.getMigrator();
+      const applied = await migrator.up();
+      return applied.map((m) => m.name);
+    },
+    async ping() {
+      try {
+        await em.getConnection().execute("select 1");
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    async close() {
+      await orm.close(true);
+    },
+  };
+  if (options.migrate ?? true) await storage.migrate();
+  return storage;
+}

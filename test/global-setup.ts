@@ -1,0 +1,23 @@
+import { initORM } from "../src/storage/orm.js";
+
+/**
+ * PostgreSQL is part of the test matrix, never optional in CI: a missing server fails
+ * the run here, before any test, with a message saying so. Locally a developer may set
+ * TESSERA_TEST_SKIP_POSTGRES=1 to run the SQLite half only (refused when CI is set).
+ */
+export default async function setup(): Promise<void> {
+  if (process.env.TESSERA_TEST_SKIP_POSTGRES === "1") {
+    if (process.env.CI) throw new Error("TESSERA_TEST_SKIP_POSTGRES is not allowed in CI: PostgreSQL tests must run");
+    return;
+  }
+  const url = process.env.TESSERA_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test";
+  let storage: Awaited<ReturnType<typeof initORM>> | undefined;
+  try {
+    storage = await initORM({ url, migrate: false });
+    if (!(await storage.ping())) throw new Error("ping failed");
+  } catch (err) {
+    throw new Error(`PostgreSQL is required for the test suite at ${url}: ${(err as Error).message}`);
+  } finally {
+    await storage?.close();
+  }
+}

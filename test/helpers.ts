@@ -1,0 +1,160 @@
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { DescService } from "@bufbuild/protobuf";
+import { type Client, type Transport, createClient, createRouterTransport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { pino } from "pino";
+import { type App, createApp } from "../src/app.js";
+import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
+import { type ConfigInput, loadConfig } from "../src/config.js";
+import { type TesseraServer, startServer } from "../src/server.js";
+import { initORM } from "../src/storage/orm.js";
+
+/** The databases every storage-dependent test runs against. */
+export interface TestDatabase {
+  name: "sqlite" | "postgres";
+  /** A fresh, isolated database URL (in-memory SQLite, or a new PostgreSQL schema). */
+  url(): string;
+}
+
+const PG_BASE = process.env.TESSERA_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test";
+
+export const SQLITE: TestDatabase = { name: "sqlite", url: () => "sqlite::memory:" };
+export const POSTGRES: TestDatabase = {
+  name: "postgres",
+  url: () => `${PG_BASE}?schema=t_${Date.now().toString(36)}_${randomBytes(4).toString("hex")}`,
+};
+/** SQLite and PostgreSQL (PostgreSQL left out only by the local TESSERA_TEST_SKIP_POSTGRES switch). */
+export const DATABASES: TestDatabase[] = process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
+
+export const ADMIN_PASSWORD = "admin-password-for-tests";
+
+/** Iterations used by tests that do not examine hashing itself (600k makes every login ~200 ms). */
+export const TEST_ITERATIONS = 1_000;
+
+/** A quiet logger for tests. */
+export const silentLogger = pino({ level: "silent" });
+
+/** Build a config for tests: given database, fast hashing, no rate limits unless asked. */
+export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
+  return loadConfig({
+    env: {},
+    overrides: {
+      ...overrides,
+      database: { url: dbUrl, ...overrides.database },
+      admin: { password: ADMIN_PASSWORD, ...overrides.admin },
+      auth: { passwordIterations: TEST_ITERATIONS, ...overrides.auth },
+      rateLimit: { enabled: false, ...overrides.rateLimit },
+      server: { port: 0, host: "127.0.0.1", ...overrides.server },
+      log: { level: "silent", ...overrides.log },
+    },
+  });
+}
+
+/** An app on a fresh database; `close` also drops a PostgreSQL schema. */
+export async function createTestApp(db: TestDatabase, overrides: ConfigInput = {}): Promise<App> {
+  const url = db.url();
+  const app = await createApp(testConfig(url, overrides), { logger: silentLogger });
+  const close = app.close;
+  app.close = async () => {
+    await close();
+    await dropSchema(url);
+  };
+  return app;
+}
+
+/** Drop the PostgreSQL schema of a test URL (no-op for SQLite). */
+export async function dropSchema(url: string): Promise<void> {
+  const schema = /[?&]schema=([a-z0-9_]+)/.exec(url)?.[1];
+  if (!url.startsWith("postgres") || !schema) return;
+  const storage = await initORM({ url: PG_BASE, migrate: false });
+  try {
+    await storage.em.getConnection().execute(`drop schema if exists "${schema}" cascade`);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** An in-memory transport through the app's full interceptor chain. */
+export function memoryTransport(app: App): Transport {
+  return createRouterTransport(app.routes, { router: { interceptors: app.interceptors } });
+}
+
+/** A client with a bearer token (or none) over a transport. */
+export function clientFor<S extends DescService>(service: S, transport: Transport, token?: string): Client<S> {
+  return createClient(service, withHeaders(transport, token ? { authorization: `Bearer ${token}` } : {}));
+}
+
+/** Wrap a transport so every call carries the given headers. */
+export function withHeaders(transport: Transport, headers: Record<string, string>): Transport {
+  return {
+    unary: (method, signal, timeoutMs, header, input, contextValues) => {
+      const h = new Headers(header);
+      for (const [k, v] of Object.entries(headers)) h.set(k, v);
+      return transport.unary(method, signal, timeoutMs, h, input, contextValues);
+    },
+    stream: (method, signal, timeoutMs, header, input, contextValues) => {
+      const h = new Headers(header);
+      for (const [k, v] of Object.entries(headers)) h.set(k, v);
+      return transport.stream(method, signal, timeoutMs, h, input, contextValues);
+    },
+  };
+}
+
+/** A temporary cert folder with a development CA, server certificate and a client certificate. */
+export interface TestCerts {
+  dir: string;
+  ca: Buffer;
+  clientDir: string;
+  clientCert: Buffer;
+  clientKey: Buffer;
+  clientFingerprint: string;
+}
+
+export async function createTestCerts(clientName = "test-client", sanUri?: string): Promise<TestCerts> {
+  const dir = mkdtempSync(join(tmpdir(), "tessera-certs-"));
+  await ensureDevCertificates(dir);
+  const clientDir = join(dir, "clients", clientName);
+  const client = await createClientCertificate(dir, clientName, clientDir, sanUri ? { sanUri } : {});
+  return {
+    dir,
+    ca: readFileSync(join(dir, "ca.crt")),
+    clientDir,
+    clientCert: readFileSync(client.certPath),
+    clientKey: readFileSync(client.keyPath),
+    clientFingerprint: client.sha256Fingerprint,
+  };
+}
+
+/** A running server on a free port with its own certs, and transports to reach it. */
+export interface TestServer {
+  app: App;
+  server: TesseraServer;
+  certs: TestCerts;
+  connect(opts?: { clientCert?: boolean }): Transport;
+  grpc(opts?: { clientCert?: boolean }): Transport;
+  close(): Promise<void>;
+}
+
+export async function startTestServer(db: TestDatabase, overrides: ConfigInput = {}, certs?: TestCerts): Promise<TestServer> {
+  const c = certs ?? (await createTestCerts());
+  const app = await createTestApp(db, { ...overrides, server: { certDir: c.dir, ...overrides.server } });
+  const server = await startServer(app);
+  const nodeOptions = (clientCert?: boolean) => ({
+    ca: c.ca,
+    ...(clientCert ? { cert: c.clientCert, key: c.clientKey } : {}),
+  });
+  return {
+    app,
+    server,
+    certs: c,
+    connect: (opts = {}) => createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: nodeOptions(opts.clientCert) }),
+    grpc: (opts = {}) => createGrpcTransport({ baseUrl: server.url, nodeOptions: nodeOptions(opts.clientCert) }),
+    async close() {
+      await server.close(0);
+      await app.close();
+    },
+  };
+}
