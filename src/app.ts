@@ -12,6 +12,8 @@ import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/use
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
+import { LastUsedTracker } from "./auth/last-used.js";
+import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
 import { ensureAdmin, ensureDefaultTenant, type BootstrapResult } from "./bootstrap.js";
 import type { Config } from "./config.js";
@@ -43,6 +45,10 @@ export interface App {
   authenticator: Authenticator;
   limits: RateLimits | undefined;
   audit: AuditLog;
+  /** Shared cache of verified secrets (Basic passwords, opaque tokens): PBKDF2 once per secret. */
+  secrets: VerifiedSecretCache;
+  /** Coalesced last-used timestamps of credentials. */
+  lastUsed: LastUsedTracker;
   /** The admin bootstrap outcome of this start (a generated password is in it once). */
   bootstrap: BootstrapResult;
   /** Tessera services, in the order they are registered. */
@@ -82,11 +88,13 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     };
     const jwt = await createJwtService({ config: config.auth.jwt, storage });
     const users = new UserStateReader(sql);
+    const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
+    const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);
     const authenticator = new Authenticator();
     authenticator.bearer.push(createJwtBearerVerifier(jwt, { user: createUserClaimsLoader(users) }));
     if (config.auth.basic.enabled) {
       authenticator.basic.push(
-        createUserBasicVerifier({ users, cacheSize: config.auth.tokens.cacheSize, iterations: config.auth.passwordIterations }),
+        createUserBasicVerifier({ users, secrets, iterations: config.auth.passwordIterations }),
       );
     }
     const limits = config.rateLimit.enabled ? createRateLimits(config.rateLimit) : undefined;
@@ -130,6 +138,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       authenticator,
       limits,
       audit,
+      secrets,
+      lastUsed,
       bootstrap,
       services,
       routes(router) {
@@ -143,6 +153,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       startedAt: Date.now(),
       async close() {
         jwt.close();
+        await lastUsed.close();
         await audit.close();
         await limits?.close();
         await storage.close();

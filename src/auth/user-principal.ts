@@ -1,10 +1,9 @@
-import { createHmac, randomBytes } from "node:crypto";
-import { LRUCache } from "lru-cache";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
 import { toBool, toMillis } from "../storage/sql.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
+import type { VerifiedSecretCache } from "./secret-cache.js";
 import type { Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 
@@ -95,34 +94,28 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
 /** Options for {@link createUserBasicVerifier}. */
 export interface UserBasicVerifierOptions {
   users: UserStateReader;
-  cacheSize: number;
+  secrets: VerifiedSecretCache;
   iterations: number;
 }
 
 /**
- * HTTP Basic for users. PBKDF2 at 600k iterations costs ~200 ms, so a verified
- * username/password pair is remembered under an HMAC (with a per-process random key, so
- * the cache holds nothing replayable) together with the password hash it matched. Each
+ * HTTP Basic for users. PBKDF2 at 600k iterations costs ~200 ms, so verified passwords
+ * are remembered by the {@link VerifiedSecretCache} against the hash they matched. Each
  * request still reads the user row: a password change, disabling or deletion applies at
- * once. Unknown usernames cost a dummy PBKDF2 so timing does not reveal which exist.
+ * once. Unknown usernames cost a dummy PBKDF2 so timing does not reveal which exist
+ * (the authentication-failure rate limit bounds how often that can be asked for).
  */
 export function createUserBasicVerifier(options: UserBasicVerifierOptions): BasicVerifier {
-  const key = randomBytes(32);
-  const cache = new LRUCache<string, string>({ max: Math.max(1, options.cacheSize) });
   return {
     name: "user-basic",
     async verify(username, password, state) {
       const user = await options.users.byUsername(username);
-      const cacheKey = createHmac("sha256", key).update(username).update("\0").update(password).digest("base64");
       if (!user) {
         await verifySecret(password, await dummyPasswordHash(options.iterations));
         return null;
       }
-      if (cache.get(cacheKey) !== user.passwordHash) {
-        if (!(await verifySecret(password, user.passwordHash))) {
-          throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-        }
-        cache.set(cacheKey, user.passwordHash);
+      if (!(await options.secrets.verify(`user:${user.id}`, password, user.passwordHash))) {
+        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       assertUserActive(user);
       return {

@@ -1,0 +1,48 @@
+import { createHmac, randomBytes } from "node:crypto";
+import { LRUCache } from "lru-cache";
+import { verifySecret } from "./password.js";
+
+/**
+ * Remembers which presented secrets matched which stored PBKDF2 hash, so a credential
+ * pays the ~200 ms PBKDF2 cost once and is recognised again for the price of an HMAC.
+ *
+ * Keys are HMAC-SHA256 of the presented secret under a per-process random key: the cache
+ * holds nothing that could be replayed or brute-forced offline. A hit counts only when
+ * the stored hash is still the one it matched, so rotating or changing the secret
+ * invalidates it; the caller still reads the row's state (revoked, expired, disabled) on
+ * every request. Concurrent first uses of one secret share a single PBKDF2 run.
+ */
+export class VerifiedSecretCache {
+  private readonly key = randomBytes(32);
+  private readonly cache: LRUCache<string, string>;
+  private readonly inflight = new Map<string, Promise<boolean>>();
+
+  constructor(maxEntries: number) {
+    this.cache = new LRUCache({ max: Math.max(1, maxEntries) });
+  }
+
+  /** The cache key of a presented secret within a namespace (e.g. "basic:alice"). */
+  private keyOf(namespace: string, secret: string): string {
+    return createHmac("sha256", this.key).update(namespace).update("\0").update(secret).digest("base64");
+  }
+
+  /** Whether `secret` matches `storedHash`; PBKDF2 (off the event loop) only on a miss. */
+  async verify(namespace: string, secret: string, storedHash: string): Promise<boolean> {
+    const k = this.keyOf(namespace, secret);
+    if (this.cache.get(k) === storedHash) return true;
+    const flightKey = `${k}\0${storedHash}`;
+    let pending = this.inflight.get(flightKey);
+    if (!pending) {
+      pending = verifySecret(secret, storedHash).finally(() => this.inflight.delete(flightKey));
+      this.inflight.set(flightKey, pending);
+    }
+    const ok = await pending;
+    if (ok) this.cache.set(k, storedHash);
+    return ok;
+  }
+
+  /** Forget everything (tests, key compromise drills). */
+  clear(): void {
+    this.cache.clear();
+  }
+}
