@@ -127,11 +127,11 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     return req.socket.remoteAddress ?? "unknown";
   }
 
-  function json(res: Response, status: number, body: unknown) {
+  function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
     const text = JSON.stringify(body);
     res.statusCode = status;
     res.setHeader("content-type", "application/json");
-    res.setHeader("cache-control", "no-store");
+    res.setHeader("cache-control", cacheControl);
     res.end(text);
   }
 
@@ -173,9 +173,8 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         return;
       }
       if (path === "/.well-known/jwks.json") {
-        res.setHeader("cache-control", "public, max-age=300");
-        json(res, 200, app.jwt.jwks());
-        res.setHeader("cache-control", "public, max-age=300");
+        // Short cache: verifiers pick up a rotated key within minutes.
+        json(res, 200, app.jwt.jwks(), "public, max-age=300");
         return;
       }
     }

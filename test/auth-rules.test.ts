@@ -1,0 +1,47 @@
+import { getOption, hasOption } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { auth } from "../gen/tessera/v1/options_pb.js";
+import type { App } from "../src/app.js";
+import { assertAuthRules } from "../src/interceptors/auth-rule.js";
+import { SQLITE, createTestApp } from "./helpers.js";
+
+describe("auth rules in the proto", () => {
+  let app: App;
+  beforeAll(async () => {
+    app = await createTestApp(SQLITE);
+  });
+  afterAll(async () => {
+    await app.close();
+  });
+
+  it("gives every RPC of every served tessera service an auth rule that admits someone", () => {
+    expect(app.services.length).toBeGreaterThan(0);
+    for (const service of app.services) {
+      for (const method of service.methods) {
+        expect(hasOption(method, auth), `${service.typeName}.${method.name} has no (tessera.v1.auth)`).toBe(true);
+        const rule = getOption(method, auth);
+        expect(rule.public || rule.principals.length > 0, `${service.typeName}.${method.name} admits nobody`).toBe(true);
+      }
+    }
+  });
+
+  it("puts every administrative RPC behind an admin: scope", () => {
+    for (const service of app.services) {
+      for (const method of service.methods) {
+        const rule = getOption(method, auth);
+        if (/^(Create|Update|Delete|List)User/.test(method.name) || method.name === "GetUser") {
+          expect(rule.scopes.some((s) => s.startsWith("admin:"))).toBe(true);
+        }
+      }
+    }
+  });
+
+  it("refuses to start with a method that has no rule", () => {
+    const fake = {
+      typeName: "tessera.v1.Fake",
+      methods: [{ name: "Nope", parent: { typeName: "tessera.v1.Fake" }, proto: { options: undefined } }],
+    };
+    // biome-ignore lint/suspicious/noExplicitAny: a hand-built descriptor without options
+    expect(() => assertAuthRules([fake as any])).toThrow(/tessera.v1.Fake.Nope/);
+  });
+});

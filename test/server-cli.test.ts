@@ -1,0 +1,110 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Agent, fetch as undiciFetch } from "undici";
+import { afterAll, describe, expect, it } from "vitest";
+
+const ROOT = join(import.meta.dirname, "..");
+const TSX = join(ROOT, "node_modules", ".bin", "tsx");
+const MAIN = join(ROOT, "src", "main.ts");
+
+function run(args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}) {
+  return new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+    const child = spawn(TSX, [MAIN, ...args], { cwd: opts.cwd ?? ROOT, env: { ...process.env, ...opts.env } });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d) => (stdout += d));
+    child.stderr.on("data", (d) => (stderr += d));
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+describe("server commands", () => {
+  const children: ChildProcess[] = [];
+  afterAll(() => {
+    for (const c of children) c.kill("SIGKILL");
+  });
+
+  it("documents every server command in --help", async () => {
+    const top = await run(["--help"]);
+    expect(top.code).toBe(0);
+    for (const cmd of ["serve", "migrate", "init", "certs"]) expect(top.stdout).toContain(cmd);
+    expect(top.stdout).toContain("Exit codes");
+    for (const cmd of ["serve", "migrate", "init", "certs"]) {
+      const help = await run([cmd, "--help"]);
+      expect(help.code, cmd).toBe(0);
+      expect(help.stdout).toContain("Usage:");
+    }
+  });
+
+  it("exits with 2 on a usage error and on an invalid configuration", async () => {
+    expect((await run(["no-such-command"])).code).toBe(2);
+    const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain("TESSERA_MTLS");
+  });
+
+  it("migrates, bootstraps an admin once, and creates certificates with a private CA key", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-cli-"));
+    const env = { TESSERA_DATABASE_URL: `sqlite:${join(dir, "t.db")}`, TESSERA_PASSWORD_ITERATIONS: "1000" };
+    const migrate = await run(["migrate"], { env });
+    expect(migrate.code).toBe(0);
+    expect(migrate.stdout).toContain("Migration20261123000000_foundation");
+    expect((await run(["migrate"], { env })).stdout).toContain("up to date");
+    const init = await run(["init"], { env });
+    expect(init.stdout).toMatch(/Created admin user "admin" with password: \S{20,}/);
+    expect((await run(["init"], { env })).stdout).toContain("already exists");
+    const certs = await run(["certs", "--cert-dir", join(dir, "certs")]);
+    expect(certs.code).toBe(0);
+    for (const f of ["ca.crt", "ca.key", "server.crt", "server.key"]) expect(existsSync(join(dir, "certs", f))).toBe(true);
+    expect(statSync(join(dir, "certs", "ca.key")).mode & 0o777).toBe(0o600);
+    const client = await run(["certs", "client", "backend-1", "--cert-dir", join(dir, "certs"), "--out", join(dir, "b1"), "--san-uri", "spiffe://default/backend-1"]);
+    expect(client.code).toBe(0);
+    expect(client.stdout).toMatch(/sha256 fingerprint: [0-9a-f]{64}/);
+    expect(readFileSync(join(dir, "b1", "ca.crt"), "utf8")).toBe(readFileSync(join(dir, "certs", "ca.crt"), "utf8"));
+  });
+
+  it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {
+    const cwd = mkdtempSync(join(tmpdir(), "tessera-quickstart-"));
+    const child = spawn(TSX, [MAIN, "serve"], {
+      cwd,
+      env: { ...process.env, TESSERA_PORT: "0", TESSERA_HOST: "127.0.0.1", TESSERA_PASSWORD_ITERATIONS: "1000" },
+    });
+    children.push(child);
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d) => (stdout += d));
+    const url = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 60_000);
+      child.stderr.on("data", (d) => {
+        stderr += d;
+        const m = /"url":"(https:\/\/[^"]+)"/.exec(stderr);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]!);
+        }
+      });
+    });
+    const agent = new Agent({ connect: { ca: readFileSync(join(cwd, "certs", "ca.crt")) } });
+    try {
+      const res = await undiciFetch(`${url}/health`, { dispatcher: agent });
+      expect(res.status).toBe(200);
+      expect(existsSync(join(cwd, "data", "tessera.db"))).toBe(true);
+      const password = /with password: (\S+)/.exec(stdout)?.[1];
+      expect(password).toBeTruthy();
+      expect(stderr).not.toContain(password!);
+      const login = await undiciFetch(`${url}/tessera.v1.UserService/Login`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ username: "admin", password }),
+        dispatcher: agent,
+      });
+      expect(login.status).toBe(200);
+    } finally {
+      await agent.close();
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("close", r));
+    }
+  });
+});
