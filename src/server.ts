@@ -14,6 +14,7 @@ import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import type { Config } from "./config.js";
 import { type RequestState, requestStateKey } from "./context.js";
+import { type ErrorReason, REASONS } from "./errors.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest;
 type Response = ServerResponse | http2.Http2ServerResponse;
@@ -70,6 +71,45 @@ function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
     thumbprint: Buffer.from(hex, "hex").toString("base64url"),
     commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
     sanUris,
+  };
+}
+
+/**
+ * Connect unary errors over JSON carry the protocol's `{code, message, details}`. The seeds'
+ * clients also expect the envelope fields `ok: false`, `error` (the HTTP reason phrase) and a
+ * stable `reason` (e.g. AUTH_REQUIRED, ACCESS_DENIED) with the `request_id`, so these are added
+ * at the top level; Connect clients ignore unknown fields. Only error responses are touched.
+ */
+function augmentJsonErrorBody(res: Response): void {
+  const writeHead = res.writeHead;
+  const write = res.write;
+  let augment = false;
+  // biome-ignore lint/suspicious/noExplicitAny: overloaded Node signatures are forwarded untouched
+  (res as any).writeHead = function (this: Response, status: number, ...rest: any[]) {
+    if (status >= 400) {
+      augment = true;
+      const headers = rest.find((r) => r && typeof r === "object");
+      if (headers) delete headers["content-length"];
+    }
+    // biome-ignore lint/suspicious/noExplicitAny: see above
+    return (writeHead as any).call(this, status, ...rest);
+  };
+  // biome-ignore lint/suspicious/noExplicitAny: see above
+  (res as any).write = function (this: Response, chunk: any, ...rest: any[]) {
+    if (augment && chunk instanceof Uint8Array) {
+      augment = false;
+      try {
+        const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
+        const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]?.debug;
+        const spec = info?.reason ? REASONS[info.reason as ErrorReason] : undefined;
+        const out = { ok: false, error: spec?.title ?? "Error", reason: info?.reason ?? "INTERNAL", ...body, request_id: info?.requestId };
+        chunk = Buffer.from(JSON.stringify(out));
+      } catch {
+        // Not JSON after all: send it as it is.
+      }
+    }
+    // biome-ignore lint/suspicious/noExplicitAny: see above
+    return (write as any).call(this, chunk, ...rest);
   };
 }
 
@@ -179,6 +219,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       }
     }
 
+    if (req.headers["content-type"]?.startsWith("application/json")) augmentJsonErrorBody(res);
     const state: RequestState = { requestId, ip: clientIp(req), certificate: peerCertificate(req), principal: null };
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
     adapter(req, res);

@@ -85,6 +85,8 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
     expect(noneBody.code).toBe("unauthenticated");
     expect(noneBody.details[0]?.debug?.reason).toBe("AUTH_REQUIRED");
     expect(noneBody.details[0]?.debug?.requestId).toBe(none.headers.get("x-request-id"));
+    // The seeds' envelope fields beside Connect's own.
+    expect(noneBody).toMatchObject({ ok: false, error: "Unauthorized", reason: "AUTH_REQUIRED", message: "Authentication required", request_id: none.headers.get("x-request-id") });
 
     const secret = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXRoYXQtaXMtd3Jvbmc";
     const bad = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${secret}` });
@@ -103,6 +105,7 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
     const reader = ((await readerLogin.json()) as { accessToken: string }).accessToken;
     const denied = await post("/tessera.v1.UserService/ListUsers", {}, { authorization: `Bearer ${reader}` });
     expect(denied.status).toBe(403);
+    expect(await denied.clone().json()).toMatchObject({ ok: false, error: "Forbidden", code: "permission_denied", reason: "ACCESS_DENIED", message: "Insufficient permissions" });
     expect(denied.headers.get("www-authenticate")).toContain("insufficient_scope");
     const both = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${reader}`, "x-api-key": "tsr_key_x" });
     expect(both.status).toBe(400);
