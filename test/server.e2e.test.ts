@@ -183,6 +183,23 @@ describe("mTLS modes and tooling", () => {
       expect(JSON.parse(stdout).accessToken).toBeTruthy();
       const list = await execFileAsync("node_modules/.bin/buf", ["curl", "--protocol", "grpc", "--reflect", "--cacert", `${ts.certs.dir}/ca.crt`, "--list-methods", ts.server.url]);
       expect(list.stdout).toContain("tessera.v1.UserService/GetCurrentUser");
+      // With a client certificate, as the README shows: the server names it in the answer.
+      const me = await execFileAsync("node_modules/.bin/buf", [
+        "curl",
+        "--protocol",
+        "grpc",
+        "--reflect",
+        "--cacert",
+        `${ts.certs.dir}/ca.crt`,
+        "--cert",
+        `${ts.certs.clientDir}/client.crt`,
+        "--key",
+        `${ts.certs.clientDir}/client.key`,
+        "-H",
+        `authorization: Bearer ${JSON.parse(stdout).accessToken}`,
+        `${ts.server.url}/tessera.v1.UserService/GetCurrentUser`,
+      ]);
+      expect(JSON.parse(me.stdout).clientCertificate.commonName).toBe("test-client");
     } finally {
       await ts.close();
     }
