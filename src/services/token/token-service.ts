@@ -1,0 +1,257 @@
+import { randomUUID } from "node:crypto";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import type { EntityManager, FilterQuery } from "@mikro-orm/knex";
+import {
+  TokenKind,
+  type TokenMetadataSchema,
+  type TokenService,
+} from "../../../gen/tessera/v1/token_service_pb.js";
+import { hashSecret } from "../../auth/password.js";
+import type { Principal } from "../../auth/principal.js";
+import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
+import { generateToken, tokenHint } from "../../auth/token-format.js";
+import { requestEm } from "../../context.js";
+import { errors, TesseraError } from "../../errors.js";
+import { User } from "../../storage/entities.js";
+import type { Storage } from "../../storage/orm.js";
+import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
+import {
+  assertGrantableScopes,
+  assertId,
+  canSeeTenant,
+  nextPageToken,
+  pageParams,
+  principalOf,
+  tenantScope,
+} from "../common.js";
+
+/** The scope that lets a caller list and revoke every token of its tenant. */
+export const ADMIN_TOKENS_SCOPE = "admin:tokens";
+
+/** Longest token name accepted. */
+export const MAX_TOKEN_NAME_LENGTH = 100;
+
+/** Dependencies of the TokenService implementation. */
+export interface TokenServiceDeps {
+  storage: Storage;
+  /** PBKDF2 iterations for new token hashes (`auth.passwordIterations`, 600k by default). */
+  iterations: number;
+  patPrefix: string;
+  apiKeyPrefix: string;
+}
+
+/** The wire shape of a token's metadata: never its secret or hash. */
+export function tokenToProto(token: ApiToken): MessageInitShape<typeof TokenMetadataSchema> {
+  return {
+    id: token.id,
+    kind: token.kind === "pat" ? TokenKind.PERSONAL_ACCESS_TOKEN : TokenKind.API_KEY,
+    name: token.name,
+    hint: token.hint,
+    scopes: parseScopeString(token.scopes),
+    ownerUserId: token.ownerUserId,
+    tenantId: token.tenantId,
+    createdAt: timestampFromDate(token.createdAt),
+    ...(token.expiresAt ? { expiresAt: timestampFromDate(token.expiresAt) } : {}),
+    ...(token.lastUsedAt ? { lastUsedAt: timestampFromDate(token.lastUsedAt) } : {}),
+    ...(token.revokedAt ? { revokedAt: timestampFromDate(token.revokedAt) } : {}),
+    revoked: Boolean(token.revokedAt),
+  };
+}
+
+interface CreateInput {
+  name: string;
+  expiresAt?: Timestamp | undefined;
+  scopes: readonly string[];
+}
+
+interface ListInput {
+  userId: string;
+  allUsers: boolean;
+  includeRevoked: boolean;
+  pageSize: number;
+  pageToken: string;
+}
+
+/** Control characters (C0, DEL, C1) have no place in a display name. */
+const CONTROL_CHARS = /\p{Cc}/u;
+
+/**
+ * TokenService: personal access tokens and API keys. Both kinds share one table and one
+ * lifecycle; the RPCs of a kind only ever see rows of that kind (another kind's id is
+ * NotFound).
+ */
+export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof TokenService> {
+  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+  const prefixOf: Record<ApiTokenKind, string> = { pat: deps.patPrefix, api_key: deps.apiKeyPrefix };
+  const label: Record<ApiTokenKind, string> = { pat: "personal access token", api_key: "API key" };
+
+  /** Create a token of the caller; returns the row and the token (shown once). */
+  async function create(
+    ctx: HandlerContext,
+    kind: ApiTokenKind,
+    req: CreateInput,
+  ): Promise<{ row: ApiToken; token: string }> {
+    const principal = principalOf(ctx);
+    if (principal.kind !== "user" || principal.tenantId === null) {
+      throw new TesseraError("PRINCIPAL_NOT_ALLOWED", `only a user can own a ${label[kind]}`);
+    }
+    const name = req.name.trim();
+    if (name.length < 1 || name.length > MAX_TOKEN_NAME_LENGTH || CONTROL_CHARS.test(name)) {
+      throw errors.invalidArgument(`name must be 1-${MAX_TOKEN_NAME_LENGTH} printable characters`, "name");
+    }
+    let expiresAt: Date | null = null;
+    if (req.expiresAt) {
+      expiresAt = timestampDate(req.expiresAt);
+      if (!(expiresAt.getTime() > Date.now()))
+        throw errors.invalidArgument("expires_at must be in the future", "expires_at");
+    }
+    // No scopes asked for: the caller's current effective scopes, which for a caller
+    // signed in with a token are already cut down to that token's (a token cannot mint
+    // a stronger one).
+    let scopes: readonly string[] = principal.scopes;
+    if (req.scopes.length > 0) {
+      assertGrantableScopes(principal, req.scopes);
+      scopes = req.scopes;
+    }
+    const prefix = prefixOf[kind];
+    const generated = generateToken(prefix);
+    const row = em(ctx).create(ApiToken, {
+      id: randomUUID(),
+      publicId: generated.id,
+      kind,
+      tenantId: principal.tenantId,
+      ownerUserId: principal.id,
+      name,
+      scopes: formatScopes(scopes),
+      secretHash: await hashSecret(generated.secret, deps.iterations),
+      hint: tokenHint(generated.token, prefix),
+      createdAt: new Date(),
+      expiresAt,
+      lastUsedAt: null,
+      revokedAt: null,
+    });
+    await em(ctx).flush();
+    return { row, token: generated.token };
+  }
+
+  /** Whose tokens a list request may see, as a filter; refuses what the caller may not ask. */
+  async function listFilter(
+    ctx: HandlerContext,
+    principal: Principal,
+    kind: ApiTokenKind,
+    req: ListInput,
+  ): Promise<FilterQuery<ApiToken>> {
+    const isTokenAdmin = hasScope(principal.scopes, ADMIN_TOKENS_SCOPE);
+    const where: FilterQuery<ApiToken> & Record<string, unknown> = { kind };
+    if (req.allUsers) {
+      if (!isTokenAdmin)
+        throw new TesseraError("ACCESS_DENIED", `listing every user's tokens needs ${ADMIN_TOKENS_SCOPE}`);
+      const scope = tenantScope(principal);
+      if (scope !== null) where.tenantId = scope;
+    } else if (req.userId && req.userId !== principal.id) {
+      if (!isTokenAdmin)
+        throw new TesseraError("ACCESS_DENIED", `listing another user's tokens needs ${ADMIN_TOKENS_SCOPE}`);
+      assertId(req.userId, "user", "user_id");
+      const owner = await em(ctx).findOne(User, { id: req.userId });
+      if (!owner || !canSeeTenant(principal, owner.tenantId)) throw errors.notFound("user");
+      where.ownerUserId = owner.id;
+    } else {
+      if (principal.kind !== "user") {
+        throw errors.invalidArgument(
+          `a ${principal.kind} principal owns no tokens: set user_id or all_users`,
+          "user_id",
+        );
+      }
+      where.ownerUserId = principal.id;
+    }
+    if (!req.includeRevoked) where.revokedAt = null;
+    return where;
+  }
+
+  async function list(ctx: HandlerContext, kind: ApiTokenKind, req: ListInput) {
+    const principal = principalOf(ctx);
+    const { limit, after } = pageParams(req.pageSize, req.pageToken);
+    const where = await listFilter(ctx, principal, kind, req);
+    const rows = await em(ctx).find(ApiToken, after ? { $and: [where, { id: { $gt: after } }] } : where, {
+      orderBy: { id: "asc" },
+      limit,
+    });
+    const total = await em(ctx).count(ApiToken, where);
+    return { items: rows.map(tokenToProto), nextPageToken: nextPageToken(rows, limit), totalSize: total };
+  }
+
+  /**
+   * Revoke a token the caller owns, or (with admin:tokens) any token of its tenant.
+   * Anything else (missing, other kind, other tenant, other user without the scope)
+   * is NotFound. Idempotent: a revoked token is returned unchanged. The update is
+   * committed (flushed) before the call returns, and the verifier reads the row on
+   * every request, so the token is refused from the next request on.
+   */
+  async function revoke(ctx: HandlerContext, kind: ApiTokenKind, id: string) {
+    const principal = principalOf(ctx);
+    assertId(id, label[kind]);
+    const row = await em(ctx).findOne(ApiToken, { id, kind });
+    const visible =
+      row !== null &&
+      canSeeTenant(principal, row.tenantId) &&
+      (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
+    if (!visible) throw errors.notFound(label[kind]);
+    if (!row.revokedAt) {
+      row.revokedAt = new Date();
+      await em(ctx).flush();
+    }
+    return tokenToProto(row);
+  }
+
+  return {
+    async createPersonalAccessToken(req, ctx) {
+      const { row, token } = await create(ctx, "pat", req);
+      const meta = tokenToProto(row);
+      return {
+        id: row.id,
+        name: row.name,
+        token,
+        createdAt: meta.createdAt,
+        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
+        scopes: meta.scopes,
+        hint: row.hint,
+        ownerUserId: row.ownerUserId,
+      };
+    },
+
+    async listPersonalAccessTokens(req, ctx) {
+      const { items, nextPageToken, totalSize } = await list(ctx, "pat", req);
+      return { tokens: items, nextPageToken, totalSize };
+    },
+
+    async revokePersonalAccessToken(req, ctx) {
+      return { token: await revoke(ctx, "pat", req.id) };
+    },
+
+    async createApiKey(req, ctx) {
+      const { row, token } = await create(ctx, "api_key", req);
+      const meta = tokenToProto(row);
+      return {
+        id: row.id,
+        name: row.name,
+        key: token,
+        createdAt: meta.createdAt,
+        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
+        scopes: meta.scopes,
+        hint: row.hint,
+        ownerUserId: row.ownerUserId,
+      };
+    },
+
+    async listApiKeys(req, ctx) {
+      const { items, nextPageToken, totalSize } = await list(ctx, "api_key", req);
+      return { apiKeys: items, nextPageToken, totalSize };
+    },
+
+    async revokeApiKey(req, ctx) {
+      return { apiKey: await revoke(ctx, "api_key", req.id) };
+    },
+  };
+}
