@@ -1,0 +1,328 @@
+import type { RequestState } from "../context.js";
+import { TesseraError } from "../errors.js";
+import type { SqlRunner } from "../storage/sql.js";
+import { toBool, toMillis } from "../storage/sql.js";
+import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
+import type { LastUsedTracker } from "./last-used.js";
+import { dummyPasswordHash, verifySecret } from "./password.js";
+import type { AuthMethod, PeerCertificateInfo, Principal } from "./principal.js";
+import { intersectScopes, parseScopeString } from "./scopes.js";
+import type { VerifiedSecretCache } from "./secret-cache.js";
+import { parseToken } from "./token-format.js";
+
+/**
+ * Every generated machine-user Basic username starts with this. Human usernames may not
+ * (assertUsername refuses it), so the user Basic verifier hands such names straight to
+ * the machine verifier: an unknown username costs exactly one dummy PBKDF2, never two.
+ */
+export const MACHINE_USERNAME_PREFIX = "mu_";
+
+/** Tables whose `last_used_at` the tracker maintains for machine principals. */
+export const MACHINE_USERS_TABLE = "machine_users";
+export const MACHINE_CREDENTIALS_TABLE = "machine_credentials";
+
+/** A machine user's current state as the authentication path needs it. */
+export interface MachineAuthState {
+  id: string;
+  tenantId: string;
+  name: string;
+  scopes: string[];
+  disabled: boolean;
+  tenantDisabled: boolean;
+  applicationIds: string[];
+  /** Epoch ms of the last credential rotation, or null. */
+  rotatedAt: number | null;
+  /** Epoch ms at which the pre-rotation credentials stopped (or stop) working, or null. */
+  rotationGraceUntil: number | null;
+}
+
+/** A credential row joined with its machine user. */
+export interface MachineCredentialState {
+  credentialId: string;
+  kind: string;
+  secretHash: string;
+  expiresAt: number | null;
+  machine: MachineAuthState;
+}
+
+interface MachineRow {
+  id: string;
+  tenant_id: string;
+  name: string;
+  scopes: string;
+  disabled: unknown;
+  tenant_disabled: unknown;
+  rotated_at: unknown;
+  rotation_grace_until: unknown;
+  application_id: string | null;
+}
+
+interface CredentialRow extends MachineRow {
+  credential_id: string;
+  kind: string;
+  secret_hash: string;
+  expires_at: unknown;
+}
+
+interface BindingRow extends MachineRow {
+  binding_id: string;
+  bound_fingerprint: string | null;
+}
+
+const MACHINE_COLUMNS =
+  "m.id, m.tenant_id, m.name, m.scopes, m.disabled, m.rotated_at, m.rotation_grace_until, " +
+  "t.disabled as tenant_disabled, a.application_id";
+const MACHINE_JOINS =
+  "join tenants t on t.id = m.tenant_id left join machine_user_applications a on a.machine_user_id = m.id";
+
+/** One round trip: the credential, its machine user, the tenant and the assignments (one row per application). */
+const SELECT_BY_CREDENTIAL =
+  `select c.id as credential_id, c.kind, c.secret_hash, c.expires_at, ${MACHINE_COLUMNS} ` +
+  `from machine_credentials c join machine_users m on m.id = c.machine_user_id ${MACHINE_JOINS} where c.public_id = ?`;
+
+const SELECT_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
+
+function bindingQuery(sanCount: number): string {
+  const sans = sanCount > 0 ? ` or b.san_uri in (${new Array(sanCount).fill("?").join(", ")})` : "";
+  return (
+    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, ${MACHINE_COLUMNS} ` +
+    `from machine_user_certificates b join machine_users m on m.id = b.machine_user_id ${MACHINE_JOINS} ` +
+    `where b.sha256_fingerprint = ?${sans}`
+  );
+}
+
+/** Fold the rows of one machine user (one per assigned application) into its state. */
+function toMachine(rows: readonly MachineRow[]): MachineAuthState {
+  const first = rows[0]!;
+  const applicationIds: string[] = [];
+  for (const r of rows) if (r.application_id) applicationIds.push(r.application_id);
+  return {
+    id: first.id,
+    tenantId: first.tenant_id,
+    name: first.name,
+    scopes: parseScopeString(first.scopes),
+    disabled: toBool(first.disabled),
+    tenantDisabled: toBool(first.tenant_disabled),
+    applicationIds,
+    rotatedAt: toMillis(first.rotated_at),
+    rotationGraceUntil: toMillis(first.rotation_grace_until),
+  };
+}
+
+/**
+ * Reads machine-user state with raw prepared statements (no ORM on the hot path): one
+ * indexed look-up per request, so disabling, deletion, rotation and re-assignment apply
+ * on the very next request.
+ */
+export class MachineStateReader {
+  constructor(private readonly sql: SqlRunner) {}
+
+  /** The credential whose public id (token id or Basic username) is `publicId`. */
+  async byCredential(publicId: string): Promise<MachineCredentialState | null> {
+    const rows = await this.sql.all<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]);
+    if (rows.length === 0) return null;
+    const first = rows[0]!;
+    return {
+      credentialId: first.credential_id,
+      kind: first.kind,
+      secretHash: first.secret_hash,
+      expiresAt: toMillis(first.expires_at),
+      machine: toMachine(rows),
+    };
+  }
+
+  async byId(id: string): Promise<MachineAuthState | null> {
+    const rows = await this.sql.all<MachineRow>(SELECT_BY_ID, [id]);
+    return rows.length === 0 ? null : toMachine(rows);
+  }
+
+  /**
+   * The machine user a verified client certificate is bound to: a fingerprint binding
+   * wins over SAN URI bindings; SAN URIs naming two different machine users are refused
+   * rather than guessed between. Null when the certificate is bound to no one.
+   */
+  async byCertificate(
+    certificate: PeerCertificateInfo,
+  ): Promise<{ bindingId: string; machine: MachineAuthState } | null> {
+    const sans = certificate.sanUris.slice(0, 16);
+    const rows = await this.sql.all<BindingRow>(bindingQuery(sans.length), [
+      certificate.sha256Fingerprint,
+      ...sans,
+    ]);
+    if (rows.length === 0) return null;
+    const byFingerprint = rows.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
+    const chosen = byFingerprint.length > 0 ? byFingerprint : rows;
+    const machineIds = new Set(chosen.map((r) => r.id));
+    if (machineIds.size > 1) {
+      throw new TesseraError(
+        "CREDENTIALS_INVALID",
+        "client certificate is bound to more than one machine user",
+      );
+    }
+    return { bindingId: chosen[0]!.binding_id, machine: toMachine(chosen) };
+  }
+}
+
+/** Refuse a machine user that may not act now. */
+export function assertMachineActive(machine: MachineAuthState | null): asserts machine is MachineAuthState {
+  if (!machine) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+  if (machine.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "machine user is disabled");
+  if (machine.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+}
+
+function machinePrincipal(
+  machine: MachineAuthState,
+  method: AuthMethod,
+  state: RequestState,
+  extra: { scopes?: readonly string[]; credentialId?: string } = {},
+): Principal {
+  const principal: Principal = {
+    kind: "machine",
+    method,
+    id: machine.id,
+    tenantId: machine.tenantId,
+    scopes: extra.scopes ?? machine.scopes,
+    applicationIds: machine.applicationIds,
+    certificate: state.certificate,
+  };
+  if (extra.credentialId) principal.credentialId = extra.credentialId;
+  return principal;
+}
+
+/** Shared dependencies of the machine verifiers. */
+export interface MachineVerifierOptions {
+  machines: MachineStateReader;
+  secrets: Pick<VerifiedSecretCache, "verify">;
+  lastUsed: Pick<LastUsedTracker, "mark">;
+  /** Clock (tests). */
+  now?: () => number;
+}
+
+/**
+ * `Authorization: Bearer tsr_mu_…`. Cheapest check first, so nothing bad reaches PBKDF2:
+ * prefix (not ours → null); length, alphabet and CRC32 (→ TOKEN_INVALID, no database);
+ * one indexed look-up (unknown → TOKEN_INVALID); a credential rotated out past its grace
+ * period → TOKEN_REVOKED; machine user or tenant disabled → PRINCIPAL_DISABLED (states
+ * told apart only to a holder of the token's public id, as for personal access tokens);
+ * then the secret through the verified-secret cache (PBKDF2 on first use only).
+ */
+export function createMachineBearerVerifier(
+  options: MachineVerifierOptions & { prefix: string },
+): BearerVerifier {
+  const { machines, secrets, lastUsed, prefix } = options;
+  const now = options.now ?? Date.now;
+  return {
+    name: "machine-token",
+    async verify(token, state) {
+      const parsed = parseToken(token, [prefix]);
+      if (parsed === null) return null;
+      if (parsed === "malformed")
+        throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
+      const cred = await machines.byCredential(parsed.id);
+      if (cred?.kind !== "bearer") throw new TesseraError("TOKEN_INVALID", "token is not recognised");
+      if (cred.expiresAt !== null && cred.expiresAt <= now()) {
+        throw new TesseraError("TOKEN_REVOKED", "token was replaced by a credential rotation");
+      }
+      assertMachineActive(cred.machine);
+      if (!(await secrets.verify(`machine:${cred.credentialId}`, parsed.secret, cred.secretHash))) {
+        throw new TesseraError("TOKEN_INVALID", "token is not recognised");
+      }
+      lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
+      lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
+      return machinePrincipal(cred.machine, "machine_token", state, { credentialId: cred.credentialId });
+    },
+  };
+}
+
+/**
+ * `Authorization: Basic` for machine users (usernames starting with
+ * {@link MACHINE_USERNAME_PREFIX}; anything else → null, left to the user verifier).
+ * The password is checked first (an unknown username costs one dummy PBKDF2, so timing
+ * does not tell which exist), through the verified-secret cache: after first use a
+ * request costs an HMAC, not PBKDF2. Wrong passwords are 401s, which the authentication
+ * interceptor counts per IP, refusing the IP before any verification once over
+ * `rateLimit.authFailuresPerIpPerMinute`.
+ */
+export function createMachineBasicVerifier(
+  options: MachineVerifierOptions & { iterations: number },
+): BasicVerifier {
+  const { machines, secrets, lastUsed } = options;
+  const now = options.now ?? Date.now;
+  return {
+    name: "machine-basic",
+    async verify(username, password, state) {
+      if (!username.startsWith(MACHINE_USERNAME_PREFIX)) return null;
+      const cred = await machines.byCredential(username);
+      if (cred?.kind !== "basic") {
+        await verifySecret(password, await dummyPasswordHash(options.iterations));
+        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+      }
+      if (!(await secrets.verify(`machine:${cred.credentialId}`, password, cred.secretHash))) {
+        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+      }
+      if (cred.expiresAt !== null && cred.expiresAt <= now()) {
+        throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
+      }
+      assertMachineActive(cred.machine);
+      lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
+      lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
+      return machinePrincipal(cred.machine, "basic", state, { credentialId: cred.credentialId });
+    },
+  };
+}
+
+/**
+ * mTLS with no header: the connection's verified client certificate (the TLS layer has
+ * checked the chain and the CRL) is looked up among the bindings on every request. A
+ * CA-signed certificate bound to no machine user authenticates nobody (null → the
+ * interceptor answers AUTH_REQUIRED).
+ */
+export function createMachineCertificateVerifier(
+  options: Pick<MachineVerifierOptions, "machines" | "lastUsed">,
+): CertificateVerifier {
+  const { machines, lastUsed } = options;
+  return {
+    name: "machine-mtls",
+    async verify(certificate, state) {
+      const found = await machines.byCertificate(certificate);
+      if (!found) return null;
+      assertMachineActive(found.machine);
+      lastUsed.mark(MACHINE_USERS_TABLE, found.machine.id);
+      return machinePrincipal(found.machine, "mtls", state, { credentialId: found.bindingId });
+    },
+  };
+}
+
+/**
+ * Loader for machine access tokens (IssueAccessToken): the machine user must still exist
+ * in the token's tenant and be enabled (with its tenant); the token's scopes are cut to
+ * what it holds now; and a token issued before the last credential rotation stops when
+ * the previous credentials do (tokens issued by a credential in its grace period never
+ * outlive it: IssueAccessToken caps their lifetime).
+ */
+export function createMachineClaimsLoader(
+  machines: MachineStateReader,
+  now: () => number = Date.now,
+): ClaimsLoader {
+  return async (claims, state) => {
+    const machine = await machines.byId(claims.sub);
+    assertMachineActive(machine);
+    if (machine.tenantId !== claims.tid)
+      throw new TesseraError("TOKEN_INVALID", "token tenant does not match its machine user");
+    // iat has one-second resolution: a token from the rotation's own second counts as older
+    // (fail closed); IssueAccessToken never issues in that second (see rotationSecondPassed).
+    if (
+      machine.rotatedAt !== null &&
+      typeof claims.iat === "number" &&
+      claims.iat <= Math.floor(machine.rotatedAt / 1000)
+    ) {
+      const cutoff = machine.rotationGraceUntil ?? machine.rotatedAt;
+      if (now() >= cutoff) throw new TesseraError("TOKEN_REVOKED", "token predates a credential rotation");
+    }
+    const extra: { scopes: string[]; credentialId?: string } = {
+      scopes: intersectScopes(parseScopeString(claims.scope), machine.scopes),
+    };
+    if (claims.jti) extra.credentialId = claims.jti;
+    return machinePrincipal(machine, "jwt", state, extra);
+  };
+}

@@ -1,0 +1,594 @@
+import { randomUUID } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
+import {
+  type BackendSchema,
+  type CertificateBindingSchema,
+  MachineAuthType,
+  type MachineUserSchema,
+  type MachineUserService,
+} from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import type { JwtService } from "../../auth/jwt.js";
+import { formatScopes, parseScopeString } from "../../auth/scopes.js";
+import { requestEm, requestState } from "../../context.js";
+import { errors, TesseraError } from "../../errors.js";
+import {
+  Application,
+  Backend,
+  type MachineAuthKind,
+  MachineCredential,
+  MachineUser,
+  MachineUserApplication,
+  MachineUserCertificate,
+} from "../../storage/machine-entities.js";
+import type { Storage } from "../../storage/orm.js";
+import {
+  assertGrantableScopes,
+  assertId,
+  canSeeTenant,
+  nextPageToken,
+  pageParams,
+  principalOf,
+  tenantScope,
+} from "../common.js";
+import { assertDisplayName } from "../tenant/names.js";
+import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
+import { normaliseCallbackUrl } from "./callback-url.js";
+import { newMachineCredential } from "./credentials.js";
+
+/** Dependencies of the MachineUserService implementation. */
+export interface MachineUserServiceDeps {
+  storage: Storage;
+  jwt: JwtService;
+  /** auth.tokens.machinePrefix */
+  tokenPrefix: string;
+  /** auth.passwordIterations */
+  passwordIterations: number;
+  /** auth.jwt.accessTokenTtl */
+  accessTokenTtlSeconds: number;
+  /** auth.jwt.clockSkew: verifiers accept a token this long past its expiry. */
+  clockSkewSeconds: number;
+  /** server.allowLoopbackHttpCallbacks */
+  allowLoopbackHttpCallbacks: boolean;
+  defaultTenantId: () => Promise<string>;
+}
+
+/** Longest grace period a rotation may give the previous credentials. */
+export const MAX_GRACE_PERIOD_SECONDS = 30 * 24 * 3600;
+
+const AUTH_TYPES: Record<MachineAuthKind, MachineAuthType> = {
+  bearer: MachineAuthType.BEARER,
+  basic: MachineAuthType.BASIC,
+};
+
+function authKind(type: MachineAuthType): MachineAuthKind {
+  if (type === MachineAuthType.BEARER) return "bearer";
+  if (type === MachineAuthType.BASIC) return "basic";
+  throw errors.invalidArgument(
+    "auth_type must be MACHINE_AUTH_TYPE_BEARER or MACHINE_AUTH_TYPE_BASIC",
+    "auth_type",
+  );
+}
+
+/** Rows shown with a machine user. */
+interface MachineDetails {
+  credentials: MachineCredential[];
+  applicationIds: string[];
+  certificates: MachineUserCertificate[];
+}
+
+export function bindingToProto(b: MachineUserCertificate): MessageInitShape<typeof CertificateBindingSchema> {
+  return {
+    id: b.id,
+    sha256Fingerprint: b.sha256Fingerprint ?? "",
+    sanUri: b.sanUri ?? "",
+    createdAt: timestampFromDate(b.createdAt),
+  };
+}
+
+export function machineUserToProto(
+  mu: MachineUser,
+  d: MachineDetails,
+): MessageInitShape<typeof MachineUserSchema> {
+  // The current credential is the one without an end; rotated-out ones are in their grace period.
+  const current = d.credentials
+    .filter((c) => !c.expiresAt)
+    .sort((a, b) => b.createdAt.getTime() - a.createdAt.getTime())[0];
+  return {
+    id: mu.id,
+    tenantId: mu.tenantId,
+    name: mu.name,
+    authType: AUTH_TYPES[mu.authType],
+    scopes: parseScopeString(mu.scopes),
+    applicationIds: [...d.applicationIds].sort(),
+    disabled: mu.disabled,
+    username: current && current.kind === "basic" ? current.publicId : "",
+    tokenHint: current && current.kind === "bearer" ? current.hint : "",
+    certificates: d.certificates.map(bindingToProto),
+    createdAt: timestampFromDate(mu.createdAt),
+    updatedAt: timestampFromDate(mu.updatedAt),
+    ...(mu.lastUsedAt ? { lastUsedAt: timestampFromDate(mu.lastUsedAt) } : {}),
+  };
+}
+
+export function backendToProto(b: Backend): MessageInitShape<typeof BackendSchema> {
+  return {
+    id: b.id,
+    tenantId: b.tenantId,
+    applicationId: b.applicationId,
+    machineUserId: b.machineUserId,
+    callbackUrl: b.callbackUrl,
+    version: b.version,
+    createdAt: timestampFromDate(b.createdAt),
+    updatedAt: timestampFromDate(b.updatedAt),
+  };
+}
+
+/** Lowercase hex without colons, or InvalidArgument. */
+function normaliseFingerprint(raw: string): string {
+  const hex = raw.replace(/:/g, "").toLowerCase();
+  if (!/^[0-9a-f]{64}$/.test(hex)) {
+    throw errors.invalidArgument(
+      "sha256_fingerprint must be 64 hex digits (colons allowed)",
+      "sha256_fingerprint",
+    );
+  }
+  return hex;
+}
+
+function assertSanUri(raw: string): string {
+  if (raw.length > 2048 || !/^[a-z][a-z0-9+.-]*:\/\/\S+$/i.test(raw)) {
+    throw errors.invalidArgument(
+      "san_uri must be an absolute URI such as spiffe://example.org/backend",
+      "san_uri",
+    );
+  }
+  return raw;
+}
+
+/**
+ * MachineUserService: administration of machine users (admins, within their tenant;
+ * `*` across tenants) and the three RPCs machine principals call themselves.
+ */
+export function createMachineUserService(
+  deps: MachineUserServiceDeps,
+): ServiceImpl<typeof MachineUserService> {
+  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+
+  /** A machine user visible to the caller, or NotFound (another tenant's reads as missing). */
+  async function visibleMachineUser(ctx: HandlerContext, id: string, field = "id"): Promise<MachineUser> {
+    assertId(id, "machine user", field);
+    const mu = await em(ctx).findOne(MachineUser, { id });
+    if (!mu || !canSeeTenant(principalOf(ctx), mu.tenantId)) throw errors.notFound("machine user");
+    return mu;
+  }
+
+  async function details(
+    ctx: HandlerContext,
+    users: readonly MachineUser[],
+  ): Promise<Map<string, MachineDetails>> {
+    const ids = users.map((u) => u.id);
+    const out = new Map<string, MachineDetails>(
+      ids.map((id) => [id, { credentials: [], applicationIds: [], certificates: [] }]),
+    );
+    if (ids.length === 0) return out;
+    const e = em(ctx);
+    for (const c of await e.find(MachineCredential, { machineUserId: { $in: ids } }))
+      out.get(c.machineUserId)!.credentials.push(c);
+    for (const a of await e.find(MachineUserApplication, { machineUserId: { $in: ids } })) {
+      out.get(a.machineUserId)!.applicationIds.push(a.applicationId);
+    }
+    for (const b of await e.find(
+      MachineUserCertificate,
+      { machineUserId: { $in: ids } },
+      { orderBy: { createdAt: "asc", id: "asc" } },
+    )) {
+      out.get(b.machineUserId)!.certificates.push(b);
+    }
+    return out;
+  }
+
+  async function toProto(ctx: HandlerContext, mu: MachineUser) {
+    return machineUserToProto(mu, (await details(ctx, [mu])).get(mu.id)!);
+  }
+
+  /** Application ids (deduplicated) that all exist in `tenantId`, or NotFound. */
+  async function tenantApplications(
+    ctx: HandlerContext,
+    tenantId: string,
+    ids: readonly string[],
+  ): Promise<string[]> {
+    const unique = [...new Set(ids)];
+    for (const id of unique) assertId(id, "application", "application_ids");
+    if (unique.length === 0) return [];
+    const found = await em(ctx).count(Application, { id: { $in: unique }, tenantId });
+    if (found !== unique.length) throw errors.notFound("application");
+    return unique;
+  }
+
+  function listScope(ctx: HandlerContext): { tenantId?: string } {
+    const scope = tenantScope(principalOf(ctx));
+    return scope === null ? {} : { tenantId: scope };
+  }
+
+  return {
+    async createMachineUser(req, ctx) {
+      const principal = principalOf(ctx);
+      const e = em(ctx);
+      const tenantId = await targetTenantId(ctx, e, req.tenantId, deps.defaultTenantId);
+      assertDisplayName(req.name);
+      const kind = authKind(req.authType);
+      assertGrantableScopes(principal, req.scopes);
+      const applicationIds = await tenantApplications(ctx, tenantId, req.applicationIds);
+      if (await e.count(MachineUser, { tenantId, name: req.name })) {
+        throw errors.alreadyExists("a machine user with this name exists in the tenant");
+      }
+      const now = new Date();
+      const id = randomUUID();
+      const credential = await newMachineCredential(id, kind, {
+        tokenPrefix: deps.tokenPrefix,
+        iterations: deps.passwordIterations,
+        now,
+      });
+      let created: MachineUser;
+      try {
+        created = await e.transactional(async (tx) => {
+          const mu = tx.create(MachineUser, {
+            id,
+            tenantId,
+            name: req.name,
+            authType: kind,
+            scopes: formatScopes(req.scopes),
+            disabled: false,
+            createdAt: now,
+            updatedAt: now,
+          });
+          // The parent row first: entities are schemas without relations, so the ORM
+          // cannot order the inserts by foreign key itself.
+          await tx.flush();
+          tx.create(MachineCredential, credential.row);
+          for (const applicationId of applicationIds)
+            tx.create(MachineUserApplication, { machineUserId: id, applicationId });
+          await tx.flush();
+          return mu;
+        });
+      } catch (err) {
+        if (err instanceof UniqueConstraintViolationException) {
+          throw errors.alreadyExists("a machine user with this name exists in the tenant");
+        }
+        throw err;
+      }
+      return {
+        machineUser: await toProto(ctx, created),
+        token: credential.token,
+        username: credential.username,
+        password: credential.password,
+      };
+    },
+
+    async getMachineUser(req, ctx) {
+      return { machineUser: await toProto(ctx, await visibleMachineUser(ctx, req.id)) };
+    },
+
+    async listMachineUsers(req, ctx) {
+      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const where =
+        req.tenantId !== undefined
+          ? { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id }
+          : listScope(ctx);
+      const users = await em(ctx).find(MachineUser, after ? { ...where, id: { $gt: after } } : where, {
+        orderBy: { id: "asc" },
+        limit,
+      });
+      const total = await em(ctx).count(MachineUser, where);
+      const d = await details(ctx, users);
+      return {
+        machineUsers: users.map((u) => machineUserToProto(u, d.get(u.id)!)),
+        nextPageToken: nextPageToken(users, limit),
+        totalSize: total,
+      };
+    },
+
+    async updateMachineUser(req, ctx) {
+      const principal = principalOf(ctx);
+      const e = em(ctx);
+      const mu = await visibleMachineUser(ctx, req.id);
+      if (req.name !== undefined && req.name !== mu.name) {
+        assertDisplayName(req.name);
+        if (await e.count(MachineUser, { tenantId: mu.tenantId, name: req.name })) {
+          throw errors.alreadyExists("a machine user with this name exists in the tenant");
+        }
+        mu.name = req.name;
+      }
+      if (req.scopes) {
+        assertGrantableScopes(principal, req.scopes.scopes);
+        mu.scopes = formatScopes(req.scopes.scopes);
+      }
+      const applicationIds = req.applicationIds
+        ? await tenantApplications(ctx, mu.tenantId, req.applicationIds.applicationIds)
+        : null;
+      if (req.disabled !== undefined) mu.disabled = req.disabled;
+      mu.updatedAt = new Date();
+      try {
+        await e.transactional(async (tx) => {
+          if (applicationIds) {
+            await tx.nativeDelete(MachineUserApplication, { machineUserId: mu.id });
+            for (const applicationId of applicationIds)
+              tx.create(MachineUserApplication, { machineUserId: mu.id, applicationId });
+          }
+          await tx.flush();
+        });
+      } catch (err) {
+        if (err instanceof UniqueConstraintViolationException) {
+          throw errors.alreadyExists("a machine user with this name exists in the tenant");
+        }
+        throw err;
+      }
+      return { machineUser: await toProto(ctx, mu) };
+    },
+
+    async deleteMachineUser(req, ctx) {
+      const mu = await visibleMachineUser(ctx, req.id);
+      // Credentials, assignments, certificate bindings and backends cascade.
+      await em(ctx).nativeDelete(MachineUser, { id: mu.id });
+      return {};
+    },
+
+    async rotateMachineUserCredentials(req, ctx) {
+      const e = em(ctx);
+      const mu = await visibleMachineUser(ctx, req.id);
+      const grace = req.gracePeriodSeconds ?? 0;
+      if (!Number.isInteger(grace) || grace < 0 || grace > MAX_GRACE_PERIOD_SECONDS) {
+        throw errors.invalidArgument(
+          `grace_period_seconds must be between 0 and ${MAX_GRACE_PERIOD_SECONDS}`,
+          "grace_period_seconds",
+        );
+      }
+      const now = new Date();
+      const graceUntil = new Date(now.getTime() + grace * 1000);
+      const credential = await newMachineCredential(mu.id, mu.authType, {
+        tokenPrefix: deps.tokenPrefix,
+        iterations: deps.passwordIterations,
+        now,
+      });
+      // Access tokens issued before this rotation stop when the previous credentials do.
+      // Only the latest rotation is remembered, so if the previous rotation's tokens may
+      // still be unexpired, its (earlier) cut-off is kept: fail closed, never revive them.
+      let tokenCutoff = graceUntil;
+      if (
+        mu.rotatedAt &&
+        mu.rotationGraceUntil &&
+        now.getTime() - mu.rotatedAt.getTime() < (deps.accessTokenTtlSeconds + deps.clockSkewSeconds) * 1000
+      ) {
+        if (mu.rotationGraceUntil < tokenCutoff) tokenCutoff = mu.rotationGraceUntil;
+      }
+      await e.transactional(async (tx) => {
+        // Credentials already past their end are dropped; live ones end now or after the grace period.
+        await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
+        if (grace === 0) {
+          await tx.nativeDelete(MachineCredential, { machineUserId: mu.id });
+        } else {
+          await tx.nativeUpdate(
+            MachineCredential,
+            { machineUserId: mu.id, expiresAt: null },
+            { expiresAt: graceUntil },
+          );
+          await tx.nativeUpdate(
+            MachineCredential,
+            { machineUserId: mu.id, expiresAt: { $gt: graceUntil } },
+            { expiresAt: graceUntil },
+          );
+        }
+        tx.create(MachineCredential, credential.row);
+        mu.rotatedAt = now;
+        mu.rotationGraceUntil = tokenCutoff;
+        mu.updatedAt = now;
+        await tx.flush();
+      });
+      return {
+        machineUser: await toProto(ctx, mu),
+        token: credential.token,
+        username: credential.username,
+        password: credential.password,
+        previousCredentialsExpireAt: timestampFromDate(graceUntil),
+      };
+    },
+
+    async bindCertificate(req, ctx) {
+      const mu = await visibleMachineUser(ctx, req.machineUserId, "machine_user_id");
+      let sha256Fingerprint: string | null = null;
+      let sanUri: string | null = null;
+      if (req.identity.case === "sha256Fingerprint")
+        sha256Fingerprint = normaliseFingerprint(req.identity.value);
+      else if (req.identity.case === "sanUri") sanUri = assertSanUri(req.identity.value);
+      else throw errors.invalidArgument("one of sha256_fingerprint or san_uri is required", "identity");
+      const e = em(ctx);
+      const taken = sha256Fingerprint
+        ? await e.count(MachineUserCertificate, { sha256Fingerprint })
+        : await e.count(MachineUserCertificate, { sanUri });
+      const conflict = "this certificate identity is already bound to a machine user";
+      if (taken) throw errors.alreadyExists(conflict);
+      const binding = e.create(MachineUserCertificate, {
+        id: randomUUID(),
+        machineUserId: mu.id,
+        sha256Fingerprint,
+        sanUri,
+        createdAt: new Date(),
+      });
+      try {
+        await e.flush();
+      } catch (err) {
+        if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
+        throw err;
+      }
+      return { binding: bindingToProto(binding) };
+    },
+
+    async unbindCertificate(req, ctx) {
+      const mu = await visibleMachineUser(ctx, req.machineUserId, "machine_user_id");
+      const id = req.identity;
+      let where: Record<string, string>;
+      if (id.case === "bindingId") {
+        assertId(id.value, "certificate binding", "binding_id");
+        where = { id: id.value };
+      } else if (id.case === "sha256Fingerprint")
+        where = { sha256Fingerprint: normaliseFingerprint(id.value) };
+      else if (id.case === "sanUri") where = { sanUri: id.value };
+      else
+        throw errors.invalidArgument(
+          "one of binding_id, sha256_fingerprint or san_uri is required",
+          "identity",
+        );
+      const removed = await em(ctx).nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
+      if (removed === 0) throw errors.notFound("certificate binding");
+      return {};
+    },
+
+    async checkAuthentication(_req, ctx) {
+      const principal = principalOf(ctx);
+      return {
+        authenticated: true,
+        machineUserId: principal.id,
+        tenantId: principal.tenantId ?? "",
+        message: "Authentication successful",
+      };
+    },
+
+    async registerBackend(req, ctx) {
+      const principal = principalOf(ctx);
+      const callbackUrl = normaliseCallbackUrl(req.callbackUrl, deps.allowLoopbackHttpCallbacks);
+      if (req.version.length > 64)
+        throw errors.invalidArgument("version must be at most 64 characters", "version");
+      if (!req.applicationId) throw errors.invalidArgument("application_id is required", "application_id");
+      const e = em(ctx);
+      // One answer for an application that does not exist, belongs to another tenant, or
+      // is not assigned to this machine user.
+      const denied = () =>
+        new TesseraError("ACCESS_DENIED", "the application is not assigned to this machine user");
+      if (!principal.tenantId || !principal.applicationIds?.includes(req.applicationId)) throw denied();
+      const app = await e.findOne(Application, { id: req.applicationId, tenantId: principal.tenantId });
+      if (!app) throw denied();
+      const now = new Date();
+      const upsert = async (): Promise<Backend> => {
+        const existing = await e.findOne(Backend, { applicationId: app.id, callbackUrl });
+        if (existing) {
+          existing.version = req.version;
+          existing.machineUserId = principal.id;
+          existing.updatedAt = now;
+          await e.flush();
+          return existing;
+        }
+        const created = e.create(Backend, {
+          id: randomUUID(),
+          tenantId: app.tenantId,
+          applicationId: app.id,
+          machineUserId: principal.id,
+          callbackUrl,
+          version: req.version,
+          createdAt: now,
+          updatedAt: now,
+        });
+        await e.flush();
+        return created;
+      };
+      let backend: Backend;
+      try {
+        backend = await upsert();
+      } catch (err) {
+        // A concurrent registration of the same URL won the insert: update that one.
+        if (!(err instanceof UniqueConstraintViolationException)) throw err;
+        e.clear();
+        backend = await upsert();
+      }
+      return { success: true, backendId: backend.id, message: "Backend registered successfully" };
+    },
+
+    async issueAccessToken(_req, ctx) {
+      const principal = principalOf(ctx);
+      const state = requestState(ctx.values);
+      if (principal.method === "jwt") {
+        // Otherwise a token could renew itself forever, outliving a rotation or its credential.
+        throw new TesseraError(
+          "ACCESS_DENIED",
+          "an access token cannot be exchanged for another; use the machine user's credentials or client certificate",
+        );
+      }
+      if (!principal.tenantId) throw new TesseraError("ACCESS_DENIED", "not a machine principal");
+      const e = em(ctx);
+      const mu = await e.findOne(MachineUser, { id: principal.id });
+      if (!mu) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+      // `iat` has one-second resolution and tokens from the rotation's second count as
+      // pre-rotation, so never issue in that second.
+      if (mu.rotatedAt) {
+        const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - Date.now();
+        if (wait > 0) await sleep(wait);
+      }
+      let ttlSeconds: number | undefined;
+      if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
+        const cred = await e.findOne(MachineCredential, { id: principal.credentialId });
+        if (cred?.expiresAt) {
+          // A credential in its rotation grace period issues tokens that end with it.
+          ttlSeconds = Math.floor((cred.expiresAt.getTime() - Date.now()) / 1000);
+          if (ttlSeconds <= 0)
+            throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
+          ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
+        }
+      }
+      const thumbprint = state.certificate?.thumbprint;
+      const issued = await deps.jwt.issue({
+        subject: principal.id,
+        tenantId: principal.tenantId,
+        scopes: principal.scopes,
+        kind: "machine",
+        ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
+        ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
+      });
+      return {
+        accessToken: issued.token,
+        expiresAt: timestampFromDate(issued.expiresAt),
+        tokenType: "Bearer",
+        certificateBound: thumbprint !== undefined,
+      };
+    },
+
+    async listBackends(req, ctx) {
+      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const e = em(ctx);
+      const where: { tenantId?: string; applicationId?: string; machineUserId?: string } =
+        req.tenantId !== undefined
+          ? { tenantId: (await visibleTenant(ctx, e, req.tenantId, "tenant_id")).id }
+          : listScope(ctx);
+      if (req.applicationId !== undefined) {
+        assertId(req.applicationId, "application", "application_id");
+        const app = await e.findOne(Application, { id: req.applicationId });
+        if (!app || !canSeeTenant(principalOf(ctx), app.tenantId)) throw errors.notFound("application");
+        where.applicationId = app.id;
+      }
+      if (req.machineUserId !== undefined)
+        where.machineUserId = (await visibleMachineUser(ctx, req.machineUserId, "machine_user_id")).id;
+      const backends = await e.find(Backend, after ? { ...where, id: { $gt: after } } : where, {
+        orderBy: { id: "asc" },
+        limit,
+      });
+      const total = await e.count(Backend, where);
+      return {
+        backends: backends.map(backendToProto),
+        nextPageToken: nextPageToken(backends, limit),
+        totalSize: total,
+      };
+    },
+
+    async deregisterBackend(req, ctx) {
+      assertId(req.id, "backend");
+      const e = em(ctx);
+      const backend = await e.findOne(Backend, { id: req.id });
+      if (!backend || !canSeeTenant(principalOf(ctx), backend.tenantId)) throw errors.notFound("backend");
+      await e.nativeDelete(Backend, { id: backend.id });
+      return {};
+    },
+  };
+}

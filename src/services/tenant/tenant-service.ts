@@ -1,0 +1,206 @@
+import { randomUUID } from "node:crypto";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
+import type {
+  ApplicationSchema,
+  TenantSchema,
+  TenantService,
+} from "../../../gen/tessera/v1/tenant_service_pb.js";
+import { isSuperuser } from "../../auth/principal.js";
+import { requestEm } from "../../context.js";
+import { errors, TesseraError } from "../../errors.js";
+import { Tenant } from "../../storage/entities.js";
+import { Application } from "../../storage/machine-entities.js";
+import type { Storage } from "../../storage/orm.js";
+import { assertId, canSeeTenant, nextPageToken, pageParams, principalOf, tenantScope } from "../common.js";
+import { assertDisplayName } from "./names.js";
+
+/** Dependencies of the TenantService implementation. */
+export interface TenantServiceDeps {
+  storage: Storage;
+  /** The tenant of principals that have none (the static admin token). */
+  defaultTenantId: () => Promise<string>;
+}
+
+/** The wire shape of a tenant. */
+export function tenantToProto(tenant: Tenant): MessageInitShape<typeof TenantSchema> {
+  return {
+    id: tenant.id,
+    name: tenant.name,
+    disabled: tenant.disabled,
+    createdAt: timestampFromDate(tenant.createdAt),
+    updatedAt: timestampFromDate(tenant.updatedAt),
+  };
+}
+
+/** The wire shape of an application. */
+export function applicationToProto(app: Application): MessageInitShape<typeof ApplicationSchema> {
+  return { id: app.id, tenantId: app.tenantId, name: app.name, createdAt: timestampFromDate(app.createdAt) };
+}
+
+/**
+ * A tenant visible to the caller, or NotFound: another tenant reads exactly like a
+ * missing one (same reason, same message).
+ */
+export async function visibleTenant(
+  ctx: HandlerContext,
+  em: EntityManager,
+  id: string,
+  field = "id",
+): Promise<Tenant> {
+  assertId(id, "tenant", field);
+  if (!canSeeTenant(principalOf(ctx), id)) throw errors.notFound("tenant");
+  const tenant = await em.findOne(Tenant, { id });
+  if (!tenant) throw errors.notFound("tenant");
+  return tenant;
+}
+
+/**
+ * The tenant a create request acts in: the named one (which must be visible), else the
+ * caller's own, else (static admin token) the default tenant.
+ */
+export async function targetTenantId(
+  ctx: HandlerContext,
+  em: EntityManager,
+  requested: string | undefined,
+  defaultTenantId: () => Promise<string>,
+): Promise<string> {
+  if (requested !== undefined) return (await visibleTenant(ctx, em, requested, "tenant_id")).id;
+  return principalOf(ctx).tenantId ?? (await defaultTenantId());
+}
+
+/**
+ * TenantService. Superusers (`*`) see every tenant; other holders of `admin:tenants`
+ * see and manage only their own tenant and its applications. Creating a tenant needs `*`.
+ */
+export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof TenantService> {
+  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+
+  async function visibleApplication(ctx: HandlerContext, id: string): Promise<Application> {
+    assertId(id, "application");
+    const app = await em(ctx).findOne(Application, { id });
+    if (!app || !canSeeTenant(principalOf(ctx), app.tenantId)) throw errors.notFound("application");
+    return app;
+  }
+
+  async function flushUnique(ctx: HandlerContext, message: string): Promise<void> {
+    try {
+      await em(ctx).flush();
+    } catch (err) {
+      if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(message);
+      throw err;
+    }
+  }
+
+  return {
+    async createTenant(req, ctx) {
+      const principal = principalOf(ctx);
+      if (!isSuperuser(principal))
+        throw new TesseraError("ACCESS_DENIED", "only a principal holding * may create tenants");
+      assertDisplayName(req.name);
+      if (await em(ctx).count(Tenant, { name: req.name }))
+        throw errors.alreadyExists("a tenant with this name exists");
+      const now = new Date();
+      const tenant = em(ctx).create(Tenant, {
+        id: randomUUID(),
+        name: req.name,
+        disabled: false,
+        createdAt: now,
+        updatedAt: now,
+      });
+      await flushUnique(ctx, "a tenant with this name exists");
+      return { tenant: tenantToProto(tenant) };
+    },
+
+    async getTenant(req, ctx) {
+      return { tenant: tenantToProto(await visibleTenant(ctx, em(ctx), req.id)) };
+    },
+
+    async listTenants(req, ctx) {
+      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const scope = tenantScope(principalOf(ctx));
+      const where = scope === null ? {} : { id: scope };
+      const tenants = await em(ctx).find(Tenant, after ? { $and: [where, { id: { $gt: after } }] } : where, {
+        orderBy: { id: "asc" },
+        limit,
+      });
+      const total = await em(ctx).count(Tenant, where);
+      return {
+        tenants: tenants.map(tenantToProto),
+        nextPageToken: nextPageToken(tenants, limit),
+        totalSize: total,
+      };
+    },
+
+    async updateTenant(req, ctx) {
+      const principal = principalOf(ctx);
+      const tenant = await visibleTenant(ctx, em(ctx), req.id);
+      if (req.name !== undefined && req.name !== tenant.name) {
+        assertDisplayName(req.name);
+        if (await em(ctx).count(Tenant, { name: req.name }))
+          throw errors.alreadyExists("a tenant with this name exists");
+        tenant.name = req.name;
+      }
+      if (req.disabled !== undefined) {
+        if (req.disabled && principal.tenantId === tenant.id) {
+          throw new TesseraError("FAILED_PRECONDITION", "you cannot disable your own tenant");
+        }
+        tenant.disabled = req.disabled;
+      }
+      tenant.updatedAt = new Date();
+      await flushUnique(ctx, "a tenant with this name exists");
+      return { tenant: tenantToProto(tenant) };
+    },
+
+    async createApplication(req, ctx) {
+      const tenantId = await targetTenantId(ctx, em(ctx), req.tenantId, deps.defaultTenantId);
+      assertDisplayName(req.name);
+      if (await em(ctx).count(Application, { tenantId, name: req.name })) {
+        throw errors.alreadyExists("an application with this name exists in the tenant");
+      }
+      const app = em(ctx).create(Application, {
+        id: randomUUID(),
+        tenantId,
+        name: req.name,
+        createdAt: new Date(),
+      });
+      await flushUnique(ctx, "an application with this name exists in the tenant");
+      return { application: applicationToProto(app) };
+    },
+
+    async getApplication(req, ctx) {
+      return { application: applicationToProto(await visibleApplication(ctx, req.id)) };
+    },
+
+    async listApplications(req, ctx) {
+      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      let where: { tenantId?: string };
+      if (req.tenantId !== undefined) {
+        where = { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id };
+      } else {
+        const scope = tenantScope(principalOf(ctx));
+        where = scope === null ? {} : { tenantId: scope };
+      }
+      const apps = await em(ctx).find(Application, after ? { ...where, id: { $gt: after } } : where, {
+        orderBy: { id: "asc" },
+        limit,
+      });
+      const total = await em(ctx).count(Application, where);
+      return {
+        applications: apps.map(applicationToProto),
+        nextPageToken: nextPageToken(apps, limit),
+        totalSize: total,
+      };
+    },
+
+    async deleteApplication(req, ctx) {
+      const app = await visibleApplication(ctx, req.id);
+      // Assignments and registered backends go with it (ON DELETE CASCADE).
+      await em(ctx).nativeDelete(Application, { id: app.id });
+      return {};
+    },
+  };
+}

@@ -1,0 +1,84 @@
+import { randomUUID } from "node:crypto";
+import type { Transport } from "@connectrpc/connect";
+import { createClient } from "@connectrpc/connect";
+import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { ADMIN_PASSWORD, clientFor, withHeaders } from "./helpers.js";
+
+/** Shared set-up for the tenant, machine-user and mTLS tests. */
+
+export const short = () => randomUUID().slice(0, 8);
+
+/** `Authorization: Basic` for a username and password. */
+export function basic(username: string, password: string): Record<string, string> {
+  return { authorization: `Basic ${Buffer.from(`${username}:${password}`).toString("base64")}` };
+}
+
+/** Clients of the three services over a transport, with a bearer token or extra headers. */
+export function clients(transport: Transport, auth?: string | Record<string, string>) {
+  const t = typeof auth === "object" ? withHeaders(transport, auth) : transport;
+  const token = typeof auth === "string" ? auth : undefined;
+  return {
+    users: clientFor(UserService, t, token),
+    tenants: clientFor(TenantService, t, token),
+    machines: clientFor(MachineUserService, t, token),
+  };
+}
+
+/** Log the bootstrap admin in (scope `*`, default tenant). */
+export async function adminLogin(transport: Transport): Promise<string> {
+  return (await createClient(UserService, transport).login({ username: "admin", password: ADMIN_PASSWORD }))
+    .accessToken;
+}
+
+/** A tenant with an application and a tenant admin holding `scopes` (logged in). */
+export async function tenantWithAdmin(
+  transport: Transport,
+  rootToken: string,
+  scopes = ["admin:tenants", "admin:machine-users"],
+) {
+  const root = clients(transport, rootToken);
+  const { tenant } = await root.tenants.createTenant({ name: `tenant-${short()}` });
+  const { application } = await root.tenants.createApplication({ tenantId: tenant!.id, name: "app-one" });
+  const username = `ta-${short()}`;
+  await root.users.createUser({ username, password: "tenant admin password", scopes, tenantId: tenant!.id });
+  const login = await createClient(UserService, transport).login({
+    username,
+    password: "tenant admin password",
+  });
+  return { tenant: tenant!, application: application!, username, token: login.accessToken };
+}
+
+/** A bearer machine user in the caller's (or the given) tenant, assigned to `applicationIds`. */
+export async function bearerMachine(
+  transport: Transport,
+  adminToken: string,
+  applicationIds: string[],
+  extra: { tenantId?: string; scopes?: string[] } = {},
+) {
+  const res = await clients(transport, adminToken).machines.createMachineUser({
+    name: `mu-${short()}`,
+    authType: MachineAuthType.BEARER,
+    applicationIds,
+    scopes: extra.scopes ?? [],
+    ...(extra.tenantId ? { tenantId: extra.tenantId } : {}),
+  });
+  return { machine: res.machineUser!, token: res.token };
+}
+
+/** A Basic machine user. */
+export async function basicMachine(
+  transport: Transport,
+  adminToken: string,
+  applicationIds: string[],
+  extra: { tenantId?: string } = {},
+) {
+  const res = await clients(transport, adminToken).machines.createMachineUser({
+    name: `mu-${short()}`,
+    authType: MachineAuthType.BASIC,
+    applicationIds,
+    ...(extra.tenantId ? { tenantId: extra.tenantId } : {}),
+  });
+  return { machine: res.machineUser!, username: res.username, password: res.password };
+}
