@@ -266,3 +266,22 @@ describe.each(DATABASES)("UserService on $name", (db) => {
     expect((await rejection(as(adminToken).deleteUser({ id: me.id }))).code).toBe(Code.FailedPrecondition);
   });
 });
+
+describe.each(DATABASES)("refresh token races on $name", (db) => {
+  it("leaves no live session when the same refresh token is spent concurrently", async () => {
+    const app = await createTestApp(db);
+    try {
+      const anon = clientFor(UserService, memoryTransport(app));
+      const login = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
+      const results = await Promise.allSettled(Array.from({ length: 5 }, () => anon.refreshToken({ refreshToken: login.refreshToken })));
+      const winners = results.filter((r) => r.status === "fulfilled");
+      expect(winners.length).toBeLessThanOrEqual(1);
+      for (const w of winners) {
+        const next = (w as PromiseFulfilledResult<{ refreshToken: string }>).value.refreshToken;
+        expect((await rejection(anon.refreshToken({ refreshToken: next }))).reason).toBe("TOKEN_REVOKED");
+      }
+    } finally {
+      await app.close();
+    }
+  });
+});

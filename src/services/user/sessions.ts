@@ -75,7 +75,16 @@ export class SessionIssuer {
     if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
     const tenant = await em.findOne(Tenant, { id: user.tenantId });
     if (user.disabled || !tenant || tenant.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-    return this.issue(em, user, row.familyId);
+    const pair = await this.issue(em, user, row.familyId);
+    // A concurrent re-use of the same token may have revoked the family between our
+    // conditional update and the insert above. Either it revoked before this check (seen
+    // here) or after the insert (its update then covers the new row too): the winner of
+    // a race with a thief never keeps a live session.
+    if ((await em.count(RefreshToken, { familyId: row.familyId, revokedAt: { $ne: null } })) > 0) {
+      await this.revokeFamily(em, row.familyId);
+      throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
+    }
+    return pair;
   }
 
   /** Revoke the family of a refresh token; unknown tokens are ignored (logout is idempotent). */
