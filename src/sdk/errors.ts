@@ -1,0 +1,231 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+
+/**
+ * Typed errors of the Tessera client SDK. Every failed call is mapped by
+ * {@link toClientError} (the one place that decides the class) to a
+ * {@link TesseraClientError} subclass a caller can `instanceof` or switch on:
+ * `code` is the Connect code, `reason` the server's stable reason from the
+ * `tessera.v1.ErrorInfo` detail (e.g. `TOKEN_EXPIRED`), `requestId` the id to quote
+ * to support. Messages never contain a credential: the server never puts one there,
+ * and client-side messages are scrubbed of the tokens the client holds.
+ *
+ * These classes extend `Error`, not `ConnectError`: connect-es recognises its own
+ * errors by name, so a subclass with its own name would not pass `instanceof
+ * ConnectError` anyway. The original `ConnectError` is kept as `cause`.
+ */
+export class TesseraClientError extends Error {
+  override name = "TesseraClientError";
+  /** The Connect (gRPC) status code. */
+  readonly code: Code;
+  /** The server's stable reason (ErrorInfo.reason), e.g. "TOKEN_EXPIRED"; undefined when the server sent none. */
+  readonly reason: string | undefined;
+  /** The request id of the failed call (ErrorInfo.request_id or the X-Request-Id header). */
+  readonly requestId: string | undefined;
+  /** Response headers / trailers of the failed call (Retry-After, X-RateLimit-*, WWW-Authenticate). */
+  readonly metadata: Headers;
+  /** ErrorInfo.metadata: non-secret context such as `required_scopes` or `field`. */
+  readonly details: Readonly<Record<string, string>>;
+
+  constructor(message: string, init: ClientErrorInit) {
+    super(message, init.cause === undefined ? undefined : { cause: init.cause });
+    this.code = init.code;
+    this.reason = init.reason;
+    this.requestId = init.requestId;
+    this.metadata = init.metadata ?? new Headers();
+    this.details = init.details ?? {};
+  }
+}
+
+/** Fields of a {@link TesseraClientError}. */
+export interface ClientErrorInit {
+  code: Code;
+  reason?: string | undefined;
+  requestId?: string | undefined;
+  metadata?: Headers;
+  details?: Record<string, string>;
+  cause?: unknown;
+}
+
+/** Unauthenticated: no credential, or one the server does not accept (reason says why). */
+export class AuthenticationError extends TesseraClientError {
+  override name = "AuthenticationError";
+}
+
+/** Unauthenticated with reason TOKEN_EXPIRED: refresh the session or log in again. */
+export class TokenExpiredError extends AuthenticationError {
+  override name = "TokenExpiredError";
+}
+
+/** PermissionDenied: authenticated, but the credential lacks a scope or the principal kind is not admitted. */
+export class PermissionDeniedError extends TesseraClientError {
+  override name = "PermissionDeniedError";
+  /** The scopes the method requires, when the server named them. */
+  get requiredScopes(): string[] {
+    const s = this.details.required_scopes;
+    return s ? s.split(" ").filter((x) => x.length > 0) : [];
+  }
+}
+
+/** NotFound: the resource does not exist or belongs to another tenant. */
+export class NotFoundError extends TesseraClientError {
+  override name = "NotFoundError";
+}
+
+/** InvalidArgument: the request is malformed; `details.field` may name the field. */
+export class InvalidArgumentError extends TesseraClientError {
+  override name = "InvalidArgumentError";
+}
+
+/** AlreadyExists: a resource with that name exists. */
+export class AlreadyExistsError extends TesseraClientError {
+  override name = "AlreadyExistsError";
+}
+
+/** ResourceExhausted: rate limited. Wait `retryAfter` seconds before trying again. */
+export class RateLimitedError extends TesseraClientError {
+  override name = "RateLimitedError";
+  /** Seconds to wait, from the Retry-After header or trailer; undefined when absent. */
+  readonly retryAfter: number | undefined;
+
+  constructor(message: string, init: ClientErrorInit & { retryAfter?: number | undefined }) {
+    super(message, init);
+    this.retryAfter = init.retryAfter;
+  }
+}
+
+/** Unavailable: the server cannot be reached (wrong address, TLS refused, down) or is not ready. */
+export class UnavailableError extends TesseraClientError {
+  override name = "UnavailableError";
+}
+
+/**
+ * A client-side configuration problem: an unreadable certificate file, a malformed
+ * server address, a credentials file others can read. Raised before any call is made.
+ */
+export class ClientConfigError extends Error {
+  override name = "ClientConfigError";
+  /** The file the problem is about, when there is one. */
+  readonly path: string | undefined;
+
+  constructor(message: string, options: { path?: string; cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.path = options.path;
+  }
+}
+
+/** The credentials file is readable or writable by group or others, or owned by someone else. */
+export class CredentialsFileError extends ClientConfigError {
+  override name = "CredentialsFileError";
+}
+
+/** Parse a Retry-After value (delta-seconds or an HTTP date) into seconds. */
+export function parseRetryAfter(value: string | null | undefined, now = Date.now()): number | undefined {
+  if (!value) return undefined;
+  const trimmed = value.trim();
+  if (/^\d+$/.test(trimmed)) return Number.parseInt(trimmed, 10);
+  const date = Date.parse(trimmed);
+  if (Number.isNaN(date)) return undefined;
+  return Math.max(0, Math.ceil((date - now) / 1000));
+}
+
+const REDACTED = "[redacted]";
+
+/** Replace every occurrence of a held secret in `text`. */
+export function redact(
+  text: string,
+  secrets: readonly (string | undefined)[],
+): { text: string; changed: boolean } {
+  let out = text;
+  for (const s of secrets) {
+    // Short strings would over-match ordinary words; credentials are long.
+    if (s && s.length >= 8 && out.includes(s)) out = out.split(s).join(REDACTED);
+  }
+  return { text: out, changed: out !== text };
+}
+
+/**
+ * Map anything a call threw to a typed error. `secrets` are the credentials the client
+ * holds; any that appears in a message (only possible for client-side errors) is
+ * replaced, and the original error is then dropped rather than kept as `cause`.
+ */
+export function toClientError(
+  err: unknown,
+  secrets: readonly (string | undefined)[] = [],
+): TesseraClientError {
+  if (err instanceof TesseraClientError) return err;
+  const ce = ConnectError.from(err);
+  const info = ce.findDetails(ErrorInfoSchema)[0];
+  const tls = info ? undefined : tlsFailure(ce);
+  const { text: message, changed } = redact(tls?.message ?? ce.rawMessage, secrets);
+  const init: ClientErrorInit = {
+    code: tls ? Code.Unavailable : ce.code,
+    reason: info?.reason || undefined,
+    requestId: info?.requestId || ce.metadata.get("x-request-id") || undefined,
+    metadata: ce.metadata,
+    details: info ? { ...info.metadata } : {},
+    ...(changed ? {} : { cause: ce }),
+  };
+  switch (init.code) {
+    case Code.Unauthenticated:
+      return init.reason === "TOKEN_EXPIRED"
+        ? new TokenExpiredError(message, init)
+        : new AuthenticationError(message, init);
+    case Code.PermissionDenied:
+      return new PermissionDeniedError(message, init);
+    case Code.NotFound:
+      return new NotFoundError(message, init);
+    case Code.InvalidArgument:
+      return new InvalidArgumentError(message, init);
+    case Code.AlreadyExists:
+      return new AlreadyExistsError(message, init);
+    case Code.ResourceExhausted:
+      return new RateLimitedError(message, {
+        ...init,
+        retryAfter: parseRetryAfter(ce.metadata.get("retry-after")),
+      });
+    case Code.Unavailable:
+      return new UnavailableError(message, init);
+    default:
+      return new TesseraClientError(message, init);
+  }
+}
+
+/**
+ * A failed TLS handshake (untrusted server certificate, wrong host name, client
+ * certificate required or refused) reaches connect-node as Internal or Unknown; it is a
+ * failure to reach the server, so it becomes Unavailable with a message saying what to
+ * fix. Undefined when the error is not one.
+ */
+function tlsFailure(ce: ConnectError): { message: string } | undefined {
+  let code: string | undefined;
+  for (let c: unknown = ce.cause, i = 0; c && i < 5; c = (c as { cause?: unknown }).cause, i++) {
+    const k = (c as { code?: unknown }).code;
+    if (typeof k === "string") {
+      code = k;
+      break;
+    }
+  }
+  if (!code) return undefined;
+  if (/CERTIFICATE_REQUIRED/.test(code)) {
+    return {
+      message:
+        "TLS handshake failed: the server requires a client certificate (a cert folder with client.crt and client.key)",
+    };
+  }
+  if (/^ERR_SSL_.*(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|REVOKED|EXPIRED)/.test(code)) {
+    return { message: `TLS handshake failed: the server refused the client certificate (${code})` };
+  }
+  if (code === "ERR_TLS_CERT_ALTNAME_INVALID") {
+    return {
+      message: `TLS handshake failed: the server's certificate is not valid for this host name (${code})`,
+    };
+  }
+  if (/^(SELF_SIGNED|DEPTH_ZERO|UNABLE_TO_|CERT_|ERR_TLS_|ERR_SSL_)/.test(code)) {
+    const detail = ce.rawMessage.split("\n")[0]!.slice(0, 160);
+    return {
+      message: `TLS handshake failed: cannot verify the server's certificate: ${detail} (${code}); give its CA with caFile or a cert folder holding ca.crt`,
+    };
+  }
+  return undefined;
+}

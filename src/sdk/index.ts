@@ -1,0 +1,47 @@
+/**
+ * The Tessera client SDK (`import { UserAPI } from "tessera/sdk"`): the one barrel;
+ * everything public is named here.
+ */
+
+export { Code } from "@connectrpc/connect";
+export { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+export { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+export { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
+export { TokenKind, TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+export { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+export { hasScope, scopeCovers } from "../auth/scopes.js";
+export {
+  CLIENT_ENV,
+  credentialsPath,
+  DEFAULT_PORT,
+  DEFAULT_PROFILE,
+  type Profile,
+  parseServerAddress,
+  readCredentialsFile,
+  readProfile,
+  type ServerAddress,
+  writeProfile,
+} from "./credentials.js";
+export {
+  type FromEnvironmentOptions,
+  type ResolvedClientOptions,
+  resolveClientOptions,
+} from "./environment.js";
+export {
+  AlreadyExistsError,
+  AuthenticationError,
+  ClientConfigError,
+  type ClientErrorInit,
+  CredentialsFileError,
+  InvalidArgumentError,
+  NotFoundError,
+  PermissionDeniedError,
+  RateLimitedError,
+  TesseraClientError,
+  TokenExpiredError,
+  toClientError,
+  UnavailableError,
+} from "./errors.js";
+export type { AutoRefreshOptions, TokenPair } from "./session.js";
+export { type ClientTls, loadClientTls } from "./tls.js";
+export { type CurrentUser, type LoginResult, UserAPI, type UserAPIOptions } from "./user-api.js";

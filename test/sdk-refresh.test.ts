@@ -1,0 +1,134 @@
+import type { Interceptor } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  AuthenticationError,
+  Code,
+  TokenExpiredError,
+  type TokenPair,
+  UserAPI,
+  type UserAPIOptions,
+} from "../src/sdk/index.js";
+import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
+
+/** The `exp` claim of a JWT (seconds). */
+function expOf(token: string): number {
+  return (JSON.parse(Buffer.from(token.split(".")[1]!, "base64url").toString()) as { exp: number }).exp;
+}
+
+/** Sleep until `epochMs` (never more than 3 s: the tokens live 2 s). */
+async function sleepUntil(epochMs: number): Promise<void> {
+  const ms = epochMs - Date.now();
+  expect(ms).toBeLessThanOrEqual(3000);
+  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+}
+
+/** An interceptor counting the RefreshToken calls a client makes. */
+function refreshCounter(): { interceptor: Interceptor; count: () => number } {
+  let n = 0;
+  return {
+    interceptor: (next) => (req) => {
+      if (req.method.name === "RefreshToken") n++;
+      return next(req);
+    },
+    count: () => n,
+  };
+}
+
+describe.each(DATABASES)("automatic refresh across a real expiry on $name", (db) => {
+  let ts: TestServer;
+  const make = (options: UserAPIOptions) =>
+    new UserAPI({ host: "127.0.0.1", port: ts.server.port, certFolder: ts.certs.clientDir, ...options });
+
+  beforeAll(async () => {
+    // Access tokens live 2 s and no skew is tolerated, so expiry is real within the test.
+    ts = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("raises TokenExpiredError without auto-refresh, and with it retries once after one shared refresh", async () => {
+    const pairs: TokenPair[] = [];
+    const grpcRefreshes = refreshCounter();
+    const connectRefreshes = refreshCounter();
+    const grpc = make({
+      protocol: "grpc",
+      autoRefresh: { proactive: false },
+      onTokens: (p) => void pairs.push(p),
+      interceptors: [grpcRefreshes.interceptor],
+    });
+    const connect = make({
+      protocol: "connect",
+      autoRefresh: { proactive: false },
+      interceptors: [connectRefreshes.interceptor],
+    });
+    const login = await grpc.login("admin", ADMIN_PASSWORD);
+    await connect.login("admin", ADMIN_PASSWORD);
+    const plain = make({ token: login.accessToken });
+    expect(pairs).toHaveLength(1);
+
+    await sleepUntil(expOf(login.accessToken) * 1000 + 100);
+
+    const expired = await plain.getUser().catch((e: unknown) => e);
+    expect(expired).toBeInstanceOf(TokenExpiredError);
+    expect(expired).toBeInstanceOf(AuthenticationError);
+    expect((expired as TokenExpiredError).code).toBe(Code.Unauthenticated);
+    expect((expired as TokenExpiredError).reason).toBe("TOKEN_EXPIRED");
+
+    // Three concurrent calls each see TOKEN_EXPIRED; one refresh serves them all. A second
+    // refresh would spend the refresh token twice and the server would revoke the session.
+    const results = await Promise.all([
+      grpc.getUser(),
+      grpc.getUser(),
+      grpc.getUser(),
+      connect.getUser(),
+      connect.getUser(),
+    ]);
+    expect(results.map((u) => u.username)).toEqual(["admin", "admin", "admin", "admin", "admin"]);
+    expect(pairs).toHaveLength(2);
+    expect(grpcRefreshes.count()).toBe(1);
+    expect(connectRefreshes.count()).toBe(1);
+    expect(grpc.token).toBe(pairs[1]!.accessToken);
+    expect(grpc.token).not.toBe(login.accessToken);
+    expect(grpc.currentRefreshToken).toBe(pairs[1]!.refreshToken);
+    for (const api of [grpc, connect, plain]) api.close();
+  });
+
+  it("renews shortly before expiry, once for concurrent calls", async () => {
+    const pairs: TokenPair[] = [];
+    const refreshes = refreshCounter();
+    const api = make({
+      protocol: "connect",
+      autoRefresh: true,
+      onTokens: (p) => void pairs.push(p),
+      interceptors: [refreshes.interceptor],
+    });
+    const login = await api.login("admin", ADMIN_PASSWORD);
+    // Lifetime 2 s: the client renews in the last second (half the lifetime, as the leeway is capped).
+    await sleepUntil(expOf(login.accessToken) * 1000 - 700);
+    const results = await Promise.all(Array.from({ length: 5 }, () => api.getUser()));
+    expect(results.every((u) => u.username === "admin")).toBe(true);
+    expect(pairs).toHaveLength(2);
+    expect(refreshes.count()).toBe(1);
+    expect(api.token).toBe(pairs[1]!.accessToken);
+    expect(api.token).not.toBe(login.accessToken);
+    // The session survived: no refresh token was spent twice (which revokes the family).
+    const next = await api.refreshToken();
+    expect(next.accessToken).toBe(api.token);
+    api.close();
+  });
+
+  it("fails with the refresh's reason when the session was ended meanwhile", async () => {
+    const api = make({ autoRefresh: true });
+    const login = await api.login("admin", ADMIN_PASSWORD);
+    const other = make({});
+    await other.logout(login.refreshToken);
+    await sleepUntil(expOf(login.accessToken) * 1000 + 100);
+    const err = await api.getUser().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(AuthenticationError);
+    expect((err as AuthenticationError).reason).toBe("TOKEN_REVOKED");
+    expect((err as Error).message).not.toContain(login.refreshToken);
+    api.close();
+    other.close();
+  });
+});
