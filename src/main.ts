@@ -1,10 +1,19 @@
 import { Command, CommanderError } from "commander";
-import { registerServerCommands } from "./cli/server-commands.js";
 import { VERSION } from "./app.js";
+import { describeClientError, registerClientCommands } from "./cli/client-commands.js";
+import { registerServerCommands } from "./cli/server-commands.js";
 import { ConfigError } from "./config.js";
 
 /** Exit codes (documented in --help). */
-export const EXIT = { ok: 0, error: 1, usage: 2, unauthenticated: 3, permissionDenied: 4, notFound: 5, unavailable: 6 } as const;
+export const EXIT = {
+  ok: 0,
+  error: 1,
+  usage: 2,
+  unauthenticated: 3,
+  permissionDenied: 4,
+  notFound: 5,
+  unavailable: 6,
+} as const;
 
 /** Build the `tessera` command line. */
 export function buildProgram(): Command {
@@ -17,6 +26,7 @@ export function buildProgram(): Command {
       `\nExit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, 5 not found, 6 unavailable.`,
     );
   registerServerCommands(program);
+  registerClientCommands(program);
   return program;
 }
 
@@ -29,6 +39,11 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     if (err instanceof CommanderError) {
       return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    }
+    const client = describeClientError(err, EXIT);
+    if (client) {
+      process.stderr.write(`error: ${client.message}\n`);
+      return client.code;
     }
     if (err instanceof ConfigError) {
       process.stderr.write(`${err.message}\n`);

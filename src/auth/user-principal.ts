@@ -3,9 +3,9 @@ import type { SqlRunner } from "../storage/sql.js";
 import { toBool, toMillis } from "../storage/sql.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
-import type { VerifiedSecretCache } from "./secret-cache.js";
 import type { Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
+import type { VerifiedSecretCache } from "./secret-cache.js";
 
 /** A user's current state as the authentication path needs it. */
 export interface UserAuthState {
@@ -76,7 +76,9 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
   return async (claims, state) => {
     const user = await users.byId(claims.sub);
     assertUserActive(user);
-    if (user.tenantId !== claims.tid) throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
+    if (user.tenantId !== claims.tid)
+      throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
+    state.user = user;
     const principal: Principal = {
       kind: "user",
       method: "jwt",
@@ -96,6 +98,12 @@ export interface UserBasicVerifierOptions {
   users: UserStateReader;
   secrets: VerifiedSecretCache;
   iterations: number;
+  /**
+   * Usernames with these prefixes belong to another verifier (machine users' "mu_"):
+   * refused here at once (null) without a look-up or a dummy PBKDF2, so an unknown
+   * username costs exactly one dummy PBKDF2 whichever verifier owns it.
+   */
+  reservedPrefixes?: readonly string[];
 }
 
 /**
@@ -109,6 +117,7 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
   return {
     name: "user-basic",
     async verify(username, password, state) {
+      if (options.reservedPrefixes?.some((p) => username.startsWith(p))) return null;
       const user = await options.users.byUsername(username);
       if (!user) {
         await verifySecret(password, await dummyPasswordHash(options.iterations));
@@ -118,6 +127,7 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       assertUserActive(user);
+      state.user = user;
       return {
         kind: "user",
         method: "basic",

@@ -1,9 +1,10 @@
 import type { HandlerContext } from "@connectrpc/connect";
+import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import type { Principal } from "../auth/principal.js";
 import { isSuperuser } from "../auth/principal.js";
 import { hasAllScopes, isValidScope } from "../auth/scopes.js";
 import { requestState } from "../context.js";
-import { TesseraError, errors } from "../errors.js";
+import { errors, TesseraError } from "../errors.js";
 
 /** The authenticated principal of a handler's request (the interceptors guarantee one on non-public methods). */
 export function principalOf(ctx: HandlerContext): Principal {
@@ -28,7 +29,8 @@ export function canSeeTenant(principal: Principal, tenantId: string): boolean {
 
 /** Validate requested scopes and that the caller holds them (no privilege escalation). */
 export function assertGrantableScopes(principal: Principal, scopes: readonly string[]): void {
-  for (const s of scopes) if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "scopes");
+  for (const s of scopes)
+    if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "scopes");
   if (!hasAllScopes(principal.scopes, scopes)) {
     throw new TesseraError("ACCESS_DENIED", "cannot grant scopes the caller does not hold");
   }
@@ -40,6 +42,13 @@ const USERNAME_RE = /^[A-Za-z0-9][A-Za-z0-9._@-]{2,63}$/;
 export function assertUsername(username: string, field = "username"): void {
   if (!USERNAME_RE.test(username)) {
     throw errors.invalidArgument(`${field} must be 3-64 characters of letters, digits and . _ @ -`, field);
+  }
+  // Reserved for generated machine-user Basic usernames.
+  if (username.startsWith(MACHINE_USERNAME_PREFIX)) {
+    throw errors.invalidArgument(
+      `${field} must not start with "${MACHINE_USERNAME_PREFIX}" (reserved for machine users)`,
+      field,
+    );
   }
 }
 

@@ -1,4 +1,6 @@
 import { EntitySchema } from "@mikro-orm/core";
+import { MACHINE_ENTITIES } from "./machine-entities.js";
+import { ApiTokenSchema } from "./token-entities.js";
 
 /**
  * Entities are plain classes described by EntitySchema (no decorators, no reflect-metadata).
@@ -152,4 +154,6 @@ export const ENTITIES: EntitySchema<any>[] = [
   RefreshTokenSchema,
   SigningKeySchema,
   AuditEventSchema,
+  ApiTokenSchema,
+  ...MACHINE_ENTITIES,
 ];

@@ -1,5 +1,7 @@
 import type { MigrationObject } from "@mikro-orm/core";
 import { Migration20261123000000_foundation } from "./Migration20261123000000_foundation.js";
+import { Migration20261123100000_tokens } from "./Migration20261123100000_tokens.js";
+import { Migration20261123110000_machine_users } from "./Migration20261123110000_machine_users.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -8,4 +10,6 @@ import { Migration20261123000000_foundation } from "./Migration20261123000000_fo
  */
 export const MIGRATIONS: MigrationObject[] = [
   { name: "Migration20261123000000_foundation", class: Migration20261123000000_foundation },
+  { name: "Migration20261123100000_tokens", class: Migration20261123100000_tokens },
+  { name: "Migration20261123110000_machine_users", class: Migration20261123110000_machine_users },
 ];
