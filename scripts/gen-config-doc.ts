@@ -4,7 +4,9 @@ import { writeFileSync } from "node:fs";
 import { CONFIG_REFERENCE } from "../src/config.js";
 
 export function renderConfigDoc(): string {
-  const rows = CONFIG_REFERENCE.map((r) => `| \`${r.path}\` | \`${r.env}\` | ${r.default} | ${r.description} |`);
+  const rows = CONFIG_REFERENCE.map(
+    (r) => `| \`${r.path}\` | \`${r.env}\` | ${r.default} | ${r.description} |`,
+  );
   return [
     "# Configuration reference",
     "",

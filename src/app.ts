@@ -2,20 +2,39 @@ import type { DescFile, DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import { file_grpc_health_v1_health, Health } from "../gen/grpc/health/v1/health_pb.js";
-import { file_grpc_reflection_v1_reflection, ServerReflection as ReflectionV1 } from "../gen/grpc/reflection/v1/reflection_pb.js";
+import {
+  file_grpc_reflection_v1_reflection,
+  ServerReflection as ReflectionV1,
+} from "../gen/grpc/reflection/v1/reflection_pb.js";
 import {
   file_grpc_reflection_v1alpha_reflection,
   ServerReflection as ReflectionV1Alpha,
 } from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
 import { file_tessera_v1_error_details } from "../gen/tessera/v1/error_details_pb.js";
+import {
+  file_tessera_v1_machine_user_service,
+  MachineUserService,
+} from "../gen/tessera/v1/machine_user_service_pb.js";
+import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
+import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
+import { createAdminTokenVerifier } from "./auth/admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
+import {
+  createMachineBasicVerifier,
+  createMachineBearerVerifier,
+  createMachineCertificateVerifier,
+  createMachineClaimsLoader,
+  MACHINE_USERNAME_PREFIX,
+  MachineStateReader,
+} from "./auth/machine-principal.js";
 import { VerifiedSecretCache } from "./auth/secret-cache.js";
+import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
-import { ensureAdmin, ensureDefaultTenant, type BootstrapResult } from "./bootstrap.js";
+import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
 import type { Config } from "./config.js";
 import { createAuditInterceptor } from "./interceptors/audit.js";
 import { assertAuthRules } from "./interceptors/auth-rule.js";
@@ -26,7 +45,10 @@ import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
 import { createHealthService } from "./services/health/health-service.js";
+import { createMachineUserService } from "./services/machine-user/machine-user-service.js";
 import { createReflectionServices } from "./services/reflection/reflection-service.js";
+import { createTenantService } from "./services/tenant/tenant-service.js";
+import { createTokenService } from "./services/token/token-service.js";
 import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
@@ -91,20 +113,53 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
     const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);
     const authenticator = new Authenticator();
-    authenticator.bearer.push(createJwtBearerVerifier(jwt, { user: createUserClaimsLoader(users) }));
+    const machines = new MachineStateReader(sql);
+    // The static admin token first: one SHA-256, cheaper than any other check.
+    if (config.admin.token) authenticator.bearer.push(createAdminTokenVerifier(config.admin.token));
+    authenticator.bearer.push(
+      createJwtBearerVerifier(jwt, {
+        user: createUserClaimsLoader(users),
+        machine: createMachineClaimsLoader(machines),
+      }),
+    );
+    authenticator.bearer.push(
+      createApiTokenVerifier({
+        sql,
+        secrets,
+        lastUsed,
+        patPrefix: config.auth.tokens.patPrefix,
+        apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
+        otherPrefixes: [config.auth.tokens.machinePrefix],
+      }),
+    );
     if (config.auth.basic.enabled) {
       authenticator.basic.push(
-        createUserBasicVerifier({ users, secrets, iterations: config.auth.passwordIterations }),
+        createUserBasicVerifier({
+          users,
+          secrets,
+          iterations: config.auth.passwordIterations,
+          reservedPrefixes: [MACHINE_USERNAME_PREFIX],
+        }),
       );
     }
+    authenticator.bearer.push(
+      createMachineBearerVerifier({ machines, secrets, lastUsed, prefix: config.auth.tokens.machinePrefix }),
+    );
+    authenticator.basic.push(
+      createMachineBasicVerifier({ machines, secrets, lastUsed, iterations: config.auth.passwordIterations }),
+    );
+    authenticator.certificate.push(createMachineCertificateVerifier({ machines, lastUsed }));
     const limits = config.rateLimit.enabled ? createRateLimits(config.rateLimit) : undefined;
     const audit = createAuditLog({ sql, logger });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
 
-    const services: DescService[] = [UserService];
+    const services: DescService[] = [UserService, TokenService, TenantService, MachineUserService];
     assertAuthRules(services);
     const files: DescFile[] = [
       file_tessera_v1_user_service,
+      file_tessera_v1_token_service,
+      file_tessera_v1_tenant_service,
+      file_tessera_v1_machine_user_service,
       file_tessera_v1_error_details,
       file_grpc_health_v1_health,
       file_grpc_reflection_v1_reflection,
@@ -118,8 +173,29 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       passwordIterations: config.auth.passwordIterations,
       defaultTenantId,
       limits,
+      users,
     });
-    const health = createHealthService({ ping: () => storage.ping(), services: services.map((s) => s.typeName) });
+    const tokenService = createTokenService({
+      storage,
+      iterations: config.auth.passwordIterations,
+      patPrefix: config.auth.tokens.patPrefix,
+      apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
+    });
+    const tenantService = createTenantService({ storage, defaultTenantId });
+    const machineUserService = createMachineUserService({
+      storage,
+      jwt,
+      tokenPrefix: config.auth.tokens.machinePrefix,
+      passwordIterations: config.auth.passwordIterations,
+      accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
+      clockSkewSeconds: config.auth.jwt.clockSkew,
+      allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
+      defaultTenantId,
+    });
+    const health = createHealthService({
+      ping: () => storage.ping(),
+      services: services.map((s) => s.typeName),
+    });
 
     const interceptors: Interceptor[] = [
       createErrorInterceptor({ logger }),
@@ -144,6 +220,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       services,
       routes(router) {
         router.service(UserService, userService);
+        router.service(TokenService, tokenService);
+        router.service(TenantService, tenantService);
+        router.service(MachineUserService, machineUserService);
         router.service(Health, health);
         router.service(ReflectionV1, reflection.v1);
         router.service(ReflectionV1Alpha, reflection.v1alpha);

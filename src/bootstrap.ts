@@ -11,7 +11,13 @@ export async function ensureDefaultTenant(em: EntityManager): Promise<string> {
   const existing = await em.findOne(Tenant, { name: DEFAULT_TENANT_NAME });
   if (existing) return existing.id;
   const now = new Date();
-  const tenant = em.create(Tenant, { id: randomUUID(), name: DEFAULT_TENANT_NAME, disabled: false, createdAt: now, updatedAt: now });
+  const tenant = em.create(Tenant, {
+    id: randomUUID(),
+    name: DEFAULT_TENANT_NAME,
+    disabled: false,
+    createdAt: now,
+    updatedAt: now,
+  });
   await em.flush();
   return tenant.id;
 }
@@ -33,7 +39,8 @@ export async function ensureAdmin(
   options: { username: string; password?: string | undefined; iterations: number },
 ): Promise<BootstrapResult> {
   const tenantId = await ensureDefaultTenant(em);
-  if (await em.findOne(User, { username: options.username })) return { created: false, username: options.username };
+  if (await em.findOne(User, { username: options.username }))
+    return { created: false, username: options.username };
   const generated = options.password ? undefined : randomBytes(18).toString("base64url");
   const password = options.password ?? generated!;
   const now = new Date();
@@ -48,5 +55,9 @@ export async function ensureAdmin(
     updatedAt: now,
   });
   await em.flush();
-  return { created: true, username: options.username, ...(generated ? { generatedPassword: generated } : {}) };
+  return {
+    created: true,
+    username: options.username,
+    ...(generated ? { generatedPassword: generated } : {}),
+  };
 }

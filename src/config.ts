@@ -24,9 +24,17 @@ const ConfigSchema = z
         devCertificates: z.boolean().default(true),
         allowLoopbackHttpCallbacks: z.boolean().default(false),
         trustProxy: z.boolean().default(false),
-        readMaxBytes: z.number().int().positive().default(4 * 1024 * 1024),
+        readMaxBytes: z
+          .number()
+          .int()
+          .positive()
+          .default(4 * 1024 * 1024),
         maxConcurrentStreams: z.number().int().positive().default(256),
-        maxHeaderListSize: z.number().int().positive().default(32 * 1024),
+        maxHeaderListSize: z
+          .number()
+          .int()
+          .positive()
+          .default(32 * 1024),
       })
       .strict()
       .prefault({}),
@@ -41,7 +49,10 @@ const ConfigSchema = z
       .object({
         username: z.string().min(1).default("admin"),
         password: z.string().min(12, "admin.password must be at least 12 characters").optional(),
-        token: z.string().min(32, "admin.token (TESSERA_ADMIN_TOKEN) must be at least 32 characters").optional(),
+        token: z
+          .string()
+          .min(32, "admin.token (TESSERA_ADMIN_TOKEN) must be at least 32 characters")
+          .optional(),
       })
       .strict()
       .prefault({}),
@@ -69,9 +80,18 @@ const ConfigSchema = z
           .prefault({}),
         tokens: z
           .object({
-            patPrefix: z.string().regex(/^[a-z0-9_]{2,16}_$/).default("tsr_pat_"),
-            apiKeyPrefix: z.string().regex(/^[a-z0-9_]{2,16}_$/).default("tsr_key_"),
-            machinePrefix: z.string().regex(/^[a-z0-9_]{2,16}_$/).default("tsr_mu_"),
+            patPrefix: z
+              .string()
+              .regex(/^[a-z0-9_]{2,16}_$/)
+              .default("tsr_pat_"),
+            apiKeyPrefix: z
+              .string()
+              .regex(/^[a-z0-9_]{2,16}_$/)
+              .default("tsr_key_"),
+            machinePrefix: z
+              .string()
+              .regex(/^[a-z0-9_]{2,16}_$/)
+              .default("tsr_mu_"),
             lastUsedFlushSeconds: z.number().int().min(1).max(60).default(15),
             cacheSize: z.number().int().min(0).default(10_000),
           })
@@ -127,42 +147,210 @@ export interface ConfigKeyReference {
 /** Every configuration key with its environment variable; rendered into docs/configuration.md. */
 export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
   ["server.host", "TESSERA_HOST", "string", "0.0.0.0", "Address to listen on."],
-  ["server.port", "TESSERA_PORT", "int", "50052", "Port serving gRPC, gRPC-Web and Connect (0 picks a free one)."],
-  ["server.certDir", "TESSERA_CERT_DIR", "string", "./certs", "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl)."],
-  ["server.mtls", "TESSERA_MTLS", "string", "optional", "Client certificates: off, optional (verified ones identify the caller) or require (handshake fails without one)."],
-  ["server.insecurePlaintext", "TESSERA_INSECURE_PLAINTEXT", "bool", "false", "Serve without TLS (h2c and HTTP/1.1). Development only."],
-  ["server.devCertificates", "TESSERA_DEV_CERTIFICATES", "bool", "true", "Generate a development CA and server certificate when certDir has none."],
-  ["server.allowLoopbackHttpCallbacks", "TESSERA_ALLOW_LOOPBACK_HTTP_CALLBACKS", "bool", "false", "Accept http:// backend callback URLs to loopback hosts (development)."],
-  ["server.trustProxy", "TESSERA_TRUST_PROXY", "bool", "false", "Take the client IP from X-Forwarded-For (only behind a trusted proxy)."],
+  [
+    "server.port",
+    "TESSERA_PORT",
+    "int",
+    "50052",
+    "Port serving gRPC, gRPC-Web and Connect (0 picks a free one).",
+  ],
+  [
+    "server.certDir",
+    "TESSERA_CERT_DIR",
+    "string",
+    "./certs",
+    "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl).",
+  ],
+  [
+    "server.mtls",
+    "TESSERA_MTLS",
+    "string",
+    "optional",
+    "Client certificates: off, optional (verified ones identify the caller) or require (handshake fails without one).",
+  ],
+  [
+    "server.insecurePlaintext",
+    "TESSERA_INSECURE_PLAINTEXT",
+    "bool",
+    "false",
+    "Serve without TLS (h2c and HTTP/1.1). Development only.",
+  ],
+  [
+    "server.devCertificates",
+    "TESSERA_DEV_CERTIFICATES",
+    "bool",
+    "true",
+    "Generate a development CA and server certificate when certDir has none.",
+  ],
+  [
+    "server.allowLoopbackHttpCallbacks",
+    "TESSERA_ALLOW_LOOPBACK_HTTP_CALLBACKS",
+    "bool",
+    "false",
+    "Accept http:// backend callback URLs to loopback hosts (development).",
+  ],
+  [
+    "server.trustProxy",
+    "TESSERA_TRUST_PROXY",
+    "bool",
+    "false",
+    "Take the client IP from X-Forwarded-For (only behind a trusted proxy).",
+  ],
   ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
-  ["server.maxConcurrentStreams", "TESSERA_MAX_CONCURRENT_STREAMS", "int", "256", "HTTP/2 streams per connection."],
-  ["server.maxHeaderListSize", "TESSERA_MAX_HEADER_LIST_SIZE", "int", "32768", "Largest header block accepted."],
-  ["database.url", "TESSERA_DATABASE_URL", "string", "sqlite:./data/tessera.db", "sqlite:<file> (or sqlite::memory:) for the embedded database; postgres://… selects PostgreSQL."],
+  [
+    "server.maxConcurrentStreams",
+    "TESSERA_MAX_CONCURRENT_STREAMS",
+    "int",
+    "256",
+    "HTTP/2 streams per connection.",
+  ],
+  [
+    "server.maxHeaderListSize",
+    "TESSERA_MAX_HEADER_LIST_SIZE",
+    "int",
+    "32768",
+    "Largest header block accepted.",
+  ],
+  [
+    "database.url",
+    "TESSERA_DATABASE_URL",
+    "string",
+    "sqlite:./data/tessera.db",
+    "sqlite:<file> (or sqlite::memory:) for the embedded database; postgres://… selects PostgreSQL.",
+  ],
   ["database.debug", "TESSERA_DATABASE_DEBUG", "bool", "false", "Log SQL (never parameters)."],
   ["admin.username", "TESSERA_ADMIN_USERNAME", "string", "admin", "Username of the bootstrap admin."],
-  ["admin.password", "TESSERA_ADMIN_PASSWORD", "string", "(generated, printed once)", "Password of the bootstrap admin when it is first created."],
-  ["admin.token", "TESSERA_ADMIN_TOKEN", "string", "(unset)", "Static superuser bearer token, at least 32 characters; compared as SHA-256 in constant time."],
-  ["auth.jwt.secret", "TESSERA_JWT_SECRET", "string", "(unset)", "HS256 signing secret (at least 32 characters). Unset: asymmetric keys generated and served at /.well-known/jwks.json."],
-  ["auth.jwt.algorithm", "TESSERA_JWT_ALGORITHM", "string", "EdDSA", "Asymmetric algorithm when no secret is set: EdDSA or ES256."],
-  ["auth.jwt.issuer", "TESSERA_JWT_ISSUER", "string", "tessera", "iss claim of issued tokens, checked on verification."],
-  ["auth.jwt.audience", "TESSERA_JWT_AUDIENCE", "string", "tessera", "aud claim of issued tokens, checked on verification."],
+  [
+    "admin.password",
+    "TESSERA_ADMIN_PASSWORD",
+    "string",
+    "(generated, printed once)",
+    "Password of the bootstrap admin when it is first created.",
+  ],
+  [
+    "admin.token",
+    "TESSERA_ADMIN_TOKEN",
+    "string",
+    "(unset)",
+    "Static superuser bearer token, at least 32 characters; compared as SHA-256 in constant time.",
+  ],
+  [
+    "auth.jwt.secret",
+    "TESSERA_JWT_SECRET",
+    "string",
+    "(unset)",
+    "HS256 signing secret (at least 32 characters). Unset: asymmetric keys generated and served at /.well-known/jwks.json.",
+  ],
+  [
+    "auth.jwt.algorithm",
+    "TESSERA_JWT_ALGORITHM",
+    "string",
+    "EdDSA",
+    "Asymmetric algorithm when no secret is set: EdDSA or ES256.",
+  ],
+  [
+    "auth.jwt.issuer",
+    "TESSERA_JWT_ISSUER",
+    "string",
+    "tessera",
+    "iss claim of issued tokens, checked on verification.",
+  ],
+  [
+    "auth.jwt.audience",
+    "TESSERA_JWT_AUDIENCE",
+    "string",
+    "tessera",
+    "aud claim of issued tokens, checked on verification.",
+  ],
   ["auth.jwt.accessTokenTtl", "TESSERA_ACCESS_TOKEN_TTL", "int", "900", "Access token lifetime in seconds."],
-  ["auth.jwt.refreshTokenTtl", "TESSERA_REFRESH_TOKEN_TTL", "int", "2592000", "Refresh token lifetime in seconds."],
-  ["auth.jwt.clockSkew", "TESSERA_JWT_CLOCK_SKEW", "int", "30", "Tolerated clock skew in seconds for exp/nbf."],
-  ["auth.jwt.keyRotationInterval", "TESSERA_JWT_KEY_ROTATION_INTERVAL", "int", "2592000", "Seconds after which a new signing key is generated; old keys verify until their tokens expire."],
+  [
+    "auth.jwt.refreshTokenTtl",
+    "TESSERA_REFRESH_TOKEN_TTL",
+    "int",
+    "2592000",
+    "Refresh token lifetime in seconds.",
+  ],
+  [
+    "auth.jwt.clockSkew",
+    "TESSERA_JWT_CLOCK_SKEW",
+    "int",
+    "30",
+    "Tolerated clock skew in seconds for exp/nbf.",
+  ],
+  [
+    "auth.jwt.keyRotationInterval",
+    "TESSERA_JWT_KEY_ROTATION_INTERVAL",
+    "int",
+    "2592000",
+    "Seconds after which a new signing key is generated; old keys verify until their tokens expire.",
+  ],
   ["auth.basic.enabled", "TESSERA_BASIC_AUTH", "bool", "true", "Accept Authorization: Basic for users."],
   ["auth.tokens.patPrefix", "TESSERA_PAT_PREFIX", "string", "tsr_pat_", "Prefix of personal access tokens."],
   ["auth.tokens.apiKeyPrefix", "TESSERA_API_KEY_PREFIX", "string", "tsr_key_", "Prefix of API keys."],
-  ["auth.tokens.machinePrefix", "TESSERA_MACHINE_TOKEN_PREFIX", "string", "tsr_mu_", "Prefix of machine-user bearer tokens."],
-  ["auth.tokens.lastUsedFlushSeconds", "TESSERA_LAST_USED_FLUSH_SECONDS", "int", "15", "How often last-used times are written (at most 60)."],
-  ["auth.tokens.cacheSize", "TESSERA_TOKEN_CACHE_SIZE", "int", "10000", "Verified credentials kept in memory to skip PBKDF2 on re-use."],
-  ["auth.passwordIterations", "TESSERA_PASSWORD_ITERATIONS", "int", "600000", "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000)."],
+  [
+    "auth.tokens.machinePrefix",
+    "TESSERA_MACHINE_TOKEN_PREFIX",
+    "string",
+    "tsr_mu_",
+    "Prefix of machine-user bearer tokens.",
+  ],
+  [
+    "auth.tokens.lastUsedFlushSeconds",
+    "TESSERA_LAST_USED_FLUSH_SECONDS",
+    "int",
+    "15",
+    "How often last-used times are written (at most 60).",
+  ],
+  [
+    "auth.tokens.cacheSize",
+    "TESSERA_TOKEN_CACHE_SIZE",
+    "int",
+    "10000",
+    "Verified credentials kept in memory to skip PBKDF2 on re-use.",
+  ],
+  [
+    "auth.passwordIterations",
+    "TESSERA_PASSWORD_ITERATIONS",
+    "int",
+    "600000",
+    "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
+  ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
-  ["rateLimit.perIpPerMinute", "TESSERA_RATE_LIMIT_PER_IP", "int", "600", "Requests per minute per client IP."],
-  ["rateLimit.perPrincipalPerMinute", "TESSERA_RATE_LIMIT_PER_PRINCIPAL", "int", "1200", "Requests per minute per authenticated principal."],
-  ["rateLimit.authFailuresPerIpPerMinute", "TESSERA_RATE_LIMIT_AUTH_FAILURES", "int", "20", "Failed logins/credentials per minute per IP before refusing."],
-  ["rateLimit.redisUrl", "TESSERA_REDIS_URL", "string", "(unset)", "redis://… to share rate limits between instances."],
-  ["cors.allowedOrigins", "TESSERA_CORS_ALLOWED_ORIGINS", "list", "(none)", "Comma-separated origins allowed by CORS; * for any (development only)."],
+  [
+    "rateLimit.perIpPerMinute",
+    "TESSERA_RATE_LIMIT_PER_IP",
+    "int",
+    "600",
+    "Requests per minute per client IP.",
+  ],
+  [
+    "rateLimit.perPrincipalPerMinute",
+    "TESSERA_RATE_LIMIT_PER_PRINCIPAL",
+    "int",
+    "1200",
+    "Requests per minute per authenticated principal.",
+  ],
+  [
+    "rateLimit.authFailuresPerIpPerMinute",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES",
+    "int",
+    "20",
+    "Failed logins/credentials per minute per IP before refusing.",
+  ],
+  [
+    "rateLimit.redisUrl",
+    "TESSERA_REDIS_URL",
+    "string",
+    "(unset)",
+    "redis://… to share rate limits between instances.",
+  ],
+  [
+    "cors.allowedOrigins",
+    "TESSERA_CORS_ALLOWED_ORIGINS",
+    "list",
+    "(none)",
+    "Comma-separated origins allowed by CORS; * for any (development only).",
+  ],
   ["cors.maxAge", "TESSERA_CORS_MAX_AGE", "int", "86400", "Access-Control-Max-Age in seconds."],
   ["log.level", "TESSERA_LOG_LEVEL", "string", "info", "fatal, error, warn, info, debug, trace or silent."],
 ].map(([path, env, kind, def, description]) => ({
@@ -225,7 +413,14 @@ function deepMerge(base: Record<string, unknown>, extra: Record<string, unknown>
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(extra)) {
     const cur = out[k];
-    if (v && typeof v === "object" && !Array.isArray(v) && cur && typeof cur === "object" && !Array.isArray(cur)) {
+    if (
+      v &&
+      typeof v === "object" &&
+      !Array.isArray(v) &&
+      cur &&
+      typeof cur === "object" &&
+      !Array.isArray(cur)
+    ) {
       out[k] = deepMerge(cur as Record<string, unknown>, v as Record<string, unknown>);
     } else if (v !== undefined) {
       out[k] = v;

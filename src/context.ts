@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { type ContextValues, createContextKey } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
+import type { UserAuthState } from "./auth/user-principal.js";
 
 /**
  * Per-request state shared by the HTTP layer, the interceptors and the handlers through
@@ -15,6 +16,17 @@ export interface RequestState {
   certificate: PeerCertificateInfo | null;
   /** Set by the authentication interceptor; null on public methods. */
   principal: Principal | null;
+  /**
+   * The authenticated user's row as the authentication path read it for this request
+   * (JWT and Basic), so a handler needing the same row does not read it twice.
+   */
+  user?: UserAuthState;
+  /**
+   * The reason and request id of the error the request ended with, as the error
+   * interceptor put them in the ErrorInfo detail (lets the HTTP layer add the JSON error
+   * envelope without parsing the body Connect wrote).
+   */
+  errorInfo?: { reason: string; requestId: string };
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /** The request's EntityManager fork, created on first use by {@link requestEm}. */

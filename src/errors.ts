@@ -1,6 +1,6 @@
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { create } from "@bufbuild/protobuf";
 
 /**
  * Stable reason codes of Tessera errors. Clients (and tests) switch on these; the
@@ -66,6 +66,18 @@ export interface TesseraErrorOptions {
   cause?: unknown;
 }
 
+/**
+ * Whether a code is a refusal of the client's request (4xx: bad credential, no permission,
+ * bad argument, rate limited…) rather than a fault. A refusal is an expected outcome:
+ * no stack trace is captured for it (with async frames, capturing one was the costliest
+ * part of refusing a credential, dearer than accepting one). Faults keep their stack.
+ */
+function isRefusal(code: Code): boolean {
+  return (
+    code !== Code.Internal && code !== Code.Unknown && code !== Code.Unavailable && code !== Code.DataLoss
+  );
+}
+
 /** The one domain error type. Messages must never contain a credential. */
 export class TesseraError extends Error {
   override readonly name = "TesseraError";
@@ -74,7 +86,10 @@ export class TesseraError extends Error {
   readonly metadata: Record<string, string>;
 
   constructor(reason: ErrorReason, message: string, options: TesseraErrorOptions = {}) {
+    const limit = Error.stackTraceLimit;
+    if (isRefusal(REASONS[reason].code)) Error.stackTraceLimit = 0;
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    Error.stackTraceLimit = limit;
     this.reason = reason;
     this.headers = options.headers ?? {};
     this.metadata = options.metadata ?? {};
@@ -87,7 +102,11 @@ export class TesseraError extends Error {
 }
 
 /** RFC 6750 WWW-Authenticate value for a 401/403. */
-export function wwwAuthenticate(reason: ErrorReason, message: string, requiredScopes?: readonly string[]): string {
+export function wwwAuthenticate(
+  reason: ErrorReason,
+  message: string,
+  requiredScopes?: readonly string[],
+): string {
   const spec = REASONS[reason];
   if (spec.code === Code.PermissionDenied) {
     const scope = requiredScopes && requiredScopes.length > 0 ? `, scope="${requiredScopes.join(" ")}"` : "";
@@ -106,7 +125,11 @@ export function wwwAuthenticate(reason: ErrorReason, message: string, requiredSc
  * wire: reason and request id in an ErrorInfo detail, headers for 401/403/429. Unknown
  * errors become Internal with a generic message so internals never leak.
  */
-export function toConnectError(err: unknown, requestId: string, requiredScopes?: readonly string[]): ConnectError {
+export function toConnectError(
+  err: unknown,
+  requestId: string,
+  requiredScopes?: readonly string[],
+): ConnectError {
   let reason: ErrorReason;
   let message: string;
   let headers: Record<string, string> = {};
@@ -133,7 +156,10 @@ export function toConnectError(err: unknown, requestId: string, requiredScopes?:
     headers["www-authenticate"] = wwwAuthenticate(reason, message, requiredScopes);
   }
   const info = create(ErrorInfoSchema, { reason, domain: "tessera", metadata, requestId });
+  const limit = Error.stackTraceLimit;
+  if (isRefusal(code)) Error.stackTraceLimit = 0;
   const ce = new ConnectError(message, code, headers, [{ desc: ErrorInfoSchema, value: info }], err);
+  Error.stackTraceLimit = limit;
   return ce;
 }
 

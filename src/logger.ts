@@ -1,4 +1,4 @@
-import { pino, type Logger } from "pino";
+import { type Logger, pino } from "pino";
 
 /**
  * The service logger (JSON lines on stderr, so stdout stays for what commands print,
@@ -11,7 +11,17 @@ export function createLogger(level: string): Logger {
       level,
       base: { service: "tessera" },
       redact: {
-        paths: ["password", "token", "*.password", "*.token", "*.authorization", "*.refreshToken", "*.accessToken", "headers.authorization", 'headers["x-api-key"]'],
+        paths: [
+          "password",
+          "token",
+          "*.password",
+          "*.token",
+          "*.authorization",
+          "*.refreshToken",
+          "*.accessToken",
+          "headers.authorization",
+          'headers["x-api-key"]',
+        ],
         censor: "[redacted]",
       },
     },

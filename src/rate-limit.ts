@@ -1,5 +1,10 @@
 import { Redis } from "ioredis";
-import { RateLimiterMemory, RateLimiterRedis, RateLimiterRes, type RateLimiterAbstract } from "rate-limiter-flexible";
+import {
+  type RateLimiterAbstract,
+  RateLimiterMemory,
+  RateLimiterRedis,
+  RateLimiterRes,
+} from "rate-limiter-flexible";
 import type { Config } from "./config.js";
 import { TesseraError } from "./errors.js";
 
@@ -25,7 +30,8 @@ export class Limiter {
       const res = await this.impl.consume(key);
       return { allowed: true, limit: this.limit, remaining: res.remainingPoints, resetMs: res.msBeforeNext };
     } catch (res) {
-      if (res instanceof RateLimiterRes) return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
+      if (res instanceof RateLimiterRes)
+        return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
       throw res;
     }
   }
@@ -33,7 +39,8 @@ export class Limiter {
   /** Whether `key` has used up its window, without counting a request. */
   async exhausted(key: string): Promise<LimitResult | null> {
     const res = await this.impl.get(key);
-    if (res && res.consumedPoints >= this.limit) return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
+    if (res && res.consumedPoints >= this.limit)
+      return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
     return null;
   }
 }
@@ -53,9 +60,19 @@ export function createRateLimits(config: Config["rateLimit"]): RateLimits {
   const make = (keyPrefix: string, points: number): Limiter => {
     const memory = new RateLimiterMemory({ keyPrefix, points, duration: 60 });
     if (!config.redisUrl) return new Limiter(memory, points);
-    redis ??= new Redis(config.redisUrl, { enableOfflineQueue: false, lazyConnect: false, maxRetriesPerRequest: 1 });
+    redis ??= new Redis(config.redisUrl, {
+      enableOfflineQueue: false,
+      lazyConnect: false,
+      maxRetriesPerRequest: 1,
+    });
     // The memory limiter insures against Redis outages: limits stay enforced per instance.
-    const shared = new RateLimiterRedis({ storeClient: redis, keyPrefix: `tessera:${keyPrefix}`, points, duration: 60, insuranceLimiter: memory });
+    const shared = new RateLimiterRedis({
+      storeClient: redis,
+      keyPrefix: `tessera:${keyPrefix}`,
+      points,
+      duration: 60,
+      insuranceLimiter: memory,
+    });
     return new Limiter(shared, points);
   };
   return {
@@ -78,8 +95,14 @@ export function rateLimitHeaders(result: LimitResult): Record<string, string> {
 }
 
 /** The error for a refused request, with Retry-After. */
-export function rateLimitedError(result: LimitResult, message = "Too many requests. Please try again later."): TesseraError {
+export function rateLimitedError(
+  result: LimitResult,
+  message = "Too many requests. Please try again later.",
+): TesseraError {
   return new TesseraError("RATE_LIMITED", message, {
-    headers: { ...rateLimitHeaders(result), "retry-after": String(Math.max(1, Math.ceil(result.resetMs / 1000))) },
+    headers: {
+      ...rateLimitHeaders(result),
+      "retry-after": String(Math.max(1, Math.ceil(result.resetMs / 1000))),
+    },
   });
 }

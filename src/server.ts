@@ -1,18 +1,18 @@
 import { randomUUID } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
-import http2 from "node:http2";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
-import { createContextValues } from "@connectrpc/connect";
-import { cors as connectCors } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { cors as connectCors, createContextValues } from "@connectrpc/connect";
 import type { App } from "./app.js";
 import { VERSION } from "./app.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
+import { watchTlsFiles } from "./certs/watch.js";
 import type { Config } from "./config.js";
+import { createConnectHandler } from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
 import { type ErrorReason, REASONS } from "./errors.js";
 
@@ -36,7 +36,9 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
   const need = ["ca.crt", "server.crt", "server.key"].map((f) => join(dir, f));
   if (need.some((p) => !existsSync(p))) {
     if (!config.devCertificates) {
-      throw new Error(`TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`);
+      throw new Error(
+        `TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`,
+      );
     }
     await ensureDevCertificates(dir);
   }
@@ -50,7 +52,9 @@ const securityHeaders = (tls: boolean): [string, string][] => [
   ["x-frame-options", "DENY"],
   ["x-xss-protection", "1; mode=block"],
   ["content-security-policy", "default-src 'self'"],
-  ...(tls ? ([["strict-transport-security", "max-age=31536000; includeSubDomains"]] as [string, string][]) : []),
+  ...(tls
+    ? ([["strict-transport-security", "max-age=31536000; includeSubDomains"]] as [string, string][])
+    : []),
 ];
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
@@ -80,37 +84,40 @@ function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
  * stable `reason` (e.g. AUTH_REQUIRED, ACCESS_DENIED) with the `request_id`, so these are added
  * at the top level; Connect clients ignore unknown fields. Only error responses are touched.
  */
-function augmentJsonErrorBody(res: Response): void {
-  const writeHead = res.writeHead;
-  const write = res.write;
-  let augment = false;
-  // biome-ignore lint/suspicious/noExplicitAny: overloaded Node signatures are forwarded untouched
-  (res as any).writeHead = function (this: Response, status: number, ...rest: any[]) {
-    if (status >= 400) {
-      augment = true;
-      const headers = rest.find((r) => r && typeof r === "object");
-      if (headers) delete headers["content-length"];
-    }
-    // biome-ignore lint/suspicious/noExplicitAny: see above
-    return (writeHead as any).call(this, status, ...rest);
-  };
-  // biome-ignore lint/suspicious/noExplicitAny: see above
-  (res as any).write = function (this: Response, chunk: any, ...rest: any[]) {
-    if (augment && chunk instanceof Uint8Array) {
-      augment = false;
-      try {
-        const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
-        const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]?.debug;
-        const spec = info?.reason ? REASONS[info.reason as ErrorReason] : undefined;
-        const out = { ok: false, error: spec?.title ?? "Error", reason: info?.reason ?? "INTERNAL", ...body, request_id: info?.requestId };
-        chunk = Buffer.from(JSON.stringify(out));
-      } catch {
-        // Not JSON after all: send it as it is.
-      }
-    }
-    // biome-ignore lint/suspicious/noExplicitAny: see above
-    return (write as any).call(this, chunk, ...rest);
-  };
+function augmentJsonErrorBody(chunk: Uint8Array, state: RequestState | undefined): Uint8Array {
+  // The usual case, a TesseraError through the error interceptor: its reason and request id
+  // are known, and Connect's body is `{"code":…}`, so the envelope is spliced around it
+  // (the same bytes the general path below produces, without parsing and re-serialising).
+  const known = state?.errorInfo;
+  if (
+    known?.reason &&
+    known.requestId &&
+    chunk[0] === 0x7b &&
+    chunk[1] === 0x22 &&
+    chunk[chunk.byteLength - 1] === 0x7d
+  ) {
+    const body = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength).toString("utf8");
+    const spec = REASONS[known.reason as ErrorReason] as (typeof REASONS)[ErrorReason] | undefined;
+    const head = `{"ok":false,"error":${JSON.stringify(spec?.title ?? "Error")},"reason":${JSON.stringify(known.reason)},`;
+    return Buffer.from(`${head}${body.slice(1, -1)},"request_id":${JSON.stringify(known.requestId)}}`);
+  }
+  try {
+    const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
+    const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]
+      ?.debug;
+    const spec = info?.reason ? REASONS[info.reason as ErrorReason] : undefined;
+    const out = {
+      ok: false,
+      error: spec?.title ?? "Error",
+      reason: info?.reason ?? "INTERNAL",
+      ...body,
+      request_id: info?.requestId,
+    };
+    return Buffer.from(JSON.stringify(out));
+  } catch {
+    // Not JSON after all: send it as it is.
+    return chunk;
+  }
 }
 
 /** A listening Tessera server. */
@@ -136,20 +143,37 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   const headers = securityHeaders(options.tls);
   const allowedOrigins = new Set(config.cors.allowedOrigins);
   const anyOrigin = allowedOrigins.has("*");
-  const exposed = [...connectCors.exposedHeaders, "X-Request-Id", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After", "WWW-Authenticate"].join(", ");
-  const allowHeaders = [...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"])].join(", ");
+  const exposed = [
+    ...connectCors.exposedHeaders,
+    "X-Request-Id",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "WWW-Authenticate",
+  ].join(", ");
+  const allowHeaders = [
+    ...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"]),
+  ].join(", ");
 
-  const adapter = connectNodeAdapter({
+  // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
+  const adapter = createConnectHandler({
     routes: app.routes,
     interceptors: app.interceptors,
     readMaxBytes: config.server.readMaxBytes,
-    contextValues: (req) => createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
+    // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
+    errorBody: (req, body) =>
+      req.headers["content-type"]?.startsWith("application/json")
+        ? augmentJsonErrorBody(body, (req as unknown as Record<symbol, RequestState>)[kState])
+        : body,
+    contextValues: (req) =>
+      createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
   });
 
   function peerCertificate(req: Request): PeerCertificateInfo | null {
     if (!options.tls || config.server.mtls === "off") return null;
     // One parse per connection: the certificate cannot change within it.
-    const owner: object = "stream" in req ? req.stream.session ?? req.socket : req.socket;
+    const owner: object = "stream" in req ? (req.stream.session ?? req.socket) : req.socket;
     let info = certCache.get(owner);
     if (info === undefined) {
       info = parseCertificate(req.socket as TLSSocket);
@@ -164,7 +188,9 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       const first = (Array.isArray(fwd) ? fwd[0] : fwd)?.split(",")[0]?.trim();
       if (first) return first;
     }
-    return req.socket.remoteAddress ?? "unknown";
+    // HTTP/2: the session's socket (one per connection), not req.socket (a Proxy made per stream).
+    const socket = "stream" in req ? (req.stream.session?.socket ?? req.socket) : req.socket;
+    return socket.remoteAddress ?? "unknown";
   }
 
   function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
@@ -199,7 +225,14 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     const path = (req.url ?? "/").split("?")[0];
     if (req.method === "GET" || req.method === "HEAD") {
       if (path === "/health") {
-        json(res, 200, { ok: true, data: { status: "healthy", version: VERSION, uptime: Math.floor((Date.now() - app.startedAt) / 1000) } });
+        json(res, 200, {
+          ok: true,
+          data: {
+            status: "healthy",
+            version: VERSION,
+            uptime: Math.floor((Date.now() - app.startedAt) / 1000),
+          },
+        });
         return;
       }
       if (path === "/ready") {
@@ -207,8 +240,21 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
           (up) =>
             up
               ? json(res, 200, { ok: true, data: { status: "ready", database: "up" } })
-              : json(res, 503, { ok: false, error: "Service Unavailable", code: "UNAVAILABLE", message: "database unavailable", request_id: requestId }),
-          () => json(res, 503, { ok: false, error: "Service Unavailable", code: "UNAVAILABLE", message: "database unavailable", request_id: requestId }),
+              : json(res, 503, {
+                  ok: false,
+                  error: "Service Unavailable",
+                  code: "UNAVAILABLE",
+                  message: "database unavailable",
+                  request_id: requestId,
+                }),
+          () =>
+            json(res, 503, {
+              ok: false,
+              error: "Service Unavailable",
+              code: "UNAVAILABLE",
+              message: "database unavailable",
+              request_id: requestId,
+            }),
         );
         return;
       }
@@ -219,8 +265,12 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       }
     }
 
-    if (req.headers["content-type"]?.startsWith("application/json")) augmentJsonErrorBody(res);
-    const state: RequestState = { requestId, ip: clientIp(req), certificate: peerCertificate(req), principal: null };
+    const state: RequestState = {
+      requestId,
+      ip: clientIp(req),
+      certificate: peerCertificate(req),
+      principal: null,
+    };
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
     adapter(req, res);
   };
@@ -231,7 +281,10 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
   const tls = !cfg.insecurePlaintext;
   const handler = createRequestHandler(app, { tls });
-  const settings: http2.Settings = { maxConcurrentStreams: cfg.maxConcurrentStreams, maxHeaderListSize: cfg.maxHeaderListSize };
+  const settings: http2.Settings = {
+    maxConcurrentStreams: cfg.maxConcurrentStreams,
+    maxHeaderListSize: cfg.maxHeaderListSize,
+  };
   let server: http2.Http2SecureServer | http2.Http2Server;
   const tlsOptions = async () => {
     const m = await loadTlsMaterial(cfg);
@@ -275,14 +328,38 @@ export async function startServer(app: App): Promise<TesseraServer> {
     sockets.add(socket);
     socket.once("close", () => sockets.delete(socket));
   });
+  // New handshakes get the new certificate, key, CA and CRL; established connections keep theirs.
+  const reloadTls = async () => {
+    if (tls)
+      (server as http2.Http2SecureServer).setSecureContext({
+        ...(await tlsOptions()),
+        minVersion: "TLSv1.2",
+      });
+  };
+  // Reload when the cert folder's files change (SIGHUP does the same, see `tessera serve`).
+  const tlsWatch = tls
+    ? watchTlsFiles(
+        cfg.certDir,
+        () => {
+          reloadTls().then(
+            () => app.logger.info({ dir: cfg.certDir }, "TLS material reloaded after a file change"),
+            (err: Error) =>
+              app.logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
+          );
+        },
+        {
+          onError: (err) =>
+            app.logger.warn({ err: err.message }, "cannot watch the cert folder; reload with SIGHUP"),
+        },
+      )
+    : null;
   return {
     server,
     port,
     url: `${tls ? "https" : "http"}://${host}:${port}`,
-    async reloadTls() {
-      if (tls) (server as http2.Http2SecureServer).setSecureContext(await tlsOptions());
-    },
+    reloadTls,
     async close(graceMs = 2000) {
+      tlsWatch?.close();
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         // HTTP/2 sessions get GOAWAY and finish their streams; what remains after the grace period is cut.

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { auth } from "../gen/tessera/v1/options_pb.js";
 import type { App } from "../src/app.js";
 import { assertAuthRules } from "../src/interceptors/auth-rule.js";
-import { SQLITE, createTestApp } from "./helpers.js";
+import { createTestApp, SQLITE } from "./helpers.js";
 
 describe("auth rules in the proto", () => {
   let app: App;
@@ -18,9 +18,14 @@ describe("auth rules in the proto", () => {
     expect(app.services.length).toBeGreaterThan(0);
     for (const service of app.services) {
       for (const method of service.methods) {
-        expect(hasOption(method, auth), `${service.typeName}.${method.name} has no (tessera.v1.auth)`).toBe(true);
+        expect(hasOption(method, auth), `${service.typeName}.${method.name} has no (tessera.v1.auth)`).toBe(
+          true,
+        );
         const rule = getOption(method, auth);
-        expect(rule.public || rule.principals.length > 0, `${service.typeName}.${method.name} admits nobody`).toBe(true);
+        expect(
+          rule.public || rule.principals.length > 0,
+          `${service.typeName}.${method.name} admits nobody`,
+        ).toBe(true);
       }
     }
   });

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { parseCredentials } from "../src/auth/credentials.js";
-import { TesseraError } from "../src/errors.js";
+import type { TesseraError } from "../src/errors.js";
 
 const reasonOf = (fn: () => unknown) => {
   try {
@@ -13,10 +13,16 @@ const reasonOf = (fn: () => unknown) => {
 
 describe("credential parsing", () => {
   it("reads a bearer token, case-insensitively", () => {
-    expect(parseCredentials(new Headers({ authorization: "bearer abc.def" }))).toEqual({ type: "bearer", token: "abc.def" });
+    expect(parseCredentials(new Headers({ authorization: "bearer abc.def" }))).toEqual({
+      type: "bearer",
+      token: "abc.def",
+    });
   });
   it("reads an X-API-Key", () => {
-    expect(parseCredentials(new Headers({ "x-api-key": "tsr_key_x" }))).toEqual({ type: "api-key", token: "tsr_key_x" });
+    expect(parseCredentials(new Headers({ "x-api-key": "tsr_key_x" }))).toEqual({
+      type: "api-key",
+      token: "tsr_key_x",
+    });
   });
   it("reads Basic credentials with a colon in the password", () => {
     const h = new Headers({ authorization: `Basic ${Buffer.from("alice:pa:ss").toString("base64")}` });
@@ -30,8 +36,18 @@ describe("credential parsing", () => {
     expect(reasonOf(() => parseCredentials(h))).toBe("MULTIPLE_CREDENTIALS");
   });
   it("refuses malformed headers as AUTH_HEADER_MALFORMED", () => {
-    for (const value of ["Bearer", "Bearer ", "Token abc", "abc", "Basic !!!", `Basic ${Buffer.from("nocolon").toString("base64")}`, "Bearer a, Bearer b"]) {
-      expect(reasonOf(() => parseCredentials(new Headers({ authorization: value })))).toBe("AUTH_HEADER_MALFORMED");
+    for (const value of [
+      "Bearer",
+      "Bearer ",
+      "Token abc",
+      "abc",
+      "Basic !!!",
+      `Basic ${Buffer.from("nocolon").toString("base64")}`,
+      "Bearer a, Bearer b",
+    ]) {
+      expect(reasonOf(() => parseCredentials(new Headers({ authorization: value })))).toBe(
+        "AUTH_HEADER_MALFORMED",
+      );
     }
   });
 });

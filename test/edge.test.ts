@@ -3,7 +3,16 @@ import { Agent, fetch as undiciFetch } from "undici";
 import { describe, expect, it } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, DATABASES, SQLITE, clientFor, createTestApp, memoryTransport, startTestServer, withHeaders } from "./helpers.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestApp,
+  DATABASES,
+  memoryTransport,
+  SQLITE,
+  startTestServer,
+  withHeaders,
+} from "./helpers.js";
 
 const basic = (user: string, pass: string) => `Basic ${Buffer.from(`${user}:${pass}`).toString("base64")}`;
 
@@ -24,7 +33,9 @@ describe("rate limits", () => {
       const users = createClient(UserService, ts.connect());
       await users.login({ username: "admin", password: ADMIN_PASSWORD });
       await users.login({ username: "admin", password: ADMIN_PASSWORD });
-      const grpcRefused = await rejection(createClient(UserService, ts.grpc()).login({ username: "admin", password: ADMIN_PASSWORD }));
+      const grpcRefused = await rejection(
+        createClient(UserService, ts.grpc()).login({ username: "admin", password: ADMIN_PASSWORD }),
+      );
       expect(grpcRefused.code).toBe(Code.ResourceExhausted);
       expect(grpcRefused.reason).toBe("RATE_LIMITED");
       expect(Number(grpcRefused.error.metadata.get("retry-after"))).toBeGreaterThan(0);
@@ -49,11 +60,16 @@ describe("rate limits", () => {
     const app = await createTestApp(SQLITE, { rateLimit: { enabled: true, authFailuresPerIpPerMinute: 3 } });
     try {
       const anon = clientFor(UserService, memoryTransport(app));
-      for (let i = 0; i < 3; i++) expect((await rejection(anon.login({ username: "admin", password: "wrong password!" }))).reason).toBe("CREDENTIALS_INVALID");
+      for (let i = 0; i < 3; i++)
+        expect((await rejection(anon.login({ username: "admin", password: "wrong password!" }))).reason).toBe(
+          "CREDENTIALS_INVALID",
+        );
       const r = await rejection(anon.login({ username: "admin", password: ADMIN_PASSWORD }));
       expect(r.code).toBe(Code.ResourceExhausted);
       // Bad credentials on protected methods count too, and are refused before verification.
-      const bad = await rejection(clientFor(UserService, memoryTransport(app), "not.a.jwt").getCurrentUser({}));
+      const bad = await rejection(
+        clientFor(UserService, memoryTransport(app), "not.a.jwt").getCurrentUser({}),
+      );
       expect(bad.code).toBe(Code.ResourceExhausted);
     } finally {
       await app.close();
@@ -68,7 +84,11 @@ describe("CORS and readiness", () => {
     try {
       const pre = await undiciFetch(`${ts.server.url}/tessera.v1.UserService/Login`, {
         method: "OPTIONS",
-        headers: { origin: "https://app.example.com", "access-control-request-method": "POST", "access-control-request-headers": "content-type,authorization" },
+        headers: {
+          origin: "https://app.example.com",
+          "access-control-request-method": "POST",
+          "access-control-request-headers": "content-type,authorization",
+        },
         dispatcher: agent,
       });
       expect(pre.status).toBe(204);
@@ -76,9 +96,15 @@ describe("CORS and readiness", () => {
       expect(pre.headers.get("access-control-allow-methods")).toBe("GET, POST, PUT, DELETE, OPTIONS");
       expect(pre.headers.get("access-control-allow-headers")?.toLowerCase()).toContain("authorization");
       expect(pre.headers.get("access-control-max-age")).toBe("86400");
-      const other = await undiciFetch(`${ts.server.url}/health`, { headers: { origin: "https://evil.example" }, dispatcher: agent });
+      const other = await undiciFetch(`${ts.server.url}/health`, {
+        headers: { origin: "https://evil.example" },
+        dispatcher: agent,
+      });
       expect(other.headers.get("access-control-allow-origin")).toBeNull();
-      const ok = await undiciFetch(`${ts.server.url}/health`, { headers: { origin: "https://app.example.com" }, dispatcher: agent });
+      const ok = await undiciFetch(`${ts.server.url}/health`, {
+        headers: { origin: "https://app.example.com" },
+        dispatcher: agent,
+      });
       expect(ok.headers.get("access-control-expose-headers")).toContain("X-Request-Id");
     } finally {
       await agent.close();
@@ -90,10 +116,16 @@ describe("CORS and readiness", () => {
     const ts = await startTestServer(SQLITE);
     const agent = new Agent({ connect: { ca: ts.certs.ca } });
     try {
-      const echoed = await undiciFetch(`${ts.server.url}/ready`, { headers: { "x-request-id": "trace-123" }, dispatcher: agent });
+      const echoed = await undiciFetch(`${ts.server.url}/ready`, {
+        headers: { "x-request-id": "trace-123" },
+        dispatcher: agent,
+      });
       expect(echoed.status).toBe(200);
       expect(echoed.headers.get("x-request-id")).toBe("trace-123");
-      const replaced = await undiciFetch(`${ts.server.url}/ready`, { headers: { "x-request-id": "bad id\twith tab" }, dispatcher: agent });
+      const replaced = await undiciFetch(`${ts.server.url}/ready`, {
+        headers: { "x-request-id": "bad id\twith tab" },
+        dispatcher: agent,
+      });
       expect(replaced.headers.get("x-request-id")).not.toContain("bad");
       await ts.app.storage.close();
       const down = await undiciFetch(`${ts.server.url}/ready`, { dispatcher: agent });
@@ -111,20 +143,42 @@ describe.each(DATABASES)("Basic authentication for users on $name", (db) => {
     const app = await createTestApp(db);
     try {
       const t = memoryTransport(app);
-      const me = await createClient(UserService, withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) })).getCurrentUser({});
+      const me = await createClient(
+        UserService,
+        withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) }),
+      ).getCurrentUser({});
       expect(me.username).toBe("admin");
       // Cached after first use, still correct on the second.
-      await createClient(UserService, withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) })).getCurrentUser({});
-      const wrong = await rejection(createClient(UserService, withHeaders(t, { authorization: basic("admin", "nope") })).getCurrentUser({}));
+      await createClient(
+        UserService,
+        withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) }),
+      ).getCurrentUser({});
+      const wrong = await rejection(
+        createClient(UserService, withHeaders(t, { authorization: basic("admin", "nope") })).getCurrentUser(
+          {},
+        ),
+      );
       expect(wrong.reason).toBe("CREDENTIALS_INVALID");
-      const unknown = await rejection(createClient(UserService, withHeaders(t, { authorization: basic("ghost", "nope") })).getCurrentUser({}));
+      const unknown = await rejection(
+        createClient(UserService, withHeaders(t, { authorization: basic("ghost", "nope") })).getCurrentUser(
+          {},
+        ),
+      );
       expect(unknown.reason).toBe("CREDENTIALS_INVALID");
       expect(unknown.message).toBe(wrong.message);
-      await createClient(UserService, withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) })).changePassword({
+      await createClient(
+        UserService,
+        withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) }),
+      ).changePassword({
         currentPassword: ADMIN_PASSWORD,
         newPassword: "a brand new admin password",
       });
-      const stale = await rejection(createClient(UserService, withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) })).getCurrentUser({}));
+      const stale = await rejection(
+        createClient(
+          UserService,
+          withHeaders(t, { authorization: basic("admin", ADMIN_PASSWORD) }),
+        ).getCurrentUser({}),
+      );
       expect(stale.reason).toBe("CREDENTIALS_INVALID");
     } finally {
       await app.close();
@@ -134,7 +188,12 @@ describe.each(DATABASES)("Basic authentication for users on $name", (db) => {
   it("can be switched off", async () => {
     const app = await createTestApp(db, { auth: { basic: { enabled: false } } });
     try {
-      const r = await rejection(createClient(UserService, withHeaders(memoryTransport(app), { authorization: basic("admin", ADMIN_PASSWORD) })).getCurrentUser({}));
+      const r = await rejection(
+        createClient(
+          UserService,
+          withHeaders(memoryTransport(app), { authorization: basic("admin", ADMIN_PASSWORD) }),
+        ).getCurrentUser({}),
+      );
       expect(r.code).toBe(Code.Unauthenticated);
     } finally {
       await app.close();
@@ -149,7 +208,10 @@ describe.each(DATABASES)("audit log on $name", (db) => {
       const anon = clientFor(UserService, memoryTransport(app));
       await rejection(anon.login({ username: "admin", password: "a wrong password here" }));
       const login = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
-      const created = await clientFor(UserService, memoryTransport(app), login.accessToken).createUser({ username: "audited-user", password: "secret password 123" });
+      const created = await clientFor(UserService, memoryTransport(app), login.accessToken).createUser({
+        username: "audited-user",
+        password: "secret password 123",
+      });
       await app.audit.flush();
       const rows = await app.sql.all<Record<string, unknown>>("select * from audit_events order by at");
       const actions = rows.map((r) => `${r.action}:${r.outcome}`);
@@ -159,7 +221,14 @@ describe.each(DATABASES)("audit log on $name", (db) => {
       expect(create?.actor_id).toBe(login.user!.id);
       expect(create?.outcome).toBe("success");
       const dump = JSON.stringify(rows);
-      for (const secret of [ADMIN_PASSWORD, "a wrong password here", "secret password 123", login.accessToken, login.refreshToken]) expect(dump).not.toContain(secret);
+      for (const secret of [
+        ADMIN_PASSWORD,
+        "a wrong password here",
+        "secret password 123",
+        login.accessToken,
+        login.refreshToken,
+      ])
+        expect(dump).not.toContain(secret);
       expect(created.user?.username).toBe("audited-user");
     } finally {
       await app.close();

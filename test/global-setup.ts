@@ -7,7 +7,8 @@ import { initORM } from "../src/storage/orm.js";
  */
 export default async function setup(): Promise<void> {
   if (process.env.TESSERA_TEST_SKIP_POSTGRES === "1") {
-    if (process.env.CI) throw new Error("TESSERA_TEST_SKIP_POSTGRES is not allowed in CI: PostgreSQL tests must run");
+    if (process.env.CI)
+      throw new Error("TESSERA_TEST_SKIP_POSTGRES is not allowed in CI: PostgreSQL tests must run");
     return;
   }
   const url = process.env.TESSERA_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test";

@@ -2,7 +2,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ADMIN_PASSWORD, DATABASES, type TestServer, startTestServer } from "./helpers.js";
+import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
 
 /**
  * Interop: an independent gRPC implementation (@grpc/grpc-js) that loads the .proto
@@ -13,22 +13,32 @@ const PROTO_DIR = join(import.meta.dirname, "..", "proto");
 type Callback<T> = (err: grpc.ServiceError | null, res: T) => void;
 interface UserServiceClient extends grpc.Client {
   Login(req: object, cb: Callback<{ accessToken: string; user: { username: string } }>): void;
-  GetCurrentUser(req: object, md: grpc.Metadata, cb: Callback<{ username: string; permissions: string[]; clientCertificate?: { commonName: string } }>): void;
+  GetCurrentUser(
+    req: object,
+    md: grpc.Metadata,
+    cb: Callback<{ username: string; permissions: string[]; clientCertificate?: { commonName: string } }>,
+  ): void;
   ListUsers(req: object, md: grpc.Metadata, cb: Callback<{ users: unknown[] }>): void;
 }
 
 function loadUserService() {
-  const def = protoLoader.loadSync(["tessera/v1/user_service.proto", "tessera/v1/error_details.proto", "grpc/health/v1/health.proto"], {
-    includeDirs: [PROTO_DIR],
-    keepCase: false,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
+  const def = protoLoader.loadSync(
+    ["tessera/v1/user_service.proto", "tessera/v1/error_details.proto", "grpc/health/v1/health.proto"],
+    {
+      includeDirs: [PROTO_DIR],
+      keepCase: false,
+      longs: String,
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    },
+  );
   // biome-ignore lint/suspicious/noExplicitAny: grpc-js package definitions are untyped
   const pkg = grpc.loadPackageDefinition(def) as any;
-  return { UserService: pkg.tessera.v1.UserService as grpc.ServiceClientConstructor, Health: pkg.grpc.health.v1.Health as grpc.ServiceClientConstructor };
+  return {
+    UserService: pkg.tessera.v1.UserService as grpc.ServiceClientConstructor,
+    Health: pkg.grpc.health.v1.Health as grpc.ServiceClientConstructor,
+  };
 }
 
 const call = <T>(fn: (cb: Callback<T>) => void) =>
@@ -50,33 +60,52 @@ describe.each(DATABASES)("@grpc/grpc-js interop over mTLS on $name", (db) => {
   });
 
   it("logs in and gets the current user, with the client certificate visible to the server", async () => {
-    const login = await call<{ accessToken: string; user: { username: string } }>((cb) => client.Login({ username: "admin", password: ADMIN_PASSWORD }, cb));
+    const login = await call<{ accessToken: string; user: { username: string } }>((cb) =>
+      client.Login({ username: "admin", password: ADMIN_PASSWORD }, cb),
+    );
     expect(login.user.username).toBe("admin");
     const md = new grpc.Metadata();
     md.set("authorization", `Bearer ${login.accessToken}`);
-    const me = await call<{ username: string; permissions: string[]; clientCertificate?: { commonName: string } }>((cb) => client.GetCurrentUser({}, md, cb));
+    const me = await call<{
+      username: string;
+      permissions: string[];
+      clientCertificate?: { commonName: string };
+    }>((cb) => client.GetCurrentUser({}, md, cb));
     expect(me.username).toBe("admin");
     expect(me.permissions).toEqual(["*"]);
     expect(me.clientCertificate?.commonName).toBe("test-client");
   });
 
   it("returns UNAUTHENTICATED with a WWW-Authenticate trailer when no token is sent", async () => {
-    const err = await call((cb) => client.GetCurrentUser({}, new grpc.Metadata(), cb)).catch((e: grpc.ServiceError) => e);
+    const err = await call((cb) => client.GetCurrentUser({}, new grpc.Metadata(), cb)).catch(
+      (e: grpc.ServiceError) => e,
+    );
     expect((err as grpc.ServiceError).code).toBe(grpc.status.UNAUTHENTICATED);
     expect((err as grpc.ServiceError).metadata.get("www-authenticate")[0]).toBe('Bearer realm="tessera"');
   });
 
   it("returns PERMISSION_DENIED for a missing scope and UNAUTHENTICATED for a bad token", async () => {
-    const adminLogin = await call<{ accessToken: string }>((cb) => client.Login({ username: "admin", password: ADMIN_PASSWORD }, cb));
+    const adminLogin = await call<{ accessToken: string }>((cb) =>
+      client.Login({ username: "admin", password: ADMIN_PASSWORD }, cb),
+    );
     const md = new grpc.Metadata();
     md.set("authorization", `Bearer ${adminLogin.accessToken}`);
-    const creator = new UserService(`localhost:${ts.server.port}`, grpc.credentials.createSsl(ts.certs.ca, ts.certs.clientKey, ts.certs.clientCert));
+    const creator = new UserService(
+      `localhost:${ts.server.port}`,
+      grpc.credentials.createSsl(ts.certs.ca, ts.certs.clientKey, ts.certs.clientCert),
+    );
     await call((cb) =>
       // biome-ignore lint/suspicious/noExplicitAny: dynamic client
-      (creator as any).CreateUser({ username: "interop-reader", password: "long enough password", scopes: ["results:read"] }, md, cb),
+      (creator as any).CreateUser(
+        { username: "interop-reader", password: "long enough password", scopes: ["results:read"] },
+        md,
+        cb,
+      ),
     );
     creator.close();
-    const login = await call<{ accessToken: string }>((cb) => client.Login({ username: "interop-reader", password: "long enough password" }, cb));
+    const login = await call<{ accessToken: string }>((cb) =>
+      client.Login({ username: "interop-reader", password: "long enough password" }, cb),
+    );
     const readerMd = new grpc.Metadata();
     readerMd.set("authorization", `Bearer ${login.accessToken}`);
     const denied = await call((cb) => client.ListUsers({}, readerMd, cb)).catch((e: grpc.ServiceError) => e);
@@ -88,7 +117,10 @@ describe.each(DATABASES)("@grpc/grpc-js interop over mTLS on $name", (db) => {
   });
 
   it("answers the standard health check", async () => {
-    const health = new Health(`localhost:${ts.server.port}`, grpc.credentials.createSsl(ts.certs.ca, ts.certs.clientKey, ts.certs.clientCert));
+    const health = new Health(
+      `localhost:${ts.server.port}`,
+      grpc.credentials.createSsl(ts.certs.ca, ts.certs.clientKey, ts.certs.clientCert),
+    );
     // biome-ignore lint/suspicious/noExplicitAny: dynamic client
     const res = await call<{ status: string }>((cb) => (health as any).Check({ service: "" }, cb));
     health.close();
@@ -96,8 +128,13 @@ describe.each(DATABASES)("@grpc/grpc-js interop over mTLS on $name", (db) => {
   });
 
   it("cannot connect without a client certificate in require mode", async () => {
-    const noCert = new UserService(`localhost:${ts.server.port}`, grpc.credentials.createSsl(ts.certs.ca)) as unknown as UserServiceClient;
-    const err = await call((cb) => noCert.Login({ username: "admin", password: ADMIN_PASSWORD }, cb)).catch((e: grpc.ServiceError) => e);
+    const noCert = new UserService(
+      `localhost:${ts.server.port}`,
+      grpc.credentials.createSsl(ts.certs.ca),
+    ) as unknown as UserServiceClient;
+    const err = await call((cb) => noCert.Login({ username: "admin", password: ADMIN_PASSWORD }, cb)).catch(
+      (e: grpc.ServiceError) => e,
+    );
     noCert.close();
     expect((err as grpc.ServiceError).code).toBe(grpc.status.UNAVAILABLE);
   });

@@ -3,13 +3,13 @@ import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { DescService } from "@bufbuild/protobuf";
-import { type Client, type Transport, createClient, createRouterTransport } from "@connectrpc/connect";
+import { type Client, createClient, createRouterTransport, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { pino } from "pino";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
-import { type TesseraServer, startServer } from "../src/server.js";
+import { startServer, type TesseraServer } from "../src/server.js";
 import { initORM } from "../src/storage/orm.js";
 
 /** The databases every storage-dependent test runs against. */
@@ -27,7 +27,8 @@ export const POSTGRES: TestDatabase = {
   url: () => `${PG_BASE}?schema=t_${Date.now().toString(36)}_${randomBytes(4).toString("hex")}`,
 };
 /** SQLite and PostgreSQL (PostgreSQL left out only by the local TESSERA_TEST_SKIP_POSTGRES switch). */
-export const DATABASES: TestDatabase[] = process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
+export const DATABASES: TestDatabase[] =
+  process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
 
 export const ADMIN_PASSWORD = "admin-password-for-tests";
 
@@ -83,7 +84,11 @@ export function memoryTransport(app: App): Transport {
 }
 
 /** A client with a bearer token (or none) over a transport. */
-export function clientFor<S extends DescService>(service: S, transport: Transport, token?: string): Client<S> {
+export function clientFor<S extends DescService>(
+  service: S,
+  transport: Transport,
+  token?: string,
+): Client<S> {
   return createClient(service, withHeaders(transport, token ? { authorization: `Bearer ${token}` } : {}));
 }
 
@@ -138,7 +143,11 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-export async function startTestServer(db: TestDatabase, overrides: ConfigInput = {}, certs?: TestCerts): Promise<TestServer> {
+export async function startTestServer(
+  db: TestDatabase,
+  overrides: ConfigInput = {},
+  certs?: TestCerts,
+): Promise<TestServer> {
   const c = certs ?? (await createTestCerts());
   const app = await createTestApp(db, { ...overrides, server: { certDir: c.dir, ...overrides.server } });
   const server = await startServer(app);
@@ -150,8 +159,14 @@ export async function startTestServer(db: TestDatabase, overrides: ConfigInput =
     app,
     server,
     certs: c,
-    connect: (opts = {}) => createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: nodeOptions(opts.clientCert) }),
-    grpc: (opts = {}) => createGrpcTransport({ baseUrl: server.url, nodeOptions: nodeOptions(opts.clientCert) }),
+    connect: (opts = {}) =>
+      createConnectTransport({
+        baseUrl: server.url,
+        httpVersion: "2",
+        nodeOptions: nodeOptions(opts.clientCert),
+      }),
+    grpc: (opts = {}) =>
+      createGrpcTransport({ baseUrl: server.url, nodeOptions: nodeOptions(opts.clientCert) }),
     async close() {
       await server.close(0);
       await app.close();

@@ -1,9 +1,18 @@
 import { createLocalJWKSet, decodeProtectedHeader, jwtVerify } from "jose";
+import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { Agent, fetch as undiciFetch } from "undici";
 import { Code, rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, DATABASES, SQLITE, type TestServer, clientFor, createTestApp, memoryTransport, startTestServer } from "./helpers.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestApp,
+  DATABASES,
+  memoryTransport,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+} from "./helpers.js";
 
 describe.each(["EdDSA", "ES256"] as const)("asymmetric %s signing keys", (algorithm) => {
   let ts: TestServer;
@@ -18,14 +27,21 @@ describe.each(["EdDSA", "ES256"] as const)("asymmetric %s signing keys", (algori
   });
 
   it("serves the public keys at /.well-known/jwks.json and tokens verify offline against them with their scopes", async () => {
-    const login = await clientFor(UserService, memoryTransport(ts.app)).login({ username: "admin", password: ADMIN_PASSWORD });
+    const login = await clientFor(UserService, memoryTransport(ts.app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
     const res = await undiciFetch(`${ts.server.url}/.well-known/jwks.json`, { dispatcher: agent });
     expect(res.status).toBe(200);
     const jwks = (await res.json()) as { keys: { kid: string; alg: string; d?: string }[] };
     expect(jwks.keys.length).toBe(1);
     expect(jwks.keys[0]!.alg).toBe(algorithm);
     expect(jwks.keys[0]!.d).toBeUndefined();
-    const { payload, protectedHeader } = await jwtVerify(login.accessToken, createLocalJWKSet(jwks as never), { issuer: "tessera", audience: "tessera" });
+    const { payload, protectedHeader } = await jwtVerify(
+      login.accessToken,
+      createLocalJWKSet(jwks as never),
+      { issuer: "tessera", audience: "tessera" },
+    );
     expect(protectedHeader.typ).toBe("at+jwt");
     expect(payload.scope).toBe("*");
     expect(payload.sub).toBe(login.user!.id);
@@ -39,9 +55,18 @@ describe.each(["EdDSA", "ES256"] as const)("asymmetric %s signing keys", (algori
     const after = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
     const newKid = decodeProtectedHeader(after.accessToken).kid;
     expect(newKid).not.toBe(oldKid);
-    expect(ts.app.jwt.jwks().keys.map((k) => k.kid).sort()).toEqual([oldKid, newKid].sort());
-    await expect(clientFor(UserService, memoryTransport(ts.app), before.accessToken).getCurrentUser({})).resolves.toBeDefined();
-    await expect(clientFor(UserService, memoryTransport(ts.app), after.accessToken).getCurrentUser({})).resolves.toBeDefined();
+    expect(
+      ts.app.jwt
+        .jwks()
+        .keys.map((k) => k.kid)
+        .sort(),
+    ).toEqual([oldKid, newKid].sort());
+    await expect(
+      clientFor(UserService, memoryTransport(ts.app), before.accessToken).getCurrentUser({}),
+    ).resolves.toBeDefined();
+    await expect(
+      clientFor(UserService, memoryTransport(ts.app), after.accessToken).getCurrentUser({}),
+    ).resolves.toBeDefined();
   });
 });
 
@@ -49,7 +74,10 @@ describe.each(DATABASES)("signing keys persist on $name", (db) => {
   it("stores the generated key so tokens survive a restart of the JWT service", async () => {
     const app = await createTestApp(db);
     try {
-      const login = await clientFor(UserService, memoryTransport(app)).login({ username: "admin", password: ADMIN_PASSWORD });
+      const login = await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
       const rows = await app.sql.all<{ kid: string }>("select kid from signing_keys");
       expect(rows).toHaveLength(1);
       expect(rows[0]!.kid).toBe(decodeProtectedHeader(login.accessToken).kid);
@@ -66,8 +94,18 @@ describe("JWT claim checks", () => {
     const b = await createTestApp(SQLITE, { auth: { jwt: { secret, audience: "other-audience" } } });
     const c = await createTestApp(SQLITE, { auth: { jwt: { secret } } });
     try {
-      const fromA = (await clientFor(UserService, memoryTransport(a)).login({ username: "admin", password: ADMIN_PASSWORD })).accessToken;
-      const fromB = (await clientFor(UserService, memoryTransport(b)).login({ username: "admin", password: ADMIN_PASSWORD })).accessToken;
+      const fromA = (
+        await clientFor(UserService, memoryTransport(a)).login({
+          username: "admin",
+          password: ADMIN_PASSWORD,
+        })
+      ).accessToken;
+      const fromB = (
+        await clientFor(UserService, memoryTransport(b)).login({
+          username: "admin",
+          password: ADMIN_PASSWORD,
+        })
+      ).accessToken;
       for (const token of [fromA, fromB]) {
         const r = await rejection(clientFor(UserService, memoryTransport(c), token).getCurrentUser({}));
         expect(r.code).toBe(Code.Unauthenticated);
@@ -83,7 +121,10 @@ describe("JWT claim checks", () => {
   it("expires access tokens after their configured lifetime (no skew)", async () => {
     const app = await createTestApp(SQLITE, { auth: { jwt: { accessTokenTtl: 1, clockSkew: 0 } } });
     try {
-      const login = await clientFor(UserService, memoryTransport(app)).login({ username: "admin", password: ADMIN_PASSWORD });
+      const login = await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
       const client = clientFor(UserService, memoryTransport(app), login.accessToken);
       await expect(client.getCurrentUser({})).resolves.toBeDefined();
       await new Promise((r) => setTimeout(r, 2100));

@@ -6,7 +6,14 @@ import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { createApp } from "../src/app.js";
 import { startServer } from "../src/server.js";
 import { rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, SQLITE, createTestCerts, memoryTransport, testConfig, withHeaders } from "./helpers.js";
+import {
+  ADMIN_PASSWORD,
+  createTestCerts,
+  memoryTransport,
+  SQLITE,
+  testConfig,
+  withHeaders,
+} from "./helpers.js";
 
 describe("logs", () => {
   it("never contain passwords or tokens, even at trace level and on failures", async () => {
@@ -25,15 +32,29 @@ describe("logs", () => {
       const wrong = "wrong-password-that-must-not-leak";
       await rejection(anon.login({ username: "admin", password: wrong }));
       const login = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
-      await createClient(UserService, withHeaders(t, { authorization: `Bearer ${login.accessToken}` })).createUser({
+      await createClient(
+        UserService,
+        withHeaders(t, { authorization: `Bearer ${login.accessToken}` }),
+      ).createUser({
         username: "logged-user",
         password: "another secret password",
       });
-      await rejection(createClient(UserService, withHeaders(t, { authorization: `Bearer ${login.accessToken}x` })).getCurrentUser({}));
+      await rejection(
+        createClient(
+          UserService,
+          withHeaders(t, { authorization: `Bearer ${login.accessToken}x` }),
+        ).getCurrentUser({}),
+      );
       await rejection(anon.refreshToken({ refreshToken: `${login.refreshToken}x` }));
       await app.audit.flush();
       expect(output.length).toBeGreaterThan(0);
-      for (const secret of [wrong, ADMIN_PASSWORD, "another secret password", login.accessToken, login.refreshToken]) {
+      for (const secret of [
+        wrong,
+        ADMIN_PASSWORD,
+        "another secret password",
+        login.accessToken,
+        login.refreshToken,
+      ]) {
         expect(output).not.toContain(secret);
       }
     } finally {
@@ -45,12 +66,18 @@ describe("logs", () => {
 describe("plaintext mode", () => {
   it("serves h2c only when explicitly asked to", async () => {
     const certs = await createTestCerts();
-    const app = await createApp(testConfig(SQLITE.url(), { server: { insecurePlaintext: true, certDir: certs.dir } }), { logger: pino({ level: "silent" }) });
+    const app = await createApp(
+      testConfig(SQLITE.url(), { server: { insecurePlaintext: true, certDir: certs.dir } }),
+      { logger: pino({ level: "silent" }) },
+    );
     const server = await startServer(app);
     try {
       expect(server.url.startsWith("http://")).toBe(true);
       const { createGrpcTransport } = await import("@connectrpc/connect-node");
-      const res = await createClient(UserService, createGrpcTransport({ baseUrl: server.url })).login({ username: "admin", password: ADMIN_PASSWORD });
+      const res = await createClient(UserService, createGrpcTransport({ baseUrl: server.url })).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
       expect(res.accessToken).toBeTruthy();
     } finally {
       await server.close(0);

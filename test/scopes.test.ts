@@ -21,10 +21,14 @@ describe("scope matching", () => {
     expect(hasScope([], "cluster:read")).toBe(false);
   });
   it("intersects requested scopes with granted ones", () => {
-    expect(intersectScopes(["cluster:read", "swarm:deploy", "admin:users"], ["cluster:*", "admin:users"])).toEqual(["cluster:read", "admin:users"]);
+    expect(
+      intersectScopes(["cluster:read", "swarm:deploy", "admin:users"], ["cluster:*", "admin:users"]),
+    ).toEqual(["cluster:read", "admin:users"]);
   });
   it("validates scope syntax", () => {
-    for (const ok of ["*", "admin:*", "cluster:read", "machine-users:write"]) expect(isValidScope(ok)).toBe(true);
-    for (const bad of ["", "admin", "Admin:read", "a:b:c", "*:*", "cluster:", " cluster:read"]) expect(isValidScope(bad)).toBe(false);
+    for (const ok of ["*", "admin:*", "cluster:read", "machine-users:write"])
+      expect(isValidScope(ok)).toBe(true);
+    for (const bad of ["", "admin", "Admin:read", "a:b:c", "*:*", "cluster:", " cluster:read"])
+      expect(isValidScope(bad)).toBe(false);
   });
 });

@@ -11,7 +11,10 @@ const MAIN = join(ROOT, "src", "main.ts");
 
 function run(args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}) {
   return new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = spawn(TSX, [MAIN, ...args], { cwd: opts.cwd ?? ROOT, env: { ...process.env, ...opts.env } });
+    const child = spawn(TSX, [MAIN, ...args], {
+      cwd: opts.cwd ?? ROOT,
+      env: { ...process.env, ...opts.env },
+    });
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d) => (stdout += d));
@@ -57,19 +60,37 @@ describe("server commands", () => {
     expect((await run(["init"], { env })).stdout).toContain("already exists");
     const certs = await run(["certs", "--cert-dir", join(dir, "certs")]);
     expect(certs.code).toBe(0);
-    for (const f of ["ca.crt", "ca.key", "server.crt", "server.key"]) expect(existsSync(join(dir, "certs", f))).toBe(true);
+    for (const f of ["ca.crt", "ca.key", "server.crt", "server.key"])
+      expect(existsSync(join(dir, "certs", f))).toBe(true);
     expect(statSync(join(dir, "certs", "ca.key")).mode & 0o777).toBe(0o600);
-    const client = await run(["certs", "client", "backend-1", "--cert-dir", join(dir, "certs"), "--out", join(dir, "b1"), "--san-uri", "spiffe://default/backend-1"]);
+    const client = await run([
+      "certs",
+      "client",
+      "backend-1",
+      "--cert-dir",
+      join(dir, "certs"),
+      "--out",
+      join(dir, "b1"),
+      "--san-uri",
+      "spiffe://default/backend-1",
+    ]);
     expect(client.code).toBe(0);
     expect(client.stdout).toMatch(/sha256 fingerprint: [0-9a-f]{64}/);
-    expect(readFileSync(join(dir, "b1", "ca.crt"), "utf8")).toBe(readFileSync(join(dir, "certs", "ca.crt"), "utf8"));
+    expect(readFileSync(join(dir, "b1", "ca.crt"), "utf8")).toBe(
+      readFileSync(join(dir, "certs", "ca.crt"), "utf8"),
+    );
   });
 
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {
     const cwd = mkdtempSync(join(tmpdir(), "tessera-quickstart-"));
     const child = spawn(TSX, [MAIN, "serve"], {
       cwd,
-      env: { ...process.env, TESSERA_PORT: "0", TESSERA_HOST: "127.0.0.1", TESSERA_PASSWORD_ITERATIONS: "1000" },
+      env: {
+        ...process.env,
+        TESSERA_PORT: "0",
+        TESSERA_HOST: "127.0.0.1",
+        TESSERA_PASSWORD_ITERATIONS: "1000",
+      },
     });
     children.push(child);
     let stdout = "";

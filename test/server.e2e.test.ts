@@ -7,7 +7,15 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, DATABASES, SQLITE, type TestServer, createTestCerts, startTestServer, withHeaders } from "./helpers.js";
+import {
+  ADMIN_PASSWORD,
+  createTestCerts,
+  DATABASES,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+  withHeaders,
+} from "./helpers.js";
 
 const execFileAsync = promisify(execFile);
 
@@ -26,7 +34,9 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
   beforeAll(async () => {
     ts = await startTestServer(db);
     agent = new Agent({ connect: { ca: ts.certs.ca } });
-    mtlsAgent = new Agent({ connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey } });
+    mtlsAgent = new Agent({
+      connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
+    });
   });
   afterAll(async () => {
     await agent.close();
@@ -37,7 +47,10 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
   it("answers GET /health with the envelope, security headers and a request id", async () => {
     const res = await undiciFetch(`${ts.server.url}/health`, { dispatcher: agent });
     expect(res.status).toBe(200);
-    const body = (await res.json()) as { ok: boolean; data: { status: string; version: string; uptime: number } };
+    const body = (await res.json()) as {
+      ok: boolean;
+      data: { status: string; version: string; uptime: number };
+    };
     expect(body.ok).toBe(true);
     expect(body.data.status).toBe("healthy");
     expect(typeof body.data.version).toBe("string");
@@ -57,22 +70,45 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
   });
 
   it("logs in and calls GetCurrentUser with Connect JSON over plain fetch", async () => {
-    const login = await post("/tessera.v1.UserService/Login", { username: "admin", password: ADMIN_PASSWORD });
+    const login = await post("/tessera.v1.UserService/Login", {
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
     expect(login.status).toBe(200);
     const { accessToken } = (await login.json()) as { accessToken: string };
-    const me = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${accessToken}` });
+    const me = await post(
+      "/tessera.v1.UserService/GetCurrentUser",
+      {},
+      { authorization: `Bearer ${accessToken}` },
+    );
     expect(me.status).toBe(200);
-    const body = (await me.json()) as { username: string; permissions: string[]; clientCertificate?: unknown };
+    const body = (await me.json()) as {
+      username: string;
+      permissions: string[];
+      clientCertificate?: unknown;
+    };
     expect(body.username).toBe("admin");
     expect(body.permissions).toEqual(["*"]);
     expect(body.clientCertificate).toBeUndefined();
   });
 
   it("passes a verified client certificate's identity to the principal in optional mode", async () => {
-    const login = await post("/tessera.v1.UserService/Login", { username: "admin", password: ADMIN_PASSWORD }, {}, mtlsAgent);
+    const login = await post(
+      "/tessera.v1.UserService/Login",
+      { username: "admin", password: ADMIN_PASSWORD },
+      {},
+      mtlsAgent,
+    );
     const { accessToken } = (await login.json()) as { accessToken: string };
-    const me = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${accessToken}` }, mtlsAgent);
-    const body = (await me.json()) as { clientCertificate: { sha256Fingerprint: string; commonName: string } };
+    const me = await post(
+      "/tessera.v1.UserService/GetCurrentUser",
+      {},
+      { authorization: `Bearer ${accessToken}` },
+      mtlsAgent,
+    );
+    const body = (await me.json()) as {
+      clientCertificate: { sha256Fingerprint: string; commonName: string };
+    };
     expect(body.clientCertificate.commonName).toBe("test-client");
     expect(body.clientCertificate.sha256Fingerprint).toBe(ts.certs.clientFingerprint);
   });
@@ -81,15 +117,28 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
     const none = await post("/tessera.v1.UserService/GetCurrentUser", {});
     expect(none.status).toBe(401);
     expect(none.headers.get("www-authenticate")).toBe('Bearer realm="tessera"');
-    const noneBody = (await none.json()) as { code: string; details: { debug?: { reason: string; requestId: string } }[] };
+    const noneBody = (await none.json()) as {
+      code: string;
+      details: { debug?: { reason: string; requestId: string } }[];
+    };
     expect(noneBody.code).toBe("unauthenticated");
     expect(noneBody.details[0]?.debug?.reason).toBe("AUTH_REQUIRED");
     expect(noneBody.details[0]?.debug?.requestId).toBe(none.headers.get("x-request-id"));
     // The seeds' envelope fields beside Connect's own.
-    expect(noneBody).toMatchObject({ ok: false, error: "Unauthorized", reason: "AUTH_REQUIRED", message: "Authentication required", request_id: none.headers.get("x-request-id") });
+    expect(noneBody).toMatchObject({
+      ok: false,
+      error: "Unauthorized",
+      reason: "AUTH_REQUIRED",
+      message: "Authentication required",
+      request_id: none.headers.get("x-request-id"),
+    });
 
     const secret = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXRoYXQtaXMtd3Jvbmc";
-    const bad = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${secret}` });
+    const bad = await post(
+      "/tessera.v1.UserService/GetCurrentUser",
+      {},
+      { authorization: `Bearer ${secret}` },
+    );
     expect(bad.status).toBe(401);
     expect(bad.headers.get("www-authenticate")).toContain('error="invalid_token"');
     const text = await bad.text();
@@ -98,16 +147,36 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
   });
 
   it("answers 403 for a missing scope and 400 for two credentials", async () => {
-    const login = await post("/tessera.v1.UserService/Login", { username: "admin", password: ADMIN_PASSWORD });
+    const login = await post("/tessera.v1.UserService/Login", {
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
     const { accessToken } = (await login.json()) as { accessToken: string };
-    await post("/tessera.v1.UserService/CreateUser", { username: "reader-e2e", password: "long enough password", scopes: ["cluster:read"] }, { authorization: `Bearer ${accessToken}` });
-    const readerLogin = await post("/tessera.v1.UserService/Login", { username: "reader-e2e", password: "long enough password" });
+    await post(
+      "/tessera.v1.UserService/CreateUser",
+      { username: "reader-e2e", password: "long enough password", scopes: ["cluster:read"] },
+      { authorization: `Bearer ${accessToken}` },
+    );
+    const readerLogin = await post("/tessera.v1.UserService/Login", {
+      username: "reader-e2e",
+      password: "long enough password",
+    });
     const reader = ((await readerLogin.json()) as { accessToken: string }).accessToken;
     const denied = await post("/tessera.v1.UserService/ListUsers", {}, { authorization: `Bearer ${reader}` });
     expect(denied.status).toBe(403);
-    expect(await denied.clone().json()).toMatchObject({ ok: false, error: "Forbidden", code: "permission_denied", reason: "ACCESS_DENIED", message: "Insufficient permissions" });
+    expect(await denied.clone().json()).toMatchObject({
+      ok: false,
+      error: "Forbidden",
+      code: "permission_denied",
+      reason: "ACCESS_DENIED",
+      message: "Insufficient permissions",
+    });
     expect(denied.headers.get("www-authenticate")).toContain("insufficient_scope");
-    const both = await post("/tessera.v1.UserService/GetCurrentUser", {}, { authorization: `Bearer ${reader}`, "x-api-key": "tsr_key_x" });
+    const both = await post(
+      "/tessera.v1.UserService/GetCurrentUser",
+      {},
+      { authorization: `Bearer ${reader}`, "x-api-key": "tsr_key_x" },
+    );
     expect(both.status).toBe(400);
   });
 
@@ -115,11 +184,16 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
     const grpc = ts.grpc();
     const users = createClient(UserService, grpc);
     const login = await users.login({ username: "admin", password: ADMIN_PASSWORD });
-    const me = await createClient(UserService, withHeaders(grpc, { authorization: `Bearer ${login.accessToken}` })).getCurrentUser({});
+    const me = await createClient(
+      UserService,
+      withHeaders(grpc, { authorization: `Bearer ${login.accessToken}` }),
+    ).getCurrentUser({});
     expect(me.username).toBe("admin");
     const health = await createClient(Health, grpc).check({ service: "" });
     expect(health.status).toBe(HealthCheckResponse_ServingStatus.SERVING);
-    expect((await rejection(createClient(Health, grpc).check({ service: "no.such.Service" }))).code).toBe(Code.NotFound);
+    expect((await rejection(createClient(Health, grpc).check({ service: "no.such.Service" }))).code).toBe(
+      Code.NotFound,
+    );
     const r = await rejection(users.getCurrentUser({}));
     expect(r.code).toBe(Code.Unauthenticated);
     expect(r.error.metadata.get("www-authenticate")).toBe('Bearer realm="tessera"');
@@ -127,7 +201,11 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
 
   it("serves gRPC-Web", async () => {
     const { createGrpcWebTransport } = await import("@connectrpc/connect-node");
-    const web = createGrpcWebTransport({ baseUrl: ts.server.url, httpVersion: "1.1", nodeOptions: { ca: ts.certs.ca } });
+    const web = createGrpcWebTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "1.1",
+      nodeOptions: { ca: ts.certs.ca },
+    });
     const login = await createClient(UserService, web).login({ username: "admin", password: ADMIN_PASSWORD });
     expect(login.accessToken).toBeTruthy();
   });
@@ -137,9 +215,14 @@ describe("mTLS modes and tooling", () => {
   it("fails the handshake without a client certificate in require mode, and serves one that has it", async () => {
     const ts = await startTestServer(SQLITE, { server: { mtls: "require" } });
     try {
-      const refused = await rejection(createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD }));
+      const refused = await rejection(
+        createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD }),
+      );
       expect([Code.Unavailable, Code.Unknown, Code.Internal]).toContain(refused.code);
-      const ok = await createClient(UserService, ts.connect({ clientCert: true })).login({ username: "admin", password: ADMIN_PASSWORD });
+      const ok = await createClient(UserService, ts.connect({ clientCert: true })).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
       expect(ok.accessToken).toBeTruthy();
     } finally {
       await ts.close();
@@ -151,7 +234,14 @@ describe("mTLS modes and tooling", () => {
     const foreign = await createTestCerts("intruder");
     try {
       const err = await new Promise<Error | null>((resolve) => {
-        const socket = tlsConnect({ host: "127.0.0.1", port: ts.server.port, ca: ts.certs.ca, cert: foreign.clientCert, key: foreign.clientKey, ALPNProtocols: ["h2"] });
+        const socket = tlsConnect({
+          host: "127.0.0.1",
+          port: ts.server.port,
+          ca: ts.certs.ca,
+          cert: foreign.clientCert,
+          key: foreign.clientKey,
+          ALPNProtocols: ["h2"],
+        });
         socket.once("secureConnect", () => {
           // TLS 1.3 reports the server's refusal after the handshake completes on the client side.
           socket.once("error", (e) => resolve(e));
@@ -181,7 +271,16 @@ describe("mTLS modes and tooling", () => {
         `${ts.server.url}/tessera.v1.UserService/Login`,
       ]);
       expect(JSON.parse(stdout).accessToken).toBeTruthy();
-      const list = await execFileAsync("node_modules/.bin/buf", ["curl", "--protocol", "grpc", "--reflect", "--cacert", `${ts.certs.dir}/ca.crt`, "--list-methods", ts.server.url]);
+      const list = await execFileAsync("node_modules/.bin/buf", [
+        "curl",
+        "--protocol",
+        "grpc",
+        "--reflect",
+        "--cacert",
+        `${ts.certs.dir}/ca.crt`,
+        "--list-methods",
+        ts.server.url,
+      ]);
       expect(list.stdout).toContain("tessera.v1.UserService/GetCurrentUser");
       // With a client certificate, as the README shows: the server names it in the answer.
       const me = await execFileAsync("node_modules/.bin/buf", [

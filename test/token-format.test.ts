@@ -5,7 +5,11 @@ describe("opaque token format", () => {
   it("round-trips a generated token", () => {
     const t = generateToken("tsr_pat_");
     expect(t.token.startsWith("tsr_pat_")).toBe(true);
-    expect(parseToken(t.token, ["tsr_key_", "tsr_pat_"])).toEqual({ prefix: "tsr_pat_", id: t.id, secret: t.secret });
+    expect(parseToken(t.token, ["tsr_key_", "tsr_pat_"])).toEqual({
+      prefix: "tsr_pat_",
+      id: t.id,
+      secret: t.secret,
+    });
   });
 
   it("carries at least 128 bits of randomness in the secret and never repeats", () => {

@@ -5,7 +5,7 @@ import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { App } from "../src/app.js";
 import { Tenant } from "../src/storage/entities.js";
 import { Code, rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, DATABASES, clientFor, createTestApp, memoryTransport } from "./helpers.js";
+import { ADMIN_PASSWORD, clientFor, createTestApp, DATABASES, memoryTransport } from "./helpers.js";
 
 const SECRET = "an-hs256-secret-that-is-long-enough-for-tests";
 
@@ -139,24 +139,44 @@ describe.each(DATABASES)("UserService on $name", (db) => {
 
   it("refuses to grant scopes the caller does not hold", async () => {
     const { token } = await createUser(["admin:users", "cluster:read"]);
-    const r = await rejection(as(token).createUser({ username: `x-${randomUUID().slice(0, 6)}`, password: "long enough password", scopes: ["swarm:deploy"] }));
+    const r = await rejection(
+      as(token).createUser({
+        username: `x-${randomUUID().slice(0, 6)}`,
+        password: "long enough password",
+        scopes: ["swarm:deploy"],
+      }),
+    );
     expect(r.code).toBe(Code.PermissionDenied);
-    const ok = await as(token).createUser({ username: `y-${randomUUID().slice(0, 6)}`, password: "long enough password", scopes: ["cluster:read"] });
+    const ok = await as(token).createUser({
+      username: `y-${randomUUID().slice(0, 6)}`,
+      password: "long enough password",
+      scopes: ["cluster:read"],
+    });
     expect(ok.user?.permissions).toEqual(["cluster:read"]);
   });
 
   it("validates usernames, passwords and scopes with InvalidArgument", async () => {
     const c = as(adminToken);
-    expect((await rejection(c.createUser({ username: "a", password: "long enough password" }))).code).toBe(Code.InvalidArgument);
-    expect((await rejection(c.createUser({ username: "valid-name", password: "short" }))).code).toBe(Code.InvalidArgument);
-    expect((await rejection(c.createUser({ username: "valid-name", password: "long enough password", scopes: ["BAD SCOPE"] }))).code).toBe(
+    expect((await rejection(c.createUser({ username: "a", password: "long enough password" }))).code).toBe(
       Code.InvalidArgument,
     );
+    expect((await rejection(c.createUser({ username: "valid-name", password: "short" }))).code).toBe(
+      Code.InvalidArgument,
+    );
+    expect(
+      (
+        await rejection(
+          c.createUser({ username: "valid-name", password: "long enough password", scopes: ["BAD SCOPE"] }),
+        )
+      ).code,
+    ).toBe(Code.InvalidArgument);
   });
 
   it("refuses a duplicate username with AlreadyExists", async () => {
     const { user } = await createUser([]);
-    const r = await rejection(as(adminToken).createUser({ username: user.username, password: "long enough password" }));
+    const r = await rejection(
+      as(adminToken).createUser({ username: user.username, password: "long enough password" }),
+    );
     expect(r.code).toBe(Code.AlreadyExists);
   });
 
@@ -179,7 +199,9 @@ describe.each(DATABASES)("UserService on $name", (db) => {
   });
 
   it("rejects an unknown refresh token as TOKEN_INVALID", async () => {
-    expect((await rejection(anon().refreshToken({ refreshToken: "tsr_rt_nope" }))).reason).toBe("TOKEN_INVALID");
+    expect((await rejection(anon().refreshToken({ refreshToken: "tsr_rt_nope" }))).reason).toBe(
+      "TOKEN_INVALID",
+    );
   });
 
   it("stops a disabled user's access token on the next request and re-enables it", async () => {
@@ -208,12 +230,26 @@ describe.each(DATABASES)("UserService on $name", (db) => {
   it("changes the caller's password and refuses the old one", async () => {
     const { user } = await createUser([]);
     const login = await anon().login({ username: user.username, password: "correct horse battery" });
-    const wrong = await rejection(as(login.accessToken).changePassword({ currentPassword: "nope nope nope", newPassword: "another good password" }));
+    const wrong = await rejection(
+      as(login.accessToken).changePassword({
+        currentPassword: "nope nope nope",
+        newPassword: "another good password",
+      }),
+    );
     expect(wrong.code).toBe(Code.Unauthenticated);
-    await as(login.accessToken).changePassword({ currentPassword: "correct horse battery", newPassword: "another good password" });
-    expect((await rejection(anon().login({ username: user.username, password: "correct horse battery" }))).reason).toBe("CREDENTIALS_INVALID");
-    await expect(anon().login({ username: user.username, password: "another good password" })).resolves.toBeDefined();
-    expect((await rejection(anon().refreshToken({ refreshToken: login.refreshToken }))).reason).toBe("TOKEN_REVOKED");
+    await as(login.accessToken).changePassword({
+      currentPassword: "correct horse battery",
+      newPassword: "another good password",
+    });
+    expect(
+      (await rejection(anon().login({ username: user.username, password: "correct horse battery" }))).reason,
+    ).toBe("CREDENTIALS_INVALID");
+    await expect(
+      anon().login({ username: user.username, password: "another good password" }),
+    ).resolves.toBeDefined();
+    expect((await rejection(anon().refreshToken({ refreshToken: login.refreshToken }))).reason).toBe(
+      "TOKEN_REVOKED",
+    );
   });
 
   it("paginates ListUsers with a cursor", async () => {
@@ -231,38 +267,65 @@ describe.each(DATABASES)("UserService on $name", (db) => {
     } while (token && pages < 100);
     expect(seen.size).toBe(total);
     expect(pages).toBeGreaterThan(1);
-    expect((await rejection(as(adminToken).listUsers({ pageToken: "garbage" }))).code).toBe(Code.InvalidArgument);
+    expect((await rejection(as(adminToken).listUsers({ pageToken: "garbage" }))).code).toBe(
+      Code.InvalidArgument,
+    );
   });
 
   it("keeps tenants apart: another tenant's user reads as NotFound", async () => {
     const em = app.storage.em.fork();
-    const other = em.create(Tenant, { id: randomUUID(), name: `other-${randomUUID().slice(0, 6)}`, disabled: false, createdAt: new Date(), updatedAt: new Date() });
+    const other = em.create(Tenant, {
+      id: randomUUID(),
+      name: `other-${randomUUID().slice(0, 6)}`,
+      disabled: false,
+      createdAt: new Date(),
+      updatedAt: new Date(),
+    });
     await em.flush();
-    const foreign = await as(adminToken).createUser({ username: `f-${randomUUID().slice(0, 6)}`, password: "long enough password", tenantId: other.id, scopes: ["admin:users"] });
-    const foreignToken = (await anon().login({ username: foreign.user!.username, password: "long enough password" })).accessToken;
+    const foreign = await as(adminToken).createUser({
+      username: `f-${randomUUID().slice(0, 6)}`,
+      password: "long enough password",
+      tenantId: other.id,
+      scopes: ["admin:users"],
+    });
+    const foreignToken = (
+      await anon().login({ username: foreign.user!.username, password: "long enough password" })
+    ).accessToken;
     const local = await createUser([]);
     // The foreign tenant admin cannot see, change or delete the default tenant's user, and lists only its own.
     expect((await rejection(as(foreignToken).getUser({ id: local.user.id }))).code).toBe(Code.NotFound);
-    expect((await rejection(as(foreignToken).updateUser({ id: local.user.id, disabled: true }))).code).toBe(Code.NotFound);
+    expect((await rejection(as(foreignToken).updateUser({ id: local.user.id, disabled: true }))).code).toBe(
+      Code.NotFound,
+    );
     expect((await rejection(as(foreignToken).deleteUser({ id: local.user.id }))).code).toBe(Code.NotFound);
     expect((await rejection(as(foreignToken).getUser({ id: randomUUID() }))).code).toBe(Code.NotFound);
     const list = await as(foreignToken).listUsers({});
     expect(list.users.every((u) => u.tenantId === other.id)).toBe(true);
     expect(list.totalSize).toBe(1);
     // Only a * holder may place users in another tenant.
-    const r = await rejection(as(foreignToken).createUser({ username: `g-${randomUUID().slice(0, 6)}`, password: "long enough password", tenantId: local.user.tenantId }));
+    const r = await rejection(
+      as(foreignToken).createUser({
+        username: `g-${randomUUID().slice(0, 6)}`,
+        password: "long enough password",
+        tenantId: local.user.tenantId,
+      }),
+    );
     expect(r.code).toBe(Code.PermissionDenied);
   });
 
   it("stores password hashes as PBKDF2-SHA256 with their parameters", async () => {
     const { user } = await createUser([]);
-    const row = await app.sql.get<{ password_hash: string }>("select password_hash from users where id = ?", [user.id]);
+    const row = await app.sql.get<{ password_hash: string }>("select password_hash from users where id = ?", [
+      user.id,
+    ]);
     expect(row!.password_hash).toMatch(/^pbkdf2-sha256\$1000\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$/);
   });
 
   it("refuses to let an admin disable or delete itself", async () => {
     const me = await as(adminToken).getCurrentUser({});
-    expect((await rejection(as(adminToken).updateUser({ id: me.id, disabled: true }))).code).toBe(Code.FailedPrecondition);
+    expect((await rejection(as(adminToken).updateUser({ id: me.id, disabled: true }))).code).toBe(
+      Code.FailedPrecondition,
+    );
     expect((await rejection(as(adminToken).deleteUser({ id: me.id }))).code).toBe(Code.FailedPrecondition);
   });
 });
@@ -273,7 +336,9 @@ describe.each(DATABASES)("refresh token races on $name", (db) => {
     try {
       const anon = clientFor(UserService, memoryTransport(app));
       const login = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
-      const results = await Promise.allSettled(Array.from({ length: 5 }, () => anon.refreshToken({ refreshToken: login.refreshToken })));
+      const results = await Promise.allSettled(
+        Array.from({ length: 5 }, () => anon.refreshToken({ refreshToken: login.refreshToken })),
+      );
       const winners = results.filter((r) => r.status === "fulfilled");
       expect(winners.length).toBeLessThanOrEqual(1);
       for (const w of winners) {

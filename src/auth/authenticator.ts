@@ -72,7 +72,10 @@ const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
  * subject is refused at once; a certificate-bound token (cnf x5t#S256) is accepted only
  * on a connection presenting that same certificate (RFC 8705).
  */
-export function createJwtBearerVerifier(jwt: JwtService, loaders: Partial<Record<"user" | "machine", ClaimsLoader>>): BearerVerifier {
+export function createJwtBearerVerifier(
+  jwt: JwtService,
+  loaders: Partial<Record<"user" | "machine", ClaimsLoader>>,
+): BearerVerifier {
   return {
     name: "jwt",
     async verify(token, state) {
@@ -80,7 +83,10 @@ export function createJwtBearerVerifier(jwt: JwtService, loaders: Partial<Record
       const claims = await jwt.verify(token);
       const bound = claims.cnf?.["x5t#S256"];
       if (bound !== undefined && state.certificate?.thumbprint !== bound) {
-        throw new TesseraError("TOKEN_NOT_BOUND", "token is bound to a client certificate this connection did not present");
+        throw new TesseraError(
+          "TOKEN_NOT_BOUND",
+          "token is bound to a client certificate this connection did not present",
+        );
       }
       const loader = loaders[claims.pk];
       if (!loader) throw new TesseraError("TOKEN_INVALID", "token subject kind is not accepted");

@@ -18,7 +18,10 @@ export function parseCredentials(headers: Headers): PresentedCredential | null {
   const authorization = headers.get("authorization");
   const apiKey = headers.get("x-api-key");
   if (authorization !== null && apiKey !== null) {
-    throw new TesseraError("MULTIPLE_CREDENTIALS", "send one credential: Authorization or X-API-Key, not both");
+    throw new TesseraError(
+      "MULTIPLE_CREDENTIALS",
+      "send one credential: Authorization or X-API-Key, not both",
+    );
   }
   if (apiKey !== null) {
     const token = apiKey.trim();
@@ -31,7 +34,11 @@ export function parseCredentials(headers: Headers): PresentedCredential | null {
   if (authorization === null) return null;
   const value = authorization.trim();
   const space = value.indexOf(" ");
-  if (space < 0) throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token> or Basic <credentials>");
+  if (space < 0)
+    throw new TesseraError(
+      "AUTH_HEADER_MALFORMED",
+      "expected Authorization: Bearer <token> or Basic <credentials>",
+    );
   const scheme = value.slice(0, space).toLowerCase();
   const rest = value.slice(space + 1).trim();
   if (scheme === "bearer") {
@@ -46,7 +53,8 @@ export function parseCredentials(headers: Headers): PresentedCredential | null {
     }
     const decoded = Buffer.from(rest, "base64").toString("utf8");
     const colon = decoded.indexOf(":");
-    if (colon <= 0) throw new TesseraError("AUTH_HEADER_MALFORMED", "Basic credentials must be username:password");
+    if (colon <= 0)
+      throw new TesseraError("AUTH_HEADER_MALFORMED", "Basic credentials must be username:password");
     return { type: "basic", username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
   }
   throw new TesseraError("AUTH_HEADER_MALFORMED", "unsupported Authorization scheme (use Bearer or Basic)");

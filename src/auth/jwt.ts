@@ -1,16 +1,16 @@
 import { randomUUID, webcrypto } from "node:crypto";
 import {
   type CryptoKey,
-  type JWK,
-  type JWTPayload,
-  type JWTHeaderParameters,
-  SignJWT,
   calculateJwkThumbprint,
-  errors as joseErrors,
   exportJWK,
   generateKeyPair,
   importJWK,
+  type JWK,
+  type JWTHeaderParameters,
+  type JWTPayload,
+  errors as joseErrors,
   jwtVerify,
+  SignJWT,
 } from "jose";
 import { LRUCache } from "lru-cache";
 import type { Config } from "../config.js";
@@ -118,7 +118,9 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     signing = undefined;
     let newest: SigningKey | undefined;
     for (const row of rows) {
-      const acceptUntil = row.retiredAt ? row.retiredAt.getTime() + (maxTtl + config.clockSkew) * 1000 : Number.POSITIVE_INFINITY;
+      const acceptUntil = row.retiredAt
+        ? row.retiredAt.getTime() + (maxTtl + config.clockSkew) * 1000
+        : Number.POSITIVE_INFINITY;
       if (acceptUntil < now) continue;
       const publicJwk = JSON.parse(row.publicJwk) as JWK;
       const key = (await importJWK(publicJwk, row.alg)) as CryptoKey;
@@ -173,6 +175,15 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   // Verified tokens, so each token pays for signature verification once. Entries never
   // outlive the token: the expiry is re-checked on every hit.
   const verified = new LRUCache<string, AccessTokenClaims>({ max: 50_000 });
+  // Tokens whose signature did not verify under a known key, so a replayed forgery is
+  // refused without crypto again (HMAC or signature verification costs more than the
+  // accepted, cached path). It can only refuse: a signature that fails under a key fails
+  // forever under it, and a kid names one key (HS256: the configured secret; otherwise
+  // the key's JWK thumbprint). Bounded by total size against floods of distinct forgeries.
+  const forged = new LRUCache<string, true>({
+    maxSize: 4 * 1024 * 1024,
+    sizeCalculation: (_v, token) => token.length,
+  });
 
   async function keyFor(header: JWTHeaderParameters): Promise<CryptoKey | Uint8Array> {
     const kid = header.kid ?? (config.secret ? "hs256" : undefined);
@@ -183,7 +194,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       await loadKeys();
       entry = keys.get(kid);
     }
-    if (!entry || entry.acceptUntil < Date.now()) throw new TesseraError("TOKEN_INVALID", "unknown signing key");
+    if (!entry || entry.acceptUntil < Date.now())
+      throw new TesseraError("TOKEN_INVALID", "unknown signing key");
     return entry.key;
   }
 
@@ -223,6 +235,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
         }
         return hit;
       }
+      if (forged.has(token)) throw new TesseraError("TOKEN_INVALID", "access token is invalid");
       let payload: JWTPayload;
       try {
         ({ payload } = await jwtVerify(token, keyFor, {
@@ -235,13 +248,19 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
         }));
       } catch (err) {
         if (err instanceof TesseraError) throw err;
-        if (err instanceof joseErrors.JWTExpired) throw new TesseraError("TOKEN_EXPIRED", "access token expired");
+        if (err instanceof joseErrors.JWTExpired)
+          throw new TesseraError("TOKEN_EXPIRED", "access token expired");
         if (err instanceof joseErrors.JWTClaimValidationFailed) {
           throw new TesseraError("TOKEN_INVALID", `access token claim check failed: ${err.claim}`);
         }
+        if (err instanceof joseErrors.JWSSignatureVerificationFailed) forged.set(token, true);
         throw new TesseraError("TOKEN_INVALID", "access token is invalid");
       }
-      if (typeof payload.tid !== "string" || typeof payload.scope !== "string" || (payload.pk !== "user" && payload.pk !== "machine")) {
+      if (
+        typeof payload.tid !== "string" ||
+        typeof payload.scope !== "string" ||
+        (payload.pk !== "user" && payload.pk !== "machine")
+      ) {
         throw new TesseraError("TOKEN_INVALID", "access token lacks Tessera claims");
       }
       const claims = payload as AccessTokenClaims;

@@ -32,7 +32,10 @@ export class LastUsedTracker {
     for (const { table, id, at } of batch) {
       try {
         // Never move the time backwards when several instances flush.
-        await this.sql.run(`update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`, [at, id, at]);
+        await this.sql.run(
+          `update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`,
+          [at, id, at],
+        );
       } catch (err) {
         this.logger.warn({ err: (err as Error).message, table }, "last-used flush failed");
       }

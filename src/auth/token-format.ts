@@ -68,10 +68,15 @@ export function parseToken(token: string, prefixes: readonly string[]): ParsedTo
   const prefix = prefixes.find((p) => token.startsWith(p));
   if (prefix === undefined) return null;
   const body = token.slice(prefix.length);
-  if (body.length !== TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH + CHECKSUM_LENGTH || !BODY_RE.test(body)) return "malformed";
+  if (body.length !== TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH + CHECKSUM_LENGTH || !BODY_RE.test(body))
+    return "malformed";
   const head = token.slice(0, token.length - CHECKSUM_LENGTH);
   if (checksum(head) !== token.slice(-CHECKSUM_LENGTH)) return "malformed";
-  return { prefix, id: body.slice(0, TOKEN_ID_LENGTH), secret: body.slice(TOKEN_ID_LENGTH, TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH) };
+  return {
+    prefix,
+    id: body.slice(0, TOKEN_ID_LENGTH),
+    secret: body.slice(TOKEN_ID_LENGTH, TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH),
+  };
 }
 
 /** What a list may show of a token: its prefix and last four characters. */

@@ -57,14 +57,20 @@ export function registerServerCommands(program: Command): void {
     const logger = createLogger(config.log.level);
     const app = await createApp(config, { logger });
     if (app.bootstrap.generatedPassword) {
-      showOnce(`Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`);
+      showOnce(
+        `Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
+      );
     }
     const server = await startServer(app);
-    logger.info({ url: server.url, mtls: config.server.mtls, database: app.storage.target.kind }, "tessera listening");
+    logger.info(
+      { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
+      "tessera listening",
+    );
     process.on("SIGHUP", () => {
       server.reloadTls().then(
         () => logger.info("TLS material reloaded"),
-        (err: Error) => logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
+        (err: Error) =>
+          logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
       );
     });
     let stopping = false;
@@ -80,37 +86,42 @@ export function registerServerCommands(program: Command): void {
     process.on("SIGTERM", () => void stop("SIGTERM"));
   });
 
-  withServerFlags(program.command("migrate").description("apply pending database migrations and exit")).action(
-    async (flags: ServerFlags) => {
-      const config = configFrom(flags);
-      const storage = await initORM({ url: config.database.url, migrate: false });
-      try {
-        const applied = await storage.migrate();
-        showOnce(applied.length ? `applied: ${applied.join(", ")}` : "database is up to date");
-      } finally {
-        await storage.close();
-      }
-    },
-  );
+  withServerFlags(
+    program.command("migrate").description("apply pending database migrations and exit"),
+  ).action(async (flags: ServerFlags) => {
+    const config = configFrom(flags);
+    const storage = await initORM({ url: config.database.url, migrate: false });
+    try {
+      const applied = await storage.migrate();
+      showOnce(applied.length ? `applied: ${applied.join(", ")}` : "database is up to date");
+    } finally {
+      await storage.close();
+    }
+  });
 
-  withServerFlags(program.command("init").description("migrate and create the bootstrap admin (password from TESSERA_ADMIN_PASSWORD or generated)")).action(
-    async (flags: ServerFlags) => {
-      const config = configFrom(flags);
-      const storage = await initORM({ url: config.database.url, migrate: true });
-      try {
-        const result = await ensureAdmin(storage.em.fork(), {
-          username: config.admin.username,
-          password: config.admin.password,
-          iterations: config.auth.passwordIterations,
-        });
-        if (!result.created) showOnce(`admin user "${result.username}" already exists`);
-        else if (result.generatedPassword) showOnce(`Created admin user "${result.username}" with password: ${result.generatedPassword}`);
-        else showOnce(`Created admin user "${result.username}" with the configured password`);
-      } finally {
-        await storage.close();
-      }
-    },
-  );
+  withServerFlags(
+    program
+      .command("init")
+      .description(
+        "migrate and create the bootstrap admin (password from TESSERA_ADMIN_PASSWORD or generated)",
+      ),
+  ).action(async (flags: ServerFlags) => {
+    const config = configFrom(flags);
+    const storage = await initORM({ url: config.database.url, migrate: true });
+    try {
+      const result = await ensureAdmin(storage.em.fork(), {
+        username: config.admin.username,
+        password: config.admin.password,
+        iterations: config.auth.passwordIterations,
+      });
+      if (!result.created) showOnce(`admin user "${result.username}" already exists`);
+      else if (result.generatedPassword)
+        showOnce(`Created admin user "${result.username}" with password: ${result.generatedPassword}`);
+      else showOnce(`Created admin user "${result.username}" with the configured password`);
+    } finally {
+      await storage.close();
+    }
+  });
 
   const certs = program.command("certs").description("development certificates");
   certs
@@ -120,7 +131,11 @@ export function registerServerCommands(program: Command): void {
     .action(async (flags: { certDir?: string }) => {
       const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
       const result = await ensureDevCertificates(dir);
-      showOnce(result.created ? `created development CA and server certificate in ${dir}` : `certificates already present in ${dir}`);
+      showOnce(
+        result.created
+          ? `created development CA and server certificate in ${dir}`
+          : `certificates already present in ${dir}`,
+      );
     });
   certs
     .command("client <name>")
@@ -131,7 +146,14 @@ export function registerServerCommands(program: Command): void {
     .action(async (name: string, flags: { certDir?: string; out?: string; sanUri?: string }) => {
       const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
       const out = resolve(flags.out ?? name);
-      const result = await createClientCertificate(dir, name, out, flags.sanUri ? { sanUri: flags.sanUri } : {});
-      showOnce(`wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`);
+      const result = await createClientCertificate(
+        dir,
+        name,
+        out,
+        flags.sanUri ? { sanUri: flags.sanUri } : {},
+      );
+      showOnce(
+        `wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`,
+      );
     });
 }

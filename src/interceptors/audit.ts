@@ -4,30 +4,40 @@ import type { AuditLog } from "../audit.js";
 import { requestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 
-/** Reads are not audited (except when refused); everything that changes state or logs in is. */
+/** Reads are not audited; everything that changes state or logs in is, whether it succeeds or is refused. */
 const READ_ONLY = /^(Get|List|Check)/;
 
 /**
- * Audit interceptor: records every state-changing call and every refused call with
+ * Audit interceptor: records every state-changing call, successful or refused, with
  * actor, action, target id and outcome. Request bodies are never recorded (they hold
  * passwords and tokens); the target is the request's `id` field when it has one.
  */
 export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
-  return (next) => async (req) => {
-    const readOnly = READ_ONLY.test(req.method.name);
-    try {
-      const res = await next(req);
-      if (!readOnly) write(req, "success", null);
-      return res;
-    } catch (err) {
-      const reason = err instanceof TesseraError ? err.reason : err instanceof ConnectError ? Code[err.code] : "INTERNAL";
-      // Refused reads are not written: a flood of bad credentials must not become a flood of writes.
-      if (!readOnly) write(req, "failure", reason);
-      throw err;
-    }
+  return (next) => (req) => {
+    // Reads are not written, refused or not (a flood of bad credentials must not become a
+    // flood of writes): they pass straight on, without an async frame of their own.
+    if (READ_ONLY.test(req.method.name)) return next(req);
+    return audited(next, req);
   };
 
-  function write(req: Parameters<Parameters<Interceptor>[0]>[0], outcome: "success" | "failure", reason: string | null) {
+  async function audited(next: Parameters<Interceptor>[0], req: Parameters<Parameters<Interceptor>[0]>[0]) {
+    try {
+      const res = await next(req);
+      write(req, "success", null);
+      return res;
+    } catch (err) {
+      const reason =
+        err instanceof TesseraError ? err.reason : err instanceof ConnectError ? Code[err.code] : "INTERNAL";
+      write(req, "failure", reason);
+      throw err;
+    }
+  }
+
+  function write(
+    req: Parameters<Parameters<Interceptor>[0]>[0],
+    outcome: "success" | "failure",
+    reason: string | null,
+  ) {
     const state = requestState(req.contextValues);
     const p = state.principal;
     const message = req.stream ? undefined : (req.message as Record<string, unknown>);

@@ -1,5 +1,5 @@
-import { create, getOption, hasOption } from "@bufbuild/protobuf";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
+import { create, getOption, hasOption } from "@bufbuild/protobuf";
 import { type AuthRule, AuthRuleSchema, auth } from "../../gen/tessera/v1/options_pb.js";
 import { TesseraError } from "../errors.js";
 
@@ -36,7 +36,8 @@ export function assertAuthRules(services: readonly DescService[]): void {
         continue;
       }
       const rule = getOption(method, auth);
-      if (!rule.public && rule.principals.length === 0) problems.push(`${service.typeName}.${method.name}: admits no principal kind`);
+      if (!rule.public && rule.principals.length === 0)
+        problems.push(`${service.typeName}.${method.name}: admits no principal kind`);
     }
   }
   if (problems.length > 0) throw new Error(`auth rules missing:\n  ${problems.join("\n  ")}`);

@@ -26,14 +26,20 @@ export function createAuthnInterceptor(deps: AuthnDeps): Interceptor {
     const state = requestState(req.contextValues);
     if (limits) {
       const blocked = await limits.authFailures.exhausted(state.ip);
-      if (blocked) throw rateLimitedError(blocked, "too many failed authentication attempts; try again later");
+      if (blocked)
+        throw rateLimitedError(blocked, "too many failed authentication attempts; try again later");
     }
     try {
       const principal = await authenticator.authenticate(parseCredentials(req.header), state);
       if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
       state.principal = principal;
     } catch (err) {
-      if (limits && err instanceof TesseraError && err.code === Code.Unauthenticated && err.reason !== "AUTH_REQUIRED") {
+      if (
+        limits &&
+        err instanceof TesseraError &&
+        err.code === Code.Unauthenticated &&
+        err.reason !== "AUTH_REQUIRED"
+      ) {
         await limits.authFailures.consume(state.ip);
       }
       throw err;

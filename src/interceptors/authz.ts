@@ -3,7 +3,7 @@ import { admits } from "../auth/principal.js";
 import { hasAllScopes } from "../auth/scopes.js";
 import { requestState } from "../context.js";
 import { TesseraError, wwwAuthenticate } from "../errors.js";
-import { type RateLimits, rateLimitHeaders, rateLimitedError } from "../rate-limit.js";
+import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
 import { authRuleFor } from "./auth-rule.js";
 
 /**
@@ -19,7 +19,10 @@ export function createAuthzInterceptor(deps: { limits?: RateLimits | undefined }
     const principal = state.principal;
     if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
     if (!rule.principals.some((kind) => admits(kind, principal))) {
-      throw new TesseraError("PRINCIPAL_NOT_ALLOWED", `this method is not available to ${principal.kind} principals`);
+      throw new TesseraError(
+        "PRINCIPAL_NOT_ALLOWED",
+        `this method is not available to ${principal.kind} principals`,
+      );
     }
     if (!hasAllScopes(principal.scopes, rule.scopes)) {
       throw new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
@@ -32,7 +35,8 @@ export function createAuthzInterceptor(deps: { limits?: RateLimits | undefined }
       if (!result.allowed) throw rateLimitedError(result);
       // The tighter of the two limits is the one a client should pace itself by.
       const current = state.responseHeaders;
-      if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining) state.responseHeaders = rateLimitHeaders(result);
+      if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
+        state.responseHeaders = rateLimitHeaders(result);
     }
     return next(req);
   };

@@ -1,6 +1,7 @@
 import type { Interceptor } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "pino";
+import { type ErrorInfo, ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { requestState } from "../context.js";
 import { toConnectError } from "../errors.js";
 
@@ -14,23 +15,36 @@ export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
     const state = requestState(req.contextValues);
     try {
       const res = await next(req);
-      if (state.responseHeaders) for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
+      if (state.responseHeaders)
+        for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
       return res;
     } catch (err) {
       const ce = toConnectError(err, state.requestId);
+      const detail = ce.details[0];
+      if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
+        const info = detail.value as ErrorInfo;
+        state.errorInfo = { reason: info.reason, requestId: info.requestId };
+      }
       if (ce.code === Code.Internal || ce.code === Code.Unknown) {
         deps.logger.error(
-          { requestId: state.requestId, method: `${req.service.typeName}/${req.method.name}`, err: err instanceof ConnectError ? err.rawMessage : describe(err) },
+          {
+            requestId: state.requestId,
+            method: `${req.service.typeName}/${req.method.name}`,
+            err: err instanceof ConnectError ? err.rawMessage : describe(err),
+          },
           "request failed",
         );
       }
-      if (state.responseHeaders) for (const [k, v] of Object.entries(state.responseHeaders)) if (!ce.metadata.has(k)) ce.metadata.set(k, v);
+      if (state.responseHeaders)
+        for (const [k, v] of Object.entries(state.responseHeaders))
+          if (!ce.metadata.has(k)) ce.metadata.set(k, v);
       throw ce;
     }
   };
 }
 
 function describe(err: unknown): { name: string; message: string; stack?: string } {
-  if (err instanceof Error) return { name: err.name, message: err.message, ...(err.stack ? { stack: err.stack } : {}) };
+  if (err instanceof Error)
+    return { name: err.name, message: err.message, ...(err.stack ? { stack: err.stack } : {}) };
   return { name: "unknown", message: String(err) };
 }

@@ -1,6 +1,6 @@
 import type { Interceptor } from "@connectrpc/connect";
 import { requestState } from "../context.js";
-import { type RateLimits, rateLimitHeaders, rateLimitedError } from "../rate-limit.js";
+import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
 
 /**
  * Per-IP rate limit, inside the router so that every protocol sees ResourceExhausted

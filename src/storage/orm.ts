@@ -1,4 +1,4 @@
-import { MikroORM as BetterSqliteORM, BetterSqliteDriver } from "@mikro-orm/better-sqlite";
+import { BetterSqliteDriver, MikroORM as BetterSqliteORM } from "@mikro-orm/better-sqlite";
 import type { MikroORM, Options } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
 import { Migrator } from "@mikro-orm/migrations";
@@ -83,7 +83,11 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   };
   let orm: MikroORM;
   if (target.kind === "sqlite") {
-    orm = await BetterSqliteORM.init({ ...common, driver: BetterSqliteDriver, dbName: target.location } as Options<BetterSqliteDriver>);
+    orm = await BetterSqliteORM.init({
+      ...common,
+      driver: BetterSqliteDriver,
+      dbName: target.location,
+    } as Options<BetterSqliteDriver>);
     if (target.location !== ":memory:") {
       // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
       await orm.em.getConnection().execute("pragma journal_mode = wal");

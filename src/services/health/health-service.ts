@@ -1,12 +1,18 @@
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { HealthCheckResponse_ServingStatus as Status, Health } from "../../../gen/grpc/health/v1/health_pb.js";
+import {
+  type Health,
+  HealthCheckResponse_ServingStatus as Status,
+} from "../../../gen/grpc/health/v1/health_pb.js";
 
 /**
  * grpc.health.v1.Health. The overall status ("") and each served service are SERVING
  * while the database answers; unknown service names are NotFound, as the protocol says.
  */
-export function createHealthService(deps: { ping: () => Promise<boolean>; services: readonly string[] }): ServiceImpl<typeof Health> {
+export function createHealthService(deps: {
+  ping: () => Promise<boolean>;
+  services: readonly string[];
+}): ServiceImpl<typeof Health> {
   const known = new Set(["", ...deps.services]);
   const status = async () => ((await deps.ping()) ? Status.SERVING : Status.NOT_SERVING);
   return {
@@ -34,10 +40,14 @@ export function createHealthService(deps: { ping: () => Promise<boolean>; servic
         }
         await new Promise<void>((resolve) => {
           const t = setTimeout(resolve, 5000);
-          ctx.signal.addEventListener("abort", () => {
-            clearTimeout(t);
-            resolve();
-          }, { once: true });
+          ctx.signal.addEventListener(
+            "abort",
+            () => {
+              clearTimeout(t);
+              resolve();
+            },
+            { once: true },
+          );
         });
       }
     },

@@ -1,8 +1,8 @@
-import { type DescFile, createRegistry, toBinary } from "@bufbuild/protobuf";
+import { createRegistry, type DescFile, toBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
-import { ServerReflection as ReflectionV1Alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import type { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
+import type { ServerReflection as ReflectionV1Alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
 
 /**
  * gRPC server reflection (v1 and v1alpha, which older tools ask for) over the
@@ -58,17 +58,35 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
     });
     switch (r.case) {
       case "listServices":
-        return { ...base, messageResponse: { case: "listServicesResponse", value: { service: serviceNames.map((name) => ({ name })) } } };
+        return {
+          ...base,
+          messageResponse: {
+            case: "listServicesResponse",
+            value: { service: serviceNames.map((name) => ({ name })) },
+          },
+        };
       case "fileByFilename": {
         const file = byName.get(r.value as string);
         return file
-          ? { ...base, messageResponse: { case: "fileDescriptorResponse", value: { fileDescriptorProto: withDeps(file) } } }
+          ? {
+              ...base,
+              messageResponse: {
+                case: "fileDescriptorResponse",
+                value: { fileDescriptorProto: withDeps(file) },
+              },
+            }
           : notFound(`file ${String(r.value)}`);
       }
       case "fileContainingSymbol": {
         const file = fileOfSymbol(r.value as string);
         return file
-          ? { ...base, messageResponse: { case: "fileDescriptorResponse", value: { fileDescriptorProto: withDeps(file) } } }
+          ? {
+              ...base,
+              messageResponse: {
+                case: "fileDescriptorResponse",
+                value: { fileDescriptorProto: withDeps(file) },
+              },
+            }
           : notFound(`symbol ${String(r.value)}`);
       }
       case "fileContainingExtension": {
@@ -76,23 +94,46 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
         const message = registry.getMessage(v.containingType);
         const ext = message ? registry.getExtensionFor(message, v.extensionNumber) : undefined;
         return ext
-          ? { ...base, messageResponse: { case: "fileDescriptorResponse", value: { fileDescriptorProto: withDeps(ext.file) } } }
+          ? {
+              ...base,
+              messageResponse: {
+                case: "fileDescriptorResponse",
+                value: { fileDescriptorProto: withDeps(ext.file) },
+              },
+            }
           : notFound("extension");
       }
       case "allExtensionNumbersOfType": {
         const typeName = r.value as string;
         const numbers: number[] = [];
-        for (const d of registry) if (d.kind === "extension" && d.extendee.typeName === typeName) numbers.push(d.number);
-        return { ...base, messageResponse: { case: "allExtensionNumbersResponse", value: { baseTypeName: typeName, extensionNumber: numbers } } };
+        for (const d of registry)
+          if (d.kind === "extension" && d.extendee.typeName === typeName) numbers.push(d.number);
+        return {
+          ...base,
+          messageResponse: {
+            case: "allExtensionNumbersResponse",
+            value: { baseTypeName: typeName, extensionNumber: numbers },
+          },
+        };
       }
       default:
-        return { ...base, messageResponse: { case: "errorResponse", value: { errorCode: 12, errorMessage: "unsupported request" } } };
+        return {
+          ...base,
+          messageResponse: {
+            case: "errorResponse",
+            value: { errorCode: 12, errorMessage: "unsupported request" },
+          },
+        };
     }
   };
   async function* serve(requests: AsyncIterable<Req>) {
     for await (const req of requests) yield answer(req);
   }
-  const v1: ServiceImpl<typeof ReflectionV1> = { serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>) };
-  const v1alpha: ServiceImpl<typeof ReflectionV1Alpha> = { serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>) };
+  const v1: ServiceImpl<typeof ReflectionV1> = {
+    serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
+  };
+  const v1alpha: ServiceImpl<typeof ReflectionV1Alpha> = {
+    serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
+  };
   return { v1, v1alpha };
 }

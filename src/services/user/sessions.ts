@@ -1,9 +1,9 @@
 import { createHash, randomBytes, randomUUID } from "node:crypto";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { JwtService } from "../../auth/jwt.js";
+import { parseScopeString } from "../../auth/scopes.js";
 import { TesseraError } from "../../errors.js";
 import { RefreshToken, Tenant, User } from "../../storage/entities.js";
-import { parseScopeString } from "../../auth/scopes.js";
 
 /** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
 export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
@@ -50,7 +50,12 @@ export class SessionIssuer {
       revokedAt: null,
     });
     await em.flush();
-    return { accessToken: access.token, accessTokenExpiresAt: access.expiresAt, refreshToken, refreshTokenExpiresAt };
+    return {
+      accessToken: access.token,
+      accessTokenExpiresAt: access.expiresAt,
+      refreshToken,
+      refreshTokenExpiresAt,
+    };
   }
 
   /**
@@ -65,16 +70,20 @@ export class SessionIssuer {
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
     const now = new Date();
     // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
-    const spent = row.spentAt ? 0 : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
+    const spent = row.spentAt
+      ? 0
+      : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
     if (spent === 0) {
       await this.revokeFamily(em, row.familyId);
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
-    if (row.expiresAt.getTime() <= now.getTime()) throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
+    if (row.expiresAt.getTime() <= now.getTime())
+      throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
     const user = await em.findOne(User, { id: row.userId });
     if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
     const tenant = await em.findOne(Tenant, { id: user.tenantId });
-    if (user.disabled || !tenant || tenant.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+    if (user.disabled || !tenant || tenant.disabled)
+      throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
     const pair = await this.issue(em, user, row.familyId);
     // A concurrent re-use of the same token may have revoked the family between our
     // conditional update and the insert above. Either it revoked before this check (seen

@@ -3,11 +3,12 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
-import { type UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
+import type { UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
+import type { UserStateReader } from "../../auth/user-principal.js";
 import { requestEm, requestState } from "../../context.js";
-import { TesseraError, errors } from "../../errors.js";
+import { errors, TesseraError } from "../../errors.js";
 import { type RateLimits, rateLimitedError } from "../../rate-limit.js";
 import { Tenant, User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
@@ -31,6 +32,12 @@ export interface UserServiceDeps {
   passwordIterations: number;
   defaultTenantId: () => Promise<string>;
   limits?: RateLimits | undefined;
+  /**
+   * Prepared-statement reads of a user's row. GetCurrentUser, the call clients make most,
+   * reads through it instead of forking an EntityManager (an ORM fork plus findOne per
+   * call cost about three quarters of the throughput under load). Without it, the ORM.
+   */
+  users?: UserStateReader;
 }
 
 /** The wire shape of a user. */
@@ -71,13 +78,23 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       if (!req.username || !req.password) throw errors.invalidArgument("username and password are required");
       const user = await em(ctx).findOne(User, { username: req.username });
       // Same PBKDF2 work whether or not the user exists, and one message for every failure.
-      const ok = await verifySecret(req.password, user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)));
+      const ok = await verifySecret(
+        req.password,
+        user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)),
+      );
       const tenant = user && ok ? await em(ctx).findOne(Tenant, { id: user.tenantId }) : null;
       if (!user || !ok || user.disabled || !tenant || tenant.disabled) {
         await deps.limits?.authFailures.consume(state.ip);
         throw new TesseraError("CREDENTIALS_INVALID", GENERIC_LOGIN_FAILURE);
       }
-      state.principal = { kind: "user", method: "basic", id: user.id, tenantId: user.tenantId, username: user.username, scopes: [] };
+      state.principal = {
+        kind: "user",
+        method: "basic",
+        id: user.id,
+        tenantId: user.tenantId,
+        username: user.username,
+        scopes: [],
+      };
       const pair = await sessions.issue(em(ctx), user);
       return {
         accessToken: pair.accessToken,
@@ -109,8 +126,21 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
 
     async getCurrentUser(_req, ctx) {
       const principal = principalOf(ctx);
-      const user = await em(ctx).findOne(User, { id: principal.id });
-      if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
+      // The row authentication read for this very request when it has one (JWT, Basic).
+      const read = requestState(ctx.values).user;
+      const row =
+        read?.id === principal.id
+          ? read
+          : deps.users
+            ? await deps.users.byId(principal.id)
+            : await em(ctx).findOne(User, { id: principal.id });
+      if (!row) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
+      const user = {
+        id: row.id,
+        username: row.username,
+        tenantId: row.tenantId,
+        createdAt: new Date(row.createdAt),
+      };
       return {
         id: user.id,
         username: user.username,
@@ -153,13 +183,17 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         assertId(req.tenantId, "tenant", "tenant_id");
         const scope = tenantScope(principal);
         if (scope !== null && scope !== req.tenantId) {
-          throw new TesseraError("ACCESS_DENIED", "only a principal holding * may create users in another tenant");
+          throw new TesseraError(
+            "ACCESS_DENIED",
+            "only a principal holding * may create users in another tenant",
+          );
         }
         tenantId = req.tenantId;
       }
       const tenant = await em(ctx).findOne(Tenant, { id: tenantId });
       if (!tenant) throw errors.notFound("tenant");
-      if (await em(ctx).count(User, { username: req.username })) throw errors.alreadyExists("username is taken");
+      if (await em(ctx).count(User, { username: req.username }))
+        throw errors.alreadyExists("username is taken");
       const now = new Date();
       const user = em(ctx).create(User, {
         id: randomUUID(),
@@ -183,11 +217,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       const { limit, after } = pageParams(req.pageSize, req.pageToken);
       const scope = tenantScope(principalOf(ctx));
       const where = scope === null ? {} : { tenantId: scope };
-      const users = await em(ctx).find(
-        User,
-        after ? { ...where, id: { $gt: after } } : where,
-        { orderBy: { id: "asc" }, limit },
-      );
+      const users = await em(ctx).find(User, after ? { ...where, id: { $gt: after } } : where, {
+        orderBy: { id: "asc" },
+        limit,
+      });
       const total = await em(ctx).count(User, where);
       return { users: users.map(userToProto), nextPageToken: nextPageToken(users, limit), totalSize: total };
     },
@@ -221,7 +254,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async deleteUser(req, ctx) {
       const principal = principalOf(ctx);
       const user = await visibleUser(ctx, req.id);
-      if (user.id === principal.id) throw new TesseraError("FAILED_PRECONDITION", "you cannot delete yourself");
+      if (user.id === principal.id)
+        throw new TesseraError("FAILED_PRECONDITION", "you cannot delete yourself");
       await em(ctx).removeAndFlush(user);
       return {};
     },

@@ -1,5 +1,5 @@
-import { Migration } from "@mikro-orm/migrations";
 import type { Knex } from "@mikro-orm/knex";
+import { Migration } from "@mikro-orm/migrations";
 
 /**
  * Base of our migrations: schema changes written with knex's schema builder, so one

@@ -1,0 +1,136 @@
+import { execFile, spawnSync } from "node:child_process";
+import { readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import type { RawLoad } from "./stats.js";
+
+/** The command that installs h2load on Debian and Ubuntu. */
+export const H2LOAD_INSTALL = "apt-get update && apt-get install -y nghttp2-client";
+
+/** The h2load version line, or null when h2load is not on the PATH. */
+export function h2loadVersion(): string | null {
+  const probe = spawnSync("h2load", ["--version"], { encoding: "utf8" });
+  if (probe.error || probe.status !== 0) return null;
+  return probe.stdout.trim().split("\n")[0] ?? "h2load";
+}
+
+/** One h2load run. */
+export interface H2loadOptions {
+  url: string;
+  /** File whose bytes are POSTed as every request's body. */
+  bodyFile: string;
+  headers: Record<string, string>;
+  connections: number;
+  streams: number;
+  /** Measure for this many seconds (after `warmupSeconds`) … */
+  durationSeconds?: number;
+  warmupSeconds?: number;
+  /** … or send exactly this many requests. */
+  requests?: number;
+  /** HTTP status every response must have (a refusal scenario expects 401). */
+  expectStatus: number;
+  /** Where to put the per-request log (deleted after parsing). */
+  workDir: string;
+  /** The server's CPU time so far (ms), read when the measured phase starts and ends. */
+  serverCpuMs?: () => number;
+}
+
+/**
+ * Run h2load over HTTP/2 + TLS and compute the statistics from its per-request log
+ * (`--log-file`: start time, status, microseconds), since h2load itself prints only
+ * min/max/mean/sd. A response with another status than expected, a failed stream
+ * (status -1) or an h2load-reported error counts as an error.
+ *
+ * Rows with status 0 are requests whose response headers arrived during the warm-up
+ * phase but whose stream ended in the measured phase; h2load counts them as done and
+ * succeeded. They are counted as requests (their latency is real) but not as errors.
+ */
+export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
+  const logFile = join(options.workDir, `h2load-${process.pid}-${Date.now()}.log`);
+  const args = [
+    "-c",
+    String(options.connections),
+    "-m",
+    String(options.streams),
+    "-d",
+    options.bodyFile,
+    "--log-file",
+    logFile,
+  ];
+  if (options.requests !== undefined) args.push("-n", String(options.requests));
+  else
+    args.push(
+      "-D",
+      String(options.durationSeconds ?? 10),
+      "--warm-up-time",
+      String(options.warmupSeconds ?? 1),
+    );
+  for (const [k, v] of Object.entries(options.headers)) args.push("-H", `${k}: ${v}`);
+  args.push(options.url);
+  let cpuAtStart: number | undefined;
+  const warmup = options.requests === undefined ? (options.warmupSeconds ?? 1) : 0;
+  const cpuTimer = options.serverCpuMs
+    ? setTimeout(() => {
+        cpuAtStart = options.serverCpuMs!();
+      }, warmup * 1000)
+    : undefined;
+  const stdout = await new Promise<string>((resolve, reject) => {
+    execFile("h2load", args, { maxBuffer: 16 * 1024 * 1024 }, (err, out, errOut) => {
+      if (err && !out) reject(new Error(`h2load failed: ${err.message}\n${errOut}`));
+      else resolve(out);
+    });
+  });
+  clearTimeout(cpuTimer);
+  const cpuAtEnd = options.serverCpuMs?.();
+  let log = "";
+  try {
+    log = readFileSync(logFile, "utf8");
+  } finally {
+    rmSync(logFile, { force: true });
+  }
+  const summary = parseSummary(stdout);
+  const latenciesUs: number[] = [];
+  const statuses: Record<string, number> = {};
+  let errors = 0;
+  for (const line of log.split("\n")) {
+    if (!line) continue;
+    const [, statusText, usText] = line.split("\t");
+    const status = Number(statusText);
+    const us = Number(usText);
+    statuses[String(status)] = (statuses[String(status)] ?? 0) + 1;
+    if (status === -1 || (status !== 0 && status !== options.expectStatus)) errors++;
+    if (status !== -1 && Number.isFinite(us)) latenciesUs.push(us);
+  }
+  // Errored or timed-out requests h2load did not log as failed streams.
+  errors = Math.max(errors, summary.errored + summary.timeout);
+  if (summary.done === 0 && latenciesUs.length === 0) {
+    throw new Error(`h2load completed no request against ${options.url}:\n${stdout}`);
+  }
+  const seconds = options.requests !== undefined ? summary.seconds : (options.durationSeconds ?? 10);
+  return {
+    generator: "h2load",
+    latenciesUs,
+    seconds,
+    errors,
+    statuses,
+    ...(cpuAtStart !== undefined && cpuAtEnd !== undefined ? { serverCpuMs: cpuAtEnd - cpuAtStart } : {}),
+  };
+}
+
+interface H2loadSummary {
+  seconds: number;
+  done: number;
+  errored: number;
+  timeout: number;
+}
+
+/** The "finished in" and "requests:" lines of h2load's report. */
+export function parseSummary(stdout: string): H2loadSummary {
+  const finished = /finished in ([\d.]+)(m?s)/.exec(stdout);
+  const requests =
+    /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(
+      stdout,
+    );
+  if (!finished || !requests) throw new Error(`unexpected h2load output:\n${stdout}`);
+  const seconds = Number(finished[1]) / (finished[2] === "ms" ? 1000 : 1);
+  return { seconds, done: Number(requests[3]), errored: Number(requests[6]), timeout: Number(requests[7]) };
+}

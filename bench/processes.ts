@@ -1,0 +1,140 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+
+/** A server the bench started as a child process. */
+export interface ServerProcess {
+  name: string;
+  pid: number;
+  /** https://127.0.0.1:<port> */
+  url: string;
+  /** Resident set size now (VmRSS), in KiB. */
+  rssKb(): number;
+  /** CPU time used so far (user + system, all threads), in ms. */
+  cpuMs(): number;
+  /** The last lines it wrote (for error reports). */
+  logTail(): string;
+  stop(): Promise<void>;
+}
+
+/** How to start one server and recognise that it listens. */
+export interface StartOptions {
+  name: string;
+  command: string;
+  args: string[];
+  cwd: string;
+  env: NodeJS.ProcessEnv;
+  /** Given each output line, the URL once the server announces it listens. */
+  ready(line: string): string | null;
+  timeoutMs?: number;
+}
+
+/** A /proc/<pid>/status field in KiB (Linux), or NaN. */
+export function procStatusKb(pid: number, field: "VmRSS" | "VmHWM"): number {
+  try {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) : Number.NaN;
+  } catch {
+    return Number.NaN;
+  }
+}
+
+/** CPU time (user + system) of a process so far, in ms, from /proc/<pid>/stat (clock ticks of 10 ms). */
+export function procCpuMs(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name (which may contain spaces) start after the last ")".
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return Number.NaN;
+  }
+}
+
+/** Start a server process and wait until it announces its URL. */
+export async function startServerProcess(options: StartOptions): Promise<ServerProcess> {
+  const child: ChildProcess = spawn(options.command, options.args, {
+    cwd: options.cwd,
+    env: options.env,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const tail: string[] = [];
+  let exited: string | null = null;
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(
+      () =>
+        reject(
+          new Error(
+            `${options.name} did not start within ${options.timeoutMs ?? 60_000} ms:\n${tail.join("\n")}`,
+          ),
+        ),
+      options.timeoutMs ?? 60_000,
+    );
+    const onLine = (line: string) => {
+      tail.push(line.length > 500 ? `${line.slice(0, 500)}…` : line);
+      if (tail.length > 40) tail.shift();
+      const found = options.ready(line);
+      if (found) {
+        clearTimeout(timer);
+        resolve(found);
+      }
+    };
+    for (const stream of [child.stdout!, child.stderr!]) {
+      let buffered = "";
+      stream.setEncoding("utf8");
+      stream.on("data", (chunk: string) => {
+        buffered += chunk;
+        let nl = buffered.indexOf("\n");
+        while (nl >= 0) {
+          onLine(buffered.slice(0, nl));
+          buffered = buffered.slice(nl + 1);
+          nl = buffered.indexOf("\n");
+        }
+      });
+    }
+    child.once("exit", (code, signal) => {
+      exited = `exited with ${signal ?? code}`;
+      clearTimeout(timer);
+      reject(new Error(`${options.name} ${exited} before listening:\n${tail.join("\n")}`));
+    });
+    child.once("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+  });
+  const pid = child.pid!;
+  return {
+    name: options.name,
+    pid,
+    url,
+    rssKb: () => procStatusKb(pid, "VmRSS"),
+    cpuMs: () => procCpuMs(pid),
+    logTail: () => tail.join("\n"),
+    async stop() {
+      if (exited !== null) return;
+      await new Promise<void>((resolve) => {
+        const force = setTimeout(() => child.kill("SIGKILL"), 10_000);
+        child.once("exit", () => {
+          clearTimeout(force);
+          resolve();
+        });
+        child.kill("SIGTERM");
+      });
+    },
+  };
+}
+
+/** Samples a process's RSS while a scenario runs; `stop()` returns the peak in KiB. */
+export function sampleRss(pid: number, intervalMs = 200): { stop(): number } {
+  let peak = procStatusKb(pid, "VmRSS");
+  const timer = setInterval(() => {
+    const now = procStatusKb(pid, "VmRSS");
+    if (now > peak || Number.isNaN(peak)) peak = now;
+  }, intervalMs);
+  return {
+    stop() {
+      clearInterval(timer);
+      const now = procStatusKb(pid, "VmRSS");
+      return Math.max(peak, now);
+    },
+  };
+}

@@ -1,0 +1,1121 @@
+/**
+ * `npm run bench`: Tessera's cost per authenticated RPC, measured side by side in one run
+ * against a bare Connect handler and the raw node:http2 ceiling.
+ *
+ * 1. Every server starts as a child process on a free port, with its own temporary
+ *    data and a development CA: the raw and bare reference servers (bench/), and Tessera
+ *    through its real CLI (`serve`, compiled JavaScript as deployed; --tsx runs the
+ *    sources through tsx instead), one process per JWT configuration.
+ * 2. What each scenario needs is seeded through the public API (Connect JSON over HTTPS).
+ * 3. Each scenario is checked once with a real client (Connect JSON with undici; gRPC
+ *    with connect-node, so the grpc-status trailer is verified), then warmed up.
+ * 4. Load: h2load over HTTP/2 + TLS (the mTLS scenario, which needs a client
+ *    certificate, uses bench/node-load.ts, and so do its baselines). Scenarios are
+ *    measured in interleaved rounds, so that other work on the machine affects every
+ *    scenario alike; the server's CPU time per request is recorded as well.
+ * 5. Login against raw PBKDF2, first use of a token, and a soak with the server's RSS.
+ * 6. One table on stdout; bench/results/<date>.json and .md (or --out).
+ */
+import { pbkdf2, randomBytes } from "node:crypto";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { SignJWT } from "jose";
+import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
+import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
+import { type ClientTls, grpcCall, JsonClient } from "./client.js";
+import { grpcFrame } from "./fixtures.js";
+import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
+import { runNodeLoad } from "./node-load.js";
+import { type ServerProcess, sampleRss, startServerProcess } from "./processes.js";
+import {
+  describeMachine,
+  markdownTable,
+  markdownTargets,
+  type ScenarioResult,
+  type TargetResult,
+  textTable,
+} from "./report.js";
+import { type LoadResult, type RawLoad, summarize } from "./stats.js";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+const { values: flags } = parseArgs({
+  options: {
+    smoke: { type: "boolean", default: process.env.BENCH_SMOKE === "1" },
+    duration: { type: "string" },
+    rounds: { type: "string" },
+    warmup: { type: "string" },
+    connections: { type: "string" },
+    streams: { type: "string" },
+    soak: { type: "string" },
+    only: { type: "string" },
+    out: { type: "string" },
+    tsx: { type: "boolean", default: false },
+    keep: { type: "boolean", default: false },
+    help: { type: "boolean", default: false },
+  },
+  allowPositionals: false,
+});
+
+if (flags.help) {
+  process.stdout.write(`usage: npm run bench -- [options]
+  --smoke             a few hundred requests per scenario (the test suite runs this); also BENCH_SMOKE=1
+  --duration <s>      measured seconds per scenario, over all rounds (default 6)
+  --rounds <n>        interleaved rounds the duration is split into (default 2)
+  --warmup <s>        h2load warm-up seconds before each measured slice (default 1)
+  --connections <n>   HTTP/2 connections (default 10)
+  --streams <m>       concurrent streams per connection (default 10)
+  --soak <n>          requests in the soak (default 100000)
+  --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
+                      jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits,
+                      rejected-limited, mtls (with raw-node, bare-node), login, first-use, soak
+  --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
+  --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
+  --keep              keep the temporary folder (certificates, databases, build)
+Needs h2load: ${H2LOAD_INSTALL}
+`);
+  process.exit(0);
+}
+
+const smoke = flags.smoke ?? false;
+function positive(value: string | undefined, fallback: number, name: string): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) {
+    process.stderr.write(`--${name} must be a positive number\n`);
+    process.exit(2);
+  }
+  return n;
+}
+const settings = {
+  smoke,
+  durationSeconds: positive(flags.duration, 6, "duration"),
+  rounds: Math.round(positive(flags.rounds, smoke ? 1 : 2, "rounds")),
+  warmupSeconds: positive(flags.warmup, 1, "warmup"),
+  connections: Math.round(positive(flags.connections, smoke ? 2 : 10, "connections")),
+  streams: Math.round(positive(flags.streams, smoke ? 5 : 10, "streams")),
+  /** Requests per scenario in smoke mode (no rounds, no warm-up phase). */
+  smokeRequests: 300,
+  soakRequests: Math.round(positive(flags.soak, smoke ? 2000 : 100_000, "soak")),
+  loginConnections: 4,
+};
+const only = flags.only ? new RegExp(flags.only) : null;
+const wanted = (id: string) => !only || only.test(id);
+
+// ---------------------------------------------------------------------------------------------
+// Preconditions
+
+const h2load = h2loadVersion();
+if (!h2load) {
+  process.stderr.write(
+    "h2load is not installed. The benchmark drives its load with h2load, nghttp2's HTTP/2 load generator.\n" +
+      `Install it (Debian/Ubuntu) with:\n  ${H2LOAD_INSTALL}\n`,
+  );
+  process.exit(2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state
+
+const PATHS = {
+  getCurrentUser: "tessera.v1.UserService/GetCurrentUser",
+  login: "tessera.v1.UserService/Login",
+  createUser: "tessera.v1.UserService/CreateUser",
+  createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
+  createApiKey: "tessera.v1.TokenService/CreateApiKey",
+  createMachineUser: "tessera.v1.MachineUserService/CreateMachineUser",
+  bindCertificate: "tessera.v1.MachineUserService/BindCertificate",
+} as const;
+
+type Protocol = "connect" | "grpc";
+const PROTOCOLS: Protocol[] = ["connect", "grpc"];
+const protocolName = (p: Protocol) => (p === "connect" ? "Connect JSON" : "gRPC");
+const work = mkdtempSync(join(tmpdir(), "tessera-bench-"));
+const results: ScenarioResult[] = [];
+const notes: string[] = [];
+const skipped: string[] = [];
+const servers: ServerProcess[] = [];
+const extras: {
+  firstUse?: { firstMs: number; subsequentMedianMs: number; samples: number };
+  pbkdf2?: { hashesPerSecond: number; parallel: number; iterations: number };
+  soak?: {
+    requests: number;
+    errors: number;
+    rps: number;
+    rssAfterWarmupMb: number;
+    rssAfterSoakMb: number;
+    peakRssWarmupMb: number;
+    peakRssSoakMb: number;
+    growth: number;
+  };
+} = {};
+const log = (text: string) => process.stderr.write(`${text}\n`);
+
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+const basic = (user: string, password: string) => ({
+  authorization: `Basic ${Buffer.from(`${user}:${password}`).toString("base64")}`,
+});
+const protocolHeaders = (protocol: Protocol): Record<string, string> =>
+  protocol === "connect"
+    ? { "content-type": "application/json" }
+    : { "content-type": "application/grpc", te: "trailers" };
+
+function writeBody(name: string, bytes: Uint8Array | string): string {
+  const file = join(work, name);
+  writeFileSync(file, bytes);
+  return file;
+}
+const EMPTY_BODY: Record<Protocol, string> = {
+  connect: writeBody("empty.json", "{}"),
+  grpc: writeBody("empty.grpc", grpcFrame(new Uint8Array(0))),
+};
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+async function startReference(
+  launcher: Launcher,
+  kind: "raw" | "bare" | "bare-adapter",
+  certDir: string,
+): Promise<ServerProcess> {
+  const script = kind === "raw" ? "bench/raw-server.ts" : "bench/bare-server.ts";
+  const server = await startServerProcess({
+    name: `${kind}-server`,
+    command: launcher.command,
+    args: [...launcher.args(script), certDir, ...(kind === "bare-adapter" ? ["tessera-adapter"] : [])],
+    cwd: launcher.cwd,
+    env: { ...process.env, BENCH_PORT: "0" },
+    ready: (line) => {
+      const m = /^\{"listening":(\d+)\}$/.exec(line.trim());
+      return m ? `https://127.0.0.1:${m[1]}` : null;
+    },
+  });
+  servers.push(server);
+  return server;
+}
+
+async function startTessera(
+  launcher: Launcher,
+  certDir: string,
+  adminPassword: string,
+  name: string,
+  extraEnv: Record<string, string>,
+): Promise<ServerProcess> {
+  const dataDir = join(work, `data-${name}`);
+  mkdirSync(dataDir, { recursive: true });
+  // A clean environment: no TESSERA_* setting of the caller leaks into the measured server.
+  const env: NodeJS.ProcessEnv = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith("TESSERA_")),
+  );
+  Object.assign(env, {
+    TESSERA_HOST: "127.0.0.1",
+    TESSERA_PORT: "0",
+    TESSERA_DATABASE_URL: `sqlite:${join(dataDir, "tessera.db")}`,
+    TESSERA_CERT_DIR: certDir,
+    TESSERA_ADMIN_PASSWORD: adminPassword,
+    TESSERA_RATE_LIMIT: "false",
+    TESSERA_ACCESS_TOKEN_TTL: "7200",
+    ...extraEnv,
+  });
+  const server = await startServerProcess({
+    name: `tessera-${name}`,
+    command: launcher.command,
+    args: [...launcher.args("src/main.ts"), "serve"],
+    cwd: launcher.cwd,
+    env,
+    ready: (line) => {
+      if (!line.startsWith("{")) return null;
+      try {
+        const entry = JSON.parse(line) as { msg?: string; url?: string };
+        return entry.msg === "tessera listening" && entry.url ? entry.url : null;
+      } catch {
+        return null;
+      }
+    },
+  });
+  servers.push(server);
+  log(`  ${server.name} at ${server.url} (pid ${server.pid})`);
+  return server;
+}
+
+/** Log in as admin, create the bench user with one scope, log in as it: all through the public API. */
+async function seedUser(
+  server: ServerProcess,
+  adminPassword: string,
+  user: { username: string; password: string },
+  tls: ClientTls,
+) {
+  const api = new JsonClient(server.url, tls);
+  try {
+    const admin = await api.call<{ accessToken: string }>(PATHS.login, {
+      username: "admin",
+      password: adminPassword,
+    });
+    await api.call(PATHS.createUser, { ...user, scopes: ["bench:read"] }, bearer(admin.accessToken));
+    const session = await api.call<{ accessToken: string }>(PATHS.login, user);
+    return { adminToken: admin.accessToken, userToken: session.accessToken };
+  } finally {
+    await api.close();
+  }
+}
+
+/** Optional seeding: a service another feature provides may be absent; its scenarios are then skipped, and said so. */
+async function optional<T>(what: string, fn: () => Promise<T>): Promise<T | null> {
+  try {
+    return await fn();
+  } catch (err) {
+    const reason = (err as Error).message.split("\n")[0];
+    skipped.push(`${what}: ${reason}`);
+    log(`  skipped ${what}: ${reason}`);
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+interface Expectation {
+  /** HTTP status of every response under load (gRPC: always 200, the outcome is in the trailers). */
+  status: number;
+  /** Connect code (and Tessera reason) of a refusal; absent for success. */
+  code?: string;
+  reason?: string;
+  /** For success: a field of the answer that must have this value. */
+  field?: [string, unknown];
+}
+
+interface Scenario {
+  id: string;
+  label: string;
+  kind: ScenarioResult["kind"];
+  protocol: Protocol;
+  server: ServerProcess;
+  service: typeof UserService | typeof MachineUserService;
+  method: string;
+  /** The request as JSON (the gRPC body file holds its protobuf). */
+  input: Record<string, unknown>;
+  bodyFile: string;
+  headers: Record<string, string>;
+  expect: { connect: Expectation; grpc: Expectation };
+  generator: "h2load" | "node";
+  tls: ClientTls;
+  connections?: number;
+  streams?: number;
+  note?: string;
+  /** Run before every measured slice. */
+  before?: () => Promise<void>;
+  runs: RawLoad[];
+  peakRssKb: number;
+}
+
+type ScenarioInit = Omit<Scenario, "protocol" | "bodyFile" | "runs" | "peakRssKb"> & {
+  bodyFiles?: Record<Protocol, string>;
+};
+
+/** The same scenario over Connect JSON and over gRPC. */
+function both(init: ScenarioInit): Scenario[] {
+  return PROTOCOLS.map((protocol) => ({
+    ...init,
+    protocol,
+    bodyFile: init.bodyFiles?.[protocol] ?? EMPTY_BODY[protocol],
+    runs: [],
+    peakRssKb: 0,
+  }));
+}
+
+const ok = (field?: [string, unknown]): Scenario["expect"] => ({
+  connect: { status: 200, ...(field ? { field } : {}) },
+  grpc: { status: 200, ...(field ? { field } : {}) },
+});
+const refused = (code: string, status: number, reason: string): Scenario["expect"] => ({
+  connect: { status, code, reason },
+  grpc: { status: 200, code },
+});
+
+/** One request with a real client before any load: a scenario that would measure the wrong thing fails here. */
+async function verify(s: Scenario): Promise<void> {
+  await s.before?.();
+  const path = `${s.service.typeName}/${s.method}`;
+  if (s.protocol === "connect") {
+    const api = new JsonClient(s.server.url, s.tls);
+    try {
+      const answer = await api.post(path, s.input, s.headers);
+      const e = s.expect.connect;
+      const problems: string[] = [];
+      if (answer.status !== e.status) problems.push(`HTTP ${answer.status}, expected ${e.status}`);
+      if (e.code && answer.body.code !== e.code)
+        problems.push(`code ${String(answer.body.code)}, expected ${e.code}`);
+      if (e.reason && answer.body.reason !== e.reason)
+        problems.push(`reason ${String(answer.body.reason)}, expected ${e.reason}`);
+      if (e.field && answer.body[e.field[0]] !== e.field[1]) {
+        problems.push(
+          `${e.field[0]} = ${JSON.stringify(answer.body[e.field[0]])}, expected ${JSON.stringify(e.field[1])}`,
+        );
+      }
+      if (problems.length)
+        throw new Error(
+          `${s.id} (Connect JSON): ${problems.join("; ")}: ${JSON.stringify(answer.body).slice(0, 300)}`,
+        );
+    } finally {
+      await api.close();
+    }
+    return;
+  }
+  const auth = Object.fromEntries(
+    Object.entries(s.headers).filter(([k]) => k === "authorization" || k === "x-api-key"),
+  );
+  const outcome = await grpcCall(s.server.url, s.tls, s.service, s.method, s.input, auth);
+  const e = s.expect.grpc;
+  if (e.code) {
+    if (outcome.ok || outcome.code !== e.code)
+      throw new Error(`${s.id} (gRPC): expected ${e.code}, got ${outcome.ok ? "OK" : outcome.code}`);
+  } else if (!outcome.ok) {
+    throw new Error(`${s.id} (gRPC): ${outcome.code}: ${outcome.message}`);
+  } else if (e.field && outcome.message[e.field[0]] !== e.field[1]) {
+    throw new Error(
+      `${s.id} (gRPC): ${e.field[0]} = ${JSON.stringify(outcome.message[e.field[0]])}, expected ${JSON.stringify(e.field[1])}`,
+    );
+  }
+}
+
+/** Drive one slice of load with the scenario's generator, sampling the server's RSS. */
+async function drive(s: Scenario, how: { requests: number } | { durationSeconds: number }): Promise<RawLoad> {
+  await s.before?.();
+  const headers = { ...protocolHeaders(s.protocol), ...s.headers };
+  const common = {
+    headers,
+    connections: s.connections ?? settings.connections,
+    streams: s.streams ?? settings.streams,
+    expectStatus: s.expect[s.protocol].status,
+    serverCpuMs: () => s.server.cpuMs(),
+    ...("requests" in how
+      ? { requests: how.requests }
+      : { durationSeconds: how.durationSeconds, warmupSeconds: settings.warmupSeconds }),
+  };
+  const sampler = sampleRss(s.server.pid);
+  try {
+    const run =
+      s.generator === "h2load"
+        ? await runH2load({
+            ...common,
+            url: `${s.server.url}/${s.service.typeName}/${s.method}`,
+            bodyFile: s.bodyFile,
+            workDir: work,
+          })
+        : await runNodeLoad({
+            ...common,
+            origin: s.server.url,
+            path: `/${s.service.typeName}/${s.method}`,
+            body: readFileSync(s.bodyFile),
+            grpc: s.protocol === "grpc" && !s.expect.grpc.code,
+            tls: s.tls,
+          });
+    return run;
+  } finally {
+    s.peakRssKb = Math.max(s.peakRssKb, sampler.stop());
+  }
+}
+
+/** The measured slice of a round: the scenario's share of --duration, or a fixed count in smoke mode. */
+function slice(): { requests: number } | { durationSeconds: number } {
+  return settings.smoke
+    ? { requests: settings.smokeRequests }
+    : { durationSeconds: settings.durationSeconds / settings.rounds };
+}
+
+function record(s: Scenario, result: LoadResult, note?: string): ScenarioResult {
+  const row: ScenarioResult = {
+    id: s.id,
+    label: s.label,
+    protocol: s.protocol,
+    generator: result.generator,
+    requests: result.requests,
+    rps: result.rps,
+    p50Ms: result.p50Ms,
+    p99Ms: result.p99Ms,
+    errors: result.errors,
+    statuses: result.statuses,
+    cpuUsPerRequest: result.cpuUsPerRequest,
+    ratioToBare: null,
+    ratioToRaw: null,
+    cpuRatioToBare: null,
+    peakRssMb: s.peakRssKb / 1024,
+    kind: s.kind,
+    ...((note ?? s.note) ? { note: note ?? s.note } : {}),
+  };
+  results.push(row);
+  return row;
+}
+
+/** Raw PBKDF2-SHA256 rate at 600,000 iterations: `parallel` hashes at a time on the libuv pool for `seconds`. */
+async function pbkdf2Rate(parallel: number, seconds: number): Promise<number> {
+  const until = Date.now() + seconds * 1000;
+  const started = Date.now();
+  let done = 0;
+  const lane = async () => {
+    while (Date.now() < until) {
+      await new Promise<void>((res, rej) =>
+        pbkdf2("bench-password-123", randomBytes(16), 600_000, 32, "sha256", (e) => (e ? rej(e) : res())),
+      );
+      done++;
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, lane));
+  return done / ((Date.now() - started) / 1000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+async function run(): Promise<void> {
+  const machine = describeMachine(h2load!);
+  log(
+    `Tessera benchmark${smoke ? " (smoke)" : ""}: ${machine.nproc} × ${machine.cpuModel}, Node ${machine.node}, ${machine.h2load}`,
+  );
+  log(`work folder: ${work}`);
+
+  const certDir = join(work, "certs");
+  await ensureDevCertificates(certDir);
+  const clientCert = await createClientCertificate(certDir, "bench-mtls", join(work, "client"));
+  const ca = readFileSync(join(certDir, "ca.crt"));
+  const tls: ClientTls = { ca };
+  const mtls: ClientTls = {
+    ca,
+    cert: readFileSync(clientCert.certPath),
+    key: readFileSync(clientCert.keyPath),
+  };
+
+  let launcher: Launcher;
+  if (flags.tsx) {
+    launcher = tsxLauncher(ROOT);
+  } else {
+    log("compiling src/, gen/ and bench/ with tsc (servers run compiled JavaScript, as deployed)…");
+    const built = compileForBench(ROOT, join(work, "build"));
+    if (built.warning) notes.push(built.warning);
+    launcher = built.launcher;
+  }
+
+  // ---- servers and seeding
+  log("starting servers…");
+  const raw = await startReference(launcher, "raw", certDir);
+  const bare = await startReference(launcher, "bare", certDir);
+  const bareAdapter = wanted("bare-adapter") ? await startReference(launcher, "bare-adapter", certDir) : null;
+
+  const adminPassword = randomBytes(18).toString("base64url");
+  const user = { username: "bench-user", password: randomBytes(18).toString("base64url") };
+  const jwtSecret = randomBytes(32).toString("base64url");
+  const main = await startTessera(launcher, certDir, adminPassword, "hs256", {
+    TESSERA_JWT_SECRET: jwtSecret,
+  });
+  const seeded = await seedUser(main, adminPassword, user, tls);
+  const api = new JsonClient(main.url, tls);
+
+  const scenarios: Scenario[] = [];
+  const gcu = (server: ServerProcess) => ({
+    service: UserService,
+    method: "GetCurrentUser",
+    input: {},
+    server,
+    generator: "h2load" as const,
+    tls,
+  });
+  const check = {
+    service: MachineUserService,
+    method: "CheckAuthentication",
+    input: {},
+    server: main,
+    generator: "h2load" as const,
+    tls,
+  };
+  const asUser = ok(["username", user.username]);
+  const reference = (server: ServerProcess, id: string, label: string, generator: "h2load" | "node") =>
+    both({
+      ...gcu(server),
+      id,
+      label,
+      kind: "reference",
+      headers: {},
+      expect: ok(["username", "bench-user"]),
+      generator,
+    });
+
+  scenarios.push(...reference(raw, "raw", "raw node:http2 (ceiling)", "h2load"));
+  scenarios.push(...reference(bare, "bare", "bare connectNodeAdapter (baseline)", "h2load"));
+  if (bareAdapter)
+    scenarios.push(
+      ...reference(bareAdapter, "bare-adapter", "bare Connect, Tessera's Node adapter", "h2load"),
+    );
+
+  scenarios.push(
+    ...both({
+      ...gcu(main),
+      id: "jwt-hs256",
+      label: "GetCurrentUser, JWT HS256",
+      kind: "authenticated",
+      headers: bearer(seeded.userToken),
+      expect: asUser,
+    }),
+  );
+  for (const alg of ["EdDSA", "ES256"] as const) {
+    const id = `jwt-${alg.toLowerCase()}`;
+    if (!wanted(id)) continue;
+    const server = await startTessera(launcher, certDir, adminPassword, alg.toLowerCase(), {
+      TESSERA_JWT_ALGORITHM: alg,
+    });
+    const s = await seedUser(server, adminPassword, user, tls);
+    scenarios.push(
+      ...both({
+        ...gcu(server),
+        id,
+        label: `GetCurrentUser, JWT ${alg}`,
+        kind: "authenticated",
+        headers: bearer(s.userToken),
+        expect: asUser,
+      }),
+    );
+  }
+
+  const pat = await optional(
+    "personal access token (TokenService)",
+    async () =>
+      (await api.call<{ token: string }>(PATHS.createPat, { name: "bench" }, bearer(seeded.userToken))).token,
+  );
+  if (pat)
+    scenarios.push(
+      ...both({
+        ...gcu(main),
+        id: "pat",
+        label: "GetCurrentUser, personal access token",
+        kind: "authenticated",
+        headers: bearer(pat),
+        expect: asUser,
+      }),
+    );
+  const apiKey = await optional(
+    "API key (TokenService)",
+    async () =>
+      (await api.call<{ key: string }>(PATHS.createApiKey, { name: "bench" }, bearer(seeded.userToken))).key,
+  );
+  if (apiKey)
+    scenarios.push(
+      ...both({
+        ...gcu(main),
+        id: "api-key",
+        label: "GetCurrentUser, X-API-Key",
+        kind: "authenticated",
+        headers: { "x-api-key": apiKey },
+        expect: asUser,
+      }),
+    );
+  scenarios.push(
+    ...both({
+      ...gcu(main),
+      id: "basic",
+      label: "GetCurrentUser, Basic",
+      kind: "authenticated",
+      headers: basic(user.username, user.password),
+      expect: asUser,
+    }),
+  );
+
+  const machineOk = ok(["authenticated", true]);
+  const muBearer = await optional("machine user with a bearer token (MachineUserService)", () =>
+    api.call<{ token: string }>(
+      PATHS.createMachineUser,
+      { name: "bench-bearer", authType: "MACHINE_AUTH_TYPE_BEARER" },
+      bearer(seeded.adminToken),
+    ),
+  );
+  if (muBearer)
+    scenarios.push(
+      ...both({
+        ...check,
+        id: "mu-bearer",
+        label: "CheckAuthentication, machine bearer",
+        kind: "authenticated",
+        headers: bearer(muBearer.token),
+        expect: machineOk,
+      }),
+    );
+  const muBasic = await optional("machine user with Basic (MachineUserService)", () =>
+    api.call<{ username: string; password: string }>(
+      PATHS.createMachineUser,
+      { name: "bench-basic", authType: "MACHINE_AUTH_TYPE_BASIC" },
+      bearer(seeded.adminToken),
+    ),
+  );
+  if (muBasic)
+    scenarios.push(
+      ...both({
+        ...check,
+        id: "mu-basic",
+        label: "CheckAuthentication, machine Basic",
+        kind: "authenticated",
+        headers: basic(muBasic.username, muBasic.password),
+        expect: machineOk,
+      }),
+    );
+
+  // A forged access token: the right shape and header, signed with another secret.
+  const forged = await new SignJWT({
+    tid: "00000000-0000-4000-8000-000000000000",
+    scope: "bench:read",
+    pk: "user",
+  })
+    .setProtectedHeader({ alg: "HS256", kid: "hs256", typ: "at+jwt" })
+    .setIssuer("tessera")
+    .setAudience("tessera")
+    .setSubject("00000000-0000-4000-8000-000000000001")
+    .setIssuedAt()
+    .setExpirationTime("2h")
+    .sign(randomBytes(32));
+  scenarios.push(
+    ...both({
+      ...gcu(main),
+      id: "rejected",
+      label: "GetCurrentUser, forged JWT (refused)",
+      kind: "refused",
+      headers: bearer(forged),
+      expect: refused("unauthenticated", 401, "TOKEN_INVALID"),
+      note: "rate limits off: every request is authenticated and refused (401, TOKEN_INVALID)",
+    }),
+  );
+
+  // Rate limits on, one server each: once the failure limiter has refused an IP, it refuses
+  // every request from it (valid ones too) until its window ends.
+  const limitsEnv = {
+    TESSERA_JWT_SECRET: jwtSecret,
+    TESSERA_RATE_LIMIT: "true",
+    TESSERA_RATE_LIMIT_PER_IP: "1000000000",
+    TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+  };
+  if (wanted("jwt-hs256-limits")) {
+    const server = await startTessera(launcher, certDir, adminPassword, "limits", limitsEnv);
+    const s = await seedUser(server, adminPassword, user, tls);
+    scenarios.push(
+      ...both({
+        ...gcu(server),
+        id: "jwt-hs256-limits",
+        label: "GetCurrentUser, JWT HS256, rate limits on",
+        kind: "authenticated",
+        headers: bearer(s.userToken),
+        expect: asUser,
+        note: "rate limits on (per-IP and per-principal limits raised out of reach): the cost of counting",
+      }),
+    );
+  }
+  if (wanted("rejected-limited")) {
+    const server = await startTessera(launcher, certDir, adminPassword, "failure-limit", limitsEnv);
+    // Spend the failure budget (a one-minute window) before each slice: from then on the IP is refused before any verification.
+    const spendFailureBudget = async () => {
+      const probe = new JsonClient(server.url, tls);
+      try {
+        for (let i = 0; i < 25; i++) await probe.post(PATHS.getCurrentUser, {}, bearer(forged));
+      } finally {
+        await probe.close();
+      }
+    };
+    scenarios.push(
+      ...both({
+        ...gcu(server),
+        id: "rejected-limited",
+        label: "GetCurrentUser, forged JWT, failure limiter engaged",
+        kind: "refused",
+        headers: bearer(forged),
+        expect: refused("resource_exhausted", 429, "RATE_LIMITED"),
+        before: spendFailureBudget,
+        note: "rate limits on, failure limit at its default (20 a minute): past it the IP is refused (429) before any verification",
+      }),
+    );
+  }
+
+  // mTLS only: h2load cannot present a client certificate, so this scenario and its baselines use the Node generator.
+  if (wanted("mtls")) {
+    const bound = await optional(
+      "machine user bound to a client certificate (MachineUserService.BindCertificate)",
+      async () => {
+        const created = await api.call<{ machineUser: { id: string } }>(
+          PATHS.createMachineUser,
+          { name: "bench-mtls", authType: "MACHINE_AUTH_TYPE_BEARER" },
+          bearer(seeded.adminToken),
+        );
+        await api.call(
+          PATHS.bindCertificate,
+          { machineUserId: created.machineUser.id, sha256Fingerprint: clientCert.sha256Fingerprint },
+          bearer(seeded.adminToken),
+        );
+        return created;
+      },
+    );
+    if (bound) {
+      scenarios.push(...reference(raw, "raw-node", "raw node:http2 (ceiling)", "node"));
+      scenarios.push(...reference(bare, "bare-node", "bare connectNodeAdapter (baseline)", "node"));
+      scenarios.push(
+        ...both({
+          ...check,
+          generator: "node",
+          tls: mtls,
+          id: "mtls",
+          label: "CheckAuthentication, mTLS only (client certificate)",
+          kind: "authenticated",
+          headers: {},
+          expect: machineOk,
+        }),
+      );
+    }
+  }
+
+  const selected = scenarios.filter(
+    (s) => wanted(s.id) || (wanted("mtls") && (s.id === "raw-node" || s.id === "bare-node")),
+  );
+
+  // ---- check each scenario once, then warm every server up (a fresh process runs cold: lazy compilation, JIT)
+  log("checking every scenario with a real client…");
+  for (const s of selected) await verify(s);
+  log("warming up each server…");
+  const warmed = new Set<string>();
+  for (const s of selected) {
+    const key = `${s.server.name}/${s.protocol}/${s.generator}`;
+    if (warmed.has(key)) continue;
+    warmed.add(key);
+    await drive(s, settings.smoke ? { requests: 100 } : { durationSeconds: 2 });
+  }
+
+  // ---- measure, in interleaved rounds
+  for (let round = 1; round <= settings.rounds; round++) {
+    log(`round ${round} of ${settings.rounds}`);
+    for (const s of selected) {
+      const run = await drive(s, slice());
+      s.runs.push(run);
+      const r = summarize([run]);
+      log(
+        `  ${s.id.padEnd(18)} ${protocolName(s.protocol).padEnd(12)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms  ${r.errors} errors${r.cpuUsPerRequest ? `  ${r.cpuUsPerRequest.toFixed(0)} µs CPU/req` : ""}`,
+      );
+    }
+  }
+  for (const s of selected) record(s, summarize(s.runs));
+
+  // ---- first use of a personal access token: PBKDF2 (600k) once, then the verified-secret cache
+  if (pat && wanted("first-use")) {
+    log("first use of a personal access token…");
+    const fresh = (
+      await api.call<{ token: string }>(
+        PATHS.createPat,
+        { name: "bench-first-use" },
+        bearer(seeded.userToken),
+      )
+    ).token;
+    await api.call(PATHS.getCurrentUser, {}, bearer(seeded.userToken)); // a warm connection first
+    const timeOne = async () => {
+      const t0 = performance.now();
+      await api.call(PATHS.getCurrentUser, {}, bearer(fresh));
+      return performance.now() - t0;
+    };
+    const firstMs = await timeOne();
+    const next: number[] = [];
+    for (let i = 0; i < 50; i++) next.push(await timeOne());
+    next.sort((a, b) => a - b);
+    extras.firstUse = {
+      firstMs,
+      subsequentMedianMs: next[Math.floor(next.length / 2)]!,
+      samples: next.length,
+    };
+    log(
+      `  first request ${firstMs.toFixed(1)} ms, then ${extras.firstUse.subsequentMedianMs.toFixed(2)} ms (median, one at a time)`,
+    );
+  }
+
+  // ---- Login: bounded by PBKDF2 at 600,000 iterations, against the raw PBKDF2 rate measured now
+  if (wanted("login")) {
+    const parallel = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+    log(`raw PBKDF2-SHA256, 600,000 iterations, ${parallel} at a time on the libuv pool…`);
+    const rate = await pbkdf2Rate(parallel, smoke ? 2 : 5);
+    extras.pbkdf2 = { hashesPerSecond: rate, parallel, iterations: 600_000 };
+    log(`  ${rate.toFixed(1)} hashes/s`);
+    const loginInput = { username: user.username, password: user.password };
+    const loginBodies = {
+      connect: writeBody("login.json", JSON.stringify(loginInput)),
+      grpc: writeBody(
+        "login.grpc",
+        grpcFrame(toBinary(LoginRequestSchema, create(LoginRequestSchema, loginInput))),
+      ),
+    };
+    for (const s of both({
+      ...gcu(main),
+      id: "login",
+      label: "Login (PBKDF2, 600k iterations)",
+      kind: "login",
+      method: "Login",
+      input: loginInput,
+      bodyFiles: loginBodies,
+      headers: {},
+      expect: ok(["tokenType", "Bearer"]),
+      connections: settings.loginConnections,
+      streams: 1,
+    })) {
+      await verify(s);
+      const result = summarize([await drive(s, settings.smoke ? { requests: 4 } : { durationSeconds: 6 })]);
+      record(
+        s,
+        result,
+        `${((result.rps / rate) * 100).toFixed(0)}% of the raw PBKDF2 rate (${rate.toFixed(1)} hashes/s, ${parallel} in parallel), ${settings.loginConnections} logins in flight`,
+      );
+      log(
+        `  login ${protocolName(s.protocol)}: ${result.rps.toFixed(1)}/s = ${((result.rps / rate) * 100).toFixed(0)}% of raw PBKDF2, p50 ${result.p50Ms.toFixed(0)} ms`,
+      );
+    }
+  }
+
+  // ---- soak: many authenticated requests; the server's RSS after warm-up and after the soak.
+  // A point sample of RSS lands anywhere in the garbage collector's cycle (right before a
+  // major GC or right after it differ by a third), so the comparison is between the highest
+  // RSS reached during the warm-up and during the soak: a leak raises it, GC timing does not.
+  const soak =
+    selected.find((s) => s.id === "jwt-hs256" && s.protocol === "connect") ??
+    scenarios.find((s) => s.id === "jwt-hs256" && s.protocol === "connect");
+  if (soak && wanted("soak")) {
+    log(`soak: ${settings.soakRequests} JWT-authenticated requests…`);
+    const earlierPeak = soak.peakRssKb;
+    soak.peakRssKb = 0;
+    await drive(soak, { requests: Math.max(2000, Math.round(settings.soakRequests / 5)) });
+    const warmPeak = soak.peakRssKb;
+    const warmEnd = main.rssKb();
+    soak.peakRssKb = 0;
+    const result = summarize([await drive(soak, { requests: settings.soakRequests })]);
+    const soakPeak = soak.peakRssKb;
+    const soakEnd = main.rssKb();
+    soak.peakRssKb = Math.max(earlierPeak, warmPeak, soakPeak);
+    extras.soak = {
+      requests: result.requests,
+      errors: result.errors,
+      rps: result.rps,
+      rssAfterWarmupMb: warmEnd / 1024,
+      rssAfterSoakMb: soakEnd / 1024,
+      peakRssWarmupMb: warmPeak / 1024,
+      peakRssSoakMb: soakPeak / 1024,
+      growth: soakPeak / warmPeak - 1,
+    };
+    log(
+      `  ${result.requests} requests, ${result.errors} errors; peak RSS ${(warmPeak / 1024).toFixed(1)} MiB in the warm-up, ${(soakPeak / 1024).toFixed(1)} MiB in the soak (${((soakPeak / warmPeak - 1) * 100).toFixed(1)}%); at their ends ${(warmEnd / 1024).toFixed(1)} and ${(soakEnd / 1024).toFixed(1)} MiB`,
+    );
+  }
+  await api.close();
+
+  report(machine, launcher);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+function find(id: string, protocol: Protocol): ScenarioResult | undefined {
+  return results.find((r) => r.id === id && r.protocol === protocol);
+}
+
+function computeRatios(): void {
+  for (const r of results) {
+    if (r.kind === "login") continue;
+    const suffix = r.generator === "h2load" ? "" : "-node";
+    const bare = find(`bare${suffix}`, r.protocol);
+    const raw = find(`raw${suffix}`, r.protocol);
+    r.ratioToBare = bare ? r.rps / bare.rps : null;
+    r.ratioToRaw = raw ? r.rps / raw.rps : null;
+    r.cpuRatioToBare =
+      bare?.cpuUsPerRequest && r.cpuUsPerRequest ? bare.cpuUsPerRequest / r.cpuUsPerRequest : null;
+  }
+}
+
+const percent = (x: number) => `${(x * 100).toFixed(0)}%`;
+
+function evaluateTargets(): TargetResult[] {
+  const targets: TargetResult[] = [];
+  const ratioTarget = (ids: string[], min: number) => {
+    for (const id of ids) {
+      for (const protocol of PROTOCOLS) {
+        const r = find(id, protocol);
+        if (!r || r.ratioToBare === null) continue;
+        const base = r.rps / r.ratioToBare;
+        targets.push({
+          target: `${r.label} (${protocolName(protocol)}) ≥ ${percent(min)} of bare`,
+          measured: `${percent(r.ratioToBare)} (${r.rps.toFixed(0)} vs ${base.toFixed(0)} req/s)${r.cpuRatioToBare ? `; by server CPU per request ${percent(r.cpuRatioToBare)}` : ""}`,
+          met: r.ratioToBare >= min,
+        });
+      }
+    }
+  };
+  ratioTarget(["jwt-hs256", "jwt-eddsa", "jwt-es256"], 0.9);
+  ratioTarget(["pat", "api-key", "mu-bearer"], 0.85);
+  ratioTarget(["basic", "mu-basic"], 0.8);
+  for (const protocol of PROTOCOLS) {
+    const rejected = find("rejected", protocol);
+    const accepted = find("jwt-hs256", protocol);
+    if (!rejected || !accepted) continue;
+    const byCpu =
+      rejected.cpuUsPerRequest && accepted.cpuUsPerRequest
+        ? `; CPU ${rejected.cpuUsPerRequest.toFixed(0)} vs ${accepted.cpuUsPerRequest.toFixed(0)} µs/request`
+        : "";
+    targets.push({
+      target: `a refused credential costs no more than an accepted one (${protocolName(protocol)})`,
+      measured: `refused ${rejected.rps.toFixed(0)} req/s vs accepted ${accepted.rps.toFixed(0)} req/s${byCpu}`,
+      // Within measurement noise (3%): the cost per request is what matters.
+      met: rejected.rps >= accepted.rps * 0.97,
+    });
+  }
+  for (const protocol of PROTOCOLS) {
+    for (const suffix of ["", "-node"]) {
+      const base = find(`bare${suffix}`, protocol);
+      const authed = results.filter(
+        (r) =>
+          r.kind === "authenticated" &&
+          r.protocol === protocol &&
+          (r.generator === "h2load") === (suffix === ""),
+      );
+      if (!base || authed.length === 0) continue;
+      const worst = authed.reduce((a, b) => (b.p99Ms > a.p99Ms ? b : a));
+      targets.push({
+        target: `p99 of every authenticated scenario ≤ 2× the baseline's (${protocolName(protocol)}${suffix ? ", Node generator" : ""})`,
+        measured: `worst: ${worst.label} ${worst.p99Ms.toFixed(1)} ms vs ${base.p99Ms.toFixed(1)} ms (${(worst.p99Ms / base.p99Ms).toFixed(2)}×)`,
+        met: worst.p99Ms <= 2 * base.p99Ms,
+      });
+    }
+  }
+  const erroring = results.filter((r) => r.errors > 0);
+  const soakErrors = extras.soak?.errors ?? 0;
+  targets.push({
+    target: "zero errors",
+    measured:
+      erroring.length === 0 && soakErrors === 0
+        ? "0 in every scenario and the soak"
+        : [
+            ...erroring.map((r) => `${r.id}/${r.protocol}: ${r.errors}`),
+            ...(soakErrors ? [`soak: ${soakErrors}`] : []),
+          ].join(", "),
+    met: erroring.length === 0 && soakErrors === 0,
+  });
+  const soak = extras.soak;
+  if (soak) {
+    targets.push({
+      target: `RSS during the soak (${soak.requests} requests) no more than 10% above RSS after warm-up (peak against peak)`,
+      measured: `${soak.peakRssWarmupMb.toFixed(1)} → ${soak.peakRssSoakMb.toFixed(1)} MiB (${soak.growth >= 0 ? "+" : ""}${(soak.growth * 100).toFixed(1)}%); at the ends of the two runs ${soak.rssAfterWarmupMb.toFixed(1)} and ${soak.rssAfterSoakMb.toFixed(1)} MiB`,
+      met: soak.growth <= 0.1,
+    });
+  }
+  for (const protocol of PROTOCOLS) {
+    const r = find("jwt-hs256", protocol);
+    if (r?.ratioToRaw == null) continue;
+    targets.push({
+      target: `the authenticated path (JWT HS256, ${protocolName(protocol)}) ≥ 40% of the raw ceiling (an aim)`,
+      measured: percent(r.ratioToRaw),
+      met: r.ratioToRaw >= 0.4,
+    });
+  }
+  return targets;
+}
+
+function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher): void {
+  computeRatios();
+  const targets = evaluateTargets();
+  const date = new Date().toISOString().slice(0, 10);
+  const outDir = flags.out
+    ? resolve(flags.out)
+    : smoke
+      ? join(tmpdir(), "tessera-bench-smoke")
+      : join(ROOT, "bench", "results");
+  mkdirSync(outDir, { recursive: true });
+  const load = smoke
+    ? `${settings.smokeRequests} requests per scenario (smoke), ${settings.connections} connections × ${settings.streams} streams`
+    : `${settings.durationSeconds} s per scenario in ${settings.rounds} interleaved rounds, each slice after a ${settings.warmupSeconds} s h2load warm-up; ${settings.connections} connections × ${settings.streams} streams`;
+  const server =
+    "Tessera through its CLI (`serve`), SQLite in a temporary folder, TLS 1.3 with a development CA, mTLS optional, " +
+    "rate limits off (TESSERA_RATE_LIMIT=false) unless a scenario says otherwise, access tokens valid 2 h";
+  const runInfo = {
+    date: new Date().toISOString(),
+    mode: smoke ? "smoke" : "full",
+    runtime: launcher.runtime,
+    load,
+    server,
+  };
+  const { firstUse, pbkdf2, soak } = extras;
+  const markdown = [
+    `### ${date}${smoke ? " (smoke run)" : ""}`,
+    "",
+    `Machine: ${machine.nproc} × ${machine.cpuModel}, ${machine.memoryGiB} GiB RAM, Node ${machine.node}, ${machine.h2load}, ${machine.platform}.`,
+    `Load: ${load}. Servers: ${launcher.runtime === "compiled" ? "compiled JavaScript" : "TypeScript through tsx"}; ${server}.`,
+    "",
+    markdownTable(results),
+    "",
+    "“vs bare” and “vs raw”: throughput relative to the bare Connect handler and to the raw node:http2 server, same protocol, same load generator. " +
+      "“CPU µs/req”: the server process's CPU time (all threads) per request, which other work on the machine does not inflate.",
+    ...(results.some((r) => r.generator !== "h2load")
+      ? [
+          "† driven by bench/node-load.ts (node:http2, N sessions × M streams), because h2load cannot present a client certificate; its ratios are to raw and bare runs driven by the same generator.",
+        ]
+      : []),
+    "",
+    ...results.filter((r) => r.note).map((r) => `- ${r.label} (${protocolName(r.protocol)}): ${r.note}.`),
+    ...(firstUse
+      ? [
+          `- First use of a new personal access token: ${firstUse.firstMs.toFixed(1)} ms (one PBKDF2-SHA256 at 600,000 iterations), then ${firstUse.subsequentMedianMs.toFixed(2)} ms (median of ${firstUse.samples}, one request at a time over a warm connection).`,
+        ]
+      : []),
+    ...(pbkdf2
+      ? [
+          `- Raw PBKDF2-SHA256 at 600,000 iterations in the same run: ${pbkdf2.hashesPerSecond.toFixed(1)} hashes/s (${pbkdf2.parallel} at a time on the libuv pool).`,
+        ]
+      : []),
+    ...(soak
+      ? [
+          `- Soak: ${soak.requests} JWT-authenticated requests (Connect JSON) at ${soak.rps.toFixed(0)} req/s, ${soak.errors} errors; server RSS at most ${soak.peakRssWarmupMb.toFixed(1)} MiB during the warm-up (${soak.rssAfterWarmupMb.toFixed(1)} MiB at its end) and at most ${soak.peakRssSoakMb.toFixed(1)} MiB during the soak (${soak.rssAfterSoakMb.toFixed(1)} MiB at its end; a point sample falls anywhere in the GC cycle).`,
+        ]
+      : []),
+    ...skipped.map((s) => `- Skipped: ${s}.`),
+    ...notes.map((n) => `- Note: ${n.split("\n")[0]}`),
+    "",
+    "Targets (issue 4):",
+    "",
+    markdownTargets(targets),
+    "",
+  ].join("\n");
+  const jsonPath = join(outDir, `${date}.json`);
+  const mdPath = join(outDir, `${date}.md`);
+  writeFileSync(
+    jsonPath,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+  );
+  writeFileSync(mdPath, markdown);
+
+  process.stdout.write(`\n${textTable(results)}\n`);
+  if (results.some((r) => r.generator !== "h2load"))
+    process.stdout.write(
+      "† Node generator (client certificate); its ratios are to bare/raw runs of the same generator\n",
+    );
+  process.stdout.write("\n");
+  for (const t of targets)
+    process.stdout.write(`${t.met ? "met    " : "NOT MET"}  ${t.target}: ${t.measured}\n`);
+  if (skipped.length) process.stdout.write(`skipped: ${skipped.join("; ")}\n`);
+  process.stdout.write(`\nresults: ${jsonPath}\n         ${mdPath}\n`);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+let exitCode = 0;
+try {
+  await run();
+} catch (err) {
+  exitCode = 1;
+  process.stderr.write(`bench failed: ${(err as Error).stack ?? String(err)}\n`);
+  for (const s of servers) process.stderr.write(`--- last output of ${s.name}:\n${s.logTail()}\n`);
+} finally {
+  await Promise.all(servers.map((s) => s.stop().catch(() => undefined)));
+  if (!flags.keep) rmSync(work, { recursive: true, force: true });
+  else process.stderr.write(`kept ${work}\n`);
+}
+process.exit(exitCode);

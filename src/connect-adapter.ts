@@ -1,0 +1,299 @@
+import type * as http from "node:http";
+import type * as http2 from "node:http2";
+import {
+  Code,
+  ConnectError,
+  type ConnectRouter,
+  type ConnectRouterOptions,
+  type ContextValues,
+  createConnectRouter,
+} from "@connectrpc/connect";
+import type {
+  UniversalHandler,
+  UniversalServerRequest,
+  UniversalServerResponse,
+} from "@connectrpc/connect/protocol";
+import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
+
+type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
+type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
+
+/** Options of {@link createConnectHandler}: those of `connectNodeAdapter`. */
+export interface ConnectHandlerOptions extends ConnectRouterOptions {
+  routes(router: ConnectRouter): void;
+  contextValues?: (req: NodeRequest) => ContextValues;
+  /** Requests for paths no RPC serves (default: 404). */
+  fallback?: (req: NodeRequest, res: NodeResponse) => void;
+  /**
+   * Rewrite the body of an error response (HTTP status ≥ 400, i.e. a Connect unary error)
+   * before it is sent; Content-Length follows the new body. Success responses never pass
+   * through it, so it costs nothing on the hot path.
+   */
+  errorBody?: (req: NodeRequest, body: Uint8Array) => Uint8Array;
+}
+
+/**
+ * A Node request listener serving a Connect router: a drop-in for connect-node's
+ * `connectNodeAdapter` (same router, same protocol handlers, same options), with a
+ * leaner bridge between Node's request/response and Connect's universal handlers.
+ *
+ * Why: profiled under load, the stock adapter spent about a fifth of the CPU of a unary
+ * call outside the RPC: it aborts an AbortController on every request, even a
+ * successful one (each abort builds a DOMException with a captured stack trace), reads
+ * the body through the stream's generic async iterator, and writes each chunk through a
+ * promise with two event listeners before awaiting an "end" event. Here:
+ * - the request signal aborts only when the client goes away before the response is
+ *   complete (an HTTP/2 reset or a closed connection), with the same reasons connect-node
+ *   gives (Canceled, Unavailable, …), so handlers still see cancellation;
+ * - the body is handed over as the chunks arrive through a small queue (backpressure by
+ *   pausing the request), still enforcing `readMaxBytes` in Connect's own reader;
+ * - the response is written directly, waiting for "drain" only when Node asks for it.
+ * Everything protocol-related (Connect, gRPC, gRPC-Web, compression, timeouts, errors)
+ * stays in @connectrpc/connect, untouched.
+ */
+export function createConnectHandler(
+  options: ConnectHandlerOptions,
+): (req: NodeRequest, res: NodeResponse) => void {
+  if (options.acceptCompression === undefined)
+    options.acceptCompression = [compressionGzip, compressionBrotli];
+  const router = createConnectRouter(options);
+  options.routes(router);
+  const paths = new Map<string, UniversalHandler>();
+  for (const handler of router.handlers) paths.set(handler.requestPath, handler);
+  const fallback = options.fallback ?? notFound;
+  const errorBody = options.errorBody;
+
+  return function handleConnect(req, res) {
+    const url = req.url ?? "";
+    const q = url.indexOf("?");
+    const handler = paths.get(q < 0 ? url : url.slice(0, q));
+    if (!handler) {
+      fallback(req, res);
+      return;
+    }
+    const controller = new AbortController();
+    const onClose = () => {
+      // Closed before the response was ended: the client went away (an HTTP/2 reset, a
+      // dropped connection). A response ended by us closes normally and aborts nothing.
+      if (!res.writableEnded) controller.abort(closeReason(req));
+    };
+    res.once("close", onClose);
+    // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
+    const encrypted =
+      "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
+    const authority = "authority" in req ? req.authority : req.headers.host;
+    const uReq: UniversalServerRequest = {
+      httpVersion: req.httpVersion,
+      method: req.method ?? "",
+      url: `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
+      header: webHeaders(req.headers),
+      body: bodyOf(req),
+      signal: controller.signal,
+      contextValues: options.contextValues?.(req),
+    };
+    handler(uReq).then(
+      (uRes) =>
+        uRes.status >= 400 && errorBody
+          ? writeErrorResponse(uRes, req, res, errorBody)
+          : writeResponse(uRes, res),
+      (err: unknown) => {
+        if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
+          console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
+        }
+        if (!res.headersSent) {
+          res.statusCode = 500;
+          res.end();
+        } else {
+          res.destroy();
+        }
+      },
+    );
+  };
+}
+
+function notFound(_req: NodeRequest, res: NodeResponse): void {
+  res.statusCode = 404;
+  res.end();
+}
+
+/** Why the request ended early, as connect-node reports it. */
+function closeReason(req: NodeRequest): ConnectError {
+  const rstCode = "stream" in req ? req.stream.rstCode : undefined;
+  switch (rstCode) {
+    case undefined:
+    case 0x0: // NO_ERROR
+    case 0x8: // CANCEL
+      return new ConnectError("the client closed the request", Code.Canceled);
+    case 0xb: // ENHANCE_YOUR_CALM
+      return new ConnectError("http/2 stream closed with ENHANCE_YOUR_CALM", Code.ResourceExhausted);
+    case 0xc: // INADEQUATE_SECURITY
+      return new ConnectError("http/2 stream closed with INADEQUATE_SECURITY", Code.PermissionDenied);
+    case 0x7: // REFUSED_STREAM
+      return new ConnectError("http/2 stream closed with REFUSED_STREAM", Code.Unavailable);
+    default:
+      return new ConnectError(
+        `http/2 stream closed with error code 0x${rstCode.toString(16)}`,
+        Code.Internal,
+      );
+  }
+}
+
+/** Node's incoming headers as fetch Headers, without HTTP/2 pseudo-headers. */
+function webHeaders(nodeHeaders: http.IncomingHttpHeaders): Headers {
+  const header = new Headers();
+  for (const k in nodeHeaders) {
+    if (k.charCodeAt(0) === 58 /* ":" */) continue;
+    const v = nodeHeaders[k];
+    if (v === undefined) continue;
+    if (typeof v === "string") header.append(k, v);
+    else for (const e of v) header.append(k, e);
+  }
+  return header;
+}
+
+/** Fetch Headers as a Node header object (set-cookie kept as a list). */
+function nodeHeaders(header: Headers | undefined): http.OutgoingHttpHeaders | undefined {
+  if (header === undefined) return undefined;
+  const out: http.OutgoingHttpHeaders = {};
+  header.forEach((value, key) => {
+    out[key] = value;
+  });
+  const cookies = header.getSetCookie();
+  if (cookies.length > 0) out["set-cookie"] = cookies;
+  return out;
+}
+
+/**
+ * The request body as an async iterable fed by "data" events: one promise per chunk
+ * the consumer waits for, none for chunks already queued. The request is paused while
+ * more than a few chunks wait, so a slow consumer applies backpressure.
+ */
+function bodyOf(req: NodeRequest): AsyncIterable<Uint8Array> {
+  const queue: Uint8Array[] = [];
+  let ended = false;
+  let failure: unknown;
+  let wake: (() => void) | undefined;
+  const notify = () => {
+    const w = wake;
+    wake = undefined;
+    w?.();
+  };
+  req.on("data", (chunk: Buffer) => {
+    queue.push(chunk);
+    if (queue.length > 8) req.pause();
+    notify();
+  });
+  req.once("end", () => {
+    ended = true;
+    notify();
+  });
+  req.once("error", (err) => {
+    failure = err;
+    notify();
+  });
+  req.once("close", () => {
+    // Closed before its end: the client went away mid-body.
+    if (!ended && failure === undefined) {
+      failure = new ConnectError("the client closed the request", Code.Canceled);
+      notify();
+    }
+  });
+  return {
+    [Symbol.asyncIterator]() {
+      return {
+        async next(): Promise<IteratorResult<Uint8Array>> {
+          for (;;) {
+            const chunk = queue.shift();
+            if (chunk !== undefined) {
+              if (queue.length === 0 && req.isPaused()) req.resume();
+              return { done: false, value: chunk };
+            }
+            if (failure !== undefined) throw failure;
+            if (ended) return { done: true, value: undefined };
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+            });
+          }
+        },
+        async return(): Promise<IteratorResult<Uint8Array>> {
+          // The handler stopped reading: discard the rest of the body.
+          queue.length = 0;
+          req.resume();
+          return { done: true, value: undefined };
+        },
+      };
+    },
+  };
+}
+
+/** Write a universal response: headers after the first body chunk (so handlers can still set them), trailers last. */
+async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): Promise<void> {
+  const it = uRes.body?.[Symbol.asyncIterator]();
+  // The members used here have the same shape on HTTP/1.1's and HTTP/2's response.
+  const out = res as http2.Http2ServerResponse;
+  let writing = false;
+  let done = it === undefined;
+  try {
+    if (it !== undefined) {
+      let chunk = await it.next();
+      writing = true;
+      out.writeHead(uRes.status, nodeHeaders(uRes.header));
+      for (; chunk.done !== true; chunk = await it.next()) {
+        writing = true;
+        if (!out.write(chunk.value)) await drained(res);
+        writing = false;
+      }
+      done = true;
+    }
+    if (!out.headersSent) out.writeHead(uRes.status, nodeHeaders(uRes.header));
+    const trailers = nodeHeaders(uRes.trailer);
+    if (trailers) out.addTrailers(trailers);
+    out.end();
+  } catch (err) {
+    // Report write errors to the handler (it stops producing); then drop the response.
+    if (writing) it?.throw?.(err).catch(() => undefined);
+    res.destroy();
+  } finally {
+    // Only a body left unfinished needs return() (an exhausted iterator has nothing to
+    // release; Connect's gRPC pipeline would abort its context a second time).
+    if (!done) it?.return?.().catch(() => undefined);
+  }
+}
+
+/** An error response (small, unary): read it whole, let `rewrite` change the body, send it with its new length. */
+async function writeErrorResponse(
+  uRes: UniversalServerResponse,
+  req: NodeRequest,
+  res: NodeResponse,
+  rewrite: (req: NodeRequest, body: Uint8Array) => Uint8Array,
+): Promise<void> {
+  const out = res as http2.Http2ServerResponse;
+  try {
+    const chunks: Uint8Array[] = [];
+    if (uRes.body) for await (const chunk of uRes.body) chunks.push(chunk);
+    const body = rewrite(req, chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
+    const header = nodeHeaders(uRes.header) ?? {};
+    header["content-length"] = body.byteLength;
+    out.writeHead(uRes.status, header);
+    const trailers = nodeHeaders(uRes.trailer);
+    if (trailers) out.addTrailers(trailers);
+    out.end(body);
+  } catch {
+    res.destroy();
+  }
+}
+
+function drained(res: NodeResponse): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onDrain = () => {
+      res.off("close", onClose);
+      resolve();
+    };
+    const onClose = () => {
+      res.off("drain", onDrain);
+      reject(new ConnectError("the client closed the request", Code.Canceled));
+    };
+    res.once("drain", onDrain);
+    res.once("close", onClose);
+  });
+}

@@ -1,0 +1,196 @@
+import http from "node:http";
+import http2 from "node:http2";
+import type { AddressInfo } from "node:net";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import {
+  compressionGzip,
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
+import { afterEach, describe, expect, it } from "vitest";
+import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
+import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
+import { createConnectHandler } from "../src/connect-adapter.js";
+
+/**
+ * src/connect-adapter.ts replaces connect-node's adapter in front of the router: these
+ * tests hold it to the same contract (every protocol, streaming in both directions,
+ * compression, limits, cancellation reaching the handler, unknown paths).
+ */
+
+interface Probe {
+  watchAborted: Promise<string>;
+}
+
+function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array) {
+  let reportAbort!: (reason: string) => void;
+  const probe: Probe = { watchAborted: new Promise((resolve) => (reportAbort = resolve)) };
+  const handler = createConnectHandler({
+    readMaxBytes: 1024,
+    ...(errorBody ? { errorBody: (_req, body) => errorBody(body) } : {}),
+    routes(router) {
+      router.service(Health, {
+        check(req) {
+          if (req.service === "fail") throw new ConnectError("no such service", Code.NotFound);
+          return { status: HealthCheckResponse_ServingStatus.SERVING };
+        },
+        list() {
+          return { statuses: {} };
+        },
+        async *watch(_req, ctx) {
+          yield { status: HealthCheckResponse_ServingStatus.SERVING };
+          await new Promise<void>((resolve) =>
+            ctx.signal.addEventListener("abort", () => resolve(), { once: true }),
+          );
+          reportAbort(
+            ConnectError.from(ctx.signal.reason).code === Code.Canceled
+              ? "canceled"
+              : String(ctx.signal.reason),
+          );
+        },
+      });
+      router.service(ServerReflection, {
+        async *serverReflectionInfo(requests) {
+          for await (const r of requests) yield { validHost: r.host, originalRequest: r };
+        },
+      });
+    },
+  });
+  const server = kind === "h2c" ? http2.createServer(handler) : http.createServer(handler);
+  const sessions = new Set<http2.Http2Session>();
+  server.on("session", (session: http2.Http2Session) => sessions.add(session));
+  return new Promise<{ url: string; probe: Probe; close: () => Promise<void> }>((resolve) => {
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as AddressInfo;
+      resolve({
+        url: `http://127.0.0.1:${port}`,
+        probe,
+        close: () =>
+          new Promise<void>((done) => {
+            if ("closeAllConnections" in server) server.closeAllConnections();
+            for (const session of sessions) session.destroy();
+            server.close(() => done());
+          }),
+      });
+    });
+  });
+}
+
+let closers: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  await Promise.all(closers.map((c) => c()));
+  closers = [];
+});
+
+async function served(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array) {
+  const s = await startServer(kind, errorBody);
+  closers.push(s.close);
+  return s;
+}
+
+describe("the Connect adapter", () => {
+  const protocols: [string, "h2c" | "http1", (url: string) => Transport][] = [
+    ["Connect JSON over HTTP/2", "h2c", (url) => createConnectTransport({ baseUrl: url, httpVersion: "2" })],
+    [
+      "Connect binary over HTTP/1.1",
+      "http1",
+      (url) => createConnectTransport({ baseUrl: url, httpVersion: "1.1", useBinaryFormat: true }),
+    ],
+    ["gRPC", "h2c", (url) => createGrpcTransport({ baseUrl: url })],
+    [
+      "gRPC-Web over HTTP/1.1",
+      "http1",
+      (url) => createGrpcWebTransport({ baseUrl: url, httpVersion: "1.1" }),
+    ],
+  ];
+
+  for (const [name, kind, transport] of protocols) {
+    it(`serves a unary call and its error over ${name}`, async () => {
+      const { url } = await served(kind);
+      const client = createClient(Health, transport(url));
+      expect((await client.check({ service: "" })).status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+      const err = await client.check({ service: "fail" }).catch((e: unknown) => ConnectError.from(e));
+      expect(err).toBeInstanceOf(ConnectError);
+      expect((err as ConnectError).code).toBe(Code.NotFound);
+      expect((err as ConnectError).rawMessage).toBe("no such service");
+    });
+  }
+
+  it("streams server messages and tells the handler when the client cancels", async () => {
+    const { url, probe } = await served("h2c");
+    const client = createClient(Health, createGrpcTransport({ baseUrl: url }));
+    const abort = new AbortController();
+    const first = await client
+      .watch({ service: "" }, { signal: abort.signal })
+      [Symbol.asyncIterator]()
+      .next();
+    expect(first.value?.status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+    abort.abort();
+    expect(await probe.watchAborted).toBe("canceled");
+  });
+
+  it("carries a bidirectional stream message by message", async () => {
+    const { url } = await served("h2c");
+    const client = createClient(ServerReflection, createGrpcTransport({ baseUrl: url }));
+    async function* requests() {
+      yield { host: "a" };
+      yield { host: "b" };
+    }
+    const hosts: string[] = [];
+    for await (const res of client.serverReflectionInfo(requests())) hosts.push(res.validHost);
+    expect(hosts).toEqual(["a", "b"]);
+  });
+
+  it("accepts a gzip-compressed request", async () => {
+    const { url } = await served("h2c");
+    const client = createClient(
+      Health,
+      createConnectTransport({
+        baseUrl: url,
+        httpVersion: "2",
+        sendCompression: compressionGzip,
+        compressMinBytes: 1,
+      }),
+    );
+    expect((await client.check({ service: "x".repeat(200) })).status).toBe(
+      HealthCheckResponse_ServingStatus.SERVING,
+    );
+  });
+
+  it("refuses a request larger than readMaxBytes with ResourceExhausted", async () => {
+    const { url } = await served("h2c");
+    const client = createClient(Health, createConnectTransport({ baseUrl: url, httpVersion: "2" }));
+    const err = await client.check({ service: "x".repeat(4096) }).catch((e: unknown) => ConnectError.from(e));
+    expect((err as ConnectError).code).toBe(Code.ResourceExhausted);
+  });
+
+  it("answers 404 for a path no RPC serves", async () => {
+    const { url } = await served("http1");
+    const res = await fetch(`${url}/no.such.Service/Method`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
+    });
+    expect(res.status).toBe(404);
+  });
+
+  it("lets errorBody rewrite error bodies only, with a matching Content-Length", async () => {
+    const { url } = await served("http1", (body) =>
+      Buffer.from(`{"rewritten":true,${Buffer.from(body).toString("utf8").slice(1)}`),
+    );
+    const post = (service: string) =>
+      fetch(`${url}/grpc.health.v1.Health/Check`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ service }),
+      });
+    const failed = await post("fail");
+    const text = await failed.text();
+    expect(failed.status).toBe(404);
+    expect(JSON.parse(text)).toEqual({ rewritten: true, code: "not_found", message: "no such service" });
+    expect(Number(failed.headers.get("content-length"))).toBe(Buffer.byteLength(text));
+    const fine = await post("");
+    expect(await fine.json()).toEqual({ status: "SERVING" });
+  });
+});

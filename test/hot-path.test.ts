@@ -1,0 +1,150 @@
+import { randomBytes, webcrypto } from "node:crypto";
+import { Code } from "@connectrpc/connect";
+import { SignJWT } from "jose";
+import { Agent, fetch as undiciFetch } from "undici";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import type { App } from "../src/app.js";
+import { TesseraError } from "../src/errors.js";
+import { rejection } from "./errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestApp,
+  DATABASES,
+  memoryTransport,
+  startTestServer,
+  type TestServer,
+} from "./helpers.js";
+
+/**
+ * The per-request path made cheaper for the benchmark (issue 4) must decide exactly as
+ * before: these tests pin what the shortcuts may never change.
+ */
+
+const JWT_SECRET = "a-jwt-secret-for-hot-path-tests-0123456789";
+
+/** An access token with Tessera's shape and header, signed with a key Tessera does not hold. */
+function forgedToken(): Promise<string> {
+  return new SignJWT({ tid: "00000000-0000-4000-8000-000000000000", scope: "*", pk: "user" })
+    .setProtectedHeader({ alg: "HS256", kid: "hs256", typ: "at+jwt" })
+    .setIssuer("tessera")
+    .setAudience("tessera")
+    .setSubject("00000000-0000-4000-8000-000000000001")
+    .setIssuedAt()
+    .setExpirationTime("1h")
+    .sign(randomBytes(32));
+}
+
+describe.each(DATABASES)("hot path ($name)", (db) => {
+  let app: App;
+  let adminToken: string;
+
+  beforeAll(async () => {
+    app = await createTestApp(db, { auth: { jwt: { secret: JWT_SECRET } } });
+    const login = await clientFor(UserService, memoryTransport(app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    adminToken = login.accessToken;
+  });
+  afterAll(async () => {
+    await app.close();
+  });
+
+  it("refuses a replayed forged access token every time, verifying its signature only once", async () => {
+    const forged = await forgedToken();
+    const verify = vi.spyOn(webcrypto.subtle, "verify");
+    try {
+      const refusal = (p: Promise<unknown>) =>
+        p.then(
+          () => expect.unreachable("accepted a forged token"),
+          (e: unknown) => e as TesseraError,
+        );
+      const first = await refusal(app.jwt.verify(forged));
+      const calls = verify.mock.calls.length;
+      const second = await refusal(app.jwt.verify(forged));
+      expect(first).toBeInstanceOf(TesseraError);
+      expect(second).toBeInstanceOf(TesseraError);
+      expect(first.reason).toBe("TOKEN_INVALID");
+      expect(second.reason).toBe("TOKEN_INVALID");
+      expect(second.message).toBe(first.message);
+      expect(calls).toBe(1);
+      expect(verify.mock.calls.length).toBe(1);
+    } finally {
+      verify.mockRestore();
+    }
+    // The genuine token is untouched by the forgeries.
+    const me = await clientFor(UserService, memoryTransport(app), adminToken).getCurrentUser({});
+    expect(me.username).toBe("admin");
+  });
+
+  it("answers GetCurrentUser from the row of this request, and refuses the next request once the user is disabled", async () => {
+    const as = (token: string) => clientFor(UserService, memoryTransport(app), token);
+    const created = await as(adminToken).createUser({
+      username: `hot-${randomBytes(3).toString("hex")}`,
+      password: "a-long-enough-password",
+      scopes: [],
+    });
+    const session = await clientFor(UserService, memoryTransport(app)).login({
+      username: created.user!.username,
+      password: "a-long-enough-password",
+    });
+    const me = await as(session.accessToken).getCurrentUser({});
+    expect(me.id).toBe(created.user!.id);
+    expect(me.tenantId).toBe(created.user!.tenantId);
+    expect(me.createdAt?.seconds).toBe(created.user!.createdAt?.seconds);
+    await as(adminToken).updateUser({ id: created.user!.id, disabled: true });
+    const refused = await rejection(as(session.accessToken).getCurrentUser({}));
+    expect(refused.code).toBe(Code.Unauthenticated);
+    expect(refused.reason).toBe("PRINCIPAL_DISABLED");
+  });
+});
+
+describe("errors", () => {
+  it("capture no stack trace for a refusal, and keep it for a fault", () => {
+    const refusal = new TesseraError("TOKEN_INVALID", "token is not recognised");
+    const fault = new TesseraError("INTERNAL", "something broke");
+    expect(refusal.stack).toBe("TesseraError: token is not recognised");
+    expect(fault.stack).toMatch(/\n\s+at /);
+    // The limit is restored for every other error.
+    expect(new Error("plain").stack).toMatch(/\n\s+at /);
+  });
+});
+
+describe.each(DATABASES)("Connect JSON error envelope ($name)", (db) => {
+  let ts: TestServer;
+  let agent: Agent;
+  beforeAll(async () => {
+    ts = await startTestServer(db, { auth: { jwt: { secret: JWT_SECRET } } });
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    await agent.close();
+    await ts.close();
+  });
+
+  it("puts ok, error and reason first and request_id last, around Connect's own fields, with a matching Content-Length", async () => {
+    const res = await undiciFetch(`${ts.server.url}/tessera.v1.UserService/GetCurrentUser`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${await forgedToken()}` },
+      body: "{}",
+      dispatcher: agent,
+    });
+    const text = await res.text();
+    expect(res.status).toBe(401);
+    expect(Number(res.headers.get("content-length"))).toBe(Buffer.byteLength(text));
+    const body = JSON.parse(text) as Record<string, unknown>;
+    expect(Object.keys(body)).toEqual(["ok", "error", "reason", "code", "message", "details", "request_id"]);
+    expect(body).toMatchObject({
+      ok: false,
+      error: "Unauthorized",
+      reason: "TOKEN_INVALID",
+      code: "unauthenticated",
+      request_id: res.headers.get("x-request-id"),
+    });
+    const debug = (body.details as { debug: { reason: string; requestId: string } }[])[0]!.debug;
+    expect(debug.reason).toBe("TOKEN_INVALID");
+    expect(debug.requestId).toBe(body.request_id);
+  });
+});
