@@ -1042,7 +1042,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     ? `${settings.smokeRequests} requests per scenario (smoke), ${settings.connections} connections × ${settings.streams} streams`
     : `${settings.durationSeconds} s per scenario in ${settings.rounds} interleaved rounds, each slice after a ${settings.warmupSeconds} s h2load warm-up; ${settings.connections} connections × ${settings.streams} streams`;
   const server =
-    "Tessera through its CLI (`serve`), SQLite in a temporary folder, TLS 1.3 with a development CA, mTLS optional, " +
+    "Tessera through its CLI (`serve`), SQLite in a temporary folder, TLS with a development CA, mTLS optional, " +
     "rate limits off (TESSERA_RATE_LIMIT=false) unless a scenario says otherwise, access tokens valid 2 h";
   const runInfo = {
     date: new Date().toISOString(),

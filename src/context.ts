@@ -2,7 +2,6 @@ import { randomUUID } from "node:crypto";
 import { type ContextValues, createContextKey } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
-import type { UserAuthState } from "./auth/user-principal.js";
 
 /**
  * Per-request state shared by the HTTP layer, the interceptors and the handlers through
@@ -17,10 +16,11 @@ export interface RequestState {
   /** Set by the authentication interceptor; null on public methods. */
   principal: Principal | null;
   /**
-   * The authenticated user's row as the authentication path read it for this request
-   * (JWT and Basic), so a handler needing the same row does not read it twice.
+   * The authenticated user as the authentication path read it from its row for this very
+   * request (JWT, Basic, personal access token, API key), so that a handler needing the
+   * same row (GetCurrentUser) does not read it twice. `createdAt` in epoch ms.
    */
-  user?: UserAuthState;
+  user?: { id: string; username: string; tenantId: string; createdAt: number };
   /**
    * The reason and request id of the error the request ended with, as the error
    * interceptor put them in the ErrorInfo detail (lets the HTTP layer add the JSON error

@@ -3,6 +3,7 @@ import { Code } from "@connectrpc/connect";
 import { SignJWT } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { App } from "../src/app.js";
 import { TesseraError } from "../src/errors.js";
@@ -77,6 +78,20 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     // The genuine token is untouched by the forgeries.
     const me = await clientFor(UserService, memoryTransport(app), adminToken).getCurrentUser({});
     expect(me.username).toBe("admin");
+  });
+
+  it("answers GetCurrentUser for a personal access token from the row its verification read, the same as for a JWT", async () => {
+    const viaJwt = await clientFor(UserService, memoryTransport(app), adminToken).getCurrentUser({});
+    const { token } = await clientFor(
+      TokenService,
+      memoryTransport(app),
+      adminToken,
+    ).createPersonalAccessToken({ name: "hot-path" });
+    const viaPat = await clientFor(UserService, memoryTransport(app), token).getCurrentUser({});
+    expect(viaPat.id).toBe(viaJwt.id);
+    expect(viaPat.username).toBe(viaJwt.username);
+    expect(viaPat.tenantId).toBe(viaJwt.tenantId);
+    expect(viaPat.createdAt).toEqual(viaJwt.createdAt);
   });
 
   it("answers GetCurrentUser from the row of this request, and refuses the next request once the user is disabled", async () => {

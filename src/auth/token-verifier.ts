@@ -44,6 +44,7 @@ interface TokenRow {
   expires_at: unknown;
   revoked_at: unknown;
   username: string;
+  user_created_at: unknown;
   user_tenant_id: string;
   user_scopes: string;
   user_disabled: unknown;
@@ -56,7 +57,7 @@ interface TokenRow {
  */
 const SELECT_TOKEN =
   "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.expires_at, k.revoked_at, " +
-  "u.username, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
+  "u.username, u.created_at as user_created_at, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
   "t.disabled as tenant_disabled " +
   "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
   "where k.public_id = ?";
@@ -129,6 +130,13 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
         throw new TesseraError("TOKEN_INVALID", UNKNOWN);
       }
       lastUsed.mark(API_TOKENS_TABLE, row.id);
+      // The owner as this query read it: GetCurrentUser answers from it without a second read.
+      state.user = {
+        id: row.owner_user_id,
+        username: row.username,
+        tenantId: row.user_tenant_id,
+        createdAt: toMillis(row.user_created_at) ?? 0,
+      };
       return {
         kind: "user",
         method: row.kind === "pat" ? "pat" : "api_key",
