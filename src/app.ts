@@ -97,7 +97,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
   const logger = options.logger ?? createLogger(config.log.level);
   const storage = await initORM({ url: config.database.url, debug: config.database.debug, migrate: true });
   try {
-    const sql = await createSqlRunner(storage);
+    const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
     const bootstrap = await ensureAdmin(storage.em.fork(), {
       username: config.admin.username,
       password: config.admin.password,

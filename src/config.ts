@@ -42,6 +42,7 @@ const ConfigSchema = z
       .object({
         url: z.string().min(1).default("sqlite:./data/tessera.db"),
         debug: z.boolean().default(false),
+        stateCacheSize: z.number().int().min(0).default(10_000),
       })
       .strict()
       .prefault({}),
@@ -219,6 +220,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "sqlite:<file> (or sqlite::memory:) for the embedded database; postgres://… selects PostgreSQL.",
   ],
   ["database.debug", "TESSERA_DATABASE_DEBUG", "bool", "false", "Log SQL (never parameters)."],
+  [
+    "database.stateCacheSize",
+    "TESSERA_STATE_CACHE_SIZE",
+    "int",
+    "10000",
+    "SQLite only: subjects (users, tokens, machine users) whose authentication state is kept in memory, emptied by any change to it; 0 reads it per request.",
+  ],
   ["admin.username", "TESSERA_ADMIN_USERNAME", "string", "admin", "Username of the bootstrap admin."],
   [
     "admin.password",

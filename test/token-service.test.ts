@@ -46,11 +46,20 @@ function withChecksum(head: string): string {
   return head + out.padStart(6, "0");
 }
 
-/** A SqlRunner that counts the statements it runs. */
+/** A SqlRunner that counts the statements asked of it (cached reads included, hit or miss). */
 function countingSql(inner: SqlRunner): SqlRunner & { calls: string[] } {
   const calls: string[] = [];
   return {
     calls,
+    cachedGet(sql, params) {
+      calls.push(sql);
+      return inner.cachedGet(sql, params);
+    },
+    cachedAll(sql, params) {
+      calls.push(sql);
+      return inner.cachedAll(sql, params);
+    },
+    cacheStats: () => inner.cacheStats(),
     get(sql, params) {
       calls.push(sql);
       return inner.get(sql, params);

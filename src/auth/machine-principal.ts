@@ -111,15 +111,15 @@ function toMachine(rows: readonly MachineRow[]): MachineAuthState {
 
 /**
  * Reads machine-user state with raw prepared statements (no ORM on the hot path): one
- * indexed look-up per request, so disabling, deletion, rotation and re-assignment apply
- * on the very next request.
+ * indexed look-up, or the state cache that every change empties first (SqlRunner.cachedAll),
+ * so disabling, deletion, rotation and re-assignment apply on the very next request.
  */
 export class MachineStateReader {
   constructor(private readonly sql: SqlRunner) {}
 
   /** The credential whose public id (token id or Basic username) is `publicId`. */
   async byCredential(publicId: string): Promise<MachineCredentialState | null> {
-    const rows = await this.sql.all<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]);
+    const rows = await this.sql.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]);
     if (rows.length === 0) return null;
     const first = rows[0]!;
     return {
@@ -132,7 +132,7 @@ export class MachineStateReader {
   }
 
   async byId(id: string): Promise<MachineAuthState | null> {
-    const rows = await this.sql.all<MachineRow>(SELECT_BY_ID, [id]);
+    const rows = await this.sql.cachedAll<MachineRow>(SELECT_BY_ID, [id]);
     return rows.length === 0 ? null : toMachine(rows);
   }
 
@@ -145,7 +145,7 @@ export class MachineStateReader {
     certificate: PeerCertificateInfo,
   ): Promise<{ bindingId: string; machine: MachineAuthState } | null> {
     const sans = certificate.sanUris.slice(0, 16);
-    const rows = await this.sql.all<BindingRow>(bindingQuery(sans.length), [
+    const rows = await this.sql.cachedAll<BindingRow>(bindingQuery(sans.length), [
       certificate.sha256Fingerprint,
       ...sans,
     ]);

@@ -53,7 +53,8 @@ interface TokenRow {
 
 /**
  * One indexed look-up (unique `public_id`) that brings the token, its owner and the
- * owner's tenant: everything the decision needs, read fresh on every request.
+ * owner's tenant: everything the decision needs, as current on every request (the state
+ * cache answering it is emptied by any change first: see SqlRunner.cachedGet).
  */
 const SELECT_TOKEN =
   "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.expires_at, k.revoked_at, " +
@@ -112,7 +113,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       if (parsed === null || parsed === "malformed") {
         throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
       }
-      const row = await sql.get<TokenRow>(SELECT_TOKEN, [parsed.id]);
+      const row = await sql.cachedGet<TokenRow>(SELECT_TOKEN, [parsed.id]);
       // A token of the other kind with a matching id is as unknown as no row at all.
       if (!row || row.kind !== expectedKind || row.tenant_id !== row.user_tenant_id) {
         throw new TesseraError("TOKEN_INVALID", UNKNOWN);

@@ -33,6 +33,8 @@ interface UserRow {
 const SELECT =
   "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, t.disabled as tenant_disabled " +
   "from users u join tenants t on t.id = u.tenant_id where ";
+const BY_ID = `${SELECT}u.id = ?`;
+const BY_USERNAME = `${SELECT}u.username = ?`;
 
 function toState(row: UserRow | undefined): UserAuthState | null {
   if (!row) return null;
@@ -48,16 +50,16 @@ function toState(row: UserRow | undefined): UserAuthState | null {
   };
 }
 
-/** Reads user rows with prepared statements (one indexed look-up). */
+/** Reads user rows with prepared statements (one indexed look-up, or the state cache: SqlRunner.cachedGet). */
 export class UserStateReader {
   constructor(private readonly sql: SqlRunner) {}
 
   async byId(id: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.get<UserRow>(`${SELECT}u.id = ?`, [id]));
+    return toState(await this.sql.cachedGet<UserRow>(BY_ID, [id]));
   }
 
   async byUsername(username: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.get<UserRow>(`${SELECT}u.username = ?`, [username]));
+    return toState(await this.sql.cachedGet<UserRow>(BY_USERNAME, [username]));
   }
 }
 
