@@ -91,22 +91,35 @@ function bindingQuery(sanCount: number): string {
   );
 }
 
+/** States folded from cached row lists (the state cache hands out the same frozen list until it changes). */
+const folded = new WeakMap<readonly MachineRow[], MachineAuthState>();
+
 /** Fold the rows of one machine user (one per assigned application) into its state. */
 function toMachine(rows: readonly MachineRow[]): MachineAuthState {
+  let state = folded.get(rows);
+  if (state === undefined) {
+    state = fold(rows);
+    folded.set(rows, state);
+  }
+  return state;
+}
+
+function fold(rows: readonly MachineRow[]): MachineAuthState {
   const first = rows[0]!;
   const applicationIds: string[] = [];
   for (const r of rows) if (r.application_id) applicationIds.push(r.application_id);
-  return {
+  // Frozen: every request authenticated by the same cached rows shares it.
+  return Object.freeze({
     id: first.id,
     tenantId: first.tenant_id,
     name: first.name,
-    scopes: parseScopeString(first.scopes),
+    scopes: Object.freeze(parseScopeString(first.scopes)) as string[],
     disabled: toBool(first.disabled),
     tenantDisabled: toBool(first.tenant_disabled),
-    applicationIds,
+    applicationIds: Object.freeze(applicationIds) as string[],
     rotatedAt: toMillis(first.rotated_at),
     rotationGraceUntil: toMillis(first.rotation_grace_until),
-  };
+  });
 }
 
 /**

@@ -65,6 +65,21 @@ const SELECT_TOKEN =
 
 const UNKNOWN = "token is not recognised";
 
+/** Effective scopes per row read (the state cache hands out the same frozen row until it changes). */
+const scopesOfRow = new WeakMap<TokenRow, string[]>();
+
+/** The token's scopes cut down to what its owner holds now. */
+function effectiveScopes(row: TokenRow): string[] {
+  let scopes = scopesOfRow.get(row);
+  if (scopes === undefined) {
+    scopes = Object.freeze(
+      intersectScopes(parseScopeString(row.scopes), parseScopeString(row.user_scopes)),
+    ) as string[];
+    scopesOfRow.set(row, scopes);
+  }
+  return scopes;
+}
+
 /**
  * Bearer verifier for personal access tokens and API keys, presented as
  * `Authorization: Bearer` or `X-API-Key`.
@@ -144,7 +159,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
         id: row.owner_user_id,
         tenantId: row.user_tenant_id,
         username: row.username,
-        scopes: intersectScopes(parseScopeString(row.scopes), parseScopeString(row.user_scopes)),
+        scopes: effectiveScopes(row),
         credentialId: row.id,
         certificate: state.certificate,
       };

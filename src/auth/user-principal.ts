@@ -36,18 +36,31 @@ const SELECT =
 const BY_ID = `${SELECT}u.id = ?`;
 const BY_USERNAME = `${SELECT}u.username = ?`;
 
+/** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
+const derived = new WeakMap<UserRow, UserAuthState>();
+
 function toState(row: UserRow | undefined): UserAuthState | null {
   if (!row) return null;
-  return {
+  let state = derived.get(row);
+  if (state === undefined) {
+    state = deriveState(row);
+    derived.set(row, state);
+  }
+  return state;
+}
+
+function deriveState(row: UserRow): UserAuthState {
+  // Frozen: every request authenticated by the same cached row shares it.
+  return Object.freeze({
     id: row.id,
     username: row.username,
     tenantId: row.tenant_id,
-    scopes: parseScopeString(row.scopes),
+    scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
     disabled: toBool(row.disabled),
     tenantDisabled: toBool(row.tenant_disabled),
     passwordHash: row.password_hash,
     createdAt: toMillis(row.created_at) ?? 0,
-  };
+  });
 }
 
 /** Reads user rows with prepared statements (one indexed look-up, or the state cache: SqlRunner.cachedGet). */
