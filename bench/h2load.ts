@@ -60,9 +60,9 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
   else
     args.push(
       "-D",
-      String(options.durationSeconds ?? 10),
+      `${Math.round((options.durationSeconds ?? 10) * 1000)}ms`,
       "--warm-up-time",
-      String(options.warmupSeconds ?? 1),
+      `${Math.round((options.warmupSeconds ?? 1) * 1000)}ms`,
     );
   for (const [k, v] of Object.entries(options.headers)) args.push("-H", `${k}: ${v}`);
   args.push(options.url);

@@ -26,6 +26,8 @@ export interface StartOptions {
   /** Given each output line, the URL once the server announces it listens. */
   ready(line: string): string | null;
   timeoutMs?: number;
+  /** CPU list (taskset syntax) the process and all its threads are confined to. */
+  cpus?: string | undefined;
 }
 
 /** A /proc/<pid>/status field in KiB (Linux), or NaN. */
@@ -52,7 +54,11 @@ export function procCpuMs(pid: number): number {
 
 /** Start a server process and wait until it announces its URL. */
 export async function startServerProcess(options: StartOptions): Promise<ServerProcess> {
-  const child: ChildProcess = spawn(options.command, options.args, {
+  // taskset execs the command in place: the pid (CPU and RSS readings) is the server's own.
+  const [command, args] = options.cpus
+    ? ["taskset", ["-c", options.cpus, options.command, ...options.args]]
+    : [options.command, options.args];
+  const child: ChildProcess = spawn(command, args, {
     cwd: options.cwd,
     env: options.env,
     stdio: ["ignore", "pipe", "pipe"],

@@ -16,9 +16,10 @@
  * 5. Login against raw PBKDF2, first use of a token, and a soak with the server's RSS.
  * 6. One table on stdout; bench/results/<date>.json and .md (or --out).
  */
-import { pbkdf2, randomBytes } from "node:crypto";
+import { spawnSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -41,7 +42,7 @@ import {
   type TargetResult,
   textTable,
 } from "./report.js";
-import { type LoadResult, type RawLoad, summarize } from "./stats.js";
+import { type LoadResult, pairedRatio, type RawLoad, runCpuUs, runRps, summarize } from "./stats.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 
@@ -60,6 +61,7 @@ const { values: flags } = parseArgs({
     only: { type: "string" },
     out: { type: "string" },
     tsx: { type: "boolean", default: false },
+    "no-pin": { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
     help: { type: "boolean", default: false },
   },
@@ -69,9 +71,10 @@ const { values: flags } = parseArgs({
 if (flags.help) {
   process.stdout.write(`usage: npm run bench -- [options]
   --smoke             a few hundred requests per scenario (the test suite runs this); also BENCH_SMOKE=1
-  --duration <s>      measured seconds per scenario, over all rounds (default 6)
-  --rounds <n>        interleaved rounds the duration is split into (default 2)
-  --warmup <s>        h2load warm-up seconds before each measured slice (default 1)
+  --duration <s>      measured seconds per scenario, over all rounds (default 10)
+  --rounds <n>        interleaved rounds the duration is split into (default 5); req/s and CPU
+                      per request are the median of the rounds
+  --warmup <s>        h2load warm-up seconds before each measured slice (default 0.5)
   --connections <n>   HTTP/2 connections (default 10)
   --streams <m>       concurrent streams per connection (default 10)
   --soak <n>          requests in the soak (default 100000)
@@ -81,7 +84,11 @@ if (flags.help) {
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --keep              keep the temporary folder (certificates, databases, build)
+  --no-pin            do not pin servers and load generators to separate CPUs (see below)
 Needs h2load: ${H2LOAD_INSTALL}
+With two or more CPUs and taskset (util-linux), each server runs on the last CPU and the
+load generators (and the raw PBKDF2 measurement's comparison, on the server's CPU) elsewhere,
+so that generator and server never take turns on one core.
 `);
   process.exit(0);
 }
@@ -98,9 +105,9 @@ function positive(value: string | undefined, fallback: number, name: string): nu
 }
 const settings = {
   smoke,
-  durationSeconds: positive(flags.duration, 6, "duration"),
-  rounds: Math.round(positive(flags.rounds, smoke ? 1 : 2, "rounds")),
-  warmupSeconds: positive(flags.warmup, 1, "warmup"),
+  durationSeconds: positive(flags.duration, 10, "duration"),
+  rounds: Math.round(positive(flags.rounds, smoke ? 1 : 5, "rounds")),
+  warmupSeconds: positive(flags.warmup, 0.5, "warmup"),
   connections: Math.round(positive(flags.connections, smoke ? 2 : 10, "connections")),
   streams: Math.round(positive(flags.streams, smoke ? 5 : 10, "streams")),
   /** Requests per scenario in smoke mode (no rounds, no warm-up phase). */
@@ -123,6 +130,23 @@ if (!h2load) {
   process.exit(2);
 }
 
+/**
+ * CPU pinning. On a small machine the load generator and the server otherwise share the
+ * cores, the scheduler moving them around; measured on the reference machine (2 cores),
+ * slices of one scenario then varied by ±20% in CPU per request, against about ±5% pinned.
+ * Every server (raw, bare, Tessera) gets the same single CPU, so the ratios compare like
+ * with like; the bench process, h2load and the Node generator use the remaining CPUs.
+ */
+const pinning = ((): { server: string; others: string } | null => {
+  if (flags["no-pin"]) return null;
+  const cpus = availableParallelism();
+  if (cpus < 2 || spawnSync("taskset", ["-V"]).status !== 0) return null;
+  const plan = { server: String(cpus - 1), others: cpus === 2 ? "0" : `0-${cpus - 2}` };
+  // Threads inherit the affinity: h2load and the Node generator follow the bench process.
+  const pinned = spawnSync("taskset", ["-a", "-p", "-c", plan.others, String(process.pid)]);
+  return pinned.status === 0 ? plan : null;
+})();
+
 // ---------------------------------------------------------------------------------------------
 // Shared state
 
@@ -141,6 +165,8 @@ const PROTOCOLS: Protocol[] = ["connect", "grpc"];
 const protocolName = (p: Protocol) => (p === "connect" ? "Connect JSON" : "gRPC");
 const work = mkdtempSync(join(tmpdir(), "tessera-bench-"));
 const results: ScenarioResult[] = [];
+/** The scenarios measured in rounds (their runs feed the paired ratios). */
+const scenarioList: Scenario[] = [];
 const notes: string[] = [];
 const skipped: string[] = [];
 const servers: ServerProcess[] = [];
@@ -193,6 +219,7 @@ async function startReference(
     command: launcher.command,
     args: [...launcher.args(script), certDir, ...(kind === "bare-adapter" ? ["tessera-adapter"] : [])],
     cwd: launcher.cwd,
+    cpus: pinning?.server,
     env: { ...process.env, BENCH_PORT: "0" },
     ready: (line) => {
       const m = /^\{"listening":(\d+)\}$/.exec(line.trim());
@@ -231,6 +258,7 @@ async function startTessera(
     command: launcher.command,
     args: [...launcher.args("src/main.ts"), "serve"],
     cwd: launcher.cwd,
+    cpus: pinning?.server,
     env,
     ready: (line) => {
       if (!line.startsWith("{")) return null;
@@ -390,6 +418,7 @@ async function verify(s: Scenario): Promise<void> {
 /** Drive one slice of load with the scenario's generator, sampling the server's RSS. */
 async function drive(s: Scenario, how: { requests: number } | { durationSeconds: number }): Promise<RawLoad> {
   await s.before?.();
+  const startedAt = Date.now();
   const headers = { ...protocolHeaders(s.protocol), ...s.headers };
   const common = {
     headers,
@@ -419,7 +448,7 @@ async function drive(s: Scenario, how: { requests: number } | { durationSeconds:
             grpc: s.protocol === "grpc" && !s.expect.grpc.code,
             tls: s.tls,
           });
-    return run;
+    return { ...run, startedAt };
   } finally {
     s.peakRssKb = Math.max(s.peakRssKb, sampler.stop());
   }
@@ -456,22 +485,40 @@ function record(s: Scenario, result: LoadResult, note?: string): ScenarioResult 
   return row;
 }
 
-/** Raw PBKDF2-SHA256 rate at 600,000 iterations: `parallel` hashes at a time on the libuv pool for `seconds`. */
-async function pbkdf2Rate(parallel: number, seconds: number): Promise<number> {
-  const until = Date.now() + seconds * 1000;
-  const started = Date.now();
-  let done = 0;
-  const lane = async () => {
-    while (Date.now() < until) {
-      await new Promise<void>((res, rej) =>
-        pbkdf2("bench-password-123", randomBytes(16), 600_000, 32, "sha256", (e) => (e ? rej(e) : res())),
-      );
-      done++;
-    }
-  };
-  await Promise.all(Array.from({ length: parallel }, lane));
-  return done / ((Date.now() - started) / 1000);
+/**
+ * Raw PBKDF2-SHA256 rate at 600,000 iterations: `parallel` hashes at a time on a child
+ * process's libuv pool for `seconds`. The child runs on the servers' CPU when pinning is
+ * on, so Login and the raw rate get the same CPU budget.
+ */
+function pbkdf2Rate(parallel: number, seconds: number): number {
+  const command = pinning ? "taskset" : process.execPath;
+  const args = [...(pinning ? ["-c", pinning.server, process.execPath] : []), "-e", PBKDF2_PROBE];
+  const child = spawnSync(command, args, {
+    encoding: "utf8",
+    env: { ...process.env, PARALLEL: String(parallel), SECONDS: String(seconds) },
+  });
+  const rate = Number(child.stdout.trim());
+  if (child.status !== 0 || !Number.isFinite(rate))
+    throw new Error(`PBKDF2 rate probe failed: ${child.stderr}`);
+  return rate;
 }
+
+/** Source of the PBKDF2 probe (plain JavaScript, run with `node -e`). */
+const PBKDF2_PROBE = `
+const { pbkdf2, randomBytes } = require("node:crypto");
+const parallel = Number(process.env.PARALLEL), seconds = Number(process.env.SECONDS);
+const until = Date.now() + seconds * 1000, started = Date.now();
+let done = 0;
+const lane = async () => {
+  while (Date.now() < until) {
+    await new Promise((res, rej) =>
+      pbkdf2("bench-password-123", randomBytes(16), 600000, 32, "sha256", (e) => (e ? rej(e) : res())));
+    done++;
+  }
+};
+Promise.all(Array.from({ length: parallel }, lane)).then(() =>
+  console.log(done / ((Date.now() - started) / 1000)));
+`;
 
 // ---------------------------------------------------------------------------------------------
 // The run
@@ -777,6 +824,7 @@ async function run(): Promise<void> {
   const selected = scenarios.filter(
     (s) => wanted(s.id) || (wanted("mtls") && (s.id === "raw-node" || s.id === "bare-node")),
   );
+  scenarioList.push(...selected);
 
   // ---- check each scenario once, then warm every server up (a fresh process runs cold: lazy compilation, JIT)
   log("checking every scenario with a real client…");
@@ -790,16 +838,34 @@ async function run(): Promise<void> {
     await drive(s, settings.smoke ? { requests: 100 } : { durationSeconds: 2 });
   }
 
-  // ---- measure, in interleaved rounds
+  // ---- measure, in interleaved rounds. The baselines (bare Connect, per protocol and
+  // generator) are measured again whenever a scenario is about to run more than
+  // BASELINE_EVERY_MS after their last slice, so that every slice has a baseline slice
+  // close to it in time (the ratios pair them: see pairedRatio).
+  const BASELINE_EVERY_MS = 12_000;
+  const baselineOf = (s: Scenario) =>
+    selected.find(
+      (b) => b.id === (s.generator === "h2load" ? "bare" : "bare-node") && b.protocol === s.protocol,
+    );
+  const measure = async (s: Scenario) => {
+    const run = await drive(s, slice());
+    s.runs.push(run);
+    const r = summarize([run]);
+    log(
+      `  ${s.id.padEnd(18)} ${protocolName(s.protocol).padEnd(12)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms  ${r.errors} errors${r.cpuUsPerRequest ? `  ${r.cpuUsPerRequest.toFixed(0)} µs CPU/req` : ""}`,
+    );
+  };
   for (let round = 1; round <= settings.rounds; round++) {
     log(`round ${round} of ${settings.rounds}`);
     for (const s of selected) {
-      const run = await drive(s, slice());
-      s.runs.push(run);
-      const r = summarize([run]);
-      log(
-        `  ${s.id.padEnd(18)} ${protocolName(s.protocol).padEnd(12)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms  ${r.errors} errors${r.cpuUsPerRequest ? `  ${r.cpuUsPerRequest.toFixed(0)} µs CPU/req` : ""}`,
-      );
+      const baseline = baselineOf(s);
+      if (baseline && baseline !== s && !settings.smoke) {
+        const last = baseline.runs.at(-1)?.startedAt ?? 0;
+        if (Date.now() - last > BASELINE_EVERY_MS) await measure(baseline);
+      }
+      // A baseline measured moments ago for the scenario before is not measured twice.
+      if (s === baseline && s.runs.length >= round && !settings.smoke) continue;
+      await measure(s);
     }
   }
   for (const s of selected) record(s, summarize(s.runs));
@@ -861,7 +927,7 @@ async function run(): Promise<void> {
     })) {
       await verify(s);
       // The raw rate right before each login run, so that both see the same machine.
-      const rate = await pbkdf2Rate(parallel, smoke ? 1 : 4);
+      const rate = pbkdf2Rate(parallel, smoke ? 1 : 4);
       rates.push(rate);
       log(
         `  raw PBKDF2-SHA256 (600,000 iterations, ${parallel} at a time on the libuv pool): ${rate.toFixed(1)} hashes/s`,
@@ -928,16 +994,22 @@ function find(id: string, protocol: Protocol): ScenarioResult | undefined {
   return results.find((r) => r.id === id && r.protocol === protocol);
 }
 
+/** The measured runs of a scenario (rounds), for paired ratios. */
+function scenarioRuns(id: string, protocol: Protocol): RawLoad[] | undefined {
+  return scenarioList.find((s) => s.id === id && s.protocol === protocol)?.runs;
+}
+
 function computeRatios(): void {
   for (const r of results) {
     if (r.kind === "login") continue;
     const suffix = r.generator === "h2load" ? "" : "-node";
-    const bare = find(`bare${suffix}`, r.protocol);
-    const raw = find(`raw${suffix}`, r.protocol);
-    r.ratioToBare = bare ? r.rps / bare.rps : null;
-    r.ratioToRaw = raw ? r.rps / raw.rps : null;
-    r.cpuRatioToBare =
-      bare?.cpuUsPerRequest && r.cpuUsPerRequest ? bare.cpuUsPerRequest / r.cpuUsPerRequest : null;
+    const bare = scenarioRuns(`bare${suffix}`, r.protocol);
+    const raw = scenarioRuns(`raw${suffix}`, r.protocol);
+    const own = scenarioRuns(r.id, r.protocol);
+    if (!own) continue;
+    r.ratioToBare = bare ? pairedRatio(own, bare, runRps) : null;
+    r.ratioToRaw = raw ? pairedRatio(own, raw, runRps) : null;
+    r.cpuRatioToBare = bare ? pairedRatio(own, bare, runCpuUs, true) : null;
   }
 }
 
@@ -1040,7 +1112,10 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   mkdirSync(outDir, { recursive: true });
   const load = smoke
     ? `${settings.smokeRequests} requests per scenario (smoke), ${settings.connections} connections × ${settings.streams} streams`
-    : `${settings.durationSeconds} s per scenario in ${settings.rounds} interleaved rounds, each slice after a ${settings.warmupSeconds} s h2load warm-up; ${settings.connections} connections × ${settings.streams} streams`;
+    : `${settings.durationSeconds} s per scenario in ${settings.rounds} interleaved rounds, each slice after a ${settings.warmupSeconds} s h2load warm-up; ${settings.connections} connections × ${settings.streams} streams; req/s and CPU µs/req are the median of the rounds, latencies over all of them`;
+  const cpus = pinning
+    ? `each server pinned to CPU ${pinning.server}, load generators on CPU ${pinning.others} (taskset)`
+    : "no CPU pinning";
   const server =
     "Tessera through its CLI (`serve`), SQLite in a temporary folder, TLS with a development CA, mTLS optional, " +
     "rate limits off (TESSERA_RATE_LIMIT=false) unless a scenario says otherwise, access tokens valid 2 h";
@@ -1049,6 +1124,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     mode: smoke ? "smoke" : "full",
     runtime: launcher.runtime,
     load,
+    cpus,
     server,
   };
   const { firstUse, pbkdf2, soak } = extras;
@@ -1056,7 +1132,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     `### ${date}${smoke ? " (smoke run)" : ""}`,
     "",
     `Machine: ${machine.nproc} × ${machine.cpuModel}, ${machine.memoryGiB} GiB RAM, Node ${machine.node}, ${machine.h2load}, ${machine.platform}.`,
-    `Load: ${load}. Servers: ${launcher.runtime === "compiled" ? "compiled JavaScript" : "TypeScript through tsx"}; ${server}.`,
+    `Load: ${load}; ${cpus}. Servers: ${launcher.runtime === "compiled" ? "compiled JavaScript" : "TypeScript through tsx"}; ${server}.`,
     "",
     markdownTable(results),
     "",

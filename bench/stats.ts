@@ -11,6 +11,52 @@ export interface RawLoad {
   statuses: Record<string, number>;
   /** CPU time the server process used during the measured phase (user + system), in ms. */
   serverCpuMs?: number;
+  /** When the run started (epoch ms): pairs a scenario's slice with the nearest baseline slice. */
+  startedAt?: number;
+}
+
+/** Requests per second of one run. */
+export function runRps(run: RawLoad): number {
+  return run.seconds > 0 ? run.latenciesUs.length / run.seconds : 0;
+}
+
+/** Server CPU µs per request of one run, or null. */
+export function runCpuUs(run: RawLoad): number | null {
+  return run.serverCpuMs !== undefined && run.latenciesUs.length > 0
+    ? (run.serverCpuMs * 1000) / run.latenciesUs.length
+    : null;
+}
+
+/**
+ * A scenario against a baseline, slice by slice: each of the scenario's runs is divided by
+ * the baseline run that started nearest to it in time, and the median of those ratios is
+ * returned. On a machine whose speed drifts (other tenants, CPU frequency), a slice and its
+ * nearest baseline slice saw the same machine; whole-run averages did not.
+ */
+export function pairedRatio(
+  runs: readonly RawLoad[],
+  baseline: readonly RawLoad[],
+  value: (run: RawLoad) => number | null,
+  invert = false,
+): number | null {
+  const ratios: number[] = [];
+  for (const run of runs) {
+    let nearest: RawLoad | undefined;
+    for (const b of baseline) {
+      if (
+        nearest === undefined ||
+        Math.abs((b.startedAt ?? 0) - (run.startedAt ?? 0)) <
+          Math.abs((nearest.startedAt ?? 0) - (run.startedAt ?? 0))
+      )
+        nearest = b;
+    }
+    if (!nearest) continue;
+    const a = value(run);
+    const b = value(nearest);
+    if (a === null || b === null || a <= 0 || b <= 0) continue;
+    ratios.push(invert ? b / a : a / b);
+  }
+  return ratios.length > 0 ? median(ratios) : null;
 }
 
 /** What a scenario measured. */
@@ -36,7 +82,17 @@ export function percentile(sorted: ArrayLike<number>, p: number): number {
   return sorted[Math.min(sorted.length, Math.max(1, rank)) - 1]!;
 }
 
-/** Merge runs of one scenario (rounds) and summarise them. */
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+/**
+ * Merge runs of one scenario (rounds) and summarise them. Latency percentiles come from
+ * all requests of all rounds; requests/s and CPU per request are the median of the
+ * rounds, so that a slow spell of the machine during one slice does not decide a ratio.
+ */
 export function summarize(runs: readonly RawLoad[]): LoadResult {
   if (runs.length === 0) throw new Error("nothing to summarise");
   let total = 0;
@@ -53,20 +109,19 @@ export function summarize(runs: readonly RawLoad[]): LoadResult {
   const seconds = runs.reduce((a, r) => a + r.seconds, 0);
   const statuses: Record<string, number> = {};
   for (const r of runs) for (const [k, v] of Object.entries(r.statuses)) statuses[k] = (statuses[k] ?? 0) + v;
-  const cpuRuns = runs.filter((r) => r.serverCpuMs !== undefined);
-  const cpuMs = cpuRuns.reduce((a, r) => a + r.serverCpuMs!, 0);
-  const cpuRequests = cpuRuns.reduce((a, r) => a + r.latenciesUs.length, 0);
+  const cpuRuns = runs.filter((r) => r.serverCpuMs !== undefined && r.latenciesUs.length > 0);
   return {
     generator: runs[0]!.generator,
     requests: total,
     seconds,
-    rps: seconds > 0 ? total / seconds : 0,
+    rps: median(runs.map(runRps)),
     p50Ms: percentile(sorted, 50) / 1000,
     p99Ms: percentile(sorted, 99) / 1000,
     meanMs: total > 0 ? sum / total / 1000 : Number.NaN,
     maxMs: total > 0 ? sorted[total - 1]! / 1000 : Number.NaN,
     errors: runs.reduce((a, r) => a + r.errors, 0),
     statuses,
-    cpuUsPerRequest: cpuRequests > 0 ? (cpuMs * 1000) / cpuRequests : null,
+    cpuUsPerRequest:
+      cpuRuns.length > 0 ? median(cpuRuns.map((r) => (r.serverCpuMs! * 1000) / r.latenciesUs.length)) : null,
   };
 }
