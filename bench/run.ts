@@ -55,6 +55,7 @@ const { values: flags } = parseArgs({
     duration: { type: "string" },
     rounds: { type: "string" },
     warmup: { type: "string" },
+    "server-warmup": { type: "string" },
     connections: { type: "string" },
     streams: { type: "string" },
     soak: { type: "string" },
@@ -75,6 +76,7 @@ if (flags.help) {
   --rounds <n>        interleaved rounds the duration is split into (default 5); req/s and CPU
                       per request are the median of the rounds
   --warmup <s>        h2load warm-up seconds before each measured slice (default 0.5)
+  --server-warmup <s> load per server and protocol before the first round (default 8)
   --connections <n>   HTTP/2 connections (default 10)
   --streams <m>       concurrent streams per connection (default 10)
   --soak <n>          requests in the soak (default 100000)
@@ -108,6 +110,14 @@ const settings = {
   durationSeconds: positive(flags.duration, 10, "duration"),
   rounds: Math.round(positive(flags.rounds, smoke ? 1 : 5, "rounds")),
   warmupSeconds: positive(flags.warmup, 0.5, "warmup"),
+  /**
+   * Load each server takes per protocol before any measurement. A fresh Node process
+   * needs several seconds of load before its JIT tiers and young-generation size settle:
+   * with 2 s, servers serving one scenario only (JWT EdDSA, ES256, rate limits on) were
+   * measured at up to twice their settled CPU per request, against a main server warmed
+   * by every other scenario.
+   */
+  serverWarmupSeconds: positive(flags["server-warmup"], 8, "server-warmup"),
   connections: Math.round(positive(flags.connections, smoke ? 2 : 10, "connections")),
   streams: Math.round(positive(flags.streams, smoke ? 5 : 10, "streams")),
   /** Requests per scenario in smoke mode (no rounds, no warm-up phase). */
@@ -835,7 +845,7 @@ async function run(): Promise<void> {
     const key = `${s.server.name}/${s.protocol}/${s.generator}`;
     if (warmed.has(key)) continue;
     warmed.add(key);
-    await drive(s, settings.smoke ? { requests: 100 } : { durationSeconds: 2 });
+    await drive(s, settings.smoke ? { requests: 100 } : { durationSeconds: settings.serverWarmupSeconds });
   }
 
   // ---- measure, in interleaved rounds. The baselines (bare Connect, per protocol and
