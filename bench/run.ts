@@ -75,7 +75,7 @@ if (flags.help) {
   --duration <s>      measured seconds per scenario, over all rounds (default 10)
   --rounds <n>        interleaved rounds the duration is split into (default 5); req/s and CPU
                       per request are the median of the rounds
-  --warmup <s>        h2load warm-up seconds before each measured slice (default 0.5)
+  --warmup <s>        h2load warm-up seconds before each measured slice (default 2)
   --server-warmup <s> load per server and protocol before the first round (default 8)
   --connections <n>   HTTP/2 connections (default 10)
   --streams <m>       concurrent streams per connection (default 10)
@@ -109,7 +109,13 @@ const settings = {
   smoke,
   durationSeconds: positive(flags.duration, 10, "duration"),
   rounds: Math.round(positive(flags.rounds, smoke ? 1 : 5, "rounds")),
-  warmupSeconds: positive(flags.warmup, 0.5, "warmup"),
+  /**
+   * h2load warm-up before each measured slice. Between its slices a server sits idle for
+   * a round (a minute or two), and V8 meanwhile shrinks its heap and ages out compiled
+   * code: measured on the reference machine, a slice after 60 s idle cost 571 µs per
+   * request after a 0.5 s warm-up against 268 µs after 2 s, the steady state.
+   */
+  warmupSeconds: positive(flags.warmup, 2, "warmup"),
   /**
    * Load each server takes per protocol before any measurement. A fresh Node process
    * needs several seconds of load before its JIT tiers and young-generation size settle:
