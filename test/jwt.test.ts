@@ -1,4 +1,4 @@
-import { createLocalJWKSet, decodeProtectedHeader, jwtVerify } from "jose";
+import { createLocalJWKSet, decodeJwt, decodeProtectedHeader, jwtVerify } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
@@ -119,7 +119,9 @@ describe("JWT claim checks", () => {
   });
 
   it("expires access tokens after their configured lifetime (no skew)", async () => {
-    const app = await createTestApp(SQLITE, { auth: { jwt: { accessTokenTtl: 1, clockSkew: 0 } } });
+    // 2 s, not 1: `exp` has whole-second resolution, so a 1 s token issued late in a second
+    // could already be expired at the first call on a slow machine.
+    const app = await createTestApp(SQLITE, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } });
     try {
       const login = await clientFor(UserService, memoryTransport(app)).login({
         username: "admin",
@@ -127,7 +129,10 @@ describe("JWT claim checks", () => {
       });
       const client = clientFor(UserService, memoryTransport(app), login.accessToken);
       await expect(client.getCurrentUser({})).resolves.toBeDefined();
-      await new Promise((r) => setTimeout(r, 2100));
+      // Until just past the token's own `exp` (and no longer: the lifetime is what is tested).
+      const { exp, iat } = decodeJwt(login.accessToken) as { exp: number; iat: number };
+      expect(exp - iat).toBe(2);
+      await new Promise((r) => setTimeout(r, Math.max(0, exp * 1000 - Date.now()) + 100));
       expect((await rejection(client.getCurrentUser({}))).reason).toBe("TOKEN_EXPIRED");
     } finally {
       await app.close();
