@@ -1,7 +1,7 @@
 import { execFile, spawnSync } from "node:child_process";
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import type { RawLoad } from "./stats.js";
+import type { LoadShape, RawLoad } from "./stats.js";
 
 /** The command that installs h2load on Debian and Ubuntu. */
 export const H2LOAD_INSTALL = "apt-get update && apt-get install -y nghttp2-client";
@@ -14,24 +14,12 @@ export function h2loadVersion(): string | null {
 }
 
 /** One h2load run. */
-export interface H2loadOptions {
+export interface H2loadOptions extends LoadShape {
   url: string;
   /** File whose bytes are POSTed as every request's body. */
   bodyFile: string;
-  headers: Record<string, string>;
-  connections: number;
-  streams: number;
-  /** Measure for this many seconds (after `warmupSeconds`) … */
-  durationSeconds?: number;
-  warmupSeconds?: number;
-  /** … or send exactly this many requests. */
-  requests?: number;
-  /** HTTP status every response must have (a refusal scenario expects 401). */
-  expectStatus: number;
   /** Where to put the per-request log (deleted after parsing). */
   workDir: string;
-  /** The server's CPU time so far (ms), read when the measured phase starts and ends. */
-  serverCpuMs?: () => number;
 }
 
 /**

@@ -1,27 +1,15 @@
 import http2 from "node:http2";
-import type { RawLoad } from "./stats.js";
+import type { LoadShape, RawLoad } from "./stats.js";
 
 /** One run of the Node load generator. */
-export interface NodeLoadOptions {
+export interface NodeLoadOptions extends LoadShape {
   /** https://host:port */
   origin: string;
   path: string;
   body: Uint8Array;
-  headers: Record<string, string>;
-  /** HTTP/2 connections (sessions) … */
-  connections: number;
-  /** … each with this many requests in flight. */
-  streams: number;
-  durationSeconds?: number;
-  warmupSeconds?: number;
-  /** Or exactly this many requests (no warm-up). */
-  requests?: number;
-  expectStatus: number;
   /** gRPC: also require `grpc-status: 0` in the trailers (or headers, for trailers-only responses). */
   grpc: boolean;
   tls: { ca: Buffer; cert?: Buffer; key?: Buffer };
-  /** The server's CPU time so far (ms), read when the measured phase starts and ends. */
-  serverCpuMs?: () => number;
 }
 
 /**

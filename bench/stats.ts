@@ -1,3 +1,21 @@
+/** The load either generator applies (h2load, bench/node-load.ts), and what it checks. */
+export interface LoadShape {
+  headers: Record<string, string>;
+  /** HTTP/2 connections (sessions) … */
+  connections: number;
+  /** … each with this many requests in flight. */
+  streams: number;
+  /** Measure for this many seconds (after `warmupSeconds`) … */
+  durationSeconds?: number;
+  warmupSeconds?: number;
+  /** … or send exactly this many requests (no warm-up). */
+  requests?: number;
+  /** HTTP status every response must have (a refusal scenario expects 401). */
+  expectStatus: number;
+  /** The server's CPU time so far (ms), read when the measured phase starts and ends. */
+  serverCpuMs?: () => number;
+}
+
 /** What one load run observed, before summarising (runs of one scenario are merged). */
 export interface RawLoad {
   /** Which generator drove the load: "h2load" or "node-http2". */
