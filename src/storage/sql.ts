@@ -170,6 +170,8 @@ function tablesOf(sql: string): string[] {
  *   per request: in a loaded server the statement cost ~9 µs, and a turn serves many.)
  * - while this connection is inside a transaction, reads bypass the cache and store
  *   nothing (they could see writes that are then rolled back).
+ * Any write to a watched table empties the whole cache (the coalesced last-used writes too,
+ * once per flush interval): changes to who may authenticate are rare next to reads.
  * Only rows found are kept (an insert can never be hidden by a remembered "no row"), and
  * every time-based rule (expiry, rotation grace) is still evaluated by the caller against
  * the clock on each request. Rows are frozen: callers share them.
@@ -235,7 +237,7 @@ class StateCache {
     this.counters.misses++;
     const value = load();
     if (value !== undefined && !(Array.isArray(value) && value.length === 0))
-      bucket.set(key, deepFreeze(value as object));
+      bucket.set(key, freezeRows(value as object));
     return value;
   }
 
@@ -249,7 +251,8 @@ class StateCache {
   }
 }
 
-function deepFreeze<T extends object>(value: T): T {
+/** Freeze a row, or a list of rows and each row in it (rows are flat). */
+function freezeRows<T extends object>(value: T): T {
   if (Array.isArray(value)) for (const v of value) if (v && typeof v === "object") Object.freeze(v);
   return Object.freeze(value);
 }
