@@ -54,8 +54,7 @@ import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
 
-/** The service version reported by /health. */
-export const VERSION = "0.1.0";
+export { VERSION } from "./version.js";
 
 /** Everything a running Tessera is made of, independent of the transport serving it. */
 export interface App {

@@ -1,8 +1,8 @@
 import { Command, CommanderError } from "commander";
-import { VERSION } from "./app.js";
 import { describeClientError, registerClientCommands } from "./cli/client-commands.js";
 import { registerServerCommands } from "./cli/server-commands.js";
 import { ConfigError } from "./config.js";
+import { VERSION } from "./version.js";
 
 /** Exit codes (documented in --help). */
 export const EXIT = {

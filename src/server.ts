@@ -7,7 +7,6 @@ import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import { cors as connectCors, createContextValues } from "@connectrpc/connect";
 import type { App } from "./app.js";
-import { VERSION } from "./app.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
@@ -15,6 +14,7 @@ import type { Config } from "./config.js";
 import { createConnectHandler } from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
 import { type ErrorReason, REASONS } from "./errors.js";
+import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest;
 type Response = ServerResponse | http2.Http2ServerResponse;

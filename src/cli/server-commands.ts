@@ -1,12 +1,30 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
-import { createApp } from "../app.js";
-import { ensureAdmin } from "../bootstrap.js";
-import { createClientCertificate, ensureDevCertificates } from "../certs/dev-ca.js";
 import { type ConfigInput, loadConfig } from "../config.js";
-import { createLogger } from "../logger.js";
-import { startServer } from "../server.js";
-import { initORM } from "../storage/orm.js";
+
+/**
+ * The server's modules, loaded when a server command runs rather than with the CLI (the
+ * client commands never need them, and loading them took most of a client call's time).
+ * MikroORM is loaded first, by storage/orm-async-context.ts, which must happen before any
+ * module graph importing it is linked: hence dynamic imports, in this order.
+ */
+async function serverModules() {
+  await import("../storage/orm-async-context.js");
+  const [app, bootstrap, logger, server, orm] = await Promise.all([
+    import("../app.js"),
+    import("../bootstrap.js"),
+    import("../logger.js"),
+    import("../server.js"),
+    import("../storage/orm.js"),
+  ]);
+  return {
+    createApp: app.createApp,
+    ensureAdmin: bootstrap.ensureAdmin,
+    createLogger: logger.createLogger,
+    startServer: server.startServer,
+    initORM: orm.initORM,
+  };
+}
 
 /** Options shared by the server-side commands. */
 interface ServerFlags {
@@ -54,6 +72,7 @@ export function registerServerCommands(program: Command): void {
       .option("--insecure-plaintext", "serve without TLS (development only)"),
   ).action(async (flags: ServerFlags) => {
     const config = configFrom(flags);
+    const { createApp, createLogger, startServer } = await serverModules();
     const logger = createLogger(config.log.level);
     const app = await createApp(config, { logger });
     if (app.bootstrap.generatedPassword) {
@@ -90,6 +109,7 @@ export function registerServerCommands(program: Command): void {
     program.command("migrate").description("apply pending database migrations and exit"),
   ).action(async (flags: ServerFlags) => {
     const config = configFrom(flags);
+    const { initORM } = await serverModules();
     const storage = await initORM({ url: config.database.url, migrate: false });
     try {
       const applied = await storage.migrate();
@@ -107,6 +127,7 @@ export function registerServerCommands(program: Command): void {
       ),
   ).action(async (flags: ServerFlags) => {
     const config = configFrom(flags);
+    const { ensureAdmin, initORM } = await serverModules();
     const storage = await initORM({ url: config.database.url, migrate: true });
     try {
       const result = await ensureAdmin(storage.em.fork(), {
@@ -130,6 +151,7 @@ export function registerServerCommands(program: Command): void {
     .option("--cert-dir <dir>", "certificate folder (env: TESSERA_CERT_DIR)")
     .action(async (flags: { certDir?: string }) => {
       const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
+      const { ensureDevCertificates } = await import("../certs/dev-ca.js");
       const result = await ensureDevCertificates(dir);
       showOnce(
         result.created
@@ -146,6 +168,7 @@ export function registerServerCommands(program: Command): void {
     .action(async (name: string, flags: { certDir?: string; out?: string; sanUri?: string }) => {
       const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
       const out = resolve(flags.out ?? name);
+      const { createClientCertificate } = await import("../certs/dev-ca.js");
       const result = await createClientCertificate(
         dir,
         name,

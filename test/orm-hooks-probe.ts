@@ -1,0 +1,72 @@
+/**
+ * Run in a fresh process by test/orm-async-context.test.ts (promise hooks are process-wide,
+ * and a test worker may already have loaded MikroORM): starts the server through the CLI's
+ * `serve`, exactly as `tessera serve` does, makes calls that write through the ORM (Login:
+ * refresh token and audit event), and reports as one JSON line whether promise hooks are on.
+ *
+ * Environment: PROBE_PORT (a free port), PROBE_DB (database URL); the admin password comes
+ * from TESSERA_ADMIN_PASSWORD.
+ */
+import { executionAsyncId } from "node:async_hooks";
+import http2 from "node:http2";
+// Nothing else from src/ before main(): the probe must see the load order `tessera serve` has.
+import { main } from "../src/main.js";
+
+/** As in orm-async-context.ts (not imported from there: importing it would load MikroORM here). */
+async function promiseHooksActive(): Promise<boolean> {
+  await null;
+  return executionAsyncId() !== 0;
+}
+
+const port = process.env.PROBE_PORT ?? "0";
+const report: Record<string, unknown> = { beforeStartup: await promiseHooksActive() };
+
+// Migrations, default tenant and admin bootstrap run here: flushes and transactions.
+const code = await main([
+  "node",
+  "tessera",
+  "serve",
+  "--insecure-plaintext",
+  "--port",
+  port,
+  "--database",
+  process.env.PROBE_DB ?? "sqlite::memory:",
+]);
+report.serveExit = code;
+report.scoped = (await import("../src/storage/orm-async-context.js")).ormStoragesScoped;
+report.afterStartup = await promiseHooksActive();
+
+// h2c with prior knowledge (the plaintext development mode serves HTTP/2 only).
+const session = http2.connect(`http://127.0.0.1:${port}`);
+function call(method: string, body: unknown, token?: string) {
+  return new Promise<{ status: number; body: Record<string, unknown> }>((resolve, reject) => {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": `/tessera.v1.UserService/${method}`,
+      "content-type": "application/json",
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+    });
+    let status = 0;
+    let text = "";
+    stream.on("response", (headers) => {
+      status = Number(headers[":status"]);
+    });
+    stream.setEncoding("utf8");
+    stream.on("data", (chunk: string) => {
+      text += chunk;
+    });
+    stream.on("end", () => resolve({ status, body: JSON.parse(text) as Record<string, unknown> }));
+    stream.on("error", reject);
+    stream.end(JSON.stringify(body));
+  });
+}
+
+const login = await call("Login", { username: "admin", password: process.env.TESSERA_ADMIN_PASSWORD });
+report.loginStatus = login.status;
+const me = await call("GetCurrentUser", {}, String(login.body.accessToken));
+report.meStatus = me.status;
+report.me = me.body;
+report.afterWrites = await promiseHooksActive();
+session.close();
+process.stdout.write(`${JSON.stringify(report)}\n`);
+process.exit(0);
