@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import { BetterSqliteDriver, MikroORM as BetterSqliteORM } from "@mikro-orm/better-sqlite";
 import type { MikroORM, Options } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
@@ -62,6 +63,26 @@ export interface InitOrmOptions {
   migrate?: boolean;
 }
 
+/** Attempts of {@link Storage.migrate} when another schema vanished under its introspection. */
+const MIGRATE_ATTEMPTS = 4;
+
+/**
+ * Whether a migration failed because a schema or table of *another* schema was dropped
+ * while MikroORM's migrator looked for its own table: it lists every table of the database
+ * (information_schema) and then resolves each name (`::regclass`), so a concurrent
+ * `DROP SCHEMA` anywhere in the database (a neighbour's schema, a test's) fails it with
+ * 3F000 (invalid schema name) or 42P01 (undefined table). Nothing was applied (migrations
+ * run in one transaction, after that look-up), so trying again is safe; a migration that
+ * itself names a missing relation fails every attempt and is reported as it is.
+ */
+export function isSchemaDroppedMeanwhile(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 3; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === "3F000" || code === "42P01") return true;
+  }
+  return false;
+}
+
 /** Connect to the configured database (migrations run on request). */
 export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
@@ -119,8 +140,16 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     target,
     async migrate() {
       const migrator = orm.getMigrator();
-      const applied = await migrator.up();
-      return applied.map((m) => m.name);
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const applied = await migrator.up();
+          return applied.map((m) => m.name);
+        } catch (err) {
+          if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
+            throw err;
+          await sleep(25 * attempt);
+        }
+      }
     },
     async ping() {
       try {
