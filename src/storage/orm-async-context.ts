@@ -24,9 +24,12 @@
  * briefly replaced by the scoped class, and puts the original back before returning. No
  * other module can observe the swap: it lasts one synchronous `require`, and nothing but
  * MikroORM's own storages is created in it. It only works if it runs before anything else
- * loads MikroORM, so every module of Tessera that imports a value from `@mikro-orm/*`
- * imports this module first (test/orm-async-context.test.ts checks that, and checks in a
- * fresh process that the hooks are off again after ORM writes).
+ * loads MikroORM. Import order within one module graph cannot promise that (Node evaluates
+ * a CommonJS package imported by ES modules while linking the graph, before any module
+ * body runs), so the server commands import this module first and the server's modules
+ * after it, dynamically (src/cli/server-commands.ts). test/orm-async-context.test.ts
+ * checks in a fresh `tessera serve` process that the storages are scoped and that promise
+ * hooks are off after startup and after ORM writes.
  */
 import type { AsyncLocalStorage as NodeAsyncLocalStorage } from "node:async_hooks";
 import { createRequire } from "node:module";
