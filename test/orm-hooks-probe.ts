@@ -12,7 +12,10 @@ import http2 from "node:http2";
 // Nothing else from src/ before main(): the probe must see the load order `tessera serve` has.
 import { main } from "../src/main.js";
 
-/** As in orm-async-context.ts (not imported from there: importing it would load MikroORM here). */
+/**
+ * Whether promise hooks are on in this process right now (some AsyncLocalStorage or async
+ * hook enabled): with them off, code after an `await` runs with async id 0.
+ */
 async function promiseHooksActive(): Promise<boolean> {
   await null;
   return executionAsyncId() !== 0;

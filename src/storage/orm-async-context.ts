@@ -125,12 +125,3 @@ export const ormStoragesScoped: boolean = (() => {
   const storage = (core.TransactionContext as { storage?: Record<symbol, unknown> }).storage;
   return storage?.[SCOPED] === true;
 })();
-
-/**
- * Whether promise hooks are on in this process right now (some AsyncLocalStorage or
- * async hook enabled): with them off, code after an `await` runs with async id 0.
- */
-export async function promiseHooksActive(): Promise<boolean> {
-  await null;
-  return asyncHooks.executionAsyncId() !== 0;
-}
