@@ -1,5 +1,6 @@
 import type * as http from "node:http";
 import type * as http2 from "node:http2";
+import type { DescMethod } from "@bufbuild/protobuf";
 import {
   Code,
   ConnectError,
@@ -8,11 +9,31 @@ import {
   type ContextValues,
   createConnectRouter,
 } from "@connectrpc/connect";
-import type {
-  UniversalHandler,
-  UniversalServerRequest,
-  UniversalServerResponse,
+import {
+  encodeEnvelope,
+  type UniversalHandler,
+  type UniversalServerRequest,
+  type UniversalServerResponse,
 } from "@connectrpc/connect/protocol";
+import {
+  codeToHttpStatus,
+  contentTypeUnaryJson as connectJson,
+  contentTypeUnaryRegExp as connectUnaryType,
+  errorToJsonBytes,
+} from "@connectrpc/connect/protocol-connect";
+import {
+  contentTypeJson as grpcJson,
+  contentTypeProto as grpcProto,
+  contentTypeRegExp as grpcType,
+  setTrailerStatus,
+} from "@connectrpc/connect/protocol-grpc";
+import {
+  contentTypeJson as grpcWebJson,
+  contentTypeProto as grpcWebProto,
+  contentTypeRegExp as grpcWebType,
+  trailerFlag,
+  trailerSerialize,
+} from "@connectrpc/connect/protocol-grpc-web";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
 
 type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
@@ -30,6 +51,21 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * through it, so it costs nothing on the hot path.
    */
   errorBody?: (req: NodeRequest, body: Uint8Array) => Uint8Array;
+  /**
+   * Runs for every request to an RPC path before Connect sees it, e.g. to refuse callers
+   * before their request body is read. Return (or resolve to) undefined to go on into
+   * Connect, or a ConnectError to answer with it at once, in the request's protocol, as
+   * Connect would (status, headers, trailers, JSON body through `errorBody`), without
+   * reading the body or entering the RPC pipeline. `early` tells whether this request can
+   * be answered so: a unary call by POST over Connect, gRPC or gRPC-Web. When it is false,
+   * an error returned is ignored and the request goes on into Connect, so a refusal must be
+   * left to the pipeline then. A synchronous result costs no promise.
+   */
+  admit?: (
+    req: NodeRequest,
+    method: DescMethod,
+    early: boolean,
+  ) => ConnectError | undefined | Promise<ConnectError | undefined>;
 }
 
 /**
@@ -62,6 +98,7 @@ export function createConnectHandler(
   for (const handler of router.handlers) paths.set(handler.requestPath, handler);
   const fallback = options.fallback ?? notFound;
   const errorBody = options.errorBody;
+  const admit = options.admit;
 
   return function handleConnect(req, res) {
     const url = req.url ?? "";
@@ -71,6 +108,35 @@ export function createConnectHandler(
       fallback(req, res);
       return;
     }
+    if (admit === undefined) {
+      dispatch(handler, req, res);
+      return;
+    }
+    const protocol = handler.method.methodKind === "unary" ? earlyProtocol(req) : undefined;
+    let verdict: ReturnType<typeof admit>;
+    try {
+      verdict = admit(req, handler.method, protocol !== undefined);
+    } catch (err) {
+      verdict = admitFailed(handler, err);
+    }
+    if (verdict === undefined) dispatch(handler, req, res);
+    else if (verdict instanceof ConnectError) answer(verdict);
+    else
+      verdict.then(
+        (error) => (error === undefined ? dispatch(handler, req, res) : answer(error)),
+        (err: unknown) => answer(admitFailed(handler, err)),
+      );
+
+    function answer(error: ConnectError) {
+      if (protocol === undefined) dispatch(handler!, req, res);
+      else writeEarlyError(req, res, protocol, error, errorBody);
+    }
+  };
+
+  function dispatch(handler: UniversalHandler, req: NodeRequest, res: NodeResponse): void {
+    // Gone while admission was pending: nothing to answer.
+    if (gone(req)) return;
+    const url = req.url ?? "";
     const signal = new RequestSignal();
     const onClose = () => {
       // Closed before the response was ended: the client went away (an HTTP/2 reset, a
@@ -108,7 +174,76 @@ export function createConnectHandler(
         }
       },
     );
-  };
+  }
+}
+
+/** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
+function admitFailed(handler: UniversalHandler, err: unknown): ConnectError {
+  if (err instanceof ConnectError) return err;
+  console.error(`admission for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
+  return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
+}
+
+/** The protocols an early error is written in (see `admit`). */
+type EarlyProtocol = { kind: "connect" } | { kind: "grpc" | "grpc-web"; json: boolean };
+
+/** The protocol of a POST this adapter can answer with an error itself, or undefined. */
+function earlyProtocol(req: NodeRequest): EarlyProtocol | undefined {
+  if (req.method !== "POST") return undefined;
+  const type = req.headers["content-type"];
+  if (type === undefined) return undefined;
+  if (connectUnaryType.test(type)) return { kind: "connect" };
+  let m = grpcType.exec(type);
+  if (m) return { kind: "grpc", json: m[1] !== undefined };
+  m = grpcWebType.exec(type);
+  // grpc-web-text (base64 framing) is left to Connect.
+  if (m && m[1] === undefined) return { kind: "grpc-web", json: m[2] !== undefined };
+  return undefined;
+}
+
+function gone(req: NodeRequest): boolean {
+  return "stream" in req ? req.stream.destroyed : req.socket.destroyed;
+}
+
+/**
+ * Answer with `error` as Connect's handler for the protocol would (same status, headers,
+ * trailers and body), without having read the request body: that is discarded.
+ */
+function writeEarlyError(
+  req: NodeRequest,
+  res: NodeResponse,
+  protocol: EarlyProtocol,
+  error: ConnectError,
+  errorBody: ConnectHandlerOptions["errorBody"],
+): void {
+  req.resume();
+  if (gone(req)) return;
+  const out = res as http2.Http2ServerResponse;
+  try {
+    if (protocol.kind === "connect") {
+      let body: Uint8Array = errorToJsonBytes(error, {});
+      if (errorBody) body = errorBody(req, body);
+      const header = nodeHeaders(error.metadata) ?? {};
+      header["content-type"] = connectJson;
+      header["content-length"] = body.byteLength;
+      out.writeHead(codeToHttpStatus(error.code), header);
+      out.end(body);
+      return;
+    }
+    const trailer = setTrailerStatus(new Headers(), error);
+    if (protocol.kind === "grpc") {
+      out.writeHead(200, { "content-type": protocol.json ? grpcJson : grpcProto });
+      out.addTrailers(nodeHeaders(trailer) ?? {});
+      out.end();
+      return;
+    }
+    // gRPC-Web: the trailers travel in the body, as a trailer frame.
+    const body = encodeEnvelope(trailerFlag, trailerSerialize(trailer));
+    out.writeHead(200, { "content-type": protocol.json ? grpcWebJson : grpcWebProto });
+    out.end(body);
+  } catch {
+    res.destroy();
+  }
 }
 
 type AbortListener = (this: RequestSignal, event: Event) => void;

@@ -11,7 +11,34 @@ import {
 import { afterEach, describe, expect, it } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
-import { createConnectHandler } from "../src/connect-adapter.js";
+import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { type ConnectHandlerOptions, createConnectHandler } from "../src/connect-adapter.js";
+
+/** An error with everything a protocol must carry: code, message, metadata and a detail. */
+function refusal(): ConnectError {
+  return new ConnectError(
+    'refused: "quoted", non-ASCII é, 100%',
+    Code.PermissionDenied,
+    { "www-authenticate": 'Bearer realm="x"', "retry-after": "7" },
+    [{ desc: ErrorInfoSchema, value: { reason: "ACCESS_DENIED", domain: "tessera", requestId: "r-1" } }],
+  );
+}
+
+/** What a client sees of an error, for comparison. */
+async function seen(call: Promise<unknown>) {
+  const err = await call.then(
+    () => null,
+    (e: unknown) => ConnectError.from(e),
+  );
+  expect(err).toBeInstanceOf(ConnectError);
+  return {
+    code: err!.code,
+    message: err!.rawMessage,
+    wwwAuthenticate: err!.metadata.get("www-authenticate"),
+    retryAfter: err!.metadata.get("retry-after"),
+    details: err!.findDetails(ErrorInfoSchema).map((d) => ({ ...d })),
+  };
+}
 
 /**
  * src/connect-adapter.ts replaces connect-node's adapter in front of the router: these
@@ -23,16 +50,20 @@ interface Probe {
   watchAborted: Promise<string>;
 }
 
-function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array) {
+type Admit = NonNullable<ConnectHandlerOptions["admit"]>;
+
+function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
   let reportAbort!: (reason: string) => void;
   const probe: Probe = { watchAborted: new Promise((resolve) => (reportAbort = resolve)) };
   const handler = createConnectHandler({
     readMaxBytes: 1024,
     ...(errorBody ? { errorBody: (_req, body) => errorBody(body) } : {}),
+    ...(admit ? { admit } : {}),
     routes(router) {
       router.service(Health, {
         check(req) {
           if (req.service === "fail") throw new ConnectError("no such service", Code.NotFound);
+          if (req.service === "refuse") throw refusal();
           return { status: HealthCheckResponse_ServingStatus.SERVING };
         },
         list() {
@@ -83,8 +114,8 @@ afterEach(async () => {
   closers = [];
 });
 
-async function served(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array) {
-  const s = await startServer(kind, errorBody);
+async function served(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
+  const s = await startServer(kind, errorBody, admit);
   closers.push(s.close);
   return s;
 }
@@ -116,6 +147,56 @@ describe("the Connect adapter", () => {
       expect((err as ConnectError).rawMessage).toBe("no such service");
     });
   }
+
+  for (const [name, kind, transport] of protocols) {
+    it(`answers an error from admit before Connect as Connect's handler does, over ${name}`, async () => {
+      const early = await served(kind, undefined, (_req, _method, canAnswer) => {
+        expect(canAnswer).toBe(true);
+        return Promise.resolve(refusal());
+      });
+      const late = await served(kind);
+      // Service "" would be served: an error shows that no handler ran.
+      const fromAdmit = await seen(createClient(Health, transport(early.url)).check({ service: "" }));
+      const fromHandler = await seen(createClient(Health, transport(late.url)).check({ service: "refuse" }));
+      expect(fromAdmit).toEqual(fromHandler);
+      expect(fromAdmit.code).toBe(Code.PermissionDenied);
+      expect(fromAdmit.details).toHaveLength(1);
+    });
+  }
+
+  it("goes on into Connect when admit returns nothing, and where it cannot answer early", async () => {
+    const calls: [string, boolean][] = [];
+    const { url } = await served("h2c", undefined, (_req, method, early) => {
+      calls.push([method.name, early]);
+      // An error returned for a call that cannot be answered early is ignored.
+      return method.name === "Check" ? undefined : refusal();
+    });
+    const client = createClient(Health, createGrpcTransport({ baseUrl: url }));
+    expect((await client.check({ service: "" })).status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+    const first = await client.watch({ service: "" })[Symbol.asyncIterator]().next();
+    expect(first.value?.status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+    expect(calls).toEqual([
+      ["Check", true],
+      ["Watch", false],
+    ]);
+  });
+
+  it("answers Internal when admit throws or rejects", async () => {
+    for (const admit of [
+      () => {
+        throw new Error("boom");
+      },
+      () => Promise.reject(new Error("boom")),
+    ] as Admit[]) {
+      const { url } = await served("h2c", undefined, admit);
+      const err = await seen(
+        createClient(Health, createConnectTransport({ baseUrl: url, httpVersion: "2" })).check({}),
+      );
+      expect(err.code).toBe(Code.Internal);
+      // What failed inside stays inside.
+      expect(err.message).toBe("internal error");
+    }
+  });
 
   it("streams server messages and tells the handler when the client cancels", async () => {
     const { url, probe } = await served("h2c");
