@@ -27,10 +27,28 @@ export interface RequestState {
    * envelope without parsing the body Connect wrote).
    */
   errorInfo?: { reason: string; requestId: string };
+  /**
+   * Set when the HTTP layer ran admission (admission.ts: per-IP limit, authentication)
+   * before the RPC pipeline, so that the interceptors do not count or authenticate again.
+   */
+  admission?: Admission;
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /** The request's EntityManager fork, created on first use by {@link requestEm}. */
   em?: EntityManager;
+}
+
+/**
+ * The outcome of admission. A refusal the HTTP layer did not answer itself (a call the
+ * audit log records, or a protocol it does not write) is thrown in the pipeline where the
+ * check it replaces would have thrown it: `limited` by the rate-limit interceptor, before
+ * the audit, `refused` by the authentication interceptor, after it.
+ */
+export interface Admission {
+  /** Refused by the per-IP rate limit. */
+  limited?: unknown;
+  /** Refused by authentication (credential, or the IP's failed-authentication budget). */
+  refused?: unknown;
 }
 
 /** Context key of {@link RequestState}; the default (in-memory transports) is filled lazily. */

@@ -5,8 +5,13 @@ import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
+import type { DescMethod } from "@bufbuild/protobuf";
+import type { ConnectError } from "@connectrpc/connect";
 import { cors as connectCors, createContextValues } from "@connectrpc/connect";
+import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
+import { admit } from "./admission.js";
 import type { App } from "./app.js";
+import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
@@ -14,6 +19,9 @@ import type { Config } from "./config.js";
 import { createConnectHandler } from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
 import { type ErrorReason, REASONS } from "./errors.js";
+import { isAudited } from "./interceptors/audit.js";
+import { authRuleFor } from "./interceptors/auth-rule.js";
+import { toWireError } from "./interceptors/errors.js";
 import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest;
@@ -59,6 +67,16 @@ const securityHeaders = (tls: boolean): [string, string][] => [
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const kState = Symbol("tessera.requestState");
+
+/** Node's incoming headers read as fetch Headers would read them (repeats joined with ", "). */
+function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSource {
+  return {
+    get(name) {
+      const v = headers[name];
+      return v === undefined ? null : typeof v === "string" ? v : v.join(", ");
+    },
+  };
+}
 
 function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
   if (!socket.authorized) return null;
@@ -156,6 +174,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     ...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"]),
   ].join(", ");
 
+  const admission = { authenticator: app.authenticator, limits: app.limits };
   // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
   const adapter = createConnectHandler({
     routes: app.routes,
@@ -168,7 +187,31 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         : body,
     contextValues: (req) =>
       createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
+    // Per-IP limit and authentication before Connect reads the request (admission.ts).
+    admit: (req, method, early) => {
+      let rule: AuthRule;
+      try {
+        rule = authRuleFor(method);
+      } catch {
+        // No rule: the pipeline refuses it (the authentication interceptor, as ever).
+        return undefined;
+      }
+      const state = (req as unknown as Record<symbol, RequestState>)[kState]!;
+      const pending = admit(admission, rule, nodeHeaderSource(req.headers), state);
+      return pending?.then(() => (early ? earlyRefusal(state, method) : undefined));
+    },
   });
+  /**
+   * The refusal to answer before the pipeline, if any: a per-IP limit, or a failed
+   * authentication of a call the audit log does not record (those the pipeline throws
+   * after its audit interceptor, see context.ts).
+   */
+  function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | undefined {
+    const admitted = state.admission!;
+    const refusal = admitted.limited ?? (isAudited(method) ? undefined : admitted.refused);
+    if (refusal === undefined) return undefined;
+    return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
+  }
 
   function peerCertificate(req: Request): PeerCertificateInfo | null {
     if (!options.tls || config.server.mtls === "off") return null;

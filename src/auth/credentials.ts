@@ -8,13 +8,19 @@ export type PresentedCredential =
 
 const TOKEN_CHARS = /^[\x21-\x7e]+$/;
 
+/** Where request headers are read from: fetch `Headers`, or a view of Node's incoming headers. */
+export interface HeaderSource {
+  /** The header's value (repeats joined with ", ", as fetch Headers does), or null. */
+  get(name: string): string | null;
+}
+
 /**
  * Read `Authorization: Bearer`, `Authorization: Basic` and `X-API-Key`. Two credentials
  * in one request are refused rather than guessed between.
  * @returns null when no credential was sent.
  * @throws TesseraError AUTH_HEADER_MALFORMED, MULTIPLE_CREDENTIALS
  */
-export function parseCredentials(headers: Headers): PresentedCredential | null {
+export function parseCredentials(headers: HeaderSource): PresentedCredential | null {
   const authorization = headers.get("authorization");
   const apiKey = headers.get("x-api-key");
   if (authorization !== null && apiKey !== null) {

@@ -1,3 +1,4 @@
+import type { DescMethod } from "@bufbuild/protobuf";
 import type { Interceptor } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { AuditLog } from "../audit.js";
@@ -6,6 +7,11 @@ import { TesseraError } from "../errors.js";
 
 /** Reads are not audited; everything that changes state or logs in is, whether it succeeds or is refused. */
 const READ_ONLY = /^(Get|List|Check)/;
+
+/** Whether calls of `method` are written to the audit log (refused ones included). */
+export function isAudited(method: DescMethod): boolean {
+  return !READ_ONLY.test(method.name);
+}
 
 /**
  * Audit interceptor: records every state-changing call, successful or refused, with
@@ -16,7 +22,7 @@ export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
   return (next) => (req) => {
     // Reads are not written, refused or not (a flood of bad credentials must not become a
     // flood of writes): they pass straight on, without an async frame of their own.
-    if (READ_ONLY.test(req.method.name)) return next(req);
+    if (!isAudited(req.method)) return next(req);
     return audited(next, req);
   };
 

@@ -2,7 +2,7 @@ import type { Interceptor } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import { type ErrorInfo, ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
-import { requestState } from "../context.js";
+import { type RequestState, requestState } from "../context.js";
 import { toConnectError } from "../errors.js";
 
 /**
@@ -19,28 +19,38 @@ export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
         for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
       return res;
     } catch (err) {
-      const ce = toConnectError(err, state.requestId);
-      const detail = ce.details[0];
-      if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
-        const info = detail.value as ErrorInfo;
-        state.errorInfo = { reason: info.reason, requestId: info.requestId };
-      }
-      if (ce.code === Code.Internal || ce.code === Code.Unknown) {
-        deps.logger.error(
-          {
-            requestId: state.requestId,
-            method: `${req.service.typeName}/${req.method.name}`,
-            err: err instanceof ConnectError ? err.rawMessage : describe(err),
-          },
-          "request failed",
-        );
-      }
-      if (state.responseHeaders)
-        for (const [k, v] of Object.entries(state.responseHeaders))
-          if (!ce.metadata.has(k)) ce.metadata.set(k, v);
-      throw ce;
+      throw toWireError(err, state, `${req.service.typeName}/${req.method.name}`, deps.logger);
     }
   };
+}
+
+/**
+ * The ConnectError a request that failed with `err` is answered with: reason and request id
+ * in its ErrorInfo (also kept in `state.errorInfo` for the JSON envelope), the headers
+ * queued in `state.responseHeaders`, and unexpected errors logged as such. Used by the error
+ * interceptor, and by the HTTP layer for refusals it answers before the pipeline.
+ */
+export function toWireError(err: unknown, state: RequestState, method: string, logger: Logger): ConnectError {
+  const ce = toConnectError(err, state.requestId);
+  const detail = ce.details[0];
+  if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
+    const info = detail.value as ErrorInfo;
+    state.errorInfo = { reason: info.reason, requestId: info.requestId };
+  }
+  if (ce.code === Code.Internal || ce.code === Code.Unknown) {
+    logger.error(
+      {
+        requestId: state.requestId,
+        method,
+        err: err instanceof ConnectError ? err.rawMessage : describe(err),
+      },
+      "request failed",
+    );
+  }
+  if (state.responseHeaders)
+    for (const [k, v] of Object.entries(state.responseHeaders))
+      if (!ce.metadata.has(k)) ce.metadata.set(k, v);
+  return ce;
 }
 
 function describe(err: unknown): { name: string; message: string; stack?: string } {

@@ -1,17 +1,21 @@
 import type { Interceptor } from "@connectrpc/connect";
+import { countRequest } from "../admission.js";
 import { requestState } from "../context.js";
-import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import type { RateLimits } from "../rate-limit.js";
 
 /**
  * Per-IP rate limit, inside the router so that every protocol sees ResourceExhausted
  * (a bare HTTP 429 in front of the adapter reads as Unavailable to Connect clients).
+ * Requests the HTTP layer admitted were counted there (admission.ts).
  */
 export function createRateLimitInterceptor(deps: { limits: RateLimits }): Interceptor {
-  return (next) => async (req) => {
+  return (next) => (req) => {
     const state = requestState(req.contextValues);
-    const result = await deps.limits.perIp.consume(state.ip);
-    if (!result.allowed) throw rateLimitedError(result);
-    state.responseHeaders = rateLimitHeaders(result);
-    return next(req);
+    const admission = state.admission;
+    if (admission) {
+      if (admission.limited !== undefined) return Promise.reject(admission.limited);
+      return next(req);
+    }
+    return countRequest(deps.limits, state).then(() => next(req));
   };
 }

@@ -1,0 +1,109 @@
+import { Code } from "@connectrpc/connect";
+import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
+import type { Authenticator } from "./auth/authenticator.js";
+import { type HeaderSource, parseCredentials } from "./auth/credentials.js";
+import type { Admission, RequestState } from "./context.js";
+import { TesseraError } from "./errors.js";
+import { type RateLimits, rateLimitedError, rateLimitHeaders } from "./rate-limit.js";
+
+/**
+ * Admission: the checks that decide whether a request may enter an RPC at all, before its
+ * body matters. In order: the per-IP rate limit (every method), then, for methods that are
+ * not public, the failed-authentication budget of the IP and the caller's credential.
+ *
+ * The HTTP layer runs them before Connect reads the request (see `admit` in server.ts), so
+ * a refused caller costs no body parsing and no RPC pipeline, and an unauthenticated
+ * request never has its body parsed at all. The rate-limit and authentication interceptors
+ * run the same functions for transports without that layer (in-memory, tests), and skip
+ * them when the HTTP layer already has (`RequestState.admission`).
+ */
+export interface AdmissionDeps {
+  authenticator: Authenticator;
+  /** When set: the per-IP limit, and failed authentications counted per IP (an IP over that budget is refused before any verification). */
+  limits?: RateLimits | undefined;
+}
+
+/** Count one request against the caller's IP. @throws TesseraError RATE_LIMITED */
+export async function countRequest(limits: RateLimits, state: RequestState): Promise<void> {
+  const result = await limits.perIp.consume(state.ip);
+  if (!result.allowed) throw rateLimitedError(result);
+  state.responseHeaders = rateLimitHeaders(result);
+}
+
+/**
+ * Authenticate the caller of a method that is not public: a credential (or a bound client
+ * certificate) must verify. Sets `state.principal`.
+ * @throws TesseraError AUTH_REQUIRED, a credential refusal, or RATE_LIMITED once the IP's
+ *   failed-authentication budget is spent
+ */
+export async function authenticateCaller(
+  deps: AdmissionDeps,
+  headers: HeaderSource,
+  state: RequestState,
+): Promise<void> {
+  const { authenticator, limits } = deps;
+  if (limits) {
+    const blocked = await limits.authFailures.exhausted(state.ip);
+    if (blocked) throw rateLimitedError(blocked, "too many failed authentication attempts; try again later");
+  }
+  try {
+    const principal = await authenticator.authenticate(parseCredentials(headers), state);
+    if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
+    state.principal = principal;
+  } catch (err) {
+    // A credential that did not verify spends budget; sending none (AUTH_REQUIRED) does not.
+    if (
+      limits &&
+      err instanceof TesseraError &&
+      err.code === Code.Unauthenticated &&
+      err.reason !== "AUTH_REQUIRED"
+    ) {
+      await limits.authFailures.consume(state.ip);
+    }
+    throw err;
+  }
+}
+
+/**
+ * Run every admission check a request to a method with `rule` needs, in order, recording
+ * the outcome in `state.admission`: `limited` for a refusal by the per-IP limit, `refused`
+ * for one by authentication (the audit log records those for the calls it audits, so they
+ * are thrown inside the pipeline, after the audit interceptor).
+ * @returns undefined when there is nothing to check (a public method, no rate limits), so
+ *   that the caller needs no promise then; otherwise a promise that settles (never rejects)
+ *   when the checks are done.
+ */
+export function admit(
+  deps: AdmissionDeps,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+): Promise<void> | undefined {
+  const admission: Admission = {};
+  state.admission = admission;
+  if (rule.public && !deps.limits) return undefined;
+  return admitAll(deps, rule, headers, state, admission);
+}
+
+async function admitAll(
+  deps: AdmissionDeps,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+  admission: Admission,
+): Promise<void> {
+  if (deps.limits) {
+    try {
+      await countRequest(deps.limits, state);
+    } catch (err) {
+      admission.limited = err;
+      return;
+    }
+  }
+  if (rule.public) return;
+  try {
+    await authenticateCaller(deps, headers, state);
+  } catch (err) {
+    admission.refused = err;
+  }
+}

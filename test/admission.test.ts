@@ -1,0 +1,304 @@
+import http2 from "node:http2";
+import { createClient, type Transport } from "@connectrpc/connect";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { Code, rejection } from "./errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  memoryTransport,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+  withHeaders,
+} from "./helpers.js";
+
+/** One raw HTTP/2 exchange: status, headers, trailers and body as text. */
+interface RawResponse {
+  status: number;
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+function rawCall(
+  session: http2.ClientHttp2Session,
+  path: string,
+  headers: Record<string, string>,
+  body: Uint8Array,
+): Promise<RawResponse> {
+  return new Promise((resolve, reject) => {
+    const stream = session.request({ ":method": "POST", ":path": path, ...headers });
+    const chunks: Buffer[] = [];
+    let status = 0;
+    let responseHeaders: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    stream.on("response", (h) => {
+      status = Number(h[":status"]);
+      responseHeaders = h;
+    });
+    stream.on("trailers", (t) => {
+      trailers = t;
+    });
+    stream.on("data", (c: Buffer) => chunks.push(c));
+    stream.on("end", () =>
+      resolve({ status, headers: responseHeaders, trailers, body: Buffer.concat(chunks) }),
+    );
+    stream.on("error", reject);
+    // The server may answer before it has read the body; the rest of it is then discarded.
+    stream.end(body);
+  });
+}
+
+/** A gRPC frame header promising more bytes than follow: malformed for any reader. */
+const TRUNCATED_GRPC_FRAME = Uint8Array.of(0, 0, 0, 0, 100, 1, 2, 3);
+
+describe("admission: refusals answered before the RPC pipeline", () => {
+  let ts: TestServer;
+  let session: http2.ClientHttp2Session;
+  let adminToken: string;
+  const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+    session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    adminToken = (
+      await createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+  });
+  afterAll(async () => {
+    session.close();
+    await ts.close();
+  });
+
+  const credentials: [string, Record<string, string>][] = [
+    ["a forged JWT", { authorization: "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl" }],
+    ["an unknown token", { authorization: "Bearer not-a-tessera-token" }],
+    ["an unknown Basic user", { authorization: `Basic ${Buffer.from("nobody:pw").toString("base64")}` }],
+    ["a malformed Authorization header", { authorization: "Bearer" }],
+    ["two credentials", { authorization: "Bearer x", "x-api-key": "y" }],
+    ["no credential", {}],
+  ];
+
+  it.each(credentials)(
+    "refuses %s identically in every protocol, and as the pipeline does",
+    async (_, headers) => {
+      const transports: [string, Transport][] = [
+        ["in-process pipeline", memoryTransport(ts.app)],
+        ["Connect JSON", ts.connect()],
+        [
+          "Connect binary",
+          createConnectTransport({
+            baseUrl: ts.server.url,
+            httpVersion: "2",
+            useBinaryFormat: true,
+            nodeOptions: { ca: ts.certs.ca },
+          }),
+        ],
+        ["gRPC", ts.grpc()],
+        [
+          "gRPC-Web",
+          createGrpcWebTransport({
+            baseUrl: ts.server.url,
+            httpVersion: "2",
+            nodeOptions: { ca: ts.certs.ca },
+          }),
+        ],
+        [
+          "gRPC over JSON",
+          createGrpcTransport({
+            baseUrl: ts.server.url,
+            useBinaryFormat: false,
+            nodeOptions: { ca: ts.certs.ca },
+          }),
+        ],
+      ];
+      const seen = [];
+      for (const [name, transport] of transports) {
+        const requestId = `admission-${name.replace(/[^a-z]/gi, "")}`;
+        const r = await rejection(
+          createClient(
+            UserService,
+            withHeaders(transport, { ...headers, "x-request-id": requestId }),
+          ).getCurrentUser({}),
+        );
+        const info = r.error.details.length;
+        seen.push({
+          name,
+          code: r.code,
+          reason: r.reason,
+          message: r.message,
+          details: info,
+          wwwAuthenticate: r.error.metadata.get("www-authenticate"),
+        });
+        // The in-process transport has no HTTP layer to take the request id from.
+        if (name !== "in-process pipeline")
+          expect(r.error.findDetails(ErrorInfoSchema)[0]?.requestId).toBe(requestId);
+      }
+      const [pipeline, ...answered] = seen;
+      expect(pipeline!.code === Code.Unauthenticated || pipeline!.code === Code.InvalidArgument).toBe(true);
+      for (const a of answered) expect({ ...a, name: pipeline!.name }).toEqual(pipeline);
+    },
+  );
+
+  it("refuses a caller before reading its request body, in every protocol", async () => {
+    const bad = { authorization: "Bearer not-a-tessera-token" };
+    // Control: with a valid token the same bodies are read, and refused as malformed.
+    const parsedJson = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      Buffer.from("{not json"),
+    );
+    expect(parsedJson.status).toBe(400);
+    const parsedGrpc = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/grpc", te: "trailers", authorization: `Bearer ${adminToken}` },
+      TRUNCATED_GRPC_FRAME,
+    );
+    expect(parsedGrpc.trailers["grpc-status"]).toBe(String(Code.InvalidArgument));
+
+    const json = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/json", "x-request-id": "early-json", ...bad },
+      Buffer.from("{not json"),
+    );
+    expect(json.status).toBe(401);
+    expect(json.headers["content-type"]).toBe("application/json");
+    expect(json.headers["x-request-id"]).toBe("early-json");
+    expect(json.headers["x-content-type-options"]).toBe("nosniff");
+    expect(json.headers["www-authenticate"]).toMatch(/^Bearer realm="tessera", error="invalid_token"/);
+    expect(Number(json.headers["content-length"])).toBe(json.body.byteLength);
+    const body = JSON.parse(json.body.toString("utf8")) as Record<string, unknown>;
+    expect(body).toMatchObject({
+      ok: false,
+      error: "Unauthorized",
+      reason: "TOKEN_INVALID",
+      code: "unauthenticated",
+      request_id: "early-json",
+    });
+    expect((body.details as { type: string }[])[0]?.type).toBe("tessera.v1.ErrorInfo");
+
+    const grpc = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/grpc+proto", te: "trailers", ...bad },
+      TRUNCATED_GRPC_FRAME,
+    );
+    expect(grpc.status).toBe(200);
+    expect(grpc.headers["content-type"]).toBe("application/grpc+proto");
+    expect(grpc.body.byteLength).toBe(0);
+    expect(grpc.trailers["grpc-status"]).toBe(String(Code.Unauthenticated));
+    expect(grpc.trailers["grpc-status-details-bin"]).toBeTruthy();
+    expect(grpc.trailers["www-authenticate"]).toMatch(/error="invalid_token"/);
+
+    const web = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/grpc-web+proto", ...bad },
+      TRUNCATED_GRPC_FRAME,
+    );
+    expect(web.status).toBe(200);
+    expect(web.headers["content-type"]).toBe("application/grpc-web+proto");
+    // One trailer frame: flag 0x80, then the length of the trailer block that follows.
+    expect(web.body[0]).toBe(0x80);
+    expect(web.body.readUInt32BE(1)).toBe(web.body.byteLength - 5);
+    expect(web.body.subarray(5).toString("utf8")).toContain(`grpc-status: ${Code.Unauthenticated}\r\n`);
+  });
+
+  it("discards the unread body of a refused call and keeps the connection usable", async () => {
+    const big = Buffer.alloc(3 * 1024 * 1024, 0x20);
+    const refused = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/json", authorization: "Bearer not-a-tessera-token" },
+      big,
+    );
+    expect(refused.status).toBe(401);
+    const next = await rawCall(
+      session,
+      GET_CURRENT_USER,
+      { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      Buffer.from("{}"),
+    );
+    expect(next.status).toBe(200);
+    expect(JSON.parse(next.body.toString("utf8")).username).toBe("admin");
+  });
+
+  it("leaves refusals of audited calls to the pipeline, so the audit log records them with their target", async () => {
+    const tokens = createClient(
+      TokenService,
+      withHeaders(ts.connect(), { authorization: "Bearer not-a-tessera-token" }),
+    );
+    const r = await rejection(tokens.revokePersonalAccessToken({ id: "target-of-a-refused-call" }));
+    expect(r.code).toBe(Code.Unauthenticated);
+    expect(r.reason).toBe("TOKEN_INVALID");
+    await ts.app.audit.flush();
+    const rows = await ts.app.sql.all<Record<string, unknown>>(
+      "select action, outcome, reason, actor_kind from audit_events where target_id = ?",
+      ["target-of-a-refused-call"],
+    );
+    expect(rows).toEqual([
+      {
+        action: "tessera.v1.TokenService/RevokePersonalAccessToken",
+        outcome: "failure",
+        reason: "TOKEN_INVALID",
+        actor_kind: "anonymous",
+      },
+    ]);
+  });
+});
+
+describe("admission: the per-IP limit", () => {
+  it("refuses over the limit before reading the body, on public and audited methods alike", async () => {
+    const ts = await startTestServer(SQLITE, { rateLimit: { enabled: true, perIpPerMinute: 1 } });
+    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    try {
+      const login = "/tessera.v1.UserService/Login";
+      const first = await rawCall(
+        session,
+        login,
+        { "content-type": "application/json" },
+        Buffer.from("{not json"),
+      );
+      expect(first.status).toBe(400);
+      const limited = await rawCall(
+        session,
+        login,
+        { "content-type": "application/json" },
+        Buffer.from("{not json"),
+      );
+      expect(limited.status).toBe(429);
+      expect(Number(limited.headers["retry-after"])).toBeGreaterThan(0);
+      expect(limited.headers["x-ratelimit-remaining"]).toBe("0");
+      expect(JSON.parse(limited.body.toString("utf8"))).toMatchObject({ reason: "RATE_LIMITED", ok: false });
+      const grpc = await rawCall(
+        session,
+        login,
+        { "content-type": "application/grpc", te: "trailers" },
+        TRUNCATED_GRPC_FRAME,
+      );
+      expect(grpc.trailers["grpc-status"]).toBe(String(Code.ResourceExhausted));
+      expect(Number(grpc.trailers["retry-after"])).toBeGreaterThan(0);
+      // Refused by the limit, before the audit interceptor: not audited (nor is the malformed
+      // first call, refused while parsing, before any interceptor).
+      await ts.app.audit.flush();
+      const rows = await ts.app.sql.all<Record<string, unknown>>(
+        "select outcome from audit_events where action = ?",
+        ["tessera.v1.UserService/Login"],
+      );
+      expect(rows).toEqual([]);
+    } finally {
+      session.close();
+      await ts.close();
+    }
+  });
+});
