@@ -749,7 +749,7 @@ async function run(): Promise<void> {
       kind: "refused",
       headers: bearer(forged),
       expect: refused("unauthenticated", 401, "TOKEN_INVALID"),
-      note: "rate limits off: every request is authenticated and refused (401, TOKEN_INVALID)",
+      note: "rate limits off: every request is authenticated and refused (401, TOKEN_INVALID), answered before Connect reads it (src/admission.ts)",
     }),
   );
 
