@@ -1,5 +1,6 @@
 import type * as http from "node:http";
 import type * as http2 from "node:http2";
+import { constants as http2constants } from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
 import {
   Code,
@@ -56,7 +57,8 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * before their request body is read. Return (or resolve to) undefined to go on into
    * Connect, or a ConnectError to answer with it at once, in the request's protocol, as
    * Connect would (status, headers, trailers, JSON body through `errorBody`), without
-   * reading the body or entering the RPC pipeline. `early` tells whether this request can
+   * entering the RPC pipeline: the body is discarded unread, and a client still sending
+   * past `readMaxBytes` is stopped. `early` tells whether this request can
    * be answered so: a unary call by POST over Connect, gRPC or gRPC-Web. When it is false,
    * an error returned is ignored and the request goes on into Connect, so a refusal must be
    * left to the pipeline then. A synchronous result costs no promise.
@@ -99,6 +101,7 @@ export function createConnectHandler(
   const fallback = options.fallback ?? notFound;
   const errorBody = options.errorBody;
   const admit = options.admit;
+  const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
 
   return function handleConnect(req, res) {
     const url = req.url ?? "";
@@ -129,7 +132,10 @@ export function createConnectHandler(
 
     function answer(error: ConnectError) {
       if (protocol === undefined) dispatch(handler!, req, res);
-      else writeEarlyError(req, res, protocol, error, errorBody);
+      else {
+        discardBody(req, res, readMaxBytes);
+        writeEarlyError(req, res, protocol, error, errorBody);
+      }
     }
   };
 
@@ -206,9 +212,28 @@ function gone(req: NodeRequest): boolean {
 }
 
 /**
- * Answer with `error` as Connect's handler for the protocol would (same status, headers,
- * trailers and body), without having read the request body: that is discarded.
+ * Discard the body of a request answered without reading it, up to `limit` bytes (what
+ * Connect would have read): past that, HTTP/2 asks the client to stop sending (RST_STREAM
+ * NO_ERROR once the answer is out, RFC 9113 §8.1) and HTTP/1.1 closes the connection, so
+ * a refused caller cannot keep the server reading.
  */
+function discardBody(req: NodeRequest, res: NodeResponse, limit: number): void {
+  let seen = 0;
+  const onData = (chunk: Buffer) => {
+    seen += chunk.byteLength;
+    if (seen <= limit) return;
+    req.off("data", onData);
+    const stop = () => {
+      if ("stream" in req) req.stream.close(http2constants.NGHTTP2_NO_ERROR);
+      else req.socket.destroy();
+    };
+    if (res.writableFinished) stop();
+    else res.once("finish", stop);
+  };
+  req.on("data", onData);
+}
+
+/** Answer with `error` as Connect's handler for the protocol would (same status, headers, trailers and body). */
 function writeEarlyError(
   req: NodeRequest,
   res: NodeResponse,
@@ -216,7 +241,6 @@ function writeEarlyError(
   error: ConnectError,
   errorBody: ConnectHandlerOptions["errorBody"],
 ): void {
-  req.resume();
   if (gone(req)) return;
   const out = res as http2.Http2ServerResponse;
   try {

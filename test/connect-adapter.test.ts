@@ -108,6 +108,15 @@ function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Ui
   });
 }
 
+/** `promise`, or a failure naming `what` did not happen within `ms`. */
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(what)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
 let closers: (() => Promise<void>)[] = [];
 afterEach(async () => {
   await Promise.all(closers.map((c) => c()));
@@ -179,6 +188,86 @@ describe("the Connect adapter", () => {
       ["Check", true],
       ["Watch", false],
     ]);
+  });
+
+  it("stops a client still sending the body of a call it refused early, once past readMaxBytes", async () => {
+    const refuse: Admit = () => refusal();
+    // HTTP/2: the answer, then RST_STREAM NO_ERROR; the connection stays usable.
+    const h2 = await served("h2c", undefined, refuse);
+    const session = http2.connect(h2.url);
+    try {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": "/grpc.health.v1.Health/Check",
+        "content-type": "application/json",
+      });
+      const status = new Promise<number>((resolve) =>
+        stream.once("response", (h) => resolve(Number(h[":status"]))),
+      );
+      const closed = new Promise<number>((resolve) =>
+        stream.once("close", () => resolve(stream.rstCode ?? -1)),
+      );
+      stream.on("error", () => undefined);
+      stream.resume();
+      // Never ended: 4 KiB every 5 ms, far past the 1 KiB readMaxBytes of this server.
+      const timer = setInterval(() => {
+        if (!stream.destroyed) stream.write(Buffer.alloc(4096, 0x20));
+      }, 5);
+      try {
+        expect(await status).toBe(403);
+        expect(await within(closed, 5000, "the server kept reading the body")).toBe(
+          http2.constants.NGHTTP2_NO_ERROR,
+        );
+      } finally {
+        clearInterval(timer);
+      }
+      const again = session.request({
+        ":method": "POST",
+        ":path": "/grpc.health.v1.Health/Check",
+        "content-type": "application/json",
+      });
+      const againStatus = new Promise<number>((resolve) =>
+        again.once("response", (h) => resolve(Number(h[":status"]))),
+      );
+      again.end("{}");
+      again.resume();
+      expect(await againStatus).toBe(403);
+    } finally {
+      session.close();
+    }
+
+    // HTTP/1.1: the answer, then the connection is closed rather than read on.
+    const h1 = await served("http1", undefined, refuse);
+    const { port } = new URL(h1.url);
+    const outcome = await new Promise<{ status: number; socketClosed: boolean }>((resolve, reject) => {
+      const req = http.request({
+        host: "127.0.0.1",
+        port,
+        method: "POST",
+        path: "/grpc.health.v1.Health/Check",
+        headers: { "content-type": "application/json", "transfer-encoding": "chunked" },
+      });
+      let status = 0;
+      req.on("response", (res) => {
+        status = res.statusCode ?? 0;
+        res.resume();
+      });
+      req.on("error", () => undefined);
+      const timer = setInterval(() => {
+        if (!req.destroyed) req.write(Buffer.alloc(4096, 0x20));
+      }, 5);
+      req.on("socket", (socket) =>
+        socket.once("close", () => {
+          clearInterval(timer);
+          resolve({ status, socketClosed: true });
+        }),
+      );
+      setTimeout(() => {
+        clearInterval(timer);
+        reject(new Error("the server kept reading the body"));
+      }, 5000).unref();
+    });
+    expect(outcome).toEqual({ status: 403, socketClosed: true });
   });
 
   it("answers Internal when admit throws or rejects", async () => {
