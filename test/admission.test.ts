@@ -64,6 +64,7 @@ describe("admission: refusals answered before the RPC pipeline", () => {
   let session: http2.ClientHttp2Session;
   let adminToken: string;
   const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
+  const asAdmin = () => ({ authorization: `Bearer ${adminToken}` });
 
   beforeAll(async () => {
     ts = await startTestServer(SQLITE);
@@ -153,14 +154,14 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     const parsedJson = await rawCall(
       session,
       GET_CURRENT_USER,
-      { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      { "content-type": "application/json", ...asAdmin() },
       Buffer.from("{not json"),
     );
     expect(parsedJson.status).toBe(400);
     const parsedGrpc = await rawCall(
       session,
       GET_CURRENT_USER,
-      { "content-type": "application/grpc", te: "trailers", authorization: `Bearer ${adminToken}` },
+      { "content-type": "application/grpc", te: "trailers", ...asAdmin() },
       TRUNCATED_GRPC_FRAME,
     );
     expect(parsedGrpc.trailers["grpc-status"]).toBe(String(Code.InvalidArgument));
@@ -226,7 +227,7 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     const next = await rawCall(
       session,
       GET_CURRENT_USER,
-      { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      { "content-type": "application/json", ...asAdmin() },
       Buffer.from("{}"),
     );
     expect(next.status).toBe(200);

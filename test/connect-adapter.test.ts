@@ -108,6 +108,19 @@ function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Ui
   });
 }
 
+/** A Connect JSON POST to Health/Check on `session`, left open for the caller to write, and its status. */
+function postCheck(session: http2.ClientHttp2Session) {
+  const stream = session.request({
+    ":method": "POST",
+    ":path": "/grpc.health.v1.Health/Check",
+    "content-type": "application/json",
+  });
+  const status = new Promise<number>((resolve) =>
+    stream.once("response", (h) => resolve(Number(h[":status"]))),
+  );
+  return { stream, status };
+}
+
 /** `promise`, or a failure naming `what` did not happen within `ms`. */
 function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -196,14 +209,7 @@ describe("the Connect adapter", () => {
     const h2 = await served("h2c", undefined, refuse);
     const session = http2.connect(h2.url);
     try {
-      const stream = session.request({
-        ":method": "POST",
-        ":path": "/grpc.health.v1.Health/Check",
-        "content-type": "application/json",
-      });
-      const status = new Promise<number>((resolve) =>
-        stream.once("response", (h) => resolve(Number(h[":status"]))),
-      );
+      const { stream, status } = postCheck(session);
       const closed = new Promise<number>((resolve) =>
         stream.once("close", () => resolve(stream.rstCode ?? -1)),
       );
@@ -221,14 +227,7 @@ describe("the Connect adapter", () => {
       } finally {
         clearInterval(timer);
       }
-      const again = session.request({
-        ":method": "POST",
-        ":path": "/grpc.health.v1.Health/Check",
-        "content-type": "application/json",
-      });
-      const againStatus = new Promise<number>((resolve) =>
-        again.once("response", (h) => resolve(Number(h[":status"]))),
-      );
+      const { stream: again, status: againStatus } = postCheck(session);
       again.end("{}");
       again.resume();
       expect(await againStatus).toBe(403);
