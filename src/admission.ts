@@ -2,19 +2,22 @@ import { Code } from "@connectrpc/connect";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import type { Authenticator } from "./auth/authenticator.js";
 import { type HeaderSource, parseCredentials } from "./auth/credentials.js";
+import { admits } from "./auth/principal.js";
+import { hasAllScopes } from "./auth/scopes.js";
 import type { Admission, RequestState } from "./context.js";
-import { TesseraError } from "./errors.js";
+import { TesseraError, wwwAuthenticate } from "./errors.js";
 import { type RateLimits, rateLimitedError, rateLimitHeaders } from "./rate-limit.js";
 
 /**
  * Admission: the checks that decide whether a request may enter an RPC at all, before its
  * body matters. In order: the per-IP rate limit (every method), then, for methods that are
- * not public, the failed-authentication budget of the IP and the caller's credential.
+ * not public, the failed-authentication budget of the IP and the caller's credential, then
+ * the method's auth rule (principal kind, scopes) and the per-principal rate limit.
  *
  * The HTTP layer runs them before Connect reads the request (see `admit` in server.ts), so
  * a refused caller costs no body parsing and no RPC pipeline, and an unauthenticated
- * request never has its body parsed at all. The rate-limit and authentication interceptors
- * run the same functions for transports without that layer (in-memory, tests), and skip
+ * request never has its body parsed at all. The rate-limit, authentication and authorization
+ * interceptors run the same functions for transports without that layer (in-memory, tests), and skip
  * them when the HTTP layer already has (`RequestState.admission`).
  */
 export interface AdmissionDeps {
@@ -65,9 +68,44 @@ export async function authenticateCaller(
 }
 
 /**
+ * Authorize the authenticated caller for a method with `rule`: its kind must be one the rule
+ * admits and its scopes must cover every scope the rule requires; then the per-principal
+ * rate limit counts the call.
+ * @throws TesseraError AUTH_REQUIRED, PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED, RATE_LIMITED
+ */
+export async function authorizeCaller(
+  rule: AuthRule,
+  state: RequestState,
+  limits: RateLimits | undefined,
+): Promise<void> {
+  const principal = state.principal;
+  if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
+  if (!rule.principals.some((kind) => admits(kind, principal))) {
+    throw new TesseraError(
+      "PRINCIPAL_NOT_ALLOWED",
+      `this method is not available to ${principal.kind} principals`,
+    );
+  }
+  if (!hasAllScopes(principal.scopes, rule.scopes)) {
+    throw new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
+      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
+      metadata: { required_scopes: rule.scopes.join(" ") },
+    });
+  }
+  if (limits) {
+    const result = await limits.perPrincipal.consume(`${principal.kind}:${principal.id}`);
+    if (!result.allowed) throw rateLimitedError(result);
+    // The tighter of the two limits is the one a client should pace itself by.
+    const current = state.responseHeaders;
+    if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
+      state.responseHeaders = rateLimitHeaders(result);
+  }
+}
+
+/**
  * Run every admission check a request to a method with `rule` needs, in order, recording
  * the outcome in `state.admission`: `limited` for a refusal by the per-IP limit, `refused`
- * for one by authentication (the audit log records those for the calls it audits, so they
+ * for one by authentication or authorization (the audit log records those for the calls it audits, so they
  * are thrown inside the pipeline, after the audit interceptor).
  * @returns undefined when there is nothing to check (a public method, no rate limits), so
  *   that the caller needs no promise then; otherwise a promise that settles (never rejects)
@@ -103,6 +141,7 @@ async function admitAll(
   if (rule.public) return;
   try {
     await authenticateCaller(deps, headers, state);
+    await authorizeCaller(rule, state, deps.limits);
   } catch (err) {
     admission.refused = err;
   }

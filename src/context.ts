@@ -28,8 +28,8 @@ export interface RequestState {
    */
   errorInfo?: { reason: string; requestId: string };
   /**
-   * Set when the HTTP layer ran admission (admission.ts: per-IP limit, authentication)
-   * before the RPC pipeline, so that the interceptors do not count or authenticate again.
+   * Set when the HTTP layer ran admission (admission.ts: per-IP limit, authentication,
+   * authorization) before the RPC pipeline, so that the interceptors do not run them again.
    */
   admission?: Admission;
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
@@ -42,12 +42,12 @@ export interface RequestState {
  * The outcome of admission. A refusal the HTTP layer did not answer itself (a call the
  * audit log records, or a protocol it does not write) is thrown in the pipeline where the
  * check it replaces would have thrown it: `limited` by the rate-limit interceptor, before
- * the audit, `refused` by the authentication interceptor, after it.
+ * the audit, `refused` by the authentication interceptor, after it (authorization refusals too).
  */
 export interface Admission {
   /** Refused by the per-IP rate limit. */
   limited?: unknown;
-  /** Refused by authentication (credential, or the IP's failed-authentication budget). */
+  /** Refused by authentication (credential, the IP's failed-authentication budget) or authorization (kind, scopes, per-principal limit). */
   refused?: unknown;
 }
 

@@ -187,7 +187,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         : body,
     contextValues: (req) =>
       createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
-    // Per-IP limit and authentication before Connect reads the request (admission.ts).
+    // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
     admit: (req, method, early) => {
       let rule: AuthRule;
       try {
@@ -202,8 +202,8 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     },
   });
   /**
-   * The refusal to answer before the pipeline, if any: a per-IP limit, or a failed
-   * authentication of a call the audit log does not record (those the pipeline throws
+   * The refusal to answer before the pipeline, if any: a per-IP limit, or a refused
+   * authentication or authorization of a call the audit log does not record (those the pipeline throws
    * after its audit interceptor, see context.ts).
    */
   function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | undefined {

@@ -7,6 +7,7 @@ import {
 } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "./errors-util.js";
@@ -63,6 +64,8 @@ describe("admission: refusals answered before the RPC pipeline", () => {
   let ts: TestServer;
   let session: http2.ClientHttp2Session;
   let adminToken: string;
+  /** A user with no scope at all. */
+  let plainToken: string;
   const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
   const asAdmin = () => ({ authorization: `Bearer ${adminToken}` });
 
@@ -71,6 +74,14 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     session = http2.connect(ts.server.url, { ca: ts.certs.ca });
     adminToken = (
       await createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+    const users = createClient(UserService, withHeaders(ts.connect(), asAdmin()));
+    await users.createUser({ username: "plain", password: "plain user password", scopes: [] });
+    plainToken = (
+      await createClient(UserService, ts.connect()).login({
+        username: "plain",
+        password: "plain user password",
+      })
     ).accessToken;
   });
   afterAll(async () => {
@@ -87,66 +98,85 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     ["no credential", {}],
   ];
 
+  /** Transports over every protocol, and the in-process pipeline (no HTTP layer, so no admission) first. */
+  function transports(): [string, Transport][] {
+    const ca = ts.certs.ca;
+    const baseUrl = ts.server.url;
+    return [
+      ["in-process pipeline", memoryTransport(ts.app)],
+      ["Connect JSON", ts.connect()],
+      [
+        "Connect binary",
+        createConnectTransport({ baseUrl, httpVersion: "2", useBinaryFormat: true, nodeOptions: { ca } }),
+      ],
+      ["gRPC", ts.grpc()],
+      ["gRPC-Web", createGrpcWebTransport({ baseUrl, httpVersion: "2", nodeOptions: { ca } })],
+      ["gRPC over JSON", createGrpcTransport({ baseUrl, useBinaryFormat: false, nodeOptions: { ca } })],
+    ];
+  }
+
+  /**
+   * Make the same refused call over every transport; expect the same refusal everywhere
+   * (code, reason, message, detail, WWW-Authenticate), each with its own request id.
+   * @returns the pipeline's refusal
+   */
+  async function sameRefusalEverywhere(
+    headers: Record<string, string>,
+    call: (transport: Transport) => Promise<unknown>,
+  ) {
+    const seen = [];
+    for (const [name, transport] of transports()) {
+      const requestId = `admission-${name.replace(/[^a-z]/gi, "")}`;
+      const r = await rejection(call(withHeaders(transport, { ...headers, "x-request-id": requestId })));
+      seen.push({
+        code: r.code,
+        reason: r.reason,
+        message: r.message,
+        details: r.error.details.length,
+        wwwAuthenticate: r.error.metadata.get("www-authenticate"),
+      });
+      // The in-process transport has no HTTP layer to take the request id from.
+      if (name !== "in-process pipeline")
+        expect(r.error.findDetails(ErrorInfoSchema)[0]?.requestId).toBe(requestId);
+    }
+    const [pipeline, ...answered] = seen;
+    for (const a of answered) expect(a).toEqual(pipeline);
+    return pipeline!;
+  }
+
   it.each(credentials)(
     "refuses %s identically in every protocol, and as the pipeline does",
     async (_, headers) => {
-      const transports: [string, Transport][] = [
-        ["in-process pipeline", memoryTransport(ts.app)],
-        ["Connect JSON", ts.connect()],
-        [
-          "Connect binary",
-          createConnectTransport({
-            baseUrl: ts.server.url,
-            httpVersion: "2",
-            useBinaryFormat: true,
-            nodeOptions: { ca: ts.certs.ca },
-          }),
-        ],
-        ["gRPC", ts.grpc()],
-        [
-          "gRPC-Web",
-          createGrpcWebTransport({
-            baseUrl: ts.server.url,
-            httpVersion: "2",
-            nodeOptions: { ca: ts.certs.ca },
-          }),
-        ],
-        [
-          "gRPC over JSON",
-          createGrpcTransport({
-            baseUrl: ts.server.url,
-            useBinaryFormat: false,
-            nodeOptions: { ca: ts.certs.ca },
-          }),
-        ],
-      ];
-      const seen = [];
-      for (const [name, transport] of transports) {
-        const requestId = `admission-${name.replace(/[^a-z]/gi, "")}`;
-        const r = await rejection(
-          createClient(
-            UserService,
-            withHeaders(transport, { ...headers, "x-request-id": requestId }),
-          ).getCurrentUser({}),
-        );
-        const info = r.error.details.length;
-        seen.push({
-          name,
-          code: r.code,
-          reason: r.reason,
-          message: r.message,
-          details: info,
-          wwwAuthenticate: r.error.metadata.get("www-authenticate"),
-        });
-        // The in-process transport has no HTTP layer to take the request id from.
-        if (name !== "in-process pipeline")
-          expect(r.error.findDetails(ErrorInfoSchema)[0]?.requestId).toBe(requestId);
-      }
-      const [pipeline, ...answered] = seen;
-      expect(pipeline!.code === Code.Unauthenticated || pipeline!.code === Code.InvalidArgument).toBe(true);
-      for (const a of answered) expect({ ...a, name: pipeline!.name }).toEqual(pipeline);
+      const refusal = await sameRefusalEverywhere(headers, (t) =>
+        createClient(UserService, t).getCurrentUser({}),
+      );
+      expect([Code.Unauthenticated, Code.InvalidArgument]).toContain(refusal.code);
     },
   );
+
+  it("refuses a principal without the method's scope identically in every protocol, and as the pipeline does", async () => {
+    const refusal = await sameRefusalEverywhere({ authorization: `Bearer ${plainToken}` }, (t) =>
+      createClient(TenantService, t).listTenants({}),
+    );
+    expect(refusal).toMatchObject({ code: Code.PermissionDenied, reason: "ACCESS_DENIED" });
+    expect(refusal.wwwAuthenticate).toContain('scope="admin:tenants"');
+    // Before the body: a malformed one is not what it is refused for.
+    const raw = await rawCall(
+      session,
+      "/tessera.v1.TenantService/ListTenants",
+      { "content-type": "application/json", authorization: `Bearer ${plainToken}` },
+      Buffer.from("{not json"),
+    );
+    expect(raw.status).toBe(403);
+    expect(JSON.parse(raw.body.toString("utf8"))).toMatchObject({ reason: "ACCESS_DENIED", ok: false });
+    const admin = await rawCall(
+      session,
+      "/tessera.v1.TenantService/ListTenants",
+      { "content-type": "application/json", ...asAdmin() },
+      Buffer.from("{not json"),
+    );
+    expect(admin.status).toBe(400);
+  });
 
   it("refuses a caller before reading its request body, in every protocol", async () => {
     const bad = { authorization: "Bearer not-a-tessera-token" };
