@@ -68,6 +68,11 @@ const securityHeaders = (tls: boolean): [string, string][] => [
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const kState = Symbol("tessera.requestState");
 
+/** The request state the handler attached to an RPC request before handing it to the adapter. */
+function stateOf(req: Request): RequestState {
+  return (req as unknown as Record<symbol, RequestState>)[kState]!;
+}
+
 /** Node's incoming headers read as fetch Headers would read them (repeats joined with ", "). */
 function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSource {
   return {
@@ -183,10 +188,9 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
-        ? augmentJsonErrorBody(body, (req as unknown as Record<symbol, RequestState>)[kState])
+        ? augmentJsonErrorBody(body, stateOf(req))
         : body,
-    contextValues: (req) =>
-      createContextValues().set(requestStateKey, (req as unknown as Record<symbol, RequestState>)[kState]),
+    contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
     admit: (req, method, early) => {
       let rule: AuthRule;
@@ -196,15 +200,15 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         // No rule: the pipeline refuses it (the authentication interceptor, as ever).
         return undefined;
       }
-      const state = (req as unknown as Record<symbol, RequestState>)[kState]!;
+      const state = stateOf(req);
       const pending = admit(admission, rule, nodeHeaderSource(req.headers), state);
       return pending?.then(() => (early ? earlyRefusal(state, method) : undefined));
     },
   });
   /**
    * The refusal to answer before the pipeline, if any: a per-IP limit, or a refused
-   * authentication or authorization of a call the audit log does not record (those the pipeline throws
-   * after its audit interceptor, see context.ts).
+   * authentication or authorization of a call the audit log does not record (those the
+   * pipeline throws after its audit interceptor, see context.ts).
    */
   function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | undefined {
     const admitted = state.admission!;
