@@ -134,7 +134,7 @@ export function createConnectHandler(
       if (protocol === undefined) dispatch(handler!, req, res);
       else {
         discardBody(req, res, readMaxBytes);
-        writeEarlyError(req, res, protocol, error, errorBody);
+        writeEarlyError(req, res, protocol, error, errorBody, options.jsonOptions);
       }
     }
   };
@@ -240,12 +240,13 @@ function writeEarlyError(
   protocol: EarlyProtocol,
   error: ConnectError,
   errorBody: ConnectHandlerOptions["errorBody"],
+  jsonOptions: ConnectHandlerOptions["jsonOptions"],
 ): void {
   if (gone(req)) return;
   const out = res as http2.Http2ServerResponse;
   try {
     if (protocol.kind === "connect") {
-      let body: Uint8Array = errorToJsonBytes(error, {});
+      let body: Uint8Array = errorToJsonBytes(error, jsonOptions ?? {});
       if (errorBody) body = errorBody(req, body);
       const header = nodeHeaders(error.metadata) ?? {};
       header["content-type"] = connectJson;
