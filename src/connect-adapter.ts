@@ -9,11 +9,14 @@ import {
   type ConnectRouterOptions,
   type ContextValues,
   createConnectRouter,
+  createMethodImplSpec,
+  createServiceImplSpec,
+  type MethodImplSpec,
 } from "@connectrpc/connect";
 import {
+  createMethodUrl,
   encodeEnvelope,
   type UniversalHandler,
-  type UniversalServerRequest,
   type UniversalServerResponse,
 } from "@connectrpc/connect/protocol";
 import {
@@ -36,6 +39,13 @@ import {
   trailerSerialize,
 } from "@connectrpc/connect/protocol-grpc-web";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
+import {
+  createUnaryHandlers,
+  type UnaryAnswer,
+  type UnaryHandler,
+  type UnaryProtocol,
+  type UnaryRequest,
+} from "./unary-handlers.js";
 
 type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
 type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
@@ -85,9 +95,12 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
  *   gives (Canceled, Unavailable, …), so handlers still see cancellation;
  * - the body is handed over as the chunks arrive through a small queue (backpressure by
  *   pausing the request), still enforcing `readMaxBytes` in Connect's own reader;
- * - the response is written directly, waiting for "drain" only when Node asks for it.
- * Everything protocol-related (Connect, gRPC, gRPC-Web, compression, timeouts, errors)
- * stays in @connectrpc/connect, untouched.
+ * - the response is written directly, waiting for "drain" only when Node asks for it;
+ * - unary calls over Connect (POST), gRPC and gRPC-Web go to the handlers of
+ *   unary-handlers.ts, which answer as Connect's do without its streaming pipeline.
+ * Every protocol detail (content types, compression, timeouts, envelopes, errors) is
+ * @connectrpc/connect's own code; streams, Connect GET and gRPC-Web text are served by
+ * Connect's handlers, untouched.
  */
 export function createConnectHandler(
   options: ConnectHandlerOptions,
@@ -95,9 +108,32 @@ export function createConnectHandler(
   if (options.acceptCompression === undefined)
     options.acceptCompression = [compressionGzip, compressionBrotli];
   const router = createConnectRouter(options);
-  options.routes(router);
-  const paths = new Map<string, UniversalHandler>();
-  for (const handler of router.handlers) paths.set(handler.requestPath, handler);
+  // Unary methods also get the pipeline-free handlers of unary-handlers.ts, for the
+  // protocols they serve; methods registered with options of their own stay with Connect.
+  const unary = new Map<string, Partial<Record<UnaryProtocol, UnaryHandler>>>();
+  const addUnary = (spec: MethodImplSpec) => {
+    if (spec.kind === "unary")
+      unary.set(createMethodUrl("/", spec.method), createUnaryHandlers(options, spec));
+  };
+  const recorder: ConnectRouter = {
+    handlers: router.handlers,
+    service(service, implementation, serviceOptions) {
+      router.service(service, implementation, serviceOptions);
+      if (serviceOptions === undefined)
+        for (const spec of Object.values(createServiceImplSpec(service, implementation).methods))
+          addUnary(spec);
+      return this;
+    },
+    rpc(method, implementation, rpcOptions) {
+      router.rpc(method, implementation, rpcOptions);
+      if (rpcOptions === undefined) addUnary(createMethodImplSpec(method, implementation));
+      return this;
+    },
+  };
+  options.routes(recorder);
+  const paths = new Map<string, Route>();
+  for (const handler of router.handlers)
+    paths.set(handler.requestPath, { handler, unary: unary.get(handler.requestPath) });
   const fallback = options.fallback ?? notFound;
   const errorBody = options.errorBody;
   const admit = options.admit;
@@ -106,32 +142,33 @@ export function createConnectHandler(
   return function handleConnect(req, res) {
     const url = req.url ?? "";
     const q = url.indexOf("?");
-    const handler = paths.get(q < 0 ? url : url.slice(0, q));
-    if (!handler) {
+    const route = paths.get(q < 0 ? url : url.slice(0, q));
+    if (!route) {
       fallback(req, res);
       return;
     }
+    const { handler } = route;
+    const protocol = handler.method.methodKind === "unary" ? earlyProtocol(req) : undefined;
     if (admit === undefined) {
-      dispatch(handler, req, res);
+      dispatch(route, protocol, req, res);
       return;
     }
-    const protocol = handler.method.methodKind === "unary" ? earlyProtocol(req) : undefined;
     let verdict: ReturnType<typeof admit>;
     try {
       verdict = admit(req, handler.method, protocol !== undefined);
     } catch (err) {
       verdict = admitFailed(handler, err);
     }
-    if (verdict === undefined) dispatch(handler, req, res);
+    if (verdict === undefined) dispatch(route, protocol, req, res);
     else if (verdict instanceof ConnectError) answer(verdict);
     else
       verdict.then(
-        (error) => (error === undefined ? dispatch(handler, req, res) : answer(error)),
+        (error) => (error === undefined ? dispatch(route, protocol, req, res) : answer(error)),
         (err: unknown) => answer(admitFailed(handler, err)),
       );
 
     function answer(error: ConnectError) {
-      if (protocol === undefined) dispatch(handler!, req, res);
+      if (protocol === undefined) dispatch(route!, protocol, req, res);
       else {
         discardBody(req, res, readMaxBytes);
         writeEarlyError(req, res, protocol, error, errorBody, options.jsonOptions);
@@ -139,7 +176,12 @@ export function createConnectHandler(
     }
   };
 
-  function dispatch(handler: UniversalHandler, req: NodeRequest, res: NodeResponse): void {
+  function dispatch(
+    route: Route,
+    protocol: EarlyProtocol | undefined,
+    req: NodeRequest,
+    res: NodeResponse,
+  ): void {
     // Gone while admission was pending: nothing to answer.
     if (gone(req)) return;
     const url = req.url ?? "";
@@ -154,7 +196,7 @@ export function createConnectHandler(
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
     const authority = "authority" in req ? req.authority : req.headers.host;
-    const uReq: UniversalServerRequest = {
+    const uReq: UnaryRequest = {
       httpVersion: req.httpVersion,
       method: req.method ?? "",
       url: `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
@@ -163,24 +205,37 @@ export function createConnectHandler(
       signal: signal as unknown as AbortSignal,
       contextValues: options.contextValues?.(req),
     };
+    const { handler } = route;
+    const onError = (err: unknown) => {
+      if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
+        console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
+      }
+      if (!res.headersSent) {
+        res.statusCode = 500;
+        res.end();
+      } else {
+        res.destroy();
+      }
+    };
+    const unaryHandler = protocol && route.unary?.[protocol.kind];
+    if (unaryHandler) {
+      unaryHandler(uReq).then((answer) => writeUnaryAnswer(answer, req, res, errorBody), onError);
+      return;
+    }
     handler(uReq).then(
       (uRes) =>
         uRes.status >= 400 && errorBody
           ? writeErrorResponse(uRes, req, res, errorBody)
           : writeResponse(uRes, res),
-      (err: unknown) => {
-        if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
-          console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
-        }
-        if (!res.headersSent) {
-          res.statusCode = 500;
-          res.end();
-        } else {
-          res.destroy();
-        }
-      },
+      onError,
     );
   }
+}
+
+/** An RPC path: Connect's handler for it, and the unary handlers by protocol when it has them. */
+interface Route {
+  handler: UniversalHandler;
+  unary: Partial<Record<UnaryProtocol, UnaryHandler>> | undefined;
 }
 
 /** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
@@ -465,6 +520,32 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
     // Only a body left unfinished needs return() (an exhausted iterator has nothing to
     // release; Connect's gRPC pipeline would abort its context a second time).
     if (!done) it?.return?.().catch(() => undefined);
+  }
+}
+
+/** Write a unary answer in one go; an error body (status ≥ 400) passes through `rewrite` first. */
+function writeUnaryAnswer(
+  answer: UnaryAnswer,
+  req: NodeRequest,
+  res: NodeResponse,
+  rewrite: ConnectHandlerOptions["errorBody"],
+): void {
+  if (gone(req)) return;
+  const out = res as http2.Http2ServerResponse;
+  try {
+    const header = nodeHeaders(answer.header) ?? {};
+    let body = answer.body;
+    if (answer.status >= 400 && rewrite) {
+      body = rewrite(req, body);
+      header["content-length"] = body.byteLength;
+    }
+    out.writeHead(answer.status, header);
+    const trailers = nodeHeaders(answer.trailer);
+    if (trailers) out.addTrailers(trailers);
+    if (body.byteLength > 0) out.end(body);
+    else out.end();
+  } catch {
+    res.destroy();
   }
 }
 

@@ -1,0 +1,350 @@
+import http2 from "node:http2";
+import type { AddressInfo } from "node:net";
+import { gzipSync } from "node:zlib";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
+import { compressionBrotli, compressionGzip, connectNodeAdapter } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  Health,
+  HealthCheckRequestSchema,
+  HealthCheckResponse_ServingStatus,
+} from "../gen/grpc/health/v1/health_pb.js";
+import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { createConnectHandler } from "../src/connect-adapter.js";
+
+/**
+ * src/unary-handlers.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
+ * Connect's own handlers. These tests send the same raw HTTP/2 requests to connect-node's
+ * stock adapter and to Tessera's, both serving the same router, and require the same
+ * status, headers, body bytes and trailers: for successes and for every way a unary call
+ * fails (implementation, interceptor, body, compression, limits, timeouts, framing).
+ */
+
+const signals: AbortSignal[] = [];
+
+/** Adds a header and a trailer, and refuses calls that carry `x-refuse`. */
+const interceptor: Interceptor = (next) => async (req) => {
+  if (req.header.get("x-refuse") !== null) {
+    throw new ConnectError("interceptor says no", Code.PermissionDenied, { "x-why": "asked" });
+  }
+  const res = await next(req);
+  res.header.set("x-intercepted", "1");
+  res.trailer.set("x-checked", "yes");
+  return res;
+};
+
+function routes(router: ConnectRouter) {
+  router.service(Health, {
+    check(req, ctx) {
+      signals.push(ctx.signal);
+      ctx.responseHeader.set("x-impl", "check");
+      ctx.responseTrailer.append("x-trail", "a");
+      ctx.responseTrailer.append("x-trail", "b");
+      switch (req.service) {
+        case "fail":
+          throw new ConnectError("no such service", Code.NotFound);
+        case "refuse":
+          throw new ConnectError(
+            'refused: "quoted", non-ASCII é, 100%',
+            Code.PermissionDenied,
+            { "www-authenticate": 'Bearer realm="x"', "retry-after": "7" },
+            [
+              {
+                desc: ErrorInfoSchema,
+                value: { reason: "ACCESS_DENIED", domain: "tessera", requestId: "r-1" },
+              },
+            ],
+          );
+        case "crash":
+          throw new Error("an unexpected failure with a detail that must not leave the server");
+        case "deadline":
+          return {
+            status:
+              ctx.timeoutMs() === undefined
+                ? HealthCheckResponse_ServingStatus.UNKNOWN
+                : HealthCheckResponse_ServingStatus.SERVING,
+          };
+        default:
+          return { status: HealthCheckResponse_ServingStatus.SERVING };
+      }
+    },
+    list() {
+      // Large enough to be compressed (compressMinBytes is 1 KiB by default).
+      const statuses: Record<string, { status: HealthCheckResponse_ServingStatus }> = {};
+      for (let i = 0; i < 200; i++)
+        statuses[`service-${i}`] = { status: HealthCheckResponse_ServingStatus.SERVING };
+      return { statuses };
+    },
+  });
+}
+
+const options = {
+  routes,
+  interceptors: [interceptor],
+  readMaxBytes: 2048,
+  acceptCompression: [compressionGzip, compressionBrotli],
+};
+
+interface Answer {
+  status: number;
+  headers: Record<string, unknown>;
+  body: string;
+  trailers: Record<string, unknown>;
+}
+
+interface Server {
+  session: http2.ClientHttp2Session;
+  close(): Promise<void>;
+}
+
+async function start(handler: (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void) {
+  const server = http2.createServer(handler);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const session = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+  return {
+    session,
+    close: () =>
+      new Promise<void>((resolve) => {
+        session.close();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** One raw call: what came back, with the Date header left out. */
+function call(server: Server, path: string, headers: http2.OutgoingHttpHeaders, body: Uint8Array) {
+  return new Promise<Answer>((resolve, reject) => {
+    const stream = server.session.request({ ":method": "POST", ":path": path, ...headers });
+    const chunks: Buffer[] = [];
+    let head: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    stream.on("response", (h) => (head = h));
+    stream.on("trailers", (t) => (trailers = t));
+    stream.on("data", (c: Buffer) => chunks.push(c));
+    stream.on("error", reject);
+    stream.on("end", () => {
+      const { ":status": status, date: _date, ...rest } = head;
+      resolve({
+        status: Number(status),
+        headers: rest,
+        body: Buffer.concat(chunks).toString("hex"),
+        trailers,
+      });
+    });
+    stream.end(body);
+  });
+}
+
+function envelope(flags: number, data: Uint8Array): Uint8Array {
+  const out = new Uint8Array(5 + data.byteLength);
+  out[0] = flags;
+  new DataView(out.buffer).setUint32(1, data.byteLength);
+  out.set(data, 5);
+  return out;
+}
+
+const concat = (...parts: Uint8Array[]) => new Uint8Array(Buffer.concat(parts));
+const json = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
+const proto = (service: string) =>
+  toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service }));
+
+type Wire = "connect+json" | "connect+proto" | "grpc" | "grpc+json" | "grpc-web" | "grpc-web+json";
+const wires: Wire[] = ["connect+json", "connect+proto", "grpc", "grpc+json", "grpc-web", "grpc-web+json"];
+
+const contentType: Record<Wire, string> = {
+  "connect+json": "application/json",
+  "connect+proto": "application/proto",
+  grpc: "application/grpc",
+  "grpc+json": "application/grpc+json",
+  "grpc-web": "application/grpc-web+proto",
+  "grpc-web+json": "application/grpc-web+json",
+};
+
+const isJson = (wire: Wire) => wire.endsWith("json");
+const isConnect = (wire: Wire) => wire.startsWith("connect");
+
+/** The serialized request message for `service` in the wire's format. */
+function message(wire: Wire, service: string): Uint8Array {
+  return isJson(wire) ? json({ service }) : proto(service);
+}
+
+/** A well-formed request body carrying `data` (enveloped for gRPC and gRPC-Web). */
+function body(wire: Wire, data: Uint8Array, flags = 0): Uint8Array {
+  return isConnect(wire) ? data : envelope(flags, data);
+}
+
+/** Headers naming the wire's compression, timeout and accepted encodings. */
+function headers(wire: Wire, extra: { encoding?: string; accept?: string; timeout?: string } = {}) {
+  const h: http2.OutgoingHttpHeaders = { "content-type": contentType[wire] };
+  if (wire.startsWith("grpc")) h.te = "trailers";
+  if (extra.encoding) h[isConnect(wire) ? "content-encoding" : "grpc-encoding"] = extra.encoding;
+  if (extra.accept) h[isConnect(wire) ? "accept-encoding" : "grpc-accept-encoding"] = extra.accept;
+  if (extra.timeout) h[isConnect(wire) ? "connect-timeout-ms" : "grpc-timeout"] = extra.timeout;
+  return h;
+}
+
+const CHECK = "/grpc.health.v1.Health/Check";
+const LIST = "/grpc.health.v1.Health/List";
+
+let reference: Server;
+let tessera: Server;
+
+beforeAll(async () => {
+  reference = await start(connectNodeAdapter(options));
+  tessera = await start(createConnectHandler(options));
+});
+
+afterAll(async () => {
+  await reference.close();
+  await tessera.close();
+});
+
+/** The same call to both servers: the answers must be identical. */
+async function same(path: string, h: http2.OutgoingHttpHeaders, b: Uint8Array): Promise<Answer> {
+  const [expected, actual] = await Promise.all([call(reference, path, h, b), call(tessera, path, h, b)]);
+  expect(actual).toEqual(expected);
+  return actual;
+}
+
+describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wire) => {
+  it("on success, with the implementation's and the interceptor's headers and trailers", async () => {
+    const answer = await same(CHECK, headers(wire), body(wire, message(wire, "")));
+    expect(answer.status).toBe(200);
+    expect(answer.headers["x-intercepted"]).toBe("1");
+    expect(answer.headers["x-impl"]).toBe("check");
+    if (isConnect(wire)) expect(answer.headers["trailer-x-checked"]).toBe("yes");
+    else if (wire.startsWith("grpc-web"))
+      expect(answer.body).toContain(Buffer.from("x-checked: yes").toString("hex"));
+    else expect(answer.trailers["x-checked"]).toBe("yes");
+  });
+
+  it.each(["fail", "refuse", "crash"])("when the implementation throws (%s)", async (service) => {
+    const answer = await same(CHECK, headers(wire), body(wire, message(wire, service)));
+    expect(answer.body + JSON.stringify(answer.trailers)).not.toContain("must not leave");
+  });
+
+  it("when an interceptor refuses", async () => {
+    await same(CHECK, { ...headers(wire), "x-refuse": "1" }, body(wire, message(wire, "")));
+  });
+
+  it("with a malformed message", async () => {
+    const bad = isJson(wire)
+      ? new TextEncoder().encode('{"service": 12')
+      : new Uint8Array([0x0a, 0x05, 0x61]);
+    await same(CHECK, headers(wire), body(wire, bad));
+  });
+
+  it("with a gzip-compressed request and a compressed response", async () => {
+    const data = isJson(wire) ? json({}) : new Uint8Array(0);
+    const compressed = new Uint8Array(gzipSync(data));
+    const b = isConnect(wire) ? compressed : envelope(1, compressed);
+    const answer = await same(LIST, headers(wire, { encoding: "gzip", accept: "gzip" }), b);
+    expect(answer.status).toBe(200);
+    expect(answer.headers[isConnect(wire) ? "content-encoding" : "grpc-encoding"]).toBe("gzip");
+  });
+
+  it("with an unsupported request compression", async () => {
+    await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+  });
+
+  it("with a valid and with an invalid timeout", async () => {
+    const valid = isConnect(wire) ? "5000" : "5S";
+    const answer = await same(
+      CHECK,
+      headers(wire, { timeout: valid }),
+      body(wire, message(wire, "deadline")),
+    );
+    expect(answer.status).toBe(200);
+    await same(CHECK, headers(wire, { timeout: "soon" }), body(wire, message(wire, "deadline")));
+  });
+
+  it("with a body over readMaxBytes", async () => {
+    await same(CHECK, headers(wire), body(wire, message(wire, "x".repeat(4000))));
+  });
+
+  it("with a body over readMaxBytes once decompressed", async () => {
+    const data = message(wire, "y".repeat(8000));
+    const compressed = new Uint8Array(gzipSync(data));
+    const b = isConnect(wire) ? compressed : envelope(1, compressed);
+    await same(CHECK, headers(wire, { encoding: "gzip" }), b);
+  });
+});
+
+describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (wire) => {
+  const m = () => message(wire, "");
+  it.each([
+    ["no message", () => new Uint8Array(0)],
+    ["two messages", () => concat(envelope(0, m()), envelope(0, m()))],
+    [
+      "a message, then a malformed one",
+      () => concat(envelope(0, m()), envelope(0, new Uint8Array([0x0a, 0x09]))),
+    ],
+    ["an incomplete envelope", () => envelope(0, m()).subarray(0, 4)],
+    ["a message and a partial envelope", () => concat(envelope(0, m()), new Uint8Array([0, 0]))],
+    ["a compressed envelope without an encoding", () => envelope(1, new Uint8Array(gzipSync(m())))],
+    ["a message announced over readMaxBytes", () => new Uint8Array([0, 0, 0, 0x10, 0])],
+    [
+      "a message with a trailer frame after it",
+      () => concat(envelope(0, m()), envelope(0x80, new Uint8Array(0))),
+    ],
+  ])("with %s", async (_label, make) => {
+    await same(CHECK, headers(wire), make());
+  });
+
+  it("with a message split across many DATA frames", async () => {
+    const h = headers(wire);
+    const data = envelope(0, message(wire, "z".repeat(600)));
+    const send = (server: Server) =>
+      new Promise<Answer>((resolve, reject) => {
+        const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...h });
+        const chunks: Buffer[] = [];
+        let head: http2.IncomingHttpHeaders = {};
+        let trailers: http2.IncomingHttpHeaders = {};
+        stream.on("response", (r) => (head = r));
+        stream.on("trailers", (t) => (trailers = t));
+        stream.on("data", (c: Buffer) => chunks.push(c));
+        stream.on("error", reject);
+        stream.on("end", () => {
+          const { ":status": status, date: _date, ...rest } = head;
+          resolve({
+            status: Number(status),
+            headers: rest,
+            body: Buffer.concat(chunks).toString("hex"),
+            trailers,
+          });
+        });
+        let i = 0;
+        const next = () => {
+          if (i >= data.byteLength) {
+            stream.end();
+            return;
+          }
+          stream.write(data.subarray(i, i + 3), () => setImmediate(next));
+          i += 3;
+        };
+        next();
+      });
+    const [expected, actual] = await Promise.all([send(reference), send(tessera)]);
+    expect(actual).toEqual(expected);
+    expect(actual.status).toBe(200);
+  });
+});
+
+describe("the unary handlers", () => {
+  it("serve unary calls in place of Connect's: a finished call's signal is aborted with one shared reason", async () => {
+    signals.length = 0;
+    await call(tessera, CHECK, headers("grpc"), body("grpc", proto("")));
+    await call(tessera, CHECK, headers("connect+json"), json({}));
+    const [first, second] = signals;
+    expect(first?.aborted).toBe(true);
+    expect(second?.aborted).toBe(true);
+    expect((first?.reason as DOMException | undefined)?.name).toBe("AbortError");
+    expect(first?.reason).toBe(second?.reason);
+    // Connect's own handlers abort each call with a new DOMException.
+    signals.length = 0;
+    await call(reference, CHECK, headers("grpc"), body("grpc", proto("")));
+    await call(reference, CHECK, headers("connect+json"), json({}));
+    expect(signals[0]?.reason).not.toBe(signals[1]?.reason);
+  });
+});
