@@ -22,6 +22,7 @@ import { createConnectHandler } from "../src/connect-adapter.js";
  */
 
 const signals: AbortSignal[] = [];
+const aborts: Code[] = [];
 
 /** Adds a header and a trailer, and refuses calls that carry `x-refuse`. */
 const interceptor: Interceptor = (next) => async (req) => {
@@ -58,6 +59,16 @@ function routes(router: ConnectRouter) {
           );
         case "crash":
           throw new Error("an unexpected failure with a detail that must not leave the server");
+        case "wait":
+          // Until the deadline passes or the client goes away; the reason is the answer.
+          return new Promise((_, reject) => {
+            const done = () => {
+              aborts.push(ConnectError.from(ctx.signal.reason).code);
+              reject(ctx.signal.reason);
+            };
+            if (ctx.signal.aborted) done();
+            else ctx.signal.addEventListener("abort", done, { once: true });
+          });
         case "deadline":
           return {
             status:
@@ -116,6 +127,10 @@ async function start(handler: (req: http2.Http2ServerRequest, res: http2.Http2Se
 function call(server: Server, path: string, headers: http2.OutgoingHttpHeaders, body: Uint8Array) {
   return new Promise<Answer>((resolve, reject) => {
     const stream = server.session.request({ ":method": "POST", ":path": path, ...headers });
+    stream.setTimeout(5000, () => {
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+      reject(new Error(`no answer from ${path} within 5 s`));
+    });
     const chunks: Buffer[] = [];
     let head: http2.IncomingHttpHeaders = {};
     let trailers: http2.IncomingHttpHeaders = {};
@@ -259,6 +274,16 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
     await same(CHECK, headers(wire, { timeout: "soon" }), body(wire, message(wire, "deadline")));
   });
 
+  it("when the deadline passes during the call, and when it has passed on arrival", async () => {
+    const [short, none] = isConnect(wire) ? ["30", "0"] : ["30m", "0n"];
+    const answer = await same(CHECK, headers(wire, { timeout: short }), body(wire, message(wire, "wait")));
+    if (isConnect(wire)) expect(answer.status).toBe(504);
+    else if (wire.startsWith("grpc-web"))
+      expect(answer.body).toContain(Buffer.from("grpc-status: 4").toString("hex"));
+    else expect(answer.trailers["grpc-status"]).toBe("4");
+    await same(CHECK, headers(wire, { timeout: none }), body(wire, message(wire, "wait")));
+  });
+
   it("with a body over readMaxBytes", async () => {
     await same(CHECK, headers(wire), body(wire, message(wire, "x".repeat(4000))));
   });
@@ -332,6 +357,20 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
 });
 
 describe("the unary handlers", () => {
+  it("abort the call's signal with Canceled when the client goes away, as Connect's do", async () => {
+    for (const server of [reference, tessera]) {
+      aborts.length = 0;
+      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+      stream.on("error", () => undefined);
+      stream.end(body("grpc", proto("wait")));
+      // Wait until the implementation runs, then reset the stream.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+      for (let i = 0; i < 100 && aborts.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(aborts).toEqual([Code.Canceled]);
+    }
+  });
+
   it("serve unary calls in place of Connect's: a finished call's signal is aborted with one shared reason", async () => {
     signals.length = 0;
     await call(tessera, CHECK, headers("grpc"), body("grpc", proto("")));
