@@ -2,7 +2,13 @@ import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  type ConnectRouter,
+  type HandlerContext,
+  type Interceptor,
+} from "@connectrpc/connect";
 import { compressionBrotli, compressionGzip, connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -23,6 +29,7 @@ import { createConnectHandler } from "../src/connect-adapter.js";
 
 const signals: AbortSignal[] = [];
 const aborts: Code[] = [];
+const contexts: HandlerContext[] = [];
 
 /** Adds a header and a trailer, and refuses calls that carry `x-refuse`. */
 const interceptor: Interceptor = (next) => async (req) => {
@@ -38,7 +45,6 @@ const interceptor: Interceptor = (next) => async (req) => {
 function routes(router: ConnectRouter) {
   router.service(Health, {
     check(req, ctx) {
-      signals.push(ctx.signal);
       ctx.responseHeader.set("x-impl", "check");
       ctx.responseTrailer.append("x-trail", "a");
       ctx.responseTrailer.append("x-trail", "b");
@@ -69,6 +75,22 @@ function routes(router: ConnectRouter) {
             if (ctx.signal.aborted) done();
             else ctx.signal.addEventListener("abort", done, { once: true });
           });
+        case "late":
+          // Reads the signal for the first time only after a while.
+          contexts.push(ctx);
+          return new Promise((resolve, reject) =>
+            setTimeout(() => {
+              const signal = ctx.signal;
+              if (!signal.aborted) resolve({ status: HealthCheckResponse_ServingStatus.SERVING });
+              else {
+                aborts.push(ConnectError.from(signal.reason).code);
+                reject(signal.reason);
+              }
+            }, 150),
+          );
+        case "untouched":
+          contexts.push(ctx);
+          return { status: HealthCheckResponse_ServingStatus.SERVING };
         case "deadline":
           return {
             status:
@@ -77,6 +99,7 @@ function routes(router: ConnectRouter) {
                 : HealthCheckResponse_ServingStatus.SERVING,
           };
         default:
+          signals.push(ctx.signal);
           return { status: HealthCheckResponse_ServingStatus.SERVING };
       }
     },
@@ -357,6 +380,42 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
 });
 
 describe("the unary handlers", () => {
+  it("give a signal first read after the deadline passed in the state Connect's would be in", async () => {
+    for (const wire of wires) {
+      const timeout = isConnect(wire) ? "30" : "30m";
+      const answer = await same(CHECK, headers(wire, { timeout }), body(wire, message(wire, "late")));
+      if (isConnect(wire)) expect(answer.status).toBe(504);
+    }
+  });
+
+  it("give a signal first read after the client went away in the state Connect's would be in", async () => {
+    for (const server of [reference, tessera]) {
+      aborts.length = 0;
+      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+      stream.on("error", () => undefined);
+      stream.end(body("grpc", proto("late")));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+      for (let i = 0; i < 100 && aborts.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(aborts).toEqual([Code.Canceled]);
+    }
+  });
+
+  it("give a signal first read after the call ended as aborted, as Connect's", async () => {
+    for (const server of [reference, tessera]) {
+      contexts.length = 0;
+      await call(server, CHECK, headers("connect+json"), json({ service: "untouched" }));
+      await call(server, CHECK, headers("grpc"), body("grpc", proto("untouched")));
+      expect(contexts.map((c) => c.signal.aborted)).toEqual([true, true]);
+      expect(contexts.map((c) => (c.signal.reason as DOMException).name)).toEqual([
+        "AbortError",
+        "AbortError",
+      ]);
+      // Ours: the shared reason a finished call ends with, not one made when the signal was read.
+      if (server === tessera) expect(contexts[0]?.signal.reason).toBe(contexts[1]?.signal.reason);
+    }
+  });
+
   it("abort the call's signal with Canceled when the client goes away, as Connect's do", async () => {
     for (const server of [reference, tessera]) {
       aborts.length = 0;
