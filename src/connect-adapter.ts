@@ -245,10 +245,10 @@ function admitFailed(handler: UniversalHandler, err: unknown): ConnectError {
   return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
 }
 
-/** The protocols an early error is written in (see `admit`). */
+/** The protocols of a unary POST this adapter answers itself: an early error (see `admit`), or the whole call (unary-handlers.ts). */
 type EarlyProtocol = { kind: "connect" } | { kind: "grpc" | "grpc-web"; json: boolean };
 
-/** The protocol of a POST this adapter can answer with an error itself, or undefined. */
+/** The protocol of a unary POST this adapter can answer itself, or undefined (left to Connect's handlers). */
 function earlyProtocol(req: NodeRequest): EarlyProtocol | undefined {
   if (req.method !== "POST") return undefined;
   const type = req.headers["content-type"];
