@@ -57,6 +57,15 @@ function rawCall(
   });
 }
 
+/** A Connect JSON call to `path` whose body no parser accepts. */
+function malformedJson(
+  session: http2.ClientHttp2Session,
+  path: string,
+  headers: Record<string, string> = {},
+) {
+  return rawCall(session, path, { "content-type": "application/json", ...headers }, Buffer.from("{not json"));
+}
+
 /** A gRPC frame header promising more bytes than follow: malformed for any reader. */
 const TRUNCATED_GRPC_FRAME = Uint8Array.of(0, 0, 0, 0, 100, 1, 2, 3);
 
@@ -161,32 +170,19 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     expect(refusal).toMatchObject({ code: Code.PermissionDenied, reason: "ACCESS_DENIED" });
     expect(refusal.wwwAuthenticate).toContain('scope="admin:tenants"');
     // Before the body: a malformed one is not what it is refused for.
-    const raw = await rawCall(
-      session,
-      "/tessera.v1.TenantService/ListTenants",
-      { "content-type": "application/json", authorization: `Bearer ${plainToken}` },
-      Buffer.from("{not json"),
-    );
+    const raw = await malformedJson(session, "/tessera.v1.TenantService/ListTenants", {
+      authorization: `Bearer ${plainToken}`,
+    });
     expect(raw.status).toBe(403);
     expect(JSON.parse(raw.body.toString("utf8"))).toMatchObject({ reason: "ACCESS_DENIED", ok: false });
-    const admin = await rawCall(
-      session,
-      "/tessera.v1.TenantService/ListTenants",
-      { "content-type": "application/json", ...asAdmin() },
-      Buffer.from("{not json"),
-    );
+    const admin = await malformedJson(session, "/tessera.v1.TenantService/ListTenants", asAdmin());
     expect(admin.status).toBe(400);
   });
 
   it("refuses a caller before reading its request body, in every protocol", async () => {
     const bad = { authorization: "Bearer not-a-tessera-token" };
     // Control: with a valid token the same bodies are read, and refused as malformed.
-    const parsedJson = await rawCall(
-      session,
-      GET_CURRENT_USER,
-      { "content-type": "application/json", ...asAdmin() },
-      Buffer.from("{not json"),
-    );
+    const parsedJson = await malformedJson(session, GET_CURRENT_USER, asAdmin());
     expect(parsedJson.status).toBe(400);
     const parsedGrpc = await rawCall(
       session,
@@ -196,12 +192,7 @@ describe("admission: refusals answered before the RPC pipeline", () => {
     );
     expect(parsedGrpc.trailers["grpc-status"]).toBe(String(Code.InvalidArgument));
 
-    const json = await rawCall(
-      session,
-      GET_CURRENT_USER,
-      { "content-type": "application/json", "x-request-id": "early-json", ...bad },
-      Buffer.from("{not json"),
-    );
+    const json = await malformedJson(session, GET_CURRENT_USER, { "x-request-id": "early-json", ...bad });
     expect(json.status).toBe(401);
     expect(json.headers["content-type"]).toBe("application/json");
     expect(json.headers["x-request-id"]).toBe("early-json");
@@ -294,19 +285,9 @@ describe("admission: the per-IP limit", () => {
     const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
     try {
       const login = "/tessera.v1.UserService/Login";
-      const first = await rawCall(
-        session,
-        login,
-        { "content-type": "application/json" },
-        Buffer.from("{not json"),
-      );
+      const first = await malformedJson(session, login);
       expect(first.status).toBe(400);
-      const limited = await rawCall(
-        session,
-        login,
-        { "content-type": "application/json" },
-        Buffer.from("{not json"),
-      );
+      const limited = await malformedJson(session, login);
       expect(limited.status).toBe(429);
       expect(Number(limited.headers["retry-after"])).toBeGreaterThan(0);
       expect(limited.headers["x-ratelimit-remaining"]).toBe("0");
