@@ -11,21 +11,25 @@
  * stack trace. No option of the library changes either, and no other library serves
  * these protocols on Connect's router.
  *
- * What is hand-written is only the control flow of a unary call, the same for every
- * protocol: read one message, invoke, write one message. Every protocol detail is
- * Connect's own exported code, called as its handlers call it: content types, timeouts,
- * compression negotiation, envelopes, (de)serialization with its size limits, the
- * handler context, the interceptor chain and implementation call
- * (`invokeUnaryImplementation`), error JSON, HTTP status mapping, gRPC trailers. Error
+ * What is hand-written is the control flow of a unary call, the same for every
+ * protocol (read one message, invoke, write one message), and the handler context with
+ * the call of the interceptors and the implementation, whose signal is made only when
+ * read (see `UnaryCall`). Every protocol detail is Connect's own exported code, called as
+ * its handlers call it: content types, timeouts, compression negotiation, envelopes,
+ * (de)serialization with its size limits, error JSON, HTTP status mapping, gRPC trailers. Error
  * messages and codes are those of Connect's handlers, and test/unary-handlers.test.ts
  * compares the two byte for byte, over every protocol, for successes and for each kind
  * of failure. Streaming calls, Connect GET and gRPC-Web text stay with Connect.
  */
+import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import {
   Code,
   ConnectError,
   createContextValues,
   type HandlerContext,
+  type UnaryRequest as InterceptedRequest,
+  type UnaryResponse as InterceptedResponse,
+  type Interceptor,
   type MethodImplSpec,
 } from "@connectrpc/connect";
 import {
@@ -36,7 +40,6 @@ import {
   envelopeCompress,
   envelopeDecompress,
   getAbortSignalReason,
-  invokeUnaryImplementation,
   readAllBytes,
   type Serialization,
   type UniversalHandlerOptions,
@@ -100,7 +103,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
     const type = connect.parseContentType(req.header.get(connect.headerContentType));
     const binary = type?.binary === true;
     const timeout = connect.parseTimeout(req.header.get(connect.headerTimeout), opt.maxTimeoutMs);
-    const context = unaryContext(spec, req, "connect", timeout.timeoutMs, opt.shutdownSignal);
+    const context = new UnaryCall(spec.method, "connect", req, opt.shutdownSignal, timeout.timeoutMs);
     context.responseHeader.set(
       connect.headerContentType,
       binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson,
@@ -123,7 +126,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
       );
       if (compression.request) bytes = await compression.request.decompress(bytes, opt.readMaxBytes);
       const input = serialization.getI(binary).parse(bytes);
-      const output = await invokeUnaryImplementation(spec, context, input, opt.interceptors);
+      const output = await invokeUnary(spec, context, input, opt.interceptors);
       body = serialization.getO(binary).serialize(output);
     } catch (e) {
       context.abort(e);
@@ -158,7 +161,7 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
   return async function handleGrpcUnary(req) {
     const binary = types.parseContentType(req.header.get(grpc.headerContentType))?.binary !== false;
     const timeout = grpc.parseTimeout(req.header.get(grpc.headerTimeout), opt.maxTimeoutMs);
-    const context = unaryContext(spec, req, protocolName, timeout.timeoutMs, opt.shutdownSignal);
+    const context = new UnaryCall(spec.method, protocolName, req, opt.shutdownSignal, timeout.timeoutMs);
     context.responseHeader.set(
       grpc.headerContentType,
       binary ? types.contentTypeProto : types.contentTypeJson,
@@ -182,7 +185,7 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
         serialization.getI(binary),
         web ? grpcWeb.trailerFlag : undefined,
       );
-      const output = await invokeUnaryImplementation(spec, context, input, opt.interceptors);
+      const output = await invokeUnary(spec, context, input, opt.interceptors);
       const env = await envelopeCompress(
         { flags: 0, data: serialization.getO(binary).serialize(output) },
         compression.response,
@@ -213,64 +216,230 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
 
 const EMPTY = new Uint8Array(0);
 
-/** A handler context, and how the call ends it (as Connect's `HandlerContextController`). */
-type UnaryContext = HandlerContext & { abort(reason?: unknown): void };
-
 /**
  * The handler context of a unary call: what Connect's `createHandlerContext` gives the
  * interceptors and the implementation (the same members, and a real AbortSignal that
- * aborts when the client goes away, when the deadline passes, on shutdown, and when
- * the call ends), built with less. Connect's makes two AbortControllers per call (one
- * for a deadline even when there is none) linked by listeners on both, and copies the
- * request headers; in profiles that was a tenth of a unary call. Here: one
- * AbortController, a timer only for a deadline, the request's Headers as they are (the
- * adapter makes them for this call alone), and the request signal linked through the
- * adapter's plain-object signal.
+ * aborts when the client goes away, when the deadline passes, on shutdown, and when the
+ * call ends), built with less, and how the call ends it (`abort`, as Connect's
+ * `HandlerContextController`).
+ *
+ * Connect's makes two AbortControllers per call (one for a deadline even when there is
+ * none) linked by listeners on both, and copies the request headers. Here the request's
+ * Headers are used as they are (the adapter makes them for this call alone), a timer runs
+ * only for a deadline, and the AbortSignal is made when something first reads `signal`:
+ * Node's AbortSignal is an EventTarget whose making, linking and aborting cost about 8 %
+ * of a unary call in profiles, and no interceptor or implementation of Tessera's unary
+ * RPCs reads it. Until then the first reason the call was aborted with (the request's or
+ * the shutdown signal's, the deadline's, the call's end) is kept, and a signal made later
+ * starts in that state; test/unary-handlers.test.ts checks this against Connect's, read
+ * during and after the call.
+ *
+ * A class, with `signal` a getter on its prototype: an object literal with a getter gets
+ * a hidden class of its own each time, which under load doubled the time of young
+ * generation GCs (seen with `--trace-gc`).
  */
-function unaryContext(
-  spec: UnarySpec,
-  req: UnaryRequest,
-  protocolName: UnaryProtocol,
-  timeoutMs: number | undefined,
-  shutdownSignal: AbortSignal | undefined,
-): UnaryContext {
-  const controller = new AbortController();
-  const linked = [req.signal, shutdownSignal];
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  function onAbort(this: AbortSignal) {
-    abort(getAbortSignalReason(this));
-  }
-  function abort(reason?: unknown) {
-    if (timer !== undefined) clearTimeout(timer);
-    for (const s of linked) s?.removeEventListener("abort", onAbort);
-    if (!controller.signal.aborted) controller.abort(reason);
-  }
-  let deadline: number | undefined;
-  if (timeoutMs !== undefined) {
-    deadline = Date.now() + timeoutMs;
-    const expire = () => abort(new ConnectError("the operation timed out", Code.DeadlineExceeded));
+class UnaryCall implements HandlerContext {
+  readonly service: HandlerContext["service"];
+  readonly requestMethod: string;
+  readonly requestHeader: Headers;
+  readonly responseHeader = new Headers();
+  readonly responseTrailer = new Headers();
+  readonly values: HandlerContext["values"];
+  readonly url: string;
+  readonly timeoutMs: () => number | undefined;
+  #controller: AbortController | undefined;
+  /** Why the call was aborted, while no signal exists yet. */
+  #early: { reason: unknown } | undefined;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #onAbort: ((this: AbortSignal) => void) | undefined;
+
+  constructor(
+    readonly method: UnarySpec["method"],
+    readonly protocolName: UnaryProtocol,
+    private readonly request: UnaryRequest,
+    private readonly shutdownSignal: AbortSignal | undefined,
+    timeoutMs: number | undefined,
+  ) {
+    this.service = method.parent;
+    this.requestMethod = request.method;
+    this.requestHeader = request.header;
+    this.values = request.contextValues ?? createContextValues();
+    this.url = request.url;
+    if (timeoutMs === undefined) {
+      this.timeoutMs = noDeadline;
+      return;
+    }
+    const deadline = Date.now() + timeoutMs;
+    this.timeoutMs = () => deadline - Date.now();
+    const expire = () => this.abort(new ConnectError("the operation timed out", Code.DeadlineExceeded));
     if (timeoutMs <= 0) expire();
-    else timer = setTimeout(expire, timeoutMs);
+    else this.#timer = setTimeout(expire, timeoutMs);
   }
-  for (const s of linked) {
-    if (s === undefined || controller.signal.aborted) continue;
-    if (s.aborted) onAbort.call(s);
-    else s.addEventListener("abort", onAbort);
+
+  get signal(): AbortSignal {
+    if (this.#controller !== undefined) return this.#controller.signal;
+    const controller = new AbortController();
+    this.#controller = controller;
+    const aborted = this.#early ?? this.#linkedAbort();
+    if (aborted !== undefined) {
+      controller.abort(aborted.reason);
+    } else {
+      const call = this;
+      this.#onAbort = function onAbort(this: AbortSignal) {
+        call.abort(getAbortSignalReason(this));
+      };
+      this.request.signal.addEventListener("abort", this.#onAbort);
+      this.shutdownSignal?.addEventListener("abort", this.#onAbort);
+    }
+    return controller.signal;
   }
-  return {
-    method: spec.method,
-    service: spec.method.parent,
-    signal: controller.signal,
-    timeoutMs: () => (deadline === undefined ? undefined : deadline - Date.now()),
-    requestMethod: req.method,
-    requestHeader: req.header,
-    responseHeader: new Headers(),
-    responseTrailer: new Headers(),
-    protocolName,
-    values: req.contextValues ?? createContextValues(),
-    url: req.url,
-    abort,
+
+  /** Abort the call's signal (the first reason stays); the call ends with `abort(CALL_DONE)`. */
+  abort = (reason?: unknown): void => {
+    if (this.#timer !== undefined) {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+    }
+    const controller = this.#controller;
+    if (controller === undefined) {
+      // A linked signal that aborted first gives the reason, as its listener would have.
+      this.#early ??= this.#linkedAbort() ?? { reason };
+      return;
+    }
+    if (this.#onAbort !== undefined) {
+      this.request.signal.removeEventListener("abort", this.#onAbort);
+      this.shutdownSignal?.removeEventListener("abort", this.#onAbort);
+      this.#onAbort = undefined;
+    }
+    if (!controller.signal.aborted) controller.abort(reason);
   };
+
+  #linkedAbort(): { reason: unknown } | undefined {
+    if (this.request.signal.aborted) return { reason: getAbortSignalReason(this.request.signal) };
+    if (this.shutdownSignal?.aborted) return { reason: getAbortSignalReason(this.shutdownSignal) };
+    return undefined;
+  }
+}
+
+const noDeadline = () => undefined;
+
+/**
+ * The interceptor chain, then the implementation, as Connect's `invokeUnaryImplementation`
+ * runs them: the same request and response objects for the interceptors (the same
+ * members, with the same values), the same context for the implementation (the call's,
+ * with what the interceptors passed on), the output made a full message, and the
+ * response headers and trailers the interceptors returned copied into the call's.
+ *
+ * Why not Connect's own: it reads the context's `signal` into the interceptors' request
+ * and spreads the context for the implementation, so the AbortSignal that `UnaryCall`
+ * makes only on demand would be made on every call. Here `signal` is a getter of both,
+ * reading the call's signal when someone reads it. The chain is built per call, as
+ * Connect builds it.
+ */
+async function invokeUnary(
+  spec: UnarySpec,
+  call: UnaryCall,
+  input: MessageShape<DescMessage>,
+  interceptors: Interceptor[],
+): Promise<MessageShape<DescMessage>> {
+  const { method } = spec;
+  let next = async (req: InterceptedRequest): Promise<InterceptedResponse> => {
+    const output = await spec.impl(req.message, new ImplementationContext(call, req));
+    return {
+      message: create(method.output, output),
+      stream: false,
+      method,
+      service: method.parent,
+      header: call.responseHeader,
+      trailer: call.responseTrailer,
+    };
+  };
+  for (let i = interceptors.length - 1; i >= 0; i--)
+    next = interceptors[i]!(next as Parameters<Interceptor>[0]) as typeof next;
+  const { message, header, trailer } = await next(new CallRequest(call, input));
+  copyHeaders(header, call.responseHeader);
+  copyHeaders(trailer, call.responseTrailer);
+  return message;
+}
+
+/** The request the interceptors see (Connect's `UnaryRequest`), its `signal` the call's, made when read. */
+class CallRequest implements InterceptedRequest {
+  readonly stream = false;
+  readonly method: UnarySpec["method"];
+  readonly requestMethod: string;
+  readonly url: string;
+  readonly header: Headers;
+  readonly service: HandlerContext["service"];
+  readonly contextValues: HandlerContext["values"];
+  #call: UnaryCall;
+
+  constructor(
+    call: UnaryCall,
+    readonly message: MessageShape<DescMessage>,
+  ) {
+    this.#call = call;
+    this.method = call.method;
+    this.requestMethod = call.requestMethod;
+    this.url = call.url;
+    this.header = call.requestHeader;
+    this.service = call.service;
+    this.contextValues = call.values;
+  }
+
+  get signal(): AbortSignal {
+    return this.#call.signal;
+  }
+}
+
+/**
+ * The implementation's context: the call's, with the service, headers, signal and values
+ * of the request the interceptors passed on (Connect's `mergeRequest`). An interceptor
+ * that passed on a copy of the request (`{ ...req }`) dropped the getter `signal`; the
+ * call's own signal, which it was, stands in.
+ */
+class ImplementationContext implements HandlerContext {
+  readonly method: UnarySpec["method"];
+  readonly service: HandlerContext["service"];
+  readonly timeoutMs: () => number | undefined;
+  readonly requestMethod: string;
+  readonly requestHeader: Headers;
+  readonly responseHeader: Headers;
+  readonly responseTrailer: Headers;
+  readonly protocolName: string;
+  readonly values: HandlerContext["values"];
+  readonly url: string;
+  readonly abort: (reason?: unknown) => void;
+  #call: UnaryCall;
+  #request: InterceptedRequest;
+
+  constructor(call: UnaryCall, req: InterceptedRequest) {
+    this.#call = call;
+    this.#request = req;
+    this.method = call.method;
+    this.service = req.service;
+    this.timeoutMs = call.timeoutMs;
+    this.requestMethod = call.requestMethod;
+    this.requestHeader = req.header;
+    this.responseHeader = call.responseHeader;
+    this.responseTrailer = call.responseTrailer;
+    this.protocolName = call.protocolName;
+    this.values = req.contextValues;
+    this.url = call.url;
+    this.abort = call.abort;
+  }
+
+  get signal(): AbortSignal {
+    return (this.#request.signal as AbortSignal | undefined) ?? this.#call.signal;
+  }
+}
+
+/** Replace the headers of `to` with those of `from` (nothing to do when they are the same object). */
+function copyHeaders(from: Headers, to: Headers): void {
+  if (from === to) return;
+  for (const key of [...to.keys()]) to.delete(key);
+  from.forEach((value, key) => {
+    to.set(key, value);
+  });
 }
 
 /** Connect's handlers answer anything else thrown as an internal error (the cause kept for logs only). */

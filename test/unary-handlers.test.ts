@@ -30,13 +30,36 @@ import { createConnectHandler } from "../src/connect-adapter.js";
 const signals: AbortSignal[] = [];
 const aborts: Code[] = [];
 const contexts: HandlerContext[] = [];
+/** What the interceptor and the implementation of a "members" call saw, in that order. */
+const members: Record<string, unknown>[] = [];
+/** The signal the interceptor saw on a "members" call without `x-spread`. */
+let interceptedSignal: AbortSignal | undefined;
 
-/** Adds a header and a trailer, and refuses calls that carry `x-refuse`. */
+/**
+ * Adds a header and a trailer, and refuses calls that carry `x-refuse`. With
+ * `x-spread`, it passes on a copy of the request (`{ ...req }`) without reading its
+ * signal; otherwise, on a "members" call, it records what it sees.
+ */
 const interceptor: Interceptor = (next) => async (req) => {
   if (req.header.get("x-refuse") !== null) {
     throw new ConnectError("interceptor says no", Code.PermissionDenied, { "x-why": "asked" });
   }
-  const res = await next(req);
+  const spread = req.header.get("x-spread") !== null;
+  if (!spread && req.header.get("x-members") !== null) {
+    interceptedSignal = req.signal;
+    members.push({
+      stream: req.stream,
+      message: req.message.$typeName,
+      method: req.method.name,
+      service: req.service.typeName,
+      requestMethod: req.requestMethod,
+      path: new URL(req.url).pathname,
+      header: req.header.get("x-members"),
+      contextValues: typeof req.contextValues.get,
+      signal: req.signal instanceof AbortSignal && !req.signal.aborted,
+    });
+  }
+  const res = await next(spread ? { ...req } : req);
   res.header.set("x-intercepted", "1");
   res.trailer.set("x-checked", "yes");
   return res;
@@ -87,6 +110,27 @@ function routes(router: ConnectRouter) {
                 reject(signal.reason);
               }
             }, 150),
+          );
+        case "members":
+          contexts.push(ctx);
+          members.push({
+            method: ctx.method.name,
+            service: ctx.service.typeName,
+            requestMethod: ctx.requestMethod,
+            path: new URL(ctx.url).pathname,
+            requestHeader: ctx.requestHeader.get("x-members"),
+            protocolName: ctx.protocolName,
+            timeoutMs: typeof ctx.timeoutMs(),
+            values: typeof ctx.values.get,
+            signal: ctx.signal instanceof AbortSignal && !ctx.signal.aborted,
+            sameSignal: interceptedSignal === undefined || ctx.signal === interceptedSignal,
+          });
+          return { status: HealthCheckResponse_ServingStatus.SERVING };
+        case "slow":
+          // Never reads the signal; ends after the test had time to reset the stream.
+          contexts.push(ctx);
+          return new Promise((resolve) =>
+            setTimeout(() => resolve({ status: HealthCheckResponse_ServingStatus.SERVING }), 150),
           );
         case "untouched":
           contexts.push(ctx);
@@ -146,8 +190,10 @@ async function start(handler: (req: http2.Http2ServerRequest, res: http2.Http2Se
   };
 }
 
-/** One raw call: what came back, with the Date header left out. */
-/** Sends `body` at once, or lets `body` write it to the stream (and end it). */
+/**
+ * One raw call: what came back, with the Date header left out. Sends `body` at once, or
+ * lets `body` write it to the stream (and end it).
+ */
 function call(
   server: Server,
   path: string,
@@ -396,6 +442,24 @@ describe("the unary handlers", () => {
     }
   });
 
+  it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
+    for (const server of [reference, tessera]) {
+      contexts.length = 0;
+      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+      stream.on("error", () => undefined);
+      stream.end(body("grpc", proto("slow")));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+      // The call goes on to its end (150 ms); its signal is read only then.
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      expect(contexts).toHaveLength(1);
+      const reason = contexts[0]?.signal.reason as unknown;
+      // The client's leaving (not the call's end, an AbortError) is why the signal aborted.
+      expect(reason).toBeInstanceOf(ConnectError);
+      expect((reason as ConnectError).code).toBe(Code.Canceled);
+    }
+  });
+
   it("give a signal first read after the call ended as aborted, as Connect's", async () => {
     for (const server of [reference, tessera]) {
       contexts.length = 0;
@@ -409,6 +473,30 @@ describe("the unary handlers", () => {
       // Ours: the shared reason a finished call ends with, not one made when the signal was read.
       if (server === tessera) expect(contexts[0]?.signal.reason).toBe(contexts[1]?.signal.reason);
     }
+  });
+
+  it.each([
+    ["", "give the interceptors and the implementation what Connect's give them"],
+    [
+      "x-spread",
+      "give the implementation the call's signal when an interceptor passed on a copy of the request",
+    ],
+  ])("(%s) %s", async (spread) => {
+    const seen: Record<string, unknown>[][] = [];
+    for (const server of [reference, tessera]) {
+      members.length = 0;
+      contexts.length = 0;
+      interceptedSignal = undefined;
+      const h = { ...headers("grpc"), "x-members": "yes", ...(spread ? { [spread]: "1" } : {}) };
+      const answer = await call(server, CHECK, h, body("grpc", proto("members")));
+      expect(answer.trailers["grpc-status"]).toBe("0");
+      // A live signal during the call, aborted once it ended.
+      expect(contexts.map((c) => c.signal.aborted)).toEqual([true]);
+      seen.push([...members]);
+    }
+    expect(seen[0]).toHaveLength(spread ? 1 : 2);
+    expect(seen[1]).toEqual(seen[0]);
+    for (const m of seen[1]!) expect(m.signal).toBe(true);
   });
 
   it("serve unary calls in place of Connect's: a finished call's signal is aborted with one shared reason", async () => {
