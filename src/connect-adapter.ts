@@ -196,15 +196,15 @@ export function createConnectHandler(
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
     const authority = "authority" in req ? req.authority : req.headers.host;
-    const uReq: UnaryRequest = {
-      httpVersion: req.httpVersion,
-      method: req.method ?? "",
-      url: `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
-      header: webHeaders(req.headers),
-      body: bodyOf(req),
-      signal: signal as unknown as AbortSignal,
-      contextValues: options.contextValues?.(req),
-    };
+    const uReq = new AdapterRequest(
+      req.httpVersion,
+      req.method ?? "",
+      `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
+      req.headers,
+      bodyOf(req),
+      signal as unknown as AbortSignal,
+      options.contextValues?.(req),
+    );
     const { handler } = route;
     const onError = (err: unknown) => {
       if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
@@ -229,6 +229,31 @@ export function createConnectHandler(
           : writeResponse(uRes, res),
       onError,
     );
+  }
+}
+
+/**
+ * The request as Connect's handlers and the unary handlers see it. Its `header` (fetch
+ * Headers) is made from Node's headers when first read: the unary handlers read what they
+ * need from `nodeHeaders`, so a call whose interceptors and implementation never read
+ * `header` never makes it (see `UnaryRequest`).
+ */
+class AdapterRequest implements UnaryRequest {
+  #header: Headers | undefined;
+
+  constructor(
+    readonly httpVersion: string,
+    readonly method: string,
+    readonly url: string,
+    readonly nodeHeaders: http.IncomingHttpHeaders,
+    readonly body: AsyncIterable<Uint8Array>,
+    readonly signal: AbortSignal,
+    readonly contextValues: ContextValues | undefined,
+  ) {}
+
+  get header(): Headers {
+    if (this.#header === undefined) this.#header = webHeaders(this.nodeHeaders);
+    return this.#header;
   }
 }
 

@@ -49,7 +49,7 @@ const interceptor: Interceptor = (next) => async (req) => {
     interceptedSignal = req.signal;
     members.push({
       stream: req.stream,
-      message: req.message.$typeName,
+      message: req.stream ? "stream" : req.message.$typeName,
       method: req.method.name,
       service: req.service.typeName,
       requestMethod: req.requestMethod,
@@ -265,6 +265,12 @@ function body(wire: Wire, data: Uint8Array, flags = 0): Uint8Array {
   return isConnect(wire) ? data : envelope(flags, data);
 }
 
+/** An empty request message, gzip-compressed (and enveloped, flagged compressed, for gRPC and gRPC-Web). */
+function gzipBody(wire: Wire): Uint8Array {
+  const compressed = new Uint8Array(gzipSync(isJson(wire) ? json({}) : new Uint8Array(0)));
+  return isConnect(wire) ? compressed : envelope(1, compressed);
+}
+
 /** Headers naming the wire's compression, timeout and accepted encodings. */
 function headers(wire: Wire, extra: { encoding?: string; accept?: string; timeout?: string } = {}) {
   const h: http2.OutgoingHttpHeaders = { "content-type": contentType[wire] };
@@ -327,16 +333,21 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
   });
 
   it("with a gzip-compressed request and a compressed response", async () => {
-    const data = isJson(wire) ? json({}) : new Uint8Array(0);
-    const compressed = new Uint8Array(gzipSync(data));
-    const b = isConnect(wire) ? compressed : envelope(1, compressed);
-    const answer = await same(LIST, headers(wire, { encoding: "gzip", accept: "gzip" }), b);
+    const answer = await same(LIST, headers(wire, { encoding: "gzip", accept: "gzip" }), gzipBody(wire));
     expect(answer.status).toBe(200);
     expect(answer.headers[isConnect(wire) ? "content-encoding" : "grpc-encoding"]).toBe("gzip");
   });
 
   it("with an unsupported request compression", async () => {
     await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+  });
+
+  it("with a protocol header sent twice", async () => {
+    // Read from Node's headers by the unary handlers, from fetch Headers by Connect's.
+    const h = headers(wire, { encoding: "gzip" });
+    h[isConnect(wire) ? "accept-encoding" : "grpc-accept-encoding"] = ["zstd", "gzip"];
+    const answer = await same(LIST, h, gzipBody(wire));
+    expect(answer.headers[isConnect(wire) ? "content-encoding" : "grpc-encoding"]).toBe("gzip");
   });
 
   it("with a valid and with an invalid timeout", async () => {
