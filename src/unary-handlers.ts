@@ -21,6 +21,7 @@
  * compares the two byte for byte, over every protocol, for successes and for each kind
  * of failure. Streaming calls, Connect GET and gRPC-Web text stay with Connect.
  */
+import type { OutgoingHttpHeaders } from "node:http";
 import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import {
   Code,
@@ -90,12 +91,20 @@ const H = {
   grpcAcceptEncoding: grpc.headerAcceptEncoding.toLowerCase(),
 };
 
-/** The whole answer to a unary call: status, headers, the body in one piece, and HTTP trailers (gRPC only). */
+/**
+ * The whole answer to a unary call: status, headers, the body in one piece, and HTTP
+ * trailers (gRPC only), as Node header objects (lower-case names, set-cookie a list).
+ */
 export interface UnaryAnswer {
   status: number;
-  header: Headers;
+  header: OutgoingHttpHeaders;
   body: Uint8Array;
-  trailer?: Headers;
+  trailer?: OutgoingHttpHeaders;
+  /**
+   * True when the headers and trailers are only those the protocol sets (valid, lower
+   * case): nothing the interceptors or the implementation set needs checking.
+   */
+  plain: boolean;
 }
 
 export type UnaryHandler = (req: UnaryRequest) => Promise<UnaryAnswer>;
@@ -137,10 +146,15 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
     const type = connect.parseContentType(headerOf(req, H.contentType));
     const binary = type?.binary === true;
     const timeout = connect.parseTimeout(headerOf(req, H.connectTimeout), opt.maxTimeoutMs);
-    const context = new UnaryCall(spec.method, "connect", req, opt.shutdownSignal, timeout.timeoutMs);
-    context.responseHeader.set(
-      connect.headerContentType,
-      binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson,
+    const contentType = binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson;
+    const context = new UnaryCall(
+      spec.method,
+      "connect",
+      req,
+      opt.shutdownSignal,
+      timeout.timeoutMs,
+      { "content-type": contentType },
+      undefined,
     );
     const compression = compressionNegotiate(
       opt.acceptCompression,
@@ -170,13 +184,22 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
     } finally {
       context.abort(CALL_DONE);
     }
+    let encoding: string | undefined;
     if (compression.response && body.byteLength >= opt.compressMinBytes) {
       body = await compression.response.compress(body);
-      context.responseHeader.set(connect.headerUnaryEncoding, compression.response.name);
+      encoding = compression.response.name;
     }
-    const header = connect.trailerMux(context.responseHeader, context.responseTrailer);
-    header.set(connect.headerUnaryContentLength, body.byteLength.toString(10));
-    return { status, header, body };
+    let header: OutgoingHttpHeaders;
+    if (context.responseTouched) {
+      if (encoding !== undefined) context.responseHeader.set(connect.headerUnaryEncoding, encoding);
+      header = nodeHeaders(connect.trailerMux(context.responseHeader, context.responseTrailer));
+    } else {
+      // Nothing read or changed the response headers or trailers: what they would hold.
+      header = { "content-type": contentType };
+      if (encoding !== undefined) header["content-encoding"] = encoding;
+    }
+    header["content-length"] = body.byteLength.toString(10);
+    return { status, header, body, plain: !context.responseTouched };
   };
 }
 
@@ -191,19 +214,25 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
   return async function handleGrpcUnary(req) {
     const binary = types.parseContentType(headerOf(req, H.contentType))?.binary !== false;
     const timeout = grpc.parseTimeout(headerOf(req, H.grpcTimeout), opt.maxTimeoutMs);
-    const context = new UnaryCall(spec.method, protocolName, req, opt.shutdownSignal, timeout.timeoutMs);
-    context.responseHeader.set(
-      grpc.headerContentType,
-      binary ? types.contentTypeProto : types.contentTypeJson,
-    );
-    context.responseTrailer.set(grpc.headerGrpcStatus, grpc.grpcStatusOk);
     const compression = compressionNegotiate(
       opt.acceptCompression,
       headerOf(req, H.grpcEncoding),
       headerOf(req, H.grpcAcceptEncoding),
       grpc.headerAcceptEncoding,
     );
-    if (compression.response) context.responseHeader.set(grpc.headerEncoding, compression.response.name);
+    const initialHeader: Record<string, string> = {
+      "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
+    };
+    if (compression.response) initialHeader["grpc-encoding"] = compression.response.name;
+    const context = new UnaryCall(
+      spec.method,
+      protocolName,
+      req,
+      opt.shutdownSignal,
+      timeout.timeoutMs,
+      initialHeader,
+      GRPC_OK,
+    );
     let message: Uint8Array | undefined;
     try {
       if (compression.error) throw compression.error;
@@ -227,24 +256,41 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       context.abort(e);
       grpc.setTrailerStatus(context.responseTrailer, asConnectError(e));
     }
-    if (!web)
-      return {
-        status: 200,
-        header: context.responseHeader,
-        body: message ?? EMPTY,
-        trailer: context.responseTrailer,
-      };
+    // Nothing read or changed the response headers or trailers: what they would hold.
+    const touched = context.responseTouched;
+    const header = touched ? nodeHeaders(context.responseHeader) : { ...initialHeader };
+    if (!web) {
+      const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
+      return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched };
+    }
     const trailer = await envelopeCompress(
-      { flags: grpcWeb.trailerFlag, data: grpcWeb.trailerSerialize(context.responseTrailer) },
+      {
+        flags: grpcWeb.trailerFlag,
+        data: touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK,
+      },
       compression.response,
       opt.compressMinBytes,
     );
     const frame = encodeEnvelope(trailer.flags, trailer.data);
-    return { status: 200, header: context.responseHeader, body: message ? concat(message, frame) : frame };
+    return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched };
   };
 }
 
 const EMPTY = new Uint8Array(0);
+/** The trailers of a successful gRPC call, and their gRPC-Web trailer frame's data. */
+const GRPC_OK: Readonly<Record<string, string>> = { "grpc-status": grpc.grpcStatusOk };
+const GRPC_WEB_OK = grpcWeb.trailerSerialize(new Headers(GRPC_OK));
+
+/** Fetch Headers as a Node header object (set-cookie kept as a list). */
+export function nodeHeaders(header: Headers): OutgoingHttpHeaders {
+  const out: OutgoingHttpHeaders = {};
+  header.forEach((value, key) => {
+    out[key] = value;
+  });
+  const cookies = header.getSetCookie();
+  if (cookies.length > 0) out["set-cookie"] = cookies;
+  return out;
+}
 
 /**
  * The handler context of a unary call: what Connect's `createHandlerContext` gives the
@@ -272,8 +318,6 @@ const EMPTY = new Uint8Array(0);
 class UnaryCall implements HandlerContext {
   readonly service: HandlerContext["service"];
   readonly requestMethod: string;
-  readonly responseHeader = new Headers();
-  readonly responseTrailer = new Headers();
   readonly values: HandlerContext["values"];
   readonly url: string;
   readonly timeoutMs: () => number | undefined;
@@ -282,13 +326,21 @@ class UnaryCall implements HandlerContext {
   #early: { reason: unknown } | undefined;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #onAbort: ((this: AbortSignal) => void) | undefined;
+  #responseHeader: Headers | undefined;
+  #responseTrailer: Headers | undefined;
 
+  /**
+   * `initialHeader` and `initialTrailer` are what the protocol's handler sets before the
+   * call (content type, status "0"...): the response headers and trailers start with them.
+   */
   constructor(
     readonly method: UnarySpec["method"],
     readonly protocolName: UnaryProtocol,
     private readonly request: UnaryRequest,
     private readonly shutdownSignal: AbortSignal | undefined,
     timeoutMs: number | undefined,
+    private readonly initialHeader: Readonly<Record<string, string>>,
+    private readonly initialTrailer: Readonly<Record<string, string>> | undefined,
   ) {
     this.service = method.parent;
     this.requestMethod = request.method;
@@ -303,6 +355,25 @@ class UnaryCall implements HandlerContext {
     const expire = () => this.abort(new ConnectError("the operation timed out", Code.DeadlineExceeded));
     if (timeoutMs <= 0) expire();
     else this.#timer = setTimeout(expire, timeoutMs);
+  }
+
+  /**
+   * The response headers and trailers, made when first read. Until then they hold only
+   * their initial values (`responseTouched` is false), and the handlers write those
+   * without making fetch Headers at all.
+   */
+  get responseHeader(): Headers {
+    if (this.#responseHeader === undefined) this.#responseHeader = new Headers(this.initialHeader);
+    return this.#responseHeader;
+  }
+
+  get responseTrailer(): Headers {
+    if (this.#responseTrailer === undefined) this.#responseTrailer = new Headers(this.initialTrailer);
+    return this.#responseTrailer;
+  }
+
+  get responseTouched(): boolean {
+    return this.#responseHeader !== undefined || this.#responseTrailer !== undefined;
   }
 
   /** The request's headers, made by the adapter when first read (see `UnaryRequest`). */
@@ -379,21 +450,45 @@ async function invokeUnary(
   const { method } = spec;
   let next = async (req: InterceptedRequest): Promise<InterceptedResponse> => {
     const output = await spec.impl(req.message, new ImplementationContext(call, req));
-    return {
-      message: create(method.output, output),
-      stream: false,
-      method,
-      service: method.parent,
-      header: call.responseHeader,
-      trailer: call.responseTrailer,
-    };
+    return new CallResponse(call, create(method.output, output));
   };
   for (let i = interceptors.length - 1; i >= 0; i--)
     next = interceptors[i]!(next as Parameters<Interceptor>[0]) as typeof next;
-  const { message, header, trailer } = await next(new CallRequest(call, input));
-  copyHeaders(header, call.responseHeader);
-  copyHeaders(trailer, call.responseTrailer);
-  return message;
+  const res = await next(new CallRequest(call, input));
+  // The call's own response has the call's headers and trailers; one an interceptor made
+  // has its own (Connect copies them into the call's). A copy of the call's response
+  // (`{ ...res }`) dropped the getters, and so has the call's, as it had.
+  if (!(res instanceof CallResponse)) {
+    const { header, trailer } = res as Partial<InterceptedResponse>;
+    if (header !== undefined) copyHeaders(header, call.responseHeader);
+    if (trailer !== undefined) copyHeaders(trailer, call.responseTrailer);
+  }
+  return res.message;
+}
+
+/** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
+class CallResponse implements InterceptedResponse {
+  readonly stream = false;
+  readonly method: UnarySpec["method"];
+  readonly service: HandlerContext["service"];
+  #call: UnaryCall;
+
+  constructor(
+    call: UnaryCall,
+    readonly message: MessageShape<DescMessage>,
+  ) {
+    this.#call = call;
+    this.method = call.method;
+    this.service = call.service;
+  }
+
+  get header(): Headers {
+    return this.#call.responseHeader;
+  }
+
+  get trailer(): Headers {
+    return this.#call.responseTrailer;
+  }
 }
 
 /** The request the interceptors see (Connect's `UnaryRequest`), its `header` and `signal` the call's, made when read. */
@@ -428,8 +523,9 @@ class CallRequest implements InterceptedRequest {
 }
 
 /**
- * The implementation's context: the call's, with the service, headers, signal and values
- * of the request the interceptors passed on (Connect's `mergeRequest`). An interceptor
+ * The implementation's context: the call's (response headers and trailers through getters,
+ * made when first read), with the service, headers, signal and values of the request the
+ * interceptors passed on (Connect's `mergeRequest`). An interceptor
  * that passed on a copy of the request (`{ ...req }`) dropped the getters `header` and
  * `signal`; the call's own, which they were, stand in.
  */
@@ -438,8 +534,6 @@ class ImplementationContext implements HandlerContext {
   readonly service: HandlerContext["service"];
   readonly timeoutMs: () => number | undefined;
   readonly requestMethod: string;
-  readonly responseHeader: Headers;
-  readonly responseTrailer: Headers;
   readonly protocolName: string;
   readonly values: HandlerContext["values"];
   readonly url: string;
@@ -454,8 +548,6 @@ class ImplementationContext implements HandlerContext {
     this.service = req.service;
     this.timeoutMs = call.timeoutMs;
     this.requestMethod = call.requestMethod;
-    this.responseHeader = call.responseHeader;
-    this.responseTrailer = call.responseTrailer;
     this.protocolName = call.protocolName;
     this.values = req.contextValues;
     this.url = call.url;
@@ -464,6 +556,14 @@ class ImplementationContext implements HandlerContext {
 
   get requestHeader(): Headers {
     return (this.#request.header as Headers | undefined) ?? this.#call.requestHeader;
+  }
+
+  get responseHeader(): Headers {
+    return this.#call.responseHeader;
+  }
+
+  get responseTrailer(): Headers {
+    return this.#call.responseTrailer;
   }
 
   get signal(): AbortSignal {

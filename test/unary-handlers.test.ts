@@ -36,7 +36,8 @@ const members: Record<string, unknown>[] = [];
 let interceptedSignal: AbortSignal | undefined;
 
 /**
- * Adds a header and a trailer, and refuses calls that carry `x-refuse`. With
+ * Adds a header and a trailer to calls that carry `x-decorate` (as the implementation
+ * does), and refuses calls that carry `x-refuse`. With
  * `x-spread`, it passes on a copy of the request (`{ ...req }`) without reading its
  * signal; otherwise, on a "members" call, it records what it sees.
  */
@@ -60,17 +61,21 @@ const interceptor: Interceptor = (next) => async (req) => {
     });
   }
   const res = await next(spread ? { ...req } : req);
-  res.header.set("x-intercepted", "1");
-  res.trailer.set("x-checked", "yes");
+  if (req.header.get("x-decorate") !== null) {
+    res.header.set("x-intercepted", "1");
+    res.trailer.set("x-checked", "yes");
+  }
   return res;
 };
 
 function routes(router: ConnectRouter) {
   router.service(Health, {
     check(req, ctx) {
-      ctx.responseHeader.set("x-impl", "check");
-      ctx.responseTrailer.append("x-trail", "a");
-      ctx.responseTrailer.append("x-trail", "b");
+      if (ctx.requestHeader.get("x-decorate") !== null) {
+        ctx.responseHeader.set("x-impl", "check");
+        ctx.responseTrailer.append("x-trail", "a");
+        ctx.responseTrailer.append("x-trail", "b");
+      }
       switch (req.service) {
         case "fail":
           throw new ConnectError("no such service", Code.NotFound);
@@ -286,10 +291,20 @@ const LIST = "/grpc.health.v1.Health/List";
 
 let reference: Server;
 let tessera: Server;
+let compatWrites = 0;
 
 beforeAll(async () => {
   reference = await start(connectNodeAdapter(options));
-  tessera = await start(createConnectHandler(options));
+  const handler = createConnectHandler(options);
+  tessera = await start((req, res) => {
+    // Counts the answers written through the compatibility layer's writeHead.
+    const writeHead = res.writeHead;
+    res.writeHead = ((...args: Parameters<typeof writeHead>) => {
+      compatWrites++;
+      return writeHead.apply(res, args);
+    }) as typeof writeHead;
+    handler(req, res);
+  });
 });
 
 afterAll(async () => {
@@ -305,8 +320,15 @@ async function same(path: string, h: http2.OutgoingHttpHeaders, b: Uint8Array): 
 }
 
 describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wire) => {
-  it("on success, with the implementation's and the interceptor's headers and trailers", async () => {
+  it("on success, with nothing set by the interceptors or the implementation", async () => {
     const answer = await same(CHECK, headers(wire), body(wire, message(wire, "")));
+    expect(answer.status).toBe(200);
+    expect(answer.headers["x-intercepted"]).toBeUndefined();
+  });
+
+  it("on success, with the implementation's and the interceptor's headers and trailers", async () => {
+    const decorated = { ...headers(wire), "x-decorate": "1" };
+    const answer = await same(CHECK, decorated, body(wire, message(wire, "")));
     expect(answer.status).toBe(200);
     expect(answer.headers["x-intercepted"]).toBe("1");
     expect(answer.headers["x-impl"]).toBe("check");
@@ -317,7 +339,8 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
   });
 
   it.each(["fail", "refuse", "crash"])("when the implementation throws (%s)", async (service) => {
-    const answer = await same(CHECK, headers(wire), body(wire, message(wire, service)));
+    const decorated = { ...headers(wire), "x-decorate": "1" };
+    const answer = await same(CHECK, decorated, body(wire, message(wire, service)));
     expect(answer.body + JSON.stringify(answer.trailers)).not.toContain("must not leave");
   });
 
@@ -508,6 +531,20 @@ describe("the unary handlers", () => {
     expect(seen[0]).toHaveLength(spread ? 1 : 2);
     expect(seen[1]).toEqual(seen[0]);
     for (const m of seen[1]!) expect(m.signal).toBe(true);
+  });
+
+  it("write answers with only the protocol's headers and trailers straight onto the HTTP/2 stream", async () => {
+    for (const wire of wires) {
+      compatWrites = 0;
+      const plain = await call(tessera, CHECK, headers(wire), body(wire, message(wire, "")));
+      expect(plain.status).toBe(200);
+      expect(compatWrites).toBe(0);
+      // Headers the implementation set go through Node's checks (and so through writeHead).
+      const decorated = { ...headers(wire), "x-decorate": "1" };
+      const other = await call(tessera, CHECK, decorated, body(wire, message(wire, "")));
+      expect(other.headers["x-impl"]).toBe("check");
+      expect(compatWrites).toBe(1);
+    }
   });
 
   it("serve unary calls in place of Connect's: a finished call's signal is aborted with one shared reason", async () => {
