@@ -11,15 +11,16 @@
  * stack trace. No option of the library changes either, and no other library serves
  * these protocols on Connect's router.
  *
- * What is hand-written is the control flow of a unary call, the same for every
- * protocol (read one message, invoke, write one message), and the handler context with
- * the call of the interceptors and the implementation, whose signal is made only when
+ * What is hand-written is the control flow of a unary call, the same for every protocol
+ * (read one message, invoke, write one message), and the handler context with the call of
+ * the interceptors and the implementation, whose signal and headers are made only when
  * read (see `UnaryCall`). Every protocol detail is Connect's own exported code, called as
  * its handlers call it: content types, timeouts, compression negotiation, envelopes,
- * (de)serialization with its size limits, error JSON, HTTP status mapping, gRPC trailers. Error
- * messages and codes are those of Connect's handlers, and test/unary-handlers.test.ts
- * compares the two byte for byte, over every protocol, for successes and for each kind
- * of failure. Streaming calls, Connect GET and gRPC-Web text stay with Connect.
+ * (de)serialization with its size limits, error JSON, HTTP status mapping, gRPC
+ * trailers. Error messages and codes are those of Connect's handlers, and
+ * test/unary-handlers.test.ts compares the two byte for byte, over every protocol, for
+ * successes and for each kind of failure. Streaming calls, Connect GET and gRPC-Web text
+ * stay with Connect.
  */
 import type { OutgoingHttpHeaders } from "node:http";
 import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
@@ -300,20 +301,20 @@ export function nodeHeaders(header: Headers): OutgoingHttpHeaders {
  * `HandlerContextController`).
  *
  * Connect's makes two AbortControllers per call (one for a deadline even when there is
- * none) linked by listeners on both, and copies the request headers. Here the request's
- * Headers are used as they are (the adapter makes them for this call alone, when first
- * read), a timer runs only for a deadline, and the AbortSignal is made when something
- * first reads `signal`:
+ * none) linked by listeners on both, copies the request headers and makes the response
+ * headers and trailers. Here a timer runs only for a deadline, and what a call rarely
+ * uses is made when first read: the request's Headers (by the adapter, for this call
+ * alone), the response headers and trailers (see `responseHeader`), and the AbortSignal.
  * Node's AbortSignal is an EventTarget whose making, linking and aborting cost about 8 %
  * of a unary call in profiles, and no interceptor or implementation of Tessera's unary
- * RPCs reads it. Until then the first reason the call was aborted with (the request's or
- * the shutdown signal's, the deadline's, the call's end) is kept, and a signal made later
- * starts in that state; test/unary-handlers.test.ts checks this against Connect's, read
- * during and after the call.
+ * RPCs reads it. Until it is read, the first reason the call was aborted with (the
+ * request's or the shutdown signal's, the deadline's, the call's end) is kept, and a
+ * signal made later starts in that state; test/unary-handlers.test.ts checks this against
+ * Connect's, read during and after the call.
  *
- * A class, with `signal` a getter on its prototype: an object literal with a getter gets
- * a hidden class of its own each time, which under load doubled the time of young
- * generation GCs (seen with `--trace-gc`).
+ * A class, with getters on its prototype: an object literal with a getter gets a hidden
+ * class of its own each time, which under load doubled the time of young generation GCs
+ * (seen with `--trace-gc`).
  */
 class UnaryCall implements HandlerContext {
   readonly service: HandlerContext["service"];
