@@ -467,68 +467,60 @@ async function invokeUnary(
   return res.message;
 }
 
-/** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
-class CallResponse implements InterceptedResponse {
+/** What the request and the response the interceptors see share: the call's method and service, and one message. */
+abstract class CallMessage {
   readonly stream = false;
   readonly method: UnarySpec["method"];
   readonly service: HandlerContext["service"];
-  #call: UnaryCall;
 
   constructor(
-    call: UnaryCall,
+    protected readonly call: UnaryCall,
     readonly message: MessageShape<DescMessage>,
   ) {
-    this.#call = call;
     this.method = call.method;
     this.service = call.service;
   }
+}
 
+/** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
+class CallResponse extends CallMessage implements InterceptedResponse {
   get header(): Headers {
-    return this.#call.responseHeader;
+    return this.call.responseHeader;
   }
 
   get trailer(): Headers {
-    return this.#call.responseTrailer;
+    return this.call.responseTrailer;
   }
 }
 
 /** The request the interceptors see (Connect's `UnaryRequest`), its `header` and `signal` the call's, made when read. */
-class CallRequest implements InterceptedRequest {
-  readonly stream = false;
-  readonly method: UnarySpec["method"];
+class CallRequest extends CallMessage implements InterceptedRequest {
   readonly requestMethod: string;
   readonly url: string;
-  readonly service: HandlerContext["service"];
   readonly contextValues: HandlerContext["values"];
-  #call: UnaryCall;
 
-  constructor(
-    call: UnaryCall,
-    readonly message: MessageShape<DescMessage>,
-  ) {
-    this.#call = call;
-    this.method = call.method;
+  constructor(call: UnaryCall, message: MessageShape<DescMessage>) {
+    super(call, message);
     this.requestMethod = call.requestMethod;
     this.url = call.url;
-    this.service = call.service;
     this.contextValues = call.values;
   }
 
   get header(): Headers {
-    return this.#call.requestHeader;
+    return this.call.requestHeader;
   }
 
   get signal(): AbortSignal {
-    return this.#call.signal;
+    return this.call.signal;
   }
 }
 
 /**
  * The implementation's context: the call's (response headers and trailers through getters,
  * made when first read), with the service, headers, signal and values of the request the
- * interceptors passed on (Connect's `mergeRequest`). An interceptor
- * that passed on a copy of the request (`{ ...req }`) dropped the getters `header` and
- * `signal`; the call's own, which they were, stand in.
+ * interceptors passed on (Connect's `mergeRequest`). An interceptor that passed on a copy
+ * of the request (`{ ...req }`) dropped the getters `header` and `signal`; the call's
+ * own, which they were, stand in.
  */
 class ImplementationContext implements HandlerContext {
   readonly method: UnarySpec["method"];
