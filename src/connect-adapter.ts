@@ -64,6 +64,13 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    */
   errorBody?: (req: NodeRequest, body: Uint8Array) => Uint8Array;
   /**
+   * Headers every response to a request for an RPC path carries (a request id, security
+   * headers…), whatever answers it: set on the response before anything else writes it,
+   * or, for a unary answer written onto an HTTP/2 stream, written with it in one go (see
+   * writeUnaryAnswer), which spares setting them on the response one by one.
+   */
+  responseHeaders?: (req: NodeRequest) => http.OutgoingHttpHeaders;
+  /**
    * Runs for every request to an RPC path before Connect sees it, e.g. to refuse callers
    * before their request body is read. Return (or resolve to) undefined to go on into
    * Connect, or a ConnectError to answer with it at once, in the request's protocol, as
@@ -139,19 +146,22 @@ export function createConnectHandler(
   const errorBody = options.errorBody;
   const admit = options.admit;
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
+  const responseHeaders = options.responseHeaders;
 
   return function handleConnect(req, res) {
+    const common = responseHeaders?.(req);
     const url = req.url ?? "";
     const q = url.indexOf("?");
     const route = paths.get(q < 0 ? url : url.slice(0, q));
     if (!route) {
+      setHeaders(res, common);
       fallback(req, res);
       return;
     }
     const { handler } = route;
     const protocol = handler.method.methodKind === "unary" ? earlyProtocol(req) : undefined;
     if (admit === undefined) {
-      dispatch(route, protocol, req, res);
+      dispatch(route, protocol, req, res, common);
       return;
     }
     let verdict: ReturnType<typeof admit>;
@@ -160,17 +170,18 @@ export function createConnectHandler(
     } catch (err) {
       verdict = admitFailed(handler, err);
     }
-    if (verdict === undefined) dispatch(route, protocol, req, res);
+    if (verdict === undefined) dispatch(route, protocol, req, res, common);
     else if (verdict instanceof ConnectError) answer(verdict);
     else
       verdict.then(
-        (error) => (error === undefined ? dispatch(route, protocol, req, res) : answer(error)),
+        (error) => (error === undefined ? dispatch(route, protocol, req, res, common) : answer(error)),
         (err: unknown) => answer(admitFailed(handler, err)),
       );
 
     function answer(error: ConnectError) {
-      if (protocol === undefined) dispatch(route!, protocol, req, res);
+      if (protocol === undefined) dispatch(route!, protocol, req, res, common);
       else {
+        setHeaders(res, common);
         discardBody(req, res, readMaxBytes);
         writeEarlyError(req, res, protocol, error, errorBody, options.jsonOptions);
       }
@@ -182,6 +193,7 @@ export function createConnectHandler(
     protocol: EarlyProtocol | undefined,
     req: NodeRequest,
     res: NodeResponse,
+    common: http.OutgoingHttpHeaders | undefined,
   ): void {
     // Gone while admission was pending: nothing to answer.
     if (gone(req)) return;
@@ -214,6 +226,7 @@ export function createConnectHandler(
         console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
       }
       if (!res.headersSent) {
+        setHeaders(res, common);
         res.statusCode = 500;
         res.end();
       } else {
@@ -224,10 +237,11 @@ export function createConnectHandler(
     if (unaryHandler) {
       unaryHandler(uReq).then((answer) => {
         answered = true;
-        writeUnaryAnswer(answer, req, res, errorBody);
+        writeUnaryAnswer(answer, req, res, errorBody, common);
       }, onError);
       return;
     }
+    setHeaders(res, common);
     handler(uReq).then(
       (uRes) =>
         uRes.status >= 400 && errorBody
@@ -291,6 +305,12 @@ function earlyProtocol(req: NodeRequest): EarlyProtocol | undefined {
   // grpc-web-text (base64 framing) is left to Connect.
   if (m && m[1] === undefined) return { kind: "grpc-web", json: m[2] !== undefined };
   return undefined;
+}
+
+/** Set `headers` on the response (nothing when there are none). */
+function setHeaders(res: NodeResponse, headers: http.OutgoingHttpHeaders | undefined): void {
+  if (headers === undefined) return;
+  for (const k in headers) res.setHeader(k, headers[k]!);
 }
 
 function gone(req: NodeRequest): boolean {
@@ -549,10 +569,10 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
 
 /**
  * Write a unary answer in one go; an error body (status ≥ 400) passes through `rewrite`
- * first. A plain answer over HTTP/2 goes straight onto the stream, with the headers set on
- * the response so far (request id, security headers): the compatibility layer's
- * `writeHead` would check each of them again, and its `write` and `end` add layers of
- * their own. Trailers are still asked for (`waitForTrailers`, even when there are none),
+ * first, and `common` (the `responseHeaders` option's) is set with it. A plain answer
+ * over HTTP/2 goes straight onto the stream with `common`: the compatibility layer's
+ * `setHeader` and `writeHead` would check each header (twice), and its `write` and `end`
+ * add layers of their own. Trailers are still asked for (`waitForTrailers`, even when there are none),
  * as the compatibility layer does: a stream that ends with its last DATA frame can close
  * before its `end()` completes, and Node then makes an ERR_STREAM_DESTROYED, stack trace
  * included, for every response (about a tenth of the raw server's time in profiles).
@@ -562,6 +582,7 @@ function writeUnaryAnswer(
   req: NodeRequest,
   res: NodeResponse,
   rewrite: ConnectHandlerOptions["errorBody"],
+  common: http.OutgoingHttpHeaders | undefined,
 ): void {
   if (gone(req)) return;
   const out = res as http2.Http2ServerResponse;
@@ -573,15 +594,15 @@ function writeUnaryAnswer(
       header["content-length"] = body.byteLength;
     }
     if (answer.plain && "stream" in req && !out.headersSent) {
-      const all: http2.OutgoingHttpHeaders = out.getHeaders();
-      Object.assign(all, header);
-      all[":status"] = answer.status;
+      // Nothing else sets headers on the response of a unary call: these are all of them.
+      const all: http2.OutgoingHttpHeaders = { ...common, ...header, ":status": answer.status };
       // The compatibility layer's own "wantTrailers" listener sends what addTrailers set.
       if (trailer) out.addTrailers(trailer);
       req.stream.respond(all, { waitForTrailers: true });
       req.stream.end(body.byteLength > 0 ? body : undefined);
       return;
     }
+    setHeaders(res, common);
     out.writeHead(answer.status, header);
     if (trailer) out.addTrailers(trailer);
     if (body.byteLength > 0) out.end(body);

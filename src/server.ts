@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
-import type { IncomingMessage, ServerResponse } from "node:http";
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
@@ -55,17 +55,17 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
   return { ca: ca!, cert: cert!, key: key!, ...(existsSync(crlPath) ? { crl: readFileSync(crlPath) } : {}) };
 }
 
-const securityHeaders = (tls: boolean): [string, string][] => [
-  ["x-content-type-options", "nosniff"],
-  ["x-frame-options", "DENY"],
-  ["x-xss-protection", "1; mode=block"],
-  ["content-security-policy", "default-src 'self'"],
-  ...(tls
-    ? ([["strict-transport-security", "max-age=31536000; includeSubDomains"]] as [string, string][])
-    : []),
-];
+const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
+  "x-content-type-options": "nosniff",
+  "x-frame-options": "DENY",
+  "x-xss-protection": "1; mode=block",
+  "content-security-policy": "default-src 'self'",
+  ...(tls ? { "strict-transport-security": "max-age=31536000; includeSubDomains" } : {}),
+});
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
+/** The plain HTTP endpoints, answered by the request handler itself. */
+const PLAIN_PATHS = new Set(["/health", "/ready", "/.well-known/jwks.json"]);
 const kState = Symbol("tessera.requestState");
 
 /** The request state the handler attached to an RPC request before handing it to the adapter. */
@@ -179,6 +179,21 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     ...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"]),
   ].join(", ");
 
+  /**
+   * The headers every response to `req` carries: its request id, the security headers and,
+   * for an allowed origin, CORS.
+   */
+  function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
+    const common: OutgoingHttpHeaders = { "x-request-id": requestId, ...headers };
+    const origin = req.headers.origin;
+    if (origin && (anyOrigin || allowedOrigins.has(origin))) {
+      common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
+      if (!anyOrigin) common.vary = "Origin";
+      common["access-control-expose-headers"] = exposed;
+    }
+    return common;
+  }
+
   const admission = { authenticator: app.authenticator, limits: app.limits };
   // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
   const adapter = createConnectHandler({
@@ -191,6 +206,8 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         ? augmentJsonErrorBody(body, stateOf(req))
         : body,
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
+    responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
     admit: (req, method, early) => {
       let rule: AuthRule;
@@ -251,26 +268,26 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   return function handle(req: Request, res: Response): void {
     const incoming = req.headers["x-request-id"];
     const requestId = typeof incoming === "string" && REQUEST_ID_RE.test(incoming) ? incoming : randomUUID();
-    res.setHeader("x-request-id", requestId);
-    for (const [k, v] of headers) res.setHeader(k, v);
+    /** For the answers written here; the adapter sets them on its own (`responseHeaders`). */
+    const setCommonHeaders = () => {
+      const common = commonHeaders(req, requestId);
+      for (const k in common) res.setHeader(k, common[k]!);
+    };
 
     const origin = req.headers.origin;
-    if (origin && (anyOrigin || allowedOrigins.has(origin))) {
-      res.setHeader("access-control-allow-origin", anyOrigin ? "*" : origin);
-      if (!anyOrigin) res.setHeader("vary", "Origin");
-      res.setHeader("access-control-expose-headers", exposed);
-      if (req.method === "OPTIONS") {
-        res.setHeader("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS");
-        res.setHeader("access-control-allow-headers", allowHeaders);
-        res.setHeader("access-control-max-age", String(config.cors.maxAge));
-        res.statusCode = 204;
-        res.end();
-        return;
-      }
+    if (req.method === "OPTIONS" && origin && (anyOrigin || allowedOrigins.has(origin))) {
+      setCommonHeaders();
+      res.setHeader("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS");
+      res.setHeader("access-control-allow-headers", allowHeaders);
+      res.setHeader("access-control-max-age", String(config.cors.maxAge));
+      res.statusCode = 204;
+      res.end();
+      return;
     }
 
     const path = (req.url ?? "/").split("?")[0];
-    if (req.method === "GET" || req.method === "HEAD") {
+    if ((req.method === "GET" || req.method === "HEAD") && PLAIN_PATHS.has(path!)) {
+      setCommonHeaders();
       if (path === "/health") {
         json(res, 200, {
           ok: true,

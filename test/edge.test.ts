@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import { createClient } from "@connectrpc/connect";
 import { Agent, fetch as undiciFetch } from "undici";
 import { describe, expect, it } from "vitest";
@@ -232,6 +233,109 @@ describe.each(DATABASES)("audit log on $name", (db) => {
       expect(created.user?.username).toBe("audited-user");
     } finally {
       await app.close();
+    }
+  });
+});
+
+describe("headers on every answer", () => {
+  it("carry the request id, the security headers and CORS, whichever path answers an RPC over HTTP/2", async () => {
+    const origin = "https://app.example.com";
+    const ts = await startTestServer(SQLITE, { cors: { allowedOrigins: [origin] } });
+    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    session.on("error", () => undefined);
+    const call = (path: string, headers: http2.OutgoingHttpHeaders, body: Uint8Array) =>
+      new Promise<{
+        status: number;
+        headers: http2.IncomingHttpHeaders;
+        trailers: http2.IncomingHttpHeaders;
+      }>((resolve, reject) => {
+        const stream = session.request({ ":method": "POST", ":path": path, origin, ...headers });
+        let head: http2.IncomingHttpHeaders = {};
+        let trailers: http2.IncomingHttpHeaders = {};
+        stream.on("response", (h) => (head = h));
+        stream.on("trailers", (t) => (trailers = t));
+        stream.on("data", () => undefined);
+        stream.on("error", reject);
+        stream.on("end", () => resolve({ status: Number(head[":status"]), headers: head, trailers }));
+        stream.end(body);
+      });
+    const json = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
+    const grpcEmpty = new Uint8Array(5);
+    const asJson = { "content-type": "application/json" };
+    const asGrpc = { "content-type": "application/grpc", te: "trailers" };
+    try {
+      const admin = await createClient(UserService, ts.connect()).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
+      const bearer = { authorization: `Bearer ${admin.accessToken}` };
+      const cases: [string, string, http2.OutgoingHttpHeaders, Uint8Array, number, string | undefined][] = [
+        // [request id, path, headers, body, HTTP status, grpc-status]
+        [
+          "plain-json",
+          "/tessera.v1.UserService/GetCurrentUser",
+          { ...asJson, ...bearer },
+          json({}),
+          200,
+          undefined,
+        ],
+        [
+          "plain-grpc",
+          "/tessera.v1.UserService/GetCurrentUser",
+          { ...asGrpc, ...bearer },
+          grpcEmpty,
+          200,
+          "0",
+        ],
+        [
+          "error-json",
+          "/tessera.v1.UserService/GetUser",
+          { ...asJson, ...bearer },
+          json({ id: "nope" }),
+          404,
+          undefined,
+        ],
+        ["error-grpc", "/tessera.v1.UserService/GetUser", { ...asGrpc, ...bearer }, grpcEmpty, 200, "3"],
+        [
+          "refused",
+          "/tessera.v1.UserService/GetCurrentUser",
+          { ...asJson, authorization: "Bearer x" },
+          json({}),
+          401,
+          undefined,
+        ],
+        ["unknown-path", "/tessera.v1.Nope/Nope", asJson, json({}), 404, undefined],
+        [
+          // Left to Connect's own handler, which refuses this content type.
+          "connect-handler",
+          "/tessera.v1.UserService/GetCurrentUser",
+          { ...asGrpc, "content-type": "application/grpc-web-text", ...bearer },
+          new TextEncoder().encode(Buffer.from(grpcEmpty).toString("base64")),
+          415,
+          undefined,
+        ],
+      ];
+      for (const [id, path, headers, body, status, grpcStatus] of cases) {
+        const answer = await call(path, { ...headers, "x-request-id": id }, body);
+        expect([id, answer.status]).toEqual([id, status]);
+        if (grpcStatus !== undefined) expect([id, answer.trailers["grpc-status"]]).toEqual([id, grpcStatus]);
+        expect([id, answer.headers["x-request-id"]]).toEqual([id, id]);
+        expect([id, answer.headers["x-content-type-options"]]).toEqual([id, "nosniff"]);
+        expect([id, answer.headers["x-frame-options"]]).toEqual([id, "DENY"]);
+        expect([id, answer.headers["content-security-policy"]]).toEqual([id, "default-src 'self'"]);
+        expect([id, answer.headers["strict-transport-security"]]).toEqual([
+          id,
+          "max-age=31536000; includeSubDomains",
+        ]);
+        expect([id, answer.headers["access-control-allow-origin"]]).toEqual([id, origin]);
+        expect([id, answer.headers["access-control-expose-headers"]]).toEqual([
+          id,
+          expect.stringContaining("X-Request-Id"),
+        ]);
+      }
+    } finally {
+      session.close();
+      await ts.close();
     }
   });
 });
