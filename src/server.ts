@@ -16,7 +16,7 @@ import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import type { Config } from "./config.js";
-import { createConnectHandler } from "./connect-adapter.js";
+import { createConnectHandler, setHeaders } from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
 import { type ErrorReason, REASONS } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
@@ -186,12 +186,16 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
     const common: OutgoingHttpHeaders = { "x-request-id": requestId, ...headers };
     const origin = req.headers.origin;
-    if (origin && (anyOrigin || allowedOrigins.has(origin))) {
+    if (corsAllowed(origin)) {
       common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
       if (!anyOrigin) common.vary = "Origin";
       common["access-control-expose-headers"] = exposed;
     }
     return common;
+  }
+
+  function corsAllowed(origin: string | undefined): origin is string {
+    return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
   const admission = { authenticator: app.authenticator, limits: app.limits };
@@ -268,14 +272,10 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   return function handle(req: Request, res: Response): void {
     const incoming = req.headers["x-request-id"];
     const requestId = typeof incoming === "string" && REQUEST_ID_RE.test(incoming) ? incoming : randomUUID();
-    /** For the answers written here; the adapter sets them on its own (`responseHeaders`). */
-    const setCommonHeaders = () => {
-      const common = commonHeaders(req, requestId);
-      for (const k in common) res.setHeader(k, common[k]!);
-    };
+    // For the answers written here; the adapter sets them on its own (`responseHeaders`).
+    const setCommonHeaders = () => setHeaders(res, commonHeaders(req, requestId));
 
-    const origin = req.headers.origin;
-    if (req.method === "OPTIONS" && origin && (anyOrigin || allowedOrigins.has(origin))) {
+    if (req.method === "OPTIONS" && corsAllowed(req.headers.origin)) {
       setCommonHeaders();
       res.setHeader("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS");
       res.setHeader("access-control-allow-headers", allowHeaders);

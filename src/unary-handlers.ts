@@ -56,15 +56,15 @@ import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
 export type UnaryProtocol = "connect" | "grpc" | "grpc-web";
 
 /**
- * A request whose body is a byte stream (what the Node adapter hands over). With
- * `nodeHeaders` (Node's header object of the request), the handlers read the protocol
- * headers from it, and `header` (fetch Headers, made by the adapter when first read) is
- * made only if an interceptor or the implementation reads it: making it is about 2 % of a
+ * A request whose body is a byte stream, with Node's header object of the request (what
+ * the Node adapter hands over). The handlers read the protocol headers from
+ * `nodeHeaders`, so `header` (fetch Headers, made by the adapter when first read) is made
+ * only if an interceptor or the implementation reads it: making it is about 2 % of a
  * unary call, and Tessera's interceptors read the Node headers instead.
  */
 export type UnaryRequest = UniversalServerRequest & {
   body: AsyncIterable<Uint8Array>;
-  nodeHeaders?: Readonly<Record<string, string | string[] | undefined>>;
+  nodeHeaders: Readonly<Record<string, string | string[] | undefined>>;
 };
 
 /**
@@ -73,9 +73,7 @@ export type UnaryRequest = UniversalServerRequest & {
  * llhttp strips it), as fetch Headers would leave them, and repeated fields as a list.
  */
 function headerOf(req: UnaryRequest, name: string): string | null {
-  const node = req.nodeHeaders;
-  if (node === undefined) return req.header.get(name);
-  const value = node[name];
+  const value = req.nodeHeaders[name];
   if (value === undefined) return null;
   return typeof value === "string" ? value : value.join(", ");
 }
