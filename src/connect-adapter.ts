@@ -308,7 +308,7 @@ function earlyProtocol(req: NodeRequest): EarlyProtocol | undefined {
 }
 
 /** Set `headers` on the response (nothing when there are none). */
-function setHeaders(res: NodeResponse, headers: http.OutgoingHttpHeaders | undefined): void {
+export function setHeaders(res: NodeResponse, headers: http.OutgoingHttpHeaders | undefined): void {
   if (headers === undefined) return;
   for (const k in headers) res.setHeader(k, headers[k]!);
 }
@@ -333,8 +333,11 @@ function discardBody(req: NodeRequest, res: NodeResponse, limit: number): void {
       if ("stream" in req) req.stream.close(http2constants.NGHTTP2_NO_ERROR);
       else req.socket.destroy();
     };
-    if (res.writableFinished) stop();
-    else res.once("finish", stop);
+    // HTTP/2: the stream's own "finish" (the compatibility layer's response emits one only
+    // once the stream has closed, which a client still sending keeps from happening).
+    const written = "stream" in req ? req.stream : res;
+    if (written.writableFinished) stop();
+    else written.once("finish", stop);
   };
   req.on("data", onData);
 }
