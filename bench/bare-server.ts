@@ -6,8 +6,9 @@
  * and the raw server is the cost of the Connect stack.
  *
  * With a second argument `tessera-adapter`, the same handler is served through Tessera's
- * own Node bridge (src/connect-adapter.ts) instead of connect-node's: the difference
- * between the two is what that bridge takes back.
+ * own Node bridge (src/connect-adapter.ts, installed with `serveRequests` as Tessera's
+ * server does) instead of connect-node's: the difference between the two is what that
+ * bridge takes back.
  *
  * Run: `node --import tsx bench/bare-server.ts <certDir> [tessera-adapter]`; prints {"listening": port}.
  */
@@ -15,7 +16,7 @@ import http2 from "node:http2";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { createConnectHandler } from "../src/connect-adapter.js";
+import { createConnectHandler, serveRequests } from "../src/connect-adapter.js";
 import { CONSTANT_USER } from "./fixtures.js";
 import { listenAndAnnounce, referenceServerOptions } from "./tls.js";
 
@@ -28,6 +29,7 @@ const options = {
   },
   readMaxBytes: 4 * 1024 * 1024,
 };
-const adapter =
-  process.argv[3] === "tessera-adapter" ? createConnectHandler(options) : connectNodeAdapter(options);
-listenAndAnnounce(http2.createSecureServer(referenceServerOptions(certDir), adapter));
+const server = http2.createSecureServer(referenceServerOptions(certDir));
+if (process.argv[3] === "tessera-adapter") serveRequests(server, createConnectHandler(options));
+else server.on("request", connectNodeAdapter(options));
+listenAndAnnounce(server);

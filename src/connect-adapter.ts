@@ -1,6 +1,7 @@
 import type * as http from "node:http";
 import type * as http2 from "node:http2";
 import { constants as http2constants } from "node:http2";
+import type { Readable } from "node:stream";
 import type { DescMethod } from "@bufbuild/protobuf";
 import {
   Code,
@@ -48,8 +49,111 @@ import {
   type UnaryRequest,
 } from "./unary-handlers.js";
 
-type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
+/** A request as the adapter and its options' callbacks see it. */
+export type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest | StreamRequest;
 type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
+
+/**
+ * A request listener for Node's HTTP servers that can also serve some HTTP/2 streams
+ * straight from the server's "stream" event: `stream` returns false, having done nothing,
+ * for a stream it leaves to the compatibility layer (see {@link serveRequests}).
+ */
+export interface StreamingHandler {
+  (req: http.IncomingMessage | http2.Http2ServerRequest, res: NodeResponse): void;
+  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): boolean;
+}
+
+/**
+ * What {@link createConnectHandler} returns: a request listener that also serves the HTTP/2
+ * streams `accepts` takes, given as a StreamRequest without a response object (what
+ * `stream` does; a caller with work of its own per request, like server.ts, calls
+ * `accepts` and then the handler itself).
+ */
+export interface ConnectHandler extends StreamingHandler {
+  (req: StreamRequest, res?: undefined): void;
+  accepts(headers: http2.IncomingHttpHeaders): boolean;
+}
+
+/**
+ * An HTTP/2 request served from its stream alone, without the request and response
+ * objects of Node's compatibility layer: it has the members of `Http2ServerRequest` that
+ * the adapter and the callbacks of its options read. Only unary POSTs the unary handlers
+ * answer are served so (see {@link serveRequests} for why).
+ */
+export class StreamRequest {
+  readonly httpVersion = "2.0";
+
+  constructor(
+    readonly stream: http2.ServerHttp2Stream,
+    readonly headers: http2.IncomingHttpHeaders,
+  ) {
+    // An "error" without a listener would be thrown; the compatibility layer ignores them too.
+    stream.on("error", ignoreStreamError);
+  }
+
+  get method(): string {
+    return this.headers[":method"] ?? "";
+  }
+
+  get url(): string {
+    return this.headers[":path"] ?? "";
+  }
+
+  get scheme(): string {
+    return this.headers[":scheme"] ?? "";
+  }
+
+  get authority(): string | undefined {
+    return this.headers[":authority"] ?? this.headers.host;
+  }
+
+  /** The connection's socket (a proxy Node makes once per session), as `Http2ServerRequest.socket` gives it. */
+  get socket(): import("node:net").Socket {
+    return this.stream.session!.socket as import("node:net").Socket;
+  }
+}
+
+/**
+ * Serve `handler` on `server`: HTTP/1.1 requests and most HTTP/2 streams through Node's
+ * "request" event and its compatibility layer, as `server.on("request", handler)` would;
+ * HTTP/2 streams that `handler.stream` takes (unary calls) without it.
+ *
+ * Why: profiled under load, the compatibility layer's request and response objects (a
+ * Readable and a Stream, a dozen stream listeners, their events) were about a tenth of
+ * an authenticated unary call, for objects such a call does not need: it reads one small
+ * body and writes one answer, straight onto the stream (see writeUnaryAnswer). Node's own
+ * "stream" listener of the compatibility layer (installed when the first "request"
+ * listener is added) is kept and called for every stream `handler.stream` leaves, so
+ * everything else (streaming RPCs, Connect GET, CORS preflights, the plain endpoints,
+ * CONNECT and `Expect` handling) is served exactly as before.
+ */
+export function serveRequests(
+  server: http2.Http2Server | http2.Http2SecureServer,
+  handler: StreamingHandler,
+): void {
+  const before = server.listeners("stream");
+  server.on("request", handler);
+  const compat = server.listeners("stream").filter((l) => !before.includes(l));
+  if (compat.length !== 1)
+    throw new Error("node:http2 did not install its compatibility layer's stream listener");
+  const onCompatStream = compat[0] as (...args: unknown[]) => void;
+  server.off("stream", onCompatStream);
+  server.on(
+    "stream",
+    function onStream(
+      this: unknown,
+      stream: http2.ServerHttp2Stream,
+      headers: http2.IncomingHttpHeaders,
+      flags: number,
+      rawHeaders: string[],
+    ) {
+      if (!handler.stream(stream, headers)) onCompatStream.call(this, stream, headers, flags, rawHeaders);
+    },
+  );
+}
+
+/** For the streams served without the compatibility layer, whose own "error" listener swallows stream errors. */
+function ignoreStreamError(): void {}
 
 /** Options of {@link createConnectHandler}: those of `connectNodeAdapter`. */
 export interface ConnectHandlerOptions extends ConnectRouterOptions {
@@ -110,9 +214,7 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
  * @connectrpc/connect's own code; streams, Connect GET and gRPC-Web text are served by
  * Connect's handlers, untouched.
  */
-export function createConnectHandler(
-  options: ConnectHandlerOptions,
-): (req: NodeRequest, res: NodeResponse) => void {
+export function createConnectHandler(options: ConnectHandlerOptions): ConnectHandler {
   if (options.acceptCompression === undefined)
     options.acceptCompression = [compressionGzip, compressionBrotli];
   const router = createConnectRouter(options);
@@ -148,18 +250,36 @@ export function createConnectHandler(
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
   const responseHeaders = options.responseHeaders;
 
-  return function handleConnect(req, res) {
-    const common = responseHeaders?.(req);
-    const url = req.url ?? "";
+  /** Whether an HTTP/2 request with these headers is answered by the unary handlers (and so can be served as a StreamRequest). */
+  function accepts(headers: http2.IncomingHttpHeaders): boolean {
+    if (headers[":method"] !== "POST" || headers.expect !== undefined) return false;
+    const protocol = earlyProtocol("POST", headers["content-type"]);
+    return protocol !== undefined && routeOf(headers[":path"])?.unary?.[protocol.kind] !== undefined;
+  }
+
+  function routeOf(url: string | undefined): Route | undefined {
+    if (url === undefined) return undefined;
     const q = url.indexOf("?");
-    const route = paths.get(q < 0 ? url : url.slice(0, q));
+    return paths.get(q < 0 ? url : url.slice(0, q));
+  }
+
+  /**
+   * Serve `req`. A StreamRequest comes without a response object (`res` undefined); it is
+   * one `accepts` took, so it takes the unary handlers' path, which writes onto the stream.
+   */
+  function handleConnect(req: NodeRequest, res: NodeResponse | undefined): void {
+    const common = responseHeaders?.(req);
+    const route = routeOf(req.url);
     if (!route) {
-      setHeaders(res, common);
-      fallback(req, res);
+      setHeaders(res!, common);
+      fallback(req, res!);
       return;
     }
     const { handler } = route;
-    const protocol = handler.method.methodKind === "unary" ? earlyProtocol(req) : undefined;
+    const protocol =
+      handler.method.methodKind === "unary"
+        ? earlyProtocol(req.method, req.headers["content-type"])
+        : undefined;
     if (admit === undefined) {
       dispatch(route, protocol, req, res, common);
       return;
@@ -181,18 +301,34 @@ export function createConnectHandler(
     function answer(error: ConnectError) {
       if (protocol === undefined) dispatch(route!, protocol, req, res, common);
       else {
-        setHeaders(res, common);
         discardBody(req, res, readMaxBytes);
-        writeEarlyError(req, res, protocol, error, errorBody, options.jsonOptions);
+        if (gone(req)) return;
+        let early: UnaryAnswer;
+        try {
+          early = earlyAnswer(protocol, error, options.jsonOptions);
+        } catch {
+          destroy(req, res);
+          return;
+        }
+        writeUnaryAnswer(early, req, res, errorBody, common);
       }
     }
+  }
+
+  const serve = handleConnect as unknown as ConnectHandler;
+  serve.accepts = accepts;
+  serve.stream = (stream, headers) => {
+    if (!accepts(headers)) return false;
+    handleConnect(new StreamRequest(stream, headers), undefined);
+    return true;
   };
+  return serve;
 
   function dispatch(
     route: Route,
     protocol: EarlyProtocol | undefined,
     req: NodeRequest,
-    res: NodeResponse,
+    res: NodeResponse | undefined,
     common: http.OutgoingHttpHeaders | undefined,
   ): void {
     // Gone while admission was pending: nothing to answer.
@@ -204,9 +340,10 @@ export function createConnectHandler(
     const onClose = () => {
       // Closed before the response was ended: the client went away (an HTTP/2 reset, a
       // dropped connection). A response ended by us closes normally and aborts nothing.
-      if (!answered && !res.writableEnded) signal.abort(closeReason(req));
+      if (!answered && !res?.writableEnded) signal.abort(closeReason(req));
     };
-    res.once("close", onClose);
+    // A StreamRequest's stream closes when the compatibility layer's response would.
+    (res ?? (req as StreamRequest).stream).once("close", onClose);
     // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
@@ -216,7 +353,7 @@ export function createConnectHandler(
       req.method ?? "",
       `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
       req.headers,
-      bodyOf(req),
+      bodyOf(readableOf(req)),
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
@@ -225,7 +362,11 @@ export function createConnectHandler(
       if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
         console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
       }
-      if (!res.headersSent) {
+      if (res === undefined) {
+        const { stream } = req as StreamRequest;
+        if (stream.headersSent || stream.destroyed) stream.destroy();
+        else stream.respond({ ...common, ":status": 500 }, { endStream: true });
+      } else if (!res.headersSent) {
         setHeaders(res, common);
         res.statusCode = 500;
         res.end();
@@ -241,6 +382,7 @@ export function createConnectHandler(
       }, onError);
       return;
     }
+    if (res === undefined) throw new Error("a StreamRequest the unary handlers do not serve");
     setHeaders(res, common);
     handler(uReq).then(
       (uRes) =>
@@ -294,10 +436,8 @@ function admitFailed(handler: UniversalHandler, err: unknown): ConnectError {
 type EarlyProtocol = { kind: "connect" } | { kind: "grpc" | "grpc-web"; json: boolean };
 
 /** The protocol of a unary POST this adapter can answer itself, or undefined (left to Connect's handlers). */
-function earlyProtocol(req: NodeRequest): EarlyProtocol | undefined {
-  if (req.method !== "POST") return undefined;
-  const type = req.headers["content-type"];
-  if (type === undefined) return undefined;
+function earlyProtocol(method: string | undefined, type: string | undefined): EarlyProtocol | undefined {
+  if (method !== "POST" || type === undefined) return undefined;
   if (connectUnaryType.test(type)) return { kind: "connect" };
   let m = grpcType.exec(type);
   if (m) return { kind: "grpc", json: m[1] !== undefined };
@@ -317,67 +457,77 @@ function gone(req: NodeRequest): boolean {
   return "stream" in req ? req.stream.destroyed : req.socket.destroyed;
 }
 
+/** Where the request body is read from: a StreamRequest's stream, or the request object itself. */
+function readableOf(req: NodeRequest): Readable {
+  return req instanceof StreamRequest ? req.stream : req;
+}
+
+/** Drop the request's stream or response, after a failure to answer. */
+function destroy(req: NodeRequest, res: NodeResponse | undefined): void {
+  if (res === undefined) (req as StreamRequest).stream.destroy();
+  else res.destroy();
+}
+
 /**
  * Discard the body of a request answered without reading it, up to `limit` bytes (what
  * Connect would have read): past that, HTTP/2 asks the client to stop sending (RST_STREAM
  * NO_ERROR once the answer is out, RFC 9113 §8.1) and HTTP/1.1 closes the connection, so
  * a refused caller cannot keep the server reading.
  */
-function discardBody(req: NodeRequest, res: NodeResponse, limit: number): void {
+function discardBody(req: NodeRequest, res: NodeResponse | undefined, limit: number): void {
+  const source = readableOf(req);
   let seen = 0;
   const onData = (chunk: Buffer) => {
     seen += chunk.byteLength;
     if (seen <= limit) return;
-    req.off("data", onData);
+    source.off("data", onData);
     const stop = () => {
       if ("stream" in req) req.stream.close(http2constants.NGHTTP2_NO_ERROR);
       else req.socket.destroy();
     };
     // HTTP/2: the stream's own "finish" (the compatibility layer's response emits one only
     // once the stream has closed, which a client still sending keeps from happening).
-    const written = "stream" in req ? req.stream : res;
+    const written = "stream" in req ? req.stream : res!;
     if (written.writableFinished) stop();
     else written.once("finish", stop);
   };
-  req.on("data", onData);
+  source.on("data", onData);
 }
 
-/** Answer with `error` as Connect's handler for the protocol would (same status, headers, trailers and body). */
-function writeEarlyError(
-  req: NodeRequest,
-  res: NodeResponse,
+/**
+ * The answer to a refused call: `error` as Connect's handler for the protocol would
+ * answer it (same status, headers, trailers and body; the body of a Connect error still
+ * passes through `errorBody` in writeUnaryAnswer).
+ */
+function earlyAnswer(
   protocol: EarlyProtocol,
   error: ConnectError,
-  errorBody: ConnectHandlerOptions["errorBody"],
   jsonOptions: ConnectHandlerOptions["jsonOptions"],
-): void {
-  if (gone(req)) return;
-  const out = res as http2.Http2ServerResponse;
-  try {
-    if (protocol.kind === "connect") {
-      let body: Uint8Array = errorToJsonBytes(error, jsonOptions ?? {});
-      if (errorBody) body = errorBody(req, body);
-      const header = nodeHeaders(error.metadata);
-      header["content-type"] = connectJson;
-      header["content-length"] = body.byteLength;
-      out.writeHead(codeToHttpStatus(error.code), header);
-      out.end(body);
-      return;
-    }
-    const trailer = setTrailerStatus(new Headers(), error);
-    if (protocol.kind === "grpc") {
-      out.writeHead(200, { "content-type": protocol.json ? grpcJson : grpcProto });
-      out.addTrailers(nodeHeaders(trailer));
-      out.end();
-      return;
-    }
-    // gRPC-Web: the trailers travel in the body, as a trailer frame.
-    const body = encodeEnvelope(trailerFlag, trailerSerialize(trailer));
-    out.writeHead(200, { "content-type": protocol.json ? grpcWebJson : grpcWebProto });
-    out.end(body);
-  } catch {
-    res.destroy();
+): UnaryAnswer {
+  if (protocol.kind === "connect") {
+    const body = errorToJsonBytes(error, jsonOptions ?? {});
+    const header = nodeHeaders(error.metadata);
+    header["content-type"] = connectJson;
+    header["content-length"] = body.byteLength;
+    return { status: codeToHttpStatus(error.code), header, body, plain: false };
   }
+  const trailer = setTrailerStatus(new Headers(), error);
+  if (protocol.kind === "grpc") {
+    return {
+      status: 200,
+      header: { "content-type": protocol.json ? grpcJson : grpcProto },
+      body: new Uint8Array(0),
+      trailer: nodeHeaders(trailer),
+      plain: false,
+    };
+  }
+  // gRPC-Web: the trailers travel in the body, as a trailer frame.
+  return {
+    status: 200,
+    header: { "content-type": protocol.json ? grpcWebJson : grpcWebProto },
+    body: encodeEnvelope(trailerFlag, trailerSerialize(trailer)),
+    plain: false,
+  };
 }
 
 type AbortListener = (this: RequestSignal, event: Event) => void;
@@ -478,9 +628,12 @@ function nodeHeadersOf(header: Headers | undefined): http.OutgoingHttpHeaders | 
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure.
  */
-function bodyOf(req: NodeRequest): AsyncIterable<Uint8Array> {
+function bodyOf(req: Readable): AsyncIterable<Uint8Array> {
   const queue: Uint8Array[] = [];
-  let ended = false;
+  // An HTTP/2 stream whose HEADERS frame ended it (an empty body) may have emitted "end"
+  // already, read by nobody, while admission was pending: "end" comes only once the
+  // buffer is empty, so no data went unseen.
+  let ended = req.readableEnded;
   let failure: unknown;
   let wake: (() => void) | undefined;
   const notify = () => {
@@ -573,9 +726,11 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
 /**
  * Write a unary answer in one go; an error body (status ≥ 400) passes through `rewrite`
  * first, and `common` (the `responseHeaders` option's) is set with it. A plain answer
- * over HTTP/2 goes straight onto the stream with `common`: the compatibility layer's
- * `setHeader` and `writeHead` would check each header (twice), and its `write` and `end`
- * add layers of their own. Trailers are still asked for (`waitForTrailers`, even when there are none),
+ * over HTTP/2, and every answer to a StreamRequest (which has no response object), goes
+ * straight onto the stream with `common`: the compatibility layer's `setHeader` and
+ * `writeHead` would check each header (twice), and its `write` and `end` add layers of
+ * their own; `respond` still checks what the interceptors or the implementation set.
+ * Trailers are still asked for (`waitForTrailers`, even when there are none),
  * as the compatibility layer does: a stream that ends with its last DATA frame can close
  * before its `end()` completes, and Node then makes an ERR_STREAM_DESTROYED, stack trace
  * included, for every response (about a tenth of the raw server's time in profiles).
@@ -583,12 +738,11 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
 function writeUnaryAnswer(
   answer: UnaryAnswer,
   req: NodeRequest,
-  res: NodeResponse,
+  res: NodeResponse | undefined,
   rewrite: ConnectHandlerOptions["errorBody"],
   common: http.OutgoingHttpHeaders | undefined,
 ): void {
   if (gone(req)) return;
-  const out = res as http2.Http2ServerResponse;
   try {
     const { header, trailer } = answer;
     let body = answer.body;
@@ -596,22 +750,25 @@ function writeUnaryAnswer(
       body = rewrite(req, body);
       header["content-length"] = body.byteLength;
     }
-    if (answer.plain && "stream" in req && !out.headersSent) {
+    if (res === undefined || (answer.plain && "stream" in req && !res.headersSent)) {
       // Nothing else sets headers on the response of a unary call: these are all of them.
+      const { stream } = req as StreamRequest | http2.Http2ServerRequest;
       const all: http2.OutgoingHttpHeaders = { ...common, ...header, ":status": answer.status };
+      if (res === undefined) stream.once("wantTrailers", () => stream.sendTrailers(trailer ?? {}));
       // The compatibility layer's own "wantTrailers" listener sends what addTrailers set.
-      if (trailer) out.addTrailers(trailer);
-      req.stream.respond(all, { waitForTrailers: true });
-      req.stream.end(body.byteLength > 0 ? body : undefined);
+      else if (trailer) (res as http2.Http2ServerResponse).addTrailers(trailer);
+      stream.respond(all, { waitForTrailers: true });
+      stream.end(body.byteLength > 0 ? body : undefined);
       return;
     }
+    const out = res as http2.Http2ServerResponse;
     setHeaders(res, common);
     out.writeHead(answer.status, header);
     if (trailer) out.addTrailers(trailer);
     if (body.byteLength > 0) out.end(body);
     else out.end();
   } catch {
-    res.destroy();
+    destroy(req, res);
   }
 }
 

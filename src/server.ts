@@ -16,7 +16,13 @@ import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import type { Config } from "./config.js";
-import { createConnectHandler, setHeaders } from "./connect-adapter.js";
+import {
+  createConnectHandler,
+  type StreamingHandler,
+  StreamRequest,
+  serveRequests,
+  setHeaders,
+} from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
 import { type ErrorReason, REASONS } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
@@ -24,7 +30,7 @@ import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { VERSION } from "./version.js";
 
-type Request = IncomingMessage | http2.Http2ServerRequest;
+type Request = IncomingMessage | http2.Http2ServerRequest | StreamRequest;
 type Response = ServerResponse | http2.Http2ServerResponse;
 
 /** TLS files read from the cert folder. */
@@ -269,9 +275,25 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     res.end(text);
   }
 
-  return function handle(req: Request, res: Response): void {
+  /** The caller's request id when it is a sane one, else a new one. */
+  function requestIdOf(req: Request): string {
     const incoming = req.headers["x-request-id"];
-    const requestId = typeof incoming === "string" && REQUEST_ID_RE.test(incoming) ? incoming : randomUUID();
+    return typeof incoming === "string" && REQUEST_ID_RE.test(incoming) ? incoming : randomUUID();
+  }
+
+  /** Attach the request's state (read back by `stateOf`) for the adapter's callbacks and the interceptors. */
+  function attachState(req: Request, requestId: string): void {
+    const state: RequestState = {
+      requestId,
+      ip: clientIp(req),
+      certificate: peerCertificate(req),
+      principal: null,
+    };
+    (req as unknown as Record<symbol, RequestState>)[kState] = state;
+  }
+
+  const handle = function handle(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
+    const requestId = requestIdOf(req);
     // For the answers written here; the adapter sets them on its own (`responseHeaders`).
     const setCommonHeaders = () => setHeaders(res, commonHeaders(req, requestId));
 
@@ -329,15 +351,19 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       }
     }
 
-    const state: RequestState = {
-      requestId,
-      ip: clientIp(req),
-      certificate: peerCertificate(req),
-      principal: null,
-    };
-    (req as unknown as Record<symbol, RequestState>)[kState] = state;
+    attachState(req, requestId);
     adapter(req, res);
+  } as StreamingHandler;
+  // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
+  // never a preflight (OPTIONS) or a plain endpoint (GET), which are answered above.
+  handle.stream = (stream, headers) => {
+    if (!adapter.accepts(headers)) return false;
+    const req = new StreamRequest(stream, headers);
+    attachState(req, requestIdOf(req));
+    adapter(req);
+    return true;
   };
+  return handle;
 }
 
 /** Build and start the server on the configured host and port (port 0 picks a free one). */
@@ -372,7 +398,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
-  server.on("request", handler);
+  serveRequests(server, handler);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(cfg.port, cfg.host, () => {

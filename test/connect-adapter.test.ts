@@ -12,7 +12,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { type ConnectHandlerOptions, createConnectHandler } from "../src/connect-adapter.js";
+import { type ConnectHandlerOptions, createConnectHandler, serveRequests } from "../src/connect-adapter.js";
 
 /** An error with everything a protocol must carry: code, message, metadata and a detail. */
 function refusal(): ConnectError {
@@ -48,20 +48,42 @@ async function seen(call: Promise<unknown>) {
 
 interface Probe {
   watchAborted: Promise<string>;
+  /** A Check of service "wait" started, and why its signal aborted. */
+  checkWaiting: Promise<void>;
+  checkAborted: Promise<string>;
 }
+
+const abortReason = (signal: AbortSignal) =>
+  ConnectError.from(signal.reason).code === Code.Canceled ? "canceled" : String(signal.reason);
 
 type Admit = NonNullable<ConnectHandlerOptions["admit"]>;
 
-function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
+/** "h2c": the adapter on the "request" event; "h2-direct": installed with serveRequests, as Tessera's server does. */
+type Kind = "h2c" | "h2-direct" | "http1";
+
+function startServer(kind: Kind, errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
   let reportAbort!: (reason: string) => void;
-  const probe: Probe = { watchAborted: new Promise((resolve) => (reportAbort = resolve)) };
+  let reportWaiting!: () => void;
+  let reportCheckAborted!: (reason: string) => void;
+  const probe: Probe = {
+    watchAborted: new Promise((resolve) => (reportAbort = resolve)),
+    checkWaiting: new Promise((resolve) => (reportWaiting = resolve)),
+    checkAborted: new Promise((resolve) => (reportCheckAborted = resolve)),
+  };
   const handler = createConnectHandler({
     readMaxBytes: 1024,
     ...(errorBody ? { errorBody: (_req, body) => errorBody(body) } : {}),
     ...(admit ? { admit } : {}),
     routes(router) {
       router.service(Health, {
-        check(req) {
+        async check(req, ctx) {
+          if (req.service === "wait") {
+            reportWaiting();
+            await new Promise<void>((resolve) =>
+              ctx.signal.addEventListener("abort", () => resolve(), { once: true }),
+            );
+            reportCheckAborted(abortReason(ctx.signal));
+          }
           if (req.service === "fail") throw new ConnectError("no such service", Code.NotFound);
           if (req.service === "refuse") throw refusal();
           return { status: HealthCheckResponse_ServingStatus.SERVING };
@@ -74,11 +96,7 @@ function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Ui
           await new Promise<void>((resolve) =>
             ctx.signal.addEventListener("abort", () => resolve(), { once: true }),
           );
-          reportAbort(
-            ConnectError.from(ctx.signal.reason).code === Code.Canceled
-              ? "canceled"
-              : String(ctx.signal.reason),
-          );
+          reportAbort(abortReason(ctx.signal));
         },
       });
       router.service(ServerReflection, {
@@ -88,7 +106,11 @@ function startServer(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Ui
       });
     },
   });
-  const server = kind === "h2c" ? http2.createServer(handler) : http.createServer(handler);
+  let server: http2.Http2Server | http.Server;
+  if (kind === "h2-direct") {
+    server = http2.createServer();
+    serveRequests(server, handler);
+  } else server = kind === "h2c" ? http2.createServer(handler) : http.createServer(handler);
   const sessions = new Set<http2.Http2Session>();
   server.on("session", (session: http2.Http2Session) => sessions.add(session));
   return new Promise<{ url: string; probe: Probe; close: () => Promise<void> }>((resolve) => {
@@ -136,15 +158,21 @@ afterEach(async () => {
   closers = [];
 });
 
-async function served(kind: "h2c" | "http1", errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
+async function served(kind: Kind, errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
   const s = await startServer(kind, errorBody, admit);
   closers.push(s.close);
   return s;
 }
 
 describe("the Connect adapter", () => {
-  const protocols: [string, "h2c" | "http1", (url: string) => Transport][] = [
+  const protocols: [string, Kind, (url: string) => Transport][] = [
     ["Connect JSON over HTTP/2", "h2c", (url) => createConnectTransport({ baseUrl: url, httpVersion: "2" })],
+    [
+      "Connect JSON over HTTP/2, from the stream",
+      "h2-direct",
+      (url) => createConnectTransport({ baseUrl: url, httpVersion: "2" }),
+    ],
+    ["gRPC, from the stream", "h2-direct", (url) => createGrpcTransport({ baseUrl: url })],
     [
       "Connect binary over HTTP/1.1",
       "http1",
@@ -206,33 +234,35 @@ describe("the Connect adapter", () => {
   it("stops a client still sending the body of a call it refused early, once past readMaxBytes", async () => {
     const refuse: Admit = () => refusal();
     // HTTP/2: the answer, then RST_STREAM NO_ERROR; the connection stays usable.
-    const h2 = await served("h2c", undefined, refuse);
-    const session = http2.connect(h2.url);
-    try {
-      const { stream, status } = postCheck(session);
-      const closed = new Promise<number>((resolve) =>
-        stream.once("close", () => resolve(stream.rstCode ?? -1)),
-      );
-      stream.on("error", () => undefined);
-      stream.resume();
-      // Never ended: 4 KiB every 5 ms, far past the 1 KiB readMaxBytes of this server.
-      const timer = setInterval(() => {
-        if (!stream.destroyed) stream.write(Buffer.alloc(4096, 0x20));
-      }, 5);
+    for (const kind of ["h2c", "h2-direct"] as const) {
+      const h2 = await served(kind, undefined, refuse);
+      const session = http2.connect(h2.url);
       try {
-        expect(await status).toBe(403);
-        expect(await within(closed, 5000, "the server kept reading the body")).toBe(
-          http2.constants.NGHTTP2_NO_ERROR,
+        const { stream, status } = postCheck(session);
+        const closed = new Promise<number>((resolve) =>
+          stream.once("close", () => resolve(stream.rstCode ?? -1)),
         );
+        stream.on("error", () => undefined);
+        stream.resume();
+        // Never ended: 4 KiB every 5 ms, far past the 1 KiB readMaxBytes of this server.
+        const timer = setInterval(() => {
+          if (!stream.destroyed) stream.write(Buffer.alloc(4096, 0x20));
+        }, 5);
+        try {
+          expect(await status).toBe(403);
+          expect(await within(closed, 5000, "the server kept reading the body")).toBe(
+            http2.constants.NGHTTP2_NO_ERROR,
+          );
+        } finally {
+          clearInterval(timer);
+        }
+        const { stream: again, status: againStatus } = postCheck(session);
+        again.end("{}");
+        again.resume();
+        expect(await againStatus).toBe(403);
       } finally {
-        clearInterval(timer);
+        session.close();
       }
-      const { stream: again, status: againStatus } = postCheck(session);
-      again.end("{}");
-      again.resume();
-      expect(await againStatus).toBe(403);
-    } finally {
-      session.close();
     }
 
     // HTTP/1.1: the answer, then the connection is closed rather than read on.
@@ -269,6 +299,48 @@ describe("the Connect adapter", () => {
     expect(outcome).toEqual({ status: 403, socketClosed: true });
   });
 
+  it("served from the stream, tells the handler when the client resets a unary call", async () => {
+    const { url, probe } = await served("h2-direct");
+    const session = http2.connect(url);
+    try {
+      const { stream } = postCheck(session);
+      stream.on("error", () => undefined);
+      stream.end(JSON.stringify({ service: "wait" }));
+      await within(probe.checkWaiting, 5000, "the call did not start");
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+      expect(await within(probe.checkAborted, 5000, "the handler was not told")).toBe("canceled");
+    } finally {
+      session.close();
+    }
+  });
+
+  it("served from the stream, reads an empty body that ended while admission was pending", async () => {
+    // Admission long enough for the whole request to arrive before the body is read.
+    const slowly: Admit = () => new Promise((resolve) => setTimeout(() => resolve(undefined), 50));
+    const { url } = await served("h2-direct", undefined, slowly);
+    const session = http2.connect(url);
+    try {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": "/grpc.health.v1.Health/Check",
+        "content-type": "application/proto",
+      });
+      const status = new Promise<number>((resolve) =>
+        stream.once("response", (h) => resolve(Number(h[":status"]))),
+      );
+      const chunks: Buffer[] = [];
+      stream.on("data", (c: Buffer) => chunks.push(c));
+      const ended = new Promise((resolve) => stream.once("end", resolve));
+      // An empty DATA frame with END_STREAM: Node reads the stream to its "end" at once.
+      stream.end(new Uint8Array(0));
+      await within(ended, 5000, "the call was never answered");
+      expect(await status).toBe(200);
+      expect(Buffer.concat(chunks)).toEqual(Buffer.from([0x08, 0x01]));
+    } finally {
+      session.close();
+    }
+  });
+
   it("answers Internal when admit throws or rejects", async () => {
     for (const admit of [
       () => {
@@ -276,13 +348,15 @@ describe("the Connect adapter", () => {
       },
       () => Promise.reject(new Error("boom")),
     ] as Admit[]) {
-      const { url } = await served("h2c", undefined, admit);
-      const err = await seen(
-        createClient(Health, createConnectTransport({ baseUrl: url, httpVersion: "2" })).check({}),
-      );
-      expect(err.code).toBe(Code.Internal);
-      // What failed inside stays inside.
-      expect(err.message).toBe("internal error");
+      for (const kind of ["h2c", "h2-direct"] as const) {
+        const { url } = await served(kind, undefined, admit);
+        const err = await seen(
+          createClient(Health, createConnectTransport({ baseUrl: url, httpVersion: "2" })).check({}),
+        );
+        expect(err.code).toBe(Code.Internal);
+        // What failed inside stays inside.
+        expect(err.message).toBe("internal error");
+      }
     }
   });
 

@@ -295,6 +295,16 @@ describe("headers on every answer", () => {
           404,
           undefined,
         ],
+        [
+          // An empty DATA frame ends the stream: Node reads it to its "end" at once, before
+          // the credential is checked and the body read.
+          "empty-body",
+          "/tessera.v1.UserService/GetCurrentUser",
+          { "content-type": "application/proto", ...bearer },
+          new Uint8Array(0),
+          200,
+          undefined,
+        ],
         ["error-grpc", "/tessera.v1.UserService/GetUser", { ...asGrpc, ...bearer }, grpcEmpty, 200, "3"],
         [
           "refused",

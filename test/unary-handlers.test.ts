@@ -17,7 +17,7 @@ import {
   HealthCheckResponse_ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { createConnectHandler } from "../src/connect-adapter.js";
+import { type ConnectHandler, createConnectHandler, serveRequests } from "../src/connect-adapter.js";
 
 /**
  * src/unary-handlers.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
@@ -181,8 +181,14 @@ interface Server {
   close(): Promise<void>;
 }
 
-async function start(handler: (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void) {
-  const server = http2.createServer(handler);
+/** A server for `handler`: through the "request" event, or installed with serveRequests (`direct`). */
+async function start(
+  handler: (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void,
+  direct?: ConnectHandler,
+) {
+  const server = http2.createServer();
+  if (direct) serveRequests(server, direct);
+  else server.on("request", handler);
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const session = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
   return {
@@ -291,7 +297,11 @@ const LIST = "/grpc.health.v1.Health/List";
 
 let reference: Server;
 let tessera: Server;
+/** Tessera's adapter as Tessera's server installs it: unary calls served from the HTTP/2 stream, without the compatibility layer. */
+let direct: Server;
 let compatWrites = 0;
+/** Requests the direct server handed to the adapter through the compatibility layer. */
+let compatRequests = 0;
 
 beforeAll(async () => {
   reference = await start(connectNodeAdapter(options));
@@ -305,17 +315,31 @@ beforeAll(async () => {
     }) as typeof writeHead;
     handler(req, res);
   });
+  const streams = createConnectHandler(options);
+  const counted = ((req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+    compatRequests++;
+    streams(req, res);
+  }) as ConnectHandler;
+  counted.accepts = streams.accepts;
+  counted.stream = streams.stream;
+  direct = await start(counted, counted);
 });
 
 afterAll(async () => {
   await reference.close();
   await tessera.close();
+  await direct.close();
 });
 
-/** The same call to both servers: the answers must be identical. */
+/** The same call to the three servers: the answers must be identical. */
 async function same(path: string, h: http2.OutgoingHttpHeaders, b: Uint8Array): Promise<Answer> {
-  const [expected, actual] = await Promise.all([call(reference, path, h, b), call(tessera, path, h, b)]);
+  const [expected, actual, streamed] = await Promise.all([
+    call(reference, path, h, b),
+    call(tessera, path, h, b),
+    call(direct, path, h, b),
+  ]);
   expect(actual).toEqual(expected);
+  expect(streamed).toEqual(expected);
   return actual;
 }
 
@@ -444,8 +468,9 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
       next();
     };
     const send = (server: Server) => call(server, CHECK, h, trickle);
-    const [expected, actual] = await Promise.all([send(reference), send(tessera)]);
+    const [expected, actual, streamed] = await Promise.all([send(reference), send(tessera), send(direct)]);
     expect(actual).toEqual(expected);
+    expect(streamed).toEqual(expected);
     expect(actual.status).toBe(200);
   });
 });
@@ -463,7 +488,7 @@ describe("the unary handlers", () => {
     ["wait", "abort the call's signal with Canceled when the client goes away, as Connect's do"],
     ["late", "give a signal first read after the client went away in the state Connect's would be in"],
   ])("(%s) %s", async (service) => {
-    for (const server of [reference, tessera]) {
+    for (const server of [reference, tessera, direct]) {
       aborts.length = 0;
       const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
       stream.on("error", () => undefined);
@@ -477,7 +502,7 @@ describe("the unary handlers", () => {
   });
 
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
-    for (const server of [reference, tessera]) {
+    for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
       const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
       stream.on("error", () => undefined);
@@ -495,7 +520,7 @@ describe("the unary handlers", () => {
   });
 
   it("give a signal first read after the call ended as aborted, as Connect's", async () => {
-    for (const server of [reference, tessera]) {
+    for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
       await call(server, CHECK, headers("connect+json"), json({ service: "untouched" }));
       await call(server, CHECK, headers("grpc"), body("grpc", proto("untouched")));
@@ -505,7 +530,7 @@ describe("the unary handlers", () => {
         "AbortError",
       ]);
       // Ours: the shared reason a finished call ends with, not one made when the signal was read.
-      if (server === tessera) expect(contexts[0]?.signal.reason).toBe(contexts[1]?.signal.reason);
+      if (server !== reference) expect(contexts[0]?.signal.reason).toBe(contexts[1]?.signal.reason);
     }
   });
 
@@ -517,7 +542,7 @@ describe("the unary handlers", () => {
     ],
   ])("(%s) %s", async (spread) => {
     const seen: Record<string, unknown>[][] = [];
-    for (const server of [reference, tessera]) {
+    for (const server of [reference, tessera, direct]) {
       members.length = 0;
       contexts.length = 0;
       interceptedSignal = undefined;
@@ -530,7 +555,8 @@ describe("the unary handlers", () => {
     }
     expect(seen[0]).toHaveLength(spread ? 1 : 2);
     expect(seen[1]).toEqual(seen[0]);
-    for (const m of seen[1]!) expect(m.signal).toBe(true);
+    expect(seen[2]).toEqual(seen[0]);
+    for (const m of [...seen[1]!, ...seen[2]!]) expect(m.signal).toBe(true);
   });
 
   it("write answers with only the protocol's headers and trailers straight onto the HTTP/2 stream", async () => {
@@ -545,6 +571,23 @@ describe("the unary handlers", () => {
       expect(other.headers["x-impl"]).toBe("check");
       expect(compatWrites).toBe(1);
     }
+  });
+
+  it("installed with serveRequests, answer unary POSTs from the stream and leave the rest to the compatibility layer", async () => {
+    compatRequests = 0;
+    for (const wire of wires) {
+      const answer = await same(CHECK, headers(wire), body(wire, message(wire, "")));
+      expect(answer.status).toBe(200);
+    }
+    expect(compatRequests).toBe(0);
+    // An unknown path, a content type no protocol has and gRPC-Web text (served by Connect's handlers) are requests as ever.
+    const unknown = await same("/nope.v1.Nope/Nope", headers("grpc"), body("grpc", proto("")));
+    expect(unknown.status).toBe(404);
+    const plain = await same(CHECK, { ...headers("connect+json"), "content-type": "text/plain" }, json({}));
+    expect(plain.status).toBe(415);
+    const text = { ...headers("grpc-web"), "content-type": "application/grpc-web-text" };
+    await same(CHECK, text, new Uint8Array(0));
+    expect(compatRequests).toBe(3);
   });
 
   it("serve unary calls in place of Connect's: a finished call's signal is aborted with one shared reason", async () => {
