@@ -171,7 +171,8 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * Headers every response to a request for an RPC path carries (a request id, security
    * headers…), whatever answers it: set on the response before anything else writes it,
    * or, for a unary answer written onto an HTTP/2 stream, written with it in one go (see
-   * writeUnaryAnswer), which spares setting them on the response one by one.
+   * writeUnaryAnswer), which spares setting them on the response one by one. Return a new
+   * object for each request: the adapter adds the answer's own headers to it.
    */
   responseHeaders?: (req: NodeRequest) => http.OutgoingHttpHeaders;
   /**
@@ -343,7 +344,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       if (!answered && !res?.writableEnded) signal.abort(closeReason(req));
     };
     // A StreamRequest's stream closes when the compatibility layer's response would.
-    (res ?? (req as StreamRequest).stream).once("close", onClose);
+    (res ?? (req as StreamRequest).stream).on("close", onClose);
     // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
@@ -353,7 +354,9 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       req.method ?? "",
       `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
       req.headers,
-      bodyOf(readableOf(req)),
+      // A StreamRequest's stream has an "error" listener of its own: an error destroys the
+      // stream, and its "close" before "end" tells the body reader the client went away.
+      bodyOf(readableOf(req), !(req instanceof StreamRequest)),
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
@@ -628,7 +631,7 @@ function nodeHeadersOf(header: Headers | undefined): http.OutgoingHttpHeaders | 
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure.
  */
-function bodyOf(req: Readable): AsyncIterable<Uint8Array> {
+function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
   const queue: Uint8Array[] = [];
   // An HTTP/2 stream whose HEADERS frame ended it (an empty body) may have emitted "end"
   // already, read by nobody, while admission was pending: "end" comes only once the
@@ -646,15 +649,17 @@ function bodyOf(req: Readable): AsyncIterable<Uint8Array> {
     if (queue.length > 8) req.pause();
     notify();
   });
-  req.once("end", () => {
+  // "on", not "once": each fires once, and "once" wraps every listener in one more closure.
+  req.on("end", () => {
     ended = true;
     notify();
   });
-  req.once("error", (err) => {
-    failure = err;
-    notify();
-  });
-  req.once("close", () => {
+  if (errors)
+    req.on("error", (err) => {
+      failure = err;
+      notify();
+    });
+  req.on("close", () => {
     // Closed before its end: the client went away mid-body.
     if (!ended && failure === undefined) {
       failure = new ConnectError("the client closed the request", Code.Canceled);
@@ -753,8 +758,14 @@ function writeUnaryAnswer(
     if (res === undefined || (answer.plain && "stream" in req && !res.headersSent)) {
       // Nothing else sets headers on the response of a unary call: these are all of them.
       const { stream } = req as StreamRequest | http2.Http2ServerRequest;
-      const all: http2.OutgoingHttpHeaders = { ...common, ...header, ":status": answer.status };
-      if (res === undefined) stream.once("wantTrailers", () => stream.sendTrailers(trailer ?? {}));
+      // `common` is this request's own object (see `responseHeaders`): no copy of it.
+      const all: http2.OutgoingHttpHeaders = common ?? {};
+      for (const k in header) all[k] = header[k];
+      all[":status"] = answer.status;
+      if (res === undefined) {
+        (stream as TrailingStream)[kTrailer] = trailer;
+        stream.on("wantTrailers", sendTrailer);
+      }
       // The compatibility layer's own "wantTrailers" listener sends what addTrailers set.
       else if (trailer) (res as http2.Http2ServerResponse).addTrailers(trailer);
       stream.respond(all, { waitForTrailers: true });
@@ -770,6 +781,16 @@ function writeUnaryAnswer(
   } catch {
     destroy(req, res);
   }
+}
+
+/** The trailers of a unary answer written onto a StreamRequest's stream, for `sendTrailer`. */
+const kTrailer = Symbol("tessera.trailer");
+type TrailingStream = http2.ServerHttp2Stream & { [kTrailer]?: http.OutgoingHttpHeaders };
+const NO_TRAILERS: http.OutgoingHttpHeaders = Object.freeze({});
+
+/** "wantTrailers" listener of a StreamRequest's stream (one function for all, no closure per call). */
+function sendTrailer(this: TrailingStream): void {
+  this.sendTrailers(this[kTrailer] ?? NO_TRAILERS);
 }
 
 /** An error response (small, unary): read it whole, let `rewrite` change the body, send it with its new length. */
