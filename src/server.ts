@@ -107,6 +107,22 @@ function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
   };
 }
 
+const envelopeHeads = new Map<string, Buffer>();
+
+/** `{"ok":false,"error":…,"reason":…,` for a reason, as bytes (made once per reason). */
+function envelopeHead(reason: string): Buffer {
+  let head = envelopeHeads.get(reason);
+  if (head === undefined) {
+    const spec = REASONS[reason as ErrorReason] as (typeof REASONS)[ErrorReason] | undefined;
+    head = Buffer.from(
+      `{"ok":false,"error":${JSON.stringify(spec?.title ?? "Error")},"reason":${JSON.stringify(reason)},`,
+    );
+    // Reasons come from REASONS (a fixed set); anything else is not kept.
+    if (spec !== undefined) envelopeHeads.set(reason, head);
+  }
+  return head;
+}
+
 /**
  * Connect unary errors over JSON carry the protocol's `{code, message, details}`. The seeds'
  * clients also expect the envelope fields `ok: false`, `error` (the HTTP reason phrase) and a
@@ -125,10 +141,9 @@ function augmentJsonErrorBody(chunk: Uint8Array, state: RequestState | undefined
     chunk[1] === 0x22 &&
     chunk[chunk.byteLength - 1] === 0x7d
   ) {
-    const body = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength).toString("utf8");
-    const spec = REASONS[known.reason as ErrorReason] as (typeof REASONS)[ErrorReason] | undefined;
-    const head = `{"ok":false,"error":${JSON.stringify(spec?.title ?? "Error")},"reason":${JSON.stringify(known.reason)},`;
-    return Buffer.from(`${head}${body.slice(1, -1)},"request_id":${JSON.stringify(known.requestId)}}`);
+    // Spliced as bytes: decoding the body and encoding it again cost more than the splice.
+    const tail = Buffer.from(`,"request_id":${JSON.stringify(known.requestId)}}`);
+    return Buffer.concat([envelopeHead(known.reason), chunk.subarray(1, -1), tail]);
   }
   try {
     const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;

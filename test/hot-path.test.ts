@@ -80,6 +80,29 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     expect(me.username).toBe("admin");
   });
 
+  it("refuses a replayed forged access token from the authenticator's memory, without verifying it again", async () => {
+    const forged = await forgedToken();
+    const call = () => clientFor(UserService, memoryTransport(app), forged).getCurrentUser({});
+    const verify = vi.spyOn(app.jwt, "verify");
+    try {
+      const first = await rejection(call());
+      expect(verify).toHaveBeenCalledTimes(1);
+      expect(app.jwt.isForged(forged)).toBe(true);
+      const second = await rejection(call());
+      // Refused the same way, and the JWT service was not asked again.
+      expect(verify).toHaveBeenCalledTimes(1);
+      for (const r of [first, second]) {
+        expect(r.code).toBe(Code.Unauthenticated);
+        expect(r.reason).toBe("TOKEN_INVALID");
+        expect(r.message).toBe("access token is invalid");
+      }
+      // A token that is merely unknown is not remembered as forged.
+      expect(app.jwt.isForged(`${forged}x`)).toBe(false);
+    } finally {
+      verify.mockRestore();
+    }
+  });
+
   it("answers GetCurrentUser for a personal access token from the row its verification read, the same as for a JWT", async () => {
     const viaJwt = await clientFor(UserService, memoryTransport(app), adminToken).getCurrentUser({});
     const { token } = await clientFor(

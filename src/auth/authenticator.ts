@@ -12,6 +12,12 @@ import type { PeerCertificateInfo, Principal } from "./principal.js";
 export interface BearerVerifier {
   readonly name: string;
   verify(token: string, state: RequestState): Promise<Principal | null>;
+  /**
+   * The refusal `verify` would throw for `token`, when it is known without any work (a
+   * token this verifier already found forged), else undefined. Synchronous, so that a
+   * replayed bad token is refused without a chain of async frames rethrowing it.
+   */
+  knownRefusal?(token: string): TesseraError | undefined;
 }
 
 /** Verifies Basic credentials; null when the username is not one it knows. */
@@ -56,6 +62,12 @@ export class Authenticator {
       }
       throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
     }
+    // A token a verifier remembers refusing was declined by the verifiers before it (their
+    // answers for a token do not change), so its refusal stands without asking them again.
+    for (const v of this.bearer) {
+      const known = v.knownRefusal?.(credential.token);
+      if (known) throw known;
+    }
     for (const v of this.bearer) {
       const p = await v.verify(credential.token, state);
       if (p) return p;
@@ -65,6 +77,8 @@ export class Authenticator {
 }
 
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+/** What a token whose signature already failed is refused with: one error, made once (it carries no stack). */
+const FORGED = new TesseraError("TOKEN_INVALID", "access token is invalid");
 
 /**
  * Bearer verifier for Tessera-issued access tokens. After the signature (cached per
@@ -78,6 +92,9 @@ export function createJwtBearerVerifier(
 ): BearerVerifier {
   return {
     name: "jwt",
+    knownRefusal(token) {
+      return jwt.isForged(token) ? FORGED : undefined;
+    },
     async verify(token, state) {
       if (!JWT_SHAPE.test(token)) return null;
       const claims = await jwt.verify(token);

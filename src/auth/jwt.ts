@@ -69,6 +69,8 @@ export interface JwtService {
    * @throws TesseraError TOKEN_EXPIRED or TOKEN_INVALID
    */
   verify(token: string): Promise<AccessTokenClaims>;
+  /** Whether `token`'s signature already failed to verify under a known key (`verify` refuses it with TOKEN_INVALID). */
+  isForged(token: string): boolean;
   /** The public keys (empty for HS256). */
   jwks(): { keys: JWK[] };
   /** Generate a new signing key now; old keys keep verifying until their tokens expire. */
@@ -266,6 +268,9 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       const claims = payload as AccessTokenClaims;
       verified.set(token, claims);
       return claims;
+    },
+    isForged(token) {
+      return forged.has(token);
     },
     jwks() {
       const out: JWK[] = [];
