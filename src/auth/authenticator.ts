@@ -45,6 +45,21 @@ export class Authenticator {
   readonly basic: BasicVerifier[] = [];
   readonly certificate: CertificateVerifier[] = [];
 
+  /**
+   * The refusal `authenticate` would throw for `credential`, when a verifier already knows
+   * it (see `BearerVerifier.knownRefusal`), else undefined: no I/O, no promise. A token a
+   * verifier remembers refusing was declined by the verifiers before it (their answers for
+   * a token do not change), so its refusal stands without asking them again.
+   */
+  knownRefusal(credential: PresentedCredential): TesseraError | undefined {
+    if (credential.type === "basic") return undefined;
+    for (const v of this.bearer) {
+      const known = v.knownRefusal?.(credential.token);
+      if (known) return known;
+    }
+    return undefined;
+  }
+
   /** Authenticate a presented credential, or the connection's certificate when none was sent. */
   async authenticate(credential: PresentedCredential | null, state: RequestState): Promise<Principal | null> {
     if (credential === null) {
@@ -61,12 +76,6 @@ export class Authenticator {
         if (p) return p;
       }
       throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-    }
-    // A token a verifier remembers refusing was declined by the verifiers before it (their
-    // answers for a token do not change), so its refusal stands without asking them again.
-    for (const v of this.bearer) {
-      const known = v.knownRefusal?.(credential.token);
-      if (known) throw known;
     }
     for (const v of this.bearer) {
       const p = await v.verify(credential.token, state);
