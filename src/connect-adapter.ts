@@ -64,14 +64,17 @@ export interface StreamingHandler {
 }
 
 /**
- * What {@link createConnectHandler} returns: a request listener that also serves the HTTP/2
- * streams `accepts` takes, given as a StreamRequest without a response object (what
- * `stream` does; a caller with work of its own per request, like server.ts, calls
- * `accepts` and then the handler itself).
+ * What {@link createConnectHandler} returns: a request listener whose `stream` serves
+ * the HTTP/2 streams the unary handlers answer, as a StreamRequest without a response
+ * object. `prepare`, when given, runs on that request before anything else (server.ts
+ * attaches its request state there).
  */
 export interface ConnectHandler extends StreamingHandler {
-  (req: StreamRequest, res?: undefined): void;
-  accepts(headers: http2.IncomingHttpHeaders): boolean;
+  stream(
+    stream: http2.ServerHttp2Stream,
+    headers: http2.IncomingHttpHeaders,
+    prepare?: (req: StreamRequest) => void,
+  ): boolean;
 }
 
 /**
@@ -251,11 +254,13 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
   const responseHeaders = options.responseHeaders;
 
-  /** Whether an HTTP/2 request with these headers is answered by the unary handlers (and so can be served as a StreamRequest). */
-  function accepts(headers: http2.IncomingHttpHeaders): boolean {
-    if (headers[":method"] !== "POST" || headers.expect !== undefined) return false;
+  /** The route of an HTTP/2 request the unary handlers answer (and so can be served as a StreamRequest), else undefined. */
+  function acceptedRoute(headers: http2.IncomingHttpHeaders): Route | undefined {
+    if (headers[":method"] !== "POST" || headers.expect !== undefined) return undefined;
     const protocol = earlyProtocol("POST", headers["content-type"]);
-    return protocol !== undefined && routeOf(headers[":path"])?.unary?.[protocol.kind] !== undefined;
+    if (protocol === undefined) return undefined;
+    const route = routeOf(headers[":path"]);
+    return route?.unary?.[protocol.kind] === undefined ? undefined : route;
   }
 
   function routeOf(url: string | undefined): Route | undefined {
@@ -265,12 +270,16 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   }
 
   /**
-   * Serve `req`. A StreamRequest comes without a response object (`res` undefined); it is
-   * one `accepts` took, so it takes the unary handlers' path, which writes onto the stream.
+   * Serve `req`. A StreamRequest comes without a response object (`res` undefined) and
+   * with its route, one `acceptedRoute` gave, so it takes the unary handlers' path, which
+   * writes onto the stream.
    */
-  function handleConnect(req: NodeRequest, res: NodeResponse | undefined): void {
+  function handleConnect(
+    req: NodeRequest,
+    res: NodeResponse | undefined,
+    route: Route | undefined = routeOf(req.url),
+  ): void {
     const common = responseHeaders?.(req);
-    const route = routeOf(req.url);
     if (!route) {
       setHeaders(res!, common);
       fallback(req, res!);
@@ -316,11 +325,13 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     }
   }
 
-  const serve = handleConnect as unknown as ConnectHandler;
-  serve.accepts = accepts;
-  serve.stream = (stream, headers) => {
-    if (!accepts(headers)) return false;
-    handleConnect(new StreamRequest(stream, headers), undefined);
+  const serve = handleConnect as ConnectHandler;
+  serve.stream = (stream, headers, prepare) => {
+    const route = acceptedRoute(headers);
+    if (route === undefined) return false;
+    const req = new StreamRequest(stream, headers);
+    prepare?.(req);
+    handleConnect(req, undefined, route);
     return true;
   };
   return serve;
@@ -367,7 +378,8 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       }
       if (res === undefined) {
         const { stream } = req as StreamRequest;
-        if (stream.headersSent || stream.destroyed) stream.destroy();
+        // `respond` throws on a stream already closed (reset by the client): nothing to answer then.
+        if (stream.headersSent || stream.closed || stream.destroyed) stream.destroy();
         else stream.respond({ ...common, ":status": 500 }, { endStream: true });
       } else if (!res.headersSent) {
         setHeaders(res, common);
@@ -633,9 +645,10 @@ function nodeHeadersOf(header: Headers | undefined): http.OutgoingHttpHeaders | 
  */
 function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
   const queue: Uint8Array[] = [];
-  // An HTTP/2 stream whose HEADERS frame ended it (an empty body) may have emitted "end"
-  // already, read by nobody, while admission was pending: "end" comes only once the
-  // buffer is empty, so no data went unseen.
+  // A StreamRequest's stream whose empty last DATA frame arrived while admission was
+  // pending has emitted "end" already, read by nobody (Node reads an HTTP/2 stream that
+  // ended with no data to its end at once). "end" comes only once the buffer is empty,
+  // so no data went unseen.
   let ended = req.readableEnded;
   let failure: unknown;
   let wake: (() => void) | undefined;

@@ -19,7 +19,7 @@ import type { Config } from "./config.js";
 import {
   createConnectHandler,
   type StreamingHandler,
-  StreamRequest,
+  type StreamRequest,
   serveRequests,
   setHeaders,
 } from "./connect-adapter.js";
@@ -371,13 +371,8 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   } as StreamingHandler;
   // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
   // never a preflight (OPTIONS) or a plain endpoint (GET), which are answered above.
-  handle.stream = (stream, headers) => {
-    if (!adapter.accepts(headers)) return false;
-    const req = new StreamRequest(stream, headers);
-    attachState(req, requestIdOf(req));
-    adapter(req);
-    return true;
-  };
+  handle.stream = (stream, headers) =>
+    adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
   return handle;
 }
 

@@ -320,7 +320,6 @@ beforeAll(async () => {
     compatRequests++;
     streams(req, res);
   }) as ConnectHandler;
-  counted.accepts = streams.accepts;
   counted.stream = streams.stream;
   direct = await start(counted, counted);
 });
