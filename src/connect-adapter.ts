@@ -187,13 +187,25 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * past `readMaxBytes` is stopped. `early` tells whether this request can
    * be answered so: a unary call by POST over Connect, gRPC or gRPC-Web. When it is false,
    * an error returned is ignored and the request goes on into Connect, so a refusal must be
-   * left to the pipeline then. A synchronous result costs no promise.
+   * left to the pipeline then. A synchronous result costs no promise. A {@link WireError}
+   * answers as a ConnectError would, from the wire form it gives.
    */
-  admit?: (
-    req: NodeRequest,
-    method: DescMethod,
-    early: boolean,
-  ) => ConnectError | undefined | Promise<ConnectError | undefined>;
+  admit?: (req: NodeRequest, method: DescMethod, early: boolean) => Verdict | Promise<Verdict>;
+}
+
+/** What `admit` decides: go on (undefined), or answer with an error. */
+type Verdict = ConnectError | WireError | undefined;
+
+/**
+ * An error `admit` answers a call with, already in wire form: what Connect would write for
+ * it, made by the caller without a ConnectError (e.g. cheaper, or with parts made once).
+ */
+export interface WireError {
+  readonly code: Code;
+  /** The Connect protocol's answer: its headers (a new object) and its JSON body, final (`errorBody` is not applied to it). */
+  connect(): { header: http.OutgoingHttpHeaders; body: Uint8Array };
+  /** The gRPC status trailers (a new object): the error's metadata, grpc-status, grpc-message, grpc-status-details-bin. */
+  grpcTrailers(): http.OutgoingHttpHeaders;
 }
 
 /**
@@ -301,14 +313,14 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       verdict = admitFailed(handler, err);
     }
     if (verdict === undefined) dispatch(route, protocol, req, res, common);
-    else if (verdict instanceof ConnectError) answer(verdict);
+    else if (!isPromise(verdict)) answer(verdict);
     else
       verdict.then(
         (error) => (error === undefined ? dispatch(route, protocol, req, res, common) : answer(error)),
         (err: unknown) => answer(admitFailed(handler, err)),
       );
 
-    function answer(error: ConnectError) {
+    function answer(error: ConnectError | WireError) {
       if (protocol === undefined) dispatch(route!, protocol, req, res, common);
       else {
         discardBody(req, res, readMaxBytes);
@@ -440,6 +452,10 @@ interface Route {
   unary: Partial<Record<UnaryProtocol, UnaryHandler>> | undefined;
 }
 
+function isPromise(verdict: Verdict | Promise<Verdict>): verdict is Promise<Verdict> {
+  return typeof (verdict as Partial<Promise<Verdict>>).then === "function";
+}
+
 /** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
 function admitFailed(handler: UniversalHandler, err: unknown): ConnectError {
   if (err instanceof ConnectError) return err;
@@ -516,23 +532,28 @@ function discardBody(req: NodeRequest, res: NodeResponse | undefined, limit: num
  */
 function earlyAnswer(
   protocol: EarlyProtocol,
-  error: ConnectError,
+  error: ConnectError | WireError,
   jsonOptions: ConnectHandlerOptions["jsonOptions"],
 ): UnaryAnswer {
+  const wire = error instanceof ConnectError ? undefined : error;
   if (protocol.kind === "connect") {
-    const body = errorToJsonBytes(error, jsonOptions ?? {});
-    const header = nodeHeaders(error.metadata);
+    const status = codeToHttpStatus(error.code);
+    if (wire) return { status, ...wire.connect(), plain: false, final: true };
+    const body = errorToJsonBytes(error as ConnectError, jsonOptions ?? {});
+    const header = nodeHeaders((error as ConnectError).metadata);
     header["content-type"] = connectJson;
     header["content-length"] = body.byteLength;
-    return { status: codeToHttpStatus(error.code), header, body, plain: false };
+    return { status, header, body, plain: false };
   }
-  const trailer = setTrailerStatus(new Headers(), error);
+  const trailer = wire
+    ? wire.grpcTrailers()
+    : nodeHeaders(setTrailerStatus(new Headers(), error as ConnectError));
   if (protocol.kind === "grpc") {
     return {
       status: 200,
       header: { "content-type": protocol.json ? grpcJson : grpcProto },
       body: new Uint8Array(0),
-      trailer: nodeHeaders(trailer),
+      trailer,
       plain: false,
     };
   }
@@ -540,7 +561,7 @@ function earlyAnswer(
   return {
     status: 200,
     header: { "content-type": protocol.json ? grpcWebJson : grpcWebProto },
-    body: encodeEnvelope(trailerFlag, trailerSerialize(trailer)),
+    body: encodeEnvelope(trailerFlag, trailerSerialize(new Headers(trailer as Record<string, string>))),
     plain: false,
   };
 }
@@ -764,7 +785,7 @@ function writeUnaryAnswer(
   try {
     const { header, trailer } = answer;
     let body = answer.body;
-    if (answer.status >= 400 && rewrite) {
+    if (answer.status >= 400 && rewrite && !answer.final) {
       body = rewrite(req, body);
       header["content-length"] = body.byteLength;
     }

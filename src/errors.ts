@@ -72,7 +72,7 @@ export interface TesseraErrorOptions {
  * no stack trace is captured for it (with async frames, capturing one was the costliest
  * part of refusing a credential, dearer than accepting one). Faults keep their stack.
  */
-function isRefusal(code: Code): boolean {
+export function isRefusal(code: Code): boolean {
   return (
     code !== Code.Internal && code !== Code.Unknown && code !== Code.Unavailable && code !== Code.DataLoss
   );
@@ -121,6 +121,23 @@ export function wwwAuthenticate(
 }
 
 /**
+ * Add to an error's `headers` the WWW-Authenticate challenge a 401 or 403 answer carries,
+ * unless it has one already.
+ */
+export function addChallenge(
+  headers: Record<string, string>,
+  code: Code,
+  reason: ErrorReason,
+  message: string,
+  requiredScopes?: readonly string[],
+): Record<string, string> {
+  if ((code === Code.Unauthenticated || code === Code.PermissionDenied) && !headers["www-authenticate"]) {
+    headers["www-authenticate"] = wwwAuthenticate(reason, message, requiredScopes);
+  }
+  return headers;
+}
+
+/**
  * Convert anything thrown by a handler or interceptor into the ConnectError sent on the
  * wire: reason and request id in an ErrorInfo detail, headers for 401/403/429. Unknown
  * errors become Internal with a generic message so internals never leak.
@@ -152,9 +169,7 @@ export function toConnectError(
     reason = "INTERNAL";
     message = "internal error";
   }
-  if ((code === Code.Unauthenticated || code === Code.PermissionDenied) && !headers["www-authenticate"]) {
-    headers["www-authenticate"] = wwwAuthenticate(reason, message, requiredScopes);
-  }
+  addChallenge(headers, code, reason, message, requiredScopes);
   const info = create(ErrorInfoSchema, { reason, domain: "tessera", metadata, requestId });
   const limit = Error.stackTraceLimit;
   if (isRefusal(code)) Error.stackTraceLimit = 0;

@@ -22,9 +22,11 @@ import {
   type StreamRequest,
   serveRequests,
   setHeaders,
+  type WireError,
 } from "./connect-adapter.js";
 import { type RequestState, requestStateKey } from "./context.js";
-import { type ErrorReason, REASONS } from "./errors.js";
+import { augmentJsonErrorBody, refusalOnTheWire } from "./error-wire.js";
+import { isRefusal, TesseraError } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
@@ -107,63 +109,6 @@ function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
   };
 }
 
-const envelopeHeads = new Map<string, Buffer>();
-
-/** `{"ok":false,"error":…,"reason":…,` for a reason, as bytes (made once per reason). */
-function envelopeHead(reason: string): Buffer {
-  let head = envelopeHeads.get(reason);
-  if (head === undefined) {
-    const spec = REASONS[reason as ErrorReason] as (typeof REASONS)[ErrorReason] | undefined;
-    head = Buffer.from(
-      `{"ok":false,"error":${JSON.stringify(spec?.title ?? "Error")},"reason":${JSON.stringify(reason)},`,
-    );
-    // Reasons come from REASONS (a fixed set); anything else is not kept.
-    if (spec !== undefined) envelopeHeads.set(reason, head);
-  }
-  return head;
-}
-
-/**
- * Connect unary errors over JSON carry the protocol's `{code, message, details}`. The seeds'
- * clients also expect the envelope fields `ok: false`, `error` (the HTTP reason phrase) and a
- * stable `reason` (e.g. AUTH_REQUIRED, ACCESS_DENIED) with the `request_id`, so these are added
- * at the top level; Connect clients ignore unknown fields. Only error responses are touched.
- */
-function augmentJsonErrorBody(chunk: Uint8Array, state: RequestState | undefined): Uint8Array {
-  // The usual case, a TesseraError through the error interceptor: its reason and request id
-  // are known, and Connect's body is `{"code":…}`, so the envelope is spliced around it
-  // (the same bytes the general path below produces, without parsing and re-serialising).
-  const known = state?.errorInfo;
-  if (
-    known?.reason &&
-    known.requestId &&
-    chunk[0] === 0x7b &&
-    chunk[1] === 0x22 &&
-    chunk[chunk.byteLength - 1] === 0x7d
-  ) {
-    // Spliced as bytes: decoding the body and encoding it again cost more than the splice.
-    const tail = Buffer.from(`,"request_id":${JSON.stringify(known.requestId)}}`);
-    return Buffer.concat([envelopeHead(known.reason), chunk.subarray(1, -1), tail]);
-  }
-  try {
-    const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
-    const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]
-      ?.debug;
-    const spec = info?.reason ? REASONS[info.reason as ErrorReason] : undefined;
-    const out = {
-      ok: false,
-      error: spec?.title ?? "Error",
-      reason: info?.reason ?? "INTERNAL",
-      ...body,
-      request_id: info?.requestId,
-    };
-    return Buffer.from(JSON.stringify(out));
-  } catch {
-    // Not JSON after all: send it as it is.
-    return chunk;
-  }
-}
-
 /** A listening Tessera server. */
 export interface TesseraServer {
   server: http2.Http2SecureServer | http2.Http2Server;
@@ -228,7 +173,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
-        ? augmentJsonErrorBody(body, stateOf(req))
+        ? augmentJsonErrorBody(body, stateOf(req).errorInfo)
         : body,
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
@@ -252,10 +197,13 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
    * authentication or authorization of a call the audit log does not record (those the
    * pipeline throws after its audit interceptor, see context.ts).
    */
-  function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | undefined {
+  function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | WireError | undefined {
     const admitted = state.admission!;
     const refusal = admitted.limited ?? (isAudited(method) ? undefined : admitted.refused);
     if (refusal === undefined) return undefined;
+    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (error-wire.ts).
+    if (refusal instanceof TesseraError && isRefusal(refusal.code))
+      return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
     return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
   }
 

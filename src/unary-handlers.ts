@@ -104,6 +104,8 @@ export interface UnaryAnswer {
    * case): nothing the interceptors or the implementation set needs checking.
    */
   plain: boolean;
+  /** True when an error's body is already what is sent: the `errorBody` option does not rewrite it. */
+  final?: boolean;
 }
 
 export type UnaryHandler = (req: UnaryRequest) => Promise<UnaryAnswer>;
