@@ -5,18 +5,6 @@ import { join } from "node:path";
 /** How the bench runs the servers: compiled JavaScript (as deployed) or TypeScript through tsx. */
 export type Runtime = "compiled" | "tsx";
 
-/**
- * Node options every measured server runs with (raw, bare and Tessera alike), as the README
- * recommends for running Tessera (`npm start` has them too).
- *
- * Why: a unary call allocates a few dozen short-lived objects (HTTP/2 stream, headers,
- * promises, messages). With V8's default young generation (16 MiB semi-spaces) they are
- * scavenged so often that garbage collection took about a tenth of an authenticated call in
- * profiles; 64 MiB semi-spaces cut the server's CPU per authenticated call by about 15 % on
- * the bench machine (5 interleaved runs each, 235 → 199 µs), for up to ~150 MiB more RSS.
- */
-export const SERVER_NODE_OPTIONS: readonly string[] = ["--max-semi-space-size=64"];
-
 /** A command line for a TypeScript entry point of the repository (e.g. `src/main.ts`). */
 export interface Launcher {
   runtime: Runtime;

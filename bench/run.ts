@@ -28,7 +28,7 @@ import { SignJWT } from "jose";
 import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
-import { compileForBench, type Launcher, SERVER_NODE_OPTIONS, tsxLauncher } from "./build.js";
+import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
 import { type ClientTls, grpcCall, JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
 import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
@@ -233,12 +233,7 @@ async function startReference(
   const server = await startServerProcess({
     name: `${kind}-server`,
     command: launcher.command,
-    args: [
-      ...SERVER_NODE_OPTIONS,
-      ...launcher.args(script),
-      certDir,
-      ...(kind === "bare-adapter" ? ["tessera-adapter"] : []),
-    ],
+    args: [...launcher.args(script), certDir, ...(kind === "bare-adapter" ? ["tessera-adapter"] : [])],
     cwd: launcher.cwd,
     cpus: pinning?.server,
     env: { ...process.env, BENCH_PORT: "0" },
@@ -277,7 +272,7 @@ async function startTessera(
   const server = await startServerProcess({
     name: `tessera-${name}`,
     command: launcher.command,
-    args: [...SERVER_NODE_OPTIONS, ...launcher.args("src/main.ts"), "serve"],
+    args: [...launcher.args("src/main.ts"), "serve"],
     cwd: launcher.cwd,
     cpus: pinning?.server,
     env,
@@ -1145,8 +1140,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     : "no CPU pinning";
   const server =
     "Tessera through its CLI (`serve`), SQLite in a temporary folder, TLS with a development CA, mTLS optional, " +
-    "rate limits off (TESSERA_RATE_LIMIT=false) unless a scenario says otherwise, access tokens valid 2 h; " +
-    `every server started with \`node ${SERVER_NODE_OPTIONS.join(" ")}\``;
+    "rate limits off (TESSERA_RATE_LIMIT=false) unless a scenario says otherwise, access tokens valid 2 h";
   const runInfo = {
     date: new Date().toISOString(),
     mode: smoke ? "smoke" : "full",
