@@ -12,7 +12,12 @@ import { afterEach, describe, expect, it } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { type ConnectHandlerOptions, createConnectHandler, serveRequests } from "../src/connect-adapter.js";
+import {
+  type ConnectHandlerOptions,
+  createConnectHandler,
+  serveRequests,
+  type WireError,
+} from "../src/connect-adapter.js";
 
 /** An error with everything a protocol must carry: code, message, metadata and a detail. */
 function refusal(): ConnectError {
@@ -211,6 +216,42 @@ describe("the Connect adapter", () => {
       expect(fromAdmit).toEqual(fromHandler);
       expect(fromAdmit.code).toBe(Code.PermissionDenied);
       expect(fromAdmit.details).toHaveLength(1);
+    });
+  }
+
+  for (const [name, kind, transport] of protocols) {
+    it(`answers a WireError from admit with the wire form it gives, errorBody untouched, over ${name}`, async () => {
+      const wire: WireError = {
+        code: Code.PermissionDenied,
+        connect() {
+          const body = Buffer.from('{"code":"permission_denied","message":"from the wire form"}');
+          return {
+            header: {
+              "x-wire": "yes",
+              "content-type": "application/json",
+              "content-length": body.byteLength,
+            },
+            body,
+          };
+        },
+        grpcTrailers: () => ({
+          "x-wire": "yes",
+          "grpc-status": String(Code.PermissionDenied),
+          "grpc-message": "from%20the%20wire%20form",
+        }),
+      };
+      // A rewrite that would show: the wire form's Connect body is final.
+      const rewrite = () => Buffer.from('{"code":"internal","message":"rewritten"}');
+      const { url } = await served(kind, rewrite, () => wire);
+      const err = await createClient(Health, transport(url))
+        .check({ service: "" })
+        .then(
+          () => null,
+          (e: unknown) => ConnectError.from(e),
+        );
+      expect(err?.code).toBe(Code.PermissionDenied);
+      expect(err?.rawMessage).toBe("from the wire form");
+      expect(err?.metadata.get("x-wire")).toBe("yes");
     });
   }
 
