@@ -211,19 +211,8 @@ class Refusal implements WireError {
   grpcTrailers(): OutgoingHttpHeaders {
     const { shape } = this;
     // Status { code, message, details: [Any { type_url, value: ErrorInfo }] }
-    const info = this.info();
-    const anyLength =
-      ANY_TYPE_URL_FIELD.length + ANY_VALUE_TAG.length + varintSize(info.length) + info.length;
-    const status = Buffer.allocUnsafe(
-      shape.status.length + STATUS_DETAILS_TAG.length + varintSize(anyLength) + anyLength,
-    );
-    let at = put(status, shape.status, 0);
-    at = put(status, STATUS_DETAILS_TAG, at);
-    at = putVarint(status, anyLength, at);
-    at = put(status, ANY_TYPE_URL_FIELD, at);
-    at = put(status, ANY_VALUE_TAG, at);
-    at = putVarint(status, info.length, at);
-    put(status, info, at);
+    const any = appendField(ANY_TYPE_URL_FIELD, ANY_VALUE_TAG, this.info());
+    const status = appendField(shape.status, STATUS_DETAILS_TAG, any);
     const trailer = this.headers();
     trailer["grpc-status"] = String(shape.code);
     trailer["grpc-message"] = shape.grpcMessage;
@@ -233,16 +222,7 @@ class Refusal implements WireError {
 
   /** The ErrorInfo: the shape's, then request_id. */
   private info(): Buffer {
-    const { shape, requestId } = this;
-    const length = Buffer.byteLength(requestId);
-    const info = Buffer.allocUnsafe(
-      shape.info.length + INFO_REQUEST_ID_TAG.length + varintSize(length) + length,
-    );
-    let at = put(info, shape.info, 0);
-    at = put(info, INFO_REQUEST_ID_TAG, at);
-    at = putVarint(info, length, at);
-    info.write(requestId, at, "utf8");
-    return info;
+    return appendField(this.shape.info, INFO_REQUEST_ID_TAG, Buffer.from(this.requestId));
   }
 
   /**
@@ -259,30 +239,22 @@ class Refusal implements WireError {
   }
 }
 
-/** Copy `bytes` into `into` at `at`; returns the position after them. */
-function put(into: Buffer, bytes: Buffer, at: number): number {
-  bytes.copy(into, at);
-  return at + bytes.length;
-}
-
-/** The size of `n` (non-negative, < 2^31) as a protobuf varint. */
-function varintSize(n: number): number {
-  let size = 1;
+/**
+ * `message` (serialised) followed by one more length-delimited field: its `tag` (encoded),
+ * the varint length of `value`, and `value`.
+ */
+function appendField(message: Buffer, tag: Buffer, value: Buffer): Buffer {
+  let n = value.length;
+  const out = Buffer.allocUnsafe(message.length + tag.length + 5 + n);
+  let at = message.copy(out, 0);
+  at += tag.copy(out, at);
   while (n >= 0x80) {
-    n >>>= 7;
-    size++;
-  }
-  return size;
-}
-
-/** Write `n` (non-negative, < 2^31) as a protobuf varint; returns the position after it. */
-function putVarint(into: Buffer, n: number, at: number): number {
-  while (n >= 0x80) {
-    into[at++] = (n & 0x7f) | 0x80;
+    out[at++] = (n & 0x7f) | 0x80;
     n >>>= 7;
   }
-  into[at++] = n;
-  return at;
+  out[at++] = n;
+  at += value.copy(out, at);
+  return out.subarray(0, at);
 }
 
 /** Standard base64 without padding, as Connect writes binary values ("std_raw"). */
