@@ -103,6 +103,33 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     }
   });
 
+  it("accepts a token verified before from the JWT service's memory, without calling verify again", async () => {
+    const login = await clientFor(UserService, memoryTransport(app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const token = login.accessToken;
+    const call = () => clientFor(UserService, memoryTransport(app), token).getCurrentUser({});
+    // A token not yet verified is not in memory: the first request verifies it.
+    expect(app.jwt.verifiedClaims(token)).toBeUndefined();
+    const verify = vi.spyOn(app.jwt, "verify");
+    try {
+      expect((await call()).username).toBe("admin");
+      expect(verify).toHaveBeenCalledTimes(1);
+      expect(app.jwt.verifiedClaims(token)?.sub).toBe(login.user?.id);
+      expect((await call()).username).toBe("admin");
+      expect(verify).toHaveBeenCalledTimes(1);
+      // A token that only looks like it (one more character) is verified, and refused.
+      const bad = await rejection(
+        clientFor(UserService, memoryTransport(app), `${token}x`).getCurrentUser({}),
+      );
+      expect(bad.reason).toBe("TOKEN_INVALID");
+      expect(verify).toHaveBeenCalledTimes(2);
+    } finally {
+      verify.mockRestore();
+    }
+  });
+
   it("answers GetCurrentUser for a personal access token from the row its verification read, the same as for a JWT", async () => {
     const viaJwt = await clientFor(UserService, memoryTransport(app), adminToken).getCurrentUser({});
     const { token } = await clientFor(

@@ -105,8 +105,13 @@ export function createJwtBearerVerifier(
       return jwt.isForged(token) ? FORGED : undefined;
     },
     async verify(token, state) {
-      if (!JWT_SHAPE.test(token)) return null;
-      const claims = await jwt.verify(token);
+      // A token verified before is of the shape: the cache is asked first, with no regex
+      // over the token and no await.
+      let claims = jwt.verifiedClaims(token);
+      if (claims === undefined) {
+        if (!JWT_SHAPE.test(token)) return null;
+        claims = await jwt.verify(token);
+      }
       const bound = claims.cnf?.["x5t#S256"];
       if (bound !== undefined && state.certificate?.thumbprint !== bound) {
         throw new TesseraError(
