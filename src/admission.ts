@@ -1,8 +1,8 @@
 import { Code } from "@connectrpc/connect";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import type { Authenticator } from "./auth/authenticator.js";
-import { type HeaderSource, parseCredentials } from "./auth/credentials.js";
-import { admits } from "./auth/principal.js";
+import { type HeaderSource, type PresentedCredential, parseCredentials } from "./auth/credentials.js";
+import { admits, type Principal } from "./auth/principal.js";
 import { hasAllScopes } from "./auth/scopes.js";
 import type { Admission, RequestState } from "./context.js";
 import { TesseraError, wwwAuthenticate } from "./errors.js";
@@ -61,6 +61,7 @@ export async function authenticationRefusal(
   deps: AdmissionDeps,
   headers: HeaderSource,
   state: RequestState,
+  parsed?: PresentedCredential | null,
 ): Promise<unknown> {
   const { authenticator, limits } = deps;
   if (limits) {
@@ -69,7 +70,7 @@ export async function authenticationRefusal(
   }
   let refusal: unknown;
   try {
-    const credential = parseCredentials(headers);
+    const credential = parsed === undefined ? parseCredentials(headers) : parsed;
     refusal = credential === null ? undefined : authenticator.knownRefusal(credential);
     if (refusal === undefined) {
       const principal = await authenticator.authenticate(credential, state);
@@ -107,18 +108,8 @@ export async function authorizeCaller(
 ): Promise<void> {
   const principal = state.principal;
   if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
-  if (!rule.principals.some((kind) => admits(kind, principal))) {
-    throw new TesseraError(
-      "PRINCIPAL_NOT_ALLOWED",
-      `this method is not available to ${principal.kind} principals`,
-    );
-  }
-  if (!hasAllScopes(principal.scopes, rule.scopes)) {
-    throw new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
-      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
-      metadata: { required_scopes: rule.scopes.join(" ") },
-    });
-  }
+  const refusal = authorizationRefusal(rule, principal);
+  if (refusal !== undefined) throw refusal;
   if (limits) {
     const result = await limits.perPrincipal.consume(`${principal.kind}:${principal.id}`);
     if (!result.allowed) throw rateLimitedError(result);
@@ -129,14 +120,31 @@ export async function authorizeCaller(
   }
 }
 
+/** Why `rule` does not admit `principal` (its kind, or a missing scope), or undefined when it does. */
+function authorizationRefusal(rule: AuthRule, principal: Principal): TesseraError | undefined {
+  if (!rule.principals.some((kind) => admits(kind, principal))) {
+    return new TesseraError(
+      "PRINCIPAL_NOT_ALLOWED",
+      `this method is not available to ${principal.kind} principals`,
+    );
+  }
+  if (!hasAllScopes(principal.scopes, rule.scopes)) {
+    return new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
+      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
+      metadata: { required_scopes: rule.scopes.join(" ") },
+    });
+  }
+  return undefined;
+}
+
 /**
  * Run every admission check a request to a method with `rule` needs, in order, recording
  * the outcome in `state.admission`: `limited` for a refusal by the per-IP limit, `refused`
  * for one by authentication or authorization (the audit log records those for the calls it audits, so they
  * are thrown inside the pipeline, after the audit interceptor).
- * @returns undefined when there is nothing to check (a public method, no rate limits), so
- *   that the caller needs no promise then; otherwise a promise that settles (never rejects)
- *   when the checks are done.
+ * @returns undefined when the checks are done already (nothing to check, or decided
+ *   synchronously: see {@link admitNow}), so that the caller needs no promise then;
+ *   otherwise a promise that settles (never rejects) when they are done.
  */
 export function admit(
   deps: AdmissionDeps,
@@ -147,7 +155,51 @@ export function admit(
   const admission: Admission = {};
   state.admission = admission;
   if (rule.public && !deps.limits) return undefined;
+  if (deps.limits === undefined) {
+    const credential = admitNow(deps, rule, headers, state, admission);
+    if (credential === DONE) return undefined;
+    return admitAll(deps, rule, headers, state, admission, credential);
+  }
   return admitAll(deps, rule, headers, state, admission);
+}
+
+/** What {@link admitNow} returns once it has decided. */
+const DONE = Symbol("admitted now");
+
+/**
+ * Authentication and authorization decided synchronously, when no rate limit is counted
+ * and the authenticator can tell without I/O (`Authenticator.authenticateNow`: a token
+ * verified before, its subject's row read synchronously). Records the outcome in
+ * `admission` as {@link admitAll} would, and returns DONE; otherwise returns the
+ * credential it parsed (null: none), for `admitAll` to go on with.
+ */
+function admitNow(
+  deps: AdmissionDeps,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+  admission: Admission,
+): PresentedCredential | null | typeof DONE {
+  let credential: PresentedCredential | null;
+  let principal: Principal | undefined;
+  try {
+    credential = parseCredentials(headers);
+    if (credential === null) return null;
+    const known = deps.authenticator.knownRefusal(credential);
+    if (known !== undefined) {
+      admission.refused = known;
+      return DONE;
+    }
+    principal = deps.authenticator.authenticateNow(credential, state);
+  } catch (err) {
+    admission.refused = err;
+    return DONE;
+  }
+  if (principal === undefined) return credential;
+  state.principal = principal;
+  const refusal = authorizationRefusal(rule, principal);
+  if (refusal !== undefined) admission.refused = refusal;
+  return DONE;
 }
 
 async function admitAll(
@@ -156,6 +208,7 @@ async function admitAll(
   headers: HeaderSource,
   state: RequestState,
   admission: Admission,
+  credential?: PresentedCredential | null,
 ): Promise<void> {
   if (deps.limits) {
     try {
@@ -167,7 +220,7 @@ async function admitAll(
   }
   if (rule.public) return;
   try {
-    const refusal = await authenticationRefusal(deps, headers, state);
+    const refusal = await authenticationRefusal(deps, headers, state, credential);
     if (refusal !== undefined) {
       admission.refused = refusal;
       return;

@@ -189,7 +189,9 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       }
       const state = stateOf(req);
       const pending = admit(admission, rule, nodeHeaderSource(req.headers), state);
-      return pending?.then(() => (early ? earlyRefusal(state, method) : undefined));
+      const verdict = () => (early ? earlyRefusal(state, method) : undefined);
+      // Decided synchronously (or nothing to decide): no promise.
+      return pending === undefined ? verdict() : pending.then(verdict);
     },
   });
   /**

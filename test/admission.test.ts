@@ -7,12 +7,21 @@ import {
 } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { admit } from "../src/admission.js";
+import type { App } from "../src/app.js";
+import type { RequestState } from "../src/context.js";
+import { TesseraError } from "../src/errors.js";
+import { authRuleFor } from "../src/interceptors/auth-rule.js";
 import { Code, rejection } from "./errors-util.js";
 import {
   ADMIN_PASSWORD,
+  clientFor,
+  createTestApp,
+  DATABASES,
   memoryTransport,
   SQLITE,
   startTestServer,
@@ -311,6 +320,102 @@ describe("admission: the per-IP limit", () => {
     } finally {
       session.close();
       await ts.close();
+    }
+  });
+});
+
+/** A request state as the HTTP layer makes one (server.ts), for calling `admit` directly. */
+function freshState(): RequestState {
+  return { requestId: "test-request", ip: "127.0.0.1", certificate: null, principal: null };
+}
+
+describe.each(DATABASES)("admission decided synchronously when nothing needs I/O ($name)", (db) => {
+  let app: App;
+  let adminToken: string;
+  let plain: { id: string; token: string };
+  const getCurrentUser = authRuleFor(UserService.method.getCurrentUser);
+  const createTenant = authRuleFor(TenantService.method.createTenant);
+  const admitWith = (rule: AuthRule, authorization: string, state = freshState()) => ({
+    pending: admit(app, rule, { get: (name) => (name === "authorization" ? authorization : null) }, state),
+    state,
+  });
+
+  beforeAll(async () => {
+    app = await createTestApp(db);
+    adminToken = (
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const created = await clientFor(UserService, memoryTransport(app), adminToken).createUser({
+      username: "plain",
+      password: "plain user password",
+      scopes: [],
+    });
+    const token = (
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "plain",
+        password: "plain user password",
+      })
+    ).accessToken;
+    plain = { id: created.user!.id, token };
+  });
+  afterAll(async () => {
+    await app.close();
+  });
+
+  it("admits a token verified before at once on SQLite, and asynchronously on PostgreSQL, with the same outcome", async () => {
+    const token = (
+      await clientFor(UserService, memoryTransport(app)).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+    // First use of the token: its signature is verified, asynchronously.
+    const first = admitWith(getCurrentUser, `Bearer ${token}`);
+    expect(first.pending).toBeInstanceOf(Promise);
+    await first.pending;
+    expect(first.state.admission).toEqual({});
+    const again = admitWith(getCurrentUser, `Bearer ${token}`);
+    if (db.name === "sqlite") expect(again.pending).toBeUndefined();
+    else expect(again.pending).toBeInstanceOf(Promise);
+    await again.pending;
+    expect(again.state.admission).toEqual({});
+    expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
+    expect(again.state.user?.username).toBe("admin");
+  });
+
+  it("refuses as the asynchronous path does: missing scopes, a disabled user, an expired token", async () => {
+    await admitWith(getCurrentUser, `Bearer ${plain.token}`).pending;
+    const denied = admitWith(createTenant, `Bearer ${plain.token}`);
+    if (db.name === "sqlite") expect(denied.pending).toBeUndefined();
+    await denied.pending;
+    const refusal = denied.state.admission?.refused as TesseraError;
+    expect(refusal).toBeInstanceOf(TesseraError);
+    expect(refusal.reason).toBe("ACCESS_DENIED");
+    expect(refusal.metadata).toEqual({ required_scopes: "admin:tenants" });
+    expect(refusal.headers?.["www-authenticate"]).toContain('scope="admin:tenants"');
+
+    const admin = clientFor(UserService, memoryTransport(app), adminToken);
+    await admin.updateUser({ id: plain.id, disabled: true });
+    try {
+      const disabled = admitWith(getCurrentUser, `Bearer ${plain.token}`);
+      if (db.name === "sqlite") expect(disabled.pending).toBeUndefined();
+      await disabled.pending;
+      expect((disabled.state.admission?.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
+      expect(disabled.state.principal).toBeNull();
+    } finally {
+      await admin.updateUser({ id: plain.id, disabled: false });
+    }
+
+    // A token past its expiry while its claims are still in memory.
+    const now = Date.now;
+    Date.now = () => now() + 3 * 3600_000;
+    try {
+      const expired = admitWith(getCurrentUser, `Bearer ${adminToken}`);
+      if (db.name === "sqlite") expect(expired.pending).toBeUndefined();
+      await expired.pending;
+      expect((expired.state.admission?.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
+    } finally {
+      Date.now = now;
     }
   });
 });

@@ -1,4 +1,5 @@
 import { createHash, timingSafeEqual } from "node:crypto";
+import type { RequestState } from "../context.js";
 import type { BearerVerifier } from "./authenticator.js";
 import type { Principal } from "./principal.js";
 
@@ -30,17 +31,21 @@ export function createAdminTokenVerifier(token: string): BearerVerifier {
   const expected = sha256(token);
   return {
     name: "admin-token",
+    verifyNow: principalOf,
     async verify(presented, state) {
-      if (!timingSafeEqual(sha256(presented), expected)) return null;
-      const principal: Principal = {
-        kind: "admin",
-        method: "admin_token",
-        id: ADMIN_TOKEN_PRINCIPAL_ID,
-        tenantId: null,
-        scopes: ["*"],
-        certificate: state.certificate,
-      };
-      return principal;
+      return principalOf(presented, state);
     },
   };
+
+  function principalOf(presented: string, state: RequestState): Principal | null {
+    if (!timingSafeEqual(sha256(presented), expected)) return null;
+    return {
+      kind: "admin",
+      method: "admin_token",
+      id: ADMIN_TOKEN_PRINCIPAL_ID,
+      tenantId: null,
+      scopes: ["*"],
+      certificate: state.certificate,
+    };
+  }
 }

@@ -1,7 +1,9 @@
+import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
 import { toBool, toMillis } from "../storage/sql.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
+import type { AccessTokenClaims } from "./jwt.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
 import type { Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
@@ -71,6 +73,15 @@ export class UserStateReader {
     return toState(await this.sql.cachedGet<UserRow>(BY_ID, [id]));
   }
 
+  /**
+   * {@link byId} answered synchronously where the store allows it (SQLite, see
+   * `SqlRunner.sync`); undefined where it does not.
+   */
+  byIdNow(id: string): UserAuthState | null | undefined {
+    const sync = this.sql.sync;
+    return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_ID, [id]));
+  }
+
   async byUsername(username: string): Promise<UserAuthState | null> {
     return toState(await this.sql.cachedGet<UserRow>(BY_USERNAME, [username]));
   }
@@ -88,8 +99,19 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * token's scopes are cut down to what the user still holds.
  */
 export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
-  return async (claims, state) => {
-    const user = await users.byId(claims.sub);
+  const loader: ClaimsLoader = async (claims, state) =>
+    principalOf(claims, state, await users.byId(claims.sub));
+  loader.now = (claims, state) => {
+    const user = users.byIdNow(claims.sub);
+    return user === undefined ? undefined : principalOf(claims, state, user);
+  };
+  return loader;
+
+  function principalOf(
+    claims: AccessTokenClaims,
+    state: RequestState,
+    user: UserAuthState | null,
+  ): Principal {
     assertUserActive(user);
     if (user.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
@@ -105,7 +127,7 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
     };
     if (claims.jti) principal.credentialId = claims.jti;
     return principal;
-  };
+  }
 }
 
 /** Options for {@link createUserBasicVerifier}. */

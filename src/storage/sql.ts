@@ -27,6 +27,14 @@ export interface SqlRunner {
   cachedAll<T>(sql: string, params: readonly unknown[]): Promise<T[]>;
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
+  /**
+   * The same reads, synchronous, where the driver is (SQLite: better-sqlite3 answers in
+   * the calling turn, so the async methods above only wrap these in a promise). Absent
+   * on PostgreSQL.
+   */
+  readonly sync?: {
+    cachedGet<T>(sql: string, params: readonly unknown[]): T | undefined;
+  };
 }
 
 /** What the state cache did since start. */
@@ -104,6 +112,8 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
     const all = <T>(sql: string, params: readonly unknown[]) =>
       prepare(sql).all(...params.map(sqliteParam)) as T[];
     const cache = cacheSize > 0 ? new StateCache(db, cacheSize) : null;
+    const cachedGet = <T>(sql: string, params: readonly unknown[]) =>
+      cache ? cache.read(sql, params, () => get<T>(sql, params)) : get<T>(sql, params);
     return {
       async get<T>(sql: string, params: readonly unknown[] = []) {
         return get<T>(sql, params);
@@ -115,12 +125,13 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         return prepare(sql).run(...params.map(sqliteParam)).changes;
       },
       async cachedGet<T>(sql: string, params: readonly unknown[]) {
-        return cache ? cache.read(sql, params, () => get<T>(sql, params)) : get<T>(sql, params);
+        return cachedGet<T>(sql, params);
       },
       async cachedAll<T>(sql: string, params: readonly unknown[]) {
         return cache ? cache.read(sql, params, () => all<T>(sql, params)) : all<T>(sql, params);
       },
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
+      sync: { cachedGet },
     };
   }
   const em: EntityManager = storage.em;
