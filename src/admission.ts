@@ -61,7 +61,7 @@ export async function authenticationRefusal(
   deps: AdmissionDeps,
   headers: HeaderSource,
   state: RequestState,
-  parsed?: PresentedCredential | null,
+  parsed?: Parsed,
 ): Promise<unknown> {
   const { authenticator, limits } = deps;
   if (limits) {
@@ -70,10 +70,11 @@ export async function authenticationRefusal(
   }
   let refusal: unknown;
   try {
-    const credential = parsed === undefined ? parseCredentials(headers) : parsed;
-    refusal = credential === null ? undefined : authenticator.knownRefusal(credential);
+    const credential = parsed === undefined ? parseCredentials(headers) : parsed.credential;
+    refusal =
+      credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
     if (refusal === undefined) {
-      const principal = await authenticator.authenticate(credential, state);
+      const principal = await authenticator.authenticate(credential, state, parsed?.from);
       if (principal) {
         state.principal = principal;
         return undefined;
@@ -156,9 +157,9 @@ export function admit(
   state.admission = admission;
   if (rule.public && !deps.limits) return undefined;
   if (deps.limits === undefined) {
-    const credential = admitNow(deps, rule, headers, state, admission);
-    if (credential === DONE) return undefined;
-    return admitAll(deps, rule, headers, state, admission, credential);
+    const parsed = admitNow(deps, rule, headers, state, admission);
+    if (parsed === DONE) return undefined;
+    return admitAll(deps, rule, headers, state, admission, parsed);
   }
   return admitAll(deps, rule, headers, state, admission);
 }
@@ -166,12 +167,19 @@ export function admit(
 /** What {@link admitNow} returns once it has decided. */
 const DONE = Symbol("admitted now");
 
+/** What {@link admitNow} learnt before it had to stop: the credential (null: none), and the first bearer verifier still to ask. */
+interface Parsed {
+  credential: PresentedCredential | null;
+  from: number;
+}
+
 /**
  * Authentication and authorization decided synchronously, when no rate limit is counted
  * and the authenticator can tell without I/O (`Authenticator.authenticateNow`: a token
  * verified before, its subject's row read synchronously). Records the outcome in
- * `admission` as {@link admitAll} would, and returns DONE; otherwise returns the
- * credential it parsed (null: none), for `admitAll` to go on with.
+ * `admission` as {@link admitAll} would, and returns DONE; otherwise returns what it
+ * learnt, for `admitAll` to go on from (the credential is not parsed, nor its known
+ * refusal looked up, twice).
  */
 function admitNow(
   deps: AdmissionDeps,
@@ -179,12 +187,12 @@ function admitNow(
   headers: HeaderSource,
   state: RequestState,
   admission: Admission,
-): PresentedCredential | null | typeof DONE {
+): Parsed | typeof DONE {
   let credential: PresentedCredential | null;
-  let principal: Principal | undefined;
+  let principal: Principal | number;
   try {
     credential = parseCredentials(headers);
-    if (credential === null) return null;
+    if (credential === null) return { credential, from: 0 };
     const known = deps.authenticator.knownRefusal(credential);
     if (known !== undefined) {
       admission.refused = known;
@@ -195,7 +203,7 @@ function admitNow(
     admission.refused = err;
     return DONE;
   }
-  if (principal === undefined) return credential;
+  if (typeof principal === "number") return { credential, from: principal };
   state.principal = principal;
   const refusal = authorizationRefusal(rule, principal);
   if (refusal !== undefined) admission.refused = refusal;
@@ -208,7 +216,7 @@ async function admitAll(
   headers: HeaderSource,
   state: RequestState,
   admission: Admission,
-  credential?: PresentedCredential | null,
+  parsed?: Parsed,
 ): Promise<void> {
   if (deps.limits) {
     try {
@@ -220,7 +228,7 @@ async function admitAll(
   }
   if (rule.public) return;
   try {
-    const refusal = await authenticationRefusal(deps, headers, state, credential);
+    const refusal = await authenticationRefusal(deps, headers, state, parsed);
     if (refusal !== undefined) {
       admission.refused = refusal;
       return;

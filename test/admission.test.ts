@@ -5,7 +5,7 @@ import {
   createGrpcTransport,
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
@@ -367,7 +367,10 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
 
   it("admits a token verified before at once on SQLite, and asynchronously on PostgreSQL, with the same outcome", async () => {
     const token = (
-      await clientFor(UserService, memoryTransport(app)).login({ username: "admin", password: ADMIN_PASSWORD })
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
     ).accessToken;
     // First use of the token: its signature is verified, asynchronously.
     const first = admitWith(getCurrentUser, `Bearer ${token}`);
@@ -381,6 +384,42 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     expect(again.state.admission).toEqual({});
     expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
     expect(again.state.user?.username).toBe("admin");
+  });
+
+  it("asks the static admin token's verifier once for a token the synchronous path hands on", async () => {
+    const withAdminToken = await createTestApp(db, {
+      admin: { token: "a-static-admin-token-of-32-characters" },
+    });
+    try {
+      const jwt = (
+        await clientFor(UserService, memoryTransport(withAdminToken)).login({
+          username: "admin",
+          password: ADMIN_PASSWORD,
+        })
+      ).accessToken;
+      const pat = (
+        await clientFor(TokenService, memoryTransport(withAdminToken), jwt).createPersonalAccessToken({
+          name: "once",
+        })
+      ).token;
+      const adminVerifier = withAdminToken.authenticator.bearer[0]!;
+      expect(adminVerifier.name).toBe("admin-token");
+      const now = vi.spyOn(adminVerifier, "verifyNow");
+      const later = vi.spyOn(adminVerifier, "verify");
+      const state = freshState();
+      await admit(
+        withAdminToken,
+        getCurrentUser,
+        { get: (name) => (name === "authorization" ? `Bearer ${pat}` : null) },
+        state,
+      );
+      expect(state.admission).toEqual({});
+      expect(state.principal).toMatchObject({ kind: "user", username: "admin", method: "pat" });
+      expect(now).toHaveBeenCalledTimes(1);
+      expect(later).not.toHaveBeenCalled();
+    } finally {
+      await withAdminToken.close();
+    }
   });
 
   it("refuses as the asynchronous path does: missing scopes, a disabled user, an expired token", async () => {
