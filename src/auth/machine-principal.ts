@@ -270,6 +270,12 @@ export function createMachineBasicVerifier(
         await verifySecret(password, await dummyPasswordHash(options.iterations));
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
+      if (cred.machine.disabled || cred.machine.tenantDisabled) {
+        // A disabled machine user's correct password reads exactly like a wrong one, with
+        // the same full PBKDF2 each time (no verified-secret cache: no timing difference).
+        await verifySecret(password, cred.secretHash);
+        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+      }
       if (!(await secrets.verify(`machine:${cred.credentialId}`, password, cred.secretHash))) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }

@@ -160,10 +160,16 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
         await verifySecret(password, await dummyPasswordHash(options.iterations));
         return null;
       }
+      if (user.disabled || user.tenantDisabled) {
+        // A disabled account's correct password reads exactly like a wrong one (as Login
+        // answers): same reason, same message, and the same full PBKDF2 each time (the
+        // verified-secret cache is bypassed, so a repeated guess is not faster when right).
+        await verifySecret(password, user.passwordHash);
+        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+      }
       if (!(await options.secrets.verify(`user:${user.id}`, password, user.passwordHash))) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
-      assertUserActive(user);
       state.user = user;
       return {
         kind: "user",

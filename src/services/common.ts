@@ -1,8 +1,8 @@
 import type { HandlerContext } from "@connectrpc/connect";
+import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import type { Principal } from "../auth/principal.js";
 import { isSuperuser } from "../auth/principal.js";
-import { hasAllScopes, isValidScope } from "../auth/scopes.js";
 import { requestState } from "../context.js";
 import { errors, TesseraError } from "../errors.js";
 
@@ -27,13 +27,13 @@ export function canSeeTenant(principal: Principal, tenantId: string): boolean {
   return scope === null || scope === tenantId;
 }
 
-/** Validate requested scopes and that the caller holds them (no privilege escalation). */
+/**
+ * Validate requested scopes and that the caller holds them (no privilege escalation):
+ * {@link assertMayManage} for a principal that holds nothing yet (a new one, or a token
+ * the caller mints for itself).
+ */
 export function assertGrantableScopes(principal: Principal, scopes: readonly string[]): void {
-  for (const s of scopes)
-    if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "scopes");
-  if (!hasAllScopes(principal.scopes, scopes)) {
-    throw new TesseraError("ACCESS_DENIED", "cannot grant scopes the caller does not hold");
-  }
+  assertMayManage(principal, NEW_PRINCIPAL, scopes);
 }
 
 const USERNAME_RE = /^[A-Za-z0-9][A-Za-z0-9._@-]{2,63}$/;

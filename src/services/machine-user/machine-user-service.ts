@@ -12,6 +12,7 @@ import {
   type MachineUserSchema,
   type MachineUserService,
 } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { requestEm, requestState } from "../../context.js";
@@ -26,15 +27,7 @@ import {
   MachineUserCertificate,
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
-import {
-  assertGrantableScopes,
-  assertId,
-  canSeeTenant,
-  nextPageToken,
-  pageParams,
-  principalOf,
-  tenantScope,
-} from "../common.js";
+import { assertId, canSeeTenant, nextPageToken, pageParams, principalOf, tenantScope } from "../common.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
 import { normaliseCallbackUrl } from "./callback-url.js";
@@ -167,6 +160,22 @@ export function createMachineUserService(
     return mu;
   }
 
+  /**
+   * A visible machine user the caller may manage (assertMayManage: its current scopes and
+   * `resulting` are covered by the caller's), for every RPC that changes it, its
+   * credentials, bindings or backends.
+   */
+  async function managedMachineUser(
+    ctx: HandlerContext,
+    id: string,
+    field = "id",
+    resulting?: readonly string[],
+  ): Promise<MachineUser> {
+    const mu = await visibleMachineUser(ctx, id, field);
+    assertMayManage(principalOf(ctx), { scopes: parseScopeString(mu.scopes) }, resulting);
+    return mu;
+  }
+
   async function details(
     ctx: HandlerContext,
     users: readonly MachineUser[],
@@ -222,7 +231,7 @@ export function createMachineUserService(
       const tenantId = await targetTenantId(ctx, e, req.tenantId, deps.defaultTenantId);
       assertDisplayName(req.name);
       const kind = authKind(req.authType);
-      assertGrantableScopes(principal, req.scopes);
+      assertMayManage(principal, NEW_PRINCIPAL, req.scopes);
       const applicationIds = await tenantApplications(ctx, tenantId, req.applicationIds);
       if (await e.count(MachineUser, { tenantId, name: req.name })) {
         throw errors.alreadyExists("a machine user with this name exists in the tenant");
@@ -294,9 +303,8 @@ export function createMachineUserService(
     },
 
     async updateMachineUser(req, ctx) {
-      const principal = principalOf(ctx);
       const e = em(ctx);
-      const mu = await visibleMachineUser(ctx, req.id);
+      const mu = await managedMachineUser(ctx, req.id, "id", req.scopes?.scopes);
       if (req.name !== undefined && req.name !== mu.name) {
         assertDisplayName(req.name);
         if (await e.count(MachineUser, { tenantId: mu.tenantId, name: req.name })) {
@@ -304,10 +312,7 @@ export function createMachineUserService(
         }
         mu.name = req.name;
       }
-      if (req.scopes) {
-        assertGrantableScopes(principal, req.scopes.scopes);
-        mu.scopes = formatScopes(req.scopes.scopes);
-      }
+      if (req.scopes) mu.scopes = formatScopes(req.scopes.scopes);
       const applicationIds = req.applicationIds
         ? await tenantApplications(ctx, mu.tenantId, req.applicationIds.applicationIds)
         : null;
@@ -332,7 +337,7 @@ export function createMachineUserService(
     },
 
     async deleteMachineUser(req, ctx) {
-      const mu = await visibleMachineUser(ctx, req.id);
+      const mu = await managedMachineUser(ctx, req.id);
       // Credentials, assignments, certificate bindings and backends cascade.
       await em(ctx).nativeDelete(MachineUser, { id: mu.id });
       return {};
@@ -340,7 +345,7 @@ export function createMachineUserService(
 
     async rotateMachineUserCredentials(req, ctx) {
       const e = em(ctx);
-      const mu = await visibleMachineUser(ctx, req.id);
+      const mu = await managedMachineUser(ctx, req.id);
       const grace = req.gracePeriodSeconds ?? 0;
       if (!Number.isInteger(grace) || grace < 0 || grace > MAX_GRACE_PERIOD_SECONDS) {
         throw errors.invalidArgument(
@@ -399,7 +404,7 @@ export function createMachineUserService(
     },
 
     async bindCertificate(req, ctx) {
-      const mu = await visibleMachineUser(ctx, req.machineUserId, "machine_user_id");
+      const mu = await managedMachineUser(ctx, req.machineUserId, "machine_user_id");
       let sha256Fingerprint: string | null = null;
       let sanUri: string | null = null;
       if (req.identity.case === "sha256Fingerprint")
@@ -429,7 +434,7 @@ export function createMachineUserService(
     },
 
     async unbindCertificate(req, ctx) {
-      const mu = await visibleMachineUser(ctx, req.machineUserId, "machine_user_id");
+      const mu = await managedMachineUser(ctx, req.machineUserId, "machine_user_id");
       const id = req.identity;
       let where: Record<string, string>;
       if (id.case === "bindingId") {
@@ -587,6 +592,9 @@ export function createMachineUserService(
       const e = em(ctx);
       const backend = await e.findOne(Backend, { id: req.id });
       if (!backend || !canSeeTenant(principalOf(ctx), backend.tenantId)) throw errors.notFound("backend");
+      // Deregistering cuts the backend's machine user off its callbacks: a change to it.
+      const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
+      if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });
       await e.nativeDelete(Backend, { id: backend.id });
       return {};
     },

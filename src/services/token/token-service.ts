@@ -8,6 +8,7 @@ import {
   type TokenMetadataSchema,
   type TokenService,
 } from "../../../gen/tessera/v1/token_service_pb.js";
+import { assertMayManage } from "../../auth/authority.js";
 import { hashSecret } from "../../auth/password.js";
 import type { Principal } from "../../auth/principal.js";
 import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
@@ -183,8 +184,8 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
   }
 
   /**
-   * Revoke a token the caller owns, or (with admin:tokens) any token of its tenant.
-   * Anything else (missing, other kind, other tenant, other user without the scope)
+   * Revoke a token the caller owns, or (with admin:tokens) any token of its tenant whose
+   * owner the caller may manage (assertMayManage, else ACCESS_DENIED). Anything else (missing, other kind, other tenant, other user without the scope)
    * is NotFound. Idempotent: a revoked token is returned unchanged. The update is
    * committed (flushed) before the call returns, and the verifier reads the row on
    * every request, so the token is refused from the next request on.
@@ -198,6 +199,12 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       canSeeTenant(principal, row.tenantId) &&
       (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
     if (!visible) throw errors.notFound(label[kind]);
+    if (row.ownerUserId !== principal.id) {
+      // Another user's token: only with authority over that user (its owner's current
+      // scopes, or the token's own if the owner is gone).
+      const owner = await em(ctx).findOne(User, { id: row.ownerUserId });
+      assertMayManage(principal, { scopes: parseScopeString(owner ? owner.scopes : row.scopes) });
+    }
     if (!row.revokedAt) {
       row.revokedAt = new Date();
       await em(ctx).flush();

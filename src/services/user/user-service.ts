@@ -4,6 +4,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
+import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import type { UserStateReader } from "../../auth/user-principal.js";
@@ -13,7 +14,6 @@ import { type RateLimits, rateLimitedError } from "../../rate-limit.js";
 import { Tenant, User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import {
-  assertGrantableScopes,
   assertId,
   assertPassword,
   assertUsername,
@@ -177,20 +177,16 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       const principal = principalOf(ctx);
       assertUsername(req.username);
       assertPassword(req.password);
-      assertGrantableScopes(principal, req.scopes);
+      assertMayManage(principal, NEW_PRINCIPAL, req.scopes);
       let tenantId = req.tenantId ?? principal.tenantId ?? (await deps.defaultTenantId());
       if (req.tenantId !== undefined) {
         assertId(req.tenantId, "tenant", "tenant_id");
-        const scope = tenantScope(principal);
-        if (scope !== null && scope !== req.tenantId) {
-          throw new TesseraError(
-            "ACCESS_DENIED",
-            "only a principal holding * may create users in another tenant",
-          );
-        }
         tenantId = req.tenantId;
       }
-      const tenant = await em(ctx).findOne(Tenant, { id: tenantId });
+      // Another tenant reads exactly like a tenant that does not exist (no oracle).
+      const tenant = canSeeTenant(principal, tenantId)
+        ? await em(ctx).findOne(Tenant, { id: tenantId })
+        : null;
       if (!tenant) throw errors.notFound("tenant");
       if (await em(ctx).count(User, { username: req.username }))
         throw errors.alreadyExists("username is taken");
@@ -228,10 +224,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async updateUser(req, ctx) {
       const principal = principalOf(ctx);
       const user = await visibleUser(ctx, req.id);
-      if (req.scopes) {
-        assertGrantableScopes(principal, req.scopes.scopes);
-        user.scopes = formatScopes(req.scopes.scopes);
-      }
+      // Every field (password, disabled, scopes) needs authority over the user as it is
+      // and as it would be.
+      assertMayManage(principal, { scopes: parseScopeString(user.scopes) }, req.scopes?.scopes);
+      if (req.scopes) user.scopes = formatScopes(req.scopes.scopes);
       let revoke = false;
       if (req.disabled !== undefined) {
         if (req.disabled && user.id === principal.id) {
@@ -256,6 +252,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       const user = await visibleUser(ctx, req.id);
       if (user.id === principal.id)
         throw new TesseraError("FAILED_PRECONDITION", "you cannot delete yourself");
+      assertMayManage(principal, { scopes: parseScopeString(user.scopes) });
       await em(ctx).removeAndFlush(user);
       return {};
     },

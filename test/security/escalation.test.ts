@@ -1,0 +1,277 @@
+import { randomUUID } from "node:crypto";
+import { createClient, type Transport } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { Code, rejection } from "../errors-util.js";
+import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { adminLogin, basic, clients } from "../machine-fixtures.js";
+
+/**
+ * Authority is bounded (issue #18, item 1): over TLS, an administrator tries every
+ * principal-changing RPC on principals stronger than itself. Each attempt must be
+ * PermissionDenied / ACCESS_DENIED and leave the target untouched; the same calls on a
+ * weaker target, and by a `*` caller, succeed.
+ */
+
+const STATIC_ADMIN_TOKEN = "static-admin-token-for-escalation-tests-0123456789";
+const PASSWORD = "correct horse battery staple";
+const NEW_PASSWORD = "attacker chosen password 1";
+const short = () => randomUUID().slice(0, 8);
+
+async function denied(call: Promise<unknown>): Promise<void> {
+  const r = await rejection(call);
+  expect({ code: r.code, reason: r.reason }).toEqual({
+    code: Code.PermissionDenied,
+    reason: "ACCESS_DENIED",
+  });
+}
+
+describe.each(DATABASES)("escalation over TLS on $name", (db) => {
+  let ts: TestServer;
+  let t: Transport;
+  let root: string;
+  let rootId: string;
+  let applicationId: string;
+
+  const as = (token: string) => ({
+    ...clients(t, token),
+    tokens: clientFor(TokenService, t, token),
+  });
+  const login = async (username: string, password = PASSWORD) =>
+    (await createClient(UserService, t).login({ username, password })).accessToken;
+
+  /** A user of the default tenant holding `scopes`, logged in. */
+  async function userWith(scopes: string[]) {
+    const username = `u-${short()}`;
+    const { user } = await as(root).users.createUser({ username, password: PASSWORD, scopes });
+    return { id: user!.id, username, token: await login(username) };
+  }
+
+  /** A bearer machine user of the default tenant holding `scopes`, assigned to the application. */
+  async function machineWith(scopes: string[]) {
+    const res = await as(root).machines.createMachineUser({
+      name: `mu-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes,
+      applicationIds: [applicationId],
+    });
+    return { id: res.machineUser!.id, token: res.token };
+  }
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, { admin: { token: STATIC_ADMIN_TOKEN } });
+    t = ts.connect();
+    root = await adminLogin(t);
+    rootId = (await as(root).users.getCurrentUser({})).id;
+    applicationId = (await as(root).tenants.createApplication({ name: `app-${short()}` })).application!.id;
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  describe("users", () => {
+    it.each([["admin:users"], ["admin:*"]])(
+      "a holder of %s cannot reset the password of, disable, demote or delete the bootstrap * admin",
+      async (scope) => {
+        const attacker = await userWith([scope]);
+        const u = as(attacker.token).users;
+        await denied(u.updateUser({ id: rootId, password: NEW_PASSWORD }));
+        await denied(u.updateUser({ id: rootId, disabled: true }));
+        await denied(u.updateUser({ id: rootId, scopes: { scopes: [] } }));
+        await denied(u.updateUser({ id: rootId, scopes: { scopes: [scope] } }));
+        await denied(u.deleteUser({ id: rootId }));
+        // Untouched: the old password still signs in, as a `*` admin.
+        const again = await createClient(UserService, t).login({
+          username: "admin",
+          password: ADMIN_PASSWORD,
+        });
+        expect(again.user?.permissions).toEqual(["*"]);
+        expect(again.user?.disabled).toBe(false);
+        expect((await rejection(login("admin", NEW_PASSWORD))).reason).toBe("CREDENTIALS_INVALID");
+      },
+    );
+
+    it("an admin:users holder cannot change any field of a user holding a scope it lacks", async () => {
+      const attacker = await userWith(["admin:users"]);
+      const target = await userWith(["cluster:write"]);
+      const u = as(attacker.token).users;
+      await denied(u.updateUser({ id: target.id, password: NEW_PASSWORD }));
+      await denied(u.updateUser({ id: target.id, disabled: true }));
+      // Even to scopes the attacker holds: the target's current ones are not covered.
+      await denied(u.updateUser({ id: target.id, scopes: { scopes: ["admin:users"] } }));
+      await denied(u.updateUser({ id: target.id, scopes: { scopes: [] } }));
+      await denied(u.deleteUser({ id: target.id }));
+      const after = (await as(root).users.getUser({ id: target.id })).user!;
+      expect(after.permissions).toEqual(["cluster:write"]);
+      expect(after.disabled).toBe(false);
+      expect(await login(target.username)).toBeTruthy();
+    });
+
+    it("an admin:users holder cannot create a user with a scope it lacks", async () => {
+      const attacker = await userWith(["admin:users"]);
+      await denied(
+        as(attacker.token).users.createUser({ username: `x-${short()}`, password: PASSWORD, scopes: ["*"] }),
+      );
+    });
+
+    it("an admin:users holder manages a user whose scopes it holds", async () => {
+      const manager = await userWith(["admin:users", "cluster:read"]);
+      const target = await userWith(["cluster:read"]);
+      const u = as(manager.token).users;
+      await u.updateUser({ id: target.id, password: NEW_PASSWORD });
+      expect(await login(target.username, NEW_PASSWORD)).toBeTruthy();
+      expect((await u.updateUser({ id: target.id, disabled: true })).user?.disabled).toBe(true);
+      expect((await u.updateUser({ id: target.id, disabled: false })).user?.disabled).toBe(false);
+      expect((await u.updateUser({ id: target.id, scopes: { scopes: [] } })).user?.permissions).toEqual([]);
+      await u.deleteUser({ id: target.id });
+      expect((await rejection(u.getUser({ id: target.id }))).code).toBe(Code.NotFound);
+    });
+  });
+
+  describe("tokens of other users", () => {
+    it("an admin:tokens holder cannot revoke the tokens of a stronger user", async () => {
+      const attacker = await userWith(["admin:tokens"]);
+      const pat = await as(root).tokens.createPersonalAccessToken({ name: "root pat" });
+      const key = await as(root).tokens.createApiKey({ name: "root key" });
+      await denied(as(attacker.token).tokens.revokePersonalAccessToken({ id: pat.id }));
+      await denied(as(attacker.token).tokens.revokeApiKey({ id: key.id }));
+      // Both still authenticate the victim.
+      expect((await as(pat.token).users.getCurrentUser({})).id).toBe(rootId);
+      expect((await as(key.key).users.getCurrentUser({})).id).toBe(rootId);
+    });
+
+    it("an admin:tokens holder revokes the tokens of a user whose scopes it holds", async () => {
+      const manager = await userWith(["admin:tokens", "cluster:read"]);
+      const owner = await userWith(["cluster:read"]);
+      const pat = await as(owner.token).tokens.createPersonalAccessToken({ name: "weak pat" });
+      const res = await as(manager.token).tokens.revokePersonalAccessToken({ id: pat.id });
+      expect(res.token?.revoked).toBe(true);
+      expect((await rejection(as(pat.token).users.getCurrentUser({}))).code).toBe(Code.Unauthenticated);
+    });
+  });
+
+  describe("machine users", () => {
+    it("an admin:machine-users holder cannot rotate, update, delete, bind or unbind a machine user holding a scope it lacks", async () => {
+      const attacker = await userWith(["admin:machine-users"]);
+      const target = await machineWith(["swarm:deploy"]);
+      const san = `spiffe://tessera.test/${short()}`;
+      await as(root).machines.bindCertificate({
+        machineUserId: target.id,
+        identity: { case: "sanUri", value: san },
+      });
+      const m = as(attacker.token).machines;
+      await denied(m.rotateMachineUserCredentials({ id: target.id }));
+      await denied(m.updateMachineUser({ id: target.id, disabled: true }));
+      await denied(m.updateMachineUser({ id: target.id, name: `renamed-${short()}` }));
+      await denied(m.updateMachineUser({ id: target.id, scopes: { scopes: [] } }));
+      await denied(m.updateMachineUser({ id: target.id, applicationIds: { applicationIds: [] } }));
+      await denied(m.deleteMachineUser({ id: target.id }));
+      await denied(
+        m.bindCertificate({
+          machineUserId: target.id,
+          identity: { case: "sha256Fingerprint", value: ts.certs.clientFingerprint },
+        }),
+      );
+      await denied(
+        m.unbindCertificate({ machineUserId: target.id, identity: { case: "sanUri", value: san } }),
+      );
+      // Untouched: the old credential still authenticates, with its scope, and the binding stays.
+      const check = await as(target.token).machines.checkAuthentication({});
+      expect(check.machineUserId).toBe(target.id);
+      const after = (await as(root).machines.getMachineUser({ id: target.id })).machineUser!;
+      expect(after.scopes).toEqual(["swarm:deploy"]);
+      expect(after.disabled).toBe(false);
+      expect(after.applicationIds).toEqual([applicationId]);
+      expect(after.certificates.map((c) => c.sanUri)).toEqual([san]);
+    });
+
+    it("an admin:machine-users holder cannot deregister the backend of a stronger machine user", async () => {
+      const attacker = await userWith(["admin:machine-users"]);
+      const target = await machineWith(["swarm:deploy"]);
+      const { backendId } = await as(target.token).machines.registerBackend({
+        callbackUrl: `https://${short()}.example.com/triggers`,
+        version: "1",
+        applicationId,
+      });
+      await denied(as(attacker.token).machines.deregisterBackend({ id: backendId }));
+      const listed = await as(root).machines.listBackends({ machineUserId: target.id });
+      expect(listed.backends.map((b) => b.id)).toEqual([backendId]);
+    });
+
+    it("an admin:machine-users holder cannot create a machine user with a scope it lacks", async () => {
+      const attacker = await userWith(["admin:machine-users"]);
+      await denied(
+        as(attacker.token).machines.createMachineUser({
+          name: `mu-${short()}`,
+          authType: MachineAuthType.BASIC,
+          scopes: ["swarm:deploy"],
+        }),
+      );
+    });
+
+    it("an admin:machine-users holder manages a machine user whose scopes it holds", async () => {
+      const manager = await userWith(["admin:machine-users", "swarm:deploy"]);
+      const target = await machineWith(["swarm:deploy"]);
+      const m = as(manager.token).machines;
+      const { backendId } = await as(target.token).machines.registerBackend({
+        callbackUrl: `https://${short()}.example.com/triggers`,
+        version: "1",
+        applicationId,
+      });
+      await m.deregisterBackend({ id: backendId });
+      const san = `spiffe://tessera.test/${short()}`;
+      await m.bindCertificate({ machineUserId: target.id, identity: { case: "sanUri", value: san } });
+      await m.unbindCertificate({ machineUserId: target.id, identity: { case: "sanUri", value: san } });
+      await m.updateMachineUser({ id: target.id, scopes: { scopes: [] } });
+      const rotated = await m.rotateMachineUserCredentials({ id: target.id });
+      expect((await as(rotated.token).machines.checkAuthentication({})).machineUserId).toBe(target.id);
+      await m.deleteMachineUser({ id: target.id });
+      expect((await rejection(m.getMachineUser({ id: target.id }))).code).toBe(Code.NotFound);
+    });
+  });
+
+  describe("a * caller", () => {
+    it("the static admin token (scope *) resets the bootstrap admin's password and demotes and restores it", async () => {
+      const admin = as(STATIC_ADMIN_TOKEN).users;
+      const temporary = "a temporary admin password";
+      await admin.updateUser({ id: rootId, password: temporary });
+      await admin.updateUser({ id: rootId, password: ADMIN_PASSWORD });
+      await admin.updateUser({ id: rootId, scopes: { scopes: ["admin:users"] } });
+      const restored = await admin.updateUser({ id: rootId, scopes: { scopes: ["*"] } });
+      expect(restored.user?.permissions).toEqual(["*"]);
+      root = await adminLogin(t);
+    });
+
+    it("a * user manages stronger-than-admin principals: users, tokens, machine users", async () => {
+      const strong = await userWith(["admin:*", "cluster:write"]);
+      const key = await as(strong.token).tokens.createApiKey({ name: "strong key" });
+      const r = as(root);
+      await r.users.updateUser({ id: strong.id, password: NEW_PASSWORD, disabled: true });
+      expect((await r.tokens.revokeApiKey({ id: key.id })).apiKey?.revoked).toBe(true);
+      await r.users.deleteUser({ id: strong.id });
+
+      const machine = await machineWith(["swarm:deploy", "admin:*"]);
+      const rotated = await r.machines.rotateMachineUserCredentials({ id: machine.id });
+      expect((await as(rotated.token).machines.checkAuthentication({})).machineUserId).toBe(machine.id);
+      await r.machines.updateMachineUser({ id: machine.id, disabled: true });
+      await r.machines.deleteMachineUser({ id: machine.id });
+    });
+  });
+
+  it("a token cut down to admin:users cannot manage its own owner's stronger peers", async () => {
+    // The caller's authority is its effective scopes for this request, not its owner's.
+    const owner = await userWith(["admin:users", "cluster:write"]);
+    const weakToken = await as(owner.token).tokens.createPersonalAccessToken({
+      name: "users only",
+      scopes: ["admin:users"],
+    });
+    const peer = await userWith(["cluster:write"]);
+    await denied(as(weakToken.token).users.updateUser({ id: peer.id, password: NEW_PASSWORD }));
+    await as(owner.token).users.updateUser({ id: peer.id, password: NEW_PASSWORD });
+    // And over HTTP Basic the peer's new password works.
+    const me = await clients(t, basic(peer.username, NEW_PASSWORD)).users.getCurrentUser({});
+    expect(me.id).toBe(peer.id);
+  });
+});
