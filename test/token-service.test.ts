@@ -453,7 +453,8 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
 
     it("lets admin:tokens list and revoke another user's tokens in its tenant", async () => {
       const owner = await createUser(["cluster:read"]);
-      const admin = await createUser(["admin:tokens"]);
+      // Revoking needs authority over the owner as well (assertMayManage): its scopes too.
+      const admin = await createUser(["admin:tokens", "cluster:read"]);
       const pat = await tokens(owner.jwt).createPersonalAccessToken({ name: "owned" });
       const key = await tokens(owner.jwt).createApiKey({ name: "owned key" });
 

@@ -302,7 +302,7 @@ describe.each(DATABASES)("UserService on $name", (db) => {
     const list = await as(foreignToken).listUsers({});
     expect(list.users.every((u) => u.tenantId === other.id)).toBe(true);
     expect(list.totalSize).toBe(1);
-    // Only a * holder may place users in another tenant.
+    // Only a * holder may place users in another tenant; to others it reads like a missing one.
     const r = await rejection(
       as(foreignToken).createUser({
         username: `g-${randomUUID().slice(0, 6)}`,
@@ -310,7 +310,7 @@ describe.each(DATABASES)("UserService on $name", (db) => {
         tenantId: local.user.tenantId,
       }),
     );
-    expect(r.code).toBe(Code.PermissionDenied);
+    expect(r.code).toBe(Code.NotFound);
   });
 
   it("stores password hashes as PBKDF2-SHA256 with their parameters", async () => {
