@@ -200,6 +200,28 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
       expect(listed.backends.map((b) => b.id)).toEqual([backendId]);
     });
 
+    it("an admin:tenants holder cannot delete an application a stronger machine user is assigned to", async () => {
+      const attacker = await userWith(["admin:tenants"]);
+      const { application } = await as(root).tenants.createApplication({ name: `app-${short()}` });
+      const target = await as(root).machines.createMachineUser({
+        name: `mu-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["swarm:deploy"],
+        applicationIds: [application!.id],
+      });
+      await denied(as(attacker.token).tenants.deleteApplication({ id: application!.id }));
+      const after = await as(root).machines.getMachineUser({ id: target.machineUser!.id });
+      expect(after.machineUser?.applicationIds).toEqual([application!.id]);
+      // One whose machine users it may manage (none holding more than it) it deletes.
+      const { application: spare } = await as(root).tenants.createApplication({ name: `app-${short()}` });
+      await as(root).machines.createMachineUser({
+        name: `mu-${short()}`,
+        authType: MachineAuthType.BEARER,
+        applicationIds: [spare!.id],
+      });
+      await as(attacker.token).tenants.deleteApplication({ id: spare!.id });
+    });
+
     it("an admin:machine-users holder cannot create a machine user with a scope it lacks", async () => {
       const attacker = await userWith(["admin:machine-users"]);
       await denied(

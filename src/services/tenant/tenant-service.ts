@@ -9,11 +9,13 @@ import type {
   TenantSchema,
   TenantService,
 } from "../../../gen/tessera/v1/tenant_service_pb.js";
+import { assertMayManage } from "../../auth/authority.js";
 import { isSuperuser } from "../../auth/principal.js";
+import { parseScopeString } from "../../auth/scopes.js";
 import { requestEm } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Tenant } from "../../storage/entities.js";
-import { Application } from "../../storage/machine-entities.js";
+import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { assertId, canSeeTenant, nextPageToken, pageParams, principalOf, tenantScope } from "../common.js";
 import { assertDisplayName } from "./names.js";
@@ -198,7 +200,18 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
 
     async deleteApplication(req, ctx) {
       const app = await visibleApplication(ctx, req.id);
-      // Assignments and registered backends go with it (ON DELETE CASCADE).
+      // Assignments and registered backends go with it (ON DELETE CASCADE): that changes
+      // every machine user assigned to it or registered on it, so the caller needs
+      // authority over each of them (assertMayManage).
+      const e = em(ctx);
+      const ids = new Set<string>();
+      for (const a of await e.find(MachineUserApplication, { applicationId: app.id }))
+        ids.add(a.machineUserId);
+      for (const b of await e.find(Backend, { applicationId: app.id })) ids.add(b.machineUserId);
+      if (ids.size > 0) {
+        const affected = await e.find(MachineUser, { id: { $in: [...ids] } });
+        assertMayManage(principalOf(ctx), { scopes: affected.flatMap((m) => parseScopeString(m.scopes)) });
+      }
       await em(ctx).nativeDelete(Application, { id: app.id });
       return {};
     },
