@@ -937,6 +937,13 @@ export const MachineAuthTypeSchema: GenEnum<MachineAuthType> = /*@__PURE__*/
  * tenant; a principal holding `*` works across tenants. Another tenant's ids read as
  * NotFound, exactly like ids that do not exist.
  *
+ * Who may manage whom: CreateMachineUser, UpdateMachineUser (every field),
+ * DeleteMachineUser, RotateMachineUserCredentials, BindCertificate, UnbindCertificate
+ * and DeregisterBackend (on the backend's machine user) need the caller's effective
+ * scopes to cover every scope the machine user holds now and every scope it would hold
+ * afterwards (only `*` covers `*`); else PermissionDenied, ACCESS_DENIED. Rotating a
+ * stronger machine user's credentials would hand the caller its scopes.
+ *
  * CheckAuthentication, RegisterBackend and IssueAccessToken are called BY machine
  * principals: with `Authorization: Bearer <machine token>`, `Authorization: Basic
  * <username:password>`, a machine access token, or a bound client certificate alone (mTLS).
@@ -1016,6 +1023,8 @@ export const MachineUserService: GenService<{
     output: typeof BindCertificateResponseSchema;
   },
   /**
+   * Remove a certificate binding from a machine user.
+   *
    * @generated from rpc tessera.v1.MachineUserService.UnbindCertificate
    */
   unbindCertificate: {
@@ -1066,6 +1075,8 @@ export const MachineUserService: GenService<{
     output: typeof ListBackendsResponseSchema;
   },
   /**
+   * Remove a registered backend; needs authority over the machine user that registered it.
+   *
    * @generated from rpc tessera.v1.MachineUserService.DeregisterBackend
    */
   deregisterBackend: {

@@ -456,7 +456,8 @@ export const TenantService: GenService<{
   /**
    * Rename or disable/enable a tenant. A disabled tenant's users, machine users and
    * tokens are refused (PRINCIPAL_DISABLED) from the next request on. Nobody can
-   * disable the tenant they themselves belong to.
+   * disable the tenant they themselves belong to, so only a `*` principal (the only one
+   * that sees other tenants) can disable one: it may hold a `*` user.
    *
    * @generated from rpc tessera.v1.TenantService.UpdateTenant
    */
@@ -493,6 +494,8 @@ export const TenantService: GenService<{
   },
   /**
    * Delete an application with its machine-user assignments and registered backends.
+   * That changes those machine users: the caller's scopes must cover theirs (else
+   * PermissionDenied, ACCESS_DENIED).
    *
    * @generated from rpc tessera.v1.TenantService.DeleteApplication
    */

@@ -530,8 +530,10 @@ export const TokenKindSchema: GenEnum<TokenKind> = /*@__PURE__*/
  * still holds on each request (an owner disabled, deleted or losing a scope takes
  * effect on the token's next request).
  *
- * A caller manages its own tokens without any scope; `admin:tokens` lets it list and
- * revoke every token of its tenant. Another tenant's token reads as NotFound.
+ * A caller manages its own tokens without any scope; `admin:tokens` lets it list every
+ * token of its tenant and revoke those whose owner's scopes the caller's cover (only
+ * `*` covers `*`; else PermissionDenied, ACCESS_DENIED). Another tenant's token reads
+ * as NotFound.
  *
  * @generated from service tessera.v1.TokenService
  */
@@ -559,7 +561,8 @@ export const TokenService: GenService<{
     output: typeof ListPersonalAccessTokensResponseSchema;
   },
   /**
-   * Revoke a personal access token. Committed before the call returns; the token is
+   * Revoke a personal access token: the caller's own, or (with admin:tokens) one whose
+   * owner the caller may manage. Committed before the call returns; the token is
    * refused from the next request on. Revoking a revoked token succeeds unchanged.
    *
    * @generated from rpc tessera.v1.TokenService.RevokePersonalAccessToken

@@ -359,7 +359,8 @@ export type CreateUserRequest = Message<"tessera.v1.CreateUserRequest"> & {
   scopes: string[];
 
   /**
-   * Defaults to the caller's tenant; only a principal holding "*" may name another.
+   * Defaults to the caller's tenant; only a principal holding "*" may name another (to
+   * anyone else another tenant reads as NotFound, like a tenant that does not exist).
    *
    * @generated from field: optional string tenant_id = 4;
    */
@@ -580,6 +581,12 @@ export const DeleteUserResponseSchema: GenMessage<DeleteUserResponse> = /*@__PUR
 /**
  * UserService (the SDK's UserAPI): sessions for human users and user administration.
  *
+ * Who may manage whom: CreateUser, UpdateUser (every field) and DeleteUser need the
+ * caller's effective scopes to cover every scope the target user holds now and every
+ * scope it would hold afterwards (`admin:*` covers `admin:users`; only `*` covers `*`,
+ * so a user holding `*` is managed only by a `*` caller). Else PermissionDenied,
+ * ACCESS_DENIED. Another tenant's user or tenant reads as NotFound.
+ *
  * @generated from service tessera.v1.UserService
  */
 export const UserService: GenService<{
@@ -634,6 +641,9 @@ export const UserService: GenService<{
     output: typeof ChangePasswordResponseSchema;
   },
   /**
+   * Create a user holding at most the caller's scopes. A `tenant_id` the caller cannot
+   * see (another tenant, for a caller without `*`) is NotFound, like a missing one.
+   *
    * @generated from rpc tessera.v1.UserService.CreateUser
    */
   createUser: {
@@ -658,6 +668,9 @@ export const UserService: GenService<{
     output: typeof ListUsersResponseSchema;
   },
   /**
+   * Change a user's scopes, disabled flag or password (a reset). Any field needs
+   * authority over the user's current and resulting scopes (see the service comment).
+   *
    * @generated from rpc tessera.v1.UserService.UpdateUser
    */
   updateUser: {
@@ -666,6 +679,8 @@ export const UserService: GenService<{
     output: typeof UpdateUserResponseSchema;
   },
   /**
+   * Delete a user the caller may manage (its scopes covered by the caller's).
+   *
    * @generated from rpc tessera.v1.UserService.DeleteUser
    */
   deleteUser: {
