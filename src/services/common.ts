@@ -1,4 +1,6 @@
 import type { HandlerContext } from "@connectrpc/connect";
+import type { EntityName } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
 import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import type { Principal } from "../auth/principal.js";
@@ -34,6 +36,47 @@ export function canSeeTenant(principal: Principal, tenantId: string): boolean {
  */
 export function assertGrantableScopes(principal: Principal, scopes: readonly string[]): void {
   assertMayManage(principal, NEW_PRINCIPAL, scopes);
+}
+
+/** A principal changed between the authority check and the write: nothing was written. */
+export function principalChanged(): TesseraError {
+  return new TesseraError(
+    "FAILED_PRECONDITION",
+    "the principal changed while this request was handled; read it again and retry",
+  );
+}
+
+/**
+ * Run `write` in a transaction that commits only if the principal's row then holds exactly
+ * `scopes` (what {@link assertMayManage} checked, or what this change sets). The check read
+ * the row before the write, and a password reset or credential rotation spends ~200 ms in
+ * PBKDF2 in between: a promotion of the same principal meanwhile would otherwise let the
+ * write land on a principal stronger than the one checked. The re-read happens after the
+ * write in the same transaction (PostgreSQL holds the written row's lock until commit;
+ * SQLite runs one transaction at a time), so a concurrent promotion either shows up here
+ * or is ordered after this change. Else FAILED_PRECONDITION and nothing is written.
+ */
+export async function writeIfScopesHold(
+  em: EntityManager,
+  entity: EntityName<{ id: string; scopes: string }>,
+  id: string,
+  scopes: string,
+  write: (tx: EntityManager) => Promise<unknown>,
+): Promise<void> {
+  await em.transactional(async (tx) => {
+    await write(tx);
+    await assertScopesHold(tx, entity, id, scopes);
+  });
+}
+
+/** The check of {@link writeIfScopesHold}, for a transaction that is already open (after its writes). */
+export async function assertScopesHold(
+  tx: EntityManager,
+  entity: EntityName<{ id: string; scopes: string }>,
+  id: string,
+  scopes: string,
+): Promise<void> {
+  if ((await tx.count(entity, { id, scopes })) !== 1) throw principalChanged();
 }
 
 const USERNAME_RE = /^[A-Za-z0-9][A-Za-z0-9._@-]{2,63}$/;

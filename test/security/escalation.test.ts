@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
+import type { EventSubscriber } from "@mikro-orm/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
@@ -279,6 +280,61 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
       expect((await as(rotated.token).machines.checkAuthentication({})).machineUserId).toBe(machine.id);
       await r.machines.updateMachineUser({ id: machine.id, disabled: true });
       await r.machines.deleteMachineUser({ id: machine.id });
+    });
+  });
+
+  describe("a promotion racing the change", () => {
+    /**
+     * Promote `id` (raw SQL, another statement than the request's) at the moment the
+     * request's own flush of a `table` change starts: after its authority check, before its
+     * write. That is the ~200 ms PBKDF2 window a password reset or a rotation leaves.
+     */
+    function promoteDuringFlush(entity: string, id: string, table: string) {
+      const subscribers = ts.app.storage.em.getEventManager().getSubscribers();
+      let fired = false;
+      const subscriber: EventSubscriber = {
+        async onFlush({ uow }) {
+          if (fired) return;
+          if (!uow.getChangeSets().some((c) => c.name === entity)) return;
+          fired = true;
+          await ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
+        },
+      };
+      subscribers.add(subscriber);
+      return {
+        fired: () => fired,
+        stop: () => subscribers.delete(subscriber),
+      };
+    }
+
+    it("a password reset of a user promoted to * while it was being hashed is not written", async () => {
+      const attacker = await userWith(["admin:users", "cluster:read"]);
+      const target = await userWith(["cluster:read"]);
+      const race = promoteDuringFlush("User", target.id, "users");
+      const r = await rejection(
+        as(attacker.token).users.updateUser({ id: target.id, password: NEW_PASSWORD }),
+      ).finally(race.stop);
+      expect(race.fired()).toBe(true);
+      expect({ code: r.code, reason: r.reason }).toEqual({
+        code: Code.FailedPrecondition,
+        reason: "FAILED_PRECONDITION",
+      });
+      // The attacker's password does not sign in; the target's own still does.
+      expect((await rejection(login(target.username, NEW_PASSWORD))).reason).toBe("CREDENTIALS_INVALID");
+      expect(await login(target.username)).toBeTruthy();
+    });
+
+    it("a credential rotation of a machine user promoted to * meanwhile hands out nothing", async () => {
+      const attacker = await userWith(["admin:machine-users", "swarm:deploy"]);
+      const target = await machineWith(["swarm:deploy"]);
+      const race = promoteDuringFlush("MachineCredential", target.id, "machine_users");
+      const r = await rejection(
+        as(attacker.token).machines.rotateMachineUserCredentials({ id: target.id }),
+      ).finally(race.stop);
+      expect(race.fired()).toBe(true);
+      expect(r.code).toBe(Code.FailedPrecondition);
+      // Rolled back: the previous token is still the machine user's credential.
+      expect((await as(target.token).machines.checkAuthentication({})).machineUserId).toBe(target.id);
     });
   });
 

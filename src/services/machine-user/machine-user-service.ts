@@ -27,7 +27,17 @@ import {
   MachineUserCertificate,
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
-import { assertId, canSeeTenant, nextPageToken, pageParams, principalOf, tenantScope } from "../common.js";
+import {
+  assertId,
+  assertScopesHold,
+  canSeeTenant,
+  nextPageToken,
+  pageParams,
+  principalChanged,
+  principalOf,
+  tenantScope,
+  writeIfScopesHold,
+} from "../common.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
 import { normaliseCallbackUrl } from "./callback-url.js";
@@ -326,6 +336,7 @@ export function createMachineUserService(
               tx.create(MachineUserApplication, { machineUserId: mu.id, applicationId });
           }
           await tx.flush();
+          await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
         });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) {
@@ -338,8 +349,10 @@ export function createMachineUserService(
 
     async deleteMachineUser(req, ctx) {
       const mu = await managedMachineUser(ctx, req.id);
-      // Credentials, assignments, certificate bindings and backends cascade.
-      await em(ctx).nativeDelete(MachineUser, { id: mu.id });
+      // Credentials, assignments, certificate bindings and backends cascade. Deleted only
+      // if it still holds the scopes checked (not promoted meanwhile).
+      if ((await em(ctx).nativeDelete(MachineUser, { id: mu.id, scopes: mu.scopes })) === 0)
+        throw principalChanged();
       return {};
     },
 
@@ -393,6 +406,8 @@ export function createMachineUserService(
         mu.rotationGraceUntil = tokenCutoff;
         mu.updatedAt = now;
         await tx.flush();
+        // The new credential carries the scopes the caller was checked against, or nothing.
+        await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
       });
       return {
         machineUser: await toProto(ctx, mu),
@@ -425,7 +440,7 @@ export function createMachineUserService(
         createdAt: new Date(),
       });
       try {
-        await e.flush();
+        await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) => tx.flush());
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
         throw err;

@@ -20,8 +20,10 @@ import {
   canSeeTenant,
   nextPageToken,
   pageParams,
+  principalChanged,
   principalOf,
   tenantScope,
+  writeIfScopesHold,
 } from "../common.js";
 import type { SessionIssuer } from "./sessions.js";
 
@@ -242,7 +244,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         revoke = true;
       }
       user.updatedAt = new Date();
-      await em(ctx).flush();
+      // Committed only if the user still holds what was checked (or what this sets).
+      await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush());
       if (revoke) await sessions.revokeUser(em(ctx), user.id);
       return { user: userToProto(user) };
     },
@@ -253,7 +256,9 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       if (user.id === principal.id)
         throw new TesseraError("FAILED_PRECONDITION", "you cannot delete yourself");
       assertMayManage(principal, { scopes: parseScopeString(user.scopes) });
-      await em(ctx).removeAndFlush(user);
+      // Deleted only if it still holds the scopes checked (not promoted meanwhile).
+      if ((await em(ctx).nativeDelete(User, { id: user.id, scopes: user.scopes })) === 0)
+        throw principalChanged();
       return {};
     },
   };
