@@ -456,8 +456,8 @@ export const TenantService: GenService<{
   /**
    * Rename or disable/enable a tenant. A disabled tenant's users, machine users and
    * tokens are refused (PRINCIPAL_DISABLED) from the next request on. Nobody can
-   * disable the tenant they themselves belong to, so only a `*` principal (the only one
-   * that sees other tenants) can disable one: it may hold a `*` user.
+   * disable the tenant they themselves belong to, and only a `*` principal may disable
+   * or enable one (a tenant may hold a `*` user); renaming needs `admin:tenants` only.
    *
    * @generated from rpc tessera.v1.TenantService.UpdateTenant
    */

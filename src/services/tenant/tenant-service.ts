@@ -150,6 +150,14 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         if (req.disabled && principal.tenantId === tenant.id) {
           throw new TesseraError("FAILED_PRECONDITION", "you cannot disable your own tenant");
         }
+        // Disabling (or enabling) a tenant changes every principal in it, and a tenant may
+        // hold a `*` user: only a `*` caller has authority over all of them. (Only `*` sees
+        // another tenant anyway; this keeps it so if visibility ever widens.)
+        if (!isSuperuser(principal))
+          throw new TesseraError(
+            "ACCESS_DENIED",
+            "only a principal holding * may disable or enable a tenant",
+          );
         tenant.disabled = req.disabled;
       }
       tenant.updatedAt = new Date();
