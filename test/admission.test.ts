@@ -439,7 +439,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const disabled = admitWith(getCurrentUser, `Bearer ${plain.token}`);
       if (db.name === "sqlite") expect(disabled.pending).toBeUndefined();
       await disabled.pending;
-      expect((disabled.state.admission?.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
+      expect((disabled.state.admission!.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
       expect(disabled.state.principal).toBeNull();
     } finally {
       await admin.updateUser({ id: plain.id, disabled: false });
@@ -452,7 +452,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const expired = admitWith(getCurrentUser, `Bearer ${adminToken}`);
       if (db.name === "sqlite") expect(expired.pending).toBeUndefined();
       await expired.pending;
-      expect((expired.state.admission?.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
+      expect((expired.state.admission!.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
     } finally {
       Date.now = now;
     }

@@ -148,6 +148,7 @@ export const AuditEventSchema = new EntitySchema<AuditEvent>({
  * Entity schemas registered with the ORM. Feature modules append theirs here
  * (one line each) so initORM stays the single place that knows them all.
  */
+// biome-ignore lint/suspicious/noExplicitAny: schemas of different entity types share one list
 export const ENTITIES: EntitySchema<any>[] = [
   TenantSchema,
   UserSchema,
