@@ -150,9 +150,14 @@ export class MachineStateReader {
   }
 
   /**
-   * The machine user a verified client certificate is bound to: a fingerprint binding
-   * wins over SAN URI bindings; SAN URIs naming two different machine users are refused
-   * rather than guessed between. Null when the certificate is bound to no one.
+   * The machine user a verified client certificate is bound to. All the bindings that
+   * match it (its fingerprint, any of its SAN URIs) must be in one tenant, or it
+   * authenticates no one: nothing at bind time can tell the certificate's owner from
+   * another tenant that bound its public fingerprint or a guessable SAN URI, and every
+   * rule that picks a winner between tenants (by kind, by age) hands some certificate to
+   * the tenant that did not issue it. Within the tenant a fingerprint binding wins over SAN
+   * URI bindings; SAN URIs naming two different machine users are refused rather than
+   * guessed between. Null when the certificate is bound to no one.
    */
   async byCertificate(
     certificate: PeerCertificateInfo,
@@ -163,6 +168,13 @@ export class MachineStateReader {
       ...sans,
     ]);
     if (rows.length === 0) return null;
+    if (rows.some((r) => r.tenant_id !== rows[0]!.tenant_id)) {
+      // The same answer as an ambiguous binding within a tenant: it names no tenant.
+      throw new TesseraError(
+        "CREDENTIALS_INVALID",
+        "client certificate is bound to more than one machine user",
+      );
+    }
     const byFingerprint = rows.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
     const chosen = byFingerprint.length > 0 ? byFingerprint : rows;
     const machineIds = new Set(chosen.map((r) => r.id));
