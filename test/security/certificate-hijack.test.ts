@@ -2,7 +2,7 @@ import { X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
@@ -224,6 +224,29 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
       expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
     });
   }
+
+  it("answers the loser of concurrent binds of one identity from two tenants exactly like a bind made after", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const later = await refusal(
+      (async () => {
+        await bind(victim.token, (await victimMachine()).id, { case: "sanUri", value: san });
+        return bind(attacker.token, (await attackerMachine()).id, { case: "sanUri", value: san });
+      })(),
+    );
+    expect(later.code).toBe(Code.AlreadyExists);
+    // Several races, so some losers pass the existence check and meet the unique constraint.
+    for (let i = 0; i < 4; i++) {
+      const identity: Identity = { case: "sanUri", value: `spiffe://race.example/${short()}` };
+      const [a, b] = [await victimMachine(), await attackerMachine()];
+      const results = await Promise.allSettled([
+        bind(victim.token, a.id, identity),
+        bind(attacker.token, b.id, identity),
+      ]);
+      const lost = results.filter((r) => r.status === "rejected");
+      expect(lost).toHaveLength(1);
+      expect(observable(ConnectError.from((lost[0] as PromiseRejectedResult).reason))).toEqual(later);
+    }
+  });
 
   it("answers the attacker's unbind of the victim's binding NotFound, exactly like a binding that does not exist", async () => {
     const san = `spiffe://victim.example/${short()}`;
