@@ -169,10 +169,12 @@ export class MachineStateReader {
     ]);
     if (rows.length === 0) return null;
     if (rows.some((r) => r.tenant_id !== rows[0]!.tenant_id)) {
-      // The same answer as an ambiguous binding within a tenant: it names no tenant.
+      // AUTH_REQUIRED, not CREDENTIALS_INVALID: nothing was guessed, and a refusal that spent
+      // the IP's failure budget would let the other tenant lock the owner's address out.
+      // The message names no tenant.
       throw new TesseraError(
-        "CREDENTIALS_INVALID",
-        "client certificate is bound to more than one machine user",
+        "AUTH_REQUIRED",
+        "client certificate is bound to more than one machine user; it authenticates no one",
       );
     }
     const byFingerprint = rows.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);

@@ -7,6 +7,7 @@ import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
@@ -59,17 +60,27 @@ async function whoAmI(
 }
 
 /** The backend's certificate authenticates no one, over Connect and over gRPC, and the refusal names no tenant. */
-async function expectRefused(ts: TestServer, backend: Backend, secrets: string[]): Promise<void> {
+async function expectRefused(ts: TestServer, backend: Backend, hidden: string[]): Promise<void> {
   for (const t of backendTransports(ts, backend)) {
     const r = await rejection(createClient(MachineUserService, t).checkAuthentication({}));
     expect(r.code).toBe(Code.Unauthenticated);
-    expect(r.reason).toBe("CREDENTIALS_INVALID");
-    for (const s of secrets) expect(r.message).not.toContain(s);
+    expect(r.reason).toBe("AUTH_REQUIRED");
+    expect(r.message).toContain("bound to more than one machine user");
+    for (const id of hidden) expect(r.message).not.toContain(id);
   }
 }
 
-/** Headers and trailers that differ per request whatever the answer (gRPC's details carry the request id). */
-const PER_REQUEST = new Set(["x-request-id", "date", "grpc-status-details-bin"]);
+/**
+ * Headers and trailers that differ per request whatever the answer: gRPC's details carry the
+ * request id, and the rate-limit counters count down and the clock runs.
+ */
+const PER_REQUEST = new Set([
+  "x-request-id",
+  "date",
+  "grpc-status-details-bin",
+  "x-ratelimit-remaining",
+  "x-ratelimit-reset",
+]);
 
 /**
  * Everything a refusal tells its caller, minus what differs per request: code, reason,
@@ -99,6 +110,8 @@ async function refusal(promise: Promise<unknown>) {
   return observable((await rejection(promise)).error);
 }
 
+const FAILURE_BUDGET = 5;
+
 describe.each(DATABASES)("certificate identities across tenants on $name", (db) => {
   let ts: TestServer;
   let transport: Transport;
@@ -107,7 +120,11 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
   let attacker: Awaited<ReturnType<typeof tenantWithAdmin>>;
 
   beforeAll(async () => {
-    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    // A small failure budget per IP: a contested certificate must not spend it (see below).
+    ts = await startTestServer(db, {
+      server: { mtls: "optional" },
+      rateLimit: { enabled: true, authFailuresPerIpPerMinute: FAILURE_BUDGET },
+    });
     transport = ts.connect();
     const root = await adminLogin(transport);
     victim = await tenantWithAdmin(transport, root);
@@ -177,6 +194,28 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
     const reissued = await mint(ts, san);
     await bind(victim.token, mine.id, { case: "sha256Fingerprint", value: reissued.fingerprint });
     await expectRefused(ts, reissued, [theirs.id, attacker.tenant.id]);
+  });
+
+  it("does not let another tenant spend the owner's failure budget through a contested certificate", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const mine = await victimMachine();
+    await bind(victim.token, mine.id, { case: "sanUri", value: san });
+    const backend = await mint(ts, san);
+    await bind(attacker.token, (await attackerMachine()).id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    // The owner's backend keeps retrying from its address, past the budget.
+    const conn = createClient(MachineUserService, backendTransports(ts, backend)[0]!);
+    for (let i = 0; i < FAILURE_BUDGET * 2; i++) {
+      expect((await rejection(conn.checkAuthentication({}))).reason).not.toBe("RATE_LIMITED");
+    }
+    // Everything else from that address (here: a password login) is still served.
+    const login = await createClient(UserService, transport).login({
+      username: victim.username,
+      password: "tenant admin password",
+    });
+    expect(login.accessToken).not.toBe("");
   });
 
   it("keeps a fingerprint binding ahead of a SAN URI binding within one tenant", async () => {

@@ -1011,9 +1011,10 @@ export const MachineUserService: GenService<{
    * whether the existing binding is in the caller's tenant or another (no tenant, machine
    * user or binding id is revealed). Precedence, when a certificate matches several
    * bindings (its fingerprint and its SAN URIs): if they are in more than one tenant the
-   * certificate authenticates no one (CREDENTIALS_INVALID), so no tenant can take over
-   * another's certificate; within one tenant a fingerprint binding wins over SAN URI
-   * bindings, and SAN URI bindings naming two machine users refuse it.
+   * certificate authenticates no one (AUTH_REQUIRED, spending no failure budget), so no
+   * tenant can take over another's certificate; within one tenant a fingerprint binding
+   * wins over SAN URI bindings, and SAN URI bindings naming two machine users refuse it
+   * (CREDENTIALS_INVALID).
    *
    * @generated from rpc tessera.v1.MachineUserService.BindCertificate
    */
