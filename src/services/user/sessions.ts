@@ -3,7 +3,7 @@ import type { EntityManager } from "@mikro-orm/knex";
 import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { TesseraError } from "../../errors.js";
-import { RefreshToken, Tenant, User } from "../../storage/entities.js";
+import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
 
 /** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
 export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
@@ -28,20 +28,36 @@ export class SessionIssuer {
     private readonly refreshTtlSeconds: number,
   ) {}
 
-  /** Issue a pair for `user`; `familyId` continues a rotation family. */
-  async issue(em: EntityManager, user: User, familyId: string = randomUUID()): Promise<TokenPair> {
+  /**
+   * Issue a pair for `user`; `familyId` continues a rotation family (a session), else a
+   * new session is opened. The access token names its session (`sid`), so ending the
+   * session refuses it too.
+   */
+  async issue(em: EntityManager, user: User, familyId?: string): Promise<TokenPair> {
+    const sessionId = familyId ?? randomUUID();
+    if (familyId === undefined) {
+      em.create(Session, { id: sessionId, userId: user.id, createdAt: new Date(), revokedAt: null });
+    } else {
+      const session = await em.findOne(Session, { id: familyId });
+      if (session?.revokedAt) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
+      // A family opened by an instance that predates sessions (after the migration's
+      // backfill): give it its row, so that its new access tokens can be checked.
+      if (!session)
+        em.create(Session, { id: familyId, userId: user.id, createdAt: new Date(), revokedAt: null });
+    }
     const access = await this.jwt.issue({
       subject: user.id,
       tenantId: user.tenantId,
       scopes: parseScopeString(user.scopes),
       kind: "user",
       username: user.username,
+      sessionId,
     });
     const refreshToken = REFRESH_TOKEN_PREFIX + randomBytes(32).toString("base64url");
     const refreshTokenExpiresAt = new Date(Date.now() + this.refreshTtlSeconds * 1000);
     em.create(RefreshToken, {
       id: randomUUID(),
-      familyId,
+      familyId: sessionId,
       userId: user.id,
       tokenHash: hashRefreshToken(refreshToken),
       createdAt: new Date(),
@@ -60,7 +76,8 @@ export class SessionIssuer {
 
   /**
    * Spend a refresh token for a new pair. Re-use of a spent token (a sign it was stolen)
-   * revokes the whole family, so both the thief and the victim must log in again.
+   * revokes the whole family and its session, so both the thief and the victim must log
+   * in again: the access tokens either was issued are refused from the next request.
    */
   async rotate(em: EntityManager, refreshToken: string): Promise<TokenPair> {
     const row = refreshToken.startsWith(REFRESH_TOKEN_PREFIX)
@@ -103,12 +120,17 @@ export class SessionIssuer {
     if (row) await this.revokeFamily(em, row.familyId);
   }
 
+  /** End one session: its access tokens first (they are what an attacker holds), then its refresh tokens. */
   async revokeFamily(em: EntityManager, familyId: string): Promise<void> {
-    await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: new Date() });
+    const now = new Date();
+    await em.nativeUpdate(Session, { id: familyId, revokedAt: null }, { revokedAt: now });
+    await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: now });
   }
 
-  /** Revoke every session of a user (password change, disable). */
+  /** End every session of a user (password change or reset, disable). */
   async revokeUser(em: EntityManager, userId: string): Promise<void> {
-    await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: new Date() });
+    const now = new Date();
+    await em.nativeUpdate(Session, { userId, revokedAt: null }, { revokedAt: now });
+    await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: now });
   }
 }
