@@ -4,6 +4,7 @@ import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { TesseraError } from "../../errors.js";
 import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
+import { ApiToken } from "../../storage/token-entities.js";
 
 /** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
 export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
@@ -132,5 +133,13 @@ export class SessionIssuer {
     const now = new Date();
     await em.nativeUpdate(Session, { userId, revokedAt: null }, { revokedAt: now });
     await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: now });
+  }
+
+  /**
+   * Revoke a user's personal access tokens and API keys (`revoke_tokens` of a password
+   * change or reset). Their rows are read on every request, so this applies at once.
+   */
+  async revokeUserTokens(em: EntityManager, userId: string): Promise<void> {
+    await em.nativeUpdate(ApiToken, { ownerUserId: userId, revokedAt: null }, { revokedAt: new Date() });
   }
 }
