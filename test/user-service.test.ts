@@ -208,7 +208,7 @@ describe.each(DATABASES)("UserService on $name", (db) => {
     const { user, token } = await createUser(["cluster:read"]);
     await as(token).getCurrentUser({});
     await as(adminToken).updateUser({ id: user.id, disabled: true });
-    expect((await rejection(as(token).getCurrentUser({}))).reason).toBe("TOKEN_REVOKED");
+    expect((await rejection(as(token).getCurrentUser({}))).reason).toBe("PRINCIPAL_DISABLED");
     await as(adminToken).updateUser({ id: user.id, disabled: false });
     expect((await rejection(as(token).getCurrentUser({}))).reason).toBe("TOKEN_REVOKED");
     const fresh = await anon().login({ username: user.username, password: "correct horse battery" });

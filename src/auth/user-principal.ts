@@ -150,14 +150,12 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
     state: RequestState,
     user: UserAuthState | null,
   ): Principal {
-    if (claims.sid !== undefined) {
-      // Before the user's own state: an ended session stays ended (and says so) even
-      // when the user is disabled, or enabled again after a disable that ended it.
-      if (!user)
-        throw new TesseraError("TOKEN_REVOKED", "the session has ended or its user no longer exists");
-      if (user.sessionRevoked) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
-    }
+    if (claims.sid !== undefined && !user)
+      throw new TesseraError("TOKEN_REVOKED", "the session has ended or its user no longer exists");
     assertUserActive(user);
+    // After the user's own state (a disabled user hears so); an ended session stays ended
+    // when the user is enabled again after a disable that ended it.
+    if (user.sessionRevoked) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
     if (user.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
     state.user = user;

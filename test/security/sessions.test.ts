@@ -186,8 +186,9 @@ describe.each(DATABASES)("sessions end everywhere ($name)", (db) => {
   it("ends the sessions of a disabled user for good: enabling it again does not revive them", async () => {
     const u = await userWithTokens();
     await root.users.updateUser({ id: u.id, disabled: true });
-    for (const login of u.logins) expect(await outcomes(login.accessToken)).toEqual(refused);
-    expect(await outcomes(u.pat)).toEqual(["PRINCIPAL_DISABLED", "PRINCIPAL_DISABLED"]);
+    const disabled = ["PRINCIPAL_DISABLED", "PRINCIPAL_DISABLED"];
+    for (const login of u.logins) expect(await outcomes(login.accessToken)).toEqual(disabled);
+    expect(await outcomes(u.pat)).toEqual(disabled);
     await root.users.updateUser({ id: u.id, disabled: false });
     for (const login of u.logins) expect(await outcomes(login.accessToken)).toEqual(refused);
     const r = await rejection(
