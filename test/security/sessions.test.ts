@@ -3,6 +3,8 @@ import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { SessionIssuer } from "../../src/services/user/sessions.js";
+import { Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, short } from "../machine-fixtures.js";
@@ -203,6 +205,25 @@ describe.each(DATABASES)("sessions end everywhere ($name)", (db) => {
     });
     expect(await outcomes(fresh.accessToken)).toEqual(["ok", "ok"]);
   });
+
+  for (const change of ["password reset", "disable"] as const) {
+    it(`does not let a login that verified the password before a ${change} keep its session`, async () => {
+      // A login reads the user, then spends ~200 ms in PBKDF2: the change lands in between.
+      // Not drivable deterministically over the wire, so the login's last step is run on
+      // the row it read before the change.
+      const u = await user(0);
+      const em = ts.app.storage.em.fork();
+      const readByLogin = await em.findOneOrFail(User, { id: u.id });
+      await root.users.updateUser(
+        change === "disable"
+          ? { id: u.id, disabled: true }
+          : { id: u.id, password: "changed during the login" },
+      );
+      const issuer = new SessionIssuer(ts.app.jwt, 3600);
+      await expect(issuer.issue(em, readByLogin)).rejects.toMatchObject({ reason: "CREDENTIALS_INVALID" });
+      expect(await ts.app.storage.em.fork().count(Session, { userId: u.id, revokedAt: null })).toBe(0);
+    });
+  }
 
   it("keeps accepting a user access token without a session (issued before sessions were tracked)", async () => {
     const u = await user();

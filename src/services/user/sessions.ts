@@ -36,16 +36,16 @@ export class SessionIssuer {
    */
   async issue(em: EntityManager, user: User, familyId?: string): Promise<TokenPair> {
     const sessionId = familyId ?? randomUUID();
-    if (familyId === undefined) {
-      em.create(Session, { id: sessionId, userId: user.id, createdAt: new Date(), revokedAt: null });
-    } else {
+    let opened = familyId === undefined;
+    if (familyId !== undefined) {
       const session = await em.findOne(Session, { id: familyId });
       if (session?.revokedAt) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
       // A family opened by an instance that predates sessions (after the migration's
       // backfill): give it its row, so that its new access tokens can be checked.
-      if (!session)
-        em.create(Session, { id: familyId, userId: user.id, createdAt: new Date(), revokedAt: null });
+      opened = !session;
     }
+    if (opened)
+      em.create(Session, { id: sessionId, userId: user.id, createdAt: new Date(), revokedAt: null });
     const access = await this.jwt.issue({
       subject: user.id,
       tenantId: user.tenantId,
@@ -67,6 +67,19 @@ export class SessionIssuer {
       revokedAt: null,
     });
     await em.flush();
+    // A password change, reset or disable that committed after `user` was read (during a
+    // login's ~200 ms PBKDF2) ended the user's sessions before this one existed: it must
+    // not survive them. Either the change comes before this read (seen here) or its
+    // revocation after the insert above (and covers this session).
+    if (
+      opened &&
+      !(await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false }))
+    ) {
+      await this.revokeFamily(em, sessionId);
+      throw familyId === undefined
+        ? new TesseraError("CREDENTIALS_INVALID", "invalid username or password")
+        : new TesseraError("TOKEN_REVOKED", "the session has ended");
+    }
     return {
       accessToken: access.token,
       accessTokenExpiresAt: access.expiresAt,
