@@ -1,3 +1,6 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
 import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -6,7 +9,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { SessionIssuer } from "../../src/services/user/sessions.js";
 import { Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
-import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { clientFor, DATABASES, startTestServer, type TestDatabase, type TestServer } from "../helpers.js";
 import { adminLogin, short } from "../machine-fixtures.js";
 
 /**
@@ -256,5 +259,56 @@ describe.each(DATABASES)("sessions end everywhere ($name)", (db) => {
     expect(after.invalidations - before.invalidations).toBe(0);
     if (db.name === "sqlite") expect(after.misses - before.misses).toBe(0);
     else expect(after.enabled).toBe(false);
+  });
+});
+
+describe.each(DATABASES)("sessions end on every instance ($name)", (db) => {
+  let dir: string;
+  let a: TestServer;
+  let b: TestServer;
+
+  beforeAll(async () => {
+    // Two servers on one database: a shared PostgreSQL schema, or one SQLite file that
+    // another process writes (seen through PRAGMA data_version).
+    dir = mkdtempSync(join(tmpdir(), "tessera-sessions-"));
+    const url = db.name === "sqlite" ? `sqlite:${join(dir, "tessera.db")}` : db.url();
+    const shared: TestDatabase = { ...db, url: () => url };
+    a = await startTestServer(shared);
+    b = await startTestServer(shared);
+  });
+  afterAll(async () => {
+    await b.close();
+    await a.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** GetCurrentUser on `server` with `token`: "ok" or the refusal's reason. */
+  const outcome = (server: TestServer, token: string) =>
+    clientFor(UserService, server.connect(), token)
+      .getCurrentUser({})
+      .then(
+        () => "ok",
+        async (err: unknown) => (await rejection(Promise.reject(err))).reason,
+      );
+
+  it("refuses on one instance the access token of a session ended through another", async () => {
+    const root = clientFor(UserService, a.connect(), await adminLogin(a.connect()));
+    const username = `inst-${short()}`;
+    await root.createUser({ username, password: PASSWORD, scopes: [] });
+    const login = await createClient(UserService, a.connect()).login({ username, password: PASSWORD });
+    const other = await createClient(UserService, b.connect()).login({ username, password: PASSWORD });
+    for (let i = 0; i < 2; i++) {
+      expect(await outcome(b, login.accessToken)).toBe("ok");
+      expect(await outcome(a, other.accessToken)).toBe("ok");
+    }
+    await createClient(UserService, a.connect()).logout({ refreshToken: login.refreshToken });
+    expect(await outcome(b, login.accessToken)).toBe("TOKEN_REVOKED");
+    expect(await outcome(a, login.accessToken)).toBe("TOKEN_REVOKED");
+    // A password change through the second instance ends the session opened there, on the first.
+    await clientFor(UserService, b.connect(), other.accessToken).changePassword({
+      currentPassword: PASSWORD,
+      newPassword: "changed on the other instance",
+    });
+    expect(await outcome(a, other.accessToken)).toBe("TOKEN_REVOKED");
   });
 });
