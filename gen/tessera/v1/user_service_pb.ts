@@ -610,7 +610,8 @@ export const UserService: GenService<{
     output: typeof LoginResponseSchema;
   },
   /**
-   * Spend a refresh token for a new pair. Re-using a spent one revokes its whole family.
+   * Spend a refresh token for a new pair of the same session. Re-using a spent one ends
+   * the session: its refresh tokens and every access token issued to it.
    *
    * @generated from rpc tessera.v1.UserService.RefreshToken
    */
@@ -620,7 +621,8 @@ export const UserService: GenService<{
     output: typeof RefreshTokenResponseSchema;
   },
   /**
-   * Revoke the refresh-token family of the given refresh token.
+   * End the session of the given refresh token: its refresh tokens and every access token
+   * issued to it.
    *
    * @generated from rpc tessera.v1.UserService.Logout
    */
@@ -640,7 +642,8 @@ export const UserService: GenService<{
     output: typeof GetCurrentUserResponseSchema;
   },
   /**
-   * Change the caller's own password; revokes the caller's refresh tokens.
+   * Change the caller's own password; ends every session of the caller (its refresh and
+   * access tokens included).
    *
    * @generated from rpc tessera.v1.UserService.ChangePassword
    */
