@@ -66,15 +66,19 @@ describe.each(DATABASES)("authentication state cache ($name)", (db) => {
     return { id: user!.id, username, jwt, pat, as };
   }
 
-  /** Every way `u` authenticates, warmed twice, must give `expected` (a reason, or "ok"). */
-  async function expectAll(u: Awaited<ReturnType<typeof user>>, expected: string) {
+  /**
+   * Every way `u` authenticates, warmed twice, must give `expected` (a reason, or "ok");
+   * `jwt` overrides it for the session's access token.
+   */
+  async function expectAll(u: Awaited<ReturnType<typeof user>>, expected: string, jwt = expected) {
     for (const [how, client] of Object.entries(u.as)) {
       for (let i = 0; i < 2; i++) {
+        const want = how === "jwt" ? jwt : expected;
         const outcome = await client.getCurrentUser({}).then(
           () => "ok",
           async (err: unknown) => (await rejection(Promise.reject(err))).reason,
         );
-        expect(`${how}: ${outcome}`).toBe(`${how}: ${expected}`);
+        expect(`${how}: ${outcome}`).toBe(`${how}: ${want}`);
       }
     }
   }
@@ -99,13 +103,13 @@ describe.each(DATABASES)("authentication state cache ($name)", (db) => {
     },
   );
 
-  it("refuses a user disabled through the API on the next request, and accepts it again when enabled", async () => {
+  it("refuses a user disabled through the API on the next request, and accepts it again when enabled (but not its ended session)", async () => {
     const u = await user();
     await expectAll(u, "ok");
     await root.users.updateUser({ id: u.id, disabled: true });
     await expectAll(u, "PRINCIPAL_DISABLED");
     await root.users.updateUser({ id: u.id, disabled: false });
-    await expectAll(u, "ok");
+    await expectAll(u, "ok", "TOKEN_REVOKED");
   });
 
   it("applies a scope change on the next request", async () => {
@@ -181,6 +185,14 @@ describe.each(DATABASES)("authentication state cache ($name)", (db) => {
     await expectAll(u, "PRINCIPAL_DISABLED");
     await app.storage.em.fork().nativeUpdate(User, { id: u.id }, { disabled: false });
     await expectAll(u, "ok");
+  });
+
+  it("refuses a session's access token once its session is revoked with raw SQL", async () => {
+    const u = await user();
+    await expectAll(u, "ok");
+    const sid = JSON.parse(Buffer.from(u.jwt.split(".")[1]!, "base64url").toString()).sid as string;
+    await app.sql.run("update sessions set revoked_at = ? where id = ?", [new Date(), sid]);
+    await expectAll(u, "ok", "TOKEN_REVOKED");
   });
 
   it("never keeps what a transaction wrote and then rolled back", async () => {

@@ -170,6 +170,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       user.passwordHash = await hashSecret(req.newPassword, deps.passwordIterations);
       await em(ctx).flush();
       await sessions.revokeUser(em(ctx), user.id);
+      if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return {};
     },
 
@@ -248,6 +249,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       user.updatedAt = new Date();
       await em(ctx).flush();
       if (revoke) await sessions.revokeUser(em(ctx), user.id);
+      if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return { user: userToProto(user) };
     },
 
