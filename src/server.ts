@@ -94,7 +94,7 @@ function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSource {
 function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
   if (!socket.authorized) return null;
   const cert = socket.getPeerCertificate(false);
-  if (!cert || !cert.raw) return null;
+  if (!cert?.raw) return null;
   const hex = cert.fingerprint256.replace(/:/g, "").toLowerCase();
   const sanUris = (cert.subjectaltname ?? "")
     .split(/,\s*/)

@@ -422,6 +422,26 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     }
   });
 
+  it("refuses a token of an ended session as the asynchronous path does, and at once on SQLite", async () => {
+    const login = await clientFor(UserService, memoryTransport(app)).login({
+      username: "plain",
+      password: "plain user password",
+    });
+    await admitWith(getCurrentUser, `Bearer ${login.accessToken}`).pending;
+    const admitted = admitWith(getCurrentUser, `Bearer ${login.accessToken}`);
+    if (db.name === "sqlite") expect(admitted.pending).toBeUndefined();
+    await admitted.pending;
+    expect(admitted.state.principal?.id).toBe(plain.id);
+    await clientFor(UserService, memoryTransport(app)).logout({ refreshToken: login.refreshToken });
+    const ended = admitWith(getCurrentUser, `Bearer ${login.accessToken}`);
+    if (db.name === "sqlite") expect(ended.pending).toBeUndefined();
+    await ended.pending;
+    const refused = ended.state.admission?.refused;
+    expect(refused).toBeInstanceOf(TesseraError);
+    expect((refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(ended.state.principal).toBeNull();
+  });
+
   it("refuses as the asynchronous path does: missing scopes, a disabled user, an expired token", async () => {
     await admitWith(getCurrentUser, `Bearer ${plain.token}`).pending;
     const denied = admitWith(createTenant, `Bearer ${plain.token}`);
@@ -439,7 +459,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const disabled = admitWith(getCurrentUser, `Bearer ${plain.token}`);
       if (db.name === "sqlite") expect(disabled.pending).toBeUndefined();
       await disabled.pending;
-      expect((disabled.state.admission?.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
+      expect((disabled.state.admission!.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
       expect(disabled.state.principal).toBeNull();
     } finally {
       await admin.updateUser({ id: plain.id, disabled: false });
@@ -452,7 +472,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const expired = admitWith(getCurrentUser, `Bearer ${adminToken}`);
       if (db.name === "sqlite") expect(expired.pending).toBeUndefined();
       await expired.pending;
-      expect((expired.state.admission?.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
+      expect((expired.state.admission!.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
     } finally {
       Date.now = now;
     }

@@ -107,14 +107,14 @@ describe.each(DATABASES)("authentication state cache ($name)", (db) => {
     },
   );
 
-  it("refuses a user disabled through the API on the next request, and accepts it again when enabled", async () => {
+  it("refuses a user disabled through the API on the next request, and accepts it again when enabled (but not its ended session)", async () => {
     const u = await user();
     await expectAll(u, "ok");
     await root.users.updateUser({ id: u.id, disabled: true });
     // Basic answers a disabled account's correct password like a wrong one (no oracle).
     await expectAll(u, "PRINCIPAL_DISABLED", { basic: "CREDENTIALS_INVALID" });
     await root.users.updateUser({ id: u.id, disabled: false });
-    await expectAll(u, "ok");
+    await expectAll(u, "ok", { jwt: "TOKEN_REVOKED" });
   });
 
   it("applies a scope change on the next request", async () => {
@@ -191,6 +191,14 @@ describe.each(DATABASES)("authentication state cache ($name)", (db) => {
     await expectAll(u, "PRINCIPAL_DISABLED", { basic: "CREDENTIALS_INVALID" });
     await app.storage.em.fork().nativeUpdate(User, { id: u.id }, { disabled: false });
     await expectAll(u, "ok");
+  });
+
+  it("refuses a session's access token once its session is revoked with raw SQL", async () => {
+    const u = await user();
+    await expectAll(u, "ok");
+    const sid = JSON.parse(Buffer.from(u.jwt.split(".")[1]!, "base64url").toString()).sid as string;
+    await app.sql.run("update sessions set revoked_at = ? where id = ?", [new Date(), sid]);
+    await expectAll(u, "ok", { jwt: "TOKEN_REVOKED" });
   });
 
   it("never keeps what a transaction wrote and then rolled back", async () => {

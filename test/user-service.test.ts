@@ -204,13 +204,15 @@ describe.each(DATABASES)("UserService on $name", (db) => {
     );
   });
 
-  it("stops a disabled user's access token on the next request and re-enables it", async () => {
+  it("stops a disabled user's access token on the next request, and re-enabling does not revive its session", async () => {
     const { user, token } = await createUser(["cluster:read"]);
     await as(token).getCurrentUser({});
     await as(adminToken).updateUser({ id: user.id, disabled: true });
     expect((await rejection(as(token).getCurrentUser({}))).reason).toBe("PRINCIPAL_DISABLED");
     await as(adminToken).updateUser({ id: user.id, disabled: false });
-    await expect(as(token).getCurrentUser({})).resolves.toBeDefined();
+    expect((await rejection(as(token).getCurrentUser({}))).reason).toBe("TOKEN_REVOKED");
+    const fresh = await anon().login({ username: user.username, password: "correct horse battery" });
+    await expect(as(fresh.accessToken).getCurrentUser({})).resolves.toBeDefined();
   });
 
   it("stops a deleted user's access token on the next request", async () => {

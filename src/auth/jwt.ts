@@ -32,6 +32,12 @@ export interface AccessTokenClaims extends JWTPayload {
   /** Principal kind: "user" or "machine". */
   pk: "user" | "machine";
   preferred_username?: string;
+  /**
+   * Session id (a user's refresh-token family, OpenID Connect `sid`): the token is refused
+   * once that session is revoked. Absent from machine tokens and from user tokens issued
+   * before sessions were tracked.
+   */
+  sid?: string;
   /** RFC 8705 certificate binding. */
   cnf?: { "x5t#S256": string };
 }
@@ -43,6 +49,8 @@ export interface IssueAccessToken {
   scopes: readonly string[];
   kind: "user" | "machine";
   username?: string;
+  /** The session (refresh-token family) the token belongs to: its `sid` claim. */
+  sessionId?: string;
   /** base64url SHA-256 of the client certificate (RFC 8705 x5t#S256). */
   certificateThumbprint?: string;
   /** Override the configured lifetime (seconds). */
@@ -230,6 +238,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
         pk: claims.kind,
       };
       if (claims.username) payload.preferred_username = claims.username;
+      if (claims.sessionId) payload.sid = claims.sessionId;
       if (claims.certificateThumbprint) payload.cnf = { "x5t#S256": claims.certificateThumbprint };
       const token = await new SignJWT(payload)
         .setProtectedHeader({ alg: signing.alg, kid: signing.kid, typ: ACCESS_TOKEN_TYP })
@@ -271,7 +280,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       if (
         typeof payload.tid !== "string" ||
         typeof payload.scope !== "string" ||
-        (payload.pk !== "user" && payload.pk !== "machine")
+        (payload.pk !== "user" && payload.pk !== "machine") ||
+        (payload.sid !== undefined && typeof payload.sid !== "string")
       ) {
         throw new TesseraError("TOKEN_INVALID", "access token lacks Tessera claims");
       }

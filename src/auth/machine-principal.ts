@@ -150,9 +150,14 @@ export class MachineStateReader {
   }
 
   /**
-   * The machine user a verified client certificate is bound to: a fingerprint binding
-   * wins over SAN URI bindings; SAN URIs naming two different machine users are refused
-   * rather than guessed between. Null when the certificate is bound to no one.
+   * The machine user a verified client certificate is bound to. All the bindings that
+   * match it (its fingerprint, any of its SAN URIs) must be in one tenant, or it
+   * authenticates no one: nothing at bind time can tell the certificate's owner from
+   * another tenant that bound its public fingerprint or a guessable SAN URI, and every
+   * rule that picks a winner between tenants (by kind, by age) hands some certificate to
+   * the tenant that did not issue it. Within the tenant a fingerprint binding wins over SAN
+   * URI bindings; SAN URIs naming two different machine users are refused rather than
+   * guessed between. Null when the certificate is bound to no one.
    */
   async byCertificate(
     certificate: PeerCertificateInfo,
@@ -163,6 +168,15 @@ export class MachineStateReader {
       ...sans,
     ]);
     if (rows.length === 0) return null;
+    if (rows.some((r) => r.tenant_id !== rows[0]!.tenant_id)) {
+      // AUTH_REQUIRED, not CREDENTIALS_INVALID: nothing was guessed, and a refusal that spent
+      // the IP's failure budget would let the other tenant lock the owner's address out.
+      // The message names no tenant.
+      throw new TesseraError(
+        "AUTH_REQUIRED",
+        "client certificate is bound to more than one machine user; it authenticates no one",
+      );
+    }
     const byFingerprint = rows.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
     const chosen = byFingerprint.length > 0 ? byFingerprint : rows;
     const machineIds = new Set(chosen.map((r) => r.id));

@@ -19,6 +19,11 @@ export interface UserAuthState {
   tenantDisabled: boolean;
   passwordHash: string;
   createdAt: number;
+  /**
+   * Read with a session ({@link UserStateReader.bySession}): whether that session has
+   * been revoked. Always false for a row read without one.
+   */
+  sessionRevoked: boolean;
 }
 
 interface UserRow {
@@ -30,6 +35,8 @@ interface UserRow {
   tenant_disabled: unknown;
   password_hash: string;
   created_at: unknown;
+  /** Present only in rows read with a session. */
+  session_revoked_at?: unknown;
 }
 
 const SELECT =
@@ -37,6 +44,18 @@ const SELECT =
   "from users u join tenants t on t.id = u.tenant_id where ";
 const BY_ID = `${SELECT}u.id = ?`;
 const BY_USERNAME = `${SELECT}u.username = ?`;
+/**
+ * The user's state and its session's, in one statement (one indexed look-up each, one
+ * state-cache entry per session): checking the session costs the hot path nothing more
+ * than the user's row did. An inner join: an unknown session reads as no row at all,
+ * which the state cache never keeps (so inserting a session need not empty the cache,
+ * see STATE_TABLES).
+ */
+const BY_SESSION =
+  "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, " +
+  "t.disabled as tenant_disabled, s.revoked_at as session_revoked_at " +
+  "from users u join tenants t on t.id = u.tenant_id join sessions s on s.user_id = u.id " +
+  "where u.id = ? and s.id = ?";
 
 /** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
 const derived = new WeakMap<UserRow, UserAuthState>();
@@ -62,6 +81,7 @@ function deriveState(row: UserRow): UserAuthState {
     tenantDisabled: toBool(row.tenant_disabled),
     passwordHash: row.password_hash,
     createdAt: toMillis(row.created_at) ?? 0,
+    sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
   });
 }
 
@@ -82,6 +102,17 @@ export class UserStateReader {
     return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_ID, [id]));
   }
 
+  /** The user `id` with the state of its session `sid`; null when either does not exist. */
+  async bySession(id: string, sid: string): Promise<UserAuthState | null> {
+    return toState(await this.sql.cachedGet<UserRow>(BY_SESSION, [id, sid]));
+  }
+
+  /** {@link bySession} answered synchronously where the store allows it (see {@link byIdNow}). */
+  bySessionNow(id: string, sid: string): UserAuthState | null | undefined {
+    const sync = this.sql.sync;
+    return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
+  }
+
   async byUsername(username: string): Promise<UserAuthState | null> {
     return toState(await this.sql.cachedGet<UserRow>(BY_USERNAME, [username]));
   }
@@ -95,14 +126,21 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
 }
 
 /**
- * Loader for user access tokens: the user must still exist and be enabled, and the
- * token's scopes are cut down to what the user still holds.
+ * Loader for user access tokens: the user must still exist and be enabled, the token's
+ * session (`sid`) must not have ended, and the token's scopes are cut down to what the
+ * user still holds. Tokens without `sid` (issued before sessions were tracked) are
+ * checked against the user alone.
  */
 export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
   const loader: ClaimsLoader = async (claims, state) =>
-    principalOf(claims, state, await users.byId(claims.sub));
+    principalOf(
+      claims,
+      state,
+      claims.sid === undefined ? await users.byId(claims.sub) : await users.bySession(claims.sub, claims.sid),
+    );
   loader.now = (claims, state) => {
-    const user = users.byIdNow(claims.sub);
+    const user =
+      claims.sid === undefined ? users.byIdNow(claims.sub) : users.bySessionNow(claims.sub, claims.sid);
     return user === undefined ? undefined : principalOf(claims, state, user);
   };
   return loader;
@@ -112,7 +150,12 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
     state: RequestState,
     user: UserAuthState | null,
   ): Principal {
+    if (claims.sid !== undefined && !user)
+      throw new TesseraError("TOKEN_REVOKED", "the session has ended or its user no longer exists");
     assertUserActive(user);
+    // After the user's own state (a disabled user hears so); an ended session stays ended
+    // when the user is enabled again after a disable that ended it.
+    if (user.sessionRevoked) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
     if (user.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
     state.user = user;

@@ -88,6 +88,30 @@ export const RefreshTokenSchema = new EntitySchema<RefreshToken>({
   },
 });
 
+/**
+ * A session: one login, i.e. one refresh-token family (`id` is the family id). Access
+ * tokens issued to it carry `id` as their `sid` claim and are refused once `revokedAt` is
+ * set (logout, refresh-token reuse, password change or reset, disabling the user). A
+ * revoked session never comes back: re-enabling a user does not clear `revokedAt`.
+ */
+export class Session {
+  id!: string;
+  userId!: string;
+  createdAt: Date = new Date();
+  revokedAt?: Date | null = null;
+}
+
+export const SessionSchema = new EntitySchema<Session>({
+  class: Session,
+  tableName: "sessions",
+  properties: {
+    id: { type: "string", primary: true, length: 36 },
+    userId: { type: "string", length: 36, index: true },
+    createdAt: { type: "Date" },
+    revokedAt: { type: "Date", nullable: true },
+  },
+});
+
 /** An asymmetric JWT signing key (JWK). Retired keys keep verifying until their tokens expire. */
 export class SigningKey {
   kid!: string;
@@ -148,10 +172,12 @@ export const AuditEventSchema = new EntitySchema<AuditEvent>({
  * Entity schemas registered with the ORM. Feature modules append theirs here
  * (one line each) so initORM stays the single place that knows them all.
  */
+// biome-ignore lint/suspicious/noExplicitAny: schemas of different entity types share one list
 export const ENTITIES: EntitySchema<any>[] = [
   TenantSchema,
   UserSchema,
   RefreshTokenSchema,
+  SessionSchema,
   SigningKeySchema,
   AuditEventSchema,
   ApiTokenSchema,

@@ -121,7 +121,8 @@ export const MachineUserApplicationSchema = new EntitySchema<MachineUserApplicat
 /**
  * A client certificate tied to a machine user, by SHA-256 fingerprint (one certificate)
  * or by URI SAN (every certificate carrying it). Exactly one of the two is set; each is
- * unique across all tenants, so a certificate identifies at most one machine user.
+ * unique across all tenants. A certificate matching bindings in two tenants authenticates
+ * no one (MachineStateReader.byCertificate).
  */
 export class MachineUserCertificate {
   id!: string;

@@ -47,20 +47,31 @@ export interface StateCacheStats {
 }
 
 /**
- * Tables whose rows decide who may authenticate: users, tenants, tokens, machine users
- * with their credentials, applications and certificate bindings. A statement read through
+ * Tables whose rows decide who may authenticate: users, tenants, user sessions, tokens,
+ * machine users with their credentials, applications and certificate bindings. A statement read through
  * {@link SqlRunner.cachedGet} may only read these (checked on its first use), because only
  * changes to these tables invalidate the cache.
  */
 export const STATE_TABLES = [
   "users",
   "tenants",
+  "sessions",
   "api_tokens",
   "machine_users",
   "machine_credentials",
   "machine_user_applications",
   "machine_user_certificates",
 ] as const;
+
+/**
+ * Watched tables whose inserts do not empty the state cache. Every login inserts a
+ * session, and emptying the whole cache on each would make it useless under login load.
+ * Sound because the cache only keeps rows found (an insert cannot make a kept answer
+ * stale: a new session row is read only under its own, never-seen id), and the one
+ * statement reading `sessions` (user-principal.ts) inner-joins it, so an unknown session
+ * is no row and is never kept. Updates (revocation) and deletes still empty it.
+ */
+const INSERT_EXEMPT: ReadonlySet<string> = new Set(["sessions"]);
 
 /** Options of {@link createSqlRunner}. */
 export interface SqlRunnerOptions {
@@ -208,6 +219,7 @@ class StateCache {
     });
     for (const table of STATE_TABLES) {
       for (const op of ["insert", "update", "delete"]) {
+        if (op === "insert" && INSERT_EXEMPT.has(table)) continue;
         db.exec(
           `create temp trigger if not exists tessera_state_${table}_${op} after ${op} on main.${table} ` +
             "begin select tessera_state_changed(); end",

@@ -1013,7 +1013,15 @@ export const MachineUserService: GenService<{
   /**
    * Tie a client certificate (by SHA-256 fingerprint, or by a URI SAN such as a SPIFFE
    * id) to a machine user: a connection presenting it, with no header, authenticates as
-   * that machine user. A fingerprint or SAN URI can be bound to one machine user only.
+   * that machine user. A fingerprint or SAN URI can be bound to one machine user only, in
+   * any tenant: binding one already bound anywhere is AlreadyExists, answered exactly alike
+   * whether the existing binding is in the caller's tenant or another (no tenant, machine
+   * user or binding id is revealed). Precedence, when a certificate matches several
+   * bindings (its fingerprint and its SAN URIs): if they are in more than one tenant the
+   * certificate authenticates no one (AUTH_REQUIRED, spending no failure budget), so no
+   * tenant can take over another's certificate; within one tenant a fingerprint binding
+   * wins over SAN URI bindings, and SAN URI bindings naming two machine users refuse it
+   * (CREDENTIALS_INVALID).
    *
    * @generated from rpc tessera.v1.MachineUserService.BindCertificate
    */

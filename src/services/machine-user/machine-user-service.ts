@@ -430,6 +430,8 @@ export function createMachineUserService(
       const taken = sha256Fingerprint
         ? await e.count(MachineUserCertificate, { sha256Fingerprint })
         : await e.count(MachineUserCertificate, { sanUri });
+      // Identities are unique across tenants (a certificate names one principal); the refusal
+      // is the same whichever tenant holds the binding, so it reveals no tenant, user or id.
       const conflict = "this certificate identity is already bound to a machine user";
       if (taken) throw errors.alreadyExists(conflict);
       const binding = e.create(MachineUserCertificate, {

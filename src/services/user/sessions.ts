@@ -3,7 +3,8 @@ import type { EntityManager } from "@mikro-orm/knex";
 import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { TesseraError } from "../../errors.js";
-import { RefreshToken, Tenant, User } from "../../storage/entities.js";
+import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
+import { ApiToken } from "../../storage/token-entities.js";
 
 /** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
 export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
@@ -28,20 +29,36 @@ export class SessionIssuer {
     private readonly refreshTtlSeconds: number,
   ) {}
 
-  /** Issue a pair for `user`; `familyId` continues a rotation family. */
-  async issue(em: EntityManager, user: User, familyId: string = randomUUID()): Promise<TokenPair> {
+  /**
+   * Issue a pair for `user`; `familyId` continues a rotation family (a session), else a
+   * new session is opened. The access token names its session (`sid`), so ending the
+   * session refuses it too.
+   */
+  async issue(em: EntityManager, user: User, familyId?: string): Promise<TokenPair> {
+    const sessionId = familyId ?? randomUUID();
+    let opened = familyId === undefined;
+    if (familyId !== undefined) {
+      const session = await em.findOne(Session, { id: familyId });
+      if (session?.revokedAt) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
+      // A family opened by an instance that predates sessions (after the migration's
+      // backfill): give it its row, so that its new access tokens can be checked.
+      opened = !session;
+    }
+    if (opened)
+      em.create(Session, { id: sessionId, userId: user.id, createdAt: new Date(), revokedAt: null });
     const access = await this.jwt.issue({
       subject: user.id,
       tenantId: user.tenantId,
       scopes: parseScopeString(user.scopes),
       kind: "user",
       username: user.username,
+      sessionId,
     });
     const refreshToken = REFRESH_TOKEN_PREFIX + randomBytes(32).toString("base64url");
     const refreshTokenExpiresAt = new Date(Date.now() + this.refreshTtlSeconds * 1000);
     em.create(RefreshToken, {
       id: randomUUID(),
-      familyId,
+      familyId: sessionId,
       userId: user.id,
       tokenHash: hashRefreshToken(refreshToken),
       createdAt: new Date(),
@@ -50,6 +67,19 @@ export class SessionIssuer {
       revokedAt: null,
     });
     await em.flush();
+    // A password change, reset or disable that committed after `user` was read (during a
+    // login's ~200 ms PBKDF2) ended the user's sessions before this one existed: it must
+    // not survive them. Either the change comes before this read (seen here) or its
+    // revocation after the insert above (and covers this session).
+    if (
+      opened &&
+      !(await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false }))
+    ) {
+      await this.revokeFamily(em, sessionId);
+      throw familyId === undefined
+        ? new TesseraError("CREDENTIALS_INVALID", "invalid username or password")
+        : new TesseraError("TOKEN_REVOKED", "the session has ended");
+    }
     return {
       accessToken: access.token,
       accessTokenExpiresAt: access.expiresAt,
@@ -60,7 +90,8 @@ export class SessionIssuer {
 
   /**
    * Spend a refresh token for a new pair. Re-use of a spent token (a sign it was stolen)
-   * revokes the whole family, so both the thief and the victim must log in again.
+   * revokes the whole family and its session, so both the thief and the victim must log
+   * in again: the access tokens either was issued are refused from the next request.
    */
   async rotate(em: EntityManager, refreshToken: string): Promise<TokenPair> {
     const row = refreshToken.startsWith(REFRESH_TOKEN_PREFIX)
@@ -103,12 +134,25 @@ export class SessionIssuer {
     if (row) await this.revokeFamily(em, row.familyId);
   }
 
+  /** End one session: its access tokens first (they are what an attacker holds), then its refresh tokens. */
   async revokeFamily(em: EntityManager, familyId: string): Promise<void> {
-    await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: new Date() });
+    const now = new Date();
+    await em.nativeUpdate(Session, { id: familyId, revokedAt: null }, { revokedAt: now });
+    await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: now });
   }
 
-  /** Revoke every session of a user (password change, disable). */
+  /** End every session of a user (password change or reset, disable). */
   async revokeUser(em: EntityManager, userId: string): Promise<void> {
-    await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: new Date() });
+    const now = new Date();
+    await em.nativeUpdate(Session, { userId, revokedAt: null }, { revokedAt: now });
+    await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: now });
+  }
+
+  /**
+   * Revoke a user's personal access tokens and API keys (`revoke_tokens` of a password
+   * change or reset). Their rows are read on every request, so this applies at once.
+   */
+  async revokeUserTokens(em: EntityManager, userId: string): Promise<void> {
+    await em.nativeUpdate(ApiToken, { ownerUserId: userId, revokedAt: null }, { revokedAt: new Date() });
   }
 }

@@ -172,6 +172,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       user.passwordHash = await hashSecret(req.newPassword, deps.passwordIterations);
       await em(ctx).flush();
       await sessions.revokeUser(em(ctx), user.id);
+      if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return {};
     },
 
@@ -247,6 +248,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // Committed only if the user still holds what was checked (or what this sets).
       await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush());
       if (revoke) await sessions.revokeUser(em(ctx), user.id);
+      if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return { user: userToProto(user) };
     },
 

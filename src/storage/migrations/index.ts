@@ -2,6 +2,7 @@ import type { MigrationObject } from "@mikro-orm/core";
 import { Migration20261123000000_foundation } from "./Migration20261123000000_foundation.js";
 import { Migration20261123100000_tokens } from "./Migration20261123100000_tokens.js";
 import { Migration20261123110000_machine_users } from "./Migration20261123110000_machine_users.js";
+import { Migration20261204200000_sessions } from "./Migration20261204200000_sessions.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -12,4 +13,5 @@ export const MIGRATIONS: MigrationObject[] = [
   { name: "Migration20261123000000_foundation", class: Migration20261123000000_foundation },
   { name: "Migration20261123100000_tokens", class: Migration20261123100000_tokens },
   { name: "Migration20261123110000_machine_users", class: Migration20261123110000_machine_users },
+  { name: "Migration20261204200000_sessions", class: Migration20261204200000_sessions },
 ];

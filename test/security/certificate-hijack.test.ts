@@ -1,0 +1,322 @@
+import { X509Certificate } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { createClientCertificate } from "../../src/certs/dev-ca.js";
+import { Code, rejection } from "../errors-util.js";
+import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+
+/**
+ * Issue #18, item 2 (and the certificate part of item 10): a certificate identity bound in
+ * one tenant can be neither taken over nor probed from another. The attacker is a tenant
+ * administrator (admin:machine-users) of tenant B; the victim is tenant A's backend, which
+ * presents only its client certificate (whose fingerprint is public: it is sent in every
+ * handshake).
+ */
+
+interface Backend {
+  cert: Buffer;
+  key: Buffer;
+  fingerprint: string;
+}
+
+async function mint(ts: TestServer, sanUri?: string): Promise<Backend> {
+  const out = join(mkdtempSync(join(tmpdir(), "tessera-hijack-")), "backend");
+  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
+  const cert = readFileSync(join(out, "client.crt"));
+  return {
+    cert,
+    key: readFileSync(join(out, "client.key")),
+    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
+  };
+}
+
+function backendTransports(ts: TestServer, backend: Backend): Transport[] {
+  const nodeOptions = { ca: ts.certs.ca, cert: backend.cert, key: backend.key };
+  return [
+    createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", nodeOptions }),
+    createGrpcTransport({ baseUrl: ts.server.url, nodeOptions }),
+  ];
+}
+
+/** What the backend's certificate alone authenticates as, over Connect and over gRPC. */
+async function whoAmI(
+  ts: TestServer,
+  backend: Backend,
+): Promise<{ machineUserId: string; tenantId: string }[]> {
+  const out = [];
+  for (const t of backendTransports(ts, backend)) {
+    const res = await createClient(MachineUserService, t).checkAuthentication({});
+    out.push({ machineUserId: res.machineUserId, tenantId: res.tenantId });
+  }
+  return out;
+}
+
+/** The backend's certificate authenticates no one, over Connect and over gRPC, and the refusal names no tenant. */
+async function expectRefused(ts: TestServer, backend: Backend, hidden: string[]): Promise<void> {
+  for (const t of backendTransports(ts, backend)) {
+    const r = await rejection(createClient(MachineUserService, t).checkAuthentication({}));
+    expect(r.code).toBe(Code.Unauthenticated);
+    expect(r.reason).toBe("AUTH_REQUIRED");
+    expect(r.message).toContain("bound to more than one machine user");
+    for (const id of hidden) expect(r.message).not.toContain(id);
+  }
+}
+
+/**
+ * Headers and trailers that differ per request whatever the answer: gRPC's details carry the
+ * request id, and the rate-limit counters count down and the clock runs.
+ */
+const PER_REQUEST = new Set([
+  "x-request-id",
+  "date",
+  "grpc-status-details-bin",
+  "x-ratelimit-remaining",
+  "x-ratelimit-reset",
+]);
+
+/**
+ * Everything a refusal tells its caller, minus what differs per request: code, reason,
+ * message, the details (ErrorInfo without its request id) and every other header and trailer.
+ */
+function observable(err: ConnectError) {
+  const info = err.findDetails(ErrorInfoSchema)[0];
+  const metadata: [string, string][] = [];
+  err.metadata.forEach((value, key) => {
+    if (!PER_REQUEST.has(key)) metadata.push([key, value]);
+  });
+  const infoMetadata = Object.fromEntries(
+    Object.entries(info?.metadata ?? {}).filter(([k]) => k !== "requestId" && k !== "request_id"),
+  );
+  return {
+    code: err.code,
+    reason: info?.reason,
+    domain: info?.domain,
+    infoMetadata,
+    message: err.rawMessage,
+    details: err.details.map((d) => ("type" in d ? d.type : d.desc.typeName)),
+    metadata: metadata.sort(),
+  };
+}
+
+async function refusal(promise: Promise<unknown>) {
+  return observable((await rejection(promise)).error);
+}
+
+const FAILURE_BUDGET = 5;
+
+describe.each(DATABASES)("certificate identities across tenants on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  /** Tenant A (the victim) and tenant B (the attacker), each with its own administrator. */
+  let victim: Awaited<ReturnType<typeof tenantWithAdmin>>;
+  let attacker: Awaited<ReturnType<typeof tenantWithAdmin>>;
+
+  beforeAll(async () => {
+    // A small failure budget per IP: a contested certificate must not spend it (see below).
+    ts = await startTestServer(db, {
+      server: { mtls: "optional" },
+      rateLimit: { enabled: true, authFailuresPerIpPerMinute: FAILURE_BUDGET },
+    });
+    transport = ts.connect();
+    const root = await adminLogin(transport);
+    victim = await tenantWithAdmin(transport, root);
+    attacker = await tenantWithAdmin(transport, root);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  const victimMachine = async () =>
+    (await bearerMachine(transport, victim.token, [victim.application.id])).machine;
+  const attackerMachine = async () =>
+    (await bearerMachine(transport, attacker.token, [attacker.application.id])).machine;
+  const bind = (token: string, machineUserId: string, identity: Identity) =>
+    clients(transport, token).machines.bindCertificate({ machineUserId, identity });
+  type Identity = { case: "sha256Fingerprint"; value: string } | { case: "sanUri"; value: string };
+  type UnbindIdentity = Identity | { case: "bindingId"; value: string };
+
+  it("never lets another tenant's fingerprint binding take over a certificate whose SAN URI its owner bound: it is refused until that binding is gone", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const mine = await victimMachine();
+    await bind(victim.token, mine.id, { case: "sanUri", value: san });
+    const backend = await mint(ts, san);
+    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+
+    // The fingerprint is public (sent in every handshake) and a different identity from the
+    // SAN URI, so the bind cannot be refused; the certificate it names then authenticates no one.
+    const theirs = await attackerMachine();
+    const { binding } = await bind(attacker.token, theirs.id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    await expectRefused(ts, backend, [theirs.id, attacker.tenant.id, victim.tenant.id]);
+
+    // Once the foreign binding is gone the certificate is its owner's again.
+    await clients(transport, attacker.token).machines.unbindCertificate({
+      machineUserId: theirs.id,
+      identity: { case: "bindingId", value: binding!.id },
+    });
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+  });
+
+  it("refuses a certificate whose fingerprint another tenant bound before its owner bound its SAN URI", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const backend = await mint(ts, san);
+    const theirs = await attackerMachine();
+    await bind(attacker.token, theirs.id, { case: "sha256Fingerprint", value: backend.fingerprint });
+    const mine = await victimMachine();
+    await bind(victim.token, mine.id, { case: "sanUri", value: san });
+    await expectRefused(ts, backend, [theirs.id, attacker.tenant.id]);
+  });
+
+  it("refuses a certificate whose fingerprint its owner bound once another tenant binds a SAN URI it carries", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const mine = await victimMachine();
+    const backend = await mint(ts, san);
+    await bind(victim.token, mine.id, { case: "sha256Fingerprint", value: backend.fingerprint });
+    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+
+    // Whoever bound first, a winner picked between two tenants' claims could be the wrong one
+    // (here: the owner's next certificate with this SAN URI, before its fingerprint is bound).
+    const theirs = await attackerMachine();
+    await bind(attacker.token, theirs.id, { case: "sanUri", value: san });
+    await expectRefused(ts, backend, [theirs.id, attacker.tenant.id]);
+    const reissued = await mint(ts, san);
+    await bind(victim.token, mine.id, { case: "sha256Fingerprint", value: reissued.fingerprint });
+    await expectRefused(ts, reissued, [theirs.id, attacker.tenant.id]);
+  });
+
+  it("does not let another tenant spend the owner's failure budget through a contested certificate", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const mine = await victimMachine();
+    await bind(victim.token, mine.id, { case: "sanUri", value: san });
+    const backend = await mint(ts, san);
+    await bind(attacker.token, (await attackerMachine()).id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    // The owner's backend keeps retrying from its address, past the budget.
+    const conn = createClient(MachineUserService, backendTransports(ts, backend)[0]!);
+    for (let i = 0; i < FAILURE_BUDGET * 2; i++) {
+      expect((await rejection(conn.checkAuthentication({}))).reason).not.toBe("RATE_LIMITED");
+    }
+    // Everything else from that address (here: a password login) is still served.
+    const login = await createClient(UserService, transport).login({
+      username: victim.username,
+      password: "tenant admin password",
+    });
+    expect(login.accessToken).not.toBe("");
+  });
+
+  it("keeps a fingerprint binding ahead of a SAN URI binding within one tenant", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const fleet = await victimMachine();
+    const special = await victimMachine();
+    await bind(victim.token, fleet.id, { case: "sanUri", value: san });
+    const backend = await mint(ts, san);
+    await bind(victim.token, special.id, { case: "sha256Fingerprint", value: backend.fingerprint });
+    const expected = { machineUserId: special.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+  });
+
+  for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
+    it(`refuses a ${kind} already bound in another tenant exactly as one already bound in the caller's own`, async () => {
+      const san = `spiffe://victim.example/${short()}`;
+      const backend = await mint(ts, san);
+      const identity: Identity =
+        kind === "sanUri"
+          ? { case: "sanUri", value: san }
+          : { case: "sha256Fingerprint", value: backend.fingerprint };
+      const mine = await victimMachine();
+      await bind(victim.token, mine.id, identity);
+
+      // The same identity again: by the attacker (other tenant) and by the victim itself (own tenant).
+      const elsewhere = await refusal(bind(attacker.token, (await attackerMachine()).id, identity));
+      const ownTenant = await refusal(bind(victim.token, (await victimMachine()).id, identity));
+      const sameUser = await refusal(bind(victim.token, mine.id, identity));
+      expect(elsewhere.code).toBe(Code.AlreadyExists);
+      expect(elsewhere.reason).toBe("ALREADY_EXISTS");
+      expect(elsewhere).toEqual(ownTenant);
+      expect(elsewhere).toEqual(sameUser);
+      for (const leak of [victim.tenant.id, mine.id]) expect(JSON.stringify(elsewhere)).not.toContain(leak);
+
+      // Over gRPC as well.
+      const grpcBind = (token: string, machineUserId: string) =>
+        clients(ts.grpc(), token).machines.bindCertificate({ machineUserId, identity });
+      const grpcElsewhere = await refusal(grpcBind(attacker.token, (await attackerMachine()).id));
+      const grpcOwn = await refusal(grpcBind(victim.token, (await victimMachine()).id));
+      expect(grpcElsewhere.code).toBe(Code.AlreadyExists);
+      expect(grpcElsewhere).toEqual(grpcOwn);
+
+      // Nothing was bound: the owner's certificate is still its own.
+      const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+      expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+    });
+  }
+
+  it("answers the loser of concurrent binds of one identity from two tenants exactly like a bind made after", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const later = await refusal(
+      (async () => {
+        await bind(victim.token, (await victimMachine()).id, { case: "sanUri", value: san });
+        return bind(attacker.token, (await attackerMachine()).id, { case: "sanUri", value: san });
+      })(),
+    );
+    expect(later.code).toBe(Code.AlreadyExists);
+    // Several races, so some losers pass the existence check and meet the unique constraint.
+    for (let i = 0; i < 4; i++) {
+      const identity: Identity = { case: "sanUri", value: `spiffe://race.example/${short()}` };
+      const [a, b] = [await victimMachine(), await attackerMachine()];
+      const results = await Promise.allSettled([
+        bind(victim.token, a.id, identity),
+        bind(attacker.token, b.id, identity),
+      ]);
+      const lost = results.filter((r) => r.status === "rejected");
+      expect(lost).toHaveLength(1);
+      expect(observable(ConnectError.from((lost[0] as PromiseRejectedResult).reason))).toEqual(later);
+    }
+  });
+
+  it("answers the attacker's unbind of the victim's binding NotFound, exactly like a binding that does not exist", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const mine = await victimMachine();
+    const backend = await mint(ts, san);
+    const bySan = await bind(victim.token, mine.id, { case: "sanUri", value: san });
+    const other = await mint(ts);
+    const byFp = await bind(victim.token, mine.id, { case: "sha256Fingerprint", value: other.fingerprint });
+    const theirs = await attackerMachine();
+    const attackerClient = clients(transport, attacker.token).machines;
+    const unbind = (machineUserId: string, identity: UnbindIdentity) =>
+      attackerClient.unbindCertificate({ machineUserId, identity });
+
+    const absent = await refusal(
+      unbind(theirs.id, { case: "bindingId", value: "00000000-0000-4000-8000-000000000000" }),
+    );
+    expect(absent.code).toBe(Code.NotFound);
+    const attempts: UnbindIdentity[] = [
+      { case: "bindingId", value: bySan.binding!.id },
+      { case: "bindingId", value: byFp.binding!.id },
+      { case: "sanUri", value: san },
+      { case: "sha256Fingerprint", value: other.fingerprint },
+    ];
+    for (const identity of attempts) expect(await refusal(unbind(theirs.id, identity))).toEqual(absent);
+    // Naming the victim's machine user: it is invisible, NotFound like any unknown id.
+    const invisible = await rejection(unbind(mine.id, { case: "bindingId", value: bySan.binding!.id }));
+    expect(invisible.code).toBe(Code.NotFound);
+
+    // Both bindings are intact: the victim's certificates still authenticate as its machine user.
+    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+    expect(await whoAmI(ts, other)).toEqual([expected, expected]);
+  });
+});
