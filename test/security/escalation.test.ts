@@ -82,6 +82,7 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
         await denied(u.updateUser({ id: rootId, disabled: true }));
         await denied(u.updateUser({ id: rootId, scopes: { scopes: [] } }));
         await denied(u.updateUser({ id: rootId, scopes: { scopes: [scope] } }));
+        await denied(u.updateUser({ id: rootId, revokeTokens: true }));
         await denied(u.deleteUser({ id: rootId }));
         // Untouched: the old password still signs in, as a `*` admin.
         const again = await createClient(UserService, t).login({

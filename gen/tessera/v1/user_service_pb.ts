@@ -687,8 +687,9 @@ export const UserService: GenService<{
     output: typeof ListUsersResponseSchema;
   },
   /**
-   * Change a user's scopes, disabled flag or password (a reset). Any field needs
-   * authority over the user's current and resulting scopes (see the service comment).
+   * Change a user's scopes, disabled flag or password (a reset), or revoke its tokens.
+   * Any field needs authority over the user's current and resulting scopes (see the
+   * service comment).
    *
    * @generated from rpc tessera.v1.UserService.UpdateUser
    */
