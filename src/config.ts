@@ -99,6 +99,8 @@ const ConfigSchema = z
           .strict()
           .prefault({}),
         passwordIterations: z.number().int().min(1000).default(600_000),
+        hashConcurrency: z.number().int().positive().optional(),
+        hashQueue: z.number().int().min(0).optional(),
       })
       .strict()
       .prefault({}),
@@ -322,6 +324,20 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "600000",
     "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
+  ],
+  [
+    "auth.hashConcurrency",
+    "TESSERA_HASH_CONCURRENCY",
+    "int",
+    "(cores − 1, at least 1)",
+    "PBKDF2 hashes computed at once (password checks, new secrets); the rest of the cores are left to serving requests.",
+  ],
+  [
+    "auth.hashQueue",
+    "TESSERA_HASH_QUEUE",
+    "int",
+    "(4 × hashConcurrency)",
+    "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
   ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
   [
