@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 
@@ -12,6 +13,21 @@ import { z } from "zod";
 
 const seconds = z.number().int().positive();
 
+/**
+ * An IP address or CIDR block as [address, prefix, family], or null when it is neither.
+ * (net.BlockList does the matching; it needs the parts apart.)
+ */
+export function parseCidr(value: string): [string, number, "ipv4" | "ipv6"] | null {
+  const [address = "", prefixText, extra] = value.trim().split("/");
+  if (extra !== undefined) return null;
+  const family = isIP(address);
+  if (family === 0) return null;
+  const max = family === 4 ? 32 : 128;
+  const prefix = prefixText === undefined ? max : Number(prefixText);
+  if (!/^\d+$/.test(prefixText ?? String(max)) || prefix > max) return null;
+  return [address, prefix, family === 4 ? "ipv4" : "ipv6"];
+}
+
 const ConfigSchema = z
   .object({
     server: z
@@ -24,6 +40,13 @@ const ConfigSchema = z
         devCertificates: z.boolean().default(true),
         allowLoopbackHttpCallbacks: z.boolean().default(false),
         trustProxy: z.boolean().default(false),
+        trustedProxies: z
+          .array(
+            z.string().refine((v) => parseCidr(v) !== null, {
+              message: "expected an IP address or CIDR block (e.g. 10.0.0.0/8, fd00::/8)",
+            }),
+          )
+          .default([]),
         readMaxBytes: z
           .number()
           .int()
@@ -197,7 +220,14 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_TRUST_PROXY",
     "bool",
     "false",
-    "Take the client IP from X-Forwarded-For (only behind a trusted proxy).",
+    "Shorthand: the direct peer, whatever its address, is a trusted proxy (see server.trustedProxies).",
+  ],
+  [
+    "server.trustedProxies",
+    "TESSERA_TRUSTED_PROXIES",
+    "list",
+    "(none)",
+    "Comma-separated addresses or CIDR blocks of trusted proxies. Only from such a peer are X-Forwarded-For and Forwarded read: the client IP is the rightmost address in them that is not a trusted proxy.",
   ],
   ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
   [
