@@ -133,6 +133,10 @@ const ConfigSchema = z
         perIpPerMinute: z.number().int().positive().default(600),
         perPrincipalPerMinute: z.number().int().positive().default(1200),
         authFailuresPerIpPerMinute: z.number().int().positive().default(20),
+        authFailuresPerUsernamePerHour: z.number().int().positive().default(100),
+        authFailuresPerUsernamePerIp: z.number().int().positive().default(5),
+        lockoutSeconds: seconds.default(60),
+        maxLockoutSeconds: seconds.default(3600),
         redisUrl: z.string().optional(),
       })
       .strict()
@@ -389,7 +393,35 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_RATE_LIMIT_AUTH_FAILURES",
     "int",
     "20",
-    "Failed logins/credentials per minute per IP before refusing.",
+    "Failed logins/credentials per minute per IP before refusing. Budget is reserved before a password is verified and refunded on success.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerHour",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
+    "int",
+    "100",
+    "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerIp",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",
+    "int",
+    "5",
+    "Consecutive failed password checks for one username from one IP before that IP is locked out of that username.",
+  ],
+  [
+    "rateLimit.lockoutSeconds",
+    "TESSERA_RATE_LIMIT_LOCKOUT_SECONDS",
+    "int",
+    "60",
+    "First lockout of an IP from a username; each further lockout within a day doubles it.",
+  ],
+  [
+    "rateLimit.maxLockoutSeconds",
+    "TESSERA_RATE_LIMIT_MAX_LOCKOUT_SECONDS",
+    "int",
+    "3600",
+    "Longest lockout of an IP from a username.",
   ],
   [
     "rateLimit.redisUrl",

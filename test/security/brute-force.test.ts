@@ -1,0 +1,205 @@
+import { randomUUID } from "node:crypto";
+import { createClient, type Transport } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { hashPool } from "../../src/auth/hash-pool.js";
+import { Code, rejection } from "../errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  DATABASES,
+  startTestServer,
+  type TestServer,
+  withHeaders,
+} from "../helpers.js";
+import { basic } from "../machine-fixtures.js";
+
+/**
+ * Concurrent password guessing against a real server over TLS. The server trusts
+ * 127.0.0.1 as a proxy, so each test speaks from its own client address
+ * (X-Forwarded-For) and spends no other test's budget.
+ */
+const LIMITS = {
+  enabled: true,
+  perIpPerMinute: 10_000,
+  perPrincipalPerMinute: 10_000,
+  authFailuresPerIpPerMinute: 20,
+  authFailuresPerUsernamePerIp: 5,
+  authFailuresPerUsernamePerHour: 8,
+};
+const PASSWORD = "correct horse battery staple";
+const GUESSES = 60;
+/** Where the right password sits among the concurrent guesses: late, well past every budget. */
+const RIGHT_AT = 40;
+
+let nextAddress = 1;
+/** A client address no other test uses. */
+const freshIp = () => `198.51.100.${nextAddress++}`;
+
+/** PBKDF2 runs started during `fn` (every hash goes through the process's hash pool). */
+async function pbkdf2Runs<T>(fn: () => Promise<T>): Promise<{ runs: number; result: T }> {
+  const before = hashPool().stats().started;
+  const result = await fn();
+  return { runs: hashPool().stats().started - before, result };
+}
+
+describe.each(DATABASES)("password guessing under concurrency on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let adminToken: string;
+  const from = (ip: string) => withHeaders(transport, { "x-forwarded-for": ip });
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      rateLimit: LIMITS,
+      server: { trustedProxies: ["127.0.0.1"] },
+      // Hashing slow enough that guesses overlap, and a pool that never refuses here.
+      auth: { passwordIterations: 20_000, hashConcurrency: 2, hashQueue: 1000 },
+    });
+    transport = ts.connect();
+    adminToken = (
+      await createClient(UserService, from(freshIp())).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  async function newUser(): Promise<string> {
+    const username = `victim-${randomUUID().slice(0, 8)}`;
+    await clientFor(UserService, transport, adminToken).createUser({
+      username,
+      password: PASSWORD,
+      scopes: [],
+    });
+    return username;
+  }
+
+  /** 60 guesses at once, each a different wrong password but the right one at RIGHT_AT. */
+  async function burst(guess: (password: string) => Promise<unknown>) {
+    const passwords = Array.from({ length: GUESSES }, (_, i) =>
+      i === RIGHT_AT ? PASSWORD : `wrong guess ${i}`,
+    );
+    const { runs, result } = await pbkdf2Runs(() =>
+      Promise.all(
+        passwords.map((p) =>
+          guess(p).then(
+            () => "accepted" as const,
+            (err: unknown) => err,
+          ),
+        ),
+      ),
+    );
+    const outcomes = await Promise.all(
+      result.map(async (r) =>
+        r === "accepted" ? { code: undefined, reason: "ACCEPTED" } : rejection(Promise.reject(r)),
+      ),
+    );
+    return { runs, outcomes };
+  }
+
+  function expectBounded({ runs, outcomes }: Awaited<ReturnType<typeof burst>>, budget: number): void {
+    expect(runs).toBeLessThanOrEqual(budget);
+    const verdicts = outcomes.filter((o) => o.reason === "CREDENTIALS_INVALID" || o.reason === "ACCEPTED");
+    expect(verdicts.length).toBeLessThanOrEqual(budget);
+    expect(outcomes[RIGHT_AT]!.code).toBe(Code.ResourceExhausted);
+    expect(outcomes[RIGHT_AT]!.reason).toBe("RATE_LIMITED");
+    const refused = outcomes.filter((o) => o.reason === "RATE_LIMITED");
+    expect(refused.length).toBeGreaterThanOrEqual(GUESSES - budget);
+    for (const r of refused)
+      expect(
+        Number((r as { error: { metadata: Headers } }).error.metadata.get("retry-after")),
+      ).toBeGreaterThan(0);
+  }
+
+  it("lets at most the budget of 60 concurrent Login guesses from one IP reach PBKDF2, and refuses the right password among the late ones", async () => {
+    const username = await newUser();
+    const client = createClient(UserService, from(freshIp()));
+    expectBounded(
+      await burst((password) => client.login({ username, password })),
+      LIMITS.authFailuresPerUsernamePerIp,
+    );
+  });
+
+  it("lets at most the budget of 60 concurrent HTTP Basic guesses from one IP reach PBKDF2", async () => {
+    const username = await newUser();
+    const ip = freshIp();
+    expectBounded(
+      await burst((password) =>
+        createClient(UserService, withHeaders(from(ip), basic(username, password))).getCurrentUser({}),
+      ),
+      LIMITS.authFailuresPerUsernamePerIp,
+    );
+  });
+
+  it("counts ChangePassword's current-password check: 60 concurrent guesses with a stolen token stay within the budget", async () => {
+    const username = await newUser();
+    const ip = freshIp();
+    const token = (await createClient(UserService, from(freshIp())).login({ username, password: PASSWORD }))
+      .accessToken;
+    const thief = clientFor(UserService, from(ip), token);
+    expectBounded(
+      await burst((currentPassword) =>
+        thief.changePassword({ currentPassword, newPassword: "the thief's password" }),
+      ),
+      LIMITS.authFailuresPerUsernamePerIp,
+    );
+    // The password did not change: the owner still logs in with it, from elsewhere.
+    await createClient(UserService, from(freshIp())).login({ username, password: PASSWORD });
+  });
+
+  it("counts failures per username across many addresses, so spreading guesses over IPs does not help", async () => {
+    const username = await newUser();
+    const { runs, result } = await pbkdf2Runs(() =>
+      Promise.all(
+        Array.from({ length: 30 }, (_, i) =>
+          rejection(
+            createClient(UserService, from(freshIp())).login({ username, password: `spread guess ${i}` }),
+          ),
+        ),
+      ),
+    );
+    expect(runs).toBeLessThanOrEqual(LIMITS.authFailuresPerUsernamePerHour);
+    expect(result.filter((r) => r.reason === "CREDENTIALS_INVALID").length).toBeLessThanOrEqual(
+      LIMITS.authFailuresPerUsernamePerHour,
+    );
+    const right = await rejection(
+      createClient(UserService, from(freshIp())).login({ username, password: PASSWORD }),
+    );
+    expect(right.code).toBe(Code.ResourceExhausted);
+    expect(right.reason).toBe("RATE_LIMITED");
+  });
+
+  it("locks only the guessing address out of an account: its owner still logs in from another", async () => {
+    const username = await newUser();
+    const attacker = createClient(UserService, from(freshIp()));
+    for (let i = 0; i < LIMITS.authFailuresPerUsernamePerIp; i++)
+      expect((await rejection(attacker.login({ username, password: `guess ${i}` }))).reason).toBe(
+        "CREDENTIALS_INVALID",
+      );
+    const locked = await rejection(attacker.login({ username, password: PASSWORD }));
+    expect(locked.reason).toBe("RATE_LIMITED");
+    const owner = await createClient(UserService, from(freshIp())).login({ username, password: PASSWORD });
+    expect(owner.accessToken).not.toBe("");
+  });
+
+  it("accepts a valid JWT from an IP whose failure budget is spent, and refuses that IP's unknown tokens and passwords", async () => {
+    const username = await newUser();
+    const token = (await createClient(UserService, from(freshIp())).login({ username, password: PASSWORD }))
+      .accessToken;
+    const ip = freshIp();
+    const anon = createClient(UserService, from(ip));
+    // Spend the IP's budget on other usernames (no single username's budget is touched).
+    for (let i = 0; i < LIMITS.authFailuresPerIpPerMinute; i++)
+      expect(
+        (await rejection(anon.login({ username: `nobody-${i}-${randomUUID()}`, password: "x" }))).reason,
+      ).toBe("CREDENTIALS_INVALID");
+    expect((await rejection(anon.login({ username, password: PASSWORD }))).reason).toBe("RATE_LIMITED");
+    const me = await clientFor(UserService, from(ip), token).getCurrentUser({});
+    expect(me.username).toBe(username);
+    for (const bad of ["tsr_pat_not-a-real-token", "a.forged.jwt"]) {
+      const r = await rejection(clientFor(UserService, from(ip), bad).getCurrentUser({}));
+      expect(r.reason, bad).toBe("RATE_LIMITED");
+    }
+  });
+});
