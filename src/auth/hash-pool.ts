@@ -62,7 +62,7 @@ export class HashPool {
   /** Run `task` when a slot is free; rejects at once with Unavailable when the queue is full. */
   run<T>(task: () => Promise<T>): Promise<T> {
     if (this.running < this.options.concurrency) return this.start(task);
-    if (this.waiting.length >= this.options.queue) {
+    if (!this.hasRoom()) {
       this.refused++;
       return Promise.reject(BUSY);
     }
@@ -71,6 +71,22 @@ export class HashPool {
         this.start(task).then(resolve, reject);
       });
     });
+  }
+
+  /** Whether a hash asked for now would run or queue rather than be refused. */
+  hasRoom(): boolean {
+    return this.running < this.options.concurrency || this.waiting.length < this.options.queue;
+  }
+
+  /**
+   * Refuse at once when a hash asked for now would be refused: lets a password check
+   * answer a flood before its database look-up and limiter round trips.
+   * @throws TesseraError UNAVAILABLE with Retry-After
+   */
+  assertRoom(): void {
+    if (this.hasRoom()) return;
+    this.refused++;
+    throw BUSY;
   }
 
   stats(): HashPoolStats {

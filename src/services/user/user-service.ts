@@ -4,6 +4,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
+import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import type { UserStateReader } from "../../auth/user-principal.js";
@@ -72,6 +73,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async login(req, ctx) {
       const state = requestState(ctx.values);
       if (!req.username || !req.password) throw errors.invalidArgument("username and password are required");
+      // A full hash pool answers at once, before any look-up: a flood's refusals stay cheap.
+      hashPool().assertRoom();
       // Budget reserved before PBKDF2, so that concurrent guesses cannot all get a verdict.
       const attempt = await deps.limits?.passwords.reserve(state.ip, req.username);
       let user: User | null;
