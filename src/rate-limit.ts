@@ -147,7 +147,12 @@ export class PasswordGuard {
     const byPair = await this.perUsernameIp.consume(pair);
     if (!byPair.allowed) {
       await this.perIp.refund(ip);
-      throw authFailuresError(byPair);
+      // Until the lockout is set (the failure that earns it may still be hashing) the count's
+      // window is a day long: Retry-After says no more than the longest lockout.
+      throw authFailuresError({
+        ...byPair,
+        resetMs: Math.min(byPair.resetMs, this.lockout.maxSeconds * 1000),
+      });
     }
     const byUser = await this.perUsername.consume(user);
     if (!byUser.allowed) {

@@ -3,7 +3,7 @@ import { createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createClientIpResolver } from "../../src/client-ip.js";
-import type { ConfigInput } from "../../src/config.js";
+import { type ConfigInput, loadConfig } from "../../src/config.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 
@@ -108,6 +108,17 @@ describe.each(DATABASES)("forwarding headers and the client IP on $name", (db) =
 });
 
 describe("client IP resolution", () => {
+  it("refuses a trusted proxy that is not an address or CIDR block, naming the key", () => {
+    for (const bad of ["10.0.0.0/33", "proxy.example", "10.0.0.1/8/2", "fd00::/129"])
+      expect(() => loadConfig({ env: { TESSERA_TRUSTED_PROXIES: `127.0.0.1, ${bad}` } }), bad).toThrow(
+        /server\.trustedProxies.*expected an IP address or CIDR block/s,
+      );
+    expect(
+      loadConfig({ env: { TESSERA_TRUSTED_PROXIES: "10.0.0.0/8, fd00::/8, 127.0.0.1" } }).server
+        .trustedProxies,
+    ).toEqual(["10.0.0.0/8", "fd00::/8", "127.0.0.1"]);
+  });
+
   const resolve = (config: { trustProxy?: boolean; trustedProxies?: string[] }) =>
     createClientIpResolver({
       trustProxy: config.trustProxy ?? false,
