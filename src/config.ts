@@ -407,7 +407,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",
     "int",
     "5",
-    "Consecutive failed password checks for one username from one IP before that IP is locked out of that username.",
+    "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
   ],
   [
     "rateLimit.lockoutSeconds",

@@ -111,10 +111,10 @@ const ONE_DAY = 24 * 3600;
  *   little, whatever the usernames;
  * - per username, from every address together (`authFailuresPerUsernamePerHour`, a fixed
  *   hour): many addresses cannot guess one account much either;
- * - per username at one IP, consecutive failures (`authFailuresPerUsernamePerIp`), with a
- *   lockout of that IP from that username that doubles each time (`lockoutSeconds` up to
- *   `maxLockoutSeconds`; the doubling, and the count of failures, start again a day after
- *   they began, or on a success).
+ * - per username at one IP, consecutive failures within an hour
+ *   (`authFailuresPerUsernamePerIp`), with a lockout of that IP from that username that
+ *   doubles each time (`lockoutSeconds` up to `maxLockoutSeconds`; the doubling starts
+ *   again a day after the first lockout, and both start again on a success).
  *
  * Why the growing lockout is per username *and IP*, and the per-username one is not
  * growing: a growing per-username lockout would let one address keep a victim locked out
@@ -148,7 +148,7 @@ export class PasswordGuard {
     if (!byPair.allowed) {
       await this.perIp.refund(ip);
       // Until the lockout is set (the failure that earns it may still be hashing) the count's
-      // window is a day long: Retry-After says no more than the longest lockout.
+      // window is an hour long: Retry-After says no more than the longest lockout.
       throw authFailuresError({
         ...byPair,
         resetMs: Math.min(byPair.resetMs, this.lockout.maxSeconds * 1000),
@@ -225,7 +225,9 @@ export function createRateLimits(config: Config["rateLimit"]): RateLimits {
     passwords: new PasswordGuard(
       authFailures,
       make("authfail-user", config.authFailuresPerUsernamePerHour, 3600),
-      make("authfail-user-ip", config.authFailuresPerUsernamePerIp, ONE_DAY),
+      // An hour, not a day: keys for usernames nobody has are made by guessing, and memory
+      // holds them until they expire.
+      make("authfail-user-ip", config.authFailuresPerUsernamePerIp, 3600),
       make("lockouts", Number.MAX_SAFE_INTEGER, ONE_DAY),
       {
         failures: config.authFailuresPerUsernamePerIp,
