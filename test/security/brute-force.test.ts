@@ -1,8 +1,11 @@
 import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
+import { loadConfig } from "../../src/config.js";
+import { TesseraError } from "../../src/errors.js";
+import { createRateLimits } from "../../src/rate-limit.js";
 import { Code, rejection } from "../errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -201,5 +204,60 @@ describe.each(DATABASES)("password guessing under concurrency on $name", (db) =>
       const r = await rejection(clientFor(UserService, from(ip), bad).getCurrentUser({}));
       expect(r.reason, bad).toBe("RATE_LIMITED");
     }
+  });
+});
+
+describe("the lockout of an address from a username", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  const limitsWith = () =>
+    createRateLimits(
+      loadConfig({
+        env: {},
+        overrides: {
+          rateLimit: {
+            authFailuresPerIpPerMinute: 1000,
+            authFailuresPerUsernamePerHour: 1000,
+            authFailuresPerUsernamePerIp: 2,
+            lockoutSeconds: 60,
+            maxLockoutSeconds: 240,
+          },
+        },
+      }).rateLimit,
+    );
+
+  /** Spend the address's failures at `username`; the Retry-After of the refusal that follows. */
+  async function lockedFor(limits: ReturnType<typeof limitsWith>, ip: string, username: string) {
+    for (let i = 0; i < 2; i++) await (await limits.passwords.reserve(ip, username)).failed();
+    try {
+      await limits.passwords.reserve(ip, username);
+    } catch (err) {
+      expect(err).toBeInstanceOf(TesseraError);
+      expect((err as TesseraError).reason).toBe("RATE_LIMITED");
+      return Number((err as TesseraError).headers["retry-after"]);
+    }
+    throw new Error("expected the address to be locked out");
+  }
+
+  it("doubles each time up to its maximum, and starts again after a success", async () => {
+    vi.useFakeTimers({ toFake: ["Date", "setTimeout", "clearTimeout"] });
+    const limits = limitsWith();
+    const ip = "203.0.113.50";
+    expect(await lockedFor(limits, ip, "victim")).toBe(60);
+    // Another address is not locked out of the account, nor this one out of another account.
+    await (await limits.passwords.reserve("203.0.113.51", "victim")).succeeded();
+    await (await limits.passwords.reserve(ip, "someone-else")).succeeded();
+    vi.advanceTimersByTime(61_000);
+    expect(await lockedFor(limits, ip, "victim")).toBe(120);
+    vi.advanceTimersByTime(121_000);
+    expect(await lockedFor(limits, ip, "victim")).toBe(240);
+    vi.advanceTimersByTime(241_000);
+    expect(await lockedFor(limits, ip, "victim")).toBe(240);
+    vi.advanceTimersByTime(241_000);
+    await (await limits.passwords.reserve(ip, "victim")).succeeded();
+    expect(await lockedFor(limits, ip, "victim")).toBe(60);
+    await limits.close();
   });
 });
