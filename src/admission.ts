@@ -2,6 +2,7 @@ import { Code } from "@connectrpc/connect";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import type { Authenticator } from "./auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "./auth/credentials.js";
+import { withoutHashing } from "./auth/hash-pool.js";
 import { admits, type Principal } from "./auth/principal.js";
 import { hasAllScopes } from "./auth/scopes.js";
 import type { Admission, RequestState } from "./context.js";
@@ -78,19 +79,21 @@ export async function authenticationRefusal(
   }
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
   if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
-  // An opaque token may cost PBKDF2 (its first use): not verified once the IP's budget is
-  // spent. A JWT (or a certificate) costs no such work, so a valid one is accepted whatever
-  // its IP spent: one guesser behind a NAT does not lock out everyone behind it.
-  if (limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)) {
-    const blocked = await limits.authFailures.exhausted(state.ip);
-    if (blocked) return authFailuresError(blocked);
-  }
+  // Once the IP's budget is spent, an opaque token is verified only if that needs no PBKDF2
+  // (it was verified before); one that would need it is refused. A JWT (or a certificate)
+  // never needs it, so a valid one is accepted whatever its IP spent: one guesser behind a
+  // NAT does not lock out everyone behind it. (JWTs skip the look-up: their hot path.)
+  const blocked =
+    limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
+      ? await limits.authFailures.exhausted(state.ip)
+      : null;
   let refusal: unknown;
   try {
     refusal =
       credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
     if (refusal === undefined) {
-      const principal = await authenticator.authenticate(credential, state, parsed?.from);
+      const verify = () => authenticator.authenticate(credential, state, parsed?.from);
+      const principal = await (blocked ? withoutHashing(authFailuresError(blocked), verify) : verify());
       if (principal) {
         state.principal = principal;
         return undefined;

@@ -1,5 +1,6 @@
 import { availableParallelism } from "node:os";
 import { TesseraError } from "../errors.js";
+import { ScopedAsyncLocalStorage } from "../storage/orm-async-context.js";
 
 /** Sizes of the {@link HashPool}. */
 export interface HashPoolOptions {
@@ -40,6 +41,21 @@ const BUSY = new TesseraError("UNAVAILABLE", "the server is busy verifying passw
 });
 
 /**
+ * Set while a credential from an IP that has spent its failure budget is verified: any hash
+ * asked for within is refused with the store (RATE_LIMITED). Scoped, so that promise hooks
+ * are on only while such a verification runs (see orm-async-context.ts).
+ */
+const noHashing = new ScopedAsyncLocalStorage<TesseraError>();
+
+/**
+ * Run `verify` with every hash in it refused with `refusal`: what needs no PBKDF2 (a
+ * token verified before, found in the verified-secret cache) still goes through.
+ */
+export function withoutHashing<T>(refusal: TesseraError, verify: () => Promise<T>): Promise<T> {
+  return noHashing.run(refusal, verify);
+}
+
+/**
  * A bounded pool for PBKDF2 (the only CPU-heavy work Tessera does). PBKDF2 runs on the
  * libuv thread pool, which has four threads whatever the core count: unbounded, a flood of
  * wrong passwords takes every core and every thread from everything else (measured: 16
@@ -61,6 +77,8 @@ export class HashPool {
 
   /** Run `task` when a slot is free; rejects at once with Unavailable when the queue is full. */
   run<T>(task: () => Promise<T>): Promise<T> {
+    const forbidden = noHashing.getStore();
+    if (forbidden !== undefined) return Promise.reject(forbidden);
     if (this.running < this.options.concurrency) return this.start(task);
     if (!this.hasRoom()) {
       this.refused++;
