@@ -29,7 +29,7 @@ import {
  */
 export interface AdmissionDeps {
   authenticator: Authenticator;
-  /** When set: the per-IP limit, and failed authentications counted per IP (an IP over that budget is refused before any verification). */
+  /** When set: the per-IP limit, failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
   limits?: RateLimits | undefined;
 }
 

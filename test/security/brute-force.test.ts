@@ -272,3 +272,64 @@ describe("the lockout of an address from a username", () => {
     await limits.close();
   });
 });
+
+describe("password guessing across two instances sharing Redis", () => {
+  const servers: TestServer[] = [];
+  afterAll(async () => {
+    for (const ts of servers) await ts.close();
+  });
+
+  it("keeps 60 concurrent Login guesses split over both instances within one budget", async () => {
+    // Keys in Redis outlive the test: this run's addresses and username are its own.
+    const octet = () => 1 + Math.floor(Math.random() * 250);
+    const ip = `100.${octet()}.${octet()}.${octet()}`;
+    for (let i = 0; i < 2; i++)
+      servers.push(
+        await startTestServer(DATABASES[0]!, {
+          rateLimit: { ...LIMITS, redisUrl: "redis://127.0.0.1:6379" },
+          server: { trustedProxies: ["127.0.0.1"] },
+          auth: { passwordIterations: 20_000, hashConcurrency: 2, hashQueue: 1000 },
+        }),
+      );
+    const admin = (
+      await createClient(UserService, servers[0]!.connect()).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const username = `victim-${randomUUID()}`;
+    // Both instances are separate apps on separate in-memory databases: the user exists on both.
+    for (const ts of servers) {
+      const token =
+        ts === servers[0]
+          ? admin
+          : (
+              await createClient(UserService, ts.connect()).login({
+                username: "admin",
+                password: ADMIN_PASSWORD,
+              })
+            ).accessToken;
+      await clientFor(UserService, ts.connect(), token).createUser({
+        username,
+        password: PASSWORD,
+        scopes: [],
+      });
+    }
+    const clients = servers.map((ts) =>
+      createClient(UserService, withHeaders(ts.connect(), { "x-forwarded-for": ip })),
+    );
+    const { runs, result } = await pbkdf2Runs(() =>
+      Promise.all(
+        Array.from({ length: GUESSES }, (_, i) =>
+          rejection(clients[i % 2]!.login({ username, password: `shared guess ${i}` })),
+        ),
+      ),
+    );
+    expect(runs).toBeLessThanOrEqual(LIMITS.authFailuresPerUsernamePerIp);
+    expect(result.filter((r) => r.reason === "CREDENTIALS_INVALID").length).toBeLessThanOrEqual(
+      LIMITS.authFailuresPerUsernamePerIp,
+    );
+    for (const client of clients)
+      expect((await rejection(client.login({ username, password: PASSWORD }))).reason).toBe("RATE_LIMITED");
+  });
+});
