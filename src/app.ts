@@ -21,6 +21,7 @@ import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/use
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
+import { configureHashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
 import {
@@ -94,6 +95,11 @@ export interface CreateAppOptions {
  */
 export async function createApp(config: Config, options: CreateAppOptions = {}): Promise<App> {
   const logger = options.logger ?? createLogger(config.log.level);
+  // Before anything hashes (the admin bootstrap does): every PBKDF2 goes through this pool.
+  configureHashPool({
+    ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
+    ...(config.auth.hashQueue !== undefined ? { queue: config.auth.hashQueue } : {}),
+  });
   const storage = await initORM({ url: config.database.url, debug: config.database.debug, migrate: true });
   try {
     const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });

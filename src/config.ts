@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 
@@ -12,6 +13,21 @@ import { z } from "zod";
 
 const seconds = z.number().int().positive();
 
+/**
+ * An IP address or CIDR block as [address, prefix, family], or null when it is neither.
+ * (net.BlockList does the matching; it needs the parts apart.)
+ */
+export function parseCidr(value: string): [string, number, "ipv4" | "ipv6"] | null {
+  const [address = "", prefixText, extra] = value.trim().split("/");
+  if (extra !== undefined) return null;
+  const family = isIP(address);
+  if (family === 0) return null;
+  const max = family === 4 ? 32 : 128;
+  const prefix = prefixText === undefined ? max : Number(prefixText);
+  if (!/^\d+$/.test(prefixText ?? String(max)) || prefix > max) return null;
+  return [address, prefix, family === 4 ? "ipv4" : "ipv6"];
+}
+
 const ConfigSchema = z
   .object({
     server: z
@@ -24,6 +40,13 @@ const ConfigSchema = z
         devCertificates: z.boolean().default(true),
         allowLoopbackHttpCallbacks: z.boolean().default(false),
         trustProxy: z.boolean().default(false),
+        trustedProxies: z
+          .array(
+            z.string().refine((v) => parseCidr(v) !== null, {
+              message: "expected an IP address or CIDR block (e.g. 10.0.0.0/8, fd00::/8)",
+            }),
+          )
+          .default([]),
         readMaxBytes: z
           .number()
           .int()
@@ -99,6 +122,8 @@ const ConfigSchema = z
           .strict()
           .prefault({}),
         passwordIterations: z.number().int().min(1000).default(600_000),
+        hashConcurrency: z.number().int().positive().optional(),
+        hashQueue: z.number().int().min(0).optional(),
       })
       .strict()
       .prefault({}),
@@ -108,6 +133,10 @@ const ConfigSchema = z
         perIpPerMinute: z.number().int().positive().default(600),
         perPrincipalPerMinute: z.number().int().positive().default(1200),
         authFailuresPerIpPerMinute: z.number().int().positive().default(20),
+        authFailuresPerUsernamePerHour: z.number().int().positive().default(100),
+        authFailuresPerUsernamePerIp: z.number().int().positive().default(5),
+        lockoutSeconds: seconds.default(60),
+        maxLockoutSeconds: seconds.default(3600),
         redisUrl: z.string().optional(),
       })
       .strict()
@@ -195,7 +224,14 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_TRUST_PROXY",
     "bool",
     "false",
-    "Take the client IP from X-Forwarded-For (only behind a trusted proxy).",
+    "Shorthand: the direct peer, whatever its address, is a trusted proxy (see server.trustedProxies).",
+  ],
+  [
+    "server.trustedProxies",
+    "TESSERA_TRUSTED_PROXIES",
+    "list",
+    "(none)",
+    "Comma-separated addresses or CIDR blocks of trusted proxies. Only from such a peer are X-Forwarded-For and Forwarded read: the client IP is the rightmost address in them that is not a trusted proxy.",
   ],
   ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
   [
@@ -323,6 +359,20 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "600000",
     "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
   ],
+  [
+    "auth.hashConcurrency",
+    "TESSERA_HASH_CONCURRENCY",
+    "int",
+    "(cores − 1, at least 1)",
+    "PBKDF2 hashes computed at once (password checks, new secrets); the rest of the cores are left to serving requests.",
+  ],
+  [
+    "auth.hashQueue",
+    "TESSERA_HASH_QUEUE",
+    "int",
+    "(4 × hashConcurrency)",
+    "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
+  ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
   [
     "rateLimit.perIpPerMinute",
@@ -343,7 +393,35 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_RATE_LIMIT_AUTH_FAILURES",
     "int",
     "20",
-    "Failed logins/credentials per minute per IP before refusing.",
+    "Failed logins/credentials per minute per IP before refusing. Budget is reserved before a password is verified and refunded on success.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerHour",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
+    "int",
+    "100",
+    "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerIp",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",
+    "int",
+    "5",
+    "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
+  ],
+  [
+    "rateLimit.lockoutSeconds",
+    "TESSERA_RATE_LIMIT_LOCKOUT_SECONDS",
+    "int",
+    "60",
+    "First lockout of an IP from a username; each further lockout within a day doubles it.",
+  ],
+  [
+    "rateLimit.maxLockoutSeconds",
+    "TESSERA_RATE_LIMIT_MAX_LOCKOUT_SECONDS",
+    "int",
+    "3600",
+    "Longest lockout of an IP from a username.",
   ],
   [
     "rateLimit.redisUrl",

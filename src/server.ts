@@ -15,6 +15,7 @@ import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
+import { createClientIpResolver } from "./client-ip.js";
 import type { Config } from "./config.js";
 import {
   createConnectHandler,
@@ -221,15 +222,11 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     return info;
   }
 
+  const resolveIp = createClientIpResolver(config.server);
   function clientIp(req: Request): string {
-    if (config.server.trustProxy) {
-      const fwd = req.headers["x-forwarded-for"];
-      const first = (Array.isArray(fwd) ? fwd[0] : fwd)?.split(",")[0]?.trim();
-      if (first) return first;
-    }
     // HTTP/2: the session's socket (one per connection), not req.socket (a Proxy made per stream).
     const socket = "stream" in req ? (req.stream.session?.socket ?? req.socket) : req.socket;
-    return socket.remoteAddress ?? "unknown";
+    return resolveIp(socket.remoteAddress, req.headers);
   }
 
   function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
