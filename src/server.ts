@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
 import http2 from "node:http2";
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
@@ -170,6 +170,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     routes: app.routes,
     interceptors: app.interceptors,
     readMaxBytes: config.server.readMaxBytes,
+    maxBodyBytes: config.server.maxBodyBytes,
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
@@ -326,6 +327,62 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   return handle;
 }
 
+/**
+ * Bound what connections can hold: at most `maxConnections` in all and
+ * `maxConnectionsPerIp` per peer address (more are closed at once, before any TLS work),
+ * and none kept idle for longer than `idleTimeoutSeconds` (HTTP/2: GOAWAY, then closed
+ * once no stream is left; HTTP/1.1: closed). Node keeps idle connections for ever by
+ * default, each holding a descriptor and tens of KB.
+ */
+function boundConnections(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  tls: boolean,
+): void {
+  // net.Server closes connections past it as they are accepted.
+  if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
+  if (cfg.maxConnectionsPerIp > 0) {
+    const open = new Map<string, number>();
+    const limit = cfg.maxConnectionsPerIp;
+    // Prepended: decided before the TLS layer's own listener starts a handshake.
+    server.prependListener("connection", (socket: Socket) => {
+      const ip = socket.remoteAddress ?? "unknown";
+      const n = (open.get(ip) ?? 0) + 1;
+      if (n > limit) {
+        socket.destroy();
+        return;
+      }
+      open.set(ip, n);
+      socket.once("close", () => {
+        const left = (open.get(ip) ?? 1) - 1;
+        if (left === 0) open.delete(ip);
+        else open.set(ip, left);
+      });
+    });
+  }
+  const idleMs = cfg.idleTimeoutSeconds * 1000;
+  if (idleMs === 0) return;
+  server.on("session", (session: http2.Http2Session) => {
+    let streams = 0;
+    session.on("stream", (stream: http2.Http2Stream) => {
+      streams++;
+      stream.once("close", () => streams--);
+    });
+    // Fires after `idleMs` without a frame either way; a session with a stream still open is
+    // not idle (the timer runs again after its next frame).
+    session.setTimeout(idleMs, () => {
+      if (streams > 0 || session.closed || session.destroyed) return;
+      session.goaway(http2.constants.NGHTTP2_NO_ERROR);
+      session.close();
+    });
+  });
+  // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
+  if (tls)
+    server.on("secureConnection", (socket: TLSSocket) => {
+      if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
+    });
+}
+
 /** Build and start the server on the configured host and port (port 0 picks a free one). */
 export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
@@ -359,6 +416,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
   serveRequests(server, handler);
+  boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(cfg.port, cfg.host, () => {
