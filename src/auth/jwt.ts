@@ -130,9 +130,12 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     const em = storage.em.fork();
     const rows = await em.find(SigningKey, { alg: config.algorithm }, { orderBy: { createdAt: "desc" } });
     const now = Date.now();
+    // The current key (never retired), opened before anything changes: one sealed with
+    // another master key (a misconfigured instance rotated) leaves the keys in use as they are.
+    const newest = rows.find((row) => !row.retiredAt);
+    const privateJwk = newest ? openPrivateJwk(masterKey, newest.kid, newest.privateJwk) : undefined;
     keys.clear();
     signing = undefined;
-    let newest: SigningKey | undefined;
     for (const row of rows) {
       const acceptUntil = row.retiredAt
         ? row.retiredAt.getTime() + (maxTtl + config.clockSkew) * 1000
@@ -141,10 +144,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       const publicJwk = JSON.parse(row.publicJwk) as JWK;
       const key = (await importJWK(publicJwk, row.alg)) as CryptoKey;
       keys.set(row.kid, { kid: row.kid, alg: row.alg, key, publicJwk, acceptUntil });
-      if (!row.retiredAt && !newest) newest = row;
     }
-    if (newest) {
-      const privateJwk = openPrivateJwk(masterKey, newest.kid, newest.privateJwk);
+    if (newest && privateJwk !== undefined) {
       const signKey = (await importJWK(JSON.parse(privateJwk) as JWK, newest.alg)) as CryptoKey;
       signing = { ...keys.get(newest.kid)!, signKey };
     }
