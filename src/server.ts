@@ -363,15 +363,23 @@ function boundConnections(
   const idleMs = cfg.idleTimeoutSeconds * 1000;
   if (idleMs === 0) return;
   server.on("session", (session: http2.Http2Session) => {
-    let streams = 0;
+    const streams = new Set<http2.Http2Stream>();
     session.on("stream", (stream: http2.Http2Stream) => {
-      streams++;
-      stream.once("close", () => streams--);
+      streams.add(stream);
+      stream.once("close", () => streams.delete(stream));
     });
-    // Fires after `idleMs` without a frame either way; a session with a stream still open is
-    // not idle (the timer runs again after its next frame).
+    // Fires after `idleMs` without a frame either way. A stream whose client still owes its
+    // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
+    // whose request is complete (a call in progress, a server stream) keeps the session,
+    // and the timer runs again after its next frame.
     session.setTimeout(idleMs, () => {
-      if (streams > 0 || session.closed || session.destroyed) return;
+      if (session.closed || session.destroyed) return;
+      let busy = false;
+      for (const stream of streams) {
+        if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
+        else busy = true;
+      }
+      if (busy) return;
       session.goaway(http2.constants.NGHTTP2_NO_ERROR);
       session.close();
     });

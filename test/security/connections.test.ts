@@ -103,6 +103,47 @@ function grpcWebStatus(body: Buffer): string | undefined {
   return undefined;
 }
 
+/** A TLS connection (ALPN h2) to the server: accepted once the handshake completes, or closed before. */
+function openTls(ts: TestServer): Promise<{ socket: tls.TLSSocket; accepted: boolean }> {
+  return new Promise((resolve) => {
+    const socket = tls.connect({
+      host: "127.0.0.1",
+      port: ts.server.port,
+      ca: ts.certs.ca,
+      servername: "localhost",
+      ALPNProtocols: ["h2"],
+    });
+    socket.on("error", () => undefined);
+    socket.once("secureConnect", () => resolve({ socket, accepted: true }));
+    socket.once("close", () => resolve({ socket, accepted: false }));
+  });
+}
+
+describe.each(DATABASES)("the total connection limit on $name", (db) => {
+  let ts: TestServer;
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { maxConnections: 3, maxConnectionsPerIp: 0 } });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("closes connections beyond server.maxConnections at once", async () => {
+    const held: tls.TLSSocket[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const c = await openTls(ts);
+        expect(c.accepted).toBe(true);
+        held.push(c.socket);
+      }
+      const over = await within(openTls(ts), 5000, "a connection over the limit was left hanging");
+      expect(over.accepted).toBe(false);
+    } finally {
+      for (const s of held) s.destroy();
+    }
+  });
+});
+
 describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
   let ts: TestServer;
   const connect = () => http2.connect(ts.server.url, { ca: ts.certs.ca });
@@ -170,6 +211,34 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
       );
       expect((await within(trailers, 10_000, "no answer"))["grpc-status"]).toBe("0");
       expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("cancels a call whose client stalls mid-body, then sends GOAWAY to the idle connection", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      const goaway = new Promise<number>((resolve) =>
+        session.once("goaway", (code: number) => resolve(code)),
+      );
+      const stream = session.request({
+        ":method": "POST",
+        ":path": LOGIN,
+        "content-type": "application/grpc",
+        te: "trailers",
+      });
+      stream.on("error", () => undefined);
+      const closed = new Promise<number | undefined>((resolve) =>
+        stream.once("close", () => resolve(stream.rstCode)),
+      );
+      // Three bytes of an envelope header, and then nothing: a slow-loris upload.
+      stream.write(Buffer.from([0, 0, 0]));
+      expect(await within(closed, 5000, "the stalled call was kept")).toBe(http2.constants.NGHTTP2_CANCEL);
+      expect(await within(goaway, 5000, "no GOAWAY after the stalled call")).toBe(
+        http2.constants.NGHTTP2_NO_ERROR,
+      );
     } finally {
       session.destroy();
     }
@@ -314,19 +383,7 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
 
   // Last: the connections it leaves take a moment to close on the server's side.
   it("closes connections beyond the per-IP limit at once, and accepts again when one closes", async () => {
-    const open = (): Promise<{ socket: tls.TLSSocket; accepted: boolean }> =>
-      new Promise((resolve) => {
-        const socket = tls.connect({
-          host: "127.0.0.1",
-          port: ts.server.port,
-          ca: ts.certs.ca,
-          servername: "localhost",
-          ALPNProtocols: ["h2"],
-        });
-        socket.on("error", () => undefined);
-        socket.once("secureConnect", () => resolve({ socket, accepted: true }));
-        socket.once("close", () => resolve({ socket, accepted: false }));
-      });
+    const open = () => openTls(ts);
     /** A connection once the server has seen the previous ones from this address close. */
     const openWhenRoom = async () => {
       let c = await open();
