@@ -418,6 +418,10 @@ export async function startServer(app: App): Promise<TesseraServer> {
       rejectUnauthorized: cfg.mtls === "require",
       settings,
       minVersion: "TLSv1.2",
+      // A connection that never completes its handshake is idle too (Node's default: 120 s).
+      ...(cfg.idleTimeoutSeconds > 0
+        ? { handshakeTimeout: Math.min(cfg.idleTimeoutSeconds, 120) * 1000 }
+        : {}),
     });
   } else {
     // Development only: h2c plus HTTP/1.1 on one port.

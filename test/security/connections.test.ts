@@ -1,5 +1,6 @@
 import http2 from "node:http2";
 import https from "node:https";
+import net from "node:net";
 import tls from "node:tls";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -241,6 +242,17 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
       );
     } finally {
       session.destroy();
+    }
+  });
+
+  it("closes a TCP connection that never starts its TLS handshake after the idle timeout", async () => {
+    const socket = net.connect(ts.server.port, "127.0.0.1");
+    socket.on("error", () => undefined);
+    try {
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      await within(closed, 5000, "a silent TCP connection was kept");
+    } finally {
+      socket.destroy();
     }
   });
 
