@@ -241,7 +241,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_IDLE_TIMEOUT_SECONDS",
     "int",
     "60",
-    "A connection with no open stream and no traffic for this long is closed (HTTP/2: GOAWAY first); 0 keeps idle connections.",
+    "A connection with no traffic for this long is closed (HTTP/2: GOAWAY first; a call whose client stalls mid-request is cancelled); also the TLS handshake timeout. 0 keeps idle connections.",
   ],
   [
     "server.maxConnections",
