@@ -31,7 +31,7 @@ import {
   MACHINE_USERNAME_PREFIX,
   MachineStateReader,
 } from "./auth/machine-principal.js";
-import { loadMasterKey, sealStoredSigningKeys } from "./auth/master-key.js";
+import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
@@ -110,7 +110,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     };
     // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
     const masterKey = loadMasterKey(config.auth, storage.target);
-    await sealStoredSigningKeys(storage, masterKey);
+    await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
     const jwt = await createJwtService({
       config: config.auth.jwt,
       storage,

@@ -115,6 +115,16 @@ const ConfigSchema = z
           )
           .optional(),
         masterKeyFile: z.string().min(1).optional(),
+        previousMasterKeys: z
+          .array(
+            z
+              .string()
+              .regex(
+                /^[A-Za-z0-9+/_-]{43}=?$/,
+                "auth.previousMasterKeys (TESSERA_PREVIOUS_MASTER_KEYS) must each be the base64 of 32 bytes",
+              ),
+          )
+          .default([]),
         maxTokenTtl: seconds.default(24 * 3600),
       })
       .strict()
@@ -381,6 +391,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "string",
     "(unset)",
     "File holding the master key (base64 of 32 bytes), instead of auth.masterKey.",
+  ],
+  [
+    "auth.previousMasterKeys",
+    "TESSERA_PREVIOUS_MASTER_KEYS",
+    "list",
+    "(none)",
+    "Comma-separated master keys being rotated out: signing keys sealed with one are resealed under the current master key at start. Drop them once every instance runs with the new key.",
   ],
   [
     "auth.maxTokenTtl",

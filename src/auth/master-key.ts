@@ -120,7 +120,7 @@ export function openPrivateJwk(mk: MasterKey, kid: string, stored: string): stri
   const [, keyId, ivText, ctText] = parts as [string, string, string, string];
   const wrong = () =>
     new MasterKeyError(
-      `signing key ${kid} was encrypted with master key ${keyId}, which is not the configured one (${mk.id}, from ${mk.source}): set the master key the keys were encrypted with`,
+      `signing key ${kid} was encrypted with master key ${keyId}, which is not the configured one (${mk.id}, from ${mk.source}): set the master key the keys were encrypted with (to rotate it, name it in TESSERA_PREVIOUS_MASTER_KEYS)`,
     );
   if (keyId !== mk.id) throw wrong();
   const iv = Buffer.from(ivText, "base64url");
@@ -138,24 +138,48 @@ export function openPrivateJwk(mk: MasterKey, kid: string, stored: string): stri
   }
 }
 
+/** The previous master keys of `auth.previousMasterKeys` (a rotation in progress). */
+export function loadPreviousMasterKeys(auth: Config["auth"]): MasterKey[] {
+  return auth.previousMasterKeys.map((k, i) =>
+    parseMasterKey(k, `auth.previousMasterKeys[${i}] (TESSERA_PREVIOUS_MASTER_KEYS)`),
+  );
+}
+
+/** The master key id an envelope names. */
+function sealedWith(stored: string): string | undefined {
+  return stored.split(":")[1];
+}
+
 /**
- * Start-up step: seal every signing key still stored in clear, and check that every
- * sealed one opens with `mk`, so a wrong master key stops the start with a clear message
- * rather than letting the service generate a new key. Idempotent; concurrent starts are
- * safe (a row is replaced only while it still holds the clear text read).
+ * Start-up step: seal every signing key still stored in clear, reseal under `mk` those
+ * sealed with one of the `previous` master keys (a rotation), and check that every sealed
+ * one opens with `mk`, so a wrong master key stops the start with a clear message rather
+ * than letting the service generate a new key. Idempotent; concurrent starts are safe (a
+ * row is replaced only while it still holds what was read).
  */
-export async function sealStoredSigningKeys(storage: Storage, mk: MasterKey): Promise<void> {
+export async function sealStoredSigningKeys(
+  storage: Storage,
+  mk: MasterKey,
+  previous: readonly MasterKey[] = [],
+): Promise<void> {
   const em = storage.em.fork();
   const rows = await em.find(SigningKey, {});
   for (const row of rows) {
+    let clear: string;
     if (isSealed(row.privateJwk)) {
-      openPrivateJwk(mk, row.kid, row.privateJwk);
-      continue;
+      const old = previous.find((p) => p.id !== mk.id && p.id === sealedWith(row.privateJwk));
+      if (old === undefined) {
+        openPrivateJwk(mk, row.kid, row.privateJwk);
+        continue;
+      }
+      clear = openPrivateJwk(old, row.kid, row.privateJwk);
+    } else {
+      clear = row.privateJwk;
     }
     await em.nativeUpdate(
       SigningKey,
       { kid: row.kid, privateJwk: row.privateJwk },
-      { privateJwk: sealPrivateJwk(mk, row.kid, row.privateJwk) },
+      { privateJwk: sealPrivateJwk(mk, row.kid, clear) },
     );
   }
 }

@@ -134,6 +134,33 @@ describe.each(DATABASES)("signing keys at rest on $name", (db) => {
     }
   });
 
+  it("rotates the master key: keys sealed with a previous one are resealed under the new one at start", async () => {
+    const u = url();
+    const first = await serve(u, certs, { auth: { masterKey: OTHER_KEY, masterKeyFile: undefined } });
+    const { accessToken } = await first.users.login({ username: "admin", password: ADMIN_PASSWORD });
+    const [before] = await rows(first.app);
+    await first.close();
+
+    const NEW_KEY = Buffer.alloc(32, 5).toString("base64");
+    const second = await serve(u, certs, { auth: { masterKey: NEW_KEY, previousMasterKeys: [OTHER_KEY] } });
+    try {
+      const [after] = await rows(second.app);
+      expect(after!.kid).toBe(before!.kid);
+      expect(after!.private_jwk.split(":")[1]).not.toBe(before!.private_jwk.split(":")[1]);
+      const me = await second.users.getCurrentUser(
+        {},
+        { headers: { authorization: `Bearer ${accessToken}` } },
+      );
+      expect(me.username).toBe("admin");
+    } finally {
+      await second.close();
+    }
+    // The old key alone no longer opens them.
+    await expect(
+      createApp(testConfig(u, { auth: { masterKey: OTHER_KEY } }), { logger: silentLogger }),
+    ).rejects.toThrow(/not the configured one/);
+  });
+
   it("seals a signing key stored in clear by an older version on the next start", async () => {
     const u = url();
     const first = await serve(u, certs);
