@@ -42,7 +42,7 @@ const ConfigSchema = z
           .default(4 * 1024 * 1024 + 64 * 1024),
         idleTimeoutSeconds: z.number().int().min(0).default(60),
         maxConnections: z.number().int().min(0).default(10_000),
-        maxConnectionsPerIp: z.number().int().min(0).default(256),
+        maxConnectionsPerIp: z.number().int().min(0).default(1024),
       })
       .strict()
       .prefault({}),
@@ -264,7 +264,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "server.maxConnectionsPerIp",
     "TESSERA_MAX_CONNECTIONS_PER_IP",
     "int",
-    "256",
+    "1024",
     "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
   ],
   [

@@ -41,7 +41,7 @@ export const TEST_MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
 /** A quiet logger for tests. */
 export const silentLogger = pino({ level: "silent" });
 
-/** Build a config for tests: given database, fast hashing, no rate limits unless asked. */
+/** Build a config for tests: given database, fast hashing, no rate limits nor per-address connection limit unless asked. */
 export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
   return loadConfig({
     env: {},
@@ -57,7 +57,8 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
         ...overrides.auth,
       },
       rateLimit: { enabled: false, ...overrides.rateLimit },
-      server: { port: 0, host: "127.0.0.1", ...overrides.server },
+      // Every test connection comes from 127.0.0.1: no per-address connection limit unless asked.
+      server: { port: 0, host: "127.0.0.1", maxConnectionsPerIp: 0, ...overrides.server },
       log: { level: "silent", ...overrides.log },
     },
   });
