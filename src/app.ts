@@ -32,6 +32,7 @@ import {
   MACHINE_USERNAME_PREFIX,
   MachineStateReader,
 } from "./auth/machine-principal.js";
+import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
@@ -113,7 +114,15 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
       return defaultTenant;
     };
-    const jwt = await createJwtService({ config: config.auth.jwt, storage });
+    // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
+    const masterKey = loadMasterKey(config.auth, storage.target);
+    await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+    const jwt = await createJwtService({
+      config: config.auth.jwt,
+      storage,
+      masterKey,
+      maxTokenTtlSeconds: config.auth.maxTokenTtl,
+    });
     const users = new UserStateReader(sql);
     const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
     const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);

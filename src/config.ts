@@ -58,6 +58,14 @@ const ConfigSchema = z
           .int()
           .positive()
           .default(32 * 1024),
+        maxBodyBytes: z
+          .number()
+          .int()
+          .positive()
+          .default(4 * 1024 * 1024 + 64 * 1024),
+        idleTimeoutSeconds: z.number().int().min(0).default(60),
+        maxConnections: z.number().int().min(0).default(10_000),
+        maxConnectionsPerIp: z.number().int().min(0).default(1024),
       })
       .strict()
       .prefault({}),
@@ -124,6 +132,25 @@ const ConfigSchema = z
         passwordIterations: z.number().int().min(1000).default(600_000),
         hashConcurrency: z.number().int().positive().optional(),
         hashQueue: z.number().int().min(0).optional(),
+        masterKey: z
+          .string()
+          .regex(
+            /^[A-Za-z0-9+/_-]{43}=?$/,
+            "auth.masterKey (TESSERA_MASTER_KEY) must be the base64 of 32 random bytes (openssl rand -base64 32)",
+          )
+          .optional(),
+        masterKeyFile: z.string().min(1).optional(),
+        previousMasterKeys: z
+          .array(
+            z
+              .string()
+              .regex(
+                /^[A-Za-z0-9+/_-]{43}=?$/,
+                "auth.previousMasterKeys (TESSERA_PREVIOUS_MASTER_KEYS) must each be the base64 of 32 bytes",
+              ),
+          )
+          .default([]),
+        maxTokenTtl: seconds.default(24 * 3600),
       })
       .strict()
       .prefault({}),
@@ -249,6 +276,34 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "Largest header block accepted.",
   ],
   [
+    "server.maxBodyBytes",
+    "TESSERA_MAX_BODY_BYTES",
+    "int",
+    "4259840",
+    "Largest request body accepted, all messages and envelopes counted (every protocol); a larger one is refused with ResourceExhausted and its stream reset.",
+  ],
+  [
+    "server.idleTimeoutSeconds",
+    "TESSERA_IDLE_TIMEOUT_SECONDS",
+    "int",
+    "60",
+    "A connection with no traffic for this long is closed (HTTP/2: GOAWAY first; a call whose client stalls mid-request is cancelled); also the TLS handshake timeout. 0 keeps idle connections.",
+  ],
+  [
+    "server.maxConnections",
+    "TESSERA_MAX_CONNECTIONS",
+    "int",
+    "10000",
+    "Open connections in total; more are closed at once, before TLS. 0: no limit.",
+  ],
+  [
+    "server.maxConnectionsPerIp",
+    "TESSERA_MAX_CONNECTIONS_PER_IP",
+    "int",
+    "1024",
+    "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
+  ],
+  [
     "database.url",
     "TESSERA_DATABASE_URL",
     "string",
@@ -372,6 +427,34 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "(4 × hashConcurrency)",
     "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
+  ],
+  [
+    "auth.masterKey",
+    "TESSERA_MASTER_KEY",
+    "string",
+    "(unset)",
+    "Base64 of 32 random bytes: the key-encryption key sealing private signing keys in the database (AES-256-GCM). Unset with SQLite: <database folder>/master.key, generated 0600 on first start. Required with PostgreSQL (or masterKeyFile).",
+  ],
+  [
+    "auth.masterKeyFile",
+    "TESSERA_MASTER_KEY_FILE",
+    "string",
+    "(unset)",
+    "File holding the master key (base64 of 32 bytes), instead of auth.masterKey.",
+  ],
+  [
+    "auth.previousMasterKeys",
+    "TESSERA_PREVIOUS_MASTER_KEYS",
+    "list",
+    "(none)",
+    "Comma-separated master keys being rotated out: signing keys sealed with one are resealed under the current master key at start. Drop them once every instance runs with the new key.",
+  ],
+  [
+    "auth.maxTokenTtl",
+    "TESSERA_MAX_TOKEN_TTL",
+    "int",
+    "86400",
+    "Cap in seconds on the lifetime of every access JWT minted (configured lifetime, machine tokens, rotation grace periods). PATs and API keys are checked on every use and revocable at once, so their expires_at is not capped.",
   ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
   [
