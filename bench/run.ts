@@ -25,6 +25,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { SignJWT } from "jose";
+import { Agent, fetch as undiciFetch } from "undici";
 import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
@@ -82,7 +83,7 @@ if (flags.help) {
   --soak <n>          requests in the soak (default 100000)
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
                       jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits,
-                      rejected-limited, mtls (with raw-node, bare-node), login, first-use, soak
+                      rejected-limited, mtls (with raw-node, bare-node), login, flood, first-use, soak
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --keep              keep the temporary folder (certificates, databases, build)
@@ -130,6 +131,8 @@ const settings = {
   smokeRequests: 300,
   soakRequests: Math.round(positive(flags.soak, smoke ? 2000 : 100_000, "soak")),
   loginConnections: 4,
+  /** Wrong-password logins in flight at once in the flood scenario (issue 18 measured 16). */
+  floodConcurrency: 16,
 };
 const only = flags.only ? new RegExp(flags.only) : null;
 const wanted = (id: string) => !only || only.test(id);
@@ -189,6 +192,15 @@ const servers: ServerProcess[] = [];
 const extras: {
   firstUse?: { firstMs: number; subsequentMedianMs: number; samples: number };
   pbkdf2?: { hashesPerSecond: number; parallel: number; iterations: number };
+  flood?: {
+    quietRps: number;
+    floodRps: number;
+    ratio: number;
+    floodConcurrency: number;
+    /** HTTP statuses of the flood's answers while it ran. */
+    floodStatuses: Record<string, number>;
+    login: { status: number; ms: number; retryAfter: string | null };
+  };
   soak?: {
     requests: number;
     errors: number;
@@ -252,6 +264,7 @@ async function startTessera(
   adminPassword: string,
   name: string,
   extraEnv: Record<string, string>,
+  options: { pin?: boolean } = {},
 ): Promise<ServerProcess> {
   const dataDir = join(work, `data-${name}`);
   mkdirSync(dataDir, { recursive: true });
@@ -274,7 +287,7 @@ async function startTessera(
     command: launcher.command,
     args: [...launcher.args("src/main.ts"), "serve"],
     cwd: launcher.cwd,
-    cpus: pinning?.server,
+    cpus: options.pin === false ? undefined : pinning?.server,
     env,
     ready: (line) => {
       if (!line.startsWith("{")) return null;
@@ -309,6 +322,77 @@ async function seedUser(
     return { adminToken: admin.accessToken, userToken: session.accessToken };
   } finally {
     await api.close();
+  }
+}
+
+/**
+ * Wrong-password logins, `concurrency` in flight at once, each for a new username from a
+ * new address (X-Forwarded-For through the trusted proxy 127.0.0.1), so that only the hash
+ * pool bounds their cost. `stop` ends it and returns the statuses answered.
+ */
+function startFlood(url: string, tls: ClientTls, concurrency: number) {
+  const agent = new Agent({ connect: { ca: tls.ca }, allowH2: true });
+  const statuses: Record<string, number> = {};
+  let running = true;
+  let n = 0;
+  const worker = async () => {
+    while (running) {
+      const i = n++;
+      try {
+        const res = await undiciFetch(`${url}/${PATHS.login}`, {
+          method: "POST",
+          headers: {
+            "content-type": "application/json",
+            "x-forwarded-for": `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`,
+          },
+          body: JSON.stringify({ username: `flood-${i}`, password: `wrong password ${i}` }),
+          dispatcher: agent,
+        });
+        await res.arrayBuffer();
+        statuses[res.status] = (statuses[res.status] ?? 0) + 1;
+      } catch {
+        statuses.error = (statuses.error ?? 0) + 1;
+      }
+    }
+  };
+  const workers = Array.from({ length: concurrency }, worker);
+  let stopped: Promise<Record<string, number>> | undefined;
+  return {
+    stop() {
+      stopped ??= (async () => {
+        running = false;
+        await Promise.all(workers);
+        await agent.close();
+        return { ...statuses };
+      })();
+      return stopped;
+    },
+  };
+}
+
+/** One legitimate login (from its own address) over a connection opened beforehand: its status, time and Retry-After. */
+async function timedLogin(url: string, tls: ClientTls, user: { username: string; password: string }) {
+  const agent = new Agent({ connect: { ca: tls.ca }, allowH2: true });
+  try {
+    const post = (body: unknown) =>
+      undiciFetch(`${url}/${PATHS.login}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-forwarded-for": "192.0.2.1" },
+        body: JSON.stringify(body),
+        dispatcher: agent,
+      });
+    // Open the connection (TLS handshake) with a request that costs no hash.
+    await (await post({})).arrayBuffer();
+    const started = performance.now();
+    const res = await post(user);
+    await res.arrayBuffer();
+    return {
+      status: res.status,
+      ms: performance.now() - started,
+      retryAfter: res.headers.get("retry-after"),
+    };
+  } finally {
+    await agent.close();
   }
 }
 
@@ -754,7 +838,7 @@ async function run(): Promise<void> {
   );
 
   // Rate limits on, one server each: once the failure limiter has refused an IP, it refuses
-  // every request from it (valid ones too) until its window ends.
+  // its passwords, opaque tokens and bad JWTs (a valid JWT still passes) until its window ends.
   const limitsEnv = {
     TESSERA_JWT_SECRET: jwtSecret,
     TESSERA_RATE_LIMIT: "true",
@@ -796,7 +880,7 @@ async function run(): Promise<void> {
         headers: bearer(forged),
         expect: refused("resource_exhausted", 429, "RATE_LIMITED"),
         before: spendFailureBudget,
-        note: "rate limits on, failure limit at its default (20 a minute): past it the IP is refused (429) before any verification",
+        note: "rate limits on, failure limit at its default (20 a minute): past it the IP's bad tokens are refused (429) after at most a signature check",
       }),
     );
   }
@@ -965,6 +1049,55 @@ async function run(): Promise<void> {
     };
   }
 
+  // ---- a wrong-password flood from many addresses (through a trusted proxy's X-Forwarded-For,
+  // so that no per-IP limit stops it): an authenticated call's throughput beside it against
+  // without it, and a legitimate login during it (issue 18: the bounded hash pool).
+  if (wanted("flood")) {
+    log("wrong-password flood…");
+    // Not pinned: the hash pool leaves the event loop a core only where there are two.
+    const server = await startTessera(
+      launcher,
+      certDir,
+      adminPassword,
+      "flood",
+      { ...limitsEnv, TESSERA_TRUSTED_PROXIES: "127.0.0.1" },
+      { pin: false },
+    );
+    const seededFlood = await seedUser(server, adminPassword, user, tls);
+    const [s] = both({
+      ...gcu(server),
+      id: "flood",
+      label: "GetCurrentUser, JWT HS256, beside a wrong-password flood",
+      kind: "authenticated",
+      headers: bearer(seededFlood.userToken),
+      expect: asUser,
+    });
+    await verify(s!);
+    await drive(s!, settings.smoke ? { requests: 100 } : { durationSeconds: settings.serverWarmupSeconds });
+    const quiet = summarize([await drive(s!, slice())]);
+    const flood = startFlood(server.url, tls, settings.floodConcurrency);
+    try {
+      // Let the flood fill the hash pool first.
+      await new Promise((r) => setTimeout(r, 500));
+      const login = await timedLogin(server.url, tls, user);
+      const busy = summarize([await drive(s!, slice())]);
+      const stats = await flood.stop();
+      extras.flood = {
+        quietRps: quiet.rps,
+        floodRps: busy.rps,
+        ratio: busy.rps / quiet.rps,
+        floodConcurrency: settings.floodConcurrency,
+        floodStatuses: stats,
+        login,
+      };
+      log(
+        `  flood: ${busy.rps.toFixed(0)} vs ${quiet.rps.toFixed(0)} req/s (${percent(busy.rps / quiet.rps)}); legitimate login HTTP ${login.status} in ${login.ms.toFixed(0)} ms; flood answers ${JSON.stringify(stats)}`,
+      );
+    } finally {
+      await flood.stop();
+    }
+  }
+
   // ---- soak: many authenticated requests; the server's RSS after warm-up and after the soak.
   // A point sample of RSS lands anywhere in the garbage collector's cycle (right before a
   // major GC or right after it differ by a third), so the comparison is between the highest
@@ -1102,6 +1235,20 @@ function evaluateTargets(): TargetResult[] {
           ].join(", "),
     met: erroring.length === 0 && soakErrors === 0,
   });
+  const flood = extras.flood;
+  if (flood) {
+    targets.push({
+      target: `GetCurrentUser (JWT HS256, Connect JSON) beside a flood of ${flood.floodConcurrency} concurrent wrong-password logins from many addresses ≥ 70% of without`,
+      measured: `${percent(flood.ratio)} (${flood.floodRps.toFixed(0)} vs ${flood.quietRps.toFixed(0)} req/s)`,
+      met: flood.ratio >= 0.7,
+    });
+    const { login } = flood;
+    targets.push({
+      target: "a legitimate login during the flood answered, or refused with Retry-After, within 1 s",
+      measured: `HTTP ${login.status}${login.retryAfter ? ` (Retry-After ${login.retryAfter})` : ""} in ${login.ms.toFixed(0)} ms`,
+      met: login.ms <= 1000 && (login.status === 200 || (login.status === 503 && login.retryAfter !== null)),
+    });
+  }
   const soak = extras.soak;
   if (soak) {
     targets.push({
@@ -1156,7 +1303,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     cpus,
     server,
   };
-  const { firstUse, pbkdf2, soak } = extras;
+  const { firstUse, pbkdf2, soak, flood } = extras;
   const markdown = [
     `### ${date}${smoke ? " (smoke run)" : ""}`,
     "",
@@ -1184,6 +1331,15 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
           `- Raw PBKDF2-SHA256 at 600,000 iterations, measured right before each login run: ${pbkdf2.hashesPerSecond.toFixed(1)} hashes/s on average (${pbkdf2.parallel} at a time on the libuv pool).`,
         ]
       : []),
+    ...(flood
+      ? [
+          `- Wrong-password flood (server not pinned, default hash pool; ${flood.floodConcurrency} logins in flight for new usernames from new addresses through a trusted proxy): GetCurrentUser at ${flood.floodRps.toFixed(0)} req/s against ${flood.quietRps.toFixed(0)} without (${percent(flood.ratio)}); a legitimate login during it: HTTP ${flood.login.status} in ${flood.login.ms.toFixed(0)} ms; the flood's answers: ${Object.entries(
+            flood.floodStatuses,
+          )
+            .map(([k, v]) => `${v} × ${k}`)
+            .join(", ")}.`,
+        ]
+      : []),
     ...(soak
       ? [
           `- Soak: ${soak.requests} JWT-authenticated requests (Connect JSON) at ${soak.rps.toFixed(0)} req/s, ${soak.errors} errors; server RSS at most ${soak.peakRssWarmupMb.toFixed(1)} MiB during the warm-up (${soak.rssAfterWarmupMb.toFixed(1)} MiB at its end) and at most ${soak.peakRssSoakMb.toFixed(1)} MiB during the soak's second half, as long as the warm-up (${soak.rssAfterSoakMb.toFixed(1)} MiB at its end; a point sample falls anywhere in the GC cycle).`,
@@ -1201,7 +1357,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, flood: flood ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 

@@ -2,11 +2,18 @@ import { Code } from "@connectrpc/connect";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import type { Authenticator } from "./auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "./auth/credentials.js";
+import { withoutHashing } from "./auth/hash-pool.js";
 import { admits, type Principal } from "./auth/principal.js";
 import { hasAllScopes } from "./auth/scopes.js";
 import type { Admission, RequestState } from "./context.js";
 import { TesseraError, wwwAuthenticate } from "./errors.js";
-import { type RateLimits, rateLimitedError, rateLimitHeaders } from "./rate-limit.js";
+import {
+  authFailuresError,
+  type PasswordAttempt,
+  type RateLimits,
+  rateLimitedError,
+  rateLimitHeaders,
+} from "./rate-limit.js";
 
 /**
  * Admission: the checks that decide whether a request may enter an RPC at all, before its
@@ -22,7 +29,7 @@ import { type RateLimits, rateLimitedError, rateLimitHeaders } from "./rate-limi
  */
 export interface AdmissionDeps {
   authenticator: Authenticator;
-  /** When set: the per-IP limit, and failed authentications counted per IP (an IP over that budget is refused before any verification). */
+  /** When set: the per-IP limit, failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
   limits?: RateLimits | undefined;
 }
 
@@ -64,17 +71,29 @@ export async function authenticationRefusal(
   parsed?: Parsed,
 ): Promise<unknown> {
   const { authenticator, limits } = deps;
-  if (limits) {
-    const blocked = await limits.authFailures.exhausted(state.ip);
-    if (blocked) return rateLimitedError(blocked, "too many failed authentication attempts; try again later");
+  let credential: PresentedCredential | null;
+  try {
+    credential = parsed === undefined ? parseCredentials(headers) : parsed.credential;
+  } catch (err) {
+    return limits ? await spendFailure(limits, state, err) : err;
   }
+  // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
+  if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
+  // Once the IP's budget is spent, an opaque token is verified only if that needs no PBKDF2
+  // (it was verified before); one that would need it is refused. A JWT (or a certificate)
+  // never needs it, so a valid one is accepted whatever its IP spent: one guesser behind a
+  // NAT does not lock out everyone behind it. (JWTs skip the look-up: their hot path.)
+  const blocked =
+    limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
+      ? await limits.authFailures.exhausted(state.ip)
+      : null;
   let refusal: unknown;
   try {
-    const credential = parsed === undefined ? parseCredentials(headers) : parsed.credential;
     refusal =
       credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
     if (refusal === undefined) {
-      const principal = await authenticator.authenticate(credential, state, parsed?.from);
+      const verify = () => authenticator.authenticate(credential, state, parsed?.from);
+      const principal = await (blocked ? withoutHashing(authFailuresError(blocked), verify) : verify());
       if (principal) {
         state.principal = principal;
         return undefined;
@@ -84,16 +103,61 @@ export async function authenticationRefusal(
   } catch (err) {
     refusal = err;
   }
-  // A credential that did not verify spends budget; sending none (AUTH_REQUIRED) does not.
-  if (
-    limits &&
+  return limits ? await spendFailure(limits, state, refusal) : refusal;
+}
+
+/** The shape of a JWT: verifying one costs a signature check, never PBKDF2. */
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
+/** Whether a refusal is a credential that did not verify (sending none, AUTH_REQUIRED, is not). */
+function isFailure(refusal: unknown): boolean {
+  return (
     refusal instanceof TesseraError &&
     refusal.code === Code.Unauthenticated &&
     refusal.reason !== "AUTH_REQUIRED"
-  ) {
-    await limits.authFailures.consume(state.ip);
+  );
+}
+
+/**
+ * A credential that did not verify spends a point of the IP's budget; once it is spent the
+ * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses.
+ */
+async function spendFailure(limits: RateLimits, state: RequestState, refusal: unknown): Promise<unknown> {
+  if (!isFailure(refusal)) return refusal;
+  const spent = await limits.authFailures.consume(state.ip);
+  return spent.allowed ? refusal : authFailuresError(spent);
+}
+
+/**
+ * HTTP Basic: one failure of the IP's, the username's and the username-at-this-IP's budgets
+ * is reserved before the password is verified, and refunded when it verifies (or when no
+ * verdict was reached, e.g. the hash pool was full).
+ */
+async function basicRefusal(
+  deps: AdmissionDeps,
+  limits: RateLimits,
+  credential: PresentedCredential & { type: "basic" },
+  state: RequestState,
+): Promise<unknown> {
+  let attempt: PasswordAttempt;
+  try {
+    attempt = await limits.passwords.reserve(state.ip, credential.username);
+  } catch (err) {
+    return err;
   }
-  return refusal;
+  try {
+    const principal = await deps.authenticator.authenticate(credential, state);
+    if (principal) {
+      state.principal = principal;
+      await attempt.succeeded();
+      return undefined;
+    }
+    await attempt.cancelled();
+    return new TesseraError("AUTH_REQUIRED", "Authentication required");
+  } catch (err) {
+    await (isFailure(err) ? attempt.failed() : attempt.cancelled());
+    return err;
+  }
 }
 
 /**

@@ -21,6 +21,7 @@ import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/use
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
+import { configureHashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
 import {
@@ -31,6 +32,7 @@ import {
   MACHINE_USERNAME_PREFIX,
   MachineStateReader,
 } from "./auth/machine-principal.js";
+import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
@@ -94,6 +96,11 @@ export interface CreateAppOptions {
  */
 export async function createApp(config: Config, options: CreateAppOptions = {}): Promise<App> {
   const logger = options.logger ?? createLogger(config.log.level);
+  // Before anything hashes (the admin bootstrap does): every PBKDF2 goes through this pool.
+  configureHashPool({
+    ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
+    ...(config.auth.hashQueue !== undefined ? { queue: config.auth.hashQueue } : {}),
+  });
   const storage = await initORM({ url: config.database.url, debug: config.database.debug, migrate: true });
   try {
     const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
@@ -107,7 +114,15 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
       return defaultTenant;
     };
-    const jwt = await createJwtService({ config: config.auth.jwt, storage });
+    // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
+    const masterKey = loadMasterKey(config.auth, storage.target);
+    await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+    const jwt = await createJwtService({
+      config: config.auth.jwt,
+      storage,
+      masterKey,
+      maxTokenTtlSeconds: config.auth.maxTokenTtl,
+    });
     const users = new UserStateReader(sql);
     const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
     const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);

@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 
@@ -12,6 +13,21 @@ import { z } from "zod";
 
 const seconds = z.number().int().positive();
 
+/**
+ * An IP address or CIDR block as [address, prefix, family], or null when it is neither.
+ * (net.BlockList does the matching; it needs the parts apart.)
+ */
+export function parseCidr(value: string): [string, number, "ipv4" | "ipv6"] | null {
+  const [address = "", prefixText, extra] = value.trim().split("/");
+  if (extra !== undefined) return null;
+  const family = isIP(address);
+  if (family === 0) return null;
+  const max = family === 4 ? 32 : 128;
+  const prefix = prefixText === undefined ? max : Number(prefixText);
+  if (!/^\d+$/.test(prefixText ?? String(max)) || prefix > max) return null;
+  return [address, prefix, family === 4 ? "ipv4" : "ipv6"];
+}
+
 const ConfigSchema = z
   .object({
     server: z
@@ -24,6 +40,13 @@ const ConfigSchema = z
         devCertificates: z.boolean().default(true),
         allowLoopbackHttpCallbacks: z.boolean().default(false),
         trustProxy: z.boolean().default(false),
+        trustedProxies: z
+          .array(
+            z.string().refine((v) => parseCidr(v) !== null, {
+              message: "expected an IP address or CIDR block (e.g. 10.0.0.0/8, fd00::/8)",
+            }),
+          )
+          .default([]),
         readMaxBytes: z
           .number()
           .int()
@@ -35,6 +58,14 @@ const ConfigSchema = z
           .int()
           .positive()
           .default(32 * 1024),
+        maxBodyBytes: z
+          .number()
+          .int()
+          .positive()
+          .default(4 * 1024 * 1024 + 64 * 1024),
+        idleTimeoutSeconds: z.number().int().min(0).default(60),
+        maxConnections: z.number().int().min(0).default(10_000),
+        maxConnectionsPerIp: z.number().int().min(0).default(1024),
       })
       .strict()
       .prefault({}),
@@ -99,6 +130,27 @@ const ConfigSchema = z
           .strict()
           .prefault({}),
         passwordIterations: z.number().int().min(1000).default(600_000),
+        hashConcurrency: z.number().int().positive().optional(),
+        hashQueue: z.number().int().min(0).optional(),
+        masterKey: z
+          .string()
+          .regex(
+            /^[A-Za-z0-9+/_-]{43}=?$/,
+            "auth.masterKey (TESSERA_MASTER_KEY) must be the base64 of 32 random bytes (openssl rand -base64 32)",
+          )
+          .optional(),
+        masterKeyFile: z.string().min(1).optional(),
+        previousMasterKeys: z
+          .array(
+            z
+              .string()
+              .regex(
+                /^[A-Za-z0-9+/_-]{43}=?$/,
+                "auth.previousMasterKeys (TESSERA_PREVIOUS_MASTER_KEYS) must each be the base64 of 32 bytes",
+              ),
+          )
+          .default([]),
+        maxTokenTtl: seconds.default(24 * 3600),
       })
       .strict()
       .prefault({}),
@@ -108,6 +160,10 @@ const ConfigSchema = z
         perIpPerMinute: z.number().int().positive().default(600),
         perPrincipalPerMinute: z.number().int().positive().default(1200),
         authFailuresPerIpPerMinute: z.number().int().positive().default(20),
+        authFailuresPerUsernamePerHour: z.number().int().positive().default(100),
+        authFailuresPerUsernamePerIp: z.number().int().positive().default(5),
+        lockoutSeconds: seconds.default(60),
+        maxLockoutSeconds: seconds.default(3600),
         redisUrl: z.string().optional(),
       })
       .strict()
@@ -195,7 +251,14 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_TRUST_PROXY",
     "bool",
     "false",
-    "Take the client IP from X-Forwarded-For (only behind a trusted proxy).",
+    "Shorthand: the direct peer, whatever its address, is a trusted proxy (see server.trustedProxies).",
+  ],
+  [
+    "server.trustedProxies",
+    "TESSERA_TRUSTED_PROXIES",
+    "list",
+    "(none)",
+    "Comma-separated addresses or CIDR blocks of trusted proxies. Only from such a peer are X-Forwarded-For and Forwarded read: the client IP is the rightmost address in them that is not a trusted proxy.",
   ],
   ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
   [
@@ -211,6 +274,34 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "32768",
     "Largest header block accepted.",
+  ],
+  [
+    "server.maxBodyBytes",
+    "TESSERA_MAX_BODY_BYTES",
+    "int",
+    "4259840",
+    "Largest request body accepted, all messages and envelopes counted (every protocol); a larger one is refused with ResourceExhausted and its stream reset.",
+  ],
+  [
+    "server.idleTimeoutSeconds",
+    "TESSERA_IDLE_TIMEOUT_SECONDS",
+    "int",
+    "60",
+    "A connection with no traffic for this long is closed (HTTP/2: GOAWAY first; a call whose client stalls mid-request is cancelled); also the TLS handshake timeout. 0 keeps idle connections.",
+  ],
+  [
+    "server.maxConnections",
+    "TESSERA_MAX_CONNECTIONS",
+    "int",
+    "10000",
+    "Open connections in total; more are closed at once, before TLS. 0: no limit.",
+  ],
+  [
+    "server.maxConnectionsPerIp",
+    "TESSERA_MAX_CONNECTIONS_PER_IP",
+    "int",
+    "1024",
+    "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
   ],
   [
     "database.url",
@@ -323,6 +414,48 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "600000",
     "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
   ],
+  [
+    "auth.hashConcurrency",
+    "TESSERA_HASH_CONCURRENCY",
+    "int",
+    "(cores − 1, at least 1)",
+    "PBKDF2 hashes computed at once (password checks, new secrets); the rest of the cores are left to serving requests.",
+  ],
+  [
+    "auth.hashQueue",
+    "TESSERA_HASH_QUEUE",
+    "int",
+    "(4 × hashConcurrency)",
+    "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
+  ],
+  [
+    "auth.masterKey",
+    "TESSERA_MASTER_KEY",
+    "string",
+    "(unset)",
+    "Base64 of 32 random bytes: the key-encryption key sealing private signing keys in the database (AES-256-GCM). Unset with SQLite: <database folder>/master.key, generated 0600 on first start. Required with PostgreSQL (or masterKeyFile).",
+  ],
+  [
+    "auth.masterKeyFile",
+    "TESSERA_MASTER_KEY_FILE",
+    "string",
+    "(unset)",
+    "File holding the master key (base64 of 32 bytes), instead of auth.masterKey.",
+  ],
+  [
+    "auth.previousMasterKeys",
+    "TESSERA_PREVIOUS_MASTER_KEYS",
+    "list",
+    "(none)",
+    "Comma-separated master keys being rotated out: signing keys sealed with one are resealed under the current master key at start. Drop them once every instance runs with the new key.",
+  ],
+  [
+    "auth.maxTokenTtl",
+    "TESSERA_MAX_TOKEN_TTL",
+    "int",
+    "86400",
+    "Cap in seconds on the lifetime of every access JWT minted (configured lifetime, machine tokens, rotation grace periods). PATs and API keys are checked on every use and revocable at once, so their expires_at is not capped.",
+  ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
   [
     "rateLimit.perIpPerMinute",
@@ -343,7 +476,35 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_RATE_LIMIT_AUTH_FAILURES",
     "int",
     "20",
-    "Failed logins/credentials per minute per IP before refusing.",
+    "Failed logins/credentials per minute per IP before refusing. Budget is reserved before a password is verified and refunded on success.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerHour",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
+    "int",
+    "100",
+    "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends.",
+  ],
+  [
+    "rateLimit.authFailuresPerUsernamePerIp",
+    "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",
+    "int",
+    "5",
+    "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
+  ],
+  [
+    "rateLimit.lockoutSeconds",
+    "TESSERA_RATE_LIMIT_LOCKOUT_SECONDS",
+    "int",
+    "60",
+    "First lockout of an IP from a username; each further lockout within a day doubles it.",
+  ],
+  [
+    "rateLimit.maxLockoutSeconds",
+    "TESSERA_RATE_LIMIT_MAX_LOCKOUT_SECONDS",
+    "int",
+    "3600",
+    "Longest lockout of an IP from a username.",
   ],
   [
     "rateLimit.redisUrl",

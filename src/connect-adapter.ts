@@ -158,6 +158,8 @@ export function serveRequests(
 /** For the streams served without the compatibility layer, whose own "error" listener swallows stream errors. */
 function ignoreStreamError(): void {}
 
+function ignoreChunk(): void {}
+
 /** Options of {@link createConnectHandler}: those of `connectNodeAdapter`. */
 export interface ConnectHandlerOptions extends ConnectRouterOptions {
   routes(router: ConnectRouter): void;
@@ -191,6 +193,13 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * answers as a ConnectError would, from the wire form it gives.
    */
   admit?: (req: NodeRequest, method: DescMethod, early: boolean) => Verdict | Promise<Verdict>;
+  /**
+   * Most bytes a request body may have on the wire, whatever it holds: every message and
+   * envelope counted, gRPC-Web trailer frames included (Connect checks each message against
+   * `readMaxBytes` but skips trailer frames uncounted). Past it the call fails with
+   * ResourceExhausted and the rest of the body is not read. Default: no limit.
+   */
+  maxBodyBytes?: number;
 }
 
 /** What `admit` decides: go on (undefined), or answer with an error. */
@@ -264,6 +273,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   const errorBody = options.errorBody;
   const admit = options.admit;
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
+  const maxBodyBytes = options.maxBodyBytes ?? Number.POSITIVE_INFINITY;
   const responseHeaders = options.responseHeaders;
 
   /** The route of an HTTP/2 request the unary handlers answer (and so can be served as a StreamRequest), else undefined. */
@@ -379,7 +389,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       req.headers,
       // A StreamRequest's stream has an "error" listener of its own: an error destroys the
       // stream, and its "close" before "end" tells the body reader the client went away.
-      bodyOf(readableOf(req), !(req instanceof StreamRequest)),
+      bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes),
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
@@ -406,18 +416,22 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       unaryHandler(uReq).then((answer) => {
         answered = true;
         writeUnaryAnswer(answer, req, res, errorBody, common);
+        // Answered before the body's end (refused while the client was still uploading).
+        stopUnreadBody(req, res, readMaxBytes);
       }, onError);
       return;
     }
     if (res === undefined) throw new Error("a StreamRequest the unary handlers do not serve");
     setHeaders(res, common);
-    handler(uReq).then(
-      (uRes) =>
-        uRes.status >= 400 && errorBody
-          ? writeErrorResponse(uRes, req, res, errorBody)
-          : writeResponse(uRes, res),
-      onError,
-    );
+    handler(uReq)
+      .then(
+        (uRes) =>
+          uRes.status >= 400 && errorBody
+            ? writeErrorResponse(uRes, req, res, errorBody)
+            : writeResponse(uRes, res),
+        onError,
+      )
+      .then(() => stopUnreadBody(req, res, readMaxBytes));
   }
 }
 
@@ -500,13 +514,58 @@ function destroy(req: NodeRequest, res: NodeResponse | undefined): void {
 }
 
 /**
- * Discard the body of a request answered without reading it, up to `limit` bytes (what
- * Connect would have read): past that, HTTP/2 asks the client to stop sending (RST_STREAM
- * NO_ERROR once the answer is out, RFC 9113 §8.1) and HTTP/1.1 closes the connection, so
- * a refused caller cannot keep the server reading.
+ * After a unary answer was written, a body that was not read to its end (the call was
+ * refused before, or because of, what the client was still sending) is not left pending:
+ * HTTP/2 resets the stream once the answer is out (RST_STREAM NO_ERROR, RFC 9113 §8.1),
+ * HTTP/1.1 discards up to `limit` bytes and then closes the connection (see discardBody).
+ */
+function stopUnreadBody(req: NodeRequest, res: NodeResponse | undefined, limit: number): void {
+  const source = readableOf(req);
+  if (source.readableEnded || source.destroyed) return;
+  if ("stream" in req) {
+    resetWhenAnswered(req);
+    return;
+  }
+  discardBody(req, res, limit);
+  // bodyOf paused it when it stopped reading.
+  source.resume();
+}
+
+/** HTTP/2: close the request's stream with NO_ERROR once the answer is out (what the client still sends is dropped). */
+function resetWhenAnswered(req: NodeRequest & { stream: http2.Http2Stream }): void {
+  const stream = req.stream as http2.ServerHttp2Stream;
+  let waits = 0;
+  // Closed once nghttp2 has sent the end of the answer (END_STREAM: `localClose`). An
+  // RST_STREAM submitted before goes out first (nghttp2 sends it ahead of queued frames) and
+  // the trailers, with the gRPC status, would be lost. Node writes on a native immediate, so
+  // this waits an immediate at a time, a few at most (a client that reads nothing cannot
+  // hold the stream open: it is closed anyway then).
+  const stop = () => {
+    if (stream.closed || stream.destroyed) return;
+    if (stream.state.localClose !== 1 && waits++ < 8) setImmediate(stop);
+    else stream.close(http2constants.NGHTTP2_NO_ERROR);
+  };
+  // Every answer asks for trailers (`waitForTrailers`, here and in the compatibility layer):
+  // it ends once its "wantTrailers" listener has sent them.
+  if (stream.sentTrailers !== undefined) stop();
+  else stream.once("wantTrailers", () => setImmediate(stop));
+}
+
+/**
+ * Discard the body of a request answered without reading it: HTTP/2 asks the client to
+ * stop sending as soon as the answer is out (RST_STREAM NO_ERROR, RFC 9113 §8.1), so a
+ * refused upload is not read at all; HTTP/1.1, which cannot refuse the rest of a request
+ * and keep the connection, reads up to `limit` bytes (what Connect would have read) and
+ * past that closes the connection, so a refused caller cannot keep the server reading.
  */
 function discardBody(req: NodeRequest, res: NodeResponse | undefined, limit: number): void {
   const source = readableOf(req);
+  if ("stream" in req && !source.readableEnded) {
+    // Dropped as it comes until the reset: a paused stream would hold the client's window.
+    source.on("data", ignoreChunk);
+    resetWhenAnswered(req);
+    return;
+  }
   let seen = 0;
   const onData = (chunk: Buffer) => {
     seen += chunk.byteLength;
@@ -664,8 +723,12 @@ function nodeHeadersOf(header: Headers | undefined): http.OutgoingHttpHeaders | 
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure.
  */
-function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
+function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable<Uint8Array> {
   const queue: Uint8Array[] = [];
+  let received = 0;
+  // Set once the body is no longer read (too large, or the handler stopped): what still
+  // arrives is dropped, and the request stays paused for the adapter to stop (stopUnreadBody).
+  let stopped = false;
   // A StreamRequest's stream whose empty last DATA frame arrived while admission was
   // pending has emitted "end" already, read by nobody (Node reads an HTTP/2 stream that
   // ended with no data to its end at once). "end" comes only once the buffer is empty,
@@ -679,6 +742,16 @@ function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
     w?.();
   };
   req.on("data", (chunk: Buffer) => {
+    if (stopped) return;
+    received += chunk.byteLength;
+    if (received > maxBytes) {
+      stopped = true;
+      queue.length = 0;
+      req.pause();
+      failure ??= new ConnectError(`request body larger than ${maxBytes} bytes`, Code.ResourceExhausted);
+      notify();
+      return;
+    }
     queue.push(chunk);
     if (queue.length > 8) req.pause();
     notify();
@@ -705,6 +778,7 @@ function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
       return {
         async next(): Promise<IteratorResult<Uint8Array>> {
           for (;;) {
+            if (stopped && failure !== undefined) throw failure;
             const chunk = queue.shift();
             if (chunk !== undefined) {
               if (queue.length === 0 && req.isPaused()) req.resume();
@@ -718,9 +792,10 @@ function bodyOf(req: Readable, errors: boolean): AsyncIterable<Uint8Array> {
           }
         },
         async return(): Promise<IteratorResult<Uint8Array>> {
-          // The handler stopped reading: discard the rest of the body.
+          // The handler stopped reading: the rest of the body is not read (stopUnreadBody).
+          stopped = true;
           queue.length = 0;
-          req.resume();
+          if (!ended) req.pause();
           return { done: true, value: undefined };
         },
       };

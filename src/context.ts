@@ -9,7 +9,7 @@ import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
  */
 export interface RequestState {
   requestId: string;
-  /** Client IP (X-Forwarded-For only when server.trustProxy is on). */
+  /** Client IP (forwarding headers read only from a trusted proxy: see client-ip.ts). */
   ip: string;
   /** The connection's verified client certificate, or null. */
   certificate: PeerCertificateInfo | null;

@@ -1,3 +1,4 @@
+import { hash } from "node:crypto";
 import { Redis } from "ioredis";
 import {
   type RateLimiterAbstract,
@@ -15,6 +16,8 @@ export interface LimitResult {
   remaining: number;
   /** Milliseconds until the window resets. */
   resetMs: number;
+  /** Points counted in the window, this request's included. */
+  consumed?: number;
 }
 
 /** A fixed-window limiter over rate-limiter-flexible (memory, or Redis to share between instances). */
@@ -28,12 +31,33 @@ export class Limiter {
   async consume(key: string): Promise<LimitResult> {
     try {
       const res = await this.impl.consume(key);
-      return { allowed: true, limit: this.limit, remaining: res.remainingPoints, resetMs: res.msBeforeNext };
+      return {
+        allowed: true,
+        limit: this.limit,
+        remaining: res.remainingPoints,
+        resetMs: res.msBeforeNext,
+        consumed: res.consumedPoints,
+      };
     } catch (res) {
       if (res instanceof RateLimiterRes)
         return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
       throw res;
     }
+  }
+
+  /** Give back one point counted for `key` (a reservation that was not spent). */
+  async refund(key: string): Promise<void> {
+    await this.impl.reward(key, 1);
+  }
+
+  /** Forget `key`'s count (and any block on it). */
+  async reset(key: string): Promise<void> {
+    await this.impl.delete(key);
+  }
+
+  /** Refuse `key` for `seconds`, whatever its count. */
+  async block(key: string, seconds: number): Promise<void> {
+    await this.impl.block(key, seconds);
   }
 
   /** Whether `key` has used up its window, without counting a request. */
@@ -51,14 +75,132 @@ export interface RateLimits {
   perPrincipal: Limiter;
   /** Failed authentications per IP: bounds password guessing and PBKDF2 work. */
   authFailures: Limiter;
+  /** Password checks: budget reserved per IP, per username and per username at an IP before PBKDF2. */
+  passwords: PasswordGuard;
   close(): Promise<void>;
+}
+
+/** What became of a password check whose budget {@link PasswordGuard.reserve} reserved. */
+export interface PasswordAttempt {
+  /** The password matched (and the principal may act): the reservation is refunded, the IP's consecutive failures at the username forgotten. */
+  succeeded(): Promise<void>;
+  /** Refused: the reservation is spent; the IP's last allowed consecutive failure at the username locks it out of that username. */
+  failed(): Promise<void>;
+  /** No verdict (a fault, or the hash pool was full): the reservation is refunded. */
+  cancelled(): Promise<void>;
+}
+
+/** Sizes of the {@link PasswordGuard}'s lockout of an IP from a username. */
+export interface LockoutOptions {
+  /** Consecutive failures from one IP at one username before a lockout. */
+  failures: number;
+  /** First lockout; each further one within a day doubles it. */
+  seconds: number;
+  maxSeconds: number;
+}
+
+const ONE_DAY = 24 * 3600;
+
+/**
+ * The failed-authentication budget of password checks (Login, HTTP Basic, ChangePassword),
+ * reserved atomically *before* PBKDF2 and refunded on success: concurrent guesses cannot
+ * all get a verdict, as they could when the budget was read before the ~200 ms hash and
+ * spent after it. Three counts (OWASP ASVS V6.3 / 4.0 §2.2.1):
+ *
+ * - per IP (`authFailuresPerIpPerMinute`, shared with bad tokens): one address guesses
+ *   little, whatever the usernames;
+ * - per username, from every address together (`authFailuresPerUsernamePerHour`, a fixed
+ *   hour): many addresses cannot guess one account much either;
+ * - per username at one IP, consecutive failures within an hour
+ *   (`authFailuresPerUsernamePerIp`), with a lockout of that IP from that username that
+ *   doubles each time (`lockoutSeconds` up to `maxLockoutSeconds`; the doubling starts
+ *   again a day after the first lockout, and both start again on a success).
+ *
+ * Why the growing lockout is per username *and IP*, and the per-username one is not
+ * growing: a growing per-username lockout would let one address keep a victim locked out
+ * for ever at the cost of a few guesses a day. Here one address only locks *itself* out of
+ * the account for longer and longer (with the defaults, at most about 30 guesses an hour at
+ * one account, below the 100 that refuse the username to everyone), so shutting a victim
+ * out needs several addresses at once, and lasts at most until the hour ends.
+ *
+ * Usernames are keyed by their SHA-256, so keys are short and no username is kept in clear.
+ */
+export class PasswordGuard {
+  constructor(
+    private readonly perIp: Limiter,
+    private readonly perUsername: Limiter,
+    private readonly perUsernameIp: Limiter,
+    /** Lockouts of an IP from a username in the last day (for the doubling). */
+    private readonly lockouts: Limiter,
+    private readonly lockout: LockoutOptions,
+  ) {}
+
+  /**
+   * Reserve one failure of budget for a password check of `username` from `ip`.
+   * @throws TesseraError RATE_LIMITED (with Retry-After) when any of the three is spent
+   */
+  async reserve(ip: string, username: string): Promise<PasswordAttempt> {
+    const user = hash("sha256", username, "base64url");
+    const pair = `${ip}|${user}`;
+    const byIp = await this.perIp.consume(ip);
+    if (!byIp.allowed) throw authFailuresError(byIp);
+    const byPair = await this.perUsernameIp.consume(pair);
+    if (!byPair.allowed) {
+      await this.perIp.refund(ip);
+      // Until the lockout is set (the failure that earns it may still be hashing) the count's
+      // window is an hour long: Retry-After says no more than the longest lockout.
+      throw authFailuresError({
+        ...byPair,
+        resetMs: Math.min(byPair.resetMs, this.lockout.maxSeconds * 1000),
+      });
+    }
+    const byUser = await this.perUsername.consume(user);
+    if (!byUser.allowed) {
+      await Promise.all([this.perIp.refund(ip), this.perUsernameIp.refund(pair)]);
+      throw authFailuresError(byUser);
+    }
+    let settled = false;
+    const once = (fn: () => Promise<unknown>) => async () => {
+      if (settled) return;
+      settled = true;
+      await fn();
+    };
+    return {
+      succeeded: once(() =>
+        Promise.all([
+          this.perIp.refund(ip),
+          this.perUsername.refund(user),
+          this.perUsernameIp.reset(pair),
+          this.lockouts.reset(pair),
+        ]),
+      ),
+      failed: once(async () => {
+        // The reservation that used the last allowed failure locks the IP out of the username.
+        if ((byPair.consumed ?? 0) < this.lockout.failures) return;
+        const round = (await this.lockouts.consume(pair)).consumed ?? 1;
+        const seconds = Math.min(
+          this.lockout.maxSeconds,
+          this.lockout.seconds * 2 ** Math.min(30, round - 1),
+        );
+        await this.perUsernameIp.block(pair, seconds);
+      }),
+      cancelled: once(() =>
+        Promise.all([this.perIp.refund(ip), this.perUsername.refund(user), this.perUsernameIp.refund(pair)]),
+      ),
+    };
+  }
+}
+
+/** The refusal of a password check (or credential) whose failure budget is spent. */
+export function authFailuresError(result: LimitResult): TesseraError {
+  return rateLimitedError(result, "too many failed authentication attempts; try again later");
 }
 
 /** Build the limiters from configuration (Redis when rateLimit.redisUrl is set). */
 export function createRateLimits(config: Config["rateLimit"]): RateLimits {
   let redis: Redis | undefined;
-  const make = (keyPrefix: string, points: number): Limiter => {
-    const memory = new RateLimiterMemory({ keyPrefix, points, duration: 60 });
+  const make = (keyPrefix: string, points: number, duration = 60): Limiter => {
+    const memory = new RateLimiterMemory({ keyPrefix, points, duration });
     if (!config.redisUrl) return new Limiter(memory, points);
     redis ??= new Redis(config.redisUrl, {
       enableOfflineQueue: false,
@@ -70,15 +212,29 @@ export function createRateLimits(config: Config["rateLimit"]): RateLimits {
       storeClient: redis,
       keyPrefix: `tessera:${keyPrefix}`,
       points,
-      duration: 60,
+      duration,
       insuranceLimiter: memory,
     });
     return new Limiter(shared, points);
   };
+  const authFailures = make("authfail", config.authFailuresPerIpPerMinute);
   return {
     perIp: make("ip", config.perIpPerMinute),
     perPrincipal: make("principal", config.perPrincipalPerMinute),
-    authFailures: make("authfail", config.authFailuresPerIpPerMinute),
+    authFailures,
+    passwords: new PasswordGuard(
+      authFailures,
+      make("authfail-user", config.authFailuresPerUsernamePerHour, 3600),
+      // An hour, not a day: keys for usernames nobody has are made by guessing, and memory
+      // holds them until they expire.
+      make("authfail-user-ip", config.authFailuresPerUsernamePerIp, 3600),
+      make("lockouts", Number.MAX_SAFE_INTEGER, ONE_DAY),
+      {
+        failures: config.authFailuresPerUsernamePerIp,
+        seconds: config.lockoutSeconds,
+        maxSeconds: config.maxLockoutSeconds,
+      },
+    ),
     async close() {
       redis?.disconnect();
     },

@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
 import http2 from "node:http2";
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
@@ -15,6 +15,7 @@ import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
+import { createClientIpResolver } from "./client-ip.js";
 import type { Config } from "./config.js";
 import {
   createConnectHandler,
@@ -170,6 +171,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     routes: app.routes,
     interceptors: app.interceptors,
     readMaxBytes: config.server.readMaxBytes,
+    maxBodyBytes: config.server.maxBodyBytes,
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
@@ -221,15 +223,11 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     return info;
   }
 
+  const resolveIp = createClientIpResolver(config.server);
   function clientIp(req: Request): string {
-    if (config.server.trustProxy) {
-      const fwd = req.headers["x-forwarded-for"];
-      const first = (Array.isArray(fwd) ? fwd[0] : fwd)?.split(",")[0]?.trim();
-      if (first) return first;
-    }
     // HTTP/2: the session's socket (one per connection), not req.socket (a Proxy made per stream).
     const socket = "stream" in req ? (req.stream.session?.socket ?? req.socket) : req.socket;
-    return socket.remoteAddress ?? "unknown";
+    return resolveIp(socket.remoteAddress, req.headers);
   }
 
   function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
@@ -326,6 +324,70 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   return handle;
 }
 
+/**
+ * Bound what connections can hold: at most `maxConnections` in all and
+ * `maxConnectionsPerIp` per peer address (more are closed at once, before any TLS work),
+ * and none kept idle for longer than `idleTimeoutSeconds` (HTTP/2: GOAWAY, then closed
+ * once no stream is left; HTTP/1.1: closed). Node keeps idle connections for ever by
+ * default, each holding a descriptor and tens of KB.
+ */
+function boundConnections(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  tls: boolean,
+): void {
+  // net.Server closes connections past it as they are accepted.
+  if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
+  if (cfg.maxConnectionsPerIp > 0) {
+    const open = new Map<string, number>();
+    const limit = cfg.maxConnectionsPerIp;
+    // Prepended: decided before the TLS layer's own listener starts a handshake.
+    server.prependListener("connection", (socket: Socket) => {
+      const ip = socket.remoteAddress ?? "unknown";
+      const n = (open.get(ip) ?? 0) + 1;
+      if (n > limit) {
+        socket.destroy();
+        return;
+      }
+      open.set(ip, n);
+      socket.once("close", () => {
+        const left = (open.get(ip) ?? 1) - 1;
+        if (left === 0) open.delete(ip);
+        else open.set(ip, left);
+      });
+    });
+  }
+  const idleMs = cfg.idleTimeoutSeconds * 1000;
+  if (idleMs === 0) return;
+  server.on("session", (session: http2.Http2Session) => {
+    const streams = new Set<http2.Http2Stream>();
+    session.on("stream", (stream: http2.Http2Stream) => {
+      streams.add(stream);
+      stream.once("close", () => streams.delete(stream));
+    });
+    // Fires after `idleMs` without a frame either way. A stream whose client still owes its
+    // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
+    // whose request is complete (a call in progress, a server stream) keeps the session,
+    // and the timer runs again after its next frame.
+    session.setTimeout(idleMs, () => {
+      if (session.closed || session.destroyed) return;
+      let busy = false;
+      for (const stream of streams) {
+        if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
+        else busy = true;
+      }
+      if (busy) return;
+      session.goaway(http2.constants.NGHTTP2_NO_ERROR);
+      session.close();
+    });
+  });
+  // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
+  if (tls)
+    server.on("secureConnection", (socket: TLSSocket) => {
+      if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
+    });
+}
+
 /** Build and start the server on the configured host and port (port 0 picks a free one). */
 export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
@@ -353,12 +415,17 @@ export async function startServer(app: App): Promise<TesseraServer> {
       rejectUnauthorized: cfg.mtls === "require",
       settings,
       minVersion: "TLSv1.2",
+      // A connection that never completes its handshake is idle too (Node's default: 120 s).
+      ...(cfg.idleTimeoutSeconds > 0
+        ? { handshakeTimeout: Math.min(cfg.idleTimeoutSeconds, 120) * 1000 }
+        : {}),
     });
   } else {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
   serveRequests(server, handler);
+  boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(cfg.port, cfg.host, () => {

@@ -35,10 +35,13 @@ export const ADMIN_PASSWORD = "admin-password-for-tests";
 /** Iterations used by tests that do not examine hashing itself (600k makes every login ~200 ms). */
 export const TEST_ITERATIONS = 1_000;
 
+/** The master key PostgreSQL tests run with (PostgreSQL refuses to start without one). */
+export const TEST_MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
+
 /** A quiet logger for tests. */
 export const silentLogger = pino({ level: "silent" });
 
-/** Build a config for tests: given database, fast hashing, no rate limits unless asked. */
+/** Build a config for tests: given database, fast hashing, no rate limits nor per-address connection limit unless asked. */
 export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
   return loadConfig({
     env: {},
@@ -46,9 +49,16 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
       ...overrides,
       database: { url: dbUrl, ...overrides.database },
       admin: { password: ADMIN_PASSWORD, ...overrides.admin },
-      auth: { passwordIterations: TEST_ITERATIONS, ...overrides.auth },
+      auth: {
+        passwordIterations: TEST_ITERATIONS,
+        ...(dbUrl.startsWith("postgres") && !overrides.auth?.masterKeyFile
+          ? { masterKey: TEST_MASTER_KEY }
+          : {}),
+        ...overrides.auth,
+      },
       rateLimit: { enabled: false, ...overrides.rateLimit },
-      server: { port: 0, host: "127.0.0.1", ...overrides.server },
+      // Every test connection comes from 127.0.0.1: no per-address connection limit unless asked.
+      server: { port: 0, host: "127.0.0.1", maxConnectionsPerIp: 0, ...overrides.server },
       log: { level: "silent", ...overrides.log },
     },
   });

@@ -17,6 +17,7 @@ import type { Config } from "../config.js";
 import { TesseraError } from "../errors.js";
 import { SigningKey } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
+import { type MasterKey, openPrivateJwk, sealPrivateJwk } from "./master-key.js";
 
 /** The JWT `typ` of access tokens (RFC 9068). Anything else is refused as an access token. */
 export const ACCESS_TOKEN_TYP = "at+jwt";
@@ -97,8 +98,13 @@ export interface JwtService {
 export interface JwtServiceOptions {
   config: Config["auth"]["jwt"];
   storage: Storage;
-  /** Longest lifetime of any token this service signs (for how long retired keys verify). */
+  /**
+   * Longest lifetime of any token this service signs (`auth.maxTokenTtl`): every `exp` is
+   * capped to it, whatever lifetime is asked for; retired keys verify for as long.
+   */
   maxTokenTtlSeconds?: number;
+  /** Seals the private keys stored in the database (see master-key.ts). */
+  masterKey: MasterKey;
 }
 
 /**
@@ -108,6 +114,8 @@ export interface JwtServiceOptions {
 export async function createJwtService(options: JwtServiceOptions): Promise<JwtService> {
   const { config, storage } = options;
   const maxTtl = Math.max(options.maxTokenTtlSeconds ?? 0, config.accessTokenTtl);
+  const ttlCap = options.maxTokenTtlSeconds ?? Number.POSITIVE_INFINITY;
+  const { masterKey } = options;
   const keys = new Map<string, VerifyKey>();
   type SigningEntry = VerifyKey & { signKey: CryptoKey | Uint8Array };
   let signing: SigningEntry | undefined;
@@ -130,9 +138,12 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     const em = storage.em.fork();
     const rows = await em.find(SigningKey, { alg: config.algorithm }, { orderBy: { createdAt: "desc" } });
     const now = Date.now();
+    // The current key (never retired), opened before anything changes: one sealed with
+    // another master key (a misconfigured instance rotated) leaves the keys in use as they are.
+    const newest = rows.find((row) => !row.retiredAt);
+    const privateJwk = newest ? openPrivateJwk(masterKey, newest.kid, newest.privateJwk) : undefined;
     keys.clear();
     signing = undefined;
-    let newest: SigningKey | undefined;
     for (const row of rows) {
       const acceptUntil = row.retiredAt
         ? row.retiredAt.getTime() + (maxTtl + config.clockSkew) * 1000
@@ -141,10 +152,9 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       const publicJwk = JSON.parse(row.publicJwk) as JWK;
       const key = (await importJWK(publicJwk, row.alg)) as CryptoKey;
       keys.set(row.kid, { kid: row.kid, alg: row.alg, key, publicJwk, acceptUntil });
-      if (!row.retiredAt && !newest) newest = row;
     }
-    if (newest) {
-      const signKey = (await importJWK(JSON.parse(newest.privateJwk) as JWK, newest.alg)) as CryptoKey;
+    if (newest && privateJwk !== undefined) {
+      const signKey = (await importJWK(JSON.parse(privateJwk) as JWK, newest.alg)) as CryptoKey;
       signing = { ...keys.get(newest.kid)!, signKey };
     }
   }
@@ -162,7 +172,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       tx.create(SigningKey, {
         kid,
         alg: config.algorithm,
-        privateJwk: JSON.stringify(privateJwk),
+        privateJwk: sealPrivateJwk(masterKey, kid, JSON.stringify(privateJwk)),
         publicJwk: JSON.stringify(publicJwk),
         createdAt: now,
         retiredAt: null,
@@ -230,7 +240,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     async issue(claims) {
       if (!signing) throw new TesseraError("UNAVAILABLE", "no signing key available");
       const now = Math.floor(Date.now() / 1000);
-      const exp = now + (claims.ttlSeconds ?? config.accessTokenTtl);
+      const exp = now + Math.min(claims.ttlSeconds ?? config.accessTokenTtl, ttlCap);
       const jti = randomUUID();
       const payload: Record<string, unknown> = {
         tid: claims.tenantId,

@@ -1,5 +1,6 @@
 import { pbkdf2, randomBytes, timingSafeEqual } from "node:crypto";
 import { promisify } from "node:util";
+import { hashPool } from "./hash-pool.js";
 
 const pbkdf2Async = promisify(pbkdf2);
 
@@ -12,11 +13,13 @@ const SALT_LENGTH = 16;
  * Hash a secret (password or token secret) with PBKDF2-SHA256. The result is a
  * self-describing string `pbkdf2-sha256$<iterations>$<salt b64>$<hash b64>`, so the
  * parameters are stored with each hash and can be raised later without a migration.
- * Runs on the libuv thread pool: never blocks the event loop.
+ * Runs on the libuv thread pool through the bounded {@link hashPool}: never blocks the
+ * event loop, and never takes every core.
+ * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full
  */
 export async function hashSecret(secret: string, iterations = DEFAULT_ITERATIONS): Promise<string> {
   const salt = randomBytes(SALT_LENGTH);
-  const hash = await pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256");
+  const hash = await hashPool().run(() => pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256"));
   return `pbkdf2-sha256$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
 }
 
@@ -42,11 +45,16 @@ export function parseHash(stored: string): HashParameters | null {
   };
 }
 
-/** Constant-time verification of `secret` against a stored hash. */
+/**
+ * Constant-time verification of `secret` against a stored hash, through the bounded {@link hashPool}.
+ * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full
+ */
 export async function verifySecret(secret: string, stored: string): Promise<boolean> {
   const params = parseHash(stored);
   if (!params) return false;
-  const candidate = await pbkdf2Async(secret, params.salt, params.iterations, params.hash.length, "sha256");
+  const candidate = await hashPool().run(() =>
+    pbkdf2Async(secret, params.salt, params.iterations, params.hash.length, "sha256"),
+  );
   return candidate.length === params.hash.length && timingSafeEqual(candidate, params.hash);
 }
 
@@ -60,6 +68,8 @@ export function dummyPasswordHash(iterations = DEFAULT_ITERATIONS): Promise<stri
   if (!hash) {
     hash = hashSecret(randomBytes(24).toString("base64"), iterations);
     dummyHashes.set(iterations, hash);
+    // A refusal by a full hash pool is not kept: the next caller tries again.
+    hash.catch(() => dummyHashes.delete(iterations));
   }
   return hash;
 }

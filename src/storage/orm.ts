@@ -1,3 +1,6 @@
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
+import { homedir } from "node:os";
+import { dirname, parse, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { BetterSqliteDriver, MikroORM as BetterSqliteORM } from "@mikro-orm/better-sqlite";
 import type { MikroORM, Options } from "@mikro-orm/core";
@@ -83,6 +86,36 @@ export function isSchemaDroppedMeanwhile(err: unknown): boolean {
   return false;
 }
 
+/**
+ * The database holds password hashes and sealed signing keys: its folder is made 0700
+ * and its file 0600 before SQLite opens it (an existing file, and a folder of its own
+ * that is not the working directory, are tightened), so nobody else can read it or a
+ * copy SQLite writes beside it.
+ */
+function prepareSqliteFiles(location: string): void {
+  const dir = dirname(resolve(location));
+  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
+  else if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir))
+    chmodSync(dir, 0o700);
+  // Created empty with its final mode: SQLite takes an empty file as a new database.
+  closeSync(openSync(location, "a", 0o600));
+  tighten(location, 0o600);
+}
+
+/** A folder this process owns and that is not shared (sticky, like /tmp). */
+function ownFolder(dir: string): boolean {
+  const st = statSync(dir);
+  return (process.getuid === undefined || st.uid === process.getuid()) && (st.mode & 0o1000) === 0;
+}
+
+function tighten(path: string, mode: number): void {
+  try {
+    if ((statSync(path).mode & 0o777) !== mode) chmodSync(path, mode);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+}
+
 /** Connect to the configured database (migrations run on request). */
 export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
@@ -104,6 +137,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   };
   let orm: MikroORM;
   if (target.kind === "sqlite") {
+    if (target.location !== ":memory:") prepareSqliteFiles(target.location);
     orm = await BetterSqliteORM.init({
       ...common,
       driver: BetterSqliteDriver,
@@ -113,6 +147,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
       await orm.em.getConnection().execute("pragma journal_mode = wal");
       await orm.em.getConnection().execute("pragma synchronous = normal");
+      // SQLite gives -wal and -shm the database file's mode; ones left by an older version are tightened.
+      for (const suffix of ["-wal", "-shm"]) tighten(`${target.location}${suffix}`, 0o600);
     }
     await orm.em.getConnection().execute("pragma busy_timeout = 5000");
   } else {

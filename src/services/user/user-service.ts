@@ -5,12 +5,13 @@ import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
+import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import type { UserStateReader } from "../../auth/user-principal.js";
 import { requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
-import { type RateLimits, rateLimitedError } from "../../rate-limit.js";
+import type { RateLimits } from "../../rate-limit.js";
 import { Tenant, User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import {
@@ -73,22 +74,31 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
   return {
     async login(req, ctx) {
       const state = requestState(ctx.values);
-      if (deps.limits) {
-        const blocked = await deps.limits.authFailures.exhausted(state.ip);
-        if (blocked) throw rateLimitedError(blocked, "too many failed login attempts; try again later");
-      }
       if (!req.username || !req.password) throw errors.invalidArgument("username and password are required");
-      const user = await em(ctx).findOne(User, { username: req.username });
-      // Same PBKDF2 work whether or not the user exists, and one message for every failure.
-      const ok = await verifySecret(
-        req.password,
-        user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)),
-      );
-      const tenant = user && ok ? await em(ctx).findOne(Tenant, { id: user.tenantId }) : null;
+      // A full hash pool answers at once, before any look-up: a flood's refusals stay cheap.
+      hashPool().assertRoom();
+      // Budget reserved before PBKDF2, so that concurrent guesses cannot all get a verdict.
+      const attempt = await deps.limits?.passwords.reserve(state.ip, req.username);
+      let user: User | null;
+      let ok: boolean;
+      let tenant: Tenant | null;
+      try {
+        user = await em(ctx).findOne(User, { username: req.username });
+        // Same PBKDF2 work whether or not the user exists, and one message for every failure.
+        ok = await verifySecret(
+          req.password,
+          user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)),
+        );
+        tenant = user && ok ? await em(ctx).findOne(Tenant, { id: user.tenantId }) : null;
+      } catch (err) {
+        await attempt?.cancelled();
+        throw err;
+      }
       if (!user || !ok || user.disabled || !tenant || tenant.disabled) {
-        await deps.limits?.authFailures.consume(state.ip);
+        await attempt?.failed();
         throw new TesseraError("CREDENTIALS_INVALID", GENERIC_LOGIN_FAILURE);
       }
+      await attempt?.succeeded();
       state.principal = {
         kind: "user",
         method: "basic",
@@ -166,9 +176,20 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       assertPassword(req.newPassword, "new_password");
       const user = await em(ctx).findOne(User, { id: principal.id });
       if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
-      if (!(await verifySecret(req.currentPassword, user.passwordHash))) {
+      // A password check like Login's: a stolen access token must not buy unlimited guesses.
+      const attempt = await deps.limits?.passwords.reserve(requestState(ctx.values).ip, user.username);
+      let ok: boolean;
+      try {
+        ok = await verifySecret(req.currentPassword, user.passwordHash);
+      } catch (err) {
+        await attempt?.cancelled();
+        throw err;
+      }
+      if (!ok) {
+        await attempt?.failed();
         throw new TesseraError("CREDENTIALS_INVALID", "current password is wrong");
       }
+      await attempt?.succeeded();
       user.passwordHash = await hashSecret(req.newPassword, deps.passwordIterations);
       await em(ctx).flush();
       await sessions.revokeUser(em(ctx), user.id);

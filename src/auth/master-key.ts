@@ -1,0 +1,185 @@
+import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
+import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import type { Config } from "../config.js";
+import { SigningKey } from "../storage/entities.js";
+import type { DatabaseTarget, Storage } from "../storage/orm.js";
+
+/**
+ * The key-encryption key ("master key") that seals private signing keys at rest, with
+ * AES-256-GCM from `node:crypto` (no library adds anything for one AEAD call).
+ */
+export interface MasterKey {
+  /** Short public id of the key (a hash of it), written into every envelope it seals. */
+  readonly id: string;
+  /** Where the key came from, for messages: a config key, a file, or "ephemeral". */
+  readonly source: string;
+  readonly key: Buffer;
+}
+
+/** A missing or wrong master key: start-up stops with this message. */
+export class MasterKeyError extends Error {
+  override readonly name = "MasterKeyError";
+}
+
+/** Name of the master key file generated next to an SQLite database. */
+export const MASTER_KEY_FILE_NAME = "master.key";
+
+const ENVELOPE_VERSION = "v1";
+const IV_BYTES = 12;
+const TAG_BYTES = 16;
+
+function masterKeyOf(key: Buffer, source: string): MasterKey {
+  if (key.length !== 32) throw new MasterKeyError(`${source}: the master key must be 32 bytes (base64)`);
+  // A hash, never the key: the id only tells which key sealed an envelope.
+  const id = createHash("sha256")
+    .update("tessera-master-key-id:")
+    .update(key)
+    .digest("base64url")
+    .slice(0, 11);
+  return { id, source, key };
+}
+
+/** Parse the base64 (or base64url) text of a 32-byte key. */
+export function parseMasterKey(text: string, source: string): MasterKey {
+  const trimmed = text.trim();
+  if (!/^[A-Za-z0-9+/_-]{43}={0,1}$/.test(trimmed))
+    throw new MasterKeyError(
+      `${source}: expected the base64 of 32 random bytes (e.g. openssl rand -base64 32)`,
+    );
+  return masterKeyOf(Buffer.from(trimmed, "base64"), source);
+}
+
+/**
+ * The master key the configuration names: `auth.masterKey`, else `auth.masterKeyFile`.
+ * With neither, an SQLite database file gets `<its folder>/master.key` (0600), generated
+ * on first start; an in-memory database an ephemeral key (its keys die with the process);
+ * PostgreSQL refuses to start, since the key must not sit next to a shared database.
+ */
+export function loadMasterKey(auth: Config["auth"], target: DatabaseTarget): MasterKey {
+  if (auth.masterKey !== undefined && auth.masterKeyFile !== undefined)
+    throw new MasterKeyError(
+      "set only one of auth.masterKey (TESSERA_MASTER_KEY) and auth.masterKeyFile (TESSERA_MASTER_KEY_FILE)",
+    );
+  if (auth.masterKey !== undefined)
+    return parseMasterKey(auth.masterKey, "auth.masterKey (TESSERA_MASTER_KEY)");
+  if (auth.masterKeyFile !== undefined) return readKeyFile(auth.masterKeyFile, false);
+  if (target.kind === "postgresql")
+    throw new MasterKeyError(
+      "PostgreSQL needs a master key to encrypt signing keys at rest: set TESSERA_MASTER_KEY (base64 of 32 bytes, e.g. openssl rand -base64 32) or TESSERA_MASTER_KEY_FILE",
+    );
+  if (target.location === ":memory:") return masterKeyOf(randomBytes(32), "ephemeral");
+  return readKeyFile(join(dirname(target.location), MASTER_KEY_FILE_NAME), true);
+}
+
+function readKeyFile(path: string, generate: boolean): MasterKey {
+  const source = `master key file ${path}`;
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT" || !generate)
+      throw new MasterKeyError(`cannot read ${source}: ${(err as Error).message}`);
+    text = `${randomBytes(32).toString("base64")}\n`;
+    try {
+      // "wx": two processes starting at once never overwrite each other's key.
+      writeFileSync(path, text, { flag: "wx", mode: 0o600 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      text = readFileSync(path, "utf8");
+    }
+  }
+  // An older file may have been created readable by others.
+  if (generate) chmodSync(path, 0o600);
+  return parseMasterKey(text, source);
+}
+
+/** Seal a private JWK (its JSON text) for the row of signing key `kid`: `v1:<master key id>:<iv>:<ciphertext+tag>`. */
+export function sealPrivateJwk(mk: MasterKey, kid: string, plaintext: string): string {
+  const iv = randomBytes(IV_BYTES);
+  const cipher = createCipheriv("aes-256-gcm", mk.key, iv);
+  // The kid as AAD: an envelope moved to another row does not open.
+  cipher.setAAD(Buffer.from(kid, "utf8"));
+  const ct = Buffer.concat([cipher.update(plaintext, "utf8"), cipher.final(), cipher.getAuthTag()]);
+  return [ENVELOPE_VERSION, mk.id, iv.toString("base64url"), ct.toString("base64url")].join(":");
+}
+
+/** Whether a stored `private_jwk` is sealed (else it is a clear JWK from before encryption). */
+export function isSealed(stored: string): boolean {
+  return stored.startsWith(`${ENVELOPE_VERSION}:`);
+}
+
+/**
+ * Open what {@link sealPrivateJwk} sealed for `kid`.
+ * @throws MasterKeyError when another master key sealed it, or the envelope does not authenticate.
+ */
+export function openPrivateJwk(mk: MasterKey, kid: string, stored: string): string {
+  const parts = stored.split(":");
+  if (parts.length !== 4 || parts[0] !== ENVELOPE_VERSION)
+    throw new MasterKeyError(`signing key ${kid}: unknown private key envelope`);
+  const [, keyId, ivText, ctText] = parts as [string, string, string, string];
+  const wrong = () =>
+    new MasterKeyError(
+      `signing key ${kid} was encrypted with master key ${keyId}, which is not the configured one (${mk.id}, from ${mk.source}): set the master key the keys were encrypted with (to rotate it, name it in TESSERA_PREVIOUS_MASTER_KEYS)`,
+    );
+  if (keyId !== mk.id) throw wrong();
+  const iv = Buffer.from(ivText, "base64url");
+  const ct = Buffer.from(ctText, "base64url");
+  if (iv.length !== IV_BYTES || ct.length <= TAG_BYTES) throw wrong();
+  try {
+    const decipher = createDecipheriv("aes-256-gcm", mk.key, iv);
+    decipher.setAAD(Buffer.from(kid, "utf8"));
+    decipher.setAuthTag(ct.subarray(ct.length - TAG_BYTES));
+    return Buffer.concat([decipher.update(ct.subarray(0, ct.length - TAG_BYTES)), decipher.final()]).toString(
+      "utf8",
+    );
+  } catch {
+    throw wrong();
+  }
+}
+
+/** The previous master keys of `auth.previousMasterKeys` (a rotation in progress). */
+export function loadPreviousMasterKeys(auth: Config["auth"]): MasterKey[] {
+  return auth.previousMasterKeys.map((k, i) =>
+    parseMasterKey(k, `auth.previousMasterKeys[${i}] (TESSERA_PREVIOUS_MASTER_KEYS)`),
+  );
+}
+
+/** The master key id an envelope names. */
+function sealedWith(stored: string): string | undefined {
+  return stored.split(":")[1];
+}
+
+/**
+ * Start-up step: seal every signing key still stored in clear, reseal under `mk` those
+ * sealed with one of the `previous` master keys (a rotation), and check that every sealed
+ * one opens with `mk`, so a wrong master key stops the start with a clear message rather
+ * than letting the service generate a new key. Idempotent; concurrent starts are safe (a
+ * row is replaced only while it still holds what was read).
+ */
+export async function sealStoredSigningKeys(
+  storage: Storage,
+  mk: MasterKey,
+  previous: readonly MasterKey[] = [],
+): Promise<void> {
+  const em = storage.em.fork();
+  const rows = await em.find(SigningKey, {});
+  for (const row of rows) {
+    let clear: string;
+    if (isSealed(row.privateJwk)) {
+      const old = previous.find((p) => p.id !== mk.id && p.id === sealedWith(row.privateJwk));
+      if (old === undefined) {
+        openPrivateJwk(mk, row.kid, row.privateJwk);
+        continue;
+      }
+      clear = openPrivateJwk(old, row.kid, row.privateJwk);
+    } else {
+      clear = row.privateJwk;
+    }
+    await em.nativeUpdate(
+      SigningKey,
+      { kid: row.kid, privateJwk: row.privateJwk },
+      { privateJwk: sealPrivateJwk(mk, row.kid, clear) },
+    );
+  }
+}

@@ -1,0 +1,428 @@
+import http2 from "node:http2";
+import https from "node:https";
+import net from "node:net";
+import tls from "node:tls";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
+import { Code } from "../errors-util.js";
+import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+
+const LOGIN = "/tessera.v1.UserService/Login";
+const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
+
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(what)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** One gRPC/gRPC-Web envelope: flags, big-endian length, data. */
+function envelope(flags: number, data: Uint8Array): Buffer {
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(data.byteLength, 1);
+  return Buffer.concat([head, data]);
+}
+
+/** What a call whose body the client keeps sending came to. */
+interface Upload {
+  status: number;
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+  /** The RST_STREAM code the server closed the stream with (undefined: it read the body to its end). */
+  rstCode: number | undefined;
+  /** Bytes the client had written when the stream closed. */
+  sent: number;
+}
+
+/**
+ * A call whose body is `first`, then `chunk` again and again (every few ms, never ending
+ * unless `total` is reached), as a client still uploading when the server answers.
+ */
+function upload(
+  session: http2.ClientHttp2Session,
+  path: string,
+  headers: Record<string, string>,
+  first: Buffer,
+  chunk: Buffer,
+  total = Number.POSITIVE_INFINITY,
+): Promise<Upload> {
+  return new Promise((resolve) => {
+    const stream = session.request({ ":method": "POST", ":path": path, ...headers });
+    let status = 0;
+    let responseHeaders: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    const chunks: Buffer[] = [];
+    let sent = 0;
+    stream.on("response", (h) => {
+      status = Number(h[":status"]);
+      responseHeaders = h;
+    });
+    stream.on("trailers", (t) => {
+      trailers = t;
+    });
+    stream.on("data", (c: Buffer) => chunks.push(c));
+    stream.on("error", () => undefined);
+    let timer: NodeJS.Timeout | undefined;
+    const done = () => {
+      clearInterval(timer);
+      const rstCode = stream.rstCode;
+      resolve({ status, headers: responseHeaders, trailers, body: Buffer.concat(chunks), rstCode, sent });
+      stream.destroy();
+    };
+    // "aborted": a reset while this side was still writing (then "close" may not come).
+    stream.once("close", done);
+    stream.once("aborted", done);
+    stream.write(first);
+    sent += first.byteLength;
+    timer = setInterval(() => {
+      if (stream.destroyed || stream.closed) return;
+      if (sent >= total) {
+        clearInterval(timer);
+        stream.end();
+        return;
+      }
+      stream.write(chunk);
+      sent += chunk.byteLength;
+    }, 2);
+  });
+}
+
+/** The grpc-status of a gRPC-Web answer: its trailer frame (flag 0x80) at the end of the body. */
+function grpcWebStatus(body: Buffer): string | undefined {
+  let at = 0;
+  while (at + 5 <= body.byteLength) {
+    const len = body.readUInt32BE(at + 1);
+    if (body[at] === 0x80)
+      return /grpc-status: ?(\d+)/.exec(body.subarray(at + 5, at + 5 + len).toString())?.[1];
+    at += 5 + len;
+  }
+  return undefined;
+}
+
+/** A TLS connection (ALPN h2) to the server: accepted once the handshake completes, or closed before. */
+function openTls(ts: TestServer): Promise<{ socket: tls.TLSSocket; accepted: boolean }> {
+  return new Promise((resolve) => {
+    const socket = tls.connect({
+      host: "127.0.0.1",
+      port: ts.server.port,
+      ca: ts.certs.ca,
+      servername: "localhost",
+      ALPNProtocols: ["h2"],
+    });
+    socket.on("error", () => undefined);
+    socket.once("secureConnect", () => resolve({ socket, accepted: true }));
+    socket.once("close", () => resolve({ socket, accepted: false }));
+  });
+}
+
+describe.each(DATABASES)("the total connection limit on $name", (db) => {
+  let ts: TestServer;
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { maxConnections: 3, maxConnectionsPerIp: 0 } });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("closes connections beyond server.maxConnections at once", async () => {
+    const held: tls.TLSSocket[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const c = await openTls(ts);
+        expect(c.accepted).toBe(true);
+        held.push(c.socket);
+      }
+      const over = await within(openTls(ts), 5000, "a connection over the limit was left hanging");
+      expect(over.accepted).toBe(false);
+    } finally {
+      for (const s of held) s.destroy();
+    }
+  });
+});
+
+describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
+  let ts: TestServer;
+  const connect = () => http2.connect(ts.server.url, { ca: ts.certs.ca });
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      server: { idleTimeoutSeconds: 1, maxConnectionsPerIp: 4, maxBodyBytes: 64 * 1024 },
+    });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("sends GOAWAY to an HTTP/2 connection that stays idle past the configured timeout, then closes it", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      const goaway = new Promise<number>((resolve) =>
+        session.once("goaway", (code: number) => resolve(code)),
+      );
+      const closed = new Promise<void>((resolve) => session.once("close", () => resolve()));
+      await new Promise<void>((resolve) => session.once("connect", () => resolve()));
+      const opened = Date.now();
+      expect(await within(goaway, 5000, "no GOAWAY for an idle connection")).toBe(
+        http2.constants.NGHTTP2_NO_ERROR,
+      );
+      expect(Date.now() - opened).toBeGreaterThanOrEqual(900);
+      await within(closed, 5000, "the idle connection was not closed");
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("keeps a connection busy with a call past the idle timeout and answers it", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      // A call whose body trickles in for 1.5 s (longer than the idle timeout) is not cut.
+      const started = Date.now();
+      const message = envelope(
+        0,
+        toBinary(
+          LoginRequestSchema,
+          create(LoginRequestSchema, { username: "admin", password: ADMIN_PASSWORD }),
+        ),
+      );
+      const stream = session.request({
+        ":method": "POST",
+        ":path": LOGIN,
+        "content-type": "application/grpc",
+        te: "trailers",
+      });
+      const trailers = new Promise<http2.IncomingHttpHeaders>((resolve) => stream.once("trailers", resolve));
+      stream.resume();
+      let i = 0;
+      const timer = setInterval(
+        () => {
+          if (i < message.byteLength) stream.write(message.subarray(i, ++i));
+          if (i >= message.byteLength || Date.now() - started > 1500) {
+            clearInterval(timer);
+            stream.end(message.subarray(i));
+          }
+        },
+        Math.ceil(1500 / message.byteLength),
+      );
+      expect((await within(trailers, 10_000, "no answer"))["grpc-status"]).toBe("0");
+      expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("cancels a call whose client stalls mid-body, then sends GOAWAY to the idle connection", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      const goaway = new Promise<number>((resolve) =>
+        session.once("goaway", (code: number) => resolve(code)),
+      );
+      const stream = session.request({
+        ":method": "POST",
+        ":path": LOGIN,
+        "content-type": "application/grpc",
+        te: "trailers",
+      });
+      stream.on("error", () => undefined);
+      const closed = new Promise<number | undefined>((resolve) =>
+        stream.once("close", () => resolve(stream.rstCode)),
+      );
+      // Three bytes of an envelope header, and then nothing: a slow-loris upload.
+      stream.write(Buffer.from([0, 0, 0]));
+      expect(await within(closed, 5000, "the stalled call was kept")).toBe(http2.constants.NGHTTP2_CANCEL);
+      expect(await within(goaway, 5000, "no GOAWAY after the stalled call")).toBe(
+        http2.constants.NGHTTP2_NO_ERROR,
+      );
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("closes a TCP connection that never starts its TLS handshake after the idle timeout", async () => {
+    const socket = net.connect(ts.server.port, "127.0.0.1");
+    socket.on("error", () => undefined);
+    try {
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      await within(closed, 5000, "a silent TCP connection was kept");
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it("closes an idle HTTP/1.1 keep-alive connection after the timeout", async () => {
+    const agent = new https.Agent({ ca: ts.certs.ca, keepAlive: true, maxSockets: 1 });
+    try {
+      // Resolves (with the socket's own "close" to wait for) once the answer has been read.
+      const { socketClosed } = await new Promise<{ socketClosed: Promise<void> }>((resolve, reject) => {
+        const req = https.request(`${ts.server.url}/health`, { agent }, (res) => {
+          res.resume();
+          res.on("end", () =>
+            resolve({ socketClosed: new Promise<void>((r) => req.socket!.once("close", () => r())) }),
+          );
+        });
+        req.on("error", reject);
+        req.end();
+      });
+      await within(socketClosed, 5000, "the idle HTTP/1.1 connection was kept");
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  it("refuses a gRPC-Web body past maxBodyBytes made of trailer-flagged envelopes, without reading it to its end", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      const login = envelope(
+        0,
+        toBinary(LoginRequestSchema, create(LoginRequestSchema, { username: "admin", password: "wrong" })),
+      );
+      // Trailer-flagged envelopes, each far under readMaxBytes: Connect skips them uncounted.
+      const filler = envelope(0x80, Buffer.alloc(16 * 1024 - 5, 0x61));
+      const result = await within(
+        upload(
+          session,
+          LOGIN,
+          { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+          login,
+          filler,
+          4 * 1024 * 1024,
+        ),
+        10_000,
+        "the server read the body on",
+      );
+      expect(result.status).toBe(200);
+      expect(grpcWebStatus(result.body)).toBe(String(Code.ResourceExhausted));
+      expect(result.rstCode).toBe(http2.constants.NGHTTP2_NO_ERROR);
+      expect(result.sent).toBeLessThan(4 * 1024 * 1024);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("refuses a Connect body past maxBodyBytes with ResourceExhausted", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      const result = await within(
+        upload(
+          session,
+          LOGIN,
+          { "content-type": "application/json" },
+          Buffer.from('{"username":"'),
+          Buffer.alloc(16 * 1024, 0x61),
+          256 * 1024,
+        ),
+        10_000,
+        "no answer",
+      );
+      expect(result.status).toBe(429);
+      expect(JSON.parse(result.body.toString()).code).toBe("resource_exhausted");
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("resets the stream of a gRPC call refused while the client is still uploading", async () => {
+    const session = connect();
+    session.on("error", () => undefined);
+    try {
+      // Refused before the pipeline (no credentials), and far under readMaxBytes when refused.
+      const unauthenticated = await within(
+        upload(
+          session,
+          GET_CURRENT_USER,
+          { "content-type": "application/grpc", te: "trailers" },
+          envelope(0, Buffer.alloc(0)).subarray(0, 3),
+          Buffer.alloc(1024, 0),
+        ),
+        5000,
+        "the refused upload's stream was left open",
+      );
+      expect(unauthenticated.trailers["grpc-status"] ?? unauthenticated.headers["grpc-status"]).toBe(
+        String(Code.Unauthenticated),
+      );
+      expect(unauthenticated.rstCode).toBe(http2.constants.NGHTTP2_NO_ERROR);
+
+      // Refused by the handler before it read anything (an encoding it does not accept).
+      const unsupported = await within(
+        upload(
+          session,
+          LOGIN,
+          { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "snappy" },
+          Buffer.alloc(8, 0),
+          Buffer.alloc(1024, 0),
+        ),
+        5000,
+        "the refused upload's stream was left open",
+      );
+      expect(unsupported.trailers["grpc-status"] ?? unsupported.headers["grpc-status"]).toBe(
+        String(Code.Unimplemented),
+      );
+      expect(unsupported.rstCode).toBe(http2.constants.NGHTTP2_NO_ERROR);
+
+      // The connection is still good for the next call.
+      const ok = await within(
+        upload(
+          session,
+          LOGIN,
+          { "content-type": "application/grpc", te: "trailers" },
+          envelope(
+            0,
+            toBinary(
+              LoginRequestSchema,
+              create(LoginRequestSchema, { username: "admin", password: ADMIN_PASSWORD }),
+            ),
+          ),
+          Buffer.alloc(0),
+          0,
+        ),
+        5000,
+        "no answer",
+      );
+      expect(ok.trailers["grpc-status"]).toBe("0");
+    } finally {
+      session.destroy();
+    }
+  });
+
+  // Last: the connections it leaves take a moment to close on the server's side.
+  it("closes connections beyond the per-IP limit at once, and accepts again when one closes", async () => {
+    const open = () => openTls(ts);
+    /** A connection once the server has seen the previous ones from this address close. */
+    const openWhenRoom = async () => {
+      let c = await open();
+      for (let tries = 0; !c.accepted && tries < 40; tries++) {
+        await new Promise((r) => setTimeout(r, 50));
+        c = await open();
+      }
+      return c;
+    };
+    const held: tls.TLSSocket[] = [];
+    try {
+      for (let i = 0; i < 4; i++) {
+        const c = await openWhenRoom();
+        expect(c.accepted).toBe(true);
+        held.push(c.socket);
+      }
+      const over = await within(open(), 5000, "a connection over the limit was left hanging");
+      expect(over.accepted).toBe(false);
+      const closed = new Promise((r) => held[0]!.once("close", r));
+      held.shift()!.destroy();
+      await closed;
+      // The server's side of it closes too; then the address has room again.
+      const again = await openWhenRoom();
+      expect(again.accepted).toBe(true);
+      held.push(again.socket);
+    } finally {
+      for (const s of held) s.destroy();
+    }
+  });
+});
