@@ -399,7 +399,7 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
     /** A connection once the server has seen the previous ones from this address close. */
     const openWhenRoom = async () => {
       let c = await open();
-      for (let tries = 0; !c.accepted && tries < 40; tries++) {
+      for (let tries = 0; !c.accepted && tries < 200; tries++) {
         await new Promise((r) => setTimeout(r, 50));
         c = await open();
       }
