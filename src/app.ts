@@ -43,6 +43,7 @@ import { assertAuthRules } from "./interceptors/auth-rule.js";
 import { createAuthnInterceptor } from "./interceptors/authn.js";
 import { createAuthzInterceptor } from "./interceptors/authz.js";
 import { createErrorInterceptor } from "./interceptors/errors.js";
+import { createInputInterceptor } from "./interceptors/input.js";
 import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
@@ -101,7 +102,13 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
     ...(config.auth.hashQueue !== undefined ? { queue: config.auth.hashQueue } : {}),
   });
-  const storage = await initORM({ url: config.database.url, debug: config.database.debug, migrate: true });
+  const storage = await initORM({
+    url: config.database.url,
+    debug: config.database.debug,
+    // With the service's log lines (stderr), not on stdout, which is for what commands print.
+    log: (message) => logger.info({ orm: message }, "database"),
+    migrate: true,
+  });
   try {
     const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
     const bootstrap = await ensureAdmin(storage.em.fork(), {
@@ -217,6 +224,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       createAuditInterceptor({ audit }),
       createAuthnInterceptor({ authenticator, limits }),
       createAuthzInterceptor({ limits }),
+      // Innermost: every string field checked before a service (and so the ORM) sees it.
+      createInputInterceptor(),
     ];
 
     return {

@@ -1,4 +1,5 @@
 import { TesseraError } from "../errors.js";
+import { invalidCharacterAt } from "../interceptors/input.js";
 
 /** A credential found in the request headers. Never log it. */
 export type PresentedCredential =
@@ -61,6 +62,12 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
     const colon = decoded.indexOf(":");
     if (colon <= 0)
       throw new TesseraError("AUTH_HEADER_MALFORMED", "Basic credentials must be username:password");
+    // RFC 7617 §2: no control characters in either part; a NUL would reach the database.
+    if (invalidCharacterAt(decoded) >= 0)
+      throw new TesseraError(
+        "AUTH_HEADER_MALFORMED",
+        "Basic credentials must not contain control characters",
+      );
     return { type: "basic", username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
   }
   throw new TesseraError("AUTH_HEADER_MALFORMED", "unsupported Authorization scheme (use Bearer or Basic)");

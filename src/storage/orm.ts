@@ -62,6 +62,8 @@ export interface Storage {
 export interface InitOrmOptions {
   url: string;
   debug?: boolean;
+  /** Where the ORM's log lines go (default: MikroORM's, on stdout); the server passes its logger. */
+  log?: (message: string) => void;
   /** Run migrations before returning (the server does; `migrate --status` does not). */
   migrate?: boolean;
 }
@@ -121,7 +123,10 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
   const common: Partial<Options> = {
     entities: ENTITIES,
-    debug: options.debug ?? false,
+    // SQL only, never 'query-params': `debug: true` would log every statement with its
+    // values inlined (password and token hashes among them).
+    debug: options.debug ? ["query"] : false,
+    ...(options.log ? { logger: options.log, colors: false } : {}),
     extensions: [Migrator],
     // Entity classes are plain; no metadata discovery from TS sources is needed.
     discovery: { warnWhenNoEntities: false },
