@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import type { Logger } from "pino";
+import { loggableError } from "./storage/errors.js";
 import type { SqlRunner } from "./storage/sql.js";
 
 /** One audit record: who did what to which id, and how it ended. Never a secret. */
@@ -48,7 +49,7 @@ export function createAuditLog(deps: { sql: SqlRunner; logger: Logger; flushMs?:
           entry.ip,
         ]);
       } catch (err) {
-        deps.logger.error({ err: (err as Error).message, action: entry.action }, "audit write failed");
+        deps.logger.error({ err: loggableError(err), action: entry.action }, "audit write failed");
       }
     }
   };

@@ -15,6 +15,7 @@ import {
   type MethodImplSpec,
 } from "@connectrpc/connect";
 import {
+  type Compression,
   createMethodUrl,
   encodeEnvelope,
   type UniversalHandler,
@@ -241,7 +242,10 @@ export interface WireError {
  */
 export function createConnectHandler(options: ConnectHandlerOptions): ConnectHandler {
   if (options.acceptCompression === undefined)
-    options.acceptCompression = [compressionGzip, compressionBrotli];
+    options.acceptCompression = [
+      clientFaultDecompression(compressionGzip),
+      clientFaultDecompression(compressionBrotli),
+    ];
   const router = createConnectRouter(options);
   // Unary methods also get the pipeline-free handlers of unary-handlers.ts, for the
   // protocols they serve; methods registered with options of their own stay with Connect.
@@ -490,6 +494,26 @@ function earlyProtocol(method: string | undefined, type: string | undefined): Ea
   // grpc-web-text (base64 framing) is left to Connect.
   if (m && m[1] === undefined) return { kind: "grpc-web", json: m[2] !== undefined };
   return undefined;
+}
+
+/**
+ * `compression` with request bodies that do not decompress answered as the client's fault:
+ * connect-node maps only some zlib errors to InvalidArgument, and a truncated gzip body
+ * (Z_BUF_ERROR, "unexpected end of file") was Internal. Whatever fails to decompress is
+ * what the client sent; compressing our answers is untouched. Used for every protocol,
+ * on Connect's handlers and on the unary handlers alike (both take `acceptCompression`).
+ */
+function clientFaultDecompression(compression: Compression): Compression {
+  return {
+    name: compression.name,
+    compress: compression.compress,
+    decompress: (bytes, readMaxBytes) =>
+      compression.decompress(bytes, readMaxBytes).catch((e: unknown) => {
+        if (e instanceof ConnectError && e.code === Code.Internal)
+          throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
+        throw e;
+      }),
+  };
 }
 
 /** Set `headers` on the response (nothing when there are none). */

@@ -1,11 +1,11 @@
 import type { OutgoingHttpHeaders } from "node:http";
 import { create, toBinary, toJson } from "@bufbuild/protobuf";
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
-import type { Code } from "@connectrpc/connect";
-import { codeToString } from "@connectrpc/connect/protocol-connect";
+import { Code } from "@connectrpc/connect";
+import { codeFromString, codeToString } from "@connectrpc/connect/protocol-connect";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import type { WireError } from "./connect-adapter.js";
-import { addChallenge, type ErrorReason, REASONS, type TesseraError } from "./errors.js";
+import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "./errors.js";
 
 /**
  * How a Tessera error looks on the wire beyond what Connect writes: the JSON error
@@ -63,11 +63,15 @@ export function augmentJsonErrorBody(
     const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
     const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]
       ?.debug;
-    const spec = info?.reason ? REASONS[info.reason as ErrorReason] : undefined;
+    // Without an ErrorInfo (Connect's own refusals: malformed JSON, bad framing…) the
+    // reason follows the code: a malformed body is INVALID_ARGUMENT, not INTERNAL.
+    const code = typeof body.code === "string" ? codeFromString(body.code) : undefined;
+    const reason = info?.reason ?? reasonForCode(code ?? Code.Internal);
+    const spec = REASONS[reason as ErrorReason] as (typeof REASONS)[ErrorReason] | undefined;
     const out = {
       ok: false,
       error: spec?.title ?? "Error",
-      reason: info?.reason ?? "INTERNAL",
+      reason,
       ...body,
       request_id: info?.requestId,
     };

@@ -178,7 +178,8 @@ export function toConnectError(
   return ce;
 }
 
-function reasonForCode(code: Code): ErrorReason {
+/** The reason of an error that carries only a Connect code (raised by Connect itself: framing, parsing, limits). */
+export function reasonForCode(code: Code): ErrorReason {
   switch (code) {
     case Code.Unauthenticated:
       return "TOKEN_INVALID";

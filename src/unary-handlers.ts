@@ -132,7 +132,9 @@ export function createUnaryHandlers(
   spec: UnarySpec,
 ): Partial<Record<UnaryProtocol, UnaryHandler>> {
   const opt = validateUniversalHandlerOptions(options);
-  const serialization = createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt);
+  const serialization = clientFaultParsing(
+    createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
+  );
   const handlers: Partial<Record<UnaryProtocol, UnaryHandler>> = {};
   if (options.connect !== false && !opt.requireConnectProtocolHeader)
     handlers.connect = connectUnary(opt, spec, serialization);
@@ -571,6 +573,31 @@ function copyHeaders(from: Headers, to: Headers): void {
   from.forEach((value, key) => {
     to.set(key, value);
   });
+}
+
+/**
+ * The lookup with request parsing whose failures are the client's: Connect reports a
+ * malformed binary message as Internal ("parse binary: …", while malformed JSON is
+ * InvalidArgument), so a client sending garbage was answered with a server fault. Request
+ * bytes that do not parse are InvalidArgument, with Connect's message; serializing the
+ * response is untouched (a failure there is ours).
+ */
+function clientFaultParsing(lookup: Lookup): Lookup {
+  const wrap = (s: Serialization<MessageShape<DescMessage>>): Serialization<MessageShape<DescMessage>> => ({
+    serialize: s.serialize,
+    parse(data) {
+      try {
+        return s.parse(data);
+      } catch (e) {
+        if (e instanceof ConnectError && e.code === Code.Internal)
+          throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
+        throw e;
+      }
+    },
+  });
+  const binary = wrap(lookup.getI(true));
+  const json = wrap(lookup.getI(false));
+  return { getI: (useBinary) => (useBinary ? binary : json), getO: lookup.getO };
 }
 
 /** Connect's handlers answer anything else thrown as an internal error (the cause kept for logs only). */

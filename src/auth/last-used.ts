@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import { loggableError } from "../storage/errors.js";
 import type { SqlRunner } from "../storage/sql.js";
 
 /**
@@ -37,7 +38,7 @@ export class LastUsedTracker {
           [at, id, at],
         );
       } catch (err) {
-        this.logger.warn({ err: (err as Error).message, table }, "last-used flush failed");
+        this.logger.warn({ err: loggableError(err), table }, "last-used flush failed");
       }
     }
   }

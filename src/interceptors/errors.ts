@@ -4,6 +4,7 @@ import type { Logger } from "pino";
 import { type ErrorInfo, ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { type RequestState, requestState } from "../context.js";
 import { toConnectError } from "../errors.js";
+import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
 
 /**
  * Outermost interceptor: every error leaves as a ConnectError carrying a stable reason
@@ -31,7 +32,8 @@ export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
  * interceptor, and by the HTTP layer for refusals it answers before the pipeline.
  */
 export function toWireError(err: unknown, state: RequestState, method: string, logger: Logger): ConnectError {
-  const ce = toConnectError(err, state.requestId);
+  // A database error a handler did not expect is still, mostly, not a bug (storage/errors.ts).
+  const ce = toConnectError(driverErrorAsTesseraError(err) ?? err, state.requestId);
   const detail = ce.details[0];
   if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
     const info = detail.value as ErrorInfo;
@@ -42,7 +44,7 @@ export function toWireError(err: unknown, state: RequestState, method: string, l
       {
         requestId: state.requestId,
         method,
-        err: err instanceof ConnectError ? err.rawMessage : describe(err),
+        err: err instanceof ConnectError ? err.rawMessage : loggableError(err),
       },
       "request failed",
     );
@@ -51,10 +53,4 @@ export function toWireError(err: unknown, state: RequestState, method: string, l
     for (const [k, v] of Object.entries(state.responseHeaders))
       if (!ce.metadata.has(k)) ce.metadata.set(k, v);
   return ce;
-}
-
-function describe(err: unknown): { name: string; message: string; stack?: string } {
-  if (err instanceof Error)
-    return { name: err.name, message: err.message, ...(err.stack ? { stack: err.stack } : {}) };
-  return { name: "unknown", message: String(err) };
 }

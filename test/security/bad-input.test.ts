@@ -1,0 +1,208 @@
+import http2 from "node:http2";
+import { gzipSync } from "node:zlib";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { Code, createClient } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LoginRequestSchema, UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { rejection } from "../errors-util.js";
+import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+
+/**
+ * Bad input is the client's fault: a unique constraint lost to a concurrent request is
+ * AlreadyExists, and bodies that do not decompress, parse or decode are InvalidArgument
+ * (with reason INVALID_ARGUMENT in the Connect JSON envelope), on every protocol, never
+ * Internal.
+ */
+
+const LOGIN = "/tessera.v1.UserService/Login";
+
+interface RawAnswer {
+  status: number;
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+/** One raw HTTP/2 POST over TLS, as an attacker writes it. */
+function post(
+  ts: TestServer,
+  path: string,
+  headers: Record<string, string>,
+  body: Uint8Array,
+): Promise<RawAnswer> {
+  return new Promise((resolve, reject) => {
+    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    session.on("error", reject);
+    const req = session.request({ ":method": "POST", ":path": path, ...headers });
+    let head: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    const chunks: Buffer[] = [];
+    req.on("response", (h) => {
+      head = h;
+    });
+    req.on("trailers", (t) => {
+      trailers = t;
+    });
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      session.close();
+      resolve({ status: Number(head[":status"]), headers: head, trailers, body: Buffer.concat(chunks) });
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+function envelope(flags: number, data: Uint8Array): Buffer {
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(data.byteLength, 1);
+  return Buffer.concat([head, data]);
+}
+
+/** The grpc-status of a gRPC-Web answer: in the trailer frame at the end of the body. */
+function grpcWebStatus(body: Buffer): string | undefined {
+  let at = 0;
+  while (at + 5 <= body.length) {
+    const flags = body[at]!;
+    const length = body.readUInt32BE(at + 1);
+    const data = body.subarray(at + 5, at + 5 + length);
+    at += 5 + length;
+    if (flags & 0x80) return /grpc-status:\s*(\d+)/i.exec(data.toString("latin1"))?.[1];
+  }
+  return undefined;
+}
+
+const login = toBinary(
+  LoginRequestSchema,
+  create(LoginRequestSchema, { username: "admin", password: "some password here" }),
+);
+/** A field announced longer than the message: fails to parse. */
+const MALFORMED_PROTO = new Uint8Array([0x0a, 0x05, 0x61]);
+/** A gzip stream cut short: fails to decompress with "unexpected end of file". */
+const TRUNCATED_GZIP = (() => {
+  const full = gzipSync(Buffer.from(login));
+  return full.subarray(0, full.length - 6);
+})();
+
+describe.each(DATABASES)("bad input on $name", (db) => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db);
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("answers the loser of concurrent CreateUser calls for one username AlreadyExists, never Internal", async () => {
+    const { accessToken } = await createClient(UserService, ts.grpc()).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const users = clientFor(UserService, ts.connect(), accessToken);
+    const username = `race-${Date.now().toString(36)}`;
+    const outcomes = await Promise.allSettled(
+      Array.from({ length: 8 }, () =>
+        users.createUser({ username, password: "a password long enough", scopes: [] }),
+      ),
+    );
+    const won = outcomes.filter((o) => o.status === "fulfilled");
+    const lost = await Promise.all(
+      outcomes
+        .filter((o): o is PromiseRejectedResult => o.status === "rejected")
+        .map((o) => rejection(Promise.reject(o.reason))),
+    );
+    expect(won).toHaveLength(1);
+    expect(lost.map((r) => [r.code, r.reason])).toEqual(
+      Array.from({ length: 7 }, () => [Code.AlreadyExists, "ALREADY_EXISTS"]),
+    );
+    // The answer names no value of the statement (the hash of the loser's password).
+    for (const r of lost) expect(r.message).not.toMatch(/insert|pbkdf2|\$/i);
+  });
+
+  it("answers a malformed JSON body InvalidArgument with reason INVALID_ARGUMENT", async () => {
+    const res = await post(ts, LOGIN, { "content-type": "application/json" }, Buffer.from('{"username": 12'));
+    expect(res.status).toBe(400);
+    const body = JSON.parse(res.body.toString()) as { code: string; reason: string; error: string };
+    expect(body.code).toBe("invalid_argument");
+    expect(body.reason).toBe("INVALID_ARGUMENT");
+    expect(body.error).toBe("Bad Request");
+  });
+
+  it("answers a malformed protobuf body InvalidArgument over Connect", async () => {
+    const res = await post(ts, LOGIN, { "content-type": "application/proto" }, MALFORMED_PROTO);
+    expect(res.status).toBe(400);
+    expect(JSON.parse(res.body.toString()).code).toBe("invalid_argument");
+  });
+
+  it("answers a malformed protobuf message InvalidArgument over gRPC and gRPC-Web", async () => {
+    const grpc = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/grpc", te: "trailers" },
+      envelope(0, MALFORMED_PROTO),
+    );
+    expect(grpc.trailers["grpc-status"] ?? grpc.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    const web = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/grpc-web+proto" },
+      envelope(0, MALFORMED_PROTO),
+    );
+    expect(grpcWebStatus(web.body)).toBe(String(Code.InvalidArgument));
+  });
+
+  it("answers a truncated gzip body InvalidArgument over Connect", async () => {
+    const res = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/proto", "content-encoding": "gzip" },
+      TRUNCATED_GZIP,
+    );
+    expect(res.status).toBe(400);
+    expect(JSON.parse(res.body.toString()).code).toBe("invalid_argument");
+  });
+
+  it("answers a truncated gzip message InvalidArgument over gRPC and gRPC-Web", async () => {
+    const grpc = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip" },
+      envelope(1, TRUNCATED_GZIP),
+    );
+    expect(grpc.trailers["grpc-status"] ?? grpc.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    const web = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/grpc-web+proto", "grpc-encoding": "gzip" },
+      envelope(1, TRUNCATED_GZIP),
+    );
+    expect(grpcWebStatus(web.body)).toBe(String(Code.InvalidArgument));
+  });
+
+  it("answers a truncated gzip message InvalidArgument on Connect's own handlers too (a streaming RPC)", async () => {
+    const res = await post(
+      ts,
+      "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+      { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip" },
+      envelope(1, TRUNCATED_GZIP),
+    );
+    expect(res.trailers["grpc-status"] ?? res.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+  });
+
+  it("still accepts a well-formed gzip body", async () => {
+    const res = await post(
+      ts,
+      LOGIN,
+      { "content-type": "application/proto", "content-encoding": "gzip" },
+      gzipSync(
+        toBinary(
+          LoginRequestSchema,
+          create(LoginRequestSchema, { username: "admin", password: ADMIN_PASSWORD }),
+        ),
+      ),
+    );
+    expect(res.status).toBe(200);
+  });
+});
