@@ -1,0 +1,206 @@
+import { Writable } from "node:stream";
+import { createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { pino } from "pino";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { type App, createApp } from "../../src/app.js";
+import { startServer, type TesseraServer } from "../../src/server.js";
+import { rejection } from "../errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestCerts,
+  DATABASES,
+  dropSchema,
+  type TestCerts,
+  testConfig,
+  withHeaders,
+} from "../helpers.js";
+import { basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
+
+/**
+ * No secret in any log line. A server logging at `trace`, with the ORM's SQL log on
+ * (`database.debug`), goes through a broad set of operations over TLS, failures included
+ * (wrong passwords, duplicate usernames lost in a race, control characters, a database
+ * fault whose statement carries a hash), while every line it writes (its logger, and the
+ * console) is captured. Every secret the test created or read back from the database is
+ * then looked for in those lines: passwords, PBKDF2 and SHA-256 hashes, access and refresh
+ * tokens, personal access tokens, API keys, machine tokens and passwords, the private
+ * signing key.
+ */
+
+describe.each(DATABASES)("the logs on $name", (db) => {
+  const lines: string[] = [];
+  const secrets = new Map<string, string>();
+  let app: App;
+  let server: TesseraServer;
+  let certs: TestCerts;
+  let url: string;
+  const keep = (what: string, value: string | undefined) => {
+    if (value) secrets.set(value, what);
+  };
+
+  beforeAll(async () => {
+    for (const level of ["log", "error", "warn", "info", "debug"] as const)
+      vi.spyOn(console, level).mockImplementation((...args: unknown[]) => {
+        lines.push(args.map((a) => (a instanceof Error ? `${a.message}\n${a.stack}` : String(a))).join(" "));
+      });
+    const sink = new Writable({
+      write(chunk, _encoding, done) {
+        lines.push(String(chunk));
+        done();
+      },
+    });
+    certs = await createTestCerts();
+    url = db.url();
+    app = await createApp(
+      testConfig(url, {
+        database: { url, debug: true },
+        log: { level: "trace" },
+        server: { certDir: certs.dir },
+      }),
+      { logger: pino({ level: "trace" }, sink) },
+    );
+    server = await startServer(app);
+  });
+  afterAll(async () => {
+    vi.restoreAllMocks();
+    await server?.close(0);
+    await app?.close();
+    await dropSchema(url);
+  });
+
+  const grpc = (): Transport => createGrpcTransport({ baseUrl: server.url, nodeOptions: { ca: certs.ca } });
+  const connect = (): Transport =>
+    createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
+
+  it("holds no password, hash or token created or used through the API", async () => {
+    keep("admin password", ADMIN_PASSWORD);
+    const anonymous = createClient(UserService, connect());
+    const admin = await anonymous.login({ username: "admin", password: ADMIN_PASSWORD });
+    keep("access token", admin.accessToken);
+    keep("refresh token", admin.refreshToken);
+    const root = clients(grpc(), admin.accessToken);
+
+    // Users: a creation, a race lost to a unique constraint, logins right and wrong.
+    const username = `log-${short()}`;
+    const password = `first password ${short()}`;
+    keep("user password", password);
+    const racers = Array.from({ length: 4 }, (_, i) => `racing password ${i} ${short()}`);
+    for (const p of racers) keep("racing password", p);
+    const created = await Promise.allSettled(
+      racers.map((p) => root.users.createUser({ username, password: p, scopes: ["admin:users"] })),
+    );
+    expect(created.filter((o) => o.status === "fulfilled")).toHaveLength(1);
+    const racerPassword = racers[created.findIndex((o) => o.status === "fulfilled")]!;
+    await rejection(anonymous.login({ username, password: `${racerPassword}x` }));
+    const session = await anonymous.login({ username, password: racerPassword });
+    keep("access token", session.accessToken);
+    keep("refresh token", session.refreshToken);
+    const refreshed = await anonymous.refreshToken({ refreshToken: session.refreshToken });
+    keep("access token", refreshed.accessToken);
+    keep("refresh token", refreshed.refreshToken);
+    // Reuse of a spent refresh token (detection revokes the family).
+    await rejection(anonymous.refreshToken({ refreshToken: session.refreshToken }));
+    const again = await anonymous.login({ username, password: racerPassword });
+    keep("access token", again.accessToken);
+    const changed = `changed password ${short()}`;
+    keep("changed password", changed);
+    await clientFor(UserService, connect(), again.accessToken).changePassword({
+      currentPassword: racerPassword,
+      newPassword: changed,
+    });
+    await rejection(
+      clientFor(UserService, connect(), again.accessToken).changePassword({
+        currentPassword: "not the current one",
+        newPassword: "whatever new password",
+      }),
+    );
+    const reset = `reset password ${short()}`;
+    keep("reset password", reset);
+    const { users } = await root.users.listUsers({});
+    const target = users.find((u) => u.username === username)!;
+    await root.users.updateUser({ id: target.id, password: reset });
+    await rejection(clients(connect(), basic(username, "a wrong basic password")).users.getCurrentUser({}));
+    await clients(connect(), basic(username, reset)).users.getCurrentUser({});
+    await anonymous.logout({ refreshToken: refreshed.refreshToken });
+    // Control characters, refused before the database.
+    await rejection(anonymous.login({ username: `${username}\u0000`, password: reset }));
+
+    // Personal access tokens and API keys, used as bearer and as X-API-Key.
+    const tokens = clientFor(TokenService, grpc(), admin.accessToken);
+    const pat = await tokens.createPersonalAccessToken({ name: "log scan", scopes: ["admin:users"] });
+    keep("personal access token", pat.token);
+    const key = await tokens.createApiKey({ name: "log scan", scopes: ["admin:users"] });
+    keep("API key", key.key);
+    await clientFor(UserService, connect(), pat.token).getCurrentUser({});
+    await createClient(UserService, withHeaders(connect(), { "x-api-key": key.key })).getCurrentUser({});
+    await rejection(clientFor(UserService, connect(), `${pat.token.slice(0, -4)}AAAA`).getCurrentUser({}));
+
+    // Machine users: bearer and Basic, a rotation, a minted access token, a NUL version.
+    const { tenant } = await root.tenants.createTenant({ name: `tenant-${short()}` });
+    const { application } = await root.tenants.createApplication({ tenantId: tenant!.id, name: "app" });
+    const bearer = await bearerMachine(grpc(), admin.accessToken, [application!.id], {
+      tenantId: tenant!.id,
+    });
+    keep("machine token", bearer.token);
+    const basicOne = await basicMachine(grpc(), admin.accessToken, [application!.id], {
+      tenantId: tenant!.id,
+    });
+    keep("machine password", basicOne.password);
+    const rotated = await root.machines.rotateMachineUserCredentials({ id: bearer.machine.id });
+    keep("rotated machine token", rotated.token);
+    const asMachine = clientFor(MachineUserService, connect(), rotated.token);
+    const minted = await asMachine.issueAccessToken({});
+    keep("machine access token", minted.accessToken);
+    await clients(connect(), basic(basicOne.username, basicOne.password)).machines.checkAuthentication({});
+    await rejection(
+      clients(connect(), basic(basicOne.username, "wrong machine password")).machines.checkAuthentication({}),
+    );
+    await rejection(
+      asMachine.registerBackend({
+        callbackUrl: "https://backend.example.org/cb",
+        version: "1\u0000",
+        applicationId: application!.id,
+      }),
+    );
+
+    // A database fault whose statement carries a secret's hash: the write of a new API key
+    // fails (its table is gone), and the unexpected error is logged.
+    await app.sql.run("drop table api_tokens", []);
+    const lost = await rejection(tokens.createApiKey({ name: "after the fault", scopes: [] }));
+    expect(lost.reason).toBe("INTERNAL");
+
+    // Hashes as stored.
+    for (const row of await app.sql.all<{ h: string }>("select password_hash as h from users", []))
+      keep("user password hash", row.h);
+    for (const row of await app.sql.all<{ h: string }>("select token_hash as h from refresh_tokens", []))
+      keep("refresh token hash", row.h);
+    for (const row of await app.sql.all<{ h: string }>(
+      "select secret_hash as h from machine_credentials",
+      [],
+    ))
+      keep("machine secret hash", row.h);
+    for (const row of await app.sql.all<{ k: string }>("select private_jwk as k from signing_keys", [])) {
+      keep("private signing key", row.k);
+      try {
+        keep("private signing key (d)", (JSON.parse(row.k) as { d?: string }).d);
+      } catch {
+        // Encrypted at rest: the column itself is what must not appear.
+      }
+    }
+
+    // What was captured: the ORM's SQL and the failure were logged, so the scan saw them.
+    const log = lines.join("\n");
+    expect(log).toMatch(/insert into/i);
+    expect(log).toMatch(/request failed/);
+    expect(secrets.size).toBeGreaterThan(20);
+    const found = [...secrets].filter(([value]) => log.includes(value)).map(([, what]) => what);
+    expect(found).toEqual([]);
+    // No PBKDF2 hash of any kind, including ones never stored (a racer's that lost).
+    expect(log).not.toMatch(/pbkdf2-sha256\$/);
+  });
+});
