@@ -38,8 +38,20 @@ export const TEST_ITERATIONS = 1_000;
 /** The master key PostgreSQL tests run with (PostgreSQL refuses to start without one). */
 export const TEST_MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
 
-/** A quiet logger for tests. */
-export const silentLogger = pino({ level: "silent" });
+/**
+ * The logger of test apps: silent, unless TESSERA_TEST_LOG_SCAN names a folder. Then every
+ * test app of the run logs at `trace`, with the ORM's SQL log on, into a file of that
+ * folder per worker, and the global teardown (test/global-setup.ts) fails the run if any
+ * line holds a secret (a PBKDF2 hash, a token of any kind, a private key, the test
+ * passwords): the scan of the whole suite's logs (`npm test` with the variable set).
+ */
+export const LOG_SCAN_DIR = process.env.TESSERA_TEST_LOG_SCAN || undefined;
+export const silentLogger = LOG_SCAN_DIR
+  ? pino(
+      { level: "trace" },
+      pino.destination({ dest: join(LOG_SCAN_DIR, `${process.pid}.log`), sync: true, mkdir: true }),
+    )
+  : pino({ level: "silent" });
 
 /** Build a config for tests: given database, fast hashing, no rate limits nor per-address connection limit unless asked. */
 export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
@@ -47,7 +59,7 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
     env: {},
     overrides: {
       ...overrides,
-      database: { url: dbUrl, ...overrides.database },
+      database: { url: dbUrl, ...(LOG_SCAN_DIR ? { debug: true } : {}), ...overrides.database },
       admin: { password: ADMIN_PASSWORD, ...overrides.admin },
       auth: {
         passwordIterations: TEST_ITERATIONS,

@@ -1,0 +1,39 @@
+import { mkdirSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+
+/**
+ * The scan of the whole suite's logs (see LOG_SCAN_DIR in test/helpers.ts): secrets are
+ * recognised by their format, since the tests that made them are gone by then. A PBKDF2
+ * hash in any form, a token with one of Tessera's prefixes followed by its secret part (a
+ * hint, `tsr_pat_…abcd`, is not one), a JWT, a refresh token's SHA-256 (64 hex digits
+ * labelled as such), a private key, the test passwords.
+ */
+const PATTERNS: [string, RegExp][] = [
+  ["a PBKDF2 hash", /pbkdf2-sha256\$/],
+  ["a token or key", /\btsr_(?:pat|key|mu|rt)_[A-Za-z0-9_-]{16,}/],
+  ["a JWT", /\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{20,}/],
+  ["a private key", /-----BEGIN [A-Z ]*PRIVATE KEY-----|"d":"[\w-]{32,}"/],
+  ["the test admin password", /admin-password-for-tests/],
+];
+
+/** Empty the folder before the run. */
+export function prepareLogScan(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+}
+
+/** Fail (with what was found where, never the value itself) when a log line of the run holds a secret. */
+export function scanSuiteLogs(dir: string): void {
+  const problems: string[] = [];
+  let lines = 0;
+  for (const file of readdirSync(dir)) {
+    const text = readFileSync(join(dir, file), "utf8");
+    text.split("\n").forEach((line, i) => {
+      if (line) lines++;
+      for (const [what, re] of PATTERNS) if (re.test(line)) problems.push(`${file}:${i + 1}: ${what}`);
+    });
+  }
+  if (lines === 0) throw new Error(`the log scan found no log lines in ${dir}: nothing was captured`);
+  if (problems.length > 0)
+    throw new Error(`secrets in the logs of the test suite:\n  ${problems.slice(0, 50).join("\n  ")}`);
+}
