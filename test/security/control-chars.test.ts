@@ -208,6 +208,23 @@ describe.each(DATABASES)("control characters in request strings on $name", (db) 
     },
   );
 
+  it("accepts printable Unicode, emoji (surrogate pairs) included, in a password", async () => {
+    const root = clients(ts.connect(), adminToken);
+    const username = `uni-${short()}`;
+    const password = "pässwörd 🔑 with spaces and 漢字";
+    await root.users.createUser({ username, password, scopes: [] });
+    const login = await createClient(UserService, ts.grpc()).login({ username, password });
+    expect(login.accessToken).not.toBe("");
+  });
+
+  it("refuses a string longer than any field may hold as InvalidArgument, before the database", async () => {
+    const r = await rejection(
+      createClient(UserService, ts.connect()).login({ username: "admin", password: "p".repeat(4097) }),
+    );
+    expect(r.code).toBe(Code.InvalidArgument);
+    expect(r.error.findDetails(ErrorInfoSchema)[0]?.metadata.field).toBe("password");
+  });
+
   it("refuses a NUL in a Login username before any database query, as the client's mistake", async () => {
     const r = await rejection(
       createClient(UserService, ts.connect()).login({
