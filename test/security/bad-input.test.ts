@@ -3,6 +3,7 @@ import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { LoginRequestSchema, UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
@@ -119,6 +120,27 @@ describe.each(DATABASES)("bad input on $name", (db) => {
     );
     // The answer names no value of the statement (the hash of the loser's password).
     for (const r of lost) expect(r.message).not.toMatch(/insert|pbkdf2|\$/i);
+  });
+
+  it("answers a value the database cannot store (an expiry in year 10000) as the client's mistake, never Internal", async () => {
+    const { accessToken } = await createClient(UserService, ts.grpc()).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const tokens = clientFor(TokenService, ts.connect(), accessToken);
+    const far = tokens.createPersonalAccessToken({
+      name: "far future",
+      scopes: [],
+      expiresAt: { seconds: 253_402_300_800n, nanos: 0 },
+    });
+    if (db.name === "postgres") {
+      // PostgreSQL refuses the timestamp (SQLSTATE 22008): the client's value, not a fault.
+      const r = await rejection(far);
+      expect([r.code, r.reason]).toEqual([Code.InvalidArgument, "INVALID_ARGUMENT"]);
+    } else {
+      // SQLite stores it as a number.
+      expect((await far).token).not.toBe("");
+    }
   });
 
   it("answers a malformed JSON body InvalidArgument with reason INVALID_ARGUMENT", async () => {
