@@ -7,6 +7,8 @@ import { TesseraError } from "../errors.js";
 
 /** Reads are not audited; everything that changes state or logs in is, whether it succeeds or is refused. */
 const READ_ONLY = /^(Get|List|Check)/;
+/** What a target id may look like in a record (ids are UUIDs; audit_events.target_id holds 64). */
+const AUDITABLE_ID = /^[\w.:@-]{1,64}$/;
 
 /** Whether calls of `method` are written to the audit log (refused ones included). */
 export function isAudited(method: DescMethod): boolean {
@@ -47,7 +49,10 @@ export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
     const state = requestState(req.contextValues);
     const p = state.principal;
     const message = req.stream ? undefined : (req.message as Record<string, unknown>);
-    const target = message && typeof message.id === "string" && message.id ? message.id : null;
+    const id = message?.id;
+    // Only an id that can name something: a refused request's `id` is the caller's text (a
+    // NUL, 4 KiB), which the audit table's column would refuse, losing the record.
+    const target = typeof id === "string" && AUDITABLE_ID.test(id) ? id : null;
     deps.audit.record({
       requestId: state.requestId,
       tenantId: p?.tenantId ?? null,

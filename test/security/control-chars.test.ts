@@ -225,6 +225,24 @@ describe.each(DATABASES)("control characters in request strings on $name", (db) 
     expect(r.error.findDetails(ErrorInfoSchema)[0]?.metadata.field).toBe("password");
   });
 
+  it("still audits a refused call whose id holds a NUL or is over-long, without that id", async () => {
+    const root = clients(ts.connect(), adminToken);
+    // A NUL and an id over any field's length are refused by validation; one longer than
+    // the column but within the bound is simply not found.
+    for (const id of ["x\u0000y", "a".repeat(5000), "a".repeat(300)])
+      expect((await rejection(root.users.deleteUser({ id }))).code).not.toBe(Code.Internal);
+    await ts.app.audit.flush();
+    const rows = await ts.app.sql.all<{ target_id: string | null; reason: string }>(
+      "select target_id, reason from audit_events where action = ? and outcome = ?",
+      ["tessera.v1.UserService/DeleteUser", "failure"],
+    );
+    expect(rows.map((r) => [r.target_id, r.reason]).sort()).toEqual([
+      [null, "INVALID_ARGUMENT"],
+      [null, "INVALID_ARGUMENT"],
+      [null, "NOT_FOUND"],
+    ]);
+  });
+
   it("refuses a NUL in a Login username before any database query, as the client's mistake", async () => {
     const r = await rejection(
       createClient(UserService, ts.connect()).login({
