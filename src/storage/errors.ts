@@ -21,11 +21,27 @@ export function driverErrorAsTesseraError(err: unknown): TesseraError | undefine
     return new TesseraError("ALREADY_EXISTS", "the object already exists");
   if (err instanceof ConstraintViolationException)
     return new TesseraError("FAILED_PRECONDITION", "the change conflicts with related objects");
-  if (err instanceof ConnectionException)
+  if (err instanceof ConnectionException || isConnectionLoss(err))
     return new TesseraError("UNAVAILABLE", "database unavailable", { headers: { "retry-after": "1" } });
   if (typeof err.code === "string" && err.code.startsWith("22"))
     return new TesseraError("INVALID_ARGUMENT", "a value is not acceptable");
   return undefined;
+}
+
+/**
+ * PostgreSQL's ways of saying the database is not there, which MikroORM leaves as a plain
+ * DriverException: SQLSTATE class 08 (connection exception), 57P01-57P03 (shut down,
+ * crashed, not accepting connections yet), 53300 (too many connections), and the socket's
+ * own errors.
+ */
+function isConnectionLoss(err: DriverException): boolean {
+  const code = typeof err.code === "string" ? err.code : "";
+  return (
+    code.startsWith("08") ||
+    /^57P0[123]$/.test(code) ||
+    code === "53300" ||
+    ["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND"].includes(code)
+  );
 }
 
 /**

@@ -1,0 +1,78 @@
+import {
+  ConnectionException,
+  DriverException,
+  ForeignKeyConstraintViolationException,
+  NotNullConstraintViolationException,
+  UniqueConstraintViolationException,
+} from "@mikro-orm/core";
+import { describe, expect, it } from "vitest";
+import { driverErrorAsTesseraError, loggableError } from "../src/storage/errors.js";
+
+/** A driver error as MikroORM wraps it: the driver's message embeds the SQL with its values. */
+function driverError<T extends DriverException>(
+  Kind: new (previous: Error) => T,
+  props: Record<string, unknown> = {},
+): T {
+  const cause = Object.assign(
+    new Error("insert into users (password_hash) values ('pbkdf2-sha256$1000$c2FsdA==$aGFzaA==')"),
+    props,
+  );
+  return new Kind(cause);
+}
+
+describe("database errors a handler did not expect", () => {
+  it("answer a lost unique constraint AlreadyExists, another constraint FailedPrecondition", () => {
+    expect(driverErrorAsTesseraError(driverError(UniqueConstraintViolationException))?.reason).toBe(
+      "ALREADY_EXISTS",
+    );
+    expect(driverErrorAsTesseraError(driverError(ForeignKeyConstraintViolationException))?.reason).toBe(
+      "FAILED_PRECONDITION",
+    );
+    expect(driverErrorAsTesseraError(driverError(NotNullConstraintViolationException))?.reason).toBe(
+      "FAILED_PRECONDITION",
+    );
+  });
+
+  it("answer a database that is gone Unavailable with Retry-After", () => {
+    for (const e of [
+      driverError(ConnectionException),
+      driverError(DriverException, { code: "57P01" }),
+      driverError(DriverException, { code: "08006" }),
+      driverError(DriverException, { code: "ECONNREFUSED" }),
+    ]) {
+      const mapped = driverErrorAsTesseraError(e);
+      expect(mapped?.reason).toBe("UNAVAILABLE");
+      expect(mapped?.headers["retry-after"]).toBe("1");
+    }
+  });
+
+  it("answer a value the database refuses (SQLSTATE class 22) InvalidArgument", () => {
+    expect(driverErrorAsTesseraError(driverError(DriverException, { code: "22021" }))?.reason).toBe(
+      "INVALID_ARGUMENT",
+    );
+  });
+
+  it("leave anything else a bug, and never repeat a value in their message", () => {
+    expect(driverErrorAsTesseraError(driverError(DriverException, { code: "42P01" }))).toBeUndefined();
+    expect(driverErrorAsTesseraError(new Error("not a driver error"))).toBeUndefined();
+    const mapped = driverErrorAsTesseraError(driverError(UniqueConstraintViolationException))!;
+    expect(mapped.message).not.toMatch(/pbkdf2|insert/);
+  });
+
+  it("are logged by class, code and constraint only, never their message or stack", () => {
+    const e = driverError(UniqueConstraintViolationException, {
+      code: "23505",
+      constraint: "users_username_unique",
+      detail: "Key (username)=(alice) already exists.",
+    });
+    const logged = loggableError(e);
+    expect(logged).toEqual({
+      name: "UniqueConstraintViolationException",
+      code: "23505",
+      constraint: "users_username_unique",
+    });
+    // A driver error wrapped as the cause of another is described the same way.
+    const wrapped = loggableError(new Error("flush failed", { cause: e }));
+    expect(JSON.stringify(wrapped)).not.toMatch(/pbkdf2|alice|insert/);
+  });
+});
