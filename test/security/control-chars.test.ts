@@ -226,15 +226,21 @@ describe.each(DATABASES)("control characters in request strings on $name", (db) 
   });
 
   it("still audits a refused call whose id holds a NUL or is over-long, without that id", async () => {
-    const root = clients(ts.connect(), adminToken);
     // A NUL and an id over any field's length are refused by validation; one longer than
-    // the column but within the bound is simply not found.
-    for (const id of ["x\u0000y", "a".repeat(5000), "a".repeat(300)])
+    // the column but within the bound is simply not found. Each call has its own request id.
+    const ids = ["x\u0000y", "a".repeat(5000), "a".repeat(300)];
+    const requestIds = ids.map((_, i) => `audit-${short()}-${i}`);
+    for (const [i, id] of ids.entries()) {
+      const root = clients(ts.connect(), {
+        authorization: `Bearer ${adminToken}`,
+        "x-request-id": requestIds[i]!,
+      });
       expect((await rejection(root.users.deleteUser({ id }))).code).not.toBe(Code.Internal);
+    }
     await ts.app.audit.flush();
     const rows = await ts.app.sql.all<{ target_id: string | null; reason: string }>(
-      "select target_id, reason from audit_events where action = ? and outcome = ?",
-      ["tessera.v1.UserService/DeleteUser", "failure"],
+      `select target_id, reason from audit_events where request_id in (?, ?, ?) and action = ?`,
+      [...requestIds, "tessera.v1.UserService/DeleteUser"],
     );
     expect(rows.map((r) => [r.target_id, r.reason]).sort()).toEqual([
       [null, "INVALID_ARGUMENT"],
