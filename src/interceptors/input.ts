@@ -45,21 +45,24 @@ export function assertInputString(s: string, field: string): void {
 /** Whether a message type has a string anywhere in it (cached per type: most requests are checked with no walk at all). */
 const hasStringsCache = new WeakMap<DescMessage, boolean>();
 
-function hasStrings(desc: DescMessage, seen = new Set<DescMessage>()): boolean {
+function hasStrings(desc: DescMessage, seen?: Set<DescMessage>): boolean {
   const cached = hasStringsCache.get(desc);
   if (cached !== undefined) return cached;
-  // A recursive type is "in progress": its own strings decide, not the recursion.
-  if (seen.has(desc)) return false;
-  seen.add(desc);
+  // A recursive type is "in progress": the rest of its fields decide, not the recursion.
+  if (seen?.has(desc)) return false;
+  const inProgress = seen ?? new Set<DescMessage>();
+  inProgress.add(desc);
   let found = false;
   for (const f of desc.fields) {
     const message = messageOf(f);
-    if (isStringField(f) || (message !== undefined && hasStrings(message, seen))) {
+    if (isStringField(f) || (message !== undefined && hasStrings(message, inProgress))) {
       found = true;
       break;
     }
   }
-  hasStringsCache.set(desc, found);
+  // Only the answer for the type asked about is final: a type met inside a cycle may have
+  // been answered "no" while the cycle's strings were still unseen.
+  if (seen === undefined || found) hasStringsCache.set(desc, found);
   return found;
 }
 
