@@ -60,6 +60,8 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       testConfig(url, {
         database: { url, debug: true },
         log: { level: "trace" },
+        // Room in the hash pool's queue for the racing CreateUser calls.
+        auth: { hashQueue: 32 },
         server: { certDir: certs.dir },
       }),
       { logger: pino({ level: "trace" }, sink) },
