@@ -42,6 +42,7 @@ import {
 } from "@connectrpc/connect/protocol-grpc-web";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
 import {
+  type CallErrorHook,
   createUnaryHandlers,
   nodeHeaders,
   type UnaryAnswer,
@@ -201,6 +202,13 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * ResourceExhausted and the rest of the body is not read. Default: no limit.
    */
   maxBodyBytes?: number;
+  /**
+   * The error a unary call served by the unary handlers failed with, before it is written:
+   * return the error to answer with. Errors Connect raises before the interceptors run
+   * (framing, compression, parsing, limits) carry no details of the application's; this
+   * lets it add them (a reason, the request id), as its error interceptor does for the rest.
+   */
+  callError?: CallErrorHook;
 }
 
 /** What `admit` decides: go on (undefined), or answer with an error. */

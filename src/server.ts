@@ -6,8 +6,8 @@ import type { AddressInfo, Socket } from "node:net";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
-import type { ConnectError } from "@connectrpc/connect";
-import { cors as connectCors, createContextValues } from "@connectrpc/connect";
+import { Code, type ConnectError, cors as connectCors, createContextValues } from "@connectrpc/connect";
+import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import { admit } from "./admission.js";
 import type { App } from "./app.js";
@@ -25,7 +25,7 @@ import {
   setHeaders,
   type WireError,
 } from "./connect-adapter.js";
-import { type RequestState, requestStateKey } from "./context.js";
+import { type RequestState, requestState, requestStateKey } from "./context.js";
 import { augmentJsonErrorBody, refusalOnTheWire } from "./error-wire.js";
 import { isRefusal, TesseraError } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
@@ -181,6 +181,12 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
+    // Connect's own refusal of a malformed body (before the interceptors) gets the reason
+    // and request id every other refusal carries, on every protocol.
+    callError: (error, values, method) =>
+      error.code === Code.InvalidArgument && error.findDetails(ErrorInfoSchema).length === 0
+        ? toWireError(error, requestState(values), `${method.parent.typeName}/${method.name}`, app.logger)
+        : error,
     admit: (req, method, early) => {
       let rule: AuthRule;
       try {

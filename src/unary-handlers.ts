@@ -110,7 +110,19 @@ export interface UnaryAnswer {
 
 export type UnaryHandler = (req: UnaryRequest) => Promise<UnaryAnswer>;
 
-type HandlerOptions = ReturnType<typeof validateUniversalHandlerOptions>;
+/**
+ * Called with the error a unary call failed with, before it is written (see
+ * `ConnectHandlerOptions.callError`); returns the error to answer with.
+ */
+export type CallErrorHook = (
+  error: ConnectError,
+  values: HandlerContext["values"],
+  method: UnarySpec["method"],
+) => ConnectError;
+
+type HandlerOptions = ReturnType<typeof validateUniversalHandlerOptions> & {
+  callError?: CallErrorHook | undefined;
+};
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
 type Lookup = ReturnType<typeof createMethodSerializationLookup>;
 
@@ -128,10 +140,15 @@ const CALL_DONE = new DOMException("This operation was aborted", "AbortError");
  * (`requireConnectProtocolHeader`) are left to Connect as well.
  */
 export function createUnaryHandlers(
-  options: Partial<UniversalHandlerOptions> & { connect?: boolean; grpc?: boolean; grpcWeb?: boolean },
+  options: Partial<UniversalHandlerOptions> & {
+    connect?: boolean;
+    grpc?: boolean;
+    grpcWeb?: boolean;
+    callError?: CallErrorHook;
+  },
   spec: UnarySpec,
 ): Partial<Record<UnaryProtocol, UnaryHandler>> {
-  const opt = validateUniversalHandlerOptions(options);
+  const opt: HandlerOptions = { ...validateUniversalHandlerOptions(options), callError: options.callError };
   const serialization = clientFaultParsing(
     createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
   );
@@ -177,7 +194,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
       body = serialization.getO(binary).serialize(output);
     } catch (e) {
       context.abort(e);
-      const error = asConnectError(e);
+      const error = callError(opt, asConnectError(e), context, spec);
       status = connect.codeToHttpStatus(error.code);
       context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
       error.metadata.forEach((value, key) => {
@@ -257,7 +274,7 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       context.abort(CALL_DONE);
     } catch (e) {
       context.abort(e);
-      grpc.setTrailerStatus(context.responseTrailer, asConnectError(e));
+      grpc.setTrailerStatus(context.responseTrailer, callError(opt, asConnectError(e), context, spec));
     }
     // Nothing read or changed the response headers or trailers: what they would hold.
     const touched = context.responseTouched;
@@ -598,6 +615,16 @@ function clientFaultParsing(lookup: Lookup): Lookup {
   const binary = wrap(lookup.getI(true));
   const json = wrap(lookup.getI(false));
   return { getI: (useBinary) => (useBinary ? binary : json), getO: lookup.getO };
+}
+
+/** The error to answer a failed call with: `error`, or what the options' `callError` makes of it. */
+function callError(
+  opt: HandlerOptions,
+  error: ConnectError,
+  context: UnaryCall,
+  spec: UnarySpec,
+): ConnectError {
+  return opt.callError ? opt.callError(error, context.values, spec.method) : error;
 }
 
 /** Connect's handlers answer anything else thrown as an internal error (the cause kept for logs only). */

@@ -5,6 +5,7 @@ import { Code, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { LoginRequestSchema, UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { REASONS } from "../../src/errors.js";
 import { rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 
@@ -61,18 +62,39 @@ function envelope(flags: number, data: Uint8Array): Buffer {
   return Buffer.concat([head, data]);
 }
 
-/** The grpc-status of a gRPC-Web answer: in the trailer frame at the end of the body. */
-function grpcWebStatus(body: Buffer): string | undefined {
+/** The status and the ErrorInfo reason of a gRPC answer (trailers, or headers for a trailers-only answer). */
+function grpcOutcome(res: RawAnswer): { status: string | undefined; reason: string | undefined } {
+  const t = { ...res.headers, ...res.trailers };
+  return { status: t["grpc-status"] as string | undefined, reason: reasonIn(t["grpc-status-details-bin"]) };
+}
+
+/** The same for a gRPC-Web answer: its trailers are a frame at the end of the body. */
+function grpcWebOutcome(body: Buffer): { status: string | undefined; reason: string | undefined } {
   let at = 0;
   while (at + 5 <= body.length) {
     const flags = body[at]!;
     const length = body.readUInt32BE(at + 1);
     const data = body.subarray(at + 5, at + 5 + length);
     at += 5 + length;
-    if (flags & 0x80) return /grpc-status:\s*(\d+)/i.exec(data.toString("latin1"))?.[1];
+    if (flags & 0x80) {
+      const text = data.toString("latin1");
+      return {
+        status: /grpc-status:\s*(\d+)/i.exec(text)?.[1],
+        reason: reasonIn(/grpc-status-details-bin:\s*(\S+)/i.exec(text)?.[1]),
+      };
+    }
   }
-  return undefined;
+  return { status: undefined, reason: undefined };
 }
+
+/** The Tessera reason inside a google.rpc.Status (base64): the ErrorInfo's reason string, read from its bytes. */
+function reasonIn(details: unknown): string | undefined {
+  if (typeof details !== "string") return undefined;
+  const bytes = Buffer.from(details, "base64").toString("latin1");
+  return Object.keys(REASONS).find((r) => new RegExp(`[^A-Z_]${r}[^A-Z_]`).test(bytes));
+}
+
+const INVALID = { status: String(Code.InvalidArgument), reason: "INVALID_ARGUMENT" };
 
 const login = toBinary(
   LoginRequestSchema,
@@ -156,7 +178,13 @@ describe.each(DATABASES)("bad input on $name", (db) => {
   it("answers a malformed protobuf body InvalidArgument over Connect", async () => {
     const res = await post(ts, LOGIN, { "content-type": "application/proto" }, MALFORMED_PROTO);
     expect(res.status).toBe(400);
-    expect(JSON.parse(res.body.toString()).code).toBe("invalid_argument");
+    // A binary client gets Connect's error JSON without the envelope: the reason is in the ErrorInfo detail.
+    const body = JSON.parse(res.body.toString()) as {
+      code: string;
+      details?: { debug?: { reason?: string; requestId?: string } }[];
+    };
+    expect([body.code, body.details?.[0]?.debug?.reason]).toEqual(["invalid_argument", "INVALID_ARGUMENT"]);
+    expect(body.details?.[0]?.debug?.requestId).toBe(res.headers["x-request-id"]);
   });
 
   it("answers a malformed protobuf message InvalidArgument over gRPC and gRPC-Web", async () => {
@@ -166,14 +194,14 @@ describe.each(DATABASES)("bad input on $name", (db) => {
       { "content-type": "application/grpc", te: "trailers" },
       envelope(0, MALFORMED_PROTO),
     );
-    expect(grpc.trailers["grpc-status"] ?? grpc.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    expect(grpcOutcome(grpc)).toEqual(INVALID);
     const web = await post(
       ts,
       LOGIN,
       { "content-type": "application/grpc-web+proto" },
       envelope(0, MALFORMED_PROTO),
     );
-    expect(grpcWebStatus(web.body)).toBe(String(Code.InvalidArgument));
+    expect(grpcWebOutcome(web.body)).toEqual(INVALID);
   });
 
   it("answers a truncated gzip body InvalidArgument over Connect", async () => {
@@ -184,7 +212,13 @@ describe.each(DATABASES)("bad input on $name", (db) => {
       TRUNCATED_GZIP,
     );
     expect(res.status).toBe(400);
-    expect(JSON.parse(res.body.toString()).code).toBe("invalid_argument");
+    // A binary client gets Connect's error JSON without the envelope: the reason is in the ErrorInfo detail.
+    const body = JSON.parse(res.body.toString()) as {
+      code: string;
+      details?: { debug?: { reason?: string; requestId?: string } }[];
+    };
+    expect([body.code, body.details?.[0]?.debug?.reason]).toEqual(["invalid_argument", "INVALID_ARGUMENT"]);
+    expect(body.details?.[0]?.debug?.requestId).toBe(res.headers["x-request-id"]);
   });
 
   it("answers a truncated gzip message InvalidArgument over gRPC and gRPC-Web", async () => {
@@ -194,14 +228,14 @@ describe.each(DATABASES)("bad input on $name", (db) => {
       { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip" },
       envelope(1, TRUNCATED_GZIP),
     );
-    expect(grpc.trailers["grpc-status"] ?? grpc.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    expect(grpcOutcome(grpc)).toEqual(INVALID);
     const web = await post(
       ts,
       LOGIN,
       { "content-type": "application/grpc-web+proto", "grpc-encoding": "gzip" },
       envelope(1, TRUNCATED_GZIP),
     );
-    expect(grpcWebStatus(web.body)).toBe(String(Code.InvalidArgument));
+    expect(grpcWebOutcome(web.body)).toEqual(INVALID);
   });
 
   it("answers a truncated gzip message InvalidArgument on Connect's own handlers too (a streaming RPC)", async () => {
@@ -211,7 +245,8 @@ describe.each(DATABASES)("bad input on $name", (db) => {
       { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip" },
       envelope(1, TRUNCATED_GZIP),
     );
-    expect(res.trailers["grpc-status"] ?? res.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    // Connect's own handler: the code is right; Tessera's reason is added on the unary handlers only.
+    expect(grpcOutcome(res).status).toBe(String(Code.InvalidArgument));
   });
 
   it("still accepts a well-formed gzip body", async () => {
