@@ -14,6 +14,8 @@ const PATTERNS: [string, RegExp][] = [
   ["a JWT", /\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{20,}/],
   ["a private key", /-----BEGIN [A-Z ]*PRIVATE KEY-----|"d":"[\w-]{32,}"/],
   ["the test admin password", /admin-password-for-tests/],
+  // TEST_MASTER_KEY of test/helpers.ts (32 bytes of 7, base64), the key-encryption key.
+  ["the test master key", new RegExp(Buffer.alloc(32, 7).toString("base64").replace(/[+/=]/g, "\\$&"))],
 ];
 
 /** Empty the folder before the run. */

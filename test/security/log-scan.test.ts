@@ -81,6 +81,7 @@ describe.each(DATABASES)("the logs on $name", (db) => {
 
   it("holds no password, hash or token created or used through the API", async () => {
     keep("admin password", ADMIN_PASSWORD);
+    keep("master key", app.config.auth.masterKey);
     const anonymous = createClient(UserService, connect());
     const admin = await anonymous.login({ username: "admin", password: ADMIN_PASSWORD });
     keep("access token", admin.accessToken);
