@@ -1,3 +1,4 @@
+import { hash, randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import type { Authenticator } from "./auth/authenticator.js";
@@ -129,11 +130,83 @@ async function spendFailure(limits: RateLimits, state: RequestState, refusal: un
 }
 
 /**
- * HTTP Basic: one failure of the IP's, the username's and the username-at-this-IP's budgets
- * is reserved before the password is verified, and refunded when it verifies (or when no
- * verdict was reached, e.g. the hash pool was full).
+ * HTTP Basic. A password the verified-secret cache already knows for the stored hash is
+ * not a guess: it is checked first, with hashing refused ({@link withoutHashing}), and
+ * accepted with no reservation and no PBKDF2. Otherwise one failure of the IP's, the
+ * username's and the username-at-this-IP's budgets is reserved before the password is
+ * verified, and refunded when it verifies (or when no verdict was reached, e.g. the hash
+ * pool was full). Concurrent identical credentials share that one reservation and
+ * verification ({@link basicFlights}): a client sending its correct password on 30
+ * connections at once spends neither 30 reservations nor 30 PBKDF2 runs.
  */
 async function basicRefusal(
+  deps: AdmissionDeps,
+  limits: RateLimits,
+  credential: PresentedCredential & { type: "basic" },
+  state: RequestState,
+): Promise<unknown> {
+  const flightKey = hash("sha256", `${FLIGHT_KEY}\0${credential.username}\0${credential.password}`, "base64");
+  // Twice at most: after a flight that verified the password, the cache knows it.
+  for (let round = 0; ; round++) {
+    const known = await knownBasic(deps, credential, state);
+    if (known !== NEEDS_HASHING) return known;
+    const flight = basicFlights.get(flightKey);
+    if (flight === undefined || round > 0) break;
+    const verdict = await flight;
+    if (verdict !== undefined) return verdict;
+  }
+  let settle!: (verdict: unknown) => void;
+  const flight = new Promise<unknown>((resolve) => {
+    settle = resolve;
+  });
+  basicFlights.set(flightKey, flight);
+  let verdict: unknown;
+  try {
+    verdict = await verifyBasic(deps, limits, credential, state);
+  } catch (err) {
+    verdict = err;
+  } finally {
+    basicFlights.delete(flightKey);
+  }
+  settle(verdict);
+  return verdict;
+}
+
+/** Refusal of hashing within {@link knownBasic}: compared by identity, never answered. */
+const NEEDS_HASHING = new TesseraError("UNAVAILABLE", "needs hashing");
+
+/** Key of {@link basicFlights}: a per-process secret, so no credential's digest can be computed outside. */
+const FLIGHT_KEY = randomBytes(32).toString("base64");
+
+/**
+ * Basic verifications in flight, by keyed digest of the credential: what each one's
+ * followers get (undefined when it verified: they find the password in the cache).
+ */
+const basicFlights = new Map<string, Promise<unknown>>();
+
+/**
+ * A Basic credential decided without PBKDF2: undefined once `state.principal` is set, a
+ * refusal (a known password of a principal that may not act), or {@link NEEDS_HASHING}.
+ */
+async function knownBasic(
+  deps: AdmissionDeps,
+  credential: PresentedCredential & { type: "basic" },
+  state: RequestState,
+): Promise<unknown> {
+  try {
+    const principal = await withoutHashing(NEEDS_HASHING, () =>
+      deps.authenticator.authenticate(credential, state),
+    );
+    if (!principal) return new TesseraError("AUTH_REQUIRED", "Authentication required");
+    state.principal = principal;
+    return undefined;
+  } catch (err) {
+    return err;
+  }
+}
+
+/** A Basic credential verified with PBKDF2, its budget reserved first. */
+async function verifyBasic(
   deps: AdmissionDeps,
   limits: RateLimits,
   credential: PresentedCredential & { type: "basic" },

@@ -55,6 +55,20 @@ export function withoutHashing<T>(refusal: TesseraError, verify: () => Promise<T
   return noHashing.run(refusal, verify);
 }
 
+/** The refusal a hash asked for now would get from {@link withoutHashing}, if any. */
+export function hashingForbidden(): TesseraError | undefined {
+  return noHashing.getStore();
+}
+
+/**
+ * What a hash is for: checking a presented secret (passwords at Login, Basic, ChangePassword;
+ * a token's first use) or hashing a new secret to store (tokens, API keys, credentials,
+ * passwords set). New secrets may hold at most half the pool's slots and queue, and wait
+ * behind every check: anyone allowed to create tokens could otherwise fill the pool and
+ * starve every login.
+ */
+export type HashPurpose = "verify" | "create";
+
 /**
  * A bounded pool for PBKDF2 (the only CPU-heavy work Tessera does). PBKDF2 runs on the
  * libuv thread pool, which has four threads whatever the core count: unbounded, a flood of
@@ -71,29 +85,50 @@ export class HashPool {
   private running = 0;
   private started = 0;
   private refused = 0;
+  /** Hashes of new secrets running or waiting. */
+  private creating = 0;
   private readonly waiting: Array<() => void> = [];
+  /** Hashes of new secrets waiting: they start only when no check waits. */
+  private readonly waitingCreations: Array<() => void> = [];
 
   constructor(readonly options: HashPoolOptions) {}
 
-  /** Run `task` when a slot is free; rejects at once with Unavailable when the queue is full. */
-  run<T>(task: () => Promise<T>): Promise<T> {
+  /** The most hashes of new secrets running or waiting at once: half of slots and queue (at least 1). */
+  get creationLimit(): number {
+    return Math.max(1, Math.floor((this.options.concurrency + this.options.queue) / 2));
+  }
+
+  /** Run `task` when a slot is free; rejects at once with Unavailable when the queue (or the share of `create`) is full. */
+  run<T>(task: () => Promise<T>, purpose: HashPurpose = "verify"): Promise<T> {
     const forbidden = noHashing.getStore();
     if (forbidden !== undefined) return Promise.reject(forbidden);
-    if (this.running < this.options.concurrency) return this.start(task);
-    if (!this.hasRoom()) {
+    if (!this.hasRoom(purpose)) {
       this.refused++;
       return Promise.reject(BUSY);
     }
+    const create = purpose === "create";
+    if (create) this.creating++;
+    const job = create
+      ? () =>
+          task().finally(() => {
+            this.creating--;
+          })
+      : task;
+    if (this.running < this.options.concurrency) return this.start(job);
     return new Promise<T>((resolve, reject) => {
-      this.waiting.push(() => {
-        this.start(task).then(resolve, reject);
+      (create ? this.waitingCreations : this.waiting).push(() => {
+        this.start(job).then(resolve, reject);
       });
     });
   }
 
-  /** Whether a hash asked for now would run or queue rather than be refused. */
-  hasRoom(): boolean {
-    return this.running < this.options.concurrency || this.waiting.length < this.options.queue;
+  /** Whether a hash for `purpose` asked for now would run or queue rather than be refused. */
+  hasRoom(purpose: HashPurpose = "verify"): boolean {
+    if (purpose === "create" && this.creating >= this.creationLimit) return false;
+    return (
+      this.running < this.options.concurrency ||
+      this.waiting.length + this.waitingCreations.length < this.options.queue
+    );
   }
 
   /**
@@ -111,7 +146,7 @@ export class HashPool {
     return {
       started: this.started,
       running: this.running,
-      queued: this.waiting.length,
+      queued: this.waiting.length + this.waitingCreations.length,
       refused: this.refused,
     };
   }
@@ -123,7 +158,7 @@ export class HashPool {
       return await task();
     } finally {
       this.running--;
-      this.waiting.shift()?.();
+      (this.waiting.shift() ?? this.waitingCreations.shift())?.();
     }
   }
 }

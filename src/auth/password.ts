@@ -1,6 +1,6 @@
 import { pbkdf2, randomBytes, timingSafeEqual } from "node:crypto";
 import { promisify } from "node:util";
-import { hashPool } from "./hash-pool.js";
+import { type HashPurpose, hashingForbidden, hashPool } from "./hash-pool.js";
 
 const pbkdf2Async = promisify(pbkdf2);
 
@@ -15,11 +15,19 @@ const SALT_LENGTH = 16;
  * parameters are stored with each hash and can be raised later without a migration.
  * Runs on the libuv thread pool through the bounded {@link hashPool}: never blocks the
  * event loop, and never takes every core.
+ * `purpose` is "create" for a new secret (its share of the pool is bounded, see {@link HashPurpose}).
  * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full
  */
-export async function hashSecret(secret: string, iterations = DEFAULT_ITERATIONS): Promise<string> {
+export async function hashSecret(
+  secret: string,
+  iterations = DEFAULT_ITERATIONS,
+  purpose: HashPurpose = "create",
+): Promise<string> {
   const salt = randomBytes(SALT_LENGTH);
-  const hash = await hashPool().run(() => pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256"));
+  const hash = await hashPool().run(
+    () => pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256"),
+    purpose,
+  );
   return `pbkdf2-sha256$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
 }
 
@@ -66,7 +74,11 @@ const dummyHashes = new Map<number, Promise<string>>();
 export function dummyPasswordHash(iterations = DEFAULT_ITERATIONS): Promise<string> {
   let hash = dummyHashes.get(iterations);
   if (!hash) {
-    hash = hashSecret(randomBytes(24).toString("base64"), iterations);
+    // Not made (nor remembered) where hashing is refused: a waiting caller elsewhere would get that refusal.
+    const forbidden = hashingForbidden();
+    if (forbidden !== undefined) return Promise.reject(forbidden);
+    // Stands in for a stored hash when a presented password is checked: a check, not a new secret.
+    hash = hashSecret(randomBytes(24).toString("base64"), iterations, "verify");
     dummyHashes.set(iterations, hash);
     // A refusal by a full hash pool is not kept: the next caller tries again.
     hash.catch(() => dummyHashes.delete(iterations));

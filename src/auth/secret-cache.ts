@@ -1,5 +1,6 @@
 import { hash, randomBytes } from "node:crypto";
 import { LRUCache } from "lru-cache";
+import { hashingForbidden } from "./hash-pool.js";
 import { verifySecret } from "./password.js";
 
 /**
@@ -35,6 +36,10 @@ export class VerifiedSecretCache {
     const flightKey = `${k}\0${storedHash}`;
     let pending = this.inflight.get(flightKey);
     if (!pending) {
+      // Where hashing is refused (see withoutHashing) no flight is started: others joining
+      // it would get that refusal instead of a verdict.
+      const forbidden = hashingForbidden();
+      if (forbidden !== undefined) throw forbidden;
       pending = verifySecret(secret, storedHash).finally(() => this.inflight.delete(flightKey));
       this.inflight.set(flightKey, pending);
     }
