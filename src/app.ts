@@ -201,6 +201,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       iterations: config.auth.passwordIterations,
       patPrefix: config.auth.tokens.patPrefix,
       apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
+      limits,
     });
     const tenantService = createTenantService({ storage, defaultTenantId });
     const machineUserService = createMachineUserService({
@@ -212,6 +213,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       clockSkewSeconds: config.auth.jwt.clockSkew,
       allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
       defaultTenantId,
+      limits,
     });
     const health = createHealthService({
       ping: () => storage.ping(),

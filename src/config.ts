@@ -162,6 +162,7 @@ const ConfigSchema = z
         authFailuresPerIpPerMinute: z.number().int().positive().default(20),
         authFailuresPerUsernamePerHour: z.number().int().positive().default(100),
         authFailuresPerUsernamePerIp: z.number().int().positive().default(5),
+        credentialCreationsPerHour: z.number().int().positive().default(60),
         lockoutSeconds: seconds.default(60),
         maxLockoutSeconds: seconds.default(3600),
         redisUrl: z.string().optional(),
@@ -491,6 +492,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "5",
     "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
+  ],
+  [
+    "rateLimit.credentialCreationsPerHour",
+    "TESSERA_RATE_LIMIT_CREDENTIAL_CREATIONS",
+    "int",
+    "60",
+    "Personal access tokens, API keys and machine-user credentials (creation and rotation) one principal may create per hour; each costs a PBKDF2.",
   ],
   [
     "rateLimit.lockoutSeconds",

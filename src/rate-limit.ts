@@ -6,6 +6,7 @@ import {
   RateLimiterRedis,
   RateLimiterRes,
 } from "rate-limiter-flexible";
+import type { Principal } from "./auth/principal.js";
 import type { Config } from "./config.js";
 import { TesseraError } from "./errors.js";
 
@@ -77,6 +78,8 @@ export interface RateLimits {
   authFailures: Limiter;
   /** Password checks: budget reserved per IP, per username and per username at an IP before PBKDF2. */
   passwords: PasswordGuard;
+  /** New secrets (tokens, API keys, machine credentials) per principal per hour: each costs a PBKDF2. */
+  credentialCreations: Limiter;
   close(): Promise<void>;
 }
 
@@ -196,6 +199,21 @@ export function authFailuresError(result: LimitResult): TesseraError {
   return rateLimitedError(result, "too many failed authentication attempts; try again later");
 }
 
+/**
+ * Count one new secret (token, API key, machine credential) created by `principal`, before
+ * its PBKDF2: hashing new secrets is work any user may ask for, and unbounded it would keep
+ * the hash pool from verifying anyone's password.
+ * @throws TesseraError RATE_LIMITED (with Retry-After) past `rateLimit.credentialCreationsPerHour`
+ */
+export async function countCredentialCreation(
+  limits: RateLimits | undefined,
+  principal: Principal,
+): Promise<void> {
+  if (!limits) return;
+  const result = await limits.credentialCreations.consume(`${principal.kind}:${principal.id}`);
+  if (!result.allowed) throw rateLimitedError(result, "too many credentials created; try again later");
+}
+
 /** Build the limiters from configuration (Redis when rateLimit.redisUrl is set). */
 export function createRateLimits(config: Config["rateLimit"]): RateLimits {
   let redis: Redis | undefined;
@@ -222,6 +240,7 @@ export function createRateLimits(config: Config["rateLimit"]): RateLimits {
     perIp: make("ip", config.perIpPerMinute),
     perPrincipal: make("principal", config.perPrincipalPerMinute),
     authFailures,
+    credentialCreations: make("credential-creations", config.credentialCreationsPerHour, 3600),
     passwords: new PasswordGuard(
       authFailures,
       make("authfail-user", config.authFailuresPerUsernamePerHour, 3600),

@@ -17,6 +17,7 @@ import type { JwtService } from "../../auth/jwt.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
+import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import {
   Application,
   Backend,
@@ -58,6 +59,8 @@ export interface MachineUserServiceDeps {
   /** server.allowLoopbackHttpCallbacks */
   allowLoopbackHttpCallbacks: boolean;
   defaultTenantId: () => Promise<string>;
+  /** When set: new credentials counted per caller (`rateLimit.credentialCreationsPerHour`). */
+  limits?: RateLimits | undefined;
 }
 
 /** Longest grace period a rotation may give the previous credentials. */
@@ -246,6 +249,7 @@ export function createMachineUserService(
       if (await e.count(MachineUser, { tenantId, name: req.name })) {
         throw errors.alreadyExists("a machine user with this name exists in the tenant");
       }
+      await countCredentialCreation(deps.limits, principal);
       const now = new Date();
       const id = randomUUID();
       const credential = await newMachineCredential(id, kind, {
@@ -368,6 +372,7 @@ export function createMachineUserService(
       }
       const now = new Date();
       const graceUntil = new Date(now.getTime() + grace * 1000);
+      await countCredentialCreation(deps.limits, principalOf(ctx));
       const credential = await newMachineCredential(mu.id, mu.authType, {
         tokenPrefix: deps.tokenPrefix,
         iterations: deps.passwordIterations,

@@ -15,6 +15,7 @@ import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
 import { generateToken, tokenHint } from "../../auth/token-format.js";
 import { requestEm } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
+import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import { User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
@@ -41,6 +42,8 @@ export interface TokenServiceDeps {
   iterations: number;
   patPrefix: string;
   apiKeyPrefix: string;
+  /** When set: new tokens counted per caller (`rateLimit.credentialCreationsPerHour`). */
+  limits?: RateLimits | undefined;
 }
 
 /** The wire shape of a token's metadata: never its secret or hash. */
@@ -116,6 +119,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       assertGrantableScopes(principal, req.scopes);
       scopes = req.scopes;
     }
+    await countCredentialCreation(deps.limits, principal);
     const prefix = prefixOf[kind];
     const generated = generateToken(prefix);
     const row = em(ctx).create(ApiToken, {

@@ -1,0 +1,113 @@
+import { randomUUID } from "node:crypto";
+import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { hashPool } from "../../src/auth/hash-pool.js";
+import { Code, rejection } from "../errors-util.js";
+import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { adminLogin, basicMachine, clients, tenantWithAdmin } from "../machine-fixtures.js";
+
+/**
+ * Creating a token costs a full PBKDF2, and any user may create tokens: a user holding no
+ * scope must not be able to take the hash pool from everyone's logins, nor create secrets
+ * without bound. The pool is the 2-core default (1 slot, 4 waiting).
+ */
+const CREATIONS_PER_HOUR = 12;
+
+describe.each(DATABASES)("credential creation floods on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let adminToken: string;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      rateLimit: {
+        enabled: true,
+        perIpPerMinute: 10_000,
+        perPrincipalPerMinute: 10_000,
+        credentialCreationsPerHour: CREATIONS_PER_HOUR,
+      },
+      auth: { passwordIterations: 200_000, hashConcurrency: 1, hashQueue: 4 },
+    });
+    transport = ts.connect();
+    adminToken = await adminLogin(transport);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  /** A user holding no scope, logged in. */
+  async function unprivileged(): Promise<string> {
+    const username = `mallory-${randomUUID().slice(0, 8)}`;
+    await clientFor(UserService, transport, adminToken).createUser({
+      username,
+      password: "mallory password",
+      scopes: [],
+    });
+    return (await createClient(UserService, transport).login({ username, password: "mallory password" }))
+      .accessToken;
+  }
+
+  it("answers a login sent while an unprivileged user floods the hash pool with token creations", async () => {
+    const tokens = clientFor(TokenService, transport, await unprivileged());
+    const pool = hashPool();
+    const before = pool.stats();
+    const flood = Array.from({ length: 10 }, (_, i) =>
+      tokens.createPersonalAccessToken({ name: `flood ${i}`, scopes: [] }),
+    );
+    const settled = Promise.allSettled(flood);
+    // Every creation has reached the pool: running, waiting or refused.
+    await vi.waitFor(
+      () => {
+        const now = pool.stats();
+        expect(now.started - before.started + now.queued + (now.refused - before.refused)).toBe(10);
+      },
+      { timeout: 10_000, interval: 5 },
+    );
+    const login = await createClient(UserService, transport)
+      .login({ username: "admin", password: ADMIN_PASSWORD })
+      .then(
+        (r) => r.accessToken.length > 0,
+        (e: unknown) => e,
+      );
+    const outcomes = await settled;
+    expect(login).toBe(true);
+    // The creations that found no room were told to come back (not an internal error).
+    for (const o of outcomes.filter((o) => o.status === "rejected")) {
+      const e = ConnectError.from((o as PromiseRejectedResult).reason);
+      expect(e.code).toBe(Code.Unavailable);
+      expect(Number(e.metadata.get("retry-after"))).toBeGreaterThan(0);
+    }
+    // New secrets held at most half of the pool (1 slot + 4 waiting).
+    expect(outcomes.filter((o) => o.status === "fulfilled").length).toBeLessThanOrEqual(2);
+  });
+
+  it("refuses a user's token and API key creations past the hourly budget with Retry-After", async () => {
+    const tokens = clientFor(TokenService, transport, await unprivileged());
+    for (let i = 0; i < CREATIONS_PER_HOUR; i++) {
+      if (i % 2 === 0) await tokens.createPersonalAccessToken({ name: `pat ${i}`, scopes: [] });
+      else await tokens.createApiKey({ name: `key ${i}`, scopes: [] });
+    }
+    for (const call of [
+      () => tokens.createPersonalAccessToken({ name: "one more", scopes: [] }),
+      () => tokens.createApiKey({ name: "one more", scopes: [] }),
+    ]) {
+      const r = await rejection(call());
+      expect(r.code).toBe(Code.ResourceExhausted);
+      expect(r.reason).toBe("RATE_LIMITED");
+      expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+    }
+  });
+
+  it("counts machine-user credential creations and rotations against the caller's budget", async () => {
+    const tenant = await tenantWithAdmin(transport, adminToken);
+    const m = await basicMachine(transport, tenant.token, [tenant.application.id]);
+    const machines = clients(transport, tenant.token).machines;
+    for (let i = 1; i < CREATIONS_PER_HOUR; i++)
+      await machines.rotateMachineUserCredentials({ id: m.machine.id });
+    const r = await rejection(machines.rotateMachineUserCredentials({ id: m.machine.id }));
+    expect(r.reason).toBe("RATE_LIMITED");
+    expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+  });
+});
