@@ -6,6 +6,7 @@ import { type HeaderSource, type PresentedCredential, parseCredentials } from ".
 import { withoutHashing } from "./auth/hash-pool.js";
 import { admits, type Principal } from "./auth/principal.js";
 import { hasAllScopes } from "./auth/scopes.js";
+import { budgetKey } from "./client-ip.js";
 import type { Admission, RequestState } from "./context.js";
 import { TesseraError, wwwAuthenticate } from "./errors.js";
 import {
@@ -36,7 +37,7 @@ export interface AdmissionDeps {
 
 /** Count one request against the caller's IP. @throws TesseraError RATE_LIMITED */
 export async function countRequest(limits: RateLimits, state: RequestState): Promise<void> {
-  const result = await limits.perIp.consume(state.ip);
+  const result = await limits.perIp.consume(budgetKey(state.ip));
   if (!result.allowed) throw rateLimitedError(result);
   state.responseHeaders = rateLimitHeaders(result);
 }
@@ -86,7 +87,7 @@ export async function authenticationRefusal(
   // NAT does not lock out everyone behind it. (JWTs skip the look-up: their hot path.)
   const blocked =
     limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
-      ? await limits.authFailures.exhausted(state.ip)
+      ? await limits.authFailures.exhausted(budgetKey(state.ip))
       : null;
   let refusal: unknown;
   try {
@@ -125,7 +126,7 @@ function isFailure(refusal: unknown): boolean {
  */
 async function spendFailure(limits: RateLimits, state: RequestState, refusal: unknown): Promise<unknown> {
   if (!isFailure(refusal)) return refusal;
-  const spent = await limits.authFailures.consume(state.ip);
+  const spent = await limits.authFailures.consume(budgetKey(state.ip));
   return spent.allowed ? refusal : authFailuresError(spent);
 }
 

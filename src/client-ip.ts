@@ -8,9 +8,22 @@ export function normalizeIp(address: string): string {
   return mapped ? mapped[1]! : address;
 }
 
-/** The addresses of an X-Forwarded-For value, leftmost (farthest from us) first. */
+/**
+ * The address of a node written with or without a port: `[2001:db8::7]:443` and
+ * `[2001:db8::7]` → `2001:db8::7`, `203.0.113.7:50123` → `203.0.113.7`; anything else
+ * unchanged (a bare IPv6 address has colons but no port).
+ */
+function hostOf(node: string): string {
+  if (node.startsWith("[")) {
+    const end = node.indexOf("]");
+    return end > 0 ? node.slice(1, end) : node;
+  }
+  return /^[\d.]+:\d+$/.test(node) ? node.slice(0, node.indexOf(":")) : node;
+}
+
+/** The addresses of an X-Forwarded-For value, leftmost (farthest from us) first, ports removed. */
 function xForwardedFor(value: string): string[] {
-  return value.split(",").map((s) => s.trim());
+  return value.split(",").map((s) => hostOf(s.trim()));
 }
 
 /**
@@ -26,12 +39,29 @@ function forwardedFor(value: string): string[] {
       const eq = pair.indexOf("=");
       if (eq > 0 && pair.slice(0, eq).trim().toLowerCase() === "for") node = pair.slice(eq + 1).trim();
     }
-    node = node.replace(/^"|"$/g, "");
-    if (node.startsWith("[")) node = node.slice(1, node.indexOf("]") > 0 ? node.indexOf("]") : undefined);
-    else if (/^[\d.]+:\d+$/.test(node)) node = node.slice(0, node.indexOf(":"));
-    out.push(node);
+    out.push(hostOf(node.replace(/^"|"$/g, "")));
   }
   return out;
+}
+
+/**
+ * The key an IP's budgets (rate limits, failure budgets) are counted under: the address
+ * for IPv4, its /64 for IPv6. One IPv6 subscriber is routinely given a whole /64 (RFC
+ * 6177), so a budget per /128 would give one client 2^64 budgets.
+ */
+export function budgetKey(ip: string): string {
+  if (isIP(ip) !== 6) return ip;
+  const address = ip.toLowerCase().split("%")[0]!;
+  const groupsOf = (part: string): string[] =>
+    part === "" ? [] : part.split(":").flatMap((g) => (g.includes(".") ? ["0", "0"] : [g]));
+  const double = address.indexOf("::");
+  const head = groupsOf(double < 0 ? address : address.slice(0, double));
+  const tail = double < 0 ? [] : groupsOf(address.slice(double + 2));
+  const full = [...head, ...Array<string>(Math.max(0, 8 - head.length - tail.length)).fill("0"), ...tail];
+  return `${full
+    .slice(0, 4)
+    .map((g) => Number.parseInt(g, 16).toString(16))
+    .join(":")}::/64`;
 }
 
 function headerValue(headers: IncomingHttpHeaders, name: string): string | undefined {
@@ -47,12 +77,14 @@ function headerValue(headers: IncomingHttpHeaders, name: string): string | undef
  * anyone else they are ignored. The client is then the rightmost address of the chain
  * that is not itself a trusted proxy: an appending proxy forwards
  * `X-Forwarded-For: <whatever the client sent>, <client's real address>`, so only the
- * entries on the right, appended by proxies we trust, can be believed. X-Forwarded-For
- * is read when present, else Forwarded (RFC 7239): a proxy that appends only to
- * Forwarded must drop a client's X-Forwarded-For.
+ * entries on the right, appended by proxies we trust, can be believed. One header is read,
+ * `server.forwardedHeader` (X-Forwarded-For by default, or RFC 7239 Forwarded), never the
+ * other as a fallback: a proxy that writes only Forwarded passes a client's own
+ * X-Forwarded-For through untouched, and reading it would believe the client.
  */
 export function createClientIpResolver(
-  config: Pick<Config["server"], "trustProxy" | "trustedProxies">,
+  config: Pick<Config["server"], "trustProxy" | "trustedProxies"> &
+    Partial<Pick<Config["server"], "forwardedHeader">>,
 ): (peer: string | undefined, headers: IncomingHttpHeaders) => string {
   const trusted = new BlockList();
   for (const entry of config.trustedProxies) {
@@ -60,6 +92,7 @@ export function createClientIpResolver(
     if (parsed) trusted.addSubnet(normalizeIp(parsed[0]), parsed[1], parsed[2]);
   }
   const anyPeer = config.trustProxy;
+  const header = config.forwardedHeader ?? "x-forwarded-for";
   const none = config.trustedProxies.length === 0;
   const isTrusted = (address: string): boolean => {
     if (none) return false;
@@ -70,9 +103,9 @@ export function createClientIpResolver(
   return (peerAddress, headers) => {
     const peer = normalizeIp(peerAddress ?? "unknown");
     if (!anyPeer && !isTrusted(peer)) return peer;
-    const xff = headerValue(headers, "x-forwarded-for");
-    const fwd = xff === undefined ? headerValue(headers, "forwarded") : undefined;
-    const chain = xff !== undefined ? xForwardedFor(xff) : fwd !== undefined ? forwardedFor(fwd) : [];
+    const value = headerValue(headers, header);
+    const chain =
+      value === undefined ? [] : header === "forwarded" ? forwardedFor(value) : xForwardedFor(value);
     // From the right: the nearest hop that is not a trusted proxy is the client.
     let client = peer;
     for (let i = chain.length - 1; i >= 0; i--) {

@@ -47,6 +47,7 @@ const ConfigSchema = z
             }),
           )
           .default([]),
+        forwardedHeader: z.enum(["x-forwarded-for", "forwarded"]).default("x-forwarded-for"),
         readMaxBytes: z
           .number()
           .int()
@@ -259,7 +260,14 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_TRUSTED_PROXIES",
     "list",
     "(none)",
-    "Comma-separated addresses or CIDR blocks of trusted proxies. Only from such a peer are X-Forwarded-For and Forwarded read: the client IP is the rightmost address in them that is not a trusted proxy.",
+    "Comma-separated addresses or CIDR blocks of trusted proxies. Only from such a peer is the forwarding header (server.forwardedHeader) read: the client IP is the rightmost address in it that is not a trusted proxy.",
+  ],
+  [
+    "server.forwardedHeader",
+    "TESSERA_FORWARDED_HEADER",
+    "string",
+    "x-forwarded-for",
+    "The forwarding header trusted proxies write: x-forwarded-for or forwarded (RFC 7239). Only that one is read, never the other as a fallback.",
   ],
   ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
   [

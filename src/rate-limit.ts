@@ -7,6 +7,7 @@ import {
   RateLimiterRes,
 } from "rate-limiter-flexible";
 import type { Principal } from "./auth/principal.js";
+import { budgetKey } from "./client-ip.js";
 import type { Config } from "./config.js";
 import { TesseraError } from "./errors.js";
 
@@ -139,10 +140,12 @@ export class PasswordGuard {
   ) {}
 
   /**
-   * Reserve one failure of budget for a password check of `username` from `ip`.
+   * Reserve one failure of budget for a password check of `username` from `address`
+   * (counted under its {@link budgetKey}: an IPv6 client's whole /64).
    * @throws TesseraError RATE_LIMITED (with Retry-After) when any of the three is spent
    */
-  async reserve(ip: string, username: string): Promise<PasswordAttempt> {
+  async reserve(address: string, username: string): Promise<PasswordAttempt> {
+    const ip = budgetKey(address);
     const user = hash("sha256", username, "base64url");
     const pair = `${ip}|${user}`;
     const byIp = await this.perIp.consume(ip);
