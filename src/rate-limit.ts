@@ -20,6 +20,8 @@ export interface LimitResult {
   resetMs: number;
   /** Points counted in the window, this request's included. */
   consumed?: number;
+  /** When the window this request was counted in ends (ms since the epoch). */
+  windowEnd?: number;
 }
 
 /** A fixed-window limiter over rate-limiter-flexible (memory, or Redis to share between instances). */
@@ -39,6 +41,7 @@ export class Limiter {
         remaining: res.remainingPoints,
         resetMs: res.msBeforeNext,
         consumed: res.consumedPoints,
+        windowEnd: Date.now() + res.msBeforeNext,
       };
     } catch (res) {
       if (res instanceof RateLimiterRes)
@@ -47,8 +50,14 @@ export class Limiter {
     }
   }
 
-  /** Give back one point counted for `key` (a reservation that was not spent). */
-  async refund(key: string): Promise<void> {
+  /**
+   * Give back one point counted for `key` (a reservation that was not spent) by `taken`, the
+   * result that counted it: only while its window lasts. A point given back after the
+   * window rolled over would be credit in the next one (a budget of 20 becoming 40 for
+   * whoever makes its checks finish just past the window's end).
+   */
+  async refund(key: string, taken: LimitResult): Promise<void> {
+    if (taken.windowEnd !== undefined && Date.now() >= taken.windowEnd) return;
     await this.impl.reward(key, 1);
   }
 
@@ -152,7 +161,7 @@ export class PasswordGuard {
     if (!byIp.allowed) throw authFailuresError(byIp);
     const byPair = await this.perUsernameIp.consume(pair);
     if (!byPair.allowed) {
-      await this.perIp.refund(ip);
+      await this.perIp.refund(ip, byIp);
       // Until the lockout is set (the failure that earns it may still be hashing) the count's
       // window is an hour long: Retry-After says no more than the longest lockout.
       throw authFailuresError({
@@ -162,7 +171,7 @@ export class PasswordGuard {
     }
     const byUser = await this.perUsername.consume(user);
     if (!byUser.allowed) {
-      await Promise.all([this.perIp.refund(ip), this.perUsernameIp.refund(pair)]);
+      await Promise.all([this.perIp.refund(ip, byIp), this.perUsernameIp.refund(pair, byPair)]);
       throw authFailuresError(byUser);
     }
     let settled = false;
@@ -174,8 +183,8 @@ export class PasswordGuard {
     return {
       succeeded: once(() =>
         Promise.all([
-          this.perIp.refund(ip),
-          this.perUsername.refund(user),
+          this.perIp.refund(ip, byIp),
+          this.perUsername.refund(user, byUser),
           this.perUsernameIp.reset(pair),
           this.lockouts.reset(pair),
         ]),
@@ -191,7 +200,11 @@ export class PasswordGuard {
         await this.perUsernameIp.block(pair, seconds);
       }),
       cancelled: once(() =>
-        Promise.all([this.perIp.refund(ip), this.perUsername.refund(user), this.perUsernameIp.refund(pair)]),
+        Promise.all([
+          this.perIp.refund(ip, byIp),
+          this.perUsername.refund(user, byUser),
+          this.perUsernameIp.refund(pair, byPair),
+        ]),
       ),
     };
   }
