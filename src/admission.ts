@@ -81,21 +81,26 @@ export async function authenticationRefusal(
   }
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
   if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
-  // Once the IP's budget is spent, an opaque token is verified only if that needs no PBKDF2
-  // (it was verified before); one that would need it is refused. A JWT (or a certificate)
-  // never needs it, so a valid one is accepted whatever its IP spent: one guesser behind a
-  // NAT does not lock out everyone behind it. (JWTs skip the look-up: their hot path.)
-  const blocked =
+  // An opaque token is first verified with hashing refused: one verified before (or one that
+  // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2
+  // reserves a point of the IP's failure budget first (tokenRefusal). A JWT (or a
+  // certificate) never needs PBKDF2, so a valid one is accepted whatever its IP spent: one
+  // guesser behind a NAT does not lock out everyone behind it.
+  const opaque =
     limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
-      ? await limits.authFailures.exhausted(budgetKey(state.ip))
-      : null;
+      ? { limits, credential }
+      : undefined;
   let refusal: unknown;
   try {
     refusal =
       credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
-    if (refusal === undefined) {
-      const verify = () => authenticator.authenticate(credential, state, parsed?.from);
-      const principal = await (blocked ? withoutHashing(authFailuresError(blocked), verify) : verify());
+    if (refusal === undefined && opaque) {
+      const known = await knownCredential(deps, opaque.credential, state);
+      if (known === NEEDS_HASHING) return tokenRefusal(deps, opaque.limits, opaque.credential, state);
+      if (known === undefined) return undefined;
+      refusal = known;
+    } else if (refusal === undefined) {
+      const principal = await authenticator.authenticate(credential, state, parsed?.from);
       if (principal) {
         state.principal = principal;
         return undefined;
@@ -137,21 +142,65 @@ async function spendFailure(limits: RateLimits, state: RequestState, refusal: un
  * username's and the username-at-this-IP's budgets is reserved before the password is
  * verified, and refunded when it verifies (or when no verdict was reached, e.g. the hash
  * pool was full). Concurrent identical credentials share that one reservation and
- * verification ({@link basicFlights}): a client sending its correct password on 30
+ * verification ({@link flights}): a client sending its correct password on 30
  * connections at once spends neither 30 reservations nor 30 PBKDF2 runs.
  */
-async function basicRefusal(
+function basicRefusal(
   deps: AdmissionDeps,
   limits: RateLimits,
   credential: PresentedCredential & { type: "basic" },
   state: RequestState,
 ): Promise<unknown> {
-  const flightKey = hash("sha256", `${FLIGHT_KEY}\0${credential.username}\0${credential.password}`, "base64");
-  // Twice at most: after a flight that verified the password, the cache knows it.
+  return verifyOnce(deps, credential, state, `basic\0${credential.username}\0${credential.password}`, () =>
+    limits.passwords.reserve(state.ip, credential.username),
+  );
+}
+
+/**
+ * An opaque token that needs PBKDF2 (not verified before): one point of the IP's failure
+ * budget is reserved first, kept when the token is refused and given back when it
+ * verifies; concurrent first uses of one token share the reservation and the PBKDF2.
+ */
+function tokenRefusal(
+  deps: AdmissionDeps,
+  limits: RateLimits,
+  credential: PresentedCredential & { type: "bearer" },
+  state: RequestState,
+): Promise<unknown> {
+  return verifyOnce(deps, credential, state, `bearer\0${credential.token}`, async () => {
+    const key = budgetKey(state.ip);
+    const taken = await limits.authFailures.consume(key);
+    if (!taken.allowed) throw authFailuresError(taken);
+    const refund = () => limits.authFailures.refund(key, taken);
+    let settled = false;
+    const once = (fn: () => Promise<unknown>) => async () => {
+      if (settled) return;
+      settled = true;
+      await fn();
+    };
+    return { succeeded: once(refund), failed: once(async () => {}), cancelled: once(refund) };
+  });
+}
+
+/**
+ * Verify a credential that needs PBKDF2, its budget reserved by `reserve` first; concurrent
+ * identical credentials (by `identity`) share one reservation and verification: the first
+ * reserves and hashes, the others await its verdict (and, when it verified, find the
+ * secret in the cache).
+ */
+async function verifyOnce(
+  deps: AdmissionDeps,
+  credential: PresentedCredential,
+  state: RequestState,
+  identity: string,
+  reserve: () => Promise<PasswordAttempt>,
+): Promise<unknown> {
+  const flightKey = hash("sha256", `${FLIGHT_KEY}\0${identity}`, "base64");
+  // Twice at most: after a flight that verified the secret, the cache knows it.
   for (let round = 0; ; round++) {
-    const known = await knownBasic(deps, credential, state);
+    const known = await knownCredential(deps, credential, state);
     if (known !== NEEDS_HASHING) return known;
-    const flight = basicFlights.get(flightKey);
+    const flight = flights.get(flightKey);
     if (flight === undefined || round > 0) break;
     const verdict = await flight;
     if (verdict !== undefined) return verdict;
@@ -160,38 +209,39 @@ async function basicRefusal(
   const flight = new Promise<unknown>((resolve) => {
     settle = resolve;
   });
-  basicFlights.set(flightKey, flight);
+  flights.set(flightKey, flight);
   let verdict: unknown;
   try {
-    verdict = await verifyBasic(deps, limits, credential, state);
+    verdict = await verifyReserved(deps, credential, state, reserve);
   } catch (err) {
     verdict = err;
   } finally {
-    basicFlights.delete(flightKey);
+    flights.delete(flightKey);
   }
   settle(verdict);
   return verdict;
 }
 
-/** Refusal of hashing within {@link knownBasic}: compared by identity, never answered. */
+/** Refusal of hashing within {@link knownCredential}: compared by identity, never answered. */
 const NEEDS_HASHING = new TesseraError("UNAVAILABLE", "needs hashing");
 
-/** Key of {@link basicFlights}: a per-process secret, so no credential's digest can be computed outside. */
+/** Key of {@link flights}: a per-process secret, so no credential's digest can be computed outside. */
 const FLIGHT_KEY = randomBytes(32).toString("base64");
 
 /**
- * Basic verifications in flight, by keyed digest of the credential: what each one's
- * followers get (undefined when it verified: they find the password in the cache).
+ * Verifications that need PBKDF2 in flight, by keyed digest of the credential: what each
+ * one's followers get (undefined when it verified: they find the secret in the cache).
  */
-const basicFlights = new Map<string, Promise<unknown>>();
+const flights = new Map<string, Promise<unknown>>();
 
 /**
- * A Basic credential decided without PBKDF2: undefined once `state.principal` is set, a
- * refusal (a known password of a principal that may not act), or {@link NEEDS_HASHING}.
+ * A credential decided without PBKDF2: undefined once `state.principal` is set, a refusal
+ * (e.g. a known secret of a principal that may not act, an unknown token id), or
+ * {@link NEEDS_HASHING}.
  */
-async function knownBasic(
+async function knownCredential(
   deps: AdmissionDeps,
-  credential: PresentedCredential & { type: "basic" },
+  credential: PresentedCredential,
   state: RequestState,
 ): Promise<unknown> {
   try {
@@ -206,16 +256,16 @@ async function knownBasic(
   }
 }
 
-/** A Basic credential verified with PBKDF2, its budget reserved first. */
-async function verifyBasic(
+/** A credential verified with PBKDF2, its budget reserved first. */
+async function verifyReserved(
   deps: AdmissionDeps,
-  limits: RateLimits,
-  credential: PresentedCredential & { type: "basic" },
+  credential: PresentedCredential,
   state: RequestState,
+  reserve: () => Promise<PasswordAttempt>,
 ): Promise<unknown> {
   let attempt: PasswordAttempt;
   try {
-    attempt = await limits.passwords.reserve(state.ip, credential.username);
+    attempt = await reserve();
   } catch (err) {
     return err;
   }
