@@ -3,7 +3,7 @@ import { ConnectError, createClient, type Transport } from "@connectrpc/connect"
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { hashPool } from "../../src/auth/hash-pool.js";
+import { HashPool, hashPool } from "../../src/auth/hash-pool.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basicMachine, clients, tenantWithAdmin } from "../machine-fixtures.js";
@@ -109,5 +109,41 @@ describe.each(DATABASES)("credential creation floods on $name", (db) => {
     const r = await rejection(machines.rotateMachineUserCredentials({ id: m.machine.id }));
     expect(r.reason).toBe("RATE_LIMITED");
     expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+  });
+});
+
+describe("the hash pool's share for new secrets", () => {
+  /** A task that runs until `release` is called. */
+  function held(): { task: () => Promise<void>; release: () => void } {
+    let release!: () => void;
+    const done = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    return { task: () => done, release };
+  }
+
+  it("refuses a new secret's hash once creations hold half of slots and queue, and still queues a check", async () => {
+    const pool = new HashPool({ concurrency: 1, queue: 4 });
+    const jobs = [held(), held()];
+    const running = jobs.map((j) => pool.run(j.task, "create"));
+    await expect(pool.run(async () => undefined, "create")).rejects.toMatchObject({ reason: "UNAVAILABLE" });
+    const check = pool.run(async () => "checked");
+    for (const j of jobs) j.release();
+    await Promise.all(running);
+    await expect(check).resolves.toBe("checked");
+  });
+
+  it("starts a waiting check before creations that waited longer", async () => {
+    const pool = new HashPool({ concurrency: 1, queue: 8 });
+    const first = held();
+    const order: string[] = [];
+    const all = [
+      pool.run(first.task, "verify"),
+      pool.run(async () => void order.push("create"), "create"),
+      pool.run(async () => void order.push("verify")),
+    ];
+    first.release();
+    await Promise.all(all);
+    expect(order).toEqual(["verify", "create"]);
   });
 });
