@@ -2,10 +2,18 @@ import type { IncomingHttpHeaders } from "node:http";
 import { BlockList, isIP } from "node:net";
 import { type Config, parseCidr } from "./config.js";
 
-/** `::ffff:192.0.2.1` (an IPv4 peer on a dual-stack socket) → `192.0.2.1`; anything else unchanged. */
+/**
+ * `::ffff:192.0.2.1` (an IPv4 peer on a dual-stack socket), or its hex form
+ * `::ffff:c000:201`, → `192.0.2.1`; anything else unchanged. (Left in the hex form, every
+ * IPv4 client written so would share one IPv6 /64 budget.)
+ */
 export function normalizeIp(address: string): string {
   const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
-  return mapped ? mapped[1]! : address;
+  if (mapped) return mapped[1]!;
+  const hex = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/i.exec(address);
+  if (!hex) return address;
+  const [high, low] = [Number.parseInt(hex[1]!, 16), Number.parseInt(hex[2]!, 16)];
+  return `${high >> 8}.${high & 255}.${low >> 8}.${low & 255}`;
 }
 
 /**

@@ -216,6 +216,8 @@ describe("client IP resolution", () => {
     expect(ip("10.1.2.3", { "x-forwarded-for": "1.1.1.1, 2.2.2.2, fd00::5, 10.9.9.9" })).toBe("2.2.2.2");
     expect(ip("fd00::1", { "x-forwarded-for": "2001:db8::1" })).toBe("2001:db8::1");
     expect(ip("::ffff:10.0.0.1", { "x-forwarded-for": "::ffff:3.3.3.3" })).toBe("3.3.3.3");
+    expect(ip("10.0.0.1", { "x-forwarded-for": "::ffff:c633:6407" })).toBe("198.51.100.7");
+    expect(ip("::ffff:a00:1", { "x-forwarded-for": "9.9.9.9" })).toBe("9.9.9.9");
   });
 
   it("reads nothing from an untrusted peer and normalises its IPv4-mapped address", () => {
