@@ -184,7 +184,7 @@ function tokenRefusal(
 
 /**
  * Verify a credential that needs PBKDF2, its budget reserved by `reserve` first; concurrent
- * identical credentials (by `identity`) share one reservation and verification: the first
+ * identical credentials (by `identity`) from one address share one reservation and verification: the first
  * reserves and hashes, the others await its verdict (and, when it verified, find the
  * secret in the cache).
  */
@@ -195,7 +195,8 @@ async function verifyOnce(
   identity: string,
   reserve: () => Promise<PasswordAttempt>,
 ): Promise<unknown> {
-  const flightKey = hash("sha256", `${FLIGHT_KEY}\0${identity}`, "base64");
+  // Per address too: a verdict (RATE_LIMITED, say) is about the budgets of the leader's address.
+  const flightKey = hash("sha256", `${FLIGHT_KEY}\0${budgetKey(state.ip)}\0${identity}`, "base64");
   // Twice at most: after a flight that verified the secret, the cache knows it.
   for (let round = 0; ; round++) {
     const known = await knownCredential(deps, credential, state);
