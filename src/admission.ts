@@ -246,8 +246,19 @@ async function knownCredential(
   state: RequestState,
 ): Promise<unknown> {
   try {
+    // A token verified before, decided without awaiting, needs no async-context scope
+    // (whose promise hooks cost every concurrent request while one is in flight).
+    let from = 0;
+    if (credential.type === "bearer") {
+      const now = deps.authenticator.authenticateNow(credential, state);
+      if (typeof now !== "number") {
+        state.principal = now;
+        return undefined;
+      }
+      from = now;
+    }
     const principal = await withoutHashing(NEEDS_HASHING, () =>
-      deps.authenticator.authenticate(credential, state),
+      deps.authenticator.authenticate(credential, state, from),
     );
     if (!principal) return new TesseraError("AUTH_REQUIRED", "Authentication required");
     state.principal = principal;
