@@ -45,10 +45,12 @@ export class User {
 export const UserSchema = new EntitySchema<User>({
   class: User,
   tableName: "users",
+  // Unique per tenant: another tenant's usernames must not read as taken.
+  uniques: [{ properties: ["tenantId", "username"] }],
   properties: {
     id: { type: "string", primary: true, length: 36 },
     tenantId: { type: "string", length: 36, index: true },
-    username: { type: "string", length: 200, unique: true },
+    username: { type: "string", length: 200, index: true },
     passwordHash: { type: "string", length: 255 },
     scopes: { type: "text", default: "" },
     disabled: { type: "boolean", default: false },
