@@ -1,7 +1,8 @@
 import { randomUUID } from "node:crypto";
-import type { Transport } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures.js";
@@ -10,7 +11,8 @@ import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures
  * Existence oracles (issue #18, item 10; certificate bindings are tested with their own
  * class): over TLS, what an attacker learns from a refusal must not depend on whether
  * something exists in another tenant, or on whether a guessed password of a disabled
- * account was right.
+ * account was right. Usernames are unique per tenant (Login and HTTP Basic may name the
+ * tenant; without one, the oldest user of the name is the one), and only `*` renames tenants.
  */
 
 const PASSWORD = "correct horse battery staple";
@@ -101,5 +103,106 @@ describe.each(DATABASES)("existence oracles over TLS on $name", (db) => {
     expect(right.code).toBe(Code.Unauthenticated);
     expect(right.reason).toBe("CREDENTIALS_INVALID");
     expect(await refusal(check(created.password))).toEqual(wrong);
+  });
+
+  describe("usernames per tenant", () => {
+    const OLDER = "the older account's password";
+    const NEWER = "the newer account's password";
+    /** One username in two tenants: `older` created first. */
+    async function twoSameNamed() {
+      const older = await tenantWithAdmin(t, root, ["admin:users"]);
+      const newer = await tenantWithAdmin(t, root, ["admin:users"]);
+      const username = `same-${short()}`;
+      const root_ = clients(t, root).users;
+      await root_.createUser({ username, password: OLDER, tenantId: older.tenant.id });
+      await root_.createUser({ username, password: NEWER, tenantId: newer.tenant.id });
+      return { username, older: older.tenant, newer: newer.tenant };
+    }
+    const login = (username: string, password: string, tenant = "") =>
+      createClient(UserService, t).login({ username, password, tenant });
+
+    it("a tenant admin creating a username taken only in another tenant succeeds like a fresh name; one taken in its own tenant is AlreadyExists", async () => {
+      const mine = await tenantWithAdmin(t, root, ["admin:users"]);
+      const other = await tenantWithAdmin(t, root, ["admin:users"]);
+      const taken = `u-${short()}`;
+      await clients(t, other.token).users.createUser({ username: taken, password: PASSWORD });
+      const create = (username: string) =>
+        clients(t, mine.token).users.createUser({ username, password: PASSWORD });
+      const elsewhere = await create(taken);
+      const fresh = await create(`u-${short()}`);
+      for (const created of [elsewhere, fresh]) expect(created.user?.tenantId).toBe(mine.tenant.id);
+      expect(elsewhere.user?.username).toBe(taken);
+      // Over gRPC as well, and now the name is taken in its own tenant.
+      const again = await refusal(
+        clients(ts.grpc(), mine.token).users.createUser({ username: taken, password: PASSWORD }),
+      );
+      expect(again.code).toBe(Code.AlreadyExists);
+      expect(again.reason).toBe("ALREADY_EXISTS");
+    });
+
+    it("Login naming the tenant, by name or by id, logs in the right one of two same-named users", async () => {
+      const { username, older, newer } = await twoSameNamed();
+      expect((await login(username, OLDER, older.name)).user?.tenantId).toBe(older.id);
+      expect((await login(username, NEWER, newer.name)).user?.tenantId).toBe(newer.id);
+      expect((await login(username, OLDER, older.id)).user?.tenantId).toBe(older.id);
+      expect((await login(username, NEWER, newer.id)).user?.tenantId).toBe(newer.id);
+      // One account's password in the other's tenant, an unknown tenant: a wrong password.
+      const wrong = await refusal(login(username, "not the password at all", newer.name));
+      expect(wrong.code).toBe(Code.Unauthenticated);
+      expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+      expect(await refusal(login(username, OLDER, newer.name))).toEqual(wrong);
+      expect(await refusal(login(username, OLDER, `no-such-tenant-${short()}`))).toEqual(wrong);
+      expect(await refusal(login(username, OLDER, randomUUID()))).toEqual(wrong);
+    });
+
+    it("Login without a tenant logs the older account in, and the newer one's password fails like a wrong one", async () => {
+      const { username, older } = await twoSameNamed();
+      const first = await login(username, OLDER);
+      expect(first.user?.tenantId).toBe(older.id);
+      const wrong = await refusal(login(username, "not the password at all"));
+      expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+      expect(await refusal(login(username, NEWER))).toEqual(wrong);
+      // Over gRPC too.
+      const grpc = await createClient(UserService, ts.grpc()).login({ username, password: OLDER });
+      expect(grpc.user?.tenantId).toBe(older.id);
+    });
+
+    it("HTTP Basic as <tenant>/<username> authenticates that tenant's user, and a plain username the older one", async () => {
+      const { username, older, newer } = await twoSameNamed();
+      const me = (user: string, password: string) =>
+        clients(t, basic(user, password)).users.getCurrentUser({});
+      expect((await me(`${newer.name}/${username}`, NEWER)).tenantId).toBe(newer.id);
+      expect((await me(`${newer.id}/${username}`, NEWER)).tenantId).toBe(newer.id);
+      expect((await me(`${older.name}/${username}`, OLDER)).tenantId).toBe(older.id);
+      expect((await me(username, OLDER)).tenantId).toBe(older.id);
+      const wrong = await refusal(me(username, "not the password at all"));
+      expect(wrong.code).toBe(Code.Unauthenticated);
+      expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+      expect(await refusal(me(username, NEWER))).toEqual(wrong);
+      expect(await refusal(me(`${older.name}/${username}`, NEWER))).toEqual(wrong);
+      expect(await refusal(me(`no-such-tenant-${short()}/${username}`, OLDER))).toEqual(wrong);
+    });
+  });
+
+  it("a tenant admin's rename of its own tenant is ACCESS_DENIED whether or not the name is taken", async () => {
+    const mine = await tenantWithAdmin(t, root, ["admin:tenants"]);
+    const other = await tenantWithAdmin(t, root, ["admin:tenants"]);
+    const rename = (name: string) =>
+      clients(t, mine.token).tenants.updateTenant({ id: mine.tenant.id, name });
+    const taken = await refusal(rename(other.tenant.name));
+    const free = await refusal(rename(`tenant-${short()}`));
+    expect(taken).toEqual(free);
+    expect(taken.code).toBe(Code.PermissionDenied);
+    expect(taken.reason).toBe("ACCESS_DENIED");
+    // A `*` caller still renames (a free name), and is told when a name is taken.
+    const renamed = await clients(t, root).tenants.updateTenant({
+      id: mine.tenant.id,
+      name: `tenant-${short()}`,
+    });
+    expect(renamed.tenant?.id).toBe(mine.tenant.id);
+    const clash = await refusal(
+      clients(t, root).tenants.updateTenant({ id: mine.tenant.id, name: other.tenant.name }),
+    );
+    expect(clash.code).toBe(Code.AlreadyExists);
   });
 });
