@@ -206,3 +206,47 @@ describe.each(DATABASES)("existence oracles over TLS on $name", (db) => {
     expect(clash.code).toBe(Code.AlreadyExists);
   });
 });
+
+describe.each(DATABASES)("per-tenant usernames under the password limits on $name", (db) => {
+  let ts: TestServer;
+  let t: Transport;
+  let root: string;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      rateLimit: {
+        enabled: true,
+        perIpPerMinute: 10_000,
+        perPrincipalPerMinute: 10_000,
+        authFailuresPerIpPerMinute: 1000,
+        authFailuresPerUsernamePerIp: 3,
+        authFailuresPerUsernamePerHour: 1000,
+      },
+    });
+    t = ts.connect();
+    root = await adminLogin(t);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("a lockout of one tenant's user does not lock out a same-named user of another tenant", async () => {
+    const a = await tenantWithAdmin(t, root, ["admin:users"]);
+    const b = await tenantWithAdmin(t, root, ["admin:users"]);
+    const username = `same-${short()}`;
+    await clients(t, root).users.createUser({ username, password: PASSWORD, tenantId: a.tenant.id });
+    await clients(t, root).users.createUser({ username, password: PASSWORD, tenantId: b.tenant.id });
+    const login = (tenant: string, password: string) =>
+      createClient(UserService, t).login({ username, password, tenant });
+    for (let i = 0; i < 3; i++)
+      expect((await refusal(login(a.tenant.name, "not the password at all"))).reason).toBe(
+        "CREDENTIALS_INVALID",
+      );
+    // Tenant a's user is locked out of this address, even with the right password...
+    expect((await refusal(login(a.tenant.name, PASSWORD))).reason).toBe("RATE_LIMITED");
+    // ...tenant b's is not, by Login or by HTTP Basic.
+    expect((await login(b.tenant.name, PASSWORD)).user?.tenantId).toBe(b.tenant.id);
+    const me = await clients(t, basic(`${b.tenant.name}/${username}`, PASSWORD)).users.getCurrentUser({});
+    expect(me.tenantId).toBe(b.tenant.id);
+  });
+});

@@ -92,7 +92,9 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       hashPool().assertRoom();
       // Budget reserved before PBKDF2, so that concurrent guesses cannot all get a verdict.
       // Keyed as named (the same key as HTTP Basic's `<tenant>/<username>`): two same-named
-      // users of two tenants do not share a lockout.
+      // users of two tenants do not share a lockout. Not normalised to the account found
+      // (name vs id vs tenant-less): keys that merge only when an account exists would let
+      // an attacker learn, from a shared lockout, which tenant holds a username.
       const attempt = await deps.limits?.passwords.reserve(
         state.ip,
         req.tenant ? `${req.tenant}/${req.username}` : req.username,
