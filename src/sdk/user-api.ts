@@ -238,9 +238,13 @@ export class UserAPI {
     return hasScope(user.permissions, scope);
   }
 
-  /** Log in with a username and password; the client then uses the new session. */
-  async login(username: string, password: string): Promise<LoginResult> {
-    const res = await this.rawUsers.login({ username, password });
+  /**
+   * Log in with a username and password; the client then uses the new session.
+   * `options.tenant` (a tenant name or id) names the user's tenant: usernames are unique
+   * per tenant, and without one the server takes the user of that name created first.
+   */
+  async login(username: string, password: string, options: { tenant?: string } = {}): Promise<LoginResult> {
+    const res = await this.rawUsers.login({ username, password, tenant: options.tenant ?? "" });
     const pair: TokenPair = {
       accessToken: res.accessToken,
       refreshToken: res.refreshToken,
