@@ -1,3 +1,4 @@
+import { DEFAULT_TENANT_NAME } from "../bootstrap.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
@@ -44,10 +45,17 @@ const SELECT =
   "from users u join tenants t on t.id = u.tenant_id where ";
 const BY_ID = `${SELECT}u.id = ?`;
 /**
- * Usernames are unique per tenant. Without a tenant the oldest user of the name is the one
- * (deterministic, and a same-named user created later elsewhere cannot displace it).
+ * Usernames are unique per tenant. Without a tenant: the default tenant's user of that
+ * name, else the one user of that name from the time usernames were global
+ * (`tenantless_login`, at most one per name). Never "the oldest of any tenant": a tenant
+ * admin could then create a name in its own tenant and learn, from whether a tenant-less
+ * login with the password it chose works, whether another tenant holds the name. Here no
+ * tenant admin can change what a tenant-less name means for a user it created (outside
+ * the default tenant it never means that user; in it, always), so nothing is learnt.
  */
-const BY_USERNAME = `${SELECT}u.username = ? order by u.created_at, u.id limit 1`;
+const BY_USERNAME =
+  `${SELECT}u.username = ? and (t.name = ? or u.tenantless_login = ?) ` +
+  "order by case when t.name = ? then 0 else 1 end, u.created_at, u.id limit 1";
 const BY_TENANT_ID_USERNAME = `${SELECT}u.tenant_id = ? and u.username = ?`;
 const BY_TENANT_NAME_USERNAME = `${SELECT}t.name = ? and u.username = ?`;
 
@@ -142,9 +150,16 @@ export class UserStateReader {
     return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
   }
 
-  /** The oldest user named `username` (of any tenant). */
+  /** The user a username alone names (see {@link BY_USERNAME}). */
   async byUsername(username: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.cachedGet<UserRow>(BY_USERNAME, [username]));
+    return toState(
+      await this.sql.cachedGet<UserRow>(BY_USERNAME, [
+        username,
+        DEFAULT_TENANT_NAME,
+        true,
+        DEFAULT_TENANT_NAME,
+      ]),
+    );
   }
 
   /** The user named `username` in `tenant` (its id, see {@link isTenantId}, or else its name). */

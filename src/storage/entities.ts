@@ -1,4 +1,4 @@
-import { EntitySchema } from "@mikro-orm/core";
+import { EntitySchema, type Opt } from "@mikro-orm/core";
 import { MACHINE_ENTITIES } from "./machine-entities.js";
 import { ApiTokenSchema } from "./token-entities.js";
 
@@ -38,6 +38,12 @@ export class User {
   passwordHash!: string;
   scopes = "";
   disabled = false;
+  /**
+   * May log in with a username alone although outside the default tenant: set for the
+   * users that existed while usernames were global (migration 20261204213000), never for
+   * a new user.
+   */
+  tenantlessLogin: Opt<boolean> = false;
   createdAt: Date = new Date();
   updatedAt: Date = new Date();
 }
@@ -54,6 +60,7 @@ export const UserSchema = new EntitySchema<User>({
     passwordHash: { type: "string", length: 255 },
     scopes: { type: "text", default: "" },
     disabled: { type: "boolean", default: false },
+    tenantlessLogin: { type: "boolean", default: false },
     createdAt: { type: "Date" },
     updatedAt: { type: "Date", onUpdate: () => new Date() },
   },

@@ -3,6 +3,7 @@ import { createClient, type Transport } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { User } from "../../src/storage/entities.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures.js";
@@ -12,7 +13,8 @@ import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures
  * class): over TLS, what an attacker learns from a refusal must not depend on whether
  * something exists in another tenant, or on whether a guessed password of a disabled
  * account was right. Usernames are unique per tenant (Login and HTTP Basic may name the
- * tenant; without one, the oldest user of the name is the one), and only `*` renames tenants.
+ * tenant; without one, only the default tenant's users and those from before usernames were
+ * per tenant are reached), and only `*` renames tenants.
  */
 
 const PASSWORD = "correct horse battery staple";
@@ -82,7 +84,8 @@ describe.each(DATABASES)("existence oracles over TLS on $name", (db) => {
   it("HTTP Basic answers a correct password in a disabled tenant exactly like a wrong one", async () => {
     const b = await tenantWithAdmin(t, root, ["admin:users"]);
     await clients(t, root).tenants.updateTenant({ id: b.tenant.id, disabled: true });
-    const me = (password: string) => clients(t, basic(b.username, password)).users.getCurrentUser({});
+    const me = (password: string) =>
+      clients(t, basic(`${b.tenant.name}/${b.username}`, password)).users.getCurrentUser({});
     const right = await refusal(me("tenant admin password"));
     const wrong = await refusal(me("not the password at all"));
     expect(right).toEqual(wrong);
@@ -155,32 +158,77 @@ describe.each(DATABASES)("existence oracles over TLS on $name", (db) => {
       expect(await refusal(login(username, OLDER, randomUUID()))).toEqual(wrong);
     });
 
-    it("Login without a tenant logs the older account in, and the newer one's password fails like a wrong one", async () => {
-      const { username, older } = await twoSameNamed();
-      const first = await login(username, OLDER);
-      expect(first.user?.tenantId).toBe(older.id);
+    it("Login without a tenant never reaches a tenant admin's new user, so it tells nothing of other tenants' names", async () => {
+      const mine = await tenantWithAdmin(t, root, ["admin:users"]);
+      const other = await tenantWithAdmin(t, root, ["admin:users"]);
+      const taken = `u-${short()}`;
+      const fresh = `u-${short()}`;
+      await clients(t, other.token).users.createUser({
+        username: taken,
+        password: "someone else's password",
+      });
+      // The tenant admin creates both names in its own tenant with a password it knows...
+      for (const username of [taken, fresh])
+        await clients(t, mine.token).users.createUser({ username, password: PASSWORD });
+      // ...and a tenant-less login answers alike, whether or not another tenant had the name.
+      const elsewhere = await refusal(login(taken, PASSWORD));
+      expect(elsewhere.reason).toBe("CREDENTIALS_INVALID");
+      expect(await refusal(login(fresh, PASSWORD))).toEqual(elsewhere);
+      expect(await refusal(login(fresh, "not the password at all"))).toEqual(elsewhere);
+      // Naming the tenant, both log in.
+      for (const username of [taken, fresh])
+        expect((await login(username, PASSWORD, mine.tenant.name)).user?.tenantId).toBe(mine.tenant.id);
+    });
+
+    it("Login without a tenant logs in the default tenant's user, and a user from before usernames were per tenant", async () => {
+      const { username, older, newer } = await twoSameNamed();
+      // Neither is in the default tenant nor from before: a username alone reaches neither.
       const wrong = await refusal(login(username, "not the password at all"));
-      expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+      expect(await refusal(login(username, OLDER))).toEqual(wrong);
       expect(await refusal(login(username, NEWER))).toEqual(wrong);
+      // A user that existed while usernames were global (the migration marks them) keeps
+      // logging in with its username alone, whatever same-named users other tenants have.
+      await ts.app.storage.em
+        .fork()
+        .nativeUpdate(User, { username, tenantId: older.id }, { tenantlessLogin: true });
+      expect((await login(username, OLDER)).user?.tenantId).toBe(older.id);
+      expect(await refusal(login(username, NEWER))).toEqual(wrong);
+      expect((await login(username, NEWER, newer.id)).user?.tenantId).toBe(newer.id);
+      // The default tenant's user of a name is reached without a tenant (the bootstrap admin's
+      // tenant), even when another tenant had the name first.
+      const { user } = await clients(t, root).users.createUser({
+        username: `d-${username}`,
+        password: PASSWORD,
+      });
+      await clients(t, root).users.createUser({
+        username: `d-${username}`,
+        password: NEWER,
+        tenantId: newer.id,
+      });
+      expect((await login(`d-${username}`, PASSWORD)).user?.tenantId).toBe(user?.tenantId);
       // Over gRPC too.
       const grpc = await createClient(UserService, ts.grpc()).login({ username, password: OLDER });
       expect(grpc.user?.tenantId).toBe(older.id);
     });
 
-    it("HTTP Basic as <tenant>/<username> authenticates that tenant's user, and a plain username the older one", async () => {
+    it("HTTP Basic as <tenant>/<username> authenticates that tenant's user; a plain username follows Login's rule", async () => {
       const { username, older, newer } = await twoSameNamed();
       const me = (user: string, password: string) =>
         clients(t, basic(user, password)).users.getCurrentUser({});
       expect((await me(`${newer.name}/${username}`, NEWER)).tenantId).toBe(newer.id);
       expect((await me(`${newer.id}/${username}`, NEWER)).tenantId).toBe(newer.id);
       expect((await me(`${older.name}/${username}`, OLDER)).tenantId).toBe(older.id);
-      expect((await me(username, OLDER)).tenantId).toBe(older.id);
       const wrong = await refusal(me(username, "not the password at all"));
       expect(wrong.code).toBe(Code.Unauthenticated);
       expect(wrong.reason).toBe("CREDENTIALS_INVALID");
-      expect(await refusal(me(username, NEWER))).toEqual(wrong);
+      expect(await refusal(me(username, OLDER))).toEqual(wrong);
       expect(await refusal(me(`${older.name}/${username}`, NEWER))).toEqual(wrong);
       expect(await refusal(me(`no-such-tenant-${short()}/${username}`, OLDER))).toEqual(wrong);
+      await ts.app.storage.em
+        .fork()
+        .nativeUpdate(User, { username, tenantId: older.id }, { tenantlessLogin: true });
+      expect((await me(username, OLDER)).tenantId).toBe(older.id);
+      expect(await refusal(me(username, NEWER))).toEqual(wrong);
     });
   });
 

@@ -9,6 +9,7 @@ import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { isTenantId, type UserStateReader } from "../../auth/user-principal.js";
+import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
 import { requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import type { RateLimits } from "../../rate-limit.js";
@@ -60,12 +61,20 @@ const GENERIC_LOGIN_FAILURE = "invalid username or password";
 
 /**
  * The user a Login names: in `tenant` (a tenant id, or else its name) when one is given;
- * without one, the user of that name created first (then the lowest id), so a same-named
- * user created later in another tenant can neither take over nor break an existing
- * tenant-less login. Null when there is none (an unknown tenant included).
+ * without one, the default tenant's user of that name, else the one from the time
+ * usernames were global (`tenantlessLogin`): the same rule as HTTP Basic's (see
+ * BY_USERNAME in user-principal.ts for why not simply the oldest). Null when there is
+ * none (an unknown tenant included).
  */
 async function loginUser(em: EntityManager, username: string, tenant: string): Promise<User | null> {
-  if (!tenant) return em.findOne(User, { username }, { orderBy: { createdAt: "asc", id: "asc" } });
+  if (!tenant) {
+    const byDefault = await em.findOne(Tenant, { name: DEFAULT_TENANT_NAME });
+    const inDefault = byDefault ? await em.findOne(User, { username, tenantId: byDefault.id }) : null;
+    return (
+      inDefault ??
+      em.findOne(User, { username, tenantlessLogin: true }, { orderBy: { createdAt: "asc", id: "asc" } })
+    );
+  }
   if (isTenantId(tenant)) return em.findOne(User, { username, tenantId: tenant });
   const named = await em.findOne(Tenant, { name: tenant });
   return named ? em.findOne(User, { username, tenantId: named.id }) : null;
