@@ -280,7 +280,7 @@ function registerSessionCommands(program: Command): void {
     .requiredOption("-u, --username <username>", "username")
     .option(
       "--tenant <tenant>",
-      "the user's tenant (name or id); without it, the user of that name created first",
+      "the user's tenant (name or id); needed for users outside the default tenant",
     )
     .option("--password-stdin", "read the password from stdin instead of prompting")
     .action(async (flags: { username: string; tenant?: string; passwordStdin?: boolean }, cmd: Command) => {

@@ -241,7 +241,8 @@ export class UserAPI {
   /**
    * Log in with a username and password; the client then uses the new session.
    * `options.tenant` (a tenant name or id) names the user's tenant: usernames are unique
-   * per tenant, and without one the server takes the user of that name created first.
+   * per tenant, and a username alone reaches only the default tenant's users (and those
+   * from before usernames were per tenant).
    */
   async login(username: string, password: string, options: { tenant?: string } = {}): Promise<LoginResult> {
     const res = await this.rawUsers.login({ username, password, tenant: options.tenant ?? "" });

@@ -82,10 +82,10 @@ export type LoginRequest = Message<"tessera.v1.LoginRequest"> & {
 
   /**
    * The user's tenant, by name or id (a value shaped like a tenant id is taken as one).
-   * Empty: of the users with this username, the one created first. Name the tenant to be
-   * sure: a same-named user created later in another tenant can neither log in this way
-   * nor get in the way of the first one. An unknown tenant is answered exactly like a
-   * wrong password.
+   * Empty: the default tenant's user of this name, else the user of this name that
+   * existed before usernames became unique per tenant. Any other user must name its
+   * tenant (so a username alone never tells whether another tenant has it). Name the
+   * tenant to be sure. An unknown tenant is answered exactly like a wrong password.
    *
    * @generated from field: string tenant = 3;
    */
@@ -620,8 +620,8 @@ export const DeleteUserResponseSchema: GenMessage<DeleteUserResponse> = /*@__PUR
  */
 export const UserService: GenService<{
   /**
-   * Exchange a username and password (and, to be sure, the user's tenant) for an access
-   * token and a refresh token.
+   * Exchange a username and password (and the user's tenant, see LoginRequest.tenant)
+   * for an access token and a refresh token.
    *
    * @generated from rpc tessera.v1.UserService.Login
    */
