@@ -57,7 +57,10 @@ export async function main(argv: string[]): Promise<number> {
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
 if (isEntry) {
   main(process.argv).then((code) => {
+    // A failure ends the process now: a pool, timer or half-started server left behind by
+    // a failed start must not keep alive a process that serves nothing.
+    if (code !== EXIT.ok) process.exit(code);
     // `serve` keeps running; other commands exit with their code.
-    if (code !== EXIT.ok || !process.argv.includes("serve")) process.exitCode = code;
+    if (!process.argv.includes("serve")) process.exitCode = code;
   });
 }

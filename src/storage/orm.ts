@@ -9,6 +9,7 @@ import { Migrator } from "@mikro-orm/migrations";
 import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql";
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
+import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
 export type DatabaseKind = "sqlite" | "postgresql";
@@ -51,8 +52,15 @@ export interface Storage {
   /** The root EntityManager; fork it per request (never use it directly in handlers). */
   em: EntityManager;
   target: DatabaseTarget;
-  /** Run pending migrations; returns the names applied. */
+  /** Run pending migrations (under the start-up lock); returns the names applied. */
   migrate(): Promise<string[]>;
+  /**
+   * Run `fn` holding the start-up lock shared by every process on this database (a
+   * PostgreSQL advisory lock per schema, a lock file beside a SQLite file; none for
+   * in-memory SQLite): migrations and the bootstrap run one instance at a time, so
+   * instances started together neither race nor half-apply. Re-entrant within a start.
+   */
+  withStartupLock<T>(fn: () => Promise<T>): Promise<T>;
   /** Whether the database answers a trivial query. */
   ping(): Promise<boolean>;
   close(): Promise<void>;
@@ -170,27 +178,42 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
         : {}),
       pool: { min: 1, max: 10 },
     } as Options<PostgreSqlDriver>);
-    if (target.schema) {
-      await orm.em.getConnection().execute(`create schema if not exists "${target.schema}"`);
-    }
   }
   const em = orm.em as unknown as EntityManager;
+  let lockDepth = 0;
+  const withStartupLock = async <T>(fn: () => Promise<T>): Promise<T> => {
+    if (lockDepth > 0 || (target.kind === "sqlite" && target.location === ":memory:")) return fn();
+    const held = async () => {
+      lockDepth++;
+      try {
+        return await fn();
+      } finally {
+        lockDepth--;
+      }
+    };
+    return target.kind === "postgresql"
+      ? withPostgresLock(em, target.schema ?? "public", held)
+      : withFileLock(`${target.location}-startup.lock`, held);
+  };
   const storage: Storage = {
     orm,
     em,
     target,
-    async migrate() {
-      const migrator = orm.getMigrator();
-      for (let attempt = 1; ; attempt++) {
-        try {
-          const applied = await migrator.up();
-          return applied.map((m) => m.name);
-        } catch (err) {
-          if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
-            throw err;
-          await sleep(25 * attempt);
+    withStartupLock,
+    migrate() {
+      return withStartupLock(async () => {
+        const migrator = orm.getMigrator();
+        for (let attempt = 1; ; attempt++) {
+          try {
+            const applied = await migrator.up();
+            return applied.map((m) => m.name);
+          } catch (err) {
+            if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
+              throw err;
+            await sleep(25 * attempt);
+          }
         }
-      }
+      });
     },
     async ping() {
       try {
@@ -204,6 +227,17 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       await orm.close(true);
     },
   };
-  if (options.migrate ?? true) await storage.migrate();
+  try {
+    if (target.schema) {
+      const schema = target.schema;
+      // Under the lock: two concurrent "create schema if not exists" can still collide (23505).
+      await withStartupLock(() => em.getConnection().execute(`create schema if not exists "${schema}"`));
+    }
+    if (options.migrate ?? true) await storage.migrate();
+  } catch (err) {
+    // A pool left open would keep a failed start alive.
+    await orm.close(true).catch(() => undefined);
+    throw err;
+  }
   return storage;
 }
