@@ -177,7 +177,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       createMachineBasicVerifier({ machines, secrets, lastUsed, iterations: config.auth.passwordIterations }),
     );
     authenticator.certificate.push(createMachineCertificateVerifier({ machines, lastUsed }));
-    const limits = config.rateLimit.enabled ? createRateLimits(config.rateLimit) : undefined;
+    const limits = config.rateLimit.enabled
+      ? createRateLimits(config.rateLimit, {
+          logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
+        })
+      : undefined;
     const audit = createAuditLog({ sql, logger });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
 
