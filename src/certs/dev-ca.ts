@@ -338,6 +338,9 @@ export async function ensureDevCertificates(
   dir: string,
   opts: { hosts?: string[]; validityDays?: number } = {},
 ): Promise<EnsureCertsResult> {
+  // A complete set needs no lock (nor a writable folder: certificates mounted read-only).
+  const complete = await Promise.all([CA_CERT, SERVER_CERT, SERVER_KEY].map((f) => exists(join(dir, f))));
+  if (complete.every(Boolean)) return { created: false, dir };
   // Instances started together on one (shared) folder: one creates, the others then find
   // the set complete, never two CAs nor a CA key without its certificate.
   await mkdir(dir, { recursive: true, mode: 0o700 });
