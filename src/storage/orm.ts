@@ -126,6 +126,18 @@ function tighten(path: string, mode: number): void {
   }
 }
 
+/** A database that cannot be reached, said so in one line (the driver's own words after it). */
+function unreachable(err: unknown): Error | undefined {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code !== "string") return undefined;
+  if (
+    !["ECONNREFUSED", "ENOTFOUND", "ETIMEDOUT", "EHOSTUNREACH", "ECONNRESET"].includes(code) &&
+    !/^57P0[123]$/.test(code)
+  )
+    return undefined;
+  return new Error(`cannot reach the database: ${(err as Error).message}`, { cause: err });
+}
+
 /** Connect to the configured database (migrations run on request). */
 export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
@@ -177,7 +189,9 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
           }
         : {}),
       pool: { min: 1, max: 10 },
-    } as Options<PostgreSqlDriver>);
+    } as Options<PostgreSqlDriver>).catch((err: unknown) => {
+      throw unreachable(err) ?? err;
+    });
   }
   const em = orm.em as unknown as EntityManager;
   let lockDepth = 0;
@@ -237,7 +251,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   } catch (err) {
     // A pool left open would keep a failed start alive.
     await orm.close(true).catch(() => undefined);
-    throw err;
+    throw unreachable(err) ?? err;
   }
   return storage;
 }

@@ -220,7 +220,7 @@ describe("a start that fails", () => {
     expect(r.code).not.toBe(0);
     expect(r.code).not.toBeNull();
     expect(errorLines(r)).toHaveLength(1);
-    expect(errorLines(r)[0]).toContain("ECONNREFUSED");
+    expect(errorLines(r)[0]).toContain("error: cannot reach the database: connect ECONNREFUSED");
   });
 
   it("exits non-zero with one clear line when a migration fails, and does not hang", async () => {
