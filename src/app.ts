@@ -113,8 +113,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
   try {
     // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
     // signing key): instances started together find each other's work done, not half done.
-    const { bootstrap, jwt } = await storage.withStartupLock(async () => {
-      await storage.migrate();
+    const { bootstrap, jwt } = await storage.withStartupLock(async (held) => {
+      await held.migrate();
       const bootstrap = await ensureAdmin(storage.em.fork(), {
         username: config.admin.username,
         password: config.admin.password,

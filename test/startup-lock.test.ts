@@ -66,6 +66,13 @@ describe("the PostgreSQL start-up lock", () => {
     expect(await maxInside(4, (fn) => withPostgresLock((turn++ % 2 ? a : b).em, schema, fn))).toBe(1);
   });
 
+  it("makes concurrent callers through one storage wait for each other, and migrates under it", async () => {
+    const storage = await storageOn(POSTGRES.url());
+    expect(await maxInside(3, (fn) => storage.withStartupLock(fn))).toBe(1);
+    const applied = await storage.withStartupLock((held) => held.migrate());
+    expect(applied.length).toBeGreaterThan(0);
+  });
+
   it("gives up with a clear error when another instance holds it past the timeout", async () => {
     const url = POSTGRES.url();
     const [a, b] = [await storageOn(url), await storageOn(url)];

@@ -58,12 +58,19 @@ export interface Storage {
    * Run `fn` holding the start-up lock shared by every process on this database (a
    * PostgreSQL advisory lock per schema, a lock file beside a SQLite file; none for
    * in-memory SQLite): migrations and the bootstrap run one instance at a time, so
-   * instances started together neither race nor half-apply. Re-entrant within a start.
+   * instances started together neither race nor half-apply. Not re-entrant: what must
+   * run under the lock (migrations) is given to `fn` in `held`.
    */
-  withStartupLock<T>(fn: () => Promise<T>): Promise<T>;
+  withStartupLock<T>(fn: (held: StartupLockHeld) => Promise<T>): Promise<T>;
   /** Whether the database answers a trivial query. */
   ping(): Promise<boolean>;
   close(): Promise<void>;
+}
+
+/** What runs under the start-up lock {@link Storage.withStartupLock} holds. */
+export interface StartupLockHeld {
+  /** Run pending migrations; returns the names applied. */
+  migrate(): Promise<string[]>;
 }
 
 /** Options for {@link initORM}. */
@@ -194,20 +201,27 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     });
   }
   const em = orm.em as unknown as EntityManager;
-  let lockDepth = 0;
-  const withStartupLock = async <T>(fn: () => Promise<T>): Promise<T> => {
-    if (lockDepth > 0 || (target.kind === "sqlite" && target.location === ":memory:")) return fn();
-    const held = async () => {
-      lockDepth++;
+  const migrateHeld = async (): Promise<string[]> => {
+    const migrator = orm.getMigrator();
+    for (let attempt = 1; ; attempt++) {
       try {
-        return await fn();
-      } finally {
-        lockDepth--;
+        const applied = await migrator.up();
+        return applied.map((m) => m.name);
+      } catch (err) {
+        if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
+          throw err;
+        await sleep(25 * attempt);
       }
-    };
+    }
+  };
+  // Not re-entrant (a nested call would wait for itself): what needs doing under the lock
+  // gets it from `held`.
+  const withStartupLock = async <T>(fn: (held: StartupLockHeld) => Promise<T>): Promise<T> => {
+    const run = () => fn({ migrate: migrateHeld });
+    if (target.kind === "sqlite" && target.location === ":memory:") return run();
     return target.kind === "postgresql"
-      ? withPostgresLock(em, target.schema ?? "public", held)
-      : withFileLock(`${target.location}-startup.lock`, held);
+      ? withPostgresLock(em, target.schema ?? "public", run)
+      : withFileLock(`${target.location}-startup.lock`, run);
   };
   const storage: Storage = {
     orm,
@@ -215,19 +229,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     target,
     withStartupLock,
     migrate() {
-      return withStartupLock(async () => {
-        const migrator = orm.getMigrator();
-        for (let attempt = 1; ; attempt++) {
-          try {
-            const applied = await migrator.up();
-            return applied.map((m) => m.name);
-          } catch (err) {
-            if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
-              throw err;
-            await sleep(25 * attempt);
-          }
-        }
-      });
+      return withStartupLock((held) => held.migrate());
     },
     async ping() {
       try {
