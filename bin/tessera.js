@@ -18,4 +18,6 @@ if (useDist) {
   mod = await import("../src/main.ts");
 }
 const code = await mod.main(process.argv);
-if (code !== 0 || !process.argv.includes("serve")) process.exitCode = code;
+// A failure ends the process now: nothing left by a failed start may keep it alive.
+if (code !== 0) process.exit(code);
+if (!process.argv.includes("serve")) process.exitCode = code;

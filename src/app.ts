@@ -107,29 +107,36 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     debug: config.database.debug,
     // With the service's log lines (stderr), not on stdout, which is for what commands print.
     log: (message) => logger.info({ orm: message }, "database"),
-    migrate: true,
+    // Below, under the start-up lock with the bootstrap.
+    migrate: false,
   });
   try {
-    const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
-    const bootstrap = await ensureAdmin(storage.em.fork(), {
-      username: config.admin.username,
-      password: config.admin.password,
-      iterations: config.auth.passwordIterations,
+    // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
+    // signing key): instances started together find each other's work done, not half done.
+    const { bootstrap, jwt } = await storage.withStartupLock(async (held) => {
+      await held.migrate();
+      const bootstrap = await ensureAdmin(storage.em.fork(), {
+        username: config.admin.username,
+        password: config.admin.password,
+        iterations: config.auth.passwordIterations,
+      });
+      // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
+      const masterKey = loadMasterKey(config.auth, storage.target);
+      await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+      const jwt = await createJwtService({
+        config: config.auth.jwt,
+        storage,
+        masterKey,
+        maxTokenTtlSeconds: config.auth.maxTokenTtl,
+      });
+      return { bootstrap, jwt };
     });
+    const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
     let defaultTenant: string | undefined;
     const defaultTenantId = async () => {
       defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
       return defaultTenant;
     };
-    // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
-    const masterKey = loadMasterKey(config.auth, storage.target);
-    await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
-    const jwt = await createJwtService({
-      config: config.auth.jwt,
-      storage,
-      masterKey,
-      maxTokenTtlSeconds: config.auth.maxTokenTtl,
-    });
     const users = new UserStateReader(sql);
     const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
     const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);
@@ -170,7 +177,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       createMachineBasicVerifier({ machines, secrets, lastUsed, iterations: config.auth.passwordIterations }),
     );
     authenticator.certificate.push(createMachineCertificateVerifier({ machines, lastUsed }));
-    const limits = config.rateLimit.enabled ? createRateLimits(config.rateLimit) : undefined;
+    const limits = config.rateLimit.enabled
+      ? createRateLimits(config.rateLimit, {
+          logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
+        })
+      : undefined;
     const audit = createAuditLog({ sql, logger });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
 

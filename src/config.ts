@@ -167,6 +167,7 @@ const ConfigSchema = z
         lockoutSeconds: seconds.default(60),
         maxLockoutSeconds: seconds.default(3600),
         redisUrl: z.string().optional(),
+        redisTimeoutMs: z.number().int().positive().max(10_000).default(50),
       })
       .strict()
       .prefault({}),
@@ -528,6 +529,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "string",
     "(unset)",
     "redis://… to share rate limits between instances.",
+  ],
+  [
+    "rateLimit.redisTimeoutMs",
+    "TESSERA_REDIS_TIMEOUT_MS",
+    "int",
+    "50",
+    "Deadline in milliseconds of every Redis call; past it (or with Redis down) limits fall back to per-instance counting, and Redis is tried again at most once a second.",
   ],
   [
     "cors.allowedOrigins",

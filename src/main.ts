@@ -30,6 +30,20 @@ export function buildProgram(): Command {
   return program;
 }
 
+/**
+ * The one line a failed command prints. A database driver's error (MikroORM's
+ * `…Exception` with a SQLSTATE or driver code) is named by class, code and constraint
+ * only: its message holds the SQL with its values, a password hash among them when a
+ * bootstrap insert fails.
+ */
+export function describeFailure(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const e = err as Error & { code?: unknown; constraint?: unknown };
+  if (/Exception$/.test(err.name) && e.code !== undefined)
+    return `database error: ${err.name} (${String(e.code)}${typeof e.constraint === "string" ? `, ${e.constraint}` : ""})`;
+  return err.message;
+}
+
 /** Run the CLI with `argv` (as process.argv). */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
@@ -49,7 +63,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`${err.message}\n`);
       return EXIT.usage;
     }
-    process.stderr.write(`error: ${(err as Error).message}\n`);
+    process.stderr.write(`error: ${describeFailure(err)}\n`);
     return EXIT.error;
   }
 }
@@ -57,7 +71,10 @@ export async function main(argv: string[]): Promise<number> {
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
 if (isEntry) {
   main(process.argv).then((code) => {
+    // A failure ends the process now: a pool, timer or half-started server left behind by
+    // a failed start must not keep alive a process that serves nothing.
+    if (code !== EXIT.ok) process.exit(code);
     // `serve` keeps running; other commands exit with their code.
-    if (code !== EXIT.ok || !process.argv.includes("serve")) process.exitCode = code;
+    if (!process.argv.includes("serve")) process.exitCode = code;
   });
 }

@@ -230,17 +230,95 @@ export async function countCredentialCreation(
   if (!result.allowed) throw rateLimitedError(result, "too many credentials created; try again later");
 }
 
+/** Where the limiters report Redis going away and coming back. */
+export interface RedisStateLog {
+  warn(msg: string): void;
+  info(msg: string): void;
+}
+
+/**
+ * Whether Redis answers, as the limiters' calls find it: the first failure (an error, or
+ * no answer within the deadline) logs "Redis unavailable, limiting per instance" once,
+ * and for the next second every call goes straight to the in-process limiter instead of
+ * waiting for its own deadline; then one call at a time tries Redis again, and the first
+ * that succeeds logs "Redis back" once.
+ */
+export class RedisState {
+  private down = false;
+  private retryAt = 0;
+  private probing = false;
+
+  constructor(
+    private readonly log: RedisStateLog,
+    private readonly retryMs = 1000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** Whether Redis is considered available now. */
+  get available(): boolean {
+    return !this.down;
+  }
+
+  /** Run one Redis call, or refuse it at once while Redis is known to be away. */
+  async run<T>(call: () => Promise<T>): Promise<T> {
+    let probe = false;
+    if (this.down) {
+      if (this.probing || this.now() < this.retryAt) throw new Error("Redis unavailable");
+      this.probing = probe = true;
+    }
+    try {
+      const result = await call();
+      if (this.down) {
+        this.down = false;
+        this.log.info("Redis back");
+      }
+      return result;
+    } catch (err) {
+      this.retryAt = this.now() + this.retryMs;
+      if (!this.down) {
+        this.down = true;
+        this.log.warn("Redis unavailable, limiting per instance");
+      }
+      throw err;
+    } finally {
+      if (probe) this.probing = false;
+    }
+  }
+}
+
+/** The calls of RateLimiterRedis that reach Redis (undocumented, stable across v5–v11). */
+const REDIS_STORE_CALLS = ["_upsert", "_get", "_delete"] as const;
+
+/** Options for {@link createRateLimits}. */
+export interface CreateRateLimitsOptions {
+  /** Where Redis state changes are logged (default: nowhere). */
+  logger?: RedisStateLog;
+}
+
 /** Build the limiters from configuration (Redis when rateLimit.redisUrl is set). */
-export function createRateLimits(config: Config["rateLimit"]): RateLimits {
+export function createRateLimits(
+  config: Config["rateLimit"],
+  options: CreateRateLimitsOptions = {},
+): RateLimits {
   let redis: Redis | undefined;
+  const state = new RedisState(options.logger ?? { warn() {}, info() {} });
   const make = (keyPrefix: string, points: number, duration = 60): Limiter => {
     const memory = new RateLimiterMemory({ keyPrefix, points, duration });
     if (!config.redisUrl) return new Limiter(memory, points);
-    redis ??= new Redis(config.redisUrl, {
-      enableOfflineQueue: false,
-      lazyConnect: false,
-      maxRetriesPerRequest: 1,
-    });
+    if (!redis) {
+      redis = new Redis(config.redisUrl, {
+        enableOfflineQueue: false,
+        lazyConnect: false,
+        maxRetriesPerRequest: 1,
+        // ioredis waits for ever by default: a Redis that accepts connections and never
+        // answers held every request for 20 s and more. Past the deadline the call fails
+        // and the limiter's insurance (per-instance memory) answers instead.
+        commandTimeout: config.redisTimeoutMs,
+        connectTimeout: Math.max(1000, config.redisTimeoutMs),
+      });
+      // Failures are reported through RedisState; without a listener ioredis prints each one.
+      redis.on("error", () => undefined);
+    }
     // The memory limiter insures against Redis outages: limits stay enforced per instance.
     const shared = new RateLimiterRedis({
       storeClient: redis,
@@ -249,6 +327,13 @@ export function createRateLimits(config: Config["rateLimit"]): RateLimits {
       duration,
       insuranceLimiter: memory,
     });
+    // Every call reaching Redis goes through RedisState (fail fast while Redis is away, log
+    // the transitions); its failure is what makes rate-limiter-flexible ask the insurance.
+    const store = shared as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
+    for (const name of REDIS_STORE_CALLS) {
+      const call = store[name]!.bind(shared);
+      store[name] = (...args) => state.run(() => call(...args));
+    }
     return new Limiter(shared, points);
   };
   const authFailures = make("authfail", config.authFailuresPerIpPerMinute);

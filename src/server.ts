@@ -4,7 +4,7 @@ import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:
 import http2 from "node:http2";
 import type { AddressInfo, Socket } from "node:net";
 import { join } from "node:path";
-import type { TLSSocket } from "node:tls";
+import { createSecureContext, type TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, type ConnectError, cors as connectCors, createContextValues } from "@connectrpc/connect";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
@@ -31,6 +31,7 @@ import { isRefusal, TesseraError } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
+import { listenError } from "./listen-check.js";
 import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest | StreamRequest;
@@ -62,6 +63,21 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   const crlPath = join(dir, "ca.crl");
   return { ca: ca!, cert: cert!, key: key!, ...(existsSync(crlPath) ? { crl: readFileSync(crlPath) } : {}) };
+}
+
+/**
+ * Check, before anything is created, that the TLS files (generated first when allowed)
+ * load and match: run before the bootstrap so that a start that cannot serve creates no
+ * admin (the port is checked earlier still, see listen-check.ts).
+ */
+export async function preflight(cfg: Config["server"]): Promise<void> {
+  if (cfg.insecurePlaintext) return;
+  const m = await loadTlsMaterial(cfg);
+  try {
+    createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) });
+  } catch (err) {
+    throw new Error(`bad TLS material in ${cfg.certDir}: ${(err as Error).message}`);
+  }
 }
 
 const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
@@ -433,9 +449,10 @@ export async function startServer(app: App): Promise<TesseraServer> {
   serveRequests(server, handler);
   boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
+    const fail = (err: Error) => reject(listenError(err, cfg));
+    server.once("error", fail);
     server.listen(cfg.port, cfg.host, () => {
-      server.off("error", reject);
+      server.off("error", fail);
       resolve();
     });
   });

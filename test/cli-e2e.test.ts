@@ -50,6 +50,38 @@ describe("the tessera CLI end to end", () => {
     expect(r.stdout + r.stderr).not.toContain(ADMIN_PASSWORD);
   });
 
+  it("logs in the user of the tenant --tenant names", async () => {
+    const root = new UserAPI({ host: "127.0.0.1", port: ts.server.port, certFolder: ts.certs.clientDir });
+    try {
+      await root.login("admin", ADMIN_PASSWORD);
+      const { tenant } = await root.tenants.createTenant({ name: "cli-tenant" });
+      await root.users.createUser({
+        username: "admin",
+        password: "the other admin's password",
+        tenantId: tenant!.id,
+      });
+      const r = await tessera(
+        [
+          "login",
+          "-u",
+          "admin",
+          "--tenant",
+          "cli-tenant",
+          "--password-stdin",
+          "--profile",
+          "other",
+          "--output",
+          "json",
+        ],
+        {},
+        "the other admin's password\n",
+      );
+      expect(json<{ user: { tenantId: string } }>(r).user.tenantId).toBe(tenant!.id);
+    } finally {
+      root.close();
+    }
+  });
+
   it("shows who is logged in", async () => {
     const me = json<{ username: string; permissions: string[]; clientCertificate: { commonName: string } }>(
       await tessera(["whoami", "--output", "json"]),

@@ -46,6 +46,7 @@ export async function tenantWithAdmin(
   const login = await createClient(UserService, transport).login({
     username,
     password: "tenant admin password",
+    tenant: tenant!.id,
   });
   return { tenant: tenant!, application: application!, username, token: login.accessToken };
 }

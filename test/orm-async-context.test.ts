@@ -5,7 +5,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
 import { afterEach, describe, expect, it } from "vitest";
 import { ScopedAsyncLocalStorage } from "../src/storage/orm-async-context.js";
-import { DATABASES, dropSchema } from "./helpers.js";
+import { DATABASES, dropSchema, TEST_MASTER_KEY } from "./helpers.js";
 
 const ROOT = join(import.meta.dirname, "..");
 const TSX = join(ROOT, "node_modules", ".bin", "tsx");
@@ -157,6 +157,8 @@ describe("MikroORM's storages in a server process", () => {
             TESSERA_ADMIN_PASSWORD: "probe-password-123",
             TESSERA_PASSWORD_ITERATIONS: "1000",
             TESSERA_LOG_LEVEL: "silent",
+            // PostgreSQL refuses to start without a master key (keys at rest).
+            TESSERA_MASTER_KEY: TEST_MASTER_KEY,
           },
         });
         const report = JSON.parse(stdout.trim().split("\n").at(-1) ?? "{}");

@@ -114,6 +114,29 @@ describe.each(DATABASES)("UserAPI against a real server on $name", (db) => {
     });
   });
 
+  it("logs in the user of the tenant it names, and without one the user of that name created first", async () => {
+    const admin = make({ certFolder: ts.certs.clientDir });
+    await admin.login("admin", ADMIN_PASSWORD);
+    const { tenant } = await admin.tenants.createTenant({ name: `sdk-tenant-${db.name}` });
+    // "admin" again, in another tenant: usernames are unique per tenant.
+    await admin.users.createUser({
+      username: "admin",
+      password: "the other admin's password",
+      tenantId: tenant!.id,
+    });
+    const other = await make({ certFolder: ts.certs.clientDir }).login(
+      "admin",
+      "the other admin's password",
+      {
+        tenant: tenant!.name,
+      },
+    );
+    expect(other.user.tenantId).toBe(tenant!.id);
+    const first = await make({ certFolder: ts.certs.clientDir }).login("admin", ADMIN_PASSWORD);
+    expect(first.user.tenantId).not.toBe(tenant!.id);
+    expect(first.user.permissions).toEqual(["*"]);
+  });
+
   it("authenticates a machine user with its bearer token or its Basic credentials", async () => {
     const admin = make({ certFolder: ts.certs.clientDir });
     await admin.login("admin", ADMIN_PASSWORD);

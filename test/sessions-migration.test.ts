@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from "vitest";
-import { RefreshToken, Session, Tenant, User } from "../src/storage/entities.js";
+import { RefreshToken, Session, Tenant } from "../src/storage/entities.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
 import { DATABASES, dropSchema } from "./helpers.js";
 
@@ -23,15 +23,16 @@ describe.each(DATABASES)("sessions migration ($name)", (db) => {
     const em = storage.em.fork();
     const at = new Date("2026-11-30T10:00:00Z");
     await em.insert(Tenant, { id: "t1", name: "t1", disabled: false, createdAt: at, updatedAt: at });
-    await em.insert(User, {
+    // As the schema of that time has it (the User entity has columns added since).
+    await em.getKnex()("users").insert({
       id: "u1",
-      tenantId: "t1",
+      tenant_id: "t1",
       username: "u1",
-      passwordHash: "x",
+      password_hash: "x",
       scopes: "",
       disabled: false,
-      createdAt: at,
-      updatedAt: at,
+      created_at: at,
+      updated_at: at,
     });
     const token = (id: string, familyId: string, minutes: number, revoked: boolean) => ({
       id,

@@ -180,23 +180,24 @@ describe.each(DATABASES)("TenantService on $name", (db) => {
   it("refuses the users of a disabled tenant on their next request, and lets them back in when re-enabled", async () => {
     const b = await tenantWithAdmin(memoryTransport(app), root);
     expect((await as(b.token).users.getCurrentUser({})).tenantId).toBe(b.tenant.id);
-    expect((await as(basic(b.username, "tenant admin password")).users.getCurrentUser({})).username).toBe(
-      b.username,
-    );
+    expect(
+      (await as(basic(`${b.tenant.id}/${b.username}`, "tenant admin password")).users.getCurrentUser({}))
+        .username,
+    ).toBe(b.username);
 
     await as(root).tenants.updateTenant({ id: b.tenant.id, disabled: true });
     expect((await as(root).tenants.getTenant({ id: b.tenant.id })).tenant?.disabled).toBe(true);
     // Basic answers a correct password in a disabled tenant like a wrong one (no oracle).
     for (const [auth, reason] of [
       [b.token, "PRINCIPAL_DISABLED"],
-      [basic(b.username, "tenant admin password"), "CREDENTIALS_INVALID"],
+      [basic(`${b.tenant.id}/${b.username}`, "tenant admin password"), "CREDENTIALS_INVALID"],
     ] as const) {
       const r = await rejection(as(auth).users.getCurrentUser({}));
       expect(r.code).toBe(Code.Unauthenticated);
       expect(r.reason).toBe(reason);
     }
     const login = await rejection(
-      as().users.login({ username: b.username, password: "tenant admin password" }),
+      as().users.login({ username: b.username, password: "tenant admin password", tenant: b.tenant.id }),
     );
     expect(login.code).toBe(Code.Unauthenticated);
 

@@ -117,7 +117,8 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
       scopes,
       ...(tenantId ? { tenantId } : {}),
     });
-    const login = await users().login({ username, password: PASSWORD });
+    // Naming the tenant: a username alone reaches only the default tenant's users.
+    const login = await users().login({ username, password: PASSWORD, tenant: user!.tenantId });
     return { user: user!, jwt: login.accessToken };
   }
 

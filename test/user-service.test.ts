@@ -291,7 +291,11 @@ describe.each(DATABASES)("UserService on $name", (db) => {
       scopes: ["admin:users"],
     });
     const foreignToken = (
-      await anon().login({ username: foreign.user!.username, password: "long enough password" })
+      await anon().login({
+        username: foreign.user!.username,
+        password: "long enough password",
+        tenant: other.id,
+      })
     ).accessToken;
     const local = await createUser([]);
     // The foreign tenant admin cannot see, change or delete the default tenant's user, and lists only its own.

@@ -1,3 +1,4 @@
+import { DEFAULT_TENANT_NAME } from "../bootstrap.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
@@ -43,7 +44,43 @@ const SELECT =
   "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, t.disabled as tenant_disabled " +
   "from users u join tenants t on t.id = u.tenant_id where ";
 const BY_ID = `${SELECT}u.id = ?`;
-const BY_USERNAME = `${SELECT}u.username = ?`;
+/**
+ * Usernames are unique per tenant. Without a tenant: the default tenant's user of that
+ * name, else the one user of that name from the time usernames were global
+ * (`tenantless_login`, at most one per name). Never "the oldest of any tenant": a tenant
+ * admin could then create a name in its own tenant and learn, from whether a tenant-less
+ * login with the password it chose works, whether another tenant holds the name. Here no
+ * tenant admin can change what a tenant-less name means for a user it created (outside
+ * the default tenant it never means that user; in it, always), so nothing is learnt.
+ */
+const BY_USERNAME =
+  `${SELECT}u.username = ? and (t.name = ? or u.tenantless_login = ?) ` +
+  "order by case when t.name = ? then 0 else 1 end, u.created_at, u.id limit 1";
+const BY_TENANT_ID_USERNAME = `${SELECT}u.tenant_id = ? and u.username = ?`;
+const BY_TENANT_NAME_USERNAME = `${SELECT}t.name = ? and u.username = ?`;
+
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * Whether a string that names a tenant (Login's `tenant`, HTTP Basic's `<tenant>/`) is its
+ * id: a value shaped like an id is taken as one, anything else as a tenant name.
+ */
+export function isTenantId(value: string): boolean {
+  return UUID_RE.test(value);
+}
+
+/**
+ * An HTTP Basic user-id: `<tenant>/<username>` (a tenant name or id) or a plain username.
+ * Split at the last "/": usernames cannot hold one (USERNAME_RE), tenant names can. A
+ * tenant name holding ":" cannot be sent this way (Basic ends the user-id at the first
+ * colon, RFC 7617): its id can.
+ */
+export function splitBasicUsername(userId: string): { tenant: string; username: string } {
+  const slash = userId.lastIndexOf("/");
+  return slash < 0
+    ? { tenant: "", username: userId }
+    : { tenant: userId.slice(0, slash), username: userId.slice(slash + 1) };
+}
 /**
  * The user's state and its session's, in one statement (one indexed look-up each, one
  * state-cache entry per session): checking the session costs the hot path nothing more
@@ -113,8 +150,22 @@ export class UserStateReader {
     return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
   }
 
+  /** The user a username alone names (see {@link BY_USERNAME}). */
   async byUsername(username: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.cachedGet<UserRow>(BY_USERNAME, [username]));
+    return toState(
+      await this.sql.cachedGet<UserRow>(BY_USERNAME, [
+        username,
+        DEFAULT_TENANT_NAME,
+        true,
+        DEFAULT_TENANT_NAME,
+      ]),
+    );
+  }
+
+  /** The user named `username` in `tenant` (its id, see {@link isTenantId}, or else its name). */
+  async byTenantUsername(tenant: string, username: string): Promise<UserAuthState | null> {
+    const sql = isTenantId(tenant) ? BY_TENANT_ID_USERNAME : BY_TENANT_NAME_USERNAME;
+    return toState(await this.sql.cachedGet<UserRow>(sql, [tenant, username]));
   }
 }
 
@@ -198,7 +249,10 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
     name: "user-basic",
     async verify(username, password, state) {
       if (options.reservedPrefixes?.some((p) => username.startsWith(p))) return null;
-      const user = await options.users.byUsername(username);
+      const named = splitBasicUsername(username);
+      const user = named.tenant
+        ? await options.users.byTenantUsername(named.tenant, named.username)
+        : await options.users.byUsername(named.username);
       if (!user) {
         await verifySecret(password, await dummyPasswordHash(options.iterations));
         return null;

@@ -13,6 +13,7 @@ import { mkdir, readFile, rename, stat, unlink, writeFile } from "node:fs/promis
 import { isIP } from "node:net";
 import { join } from "node:path";
 import * as x509 from "@peculiar/x509";
+import { withFileLock } from "../storage/startup-lock.js";
 
 // Node's WebCrypto covers everything used here (ECDSA P-256/384/521, RSASSA-PKCS1-v1_5, SHA-2), so no
 // polyfill provider is needed. The cast bridges Node's webcrypto typings and the DOM-flavoured ones x509 expects.
@@ -35,6 +36,8 @@ const SERVER_KEY = "server.key";
 const CLIENT_CERT = "client.crt";
 const CLIENT_KEY = "client.key";
 const CRL_FILE = "ca.crl";
+/** Lock file held while the folder's development set is checked and completed. */
+const CERTS_LOCK = ".tessera-certs.lock";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 const DEFAULT_CA_DAYS = 3650;
@@ -334,6 +337,19 @@ function checkSanUri(uri: string): void {
 export async function ensureDevCertificates(
   dir: string,
   opts: { hosts?: string[]; validityDays?: number } = {},
+): Promise<EnsureCertsResult> {
+  // A complete set needs no lock (nor a writable folder: certificates mounted read-only).
+  const complete = await Promise.all([CA_CERT, SERVER_CERT, SERVER_KEY].map((f) => exists(join(dir, f))));
+  if (complete.every(Boolean)) return { created: false, dir };
+  // Instances started together on one (shared) folder: one creates, the others then find
+  // the set complete, never two CAs nor a CA key without its certificate.
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  return withFileLock(join(dir, CERTS_LOCK), () => ensureDevCertificatesLocked(dir, opts));
+}
+
+async function ensureDevCertificatesLocked(
+  dir: string,
+  opts: { hosts?: string[]; validityDays?: number },
 ): Promise<EnsureCertsResult> {
   const caCertPath = join(dir, CA_CERT);
   const caKeyPath = join(dir, CA_KEY);

@@ -278,15 +278,23 @@ function registerSessionCommands(program: Command): void {
     .command("login")
     .description("log in with a username and password and store the session in the credentials profile")
     .requiredOption("-u, --username <username>", "username")
+    .option(
+      "--tenant <tenant>",
+      "the user's tenant (name or id); needed for users outside the default tenant",
+    )
     .option("--password-stdin", "read the password from stdin instead of prompting")
-    .action(async (flags: { username: string; passwordStdin?: boolean }, cmd: Command) => {
+    .action(async (flags: { username: string; tenant?: string; passwordStdin?: boolean }, cmd: Command) => {
       const g = globals(cmd);
       const { resolved, connection } = sessionConnection(g);
       // Configuration problems (a bad cert folder) surface before the password is asked for.
       const api = new UserAPI(connection);
       try {
         const password = await readPassword(flags);
-        const result = await api.login(flags.username, password);
+        const result = await api.login(
+          flags.username,
+          password,
+          flags.tenant !== undefined ? { tenant: flags.tenant } : {},
+        );
         const server = `${api.host.includes(":") ? `[${api.host}]` : api.host}:${api.port}`;
         const previous: Profile = resolved.profileData ?? {};
         const profile: Profile = {

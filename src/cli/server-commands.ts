@@ -1,6 +1,7 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { type ConfigInput, loadConfig } from "../config.js";
+import { checkCanListen } from "../listen-check.js";
 
 /**
  * The server's modules, loaded when a server command runs rather than with the CLI (the
@@ -22,6 +23,7 @@ async function serverModules() {
     ensureAdmin: bootstrap.ensureAdmin,
     createLogger: logger.createLogger,
     startServer: server.startServer,
+    preflight: server.preflight,
     initORM: orm.initORM,
   };
 }
@@ -72,15 +74,22 @@ export function registerServerCommands(program: Command): void {
       .option("--insecure-plaintext", "serve without TLS (development only)"),
   ).action(async (flags: ServerFlags) => {
     const config = configFrom(flags);
-    const { createApp, createLogger, startServer } = await serverModules();
+    // Port and certificates first: a start that cannot serve fails before it creates
+    // anything (an admin whose generated password nobody would see served).
+    await checkCanListen(config.server);
+    const { createApp, createLogger, startServer, preflight } = await serverModules();
     const logger = createLogger(config.log.level);
+    await preflight(config.server);
     const app = await createApp(config, { logger });
     if (app.bootstrap.generatedPassword) {
       showOnce(
         `Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
       );
     }
-    const server = await startServer(app);
+    const server = await startServer(app).catch(async (err: unknown) => {
+      await app.close().catch(() => undefined);
+      throw err;
+    });
     logger.info(
       { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
       "tessera listening",
@@ -130,11 +139,14 @@ export function registerServerCommands(program: Command): void {
     const { ensureAdmin, initORM } = await serverModules();
     const storage = await initORM({ url: config.database.url, migrate: true });
     try {
-      const result = await ensureAdmin(storage.em.fork(), {
-        username: config.admin.username,
-        password: config.admin.password,
-        iterations: config.auth.passwordIterations,
-      });
+      // Under the start-up lock, like a server's bootstrap: an `init` beside starting servers creates one admin.
+      const result = await storage.withStartupLock(() =>
+        ensureAdmin(storage.em.fork(), {
+          username: config.admin.username,
+          password: config.admin.password,
+          iterations: config.auth.passwordIterations,
+        }),
+      );
       if (!result.created) showOnce(`admin user "${result.username}" already exists`);
       else if (result.generatedPassword)
         showOnce(`Created admin user "${result.username}" with password: ${result.generatedPassword}`);

@@ -238,9 +238,14 @@ export class UserAPI {
     return hasScope(user.permissions, scope);
   }
 
-  /** Log in with a username and password; the client then uses the new session. */
-  async login(username: string, password: string): Promise<LoginResult> {
-    const res = await this.rawUsers.login({ username, password });
+  /**
+   * Log in with a username and password; the client then uses the new session.
+   * `options.tenant` (a tenant name or id) names the user's tenant: usernames are unique
+   * per tenant, and a username alone reaches only the default tenant's users (and those
+   * from before usernames were per tenant).
+   */
+  async login(username: string, password: string, options: { tenant?: string } = {}): Promise<LoginResult> {
+    const res = await this.rawUsers.login({ username, password, tenant: options.tenant ?? "" });
     const pair: TokenPair = {
       accessToken: res.accessToken,
       refreshToken: res.refreshToken,

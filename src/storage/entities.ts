@@ -1,4 +1,4 @@
-import { EntitySchema } from "@mikro-orm/core";
+import { EntitySchema, type Opt } from "@mikro-orm/core";
 import { MACHINE_ENTITIES } from "./machine-entities.js";
 import { ApiTokenSchema } from "./token-entities.js";
 
@@ -38,6 +38,12 @@ export class User {
   passwordHash!: string;
   scopes = "";
   disabled = false;
+  /**
+   * May log in with a username alone although outside the default tenant: set for the
+   * users that existed while usernames were global (migration 20261204213000), never for
+   * a new user.
+   */
+  tenantlessLogin: Opt<boolean> = false;
   createdAt: Date = new Date();
   updatedAt: Date = new Date();
 }
@@ -45,13 +51,16 @@ export class User {
 export const UserSchema = new EntitySchema<User>({
   class: User,
   tableName: "users",
+  // Unique per tenant: another tenant's usernames must not read as taken.
+  uniques: [{ properties: ["tenantId", "username"] }],
   properties: {
     id: { type: "string", primary: true, length: 36 },
     tenantId: { type: "string", length: 36, index: true },
-    username: { type: "string", length: 200, unique: true },
+    username: { type: "string", length: 200, index: true },
     passwordHash: { type: "string", length: 255 },
     scopes: { type: "text", default: "" },
     disabled: { type: "boolean", default: false },
+    tenantlessLogin: { type: "boolean", default: false },
     createdAt: { type: "Date" },
     updatedAt: { type: "Date", onUpdate: () => new Date() },
   },

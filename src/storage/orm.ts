@@ -9,6 +9,7 @@ import { Migrator } from "@mikro-orm/migrations";
 import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql";
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
+import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
 export type DatabaseKind = "sqlite" | "postgresql";
@@ -51,11 +52,25 @@ export interface Storage {
   /** The root EntityManager; fork it per request (never use it directly in handlers). */
   em: EntityManager;
   target: DatabaseTarget;
-  /** Run pending migrations; returns the names applied. */
+  /** Run pending migrations (under the start-up lock); returns the names applied. */
   migrate(): Promise<string[]>;
+  /**
+   * Run `fn` holding the start-up lock shared by every process on this database (a
+   * PostgreSQL advisory lock per schema, a lock file beside a SQLite file; none for
+   * in-memory SQLite): migrations and the bootstrap run one instance at a time, so
+   * instances started together neither race nor half-apply. Not re-entrant: what must
+   * run under the lock (migrations) is given to `fn` in `held`.
+   */
+  withStartupLock<T>(fn: (held: StartupLockHeld) => Promise<T>): Promise<T>;
   /** Whether the database answers a trivial query. */
   ping(): Promise<boolean>;
   close(): Promise<void>;
+}
+
+/** What runs under the start-up lock {@link Storage.withStartupLock} holds. */
+export interface StartupLockHeld {
+  /** Run pending migrations; returns the names applied. */
+  migrate(): Promise<string[]>;
 }
 
 /** Options for {@link initORM}. */
@@ -118,6 +133,18 @@ function tighten(path: string, mode: number): void {
   }
 }
 
+/** A database that cannot be reached, said so in one line (the driver's own words after it). */
+function unreachable(err: unknown): Error | undefined {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code !== "string") return undefined;
+  if (
+    !["ECONNREFUSED", "ENOTFOUND", "ETIMEDOUT", "EHOSTUNREACH", "ECONNRESET"].includes(code) &&
+    !/^57P0[123]$/.test(code)
+  )
+    return undefined;
+  return new Error(`cannot reach the database: ${(err as Error).message}`, { cause: err });
+}
+
 /** Connect to the configured database (migrations run on request). */
 export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
@@ -169,28 +196,40 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
           }
         : {}),
       pool: { min: 1, max: 10 },
-    } as Options<PostgreSqlDriver>);
-    if (target.schema) {
-      await orm.em.getConnection().execute(`create schema if not exists "${target.schema}"`);
-    }
+    } as Options<PostgreSqlDriver>).catch((err: unknown) => {
+      throw unreachable(err) ?? err;
+    });
   }
   const em = orm.em as unknown as EntityManager;
+  const migrateHeld = async (): Promise<string[]> => {
+    const migrator = orm.getMigrator();
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const applied = await migrator.up();
+        return applied.map((m) => m.name);
+      } catch (err) {
+        if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
+          throw err;
+        await sleep(25 * attempt);
+      }
+    }
+  };
+  // Not re-entrant (a nested call would wait for itself): what needs doing under the lock
+  // gets it from `held`.
+  const withStartupLock = async <T>(fn: (held: StartupLockHeld) => Promise<T>): Promise<T> => {
+    const run = () => fn({ migrate: migrateHeld });
+    if (target.kind === "sqlite" && target.location === ":memory:") return run();
+    return target.kind === "postgresql"
+      ? withPostgresLock(em, target.schema ?? "public", run)
+      : withFileLock(`${target.location}-startup.lock`, run);
+  };
   const storage: Storage = {
     orm,
     em,
     target,
-    async migrate() {
-      const migrator = orm.getMigrator();
-      for (let attempt = 1; ; attempt++) {
-        try {
-          const applied = await migrator.up();
-          return applied.map((m) => m.name);
-        } catch (err) {
-          if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
-            throw err;
-          await sleep(25 * attempt);
-        }
-      }
+    withStartupLock,
+    migrate() {
+      return withStartupLock((held) => held.migrate());
     },
     async ping() {
       try {
@@ -204,6 +243,17 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       await orm.close(true);
     },
   };
-  if (options.migrate ?? true) await storage.migrate();
+  try {
+    if (target.schema) {
+      const schema = target.schema;
+      // Under the lock: two concurrent "create schema if not exists" can still collide (23505).
+      await withStartupLock(() => em.getConnection().execute(`create schema if not exists "${schema}"`));
+    }
+    if (options.migrate ?? true) await storage.migrate();
+  } catch (err) {
+    // A pool left open would keep a failed start alive.
+    await orm.close(true).catch(() => undefined);
+    throw unreachable(err) ?? err;
+  }
   return storage;
 }

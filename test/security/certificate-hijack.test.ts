@@ -214,6 +214,7 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
     const login = await createClient(UserService, transport).login({
       username: victim.username,
       password: "tenant admin password",
+      tenant: victim.tenant.id,
     });
     expect(login.accessToken).not.toBe("");
   });

@@ -217,6 +217,8 @@ export type UpdateTenantRequest = Message<"tessera.v1.UpdateTenantRequest"> & {
   id: string;
 
   /**
+   * Only a principal holding `*` may rename (any other caller: ACCESS_DENIED).
+   *
    * @generated from field: optional string name = 2;
    */
   name?: string | undefined;
@@ -457,7 +459,10 @@ export const TenantService: GenService<{
    * Rename or disable/enable a tenant. A disabled tenant's users, machine users and
    * tokens are refused (PRINCIPAL_DISABLED) from the next request on. Nobody can
    * disable the tenant they themselves belong to, and only a `*` principal may disable
-   * or enable one (a tenant may hold a `*` user); renaming needs `admin:tenants` only.
+   * or enable one (a tenant may hold a `*` user). Only a `*` principal may rename a
+   * tenant: tenant names are one platform-wide namespace (like creating one), so any
+   * other caller's request with a `name` is PermissionDenied, ACCESS_DENIED, before the
+   * name is looked at (whether it is taken tells nothing).
    *
    * @generated from rpc tessera.v1.TenantService.UpdateTenant
    */

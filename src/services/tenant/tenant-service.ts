@@ -140,6 +140,11 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     async updateTenant(req, ctx) {
       const principal = principalOf(ctx);
       const tenant = await visibleTenant(ctx, em(ctx), req.id);
+      // Tenant names are one namespace across the platform (like creating a tenant): a
+      // tenant admin renaming its own tenant could probe other tenants' names by the
+      // uniqueness refusal. Refused before the name is looked at, taken or not.
+      if (req.name !== undefined && !isSuperuser(principal))
+        throw new TesseraError("ACCESS_DENIED", "only a principal holding * may rename a tenant");
       if (req.name !== undefined && req.name !== tenant.name) {
         assertDisplayName(req.name);
         if (await em(ctx).count(Tenant, { name: req.name }))

@@ -8,7 +8,8 @@ import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
-import type { UserStateReader } from "../../auth/user-principal.js";
+import { isTenantId, type UserStateReader } from "../../auth/user-principal.js";
+import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
 import { requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import type { RateLimits } from "../../rate-limit.js";
@@ -58,6 +59,27 @@ export function userToProto(user: User): MessageInitShape<typeof UserSchema> {
 
 const GENERIC_LOGIN_FAILURE = "invalid username or password";
 
+/**
+ * The user a Login names: in `tenant` (a tenant id, or else its name) when one is given;
+ * without one, the default tenant's user of that name, else the one from the time
+ * usernames were global (`tenantlessLogin`): the same rule as HTTP Basic's (see
+ * BY_USERNAME in user-principal.ts for why not simply the oldest). Null when there is
+ * none (an unknown tenant included).
+ */
+async function loginUser(em: EntityManager, username: string, tenant: string): Promise<User | null> {
+  if (!tenant) {
+    const byDefault = await em.findOne(Tenant, { name: DEFAULT_TENANT_NAME });
+    const inDefault = byDefault ? await em.findOne(User, { username, tenantId: byDefault.id }) : null;
+    return (
+      inDefault ??
+      em.findOne(User, { username, tenantlessLogin: true }, { orderBy: { createdAt: "asc", id: "asc" } })
+    );
+  }
+  if (isTenantId(tenant)) return em.findOne(User, { username, tenantId: tenant });
+  const named = await em.findOne(Tenant, { name: tenant });
+  return named ? em.findOne(User, { username, tenantId: named.id }) : null;
+}
+
 /** UserService: sessions and user administration. */
 export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof UserService> {
   const { storage, sessions } = deps;
@@ -78,12 +100,19 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // A full hash pool answers at once, before any look-up: a flood's refusals stay cheap.
       hashPool().assertRoom();
       // Budget reserved before PBKDF2, so that concurrent guesses cannot all get a verdict.
-      const attempt = await deps.limits?.passwords.reserve(state.ip, req.username);
+      // Keyed as named (the same key as HTTP Basic's `<tenant>/<username>`): two same-named
+      // users of two tenants do not share a lockout. Not normalised to the account found
+      // (name vs id vs tenant-less): keys that merge only when an account exists would let
+      // an attacker learn, from a shared lockout, which tenant holds a username.
+      const attempt = await deps.limits?.passwords.reserve(
+        state.ip,
+        req.tenant ? `${req.tenant}/${req.username}` : req.username,
+      );
       let user: User | null;
       let ok: boolean;
       let tenant: Tenant | null;
       try {
-        user = await em(ctx).findOne(User, { username: req.username });
+        user = await loginUser(em(ctx), req.username, req.tenant);
         // Same PBKDF2 work whether or not the user exists, and one message for every failure.
         ok = await verifySecret(
           req.password,
@@ -177,7 +206,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       const user = await em(ctx).findOne(User, { id: principal.id });
       if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
       // A password check like Login's: a stolen access token must not buy unlimited guesses.
-      const attempt = await deps.limits?.passwords.reserve(requestState(ctx.values).ip, user.username);
+      const attempt = await deps.limits?.passwords.reserve(
+        requestState(ctx.values).ip,
+        `${user.tenantId}/${user.username}`,
+      );
       let ok: boolean;
       try {
         ok = await verifySecret(req.currentPassword, user.passwordHash);
@@ -212,7 +244,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         ? await em(ctx).findOne(Tenant, { id: tenantId })
         : null;
       if (!tenant) throw errors.notFound("tenant");
-      if (await em(ctx).count(User, { username: req.username }))
+      // Unique per tenant: a name taken only in another tenant is simply free here.
+      if (await em(ctx).count(User, { tenantId, username: req.username }))
         throw errors.alreadyExists("username is taken");
       const now = new Date();
       const user = em(ctx).create(User, {

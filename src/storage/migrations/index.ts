@@ -3,6 +3,7 @@ import { Migration20261123000000_foundation } from "./Migration20261123000000_fo
 import { Migration20261123100000_tokens } from "./Migration20261123100000_tokens.js";
 import { Migration20261123110000_machine_users } from "./Migration20261123110000_machine_users.js";
 import { Migration20261204200000_sessions } from "./Migration20261204200000_sessions.js";
+import { Migration20261204213000_usernames_per_tenant } from "./Migration20261204213000_usernames_per_tenant.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -14,4 +15,8 @@ export const MIGRATIONS: MigrationObject[] = [
   { name: "Migration20261123100000_tokens", class: Migration20261123100000_tokens },
   { name: "Migration20261123110000_machine_users", class: Migration20261123110000_machine_users },
   { name: "Migration20261204200000_sessions", class: Migration20261204200000_sessions },
+  {
+    name: "Migration20261204213000_usernames_per_tenant",
+    class: Migration20261204213000_usernames_per_tenant,
+  },
 ];
