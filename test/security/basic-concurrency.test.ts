@@ -40,7 +40,7 @@ describe.each(DATABASES)("concurrent correct HTTP Basic on $name", (db) => {
 
     beforeAll(async () => {
       ts = await startTestServer(db, {
-        rateLimit: { ...LIMITS, ...(redisUrl ? { redisUrl } : {}) },
+        rateLimit: { ...LIMITS, ...(redisUrl ? { redisUrl, redisTimeoutMs: 2000 } : {}) },
         server: { trustedProxies: ["127.0.0.1"] },
         // Hashing slow enough that the first uses overlap; a queue that never refuses here.
         auth: { passwordIterations: 50_000, hashConcurrency: 1, hashQueue: 1000 },

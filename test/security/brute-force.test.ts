@@ -286,7 +286,9 @@ describe("password guessing across two instances sharing Redis", () => {
     for (let i = 0; i < 2; i++)
       servers.push(
         await startTestServer(DATABASES[0]!, {
-          rateLimit: { ...LIMITS, redisUrl: "redis://127.0.0.1:6379" },
+          // A generous Redis deadline: this test is about the shared budget, not the fallback
+          // (a 50 ms deadline on a loaded machine falls back to per-instance limits).
+          rateLimit: { ...LIMITS, redisUrl: "redis://127.0.0.1:6379", redisTimeoutMs: 2000 },
           server: { trustedProxies: ["127.0.0.1"] },
           auth: { passwordIterations: 20_000, hashConcurrency: 2, hashQueue: 1000 },
         }),
