@@ -77,6 +77,8 @@ export interface ConnectHandler extends StreamingHandler {
     headers: http2.IncomingHttpHeaders,
     prepare?: (req: StreamRequest) => void,
   ): boolean;
+  /** The RPC a request path (query string allowed) names, or undefined when none does. */
+  methodOf(url: string | undefined): DescMethod | undefined;
 }
 
 /**
@@ -360,6 +362,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   }
 
   const serve = handleConnect as ConnectHandler;
+  serve.methodOf = (url) => routeOf(url)?.handler.method;
   serve.stream = (stream, headers, prepare) => {
     const route = acceptedRoute(headers);
     if (route === undefined) return false;
