@@ -425,23 +425,16 @@ function boundConnections(
   if (idleMs === 0) return connectionsFrom;
   server.on("session", (session: http2.Http2Session) => {
     const streams = new Set<http2.Http2Stream>();
-    // Node does not re-arm a session's timer that fired while a call kept it busy, so a
-    // connection would be kept for ever after its last long call: re-armed when that ends.
-    let rearm = false;
     session.on("stream", (stream: http2.Http2Stream) => {
       streams.add(stream);
-      stream.once("close", () => {
-        streams.delete(stream);
-        if (rearm && streams.size === 0 && !session.closed && !session.destroyed) {
-          rearm = false;
-          session.setTimeout(idleMs);
-        }
-      });
+      stream.once("close", () => streams.delete(stream));
     });
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
     // whose request is complete (a call in progress, a server stream) keeps the session,
     // and the timer runs again after its next frame.
+    // "on", not setTimeout's callback: that is a once listener, so a timeout that found the
+    // session busy was its last, and the connection was kept for ever after its long call.
     session.on("timeout", () => {
       if (session.closed || session.destroyed) return;
       let busy = false;
@@ -449,10 +442,7 @@ function boundConnections(
         if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
         else busy = true;
       }
-      if (busy) {
-        rearm = true;
-        return;
-      }
+      if (busy) return;
       session.goaway(http2.constants.NGHTTP2_NO_ERROR);
       session.close();
     });
