@@ -423,7 +423,13 @@ function boundConnections(
   const connectionsFrom = (ip: string) => open.get(ip) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
   if (idleMs === 0) return connectionsFrom;
+  // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
+  // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
+  // runs before ours, so ours pairs the socket with the session made just before.
+  const socketOf = new WeakMap<http2.Http2Session, TLSSocket>();
+  let lastSession: http2.Http2Session | undefined;
   server.on("session", (session: http2.Http2Session) => {
+    lastSession = session;
     const streams = new Set<http2.Http2Stream>();
     session.on("stream", (stream: http2.Http2Stream) => {
       streams.add(stream);
@@ -445,13 +451,24 @@ function boundConnections(
       if (busy) return;
       session.goaway(http2.constants.NGHTTP2_NO_ERROR);
       session.close();
+      // A peer that never sent its preface (or never reads) leaves data pending, and close()
+      // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
+      const socket = socketOf.get(session);
+      if (socket !== undefined)
+        setTimeout(() => {
+          if (!socket.destroyed) socket.destroy();
+        }, idleMs).unref();
     });
     session.setTimeout(idleMs);
   });
   // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
   if (tls)
     server.on("secureConnection", (socket: TLSSocket) => {
+      const session = lastSession;
+      lastSession = undefined;
       if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
+      else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
+        socketOf.set(session, socket);
     });
   return connectionsFrom;
 }
