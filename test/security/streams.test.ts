@@ -1,4 +1,5 @@
 import http2 from "node:http2";
+import https from "node:https";
 import { ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
@@ -114,6 +115,33 @@ describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
       await within(closed, 5000, "the connection was kept after its stalled call was cancelled");
     } finally {
       session.destroy();
+    }
+  });
+
+  it("closes an HTTP/1.1 connection whose request body trickles in past server.requestTimeoutSeconds", async () => {
+    const req = https.request(`${ts.server.url}${LOGIN}`, {
+      method: "POST",
+      ca: ts.certs.ca,
+      agent: false,
+      headers: { "content-type": "application/json", "content-length": "1000" },
+    });
+    req.on("error", () => undefined);
+    req.on("response", (res) => res.resume());
+    const closed = new Promise<void>((resolve) => req.once("close", () => resolve()));
+    req.write("{");
+    let sent = 1;
+    const timer = setInterval(() => {
+      if (!req.destroyed && sent < 999) {
+        req.write(" ");
+        sent++;
+      }
+    }, 100);
+    try {
+      await within(closed, 5000, "the trickled HTTP/1.1 upload was kept");
+      expect(sent).toBeLessThan(999);
+    } finally {
+      clearInterval(timer);
+      req.destroy();
     }
   });
 
