@@ -399,6 +399,8 @@ function boundConnections(
   tls: boolean,
 ): (ip: string) => number {
   const open = new Map<string, number>();
+  // By peer address and port: how a TLS socket finds its raw socket's count.
+  const releases = new Map<string, () => void>();
   boundRequestTimes(server, cfg);
   // net.Server closes connections past it as they are accepted.
   if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
@@ -413,12 +415,26 @@ function boundConnections(
         return;
       }
       open.set(ip, n);
-      socket.once("close", () => {
+      const peer = `${ip}|${socket.remotePort}`;
+      let counted = true;
+      const release = () => {
+        if (!counted) return;
+        counted = false;
+        releases.delete(peer);
         const left = (open.get(ip) ?? 1) - 1;
         if (left === 0) open.delete(ip);
         else open.set(ip, left);
-      });
+      };
+      releases.set(peer, release);
+      socket.once("close", release);
     });
+    // The TLS socket takes the raw socket's handle over: destroyed itself (an idle close),
+    // its "close" is not always seen on the raw socket, and the address stayed counted.
+    if (tls)
+      server.on("secureConnection", (socket: TLSSocket) => {
+        const release = releases.get(`${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`);
+        if (release !== undefined) socket.once("close", release);
+      });
   }
   const connectionsFrom = (ip: string) => open.get(ip) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
@@ -428,11 +444,43 @@ function boundConnections(
   // runs before ours, so ours pairs the socket with the session made just before.
   const socketOf = new WeakMap<http2.Http2Session, TLSSocket>();
   let lastSession: http2.Http2Session | undefined;
+  /** GOAWAY, close, and a hard close one idle period later (see below). */
+  const closeIdle = (session: http2.Http2Session) => {
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR);
+    session.close();
+    // A peer that never sent its preface (or never reads) leaves data pending, and close()
+    // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
+    const socket = socketOf.get(session);
+    if (socket !== undefined)
+      setTimeout(() => {
+        if (!socket.destroyed) socket.destroy();
+      }, idleMs).unref();
+  };
+  // Frames the client sends without a stream (PING, SETTINGS…) reset the session's own
+  // timer: a sweep every idle period closes a session that had no stream open and started
+  // none since the last sweep, however much it pings. One timer for all sessions.
+  const watched = new Map<
+    http2.Http2Session,
+    { streams: Set<http2.Http2Stream>; started: number; seen: number }
+  >();
+  const sweep = setInterval(() => {
+    for (const [session, w] of watched) {
+      if (w.streams.size === 0 && w.started === w.seen && !session.closed && !session.destroyed)
+        closeIdle(session);
+      w.seen = w.started;
+    }
+  }, idleMs).unref();
+  server.once("close", () => clearInterval(sweep));
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
     const streams = new Set<http2.Http2Stream>();
+    // seen -1: the first sweep only takes note, so a session gets a full idle period.
+    const w = { streams, started: 0, seen: -1 };
+    watched.set(session, w);
+    session.once("close", () => watched.delete(session));
     session.on("stream", (stream: http2.Http2Stream) => {
       streams.add(stream);
+      w.started++;
       stream.once("close", () => streams.delete(stream));
     });
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
@@ -448,16 +496,7 @@ function boundConnections(
         if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
         else busy = true;
       }
-      if (busy) return;
-      session.goaway(http2.constants.NGHTTP2_NO_ERROR);
-      session.close();
-      // A peer that never sent its preface (or never reads) leaves data pending, and close()
-      // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
-      const socket = socketOf.get(session);
-      if (socket !== undefined)
-        setTimeout(() => {
-          if (!socket.destroyed) socket.destroy();
-        }, idleMs).unref();
+      if (!busy) closeIdle(session);
     });
     session.setTimeout(idleMs);
   });
