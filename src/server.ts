@@ -456,31 +456,11 @@ function boundConnections(
         if (!socket.destroyed) socket.destroy();
       }, idleMs).unref();
   };
-  // Frames the client sends without a stream (PING, SETTINGS…) reset the session's own
-  // timer: a sweep every idle period closes a session that had no stream open and started
-  // none since the last sweep, however much it pings. One timer for all sessions.
-  const watched = new Map<
-    http2.Http2Session,
-    { streams: Set<http2.Http2Stream>; started: number; seen: number }
-  >();
-  const sweep = setInterval(() => {
-    for (const [session, w] of watched) {
-      if (w.streams.size === 0 && w.started === w.seen && !session.closed && !session.destroyed)
-        closeIdle(session);
-      w.seen = w.started;
-    }
-  }, idleMs).unref();
-  server.once("close", () => clearInterval(sweep));
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
     const streams = new Set<http2.Http2Stream>();
-    // seen -1: the first sweep only takes note, so a session gets a full idle period.
-    const w = { streams, started: 0, seen: -1 };
-    watched.set(session, w);
-    session.once("close", () => watched.delete(session));
     session.on("stream", (stream: http2.Http2Stream) => {
       streams.add(stream);
-      w.started++;
       stream.once("close", () => streams.delete(stream));
     });
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its

@@ -516,34 +516,3 @@ describe.each(DATABASES)("the per-IP connection count on $name", (db) => {
     await countDrops(ts, (n) => n === 0);
   });
 });
-
-describe.each(DATABASES)("idle connections that ping on $name", (db) => {
-  let ts: TestServer;
-  beforeAll(async () => {
-    ts = await startTestServer(db, { server: { idleTimeoutSeconds: 1 } });
-  });
-  afterAll(async () => {
-    await ts.close();
-  });
-
-  it("sends GOAWAY to an HTTP/2 connection that opens no stream, however often it pings", async () => {
-    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
-    session.on("error", () => undefined);
-    const pinger = setInterval(() => {
-      if (!session.closed && !session.destroyed) session.ping(() => undefined);
-    }, 200);
-    try {
-      const goaway = new Promise<number>((resolve) =>
-        session.once("goaway", (code: number) => resolve(code)),
-      );
-      const closed = new Promise<void>((resolve) => session.once("close", () => resolve()));
-      expect(await within(goaway, 5000, "a pinging connection was kept")).toBe(
-        http2.constants.NGHTTP2_NO_ERROR,
-      );
-      await within(closed, 5000, "the pinging connection was not closed");
-    } finally {
-      clearInterval(pinger);
-      session.destroy();
-    }
-  });
-});
