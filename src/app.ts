@@ -229,6 +229,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const health = createHealthService({
       ping: () => storage.ping(),
       services: services.map((s) => s.typeName),
+      maxWatchMs: config.server.maxStreamSeconds * 1000,
     });
 
     const interceptors: Interceptor[] = [

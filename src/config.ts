@@ -52,7 +52,9 @@ const ConfigSchema = z
           .number()
           .int()
           .positive()
-          .default(4 * 1024 * 1024),
+          // Every Tessera request message is tiny; a large cap lets a small gzip body
+          // inflate into megabytes of memory per call before authentication.
+          .default(64 * 1024),
         maxConcurrentStreams: z.number().int().positive().default(256),
         maxHeaderListSize: z
           .number()
@@ -63,10 +65,13 @@ const ConfigSchema = z
           .number()
           .int()
           .positive()
-          .default(4 * 1024 * 1024 + 64 * 1024),
+          .default(128 * 1024),
         idleTimeoutSeconds: z.number().int().min(0).default(60),
         maxConnections: z.number().int().min(0).default(10_000),
         maxConnectionsPerIp: z.number().int().min(0).default(1024),
+        requestTimeoutSeconds: z.number().int().min(0).default(10),
+        maxStreamSeconds: z.number().int().min(0).default(3600),
+        maxStreamsPerIp: z.number().int().min(0).default(64),
       })
       .strict()
       .prefault({}),
@@ -270,7 +275,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "x-forwarded-for",
     "The forwarding header trusted proxies write: x-forwarded-for or forwarded (RFC 7239). Only that one is read, never the other as a fallback.",
   ],
-  ["server.readMaxBytes", "TESSERA_READ_MAX_BYTES", "int", "4194304", "Largest request message accepted."],
+  [
+    "server.readMaxBytes",
+    "TESSERA_READ_MAX_BYTES",
+    "int",
+    "65536",
+    "Largest request message accepted, counted after decompression (decompression stops as soon as it is passed; at most `server.maxBodyBytes`); a larger one is refused with ResourceExhausted.",
+  ],
   [
     "server.maxConcurrentStreams",
     "TESSERA_MAX_CONCURRENT_STREAMS",
@@ -289,7 +300,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "server.maxBodyBytes",
     "TESSERA_MAX_BODY_BYTES",
     "int",
-    "4259840",
+    "131072",
     "Largest request body accepted, all messages and envelopes counted (every protocol); a larger one is refused with ResourceExhausted and its stream reset.",
   ],
   [
@@ -312,6 +323,27 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "1024",
     "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
+  ],
+  [
+    "server.requestTimeoutSeconds",
+    "TESSERA_REQUEST_TIMEOUT_SECONDS",
+    "int",
+    "10",
+    "Time a client has to send a request's headers and body, however slowly it trickles them: past it the call is cancelled (HTTP/2 RST_STREAM CANCEL; HTTP/1.1: the connection is closed). Also bounds the client's half of a client or bidi stream (reflection). 0: no limit.",
+  ],
+  [
+    "server.maxStreamSeconds",
+    "TESSERA_MAX_STREAM_SECONDS",
+    "int",
+    "3600",
+    "Longest life of a streaming call (e.g. grpc.health.v1.Health/Watch): Watch then ends with OK, and any other stream still open is cancelled; clients reconnect. 0: no limit.",
+  ],
+  [
+    "server.maxStreamsPerIp",
+    "TESSERA_MAX_STREAMS_PER_IP",
+    "int",
+    "64",
+    "Streaming calls open at once per client address, over all its connections; more are refused with ResourceExhausted. 0: no limit.",
   ],
   [
     "database.url",

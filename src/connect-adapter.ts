@@ -77,6 +77,8 @@ export interface ConnectHandler extends StreamingHandler {
     headers: http2.IncomingHttpHeaders,
     prepare?: (req: StreamRequest) => void,
   ): boolean;
+  /** The RPC a request path (query string allowed) names, or undefined when none does. */
+  methodOf(url: string | undefined): DescMethod | undefined;
 }
 
 /**
@@ -360,6 +362,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   }
 
   const serve = handleConnect as ConnectHandler;
+  serve.methodOf = (url) => routeOf(url)?.handler.method;
   serve.stream = (stream, headers, prepare) => {
     const route = acceptedRoute(headers);
     if (route === undefined) return false;
@@ -760,7 +763,11 @@ function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable
   let received = 0;
   // Set once the body is no longer read (too large, or the handler stopped): what still
   // arrives is dropped, and the request stays paused for the adapter to stop (stopUnreadBody).
+  // Not an HTTP/2 one: a paused stream with data pending pauses its whole session's reads,
+  // so the connection was held (and counted against its address) even after the client
+  // left; it flows, dropped, until the adapter resets it.
   let stopped = false;
+  const http2 = "session" in req || "stream" in req;
   // A StreamRequest's stream whose empty last DATA frame arrived while admission was
   // pending has emitted "end" already, read by nobody (Node reads an HTTP/2 stream that
   // ended with no data to its end at once). "end" comes only once the buffer is empty,
@@ -779,7 +786,7 @@ function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable
     if (received > maxBytes) {
       stopped = true;
       queue.length = 0;
-      req.pause();
+      if (!http2) req.pause();
       failure ??= new ConnectError(`request body larger than ${maxBytes} bytes`, Code.ResourceExhausted);
       notify();
       return;

@@ -134,6 +134,8 @@ export interface TesseraServer {
   url: string;
   /** Replace certificate, key, CA and CRL for new handshakes; open connections stay. */
   reloadTls(): Promise<void>;
+  /** Connections open from a peer address, as counted for `server.maxConnectionsPerIp` (0 when it is off). */
+  connectionsFrom(ip: string): number;
   /** Stop accepting, let open requests finish for up to `graceMs`, then cut connections. */
   close(graceMs?: number): Promise<void>;
 }
@@ -186,7 +188,10 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   const adapter = createConnectHandler({
     routes: app.routes,
     interceptors: app.interceptors,
-    readMaxBytes: config.server.readMaxBytes,
+    // A message is capped after decompression too (connect-node inflates with zlib's
+    // maxOutputLength, which stops as soon as the cap is passed), and never past the
+    // body limit: a small gzip body cannot become megabytes per call.
+    readMaxBytes: Math.min(config.server.readMaxBytes, config.server.maxBodyBytes),
     maxBodyBytes: config.server.maxBodyBytes,
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
@@ -244,6 +249,9 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     }
     return info;
   }
+
+  const maxStreamsPerIp = config.server.maxStreamsPerIp;
+  const openStreams = new Map<string, number>();
 
   const resolveIp = createClientIpResolver(config.server);
   function clientIp(req: Request): string {
@@ -337,6 +345,24 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     }
 
     attachState(req, requestId);
+    const method = adapter.methodOf(req.url);
+    if (method !== undefined && method.methodKind !== "unary" && maxStreamsPerIp > 0) {
+      // Streaming calls (Health/Watch, reflection) outlive their request: bounded per
+      // client address, over all its connections, or a few peers hold them by the thousand.
+      const ip = stateOf(req).ip;
+      const n = (openStreams.get(ip) ?? 0) + 1;
+      if (n > maxStreamsPerIp) {
+        setCommonHeaders();
+        refuseStream(req, res);
+        return;
+      }
+      openStreams.set(ip, n);
+      res.once("close", () => {
+        const left = (openStreams.get(ip) ?? 1) - 1;
+        if (left === 0) openStreams.delete(ip);
+        else openStreams.set(ip, left);
+      });
+    }
     adapter(req, res);
   } as StreamingHandler;
   // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
@@ -346,22 +372,55 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   return handle;
 }
 
+const TOO_MANY_STREAMS = "too many streaming calls open from this address";
+
+/**
+ * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a
+ * trailers-only answer, Connect's streaming protocol as an end-stream message (its spec
+ * puts a stream's error there, with HTTP 200).
+ */
+function refuseStream(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
+  const type = req.headers["content-type"] ?? "";
+  res.statusCode = 200;
+  if (type.startsWith("application/grpc")) {
+    res.setHeader("content-type", type);
+    res.setHeader("grpc-status", String(Code.ResourceExhausted));
+    res.setHeader("grpc-message", encodeURIComponent(TOO_MANY_STREAMS));
+    res.end();
+    return;
+  }
+  const end = Buffer.from(
+    JSON.stringify({ error: { code: "resource_exhausted", message: TOO_MANY_STREAMS } }),
+  );
+  const head = Buffer.alloc(5);
+  head[0] = 0b10; // end-stream flag
+  head.writeUInt32BE(end.byteLength, 1);
+  res.setHeader("content-type", type.startsWith("application/connect+") ? type : "application/connect+json");
+  res.end(Buffer.concat([head, end]));
+}
+
 /**
  * Bound what connections can hold: at most `maxConnections` in all and
  * `maxConnectionsPerIp` per peer address (more are closed at once, before any TLS work),
  * and none kept idle for longer than `idleTimeoutSeconds` (HTTP/2: GOAWAY, then closed
  * once no stream is left; HTTP/1.1: closed). Node keeps idle connections for ever by
- * default, each holding a descriptor and tens of KB.
+ * default, each holding a descriptor and tens of KB. A request must arrive whole within
+ * `requestTimeoutSeconds` (a body trickled a byte at a time keeps a connection busy, so
+ * the idle timeout alone does not end it), and no stream lives past `maxStreamSeconds`.
+ * Returns the number of connections open from an address, as counted for the limit.
  */
 function boundConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   tls: boolean,
-): void {
+): (ip: string) => number {
+  const open = new Map<string, number>();
+  // By peer address and port: how a TLS socket finds its raw socket's count.
+  const releases = new Map<string, () => void>();
+  boundRequestTimes(server, cfg);
   // net.Server closes connections past it as they are accepted.
   if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
   if (cfg.maxConnectionsPerIp > 0) {
-    const open = new Map<string, number>();
     const limit = cfg.maxConnectionsPerIp;
     // Prepended: decided before the TLS layer's own listener starts a handshake.
     server.prependListener("connection", (socket: Socket) => {
@@ -372,16 +431,49 @@ function boundConnections(
         return;
       }
       open.set(ip, n);
-      socket.once("close", () => {
+      const peer = `${ip}|${socket.remotePort}`;
+      let counted = true;
+      const release = () => {
+        if (!counted) return;
+        counted = false;
+        releases.delete(peer);
         const left = (open.get(ip) ?? 1) - 1;
         if (left === 0) open.delete(ip);
         else open.set(ip, left);
-      });
+      };
+      releases.set(peer, release);
+      socket.once("close", release);
     });
+    // The TLS socket takes the raw socket's handle over: destroyed itself (an idle close),
+    // its "close" is not always seen on the raw socket, and the address stayed counted.
+    if (tls)
+      server.on("secureConnection", (socket: TLSSocket) => {
+        const release = releases.get(`${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`);
+        if (release !== undefined) socket.once("close", release);
+      });
   }
+  const connectionsFrom = (ip: string) => open.get(ip) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
-  if (idleMs === 0) return;
+  if (idleMs === 0) return connectionsFrom;
+  // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
+  // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
+  // runs before ours, so ours pairs the socket with the session made just before.
+  const socketOf = new WeakMap<http2.Http2Session, TLSSocket>();
+  let lastSession: http2.Http2Session | undefined;
+  /** GOAWAY, close, and a hard close one idle period later (see below). */
+  const closeIdle = (session: http2.Http2Session) => {
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR);
+    session.close();
+    // A peer that never sent its preface (or never reads) leaves data pending, and close()
+    // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
+    const socket = socketOf.get(session);
+    if (socket !== undefined)
+      setTimeout(() => {
+        if (!socket.destroyed) socket.destroy();
+      }, idleMs).unref();
+  };
   server.on("session", (session: http2.Http2Session) => {
+    lastSession = session;
     const streams = new Set<http2.Http2Stream>();
     session.on("stream", (stream: http2.Http2Stream) => {
       streams.add(stream);
@@ -391,22 +483,63 @@ function boundConnections(
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
     // whose request is complete (a call in progress, a server stream) keeps the session,
     // and the timer runs again after its next frame.
-    session.setTimeout(idleMs, () => {
+    // "on", not setTimeout's callback: that is a once listener, so a timeout that found the
+    // session busy was its last, and the connection was kept for ever after its long call.
+    session.on("timeout", () => {
       if (session.closed || session.destroyed) return;
       let busy = false;
       for (const stream of streams) {
         if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
         else busy = true;
       }
-      if (busy) return;
-      session.goaway(http2.constants.NGHTTP2_NO_ERROR);
-      session.close();
+      if (!busy) closeIdle(session);
     });
+    session.setTimeout(idleMs);
   });
   // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
   if (tls)
     server.on("secureConnection", (socket: TLSSocket) => {
+      const session = lastSession;
+      lastSession = undefined;
       if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
+      else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
+        socketOf.set(session, socket);
+    });
+  return connectionsFrom;
+}
+
+/**
+ * Cancel a request not received whole within `requestTimeoutSeconds` of its start, and a
+ * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
+ * end it first, as Health/Watch does with OK). One timer per stream, unref'd.
+ */
+function boundRequestTimes(server: http2.Http2SecureServer | http2.Http2Server, cfg: Config["server"]): void {
+  const requestMs = cfg.requestTimeoutSeconds * 1000;
+  // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
+  const lifeMs = cfg.maxStreamSeconds > 0 ? cfg.maxStreamSeconds * 1000 + 1000 : 0;
+  if (requestMs === 0 && lifeMs === 0) return;
+  server.on("stream", (stream: http2.ServerHttp2Stream) => {
+    const cancel = () => {
+      if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
+    };
+    let timer: NodeJS.Timeout;
+    if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
+      timer = setTimeout(() => {
+        // The client still owes part of its request: a stalled or trickled upload.
+        if (stream.state.remoteClose !== 1) cancel();
+        else if (lifeMs > 0) timer = setTimeout(cancel, lifeMs - requestMs).unref();
+      }, requestMs).unref();
+    else timer = setTimeout(cancel, lifeMs).unref();
+    stream.once("close", () => clearTimeout(timer));
+  });
+  // HTTP/1.1 (allowHTTP1): a request whose body has not arrived in time loses its connection.
+  if (requestMs > 0)
+    server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
+      if (req.httpVersion.startsWith("2")) return;
+      const timer = setTimeout(() => {
+        if (!req.complete) req.socket.destroy();
+      }, requestMs).unref();
+      res.once("close", () => clearTimeout(timer));
     });
 }
 
@@ -447,7 +580,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
   serveRequests(server, handler);
-  boundConnections(server, cfg, tls);
+  const connectionsFrom = boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);
@@ -498,6 +631,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     port,
     url: `${tls ? "https" : "http"}://${host}:${port}`,
     reloadTls,
+    connectionsFrom,
     async close(graceMs = 2000) {
       tlsWatch?.close();
       await new Promise<void>((resolve) => {

@@ -120,6 +120,23 @@ function openTls(ts: TestServer): Promise<{ socket: tls.TLSSocket; accepted: boo
   });
 }
 
+const LOOPBACK = "127.0.0.1";
+
+/**
+ * Wait until the server's count of connections from this host satisfies `ok` (it sees a
+ * close a moment after the client does); fails with the count it is stuck at.
+ */
+async function countDrops(ts: TestServer, ok: (n: number) => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!ok(ts.server.connectionsFrom(LOOPBACK))) {
+    if (Date.now() > deadline)
+      throw new Error(
+        `the server still counts ${ts.server.connectionsFrom(LOOPBACK)} connections from ${LOOPBACK}`,
+      );
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 describe.each(DATABASES)("the total connection limit on $name", (db) => {
   let ts: TestServer;
   beforeAll(async () => {
@@ -396,33 +413,106 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
   // Last: the connections it leaves take a moment to close on the server's side.
   it("closes connections beyond the per-IP limit at once, and accepts again when one closes", async () => {
     const open = () => openTls(ts);
-    /** A connection once the server has seen the previous ones from this address close. */
-    const openWhenRoom = async () => {
-      let c = await open();
-      for (let tries = 0; !c.accepted && tries < 200; tries++) {
-        await new Promise((r) => setTimeout(r, 50));
-        c = await open();
-      }
-      return c;
-    };
+    // Earlier tests' connections, closed by their clients, are closed on the server's side a moment later.
+    await countDrops(ts, (n) => n === 0);
     const held: tls.TLSSocket[] = [];
     try {
       for (let i = 0; i < 4; i++) {
-        const c = await openWhenRoom();
+        const c = await open();
         expect(c.accepted).toBe(true);
         held.push(c.socket);
       }
       const over = await within(open(), 5000, "a connection over the limit was left hanging");
       expect(over.accepted).toBe(false);
-      const closed = new Promise((r) => held[0]!.once("close", r));
       held.shift()!.destroy();
-      await closed;
       // The server's side of it closes too; then the address has room again.
-      const again = await openWhenRoom();
+      await countDrops(ts, (n) => n < 4);
+      const again = await open();
       expect(again.accepted).toBe(true);
       held.push(again.socket);
     } finally {
       for (const s of held) s.destroy();
     }
+  });
+});
+
+describe.each(DATABASES)("the per-IP connection count on $name", (db) => {
+  let ts: TestServer;
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      server: { idleTimeoutSeconds: 1, requestTimeoutSeconds: 1, maxConnectionsPerIp: 8 },
+    });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  /** A raw TCP connection to the server, once connected. */
+  const tcp = () =>
+    new Promise<net.Socket>((resolve) => {
+      const s = net.connect(ts.server.port, LOOPBACK);
+      s.on("error", () => undefined);
+      s.once("connect", () => resolve(s));
+    });
+  const pending = new Set<string>();
+  const closeOf = (s: { once(e: "close", l: () => void): unknown }, what = "?") =>
+    new Promise<void>((r) => {
+      pending.add(what);
+      s.once("close", () => {
+        pending.delete(what);
+        r();
+      });
+    });
+
+  it("is back at 0 after connections end every way they can, so no address is locked out", async () => {
+    const ends: Promise<void>[] = [];
+    const mute: tls.TLSSocket[] = [];
+    for (let round = 0; round < 3; round++) {
+      // Handshake aborted: half a ClientHello, then a FIN, or a reset.
+      for (const reset of [false, true]) {
+        const s = await tcp();
+        ends.push(closeOf(s));
+        s.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]));
+        if (reset) s.resetAndDestroy();
+        else s.destroy();
+      }
+      // Handshake never started: the server's handshake timeout closes it.
+      const silent = await tcp();
+      ends.push(closeOf(silent, `silent${round}`));
+      // Handshake refused by the client (it does not trust the server's certificate).
+      const untrusting = tls.connect({ host: LOOPBACK, port: ts.server.port, servername: "localhost" });
+      untrusting.on("error", () => undefined);
+      ends.push(closeOf(untrusting, `untrusting${round}`));
+      // HTTP/2, idle: GOAWAY from the server, then closed.
+      const idle = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      idle.on("error", () => undefined);
+      ends.push(closeOf(idle, `idle${round}`));
+      // HTTP/2, closed by the client in the middle of a call.
+      const busy = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      busy.on("error", () => undefined);
+      ends.push(closeOf(busy, `busy${round}`));
+      const call = busy.request({ ":method": "POST", ":path": LOGIN, "content-type": "application/grpc" });
+      call.on("error", () => undefined);
+      call.write(Buffer.from([0, 0, 0]));
+      setTimeout(() => busy.destroy(), 50);
+      // A TLS connection that never sends the HTTP/2 preface nor reads: its client does
+      // not see the close, but the server must close it (counted below) after GOAWAY.
+      mute.push((await openTls(ts)).socket);
+      // Over the limit (8), while the others are open: refused at once.
+      for (const c of await Promise.all(Array.from({ length: 3 }, () => openTls(ts)))) c.socket.resume();
+      await within(Promise.all(ends), 10_000, "a connection was not closed by the server").catch((e) => {
+        throw new Error(`${e.message}: ${[...pending]}`);
+      });
+      await countDrops(ts, (n) => n === 0);
+    }
+    // And the address has its full allowance again.
+    const all = await Promise.all(Array.from({ length: 8 }, () => openTls(ts)));
+    try {
+      expect(all.every((c) => c.accepted)).toBe(true);
+    } finally {
+      for (const c of all) c.socket.destroy();
+      for (const s of mute) s.destroy();
+    }
+    await countDrops(ts, (n) => n === 0);
   });
 });

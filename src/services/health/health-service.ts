@@ -8,11 +8,15 @@ import {
 /**
  * grpc.health.v1.Health. The overall status ("") and each served service are SERVING
  * while the database answers; unknown service names are NotFound, as the protocol says.
+ * A Watch ends with OK after `maxWatchMs` (0: never): it is public, and an endless one
+ * would hold its connection (and a DB query every 5 s) for ever; clients re-watch.
  */
 export function createHealthService(deps: {
   ping: () => Promise<boolean>;
   services: readonly string[];
+  maxWatchMs?: number;
 }): ServiceImpl<typeof Health> {
+  const maxWatchMs = deps.maxWatchMs ?? 0;
   const known = new Set(["", ...deps.services]);
   const status = async () => ((await deps.ping()) ? Status.SERVING : Status.NOT_SERVING);
   return {
@@ -32,14 +36,15 @@ export function createHealthService(deps: {
         return;
       }
       let last: Status | undefined;
-      while (!ctx.signal.aborted) {
+      const endAt = maxWatchMs > 0 ? Date.now() + maxWatchMs : Number.POSITIVE_INFINITY;
+      while (!ctx.signal.aborted && Date.now() < endAt) {
         const s = await status();
         if (s !== last) {
           last = s;
           yield { status: s };
         }
         await new Promise<void>((resolve) => {
-          const t = setTimeout(resolve, 5000);
+          const t = setTimeout(resolve, Math.min(5000, endAt - Date.now()));
           ctx.signal.addEventListener(
             "abort",
             () => {
