@@ -446,11 +446,18 @@ function boundConnections(
     });
     // The TLS socket takes the raw socket's handle over: destroyed itself (an idle close),
     // its "close" is not always seen on the raw socket, and the address stayed counted.
-    if (tls)
-      server.on("secureConnection", (socket: TLSSocket) => {
+    if (tls) {
+      const watch = (socket: TLSSocket) => {
         const release = releases.get(`${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`);
-        if (release !== undefined) socket.once("close", release);
-      });
+        if (release === undefined) return;
+        if (socket.destroyed) release();
+        else socket.once("close", release);
+      };
+      server.on("secureConnection", watch);
+      // A handshake that fails or times out never reaches "secureConnection": its TLS socket
+      // is handed over here, or the address stays counted for ever.
+      server.on("tlsClientError", (_err: Error, socket: TLSSocket) => watch(socket));
+    }
   }
   const connectionsFrom = (ip: string) => open.get(ip) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
@@ -459,6 +466,7 @@ function boundConnections(
   // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
   // runs before ours, so ours pairs the socket with the session made just before.
   const socketOf = new WeakMap<http2.Http2Session, TLSSocket>();
+  const tlsByPeer = new Map<string, TLSSocket>();
   let lastSession: http2.Http2Session | undefined;
   /** GOAWAY, close, and a hard close one idle period later (see below). */
   const closeIdle = (session: http2.Http2Session) => {
@@ -466,7 +474,10 @@ function boundConnections(
     session.close();
     // A peer that never sent its preface (or never reads) leaves data pending, and close()
     // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
-    const socket = socketOf.get(session);
+    // Paired by "session" order, or else by the peer's address and port (the pairing by order
+    // can miss under load, and the socket then stayed open, counted, for ever).
+    const peer = session.socket ? `${session.socket.remoteAddress}|${session.socket.remotePort}` : "";
+    const socket = socketOf.get(session) ?? tlsByPeer.get(peer);
     if (socket !== undefined)
       setTimeout(() => {
         if (!socket.destroyed) socket.destroy();
@@ -486,7 +497,16 @@ function boundConnections(
     // "on", not setTimeout's callback: that is a once listener, so a timeout that found the
     // session busy was its last, and the connection was kept for ever after its long call.
     session.on("timeout", () => {
-      if (session.closed || session.destroyed) return;
+      if (session.destroyed) return;
+      // Closed (by us or by the peer's GOAWAY) yet still here an idle period later: its peer
+      // neither finishes nor reads. End the connection, or its address stays counted.
+      if (session.closed) {
+        const peer = session.socket ? `${session.socket.remoteAddress}|${session.socket.remotePort}` : "";
+        const socket = socketOf.get(session) ?? tlsByPeer.get(peer);
+        if (socket !== undefined) socket.destroy();
+        else session.destroy();
+        return;
+      }
       let busy = false;
       for (const stream of streams) {
         if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
@@ -501,6 +521,11 @@ function boundConnections(
     server.on("secureConnection", (socket: TLSSocket) => {
       const session = lastSession;
       lastSession = undefined;
+      const peer = `${socket.remoteAddress}|${socket.remotePort}`;
+      tlsByPeer.set(peer, socket);
+      socket.once("close", () => {
+        if (tlsByPeer.get(peer) === socket) tlsByPeer.delete(peer);
+      });
       if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
       else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
         socketOf.set(session, socket);
