@@ -37,6 +37,7 @@ import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
+import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
 import { createAuditInterceptor } from "./interceptors/audit.js";
 import { assertAuthRules } from "./interceptors/auth-rule.js";
@@ -89,6 +90,11 @@ export interface App {
 /** Options for {@link createApp}. */
 export interface CreateAppOptions {
   logger?: Logger;
+  /**
+   * The clock of every expiry, grace period and token lifetime Tessera sets and checks
+   * (default: the machine's). Tests pass a manual one to step across an instant exactly.
+   */
+  clock?: Clock;
 }
 
 /**
@@ -97,6 +103,7 @@ export interface CreateAppOptions {
  */
 export async function createApp(config: Config, options: CreateAppOptions = {}): Promise<App> {
   const logger = options.logger ?? createLogger(config.log.level);
+  const clock = options.clock ?? systemClock;
   // Before anything hashes (the admin bootstrap does): every PBKDF2 goes through this pool.
   configureHashPool({
     ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
@@ -128,6 +135,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         storage,
         masterKey,
         maxTokenTtlSeconds: config.auth.maxTokenTtl,
+        clock,
       });
       return { bootstrap, jwt };
     });
@@ -147,7 +155,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     authenticator.bearer.push(
       createJwtBearerVerifier(jwt, {
         user: createUserClaimsLoader(users),
-        machine: createMachineClaimsLoader(machines),
+        machine: createMachineClaimsLoader(machines, clock),
       }),
     );
     authenticator.bearer.push(
@@ -158,6 +166,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         patPrefix: config.auth.tokens.patPrefix,
         apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
         otherPrefixes: [config.auth.tokens.machinePrefix],
+        now: clock,
       }),
     );
     if (config.auth.basic.enabled) {
@@ -171,10 +180,22 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       );
     }
     authenticator.bearer.push(
-      createMachineBearerVerifier({ machines, secrets, lastUsed, prefix: config.auth.tokens.machinePrefix }),
+      createMachineBearerVerifier({
+        machines,
+        secrets,
+        lastUsed,
+        prefix: config.auth.tokens.machinePrefix,
+        now: clock,
+      }),
     );
     authenticator.basic.push(
-      createMachineBasicVerifier({ machines, secrets, lastUsed, iterations: config.auth.passwordIterations }),
+      createMachineBasicVerifier({
+        machines,
+        secrets,
+        lastUsed,
+        iterations: config.auth.passwordIterations,
+        now: clock,
+      }),
     );
     authenticator.certificate.push(createMachineCertificateVerifier({ machines, lastUsed }));
     const limits = config.rateLimit.enabled
@@ -183,7 +204,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         })
       : undefined;
     const audit = createAuditLog({ sql, logger });
-    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
+    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
 
     const services: DescService[] = [UserService, TokenService, TenantService, MachineUserService];
     assertAuthRules(services);
@@ -222,6 +243,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       passwordIterations: config.auth.passwordIterations,
       accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
       clockSkewSeconds: config.auth.jwt.clockSkew,
+      clock,
       allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
       defaultTenantId,
       limits,

@@ -416,7 +416,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_JWT_CLOCK_SKEW",
     "int",
     "30",
-    "Tolerated clock skew in seconds for exp/nbf.",
+    "Tolerated clock skew in seconds for nbf/iat of access tokens (a token minted by an instance whose clock runs ahead is not refused as not yet valid). Never added to an expiry Tessera set: exp, grace periods and token lifetimes end exactly.",
   ],
   [
     "auth.jwt.keyRotationInterval",

@@ -8,6 +8,7 @@ import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect
 import { pino } from "pino";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
+import type { Clock } from "../src/clock.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
 import { startServer, type TesseraServer } from "../src/server.js";
 import { initORM } from "../src/storage/orm.js";
@@ -77,9 +78,13 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
 }
 
 /** An app on a fresh database; `close` also drops a PostgreSQL schema. */
-export async function createTestApp(db: TestDatabase, overrides: ConfigInput = {}): Promise<App> {
+export async function createTestApp(
+  db: TestDatabase,
+  overrides: ConfigInput = {},
+  options: { clock?: Clock } = {},
+): Promise<App> {
   const url = db.url();
-  const app = await createApp(testConfig(url, overrides), { logger: silentLogger });
+  const app = await createApp(testConfig(url, overrides), { logger: silentLogger, ...options });
   const close = app.close;
   app.close = async () => {
     await close();

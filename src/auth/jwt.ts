@@ -13,6 +13,7 @@ import {
   SignJWT,
 } from "jose";
 import { LRUCache } from "lru-cache";
+import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
 import { TesseraError } from "../errors.js";
 import { SigningKey } from "../storage/entities.js";
@@ -73,7 +74,12 @@ export interface JwtService {
   readonly algorithms: readonly string[];
   issue(claims: IssueAccessToken): Promise<{ token: string; expiresAt: Date; jti: string }>;
   /**
-   * Verify signature, algorithm, iss, aud, typ, exp/nbf (with the configured skew).
+   * Verify signature, algorithm, iss, aud, typ, exp and nbf/iat. `exp` is enforced
+   * exactly: Tessera set it (every accepted token bears its issuer and a key of its own),
+   * so it needs no tolerance, and a lifetime Tessera capped (a rotation's grace period)
+   * must not outlive its end. The configured skew applies to nbf/iat only: a token minted
+   * by an instance whose clock runs ahead is not refused as "not yet valid", and that
+   * direction can never lengthen a token's life.
    * Verified tokens are cached until they expire, so a token pays for crypto once.
    * @throws TesseraError TOKEN_EXPIRED or TOKEN_INVALID
    */
@@ -105,6 +111,8 @@ export interface JwtServiceOptions {
   maxTokenTtlSeconds?: number;
   /** Seals the private keys stored in the database (see master-key.ts). */
   masterKey: MasterKey;
+  /** The clock of `iat`/`exp` on issue and of every expiry check (tests pass a manual one). */
+  clock?: Clock;
 }
 
 /**
@@ -116,6 +124,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   const maxTtl = Math.max(options.maxTokenTtlSeconds ?? 0, config.accessTokenTtl);
   const ttlCap = options.maxTokenTtlSeconds ?? Number.POSITIVE_INFINITY;
   const { masterKey } = options;
+  const now = options.clock ?? systemClock;
   const keys = new Map<string, VerifyKey>();
   type SigningEntry = VerifyKey & { signKey: CryptoKey | Uint8Array };
   let signing: SigningEntry | undefined;
@@ -137,7 +146,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   async function loadKeys(): Promise<void> {
     const em = storage.em.fork();
     const rows = await em.find(SigningKey, { alg: config.algorithm }, { orderBy: { createdAt: "desc" } });
-    const now = Date.now();
+    const at = now();
     // The current key (never retired), opened before anything changes: one sealed with
     // another master key (a misconfigured instance rotated) leaves the keys in use as they are.
     const newest = rows.find((row) => !row.retiredAt);
@@ -145,10 +154,10 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     keys.clear();
     signing = undefined;
     for (const row of rows) {
-      const acceptUntil = row.retiredAt
-        ? row.retiredAt.getTime() + (maxTtl + config.clockSkew) * 1000
-        : Number.POSITIVE_INFINITY;
-      if (acceptUntil < now) continue;
+      // The last token a retired key signed ends `maxTtl` after its retirement, exactly
+      // (exp has no tolerance, see verify): no token needs the key after that.
+      const acceptUntil = row.retiredAt ? row.retiredAt.getTime() + maxTtl * 1000 : Number.POSITIVE_INFINITY;
+      if (acceptUntil < at) continue;
       const publicJwk = JSON.parse(row.publicJwk) as JWK;
       const key = (await importJWK(publicJwk, row.alg)) as CryptoKey;
       keys.set(row.kid, { kid: row.kid, alg: row.alg, key, publicJwk, acceptUntil });
@@ -167,14 +176,14 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     Object.assign(publicJwk, { kid, alg: config.algorithm, use: "sig" });
     const em = storage.em.fork();
     await em.transactional(async (tx) => {
-      const now = new Date();
-      await tx.nativeUpdate(SigningKey, { retiredAt: null }, { retiredAt: now });
+      const at = new Date(now());
+      await tx.nativeUpdate(SigningKey, { retiredAt: null }, { retiredAt: at });
       tx.create(SigningKey, {
         kid,
         alg: config.algorithm,
         privateJwk: sealPrivateJwk(masterKey, kid, JSON.stringify(privateJwk)),
         publicJwk: JSON.stringify(publicJwk),
-        createdAt: now,
+        createdAt: at,
         retiredAt: null,
       });
     });
@@ -184,7 +193,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   async function ensureFreshKey(): Promise<void> {
     await loadKeys();
     const row = signing ? await storage.em.fork().findOne(SigningKey, { kid: signing.kid }) : null;
-    if (!row || Date.now() - row.createdAt.getTime() > config.keyRotationInterval * 1000) await generateKey();
+    if (!row || now() - row.createdAt.getTime() > config.keyRotationInterval * 1000) await generateKey();
   }
 
   let timer: NodeJS.Timeout | undefined;
@@ -214,7 +223,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   function verifiedClaims(token: string): AccessTokenClaims | undefined {
     const hit = verified.get(token);
     if (hit === undefined) return undefined;
-    if (hit.exp + config.clockSkew < Date.now() / 1000) {
+    // Exactly at `exp` the token is over (RFC 7519 4.1.4: valid only *before* it).
+    if (hit.exp * 1000 <= now()) {
       verified.delete(token);
       throw new TesseraError("TOKEN_EXPIRED", "access token expired");
     }
@@ -224,14 +234,13 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   async function keyFor(header: JWTHeaderParameters): Promise<CryptoKey | Uint8Array> {
     const kid = header.kid ?? (config.secret ? "hs256" : undefined);
     let entry = kid ? keys.get(kid) : undefined;
-    if (!entry && kid && !config.secret && Date.now() - lastReload > 5_000) {
+    if (!entry && kid && !config.secret && now() - lastReload > 5_000) {
       // Another instance may have rotated: reload once, rate-limited against unknown-kid floods.
-      lastReload = Date.now();
+      lastReload = now();
       await loadKeys();
       entry = keys.get(kid);
     }
-    if (!entry || entry.acceptUntil < Date.now())
-      throw new TesseraError("TOKEN_INVALID", "unknown signing key");
+    if (!entry || entry.acceptUntil < now()) throw new TesseraError("TOKEN_INVALID", "unknown signing key");
     return entry.key;
   }
 
@@ -239,8 +248,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     algorithms,
     async issue(claims) {
       if (!signing) throw new TesseraError("UNAVAILABLE", "no signing key available");
-      const now = Math.floor(Date.now() / 1000);
-      const exp = now + Math.min(claims.ttlSeconds ?? config.accessTokenTtl, ttlCap);
+      const iat = Math.floor(now() / 1000);
+      const exp = iat + Math.min(claims.ttlSeconds ?? config.accessTokenTtl, ttlCap);
       const jti = randomUUID();
       const payload: Record<string, unknown> = {
         tid: claims.tenantId,
@@ -255,8 +264,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
         .setIssuer(config.issuer)
         .setAudience(config.audience)
         .setSubject(claims.subject)
-        .setIssuedAt(now)
-        .setNotBefore(now)
+        .setIssuedAt(iat)
+        .setNotBefore(iat)
         .setExpirationTime(exp)
         .setJti(jti)
         .sign(signing.signKey);
@@ -268,13 +277,16 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       if (hit) return hit;
       if (forged.has(token)) throw new TesseraError("TOKEN_INVALID", "access token is invalid");
       let payload: JWTPayload;
+      const at = now();
       try {
         ({ payload } = await jwtVerify(token, keyFor, {
           algorithms: [...algorithms],
           issuer: config.issuer,
           audience: config.audience,
           typ: ACCESS_TOKEN_TYP,
+          // jose applies its tolerance to exp, nbf and iat alike; exp is checked exactly below.
           clockTolerance: config.clockSkew,
+          currentDate: new Date(at),
           requiredClaims: ["exp", "sub", "iat"],
         }));
       } catch (err) {
@@ -296,6 +308,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
         throw new TesseraError("TOKEN_INVALID", "access token lacks Tessera claims");
       }
       const claims = payload as AccessTokenClaims;
+      // No tolerance on the expiry Tessera set: over exactly at `exp` (RFC 7519 4.1.4).
+      if (claims.exp * 1000 <= at) throw new TesseraError("TOKEN_EXPIRED", "access token expired");
       verified.set(token, claims);
       return claims;
     },
@@ -304,7 +318,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     },
     jwks() {
       const out: JWK[] = [];
-      for (const k of keys.values()) if (k.publicJwk && k.acceptUntil >= Date.now()) out.push(k.publicJwk);
+      for (const k of keys.values()) if (k.publicJwk && k.acceptUntil >= now()) out.push(k.publicJwk);
       return { keys: out };
     },
     async rotate() {

@@ -1,3 +1,4 @@
+import type { Clock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
@@ -221,8 +222,8 @@ export interface MachineVerifierOptions {
   machines: MachineStateReader;
   secrets: Pick<VerifiedSecretCache, "verify">;
   lastUsed: Pick<LastUsedTracker, "mark">;
-  /** Clock (tests). */
-  now?: () => number;
+  /** The clock expiries are checked against (default: the machine's; tests pass a manual one). */
+  now?: Clock;
 }
 
 /**
@@ -333,10 +334,7 @@ export function createMachineCertificateVerifier(
  * the previous credentials do (tokens issued by a credential in its grace period never
  * outlive it: IssueAccessToken caps their lifetime).
  */
-export function createMachineClaimsLoader(
-  machines: MachineStateReader,
-  now: () => number = Date.now,
-): ClaimsLoader {
+export function createMachineClaimsLoader(machines: MachineStateReader, now: Clock = Date.now): ClaimsLoader {
   return async (claims, state) => {
     const machine = await machines.byId(claims.sub);
     assertMachineActive(machine);

@@ -1,3 +1,4 @@
+import type { Clock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { SqlRunner } from "../storage/sql.js";
@@ -30,8 +31,8 @@ export interface ApiTokenVerifierOptions {
    * (e.g. `pfy_` and `pfy_mu_`).
    */
   otherPrefixes?: readonly string[];
-  /** Clock (tests). */
-  now?: () => number;
+  /** The clock expiries are checked against (default: the machine's; tests pass a manual one). */
+  now?: Clock;
 }
 
 interface TokenRow {

@@ -15,6 +15,7 @@ import {
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
+import { type Clock, systemClock } from "../../clock.js";
 import { requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
@@ -54,8 +55,14 @@ export interface MachineUserServiceDeps {
   passwordIterations: number;
   /** auth.jwt.accessTokenTtl */
   accessTokenTtlSeconds: number;
-  /** auth.jwt.clockSkew: verifiers accept a token this long past its expiry. */
+  /**
+   * auth.jwt.clockSkew: how far another instance's clock may differ. Tokens expire exactly
+   * (no tolerance on exp), so it only widens the fail-closed window in which a rotation
+   * keeps an earlier rotation's cut-off.
+   */
   clockSkewSeconds: number;
+  /** The clock of rotations, grace periods and token lifetimes (tests pass a manual one). */
+  clock?: Clock;
   /** server.allowLoopbackHttpCallbacks */
   allowLoopbackHttpCallbacks: boolean;
   defaultTenantId: () => Promise<string>;
@@ -164,6 +171,7 @@ export function createMachineUserService(
   deps: MachineUserServiceDeps,
 ): ServiceImpl<typeof MachineUserService> {
   const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+  const clock = deps.clock ?? systemClock;
 
   /** A machine user visible to the caller, or NotFound (another tenant's reads as missing). */
   async function visibleMachineUser(ctx: HandlerContext, id: string, field = "id"): Promise<MachineUser> {
@@ -250,7 +258,7 @@ export function createMachineUserService(
         throw errors.alreadyExists("a machine user with this name exists in the tenant");
       }
       await countCredentialCreation(deps.limits, principal);
-      const now = new Date();
+      const now = new Date(clock());
       const id = randomUUID();
       const credential = await newMachineCredential(id, kind, {
         tokenPrefix: deps.tokenPrefix,
@@ -370,7 +378,7 @@ export function createMachineUserService(
           "grace_period_seconds",
         );
       }
-      const now = new Date();
+      const now = new Date(clock());
       const graceUntil = new Date(now.getTime() + grace * 1000);
       await countCredentialCreation(deps.limits, principalOf(ctx));
       const credential = await newMachineCredential(mu.id, mu.authType, {
@@ -551,15 +559,16 @@ export function createMachineUserService(
       // `iat` has one-second resolution and tokens from the rotation's second count as
       // pre-rotation, so never issue in that second.
       if (mu.rotatedAt) {
-        const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - Date.now();
+        const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - clock();
         if (wait > 0) await sleep(wait);
       }
       let ttlSeconds: number | undefined;
       if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
         const cred = await e.findOne(MachineCredential, { id: principal.credentialId });
         if (cred?.expiresAt) {
-          // A credential in its rotation grace period issues tokens that end with it.
-          ttlSeconds = Math.floor((cred.expiresAt.getTime() - Date.now()) / 1000);
+          // A credential in its rotation grace period issues tokens that end with it: their
+          // exp is at or before the grace period's end, and is enforced exactly (jwt.ts).
+          ttlSeconds = Math.floor((cred.expiresAt.getTime() - clock()) / 1000);
           if (ttlSeconds <= 0)
             throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
           ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);

@@ -2,6 +2,7 @@ import { createHash, randomBytes, randomUUID } from "node:crypto";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
+import { type Clock, systemClock } from "../../clock.js";
 import { TesseraError } from "../../errors.js";
 import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
 import { ApiToken } from "../../storage/token-entities.js";
@@ -27,6 +28,8 @@ export class SessionIssuer {
   constructor(
     private readonly jwt: JwtService,
     private readonly refreshTtlSeconds: number,
+    /** The clock of refresh-token expiries (tests pass a manual one). */
+    private readonly now: Clock = systemClock,
   ) {}
 
   /**
@@ -45,7 +48,12 @@ export class SessionIssuer {
       opened = !session;
     }
     if (opened)
-      em.create(Session, { id: sessionId, userId: user.id, createdAt: new Date(), revokedAt: null });
+      em.create(Session, {
+        id: sessionId,
+        userId: user.id,
+        createdAt: new Date(this.now()),
+        revokedAt: null,
+      });
     const access = await this.jwt.issue({
       subject: user.id,
       tenantId: user.tenantId,
@@ -55,13 +63,14 @@ export class SessionIssuer {
       sessionId,
     });
     const refreshToken = REFRESH_TOKEN_PREFIX + randomBytes(32).toString("base64url");
-    const refreshTokenExpiresAt = new Date(Date.now() + this.refreshTtlSeconds * 1000);
+    const issuedAt = this.now();
+    const refreshTokenExpiresAt = new Date(issuedAt + this.refreshTtlSeconds * 1000);
     em.create(RefreshToken, {
       id: randomUUID(),
       familyId: sessionId,
       userId: user.id,
       tokenHash: hashRefreshToken(refreshToken),
-      createdAt: new Date(),
+      createdAt: new Date(issuedAt),
       expiresAt: refreshTokenExpiresAt,
       spentAt: null,
       revokedAt: null,
@@ -99,7 +108,7 @@ export class SessionIssuer {
       : null;
     if (!row) throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
-    const now = new Date();
+    const now = new Date(this.now());
     // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
     const spent = row.spentAt
       ? 0
@@ -136,14 +145,14 @@ export class SessionIssuer {
 
   /** End one session: its access tokens first (they are what an attacker holds), then its refresh tokens. */
   async revokeFamily(em: EntityManager, familyId: string): Promise<void> {
-    const now = new Date();
+    const now = new Date(this.now());
     await em.nativeUpdate(Session, { id: familyId, revokedAt: null }, { revokedAt: now });
     await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: now });
   }
 
   /** End every session of a user (password change or reset, disable). */
   async revokeUser(em: EntityManager, userId: string): Promise<void> {
-    const now = new Date();
+    const now = new Date(this.now());
     await em.nativeUpdate(Session, { userId, revokedAt: null }, { revokedAt: now });
     await em.nativeUpdate(RefreshToken, { userId, revokedAt: null }, { revokedAt: now });
   }
@@ -153,6 +162,10 @@ export class SessionIssuer {
    * change or reset). Their rows are read on every request, so this applies at once.
    */
   async revokeUserTokens(em: EntityManager, userId: string): Promise<void> {
-    await em.nativeUpdate(ApiToken, { ownerUserId: userId, revokedAt: null }, { revokedAt: new Date() });
+    await em.nativeUpdate(
+      ApiToken,
+      { ownerUserId: userId, revokedAt: null },
+      { revokedAt: new Date(this.now()) },
+    );
   }
 }
