@@ -95,6 +95,12 @@ export interface CreateAppOptions {
    * (default: the machine's). Tests pass a manual one to step across an instant exactly.
    */
   clock?: Clock;
+  /**
+   * Run once the database is reached and migrated, before the bootstrap creates anything
+   * (admin, tenant, keys): `tessera serve` creates its development certificates here, so
+   * that a database it cannot reach or migrate fails the start with no files written.
+   */
+  beforeBootstrap?: () => Promise<void>;
 }
 
 /**
@@ -122,6 +128,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     // signing key): instances started together find each other's work done, not half done.
     const { bootstrap, jwt } = await storage.withStartupLock(async (held) => {
       await held.migrate();
+      await options.beforeBootstrap?.();
       const bootstrap = await ensureAdmin(storage.em.fork(), {
         username: config.admin.username,
         password: config.admin.password,

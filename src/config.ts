@@ -72,6 +72,9 @@ const ConfigSchema = z
         requestTimeoutSeconds: z.number().int().min(0).default(10),
         maxStreamSeconds: z.number().int().min(0).default(3600),
         maxStreamsPerIp: z.number().int().min(0).default(64),
+        // Below the 90 s a systemd unit waits by default (TimeoutStopSec) and the 30 s of
+        // Kubernetes' terminationGracePeriodSeconds, with room left for the flush after it.
+        shutdownGraceSeconds: z.number().int().min(0).max(3600).default(10),
       })
       .strict()
       .prefault({}),
@@ -346,6 +349,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "Streaming calls open at once per client address, over all its connections; more are refused with ResourceExhausted. 0: no limit.",
   ],
   [
+    "server.shutdownGraceSeconds",
+    "TESSERA_SHUTDOWN_GRACE_SECONDS",
+    "int",
+    "10",
+    "On SIGTERM or SIGINT: seconds in-flight calls get to finish once the port is closed and HTTP/2 clients have been sent GOAWAY; connections still open after it are cut, then audit events and last-used times are flushed and the database closed.",
+  ],
+  [
     "database.url",
     "TESSERA_DATABASE_URL",
     "string",
@@ -577,7 +587,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "Comma-separated origins allowed by CORS; * for any (development only).",
   ],
   ["cors.maxAge", "TESSERA_CORS_MAX_AGE", "int", "86400", "Access-Control-Max-Age in seconds."],
-  ["log.level", "TESSERA_LOG_LEVEL", "string", "info", "fatal, error, warn, info, debug, trace or silent."],
+  [
+    "log.level",
+    "TESSERA_LOG_LEVEL",
+    "string",
+    "info",
+    "fatal, error, warn, info, debug, trace or silent. Re-read on SIGHUP (config file and environment), so a running server changes level without a restart.",
+  ],
 ].map(([path, env, kind, def, description]) => ({
   path: path as string,
   env: env as string,

@@ -66,12 +66,20 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
 }
 
 /**
- * Check, before anything is created, that the TLS files (generated first when allowed)
- * load and match: run before the bootstrap so that a start that cannot serve creates no
- * admin (the port is checked earlier still, see listen-check.ts).
+ * Check that the TLS files load and match, before anything is created: run before the
+ * bootstrap so that a start that cannot serve creates no admin (the port is checked
+ * earlier still, see listen-check.ts). With `generate: false`, missing files that
+ * development certificates would fill are not an error and nothing is written: `tessera
+ * serve` checks the files present before it touches the database, and generates the
+ * missing ones only once the database is reached and migrated (an unreachable database
+ * then fails the start with no files written).
  */
-export async function preflight(cfg: Config["server"]): Promise<void> {
+export async function preflight(cfg: Config["server"], options: { generate?: boolean } = {}): Promise<void> {
   if (cfg.insecurePlaintext) return;
+  if (options.generate === false && cfg.devCertificates) {
+    const missing = ["ca.crt", "server.crt", "server.key"].some((f) => !existsSync(join(cfg.certDir, f)));
+    if (missing) return;
+  }
   const m = await loadTlsMaterial(cfg);
   try {
     createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) });
@@ -136,8 +144,12 @@ export interface TesseraServer {
   reloadTls(): Promise<void>;
   /** Connections open from a peer address, as counted for `server.maxConnectionsPerIp` (0 when it is off). */
   connectionsFrom(ip: string): number;
-  /** Stop accepting, let open requests finish for up to `graceMs`, then cut connections. */
-  close(graceMs?: number): Promise<void>;
+  /**
+   * Stop accepting (the port is closed, HTTP/2 clients get GOAWAY), let calls in flight
+   * finish for up to `graceMs` (default 2000), then cut every connection still open.
+   * Resolves once the server is closed, with the number of calls cut short.
+   */
+  close(graceMs?: number): Promise<{ cut: number }>;
 }
 
 /**
@@ -618,6 +630,23 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const host = cfg.host === "0.0.0.0" || cfg.host === "::" ? "127.0.0.1" : cfg.host;
   const sessions = new Set<http2.Http2Session>();
   const sockets = new Set<import("node:net").Socket>();
+  // Calls in flight, for a shutdown that waits for them: HTTP/2 streams (every call over
+  // HTTP/2, unary ones answered on the stream included) and HTTP/1.1 requests.
+  let inFlight = 0;
+  let drained: (() => void) | undefined;
+  const callEnded = () => {
+    inFlight--;
+    if (inFlight === 0) drained?.();
+  };
+  server.on("stream", (stream: http2.ServerHttp2Stream) => {
+    inFlight++;
+    stream.once("close", callEnded);
+  });
+  server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
+    if (req.httpVersion.startsWith("2")) return;
+    inFlight++;
+    res.once("close", callEnded);
+  });
   server.on("session", (s: http2.Http2Session) => {
     sessions.add(s);
     s.once("close", () => sessions.delete(s));
@@ -659,14 +688,28 @@ export async function startServer(app: App): Promise<TesseraServer> {
     connectionsFrom,
     async close(graceMs = 2000) {
       tlsWatch?.close();
-      await new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        // HTTP/2 sessions get GOAWAY and finish their streams; what remains after the grace period is cut.
-        for (const s of sessions) s.close();
-        setTimeout(() => {
-          for (const socket of sockets) socket.destroy();
-        }, graceMs).unref();
-      });
+      // No new connections from here: the listening socket is closed at once.
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      // HTTP/2 sessions get GOAWAY (no new streams; open ones finish), then close when empty.
+      for (const s of sessions) {
+        if (s.destroyed) continue;
+        s.goaway(http2.constants.NGHTTP2_NO_ERROR);
+        s.close();
+      }
+      if (inFlight > 0)
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, graceMs);
+          drained = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+      const cut = inFlight;
+      // What is left: calls past the grace period, idle HTTP/1.1 keep-alive connections
+      // (server.close waits for those for ever), and peers that never read their GOAWAY.
+      for (const socket of sockets) socket.destroy();
+      await closed;
+      return { cut };
     },
   };
 }

@@ -28,6 +28,11 @@ async function serverModules() {
   };
 }
 
+/** Seconds a shutdown may take past its grace period (flushing audit and last-used, closing the database). */
+const SHUTDOWN_FLUSH_SECONDS = 15;
+/** Exit code of a shutdown that could not flush or close in time (EXIT.error). */
+const EXIT_FAILED_SHUTDOWN = 1;
+
 /** Options shared by the server-side commands. */
 interface ServerFlags {
   config?: string;
@@ -74,13 +79,18 @@ export function registerServerCommands(program: Command): void {
       .option("--insecure-plaintext", "serve without TLS (development only)"),
   ).action(async (flags: ServerFlags) => {
     const config = configFrom(flags);
-    // Port and certificates first: a start that cannot serve fails before it creates
+    // Cheapest and least harmful failure first: the port, then the TLS files present, then
+    // the database (reached and migrated), and only then anything created: development
+    // certificates, then the admin. A start that cannot serve fails before it creates
     // anything (an admin whose generated password nobody would see served).
     await checkCanListen(config.server);
     const { createApp, createLogger, startServer, preflight } = await serverModules();
     const logger = createLogger(config.log.level);
-    await preflight(config.server);
-    const app = await createApp(config, { logger });
+    await preflight(config.server, { generate: false });
+    const app = await createApp(config, {
+      logger,
+      beforeBootstrap: () => preflight(config.server),
+    });
     if (app.bootstrap.generatedPassword) {
       showOnce(
         `Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
@@ -95,6 +105,22 @@ export function registerServerCommands(program: Command): void {
       "tessera listening",
     );
     process.on("SIGHUP", () => {
+      // The log level from the configuration as it reads now (file and environment, under
+      // the same flags); a configuration that no longer loads keeps the running one.
+      try {
+        const level = configFrom(flags).log.level;
+        const from = logger.level;
+        if (level !== from) {
+          // Said at info under whichever of the two levels is the more verbose, so that the
+          // change shows unless both hide info.
+          const louder = logger.levels.values[level]! < logger.levels.values[from]!;
+          if (louder) logger.level = level;
+          logger.info({ from, to: level }, "log level changed");
+          logger.level = level;
+        }
+      } catch (err) {
+        logger.error({ err: (err as Error).message }, "configuration reload failed; keeping the log level");
+      }
       server.reloadTls().then(
         () => logger.info("TLS material reloaded"),
         (err: Error) =>
@@ -105,9 +131,28 @@ export function registerServerCommands(program: Command): void {
     const stop = async (signal: string) => {
       if (stopping) return;
       stopping = true;
-      logger.info({ signal }, "shutting down");
-      await server.close();
-      await app.close();
+      const graceSeconds = config.server.shutdownGraceSeconds;
+      logger.info({ signal, graceSeconds }, "shutting down: no new connections, finishing calls in flight");
+      // A flush or close that hangs (a database gone mid-shutdown) must not keep the
+      // process alive for ever: a process manager would see a live, useless server.
+      setTimeout(
+        () => {
+          logger.error("shutdown did not finish in time; exiting");
+          process.exit(EXIT_FAILED_SHUTDOWN);
+        },
+        (graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
+      ).unref();
+      try {
+        const { cut } = await server.close(graceSeconds * 1000);
+        if (cut > 0) logger.warn({ cut }, "calls still in flight after the grace period were cut");
+        // app.close() flushes the audit log's buffer (app.audit.close()) and the last-used
+        // times (app.lastUsed.close()), then closes Redis and the database, in that order.
+        await app.close();
+      } catch (err) {
+        logger.error({ err: (err as Error).message }, "shutdown failed");
+        process.exit(EXIT_FAILED_SHUTDOWN);
+      }
+      logger.info("stopped");
       process.exit(0);
     };
     process.on("SIGINT", () => void stop("SIGINT"));

@@ -221,6 +221,8 @@ describe("a start that fails", () => {
     expect(r.code).not.toBeNull();
     expect(errorLines(r)).toHaveLength(1);
     expect(errorLines(r)[0]).toContain("error: cannot reach the database: connect ECONNREFUSED");
+    // Nothing written: the development certificates are made only once the database answers.
+    expect(existsSync(join(dir, "certs"))).toBe(false);
   });
 
   it("exits non-zero with one clear line when a migration fails, and does not hang", async () => {
@@ -236,6 +238,19 @@ describe("a start that fails", () => {
       expect(r.code).not.toBeNull();
       expect(errorLines(r)).toHaveLength(1);
       expect(errorLines(r)[0]).toMatch(/tenants/);
+      // Nothing created past the failure: no certificates, no users table (so no admin).
+      expect(existsSync(join(dir, "certs"))).toBe(false);
+      const after = await initORM({ url, migrate: false });
+      try {
+        const tables = await after.em
+          .getConnection()
+          .execute(
+            `select table_name from information_schema.tables where table_schema = '${url.split("schema=")[1]}'`,
+          );
+        expect(tables.map((t) => String(t.table_name))).not.toContain("users");
+      } finally {
+        await after.close();
+      }
     } finally {
       await dropSchema(url);
     }
