@@ -7,6 +7,7 @@ import { connect as tlsConnect } from "node:tls";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initORM } from "../src/storage/orm.js";
+import { DATABASES, dropSchema, TEST_MASTER_KEY } from "./helpers.js";
 
 const exec = promisify(execFile);
 const ROOT = join(import.meta.dirname, "..");
@@ -113,103 +114,113 @@ describe("the production start from compiled JavaScript", () => {
     symlinkSync(join(ROOT, "node_modules"), join(build, "node_modules"));
   }, 240_000);
 
-  it("serves, changes its log level on SIGHUP, and on SIGTERM finishes a call in flight, refuses new connections, cuts what outlives the grace period and exits 0", {
-    timeout: 120_000,
-  }, async () => {
-    const dir = mkdtempSync(join(tmpdir(), "tessera-prod-"));
-    const config = join(dir, "tessera.yaml");
-    writeFileSync(config, "log:\n  level: info\n");
-    const s = await serve(
-      process.execPath,
-      [join(build, "dist", "src", "main.js"), "serve", "--config", config],
-      {
-        ...envIn(dir),
-        TESSERA_SHUTDOWN_GRACE_SECONDS: "3",
-      },
-    );
-    const ca = readFileSync(join(dir, "certs", "ca.crt"));
-    const reloads = () =>
-      s
-        .stderr()
-        .split("\n")
-        .filter((l) => l.includes('"msg":"TLS material reloaded"')).length;
+  it.each(DATABASES)(
+    "serves ($name), changes its log level on SIGHUP, and on SIGTERM finishes a call in flight, refuses new connections, cuts what outlives the grace period, flushes and exits 0",
+    {
+      timeout: 120_000,
+    },
+    async (db) => {
+      const dir = mkdtempSync(join(tmpdir(), "tessera-prod-"));
+      const url = db.name === "sqlite" ? `sqlite:${join(dir, "tessera.db")}` : db.url();
+      const config = join(dir, "tessera.yaml");
+      writeFileSync(config, "log:\n  level: info\n");
+      const s = await serve(
+        process.execPath,
+        [join(build, "dist", "src", "main.js"), "serve", "--config", config],
+        {
+          ...envIn(dir),
+          TESSERA_DATABASE_URL: url,
+          ...(db.name === "postgres" ? { TESSERA_MASTER_KEY: TEST_MASTER_KEY } : {}),
+          TESSERA_SHUTDOWN_GRACE_SECONDS: "3",
+        },
+      );
+      const ca = readFileSync(join(dir, "certs", "ca.crt"));
+      const reloads = () =>
+        s
+          .stderr()
+          .split("\n")
+          .filter((l) => l.includes('"msg":"TLS material reloaded"')).length;
 
-    // SIGHUP at info: the reload is logged at info.
-    s.child.kill("SIGHUP");
-    expect(await until(() => reloads() === 1, 10_000)).toBe(true);
-    // Raised to warn: the change is said, and info lines stop.
-    writeFileSync(config, "log:\n  level: warn\n");
-    s.child.kill("SIGHUP");
-    expect(await until(() => s.stderr().includes('"from":"info","to":"warn"'), 10_000)).toBe(true);
-    await new Promise((r) => setTimeout(r, 1000));
-    expect(reloads()).toBe(1);
-    // Lowered to debug: info lines again.
-    writeFileSync(config, "log:\n  level: debug\n");
-    s.child.kill("SIGHUP");
-    expect(await until(() => s.stderr().includes('"from":"warn","to":"debug"'), 10_000)).toBe(true);
-    expect(await until(() => reloads() === 2, 10_000)).toBe(true);
-    // A configuration that no longer loads keeps the level, and says why.
-    writeFileSync(config, "log:\n  level: loud\n");
-    s.child.kill("SIGHUP");
-    expect(await until(() => s.stderr().includes("configuration reload failed"), 10_000)).toBe(true);
-    expect(await until(() => reloads() === 3, 10_000)).toBe(true);
+      // SIGHUP at info: the reload is logged at info.
+      s.child.kill("SIGHUP");
+      expect(await until(() => reloads() === 1, 10_000)).toBe(true);
+      // Raised to warn: the change is said, and info lines stop.
+      writeFileSync(config, "log:\n  level: warn\n");
+      s.child.kill("SIGHUP");
+      expect(await until(() => s.stderr().includes('"from":"info","to":"warn"'), 10_000)).toBe(true);
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(reloads()).toBe(1);
+      // Lowered to debug: info lines again.
+      writeFileSync(config, "log:\n  level: debug\n");
+      s.child.kill("SIGHUP");
+      expect(await until(() => s.stderr().includes('"from":"warn","to":"debug"'), 10_000)).toBe(true);
+      expect(await until(() => reloads() === 2, 10_000)).toBe(true);
+      // A configuration that no longer loads keeps the level, and says why.
+      writeFileSync(config, "log:\n  level: loud\n");
+      s.child.kill("SIGHUP");
+      expect(await until(() => s.stderr().includes("configuration reload failed"), 10_000)).toBe(true);
+      expect(await until(() => reloads() === 3, 10_000)).toBe(true);
 
-    // Two calls in flight over one HTTP/2 connection: each has sent its headers and part of
-    // its body. One finishes after SIGTERM, within the grace period; the other never does.
-    const session = http2.connect(s.url, { ca, servername: "localhost" });
-    session.on("error", () => undefined);
-    const call = () => {
-      const stream = session.request({
-        ":method": "POST",
-        ":path": "/tessera.v1.UserService/Login",
-        "content-type": "application/json",
-      });
-      stream.write(LOGIN_BODY.slice(0, 10));
-      const answer = new Promise<{ status: number | undefined; body: string; error?: string }>((resolve) => {
-        let status: number | undefined;
-        let body = "";
-        stream.on("response", (h) => (status = h[":status"] as number));
-        stream.on("data", (d) => (body += d));
-        stream.on("end", () => resolve({ status, body }));
-        stream.on("error", (err) => resolve({ status, body, error: err.message }));
-        stream.on("close", () => resolve({ status, body, error: "closed" }));
-      });
-      return { stream, answer };
-    };
-    const finishing = call();
-    const stalled = call();
-    await new Promise((r) => setTimeout(r, 300));
+      // Two calls in flight over one HTTP/2 connection: each has sent its headers and part of
+      // its body. One finishes after SIGTERM, within the grace period; the other never does.
+      const session = http2.connect(s.url, { ca, servername: "localhost" });
+      session.on("error", () => undefined);
+      const call = () => {
+        const stream = session.request({
+          ":method": "POST",
+          ":path": "/tessera.v1.UserService/Login",
+          "content-type": "application/json",
+        });
+        stream.write(LOGIN_BODY.slice(0, 10));
+        const answer = new Promise<{ status: number | undefined; body: string; error?: string }>(
+          (resolve) => {
+            let status: number | undefined;
+            let body = "";
+            stream.on("response", (h) => (status = h[":status"] as number));
+            stream.on("data", (d) => (body += d));
+            stream.on("end", () => resolve({ status, body }));
+            stream.on("error", (err) => resolve({ status, body, error: err.message }));
+            stream.on("close", () => resolve({ status, body, error: "closed" }));
+          },
+        );
+        return { stream, answer };
+      };
+      const finishing = call();
+      const stalled = call();
+      await new Promise((r) => setTimeout(r, 300));
 
-    const signalled = performance.now();
-    s.child.kill("SIGTERM");
-    expect(await until(async () => !(await accepts(s.port, ca)), 5_000)).toBe(true);
-    // The open call completes its request after the signal and is answered in full.
-    finishing.stream.end(LOGIN_BODY.slice(10));
-    const done = await finishing.answer;
-    expect(done.status).toBe(200);
-    expect(JSON.parse(done.body).accessToken).toMatch(/^ey/);
-    // The stalled one is cut once the grace period (3 s) is over; the process then exits 0.
-    const cut = await stalled.answer;
-    expect(cut.status).toBeUndefined();
-    expect(await s.exited).toBe(0);
-    const took = performance.now() - signalled;
-    expect(took).toBeGreaterThan(2_900);
-    expect(took).toBeLessThan(15_000);
-    session.destroy();
-    expect(s.stderr()).toContain('"cut":1');
-    expect(s.stderr()).toContain('"msg":"stopped"');
+      const signalled = performance.now();
+      s.child.kill("SIGTERM");
+      expect(await until(async () => !(await accepts(s.port, ca)), 5_000)).toBe(true);
+      // The open call completes its request after the signal and is answered in full.
+      finishing.stream.end(LOGIN_BODY.slice(10));
+      const done = await finishing.answer;
+      expect(done.status).toBe(200);
+      expect(JSON.parse(done.body).accessToken).toMatch(/^ey/);
+      // The stalled one is cut once the grace period (3 s) is over; the process then exits 0.
+      const cut = await stalled.answer;
+      expect(cut.status).toBeUndefined();
+      expect(await s.exited).toBe(0);
+      const took = performance.now() - signalled;
+      expect(took).toBeGreaterThan(2_900);
+      expect(took).toBeLessThan(15_000);
+      session.destroy();
+      expect(s.stderr()).toContain('"cut":1');
+      expect(s.stderr()).toContain('"msg":"stopped"');
 
-    // The audit event of the call finished during the drain reached the database before exit.
-    const storage = await initORM({ url: `sqlite:${join(dir, "tessera.db")}`, migrate: false });
-    try {
-      const rows = await storage.em
-        .getConnection()
-        .execute("select count(*) as n from audit_events where action like '%Login%'");
-      expect(Number(rows[0].n)).toBeGreaterThanOrEqual(1);
-    } finally {
-      await storage.close();
-    }
-  });
+      // The audit event of the call finished during the drain reached the database before exit.
+      const storage = await initORM({ url, migrate: false });
+      try {
+        const rows = await storage.em
+          .getConnection()
+          .execute("select count(*) as n from audit_events where action like '%Login%'");
+        expect(Number(rows[0].n)).toBeGreaterThanOrEqual(1);
+      } finally {
+        await storage.close();
+        await dropSchema(url);
+      }
+    },
+  );
 });
 
 describe("npm start", () => {
