@@ -296,6 +296,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       interceptors,
       defaultTenantId,
       startedAt: Date.now(),
+      // The end of a shutdown (`tessera serve` on SIGTERM, after the drain): what is buffered
+      // in memory (last-used times, audit events) is flushed while the database is still open.
       async close() {
         jwt.close();
         await lastUsed.close();

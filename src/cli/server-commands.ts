@@ -134,14 +134,15 @@ export function registerServerCommands(program: Command): void {
       const graceSeconds = config.server.shutdownGraceSeconds;
       logger.info({ signal, graceSeconds }, "shutting down: no new connections, finishing calls in flight");
       // A flush or close that hangs (a database gone mid-shutdown) must not keep the
-      // process alive for ever: a process manager would see a live, useless server.
+      // process alive for ever: a process manager would see a live, useless server. Not
+      // unref'd: a shutdown left with nothing to wait on must not end as a silent exit 0.
       setTimeout(
         () => {
           logger.error("shutdown did not finish in time; exiting");
           process.exit(EXIT_FAILED_SHUTDOWN);
         },
         (graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
-      ).unref();
+      );
       try {
         const { cut } = await server.close(graceSeconds * 1000);
         if (cut > 0) logger.warn({ cut }, "calls still in flight after the grace period were cut");
