@@ -225,6 +225,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
       defaultTenantId,
       limits,
+      audit,
     });
     const health = createHealthService({
       ping: () => storage.ping(),

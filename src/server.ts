@@ -15,7 +15,7 @@ import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
-import { createClientIpResolver } from "./client-ip.js";
+import { createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
 import type { Config } from "./config.js";
 import {
   createConnectHandler,
@@ -254,10 +254,12 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   const openStreams = new Map<string, number>();
 
   const resolveIp = createClientIpResolver(config.server);
-  function clientIp(req: Request): string {
+  const isProxy = createTrustedProxyCheck(config.server);
+  /** The connection's direct peer address. */
+  function peerOf(req: Request): string | undefined {
     // HTTP/2: the session's socket (one per connection), not req.socket (a Proxy made per stream).
     const socket = "stream" in req ? (req.stream.session?.socket ?? req.socket) : req.socket;
-    return resolveIp(socket.remoteAddress, req.headers);
+    return socket.remoteAddress;
   }
 
   function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
@@ -276,12 +278,14 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
 
   /** Attach the request's state (read back by `stateOf`) for the adapter's callbacks and the interceptors. */
   function attachState(req: Request, requestId: string): void {
+    const peer = peerOf(req);
     const state: RequestState = {
       requestId,
-      ip: clientIp(req),
+      ip: resolveIp(peer, req.headers),
       certificate: peerCertificate(req),
       principal: null,
     };
+    if (isProxy(peer)) state.viaProxy = true;
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
   }
 
