@@ -111,6 +111,35 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
       expect(await login(target.username)).toBeTruthy();
     });
 
+    it("nobody sets its own password through UpdateUser, not even a * admin: FailedPrecondition, use ChangePassword", async () => {
+      const self = await userWith(["admin:users"]);
+      const pat = (await as(self.token).tokens.createPersonalAccessToken({ name: "self pat" })).token;
+      for (const [token, id] of [
+        [self.token, self.id],
+        [pat, self.id],
+        [root, rootId],
+      ] as const) {
+        for (const call of [
+          () => as(token).users.updateUser({ id, password: NEW_PASSWORD }),
+          () => as(token).users.updateUser({ id, password: NEW_PASSWORD, revokeTokens: true }),
+          () => clients(ts.grpc(), token).users.updateUser({ id, password: NEW_PASSWORD }),
+        ]) {
+          const r = await rejection(call());
+          expect([r.code, r.reason]).toEqual([Code.FailedPrecondition, "FAILED_PRECONDITION"]);
+          expect(r.message).toContain("ChangePassword");
+        }
+      }
+      // Nothing changed: the old passwords sign in, the new one does not, and the PAT still works.
+      expect(await login(self.username)).toBeTruthy();
+      expect(await login("admin", ADMIN_PASSWORD)).toBeTruthy();
+      expect((await rejection(login(self.username, NEW_PASSWORD))).reason).toBe("CREDENTIALS_INVALID");
+      expect((await as(pat).users.getCurrentUser({})).id).toBe(self.id);
+      // The other fields of oneself are not refused by this rule, and ChangePassword works.
+      await as(self.token).users.updateUser({ id: self.id, revokeTokens: true });
+      await as(self.token).users.changePassword({ currentPassword: PASSWORD, newPassword: NEW_PASSWORD });
+      expect(await login(self.username, NEW_PASSWORD)).toBeTruthy();
+    });
+
     it("an admin:users holder cannot create a user with a scope it lacks", async () => {
       const attacker = await userWith(["admin:users"]);
       await denied(
