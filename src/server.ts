@@ -193,6 +193,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     // body limit: a small gzip body cannot become megabytes per call.
     readMaxBytes: Math.min(config.server.readMaxBytes, config.server.maxBodyBytes),
     maxBodyBytes: config.server.maxBodyBytes,
+    logger: app.logger,
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
