@@ -53,11 +53,14 @@ function forwardedFor(value: string): string[] {
 }
 
 /**
- * The key an IP's budgets (rate limits, failure budgets) are counted under: the address
- * for IPv4, its /64 for IPv6. One IPv6 subscriber is routinely given a whole /64 (RFC
- * 6177), so a budget per /128 would give one client 2^64 budgets.
+ * The key an IP's budgets (rate limits, failure budgets, and the per-address connection
+ * and stream limits) are counted under: the address for IPv4, its /64 for IPv6. One IPv6
+ * subscriber is routinely given a whole /64 (RFC 6177), so a budget per /128 would give
+ * one client 2^64 budgets. An IPv4 address written as IPv6 (`::ffff:192.0.2.1`, a raw
+ * dual-stack peer) counts as the IPv4 address, not as one /64 shared by every IPv4 client.
  */
-export function budgetKey(ip: string): string {
+export function budgetKey(raw: string): string {
+  const ip = normalizeIp(raw);
   if (isIP(ip) !== 6) return ip;
   const address = ip.toLowerCase().split("%")[0]!;
   const groupsOf = (part: string): string[] =>

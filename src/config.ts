@@ -322,7 +322,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_MAX_CONNECTIONS_PER_IP",
     "int",
     "1024",
-    "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
+    "Open connections per peer address (an IPv6 peer's whole /64; the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
   ],
   [
     "server.requestTimeoutSeconds",
@@ -343,7 +343,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_MAX_STREAMS_PER_IP",
     "int",
     "64",
-    "Streaming calls open at once per client address, over all its connections; more are refused with ResourceExhausted. 0: no limit.",
+    "Streaming calls open at once per client address (an IPv6 client's whole /64), over all its connections; more are refused with ResourceExhausted. 0: no limit.",
   ],
   [
     "database.url",
