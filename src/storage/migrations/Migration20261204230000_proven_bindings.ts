@@ -17,10 +17,9 @@ export class Migration20261204230000_proven_bindings extends SchemaMigration {
   }
 
   override async down(): Promise<void> {
-    this.addSchema((schema) =>
-      schema.alterTable("machine_user_certificates", (t) => {
-        t.dropColumn("proven");
-      }),
-    );
+    // Plain SQL: knex's SQLite dropColumn rebuilds the table with queries of its own at run
+    // time, which a compiled migration does not carry (it compiled to nothing that drops
+    // the column); SQLite has had ALTER TABLE … DROP COLUMN since 3.35, PostgreSQL always.
+    this.addSql("alter table machine_user_certificates drop column proven");
   }
 }
