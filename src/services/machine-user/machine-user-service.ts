@@ -494,19 +494,23 @@ export function createMachineUserService(
         proven,
         createdAt: new Date(),
       });
+      let removed = 0;
       try {
         await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
           // Only while it is still unproven: two provers racing for one identity, the loser
           // meets the unique constraint below (AlreadyExists), never displaces the winner.
           if (displaced)
-            await tx.nativeDelete(MachineUserCertificate, { id: displaced.binding.id, proven: false });
+            removed = await tx.nativeDelete(MachineUserCertificate, {
+              id: displaced.binding.id,
+              proven: false,
+            });
           await tx.flush();
         });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
         throw err;
       }
-      if (displaced) {
+      if (displaced && removed > 0) {
         // In the squatter's tenant, so its auditors see why its binding went; the answer to
         // this caller is the same whether a binding was displaced or not.
         const state = requestState(ctx.values);
