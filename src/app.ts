@@ -53,6 +53,7 @@ import { createMachineUserService } from "./services/machine-user/machine-user-s
 import { createReflectionServices } from "./services/reflection/reflection-service.js";
 import { createTenantService } from "./services/tenant/tenant-service.js";
 import { createTokenService } from "./services/token/token-service.js";
+import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
@@ -254,11 +255,20 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
       defaultTenantId,
       limits,
+      audit,
     });
     const health = createHealthService({
       ping: () => storage.ping(),
       services: services.map((s) => s.typeName),
       maxWatchMs: config.server.maxStreamSeconds * 1000,
+    });
+
+    const sessionPruner = startSessionPruner(storage.em, {
+      intervalSeconds: config.auth.sessionPruneInterval,
+      refreshTokenTtlSeconds: config.auth.jwt.refreshTokenTtl,
+      maxTokenTtlSeconds: config.auth.maxTokenTtl,
+      clockSkewSeconds: config.auth.jwt.clockSkew,
+      logger,
     });
 
     const interceptors: Interceptor[] = [
@@ -300,6 +310,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       // in memory (last-used times, audit events) is flushed while the database is still open.
       async close() {
         jwt.close();
+        await sessionPruner.close();
         await lastUsed.close();
         await audit.close();
         await limits?.close();

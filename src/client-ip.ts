@@ -53,11 +53,14 @@ function forwardedFor(value: string): string[] {
 }
 
 /**
- * The key an IP's budgets (rate limits, failure budgets) are counted under: the address
- * for IPv4, its /64 for IPv6. One IPv6 subscriber is routinely given a whole /64 (RFC
- * 6177), so a budget per /128 would give one client 2^64 budgets.
+ * The key an IP's budgets (rate limits, failure budgets, and the per-address connection
+ * and stream limits) are counted under: the address for IPv4, its /64 for IPv6. One IPv6
+ * subscriber is routinely given a whole /64 (RFC 6177), so a budget per /128 would give
+ * one client 2^64 budgets. An IPv4 address written as IPv6 (`::ffff:192.0.2.1`, a raw
+ * dual-stack peer) counts as the IPv4 address, not as one /64 shared by every IPv4 client.
  */
-export function budgetKey(ip: string): string {
+export function budgetKey(raw: string): string {
+  const ip = normalizeIp(raw);
   if (isIP(ip) !== 6) return ip;
   const address = ip.toLowerCase().split("%")[0]!;
   const groupsOf = (part: string): string[] =>
@@ -78,6 +81,29 @@ function headerValue(headers: IncomingHttpHeaders, name: string): string | undef
 }
 
 /**
+ * Whether a direct peer address is a trusted proxy (`server.trustedProxies`, or any peer
+ * with the `server.trustProxy` shorthand). Such a peer's connection is the proxy's: what
+ * it presents (its client certificate) says nothing about the client behind it.
+ */
+export function createTrustedProxyCheck(
+  config: Pick<Config["server"], "trustProxy" | "trustedProxies">,
+): (peer: string | undefined) => boolean {
+  const trusted = new BlockList();
+  for (const entry of config.trustedProxies) {
+    const parsed = parseCidr(entry);
+    if (parsed) trusted.addSubnet(normalizeIp(parsed[0]), parsed[1], parsed[2]);
+  }
+  const none = config.trustedProxies.length === 0;
+  return (peerAddress) => {
+    if (config.trustProxy) return true;
+    if (none || peerAddress === undefined) return false;
+    const address = normalizeIp(peerAddress);
+    const family = isIP(address);
+    return family !== 0 && trusted.check(address, family === 4 ? "ipv4" : "ipv6");
+  };
+}
+
+/**
  * Decides the client IP of a request from its peer address and forwarding headers.
  *
  * Only a peer that is a trusted proxy (its address in `server.trustedProxies`, or any
@@ -94,19 +120,9 @@ export function createClientIpResolver(
   config: Pick<Config["server"], "trustProxy" | "trustedProxies"> &
     Partial<Pick<Config["server"], "forwardedHeader">>,
 ): (peer: string | undefined, headers: IncomingHttpHeaders) => string {
-  const trusted = new BlockList();
-  for (const entry of config.trustedProxies) {
-    const parsed = parseCidr(entry);
-    if (parsed) trusted.addSubnet(normalizeIp(parsed[0]), parsed[1], parsed[2]);
-  }
+  const isTrusted = createTrustedProxyCheck({ trustProxy: false, trustedProxies: config.trustedProxies });
   const anyPeer = config.trustProxy;
   const header = config.forwardedHeader ?? "x-forwarded-for";
-  const none = config.trustedProxies.length === 0;
-  const isTrusted = (address: string): boolean => {
-    if (none) return false;
-    const family = isIP(address);
-    return family !== 0 && trusted.check(address, family === 4 ? "ipv4" : "ipv6");
-  };
 
   return (peerAddress, headers) => {
     const peer = normalizeIp(peerAddress ?? "unknown");

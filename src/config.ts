@@ -160,6 +160,7 @@ const ConfigSchema = z
           )
           .default([]),
         maxTokenTtl: seconds.default(24 * 3600),
+        sessionPruneInterval: z.number().int().min(0).default(3600),
       })
       .strict()
       .prefault({}),
@@ -325,7 +326,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_MAX_CONNECTIONS_PER_IP",
     "int",
     "1024",
-    "Open connections per peer address (the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
+    "Open connections per peer address (an IPv6 peer's whole /64; the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
   ],
   [
     "server.requestTimeoutSeconds",
@@ -346,7 +347,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_MAX_STREAMS_PER_IP",
     "int",
     "64",
-    "Streaming calls open at once per client address, over all its connections; more are refused with ResourceExhausted. 0: no limit.",
+    "Streaming calls open at once per client address (an IPv6 client's whole /64), over all its connections; more are refused with ResourceExhausted. 0: no limit.",
   ],
   [
     "server.shutdownGraceSeconds",
@@ -507,6 +508,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "86400",
     "Cap in seconds on the lifetime of every access JWT minted (configured lifetime, machine tokens, rotation grace periods). PATs and API keys are checked on every use and revocable at once, so their expires_at is not capped.",
+  ],
+  [
+    "auth.sessionPruneInterval",
+    "TESSERA_SESSION_PRUNE_INTERVAL",
+    "int",
+    "3600",
+    "Seconds between prunings of ended sessions: a session revoked, or whose last refresh token expired, longer ago than the refresh-token lifetime (and never less than auth.maxTokenTtl + auth.jwt.clockSkew, so none of its access tokens can still verify) is deleted with its refresh tokens, in batches. 0: never.",
   ],
   ["rateLimit.enabled", "TESSERA_RATE_LIMIT", "bool", "true", "Enforce rate limits."],
   [

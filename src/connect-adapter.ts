@@ -41,6 +41,8 @@ import {
   trailerSerialize,
 } from "@connectrpc/connect/protocol-grpc-web";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
+import type { Logger } from "pino";
+import { loggableError } from "./storage/errors.js";
 import {
   type CallErrorHook,
   createUnaryHandlers,
@@ -211,6 +213,12 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * lets it add them (a reason, the request id), as its error interceptor does for the rest.
    */
   callError?: CallErrorHook;
+  /**
+   * Where a handler's or `admit`'s unexpected failure is logged (the service's pino logger):
+   * never the raw error, which may carry SQL with its parameters, only what
+   * `loggableError` keeps. Default: not logged.
+   */
+  logger?: Pick<Logger, "error">;
 }
 
 /** What `admit` decides: go on (undefined), or answer with an error. */
@@ -257,6 +265,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       clientFaultDecompression(compressionBrotli),
     ];
   const router = createConnectRouter(options);
+  const logger = options.logger;
   // Unary methods also get the pipeline-free handlers of unary-handlers.ts, for the
   // protocols they serve; methods registered with options of their own stay with Connect.
   const unary = new Map<string, Partial<Record<UnaryProtocol, UnaryHandler>>>();
@@ -334,14 +343,14 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     try {
       verdict = admit(req, handler.method, protocol !== undefined);
     } catch (err) {
-      verdict = admitFailed(handler, err);
+      verdict = admitFailed(handler, err, logger);
     }
     if (verdict === undefined) dispatch(route, protocol, req, res, common);
     else if (!isPromise(verdict)) answer(verdict);
     else
       verdict.then(
         (error) => (error === undefined ? dispatch(route, protocol, req, res, common) : answer(error)),
-        (err: unknown) => answer(admitFailed(handler, err)),
+        (err: unknown) => answer(admitFailed(handler, err, logger)),
       );
 
     function answer(error: ConnectError | WireError) {
@@ -411,7 +420,10 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     const { handler } = route;
     const onError = (err: unknown) => {
       if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
-        console.error(`handler for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
+        logger?.error(
+          { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
+          "rpc handler failed",
+        );
       }
       if (res === undefined) {
         const { stream } = req as StreamRequest;
@@ -486,9 +498,16 @@ function isPromise(verdict: Verdict | Promise<Verdict>): verdict is Promise<Verd
 }
 
 /** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
-function admitFailed(handler: UniversalHandler, err: unknown): ConnectError {
+function admitFailed(
+  handler: UniversalHandler,
+  err: unknown,
+  logger: Pick<Logger, "error"> | undefined,
+): ConnectError {
   if (err instanceof ConnectError) return err;
-  console.error(`admission for rpc ${handler.method.name} of ${handler.service.typeName} failed`, err);
+  logger?.error(
+    { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
+    "rpc admission failed",
+  );
   return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
 }
 

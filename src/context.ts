@@ -13,6 +13,11 @@ export interface RequestState {
   ip: string;
   /** The connection's verified client certificate, or null. */
   certificate: PeerCertificateInfo | null;
+  /**
+   * True when the direct peer is a trusted proxy: the connection (and any certificate on
+   * it) is the proxy's, shared by every client behind it, so it proves nothing of theirs.
+   */
+  viaProxy?: boolean;
   /** Set by the authentication interceptor; null on public methods. */
   principal: Principal | null;
   /**

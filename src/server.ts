@@ -15,7 +15,7 @@ import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
-import { createClientIpResolver } from "./client-ip.js";
+import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
 import type { Config } from "./config.js";
 import {
   createConnectHandler,
@@ -142,7 +142,10 @@ export interface TesseraServer {
   url: string;
   /** Replace certificate, key, CA and CRL for new handshakes; open connections stay. */
   reloadTls(): Promise<void>;
-  /** Connections open from a peer address, as counted for `server.maxConnectionsPerIp` (0 when it is off). */
+  /**
+   * Connections open from a peer address, as counted for `server.maxConnectionsPerIp` (0
+   * when it is off): for an IPv6 address, from its whole /64.
+   */
   connectionsFrom(ip: string): number;
   /**
    * Stop accepting (the port is closed, HTTP/2 clients get GOAWAY), let calls in flight
@@ -205,6 +208,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     // body limit: a small gzip body cannot become megabytes per call.
     readMaxBytes: Math.min(config.server.readMaxBytes, config.server.maxBodyBytes),
     maxBodyBytes: config.server.maxBodyBytes,
+    logger: app.logger,
     // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
     errorBody: (req, body) =>
       req.headers["content-type"]?.startsWith("application/json")
@@ -266,10 +270,12 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   const openStreams = new Map<string, number>();
 
   const resolveIp = createClientIpResolver(config.server);
-  function clientIp(req: Request): string {
+  const isProxy = createTrustedProxyCheck(config.server);
+  /** The connection's direct peer address. */
+  function peerOf(req: Request): string | undefined {
     // HTTP/2: the session's socket (one per connection), not req.socket (a Proxy made per stream).
     const socket = "stream" in req ? (req.stream.session?.socket ?? req.socket) : req.socket;
-    return resolveIp(socket.remoteAddress, req.headers);
+    return socket.remoteAddress;
   }
 
   function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
@@ -288,12 +294,14 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
 
   /** Attach the request's state (read back by `stateOf`) for the adapter's callbacks and the interceptors. */
   function attachState(req: Request, requestId: string): void {
+    const peer = peerOf(req);
     const state: RequestState = {
       requestId,
-      ip: clientIp(req),
+      ip: resolveIp(peer, req.headers),
       certificate: peerCertificate(req),
       principal: null,
     };
+    if (isProxy(peer)) state.viaProxy = true;
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
   }
 
@@ -361,7 +369,8 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     if (method !== undefined && method.methodKind !== "unary" && maxStreamsPerIp > 0) {
       // Streaming calls (Health/Watch, reflection) outlive their request: bounded per
       // client address, over all its connections, or a few peers hold them by the thousand.
-      const ip = stateOf(req).ip;
+      // An IPv6 client's whole /64 counts as one address, as for every per-IP budget.
+      const ip = budgetKey(stateOf(req).ip);
       const n = (openStreams.get(ip) ?? 0) + 1;
       if (n > maxStreamsPerIp) {
         setCommonHeaders();
@@ -436,14 +445,16 @@ function boundConnections(
     const limit = cfg.maxConnectionsPerIp;
     // Prepended: decided before the TLS layer's own listener starts a handshake.
     server.prependListener("connection", (socket: Socket) => {
-      const ip = socket.remoteAddress ?? "unknown";
+      // Counted per /64 for IPv6 (budgetKey): one client holds a whole /64, and per /128 it
+      // would open 2^64 times the limit.
+      const ip = budgetKey(socket.remoteAddress ?? "unknown");
       const n = (open.get(ip) ?? 0) + 1;
       if (n > limit) {
         socket.destroy();
         return;
       }
       open.set(ip, n);
-      const peer = `${ip}|${socket.remotePort}`;
+      const peer = `${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`;
       let counted = true;
       const release = () => {
         if (!counted) return;
@@ -471,7 +482,7 @@ function boundConnections(
       server.on("tlsClientError", (_err: Error, socket: TLSSocket) => watch(socket));
     }
   }
-  const connectionsFrom = (ip: string) => open.get(ip) ?? 0;
+  const connectionsFrom = (ip: string) => open.get(budgetKey(ip)) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
   if (idleMs === 0) return connectionsFrom;
   // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
@@ -683,7 +694,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   return {
     server,
     port,
-    url: `${tls ? "https" : "http"}://${host}:${port}`,
+    // An IPv6 literal is bracketed in a URL (RFC 3986).
+    url: `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${port}`,
     reloadTls,
     connectionsFrom,
     async close(graceMs = 2000) {

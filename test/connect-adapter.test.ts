@@ -1,6 +1,7 @@
 import http from "node:http";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
+import { Writable } from "node:stream";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import {
   compressionGzip,
@@ -8,7 +9,8 @@ import {
   createGrpcTransport,
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
-import { afterEach, describe, expect, it } from "vitest";
+import { pino } from "pino";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
@@ -66,7 +68,12 @@ type Admit = NonNullable<ConnectHandlerOptions["admit"]>;
 /** "h2c": the adapter on the "request" event; "h2-direct": installed with serveRequests, as Tessera's server does. */
 type Kind = "h2c" | "h2-direct" | "http1";
 
-function startServer(kind: Kind, errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
+function startServer(
+  kind: Kind,
+  errorBody?: (body: Uint8Array) => Uint8Array,
+  admit?: Admit,
+  logger?: ConnectHandlerOptions["logger"],
+) {
   let reportAbort!: (reason: string) => void;
   let reportWaiting!: () => void;
   let reportCheckAborted!: (reason: string) => void;
@@ -79,6 +86,7 @@ function startServer(kind: Kind, errorBody?: (body: Uint8Array) => Uint8Array, a
     readMaxBytes: 1024,
     ...(errorBody ? { errorBody: (_req, body) => errorBody(body) } : {}),
     ...(admit ? { admit } : {}),
+    ...(logger ? { logger } : {}),
     routes(router) {
       router.service(Health, {
         async check(req, ctx) {
@@ -163,8 +171,13 @@ afterEach(async () => {
   closers = [];
 });
 
-async function served(kind: Kind, errorBody?: (body: Uint8Array) => Uint8Array, admit?: Admit) {
-  const s = await startServer(kind, errorBody, admit);
+async function served(
+  kind: Kind,
+  errorBody?: (body: Uint8Array) => Uint8Array,
+  admit?: Admit,
+  logger?: ConnectHandlerOptions["logger"],
+) {
+  const s = await startServer(kind, errorBody, admit, logger);
   closers.push(s.close);
   return s;
 }
@@ -405,6 +418,56 @@ describe("the Connect adapter", () => {
         // What failed inside stays inside.
         expect(err.message).toBe("internal error");
       }
+    }
+  });
+
+  it("logs a failure of admit through the logger, never on the console nor with the statement a driver error carries", async () => {
+    const secret = "pbkdf2-sha256$600000$c2FsdA$aGFzaA";
+    const driverError = () =>
+      Object.assign(new Error(`insert into users (password_hash) values ('${secret}') - UNIQUE failed`), {
+        name: "SqliteError",
+        code: "SQLITE_CONSTRAINT_UNIQUE",
+      });
+    const lines: string[] = [];
+    const logger = pino(
+      { level: "trace" },
+      new Writable({
+        write(chunk, _encoding, done) {
+          lines.push(String(chunk));
+          done();
+        },
+      }),
+    );
+    const consoleError = vi.spyOn(console, "error").mockImplementation(() => undefined);
+    try {
+      for (const admit of [
+        () => {
+          throw driverError();
+        },
+        () => Promise.reject(driverError()),
+      ] as Admit[]) {
+        const { url } = await served("h2-direct", undefined, admit, logger);
+        const err = await seen(
+          createClient(Health, createConnectTransport({ baseUrl: url, httpVersion: "2" })).check({}),
+        );
+        expect(err.code).toBe(Code.Internal);
+      }
+      expect(consoleError).not.toHaveBeenCalled();
+    } finally {
+      consoleError.mockRestore();
+    }
+    expect(lines).toHaveLength(2);
+    for (const line of lines) {
+      const entry = JSON.parse(line) as {
+        level: number;
+        method: string;
+        err: { name: string; code: string };
+      };
+      expect(entry.level).toBe(50);
+      expect(entry.method).toBe("grpc.health.v1.Health/Check");
+      expect(entry.err).toEqual({ name: "SqliteError", code: "SQLITE_CONSTRAINT_UNIQUE" });
+      expect(line).not.toContain(secret);
+      expect(line).not.toContain("insert into");
     }
   });
 

@@ -34,10 +34,19 @@ export function assertMayManage(
   if (!hasAllScopes(caller.scopes, resulting)) {
     throw new TesseraError("ACCESS_DENIED", "cannot grant scopes the caller does not hold");
   }
-  if (!hasAllScopes(caller.scopes, target.scopes)) {
+  if (!mayManage(caller, target)) {
     throw new TesseraError(
       "ACCESS_DENIED",
       "cannot manage a principal holding scopes the caller does not hold",
     );
   }
+}
+
+/**
+ * The target half of {@link assertMayManage} as a predicate, for reads that must hide what
+ * the caller may not manage (another user's token metadata: such tokens read as missing,
+ * not as ACCESS_DENIED, so their existence is not told either).
+ */
+export function mayManage(caller: Pick<Principal, "scopes">, target: ManagedTarget): boolean {
+  return hasAllScopes(caller.scopes, target.scopes);
 }

@@ -68,6 +68,7 @@ interface CredentialRow extends MachineRow {
 interface BindingRow extends MachineRow {
   binding_id: string;
   bound_fingerprint: string | null;
+  proven: unknown;
 }
 
 const MACHINE_COLUMNS =
@@ -86,7 +87,7 @@ const SELECT_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_J
 function bindingQuery(sanCount: number): string {
   const sans = sanCount > 0 ? ` or b.san_uri in (${new Array(sanCount).fill("?").join(", ")})` : "";
   return (
-    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, ${MACHINE_COLUMNS} ` +
+    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, b.proven, ${MACHINE_COLUMNS} ` +
     `from machine_user_certificates b join machine_users m on m.id = b.machine_user_id ${MACHINE_JOINS} ` +
     `where b.sha256_fingerprint = ?${sans}`
   );
@@ -151,14 +152,22 @@ export class MachineStateReader {
   }
 
   /**
-   * The machine user a verified client certificate is bound to. All the bindings that
-   * match it (its fingerprint, any of its SAN URIs) must be in one tenant, or it
-   * authenticates no one: nothing at bind time can tell the certificate's owner from
-   * another tenant that bound its public fingerprint or a guessable SAN URI, and every
-   * rule that picks a winner between tenants (by kind, by age) hands some certificate to
-   * the tenant that did not issue it. Within the tenant a fingerprint binding wins over SAN
-   * URI bindings; SAN URIs naming two different machine users are refused rather than
-   * guessed between. Null when the certificate is bound to no one.
+   * The machine user a verified client certificate is bound to. Null when it is bound to no one.
+   *
+   * Proven bindings first (made over a connection presenting the certificate itself, see
+   * BindCertificate): a proven fingerprint binding names this very certificate, proven by
+   * the holder of its key, so it decides; else proven SAN URI bindings decide when they
+   * name one machine user (the CA issued the SAN URI to the prover). Another tenant's
+   * unproven binding of the certificate's public fingerprint or of a SAN URI it carries
+   * therefore cannot deny the prover its own certificate.
+   *
+   * With no proven binding, all the matching bindings (its fingerprint, any of its SAN
+   * URIs) must be in one tenant, or it authenticates no one: nothing at bind time could tell
+   * the certificate's owner from another tenant that bound its public fingerprint or a
+   * guessable SAN URI, and every rule that picks a winner between tenants (by kind, by age)
+   * hands some certificate to the tenant that did not issue it. Within the tenant a
+   * fingerprint binding wins over SAN URI bindings; SAN URIs naming two different machine
+   * users are refused rather than guessed between.
    */
   async byCertificate(
     certificate: PeerCertificateInfo,
@@ -169,7 +178,12 @@ export class MachineStateReader {
       ...sans,
     ]);
     if (rows.length === 0) return null;
-    if (rows.some((r) => r.tenant_id !== rows[0]!.tenant_id)) {
+    const proven = rows.filter((r) => toBool(r.proven));
+    const candidates = proven.length > 0 ? proven : rows;
+    if (candidates.some((r) => r.tenant_id !== candidates[0]!.tenant_id)) {
+      // A proven fingerprint binding settles it (the fingerprint is unique, so there is one).
+      const provenFingerprint = proven.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
+      if (provenFingerprint.length > 0) return pick(provenFingerprint);
       // AUTH_REQUIRED, not CREDENTIALS_INVALID: nothing was guessed, and a refusal that spent
       // the IP's failure budget would let the other tenant lock the owner's address out.
       // The message names no tenant.
@@ -178,8 +192,8 @@ export class MachineStateReader {
         "client certificate is bound to more than one machine user; it authenticates no one",
       );
     }
-    const byFingerprint = rows.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
-    const chosen = byFingerprint.length > 0 ? byFingerprint : rows;
+    const byFingerprint = candidates.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);
+    const chosen = byFingerprint.length > 0 ? byFingerprint : candidates;
     const machineIds = new Set(chosen.map((r) => r.id));
     if (machineIds.size > 1) {
       throw new TesseraError(
@@ -187,8 +201,13 @@ export class MachineStateReader {
         "client certificate is bound to more than one machine user",
       );
     }
-    return { bindingId: chosen[0]!.binding_id, machine: toMachine(chosen) };
+    return pick(chosen);
   }
+}
+
+/** The binding and machine user of rows that all name one machine user (one row per application). */
+function pick(rows: BindingRow[]): { bindingId: string; machine: MachineAuthState } {
+  return { bindingId: rows[0]!.binding_id, machine: toMachine(rows) };
 }
 
 /** Refuse a machine user that may not act now. */

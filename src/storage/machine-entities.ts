@@ -121,14 +121,17 @@ export const MachineUserApplicationSchema = new EntitySchema<MachineUserApplicat
 /**
  * A client certificate tied to a machine user, by SHA-256 fingerprint (one certificate)
  * or by URI SAN (every certificate carrying it). Exactly one of the two is set; each is
- * unique across all tenants. A certificate matching bindings in two tenants authenticates
- * no one (MachineStateReader.byCertificate).
+ * unique across all tenants. `proven`: bound over a connection presenting the certificate
+ * itself (proof of possession). A certificate matching a proven binding authenticates as
+ * its machine user; one matching only unproven bindings in two tenants authenticates no
+ * one (MachineStateReader.byCertificate).
  */
 export class MachineUserCertificate {
   id!: string;
   machineUserId!: string;
   sha256Fingerprint?: string | null = null;
   sanUri?: string | null = null;
+  proven = false;
   createdAt: Date = new Date();
 }
 
@@ -146,6 +149,7 @@ export const MachineUserCertificateSchema = new EntitySchema<MachineUserCertific
       unique: true,
     },
     sanUri: { type: "string", length: 2048, nullable: true, unique: true },
+    proven: { type: "boolean", default: false },
     createdAt: { type: "Date" },
   },
 });

@@ -3,6 +3,7 @@ import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ServerReflectionRequestSchema } from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { LoginRequestSchema, UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { REASONS } from "../../src/errors.js";
@@ -247,6 +248,47 @@ describe.each(DATABASES)("bad input on $name", (db) => {
     );
     // Connect's own handler: the code is right; Tessera's reason is added on the unary handlers only.
     expect(grpcOutcome(res).status).toBe(String(Code.InvalidArgument));
+  });
+
+  it("answers a malformed protobuf message on the reflection stream InvalidArgument, not Internal (v1 and v1alpha, gRPC and Connect streaming)", async () => {
+    for (const version of ["v1", "v1alpha"]) {
+      const path = `/grpc.reflection.${version}.ServerReflection/ServerReflectionInfo`;
+      const grpc = await post(
+        ts,
+        path,
+        { "content-type": "application/grpc", te: "trailers" },
+        envelope(0, MALFORMED_PROTO),
+      );
+      expect(grpcOutcome(grpc).status).toBe(String(Code.InvalidArgument));
+      const connect = await post(
+        ts,
+        path,
+        { "content-type": "application/connect+proto" },
+        envelope(0, MALFORMED_PROTO),
+      );
+      // Connect's streaming protocol: the error is the end-stream message (flag 0b10), HTTP 200.
+      expect(connect.status).toBe(200);
+      expect(connect.body[0]).toBe(0b10);
+      const end = JSON.parse(connect.body.subarray(5).toString()) as { error?: { code?: string } };
+      expect(end.error?.code).toBe("invalid_argument");
+      // A well-formed request on the same stream is still answered.
+      const ok = await post(
+        ts,
+        path,
+        { "content-type": "application/grpc", te: "trailers" },
+        envelope(
+          0,
+          toBinary(
+            ServerReflectionRequestSchema,
+            create(ServerReflectionRequestSchema, {
+              messageRequest: { case: "listServices", value: "" },
+            }),
+          ),
+        ),
+      );
+      expect(grpcOutcome(ok).status).toBe("0");
+      expect(ok.body.toString("latin1")).toContain("tessera.v1.UserService");
+    }
   });
 
   it("still accepts a well-formed gzip body", async () => {

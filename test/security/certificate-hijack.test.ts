@@ -10,7 +10,7 @@ import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";
 import { Code, rejection } from "../errors-util.js";
-import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { createTestCerts, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 
 /**
@@ -319,5 +319,246 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
     const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
     expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
     expect(await whoAmI(ts, other)).toEqual([expected, expected]);
+  });
+});
+
+/**
+ * Issue #18's remaining certificate item: squatting. Another tenant binding the public
+ * fingerprint (or a SAN URI) of A's certificate first must not deny A its own certificate.
+ * A bind made over a connection presenting the very certificate is proven; a proven binding
+ * displaces the squatter's unproven one and is never displaced itself.
+ */
+describe.each(DATABASES)("proof of possession of a bound certificate on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let victim: Awaited<ReturnType<typeof tenantWithAdmin>>;
+  let attacker: Awaited<ReturnType<typeof tenantWithAdmin>>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    transport = ts.connect();
+    const root = await adminLogin(transport);
+    victim = await tenantWithAdmin(transport, root);
+    attacker = await tenantWithAdmin(transport, root);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  type Identity = { case: "sha256Fingerprint"; value: string } | { case: "sanUri"; value: string };
+  const victimMachine = async () =>
+    (await bearerMachine(transport, victim.token, [victim.application.id])).machine;
+  const attackerMachine = async () =>
+    (await bearerMachine(transport, attacker.token, [attacker.application.id])).machine;
+  /** A bind with the admin's token, over a connection without a client certificate. */
+  const bind = (token: string, machineUserId: string, identity: Identity) =>
+    clients(transport, token).machines.bindCertificate({ machineUserId, identity });
+  /** A bind with the admin's token, over a connection presenting `backend`'s certificate (gRPC: index 1). */
+  const bindPresenting = (
+    backend: Backend,
+    token: string,
+    machineUserId: string,
+    identity: Identity,
+    headers: Record<string, string> = {},
+    protocol = 0,
+  ) =>
+    clients(backendTransports(ts, backend)[protocol]!, {
+      authorization: `Bearer ${token}`,
+      ...headers,
+    }).machines.bindCertificate({ machineUserId, identity });
+  const certificatesOf = async (token: string, id: string) =>
+    (await clients(transport, token).machines.getMachineUser({ id })).machineUser!.certificates;
+  const displacedRecords = async (bindingId: string) => {
+    await ts.app.audit.flush();
+    return (await ts.app.storage.em
+      .getConnection()
+      .execute("select tenant_id, action, target_id, outcome from audit_events where target_id = ?", [
+        bindingId,
+      ])) as { tenant_id: string; action: string; target_id: string; outcome: string }[];
+  };
+
+  for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
+    it(`lets the certificate's holder take back a ${kind} another tenant squatted, by binding it over a connection presenting the certificate`, async () => {
+      const san = `spiffe://victim.example/${short()}`;
+      const backend = await mint(ts, san);
+      const identity: Identity =
+        kind === "sanUri"
+          ? { case: "sanUri", value: san }
+          : { case: "sha256Fingerprint", value: backend.fingerprint };
+
+      // The squatter binds first (no proof: it does not hold the certificate's key).
+      const theirs = await attackerMachine();
+      const squat = await bind(attacker.token, theirs.id, identity);
+      expect(squat.binding!.proven).toBe(false);
+      const mine = await victimMachine();
+      // Without proof the owner is refused exactly as before.
+      expect((await refusal(bind(victim.token, mine.id, identity))).code).toBe(Code.AlreadyExists);
+
+      // With proof (the owner's admin token, over the backend's own mTLS connection): bound, proven.
+      const { binding } = await bindPresenting(backend, victim.token, mine.id, identity);
+      expect(binding!.proven).toBe(true);
+      const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+      expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+
+      // The squatter's binding is gone, and audited in the squatter's tenant.
+      expect(await certificatesOf(attacker.token, theirs.id)).toEqual([]);
+      expect(await displacedRecords(squat.binding!.id)).toEqual([
+        {
+          tenant_id: attacker.tenant.id,
+          action: "tessera.v1.MachineUserService/BindCertificate:displaced",
+          target_id: squat.binding!.id,
+          outcome: "success",
+        },
+      ]);
+
+      // The squatter learns nothing more: binding again is the AlreadyExists everyone gets,
+      // and its view of its own machine user names nobody else.
+      const again = await refusal(bind(attacker.token, theirs.id, identity));
+      const ownTenant = await refusal(bind(victim.token, (await victimMachine()).id, identity));
+      expect(again.code).toBe(Code.AlreadyExists);
+      expect(again).toEqual(ownTenant);
+      const view = JSON.stringify(
+        await clients(transport, attacker.token).machines.getMachineUser({ id: theirs.id }),
+        (_k, v) => (typeof v === "bigint" ? String(v) : v),
+      );
+      for (const leak of [victim.tenant.id, mine.id, binding!.id]) expect(view).not.toContain(leak);
+    });
+  }
+
+  it("never lets a proven binding be displaced, not even by another certificate from the same CA carrying the SAN URI", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const backend = await mint(ts, san);
+    const mine = await victimMachine();
+    await bindPresenting(backend, victim.token, mine.id, { case: "sanUri", value: san }, {}, 1);
+    await bindPresenting(backend, victim.token, mine.id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    const theirs = await attackerMachine();
+    const lookalike = await mint(ts, san);
+    const attempts = [
+      () => bind(attacker.token, theirs.id, { case: "sanUri", value: san }),
+      () => bindPresenting(lookalike, attacker.token, theirs.id, { case: "sanUri", value: san }),
+      () => bind(attacker.token, theirs.id, { case: "sha256Fingerprint", value: backend.fingerprint }),
+    ];
+    for (const attempt of attempts) expect((await refusal(attempt())).code).toBe(Code.AlreadyExists);
+    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+    expect((await certificatesOf(victim.token, mine.id)).map((b) => b.proven)).toEqual([true, true]);
+  });
+
+  it("lets a proven SAN URI binding win over another tenant's later fingerprint squat of a certificate carrying it", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const backend = await mint(ts, san);
+    const mine = await victimMachine();
+    await bindPresenting(backend, victim.token, mine.id, { case: "sanUri", value: san });
+    // The fingerprint is another identity, not yet bound: the squat itself succeeds...
+    await bind(attacker.token, (await attackerMachine()).id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    // ...but no longer denies the owner its certificate (without proof this was "no one").
+    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+  });
+
+  it("makes the owner's own unproven binding proven when it binds it again with proof", async () => {
+    const backend = await mint(ts);
+    const mine = await victimMachine();
+    const identity: Identity = { case: "sha256Fingerprint", value: backend.fingerprint };
+    const first = await bind(victim.token, mine.id, identity);
+    const proven = await bindPresenting(backend, victim.token, mine.id, identity);
+    expect(proven.binding!.id).toBe(first.binding!.id);
+    expect(proven.binding!.proven).toBe(true);
+    // Proven now: another tenant can no longer displace nor share it.
+    expect((await refusal(bind(attacker.token, (await attackerMachine()).id, identity))).code).toBe(
+      Code.AlreadyExists,
+    );
+  });
+
+  it("takes no proof from a certificate the server's client CA does not trust, even one carrying the SAN URI", async () => {
+    const san = `spiffe://victim.example/${short()}`;
+    const theirs = await attackerMachine();
+    const squat = await bind(attacker.token, theirs.id, { case: "sanUri", value: san });
+    // A certificate from another CA (anyone can make one with any SAN URI): ignored under
+    // `optional`, so the call is served but proves nothing.
+    const foreign = await createTestCerts(`foreign-${short()}`, san);
+    const untrusted: Backend = {
+      cert: foreign.clientCert,
+      key: foreign.clientKey,
+      fingerprint: foreign.clientFingerprint,
+    };
+    const mine = await victimMachine();
+    for (const protocol of [0, 1]) {
+      const r = await refusal(
+        bindPresenting(untrusted, victim.token, mine.id, { case: "sanUri", value: san }, {}, protocol),
+      );
+      expect(r.code).toBe(Code.AlreadyExists);
+    }
+    // Its own fingerprint is bound unproven (nothing proven about it), and the squat stands.
+    const byFp = await bindPresenting(untrusted, victim.token, mine.id, {
+      case: "sha256Fingerprint",
+      value: untrusted.fingerprint,
+    });
+    expect(byFp.binding!.proven).toBe(false);
+    expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
+  });
+
+  it("takes no proof from a browser-originated request (Origin header): the browser's ambient certificate is not the caller's", async () => {
+    const backend = await mint(ts);
+    const identity: Identity = { case: "sha256Fingerprint", value: backend.fingerprint };
+    const theirs = await attackerMachine();
+    const squat = await bind(attacker.token, theirs.id, identity);
+    const r = await refusal(
+      bindPresenting(backend, victim.token, (await victimMachine()).id, identity, {
+        origin: "https://evil.example",
+      }),
+    );
+    expect(r.code).toBe(Code.AlreadyExists);
+    expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
+  });
+
+  it("still lets the binder's scope and authority decide: a proof by a caller without authority over the machine user binds nothing", async () => {
+    const backend = await mint(ts);
+    const identity: Identity = { case: "sha256Fingerprint", value: backend.fingerprint };
+    const theirs = await attackerMachine();
+    const squat = await bind(attacker.token, theirs.id, identity);
+    // The victim's machine user holds a scope the victim's tenant admin lacks.
+    const root = await adminLogin(transport);
+    const strong = (
+      await bearerMachine(transport, root, [victim.application.id], {
+        tenantId: victim.tenant.id,
+        scopes: ["admin:users"],
+      })
+    ).machine;
+    const r = await refusal(bindPresenting(backend, victim.token, strong.id, identity));
+    expect([r.code, r.reason]).toEqual([Code.PermissionDenied, "ACCESS_DENIED"]);
+    expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
+  });
+});
+
+describe.each(DATABASES)("proof of possession behind a trusted proxy on $name", (db) => {
+  let ts: TestServer;
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("takes no proof from a connection whose peer is a trusted proxy: its certificate is the proxy's, shared by all behind it", async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional", trustedProxies: ["127.0.0.1/32"] } });
+    const transport = ts.connect();
+    const root = await adminLogin(transport);
+    const victim = await tenantWithAdmin(transport, root);
+    const attacker = await tenantWithAdmin(transport, root);
+    const gateway = await mint(ts);
+    const identity = { case: "sha256Fingerprint" as const, value: gateway.fingerprint };
+    const theirs = (await bearerMachine(transport, attacker.token, [attacker.application.id])).machine;
+    await clients(transport, attacker.token).machines.bindCertificate({ machineUserId: theirs.id, identity });
+    const mine = (await bearerMachine(transport, victim.token, [victim.application.id])).machine;
+    const viaGateway = clients(backendTransports(ts, gateway)[0]!, {
+      authorization: `Bearer ${victim.token}`,
+      "x-forwarded-for": "198.51.100.7",
+    });
+    const r = await refusal(viaGateway.machines.bindCertificate({ machineUserId: mine.id, identity }));
+    expect(r.code).toBe(Code.AlreadyExists);
   });
 });

@@ -5,8 +5,9 @@ import tls from "node:tls";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
+import { budgetKey } from "../../src/client-ip.js";
 import { Code } from "../errors-util.js";
-import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { ADMIN_PASSWORD, DATABASES, SQLITE, startTestServer, type TestServer } from "../helpers.js";
 
 const LOGIN = "/tessera.v1.UserService/Login";
 const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
@@ -514,5 +515,78 @@ describe.each(DATABASES)("the per-IP connection count on $name", (db) => {
       for (const s of mute) s.destroy();
     }
     await countDrops(ts, (n) => n === 0);
+  });
+});
+
+/** Whether this machine can listen on the IPv6 loopback. */
+const IPV6_LOOPBACK = await new Promise<boolean>((resolve) => {
+  const probe = net.createServer();
+  probe.once("error", () => resolve(false));
+  probe.listen(0, "::1", () => probe.close(() => resolve(true)));
+});
+
+/** A TLS connection (ALPN h2) to the server over ::1: accepted once the handshake completes, or closed before. */
+function openTls6(ts: TestServer): Promise<{ socket: tls.TLSSocket; accepted: boolean }> {
+  return new Promise((resolve) => {
+    const socket = tls.connect({
+      host: "::1",
+      port: ts.server.port,
+      ca: ts.certs.ca,
+      servername: "localhost",
+      ALPNProtocols: ["h2"],
+    });
+    socket.on("error", () => undefined);
+    socket.once("secureConnect", () => resolve({ socket, accepted: true }));
+    socket.once("close", () => resolve({ socket, accepted: false }));
+  });
+}
+
+describe("per-address connection and stream limits for IPv6", () => {
+  it("key an IPv6 address on its /64 and an IPv4 address, written as IPv6 or not, on itself", () => {
+    // Two addresses of one /64 are one client: same key; the next /64 is another.
+    expect(budgetKey("2001:db8:1:2::5")).toBe(budgetKey("2001:db8:1:2:ffff:ffff:ffff:9"));
+    expect(budgetKey("2001:db8:1:3::5")).not.toBe(budgetKey("2001:db8:1:2::5"));
+    // A dual-stack socket's raw peer address: the IPv4 client itself, not one /64 for all of IPv4.
+    expect(budgetKey("::ffff:192.0.2.1")).toBe("192.0.2.1");
+    expect(budgetKey("::ffff:c000:201")).toBe("192.0.2.1");
+    expect(budgetKey("::ffff:192.0.2.1")).not.toBe(budgetKey("::ffff:192.0.2.2"));
+  });
+
+  describe.skipIf(!IPV6_LOOPBACK)("over ::1", () => {
+    let ts: TestServer;
+    beforeAll(async () => {
+      ts = await startTestServer(SQLITE, { server: { host: "::1", maxConnectionsPerIp: 2 } });
+    });
+    afterAll(async () => {
+      await ts?.close();
+    });
+
+    it("counts an IPv6 peer's connections under its whole /64 and closes those past server.maxConnectionsPerIp", async () => {
+      expect(ts.server.url).toBe(`https://[::1]:${ts.server.port}`);
+      const held: tls.TLSSocket[] = [];
+      try {
+        for (let i = 0; i < 2; i++) {
+          const c = await openTls6(ts);
+          expect(c.accepted).toBe(true);
+          held.push(c.socket);
+        }
+        // Every address of ::1's /64 is the same client: ::2 would be refused like ::1 is.
+        expect(ts.server.connectionsFrom("::1")).toBe(2);
+        expect(ts.server.connectionsFrom("::2")).toBe(2);
+        expect(ts.server.connectionsFrom("0:0:0:0:ffff:ffff:ffff:1")).toBe(2);
+        expect(ts.server.connectionsFrom("0:0:0:1::1")).toBe(0);
+        const over = await within(openTls6(ts), 5000, "a connection over the limit was left hanging");
+        expect(over.accepted).toBe(false);
+        held.shift()!.destroy();
+        const deadline = Date.now() + 10_000;
+        while (ts.server.connectionsFrom("::1") >= 2 && Date.now() < deadline)
+          await new Promise((r) => setTimeout(r, 20));
+        const again = await openTls6(ts);
+        expect(again.accepted).toBe(true);
+        held.push(again.socket);
+      } finally {
+        for (const s of held) s.destroy();
+      }
+    });
   });
 });

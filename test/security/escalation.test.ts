@@ -111,6 +111,35 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
       expect(await login(target.username)).toBeTruthy();
     });
 
+    it("nobody sets its own password through UpdateUser, not even a * admin: FailedPrecondition, use ChangePassword", async () => {
+      const self = await userWith(["admin:users"]);
+      const pat = (await as(self.token).tokens.createPersonalAccessToken({ name: "self pat" })).token;
+      for (const [token, id] of [
+        [self.token, self.id],
+        [pat, self.id],
+        [root, rootId],
+      ] as const) {
+        for (const call of [
+          () => as(token).users.updateUser({ id, password: NEW_PASSWORD }),
+          () => as(token).users.updateUser({ id, password: NEW_PASSWORD, revokeTokens: true }),
+          () => clients(ts.grpc(), token).users.updateUser({ id, password: NEW_PASSWORD }),
+        ]) {
+          const r = await rejection(call());
+          expect([r.code, r.reason]).toEqual([Code.FailedPrecondition, "FAILED_PRECONDITION"]);
+          expect(r.message).toContain("ChangePassword");
+        }
+      }
+      // Nothing changed: the old passwords sign in, the new one does not, and the PAT still works.
+      expect(await login(self.username)).toBeTruthy();
+      expect(await login("admin", ADMIN_PASSWORD)).toBeTruthy();
+      expect((await rejection(login(self.username, NEW_PASSWORD))).reason).toBe("CREDENTIALS_INVALID");
+      expect((await as(pat).users.getCurrentUser({})).id).toBe(self.id);
+      // The other fields of oneself are not refused by this rule, and ChangePassword works.
+      await as(self.token).users.updateUser({ id: self.id, revokeTokens: true });
+      await as(self.token).users.changePassword({ currentPassword: PASSWORD, newPassword: NEW_PASSWORD });
+      expect(await login(self.username, NEW_PASSWORD)).toBeTruthy();
+    });
+
     it("an admin:users holder cannot create a user with a scope it lacks", async () => {
       const attacker = await userWith(["admin:users"]);
       await denied(
@@ -133,15 +162,101 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
   });
 
   describe("tokens of other users", () => {
-    it("an admin:tokens holder cannot revoke the tokens of a stronger user", async () => {
+    it("an admin:tokens holder cannot revoke the tokens of a stronger user: they read as missing", async () => {
       const attacker = await userWith(["admin:tokens"]);
       const pat = await as(root).tokens.createPersonalAccessToken({ name: "root pat" });
       const key = await as(root).tokens.createApiKey({ name: "root key" });
-      await denied(as(attacker.token).tokens.revokePersonalAccessToken({ id: pat.id }));
-      await denied(as(attacker.token).tokens.revokeApiKey({ id: key.id }));
+      const absent = "00000000-0000-4000-8000-000000000000";
+      for (const transport of [t, ts.grpc()]) {
+        const tokens = clientFor(TokenService, transport, attacker.token);
+        const missingPat = await rejection(tokens.revokePersonalAccessToken({ id: absent }));
+        const missingKey = await rejection(tokens.revokeApiKey({ id: absent }));
+        expect(missingPat.code).toBe(Code.NotFound);
+        const patTry = await rejection(tokens.revokePersonalAccessToken({ id: pat.id }));
+        const keyTry = await rejection(tokens.revokeApiKey({ id: key.id }));
+        expect([patTry.code, patTry.reason, patTry.message]).toEqual([
+          missingPat.code,
+          missingPat.reason,
+          missingPat.message,
+        ]);
+        expect([keyTry.code, keyTry.reason, keyTry.message]).toEqual([
+          missingKey.code,
+          missingKey.reason,
+          missingKey.message,
+        ]);
+      }
       // Both still authenticate the victim.
       expect((await as(pat.token).users.getCurrentUser({})).id).toBe(rootId);
       expect((await as(key.key).users.getCurrentUser({})).id).toBe(rootId);
+    });
+
+    it("an admin:tokens holder cannot list the tokens of a stronger user: the user reads as missing, and all_users leaves them out", async () => {
+      const attacker = await userWith(["admin:tokens", "cluster:read"]);
+      const strong = await userWith(["admin:tokens", "cluster:write"]);
+      const weak = await userWith(["cluster:read"]);
+      const strongPat = await as(strong.token).tokens.createPersonalAccessToken({ name: "strong pat" });
+      const strongKey = await as(strong.token).tokens.createApiKey({ name: "strong key" });
+      const rootPat = await as(root).tokens.createPersonalAccessToken({ name: "root pat 2" });
+      const weakPat = await as(weak.token).tokens.createPersonalAccessToken({ name: "weak pat" });
+      const weakKey = await as(weak.token).tokens.createApiKey({ name: "weak key" });
+      const ownPat = await as(attacker.token).tokens.createPersonalAccessToken({
+        name: "own, cut down",
+        scopes: ["admin:tokens"],
+      });
+      const hiddenIds = [strongPat.id, strongKey.id, rootPat.id];
+      for (const transport of [t, ts.grpc()]) {
+        // The attacker's own PAT is cut down to admin:tokens: its own tokens stay listed.
+        for (const token of [attacker.token, ownPat.token]) {
+          const tokens = clientFor(TokenService, transport, token);
+          const missing = await rejection(
+            tokens.listPersonalAccessTokens({ userId: "00000000-0000-4000-8000-000000000000" }),
+          );
+          expect(missing.code).toBe(Code.NotFound);
+          for (const userId of [strong.id, rootId]) {
+            for (const call of [
+              () => tokens.listPersonalAccessTokens({ userId }),
+              () => tokens.listApiKeys({ userId, includeRevoked: true }),
+            ]) {
+              const r = await rejection(call());
+              expect([r.code, r.reason, r.message]).toEqual([missing.code, missing.reason, missing.message]);
+            }
+          }
+          const pats = await tokens.listPersonalAccessTokens({ allUsers: true, includeRevoked: true });
+          const keys = await tokens.listApiKeys({ allUsers: true, includeRevoked: true });
+          const listed = [...pats.tokens, ...keys.apiKeys].map((x) => x.id);
+          // Through the cut-down PAT the caller's authority is admin:tokens alone: even the weak
+          // user (cluster:read) is out of its reach then.
+          const weakIds = [weakPat.id, weakKey.id];
+          for (const id of token === attacker.token ? hiddenIds : [...hiddenIds, ...weakIds])
+            expect(listed).not.toContain(id);
+          for (const id of token === attacker.token ? [...weakIds, ownPat.id] : [ownPat.id])
+            expect(listed).toContain(id);
+          expect(pats.totalSize).toBe(pats.tokens.length);
+          // Paging through one at a time sees the same set.
+          const paged: string[] = [];
+          let pageToken = "";
+          do {
+            const page = await tokens.listPersonalAccessTokens({
+              allUsers: true,
+              includeRevoked: true,
+              pageSize: 1,
+              pageToken,
+            });
+            paged.push(...page.tokens.map((x) => x.id));
+            pageToken = page.nextPageToken;
+          } while (pageToken);
+          expect(paged.sort()).toEqual(pats.tokens.map((x) => x.id).sort());
+        }
+        // A weak user's tokens are listed by user id too.
+        const byWeak = await clientFor(TokenService, transport, attacker.token).listApiKeys({
+          userId: weak.id,
+        });
+        expect(byWeak.apiKeys.map((x) => x.id)).toEqual([weakKey.id]);
+      }
+      // A * caller sees them all.
+      const all = await as(root).tokens.listPersonalAccessTokens({ allUsers: true });
+      for (const id of [strongPat.id, rootPat.id, weakPat.id])
+        expect(all.tokens.map((x) => x.id)).toContain(id);
     });
 
     it("an admin:tokens holder revokes the tokens of a user whose scopes it holds", async () => {

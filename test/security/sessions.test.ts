@@ -6,8 +6,9 @@ import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { pruneSessions, type SessionPruneOptions } from "../../src/services/user/session-pruning.js";
 import { SessionIssuer } from "../../src/services/user/sessions.js";
-import { Session, User } from "../../src/storage/entities.js";
+import { RefreshToken, Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
 import { clientFor, DATABASES, startTestServer, type TestDatabase, type TestServer } from "../helpers.js";
 import { adminLogin, short } from "../machine-fixtures.js";
@@ -310,5 +311,142 @@ describe.each(DATABASES)("sessions end on every instance ($name)", (db) => {
       newPassword: "changed on the other instance",
     });
     expect(await outcome(a, other.accessToken)).toBe("TOKEN_REVOKED");
+  });
+});
+
+/**
+ * The sessions table is pruned (issue 18's remaining item 5): a session that ended (revoked,
+ * or its last refresh token expired) longer ago than the retention is deleted with its
+ * refresh tokens, in batches, and on a timer; never one whose access tokens could still verify.
+ */
+describe.each(DATABASES)("pruning ended sessions ($name)", (db) => {
+  let ts: TestServer;
+  const REFRESH_TTL = 3600;
+  const MAX_TTL = 900;
+  const SKEW = 30;
+  const HOUR = 3600_000;
+  const options = (now: number, batchSize?: number): SessionPruneOptions => ({
+    refreshTokenTtlSeconds: REFRESH_TTL,
+    maxTokenTtlSeconds: MAX_TTL,
+    clockSkewSeconds: SKEW,
+    now: () => now,
+    ...(batchSize ? { batchSize } : {}),
+  });
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      auth: {
+        jwt: { refreshTokenTtl: REFRESH_TTL, accessTokenTtl: 600, clockSkew: SKEW },
+        maxTokenTtl: MAX_TTL,
+        sessionPruneInterval: 1,
+      },
+    });
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  async function login() {
+    const username = `prune-${short()}`;
+    // A fresh admin session each time: a pruning with a clock hours ahead ends every session
+    // whose refresh token "expired" by then, the admin's too.
+    const root = await adminLogin(ts.connect());
+    await clientFor(UserService, ts.connect(), root).createUser({ username, password: PASSWORD, scopes: [] });
+    const res = await createClient(UserService, ts.connect()).login({ username, password: PASSWORD });
+    return { ...res, sid: decodeJwt(res.accessToken).sid as string };
+  }
+  const exists = async (sid: string) =>
+    (await ts.app.storage.em.fork().count(Session, { id: sid })) +
+    (await ts.app.storage.em.fork().count(RefreshToken, { familyId: sid }));
+  const whoAmI = (token: string) =>
+    clientFor(UserService, ts.grpc(), token)
+      .getCurrentUser({})
+      .then(
+        () => "ok",
+        async (err: unknown) => (await rejection(Promise.reject(err))).reason,
+      );
+  const logout = (refreshToken: string) => createClient(UserService, ts.connect()).logout({ refreshToken });
+
+  it("keeps a live session and one just revoked: their access tokens still verify, or are still refused as revoked", async () => {
+    const live = await login();
+    const ended = await login();
+    await logout(ended.refreshToken);
+    const em = ts.app.storage.em.fork();
+    await pruneSessions(em, options(Date.now()));
+    // Up to just before the retention has passed since the revocation, nothing goes either.
+    await pruneSessions(em, options(Date.now() + REFRESH_TTL * 1000 - 60_000));
+    expect(await exists(live.sid)).toBeGreaterThan(1);
+    expect(await exists(ended.sid)).toBeGreaterThan(1);
+    expect(await whoAmI(live.accessToken)).toBe("ok");
+    expect(await whoAmI(ended.accessToken)).toBe("TOKEN_REVOKED");
+    const refreshed = await createClient(UserService, ts.connect()).refreshToken({
+      refreshToken: live.refreshToken,
+    });
+    expect(await whoAmI(refreshed.accessToken)).toBe("ok");
+    expect(
+      (
+        await rejection(
+          createClient(UserService, ts.connect()).refreshToken({ refreshToken: ended.refreshToken }),
+        )
+      ).reason,
+    ).toBe("TOKEN_REVOKED");
+  });
+
+  it("deletes a revoked session and its refresh tokens once the retention has passed, and a never-revoked one once its last refresh token expired that long ago", async () => {
+    const revoked = await login();
+    await logout(revoked.refreshToken);
+    const idle = await login();
+    const em = ts.app.storage.em.fork();
+    // Retention: max(refresh lifetime, maxTokenTtl + skew) = 1 h. Revoked now: gone after 1 h.
+    await pruneSessions(em, options(Date.now() + HOUR + 60_000));
+    expect(await exists(revoked.sid)).toBe(0);
+    // Never revoked: its refresh token expires in 1 h, so it goes 1 h after that, not before.
+    expect(await exists(idle.sid)).toBeGreaterThan(1);
+    await pruneSessions(em, options(Date.now() + 2 * HOUR - 60_000));
+    expect(await exists(idle.sid)).toBeGreaterThan(1);
+    await pruneSessions(em, options(Date.now() + 2 * HOUR + 60_000));
+    expect(await exists(idle.sid)).toBe(0);
+    // A refresh token of a pruned session can only be refused.
+    const r = await rejection(
+      createClient(UserService, ts.connect()).refreshToken({ refreshToken: idle.refreshToken }),
+    );
+    expect(r.code).toBe(Code.Unauthenticated);
+  });
+
+  it("never keeps a session longer than an access token can verify, even with a refresh lifetime shorter than maxTokenTtl", async () => {
+    const s = await login();
+    await logout(s.refreshToken);
+    const em = ts.app.storage.em.fork();
+    const short: SessionPruneOptions = { ...options(Date.now() + 600_000), refreshTokenTtlSeconds: 60 };
+    // 10 minutes after: past the refresh lifetime, not past maxTokenTtl + skew (930 s).
+    await pruneSessions(em, short);
+    expect(await exists(s.sid)).toBeGreaterThan(1);
+    await pruneSessions(em, { ...short, now: () => Date.now() + 931_000 + 5_000 });
+    expect(await exists(s.sid)).toBe(0);
+  });
+
+  it("deletes in batches until none is left", async () => {
+    const sids: string[] = [];
+    for (let i = 0; i < 7; i++) {
+      const s = await login();
+      await logout(s.refreshToken);
+      sids.push(s.sid);
+    }
+    const deleted = await pruneSessions(ts.app.storage.em.fork(), options(Date.now() + 2 * HOUR + 60_000, 3));
+    expect(deleted).toBeGreaterThanOrEqual(7);
+    for (const sid of sids) expect(await exists(sid)).toBe(0);
+  });
+
+  it("prunes on the server's timer (auth.sessionPruneInterval)", async () => {
+    const s = await login();
+    await logout(s.refreshToken);
+    // Revoked long ago (as if the server had been up for days): the next tick deletes it.
+    await ts.app.storage.em
+      .fork()
+      .nativeUpdate(Session, { id: s.sid }, { revokedAt: new Date(Date.now() - 3 * HOUR) });
+    const deadline = Date.now() + 10_000;
+    while ((await exists(s.sid)) > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    expect(await exists(s.sid)).toBeLessThanOrEqual(1);
+    expect(await ts.app.storage.em.fork().count(Session, { id: s.sid })).toBe(0);
   });
 });

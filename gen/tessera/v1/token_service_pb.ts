@@ -530,10 +530,11 @@ export const TokenKindSchema: GenEnum<TokenKind> = /*@__PURE__*/
  * still holds on each request (an owner disabled, deleted or losing a scope takes
  * effect on the token's next request).
  *
- * A caller manages its own tokens without any scope; `admin:tokens` lets it list every
- * token of its tenant and revoke those whose owner's scopes the caller's cover (only
- * `*` covers `*`; else PermissionDenied, ACCESS_DENIED). Another tenant's token reads
- * as NotFound.
+ * A caller manages its own tokens without any scope; `admin:tokens` lets it list and
+ * revoke the tokens of its tenant whose owner's scopes the caller's cover (only `*`
+ * covers `*`). The tokens of an owner it may not manage, like another tenant's, read as
+ * if they did not exist: left out of `all_users` lists, and NotFound when named (the
+ * owner by `user_id`, a token by id).
  *
  * @generated from service tessera.v1.TokenService
  */
@@ -550,8 +551,9 @@ export const TokenService: GenService<{
     output: typeof CreatePersonalAccessTokenResponseSchema;
   },
   /**
-   * List personal access tokens: the caller's own, or (with admin:tokens) another
-   * user's or every user's of the tenant. Never returns a secret or a hash.
+   * List personal access tokens: the caller's own, or (with admin:tokens) those of
+   * another user or of every user of the tenant that the caller may manage. Never
+   * returns a secret or a hash.
    *
    * @generated from rpc tessera.v1.TokenService.ListPersonalAccessTokens
    */

@@ -539,7 +539,8 @@ export type UpdateUserRequest = Message<"tessera.v1.UpdateUserRequest"> & {
 
   /**
    * Admin password reset; ends every session of the user (refresh tokens and the access
-   * tokens issued to them), as disabling does.
+   * tokens issued to them), as disabling does. Not of oneself: that is FailedPrecondition
+   * (use ChangePassword, which checks the current password).
    *
    * @generated from field: optional string password = 4;
    */

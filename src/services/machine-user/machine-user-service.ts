@@ -12,11 +12,12 @@ import {
   type MachineUserSchema,
   type MachineUserService,
 } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import type { AuditLog } from "../../audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { type Clock, systemClock } from "../../clock.js";
-import { requestEm, requestState } from "../../context.js";
+import { type RequestState, requestEm, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import {
@@ -68,6 +69,31 @@ export interface MachineUserServiceDeps {
   defaultTenantId: () => Promise<string>;
   /** When set: new credentials counted per caller (`rateLimit.credentialCreationsPerHour`). */
   limits?: RateLimits | undefined;
+  /** Where a displaced certificate binding is recorded (see BindCertificate). */
+  audit?: Pick<AuditLog, "record"> | undefined;
+}
+
+/** The audit action of an unproven binding removed by a proven bind of its identity. */
+export const DISPLACED_ACTION = "tessera.v1.MachineUserService/BindCertificate:displaced";
+
+/**
+ * Whether the bind request proves possession of the certificate it binds: its connection
+ * presents a CA-verified client certificate (the TLS layer checked chain and CRL; an
+ * untrusted one is never on the request) whose fingerprint is the one bound, or which
+ * carries the SAN URI bound. Not from a request with an Origin header: a browser presents
+ * its user's client certificate on any site's cross-origin call, so a page holding the
+ * caller's token could prove a certificate its user never meant to bind. Not through a
+ * trusted proxy: its connection and certificate are shared by every client behind it.
+ */
+export function possessionProven(
+  state: RequestState,
+  headers: Headers,
+  identity: { sha256Fingerprint: string | null; sanUri: string | null },
+): boolean {
+  const cert = state.certificate;
+  if (cert === null || state.viaProxy || headers.has("origin")) return false;
+  if (identity.sha256Fingerprint !== null) return cert.sha256Fingerprint === identity.sha256Fingerprint;
+  return identity.sanUri !== null && cert.sanUris.includes(identity.sanUri);
 }
 
 /** Longest grace period a rotation may give the previous credentials. */
@@ -100,6 +126,7 @@ export function bindingToProto(b: MachineUserCertificate): MessageInitShape<type
     sha256Fingerprint: b.sha256Fingerprint ?? "",
     sanUri: b.sanUri ?? "",
     createdAt: timestampFromDate(b.createdAt),
+    proven: b.proven,
   };
 }
 
@@ -439,26 +466,74 @@ export function createMachineUserService(
         sha256Fingerprint = normaliseFingerprint(req.identity.value);
       else if (req.identity.case === "sanUri") sanUri = assertSanUri(req.identity.value);
       else throw errors.invalidArgument("one of sha256_fingerprint or san_uri is required", "identity");
+      const proven = possessionProven(requestState(ctx.values), ctx.requestHeader, {
+        sha256Fingerprint,
+        sanUri,
+      });
       const e = em(ctx);
-      const taken = sha256Fingerprint
-        ? await e.count(MachineUserCertificate, { sha256Fingerprint })
-        : await e.count(MachineUserCertificate, { sanUri });
+      const existing = await e.findOne(
+        MachineUserCertificate,
+        sha256Fingerprint ? { sha256Fingerprint } : { sanUri },
+      );
       // Identities are unique across tenants (a certificate names one principal); the refusal
       // is the same whichever tenant holds the binding, so it reveals no tenant, user or id.
       const conflict = "this certificate identity is already bound to a machine user";
-      if (taken) throw errors.alreadyExists(conflict);
+      let displaced: { binding: MachineUserCertificate; tenantId: string } | null = null;
+      if (existing) {
+        if (!proven || existing.proven) throw errors.alreadyExists(conflict);
+        if (existing.machineUserId === mu.id) {
+          // The owner proves its own binding: it becomes proven (and can no longer be displaced).
+          await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
+            tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true }),
+          );
+          existing.proven = true;
+          return { binding: bindingToProto(existing) };
+        }
+        const holder = await e.findOne(MachineUser, { id: existing.machineUserId });
+        // The caller's own tenant: it sees that binding and can remove it itself.
+        if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
+        displaced = { binding: existing, tenantId: holder.tenantId };
+      }
       const binding = e.create(MachineUserCertificate, {
         id: randomUUID(),
         machineUserId: mu.id,
         sha256Fingerprint,
         sanUri,
+        proven,
         createdAt: new Date(),
       });
+      let removed = 0;
       try {
-        await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) => tx.flush());
+        await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
+          // Only while it is still unproven: two provers racing for one identity, the loser
+          // meets the unique constraint below (AlreadyExists), never displaces the winner.
+          if (displaced)
+            removed = await tx.nativeDelete(MachineUserCertificate, {
+              id: displaced.binding.id,
+              proven: false,
+            });
+          await tx.flush();
+        });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
         throw err;
+      }
+      if (displaced && removed > 0) {
+        // In the squatter's tenant, so its auditors see why its binding went; the answer to
+        // this caller is the same whether a binding was displaced or not.
+        const state = requestState(ctx.values);
+        const caller = principalOf(ctx);
+        deps.audit?.record({
+          requestId: state.requestId,
+          tenantId: displaced.tenantId,
+          actorKind: caller.kind,
+          actorId: caller.id,
+          action: DISPLACED_ACTION,
+          targetId: displaced.binding.id,
+          outcome: "success",
+          reason: "PROVEN_BINDING",
+          ip: state.ip,
+        });
       }
       return { binding: bindingToProto(binding) };
     },

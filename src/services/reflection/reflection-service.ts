@@ -1,6 +1,6 @@
 import { createRegistry, type DescFile, toBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import type { ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
 import type { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
 import type { ServerReflection as ReflectionV1Alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
 
@@ -127,7 +127,7 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
     }
   };
   async function* serve(requests: AsyncIterable<Req>) {
-    for await (const req of requests) yield answer(req);
+    for await (const req of clientFaults(requests)) yield answer(req);
   }
   const v1: ServiceImpl<typeof ReflectionV1> = {
     serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
@@ -136,4 +136,27 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
     serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
   };
   return { v1, v1alpha };
+}
+
+/**
+ * The request messages of a stream, with a failure to read one answered as the client's
+ * fault. Connect's stream parser raises a message that does not decode (malformed
+ * protobuf or JSON) as Internal; everything that can fail while reading the request comes
+ * from what the client sent, so Internal there becomes InvalidArgument (other codes, such
+ * as ResourceExhausted for a message over the size limit, stay).
+ */
+async function* clientFaults<T>(messages: AsyncIterable<T>): AsyncGenerator<T> {
+  const it = messages[Symbol.asyncIterator]();
+  for (;;) {
+    let next: IteratorResult<T>;
+    try {
+      next = await it.next();
+    } catch (err) {
+      const ce = ConnectError.from(err);
+      if (ce.code !== Code.Internal) throw ce;
+      throw new ConnectError("malformed request message", Code.InvalidArgument, undefined, undefined, err);
+    }
+    if (next.done) return;
+    yield next.value;
+  }
 }

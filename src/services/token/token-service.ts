@@ -8,7 +8,7 @@ import {
   type TokenMetadataSchema,
   type TokenService,
 } from "../../../gen/tessera/v1/token_service_pb.js";
-import { assertMayManage } from "../../auth/authority.js";
+import { mayManage } from "../../auth/authority.js";
 import { hashSecret } from "../../auth/password.js";
 import type { Principal } from "../../auth/principal.js";
 import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
@@ -155,12 +155,20 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
         throw new TesseraError("ACCESS_DENIED", `listing every user's tokens needs ${ADMIN_TOKENS_SCOPE}`);
       const scope = tenantScope(principal);
       if (scope !== null) where.tenantId = scope;
+      const hidden = await unmanageableOwners(ctx, principal, scope);
+      if (hidden.length > 0) where.ownerUserId = { $nin: hidden };
     } else if (req.userId && req.userId !== principal.id) {
       if (!isTokenAdmin)
         throw new TesseraError("ACCESS_DENIED", `listing another user's tokens needs ${ADMIN_TOKENS_SCOPE}`);
       assertId(req.userId, "user", "user_id");
       const owner = await em(ctx).findOne(User, { id: req.userId });
-      if (!owner || !canSeeTenant(principal, owner.tenantId)) throw errors.notFound("user");
+      // A user the caller may not manage reads exactly like one that does not exist.
+      if (
+        !owner ||
+        !canSeeTenant(principal, owner.tenantId) ||
+        !mayManage(principal, { scopes: parseScopeString(owner.scopes) })
+      )
+        throw errors.notFound("user");
       where.ownerUserId = owner.id;
     } else {
       if (principal.kind !== "user") {
@@ -173,6 +181,28 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     }
     if (!req.includeRevoked) where.revokedAt = null;
     return where;
+  }
+
+  /**
+   * Users of the caller's tenant (all tenants for a `*` caller: none then) whose tokens the
+   * caller may not see: those holding a scope it lacks (assertMayManage's rule). The caller
+   * itself is never among them (every user manages its own tokens, even through a token
+   * cut down below its owner's scopes). Users without scopes are covered by anyone.
+   */
+  async function unmanageableOwners(
+    ctx: HandlerContext,
+    principal: Principal,
+    tenantId: string | null,
+  ): Promise<string[]> {
+    if (hasScope(principal.scopes, "*")) return [];
+    const users = await em(ctx).find(
+      User,
+      tenantId === null ? { scopes: { $ne: "" } } : { tenantId, scopes: { $ne: "" } },
+      { fields: ["id", "scopes"] },
+    );
+    return users
+      .filter((u) => u.id !== principal.id && !mayManage(principal, { scopes: parseScopeString(u.scopes) }))
+      .map((u) => u.id);
   }
 
   async function list(ctx: HandlerContext, kind: ApiTokenKind, req: ListInput) {
@@ -189,7 +219,8 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
 
   /**
    * Revoke a token the caller owns, or (with admin:tokens) any token of its tenant whose
-   * owner the caller may manage (assertMayManage, else ACCESS_DENIED). Anything else (missing, other kind, other tenant, other user without the scope)
+   * owner the caller may manage (assertMayManage's rule). Anything else (missing, other
+   * kind, other tenant, other user without the scope, an owner the caller may not manage)
    * is NotFound. Idempotent: a revoked token is returned unchanged. The update is
    * committed (flushed) before the call returns, and the verifier reads the row on
    * every request, so the token is refused from the next request on.
@@ -205,9 +236,11 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     if (!visible) throw errors.notFound(label[kind]);
     if (row.ownerUserId !== principal.id) {
       // Another user's token: only with authority over that user (its owner's current
-      // scopes, or the token's own if the owner is gone).
+      // scopes, or the token's own if the owner is gone); else it reads as missing, so a
+      // weaker admin learns nothing of a stronger user's tokens.
       const owner = await em(ctx).findOne(User, { id: row.ownerUserId });
-      assertMayManage(principal, { scopes: parseScopeString(owner ? owner.scopes : row.scopes) });
+      if (!mayManage(principal, { scopes: parseScopeString(owner ? owner.scopes : row.scopes) }))
+        throw errors.notFound(label[kind]);
     }
     if (!row.revokedAt) {
       row.revokedAt = new Date();

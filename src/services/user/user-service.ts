@@ -281,6 +281,14 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async updateUser(req, ctx) {
       const principal = principalOf(ctx);
       const user = await visibleUser(ctx, req.id);
+      if (req.password !== undefined && user.id === principal.id) {
+        // A stolen access token (or PAT) must not be enough to take the account over for good:
+        // ChangePassword checks the current password and spends failure budget on it.
+        throw new TesseraError(
+          "FAILED_PRECONDITION",
+          "you cannot set your own password with UpdateUser; use ChangePassword, which checks the current one",
+        );
+      }
       // Every field (password, disabled, scopes) needs authority over the user as it is
       // and as it would be.
       assertMayManage(principal, { scopes: parseScopeString(user.scopes) }, req.scopes?.scopes);

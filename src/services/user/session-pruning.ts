@@ -1,0 +1,112 @@
+import type { EntityManager } from "@mikro-orm/knex";
+import type { Logger } from "pino";
+import { RefreshToken, Session } from "../../storage/entities.js";
+
+/** Sessions deleted per statement: bounded, so one pruning never holds a long lock. */
+export const PRUNE_BATCH_SIZE = 500;
+
+/** Batches per pruning at most (the rest waits for the next one): bounded work per tick. */
+const MAX_BATCHES = 20;
+
+/** What decides which sessions may go. */
+export interface SessionPruneOptions {
+  /** auth.jwt.refreshTokenTtl */
+  refreshTokenTtlSeconds: number;
+  /** auth.maxTokenTtl: no access token outlives its issue by more. */
+  maxTokenTtlSeconds: number;
+  /** auth.jwt.clockSkew: verifiers accept a token this long past its `exp`. */
+  clockSkewSeconds: number;
+  batchSize?: number;
+  /** Clock (tests). */
+  now?: () => number;
+}
+
+/**
+ * How long an ended session is kept: the refresh-token lifetime, and never less than the
+ * longest an access token can still verify after it was issued (maxTokenTtl + clockSkew).
+ * A session's access tokens are all issued before it ends (revoked, or its last refresh
+ * token expired: no refresh can mint one after), so past this margin none can verify, and
+ * deleting the row (which the authentication path reads as "no such session", refused)
+ * changes nothing for any token.
+ */
+export function sessionRetentionMs(o: SessionPruneOptions): number {
+  return Math.max(o.refreshTokenTtlSeconds, o.maxTokenTtlSeconds + o.clockSkewSeconds) * 1000;
+}
+
+/**
+ * Delete the sessions that ended more than {@link sessionRetentionMs} ago, with their
+ * refresh tokens, in batches: those revoked before the cut-off, and those never revoked
+ * that were opened before it and have no refresh token expiring after it (expired, so
+ * never refreshed again). Their refresh tokens go too: expired or revoked, they can only
+ * be refused, and left alone one could re-open its session's row (SessionIssuer.issue
+ * gives a family without a row a new one). Returns how many sessions were deleted.
+ */
+export async function pruneSessions(em: EntityManager, o: SessionPruneOptions): Promise<number> {
+  const batchSize = o.batchSize ?? PRUNE_BATCH_SIZE;
+  const cutoff = new Date((o.now ?? Date.now)() - sessionRetentionMs(o));
+  let deleted = 0;
+  for (let batch = 0; batch < MAX_BATCHES; batch++) {
+    const fork = em.fork();
+    // Families with a refresh token still alive at the cut-off: not ended (or not long enough).
+    const live = fork
+      .createQueryBuilder(RefreshToken, "r")
+      .select("r.familyId")
+      .where({ expiresAt: { $gte: cutoff } })
+      .getKnexQuery();
+    const ended = await fork
+      .createQueryBuilder(Session, "s")
+      .select("s.id")
+      .where({
+        $or: [
+          { revokedAt: { $ne: null, $lt: cutoff } },
+          { revokedAt: null, createdAt: { $lt: cutoff }, id: { $nin: live } },
+        ],
+      })
+      .limit(batchSize)
+      .execute<{ id: string }[]>("all", false);
+    const ids = ended.map((r) => r.id);
+    if (ids.length === 0) break;
+    await fork.transactional(async (tx) => {
+      await tx.nativeDelete(RefreshToken, { familyId: { $in: ids } });
+      await tx.nativeDelete(Session, { id: { $in: ids } });
+    });
+    deleted += ids.length;
+    if (ids.length < batchSize) break;
+  }
+  return deleted;
+}
+
+/**
+ * Prune on a timer (every `intervalSeconds`, unref'd; 0: never). A failed pruning (the
+ * database gone) is logged and tried again at the next tick: nothing depends on it.
+ * Every instance prunes; concurrent prunings delete the same rows at most twice, harmlessly.
+ */
+export function startSessionPruner(
+  em: EntityManager,
+  o: SessionPruneOptions & { intervalSeconds: number; logger: Pick<Logger, "info" | "warn"> },
+): { close(): Promise<void> } {
+  if (o.intervalSeconds <= 0) return { close: async () => undefined };
+  let running: Promise<void> | undefined;
+  const tick = () => {
+    if (running) return;
+    running = pruneSessions(em, o)
+      .then(
+        (n) => {
+          if (n > 0) o.logger.info({ sessions: n }, "pruned ended sessions");
+        },
+        (err: unknown) =>
+          o.logger.warn({ err: err instanceof Error ? err.name : "unknown" }, "session pruning failed"),
+      )
+      .finally(() => {
+        running = undefined;
+      });
+  };
+  const timer = setInterval(tick, o.intervalSeconds * 1000);
+  timer.unref();
+  return {
+    async close() {
+      clearInterval(timer);
+      await running;
+    },
+  };
+}
