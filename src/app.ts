@@ -46,6 +46,7 @@ import { createErrorInterceptor } from "./interceptors/errors.js";
 import { createInputInterceptor } from "./interceptors/input.js";
 import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
+import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
 import { createHealthService } from "./services/health/health-service.js";
 import { createMachineUserService } from "./services/machine-user/machine-user-service.js";
@@ -69,6 +70,8 @@ export interface App {
   authenticator: Authenticator;
   limits: RateLimits | undefined;
   audit: AuditLog;
+  /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
+  metrics: Metrics | undefined;
   /** Shared cache of verified secrets (Basic passwords, opaque tokens): PBKDF2 once per secret. */
   secrets: VerifiedSecretCache;
   /** Coalesced last-used timestamps of credentials. */
@@ -184,6 +187,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       : undefined;
     const audit = createAuditLog({ sql, logger });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl);
+    const metrics = metricsOff(config.metrics.listen)
+      ? undefined
+      : createMetrics({ sql, audit, limits, storage });
 
     const services: DescService[] = [UserService, TokenService, TenantService, MachineUserService];
     assertAuthRules(services);
@@ -251,6 +257,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       authenticator,
       limits,
       audit,
+      metrics,
       secrets,
       lastUsed,
       bootstrap,
@@ -269,6 +276,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       startedAt: Date.now(),
       async close() {
         jwt.close();
+        metrics?.close();
         await lastUsed.close();
         await audit.close();
         await limits?.close();

@@ -1,6 +1,6 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
-import { type ConfigInput, loadConfig } from "../config.js";
+import { type ConfigInput, loadConfig, parseListen } from "../config.js";
 import { checkCanListen } from "../listen-check.js";
 
 /**
@@ -11,12 +11,13 @@ import { checkCanListen } from "../listen-check.js";
  */
 async function serverModules() {
   await import("../storage/orm-async-context.js");
-  const [app, bootstrap, logger, server, orm] = await Promise.all([
+  const [app, bootstrap, logger, server, orm, metrics] = await Promise.all([
     import("../app.js"),
     import("../bootstrap.js"),
     import("../logger.js"),
     import("../server.js"),
     import("../storage/orm.js"),
+    import("../metrics.js"),
   ]);
   return {
     createApp: app.createApp,
@@ -25,6 +26,7 @@ async function serverModules() {
     startServer: server.startServer,
     preflight: server.preflight,
     initORM: orm.initORM,
+    startMetricsServer: metrics.startMetricsServer,
   };
 }
 
@@ -77,7 +79,10 @@ export function registerServerCommands(program: Command): void {
     // Port and certificates first: a start that cannot serve fails before it creates
     // anything (an admin whose generated password nobody would see served).
     await checkCanListen(config.server);
-    const { createApp, createLogger, startServer, preflight } = await serverModules();
+    // The metrics address too ("off" or "" is none): it is part of what this start serves.
+    const metricsAt = parseListen(config.metrics.listen);
+    if (metricsAt) await checkCanListen(metricsAt);
+    const { createApp, createLogger, startServer, preflight, startMetricsServer } = await serverModules();
     const logger = createLogger(config.log.level);
     await preflight(config.server);
     const app = await createApp(config, { logger });
@@ -90,6 +95,14 @@ export function registerServerCommands(program: Command): void {
       await app.close().catch(() => undefined);
       throw err;
     });
+    const metrics = app.metrics
+      ? await startMetricsServer(app.metrics, config.metrics.listen, logger).catch(async (err: unknown) => {
+          await server.close(0).catch(() => undefined);
+          await app.close().catch(() => undefined);
+          throw err;
+        })
+      : undefined;
+    if (metrics) logger.info({ url: metrics.url }, "metrics listening");
     logger.info(
       { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
       "tessera listening",
@@ -107,6 +120,7 @@ export function registerServerCommands(program: Command): void {
       stopping = true;
       logger.info({ signal }, "shutting down");
       await server.close();
+      await metrics?.close();
       await app.close();
       process.exit(0);
     };
