@@ -64,6 +64,8 @@ export { VERSION } from "./version.js";
 export interface App {
   config: Config;
   logger: Logger;
+  /** The access log's logger (`logger` unless createApp was given another). */
+  accessLogger: Logger;
   storage: Storage;
   sql: SqlRunner;
   jwt: JwtService;
@@ -92,6 +94,8 @@ export interface App {
 /** Options for {@link createApp}. */
 export interface CreateAppOptions {
   logger?: Logger;
+  /** Where access lines go (default: `logger`); `tessera serve` gives a buffered one (logger.ts). */
+  accessLogger?: Logger;
 }
 
 /**
@@ -251,6 +255,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
+      accessLogger: options.accessLogger ?? logger,
       storage,
       sql,
       jwt,

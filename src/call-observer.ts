@@ -141,7 +141,7 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
         method: methodName(method),
         protocol,
         code: code === 0 ? "ok" : codeToString(code),
-        reason: code === 0 ? undefined : reasonOf(state, code),
+        ...(code === 0 ? {} : { reason: reasonOf(state, code) }),
         durationMs: Math.round(seconds * 1e6) / 1000,
         principalKind: principal?.kind,
         principalId: principal?.id,

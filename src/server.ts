@@ -189,7 +189,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
     metrics: app.metrics,
-    logger: app.logger,
+    logger: app.accessLogger,
     access: config.log.access,
     prefixes: {
       pat: config.auth.tokens.patPrefix,

@@ -23,6 +23,7 @@ async function serverModules() {
     createApp: app.createApp,
     ensureAdmin: bootstrap.ensureAdmin,
     createLogger: logger.createLogger,
+    createAccessLogger: logger.createAccessLogger,
     startServer: server.startServer,
     preflight: server.preflight,
     initORM: orm.initORM,
@@ -82,10 +83,14 @@ export function registerServerCommands(program: Command): void {
     // The metrics address too ("off" or "" is none): it is part of what this start serves.
     const metricsAt = parseListen(config.metrics.listen);
     if (metricsAt) await checkCanListen(metricsAt);
-    const { createApp, createLogger, startServer, preflight, startMetricsServer } = await serverModules();
+    const { createApp, createLogger, createAccessLogger, startServer, preflight, startMetricsServer } =
+      await serverModules();
     const logger = createLogger(config.log.level);
     await preflight(config.server);
-    const app = await createApp(config, { logger });
+    const app = await createApp(config, {
+      logger,
+      ...(config.log.access === "off" ? {} : { accessLogger: createAccessLogger(config.log.level) }),
+    });
     if (app.bootstrap.generatedPassword) {
       showOnce(
         `Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
