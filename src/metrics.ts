@@ -40,6 +40,13 @@ export interface Metrics {
   observeAuth(credential: CredentialKind, success: boolean, reason: string): void;
   /** The exposition text (Prometheus text format 0.0.4). */
   scrape(): Promise<string>;
+  /**
+   * Add Node's default process metrics (prom-client `collectDefaultMetrics`), once; the
+   * metrics server does when it starts. Not at creation: they start an event-loop delay
+   * monitor and a GC observer that are never stopped, one per registry, and an app that
+   * serves no metrics (most test apps) need not carry them.
+   */
+  collectProcessMetrics(): void;
   /** Stop observing process-wide sources (the hash pool). */
   close(): void;
 }
@@ -79,7 +86,7 @@ interface CallChildren {
 /** Create the registry and every metric of a Tessera app. */
 export function createMetrics(sources: MetricsSources): Metrics {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry });
+  let processMetrics = false;
 
   new Gauge({
     name: "tessera_build_info",
@@ -306,6 +313,11 @@ export function createMetrics(sources: MetricsSources): Metrics {
       child.inc();
     },
     scrape: () => registry.metrics(),
+    collectProcessMetrics() {
+      if (processMetrics) return;
+      processMetrics = true;
+      collectDefaultMetrics({ register: registry });
+    },
     close() {
       stopWaits();
     },
@@ -358,6 +370,7 @@ export async function startMetricsServer(
 ): Promise<MetricsServer> {
   const at = parseListen(listen);
   if (at === null) throw new Error(`metrics.listen: not host:port: ${listen}`);
+  metrics.collectProcessMetrics();
   const server: Server = createServer((req, res) => {
     const path = (req.url ?? "/").split("?")[0];
     if (path !== "/metrics" || (req.method !== "GET" && req.method !== "HEAD")) {
