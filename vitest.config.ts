@@ -9,5 +9,7 @@ export default defineConfig({
     // Two cores: run files in parallel but not more than the machine can hold.
     maxWorkers: 2,
     globalSetup: ["test/global-setup.ts"],
+    // Servers started by tests (tessera serve, several at once) take a free metrics port each.
+    env: { TESSERA_METRICS_LISTEN: "127.0.0.1:0" },
   },
 });

@@ -75,11 +75,16 @@ export async function startServerProcess(options: StartOptions): Promise<ServerP
         ),
       options.timeoutMs ?? 60_000,
     );
+    let started = false;
     const onLine = (line: string) => {
       tail.push(line.length > 500 ? `${line.slice(0, 500)}…` : line);
       if (tail.length > 40) tail.shift();
+      // Once started, lines (an access line per request) are only kept for the tail: parsing
+      // each would take CPU from the load generators.
+      if (started) return;
       const found = options.ready(line);
       if (found) {
+        started = true;
         clearTimeout(timer);
         resolve(found);
       }

@@ -83,6 +83,7 @@ if (flags.help) {
   --soak <n>          requests in the soak (default 100000)
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
                       jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits,
+                      jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, first-use, soak
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
@@ -280,6 +281,8 @@ async function startTessera(
     TESSERA_ADMIN_PASSWORD: adminPassword,
     TESSERA_RATE_LIMIT: "false",
     TESSERA_ACCESS_TOKEN_TTL: "7200",
+    // A free port each: several servers run at once here (and other runs on the machine).
+    TESSERA_METRICS_LISTEN: "127.0.0.1:0",
     ...extraEnv,
   });
   const server = await startServerProcess({
@@ -845,6 +848,35 @@ async function run(): Promise<void> {
     TESSERA_RATE_LIMIT_PER_IP: "1000000000",
     TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
   };
+  // The cost of observing calls: the same JWT call with the metrics and the access log off
+  // (unobserved), with metrics alone, and (jwt-hs256) with both on, as by default. Only when
+  // --only names them: two more servers for an A/B that the full run (and smoke) need not make.
+  for (const [id, label, env] of [
+    [
+      "jwt-hs256-unobserved",
+      "metrics and access log off",
+      { TESSERA_METRICS_LISTEN: "off", TESSERA_LOG_ACCESS: "off" },
+    ],
+    ["jwt-hs256-metrics-only", "metrics on, access log off", { TESSERA_LOG_ACCESS: "off" }],
+  ] as const) {
+    if (!only?.test(id)) continue;
+    const server = await startTessera(launcher, certDir, adminPassword, id, {
+      TESSERA_JWT_SECRET: jwtSecret,
+      ...env,
+    });
+    const s = await seedUser(server, adminPassword, user, tls);
+    scenarios.push(
+      ...both({
+        ...gcu(server),
+        id,
+        label: `GetCurrentUser, JWT HS256, ${label}`,
+        kind: "authenticated",
+        headers: bearer(s.userToken),
+        expect: asUser,
+        note: `${label}: compare with jwt-hs256 (both on, the default)`,
+      }),
+    );
+  }
   if (wanted("jwt-hs256-limits")) {
     const server = await startTessera(launcher, certDir, adminPassword, "limits", limitsEnv);
     const s = await seedUser(server, adminPassword, user, tls);

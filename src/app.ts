@@ -47,6 +47,7 @@ import { createErrorInterceptor } from "./interceptors/errors.js";
 import { createInputInterceptor } from "./interceptors/input.js";
 import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
+import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
 import { createHealthService } from "./services/health/health-service.js";
 import { createMachineUserService } from "./services/machine-user/machine-user-service.js";
@@ -65,12 +66,16 @@ export { VERSION } from "./version.js";
 export interface App {
   config: Config;
   logger: Logger;
+  /** The access log's logger (`logger` unless createApp was given another). */
+  accessLogger: Logger;
   storage: Storage;
   sql: SqlRunner;
   jwt: JwtService;
   authenticator: Authenticator;
   limits: RateLimits | undefined;
   audit: AuditLog;
+  /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
+  metrics: Metrics | undefined;
   /** Shared cache of verified secrets (Basic passwords, opaque tokens): PBKDF2 once per secret. */
   secrets: VerifiedSecretCache;
   /** Coalesced last-used timestamps of credentials. */
@@ -102,6 +107,8 @@ export interface CreateAppOptions {
    * that a database it cannot reach or migrate fails the start with no files written.
    */
   beforeBootstrap?: () => Promise<void>;
+  /** Where access lines go (default: `logger`); `tessera serve` gives a buffered one (logger.ts). */
+  accessLogger?: Logger;
 }
 
 /**
@@ -213,6 +220,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       : undefined;
     const audit = createAuditLog({ sql, logger });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
+    const metrics = metricsOff(config.metrics.listen)
+      ? undefined
+      : createMetrics({ sql, audit, limits, storage });
 
     const services: DescService[] = [UserService, TokenService, TenantService, MachineUserService];
     assertAuthRules(services);
@@ -284,12 +294,14 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
+      accessLogger: options.accessLogger ?? logger,
       storage,
       sql,
       jwt,
       authenticator,
       limits,
       audit,
+      metrics,
       secrets,
       lastUsed,
       bootstrap,
@@ -311,6 +323,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       async close() {
         jwt.close();
         await sessionPruner.close();
+        metrics?.close();
         await lastUsed.close();
         await audit.close();
         await limits?.close();

@@ -190,11 +190,38 @@ const ConfigSchema = z
     log: z
       .object({
         level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
+        access: z.enum(["info", "debug", "off"]).default("info"),
+      })
+      .strict()
+      .prefault({}),
+    metrics: z
+      .object({
+        // Loopback by default: the metrics name methods, principals' counts and the pool's
+        // state, which are for operators, not for the callers of the public port.
+        listen: z
+          .string()
+          .refine((v) => v === "" || v === "off" || parseListen(v) !== null, {
+            message: 'expected host:port (e.g. 127.0.0.1:9464, [::1]:9464), or "off"',
+          })
+          .default("127.0.0.1:9464"),
       })
       .strict()
       .prefault({}),
   })
   .strict();
+
+/**
+ * The host and port of a `host:port` listen address (`[v6]:port` for IPv6; port 0 picks a
+ * free one), or null when it is not one. "" and "off" mean no listener (checked by callers).
+ */
+export function parseListen(value: string): { host: string; port: number } | null {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s]+)):(\d{1,5})$/.exec(value.trim());
+  if (!m) return null;
+  const host = m[1] ?? m[2]!;
+  const port = Number(m[3]);
+  if (port > 65535 || (m[1] !== undefined && isIP(host) !== 6)) return null;
+  return { host, port };
+}
 
 /** The validated configuration. */
 export type Config = z.infer<typeof ConfigSchema>;
@@ -601,6 +628,20 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "string",
     "info",
     "fatal, error, warn, info, debug, trace or silent. Re-read on SIGHUP (config file and environment), so a running server changes level without a restart.",
+  ],
+  [
+    "log.access",
+    "TESSERA_LOG_ACCESS",
+    "string",
+    "info",
+    "Access log: one line per RPC (method, protocol, code, reason, duration, principal, request id, client IP; never a credential) at info or debug level, or off.",
+  ],
+  [
+    "metrics.listen",
+    "TESSERA_METRICS_LISTEN",
+    "string",
+    "127.0.0.1:9464",
+    "host:port of the Prometheus endpoint GET /metrics (plain HTTP, apart from the public port; see docs/metrics.md); off for none. Reachable from loopback only by default.",
   ],
 ].map(([path, env, kind, def, description]) => ({
   path: path as string,

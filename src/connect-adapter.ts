@@ -22,6 +22,8 @@ import {
   type UniversalServerResponse,
 } from "@connectrpc/connect/protocol";
 import {
+  codeFromHttpStatus,
+  codeFromString,
   codeToHttpStatus,
   contentTypeUnaryJson as connectJson,
   contentTypeUnaryRegExp as connectUnaryType,
@@ -219,6 +221,14 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * `loggableError` keeps. Default: not logged.
    */
   logger?: Pick<Logger, "error">;
+  /**
+   * Called once for every call to an RPC path when it ends, whichever way: answered by the
+   * unary handlers, refused by `admit`, served by Connect's handlers (streams, Connect GET,
+   * gRPC-Web text), failed with a 500, or left by the client (Canceled). `code` is 0 for
+   * success, else the Connect code the client was (or would have been) answered with.
+   * Runs after the answer is handed to Node; for metrics and access logs. It must not throw.
+   */
+  onCallEnd?: (req: NodeRequest, method: DescMethod, protocol: UnaryProtocol, code: number) => void;
 }
 
 /** What `admit` decides: go on (undefined), or answer with an error. */
@@ -298,6 +308,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
   const maxBodyBytes = options.maxBodyBytes ?? Number.POSITIVE_INFINITY;
   const responseHeaders = options.responseHeaders;
+  const onCallEnd = options.onCallEnd;
 
   /** The route of an HTTP/2 request the unary handlers answer (and so can be served as a StreamRequest), else undefined. */
   function acceptedRoute(headers: http2.IncomingHttpHeaders): Route | undefined {
@@ -357,15 +368,20 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       if (protocol === undefined) dispatch(route!, protocol, req, res, common);
       else {
         discardBody(req, res, readMaxBytes);
-        if (gone(req)) return;
+        if (gone(req)) {
+          onCallEnd?.(req, handler.method, protocol.kind, Code.Canceled);
+          return;
+        }
         let early: UnaryAnswer;
         try {
           early = earlyAnswer(protocol, error, options.jsonOptions);
         } catch {
           destroy(req, res);
+          onCallEnd?.(req, handler.method, protocol.kind, Code.Internal);
           return;
         }
         writeUnaryAnswer(early, req, res, errorBody, common);
+        onCallEnd?.(req, handler.method, protocol.kind, early.code);
       }
     }
   }
@@ -389,8 +405,12 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     res: NodeResponse | undefined,
     common: http.OutgoingHttpHeaders | undefined,
   ): void {
+    const { handler } = route;
     // Gone while admission was pending: nothing to answer.
-    if (gone(req)) return;
+    if (gone(req)) {
+      onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Canceled);
+      return;
+    }
     const url = req.url ?? "";
     const signal = new RequestSignal();
     // Whether the answer was written (through `res`, or by writeUnaryAnswer on the HTTP/2 stream).
@@ -417,8 +437,8 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
-    const { handler } = route;
     const onError = (err: unknown) => {
+      onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Internal);
       if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
         logger?.error(
           { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
@@ -442,7 +462,9 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     if (unaryHandler) {
       unaryHandler(uReq).then((answer) => {
         answered = true;
+        const code = gone(req) ? Code.Canceled : answer.code;
         writeUnaryAnswer(answer, req, res, errorBody, common);
+        onCallEnd?.(req, handler.method, protocol.kind, code);
         // Answered before the body's end (refused while the client was still uploading).
         stopUnreadBody(req, res, readMaxBytes);
       }, onError);
@@ -453,9 +475,10 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     handler(uReq)
       .then(
         (uRes) =>
-          uRes.status >= 400 && errorBody
+          (uRes.status >= 400 && errorBody
             ? writeErrorResponse(uRes, req, res, errorBody)
-            : writeResponse(uRes, res),
+            : writeResponse(uRes, res)
+          ).then((code) => onCallEnd?.(req, handler.method, protocolOf(req), code)),
         onError,
       )
       .then(() => stopUnreadBody(req, res, readMaxBytes));
@@ -651,12 +674,12 @@ function earlyAnswer(
   const wire = error instanceof ConnectError ? undefined : error;
   if (protocol.kind === "connect") {
     const status = codeToHttpStatus(error.code);
-    if (wire) return { status, ...wire.connect(), plain: false, final: true };
+    if (wire) return { status, ...wire.connect(), plain: false, final: true, code: error.code };
     const body = errorToJsonBytes(error as ConnectError, jsonOptions ?? {});
     const header = nodeHeaders((error as ConnectError).metadata);
     header["content-type"] = connectJson;
     header["content-length"] = body.byteLength;
-    return { status, header, body, plain: false };
+    return { status, header, body, plain: false, code: error.code };
   }
   const trailer = wire
     ? wire.grpcTrailers()
@@ -668,6 +691,7 @@ function earlyAnswer(
       body: new Uint8Array(0),
       trailer,
       plain: false,
+      code: error.code,
     };
   }
   // gRPC-Web: the trailers travel in the body, as a trailer frame.
@@ -676,6 +700,7 @@ function earlyAnswer(
     header: { "content-type": protocol.json ? grpcWebJson : grpcWebProto },
     body: encodeEnvelope(trailerFlag, trailerSerialize(new Headers(trailer as Record<string, string>))),
     plain: false,
+    code: error.code,
   };
 }
 
@@ -861,13 +886,18 @@ function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable
   };
 }
 
-/** Write a universal response: headers after the first body chunk (so handlers can still set them), trailers last. */
-async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): Promise<void> {
+/**
+ * Write a universal response: headers after the first body chunk (so handlers can still set
+ * them), trailers last. Resolves to the code the call ended with (see {@link streamedCode}),
+ * Canceled when the response could not be written to its end.
+ */
+async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): Promise<number> {
   const it = uRes.body?.[Symbol.asyncIterator]();
   // The members used here have the same shape on HTTP/1.1's and HTTP/2's response.
   const out = res as http2.Http2ServerResponse;
   let writing = false;
   let done = it === undefined;
+  let last: Uint8Array | undefined;
   try {
     if (it !== undefined) {
       let chunk = await it.next();
@@ -875,6 +905,7 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
       out.writeHead(uRes.status, nodeHeadersOf(uRes.header));
       for (; chunk.done !== true; chunk = await it.next()) {
         writing = true;
+        last = chunk.value;
         if (!out.write(chunk.value)) await drained(res);
         writing = false;
       }
@@ -884,10 +915,12 @@ async function writeResponse(uRes: UniversalServerResponse, res: NodeResponse): 
     const trailers = nodeHeadersOf(uRes.trailer);
     if (trailers) out.addTrailers(trailers);
     out.end();
+    return streamedCode(uRes, last);
   } catch (err) {
     // Report write errors to the handler (it stops producing); then drop the response.
     if (writing) it?.throw?.(err).catch(() => undefined);
     res.destroy();
+    return Code.Canceled;
   } finally {
     // Only a body left unfinished needs return() (an exhausted iterator has nothing to
     // release; Connect's gRPC pipeline would abort its context a second time).
@@ -960,27 +993,105 @@ function sendTrailer(this: TrailingStream): void {
   this.sendTrailers(this[kTrailer] ?? NO_TRAILERS);
 }
 
-/** An error response (small, unary): read it whole, let `rewrite` change the body, send it with its new length. */
+/**
+ * An error response (small, unary): read it whole, let `rewrite` change the body, send it
+ * with its new length. Resolves to the error's code (Canceled when it could not be sent).
+ */
 async function writeErrorResponse(
   uRes: UniversalServerResponse,
   req: NodeRequest,
   res: NodeResponse,
   rewrite: (req: NodeRequest, body: Uint8Array) => Uint8Array,
-): Promise<void> {
+): Promise<number> {
   const out = res as http2.Http2ServerResponse;
   try {
     const chunks: Uint8Array[] = [];
     if (uRes.body) for await (const chunk of uRes.body) chunks.push(chunk);
-    const body = rewrite(req, chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
+    const original = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
+    const code = connectErrorCode(original, uRes.status);
+    const body = rewrite(req, original);
     const header = nodeHeadersOf(uRes.header) ?? {};
     header["content-length"] = body.byteLength;
     out.writeHead(uRes.status, header);
     const trailers = nodeHeadersOf(uRes.trailer);
     if (trailers) out.addTrailers(trailers);
     out.end(body);
+    return code;
   } catch {
     res.destroy();
+    return Code.Canceled;
   }
+}
+
+/** The protocol of a request Connect's handlers serve, by its content type (Connect GET has none). */
+function protocolOf(req: NodeRequest): UnaryProtocol {
+  const type = req.headers["content-type"] ?? "";
+  if (type.startsWith("application/grpc-web")) return "grpc-web";
+  if (type.startsWith("application/grpc")) return "grpc";
+  return "connect";
+}
+
+/** The code of a Connect unary error body (`{"code":"not_found",…}`), else the HTTP status's. */
+function connectErrorCode(body: Uint8Array, status: number): number {
+  try {
+    const code = (JSON.parse(Buffer.from(body).toString("utf8")) as { code?: unknown }).code;
+    const parsed = typeof code === "string" ? codeFromString(code) : undefined;
+    if (parsed !== undefined) return parsed;
+  } catch {
+    // Not JSON: the status tells.
+  }
+  return codeFromHttpStatus(status);
+}
+
+/**
+ * The code a response Connect's handlers wrote ended with, read from what was written
+ * (only for calls those handlers serve: streams, Connect GET, gRPC-Web text, so never on
+ * the unary hot path): gRPC's grpc-status trailer, gRPC-Web's trailer frame, the error of a
+ * Connect stream's end message, or a Connect unary answer's status. `last` is the last
+ * body chunk, where the two framed protocols put their status.
+ */
+function streamedCode(uRes: UniversalServerResponse, last: Uint8Array | undefined): number {
+  const grpcStatus = uRes.trailer?.get("grpc-status");
+  if (grpcStatus != null) return Number(grpcStatus) || 0;
+  const type = uRes.header?.get("content-type") ?? "";
+  const frame = last !== undefined && last.byteLength >= 5 ? lastEnvelope(last) : undefined;
+  if (type.startsWith("application/grpc-web")) {
+    // The trailer frame (flag 0x80), "grpc-status: N" among its lines; -text bodies are base64.
+    const text = type.includes("-text")
+      ? Buffer.from(Buffer.from(last ?? EMPTY_BYTES).toString("latin1"), "base64").toString("latin1")
+      : Buffer.from(frame?.data ?? EMPTY_BYTES).toString("latin1");
+    const m = /grpc-status:\s*(\d+)/i.exec(text);
+    return m ? Number(m[1]) : Code.Unknown;
+  }
+  if (type.startsWith("application/connect+")) {
+    // The end-of-stream message (flag 0x02): {"error":{"code":…}} when the stream failed.
+    if (frame === undefined || (frame.flags & 0b10) === 0) return Code.Unknown;
+    try {
+      const end = JSON.parse(Buffer.from(frame.data).toString("utf8")) as { error?: { code?: unknown } };
+      if (end.error === undefined) return 0;
+      return (
+        (typeof end.error.code === "string" ? codeFromString(end.error.code) : undefined) ?? Code.Unknown
+      );
+    } catch {
+      return Code.Unknown;
+    }
+  }
+  return uRes.status < 400 ? 0 : codeFromHttpStatus(uRes.status);
+}
+
+const EMPTY_BYTES = new Uint8Array(0);
+
+/** The last complete envelope (flags, data) of a chunk holding whole envelopes, or undefined. */
+function lastEnvelope(chunk: Uint8Array): { flags: number; data: Uint8Array } | undefined {
+  let found: { flags: number; data: Uint8Array } | undefined;
+  let at = 0;
+  while (at + 5 <= chunk.byteLength) {
+    const length = new DataView(chunk.buffer, chunk.byteOffset + at + 1, 4).getUint32(0);
+    if (at + 5 + length > chunk.byteLength) return found;
+    found = { flags: chunk[at]!, data: chunk.subarray(at + 5, at + 5 + length) };
+    at += 5 + length;
+  }
+  return found;
 }
 
 function drained(res: NodeResponse): Promise<void> {

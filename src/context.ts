@@ -39,6 +39,8 @@ export interface RequestState {
   admission?: Admission;
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
+  /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */
+  startedAt?: number;
   /** The request's EntityManager fork, created on first use by {@link requestEm}. */
   em?: EntityManager;
 }

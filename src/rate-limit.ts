@@ -26,9 +26,14 @@ export interface LimitResult {
 
 /** A fixed-window limiter over rate-limiter-flexible (memory, or Redis to share between instances). */
 export class Limiter {
+  /** Requests this limiter refused since start (metrics read it when scraped). */
+  refused = 0;
+
   constructor(
     private readonly impl: RateLimiterAbstract,
     readonly limit: number,
+    /** What it limits, as the `limiter` label of `tessera_rate_limit_refusals_total` names it. */
+    readonly name = "unnamed",
   ) {}
 
   /** Count one request for `key`. */
@@ -44,8 +49,10 @@ export class Limiter {
         windowEnd: Date.now() + res.msBeforeNext,
       };
     } catch (res) {
-      if (res instanceof RateLimiterRes)
+      if (res instanceof RateLimiterRes) {
+        this.refused++;
         return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
+      }
       throw res;
     }
   }
@@ -90,6 +97,8 @@ export interface RateLimits {
   passwords: PasswordGuard;
   /** New secrets (tokens, API keys, machine credentials) per principal per hour: each costs a PBKDF2. */
   credentialCreations: Limiter;
+  /** Requests refused since start, by limiter name (every limiter, the password guard's included). */
+  refusals(): Record<string, number>;
   close(): Promise<void>;
 }
 
@@ -302,9 +311,15 @@ export function createRateLimits(
 ): RateLimits {
   let redis: Redis | undefined;
   const state = new RedisState(options.logger ?? { warn() {}, info() {} });
+  const made: Limiter[] = [];
   const make = (keyPrefix: string, points: number, duration = 60): Limiter => {
+    const limiter = makeLimiter(keyPrefix, points, duration);
+    made.push(limiter);
+    return limiter;
+  };
+  const makeLimiter = (keyPrefix: string, points: number, duration: number): Limiter => {
     const memory = new RateLimiterMemory({ keyPrefix, points, duration });
-    if (!config.redisUrl) return new Limiter(memory, points);
+    if (!config.redisUrl) return new Limiter(memory, points, keyPrefix);
     if (!redis) {
       redis = new Redis(config.redisUrl, {
         enableOfflineQueue: false,
@@ -334,7 +349,7 @@ export function createRateLimits(
       const call = store[name]!.bind(shared);
       store[name] = (...args) => state.run(() => call(...args));
     }
-    return new Limiter(shared, points);
+    return new Limiter(shared, points, keyPrefix);
   };
   const authFailures = make("authfail", config.authFailuresPerIpPerMinute);
   return {
@@ -355,6 +370,11 @@ export function createRateLimits(
         maxSeconds: config.maxLockoutSeconds,
       },
     ),
+    refusals() {
+      const out: Record<string, number> = {};
+      for (const l of made) out[l.name] = (out[l.name] ?? 0) + l.refused;
+      return out;
+    },
     async close() {
       redis?.disconnect();
     },

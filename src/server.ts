@@ -13,6 +13,7 @@ import { admit } from "./admission.js";
 import type { App } from "./app.js";
 import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
+import { createCallObserver } from "./call-observer.js";
 import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
@@ -32,6 +33,7 @@ import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
+import type { UnaryProtocol } from "./unary-handlers.js";
 import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest | StreamRequest;
@@ -199,6 +201,17 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   }
 
   const admission = { authenticator: app.authenticator, limits: app.limits };
+  // Metrics and the access log of every call, when either is on (see call-observer.ts).
+  const observe = createCallObserver({
+    metrics: app.metrics,
+    logger: app.accessLogger,
+    access: config.log.access,
+    prefixes: {
+      pat: config.auth.tokens.patPrefix,
+      apiKey: config.auth.tokens.apiKeyPrefix,
+      machine: config.auth.tokens.machinePrefix,
+    },
+  });
   // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
   const adapter = createConnectHandler({
     routes: app.routes,
@@ -238,6 +251,12 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       // Decided synchronously (or nothing to decide): no promise.
       return pending === undefined ? verdict() : pending.then(verdict);
     },
+    ...(observe
+      ? {
+          onCallEnd: (req: Request, method: DescMethod, protocol: UnaryProtocol, code: number) =>
+            observe(stateOf(req), req.headers, method, protocol, code),
+        }
+      : {}),
   });
   /**
    * The refusal to answer before the pipeline, if any: a per-IP limit, or a refused
@@ -300,6 +319,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       ip: resolveIp(peer, req.headers),
       certificate: peerCertificate(req),
       principal: null,
+      startedAt: performance.now(),
     };
     if (isProxy(peer)) state.viaProxy = true;
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
@@ -375,6 +395,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       if (n > maxStreamsPerIp) {
         setCommonHeaders();
         refuseStream(req, res);
+        observe?.(stateOf(req), req.headers, method, streamProtocol(req), Code.ResourceExhausted);
         return;
       }
       openStreams.set(ip, n);
@@ -394,6 +415,16 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
 }
 
 const TOO_MANY_STREAMS = "too many streaming calls open from this address";
+
+/** The protocol of a streaming call, by its content type. */
+function streamProtocol(req: IncomingMessage | http2.Http2ServerRequest): UnaryProtocol {
+  const type = req.headers["content-type"] ?? "";
+  return type.startsWith("application/grpc-web")
+    ? "grpc-web"
+    : type.startsWith("application/grpc")
+      ? "grpc"
+      : "connect";
+}
 
 /**
  * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a

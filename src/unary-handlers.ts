@@ -106,6 +106,8 @@ export interface UnaryAnswer {
   plain: boolean;
   /** True when an error's body is already what is sent: the `errorBody` option does not rewrite it. */
   final?: boolean;
+  /** How the call ended: 0 for success, else the Connect code it failed with (metrics, access log). */
+  code: number;
 }
 
 export type UnaryHandler = (req: UnaryRequest) => Promise<UnaryAnswer>;
@@ -183,6 +185,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
       connect.headerUnaryAcceptEncoding,
     );
     let status = 200;
+    let code = 0;
     let body: Uint8Array;
     try {
       if (compression.error) throw compression.error;
@@ -195,6 +198,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
     } catch (e) {
       context.abort(e);
       const error = callError(opt, asConnectError(e), context, spec);
+      code = error.code;
       status = connect.codeToHttpStatus(error.code);
       context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
       error.metadata.forEach((value, key) => {
@@ -219,7 +223,7 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
       if (encoding !== undefined) header["content-encoding"] = encoding;
     }
     header["content-length"] = body.byteLength.toString(10);
-    return { status, header, body, plain: !context.responseTouched };
+    return { status, header, body, plain: !context.responseTouched, code };
   };
 }
 
@@ -254,6 +258,7 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       GRPC_OK,
     );
     let message: Uint8Array | undefined;
+    let code = 0;
     try {
       if (compression.error) throw compression.error;
       if (timeout.error) throw timeout.error;
@@ -274,14 +279,16 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       context.abort(CALL_DONE);
     } catch (e) {
       context.abort(e);
-      grpc.setTrailerStatus(context.responseTrailer, callError(opt, asConnectError(e), context, spec));
+      const error = callError(opt, asConnectError(e), context, spec);
+      code = error.code;
+      grpc.setTrailerStatus(context.responseTrailer, error);
     }
     // Nothing read or changed the response headers or trailers: what they would hold.
     const touched = context.responseTouched;
     const header = touched ? nodeHeaders(context.responseHeader) : { ...initialHeader };
     if (!web) {
       const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
-      return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched };
+      return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched, code };
     }
     const trailer = await envelopeCompress(
       {
@@ -292,7 +299,7 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       opt.compressMinBytes,
     );
     const frame = encodeEnvelope(trailer.flags, trailer.data);
-    return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched };
+    return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched, code };
   };
 }
 

@@ -8,7 +8,7 @@ import { join } from "node:path";
  * hint, `tsr_pat_…abcd`, is not one), a JWT, a refresh token's SHA-256 (64 hex digits
  * labelled as such), a private key, the test passwords.
  */
-const PATTERNS: [string, RegExp][] = [
+export const SECRET_PATTERNS: [string, RegExp][] = [
   ["a PBKDF2 hash", /pbkdf2-sha256\$/],
   ["a token or key", /\btsr_(?:pat|key|mu|rt)_[A-Za-z0-9_-]{16,}/],
   ["a JWT", /\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{20,}/],
@@ -32,7 +32,7 @@ export function scanSuiteLogs(dir: string): void {
     const text = readFileSync(join(dir, file), "utf8");
     text.split("\n").forEach((line, i) => {
       if (line) lines++;
-      for (const [what, re] of PATTERNS) if (re.test(line)) problems.push(`${file}:${i + 1}: ${what}`);
+      for (const [what, re] of SECRET_PATTERNS) if (re.test(line)) problems.push(`${file}:${i + 1}: ${what}`);
     });
   }
   if (lines === 0) throw new Error(`the log scan found no log lines in ${dir}: nothing was captured`);

@@ -114,9 +114,14 @@ export class HashPool {
             this.creating--;
           })
       : task;
-    if (this.running < this.options.concurrency) return this.start(job);
+    if (this.running < this.options.concurrency) {
+      notifyWait(0);
+      return this.start(job);
+    }
+    const queuedAt = performance.now();
     return new Promise<T>((resolve, reject) => {
       (create ? this.waitingCreations : this.waiting).push(() => {
+        notifyWait((performance.now() - queuedAt) / 1000);
         this.start(job).then(resolve, reject);
       });
     });
@@ -161,6 +166,23 @@ export class HashPool {
       (this.waiting.shift() ?? this.waitingCreations.shift())?.();
     }
   }
+}
+
+/** Who is told how long each hash waited for a slot (metrics: a histogram). */
+const waitObservers = new Set<(seconds: number) => void>();
+
+/**
+ * Be told, for every hash that starts in this process, how many seconds it waited for a
+ * slot (0 when one was free). Returns the function that stops it. Process-wide, like the
+ * pool: a callback here costs nothing on any request that does not hash.
+ */
+export function observeHashWaits(observer: (seconds: number) => void): () => void {
+  waitObservers.add(observer);
+  return () => waitObservers.delete(observer);
+}
+
+function notifyWait(seconds: number): void {
+  for (const observer of waitObservers) observer(seconds);
 }
 
 let pool = new HashPool({

@@ -1,6 +1,6 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
-import { type ConfigInput, loadConfig } from "../config.js";
+import { type ConfigInput, loadConfig, parseListen } from "../config.js";
 import { checkCanListen } from "../listen-check.js";
 
 /**
@@ -11,20 +11,23 @@ import { checkCanListen } from "../listen-check.js";
  */
 async function serverModules() {
   await import("../storage/orm-async-context.js");
-  const [app, bootstrap, logger, server, orm] = await Promise.all([
+  const [app, bootstrap, logger, server, orm, metrics] = await Promise.all([
     import("../app.js"),
     import("../bootstrap.js"),
     import("../logger.js"),
     import("../server.js"),
     import("../storage/orm.js"),
+    import("../metrics.js"),
   ]);
   return {
     createApp: app.createApp,
     ensureAdmin: bootstrap.ensureAdmin,
     createLogger: logger.createLogger,
+    createAccessLogger: logger.createAccessLogger,
     startServer: server.startServer,
     preflight: server.preflight,
     initORM: orm.initORM,
+    startMetricsServer: metrics.startMetricsServer,
   };
 }
 
@@ -84,12 +87,18 @@ export function registerServerCommands(program: Command): void {
     // certificates, then the admin. A start that cannot serve fails before it creates
     // anything (an admin whose generated password nobody would see served).
     await checkCanListen(config.server);
-    const { createApp, createLogger, startServer, preflight } = await serverModules();
+    // The metrics address too ("off" or "" is none): it is part of what this start serves.
+    const metricsAt = parseListen(config.metrics.listen);
+    if (metricsAt) await checkCanListen(metricsAt);
+    const { createApp, createLogger, createAccessLogger, startServer, preflight, startMetricsServer } =
+      await serverModules();
     const logger = createLogger(config.log.level);
+    const accessLogger = config.log.access === "off" ? undefined : createAccessLogger(config.log.level);
     await preflight(config.server, { generate: false });
     const app = await createApp(config, {
       logger,
       beforeBootstrap: () => preflight(config.server),
+      ...(accessLogger ? { accessLogger } : {}),
     });
     if (app.bootstrap.generatedPassword) {
       showOnce(
@@ -100,6 +109,14 @@ export function registerServerCommands(program: Command): void {
       await app.close().catch(() => undefined);
       throw err;
     });
+    const metrics = app.metrics
+      ? await startMetricsServer(app.metrics, config.metrics.listen, logger).catch(async (err: unknown) => {
+          await server.close(0).catch(() => undefined);
+          await app.close().catch(() => undefined);
+          throw err;
+        })
+      : undefined;
+    if (metrics) logger.info({ url: metrics.url }, "metrics listening");
     logger.info(
       { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
       "tessera listening",
@@ -117,6 +134,9 @@ export function registerServerCommands(program: Command): void {
           if (louder) logger.level = level;
           logger.info({ from, to: level }, "log level changed");
           logger.level = level;
+          // The access lines are written at info or debug (log.access) through their own
+          // buffered logger: under the same level, or a quieter level would not quiet them.
+          if (accessLogger) accessLogger.level = level;
         }
       } catch (err) {
         logger.error({ err: (err as Error).message }, "configuration reload failed; keeping the log level");
@@ -148,6 +168,7 @@ export function registerServerCommands(program: Command): void {
         if (cut > 0) logger.warn({ cut }, "calls still in flight after the grace period were cut");
         // app.close() flushes the audit log's buffer (app.audit.close()) and the last-used
         // times (app.lastUsed.close()), then closes Redis and the database, in that order.
+        await metrics?.close();
         await app.close();
       } catch (err) {
         logger.error({ err: (err as Error).message }, "shutdown failed");

@@ -1,0 +1,154 @@
+import type { DescMethod } from "@bufbuild/protobuf";
+import { ConnectError } from "@connectrpc/connect";
+import { codeToString } from "@connectrpc/connect/protocol-connect";
+import type { Logger } from "pino";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import type { Config } from "./config.js";
+import type { RequestState } from "./context.js";
+import { reasonForCode, TesseraError } from "./errors.js";
+import type { CredentialKind, Metrics } from "./metrics.js";
+import type { UnaryProtocol } from "./unary-handlers.js";
+
+/**
+ * What happens when a call ends (see `onCallEnd` in connect-adapter.ts): its metrics
+ * (metrics.ts) and its access-log line. One function for both, so the request's state is
+ * read once; undefined when metrics and the access log are both off, so that the adapter
+ * then calls nothing at all.
+ */
+export type CallObserver = (
+  state: RequestState,
+  headers: Readonly<Record<string, string | string[] | undefined>>,
+  method: DescMethod,
+  protocol: UnaryProtocol,
+  code: number,
+) => void;
+
+/** Options of {@link createCallObserver}. */
+export interface CallObserverOptions {
+  metrics: Metrics | undefined;
+  logger: Logger;
+  /** `log.access`: the level of access lines, or off. */
+  access: Config["log"]["access"];
+  /** Token prefixes, to name the kind of a refused bearer token without parsing it. */
+  prefixes: { pat: string; apiKey: string; machine: string };
+}
+
+const LOGIN = UserService.method.login;
+const REFRESH = UserService.method.refreshToken;
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
+/** The access line's `method` ("tessera.v1.UserService/GetCurrentUser"), made once per RPC. */
+const methodNames = new Map<DescMethod, string>();
+function methodName(method: DescMethod): string {
+  let name = methodNames.get(method);
+  if (name === undefined) {
+    name = `${method.parent.typeName}/${method.name}`;
+    methodNames.set(method, name);
+  }
+  return name;
+}
+
+/** Create the observer of finished calls, or undefined when there is nothing to observe. */
+export function createCallObserver(options: CallObserverOptions): CallObserver | undefined {
+  const { metrics, logger, prefixes } = options;
+  const level = options.access === "off" ? undefined : options.access;
+  if (metrics === undefined && level === undefined) return undefined;
+
+  /** The kind of credential a refused request presented, from its headers (never their value). */
+  function presented(
+    headers: Readonly<Record<string, string | string[] | undefined>>,
+    state: RequestState,
+  ): CredentialKind {
+    const authorization = headers.authorization;
+    const apiKey = headers["x-api-key"];
+    if (authorization !== undefined && apiKey !== undefined) return "malformed";
+    if (apiKey !== undefined) return "api_key";
+    if (typeof authorization !== "string") return state.certificate ? "mtls" : "none";
+    const value = authorization.trim();
+    const space = value.indexOf(" ");
+    const scheme = space < 0 ? "" : value.slice(0, space).toLowerCase();
+    if (scheme === "basic") return "basic";
+    if (scheme !== "bearer") return "malformed";
+    const token = value.slice(space + 1).trim();
+    if (JWT_SHAPE.test(token)) return "jwt";
+    if (token.startsWith(prefixes.pat)) return "pat";
+    if (token.startsWith(prefixes.apiKey)) return "api_key";
+    if (token.startsWith(prefixes.machine)) return "machine_token";
+    return "bearer_unknown";
+  }
+
+  /** The stable reason of a call that failed with `code`. */
+  function reasonOf(state: RequestState, code: number): string {
+    if (state.errorInfo !== undefined) return state.errorInfo.reason;
+    const admission = state.admission;
+    const refusal = admission?.limited ?? admission?.refused;
+    if (refusal instanceof TesseraError) return refusal.reason;
+    if (refusal instanceof ConnectError) return reasonForCode(refusal.code);
+    return reasonForCode(code);
+  }
+
+  /**
+   * The authentication this call made, if any, into `tessera_auth_attempts_total`: the
+   * credential of a method that is not public (admission's verdict), a Login's password,
+   * a RefreshToken's refresh token. A call refused by the per-IP limit before any check
+   * made none.
+   */
+  function observeAuth(
+    m: Metrics,
+    state: RequestState,
+    headers: Readonly<Record<string, string | string[] | undefined>>,
+    method: DescMethod,
+    code: number,
+  ): void {
+    const admission = state.admission;
+    if (admission === undefined || admission.limited !== undefined) return;
+    if (method === LOGIN || method === REFRESH) {
+      const kind = method === LOGIN ? "password" : "refresh_token";
+      m.observeAuth(kind, code === 0, code === 0 ? "" : reasonOf(state, code));
+      return;
+    }
+    const principal = state.principal;
+    // Authenticated (an authorization refusal after it is not an authentication failure).
+    if (principal !== null) {
+      m.observeAuth(principal.method, true, "");
+      return;
+    }
+    const refused = admission.refused;
+    // A public method: nothing was authenticated.
+    if (refused === undefined) return;
+    const reason =
+      refused instanceof TesseraError
+        ? refused.reason
+        : refused instanceof ConnectError
+          ? reasonForCode(refused.code)
+          : "INTERNAL";
+    m.observeAuth(presented(headers, state), false, reason);
+  }
+
+  return (state, headers, method, protocol, code) => {
+    const started = state.startedAt;
+    const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
+    if (metrics !== undefined) {
+      metrics.observeCall(method, protocol, code, seconds);
+      observeAuth(metrics, state, headers, method, code);
+    }
+    if (level === undefined) return;
+    const principal = state.principal;
+    // Never a header, a body or a credential: ids, kinds, codes and the caller's address.
+    logger[level](
+      {
+        requestId: state.requestId,
+        method: methodName(method),
+        protocol,
+        code: code === 0 ? "ok" : codeToString(code),
+        ...(code === 0 ? {} : { reason: reasonOf(state, code) }),
+        durationMs: Math.round(seconds * 1e6) / 1000,
+        principalKind: principal?.kind,
+        principalId: principal?.id,
+        authMethod: principal?.method,
+        ip: state.ip,
+      },
+      "access",
+    );
+  };
+}
