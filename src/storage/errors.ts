@@ -44,11 +44,16 @@ const SOCKET_CODES = new Set([
 
 /**
  * Messages of errors that carry no code: pg's "Connection terminated unexpectedly" (the
- * server closed the socket), its connect timeout, and knex's pool timeout (every pooled
- * connection is stuck on a database that does not answer).
+ * server closed the socket), its connect timeout, knex's pool timeout (every pooled
+ * connection is stuck on a database that does not answer), and knex's "Transaction query
+ * already complete": a transaction whose BEGIN (or an earlier statement) failed on a lost
+ * connection is marked complete by knex, which keeps the socket error to itself and
+ * refuses the ORM's next statement with this message (seen under load when PostgreSQL was
+ * cut mid-flush). Tessera's code never issues a statement on a finished transaction (every
+ * transaction is an `em.transactional` callback), so here it means a lost connection.
  */
 const OUTAGE_MESSAGES =
-  /Connection terminated|Timeout acquiring a connection|timeout exceeded when trying to connect|Connection ended unexpectedly|Client has encountered a connection error|connection is closed|The database connection is not open/i;
+  /Connection terminated|Timeout acquiring a connection|timeout exceeded when trying to connect|Connection ended unexpectedly|Client has encountered a connection error|connection is closed|The database connection is not open|Transaction query already complete/i;
 
 /**
  * Whether `err` (or an error it wraps) says the database cannot serve the request now,
