@@ -1,3 +1,4 @@
+import { ConnectError } from "@connectrpc/connect";
 import {
   ConnectionException,
   ConstraintViolationException,
@@ -16,6 +17,8 @@ import { TesseraError } from "../errors.js";
  * Anything else stays a bug (undefined here: Internal).
  */
 export function driverErrorAsTesseraError(err: unknown): TesseraError | undefined {
+  // Tessera's own errors (every refusal) are already what they mean: no look at them here.
+  if (err instanceof TesseraError || err instanceof ConnectError) return undefined;
   // First, and for any error (the raw SQL path's better-sqlite3 and pg errors, a pool's
   // timeout): a database that is away, busy or full is a fault to retry, never a bug.
   if (isOutage(err))
