@@ -10,6 +10,7 @@ import {
   file_grpc_reflection_v1alpha_reflection,
   ServerReflection as ReflectionV1Alpha,
 } from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import { AuditService, file_tessera_v1_audit_service } from "../gen/tessera/v1/audit_service_pb.js";
 import { file_tessera_v1_error_details } from "../gen/tessera/v1/error_details_pb.js";
 import {
   file_tessera_v1_machine_user_service,
@@ -49,6 +50,7 @@ import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
+import { createAuditService } from "./services/audit/audit-service.js";
 import { createHealthService } from "./services/health/health-service.js";
 import { createMachineUserService } from "./services/machine-user/machine-user-service.js";
 import { createReflectionServices } from "./services/reflection/reflection-service.js";
@@ -90,6 +92,13 @@ export interface App {
   interceptors: Interceptor[];
   defaultTenantId(): Promise<string>;
   startedAt: number;
+  /**
+   * Write the buffered audit events and last-used times, retrying through a database
+   * outage for up to `deadlineMs` (default 10 s each); the server's shutdown calls it
+   * (through {@link App.close}) before the database is closed.
+   */
+  flushBuffers(deadlineMs?: number): Promise<void>;
+  /** Stop: flush the buffers ({@link App.flushBuffers}), then close rate limits and the database. */
   close(): Promise<void>;
 }
 
@@ -162,7 +171,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     };
     const users = new UserStateReader(sql);
     const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
-    const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds);
+    const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds, {
+      maxPending: config.audit.bufferSize,
+    });
     const authenticator = new Authenticator();
     const machines = new MachineStateReader(sql);
     // The static admin token first: one SHA-256, cheaper than any other check.
@@ -218,19 +229,31 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
           logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
         })
       : undefined;
-    const audit = createAuditLog({ sql, logger });
+    const audit = createAuditLog({
+      sql,
+      logger,
+      bufferSize: config.audit.bufferSize,
+      retentionDays: config.audit.retentionDays,
+    });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, limits, storage });
+      : createMetrics({ sql, audit, lastUsed, limits, storage });
 
-    const services: DescService[] = [UserService, TokenService, TenantService, MachineUserService];
+    const services: DescService[] = [
+      UserService,
+      TokenService,
+      TenantService,
+      MachineUserService,
+      AuditService,
+    ];
     assertAuthRules(services);
     const files: DescFile[] = [
       file_tessera_v1_user_service,
       file_tessera_v1_token_service,
       file_tessera_v1_tenant_service,
       file_tessera_v1_machine_user_service,
+      file_tessera_v1_audit_service,
       file_tessera_v1_error_details,
       file_grpc_health_v1_health,
       file_grpc_reflection_v1_reflection,
@@ -267,6 +290,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       limits,
       audit,
     });
+    const auditService = createAuditService({ sql });
     const health = createHealthService({
       ping: () => storage.ping(),
       services: services.map((s) => s.typeName),
@@ -311,6 +335,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         router.service(TokenService, tokenService);
         router.service(TenantService, tenantService);
         router.service(MachineUserService, machineUserService);
+        router.service(AuditService, auditService);
         router.service(Health, health);
         router.service(ReflectionV1, reflection.v1);
         router.service(ReflectionV1Alpha, reflection.v1alpha);
@@ -318,14 +343,14 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       interceptors,
       defaultTenantId,
       startedAt: Date.now(),
-      // The end of a shutdown (`tessera serve` on SIGTERM, after the drain): what is buffered
-      // in memory (last-used times, audit events) is flushed while the database is still open.
+      async flushBuffers(deadlineMs?: number) {
+        await Promise.all([lastUsed.close(deadlineMs), audit.close(deadlineMs)]);
+      },
       async close() {
         jwt.close();
         await sessionPruner.close();
         metrics?.close();
-        await lastUsed.close();
-        await audit.close();
+        await Promise.all([lastUsed.close(), audit.close()]);
         await limits?.close();
         await storage.close();
       },

@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import type { Logger } from "pino";
-import { loggableError } from "./storage/errors.js";
+import { isContentError, loggableError } from "./storage/errors.js";
 import type { SqlRunner } from "./storage/sql.js";
 
 /** One audit record: who did what to which id, and how it ended. Never a secret. */
@@ -16,63 +16,288 @@ export interface AuditRecord {
   ip: string | null;
 }
 
-/** The audit log: buffered, written in batches off the request path, flushed at shutdown. */
-export interface AuditLog {
-  record(entry: AuditRecord): void;
-  flush(): Promise<void>;
-  close(): Promise<void>;
+/** What the audit buffer has done since start (for metrics and tests). */
+export interface AuditStats {
+  /** Events waiting in memory to be written. */
+  depth: number;
+  /** Events lost: the buffer was full when they came, or the database refused the row itself. */
+  dropped: number;
+  /** Events written to `audit_events`. */
+  written: number;
+  /** Failed write attempts (each one retried later, with backoff). */
+  failures: number;
 }
 
-const INSERT =
-  "insert into audit_events (id, at, request_id, tenant_id, actor_kind, actor_id, action, target_id, outcome, reason, ip) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+/**
+ * The audit log: events are kept in a bounded in-memory buffer and written off the request
+ * path in multi-row inserts. A write that fails because the database is away is retried
+ * with exponential backoff, so events of calls made during an outage reach `audit_events`
+ * once it is back; only an overflowing buffer loses events, and that is counted and logged.
+ */
+export interface AuditLog {
+  /** Buffer one event (never blocks, never throws). */
+  record(entry: AuditRecord): void;
+  /**
+   * Write what is buffered now, without waiting for a pending backoff. Resolves once the
+   * buffer is empty or an attempt failed (the events stay buffered and are retried).
+   */
+  flush(): Promise<void>;
+  /**
+   * Shutdown: stop the timers and write everything buffered, retrying with backoff for up
+   * to `deadlineMs` (default: the `closeTimeoutMs` option). What is still unwritten then
+   * is logged as lost. Called by `App.close()`, and so by the server's shutdown.
+   */
+  close(deadlineMs?: number): Promise<void>;
+  /** Counters and the buffer's depth. */
+  stats(): AuditStats;
+  /** Delete events older than the retention period now, in batches; returns how many. */
+  purgeExpired(now?: Date): Promise<number>;
+}
+
+/** Options of {@link createAuditLog}. */
+export interface AuditLogOptions {
+  sql: SqlRunner;
+  logger: Logger;
+  /** Events kept in memory at most (`audit.bufferSize`); past it new events are dropped and counted. */
+  bufferSize?: number;
+  /** How often buffered events are written while the database answers (default 1000 ms). */
+  flushMs?: number;
+  /** First retry delay after a failed write; doubles up to `maxBackoffMs` (defaults 250 ms, 30 s). */
+  minBackoffMs?: number;
+  maxBackoffMs?: number;
+  /** How long `close()` keeps retrying (default 10 s). */
+  closeTimeoutMs?: number;
+  /** Days events are kept (`audit.retentionDays`); 0 keeps them forever. */
+  retentionDays?: number;
+  /** How often expired events are deleted (default hourly; the first run a minute after start). */
+  retentionIntervalMs?: number;
+  /** Rows deleted per statement by retention (default 1000). */
+  retentionBatch?: number;
+}
+
+const COLUMNS = "id, at, request_id, tenant_id, actor_kind, actor_id, action, target_id, outcome, reason, ip";
+/** Rows per insert at most: 11 parameters each, far under both databases' parameter limits. */
+const MAX_BATCH = 512;
+/** Where a flush starts early, without waiting for the timer. */
+const EAGER_DEPTH = 100;
+
+interface Buffered {
+  id: string;
+  at: Date;
+  entry: AuditRecord;
+}
+
+/** The insert of `n` rows. `on conflict do nothing`: a retry after a commit whose answer was lost adds nothing. */
+function insertSql(n: number): string {
+  const row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+  return `insert into audit_events (${COLUMNS}) values ${Array.from({ length: n }, () => row).join(", ")} on conflict (id) do nothing`;
+}
+
+/** A string cut to a column's width (the audit table's columns are bounded; a longer value would lose the row). */
+function cut(value: string | null | undefined, max: number): string | null {
+  if (value === null || value === undefined) return null;
+  return value.length > max ? value.slice(0, max) : value;
+}
 
 /** Create the audit log over the raw SQL runner. */
-export function createAuditLog(deps: { sql: SqlRunner; logger: Logger; flushMs?: number }): AuditLog {
-  let queue: { at: Date; entry: AuditRecord }[] = [];
-  let flushing: Promise<void> | null = null;
-  const flushNow = async () => {
-    const batch = queue;
-    queue = [];
-    for (const { at, entry } of batch) {
-      try {
-        await deps.sql.run(INSERT, [
-          randomUUID(),
-          at,
-          entry.requestId,
-          entry.tenantId,
-          entry.actorKind,
-          entry.actorId,
-          entry.action,
-          entry.targetId ?? null,
-          entry.outcome,
-          entry.reason ?? null,
-          entry.ip,
-        ]);
-      } catch (err) {
-        deps.logger.error({ err: loggableError(err), action: entry.action }, "audit write failed");
+export function createAuditLog(options: AuditLogOptions): AuditLog {
+  const { sql, logger } = options;
+  const bufferSize = options.bufferSize ?? 100_000;
+  const flushMs = options.flushMs ?? 1000;
+  const minBackoff = options.minBackoffMs ?? 250;
+  const maxBackoff = options.maxBackoffMs ?? 30_000;
+  const closeTimeoutMs = options.closeTimeoutMs ?? 10_000;
+  const retentionDays = options.retentionDays ?? 0;
+  const retentionBatch = options.retentionBatch ?? 1000;
+
+  let buffer: Buffered[] = [];
+  const counters = { dropped: 0, written: 0, failures: 0 };
+  /** Current backoff; 0 while writes succeed. */
+  let backoff = 0;
+  /** Failures of the current outage (logged once when it starts, summed up when it ends). */
+  let outageFailures = 0;
+  /** Drops of the current overflow episode (logged once when it starts). */
+  let overflowing = false;
+  /** Rows per insert for the next attempt: halved while a batch is refused for its content. */
+  let batchLimit = MAX_BATCH;
+  let timer: NodeJS.Timeout | undefined;
+  let running: Promise<boolean> | null = null;
+  let closed = false;
+
+  const schedule = (ms: number) => {
+    if (timer || closed) return;
+    timer = setTimeout(() => {
+      timer = undefined;
+      void pump();
+    }, ms);
+    timer.unref();
+  };
+
+  const params = (b: Buffered) => [
+    b.id,
+    b.at,
+    cut(b.entry.requestId, 64) ?? "",
+    cut(b.entry.tenantId, 36),
+    cut(b.entry.actorKind, 32) ?? "",
+    cut(b.entry.actorId, 64),
+    cut(b.entry.action, 128) ?? "",
+    cut(b.entry.targetId, 64),
+    b.entry.outcome,
+    cut(b.entry.reason, 64),
+    cut(b.entry.ip, 64),
+  ];
+
+  /** One write attempt of the buffer's head; false when it failed for want of a database. */
+  const writeHead = async (): Promise<boolean> => {
+    // Batches of a power of two: a handful of distinct statements, each prepared once (SQLite).
+    let n = Math.min(buffer.length, batchLimit);
+    n = 2 ** Math.floor(Math.log2(n));
+    const batch = buffer.slice(0, n);
+    try {
+      await sql.run(insertSql(n), batch.flatMap(params));
+    } catch (err) {
+      counters.failures++;
+      if (isContentError(err)) {
+        if (n > 1) {
+          // A batch refused for what it holds: find the row by halving, while the rest goes through.
+          batchLimit = n >> 1;
+          return true;
+        }
+        // One row the database refuses whatever its state: it can never be written.
+        buffer.splice(0, 1);
+        counters.dropped++;
+        logger.error(
+          { err: loggableError(err), action: batch[0]!.entry.action },
+          "audit event refused by the database",
+        );
+        return true;
       }
+      // Anything else is taken for the database's state (away, busy, full): kept and retried.
+      // (Dropping on an error not recognised would lose a whole outage's events.)
+      if (outageFailures++ === 0)
+        logger.warn(
+          { err: loggableError(err), depth: buffer.length },
+          "audit events cannot be written; kept in memory and retried",
+        );
+      return false;
+    }
+    buffer.splice(0, n);
+    counters.written += n;
+    if (n === batchLimit || buffer.length === 0) batchLimit = MAX_BATCH;
+    if (outageFailures > 0) {
+      logger.info({ failures: outageFailures, depth: buffer.length }, "audit events are written again");
+      outageFailures = 0;
+    }
+    backoff = 0;
+    if (overflowing && buffer.length < bufferSize / 2) overflowing = false;
+    return true;
+  };
+
+  /** Write until the buffer is empty or an attempt fails; then retry with backoff. */
+  const pump = (): Promise<boolean> => {
+    if (running) return running;
+    running = (async () => {
+      while (buffer.length > 0) {
+        if (!(await writeHead())) {
+          backoff = backoff === 0 ? minBackoff : Math.min(maxBackoff, backoff * 2);
+          // Jitter: instances that lost the database together do not come back in step.
+          schedule(backoff * (0.75 + Math.random() / 2));
+          return false;
+        }
+      }
+      return true;
+    })().finally(() => {
+      running = null;
+    });
+    return running;
+  };
+
+  const purgeExpired = async (now = new Date()): Promise<number> => {
+    if (retentionDays <= 0) return 0;
+    const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
+    let total = 0;
+    // In batches: one statement deleting a year of events would hold the write lock (SQLite)
+    // or a long transaction (PostgreSQL) for seconds.
+    for (;;) {
+      const n = await sql.run(
+        `delete from audit_events where id in (select id from audit_events where at < ? limit ${retentionBatch})`,
+        [cutoff],
+      );
+      total += n;
+      if (n < retentionBatch) return total;
+      await new Promise((resolve) => setImmediate(resolve));
     }
   };
-  const flush = async () => {
-    while (flushing) await flushing;
-    if (queue.length === 0) return;
-    flushing = flushNow().finally(() => {
-      flushing = null;
-    });
-    await flushing;
-  };
-  const timer = setInterval(() => void flush(), deps.flushMs ?? 1000);
-  timer.unref();
+
+  let retentionTimer: NodeJS.Timeout | undefined;
+  if (retentionDays > 0) {
+    const interval = options.retentionIntervalMs ?? 3_600_000;
+    const run = () => {
+      purgeExpired()
+        .then((n) => {
+          if (n > 0) logger.info({ deleted: n, retentionDays }, "expired audit events deleted");
+        })
+        .catch((err: unknown) =>
+          logger.warn({ err: loggableError(err) }, "audit retention failed; tried again later"),
+        )
+        .finally(() => {
+          if (closed) return;
+          retentionTimer = setTimeout(run, interval);
+          retentionTimer.unref();
+        });
+    };
+    retentionTimer = setTimeout(run, Math.min(interval, 60_000));
+    retentionTimer.unref();
+  }
+
   return {
     record(entry) {
-      queue.push({ at: new Date(), entry });
-      deps.logger.info({ audit: entry }, "audit");
-      if (queue.length >= 100) void flush();
+      logger.info({ audit: entry }, "audit");
+      if (buffer.length >= bufferSize) {
+        counters.dropped++;
+        if (!overflowing) {
+          overflowing = true;
+          logger.error(
+            { bufferSize, dropped: counters.dropped },
+            "audit buffer full: events are being dropped (counted in the audit stats) until it drains",
+          );
+        }
+        return;
+      }
+      buffer.push({ id: randomUUID(), at: new Date(), entry });
+      if (backoff > 0) return; // the retry timer is set
+      if (buffer.length >= EAGER_DEPTH) void pump();
+      else schedule(flushMs);
     },
-    flush,
-    async close() {
-      clearInterval(timer);
-      await flush();
+    async flush() {
+      if (timer) {
+        clearTimeout(timer);
+        timer = undefined;
+      }
+      // A pump already running may have started before the latest events: run once more.
+      await pump();
+      if (buffer.length > 0 && backoff === 0) await pump();
     },
+    async close(deadlineMs = closeTimeoutMs) {
+      clearTimeout(retentionTimer);
+      const deadline = Date.now() + deadlineMs;
+      if (timer) {
+        clearTimeout(timer);
+        timer = undefined;
+      }
+      closed = true;
+      let wait = minBackoff;
+      while (buffer.length > 0 && !(await pump()) && Date.now() + wait < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, wait));
+        wait = Math.min(maxBackoff, wait * 2);
+      }
+      if (buffer.length > 0) {
+        counters.dropped += buffer.length;
+        logger.error({ lost: buffer.length }, "audit events could not be written before shutdown");
+        buffer = [];
+      }
+    },
+    stats: () => ({ depth: buffer.length, ...counters }),
+    purgeExpired,
   };
 }

@@ -187,6 +187,13 @@ const ConfigSchema = z
       })
       .strict()
       .prefault({}),
+    audit: z
+      .object({
+        bufferSize: z.number().int().positive().default(100_000),
+        retentionDays: z.number().int().min(0).default(90),
+      })
+      .strict()
+      .prefault({}),
     log: z
       .object({
         level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
@@ -622,6 +629,20 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "Comma-separated origins allowed by CORS; * for any (development only).",
   ],
   ["cors.maxAge", "TESSERA_CORS_MAX_AGE", "int", "86400", "Access-Control-Max-Age in seconds."],
+  [
+    "audit.bufferSize",
+    "TESSERA_AUDIT_BUFFER_SIZE",
+    "int",
+    "100000",
+    "Audit events (and, apart, credentials' last-used times) kept in memory while they wait to be written, e.g. through a database outage (retried with backoff). Past it new events are dropped, counted and logged once per overflow.",
+  ],
+  [
+    "audit.retentionDays",
+    "TESSERA_AUDIT_RETENTION_DAYS",
+    "int",
+    "90",
+    "Days audit events are kept; older ones are deleted in batches every hour. 0 keeps them forever.",
+  ],
   [
     "log.level",
     "TESSERA_LOG_LEVEL",

@@ -4,7 +4,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
-import type { AuditLog } from "./audit.js";
+import type { AuditLog, AuditStats } from "./audit.js";
 import { hashPool, observeHashWaits } from "./auth/hash-pool.js";
 import { parseListen } from "./config.js";
 import { listenError } from "./listen-check.js";
@@ -69,7 +69,9 @@ export type CredentialKind =
 /** What the scrape-time callbacks read. */
 export interface MetricsSources {
   sql: Pick<SqlRunner, "cacheStats">;
-  audit: AuditLog;
+  audit: Pick<AuditLog, "stats">;
+  /** The last-used times' buffer: the same shape of figures as the audit log's. */
+  lastUsed?: { stats(): AuditStats };
   limits: RateLimits | undefined;
   storage: Storage;
 }
@@ -217,13 +219,16 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "invalidations",
   );
 
-  // The audit buffer: read through `stats()` where the audit log has one.
-  const auditStats = () => (sources.audit as Partial<{ stats(): Partial<Record<string, number>> }>).stats?.();
-  const auditMetric = (kind: "gauge" | "counter", name: string, help: string, key: string) => {
-    const read = () => {
-      const v = auditStats()?.[key];
-      return typeof v === "number" ? v : 0;
-    };
+  // The audit buffer and the last-used buffer, read through their `stats()` at scrape time.
+  const bufferMetric = (
+    stats: (() => AuditStats) | undefined,
+    kind: "gauge" | "counter",
+    name: string,
+    help: string,
+    key: keyof AuditStats,
+  ) => {
+    if (stats === undefined) return;
+    const read = () => stats()[key];
     if (kind === "gauge")
       new Gauge({
         name,
@@ -244,6 +249,9 @@ export function createMetrics(sources: MetricsSources): Metrics {
         },
       });
   };
+  const auditStats = () => sources.audit.stats();
+  const auditMetric = (kind: "gauge" | "counter", name: string, help: string, key: keyof AuditStats) =>
+    bufferMetric(auditStats, kind, name, help, key);
   auditMetric(
     "gauge",
     "tessera_audit_buffer_depth",
@@ -262,6 +270,22 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "tessera_audit_write_failures_total",
     "Failed audit write attempts (retried with backoff).",
     "failures",
+  );
+  const lastUsed = sources.lastUsed;
+  const lastUsedStats = lastUsed ? () => lastUsed.stats() : undefined;
+  bufferMetric(
+    lastUsedStats,
+    "gauge",
+    "tessera_last_used_buffer_depth",
+    "Credentials' last-used times waiting in memory to be written.",
+    "depth",
+  );
+  bufferMetric(
+    lastUsedStats,
+    "counter",
+    "tessera_last_used_dropped_total",
+    "Last-used times lost because the buffer was full.",
+    "dropped",
   );
 
   // The database connection pool (knex's tarn pool under MikroORM).

@@ -6,7 +6,8 @@ import {
   UniqueConstraintViolationException,
 } from "@mikro-orm/core";
 import { describe, expect, it } from "vitest";
-import { driverErrorAsTesseraError, loggableError } from "../src/storage/errors.js";
+import { driverErrorAsTesseraError, isContentError, isOutage, loggableError } from "../src/storage/errors.js";
+import { knexLog } from "../src/storage/orm.js";
 
 /** A driver error as MikroORM wraps it: the driver's message embeds the SQL with its values. */
 function driverError<T extends DriverException>(
@@ -74,5 +75,50 @@ describe("database errors a handler did not expect", () => {
     // A driver error wrapped as the cause of another is described the same way.
     const wrapped = loggableError(new Error("flush failed", { cause: e }));
     expect(JSON.stringify(wrapped)).not.toMatch(/pbkdf2|alice|insert/);
+  });
+
+  it("answer every way a database is away, busy or full Unavailable, raw driver errors included", () => {
+    const sqlite = (code: string) => Object.assign(new Error("x"), { name: "SqliteError", code });
+    for (const e of [
+      sqlite("SQLITE_BUSY"),
+      sqlite("SQLITE_FULL"),
+      sqlite("SQLITE_READONLY"),
+      sqlite("SQLITE_IOERR_WRITE"),
+      sqlite("SQLITE_CANTOPEN"),
+      driverError(DriverException, { code: "SQLITE_READONLY" }),
+      driverError(DriverException, { code: "53100" }),
+      driverError(DriverException, { code: "57014" }),
+      new Error("Connection terminated unexpectedly"),
+      Object.assign(new Error("Knex: Timeout acquiring a connection."), { name: "KnexTimeoutError" }),
+    ]) {
+      expect(isOutage(e), String((e as { code?: string }).code ?? e.message)).toBe(true);
+      expect(driverErrorAsTesseraError(e)?.reason).toBe("UNAVAILABLE");
+    }
+    // knex closes a transaction whose BEGIN failed on a lost connection, and refuses the next statement.
+    const closed = new DriverException(
+      new Error("Transaction query already complete, run with DEBUG=knex:tx for more info"),
+    );
+    expect(driverErrorAsTesseraError(closed)?.reason).toBe("UNAVAILABLE");
+    // Not faults: a constraint, a bad value, a syntax error.
+    expect(isOutage(driverError(UniqueConstraintViolationException, { code: "23505" }))).toBe(false);
+    expect(isOutage(driverError(DriverException, { code: "42601" }))).toBe(false);
+  });
+
+  it("tell a row the database refuses for its content from a database that is away", () => {
+    expect(isContentError(driverError(UniqueConstraintViolationException, { code: "23505" }))).toBe(true);
+    expect(isContentError(driverError(DriverException, { code: "22001" }))).toBe(true);
+    expect(isContentError(Object.assign(new Error("x"), { code: "SQLITE_CONSTRAINT_NOTNULL" }))).toBe(true);
+    expect(isContentError(driverError(ConnectionException))).toBe(false);
+    expect(isContentError(new Error("Connection terminated unexpectedly"))).toBe(false);
+    // Unknown: not a content error, so the audit log keeps retrying rather than dropping.
+    expect(isContentError(new Error("something else"))).toBe(false);
+  });
+
+  it("keep knex's connection warnings, without the statement and its values", () => {
+    const lines: string[] = [];
+    knexLog((m) => lines.push(m)).warn(
+      "Connection Error: Error: insert into api_tokens (secret_hash) values ('pbkdf2-sha256$1000$c2FsdA==$aGFzaA==') - read ECONNRESET",
+    );
+    expect(lines).toEqual(["knex: Connection Error: read ECONNRESET"]);
   });
 });

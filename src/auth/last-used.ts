@@ -1,50 +1,158 @@
 import type { Logger } from "pino";
-import { loggableError } from "../storage/errors.js";
+import { isContentError, loggableError } from "../storage/errors.js";
 import type { SqlRunner } from "../storage/sql.js";
+
+/** What the last-used tracker has done since start (for metrics and tests). */
+export interface LastUsedStats {
+  /** Credentials whose last use waits to be written. */
+  depth: number;
+  /** Uses not kept because `maxPending` credentials were already waiting (or refused rows). */
+  dropped: number;
+  /** Rows written. */
+  written: number;
+  /** Failed flushes (retried with backoff). */
+  failures: number;
+}
+
+/** Options of {@link LastUsedTracker} beyond the flush interval. */
+export interface LastUsedOptions {
+  /** Credentials waiting at most (default 100,000); a use of one more is dropped and counted. */
+  maxPending?: number;
+  /** First retry after a failed flush, doubling up to `maxBackoffMs` (defaults 250 ms, 30 s). */
+  minBackoffMs?: number;
+  maxBackoffMs?: number;
+}
 
 /**
  * Coalesces "last used at" updates: a credential used a thousand times a second costs
  * one write per flush interval, not one per request. Flushed every `intervalSeconds`
- * (at most 60, so the value is never more than a minute stale) and at shutdown.
+ * (at most 60, so the value is never more than a minute stale) and at shutdown. A flush
+ * that fails because the database is away keeps what it could not write (a newer use
+ * wins) and is retried with exponential backoff, so an outage loses no last-used time.
  */
 export class LastUsedTracker {
   private pending = new Map<string, { table: string; id: string; at: Date }>();
   private readonly timer: NodeJS.Timeout;
+  private retry: NodeJS.Timeout | undefined;
+  private backoff = 0;
+  private running: Promise<boolean> | null = null;
+  private readonly counters = { dropped: 0, written: 0, failures: 0 };
+  private readonly maxPending: number;
+  private readonly minBackoff: number;
+  private readonly maxBackoff: number;
 
   constructor(
     private readonly sql: SqlRunner,
     private readonly logger: Logger,
     intervalSeconds: number,
+    options: LastUsedOptions = {},
   ) {
+    this.maxPending = options.maxPending ?? 100_000;
+    this.minBackoff = options.minBackoffMs ?? 250;
+    this.maxBackoff = options.maxBackoffMs ?? 30_000;
     this.timer = setInterval(() => void this.flush(), Math.min(60, intervalSeconds) * 1000);
     this.timer.unref();
   }
 
   /** Record a use of row `id` in `table` (a fixed table name, never user input). */
   mark(table: string, id: string, at = new Date()): void {
-    this.pending.set(`${table}\0${id}`, { table, id, at });
+    const key = `${table}\0${id}`;
+    const current = this.pending.get(key);
+    if (current === undefined && this.pending.size >= this.maxPending) {
+      this.counters.dropped++;
+      return;
+    }
+    if (current === undefined || current.at < at) this.pending.set(key, { table, id, at });
   }
 
-  /** Write everything pending. */
-  async flush(): Promise<void> {
-    if (this.pending.size === 0) return;
-    const batch = [...this.pending.values()];
+  /** Counters and how many credentials wait. */
+  stats(): LastUsedStats {
+    return { depth: this.pending.size, ...this.counters };
+  }
+
+  /**
+   * Write everything pending; resolves true when it all was written. What fails for want
+   * of a database stays pending and is retried with backoff (and by the next flush).
+   */
+  async flush(): Promise<boolean> {
+    if (this.running) await this.running;
+    if (this.pending.size === 0) return true;
+    this.running = this.write().finally(() => {
+      this.running = null;
+    });
+    return this.running;
+  }
+
+  private async write(): Promise<boolean> {
+    const batch = [...this.pending.entries()];
     this.pending = new Map();
-    for (const { table, id, at } of batch) {
+    for (let i = 0; i < batch.length; i++) {
+      const [, { table, id, at }] = batch[i]!;
       try {
         // Never move the time backwards when several instances flush.
         await this.sql.run(
           `update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`,
           [at, id, at],
         );
+        this.counters.written++;
       } catch (err) {
-        this.logger.warn({ err: loggableError(err), table }, "last-used flush failed");
+        if (isContentError(err)) {
+          this.counters.dropped++;
+          this.logger.warn({ err: loggableError(err), table }, "last-used time refused by the database");
+          continue;
+        }
+        this.counters.failures++;
+        // Put back what is left, unless a newer use came meanwhile.
+        for (const [k, entry] of batch.slice(i)) {
+          const newer = this.pending.get(k);
+          if (newer === undefined || newer.at < entry.at) this.pending.set(k, entry);
+        }
+        if (this.backoff === 0)
+          this.logger.warn(
+            { err: loggableError(err), table, pending: this.pending.size },
+            "last-used times cannot be written; kept and retried",
+          );
+        this.backoff = this.backoff === 0 ? this.minBackoff : Math.min(this.maxBackoff, this.backoff * 2);
+        if (!this.retry) {
+          this.retry = setTimeout(
+            () => {
+              this.retry = undefined;
+              void this.flush();
+            },
+            this.backoff * (0.75 + Math.random() / 2),
+          );
+          this.retry.unref();
+        }
+        return false;
       }
     }
+    if (this.backoff > 0) this.logger.info("last-used times are written again");
+    this.backoff = 0;
+    return true;
   }
 
-  async close(): Promise<void> {
+  /**
+   * Shutdown: stop the timers and write what is pending, retrying with backoff for up to
+   * `deadlineMs`; what is still unwritten then is logged as lost. `App.close()` calls it.
+   */
+  async close(deadlineMs = 10_000): Promise<void> {
     clearInterval(this.timer);
-    await this.flush();
+    clearTimeout(this.retry);
+    this.retry = undefined;
+    const deadline = Date.now() + deadlineMs;
+    let wait = this.minBackoff;
+    while (!(await this.flush()) && Date.now() + wait < deadline) {
+      clearTimeout(this.retry);
+      this.retry = undefined;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+      wait = Math.min(this.maxBackoff, wait * 2);
+    }
+    clearTimeout(this.retry);
+    this.retry = undefined;
+    if (this.pending.size > 0) {
+      this.counters.dropped += this.pending.size;
+      this.logger.error({ lost: this.pending.size }, "last-used times could not be written before shutdown");
+      this.pending.clear();
+    }
   }
 }

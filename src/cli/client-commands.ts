@@ -36,6 +36,7 @@ import {
 } from "../sdk/errors.js";
 import type { TokenPair } from "../sdk/session.js";
 import { UserAPI, type UserAPIOptions } from "../sdk/user-api.js";
+import { registerAuditCommands } from "./audit-commands.js";
 import { messageJson, Output, type OutputFormat, when } from "./output.js";
 import { PromptError, promptHidden, readSecretFromStdin } from "./prompt.js";
 
@@ -131,6 +132,7 @@ export function registerClientCommands(program: Command): void {
   registerTokenCommands(program, "api-key");
   registerMachineUserCommands(program);
   registerTenantCommands(program);
+  registerAuditCommands(program);
 }
 
 // ---------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ function globals(cmd: Command): GlobalFlags {
   return cmd.optsWithGlobals() as GlobalFlags;
 }
 
-interface ClientRun {
+export interface ClientRun {
   api: UserAPI;
   out: Output;
   resolved: ResolvedClientOptions;
@@ -150,7 +152,7 @@ interface ClientRun {
  * Run `fn` with a client built from the flags, the environment and the profile. A
  * session from the profile renews itself and the renewed pair is written back.
  */
-async function withClient(
+export async function withClient(
   cmd: Command,
   fn: (run: ClientRun) => Promise<void>,
   opts: { requireCredential?: boolean; override?: Partial<UserAPIOptions> } = {},

@@ -4,6 +4,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { AuditLog } from "../audit.js";
 import { requestState } from "../context.js";
 import { TesseraError } from "../errors.js";
+import { driverErrorAsTesseraError } from "../storage/errors.js";
 
 /** Reads are not audited; everything that changes state or logs in is, whether it succeeds or is refused. */
 const READ_ONLY = /^(Get|List|Check)/;
@@ -34,8 +35,10 @@ export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
       write(req, "success", null);
       return res;
     } catch (err) {
+      // A database error is recorded as what it is answered as (UNAVAILABLE, ALREADY_EXISTS…).
+      const e = driverErrorAsTesseraError(err) ?? err;
       const reason =
-        err instanceof TesseraError ? err.reason : err instanceof ConnectError ? Code[err.code] : "INTERNAL";
+        e instanceof TesseraError ? e.reason : e instanceof ConnectError ? Code[e.code] : "INTERNAL";
       write(req, "failure", reason);
       throw err;
     }

@@ -5,6 +5,7 @@
 
 export { Code } from "@connectrpc/connect";
 export { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+export { AuditService } from "../../gen/tessera/v1/audit_service_pb.js";
 export { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 export { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 export { TokenKind, TokenService } from "../../gen/tessera/v1/token_service_pb.js";

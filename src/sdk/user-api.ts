@@ -2,6 +2,7 @@ import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Client, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { AuditService } from "../../gen/tessera/v1/audit_service_pb.js";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
@@ -91,6 +92,8 @@ export class UserAPI {
   readonly tenants: Client<typeof TenantService>;
   /** MachineUserService: machine users, their credentials, certificate bindings and backends. */
   readonly machineUsers: Client<typeof MachineUserService>;
+  /** AuditService: the audit log (needs `admin:audit`; tenant-scoped). */
+  readonly audit: Client<typeof AuditService>;
   /** The standard grpc.health.v1 service. */
   readonly health: Client<typeof Health>;
   /** The transport every client of this API shares (for services not wrapped here). */
@@ -159,6 +162,7 @@ export class UserAPI {
     this.tokens = typedClient(TokenService, this.transport, secrets);
     this.tenants = typedClient(TenantService, this.transport, secrets);
     this.machineUsers = typedClient(MachineUserService, this.transport, secrets);
+    this.audit = typedClient(AuditService, this.transport, secrets);
     this.health = typedClient(Health, this.transport, secrets);
     this.plainUsers = createClient(UserService, this.transport);
     this.secrets = secrets;

@@ -1,3 +1,4 @@
+import { ConnectError } from "@connectrpc/connect";
 import {
   ConnectionException,
   ConstraintViolationException,
@@ -16,32 +17,93 @@ import { TesseraError } from "../errors.js";
  * Anything else stays a bug (undefined here: Internal).
  */
 export function driverErrorAsTesseraError(err: unknown): TesseraError | undefined {
+  // Tessera's own errors (every refusal) are already what they mean: no look at them here.
+  if (err instanceof TesseraError || err instanceof ConnectError) return undefined;
+  // First, and for any error (the raw SQL path's better-sqlite3 and pg errors, a pool's
+  // timeout): a database that is away, busy or full is a fault to retry, never a bug.
+  if (isOutage(err))
+    return new TesseraError("UNAVAILABLE", "database unavailable", { headers: { "retry-after": "1" } });
   if (!(err instanceof DriverException)) return undefined;
   if (err instanceof UniqueConstraintViolationException)
     return new TesseraError("ALREADY_EXISTS", "the object already exists");
   if (err instanceof ConstraintViolationException)
     return new TesseraError("FAILED_PRECONDITION", "the change conflicts with related objects");
-  if (err instanceof ConnectionException || isConnectionLoss(err))
-    return new TesseraError("UNAVAILABLE", "database unavailable", { headers: { "retry-after": "1" } });
   if (typeof err.code === "string" && err.code.startsWith("22"))
     return new TesseraError("INVALID_ARGUMENT", "a value is not acceptable");
   return undefined;
 }
 
+/** Node's socket errors: the database's host is not there, or the connection broke. */
+const SOCKET_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "ENOTFOUND",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "EAI_AGAIN",
+]);
+
 /**
- * PostgreSQL's ways of saying the database is not there, which MikroORM leaves as a plain
- * DriverException: SQLSTATE class 08 (connection exception), 57P01-57P03 (shut down,
- * crashed, not accepting connections yet), 53300 (too many connections), and the socket's
- * own errors.
+ * Messages of errors that carry no code: pg's "Connection terminated unexpectedly" (the
+ * server closed the socket), its connect timeout, knex's pool timeout (every pooled
+ * connection is stuck on a database that does not answer), and knex's "Transaction query
+ * already complete": a transaction whose BEGIN (or an earlier statement) failed on a lost
+ * connection is marked complete by knex, which keeps the socket error to itself and
+ * refuses the ORM's next statement with this message (seen under load when PostgreSQL was
+ * cut mid-flush). Tessera's code never issues a statement on a finished transaction (every
+ * transaction is an `em.transactional` callback), so here it means a lost connection.
  */
-function isConnectionLoss(err: DriverException): boolean {
-  const code = typeof err.code === "string" ? err.code : "";
-  return (
-    code.startsWith("08") ||
-    /^57P0[123]$/.test(code) ||
-    code === "53300" ||
-    ["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND"].includes(code)
-  );
+const OUTAGE_MESSAGES =
+  /Connection terminated|Timeout acquiring a connection|timeout exceeded when trying to connect|Connection ended unexpectedly|Client has encountered a connection error|connection is closed|The database connection is not open|Transaction query already complete/i;
+
+/**
+ * Whether `err` (or an error it wraps) says the database cannot serve the request now,
+ * rather than that the request or the code is wrong: a refused, reset or timed-out
+ * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P03 (shut
+ * down, crashed, starting), class 53 (insufficient resources: too many connections, disk
+ * or memory full), 57014 (statement timeout) and 40001/40P01 (serialization failure,
+ * deadlock: worth a retry); SQLite's BUSY and LOCKED (another process holds the write lock
+ * past the busy timeout), FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its
+ * folder went away or became read-only). Each is answered Unavailable with Retry-After.
+ */
+export function isOutage(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
+    if (e instanceof ConnectionException || e.name === "KnexTimeoutError") return true;
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string") {
+      if (
+        code.startsWith("08") ||
+        /^57P0[123]$/.test(code) ||
+        code.startsWith("53") ||
+        ["57014", "40001", "40P01"].includes(code) ||
+        SOCKET_CODES.has(code) ||
+        /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|NOLFS)/.test(code)
+      )
+        return true;
+    }
+    if (OUTAGE_MESSAGES.test(e.message)) return true;
+  }
+  return false;
+}
+
+/**
+ * Whether the database refused a write for what it holds (a constraint, a value out of
+ * range or too long) rather than for its own state: retrying the same row cannot help.
+ */
+export function isContentError(err: unknown): boolean {
+  if (isOutage(err)) return false;
+  for (let e = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
+    if (e instanceof ConstraintViolationException) return true;
+    const code = (e as { code?: unknown }).code;
+    if (
+      typeof code === "string" &&
+      (/^2[23]/.test(code) || /^SQLITE_(CONSTRAINT|TOOBIG|MISMATCH|RANGE)/.test(code))
+    )
+      return true;
+  }
+  return false;
 }
 
 /**

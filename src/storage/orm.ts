@@ -145,6 +145,23 @@ function unreachable(err: unknown): Error | undefined {
   return new Error(`cannot reach the database: ${(err as Error).message}`, { cause: err });
 }
 
+/**
+ * knex's own log (it prints to stdout by default): its "Connection Error: Error: <SQL> -
+ * read ECONNRESET" warnings embed the statement with its values inlined (a token's hash
+ * among them). Only what follows the statement is kept, and it goes where the ORM's log
+ * goes (the service's logger), or nowhere.
+ */
+export function knexLog(log: ((message: string) => void) | undefined) {
+  const clean = (message: unknown) => {
+    const text = String(message);
+    const tail = text.lastIndexOf(" - ");
+    // "Connection Error: Error: insert into … values (…) - read ECONNRESET" → "… read ECONNRESET"
+    const safe = tail >= 0 ? `${text.slice(0, text.indexOf(":") + 1)} ${text.slice(tail + 3)}` : text;
+    log?.(`knex: ${safe.slice(0, 200)}`);
+  };
+  return { warn: clean, error: clean, deprecate: clean, debug: () => undefined };
+}
+
 /** Connect to the configured database (migrations run on request). */
 export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const target = parseDatabaseUrl(options.url);
@@ -174,6 +191,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       ...common,
       driver: BetterSqliteDriver,
       dbName: target.location,
+      driverOptions: { log: knexLog(options.log) },
     } as Options<BetterSqliteDriver>);
     if (target.location !== ":memory:") {
       // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
@@ -188,13 +206,12 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       ...common,
       driver: PostgreSqlDriver,
       clientUrl: target.location,
-      ...(target.schema
-        ? {
-            schema: target.schema,
-            // Unqualified names in migrations and raw queries resolve to the configured schema.
-            driverOptions: { connection: { options: `-c search_path=${target.schema}` } },
-          }
-        : {}),
+      driverOptions: {
+        log: knexLog(options.log),
+        // Unqualified names in migrations and raw queries resolve to the configured schema.
+        ...(target.schema ? { connection: { options: `-c search_path=${target.schema}` } } : {}),
+      },
+      ...(target.schema ? { schema: target.schema } : {}),
       pool: { min: 1, max: 10 },
     } as Options<PostgreSqlDriver>).catch((err: unknown) => {
       throw unreachable(err) ?? err;

@@ -1,0 +1,184 @@
+import { randomUUID } from "node:crypto";
+import { afterEach, describe, expect, it } from "vitest";
+import { type AuditRecord, createAuditLog } from "../src/audit.js";
+import { LastUsedTracker } from "../src/auth/last-used.js";
+import { toMillis } from "../src/storage/sql.js";
+import { DATABASES } from "./helpers.js";
+import { capturingLogger, type OutageApp, startOutageApp } from "./outage-helpers.js";
+
+/** A record as the audit interceptor makes it, under a request id of the test's. */
+function record(requestId: string, action = "tessera.v1.UserService/Login"): AuditRecord {
+  return {
+    requestId,
+    tenantId: null,
+    actorKind: "anonymous",
+    actorId: null,
+    action,
+    targetId: null,
+    outcome: "failure",
+    reason: "CREDENTIALS_INVALID",
+    ip: "127.0.0.1",
+  };
+}
+
+async function until(check: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > end) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe.each(DATABASES)("the audit log and last-used times through a database outage ($name)", (db) => {
+  let env: OutageApp | undefined;
+  afterEach(async () => {
+    await env?.close();
+    env = undefined;
+  });
+
+  const countRows = async (prefix: string) => {
+    const rows = await env!.app.sql.all<{ n: number | string }>(
+      "select count(*) as n from audit_events where request_id like ?",
+      [`${prefix}%`],
+    );
+    return Number(rows[0]!.n);
+  };
+
+  it("keeps every event recorded during the outage and writes them all once the database is back", async () => {
+    env = await startOutageApp(db.name);
+    const { logger, log } = capturingLogger();
+    const audit = createAuditLog({
+      sql: env.app.sql,
+      logger,
+      flushMs: 20,
+      minBackoffMs: 20,
+      maxBackoffMs: 100,
+    });
+    const prefix = `outage-${randomUUID().slice(0, 8)}-`;
+    await env.cut();
+    for (let i = 0; i < 300; i++) audit.record(record(`${prefix}${i}`));
+    await audit.flush();
+    await until(() => audit.stats().failures >= 3);
+    expect(audit.stats().depth).toBeGreaterThan(0);
+    expect(audit.stats().dropped).toBe(0);
+    // Logged once, however many retries failed.
+    expect(log.count("audit events cannot be written; kept in memory and retried")).toBe(1);
+    await env.restore();
+    await until(() => audit.stats().depth === 0);
+    expect(await countRows(prefix)).toBe(300);
+    expect(audit.stats()).toMatchObject({ depth: 0, dropped: 0, written: 300 });
+    expect(log.count("audit events are written again")).toBe(1);
+    await audit.close();
+  });
+
+  it("counts and logs once the events an overflowing buffer drops, and writes the rest", async () => {
+    env = await startOutageApp(db.name);
+    const { logger, log } = capturingLogger();
+    const audit = createAuditLog({
+      sql: env.app.sql,
+      logger,
+      bufferSize: 250,
+      flushMs: 20,
+      minBackoffMs: 20,
+      maxBackoffMs: 50,
+    });
+    const prefix = `overflow-${randomUUID().slice(0, 8)}-`;
+    await env.cut();
+    for (let i = 0; i < 400; i++) audit.record(record(`${prefix}${i}`));
+    await audit.flush();
+    expect(audit.stats()).toMatchObject({ depth: 250, dropped: 150, written: 0 });
+    expect(log.count(/^audit buffer full/)).toBe(1);
+    await env.restore();
+    await until(() => audit.stats().depth === 0);
+    expect(await countRows(prefix)).toBe(250);
+    expect(audit.stats()).toMatchObject({ depth: 0, dropped: 150, written: 250 });
+    await audit.close();
+  });
+
+  it("writes at close what is buffered, retrying until the database is back", async () => {
+    env = await startOutageApp(db.name);
+    const { logger } = capturingLogger();
+    const audit = createAuditLog({ sql: env.app.sql, logger, flushMs: 60_000, minBackoffMs: 20 });
+    const prefix = `close-${randomUUID().slice(0, 8)}-`;
+    await env.cut();
+    for (let i = 0; i < 300; i++) audit.record(record(`${prefix}${i}`));
+    await audit.flush();
+    const restored = new Promise<void>((resolve) => setTimeout(() => void env!.restore().then(resolve), 300));
+    await audit.close(5000);
+    await restored;
+    expect(await countRows(prefix)).toBe(300);
+  });
+
+  it("keeps a last-used time whose flush fell in the outage, and writes it afterwards", async () => {
+    env = await startOutageApp(db.name);
+    const { logger, log } = capturingLogger();
+    const { app } = env;
+    const user = await app.sql.get<{ id: string; tenant_id: string }>(
+      "select id, tenant_id from users where username = 'admin'",
+    );
+    const tokenId = randomUUID();
+    const now = new Date();
+    await app.sql.run(
+      "insert into api_tokens (id, public_id, kind, tenant_id, owner_user_id, name, scopes, secret_hash, hint, created_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+      [
+        tokenId,
+        tokenId.slice(0, 16),
+        "pat",
+        user!.tenant_id,
+        user!.id,
+        "outage",
+        "",
+        "unused",
+        "tsr_pat_…abcd",
+        now,
+      ],
+    );
+    const tracker = new LastUsedTracker(app.sql, logger, 60, { minBackoffMs: 20, maxBackoffMs: 50 });
+    const used = new Date(now.getTime() + 1000);
+    await env.cut();
+    tracker.mark("api_tokens", tokenId, used);
+    expect(await tracker.flush()).toBe(false);
+    expect(tracker.stats()).toMatchObject({ depth: 1, dropped: 0 });
+    expect(await tracker.flush()).toBe(false);
+    expect(log.count("last-used times cannot be written; kept and retried")).toBe(1);
+    await env.restore();
+    await until(async () => (await tracker.flush()) && tracker.stats().depth === 0);
+    const row = await app.sql.get<{ last_used_at: unknown }>(
+      "select last_used_at from api_tokens where id = ?",
+      [tokenId],
+    );
+    expect(toMillis(row!.last_used_at)).toBe(used.getTime());
+    await tracker.close();
+  });
+
+  it("deletes only events older than the retention period, in batches", async () => {
+    env = await startOutageApp(db.name);
+    const { logger } = capturingLogger();
+    const audit = createAuditLog({ sql: env.app.sql, logger, retentionDays: 30, retentionBatch: 3 });
+    const prefix = `retention-${randomUUID().slice(0, 8)}-`;
+    const now = Date.now();
+    const day = 86_400_000;
+    const insert = (suffix: string, at: number) =>
+      env!.app.sql.run(
+        "insert into audit_events (id, at, request_id, actor_kind, action, outcome) values (?, ?, ?, ?, ?, ?)",
+        [
+          randomUUID(),
+          new Date(at),
+          `${prefix}${suffix}`,
+          "anonymous",
+          "tessera.v1.UserService/Login",
+          "success",
+        ],
+      );
+    for (let i = 0; i < 7; i++) await insert(`old-${i}`, now - 31 * day - i * 1000);
+    await insert("edge", now - 29 * day);
+    await insert("new", now - 1000);
+    expect(await audit.purgeExpired(new Date(now))).toBeGreaterThanOrEqual(7);
+    const left = await env.app.sql.all<{ request_id: string }>(
+      "select request_id from audit_events where request_id like ? order by request_id",
+      [`${prefix}%`],
+    );
+    expect(left.map((r) => r.request_id)).toEqual([`${prefix}edge`, `${prefix}new`]);
+    await audit.close();
+  });
+});

@@ -1,0 +1,245 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import { Code, ConnectError, type Transport } from "@connectrpc/connect";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
+import { Agent, fetch as undiciFetch } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { startServer, type TesseraServer } from "../../src/server.js";
+import { ADMIN_PASSWORD, clientFor, createTestCerts, DATABASES, type TestCerts } from "../helpers.js";
+import { type OutageApp, startOutageApp } from "../outage-helpers.js";
+
+type Phase = "before" | "outage" | "after" | "mixed";
+
+/** One call's outcome as the client saw it. */
+interface Outcome {
+  op: string;
+  protocol: string;
+  phase: Phase;
+  code: Code | "ok";
+  reason: string | undefined;
+  retryAfter: string | null;
+  requestId: string | undefined;
+  audited: boolean;
+}
+
+/**
+ * The database is taken away from a real server (TLS, every protocol) while clients keep
+ * calling it: logins, logouts, token creation, JWT- and token-authenticated reads. No call
+ * may be answered Internal (500); what needs the database is Unavailable (503, reason
+ * UNAVAILABLE, Retry-After); a credential never seen before is not accepted; once the
+ * database is back, calls succeed again and every audited call of the whole run, the
+ * outage's included, is in audit_events.
+ */
+describe.each(DATABASES.map((d) => d.name))("a database outage under load (%s)", (kind) => {
+  let env: OutageApp;
+  let server: TesseraServer;
+  let certs: TestCerts;
+  const transports: Record<string, Transport> = {};
+  let jwt: string;
+  let seenPat: string;
+  let freshPat: string;
+  const bob = { username: "bob-outage", password: "bob's long password" };
+
+  beforeAll(async () => {
+    certs = await createTestCerts();
+    env = await startOutageApp(kind, { server: { certDir: certs.dir } });
+    server = await startServer(env.app);
+    const nodeOptions = { ca: certs.ca };
+    transports.connect = createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions });
+    transports.grpc = createGrpcTransport({ baseUrl: server.url, nodeOptions });
+    transports["grpc-web"] = createGrpcWebTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions });
+    const users = clientFor(UserService, transports.connect!);
+    jwt = (await users.login({ username: "admin", password: ADMIN_PASSWORD })).accessToken;
+    await clientFor(UserService, transports.connect!, jwt).createUser({ ...bob, scopes: [] });
+    const tokens = clientFor(TokenService, transports.connect!, jwt);
+    seenPat = (await tokens.createPersonalAccessToken({ name: "seen" })).token;
+    freshPat = (await tokens.createPersonalAccessToken({ name: "fresh" })).token;
+    await clientFor(UserService, transports.connect!, seenPat).getCurrentUser({});
+  }, 60_000);
+  afterAll(async () => {
+    await server?.close(0);
+    await env?.close();
+  });
+
+  it("answers Unavailable, never Internal, loses no audit event, and recovers", async () => {
+    let phase: Phase = "before";
+    let running = true;
+    const outcomes: Outcome[] = [];
+
+    /** Run one call, keeping its code, reason, Retry-After and request id. */
+    async function call(
+      op: string,
+      protocol: string,
+      audited: boolean,
+      fn: (opts: object) => Promise<unknown>,
+    ) {
+      const started = phase;
+      // A call is of the outage only if it began and ended in it (one that began before may have written before).
+      const at = (): Phase => (started === phase ? started : "mixed");
+      let requestId: string | undefined;
+      const opts = {
+        timeoutMs: 15_000,
+        onHeader: (h: Headers) => (requestId = h.get("x-request-id") ?? undefined),
+      };
+      try {
+        const res = await fn(opts);
+        outcomes.push({
+          op,
+          protocol,
+          phase: at(),
+          code: "ok",
+          reason: undefined,
+          retryAfter: null,
+          requestId,
+          audited,
+        });
+        return res;
+      } catch (err) {
+        const ce = ConnectError.from(err);
+        const info = ce.findDetails(ErrorInfoSchema)[0];
+        outcomes.push({
+          op,
+          protocol,
+          phase: at(),
+          code: ce.code,
+          reason: info?.reason,
+          retryAfter: ce.metadata.get("retry-after"),
+          requestId: info?.requestId ?? requestId,
+          audited,
+        });
+        return undefined;
+      }
+    }
+
+    const loops = Object.entries(transports).flatMap(([protocol, t]) => {
+      const anon = clientFor(UserService, t);
+      const byJwt = clientFor(UserService, t, jwt);
+      const byPat = clientFor(UserService, t, seenPat);
+      const tokens = clientFor(TokenService, t, jwt);
+      const loop = async (step: () => Promise<unknown>) => {
+        while (running) await step();
+      };
+      return [
+        // Reads are cheap: several callers each, so the server is under load when the database goes.
+        ...Array.from({ length: 4 }, () => [
+          loop(() => call("GetCurrentUser/jwt", protocol, false, (o) => byJwt.getCurrentUser({}, o))),
+          loop(() => call("GetCurrentUser/pat", protocol, false, (o) => byPat.getCurrentUser({}, o))),
+        ]).flat(),
+        loop(async () => {
+          const res = (await call("Login", protocol, true, (o) => anon.login(bob, o))) as
+            | { refreshToken: string }
+            | undefined;
+          if (res)
+            await call("Logout", protocol, true, (o) => anon.logout({ refreshToken: res.refreshToken }, o));
+        }),
+        loop(() =>
+          call("CreatePersonalAccessToken", protocol, true, (o) =>
+            tokens.createPersonalAccessToken({ name: "under load" }, o),
+          ),
+        ),
+      ];
+    });
+
+    await sleep(1000);
+    phase = "outage";
+    await env.cut();
+    await sleep(1500);
+    // A credential never seen before, while the database is away, and the HTTP face of the refusal.
+    const fresh = await call("GetCurrentUser/fresh", "connect", false, (o) =>
+      clientFor(UserService, transports.connect!, freshPat).getCurrentUser({}, o),
+    );
+    const dispatcher = new Agent({ connect: { ca: certs.ca }, allowH2: true });
+    const http = await undiciFetch(`${server.url}/tessera.v1.UserService/Login`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(bob),
+      dispatcher,
+    });
+    const body = (await http.json()) as Record<string, unknown>;
+    await dispatcher.close();
+    await sleep(1500);
+    await env.restore();
+    phase = "after";
+    await sleep(2500);
+    running = false;
+    await Promise.all(loops);
+
+    // Zero 500s, on every protocol, in every phase.
+    const internal = outcomes.filter((o) => o.code === Code.Internal || o.code === Code.Unknown);
+    expect(internal).toEqual([]);
+    // What failed, failed as a fault to retry (or, on SQLite, nothing else).
+    const failed = outcomes.filter((o) => o.code !== "ok");
+    for (const o of failed)
+      expect(o, JSON.stringify(o)).toMatchObject({
+        code: Code.Unavailable,
+        reason: "UNAVAILABLE",
+        retryAfter: "1",
+      });
+    const inOutage = outcomes.filter((o) => o.phase === "outage");
+    // Every protocol met the outage.
+    for (const protocol of Object.keys(transports))
+      expect(
+        inOutage.some((o) => o.protocol === protocol && o.code === Code.Unavailable),
+        protocol,
+      ).toBe(true);
+    // A login needs the database on both (its session is a write).
+    expect(http.status).toBe(503);
+    expect(http.headers.get("retry-after")).toBe("1");
+    expect(body).toMatchObject({ code: "unavailable", reason: "UNAVAILABLE" });
+    if (kind === "postgres") {
+      // PostgreSQL gone: nothing that needs the database is accepted, a new credential least of all.
+      expect(fresh).toBeUndefined();
+      expect(outcomes.find((o) => o.op === "GetCurrentUser/fresh")?.code).toBe(Code.Unavailable);
+    } else {
+      // A read-only SQLite still reads exactly (revocation included): reads are answered, writes are not.
+      expect(inOutage.filter((o) => o.op.startsWith("GetCurrentUser/") && o.code !== "ok")).toEqual([]);
+      expect(inOutage.filter((o) => o.op === "CreatePersonalAccessToken" && o.code === "ok")).toEqual([]);
+    }
+    // Recovered: every kind of call succeeds again on every protocol (one that began in the
+    // outage and was answered after it counts).
+    for (const protocol of Object.keys(transports))
+      for (const op of ["GetCurrentUser/jwt", "GetCurrentUser/pat", "Login", "CreatePersonalAccessToken"]) {
+        const after = outcomes.filter((o) => o.protocol === protocol && o.op === op && o.phase !== "before");
+        expect(
+          after.some((o) => o.phase !== "outage" && o.code === "ok"),
+          `${protocol} ${op}: ${JSON.stringify(after.slice(-5))}`,
+        ).toBe(true);
+      }
+
+    // No audit event lost: every audited call, in every phase, is in audit_events.
+    const audited = outcomes.filter((o) => o.audited);
+    expect(audited.every((o) => o.requestId)).toBe(true);
+    const outageAudited = audited.filter((o) => o.phase === "outage");
+    expect(outageAudited.length).toBeGreaterThan(0);
+    const deadline = Date.now() + 15_000;
+    while (env.app.audit.stats().depth > 0 && Date.now() < deadline) {
+      await env.app.audit.flush();
+      await sleep(50);
+    }
+    const ids = audited.map((o) => o.requestId!);
+    const found = new Set<string>();
+    for (let i = 0; i < ids.length; i += 200) {
+      const chunk = ids.slice(i, i + 200);
+      const rows = await env.app.sql.all<{ request_id: string; reason: string | null }>(
+        `select request_id, reason from audit_events where request_id in (${chunk.map(() => "?").join(", ")})`,
+        chunk,
+      );
+      for (const r of rows) found.add(r.request_id);
+    }
+    expect(ids.filter((id) => !found.has(id))).toEqual([]);
+    const stats = env.app.audit.stats();
+    expect(stats.dropped).toBe(0);
+    expect(stats.failures).toBeGreaterThan(0);
+    console.log(
+      `${kind}: ${outcomes.length} calls, ${inOutage.length} during the outage, ` +
+        `${failed.length} Unavailable, 0 Internal; ${outageAudited.length} audited calls in the outage, ` +
+        `${ids.length} audited in all, all in audit_events (${stats.failures} failed writes retried)`,
+    );
+  }, 90_000);
+});
