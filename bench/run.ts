@@ -1515,7 +1515,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
       )
         .map(([k, v]) => `${v} × ${k}`)
         .join(", ")} (${flood.floodAnswersPerSecond.toFixed(0)}/s).`,
-      `  Where the CPU went (CPU-ms per second, median of slices; quiet → flooded): server event loop ${flood.cpu.quiet.serverMain.toFixed(0)} → ${flood.cpu.flood.serverMain.toFixed(0)}, server's other threads ${flood.cpu.quiet.serverOther.toFixed(0)} → ${flood.cpu.flood.serverOther.toFixed(0)}, bench process (flood generator) ${flood.cpu.quiet.bench.toFixed(0)} → ${flood.cpu.flood.bench.toFixed(0)}, rest (h2load, other tenants) ${flood.cpu.quiet.rest.toFixed(0)} → ${flood.cpu.flood.rest.toFixed(0)}, idle ${flood.cpu.quiet.idle.toFixed(0)} → ${flood.cpu.flood.idle.toFixed(0)}.`,
+      `  Where the CPU went (CPU-ms per second, median of slices; quiet → flooded): server event loop ${flood.cpu.quiet.serverMain.toFixed(0)} → ${flood.cpu.flood.serverMain.toFixed(0)} (≈ ${((flood.cpu.quiet.serverMain * 1000) / flood.quietRps).toFixed(0)} → ${((flood.cpu.flood.serverMain * 1000) / flood.floodRps).toFixed(0)} µs per GetCurrentUser, the flood's own requests included), server's other threads ${flood.cpu.quiet.serverOther.toFixed(0)} → ${flood.cpu.flood.serverOther.toFixed(0)}, bench process (flood generator) ${flood.cpu.quiet.bench.toFixed(0)} → ${flood.cpu.flood.bench.toFixed(0)}, rest (h2load, other tenants) ${flood.cpu.quiet.rest.toFixed(0)} → ${flood.cpu.flood.rest.toFixed(0)}, idle ${flood.cpu.quiet.idle.toFixed(0)} → ${flood.cpu.flood.idle.toFixed(0)}.`,
     ]),
     ...(soak
       ? [
