@@ -126,6 +126,10 @@ export class HashPool {
   private workers: HashWorkers | undefined;
   /** Replaced by another pool: its threads stop once its last hash is done. */
   private retired = false;
+  /** Recent time of a hash, start to end (moving average, ms; 0 before the first). */
+  private hashMs = 0;
+  /** When each running hash started (performance.now()), oldest first. */
+  private readonly runningSince: number[] = [];
 
   constructor(readonly options: HashPoolOptions) {}
 
@@ -220,10 +224,28 @@ export class HashPool {
   /** Whether a hash for `purpose` asked for now would run or queue rather than be refused. */
   hasRoom(purpose: HashPurpose = "verify"): boolean {
     if (purpose === "create" && this.creating >= this.creationLimit) return false;
-    return (
-      this.running < this.options.concurrency ||
-      this.waiting.length + this.waitingCreations.length < this.options.queue
-    );
+    if (this.running < this.options.concurrency) return true;
+    if (this.waiting.length + this.waitingCreations.length >= this.options.queue) return false;
+    return purpose === "create" || !this.wouldMissDeadline();
+  }
+
+  /**
+   * Whether a check that must queue would, by the recent hash times, get no verdict before
+   * its deadline: then it is refused at once, not after waiting the deadline out. Where hashes
+   * run at low priority on a busy machine they slow down (seconds each), and a queue bounded
+   * by count alone would hold every check, a legitimate login's included, for the whole
+   * deadline. A check that finds a free slot always starts: that is how the pool learns that
+   * hashing is fast again.
+   */
+  private wouldMissDeadline(): boolean {
+    const deadline = this.options.deadlineMs ?? DEFAULT_HASH_DEADLINE_MS;
+    if (deadline <= 0) return false;
+    const oldest = this.runningSince[0];
+    // A hash running longer than the deadline: nothing queued now will be answered in time.
+    if (oldest !== undefined && performance.now() - oldest > deadline) return true;
+    // The checks ahead, `concurrency` at a time, then its own hash.
+    const rounds = Math.floor(this.waiting.length / this.options.concurrency) + 2;
+    return rounds * this.hashMs > deadline;
   }
 
   /**
@@ -251,10 +273,15 @@ export class HashPool {
   private async start<T>(task: () => Promise<T>): Promise<T> {
     this.running++;
     this.started++;
+    const since = performance.now();
+    this.runningSince.push(since);
     try {
       return await task();
     } finally {
       this.running--;
+      this.runningSince.splice(this.runningSince.indexOf(since), 1);
+      const took = performance.now() - since;
+      this.hashMs = this.hashMs === 0 ? took : 0.7 * this.hashMs + 0.3 * took;
       (this.waiting.shift() ?? this.waitingCreations.shift())?.();
       this.closeIfDrained();
     }

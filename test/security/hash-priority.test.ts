@@ -101,6 +101,33 @@ describe("HashPool deadline", () => {
     expect(pool.stats().started).toBe(1);
   });
 
+  it("refuses at once a check that, by the recent hash times, would wait past the deadline", async () => {
+    const pool = new HashPool({ concurrency: 1, queue: 4, deadlineMs: 100 });
+    // One hash of ~80 ms teaches the pool how long hashes take.
+    await pool.run(() => new Promise<void>((resolve) => setTimeout(resolve, 80)));
+    let release: (() => void) | undefined;
+    // A free slot always starts, whatever the estimate.
+    const running = pool.run(() => new Promise<void>((resolve) => (release = resolve)));
+    expect(pool.hasRoom()).toBe(false);
+    const started = performance.now();
+    const err = await pool
+      .run(async () => 1)
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
+    // Refused without waiting for the deadline: the slot's hash and its own would take ~160 ms.
+    expect(performance.now() - started).toBeLessThan(50);
+    expect((err as TesseraError).reason).toBe("UNAVAILABLE");
+    expect(pool.stats()).toMatchObject({ refused: 1, expired: 0, queued: 0 });
+    // New secrets are not judged by the deadline: they queue.
+    const creation = pool.run(async () => "stored", "create");
+    expect(pool.stats().queued).toBe(1);
+    release!();
+    await running.catch(() => undefined);
+    await expect(creation).resolves.toBe("stored");
+  });
+
   it("never cuts the hashing of a new secret short", async () => {
     const pool = new HashPool({ concurrency: 1, queue: 4, deadlineMs: 20 });
     const slow = pool.run(
@@ -194,7 +221,7 @@ describe.each(DATABASES)(
       }
     });
 
-    it("refuses checks queued past the deadline without hashing them", async () => {
+    it("refuses checks that cannot be answered by the deadline without hashing them", async () => {
       await vi.waitFor(() => expect(hashPool().stats()).toMatchObject({ running: 0, queued: 0 }), {
         timeout: 10_000,
       });
@@ -209,8 +236,9 @@ describe.each(DATABASES)(
       expect(logins.filter((l) => l.outcome !== true).length).toBeGreaterThan(0);
       await vi.waitFor(() => expect(hashPool().stats().running).toBe(0), { timeout: 10_000 });
       const after = hashPool().stats();
-      expect(after.expired - before.expired).toBeGreaterThan(0);
-      // Checks that expired while queued never cost a hash.
+      // Refused at once (the recent hash times said they would miss it) or when the deadline passed.
+      expect(after.expired - before.expired + (after.refused - before.refused)).toBeGreaterThan(0);
+      // Checks refused at once or expired while queued never cost a hash.
       expect(after.started - before.started).toBeLessThan(5);
     });
   },
