@@ -20,7 +20,7 @@ import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import http2 from "node:http2";
-import { availableParallelism, tmpdir } from "node:os";
+import { availableParallelism, cpus as cpuList, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -1181,7 +1181,9 @@ async function run(): Promise<void> {
     // a core only where it has two. Said explicitly, because a child inherits this process's
     // pinning (the first runs of this scenario meant to leave the server unpinned, and so
     // confined it to the generators' one CPU).
-    const allCpus = `0-${availableParallelism() - 1}`;
+    // os.cpus(), not availableParallelism(): the latter reads this process's affinity, which
+    // the pinning above has already narrowed to the generators' CPUs.
+    const allCpus = `0-${cpuList().length - 1}`;
     // One server per hashing priority asked for (--flood-nice), measured round-robin.
     const variants: FloodVariant[] = [];
     for (const nice of floodNices) {
