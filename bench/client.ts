@@ -51,13 +51,21 @@ export class JsonClient {
     return { status: res.status, body: parsed };
   }
 
-  /** POST a call that must succeed (HTTP 200); throws with the error body otherwise. */
+  /**
+   * POST a call that must succeed (HTTP 200); throws with the error body otherwise. A 503
+   * (the server busy hashing: low-priority hashing on a contended machine misses its
+   * deadline) is tried again after its Retry-After, as a client should, up to 20 times.
+   */
   async call<T = Record<string, unknown>>(
     path: string,
     body: unknown,
     headers: Record<string, string> = {},
   ): Promise<T> {
-    const answer = await this.post(path, body, headers);
+    let answer = await this.post(path, body, headers);
+    for (let tries = 1; answer.status === 503 && tries < 20; tries++) {
+      await new Promise((r) => setTimeout(r, 1000));
+      answer = await this.post(path, body, headers);
+    }
     if (answer.status !== 200) {
       throw new Error(`${path} answered HTTP ${answer.status}: ${JSON.stringify(answer.body).slice(0, 400)}`);
     }

@@ -42,8 +42,41 @@ export function procStatusKb(pid: number, field: "VmRSS" | "VmHWM"): number {
 
 /** CPU time (user + system) of a process so far, in ms, from /proc/<pid>/stat (clock ticks of 10 ms). */
 export function procCpuMs(pid: number): number {
+  return statCpuMs(`/proc/${pid}/stat`);
+}
+
+/**
+ * CPU time of one thread of a process so far, in ms: `tid` = `pid` is the main thread
+ * (Node's event loop), so the rest of the process's CPU is its other threads' (hashing,
+ * libuv pool, GC helpers).
+ */
+export function procThreadCpuMs(pid: number, tid: number): number {
+  return statCpuMs(`/proc/${pid}/task/${tid}/stat`);
+}
+
+/** The whole machine's CPU time so far (all CPUs), in ms, from /proc/stat: busy (with niced), niced alone, and idle. */
+export function machineCpuMs(): { busy: number; nice: number; idle: number } {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const line = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!;
+    // cpu  user nice system idle iowait irq softirq steal …  (clock ticks of 10 ms)
+    const [user, nice, system, idle, iowait, irq, softirq, steal] = line
+      .trim()
+      .split(/\s+/)
+      .slice(1)
+      .map(Number);
+    return {
+      busy: (user! + nice! + system! + irq! + softirq! + steal!) * 10,
+      nice: nice! * 10,
+      idle: (idle! + iowait!) * 10,
+    };
+  } catch {
+    return { busy: Number.NaN, nice: Number.NaN, idle: Number.NaN };
+  }
+}
+
+function statCpuMs(path: string): number {
+  try {
+    const stat = readFileSync(path, "utf8");
     // Fields after the command name (which may contain spaces) start after the last ")".
     const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
     return (Number(fields[11]) + Number(fields[12])) * 10;

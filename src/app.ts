@@ -131,6 +131,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
   configureHashPool({
     ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
     ...(config.auth.hashQueue !== undefined ? { queue: config.auth.hashQueue } : {}),
+    nice: config.auth.hashNice,
+    deadlineMs: config.auth.hashDeadlineMs,
   });
   const storage = await initORM({
     url: config.database.url,

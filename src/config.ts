@@ -141,6 +141,8 @@ const ConfigSchema = z
         passwordIterations: z.number().int().min(1000).default(600_000),
         hashConcurrency: z.number().int().positive().optional(),
         hashQueue: z.number().int().min(0).optional(),
+        hashNice: z.number().int().min(0).max(19).default(19),
+        hashDeadlineMs: z.number().int().min(0).default(900),
         masterKey: z
           .string()
           .regex(
@@ -514,6 +516,20 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "(4 × hashConcurrency)",
     "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
+  ],
+  [
+    "auth.hashNice",
+    "TESSERA_HASH_NICE",
+    "int",
+    "19",
+    "Nice value (0–19) the PBKDF2 threads give themselves (Linux): at 19 hashing only gets CPU that serving requests leaves, so a flood of wrong passwords cannot starve authenticated calls. 0 hashes at the event loop's priority.",
+  ],
+  [
+    "auth.hashDeadlineMs",
+    "TESSERA_HASH_DEADLINE_MS",
+    "int",
+    "900",
+    "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
   ],
   [
     "auth.masterKey",

@@ -1,6 +1,7 @@
 import { availableParallelism } from "node:os";
 import { TesseraError } from "../errors.js";
 import { ScopedAsyncLocalStorage } from "../storage/orm-async-context.js";
+import { HashWorkers, type Pbkdf2Job } from "./hash-workers.js";
 
 /** Sizes of the {@link HashPool}. */
 export interface HashPoolOptions {
@@ -8,7 +9,32 @@ export interface HashPoolOptions {
   concurrency: number;
   /** Hashes waiting for a slot; past it a new one is refused at once. */
   queue: number;
+  /**
+   * Nice value of the hashing threads (0–19, Linux; see {@link HashWorkers}). Default
+   * {@link DEFAULT_HASH_NICE}: hashing gets the CPU that serving requests leaves idle.
+   */
+  nice?: number;
+  /**
+   * Milliseconds a password check may wait for its verdict (queue and hash); past it, it is
+   * refused with Unavailable and Retry-After while its hash, if started, finishes unheard.
+   * 0: no limit. Default {@link DEFAULT_HASH_DEADLINE_MS}. New secrets are never cut short.
+   */
+  deadlineMs?: number;
 }
+
+/**
+ * Default nice value of the hashing threads: the lowest priority. Measured on 2 contended
+ * cores (bench/results/2026-12-04-flood.md), hashing at nice 0 beside a saturated event
+ * loop took a third to a half of the server's CPU share from it.
+ */
+export const DEFAULT_HASH_NICE = 19;
+
+/**
+ * Default deadline of a password check: an answer (or Unavailable with Retry-After) within
+ * a second, as issue 18 requires of a login during a flood. A low-priority hash on a busy
+ * machine can take seconds; the queue's length alone no longer bounds the wait.
+ */
+export const DEFAULT_HASH_DEADLINE_MS = 900;
 
 /** Counters of a {@link HashPool} (tests, metrics). */
 export interface HashPoolStats {
@@ -20,6 +46,10 @@ export interface HashPoolStats {
   queued: number;
   /** Hashes refused because the queue was full. */
   refused: number;
+  /** Password checks refused because their verdict was not ready by the deadline. */
+  expired: number;
+  /** Whether the hashing threads run at the lowered priority (null before the first hash). */
+  niced: boolean | null;
 }
 
 /** The default concurrency: every core but one, which is left to the event loop (at least 1). */
@@ -70,28 +100,59 @@ export function hashingForbidden(): TesseraError | undefined {
 export type HashPurpose = "verify" | "create";
 
 /**
- * A bounded pool for PBKDF2 (the only CPU-heavy work Tessera does). PBKDF2 runs on the
- * libuv thread pool, which has four threads whatever the core count: unbounded, a flood of
- * wrong passwords takes every core and every thread from everything else (measured: 16
- * concurrent wrong-password logins cut authenticated throughput to a quarter). This caps
- * the hashes running at once (default: cores − 1) and the ones waiting; past both, a check
- * is refused at once with {@link BUSY}.
+ * A bounded pool for PBKDF2 (the only CPU-heavy work Tessera does). Unbounded, a flood of
+ * wrong passwords takes every core from everything else (measured: 16 concurrent
+ * wrong-password logins cut authenticated throughput to a quarter). This caps the hashes
+ * running at once (default: cores − 1) and the ones waiting; past both, a check is refused
+ * at once with {@link BUSY}, and a check whose verdict is not ready by the deadline too.
+ * The hashes themselves run on {@link HashWorkers}: threads at the lowest scheduling
+ * priority, so that where cores are contended hashing yields to serving requests
+ * (bench/results/2026-12-04-flood.md).
  *
  * Hand-written: a counting semaphore with a bounded FIFO is a few lines, and none of the
- * libraries installed here refuses past a queue length (p-limit queues without bound;
- * a worker-thread pool would add a thread per hash on top of libuv's).
+ * libraries installed here refuses past a queue length (p-limit queues without bound).
  */
 export class HashPool {
   private running = 0;
   private started = 0;
   private refused = 0;
+  private expired = 0;
   /** Hashes of new secrets running or waiting. */
   private creating = 0;
   private readonly waiting: Array<() => void> = [];
   /** Hashes of new secrets waiting: they start only when no check waits. */
   private readonly waitingCreations: Array<() => void> = [];
+  /** Threads that compute {@link pbkdf2}, started on first use. */
+  private workers: HashWorkers | undefined;
+  /** Replaced by another pool: its threads stop once its last hash is done. */
+  private retired = false;
+  /** Recent time of a hash, start to end (moving average, ms; 0 before the first). */
+  private hashMs = 0;
+  /** When each running hash started (performance.now()), oldest first. */
+  private readonly runningSince: number[] = [];
 
   constructor(readonly options: HashPoolOptions) {}
+
+  /**
+   * PBKDF2-SHA256 of `job` on the pool's low-priority threads, within the pool's bounds
+   * (and, for a check, its deadline).
+   * @throws TesseraError UNAVAILABLE (with Retry-After) when the queue is full or the deadline passes
+   */
+  pbkdf2(job: Pbkdf2Job, purpose: HashPurpose = "verify"): Promise<Buffer> {
+    return this.run(() => {
+      this.workers ??= new HashWorkers({
+        threads: this.options.concurrency,
+        nice: this.options.nice ?? DEFAULT_HASH_NICE,
+      });
+      return this.workers.pbkdf2(job);
+    }, purpose);
+  }
+
+  /** Stop the threads once the hashes running or queued here are done (configureHashPool replaced this pool). */
+  retire(): void {
+    this.retired = true;
+    this.closeIfDrained();
+  }
 
   /** The most hashes of new secrets running or waiting at once: half of slots and queue (at least 1). */
   get creationLimit(): number {
@@ -114,26 +175,82 @@ export class HashPool {
             this.creating--;
           })
       : task;
+    const deadlineMs = create ? 0 : (this.options.deadlineMs ?? DEFAULT_HASH_DEADLINE_MS);
     if (this.running < this.options.concurrency) {
       notifyWait(0);
-      return this.start(job);
+      return this.within(deadlineMs, this.start(job));
     }
+    const queue = create ? this.waitingCreations : this.waiting;
     const queuedAt = performance.now();
-    return new Promise<T>((resolve, reject) => {
-      (create ? this.waitingCreations : this.waiting).push(() => {
+    let dequeue: (() => void) | undefined;
+    const result = new Promise<T>((resolve, reject) => {
+      const entry = () => {
+        dequeue = undefined;
         notifyWait((performance.now() - queuedAt) / 1000);
         this.start(job).then(resolve, reject);
-      });
+      };
+      queue.push(entry);
+      // Past the deadline a check still queued leaves the queue: it costs no hash at all.
+      dequeue = () => {
+        const at = queue.indexOf(entry);
+        if (at >= 0) queue.splice(at, 1);
+        this.closeIfDrained();
+      };
+    });
+    return this.within(deadlineMs, result, () => dequeue?.());
+  }
+
+  /**
+   * `result`, or {@link BUSY} once `deadlineMs` has passed (0: no deadline). A hash already
+   * running goes on holding its slot: the pool's bound counts the CPU really in use.
+   */
+  private within<T>(deadlineMs: number, result: Promise<T>, onExpiry?: () => void): Promise<T> {
+    if (deadlineMs <= 0) return result;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.expired++;
+        onExpiry?.();
+        reject(BUSY);
+      }, deadlineMs);
+      timer.unref();
+      result.then(
+        (value) => {
+          clearTimeout(timer);
+          resolve(value);
+        },
+        (err: unknown) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      );
     });
   }
 
   /** Whether a hash for `purpose` asked for now would run or queue rather than be refused. */
   hasRoom(purpose: HashPurpose = "verify"): boolean {
     if (purpose === "create" && this.creating >= this.creationLimit) return false;
-    return (
-      this.running < this.options.concurrency ||
-      this.waiting.length + this.waitingCreations.length < this.options.queue
-    );
+    if (this.running < this.options.concurrency) return true;
+    if (this.waiting.length + this.waitingCreations.length >= this.options.queue) return false;
+    return purpose === "create" || !this.wouldMissDeadline();
+  }
+
+  /**
+   * Whether a check that must queue would, by the recent hash times, get no verdict before
+   * its deadline: then it is refused at once, not after waiting the deadline out. Where hashes
+   * run at low priority on a busy machine they slow down (seconds each), and a queue bounded
+   * by count alone would hold every check, a legitimate login's included, for the whole
+   * deadline. A check that finds a free slot always starts: that is how the pool learns that
+   * hashing is fast again.
+   */
+  private wouldMissDeadline(): boolean {
+    const deadline = this.options.deadlineMs ?? DEFAULT_HASH_DEADLINE_MS;
+    if (deadline <= 0) return false;
+    const oldest = this.runningSince[0];
+    // A hash running longer than the deadline: nothing queued now will be answered in time.
+    if (oldest !== undefined && performance.now() - oldest > deadline) return true;
+    // The checks ahead, `concurrency` at a time, then its own hash.
+    const rounds = Math.floor(this.waiting.length / this.options.concurrency) + 2;
+    return rounds * this.hashMs > deadline;
   }
 
   /**
@@ -153,18 +270,32 @@ export class HashPool {
       running: this.running,
       queued: this.waiting.length + this.waitingCreations.length,
       refused: this.refused,
+      expired: this.expired,
+      niced: this.workers?.niced ?? null,
     };
   }
 
   private async start<T>(task: () => Promise<T>): Promise<T> {
     this.running++;
     this.started++;
+    const since = performance.now();
+    this.runningSince.push(since);
     try {
       return await task();
     } finally {
       this.running--;
+      this.runningSince.splice(this.runningSince.indexOf(since), 1);
+      const took = performance.now() - since;
+      this.hashMs = this.hashMs === 0 ? took : 0.7 * this.hashMs + 0.3 * took;
       (this.waiting.shift() ?? this.waitingCreations.shift())?.();
+      this.closeIfDrained();
     }
+  }
+
+  private closeIfDrained(): void {
+    if (!this.retired || this.running > 0 || this.waiting.length + this.waitingCreations.length > 0) return;
+    this.workers?.close();
+    this.workers = undefined;
   }
 }
 
@@ -188,6 +319,8 @@ function notifyWait(seconds: number): void {
 let pool = new HashPool({
   concurrency: defaultHashConcurrency(),
   queue: defaultHashQueue(defaultHashConcurrency()),
+  nice: DEFAULT_HASH_NICE,
+  deadlineMs: DEFAULT_HASH_DEADLINE_MS,
 });
 
 /**
@@ -199,14 +332,23 @@ export function hashPool(): HashPool {
 }
 
 /**
- * Size the process's hash pool (createApp does, from `auth.hashConcurrency` and
- * `auth.hashQueue`). Hashes already running or queued finish on the previous pool.
+ * Size the process's hash pool (createApp does, from `auth.hashConcurrency`,
+ * `auth.hashQueue`, `auth.hashNice` and `auth.hashDeadlineMs`). Hashes already running or
+ * queued finish on the previous pool, whose threads then stop.
  */
 export function configureHashPool(options: Partial<HashPoolOptions>): HashPool {
   const concurrency = options.concurrency ?? defaultHashConcurrency();
-  const queue = options.queue ?? defaultHashQueue(concurrency);
+  const wanted: Required<HashPoolOptions> = {
+    concurrency,
+    queue: options.queue ?? defaultHashQueue(concurrency),
+    nice: options.nice ?? DEFAULT_HASH_NICE,
+    deadlineMs: options.deadlineMs ?? DEFAULT_HASH_DEADLINE_MS,
+  };
   const current = pool.options;
-  if (current.concurrency !== concurrency || current.queue !== queue)
-    pool = new HashPool({ concurrency, queue });
+  const same = (Object.keys(wanted) as Array<keyof HashPoolOptions>).every((k) => current[k] === wanted[k]);
+  if (!same) {
+    pool.retire();
+    pool = new HashPool(wanted);
+  }
   return pool;
 }

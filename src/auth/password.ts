@@ -1,8 +1,5 @@
-import { pbkdf2, randomBytes, timingSafeEqual } from "node:crypto";
-import { promisify } from "node:util";
+import { randomBytes, timingSafeEqual } from "node:crypto";
 import { type HashPurpose, hashingForbidden, hashPool } from "./hash-pool.js";
-
-const pbkdf2Async = promisify(pbkdf2);
 
 /** OWASP 2023 recommendation for PBKDF2-HMAC-SHA256. */
 export const DEFAULT_ITERATIONS = 600_000;
@@ -13,8 +10,8 @@ const SALT_LENGTH = 16;
  * Hash a secret (password or token secret) with PBKDF2-SHA256. The result is a
  * self-describing string `pbkdf2-sha256$<iterations>$<salt b64>$<hash b64>`, so the
  * parameters are stored with each hash and can be raised later without a migration.
- * Runs on the libuv thread pool through the bounded {@link hashPool}: never blocks the
- * event loop, and never takes every core.
+ * Runs on the bounded {@link hashPool}'s low-priority threads: never blocks the event loop,
+ * and takes only the CPU that serving requests leaves.
  * `purpose` is "create" for a new secret (its share of the pool is bounded, see {@link HashPurpose}).
  * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full
  */
@@ -24,10 +21,7 @@ export async function hashSecret(
   purpose: HashPurpose = "create",
 ): Promise<string> {
   const salt = randomBytes(SALT_LENGTH);
-  const hash = await hashPool().run(
-    () => pbkdf2Async(secret, salt, iterations, KEY_LENGTH, "sha256"),
-    purpose,
-  );
+  const hash = await hashPool().pbkdf2({ secret, salt, iterations, keyLength: KEY_LENGTH }, purpose);
   return `pbkdf2-sha256$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
 }
 
@@ -55,14 +49,18 @@ export function parseHash(stored: string): HashParameters | null {
 
 /**
  * Constant-time verification of `secret` against a stored hash, through the bounded {@link hashPool}.
- * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full
+ * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full or
+ *   the verdict is not ready within its deadline
  */
 export async function verifySecret(secret: string, stored: string): Promise<boolean> {
   const params = parseHash(stored);
   if (!params) return false;
-  const candidate = await hashPool().run(() =>
-    pbkdf2Async(secret, params.salt, params.iterations, params.hash.length, "sha256"),
-  );
+  const candidate = await hashPool().pbkdf2({
+    secret,
+    salt: params.salt,
+    iterations: params.iterations,
+    keyLength: params.hash.length,
+  });
   return candidate.length === params.hash.length && timingSafeEqual(candidate, params.hash);
 }
 

@@ -1,0 +1,165 @@
+import { Worker } from "node:worker_threads";
+
+/** Options of {@link HashWorkers}. */
+export interface HashWorkersOptions {
+  /** Threads (one hash at a time each). */
+  threads: number;
+  /**
+   * Nice value each thread gives itself (0–19; Linux). At 19 the scheduler weighs a hashing
+   * thread 15 against 1024 for the event loop: hashing then runs on CPU the event loop leaves
+   * idle and takes almost none from it when cores are contended.
+   */
+  nice: number;
+}
+
+/** PBKDF2-SHA256 parameters of one hash. */
+export interface Pbkdf2Job {
+  secret: string;
+  salt: Uint8Array;
+  iterations: number;
+  keyLength: number;
+}
+
+/**
+ * The code each thread runs: plain CommonJS given as a string (`eval`), so that the same
+ * code runs under tsx, vitest (which transforms the main thread only, never a worker's
+ * file) and the compiled build, with no worker file to ship beside the build.
+ *
+ * A thread renices itself: on Linux the nice value belongs to a thread, and
+ * setpriority(PRIO_PROCESS, tid) (what os.setPriority calls) on the thread's own id —
+ * read from /proc/thread-self — changes that thread alone, needing no privilege to lower
+ * it. Elsewhere (no /proc/thread-self) the thread keeps its priority and says so.
+ *
+ * The hash is pbkdf2Sync on the thread itself: the async crypto.pbkdf2 would hand it to
+ * libuv's pool, whose threads are not reniced (and are shared with file and DNS work).
+ */
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require("node:worker_threads");
+const { pbkdf2Sync } = require("node:crypto");
+let niced = false;
+if (workerData.nice > 0) {
+  try {
+    const tid = Number(require("node:fs").readlinkSync("/proc/thread-self").split("/").pop());
+    require("node:os").setPriority(tid, workerData.nice);
+    niced = require("node:os").getPriority(tid) === workerData.nice;
+  } catch {}
+}
+parentPort.postMessage({ ready: true, niced });
+parentPort.on("message", (job) => {
+  try {
+    const hash = pbkdf2Sync(job.secret, job.salt, job.iterations, job.keyLength, "sha256");
+    parentPort.postMessage({ hash }, [hash.buffer]);
+  } catch (err) {
+    parentPort.postMessage({ error: String(err && err.message) });
+  }
+});
+`;
+
+interface Slot {
+  worker: Worker;
+  /** The job running on it, if any. */
+  current: { resolve(hash: Buffer): void; reject(err: Error): void } | null;
+}
+
+/**
+ * A fixed set of worker threads that compute PBKDF2-SHA256 at a lowered scheduling
+ * priority, so that a flood of password checks takes CPU from nothing that serves requests
+ * (issue 18). It runs at most `threads` hashes at once and queues the rest; the bounds that
+ * matter (queue length, refusals, new secrets' share) are {@link HashPool}'s, in front of it.
+ *
+ * Hand-written rather than piscina: piscina loads its task from a file (a `.ts` source
+ * under tsx and vitest, a `.js` build when deployed) and renices through an optional
+ * native addon, where `os.setPriority` on the thread's own id does it with none; the
+ * queueing piscina would add is already HashPool's.
+ */
+export class HashWorkers {
+  private readonly slots: Array<Slot | null>;
+  private readonly waiting: Array<{ job: Pbkdf2Job; resolve(hash: Buffer): void; reject(err: Error): void }> =
+    [];
+  private closed = false;
+  /** Whether the threads lowered their priority (null until one has started). */
+  private reniced: boolean | null = null;
+
+  constructor(readonly options: HashWorkersOptions) {
+    this.slots = Array.from({ length: Math.max(1, options.threads) }, () => null);
+  }
+
+  /** Whether the threads run at the lowered priority: null before the first hash, false where the platform refuses. */
+  get niced(): boolean | null {
+    return this.options.nice > 0 ? this.reniced : false;
+  }
+
+  /** Compute PBKDF2-SHA256 on a thread; resolves with the derived key. */
+  pbkdf2(job: Pbkdf2Job): Promise<Buffer> {
+    if (this.closed) return Promise.reject(new Error("the hash workers are closed"));
+    return new Promise<Buffer>((resolve, reject) => {
+      this.waiting.push({ job, resolve, reject });
+      this.dispatch();
+    });
+  }
+
+  /** Stop every thread once its running hash (if any) is done; later calls are refused. */
+  close(): void {
+    this.closed = true;
+    for (const w of this.waiting.splice(0)) w.reject(new Error("the hash workers are closed"));
+    for (const [i, slot] of this.slots.entries()) {
+      if (slot && slot.current === null) {
+        void slot.worker.terminate();
+        this.slots[i] = null;
+      }
+    }
+  }
+
+  private dispatch(): void {
+    while (this.waiting.length > 0) {
+      const index = this.slots.findIndex((s) => s === null || s.current === null);
+      if (index < 0) return;
+      const slot = this.slots[index] ?? this.spawn(index);
+      const next = this.waiting.shift()!;
+      slot.current = { resolve: next.resolve, reject: next.reject };
+      slot.worker.postMessage(next.job);
+    }
+  }
+
+  private spawn(index: number): Slot {
+    const worker = new Worker(WORKER_SOURCE, {
+      eval: true,
+      workerData: { nice: this.options.nice },
+      // A hash needs little memory: keep each thread's heap small.
+      resourceLimits: { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 4 },
+    });
+    // Idle threads do not keep the process alive.
+    worker.unref();
+    const slot: Slot = { worker, current: null };
+    this.slots[index] = slot;
+    worker.on("message", (message: { ready?: true; niced?: boolean; hash?: Uint8Array; error?: string }) => {
+      if (message.ready) {
+        this.reniced = message.niced ?? false;
+        return;
+      }
+      const current = slot.current;
+      slot.current = null;
+      if (this.closed) {
+        void worker.terminate();
+        this.slots[index] = null;
+      }
+      if (current) {
+        if (message.hash)
+          current.resolve(Buffer.from(message.hash.buffer, message.hash.byteOffset, message.hash.length));
+        else current.reject(new Error(message.error ?? "PBKDF2 failed"));
+      }
+      this.dispatch();
+    });
+    const fail = (err: Error) => {
+      // A thread that died is replaced on the next hash; its job fails (the caller answers Internal).
+      if (this.slots[index] === slot) this.slots[index] = null;
+      const current = slot.current;
+      slot.current = null;
+      current?.reject(err);
+      if (!this.closed) this.dispatch();
+    };
+    worker.on("error", fail);
+    worker.on("exit", (code) => fail(new Error(`a hash worker exited (${code})`)));
+    return slot;
+  }
+}
