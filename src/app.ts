@@ -128,6 +128,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         storage,
         masterKey,
         maxTokenTtlSeconds: config.auth.maxTokenTtl,
+        logger,
       });
       return { bootstrap, jwt };
     });
