@@ -266,6 +266,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   const imported = new Map<string, { publicText: string; key: CryptoKey; publicJwk: JWK }>();
   const opened = new Map<string, { sealed: string; key: CryptoKey }>();
   const unopenable = new Set<string>();
+  let loadedOnce = false;
 
   /** Read every key row and make it the key set: one query. */
   async function readKeys(): Promise<void> {
@@ -325,6 +326,16 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     }
     // A key that disappeared (deleted by an operator, or past its window): tokens verified
     // under it are not answered from the cache any more.
+    // Keys another instance created (or this one): said once per instance, with when it
+    // learned it, which is what the propagation bound is about.
+    if (loadedOnce)
+      for (const k of next.values())
+        if (!keys.has(k.kid))
+          log?.info(
+            { kid: k.kid, generation: k.generation, activatesAt: new Date(k.activatesAt).toISOString() },
+            "signing key read",
+          );
+    loadedOnce = true;
     for (const kid of keys.keys()) if (!next.has(kid)) forgetVerifiedUnder(kid);
     for (const kid of imported.keys()) if (!next.has(kid)) imported.delete(kid);
     for (const kid of opened.keys()) if (!next.get(kid)?.signKey) opened.delete(kid);
