@@ -64,7 +64,7 @@ describe.each(DATABASES)("signing keys on a schedule ($name)", (db) => {
       storage,
       masterKey,
       maxTokenTtlSeconds: config.auth.maxTokenTtl,
-      now,
+      clock: now,
       refreshIntervalMs: 0,
       unknownKidGapMs: 0,
     });

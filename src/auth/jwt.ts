@@ -151,8 +151,8 @@ export interface JwtServiceOptions {
   masterKey: MasterKey;
   /** Where failures of the background refresh and rotations are reported. */
   logger?: Pick<Logger, "info" | "warn" | "error">;
-  /** The clock (ms since the epoch); tests inject one. */
-  now?: () => number;
+  /** The clock (ms since the epoch, like `Date.now`) of key schedules and token times; tests pass a manual one. */
+  clock?: () => number;
   /** Period of the background refresh (default `config.keyRefreshMs`); 0: none (tests call `refresh`). */
   refreshIntervalMs?: number;
   /** Least time between two reads caused by unknown kids (default {@link UNKNOWN_KID_REFETCH_GAP_MS}). */
@@ -226,7 +226,7 @@ const KID_SHAPE = /^[A-Za-z0-9_-]{43}$/;
  */
 export async function createJwtService(options: JwtServiceOptions): Promise<JwtService> {
   const { config, storage } = options;
-  const now = options.now ?? Date.now;
+  const now = options.clock ?? Date.now;
   const log = options.logger;
   const maxTtl = Math.max(options.maxTokenTtlSeconds ?? 0, config.accessTokenTtl);
   const ttlCap = options.maxTokenTtlSeconds ?? Number.POSITIVE_INFINITY;
