@@ -162,6 +162,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         masterKey,
         maxTokenTtlSeconds: config.auth.maxTokenTtl,
         clock,
+        logger,
       });
       return { bootstrap, jwt };
     });

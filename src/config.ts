@@ -112,8 +112,27 @@ const ConfigSchema = z
             refreshTokenTtl: seconds.default(30 * 24 * 3600),
             clockSkew: z.number().int().min(0).max(300).default(30),
             keyRotationInterval: seconds.default(30 * 24 * 3600),
+            // Unset: DEFAULT_KEY_PRE_PUBLICATION, at most half the rotation interval (see keyPrePublicationSeconds).
+            keyPrePublication: z.number().int().min(0).optional(),
+            keyRefreshMs: z.number().int().min(10).max(60_000).default(500),
           })
           .strict()
+          .superRefine((jwt, ctx) => {
+            const pre = jwt.keyPrePublication;
+            if (pre === undefined) return;
+            if (pre >= jwt.keyRotationInterval)
+              ctx.addIssue({
+                code: "custom",
+                path: ["keyPrePublication"],
+                message: `auth.jwt.keyPrePublication (${pre} s) must be shorter than auth.jwt.keyRotationInterval (${jwt.keyRotationInterval} s)`,
+              });
+            else if (pre > 0 && pre * 1000 < 2 * jwt.keyRefreshMs)
+              ctx.addIssue({
+                code: "custom",
+                path: ["keyPrePublication"],
+                message: `auth.jwt.keyPrePublication (${pre} s) must be at least twice auth.jwt.keyRefreshMs (${jwt.keyRefreshMs} ms), so every instance learns a key before it signs`,
+              });
+          })
           .prefault({}),
         basic: z
           .object({ enabled: z.boolean().default(true) })
@@ -470,7 +489,21 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_JWT_KEY_ROTATION_INTERVAL",
     "int",
     "2592000",
-    "Seconds after which a new signing key is generated; old keys verify until their tokens expire.",
+    "Seconds each signing key signs before the next one takes over, checked while running (by exactly one instance of a fleet); retired keys stay published and verify until every token they signed has expired.",
+  ],
+  [
+    "auth.jwt.keyPrePublication",
+    "TESSERA_JWT_KEY_PRE_PUBLICATION",
+    "int",
+    "3600 (at most half of auth.jwt.keyRotationInterval)",
+    "Seconds a new signing key is published in the JWKS of every instance before it signs anything (longer than relying parties cache the JWKS); 0 activates it at once.",
+  ],
+  [
+    "auth.jwt.keyRefreshMs",
+    "TESSERA_JWT_KEY_REFRESH_MS",
+    "int",
+    "500",
+    "How often (ms) each instance re-reads the signing keys from the database (one small query): the bound on how long a key another instance created stays unknown here.",
   ],
   ["auth.basic.enabled", "TESSERA_BASIC_AUTH", "bool", "true", "Accept Authorization: Basic for users."],
   ["auth.tokens.patPrefix", "TESSERA_PAT_PREFIX", "string", "tsr_pat_", "Prefix of personal access tokens."],

@@ -128,7 +128,12 @@ export class SigningKey {
   privateJwk!: string;
   publicJwk!: string;
   createdAt: Date = new Date();
+  /** When it stops signing: its successor's `activatesAt` (null while it has none). */
   retiredAt?: Date | null = null;
+  /** When it starts signing; published from `createdAt` on (pre-publication). Null: `createdAt`. */
+  activatesAt?: Date | null = null;
+  /** 1, 2, 3… in creation order, unique: the next one is inserted by exactly one instance. */
+  generation?: number | null = null;
 }
 
 export const SigningKeySchema = new EntitySchema<SigningKey>({
@@ -141,6 +146,8 @@ export const SigningKeySchema = new EntitySchema<SigningKey>({
     publicJwk: { type: "text" },
     createdAt: { type: "Date" },
     retiredAt: { type: "Date", nullable: true },
+    activatesAt: { type: "Date", nullable: true },
+    generation: { type: "integer", nullable: true },
   },
 });
 

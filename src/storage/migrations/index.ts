@@ -6,6 +6,7 @@ import { Migration20261204200000_sessions } from "./Migration20261204200000_sess
 import { Migration20261204213000_usernames_per_tenant } from "./Migration20261204213000_usernames_per_tenant.js";
 import { Migration20261204230000_audit_indexes } from "./Migration20261204230000_audit_indexes.js";
 import { Migration20261204230000_proven_bindings } from "./Migration20261204230000_proven_bindings.js";
+import { Migration20261204230000_signing_key_schedule } from "./Migration20261204230000_signing_key_schedule.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -23,4 +24,8 @@ export const MIGRATIONS: MigrationObject[] = [
   },
   { name: "Migration20261204230000_audit_indexes", class: Migration20261204230000_audit_indexes },
   { name: "Migration20261204230000_proven_bindings", class: Migration20261204230000_proven_bindings },
+  {
+    name: "Migration20261204230000_signing_key_schedule",
+    class: Migration20261204230000_signing_key_schedule,
+  },
 ];

@@ -1,0 +1,340 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { base64url, decodeProtectedHeader } from "jose";
+import { Agent, fetch as undiciFetch } from "undici";
+import { afterAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { type App, createApp } from "../../src/app.js";
+import { startServer, type TesseraServer } from "../../src/server.js";
+import { initORM } from "../../src/storage/orm.js";
+import { rejection } from "../errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestCerts,
+  dropSchema,
+  POSTGRES,
+  silentLogger,
+  TEST_MASTER_KEY,
+  testConfig,
+} from "../helpers.js";
+
+const ROOT = join(import.meta.dirname, "..", "..");
+const MAIN = join(ROOT, "src", "main.ts");
+const PASSWORD = "multi-keys-admin-password";
+/** Seconds: each key signs for 4 s; the next one is published 2 s before it signs. */
+const INTERVAL = 4;
+const PRE_PUBLICATION = 2;
+
+const children = new Set<ChildProcess>();
+afterAll(() => {
+  for (const c of children) c.kill("SIGKILL");
+});
+
+/** Start `tessera serve` on `url`; resolves with its base URL once it listens. */
+function serve(
+  url: string,
+  certDir: string,
+  extra: Record<string, string> = {},
+): Promise<{ url: string; child: ChildProcess; log: () => string }> {
+  const env: Record<string, string> = {
+    ...(process.env as Record<string, string>),
+    TESSERA_DATABASE_URL: url,
+    TESSERA_CERT_DIR: certDir,
+    TESSERA_HOST: "127.0.0.1",
+    TESSERA_PORT: "0",
+    TESSERA_ADMIN_PASSWORD: PASSWORD,
+    TESSERA_PASSWORD_ITERATIONS: "1000",
+    TESSERA_MASTER_KEY: TEST_MASTER_KEY,
+    TESSERA_RATE_LIMIT: "false",
+    TESSERA_MAX_CONNECTIONS_PER_IP: "0",
+    TESSERA_JWT_KEY_ROTATION_INTERVAL: String(INTERVAL),
+    TESSERA_JWT_KEY_PRE_PUBLICATION: String(PRE_PUBLICATION),
+    // The default refresh period (500 ms): the propagation bound measured is the shipped one.
+    TESSERA_LOG_LEVEL: "info",
+    ...extra,
+  };
+  const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
+  children.add(child);
+  child.once("exit", () => children.delete(child));
+  return new Promise((resolve, reject) => {
+    let stderr = "";
+    child.stdout.resume();
+    child.stderr.on("data", (d) => {
+      stderr += d;
+      const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
+      if (m) resolve({ url: m[1]!, child, log: () => stderr });
+    });
+    child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
+  });
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null) return;
+  const exited = new Promise((r) => child.once("exit", r));
+  child.kill("SIGTERM");
+  await exited;
+}
+
+interface KeyRow {
+  kid: string;
+  generation: number;
+  createdAt: number;
+  activatesAt: number;
+}
+
+async function keyRows(url: string): Promise<KeyRow[]> {
+  const storage = await initORM({ url, migrate: false });
+  try {
+    const rows = await storage.em
+      .getConnection()
+      .execute<{ kid: string; generation: number; created_at: Date; activates_at: Date }[]>(
+        "select kid, generation, created_at, activates_at from signing_keys order by generation",
+      );
+    return rows.map((r) => ({
+      kid: r.kid,
+      generation: Number(r.generation),
+      createdAt: new Date(r.created_at).getTime(),
+      activatesAt: new Date(r.activates_at).getTime(),
+    }));
+  } finally {
+    await storage.close();
+  }
+}
+
+function quantile(values: number[], q: number): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? Number.NaN;
+}
+
+describe("signing keys across three `tessera serve` on one PostgreSQL schema", () => {
+  const url = POSTGRES.url();
+  afterAll(async () => {
+    await dropSchema(url);
+  });
+
+  it("rotates once per interval under load: tokens of every instance verify everywhere, new keys reach all before they sign (median within 1 s), JWKS identical", async () => {
+    const certDir = join(mkdtempSync(join(tmpdir(), "tessera-keys-")), "certs");
+    const instances = await Promise.all([0, 1, 2].map(() => serve(url, certDir)));
+    const dispatcher = new Agent({ connect: { ca: readFileSync(join(certDir, "ca.crt")) }, connections: 8 });
+    const call = async (base: string, method: string, body: unknown, token?: string) => {
+      const res = await undiciFetch(`${base}/tessera.v1.UserService/${method}`, {
+        method: "POST",
+        dispatcher,
+        headers: {
+          "content-type": "application/json",
+          ...(token ? { authorization: `Bearer ${token}` } : {}),
+        },
+        body: JSON.stringify(body),
+      });
+      return { status: res.status, json: (await res.json()) as Record<string, unknown> };
+    };
+    const jwksOf = async (base: string) =>
+      (
+        (await (await undiciFetch(`${base}/.well-known/jwks.json`, { dispatcher })).json()) as {
+          keys: { kid: string }[];
+        }
+      ).keys;
+    try {
+      const started = Date.now();
+      const deadline = started + 3 * INTERVAL * 1000 + 1000;
+      // When each instance's JWKS first showed each kid: the request's send and receive
+      // times (the instance learned it before the receive time), one sampler per instance.
+      const firstSeen = new Map<string, { sent: number; received: number }[]>();
+      const samples: { sent: number; kids: string[] }[] = [];
+      const samplers = instances.map(async (instance, n) => {
+        while (Date.now() < deadline) {
+          const sent = Date.now();
+          const kids = (await jwksOf(instance.url)).map((k) => k.kid);
+          const received = Date.now();
+          samples.push({ sent, kids });
+          for (const kid of kids) {
+            const seen = firstSeen.get(kid) ?? [];
+            seen[n] ??= { sent, received };
+            firstSeen.set(kid, seen);
+          }
+          await sleep(25);
+        }
+      });
+      // Load: each instance logs in in a loop; every token is used on every instance at once.
+      const failures: string[] = [];
+      const kidsUsed = new Set<string>();
+      let verified = 0;
+      const load = instances.map(async (issuer, n) => {
+        while (Date.now() < deadline) {
+          const login = await call(issuer.url, "Login", { username: "admin", password: PASSWORD });
+          if (login.status !== 200) {
+            failures.push(`login on ${n}: ${login.status} ${JSON.stringify(login.json)}`);
+            continue;
+          }
+          const token = login.json.accessToken as string;
+          kidsUsed.add(decodeProtectedHeader(token).kid!);
+          const results = await Promise.all(instances.map((i) => call(i.url, "GetCurrentUser", {}, token)));
+          results.forEach((r, m) => {
+            if (r.status === 200) verified++;
+            else failures.push(`token of ${n} on ${m}: ${r.status} ${JSON.stringify(r.json)}`);
+          });
+        }
+      });
+      await Promise.all([...load, ...samplers]);
+      expect(failures).toEqual([]);
+      expect(verified).toBeGreaterThan(30);
+
+      const rows = await keyRows(url);
+      // At least two rotations happened during the load, and tokens were signed by at least three keys.
+      expect(rows.length).toBeGreaterThanOrEqual(3);
+      expect(kidsUsed.size).toBeGreaterThanOrEqual(3);
+      // Exactly one key per rotation: consecutive generations, activations one interval apart
+      // (plus at most the refresh period and some scheduling slack), never two in one interval.
+      expect(rows.map((r) => r.generation)).toEqual(rows.map((_, i) => i + 1));
+      const spacings = rows.slice(1).map((r, i) => r.activatesAt - rows[i]!.activatesAt);
+      for (const s of spacings) {
+        expect(s).toBeGreaterThanOrEqual(INTERVAL * 1000);
+        expect(s).toBeLessThan(INTERVAL * 1000 + 1500);
+      }
+      // Every key created during the load was read by all three instances within 1 s of its
+      // commit (the creator logs "signing key created" once committed; each instance logs
+      // when it reads a new key: the JWKS samplers' own latency on a loaded machine is no
+      // measure), so before it signed anything; and every instance's JWKS showed it.
+      const lags: number[] = [];
+      const logged = (log: string, msg: string, kid: string) => {
+        const line = log.split("\n").find((l) => l.includes(`"msg":"${msg}"`) && l.includes(kid));
+        return line ? (JSON.parse(line) as { time: number }).time : Number.NaN;
+      };
+      // Keys created while the samplers ran, with time left for all to read them.
+      const fresh = rows.filter((r) => r.createdAt > started + 200 && r.createdAt < deadline - 1000);
+      for (const row of fresh) {
+        expect(firstSeen.get(row.kid)?.filter(Boolean), row.kid).toHaveLength(3);
+        const committed = Math.min(
+          ...instances
+            .map((i) => logged(i.log(), "signing key created", row.kid))
+            .filter((t) => !Number.isNaN(t)),
+        );
+        // Committed (by exactly one of them) before it was due to sign.
+        expect(committed).toBeLessThan(row.activatesAt);
+        for (const instance of instances) {
+          const at = logged(instance.log(), "signing key read", row.kid);
+          expect(at, row.kid).toBeLessThan(row.activatesAt);
+          lags.push(at - committed);
+        }
+      }
+      expect(lags.length).toBeGreaterThanOrEqual(3);
+      // The target, 1 s, holds for the median however loaded the machine; a single reading
+      // can exceed it when the instances' event loops are starved (1135 ms once at load
+      // average 25 on 2 cores), and the hard bound, before activation, is asserted above.
+      expect(quantile(lags, 0.5)).toBeLessThan(1000);
+      // Every JWKS answer of every instance holds every key that had activated when it was
+      // asked for (whatever instance created it), and no key the database does not hold;
+      // answers differ at most by a pre-published key not read everywhere yet.
+      const known = new Set(rows.map((r) => r.kid));
+      let prePublished = 0;
+      for (const { sent, kids } of samples) {
+        for (const row of rows)
+          if (row.activatesAt <= sent) expect(kids, `${row.kid} at ${sent}`).toContain(row.kid);
+        for (const kid of kids) expect(known).toContain(kid);
+        prePublished += rows.filter((r) => r.activatesAt > sent && kids.includes(r.kid)).length;
+      }
+      await sleep(1000);
+      const finalSets = await Promise.all(instances.map((i) => jwksOf(i.url)));
+      expect(new Set(finalSets.map((s) => JSON.stringify(s))).size).toBe(1);
+      console.log(
+        `keys: ${rows.length} created, activation spacing ${spacings.join("/")} ms; ` +
+          `read by each instance after its commit: p50 ${quantile(lags, 0.5)} ms, max ${Math.max(...lags)} ms (${lags.length}); ` +
+          `${verified} cross-instance verifications, ${samples.length} JWKS samples (${prePublished} times a key not signing yet was in one)`,
+      );
+    } finally {
+      await dispatcher.close();
+      await Promise.all(instances.map((i) => stop(i.child)));
+    }
+  }, 120_000);
+
+  it("does not rotate early when the instances restart", async () => {
+    const fresh = POSTGRES.url();
+    try {
+      const certDir = join(mkdtempSync(join(tmpdir(), "tessera-keys-")), "certs");
+      const hour = { TESSERA_JWT_KEY_ROTATION_INTERVAL: "3600", TESSERA_JWT_KEY_PRE_PUBLICATION: "60" };
+      for (let round = 0; round < 2; round++) {
+        const fleet = await Promise.all([0, 1].map(() => serve(fresh, certDir, hour)));
+        await Promise.all(fleet.map((i) => stop(i.child)));
+        expect((await keyRows(fresh)).map((r) => r.generation)).toEqual([1]);
+      }
+    } finally {
+      await dropSchema(fresh);
+    }
+  }, 120_000);
+});
+
+describe("unknown kids on a real server over TLS (two in-process instances, one PostgreSQL schema)", () => {
+  const url = POSTGRES.url();
+  const apps: App[] = [];
+  const servers: TesseraServer[] = [];
+  afterAll(async () => {
+    for (const s of servers) await s.close(0);
+    for (const a of apps) await a.close();
+    await dropSchema(url);
+  });
+
+  it("accepts a key another instance activated at once on its first token, and spends at most one read per 250 ms on forged kids", async () => {
+    const certs = await createTestCerts();
+    // No background refresh for B: only tokens can make it read the keys.
+    for (const keyRefreshMs of [500, 60_000]) {
+      const app = await createApp(
+        testConfig(url, {
+          server: { certDir: certs.dir },
+          auth: { jwt: { keyRefreshMs, keyPrePublication: keyRefreshMs === 500 ? 60 : 0 } },
+        }),
+        { logger: silentLogger },
+      );
+      apps.push(app);
+      servers.push(await startServer(app));
+    }
+    const [a, b] = apps as [App, App];
+    const transport = createConnectTransport({
+      baseUrl: servers[1]!.url,
+      httpVersion: "2",
+      nodeOptions: { ca: certs.ca },
+    });
+    await a.jwt.rotate({ immediate: true });
+    const token = (
+      await clientFor(
+        UserService,
+        createConnectTransport({
+          baseUrl: servers[0]!.url,
+          httpVersion: "2",
+          nodeOptions: { ca: certs.ca },
+        }),
+      ).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+    expect(b.jwt.jwks().keys.map((k) => k.kid)).not.toContain(decodeProtectedHeader(token).kid);
+    expect((await clientFor(UserService, transport, token).getCurrentUser({})).username).toBe("admin");
+    expect(b.jwt.stats().unknownKidRefetches).toBe(1);
+
+    // A flood of tokens naming kids nobody has, over TLS: refused, and B reads the keys
+    // at most once per 250 ms however many arrive.
+    const [, payload, signature] = token.split(".") as [string, string, string];
+    const forged = () =>
+      `${base64url.encode(JSON.stringify({ ...decodeProtectedHeader(token), kid: base64url.encode(randomBytes(32)) }))}.${payload}.${signature}`;
+    const before = b.jwt.stats().refreshes;
+    const started = performance.now();
+    const reasons: (string | undefined)[] = [];
+    for (let wave = 0; wave < 10; wave++) {
+      const results = await Promise.all(
+        Array.from({ length: 40 }, () =>
+          rejection(clientFor(UserService, transport, forged()).getCurrentUser({})),
+        ),
+      );
+      reasons.push(...results.map((r) => r.reason));
+    }
+    const elapsed = performance.now() - started;
+    const reads = b.jwt.stats().refreshes - before;
+    expect(new Set(reasons)).toEqual(new Set(["TOKEN_INVALID"]));
+    expect(reads).toBeGreaterThanOrEqual(1);
+    expect(reads).toBeLessThanOrEqual(Math.ceil(elapsed / 250) + 1);
+    console.log(`400 forged kids over TLS in ${elapsed.toFixed(0)} ms: ${reads} key reads`);
+  }, 60_000);
+});
