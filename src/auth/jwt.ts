@@ -227,7 +227,7 @@ const KID_SHAPE = /^[A-Za-z0-9_-]{43}$/;
  * activation = now + pre-publication: it is in every instance's JWKS (each re-reads the
  * rows every `keyRefreshMs`) before it signs anything. Instances rotating at the same moment
  * collide on the unique generation and one key results. A key retires when its successor
- * activates, and stays published and accepted for the longest token lifetime (plus skew)
+ * activates, and stays published and accepted for the longest token lifetime
  * after that.
  */
 export async function createJwtService(options: JwtServiceOptions): Promise<JwtService> {
