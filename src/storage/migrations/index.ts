@@ -4,6 +4,7 @@ import { Migration20261123100000_tokens } from "./Migration20261123100000_tokens
 import { Migration20261123110000_machine_users } from "./Migration20261123110000_machine_users.js";
 import { Migration20261204200000_sessions } from "./Migration20261204200000_sessions.js";
 import { Migration20261204213000_usernames_per_tenant } from "./Migration20261204213000_usernames_per_tenant.js";
+import { Migration20261204230000_state_notify } from "./Migration20261204230000_state_notify.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -19,4 +20,5 @@ export const MIGRATIONS: MigrationObject[] = [
     name: "Migration20261204213000_usernames_per_tenant",
     class: Migration20261204213000_usernames_per_tenant,
   },
+  { name: "Migration20261204230000_state_notify", class: Migration20261204230000_state_notify },
 ];
