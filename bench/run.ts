@@ -715,24 +715,33 @@ async function measurePostgres(
   const b = await startPg("pg-b", cached.schema);
   const onA = new JsonClient(cached.server.url, tls);
   const onB = new JsonClient(b.url, tls);
-  const rounds = settings.smoke ? 10 : 100;
+  const rounds = settings.smoke ? 10 : 50;
   const propagation: number[] = [];
   const revokeMs: number[] = [];
   let firstRefused = 0;
   let loadRun: Promise<RawLoad> | undefined;
   try {
-    // Load on A throughout (long enough for every round; the rounds end it early by finishing first).
-    loadRun = drive(load, { durationSeconds: settings.smoke ? 5 : 40 });
-    await new Promise((r) => setTimeout(r, settings.smoke ? 500 : settings.warmupSeconds * 1000 + 500));
+    // The tokens first, each verified once on B (its PBKDF2, 600k iterations, paid here, not
+    // under load): the rounds then measure state propagation, not hashing.
+    const tokens: { id: string; token: string }[] = [];
     for (let i = 0; i < rounds; i++) {
       const created = await onA.call<{ id: string; token: string }>(
         PATHS.createPat,
         { name: `revoke-${i}` },
         bearer(cached.userToken),
       );
+      const first = await onB.post(PATHS.getCurrentUser, {}, bearer(created.token));
+      if (first.status !== 200) throw new Error(`pg-revoke: a fresh token refused on B (${first.status})`);
+      tokens.push(created);
+    }
+    // Load on A throughout (the rounds take a few seconds; the load runs on past them).
+    loadRun = drive(load, { durationSeconds: settings.smoke ? 5 : 20 });
+    await new Promise((r) => setTimeout(r, settings.smoke ? 500 : settings.warmupSeconds * 1000 + 500));
+    for (const created of tokens) {
+      // Twice on B: the second is answered from B's state cache.
       for (let k = 0; k < 2; k++) {
         const warm = await onB.post(PATHS.getCurrentUser, {}, bearer(created.token));
-        if (warm.status !== 200) throw new Error(`pg-revoke: a fresh token refused on B (${warm.status})`);
+        if (warm.status !== 200) throw new Error(`pg-revoke: a live token refused on B (${warm.status})`);
       }
       const t0 = performance.now();
       await onA.call(PATHS.revokePat, { id: created.id }, bearer(cached.userToken));

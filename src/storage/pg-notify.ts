@@ -115,9 +115,12 @@ export class PgNotifier {
     return this.isOnline;
   }
 
-  /** The backend pid of the listening session while online (as `pg_stat_activity.pid` shows it), else null. */
+  /**
+   * The backend pid of the current session (as `pg_stat_activity.pid` shows it), once
+   * connected (it may still be setting up: see {@link online}), else null.
+   */
   get backendPid(): number | null {
-    return this.isOnline ? (this.client?.processID ?? null) : null;
+    return this.client?.processID ?? null;
   }
 
   /**
@@ -213,7 +216,9 @@ export class PgNotifier {
     client.on("error", (err) => this.lost(client, err));
     client.on("end", () => this.lost(client, new Error("the listening session ended")));
     client.on("notification", (msg) => {
-      if (this.client !== client || !this.isOnline) return;
+      // Delivered from the first LISTEN on, before `online` too: a subscriber must not miss
+      // what arrives between that LISTEN and the online event (an acknowledgement owed).
+      if (this.client !== client) return;
       const handlers = this.handlers.get(msg.channel);
       if (handlers) for (const fn of handlers) fn(msg.payload ?? "", msg.processId);
     });

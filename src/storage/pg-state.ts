@@ -140,6 +140,11 @@ export class PgStateCache {
     return value;
   }
 
+  /** A kept answer, synchronously (counted as a hit), or undefined: not kept, or the cache is off. */
+  peek<T>(sql: string, params: readonly unknown[]): T | undefined {
+    return this.enabled ? this.rows.get<T>(sql, params) : undefined;
+  }
+
   stats(): StateCacheStats {
     return { enabled: this.enabled, ...this.rows.counters };
   }
@@ -220,7 +225,7 @@ export class PgStateCache {
         return;
       }
       const own = this.notifier.backendPid;
-      if (own === null) return this.barrier();
+      if (own === null || !this.notifier.online) return this.barrier();
       const peers = await this.options.peers(own);
       const token = `${own}:${++this.seq}`;
       let done!: () => void;

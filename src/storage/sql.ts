@@ -27,6 +27,13 @@ export interface SqlRunner {
   cachedGet<T>(sql: string, params: readonly unknown[]): Promise<T | undefined>;
   /** Like {@link all}, cached under the same rules as {@link cachedGet}. */
   cachedAll<T>(sql: string, params: readonly unknown[]): Promise<T[]>;
+  /**
+   * A kept answer of {@link cachedGet}, synchronously, or undefined when none is kept (then
+   * ask `cachedGet`; the cache keeps rows found only, so undefined never means "no row").
+   * Present on PostgreSQL with a state cache; SQLite answers every read synchronously
+   * through {@link sync} instead.
+   */
+  peek?<T>(sql: string, params: readonly unknown[]): T | undefined;
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
   /**
@@ -186,6 +193,7 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
     cachedAll: cache
       ? <T>(sql: string, params: readonly unknown[]) => cache.read(sql, params, () => all<T>(sql, params))
       : all,
+    ...(cache ? { peek: <T>(sql: string, params: readonly unknown[]) => cache.peek<T>(sql, params) } : {}),
     cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
   };
 }
