@@ -254,6 +254,9 @@ export class PgStateCache {
               "state barrier: instances did not acknowledge; ending their listening sessions",
             );
             await this.options.terminate(stuck);
+            // pg_terminate_backend only signals: wait (bounded) until the sessions are gone,
+            // so that their instances have been sent the end of their session before this write returns.
+            for (let i = 0; i < 50 && (await this.options.alive(stuck)).length > 0; i++) await sleep(10);
           }
         }
       } finally {
