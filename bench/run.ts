@@ -30,6 +30,7 @@ import { Agent, fetch as undiciFetch } from "undici";
 import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
+import { initORM } from "../src/storage/orm.js";
 import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
 import { type ClientTls, grpcCall, JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
@@ -75,6 +76,8 @@ const { values: flags } = parseArgs({
     keep: { type: "boolean", default: false },
     "cpu-prof": { type: "string" },
     "flood-nice": { type: "string" },
+    database: { type: "string", default: "sqlite" },
+    "pg-url": { type: "string" },
     help: { type: "boolean", default: false },
   },
   allowPositionals: false,
@@ -101,6 +104,12 @@ if (flags.help) {
   --cpu-prof <dir>    write a V8 CPU profile of the flood scenario's server into <dir> (node --cpu-prof)
   --flood-nice <list> hashing priorities (TESSERA_HASH_NICE) the flood scenario compares, one server each,
                       measured round-robin, e.g. 0,default (default: default; the first is the target's)
+  --database postgres also run the JWT and PAT scenarios on PostgreSQL (pg-jwt-hs256, pg-pat; the same
+                      without the state cache: pg-nocache-*), side by side with SQLite's in the same
+                      rounds, then count PostgreSQL scans per request and measure revocation
+                      propagation between two instances under load (pg-revoke)
+  --pg-url <url>      PostgreSQL for --database postgres (default postgres://postgres@127.0.0.1:5432/test);
+                      each server gets a schema of its own, dropped at the end
   --no-pin            do not pin servers and load generators to separate CPUs (see below)
 Needs h2load: ${H2LOAD_INSTALL}
 With two or more CPUs and taskset (util-linux), each server runs on the last CPU and the
@@ -156,6 +165,14 @@ for (const n of floodNices) {
     process.exit(2);
   }
 }
+if (flags.database !== "sqlite" && flags.database !== "postgres") {
+  process.stderr.write("--database must be sqlite or postgres\n");
+  process.exit(2);
+}
+const PG_URL = flags["pg-url"] ?? "postgres://postgres@127.0.0.1:5432/test";
+/** PostgreSQL findings of --database postgres, for the report. */
+const pgLines: string[] = [];
+const pgSchemas: string[] = [];
 const wanted = (id: string) => !only || only.test(id);
 
 // ---------------------------------------------------------------------------------------------
@@ -195,6 +212,7 @@ const PATHS = {
   login: "tessera.v1.UserService/Login",
   createUser: "tessera.v1.UserService/CreateUser",
   createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
+  revokePat: "tessera.v1.TokenService/RevokePersonalAccessToken",
   createApiKey: "tessera.v1.TokenService/CreateApiKey",
   createMachineUser: "tessera.v1.MachineUserService/CreateMachineUser",
   bindCertificate: "tessera.v1.MachineUserService/BindCertificate",
@@ -751,6 +769,142 @@ Promise.all(Array.from({ length: parallel }, lane)).then(() =>
 `;
 
 // ---------------------------------------------------------------------------------------------
+// PostgreSQL (--database postgres)
+
+/** A connection of the bench's own to PostgreSQL, for statistics and clean-up. */
+async function withPg<T>(
+  fn: (execute: (sql: string, params?: unknown[]) => Promise<unknown[]>) => Promise<T>,
+) {
+  const storage = await initORM({ url: PG_URL, migrate: false });
+  try {
+    return await fn(
+      async (sql, params = []) => (await storage.em.getConnection().execute(sql, params)) as unknown[],
+    );
+  } finally {
+    await storage.close();
+  }
+}
+
+async function dropPgSchemas(): Promise<void> {
+  await withPg(async (execute) => {
+    for (const schema of pgSchemas) await execute(`drop schema if exists "${schema}" cascade`);
+  });
+}
+
+/** Index and sequential scans of a schema's tables so far (pg_stat_user_tables). */
+async function pgScans(schema: string): Promise<number> {
+  return withPg(async (execute) => {
+    const rows = (await execute(
+      "select coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0) as n from pg_stat_user_tables where schemaname = ?",
+      [schema],
+    )) as { n: string }[];
+    return Number(rows[0]!.n);
+  });
+}
+
+/** Backends report their statistics at most once a second, and an idle backend within 10 s. */
+const pgStatsFlushed = () => new Promise((r) => setTimeout(r, settings.smoke ? 1_500 : 11_500));
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] ?? Number.NaN;
+}
+
+/**
+ * After the rounds: PostgreSQL scans per request of each server (a fixed number of requests
+ * between two statistics snapshots), then revocation propagation between two instances on
+ * one schema while the first serves load.
+ */
+async function measurePostgres(
+  selected: Scenario[],
+  pg: Record<string, { server: ServerProcess; schema: string; pat: string; userToken: string }>,
+  startPg: (name: string, schema: string) => Promise<ServerProcess>,
+  tls: ClientTls,
+): Promise<void> {
+  const cached = pg.pg!;
+  const uncached = pg["pg-nocache"]!;
+  const find = (id: string) => selected.find((s) => s.id === id && s.protocol === "connect");
+  const requests = settings.smoke ? 300 : 4_000;
+  log("PostgreSQL: scans per request…");
+  for (const kind of ["jwt-hs256", "pat"]) {
+    const pair = [find(`pg-${kind}`), find(`pg-nocache-${kind}`)];
+    if (pair.some((s) => !s)) continue;
+    await pgStatsFlushed();
+    const before = [await pgScans(cached.schema), await pgScans(uncached.schema)];
+    for (const s of pair) await drive(s!, { requests });
+    await pgStatsFlushed();
+    const after = [await pgScans(cached.schema), await pgScans(uncached.schema)];
+    const per = after.map((a, i) => (a - before[i]!) / requests);
+    const line = `PostgreSQL scans per request (pg_stat_user_tables, ${requests} requests each), ${kind}: ${per[0]!.toFixed(4)} with the state cache, ${per[1]!.toFixed(2)} without`;
+    pgLines.push(line);
+    log(`  ${line}`);
+  }
+
+  const load = find("pg-jwt-hs256");
+  if (!wanted("pg-revoke") || !load) return;
+  log("PostgreSQL: revocation propagation under load…");
+  const b = await startPg("pg-b", cached.schema);
+  const onA = new JsonClient(cached.server.url, tls);
+  const onB = new JsonClient(b.url, tls);
+  const rounds = settings.smoke ? 10 : 50;
+  const propagation: number[] = [];
+  const revokeMs: number[] = [];
+  let firstRefused = 0;
+  let loadRun: Promise<RawLoad> | undefined;
+  try {
+    // The tokens first, each verified once on B (its PBKDF2, 600k iterations, paid here, not
+    // under load): the rounds then measure state propagation, not hashing.
+    const tokens: { id: string; token: string }[] = [];
+    for (let i = 0; i < rounds; i++) {
+      const created = await onA.call<{ id: string; token: string }>(
+        PATHS.createPat,
+        { name: `revoke-${i}` },
+        bearer(cached.userToken),
+      );
+      const first = await onB.post(PATHS.getCurrentUser, {}, bearer(created.token));
+      if (first.status !== 200) throw new Error(`pg-revoke: a fresh token refused on B (${first.status})`);
+      tokens.push(created);
+    }
+    // Load on A throughout (the rounds take a few seconds; the load runs on past them).
+    loadRun = drive(load, { durationSeconds: settings.smoke ? 5 : 20 });
+    await new Promise((r) => setTimeout(r, settings.smoke ? 500 : settings.warmupSeconds * 1000 + 500));
+    for (const created of tokens) {
+      // Twice on B: the second is answered from B's state cache.
+      for (let k = 0; k < 2; k++) {
+        const warm = await onB.post(PATHS.getCurrentUser, {}, bearer(created.token));
+        if (warm.status !== 200) throw new Error(`pg-revoke: a live token refused on B (${warm.status})`);
+      }
+      const t0 = performance.now();
+      await onA.call(PATHS.revokePat, { id: created.id }, bearer(cached.userToken));
+      const returned = performance.now();
+      revokeMs.push(returned - t0);
+      for (let attempt = 0; ; attempt++) {
+        const answer = await onB.post(PATHS.getCurrentUser, {}, bearer(created.token));
+        if (answer.status === 401) {
+          propagation.push(performance.now() - returned);
+          if (attempt === 0) firstRefused++;
+          break;
+        }
+        if (performance.now() - returned > 5_000) throw new Error("pg-revoke: B still accepts after 5 s");
+      }
+    }
+  } finally {
+    await onA.close();
+    await onB.close();
+    const served = loadRun ? summarize([await loadRun]) : null;
+    propagation.sort((x, y) => x - y);
+    revokeMs.sort((x, y) => x - y);
+    const line =
+      `PostgreSQL revocation propagation (revoke returns on A → B refuses), ${propagation.length} rounds while A served ` +
+      `${served ? served.rps.toFixed(0) : "?"} JWT req/s: p50 ${percentile(propagation, 50).toFixed(2)} ms, ` +
+      `p99 ${percentile(propagation, 99).toFixed(2)} ms, max ${percentile(propagation, 100).toFixed(2)} ms ` +
+      `(the time of B's refusing request); refused on B's first request after the revoke in ${firstRefused} of ${propagation.length}; ` +
+      `the revoke RPC itself (with its barrier) p50 ${percentile(revokeMs, 50).toFixed(1)} ms, p99 ${percentile(revokeMs, 99).toFixed(1)} ms`;
+    pgLines.push(line);
+    log(`  ${line}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The run
 
 async function run(): Promise<void> {
@@ -1080,6 +1234,55 @@ async function run(): Promise<void> {
     }
   }
 
+  // ---- PostgreSQL beside SQLite (--database postgres): the same JWT and PAT scenarios on a
+  // server with the state cache and one without it, each on a schema of its own.
+  const pgServers: Record<string, { server: ServerProcess; schema: string; pat: string; userToken: string }> =
+    {};
+  const pgMasterKey = randomBytes(32).toString("base64");
+  const startPg = async (name: string, schema: string, extra: Record<string, string> = {}) =>
+    startTessera(launcher, certDir, adminPassword, name, {
+      TESSERA_JWT_SECRET: jwtSecret,
+      TESSERA_DATABASE_URL: `${PG_URL}${PG_URL.includes("?") ? "&" : "?"}schema=${schema}`,
+      TESSERA_MASTER_KEY: pgMasterKey,
+      ...extra,
+    });
+  if (flags.database === "postgres") {
+    for (const [name, extra] of [
+      ["pg", {}],
+      ["pg-nocache", { TESSERA_STATE_CACHE_SIZE: "0" }],
+    ] as const) {
+      const schema = `bench_${name.replace("-", "_")}_${randomBytes(4).toString("hex")}`;
+      pgSchemas.push(schema);
+      const server = await startPg(name, schema, extra);
+      const s = await seedUser(server, adminPassword, user, tls);
+      const pgApi = new JsonClient(server.url, tls);
+      const token = (
+        await pgApi.call<{ token: string }>(PATHS.createPat, { name: "bench" }, bearer(s.userToken))
+      ).token;
+      await pgApi.close();
+      pgServers[name] = { server, schema, pat: token, userToken: s.userToken };
+      const what = name === "pg" ? "PostgreSQL" : "PostgreSQL, no state cache";
+      scenarios.push(
+        ...both({
+          ...gcu(server),
+          id: `${name}-jwt-hs256`,
+          label: `GetCurrentUser, JWT HS256, ${what}`,
+          kind: "authenticated",
+          headers: bearer(s.userToken),
+          expect: asUser,
+        }),
+        ...both({
+          ...gcu(server),
+          id: `${name}-pat`,
+          label: `GetCurrentUser, personal access token, ${what}`,
+          kind: "authenticated",
+          headers: bearer(token),
+          expect: asUser,
+        }),
+      );
+    }
+  }
+
   const selected = scenarios.filter(
     (s) => wanted(s.id) || (wanted("mtls") && (s.id === "raw-node" || s.id === "bare-node")),
   );
@@ -1128,6 +1331,8 @@ async function run(): Promise<void> {
     }
   }
   for (const s of selected) record(s, summarize(s.runs));
+
+  if (flags.database === "postgres") await measurePostgres(selected, pgServers, startPg, tls);
 
   // ---- first use of a personal access token: PBKDF2 (600k) once, then the verified-secret cache
   if (pat && wanted("first-use")) {
@@ -1576,6 +1781,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
           `- Soak: ${soak.requests} JWT-authenticated requests (Connect JSON) at ${soak.rps.toFixed(0)} req/s, ${soak.errors} errors; server RSS at most ${soak.peakRssWarmupMb.toFixed(1)} MiB during the warm-up (${soak.rssAfterWarmupMb.toFixed(1)} MiB at its end) and at most ${soak.peakRssSoakMb.toFixed(1)} MiB during the soak's second half, as long as the warm-up (${soak.rssAfterSoakMb.toFixed(1)} MiB at its end; a point sample falls anywhere in the GC cycle).`,
         ]
       : []),
+    ...pgLines.map((l) => `- ${l}`),
     ...skipped.map((s) => `- Skipped: ${s}.`),
     ...notes.map((n) => `- Note: ${n.split("\n")[0]}`),
     "",
@@ -1600,6 +1806,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   process.stdout.write("\n");
   for (const t of targets)
     process.stdout.write(`${t.met ? "met    " : "NOT MET"}  ${t.target}: ${t.measured}\n`);
+  for (const l of pgLines) process.stdout.write(`${l}\n`);
   if (skipped.length) process.stdout.write(`skipped: ${skipped.join("; ")}\n`);
   process.stdout.write(`\nresults: ${jsonPath}\n         ${mdPath}\n`);
 }
@@ -1615,6 +1822,7 @@ try {
   for (const s of servers) process.stderr.write(`--- last output of ${s.name}:\n${s.logTail()}\n`);
 } finally {
   await Promise.all(servers.map((s) => s.stop().catch(() => undefined)));
+  if (pgSchemas.length) await dropPgSchemas().catch(() => undefined);
   if (!flags.keep) rmSync(work, { recursive: true, force: true });
   else process.stderr.write(`kept ${work}\n`);
 }

@@ -60,6 +60,8 @@ import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
+import type { PgNotifier } from "./storage/pg-notify.js";
+import { createStateNotifier } from "./storage/pg-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
 
 export { VERSION } from "./version.js";
@@ -72,6 +74,11 @@ export interface App {
   accessLogger: Logger;
   storage: Storage;
   sql: SqlRunner;
+  /**
+   * PostgreSQL: this instance's listening session (LISTEN/NOTIFY), with its online signal.
+   * Reusable: subscribe another channel with `notifier.subscribe(channel, fn)`.
+   */
+  notifier: PgNotifier | undefined;
   jwt: JwtService;
   authenticator: Authenticator;
   limits: RateLimits | undefined;
@@ -142,6 +149,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     // Below, under the start-up lock with the bootstrap.
     migrate: false,
   });
+  let notifier: PgNotifier | undefined;
   try {
     // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
     // signing key): instances started together find each other's work done, not half done.
@@ -166,7 +174,15 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       });
       return { bootstrap, jwt };
     });
-    const sql = await createSqlRunner(storage, { stateCacheSize: config.database.stateCacheSize });
+    // PostgreSQL: one listening session per instance, subscribed (the state cache's channel)
+    // before it starts, so that nothing committed after its first `online` is missed.
+    notifier = storage.target.kind === "postgresql" ? await createStateNotifier(storage, logger) : undefined;
+    const sql = await createSqlRunner(storage, {
+      stateCacheSize: config.database.stateCacheSize,
+      logger,
+      ...(notifier ? { notifier } : {}),
+    });
+    await notifier?.start();
     let defaultTenant: string | undefined;
     const defaultTenantId = async () => {
       defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
@@ -324,6 +340,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       accessLogger: options.accessLogger ?? logger,
       storage,
       sql,
+      notifier,
       jwt,
       authenticator,
       limits,
@@ -355,10 +372,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         metrics?.close();
         await Promise.all([lastUsed.close(), audit.close()]);
         await limits?.close();
+        await notifier?.close();
         await storage.close();
       },
     };
   } catch (err) {
+    await notifier?.close();
     await storage.close();
     throw err;
   }

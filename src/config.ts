@@ -424,7 +424,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_STATE_CACHE_SIZE",
     "int",
     "10000",
-    "SQLite only: subjects (users, tokens, machine users) whose authentication state is kept in memory, emptied by any change to it; 0 reads it per request.",
+    "Subjects (users, tokens, machine users) whose authentication state is kept in memory per statement, emptied by any change to it (SQLite: triggers and data_version; PostgreSQL: LISTEN/NOTIFY, off while the listening session is down); 0 reads it per request.",
   ],
   ["admin.username", "TESSERA_ADMIN_USERNAME", "string", "admin", "Username of the bootstrap admin."],
   [

@@ -132,11 +132,15 @@ export class UserStateReader {
 
   /**
    * {@link byId} answered synchronously where the store allows it (SQLite, see
-   * `SqlRunner.sync`); undefined where it does not.
+   * `SqlRunner.sync`; PostgreSQL when the state cache keeps the row, `SqlRunner.peek`);
+   * undefined where it does not.
    */
   byIdNow(id: string): UserAuthState | null | undefined {
     const sync = this.sql.sync;
-    return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_ID, [id]));
+    if (sync !== undefined) return toState(sync.cachedGet<UserRow>(BY_ID, [id]));
+    // PostgreSQL: a row the state cache keeps, else undefined (ask byId).
+    const kept = this.sql.peek?.<UserRow>(BY_ID, [id]);
+    return kept === undefined ? undefined : toState(kept);
   }
 
   /** The user `id` with the state of its session `sid`; null when either does not exist. */
@@ -147,7 +151,9 @@ export class UserStateReader {
   /** {@link bySession} answered synchronously where the store allows it (see {@link byIdNow}). */
   bySessionNow(id: string, sid: string): UserAuthState | null | undefined {
     const sync = this.sql.sync;
-    return sync === undefined ? undefined : toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
+    if (sync !== undefined) return toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
+    const kept = this.sql.peek?.<UserRow>(BY_SESSION, [id, sid]);
+    return kept === undefined ? undefined : toState(kept);
   }
 
   /** The user a username alone names (see {@link BY_USERNAME}). */

@@ -1,6 +1,8 @@
 import type { EntityManager } from "@mikro-orm/knex";
-import { LRUCache } from "lru-cache";
 import type { Storage } from "./orm.js";
+import type { PgNotifier } from "./pg-notify.js";
+import { installWriteHook, PgStateCache, stateChannel } from "./pg-state.js";
+import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 
 /**
  * Raw, parameterised SQL for the per-request authentication path.
@@ -25,6 +27,13 @@ export interface SqlRunner {
   cachedGet<T>(sql: string, params: readonly unknown[]): Promise<T | undefined>;
   /** Like {@link all}, cached under the same rules as {@link cachedGet}. */
   cachedAll<T>(sql: string, params: readonly unknown[]): Promise<T[]>;
+  /**
+   * A kept answer of {@link cachedGet}, synchronously, or undefined when none is kept (then
+   * ask `cachedGet`; the cache keeps rows found only, so undefined never means "no row").
+   * Present on PostgreSQL with a state cache; SQLite answers every read synchronously
+   * through {@link sync} instead.
+   */
+  peek?<T>(sql: string, params: readonly unknown[]): T | undefined;
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
   /**
@@ -37,46 +46,23 @@ export interface SqlRunner {
   };
 }
 
-/** What the state cache did since start. */
-export interface StateCacheStats {
-  enabled: boolean;
-  hits: number;
-  misses: number;
-  /** Times the whole cache was dropped because a watched table changed. */
-  invalidations: number;
-}
-
-/**
- * Tables whose rows decide who may authenticate: users, tenants, user sessions, tokens,
- * machine users with their credentials, applications and certificate bindings. A statement read through
- * {@link SqlRunner.cachedGet} may only read these (checked on its first use), because only
- * changes to these tables invalidate the cache.
- */
-export const STATE_TABLES = [
-  "users",
-  "tenants",
-  "sessions",
-  "api_tokens",
-  "machine_users",
-  "machine_credentials",
-  "machine_user_applications",
-  "machine_user_certificates",
-] as const;
-
-/**
- * Watched tables whose inserts do not empty the state cache. Every login inserts a
- * session, and emptying the whole cache on each would make it useless under login load.
- * Sound because the cache only keeps rows found (an insert cannot make a kept answer
- * stale: a new session row is read only under its own, never-seen id), and the one
- * statement reading `sessions` (user-principal.ts) inner-joins it, so an unknown session
- * is no row and is never kept. Updates (revocation) and deletes still empty it.
- */
-const INSERT_EXEMPT: ReadonlySet<string> = new Set(["sessions"]);
+export { STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 
 /** Options of {@link createSqlRunner}. */
 export interface SqlRunnerOptions {
   /** Entries per cached statement; 0 turns the state cache off (default 10,000). */
   stateCacheSize?: number;
+  /**
+   * PostgreSQL: this instance's listening session ({@link createStateNotifier}), not yet
+   * started (the state channel is subscribed here, before it LISTENs). With it, state
+   * reads are cached (see {@link PgStateCache}) and every write to state waits for its
+   * barrier; without it, state is read on every request.
+   */
+  notifier?: PgNotifier;
+  /** PostgreSQL: bound of a write's barrier (default 1,000 ms, see {@link PgStateCache.barrier}). */
+  barrierTimeoutMs?: number;
+  /** PostgreSQL: where the cache reports a barrier past its bound. */
+  logger?: { warn(obj: object, msg: string): void };
 }
 
 interface BetterSqliteStatement {
@@ -153,8 +139,47 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
   };
   const all = async <T>(sql: string, params: readonly unknown[] = []) =>
     (await conn.execute(sql, [...params], "all")) as T[];
-  // PostgreSQL serves several instances: another instance's write could only be learnt of
-  // asynchronously (LISTEN/NOTIFY), so the state is read on every request instead.
+  const notifier = options.notifier;
+  // Without a listener, another instance's write could not be learnt of: read per request.
+  let cache: PgStateCache | null = null;
+  if (notifier) {
+    const schema = (await get<{ s: string }>("select current_schema() as s"))?.s ?? "public";
+    const name = notifier.applicationName ?? "";
+    const pidList = (pids: number[]) => pids.map((p) => String(Math.trunc(p))).join(", ");
+    cache = new PgStateCache(notifier, {
+      perStatement: cacheSize,
+      channel: stateChannel(schema),
+      ...(options.barrierTimeoutMs !== undefined ? { barrierTimeoutMs: options.barrierTimeoutMs } : {}),
+      ...(options.logger ? { logger: options.logger } : {}),
+      async notify(channel, payload) {
+        await conn.execute("select pg_notify(?, ?)", [channel, payload], "all");
+      },
+      async peers(ownPid) {
+        const rows = await all<{ pid: number }>(
+          "select pid from pg_stat_activity where datname = current_database() and application_name = ? and pid <> ?",
+          [name, ownPid],
+        );
+        return rows.map((r) => Number(r.pid));
+      },
+      async alive(pids) {
+        if (pids.length === 0) return [];
+        const rows = await all<{ pid: number }>(
+          `select pid from pg_stat_activity where pid in (${pidList(pids)}) and application_name = ?`,
+          [name],
+        );
+        return rows.map((r) => Number(r.pid));
+      },
+      async terminate(pids) {
+        if (pids.length === 0) return;
+        await all(
+          `select pg_terminate_backend(pid) from pg_stat_activity where pid in (${pidList(pids)}) and application_name = ?`,
+          [name],
+        );
+      },
+    });
+    const barrierCache = cache;
+    installWriteHook(conn as unknown as Parameters<typeof installWriteHook>[0], () => barrierCache.barrier());
+  }
   return {
     get,
     all,
@@ -162,18 +187,18 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
       const res = (await conn.execute(sql, [...params], "run")) as { affectedRows?: number };
       return res.affectedRows ?? 0;
     },
-    cachedGet: get,
-    cachedAll: all,
-    cacheStats: () => ({ ...NO_CACHE }),
+    cachedGet: cache
+      ? <T>(sql: string, params: readonly unknown[]) => cache.read(sql, params, () => get<T>(sql, params))
+      : get,
+    cachedAll: cache
+      ? <T>(sql: string, params: readonly unknown[]) => cache.read(sql, params, () => all<T>(sql, params))
+      : all,
+    ...(cache ? { peek: <T>(sql: string, params: readonly unknown[]) => cache.peek<T>(sql, params) } : {}),
+    cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
   };
 }
 
 const NO_CACHE: StateCacheStats = { enabled: false, hits: 0, misses: 0, invalidations: 0 };
-
-/** Table names a statement reads (after FROM and JOIN). */
-function tablesOf(sql: string): string[] {
-  return [...sql.matchAll(/\b(?:from|join)\s+([A-Za-z_][A-Za-z0-9_.]*)/gi)].map((m) => m[1]!.toLowerCase());
-}
 
 /**
  * Authentication state read once and answered from memory until it may have changed: the
@@ -199,10 +224,9 @@ function tablesOf(sql: string): string[] {
  * the clock on each request. Rows are frozen: callers share them.
  */
 class StateCache {
-  private readonly buckets = new Map<string, LRUCache<string, object>>();
+  private readonly rows: RowBuckets;
   private readonly dataVersion: BetterSqliteStatement;
   private version: unknown;
-  private counters = { hits: 0, misses: 0, invalidations: 0 };
   /** Whether data_version was read in the current event-loop turn (reset by setImmediate). */
   private checkedThisTurn = false;
   private readonly endTurn = () => {
@@ -211,8 +235,9 @@ class StateCache {
 
   constructor(
     private readonly db: BetterSqliteDatabase,
-    private readonly perStatement: number,
+    perStatement: number,
   ) {
+    this.rows = new RowBuckets(perStatement);
     db.function("tessera_state_changed", { deterministic: false }, () => {
       this.invalidate();
       return null;
@@ -241,43 +266,21 @@ class StateCache {
       this.checkedThisTurn = true;
       setImmediate(this.endTurn);
     }
-    let bucket = this.buckets.get(sql);
-    if (bucket === undefined) {
-      const unwatched = tablesOf(sql).filter((t) => !(STATE_TABLES as readonly string[]).includes(t));
-      if (unwatched.length > 0)
-        throw new Error(
-          `cached statement reads tables the state cache does not watch: ${unwatched.join(", ")}`,
-        );
-      bucket = new LRUCache<string, object>({ max: this.perStatement });
-      this.buckets.set(sql, bucket);
-    }
-    const key = params.length === 1 ? String(params[0]) : params.map(String).join("\u0000");
-    const hit = bucket.get(key);
-    if (hit !== undefined) {
-      this.counters.hits++;
-      return hit as T;
-    }
-    this.counters.misses++;
+    const hit = this.rows.get<T>(sql, params);
+    if (hit !== undefined) return hit;
+    this.rows.counters.misses++;
     const value = load();
-    if (value !== undefined && !(Array.isArray(value) && value.length === 0))
-      bucket.set(key, freezeRows(value as object));
+    this.rows.set(sql, params, value);
     return value;
   }
 
   invalidate(): void {
-    this.counters.invalidations++;
-    for (const bucket of this.buckets.values()) bucket.clear();
+    this.rows.clear();
   }
 
   stats(): StateCacheStats {
-    return { enabled: true, ...this.counters };
+    return { enabled: true, ...this.rows.counters };
   }
-}
-
-/** Freeze a row, or a list of rows and each row in it (rows are flat). */
-function freezeRows<T extends object>(value: T): T {
-  if (Array.isArray(value)) for (const v of value) if (v && typeof v === "object") Object.freeze(v);
-  return Object.freeze(value);
 }
 
 /** A boolean column as either driver returns it (SQLite 0/1, PostgreSQL true/false). */

@@ -7,6 +7,7 @@ import { Migration20261204213000_usernames_per_tenant } from "./Migration2026120
 import { Migration20261204230000_audit_indexes } from "./Migration20261204230000_audit_indexes.js";
 import { Migration20261204230000_proven_bindings } from "./Migration20261204230000_proven_bindings.js";
 import { Migration20261204230000_signing_key_schedule } from "./Migration20261204230000_signing_key_schedule.js";
+import { Migration20261204230000_state_notify } from "./Migration20261204230000_state_notify.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -28,4 +29,5 @@ export const MIGRATIONS: MigrationObject[] = [
     name: "Migration20261204230000_signing_key_schedule",
     class: Migration20261204230000_signing_key_schedule,
   },
+  { name: "Migration20261204230000_state_notify", class: Migration20261204230000_state_notify },
 ];

@@ -1,0 +1,379 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Code, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { createApp } from "../../src/app.js";
+import { startServer } from "../../src/server.js";
+import { initORM, type Storage } from "../../src/storage/orm.js";
+import { rejection } from "../errors-util.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  createTestCerts,
+  POSTGRES,
+  silentLogger,
+  startTestServer,
+  TEST_MASTER_KEY,
+  type TestCerts,
+  type TestDatabase,
+  type TestServer,
+  testConfig,
+} from "../helpers.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+
+/**
+ * The PostgreSQL state cache across instances: A runs in this process (its cache counters
+ * and listening session are at hand), B is a `tessera serve` process on the same schema.
+ * Every state change made on one instance is refused or applied by the other on the very
+ * next request, with A's cache warmed first (a missed invalidation would show up as a
+ * stale accept), and losing A's listening session never leaves a revoked credential
+ * accepted.
+ */
+
+const ROOT = join(import.meta.dirname, "..", "..");
+const MAIN = join(ROOT, "src", "main.ts");
+const PASSWORD = "multi instance password";
+
+const url = POSTGRES.url();
+const db: TestDatabase = { name: "postgres", url: () => url };
+let certs: TestCerts;
+let a: TestServer;
+let b: { child: ChildProcess; url: string };
+let probe: Storage;
+let ta: Transport;
+let tb: Transport;
+let adminA: string;
+
+/** Start `tessera serve` on the test's schema; resolves with its URL once it listens. */
+function serveB(env: Record<string, string> = {}): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], {
+    cwd: ROOT,
+    env: {
+      ...(process.env as Record<string, string>),
+      TESSERA_DATABASE_URL: url,
+      TESSERA_CERT_DIR: certs.dir,
+      TESSERA_HOST: "127.0.0.1",
+      TESSERA_PORT: "0",
+      TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
+      TESSERA_PASSWORD_ITERATIONS: "1000",
+      TESSERA_MASTER_KEY: TEST_MASTER_KEY,
+      TESSERA_RATE_LIMIT: "false",
+      TESSERA_MAX_CONNECTIONS_PER_IP: "0",
+      ...env,
+    },
+  });
+  return new Promise((resolve, reject) => {
+    let stderr = "";
+    child.stdout.resume();
+    child.stderr.on("data", (d) => {
+      stderr += d;
+      const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
+      if (m) resolve({ child, url: m[1]! });
+    });
+    child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
+  });
+}
+
+function transportTo(baseUrl: string): Transport {
+  return createConnectTransport({ baseUrl, httpVersion: "2", nodeOptions: { ca: certs.ca } });
+}
+
+/** The outcome of a call: "ok" or the refusal's reason (its code when it has none). */
+async function outcome(call: Promise<unknown>): Promise<string> {
+  try {
+    await call;
+    return "ok";
+  } catch (err) {
+    const r = await rejection(Promise.reject(err));
+    return r.reason || Code[r.code];
+  }
+}
+
+/** Call twice on A and check both were answered from its cache (so a stale entry would be served). */
+async function warmOnA(call: () => Promise<unknown>): Promise<void> {
+  await call();
+  const before = a.app.sql.cacheStats();
+  await call();
+  const after = a.app.sql.cacheStats();
+  expect(after.enabled).toBe(true);
+  expect(after.hits).toBeGreaterThan(before.hits);
+  expect(after.misses).toBe(before.misses);
+}
+
+/** A user of the default tenant with a session (JWT + refresh token), a PAT and an API key, made on `t`. */
+async function userOn(t: Transport, scopes = ["cluster:read", "cluster:write"]) {
+  const username = `mi-${short()}`;
+  const { user } = await clients(t, adminA).users.createUser({ username, password: PASSWORD, scopes });
+  const login = await createClient(UserService, t).login({ username, password: PASSWORD });
+  const tokens = clientFor(TokenService, t, login.accessToken);
+  const pat = await tokens.createPersonalAccessToken({ name: "mi" });
+  const key = await tokens.createApiKey({ name: "mi" });
+  return { id: user!.id, username, login, pat, key };
+}
+
+const me = (t: Transport, token: string) => clientFor(UserService, t, token).getCurrentUser({});
+
+beforeAll(async () => {
+  certs = await createTestCerts();
+  a = await startTestServer(db, {}, certs);
+  b = await serveB();
+  ta = a.connect();
+  tb = transportTo(b.url);
+  adminA = await adminLogin(ta);
+  probe = await initORM({ url, migrate: false });
+});
+
+afterAll(async () => {
+  if (b?.child.exitCode === null) {
+    b.child.kill("SIGCONT");
+    const exited = new Promise((r) => b.child.once("exit", r));
+    b.child.kill("SIGTERM");
+    await exited;
+  }
+  await probe?.close();
+  await a?.close();
+});
+
+describe("state changes made on one PostgreSQL instance, on the next request of the other", () => {
+  it("revoking a personal access token or an API key on B is refused on A", async () => {
+    const u = await userOn(ta);
+    await warmOnA(() => me(ta, u.pat.token));
+    await warmOnA(() => me(ta, u.key.key));
+    const tokensB = clientFor(TokenService, tb, u.login.accessToken);
+    await tokensB.revokePersonalAccessToken({ id: u.pat.id });
+    expect(await outcome(me(ta, u.pat.token))).toBe("TOKEN_REVOKED");
+    await tokensB.revokeApiKey({ id: u.key.id });
+    expect(await outcome(me(ta, u.key.key))).toBe("TOKEN_REVOKED");
+    expect(await outcome(me(ta, u.login.accessToken))).toBe("ok");
+  });
+
+  it("disabling, re-enabling, narrowing and deleting a user on B apply on A", async () => {
+    const u = await userOn(ta);
+    const adminB = clients(tb, adminA).users;
+    await warmOnA(() => me(ta, u.pat.token));
+    await warmOnA(() => me(ta, u.login.accessToken));
+    await adminB.updateUser({ id: u.id, disabled: true });
+    expect(await outcome(me(ta, u.pat.token))).toBe("PRINCIPAL_DISABLED");
+    expect(await outcome(me(ta, u.login.accessToken))).toBe("PRINCIPAL_DISABLED");
+    await adminB.updateUser({ id: u.id, disabled: false });
+    expect(await outcome(me(ta, u.pat.token))).toBe("ok");
+    // The session the disable ended stays ended.
+    expect(await outcome(me(ta, u.login.accessToken))).toBe("TOKEN_REVOKED");
+    await warmOnA(() => me(ta, u.pat.token));
+    await adminB.updateUser({ id: u.id, scopes: { scopes: ["cluster:read"] } });
+    expect((await me(ta, u.pat.token)).permissions).toEqual(["cluster:read"]);
+    await warmOnA(() => me(ta, u.pat.token));
+    await adminB.deleteUser({ id: u.id });
+    // Its tokens went with it: unknown now (TOKEN_INVALID), refused either way.
+    expect(["TOKEN_REVOKED", "TOKEN_INVALID"]).toContain(await outcome(me(ta, u.pat.token)));
+  });
+
+  it("a logout on B, and a refresh-token reuse on B, end the session's access tokens on A", async () => {
+    const u = await userOn(ta);
+    await warmOnA(() => me(ta, u.login.accessToken));
+    await createClient(UserService, tb).logout({ refreshToken: u.login.refreshToken });
+    expect(await outcome(me(ta, u.login.accessToken))).toBe("TOKEN_REVOKED");
+
+    const again = await createClient(UserService, ta).login({ username: u.username, password: PASSWORD });
+    await warmOnA(() => me(ta, again.accessToken));
+    const onB = createClient(UserService, tb);
+    const next = await onB.refreshToken({ refreshToken: again.refreshToken });
+    await warmOnA(() => me(ta, next.accessToken));
+    // The spent refresh token presented again: the whole family ends, on every instance.
+    expect(await outcome(onB.refreshToken({ refreshToken: again.refreshToken }))).not.toBe("ok");
+    expect(await outcome(me(ta, next.accessToken))).toBe("TOKEN_REVOKED");
+    expect(await outcome(me(ta, again.accessToken))).toBe("TOKEN_REVOKED");
+  });
+
+  it("disabling a tenant, and disabling, rotating and deleting a machine user on B apply on A", async () => {
+    const t = await tenantWithAdmin(ta, adminA);
+    const m = await bearerMachine(ta, t.token, [t.application.id]);
+    const machineA = () => clients(ta, m.token).machines.checkAuthentication({});
+    const tenantAdminA = () => me(ta, t.token);
+    await warmOnA(machineA);
+    await warmOnA(tenantAdminA);
+    const rootB = clients(tb, adminA);
+    await rootB.tenants.updateTenant({ id: t.tenant.id, disabled: true });
+    expect(await outcome(machineA())).toBe("PRINCIPAL_DISABLED");
+    expect(await outcome(tenantAdminA())).toBe("PRINCIPAL_DISABLED");
+    await rootB.tenants.updateTenant({ id: t.tenant.id, disabled: false });
+    expect(await outcome(machineA())).toBe("ok");
+
+    await warmOnA(machineA);
+    const machinesB = clients(tb, t.token).machines;
+    await machinesB.updateMachineUser({ id: m.machine.id, disabled: true });
+    expect(await outcome(machineA())).toBe("PRINCIPAL_DISABLED");
+    await machinesB.updateMachineUser({ id: m.machine.id, disabled: false });
+    await warmOnA(machineA);
+    // A rotation without grace: the machine credential (the token) stops at once.
+    const rotated = await machinesB.rotateMachineUserCredentials({ id: m.machine.id });
+    expect(await outcome(machineA())).not.toBe("ok");
+    const machineNew = () => clients(ta, rotated.token).machines.checkAuthentication({});
+    await warmOnA(machineNew);
+    await machinesB.deleteMachineUser({ id: m.machine.id });
+    expect(await outcome(machineNew())).not.toBe("ok");
+  });
+
+  it("a revocation made on A is refused on B", async () => {
+    const u = await userOn(tb);
+    expect(await outcome(me(tb, u.pat.token))).toBe("ok");
+    expect(await outcome(me(tb, u.pat.token))).toBe("ok");
+    await clientFor(TokenService, ta, u.login.accessToken).revokePersonalAccessToken({ id: u.pat.id });
+    expect(await outcome(me(tb, u.pat.token))).toBe("TOKEN_REVOKED");
+  });
+});
+
+/** The backend pid of A's listening session, waiting for it to be online. */
+async function listenerPidOfA(): Promise<number> {
+  expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+  return a.app.notifier!.backendPid!;
+}
+
+describe("the listening session of an instance lost", () => {
+  it("never accepts a credential revoked on B while A's listening session is terminated", async () => {
+    for (let round = 0; round < 5; round++) {
+      const u = await userOn(ta);
+      await warmOnA(() => me(ta, u.pat.token));
+      const pid = await listenerPidOfA();
+      const revoked = { done: false };
+      const stale: string[] = [];
+      // A steady stream of requests on A throughout.
+      const loop = (async () => {
+        while (!revoked.done || stale.length === 0) {
+          const started = revoked.done;
+          const o = await outcome(me(ta, u.pat.token));
+          if (started && o === "ok") stale.push(o);
+          if (started) break;
+        }
+      })();
+      // The termination and the revocation race each other (order varies by round).
+      const kill = probe.em.getConnection().execute("select pg_terminate_backend(?)", [pid]);
+      if (round % 2 === 0) await kill;
+      await clientFor(TokenService, tb, u.login.accessToken).revokePersonalAccessToken({ id: u.pat.id });
+      revoked.done = true;
+      await kill;
+      await loop;
+      expect(stale).toEqual([]);
+      expect(await outcome(me(ta, u.pat.token))).toBe("TOKEN_REVOKED");
+      // Back online, emptied, and the refusal still holds from the cache's side.
+      expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+      expect(a.app.notifier!.backendPid).not.toBe(pid);
+      expect(await outcome(me(ta, u.pat.token))).toBe("TOKEN_REVOKED");
+    }
+  });
+
+  it("turns the cache off at once when the session is terminated, and on again, emptied, once it listens", async () => {
+    const u = await userOn(ta);
+    await warmOnA(() => me(ta, u.pat.token));
+    const pid = await listenerPidOfA();
+    const offline = new Promise<void>((resolve) => {
+      const off = a.app.notifier!.onStatus((online) => {
+        if (!online) {
+          off();
+          resolve();
+        }
+      });
+    });
+    await probe.em.getConnection().execute("select pg_terminate_backend(?)", [pid]);
+    await offline;
+    expect(a.app.sql.cacheStats().enabled).toBe(false);
+    // While off, every read goes to the database: a change nobody announced to A is seen.
+    const hits = a.app.sql.cacheStats().hits;
+    expect(await outcome(me(ta, u.pat.token))).toBe("ok");
+    expect(a.app.sql.cacheStats().hits).toBe(hits);
+    expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+    await warmOnA(() => me(ta, u.pat.token));
+  });
+
+  it("ends the listening session of an instance that does not acknowledge a change (B frozen)", async () => {
+    const u = await userOn(ta);
+    expect(await outcome(me(tb, u.pat.token))).toBe("ok");
+    expect(await outcome(me(tb, u.pat.token))).toBe("ok");
+    const listeners = async () =>
+      Number(
+        (
+          (await probe.em
+            .getConnection()
+            .execute(
+              "select count(*) as n from pg_stat_activity where application_name = ? and datname = current_database()",
+              [a.app.notifier!.applicationName],
+            )) as { n: string }[]
+        )[0]!.n,
+      );
+    expect(await listeners()).toBe(2);
+    b.child.kill("SIGSTOP");
+    try {
+      const started = performance.now();
+      await clientFor(TokenService, ta, u.login.accessToken).revokePersonalAccessToken({ id: u.pat.id });
+      // A waited for B's acknowledgement up to the bound, then ended B's listening session.
+      expect(performance.now() - started).toBeGreaterThan(500);
+      expect(await listeners()).toBe(1);
+    } finally {
+      b.child.kill("SIGCONT");
+    }
+    expect(await outcome(me(tb, u.pat.token))).toBe("TOKEN_REVOKED");
+  });
+});
+
+describe("queries per authenticated call at steady state", () => {
+  /** Index and sequential scans of the schema's tables so far, per table, as PostgreSQL's statistics count them. */
+  async function scans(): Promise<Record<string, number>> {
+    const schema = /[?&]schema=([a-z0-9_]+)/.exec(url)![1]!;
+    const rows = (await probe.em
+      .getConnection()
+      .execute(
+        "select relname, coalesce(seq_scan, 0) + coalesce(idx_scan, 0) as n from pg_stat_user_tables where schemaname = ?",
+        [schema],
+      )) as { relname: string; n: string }[];
+    return Object.fromEntries(rows.map((r) => [r.relname, Number(r.n)]));
+  }
+  const total = (s: Record<string, number>) => Object.values(s).reduce((x, y) => x + y, 0);
+  const delta = (x: Record<string, number>, y: Record<string, number>) =>
+    Object.fromEntries(Object.entries(y).flatMap(([k, v]) => (v !== x[k] ? [[k, v - (x[k] ?? 0)]] : [])));
+  /** Backends report their statistics at most once a second, and an idle one within 10 s. */
+  const flushed = () => sleep(11_500);
+
+  it("sends no query for JWT- and PAT-authenticated calls answered from the cache (and one each without it)", async () => {
+    const u = await userOn(ta);
+    await warmOnA(() => me(ta, u.pat.token));
+    await warmOnA(() => me(ta, u.login.accessToken));
+    // The same calls on an instance without a state cache, to show that the count counts.
+    const appC = await createApp(
+      testConfig(url, { database: { url, stateCacheSize: 0 }, server: { certDir: certs.dir } }),
+      { logger: silentLogger },
+    );
+    const serverC = await startServer(appC);
+    const tc = transportTo(serverC.url);
+    try {
+      await me(tc, u.pat.token);
+      await flushed();
+      const s0 = await scans();
+      for (let i = 0; i < 200; i++) {
+        await me(ta, u.login.accessToken);
+        await me(ta, u.pat.token);
+      }
+      await flushed();
+      const s1 = await scans();
+      for (let i = 0; i < 200; i++) {
+        await me(tc, u.login.accessToken);
+        await me(tc, u.pat.token);
+      }
+      await flushed();
+      const s2 = await scans();
+      // 400 calls answered from memory. What remains is per flush interval, not per call: the
+      // PAT's coalesced last-used update (an indexed look-up of api_tokens), and B's own
+      // background writes after the earlier tests (its last-used flush): at most 1 in 20 calls,
+      // against 3 scans per call without the cache.
+      expect(total(s1) - total(s0), JSON.stringify(delta(s0, s1))).toBeLessThanOrEqual(20);
+      // Without the cache: at least one look-up per call (the state join scans several tables).
+      expect(total(s2) - total(s1), JSON.stringify(delta(s1, s2))).toBeGreaterThanOrEqual(400);
+    } finally {
+      await serverC.close(0);
+      await appC.close();
+    }
+  });
+});
