@@ -596,6 +596,32 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     },
   );
 
+  it("with rate limits on, decides a JWT verified before without its asynchronous verification on SQLite", async () => {
+    const jwt = (
+      await clientFor(UserService, memoryTransport(limited)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const first = await admitRecording(limited, "jwt", getCurrentUser, jwt);
+    expect(first.state.admission).toEqual({});
+    expect(first.scoped).toEqual([false]);
+    const again = await admitRecording(limited, "jwt", getCurrentUser, jwt);
+    expect(again.state.admission).toEqual({});
+    expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
+    expect(again.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+    // Refusals too: a token of an ended session, decided at once and counted as a failure.
+    const login = await clientFor(UserService, memoryTransport(limited)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
+    await clientFor(UserService, memoryTransport(limited)).logout({ refreshToken: login.refreshToken });
+    const ended = await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
+    expect((ended.state.admission!.refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(ended.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+  });
+
   it("refuses a revoked personal access token verified before, at once on SQLite, as the asynchronous path does", async () => {
     const admin = (
       await clientFor(UserService, memoryTransport(limited)).login({
