@@ -9,13 +9,15 @@
  * It is not time (a cache miss costs more than an add), so it complements, not replaces,
  * `npm run bench`.
  *
- *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof]
+ *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
  *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after]
  *
  * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
  * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
  * checkouts are measured by the same load. Prints one JSON line per scenario and protocol.
+ * `--tool none` serves it plainly and reports only the server's CPU µs per request (from
+ * /proc): two checkouts run at the same time that way share whatever else loads the VM.
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -45,7 +47,7 @@ const { values: flags } = parseArgs({
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
 const root = resolve(flags.root);
-const tool = flags.tool as "callgrind" | "cpu-prof";
+const tool = flags.tool as "callgrind" | "cpu-prof" | "none";
 const work = flags.out ? resolve(flags.out) : mkdtempSync(join(tmpdir(), "tessera-instructions-"));
 mkdirSync(work, { recursive: true });
 const log = (text: string) => process.stderr.write(`${text}\n`);
@@ -99,7 +101,9 @@ const [command, args] =
           "serve",
         ],
       ]
-    : [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry, "serve"]];
+    : tool === "cpu-prof"
+      ? [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry, "serve"]]
+      : [launcher.command, [...entry, "serve"]];
 log("starting the server…");
 const server = await startServerProcess({
   name: "tessera",
