@@ -11,7 +11,7 @@
  *
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
  *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
- *     [--out <dir>] [--build <dir>: compile into it once, reuse it after]
+ *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *
  * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
  * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
@@ -43,6 +43,7 @@ const { values: flags } = parseArgs({
     requests: { type: "string", default: "3000" },
     out: { type: "string" },
     build: { type: "string" },
+    iterations: { type: "string" },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -87,6 +88,9 @@ Object.assign(env, {
   TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
   TESSERA_RATE_LIMIT_PER_IP: "1000000000",
   TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+  // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
+  // costs minutes; a token's hash is checked once, so fewer iterations change no request.
+  ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
 });
 const entry = launcher.args("src/main.ts");
 const [command, args] =
