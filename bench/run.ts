@@ -95,7 +95,7 @@ if (flags.help) {
   --streams <m>       concurrent streams per connection (default 10)
   --soak <n>          requests in the soak (default 100000)
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
-                      jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits,
+                      jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, first-use, soak
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
@@ -1158,20 +1158,47 @@ async function run(): Promise<void> {
       }),
     );
   }
-  if (wanted("jwt-hs256-limits")) {
+  if (wanted("jwt-hs256-limits") || wanted("pat-limits")) {
     const server = await startTessera(launcher, certDir, adminPassword, "limits", limitsEnv);
     const s = await seedUser(server, adminPassword, user, tls);
-    scenarios.push(
-      ...both({
-        ...gcu(server),
-        id: "jwt-hs256-limits",
-        label: "GetCurrentUser, JWT HS256, rate limits on",
-        kind: "authenticated",
-        headers: bearer(s.userToken),
-        expect: asUser,
-        note: "rate limits on (per-IP and per-principal limits raised out of reach): the cost of counting",
-      }),
-    );
+    if (wanted("jwt-hs256-limits"))
+      scenarios.push(
+        ...both({
+          ...gcu(server),
+          id: "jwt-hs256-limits",
+          label: "GetCurrentUser, JWT HS256, rate limits on",
+          kind: "authenticated",
+          headers: bearer(s.userToken),
+          expect: asUser,
+          note: "rate limits on (per-IP and per-principal limits raised out of reach): the cost of counting",
+        }),
+      );
+    // The default configuration's opaque-token path: a token verified before must be decided
+    // without the no-hashing scope (src/admission.ts), whatever its IP's failure budget.
+    const limitsPat = wanted("pat-limits")
+      ? await optional("personal access token on the rate-limited server (TokenService)", async () => {
+          const client = new JsonClient(server.url, tls);
+          try {
+            return (
+              await client.call<{ token: string }>(PATHS.createPat, { name: "bench" }, bearer(s.userToken))
+            ).token;
+          } finally {
+            await client.close();
+          }
+        })
+      : undefined;
+    if (limitsPat)
+      scenarios.push(
+        ...both({
+          ...gcu(server),
+          id: "pat-limits",
+          label: "GetCurrentUser, personal access token, rate limits on",
+          kind: "authenticated",
+          headers: bearer(limitsPat),
+          expect: asUser,
+          note: "rate limits on (per-IP and per-principal limits raised out of reach): a token verified before, decided synchronously",
+        }),
+      );
   }
   if (wanted("rejected-limited")) {
     const server = await startTessera(launcher, certDir, adminPassword, "failure-limit", limitsEnv);

@@ -81,26 +81,42 @@ export async function authenticationRefusal(
   }
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
   if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
+  let refusal: unknown;
+  let from = parsed?.from ?? 0;
+  try {
+    refusal =
+      credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
+    // With limits on (admitNow did not run), a token verified before (a JWT, or an opaque
+    // token whose secret the cache knows) whose state is read synchronously is decided here
+    // without awaiting: no async frames, no regex over the token, no no-hashing scope.
+    if (refusal === undefined && limits && parsed === undefined && credential?.type === "bearer") {
+      const now = authenticator.authenticateNow(credential, state);
+      if (typeof now !== "number") {
+        state.principal = now;
+        return undefined;
+      }
+      from = now;
+    }
+  } catch (err) {
+    refusal = err;
+  }
   // An opaque token is first verified with hashing refused: one verified before (or one that
   // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2
   // reserves a point of the IP's failure budget first (tokenRefusal). A JWT (or a
   // certificate) never needs PBKDF2, so a valid one is accepted whatever its IP spent: one
   // guesser behind a NAT does not lock out everyone behind it.
   const opaque =
-    limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
+    refusal === undefined && limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
       ? { limits, credential }
       : undefined;
-  let refusal: unknown;
   try {
-    refusal =
-      credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
     if (refusal === undefined && opaque) {
-      const known = await knownCredential(deps, opaque.credential, state);
+      const known = await knownCredential(deps, opaque.credential, state, from);
       if (known === NEEDS_HASHING) return tokenRefusal(deps, opaque.limits, opaque.credential, state);
       if (known === undefined) return undefined;
       refusal = known;
     } else if (refusal === undefined) {
-      const principal = await authenticator.authenticate(credential, state, parsed?.from);
+      const principal = await authenticator.authenticate(credential, state, from);
       if (principal) {
         state.principal = principal;
         return undefined;
@@ -244,18 +260,22 @@ async function knownCredential(
   deps: AdmissionDeps,
   credential: PresentedCredential,
   state: RequestState,
+  from?: number,
 ): Promise<unknown> {
   try {
     // A token verified before, decided without awaiting, needs no async-context scope
-    // (whose promise hooks cost every concurrent request while one is in flight).
-    let from = 0;
-    if (credential.type === "bearer") {
-      const now = deps.authenticator.authenticateNow(credential, state);
-      if (typeof now !== "number") {
-        state.principal = now;
-        return undefined;
+    // (whose promise hooks cost every concurrent request while one is in flight). `from`:
+    // the caller asked the synchronous path already, which stopped at that verifier.
+    if (from === undefined) {
+      from = 0;
+      if (credential.type === "bearer") {
+        const now = deps.authenticator.authenticateNow(credential, state);
+        if (typeof now !== "number") {
+          state.principal = now;
+          return undefined;
+        }
+        from = now;
       }
-      from = now;
     }
     const principal = await withoutHashing(NEEDS_HASHING, () =>
       deps.authenticator.authenticate(credential, state, from),

@@ -469,7 +469,11 @@ function boundConnections(
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
   const releases = new Map<string, () => void>();
-  boundRequestTimes(server, cfg);
+  // The one per-stream listener (request deadline, stream lifetime, and the open streams
+  // of each session that the idle timeout looks at): per-stream listeners and timers are a
+  // cost every call pays, so each stream gets at most one "close" listener and one timer.
+  const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
+  boundRequestTimes(server, cfg, streamsOf);
   // net.Server closes connections past it as they are accepted.
   if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
   if (cfg.maxConnectionsPerIp > 0) {
@@ -539,11 +543,9 @@ function boundConnections(
   };
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
+    // Filled and emptied by the per-stream listener of boundRequestTimes.
     const streams = new Set<http2.Http2Stream>();
-    session.on("stream", (stream: http2.Http2Stream) => {
-      streams.add(stream);
-      stream.once("close", () => streams.delete(stream));
-    });
+    streamsOf.set(session, streams);
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
     // whose request is complete (a call in progress, a server stream) keeps the session,
@@ -590,26 +592,42 @@ function boundConnections(
 /**
  * Cancel a request not received whole within `requestTimeoutSeconds` of its start, and a
  * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
- * end it first, as Health/Watch does with OK). One timer per stream, unref'd.
+ * end it first, as Health/Watch does with OK). One timer per stream, unref'd. Also keeps
+ * `streamsOf` (the open streams of the sessions it has an entry for) for the idle timeout,
+ * with the same one "close" listener.
  */
-function boundRequestTimes(server: http2.Http2SecureServer | http2.Http2Server, cfg: Config["server"]): void {
+function boundRequestTimes(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  streamsOf: WeakMap<http2.Http2Session, Set<http2.Http2Stream>>,
+): void {
   const requestMs = cfg.requestTimeoutSeconds * 1000;
   // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
   const lifeMs = cfg.maxStreamSeconds > 0 ? cfg.maxStreamSeconds * 1000 + 1000 : 0;
-  if (requestMs === 0 && lifeMs === 0) return;
+  const timed = requestMs > 0 || lifeMs > 0;
+  if (!timed && cfg.idleTimeoutSeconds === 0) return;
   server.on("stream", (stream: http2.ServerHttp2Stream) => {
-    const cancel = () => {
-      if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
-    };
-    let timer: NodeJS.Timeout;
-    if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
-      timer = setTimeout(() => {
-        // The client still owes part of its request: a stalled or trickled upload.
-        if (stream.state.remoteClose !== 1) cancel();
-        else if (lifeMs > 0) timer = setTimeout(cancel, lifeMs - requestMs).unref();
-      }, requestMs).unref();
-    else timer = setTimeout(cancel, lifeMs).unref();
-    stream.once("close", () => clearTimeout(timer));
+    const open = stream.session === undefined ? undefined : streamsOf.get(stream.session);
+    open?.add(stream);
+    let timer: NodeJS.Timeout | undefined;
+    if (timed) {
+      const cancel = () => {
+        if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
+      };
+      if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
+        timer = setTimeout(() => {
+          // The client still owes part of its request: a stalled or trickled upload.
+          if (stream.state.remoteClose !== 1) cancel();
+          else if (lifeMs > 0) timer = setTimeout(cancel, lifeMs - requestMs).unref();
+        }, requestMs).unref();
+      else timer = setTimeout(cancel, lifeMs).unref();
+    }
+    if (timer === undefined && open === undefined) return;
+    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
+    stream.on("close", () => {
+      if (timer !== undefined) clearTimeout(timer);
+      open?.delete(stream);
+    });
   });
   // HTTP/1.1 (allowHTTP1): a request whose body has not arrived in time loses its connection.
   if (requestMs > 0)

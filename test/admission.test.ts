@@ -7,12 +7,14 @@ import {
 } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { admit } from "../src/admission.js";
 import type { App } from "../src/app.js";
+import { hashingForbidden } from "../src/auth/hash-pool.js";
 import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
 import { authRuleFor } from "../src/interceptors/auth-rule.js";
@@ -476,5 +478,167 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     } finally {
       Date.now = now;
     }
+  });
+});
+
+describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
+  let limited: App;
+  let unlimited: App;
+  const tokens = new Map<App, { pat: string; machine: string }>();
+  const getCurrentUser = authRuleFor(UserService.method.getCurrentUser);
+  const checkAuthentication = authRuleFor(MachineUserService.method.checkAuthentication);
+
+  async function seed(app: App) {
+    const admin = (
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const pat = (
+      await clientFor(TokenService, memoryTransport(app), admin).createPersonalAccessToken({ name: "known" })
+    ).token;
+    const machine = (
+      await clientFor(MachineUserService, memoryTransport(app), admin).createMachineUser({
+        name: "known-machine",
+        authType: MachineAuthType.BEARER,
+      })
+    ).token;
+    tokens.set(app, { pat, machine });
+  }
+
+  beforeAll(async () => {
+    limited = await createTestApp(db, { rateLimit: { enabled: true } });
+    unlimited = await createTestApp(db);
+    await seed(limited);
+    await seed(unlimited);
+  });
+  afterAll(async () => {
+    await limited?.close();
+    await unlimited?.close();
+  });
+
+  /**
+   * Admit `token` with `app`, recording for each call of its verifier's asynchronous
+   * `verify` whether hashing was refused there (the no-hashing scope of admission.ts).
+   */
+  async function admitRecording(app: App, verifierName: string, rule: AuthRule, token: string) {
+    const verifier = app.authenticator.bearer.find((v) => v.name === verifierName)!;
+    const scoped: boolean[] = [];
+    const original = verifier.verify.bind(verifier);
+    const spy = vi.spyOn(verifier, "verify").mockImplementation((t, s) => {
+      scoped.push(hashingForbidden() !== undefined);
+      return original(t, s);
+    });
+    const state = freshState();
+    try {
+      const pending = admit(
+        app,
+        rule,
+        { get: (name) => (name === "authorization" ? `Bearer ${token}` : null) },
+        state,
+      );
+      const synchronous = pending === undefined;
+      await pending;
+      return { state, scoped, synchronous };
+    } finally {
+      spy.mockRestore();
+    }
+  }
+
+  const kinds = [
+    {
+      kind: "personal access token",
+      verifier: "api-token",
+      rule: () => getCurrentUser,
+      method: "pat",
+      of: "pat",
+    },
+    {
+      kind: "machine token",
+      verifier: "machine-token",
+      rule: () => checkAuthentication,
+      method: "machine_token",
+      of: "machine",
+    },
+  ] as const;
+
+  it.each(kinds)(
+    "with rate limits on, decides a $kind verified before without the no-hashing scope on SQLite",
+    async ({ verifier, rule, method, of }) => {
+      const token = tokens.get(limited)![of];
+      const first = await admitRecording(limited, verifier, rule(), token);
+      expect(first.state.admission).toEqual({});
+      expect(first.state.principal).toMatchObject({ method });
+      // First use: tried under the scope (hashing refused), then verified with PBKDF2 outside it.
+      expect(first.scoped).toContain(true);
+      expect(first.scoped.at(-1)).toBe(false);
+
+      const again = await admitRecording(limited, verifier, rule(), token);
+      expect(again.state.admission).toEqual({});
+      expect(again.state.principal).toMatchObject({ method });
+      if (db.name === "sqlite") expect(again.scoped).toEqual([]);
+      // PostgreSQL reads the row asynchronously: under the scope, and never hashing.
+      else expect(again.scoped).toEqual([true]);
+    },
+  );
+
+  it.each(kinds)(
+    "with rate limits off, admits a $kind verified before at once on SQLite",
+    async ({ verifier, rule, method, of }) => {
+      const token = tokens.get(unlimited)![of];
+      await admitRecording(unlimited, verifier, rule(), token);
+      const again = await admitRecording(unlimited, verifier, rule(), token);
+      expect(again.state.admission).toEqual({});
+      expect(again.state.principal).toMatchObject({ method });
+      expect(again.synchronous).toBe(db.name === "sqlite");
+      expect(again.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+    },
+  );
+
+  it("with rate limits on, decides a JWT verified before without its asynchronous verification on SQLite", async () => {
+    const jwt = (
+      await clientFor(UserService, memoryTransport(limited)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const first = await admitRecording(limited, "jwt", getCurrentUser, jwt);
+    expect(first.state.admission).toEqual({});
+    expect(first.scoped).toEqual([false]);
+    const again = await admitRecording(limited, "jwt", getCurrentUser, jwt);
+    expect(again.state.admission).toEqual({});
+    expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
+    expect(again.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+    // Refusals too: a token of an ended session, decided at once and counted as a failure.
+    const login = await clientFor(UserService, memoryTransport(limited)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
+    await clientFor(UserService, memoryTransport(limited)).logout({ refreshToken: login.refreshToken });
+    const ended = await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
+    expect((ended.state.admission!.refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(ended.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+  });
+
+  it("refuses a revoked personal access token verified before, at once on SQLite, as the asynchronous path does", async () => {
+    const admin = (
+      await clientFor(UserService, memoryTransport(limited)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const created = await clientFor(TokenService, memoryTransport(limited), admin).createPersonalAccessToken({
+      name: "to revoke",
+    });
+    await admitRecording(limited, "api-token", getCurrentUser, created.token);
+    await clientFor(TokenService, memoryTransport(limited), admin).revokePersonalAccessToken({
+      id: created.id,
+    });
+    const revoked = await admitRecording(limited, "api-token", getCurrentUser, created.token);
+    expect((revoked.state.admission!.refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(revoked.state.principal).toBeNull();
+    if (db.name === "sqlite") expect(revoked.scoped).toEqual([]);
   });
 });

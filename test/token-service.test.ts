@@ -133,6 +133,7 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
           secretChecks.push(ns);
           return app.secrets.verify(ns, secret, hash);
         },
+        knows: (ns, secret, hash) => app.secrets.knows(ns, secret, hash),
       },
       lastUsed: app.lastUsed,
       patPrefix: PAT_PREFIX,

@@ -149,7 +149,10 @@ export function createJwtBearerVerifier(
     },
     verifyNow(token, state) {
       const claims = jwt.verifiedClaims(token);
-      return claims === undefined ? undefined : loaderFor(claims, state).now?.(claims, state);
+      if (claims !== undefined) return loaderFor(claims, state).now?.(claims, state);
+      // Not of the shape: `verify` would answer null, so the verifiers after this one
+      // (opaque tokens) may decide now too.
+      return JWT_SHAPE.test(token) ? undefined : null;
     },
     async verify(token, state) {
       // A token verified before is of the shape: the cache is asked first, with no regex

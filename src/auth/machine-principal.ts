@@ -96,6 +96,18 @@ function bindingQuery(sanCount: number): string {
 /** States folded from cached row lists (the state cache hands out the same frozen list until it changes). */
 const folded = new WeakMap<readonly MachineRow[], MachineAuthState>();
 
+function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
+  if (rows.length === 0) return null;
+  const first = rows[0]!;
+  return {
+    credentialId: first.credential_id,
+    kind: first.kind,
+    secretHash: first.secret_hash,
+    expiresAt: toMillis(first.expires_at),
+    machine: toMachine(rows),
+  };
+}
+
 /** Fold the rows of one machine user (one per assigned application) into its state. */
 function toMachine(rows: readonly MachineRow[]): MachineAuthState {
   let state = folded.get(rows);
@@ -134,16 +146,18 @@ export class MachineStateReader {
 
   /** The credential whose public id (token id or Basic username) is `publicId`. */
   async byCredential(publicId: string): Promise<MachineCredentialState | null> {
-    const rows = await this.sql.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]);
-    if (rows.length === 0) return null;
-    const first = rows[0]!;
-    return {
-      credentialId: first.credential_id,
-      kind: first.kind,
-      secretHash: first.secret_hash,
-      expiresAt: toMillis(first.expires_at),
-      machine: toMachine(rows),
-    };
+    return toCredential(await this.sql.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]));
+  }
+
+  /**
+   * {@link byCredential} answered synchronously where the store allows it (SQLite, see
+   * `SqlRunner.sync`); undefined where it does not.
+   */
+  byCredentialNow(publicId: string): MachineCredentialState | null | undefined {
+    const sync = this.sql.sync;
+    return sync === undefined
+      ? undefined
+      : toCredential(sync.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]));
   }
 
   async byId(id: string): Promise<MachineAuthState | null> {
@@ -239,7 +253,7 @@ function machinePrincipal(
 /** Shared dependencies of the machine verifiers. */
 export interface MachineVerifierOptions {
   machines: MachineStateReader;
-  secrets: Pick<VerifiedSecretCache, "verify">;
+  secrets: Pick<VerifiedSecretCache, "verify" | "knows">;
   lastUsed: Pick<LastUsedTracker, "mark">;
   /** The clock expiries are checked against (default: the machine's; tests pass a manual one). */
   now?: Clock;
@@ -258,25 +272,48 @@ export function createMachineBearerVerifier(
 ): BearerVerifier {
   const { machines, secrets, lastUsed, prefix } = options;
   const now = options.now ?? Date.now;
+  /** The token's id and secret when it is one of ours (null: another verifier's). @throws TesseraError TOKEN_INVALID when malformed */
+  function ours(token: string): { id: string; secret: string } | null {
+    const parsed = parseToken(token, [prefix]);
+    if (parsed === "malformed")
+      throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
+    return parsed;
+  }
+  /** Refuse a credential that may not authenticate now, before its secret is looked at. */
+  function assertUsable(cred: MachineCredentialState | null): asserts cred is MachineCredentialState {
+    if (cred?.kind !== "bearer") throw new TesseraError("TOKEN_INVALID", "token is not recognised");
+    if (cred.expiresAt !== null && cred.expiresAt <= now()) {
+      throw new TesseraError("TOKEN_REVOKED", "token was replaced by a credential rotation");
+    }
+    assertMachineActive(cred.machine);
+  }
+  function accepted(cred: MachineCredentialState, state: RequestState): Principal {
+    lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
+    lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
+    return machinePrincipal(cred.machine, "machine_token", state, { credentialId: cred.credentialId });
+  }
   return {
     name: "machine-token",
+    // `verify` without a promise, for a token whose secret the cache knows and whose rows are
+    // read synchronously (SQLite): admission then needs no no-hashing scope for it.
+    verifyNow(token, state) {
+      const presented = ours(token);
+      if (presented === null) return null;
+      const cred = machines.byCredentialNow(presented.id);
+      if (cred === undefined) return undefined;
+      assertUsable(cred);
+      if (!secrets.knows(`machine:${cred.credentialId}`, presented.secret, cred.secretHash)) return undefined;
+      return accepted(cred, state);
+    },
     async verify(token, state) {
-      const parsed = parseToken(token, [prefix]);
-      if (parsed === null) return null;
-      if (parsed === "malformed")
-        throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
-      const cred = await machines.byCredential(parsed.id);
-      if (cred?.kind !== "bearer") throw new TesseraError("TOKEN_INVALID", "token is not recognised");
-      if (cred.expiresAt !== null && cred.expiresAt <= now()) {
-        throw new TesseraError("TOKEN_REVOKED", "token was replaced by a credential rotation");
-      }
-      assertMachineActive(cred.machine);
-      if (!(await secrets.verify(`machine:${cred.credentialId}`, parsed.secret, cred.secretHash))) {
+      const presented = ours(token);
+      if (presented === null) return null;
+      const cred = await machines.byCredential(presented.id);
+      assertUsable(cred);
+      if (!(await secrets.verify(`machine:${cred.credentialId}`, presented.secret, cred.secretHash))) {
         throw new TesseraError("TOKEN_INVALID", "token is not recognised");
       }
-      lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
-      lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
-      return machinePrincipal(cred.machine, "machine_token", state, { credentialId: cred.credentialId });
+      return accepted(cred, state);
     },
   };
 }

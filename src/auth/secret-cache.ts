@@ -29,6 +29,15 @@ export class VerifiedSecretCache {
     return hash("sha256", `${this.key}\0${namespace}\0${secret}`, "base64");
   }
 
+  /**
+   * Whether `secret` is known to match `storedHash` (verified before, and that hash is still
+   * the one it matched): the synchronous half of {@link verify}, for a caller that must
+   * decide without awaiting. False says only "not known", never "wrong".
+   */
+  knows(namespace: string, secret: string, storedHash: string): boolean {
+    return this.cache.get(this.keyOf(namespace, secret)) === storedHash;
+  }
+
   /** Whether `secret` matches `storedHash`; PBKDF2 (off the event loop) only on a miss. */
   async verify(namespace: string, secret: string, storedHash: string): Promise<boolean> {
     const k = this.keyOf(namespace, secret);

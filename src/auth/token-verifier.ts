@@ -19,7 +19,7 @@ export interface ApiTokenVerifierOptions {
   /** Raw SQL for the one look-up per request (tests pass a counting runner). */
   sql: SqlRunner;
   /** Verified-secret cache: PBKDF2 on first use only (tests pass a counting wrapper). */
-  secrets: Pick<VerifiedSecretCache, "verify">;
+  secrets: Pick<VerifiedSecretCache, "verify" | "knows">;
   lastUsed: Pick<LastUsedTracker, "mark">;
   /** `auth.tokens.patPrefix` */
   patPrefix: string;
@@ -118,52 +118,81 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     (a, b) => b.length - a.length,
   );
 
+  /** The token's id and secret when it is one of ours (null: another verifier's). @throws TesseraError TOKEN_INVALID when malformed */
+  function ours(token: string): { id: string; secret: string; kind: ApiTokenKind } | null {
+    const prefix = prefixes.find((p) => token.startsWith(p));
+    if (prefix === undefined) return null;
+    const kind = kindOf.get(prefix);
+    if (kind === undefined) return null; // another verifier's token
+    const parsed = parseToken(token, [prefix]);
+    if (parsed === null || parsed === "malformed") {
+      throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
+    }
+    return { id: parsed.id, secret: parsed.secret, kind };
+  }
+
+  /** Refuse a row that may not authenticate now, before its secret is looked at (step 3). */
+  function assertUsable(row: TokenRow | undefined, kind: ApiTokenKind): asserts row is TokenRow {
+    // A token of the other kind with a matching id is as unknown as no row at all.
+    if (!row || row.kind !== kind || row.tenant_id !== row.user_tenant_id) {
+      throw new TesseraError("TOKEN_INVALID", UNKNOWN);
+    }
+    if (toMillis(row.revoked_at) !== null) throw new TesseraError("TOKEN_REVOKED", "token has been revoked");
+    const expiresAt = toMillis(row.expires_at);
+    if (expiresAt !== null && expiresAt <= now()) {
+      throw new TesseraError("TOKEN_EXPIRED", "token has expired");
+    }
+    if (toBool(row.user_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+    if (toBool(row.tenant_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+  }
+
+  /** The principal of a row whose secret matched; marks the use. */
+  function accepted(row: TokenRow, state: RequestState): Principal {
+    lastUsed.mark(API_TOKENS_TABLE, row.id);
+    // The owner as this query read it: GetCurrentUser answers from it without a second read.
+    state.user = {
+      id: row.owner_user_id,
+      username: row.username,
+      tenantId: row.user_tenant_id,
+      createdAt: toMillis(row.user_created_at) ?? 0,
+    };
+    return {
+      kind: "user",
+      method: row.kind === "pat" ? "pat" : "api_key",
+      id: row.owner_user_id,
+      tenantId: row.user_tenant_id,
+      username: row.username,
+      scopes: effectiveScopes(row),
+      credentialId: row.id,
+      certificate: state.certificate,
+    };
+  }
+
   return {
     name: "api-token",
+    // The same steps as `verify`, for a token whose secret the cache already knows and whose
+    // row is read synchronously (SQLite): decided without a promise, so that admission needs
+    // no no-hashing scope for it (src/admission.ts). Anything else: undefined, and `verify`.
+    verifyNow(token: string, state: RequestState): Principal | null | undefined {
+      const presented = ours(token);
+      if (presented === null) return null;
+      const read = sql.sync;
+      if (read === undefined) return undefined;
+      const row = read.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
+      assertUsable(row, presented.kind);
+      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash)) return undefined;
+      return accepted(row, state);
+    },
     async verify(token: string, state: RequestState): Promise<Principal | null> {
-      const prefix = prefixes.find((p) => token.startsWith(p));
-      if (prefix === undefined) return null;
-      const expectedKind = kindOf.get(prefix);
-      if (expectedKind === undefined) return null; // another verifier's token
-      const parsed = parseToken(token, [prefix]);
-      if (parsed === null || parsed === "malformed") {
-        throw new TesseraError("TOKEN_INVALID", "token is malformed (checksum or length mismatch)");
-      }
-      const row = await sql.cachedGet<TokenRow>(SELECT_TOKEN, [parsed.id]);
-      // A token of the other kind with a matching id is as unknown as no row at all.
-      if (!row || row.kind !== expectedKind || row.tenant_id !== row.user_tenant_id) {
-        throw new TesseraError("TOKEN_INVALID", UNKNOWN);
-      }
-      if (toMillis(row.revoked_at) !== null)
-        throw new TesseraError("TOKEN_REVOKED", "token has been revoked");
-      const expiresAt = toMillis(row.expires_at);
-      if (expiresAt !== null && expiresAt <= now()) {
-        throw new TesseraError("TOKEN_EXPIRED", "token has expired");
-      }
-      if (toBool(row.user_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-      if (toBool(row.tenant_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+      const presented = ours(token);
+      if (presented === null) return null;
+      const row = await sql.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
+      assertUsable(row, presented.kind);
       // Only now the expensive part: a refused token never costs PBKDF2.
-      if (!(await secrets.verify(`token:${row.id}`, parsed.secret, row.secret_hash))) {
+      if (!(await secrets.verify(`token:${row.id}`, presented.secret, row.secret_hash))) {
         throw new TesseraError("TOKEN_INVALID", UNKNOWN);
       }
-      lastUsed.mark(API_TOKENS_TABLE, row.id);
-      // The owner as this query read it: GetCurrentUser answers from it without a second read.
-      state.user = {
-        id: row.owner_user_id,
-        username: row.username,
-        tenantId: row.user_tenant_id,
-        createdAt: toMillis(row.user_created_at) ?? 0,
-      };
-      return {
-        kind: "user",
-        method: row.kind === "pat" ? "pat" : "api_key",
-        id: row.owner_user_id,
-        tenantId: row.user_tenant_id,
-        username: row.username,
-        scopes: effectiveScopes(row),
-        credentialId: row.id,
-        certificate: state.certificate,
-      };
+      return accepted(row, state);
     },
   };
 }

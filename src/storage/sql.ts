@@ -43,6 +43,7 @@ export interface SqlRunner {
    */
   readonly sync?: {
     cachedGet<T>(sql: string, params: readonly unknown[]): T | undefined;
+    cachedAll<T>(sql: string, params: readonly unknown[]): T[];
   };
 }
 
@@ -111,6 +112,8 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
     const cache = cacheSize > 0 ? new StateCache(db, cacheSize) : null;
     const cachedGet = <T>(sql: string, params: readonly unknown[]) =>
       cache ? cache.read(sql, params, () => get<T>(sql, params)) : get<T>(sql, params);
+    const cachedAll = <T>(sql: string, params: readonly unknown[]) =>
+      cache ? cache.read(sql, params, () => all<T>(sql, params)) : all<T>(sql, params);
     return {
       async get<T>(sql: string, params: readonly unknown[] = []) {
         return get<T>(sql, params);
@@ -125,10 +128,10 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         return cachedGet<T>(sql, params);
       },
       async cachedAll<T>(sql: string, params: readonly unknown[]) {
-        return cache ? cache.read(sql, params, () => all<T>(sql, params)) : all<T>(sql, params);
+        return cachedAll<T>(sql, params);
       },
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
-      sync: { cachedGet },
+      sync: { cachedGet, cachedAll },
     };
   }
   const em: EntityManager = storage.em;

@@ -1,0 +1,219 @@
+/**
+ * Server work per request counted in instructions (valgrind's callgrind), or profiled with
+ * V8's `--cpu-prof`, for an A/B of two checkouts that the shared VM's noise cannot blur.
+ *
+ * Why: CPU time per request on this VM drifts by ±15 % and more between runs (other
+ * engineers' builds and tests share its two cores), which hides a 5 % regression. An
+ * instruction count of the server process (every thread: event loop, JIT compilers, GC)
+ * over a fixed number of requests, after a warm-up, does not depend on what else runs.
+ * It is not time (a cache miss costs more than an add), so it complements, not replaces,
+ * `npm run bench`.
+ *
+ *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
+ *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
+ *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
+ *
+ * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
+ * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
+ * checkouts are measured by the same load. Prints one JSON line per scenario and protocol.
+ * `--tool none` serves it plainly and reports only the server's CPU µs per request (from
+ * /proc): two checkouts run at the same time that way share whatever else loads the VM.
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { ensureDevCertificates } from "../src/certs/dev-ca.js";
+import { compileForBench, type Launcher } from "./build.js";
+import { JsonClient } from "./client.js";
+import { grpcFrame } from "./fixtures.js";
+import { runH2load } from "./h2load.js";
+import { startServerProcess } from "./processes.js";
+
+const { values: flags } = parseArgs({
+  options: {
+    root: { type: "string" },
+    limits: { type: "boolean", default: false },
+    tool: { type: "string", default: "callgrind" },
+    scenarios: { type: "string", default: "jwt,pat" },
+    protocols: { type: "string", default: "connect,grpc" },
+    warmup: { type: "string", default: "3000" },
+    requests: { type: "string", default: "3000" },
+    out: { type: "string" },
+    build: { type: "string" },
+    iterations: { type: "string" },
+  },
+});
+if (!flags.root) throw new Error("--root <checkout> is required");
+const root = resolve(flags.root);
+const tool = flags.tool as "callgrind" | "cpu-prof" | "none";
+const work = flags.out ? resolve(flags.out) : mkdtempSync(join(tmpdir(), "tessera-instructions-"));
+mkdirSync(work, { recursive: true });
+const log = (text: string) => process.stderr.write(`${text}\n`);
+
+const PATHS = {
+  getCurrentUser: "tessera.v1.UserService/GetCurrentUser",
+  login: "tessera.v1.UserService/Login",
+  createUser: "tessera.v1.UserService/CreateUser",
+  createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
+};
+
+// A build folder given and already compiled is reused (two runs of one checkout compile once).
+const buildDir = flags.build ? resolve(flags.build) : join(work, "build");
+let launcher: Launcher;
+if (existsSync(join(buildDir, "dist", "src", "main.js"))) launcher = compiledLauncher(buildDir);
+else {
+  log(`compiling ${root}…`);
+  launcher = compileForBench(root, buildDir).launcher;
+}
+const certDir = join(work, "certs");
+await ensureDevCertificates(certDir);
+const tls = { ca: readFileSync(join(certDir, "ca.crt")) };
+const dataDir = join(work, "data");
+mkdirSync(dataDir, { recursive: true });
+const adminPassword = randomBytes(18).toString("base64url");
+const env: NodeJS.ProcessEnv = Object.fromEntries(
+  Object.entries(process.env).filter(([k]) => !k.startsWith("TESSERA_")),
+);
+Object.assign(env, {
+  TESSERA_HOST: "127.0.0.1",
+  TESSERA_PORT: "0",
+  TESSERA_DATABASE_URL: `sqlite:${join(dataDir, "tessera.db")}`,
+  TESSERA_CERT_DIR: certDir,
+  TESSERA_ADMIN_PASSWORD: adminPassword,
+  TESSERA_JWT_SECRET: randomBytes(32).toString("base64url"),
+  TESSERA_ACCESS_TOKEN_TTL: "7200",
+  TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
+  TESSERA_RATE_LIMIT_PER_IP: "1000000000",
+  TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+  // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
+  // costs minutes; a token's hash is checked once, so fewer iterations change no request.
+  ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
+});
+const entry = launcher.args("src/main.ts");
+const [command, args] =
+  tool === "callgrind"
+    ? [
+        "valgrind",
+        [
+          "--tool=callgrind",
+          `--callgrind-out-file=${join(work, "callgrind.%p")}`,
+          launcher.command,
+          ...entry,
+          "serve",
+        ],
+      ]
+    : tool === "cpu-prof"
+      ? [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry, "serve"]]
+      : [launcher.command, [...entry, "serve"]];
+log("starting the server…");
+const server = await startServerProcess({
+  name: "tessera",
+  command,
+  args,
+  cwd: launcher.cwd,
+  env,
+  timeoutMs: 15 * 60_000,
+  ready: (line) => {
+    if (!line.startsWith("{")) return null;
+    try {
+      const e = JSON.parse(line) as { msg?: string; url?: string };
+      return e.msg === "tessera listening" && e.url ? e.url : null;
+    } catch {
+      return null;
+    }
+  },
+});
+
+const api = new JsonClient(server.url, tls);
+const user = { username: "bench-user", password: randomBytes(18).toString("base64url") };
+const admin = await api.call<{ accessToken: string }>(PATHS.login, {
+  username: "admin",
+  password: adminPassword,
+});
+await api.call(
+  PATHS.createUser,
+  { ...user, scopes: ["bench:read"] },
+  { authorization: `Bearer ${admin.accessToken}` },
+);
+const jwt = (await api.call<{ accessToken: string }>(PATHS.login, user)).accessToken;
+const pat = (
+  await api.call<{ token: string }>(PATHS.createPat, { name: "bench" }, { authorization: `Bearer ${jwt}` })
+).token;
+await api.close();
+const tokens: Record<string, string> = { jwt, pat };
+
+const bodies = {
+  connect: { file: join(work, "body.json"), headers: { "content-type": "application/json" } },
+  grpc: {
+    file: join(work, "body.grpc"),
+    headers: { "content-type": "application/grpc", te: "trailers" },
+  },
+};
+writeFileSync(bodies.connect.file, "{}");
+writeFileSync(bodies.grpc.file, grpcFrame(new Uint8Array()));
+
+/** The newest callgrind dump's total instruction count. */
+function dumpTotal(): number {
+  execFileSync("callgrind_control", ["-d", String(server.pid)], { stdio: "ignore" });
+  const dumps = readdirSync(work)
+    .filter((f) => f.startsWith(`callgrind.${server.pid}.`))
+    .sort((a, b) => Number(a.split(".").pop()) - Number(b.split(".").pop()));
+  const text = readFileSync(join(work, dumps.at(-1)!), "utf8");
+  const m = /^(?:totals|summary):\s+(\d+)/m.exec(text);
+  if (!m) throw new Error("no totals in the callgrind dump");
+  return Number(m[1]);
+}
+
+const warmup = Number(flags.warmup);
+const requests = Number(flags.requests);
+try {
+  for (const scenario of flags.scenarios.split(",")) {
+    for (const protocol of flags.protocols.split(",") as Array<keyof typeof bodies>) {
+      const shape = {
+        url: `${server.url}/${PATHS.getCurrentUser}`,
+        bodyFile: bodies[protocol].file,
+        workDir: work,
+        connections: 2,
+        streams: 10,
+        headers: { ...bodies[protocol].headers, authorization: `Bearer ${tokens[scenario]}` },
+        expectStatus: 200,
+      };
+      await runH2load({ ...shape, requests: warmup });
+      if (tool === "callgrind")
+        execFileSync("callgrind_control", ["-z", String(server.pid)], { stdio: "ignore" });
+      const cpuBefore = server.cpuMs();
+      const load = await runH2load({ ...shape, requests });
+      const cpuMs = server.cpuMs() - cpuBefore;
+      const instructions = tool === "callgrind" ? dumpTotal() : null;
+      process.stdout.write(
+        `${JSON.stringify({
+          root,
+          limits: flags.limits,
+          scenario,
+          protocol,
+          requests,
+          errors: load.errors,
+          instructionsPerRequest: instructions === null ? null : Math.round(instructions / requests),
+          cpuUsPerRequest: Math.round((cpuMs * 1000) / requests),
+        })}\n`,
+      );
+    }
+  }
+} finally {
+  await server.stop();
+  if (tool === "callgrind") spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
+}
+
+/** The launcher of a checkout compiled before into `buildDir` (see compileForBench). */
+function compiledLauncher(buildDir: string): Launcher {
+  const dist = join(buildDir, "dist");
+  return {
+    runtime: "compiled",
+    command: process.execPath,
+    args: (entry) => [join(dist, entry.replace(/\.ts$/, ".js"))],
+    cwd: buildDir,
+  };
+}
