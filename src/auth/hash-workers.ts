@@ -117,6 +117,9 @@ export class HashWorkers {
       const slot = this.slots[index] ?? this.spawn(index);
       const next = this.waiting.shift()!;
       slot.current = { resolve: next.resolve, reject: next.reject };
+      // A thread with a hash to compute keeps the process alive (a CLI awaiting it would
+      // otherwise exit mid-hash); an idle one does not (see spawn).
+      slot.worker.ref();
       slot.worker.postMessage(next.job);
     }
   }
@@ -128,8 +131,6 @@ export class HashWorkers {
       // A hash needs little memory: keep each thread's heap small.
       resourceLimits: { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 4 },
     });
-    // Idle threads do not keep the process alive.
-    worker.unref();
     const slot: Slot = { worker, current: null };
     this.slots[index] = slot;
     worker.on("message", (message: { ready?: true; niced?: boolean; hash?: Uint8Array; error?: string }) => {
@@ -139,6 +140,7 @@ export class HashWorkers {
       }
       const current = slot.current;
       slot.current = null;
+      worker.unref();
       if (this.closed) {
         void worker.terminate();
         this.slots[index] = null;
@@ -160,6 +162,9 @@ export class HashWorkers {
     };
     worker.on("error", fail);
     worker.on("exit", (code) => fail(new Error(`a hash worker exited (${code})`)));
+    // Idle threads do not keep the process alive. After the listeners: adding a "message"
+    // listener refs the worker's port again (measured: `tessera init` never exited).
+    worker.unref();
     return slot;
   }
 }
