@@ -2,7 +2,6 @@ import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["test/**/*.test.ts"],
     // PBKDF2 at 600k iterations and real servers make some tests slow by design.
     testTimeout: 60_000,
     hookTimeout: 60_000,
@@ -11,5 +10,23 @@ export default defineConfig({
     globalSetup: ["test/global-setup.ts"],
     // Servers started by tests (tessera serve, several at once) take a free metrics port each.
     env: { TESSERA_METRICS_LISTEN: "127.0.0.1:0" },
+    // `npm test` runs both projects; `vitest run --project unit` (or `multi`) runs one.
+    projects: [
+      {
+        extends: true,
+        test: { name: "unit", include: ["test/**/*.test.ts"], exclude: ["test/multi/**"] },
+      },
+      {
+        // Several `tessera serve` processes on one PostgreSQL schema (and Redis): slow, and
+        // sensitive to the machine's load, so they get their own project and longer limits.
+        extends: true,
+        test: {
+          name: "multi",
+          include: ["test/multi/**/*.test.ts"],
+          testTimeout: 240_000,
+          hookTimeout: 240_000,
+        },
+      },
+    ],
   },
 });

@@ -7,6 +7,10 @@ import { prepareLogScan, scanSuiteLogs } from "./log-scan-suite.js";
  * TESSERA_TEST_SKIP_POSTGRES=1 to run the SQLite half only (refused when CI is set).
  */
 export default async function setup(): Promise<(() => void) | undefined> {
+  // Every project (unit, multi) inherits this file, and Vitest calls it once per project in
+  // one process: the checks and the log scan's set-up and teardown are done by the first.
+  if (process.env.TESSERA_TEST_GLOBAL_SETUP === "done") return undefined;
+  process.env.TESSERA_TEST_GLOBAL_SETUP = "done";
   // With TESSERA_TEST_LOG_SCAN=<folder>, the logs of every test app are scanned for secrets at the end.
   const scanDir = process.env.TESSERA_TEST_LOG_SCAN;
   if (scanDir) prepareLogScan(scanDir);
