@@ -1386,7 +1386,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     cpus,
     server,
   };
-  const { firstUse, pbkdf2, soak, flood } = extras;
+  const { firstUse, pbkdf2, soak, flood, cli } = extras;
   const markdown = [
     `### ${date}${smoke ? " (smoke run)" : ""}`,
     "",
@@ -1440,7 +1440,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, flood: flood ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, flood: flood ?? null, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 

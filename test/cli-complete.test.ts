@@ -1,4 +1,4 @@
-import { execFileSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -31,7 +31,7 @@ const SERVER_MODULES = [
  * the RPC's own JSON field names, exit codes, flag names in hints, ids that must not be
  * empty, files not overwritten without --force, and what each command loads.
  */
-describe("the tessera CLI, complete and consistent", () => {
+describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () => {
   let ts: TestServer;
   let env: Record<string, string>;
   const tessera = (args: string[], extra: Record<string, string> = {}, input = "") =>
@@ -50,7 +50,7 @@ describe("the tessera CLI, complete and consistent", () => {
     };
     const r = await tessera(["login", "-u", "admin", "--password-stdin"], {}, `${ADMIN_PASSWORD}\n`);
     expect(r.code, r.stderr).toBe(0);
-  });
+  }, 300_000);
   afterAll(async () => {
     await ts?.close();
   });
@@ -120,7 +120,7 @@ describe("the tessera CLI, complete and consistent", () => {
     expect(fresh.code, fresh.stderr).toBe(0);
     expect((await tessera(["user", "delete", u.id])).code).toBe(0);
     expect((await tessera(["user", "get", u.id])).code).toBe(EXIT.notFound);
-  });
+  }, 600_000);
 
   it("treats an empty or malformed id as a usage error, creating nothing", async () => {
     for (const args of [
@@ -198,13 +198,19 @@ describe("the tessera CLI, complete and consistent", () => {
     expect(CLIENT_ENV_NAMES).toEqual(CLIENT_ENV);
   });
 
-  it("loads no server module for --help, whoami and token list", () => {
+  it("loads no server module for --help, whoami and token list", async () => {
     for (const args of [["--help"], ["whoami"], ["token", "list"]]) {
       const out = join(env.HOME!, `probe-${args.join("-")}.txt`);
-      // execFileSync throws on a non-zero exit.
-      execFileSync(process.execPath, ["--import", PROBE, join(ROOT, "bin", "tessera.js"), ...args], {
-        env: { PATH: process.env.PATH ?? "/usr/bin", ...env, MODULE_PROBE_OUT: out },
+      // Asynchronously: the test server runs in this process and must answer meanwhile.
+      const r = await new Promise<{ code: number; stderr: string }>((resolve) => {
+        execFile(
+          process.execPath,
+          ["--import", PROBE, join(ROOT, "bin", "tessera.js"), ...args],
+          { env: { PATH: process.env.PATH ?? "/usr/bin", ...env, MODULE_PROBE_OUT: out } },
+          (err, _stdout, stderr) => resolve({ code: err ? 1 : 0, stderr }),
+        );
       });
+      expect(r.code, r.stderr).toBe(0);
       const loaded = readFileSync(out, "utf8");
       expect(loaded, args.join(" ")).toContain("src/main.ts");
       for (const re of SERVER_MODULES) expect(loaded, `${args.join(" ")} loaded ${re}`).not.toMatch(re);
