@@ -52,7 +52,16 @@ import {
   type TargetResult,
   textTable,
 } from "./report.js";
-import { type LoadResult, pairedRatio, type RawLoad, runCpuUs, runRps, summarize } from "./stats.js";
+import {
+  type LoadResult,
+  median,
+  pairedRatio,
+  percentile,
+  type RawLoad,
+  runCpuUs,
+  runRps,
+  summarize,
+} from "./stats.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 
@@ -97,7 +106,7 @@ if (flags.help) {
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
                       jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
-                      rejected-limited, mtls (with raw-node, bare-node), login, flood, first-use, soak
+                      rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --keep              keep the temporary folder (certificates, databases, build)
@@ -233,6 +242,14 @@ const extras: {
   pbkdf2?: { hashesPerSecond: number; parallel: number; iterations: number };
   /** One per hashing priority measured; the first is the target's (the default unless --flood-nice says). */
   floods: FloodResult[];
+  cli?: {
+    runs: number;
+    bareMs: number;
+    helpMs: number;
+    whoamiMs: number;
+    /** Spread of each: (p90 - p10) / median, a measure of the machine's noise. */
+    spread: { bare: number; help: number; whoami: number };
+  };
   soak?: {
     requests: number;
     errors: number;
@@ -804,10 +821,6 @@ async function pgScans(schema: string): Promise<number> {
 
 /** Backends report their statistics at most once a second, and an idle backend within 10 s. */
 const pgStatsFlushed = () => new Promise((r) => setTimeout(r, settings.smoke ? 1_500 : 11_500));
-
-function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] ?? Number.NaN;
-}
 
 /**
  * After the rounds: PostgreSQL scans per request of each server (a fixed number of requests
@@ -1556,6 +1569,58 @@ async function run(): Promise<void> {
     }
   }
 
+  // ---- CLI start-up (issue 23): `tessera --help` and `tessera whoami` against a local server,
+  // each beside a bare `node -e 0`, interleaved run by run so that the machine's load at any
+  // moment weighs on all three alike; medians of N runs each.
+  if (wanted("cli")) {
+    log("CLI start-up…");
+    const server = await startTessera(launcher, certDir, adminPassword, "cli", {});
+    const seededCli = await seedUser(server, adminPassword, user, tls);
+    const cliEnv: NodeJS.ProcessEnv = {
+      PATH: process.env.PATH,
+      HOME: mkdtempSync(join(work, "cli-home-")),
+      TESSERA_SERVER: new URL(server.url).host,
+      TESSERA_TOKEN: seededCli.userToken,
+      TESSERA_CA_FILE: join(certDir, "ca.crt"),
+    };
+    const commands = {
+      bare: [process.execPath, ["-e", "0"]],
+      help: [launcher.command, [...launcher.args("src/main.ts"), "--help"]],
+      whoami: [launcher.command, [...launcher.args("src/main.ts"), "whoami"]],
+    } as const;
+    const times: Record<keyof typeof commands, number[]> = { bare: [], help: [], whoami: [] };
+    const runs = settings.smoke ? 3 : 21;
+    for (let i = 0; i < runs + 1; i++) {
+      for (const [name, [command, args]] of Object.entries(commands) as [
+        keyof typeof commands,
+        (typeof commands)[keyof typeof commands],
+      ][]) {
+        const started = performance.now();
+        const r = spawnSync(command, [...args], { cwd: launcher.cwd, env: cliEnv, encoding: "utf8" });
+        const ms = performance.now() - started;
+        if (r.status !== 0) throw new Error(`${name} exited ${r.status}: ${r.stderr}`);
+        if (name === "whoami" && !r.stdout.includes(user.username))
+          throw new Error(`whoami answered without the user: ${r.stdout}`);
+        // The first round warms the file system cache and is not counted.
+        if (i > 0) times[name].push(ms);
+      }
+    }
+    const spread = (v: number[]) => {
+      const sorted = [...v].sort((a, b) => a - b);
+      return (percentile(sorted, 90) - percentile(sorted, 10)) / median(v);
+    };
+    extras.cli = {
+      runs,
+      bareMs: median(times.bare),
+      helpMs: median(times.help),
+      whoamiMs: median(times.whoami),
+      spread: { bare: spread(times.bare), help: spread(times.help), whoami: spread(times.whoami) },
+    };
+    log(
+      `  node -e 0 ${extras.cli.bareMs.toFixed(0)} ms; tessera --help ${extras.cli.helpMs.toFixed(0)} ms (${(extras.cli.helpMs / extras.cli.bareMs).toFixed(2)}×); tessera whoami ${extras.cli.whoamiMs.toFixed(0)} ms (${(extras.cli.whoamiMs / extras.cli.bareMs).toFixed(2)}×)`,
+    );
+  }
+
   // ---- soak: many authenticated requests; the server's RSS after warm-up and after the soak.
   // A point sample of RSS lands anywhere in the garbage collector's cycle (right before a
   // major GC or right after it differ by a third), so the comparison is between the highest
@@ -1628,7 +1693,7 @@ function computeRatios(): void {
 
 const percent = (x: number) => `${(x * 100).toFixed(0)}%`;
 
-function evaluateTargets(): TargetResult[] {
+function evaluateTargets(launcher: Launcher): TargetResult[] {
   const targets: TargetResult[] = [];
   const ratioTarget = (ids: string[], min: number) => {
     for (const id of ids) {
@@ -1713,6 +1778,20 @@ function evaluateTargets(): TargetResult[] {
       met: flood.logins.length > 0 && flood.logins.every(answered),
     });
   }
+  const cli = extras.cli;
+  if (cli) {
+    const runtime = launcher.runtime === "compiled" ? "compiled JavaScript" : "tsx";
+    for (const [label, ms] of [
+      ["tessera --help", cli.helpMs],
+      ["tessera whoami against a local server", cli.whoamiMs],
+    ] as const) {
+      targets.push({
+        target: `${label} (${runtime}) ≤ 2.5× a bare \`node -e 0\` (medians of ${cli.runs} interleaved runs)`,
+        measured: `${ms.toFixed(0)} vs ${cli.bareMs.toFixed(0)} ms (${(ms / cli.bareMs).toFixed(2)}×); spread (p90−p10)/median: bare ${percent(cli.spread.bare)}, --help ${percent(cli.spread.help)}, whoami ${percent(cli.spread.whoami)}`,
+        met: ms <= 2.5 * cli.bareMs,
+      });
+    }
+  }
   const soak = extras.soak;
   if (soak) {
     targets.push({
@@ -1742,7 +1821,7 @@ function evaluateTargets(): TargetResult[] {
 
 function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher): void {
   computeRatios();
-  const targets = evaluateTargets();
+  const targets = evaluateTargets(launcher);
   const date = new Date().toISOString().slice(0, 10);
   const outDir = flags.out
     ? resolve(flags.out)
@@ -1767,7 +1846,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     cpus,
     server,
   };
-  const { firstUse, pbkdf2, soak, floods } = extras;
+  const { firstUse, pbkdf2, soak, floods, cli } = extras;
   const markdown = [
     `### ${date}${smoke ? " (smoke run)" : ""}`,
     "",
@@ -1821,7 +1900,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 

@@ -1,19 +1,16 @@
 import { Command, CommanderError } from "commander";
-import { describeClientError, registerClientCommands } from "./cli/client-commands.js";
+import { registerAuditCommands } from "./cli/audit-commands.js";
+import { registerClientCommands } from "./cli/client-commands.js";
+import { registerCompletionCommand } from "./cli/completion.js";
+import { EXIT, EXIT_HELP, UsageError } from "./cli/exit-codes.js";
 import { registerServerCommands } from "./cli/server-commands.js";
-import { ConfigError } from "./config.js";
 import { VERSION } from "./version.js";
 
-/** Exit codes (documented in --help). */
-export const EXIT = {
-  ok: 0,
-  error: 1,
-  usage: 2,
-  unauthenticated: 3,
-  permissionDenied: 4,
-  notFound: 5,
-  unavailable: 6,
-} as const;
+// This module and the command trees it registers import only commander: each command
+// loads what it uses when it runs (the SDK for client commands, the server's modules for
+// `serve`), so `tessera --help` and `tessera whoami` start in a blink.
+
+export { EXIT } from "./cli/exit-codes.js";
 
 /** Build the `tessera` command line. */
 export function buildProgram(): Command {
@@ -21,12 +18,11 @@ export function buildProgram(): Command {
     .description("Tessera: authentication and identity for platform APIs")
     .version(VERSION)
     .exitOverride()
-    .addHelpText(
-      "after",
-      `\nExit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, 5 not found, 6 unavailable.`,
-    );
+    .addHelpText("after", `\n${EXIT_HELP}`);
   registerServerCommands(program);
   registerClientCommands(program);
+  registerAuditCommands(program);
+  registerCompletionCommand(program);
   return program;
 }
 
@@ -54,12 +50,19 @@ export async function main(argv: string[]): Promise<number> {
     if (err instanceof CommanderError) {
       return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     }
+    if (err instanceof UsageError) {
+      process.stderr.write(`error: ${err.message}\n`);
+      return EXIT.usage;
+    }
+    // Only a client command can have raised a client error, and it loaded the SDK then.
+    const { describeClientError } = await import("./cli/client-actions.js");
     const client = describeClientError(err, EXIT);
     if (client) {
       process.stderr.write(`error: ${client.message}\n`);
       return client.code;
     }
-    if (err instanceof ConfigError) {
+    // A configuration error comes from config.ts, loaded by the server commands only.
+    if (err instanceof Error && err.name === "ConfigError") {
       process.stderr.write(`${err.message}\n`);
       return EXIT.usage;
     }

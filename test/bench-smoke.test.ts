@@ -90,6 +90,7 @@ describe("benchmark harness, smoke mode", () => {
       pbkdf2: { hashesPerSecond: number } | null;
       soak: { requests: number; errors: number; rssAfterWarmupMb: number; rssAfterSoakMb: number } | null;
       firstUse: { firstMs: number; subsequentMedianMs: number } | null;
+      cli: { bareMs: number; helpMs: number; whoamiMs: number } | null;
     };
     expect(report.mode).toBe("smoke");
     expect(report.machine.nproc).toBeGreaterThan(0);
@@ -147,6 +148,9 @@ describe("benchmark harness, smoke mode", () => {
     expect(report.soak?.requests).toBeGreaterThanOrEqual(2000);
     expect(report.soak?.rssAfterSoakMb).toBeGreaterThan(0);
     expect(report.firstUse?.firstMs).toBeGreaterThan(0);
+    // CLI start-up beside a bare node (issue 23).
+    expect(report.cli?.bareMs).toBeGreaterThan(0);
+    expect(report.cli?.whoamiMs).toBeGreaterThan(0);
     expect(report.targets.length).toBeGreaterThan(0);
 
     const markdown = readFileSync(join(out, mdFile!), "utf8");

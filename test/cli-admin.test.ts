@@ -72,11 +72,12 @@ describe("the tessera CLI administration commands", () => {
     expect(listed.applications.map((a) => a.id)).toContain(app.id);
   });
 
-  it("creates an API key, prints it once under `token`, lists and revokes it", async () => {
+  it("creates an API key, prints it once under the RPC's own `key`, lists and revokes it", async () => {
     const r = await tessera(["api-key", "create", "--name", "integration", "--output", "json"]);
-    const created = json<{ id: string; token: string; key?: string }>(r);
-    expect(created.token).toMatch(/^tsr_key_/);
-    expect(created.key).toBeUndefined();
+    const parsed = json<{ id: string; key: string; token?: string }>(r);
+    expect(parsed.key).toMatch(/^tsr_key_/);
+    expect(parsed.token).toBeUndefined();
+    const created = { id: parsed.id, token: parsed.key };
     const me = json<{ username: string }>(
       await tessera(["whoami", "--output", "json"], { ...bare(), TESSERA_TOKEN: created.token }),
     );

@@ -178,7 +178,15 @@ describe("the tessera CLI end to end", () => {
   it("documents the exit codes and the credential sources in --help", async () => {
     const r = await tessera(["--help"]);
     expect(r.code).toBe(0);
-    expect(r.stdout).toContain("3 unauthenticated, 4 permission denied, 5 not found, 6 unavailable");
+    for (const line of [
+      "3  unauthenticated",
+      "4  permission denied",
+      "5  not found",
+      "6  unavailable",
+      "7  rate limited",
+      "8  already exists",
+    ])
+      expect(r.stdout).toContain(line);
     expect(r.stdout).toContain("TESSERA_TOKEN");
     expect(r.stdout).toContain("~/.tessera/credentials");
   });

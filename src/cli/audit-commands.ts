@@ -1,12 +1,8 @@
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Command } from "commander";
-import { type AuditEvent, AuditEventSchema } from "../../gen/tessera/v1/audit_service_pb.js";
-import { ClientConfigError } from "../sdk/errors.js";
-import { parseDuration, withClient } from "./client-commands.js";
-import { messageJson, when } from "./output.js";
+import { idValue } from "./client-commands.js";
 
 /** Flags of `tessera audit list`. */
-interface AuditListFlags {
+export interface AuditListFlags {
   tenant?: string;
   actor?: string;
   action?: string;
@@ -18,42 +14,17 @@ interface AuditListFlags {
   limit: string;
 }
 
-/** "2026-12-04T10:00:00Z" as that instant; "90m", "12h", "7d" as that long ago. */
-export function parseInstant(value: string, flag: string, now = Date.now()): Date {
-  if (/^\d+\s*[smhdw]?$/.test(value.trim())) return new Date(now - parseDuration(value) * 1000);
-  const d = new Date(value);
-  if (Number.isNaN(d.getTime()))
-    throw new ClientConfigError(
-      `invalid ${flag} "${value}": use an ISO 8601 time or a duration ago (e.g. 12h)`,
-    );
-  return d;
-}
-
-/** An action as the server records it: a bare "UserService/Login" is in package tessera.v1. */
-function fullAction(action: string): string {
-  return action.includes(".") ? action : `tessera.v1.${action}`;
-}
-
-function auditRow(e: AuditEvent): string[] {
-  return [
-    when(e.time),
-    e.action.replace(/^tessera\.v1\./, ""),
-    e.outcome,
-    e.reason || "-",
-    e.actorId ? `${e.actorKind}:${e.actorId}` : e.actorKind,
-    e.targetId || "-",
-    e.requestId,
-  ];
-}
-
-/** `tessera audit list`: the audit log, newest first (needs admin:audit). */
+/**
+ * `tessera audit list`: the audit log, newest first (needs admin:audit). Only commander
+ * here: the action loads audit-actions.ts (the SDK, the generated client) when it runs.
+ */
 export function registerAuditCommands(program: Command): void {
   const audit = program.command("audit").description("the audit log (needs admin:audit)");
   audit
     .command("list")
     .description("list audit events, newest first (your tenant's; every tenant's with *)")
-    .option("--tenant <id>", "only this tenant's events (with *)")
-    .option("--actor <id>", "only events of this actor (user, machine user)")
+    .option("--tenant <id>", "only this tenant's events (with *)", idValue("--tenant"))
+    .option("--actor <id>", "only events of this actor (user, machine user)", idValue("--actor"))
     .option(
       "--action <rpc>",
       'only this RPC, e.g. "UserService/Login" or "tessera.v1.TokenService/RevokeApiKey"',
@@ -65,39 +36,7 @@ export function registerAuditCommands(program: Command): void {
     .option("--until <time>", "only events before this time (ISO 8601, or a duration ago)")
     .option("--limit <n>", "print at most this many events", "100")
     .action(async (flags: AuditListFlags, cmd: Command) => {
-      const limit = Number(flags.limit);
-      if (!Number.isInteger(limit) || limit <= 0)
-        throw new ClientConfigError(`invalid --limit "${flags.limit}": a positive integer`);
-      if (flags.outcome && flags.outcome !== "success" && flags.outcome !== "failure")
-        throw new ClientConfigError(`invalid --outcome "${flags.outcome}": success or failure`);
-      const filters = {
-        ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-        ...(flags.actor ? { actorId: flags.actor } : {}),
-        ...(flags.action ? { action: fullAction(flags.action) } : {}),
-        ...(flags.outcome ? { outcome: flags.outcome } : {}),
-        ...(flags.target ? { targetId: flags.target } : {}),
-        ...(flags.requestId ? { requestId: flags.requestId } : {}),
-        ...(flags.since ? { startTime: timestampFromDate(parseInstant(flags.since, "--since")) } : {}),
-        ...(flags.until ? { endTime: timestampFromDate(parseInstant(flags.until, "--until")) } : {}),
-      };
-      await withClient(cmd, async ({ api, out }) => {
-        const events: AuditEvent[] = [];
-        let pageToken = "";
-        do {
-          const res = await api.audit.listAuditEvents({
-            ...filters,
-            pageSize: Math.min(200, limit - events.length),
-            pageToken,
-          });
-          events.push(...res.events);
-          pageToken = res.nextPageToken;
-        } while (pageToken && events.length < limit);
-        out.list(
-          { events: events.map((e) => messageJson(AuditEventSchema, e)) },
-          ["TIME", "ACTION", "OUTCOME", "REASON", "ACTOR", "TARGET", "REQUEST"],
-          events.map(auditRow),
-        );
-        if (pageToken && !out.json) out.note(`(more events: raise --limit, or narrow with --since/--until)`);
-      });
+      const { auditList } = await import("./audit-actions.js");
+      await auditList(flags, cmd);
     });
 }

@@ -1,120 +1,82 @@
-import { resolve } from "node:path";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Code } from "@connectrpc/connect";
-import { type Command, Option } from "commander";
-import {
-  CertificateBindingSchema,
-  CheckAuthenticationResponseSchema,
-  CreateMachineUserResponseSchema,
-  MachineAuthType,
-  type MachineUser,
-  MachineUserSchema,
-  RotateMachineUserCredentialsResponseSchema,
-} from "../../gen/tessera/v1/machine_user_service_pb.js";
-import {
-  type Application,
-  ApplicationSchema,
-  type Tenant,
-  TenantSchema,
-} from "../../gen/tessera/v1/tenant_service_pb.js";
-import {
-  CreateApiKeyResponseSchema,
-  CreatePersonalAccessTokenResponseSchema,
-  type TokenMetadata,
-  TokenMetadataSchema,
-} from "../../gen/tessera/v1/token_service_pb.js";
-import { CLIENT_ENV, type Profile, readProfile, writeProfile } from "../sdk/credentials.js";
-import { type ResolvedClientOptions, resolveClientOptions } from "../sdk/environment.js";
-import {
-  AuthenticationError,
-  ClientConfigError,
-  InvalidArgumentError,
-  NotFoundError,
-  PermissionDeniedError,
-  TesseraClientError,
-  UnavailableError,
-} from "../sdk/errors.js";
-import type { TokenPair } from "../sdk/session.js";
-import { UserAPI, type UserAPIOptions } from "../sdk/user-api.js";
-import { registerAuditCommands } from "./audit-commands.js";
-import { messageJson, Output, type OutputFormat, when } from "./output.js";
-import { PromptError, promptHidden, readSecretFromStdin } from "./prompt.js";
+import { type Command, InvalidArgumentError as CommanderArgumentError, Option } from "commander";
 
-/** Options every client command accepts (declared once, on the program). */
-interface GlobalFlags {
-  profile?: string;
-  server?: string;
-  certFolder?: string;
-  caFile?: string;
-  protocol?: "grpc" | "connect";
-  output: OutputFormat;
-}
+/**
+ * The client commands' tree: names, flags and help. It imports only commander, so that
+ * `tessera --help` and the parsing of every command load nothing else; each action loads
+ * client-actions.ts (the SDK, the generated clients, the output helpers) when it runs.
+ */
 
-/** The exit codes a client error maps to (main.ts's EXIT table). */
-export interface ExitCodes {
-  error: number;
-  usage: number;
-  unauthenticated: number;
-  permissionDenied: number;
-  notFound: number;
-  unavailable: number;
+/**
+ * The client environment variables, spelled out here rather than imported from the SDK
+ * (whose module would load with `--help`); test/cli-lazy.test.ts checks they equal the
+ * SDK's `CLIENT_ENV`.
+ */
+export const CLIENT_ENV_NAMES = {
+  token: "TESSERA_TOKEN",
+  server: "TESSERA_SERVER",
+  certFolder: "TESSERA_CERT_FOLDER",
+  caFile: "TESSERA_CA_FILE",
+  profile: "TESSERA_PROFILE",
+  credentialsFile: "TESSERA_CREDENTIALS_FILE",
+} as const;
+const ENV = CLIENT_ENV_NAMES;
+
+/** The actions client-actions.ts implements, by name. */
+export type ActionName = keyof typeof import("./client-actions.js").actions;
+
+/** An action that loads its implementation when it runs. */
+function lazy(name: ActionName) {
+  return async (...args: unknown[]): Promise<void> => {
+    const { actions } = await import("./client-actions.js");
+    await (actions[name] as (...a: unknown[]) => Promise<void>)(...args);
+  };
 }
 
 /**
- * The exit code and message for an error a client command raised, or undefined when
- * it is not a client error. Messages carry the server's reason and request id; they
- * never carry a credential (the SDK guarantees that for its errors).
+ * Parser for an id (or a name standing for one) given as an argument or flag: an empty or
+ * blank value, or one with whitespace or control characters, is a usage error rather than
+ * "unset" (an empty `--tenant ""` once fell back to the default tenant).
  */
-export function describeClientError(
-  err: unknown,
-  exit: ExitCodes,
-): { code: number; message: string } | undefined {
-  if (err instanceof PromptError) return { code: exit.usage, message: err.message };
-  if (err instanceof ClientConfigError) return { code: exit.usage, message: err.message };
-  if (!(err instanceof TesseraClientError)) return undefined;
-  const extra = [err.reason, err.requestId ? `request id ${err.requestId}` : undefined]
-    .filter(Boolean)
-    .join(", ");
-  let message = `${err.message}${extra ? ` (${extra})` : ""}`;
-  let code = exit.error;
-  if (err instanceof AuthenticationError) {
-    code = exit.unauthenticated;
-    const sessionOver =
-      err.reason === "TOKEN_EXPIRED" || err.reason === "AUTH_REQUIRED" || err.reason === "TOKEN_REVOKED";
-    if (sessionOver && !err.message.includes("tessera login")) {
-      message += "\nhint: run `tessera login`, or set TESSERA_TOKEN";
-    }
-  } else if (err instanceof PermissionDeniedError) {
-    code = exit.permissionDenied;
-    if (err.requiredScopes.length > 0) message += `\nrequired scopes: ${err.requiredScopes.join(" ")}`;
-  } else if (err instanceof NotFoundError) code = exit.notFound;
-  else if (err instanceof UnavailableError || err.code === Code.DeadlineExceeded) {
-    code = exit.unavailable;
-    message = `server unavailable: ${message}`;
-  } else if (err instanceof InvalidArgumentError) code = exit.usage;
-  return { code, message };
+export function idValue(what: string) {
+  return (value: string): string => {
+    if (value.trim() === "") throw new CommanderArgumentError(`${what} must not be empty`);
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
+    if (/[\s\u0000-\u001f\u007f]/.test(value))
+      throw new CommanderArgumentError(`${what} "${value}" is malformed: no spaces or control characters`);
+    return value;
+  };
+}
+
+/** A non-empty text value (a name, a username). */
+function textValue(what: string) {
+  return (value: string): string => {
+    if (value.trim() === "") throw new CommanderArgumentError(`${what} must not be empty`);
+    return value;
+  };
+}
+
+/** Repeatable flags collect their values. */
+function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
 }
 
 const HELP_AFTER = `
 Client commands find the server and credentials in this order: the options above, then
-the environment (${CLIENT_ENV.server}=host:port, ${CLIENT_ENV.token}, ${CLIENT_ENV.certFolder}, ${CLIENT_ENV.caFile}),
-then the profile (--profile or ${CLIENT_ENV.profile}, default "default") of ~/.tessera/credentials,
+the environment (${ENV.server}=host:port, ${ENV.token}, ${ENV.certFolder}, ${ENV.caFile}),
+then the profile (--profile or ${ENV.profile}, default "default") of ~/.tessera/credentials,
 which \`tessera login\` writes with mode 0600 and which is refused if group or others can read it.
 Secrets (created tokens, machine-user passwords) are printed once, to stdout only.`;
 
-/** Register login, logout, whoami, token, api-key, machine-user, tenant and app on the program. */
+/** Register login, logout, whoami, user, token, api-key, machine-user, tenant and app on the program. */
 export function registerClientCommands(program: Command): void {
   program
-    .option("--profile <name>", `credentials profile (env: ${CLIENT_ENV.profile}; default "default")`)
-    .option("--server <host:port>", `server address (env: ${CLIENT_ENV.server}; default localhost:50052)`)
+    .option("--profile <name>", `credentials profile (env: ${ENV.profile}; default "default")`)
+    .option("--server <host:port>", `server address (env: ${ENV.server}; default localhost:50052)`)
     .option(
       "--cert-folder <dir>",
-      `folder with ca.crt, and client.crt + client.key for mTLS (env: ${CLIENT_ENV.certFolder})`,
+      `folder with ca.crt, and client.crt + client.key for mTLS (env: ${ENV.certFolder})`,
     )
-    .option(
-      "--ca-file <file>",
-      `CA bundle to verify the server (env: ${CLIENT_ENV.caFile}; default: system roots)`,
-    )
+    .option("--ca-file <file>", `CA bundle to verify the server (env: ${ENV.caFile}; default: system roots)`)
     .addOption(
       new Option("--protocol <protocol>", "wire protocol of client commands")
         .choices(["grpc", "connect"])
@@ -128,148 +90,11 @@ export function registerClientCommands(program: Command): void {
     .addHelpText("after", HELP_AFTER);
 
   registerSessionCommands(program);
+  registerUserCommands(program);
   registerTokenCommands(program, "token");
   registerTokenCommands(program, "api-key");
   registerMachineUserCommands(program);
   registerTenantCommands(program);
-  registerAuditCommands(program);
-}
-
-// ---------------------------------------------------------------------------------
-// Plumbing
-
-function globals(cmd: Command): GlobalFlags {
-  return cmd.optsWithGlobals() as GlobalFlags;
-}
-
-export interface ClientRun {
-  api: UserAPI;
-  out: Output;
-  resolved: ResolvedClientOptions;
-}
-
-/**
- * Run `fn` with a client built from the flags, the environment and the profile. A
- * session from the profile renews itself and the renewed pair is written back.
- */
-export async function withClient(
-  cmd: Command,
-  fn: (run: ClientRun) => Promise<void>,
-  opts: { requireCredential?: boolean; override?: Partial<UserAPIOptions> } = {},
-): Promise<void> {
-  const flags = globals(cmd);
-  const resolved = resolveClientOptions(connectionFlags(flags));
-  const options: UserAPIOptions = { ...resolved.options, ...opts.override };
-  if (resolved.tokenSource === "profile" && options.refreshToken && !opts.override) {
-    options.autoRefresh = true;
-    options.onTokens = (pair: TokenPair) => persistPair(resolved, pair);
-  }
-  if ((opts.requireCredential ?? true) && !options.token && !options.basicAuth) {
-    throw new AuthenticationError(
-      `not logged in (profile "${resolved.profile}"): run \`tessera login\` or set ${CLIENT_ENV.token}`,
-      { code: Code.Unauthenticated, reason: "AUTH_REQUIRED" },
-    );
-  }
-  const api = new UserAPI(options);
-  try {
-    await fn({ api, out: new Output(flags.output), resolved });
-  } finally {
-    api.close();
-  }
-}
-
-/** The connection-related global flags as SDK options. */
-function connectionFlags(g: GlobalFlags) {
-  return {
-    profile: g.profile,
-    server: g.server,
-    certFolder: g.certFolder,
-    caFile: g.caFile,
-    protocol: g.protocol,
-  };
-}
-
-/** Resolution for login/logout: the profile is read (and may be absent); no token is used. */
-function sessionConnection(g: GlobalFlags) {
-  const resolved = resolveClientOptions(connectionFlags(g), {
-    allowMissingProfile: true,
-    alwaysReadProfile: true,
-  });
-  const { token: _t, refreshToken: _r, ...connection } = resolved.options;
-  return { resolved, connection };
-}
-
-/** Write a renewed session back to the profile it came from. */
-function persistPair(resolved: ResolvedClientOptions, pair: TokenPair): void {
-  const current = readProfile(resolved.profile, resolved.credentialsFile) ?? {};
-  writeProfile(
-    resolved.profile,
-    { ...current, token: pair.accessToken, refresh_token: pair.refreshToken },
-    resolved.credentialsFile,
-  );
-}
-
-/** Comma- or space-separated scopes, possibly given several times. */
-function scopeList(values: string[] | undefined): string[] {
-  return (values ?? []).flatMap((v) => v.split(/[\s,]+/)).filter((s) => s.length > 0);
-}
-
-const collect = (value: string, previous: string[] = []) => [...previous, value];
-
-const DURATION_RE = /^(\d+)\s*(s|m|h|d|w)?$/;
-const UNIT_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 };
-
-/** Parse "90", "90s", "15m", "12h", "30d", "2w" into seconds. */
-export function parseDuration(value: string): number {
-  const m = DURATION_RE.exec(value.trim());
-  if (!m) throw new ClientConfigError(`invalid duration "${value}": use e.g. 3600, 90m, 12h, 30d`);
-  const seconds = Number(m[1]) * UNIT_SECONDS[m[2] ?? "s"]!;
-  if (seconds <= 0) throw new ClientConfigError(`invalid duration "${value}": must be positive`);
-  return seconds;
-}
-
-function expiryFrom(flags: { expiresIn?: string; expiresAt?: string }): Date | undefined {
-  if (flags.expiresIn && flags.expiresAt)
-    throw new ClientConfigError("give either --expires-in or --expires-at, not both");
-  if (flags.expiresIn) return new Date(Date.now() + parseDuration(flags.expiresIn) * 1000);
-  if (flags.expiresAt) {
-    const d = new Date(flags.expiresAt);
-    if (Number.isNaN(d.getTime()))
-      throw new ClientConfigError(`invalid --expires-at "${flags.expiresAt}": use an ISO 8601 date`);
-    return d;
-  }
-  return undefined;
-}
-
-/** Fetch every page of a paginated list. */
-async function allPages<T>(
-  fetch: (pageToken: string) => Promise<{ items: T[]; next: string }>,
-): Promise<T[]> {
-  const items: T[] = [];
-  let pageToken = "";
-  for (let i = 0; i < 10_000; i++) {
-    const page = await fetch(pageToken);
-    items.push(...page.items);
-    if (!page.next) break;
-    pageToken = page.next;
-  }
-  return items;
-}
-
-/** A password from stdin (`--password-stdin`) or a prompt without echo. */
-async function readPassword(flags: { passwordStdin?: boolean }, question = "Password: "): Promise<string> {
-  return flags.passwordStdin ? readSecretFromStdin() : promptHidden(question);
-}
-
-/** Print a secret once, to stdout, with a reminder on stderr. */
-function showSecret(
-  out: Output,
-  json: Record<string, unknown>,
-  fields: [string, string][],
-  what: string,
-): void {
-  out.record(json, fields);
-  if (!out.json) out.note(`Store the ${what} now: it is shown only once.`);
 }
 
 // ---------------------------------------------------------------------------------
@@ -279,138 +104,91 @@ function registerSessionCommands(program: Command): void {
   program
     .command("login")
     .description("log in with a username and password and store the session in the credentials profile")
-    .requiredOption("-u, --username <username>", "username")
+    .requiredOption("-u, --username <username>", "username", textValue("--username"))
     .option(
       "--tenant <tenant>",
       "the user's tenant (name or id); needed for users outside the default tenant",
+      idValue("--tenant"),
     )
     .option("--password-stdin", "read the password from stdin instead of prompting")
-    .action(async (flags: { username: string; tenant?: string; passwordStdin?: boolean }, cmd: Command) => {
-      const g = globals(cmd);
-      const { resolved, connection } = sessionConnection(g);
-      // Configuration problems (a bad cert folder) surface before the password is asked for.
-      const api = new UserAPI(connection);
-      try {
-        const password = await readPassword(flags);
-        const result = await api.login(
-          flags.username,
-          password,
-          flags.tenant !== undefined ? { tenant: flags.tenant } : {},
-        );
-        const server = `${api.host.includes(":") ? `[${api.host}]` : api.host}:${api.port}`;
-        const previous: Profile = resolved.profileData ?? {};
-        const profile: Profile = {
-          ...previous,
-          server,
-          token: result.accessToken,
-          refresh_token: result.refreshToken,
-        };
-        const certFolder = g.certFolder ?? process.env[CLIENT_ENV.certFolder];
-        const caFile = g.caFile ?? process.env[CLIENT_ENV.caFile];
-        if (certFolder) profile.cert_folder = resolve(certFolder);
-        if (caFile) profile.ca_file = resolve(caFile);
-        writeProfile(resolved.profile, profile, resolved.credentialsFile);
-        new Output(g.output).message(
-          {
-            profile: resolved.profile,
-            server,
-            credentialsFile: resolved.credentialsFile,
-            user: result.user,
-            accessTokenExpiresAt: result.accessTokenExpiresAt?.toISOString(),
-            refreshTokenExpiresAt: result.refreshTokenExpiresAt?.toISOString(),
-          },
-          `Logged in to ${server} as ${result.user.username} (profile "${resolved.profile}", saved in ${resolved.credentialsFile}).`,
-        );
-      } finally {
-        api.close();
-      }
-    });
+    .action(lazy("login"));
 
   program
     .command("logout")
     .description("end the profile's session on the server and remove its tokens from the profile")
-    .action(async (_flags: unknown, cmd: Command) => {
-      const g = globals(cmd);
-      const { resolved, connection } = sessionConnection(g);
-      const out = new Output(g.output);
-      const profile = resolved.profileData;
-      if (!profile?.token && !profile?.refresh_token) {
-        out.message(
-          { profile: resolved.profile, loggedOut: false },
-          `Not logged in (profile "${resolved.profile}").`,
-        );
-        return;
-      }
-      let serverRevoked = false;
-      if (profile.refresh_token) {
-        const api = new UserAPI(connection);
-        try {
-          await api.logout(profile.refresh_token);
-          serverRevoked = true;
-        } catch (err) {
-          // The local tokens go regardless; say that the server session may live on.
-          out.note(`warning: the server did not end the session: ${(err as Error).message}`);
-        } finally {
-          api.close();
-        }
-      }
-      const { token: _t, refresh_token: _r, ...rest } = profile;
-      writeProfile(resolved.profile, rest, resolved.credentialsFile);
-      out.message(
-        { profile: resolved.profile, loggedOut: true, serverSessionEnded: serverRevoked },
-        `Logged out (profile "${resolved.profile}").`,
-      );
-    });
+    .action(lazy("logout"));
 
   program
     .command("whoami")
-    .description("show who the current credentials belong to and their permissions")
-    .action(async (_flags: unknown, cmd: Command) => {
-      await withClient(cmd, async ({ api, out, resolved }) => {
-        const user = await api.getUser();
-        const cert = user.clientCertificate;
-        out.record(
-          {
-            id: user.id,
-            username: user.username,
-            tenantId: user.tenantId,
-            permissions: user.permissions,
-            createdAt: user.createdAt?.toISOString(),
-            clientCertificate: cert,
-            server: `${api.host}:${api.port}`,
-            profile: resolved.tokenSource === "profile" ? resolved.profile : undefined,
-          },
-          [
-            ["username", user.username],
-            ["id", user.id],
-            ["tenant", user.tenantId],
-            ["permissions", user.permissions.join(" ") || "(none)"],
-            ["server", `${api.host}:${api.port}`],
-            ...(cert
-              ? ([["certificate", `${cert.commonName || "(no CN)"} sha256:${cert.sha256Fingerprint}`]] as [
-                  string,
-                  string,
-                ][])
-              : []),
-          ],
-        );
-      });
-    });
+    .description(
+      "show who the current credentials belong to and their permissions (any token: a session, a personal access token, an API key, the admin token)",
+    )
+    .action(lazy("whoami"));
+}
+
+// ---------------------------------------------------------------------------------
+// user
+
+function registerUserCommands(program: Command): void {
+  const user = program
+    .command("user")
+    .description("users of a tenant (needs admin:users; you manage only users whose scopes you hold)");
+
+  user
+    .command("create")
+    .description("create a user holding at most your scopes (password prompted or --password-stdin)")
+    .argument("<username>", "username, unique within the tenant", textValue("username"))
+    .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: none)", collect)
+    .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
+    .option("--password-stdin", "read the password from stdin instead of prompting")
+    .action(lazy("userCreate"));
+
+  user.command("list").description("list the users of your tenant").action(lazy("userList"));
+
+  user
+    .command("get")
+    .description("show a user")
+    .argument("<id>", "user id", idValue("user id"))
+    .action(lazy("userGet"));
+
+  user
+    .command("update")
+    .description("change a user's scopes")
+    .argument("<id>", "user id", idValue("user id"))
+    .option("-s, --scopes <scopes>", "the new scopes, comma-separated (repeatable)", collect)
+    .option("--no-scopes", "remove every scope")
+    .option("--revoke-tokens", "also revoke the user's tokens and sessions")
+    .action(lazy("userUpdate"));
+
+  for (const verb of ["disable", "enable"] as const) {
+    user
+      .command(verb)
+      .description(
+        verb === "disable"
+          ? "disable a user: its sessions, tokens and logins are refused"
+          : "re-enable a disabled user",
+      )
+      .argument("<id>", "user id", idValue("user id"))
+      .action(lazy("userSetDisabled"));
+  }
+
+  user
+    .command("delete")
+    .description("delete a user with its sessions and tokens")
+    .argument("<id>", "user id", idValue("user id"))
+    .action(lazy("userDelete"));
+
+  user
+    .command("reset-password")
+    .description("set a user's password (prompted or --password-stdin); ends the user's sessions")
+    .argument("<id>", "user id", idValue("user id"))
+    .option("--password-stdin", "read the new password from stdin instead of prompting")
+    .option("--revoke-tokens", "also revoke the user's personal access tokens and API keys")
+    .action(lazy("userResetPassword"));
 }
 
 // ---------------------------------------------------------------------------------
 // token / api-key
-
-function tokenRow(t: TokenMetadata): string[] {
-  const status = t.revoked
-    ? "revoked"
-    : t.expiresAt && t.expiresAt.seconds * 1000n < BigInt(Date.now())
-      ? "expired"
-      : "active";
-  return [t.id, t.name, t.hint, t.scopes.join(" ") || "-", when(t.expiresAt), when(t.lastUsedAt), status];
-}
-
-const TOKEN_HEADERS = ["ID", "NAME", "HINT", "SCOPES", "EXPIRES", "LAST USED", "STATUS"];
 
 function registerTokenCommands(program: Command, kind: "token" | "api-key"): void {
   const pat = kind === "token";
@@ -422,135 +200,29 @@ function registerTokenCommands(program: Command, kind: "token" | "api-key"): voi
   group
     .command("create")
     .description(`create a ${noun} acting as you; it is printed once`)
-    .requiredOption("-n, --name <name>", `name of the ${noun}, e.g. "CI"`)
+    .requiredOption("-n, --name <name>", `name of the ${noun}, e.g. "CI"`, textValue("--name"))
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: all of yours)", collect)
     .option("--expires-in <duration>", "lifetime, e.g. 30d, 12h (default: no expiry)")
     .option("--expires-at <date>", "expiry as an ISO 8601 date")
-    .action(
-      async (
-        flags: { name: string; scopes?: string[]; expiresIn?: string; expiresAt?: string },
-        cmd: Command,
-      ) => {
-        const expires = expiryFrom(flags);
-        await withClient(cmd, async ({ api, out }) => {
-          const req = {
-            name: flags.name,
-            scopes: scopeList(flags.scopes),
-            ...(expires ? { expiresAt: timestampFromDate(expires) } : {}),
-          };
-          if (pat) {
-            const res = await api.tokens.createPersonalAccessToken(req);
-            const json = messageJson(CreatePersonalAccessTokenResponseSchema, res);
-            showSecret(
-              out,
-              json,
-              [
-                ["id", res.id],
-                ["name", res.name],
-                ["scopes", res.scopes.join(" ")],
-                ["expires", when(res.expiresAt)],
-                ["token", res.token],
-              ],
-              "token",
-            );
-          } else {
-            const res = await api.tokens.createApiKey(req);
-            const { key: _key, ...rest } = messageJson(CreateApiKeyResponseSchema, res);
-            showSecret(
-              out,
-              { ...rest, token: res.key },
-              [
-                ["id", res.id],
-                ["name", res.name],
-                ["scopes", res.scopes.join(" ")],
-                ["expires", when(res.expiresAt)],
-                ["token", res.key],
-              ],
-              "API key",
-            );
-          }
-        });
-      },
-    );
+    .action(lazy("tokenCreate"));
 
   group
     .command("list")
     .description(`list ${noun}s (yours by default; never their secrets)`)
-    .option("--user <id>", "another user's (needs admin:tokens)")
+    .option("--user <id>", "another user's (needs admin:tokens)", idValue("--user"))
     .option("--all-users", "every user's in your tenant (needs admin:tokens)")
     .option("--include-revoked", "include revoked ones")
-    .action(async (flags: { user?: string; allUsers?: boolean; includeRevoked?: boolean }, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const base = {
-          userId: flags.user ?? "",
-          allUsers: flags.allUsers ?? false,
-          includeRevoked: flags.includeRevoked ?? false,
-          pageSize: 200,
-        };
-        const items = await allPages(async (pageToken) => {
-          if (pat) {
-            const res = await api.tokens.listPersonalAccessTokens({ ...base, pageToken });
-            return { items: res.tokens, next: res.nextPageToken };
-          }
-          const res = await api.tokens.listApiKeys({ ...base, pageToken });
-          return { items: res.apiKeys, next: res.nextPageToken };
-        });
-        const json = items.map((t) => messageJson(TokenMetadataSchema, t));
-        out.list(pat ? { tokens: json } : { apiKeys: json }, TOKEN_HEADERS, items.map(tokenRow));
-      });
-    });
+    .action(lazy("tokenList"));
 
   group
-    .command("revoke <id>")
+    .command("revoke")
     .description(`revoke a ${noun}; it is refused from the next request on`)
-    .action(async (id: string, _flags: unknown, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const meta = pat
-          ? (await api.tokens.revokePersonalAccessToken({ id })).token
-          : (await api.tokens.revokeApiKey({ id })).apiKey;
-        out.message(
-          meta ? messageJson(TokenMetadataSchema, meta) : { id, revoked: true },
-          `Revoked ${noun} ${id}${meta ? ` (${meta.name})` : ""}.`,
-        );
-      });
-    });
+    .argument("<id>", `${noun} id`, idValue(`${noun} id`))
+    .action(lazy("tokenRevoke"));
 }
 
 // ---------------------------------------------------------------------------------
 // machine-user
-
-const AUTH_TYPES: Record<string, MachineAuthType> = {
-  bearer: MachineAuthType.BEARER,
-  basic: MachineAuthType.BASIC,
-};
-
-function machineRow(m: MachineUser): string[] {
-  const auth = m.authType === MachineAuthType.BASIC ? `basic ${m.username}` : `bearer ${m.tokenHint}`;
-  return [
-    m.id,
-    m.name,
-    auth,
-    m.scopes.join(" ") || "-",
-    m.applicationIds.length ? m.applicationIds.join(" ") : "-",
-    m.disabled ? "disabled" : "active",
-  ];
-}
-
-function machineSecretFields(
-  m: MachineUser | undefined,
-  res: { token: string; username: string; password: string },
-): [string, string][] {
-  const fields: [string, string][] = m
-    ? [
-        ["id", m.id],
-        ["name", m.name],
-      ]
-    : [];
-  if (res.token) fields.push(["token", res.token]);
-  if (res.username) fields.push(["username", res.username]);
-  if (res.password) fields.push(["password", res.password]);
-  return fields;
-}
 
 function registerMachineUserCommands(program: Command): void {
   const group = program.command("machine-user").description("machine users: service-to-service principals");
@@ -558,155 +230,63 @@ function registerMachineUserCommands(program: Command): void {
   group
     .command("create")
     .description("create a machine user; its credentials are printed once")
-    .requiredOption("-n, --name <name>", "name, unique within the tenant")
+    .requiredOption("-n, --name <name>", "name, unique within the tenant", textValue("--name"))
     .addOption(
       new Option("--auth-type <type>", "how it authenticates").choices(["bearer", "basic"]).default("bearer"),
     )
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable); you must hold each", collect)
-    .option("--app <id>", "application it may register backends for (repeatable)", collect)
-    .option("--tenant <id>", "tenant (default: yours; another needs *)")
-    .action(
-      async (
-        flags: { name: string; authType: string; scopes?: string[]; app?: string[]; tenant?: string },
-        cmd: Command,
-      ) => {
-        await withClient(cmd, async ({ api, out }) => {
-          const res = await api.machineUsers.createMachineUser({
-            name: flags.name,
-            authType: AUTH_TYPES[flags.authType]!,
-            scopes: scopeList(flags.scopes),
-            applicationIds: flags.app ?? [],
-            ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-          });
-          showSecret(
-            out,
-            messageJson(CreateMachineUserResponseSchema, res),
-            machineSecretFields(res.machineUser, res),
-            "credentials",
-          );
-        });
-      },
-    );
+    .option(
+      "--app <id>",
+      "application it may register backends for (repeatable)",
+      (v: string, p?: string[]) => collect(idValue("--app")(v), p),
+    )
+    .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
+    .action(lazy("machineUserCreate"));
 
   group
     .command("list")
     .description("list machine users")
-    .option("--tenant <id>", "only this tenant's")
-    .action(async (flags: { tenant?: string }, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const items = await allPages(async (pageToken) => {
-          const res = await api.machineUsers.listMachineUsers({
-            pageSize: 200,
-            pageToken,
-            ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-          });
-          return { items: res.machineUsers, next: res.nextPageToken };
-        });
-        out.list(
-          { machineUsers: items.map((m) => messageJson(MachineUserSchema, m)) },
-          ["ID", "NAME", "AUTH", "SCOPES", "APPLICATIONS", "STATUS"],
-          items.map(machineRow),
-        );
-      });
-    });
+    .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
+    .action(lazy("machineUserList"));
 
   group
-    .command("rotate <id>")
+    .command("rotate")
     .description("issue new credentials (printed once); the old ones stop now or after --grace-period")
+    .argument("<id>", "machine user id", idValue("machine user id"))
     .option("--grace-period <duration>", "how long the old credentials keep working, e.g. 1h (max 30d)")
-    .action(async (id: string, flags: { gracePeriod?: string }, cmd: Command) => {
-      const grace = flags.gracePeriod ? parseDuration(flags.gracePeriod) : undefined;
-      await withClient(cmd, async ({ api, out }) => {
-        const res = await api.machineUsers.rotateMachineUserCredentials({
-          id,
-          ...(grace !== undefined ? { gracePeriodSeconds: grace } : {}),
-        });
-        const fields = machineSecretFields(res.machineUser, res);
-        fields.push(["old credentials stop", when(res.previousCredentialsExpireAt)]);
-        showSecret(
-          out,
-          messageJson(RotateMachineUserCredentialsResponseSchema, res),
-          fields,
-          "new credentials",
-        );
-      });
-    });
+    .action(lazy("machineUserRotate"));
 
   group
-    .command("delete <id>")
+    .command("delete")
     .description("delete a machine user with its credentials, certificate bindings and backends")
-    .action(async (id: string, _flags: unknown, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        await api.machineUsers.deleteMachineUser({ id });
-        out.message({ id, deleted: true }, `Deleted machine user ${id}.`);
-      });
-    });
+    .argument("<id>", "machine user id", idValue("machine user id"))
+    .action(lazy("machineUserDelete"));
 
   group
-    .command("bind-cert <id>")
+    .command("bind-cert")
     .description("let a client certificate alone (mTLS, no header) authenticate as this machine user")
+    .argument("<id>", "machine user id", idValue("machine user id"))
     .option("--fingerprint <sha256>", "SHA-256 fingerprint of the certificate (hex; colons and case ignored)")
     .option(
       "--san-uri <uri>",
       "a URI SAN every certificate of the machine user carries, e.g. spiffe://example.org/backend",
     )
-    .action(async (id: string, flags: { fingerprint?: string; sanUri?: string }, cmd: Command) => {
-      if (Boolean(flags.fingerprint) === Boolean(flags.sanUri))
-        throw new ClientConfigError("give exactly one of --fingerprint or --san-uri");
-      await withClient(cmd, async ({ api, out }) => {
-        const identity = flags.fingerprint
-          ? ({ case: "sha256Fingerprint", value: flags.fingerprint } as const)
-          : ({ case: "sanUri", value: flags.sanUri! } as const);
-        const res = await api.machineUsers.bindCertificate({ machineUserId: id, identity });
-        const b = res.binding!;
-        out.record(messageJson(CertificateBindingSchema, b), [
-          ["binding", b.id],
-          [b.sha256Fingerprint ? "fingerprint" : "san uri", b.sha256Fingerprint || b.sanUri],
-        ]);
-      });
-    });
+    .action(lazy("machineUserBindCert"));
 
   group
     .command("check")
     .description(
-      `check machine credentials (CheckAuthentication): a token from --token-stdin or ${CLIENT_ENV.token}, ` +
+      `check machine credentials (CheckAuthentication): a token from --token-stdin or ${ENV.token}, ` +
         "Basic with --username, or the client certificate of --cert-folder alone",
     )
     .option("--token-stdin", "read the machine token from stdin")
     .option(
       "-u, --username <username>",
       "Basic credentials: the machine user's username (password prompted or --password-stdin)",
+      textValue("--username"),
     )
     .option("--password-stdin", "read the Basic password from stdin")
-    .action(
-      async (flags: { tokenStdin?: boolean; username?: string; passwordStdin?: boolean }, cmd: Command) => {
-        if (flags.tokenStdin && flags.username)
-          throw new ClientConfigError("give either --token-stdin or --username, not both");
-        // A profile's token belongs to a user, not a machine: only an explicit credential counts.
-        const override: Partial<UserAPIOptions> = {
-          token: undefined,
-          refreshToken: undefined,
-          basicAuth: undefined,
-        };
-        if (flags.tokenStdin) override.token = await readSecretFromStdin();
-        else if (flags.username)
-          override.basicAuth = { username: flags.username, password: await readPassword(flags) };
-        else override.token = process.env[CLIENT_ENV.token] || undefined;
-        await withClient(
-          cmd,
-          async ({ api, out }) => {
-            const res = await api.machineUsers.checkAuthentication({});
-            out.record(messageJson(CheckAuthenticationResponseSchema, res), [
-              ["authenticated", String(res.authenticated)],
-              ["machine user", res.machineUserId],
-              ["tenant", res.tenantId],
-              ["message", res.message],
-            ]);
-          },
-          { requireCredential: false, override },
-        );
-      },
-    );
+    .action(lazy("machineUserCheck"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -714,97 +294,39 @@ function registerMachineUserCommands(program: Command): void {
 
 function registerTenantCommands(program: Command): void {
   const tenant = program.command("tenant").description("tenants (needs admin:tenants)");
-  const tenantRow = (t: Tenant) => [t.id, t.name, t.disabled ? "disabled" : "active", when(t.createdAt)];
 
   tenant
-    .command("create <name>")
+    .command("create")
     .description("create a tenant (needs *)")
-    .action(async (name: string, _flags: unknown, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const t = (await api.tenants.createTenant({ name })).tenant!;
-        out.record(messageJson(TenantSchema, t), [
-          ["id", t.id],
-          ["name", t.name],
-        ]);
-      });
-    });
+    .argument("<name>", "tenant name", textValue("tenant name"))
+    .action(lazy("tenantCreate"));
 
-  tenant
-    .command("list")
-    .description("list the tenants you can see")
-    .action(async (_flags: unknown, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const items = await allPages(async (pageToken) => {
-          const res = await api.tenants.listTenants({ pageSize: 200, pageToken });
-          return { items: res.tenants, next: res.nextPageToken };
-        });
-        out.list(
-          { tenants: items.map((t) => messageJson(TenantSchema, t)) },
-          ["ID", "NAME", "STATUS", "CREATED"],
-          items.map(tenantRow),
-        );
-      });
-    });
+  tenant.command("list").description("list the tenants you can see").action(lazy("tenantList"));
 
-  for (const [verb, disabled] of [
-    ["disable", true],
-    ["enable", false],
-  ] as const) {
+  for (const verb of ["disable", "enable"] as const) {
     tenant
-      .command(`${verb} <id>`)
+      .command(verb)
       .description(
-        disabled ? "disable a tenant: its users, machine users and tokens are refused" : "re-enable a tenant",
+        verb === "disable"
+          ? "disable a tenant: its users, machine users and tokens are refused"
+          : "re-enable a tenant",
       )
-      .action(async (id: string, _flags: unknown, cmd: Command) => {
-        await withClient(cmd, async ({ api, out }) => {
-          const t = (await api.tenants.updateTenant({ id, disabled })).tenant!;
-          out.message(
-            messageJson(TenantSchema, t),
-            `Tenant ${t.name} (${t.id}) is ${t.disabled ? "disabled" : "enabled"}.`,
-          );
-        });
-      });
+      .argument("<id>", "tenant id", idValue("tenant id"))
+      .action(lazy("tenantSetDisabled"));
   }
 
   const app = program.command("app").description("applications within a tenant (needs admin:tenants)");
-  const appRow = (a: Application) => [a.id, a.name, a.tenantId, when(a.createdAt)];
 
   app
-    .command("create <name>")
+    .command("create")
     .description("create an application")
-    .option("--tenant <id>", "tenant (default: yours)")
-    .action(async (name: string, flags: { tenant?: string }, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const a = (
-          await api.tenants.createApplication({ name, ...(flags.tenant ? { tenantId: flags.tenant } : {}) })
-        ).application!;
-        out.record(messageJson(ApplicationSchema, a), [
-          ["id", a.id],
-          ["name", a.name],
-          ["tenant", a.tenantId],
-        ]);
-      });
-    });
+    .argument("<name>", "application name", textValue("application name"))
+    .option("--tenant <id>", "tenant (default: yours)", idValue("--tenant"))
+    .action(lazy("appCreate"));
 
   app
     .command("list")
     .description("list applications")
-    .option("--tenant <id>", "only this tenant's")
-    .action(async (flags: { tenant?: string }, cmd: Command) => {
-      await withClient(cmd, async ({ api, out }) => {
-        const items = await allPages(async (pageToken) => {
-          const res = await api.tenants.listApplications({
-            pageSize: 200,
-            pageToken,
-            ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-          });
-          return { items: res.applications, next: res.nextPageToken };
-        });
-        out.list(
-          { applications: items.map((a) => messageJson(ApplicationSchema, a)) },
-          ["ID", "NAME", "TENANT", "CREATED"],
-          items.map(appRow),
-        );
-      });
-    });
+    .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
+    .action(lazy("appList"));
 }

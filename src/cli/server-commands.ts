@@ -1,7 +1,8 @@
-import { resolve } from "node:path";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
 import type { Command } from "commander";
-import { type ConfigInput, loadConfig, parseListen } from "../config.js";
-import { checkCanListen } from "../listen-check.js";
+import type { ConfigInput } from "../config.js";
+import { UsageError } from "./exit-codes.js";
 
 /**
  * The server's modules, loaded when a server command runs rather than with the CLI (the
@@ -47,7 +48,9 @@ interface ServerFlags {
   insecurePlaintext?: boolean;
 }
 
-function configFrom(flags: ServerFlags) {
+/** The configuration the flags give, loaded with config.ts (zod, yaml) only when a server command runs. */
+async function configFrom(flags: ServerFlags) {
+  const { loadConfig } = await import("../config.js");
   const overrides: ConfigInput = { server: {}, database: {} };
   if (flags.host) overrides.server!.host = flags.host;
   if (flags.port) overrides.server!.port = Number.parseInt(flags.port, 10);
@@ -81,13 +84,15 @@ export function registerServerCommands(program: Command): void {
       .option("--mtls <mode>", "off | optional | require (env: TESSERA_MTLS)")
       .option("--insecure-plaintext", "serve without TLS (development only)"),
   ).action(async (flags: ServerFlags) => {
-    const config = configFrom(flags);
+    const config = await configFrom(flags);
     // Cheapest and least harmful failure first: the port, then the TLS files present, then
     // the database (reached and migrated), and only then anything created: development
     // certificates, then the admin. A start that cannot serve fails before it creates
     // anything (an admin whose generated password nobody would see served).
+    const { checkCanListen } = await import("../listen-check.js");
     await checkCanListen(config.server);
     // The metrics address too ("off" or "" is none): it is part of what this start serves.
+    const { parseListen } = await import("../config.js");
     const metricsAt = parseListen(config.metrics.listen);
     if (metricsAt) await checkCanListen(metricsAt);
     const { createApp, createLogger, createAccessLogger, startServer, preflight, startMetricsServer } =
@@ -124,10 +129,10 @@ export function registerServerCommands(program: Command): void {
     process.on("SIGHUP", () => {
       // The log level from the configuration as it reads now (file and environment, under
       // the same flags); a configuration that no longer loads keeps the running one.
-      try {
-        const level = configFrom(flags).log.level;
-        const from = logger.level;
-        if (level !== from) {
+      configFrom(flags).then(
+        ({ log: { level } }) => {
+          const from = logger.level;
+          if (level === from) return;
           // Said at info under whichever of the two levels is the more verbose, so that the
           // change shows unless both hide info.
           const louder = logger.levels.values[level]! < logger.levels.values[from]!;
@@ -137,10 +142,10 @@ export function registerServerCommands(program: Command): void {
           // The access lines are written at info or debug (log.access) through their own
           // buffered logger: under the same level, or a quieter level would not quiet them.
           if (accessLogger) accessLogger.level = level;
-        }
-      } catch (err) {
-        logger.error({ err: (err as Error).message }, "configuration reload failed; keeping the log level");
-      }
+        },
+        (err: unknown) =>
+          logger.error({ err: (err as Error).message }, "configuration reload failed; keeping the log level"),
+      );
       server.reloadTls().then(
         () => logger.info("TLS material reloaded"),
         (err: Error) =>
@@ -184,7 +189,7 @@ export function registerServerCommands(program: Command): void {
   withServerFlags(
     program.command("migrate").description("apply pending database migrations and exit"),
   ).action(async (flags: ServerFlags) => {
-    const config = configFrom(flags);
+    const config = await configFrom(flags);
     const { initORM } = await serverModules();
     const storage = await initORM({ url: config.database.url, migrate: false });
     try {
@@ -202,7 +207,7 @@ export function registerServerCommands(program: Command): void {
         "migrate and create the bootstrap admin (password from TESSERA_ADMIN_PASSWORD or generated)",
       ),
   ).action(async (flags: ServerFlags) => {
-    const config = configFrom(flags);
+    const config = await configFrom(flags);
     const { ensureAdmin, initORM } = await serverModules();
     const storage = await initORM({ url: config.database.url, migrate: true });
     try {
@@ -244,18 +249,29 @@ export function registerServerCommands(program: Command): void {
     .option("--cert-dir <dir>", "folder holding ca.crt and ca.key (env: TESSERA_CERT_DIR)")
     .option("-o, --out <dir>", "output folder (default: ./<name>)")
     .option("--san-uri <uri>", "URI subject alternative name, e.g. spiffe://tenant/app")
-    .action(async (name: string, flags: { certDir?: string; out?: string; sanUri?: string }) => {
-      const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
-      const out = resolve(flags.out ?? name);
-      const { createClientCertificate } = await import("../certs/dev-ca.js");
-      const result = await createClientCertificate(
-        dir,
-        name,
-        out,
-        flags.sanUri ? { sanUri: flags.sanUri } : {},
-      );
-      showOnce(
-        `wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`,
-      );
-    });
+    .option("--force", "replace an existing client.key / client.crt in the output folder")
+    .action(
+      async (name: string, flags: { certDir?: string; out?: string; sanUri?: string; force?: boolean }) => {
+        const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
+        const out = resolve(flags.out ?? name);
+        // A key that exists may be the one a running client uses: replacing it is a choice,
+        // never a side effect. (Checked before minting; a concurrent writer in the same
+        // folder is outside what a development tool guards against.)
+        const existing = ["client.key", "client.crt"].filter((f) => existsSync(join(out, f)));
+        if (existing.length > 0 && !flags.force)
+          throw new UsageError(
+            `${existing.map((f) => join(out, f)).join(" and ")} already exist${existing.length === 1 ? "s" : ""}: give --force to replace, or --out another folder`,
+          );
+        const { createClientCertificate } = await import("../certs/dev-ca.js");
+        const result = await createClientCertificate(
+          dir,
+          name,
+          out,
+          flags.sanUri ? { sanUri: flags.sanUri } : {},
+        );
+        showOnce(
+          `wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`,
+        );
+      },
+    );
 }

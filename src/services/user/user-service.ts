@@ -167,6 +167,15 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
 
     async getCurrentUser(_req, ctx) {
       const principal = principalOf(ctx);
+      if (principal.kind === "admin") {
+        // The static admin token has no user row: it answers as itself, spanning tenants.
+        return {
+          id: principal.id,
+          username: principal.username ?? principal.id,
+          tenantId: principal.tenantId ?? "",
+          permissions: [...principal.scopes],
+        };
+      }
       // The row authentication read for this very request when it has one (JWT, Basic).
       const read = requestState(ctx.values).user;
       const row =

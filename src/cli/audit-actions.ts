@@ -1,0 +1,75 @@
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Command } from "commander";
+import { type AuditEvent, AuditEventSchema } from "../../gen/tessera/v1/audit_service_pb.js";
+import { ClientConfigError } from "../sdk/errors.js";
+import type { AuditListFlags } from "./audit-commands.js";
+import { parseDuration, withClient } from "./client-actions.js";
+import { messageJson, when } from "./output.js";
+
+// What `tessera audit list` runs, loaded only when it runs (see audit-commands.ts).
+
+/** "2026-12-04T10:00:00Z" as that instant; "90m", "12h", "7d" as that long ago. */
+export function parseInstant(value: string, flag: string, now = Date.now()): Date {
+  if (/^\d+\s*[smhdw]?$/.test(value.trim())) return new Date(now - parseDuration(value) * 1000);
+  const d = new Date(value);
+  if (Number.isNaN(d.getTime()))
+    throw new ClientConfigError(
+      `invalid ${flag} "${value}": use an ISO 8601 time or a duration ago (e.g. 12h)`,
+    );
+  return d;
+}
+
+/** An action as the server records it: a bare "UserService/Login" is in package tessera.v1. */
+function fullAction(action: string): string {
+  return action.includes(".") ? action : `tessera.v1.${action}`;
+}
+
+function auditRow(e: AuditEvent): string[] {
+  return [
+    when(e.time),
+    e.action.replace(/^tessera\.v1\./, ""),
+    e.outcome,
+    e.reason || "-",
+    e.actorId ? `${e.actorKind}:${e.actorId}` : e.actorKind,
+    e.targetId || "-",
+    e.requestId,
+  ];
+}
+
+/** `tessera audit list`. */
+export async function auditList(flags: AuditListFlags, cmd: Command): Promise<void> {
+  const limit = Number(flags.limit);
+  if (!Number.isInteger(limit) || limit <= 0)
+    throw new ClientConfigError(`invalid --limit "${flags.limit}": a positive integer`);
+  if (flags.outcome && flags.outcome !== "success" && flags.outcome !== "failure")
+    throw new ClientConfigError(`invalid --outcome "${flags.outcome}": success or failure`);
+  const filters = {
+    ...(flags.tenant ? { tenantId: flags.tenant } : {}),
+    ...(flags.actor ? { actorId: flags.actor } : {}),
+    ...(flags.action ? { action: fullAction(flags.action) } : {}),
+    ...(flags.outcome ? { outcome: flags.outcome } : {}),
+    ...(flags.target ? { targetId: flags.target } : {}),
+    ...(flags.requestId ? { requestId: flags.requestId } : {}),
+    ...(flags.since ? { startTime: timestampFromDate(parseInstant(flags.since, "--since")) } : {}),
+    ...(flags.until ? { endTime: timestampFromDate(parseInstant(flags.until, "--until")) } : {}),
+  };
+  await withClient(cmd, async ({ api, out }) => {
+    const events: AuditEvent[] = [];
+    let pageToken = "";
+    do {
+      const res = await api.audit.listAuditEvents({
+        ...filters,
+        pageSize: Math.min(200, limit - events.length),
+        pageToken,
+      });
+      events.push(...res.events);
+      pageToken = res.nextPageToken;
+    } while (pageToken && events.length < limit);
+    out.list(
+      { events: events.map((e) => messageJson(AuditEventSchema, e)) },
+      ["TIME", "ACTION", "OUTCOME", "REASON", "ACTOR", "TARGET", "REQUEST"],
+      events.map(auditRow),
+    );
+    if (pageToken && !out.json) out.note(`(more events: raise --limit, or narrow with --since/--until)`);
+  });
+}

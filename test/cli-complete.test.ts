@@ -1,0 +1,219 @@
+import { execFile, execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describeClientError } from "../src/cli/client-actions.js";
+import { CLIENT_ENV_NAMES } from "../src/cli/client-commands.js";
+import { EXIT } from "../src/cli/exit-codes.js";
+import { CLIENT_ENV, RateLimitedError } from "../src/sdk/index.js";
+import { type CliResult, runCli } from "./cli-helpers.js";
+import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url));
+const PROBE = join(ROOT, "test", "module-probe.mjs");
+const ADMIN_TOKEN = "cli-static-admin-token-0123456789-abcdef";
+/** Modules no client command may load: the server's storage, drivers, Redis, logger and configuration. */
+const SERVER_MODULES = [
+  /@mikro-orm/,
+  /node_modules\/pg\//,
+  /better-sqlite3/,
+  /ioredis/,
+  /node_modules\/pino\//,
+  /src\/config\.ts/,
+  /src\/storage\//,
+];
+
+/**
+ * The CLI's completeness and consistency (issue 23): user commands, completion scripts,
+ * the RPC's own JSON field names, exit codes, flag names in hints, ids that must not be
+ * empty, files not overwritten without --force, and what each command loads.
+ */
+describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () => {
+  let ts: TestServer;
+  let env: Record<string, string>;
+  const tessera = (args: string[], extra: Record<string, string> = {}, input = "") =>
+    runCli(args, { ...env, ...extra }, input);
+  const json = <T>(r: CliResult): T => {
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as T;
+  };
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { admin: { token: ADMIN_TOKEN } });
+    env = {
+      HOME: mkdtempSync(join(tmpdir(), "tessera-cli-complete-")),
+      TESSERA_SERVER: `127.0.0.1:${ts.server.port}`,
+      TESSERA_CA_FILE: join(ts.certs.dir, "ca.crt"),
+    };
+    const r = await tessera(["login", "-u", "admin", "--password-stdin"], {}, `${ADMIN_PASSWORD}\n`);
+    expect(r.code, r.stderr).toBe(0);
+  }, 300_000);
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("answers whoami for the static admin token given as TESSERA_TOKEN", async () => {
+    const me = json<{ id: string; permissions: string[] }>(
+      await tessera(["whoami", "--output", "json"], { TESSERA_TOKEN: ADMIN_TOKEN }),
+    );
+    expect(me.id).toBe("admin-token");
+    expect(me.permissions).toEqual(["*"]);
+  });
+
+  it("prints a created API key under the RPC's own field name `key`", async () => {
+    const created = json<Record<string, unknown>>(
+      await tessera(["api-key", "create", "--name", "cli-key", "--output", "json"]),
+    );
+    expect(created.key).toMatch(/^tsr_key_/);
+    expect(created).not.toHaveProperty("token");
+  });
+
+  it("manages a user: create, list, get, update, disable, enable, reset-password, delete", async () => {
+    const u = json<{ id: string; username: string; permissions: string[] }>(
+      await tessera(
+        ["user", "create", "carol", "--scopes", "cluster:read", "--password-stdin", "--output", "json"],
+        {},
+        "carol's first password\n",
+      ),
+    );
+    expect(u.username).toBe("carol");
+    expect(u.permissions).toEqual(["cluster:read"]);
+    const list = json<{ users: { id: string }[] }>(await tessera(["user", "list", "--output", "json"]));
+    expect(list.users.map((x) => x.id)).toContain(u.id);
+    expect(json<{ id: string }>(await tessera(["user", "get", u.id, "--output", "json"])).id).toBe(u.id);
+    const updated = json<{ permissions: string[] }>(
+      await tessera(["user", "update", u.id, "--scopes", "cluster:read,cluster:write", "--output", "json"]),
+    );
+    expect(updated.permissions.sort()).toEqual(["cluster:read", "cluster:write"]);
+    expect(
+      json<{ disabled: boolean }>(await tessera(["user", "disable", u.id, "--output", "json"])).disabled,
+    ).toBe(true);
+    const refused = await tessera(
+      ["login", "-u", "carol", "--password-stdin", "--profile", "carol"],
+      {},
+      "carol's first password\n",
+    );
+    expect(refused.code).toBe(EXIT.unauthenticated);
+    expect(
+      json<{ disabled: boolean }>(await tessera(["user", "enable", u.id, "--output", "json"])).disabled,
+    ).toBe(false);
+    const reset = await tessera(
+      ["user", "reset-password", u.id, "--password-stdin"],
+      {},
+      "carol's second password\n",
+    );
+    expect(reset.code, reset.stderr).toBe(0);
+    const old = await tessera(
+      ["login", "-u", "carol", "--password-stdin", "--profile", "carol"],
+      {},
+      "carol's first password\n",
+    );
+    expect(old.code).toBe(EXIT.unauthenticated);
+    const fresh = await tessera(
+      ["login", "-u", "carol", "--password-stdin", "--profile", "carol"],
+      {},
+      "carol's second password\n",
+    );
+    expect(fresh.code, fresh.stderr).toBe(0);
+    expect((await tessera(["user", "delete", u.id])).code).toBe(0);
+    expect((await tessera(["user", "get", u.id])).code).toBe(EXIT.notFound);
+  }, 600_000);
+
+  it("treats an empty or malformed id as a usage error, creating nothing", async () => {
+    for (const args of [
+      ["app", "create", "stray", "--tenant", ""],
+      ["app", "create", "stray", "--tenant", "a b"],
+      ["user", "get", ""],
+      ["machine-user", "list", "--tenant", " "],
+    ]) {
+      const r = await tessera(args);
+      expect(r.code, args.join(" ")).toBe(EXIT.usage);
+      expect(r.stderr).toMatch(/must not be empty|malformed/);
+    }
+    const apps = json<{ applications: { name: string }[] }>(
+      await tessera(["app", "list", "--output", "json"]),
+    );
+    expect(apps.applications.map((a) => a.name)).not.toContain("stray");
+  });
+
+  it("reports an existing name with its own exit code", async () => {
+    expect((await tessera(["tenant", "create", "dup-tenant"])).code).toBe(0);
+    expect((await tessera(["tenant", "create", "dup-tenant"])).code).toBe(EXIT.alreadyExists);
+  });
+
+  it("names the CLI flag, not the SDK option, when the server's certificate cannot be verified", async () => {
+    const r = await tessera(["whoami"], { TESSERA_CA_FILE: "", TESSERA_TOKEN: ADMIN_TOKEN });
+    expect(r.code).toBe(EXIT.unavailable);
+    expect(r.stderr).toContain("--ca-file");
+    expect(r.stderr).not.toMatch(/\bcaFile\b/);
+  });
+
+  it("maps a rate-limited call to exit 7 and shows its Retry-After", () => {
+    const err = new RateLimitedError("Too many requests", {
+      code: Code.ResourceExhausted,
+      reason: "RATE_LIMITED",
+      retryAfter: 17,
+    });
+    const d = describeClientError(err, EXIT)!;
+    expect(d.code).toBe(7);
+    expect(d.message).toContain("Retry-After: 17");
+  });
+
+  it("refuses to overwrite a client key unless --force", async () => {
+    const out = mkdtempSync(join(tmpdir(), "tessera-cli-certs-"));
+    const certEnv = { TESSERA_CERT_DIR: ts.certs.dir };
+    expect((await tessera(["certs", "client", "one", "--out", out], certEnv)).code).toBe(0);
+    const key = readFileSync(join(out, "client.key"), "utf8");
+    const again = await tessera(["certs", "client", "one", "--out", out], certEnv);
+    expect(again.code).toBe(EXIT.usage);
+    expect(again.stderr).toContain("--force");
+    expect(readFileSync(join(out, "client.key"), "utf8")).toBe(key);
+    expect((await tessera(["certs", "client", "one", "--out", out, "--force"], certEnv)).code).toBe(0);
+    expect(readFileSync(join(out, "client.key"), "utf8")).not.toBe(key);
+  });
+
+  it("prints completion scripts for bash, zsh and fish from the command tree", async () => {
+    const bash = await tessera(["completion", "bash"]);
+    expect(bash.code).toBe(0);
+    const file = join(env.HOME!, "completion.bash");
+    writeFileSync(file, bash.stdout);
+    execFileSync("bash", ["-n", file]);
+    // Completing `tessera user re` offers reset-password.
+    const offered = execFileSync("bash", [
+      "-c",
+      `source ${file}; COMP_WORDS=(tessera user re); COMP_CWORD=2; _tessera_complete; echo "\${COMPREPLY[@]}"`,
+    ])
+      .toString()
+      .trim();
+    expect(offered).toBe("reset-password");
+    expect((await tessera(["completion", "zsh"])).stdout).toContain("bashcompinit");
+    expect((await tessera(["completion", "fish"])).stdout).toContain("-a reset-password");
+    expect((await tessera(["completion", "tcsh"])).code).toBe(EXIT.usage);
+  });
+
+  it("spells the client environment variables as the SDK does", () => {
+    expect(CLIENT_ENV_NAMES).toEqual(CLIENT_ENV);
+  });
+
+  it("loads no server module for --help, whoami and token list", async () => {
+    for (const args of [["--help"], ["whoami"], ["token", "list"]]) {
+      const out = join(env.HOME!, `probe-${args.join("-")}.txt`);
+      // Asynchronously: the test server runs in this process and must answer meanwhile.
+      const r = await new Promise<{ code: number; stderr: string }>((resolve) => {
+        execFile(
+          process.execPath,
+          ["--import", PROBE, join(ROOT, "bin", "tessera.js"), ...args],
+          { env: { PATH: process.env.PATH ?? "/usr/bin", ...env, MODULE_PROBE_OUT: out } },
+          (err, _stdout, stderr) => resolve({ code: err ? 1 : 0, stderr }),
+        );
+      });
+      expect(r.code, r.stderr).toBe(0);
+      const loaded = readFileSync(out, "utf8");
+      expect(loaded, args.join(" ")).toContain("src/main.ts");
+      for (const re of SERVER_MODULES) expect(loaded, `${args.join(" ")} loaded ${re}`).not.toMatch(re);
+    }
+  });
+});

@@ -1,0 +1,91 @@
+import { execFile, execFileSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url));
+const BIN = join(ROOT, "bin", "tessera.js");
+
+/** Run an examples/ script as a user would (bash, its own environment), collecting its output. */
+function runScript(
+  script: string,
+  env: Record<string, string>,
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    execFile(
+      "bash",
+      [join(ROOT, "examples", script)],
+      { cwd: ROOT, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env }, timeout: 600_000 },
+      (err, stdout, stderr) => {
+        if (err && typeof (err as { code?: unknown }).code !== "number")
+          return reject(new Error(`${script}: ${err.message}\n${stdout}\n${stderr}`));
+        resolve({ code: err ? (err as unknown as { code: number }).code : 0, stdout, stderr });
+      },
+    );
+  });
+}
+
+/**
+ * The README walkthroughs as scripts (examples/curl.sh, examples/cli.sh), run verbatim
+ * against a fresh server, one after the other and twice: their names must not collide.
+ */
+describe("the README walkthroughs as scripts", () => {
+  let ts: TestServer;
+  let env: Record<string, string>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+    env = {
+      HOME: mkdtempSync(join(tmpdir(), "tessera-examples-home-")),
+      TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
+      TESSERA_URL: `https://localhost:${ts.server.port}`,
+      TESSERA_SERVER: `localhost:${ts.server.port}`,
+      TESSERA_CA: join(ts.certs.dir, "ca.crt"),
+      TESSERA_CERT_DIR: ts.certs.dir,
+      TESSERA: `${process.execPath} ${BIN}`,
+    };
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("runs the curl walkthrough twice, then the CLI walkthrough, on one server", async () => {
+    for (const script of ["curl.sh", "curl.sh", "cli.sh"]) {
+      const r = await runScript(script, env);
+      expect(r.code, `${script}\n${r.stdout}\n${r.stderr}`).toBe(0);
+      expect(r.stdout).toMatch(/walkthrough done/);
+      // The secrets the flows print go to files, and the admin password never to output.
+      expect(r.stdout + r.stderr).not.toContain(ADMIN_PASSWORD);
+    }
+  }, 900_000);
+
+  it("stops at the first failure, a jq failure included (set -euo pipefail)", async () => {
+    const r = await runScript("cli.sh", { ...env, TESSERA_ADMIN_PASSWORD: "not the password" });
+    expect(r.code).not.toBe(0);
+    expect(r.stdout).not.toMatch(/walkthrough done/);
+    const c = await runScript("curl.sh", { ...env, TESSERA_ADMIN_PASSWORD: "not the password" });
+    expect(c.code).not.toBe(0);
+    expect(c.stdout).not.toMatch(/walkthrough done/);
+  }, 120_000);
+
+  it("is what the README shows: each script's commands appear there verbatim", () => {
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    for (const script of ["curl.sh", "cli.sh"]) {
+      const text = readFileSync(join(ROOT, "examples", script), "utf8");
+      const commands = text.slice(text.indexOf("set -euo pipefail")).trimEnd();
+      expect(readme, script).toContain(commands);
+    }
+  });
+
+  it("writes its secrets under examples/.secrets/, which git ignores", () => {
+    const dir = join(ROOT, "examples", ".secrets");
+    expect(readdirSync(dir).length).toBeGreaterThan(0);
+    const ignored = execFileSync("git", ["check-ignore", "examples/.secrets/x/mu.json"], { cwd: ROOT })
+      .toString()
+      .trim();
+    expect(ignored).toBe("examples/.secrets/x/mu.json");
+  });
+});
