@@ -129,28 +129,34 @@ export function registerServerCommands(program: Command): void {
     process.on("SIGHUP", () => {
       // The log level from the configuration as it reads now (file and environment, under
       // the same flags); a configuration that no longer loads keeps the running one.
-      configFrom(flags).then(
-        ({ log: { level } }) => {
-          const from = logger.level;
-          if (level === from) return;
-          // Said at info under whichever of the two levels is the more verbose, so that the
-          // change shows unless both hide info.
-          const louder = logger.levels.values[level]! < logger.levels.values[from]!;
-          if (louder) logger.level = level;
-          logger.info({ from, to: level }, "log level changed");
-          logger.level = level;
-          // The access lines are written at info or debug (log.access) through their own
-          // buffered logger: under the same level, or a quieter level would not quiet them.
-          if (accessLogger) accessLogger.level = level;
-        },
-        (err: unknown) =>
-          logger.error({ err: (err as Error).message }, "configuration reload failed; keeping the log level"),
-      );
-      server.reloadTls().then(
-        () => logger.info("TLS material reloaded"),
-        (err: Error) =>
-          logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
-      );
+      configFrom(flags)
+        .then(
+          ({ log: { level } }) => {
+            const from = logger.level;
+            if (level === from) return;
+            // Said at info under whichever of the two levels is the more verbose, so that the
+            // change shows unless both hide info.
+            const louder = logger.levels.values[level]! < logger.levels.values[from]!;
+            if (louder) logger.level = level;
+            logger.info({ from, to: level }, "log level changed");
+            logger.level = level;
+            // The access lines are written at info or debug (log.access) through their own
+            // buffered logger: under the same level, or a quieter level would not quiet them.
+            if (accessLogger) accessLogger.level = level;
+          },
+          (err: unknown) =>
+            logger.error(
+              { err: (err as Error).message },
+              "configuration reload failed; keeping the log level",
+            ),
+        )
+        // The TLS files after the level: their reload is logged under the new one.
+        .then(() => server.reloadTls())
+        .then(
+          () => logger.info("TLS material reloaded"),
+          (err: Error) =>
+            logger.error({ err: err.message }, "TLS reload failed; keeping the previous certificates"),
+        );
     });
     let stopping = false;
     const stop = async (signal: string) => {
