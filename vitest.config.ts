@@ -8,8 +8,16 @@ export default defineConfig({
     // Two cores: run files in parallel but not more than the machine can hold.
     maxWorkers: 2,
     globalSetup: ["test/global-setup.ts"],
-    // Servers started by tests (tessera serve, several at once) take a free metrics port each.
-    env: { TESSERA_METRICS_LISTEN: "127.0.0.1:0" },
+    env: {
+      // Servers started by tests (tessera serve, several at once) take a free metrics port each.
+      TESSERA_METRICS_LISTEN: "127.0.0.1:0",
+      // Hashing at normal priority without a deadline, as test/helpers.ts gives in-process
+      // apps: the suite's files share two cores, and at nice 19 with a 900 ms deadline a
+      // spawned server's Login would be refused busy (503) by design. The defaults are
+      // tested explicitly (test/security/hash-priority.test.ts).
+      TESSERA_HASH_NICE: "0",
+      TESSERA_HASH_DEADLINE_MS: "0",
+    },
     // `npm test` runs both projects; `vitest run --project unit` (or `multi`) runs one.
     projects: [
       {

@@ -81,11 +81,16 @@ describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")(
       instances = await Promise.all([serve(env), serve(env)]);
       dispatcher = new Agent({ connect: { ca: readFileSync(join(certDir, "ca.crt")) } });
       tokens = await Promise.all(
-        instances.map(
-          async (i) =>
-            (await post(i.url, "UserService/Login", { username: "admin", password: ADMIN_PASSWORD })).body
-              .accessToken as string,
-        ),
+        instances.map(async (i) => {
+          const login = await post(i.url, "UserService/Login", {
+            username: "admin",
+            password: ADMIN_PASSWORD,
+          });
+          // A failed login (e.g. 503 busy hashing) must fail here, not as 401s in the rounds.
+          if (typeof login.body.accessToken !== "string")
+            throw new Error(`login failed: ${login.status} ${JSON.stringify(login.body)}`);
+          return login.body.accessToken;
+        }),
       );
     }, 120_000);
     afterAll(async () => {
