@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
@@ -7,9 +7,8 @@ import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
 import { initORM } from "../../src/storage/orm.js";
 import { dropSchema, POSTGRES, TEST_MASTER_KEY } from "../helpers.js";
+import { killAll, MAIN, ROOT, serve, stop } from "./processes.js";
 
-const ROOT = join(import.meta.dirname, "..", "..");
-const MAIN = join(ROOT, "src", "main.ts");
 const INSTANCES = 3;
 
 /** Environment of a `tessera` process of these tests: its database and certificate folder, fast-ish hashing. */
@@ -48,34 +47,8 @@ function run(args: string[], env: Record<string, string>): Promise<Exited> {
   });
 }
 
-const children = new Set<ChildProcess>();
-
-/** Start `tessera serve`; resolves with its URL once it listens, rejects with its output if it ends first. */
-function serve(env: Record<string, string>): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
-  children.add(child);
-  child.once("exit", () => children.delete(child));
-  return new Promise((resolve, reject) => {
-    let stderr = "";
-    child.stdout.resume();
-    child.stderr.on("data", (d) => {
-      stderr += d;
-      const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
-      if (m) resolve({ url: m[1]!, child });
-    });
-    child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
-  });
-}
-
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  const exited = new Promise((r) => child.once("exit", r));
-  child.kill("SIGTERM");
-  await exited;
-}
-
 afterAll(() => {
-  for (const c of children) c.kill("SIGKILL");
+  killAll();
 });
 
 /** What the instances made in the database: admins, default tenants, active signing keys. */

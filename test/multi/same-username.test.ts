@@ -1,40 +1,13 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { dropSchema, POSTGRES, TEST_MASTER_KEY } from "../helpers.js";
+import { killAll, serve, stop } from "./processes.js";
 
-const ROOT = join(import.meta.dirname, "..", "..");
-const MAIN = join(ROOT, "src", "main.ts");
 const ADMIN_PASSWORD = "same-username-admin-password";
-
-const children = new Set<ChildProcess>();
-
-/** Start `tessera serve` as a process of its own; resolves with its URL once it listens. */
-function serve(env: Record<string, string>): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
-  children.add(child);
-  child.once("exit", () => children.delete(child));
-  return new Promise((resolve, reject) => {
-    let stderr = "";
-    child.stdout.resume();
-    child.stderr.on("data", (d) => {
-      stderr += d;
-      const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
-      if (m) resolve({ url: m[1]!, child });
-    });
-    child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
-  });
-}
-
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  const exited = new Promise((r) => child.once("exit", r));
-  child.kill("SIGTERM");
-  await exited;
-}
 
 /**
  * Two instances (real processes) on one PostgreSQL schema create the same username at the
@@ -95,7 +68,7 @@ describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")(
     }, 120_000);
     afterAll(async () => {
       await Promise.all(instances.map((i) => stop(i.child)));
-      for (const c of children) c.kill("SIGKILL");
+      killAll();
       await dispatcher?.close();
       await dropSchema(url);
     });
