@@ -171,9 +171,11 @@ export class MachineStateReader {
    * Proven bindings first (made over a connection presenting the certificate itself, see
    * BindCertificate): a proven fingerprint binding names this very certificate, proven by
    * the holder of its key, so it decides; else proven SAN URI bindings decide when they
-   * name one machine user (the CA issued the SAN URI to the prover). Another tenant's
-   * unproven binding of the certificate's public fingerprint or of a SAN URI it carries
-   * therefore cannot deny the prover its own certificate.
+   * name one machine user (the CA issued the SAN URI to the prover), unless another
+   * tenant bound this certificate's own fingerprint (unproven): then it authenticates no
+   * one until the fingerprint is proven (which displaces the other tenant's binding).
+   * Another tenant's unproven binding of a SAN URI the certificate carries cannot deny the
+   * prover its own certificate.
    *
    * With no proven binding, all the matching bindings (its fingerprint, any of its SAN
    * URIs) must be in one tenant, or it authenticates no one: nothing at bind time could tell
@@ -193,7 +195,18 @@ export class MachineStateReader {
     ]);
     if (rows.length === 0) return null;
     const proven = rows.filter((r) => toBool(r.proven));
-    const candidates = proven.length > 0 ? proven : rows;
+    // A proven SAN URI binding proves its maker holds *a* certificate carrying that URI, not
+    // this one: an unproven binding of this very certificate's fingerprint stays a claim
+    // beside it, so two tenants' claims still authenticate no one (the fingerprint's owner
+    // settles it by proving the fingerprint). Otherwise a CA that gave one SAN URI to two
+    // tenants' certificates would hand one tenant's workload to the other.
+    const candidates =
+      proven.length > 0
+        ? [
+            ...proven,
+            ...rows.filter((r) => !toBool(r.proven) && r.bound_fingerprint === certificate.sha256Fingerprint),
+          ]
+        : rows;
     if (candidates.some((r) => r.tenant_id !== candidates[0]!.tenant_id)) {
       // A proven fingerprint binding settles it (the fingerprint is unique, so there is one).
       const provenFingerprint = proven.filter((r) => r.bound_fingerprint === certificate.sha256Fingerprint);

@@ -447,17 +447,26 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
     expect((await certificatesOf(victim.token, mine.id)).map((b) => b.proven)).toEqual([true, true]);
   });
 
-  it("lets a proven SAN URI binding win over another tenant's later fingerprint squat of a certificate carrying it", async () => {
+  it("refuses a certificate whose proven SAN URI binding and another tenant's fingerprint binding disagree, until the owner proves the fingerprint", async () => {
     const san = `spiffe://victim.example/${short()}`;
     const backend = await mint(ts, san);
     const mine = await victimMachine();
     await bindPresenting(backend, victim.token, mine.id, { case: "sanUri", value: san });
-    // The fingerprint is another identity, not yet bound: the squat itself succeeds...
-    await bind(attacker.token, (await attackerMachine()).id, {
+    // The fingerprint is another identity, not yet bound: the other tenant's bind succeeds.
+    // A proven SAN URI proves its maker holds *a* certificate with that URI, not this one
+    // (a CA may give one URI to two tenants' certificates), so neither claim wins: no one.
+    const theirs = await attackerMachine();
+    await bind(attacker.token, theirs.id, {
       case: "sha256Fingerprint",
       value: backend.fingerprint,
     });
-    // ...but no longer denies the owner its certificate (without proof this was "no one").
+    await expectRefused(ts, backend, [victim.tenant.id, attacker.tenant.id, mine.id]);
+    // The certificate's holder proves its fingerprint: the other tenant's binding is displaced.
+    await bindPresenting(backend, victim.token, mine.id, {
+      case: "sha256Fingerprint",
+      value: backend.fingerprint,
+    });
+    expect(await certificatesOf(attacker.token, theirs.id)).toEqual([]);
     const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
     expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
   });

@@ -1036,9 +1036,11 @@ export const MachineUserService: GenService<{
    * SAN URI; the caller still needs the scope and authority) is `proven`. A proven binding
    * displaces an unproven binding of the same identity in another tenant (removed and
    * audited; the answer is the same whether one was displaced or not), and is never
-   * displaced itself. A certificate matching a proven binding authenticates as that
-   * binding's machine user whatever unproven bindings it also matches (a proven
-   * fingerprint binding first, then proven SAN URI bindings naming one machine user).
+   * displaced itself. A certificate matching a proven fingerprint binding authenticates as
+   * its machine user; else proven SAN URI bindings naming one machine user decide, unless
+   * another tenant bound the certificate's own fingerprint (unproven): a proven SAN URI
+   * proves its maker holds a certificate with that URI, not this one, so the certificate
+   * then authenticates no one until its fingerprint is proven.
    * No proof is taken from a request carrying an Origin header (a browser's ambient client
    * certificate) nor from one whose direct peer is a trusted proxy (the certificate is the
    * proxy's).
