@@ -372,9 +372,10 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
     await ts.app.audit.flush();
     return (await ts.app.storage.em
       .getConnection()
-      .execute("select tenant_id, action, target_id, outcome from audit_events where target_id = ?", [
-        bindingId,
-      ])) as { tenant_id: string; action: string; target_id: string; outcome: string }[];
+      .execute(
+        "select tenant_id, action, target_id, outcome, actor_kind, actor_id, ip from audit_events where target_id = ?",
+        [bindingId],
+      )) as Record<string, unknown>[];
   };
 
   for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
@@ -408,6 +409,10 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
           action: "tessera.v1.MachineUserService/BindCertificate:displaced",
           target_id: squat.binding!.id,
           outcome: "success",
+          // The prover is of another tenant: neither its id nor its address is recorded there.
+          actor_kind: "system",
+          actor_id: null,
+          ip: null,
         },
       ]);
 

@@ -520,19 +520,21 @@ export function createMachineUserService(
       }
       if (displaced && removed > 0) {
         // In the squatter's tenant, so its auditors see why its binding went; the answer to
-        // this caller is the same whether a binding was displaced or not.
+        // this caller is the same whether a binding was displaced or not. The prover is of
+        // another tenant: its id and address are not the squatter's to read (tenants are
+        // walls), so the event names no actor. The prover's own BindCertificate event, in
+        // its tenant, carries the same request id for an operator who needs both.
         const state = requestState(ctx.values);
-        const caller = principalOf(ctx);
         deps.audit?.record({
           requestId: state.requestId,
           tenantId: displaced.tenantId,
-          actorKind: caller.kind,
-          actorId: caller.id,
+          actorKind: "system",
+          actorId: null,
           action: DISPLACED_ACTION,
           targetId: displaced.binding.id,
           outcome: "success",
           reason: "PROVEN_BINDING",
-          ip: state.ip,
+          ip: null,
         });
       }
       return { binding: bindingToProto(binding) };
