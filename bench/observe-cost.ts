@@ -14,6 +14,7 @@ import { pino } from "pino";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { type CallObserver, createCallObserver } from "../src/call-observer.js";
 import type { RequestState } from "../src/context.js";
+import { REDACT } from "../src/logger.js";
 import { createMetrics, type MetricsSources } from "../src/metrics.js";
 
 const file = process.argv[2] ?? "/dev/null";
@@ -29,20 +30,7 @@ const serviceLogger = pino(
   {
     level: "info",
     base,
-    redact: {
-      paths: [
-        "password",
-        "token",
-        "*.password",
-        "*.token",
-        "*.authorization",
-        "*.refreshToken",
-        "*.accessToken",
-        "headers.authorization",
-        'headers["x-api-key"]',
-      ],
-      censor: "[redacted]",
-    },
+    redact: REDACT,
   },
   pino.destination({ dest: file, sync: true }),
 );
