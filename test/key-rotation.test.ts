@@ -1,8 +1,8 @@
 import { randomBytes } from "node:crypto";
-import { base64url, decodeProtectedHeader } from "jose";
+import { base64url, decodeProtectedHeader, importJWK, SignJWT } from "jose";
 import { afterEach, describe, expect, it } from "vitest";
 import { createJwtService, type JwtService, keyPrePublicationSeconds } from "../src/auth/jwt.js";
-import { parseMasterKey } from "../src/auth/master-key.js";
+import { openPrivateJwk, parseMasterKey } from "../src/auth/master-key.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
 import { TesseraError } from "../src/errors.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
@@ -168,6 +168,58 @@ describe.each(DATABASES)("signing keys on a schedule ($name)", (db) => {
     ).map((r) => r.kid);
     expect(kids).not.toContain(first);
     expect(kids).toHaveLength(3);
+  });
+
+  it("refuses a token its retired key claims to have signed after the retirement", async () => {
+    const c = clock();
+    const storage = await database();
+    const schedule = { keyRotationInterval: 100, keyPrePublication: 10, clockSkew: 30, accessTokenTtl: 300 };
+    const jwt = await service(storage, c.now, schedule, 600);
+    const first = await kidOf(jwt);
+    c.set(T0 + 90 * S);
+    await jwt.refresh();
+    const { issuer, audience } = testConfig("sqlite::memory:").auth.jwt;
+    // The retired key's private half, as a leaked backup would give it.
+    const [row] = await storage.em
+      .getConnection()
+      .execute<{ private_jwk: string; alg: string }[]>(
+        "select private_jwk, alg from signing_keys where kid = ?",
+        [first],
+      );
+    const privateKey = await importJWK(
+      JSON.parse(openPrivateJwk(masterKey, first!, row!.private_jwk)),
+      row!.alg,
+    );
+    const mint = (iatMs: number) =>
+      new SignJWT({ tid: "t1", scope: "a", pk: "user" })
+        .setProtectedHeader({ alg: row!.alg, kid: first!, typ: "at+jwt" })
+        .setIssuer(issuer)
+        .setAudience(audience)
+        .setSubject("u1")
+        .setIssuedAt(Math.floor(iatMs / 1000))
+        .setExpirationTime(Math.floor(iatMs / 1000) + 60)
+        .sign(privateKey);
+    // Retired at T0 + 100 s. Now, 200 s later, the key still verifies what it signed before.
+    c.set(T0 + 300 * S);
+    await jwt.refresh();
+    const before = await mint(T0 + 100 * S - 5 * S);
+    const withinSkew = await mint(T0 + 100 * S + 20 * S);
+    const after = await mint(T0 + 100 * S + 31 * S);
+    const fresh = await mint(T0 + 300 * S);
+    // `after` has expired by now (exp = iat + 60 s): it is checked again below, before its expiry.
+    expect(await reasonOf(jwt.verify(fresh))).toBe(
+      "TOKEN_INVALID: access token was signed after its key retired",
+    );
+    expect(await reasonOf(jwt.verify(after))).toMatch(
+      /^TOKEN_(INVALID: access token was signed after|EXPIRED)/,
+    );
+    c.set(T0 + 100 * S + 25 * S);
+    expect(await reasonOf(jwt.verify(before))).toBe("accepted");
+    expect(await reasonOf(jwt.verify(withinSkew))).toBe("accepted");
+    c.set(T0 + 100 * S + 35 * S);
+    expect(await reasonOf(jwt.verify(after))).toBe(
+      "TOKEN_INVALID: access token was signed after its key retired",
+    );
   });
 
   it("creates one key when several instances find the rotation due at the same moment", async () => {

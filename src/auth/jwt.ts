@@ -528,7 +528,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     return hit.claims;
   }
 
-  async function keyFor(header: JWTHeaderParameters): Promise<CryptoKey | Uint8Array> {
+  async function keyFor(header: JWTHeaderParameters): Promise<VerifyKey> {
     const kid = header.kid ?? (config.secret ? "hs256" : undefined);
     let entry = kid ? keys.get(kid) : undefined;
     if (!entry && kid && !config.secret && KID_SHAPE.test(kid)) {
@@ -538,8 +538,14 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       entry = keys.get(kid);
     }
     if (!entry || entry.acceptUntil < now()) throw new TesseraError("TOKEN_INVALID", "unknown signing key");
-    return entry.key;
+    return entry;
   }
+
+  // How long after its retirement a key may still have signed: instances switch keys at the
+  // successor's activation, known an hour ahead, give or take their clocks' skew; an
+  // immediate rotation reaches an instance within its refresh period.
+  const signingAfterRetirementMs =
+    config.clockSkew * 1000 + (options.refreshIntervalMs ?? config.keyRefreshMs);
 
   return {
     algorithms,
@@ -577,17 +583,25 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       let payload: JWTPayload;
       let protectedHeader: JWTHeaderParameters;
       const at = now();
+      let signer: VerifyKey | undefined;
       try {
-        ({ payload, protectedHeader } = await jwtVerify(token, keyFor, {
-          algorithms: [...algorithms],
-          issuer: config.issuer,
-          audience: config.audience,
-          typ: ACCESS_TOKEN_TYP,
-          // jose applies its tolerance to exp, nbf and iat alike; exp is checked exactly below.
-          clockTolerance: config.clockSkew,
-          requiredClaims: ["exp", "sub", "iat"],
-          currentDate: new Date(at),
-        }));
+        ({ payload, protectedHeader } = await jwtVerify(
+          token,
+          async (header) => {
+            signer = await keyFor(header);
+            return signer.key;
+          },
+          {
+            algorithms: [...algorithms],
+            issuer: config.issuer,
+            audience: config.audience,
+            typ: ACCESS_TOKEN_TYP,
+            // jose applies its tolerance to exp, nbf and iat alike; exp is checked exactly below.
+            clockTolerance: config.clockSkew,
+            requiredClaims: ["exp", "sub", "iat"],
+            currentDate: new Date(at),
+          },
+        ));
       } catch (err) {
         if (err instanceof TesseraError) throw err;
         if (err instanceof joseErrors.JWTExpired)
@@ -609,6 +623,15 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       const claims = payload as AccessTokenClaims;
       // No tolerance on the expiry Tessera set: over exactly at `exp` (RFC 7519 4.1.4).
       if (claims.exp * 1000 <= at) throw new TesseraError("TOKEN_EXPIRED", "access token expired");
+      // A retired key is published only so that the tokens it signed before its retirement
+      // keep working: a token it claims to have signed later was minted with a leaked or
+      // restored private key, not by Tessera.
+      if (
+        signer !== undefined &&
+        (claims.iat ?? Number.POSITIVE_INFINITY) * 1000 > signer.retiresAt + signingAfterRetirementMs
+      ) {
+        throw new TesseraError("TOKEN_INVALID", "access token was signed after its key retired");
+      }
       verified.set(token, { claims, kid: protectedHeader.kid ?? "hs256" });
       return claims;
     },

@@ -92,6 +92,41 @@ describe.each(DATABASES)("existence oracles over TLS on $name", (db) => {
     expect(right.reason).toBe("CREDENTIALS_INVALID");
   });
 
+  it.each([
+    ["off", false],
+    ["on (the default)", true],
+  ])(
+    "HTTP Basic answers an unknown username exactly like a known one's wrong password, rate limits %s",
+    async (_, limits) => {
+      const limited = limits ? await startTestServer(db, { rateLimit: { enabled: true } }) : undefined;
+      try {
+        const lt = limited ? limited.connect() : t;
+        const admin = limited ? await adminLogin(lt) : root;
+        const b = await tenantWithAdmin(lt, admin, ["admin:users"]);
+        const mu = await clients(lt, admin).machines.createMachineUser({
+          name: `mu-${short()}`,
+          authType: MachineAuthType.BASIC,
+        });
+        const me = (user: string) =>
+          refusal(clients(lt, basic(user, "not the password at all")).users.getCurrentUser({}));
+        const wrong = await me(`${b.tenant.name}/${b.username}`);
+        expect(wrong.code).toBe(Code.Unauthenticated);
+        expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+        for (const unknown of [
+          `nobody-${short()}`,
+          `${b.tenant.name}/nobody-${short()}`,
+          `no-such-tenant-${short()}/${b.username}`,
+          `mu_${short()}`,
+          mu.username.slice(0, -1),
+        ]) {
+          expect(await me(unknown), unknown).toEqual(wrong);
+        }
+      } finally {
+        await limited?.close();
+      }
+    },
+  );
+
   it("HTTP Basic answers a disabled machine user's correct password exactly like a wrong one", async () => {
     const created = await clients(t, root).machines.createMachineUser({
       name: `mu-${short()}`,
