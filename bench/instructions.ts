@@ -12,6 +12,7 @@
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
  *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
+ *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *
  * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
  * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
@@ -44,6 +45,7 @@ const { values: flags } = parseArgs({
     out: { type: "string" },
     build: { type: "string" },
     iterations: { type: "string" },
+    env: { type: "string", multiple: true },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -91,6 +93,12 @@ Object.assign(env, {
   // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
   // costs minutes; a token's hash is checked once, so fewer iterations change no request.
   ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
+  // Metrics on, as by default, on a free port: other servers (other runs) may hold 9464.
+  TESSERA_METRICS_LISTEN: "127.0.0.1:0",
+  // A setting to compare (`--env TESSERA_LOG_ACCESS=off`): the same checkout with and without it.
+  ...Object.fromEntries(
+    (flags.env ?? []).map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
+  ),
 });
 const entry = launcher.args("src/main.ts");
 const [command, args] =

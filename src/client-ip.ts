@@ -94,12 +94,22 @@ export function createTrustedProxyCheck(
     if (parsed) trusted.addSubnet(normalizeIp(parsed[0]), parsed[1], parsed[2]);
   }
   const none = config.trustedProxies.length === 0;
+  // Verdicts by address as given: a peer asks once per request, and BlockList.check builds
+  // a SocketAddress each time (a few percent of a refused call under a flood). Bounded by
+  // clearing: the addresses of forwarded hops are the client's to choose.
+  const verdicts = new Map<string, boolean>();
   return (peerAddress) => {
     if (config.trustProxy) return true;
     if (none || peerAddress === undefined) return false;
-    const address = normalizeIp(peerAddress);
-    const family = isIP(address);
-    return family !== 0 && trusted.check(address, family === 4 ? "ipv4" : "ipv6");
+    let verdict = verdicts.get(peerAddress);
+    if (verdict === undefined) {
+      const address = normalizeIp(peerAddress);
+      const family = isIP(address);
+      verdict = family !== 0 && trusted.check(address, family === 4 ? "ipv4" : "ipv6");
+      if (verdicts.size >= 4096) verdicts.clear();
+      verdicts.set(peerAddress, verdict);
+    }
+    return verdict;
   };
 }
 

@@ -8,6 +8,7 @@ import type { AuditLog, AuditStats } from "./audit.js";
 import { hashPool, observeHashWaits } from "./auth/hash-pool.js";
 import { parseListen } from "./config.js";
 import { listenError } from "./listen-check.js";
+import { accessLogStats } from "./logger.js";
 import type { RateLimits } from "./rate-limit.js";
 import type { Storage } from "./storage/orm.js";
 import type { SqlRunner } from "./storage/sql.js";
@@ -287,6 +288,16 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "Last-used times lost because the buffer was full.",
     "dropped",
   );
+
+  new Counter({
+    name: "tessera_access_log_dropped_total",
+    help: "Access log lines lost because stderr was not read fast enough (the access log's memory buffer was full).",
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(accessLogStats.dropped);
+    },
+  });
 
   // The database connection pool (knex's tarn pool under MikroORM).
   const dbPool = new Gauge({

@@ -85,3 +85,42 @@ describe("plaintext mode", () => {
     }
   });
 });
+
+describe("the access log", () => {
+  it("never holds a call up when stderr is not read: lines wait in memory, then are dropped, counted and reported once", async () => {
+    const { spawn } = await import("node:child_process");
+    const { fileURLToPath } = await import("node:url");
+    const logger = fileURLToPath(new URL("../src/logger.ts", import.meta.url));
+    // 100k lines of ~300 bytes (30 MB) into a stderr pipe nobody reads: a synchronous write
+    // would block on the first full pipe buffer (64 KiB) and never print the result.
+    const script = `
+      const { createAccessLogger, accessLogStats, ACCESS_LOG_BUFFER_BYTES } = await import(${JSON.stringify(logger)});
+      let reported = 0;
+      const log = createAccessLogger("info", () => reported++);
+      const started = performance.now();
+      for (let i = 0; i < 100_000; i++) log.info({ requestId: String(i).padStart(200, "x"), method: "m" }, "access");
+      const ms = performance.now() - started;
+      process.stdout.write(JSON.stringify({ dropped: accessLogStats.dropped, reported, ms, cap: ACCESS_LOG_BUFFER_BYTES }) + "\\n");
+    `;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    child.stderr.pause();
+    const line = await new Promise<string>((resolve, reject) => {
+      let out = "";
+      child.stdout.on("data", (d: Buffer) => {
+        out += d.toString();
+        if (out.includes("\n")) resolve(out);
+      });
+      child.on("exit", (code) => reject(new Error(`exited ${code} before answering: ${out}`)));
+    });
+    // Now read stderr, so the child can flush what it kept and exit.
+    child.stderr.resume();
+    await new Promise((resolve) => child.on("exit", resolve));
+    const result = JSON.parse(line) as { dropped: number; reported: number; ms: number; cap: number };
+    expect(result.dropped).toBeGreaterThan(0);
+    // ~30 MB written, at most the buffer (16 MiB) and a pipe's worth kept: the rest was dropped.
+    expect(result.dropped).toBeGreaterThan(100_000 - Math.ceil((result.cap + 1024 * 1024) / 250));
+    expect(result.reported).toBe(1);
+  });
+});

@@ -98,7 +98,14 @@ export function registerServerCommands(program: Command): void {
     const { createApp, createLogger, createAccessLogger, startServer, preflight, startMetricsServer } =
       await serverModules();
     const logger = createLogger(config.log.level);
-    const accessLogger = config.log.access === "off" ? undefined : createAccessLogger(config.log.level);
+    const accessLogger =
+      config.log.access === "off"
+        ? undefined
+        : createAccessLogger(config.log.level, () =>
+            logger.warn(
+              "access log: stderr is not read fast enough; lines are being dropped (counted in tessera_access_log_dropped_total)",
+            ),
+          );
     await preflight(config.server, { generate: false });
     const app = await createApp(config, {
       logger,
