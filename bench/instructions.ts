@@ -31,7 +31,7 @@ import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
 import { runH2load } from "./h2load.js";
-import { startServerProcess } from "./processes.js";
+import { procThreadCpuMs, startServerProcess } from "./processes.js";
 
 const { values: flags } = parseArgs({
   options: {
@@ -193,8 +193,10 @@ try {
       if (tool === "callgrind")
         execFileSync("callgrind_control", ["-z", String(server.pid)], { stdio: "ignore" });
       const cpuBefore = server.cpuMs();
+      const mainBefore = procThreadCpuMs(server.pid, server.pid);
       const load = await runH2load({ ...shape, requests });
       const cpuMs = server.cpuMs() - cpuBefore;
+      const mainMs = procThreadCpuMs(server.pid, server.pid) - mainBefore;
       const instructions = tool === "callgrind" ? dumpTotal() : null;
       process.stdout.write(
         `${JSON.stringify({
@@ -206,6 +208,8 @@ try {
           errors: load.errors,
           instructionsPerRequest: instructions === null ? null : Math.round(instructions / requests),
           cpuUsPerRequest: Math.round((cpuMs * 1000) / requests),
+          // The event loop's thread alone (the rest: V8's compiler and GC helpers, libuv's pool).
+          mainThreadUsPerRequest: Math.round((mainMs * 1000) / requests),
         })}\n`,
       );
     }
