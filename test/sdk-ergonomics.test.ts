@@ -73,7 +73,10 @@ describe("verifySsl: false", () => {
 
   it("is refused from fromEnvironment too: the environment cannot turn verification off", () => {
     expect(() =>
-      UserAPI.fromEnvironment({ verifySsl: false, env: { TESSERA_SERVER: "localhost:1", TESSERA_TOKEN: "t" } }),
+      UserAPI.fromEnvironment({
+        verifySsl: false,
+        env: { TESSERA_SERVER: "localhost:1", TESSERA_TOKEN: "t" },
+      }),
     ).toThrow(ClientConfigError);
   });
 });
@@ -131,7 +134,11 @@ describe.each(DATABASES)("verifySsl against a real server on $name", (db) => {
   });
 
   it("is the same client as verification on when the CA is trusted", async () => {
-    const api = new UserAPI({ host: "127.0.0.1", port: ts.server.port, caFile: join(ts.certs.dir, "ca.crt") });
+    const api = new UserAPI({
+      host: "127.0.0.1",
+      port: ts.server.port,
+      caFile: join(ts.certs.dir, "ca.crt"),
+    });
     try {
       expect(await api.isAvailable()).toBe(true);
     } finally {
