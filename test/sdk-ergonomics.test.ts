@@ -1,10 +1,14 @@
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import * as sdk from "../src/sdk/index.js";
 import {
   ClientConfigError,
   Code,
   CredentialsFileError,
+  resolveClientOptions,
   TesseraClientError,
   UnavailableError,
   UserAPI,
@@ -143,6 +147,67 @@ describe.each(DATABASES)("verifySsl against a real server on $name", (db) => {
       expect(await api.isAvailable()).toBe(true);
     } finally {
       api.close();
+    }
+  });
+});
+
+describe("profiles per environment, as the README documents them", () => {
+  const readme = readFileSync(fileURLToPath(new URL("../README.md", import.meta.url)), "utf8");
+  const section = readme.slice(readme.indexOf("#### Several environments: profiles"));
+  const yamlBlock = /```yaml\n([\s\S]*?)```/.exec(section)![1]!;
+
+  it("resolves dev, staging and prod from the README's file, each with its own server, cert folder and token", () => {
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-profiles-")), "credentials");
+    writeFileSync(file, yamlBlock, { mode: 0o600 });
+    const resolve = (profile: string, env: Record<string, string> = {}) =>
+      resolveClientOptions({ profile, credentialsFile: file, env }).options;
+    expect(resolve("dev")).toMatchObject({
+      host: "localhost",
+      port: 50052,
+      certFolder: "/home/me/.tessera/certs/dev",
+      token: "tsr_pat_…",
+    });
+    expect(resolve("staging")).toMatchObject({
+      host: "tessera.staging.example.com",
+      certFolder: "/home/me/.tessera/certs/staging",
+    });
+    expect(resolve("prod")).toMatchObject({
+      host: "tessera.example.com",
+      port: 443,
+      certFolder: "/etc/tessera/certs",
+      token: "eyJ…",
+      refreshToken: "tsr_rt_…",
+    });
+    // The environment wins, and its token is never paired with the profile's refresh token.
+    const fromEnv = resolve("prod", { TESSERA_TOKEN: "tsr_pat_env" });
+    expect(fromEnv.token).toBe("tsr_pat_env");
+    expect(fromEnv.refreshToken).toBeUndefined();
+    // A profile the code names but the file lacks is an error, not another environment.
+    expect(() => resolve("qa")).toThrow(ClientConfigError);
+  });
+
+  it.each(DATABASES)("reaches a real server through a profile on $name", async (db) => {
+    const ts = await startTestServer(db);
+    const setup = new UserAPI({ host: "127.0.0.1", port: ts.server.port, certFolder: ts.certs.clientDir });
+    try {
+      await setup.login("admin", ADMIN_PASSWORD);
+      const { token } = await setup.tokens.createPersonalAccessToken({ name: "dev profile" });
+      const file = join(mkdtempSync(join(tmpdir(), "tessera-profiles-")), "credentials");
+      writeFileSync(
+        file,
+        `dev:\n  server: localhost:${ts.server.port}\n  cert_folder: ${ts.certs.clientDir}\n  token: ${token}\n` +
+          "prod:\n  server: localhost:1\n  token: tsr_pat_not_this_one\n",
+        { mode: 0o600 },
+      );
+      const api = UserAPI.fromEnvironment({ profile: "dev", credentialsFile: file, env: {} });
+      try {
+        expect((await api.getUser()).username).toBe("admin");
+      } finally {
+        api.close();
+      }
+    } finally {
+      setup.close();
+      await ts.close();
     }
   });
 });
