@@ -80,6 +80,20 @@ describe("the README walkthroughs as scripts", () => {
     }
   });
 
+  it("is what the README shows for the SDK and grpc-js walkthroughs: each script after its header comment, verbatim", () => {
+    // test/sdk-package.test.ts runs these against a server, from a project with the packed SDK.
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    for (const script of ["sdk-esm/walkthrough.mjs", "sdk-cjs/walkthrough.cjs", "grpc-js/walkthrough.cjs"]) {
+      const lines = readFileSync(join(ROOT, "examples", script), "utf8").split("\n");
+      const body = lines
+        .slice(lines.findIndex((l) => !l.startsWith("//")))
+        .join("\n")
+        .trimEnd();
+      expect(body.length, script).toBeGreaterThan(500);
+      expect(readme, script).toContain(`\`\`\`js\n${body}\n\`\`\``);
+    }
+  });
+
   it("writes its secrets under examples/.secrets/, which git ignores", () => {
     const dir = join(ROOT, "examples", ".secrets");
     expect(readdirSync(dir).length).toBeGreaterThan(0);

@@ -101,15 +101,19 @@ export class UnavailableError extends TesseraClientError {
 
 /**
  * A client-side configuration problem: an unreadable certificate file, a malformed
- * server address, a credentials file others can read. Raised before any call is made.
+ * server address or token, a credentials file others can read, `verifySsl: false`
+ * without `insecure: true`. Raised before any call is made; its `code` is
+ * InvalidArgument (the caller's mistake) and it has no `reason` or `requestId`, since
+ * no server answered. A subclass of {@link TesseraClientError} like every SDK error, so
+ * one `catch` clause sees them all.
  */
-export class ClientConfigError extends Error {
+export class ClientConfigError extends TesseraClientError {
   override name = "ClientConfigError";
   /** The file the problem is about, when there is one. */
   readonly path: string | undefined;
 
   constructor(message: string, options: { path?: string; cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    super(message, { code: Code.InvalidArgument, cause: options.cause });
     this.path = options.path;
   }
 }

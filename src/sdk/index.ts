@@ -1,5 +1,6 @@
 /**
- * The Tessera client SDK (`import { UserAPI } from "tessera/sdk"`): the one barrel;
+ * The Tessera client SDK (`import { UserAPI } from "@tessera/sdk"`, built from here by
+ * packages/sdk; the server package re-exports it as `tessera/sdk`): the one barrel;
  * everything public is named here.
  */
 

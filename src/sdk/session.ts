@@ -3,6 +3,7 @@ import { getOption, hasOption } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { auth } from "../../gen/tessera/v1/options_pb.js";
+import { ClientConfigError } from "./errors.js";
 
 /** A session's token pair as the server issued it. */
 export interface TokenPair {
@@ -58,7 +59,8 @@ const TOKEN_RE = /^[\x21-\x7e]+$/;
 
 /** Refuse a token that could not be sent as a header value (without echoing it). */
 export function assertTokenShape(token: string, what: string): void {
-  if (!TOKEN_RE.test(token)) throw new TypeError(`${what} contains whitespace or non-printable characters`);
+  if (!TOKEN_RE.test(token))
+    throw new ClientConfigError(`${what} contains whitespace or non-printable characters`);
 }
 
 /**

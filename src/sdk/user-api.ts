@@ -49,6 +49,14 @@ export interface UserAPIOptions {
   interceptors?: Interceptor[] | undefined;
   /** Connect without TLS (a server started with insecurePlaintext; development only). */
   plaintext?: boolean | undefined;
+  /**
+   * Verify the server's certificate (default true). `false` accepts any certificate,
+   * so anyone between client and server can read the token: it is refused
+   * ({@link ClientConfigError}) unless `insecure: true` says so explicitly too.
+   */
+  verifySsl?: boolean | undefined;
+  /** The explicit opt-in that `verifySsl: false` requires (development against a throwaway server only). */
+  insecure?: boolean | undefined;
 }
 
 /** The caller as {@link UserAPI.getUser} returns it. */
@@ -124,9 +132,18 @@ export class UserAPI {
       throw new ClientConfigError("basicAuth.username must be non-empty and must not contain a colon");
     }
 
+    if (options.verifySsl === false && options.insecure !== true) {
+      throw new ClientConfigError(
+        "verifySsl: false accepts any server certificate and exposes the token to whoever answers; " +
+          "set insecure: true as well to allow it (development only), or give the server's CA with certFolder or caFile",
+      );
+    }
     const tls = options.plaintext
       ? {}
-      : loadClientTls({ certFolder: options.certFolder, caFile: options.caFile });
+      : {
+          ...loadClientTls({ certFolder: options.certFolder, caFile: options.caFile }),
+          ...(options.verifySsl === false ? { rejectUnauthorized: false } : {}),
+        };
     const hostPart = this.host.includes(":") ? `[${this.host}]` : this.host;
     const baseUrl = `${options.plaintext ? "http" : "https"}://${hostPart}:${this.port}`;
     // Our own session manager, so close() can end the connection deterministically.

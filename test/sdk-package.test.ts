@@ -1,0 +1,277 @@
+import { execFile } from "node:child_process";
+import {
+  copyFileSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
+
+const exec = promisify(execFile);
+const REPO = fileURLToPath(new URL("..", import.meta.url));
+const PACKAGE = join(REPO, "packages", "sdk");
+const BIG = { maxBuffer: 32 * 1024 * 1024 };
+
+/** What installing @tessera/sdk may bring: the Connect and protobuf runtimes, and yaml for profiles. */
+const ALLOWED = ["@bufbuild/protobuf", "@connectrpc/connect", "@connectrpc/connect-node", "yaml"];
+
+/** The walkthroughs under examples/ the package test runs, copied unchanged into the consumer project. */
+const WALKTHROUGHS = ["sdk-esm/walkthrough.mjs", "sdk-cjs/walkthrough.cjs", "grpc-js/walkthrough.cjs"];
+
+const rootManifest = JSON.parse(readFileSync(join(REPO, "package.json"), "utf8")) as {
+  version: string;
+  dependencies: Record<string, string>;
+};
+const manifest = JSON.parse(readFileSync(join(PACKAGE, "package.json"), "utf8")) as {
+  version: string;
+  license: string;
+  dependencies: Record<string, string>;
+};
+
+/** Every package name in `npm ls --all --json` output, at any depth. */
+function treeNames(node: { dependencies?: Record<string, unknown> }, out = new Set<string>()): Set<string> {
+  for (const [name, child] of Object.entries(node.dependencies ?? {})) {
+    out.add(name);
+    treeNames(child as { dependencies?: Record<string, unknown> }, out);
+  }
+  return out;
+}
+
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name));
+}
+
+async function npmInstall(project: string, specs: string[]): Promise<void> {
+  const args = ["install", ...specs, "--no-audit", "--no-fund", "--ignore-scripts", "--no-update-notifier"];
+  try {
+    // `npm ci` of this repository filled the npm cache with every runtime the package needs.
+    await exec("npm", [...args, "--offline"], { cwd: project, ...BIG });
+  } catch {
+    await exec("npm", [...args, "--prefer-offline"], { cwd: project, ...BIG });
+  }
+}
+
+/**
+ * @tessera/sdk as a user gets it: packed from packages/sdk (which builds it from src/sdk
+ * and gen/), installed into an empty project outside the repository, checked for what it
+ * pulls in, then used from an ES module, from CommonJS and (its shipped protos) from
+ * grpc-js, by the README's walkthroughs under examples/, against a real server over TLS.
+ */
+describe("the @tessera/sdk package", () => {
+  let work: string;
+  let project: string;
+  let files: string[];
+  let installMs: number;
+
+  beforeAll(async () => {
+    work = mkdtempSync(join(tmpdir(), "tessera-sdk-pack-"));
+    const packed = await exec("npm", ["pack", "--json", "--pack-destination", work], {
+      cwd: PACKAGE,
+      ...BIG,
+    });
+    const [result] = JSON.parse(packed.stdout.slice(packed.stdout.indexOf("["))) as [
+      { filename: string; files: { path: string }[] },
+    ];
+    files = result.files.map((f) => f.path);
+
+    project = join(work, "consumer");
+    mkdirSync(project);
+    writeFileSync(join(project, "package.json"), JSON.stringify({ name: "consumer", private: true }));
+    const started = performance.now();
+    await npmInstall(project, [join(work, result.filename)]);
+    installMs = performance.now() - started;
+    console.log(`@tessera/sdk: npm install of the tarball took ${Math.round(installMs)} ms`);
+  }, 300_000);
+
+  afterAll(() => {
+    if (work) rmSync(work, { recursive: true, force: true });
+  });
+
+  it("has the root package's version and licence, and its runtimes at the root's versions", () => {
+    expect(manifest.version).toBe(rootManifest.version);
+    expect(manifest.license).toBe("Apache-2.0");
+    expect(Object.keys(manifest.dependencies).sort()).toEqual(ALLOWED);
+    for (const [name, range] of Object.entries(manifest.dependencies))
+      expect(range, name).toBe(rootManifest.dependencies[name]);
+  });
+
+  it("ships an ES module build, a CommonJS build, declarations, the protos and the licence, and no server module", () => {
+    for (const f of [
+      "dist/esm/src/sdk/index.js",
+      "dist/esm/src/sdk/index.d.ts",
+      "dist/cjs/src/sdk/index.js",
+      "dist/cjs/src/sdk/index.d.ts",
+      "dist/cjs/package.json",
+      "dist/esm/gen/tessera/v1/user_service_pb.js",
+      "dist/cjs/gen/tessera/v1/user_service_pb.js",
+      "proto/tessera/v1/user_service.proto",
+      "proto/tessera/v1/options.proto",
+      "proto/grpc/health/v1/health.proto",
+      "LICENSE",
+    ])
+      expect(files, f).toContain(f);
+    // Besides the SDK only src/auth/scopes (no imports of its own, shared so the client's
+    // hasPermission and the server decide alike) is compiled in.
+    const modules = files.filter((f) => /^dist\/(esm|cjs)\/src\/.*\.js$/.test(f));
+    const outside = modules.filter((f) => !/^dist\/(esm|cjs)\/src\/(sdk\/[\w-]+|auth\/scopes)\.js$/.test(f));
+    expect(outside).toEqual([]);
+    expect(files.some((f) => f.endsWith(".ts") && !f.endsWith(".d.ts"))).toBe(false);
+    expect(readFileSync(join(project, "node_modules", "@tessera", "sdk", "LICENSE"), "utf8")).toContain(
+      "Apache License",
+    );
+  });
+
+  it("installs quickly with only the client runtime: no ORM, driver, Redis client, native addon or tsx", async () => {
+    expect(installMs).toBeLessThan(40_000); // the target is 20 s; the machine is shared and loaded
+    const ls = await exec("npm", ["ls", "--all", "--json"], { cwd: project, ...BIG });
+    const names = [...treeNames(JSON.parse(ls.stdout) as { dependencies?: Record<string, unknown> })].sort();
+    expect(names).toEqual(["@tessera/sdk", ...ALLOWED].sort());
+    // And on disk, whatever npm ls reports: every folder in node_modules is one of them.
+    const installed = readdirSync(join(project, "node_modules")).flatMap((d) =>
+      d.startsWith("@") ? readdirSync(join(project, "node_modules", d)).map((s) => `${d}/${s}`) : [d],
+    );
+    expect(installed.filter((d) => d !== ".package-lock.json" && d !== ".bin").sort()).toEqual(names);
+    expect(filesUnder(join(project, "node_modules")).filter((f) => f.endsWith(".node"))).toEqual([]);
+  });
+
+  it("resolves its types from an ES module and from a CommonJS TypeScript project", async () => {
+    writeFileSync(
+      join(project, "esm.mts"),
+      `import { TesseraClientError, UserAPI, type CurrentUser } from "@tessera/sdk";
+import { UserService, type User } from "@tessera/sdk/gen/tessera/v1/user_service_pb.js";
+const api = new UserAPI({ host: "localhost", verifySsl: true });
+export const me: Promise<CurrentUser> = api.getUser();
+export const users: Promise<User[]> = api.client(UserService).listUsers({}).then((r) => r.users);
+export const isBase = (e: unknown): boolean => e instanceof TesseraClientError;
+// @ts-expect-error the port is a number
+new UserAPI({ port: "50052" });
+`,
+    );
+    writeFileSync(
+      join(project, "cjs.cts"),
+      `import { ClientConfigError, UserAPI } from "@tessera/sdk";
+import { TenantService } from "@tessera/sdk/gen/tessera/v1/tenant_service_pb.js";
+export const code: number = new ClientConfigError("x").code;
+export const list = new UserAPI({}).client(TenantService).listTenants({});
+// @ts-expect-error insecure is a boolean
+new UserAPI({ insecure: "yes" });
+`,
+    );
+    writeFileSync(
+      join(project, "tsconfig.json"),
+      JSON.stringify({
+        compilerOptions: {
+          module: "NodeNext",
+          moduleResolution: "NodeNext",
+          target: "ES2022",
+          strict: true,
+          noEmit: true,
+          skipLibCheck: true,
+          types: [],
+          typeRoots: [join(REPO, "node_modules", "@types")],
+        },
+        files: ["esm.mts", "cjs.cts"],
+      }),
+    );
+    const tsc = join(REPO, "node_modules", "typescript", "bin", "tsc");
+    await exec(process.execPath, [tsc, "-p", "tsconfig.json"], { cwd: project, ...BIG });
+  });
+
+  it("copies the walkthroughs unchanged", () => {
+    for (const w of WALKTHROUGHS) {
+      const target = join(project, w.replace("/", "-"));
+      copyFileSync(join(REPO, "examples", w), target);
+      expect(readFileSync(target, "utf8")).toBe(readFileSync(join(REPO, "examples", w), "utf8"));
+    }
+  });
+
+  describe.each(DATABASES)("walkthroughs against a real server on $name", (db) => {
+    let ts: TestServer;
+    let env: Record<string, string>;
+    let secrets: string;
+
+    beforeAll(async () => {
+      ts = await startTestServer(db);
+      secrets = mkdtempSync(join(work, `secrets-${db.name}-`));
+      const home = mkdtempSync(join(work, "home-"));
+      env = {
+        PATH: process.env.PATH ?? "/usr/bin:/bin",
+        HOME: home,
+        TESSERA_SERVER: `localhost:${ts.server.port}`,
+        TESSERA_CERT_FOLDER: ts.certs.clientDir,
+        TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
+        TESSERA_SECRETS_DIR: secrets,
+      };
+    });
+    afterAll(async () => {
+      await ts?.close();
+    });
+
+    const run = async (file: string) => {
+      const r = await exec(process.execPath, [file], { cwd: project, env, ...BIG }).catch(
+        (err: { stdout: string; stderr: string; code: number }) => err,
+      );
+      expect(r.stdout, `${file}\n${r.stdout}\n${r.stderr}`).toMatch(/walkthrough done\n$/);
+      expect(r.stdout + r.stderr).not.toContain(ADMIN_PASSWORD);
+      return r.stdout;
+    };
+    const kept = (name: string): string[] =>
+      readdirSync(secrets, { recursive: true, withFileTypes: true })
+        .filter((e) => e.isFile() && e.name === name)
+        .map((e) => join(e.parentPath, e.name));
+
+    it("runs the ES module walkthrough twice (its names do not collide)", async () => {
+      for (let i = 0; i < 2; i++) {
+        const out = await run("sdk-esm-walkthrough.mjs");
+        expect(out).toMatch(/^logged in as admin$/m);
+        expect(out).toMatch(/^reader may read clusters: true$/m);
+        expect(out).toMatch(/^denied: \S+ needs admin:users$/m);
+        expect(out).toMatch(/^the token belongs to reader$/m);
+      }
+      const pats = kept("reader-pat.txt");
+      expect(pats).toHaveLength(2);
+      for (const p of pats) {
+        expect(statSync(p).mode & 0o777).toBe(0o600);
+        const token = readFileSync(p, "utf8");
+        expect(token).toMatch(/^tsr_pat_/);
+      }
+    });
+
+    it("runs the CommonJS walkthrough", async () => {
+      const out = await run("sdk-cjs-walkthrough.cjs");
+      expect(out).toMatch(/^tenant sdk-cjs-\S+ created$/m);
+      expect(out).toMatch(/^not found: NOT_FOUND request \S+$/m);
+      const [key] = kept("api-key.txt");
+      expect(statSync(key!).mode & 0o777).toBe(0o600);
+      expect(out).not.toContain(readFileSync(key!, "utf8"));
+    });
+
+    it("runs the grpc-js walkthrough on the shipped protos", async () => {
+      const version = (name: string) =>
+        (
+          JSON.parse(readFileSync(join(REPO, "node_modules", name, "package.json"), "utf8")) as {
+            version: string;
+          }
+        ).version;
+      await npmInstall(project, [
+        `@grpc/grpc-js@${version("@grpc/grpc-js")}`,
+        `@grpc/proto-loader@${version("@grpc/proto-loader")}`,
+      ]);
+      const out = await run("grpc-js-walkthrough.cjs");
+      expect(out).toMatch(/^health: SERVING$/m);
+      expect(out).toMatch(/^logged in as admin with \*$/m);
+      expect(out).toMatch(/^without a token: UNAUTHENTICATED$/m);
+    }, 240_000);
+  });
+});
