@@ -24,9 +24,16 @@ export interface ScenarioResult {
   ratioToRaw: number | null;
   /** The bare baseline's CPU per request over this scenario's: the throughput ratio a quiet machine would show. */
   cpuRatioToBare: number | null;
+  /** Rivals only: throughput over Tessera's JWT HS256 scenario of the same protocol (above 1: the rival serves more). */
+  ratioToTessera: number | null;
+  /** Rivals only: Tessera's CPU per request (JWT HS256, same protocol) over the rival's (above 1: Tessera spends more per call). */
+  cpuRatioToTessera: number | null;
   peakRssMb: number;
-  /** Whether a successful response is expected (authenticated scenarios must have zero errors). */
-  kind: "reference" | "authenticated" | "refused" | "login";
+  /**
+   * Whether a successful response is expected (authenticated scenarios must have zero
+   * errors); "rival": another server answering the JWT HS256 call (issue 19).
+   */
+  kind: "reference" | "authenticated" | "refused" | "login" | "rival";
   note?: string;
 }
 
@@ -77,6 +84,7 @@ const HEADER = [
   "errors",
   "vs bare",
   "vs raw",
+  "vs Tessera",
   "CPU µs/req",
   "peak RSS MiB",
 ];
@@ -91,6 +99,7 @@ function row(r: ScenarioResult): string[] {
     String(r.errors),
     pct(r.ratioToBare),
     pct(r.ratioToRaw),
+    pct(r.ratioToTessera),
     fmt(r.cpuUsPerRequest),
     fmt(r.peakRssMb),
   ];

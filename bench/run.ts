@@ -1,9 +1,11 @@
 /**
  * `npm run bench`: Tessera's cost per authenticated RPC, measured side by side in one run
- * against a bare Connect handler and the raw node:http2 ceiling.
+ * against a bare Connect handler, the raw node:http2 ceiling, and the two servers a user
+ * would pick instead (issue 19): fastify 5 + @fastify/jwt for JSON, @grpc/grpc-js + jose
+ * for gRPC.
  *
  * 1. Every server starts as a child process on a free port, with its own temporary
- *    data and a development CA: the raw and bare reference servers (bench/), and Tessera
+ *    data and a development CA: the raw and bare reference servers and the rivals (bench/), and Tessera
  *    through its real CLI (`serve`, compiled JavaScript as deployed; --tsx runs the
  *    sources through tsx instead), one process per JWT configuration.
  * 2. What each scenario needs is seeded through the public API (Connect JSON over HTTPS).
@@ -23,7 +25,7 @@ import http2 from "node:http2";
 import { availableParallelism, cpus as cpuList, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
+import { isDeepStrictEqual, parseArgs } from "node:util";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { SignJWT } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
@@ -106,6 +108,7 @@ if (flags.help) {
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
                       jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
+                      rival-fastify (Connect JSON), rival-grpc-js (gRPC),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
@@ -359,6 +362,52 @@ async function startReference(
   return server;
 }
 
+/** The rivals of issue 19, each in its own process on the servers' CPU. */
+const RIVALS = {
+  "rival-fastify": {
+    script: "bench/rival-fastify.ts",
+    protocol: "connect",
+    name: "fastify 5 + @fastify/jwt",
+    label: "rival: fastify 5 + @fastify/jwt, JWT HS256",
+    note: "fastify 5 over HTTP/2 + TLS, `@fastify/jwt` (fast-jwt) verifying the same HS256 token each call (its token cache off, the default), a response schema, logging off (the default); it reads no state where Tessera reads its state cache (user, scopes, revocation) and writes an access log line and metrics per call",
+  },
+  "rival-grpc-js": {
+    script: "bench/rival-grpc-js.ts",
+    protocol: "grpc",
+    name: "@grpc/grpc-js + jose",
+    label: "rival: @grpc/grpc-js + jose, JWT HS256",
+    note: "`@grpc/grpc-js` with `@grpc/proto-loader` on proto/, `jose` verifying the same HS256 token each call (key imported once); it reads no state where Tessera reads its state cache (user, scopes, revocation) and writes an access log line and metrics per call",
+  },
+} as const satisfies Record<
+  string,
+  { script: string; protocol: Protocol; name: string; label: string; note: string }
+>;
+type RivalId = keyof typeof RIVALS;
+
+async function startRival(
+  launcher: Launcher,
+  id: RivalId,
+  certDir: string,
+  jwt: { secret: string; createdAt: string },
+): Promise<ServerProcess> {
+  const server = await startServerProcess({
+    name: id,
+    command: launcher.command,
+    args: [...launcher.args(RIVALS[id].script), certDir, join(ROOT, "proto")],
+    cwd: launcher.cwd,
+    cpus: pinning?.server,
+    // The secret through the environment, not the command line (which `ps` shows).
+    env: { ...process.env, BENCH_PORT: "0", RIVAL_JWT_SECRET: jwt.secret, RIVAL_CREATED_AT: jwt.createdAt },
+    ready: (line) => {
+      const m = /^\{"listening":(\d+)\}$/.exec(line.trim());
+      return m ? `https://127.0.0.1:${m[1]}` : null;
+    },
+  });
+  servers.push(server);
+  log(`  ${server.name} at ${server.url} (pid ${server.pid})`);
+  return server;
+}
+
 async function startTessera(
   launcher: Launcher,
   certDir: string,
@@ -606,6 +655,8 @@ interface Scenario {
   note?: string;
   /** Run before every measured slice. */
   before?: () => Promise<void>;
+  /** A server that must give the very same answer to the same request (checked once, before any load). */
+  sameAnswerAs?: ServerProcess;
   runs: RawLoad[];
   peakRssKb: number;
 }
@@ -658,6 +709,18 @@ async function verify(s: Scenario): Promise<void> {
         throw new Error(
           `${s.id} (Connect JSON): ${problems.join("; ")}: ${JSON.stringify(answer.body).slice(0, 300)}`,
         );
+      if (s.sameAnswerAs) {
+        const other = new JsonClient(s.sameAnswerAs.url, s.tls);
+        try {
+          const theirs = await other.post(path, s.input, s.headers);
+          if (theirs.status !== answer.status || !isDeepStrictEqual(theirs.body, answer.body))
+            throw new Error(
+              `${s.id} (Connect JSON) answers ${JSON.stringify(answer.body)}, ${s.sameAnswerAs.name} ${JSON.stringify(theirs.body)}`,
+            );
+        } finally {
+          await other.close();
+        }
+      }
     } finally {
       await api.close();
     }
@@ -677,6 +740,14 @@ async function verify(s: Scenario): Promise<void> {
     throw new Error(
       `${s.id} (gRPC): ${e.field[0]} = ${JSON.stringify(outcome.message[e.field[0]])}, expected ${JSON.stringify(e.field[1])}`,
     );
+  }
+  if (s.sameAnswerAs) {
+    const theirs = await grpcCall(s.sameAnswerAs.url, s.tls, s.service, s.method, s.input, auth);
+    // Both decoded by the same client: equal messages are equal objects.
+    if (!isDeepStrictEqual(theirs, outcome)) {
+      const show = (o: unknown) => JSON.stringify(o, (_k, v) => (typeof v === "bigint" ? String(v) : v));
+      throw new Error(`${s.id} (gRPC) answers ${show(outcome)}, ${s.sameAnswerAs.name} ${show(theirs)}`);
+    }
   }
 }
 
@@ -742,6 +813,8 @@ function record(s: Scenario, result: LoadResult, note?: string): ScenarioResult 
     ratioToBare: null,
     ratioToRaw: null,
     cpuRatioToBare: null,
+    ratioToTessera: null,
+    cpuRatioToTessera: null,
     peakRssMb: s.peakRssKb / 1024,
     kind: s.kind,
     ...((note ?? s.note) ? { note: note ?? s.note } : {}),
@@ -1009,6 +1082,38 @@ async function run(): Promise<void> {
       expect: asUser,
     }),
   );
+  // The rivals right after Tessera's JWT scenario: their slices are measured next to its
+  // slices, which their "vs Tessera" ratios pair them with.
+  const rivalIds = (Object.keys(RIVALS) as RivalId[]).filter(wanted);
+  if (rivalIds.length > 0) {
+    const me = await api.call<{ createdAt: string }>(PATHS.getCurrentUser, {}, bearer(seeded.userToken));
+    // Started together; all settled before any failure is thrown, so none is left unstopped.
+    const started = await Promise.allSettled(
+      rivalIds.map((id) => startRival(launcher, id, certDir, { secret: jwtSecret, createdAt: me.createdAt })),
+    );
+    const rivals = started.map((r) => {
+      if (r.status === "rejected") throw r.reason;
+      return r.value;
+    });
+    for (const [i, id] of rivalIds.entries()) {
+      const rival = rivals[i]!;
+      const { protocol, label, note } = RIVALS[id];
+      scenarios.push({
+        ...gcu(rival),
+        id,
+        label,
+        kind: "rival",
+        protocol,
+        bodyFile: EMPTY_BODY[protocol],
+        headers: bearer(seeded.userToken),
+        expect: asUser,
+        sameAnswerAs: main,
+        note,
+        runs: [],
+        peakRssKb: 0,
+      });
+    }
+  }
   for (const alg of ["EdDSA", "ES256"] as const) {
     const id = `jwt-${alg.toLowerCase()}`;
     if (!wanted(id)) continue;
@@ -1688,6 +1793,9 @@ function computeRatios(): void {
     r.ratioToBare = bare ? pairedRatio(own, bare, runRps) : null;
     r.ratioToRaw = raw ? pairedRatio(own, raw, runRps) : null;
     r.cpuRatioToBare = bare ? pairedRatio(own, bare, runCpuUs, true) : null;
+    const tessera = r.kind === "rival" ? scenarioRuns("jwt-hs256", r.protocol) : undefined;
+    r.ratioToTessera = tessera ? pairedRatio(own, tessera, runRps) : null;
+    r.cpuRatioToTessera = tessera ? pairedRatio(own, tessera, runCpuUs, true) : null;
   }
 }
 
@@ -1712,6 +1820,25 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
   ratioTarget(["jwt-hs256", "jwt-eddsa", "jwt-es256"], 0.9);
   ratioTarget(["pat", "api-key", "mu-bearer"], 0.85);
   ratioTarget(["basic", "mu-basic"], 0.8);
+  // Issue 19, by server CPU per call (steadier than req/s here): Tessera at or below fastify
+  // on JSON, and well below grpc-js on gRPC, taken as at most 80% of its CPU per call.
+  for (const [id, max, goal] of [
+    ["rival-fastify", 1, "at or below"],
+    ["rival-grpc-js", 0.8, "well below (≤ 80% of)"],
+  ] as const) {
+    const { protocol, name } = RIVALS[id];
+    const rival = find(id, protocol);
+    const tessera = find("jwt-hs256", protocol);
+    if (!rival || !tessera || rival.cpuRatioToTessera === null) continue;
+    const byRps = rival.ratioToTessera
+      ? `; by throughput Tessera at ${percent(1 / rival.ratioToTessera)} of it`
+      : "";
+    targets.push({
+      target: `Tessera, JWT HS256 (${protocolName(protocol)}): server CPU per call ${goal} ${name}'s (issue 19)`,
+      measured: `${percent(rival.cpuRatioToTessera)} (${tessera.cpuUsPerRequest?.toFixed(0) ?? "?"} vs ${rival.cpuUsPerRequest?.toFixed(0) ?? "?"} µs per call)${byRps}`,
+      met: rival.cpuRatioToTessera <= max,
+    });
+  }
   for (const protocol of PROTOCOLS) {
     const rejected = find("rejected", protocol);
     const accepted = find("jwt-hs256", protocol);
@@ -1857,6 +1984,12 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     "",
     "“vs bare” and “vs raw”: throughput relative to the bare Connect handler and to the raw node:http2 server, same protocol, same load generator: the median, over the rounds, of each slice against the baseline slice measured nearest to it in time. " +
       "“CPU µs/req”: the server process's CPU time (all threads) per request, which other work on the machine does not inflate.",
+    ...(results.some((r) => r.kind === "rival")
+      ? [
+          "Rows “rival:” are the servers a user would pick instead (issue 19), built in bench/ on the same TLS setup, CPU and load, answering the same JWT HS256 call with the same answer; " +
+            "“vs Tessera”: the rival's throughput relative to Tessera's GetCurrentUser, JWT HS256 row of the same protocol, paired slice by slice like “vs bare” (above 100%: the rival serves more). The targets compare their CPU per call.",
+        ]
+      : []),
     ...(results.some((r) => r.generator !== "h2load")
       ? [
           "† driven by bench/node-load.ts (node:http2, N sessions × M streams), because h2load cannot present a client certificate; its ratios are to raw and bare runs driven by the same generator.",
@@ -1891,7 +2024,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     ...skipped.map((s) => `- Skipped: ${s}.`),
     ...notes.map((n) => `- Note: ${n.split("\n")[0]}`),
     "",
-    "Targets (issue 4):",
+    "Targets (issues 4 and 19):",
     "",
     markdownTargets(targets),
     "",

@@ -23,13 +23,25 @@ export function referenceServerOptions(certDir: string): http2.SecureServerOptio
 
 /** Listen on 127.0.0.1 (port from BENCH_PORT, default 0) and announce the port on stdout as one JSON line. */
 export function listenAndAnnounce(server: http2.Http2SecureServer): void {
-  const port = Number(process.env.BENCH_PORT ?? 0);
-  server.listen(port, "127.0.0.1", () => {
+  server.listen(benchPort(), "127.0.0.1", () => {
     const address = server.address();
-    const actual = typeof address === "object" && address ? address.port : port;
-    process.stdout.write(`${JSON.stringify({ listening: actual })}\n`);
+    announceListening(typeof address === "object" && address ? address.port : benchPort());
   });
-  const stop = () => server.close(() => process.exit(0));
+  stopOnSignal(() => server.close(() => process.exit(0)));
+}
+
+/** The port a bench server listens on: BENCH_PORT, default 0 (a free one). */
+export function benchPort(): number {
+  return Number(process.env.BENCH_PORT ?? 0);
+}
+
+/** The line the bench waits for (bench/run.ts): `{"listening":<port>}`. */
+export function announceListening(port: number): void {
+  process.stdout.write(`${JSON.stringify({ listening: port })}\n`);
+}
+
+/** Run `stop` on SIGTERM or SIGINT (the bench stops its servers with SIGTERM). */
+export function stopOnSignal(stop: () => void): void {
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);
 }
