@@ -148,6 +148,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     log: (message) => logger.info({ orm: message }, "database"),
     // Below, under the start-up lock with the bootstrap.
     migrate: false,
+    bounds: {
+      statementTimeoutMs: config.database.statementTimeoutMs,
+      connectTimeoutMs: config.database.connectTimeoutMs,
+    },
   });
   let notifier: PgNotifier | undefined;
   try {
@@ -179,6 +183,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     notifier = storage.target.kind === "postgresql" ? await createStateNotifier(storage, logger) : undefined;
     const sql = await createSqlRunner(storage, {
       stateCacheSize: config.database.stateCacheSize,
+      barrierTimeoutMs: config.database.barrierTimeoutMs,
       logger,
       ...(notifier ? { notifier } : {}),
     });

@@ -197,7 +197,14 @@ export function registerServerCommands(program: Command): void {
   ).action(async (flags: ServerFlags) => {
     const config = await configFrom(flags);
     const { initORM } = await serverModules();
-    const storage = await initORM({ url: config.database.url, migrate: false });
+    const storage = await initORM({
+      url: config.database.url,
+      migrate: false,
+      bounds: {
+        statementTimeoutMs: config.database.statementTimeoutMs,
+        connectTimeoutMs: config.database.connectTimeoutMs,
+      },
+    });
     try {
       const applied = await storage.migrate();
       showOnce(applied.length ? `applied: ${applied.join(", ")}` : "database is up to date");
@@ -215,7 +222,14 @@ export function registerServerCommands(program: Command): void {
   ).action(async (flags: ServerFlags) => {
     const config = await configFrom(flags);
     const { ensureAdmin, initORM } = await serverModules();
-    const storage = await initORM({ url: config.database.url, migrate: true });
+    const storage = await initORM({
+      url: config.database.url,
+      migrate: true,
+      bounds: {
+        statementTimeoutMs: config.database.statementTimeoutMs,
+        connectTimeoutMs: config.database.connectTimeoutMs,
+      },
+    });
     try {
       // Under the start-up lock, like a server's bootstrap: an `init` beside starting servers creates one admin.
       const result = await storage.withStartupLock(() =>
