@@ -20,11 +20,33 @@ export function stateChannel(schema: string): string {
  * user of the session should) before calling its `start()`.
  */
 export async function createStateNotifier(storage: Storage, logger?: PgNotifyLogger): Promise<PgNotifier> {
-  const rows = (await storage.em.getConnection().execute("select current_schema() as s")) as { s: string }[];
   return new PgNotifier({
     url: storage.target.location,
-    applicationName: `tessera:${stateChannel(rows[0]?.s ?? "public")}`,
+    applicationName: `tessera:${await stateChannelOf(storage)}`,
     ...(logger ? { logger } : {}),
+  });
+}
+
+/** The state channel of the schema `storage` works in ({@link stateChannel}). */
+export async function stateChannelOf(storage: Storage): Promise<string> {
+  const rows = (await storage.em.getConnection().execute("select current_schema() as s")) as { s: string }[];
+  return stateChannel(rows[0]?.s ?? "public");
+}
+
+/** The payload the triggers send for a change to the signing keys. */
+export const SIGNING_KEYS_PAYLOAD = "signing_keys";
+
+/**
+ * Have `onChange` called when the signing keys change (the `signing_keys` trigger's
+ * notification on `channel`), and when the listener comes back online (a change may have
+ * been missed meanwhile). Subscribe before the notifier starts.
+ */
+export function subscribeKeyChanges(notifier: PgNotifier, channel: string, onChange: () => void): void {
+  notifier.subscribe(channel, (payload) => {
+    if (payload === SIGNING_KEYS_PAYLOAD) onChange();
+  });
+  notifier.onStatus((online) => {
+    if (online) onChange();
   });
 }
 
