@@ -75,6 +75,8 @@ const ConfigSchema = z
         // Below the 90 s a systemd unit waits by default (TimeoutStopSec) and the 30 s of
         // Kubernetes' terminationGracePeriodSeconds, with room left for the flush after it.
         shutdownGraceSeconds: z.number().int().min(0).max(3600).default(10),
+        // 0: the port closes at once (a refused connection is the load balancer's signal).
+        drainDelaySeconds: z.number().int().min(0).max(300).default(0),
       })
       .strict()
       .prefault({}),
@@ -415,6 +417,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "10",
     "On SIGTERM or SIGINT: seconds in-flight calls get to finish once the port is closed and HTTP/2 clients have been sent GOAWAY; connections still open after it are cut, then audit events and last-used times are flushed and the database closed.",
+  ],
+  [
+    "server.drainDelaySeconds",
+    "TESSERA_DRAIN_DELAY_SECONDS",
+    "int",
+    "0",
+    "On SIGTERM or SIGINT, /ready answers 503 at once; for these seconds everything else is still served, new connections included, before the port closes and server.shutdownGraceSeconds begins. Behind a load balancer or Kubernetes, set it to the time they take to stop routing to an instance whose /ready fails (probe period × failure threshold, a few seconds). 0: the port closes at once.",
   ],
   [
     "database.url",

@@ -163,7 +163,13 @@ export function registerServerCommands(program: Command): void {
       if (stopping) return;
       stopping = true;
       const graceSeconds = config.server.shutdownGraceSeconds;
-      logger.info({ signal, graceSeconds }, "shutting down: no new connections, finishing calls in flight");
+      const drainDelaySeconds = config.server.drainDelaySeconds;
+      logger.info(
+        { signal, graceSeconds, drainDelaySeconds },
+        drainDelaySeconds > 0
+          ? "shutting down: /ready answers 503; the port closes after the drain delay"
+          : "shutting down: no new connections, finishing calls in flight",
+      );
       // A flush or close that hangs (a database gone mid-shutdown) must not keep the
       // process alive for ever: a process manager would see a live, useless server. Not
       // unref'd: a shutdown left with nothing to wait on must not end as a silent exit 0.
@@ -172,10 +178,10 @@ export function registerServerCommands(program: Command): void {
           logger.error("shutdown did not finish in time; exiting");
           process.exit(EXIT_FAILED_SHUTDOWN);
         },
-        (graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
+        (drainDelaySeconds + graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
       );
       try {
-        const { cut } = await server.close(graceSeconds * 1000);
+        const { cut } = await server.close(graceSeconds * 1000, drainDelaySeconds * 1000);
         if (cut > 0) logger.warn({ cut }, "calls still in flight after the grace period were cut");
         // app.close() flushes the audit log's buffer (app.audit.close()) and the last-used
         // times (app.lastUsed.close()), then closes Redis and the database, in that order.
