@@ -1,3 +1,4 @@
+import { createRequire } from "node:module";
 import { setTimeout as sleep } from "node:timers/promises";
 import { afterEach, describe, expect, it } from "vitest";
 import { type App, createApp } from "../src/app.js";
@@ -100,3 +101,59 @@ describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")("the state trigg
     }
   });
 });
+
+/**
+ * `database.barrierTimeoutMs` bounds how long a write waits for the other instances'
+ * acknowledgements: a listening session of the schema that never acknowledges (an instance
+ * frozen mid-flight) holds a state write for that long, and is then ended.
+ */
+describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")(
+  "the state barrier's bound (postgres)",
+  () => {
+    it("holds a state write for database.barrierTimeoutMs, not the default, when another listener stays silent, then ends that listener", async () => {
+      const url = POSTGRES.url();
+      const app = await createApp(testConfig(url, { database: { barrierTimeoutMs: 3_000 } }), {
+        logger: capturingLogger().logger,
+      });
+      // pg (MikroORM's driver) ships no types; the three calls used here.
+      const { Client } = createRequire(import.meta.url)("pg") as {
+        Client: new (o: {
+          connectionString: string;
+        }) => {
+          connect(): Promise<void>;
+          query(sql: string): Promise<unknown>;
+          end(): Promise<void>;
+          on(event: "error", fn: () => void): void;
+        };
+      };
+      const silent = new Client({ connectionString: app.storage.target.location });
+      silent.on("error", () => undefined);
+      try {
+        await silent.connect();
+        // Looks like another instance's listener (same application_name), but never acknowledges.
+        await silent.query(`set application_name = '${app.notifier!.applicationName!}'`);
+        const timed = async () => {
+          const t0 = performance.now();
+          await app.sql.run("update users set disabled = false where username = 'admin'");
+          return performance.now() - t0;
+        };
+        const held = await timed();
+        // The configured bound, not the 1 s default (a bound above the default, so that a
+        // busy machine cannot make the default pass for it), and then not much longer.
+        expect(held).toBeGreaterThanOrEqual(2_950);
+        expect(held).toBeLessThan(3_000 + 5_000);
+        const ended = await silent.query("select 1").then(
+          () => false,
+          () => true,
+        );
+        expect(ended).toBe(true);
+        // With no silent listener left, a write is not held.
+        expect(await timed()).toBeLessThan(2_000);
+      } finally {
+        await silent.end().catch(() => undefined);
+        await app.close();
+        await dropSchema(url);
+      }
+    });
+  },
+);
