@@ -9,7 +9,7 @@ import { Migrator } from "@mikro-orm/migrations";
 import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql";
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
-import { type PgBounds, pgBoundOptions, withoutStatementBounds } from "./pg-bounds.js";
+import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
@@ -191,6 +191,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     allowGlobalContext: false,
   };
   let orm: MikroORM;
+  // PostgreSQL: lifts the client-side statement bound for a migration (see pg-bounds.ts).
+  let exempt = <T>(fn: () => Promise<T>) => fn();
   if (target.kind === "sqlite") {
     if (target.location !== ":memory:") prepareSqliteFiles(target.location);
     orm = await BetterSqliteORM.init({
@@ -212,6 +214,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       statementTimeoutMs: options.bounds?.statementTimeoutMs ?? 5_000,
       connectTimeoutMs: options.bounds?.connectTimeoutMs ?? 5_000,
     });
+    exempt = bounds.exempt;
     orm = await PostgresORM.init({
       ...common,
       driver: PostgreSqlDriver,
@@ -239,7 +242,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     // client side), in the one transaction that applies every pending migration.
     const up = () =>
       target.kind === "postgresql"
-        ? withoutStatementBounds(() =>
+        ? exempt(() =>
             conn.transactional(async (trx) => {
               await conn.execute("set local statement_timeout = 0", [], "run", trx);
               return migrator.up({ transaction: trx });

@@ -11,9 +11,9 @@
  *   closed: its protocol state is unknown, and the statements queued behind it would wait
  *   on it.
  *
- * Statements that may legitimately run longer opt out explicitly: migrations
- * ({@link withoutStatementBounds} plus `set local statement_timeout = 0` in their
- * transaction) and the start-up lock's wait (its own bound, see startup-lock.ts).
+ * Statements that may legitimately run longer opt out explicitly: migrations (`exempt`
+ * of {@link pgBoundOptions} plus `set local statement_timeout = 0` in their transaction)
+ * and the start-up lock's wait (its own bound, see startup-lock.ts).
  */
 
 /** How much later than the server's statement_timeout the client gives up on a statement. */
@@ -35,34 +35,31 @@ interface PgPooledClient {
   __knex__disposed?: unknown;
 }
 
-/** Opt-outs of the client-side bound under way (migrations at start-up). */
-let exemptions = 0;
-
-/**
- * Run `fn` with no client-side bound on the statements it sends (the server-side one is
- * lifted by `set local statement_timeout = 0` in the caller's transaction). Process-wide
- * while it runs: meant for work nothing else runs beside (migrations before serving).
- */
-export async function withoutStatementBounds<T>(fn: () => Promise<T>): Promise<T> {
-  exemptions++;
-  try {
-    return await fn();
-  } finally {
-    exemptions--;
-  }
-}
-
 /**
  * The knex options (MikroORM's `driverOptions`, merged into its knex configuration: see
- * AbstractSqlConnection.getKnexOptions) and the pool options carrying `bounds`.
+ * AbstractSqlConnection.getKnexOptions) and the pool options carrying `bounds`, and
+ * `exempt(fn)`: run `fn` with no client-side bound on what this pool sends meanwhile (the
+ * server-side one is lifted by `set local statement_timeout = 0` in the caller's
+ * transaction); the whole pool's while it runs, so meant for work nothing else runs
+ * beside (migrations, before serving).
  */
 export function pgBoundOptions(bounds: PgBounds): {
   driverOptions: { acquireConnectionTimeout: number; connection: Record<string, unknown> };
   pool: { afterCreate(conn: PgPooledClient, done: (err: Error | null, conn: unknown) => void): void };
+  exempt<T>(fn: () => Promise<T>): Promise<T>;
 } {
   const clientTimeout =
     bounds.statementTimeoutMs > 0 ? bounds.statementTimeoutMs + CLIENT_TIMEOUT_MARGIN_MS : 0;
+  const state = { exemptions: 0 };
   return {
+    async exempt(fn) {
+      state.exemptions++;
+      try {
+        return await fn();
+      } finally {
+        state.exemptions--;
+      }
+    },
     driverOptions: {
       acquireConnectionTimeout: bounds.connectTimeoutMs,
       connection: {
@@ -74,7 +71,7 @@ export function pgBoundOptions(bounds: PgBounds): {
     },
     pool: {
       afterCreate(conn, done) {
-        if (clientTimeout > 0) boundQueries(conn, clientTimeout);
+        if (clientTimeout > 0) boundQueries(conn, clientTimeout, state);
         done(null, conn);
       },
     },
@@ -82,13 +79,13 @@ export function pgBoundOptions(bounds: PgBounds): {
 }
 
 /**
- * Give every query of `conn` pg's `query_timeout` (unless the query sets its own, or a
- * {@link withoutStatementBounds} is under way), and close the connection when one fires.
+ * Give every query of `conn` pg's `query_timeout` (unless the query sets its own, or an
+ * exemption is under way), and close the connection when one fires.
  */
-function boundQueries(conn: PgPooledClient, timeoutMs: number): void {
+function boundQueries(conn: PgPooledClient, timeoutMs: number, state: { exemptions: number }): void {
   const query = conn.query.bind(conn);
   conn.query = (config: unknown, ...rest: unknown[]) => {
-    if (config === null || typeof config !== "object" || exemptions > 0) return query(config, ...rest);
+    if (config === null || typeof config !== "object" || state.exemptions > 0) return query(config, ...rest);
     const q = config as { query_timeout?: number; callback?: unknown };
     if (q.query_timeout === undefined) q.query_timeout = timeoutMs;
     // knex passes a callback (postgres dialect `_query`): wrap it to see the timeout.
