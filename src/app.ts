@@ -61,7 +61,7 @@ import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
-import { createStateNotifier } from "./storage/pg-state.js";
+import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
 
 export { VERSION } from "./version.js";
@@ -148,6 +148,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     log: (message) => logger.info({ orm: message }, "database"),
     // Below, under the start-up lock with the bootstrap.
     migrate: false,
+    bounds: {
+      statementTimeoutMs: config.database.statementTimeoutMs,
+      connectTimeoutMs: config.database.connectTimeoutMs,
+    },
   });
   let notifier: PgNotifier | undefined;
   try {
@@ -179,9 +183,16 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     notifier = storage.target.kind === "postgresql" ? await createStateNotifier(storage, logger) : undefined;
     const sql = await createSqlRunner(storage, {
       stateCacheSize: config.database.stateCacheSize,
+      barrierTimeoutMs: config.database.barrierTimeoutMs,
       logger,
       ...(notifier ? { notifier } : {}),
     });
+    // A key created by another instance is read here when its notification arrives (the
+    // poll of auth.jwt.keyRefreshMs stays as the fallback while the listener is down).
+    if (notifier)
+      subscribeKeyChanges(notifier, await stateChannelOf(storage), () => {
+        jwt.keysChanged().catch(() => undefined);
+      });
     await notifier?.start();
     let defaultTenant: string | undefined;
     const defaultTenantId = async () => {

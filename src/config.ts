@@ -75,6 +75,8 @@ const ConfigSchema = z
         // Below the 90 s a systemd unit waits by default (TimeoutStopSec) and the 30 s of
         // Kubernetes' terminationGracePeriodSeconds, with room left for the flush after it.
         shutdownGraceSeconds: z.number().int().min(0).max(3600).default(10),
+        // 0: the port closes at once (a refused connection is the load balancer's signal).
+        drainDelaySeconds: z.number().int().min(0).max(300).default(0),
       })
       .strict()
       .prefault({}),
@@ -83,6 +85,11 @@ const ConfigSchema = z
         url: z.string().min(1).default("sqlite:./data/tessera.db"),
         debug: z.boolean().default(false),
         stateCacheSize: z.number().int().min(0).default(10_000),
+        // PostgreSQL only (SQLite is in-process): a database that stops answering must become
+        // Unavailable within a bound, not hang calls (see storage/pg-bounds.ts).
+        statementTimeoutMs: z.number().int().min(0).max(600_000).default(5_000),
+        connectTimeoutMs: z.number().int().positive().max(120_000).default(5_000),
+        barrierTimeoutMs: z.number().int().positive().max(60_000).default(1_000),
       })
       .strict()
       .prefault({}),
@@ -412,6 +419,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "On SIGTERM or SIGINT: seconds in-flight calls get to finish once the port is closed and HTTP/2 clients have been sent GOAWAY; connections still open after it are cut, then audit events and last-used times are flushed and the database closed.",
   ],
   [
+    "server.drainDelaySeconds",
+    "TESSERA_DRAIN_DELAY_SECONDS",
+    "int",
+    "0",
+    "On SIGTERM or SIGINT, /ready answers 503 at once; for these seconds everything else is still served, new connections included, before the port closes and server.shutdownGraceSeconds begins. Behind a load balancer or Kubernetes, set it to the time they take to stop routing to an instance whose /ready fails (probe period × failure threshold, a few seconds). 0: the port closes at once.",
+  ],
+  [
     "database.url",
     "TESSERA_DATABASE_URL",
     "string",
@@ -425,6 +439,27 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "int",
     "10000",
     "Subjects (users, tokens, machine users) whose authentication state is kept in memory per statement, emptied by any change to it (SQLite: triggers and data_version; PostgreSQL: LISTEN/NOTIFY, off while the listening session is down); 0 reads it per request.",
+  ],
+  [
+    "database.statementTimeoutMs",
+    "TESSERA_DATABASE_STATEMENT_TIMEOUT_MS",
+    "int",
+    "5000",
+    "PostgreSQL: longest a statement may run (the server's statement_timeout); a database that does not answer at all is given up on by the client 1 s after it. Either way the call is answered Unavailable (503, Retry-After). Migrations and the start-up lock's wait are exempt. 0: no bound.",
+  ],
+  [
+    "database.connectTimeoutMs",
+    "TESSERA_DATABASE_CONNECT_TIMEOUT_MS",
+    "int",
+    "5000",
+    "PostgreSQL: longest wait for a new connection (TCP and start-up) and for a free pooled connection; past it the call is answered Unavailable.",
+  ],
+  [
+    "database.barrierTimeoutMs",
+    "TESSERA_STATE_BARRIER_TIMEOUT_MS",
+    "int",
+    "1000",
+    "PostgreSQL: how long a write to authentication state waits for every instance to acknowledge it emptied its state cache; past it the silent instances' listening sessions are ended, which turns their caches off.",
   ],
   ["admin.username", "TESSERA_ADMIN_USERNAME", "string", "admin", "Username of the bootstrap admin."],
   [

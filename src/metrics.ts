@@ -212,6 +212,14 @@ export function createMetrics(sources: MetricsSources): Metrics {
       this.set(sources.sql.cacheStats().enabled ? 1 : 0);
     },
   });
+  new Gauge({
+    name: "tessera_state_triggers_missing",
+    help: "PostgreSQL: tables lacking the trigger that announces their changes, at the last check (start-up, listener reconnect); above 0 the state cache is off.",
+    registers: [registry],
+    collect() {
+      this.set(sources.sql.cacheStats().triggersMissing ?? 0);
+    },
+  });
   cache("tessera_state_cache_hits_total", "Subject-state reads answered from the cache.", "hits");
   cache("tessera_state_cache_misses_total", "Subject-state reads that went to the database.", "misses");
   cache(

@@ -150,11 +150,14 @@ export interface TesseraServer {
    */
   connectionsFrom(ip: string): number;
   /**
-   * Stop accepting (the port is closed, HTTP/2 clients get GOAWAY), let calls in flight
-   * finish for up to `graceMs` (default 2000), then cut every connection still open.
-   * Resolves once the server is closed, with the number of calls cut short.
+   * Shut down: /ready answers 503 at once; for `drainDelayMs` (default 0) everything else
+   * is served as before (new connections included), so that a load balancer probing
+   * /ready takes the instance out before it stops accepting; then stop accepting (the port
+   * is closed, HTTP/2 clients get GOAWAY), let calls in flight finish for up to `graceMs`
+   * (default 2000), and cut every connection still open. Resolves once the server is
+   * closed, with the number of calls cut short.
    */
-  close(graceMs?: number): Promise<{ cut: number }>;
+  close(graceMs?: number, drainDelayMs?: number): Promise<{ cut: number }>;
 }
 
 /**
@@ -162,7 +165,14 @@ export interface TesseraServer {
  * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json), and the Connect adapter
  * serving gRPC, gRPC-Web and Connect for everything else.
  */
-export function createRequestHandler(app: App, options: { tls: boolean }) {
+export function createRequestHandler(
+  app: App,
+  options: {
+    tls: boolean;
+    /** Whether the server is draining (shutting down): /ready then answers 503 whatever the database says. */
+    draining?: () => boolean;
+  },
+) {
   const { config } = app;
   const certCache = new WeakMap<object, PeerCertificateInfo | null>();
   const headers = securityHeaders(options.tls);
@@ -355,6 +365,18 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         return;
       }
       if (path === "/ready") {
+        if (options.draining?.()) {
+          // Shutting down: a load balancer stops sending new work while calls already sent
+          // (and new ones on open connections, until the listener closes) still complete.
+          json(res, 503, {
+            ok: false,
+            error: "Service Unavailable",
+            code: "UNAVAILABLE",
+            message: "draining: shutting down",
+            request_id: requestId,
+          });
+          return;
+        }
         app.storage.ping().then(
           (up) =>
             up
@@ -644,7 +666,8 @@ function boundRequestTimes(
 export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
   const tls = !cfg.insecurePlaintext;
-  const handler = createRequestHandler(app, { tls });
+  let draining = false;
+  const handler = createRequestHandler(app, { tls, draining: () => draining });
   const settings: http2.Settings = {
     maxConcurrentStreams: cfg.maxConcurrentStreams,
     maxHeaderListSize: cfg.maxHeaderListSize,
@@ -747,7 +770,9 @@ export async function startServer(app: App): Promise<TesseraServer> {
     url: `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${port}`,
     reloadTls,
     connectionsFrom,
-    async close(graceMs = 2000) {
+    async close(graceMs = 2000, drainDelayMs = 0) {
+      draining = true;
+      if (drainDelayMs > 0) await new Promise((r) => setTimeout(r, drainDelayMs));
       tlsWatch?.close();
       // No new connections from here: the listening socket is closed at once.
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));

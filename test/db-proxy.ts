@@ -5,11 +5,15 @@ import { createServer, type Server, type Socket, connect as tcpConnect } from "n
  * take the database away from one server without stopping the machine's PostgreSQL
  * (others use it). `cut()` resets every open connection and every new one (what a server
  * that went down, or a network partition with resets, looks like to the driver);
- * `restore()` forwards again.
+ * `freeze()` accepts and holds every byte but answers nothing (a host that stopped, a
+ * partition that drops packets silently); `restore()` forwards again, held bytes first.
  */
 export class DbProxy {
   private readonly sockets = new Set<Socket>();
   private down = false;
+  private frozen = false;
+  /** Bytes held while frozen, per destination, in arrival order. */
+  private readonly held = new Map<Socket, Buffer[]>();
 
   private constructor(
     private readonly server: Server,
@@ -39,8 +43,21 @@ export class DbProxy {
         upstream.destroy();
       });
     }
-    client.pipe(upstream);
-    upstream.pipe(client);
+    this.forward(client, upstream);
+    this.forward(upstream, client);
+  }
+
+  private forward(from: Socket, to: Socket): void {
+    from.on("data", (chunk: Buffer) => {
+      const queue = this.held.get(to);
+      if (this.frozen || queue) {
+        if (queue) queue.push(chunk);
+        else this.held.set(to, [chunk]);
+        return;
+      }
+      to.write(chunk);
+    });
+    from.on("end", () => to.end());
   }
 
   /** A PostgreSQL URL through this proxy (database `test`, the given schema). */
@@ -51,12 +68,21 @@ export class DbProxy {
   /** Take the database away: reset every connection, and every new one until restore(). */
   cut(): void {
     this.down = true;
+    this.held.clear();
     for (const s of this.sockets) s.resetAndDestroy();
   }
 
-  /** Forward again. */
+  /** Stop answering: every byte from either side is held (connections stay open, new ones are accepted). */
+  freeze(): void {
+    this.frozen = true;
+  }
+
+  /** Forward again (after a freeze, what was held is delivered first). */
   restore(): void {
     this.down = false;
+    this.frozen = false;
+    for (const [to, chunks] of this.held) if (!to.destroyed) for (const c of chunks) to.write(c);
+    this.held.clear();
   }
 
   async close(): Promise<void> {

@@ -40,6 +40,8 @@ export interface OutageApp {
   app: App;
   log: CapturedLog;
   cut(): Promise<void>;
+  /** PostgreSQL only: the database stops answering (bytes held, nothing refused or reset). */
+  freeze?(): void;
   restore(): Promise<void>;
   close(): Promise<void>;
 }
@@ -59,6 +61,9 @@ export async function startOutageApp(
       log,
       async cut() {
         proxy.cut();
+      },
+      freeze() {
+        proxy.freeze();
       },
       async restore() {
         proxy.restore();

@@ -52,8 +52,12 @@ describe("the PostgreSQL start-up lock", () => {
       await dropSchema(url);
     }
   });
-  async function storageOn(url: string): Promise<Storage> {
-    const storage = await initORM({ url, migrate: false });
+  async function storageOn(url: string, statementTimeoutMs?: number): Promise<Storage> {
+    const storage = await initORM({
+      url,
+      migrate: false,
+      ...(statementTimeoutMs ? { bounds: { statementTimeoutMs } } : {}),
+    });
     open.push({ storage, url });
     return storage;
   }
@@ -90,6 +94,26 @@ describe("the PostgreSQL start-up lock", () => {
     );
     release();
     await held;
+  });
+
+  it("waits for another instance's start-up past the per-statement bound, which still bounds other statements", async () => {
+    const url = POSTGRES.url();
+    const [a, b] = [await storageOn(url, 300), await storageOn(url, 300)];
+    const schema = a.target.schema!;
+    let entered!: () => void;
+    const inside = new Promise<void>((r) => (entered = r));
+    // `a` holds the lock for 2 s (migrating, say); `b`'s wait is one statement of 2 s.
+    const held = withPostgresLock(a.em, schema, async () => {
+      entered();
+      await new Promise((r) => setTimeout(r, 2_000));
+    });
+    await inside;
+    const t0 = Date.now();
+    await expect(b.withStartupLock((h) => h.migrate())).resolves.not.toHaveLength(0);
+    expect(Date.now() - t0).toBeGreaterThan(1_500);
+    await held;
+    // The bound is in force for everything else: the server cancels a long statement (57014).
+    await expect(b.em.getConnection().execute("select pg_sleep(2)")).rejects.toMatchObject({ code: "57014" });
   });
 
   it("lets three storages migrate one fresh schema at once, one of them applying", async () => {

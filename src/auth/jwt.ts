@@ -139,6 +139,12 @@ export interface JwtService {
   rotate(options?: { immediate?: boolean }): Promise<{ kid: string; activatesAt: Date } | undefined>;
   /** Read the key set from the database now, and create the next key if one is due. */
   refresh(): Promise<void>;
+  /**
+   * The stored keys changed (PostgreSQL: a notification of the `signing_keys` trigger):
+   * read them with a read that starts after this call (one shared by every call meanwhile),
+   * so a key another instance committed is known here at once rather than at the next poll.
+   */
+  keysChanged(): Promise<void>;
   stats(): JwtKeyStats;
   /** Stop background timers. */
   close(): void;
@@ -501,13 +507,29 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     return unknownKidRead;
   }
 
+  // The read a change notification asked for; notifications arriving before it starts share it.
+  let changedRead: Promise<void> | undefined;
+  function keysChanged(): Promise<void> {
+    if (config.secret) return Promise.resolve();
+    changedRead ??= (async () => {
+      try {
+        // A read already under way may have started before the change committed.
+        await inflight?.catch(() => undefined);
+      } finally {
+        changedRead = undefined;
+      }
+      await refresh();
+    })();
+    return changedRead;
+  }
+
   let timer: NodeJS.Timeout | undefined;
   if (!config.secret) {
     // Start-up: read (and create the first key, or the next one when due) before serving.
     await refresh();
-    // Polling: one small query per period whatever the load. A PostgreSQL NOTIFY sent in
-    // the transaction that inserts a key could replace it (LISTEN, then read on
-    // notification), with this poll kept as the fallback while the listener reconnects.
+    // Polling: one small query per period whatever the load. On PostgreSQL a change is
+    // also announced (keysChanged, from the state channel's listener): the poll is then the
+    // fallback while the listener reconnects, and what runs the rotation schedule.
     const period = options.refreshIntervalMs ?? config.keyRefreshMs;
     if (period > 0) {
       timer = setInterval(() => {
@@ -651,6 +673,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       return createKey(rotateOptions.immediate ? t : t + prePublicationMs);
     },
     refresh,
+    keysChanged,
     stats() {
       return { ...stats, keys: keys.size, signingKid: signingAt(now())?.kid };
     },

@@ -170,7 +170,13 @@ export function registerServerCommands(program: Command): void {
       if (stopping) return;
       stopping = true;
       const graceSeconds = config.server.shutdownGraceSeconds;
-      logger.info({ signal, graceSeconds }, "shutting down: no new connections, finishing calls in flight");
+      const drainDelaySeconds = config.server.drainDelaySeconds;
+      logger.info(
+        { signal, graceSeconds, drainDelaySeconds },
+        drainDelaySeconds > 0
+          ? "shutting down: /ready answers 503; the port closes after the drain delay"
+          : "shutting down: no new connections, finishing calls in flight",
+      );
       // A flush or close that hangs (a database gone mid-shutdown) must not keep the
       // process alive for ever: a process manager would see a live, useless server. Not
       // unref'd: a shutdown left with nothing to wait on must not end as a silent exit 0.
@@ -179,10 +185,10 @@ export function registerServerCommands(program: Command): void {
           logger.error("shutdown did not finish in time; exiting");
           process.exit(EXIT_FAILED_SHUTDOWN);
         },
-        (graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
+        (drainDelaySeconds + graceSeconds + SHUTDOWN_FLUSH_SECONDS) * 1000,
       );
       try {
-        const { cut } = await server.close(graceSeconds * 1000);
+        const { cut } = await server.close(graceSeconds * 1000, drainDelaySeconds * 1000);
         if (cut > 0) logger.warn({ cut }, "calls still in flight after the grace period were cut");
         // app.close() flushes the audit log's buffer (app.audit.close()) and the last-used
         // times (app.lastUsed.close()), then closes Redis and the database, in that order.
@@ -204,7 +210,14 @@ export function registerServerCommands(program: Command): void {
   ).action(async (flags: ServerFlags) => {
     const config = await configFrom(flags);
     const { initORM } = await serverModules();
-    const storage = await initORM({ url: config.database.url, migrate: false });
+    const storage = await initORM({
+      url: config.database.url,
+      migrate: false,
+      bounds: {
+        statementTimeoutMs: config.database.statementTimeoutMs,
+        connectTimeoutMs: config.database.connectTimeoutMs,
+      },
+    });
     try {
       const applied = await storage.migrate();
       showOnce(applied.length ? `applied: ${applied.join(", ")}` : "database is up to date");
@@ -222,7 +235,14 @@ export function registerServerCommands(program: Command): void {
   ).action(async (flags: ServerFlags) => {
     const config = await configFrom(flags);
     const { ensureAdmin, initORM } = await serverModules();
-    const storage = await initORM({ url: config.database.url, migrate: true });
+    const storage = await initORM({
+      url: config.database.url,
+      migrate: true,
+      bounds: {
+        statementTimeoutMs: config.database.statementTimeoutMs,
+        connectTimeoutMs: config.database.connectTimeoutMs,
+      },
+    });
     try {
       // Under the start-up lock, like a server's bootstrap: an `init` beside starting servers creates one admin.
       const result = await storage.withStartupLock(() =>

@@ -47,7 +47,9 @@ const SOCKET_CODES = new Set([
 
 /**
  * Messages of errors that carry no code: pg's "Connection terminated unexpectedly" (the
- * server closed the socket), its connect timeout, knex's pool timeout (every pooled
+ * server closed the socket), its connect timeout, its client-side statement bound
+ * ("Query read timeout": the server did not answer in time, see pg-bounds.ts) and its
+ * connect bound (the socket destroyed with "timeout expired": no start-up answer in time), knex's pool timeout (every pooled
  * connection is stuck on a database that does not answer), and knex's "Transaction query
  * already complete": a transaction whose BEGIN (or an earlier statement) failed on a lost
  * connection is marked complete by knex, which keeps the socket error to itself and
@@ -56,7 +58,7 @@ const SOCKET_CODES = new Set([
  * transaction is an `em.transactional` callback), so here it means a lost connection.
  */
 const OUTAGE_MESSAGES =
-  /Connection terminated|Timeout acquiring a connection|timeout exceeded when trying to connect|Connection ended unexpectedly|Client has encountered a connection error|connection is closed|The database connection is not open|Transaction query already complete/i;
+  /Connection terminated|Query read timeout|^timeout expired$|Timeout acquiring a connection|timeout exceeded when trying to connect|Connection ended unexpectedly|Client has encountered a connection error|connection is closed|The database connection is not open|Transaction query already complete/i;
 
 /**
  * Whether `err` (or an error it wraps) says the database cannot serve the request now,

@@ -9,6 +9,7 @@ import { Migrator } from "@mikro-orm/migrations";
 import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql";
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
+import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
@@ -81,6 +82,11 @@ export interface InitOrmOptions {
   log?: (message: string) => void;
   /** Run migrations before returning (the server does; `migrate --status` does not). */
   migrate?: boolean;
+  /**
+   * PostgreSQL: bounds on connecting and on each statement (default 5,000 ms each, as the
+   * `database.*TimeoutMs` config keys; see pg-bounds.ts).
+   */
+  bounds?: Partial<PgBounds>;
 }
 
 /** Attempts of {@link Storage.migrate} when another schema vanished under its introspection. */
@@ -185,6 +191,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     allowGlobalContext: false,
   };
   let orm: MikroORM;
+  // PostgreSQL: lifts the client-side statement bound for a migration (see pg-bounds.ts).
+  let exempt = <T>(fn: () => Promise<T>) => fn();
   if (target.kind === "sqlite") {
     if (target.location !== ":memory:") prepareSqliteFiles(target.location);
     orm = await BetterSqliteORM.init({
@@ -202,17 +210,26 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     }
     await orm.em.getConnection().execute("pragma busy_timeout = 5000");
   } else {
+    const bounds = pgBoundOptions({
+      statementTimeoutMs: options.bounds?.statementTimeoutMs ?? 5_000,
+      connectTimeoutMs: options.bounds?.connectTimeoutMs ?? 5_000,
+    });
+    exempt = bounds.exempt;
     orm = await PostgresORM.init({
       ...common,
       driver: PostgreSqlDriver,
       clientUrl: target.location,
       driverOptions: {
         log: knexLog(options.log),
-        // Unqualified names in migrations and raw queries resolve to the configured schema.
-        ...(target.schema ? { connection: { options: `-c search_path=${target.schema}` } } : {}),
+        acquireConnectionTimeout: bounds.driverOptions.acquireConnectionTimeout,
+        connection: {
+          ...bounds.driverOptions.connection,
+          // Unqualified names in migrations and raw queries resolve to the configured schema.
+          ...(target.schema ? { options: `-c search_path=${target.schema}` } : {}),
+        },
       },
       ...(target.schema ? { schema: target.schema } : {}),
-      pool: { min: 1, max: 10 },
+      pool: { min: 1, max: 10, ...bounds.pool },
     } as Options<PostgreSqlDriver>).catch((err: unknown) => {
       throw unreachable(err) ?? err;
     });
@@ -220,9 +237,21 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   const em = orm.em as unknown as EntityManager;
   const migrateHeld = async (): Promise<string[]> => {
     const migrator = orm.getMigrator();
+    const conn = em.getConnection();
+    // A migration may rewrite a large table: exempt from the statement bounds (server and
+    // client side), in the one transaction that applies every pending migration.
+    const up = () =>
+      target.kind === "postgresql"
+        ? exempt(() =>
+            conn.transactional(async (trx) => {
+              await conn.execute("set local statement_timeout = 0", [], "run", trx);
+              return migrator.up({ transaction: trx });
+            }),
+          )
+        : migrator.up();
     for (let attempt = 1; ; attempt++) {
       try {
-        const applied = await migrator.up();
+        const applied = await up();
         return applied.map((m) => m.name);
       } catch (err) {
         if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))

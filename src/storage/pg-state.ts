@@ -20,16 +20,55 @@ export function stateChannel(schema: string): string {
  * user of the session should) before calling its `start()`.
  */
 export async function createStateNotifier(storage: Storage, logger?: PgNotifyLogger): Promise<PgNotifier> {
-  const rows = (await storage.em.getConnection().execute("select current_schema() as s")) as { s: string }[];
   return new PgNotifier({
     url: storage.target.location,
-    applicationName: `tessera:${stateChannel(rows[0]?.s ?? "public")}`,
+    applicationName: `tessera:${await stateChannelOf(storage)}`,
     ...(logger ? { logger } : {}),
+  });
+}
+
+/** The state channel of the schema `storage` works in ({@link stateChannel}). */
+export async function stateChannelOf(storage: Storage): Promise<string> {
+  const rows = (await storage.em.getConnection().execute("select current_schema() as s")) as { s: string }[];
+  return stateChannel(rows[0]?.s ?? "public");
+}
+
+/** The payload the triggers send for a change to the signing keys. */
+export const SIGNING_KEYS_PAYLOAD = "signing_keys";
+
+/**
+ * Have `onChange` called when the signing keys change (the `signing_keys` trigger's
+ * notification on `channel`), and when the listener comes back online (a change may have
+ * been missed meanwhile). Subscribe before the notifier starts.
+ */
+export function subscribeKeyChanges(notifier: PgNotifier, channel: string, onChange: () => void): void {
+  notifier.subscribe(channel, (payload) => {
+    if (payload === SIGNING_KEYS_PAYLOAD) onChange();
+  });
+  notifier.onStatus((online) => {
+    if (online) onChange();
   });
 }
 
 /** Tables the triggers announce: the state tables and the signing keys. */
 const ANNOUNCED: ReadonlySet<string> = new Set<string>([...STATE_TABLES, "signing_keys"]);
+
+/** The trigger Migration20261204230000_state_notify puts on every announced table. */
+export const NOTIFY_TRIGGER = "tessera_state_notify";
+
+/**
+ * SQL listing, of the tables named in its one parameter (comma-separated: knex would expand
+ * an array parameter into a list) in the current schema, those that have the
+ * notify trigger, enabled. A table rebuilt, or a trigger dropped or disabled by hand,
+ * would leave changes unannounced and caches stale.
+ */
+export const TRIGGERED_TABLES_SQL =
+  "select c.relname as t from pg_class c join pg_namespace n on n.oid = c.relnamespace " +
+  "join pg_trigger tg on tg.tgrelid = c.oid " +
+  `where n.nspname = current_schema() and c.relname = any(string_to_array(?, ',')) and tg.tgname = '${NOTIFY_TRIGGER}' and tg.tgenabled <> 'D'`;
+
+/** Every table whose changes must be announced, for {@link TRIGGERED_TABLES_SQL}. */
+export const ANNOUNCED_TABLES: readonly string[] = [...ANNOUNCED];
 const WATCHED: ReadonlySet<string> = new Set<string>(STATE_TABLES);
 
 /** Payload prefixes of the write barrier (table names never start with "~"). */
@@ -78,7 +117,13 @@ export interface PgStateCacheOptions {
   alive(pids: number[]): Promise<number[]>;
   /** End the sessions `pids` (`pg_terminate_backend`): their instances then stop trusting their caches. */
   terminate(pids: number[]): Promise<void>;
-  logger?: { warn(obj: object, msg: string): void };
+  /** Announced tables ({@link ANNOUNCED_TABLES}) lacking their enabled notify trigger. */
+  missingTriggers(): Promise<string[]>;
+  logger?: {
+    info?(obj: object, msg: string): void;
+    warn(obj: object, msg: string): void;
+    error?(obj: object, msg: string): void;
+  };
 }
 
 /**
@@ -109,6 +154,13 @@ export class PgStateCache {
   /** Barrier tokens awaited, with what is still missing. */
   private readonly waiting = new Map<string, { own: boolean; peers: Set<number>; done: () => void }>();
   private readonly timeoutMs: number;
+  /** Whether the last trigger check found every announced table's trigger (false until one has). */
+  private triggersOk = false;
+  private missing: string[] = [];
+  /** Trigger checks started; a result is used only if no later check started since. */
+  private checks = 0;
+  private missingReported = false;
+  private retryTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly notifier: PgNotifier,
@@ -117,12 +169,64 @@ export class PgStateCache {
     this.rows = new RowBuckets(options.perStatement);
     this.timeoutMs = options.barrierTimeoutMs ?? 1_000;
     notifier.subscribe(options.channel, (payload) => this.onNotification(payload));
-    notifier.onStatus(() => this.invalidate());
+    let first = true;
+    notifier.onStatus((online) => {
+      this.invalidate();
+      // Back online after a loss: the triggers may have changed meanwhile (a table rebuilt
+      // by a restore, a migration): checked again, cache off until then. The first time,
+      // the check of start-up (checkTriggers, awaited before serving) stands.
+      if (online && !first) void this.checkTriggers();
+      if (online) first = false;
+    });
   }
 
   /** Whether answers may come from memory now. */
   get enabled(): boolean {
-    return this.options.perStatement > 0 && this.notifier.online;
+    return this.options.perStatement > 0 && this.notifier.online && this.triggersOk;
+  }
+
+  /**
+   * Check that every announced table has its notify trigger: without one, a change to
+   * that table would empty no cache, so the cache is refused (every read goes to the
+   * database, which stays exact) until a later check finds them all. Missing triggers are
+   * logged as an error once per episode and counted in {@link stats}. A check that cannot
+   * run (the database away) leaves the cache off and is tried again a second later.
+   * Why not refuse to start: the service stays correct without the cache, only slower, and
+   * an operator who dropped a trigger by mistake should get an alarm, not an outage.
+   */
+  async checkTriggers(): Promise<void> {
+    const run = ++this.checks;
+    this.triggersOk = false;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    let missing: string[];
+    try {
+      missing = await this.options.missingTriggers();
+    } catch {
+      if (run === this.checks) {
+        this.retryTimer = setTimeout(() => void this.checkTriggers(), 1_000);
+        this.retryTimer.unref();
+      }
+      return;
+    }
+    if (run !== this.checks) return;
+    this.missing = missing;
+    if (missing.length > 0) {
+      if (!this.missingReported)
+        (this.options.logger?.error ?? this.options.logger?.warn)?.call(
+          this.options.logger,
+          { tables: missing, trigger: NOTIFY_TRIGGER },
+          "state cache off: tables lack the trigger that announces their changes (re-run the migration Migration20261204230000_state_notify's statements or restore the triggers); reading through",
+        );
+      this.missingReported = true;
+      return;
+    }
+    if (this.missingReported)
+      this.options.logger?.info?.({}, "state cache on: every announced table has its trigger again");
+    this.missingReported = false;
+    // Nothing was kept while off; emptied anyway, for reads that were in flight.
+    this.invalidate();
+    this.triggersOk = true;
   }
 
   async read<T>(sql: string, params: readonly unknown[], load: () => Promise<T>): Promise<T> {
@@ -146,7 +250,7 @@ export class PgStateCache {
   }
 
   stats(): StateCacheStats {
-    return { enabled: this.enabled, ...this.rows.counters };
+    return { enabled: this.enabled, ...this.rows.counters, triggersMissing: this.missing.length };
   }
 
   private invalidate(): void {

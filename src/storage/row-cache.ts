@@ -36,6 +36,11 @@ export interface StateCacheStats {
   misses: number;
   /** Times the whole cache was dropped because a watched table changed (or, on PostgreSQL, could have). */
   invalidations: number;
+  /**
+   * PostgreSQL: tables whose change-announcing trigger was missing at the last check (at
+   * start and whenever the listener comes back); while any is, the cache is off.
+   */
+  triggersMissing?: number;
 }
 
 /** Table names a statement reads (after FROM and JOIN). */

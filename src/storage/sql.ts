@@ -1,7 +1,13 @@
 import type { EntityManager } from "@mikro-orm/knex";
 import type { Storage } from "./orm.js";
 import type { PgNotifier } from "./pg-notify.js";
-import { installWriteHook, PgStateCache, stateChannel } from "./pg-state.js";
+import {
+  ANNOUNCED_TABLES,
+  installWriteHook,
+  PgStateCache,
+  stateChannel,
+  TRIGGERED_TABLES_SQL,
+} from "./pg-state.js";
 import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 
 /**
@@ -62,8 +68,12 @@ export interface SqlRunnerOptions {
   notifier?: PgNotifier;
   /** PostgreSQL: bound of a write's barrier (default 1,000 ms, see {@link PgStateCache.barrier}). */
   barrierTimeoutMs?: number;
-  /** PostgreSQL: where the cache reports a barrier past its bound. */
-  logger?: { warn(obj: object, msg: string): void };
+  /** PostgreSQL: where the cache reports a barrier past its bound and missing triggers. */
+  logger?: {
+    info(obj: object, msg: string): void;
+    warn(obj: object, msg: string): void;
+    error(obj: object, msg: string): void;
+  };
 }
 
 interface BetterSqliteStatement {
@@ -172,6 +182,11 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         );
         return rows.map((r) => Number(r.pid));
       },
+      async missingTriggers() {
+        const rows = await all<{ t: string }>(TRIGGERED_TABLES_SQL, [ANNOUNCED_TABLES.join(",")]);
+        const present = new Set(rows.map((r) => r.t));
+        return ANNOUNCED_TABLES.filter((t) => !present.has(t));
+      },
       async terminate(pids) {
         if (pids.length === 0) return;
         await all(
@@ -180,6 +195,8 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         );
       },
     });
+    // Before serving (the cache is off until a check finds every trigger).
+    await cache.checkTriggers();
     const barrierCache = cache;
     installWriteHook(conn as unknown as Parameters<typeof installWriteHook>[0], () => barrierCache.barrier());
   }

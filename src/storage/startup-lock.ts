@@ -3,6 +3,7 @@ import { chmodSync, closeSync, openSync } from "node:fs";
 import { createRequire } from "node:module";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { EntityManager } from "@mikro-orm/knex";
+import { CLIENT_TIMEOUT_MARGIN_MS } from "./pg-bounds.js";
 
 /** How long a start-up waits for another instance's migrations and bootstrap. */
 export const STARTUP_LOCK_TIMEOUT_MS = 120_000;
@@ -35,10 +36,17 @@ export async function withPostgresLock<T>(
 ): Promise<T> {
   const knex = em.getConnection().getKnex();
   const [classId, objId] = advisoryLockKey(schema);
+  const waitMs = Math.max(1, Math.floor(timeoutMs));
   return knex.transaction(async (trx) => {
-    await trx.raw(`set local lock_timeout = ${Math.max(1, Math.floor(timeoutMs))}`);
+    // The wait has its own bound (lock_timeout), not the per-statement one of every other
+    // statement (pg-bounds.ts): lifted on the server for this transaction, and on the
+    // client for this statement (a little past the lock's bound).
+    await trx.raw(`set local lock_timeout = ${waitMs}`);
+    await trx.raw("set local statement_timeout = 0");
     try {
-      await trx.raw("select pg_advisory_xact_lock(?, ?)", [classId, objId]);
+      await trx
+        .raw("select pg_advisory_xact_lock(?, ?)", [classId, objId])
+        .options({ query_timeout: waitMs + CLIENT_TIMEOUT_MARGIN_MS });
     } catch (err) {
       if ((err as { code?: unknown }).code === "55P03")
         throw new StartupLockTimeoutError(

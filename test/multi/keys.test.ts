@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -12,6 +13,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { type App, createApp } from "../../src/app.js";
 import { startServer, type TesseraServer } from "../../src/server.js";
 import { initORM } from "../../src/storage/orm.js";
+import { stateChannelOf } from "../../src/storage/pg-state.js";
 import { rejection } from "../errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -118,7 +120,7 @@ describe("signing keys across three `tessera serve` on one PostgreSQL schema", (
     await dropSchema(url);
   });
 
-  it("rotates once per interval under load: tokens of every instance verify everywhere, new keys reach all before they sign (median within 1 s), JWKS identical", async () => {
+  it("rotates once per interval under load: tokens of every instance verify everywhere, new keys reach all before they sign (every one within 1 s), JWKS identical", async () => {
     const certDir = join(mkdtempSync(join(tmpdir(), "tessera-keys-")), "certs");
     const instances = await Promise.all([0, 1, 2].map(() => serve(url, certDir)));
     const dispatcher = new Agent({ connect: { ca: readFileSync(join(certDir, "ca.crt")) }, connections: 8 });
@@ -224,10 +226,11 @@ describe("signing keys across three `tessera serve` on one PostgreSQL schema", (
         }
       }
       expect(lags.length).toBeGreaterThanOrEqual(3);
-      // The target, 1 s, holds for the median however loaded the machine; a single reading
-      // can exceed it when the instances' event loops are starved (1135 ms once at load
-      // average 25 on 2 cores), and the hard bound, before activation, is asserted above.
-      expect(quantile(lags, 0.5)).toBeLessThan(1000);
+      // The target, 1 s, for every reading: each instance reads a new key when the
+      // signing_keys trigger's notification arrives (tens of ms), the 500 ms poll only
+      // backing it up. (With the poll alone the worst reading had reached 1135 ms at load
+      // average 25 on 2 cores.)
+      expect(Math.max(...lags), JSON.stringify(lags)).toBeLessThan(1000);
       // Every JWKS answer of every instance holds every key that had activated when it was
       // asked for (whatever instance created it), and no key the database does not hold;
       // answers differ at most by a pre-published key not read everywhere yet.
@@ -294,6 +297,9 @@ describe("unknown kids on a real server over TLS (two in-process instances, one 
       servers.push(await startServer(app));
     }
     const [a, b] = apps as [App, App];
+    // Nor notifications: B's listening session is closed (its state cache is off, its reads
+    // go to the database), so the key's notification does not reach it either.
+    await b.notifier!.close();
     const transport = createConnectTransport({
       baseUrl: servers[1]!.url,
       httpVersion: "2",
@@ -336,5 +342,73 @@ describe("unknown kids on a real server over TLS (two in-process instances, one 
     expect(reads).toBeGreaterThanOrEqual(1);
     expect(reads).toBeLessThanOrEqual(Math.ceil(elapsed / 250) + 1);
     console.log(`400 forged kids over TLS in ${elapsed.toFixed(0)} ms: ${reads} key reads`);
+  }, 60_000);
+});
+
+describe("signing keys announced by NOTIFY (two in-process instances, one PostgreSQL schema, the poll at 60 s)", () => {
+  const url = POSTGRES.url();
+  const apps: App[] = [];
+  afterAll(async () => {
+    for (const a of apps) await a.close();
+    await dropSchema(url);
+  });
+
+  it("makes every key one instance creates known to the other within 1 s, with no poll to help", async () => {
+    for (let i = 0; i < 2; i++)
+      apps.push(
+        await createApp(testConfig(url, { auth: { jwt: { keyRefreshMs: 60_000 } } }), {
+          logger: silentLogger,
+        }),
+      );
+    const [a, b] = apps as [App, App];
+    expect(await b.notifier!.whenOnline(5_000)).toBe(true);
+    // A third listener on the schema's channel marks each commit: the trigger's notification
+    // is delivered when the transaction commits, so its arrival here is the commit (plus a
+    // loopback delivery the instances pay as well).
+    const { Client } = createRequire(import.meta.url)("pg") as {
+      Client: new (o: {
+        connectionString: string;
+      }) => {
+        connect(): Promise<void>;
+        query(sql: string): Promise<unknown>;
+        end(): Promise<void>;
+        on(event: "notification", fn: (m: { payload?: string }) => void): void;
+      };
+    };
+    const marker = new Client({ connectionString: a.storage.target.location });
+    await marker.connect();
+    let committedAt = Number.NaN;
+    marker.on("notification", (m) => {
+      if (m.payload === "signing_keys" && Number.isNaN(committedAt)) committedAt = performance.now();
+    });
+    await marker.query(`listen "${await stateChannelOf(a.storage)}"`);
+    const lags: number[] = [];
+    try {
+      for (let round = 0; round < 8; round++) {
+        const creator = round % 2 ? b : a;
+        const other = round % 2 ? a : b;
+        const known = new Set(other.jwt.jwks().keys.map((k) => k.kid));
+        committedAt = Number.NaN;
+        const rotation = creator.jwt.rotate();
+        let learntAt = Number.NaN;
+        const started = performance.now();
+        while (performance.now() - started < 10_000) {
+          if (other.jwt.jwks().keys.some((k) => !known.has(k.kid))) {
+            learntAt = performance.now();
+            break;
+          }
+          await sleep(2);
+        }
+        const kid = (await rotation)!.kid;
+        expect(other.jwt.jwks().keys.map((k) => k.kid)).toContain(kid);
+        expect(committedAt).not.toBeNaN();
+        lags.push(Math.max(0, learntAt - committedAt));
+      }
+    } finally {
+      await marker.end();
+    }
+    // Every key, not the median: the notification is the mechanism, and 60 s of poll cannot explain any.
+    expect(Math.max(...lags), JSON.stringify(lags)).toBeLessThan(1000);
+    console.log(`keys by NOTIFY: ${lags.map((l) => l.toFixed(0)).join("/")} ms after the commit`);
   }, 60_000);
 });

@@ -11,6 +11,7 @@ import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { startServer, type TesseraServer } from "../../src/server.js";
+import { CLIENT_TIMEOUT_MARGIN_MS } from "../../src/storage/pg-bounds.js";
 import { ADMIN_PASSWORD, clientFor, createTestCerts, DATABASES, type TestCerts } from "../helpers.js";
 import { type OutageApp, startOutageApp } from "../outage-helpers.js";
 
@@ -240,6 +241,139 @@ describe.each(DATABASES.map((d) => d.name))("a database outage under load (%s)",
       `${kind}: ${outcomes.length} calls, ${inOutage.length} during the outage, ` +
         `${failed.length} Unavailable, 0 Internal; ${outageAudited.length} audited calls in the outage, ` +
         `${ids.length} audited in all, all in audit_events (${stats.failures} failed writes retried)`,
+    );
+  }, 90_000);
+});
+
+/**
+ * A PostgreSQL that stops answering (the proxy holds every byte: a frozen host, a partition
+ * that drops packets) rather than refusing or resetting: every call that needs the
+ * database is answered Unavailable with Retry-After within the configured statement and
+ * connect bounds, on Connect and gRPC, none is answered Internal, and once the database
+ * answers again calls succeed.
+ */
+describe.skipIf(!DATABASES.some((d) => d.name === "postgres"))("a PostgreSQL that stops answering", () => {
+  const STATEMENT_MS = 1_000;
+  const CONNECT_MS = 1_000;
+  // The client gives up 1 s after the server's own bound (CLIENT_TIMEOUT_MARGIN_MS); a call
+  // may meet one timed-out statement and one connection attempt, and the machine is busy.
+  const BOUND_MS = STATEMENT_MS + CLIENT_TIMEOUT_MARGIN_MS + CONNECT_MS + 3_000;
+  let env: OutageApp;
+  let server: TesseraServer;
+  let certs: TestCerts;
+  const transports: Record<string, Transport> = {};
+  let pat: string;
+  let freshPat: string;
+  const bob = { username: "bob-frozen", password: "bob's long password" };
+
+  beforeAll(async () => {
+    certs = await createTestCerts();
+    env = await startOutageApp("postgres", {
+      server: { certDir: certs.dir },
+      database: { statementTimeoutMs: STATEMENT_MS, connectTimeoutMs: CONNECT_MS },
+    });
+    server = await startServer(env.app);
+    const nodeOptions = { ca: certs.ca };
+    transports.connect = createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions });
+    transports.grpc = createGrpcTransport({ baseUrl: server.url, nodeOptions });
+    const jwt = (
+      await clientFor(UserService, transports.connect!).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+    await clientFor(UserService, transports.connect!, jwt).createUser({ ...bob, scopes: [] });
+    const tokens = clientFor(TokenService, transports.connect!, jwt);
+    pat = (await tokens.createPersonalAccessToken({ name: "p" })).token;
+    freshPat = (await tokens.createPersonalAccessToken({ name: "never used before the freeze" })).token;
+  }, 60_000);
+  afterAll(async () => {
+    await server?.close(0);
+    await env?.close();
+  });
+
+  it("answers Unavailable with Retry-After within the configured bound, never Internal, and recovers when it answers again", async () => {
+    interface Timed {
+      op: string;
+      protocol: string;
+      ms: number;
+      code: Code | "ok";
+      reason: string | undefined;
+      retryAfter: string | null;
+    }
+    const timed = async (
+      op: string,
+      protocol: string,
+      fn: (o: object) => Promise<unknown>,
+    ): Promise<Timed> => {
+      const t0 = performance.now();
+      try {
+        // The client's own deadline is far past the bound: a hang shows as a slow call, not a client timeout.
+        await fn({ timeoutMs: 30_000 });
+        return { op, protocol, ms: performance.now() - t0, code: "ok", reason: undefined, retryAfter: null };
+      } catch (err) {
+        const ce = ConnectError.from(err);
+        return {
+          op,
+          protocol,
+          ms: performance.now() - t0,
+          code: ce.code,
+          reason: ce.findDetails(ErrorInfoSchema)[0]?.reason,
+          retryAfter: ce.metadata.get("retry-after"),
+        };
+      }
+    };
+    // Calls that each need the database: a login (a session row), creating a token (a
+    // write), a token never used (its row was never read). Connect and gRPC, several at once.
+    const round = (withFresh: boolean) =>
+      Promise.all(
+        Object.entries(transports).flatMap(([protocol, t]) => {
+          const fresh = withFresh
+            ? [
+                timed("GetCurrentUser/fresh", protocol, (o) =>
+                  clientFor(UserService, t, freshPat).getCurrentUser({}, o),
+                ),
+              ]
+            : [];
+          return [
+            ...fresh,
+            timed("Login", protocol, (o) => clientFor(UserService, t).login(bob, o)),
+            timed("Login", protocol, (o) => clientFor(UserService, t).login(bob, o)),
+            timed("CreatePersonalAccessToken", protocol, (o) =>
+              clientFor(TokenService, t, pat).createPersonalAccessToken({ name: "frozen" }, o),
+            ),
+          ];
+        }),
+      );
+    const before = await round(false);
+    expect(before.filter((c) => c.code !== "ok")).toEqual([]);
+
+    env.freeze!();
+    // Two rounds: the first meets pooled connections stuck mid-statement, the second new
+    // connections that never finish their start-up (the stuck ones are dropped).
+    const frozen = [...(await round(true)), ...(await round(true))];
+    await env.restore();
+
+    expect(frozen.filter((c) => c.code === Code.Internal || c.code === Code.Unknown)).toEqual([]);
+    for (const c of frozen)
+      expect(c, JSON.stringify(c)).toMatchObject({
+        code: Code.Unavailable,
+        reason: "UNAVAILABLE",
+        retryAfter: "1",
+      });
+    const slowest = Math.max(...frozen.map((c) => c.ms));
+    expect(slowest, JSON.stringify(frozen)).toBeLessThan(BOUND_MS);
+    for (const protocol of Object.keys(transports))
+      expect(frozen.some((c) => c.protocol === protocol)).toBe(true);
+
+    // It answers again: calls succeed within a few seconds.
+    const deadline = Date.now() + 20_000;
+    let after: Timed[] = [];
+    do {
+      await sleep(250);
+      after = await round(true);
+    } while (after.some((c) => c.code !== "ok") && Date.now() < deadline);
+    expect(after.filter((c) => c.code !== "ok")).toEqual([]);
+    console.log(
+      `frozen PostgreSQL: ${frozen.length} calls, all Unavailable, slowest ${Math.round(slowest)} ms ` +
+        `(statement bound ${STATEMENT_MS} ms, connect bound ${CONNECT_MS} ms)`,
     );
   }, 90_000);
 });
