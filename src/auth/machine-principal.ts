@@ -8,7 +8,7 @@ import type { LastUsedTracker } from "./last-used.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
 import type { AuthMethod, PeerCertificateInfo, Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
-import type { VerifiedSecretCache } from "./secret-cache.js";
+import type { SharedDigest, VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
 
 /**
@@ -42,6 +42,8 @@ export interface MachineCredentialState {
   credentialId: string;
   kind: string;
   secretHash: string;
+  /** The shared digest of the secret, once some instance verified it (see VerifiedSecretCache). */
+  verifiedDigest: string | null;
   expiresAt: number | null;
   machine: MachineAuthState;
 }
@@ -62,6 +64,7 @@ interface CredentialRow extends MachineRow {
   credential_id: string;
   kind: string;
   secret_hash: string;
+  verified_digest: string | null;
   expires_at: unknown;
 }
 
@@ -79,8 +82,13 @@ const MACHINE_JOINS =
 
 /** One round trip: the credential, its machine user, the tenant and the assignments (one row per application). */
 const SELECT_BY_CREDENTIAL =
-  `select c.id as credential_id, c.kind, c.secret_hash, c.expires_at, ${MACHINE_COLUMNS} ` +
+  `select c.id as credential_id, c.kind, c.secret_hash, c.verified_digest, c.expires_at, ${MACHINE_COLUMNS} ` +
   `from machine_credentials c join machine_users m on m.id = c.machine_user_id ${MACHINE_JOINS} where c.public_id = ?`;
+
+/** The stored digest read past the state cache (see SharedDigest.fresh). */
+const SELECT_DIGEST = "select verified_digest from machine_credentials where id = ?";
+/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
+const STORE_DIGEST = "update machine_credentials set verified_digest = ? where id = ? and secret_hash = ?";
 
 const SELECT_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
 
@@ -103,6 +111,7 @@ function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | 
     credentialId: first.credential_id,
     kind: first.kind,
     secretHash: first.secret_hash,
+    verifiedDigest: first.verified_digest,
     expiresAt: toMillis(first.expires_at),
     machine: toMachine(rows),
   };
@@ -147,6 +156,20 @@ export class MachineStateReader {
   /** The credential whose public id (token id or Basic username) is `publicId`. */
   async byCredential(publicId: string): Promise<MachineCredentialState | null> {
     return toCredential(await this.sql.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]));
+  }
+
+  /** The shared digest of a credential's secret (generated, high-entropy: see VerifiedSecretCache). */
+  sharedDigest(cred: MachineCredentialState): SharedDigest {
+    const sql = this.sql;
+    return {
+      stored: cred.verifiedDigest,
+      fresh: async () =>
+        (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [cred.credentialId]))
+          ?.verified_digest ?? null,
+      save: async (digest) => {
+        await sql.run(STORE_DIGEST, [digest, cred.credentialId, cred.secretHash]);
+      },
+    };
   }
 
   /**
@@ -315,7 +338,10 @@ export function createMachineBearerVerifier(
       const cred = machines.byCredentialNow(presented.id);
       if (cred === undefined) return undefined;
       assertUsable(cred);
-      if (!secrets.knows(`machine:${cred.credentialId}`, presented.secret, cred.secretHash)) return undefined;
+      if (
+        !secrets.knows(`machine:${cred.credentialId}`, presented.secret, cred.secretHash, cred.verifiedDigest)
+      )
+        return undefined;
       return accepted(cred, state);
     },
     async verify(token, state) {
@@ -323,7 +349,14 @@ export function createMachineBearerVerifier(
       if (presented === null) return null;
       const cred = await machines.byCredential(presented.id);
       assertUsable(cred);
-      if (!(await secrets.verify(`machine:${cred.credentialId}`, presented.secret, cred.secretHash))) {
+      if (
+        !(await secrets.verify(
+          `machine:${cred.credentialId}`,
+          presented.secret,
+          cred.secretHash,
+          machines.sharedDigest(cred),
+        ))
+      ) {
         throw new TesseraError("TOKEN_INVALID", "token is not recognised");
       }
       return accepted(cred, state);
@@ -360,7 +393,14 @@ export function createMachineBasicVerifier(
         await verifySecret(password, cred.secretHash);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
-      if (!(await secrets.verify(`machine:${cred.credentialId}`, password, cred.secretHash))) {
+      if (
+        !(await secrets.verify(
+          `machine:${cred.credentialId}`,
+          password,
+          cred.secretHash,
+          machines.sharedDigest(cred),
+        ))
+      ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       if (cred.expiresAt !== null && cred.expiresAt <= now()) {
