@@ -7,6 +7,7 @@ import {
   type SharedDigest,
   VerifiedSecretCache,
 } from "../src/auth/secret-cache.js";
+import { writesAnnouncedState } from "../src/storage/pg-state.js";
 
 /** The verified-secret cache on its own: its memory bound and its shared digests. */
 
@@ -151,5 +152,18 @@ describe("verified-secret cache", () => {
     await settle();
     expect(col.state.saves).toBe(0);
     expect(col.state.freshReads).toBe(0);
+  });
+
+  it("stores a digest without a PostgreSQL write barrier, unless the statement changes more than the digest", () => {
+    expect(
+      writesAnnouncedState("update api_tokens set verified_digest = ? where id = ? and secret_hash = ?"),
+    ).toBe(false);
+    expect(writesAnnouncedState("update machine_credentials set verified_digest = ? where id = ?")).toBe(
+      false,
+    );
+    expect(
+      writesAnnouncedState("update api_tokens set verified_digest = ?, secret_hash = ? where id = ?"),
+    ).toBe(true);
+    expect(writesAnnouncedState("update api_tokens set secret_hash = ? where id = ?")).toBe(true);
   });
 });

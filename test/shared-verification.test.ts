@@ -12,7 +12,9 @@ import { hashPool } from "../src/auth/hash-pool.js";
 import { hashSecret } from "../src/auth/password.js";
 import { SECRET_CACHE_ENTRY_BYTES, sharedDigestKey, VerifiedSecretCache } from "../src/auth/secret-cache.js";
 import { parseToken } from "../src/auth/token-format.js";
+import { createApiTokenVerifier } from "../src/auth/token-verifier.js";
 import { startServer, type TesseraServer } from "../src/server.js";
+import type { SqlRunner } from "../src/storage/sql.js";
 import { rejection } from "./errors-util.js";
 import {
   clientFor,
@@ -265,6 +267,54 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
     // The master key itself (not the derived key) does not make it either.
     const rawKey = new VerifiedSecretCache({ maxBytes: 1 << 20, sharedKey: masterKey });
     expect(rawKey.knows(namespace, parsed.secret, row.secret_hash, stored)).toBe(false);
+  });
+
+  it("reads a shared digest with the row it reads anyway: no query of its own once stored", async () => {
+    const pat = await patOnA();
+    const statements: string[] = [];
+    const sql = a.app.sql;
+    const counting: SqlRunner = {
+      ...sql,
+      cachedGet(q, p) {
+        statements.push(q);
+        return sql.cachedGet(q, p);
+      },
+      get(q, p) {
+        statements.push(q);
+        return sql.get(q, p);
+      },
+      run(q, p) {
+        statements.push(q);
+        return sql.run(q, p);
+      },
+    };
+    const verifier = createApiTokenVerifier({
+      sql: counting,
+      secrets: a.app.secrets,
+      lastUsed: a.app.lastUsed,
+      patPrefix: "tsr_pat_",
+      apiKeyPrefix: "tsr_key_",
+    });
+    const verify = async () => {
+      statements.length = 0;
+      await verifier.verify(pat.token, {
+        requestId: "t",
+        ip: "127.0.0.1",
+        certificate: null,
+        principal: null,
+      });
+      await until(async () => (await digestOf(pat.id)) !== null, "the digest stored");
+      return statements.map((q) => q.split(" ").slice(0, 2).join(" "));
+    };
+    // First use anywhere: the row, the digest read past the state cache (none yet), PBKDF2, the digest stored.
+    expect(await verify()).toEqual(["select k.id,", "select verified_digest", "update api_tokens"]);
+    // In-process hit, and then (cache emptied: another instance, a restart, an eviction) the
+    // digest the row brought: the row read alone either way.
+    expect(await verify()).toEqual(["select k.id,"]);
+    a.app.secrets.clear();
+    const before = hashes();
+    expect(await verify()).toEqual(["select k.id,"]);
+    expect(hashes() - before).toBe(0);
   });
 
   it("serves a working set larger than the in-process caches with no PBKDF2 once digests are shared", async () => {

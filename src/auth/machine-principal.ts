@@ -104,8 +104,26 @@ function bindingQuery(sanCount: number): string {
 /** States folded from cached row lists (the state cache hands out the same frozen list until it changes). */
 const folded = new WeakMap<readonly MachineRow[], MachineAuthState>();
 
+/** Credentials folded from cached row lists: one object per list, so that learnt digests stick to it. */
+const credentials = new WeakMap<readonly CredentialRow[], MachineCredentialState>();
+
 function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
   if (rows.length === 0) return null;
+  let cred = credentials.get(rows);
+  if (cred === undefined) {
+    cred = foldCredential(rows);
+    credentials.set(rows, cred);
+  }
+  return cred;
+}
+
+/**
+ * Digests stored or read after a credential's rows were (see the same in token-verifier.ts):
+ * storing one empties no state cache, so the rows a cache keeps may predate it.
+ */
+const learntDigests = new WeakMap<MachineCredentialState, string>();
+
+function foldCredential(rows: readonly CredentialRow[]): MachineCredentialState {
   const first = rows[0]!;
   return {
     credentialId: first.credential_id,
@@ -162,14 +180,23 @@ export class MachineStateReader {
   sharedDigest(cred: MachineCredentialState): SharedDigest {
     const sql = this.sql;
     return {
-      stored: cred.verifiedDigest,
-      fresh: async () =>
-        (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [cred.credentialId]))
-          ?.verified_digest ?? null,
+      stored: this.digestOf(cred),
+      fresh: async () => {
+        const found = (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [cred.credentialId]))
+          ?.verified_digest;
+        if (found) learntDigests.set(cred, found);
+        return found ?? null;
+      },
       save: async (digest) => {
         await sql.run(STORE_DIGEST, [digest, cred.credentialId, cred.secretHash]);
+        learntDigests.set(cred, digest);
       },
     };
+  }
+
+  /** The digest known for a credential read. */
+  digestOf(cred: MachineCredentialState): string | null {
+    return learntDigests.get(cred) ?? cred.verifiedDigest;
   }
 
   /**
@@ -339,7 +366,12 @@ export function createMachineBearerVerifier(
       if (cred === undefined) return undefined;
       assertUsable(cred);
       if (
-        !secrets.knows(`machine:${cred.credentialId}`, presented.secret, cred.secretHash, cred.verifiedDigest)
+        !secrets.knows(
+          `machine:${cred.credentialId}`,
+          presented.secret,
+          cred.secretHash,
+          machines.digestOf(cred),
+        )
       )
         return undefined;
       return accepted(cred, state);

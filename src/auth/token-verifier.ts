@@ -76,13 +76,30 @@ const STORE_DIGEST = "update api_tokens set verified_digest = ? where id = ? and
 /** The shared digest of a token row, for VerifiedSecretCache.verify. */
 function sharedDigest(sql: SqlRunner, row: TokenRow): SharedDigest {
   return {
-    stored: row.verified_digest,
-    fresh: async () =>
-      (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [row.id]))?.verified_digest ?? null,
+    stored: digestOf(row),
+    fresh: async () => {
+      const found = (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [row.id]))
+        ?.verified_digest;
+      if (found) learntDigests.set(row, found);
+      return found ?? null;
+    },
     save: async (digest) => {
       await sql.run(STORE_DIGEST, [digest, row.id, row.secret_hash]);
+      learntDigests.set(row, digest);
     },
   };
+}
+
+/**
+ * Digests stored or read after a row was: storing one empties no state cache, so the row
+ * object a cache keeps may predate it, and without this every later miss on it would read
+ * the digest again. Held per row object, whose stored hash the digest is bound to.
+ */
+const learntDigests = new WeakMap<TokenRow, string>();
+
+/** The digest known for a row read. */
+function digestOf(row: TokenRow): string | null {
+  return learntDigests.get(row) ?? row.verified_digest;
 }
 
 /** Effective scopes per row read (the state cache hands out the same frozen row until it changes). */
@@ -200,7 +217,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       if (read === undefined) return undefined;
       const row = read.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
       assertUsable(row, presented.kind);
-      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash, row.verified_digest))
+      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash, digestOf(row)))
         return undefined;
       return accepted(row, state);
     },
