@@ -13,6 +13,7 @@ import { hashSecret } from "../src/auth/password.js";
 import { SECRET_CACHE_ENTRY_BYTES, sharedDigestKey, VerifiedSecretCache } from "../src/auth/secret-cache.js";
 import { parseToken } from "../src/auth/token-format.js";
 import { createApiTokenVerifier } from "../src/auth/token-verifier.js";
+import type { ConfigInput } from "../src/config.js";
 import { startServer, type TesseraServer } from "../src/server.js";
 import type { SqlRunner } from "../src/storage/sql.js";
 import { rejection } from "./errors-util.js";
@@ -81,9 +82,10 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
   let adminJwt: string;
   let masterKey: Buffer;
 
-  async function instance(): Promise<Instance> {
+  async function instance(overrides: ConfigInput = {}): Promise<Instance> {
     const app = await createApp(
       testConfig(url, {
+        ...overrides,
         server: { certDir: certs.dir },
         auth: { tokens: { cacheMaxBytes: CACHE_ENTRIES * SECRET_CACHE_ENTRY_BYTES } },
       }),
@@ -201,6 +203,36 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
       "TOKEN_INVALID",
     );
     expect(hashes() - after).toBe(0);
+  });
+
+  it("accepts a shared-digest token where the IP's failure budget is spent, and still reserves it for one that must hash", async () => {
+    const c = await instance({
+      rateLimit: {
+        enabled: true,
+        authFailuresPerIpPerMinute: 3,
+        perIpPerMinute: 10_000,
+        perPrincipalPerMinute: 10_000,
+      },
+    });
+    try {
+      const verified = await patOnA();
+      const unused = await patOnA();
+      await me(a, verified.token);
+      await until(async () => (await digestOf(verified.id)) !== null, "the digest stored");
+      // Spend the IP's budget on C with wrong secrets (each reserved before its PBKDF2).
+      for (let i = 0; i < 3; i++)
+        expect(await reason(me(c, wrongSecret(unused.token, "tsr_pat_")))).toBe("TOKEN_INVALID");
+      expect(await reason(me(c, wrongSecret(unused.token, "tsr_pat_")))).toBe("RATE_LIMITED");
+      const before = hashes();
+      // Needs no PBKDF2 (C never saw it, but its digest is shared): accepted whatever the IP spent.
+      expect((await me(c, verified.token)).username).toBe(verified.username);
+      // Needs PBKDF2 (verified nowhere yet): the budget is asked first, and it is spent.
+      expect(await reason(me(c, unused.token))).toBe("RATE_LIMITED");
+      expect(hashes() - before).toBe(0);
+    } finally {
+      await c.server.close(0);
+      await c.app.close();
+    }
   });
 
   it("refuses on B a revoked token whose digest is stored", async () => {

@@ -55,7 +55,7 @@ export interface VerifiedSecretCacheOptions {
 export interface SecretCacheStats {
   /** Verifications answered by the in-process cache. */
   hits: number;
-  /** Verifications it could not answer (then a shared digest, or PBKDF2). */
+  /** Verifications it could not answer, answered by a shared digest or PBKDF2 (one refused hashing is not counted). */
   misses: number;
   /** Entries dropped to stay within the memory bound. */
   evictions: number;
@@ -184,11 +184,11 @@ export class VerifiedSecretCache {
       this.counters.hits++;
       return true;
     }
-    this.counters.misses++;
     const digest = shared ? this.sharedDigestOf(namespace, storedHash, secret) : undefined;
     if (shared && digest !== undefined) {
       const stored = shared.stored ?? (await shared.fresh());
       if (this.matches(stored, digest)) {
+        this.counters.misses++;
         this.counters.sharedHits++;
         this.cache.set(k, true);
         return true;
@@ -211,6 +211,9 @@ export class VerifiedSecretCache {
           () => undefined,
         );
     }
+    // Counted here, not on entry: a check refused hashing (admission's first, budget-free
+    // attempt) comes back once its budget is reserved, and is one miss, not two.
+    this.counters.misses++;
     const ok = await pending;
     if (ok) this.cache.set(k, true);
     return ok;
