@@ -257,6 +257,7 @@ class StateCache {
     });
     for (const table of STATE_TABLES) {
       // `update of <columns>`: fires when the statement sets any column but the quiet ones.
+      // Read once, after the migrations: this process's code writes no column added later.
       const columns = (db.prepare(`pragma main.table_info(${table})`).all() as { name: string }[]).map(
         (c) => c.name,
       );
