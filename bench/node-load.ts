@@ -10,6 +10,11 @@ export interface NodeLoadOptions extends LoadShape {
   /** gRPC: also require `grpc-status: 0` in the trailers (or headers, for trailers-only responses). */
   grpc: boolean;
   tls: { ca: Buffer; cert?: Buffer; key?: Buffer };
+  /**
+   * Headers added to each request in turn (round-robin over all lanes), after `headers`:
+   * e.g. one credential of a working set per request.
+   */
+  headerSets?: readonly Record<string, string>[];
 }
 
 /**
@@ -54,13 +59,15 @@ export async function runNodeLoad(options: NodeLoadOptions): Promise<RawLoad> {
       )
     : undefined;
   const headers = { ":method": "POST", ":path": options.path, ...options.headers };
+  const sets = options.headerSets?.map((h) => ({ ...headers, ...h }));
+  let turn = 0;
 
   const one = (session: http2.ClientHttp2Session): Promise<void> =>
     new Promise((resolve) => {
       const t0 = process.hrtime.bigint();
       let status = -1;
       let grpcStatus: string | undefined;
-      const req = session.request(headers);
+      const req = session.request(sets ? sets[turn++ % sets.length]! : headers);
       req.on("response", (h) => {
         status = Number(h[":status"]);
         if (h["grpc-status"] !== undefined) grpcStatus = String(h["grpc-status"]);

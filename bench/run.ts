@@ -31,6 +31,7 @@ import { SignJWT } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
 import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { SECRET_CACHE_ENTRY_BYTES } from "../src/auth/secret-cache.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { initORM } from "../src/storage/orm.js";
 import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
@@ -109,7 +110,9 @@ if (flags.help) {
                       jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rival-fastify (Connect JSON), rival-grpc-js (gRPC),
-                      rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak
+                      rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak,
+                      pat-ws-in-cache, pat-working-set (640 PATs round-robin against a 64-entry cache; not in
+                      --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --keep              keep the temporary folder (certificates, databases, build)
@@ -263,7 +266,9 @@ const extras: {
     peakRssSoakMb: number;
     growth: number;
   };
-} = { floods: [] };
+  /** Counters of the working-set scenarios' servers over their measured slices. */
+  workingSet: { id: string; protocol: Protocol; verifications: number; counted: Record<string, number> }[];
+} = { floods: [], workingSet: [] };
 const log = (text: string) => process.stderr.write(`${text}\n`);
 
 /** Where the CPU went during one slice of the flood scenario, in CPU-ms per second of wall time. */
@@ -319,6 +324,19 @@ interface FloodResult {
 }
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+
+/** Entries of the working-set scenarios' verified-secret cache, and the tokens they use (10×). */
+const WS_CACHE_ENTRIES = 64;
+const WS_TOKENS = 10 * WS_CACHE_ENTRIES;
+
+/** The counters a working-set scenario reads from a server's /metrics (prom-client text). */
+async function scrapeCounters(url: string): Promise<Record<string, number>> {
+  const text = await (await fetch(url)).text();
+  const out: Record<string, number> = {};
+  for (const m of text.matchAll(/^(tessera_(?:hash_pool_started|secret_cache_[a-z_]+)_total) (\S+)$/gm))
+    out[m[1]!] = Number(m[2]);
+  return out;
+}
 const basic = (user: string, password: string) => ({
   authorization: `Basic ${Buffer.from(`${user}:${password}`).toString("base64")}`,
 });
@@ -657,6 +675,12 @@ interface Scenario {
   before?: () => Promise<void>;
   /** A server that must give the very same answer to the same request (checked once, before any load). */
   sameAnswerAs?: ServerProcess;
+  /** Node generator: headers added to each request in turn (a working set of credentials). */
+  headerSets?: Record<string, string>[];
+  /** Counters of the server read before and after each measured slice (its /metrics). */
+  counters?: () => Promise<Record<string, number>>;
+  /** What those counters rose by over the measured slices (warm-up included). */
+  counted?: Record<string, number>;
   runs: RawLoad[];
   peakRssKb: number;
 }
@@ -783,6 +807,7 @@ async function drive(s: Scenario, how: { requests: number } | { durationSeconds:
             body: readFileSync(s.bodyFile),
             grpc: s.protocol === "grpc" && !s.expect.grpc.code,
             tls: s.tls,
+            ...(s.headerSets ? { headerSets: s.headerSets } : {}),
           });
     return { ...run, startedAt };
   } finally {
@@ -1318,6 +1343,71 @@ async function run(): Promise<void> {
         }),
       );
   }
+  // ---- a working set ten times the verified-secret cache (issue 20 item 4): WS_TOKENS personal
+  // access tokens used round-robin against a cache of WS_CACHE_ENTRIES, beside one token the
+  // cache holds, on the same server. Seeded cheaply (bench-only: PBKDF2 at 1,000 iterations),
+  // so "unshared" shows one PBKDF2 per call at that count, not at the default 600,000.
+  const workingSetIds = ["pat-ws-in-cache", "pat-working-set", "pat-working-set-unshared"];
+  if (only ? workingSetIds.some(wanted) : !settings.smoke) {
+    for (const shared of [true, false]) {
+      if (!shared && !wanted("pat-working-set-unshared")) continue;
+      const name = shared ? "working-set" : "working-set-unshared";
+      const server = await startTessera(launcher, certDir, adminPassword, name, {
+        TESSERA_PASSWORD_ITERATIONS: "1000",
+        TESSERA_TOKEN_CACHE_MAX_BYTES: String(WS_CACHE_ENTRIES * SECRET_CACHE_ENTRY_BYTES),
+        TESSERA_TOKEN_SHARED_DIGESTS: String(shared),
+        // Unshared, every miss hashes: a queue that holds every call in flight, so that the
+        // scenario measures that cost rather than the pool's refusals (503) past its queue.
+        ...(shared ? {} : { TESSERA_HASH_QUEUE: "1000" }),
+      });
+      const metricsUrl = /"url":"(http:\/\/[^"]+\/metrics)"/.exec(
+        server
+          .logTail()
+          .split("\n")
+          .find((l) => l.includes('"metrics listening"')) ?? "",
+      )?.[1];
+      const s = await seedUser(server, adminPassword, user, tls);
+      const client = new JsonClient(server.url, tls);
+      const tokens: string[] = [];
+      try {
+        for (let i = 0; i < WS_TOKENS; i++)
+          tokens.push(
+            (await client.call<{ token: string }>(PATHS.createPat, { name: `ws-${i}` }, bearer(s.userToken)))
+              .token,
+          );
+        // First use of each: PBKDF2, and (shared) its digest stored.
+        for (const t of tokens) await client.call(PATHS.getCurrentUser, {}, bearer(t));
+      } finally {
+        await client.close();
+      }
+      const counters = metricsUrl ? () => scrapeCounters(metricsUrl) : undefined;
+      const common = {
+        ...gcu(server),
+        kind: "authenticated" as const,
+        generator: "node" as const,
+        expect: asUser,
+        ...(counters ? { counters } : {}),
+      };
+      if (shared)
+        scenarios.push(
+          ...both({
+            ...common,
+            id: "pat-ws-in-cache",
+            label: "GetCurrentUser, one PAT the verified-secret cache holds",
+            headers: bearer(tokens[0]!),
+          }),
+        );
+      scenarios.push(
+        ...both({
+          ...common,
+          id: shared ? "pat-working-set" : "pat-working-set-unshared",
+          label: `GetCurrentUser, ${WS_TOKENS} PATs round-robin, cache of ${WS_CACHE_ENTRIES}${shared ? "" : ", digests not shared"}`,
+          headers: bearer(tokens[0]!),
+          headerSets: tokens.map(bearer),
+        }),
+      );
+    }
+  }
   if (wanted("rejected-limited")) {
     const server = await startTessera(launcher, certDir, adminPassword, "failure-limit", limitsEnv);
     // Spend the failure budget (a one-minute window) before each slice: from then on the IP is refused before any verification.
@@ -1455,7 +1545,13 @@ async function run(): Promise<void> {
       (b) => b.id === (s.generator === "h2load" ? "bare" : "bare-node") && b.protocol === s.protocol,
     );
   const measure = async (s: Scenario) => {
+    const before = await s.counters?.();
     const run = await drive(s, slice());
+    if (before && s.counters) {
+      const after = await s.counters();
+      s.counted ??= {};
+      for (const [k, v] of Object.entries(after)) s.counted[k] = (s.counted[k] ?? 0) + v - (before[k] ?? 0);
+    }
     s.runs.push(run);
     const r = summarize([run]);
     log(
@@ -1475,7 +1571,19 @@ async function run(): Promise<void> {
       await measure(s);
     }
   }
-  for (const s of selected) record(s, summarize(s.runs));
+  for (const s of selected) {
+    const c = s.counted;
+    if (c) {
+      const verifications =
+        (c.tessera_secret_cache_hits_total ?? 0) + (c.tessera_secret_cache_misses_total ?? 0);
+      const per = (k: string) => (verifications > 0 ? (c[k] ?? 0) / verifications : 0);
+      const line = `per verification: PBKDF2 ${per("tessera_hash_pool_started_total").toFixed(3)}, in-process hits ${per("tessera_secret_cache_hits_total").toFixed(3)}, shared-digest hits ${per("tessera_secret_cache_shared_hits_total").toFixed(3)}, evictions ${per("tessera_secret_cache_evictions_total").toFixed(3)} (${verifications} verifications)`;
+      s.note = s.note ? `${s.note}; ${line}` : line;
+      extras.workingSet.push({ id: s.id, protocol: s.protocol, verifications, counted: c });
+      log(`  ${s.id} ${protocolName(s.protocol)}: ${line}`);
+    }
+    record(s, summarize(s.runs));
+  }
 
   if (flags.database === "postgres") await measurePostgres(selected, pgServers, startPg, tls);
 

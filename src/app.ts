@@ -34,7 +34,7 @@ import {
   MachineStateReader,
 } from "./auth/machine-principal.js";
 import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
-import { VerifiedSecretCache } from "./auth/secret-cache.js";
+import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
@@ -157,7 +157,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
   try {
     // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
     // signing key): instances started together find each other's work done, not half done.
-    const { bootstrap, jwt } = await storage.withStartupLock(async (held) => {
+    const { bootstrap, jwt, digestKey } = await storage.withStartupLock(async (held) => {
       await held.migrate();
       await options.beforeBootstrap?.();
       const bootstrap = await ensureAdmin(storage.em.fork(), {
@@ -176,7 +176,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         clock,
         logger,
       });
-      return { bootstrap, jwt };
+      return { bootstrap, jwt, digestKey: sharedDigestKey(masterKey.key) };
     });
     // PostgreSQL: one listening session per instance, subscribed (the state cache's channel)
     // before it starts, so that nothing committed after its first `online` is missed.
@@ -200,7 +200,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       return defaultTenant;
     };
     const users = new UserStateReader(sql);
-    const secrets = new VerifiedSecretCache(config.auth.tokens.cacheSize);
+    const secrets = new VerifiedSecretCache({
+      maxBytes: config.auth.tokens.cacheMaxBytes,
+      maxEntries: config.auth.tokens.cacheSize,
+      sharedKey: config.auth.tokens.sharedDigests ? digestKey : undefined,
+      logger,
+    });
     const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds, {
       maxPending: config.audit.bufferSize,
     });
@@ -268,7 +273,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, lastUsed, limits, storage });
+      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets });
 
     const services: DescService[] = [
       UserService,

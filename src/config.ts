@@ -160,7 +160,14 @@ const ConfigSchema = z
               .regex(/^[a-z0-9_]{2,16}_$/)
               .default("tsr_mu_"),
             lastUsedFlushSeconds: z.number().int().min(1).max(60).default(15),
-            cacheSize: z.number().int().min(0).default(10_000),
+            // Unset: the memory bound alone decides (cacheMaxBytes).
+            cacheSize: z.number().int().positive().optional(),
+            cacheMaxBytes: z
+              .number()
+              .int()
+              .positive()
+              .default(64 * 1024 * 1024),
+            sharedDigests: z.boolean().default(true),
           })
           .strict()
           .prefault({}),
@@ -558,11 +565,25 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "How often last-used times are written (at most 60).",
   ],
   [
+    "auth.tokens.cacheMaxBytes",
+    "TESSERA_TOKEN_CACHE_MAX_BYTES",
+    "int",
+    "67108864 (64 MiB)",
+    "Heap bytes of the in-process cache of verified secrets (tokens, API keys, machine credentials, Basic passwords) that spares PBKDF2 on re-use: an entry is counted as 160 bytes (131–155 measured), so 64 MiB hold about 420,000 credentials and 1,000,000 need about 153 MiB. Least recently used entries go first.",
+  ],
+  [
     "auth.tokens.cacheSize",
     "TESSERA_TOKEN_CACHE_SIZE",
     "int",
-    "10000",
-    "Verified credentials kept in memory to skip PBKDF2 on re-use.",
+    "(unset)",
+    "At most this many entries in that cache as well; unset, auth.tokens.cacheMaxBytes alone bounds it.",
+  ],
+  [
+    "auth.tokens.sharedDigests",
+    "TESSERA_TOKEN_SHARED_DIGESTS",
+    "bool",
+    "true",
+    "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords.",
   ],
   [
     "auth.passwordIterations",

@@ -6,6 +6,7 @@ import type { Logger } from "pino";
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
 import type { AuditLog, AuditStats } from "./audit.js";
 import { hashPool, observeHashWaits } from "./auth/hash-pool.js";
+import type { SecretCacheStats } from "./auth/secret-cache.js";
 import { parseListen } from "./config.js";
 import { listenError } from "./listen-check.js";
 import { accessLogStats } from "./logger.js";
@@ -75,6 +76,8 @@ export interface MetricsSources {
   lastUsed?: { stats(): AuditStats };
   limits: RateLimits | undefined;
   storage: Storage;
+  /** The verified-secret cache (auth/secret-cache.ts). */
+  secrets?: { stats(): SecretCacheStats };
 }
 
 /** Latency buckets in seconds: from a cached JWT call (~0.1 ms) to a queued PBKDF2 (seconds). */
@@ -227,6 +230,87 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "Times the whole state cache was dropped because a watched table changed.",
     "invalidations",
   );
+
+  // The verified-secret cache (auth/secret-cache.ts): what spares PBKDF2, read when scraped.
+  const secrets = sources.secrets;
+  if (secrets) {
+    const secretMetric = (
+      kind: "gauge" | "counter",
+      name: string,
+      help: string,
+      key: keyof SecretCacheStats,
+    ) => {
+      const read = () => secrets.stats()[key];
+      if (kind === "gauge")
+        new Gauge({
+          name,
+          help,
+          registers: [registry],
+          collect() {
+            this.set(read());
+          },
+        });
+      else
+        new Counter({
+          name,
+          help,
+          registers: [registry],
+          collect() {
+            this.reset();
+            this.inc(read());
+          },
+        });
+    };
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_hits_total",
+      "Secret verifications answered by the in-process verified-secret cache.",
+      "hits",
+    );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_misses_total",
+      "Secret verifications the in-process cache could not answer (then a shared digest, or PBKDF2).",
+      "misses",
+    );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_evictions_total",
+      "Entries the in-process cache dropped to stay within auth.tokens.cacheMaxBytes.",
+      "evictions",
+    );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_shared_hits_total",
+      "Misses answered by a shared digest stored beside the credential (one HMAC, no PBKDF2).",
+      "sharedHits",
+    );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_shared_writes_total",
+      "Shared digests stored after PBKDF2 verified a secret.",
+      "sharedWrites",
+    );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_shared_write_failures_total",
+      "Shared digests that could not be stored (the credential's next miss hashes again).",
+      "sharedWriteFailures",
+    );
+    secretMetric("gauge", "tessera_secret_cache_entries", "Entries in the in-process cache now.", "entries");
+    secretMetric(
+      "gauge",
+      "tessera_secret_cache_bytes",
+      "Heap bytes the in-process cache's entries take now.",
+      "bytes",
+    );
+    secretMetric(
+      "gauge",
+      "tessera_secret_cache_max_bytes",
+      "The in-process cache's bound (auth.tokens.cacheMaxBytes).",
+      "maxBytes",
+    );
+  }
 
   // The audit buffer and the last-used buffer, read through their `stats()` at scrape time.
   const bufferMetric = (

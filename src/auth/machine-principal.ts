@@ -8,7 +8,7 @@ import type { LastUsedTracker } from "./last-used.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
 import type { AuthMethod, PeerCertificateInfo, Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
-import type { VerifiedSecretCache } from "./secret-cache.js";
+import type { SharedDigest, VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
 
 /**
@@ -42,6 +42,8 @@ export interface MachineCredentialState {
   credentialId: string;
   kind: string;
   secretHash: string;
+  /** The shared digest of the secret, once some instance verified it (see VerifiedSecretCache). */
+  verifiedDigest: string | null;
   expiresAt: number | null;
   machine: MachineAuthState;
 }
@@ -62,6 +64,7 @@ interface CredentialRow extends MachineRow {
   credential_id: string;
   kind: string;
   secret_hash: string;
+  verified_digest: string | null;
   expires_at: unknown;
 }
 
@@ -79,8 +82,13 @@ const MACHINE_JOINS =
 
 /** One round trip: the credential, its machine user, the tenant and the assignments (one row per application). */
 const SELECT_BY_CREDENTIAL =
-  `select c.id as credential_id, c.kind, c.secret_hash, c.expires_at, ${MACHINE_COLUMNS} ` +
+  `select c.id as credential_id, c.kind, c.secret_hash, c.verified_digest, c.expires_at, ${MACHINE_COLUMNS} ` +
   `from machine_credentials c join machine_users m on m.id = c.machine_user_id ${MACHINE_JOINS} where c.public_id = ?`;
+
+/** The stored digest read past the state cache (see SharedDigest.fresh). */
+const SELECT_DIGEST = "select verified_digest from machine_credentials where id = ?";
+/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
+const STORE_DIGEST = "update machine_credentials set verified_digest = ? where id = ? and secret_hash = ?";
 
 const SELECT_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
 
@@ -96,13 +104,32 @@ function bindingQuery(sanCount: number): string {
 /** States folded from cached row lists (the state cache hands out the same frozen list until it changes). */
 const folded = new WeakMap<readonly MachineRow[], MachineAuthState>();
 
+/** Credentials folded from cached row lists: one object per list, so that learnt digests stick to it. */
+const credentials = new WeakMap<readonly CredentialRow[], MachineCredentialState>();
+
 function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
   if (rows.length === 0) return null;
+  let cred = credentials.get(rows);
+  if (cred === undefined) {
+    cred = foldCredential(rows);
+    credentials.set(rows, cred);
+  }
+  return cred;
+}
+
+/**
+ * Digests stored or read after a credential's rows were (see the same in token-verifier.ts):
+ * storing one empties no state cache, so the rows a cache keeps may predate it.
+ */
+const learntDigests = new WeakMap<MachineCredentialState, string>();
+
+function foldCredential(rows: readonly CredentialRow[]): MachineCredentialState {
   const first = rows[0]!;
   return {
     credentialId: first.credential_id,
     kind: first.kind,
     secretHash: first.secret_hash,
+    verifiedDigest: first.verified_digest,
     expiresAt: toMillis(first.expires_at),
     machine: toMachine(rows),
   };
@@ -147,6 +174,29 @@ export class MachineStateReader {
   /** The credential whose public id (token id or Basic username) is `publicId`. */
   async byCredential(publicId: string): Promise<MachineCredentialState | null> {
     return toCredential(await this.sql.cachedAll<CredentialRow>(SELECT_BY_CREDENTIAL, [publicId]));
+  }
+
+  /** The shared digest of a credential's secret (generated, high-entropy: see VerifiedSecretCache). */
+  sharedDigest(cred: MachineCredentialState): SharedDigest {
+    const sql = this.sql;
+    return {
+      stored: this.digestOf(cred),
+      fresh: async () => {
+        const found = (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [cred.credentialId]))
+          ?.verified_digest;
+        if (found) learntDigests.set(cred, found);
+        return found ?? null;
+      },
+      save: async (digest) => {
+        await sql.run(STORE_DIGEST, [digest, cred.credentialId, cred.secretHash]);
+        learntDigests.set(cred, digest);
+      },
+    };
+  }
+
+  /** The digest known for a credential read. */
+  digestOf(cred: MachineCredentialState): string | null {
+    return learntDigests.get(cred) ?? cred.verifiedDigest;
   }
 
   /**
@@ -315,7 +365,15 @@ export function createMachineBearerVerifier(
       const cred = machines.byCredentialNow(presented.id);
       if (cred === undefined) return undefined;
       assertUsable(cred);
-      if (!secrets.knows(`machine:${cred.credentialId}`, presented.secret, cred.secretHash)) return undefined;
+      if (
+        !secrets.knows(
+          `machine:${cred.credentialId}`,
+          presented.secret,
+          cred.secretHash,
+          machines.digestOf(cred),
+        )
+      )
+        return undefined;
       return accepted(cred, state);
     },
     async verify(token, state) {
@@ -323,7 +381,14 @@ export function createMachineBearerVerifier(
       if (presented === null) return null;
       const cred = await machines.byCredential(presented.id);
       assertUsable(cred);
-      if (!(await secrets.verify(`machine:${cred.credentialId}`, presented.secret, cred.secretHash))) {
+      if (
+        !(await secrets.verify(
+          `machine:${cred.credentialId}`,
+          presented.secret,
+          cred.secretHash,
+          machines.sharedDigest(cred),
+        ))
+      ) {
         throw new TesseraError("TOKEN_INVALID", "token is not recognised");
       }
       return accepted(cred, state);
@@ -360,7 +425,14 @@ export function createMachineBasicVerifier(
         await verifySecret(password, cred.secretHash);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
-      if (!(await secrets.verify(`machine:${cred.credentialId}`, password, cred.secretHash))) {
+      if (
+        !(await secrets.verify(
+          `machine:${cred.credentialId}`,
+          password,
+          cred.secretHash,
+          machines.sharedDigest(cred),
+        ))
+      ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       if (cred.expiresAt !== null && cred.expiresAt <= now()) {

@@ -1,63 +1,250 @@
-import { hash, randomBytes } from "node:crypto";
+import { createHmac, hash, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
 import { LRUCache } from "lru-cache";
 import { hashingForbidden } from "./hash-pool.js";
 import { verifySecret } from "./password.js";
 
 /**
+ * Heap bytes counted per entry of the in-process cache (its 32-byte key string, the key
+ * map's slot and lru-cache's per-entry arrays): the most bench/secret-cache-memory.ts
+ * measured with `node --expose-gc` (131–155 bytes from 0.5M to 1M entries, the high end
+ * right after the tables grow; bench/results/2026-12-05-working-set.md), rounded up. Every
+ * entry has the same shape, so the memory bound is this times the entries held.
+ */
+export const SECRET_CACHE_ENTRY_BYTES = 160;
+
+/** HKDF label of the shared-digest key: the master key is never used for two things as is. */
+const SHARED_KEY_INFO = "tessera verified-secret digest v1";
+
+/** The key of shared digests, derived from the master key (HKDF-SHA256, a label of its own). */
+export function sharedDigestKey(masterKey: Buffer): Buffer {
+  return Buffer.from(hkdfSync("sha256", masterKey, Buffer.alloc(0), SHARED_KEY_INFO, 32));
+}
+
+/**
+ * The digest of a verified secret stored beside its credential row (`verified_digest`), as
+ * one verification sees it. A digest is `HMAC(K, namespace ‖ stored hash ‖ secret)`: it
+ * proves that someone holding K found `secret` to match this very hash of this very
+ * credential, so a rotated hash, another credential or another secret never match it.
+ */
+export interface SharedDigest {
+  /** The digest the row read brought (null: none). On PostgreSQL it may predate a newer one: see {@link fresh}. */
+  stored: string | null;
+  /**
+   * The stored digest read now, past any cache: asked when `stored` is null, since the
+   * state cache may hold the row from before another instance stored its digest (storing
+   * one announces nothing, see Migration20261205010000_verified_digests).
+   */
+  fresh(): Promise<string | null>;
+  /** Store the digest of a secret PBKDF2 just verified against the row's hash (not awaited by the request). */
+  save(digest: string): Promise<void>;
+}
+
+/** Options of {@link VerifiedSecretCache}. */
+export interface VerifiedSecretCacheOptions {
+  /** Bytes of heap the in-process cache may hold (`auth.tokens.cacheMaxBytes`). */
+  maxBytes: number;
+  /** At most this many entries as well (`auth.tokens.cacheSize`; unset: the bytes alone decide). */
+  maxEntries?: number | undefined;
+  /** Key of shared digests ({@link sharedDigestKey}); without it none is read or stored. */
+  sharedKey?: Buffer | undefined;
+  /** Where a digest that could not be stored is reported (no secret, no digest in it). */
+  logger?: { warn(obj: object, msg: string): void } | undefined;
+}
+
+/** What the cache did since start (metrics, tests). */
+export interface SecretCacheStats {
+  /** Verifications answered by the in-process cache. */
+  hits: number;
+  /** Verifications it could not answer, answered by a shared digest or PBKDF2 (one refused hashing is not counted). */
+  misses: number;
+  /** Entries dropped to stay within the memory bound. */
+  evictions: number;
+  /** Misses answered by a digest another verification stored beside the credential (no PBKDF2). */
+  sharedHits: number;
+  /** Digests stored after a PBKDF2 verified a secret. */
+  sharedWrites: number;
+  /** Digests that could not be stored (database gone): the next miss hashes again. */
+  sharedWriteFailures: number;
+  /** Entries held now. */
+  entries: number;
+  /** Heap bytes they take (entries × {@link SECRET_CACHE_ENTRY_BYTES}). */
+  bytes: number;
+  /** The bound. */
+  maxBytes: number;
+}
+
+/**
  * Remembers which presented secrets matched which stored PBKDF2 hash, so a credential
- * pays the ~200 ms PBKDF2 cost once and is recognised again for the price of an HMAC.
+ * pays the ~200 ms PBKDF2 cost once and is recognised again for the price of a hash.
  *
- * Keys are SHA-256 of the presented secret behind a per-process random 256-bit key: the
- * cache holds nothing that could be replayed or brute-forced offline. (A keyed prefix hash,
- * not HMAC: the digest never leaves the process, so length extension gives nothing, and
- * the one-shot `crypto.hash` costs a fraction of building an Hmac object per request.) A hit counts only when
- * the stored hash is still the one it matched, so rotating or changing the secret
- * invalidates it; the caller still reads the row's state (revoked, expired, disabled) on
- * every request. Concurrent first uses of one secret share a single PBKDF2 run.
+ * Two levels:
+ * - in process, an LRU bounded by memory: each entry is only a 32-byte key, SHA-256 of the
+ *   namespace, the stored hash and the secret behind a per-process random 256-bit key (a
+ *   keyed prefix hash, not HMAC: the digest never leaves the process, so length extension
+ *   gives nothing, and the one-shot `crypto.hash` costs a fraction of an Hmac object). The
+ *   stored hash is inside the key, so rotating or changing the secret invalidates it;
+ * - shared, for a credential row that carries a {@link SharedDigest}: after PBKDF2 verified
+ *   a secret, `HMAC(K, …)` is stored beside the row, and a miss anywhere (another instance,
+ *   a restart, an evicted entry) checks the presented secret with one HMAC against it. K
+ *   derives from the master key, which is in the instances' configuration only: a dump of
+ *   the database cannot test guesses offline. Only generated, high-entropy secrets (tokens,
+ *   machine credentials) get one; a human password does not (see user-principal.ts).
+ *
+ * Neither level decides anything but "this secret matches this hash": the caller reads
+ * the row's state (revoked, expired, disabled) on every request. Concurrent first uses of
+ * one secret share a single PBKDF2 run.
  */
 export class VerifiedSecretCache {
   private readonly key = randomBytes(32).toString("base64");
-  private readonly cache: LRUCache<string, string>;
+  private readonly cache: LRUCache<string, true>;
   private readonly inflight = new Map<string, Promise<boolean>>();
+  private readonly sharedKey: Buffer | undefined;
+  private readonly logger: VerifiedSecretCacheOptions["logger"];
+  private readonly counters = {
+    hits: 0,
+    misses: 0,
+    evictions: 0,
+    sharedHits: 0,
+    sharedWrites: 0,
+    sharedWriteFailures: 0,
+  };
 
-  constructor(maxEntries: number) {
-    this.cache = new LRUCache({ max: Math.max(1, maxEntries) });
+  constructor(options: VerifiedSecretCacheOptions) {
+    const maxSize = Math.max(SECRET_CACHE_ENTRY_BYTES, Math.floor(options.maxBytes));
+    this.cache = new LRUCache<string, true>({
+      maxSize,
+      sizeCalculation: () => SECRET_CACHE_ENTRY_BYTES,
+      ...(options.maxEntries ? { max: options.maxEntries } : {}),
+      dispose: (_value, _key, reason) => {
+        if (reason === "evict") this.counters.evictions++;
+      },
+    });
+    this.sharedKey = options.sharedKey;
+    this.logger = options.logger;
   }
 
-  /** The cache key of a presented secret within a namespace (e.g. "basic:alice"). */
-  private keyOf(namespace: string, secret: string): string {
-    return hash("sha256", `${this.key}\0${namespace}\0${secret}`, "base64");
+  /** The in-process key of a secret verified against `storedHash` within a namespace (e.g. "token:<id>"). */
+  private keyOf(namespace: string, storedHash: string, secret: string): string {
+    // "binary" (latin1): the 32 digest bytes as a 32-character one-byte string, the smallest key a Map takes.
+    return hash("sha256", `${this.key}\0${namespace}\0${storedHash}\0${secret}`, "binary");
   }
 
   /**
-   * Whether `secret` is known to match `storedHash` (verified before, and that hash is still
-   * the one it matched): the synchronous half of {@link verify}, for a caller that must
-   * decide without awaiting. False says only "not known", never "wrong".
+   * The shared digest of `secret` verified against `storedHash` for credential `namespace`
+   * (base64url, 43 characters), or undefined without a shared key. The fields cannot run
+   * into each other: neither a namespace nor a stored hash holds a NUL, and the secret is last.
    */
-  knows(namespace: string, secret: string, storedHash: string): boolean {
-    return this.cache.get(this.keyOf(namespace, secret)) === storedHash;
+  sharedDigestOf(namespace: string, storedHash: string, secret: string): string | undefined {
+    if (this.sharedKey === undefined) return undefined;
+    return createHmac("sha256", this.sharedKey)
+      .update(`v1\0${namespace}\0${storedHash}\0${secret}`)
+      .digest("base64url");
   }
 
-  /** Whether `secret` matches `storedHash`; PBKDF2 (off the event loop) only on a miss. */
-  async verify(namespace: string, secret: string, storedHash: string): Promise<boolean> {
-    const k = this.keyOf(namespace, secret);
-    if (this.cache.get(k) === storedHash) return true;
-    const flightKey = `${k}\0${storedHash}`;
-    let pending = this.inflight.get(flightKey);
+  /** Whether a stored digest is the one of this secret (constant time). */
+  private matches(stored: string | null, expected: string | undefined): boolean {
+    if (stored === null || expected === undefined || stored.length !== expected.length) return false;
+    return timingSafeEqual(Buffer.from(stored), Buffer.from(expected));
+  }
+
+  /**
+   * Whether `secret` is known to match `storedHash` (verified before here, or by whoever
+   * stored the row's digest `shared`, if given): the synchronous half of {@link verify},
+   * for a caller that must decide without awaiting. False says only "not known", never "wrong".
+   */
+  knows(namespace: string, secret: string, storedHash: string, shared?: string | null): boolean {
+    const k = this.keyOf(namespace, storedHash, secret);
+    if (this.cache.get(k) !== undefined) {
+      this.counters.hits++;
+      return true;
+    }
+    if (shared && this.matches(shared, this.sharedDigestOf(namespace, storedHash, secret))) {
+      this.counters.misses++;
+      this.counters.sharedHits++;
+      this.cache.set(k, true);
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * Whether `secret` matches `storedHash`: the in-process cache, then the shared digest
+   * (one HMAC), and PBKDF2 (off the event loop) only when neither knows it. A refusal is
+   * always PBKDF2's: a digest that does not match proves nothing (it may be another
+   * master key's, or an older hash's).
+   */
+  async verify(
+    namespace: string,
+    secret: string,
+    storedHash: string,
+    shared?: SharedDigest,
+  ): Promise<boolean> {
+    const k = this.keyOf(namespace, storedHash, secret);
+    if (this.cache.get(k) !== undefined) {
+      this.counters.hits++;
+      return true;
+    }
+    const digest = shared ? this.sharedDigestOf(namespace, storedHash, secret) : undefined;
+    if (shared && digest !== undefined) {
+      const stored = shared.stored ?? (await shared.fresh());
+      if (this.matches(stored, digest)) {
+        this.counters.misses++;
+        this.counters.sharedHits++;
+        this.cache.set(k, true);
+        return true;
+      }
+    }
+    let pending = this.inflight.get(k);
     if (!pending) {
       // Where hashing is refused (see withoutHashing) no flight is started: others joining
       // it would get that refusal instead of a verdict.
       const forbidden = hashingForbidden();
       if (forbidden !== undefined) throw forbidden;
-      pending = verifySecret(secret, storedHash).finally(() => this.inflight.delete(flightKey));
-      this.inflight.set(flightKey, pending);
+      pending = verifySecret(secret, storedHash).finally(() => this.inflight.delete(k));
+      this.inflight.set(k, pending);
+      // The flight's leader stores the digest, once.
+      if (shared && digest !== undefined)
+        pending.then(
+          (ok) => {
+            if (ok) this.store(shared, digest);
+          },
+          () => undefined,
+        );
     }
+    // Counted here, not on entry: a check refused hashing (admission's first, budget-free
+    // attempt) comes back once its budget is reserved, and is one miss, not two.
+    this.counters.misses++;
     const ok = await pending;
-    if (ok) this.cache.set(k, storedHash);
+    if (ok) this.cache.set(k, true);
     return ok;
   }
 
-  /** Forget everything (tests, key compromise drills). */
+  /** Store a digest without holding up the request; a failure is counted and logged, never thrown. */
+  private store(shared: SharedDigest, digest: string): void {
+    shared.save(digest).then(
+      () => {
+        this.counters.sharedWrites++;
+      },
+      (err: unknown) => {
+        this.counters.sharedWriteFailures++;
+        this.logger?.warn(
+          { err: err instanceof Error ? err.name : "error" },
+          "verified-secret digest not stored; the credential's next miss hashes again",
+        );
+      },
+    );
+  }
+
+  stats(): SecretCacheStats {
+    return {
+      ...this.counters,
+      entries: this.cache.size,
+      bytes: this.cache.calculatedSize,
+      maxBytes: this.cache.maxSize,
+    };
+  }
+
+  /** Forget everything held in process (tests, key compromise drills); shared digests stay. */
   clear(): void {
     this.cache.clear();
   }

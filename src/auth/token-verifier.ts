@@ -8,7 +8,7 @@ import type { BearerVerifier } from "./authenticator.js";
 import type { LastUsedTracker } from "./last-used.js";
 import type { Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
-import type { VerifiedSecretCache } from "./secret-cache.js";
+import type { SharedDigest, VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
 
 /** The table of personal access tokens and API keys (also the LastUsedTracker target). */
@@ -42,6 +42,8 @@ interface TokenRow {
   owner_user_id: string;
   scopes: string;
   secret_hash: string;
+  /** The shared digest of the secret, once some instance verified it (see VerifiedSecretCache). */
+  verified_digest: string | null;
   expires_at: unknown;
   revoked_at: unknown;
   username: string;
@@ -58,13 +60,47 @@ interface TokenRow {
  * cache answering it is emptied by any change first: see SqlRunner.cachedGet).
  */
 const SELECT_TOKEN =
-  "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.expires_at, k.revoked_at, " +
+  "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.verified_digest, k.expires_at, k.revoked_at, " +
   "u.username, u.created_at as user_created_at, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
   "t.disabled as tenant_disabled " +
   "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
   "where k.public_id = ?";
 
 const UNKNOWN = "token is not recognised";
+
+/** The stored digest read past the state cache (see SharedDigest.fresh). */
+const SELECT_DIGEST = "select verified_digest from api_tokens where id = ?";
+/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
+const STORE_DIGEST = "update api_tokens set verified_digest = ? where id = ? and secret_hash = ?";
+
+/** The shared digest of a token row, for VerifiedSecretCache.verify. */
+function sharedDigest(sql: SqlRunner, row: TokenRow): SharedDigest {
+  return {
+    stored: digestOf(row),
+    fresh: async () => {
+      const found = (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [row.id]))
+        ?.verified_digest;
+      if (found) learntDigests.set(row, found);
+      return found ?? null;
+    },
+    save: async (digest) => {
+      await sql.run(STORE_DIGEST, [digest, row.id, row.secret_hash]);
+      learntDigests.set(row, digest);
+    },
+  };
+}
+
+/**
+ * Digests stored or read after a row was: storing one empties no state cache, so the row
+ * object a cache keeps may predate it, and without this every later miss on it would read
+ * the digest again. Held per row object, whose stored hash the digest is bound to.
+ */
+const learntDigests = new WeakMap<TokenRow, string>();
+
+/** The digest known for a row read. */
+function digestOf(row: TokenRow): string | null {
+  return learntDigests.get(row) ?? row.verified_digest;
+}
 
 /** Effective scopes per row read (the state cache hands out the same frozen row until it changes). */
 const scopesOfRow = new WeakMap<TokenRow, string[]>();
@@ -96,7 +132,8 @@ function effectiveScopes(row: TokenRow): string[] {
  *    for a dead token, and reveals a state only to someone holding the token's
  *    16-character public id, which is shown nowhere but inside the token;
  * 4. the secret against the stored PBKDF2 hash through the {@link VerifiedSecretCache}:
- *    ~200 ms off the event loop on first use, an HMAC afterwards.
+ *    ~200 ms off the event loop on first use (anywhere: the digest then stored in
+ *    `verified_digest` lets every instance recognise it with one HMAC), a hash afterwards.
  *
  * Because step 3 runs on every request, revocation, expiry and owner changes apply to
  * the very next request whatever the cache holds. The token's scopes are intersected
@@ -180,7 +217,8 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       if (read === undefined) return undefined;
       const row = read.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
       assertUsable(row, presented.kind);
-      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash)) return undefined;
+      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash, digestOf(row)))
+        return undefined;
       return accepted(row, state);
     },
     async verify(token: string, state: RequestState): Promise<Principal | null> {
@@ -189,7 +227,9 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       const row = await sql.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
       assertUsable(row, presented.kind);
       // Only now the expensive part: a refused token never costs PBKDF2.
-      if (!(await secrets.verify(`token:${row.id}`, presented.secret, row.secret_hash))) {
+      if (
+        !(await secrets.verify(`token:${row.id}`, presented.secret, row.secret_hash, sharedDigest(sql, row)))
+      ) {
         throw new TesseraError("TOKEN_INVALID", UNKNOWN);
       }
       return accepted(row, state);

@@ -270,6 +270,9 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
         await verifySecret(password, user.passwordHash);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
+      // In-process only, no shared digest: a human password is guessable, and a fast keyed
+      // digest of it in the database would let whoever holds the master key and a dump test
+      // guesses at HMAC speed instead of PBKDF2's. Generated tokens (~190 bits) gain nothing from that.
       if (!(await options.secrets.verify(`user:${user.id}`, password, user.passwordHash))) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }

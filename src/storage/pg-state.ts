@@ -82,6 +82,12 @@ const WRITE_TARGET = /^\s*(insert\s+into|update|delete\s+from)\s+(?:"?\w+"?\.)?"
 /** The coalesced last-used flush (auth/last-used.ts): the triggers ignore it, so the barrier does too. */
 const LAST_USED_ONLY =
   /^\s*update\s+(?:"?\w+"?\.)?"?\w+"?\s+set\s+"?last_used_at"?\s*=\s*('[^']*'|\?|\$\d+|[\w:.+-]+)\s+where\b/i;
+/**
+ * A shared verified-secret digest stored (auth/secret-cache.ts): the triggers ignore it
+ * (Migration20261205010000_verified_digests says why that is safe), so the barrier does too.
+ */
+const VERIFIED_DIGEST_ONLY =
+  /^\s*update\s+(?:"?\w+"?\.)?"?\w+"?\s+set\s+"?verified_digest"?\s*=\s*(\?|\$\d+)\s+where\b/i;
 
 /**
  * Whether a statement may change what the state triggers announce. Anything not
@@ -95,7 +101,7 @@ export function writesAnnouncedState(sql: string): boolean {
   const table = m[2]!.toLowerCase();
   if (!ANNOUNCED.has(table)) return false;
   if (/^insert/i.test(m[1]!) && INSERT_EXEMPT.has(table)) return false;
-  return !LAST_USED_ONLY.test(sql);
+  return !LAST_USED_ONLY.test(sql) && !VERIFIED_DIGEST_ONLY.test(sql);
 }
 
 /** Options of {@link PgStateCache}. */

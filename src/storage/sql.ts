@@ -221,6 +221,15 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
 const NO_CACHE: StateCacheStats = { enabled: false, hits: 0, misses: 0, invalidations: 0 };
 
 /**
+ * Columns whose updates leave the state cache as it is: `last_used_at` (the coalesced
+ * last-used flush; no cached statement reads it) and `verified_digest` (a shared digest of
+ * a verified secret, auth/secret-cache.ts: a cached copy may be older, which can only send a
+ * verification to the database or to PBKDF2, never accept a secret the row's hash does not
+ * match). Emptying the cache on each would cost a whole cache per credential's first use.
+ */
+const QUIET_COLUMNS: readonly string[] = ["last_used_at", "verified_digest"];
+
+/**
  * Authentication state read once and answered from memory until it may have changed: the
  * embedded (SQLite) deployment's answer to a per-request read that, in a loaded server,
  * cost ~20 µs of a ~200 µs request.
@@ -237,8 +246,9 @@ const NO_CACHE: StateCacheStats = { enabled: false, hits: 0, misses: 0, invalida
  *   per request: in a loaded server the statement cost ~9 µs, and a turn serves many.)
  * - while this connection is inside a transaction, reads bypass the cache and store
  *   nothing (they could see writes that are then rolled back).
- * Any write to a watched table empties the whole cache (the coalesced last-used writes too,
- * once per flush interval): changes to who may authenticate are rare next to reads.
+ * Any write to a watched table empties the whole cache, except an update that sets only
+ * {@link QUIET_COLUMNS} (as PostgreSQL's triggers do): changes to who may authenticate are
+ * rare next to reads.
  * Only rows found are kept (an insert can never be hidden by a remembered "no row"), and
  * every time-based rule (expiry, rotation grace) is still evaluated by the caller against
  * the clock on each request. Rows are frozen: callers share them.
@@ -263,10 +273,19 @@ class StateCache {
       return null;
     });
     for (const table of STATE_TABLES) {
-      for (const op of ["insert", "update", "delete"]) {
+      // `update of <columns>`: fires when the statement sets any column but the quiet ones.
+      // Read once, after the migrations: this process's code writes no column added later.
+      const columns = (db.prepare(`pragma main.table_info(${table})`).all() as { name: string }[]).map(
+        (c) => c.name,
+      );
+      const loud = columns.filter((c) => !QUIET_COLUMNS.includes(c));
+      const update =
+        loud.length < columns.length ? `update of ${loud.map((c) => `"${c}"`).join(", ")}` : "update";
+      for (const op of ["insert", update, "delete"]) {
         if (op === "insert" && INSERT_EXEMPT.has(table)) continue;
+        const name = op.startsWith("update") ? "update" : op;
         db.exec(
-          `create temp trigger if not exists tessera_state_${table}_${op} after ${op} on main.${table} ` +
+          `create temp trigger if not exists tessera_state_${table}_${name} after ${op} on main.${table} ` +
             "begin select tessera_state_changed(); end",
         );
       }

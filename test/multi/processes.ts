@@ -7,8 +7,13 @@ export const MAIN = join(ROOT, "src", "main.ts");
 
 const children = new Set<ChildProcess>();
 
-/** Start `tessera serve` as a process of its own; resolves with its URL once it listens, rejects with its output if it ends first. */
-export function serve(env: Record<string, string>): Promise<{ url: string; child: ChildProcess }> {
+/**
+ * Start `tessera serve` as a process of its own; resolves with its URL (and its metrics
+ * endpoint's, when it serves one) once it listens, rejects with its output if it ends first.
+ */
+export function serve(
+  env: Record<string, string>,
+): Promise<{ url: string; child: ChildProcess; metricsUrl?: string }> {
   const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
   children.add(child);
   child.once("exit", () => children.delete(child));
@@ -18,7 +23,10 @@ export function serve(env: Record<string, string>): Promise<{ url: string; child
     child.stderr.on("data", (d) => {
       stderr += d;
       const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
-      if (m) resolve({ url: m[1]!, child });
+      if (m) {
+        const metrics = /"url":"(http:\/\/[^"]+\/metrics)".*"msg":"metrics listening"/.exec(stderr);
+        resolve({ url: m[1]!, child, ...(metrics ? { metricsUrl: metrics[1]! } : {}) });
+      }
     });
     child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
   });

@@ -8,6 +8,7 @@ import { Migration20261204230000_audit_indexes } from "./Migration20261204230000
 import { Migration20261204230000_proven_bindings } from "./Migration20261204230000_proven_bindings.js";
 import { Migration20261204230000_signing_key_schedule } from "./Migration20261204230000_signing_key_schedule.js";
 import { Migration20261204230000_state_notify } from "./Migration20261204230000_state_notify.js";
+import { Migration20261205010000_verified_digests } from "./Migration20261205010000_verified_digests.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -30,4 +31,5 @@ export const MIGRATIONS: MigrationObject[] = [
     class: Migration20261204230000_signing_key_schedule,
   },
   { name: "Migration20261204230000_state_notify", class: Migration20261204230000_state_notify },
+  { name: "Migration20261205010000_verified_digests", class: Migration20261205010000_verified_digests },
 ];
