@@ -75,6 +75,7 @@ describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")("the state trigg
     await conn.execute(
       "create trigger tessera_state_notify after insert or update or delete on users for each row execute function tessera_state_notify()",
     );
+    await conn.execute("alter table users enable always trigger tessera_state_notify");
     app.notifier!.reset("test: listener lost once more");
     await until(() => app.sql.cacheStats().enabled);
     expect(app.sql.cacheStats()).toMatchObject({ enabled: true, triggersMissing: 0 });
@@ -83,6 +84,39 @@ describe.skipIf(process.env.TESSERA_TEST_SKIP_POSTGRES === "1")("the state trigg
     await disabled(app, "admin");
     expect(app.sql.cacheStats().hits).toBe(before + 1);
   });
+
+  it("notices a trigger disabled, or set to fire only for replicas, while it runs (within the periodic check), and a truncate empties the cache", async () => {
+    const { app, log } = await start();
+    const conn = app.storage.em.getConnection();
+    expect(app.sql.cacheStats()).toMatchObject({ enabled: true, triggersMissing: 0 });
+    // A truncate fires no row trigger: the statement trigger announces it.
+    await disabled(app, "admin");
+    const before = app.sql.cacheStats().invalidations;
+    await conn.execute("truncate machine_user_applications");
+    await until(() => app.sql.cacheStats().invalidations > before, 3_000);
+    expect(app.sql.cacheStats().invalidations).toBeGreaterThan(before);
+
+    for (const [how, undo] of [
+      ["disable trigger", "enable always trigger"],
+      // Fires only in sessions whose session_replication_role is replica: not for ordinary writers.
+      ["enable replica trigger", "enable always trigger"],
+      // Fires for ordinary writers, but not for a replication apply or a bulk loader in replica role.
+      ["enable trigger", "enable always trigger"],
+    ] as const) {
+      await conn.execute(`alter table users ${how} tessera_state_notify`);
+      // No listener loss: the periodic check (every 5 s) finds it.
+      await until(() => app.sql.cacheStats().triggersMissing === 1, 8_000);
+      expect(app.sql.cacheStats(), how).toMatchObject({ enabled: false, triggersMissing: 1 });
+      // Read through: an unannounced change is seen on the next read.
+      await conn.execute("update users set disabled = true where username = 'admin'");
+      expect(await disabled(app, "admin")).toBe(true);
+      await conn.execute("update users set disabled = false where username = 'admin'");
+      await conn.execute(`alter table users ${undo} tessera_state_notify`);
+      await until(() => app.sql.cacheStats().enabled, 8_000);
+      expect(app.sql.cacheStats(), `${how}, undone`).toMatchObject({ enabled: true, triggersMissing: 0 });
+    }
+    expect(log.count(MISSING)).toBe(3);
+  }, 60_000);
 
   it("starts with the cache off when a trigger is disabled before start-up", async () => {
     const first = await start();

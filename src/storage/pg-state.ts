@@ -58,14 +58,26 @@ export const NOTIFY_TRIGGER = "tessera_state_notify";
 
 /**
  * SQL listing, of the tables named in its one parameter (comma-separated: knex would expand
- * an array parameter into a list) in the current schema, those that have the
- * notify trigger, enabled. A table rebuilt, or a trigger dropped or disabled by hand,
- * would leave changes unannounced and caches stale.
+ * an array parameter into a list) in the current schema, those whose changes are surely
+ * announced: the row trigger (after insert, update and delete; sessions: update and
+ * delete) and the statement trigger after truncate, both calling the notify function and
+ * enabled ALWAYS (an ordinary trigger does not fire for a writer in `replica` session
+ * replication role; a disabled one not at all). A table rebuilt, a trigger dropped, disabled
+ * or repointed by hand would leave changes unannounced and caches stale.
+ * tgtype bits: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate.
  */
 export const TRIGGERED_TABLES_SQL =
   "select c.relname as t from pg_class c join pg_namespace n on n.oid = c.relnamespace " +
-  "join pg_trigger tg on tg.tgrelid = c.oid " +
-  `where n.nspname = current_schema() and c.relname = any(string_to_array(?, ',')) and tg.tgname = '${NOTIFY_TRIGGER}' and tg.tgenabled <> 'D'`;
+  "where n.nspname = current_schema() and c.relname = any(string_to_array(?, ',')) " +
+  "and exists (select 1 from pg_trigger tg where tg.tgrelid = c.oid " +
+  `and tg.tgname = '${NOTIFY_TRIGGER}' and tg.tgenabled = 'A' and tg.tgfoid = to_regproc('${NOTIFY_TRIGGER}')::oid ` +
+  "and (tg.tgtype & 31) = (case when c.relname = 'sessions' then 25 else 29 end)) " +
+  "and exists (select 1 from pg_trigger tg where tg.tgrelid = c.oid " +
+  `and tg.tgname = '${NOTIFY_TRIGGER}_truncate' and tg.tgenabled = 'A' and tg.tgfoid = to_regproc('${NOTIFY_TRIGGER}')::oid ` +
+  "and (tg.tgtype & 35) = 32)";
+
+/** How often a running instance checks that the notify triggers are still in place. */
+export const TRIGGER_CHECK_MS = 5_000;
 
 /** Every table whose changes must be announced, for {@link TRIGGERED_TABLES_SQL}. */
 export const ANNOUNCED_TABLES: readonly string[] = [...ANNOUNCED];
@@ -115,6 +127,8 @@ export interface PgStateCacheOptions {
    * listener and the acknowledgements of the other instances' listeners (default 1,000 ms).
    */
   barrierTimeoutMs?: number;
+  /** Period of the trigger re-check while running (default {@link TRIGGER_CHECK_MS}); tests shorten it. */
+  triggerCheckMs?: number;
   /** Send a notification through the pool (autocommit): `select pg_notify(channel, payload)`. */
   notify(channel: string, payload: string): Promise<void>;
   /** Backend pids of the other instances' listening sessions on this schema (`pg_stat_activity`). */
@@ -167,6 +181,7 @@ export class PgStateCache {
   private checks = 0;
   private missingReported = false;
   private retryTimer: NodeJS.Timeout | null = null;
+  private readonly triggerCheckMs: number;
 
   constructor(
     private readonly notifier: PgNotifier,
@@ -174,6 +189,7 @@ export class PgStateCache {
   ) {
     this.rows = new RowBuckets(options.perStatement);
     this.timeoutMs = options.barrierTimeoutMs ?? 1_000;
+    this.triggerCheckMs = options.triggerCheckMs ?? TRIGGER_CHECK_MS;
     notifier.subscribe(options.channel, (payload) => this.onNotification(payload));
     let first = true;
     notifier.onStatus((online) => {
@@ -192,47 +208,61 @@ export class PgStateCache {
   }
 
   /**
-   * Check that every announced table has its notify trigger: without one, a change to
+   * Check that every announced table has its notify triggers: without them, a change to
    * that table would empty no cache, so the cache is refused (every read goes to the
    * database, which stays exact) until a later check finds them all. Missing triggers are
    * logged as an error once per episode and counted in {@link stats}. A check that cannot
    * run (the database away) leaves the cache off and is tried again a second later.
+   * Checked at start, when the listener comes back, and every `triggerCheckMs` (5 s) while
+   * running: a trigger dropped or disabled by hand on a live database turns the cache off
+   * within that period (changes made in between were not announced: the window is the
+   * period, and only a DDL event trigger, which needs a superuser, could close it).
    * Why not refuse to start: the service stays correct without the cache, only slower, and
    * an operator who dropped a trigger by mistake should get an alarm, not an outage.
+   * @param periodic a routine re-check: the cache stays on while it runs
    */
-  async checkTriggers(): Promise<void> {
+  async checkTriggers(periodic = false): Promise<void> {
     const run = ++this.checks;
-    this.triggersOk = false;
+    if (!periodic) this.triggersOk = false;
     if (this.retryTimer) clearTimeout(this.retryTimer);
     this.retryTimer = null;
     let missing: string[];
     try {
       missing = await this.options.missingTriggers();
     } catch {
-      if (run === this.checks) {
-        this.retryTimer = setTimeout(() => void this.checkTriggers(), 1_000);
-        this.retryTimer.unref();
-      }
+      if (run === this.checks) this.schedule(periodic ? this.triggerCheckMs : 1_000, periodic);
       return;
     }
     if (run !== this.checks) return;
     this.missing = missing;
     if (missing.length > 0) {
+      this.triggersOk = false;
+      this.invalidate();
       if (!this.missingReported)
         (this.options.logger?.error ?? this.options.logger?.warn)?.call(
           this.options.logger,
           { tables: missing, trigger: NOTIFY_TRIGGER },
-          "state cache off: tables lack the trigger that announces their changes (re-run the migration Migration20261204230000_state_notify's statements or restore the triggers); reading through",
+          "state cache off: tables lack the triggers that announce their changes (re-run the statements of the migrations Migration20261204230000_state_notify and Migration20261205030000_notify_always, or restore the triggers); reading through",
         );
       this.missingReported = true;
+      this.schedule(this.triggerCheckMs, true);
       return;
     }
+    this.schedule(this.triggerCheckMs, true);
+    if (periodic && this.triggersOk) return;
     if (this.missingReported)
-      this.options.logger?.info?.({}, "state cache on: every announced table has its trigger again");
+      this.options.logger?.info?.({}, "state cache on: every announced table has its triggers again");
     this.missingReported = false;
     // Nothing was kept while off; emptied anyway, for reads that were in flight.
     this.invalidate();
     this.triggersOk = true;
+  }
+
+  /** The next trigger check in `ms` (unref'd: it never keeps the process alive). */
+  private schedule(ms: number, periodic: boolean): void {
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => void this.checkTriggers(periodic), ms);
+    this.retryTimer.unref();
   }
 
   async read<T>(sql: string, params: readonly unknown[], load: () => Promise<T>): Promise<T> {

@@ -9,6 +9,7 @@ import { Migration20261204230000_proven_bindings } from "./Migration202612042300
 import { Migration20261204230000_signing_key_schedule } from "./Migration20261204230000_signing_key_schedule.js";
 import { Migration20261204230000_state_notify } from "./Migration20261204230000_state_notify.js";
 import { Migration20261205010000_verified_digests } from "./Migration20261205010000_verified_digests.js";
+import { Migration20261205030000_notify_always } from "./Migration20261205030000_notify_always.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -32,4 +33,5 @@ export const MIGRATIONS: MigrationObject[] = [
   },
   { name: "Migration20261204230000_state_notify", class: Migration20261204230000_state_notify },
   { name: "Migration20261205010000_verified_digests", class: Migration20261205010000_verified_digests },
+  { name: "Migration20261205030000_notify_always", class: Migration20261205030000_notify_always },
 ];
