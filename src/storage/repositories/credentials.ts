@@ -1,0 +1,117 @@
+import { parseScopeString } from "../../auth/scopes.js";
+import { type SqlRunner, toBool, toMillis } from "../sql.js";
+import type { ApiTokenKind } from "../token-entities.js";
+
+/** A personal access token or API key joined with its owner and the owner's tenant. */
+export interface ApiTokenState {
+  id: string;
+  kind: ApiTokenKind | string;
+  tenantId: string;
+  ownerUserId: string;
+  /** The token's own scopes (not yet cut down to its owner's). */
+  scopes: string[];
+  secretHash: string;
+  expiresAt: number | null;
+  revoked: boolean;
+  username: string;
+  userCreatedAt: number;
+  userTenantId: string;
+  userScopes: string[];
+  userDisabled: boolean;
+  tenantDisabled: boolean;
+}
+
+interface TokenRow {
+  id: string;
+  kind: string;
+  tenant_id: string;
+  owner_user_id: string;
+  scopes: string;
+  secret_hash: string;
+  expires_at: unknown;
+  revoked_at: unknown;
+  username: string;
+  user_created_at: unknown;
+  user_tenant_id: string;
+  user_scopes: string;
+  user_disabled: unknown;
+  tenant_disabled: unknown;
+}
+
+/**
+ * One indexed look-up (unique `public_id`) that brings the token, its owner and the
+ * owner's tenant: everything the decision needs, as current on every request (the state
+ * cache answering it is emptied by any change first: see SqlRunner.cachedGet).
+ */
+const TOKEN_BY_PUBLIC_ID =
+  "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.expires_at, k.revoked_at, " +
+  "u.username, u.created_at as user_created_at, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
+  "t.disabled as tenant_disabled " +
+  "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
+  "where k.public_id = ?";
+
+/** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
+const tokenStates = new WeakMap<TokenRow, ApiTokenState>();
+
+function toToken(row: TokenRow | undefined): ApiTokenState | null {
+  if (!row) return null;
+  let state = tokenStates.get(row);
+  if (state === undefined) {
+    state = Object.freeze({
+      id: row.id,
+      kind: row.kind,
+      tenantId: row.tenant_id,
+      ownerUserId: row.owner_user_id,
+      scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
+      secretHash: row.secret_hash,
+      expiresAt: toMillis(row.expires_at),
+      revoked: toMillis(row.revoked_at) !== null,
+      username: row.username,
+      userCreatedAt: toMillis(row.user_created_at) ?? 0,
+      userTenantId: row.user_tenant_id,
+      userScopes: Object.freeze(parseScopeString(row.user_scopes)) as string[],
+      userDisabled: toBool(row.user_disabled),
+      tenantDisabled: toBool(row.tenant_disabled),
+    });
+    tokenStates.set(row, state);
+  }
+  return state;
+}
+
+/** Tables whose `last_used_at` {@link CredentialRepository.markUsed} may write. */
+export type LastUsedTable = "api_tokens" | "machine_users" | "machine_credentials";
+
+const MARK_USED: Record<LastUsedTable, string> = {
+  api_tokens: markUsedSql("api_tokens"),
+  machine_users: markUsedSql("machine_users"),
+  machine_credentials: markUsedSql("machine_credentials"),
+};
+
+/** Never moves the time backwards when several instances write it. */
+function markUsedSql(table: LastUsedTable): string {
+  return `update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`;
+}
+
+/** Credential rows: the per-request token look-up and the coalesced last-used writes. */
+export class CredentialRepository {
+  constructor(private readonly sql: SqlRunner) {}
+
+  /** The personal access token or API key whose public id is `publicId`, with its owner. */
+  async apiToken(publicId: string): Promise<ApiTokenState | null> {
+    return toToken(await this.sql.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]));
+  }
+
+  /**
+   * {@link apiToken} answered synchronously where the store allows it (SQLite, see
+   * `SqlRunner.sync`); undefined where it does not.
+   */
+  apiTokenNow(publicId: string): ApiTokenState | null | undefined {
+    const sync = this.sql.sync;
+    return sync === undefined ? undefined : toToken(sync.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]));
+  }
+
+  /** Set a credential's `last_used_at` to `at` unless it already holds a later time. */
+  async markUsed(table: LastUsedTable, id: string, at: Date): Promise<void> {
+    await this.sql.run(MARK_USED[table], [at, id, at]);
+  }
+}
