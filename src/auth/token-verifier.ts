@@ -2,6 +2,7 @@ import type { Clock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { ApiTokenState, CredentialRepository } from "../storage/repositories/credentials.js";
+import { oncePerRow } from "../storage/row-cache.js";
 import type { ApiTokenKind } from "../storage/token-entities.js";
 import type { BearerVerifier } from "./authenticator.js";
 import type { LastUsedTracker } from "./last-used.js";
@@ -36,18 +37,11 @@ export interface ApiTokenVerifierOptions {
 
 const UNKNOWN = "token is not recognised";
 
-/** Effective scopes per token state (the repository hands out the same frozen state until the row changes). */
-const scopesOfToken = new WeakMap<ApiTokenState, string[]>();
-
-/** The token's scopes cut down to what its owner holds now. */
-function effectiveScopes(token: ApiTokenState): string[] {
-  let scopes = scopesOfToken.get(token);
-  if (scopes === undefined) {
-    scopes = Object.freeze(intersectScopes(token.scopes, token.userScopes)) as string[];
-    scopesOfToken.set(token, scopes);
-  }
-  return scopes;
-}
+/** The token's scopes cut down to what its owner holds now (once per token state: the repository hands out the same one until the row changes). */
+const effectiveScopes = oncePerRow(
+  (token: ApiTokenState): string[] =>
+    Object.freeze(intersectScopes(token.scopes, token.userScopes)) as string[],
+);
 
 /**
  * Bearer verifier for personal access tokens and API keys, presented as

@@ -678,12 +678,8 @@ export function createMachineUserService(
       }
       if (req.machineUserId !== undefined)
         where.machineUserId = (await visibleMachineUser(ctx, req.machineUserId, "machine_user_id")).id;
-      const page = await listPage(e, Backend, where, paging);
-      return {
-        backends: page.items.map(backendToProto),
-        nextPageToken: page.nextPageToken,
-        totalSize: page.totalSize,
-      };
+      const { items, nextPageToken, totalSize } = await listPage(e, Backend, where, paging);
+      return { backends: items.map(backendToProto), nextPageToken, totalSize };
     },
 
     async deregisterBackend(req, ctx) {

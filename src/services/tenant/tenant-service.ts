@@ -125,12 +125,9 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     async listTenants(req, ctx) {
       const paging = pageParams(req.pageSize, req.pageToken);
       const scope = tenantScope(principalOf(ctx));
-      const page = await listPage(em(ctx), Tenant, scope === null ? {} : { id: scope }, paging);
-      return {
-        tenants: page.items.map(tenantToProto),
-        nextPageToken: page.nextPageToken,
-        totalSize: page.totalSize,
-      };
+      const where = scope === null ? {} : { id: scope };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Tenant, where, paging);
+      return { tenants: items.map(tenantToProto), nextPageToken, totalSize };
     },
 
     async updateTenant(req, ctx) {
@@ -195,12 +192,8 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         const scope = tenantScope(principalOf(ctx));
         where = scope === null ? {} : { tenantId: scope };
       }
-      const page = await listPage(em(ctx), Application, where, paging);
-      return {
-        applications: page.items.map(applicationToProto),
-        nextPageToken: page.nextPageToken,
-        totalSize: page.totalSize,
-      };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Application, where, paging);
+      return { applications: items.map(applicationToProto), nextPageToken, totalSize };
     },
 
     async deleteApplication(req, ctx) {

@@ -202,12 +202,8 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     const principal = principalOf(ctx);
     const paging = pageParams(req.pageSize, req.pageToken);
     const where = await listFilter(ctx, principal, kind, req);
-    const page = await listPage(em(ctx), ApiToken, where, paging);
-    return {
-      items: page.items.map(tokenToProto),
-      nextPageToken: page.nextPageToken,
-      totalSize: page.totalSize,
-    };
+    const { items, nextPageToken, totalSize } = await listPage(em(ctx), ApiToken, where, paging);
+    return { items: items.map(tokenToProto), nextPageToken, totalSize };
   }
 
   /**

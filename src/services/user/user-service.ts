@@ -279,12 +279,9 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async listUsers(req, ctx) {
       const paging = pageParams(req.pageSize, req.pageToken);
       const scope = tenantScope(principalOf(ctx));
-      const page = await listPage(em(ctx), User, scope === null ? {} : { tenantId: scope }, paging);
-      return {
-        users: page.items.map(userToProto),
-        nextPageToken: page.nextPageToken,
-        totalSize: page.totalSize,
-      };
+      const where = scope === null ? {} : { tenantId: scope };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), User, where, paging);
+      return { users: items.map(userToProto), nextPageToken, totalSize };
     },
 
     async updateUser(req, ctx) {

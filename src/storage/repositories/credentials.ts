@@ -1,4 +1,5 @@
 import { parseScopeString } from "../../auth/scopes.js";
+import { oncePerRow } from "../row-cache.js";
 import { type SqlRunner, toBool, toMillis } from "../sql.js";
 import type { ApiTokenKind } from "../token-entities.js";
 
@@ -50,14 +51,10 @@ const TOKEN_BY_PUBLIC_ID =
   "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
   "where k.public_id = ?";
 
-/** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
-const tokenStates = new WeakMap<TokenRow, ApiTokenState>();
-
-function toToken(row: TokenRow | undefined): ApiTokenState | null {
-  if (!row) return null;
-  let state = tokenStates.get(row);
-  if (state === undefined) {
-    state = Object.freeze({
+/** A token row's state, frozen: every request authenticated by the same cached row shares it. */
+const tokenState = oncePerRow(
+  (row: TokenRow): ApiTokenState =>
+    Object.freeze({
       id: row.id,
       kind: row.kind,
       tenantId: row.tenant_id,
@@ -72,10 +69,11 @@ function toToken(row: TokenRow | undefined): ApiTokenState | null {
       userScopes: Object.freeze(parseScopeString(row.user_scopes)) as string[],
       userDisabled: toBool(row.user_disabled),
       tenantDisabled: toBool(row.tenant_disabled),
-    });
-    tokenStates.set(row, state);
-  }
-  return state;
+    }),
+);
+
+function toToken(row: TokenRow | undefined): ApiTokenState | null {
+  return row ? tokenState(row) : null;
 }
 
 /** Tables whose `last_used_at` {@link CredentialRepository.markUsed} may write. */

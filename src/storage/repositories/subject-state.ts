@@ -1,5 +1,6 @@
 import { parseScopeString } from "../../auth/scopes.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
+import { oncePerRow } from "../row-cache.js";
 import { type SqlRunner, toBool, toMillis } from "../sql.js";
 
 /**
@@ -81,15 +82,10 @@ export function isTenantId(value: string): boolean {
   return UUID_RE.test(value);
 }
 
-/** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
-const userStates = new WeakMap<UserRow, UserAuthState>();
-
-function toUser(row: UserRow | undefined): UserAuthState | null {
-  if (!row) return null;
-  let state = userStates.get(row);
-  if (state === undefined) {
-    // Frozen: every request authenticated by the same cached row shares it.
-    state = Object.freeze({
+/** A user row's state, frozen: every request authenticated by the same cached row shares it. */
+const userState = oncePerRow(
+  (row: UserRow): UserAuthState =>
+    Object.freeze({
       id: row.id,
       username: row.username,
       tenantId: row.tenant_id,
@@ -99,10 +95,11 @@ function toUser(row: UserRow | undefined): UserAuthState | null {
       passwordHash: row.password_hash,
       createdAt: toMillis(row.created_at) ?? 0,
       sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
-    });
-    userStates.set(row, state);
-  }
-  return state;
+    }),
+);
+
+function toUser(row: UserRow | undefined): UserAuthState | null {
+  return row ? userState(row) : null;
 }
 
 /** User state reads: one indexed look-up each, or the state cache (SqlRunner.cachedGet). */
@@ -244,76 +241,58 @@ function bindingQuery(sanCount: number): string {
 }
 const BINDING_QUERIES = Array.from({ length: MAX_SAN_URIS + 1 }, (_, n) => bindingQuery(n));
 
-/** Values folded from cached row lists (the state cache hands out the same frozen list until it changes). */
-const machines = new WeakMap<readonly MachineRow[], MachineAuthState>();
-const credentials = new WeakMap<readonly CredentialRow[], MachineCredentialState>();
-const bindings = new WeakMap<readonly BindingRow[], readonly CertificateBindingState[]>();
+/** Fold the rows of one machine user (one per assigned application) into its state, frozen. */
+const toMachine = oncePerRow((rows: readonly MachineRow[]): MachineAuthState => {
+  const first = rows[0]!;
+  const applicationIds: string[] = [];
+  for (const r of rows) if (r.application_id) applicationIds.push(r.application_id);
+  return Object.freeze({
+    id: first.id,
+    tenantId: first.tenant_id,
+    name: first.name,
+    scopes: Object.freeze(parseScopeString(first.scopes)) as string[],
+    disabled: toBool(first.disabled),
+    tenantDisabled: toBool(first.tenant_disabled),
+    applicationIds: Object.freeze(applicationIds) as string[],
+    rotatedAt: toMillis(first.rotated_at),
+    rotationGraceUntil: toMillis(first.rotation_grace_until),
+  });
+});
 
-/** Fold the rows of one machine user (one per assigned application) into its state. */
-function toMachine(rows: readonly MachineRow[]): MachineAuthState {
-  let state = machines.get(rows);
-  if (state === undefined) {
-    const first = rows[0]!;
-    const applicationIds: string[] = [];
-    for (const r of rows) if (r.application_id) applicationIds.push(r.application_id);
-    // Frozen: every request authenticated by the same cached rows shares it.
-    state = Object.freeze({
-      id: first.id,
-      tenantId: first.tenant_id,
-      name: first.name,
-      scopes: Object.freeze(parseScopeString(first.scopes)) as string[],
-      disabled: toBool(first.disabled),
-      tenantDisabled: toBool(first.tenant_disabled),
-      applicationIds: Object.freeze(applicationIds) as string[],
-      rotatedAt: toMillis(first.rotated_at),
-      rotationGraceUntil: toMillis(first.rotation_grace_until),
-    });
-    machines.set(rows, state);
-  }
-  return state;
-}
+const credentialState = oncePerRow(
+  (rows: readonly CredentialRow[]): MachineCredentialState =>
+    Object.freeze({
+      credentialId: rows[0]!.credential_id,
+      kind: rows[0]!.kind,
+      secretHash: rows[0]!.secret_hash,
+      expiresAt: toMillis(rows[0]!.expires_at),
+      machine: toMachine(rows),
+    }),
+);
 
 function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
-  if (rows.length === 0) return null;
-  let state = credentials.get(rows);
-  if (state === undefined) {
-    const first = rows[0]!;
-    state = Object.freeze({
-      credentialId: first.credential_id,
-      kind: first.kind,
-      secretHash: first.secret_hash,
-      expiresAt: toMillis(first.expires_at),
-      machine: toMachine(rows),
-    });
-    credentials.set(rows, state);
-  }
-  return state;
+  return rows.length === 0 ? null : credentialState(rows);
 }
 
 /** One state per binding (its rows: one per application of its machine user), in the order read. */
-function toBindings(rows: readonly BindingRow[]): readonly CertificateBindingState[] {
-  let list = bindings.get(rows);
-  if (list === undefined) {
-    const rowsOf = new Map<string, BindingRow[]>();
-    for (const r of rows) {
-      const group = rowsOf.get(r.binding_id);
-      if (group) group.push(r);
-      else rowsOf.set(r.binding_id, [r]);
-    }
-    list = Object.freeze(
-      [...rowsOf.values()].map((group) =>
-        Object.freeze({
-          bindingId: group[0]!.binding_id,
-          boundFingerprint: group[0]!.bound_fingerprint,
-          proven: toBool(group[0]!.proven),
-          machine: toMachine(group),
-        }),
-      ),
-    );
-    bindings.set(rows, list);
+const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly CertificateBindingState[] => {
+  const rowsOf = new Map<string, BindingRow[]>();
+  for (const r of rows) {
+    const group = rowsOf.get(r.binding_id);
+    if (group) group.push(r);
+    else rowsOf.set(r.binding_id, [r]);
   }
-  return list;
-}
+  return Object.freeze(
+    [...rowsOf.values()].map((group) =>
+      Object.freeze({
+        bindingId: group[0]!.binding_id,
+        boundFingerprint: group[0]!.bound_fingerprint,
+        proven: toBool(group[0]!.proven),
+        machine: toMachine(group),
+      }),
+    ),
+  );
+});
 
 /**
  * Machine-user state reads (no ORM on the hot path): one indexed look-up, or the state
