@@ -1,7 +1,8 @@
 /**
  * The authentication path's state reads of two checkouts, side by side in one process: the
- * personal-access-token verifier's synchronous path (`verifyNow`) and the user claims
- * loader's (`now`, a JWT with a session), each over the same SQLite database and state
+ * personal-access-token verifier (`verifyNow`, and `verify` as admission takes it when a
+ * rate limit is counted) and the user claims loader (`now`, and the loader itself) for a JWT
+ * with a session, each over the same SQLite database and state
  * cache, in interleaved blocks so that whatever else loads the machine weighs on both alike.
  *
  * Why: a change that moves these reads behind repositories must not make them dearer, and
@@ -91,6 +92,7 @@ const candidates = {
     jwt: createUserClaimsLoader(new UserStateRepository(app.sql)),
   },
 };
+type Path = "pat" | "jwt";
 const state = (): RequestState => ({
   requestId: "bench",
   ip: "127.0.0.1",
@@ -98,7 +100,7 @@ const state = (): RequestState => ({
   principal: null,
 });
 
-function block(which: "base" | "new", path: "pat" | "jwt"): number {
+function block(which: "base" | "new", path: Path): number {
   const c = candidates[which];
   const s = state();
   // CPU time, not wall time: on a VM loaded far past its cores, wall time is mostly waiting.
@@ -111,19 +113,37 @@ function block(which: "base" | "new", path: "pat" | "jwt"): number {
   return ((used.user + used.system) * 1000) / calls;
 }
 
+/** The same, through the asynchronous path (what admission takes when a rate limit is counted). */
+async function asyncBlock(which: "base" | "new", path: Path): Promise<number> {
+  const c = candidates[which];
+  const s = state();
+  const start = process.cpuUsage();
+  for (let i = 0; i < calls; i++) {
+    const p = path === "pat" ? await c.pat.verify(pat, s) : await c.jwt(claims, s);
+    if (!p) throw new Error(`${which} ${path}: no principal`);
+  }
+  const used = process.cpuUsage(start);
+  return ((used.user + used.system) * 1000) / calls;
+}
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 console.log("| path | base CPU ns/call (median) | new CPU ns/call (median) | new/base |");
 console.log("| --- | ---: | ---: | ---: |");
-for (const path of ["pat", "jwt"] as const) {
+for (const [name, run] of [
+  ["pat", (w: "base" | "new") => block(w, "pat")],
+  ["jwt", (w: "base" | "new") => block(w, "jwt")],
+  ["pat async", (w: "base" | "new") => asyncBlock(w, "pat")],
+  ["jwt async", (w: "base" | "new") => asyncBlock(w, "jwt")],
+] as const) {
   const ns = { base: [] as number[], new: [] as number[] };
-  block("base", path);
-  block("new", path); // warm-up of both
+  await run("base");
+  await run("new"); // warm-up of both
   for (let b = 0; b < blocks; b++) {
     const order = b % 2 === 0 ? (["base", "new"] as const) : (["new", "base"] as const);
-    for (const which of order) ns[which].push(block(which, path));
+    for (const which of order) ns[which].push(await run(which));
   }
   const bm = median(ns.base);
   const nm = median(ns.new);
-  console.log(`| ${path} | ${bm.toFixed(0)} | ${nm.toFixed(0)} | ${(nm / bm).toFixed(3)} |`);
+  console.log(`| ${name} | ${bm.toFixed(0)} | ${nm.toFixed(0)} | ${(nm / bm).toFixed(3)} |`);
 }
 await app.close();
