@@ -238,20 +238,24 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     return tokenToProto(row);
   }
 
+  /** What a create answer holds besides the secret (which each RPC names its own way). */
+  function createdFields(row: ApiToken) {
+    const meta = tokenToProto(row);
+    return {
+      id: row.id,
+      name: row.name,
+      createdAt: meta.createdAt,
+      ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
+      scopes: meta.scopes,
+      hint: row.hint,
+      ownerUserId: row.ownerUserId,
+    };
+  }
+
   return {
     async createPersonalAccessToken(req, ctx) {
       const { row, token } = await create(ctx, "pat", req);
-      const meta = tokenToProto(row);
-      return {
-        id: row.id,
-        name: row.name,
-        token,
-        createdAt: meta.createdAt,
-        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
-        scopes: meta.scopes,
-        hint: row.hint,
-        ownerUserId: row.ownerUserId,
-      };
+      return { ...createdFields(row), token };
     },
 
     async listPersonalAccessTokens(req, ctx) {
@@ -265,17 +269,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
 
     async createApiKey(req, ctx) {
       const { row, token } = await create(ctx, "api_key", req);
-      const meta = tokenToProto(row);
-      return {
-        id: row.id,
-        name: row.name,
-        key: token,
-        createdAt: meta.createdAt,
-        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
-        scopes: meta.scopes,
-        hint: row.hint,
-        ownerUserId: row.ownerUserId,
-      };
+      return { ...createdFields(row), key: token };
     },
 
     async listApiKeys(req, ctx) {
