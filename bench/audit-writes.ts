@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { pino } from "pino";
 import { type AuditRecord, createAuditLog } from "../src/audit.js";
 import { initORM } from "../src/storage/orm.js";
+import { AuditEventRepository } from "../src/storage/repositories/audit.js";
 import { createSqlRunner, type SqlRunner } from "../src/storage/sql.js";
 
 const EVENTS = Number(process.argv[2] ?? 5000);
@@ -26,7 +27,12 @@ const entry: AuditRecord = {
 };
 
 async function batched(sql: SqlRunner): Promise<number> {
-  const audit = createAuditLog({ sql, logger, bufferSize: EVENTS, flushMs: 60_000 });
+  const audit = createAuditLog({
+    events: new AuditEventRepository(sql),
+    logger,
+    bufferSize: EVENTS,
+    flushMs: 60_000,
+  });
   const start = performance.now();
   for (let i = 0; i < EVENTS; i++) audit.record(entry);
   await audit.flush();

@@ -90,11 +90,11 @@ Object.assign(env, {
   TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
   TESSERA_RATE_LIMIT_PER_IP: "1000000000",
   TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+  // A free metrics port: the default one is taken when another bench serves on this machine.
+  TESSERA_METRICS_LISTEN: "127.0.0.1:0",
   // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
   // costs minutes; a token's hash is checked once, so fewer iterations change no request.
   ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
-  // Metrics on, as by default, on a free port: other servers (other runs) may hold 9464.
-  TESSERA_METRICS_LISTEN: "127.0.0.1:0",
   // Hashing at the event loop's priority, without a deadline (as bench/run.ts serves every
   // scenario but the flood): valgrind runs one thread at a time, and a hash thread at nice 19
   // holding that turn on a busy machine stalled the server's start past 15 minutes.

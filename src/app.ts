@@ -31,12 +31,11 @@ import {
   createMachineCertificateVerifier,
   createMachineClaimsLoader,
   MACHINE_USERNAME_PREFIX,
-  MachineStateReader,
 } from "./auth/machine-principal.js";
 import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createApiTokenVerifier } from "./auth/token-verifier.js";
-import { createUserBasicVerifier, createUserClaimsLoader, UserStateReader } from "./auth/user-principal.js";
+import { createUserBasicVerifier, createUserClaimsLoader } from "./auth/user-principal.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
@@ -62,6 +61,9 @@ import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state.js";
+import { AuditEventRepository } from "./storage/repositories/audit.js";
+import { CredentialRepository } from "./storage/repositories/credentials.js";
+import { MachineStateRepository, UserStateRepository } from "./storage/repositories/subject-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
 
 export { VERSION } from "./version.js";
@@ -199,18 +201,19 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       defaultTenant ??= await ensureDefaultTenant(storage.em.fork());
       return defaultTenant;
     };
-    const users = new UserStateReader(sql);
+    const users = new UserStateRepository(sql);
+    const machines = new MachineStateRepository(sql);
+    const credentials = new CredentialRepository(sql);
     const secrets = new VerifiedSecretCache({
       maxBytes: config.auth.tokens.cacheMaxBytes,
       maxEntries: config.auth.tokens.cacheSize,
       sharedKey: config.auth.tokens.sharedDigests ? digestKey : undefined,
       logger,
     });
-    const lastUsed = new LastUsedTracker(sql, logger, config.auth.tokens.lastUsedFlushSeconds, {
+    const lastUsed = new LastUsedTracker(credentials, logger, config.auth.tokens.lastUsedFlushSeconds, {
       maxPending: config.audit.bufferSize,
     });
     const authenticator = new Authenticator();
-    const machines = new MachineStateReader(sql);
     // The static admin token first: one SHA-256, cheaper than any other check.
     if (config.admin.token) authenticator.bearer.push(createAdminTokenVerifier(config.admin.token));
     authenticator.bearer.push(
@@ -221,7 +224,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     );
     authenticator.bearer.push(
       createApiTokenVerifier({
-        sql,
+        credentials,
         secrets,
         lastUsed,
         patPrefix: config.auth.tokens.patPrefix,
@@ -264,8 +267,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
           logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
         })
       : undefined;
+    const auditEvents = new AuditEventRepository(sql);
     const audit = createAuditLog({
-      sql,
+      events: auditEvents,
       logger,
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
@@ -325,7 +329,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       limits,
       audit,
     });
-    const auditService = createAuditService({ sql });
+    const auditService = createAuditService({ events: auditEvents });
     const health = createHealthService({
       ping: () => storage.ping(),
       services: services.map((s) => s.typeName),

@@ -1,7 +1,11 @@
 import { randomUUID } from "node:crypto";
 import type { Logger } from "pino";
 import { isContentError, loggableError } from "./storage/errors.js";
-import type { SqlRunner } from "./storage/sql.js";
+import {
+  type AuditEventRepository,
+  type AuditEventRow,
+  MAX_AUDIT_BATCH,
+} from "./storage/repositories/audit.js";
 
 /** One audit record: who did what to which id, and how it ended. Never a secret. */
 export interface AuditRecord {
@@ -56,7 +60,7 @@ export interface AuditLog {
 
 /** Options of {@link createAuditLog}. */
 export interface AuditLogOptions {
-  sql: SqlRunner;
+  events: Pick<AuditEventRepository, "insert" | "deleteBefore">;
   logger: Logger;
   /** Events kept in memory at most (`audit.bufferSize`); past it new events are dropped and counted. */
   bufferSize?: number;
@@ -75,9 +79,6 @@ export interface AuditLogOptions {
   retentionBatch?: number;
 }
 
-const COLUMNS = "id, at, request_id, tenant_id, actor_kind, actor_id, action, target_id, outcome, reason, ip";
-/** Rows per insert at most: 11 parameters each, far under both databases' parameter limits. */
-const MAX_BATCH = 512;
 /** Where a flush starts early, without waiting for the timer. */
 const EAGER_DEPTH = 100;
 
@@ -87,21 +88,15 @@ interface Buffered {
   entry: AuditRecord;
 }
 
-/** The insert of `n` rows. `on conflict do nothing`: a retry after a commit whose answer was lost adds nothing. */
-function insertSql(n: number): string {
-  const row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-  return `insert into audit_events (${COLUMNS}) values ${Array.from({ length: n }, () => row).join(", ")} on conflict (id) do nothing`;
-}
-
 /** A string cut to a column's width (the audit table's columns are bounded; a longer value would lose the row). */
 function cut(value: string | null | undefined, max: number): string | null {
   if (value === null || value === undefined) return null;
   return value.length > max ? value.slice(0, max) : value;
 }
 
-/** Create the audit log over the raw SQL runner. */
+/** Create the audit log over the audit events' repository. */
 export function createAuditLog(options: AuditLogOptions): AuditLog {
-  const { sql, logger } = options;
+  const { events, logger } = options;
   const bufferSize = options.bufferSize ?? 100_000;
   const flushMs = options.flushMs ?? 1000;
   const minBackoff = options.minBackoffMs ?? 250;
@@ -119,7 +114,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   /** Drops of the current overflow episode (logged once when it starts). */
   let overflowing = false;
   /** Rows per insert for the next attempt: halved while a batch is refused for its content. */
-  let batchLimit = MAX_BATCH;
+  let batchLimit = MAX_AUDIT_BATCH;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<boolean> | null = null;
   let closed = false;
@@ -133,19 +128,19 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     timer.unref();
   };
 
-  const params = (b: Buffered) => [
-    b.id,
-    b.at,
-    cut(b.entry.requestId, 64) ?? "",
-    cut(b.entry.tenantId, 36),
-    cut(b.entry.actorKind, 32) ?? "",
-    cut(b.entry.actorId, 64),
-    cut(b.entry.action, 128) ?? "",
-    cut(b.entry.targetId, 64),
-    b.entry.outcome,
-    cut(b.entry.reason, 64),
-    cut(b.entry.ip, 64),
-  ];
+  const row = (b: Buffered): AuditEventRow => ({
+    id: b.id,
+    at: b.at,
+    requestId: cut(b.entry.requestId, 64) ?? "",
+    tenantId: cut(b.entry.tenantId, 36),
+    actorKind: cut(b.entry.actorKind, 32) ?? "",
+    actorId: cut(b.entry.actorId, 64),
+    action: cut(b.entry.action, 128) ?? "",
+    targetId: cut(b.entry.targetId, 64),
+    outcome: b.entry.outcome,
+    reason: cut(b.entry.reason, 64),
+    ip: cut(b.entry.ip, 64),
+  });
 
   /** One write attempt of the buffer's head; false when it failed for want of a database. */
   const writeHead = async (): Promise<boolean> => {
@@ -154,7 +149,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     n = 2 ** Math.floor(Math.log2(n));
     const batch = buffer.slice(0, n);
     try {
-      await sql.run(insertSql(n), batch.flatMap(params));
+      await events.insert(batch.map(row));
     } catch (err) {
       counters.failures++;
       if (isContentError(err)) {
@@ -183,7 +178,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     }
     buffer.splice(0, n);
     counters.written += n;
-    if (n === batchLimit || buffer.length === 0) batchLimit = MAX_BATCH;
+    if (n === batchLimit || buffer.length === 0) batchLimit = MAX_AUDIT_BATCH;
     if (outageFailures > 0) {
       logger.info({ failures: outageFailures, depth: buffer.length }, "audit events are written again");
       outageFailures = 0;
@@ -216,13 +211,8 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     if (retentionDays <= 0) return 0;
     const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
     let total = 0;
-    // In batches: one statement deleting a year of events would hold the write lock (SQLite)
-    // or a long transaction (PostgreSQL) for seconds.
     for (;;) {
-      const n = await sql.run(
-        `delete from audit_events where id in (select id from audit_events where at < ? limit ${retentionBatch})`,
-        [cutoff],
-      );
+      const n = await events.deleteBefore(cutoff, retentionBatch);
       total += n;
       if (n < retentionBatch) return total;
       await new Promise((resolve) => setImmediate(resolve));

@@ -1,6 +1,5 @@
 import { randomUUID } from "node:crypto";
 import { type ContextValues, createContextKey } from "@connectrpc/connect";
-import type { EntityManager } from "@mikro-orm/knex";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
 
 /**
@@ -41,8 +40,6 @@ export interface RequestState {
   responseHeaders?: Record<string, string>;
   /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */
   startedAt?: number;
-  /** The request's EntityManager fork, created on first use by {@link requestEm}. */
-  em?: EntityManager;
 }
 
 /**
@@ -71,11 +68,4 @@ export function requestState(values: ContextValues): RequestState {
     values.set(requestStateKey, state);
   }
   return state;
-}
-
-/** One EntityManager fork per request, forked only when a handler needs the ORM. */
-export function requestEm(values: ContextValues, root: EntityManager): EntityManager {
-  const state = requestState(values);
-  state.em ??= root.fork();
-  return state.em;
 }

@@ -2,6 +2,8 @@ import { randomUUID } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AuditRecord, createAuditLog } from "../src/audit.js";
 import { LastUsedTracker } from "../src/auth/last-used.js";
+import { AuditEventRepository } from "../src/storage/repositories/audit.js";
+import { CredentialRepository } from "../src/storage/repositories/credentials.js";
 import { toMillis } from "../src/storage/sql.js";
 import { DATABASES } from "./helpers.js";
 import { capturingLogger, type OutageApp, startOutageApp } from "./outage-helpers.js";
@@ -48,7 +50,7 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
     env = await startOutageApp(db.name);
     const { logger, log } = capturingLogger();
     const audit = createAuditLog({
-      sql: env.app.sql,
+      events: new AuditEventRepository(env.app.sql),
       logger,
       flushMs: 20,
       minBackoffMs: 20,
@@ -75,7 +77,7 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
     env = await startOutageApp(db.name);
     const { logger, log } = capturingLogger();
     const audit = createAuditLog({
-      sql: env.app.sql,
+      events: new AuditEventRepository(env.app.sql),
       logger,
       bufferSize: 250,
       flushMs: 20,
@@ -98,7 +100,12 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
   it("writes at close what is buffered, retrying until the database is back", async () => {
     env = await startOutageApp(db.name);
     const { logger } = capturingLogger();
-    const audit = createAuditLog({ sql: env.app.sql, logger, flushMs: 60_000, minBackoffMs: 20 });
+    const audit = createAuditLog({
+      events: new AuditEventRepository(env.app.sql),
+      logger,
+      flushMs: 60_000,
+      minBackoffMs: 20,
+    });
     const prefix = `close-${randomUUID().slice(0, 8)}-`;
     await env.cut();
     for (let i = 0; i < 300; i++) audit.record(record(`${prefix}${i}`));
@@ -133,7 +140,10 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
         now,
       ],
     );
-    const tracker = new LastUsedTracker(app.sql, logger, 60, { minBackoffMs: 20, maxBackoffMs: 50 });
+    const tracker = new LastUsedTracker(new CredentialRepository(app.sql), logger, 60, {
+      minBackoffMs: 20,
+      maxBackoffMs: 50,
+    });
     const used = new Date(now.getTime() + 1000);
     await env.cut();
     tracker.mark("api_tokens", tokenId, used);
@@ -154,7 +164,12 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
   it("deletes only events older than the retention period, in batches", async () => {
     env = await startOutageApp(db.name);
     const { logger } = capturingLogger();
-    const audit = createAuditLog({ sql: env.app.sql, logger, retentionDays: 30, retentionBatch: 3 });
+    const audit = createAuditLog({
+      events: new AuditEventRepository(env.app.sql),
+      logger,
+      retentionDays: 30,
+      retentionBatch: 3,
+    });
     const prefix = `retention-${randomUUID().slice(0, 8)}-`;
     const now = Date.now();
     const day = 86_400_000;

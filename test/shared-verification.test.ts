@@ -15,6 +15,7 @@ import { parseToken } from "../src/auth/token-format.js";
 import { createApiTokenVerifier } from "../src/auth/token-verifier.js";
 import type { ConfigInput } from "../src/config.js";
 import { startServer, type TesseraServer } from "../src/server.js";
+import { CredentialRepository } from "../src/storage/repositories/credentials.js";
 import type { SqlRunner } from "../src/storage/sql.js";
 import { rejection } from "./errors-util.js";
 import {
@@ -307,6 +308,8 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
     const sql = a.app.sql;
     const counting: SqlRunner = {
       ...sql,
+      // Every read through the counted asynchronous calls (SQLite's synchronous reads would bypass them).
+      sync: undefined,
       cachedGet(q, p) {
         statements.push(q);
         return sql.cachedGet(q, p);
@@ -321,7 +324,7 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
       },
     };
     const verifier = createApiTokenVerifier({
-      sql: counting,
+      credentials: new CredentialRepository(counting),
       secrets: a.app.secrets,
       lastUsed: a.app.lastUsed,
       patPrefix: "tsr_pat_",

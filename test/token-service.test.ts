@@ -18,6 +18,7 @@ import { createApiTokenVerifier } from "../src/auth/token-verifier.js";
 import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
 import { Tenant } from "../src/storage/entities.js";
+import { CredentialRepository } from "../src/storage/repositories/credentials.js";
 import type { SqlRunner } from "../src/storage/sql.js";
 import { Code, rejection } from "./errors-util.js";
 import {
@@ -127,7 +128,7 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
     const sql = countingSql(app.sql);
     const secretChecks: string[] = [];
     const verifier = createApiTokenVerifier({
-      sql,
+      credentials: new CredentialRepository(sql),
       secrets: {
         verify(ns, secret, hash) {
           secretChecks.push(ns);

@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import { isContentError, loggableError } from "../storage/errors.js";
-import type { SqlRunner } from "../storage/sql.js";
+import type { CredentialRepository, LastUsedTable } from "../storage/repositories/credentials.js";
 
 /** What the last-used tracker has done since start (for metrics and tests). */
 export interface LastUsedStats {
@@ -31,7 +31,7 @@ export interface LastUsedOptions {
  * wins) and is retried with exponential backoff, so an outage loses no last-used time.
  */
 export class LastUsedTracker {
-  private pending = new Map<string, { table: string; id: string; at: Date }>();
+  private pending = new Map<string, { table: LastUsedTable; id: string; at: Date }>();
   private readonly timer: NodeJS.Timeout;
   private retry: NodeJS.Timeout | undefined;
   private backoff = 0;
@@ -42,7 +42,7 @@ export class LastUsedTracker {
   private readonly maxBackoff: number;
 
   constructor(
-    private readonly sql: SqlRunner,
+    private readonly credentials: Pick<CredentialRepository, "markUsed">,
     private readonly logger: Logger,
     intervalSeconds: number,
     options: LastUsedOptions = {},
@@ -55,7 +55,7 @@ export class LastUsedTracker {
   }
 
   /** Record a use of row `id` in `table` (a fixed table name, never user input). */
-  mark(table: string, id: string, at = new Date()): void {
+  mark(table: LastUsedTable, id: string, at = new Date()): void {
     const key = `${table}\0${id}`;
     const current = this.pending.get(key);
     if (current === undefined && this.pending.size >= this.maxPending) {
@@ -89,11 +89,7 @@ export class LastUsedTracker {
     for (let i = 0; i < batch.length; i++) {
       const [, { table, id, at }] = batch[i]!;
       try {
-        // Never move the time backwards when several instances flush.
-        await this.sql.run(
-          `update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`,
-          [at, id, at],
-        );
+        await this.credentials.markUsed(table, id, at);
         this.counters.written++;
       } catch (err) {
         if (isContentError(err)) {

@@ -1,23 +1,23 @@
 import type { Clock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
-import type { SqlRunner } from "../storage/sql.js";
-import { toBool, toMillis } from "../storage/sql.js";
+import type { ApiTokenState, CredentialRepository } from "../storage/repositories/credentials.js";
+import { oncePerRow } from "../storage/row-cache.js";
 import type { ApiTokenKind } from "../storage/token-entities.js";
 import type { BearerVerifier } from "./authenticator.js";
 import type { LastUsedTracker } from "./last-used.js";
 import type { Principal } from "./principal.js";
-import { intersectScopes, parseScopeString } from "./scopes.js";
-import type { SharedDigest, VerifiedSecretCache } from "./secret-cache.js";
+import { intersectScopes } from "./scopes.js";
+import type { VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
 
 /** The table of personal access tokens and API keys (also the LastUsedTracker target). */
-export const API_TOKENS_TABLE = "api_tokens";
+export const API_TOKENS_TABLE = "api_tokens" as const;
 
 /** Options of {@link createApiTokenVerifier}. */
 export interface ApiTokenVerifierOptions {
-  /** Raw SQL for the one look-up per request (tests pass a counting runner). */
-  sql: SqlRunner;
+  /** The one look-up per request (tests pass one over a counting SQL runner). */
+  credentials: Pick<CredentialRepository, "apiToken" | "apiTokenNow" | "sharedDigest" | "digestOf">;
   /** Verified-secret cache: PBKDF2 on first use only (tests pass a counting wrapper). */
   secrets: Pick<VerifiedSecretCache, "verify" | "knows">;
   lastUsed: Pick<LastUsedTracker, "mark">;
@@ -35,87 +35,13 @@ export interface ApiTokenVerifierOptions {
   now?: Clock;
 }
 
-interface TokenRow {
-  id: string;
-  kind: string;
-  tenant_id: string;
-  owner_user_id: string;
-  scopes: string;
-  secret_hash: string;
-  /** The shared digest of the secret, once some instance verified it (see VerifiedSecretCache). */
-  verified_digest: string | null;
-  expires_at: unknown;
-  revoked_at: unknown;
-  username: string;
-  user_created_at: unknown;
-  user_tenant_id: string;
-  user_scopes: string;
-  user_disabled: unknown;
-  tenant_disabled: unknown;
-}
-
-/**
- * One indexed look-up (unique `public_id`) that brings the token, its owner and the
- * owner's tenant: everything the decision needs, as current on every request (the state
- * cache answering it is emptied by any change first: see SqlRunner.cachedGet).
- */
-const SELECT_TOKEN =
-  "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.verified_digest, k.expires_at, k.revoked_at, " +
-  "u.username, u.created_at as user_created_at, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
-  "t.disabled as tenant_disabled " +
-  "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
-  "where k.public_id = ?";
-
 const UNKNOWN = "token is not recognised";
 
-/** The stored digest read past the state cache (see SharedDigest.fresh). */
-const SELECT_DIGEST = "select verified_digest from api_tokens where id = ?";
-/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
-const STORE_DIGEST = "update api_tokens set verified_digest = ? where id = ? and secret_hash = ?";
-
-/** The shared digest of a token row, for VerifiedSecretCache.verify. */
-function sharedDigest(sql: SqlRunner, row: TokenRow): SharedDigest {
-  return {
-    stored: digestOf(row),
-    fresh: async () => {
-      const found = (await sql.get<{ verified_digest: string | null }>(SELECT_DIGEST, [row.id]))
-        ?.verified_digest;
-      if (found) learntDigests.set(row, found);
-      return found ?? null;
-    },
-    save: async (digest) => {
-      await sql.run(STORE_DIGEST, [digest, row.id, row.secret_hash]);
-      learntDigests.set(row, digest);
-    },
-  };
-}
-
-/**
- * Digests stored or read after a row was: storing one empties no state cache, so the row
- * object a cache keeps may predate it, and without this every later miss on it would read
- * the digest again. Held per row object, whose stored hash the digest is bound to.
- */
-const learntDigests = new WeakMap<TokenRow, string>();
-
-/** The digest known for a row read. */
-function digestOf(row: TokenRow): string | null {
-  return learntDigests.get(row) ?? row.verified_digest;
-}
-
-/** Effective scopes per row read (the state cache hands out the same frozen row until it changes). */
-const scopesOfRow = new WeakMap<TokenRow, string[]>();
-
-/** The token's scopes cut down to what its owner holds now. */
-function effectiveScopes(row: TokenRow): string[] {
-  let scopes = scopesOfRow.get(row);
-  if (scopes === undefined) {
-    scopes = Object.freeze(
-      intersectScopes(parseScopeString(row.scopes), parseScopeString(row.user_scopes)),
-    ) as string[];
-    scopesOfRow.set(row, scopes);
-  }
-  return scopes;
-}
+/** The token's scopes cut down to what its owner holds now (once per token state: the repository hands out the same one until the row changes). */
+const effectiveScopes = oncePerRow(
+  (token: ApiTokenState): string[] =>
+    Object.freeze(intersectScopes(token.scopes, token.userScopes)) as string[],
+);
 
 /**
  * Bearer verifier for personal access tokens and API keys, presented as
@@ -132,8 +58,7 @@ function effectiveScopes(row: TokenRow): string[] {
  *    for a dead token, and reveals a state only to someone holding the token's
  *    16-character public id, which is shown nowhere but inside the token;
  * 4. the secret against the stored PBKDF2 hash through the {@link VerifiedSecretCache}:
- *    ~200 ms off the event loop on first use (anywhere: the digest then stored in
- *    `verified_digest` lets every instance recognise it with one HMAC), a hash afterwards.
+ *    ~200 ms off the event loop on first use, an HMAC afterwards.
  *
  * Because step 3 runs on every request, revocation, expiry and owner changes apply to
  * the very next request whatever the cache holds. The token's scopes are intersected
@@ -141,7 +66,7 @@ function effectiveScopes(row: TokenRow): string[] {
  * `last_used_at` write.
  */
 export function createApiTokenVerifier(options: ApiTokenVerifierOptions): BearerVerifier {
-  const { sql, secrets, lastUsed, patPrefix, apiKeyPrefix } = options;
+  const { credentials, secrets, lastUsed, patPrefix, apiKeyPrefix } = options;
   if (patPrefix === apiKeyPrefix) {
     throw new Error("auth.tokens.patPrefix and auth.tokens.apiKeyPrefix must differ");
   }
@@ -168,39 +93,38 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     return { id: parsed.id, secret: parsed.secret, kind };
   }
 
-  /** Refuse a row that may not authenticate now, before its secret is looked at (step 3). */
-  function assertUsable(row: TokenRow | undefined, kind: ApiTokenKind): asserts row is TokenRow {
+  /** Refuse a token that may not authenticate now, before its secret is looked at (step 3). */
+  function assertUsable(token: ApiTokenState | null, kind: ApiTokenKind): asserts token is ApiTokenState {
     // A token of the other kind with a matching id is as unknown as no row at all.
-    if (!row || row.kind !== kind || row.tenant_id !== row.user_tenant_id) {
+    if (!token || token.kind !== kind || token.tenantId !== token.userTenantId) {
       throw new TesseraError("TOKEN_INVALID", UNKNOWN);
     }
-    if (toMillis(row.revoked_at) !== null) throw new TesseraError("TOKEN_REVOKED", "token has been revoked");
-    const expiresAt = toMillis(row.expires_at);
-    if (expiresAt !== null && expiresAt <= now()) {
+    if (token.revoked) throw new TesseraError("TOKEN_REVOKED", "token has been revoked");
+    if (token.expiresAt !== null && token.expiresAt <= now()) {
       throw new TesseraError("TOKEN_EXPIRED", "token has expired");
     }
-    if (toBool(row.user_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-    if (toBool(row.tenant_disabled)) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+    if (token.userDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+    if (token.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
   }
 
-  /** The principal of a row whose secret matched; marks the use. */
-  function accepted(row: TokenRow, state: RequestState): Principal {
-    lastUsed.mark(API_TOKENS_TABLE, row.id);
+  /** The principal of a token whose secret matched; marks the use. */
+  function accepted(token: ApiTokenState, state: RequestState): Principal {
+    lastUsed.mark(API_TOKENS_TABLE, token.id);
     // The owner as this query read it: GetCurrentUser answers from it without a second read.
     state.user = {
-      id: row.owner_user_id,
-      username: row.username,
-      tenantId: row.user_tenant_id,
-      createdAt: toMillis(row.user_created_at) ?? 0,
+      id: token.ownerUserId,
+      username: token.username,
+      tenantId: token.userTenantId,
+      createdAt: token.userCreatedAt,
     };
     return {
       kind: "user",
-      method: row.kind === "pat" ? "pat" : "api_key",
-      id: row.owner_user_id,
-      tenantId: row.user_tenant_id,
-      username: row.username,
-      scopes: effectiveScopes(row),
-      credentialId: row.id,
+      method: token.kind === "pat" ? "pat" : "api_key",
+      id: token.ownerUserId,
+      tenantId: token.userTenantId,
+      username: token.username,
+      scopes: effectiveScopes(token),
+      credentialId: token.id,
       certificate: state.certificate,
     };
   }
@@ -213,26 +137,32 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     verifyNow(token: string, state: RequestState): Principal | null | undefined {
       const presented = ours(token);
       if (presented === null) return null;
-      const read = sql.sync;
-      if (read === undefined) return undefined;
-      const row = read.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
-      assertUsable(row, presented.kind);
-      if (!secrets.knows(`token:${row.id}`, presented.secret, row.secret_hash, digestOf(row)))
+      const found = credentials.apiTokenNow(presented.id);
+      if (found === undefined) return undefined;
+      assertUsable(found, presented.kind);
+      if (
+        !secrets.knows(`token:${found.id}`, presented.secret, found.secretHash, credentials.digestOf(found))
+      )
         return undefined;
-      return accepted(row, state);
+      return accepted(found, state);
     },
     async verify(token: string, state: RequestState): Promise<Principal | null> {
       const presented = ours(token);
       if (presented === null) return null;
-      const row = await sql.cachedGet<TokenRow>(SELECT_TOKEN, [presented.id]);
-      assertUsable(row, presented.kind);
+      const found = await credentials.apiToken(presented.id);
+      assertUsable(found, presented.kind);
       // Only now the expensive part: a refused token never costs PBKDF2.
       if (
-        !(await secrets.verify(`token:${row.id}`, presented.secret, row.secret_hash, sharedDigest(sql, row)))
+        !(await secrets.verify(
+          `token:${found.id}`,
+          presented.secret,
+          found.secretHash,
+          credentials.sharedDigest(found),
+        ))
       ) {
         throw new TesseraError("TOKEN_INVALID", UNKNOWN);
       }
-      return accepted(row, state);
+      return accepted(found, state);
     },
   };
 }

@@ -1,8 +1,6 @@
-import { DEFAULT_TENANT_NAME } from "../bootstrap.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
-import type { SqlRunner } from "../storage/sql.js";
-import { toBool, toMillis } from "../storage/sql.js";
+import type { UserAuthState, UserStateRepository } from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
@@ -10,64 +8,7 @@ import type { Principal } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 
-/** A user's current state as the authentication path needs it. */
-export interface UserAuthState {
-  id: string;
-  username: string;
-  tenantId: string;
-  scopes: string[];
-  disabled: boolean;
-  tenantDisabled: boolean;
-  passwordHash: string;
-  createdAt: number;
-  /**
-   * Read with a session ({@link UserStateReader.bySession}): whether that session has
-   * been revoked. Always false for a row read without one.
-   */
-  sessionRevoked: boolean;
-}
-
-interface UserRow {
-  id: string;
-  username: string;
-  tenant_id: string;
-  scopes: string;
-  disabled: unknown;
-  tenant_disabled: unknown;
-  password_hash: string;
-  created_at: unknown;
-  /** Present only in rows read with a session. */
-  session_revoked_at?: unknown;
-}
-
-const SELECT =
-  "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, t.disabled as tenant_disabled " +
-  "from users u join tenants t on t.id = u.tenant_id where ";
-const BY_ID = `${SELECT}u.id = ?`;
-/**
- * Usernames are unique per tenant. Without a tenant: the default tenant's user of that
- * name, else the one user of that name from the time usernames were global
- * (`tenantless_login`, at most one per name). Never "the oldest of any tenant": a tenant
- * admin could then create a name in its own tenant and learn, from whether a tenant-less
- * login with the password it chose works, whether another tenant holds the name. Here no
- * tenant admin can change what a tenant-less name means for a user it created (outside
- * the default tenant it never means that user; in it, always), so nothing is learnt.
- */
-const BY_USERNAME =
-  `${SELECT}u.username = ? and (t.name = ? or u.tenantless_login = ?) ` +
-  "order by case when t.name = ? then 0 else 1 end, u.created_at, u.id limit 1";
-const BY_TENANT_ID_USERNAME = `${SELECT}u.tenant_id = ? and u.username = ?`;
-const BY_TENANT_NAME_USERNAME = `${SELECT}t.name = ? and u.username = ?`;
-
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
-/**
- * Whether a string that names a tenant (Login's `tenant`, HTTP Basic's `<tenant>/`) is its
- * id: a value shaped like an id is taken as one, anything else as a tenant name.
- */
-export function isTenantId(value: string): boolean {
-  return UUID_RE.test(value);
-}
+export { isTenantId, type UserAuthState } from "../storage/repositories/subject-state.js";
 
 /**
  * An HTTP Basic user-id: `<tenant>/<username>` (a tenant name or id) or a plain username.
@@ -80,99 +21,6 @@ export function splitBasicUsername(userId: string): { tenant: string; username: 
   return slash < 0
     ? { tenant: "", username: userId }
     : { tenant: userId.slice(0, slash), username: userId.slice(slash + 1) };
-}
-/**
- * The user's state and its session's, in one statement (one indexed look-up each, one
- * state-cache entry per session): checking the session costs the hot path nothing more
- * than the user's row did. An inner join: an unknown session reads as no row at all,
- * which the state cache never keeps (so inserting a session need not empty the cache,
- * see STATE_TABLES).
- */
-const BY_SESSION =
-  "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, " +
-  "t.disabled as tenant_disabled, s.revoked_at as session_revoked_at " +
-  "from users u join tenants t on t.id = u.tenant_id join sessions s on s.user_id = u.id " +
-  "where u.id = ? and s.id = ?";
-
-/** States derived from cached rows (the state cache hands out the same frozen row until it changes). */
-const derived = new WeakMap<UserRow, UserAuthState>();
-
-function toState(row: UserRow | undefined): UserAuthState | null {
-  if (!row) return null;
-  let state = derived.get(row);
-  if (state === undefined) {
-    state = deriveState(row);
-    derived.set(row, state);
-  }
-  return state;
-}
-
-function deriveState(row: UserRow): UserAuthState {
-  // Frozen: every request authenticated by the same cached row shares it.
-  return Object.freeze({
-    id: row.id,
-    username: row.username,
-    tenantId: row.tenant_id,
-    scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
-    disabled: toBool(row.disabled),
-    tenantDisabled: toBool(row.tenant_disabled),
-    passwordHash: row.password_hash,
-    createdAt: toMillis(row.created_at) ?? 0,
-    sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
-  });
-}
-
-/** Reads user rows with prepared statements (one indexed look-up, or the state cache: SqlRunner.cachedGet). */
-export class UserStateReader {
-  constructor(private readonly sql: SqlRunner) {}
-
-  async byId(id: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.cachedGet<UserRow>(BY_ID, [id]));
-  }
-
-  /**
-   * {@link byId} answered synchronously where the store allows it (SQLite, see
-   * `SqlRunner.sync`; PostgreSQL when the state cache keeps the row, `SqlRunner.peek`);
-   * undefined where it does not.
-   */
-  byIdNow(id: string): UserAuthState | null | undefined {
-    const sync = this.sql.sync;
-    if (sync !== undefined) return toState(sync.cachedGet<UserRow>(BY_ID, [id]));
-    // PostgreSQL: a row the state cache keeps, else undefined (ask byId).
-    const kept = this.sql.peek?.<UserRow>(BY_ID, [id]);
-    return kept === undefined ? undefined : toState(kept);
-  }
-
-  /** The user `id` with the state of its session `sid`; null when either does not exist. */
-  async bySession(id: string, sid: string): Promise<UserAuthState | null> {
-    return toState(await this.sql.cachedGet<UserRow>(BY_SESSION, [id, sid]));
-  }
-
-  /** {@link bySession} answered synchronously where the store allows it (see {@link byIdNow}). */
-  bySessionNow(id: string, sid: string): UserAuthState | null | undefined {
-    const sync = this.sql.sync;
-    if (sync !== undefined) return toState(sync.cachedGet<UserRow>(BY_SESSION, [id, sid]));
-    const kept = this.sql.peek?.<UserRow>(BY_SESSION, [id, sid]);
-    return kept === undefined ? undefined : toState(kept);
-  }
-
-  /** The user a username alone names (see {@link BY_USERNAME}). */
-  async byUsername(username: string): Promise<UserAuthState | null> {
-    return toState(
-      await this.sql.cachedGet<UserRow>(BY_USERNAME, [
-        username,
-        DEFAULT_TENANT_NAME,
-        true,
-        DEFAULT_TENANT_NAME,
-      ]),
-    );
-  }
-
-  /** The user named `username` in `tenant` (its id, see {@link isTenantId}, or else its name). */
-  async byTenantUsername(tenant: string, username: string): Promise<UserAuthState | null> {
-    const sql = isTenantId(tenant) ? BY_TENANT_ID_USERNAME : BY_TENANT_NAME_USERNAME;
-    return toState(await this.sql.cachedGet<UserRow>(sql, [tenant, username]));
-  }
 }
 
 /** Refuse a user that may not act now. */
@@ -188,7 +36,7 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * user still holds. Tokens without `sid` (issued before sessions were tracked) are
  * checked against the user alone.
  */
-export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
+export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader {
   const loader: ClaimsLoader = async (claims, state) =>
     principalOf(
       claims,
@@ -232,7 +80,7 @@ export function createUserClaimsLoader(users: UserStateReader): ClaimsLoader {
 
 /** Options for {@link createUserBasicVerifier}. */
 export interface UserBasicVerifierOptions {
-  users: UserStateReader;
+  users: UserStateRepository;
   secrets: VerifiedSecretCache;
   iterations: number;
   /**

@@ -108,18 +108,3 @@ export function assertId(id: string, what: string, field = "id"): void {
   if (!id) throw errors.invalidArgument(`${field} is required`, field);
   if (!UUID_RE.test(id)) throw errors.notFound(what);
 }
-
-/** Keyset pagination over ids: page size (default 50, max 200) and the id to start after. */
-export function pageParams(pageSize: number, pageToken: string): { limit: number; after: string | null } {
-  if (pageSize < 0) throw errors.invalidArgument("page_size must not be negative", "page_size");
-  const limit = pageSize === 0 ? 50 : Math.min(pageSize, 200);
-  if (!pageToken) return { limit, after: null };
-  const after = Buffer.from(pageToken, "base64url").toString("utf8");
-  if (!UUID_RE.test(after)) throw errors.invalidArgument("page_token is not valid", "page_token");
-  return { limit, after };
-}
-
-/** The token for the page after `items`, or "" when this was the last page. */
-export function nextPageToken(items: readonly { id: string }[], limit: number): string {
-  return items.length === limit ? Buffer.from(items[items.length - 1]!.id, "utf8").toString("base64url") : "";
-}

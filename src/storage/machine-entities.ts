@@ -124,7 +124,7 @@ export const MachineUserApplicationSchema = new EntitySchema<MachineUserApplicat
  * unique across all tenants. `proven`: bound over a connection presenting the certificate
  * itself (proof of possession). A certificate matching a proven binding authenticates as
  * its machine user; one matching only unproven bindings in two tenants authenticates no
- * one (MachineStateReader.byCertificate).
+ * one (machineOfCertificate, src/auth/machine-principal.ts).
  */
 export class MachineUserCertificate {
   id!: string;

@@ -103,3 +103,21 @@ export class RowBuckets {
     for (const bucket of this.buckets.values()) bucket.clear();
   }
 }
+
+/**
+ * `derive` computed once per row object: the state caches hand out the same frozen row (or
+ * row list) until it changes, so what is derived from it (parsed scopes, flags, a folded
+ * state) is derived once per change rather than on every request. Without a cache each
+ * read is a new object, and the derivation simply runs each time.
+ */
+export function oncePerRow<R extends object, V>(derive: (row: R) => V): (row: R) => V {
+  const derived = new WeakMap<R, V>();
+  return (row) => {
+    let value = derived.get(row);
+    if (value === undefined) {
+      value = derive(row);
+      derived.set(row, value);
+    }
+    return value;
+  };
+}

@@ -3,26 +3,17 @@ import { timestampDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import type { AuditEventSchema, AuditService } from "../../../gen/tessera/v1/audit_service_pb.js";
 import { errors } from "../../errors.js";
-import { type SqlRunner, toMillis } from "../../storage/sql.js";
+import type {
+  AuditEventFilter,
+  AuditEventRepository,
+  StoredAuditEvent,
+} from "../../storage/repositories/audit.js";
 import { principalOf, tenantScope } from "../common.js";
+import { badPageToken, pageLimit } from "../pagination.js";
 
 /** Dependencies of the AuditService implementation. */
 export interface AuditServiceDeps {
-  sql: SqlRunner;
-}
-
-interface AuditRow {
-  id: string;
-  at: unknown;
-  request_id: string;
-  tenant_id: string | null;
-  actor_kind: string;
-  actor_id: string | null;
-  action: string;
-  target_id: string | null;
-  outcome: string;
-  reason: string | null;
-  ip: string | null;
+  events: Pick<AuditEventRepository, "list">;
 }
 
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -38,7 +29,7 @@ function encodeToken(at: number, id: string): string {
 
 function decodeToken(token: string): { at: number; id: string } {
   const m = /^(\d{1,16})\.([0-9a-f-]{36})$/.exec(Buffer.from(token, "base64url").toString("utf8"));
-  if (!m || !UUID_RE.test(m[2]!)) throw errors.invalidArgument("page_token is not valid", "page_token");
+  if (!m || !UUID_RE.test(m[2]!)) throw badPageToken();
   return { at: Number(m[1]), id: m[2]! };
 }
 
@@ -49,84 +40,61 @@ function filterValue(value: string, field: string, max: number): string | null {
   return value;
 }
 
-function toProto(row: AuditRow): MessageInitShape<typeof AuditEventSchema> {
+function toProto(event: StoredAuditEvent): MessageInitShape<typeof AuditEventSchema> {
   return {
-    id: row.id,
-    time: timestampFromMs(toMillis(row.at) ?? 0),
-    requestId: row.request_id,
-    tenantId: row.tenant_id ?? "",
-    actorKind: row.actor_kind,
-    actorId: row.actor_id ?? "",
-    action: row.action,
-    targetId: row.target_id ?? "",
-    outcome: row.outcome,
-    reason: row.reason ?? "",
-    ip: row.ip ?? "",
+    id: event.id,
+    time: timestampFromMs(event.at),
+    requestId: event.requestId,
+    tenantId: event.tenantId ?? "",
+    actorKind: event.actorKind,
+    actorId: event.actorId ?? "",
+    action: event.action,
+    targetId: event.targetId ?? "",
+    outcome: event.outcome,
+    reason: event.reason ?? "",
+    ip: event.ip ?? "",
   };
 }
 
 /**
- * AuditService: the audit log, read through raw SQL (one indexed query per page; the
- * rows are plain records, no entity needs loading). Tenant-scoped like every list: a
+ * AuditService: the audit log, read through its repository (one indexed query per page;
+ * the rows are plain records, no entity needs loading). Tenant-scoped like every list: a
  * caller without `*` is confined to its own tenant, and naming another tenant is an empty
  * list, exactly like a tenant without events.
  */
 export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof AuditService> {
   return {
     async listAuditEvents(req, ctx) {
-      if (req.pageSize < 0) throw errors.invalidArgument("page_size must not be negative", "page_size");
-      const limit = req.pageSize === 0 ? 50 : Math.min(req.pageSize, 200);
-      const where: string[] = [];
-      const params: unknown[] = [];
-      const add = (clause: string, ...values: unknown[]) => {
-        where.push(clause);
-        params.push(...values);
-      };
-
+      const limit = pageLimit(req.pageSize);
+      const filter: AuditEventFilter = {};
       const scope = tenantScope(principalOf(ctx));
       const tenant = filterValue(req.tenantId, "tenant_id", 36);
       if (scope !== null) {
         // The wall: another tenant's events are not there for this caller.
         if (tenant !== null && tenant !== scope) return { events: [], nextPageToken: "" };
-        add("tenant_id = ?", scope);
-      } else if (tenant !== null) add("tenant_id = ?", tenant);
-
-      const actor = filterValue(req.actorId, "actor_id", 64);
-      if (actor !== null) add("actor_id = ?", actor);
-      const action = filterValue(req.action, "action", 128);
-      if (action !== null) add("action = ?", action);
+        filter.tenantId = scope;
+      } else filter.tenantId = tenant;
+      filter.actorId = filterValue(req.actorId, "actor_id", 64);
+      filter.action = filterValue(req.action, "action", 128);
       if (req.outcome) {
         if (req.outcome !== "success" && req.outcome !== "failure")
           throw errors.invalidArgument('outcome must be "success" or "failure"', "outcome");
-        add("outcome = ?", req.outcome);
+        filter.outcome = req.outcome;
       }
-      const target = filterValue(req.targetId, "target_id", 64);
-      if (target !== null) add("target_id = ?", target);
-      const requestId = filterValue(req.requestId, "request_id", 64);
-      if (requestId !== null) add("request_id = ?", requestId);
-      const start = req.startTime ? timestampDate(req.startTime) : null;
-      const end = req.endTime ? timestampDate(req.endTime) : null;
-      if (start && end && end.getTime() < start.getTime())
+      filter.targetId = filterValue(req.targetId, "target_id", 64);
+      filter.requestId = filterValue(req.requestId, "request_id", 64);
+      filter.start = req.startTime ? timestampDate(req.startTime) : null;
+      filter.end = req.endTime ? timestampDate(req.endTime) : null;
+      if (filter.start && filter.end && filter.end.getTime() < filter.start.getTime())
         throw errors.invalidArgument("end_time is before start_time", "end_time");
-      if (start) add("at >= ?", start);
-      if (end) add("at < ?", end);
-      if (req.pageToken) {
-        const after = decodeToken(req.pageToken);
-        const at = new Date(after.at);
-        add("(at < ? or (at = ? and id < ?))", at, at, after.id);
-      }
+      if (req.pageToken) filter.after = decodeToken(req.pageToken);
 
-      const rows = await deps.sql.all<AuditRow>(
-        "select id, at, request_id, tenant_id, actor_kind, actor_id, action, target_id, outcome, reason, ip " +
-          `from audit_events${where.length > 0 ? ` where ${where.join(" and ")}` : ""} ` +
-          "order by at desc, id desc limit ?",
-        [...params, limit + 1],
-      );
+      const rows = await deps.events.list(filter, limit + 1);
       const page = rows.slice(0, limit);
       const last = page[page.length - 1];
       return {
         events: page.map(toProto),
-        nextPageToken: rows.length > limit && last ? encodeToken(toMillis(last.at) ?? 0, last.id) : "",
+        nextPageToken: rows.length > limit && last ? encodeToken(last.at, last.id) : "",
       };
     },
   };

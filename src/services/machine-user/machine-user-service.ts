@@ -4,7 +4,6 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
-import type { EntityManager } from "@mikro-orm/knex";
 import {
   type BackendSchema,
   type CertificateBindingSchema,
@@ -17,7 +16,7 @@ import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { type Clock, systemClock } from "../../clock.js";
-import { type RequestState, requestEm, requestState } from "../../context.js";
+import { type RequestState, requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import {
@@ -30,17 +29,17 @@ import {
   MachineUserCertificate,
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
+import { requestEms } from "../../storage/request-em.js";
 import {
   assertId,
   assertScopesHold,
   canSeeTenant,
-  nextPageToken,
-  pageParams,
   principalChanged,
   principalOf,
   tenantScope,
   writeIfScopesHold,
 } from "../common.js";
+import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
 import { normaliseCallbackUrl } from "./callback-url.js";
@@ -197,7 +196,7 @@ function assertSanUri(raw: string): string {
 export function createMachineUserService(
   deps: MachineUserServiceDeps,
 ): ServiceImpl<typeof MachineUserService> {
-  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+  const em = requestEms(deps.storage.em);
   const clock = deps.clock ?? systemClock;
 
   /** A machine user visible to the caller, or NotFound (another tenant's reads as missing). */
@@ -333,21 +332,17 @@ export function createMachineUserService(
     },
 
     async listMachineUsers(req, ctx) {
-      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const paging = pageParams(req.pageSize, req.pageToken);
       const where =
         req.tenantId !== undefined
           ? { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id }
           : listScope(ctx);
-      const users = await em(ctx).find(MachineUser, after ? { ...where, id: { $gt: after } } : where, {
-        orderBy: { id: "asc" },
-        limit,
-      });
-      const total = await em(ctx).count(MachineUser, where);
-      const d = await details(ctx, users);
+      const page = await listPage(em(ctx), MachineUser, where, paging);
+      const d = await details(ctx, page.items);
       return {
-        machineUsers: users.map((u) => machineUserToProto(u, d.get(u.id)!)),
-        nextPageToken: nextPageToken(users, limit),
-        totalSize: total,
+        machineUsers: page.items.map((u) => machineUserToProto(u, d.get(u.id)!)),
+        nextPageToken: page.nextPageToken,
+        totalSize: page.totalSize,
       };
     },
 
@@ -669,7 +664,7 @@ export function createMachineUserService(
     },
 
     async listBackends(req, ctx) {
-      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const paging = pageParams(req.pageSize, req.pageToken);
       const e = em(ctx);
       const where: { tenantId?: string; applicationId?: string; machineUserId?: string } =
         req.tenantId !== undefined
@@ -683,16 +678,8 @@ export function createMachineUserService(
       }
       if (req.machineUserId !== undefined)
         where.machineUserId = (await visibleMachineUser(ctx, req.machineUserId, "machine_user_id")).id;
-      const backends = await e.find(Backend, after ? { ...where, id: { $gt: after } } : where, {
-        orderBy: { id: "asc" },
-        limit,
-      });
-      const total = await e.count(Backend, where);
-      return {
-        backends: backends.map(backendToProto),
-        nextPageToken: nextPageToken(backends, limit),
-        totalSize: total,
-      };
+      const { items, nextPageToken, totalSize } = await listPage(e, Backend, where, paging);
+      return { backends: items.map(backendToProto), nextPageToken, totalSize };
     },
 
     async deregisterBackend(req, ctx) {

@@ -12,12 +12,13 @@ import type {
 import { assertMayManage } from "../../auth/authority.js";
 import { isSuperuser } from "../../auth/principal.js";
 import { parseScopeString } from "../../auth/scopes.js";
-import { requestEm } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
-import { assertId, canSeeTenant, nextPageToken, pageParams, principalOf, tenantScope } from "../common.js";
+import { requestEms } from "../../storage/request-em.js";
+import { assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
+import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
 /** Dependencies of the TenantService implementation. */
@@ -79,7 +80,7 @@ export async function targetTenantId(
  * see and manage only their own tenant and its applications. Creating a tenant needs `*`.
  */
 export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof TenantService> {
-  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+  const em = requestEms(deps.storage.em);
 
   async function visibleApplication(ctx: HandlerContext, id: string): Promise<Application> {
     assertId(id, "application");
@@ -122,19 +123,11 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     },
 
     async listTenants(req, ctx) {
-      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const paging = pageParams(req.pageSize, req.pageToken);
       const scope = tenantScope(principalOf(ctx));
       const where = scope === null ? {} : { id: scope };
-      const tenants = await em(ctx).find(Tenant, after ? { $and: [where, { id: { $gt: after } }] } : where, {
-        orderBy: { id: "asc" },
-        limit,
-      });
-      const total = await em(ctx).count(Tenant, where);
-      return {
-        tenants: tenants.map(tenantToProto),
-        nextPageToken: nextPageToken(tenants, limit),
-        totalSize: total,
-      };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Tenant, where, paging);
+      return { tenants: items.map(tenantToProto), nextPageToken, totalSize };
     },
 
     async updateTenant(req, ctx) {
@@ -191,7 +184,7 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     },
 
     async listApplications(req, ctx) {
-      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const paging = pageParams(req.pageSize, req.pageToken);
       let where: { tenantId?: string };
       if (req.tenantId !== undefined) {
         where = { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id };
@@ -199,16 +192,8 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         const scope = tenantScope(principalOf(ctx));
         where = scope === null ? {} : { tenantId: scope };
       }
-      const apps = await em(ctx).find(Application, after ? { ...where, id: { $gt: after } } : where, {
-        orderBy: { id: "asc" },
-        limit,
-      });
-      const total = await em(ctx).count(Application, where);
-      return {
-        applications: apps.map(applicationToProto),
-        nextPageToken: nextPageToken(apps, limit),
-        totalSize: total,
-      };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Application, where, paging);
+      return { applications: items.map(applicationToProto), nextPageToken, totalSize };
     },
 
     async deleteApplication(req, ctx) {

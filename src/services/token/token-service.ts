@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
-import type { EntityManager, FilterQuery } from "@mikro-orm/knex";
+import type { FilterQuery } from "@mikro-orm/knex";
 import {
   TokenKind,
   type TokenMetadataSchema,
@@ -13,21 +13,14 @@ import { hashSecret } from "../../auth/password.js";
 import type { Principal } from "../../auth/principal.js";
 import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
 import { generateToken, tokenHint } from "../../auth/token-format.js";
-import { requestEm } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import { User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
+import { requestEms } from "../../storage/request-em.js";
 import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
-import {
-  assertGrantableScopes,
-  assertId,
-  canSeeTenant,
-  nextPageToken,
-  pageParams,
-  principalOf,
-  tenantScope,
-} from "../common.js";
+import { assertGrantableScopes, assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
+import { listPage, pageParams } from "../pagination.js";
 
 /** The scope that lets a caller list and revoke every token of its tenant. */
 export const ADMIN_TOKENS_SCOPE = "admin:tokens";
@@ -87,7 +80,7 @@ const CONTROL_CHARS = /\p{Cc}/u;
  * NotFound).
  */
 export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof TokenService> {
-  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, deps.storage.em);
+  const em = requestEms(deps.storage.em);
   const prefixOf: Record<ApiTokenKind, string> = { pat: deps.patPrefix, api_key: deps.apiKeyPrefix };
   const label: Record<ApiTokenKind, string> = { pat: "personal access token", api_key: "API key" };
 
@@ -207,14 +200,10 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
 
   async function list(ctx: HandlerContext, kind: ApiTokenKind, req: ListInput) {
     const principal = principalOf(ctx);
-    const { limit, after } = pageParams(req.pageSize, req.pageToken);
+    const paging = pageParams(req.pageSize, req.pageToken);
     const where = await listFilter(ctx, principal, kind, req);
-    const rows = await em(ctx).find(ApiToken, after ? { $and: [where, { id: { $gt: after } }] } : where, {
-      orderBy: { id: "asc" },
-      limit,
-    });
-    const total = await em(ctx).count(ApiToken, where);
-    return { items: rows.map(tokenToProto), nextPageToken: nextPageToken(rows, limit), totalSize: total };
+    const { items, nextPageToken, totalSize } = await listPage(em(ctx), ApiToken, where, paging);
+    return { items: items.map(tokenToProto), nextPageToken, totalSize };
   }
 
   /**
@@ -249,20 +238,24 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     return tokenToProto(row);
   }
 
+  /** What a create answer holds besides the secret (which each RPC names its own way). */
+  function createdFields(row: ApiToken) {
+    const meta = tokenToProto(row);
+    return {
+      id: row.id,
+      name: row.name,
+      createdAt: meta.createdAt,
+      ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
+      scopes: meta.scopes,
+      hint: row.hint,
+      ownerUserId: row.ownerUserId,
+    };
+  }
+
   return {
     async createPersonalAccessToken(req, ctx) {
       const { row, token } = await create(ctx, "pat", req);
-      const meta = tokenToProto(row);
-      return {
-        id: row.id,
-        name: row.name,
-        token,
-        createdAt: meta.createdAt,
-        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
-        scopes: meta.scopes,
-        hint: row.hint,
-        ownerUserId: row.ownerUserId,
-      };
+      return { ...createdFields(row), token };
     },
 
     async listPersonalAccessTokens(req, ctx) {
@@ -276,17 +269,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
 
     async createApiKey(req, ctx) {
       const { row, token } = await create(ctx, "api_key", req);
-      const meta = tokenToProto(row);
-      return {
-        id: row.id,
-        name: row.name,
-        key: token,
-        createdAt: meta.createdAt,
-        ...(meta.expiresAt ? { expiresAt: meta.expiresAt } : {}),
-        scopes: meta.scopes,
-        hint: row.hint,
-        ownerUserId: row.ownerUserId,
-      };
+      return { ...createdFields(row), key: token };
     },
 
     async listApiKeys(req, ctx) {

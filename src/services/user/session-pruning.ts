@@ -1,6 +1,6 @@
 import type { EntityManager } from "@mikro-orm/knex";
 import type { Logger } from "pino";
-import { RefreshToken, Session } from "../../storage/entities.js";
+import { deleteEndedSessions } from "../../storage/repositories/sessions.js";
 
 /** Sessions deleted per statement: bounded, so one pruning never holds a long lock. */
 export const PRUNE_BATCH_SIZE = 500;
@@ -46,32 +46,9 @@ export async function pruneSessions(em: EntityManager, o: SessionPruneOptions): 
   const cutoff = new Date((o.now ?? Date.now)() - sessionRetentionMs(o));
   let deleted = 0;
   for (let batch = 0; batch < MAX_BATCHES; batch++) {
-    const fork = em.fork();
-    // Families with a refresh token still alive at the cut-off: not ended (or not long enough).
-    const live = fork
-      .createQueryBuilder(RefreshToken, "r")
-      .select("r.familyId")
-      .where({ expiresAt: { $gte: cutoff } })
-      .getKnexQuery();
-    const ended = await fork
-      .createQueryBuilder(Session, "s")
-      .select("s.id")
-      .where({
-        $or: [
-          { revokedAt: { $ne: null, $lt: cutoff } },
-          { revokedAt: null, createdAt: { $lt: cutoff }, id: { $nin: live } },
-        ],
-      })
-      .limit(batchSize)
-      .execute<{ id: string }[]>("all", false);
-    const ids = ended.map((r) => r.id);
-    if (ids.length === 0) break;
-    await fork.transactional(async (tx) => {
-      await tx.nativeDelete(RefreshToken, { familyId: { $in: ids } });
-      await tx.nativeDelete(Session, { id: { $in: ids } });
-    });
-    deleted += ids.length;
-    if (ids.length < batchSize) break;
+    const n = await deleteEndedSessions(em, cutoff, batchSize);
+    deleted += n;
+    if (n < batchSize) break;
   }
   return deleted;
 }

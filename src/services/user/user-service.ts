@@ -8,25 +8,26 @@ import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
-import { isTenantId, type UserStateReader } from "../../auth/user-principal.js";
+import { isTenantId } from "../../auth/user-principal.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
-import { requestEm, requestState } from "../../context.js";
+import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import type { RateLimits } from "../../rate-limit.js";
 import { Tenant, User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
+import type { UserStateRepository } from "../../storage/repositories/subject-state.js";
+import { requestEms } from "../../storage/request-em.js";
 import {
   assertId,
   assertPassword,
   assertUsername,
   canSeeTenant,
-  nextPageToken,
-  pageParams,
   principalChanged,
   principalOf,
   tenantScope,
   writeIfScopesHold,
 } from "../common.js";
+import { listPage, pageParams } from "../pagination.js";
 import type { SessionIssuer } from "./sessions.js";
 
 /** Dependencies of the UserService implementation. */
@@ -41,7 +42,7 @@ export interface UserServiceDeps {
    * reads through it instead of forking an EntityManager (an ORM fork plus findOne per
    * call cost about three quarters of the throughput under load). Without it, the ORM.
    */
-  users?: UserStateReader;
+  users?: UserStateRepository;
 }
 
 /** The wire shape of a user. */
@@ -83,7 +84,7 @@ async function loginUser(em: EntityManager, username: string, tenant: string): P
 /** UserService: sessions and user administration. */
 export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof UserService> {
   const { storage, sessions } = deps;
-  const em = (ctx: HandlerContext): EntityManager => requestEm(ctx.values, storage.em);
+  const em = requestEms(storage.em);
 
   /** A user visible to the caller, or NotFound (another tenant's user reads as missing). */
   async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
@@ -276,15 +277,11 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     },
 
     async listUsers(req, ctx) {
-      const { limit, after } = pageParams(req.pageSize, req.pageToken);
+      const paging = pageParams(req.pageSize, req.pageToken);
       const scope = tenantScope(principalOf(ctx));
       const where = scope === null ? {} : { tenantId: scope };
-      const users = await em(ctx).find(User, after ? { ...where, id: { $gt: after } } : where, {
-        orderBy: { id: "asc" },
-        limit,
-      });
-      const total = await em(ctx).count(User, where);
-      return { users: users.map(userToProto), nextPageToken: nextPageToken(users, limit), totalSize: total };
+      const { items, nextPageToken, totalSize } = await listPage(em(ctx), User, where, paging);
+      return { users: items.map(userToProto), nextPageToken, totalSize };
     },
 
     async updateUser(req, ctx) {

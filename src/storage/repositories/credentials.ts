@@ -1,0 +1,164 @@
+import { parseScopeString } from "../../auth/scopes.js";
+import type { SharedDigest } from "../../auth/secret-cache.js";
+import { oncePerRow } from "../row-cache.js";
+import { type SqlRunner, toBool, toMillis } from "../sql.js";
+import type { ApiTokenKind } from "../token-entities.js";
+
+/** A personal access token or API key joined with its owner and the owner's tenant. */
+export interface ApiTokenState {
+  id: string;
+  kind: ApiTokenKind | string;
+  tenantId: string;
+  ownerUserId: string;
+  /** The token's own scopes (not yet cut down to its owner's). */
+  scopes: string[];
+  secretHash: string;
+  /** The shared digest of the secret, once some instance verified it (see VerifiedSecretCache). */
+  verifiedDigest: string | null;
+  expiresAt: number | null;
+  revoked: boolean;
+  username: string;
+  userCreatedAt: number;
+  userTenantId: string;
+  userScopes: string[];
+  userDisabled: boolean;
+  tenantDisabled: boolean;
+}
+
+interface TokenRow {
+  id: string;
+  kind: string;
+  tenant_id: string;
+  owner_user_id: string;
+  scopes: string;
+  secret_hash: string;
+  verified_digest: string | null;
+  expires_at: unknown;
+  revoked_at: unknown;
+  username: string;
+  user_created_at: unknown;
+  user_tenant_id: string;
+  user_scopes: string;
+  user_disabled: unknown;
+  tenant_disabled: unknown;
+}
+
+/**
+ * One indexed look-up (unique `public_id`) that brings the token, its owner and the
+ * owner's tenant: everything the decision needs, as current on every request (the state
+ * cache answering it is emptied by any change first: see SqlRunner.cachedGet).
+ */
+const TOKEN_BY_PUBLIC_ID =
+  "select k.id, k.kind, k.tenant_id, k.owner_user_id, k.scopes, k.secret_hash, k.verified_digest, k.expires_at, k.revoked_at, " +
+  "u.username, u.created_at as user_created_at, u.tenant_id as user_tenant_id, u.scopes as user_scopes, u.disabled as user_disabled, " +
+  "t.disabled as tenant_disabled " +
+  "from api_tokens k join users u on u.id = k.owner_user_id join tenants t on t.id = u.tenant_id " +
+  "where k.public_id = ?";
+
+/** A token row's state, frozen: every request authenticated by the same cached row shares it. */
+const tokenState = oncePerRow(
+  (row: TokenRow): ApiTokenState =>
+    Object.freeze({
+      id: row.id,
+      kind: row.kind,
+      tenantId: row.tenant_id,
+      ownerUserId: row.owner_user_id,
+      scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
+      secretHash: row.secret_hash,
+      verifiedDigest: row.verified_digest,
+      expiresAt: toMillis(row.expires_at),
+      revoked: toMillis(row.revoked_at) !== null,
+      username: row.username,
+      userCreatedAt: toMillis(row.user_created_at) ?? 0,
+      userTenantId: row.user_tenant_id,
+      userScopes: Object.freeze(parseScopeString(row.user_scopes)) as string[],
+      userDisabled: toBool(row.user_disabled),
+      tenantDisabled: toBool(row.tenant_disabled),
+    }),
+);
+
+function toToken(row: TokenRow | undefined): ApiTokenState | null {
+  return row ? tokenState(row) : null;
+}
+
+/** The stored digest read past the state cache (see SharedDigest.fresh). */
+const TOKEN_DIGEST = "select verified_digest from api_tokens where id = ?";
+/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
+const STORE_TOKEN_DIGEST = "update api_tokens set verified_digest = ? where id = ? and secret_hash = ?";
+
+/**
+ * Digests stored or read after a token's row was: storing one empties no state cache, so the
+ * row a cache keeps may predate it, and without this every later miss on it would read the
+ * digest again. Held per state object (one per cached row), whose stored hash the digest is bound to.
+ */
+const learntDigests = new WeakMap<ApiTokenState, string>();
+
+/** Tables whose `last_used_at` {@link CredentialRepository.markUsed} may write. */
+export type LastUsedTable = "api_tokens" | "machine_users" | "machine_credentials";
+
+const MARK_USED: Record<LastUsedTable, string> = {
+  api_tokens: markUsedSql("api_tokens"),
+  machine_users: markUsedSql("machine_users"),
+  machine_credentials: markUsedSql("machine_credentials"),
+};
+
+/** Never moves the time backwards when several instances write it. */
+function markUsedSql(table: LastUsedTable): string {
+  return `update ${table} set last_used_at = ? where id = ? and (last_used_at is null or last_used_at < ?)`;
+}
+
+/** Credential rows: the per-request token look-up and the coalesced last-used writes. */
+export class CredentialRepository {
+  constructor(private readonly sql: SqlRunner) {}
+
+  /** The personal access token or API key whose public id is `publicId`, with its owner. */
+  apiToken(publicId: string): Promise<ApiTokenState | null> {
+    // Not an async function: the verifier awaits this on every request that a rate limit
+    // counts: a second promise layer over the runner's would make it dearer than it was
+    // before the repositories (bench/state-reads-ab.ts).
+    const sync = this.sql.sync;
+    if (sync === undefined) return this.sql.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]).then(toToken);
+    try {
+      return Promise.resolve(toToken(sync.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId])));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /**
+   * {@link apiToken} answered synchronously where the store allows it (SQLite, see
+   * `SqlRunner.sync`); undefined where it does not.
+   */
+  apiTokenNow(publicId: string): ApiTokenState | null | undefined {
+    const sync = this.sql.sync;
+    return sync === undefined ? undefined : toToken(sync.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]));
+  }
+
+  /** The shared digest of a token's secret (generated, high-entropy: see VerifiedSecretCache). */
+  sharedDigest(token: ApiTokenState): SharedDigest {
+    const sql = this.sql;
+    return {
+      stored: this.digestOf(token),
+      fresh: async () => {
+        const found = (await sql.get<{ verified_digest: string | null }>(TOKEN_DIGEST, [token.id]))
+          ?.verified_digest;
+        if (found) learntDigests.set(token, found);
+        return found ?? null;
+      },
+      save: async (digest) => {
+        await sql.run(STORE_TOKEN_DIGEST, [digest, token.id, token.secretHash]);
+        learntDigests.set(token, digest);
+      },
+    };
+  }
+
+  /** The digest known for a token read. */
+  digestOf(token: ApiTokenState): string | null {
+    return learntDigests.get(token) ?? token.verifiedDigest;
+  }
+
+  /** Set a credential's `last_used_at` to `at` unless it already holds a later time. */
+  async markUsed(table: LastUsedTable, id: string, at: Date): Promise<void> {
+    await this.sql.run(MARK_USED[table], [at, id, at]);
+  }
+}
