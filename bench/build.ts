@@ -62,6 +62,18 @@ export function compileForBench(
   if (!existsSync(join(dist, "src", "main.js")) || !existsSync(join(dist, "bench", "bare-server.js"))) {
     throw new Error(`TypeScript emitted no JavaScript for the bench:\n${tsc.stdout}${tsc.stderr}`);
   }
+  // The client commands' bundle, as `npm run build` makes it (a checkout from before the
+  // bundle has no script and runs its client commands unbundled).
+  const bundleScript = join(root, "scripts", "bundle-cli.ts");
+  if (existsSync(bundleScript)) {
+    const bundled = spawnSync(
+      process.execPath,
+      ["--import", "tsx", bundleScript, join(dist, "cli", "client.bundle.js")],
+      { cwd: root, encoding: "utf8" },
+    );
+    if (bundled.status !== 0)
+      throw new Error(`bundling the client commands failed:\n${bundled.stdout}${bundled.stderr}`);
+  }
   const warning =
     tsc.status === 0
       ? null

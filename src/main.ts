@@ -1,6 +1,7 @@
 import { Command, CommanderError } from "commander";
 import { registerAuditCommands } from "./cli/audit-commands.js";
 import { registerClientCommands } from "./cli/client-commands.js";
+import { loadClientModule } from "./cli/client-module.js";
 import { registerCompletionCommand } from "./cli/completion.js";
 import { EXIT, EXIT_HELP, UsageError } from "./cli/exit-codes.js";
 import { registerServerCommands } from "./cli/server-commands.js";
@@ -55,7 +56,7 @@ export async function main(argv: string[]): Promise<number> {
       return EXIT.usage;
     }
     // Only a client command can have raised a client error, and it loaded the SDK then.
-    const { describeClientError } = await import("./cli/client-actions.js");
+    const { describeClientError } = await loadClientModule();
     const client = describeClientError(err, EXIT);
     if (client) {
       process.stderr.write(`error: ${client.message}\n`);

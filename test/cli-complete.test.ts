@@ -1,10 +1,13 @@
 import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { isBuiltin } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Code } from "@connectrpc/connect";
+import { build } from "esbuild";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { clientBundleOptions } from "../scripts/bundle-cli.js";
 import { describeClientError } from "../src/cli/client-actions.js";
 import { CLIENT_ENV_NAMES } from "../src/cli/client-commands.js";
 import { EXIT } from "../src/cli/exit-codes.js";
@@ -196,6 +199,40 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
 
   it("spells the client environment variables as the SDK does", () => {
     expect(CLIENT_ENV_NAMES).toEqual(CLIENT_ENV);
+  });
+
+  it("bundles the client commands with their runtimes and without any server module", async () => {
+    const options = clientBundleOptions(ROOT, join(env.HOME!, "client.bundle.js"));
+    const result = await build({ ...options, write: false });
+    const inputs = Object.keys(result.metafile!.inputs);
+    // What makes it worth a bundle: the SDK, the generated code and the Connect runtime are in it.
+    for (const wanted of [
+      "src/cli/client-actions.ts",
+      "src/cli/audit-actions.ts",
+      "src/sdk/user-api.ts",
+      "gen/tessera/v1/user_service_pb.ts",
+      "node_modules/@connectrpc/connect-node/",
+      "node_modules/@bufbuild/protobuf/",
+    ])
+      expect(
+        inputs.some((i) => i.startsWith(wanted)),
+        wanted,
+      ).toBe(true);
+    const server = inputs.filter(
+      (i) =>
+        /^src\/(storage|services|interceptors)\//.test(i) ||
+        (/^src\/auth\//.test(i) && i !== "src/auth/scopes.ts") ||
+        /^src\/(config|server)\.ts$/.test(i) ||
+        /node_modules\/(@mikro-orm|knex|pg|ioredis|better-sqlite3|pino)\//.test(i),
+    );
+    expect(server).toEqual([]);
+    // Nothing left to load from node_modules at run time: only Node's built-ins are imported.
+    const output = result.outputFiles!.find((f) => f.path.endsWith("client.bundle.js"))!;
+    const loads = [
+      ...output.text.matchAll(/\bfrom\s*"([^"]+)"|\bimport\(\s*"([^"]+)"\s*\)|\brequire\("([^"]+)"\)/g),
+    ].map((m) => m[1] ?? m[2] ?? m[3]!);
+    expect(loads).toContain("node:http2");
+    expect(loads.filter((spec) => !isBuiltin(spec))).toEqual([]);
   });
 
   it("loads no server module for --help, whoami and token list", async () => {

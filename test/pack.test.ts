@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -65,6 +65,7 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     expect(paths).toContain("dist/src/sdk/index.d.ts");
     expect(paths).toContain("dist/gen/tessera/v1/user_service_pb.d.ts");
     expect(paths).toContain("proto/tessera/v1/user_service.proto");
+    expect(paths).toContain("dist/cli/client.bundle.js");
     expect(paths.some((p) => p.startsWith("src/") || p.startsWith("test/"))).toBe(false);
 
     const project = join(work, "consumer");
@@ -110,12 +111,29 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     expect(result).toMatchObject({ available: true, username: "admin", notFound: "NOT_FOUND" });
     expect(result.listed).toContain("admin");
 
-    // The installed binary runs the compiled dist/ (the package has no sources).
-    const cli = await exec(join(project, "node_modules", ".bin", "tessera"), ["whoami", "--output", "json"], {
-      cwd: project,
-      env: { ...env, TESSERA_TOKEN: result.token },
-    });
+    // The installed binary runs the compiled dist/ (the package has no sources), and its
+    // client commands the one-file bundle rather than the SDK's and runtimes' modules.
+    const probeOut = join(work, "whoami-modules.txt");
+    const cli = await exec(
+      process.execPath,
+      [
+        "--import",
+        join(REPO, "test", "module-probe.mjs"),
+        join(project, "node_modules", ".bin", "tessera"),
+        "whoami",
+        "--output",
+        "json",
+      ],
+      { cwd: project, env: { ...env, TESSERA_TOKEN: result.token, MODULE_PROBE_OUT: probeOut } },
+    );
     expect((JSON.parse(cli.stdout) as { username: string }).username).toBe("admin");
+    const loaded = readFileSync(probeOut, "utf8").split("\n");
+    expect(loaded).toContain(
+      `file://${join(project, "node_modules", "tessera", "dist", "cli", "client.bundle.js")}`,
+    );
+    expect(
+      loaded.filter((url) => /\/(@connectrpc|@bufbuild|yaml)\/|\/dist\/(src\/sdk|gen)\//.test(url)),
+    ).toEqual([]);
 
     // The type declarations resolve through the package's "exports".
     writeFileSync(join(project, "consumer.ts"), CONSUMER_TS);

@@ -1,5 +1,6 @@
 import type { Command } from "commander";
 import { idValue } from "./client-commands.js";
+import { loadClientModule } from "./client-module.js";
 
 /** Flags of `tessera audit list`. */
 export interface AuditListFlags {
@@ -16,7 +17,8 @@ export interface AuditListFlags {
 
 /**
  * `tessera audit list`: the audit log, newest first (needs admin:audit). Only commander
- * here: the action loads audit-actions.ts (the SDK, the generated client) when it runs.
+ * here: the action loads audit-actions.ts (the SDK, the generated client), or the client
+ * bundle that holds it, when it runs.
  */
 export function registerAuditCommands(program: Command): void {
   const audit = program.command("audit").description("the audit log (needs admin:audit)");
@@ -36,7 +38,7 @@ export function registerAuditCommands(program: Command): void {
     .option("--until <time>", "only events before this time (ISO 8601, or a duration ago)")
     .option("--limit <n>", "print at most this many events", "100")
     .action(async (flags: AuditListFlags, cmd: Command) => {
-      const { auditList } = await import("./audit-actions.js");
+      const { auditList } = await loadClientModule();
       await auditList(flags, cmd);
     });
 }

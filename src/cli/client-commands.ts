@@ -1,9 +1,11 @@
 import { type Command, InvalidArgumentError as CommanderArgumentError, Option } from "commander";
+import { loadClientModule } from "./client-module.js";
 
 /**
  * The client commands' tree: names, flags and help. It imports only commander, so that
  * `tessera --help` and the parsing of every command load nothing else; each action loads
- * client-actions.ts (the SDK, the generated clients, the output helpers) when it runs.
+ * client-actions.ts (the SDK, the generated clients, the output helpers), or the bundle
+ * the build makes of it, when it runs.
  */
 
 /**
@@ -27,7 +29,7 @@ export type ActionName = keyof typeof import("./client-actions.js").actions;
 /** An action that loads its implementation when it runs. */
 function lazy(name: ActionName) {
   return async (...args: unknown[]): Promise<void> => {
-    const { actions } = await import("./client-actions.js");
+    const { actions } = await loadClientModule();
     await (actions[name] as (...a: unknown[]) => Promise<void>)(...args);
   };
 }
