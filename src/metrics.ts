@@ -11,7 +11,7 @@ import { listenError } from "./listen-check.js";
 import type { RateLimits } from "./rate-limit.js";
 import type { Storage } from "./storage/orm.js";
 import type { SqlRunner } from "./storage/sql.js";
-import type { UnaryProtocol } from "./unary-handlers.js";
+import type { UnaryProtocol } from "./transport/unary-protocols.js";
 import { VERSION } from "./version.js";
 
 /**

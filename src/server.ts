@@ -18,22 +18,17 @@ import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
 import type { Config } from "./config.js";
-import {
-  createConnectHandler,
-  type StreamingHandler,
-  type StreamRequest,
-  serveRequests,
-  setHeaders,
-  type WireError,
-} from "./connect-adapter.js";
 import { type RequestState, requestState, requestStateKey } from "./context.js";
-import { augmentJsonErrorBody, refusalOnTheWire } from "./error-wire.js";
 import { isRefusal, TesseraError } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
-import type { UnaryProtocol } from "./unary-handlers.js";
+import { setHeaders, type WireError } from "./transport/early-answers.js";
+import { augmentJsonErrorBody, refusalOnTheWire } from "./transport/error-wire.js";
+import { createConnectHandler } from "./transport/fast-adapter.js";
+import { type StreamingHandler, type StreamRequest, serveRequests } from "./transport/stream-server.js";
+import type { UnaryProtocol } from "./transport/unary-protocols.js";
 import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest | StreamRequest;
@@ -212,7 +207,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
       machine: config.auth.tokens.machinePrefix,
     },
   });
-  // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
+  // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
   const adapter = createConnectHandler({
     routes: app.routes,
     interceptors: app.interceptors,
@@ -228,7 +223,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
         ? augmentJsonErrorBody(body, stateOf(req).errorInfo)
         : body,
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
-    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
     // Connect's own refusal of a malformed body (before the interceptors) gets the reason
@@ -267,7 +262,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     const admitted = state.admission!;
     const refusal = admitted.limited ?? (isAudited(method) ? undefined : admitted.refused);
     if (refusal === undefined) return undefined;
-    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (error-wire.ts).
+    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (transport/error-wire.ts).
     if (refusal instanceof TesseraError && isRefusal(refusal.code))
       return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
     return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);

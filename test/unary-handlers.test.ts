@@ -17,10 +17,11 @@ import {
   HealthCheckResponse_ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { type ConnectHandler, createConnectHandler, serveRequests } from "../src/connect-adapter.js";
+import { type ConnectHandler, createConnectHandler } from "../src/transport/fast-adapter.js";
+import { serveRequests } from "../src/transport/stream-server.js";
 
 /**
- * src/unary-handlers.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
+ * src/transport/unary-protocols.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
  * Connect's own handlers. These tests send the same raw HTTP/2 requests to connect-node's
  * stock adapter and to Tessera's, both serving the same router, and require the same
  * status, headers, body bytes and trailers: for successes and for every way a unary call

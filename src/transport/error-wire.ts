@@ -3,9 +3,9 @@ import { create, toBinary, toJson } from "@bufbuild/protobuf";
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { Code } from "@connectrpc/connect";
 import { codeFromString, codeToString } from "@connectrpc/connect/protocol-connect";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import type { WireError } from "./connect-adapter.js";
-import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "./errors.js";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "../errors.js";
+import type { WireError } from "./early-answers.js";
 
 /**
  * How a Tessera error looks on the wire beyond what Connect writes: the JSON error
