@@ -86,26 +86,55 @@ export class RequestSignal {
   }
 }
 
-/** Why the request ended early, as connect-node reports it. */
+/** HTTP/2 error codes by name, as connect-node names them in its reasons. */
+const H2_CODES = [
+  "NO_ERROR",
+  "PROTOCOL_ERROR",
+  "INTERNAL_ERROR",
+  "FLOW_CONTROL_ERROR",
+  "SETTINGS_TIMEOUT",
+  "STREAM_CLOSED",
+  "FRAME_SIZE_ERROR",
+  "REFUSED_STREAM",
+  "CANCEL",
+  "COMPRESSION_ERROR",
+  "CONNECT_ERROR",
+  "ENHANCE_YOUR_CALM",
+  "INADEQUATE_SECURITY",
+  "HTTP_1_1_REQUIRED",
+] as const;
+
+/** Connect codes of the HTTP/2 reset codes connect-node maps (its `connectErrorFromH2ResetCode`). */
+const RESET_CODES: Readonly<Record<number, Code>> = {
+  1: Code.Internal,
+  2: Code.Internal,
+  3: Code.Internal,
+  4: Code.Internal,
+  6: Code.Internal,
+  9: Code.Internal,
+  10: Code.Internal,
+  7: Code.Unavailable,
+  8: Code.Canceled,
+  11: Code.ResourceExhausted,
+  12: Code.PermissionDenied,
+  13: Code.PermissionDenied,
+};
+
+/**
+ * Why the request ended early, as connect-node reports it: the same code and message for
+ * each HTTP/2 reset code it maps (connect-node's `connectErrorFromH2ResetCode`, not exported
+ * by the package, hence the copy). connect-node aborts with no reason for the rest (NO_ERROR,
+ * STREAM_CLOSED, unknown codes, HTTP/1.1), which handlers read as Canceled (an AbortError):
+ * here a Canceled ConnectError, without the DOMException and stack trace an AbortError costs.
+ */
 export function closeReason(req: NodeRequest): ConnectError {
   const rstCode = "stream" in req ? req.stream.rstCode : undefined;
-  switch (rstCode) {
-    case undefined:
-    case 0x0: // NO_ERROR
-    case 0x8: // CANCEL
-      return new ConnectError("the client closed the request", Code.Canceled);
-    case 0xb: // ENHANCE_YOUR_CALM
-      return new ConnectError("http/2 stream closed with ENHANCE_YOUR_CALM", Code.ResourceExhausted);
-    case 0xc: // INADEQUATE_SECURITY
-      return new ConnectError("http/2 stream closed with INADEQUATE_SECURITY", Code.PermissionDenied);
-    case 0x7: // REFUSED_STREAM
-      return new ConnectError("http/2 stream closed with REFUSED_STREAM", Code.Unavailable);
-    default:
-      return new ConnectError(
-        `http/2 stream closed with error code 0x${rstCode.toString(16)}`,
-        Code.Internal,
-      );
-  }
+  const code = rstCode === undefined ? undefined : RESET_CODES[rstCode];
+  if (code === undefined) return new ConnectError("the client closed the request", Code.Canceled);
+  return new ConnectError(
+    `http/2 stream closed with error code ${H2_CODES[rstCode!]} (0x${rstCode!.toString(16)})`,
+    code,
+  );
 }
 
 /** Node's incoming headers as fetch Headers, without HTTP/2 pseudo-headers. */
