@@ -26,8 +26,8 @@ import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
 import { setHeaders, type WireError } from "./transport/early-answers.js";
 import { augmentJsonErrorBody, refusalOnTheWire } from "./transport/error-wire.js";
-import { createConnectHandler } from "./transport/fast-adapter.js";
-import { type StreamingHandler, type StreamRequest, serveRequests } from "./transport/stream-server.js";
+import { createTransport, installTransport } from "./transport/index.js";
+import type { StreamingHandler, StreamRequest } from "./transport/stream-server.js";
 import type { UnaryProtocol } from "./transport/unary-protocols.js";
 import { VERSION } from "./version.js";
 
@@ -208,7 +208,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     },
   });
   // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
-  const adapter = createConnectHandler({
+  const adapter = createTransport(config.server.transport, {
     routes: app.routes,
     interceptors: app.interceptors,
     // A message is capped after decompression too (connect-node inflates with zlib's
@@ -671,7 +671,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
-  serveRequests(server, handler);
+  installTransport(server, handler);
   const connectionsFrom = boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));

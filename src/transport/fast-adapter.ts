@@ -39,6 +39,7 @@ import {
   writeErrorResponse,
   writeResponse,
 } from "./node-bridge.js";
+import type { StockDispatch } from "./stock-adapter.js";
 import {
   type NodeRequest,
   type NodeResponse,
@@ -154,19 +155,24 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
  * @connectrpc/connect's own code; streams, Connect GET and gRPC-Web text are served by
  * Connect's handlers, untouched.
  */
-export function createConnectHandler(options: ConnectHandlerOptions): ConnectHandler {
+export function createConnectHandler(
+  options: ConnectHandlerOptions,
+  serveWith?: (options: ConnectHandlerOptions) => StockDispatch,
+): ConnectHandler {
   if (options.acceptCompression === undefined)
     options.acceptCompression = [
       clientFaultDecompression(compressionGzip),
       clientFaultDecompression(compressionBrotli),
     ];
   const router = createConnectRouter(options);
+  // `server.transport=connect`: admitted calls go to connect-node's adapter (stock-adapter.ts).
+  const stock = serveWith?.(options);
   const logger = options.logger;
   // Unary methods also get the pipeline-free handlers of unary-protocols.ts, for the
   // protocols they serve; methods registered with options of their own stay with Connect.
   const unary = new Map<string, Partial<Record<UnaryProtocol, UnaryHandler>>>();
   const addUnary = (spec: MethodImplSpec) => {
-    if (spec.kind === "unary")
+    if (spec.kind === "unary" && stock === undefined)
       unary.set(createMethodUrl("/", spec.method), createUnaryHandlers(options, spec));
   };
   const recorder: ConnectRouter = {
@@ -275,6 +281,7 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
   const serve = handleConnect as ConnectHandler;
   serve.methodOf = (url) => routeOf(url)?.handler.method;
   serve.stream = (stream, headers, prepare) => {
+    if (stock !== undefined) return false;
     const route = acceptedRoute(headers);
     if (route === undefined) return false;
     const req = new StreamRequest(stream, headers);
@@ -295,6 +302,16 @@ export function createConnectHandler(options: ConnectHandlerOptions): ConnectHan
     // Gone while admission was pending: nothing to answer.
     if (gone(req)) {
       onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Canceled);
+      return;
+    }
+    if (stock !== undefined) {
+      stock(
+        req as Exclude<NodeRequest, StreamRequest>,
+        res!,
+        handler.method,
+        protocol?.kind ?? protocolOf(req),
+        common,
+      );
       return;
     }
     const url = req.url ?? "";
