@@ -35,6 +35,8 @@ import { createTestCerts } from "./helpers.js";
 
 const signals: AbortSignal[] = [];
 const aborts: Code[] = [];
+/** The reasons a "wait" call's signal was aborted with. */
+const abortReasons: unknown[] = [];
 const contexts: HandlerContext[] = [];
 /** What the interceptor and the implementation of a "members" call saw, in that order. */
 const members: Record<string, unknown>[] = [];
@@ -104,6 +106,7 @@ function routes(router: ConnectRouter) {
           return new Promise((_, reject) => {
             const done = () => {
               aborts.push(ConnectError.from(ctx.signal.reason).code);
+              abortReasons.push(ctx.signal.reason);
               reject(ctx.signal.reason);
             };
             if (ctx.signal.aborted) done();
@@ -568,6 +571,43 @@ describe("the unary handlers", () => {
       expect(aborts).toEqual([Code.Canceled]);
     }
   });
+
+  it.each([
+    ["NO_ERROR", 0x0],
+    ["PROTOCOL_ERROR", 0x1],
+    ["STREAM_CLOSED", 0x5],
+    ["REFUSED_STREAM", 0x7],
+    ["CANCEL", 0x8],
+    ["ENHANCE_YOUR_CALM", 0xb],
+    ["INADEQUATE_SECURITY", 0xc],
+    ["HTTP_1_1_REQUIRED", 0xd],
+  ])(
+    "abort the call's signal as connect-node does when the client resets the stream with %s",
+    async (_name, rst) => {
+      const seen: { code: Code; message: string | undefined }[] = [];
+      for (const server of [reference, tessera, direct]) {
+        abortReasons.length = 0;
+        const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+        stream.on("error", () => undefined);
+        stream.end(body("grpc", proto("wait")));
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        stream.close(rst);
+        for (let i = 0; i < 100 && abortReasons.length === 0; i++)
+          await new Promise((r) => setTimeout(r, 10));
+        const reason = abortReasons[0];
+        // connect-node aborts with no reason (an AbortError) for the codes it does not map.
+        seen.push({
+          code: ConnectError.from(reason).code,
+          message: reason instanceof ConnectError ? reason.rawMessage : undefined,
+        });
+      }
+      const [expected, ...actual] = seen;
+      for (const a of actual) {
+        expect(a.code).toBe(expected!.code);
+        if (expected!.message !== undefined) expect(a.message).toBe(expected!.message);
+      }
+    },
+  );
 
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
     for (const server of [reference, tessera, direct]) {
