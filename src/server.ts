@@ -24,7 +24,7 @@ import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
-import { setHeaders, type WireError } from "./transport/early-answers.js";
+import { refuseStream, setHeaders, streamProtocol, type WireError } from "./transport/early-answers.js";
 import { augmentJsonErrorBody, refusalOnTheWire } from "./transport/error-wire.js";
 import { createTransport, installTransport } from "./transport/index.js";
 import type { StreamingHandler, StreamRequest } from "./transport/stream-server.js";
@@ -407,43 +407,6 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
   handle.stream = (stream, headers) =>
     adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
   return handle;
-}
-
-const TOO_MANY_STREAMS = "too many streaming calls open from this address";
-
-/** The protocol of a streaming call, by its content type. */
-function streamProtocol(req: IncomingMessage | http2.Http2ServerRequest): UnaryProtocol {
-  const type = req.headers["content-type"] ?? "";
-  return type.startsWith("application/grpc-web")
-    ? "grpc-web"
-    : type.startsWith("application/grpc")
-      ? "grpc"
-      : "connect";
-}
-
-/**
- * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a
- * trailers-only answer, Connect's streaming protocol as an end-stream message (its spec
- * puts a stream's error there, with HTTP 200).
- */
-function refuseStream(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
-  const type = req.headers["content-type"] ?? "";
-  res.statusCode = 200;
-  if (type.startsWith("application/grpc")) {
-    res.setHeader("content-type", type);
-    res.setHeader("grpc-status", String(Code.ResourceExhausted));
-    res.setHeader("grpc-message", encodeURIComponent(TOO_MANY_STREAMS));
-    res.end();
-    return;
-  }
-  const end = Buffer.from(
-    JSON.stringify({ error: { code: "resource_exhausted", message: TOO_MANY_STREAMS } }),
-  );
-  const head = Buffer.alloc(5);
-  head[0] = 0b10; // end-stream flag
-  head.writeUInt32BE(end.byteLength, 1);
-  res.setHeader("content-type", type.startsWith("application/connect+") ? type : "application/connect+json");
-  res.end(Buffer.concat([head, end]));
 }
 
 /**

@@ -3,7 +3,7 @@ import type * as http2 from "node:http2";
 import { constants as http2constants } from "node:http2";
 import type { Readable } from "node:stream";
 import type { JsonWriteOptions } from "@bufbuild/protobuf";
-import { type Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { encodeEnvelope } from "@connectrpc/connect/protocol";
 import {
   codeToHttpStatus,
@@ -266,4 +266,43 @@ const NO_TRAILERS: http.OutgoingHttpHeaders = Object.freeze({});
 /** "wantTrailers" listener of a StreamRequest's stream (one function for all, no closure per call). */
 function sendTrailer(this: TrailingStream): void {
   this.sendTrailers(this[kTrailer] ?? NO_TRAILERS);
+}
+
+const TOO_MANY_STREAMS = "too many streaming calls open from this address";
+
+/** The protocol of a streaming call, by its content type. */
+export function streamProtocol(
+  req: http.IncomingMessage | http2.Http2ServerRequest,
+): "connect" | "grpc" | "grpc-web" {
+  const type = req.headers["content-type"] ?? "";
+  return type.startsWith("application/grpc-web")
+    ? "grpc-web"
+    : type.startsWith("application/grpc")
+      ? "grpc"
+      : "connect";
+}
+
+/**
+ * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a
+ * trailers-only answer, Connect's streaming protocol as an end-stream message (its spec
+ * puts a stream's error there, with HTTP 200).
+ */
+export function refuseStream(req: http.IncomingMessage | http2.Http2ServerRequest, res: NodeResponse): void {
+  const type = req.headers["content-type"] ?? "";
+  res.statusCode = 200;
+  if (type.startsWith("application/grpc")) {
+    res.setHeader("content-type", type);
+    res.setHeader("grpc-status", String(Code.ResourceExhausted));
+    res.setHeader("grpc-message", encodeURIComponent(TOO_MANY_STREAMS));
+    res.end();
+    return;
+  }
+  const end = Buffer.from(
+    JSON.stringify({ error: { code: "resource_exhausted", message: TOO_MANY_STREAMS } }),
+  );
+  const head = Buffer.alloc(5);
+  head[0] = 0b10; // end-stream flag
+  head.writeUInt32BE(end.byteLength, 1);
+  res.setHeader("content-type", type.startsWith("application/connect+") ? type : "application/connect+json");
+  res.end(Buffer.concat([head, end]));
 }
