@@ -18,11 +18,36 @@ export default defineConfig({
       TESSERA_HASH_NICE: "0",
       TESSERA_HASH_DEADLINE_MS: "0",
     },
-    // `npm test` runs both projects; `vitest run --project unit` (or `multi`) runs one.
+    // `npm test` runs every project; `vitest run --project unit` (or `connect`, `multi`) runs one.
     projects: [
       {
         extends: true,
         test: { name: "unit", include: ["test/**/*.test.ts"], exclude: ["test/multi/**"] },
+      },
+      {
+        // The end-to-end files (a real server over TLS, gRPC interop, the adversarial suite) on
+        // connect-node's stock adapter (server.transport=connect): both transports must answer
+        // every call alike. Files about the fast adapter's own internals stay in `unit` only.
+        extends: true,
+        test: {
+          name: "connect",
+          include: [
+            "test/admission.test.ts",
+            "test/edge.test.ts",
+            "test/grpc-interop.test.ts",
+            "test/hot-path.test.ts",
+            "test/logging.test.ts",
+            "test/metrics.test.ts",
+            "test/mtls-machine.test.ts",
+            "test/sdk-client.test.ts",
+            "test/sdk-errors.test.ts",
+            "test/server.e2e.test.ts",
+            "test/shutdown-drain.test.ts",
+            "test/token-e2e.test.ts",
+            "test/security/**/*.test.ts",
+          ],
+          env: { TESSERA_TRANSPORT: "connect" },
+        },
       },
       {
         // Several `tessera serve` processes on one PostgreSQL schema (and Redis): slow, and

@@ -6,7 +6,7 @@
  * and the raw server is the cost of the Connect stack.
  *
  * With a second argument `tessera-adapter`, the same handler is served through Tessera's
- * own Node bridge (src/connect-adapter.ts, installed with `serveRequests` as Tessera's
+ * own Node bridge (src/transport/fast-adapter.ts, installed with `serveRequests` as Tessera's
  * server does) instead of connect-node's: the difference between the two is what that
  * bridge takes back.
  *
@@ -16,7 +16,8 @@ import http2 from "node:http2";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { createConnectHandler, serveRequests } from "../src/connect-adapter.js";
+import { createConnectHandler } from "../src/transport/fast-adapter.js";
+import { serveRequests } from "../src/transport/stream-server.js";
 import { CONSTANT_USER } from "./fixtures.js";
 import { listenAndAnnounce, referenceServerOptions } from "./tls.js";
 

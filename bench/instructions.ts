@@ -13,6 +13,7 @@
  *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
+ *     [--transport fast|connect: server.transport]
  *
  * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
  * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
@@ -46,6 +47,7 @@ const { values: flags } = parseArgs({
     build: { type: "string" },
     iterations: { type: "string" },
     env: { type: "string", multiple: true },
+    transport: { type: "string" },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -90,8 +92,10 @@ Object.assign(env, {
   TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
   TESSERA_RATE_LIMIT_PER_IP: "1000000000",
   TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
-  // A free metrics port: the default one is taken when another bench serves on this machine.
+  // A free port: the default 9464 may be taken by another server on the machine.
   TESSERA_METRICS_LISTEN: "127.0.0.1:0",
+  // server.transport; a checkout from before the key ignores it.
+  ...(flags.transport ? { TESSERA_TRANSPORT: flags.transport } : {}),
   // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
   // costs minutes; a token's hash is checked once, so fewer iterations change no request.
   ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),

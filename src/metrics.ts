@@ -13,7 +13,7 @@ import { accessLogStats } from "./logger.js";
 import type { RateLimits } from "./rate-limit.js";
 import type { Storage } from "./storage/orm.js";
 import type { SqlRunner } from "./storage/sql.js";
-import type { UnaryProtocol } from "./unary-handlers.js";
+import type { UnaryProtocol } from "./transport/unary-protocols.js";
 import { VERSION } from "./version.js";
 
 /**

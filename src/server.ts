@@ -18,22 +18,17 @@ import { ensureDevCertificates } from "./certs/dev-ca.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
 import type { Config } from "./config.js";
-import {
-  createConnectHandler,
-  type StreamingHandler,
-  type StreamRequest,
-  serveRequests,
-  setHeaders,
-  type WireError,
-} from "./connect-adapter.js";
 import { type RequestState, requestState, requestStateKey } from "./context.js";
-import { augmentJsonErrorBody, refusalOnTheWire } from "./error-wire.js";
 import { isRefusal, TesseraError } from "./errors.js";
 import { isAudited } from "./interceptors/audit.js";
 import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
-import type { UnaryProtocol } from "./unary-handlers.js";
+import { refuseStream, setHeaders, streamProtocol, type WireError } from "./transport/early-answers.js";
+import { augmentJsonErrorBody, refusalOnTheWire } from "./transport/error-wire.js";
+import { createTransport, installTransport } from "./transport/index.js";
+import type { StreamingHandler, StreamRequest } from "./transport/stream-server.js";
+import type { UnaryProtocol } from "./transport/unary-protocols.js";
 import { VERSION } from "./version.js";
 
 type Request = IncomingMessage | http2.Http2ServerRequest | StreamRequest;
@@ -222,8 +217,8 @@ export function createRequestHandler(
       machine: config.auth.tokens.machinePrefix,
     },
   });
-  // connect-node's adapter with a leaner bridge to Node (see connect-adapter.ts for why).
-  const adapter = createConnectHandler({
+  // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
+  const adapter = createTransport(config.server.transport, {
     routes: app.routes,
     interceptors: app.interceptors,
     // A message is capped after decompression too (connect-node inflates with zlib's
@@ -238,7 +233,7 @@ export function createRequestHandler(
         ? augmentJsonErrorBody(body, stateOf(req).errorInfo)
         : body,
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
-    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
     // Connect's own refusal of a malformed body (before the interceptors) gets the reason
@@ -277,7 +272,7 @@ export function createRequestHandler(
     const admitted = state.admission!;
     const refusal = admitted.limited ?? (isAudited(method) ? undefined : admitted.refused);
     if (refusal === undefined) return undefined;
-    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (error-wire.ts).
+    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (transport/error-wire.ts).
     if (refusal instanceof TesseraError && isRefusal(refusal.code))
       return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
     return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
@@ -434,43 +429,6 @@ export function createRequestHandler(
   handle.stream = (stream, headers) =>
     adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
   return handle;
-}
-
-const TOO_MANY_STREAMS = "too many streaming calls open from this address";
-
-/** The protocol of a streaming call, by its content type. */
-function streamProtocol(req: IncomingMessage | http2.Http2ServerRequest): UnaryProtocol {
-  const type = req.headers["content-type"] ?? "";
-  return type.startsWith("application/grpc-web")
-    ? "grpc-web"
-    : type.startsWith("application/grpc")
-      ? "grpc"
-      : "connect";
-}
-
-/**
- * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a
- * trailers-only answer, Connect's streaming protocol as an end-stream message (its spec
- * puts a stream's error there, with HTTP 200).
- */
-function refuseStream(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
-  const type = req.headers["content-type"] ?? "";
-  res.statusCode = 200;
-  if (type.startsWith("application/grpc")) {
-    res.setHeader("content-type", type);
-    res.setHeader("grpc-status", String(Code.ResourceExhausted));
-    res.setHeader("grpc-message", encodeURIComponent(TOO_MANY_STREAMS));
-    res.end();
-    return;
-  }
-  const end = Buffer.from(
-    JSON.stringify({ error: { code: "resource_exhausted", message: TOO_MANY_STREAMS } }),
-  );
-  const head = Buffer.alloc(5);
-  head[0] = 0b10; // end-stream flag
-  head.writeUInt32BE(end.byteLength, 1);
-  res.setHeader("content-type", type.startsWith("application/connect+") ? type : "application/connect+json");
-  res.end(Buffer.concat([head, end]));
 }
 
 /**
@@ -699,7 +657,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
-  serveRequests(server, handler);
+  installTransport(server, handler);
   const connectionsFrom = boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));

@@ -14,12 +14,9 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import {
-  type ConnectHandlerOptions,
-  createConnectHandler,
-  serveRequests,
-  type WireError,
-} from "../src/connect-adapter.js";
+import type { WireError } from "../src/transport/early-answers.js";
+import { type ConnectHandlerOptions, createConnectHandler } from "../src/transport/fast-adapter.js";
+import { serveRequests } from "../src/transport/stream-server.js";
 
 /** An error with everything a protocol must carry: code, message, metadata and a detail. */
 function refusal(): ConnectError {
@@ -48,7 +45,7 @@ async function seen(call: Promise<unknown>) {
 }
 
 /**
- * src/connect-adapter.ts replaces connect-node's adapter in front of the router: these
+ * src/transport/fast-adapter.ts replaces connect-node's adapter in front of the router: these
  * tests hold it to the same contract (every protocol, streaming in both directions,
  * compression, limits, cancellation reaching the handler, unknown paths).
  */

@@ -4,9 +4,9 @@ import { errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
 import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { augmentJsonErrorBody, refusalOnTheWire } from "../src/error-wire.js";
 import { TesseraError, toConnectError } from "../src/errors.js";
-import { nodeHeaders } from "../src/unary-handlers.js";
+import { augmentJsonErrorBody, refusalOnTheWire } from "../src/transport/error-wire.js";
+import { nodeHeaders } from "../src/transport/unary-protocols.js";
 
 /**
  * A refusal answered before the pipeline is written without a ConnectError (error-wire.ts).

@@ -54,6 +54,9 @@ export const silentLogger = LOG_SCAN_DIR
     )
   : pino({ level: "silent" });
 
+/** The transport test servers use (`server.transport`), when the run names one (vitest.config.ts). */
+const TRANSPORT = process.env.TESSERA_TRANSPORT as "fast" | "connect" | undefined;
+
 /** Build a config for tests: given database, fast hashing, no rate limits nor per-address connection limit unless asked. */
 export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
   return loadConfig({
@@ -76,7 +79,14 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
       },
       rateLimit: { enabled: false, ...overrides.rateLimit },
       // Every test connection comes from 127.0.0.1: no per-address connection limit unless asked.
-      server: { port: 0, host: "127.0.0.1", maxConnectionsPerIp: 0, ...overrides.server },
+      // The vitest project "connect" runs the end-to-end files on connect-node's stock adapter.
+      server: {
+        port: 0,
+        host: "127.0.0.1",
+        maxConnectionsPerIp: 0,
+        ...(TRANSPORT ? { transport: TRANSPORT } : {}),
+        ...overrides.server,
+      },
       log: { level: "silent", ...overrides.log },
     },
   });

@@ -1,5 +1,8 @@
+import { readFileSync } from "node:fs";
 import http2 from "node:http2";
+import https from "node:https";
 import type { AddressInfo } from "node:net";
+import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import {
@@ -17,10 +20,13 @@ import {
   HealthCheckResponse_ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { type ConnectHandler, createConnectHandler, serveRequests } from "../src/connect-adapter.js";
+import { type ConnectHandler, createConnectHandler } from "../src/transport/fast-adapter.js";
+import { createTransport, installTransport, type TransportKind } from "../src/transport/index.js";
+import { serveRequests } from "../src/transport/stream-server.js";
+import { createTestCerts } from "./helpers.js";
 
 /**
- * src/unary-handlers.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
+ * src/transport/unary-protocols.ts serves unary calls over Connect, gRPC and gRPC-Web in place of
  * Connect's own handlers. These tests send the same raw HTTP/2 requests to connect-node's
  * stock adapter and to Tessera's, both serving the same router, and require the same
  * status, headers, body bytes and trailers: for successes and for every way a unary call
@@ -29,6 +35,8 @@ import { type ConnectHandler, createConnectHandler, serveRequests } from "../src
 
 const signals: AbortSignal[] = [];
 const aborts: Code[] = [];
+/** The reasons a "wait" call's signal was aborted with. */
+const abortReasons: unknown[] = [];
 const contexts: HandlerContext[] = [];
 /** What the interceptor and the implementation of a "members" call saw, in that order. */
 const members: Record<string, unknown>[] = [];
@@ -98,6 +106,7 @@ function routes(router: ConnectRouter) {
           return new Promise((_, reject) => {
             const done = () => {
               aborts.push(ConnectError.from(ctx.signal.reason).code);
+              abortReasons.push(ctx.signal.reason);
               reject(ctx.signal.reason);
             };
             if (ctx.signal.aborted) done();
@@ -151,6 +160,13 @@ function routes(router: ConnectRouter) {
           signals.push(ctx.signal);
           return { status: HealthCheckResponse_ServingStatus.SERVING };
       }
+    },
+    async *watch(req) {
+      // Two updates, then the end of the stream (or the error the request asks for).
+      yield { status: HealthCheckResponse_ServingStatus.SERVING };
+      yield { status: HealthCheckResponse_ServingStatus.NOT_SERVING };
+      if (req.service === "fail")
+        throw new ConnectError("watch failed", Code.Unavailable, { "x-why": "end" });
     },
     list() {
       // Large enough to be compressed (compressMinBytes is 1 KiB by default).
@@ -294,6 +310,7 @@ function headers(wire: Wire, extra: { encoding?: string; accept?: string; timeou
 
 const CHECK = "/grpc.health.v1.Health/Check";
 const LIST = "/grpc.health.v1.Health/List";
+const WATCH = "/grpc.health.v1.Health/Watch";
 
 let reference: Server;
 let tessera: Server;
@@ -555,6 +572,43 @@ describe("the unary handlers", () => {
     }
   });
 
+  it.each([
+    ["NO_ERROR", 0x0],
+    ["PROTOCOL_ERROR", 0x1],
+    ["STREAM_CLOSED", 0x5],
+    ["REFUSED_STREAM", 0x7],
+    ["CANCEL", 0x8],
+    ["ENHANCE_YOUR_CALM", 0xb],
+    ["INADEQUATE_SECURITY", 0xc],
+    ["HTTP_1_1_REQUIRED", 0xd],
+  ])(
+    "abort the call's signal as connect-node does when the client resets the stream with %s",
+    async (_name, rst) => {
+      const seen: { code: Code; message: string | undefined }[] = [];
+      for (const server of [reference, tessera, direct]) {
+        abortReasons.length = 0;
+        const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+        stream.on("error", () => undefined);
+        stream.end(body("grpc", proto("wait")));
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        stream.close(rst);
+        for (let i = 0; i < 100 && abortReasons.length === 0; i++)
+          await new Promise((r) => setTimeout(r, 10));
+        const reason = abortReasons[0];
+        // connect-node aborts with no reason (an AbortError) for the codes it does not map.
+        seen.push({
+          code: ConnectError.from(reason).code,
+          message: reason instanceof ConnectError ? reason.rawMessage : undefined,
+        });
+      }
+      const [expected, ...actual] = seen;
+      for (const a of actual) {
+        expect(a.code).toBe(expected!.code);
+        if (expected!.message !== undefined) expect(a.message).toBe(expected!.message);
+      }
+    },
+  );
+
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
     for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
@@ -658,5 +712,164 @@ describe("the unary handlers", () => {
     await call(reference, CHECK, headers("grpc"), body("grpc", proto("")));
     await call(reference, CHECK, headers("connect+json"), json({}));
     expect(signals[0]?.reason).not.toBe(signals[1]?.reason);
+  });
+});
+
+/**
+ * The transport boundary (src/transport/index.ts) over TLS, as Tessera's server installs it:
+ * both `server.transport` kinds, and connect-node's stock adapter as the reference, on the
+ * same router, over HTTP/2 and HTTP/1.1 (allowHTTP1), for unary and server-streaming calls.
+ */
+describe("over TLS, both transports answer as connect-node's adapter does", () => {
+  interface TlsServer {
+    port: number;
+    session: http2.ClientHttp2Session;
+    close(): Promise<void>;
+  }
+  let ca: Buffer;
+  const servers: Partial<Record<TransportKind | "reference", TlsServer>> = {};
+  const kinds = ["reference", "fast", "connect"] as const;
+
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    ca = certs.ca;
+    const key = readFileSync(join(certs.dir, "server.key"));
+    const cert = readFileSync(join(certs.dir, "server.crt"));
+    for (const kind of kinds) {
+      const server = http2.createSecureServer({ key, cert, allowHTTP1: true });
+      if (kind === "reference") server.on("request", connectNodeAdapter(options));
+      else installTransport(server, createTransport(kind, { ...options }));
+      await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+      const port = (server.address() as AddressInfo).port;
+      const session = http2.connect(`https://localhost:${port}`, { ca });
+      servers[kind] = {
+        port,
+        session,
+        close: () =>
+          new Promise<void>((resolve) => {
+            session.close();
+            server.close(() => resolve());
+          }),
+      };
+    }
+  });
+
+  afterAll(async () => {
+    for (const kind of kinds) await servers[kind]?.close();
+  });
+
+  /** One HTTP/1.1 call over TLS: status, headers (Date and connection management left out), body. */
+  function call1(port: number, path: string, h: http2.OutgoingHttpHeaders, b: Uint8Array) {
+    return new Promise<Answer>((resolve, reject) => {
+      const req = https.request(
+        {
+          host: "127.0.0.1",
+          port,
+          path,
+          method: "POST",
+          ca,
+          servername: "localhost",
+          agent: false,
+          headers: h,
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (c: Buffer) => chunks.push(c));
+          res.on("error", reject);
+          res.on("end", () => {
+            const { date: _date, connection: _connection, "keep-alive": _keepAlive, ...rest } = res.headers;
+            resolve({
+              status: res.statusCode ?? 0,
+              headers: rest,
+              body: Buffer.concat(chunks).toString("hex"),
+              trailers: res.trailers,
+            });
+          });
+        },
+      );
+      req.on("error", reject);
+      req.end(b);
+    });
+  }
+
+  /** The same call to the three servers (HTTP/2, or HTTP/1.1 with `h1`): the answers must be identical. */
+  async function sameTls(
+    path: string,
+    h: http2.OutgoingHttpHeaders,
+    b: Uint8Array,
+    o: { h1?: boolean; adjust?: (answer: Answer) => Answer } = {},
+  ): Promise<Answer> {
+    const [expected_, fast, connect] = await Promise.all(
+      kinds.map((kind) => {
+        const server = servers[kind]!;
+        return o.h1 ? call1(server.port, path, h, b) : call(server as unknown as Server, path, h, b);
+      }),
+    );
+    const expected = o.adjust ? o.adjust(expected_!) : expected_!;
+    expect(fast).toEqual(expected);
+    expect(connect).toEqual(expected);
+    return fast!;
+  }
+
+  describe.each(wires)("unary calls over %s", (wire) => {
+    for (const h1 of [false, true]) {
+      // gRPC needs HTTP/2 trailers: over HTTP/1.1 only Connect and gRPC-Web are spoken.
+      if (h1 && wire.startsWith("grpc") && !wire.startsWith("grpc-web")) continue;
+      const over = h1 ? "HTTP/1.1" : "HTTP/2";
+      it(`over ${over}: on success, with headers and trailers set`, async () => {
+        const decorated = { ...headers(wire), "x-decorate": "1" };
+        const answer = await sameTls(CHECK, decorated, body(wire, message(wire, "")), { h1 });
+        expect(answer.status).toBe(200);
+        expect(answer.headers["x-intercepted"]).toBe("1");
+      });
+
+      it(`over ${over}: when an interceptor refuses and when the implementation throws`, async () => {
+        const refused = await sameTls(
+          CHECK,
+          { ...headers(wire), "x-refuse": "1" },
+          body(wire, message(wire, "")),
+          {
+            h1,
+          },
+        );
+        if (isConnect(wire)) expect(refused.status).toBe(403);
+        await sameTls(CHECK, headers(wire), body(wire, message(wire, "refuse")), { h1 });
+      });
+
+      it(`over ${over}: with a malformed message and with a body over readMaxBytes`, async () => {
+        const garbage = isJson(wire) ? json("not an object") : new Uint8Array([0x0a, 0xff]);
+        await sameTls(CHECK, headers(wire), body(wire, garbage), {
+          h1,
+          adjust: parseFailureAsClientFault(wire),
+        });
+        const big = body(wire, message(wire, "x".repeat(4096)));
+        const answer = await sameTls(CHECK, headers(wire), big, { h1 });
+        if (isConnect(wire)) expect(answer.status).toBe(429);
+      });
+    }
+  });
+
+  /** The streaming content type of a wire (Connect's streaming protocol for the Connect wires). */
+  const streamType = (wire: Wire) =>
+    isConnect(wire) ? `application/connect+${isJson(wire) ? "json" : "proto"}` : contentType[wire];
+
+  describe.each(wires)("a server-streaming call over %s", (wire) => {
+    const h = () => ({ ...headers(wire), "content-type": streamType(wire) });
+    it("ends with OK after its messages, over HTTP/2", async () => {
+      const answer = await sameTls(WATCH, h(), envelope(0, message(wire, "")));
+      expect(answer.status).toBe(200);
+      expect(answer.body.length).toBeGreaterThan(0);
+    });
+
+    it("ends with the implementation's error after its messages, over HTTP/2", async () => {
+      const answer = await sameTls(WATCH, h(), envelope(0, message(wire, "fail")));
+      expect(answer.status).toBe(200);
+    });
+
+    if (!wire.startsWith("grpc") || wire.startsWith("grpc-web"))
+      it("ends with OK after its messages, over HTTP/1.1", async () => {
+        const answer = await sameTls(WATCH, h(), envelope(0, message(wire, "")), { h1: true });
+        expect(answer.status).toBe(200);
+      });
   });
 });

@@ -3,9 +3,9 @@ import { create, toBinary, toJson } from "@bufbuild/protobuf";
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { Code } from "@connectrpc/connect";
 import { codeFromString, codeToString } from "@connectrpc/connect/protocol-connect";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import type { WireError } from "./connect-adapter.js";
-import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "./errors.js";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "../errors.js";
+import type { WireError } from "./early-answers.js";
 
 /**
  * How a Tessera error looks on the wire beyond what Connect writes: the JSON error
@@ -182,10 +182,13 @@ function makeShape(err: TesseraError): Shape {
  * message followed by more fields is the message with those fields, by the protobuf
  * encoding's rules), and that ErrorInfo wrapped in the Status's Any.
  *
- * Why those few bytes by hand: protobuf-es's BinaryWriter took about 4 µs to write one short
- * string field here (and its base64 about 0.9 µs), against 0.3 µs for the Buffer code below
- * (a micro-benchmark of this module on the bench machine). A length-delimited field is a
- * tag, a varint length and the bytes; the test compares every result with Connect's.
+ * Why those few bytes by hand, not protobuf-es's `create` + `toBinary` per call: measured
+ * again for issue #19 (CPU time, 50k refusals): a whole gRPC refusal made here costs
+ * 1.7–1.9 µs, while `toBinary` of the ErrorInfo alone costs 2.0–2.5 µs and the detail
+ * chain (ErrorInfo, Any, Status) 5–6 µs: about 5 % of a refused call's server CPU, on the
+ * path an attacker drives (bench/results/2026-12-05-transport-ab.md). The tags and every
+ * constant part are still protobuf-es's; only the per-call length varint is written here
+ * (a tag, a varint length and the bytes), and the test compares every result with Connect's.
  */
 class Refusal implements WireError {
   constructor(

@@ -1,0 +1,41 @@
+import type * as http2 from "node:http2";
+import { type ConnectHandler, type ConnectHandlerOptions, createConnectHandler } from "./fast-adapter.js";
+import { createStockDispatch } from "./stock-adapter.js";
+import { serveRequests } from "./stream-server.js";
+
+/**
+ * The transport boundary: what speaks the wire for the RPC paths. server.ts builds one with
+ * {@link createTransport} and installs its request handler with {@link installTransport};
+ * nothing else of src/transport/ is its concern.
+ *
+ * - `fast` (the default): Tessera's own bridge between Node and Connect's router
+ *   (fast-adapter.ts, node-bridge.ts), unary calls answered by unary-protocols.ts, over
+ *   HTTP/2 straight from the stream (stream-server.ts).
+ * - `connect`: connect-node's stock `connectNodeAdapter` serves every admitted call
+ *   (stock-adapter.ts), through Node's compatibility layer.
+ *
+ * Both admit calls before their body is read and answer refusals the same way
+ * (early-answers.ts, error-wire.ts), with the same headers, limits, error envelope and
+ * call observer: a client cannot tell them apart (test/unary-handlers.test.ts compares them).
+ */
+export type TransportKind = "fast" | "connect";
+
+/** The request handler of the RPC paths, as {@link createTransport} makes it. */
+export type Transport = ConnectHandler;
+export type TransportOptions = ConnectHandlerOptions;
+
+/** The transport of `kind` serving `options.routes` with `options`' limits and hooks. */
+export function createTransport(kind: TransportKind, options: TransportOptions): Transport {
+  return createConnectHandler(options, kind === "connect" ? createStockDispatch : undefined);
+}
+
+/**
+ * Serve `handler` on `server`: every request through it, and HTTP/2 streams its `stream`
+ * takes without Node's compatibility layer (see stream-server.ts).
+ */
+export function installTransport(
+  server: http2.Http2Server | http2.Http2SecureServer,
+  handler: Parameters<typeof serveRequests>[1],
+): void {
+  serveRequests(server, handler);
+}

@@ -1,0 +1,209 @@
+import type * as http from "node:http";
+import type * as http2 from "node:http2";
+import type { DescMethod, DescMethodUnary } from "@bufbuild/protobuf";
+import { Code, ConnectError, createContextValues } from "@connectrpc/connect";
+import { encodeEnvelope, type UniversalServerResponse } from "@connectrpc/connect/protocol";
+import { codeToHttpStatus, errorFromJsonBytes, errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
+import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { trailerFlag, trailerParse, trailerSerialize } from "@connectrpc/connect/protocol-grpc-web";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { setHeaders, stopUnreadBody } from "./early-answers.js";
+import type { ConnectHandlerOptions } from "./fast-adapter.js";
+import { connectErrorCode, streamedCode } from "./node-bridge.js";
+import type { NodeResponse } from "./stream-server.js";
+import { nodeHeaders, type UnaryProtocol } from "./unary-protocols.js";
+
+/**
+ * `server.transport=connect`: calls past admission are served by connect-node's stock
+ * `connectNodeAdapter` (its request and response bridge, its handlers for every protocol),
+ * with what Tessera's own adapter adds around Connect given to it too, so both transports
+ * answer every call the same way: the common headers (set before the adapter writes), the
+ * body limit (`maxBodyBytes`, counted as connect-node reads the body), the reason and
+ * request id on Connect's own InvalidArgument (`callError`), the JSON envelope of Connect
+ * error bodies (`errorBody`), the call's end for metrics and the access log (`onCallEnd`),
+ * and an unread body stopped once the answer is out. These are hooks on Node's request and
+ * response objects (their async iterator, writeHead, write, addTrailers, end): connect-node
+ * offers none of its own for them.
+ */
+
+/** Serves one admitted call to an RPC path through the stock adapter. */
+export type StockDispatch = (
+  req: http.IncomingMessage | http2.Http2ServerRequest,
+  res: NodeResponse,
+  method: DescMethod,
+  protocol: UnaryProtocol,
+  common: http.OutgoingHttpHeaders | undefined,
+) => void;
+
+/** The stock adapter, on `options` as Tessera's own adapter has them (compression, limits, router options). */
+export function createStockDispatch(options: ConnectHandlerOptions): StockDispatch {
+  // The router options as Tessera's adapter has them (compression with client-fault
+  // decompression, readMaxBytes, interceptors, JSON options); `fallback` is never reached
+  // (only RPC paths come here).
+  const { fallback: _fallback, contextValues, ...routerOptions } = options;
+  const adapter = connectNodeAdapter({
+    ...routerOptions,
+    ...(contextValues ? { contextValues: (req) => contextValues(req) } : {}),
+  });
+  const { errorBody, callError, onCallEnd } = options;
+  const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
+  const maxBodyBytes = options.maxBodyBytes ?? Number.POSITIVE_INFINITY;
+  const jsonOptions = options.jsonOptions ?? {};
+
+  /**
+   * The error to answer with in place of one Connect raised itself, else undefined
+   * (unchanged): a request message that does not parse is the client's fault (connect-node
+   * says Internal, "parse binary: …"; unary-protocols.ts's clientFaultParsing), and Connect's
+   * own InvalidArgument (no ErrorInfo) gets what `callError` adds (reason, request id).
+   */
+  function refined(
+    req: http.IncomingMessage | http2.Http2ServerRequest,
+    method: DescMethod,
+    error: ConnectError,
+  ): ConnectError | undefined {
+    let own = error;
+    if (error.code === Code.Internal && error.rawMessage.startsWith("parse binary: "))
+      own = new ConnectError(error.rawMessage, Code.InvalidArgument);
+    if (own.code !== Code.InvalidArgument || own.findDetails(ErrorInfoSchema).length > 0)
+      return own === error ? undefined : own;
+    if (callError === undefined) return own;
+    const values = options.contextValues?.(req) ?? createContextValues();
+    return callError(new ConnectError(own.rawMessage, own.code), values, method as DescMethodUnary);
+  }
+
+  return (req, res, method, protocol, common) => {
+    setHeaders(res, common);
+    if (maxBodyBytes !== Number.POSITIVE_INFINITY) limitBody(req, maxBodyBytes);
+    const out = res as http2.Http2ServerResponse;
+    const unary = method.methodKind === "unary";
+    // Called with `this` set, through loose types: each is Node's own, overloads and all.
+    const writeHead = out.writeHead as (...a: unknown[]) => unknown;
+    const write = out.write as (...a: unknown[]) => boolean;
+    const end = out.end as (...a: unknown[]) => unknown;
+    const addTrailers = out.addTrailers;
+    let status = 200;
+    let head: http.OutgoingHttpHeaders = {};
+    let trailer: http.OutgoingHttpHeaders | undefined;
+    let last: Uint8Array | undefined;
+    /** The body of a Connect unary error, held until its end to be rewritten. */
+    let held: Uint8Array[] | undefined;
+    let code: number | undefined;
+
+    out.writeHead = ((s: number, headers?: http.OutgoingHttpHeaders) => {
+      status = s;
+      head = headers ?? {};
+      if (unary && protocol === "connect" && s >= 400) {
+        // connect-node calls writeHead again at the end when headersSent is still false.
+        held ??= [];
+        return out;
+      }
+      return writeHead.call(out, s, head);
+    }) as typeof out.writeHead;
+    out.write = ((chunk: Uint8Array, ...rest: unknown[]) => {
+      if (held !== undefined) {
+        held.push(chunk);
+        const cb = rest.find((r) => typeof r === "function") as (() => void) | undefined;
+        cb?.();
+        return true;
+      }
+      if (unary && protocol === "grpc-web" && chunk[0] === trailerFlag) chunk = grpcWebTrailer(chunk);
+      last = chunk;
+      return write.call(out, chunk, ...rest);
+    }) as typeof out.write;
+    out.addTrailers = (headers: http.OutgoingHttpHeaders) => {
+      trailer = unary && protocol === "grpc" ? grpcTrailers(headers) : headers;
+      addTrailers.call(out, trailer);
+    };
+    out.end = ((...args: unknown[]) => {
+      if (held !== undefined) {
+        const body = connectError(held.length === 1 ? held[0]! : Buffer.concat(held));
+        writeHead.call(out, status, head);
+        held = undefined;
+        end.call(out, body);
+      } else end.apply(out, args);
+      stopUnreadBody(req, res, readMaxBytes);
+      return out;
+    }) as typeof out.end;
+    if (onCallEnd)
+      res.once("close", () => {
+        onCallEnd(req, method, protocol, res.writableEnded ? (code ?? outcome()) : Code.Canceled);
+      });
+    adapter(req, res);
+
+    /** A Connect unary error body: refined, enveloped (errorBody), with its new length. */
+    function connectError(original: Uint8Array): Uint8Array {
+      let body = original;
+      code = connectErrorCode(original, status);
+      if (code === Code.InvalidArgument || code === Code.Internal) {
+        const error = refined(
+          req,
+          method,
+          errorFromJsonBytes(original, undefined, new ConnectError("", code)),
+        );
+        if (error !== undefined) {
+          code = error.code;
+          status = codeToHttpStatus(error.code);
+          body = errorToJsonBytes(error, jsonOptions);
+          const metadata = nodeHeaders(error.metadata);
+          for (const k in metadata) head[k] = metadata[k];
+        }
+      }
+      if (errorBody) body = errorBody(req, body);
+      head["content-length"] = body.byteLength;
+      return body;
+    }
+
+    /** gRPC status trailers, refined when they carry Connect's own InvalidArgument. */
+    function grpcTrailers(headers: http.OutgoingHttpHeaders): http.OutgoingHttpHeaders {
+      const web = new Headers(headers as Record<string, string>);
+      const error = findTrailerError(web);
+      const better = error === undefined ? undefined : refined(req, method, error);
+      if (better === undefined) return headers;
+      for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) web.delete(k);
+      return nodeHeaders(setTrailerStatus(web, better));
+    }
+
+    /** A gRPC-Web trailer frame, refined like gRPC's trailers. */
+    function grpcWebTrailer(frame: Uint8Array): Uint8Array {
+      const length = new DataView(frame.buffer, frame.byteOffset + 1, 4).getUint32(0);
+      if (5 + length !== frame.byteLength) return frame;
+      const parsed = trailerParse(frame.subarray(5));
+      const error = findTrailerError(parsed);
+      const better = error === undefined ? undefined : refined(req, method, error);
+      if (better === undefined) return frame;
+      for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) parsed.delete(k);
+      return encodeEnvelope(trailerFlag, trailerSerialize(setTrailerStatus(parsed, better)));
+    }
+
+    /** The code the call ended with, read from what was written (as for Connect's handlers on the fast transport). */
+    function outcome(): number {
+      const uRes: UniversalServerResponse = {
+        status,
+        header: new Headers(head as Record<string, string>),
+        ...(trailer ? { trailer: new Headers(trailer as Record<string, string>) } : {}),
+      };
+      return streamedCode(uRes, last);
+    }
+  };
+}
+
+/**
+ * Cap the bytes connect-node reads from the request at `maxBytes`: past it the body's
+ * iterator fails with ResourceExhausted (as Tessera's adapter does). The request is not
+ * destroyed when the reader stops (`destroyOnReturn: false`): its unread rest is dealt
+ * with once the answer is out (stopUnreadBody).
+ */
+function limitBody(req: http.IncomingMessage | http2.Http2ServerRequest, maxBytes: number): void {
+  const chunks = () => req.iterator({ destroyOnReturn: false });
+  (req as unknown as { [Symbol.asyncIterator]: () => AsyncIterator<Uint8Array> })[Symbol.asyncIterator] =
+    async function* limited() {
+      let received = 0;
+      for await (const chunk of chunks()) {
+        received += (chunk as Uint8Array).byteLength;
+        if (received > maxBytes)
+          throw new ConnectError(`request body larger than ${maxBytes} bytes`, Code.ResourceExhausted);
+        yield chunk as Uint8Array;
+      }
+    };
+}
