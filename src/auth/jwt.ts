@@ -283,9 +283,15 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
   const unopenable = new Set<string>();
   let loadedOnce = false;
 
+  // Reads are numbered as they start: one that finishes after a later-started one has read an
+  // older snapshot and is dropped (rotate() and createKey() read outside refresh()'s queue).
+  let readsStarted = 0;
+  let readApplied = 0;
+
   /** Read every key row and make it the key set: one query. */
   async function readKeys(): Promise<void> {
     stats.refreshes++;
+    const seq = ++readsStarted;
     const rows = await readSigningKeys(storage);
     const t = now();
     const next = new Map<string, VerifyKey>();
@@ -339,6 +345,8 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       }
       next.set(row.kid, entry);
     }
+    if (seq < readApplied) return;
+    readApplied = seq;
     // A key that disappeared (deleted by an operator, or past its window): tokens verified
     // under it are not answered from the cache any more.
     // Keys another instance created (or this one): said once per instance, with when it
