@@ -1,121 +1,53 @@
 import { hash, randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
-import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
-import type { Authenticator } from "./auth/authenticator.js";
-import { type HeaderSource, type PresentedCredential, parseCredentials } from "./auth/credentials.js";
-import { withoutHashing } from "./auth/hash-pool.js";
-import { admits, type Principal } from "./auth/principal.js";
-import { hasAllScopes } from "./auth/scopes.js";
-import { budgetKey } from "./client-ip.js";
-import type { Admission, RequestState } from "./context.js";
-import { TesseraError, wwwAuthenticate } from "./errors.js";
-import {
-  authFailuresError,
-  type PasswordAttempt,
-  type RateLimits,
-  rateLimitedError,
-  rateLimitHeaders,
-} from "./rate-limit.js";
+import type { Authenticator } from "../auth/authenticator.js";
+import type { PresentedCredential } from "../auth/credentials.js";
+import { withoutHashing } from "../auth/hash-pool.js";
+import { budgetKey } from "../client-ip.js";
+import type { RequestState } from "../context.js";
+import { TesseraError } from "../errors.js";
+import { authFailuresError, type PasswordAttempt, type RateLimits } from "../rate-limit.js";
 
-/**
- * Admission: the checks that decide whether a request may enter an RPC at all, before its
- * body matters. In order: the per-IP rate limit (every method), then, for methods that are
- * not public, the failed-authentication budget of the IP and the caller's credential, then
- * the method's auth rule (principal kind, scopes) and the per-principal rate limit.
- *
- * The HTTP layer runs them before Connect reads the request (see `admit` in server.ts), so
- * a refused caller costs no body parsing and no RPC pipeline, and an unauthenticated
- * request never has its body parsed at all. The rate-limit, authentication and authorization
- * interceptors run the same functions for transports without that layer (in-memory, tests), and skip
- * them when the HTTP layer already has (`RequestState.admission`).
- */
-export interface AdmissionDeps {
+/** What authentication needs: the verifiers, and the budgets when rate limits are on. */
+export interface AuthenticationDeps {
   authenticator: Authenticator;
-  /** When set: the per-IP limit, failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
+  /** When set: failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
   limits?: RateLimits | undefined;
 }
 
-/** Count one request against the caller's IP. @throws TesseraError RATE_LIMITED */
-export async function countRequest(limits: RateLimits, state: RequestState): Promise<void> {
-  const result = await limits.perIp.consume(budgetKey(state.ip));
-  if (!result.allowed) throw rateLimitedError(result);
-  state.responseHeaders = rateLimitHeaders(result);
-}
-
 /**
- * Authenticate the caller of a method that is not public: a credential (or a bound client
- * certificate) must verify. Sets `state.principal`.
- * @throws TesseraError AUTH_REQUIRED, a credential refusal, or RATE_LIMITED once the IP's
- *   failed-authentication budget is spent
- */
-export async function authenticateCaller(
-  deps: AdmissionDeps,
-  headers: HeaderSource,
-  state: RequestState,
-): Promise<void> {
-  const refusal = await authenticationRefusal(deps, headers, state);
-  if (refusal !== undefined) throw refusal;
-}
-
-/**
- * What {@link authenticateCaller} does, with the refusal returned rather than thrown.
+ * Authenticate `credential` (null: none sent, the connection's bound certificate may
+ * stand for it) when the synchronous attempt of admission (index.ts) could not decide it:
+ * `from` is the first bearer verifier still to ask. Sets `state.principal`.
  *
- * Why: refusing is what a public API does most under attack, and a throw that crosses
- * async frames is costly in V8 (each frame rejects its promise, and a throw looks up the
- * stack for a handler). A token already refused (a replayed forgery, see
- * `Authenticator.knownRefusal`) is refused here without any throw.
- * @returns undefined once `state.principal` is set; otherwise the refusal
+ * The refusal is returned rather than thrown. Why: refusing is what a public API does most
+ * under attack, and a throw that crosses async frames is costly in V8 (each frame rejects
+ * its promise, and a throw looks up the stack for a handler).
+ * @returns undefined once `state.principal` is set; otherwise the refusal (AUTH_REQUIRED,
+ *   a credential refusal, or RATE_LIMITED once the IP's failed-authentication budget is spent)
  */
 export async function authenticationRefusal(
-  deps: AdmissionDeps,
-  headers: HeaderSource,
+  deps: AuthenticationDeps,
+  credential: PresentedCredential | null,
   state: RequestState,
-  parsed?: Parsed,
+  from: number,
 ): Promise<unknown> {
   const { authenticator, limits } = deps;
-  let credential: PresentedCredential | null;
-  try {
-    credential = parsed === undefined ? parseCredentials(headers) : parsed.credential;
-  } catch (err) {
-    return limits ? await spendFailure(limits, state, err) : err;
-  }
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
   if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
   let refusal: unknown;
-  let from = parsed?.from ?? 0;
-  try {
-    refusal =
-      credential === null || parsed !== undefined ? undefined : authenticator.knownRefusal(credential);
-    // With limits on (admitNow did not run), a token verified before (a JWT, or an opaque
-    // token whose secret the cache knows) whose state is read synchronously is decided here
-    // without awaiting: no async frames, no regex over the token, no no-hashing scope.
-    if (refusal === undefined && limits && parsed === undefined && credential?.type === "bearer") {
-      const now = authenticator.authenticateNow(credential, state);
-      if (typeof now !== "number") {
-        state.principal = now;
-        return undefined;
-      }
-      from = now;
-    }
-  } catch (err) {
-    refusal = err;
-  }
   // An opaque token is first verified with hashing refused: one verified before (or one that
   // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2
   // reserves a point of the IP's failure budget first (tokenRefusal). A JWT (or a
   // certificate) never needs PBKDF2, so a valid one is accepted whatever its IP spent: one
   // guesser behind a NAT does not lock out everyone behind it.
-  const opaque =
-    refusal === undefined && limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
-      ? { limits, credential }
-      : undefined;
   try {
-    if (refusal === undefined && opaque) {
-      const known = await knownCredential(deps, opaque.credential, state, from);
-      if (known === NEEDS_HASHING) return tokenRefusal(deps, opaque.limits, opaque.credential, state);
+    if (limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)) {
+      const known = await knownCredential(deps, credential, state, from);
+      if (known === NEEDS_HASHING) return tokenRefusal(deps, limits, credential, state);
       if (known === undefined) return undefined;
       refusal = known;
-    } else if (refusal === undefined) {
+    } else {
       const principal = await authenticator.authenticate(credential, state, from);
       if (principal) {
         state.principal = principal;
@@ -126,7 +58,7 @@ export async function authenticationRefusal(
   } catch (err) {
     refusal = err;
   }
-  return limits ? await spendFailure(limits, state, refusal) : refusal;
+  return limits ? spendFailure(limits, state, refusal) : refusal;
 }
 
 /** The shape of a JWT: verifying one costs a signature check, never PBKDF2. */
@@ -143,12 +75,21 @@ function isFailure(refusal: unknown): boolean {
 
 /**
  * A credential that did not verify spends a point of the IP's budget; once it is spent the
- * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses.
+ * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses. Never rejects.
  */
-async function spendFailure(limits: RateLimits, state: RequestState, refusal: unknown): Promise<unknown> {
+export async function spendFailure(
+  limits: RateLimits,
+  state: RequestState,
+  refusal: unknown,
+): Promise<unknown> {
   if (!isFailure(refusal)) return refusal;
-  const spent = await limits.authFailures.consume(budgetKey(state.ip));
-  return spent.allowed ? refusal : authFailuresError(spent);
+  try {
+    const spent = await limits.authFailures.consume(budgetKey(state.ip));
+    return spent.allowed ? refusal : authFailuresError(spent);
+  } catch (err) {
+    // The budget's store failing (Redis gone) is what the call is answered with.
+    return err;
+  }
 }
 
 /**
@@ -162,7 +103,7 @@ async function spendFailure(limits: RateLimits, state: RequestState, refusal: un
  * connections at once spends neither 30 reservations nor 30 PBKDF2 runs.
  */
 function basicRefusal(
-  deps: AdmissionDeps,
+  deps: AuthenticationDeps,
   limits: RateLimits,
   credential: PresentedCredential & { type: "basic" },
   state: RequestState,
@@ -178,7 +119,7 @@ function basicRefusal(
  * verifies; concurrent first uses of one token share the reservation and the PBKDF2.
  */
 function tokenRefusal(
-  deps: AdmissionDeps,
+  deps: AuthenticationDeps,
   limits: RateLimits,
   credential: PresentedCredential & { type: "bearer" },
   state: RequestState,
@@ -205,7 +146,7 @@ function tokenRefusal(
  * secret in the cache).
  */
 async function verifyOnce(
-  deps: AdmissionDeps,
+  deps: AuthenticationDeps,
   credential: PresentedCredential,
   state: RequestState,
   identity: string,
@@ -257,7 +198,7 @@ const flights = new Map<string, Promise<unknown>>();
  * {@link NEEDS_HASHING}.
  */
 async function knownCredential(
-  deps: AdmissionDeps,
+  deps: AuthenticationDeps,
   credential: PresentedCredential,
   state: RequestState,
   from?: number,
@@ -290,7 +231,7 @@ async function knownCredential(
 
 /** A credential verified with PBKDF2, its budget reserved first. */
 async function verifyReserved(
-  deps: AdmissionDeps,
+  deps: AuthenticationDeps,
   credential: PresentedCredential,
   state: RequestState,
   reserve: () => Promise<PasswordAttempt>,
@@ -313,148 +254,5 @@ async function verifyReserved(
   } catch (err) {
     await (isFailure(err) ? attempt.failed() : attempt.cancelled());
     return err;
-  }
-}
-
-/**
- * Authorize the authenticated caller for a method with `rule`: its kind must be one the rule
- * admits and its scopes must cover every scope the rule requires; then the per-principal
- * rate limit counts the call.
- * @throws TesseraError AUTH_REQUIRED, PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED, RATE_LIMITED
- */
-export async function authorizeCaller(
-  rule: AuthRule,
-  state: RequestState,
-  limits: RateLimits | undefined,
-): Promise<void> {
-  const principal = state.principal;
-  if (!principal) throw new TesseraError("AUTH_REQUIRED", "Authentication required");
-  const refusal = authorizationRefusal(rule, principal);
-  if (refusal !== undefined) throw refusal;
-  if (limits) {
-    const result = await limits.perPrincipal.consume(`${principal.kind}:${principal.id}`);
-    if (!result.allowed) throw rateLimitedError(result);
-    // The tighter of the two limits is the one a client should pace itself by.
-    const current = state.responseHeaders;
-    if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
-      state.responseHeaders = rateLimitHeaders(result);
-  }
-}
-
-/** Why `rule` does not admit `principal` (its kind, or a missing scope), or undefined when it does. */
-function authorizationRefusal(rule: AuthRule, principal: Principal): TesseraError | undefined {
-  if (!rule.principals.some((kind) => admits(kind, principal))) {
-    return new TesseraError(
-      "PRINCIPAL_NOT_ALLOWED",
-      `this method is not available to ${principal.kind} principals`,
-    );
-  }
-  if (!hasAllScopes(principal.scopes, rule.scopes)) {
-    return new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
-      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
-      metadata: { required_scopes: rule.scopes.join(" ") },
-    });
-  }
-  return undefined;
-}
-
-/**
- * Run every admission check a request to a method with `rule` needs, in order, recording
- * the outcome in `state.admission`: `limited` for a refusal by the per-IP limit, `refused`
- * for one by authentication or authorization (the audit log records those for the calls it audits, so they
- * are thrown inside the pipeline, after the audit interceptor).
- * @returns undefined when the checks are done already (nothing to check, or decided
- *   synchronously: see {@link admitNow}), so that the caller needs no promise then;
- *   otherwise a promise that settles (never rejects) when they are done.
- */
-export function admit(
-  deps: AdmissionDeps,
-  rule: AuthRule,
-  headers: HeaderSource,
-  state: RequestState,
-): Promise<void> | undefined {
-  const admission: Admission = {};
-  state.admission = admission;
-  if (rule.public && !deps.limits) return undefined;
-  if (deps.limits === undefined) {
-    const parsed = admitNow(deps, rule, headers, state, admission);
-    if (parsed === DONE) return undefined;
-    return admitAll(deps, rule, headers, state, admission, parsed);
-  }
-  return admitAll(deps, rule, headers, state, admission);
-}
-
-/** What {@link admitNow} returns once it has decided. */
-const DONE = Symbol("admitted now");
-
-/** What {@link admitNow} learnt before it had to stop: the credential (null: none), and the first bearer verifier still to ask. */
-interface Parsed {
-  credential: PresentedCredential | null;
-  from: number;
-}
-
-/**
- * Authentication and authorization decided synchronously, when no rate limit is counted
- * and the authenticator can tell without I/O (`Authenticator.authenticateNow`: a token
- * verified before, its subject's row read synchronously). Records the outcome in
- * `admission` as {@link admitAll} would, and returns DONE; otherwise returns what it
- * learnt, for `admitAll` to go on from (the credential is not parsed, nor its known
- * refusal looked up, twice).
- */
-function admitNow(
-  deps: AdmissionDeps,
-  rule: AuthRule,
-  headers: HeaderSource,
-  state: RequestState,
-  admission: Admission,
-): Parsed | typeof DONE {
-  let credential: PresentedCredential | null;
-  let principal: Principal | number;
-  try {
-    credential = parseCredentials(headers);
-    if (credential === null) return { credential, from: 0 };
-    const known = deps.authenticator.knownRefusal(credential);
-    if (known !== undefined) {
-      admission.refused = known;
-      return DONE;
-    }
-    principal = deps.authenticator.authenticateNow(credential, state);
-  } catch (err) {
-    admission.refused = err;
-    return DONE;
-  }
-  if (typeof principal === "number") return { credential, from: principal };
-  state.principal = principal;
-  const refusal = authorizationRefusal(rule, principal);
-  if (refusal !== undefined) admission.refused = refusal;
-  return DONE;
-}
-
-async function admitAll(
-  deps: AdmissionDeps,
-  rule: AuthRule,
-  headers: HeaderSource,
-  state: RequestState,
-  admission: Admission,
-  parsed?: Parsed,
-): Promise<void> {
-  if (deps.limits) {
-    try {
-      await countRequest(deps.limits, state);
-    } catch (err) {
-      admission.limited = err;
-      return;
-    }
-  }
-  if (rule.public) return;
-  try {
-    const refusal = await authenticationRefusal(deps, headers, state, parsed);
-    if (refusal !== undefined) {
-      admission.refused = refusal;
-      return;
-    }
-    await authorizeCaller(rule, state, deps.limits);
-  } catch (err) {
-    admission.refused = err;
   }
 }
