@@ -22,6 +22,7 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -88,6 +89,9 @@ Object.assign(env, {
   TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
   TESSERA_RATE_LIMIT_PER_IP: "1000000000",
   TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+  // Metrics on, as by default, but on a free port: runs side by side (two checkouts, other
+  // engineers' runs) all failed to start on the default 9464 but the first.
+  TESSERA_METRICS_LISTEN: `127.0.0.1:${await freePort()}`,
   // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
   // costs minutes; a token's hash is checked once, so fewer iterations change no request.
   ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
@@ -216,4 +220,16 @@ function compiledLauncher(buildDir: string): Launcher {
     args: (entry) => [join(dist, entry.replace(/\.ts$/, ".js"))],
     cwd: buildDir,
   };
+}
+
+/** A TCP port free on loopback now. */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address() as import("node:net").AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
 }
