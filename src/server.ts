@@ -227,7 +227,7 @@ export function createRequestHandler(app: App, options: { tls: boolean }) {
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see connect-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
-    // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
+    // Per-IP limit, authentication and authorization before Connect reads the request (src/admission/).
     // Connect's own refusal of a malformed body (before the interceptors) gets the reason
     // and request id every other refusal carries, on every protocol.
     callError: (error, values, method) =>

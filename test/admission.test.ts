@@ -563,7 +563,7 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
 
   /**
    * Admit `token` with `app`, recording for each call of its verifier's asynchronous
-   * `verify` whether hashing was refused there (the no-hashing scope of admission.ts).
+   * `verify` whether hashing was refused there (the no-hashing scope of src/admission/authenticate.ts).
    */
   async function admitRecording(app: App, verifierName: string, method: DescMethod, token: string) {
     const verifier = app.authenticator.bearer.find((v) => v.name === verifierName)!;
