@@ -289,6 +289,54 @@ describe("admission: refusals answered before the RPC pipeline", () => {
   });
 });
 
+describe.each(DATABASES)("admission through the in-memory router transport ($name)", (db) => {
+  let app: App;
+  beforeAll(async () => {
+    app = await createTestApp(db, { rateLimit: { enabled: true, perPrincipalPerMinute: 2 } });
+  });
+  afterAll(async () => {
+    await app?.close();
+  });
+
+  it("audits a refused call of an audited method with its target, and a refused read not at all", async () => {
+    const forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+    const revoke = await rejection(
+      clientFor(TokenService, memoryTransport(app), forged).revokeApiKey({ id: "memory-target" }),
+    );
+    expect(revoke.reason).toBe("TOKEN_INVALID");
+    const read = await rejection(clientFor(UserService, memoryTransport(app), forged).getCurrentUser({}));
+    expect(read.reason).toBe("TOKEN_INVALID");
+    await app.audit.flush();
+    const rows = await app.sql.all<Record<string, unknown>>(
+      "select action, target_id, outcome, reason, actor_kind from audit_events where reason = ?",
+      ["TOKEN_INVALID"],
+    );
+    expect(rows).toEqual([
+      {
+        action: "tessera.v1.TokenService/RevokeApiKey",
+        target_id: "memory-target",
+        outcome: "failure",
+        reason: "TOKEN_INVALID",
+        actor_kind: "anonymous",
+      },
+    ]);
+  });
+
+  it("counts an admitted call once against the per-principal limit", async () => {
+    const token = (
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const users = clientFor(UserService, memoryTransport(app), token);
+    // Two a minute: counted twice per call, the second would be refused.
+    expect((await users.getCurrentUser({})).username).toBe("admin");
+    expect((await users.getCurrentUser({})).username).toBe("admin");
+    expect((await rejection(users.getCurrentUser({}))).reason).toBe("RATE_LIMITED");
+  });
+});
+
 describe("admission: the per-IP limit", () => {
   it("counts an audited call once, though its authentication waits for its body", async () => {
     // Counted before the body (server.ts), authenticated in the pipeline (the admission
