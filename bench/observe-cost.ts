@@ -53,7 +53,7 @@ const state = (): RequestState => ({
     tenantId: "7d1e0c55-0c1a-4f7b-a7a5-2b8f1e0d9c33",
     scopes: [],
   },
-  admission: {},
+  admission: "admitted",
   startedAt: performance.now(),
 });
 const variants: [string, CallObserver][] = [

@@ -1260,7 +1260,7 @@ async function run(): Promise<void> {
       kind: "refused",
       headers: bearer(forged),
       expect: refused("unauthenticated", 401, "TOKEN_INVALID"),
-      note: "rate limits off: every request is authenticated and refused (401, TOKEN_INVALID), answered before Connect reads it (src/admission.ts)",
+      note: "rate limits off: every request is authenticated and refused (401, TOKEN_INVALID), answered before Connect reads it (src/admission/)",
     }),
   );
 
@@ -1317,7 +1317,7 @@ async function run(): Promise<void> {
         }),
       );
     // The default configuration's opaque-token path: a token verified before must be decided
-    // without the no-hashing scope (src/admission.ts), whatever its IP's failure budget.
+    // without the no-hashing scope (src/admission/), whatever its IP's failure budget.
     const limitsPat = wanted("pat-limits")
       ? await optional("personal access token on the rate-limited server (TokenService)", async () => {
           const client = new JsonClient(server.url, tls);

@@ -86,13 +86,15 @@ function shape(method: DescMethod): string {
 }
 
 function row(service: DescService, method: DescMethod): string {
-  if (!isTesseraService(service)) return `| \`${method.name}\` | ${shape(method)} | — | any | yes |`;
-  if (!hasOption(method, auth)) return `| \`${method.name}\` | ${shape(method)} | **no auth rule** | — | — |`;
+  if (!isTesseraService(service)) return `| \`${method.name}\` | ${shape(method)} | — | any | yes | no |`;
+  if (!hasOption(method, auth))
+    return `| \`${method.name}\` | ${shape(method)} | **no auth rule** | — | — | — |`;
   const rule = getOption(method, auth);
-  if (rule.public) return `| \`${method.name}\` | ${shape(method)} | — | any | yes |`;
+  const audited = rule.audit ? "yes" : "no";
+  if (rule.public) return `| \`${method.name}\` | ${shape(method)} | — | any | yes | ${audited} |`;
   const scopes = rule.scopes.length > 0 ? rule.scopes.map((s) => `\`${s}\``).join(", ") : "—";
   const principals = rule.principals.map(principalName).join(", ");
-  return `| \`${method.name}\` | ${shape(method)} | ${scopes} | ${principals} | no |`;
+  return `| \`${method.name}\` | ${shape(method)} | ${scopes} | ${principals} | no | ${audited} |`;
 }
 
 function section(file: DescFile, service: DescService): string[] {
@@ -101,8 +103,8 @@ function section(file: DescFile, service: DescService): string[] {
     "",
     `Defined in [\`proto/${file.name}.proto\`](../proto/${file.name}.proto).`,
     "",
-    "| RPC | request → response | required scopes | admitted principals | public |",
-    "| --- | --- | --- | --- | --- |",
+    "| RPC | request → response | required scopes | admitted principals | public | audited |",
+    "| --- | --- | --- | --- | --- | --- |",
     ...service.methods.map((m) => row(service, m)),
     "",
   ];
@@ -119,13 +121,15 @@ export async function renderApiDoc(files?: readonly DescFile[]): Promise<string>
     "",
     "Every RPC Tessera serves, with the credentials it accepts. Each Tessera RPC declares its rule next to it in",
     "the proto (`option (tessera.v1.auth)`, see [`options.proto`](../proto/tessera/v1/options.proto)); the server's",
-    "authorization interceptor reads the same option, and refuses to start with a method that has none.",
+    "admission (src/admission/) reads the same option, and refuses to start with a method that has none.",
     "",
     "- **required scopes**: every listed scope must be granted to the caller (`ns:*` and `*` cover them).",
     "- **admitted principals**: the kinds of caller the RPC accepts at all: *user* (session JWT, personal access",
     "  token, API key or Basic), *machine user* (machine token, Basic or machine access token), *admin token*",
     "  (`TESSERA_ADMIN_TOKEN`), *mTLS client* (a machine user's bound client certificate alone, no header).",
     "- **public**: no credential needed; scopes and principals do not apply.",
+    "- **audited**: every call is written to the audit log, admitted or refused (a refusal by the per-IP rate",
+    "  limit excepted), with its actor, target id and outcome (`audit: true` in the rule).",
     "- **who may manage whom**: on top of the required scopes, an RPC that creates, changes, deletes or",
     "  re-credentials a principal (a user, a machine user, their bindings, backends, another user's tokens) needs",
     "  the caller's scopes to cover every scope the target holds now and would hold afterwards; only `*` covers",

@@ -19,6 +19,7 @@ import {
 import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { assertAuthRules, createAdmissionInterceptor } from "./admission/index.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
@@ -40,12 +41,8 @@ import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootst
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
 import { createAuditInterceptor } from "./interceptors/audit.js";
-import { assertAuthRules } from "./interceptors/auth-rule.js";
-import { createAuthnInterceptor } from "./interceptors/authn.js";
-import { createAuthzInterceptor } from "./interceptors/authz.js";
 import { createErrorInterceptor } from "./interceptors/errors.js";
 import { createInputInterceptor } from "./interceptors/input.js";
-import { createRateLimitInterceptor } from "./interceptors/rate-limit.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
@@ -346,10 +343,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
 
     const interceptors: Interceptor[] = [
       createErrorInterceptor({ logger }),
-      ...(limits ? [createRateLimitInterceptor({ limits })] : []),
+      // Per-IP limit, authentication, authorization, and the audit of the calls it refuses.
+      createAdmissionInterceptor({ authenticator, limits, audit }),
+      // The calls admission let in: recorded whether they succeed or fail.
       createAuditInterceptor({ audit }),
-      createAuthnInterceptor({ authenticator, limits }),
-      createAuthzInterceptor({ limits }),
       // Innermost: every string field checked before a service (and so the ORM) sees it.
       createInputInterceptor(),
     ];

@@ -1,11 +1,10 @@
 import type { DescMethod } from "@bufbuild/protobuf";
-import { ConnectError } from "@connectrpc/connect";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { Config } from "./config.js";
 import type { RequestState } from "./context.js";
-import { reasonForCode, TesseraError } from "./errors.js";
+import { reasonForCode } from "./errors.js";
 import type { CredentialKind, Metrics } from "./metrics.js";
 import type { UnaryProtocol } from "./transport/unary-protocols.js";
 
@@ -80,10 +79,6 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
   /** The stable reason of a call that failed with `code`. */
   function reasonOf(state: RequestState, code: number): string {
     if (state.errorInfo !== undefined) return state.errorInfo.reason;
-    const admission = state.admission;
-    const refusal = admission?.limited ?? admission?.refused;
-    if (refusal instanceof TesseraError) return refusal.reason;
-    if (refusal instanceof ConnectError) return reasonForCode(refusal.code);
     return reasonForCode(code);
   }
 
@@ -100,8 +95,9 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     method: DescMethod,
     code: number,
   ): void {
+    // Refused by the per-IP limit (or never admitted): no authentication was made.
     const admission = state.admission;
-    if (admission === undefined || admission.limited !== undefined) return;
+    if (admission === undefined) return;
     if (method === LOGIN || method === REFRESH) {
       const kind = method === LOGIN ? "password" : "refresh_token";
       m.observeAuth(kind, code === 0, code === 0 ? "" : reasonOf(state, code));
@@ -113,15 +109,10 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
       m.observeAuth(principal.method, true, "");
       return;
     }
-    const refused = admission.refused;
-    // A public method: nothing was authenticated.
-    if (refused === undefined) return;
-    const reason =
-      refused instanceof TesseraError
-        ? refused.reason
-        : refused instanceof ConnectError
-          ? reasonForCode(refused.code)
-          : "INTERNAL";
+    // A public method (nothing was authenticated), or an audited one whose authentication
+    // was left for after its body and never ran (a malformed body).
+    if (admission !== "refused") return;
+    const reason = reasonOf(state, code);
     m.observeAuth(presented(headers, state), false, reason);
   }
 

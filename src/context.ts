@@ -17,7 +17,7 @@ export interface RequestState {
    * it) is the proxy's, shared by every client behind it, so it proves nothing of theirs.
    */
   viaProxy?: boolean;
-  /** Set by the authentication interceptor; null on public methods. */
+  /** Set by admission once authenticated (src/admission/); null on public methods. */
   principal: Principal | null;
   /**
    * The authenticated user as the authentication path read it from its row for this very
@@ -32,27 +32,16 @@ export interface RequestState {
    */
   errorInfo?: { reason: string; requestId: string };
   /**
-   * Set when the HTTP layer ran admission (admission.ts: per-IP limit, authentication,
-   * authorization) before the RPC pipeline, so that the interceptors do not run them again.
+   * How far admission (src/admission/) got with this call, so that no check runs twice
+   * (the HTTP layer runs it before the body, the admission interceptor finishes it):
+   * "counted" by the per-IP limit, "admitted", or "refused" (answered already). Never a
+   * verdict to act on later. Undefined before the per-IP limit let the call through.
    */
-  admission?: Admission;
+  admission?: "counted" | "admitted" | "refused";
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */
   startedAt?: number;
-}
-
-/**
- * The outcome of admission. A refusal the HTTP layer did not answer itself (a call the
- * audit log records, or a protocol it does not write) is thrown in the pipeline where the
- * check it replaces would have thrown it: `limited` by the rate-limit interceptor, before
- * the audit, `refused` by the authentication interceptor, after it (authorization refusals too).
- */
-export interface Admission {
-  /** Refused by the per-IP rate limit. */
-  limited?: unknown;
-  /** Refused by authentication (credential, the IP's failed-authentication budget) or authorization (kind, scopes, per-principal limit). */
-  refused?: unknown;
 }
 
 /** Context key of {@link RequestState}; the default (in-memory transports) is filled lazily. */

@@ -8,8 +8,7 @@ import { createSecureContext, type TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, type ConnectError, cors as connectCors, createContextValues } from "@connectrpc/connect";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
-import { admit } from "./admission.js";
+import { type AdmissionDeps, admit, BEFORE_BODY } from "./admission/index.js";
 import type { App } from "./app.js";
 import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
@@ -20,8 +19,6 @@ import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./cl
 import type { Config } from "./config.js";
 import { type RequestState, requestState, requestStateKey } from "./context.js";
 import { isRefusal, TesseraError } from "./errors.js";
-import { isAudited } from "./interceptors/audit.js";
-import { authRuleFor } from "./interceptors/auth-rule.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
 import { refuseStream, setHeaders, streamProtocol, type WireError } from "./transport/early-answers.js";
@@ -205,7 +202,7 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
-  const admission = { authenticator: app.authenticator, limits: app.limits };
+  const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
     metrics: app.metrics,
@@ -235,7 +232,7 @@ export function createRequestHandler(
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
-    // Per-IP limit, authentication and authorization before Connect reads the request (admission.ts).
+    // Per-IP limit, authentication and authorization before Connect reads the request (src/admission/).
     // Connect's own refusal of a malformed body (before the interceptors) gets the reason
     // and request id every other refusal carries, on every protocol.
     callError: (error, values, method) =>
@@ -243,18 +240,16 @@ export function createRequestHandler(
         ? toWireError(error, requestState(values), `${method.parent.typeName}/${method.name}`, app.logger)
         : error,
     admit: (req, method, early) => {
-      let rule: AuthRule;
-      try {
-        rule = authRuleFor(method);
-      } catch {
-        // No rule: the pipeline refuses it (the authentication interceptor, as ever).
-        return undefined;
-      }
+      // A call that cannot be answered before its body is admitted in the pipeline (the
+      // admission interceptor), as is the authentication of an audited call (admission/index.ts).
+      if (!early) return undefined;
       const state = stateOf(req);
-      const pending = admit(admission, rule, nodeHeaderSource(req.headers), state);
-      const verdict = () => (early ? earlyRefusal(state, method) : undefined);
+      const refusal = admit(admission, method, nodeHeaderSource(req.headers), state, BEFORE_BODY);
       // Decided synchronously (or nothing to decide): no promise.
-      return pending === undefined ? verdict() : pending.then(verdict);
+      if (refusal === undefined) return undefined;
+      if (refusal instanceof Promise)
+        return refusal.then((r: unknown) => (r === undefined ? undefined : earlyRefusal(r, state, method)));
+      return earlyRefusal(refusal, state, method);
     },
     ...(observe
       ? {
@@ -263,18 +258,14 @@ export function createRequestHandler(
         }
       : {}),
   });
-  /**
-   * The refusal to answer before the pipeline, if any: a per-IP limit, or a refused
-   * authentication or authorization of a call the audit log does not record (those the
-   * pipeline throws after its audit interceptor, see context.ts).
-   */
-  function earlyRefusal(state: RequestState, method: DescMethod): ConnectError | WireError | undefined {
-    const admitted = state.admission!;
-    const refusal = admitted.limited ?? (isAudited(method) ? undefined : admitted.refused);
-    if (refusal === undefined) return undefined;
+  /** Admission's refusal of a call, answered before the pipeline. */
+  function earlyRefusal(refusal: unknown, state: RequestState, method: DescMethod): ConnectError | WireError {
     // A refusal (not a fault, which is logged) in wire form, without a ConnectError (transport/error-wire.ts).
-    if (refusal instanceof TesseraError && isRefusal(refusal.code))
+    if (refusal instanceof TesseraError && isRefusal(refusal.code)) {
+      // As the error interceptor keeps it, for the access log and metrics (call-observer.ts).
+      state.errorInfo = { reason: refusal.reason, requestId: state.requestId };
       return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
+    }
     return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
   }
 

@@ -1,4 +1,5 @@
 import http2 from "node:http2";
+import type { DescMethod } from "@bufbuild/protobuf";
 import { createClient, type Transport } from "@connectrpc/connect";
 import {
   createConnectTransport,
@@ -8,16 +9,14 @@ import {
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
-import type { AuthRule } from "../gen/tessera/v1/options_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { admit } from "../src/admission.js";
+import { admit } from "../src/admission/index.js";
 import type { App } from "../src/app.js";
 import { hashingForbidden } from "../src/auth/hash-pool.js";
 import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
-import { authRuleFor } from "../src/interceptors/auth-rule.js";
 import { Code, rejection } from "./errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -290,7 +289,90 @@ describe("admission: refusals answered before the RPC pipeline", () => {
   });
 });
 
+describe.each(DATABASES)("admission through the in-memory router transport ($name)", (db) => {
+  let app: App;
+  beforeAll(async () => {
+    app = await createTestApp(db, { rateLimit: { enabled: true, perPrincipalPerMinute: 2 } });
+  });
+  afterAll(async () => {
+    await app?.close();
+  });
+
+  it("audits a refused call of an audited method with its target, and a refused read not at all", async () => {
+    const forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+    const revoke = await rejection(
+      clientFor(TokenService, memoryTransport(app), forged).revokeApiKey({ id: "memory-target" }),
+    );
+    expect(revoke.reason).toBe("TOKEN_INVALID");
+    const read = await rejection(clientFor(UserService, memoryTransport(app), forged).getCurrentUser({}));
+    expect(read.reason).toBe("TOKEN_INVALID");
+    await app.audit.flush();
+    const rows = await app.sql.all<Record<string, unknown>>(
+      "select action, target_id, outcome, reason, actor_kind from audit_events where reason = ?",
+      ["TOKEN_INVALID"],
+    );
+    expect(rows).toEqual([
+      {
+        action: "tessera.v1.TokenService/RevokeApiKey",
+        target_id: "memory-target",
+        outcome: "failure",
+        reason: "TOKEN_INVALID",
+        actor_kind: "anonymous",
+      },
+    ]);
+  });
+
+  it("counts an admitted call once against the per-principal limit", async () => {
+    const token = (
+      await clientFor(UserService, memoryTransport(app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      })
+    ).accessToken;
+    const users = clientFor(UserService, memoryTransport(app), token);
+    // Two a minute: counted twice per call, the second would be refused.
+    expect((await users.getCurrentUser({})).username).toBe("admin");
+    expect((await users.getCurrentUser({})).username).toBe("admin");
+    expect((await rejection(users.getCurrentUser({}))).reason).toBe("RATE_LIMITED");
+  });
+});
+
 describe("admission: the per-IP limit", () => {
+  it("counts an audited call once, though its authentication waits for its body", async () => {
+    // Counted before the body (server.ts), authenticated in the pipeline (the admission
+    // interceptor): counted there again, the second call would be refused.
+    const ts = await startTestServer(SQLITE, {
+      rateLimit: { enabled: true, perIpPerMinute: 3 },
+      admin: { token: "a-static-admin-token-of-32-characters" },
+    });
+    try {
+      const tokens = createClient(
+        TokenService,
+        withHeaders(ts.connect(), { authorization: "Bearer a-static-admin-token-of-32-characters" }),
+      );
+      for (const id of ["first", "second", "third"]) {
+        const r = await rejection(tokens.revokePersonalAccessToken({ id }));
+        expect(r.reason).not.toBe("RATE_LIMITED");
+      }
+      const over = await rejection(tokens.revokePersonalAccessToken({ id: "fourth" }));
+      expect(over.reason).toBe("RATE_LIMITED");
+      await ts.app.audit.flush();
+      const rows = await ts.app.sql.all<{ target_id: string; actor_kind: string }>(
+        "select target_id, actor_kind from audit_events where action = ? order by target_id",
+        ["tessera.v1.TokenService/RevokePersonalAccessToken"],
+      );
+      // Admitted (and failed in the handler) three times; the fourth was refused by the
+      // per-IP limit, which is never audited.
+      expect(rows).toEqual([
+        { target_id: "first", actor_kind: "admin" },
+        { target_id: "second", actor_kind: "admin" },
+        { target_id: "third", actor_kind: "admin" },
+      ]);
+    } finally {
+      await ts.close();
+    }
+  });
+
   it("refuses over the limit before reading the body, on public and audited methods alike", async () => {
     const ts = await startTestServer(SQLITE, { rateLimit: { enabled: true, perIpPerMinute: 1 } });
     const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
@@ -335,12 +417,19 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
   let app: App;
   let adminToken: string;
   let plain: { id: string; token: string };
-  const getCurrentUser = authRuleFor(UserService.method.getCurrentUser);
-  const createTenant = authRuleFor(TenantService.method.createTenant);
-  const admitWith = (rule: AuthRule, authorization: string, state = freshState()) => ({
-    pending: admit(app, rule, { get: (name) => (name === "authorization" ? authorization : null) }, state),
-    state,
-  });
+  const getCurrentUser = UserService.method.getCurrentUser;
+  const createTenant = TenantService.method.createTenant;
+  /** `pending`: admission's promise, undefined when it decided synchronously; `result`: its verdict (undefined: admitted). */
+  const admitWith = (method: DescMethod, authorization: string, state = freshState()) => {
+    const result = admit(
+      app,
+      method,
+      { get: (name) => (name === "authorization" ? authorization : null) },
+      state,
+      {},
+    );
+    return { pending: result instanceof Promise ? result : undefined, result, state };
+  };
 
   beforeAll(async () => {
     app = await createTestApp(db);
@@ -378,10 +467,12 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     const first = admitWith(getCurrentUser, `Bearer ${token}`);
     expect(first.pending).toBeInstanceOf(Promise);
     await first.pending;
-    expect(first.state.admission).toEqual({});
+    expect(await first.result).toBeUndefined();
+    expect(first.state.admission).toBe("admitted");
     const again = admitWith(getCurrentUser, `Bearer ${token}`);
     expect(again.pending).toBeUndefined();
-    expect(again.state.admission).toEqual({});
+    expect(await again.result).toBeUndefined();
+    expect(again.state.admission).toBe("admitted");
     expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
     expect(again.state.user?.username).toBe("admin");
   });
@@ -407,13 +498,15 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const now = vi.spyOn(adminVerifier, "verifyNow");
       const later = vi.spyOn(adminVerifier, "verify");
       const state = freshState();
-      await admit(
+      const verdict = await admit(
         withAdminToken,
         getCurrentUser,
         { get: (name) => (name === "authorization" ? `Bearer ${pat}` : null) },
         state,
+        {},
       );
-      expect(state.admission).toEqual({});
+      expect(verdict).toBeUndefined();
+      expect(state.admission).toBe("admitted");
       expect(state.principal).toMatchObject({ kind: "user", username: "admin", method: "pat" });
       expect(now).toHaveBeenCalledTimes(1);
       expect(later).not.toHaveBeenCalled();
@@ -436,7 +529,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     const ended = admitWith(getCurrentUser, `Bearer ${login.accessToken}`);
     if (db.name === "sqlite") expect(ended.pending).toBeUndefined();
     await ended.pending;
-    const refused = ended.state.admission?.refused;
+    const refused = await ended.result;
     expect(refused).toBeInstanceOf(TesseraError);
     expect((refused as TesseraError).reason).toBe("TOKEN_REVOKED");
     expect(ended.state.principal).toBeNull();
@@ -447,7 +540,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     const denied = admitWith(createTenant, `Bearer ${plain.token}`);
     if (db.name === "sqlite") expect(denied.pending).toBeUndefined();
     await denied.pending;
-    const refusal = denied.state.admission?.refused as TesseraError;
+    const refusal = (await denied.result) as TesseraError;
     expect(refusal).toBeInstanceOf(TesseraError);
     expect(refusal.reason).toBe("ACCESS_DENIED");
     expect(refusal.metadata).toEqual({ required_scopes: "admin:tenants" });
@@ -459,7 +552,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const disabled = admitWith(getCurrentUser, `Bearer ${plain.token}`);
       if (db.name === "sqlite") expect(disabled.pending).toBeUndefined();
       await disabled.pending;
-      expect((disabled.state.admission!.refused as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
+      expect(((await disabled.result) as TesseraError).reason).toBe("PRINCIPAL_DISABLED");
       expect(disabled.state.principal).toBeNull();
     } finally {
       await admin.updateUser({ id: plain.id, disabled: false });
@@ -472,7 +565,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       const expired = admitWith(getCurrentUser, `Bearer ${adminToken}`);
       if (db.name === "sqlite") expect(expired.pending).toBeUndefined();
       await expired.pending;
-      expect((expired.state.admission!.refused as TesseraError).reason).toBe("TOKEN_EXPIRED");
+      expect(((await expired.result) as TesseraError).reason).toBe("TOKEN_EXPIRED");
     } finally {
       Date.now = now;
     }
@@ -483,8 +576,8 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
   let limited: App;
   let unlimited: App;
   const tokens = new Map<App, { pat: string; machine: string }>();
-  const getCurrentUser = authRuleFor(UserService.method.getCurrentUser);
-  const checkAuthentication = authRuleFor(MachineUserService.method.checkAuthentication);
+  const getCurrentUser = UserService.method.getCurrentUser;
+  const checkAuthentication = MachineUserService.method.checkAuthentication;
 
   async function seed(app: App) {
     const admin = (
@@ -518,9 +611,9 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
 
   /**
    * Admit `token` with `app`, recording for each call of its verifier's asynchronous
-   * `verify` whether hashing was refused there (the no-hashing scope of admission.ts).
+   * `verify` whether hashing was refused there (the no-hashing scope of src/admission/authenticate.ts).
    */
-  async function admitRecording(app: App, verifierName: string, rule: AuthRule, token: string) {
+  async function admitRecording(app: App, verifierName: string, method: DescMethod, token: string) {
     const verifier = app.authenticator.bearer.find((v) => v.name === verifierName)!;
     const scoped: boolean[] = [];
     const original = verifier.verify.bind(verifier);
@@ -532,13 +625,14 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     try {
       const pending = admit(
         app,
-        rule,
+        method,
         { get: (name) => (name === "authorization" ? `Bearer ${token}` : null) },
         state,
+        {},
       );
-      const synchronous = pending === undefined;
-      await pending;
-      return { state, scoped, synchronous };
+      const synchronous = !(pending instanceof Promise);
+      const result = await pending;
+      return { state, scoped, synchronous, result };
     } finally {
       spy.mockRestore();
     }
@@ -566,14 +660,16 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     async ({ verifier, rule, method, of }) => {
       const token = tokens.get(limited)![of];
       const first = await admitRecording(limited, verifier, rule(), token);
-      expect(first.state.admission).toEqual({});
+      expect(await first.result).toBeUndefined();
+      expect(first.state.admission).toBe("admitted");
       expect(first.state.principal).toMatchObject({ method });
       // First use: tried under the scope (hashing refused), then verified with PBKDF2 outside it.
       expect(first.scoped).toContain(true);
       expect(first.scoped.at(-1)).toBe(false);
 
       const again = await admitRecording(limited, verifier, rule(), token);
-      expect(again.state.admission).toEqual({});
+      expect(await again.result).toBeUndefined();
+      expect(again.state.admission).toBe("admitted");
       expect(again.state.principal).toMatchObject({ method });
       if (db.name === "sqlite") expect(again.scoped).toEqual([]);
       // PostgreSQL reads the row asynchronously: under the scope, and never hashing.
@@ -587,7 +683,8 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       const token = tokens.get(unlimited)![of];
       await admitRecording(unlimited, verifier, rule(), token);
       const again = await admitRecording(unlimited, verifier, rule(), token);
-      expect(again.state.admission).toEqual({});
+      expect(await again.result).toBeUndefined();
+      expect(again.state.admission).toBe("admitted");
       expect(again.state.principal).toMatchObject({ method });
       expect(again.synchronous).toBe(db.name === "sqlite");
       expect(again.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
@@ -602,10 +699,12 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       })
     ).accessToken;
     const first = await admitRecording(limited, "jwt", getCurrentUser, jwt);
-    expect(first.state.admission).toEqual({});
+    expect(await first.result).toBeUndefined();
+    expect(first.state.admission).toBe("admitted");
     expect(first.scoped).toEqual([false]);
     const again = await admitRecording(limited, "jwt", getCurrentUser, jwt);
-    expect(again.state.admission).toEqual({});
+    expect(await again.result).toBeUndefined();
+    expect(again.state.admission).toBe("admitted");
     expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
     // On PostgreSQL too: the user and session rows are in its state cache (pg-state.ts).
     expect(again.scoped).toEqual([]);
@@ -617,7 +716,7 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
     await clientFor(UserService, memoryTransport(limited)).logout({ refreshToken: login.refreshToken });
     const ended = await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
-    expect((ended.state.admission!.refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(((await ended.result) as TesseraError).reason).toBe("TOKEN_REVOKED");
     expect(ended.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
   });
 
@@ -636,7 +735,7 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       id: created.id,
     });
     const revoked = await admitRecording(limited, "api-token", getCurrentUser, created.token);
-    expect((revoked.state.admission!.refused as TesseraError).reason).toBe("TOKEN_REVOKED");
+    expect(((await revoked.result) as TesseraError).reason).toBe("TOKEN_REVOKED");
     expect(revoked.state.principal).toBeNull();
     if (db.name === "sqlite") expect(revoked.scoped).toEqual([]);
   });

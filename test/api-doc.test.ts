@@ -22,11 +22,11 @@ describe("docs/api.md", () => {
         expect(doc).toMatch(new RegExp(`^\\| \`${method.name}\` \\|`, "m"));
     }
     expect(doc).toMatch(
-      /^\| `ListUsers` \| `ListUsersRequest` → `ListUsersResponse` \| `admin:users` \| user, admin token \| no \|$/m,
+      /^\| `ListUsers` \| `ListUsersRequest` → `ListUsersResponse` \| `admin:users` \| user, admin token \| no \| no \|$/m,
     );
-    expect(doc).toMatch(/^\| `Login` \| `LoginRequest` → `LoginResponse` \| — \| any \| yes \|$/m);
+    expect(doc).toMatch(/^\| `Login` \| `LoginRequest` → `LoginResponse` \| — \| any \| yes \| yes \|$/m);
     expect(doc).toMatch(
-      /^\| `Watch` \| `HealthCheckRequest` → stream `HealthCheckResponse` \| — \| any \| yes \|$/m,
+      /^\| `Watch` \| `HealthCheckRequest` → stream `HealthCheckResponse` \| — \| any \| yes \| no \|$/m,
     );
   });
 

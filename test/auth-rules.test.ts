@@ -1,8 +1,10 @@
 import { getOption, hasOption } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
 import { auth } from "../gen/tessera/v1/options_pb.js";
+import { assertAuthRules, authRuleFor } from "../src/admission/auth-rule.js";
 import type { App } from "../src/app.js";
-import { assertAuthRules } from "../src/interceptors/auth-rule.js";
 import { createTestApp, SQLITE } from "./helpers.js";
 
 describe("auth rules in the proto", () => {
@@ -39,6 +41,27 @@ describe("auth rules in the proto", () => {
         }
       }
     }
+  });
+
+  it("audits exactly the RPCs the name rule it replaced audited: every one not named Get…, List… or Check…", () => {
+    // The rule `audit` replaced (src/interceptors/audit.ts until issue #19): nothing that
+    // was audited stops being so, and no read starts being written.
+    const byName = (name: string) => !/^(Get|List|Check)/.test(name);
+    const audited: string[] = [];
+    for (const service of app.services)
+      for (const method of service.methods) {
+        const name = `${service.typeName}/${method.name}`;
+        expect(authRuleFor(method).audit, name).toBe(byName(method.name));
+        if (authRuleFor(method).audit) audited.push(name);
+      }
+    expect(audited).toContain("tessera.v1.UserService/Login");
+    expect(audited).toContain("tessera.v1.MachineUserService/IssueAccessToken");
+    expect(audited).not.toContain("tessera.v1.MachineUserService/CheckAuthentication");
+  });
+
+  it("audits no call of the standard gRPC services (health, reflection): they change nothing", () => {
+    for (const service of [Health, ServerReflection])
+      for (const method of service.methods) expect(authRuleFor(method).audit).toBe(false);
   });
 
   it("refuses to start with a method that has no rule", () => {

@@ -50,7 +50,7 @@ export interface ClaimsLoader {
 }
 
 /**
- * The verifiers the authentication interceptor consults. Features register theirs at
+ * The verifiers admission consults (src/admission/). Features register theirs at
  * start-up (tokens, machine users, certificates); order matters only between verifiers
  * whose shapes could overlap, and none do.
  */

@@ -1,5 +1,5 @@
 /**
- * Scope matching shared by the server's authorization interceptor and the SDK's
+ * Scope matching shared by the server's admission (src/admission/) and the SDK's
  * `hasPermission` (one implementation, so client and server never disagree).
  *
  * A granted scope matches a required one when it is equal, when it is `ns:*` and the

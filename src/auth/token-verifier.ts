@@ -133,7 +133,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     name: "api-token",
     // The same steps as `verify`, for a token whose secret the cache already knows and whose
     // row is read synchronously (SQLite): decided without a promise, so that admission needs
-    // no no-hashing scope for it (src/admission.ts). Anything else: undefined, and `verify`.
+    // no no-hashing scope for it (src/admission/). Anything else: undefined, and `verify`.
     verifyNow(token: string, state: RequestState): Principal | null | undefined {
       const presented = ours(token);
       if (presented === null) return null;

@@ -14,7 +14,7 @@ import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { PrincipalKind } from "../../gen/tessera/v1/options_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { authRuleFor } from "../../src/interceptors/auth-rule.js";
+import { authRuleFor } from "../../src/admission/auth-rule.js";
 import { rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basic, bearerMachine, clients, short } from "../machine-fixtures.js";

@@ -12,11 +12,11 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tessera/v1/options.proto.
  */
 export const file_tessera_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("Chh0ZXNzZXJhL3YxL29wdGlvbnMucHJvdG8SCnRlc3NlcmEudjEiWQoIQXV0aFJ1bGUSDgoGcHVibGljGAEgASgIEg4KBnNjb3BlcxgCIAMoCRItCgpwcmluY2lwYWxzGAMgAygOMhkudGVzc2VyYS52MS5QcmluY2lwYWxLaW5kKqkBCg1QcmluY2lwYWxLaW5kEh4KGlBSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTUFJJTkNJUEFMX0tJTkRfVVNFUhABEh8KG1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACEh4KGlBSSU5DSVBBTF9LSU5EX0FETUlOX1RPS0VOEAMSHgoaUFJJTkNJUEFMX0tJTkRfTVRMU19DTElFTlQQBDpKCgRhdXRoEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMY0YYDIAEoCzIULnRlc3NlcmEudjEuQXV0aFJ1bGVSBGF1dGhiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("Chh0ZXNzZXJhL3YxL29wdGlvbnMucHJvdG8SCnRlc3NlcmEudjEiaAoIQXV0aFJ1bGUSDgoGcHVibGljGAEgASgIEg4KBnNjb3BlcxgCIAMoCRItCgpwcmluY2lwYWxzGAMgAygOMhkudGVzc2VyYS52MS5QcmluY2lwYWxLaW5kEg0KBWF1ZGl0GAQgASgIKqkBCg1QcmluY2lwYWxLaW5kEh4KGlBSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTUFJJTkNJUEFMX0tJTkRfVVNFUhABEh8KG1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACEh4KGlBSSU5DSVBBTF9LSU5EX0FETUlOX1RPS0VOEAMSHgoaUFJJTkNJUEFMX0tJTkRfTVRMU19DTElFTlQQBDpKCgRhdXRoEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMY0YYDIAEoCzIULnRlc3NlcmEudjEuQXV0aFJ1bGVSBGF1dGhiBnByb3RvMw", [file_google_protobuf_descriptor]);
 
 /**
  * The authentication and authorization rule of one RPC. Every RPC of every
- * tessera service carries one; the authorization interceptor reads it with
+ * tessera service carries one; admission (src/admission/) reads it with
  * getOption(method, auth) and refuses a method that has none.
  *
  * @generated from message tessera.v1.AuthRule
@@ -42,6 +42,14 @@ export type AuthRule = Message<"tessera.v1.AuthRule"> & {
    * @generated from field: repeated tessera.v1.PrincipalKind principals = 3;
    */
   principals: PrincipalKind[];
+
+  /**
+   * Every call is written to the audit log, admitted or refused (refusals by the per-IP
+   * rate limit excepted): set on every RPC that changes state, signs in or issues a credential.
+   *
+   * @generated from field: bool audit = 4;
+   */
+  audit: boolean;
 };
 
 /**

@@ -1,0 +1,234 @@
+import type { DescMethod } from "@bufbuild/protobuf";
+import type { Interceptor } from "@connectrpc/connect";
+import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
+import type { AuditLog } from "../audit.js";
+import type { Authenticator } from "../auth/authenticator.js";
+import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
+import { admits } from "../auth/principal.js";
+import { hasAllScopes } from "../auth/scopes.js";
+import { budgetKey } from "../client-ip.js";
+import { type RequestState, requestState } from "../context.js";
+import { TesseraError, wwwAuthenticate } from "../errors.js";
+import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import { auditCall, auditReason } from "./audit.js";
+import { authRuleFor } from "./auth-rule.js";
+import { authenticationRefusal, spendFailure } from "./authenticate.js";
+
+/**
+ * Admission: whether a call may enter its RPC at all. In order: the per-IP rate limit
+ * (every method), then, for methods that are not public, authentication (with the IP's
+ * failed-authentication budget, see authenticate.ts), the method's auth rule (principal
+ * kind, scopes) and the per-principal rate limit; a refusal of a call whose rule says
+ * `audit` is written to the audit log here (a refusal by the per-IP limit is not).
+ *
+ * {@link admit} is the one implementation. The HTTP layer calls it before Connect reads
+ * the request (server.ts), so a refused caller costs no body parsing; the
+ * {@link createAdmissionInterceptor admission interceptor} calls it for every other call
+ * (in-memory transports, streams) and finishes what the HTTP layer left: the
+ * authentication of an audited call, whose refusal is recorded with the call's target
+ * (the request's `id`), known only once the body is read. `RequestState.admission` says
+ * how far admission got, so that no check runs twice; it never holds a verdict.
+ */
+export interface AdmissionDeps {
+  authenticator: Authenticator;
+  /** When set: the per-IP and per-principal limits, failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
+  limits?: RateLimits | undefined;
+  audit: AuditLog;
+}
+
+/** The `message` of a call {@link admit} sees before its body is read (the HTTP layer's early admission). */
+export const BEFORE_BODY: unique symbol = Symbol("before the body");
+
+/**
+ * Run the admission checks of a call to `method` that have not run yet (see
+ * `RequestState.admission`). Sets `state.principal` once authenticated.
+ *
+ * `message`: the request (undefined for a stream), or {@link BEFORE_BODY} when the body is
+ * not read yet; an audited method's authentication then waits for it (it is not run, and
+ * undefined is returned with `state.admission` at "counted").
+ * @returns the refusal, or undefined to go on; synchronously when decided without
+ *   awaiting (rate limits off, a token verified before whose state is read synchronously),
+ *   else a promise that never rejects.
+ */
+export function admit(
+  deps: AdmissionDeps,
+  method: DescMethod,
+  headers: HeaderSource,
+  state: RequestState,
+  message: unknown,
+): unknown {
+  let rule: AuthRule;
+  try {
+    rule = authRuleFor(method);
+  } catch (err) {
+    return err;
+  }
+  if (state.admission === undefined) {
+    if (deps.limits !== undefined) return counted(deps, deps.limits, method, rule, headers, state, message);
+    state.admission = "counted";
+  }
+  return afterCount(deps, method, rule, headers, state, message);
+}
+
+/** The per-IP limit, then the rest. */
+async function counted(
+  deps: AdmissionDeps,
+  limits: RateLimits,
+  method: DescMethod,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+  message: unknown,
+): Promise<unknown> {
+  try {
+    const result = await limits.perIp.consume(budgetKey(state.ip));
+    // Refused by the per-IP limit: never audited (a flood must not become a flood of writes).
+    if (!result.allowed) return rateLimitedError(result);
+    state.responseHeaders = rateLimitHeaders(result);
+  } catch (err) {
+    return err;
+  }
+  state.admission = "counted";
+  return afterCount(deps, method, rule, headers, state, message);
+}
+
+/** Authentication and authorization, once the per-IP limit has counted the call. */
+function afterCount(
+  deps: AdmissionDeps,
+  method: DescMethod,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+  message: unknown,
+): unknown {
+  if (rule.public) {
+    state.admission = "admitted";
+    return undefined;
+  }
+  // An audited call's refusal is recorded with its target: left for when the body is read.
+  if (rule.audit && message === BEFORE_BODY) return undefined;
+  const refusal = authenticateAndAuthorize(deps, rule, headers, state);
+  if (refusal instanceof Promise)
+    return refusal.then((r: unknown) => settled(deps, method, rule, state, message, r));
+  return settled(deps, method, rule, state, message, refusal);
+}
+
+/** Record how far admission got, and audit the refusal of an audited call. */
+function settled(
+  deps: AdmissionDeps,
+  method: DescMethod,
+  rule: AuthRule,
+  state: RequestState,
+  message: unknown,
+  refusal: unknown,
+): unknown {
+  if (refusal === undefined) {
+    state.admission = "admitted";
+    return undefined;
+  }
+  state.admission = "refused";
+  if (rule.audit) auditCall(deps.audit, state, method, message, "failure", auditReason(refusal));
+  return refusal;
+}
+
+/**
+ * Authenticate, then authorize. First synchronously, without I/O or awaiting, where the
+ * authenticator can tell (`Authenticator.authenticateNow`: a token verified before, its
+ * subject's row read synchronously): an accepted call with a token seen before is the
+ * common case, and each async frame costs a promise and a microtask turn. Otherwise the
+ * asynchronous path (authenticate.ts), from the first verifier that could not tell.
+ * @returns the refusal or undefined, or a promise of either that never rejects
+ */
+function authenticateAndAuthorize(
+  deps: AdmissionDeps,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+): unknown {
+  const { authenticator, limits } = deps;
+  let credential: PresentedCredential | null;
+  let from = 0;
+  try {
+    credential = parseCredentials(headers);
+    if (credential?.type === "bearer") {
+      // A token already refused (a replayed forgery) is refused without any throw.
+      const known = authenticator.knownRefusal(credential);
+      if (known !== undefined) return limits ? spendFailure(limits, state, known) : known;
+      const now = authenticator.authenticateNow(credential, state);
+      if (typeof now !== "number") {
+        state.principal = now;
+        return authorize(rule, state, limits);
+      }
+      from = now;
+    }
+  } catch (err) {
+    return limits ? spendFailure(limits, state, err) : err;
+  }
+  return authenticationRefusal(deps, credential, state, from).then((refusal) =>
+    refusal === undefined ? authorize(rule, state, limits) : refusal,
+  );
+}
+
+/**
+ * Authorize the authenticated caller for a method with `rule`: its kind must be one the
+ * rule admits and its scopes must cover every scope the rule requires; then the
+ * per-principal rate limit counts the call.
+ * @returns the refusal (PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED, RATE_LIMITED) or undefined,
+ *   or a promise of either when the per-principal limit is counted
+ */
+function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | undefined): unknown {
+  const principal = state.principal!;
+  if (!rule.principals.some((kind) => admits(kind, principal))) {
+    return new TesseraError(
+      "PRINCIPAL_NOT_ALLOWED",
+      `this method is not available to ${principal.kind} principals`,
+    );
+  }
+  if (!hasAllScopes(principal.scopes, rule.scopes)) {
+    return new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
+      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
+      metadata: { required_scopes: rule.scopes.join(" ") },
+    });
+  }
+  return limits === undefined ? undefined : countPrincipal(limits, state, principal.kind, principal.id);
+}
+
+/** The per-principal limit. */
+async function countPrincipal(
+  limits: RateLimits,
+  state: RequestState,
+  kind: string,
+  id: string,
+): Promise<unknown> {
+  try {
+    const result = await limits.perPrincipal.consume(`${kind}:${id}`);
+    if (!result.allowed) return rateLimitedError(result);
+    // The tighter of the two limits is the one a client should pace itself by.
+    const current = state.responseHeaders;
+    if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
+      state.responseHeaders = rateLimitHeaders(result);
+    return undefined;
+  } catch (err) {
+    return err;
+  }
+}
+
+/**
+ * The one interceptor of admission, for every transport (connectNodeAdapter, the
+ * in-memory router transport, and the calls the HTTP layer did not admit before their
+ * body: see {@link admit}). A call already admitted passes straight on; otherwise
+ * {@link admit} runs what is left, and a refusal is thrown.
+ */
+export function createAdmissionInterceptor(deps: AdmissionDeps): Interceptor {
+  return (next) => (req) => {
+    const state = requestState(req.contextValues);
+    if (state.admission === "admitted") return next(req);
+    const refusal = admit(deps, req.method, req.header, state, req.stream ? undefined : req.message);
+    if (refusal === undefined) return next(req);
+    if (refusal instanceof Promise)
+      return refusal.then((r: unknown) => (r === undefined ? next(req) : Promise.reject(r)));
+    return Promise.reject(refusal);
+  };
+}
+
+export { assertAuthRules, authRuleFor } from "./auth-rule.js";
