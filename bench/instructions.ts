@@ -24,7 +24,6 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -238,16 +237,4 @@ function compiledLauncher(buildDir: string): Launcher {
     args: (entry) => [join(dist, entry.replace(/\.ts$/, ".js"))],
     cwd: buildDir,
   };
-}
-
-/** A TCP port free on loopback now. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once("error", reject);
-    probe.listen(0, "127.0.0.1", () => {
-      const { port } = probe.address() as import("node:net").AddressInfo;
-      probe.close(() => resolve(port));
-    });
-  });
 }
