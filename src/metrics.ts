@@ -89,6 +89,38 @@ interface CallChildren {
   duration: { observe(value: number): void };
 }
 
+/**
+ * A metric read when scraped (prom-client `collect()`): a gauge set to `read()`, or a
+ * counter that shows `read()`, a total the component keeps anyway. Costs nothing between scrapes.
+ */
+function scraped(
+  registry: Registry,
+  kind: "gauge" | "counter",
+  name: string,
+  help: string,
+  read: () => number,
+): void {
+  if (kind === "gauge")
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read());
+      },
+    });
+  else
+    new Counter({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(read());
+      },
+    });
+}
+
 /** Create the registry and every metric of a Tessera app. */
 export function createMetrics(sources: MetricsSources): Metrics {
   const registry = new Registry();
@@ -143,24 +175,9 @@ export function createMetrics(sources: MetricsSources): Metrics {
 
   // The PBKDF2 pool (auth/hash-pool.ts): one per process, read when scraped.
   const poolGauge = (name: string, help: string, read: () => number) =>
-    new Gauge({
-      name,
-      help,
-      registers: [registry],
-      collect() {
-        this.set(read());
-      },
-    });
+    scraped(registry, "gauge", name, help, read);
   const poolCounter = (name: string, help: string, read: () => number) =>
-    new Counter({
-      name,
-      help,
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc(read());
-      },
-    });
+    scraped(registry, "counter", name, help, read);
   poolGauge("tessera_hash_pool_running", "PBKDF2 hashes running now.", () => hashPool().stats().running);
   poolGauge(
     "tessera_hash_pool_queued",
@@ -239,28 +256,7 @@ export function createMetrics(sources: MetricsSources): Metrics {
       name: string,
       help: string,
       key: keyof SecretCacheStats,
-    ) => {
-      const read = () => secrets.stats()[key];
-      if (kind === "gauge")
-        new Gauge({
-          name,
-          help,
-          registers: [registry],
-          collect() {
-            this.set(read());
-          },
-        });
-      else
-        new Counter({
-          name,
-          help,
-          registers: [registry],
-          collect() {
-            this.reset();
-            this.inc(read());
-          },
-        });
-    };
+    ) => scraped(registry, kind, name, help, () => secrets.stats()[key]);
     secretMetric(
       "counter",
       "tessera_secret_cache_hits_total",
@@ -320,27 +316,7 @@ export function createMetrics(sources: MetricsSources): Metrics {
     help: string,
     key: keyof AuditStats,
   ) => {
-    if (stats === undefined) return;
-    const read = () => stats()[key];
-    if (kind === "gauge")
-      new Gauge({
-        name,
-        help,
-        registers: [registry],
-        collect() {
-          this.set(read());
-        },
-      });
-    else
-      new Counter({
-        name,
-        help,
-        registers: [registry],
-        collect() {
-          this.reset();
-          this.inc(read());
-        },
-      });
+    if (stats !== undefined) scraped(registry, kind, name, help, () => stats()[key]);
   };
   const auditStats = () => sources.audit.stats();
   const auditMetric = (kind: "gauge" | "counter", name: string, help: string, key: keyof AuditStats) =>
@@ -381,15 +357,13 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "dropped",
   );
 
-  new Counter({
-    name: "tessera_access_log_dropped_total",
-    help: "Access log lines lost because stderr was not read fast enough (the access log's memory buffer was full).",
-    registers: [registry],
-    collect() {
-      this.reset();
-      this.inc(accessLogStats.dropped);
-    },
-  });
+  scraped(
+    registry,
+    "counter",
+    "tessera_access_log_dropped_total",
+    "Access log lines lost because stderr was not read fast enough (the access log's memory buffer was full).",
+    () => accessLogStats.dropped,
+  );
 
   // The database connection pool (knex's tarn pool under MikroORM).
   const dbPool = new Gauge({
