@@ -261,3 +261,31 @@ describe("the tessera CLI and an expiring session", () => {
     expect(statSync(file).mode & 0o777).toBe(0o600);
   });
 });
+
+describe("the tessera CLI against a rate-limited server", () => {
+  it("exits 7 and prints the server's Retry-After once the per-IP limit is spent", async () => {
+    const ts = await startTestServer(SQLITE, { rateLimit: { enabled: true, perIpPerMinute: 3 } });
+    try {
+      const env = {
+        HOME: mkdtempSync(join(tmpdir(), "tessera-cli-home-")),
+        TESSERA_SERVER: `127.0.0.1:${ts.server.port}`,
+        TESSERA_CERT_FOLDER: ts.certs.clientDir,
+        // Any token: the per-IP limit refuses before authentication once spent.
+        TESSERA_TOKEN: "not-a-token",
+      };
+      const results: CliResult[] = [];
+      for (let i = 0; i < 5; i++) results.push(await runCli(["whoami"], env));
+      // The first three are counted and refused as unauthenticated (3); then the limit answers.
+      expect(results.slice(0, 3).map((r) => r.code)).toEqual([3, 3, 3]);
+      const limited = results[3]!;
+      expect(limited.code, limited.stderr).toBe(7);
+      expect(limited.stderr).toContain("RATE_LIMITED");
+      const retryAfter = /Retry-After: (\d+)/.exec(limited.stderr);
+      expect(retryAfter, limited.stderr).not.toBeNull();
+      expect(Number(retryAfter![1])).toBeGreaterThan(0);
+      expect(Number(retryAfter![1])).toBeLessThanOrEqual(60);
+    } finally {
+      await ts.close();
+    }
+  });
+});
