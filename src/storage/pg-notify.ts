@@ -190,6 +190,11 @@ export class PgNotifier {
     if (this.client) this.lost(this.client, new Error(reason));
   }
 
+  /** Whether {@link close} was called: it never listens again. */
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);

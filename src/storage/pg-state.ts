@@ -261,6 +261,8 @@ export class PgStateCache {
   /** The next trigger check in `ms` (unref'd: it never keeps the process alive). */
   private schedule(ms: number, periodic: boolean): void {
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    // A closed app's cache checks nothing more (its pool is gone too).
+    if (this.notifier.isClosed) return;
     this.retryTimer = setTimeout(() => void this.checkTriggers(periodic), ms);
     this.retryTimer.unref();
   }
