@@ -32,7 +32,7 @@ import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
 import { runH2load } from "./h2load.js";
-import { procThreadCpuMs, startServerProcess } from "./processes.js";
+import { benchServerEnv, procThreadCpuMs, startServerProcess } from "./processes.js";
 
 const { values: flags } = parseArgs({
   options: {
@@ -78,37 +78,24 @@ const tls = { ca: readFileSync(join(certDir, "ca.crt")) };
 const dataDir = join(work, "data");
 mkdirSync(dataDir, { recursive: true });
 const adminPassword = randomBytes(18).toString("base64url");
-const env: NodeJS.ProcessEnv = Object.fromEntries(
-  Object.entries(process.env).filter(([k]) => !k.startsWith("TESSERA_")),
+const env = benchServerEnv(
+  { dataDir, certDir, adminPassword },
+  {
+    TESSERA_JWT_SECRET: randomBytes(32).toString("base64url"),
+    TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
+    TESSERA_RATE_LIMIT_PER_IP: "1000000000",
+    TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
+    // server.transport; a checkout from before the key ignores it.
+    ...(flags.transport ? { TESSERA_TRANSPORT: flags.transport } : {}),
+    // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
+    // costs minutes; a token's hash is checked once, so fewer iterations change no request.
+    ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
+    // A setting to compare (`--env TESSERA_LOG_ACCESS=off`): the same checkout with and without it.
+    ...Object.fromEntries(
+      (flags.env ?? []).map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
+    ),
+  },
 );
-Object.assign(env, {
-  TESSERA_HOST: "127.0.0.1",
-  TESSERA_PORT: "0",
-  TESSERA_DATABASE_URL: `sqlite:${join(dataDir, "tessera.db")}`,
-  TESSERA_CERT_DIR: certDir,
-  TESSERA_ADMIN_PASSWORD: adminPassword,
-  TESSERA_JWT_SECRET: randomBytes(32).toString("base64url"),
-  TESSERA_ACCESS_TOKEN_TTL: "7200",
-  TESSERA_RATE_LIMIT: flags.limits ? "true" : "false",
-  TESSERA_RATE_LIMIT_PER_IP: "1000000000",
-  TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
-  // A free port: the default 9464 may be taken by another server on the machine.
-  TESSERA_METRICS_LISTEN: "127.0.0.1:0",
-  // server.transport; a checkout from before the key ignores it.
-  ...(flags.transport ? { TESSERA_TRANSPORT: flags.transport } : {}),
-  // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
-  // costs minutes; a token's hash is checked once, so fewer iterations change no request.
-  ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
-  // Hashing at the event loop's priority, without a deadline (as bench/run.ts serves every
-  // scenario but the flood): valgrind runs one thread at a time, and a hash thread at nice 19
-  // holding that turn on a busy machine stalled the server's start past 15 minutes.
-  TESSERA_HASH_NICE: "0",
-  TESSERA_HASH_DEADLINE_MS: "0",
-  // A setting to compare (`--env TESSERA_LOG_ACCESS=off`): the same checkout with and without it.
-  ...Object.fromEntries(
-    (flags.env ?? []).map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
-  ),
-});
 const entry = launcher.args("src/main.ts");
 const [command, args] =
   tool === "callgrind"

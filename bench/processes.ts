@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { join } from "node:path";
 
 /** A server the bench started as a child process. */
 export interface ServerProcess {
@@ -28,6 +29,39 @@ export interface StartOptions {
   timeoutMs?: number;
   /** CPU list (taskset syntax) the process and all its threads are confined to. */
   cpus?: string | undefined;
+}
+
+/**
+ * The environment of a measured Tessera server: the caller's without any TESSERA_* setting
+ * (none leaks into the measurement), then what every bench server shares (loopback, a free
+ * port and metrics port, SQLite in `dataDir`, access tokens valid 2 h, hashing at nice 0
+ * without a deadline unless `hashDefaults`), then `extra`.
+ */
+export function benchServerEnv(
+  settings: { dataDir: string; certDir: string; adminPassword: string; hashDefaults?: boolean },
+  extra: Record<string, string>,
+): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith("TESSERA_")),
+  );
+  return Object.assign(env, {
+    TESSERA_HOST: "127.0.0.1",
+    TESSERA_PORT: "0",
+    TESSERA_DATABASE_URL: `sqlite:${join(settings.dataDir, "tessera.db")}`,
+    TESSERA_CERT_DIR: settings.certDir,
+    TESSERA_ADMIN_PASSWORD: settings.adminPassword,
+    TESSERA_RATE_LIMIT: "false",
+    TESSERA_ACCESS_TOKEN_TTL: "7200",
+    // A free port each: several servers run at once here (and other runs on the machine).
+    TESSERA_METRICS_LISTEN: "127.0.0.1:0",
+    // Hashing at the event loop's priority, without a deadline, except where a scenario
+    // measures the defaults (the flood): seeding must not depend on what else loads the
+    // machine (at nice 19 with a deadline, hashes on a busy machine are refused with 503, by
+    // design), and under valgrind, which runs one thread at a time, a nice-19 hash thread
+    // holding that turn stalled a server's start past 15 minutes.
+    ...(settings.hashDefaults ? {} : { TESSERA_HASH_NICE: "0", TESSERA_HASH_DEADLINE_MS: "0" }),
+    ...extra,
+  });
 }
 
 /** A /proc/<pid>/status field in KiB (Linux), or NaN. */

@@ -40,6 +40,7 @@ import { grpcFrame } from "./fixtures.js";
 import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
 import { runNodeLoad } from "./node-load.js";
 import {
+  benchServerEnv,
   machineCpuMs,
   procCpuMs,
   procThreadCpuMs,
@@ -436,27 +437,10 @@ async function startTessera(
 ): Promise<ServerProcess> {
   const dataDir = join(work, `data-${name}`);
   mkdirSync(dataDir, { recursive: true });
-  // A clean environment: no TESSERA_* setting of the caller leaks into the measured server.
-  const env: NodeJS.ProcessEnv = Object.fromEntries(
-    Object.entries(process.env).filter(([k]) => !k.startsWith("TESSERA_")),
+  const env = benchServerEnv(
+    { dataDir, certDir, adminPassword, ...(options.hashDefaults ? { hashDefaults: true } : {}) },
+    extraEnv,
   );
-  Object.assign(env, {
-    TESSERA_HOST: "127.0.0.1",
-    TESSERA_PORT: "0",
-    TESSERA_DATABASE_URL: `sqlite:${join(dataDir, "tessera.db")}`,
-    TESSERA_CERT_DIR: certDir,
-    TESSERA_ADMIN_PASSWORD: adminPassword,
-    TESSERA_RATE_LIMIT: "false",
-    TESSERA_ACCESS_TOKEN_TTL: "7200",
-    // A free port each: several servers run at once here (and other runs on the machine).
-    TESSERA_METRICS_LISTEN: "127.0.0.1:0",
-    // Hashing at the event loop's priority, without a deadline, except where a scenario
-    // measures the defaults (the flood): the login scenario compares Login with raw PBKDF2 at
-    // nice 0, and seeding must not depend on what else loads the machine. At nice 19 with
-    // a deadline, hashes on a machine busy with other work are refused (503), by design.
-    ...(options.hashDefaults ? {} : { TESSERA_HASH_NICE: "0", TESSERA_HASH_DEADLINE_MS: "0" }),
-    ...extraEnv,
-  });
   const server = await startServerProcess({
     name: `tessera-${name}`,
     command: launcher.command,
