@@ -1,5 +1,6 @@
-// Renders docs/configuration.md from CONFIG_REFERENCE (src/config.ts), the single source
-// of configuration keys. Run with `npm run docs`; test/config.test.ts fails on drift.
+// Renders docs/configuration.md from CONFIG_REFERENCE, which src/config.ts reads off the zod
+// schema (each key's variable and meaning are registered on it in src/config/). Run with
+// `npm run docs`; test/config.test.ts fails on drift.
 import { writeFileSync } from "node:fs";
 import { CONFIG_REFERENCE } from "../src/config.js";
 
@@ -23,7 +24,7 @@ export function renderConfigDoc(): string {
     "| --- | --- | --- | --- |",
     ...rows,
     "",
-    "Generated from `src/config.ts` by `npm run docs`.",
+    "Generated from the configuration schema (`src/config/`) by `npm run docs`.",
     "",
   ].join("\n");
 }

@@ -1,0 +1,240 @@
+// The keys that decide who may call: the bootstrap admin, JWT signing and its key rotation,
+// credential formats and caches, password hashing, and the master key sealing signing keys.
+import { z } from "zod";
+import { configKeys } from "./key-docs.js";
+
+const seconds = z.number().int().positive();
+
+/** `admin.*`: the bootstrap admin and the static superuser token. */
+export const adminSchema = z
+  .object({
+    username: z.string().min(1).default("admin").register(configKeys, {
+      env: "TESSERA_ADMIN_USERNAME",
+      description: "Username of the bootstrap admin.",
+    }),
+    password: z
+      .string()
+      .min(12, "admin.password must be at least 12 characters")
+      .optional()
+      .register(configKeys, {
+        env: "TESSERA_ADMIN_PASSWORD",
+        description: "Password of the bootstrap admin when it is first created.",
+        shownDefault: "(generated, printed once)",
+      }),
+    token: z
+      .string()
+      .min(32, "admin.token (TESSERA_ADMIN_TOKEN) must be at least 32 characters")
+      .optional()
+      .register(configKeys, {
+        env: "TESSERA_ADMIN_TOKEN",
+        description:
+          "Static superuser bearer token, at least 32 characters; compared as SHA-256 in constant time.",
+      }),
+  })
+  .strict()
+  .prefault({});
+
+const jwtSchema = z
+  .object({
+    secret: z
+      .string()
+      .min(32, "auth.jwt.secret (TESSERA_JWT_SECRET) must be at least 32 characters")
+      .optional()
+      .register(configKeys, {
+        env: "TESSERA_JWT_SECRET",
+        description:
+          "HS256 signing secret (at least 32 characters). Unset: asymmetric keys generated and served at /.well-known/jwks.json.",
+      }),
+    algorithm: z.enum(["EdDSA", "ES256"]).default("EdDSA").register(configKeys, {
+      env: "TESSERA_JWT_ALGORITHM",
+      description: "Asymmetric algorithm when no secret is set: EdDSA or ES256.",
+    }),
+    issuer: z.string().min(1).default("tessera").register(configKeys, {
+      env: "TESSERA_JWT_ISSUER",
+      description: "iss claim of issued tokens, checked on verification.",
+    }),
+    audience: z.string().min(1).default("tessera").register(configKeys, {
+      env: "TESSERA_JWT_AUDIENCE",
+      description: "aud claim of issued tokens, checked on verification.",
+    }),
+    accessTokenTtl: seconds.default(900).register(configKeys, {
+      env: "TESSERA_ACCESS_TOKEN_TTL",
+      description: "Access token lifetime in seconds.",
+    }),
+    refreshTokenTtl: seconds.default(30 * 24 * 3600).register(configKeys, {
+      env: "TESSERA_REFRESH_TOKEN_TTL",
+      description: "Refresh token lifetime in seconds.",
+    }),
+    clockSkew: z.number().int().min(0).max(300).default(30).register(configKeys, {
+      env: "TESSERA_JWT_CLOCK_SKEW",
+      description:
+        "Tolerated clock skew in seconds for nbf/iat of access tokens (a token minted by an instance whose clock runs ahead is not refused as not yet valid). Never added to an expiry Tessera set: exp, grace periods and token lifetimes end exactly.",
+    }),
+    keyRotationInterval: seconds.default(30 * 24 * 3600).register(configKeys, {
+      env: "TESSERA_JWT_KEY_ROTATION_INTERVAL",
+      description:
+        "Seconds each signing key signs before the next one takes over, checked while running (by exactly one instance of a fleet); retired keys stay published and verify until every token they signed has expired.",
+    }),
+    // Unset: DEFAULT_KEY_PRE_PUBLICATION, at most half the rotation interval (see keyPrePublicationSeconds).
+    keyPrePublication: z.number().int().min(0).optional().register(configKeys, {
+      env: "TESSERA_JWT_KEY_PRE_PUBLICATION",
+      description:
+        "Seconds a new signing key is published in the JWKS of every instance before it signs anything (longer than relying parties cache the JWKS); 0 activates it at once.",
+      shownDefault: "3600 (at most half of auth.jwt.keyRotationInterval)",
+    }),
+    keyRefreshMs: z.number().int().min(10).max(60_000).default(500).register(configKeys, {
+      env: "TESSERA_JWT_KEY_REFRESH_MS",
+      description:
+        "How often (ms) each instance re-reads the signing keys from the database (one small query): the bound on how long a key another instance created stays unknown here.",
+    }),
+  })
+  .strict()
+  .superRefine((jwt, ctx) => {
+    const pre = jwt.keyPrePublication;
+    if (pre === undefined) return;
+    if (pre >= jwt.keyRotationInterval)
+      ctx.addIssue({
+        code: "custom",
+        path: ["keyPrePublication"],
+        message: `auth.jwt.keyPrePublication (${pre} s) must be shorter than auth.jwt.keyRotationInterval (${jwt.keyRotationInterval} s)`,
+      });
+    else if (pre > 0 && pre * 1000 < 2 * jwt.keyRefreshMs)
+      ctx.addIssue({
+        code: "custom",
+        path: ["keyPrePublication"],
+        message: `auth.jwt.keyPrePublication (${pre} s) must be at least twice auth.jwt.keyRefreshMs (${jwt.keyRefreshMs} ms), so every instance learns a key before it signs`,
+      });
+  })
+  .prefault({});
+
+const tokenPrefix = z.string().regex(/^[a-z0-9_]{2,16}_$/);
+
+const tokensSchema = z
+  .object({
+    patPrefix: tokenPrefix
+      .default("tsr_pat_")
+      .register(configKeys, { env: "TESSERA_PAT_PREFIX", description: "Prefix of personal access tokens." }),
+    apiKeyPrefix: tokenPrefix
+      .default("tsr_key_")
+      .register(configKeys, { env: "TESSERA_API_KEY_PREFIX", description: "Prefix of API keys." }),
+    machinePrefix: tokenPrefix.default("tsr_mu_").register(configKeys, {
+      env: "TESSERA_MACHINE_TOKEN_PREFIX",
+      description: "Prefix of machine-user bearer tokens.",
+    }),
+    lastUsedFlushSeconds: z.number().int().min(1).max(60).default(15).register(configKeys, {
+      env: "TESSERA_LAST_USED_FLUSH_SECONDS",
+      description: "How often last-used times are written (at most 60).",
+    }),
+    cacheMaxBytes: z
+      .number()
+      .int()
+      .positive()
+      .default(64 * 1024 * 1024)
+      .register(configKeys, {
+        env: "TESSERA_TOKEN_CACHE_MAX_BYTES",
+        description:
+          "Heap bytes of the in-process cache of verified secrets (tokens, API keys, machine credentials, Basic passwords) that spares PBKDF2 on re-use: an entry is counted as 160 bytes (131–155 measured), so 64 MiB hold about 420,000 credentials and 1,000,000 need about 153 MiB. Least recently used entries go first.",
+        shownDefault: "67108864 (64 MiB)",
+      }),
+    // Unset: the memory bound alone decides (cacheMaxBytes).
+    cacheSize: z.number().int().positive().optional().register(configKeys, {
+      env: "TESSERA_TOKEN_CACHE_SIZE",
+      description:
+        "At most this many entries in that cache as well; unset, auth.tokens.cacheMaxBytes alone bounds it.",
+    }),
+    sharedDigests: z.boolean().default(true).register(configKeys, {
+      env: "TESSERA_TOKEN_SHARED_DIGESTS",
+      description:
+        "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords.",
+    }),
+  })
+  .strict()
+  .prefault({});
+
+/** A master key: the base64 of 32 random bytes. */
+const MASTER_KEY = /^[A-Za-z0-9+/_-]{43}=?$/;
+
+/** `auth.*`: signing, credentials, hashing and the master key. */
+export const authSchema = z
+  .object({
+    jwt: jwtSchema,
+    basic: z
+      .object({
+        enabled: z.boolean().default(true).register(configKeys, {
+          env: "TESSERA_BASIC_AUTH",
+          description: "Accept Authorization: Basic for users.",
+        }),
+      })
+      .strict()
+      .prefault({}),
+    tokens: tokensSchema,
+    passwordIterations: z.number().int().min(1000).default(600_000).register(configKeys, {
+      env: "TESSERA_PASSWORD_ITERATIONS",
+      description: "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
+    }),
+    hashConcurrency: z.number().int().positive().optional().register(configKeys, {
+      env: "TESSERA_HASH_CONCURRENCY",
+      description:
+        "PBKDF2 hashes computed at once (password checks, new secrets); the rest of the cores are left to serving requests.",
+      shownDefault: "(cores − 1, at least 1)",
+    }),
+    hashQueue: z.number().int().min(0).optional().register(configKeys, {
+      env: "TESSERA_HASH_QUEUE",
+      description:
+        "PBKDF2 hashes waiting for a slot; past it a password check is refused at once with Unavailable and Retry-After.",
+      shownDefault: "(4 × hashConcurrency)",
+    }),
+    hashNice: z.number().int().min(0).max(19).default(19).register(configKeys, {
+      env: "TESSERA_HASH_NICE",
+      description:
+        "Nice value (0–19) the PBKDF2 threads give themselves (Linux): at 19 hashing only gets CPU that serving requests leaves, so a flood of wrong passwords cannot starve authenticated calls. 0 hashes at the event loop's priority.",
+    }),
+    hashDeadlineMs: z.number().int().min(0).default(900).register(configKeys, {
+      env: "TESSERA_HASH_DEADLINE_MS",
+      description:
+        "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
+    }),
+    masterKey: z
+      .string()
+      .regex(
+        MASTER_KEY,
+        "auth.masterKey (TESSERA_MASTER_KEY) must be the base64 of 32 random bytes (openssl rand -base64 32)",
+      )
+      .optional()
+      .register(configKeys, {
+        env: "TESSERA_MASTER_KEY",
+        description:
+          "Base64 of 32 random bytes: the key-encryption key sealing private signing keys in the database (AES-256-GCM). Unset with SQLite: <database folder>/master.key, generated 0600 on first start. Required with PostgreSQL (or masterKeyFile).",
+      }),
+    masterKeyFile: z.string().min(1).optional().register(configKeys, {
+      env: "TESSERA_MASTER_KEY_FILE",
+      description: "File holding the master key (base64 of 32 bytes), instead of auth.masterKey.",
+    }),
+    previousMasterKeys: z
+      .array(
+        z
+          .string()
+          .regex(
+            MASTER_KEY,
+            "auth.previousMasterKeys (TESSERA_PREVIOUS_MASTER_KEYS) must each be the base64 of 32 bytes",
+          ),
+      )
+      .default([])
+      .register(configKeys, {
+        env: "TESSERA_PREVIOUS_MASTER_KEYS",
+        description:
+          "Comma-separated master keys being rotated out: signing keys sealed with one are resealed under the current master key at start. Drop them once every instance runs with the new key.",
+      }),
+    maxTokenTtl: seconds.default(24 * 3600).register(configKeys, {
+      env: "TESSERA_MAX_TOKEN_TTL",
+      description:
+        "Cap in seconds on the lifetime of every access JWT minted (configured lifetime, machine tokens, rotation grace periods). PATs and API keys are checked on every use and revocable at once, so their expires_at is not capped.",
+    }),
+    sessionPruneInterval: z.number().int().min(0).default(3600).register(configKeys, {
+      env: "TESSERA_SESSION_PRUNE_INTERVAL",
+      description:
+        "Seconds between prunings of ended sessions: a session revoked, or whose last refresh token expired, longer ago than the refresh-token lifetime (and never less than auth.maxTokenTtl + auth.jwt.clockSkew, so none of its access tokens can still verify) is deleted with its refresh tokens, in batches. 0: never.",
+    }),
+  })
+  .strict()
+  .prefault({});

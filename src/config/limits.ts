@@ -1,0 +1,62 @@
+// The rate limits: request budgets, the brute-force lockouts, and the Redis that shares them
+// between instances.
+import { z } from "zod";
+import { configKeys } from "./key-docs.js";
+
+const seconds = z.number().int().positive();
+
+/** `rateLimit.*`: per-IP and per-principal budgets, failed-login lockouts, Redis. */
+export const rateLimitSchema = z
+  .object({
+    enabled: z
+      .boolean()
+      .default(true)
+      .register(configKeys, { env: "TESSERA_RATE_LIMIT", description: "Enforce rate limits." }),
+    perIpPerMinute: z.number().int().positive().default(600).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_PER_IP",
+      description: "Requests per minute per client IP.",
+    }),
+    perPrincipalPerMinute: z.number().int().positive().default(1200).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_PER_PRINCIPAL",
+      description: "Requests per minute per authenticated principal.",
+    }),
+    authFailuresPerIpPerMinute: z.number().int().positive().default(20).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_AUTH_FAILURES",
+      description:
+        "Failed logins/credentials per minute per IP before refusing. Budget is reserved before a password is verified and refunded on success.",
+    }),
+    authFailuresPerUsernamePerHour: z.number().int().positive().default(100).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
+      description:
+        "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends.",
+    }),
+    authFailuresPerUsernamePerIp: z.number().int().positive().default(5).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",
+      description:
+        "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
+    }),
+    credentialCreationsPerHour: z.number().int().positive().default(60).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_CREDENTIAL_CREATIONS",
+      description:
+        "Personal access tokens, API keys and machine-user credentials (creation and rotation) one principal may create per hour; each costs a PBKDF2.",
+    }),
+    lockoutSeconds: seconds.default(60).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_LOCKOUT_SECONDS",
+      description: "First lockout of an IP from a username; each further lockout within a day doubles it.",
+    }),
+    maxLockoutSeconds: seconds.default(3600).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_MAX_LOCKOUT_SECONDS",
+      description: "Longest lockout of an IP from a username.",
+    }),
+    redisUrl: z.string().optional().register(configKeys, {
+      env: "TESSERA_REDIS_URL",
+      description: "redis://… to share rate limits between instances.",
+    }),
+    redisTimeoutMs: z.number().int().positive().max(10_000).default(50).register(configKeys, {
+      env: "TESSERA_REDIS_TIMEOUT_MS",
+      description:
+        "Deadline in milliseconds of every Redis call; past it (or with Redis down) limits fall back to per-instance counting, and Redis is tried again at most once a second.",
+    }),
+  })
+  .strict()
+  .prefault({});
