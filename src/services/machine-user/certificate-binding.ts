@@ -1,0 +1,168 @@
+// Certificate bindings: which client certificate identifies a machine user, and when a bind
+// proves possession of it (a proven bind may displace another tenant's unproven squatter).
+import { randomUUID } from "node:crypto";
+import type { ServiceImpl } from "@connectrpc/connect";
+import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { type RequestState, requestState } from "../../context.js";
+import { errors } from "../../errors.js";
+import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
+import { assertId, writeIfScopesHold } from "../common.js";
+import type { MachineUserLookups } from "./lookups.js";
+import type { MachineUserServiceDeps } from "./machine-user-service.js";
+import { bindingToProto } from "./messages.js";
+
+/** The audit action of an unproven binding removed by a proven bind of its identity. */
+export const DISPLACED_ACTION = "tessera.v1.MachineUserService/BindCertificate:displaced";
+
+/**
+ * Whether the bind request proves possession of the certificate it binds: its connection
+ * presents a CA-verified client certificate (the TLS layer checked chain and CRL; an
+ * untrusted one is never on the request) whose fingerprint is the one bound, or which
+ * carries the SAN URI bound. Not from a request with an Origin header: a browser presents
+ * its user's client certificate on any site's cross-origin call, so a page holding the
+ * caller's token could prove a certificate its user never meant to bind. Not through a
+ * trusted proxy: its connection and certificate are shared by every client behind it.
+ */
+export function possessionProven(
+  state: RequestState,
+  headers: Headers,
+  identity: { sha256Fingerprint: string | null; sanUri: string | null },
+): boolean {
+  const cert = state.certificate;
+  if (cert === null || state.viaProxy || headers.has("origin")) return false;
+  if (identity.sha256Fingerprint !== null) return cert.sha256Fingerprint === identity.sha256Fingerprint;
+  return identity.sanUri !== null && cert.sanUris.includes(identity.sanUri);
+}
+
+/** Lowercase hex without colons, or InvalidArgument. */
+function normaliseFingerprint(raw: string): string {
+  const hex = raw.replace(/:/g, "").toLowerCase();
+  if (!/^[0-9a-f]{64}$/.test(hex)) {
+    throw errors.invalidArgument(
+      "sha256_fingerprint must be 64 hex digits (colons allowed)",
+      "sha256_fingerprint",
+    );
+  }
+  return hex;
+}
+
+function assertSanUri(raw: string): string {
+  if (raw.length > 2048 || !/^[a-z][a-z0-9+.-]*:\/\/\S+$/i.test(raw)) {
+    throw errors.invalidArgument(
+      "san_uri must be an absolute URI such as spiffe://example.org/backend",
+      "san_uri",
+    );
+  }
+  return raw;
+}
+
+/** The certificate-binding handlers of MachineUserService. */
+export function certificateBindingHandlers(
+  deps: MachineUserServiceDeps,
+  { em, managedMachineUser }: MachineUserLookups,
+): Pick<ServiceImpl<typeof MachineUserService>, "bindCertificate" | "unbindCertificate"> {
+  return {
+    async bindCertificate(req, ctx) {
+      const mu = await managedMachineUser(ctx, req.machineUserId, "machine_user_id");
+      let sha256Fingerprint: string | null = null;
+      let sanUri: string | null = null;
+      if (req.identity.case === "sha256Fingerprint")
+        sha256Fingerprint = normaliseFingerprint(req.identity.value);
+      else if (req.identity.case === "sanUri") sanUri = assertSanUri(req.identity.value);
+      else throw errors.invalidArgument("one of sha256_fingerprint or san_uri is required", "identity");
+      const proven = possessionProven(requestState(ctx.values), ctx.requestHeader, {
+        sha256Fingerprint,
+        sanUri,
+      });
+      const e = em(ctx);
+      const existing = await e.findOne(
+        MachineUserCertificate,
+        sha256Fingerprint ? { sha256Fingerprint } : { sanUri },
+      );
+      // Identities are unique across tenants (a certificate names one principal); the refusal
+      // is the same whichever tenant holds the binding, so it reveals no tenant, user or id.
+      const conflict = "this certificate identity is already bound to a machine user";
+      let displaced: { binding: MachineUserCertificate; tenantId: string } | null = null;
+      if (existing) {
+        if (!proven || existing.proven) throw errors.alreadyExists(conflict);
+        if (existing.machineUserId === mu.id) {
+          // The owner proves its own binding: it becomes proven (and can no longer be displaced).
+          await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
+            tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true }),
+          );
+          existing.proven = true;
+          return { binding: bindingToProto(existing) };
+        }
+        const holder = await e.findOne(MachineUser, { id: existing.machineUserId });
+        // The caller's own tenant: it sees that binding and can remove it itself.
+        if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
+        displaced = { binding: existing, tenantId: holder.tenantId };
+      }
+      const binding = e.create(MachineUserCertificate, {
+        id: randomUUID(),
+        machineUserId: mu.id,
+        sha256Fingerprint,
+        sanUri,
+        proven,
+        createdAt: new Date(),
+      });
+      let removed = 0;
+      try {
+        await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
+          // Only while it is still unproven: two provers racing for one identity, the loser
+          // meets the unique constraint below (AlreadyExists), never displaces the winner.
+          if (displaced)
+            removed = await tx.nativeDelete(MachineUserCertificate, {
+              id: displaced.binding.id,
+              proven: false,
+            });
+          await tx.flush();
+        });
+      } catch (err) {
+        if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
+        throw err;
+      }
+      if (displaced && removed > 0) {
+        // In the squatter's tenant, so its auditors see why its binding went; the answer to
+        // this caller is the same whether a binding was displaced or not. The prover is of
+        // another tenant: its id and address are not the squatter's to read (tenants are
+        // walls), so the event names no actor. The prover's own BindCertificate event, in
+        // its tenant, carries the same request id for an operator who needs both.
+        const state = requestState(ctx.values);
+        deps.audit?.record({
+          requestId: state.requestId,
+          tenantId: displaced.tenantId,
+          actorKind: "system",
+          actorId: null,
+          action: DISPLACED_ACTION,
+          targetId: displaced.binding.id,
+          outcome: "success",
+          reason: "PROVEN_BINDING",
+          ip: null,
+        });
+      }
+      return { binding: bindingToProto(binding) };
+    },
+
+    async unbindCertificate(req, ctx) {
+      const mu = await managedMachineUser(ctx, req.machineUserId, "machine_user_id");
+      const id = req.identity;
+      let where: Record<string, string>;
+      if (id.case === "bindingId") {
+        assertId(id.value, "certificate binding", "binding_id");
+        where = { id: id.value };
+      } else if (id.case === "sha256Fingerprint")
+        where = { sha256Fingerprint: normaliseFingerprint(id.value) };
+      else if (id.case === "sanUri") where = { sanUri: id.value };
+      else
+        throw errors.invalidArgument(
+          "one of binding_id, sha256_fingerprint or san_uri is required",
+          "identity",
+        );
+      const removed = await em(ctx).nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
+      if (removed === 0) throw errors.notFound("certificate binding");
+      return {};
+    },
+  };
+}

@@ -1,0 +1,176 @@
+// The RPCs machine principals call themselves (check their authentication, exchange their
+// credential for an access token, register their backend's callback) and the backends' admin.
+import { randomUUID } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { ServiceImpl } from "@connectrpc/connect";
+import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { assertMayManage } from "../../auth/authority.js";
+import { parseScopeString } from "../../auth/scopes.js";
+import type { Clock } from "../../clock.js";
+import { requestState } from "../../context.js";
+import { errors, TesseraError } from "../../errors.js";
+import { Application, Backend, MachineCredential, MachineUser } from "../../storage/machine-entities.js";
+import { assertId, canSeeTenant, principalOf } from "../common.js";
+import { listPage, pageParams } from "../pagination.js";
+import { visibleTenant } from "../tenant/tenant-service.js";
+import { normaliseCallbackUrl } from "./callback-url.js";
+import type { MachineUserLookups } from "./lookups.js";
+import type { MachineUserServiceDeps } from "./machine-user-service.js";
+import { backendToProto } from "./messages.js";
+
+type MachineRpcs =
+  | "checkAuthentication"
+  | "registerBackend"
+  | "issueAccessToken"
+  | "listBackends"
+  | "deregisterBackend";
+
+/** The handlers machine principals call, and the backends' listing and removal. */
+export function machinePrincipalHandlers(
+  deps: MachineUserServiceDeps,
+  clock: Clock,
+  { em, visibleMachineUser, listScope }: MachineUserLookups,
+): Pick<ServiceImpl<typeof MachineUserService>, MachineRpcs> {
+  return {
+    async checkAuthentication(_req, ctx) {
+      const principal = principalOf(ctx);
+      return {
+        authenticated: true,
+        machineUserId: principal.id,
+        tenantId: principal.tenantId ?? "",
+        message: "Authentication successful",
+      };
+    },
+
+    async registerBackend(req, ctx) {
+      const principal = principalOf(ctx);
+      const callbackUrl = normaliseCallbackUrl(req.callbackUrl, deps.allowLoopbackHttpCallbacks);
+      if (req.version.length > 64)
+        throw errors.invalidArgument("version must be at most 64 characters", "version");
+      if (!req.applicationId) throw errors.invalidArgument("application_id is required", "application_id");
+      const e = em(ctx);
+      // One answer for an application that does not exist, belongs to another tenant, or
+      // is not assigned to this machine user.
+      const denied = () =>
+        new TesseraError("ACCESS_DENIED", "the application is not assigned to this machine user");
+      if (!principal.tenantId || !principal.applicationIds?.includes(req.applicationId)) throw denied();
+      const app = await e.findOne(Application, { id: req.applicationId, tenantId: principal.tenantId });
+      if (!app) throw denied();
+      const now = new Date();
+      const upsert = async (): Promise<Backend> => {
+        const existing = await e.findOne(Backend, { applicationId: app.id, callbackUrl });
+        if (existing) {
+          existing.version = req.version;
+          existing.machineUserId = principal.id;
+          existing.updatedAt = now;
+          await e.flush();
+          return existing;
+        }
+        const created = e.create(Backend, {
+          id: randomUUID(),
+          tenantId: app.tenantId,
+          applicationId: app.id,
+          machineUserId: principal.id,
+          callbackUrl,
+          version: req.version,
+          createdAt: now,
+          updatedAt: now,
+        });
+        await e.flush();
+        return created;
+      };
+      let backend: Backend;
+      try {
+        backend = await upsert();
+      } catch (err) {
+        // A concurrent registration of the same URL won the insert: update that one.
+        if (!(err instanceof UniqueConstraintViolationException)) throw err;
+        e.clear();
+        backend = await upsert();
+      }
+      return { success: true, backendId: backend.id, message: "Backend registered successfully" };
+    },
+
+    async issueAccessToken(_req, ctx) {
+      const principal = principalOf(ctx);
+      const state = requestState(ctx.values);
+      if (principal.method === "jwt") {
+        // Otherwise a token could renew itself forever, outliving a rotation or its credential.
+        throw new TesseraError(
+          "ACCESS_DENIED",
+          "an access token cannot be exchanged for another; use the machine user's credentials or client certificate",
+        );
+      }
+      if (!principal.tenantId) throw new TesseraError("ACCESS_DENIED", "not a machine principal");
+      const e = em(ctx);
+      const mu = await e.findOne(MachineUser, { id: principal.id });
+      if (!mu) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+      // `iat` has one-second resolution and tokens from the rotation's second count as
+      // pre-rotation, so never issue in that second.
+      if (mu.rotatedAt) {
+        const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - clock();
+        if (wait > 0) await sleep(wait);
+      }
+      let ttlSeconds: number | undefined;
+      if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
+        const cred = await e.findOne(MachineCredential, { id: principal.credentialId });
+        if (cred?.expiresAt) {
+          // A credential in its rotation grace period issues tokens that end with it: their
+          // exp is at or before the grace period's end, and is enforced exactly (jwt.ts).
+          ttlSeconds = Math.floor((cred.expiresAt.getTime() - clock()) / 1000);
+          if (ttlSeconds <= 0)
+            throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
+          ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
+        }
+      }
+      const thumbprint = state.certificate?.thumbprint;
+      const issued = await deps.jwt.issue({
+        subject: principal.id,
+        tenantId: principal.tenantId,
+        scopes: principal.scopes,
+        kind: "machine",
+        ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
+        ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
+      });
+      return {
+        accessToken: issued.token,
+        expiresAt: timestampFromDate(issued.expiresAt),
+        tokenType: "Bearer",
+        certificateBound: thumbprint !== undefined,
+      };
+    },
+
+    async listBackends(req, ctx) {
+      const paging = pageParams(req.pageSize, req.pageToken);
+      const e = em(ctx);
+      const where: { tenantId?: string; applicationId?: string; machineUserId?: string } =
+        req.tenantId !== undefined
+          ? { tenantId: (await visibleTenant(ctx, e, req.tenantId, "tenant_id")).id }
+          : listScope(ctx);
+      if (req.applicationId !== undefined) {
+        assertId(req.applicationId, "application", "application_id");
+        const app = await e.findOne(Application, { id: req.applicationId });
+        if (!app || !canSeeTenant(principalOf(ctx), app.tenantId)) throw errors.notFound("application");
+        where.applicationId = app.id;
+      }
+      if (req.machineUserId !== undefined)
+        where.machineUserId = (await visibleMachineUser(ctx, req.machineUserId, "machine_user_id")).id;
+      const { items, nextPageToken, totalSize } = await listPage(e, Backend, where, paging);
+      return { backends: items.map(backendToProto), nextPageToken, totalSize };
+    },
+
+    async deregisterBackend(req, ctx) {
+      assertId(req.id, "backend");
+      const e = em(ctx);
+      const backend = await e.findOne(Backend, { id: req.id });
+      if (!backend || !canSeeTenant(principalOf(ctx), backend.tenantId)) throw errors.notFound("backend");
+      // Deregistering cuts the backend's machine user off its callbacks: a change to it.
+      const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
+      if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });
+      await e.nativeDelete(Backend, { id: backend.id });
+      return {};
+    },
+  };
+}
