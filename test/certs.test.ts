@@ -12,7 +12,7 @@ import {
   createClientCertificate,
   ensureDevCertificates,
   writeCrl,
-} from "../src/certs/dev-ca.js";
+} from "../src/certs/index.js";
 
 const CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
 const SERVER_AUTH = "1.3.6.1.5.5.7.3.1";

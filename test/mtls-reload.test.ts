@@ -9,7 +9,7 @@ import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { createClientCertificate, ensureDevCertificates, writeCrl } from "../src/certs/dev-ca.js";
+import { createClientCertificate, ensureDevCertificates, writeCrl } from "../src/certs/index.js";
 import { Code, rejection } from "./errors-util.js";
 import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
 import { clients } from "./machine-fixtures.js";
