@@ -1,8 +1,9 @@
 import { randomBytes } from "node:crypto";
 import { base64url, decodeProtectedHeader, importJWK, SignJWT } from "jose";
 import { afterEach, describe, expect, it } from "vitest";
-import { createJwtService, type JwtService, keyPrePublicationSeconds } from "../src/auth/jwt.js";
+import { createJwtService, type JwtService } from "../src/auth/jwt.js";
 import { openPrivateJwk, parseMasterKey } from "../src/auth/master-key.js";
+import { keyPrePublicationSeconds } from "../src/auth/signing-key-ring.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
 import { TesseraError } from "../src/errors.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
