@@ -57,7 +57,7 @@ import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
-import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state.js";
+import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state-channel.js";
 import { AuditEventRepository } from "./storage/repositories/audit.js";
 import { CredentialRepository } from "./storage/repositories/credentials.js";
 import { MachineStateRepository, UserStateRepository } from "./storage/repositories/subject-state.js";

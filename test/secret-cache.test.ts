@@ -7,7 +7,7 @@ import {
   type SharedDigest,
   VerifiedSecretCache,
 } from "../src/auth/secret-cache.js";
-import { writesAnnouncedState } from "../src/storage/pg-state.js";
+import { writesAnnouncedState } from "../src/storage/pg-write-hook.js";
 
 /** The verified-secret cache on its own: its memory bound and its shared digests. */
 

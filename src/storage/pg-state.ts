@@ -1,120 +1,15 @@
-import { createHash } from "node:crypto";
+// The PostgreSQL state cache: rows of authentication state kept per statement, emptied by the
+// triggers' notifications, with the write barrier that makes a change exact on every instance.
 import { setTimeout as sleep } from "node:timers/promises";
-import type { Storage } from "./orm.js";
-import { PgNotifier, type PgNotifyLogger } from "./pg-notify.js";
-import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
+import type { PgNotifier } from "./pg-notify.js";
+import { ANNOUNCED, NOTIFY_TRIGGER, TRIGGER_CHECK_MS } from "./pg-state-channel.js";
+import { RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 
-/**
- * The channel on which the triggers of Migration20261204230000_state_notify announce a
- * change to a state table of `schema` (payload: the table name). One per schema, since
- * LISTEN/NOTIFY is per database and schemas share one; md5 keeps it a short identifier.
- */
-export function stateChannel(schema: string): string {
-  return `tessera_state_${createHash("md5").update(schema).digest("hex")}`;
-}
-
-/**
- * This instance's listening session for a PostgreSQL storage, not started: its
- * `application_name` names the schema's state channel, so the write barriers of the other
- * instances find it in `pg_stat_activity`. Subscribe (createSqlRunner does, and any other
- * user of the session should) before calling its `start()`.
- */
-export async function createStateNotifier(storage: Storage, logger?: PgNotifyLogger): Promise<PgNotifier> {
-  return new PgNotifier({
-    url: storage.target.location,
-    applicationName: `tessera:${await stateChannelOf(storage)}`,
-    ...(logger ? { logger } : {}),
-  });
-}
-
-/** The state channel of the schema `storage` works in ({@link stateChannel}). */
-export async function stateChannelOf(storage: Storage): Promise<string> {
-  const rows = (await storage.em.getConnection().execute("select current_schema() as s")) as { s: string }[];
-  return stateChannel(rows[0]?.s ?? "public");
-}
-
-/** The payload the triggers send for a change to the signing keys. */
-export const SIGNING_KEYS_PAYLOAD = "signing_keys";
-
-/**
- * Have `onChange` called when the signing keys change (the `signing_keys` trigger's
- * notification on `channel`), and when the listener comes back online (a change may have
- * been missed meanwhile). Subscribe before the notifier starts.
- */
-export function subscribeKeyChanges(notifier: PgNotifier, channel: string, onChange: () => void): void {
-  notifier.subscribe(channel, (payload) => {
-    if (payload === SIGNING_KEYS_PAYLOAD) onChange();
-  });
-  notifier.onStatus((online) => {
-    if (online) onChange();
-  });
-}
-
-/** Tables the triggers announce: the state tables and the signing keys. */
-const ANNOUNCED: ReadonlySet<string> = new Set<string>([...STATE_TABLES, "signing_keys"]);
-
-/** The trigger Migration20261204230000_state_notify puts on every announced table. */
-export const NOTIFY_TRIGGER = "tessera_state_notify";
-
-/**
- * SQL listing, of the tables named in its one parameter (comma-separated: knex would expand
- * an array parameter into a list) in the current schema, those whose changes are surely
- * announced: the row trigger (after insert, update and delete; sessions: update and
- * delete) and the statement trigger after truncate, both calling the notify function and
- * enabled ALWAYS (an ordinary trigger does not fire for a writer in `replica` session
- * replication role; a disabled one not at all). A table rebuilt, a trigger dropped, disabled
- * or repointed by hand would leave changes unannounced and caches stale.
- * tgtype bits: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate.
- */
-export const TRIGGERED_TABLES_SQL =
-  "select c.relname as t from pg_class c join pg_namespace n on n.oid = c.relnamespace " +
-  "where n.nspname = current_schema() and c.relname = any(string_to_array(?, ',')) " +
-  "and exists (select 1 from pg_trigger tg where tg.tgrelid = c.oid " +
-  `and tg.tgname = '${NOTIFY_TRIGGER}' and tg.tgenabled = 'A' and tg.tgfoid = to_regproc('${NOTIFY_TRIGGER}')::oid ` +
-  "and (tg.tgtype & 31) = (case when c.relname = 'sessions' then 25 else 29 end)) " +
-  "and exists (select 1 from pg_trigger tg where tg.tgrelid = c.oid " +
-  `and tg.tgname = '${NOTIFY_TRIGGER}_truncate' and tg.tgenabled = 'A' and tg.tgfoid = to_regproc('${NOTIFY_TRIGGER}')::oid ` +
-  "and (tg.tgtype & 35) = 32)";
-
-/** How often a running instance checks that the notify triggers are still in place. */
-export const TRIGGER_CHECK_MS = 5_000;
-
-/** Every table whose changes must be announced, for {@link TRIGGERED_TABLES_SQL}. */
-export const ANNOUNCED_TABLES: readonly string[] = [...ANNOUNCED];
 const WATCHED: ReadonlySet<string> = new Set<string>(STATE_TABLES);
 
 /** Payload prefixes of the write barrier (table names never start with "~"). */
 const BARRIER = "~b:";
 const ACK = "~a:";
-
-/** Statements that write nothing the triggers announce. */
-const NO_WRITE =
-  /^\s*(?:select|show|set|begin|start\s+transaction|commit|rollback|savepoint|release|listen|unlisten|notify|explain|create\s+schema)\b/i;
-const WRITE_TARGET = /^\s*(insert\s+into|update|delete\s+from)\s+(?:"?\w+"?\.)?"?(\w+)"?/i;
-/** The coalesced last-used flush (auth/last-used.ts): the triggers ignore it, so the barrier does too. */
-const LAST_USED_ONLY =
-  /^\s*update\s+(?:"?\w+"?\.)?"?\w+"?\s+set\s+"?last_used_at"?\s*=\s*('[^']*'|\?|\$\d+|[\w:.+-]+)\s+where\b/i;
-/**
- * A shared verified-secret digest stored (auth/secret-cache.ts): the triggers ignore it
- * (Migration20261205010000_verified_digests says why that is safe), so the barrier does too.
- */
-const VERIFIED_DIGEST_ONLY =
-  /^\s*update\s+(?:"?\w+"?\.)?"?\w+"?\s+set\s+"?verified_digest"?\s*=\s*(\?|\$\d+)\s+where\b/i;
-
-/**
- * Whether a statement may change what the state triggers announce. Anything not
- * recognised as harmless counts as a change (a needless barrier costs a round trip; a
- * missing one would let this instance return before its cache is emptied).
- */
-export function writesAnnouncedState(sql: string): boolean {
-  if (NO_WRITE.test(sql)) return false;
-  const m = WRITE_TARGET.exec(sql);
-  if (!m) return true;
-  const table = m[2]!.toLowerCase();
-  if (!ANNOUNCED.has(table)) return false;
-  if (/^insert/i.test(m[1]!) && INSERT_EXEMPT.has(table)) return false;
-  return !LAST_USED_ONLY.test(sql) && !VERIFIED_DIGEST_ONLY.test(sql);
-}
 
 /** Options of {@link PgStateCache}. */
 export interface PgStateCacheOptions {
@@ -410,77 +305,4 @@ export class PgStateCache {
       this.notifier.reset("state barrier failed");
     }
   }
-}
-
-/** The few members of MikroORM's SQL connection the write hook wraps. */
-interface HookableConnection {
-  execute(
-    query: unknown,
-    params?: unknown,
-    method?: unknown,
-    ctx?: unknown,
-    ...rest: unknown[]
-  ): Promise<unknown>;
-  begin(options?: { ctx?: unknown }): Promise<unknown>;
-  commit(ctx: unknown, ...rest: unknown[]): Promise<void>;
-}
-
-function sqlText(query: unknown): string {
-  if (typeof query === "string") return query;
-  const compiled = (query as { toSQL?: () => { sql?: string } }).toSQL?.();
-  return compiled?.sql ?? "";
-}
-
-/**
- * Make every write to announced state through `conn` (MikroORM's connection, which the
- * ORM's flushes, native queries, query builders and `SqlRunner.run` all execute through)
- * wait for `afterCommit` once it has committed: right after the statement outside a
- * transaction, after the commit of the outermost transaction inside one (a savepoint's
- * writes count for the transaction around it). Instance-level wrappers, not a subclass:
- * the driver creates its connection itself.
- */
-export function installWriteHook(conn: HookableConnection, afterCommit: () => Promise<void>): void {
-  const parents = new WeakMap<object, object>();
-  const dirty = new WeakSet<object>();
-  /** A write whose transaction could not be told (a knex builder bound to one): barrier at the next commit. */
-  let untracked = false;
-  // A knex transaction is a function object.
-  const isTrx = (ctx: unknown): ctx is object =>
-    ctx !== null && (typeof ctx === "object" || typeof ctx === "function");
-  const root = (trx: object) => {
-    let t = trx;
-    for (let p = parents.get(t); p !== undefined; p = parents.get(t)) t = p;
-    return t;
-  };
-  const execute = conn.execute.bind(conn);
-  const begin = conn.begin.bind(conn);
-  const commit = conn.commit.bind(conn);
-  conn.execute = async (query, params, method, ctx, ...rest) => {
-    const writes = writesAnnouncedState(sqlText(query));
-    const result = await execute(query, params, method, ctx, ...rest);
-    if (writes) {
-      if (isTrx(ctx)) dirty.add(root(ctx));
-      else if (
-        typeof query !== "string" &&
-        (query as { client?: { transacting?: boolean } }).client?.transacting
-      )
-        untracked = true;
-      else await afterCommit();
-    }
-    return result;
-  };
-  conn.begin = async (options) => {
-    const trx = await begin(options);
-    if (isTrx(options?.ctx) && isTrx(trx)) parents.set(trx, options.ctx);
-    return trx;
-  };
-  conn.commit = async (ctx, ...rest) => {
-    await commit(ctx, ...rest);
-    if (!isTrx(ctx) || parents.has(ctx)) return;
-    if (dirty.has(ctx) || untracked) {
-      dirty.delete(ctx);
-      untracked = false;
-      await afterCommit();
-    }
-  };
 }

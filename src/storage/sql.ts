@@ -1,13 +1,9 @@
 import type { EntityManager } from "@mikro-orm/knex";
 import type { Storage } from "./orm.js";
 import type { PgNotifier } from "./pg-notify.js";
-import {
-  ANNOUNCED_TABLES,
-  installWriteHook,
-  PgStateCache,
-  stateChannel,
-  TRIGGERED_TABLES_SQL,
-} from "./pg-state.js";
+import { PgStateCache } from "./pg-state.js";
+import { ANNOUNCED_TABLES, stateChannel, TRIGGERED_TABLES_SQL } from "./pg-state-channel.js";
+import { installWriteHook } from "./pg-write-hook.js";
 import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 
 /**

@@ -13,7 +13,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { type App, createApp } from "../../src/app.js";
 import { startServer, type TesseraServer } from "../../src/server.js";
 import { initORM } from "../../src/storage/orm.js";
-import { stateChannelOf } from "../../src/storage/pg-state.js";
+import { stateChannelOf } from "../../src/storage/pg-state-channel.js";
 import { rejection } from "../errors-util.js";
 import {
   ADMIN_PASSWORD,
