@@ -1,0 +1,121 @@
+// The failed-password budget: reserved before PBKDF2 and refunded on success, per IP, per
+// username and per username at an IP with a growing lockout, so concurrent guesses gain nothing.
+import { hash } from "node:crypto";
+import { budgetKey } from "../client-ip.js";
+import type { Limiter } from "./limiter.js";
+import { authFailuresError } from "./refusal.js";
+
+/** What became of a password check whose budget {@link PasswordGuard.reserve} reserved. */
+export interface PasswordAttempt {
+  /** The password matched (and the principal may act): the reservation is refunded, the IP's consecutive failures at the username forgotten. */
+  succeeded(): Promise<void>;
+  /** Refused: the reservation is spent; the IP's last allowed consecutive failure at the username locks it out of that username. */
+  failed(): Promise<void>;
+  /** No verdict (a fault, or the hash pool was full): the reservation is refunded. */
+  cancelled(): Promise<void>;
+}
+
+/** Sizes of the {@link PasswordGuard}'s lockout of an IP from a username. */
+export interface LockoutOptions {
+  /** Consecutive failures from one IP at one username before a lockout. */
+  failures: number;
+  /** First lockout; each further one within a day doubles it. */
+  seconds: number;
+  maxSeconds: number;
+}
+
+/**
+ * The failed-authentication budget of password checks (Login, HTTP Basic, ChangePassword),
+ * reserved atomically *before* PBKDF2 and refunded on success: concurrent guesses cannot
+ * all get a verdict, as they could when the budget was read before the ~200 ms hash and
+ * spent after it. Three counts (OWASP ASVS V6.3 / 4.0 §2.2.1):
+ *
+ * - per IP (`authFailuresPerIpPerMinute`, shared with bad tokens): one address guesses
+ *   little, whatever the usernames;
+ * - per username, from every address together (`authFailuresPerUsernamePerHour`, a fixed
+ *   hour): many addresses cannot guess one account much either;
+ * - per username at one IP, consecutive failures within an hour
+ *   (`authFailuresPerUsernamePerIp`), with a lockout of that IP from that username that
+ *   doubles each time (`lockoutSeconds` up to `maxLockoutSeconds`; the doubling starts
+ *   again a day after the first lockout, and both start again on a success).
+ *
+ * Why the growing lockout is per username *and IP*, and the per-username one is not
+ * growing: a growing per-username lockout would let one address keep a victim locked out
+ * for ever at the cost of a few guesses a day. Here one address only locks *itself* out of
+ * the account for longer and longer (with the defaults, at most about 30 guesses an hour at
+ * one account, below the 100 that refuse the username to everyone), so shutting a victim
+ * out needs several addresses at once, and lasts at most until the hour ends.
+ *
+ * Usernames are keyed by their SHA-256, so keys are short and no username is kept in clear.
+ */
+export class PasswordGuard {
+  constructor(
+    private readonly perIp: Limiter,
+    private readonly perUsername: Limiter,
+    private readonly perUsernameIp: Limiter,
+    /** Lockouts of an IP from a username in the last day (for the doubling). */
+    private readonly lockouts: Limiter,
+    private readonly lockout: LockoutOptions,
+  ) {}
+
+  /**
+   * Reserve one failure of budget for a password check of `username` from `address`
+   * (counted under its {@link budgetKey}: an IPv6 client's whole /64).
+   * @throws TesseraError RATE_LIMITED (with Retry-After) when any of the three is spent
+   */
+  async reserve(address: string, username: string): Promise<PasswordAttempt> {
+    const ip = budgetKey(address);
+    const user = hash("sha256", username, "base64url");
+    const pair = `${ip}|${user}`;
+    const byIp = await this.perIp.consume(ip);
+    if (!byIp.allowed) throw authFailuresError(byIp);
+    const byPair = await this.perUsernameIp.consume(pair);
+    if (!byPair.allowed) {
+      await this.perIp.refund(ip, byIp);
+      // Until the lockout is set (the failure that earns it may still be hashing) the count's
+      // window is an hour long: Retry-After says no more than the longest lockout.
+      throw authFailuresError({
+        ...byPair,
+        resetMs: Math.min(byPair.resetMs, this.lockout.maxSeconds * 1000),
+      });
+    }
+    const byUser = await this.perUsername.consume(user);
+    if (!byUser.allowed) {
+      await Promise.all([this.perIp.refund(ip, byIp), this.perUsernameIp.refund(pair, byPair)]);
+      throw authFailuresError(byUser);
+    }
+    let settled = false;
+    const once = (fn: () => Promise<unknown>) => async () => {
+      if (settled) return;
+      settled = true;
+      await fn();
+    };
+    return {
+      succeeded: once(() =>
+        Promise.all([
+          this.perIp.refund(ip, byIp),
+          this.perUsername.refund(user, byUser),
+          this.perUsernameIp.reset(pair),
+          this.lockouts.reset(pair),
+        ]),
+      ),
+      failed: once(async () => {
+        // The reservation that used the last allowed failure locks the IP out of the username.
+        if ((byPair.consumed ?? 0) < this.lockout.failures) return;
+        const round = (await this.lockouts.consume(pair)).consumed ?? 1;
+        const seconds = Math.min(
+          this.lockout.maxSeconds,
+          this.lockout.seconds * 2 ** Math.min(30, round - 1),
+        );
+        await this.perUsernameIp.block(pair, seconds);
+      }),
+      cancelled: once(() =>
+        Promise.all([
+          this.perIp.refund(ip, byIp),
+          this.perUsername.refund(user, byUser),
+          this.perUsernameIp.refund(pair, byPair),
+        ]),
+      ),
+    };
+  }
+}

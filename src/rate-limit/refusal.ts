@@ -1,0 +1,31 @@
+// How a refused request is answered: RATE_LIMITED with the limit's headers and Retry-After,
+// the same for every limiter.
+import { TesseraError } from "../errors.js";
+import type { LimitResult } from "./limiter.js";
+
+/** Headers describing a limit (seed 003): X-RateLimit-Limit/Remaining/Reset. */
+export function rateLimitHeaders(result: LimitResult): Record<string, string> {
+  return {
+    "x-ratelimit-limit": String(result.limit),
+    "x-ratelimit-remaining": String(Math.max(0, result.remaining)),
+    "x-ratelimit-reset": String(Math.ceil(result.resetMs / 1000)),
+  };
+}
+
+/** The error for a refused request, with Retry-After. */
+export function rateLimitedError(
+  result: LimitResult,
+  message = "Too many requests. Please try again later.",
+): TesseraError {
+  return new TesseraError("RATE_LIMITED", message, {
+    headers: {
+      ...rateLimitHeaders(result),
+      "retry-after": String(Math.max(1, Math.ceil(result.resetMs / 1000))),
+    },
+  });
+}
+
+/** The refusal of a password check (or credential) whose failure budget is spent. */
+export function authFailuresError(result: LimitResult): TesseraError {
+  return rateLimitedError(result, "too many failed authentication attempts; try again later");
+}
