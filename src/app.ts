@@ -1,42 +1,17 @@
-import type { DescFile, DescService } from "@bufbuild/protobuf";
+// The parts of a running Tessera (storage, keys, verifiers, limits, audit, metrics, services)
+// built and wired together once, independent of the transport that serves them.
+import type { DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "pino";
-import { file_grpc_health_v1_health, Health } from "../gen/grpc/health/v1/health_pb.js";
-import {
-  file_grpc_reflection_v1_reflection,
-  ServerReflection as ReflectionV1,
-} from "../gen/grpc/reflection/v1/reflection_pb.js";
-import {
-  file_grpc_reflection_v1alpha_reflection,
-  ServerReflection as ReflectionV1Alpha,
-} from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
-import { AuditService, file_tessera_v1_audit_service } from "../gen/tessera/v1/audit_service_pb.js";
-import { file_tessera_v1_error_details } from "../gen/tessera/v1/error_details_pb.js";
-import {
-  file_tessera_v1_machine_user_service,
-  MachineUserService,
-} from "../gen/tessera/v1/machine_user_service_pb.js";
-import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
-import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
-import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { assertAuthRules, createAdmissionInterceptor } from "./admission/index.js";
+import { createAdmissionInterceptor } from "./admission/index.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
-import { createAdminTokenVerifier } from "./auth/admin-token.js";
-import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
+import type { Authenticator } from "./auth/authenticator.js";
 import { configureHashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
-import {
-  createMachineBasicVerifier,
-  createMachineBearerVerifier,
-  createMachineCertificateVerifier,
-  createMachineClaimsLoader,
-  MACHINE_USERNAME_PREFIX,
-} from "./auth/machine-principal.js";
 import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
-import { createApiTokenVerifier } from "./auth/token-verifier.js";
-import { createUserBasicVerifier, createUserClaimsLoader } from "./auth/user-principal.js";
+import { createVerifierChain } from "./auth/verifier-chain.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
@@ -46,15 +21,8 @@ import { createInputInterceptor } from "./interceptors/input.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
-import { createAuditService } from "./services/audit/audit-service.js";
-import { createHealthService } from "./services/health/health-service.js";
-import { createMachineUserService } from "./services/machine-user/machine-user-service.js";
-import { createReflectionServices } from "./services/reflection/reflection-service.js";
-import { createTenantService } from "./services/tenant/tenant-service.js";
-import { createTokenService } from "./services/token/token-service.js";
+import { createServiceRoutes } from "./services/routes.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
-import { SessionIssuer } from "./services/user/sessions.js";
-import { createUserService } from "./services/user/user-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state-channel.js";
@@ -210,55 +178,15 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const lastUsed = new LastUsedTracker(credentials, logger, config.auth.tokens.lastUsedFlushSeconds, {
       maxPending: config.audit.bufferSize,
     });
-    const authenticator = new Authenticator();
-    // The static admin token first: one SHA-256, cheaper than any other check.
-    if (config.admin.token) authenticator.bearer.push(createAdminTokenVerifier(config.admin.token));
-    authenticator.bearer.push(
-      createJwtBearerVerifier(jwt, {
-        user: createUserClaimsLoader(users),
-        machine: createMachineClaimsLoader(machines, clock),
-      }),
-    );
-    authenticator.bearer.push(
-      createApiTokenVerifier({
-        credentials,
-        secrets,
-        lastUsed,
-        patPrefix: config.auth.tokens.patPrefix,
-        apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
-        otherPrefixes: [config.auth.tokens.machinePrefix],
-        now: clock,
-      }),
-    );
-    if (config.auth.basic.enabled) {
-      authenticator.basic.push(
-        createUserBasicVerifier({
-          users,
-          secrets,
-          iterations: config.auth.passwordIterations,
-          reservedPrefixes: [MACHINE_USERNAME_PREFIX],
-        }),
-      );
-    }
-    authenticator.bearer.push(
-      createMachineBearerVerifier({
-        machines,
-        secrets,
-        lastUsed,
-        prefix: config.auth.tokens.machinePrefix,
-        now: clock,
-      }),
-    );
-    authenticator.basic.push(
-      createMachineBasicVerifier({
-        machines,
-        secrets,
-        lastUsed,
-        iterations: config.auth.passwordIterations,
-        now: clock,
-      }),
-    );
-    authenticator.certificate.push(createMachineCertificateVerifier({ machines, lastUsed }));
+    const authenticator = createVerifierChain(config, {
+      jwt,
+      users,
+      machines,
+      credentials,
+      secrets,
+      lastUsed,
+      clock,
+    });
     const limits = config.rateLimit.enabled
       ? createRateLimits(config.rateLimit, {
           logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
@@ -271,66 +199,20 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
     });
-    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
       : createMetrics({ sql, audit, lastUsed, limits, storage, secrets });
 
-    const services: DescService[] = [
-      UserService,
-      TokenService,
-      TenantService,
-      MachineUserService,
-      AuditService,
-    ];
-    assertAuthRules(services);
-    const files: DescFile[] = [
-      file_tessera_v1_user_service,
-      file_tessera_v1_token_service,
-      file_tessera_v1_tenant_service,
-      file_tessera_v1_machine_user_service,
-      file_tessera_v1_audit_service,
-      file_tessera_v1_error_details,
-      file_grpc_health_v1_health,
-      file_grpc_reflection_v1_reflection,
-      file_grpc_reflection_v1alpha_reflection,
-    ];
-    const servedNames = [...services, Health, ReflectionV1, ReflectionV1Alpha].map((s) => s.typeName);
-    const reflection = createReflectionServices(files, servedNames);
-    const userService = createUserService({
-      storage,
-      sessions,
-      passwordIterations: config.auth.passwordIterations,
-      defaultTenantId,
-      limits,
-      users,
-    });
-    const tokenService = createTokenService({
-      storage,
-      iterations: config.auth.passwordIterations,
-      patPrefix: config.auth.tokens.patPrefix,
-      apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
-      limits,
-    });
-    const tenantService = createTenantService({ storage, defaultTenantId });
-    const machineUserService = createMachineUserService({
+    const { services, routes } = createServiceRoutes({
+      config,
       storage,
       jwt,
-      tokenPrefix: config.auth.tokens.machinePrefix,
-      passwordIterations: config.auth.passwordIterations,
-      accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
-      clockSkewSeconds: config.auth.jwt.clockSkew,
-      clock,
-      allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
-      defaultTenantId,
-      limits,
+      users,
+      auditEvents,
       audit,
-    });
-    const auditService = createAuditService({ events: auditEvents });
-    const health = createHealthService({
-      ping: () => storage.ping(),
-      services: services.map((s) => s.typeName),
-      maxWatchMs: config.server.maxStreamSeconds * 1000,
+      limits,
+      clock,
+      defaultTenantId,
     });
 
     const sessionPruner = startSessionPruner(storage.em, {
@@ -367,16 +249,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       lastUsed,
       bootstrap,
       services,
-      routes(router) {
-        router.service(UserService, userService);
-        router.service(TokenService, tokenService);
-        router.service(TenantService, tenantService);
-        router.service(MachineUserService, machineUserService);
-        router.service(AuditService, auditService);
-        router.service(Health, health);
-        router.service(ReflectionV1, reflection.v1);
-        router.service(ReflectionV1Alpha, reflection.v1alpha);
-      },
+      routes,
       interceptors,
       defaultTenantId,
       startedAt: Date.now(),

@@ -24,6 +24,26 @@ const SQL_SHAPES = [
 /** Files outside src/storage/ allowed to hold SQL text, with why. Empty: storage is the only place. */
 const ALLOWED: Record<string, string> = {};
 
+/** The most lines a file in src/ may hold: past it, it mixes concepts and is split by them. */
+const MAX_LINES = 400;
+
+/**
+ * Files in src/ allowed over {@link MAX_LINES} for now: each is being changed by other work and
+ * will be split after it. The list only shrinks: a listed file that fits fails the test too.
+ */
+const LONG_FILES_ALLOWED: ReadonlySet<string> = new Set([
+  "src/server.ts",
+  "src/cli/client-actions.ts",
+  "src/transport/fast-adapter.ts",
+  "src/transport/node-bridge.ts",
+  "src/transport/unary-protocols.ts",
+]);
+
+function lineCount(file: string): number {
+  const text = readFileSync(file, "utf8");
+  return text.split("\n").length - (text.endsWith("\n") ? 1 : 0);
+}
+
 function sourceFiles(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true, recursive: true })
     .filter((e) => e.isFile() && e.name.endsWith(".ts"))
@@ -72,5 +92,20 @@ describe("the source tree", () => {
     expect(sqlStrings(join(SRC, "storage", "repositories", "credentials.ts")).length).toBeGreaterThanOrEqual(
       2,
     );
+  });
+
+  it(`keeps every file in src/ at ${MAX_LINES} lines or fewer, but the listed ones awaiting their split`, () => {
+    const long: Record<string, number> = {};
+    for (const file of sourceFiles(SRC)) {
+      const path = relative(ROOT, file);
+      const lines = lineCount(file);
+      if (lines > MAX_LINES && !LONG_FILES_ALLOWED.has(path)) long[path] = lines;
+    }
+    expect(long).toEqual({});
+  });
+
+  it("lists only files that still need their split (the allow-list shrinks as they are split)", () => {
+    const fits = [...LONG_FILES_ALLOWED].filter((path) => lineCount(join(ROOT, path)) <= MAX_LINES);
+    expect(fits).toEqual([]);
   });
 });

@@ -95,13 +95,5 @@ export function createMachineUserLookups(storage: Storage) {
     return scope === null ? {} : { tenantId: scope };
   }
 
-  return {
-    em,
-    visibleMachineUser,
-    managedMachineUser,
-    details,
-    toProto,
-    tenantApplications,
-    listScope,
-  };
+  return { em, visibleMachineUser, managedMachineUser, details, toProto, tenantApplications, listScope };
 }

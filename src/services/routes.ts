@@ -1,0 +1,130 @@
+// Every RPC service one Tessera serves, built from the app's parts, and their registration on
+// a Connect router: the list a newcomer reads to find which file answers which service.
+import type { DescFile, DescService } from "@bufbuild/protobuf";
+import type { ConnectRouter } from "@connectrpc/connect";
+import { file_grpc_health_v1_health, Health } from "../../gen/grpc/health/v1/health_pb.js";
+import {
+  file_grpc_reflection_v1_reflection,
+  ServerReflection as ReflectionV1,
+} from "../../gen/grpc/reflection/v1/reflection_pb.js";
+import {
+  file_grpc_reflection_v1alpha_reflection,
+  ServerReflection as ReflectionV1Alpha,
+} from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import { AuditService, file_tessera_v1_audit_service } from "../../gen/tessera/v1/audit_service_pb.js";
+import { file_tessera_v1_error_details } from "../../gen/tessera/v1/error_details_pb.js";
+import {
+  file_tessera_v1_machine_user_service,
+  MachineUserService,
+} from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { file_tessera_v1_tenant_service, TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
+import { file_tessera_v1_token_service, TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { file_tessera_v1_user_service, UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { assertAuthRules } from "../admission/index.js";
+import type { AuditLog } from "../audit.js";
+import type { JwtService } from "../auth/jwt.js";
+import type { Clock } from "../clock.js";
+import type { Config } from "../config.js";
+import type { RateLimits } from "../rate-limit.js";
+import type { Storage } from "../storage/orm.js";
+import type { AuditEventRepository } from "../storage/repositories/audit.js";
+import type { UserStateRepository } from "../storage/repositories/subject-state.js";
+import { createAuditService } from "./audit/audit-service.js";
+import { createHealthService } from "./health/health-service.js";
+import { createMachineUserService } from "./machine-user/machine-user-service.js";
+import { createReflectionServices } from "./reflection/reflection-service.js";
+import { createTenantService } from "./tenant/tenant-service.js";
+import { createTokenService } from "./token/token-service.js";
+import { SessionIssuer } from "./user/sessions.js";
+import { createUserService } from "./user/user-service.js";
+
+/** What the services are built from. */
+export interface ServiceRoutesDeps {
+  config: Config;
+  storage: Storage;
+  jwt: JwtService;
+  users: UserStateRepository;
+  auditEvents: AuditEventRepository;
+  audit: AuditLog;
+  limits: RateLimits | undefined;
+  clock: Clock;
+  defaultTenantId: () => Promise<string>;
+}
+
+/** Tessera's services (each checked to declare its auth rules) and the function registering all of them. */
+export function createServiceRoutes(deps: ServiceRoutesDeps): {
+  services: DescService[];
+  routes: (router: ConnectRouter) => void;
+} {
+  const { config, storage, jwt, users, audit, limits, clock, defaultTenantId } = deps;
+  const services: DescService[] = [
+    UserService,
+    TokenService,
+    TenantService,
+    MachineUserService,
+    AuditService,
+  ];
+  assertAuthRules(services);
+  const files: DescFile[] = [
+    file_tessera_v1_user_service,
+    file_tessera_v1_token_service,
+    file_tessera_v1_tenant_service,
+    file_tessera_v1_machine_user_service,
+    file_tessera_v1_audit_service,
+    file_tessera_v1_error_details,
+    file_grpc_health_v1_health,
+    file_grpc_reflection_v1_reflection,
+    file_grpc_reflection_v1alpha_reflection,
+  ];
+  const servedNames = [...services, Health, ReflectionV1, ReflectionV1Alpha].map((s) => s.typeName);
+  const reflection = createReflectionServices(files, servedNames);
+  const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
+  const userService = createUserService({
+    storage,
+    sessions,
+    passwordIterations: config.auth.passwordIterations,
+    defaultTenantId,
+    limits,
+    users,
+  });
+  const tokenService = createTokenService({
+    storage,
+    iterations: config.auth.passwordIterations,
+    patPrefix: config.auth.tokens.patPrefix,
+    apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
+    limits,
+  });
+  const tenantService = createTenantService({ storage, defaultTenantId });
+  const machineUserService = createMachineUserService({
+    storage,
+    jwt,
+    tokenPrefix: config.auth.tokens.machinePrefix,
+    passwordIterations: config.auth.passwordIterations,
+    accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
+    clockSkewSeconds: config.auth.jwt.clockSkew,
+    clock,
+    allowLoopbackHttpCallbacks: config.server.allowLoopbackHttpCallbacks,
+    defaultTenantId,
+    limits,
+    audit,
+  });
+  const auditService = createAuditService({ events: deps.auditEvents });
+  const health = createHealthService({
+    ping: () => storage.ping(),
+    services: services.map((s) => s.typeName),
+    maxWatchMs: config.server.maxStreamSeconds * 1000,
+  });
+  return {
+    services,
+    routes(router) {
+      router.service(UserService, userService);
+      router.service(TokenService, tokenService);
+      router.service(TenantService, tenantService);
+      router.service(MachineUserService, machineUserService);
+      router.service(AuditService, auditService);
+      router.service(Health, health);
+      router.service(ReflectionV1, reflection.v1);
+      router.service(ReflectionV1Alpha, reflection.v1alpha);
+    },
+  };
+}
