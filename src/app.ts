@@ -19,6 +19,7 @@ import {
 import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { type AccessLog, accessLogOf } from "./access-log.js";
 import { assertAuthRules, createAdmissionInterceptor } from "./admission/index.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
@@ -69,8 +70,8 @@ export { VERSION } from "./version.js";
 export interface App {
   config: Config;
   logger: Logger;
-  /** The access log's logger (`logger` unless createApp was given another). */
-  accessLogger: Logger;
+  /** Where access lines go (`logger`'s destination unless createApp was given another). */
+  accessLog: AccessLog;
   storage: Storage;
   sql: SqlRunner;
   /**
@@ -122,8 +123,8 @@ export interface CreateAppOptions {
    * that a database it cannot reach or migrate fails the start with no files written.
    */
   beforeBootstrap?: () => Promise<void>;
-  /** Where access lines go (default: `logger`); `tessera serve` gives a buffered one (logger.ts). */
-  accessLogger?: Logger;
+  /** Where access lines go (default: `logger`'s destination); `tessera serve` gives a buffered one (access-log.ts). */
+  accessLog?: AccessLog;
 }
 
 /**
@@ -354,7 +355,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
-      accessLogger: options.accessLogger ?? logger,
+      accessLog: options.accessLog ?? accessLogOf(logger),
       storage,
       sql,
       notifier,
