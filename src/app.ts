@@ -3,6 +3,7 @@
 import type { DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "pino";
+import { type AccessLog, accessLogOf } from "./access-log.js";
 import { createAdmissionInterceptor } from "./admission/index.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import type { Authenticator } from "./auth/authenticator.js";
@@ -37,8 +38,8 @@ export { VERSION } from "./version.js";
 export interface App {
   config: Config;
   logger: Logger;
-  /** The access log's logger (`logger` unless createApp was given another). */
-  accessLogger: Logger;
+  /** Where access lines go (`logger`'s destination unless createApp was given another). */
+  accessLog: AccessLog;
   storage: Storage;
   sql: SqlRunner;
   /**
@@ -90,8 +91,8 @@ export interface CreateAppOptions {
    * that a database it cannot reach or migrate fails the start with no files written.
    */
   beforeBootstrap?: () => Promise<void>;
-  /** Where access lines go (default: `logger`); `tessera serve` gives a buffered one (logger.ts). */
-  accessLogger?: Logger;
+  /** Where access lines go (default: `logger`'s destination); `tessera serve` gives a buffered one (access-log.ts). */
+  accessLog?: AccessLog;
 }
 
 /**
@@ -236,7 +237,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
-      accessLogger: options.accessLogger ?? logger,
+      accessLog: options.accessLog ?? accessLogOf(logger),
       storage,
       sql,
       notifier,

@@ -206,7 +206,7 @@ export function createRequestHandler(
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
     metrics: app.metrics,
-    logger: app.accessLogger,
+    log: app.accessLog,
     access: config.log.access,
     prefixes: {
       pat: config.auth.tokens.patPrefix,

@@ -12,10 +12,11 @@ import { UsageError } from "./exit-codes.js";
  */
 async function serverModules() {
   await import("../storage/orm-async-context.js");
-  const [app, bootstrap, logger, server, orm, metrics] = await Promise.all([
+  const [app, bootstrap, logger, accessLog, server, orm, metrics] = await Promise.all([
     import("../app.js"),
     import("../bootstrap.js"),
     import("../logger.js"),
+    import("../access-log.js"),
     import("../server.js"),
     import("../storage/orm.js"),
     import("../metrics.js"),
@@ -24,7 +25,7 @@ async function serverModules() {
     createApp: app.createApp,
     ensureAdmin: bootstrap.ensureAdmin,
     createLogger: logger.createLogger,
-    createAccessLogger: logger.createAccessLogger,
+    createAccessLog: accessLog.createAccessLog,
     startServer: server.startServer,
     preflight: server.preflight,
     initORM: orm.initORM,
@@ -95,13 +96,13 @@ export function registerServerCommands(program: Command): void {
     const { parseListen } = await import("../config.js");
     const metricsAt = parseListen(config.metrics.listen);
     if (metricsAt) await checkCanListen(metricsAt);
-    const { createApp, createLogger, createAccessLogger, startServer, preflight, startMetricsServer } =
+    const { createApp, createLogger, createAccessLog, startServer, preflight, startMetricsServer } =
       await serverModules();
     const logger = createLogger(config.log.level);
-    const accessLogger =
+    const accessLog =
       config.log.access === "off"
         ? undefined
-        : createAccessLogger(config.log.level, () =>
+        : createAccessLog(config.log.level, () =>
             logger.warn(
               "access log: stderr is not read fast enough; lines are being dropped (counted in tessera_access_log_dropped_total)",
             ),
@@ -110,7 +111,7 @@ export function registerServerCommands(program: Command): void {
     const app = await createApp(config, {
       logger,
       beforeBootstrap: () => preflight(config.server),
-      ...(accessLogger ? { accessLogger } : {}),
+      ...(accessLog ? { accessLog } : {}),
     });
     if (app.bootstrap.generatedPassword) {
       showOnce(
@@ -149,7 +150,7 @@ export function registerServerCommands(program: Command): void {
             logger.level = level;
             // The access lines are written at info or debug (log.access) through their own
             // buffered logger: under the same level, or a quieter level would not quiet them.
-            if (accessLogger) accessLogger.level = level;
+            if (accessLog) accessLog.level = level;
           },
           (err: unknown) =>
             logger.error(
@@ -194,6 +195,9 @@ export function registerServerCommands(program: Command): void {
         // times (app.lastUsed.close()), then closes Redis and the database, in that order.
         await metrics?.close();
         await app.close();
+        // The access lines of the last calls, in order (the exit hook would write them too,
+        // but cannot wait for a write under way).
+        await accessLog?.close();
       } catch (err) {
         logger.error({ err: (err as Error).message }, "shutdown failed");
         process.exit(EXIT_FAILED_SHUTDOWN);

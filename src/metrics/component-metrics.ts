@@ -2,10 +2,10 @@
 // PBKDF2 pool, the state and secret caches, the audit and last-used buffers, the database
 // pool): they cost nothing between scrapes, unlike the request-path counters in metrics.ts.
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
+import { accessLogStats } from "../access-log.js";
 import type { AuditStats } from "../audit.js";
 import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
-import { accessLogStats } from "../logger.js";
 import type { MetricsSources } from "../metrics.js";
 import type { Storage } from "../storage/orm.js";
 

@@ -1,0 +1,257 @@
+import { write, writeSync } from "node:fs";
+import { type Logger, pino } from "pino";
+
+/**
+ * Where access lines go: one JSON line per call (call-observer.ts builds it), written at a
+ * level that follows the service's log level (SIGHUP changes `level`, as on a pino logger).
+ */
+export interface AccessLog {
+  /** The threshold, a pino level name; lines below it are not written. */
+  level: string;
+  /** Whether a line at this pino level name is written now. */
+  isLevelEnabled(level: string): boolean;
+  /** Write one complete line (ending in "\n"). */
+  writeLine(line: string): void;
+}
+
+/** Access lines lost because the access log's buffer was full (process-wide, like stderr itself). */
+export const accessLogStats = { dropped: 0 };
+
+/** Bytes of access lines the access log holds while stderr's reader falls behind; past it lines are dropped (counted). */
+export const ACCESS_LOG_BUFFER_BYTES = 16 * 1024 * 1024;
+
+/**
+ * One write's size: PIPE_BUF on Linux, so that each write to a pipe is atomic and a line of
+ * the service logger (written synchronously to the same stderr by the event loop) can never
+ * land inside one of ours when the pipe is full.
+ */
+const CHUNK = 4096;
+/** How long a line may wait before it is written when calls are few. */
+const FLUSH_MS = 250;
+/** Retry delay after EAGAIN (a non-blocking stderr whose pipe is full). */
+const RETRY_MS = 20;
+
+const LEVELS = pino.levels.values;
+/** For a 10 ms pause of a synchronous flush whose pipe is full. */
+const PAUSE = new Int32Array(new SharedArrayBuffer(4));
+
+/**
+ * The access log of `tessera serve`: lines gathered into 4 KiB chunks and written to stderr
+ * asynchronously (libuv's thread pool), one write at a time, at least every 250 ms and when
+ * the process exits.
+ *
+ * Written by hand rather than through pino and SonicBoom because of what a line costs on the
+ * hot path: pino's serialisation and SonicBoom's string buffer (it measures the whole
+ * pending string's byte length at every write) cost several µs per call, a tenth of an
+ * authenticated call, where a line built as one template string and copied into a chunk
+ * costs under one (bench/observe-cost.ts; bench/results/2026-12-05-access-log.md). Lines keep
+ * pino's format (`level`, `time`, `service`, fields, `msg`), so one reader reads both logs.
+ *
+ * Why asynchronous: a synchronous write blocks the event loop whenever stderr's reader (a
+ * pipe to journald, a container runtime, a test harness) is slower than the calls. Lines
+ * wait in memory up to {@link ACCESS_LOG_BUFFER_BYTES}; past it a line is dropped, counted
+ * (`tessera_access_log_dropped_total`) and the first drop is reported through `onDrop`. The
+ * price: the last lines are lost if the process is killed outright (SIGKILL, a crash of V8).
+ */
+export class AccessLogWriter implements AccessLog {
+  level: string;
+  /** Chunks waiting to be written, oldest first; the first may be partly written already. */
+  private readonly pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private chunk = Buffer.allocUnsafe(CHUNK);
+  private used = 0;
+  private writing = false;
+  private readonly timer: NodeJS.Timeout;
+  private readonly onExit = () => this.flushSync();
+  /** Who waits for the write under way to end (close). */
+  private idle: (() => void)[] = [];
+
+  constructor(
+    level: string,
+    private readonly fd = 2,
+    private readonly onDrop?: () => void,
+  ) {
+    this.level = level;
+    this.timer = setInterval(() => this.flush(), FLUSH_MS);
+    this.timer.unref();
+    process.once("exit", this.onExit);
+  }
+
+  isLevelEnabled(level: string): boolean {
+    return (LEVELS[level] ?? 0) >= (LEVELS[this.level] ?? Number.POSITIVE_INFINITY);
+  }
+
+  writeLine(line: string): void {
+    if (this.pendingBytes + this.used + line.length > ACCESS_LOG_BUFFER_BYTES) {
+      this.drop(1);
+      return;
+    }
+    // Buffer#write copies as much of the line as fits: less than 4 bytes left free means it
+    // may have been cut (a UTF-8 character takes up to 4), so the line goes to the next chunk.
+    const written = this.chunk.write(line, this.used);
+    if (CHUNK - this.used - written >= 4) {
+      this.used += written;
+      return;
+    }
+    this.seal();
+    const again = this.chunk.write(line, 0);
+    if (CHUNK - again >= 4) this.used = again;
+    else this.enqueue(Buffer.from(line));
+  }
+
+  /** Start writing what is gathered (the timer calls it; calls fill chunks and seal them). */
+  flush(): void {
+    this.seal();
+  }
+
+  /**
+   * Write everything now, blocking (at exit, or at shutdown after the last call). A chunk
+   * whose asynchronous write is under way is left to it.
+   */
+  flushSync(): void {
+    this.sealChunk();
+    const first = this.writing ? 1 : 0;
+    let tries = 0;
+    let next = first;
+    while (next < this.pending.length) {
+      const chunk = this.pending[next]!;
+      try {
+        const written = writeSync(this.fd, chunk);
+        this.pendingBytes -= written;
+        if (written < chunk.length) this.pending[next] = chunk.subarray(written);
+        else next++;
+      } catch (err) {
+        // A non-blocking pipe that stays full for a second, or stderr gone: the rest is lost (counted).
+        if ((err as NodeJS.ErrnoException).code === "EAGAIN" && tries++ < 100) {
+          Atomics.wait(PAUSE, 0, 0, 10);
+          continue;
+        }
+        this.pending.splice(first, next - first);
+        this.discard(first);
+        return;
+      }
+    }
+    this.pending.length = first;
+  }
+
+  /**
+   * Write what is held, in order: the asynchronous writes under way finish first (for at most
+   * `waitMs`), then the rest is written synchronously; the timer and the exit hook stop.
+   */
+  async close(waitMs = 1_000): Promise<void> {
+    clearInterval(this.timer);
+    process.removeListener("exit", this.onExit);
+    const deadline = performance.now() + waitMs;
+    this.seal();
+    while (this.writing && performance.now() < deadline)
+      await new Promise<void>((resolve) => {
+        this.idle.push(resolve);
+        setTimeout(resolve, 10).unref();
+      });
+    this.flushSync();
+  }
+
+  private seal(): void {
+    this.sealChunk();
+    this.writeNext();
+  }
+
+  private sealChunk(): void {
+    if (this.used > 0) {
+      this.pending.push(this.chunk.subarray(0, this.used));
+      this.pendingBytes += this.used;
+      this.chunk = Buffer.allocUnsafe(CHUNK);
+      this.used = 0;
+    }
+  }
+
+  private enqueue(buffer: Buffer): void {
+    if (this.pendingBytes + buffer.length > ACCESS_LOG_BUFFER_BYTES) {
+      this.drop(1);
+      return;
+    }
+    this.pending.push(buffer);
+    this.pendingBytes += buffer.length;
+    this.writeNext();
+  }
+
+  private writeNext(): void {
+    if (this.writing || this.pending.length === 0) return;
+    this.writing = true;
+    const head = this.pending[0]!;
+    write(this.fd, head, 0, head.length, null, (err, written) => {
+      this.writing = false;
+      if (this.idle.length > 0) for (const resolve of this.idle.splice(0)) resolve();
+      if (err) {
+        if (err.code === "EAGAIN") {
+          setTimeout(() => this.writeNext(), RETRY_MS).unref();
+          return;
+        }
+        // stderr is gone (EPIPE, EBADF): nothing can be written any more; count what is lost.
+        this.discard(0);
+        return;
+      }
+      this.advance(written);
+      this.writeNext();
+    });
+  }
+
+  /** `written` bytes of the first pending chunk reached stderr. */
+  private advance(written: number): void {
+    const head = this.pending[0]!;
+    this.pendingBytes -= written;
+    if (written < head.length) this.pending[0] = head.subarray(written);
+    else this.pending.shift();
+  }
+
+  /** Give up the pending chunks from index `from` on (stderr cannot take them), counting their lines. */
+  private discard(from: number): void {
+    for (const chunk of this.pending.splice(from)) {
+      this.pendingBytes -= chunk.length;
+      this.drop(countLines(chunk));
+    }
+  }
+
+  /** Count `lines` lost; the first loss of the process is reported. */
+  private drop(lines: number): void {
+    const first = accessLogStats.dropped === 0;
+    accessLogStats.dropped += lines;
+    if (first && lines > 0) this.onDrop?.();
+  }
+}
+
+function countLines(chunk: Buffer): number {
+  let n = 0;
+  for (let i = chunk.indexOf(10); i >= 0; i = chunk.indexOf(10, i + 1)) n++;
+  return n;
+}
+
+/**
+ * The access log of `tessera serve` (see {@link AccessLogWriter}), on stderr, at the service
+ * logger's level.
+ */
+export function createAccessLog(level: string, onDrop?: () => void): AccessLogWriter {
+  return new AccessLogWriter(level, 2, onDrop);
+}
+
+/**
+ * Access lines through a pino logger's own destination, under its level: what an app created
+ * without an access log of its own uses (tests give a logger that captures lines).
+ */
+export function accessLogOf(logger: Logger): AccessLog {
+  const stream = (logger as unknown as Record<symbol, { write(line: string): unknown }>)[
+    pino.symbols.streamSym
+  ]!;
+  return {
+    get level() {
+      return logger.level;
+    },
+    set level(level: string) {
+      logger.level = level;
+    },
+    isLevelEnabled: (level) => logger.isLevelEnabled(level),
+    writeLine: (line) => {
+      stream.write(line);
+    },
+  };
+}

@@ -1,0 +1,223 @@
+import { spawn } from "node:child_process";
+import { closeSync, mkdtempSync, openSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { describe, expect, it } from "vitest";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { type AccessLog, AccessLogWriter } from "../src/access-log.js";
+import { createCallObserver } from "../src/call-observer.js";
+import type { RequestState } from "../src/context.js";
+
+const ACCESS_LOG = fileURLToPath(new URL("../src/access-log.ts", import.meta.url));
+const prefixes = { pat: "tsr_pat_", apiKey: "tsr_key_", machine: "tsr_mu_" };
+
+/** Lines of every length around the 4 KiB chunk, multi-byte characters among them. */
+function sampleLines(n: number): string[] {
+  const lines: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const filler = i % 7 === 0 ? "é€😀".repeat(i % 50) : "x".repeat((i * 37) % 600);
+    lines.push(`${JSON.stringify({ i, filler })}\n`);
+  }
+  // Longer than a chunk: written as one piece.
+  lines.push(`${JSON.stringify({ long: "y".repeat(10_000) })}\n`);
+  lines.push(`${JSON.stringify({ long: "😀".repeat(3_000) })}\n`);
+  return lines;
+}
+
+describe("the access log writer", () => {
+  it("writes every line once, whole and in order, across chunk boundaries and multi-byte characters", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
+    const file = join(dir, "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd);
+    const lines = sampleLines(5_000);
+    try {
+      for (let i = 0; i < lines.length; i++) {
+        log.writeLine(lines[i]!);
+        // Turns of the event loop, as between calls: asynchronous writes complete meanwhile.
+        if (i % 50 === 0) await new Promise(setImmediate);
+      }
+      await log.close();
+      expect(readFileSync(file, "utf8")).toBe(lines.join(""));
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it("writes what it holds within a fraction of a second when calls are few", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
+    const file = join(dir, "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd);
+    try {
+      log.writeLine('{"one":1}\n');
+      const deadline = Date.now() + 2_000;
+      while (readFileSync(file, "utf8") === "" && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 20));
+      expect(readFileSync(file, "utf8")).toBe('{"one":1}\n');
+    } finally {
+      await log.close();
+      closeSync(fd);
+    }
+  });
+
+  it("follows its level like a logger (SIGHUP changes it)", async () => {
+    const log = new AccessLogWriter("info", 2);
+    try {
+      expect(log.isLevelEnabled("info")).toBe(true);
+      expect(log.isLevelEnabled("debug")).toBe(false);
+      log.level = "warn";
+      expect(log.isLevelEnabled("info")).toBe(false);
+      log.level = "debug";
+      expect(log.isLevelEnabled("debug")).toBe(true);
+    } finally {
+      await log.close();
+    }
+  });
+
+  it("flushes at process exit without being closed", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
+    const file = join(dir, "access.log");
+    const script = `
+      const { openSync } = await import("node:fs");
+      const { AccessLogWriter } = await import(${JSON.stringify(ACCESS_LOG)});
+      const log = new AccessLogWriter("info", openSync(${JSON.stringify(file)}, "a"));
+      for (let i = 0; i < 20_000; i++) log.writeLine(JSON.stringify({ i }) + "\\n");
+      process.exit(0);
+    `;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      stdio: "ignore",
+    });
+    expect(await new Promise((r) => child.on("exit", r))).toBe(0);
+    const got = readFileSync(file, "utf8").trimEnd().split("\n");
+    expect(got).toHaveLength(20_000);
+    expect(got.map((l) => (JSON.parse(l) as { i: number }).i)).toEqual([...Array(20_000).keys()]);
+  });
+
+  it("never interleaves with the service logger's lines on one stderr pipe, even when the reader lags", async () => {
+    // The service logger writes synchronously to stderr from the event loop while the access
+    // log's writes run on libuv's threads: with writes of at most PIPE_BUF bytes, ending at a
+    // line's end, a full pipe cannot splice one log's line into the other's.
+    const script = `
+      const { pino } = await import("pino");
+      const { createAccessLog } = await import(${JSON.stringify(ACCESS_LOG)});
+      const service = pino({ base: { service: "tessera" } }, pino.destination({ dest: 2, sync: true }));
+      const access = createAccessLog("info");
+      for (let i = 0; i < 30_000; i++) {
+        access.writeLine(JSON.stringify({ msg: "access", i, pad: "a".repeat(i % 400) }) + "\\n");
+        if (i % 10 === 0) service.info({ i, pad: "s".repeat(i % 900) }, "service");
+        if (i % 100 === 0) await new Promise(setImmediate);
+      }
+      await access.close();
+    `;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    const chunks: Buffer[] = [];
+    // A slow reader: the pipe fills, writes come back partial or wait.
+    child.stderr.on("data", (d: Buffer) => {
+      chunks.push(d);
+      child.stderr.pause();
+      setTimeout(() => child.stderr.resume(), 2);
+    });
+    expect(await new Promise((r) => child.on("exit", r))).toBe(0);
+    const lines = Buffer.concat(chunks).toString("utf8").trimEnd().split("\n");
+    const parsed = lines.map((l) => JSON.parse(l) as { msg: string; i: number });
+    const access = parsed.filter((l) => l.msg === "access").map((l) => l.i);
+    expect(access).toEqual([...Array(30_000).keys()]);
+    expect(parsed.filter((l) => l.msg === "service")).toHaveLength(3_000);
+  }, 60_000);
+});
+
+describe("the access line", () => {
+  function captured(): { log: AccessLog; lines: string[] } {
+    const lines: string[] = [];
+    return {
+      lines,
+      log: { level: "info", isLevelEnabled: (l) => l !== "debug", writeLine: (line) => lines.push(line) },
+    };
+  }
+  const method = UserService.method.getCurrentUser;
+
+  it("is a pino-format JSON line with the call's facts, escaped wherever a value needs it", () => {
+    const { log, lines } = captured();
+    const observe = createCallObserver({ metrics: undefined, log, access: "info", prefixes })!;
+    const state: RequestState = {
+      requestId: "req-1",
+      ip: 'we"ird\\ip\n\u00e9',
+      certificate: null,
+      principal: {
+        kind: "machine",
+        method: "mtls",
+        id: 'id"with\\quotes',
+        tenantId: "t",
+        scopes: [],
+      },
+      startedAt: performance.now() - 12.5,
+    } as RequestState;
+    observe(state, {}, method, "grpc", 7);
+    expect(lines).toHaveLength(1);
+    expect(lines[0]!.endsWith("\n")).toBe(true);
+    const line = JSON.parse(lines[0]!) as Record<string, unknown>;
+    expect(Object.keys(line)).toEqual([
+      "level",
+      "time",
+      "service",
+      "requestId",
+      "method",
+      "protocol",
+      "code",
+      "reason",
+      "durationMs",
+      "principalKind",
+      "principalId",
+      "authMethod",
+      "ip",
+      "msg",
+    ]);
+    expect(line).toMatchObject({
+      level: 30,
+      service: "tessera",
+      requestId: "req-1",
+      method: "tessera.v1.UserService/GetCurrentUser",
+      protocol: "grpc",
+      code: "permission_denied",
+      principalKind: "machine",
+      principalId: 'id"with\\quotes',
+      authMethod: "mtls",
+      ip: 'we"ird\\ip\n\u00e9',
+      msg: "access",
+    });
+    expect(typeof line.reason).toBe("string");
+    expect(Math.abs((line.time as number) - Date.now())).toBeLessThan(5_000);
+    expect(line.durationMs as number).toBeGreaterThanOrEqual(12);
+  });
+
+  it("has no principal fields for an anonymous call, and no reason when it succeeded", () => {
+    const { log, lines } = captured();
+    const observe = createCallObserver({ metrics: undefined, log, access: "info", prefixes })!;
+    observe(
+      { requestId: "r", ip: "::1", certificate: null, principal: null, startedAt: performance.now() },
+      {},
+      method,
+      "connect",
+      0,
+    );
+    const line = JSON.parse(lines[0]!) as Record<string, unknown>;
+    expect(line).toMatchObject({ code: "ok", ip: "::1" });
+    expect(line).not.toHaveProperty("reason");
+    expect(line).not.toHaveProperty("principalId");
+  });
+
+  it("is written at debug only when the log's level lets debug through", () => {
+    const { log, lines } = captured();
+    const observe = createCallObserver({ metrics: undefined, log, access: "debug", prefixes })!;
+    const state = { requestId: "r", ip: "::1", certificate: null, principal: null } as RequestState;
+    observe(state, {}, method, "connect", 0);
+    expect(lines).toHaveLength(0);
+    log.isLevelEnabled = () => true;
+    observe(state, {}, method, "connect", 0);
+    expect((JSON.parse(lines[0]!) as { level: number }).level).toBe(20);
+  });
+});
