@@ -293,6 +293,12 @@ export function createMetrics(sources: MetricsSources): Metrics {
       "Shared digests that could not be stored (the credential's next miss hashes again).",
       "sharedWriteFailures",
     );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_shared_read_failures_total",
+      "Shared digests that could not be read (then PBKDF2 verified the secret).",
+      "sharedReadFailures",
+    );
     secretMetric("gauge", "tessera_secret_cache_entries", "Entries in the in-process cache now.", "entries");
     secretMetric(
       "gauge",
