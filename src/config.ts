@@ -591,7 +591,7 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "TESSERA_TOKEN_SHARED_DIGESTS",
     "bool",
     "true",
-    "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords.",
+    "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords. A digest that cannot be read costs a PBKDF2, never the call; a master-key rotation (auth.previousMasterKeys) clears the digests of the previous key at the first start that reseals the signing keys.",
   ],
   [
     "auth.passwordIterations",

@@ -140,4 +140,24 @@ describe.skipIf(!DATABASES.includes(POSTGRES))("a COMMIT whose answer is lost (p
     const again = await tokens().revokePersonalAccessToken({ id: created.id });
     expect(again.token?.revokedAt).toBeDefined();
   });
+
+  it("answers a write outside a transaction whose answer was lost Unavailable with outcome unknown", async () => {
+    const m = await clients(transport, adminJwt).machines.createMachineUser({
+      name: `mu-${short()}`,
+      authType: MachineAuthType.BEARER,
+      applicationIds: [],
+      scopes: [],
+    });
+    const id = m.machineUser!.id;
+    // DeleteMachineUser deletes with one statement, which commits itself.
+    const lost = env.proxy!.loseCommitAfter('"machine_users" where "id"', true, { atMarker: true });
+    const err = await rejection(clients(transport, adminJwt).machines.deleteMachineUser({ id }));
+    await lost;
+    expect(err.code).toBe(Code.Unavailable);
+    expect(infoOf(err).outcome).toBe("unknown");
+    // It had landed: the machine user is gone, which its retry says.
+    expect((await rejection(clients(transport, adminJwt).machines.getMachineUser({ id }))).code).toBe(
+      Code.NotFound,
+    );
+  });
 });

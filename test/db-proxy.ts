@@ -24,6 +24,7 @@ export class DbProxy {
         deliver: boolean;
         thenCut: boolean;
         hold: boolean;
+        atMarker: boolean;
         seen: WeakSet<Socket>;
         sprung: () => void;
       }
@@ -83,12 +84,13 @@ export class DbProxy {
    * when it happened. Matches knex's `COMMIT;` (a simple-protocol Query message). With
    * `thenCut`, the database is taken away ({@link cut}) at that moment too. With `hold`
    * (and `deliver`), the connection is not reset: its answer is held back for good, as by a
-   * network that stopped passing packets one way.
+   * network that stopped passing packets one way. With `atMarker`, the statement holding
+   * `marker` is the one whose answer is lost (a write outside a transaction commits itself).
    */
   loseCommitAfter(
     marker: string,
     deliver: boolean,
-    options: { thenCut?: boolean; hold?: boolean } = {},
+    options: { thenCut?: boolean; hold?: boolean; atMarker?: boolean } = {},
   ): Promise<void> {
     return new Promise((resolve) => {
       this.commitTrap = {
@@ -96,6 +98,7 @@ export class DbProxy {
         deliver,
         thenCut: options.thenCut ?? false,
         hold: options.hold ?? false,
+        atMarker: options.atMarker ?? false,
         seen: new WeakSet(),
         sprung: resolve,
       };
@@ -106,7 +109,7 @@ export class DbProxy {
   private trapCommit(client: Socket, upstream: Socket, chunk: Buffer): boolean {
     const trap = this.commitTrap!;
     if (chunk.includes(trap.marker)) trap.seen.add(client);
-    if (!trap.seen.has(client) || !chunk.includes(COMMIT_QUERY)) return false;
+    if (!trap.seen.has(client) || !(trap.atMarker || chunk.includes(COMMIT_QUERY))) return false;
     this.commitTrap = undefined;
     // The server's answer is never forwarded from here on.
     this.held.set(client, []);

@@ -113,6 +113,8 @@ export class VerifiedSecretCache {
   };
   /** Whether the last read of a stored digest failed: its failure was logged, the next success is too. */
   private readFailing = false;
+  /** Whether the last store of a digest failed (logged once per run of failures, like reads). */
+  private writeFailing = false;
 
   constructor(options: VerifiedSecretCacheOptions) {
     const maxSize = Math.max(SECRET_CACHE_ENTRY_BYTES, Math.floor(options.maxBytes));
@@ -250,14 +252,21 @@ export class VerifiedSecretCache {
     }
   }
 
-  /** Store a digest without holding up the request; a failure is counted and logged, never thrown. */
+  /** Store a digest without holding up the request; a failure is counted and logged (once per run), never thrown. */
   private store(shared: SharedDigest, digest: string): void {
     shared.save(digest).then(
       () => {
         this.counters.sharedWrites++;
+        if (this.writeFailing) {
+          this.writeFailing = false;
+          this.logger?.info?.({}, "verified-secret digests stored again");
+        }
       },
       (err: unknown) => {
         this.counters.sharedWriteFailures++;
+        // Once per run of failures: an outage fails every store, and each is counted.
+        if (this.writeFailing) return;
+        this.writeFailing = true;
         this.logger?.warn(
           { err: err instanceof Error ? err.name : "error" },
           "verified-secret digest not stored; the credential's next miss hashes again",

@@ -28,10 +28,10 @@ interface PgClientLike {
   processID?: number | null;
 }
 
-/** A COMMIT statement as knex sends it (`COMMIT;`, simple query protocol). */
-function isCommit(config: unknown): boolean {
+/** The SQL text of a query as pg receives it (a string, or a config object with `text`). */
+function textOf(config: unknown): string {
   const text = typeof config === "string" ? config : (config as { text?: unknown } | null)?.text;
-  return typeof text === "string" && /^\s*commit\b/i.test(text);
+  return typeof text === "string" ? text : "";
 }
 
 /**
@@ -55,13 +55,24 @@ function mark(err: unknown, pid: number | undefined): void {
 }
 
 /**
- * Watch the COMMITs a pooled pg connection sends, marking those whose answer is lost (see
+ * Watch the COMMITs a pooled pg connection sends (and the writes it sends outside a
+ * transaction, which commit themselves), marking those whose answer is lost (see
  * {@link LostCommit}). Installed on every PostgreSQL connection at creation (pg-bounds.ts).
  */
 export function watchCommits(conn: PgClientLike): void {
   const query = conn.query.bind(conn);
+  // Whether a transaction is open on this connection: outside one, a write commits itself
+  // (autocommit), and a lost answer to it is a lost COMMIT as well.
+  let inTransaction = false;
   conn.query = (config: unknown, ...rest: unknown[]) => {
-    if (!isCommit(config)) return query(config, ...rest);
+    const text = textOf(config);
+    let commits = false;
+    if (/^\s*(begin|start transaction)\b/i.test(text)) inTransaction = true;
+    else if (/^\s*(commit|rollback)\b/i.test(text) && !/^\s*rollback\s+to\b/i.test(text)) {
+      commits = /^\s*commit\b/i.test(text);
+      inTransaction = false;
+    } else commits = !inTransaction && /^\s*(insert|update|delete)\b/i.test(text);
+    if (!commits) return query(config, ...rest);
     // Read now: the process id is the connection's, and the connection may be gone later.
     const pid = typeof conn.processID === "number" ? conn.processID : undefined;
     const cb = rest[rest.length - 1];
