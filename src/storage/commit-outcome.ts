@@ -145,13 +145,10 @@ export async function settleLostCommit(
     try {
       const alive =
         lost.pid !== undefined &&
-        (
-          await conn.execute<{ ended: boolean }[]>(
-            "select pg_terminate_backend(pid) as ended from pg_stat_activity where pid = ?",
-            [lost.pid],
-          )
-        ).length > 0;
+        (await conn.execute("select 1 from pg_stat_activity where pid = ?", [lost.pid])).length > 0;
       if (!alive) return (await probe()) ? "applied" : "not-applied";
+      // Ours to end, when the role may (its own sessions); else it is waited for.
+      await conn.execute("select pg_terminate_backend(?)", [lost.pid]).catch(() => undefined);
     } catch (err) {
       if (!isOutage(err)) throw err;
     }
