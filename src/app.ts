@@ -135,7 +135,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       });
       // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
       const masterKey = loadMasterKey(config.auth, storage.target);
-      await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+      const sealed = await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+      if (sealed.resealed > 0)
+        logger.info(
+          { resealed: sealed.resealed, digestsCleared: sealed.digestsCleared },
+          "master key rotated: signing keys resealed, shared digests of the previous key cleared",
+        );
       const jwt = await createJwtService({
         config: config.auth.jwt,
         storage,

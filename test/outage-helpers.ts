@@ -42,6 +42,8 @@ export interface OutageApp {
   cut(): Promise<void>;
   /** PostgreSQL only: the database stops answering (bytes held, nothing refused or reset). */
   freeze?(): void;
+  /** PostgreSQL only: the proxy between the app and PostgreSQL. */
+  proxy?: DbProxy;
   restore(): Promise<void>;
   close(): Promise<void>;
 }
@@ -59,6 +61,7 @@ export async function startOutageApp(
     return {
       app,
       log,
+      proxy,
       async cut() {
         proxy.cut();
       },

@@ -139,6 +139,11 @@ describe("verified-secret cache", () => {
     await settle();
     expect(cache.stats().sharedWriteFailures).toBe(1);
     expect(warnings).toHaveLength(1);
+    // A second failure in the same run is counted, not logged again.
+    expect(await cache.verify("token:g", "f", hash, failing)).toBe(true);
+    await settle();
+    expect(cache.stats().sharedWriteFailures).toBe(2);
+    expect(warnings).toHaveLength(1);
     // What the database said (it may carry the digest in its SQL) is not logged.
     expect(JSON.stringify(warnings)).not.toContain("verified_digest");
   });

@@ -4,6 +4,7 @@ import { dirname, join } from "node:path";
 import type { Config } from "../config.js";
 import { SigningKey } from "../storage/entities.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
+import { clearSharedDigests } from "../storage/repositories/credentials.js";
 
 /**
  * The key-encryption key ("master key") that seals private signing keys at rest, with
@@ -161,9 +162,10 @@ export async function sealStoredSigningKeys(
   storage: Storage,
   mk: MasterKey,
   previous: readonly MasterKey[] = [],
-): Promise<void> {
+): Promise<{ resealed: number; digestsCleared: number }> {
   const em = storage.em.fork();
   const rows = await em.find(SigningKey, {});
+  let resealed = 0;
   for (const row of rows) {
     let clear: string;
     if (isSealed(row.privateJwk)) {
@@ -173,6 +175,7 @@ export async function sealStoredSigningKeys(
         continue;
       }
       clear = openPrivateJwk(old, row.kid, row.privateJwk);
+      resealed++;
     } else {
       clear = row.privateJwk;
     }
@@ -182,4 +185,11 @@ export async function sealStoredSigningKeys(
       { privateJwk: sealPrivateJwk(mk, row.kid, clear) },
     );
   }
+  // A rotation (keys sealed under a previous master key were found): the shared digests of
+  // verified secrets were keyed from that key (sharedDigestKey), and whoever holds it could
+  // test guesses against them; they are cleared, and the next verification of each secret
+  // stores one keyed from the new key. A digest an instance still on the previous key
+  // stores later is never matched by the new key's instances, which replace it on use.
+  const digestsCleared = resealed > 0 ? await clearSharedDigests(storage) : 0;
+  return { resealed, digestsCleared };
 }

@@ -47,8 +47,8 @@ export interface VerifiedSecretCacheOptions {
   maxEntries?: number | undefined;
   /** Key of shared digests ({@link sharedDigestKey}); without it none is read or stored. */
   sharedKey?: Buffer | undefined;
-  /** Where a digest that could not be stored is reported (no secret, no digest in it). */
-  logger?: { warn(obj: object, msg: string): void } | undefined;
+  /** Where a digest that could not be stored or read is reported (no secret, no digest in it). */
+  logger?: { warn(obj: object, msg: string): void; info?(obj: object, msg: string): void } | undefined;
 }
 
 /** What the cache did since start (metrics, tests). */
@@ -65,6 +65,8 @@ export interface SecretCacheStats {
   sharedWrites: number;
   /** Digests that could not be stored (database gone): the next miss hashes again. */
   sharedWriteFailures: number;
+  /** Stored digests that could not be read (database gone, a timeout): those misses were answered by PBKDF2. */
+  sharedReadFailures: number;
   /** Entries held now. */
   entries: number;
   /** Heap bytes they take (entries × {@link SECRET_CACHE_ENTRY_BYTES}). */
@@ -107,7 +109,12 @@ export class VerifiedSecretCache {
     sharedHits: 0,
     sharedWrites: 0,
     sharedWriteFailures: 0,
+    sharedReadFailures: 0,
   };
+  /** Whether the last read of a stored digest failed: its failure was logged, the next success is too. */
+  private readFailing = false;
+  /** Whether the last store of a digest failed (logged once per run of failures, like reads). */
+  private writeFailing = false;
 
   constructor(options: VerifiedSecretCacheOptions) {
     const maxSize = Math.max(SECRET_CACHE_ENTRY_BYTES, Math.floor(options.maxBytes));
@@ -186,7 +193,7 @@ export class VerifiedSecretCache {
     }
     const digest = shared ? this.sharedDigestOf(namespace, storedHash, secret) : undefined;
     if (shared && digest !== undefined) {
-      const stored = shared.stored ?? (await shared.fresh());
+      const stored = shared.stored ?? (await this.readFresh(shared));
       if (this.matches(stored, digest)) {
         this.counters.misses++;
         this.counters.sharedHits++;
@@ -219,14 +226,47 @@ export class VerifiedSecretCache {
     return ok;
   }
 
-  /** Store a digest without holding up the request; a failure is counted and logged, never thrown. */
+  /**
+   * The stored digest read now, or null when it cannot be read: the digest only spares
+   * PBKDF2, and the row of record (the stored hash, just read) can still decide, so a failed
+   * read costs a PBKDF2, never the request. Counted, and logged once per run of failures.
+   */
+  private async readFresh(shared: SharedDigest): Promise<string | null> {
+    try {
+      const found = await shared.fresh();
+      if (this.readFailing) {
+        this.readFailing = false;
+        this.logger?.info?.({}, "verified-secret digests readable again");
+      }
+      return found;
+    } catch (err) {
+      this.counters.sharedReadFailures++;
+      if (!this.readFailing) {
+        this.readFailing = true;
+        this.logger?.warn(
+          { err: err instanceof Error ? err.name : "error" },
+          "verified-secret digest not readable; verifying with PBKDF2 until it is",
+        );
+      }
+      return null;
+    }
+  }
+
+  /** Store a digest without holding up the request; a failure is counted and logged (once per run), never thrown. */
   private store(shared: SharedDigest, digest: string): void {
     shared.save(digest).then(
       () => {
         this.counters.sharedWrites++;
+        if (this.writeFailing) {
+          this.writeFailing = false;
+          this.logger?.info?.({}, "verified-secret digests stored again");
+        }
       },
       (err: unknown) => {
         this.counters.sharedWriteFailures++;
+        // Once per run of failures: an outage fails every store, and each is counted.
+        if (this.writeFailing) return;
+        this.writeFailing = true;
         this.logger?.warn(
           { err: err instanceof Error ? err.name : "error" },
           "verified-secret digest not stored; the credential's next miss hashes again",

@@ -145,7 +145,7 @@ const tokensSchema = z
     sharedDigests: z.boolean().default(true).register(configKeys, {
       env: "TESSERA_TOKEN_SHARED_DIGESTS",
       description:
-        "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords.",
+        "After PBKDF2 verified a token's or machine credential's secret, store HMAC(key derived from the master key, credential, hash, secret) beside its row, so every instance (and this one after a restart or an eviction) recognises it with one HMAC instead of PBKDF2. A dump of the database cannot test guesses without the master key. Never done for human passwords. A digest that cannot be read costs a PBKDF2, never the call; a master-key rotation (auth.previousMasterKeys) clears the digests of the previous key at the first start that reseals the signing keys.",
     }),
   })
   .strict()

@@ -171,6 +171,12 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
       "Shared digests that could not be stored (the credential's next miss hashes again).",
       "sharedWriteFailures",
     );
+    secretMetric(
+      "counter",
+      "tessera_secret_cache_shared_read_failures_total",
+      "Shared digests that could not be read (then PBKDF2 verified the secret).",
+      "sharedReadFailures",
+    );
     secretMetric("gauge", "tessera_secret_cache_entries", "Entries in the in-process cache now.", "entries");
     secretMetric(
       "gauge",

@@ -6,6 +6,7 @@ import {
   UniqueConstraintViolationException,
 } from "@mikro-orm/core";
 import { TesseraError } from "../errors.js";
+import { lostCommit, outcomeUnknownError } from "./commit-outcome.js";
 
 /**
  * Database errors a handler did not expect, as the client's or the infrastructure's fault
@@ -19,6 +20,9 @@ import { TesseraError } from "../errors.js";
 export function driverErrorAsTesseraError(err: unknown): TesseraError | undefined {
   // Tessera's own errors (every refusal) are already what they mean: no look at them here.
   if (err instanceof TesseraError || err instanceof ConnectError) return undefined;
+  // A COMMIT whose answer was lost: an outage too, but the change may have been saved, and
+  // the client is told so (metadata.outcome = "unknown"); see commit-outcome.ts.
+  if (lostCommit(err) !== undefined) return outcomeUnknownError();
   // First, and for any error (the raw SQL path's better-sqlite3 and pg errors, a pool's
   // timeout): a database that is away, busy or full is a fault to retry, never a bug.
   if (isOutage(err))

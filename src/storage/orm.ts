@@ -87,6 +87,51 @@ export interface InitOrmOptions {
    * `database.*TimeoutMs` config keys; see pg-bounds.ts).
    */
   bounds?: Partial<PgBounds>;
+  /** How migrations wait for locks and retry (defaults: {@link MIGRATION_LOCK_DEFAULTS}; tests shorten them). */
+  migrationLocks?: Partial<MigrationLockOptions>;
+}
+
+/**
+ * How a migration waits for the table locks its statements need, so that it never queues
+ * every other session behind it: an `ALTER TABLE` waiting for a long transaction holds its
+ * place in the lock queue, and every read of that table by every running instance waits
+ * behind it (until its own statement timeout: 503s fleet-wide). PostgreSQL's `lock_timeout`
+ * bounds each wait; the attempt then rolls back (nothing half-applied: all pending
+ * migrations run in one transaction), the readers proceed, and the migration tries again
+ * after a short pause, until `budgetMs` has passed.
+ */
+export interface MigrationLockOptions {
+  /**
+   * PostgreSQL `lock_timeout` of the migration transaction, in ms. Unset: half the
+   * per-statement bound (so a reader queued behind a waiting migration still answers
+   * within its own), at most 2 s.
+   */
+  lockTimeoutMs: number;
+  /** How long attempts go on before the migration fails with {@link MigrationLockTimeoutError}. */
+  budgetMs: number;
+}
+
+/** The defaults of {@link MigrationLockOptions} (lockTimeoutMs: see there). */
+export const MIGRATION_LOCK_DEFAULTS = { maxLockTimeoutMs: 2_000, budgetMs: 60_000 } as const;
+
+/** Raised when migrations could not take their locks within the retry budget. */
+export class MigrationLockTimeoutError extends Error {
+  override readonly name = "MigrationLockTimeoutError";
+}
+
+/**
+ * Whether a migration attempt gave way to another session's lock, and may be tried again
+ * as it is (the attempt's transaction rolled back): PostgreSQL's lock_not_available
+ * (55P03, our lock_timeout) and deadlock_detected (40P01); SQLite's BUSY (another
+ * connection held the write lock past the busy timeout, or the snapshot went stale).
+ */
+export function isLockContention(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 3; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === "55P03" || code === "40P01") return true;
+    if (typeof code === "string" && code.startsWith("SQLITE_BUSY")) return true;
+  }
+  return false;
 }
 
 /** Attempts of {@link Storage.migrate} when another schema vanished under its introspection. */
@@ -190,6 +235,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     },
     allowGlobalContext: false,
   };
+  const statementTimeoutMs = options.bounds?.statementTimeoutMs ?? 5_000;
   let orm: MikroORM;
   // PostgreSQL: lifts the client-side statement bound for a migration (see pg-bounds.ts).
   let exempt = <T>(fn: () => Promise<T>) => fn();
@@ -211,7 +257,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     await orm.em.getConnection().execute("pragma busy_timeout = 5000");
   } else {
     const bounds = pgBoundOptions({
-      statementTimeoutMs: options.bounds?.statementTimeoutMs ?? 5_000,
+      statementTimeoutMs,
       connectTimeoutMs: options.bounds?.connectTimeoutMs ?? 5_000,
     });
     exempt = bounds.exempt;
@@ -235,28 +281,56 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     });
   }
   const em = orm.em as unknown as EntityManager;
+  const lockTimeoutMs = Math.max(
+    1,
+    Math.floor(
+      options.migrationLocks?.lockTimeoutMs ??
+        (statementTimeoutMs > 0
+          ? Math.min(MIGRATION_LOCK_DEFAULTS.maxLockTimeoutMs, statementTimeoutMs / 2)
+          : MIGRATION_LOCK_DEFAULTS.maxLockTimeoutMs),
+    ),
+  );
+  const lockBudgetMs = options.migrationLocks?.budgetMs ?? MIGRATION_LOCK_DEFAULTS.budgetMs;
   const migrateHeld = async (): Promise<string[]> => {
     const migrator = orm.getMigrator();
     const conn = em.getConnection();
     // A migration may rewrite a large table: exempt from the statement bounds (server and
-    // client side), in the one transaction that applies every pending migration.
+    // client side), in the one transaction that applies every pending migration; but each
+    // lock it waits for is bounded (see MigrationLockOptions).
     const up = () =>
       target.kind === "postgresql"
         ? exempt(() =>
             conn.transactional(async (trx) => {
               await conn.execute("set local statement_timeout = 0", [], "run", trx);
+              await conn.execute(`set local lock_timeout = ${lockTimeoutMs}`, [], "run", trx);
               return migrator.up({ transaction: trx });
             }),
           )
         : migrator.up();
-    for (let attempt = 1; ; attempt++) {
+    const deadline = Date.now() + lockBudgetMs;
+    let contended = 0;
+    let dropped = 0;
+    for (;;) {
       try {
         const applied = await up();
         return applied.map((m) => m.name);
       } catch (err) {
-        if (target.kind !== "postgresql" || attempt >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
+        if (isLockContention(err)) {
+          contended++;
+          // Jittered, growing pauses: instances retrying together do not retry in step.
+          const pause = Math.min(2_000, 50 * 2 ** Math.min(contended, 6)) * (0.5 + Math.random() / 2);
+          if (Date.now() + pause > deadline)
+            throw new MigrationLockTimeoutError(
+              `migrations could not take their table locks within ${lockBudgetMs / 1000} s (${contended} attempts, each waiting at most ${lockTimeoutMs} ms): another session holds a lock on a table they change (a long transaction? see pg_stat_activity); nothing was applied, try again`,
+              { cause: err },
+            );
+          await sleep(pause);
+          continue;
+        }
+        dropped++;
+        if (target.kind !== "postgresql" || dropped >= MIGRATE_ATTEMPTS || !isSchemaDroppedMeanwhile(err))
           throw err;
-        await sleep(25 * attempt);
+        await sleep(25 * dropped);
       }
     }
   };

@@ -16,6 +16,8 @@
  * and the start-up lock's wait (its own bound, see startup-lock.ts).
  */
 
+import { watchCommits } from "./commit-outcome.js";
+
 /** How much later than the server's statement_timeout the client gives up on a statement. */
 export const CLIENT_TIMEOUT_MARGIN_MS = 1_000;
 
@@ -31,6 +33,7 @@ export const QUERY_READ_TIMEOUT = "Query read timeout";
 /** The few members of a pg client the pool hook uses. */
 interface PgPooledClient {
   query(config: unknown, ...rest: unknown[]): unknown;
+  processID?: number | null;
   connection?: { stream?: { destroy(): void } };
   __knex__disposed?: unknown;
 }
@@ -71,6 +74,8 @@ export function pgBoundOptions(bounds: PgBounds): {
     },
     pool: {
       afterCreate(conn, done) {
+        // A COMMIT whose answer is lost (this bound among the causes) is marked as such.
+        watchCommits(conn);
         if (clientTimeout > 0) boundQueries(conn, clientTimeout, state);
         done(null, conn);
       },

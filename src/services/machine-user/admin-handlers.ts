@@ -10,6 +10,7 @@ import { formatScopes } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
 import { errors } from "../../errors.js";
 import { countCredentialCreation } from "../../rate-limit.js";
+import { commitCreation } from "../../storage/commit-outcome.js";
 import { MachineCredential, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import { assertScopesHold, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
@@ -65,34 +66,42 @@ export function machineUserAdminHandlers(
         iterations: deps.passwordIterations,
         now,
       });
-      let created: MachineUser;
+      let created: MachineUser | undefined;
       try {
-        created = await e.transactional(async (tx) => {
-          const mu = tx.create(MachineUser, {
-            id,
-            tenantId,
-            name: req.name,
-            authType: kind,
-            scopes: formatScopes(req.scopes),
-            disabled: false,
-            createdAt: now,
-            updatedAt: now,
-          });
-          // The parent row first: entities are schemas without relations, so the ORM
-          // cannot order the inserts by foreign key itself.
-          await tx.flush();
-          tx.create(MachineCredential, credential.row);
-          for (const applicationId of applicationIds)
-            tx.create(MachineUserApplication, { machineUserId: id, applicationId });
-          await tx.flush();
-          return mu;
-        });
+        // The credential is shown once: a lost COMMIT is settled (see commitCreation).
+        await commitCreation(
+          deps.storage,
+          () =>
+            e.transactional(async (tx) => {
+              const mu = tx.create(MachineUser, {
+                id,
+                tenantId,
+                name: req.name,
+                authType: kind,
+                scopes: formatScopes(req.scopes),
+                disabled: false,
+                createdAt: now,
+                updatedAt: now,
+              });
+              // The parent row first: entities are schemas without relations, so the ORM
+              // cannot order the inserts by foreign key itself.
+              await tx.flush();
+              tx.create(MachineCredential, credential.row);
+              for (const applicationId of applicationIds)
+                tx.create(MachineUserApplication, { machineUserId: id, applicationId });
+              await tx.flush();
+              created = mu;
+            }),
+          { kind: "machine user", id },
+          async () => (await deps.storage.em.fork().count(MachineCredential, { id: credential.row.id })) > 0,
+        );
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) {
           throw errors.alreadyExists("a machine user with this name exists in the tenant");
         }
         throw err;
       }
+      if (created === undefined) throw new Error("the machine user's transaction ended without it");
       return {
         machineUser: await toProto(ctx, created),
         token: credential.token,
@@ -193,31 +202,38 @@ export function machineUserAdminHandlers(
       ) {
         if (mu.rotationGraceUntil < tokenCutoff) tokenCutoff = mu.rotationGraceUntil;
       }
-      await e.transactional(async (tx) => {
-        // Credentials already past their end are dropped; live ones end now or after the grace period.
-        await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
-        if (grace === 0) {
-          await tx.nativeDelete(MachineCredential, { machineUserId: mu.id });
-        } else {
-          await tx.nativeUpdate(
-            MachineCredential,
-            { machineUserId: mu.id, expiresAt: null },
-            { expiresAt: graceUntil },
-          );
-          await tx.nativeUpdate(
-            MachineCredential,
-            { machineUserId: mu.id, expiresAt: { $gt: graceUntil } },
-            { expiresAt: graceUntil },
-          );
-        }
-        tx.create(MachineCredential, credential.row);
-        mu.rotatedAt = now;
-        mu.rotationGraceUntil = tokenCutoff;
-        mu.updatedAt = now;
-        await tx.flush();
-        // The new credential carries the scopes the caller was checked against, or nothing.
-        await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
-      });
+      // The new credential is shown once: a lost COMMIT is settled (see commitCreation).
+      await commitCreation(
+        deps.storage,
+        () =>
+          e.transactional(async (tx) => {
+            // Credentials already past their end are dropped; live ones end now or after the grace period.
+            await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
+            if (grace === 0) {
+              await tx.nativeDelete(MachineCredential, { machineUserId: mu.id });
+            } else {
+              await tx.nativeUpdate(
+                MachineCredential,
+                { machineUserId: mu.id, expiresAt: null },
+                { expiresAt: graceUntil },
+              );
+              await tx.nativeUpdate(
+                MachineCredential,
+                { machineUserId: mu.id, expiresAt: { $gt: graceUntil } },
+                { expiresAt: graceUntil },
+              );
+            }
+            tx.create(MachineCredential, credential.row);
+            mu.rotatedAt = now;
+            mu.rotationGraceUntil = tokenCutoff;
+            mu.updatedAt = now;
+            await tx.flush();
+            // The new credential carries the scopes the caller was checked against, or nothing.
+            await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
+          }),
+        { kind: "machine credential", id: credential.row.id },
+        async () => (await deps.storage.em.fork().count(MachineCredential, { id: credential.row.id })) > 0,
+      );
       return {
         machineUser: await toProto(ctx, mu),
         token: credential.token,

@@ -15,6 +15,7 @@ import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
 import { generateToken, tokenHint } from "../../auth/token-format.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
+import { commitCreation } from "../../storage/commit-outcome.js";
 import { User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
@@ -130,7 +131,14 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       lastUsedAt: null,
       revokedAt: null,
     });
-    await em(ctx).flush();
+    // The secret is shown once: a COMMIT whose answer is lost is settled (was it saved?)
+    // rather than answered as if nothing happened.
+    await commitCreation(
+      deps.storage,
+      () => em(ctx).flush(),
+      { kind: label[kind], id: row.id },
+      async () => (await deps.storage.em.fork().count(ApiToken, { id: row.id })) > 0,
+    );
     return { row, token: generated.token };
   }
 

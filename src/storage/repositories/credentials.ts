@@ -1,5 +1,6 @@
 import { parseScopeString } from "../../auth/scopes.js";
 import type { SharedDigest } from "../../auth/secret-cache.js";
+import type { Storage } from "../orm.js";
 import { oncePerRow } from "../row-cache.js";
 import { type SqlRunner, toBool, toMillis } from "../sql.js";
 import type { ApiTokenKind } from "../token-entities.js";
@@ -161,4 +162,33 @@ export class CredentialRepository {
   async markUsed(table: LastUsedTable, id: string, at: Date): Promise<void> {
     await this.sql.run(MARK_USED[table], [at, id, at]);
   }
+}
+
+/** The tables whose rows carry a shared digest (`verified_digest`). */
+const DIGEST_TABLES = ["api_tokens", "machine_credentials"] as const;
+
+/** Rows one statement of {@link clearSharedDigests} clears: short statements, under any statement bound. */
+const CLEAR_DIGESTS_BATCH = 5_000;
+
+/**
+ * Forget every shared digest (a master-key rotation: they were keyed with the previous
+ * key's derivation). In batches, so that no statement holds many row locks or runs into
+ * the per-statement bound; idempotent, and a concurrent verification that stores a new
+ * digest meanwhile stores one under the key it holds. Returns the digests cleared.
+ */
+export async function clearSharedDigests(storage: Storage): Promise<number> {
+  const conn = storage.em.getConnection();
+  let cleared = 0;
+  for (const table of DIGEST_TABLES) {
+    const sql =
+      `update ${table} set verified_digest = null where id in ` +
+      `(select id from ${table} where verified_digest is not null limit ${CLEAR_DIGESTS_BATCH})`;
+    for (;;) {
+      const res = (await conn.execute(sql, [], "run")) as { affectedRows?: number };
+      const n = res.affectedRows ?? 0;
+      cleared += n;
+      if (n < CLEAR_DIGESTS_BATCH) break;
+    }
+  }
+  return cleared;
 }
