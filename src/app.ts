@@ -20,10 +20,11 @@ import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1
 import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { assertAuthRules, createAdmissionInterceptor } from "./admission/index.js";
+import { createPasswordShedding, type PasswordShedding } from "./admission/shedding.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./auth/authenticator.js";
-import { configureHashPool } from "./auth/hash-pool.js";
+import { configureHashPool, hashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
 import {
@@ -84,6 +85,8 @@ export interface App {
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
   metrics: Metrics | undefined;
+  /** Password checks refused before their body while the hash pool is full (admission/shedding.ts). */
+  shedding: PasswordShedding;
   /** Shared cache of verified secrets (Basic passwords, opaque tokens): PBKDF2 once per secret. */
   secrets: VerifiedSecretCache;
   /** Coalesced last-used timestamps of credentials. */
@@ -272,9 +275,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       retentionDays: config.audit.retentionDays,
     });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
+    const shedding = createPasswordShedding({ hasRoom: () => hashPool().hasRoom(), logger });
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets });
+      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding });
 
     const services: DescService[] = [
       UserService,
@@ -363,6 +367,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       limits,
       audit,
       metrics,
+      shedding,
       secrets,
       lastUsed,
       bootstrap,
@@ -387,6 +392,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         jwt.close();
         await sessionPruner.close();
         metrics?.close();
+        shedding.flush();
         await Promise.all([lastUsed.close(), audit.close()]);
         await limits?.close();
         await notifier?.close();

@@ -123,7 +123,8 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
       metrics.observeCall(method, protocol, code, seconds);
       observeAuth(metrics, state, headers, method, code);
     }
-    if (level === undefined) return;
+    // A shed call is logged in aggregate, one line per interval (admission/shedding.ts).
+    if (level === undefined || state.aggregated) return;
     const principal = state.principal;
     // Never a header, a body or a credential: ids, kinds, codes and the caller's address.
     logger[level](

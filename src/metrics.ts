@@ -4,6 +4,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+import type { PasswordShedding } from "./admission/shedding.js";
 import type { AuditLog, AuditStats } from "./audit.js";
 import { hashPool, observeHashWaits } from "./auth/hash-pool.js";
 import type { SecretCacheStats } from "./auth/secret-cache.js";
@@ -78,6 +79,8 @@ export interface MetricsSources {
   storage: Storage;
   /** The verified-secret cache (auth/secret-cache.ts). */
   secrets?: { stats(): SecretCacheStats };
+  /** Password checks shed before their body (admission/shedding.ts). */
+  shedding?: Pick<PasswordShedding, "counts">;
 }
 
 /** Latency buckets in seconds: from a cached JWT call (~0.1 ms) to a queued PBKDF2 (seconds). */
@@ -204,6 +207,20 @@ export function createMetrics(sources: MetricsSources): Metrics {
     "PBKDF2 hashes refused (queue full) since the process started.",
     () => hashPool().stats().refused,
   );
+  // Password checks refused before their body while the pool was full: by method, read when scraped.
+  const shedding = sources.shedding;
+  if (shedding)
+    new Counter({
+      name: "tessera_password_checks_shed_total",
+      help: "Password checks (Login, ChangePassword) refused with Unavailable before their body was read because the PBKDF2 pool was full, by service and method; logged in aggregate, not one line each.",
+      labelNames: ["service", "method"],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [method, n] of shedding.counts())
+          this.inc({ service: method.parent.typeName, method: method.name }, n);
+      },
+    });
   const hashWait = new Histogram({
     name: "tessera_hash_pool_wait_seconds",
     help: "Time a PBKDF2 hash waited for a slot before it started, in seconds.",
