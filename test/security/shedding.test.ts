@@ -1,42 +1,15 @@
-import http2 from "node:http2";
-import { Writable } from "node:stream";
+import type http2 from "node:http2";
 import { createClient } from "@connectrpc/connect";
-import {
-  createConnectTransport,
-  createGrpcTransport,
-  createGrpcWebTransport,
-} from "@connectrpc/connect-node";
-import { pino } from "pino";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createPasswordShedding } from "../../src/admission/shedding.js";
-import { type App, createApp } from "../../src/app.js";
+import type { App } from "../../src/app.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
-import { startServer, type TesseraServer } from "../../src/server.js";
 import { Code, rejection } from "../errors-util.js";
-import {
-  ADMIN_PASSWORD,
-  createTestCerts,
-  DATABASES,
-  dropSchema,
-  type TestCerts,
-  testConfig,
-  withHeaders,
-} from "../helpers.js";
+import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { captureLogs } from "./fixtures.js";
 
 const LOGIN = `/${UserService.typeName}/${UserService.method.login.name}`;
-
-/** Log lines (parsed) written by the app under test. */
-function captureLogs() {
-  const lines: Array<Record<string, unknown>> = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      for (const line of chunk.toString("utf8").split("\n")) if (line) lines.push(JSON.parse(line));
-      cb();
-    },
-  });
-  return { lines, logger: pino({ level: "info" }, sink) };
-}
 
 /** Occupy the process's hash pool (one slot, no queue in this file) until the returned function is called. */
 function holdPool(): () => Promise<void> {
@@ -49,10 +22,10 @@ function holdPool(): () => Promise<void> {
 }
 
 /** A raw HTTP/2 POST; the body is sent whole, the answer collected. */
-function rawPost(url: string, ca: Buffer, path: string, headers: Record<string, string>, body: Uint8Array) {
+function rawPost(ts: TestServer, path: string, headers: Record<string, string>, body: Uint8Array) {
   return new Promise<{ status: number; headers: http2.IncomingHttpHeaders; body: string }>(
     (resolve, reject) => {
-      const session = http2.connect(url, { ca });
+      const session = ts.session();
       session.on("error", reject);
       const stream = session.request({ ":method": "POST", ":path": path, ...headers });
       let status = 0;
@@ -74,26 +47,23 @@ function rawPost(url: string, ca: Buffer, path: string, headers: Record<string, 
 }
 
 describe.each(DATABASES)("password checks while the hash pool is full, over a real server on $name", (db) => {
-  let certs: TestCerts;
+  let ts: TestServer;
   let app: App;
-  let server: TesseraServer;
-  let url: string;
   const logs = captureLogs();
   let userToken: string;
 
   beforeAll(async () => {
-    certs = await createTestCerts();
-    url = db.url();
-    app = await createApp(
-      testConfig(url, {
-        server: { certDir: certs.dir },
+    ts = await startTestServer(
+      db,
+      {
         auth: { hashConcurrency: 1, hashQueue: 0 },
         metrics: { listen: "127.0.0.1:0" },
         log: { access: "info" },
-      }),
+      },
+      undefined,
       { logger: logs.logger },
     );
-    server = await startServer(app);
+    app = ts.app;
     const anon = createClient(UserService, connect());
     const admin = await anon.login({ username: "admin", password: ADMIN_PASSWORD });
     await createClient(
@@ -104,9 +74,7 @@ describe.each(DATABASES)("password checks while the hash pool is full, over a re
       .accessToken;
   });
   afterAll(async () => {
-    await server?.close(0);
-    await app?.close();
-    await dropSchema(url);
+    await ts?.close();
   });
 
   let release: (() => Promise<void>) | undefined;
@@ -115,20 +83,12 @@ describe.each(DATABASES)("password checks while the hash pool is full, over a re
     release = undefined;
   });
 
-  function connect() {
-    return createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
-  }
+  const connect = () => ts.connect();
 
   it("answers Login Unavailable with Retry-After before reading its body, on Connect, gRPC and gRPC-Web", async () => {
     release = holdPool();
     // A body no parser accepts: answered 503, not 400, so it was never read.
-    const raw = await rawPost(
-      server.url,
-      certs.ca,
-      LOGIN,
-      { "content-type": "application/json" },
-      Buffer.from("{not json"),
-    );
+    const raw = await rawPost(ts, LOGIN, { "content-type": "application/json" }, Buffer.from("{not json"));
     expect(raw.status).toBe(503);
     expect(raw.headers["retry-after"]).toBe("1");
     const body = JSON.parse(raw.body) as { code: string; reason: string; request_id: string };
@@ -136,11 +96,7 @@ describe.each(DATABASES)("password checks while the hash pool is full, over a re
     expect(body.reason).toBe("UNAVAILABLE");
     expect(body.request_id).toBe(raw.headers["x-request-id"]);
 
-    for (const transport of [
-      connect(),
-      createGrpcTransport({ baseUrl: server.url, nodeOptions: { ca: certs.ca } }),
-      createGrpcWebTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: { ca: certs.ca } }),
-    ]) {
+    for (const transport of [ts.connect(), ts.grpc(), ts.grpcWeb()]) {
       const r = await rejection(
         createClient(UserService, transport).login({ username: "admin", password: ADMIN_PASSWORD }),
       );
@@ -166,8 +122,7 @@ describe.each(DATABASES)("password checks while the hash pool is full, over a re
     expect(r.error.metadata.get("retry-after")).toBe("1");
     // Before its body too: a malformed one is not what it is answered for.
     const raw = await rawPost(
-      server.url,
-      certs.ca,
+      ts,
       `/${UserService.typeName}/${UserService.method.changePassword.name}`,
       { "content-type": "application/json", authorization: `Bearer ${userToken}` },
       Buffer.from("{not json"),
