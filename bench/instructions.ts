@@ -14,6 +14,13 @@
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
+ *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
+ *
+ * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), and `login-shed`: a
+ * wrong-password Login refused because the hash pool is full (issue 18's flood: one slot, no
+ * queue, one hash always running, so every other Login is a refusal). The hashes themselves
+ * run on other threads: measure that one with --main-thread, which is what the flood takes
+ * from the event loop.
  *
  * The checkout is compiled with its own TypeScript (as `npm run bench` does) and served from
  * a fresh SQLite database; this script's own client drives it with h2load over TLS, so two
@@ -27,6 +34,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFil
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { LoginRequestSchema } from "../gen/tessera/v1/user_service_pb.js";
 import { ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
@@ -48,11 +57,15 @@ const { values: flags } = parseArgs({
     iterations: { type: "string" },
     env: { type: "string", multiple: true },
     transport: { type: "string" },
+    "main-thread": { type: "boolean", default: false },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
 const root = resolve(flags.root);
 const tool = flags.tool as "callgrind" | "cpu-prof" | "none";
+const mainThread = flags["main-thread"] === true;
+const scenarios = flags.scenarios.split(",");
+const loginShed = scenarios.includes("login-shed");
 const work = flags.out ? resolve(flags.out) : mkdtempSync(join(tmpdir(), "tessera-instructions-"));
 mkdirSync(work, { recursive: true });
 const log = (text: string) => process.stderr.write(`${text}\n`);
@@ -87,6 +100,10 @@ const env = benchServerEnv(
     TESSERA_RATE_LIMIT_PER_PRINCIPAL: "1000000000",
     // server.transport; a checkout from before the key ignores it.
     ...(flags.transport ? { TESSERA_TRANSPORT: flags.transport } : {}),
+    // login-shed: one hash at a time and none waiting, so that all but the Login holding the
+    // slot are refused; no deadline (benchServerEnv's default here), or the seeding's own
+    // logins, slow under callgrind, would be refused.
+    ...(loginShed ? { TESSERA_HASH_CONCURRENCY: "1", TESSERA_HASH_QUEUE: "0" } : {}),
     // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
     // costs minutes; a token's hash is checked once, so fewer iterations change no request.
     ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
@@ -103,6 +120,7 @@ const [command, args] =
         "valgrind",
         [
           "--tool=callgrind",
+          ...(mainThread ? ["--separate-threads=yes"] : []),
           `--callgrind-out-file=${join(work, "callgrind.%p")}`,
           launcher.command,
           ...entry,
@@ -148,6 +166,8 @@ const pat = (
 ).token;
 await api.close();
 const tokens: Record<string, string> = { jwt, pat };
+/** The login-shed scenario's request: a wrong password (the admin's username, so no dummy hash is made). */
+const wrongLogin = { username: "admin", password: "not the admin's password" };
 
 const bodies = {
   connect: { file: join(work, "body.json"), headers: { "content-type": "application/json" } },
@@ -158,13 +178,25 @@ const bodies = {
 };
 writeFileSync(bodies.connect.file, "{}");
 writeFileSync(bodies.grpc.file, grpcFrame(new Uint8Array()));
+const loginBodies = {
+  connect: join(work, "login.json"),
+  grpc: join(work, "login.grpc"),
+};
+writeFileSync(loginBodies.connect, JSON.stringify(wrongLogin));
+writeFileSync(
+  loginBodies.grpc,
+  grpcFrame(toBinary(LoginRequestSchema, create(LoginRequestSchema, wrongLogin))),
+);
 
 /** The newest callgrind dump's total instruction count. */
 function dumpTotal(): number {
   execFileSync("callgrind_control", ["-d", String(server.pid)], { stdio: "ignore" });
+  // Named callgrind.<pid>.<dump>, or callgrind.<pid>.<dump>-<thread> with --separate-threads
+  // (thread 01: the main thread, Node's event loop).
+  const dumpOf = (f: string) => Number(f.split(".").pop()!.split("-")[0]);
   const dumps = readdirSync(work)
-    .filter((f) => f.startsWith(`callgrind.${server.pid}.`))
-    .sort((a, b) => Number(a.split(".").pop()) - Number(b.split(".").pop()));
+    .filter((f) => f.startsWith(`callgrind.${server.pid}.`) && (!mainThread || f.endsWith("-01")))
+    .sort((a, b) => dumpOf(a) - dumpOf(b));
   const text = readFileSync(join(work, dumps.at(-1)!), "utf8");
   const m = /^(?:totals|summary):\s+(\d+)/m.exec(text);
   if (!m) throw new Error("no totals in the callgrind dump");
@@ -174,17 +206,29 @@ function dumpTotal(): number {
 const warmup = Number(flags.warmup);
 const requests = Number(flags.requests);
 try {
-  for (const scenario of flags.scenarios.split(",")) {
+  for (const scenario of scenarios) {
     for (const protocol of flags.protocols.split(",") as Array<keyof typeof bodies>) {
-      const shape = {
-        url: `${server.url}/${PATHS.getCurrentUser}`,
-        bodyFile: bodies[protocol].file,
-        workDir: work,
-        connections: 2,
-        streams: 10,
-        headers: { ...bodies[protocol].headers, authorization: `Bearer ${tokens[scenario]}` },
-        expectStatus: 200,
-      };
+      const shape =
+        scenario === "login-shed"
+          ? {
+              url: `${server.url}/${PATHS.login}`,
+              bodyFile: loginBodies[protocol],
+              workDir: work,
+              connections: 2,
+              streams: 10,
+              headers: bodies[protocol].headers,
+              // Refused with Unavailable: 503 over Connect, 200 with grpc-status 14 over gRPC.
+              expectStatus: protocol === "connect" ? 503 : 200,
+            }
+          : {
+              url: `${server.url}/${PATHS.getCurrentUser}`,
+              bodyFile: bodies[protocol].file,
+              workDir: work,
+              connections: 2,
+              streams: 10,
+              headers: { ...bodies[protocol].headers, authorization: `Bearer ${tokens[scenario]}` },
+              expectStatus: 200,
+            };
       await runH2load({ ...shape, requests: warmup });
       if (tool === "callgrind")
         execFileSync("callgrind_control", ["-z", String(server.pid)], { stdio: "ignore" });

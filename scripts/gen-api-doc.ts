@@ -110,6 +110,16 @@ function section(file: DescFile, service: DescService): string[] {
   ];
 }
 
+/** The RPCs whose rule says `password`, named `Service/RPC`. */
+function passwordChecks(services: ReadonlyArray<{ service: DescService }>): string {
+  const names = services.flatMap(({ service }) =>
+    service.methods
+      .filter((m) => hasOption(m, auth) && getOption(m, auth).password)
+      .map((m) => `\`${service.name}/${m.name}\``),
+  );
+  return names.length > 0 ? names.join(", ") : "none";
+}
+
 /** The whole of docs/api.md. */
 export async function renderApiDoc(files?: readonly DescFile[]): Promise<string> {
   const all = files ?? (await generatedFiles());
@@ -130,6 +140,10 @@ export async function renderApiDoc(files?: readonly DescFile[]): Promise<string>
     "- **public**: no credential needed; scopes and principals do not apply.",
     "- **audited**: every call is written to the audit log, admitted or refused (a refusal by the per-IP rate",
     "  limit excepted), with its actor, target id and outcome (`audit: true` in the rule).",
+    "- **password check** (`password: true` in the rule): the request carries a password the RPC verifies with",
+    "  PBKDF2; while the hash pool is full such a call is refused with `Unavailable` and `Retry-After: 1` before its",
+    "  body is read, and is neither audited nor access-logged one by one (counted in",
+    `  \`tessera_password_checks_shed_total\`, logged in aggregate). Here: ${passwordChecks(own)}.`,
     "- **who may manage whom**: on top of the required scopes, an RPC that creates, changes, deletes or",
     "  re-credentials a principal (a user, a machine user, their bindings, backends, another user's tokens) needs",
     "  the caller's scopes to cover every scope the target holds now and would hold afterwards; only `*` covers",

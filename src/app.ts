@@ -5,9 +5,10 @@ import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import { type AccessLog, accessLogOf } from "./access-log.js";
 import { createAdmissionInterceptor } from "./admission/index.js";
+import { createPasswordShedding, type PasswordShedding } from "./admission/shedding.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import type { Authenticator } from "./auth/authenticator.js";
-import { configureHashPool } from "./auth/hash-pool.js";
+import { configureHashPool, hashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
 import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
@@ -53,6 +54,8 @@ export interface App {
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
   metrics: Metrics | undefined;
+  /** Password checks refused before their body while the hash pool is full (admission/shedding.ts). */
+  shedding: PasswordShedding;
   /** Shared cache of verified secrets (Basic passwords, opaque tokens): PBKDF2 once per secret. */
   secrets: VerifiedSecretCache;
   /** Coalesced last-used timestamps of credentials. */
@@ -205,9 +208,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
     });
+    const shedding = createPasswordShedding({ hasRoom: () => hashPool().hasRoom(), logger });
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets });
+      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding });
 
     const { services, routes } = createServiceRoutes({
       config,
@@ -251,6 +255,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       limits,
       audit,
       metrics,
+      shedding,
       secrets,
       lastUsed,
       bootstrap,
@@ -266,6 +271,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         jwt.close();
         await sessionPruner.close();
         metrics?.close();
+        shedding.flush();
         await Promise.all([lastUsed.close(), audit.close()]);
         await limits?.close();
         await notifier?.close();

@@ -133,7 +133,8 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
       metrics.observeCall(method, protocol, code, seconds);
       observeAuth(metrics, state, headers, method, code);
     }
-    if (level === undefined || !log.isLevelEnabled(level)) return;
+    // A shed call is logged in aggregate, one line per interval (admission/shedding.ts).
+    if (level === undefined || state.aggregated || !log.isLevelEnabled(level)) return;
     log.writeLine(accessLine(state, method, protocol, code, seconds, levelNumber));
   };
 

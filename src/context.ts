@@ -38,6 +38,11 @@ export interface RequestState {
    * verdict to act on later. Undefined before the per-IP limit let the call through.
    */
   admission?: "counted" | "admitted" | "refused";
+  /**
+   * The call was refused by load shedding (admission/shedding.ts), which logs such calls in
+   * aggregate: no access line of its own (call-observer.ts); still counted in the metrics.
+   */
+  aggregated?: true;
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */

@@ -3,6 +3,7 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+import type { PasswordShedding } from "./admission/shedding.js";
 import type { AuditLog, AuditStats } from "./audit.js";
 import type { SecretCacheStats } from "./auth/secret-cache.js";
 import { registerComponentMetrics } from "./metrics/component-metrics.js";
@@ -76,6 +77,8 @@ export interface MetricsSources {
   storage: Storage;
   /** The verified-secret cache (auth/secret-cache.ts). */
   secrets?: { stats(): SecretCacheStats };
+  /** Password checks shed before their body (admission/shedding.ts). */
+  shedding?: Pick<PasswordShedding, "counts">;
 }
 
 /** Latency buckets in seconds: from a cached JWT call (~0.1 ms) to a queued PBKDF2 (seconds). */

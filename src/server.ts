@@ -244,6 +244,9 @@ export function createRequestHandler(
       // admission interceptor), as is the authentication of an audited call (admission/index.ts).
       if (!early) return undefined;
       const state = stateOf(req);
+      // A password check the full hash pool would refuse anyway: answered now, body unread.
+      const shed = app.shedding.shed(method, state);
+      if (shed !== undefined) return shed;
       const refusal = admit(admission, method, nodeHeaderSource(req.headers), state, BEFORE_BODY);
       // Decided synchronously (or nothing to decide): no promise.
       if (refusal === undefined) return undefined;

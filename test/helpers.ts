@@ -1,11 +1,16 @@
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
+import http2 from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { DescService } from "@bufbuild/protobuf";
 import { type Client, createClient, createRouterTransport, type Transport } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
-import { pino } from "pino";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
+import { type Logger, pino } from "pino";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
 import type { Clock } from "../src/clock.js";
@@ -96,7 +101,7 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
 export async function createTestApp(
   db: TestDatabase,
   overrides: ConfigInput = {},
-  options: { clock?: Clock } = {},
+  options: { clock?: Clock; logger?: Logger } = {},
 ): Promise<App> {
   const url = db.url();
   const app = await createApp(testConfig(url, overrides), { logger: silentLogger, ...options });
@@ -182,16 +187,28 @@ export interface TestServer {
   certs: TestCerts;
   connect(opts?: { clientCert?: boolean }): Transport;
   grpc(opts?: { clientCert?: boolean }): Transport;
+  grpcWeb(opts?: { clientCert?: boolean }): Transport;
+  /** A raw HTTP/2 session to the server over TLS (no error listener: add one where a test expects errors). */
+  session(): http2.ClientHttp2Session;
   close(): Promise<void>;
 }
 
+/**
+ * An app on a fresh database served over TLS on a free port. `options.logger`: where the app
+ * logs (default: {@link silentLogger}), for tests that read its lines.
+ */
 export async function startTestServer(
   db: TestDatabase,
   overrides: ConfigInput = {},
   certs?: TestCerts,
+  options: { logger?: Logger } = {},
 ): Promise<TestServer> {
   const c = certs ?? (await createTestCerts());
-  const app = await createTestApp(db, { ...overrides, server: { certDir: c.dir, ...overrides.server } });
+  const app = await createTestApp(
+    db,
+    { ...overrides, server: { certDir: c.dir, ...overrides.server } },
+    options.logger ? { logger: options.logger } : {},
+  );
   const server = await startServer(app);
   const nodeOptions = (clientCert?: boolean) => ({
     ca: c.ca,
@@ -209,6 +226,13 @@ export async function startTestServer(
       }),
     grpc: (opts = {}) =>
       createGrpcTransport({ baseUrl: server.url, nodeOptions: nodeOptions(opts.clientCert) }),
+    grpcWeb: (opts = {}) =>
+      createGrpcWebTransport({
+        baseUrl: server.url,
+        httpVersion: "2",
+        nodeOptions: nodeOptions(opts.clientCert),
+      }),
+    session: () => http2.connect(server.url, { ca: c.ca }),
     async close() {
       await server.close(0);
       await app.close();

@@ -90,6 +90,20 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     "PBKDF2 hashes refused (queue full) since the process started.",
     () => hashPool().stats().refused,
   );
+  // Password checks refused before their body while the pool was full: by method, read when scraped.
+  const shedding = sources.shedding;
+  if (shedding)
+    new Counter({
+      name: "tessera_password_checks_shed_total",
+      help: "Password checks (Login, ChangePassword) refused with Unavailable before their body was read because the PBKDF2 pool was full, by service and method; logged in aggregate, not one line each.",
+      labelNames: ["service", "method"],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [method, n] of shedding.counts())
+          this.inc({ service: method.parent.typeName, method: method.name }, n);
+      },
+    });
   const hashWait = new Histogram({
     name: "tessera_hash_pool_wait_seconds",
     help: "Time a PBKDF2 hash waited for a slot before it started, in seconds.",

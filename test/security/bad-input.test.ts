@@ -1,4 +1,4 @@
-import http2 from "node:http2";
+import type http2 from "node:http2";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, createClient } from "@connectrpc/connect";
@@ -9,6 +9,7 @@ import { LoginRequestSchema, UserService } from "../../gen/tessera/v1/user_servi
 import { REASONS } from "../../src/errors.js";
 import { rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { envelope } from "./fixtures.js";
 
 /**
  * Bad input is the client's fault: a unique constraint lost to a concurrent request is
@@ -34,7 +35,7 @@ function post(
   body: Uint8Array,
 ): Promise<RawAnswer> {
   return new Promise((resolve, reject) => {
-    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    const session = ts.session();
     session.on("error", reject);
     const req = session.request({ ":method": "POST", ":path": path, ...headers });
     let head: http2.IncomingHttpHeaders = {};
@@ -54,13 +55,6 @@ function post(
     req.on("error", reject);
     req.end(body);
   });
-}
-
-function envelope(flags: number, data: Uint8Array): Buffer {
-  const head = Buffer.alloc(5);
-  head[0] = flags;
-  head.writeUInt32BE(data.byteLength, 1);
-  return Buffer.concat([head, data]);
 }
 
 /** The status and the ErrorInfo reason of a gRPC answer (trailers, or headers for a trailers-only answer). */

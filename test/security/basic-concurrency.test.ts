@@ -5,19 +5,19 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
 import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminLogin, basic, basicMachine, clients, tenantWithAdmin } from "../machine-fixtures.js";
+import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
  * A client sending its correct HTTP Basic credential on many connections at once is not a
  * guesser: the per-username-at-an-IP failure budget (5 by default) must not refuse it, cold
  * (nothing verified yet) or warm (verified before), with the memory or the Redis limiter.
  */
-const LIMITS = { enabled: true, perIpPerMinute: 10_000, perPrincipalPerMinute: 10_000 };
+const LIMITS = LIMITS_ON;
 const CONCURRENT = 30;
 const PASSWORD = "service password one";
 
-let nextAddress = 1;
 /** A client address no other test uses (Redis keeps its counts across runs). */
-const freshIp = () => `100.64.${Math.floor(Math.random() * 250)}.${nextAddress++}`;
+const freshIp = freshIps("100.64");
 
 async function settle(calls: Array<Promise<unknown>>): Promise<{ accepted: number; refused: string[] }> {
   const results = await Promise.allSettled(calls);

@@ -17,6 +17,7 @@ import {
   withHeaders,
 } from "../helpers.js";
 import { basic } from "../machine-fixtures.js";
+import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
  * Concurrent password guessing against a real server over TLS. The server trusts
@@ -24,9 +25,7 @@ import { basic } from "../machine-fixtures.js";
  * (X-Forwarded-For) and spends no other test's budget.
  */
 const LIMITS = {
-  enabled: true,
-  perIpPerMinute: 10_000,
-  perPrincipalPerMinute: 10_000,
+  ...LIMITS_ON,
   authFailuresPerIpPerMinute: 20,
   authFailuresPerUsernamePerIp: 5,
   authFailuresPerUsernamePerHour: 8,
@@ -36,9 +35,8 @@ const GUESSES = 60;
 /** Where the right password sits among the concurrent guesses: late, well past every budget. */
 const RIGHT_AT = 40;
 
-let nextAddress = 1;
 /** A client address no other test uses. */
-const freshIp = () => `198.51.100.${nextAddress++}`;
+const freshIp = freshIps("198.51");
 
 /** PBKDF2 runs started during `fn` (every hash goes through the process's hash pool). */
 async function pbkdf2Runs<T>(fn: () => Promise<T>): Promise<{ runs: number; result: T }> {

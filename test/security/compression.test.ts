@@ -1,4 +1,4 @@
-import http2 from "node:http2";
+import type http2 from "node:http2";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -72,7 +72,7 @@ describe.each(DATABASES)("compressed request bodies on $name", (db) => {
 
   beforeAll(async () => {
     ts = await startTestServer(db);
-    session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    session = ts.session();
     session.on("error", () => undefined);
   });
   afterAll(async () => {

@@ -8,25 +8,10 @@ import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
 import { budgetKey } from "../../src/client-ip.js";
 import { Code } from "../errors-util.js";
 import { ADMIN_PASSWORD, DATABASES, SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { envelope, within } from "./fixtures.js";
 
 const LOGIN = "/tessera.v1.UserService/Login";
 const GET_CURRENT_USER = "/tessera.v1.UserService/GetCurrentUser";
-
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(what)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** One gRPC/gRPC-Web envelope: flags, big-endian length, data. */
-function envelope(flags: number, data: Uint8Array): Buffer {
-  const head = Buffer.alloc(5);
-  head[0] = flags;
-  head.writeUInt32BE(data.byteLength, 1);
-  return Buffer.concat([head, data]);
-}
 
 /** What a call whose body the client keeps sending came to. */
 interface Upload {
@@ -165,7 +150,7 @@ describe.each(DATABASES)("the total connection limit on $name", (db) => {
 
 describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
   let ts: TestServer;
-  const connect = () => http2.connect(ts.server.url, { ca: ts.certs.ca });
+  const connect = () => ts.session();
 
   beforeAll(async () => {
     ts = await startTestServer(db, {
@@ -485,11 +470,11 @@ describe.each(DATABASES)("the per-IP connection count on $name", (db) => {
       untrusting.on("error", () => undefined);
       ends.push(closeOf(untrusting, `untrusting${round}`));
       // HTTP/2, idle: GOAWAY from the server, then closed.
-      const idle = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      const idle = ts.session();
       idle.on("error", () => undefined);
       ends.push(closeOf(idle, `idle${round}`));
       // HTTP/2, closed by the client in the middle of a call.
-      const busy = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      const busy = ts.session();
       busy.on("error", () => undefined);
       ends.push(closeOf(busy, `busy${round}`));
       const call = busy.request({ ":method": "POST", ":path": LOGIN, "content-type": "application/grpc" });

@@ -7,6 +7,7 @@ import { HashPool, hashPool } from "../../src/auth/hash-pool.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basicMachine, clients, tenantWithAdmin } from "../machine-fixtures.js";
+import { LIMITS_ON } from "./fixtures.js";
 
 /**
  * Creating a token costs a full PBKDF2, and any user may create tokens: a user holding no
@@ -22,12 +23,7 @@ describe.each(DATABASES)("credential creation floods on $name", (db) => {
 
   beforeAll(async () => {
     ts = await startTestServer(db, {
-      rateLimit: {
-        enabled: true,
-        perIpPerMinute: 10_000,
-        perPrincipalPerMinute: 10_000,
-        credentialCreationsPerHour: CREATIONS_PER_HOUR,
-      },
+      rateLimit: { ...LIMITS_ON, credentialCreationsPerHour: CREATIONS_PER_HOUR },
       auth: { passwordIterations: 200_000, hashConcurrency: 1, hashQueue: 4 },
     });
     transport = ts.connect();

@@ -1,4 +1,3 @@
-import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
 import type { EventSubscriber } from "@mikro-orm/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -7,7 +6,7 @@ import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, basic, clients } from "../machine-fixtures.js";
+import { adminLogin, basic, clients, short } from "../machine-fixtures.js";
 
 /**
  * Authority is bounded (issue #18, item 1): over TLS, an administrator tries every
@@ -19,7 +18,6 @@ import { adminLogin, basic, clients } from "../machine-fixtures.js";
 const STATIC_ADMIN_TOKEN = "static-admin-token-for-escalation-tests-0123456789";
 const PASSWORD = "correct horse battery staple";
 const NEW_PASSWORD = "attacker chosen password 1";
-const short = () => randomUUID().slice(0, 8);
 
 async function denied(call: Promise<unknown>): Promise<void> {
   const r = await rejection(call);

@@ -1,25 +1,20 @@
-import { Writable } from "node:stream";
 import { createClient, type Transport } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
-import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { type App, createApp } from "../../src/app.js";
-import { startServer, type TesseraServer } from "../../src/server.js";
+import type { App } from "../../src/app.js";
 import { rejection } from "../errors-util.js";
 import {
   ADMIN_PASSWORD,
   clientFor,
-  createTestCerts,
   DATABASES,
-  dropSchema,
-  type TestCerts,
-  testConfig,
+  startTestServer,
+  type TestServer,
   withHeaders,
 } from "../helpers.js";
 import { basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
+import { captureLogs } from "./fixtures.js";
 
 /**
  * No secret in any log line. A server logging at `trace`, with the ORM's SQL log on
@@ -33,12 +28,11 @@ import { basic, basicMachine, bearerMachine, clients, short } from "../machine-f
  */
 
 describe.each(DATABASES)("the logs on $name", (db) => {
-  const lines: string[] = [];
+  const logs = captureLogs("trace");
+  const lines = logs.raw;
   const secrets = new Map<string, string>();
+  let ts: TestServer;
   let app: App;
-  let server: TesseraServer;
-  let certs: TestCerts;
-  let url: string;
   const keep = (what: string, value: string | undefined) => {
     if (value) secrets.set(value, what);
   };
@@ -48,36 +42,26 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       vi.spyOn(console, level).mockImplementation((...args: unknown[]) => {
         lines.push(args.map((a) => (a instanceof Error ? `${a.message}\n${a.stack}` : String(a))).join(" "));
       });
-    const sink = new Writable({
-      write(chunk, _encoding, done) {
-        lines.push(String(chunk));
-        done();
-      },
-    });
-    certs = await createTestCerts();
-    url = db.url();
-    app = await createApp(
-      testConfig(url, {
-        database: { url, debug: true },
+    ts = await startTestServer(
+      db,
+      {
+        database: { debug: true },
         log: { level: "trace" },
         // Room in the hash pool's queue for the racing CreateUser calls.
         auth: { hashQueue: 32 },
-        server: { certDir: certs.dir },
-      }),
-      { logger: pino({ level: "trace" }, sink) },
+      },
+      undefined,
+      { logger: logs.logger },
     );
-    server = await startServer(app);
+    app = ts.app;
   });
   afterAll(async () => {
     vi.restoreAllMocks();
-    await server?.close(0);
-    await app?.close();
-    await dropSchema(url);
+    await ts?.close();
   });
 
-  const grpc = (): Transport => createGrpcTransport({ baseUrl: server.url, nodeOptions: { ca: certs.ca } });
-  const connect = (): Transport =>
-    createConnectTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
+  const grpc = (): Transport => ts.grpc();
+  const connect = (): Transport => ts.connect();
 
   it("holds no password, hash or token created or used through the API", async () => {
     keep("admin password", ADMIN_PASSWORD);

@@ -6,7 +6,8 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { User } from "../../src/storage/entities.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures.js";
+import { adminLogin, basic, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { LIMITS_ON } from "./fixtures.js";
 
 /**
  * Existence oracles (issue #18, item 10; certificate bindings are tested with their own
@@ -18,7 +19,6 @@ import { adminLogin, basic, clients, tenantWithAdmin } from "../machine-fixtures
  */
 
 const PASSWORD = "correct horse battery staple";
-const short = () => randomUUID().slice(0, 8);
 
 /** Everything a client can see of a refusal. */
 async function refusal(call: Promise<unknown>) {
@@ -298,9 +298,7 @@ describe.each(DATABASES)("per-tenant usernames under the password limits on $nam
   beforeAll(async () => {
     ts = await startTestServer(db, {
       rateLimit: {
-        enabled: true,
-        perIpPerMinute: 10_000,
-        perPrincipalPerMinute: 10_000,
+        ...LIMITS_ON,
         authFailuresPerIpPerMinute: 1000,
         authFailuresPerUsernamePerIp: 3,
         authFailuresPerUsernamePerHour: 1000,

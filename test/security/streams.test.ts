@@ -5,19 +5,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { Code } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { within } from "./fixtures.js";
 
 const LOGIN = "/tessera.v1.UserService/Login";
 const WATCH = "/grpc.health.v1.Health/Watch";
 /** An empty HealthCheckRequest (service ""), as one gRPC envelope. */
 const EMPTY_MESSAGE = Buffer.from([0, 0, 0, 0, 0]);
-
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(what)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 interface Watch {
   stream: http2.ClientHttp2Stream;
@@ -56,7 +49,7 @@ function watch(session: http2.ClientHttp2Session): Watch {
 describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
   let ts: TestServer;
   const connect = () => {
-    const s = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    const s = ts.session();
     s.on("error", () => undefined);
     return s;
   };

@@ -12,6 +12,7 @@ import {
   type TestServer,
   withHeaders,
 } from "../helpers.js";
+import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
  * Opaque tokens (personal access tokens, API keys, machine tokens) cost a PBKDF2 on first
@@ -35,8 +36,7 @@ function withSecret(token: string, secret: string): string {
   return `${head}${sum.padStart(6, "0")}`;
 }
 
-let nextAddress = 1;
-const freshIp = () => `198.18.${Math.floor(Math.random() * 250)}.${nextAddress++}`;
+const freshIp = freshIps("198.18");
 
 describe.each(DATABASES)("concurrent opaque tokens on $name", (db) => {
   let ts: TestServer;
@@ -50,12 +50,7 @@ describe.each(DATABASES)("concurrent opaque tokens on $name", (db) => {
 
   beforeAll(async () => {
     ts = await startTestServer(db, {
-      rateLimit: {
-        enabled: true,
-        perIpPerMinute: 10_000,
-        perPrincipalPerMinute: 10_000,
-        authFailuresPerIpPerMinute: BUDGET,
-      },
+      rateLimit: { ...LIMITS_ON, authFailuresPerIpPerMinute: BUDGET },
       server: { trustedProxies: ["127.0.0.1"] },
       auth: { passwordIterations: 20_000, hashConcurrency: 2, hashQueue: 1000 },
     });

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tessera/v1/options.proto.
  */
 export const file_tessera_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("Chh0ZXNzZXJhL3YxL29wdGlvbnMucHJvdG8SCnRlc3NlcmEudjEiaAoIQXV0aFJ1bGUSDgoGcHVibGljGAEgASgIEg4KBnNjb3BlcxgCIAMoCRItCgpwcmluY2lwYWxzGAMgAygOMhkudGVzc2VyYS52MS5QcmluY2lwYWxLaW5kEg0KBWF1ZGl0GAQgASgIKqkBCg1QcmluY2lwYWxLaW5kEh4KGlBSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTUFJJTkNJUEFMX0tJTkRfVVNFUhABEh8KG1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACEh4KGlBSSU5DSVBBTF9LSU5EX0FETUlOX1RPS0VOEAMSHgoaUFJJTkNJUEFMX0tJTkRfTVRMU19DTElFTlQQBDpKCgRhdXRoEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMY0YYDIAEoCzIULnRlc3NlcmEudjEuQXV0aFJ1bGVSBGF1dGhiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("Chh0ZXNzZXJhL3YxL29wdGlvbnMucHJvdG8SCnRlc3NlcmEudjEiegoIQXV0aFJ1bGUSDgoGcHVibGljGAEgASgIEg4KBnNjb3BlcxgCIAMoCRItCgpwcmluY2lwYWxzGAMgAygOMhkudGVzc2VyYS52MS5QcmluY2lwYWxLaW5kEg0KBWF1ZGl0GAQgASgIEhAKCHBhc3N3b3JkGAUgASgIKqkBCg1QcmluY2lwYWxLaW5kEh4KGlBSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTUFJJTkNJUEFMX0tJTkRfVVNFUhABEh8KG1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACEh4KGlBSSU5DSVBBTF9LSU5EX0FETUlOX1RPS0VOEAMSHgoaUFJJTkNJUEFMX0tJTkRfTVRMU19DTElFTlQQBDpKCgRhdXRoEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMY0YYDIAEoCzIULnRlc3NlcmEudjEuQXV0aFJ1bGVSBGF1dGhiBnByb3RvMw", [file_google_protobuf_descriptor]);
 
 /**
  * The authentication and authorization rule of one RPC. Every RPC of every
@@ -50,6 +50,16 @@ export type AuthRule = Message<"tessera.v1.AuthRule"> & {
    * @generated from field: bool audit = 4;
    */
   audit: boolean;
+
+  /**
+   * The request carries a password the RPC verifies with PBKDF2 (Login's, ChangePassword's
+   * current one). While the hash pool has no room for a check, such a call is refused with
+   * Unavailable and Retry-After before its body is read (src/admission/shedding.ts): the
+   * refusal it would get anyway, without parsing, auditing or access-logging each one.
+   *
+   * @generated from field: bool password = 5;
+   */
+  password: boolean;
 };
 
 /**

@@ -1,0 +1,64 @@
+import { Writable } from "node:stream";
+import { type Logger, pino } from "pino";
+
+/**
+ * Fixtures the adversarial suite (test/security/) shares: what several of its files wrote
+ * each for itself. Servers, transports and raw HTTP/2 sessions come from test/helpers.ts
+ * (`startTestServer`, `ts.connect()`, `ts.grpc()`, `ts.grpcWeb()`, `ts.session()`);
+ * principals and tenants from test/machine-fixtures.ts.
+ */
+
+/**
+ * Rate limits on, with the per-IP and per-principal limits far out of the way: for files
+ * that test the failure budgets (and the ones that reserve before PBKDF2) from many
+ * addresses, which the per-IP limit would otherwise stop first. Spread, then add the budget
+ * under test.
+ */
+export const LIMITS_ON = { enabled: true, perIpPerMinute: 10_000, perPrincipalPerMinute: 10_000 } as const;
+
+/**
+ * A source of client addresses (sent as X-Forwarded-For through the trusted proxy 127.0.0.1)
+ * that no other test of the run uses: `<prefix>.<random>.<n>`, the random octet because
+ * Redis keeps its budgets across runs, and `n` counting up within this file.
+ */
+export function freshIps(prefix: string): () => string {
+  const octet = Math.floor(Math.random() * 250);
+  let n = 1;
+  return () => `${prefix}.${octet}.${n++}`;
+}
+
+/** `promise`, or a rejection naming `what` after `ms`. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(what)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** One gRPC/gRPC-Web envelope: flags, big-endian length, data. */
+export function envelope(flags: number, data: Uint8Array): Buffer {
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(data.byteLength, 1);
+  return Buffer.concat([head, data]);
+}
+
+/** A logger (at `level`) whose lines are kept, as written (`raw`) and parsed (`lines`). */
+export function captureLogs(level: pino.LevelWithSilent = "info"): {
+  logger: Logger;
+  raw: string[];
+  lines: Array<Record<string, unknown>>;
+} {
+  const raw: string[] = [];
+  const lines: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      const text = String(chunk);
+      raw.push(text);
+      for (const line of text.split("\n")) if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  return { logger: pino({ level }, sink), raw, lines };
+}
