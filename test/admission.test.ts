@@ -485,14 +485,14 @@ describe("admission: the per-IP limit", () => {
       );
       expect(grpc.trailers["grpc-status"]).toBe(String(Code.ResourceExhausted));
       expect(Number(grpc.trailers["retry-after"])).toBeGreaterThan(0);
-      // Refused by the limit, before the audit interceptor: not audited (nor is the malformed
-      // first call, refused while parsing, before any interceptor).
+      // Refused by the limit: not audited (a flood must not become a flood of writes). The
+      // malformed first call got past the limit: audited as failed (admitFailedCall).
       await ts.app.audit.flush();
       const rows = await ts.app.sql.all<Record<string, unknown>>(
-        "select outcome from audit_events where action = ?",
+        "select outcome, reason from audit_events where action = ?",
         ["tessera.v1.UserService/Login"],
       );
-      expect(rows).toEqual([]);
+      expect(rows).toEqual([{ outcome: "failure", reason: "INVALID_ARGUMENT" }]);
     } finally {
       session.close();
       await ts.close();
