@@ -10,7 +10,7 @@
  * `npm run bench`.
  *
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
- *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
+ *     [--scenarios jwt,pat,refused] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
@@ -165,7 +165,10 @@ const pat = (
   await api.call<{ token: string }>(PATHS.createPat, { name: "bench" }, { authorization: `Bearer ${jwt}` })
 ).token;
 await api.close();
-const tokens: Record<string, string> = { jwt, pat };
+// "refused": a forged access token (a JWT whose signature is not ours), replayed: the
+// refusal an attacker drives, answered before the body is read (an error on every call).
+const forged = `${jwt.slice(0, jwt.lastIndexOf(".") + 1)}${"A".repeat(43)}`;
+const tokens: Record<string, string> = { jwt, pat, refused: forged };
 /** The login-shed scenario's request: a wrong password (the admin's username, so no dummy hash is made). */
 const wrongLogin = { username: "admin", password: "not the admin's password" };
 
@@ -227,7 +230,8 @@ try {
               connections: 2,
               streams: 10,
               headers: { ...bodies[protocol].headers, authorization: `Bearer ${tokens[scenario]}` },
-              expectStatus: 200,
+              // A refusal is 401 over Connect; over gRPC the status is in the trailers (HTTP 200).
+              expectStatus: scenario === "refused" && protocol === "connect" ? 401 : 200,
             };
       await runH2load({ ...shape, requests: warmup });
       if (tool === "callgrind")

@@ -1,6 +1,37 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { type ErrorInfo, ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+
+/**
+ * The `domain` of the `google.rpc.ErrorInfo` every Tessera error carries: the product, not
+ * an instance's host name, so that a client recognises Tessera's reasons behind any
+ * address (AIP-193 asks for a globally unique, DNS-like name).
+ */
+export const ERROR_DOMAIN = "tessera.dev";
+
+/** The `google.rpc.ErrorInfo` metadata key of the failed request's id (its `X-Request-Id`). */
+export const REQUEST_ID_KEY = "request_id";
+
+/**
+ * The `google.rpc.ErrorInfo` detail of a Tessera error: its reason, {@link ERROR_DOMAIN},
+ * and its metadata with the request id last (error-wire.ts appends it to the bytes of
+ * the rest, which gives the same encoding only when it is the last map entry).
+ */
+export function errorInfo(
+  reason: string,
+  metadata: Readonly<Record<string, string>>,
+  requestId: string,
+): ErrorInfo {
+  const all: Record<string, string> = {};
+  for (const k in metadata) if (k !== REQUEST_ID_KEY) all[k] = metadata[k]!;
+  all[REQUEST_ID_KEY] = requestId;
+  return create(ErrorInfoSchema, { reason, domain: ERROR_DOMAIN, metadata: all });
+}
+
+/** The Tessera ErrorInfo among a ConnectError's details (domain {@link ERROR_DOMAIN}), if any. */
+export function tesseraErrorInfo(err: ConnectError): ErrorInfo | undefined {
+  return err.findDetails(ErrorInfoSchema).find((info) => info.domain === ERROR_DOMAIN);
+}
 
 /**
  * Stable reason codes of Tessera errors. Clients (and tests) switch on these; the
@@ -61,7 +92,7 @@ export const REASONS: Readonly<Record<ErrorReason, ReasonSpec>> = {
 export interface TesseraErrorOptions {
   /** Response headers (Connect) / trailers (gRPC), e.g. Retry-After. Never secrets. */
   headers?: Record<string, string>;
-  /** Non-secret context returned in ErrorInfo.metadata. */
+  /** Non-secret context returned in ErrorInfo.metadata (the request id is added there on the wire). */
   metadata?: Record<string, string>;
   cause?: unknown;
 }
@@ -139,8 +170,8 @@ export function addChallenge(
 
 /**
  * Convert anything thrown by a handler or interceptor into the ConnectError sent on the
- * wire: reason and request id in an ErrorInfo detail, headers for 401/403/429. Unknown
- * errors become Internal with a generic message so internals never leak.
+ * wire: reason and request id in a `google.rpc.ErrorInfo` detail, headers for 401/403/429.
+ * Unknown errors become Internal with a generic message so internals never leak.
  */
 export function toConnectError(
   err: unknown,
@@ -160,7 +191,7 @@ export function toConnectError(
     code = err.code;
   } else if (err instanceof ConnectError) {
     // Errors raised by connect itself (bad framing, message too large, unknown method).
-    if (err.findDetails(ErrorInfoSchema).length > 0) return err;
+    if (tesseraErrorInfo(err) !== undefined) return err;
     code = err.code;
     reason = reasonForCode(err.code);
     message = err.rawMessage;
@@ -170,7 +201,7 @@ export function toConnectError(
     message = "internal error";
   }
   addChallenge(headers, code, reason, message, requiredScopes);
-  const info = create(ErrorInfoSchema, { reason, domain: "tessera", metadata, requestId });
+  const info = errorInfo(reason, metadata, requestId);
   const limit = Error.stackTraceLimit;
   if (isRefusal(code)) Error.stackTraceLimit = 0;
   const ce = new ConnectError(message, code, headers, [{ desc: ErrorInfoSchema, value: info }], err);

@@ -7,8 +7,7 @@ import { join } from "node:path";
 import { createSecureContext, type TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, type ConnectError, cors as connectCors, createContextValues } from "@connectrpc/connect";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
-import { type AdmissionDeps, admit, BEFORE_BODY } from "./admission/index.js";
+import { type AdmissionDeps, admit, admitFailedCall, BEFORE_BODY } from "./admission/index.js";
 import type { App } from "./app.js";
 import type { HeaderSource } from "./auth/credentials.js";
 import type { PeerCertificateInfo } from "./auth/principal.js";
@@ -18,7 +17,7 @@ import { watchTlsFiles } from "./certs/watch.js";
 import { budgetKey, createClientIpResolver, createTrustedProxyCheck } from "./client-ip.js";
 import type { Config } from "./config.js";
 import { type RequestState, requestState, requestStateKey } from "./context.js";
-import { isRefusal, TesseraError } from "./errors.js";
+import { isRefusal, TesseraError, tesseraErrorInfo } from "./errors.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
 import { refuseStream, setHeaders, streamProtocol, type WireError } from "./transport/early-answers.js";
@@ -224,21 +223,28 @@ export function createRequestHandler(
     readMaxBytes: Math.min(config.server.readMaxBytes, config.server.maxBodyBytes),
     maxBodyBytes: config.server.maxBodyBytes,
     logger: app.logger,
-    // Connect JSON errors get the envelope fields (the adapter calls this for error responses only).
-    errorBody: (req, body) =>
-      req.headers["content-type"]?.startsWith("application/json")
-        ? augmentJsonErrorBody(body, stateOf(req).errorInfo)
-        : body,
+    // Connect errors get the envelope fields, whatever the request's content type: their body
+    // is JSON for binary clients too, and an early refusal has them (the adapter calls this
+    // for error responses only).
+    errorBody: (req, body) => augmentJsonErrorBody(body, stateOf(req).errorInfo),
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
-    // Per-IP limit, authentication and authorization before Connect reads the request (src/admission/).
-    // Connect's own refusal of a malformed body (before the interceptors) gets the reason
-    // and request id every other refusal carries, on every protocol.
-    callError: (error, values, method) =>
-      error.code === Code.InvalidArgument && error.findDetails(ErrorInfoSchema).length === 0
-        ? toWireError(error, requestState(values), `${method.parent.typeName}/${method.name}`, app.logger)
-        : error,
+    // An error Connect raised itself (no ErrorInfo: a body that does not parse, too large…,
+    // before the interceptors): admission first finishes what it left for the pipeline
+    // (admitFailedCall), so its refusal is the answer and is audited; else Connect's own
+    // InvalidArgument gets the reason and request id every other refusal carries.
+    callError: (error, values, method, headers) => {
+      if (tesseraErrorInfo(error) !== undefined) return error;
+      const state = requestState(values);
+      const name = `${method.parent.typeName}/${method.name}`;
+      const answer = (decided: unknown): ConnectError =>
+        decided !== error || error.code === Code.InvalidArgument
+          ? toWireError(decided, state, name, app.logger)
+          : error;
+      const decided = admitFailedCall(admission, method, headers, state, error);
+      return decided instanceof Promise ? decided.then(answer) : answer(decided);
+    },
     admit: (req, method, early) => {
       // A call that cannot be answered before its body is admitted in the pipeline (the
       // admission interceptor), as is the authentication of an audited call (admission/index.ts).

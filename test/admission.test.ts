@@ -1,13 +1,14 @@
 import http2 from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { createClient, type Transport } from "@connectrpc/connect";
+import { codeFromString } from "@connectrpc/connect/protocol-connect";
 import {
   createConnectTransport,
   createGrpcTransport,
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
@@ -78,6 +79,23 @@ function malformedJson(
 
 /** A gRPC frame header promising more bytes than follow: malformed for any reader. */
 const TRUNCATED_GRPC_FRAME = Uint8Array.of(0, 0, 0, 0, 100, 1, 2, 3);
+
+/** The Connect code of an answer, as a number in a string: the Connect protocol's HTTP status and JSON body. */
+function connectCode(res: RawResponse): string | undefined {
+  const body = JSON.parse(res.body.toString("utf8")) as { code?: string };
+  const code = body.code === undefined ? undefined : codeFromString(body.code);
+  return code === undefined ? undefined : String(code);
+}
+
+/** The gRPC status of an answer (trailers, or headers for a trailers-only answer). */
+function grpcCode(res: RawResponse): string | undefined {
+  return (res.trailers["grpc-status"] ?? res.headers["grpc-status"]) as string | undefined;
+}
+
+/** The gRPC-Web status of an answer: in its trailer frame. */
+function grpcWebCode(res: RawResponse): string | undefined {
+  return /grpc-status:\s*(\d+)/.exec(res.body.toString("latin1"))?.[1];
+}
 
 describe("admission: refusals answered before the RPC pipeline", () => {
   let ts: TestServer;
@@ -156,7 +174,7 @@ describe("admission: refusals answered before the RPC pipeline", () => {
       });
       // The in-process transport has no HTTP layer to take the request id from.
       if (name !== "in-process pipeline")
-        expect(r.error.findDetails(ErrorInfoSchema)[0]?.requestId).toBe(requestId);
+        expect(r.error.findDetails(ErrorInfoSchema)[0]?.metadata.request_id).toBe(requestId);
     }
     const [pipeline, ...answered] = seen;
     for (const a of answered) expect(a).toEqual(pipeline);
@@ -217,7 +235,7 @@ describe("admission: refusals answered before the RPC pipeline", () => {
       code: "unauthenticated",
       request_id: "early-json",
     });
-    expect((body.details as { type: string }[])[0]?.type).toBe("tessera.v1.ErrorInfo");
+    expect((body.details as { type: string }[])[0]?.type).toBe("google.rpc.ErrorInfo");
 
     const grpc = await rawCall(
       session,
@@ -286,6 +304,80 @@ describe("admission: refusals answered before the RPC pipeline", () => {
         actor_kind: "anonymous",
       },
     ]);
+  });
+
+  it("authenticates an audited call whose body does not parse before answering it, and audits the answer", async () => {
+    const REVOKE = "/tessera.v1.TokenService/RevokePersonalAccessToken";
+    const LOGIN = "/tessera.v1.UserService/Login";
+    const CREATE_TENANT = "/tessera.v1.TenantService/CreateTenant";
+    const bodies: [string, Record<string, string>, Uint8Array, (r: RawResponse) => string | undefined][] = [
+      ["Connect JSON", { "content-type": "application/json" }, Buffer.from("{not json"), connectCode],
+      [
+        "Connect binary",
+        { "content-type": "application/proto" },
+        Uint8Array.of(0x0a, 0x05, 0x61),
+        connectCode,
+      ],
+      ["gRPC", { "content-type": "application/grpc", te: "trailers" }, TRUNCATED_GRPC_FRAME, grpcCode],
+      ["gRPC-Web", { "content-type": "application/grpc-web+proto" }, TRUNCATED_GRPC_FRAME, grpcWebCode],
+    ];
+    const callers: [string, string, Record<string, string>, Code, string, string][] = [
+      // path, credential, the answer's code and reason, the audit record's actor
+      [
+        REVOKE,
+        "a bad token",
+        { authorization: "Bearer not-a-tessera-token" },
+        Code.Unauthenticated,
+        "TOKEN_INVALID",
+        "anonymous",
+      ],
+      [REVOKE, "no credential", {}, Code.Unauthenticated, "AUTH_REQUIRED", "anonymous"],
+      [
+        CREATE_TENANT,
+        "a user without the scope",
+        { authorization: `Bearer ${plainToken}` },
+        Code.PermissionDenied,
+        "ACCESS_DENIED",
+        "user",
+      ],
+      // Authenticated and authorized: the body's own error, audited too.
+      [REVOKE, "the admin", asAdmin(), Code.InvalidArgument, "INVALID_ARGUMENT", "user"],
+      // A public audited method: nothing to authenticate; the malformed call is audited.
+      [LOGIN, "no credential", {}, Code.InvalidArgument, "INVALID_ARGUMENT", "anonymous"],
+    ];
+    let n = 0;
+    const expected: Record<string, unknown>[] = [];
+    for (const [path, who, credential, code, reason, actor] of callers) {
+      for (const [protocol, headers, body, codeOf] of bodies) {
+        const requestId = `malformed-audited-${n++}`;
+        const res = await rawCall(
+          session,
+          path,
+          { ...headers, ...credential, "x-request-id": requestId },
+          body,
+        );
+        expect([who, protocol, codeOf(res)], `${path} by ${who} over ${protocol}`).toEqual([
+          who,
+          protocol,
+          String(code),
+        ]);
+        expected.push({
+          request_id: requestId,
+          reason,
+          actor_kind: actor,
+          target_id: null,
+          outcome: "failure",
+        });
+      }
+    }
+    await ts.app.audit.flush();
+    const rows = await ts.app.sql.all<Record<string, unknown>>(
+      "select request_id, reason, actor_kind, target_id, outcome from audit_events where request_id like ? order by request_id",
+      ["malformed-audited-%"],
+    );
+    const byId = (a: Record<string, unknown>, b: Record<string, unknown>) =>
+      String(a.request_id).localeCompare(String(b.request_id));
+    expect(rows.sort(byId)).toEqual(expected.sort(byId));
   });
 });
 
@@ -393,14 +485,14 @@ describe("admission: the per-IP limit", () => {
       );
       expect(grpc.trailers["grpc-status"]).toBe(String(Code.ResourceExhausted));
       expect(Number(grpc.trailers["retry-after"])).toBeGreaterThan(0);
-      // Refused by the limit, before the audit interceptor: not audited (nor is the malformed
-      // first call, refused while parsing, before any interceptor).
+      // Refused by the limit: not audited (a flood must not become a flood of writes). The
+      // malformed first call got past the limit: audited as failed (admitFailedCall).
       await ts.app.audit.flush();
       const rows = await ts.app.sql.all<Record<string, unknown>>(
-        "select outcome from audit_events where action = ?",
+        "select outcome, reason from audit_events where action = ?",
         ["tessera.v1.UserService/Login"],
       );
-      expect(rows).toEqual([]);
+      expect(rows).toEqual([{ outcome: "failure", reason: "INVALID_ARGUMENT" }]);
     } finally {
       session.close();
       await ts.close();

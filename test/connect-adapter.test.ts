@@ -11,9 +11,9 @@ import {
 } from "@connectrpc/connect-node";
 import { pino } from "pino";
 import { afterEach, describe, expect, it, vi } from "vitest";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.js";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import type { WireError } from "../src/transport/early-answers.js";
 import { type ConnectHandlerOptions, createConnectHandler } from "../src/transport/fast-adapter.js";
 import { serveRequests } from "../src/transport/stream-server.js";
@@ -24,7 +24,12 @@ function refusal(): ConnectError {
     'refused: "quoted", non-ASCII é, 100%',
     Code.PermissionDenied,
     { "www-authenticate": 'Bearer realm="x"', "retry-after": "7" },
-    [{ desc: ErrorInfoSchema, value: { reason: "ACCESS_DENIED", domain: "tessera", requestId: "r-1" } }],
+    [
+      {
+        desc: ErrorInfoSchema,
+        value: { reason: "ACCESS_DENIED", domain: "tessera.dev", metadata: { request_id: "r-1" } },
+      },
+    ],
   );
 }
 

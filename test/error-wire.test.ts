@@ -1,9 +1,13 @@
 import { randomUUID } from "node:crypto";
 import type { OutgoingHttpHeaders } from "node:http";
+import { fromBinary } from "@bufbuild/protobuf";
+import { anyUnpack } from "@bufbuild/protobuf/wkt";
+import { Code } from "@connectrpc/connect";
 import { errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
 import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { describe, expect, it } from "vitest";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import { StatusSchema } from "../gen/google/rpc/status_pb.js";
 import { TesseraError, toConnectError } from "../src/errors.js";
 import { augmentJsonErrorBody, refusalOnTheWire } from "../src/transport/error-wire.js";
 import { nodeHeaders } from "../src/transport/unary-protocols.js";
@@ -53,7 +57,17 @@ const CASES: [string, () => TesseraError][] = [
   ["a disabled principal", () => new TesseraError("PRINCIPAL_DISABLED", "principal is disabled")],
 ];
 
-const REQUEST_IDS = [randomUUID(), "r", "x".repeat(64), "client.Request-id_9"];
+// Plain ids as server.ts makes or accepts them, and beyond: ids whose lengths need a
+// two-byte varint (in the map entry, the ErrorInfo, the Any) and one JSON must escape.
+const REQUEST_IDS = [
+  randomUUID(),
+  "r",
+  "x".repeat(64),
+  "client.Request-id_9",
+  "y".repeat(113),
+  "z".repeat(200),
+  'a "quoted" id \\ é',
+];
 
 describe("refusals in wire form", () => {
   for (const [name, make] of CASES) {
@@ -95,14 +109,47 @@ describe("refusals in wire form", () => {
       const wire = refusalOnTheWire(err, requestId, undefined);
       const json = JSON.parse(Buffer.from(wire.connect().body).toString()) as {
         request_id: string;
-        details: { debug: { requestId: string } }[];
+        details: {
+          type: string;
+          debug: { reason: string; domain: string; metadata: Record<string, string> };
+        }[];
       };
       expect(json.request_id).toBe(requestId);
-      expect(json.details[0]!.debug.requestId).toBe(requestId);
+      expect(json.details[0]!.type).toBe("google.rpc.ErrorInfo");
+      expect(json.details[0]!.debug).toEqual({
+        reason: "TOKEN_INVALID",
+        domain: "tessera.dev",
+        metadata: { request_id: requestId },
+      });
       const decoded = findTrailerError(new Headers(wire.grpcTrailers() as Record<string, string>));
       expect(decoded?.rawMessage).toBe("access token is invalid");
       const [info] = decoded!.findDetails(ErrorInfoSchema);
-      expect(info).toMatchObject({ reason: "TOKEN_INVALID", domain: "tessera", requestId });
+      expect(info).toMatchObject({
+        reason: "TOKEN_INVALID",
+        domain: "tessera.dev",
+        metadata: { request_id: requestId },
+      });
+    }
+  });
+
+  it("writes grpc-status-details-bin as a google.rpc.Status whose one detail is a google.rpc.ErrorInfo", () => {
+    const err = new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
+      metadata: { required_scopes: "admin:users" },
+    });
+    for (const requestId of REQUEST_IDS) {
+      const bin = refusalOnTheWire(err, requestId, undefined).grpcTrailers()["grpc-status-details-bin"];
+      const status = fromBinary(StatusSchema, Buffer.from(bin as string, "base64"));
+      expect(status.code).toBe(Code.PermissionDenied);
+      expect(status.message).toBe("Insufficient permissions");
+      expect(status.details.map((d) => d.typeUrl)).toEqual(["type.googleapis.com/google.rpc.ErrorInfo"]);
+      const info = anyUnpack(status.details[0]!, ErrorInfoSchema);
+      expect(info).toMatchObject({
+        reason: "ACCESS_DENIED",
+        domain: "tessera.dev",
+        metadata: { required_scopes: "admin:users", request_id: requestId },
+      });
+      // The request id is the last map entry, as toConnectError puts it.
+      expect(Object.keys(info!.metadata)).toEqual(["required_scopes", "request_id"]);
     }
   });
 

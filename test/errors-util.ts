@@ -1,5 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 
 /** The rejection of a call as { code, reason, message }, or a failure if it resolved. */
 export async function rejection(

@@ -1,6 +1,7 @@
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
+import protobuf from "protobufjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
 
@@ -22,22 +23,48 @@ interface UserServiceClient extends grpc.Client {
 }
 
 function loadUserService() {
-  const def = protoLoader.loadSync(
-    ["tessera/v1/user_service.proto", "tessera/v1/error_details.proto", "grpc/health/v1/health.proto"],
-    {
-      includeDirs: [PROTO_DIR],
-      keepCase: false,
-      longs: String,
-      enums: String,
-      defaults: true,
-      oneofs: true,
-    },
-  );
+  const def = protoLoader.loadSync(["tessera/v1/user_service.proto", "grpc/health/v1/health.proto"], {
+    includeDirs: [PROTO_DIR],
+    keepCase: false,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
   // biome-ignore lint/suspicious/noExplicitAny: grpc-js package definitions are untyped
   const pkg = grpc.loadPackageDefinition(def) as any;
   return {
     UserService: pkg.tessera.v1.UserService as grpc.ServiceClientConstructor,
     Health: pkg.grpc.health.v1.Health as grpc.ServiceClientConstructor,
+  };
+}
+
+/**
+ * The error detail as a generic gRPC client reads it: `grpc-status-details-bin` decoded as
+ * google.rpc.Status, and its Any unpacked as google.rpc.ErrorInfo, by protobufjs (the
+ * runtime @grpc/proto-loader is built on) from the shipped .proto files, none of our code.
+ */
+const rpc = (() => {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) =>
+    target.startsWith("google/protobuf/") ? target : join(PROTO_DIR, target);
+  root.loadSync(["google/rpc/status.proto", "google/rpc/error_details.proto"], { keepCase: true });
+  return { status: root.lookupType("google.rpc.Status"), errorInfo: root.lookupType("google.rpc.ErrorInfo") };
+})();
+
+function statusDetails(err: grpc.ServiceError) {
+  const [bin] = err.metadata.get("grpc-status-details-bin") as Buffer[];
+  expect(bin).toBeInstanceOf(Buffer);
+  const status = rpc.status.toObject(rpc.status.decode(bin!)) as {
+    code: number;
+    message: string;
+    details: { type_url: string; value: Uint8Array }[];
+  };
+  return {
+    code: status.code,
+    message: status.message,
+    types: status.details.map((d) => d.type_url),
+    info: rpc.errorInfo.toObject(rpc.errorInfo.decode(status.details[0]!.value)),
   };
 }
 
@@ -108,12 +135,32 @@ describe.each(DATABASES)("@grpc/grpc-js interop over mTLS on $name", (db) => {
     );
     const readerMd = new grpc.Metadata();
     readerMd.set("authorization", `Bearer ${login.accessToken}`);
+    readerMd.set("x-request-id", "interop-denied");
     const denied = await call((cb) => client.ListUsers({}, readerMd, cb)).catch((e: grpc.ServiceError) => e);
     expect((denied as grpc.ServiceError).code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(statusDetails(denied as grpc.ServiceError)).toEqual({
+      code: grpc.status.PERMISSION_DENIED,
+      message: "Insufficient permissions",
+      types: ["type.googleapis.com/google.rpc.ErrorInfo"],
+      info: {
+        reason: "ACCESS_DENIED",
+        domain: "tessera.dev",
+        metadata: {
+          required_scopes: "admin:users",
+          request_id: "interop-denied",
+        },
+      },
+    });
     const badMd = new grpc.Metadata();
     badMd.set("authorization", "Bearer not.a.jwt");
+    badMd.set("x-request-id", "interop-bad-token");
     const bad = await call((cb) => client.GetCurrentUser({}, badMd, cb)).catch((e: grpc.ServiceError) => e);
     expect((bad as grpc.ServiceError).code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(statusDetails(bad as grpc.ServiceError).info).toEqual({
+      reason: "TOKEN_INVALID",
+      domain: "tessera.dev",
+      metadata: { request_id: "interop-bad-token" },
+    });
   });
 
   it("answers the standard health check", async () => {

@@ -208,8 +208,9 @@ describe.each(DATABASES)("Connect JSON error envelope ($name)", (db) => {
       code: "unauthenticated",
       request_id: res.headers.get("x-request-id"),
     });
-    const debug = (body.details as { debug: { reason: string; requestId: string } }[])[0]!.debug;
+    const debug = (body.details as { debug: { reason: string; metadata: Record<string, string> } }[])[0]!
+      .debug;
     expect(debug.reason).toBe("TOKEN_INVALID");
-    expect(debug.requestId).toBe(body.request_id);
+    expect(debug.metadata.request_id).toBe(body.request_id);
   });
 });

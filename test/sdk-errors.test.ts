@@ -1,5 +1,9 @@
 import { createServer } from "node:net";
+import { ConnectError } from "@connectrpc/connect";
+import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import { ErrorInfoSchema as LegacyErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import {
   AuthenticationError,
   Code,
@@ -9,6 +13,7 @@ import {
   RateLimitedError,
   TesseraClientError,
   TokenExpiredError,
+  toClientError,
   UnavailableError,
   UserAPI,
 } from "../src/sdk/index.js";
@@ -183,3 +188,57 @@ async function closedPort(): Promise<number> {
   await new Promise<void>((resolve) => server.close(() => resolve()));
   return port;
 }
+
+describe("the error detail the SDK reads", () => {
+  /** A ConnectError as a client decodes it from gRPC trailers carrying `details`. */
+  function fromTheWire(code: Code, details: ConstructorParameters<typeof ConnectError>[3]): ConnectError {
+    const trailer = setTrailerStatus(new Headers(), new ConnectError("refused", code, undefined, details));
+    return findTrailerError(trailer)!;
+  }
+
+  it("reads google.rpc.ErrorInfo of domain tessera.dev: reason, request id and metadata", () => {
+    const err = toClientError(
+      fromTheWire(Code.PermissionDenied, [
+        {
+          desc: ErrorInfoSchema,
+          value: {
+            reason: "ACCESS_DENIED",
+            domain: "tessera.dev",
+            metadata: { required_scopes: "admin:users", request_id: "req-1" },
+          },
+        },
+      ]),
+    );
+    expect(err).toBeInstanceOf(PermissionDeniedError);
+    expect([err.reason, err.requestId, err.details]).toEqual([
+      "ACCESS_DENIED",
+      "req-1",
+      { required_scopes: "admin:users" },
+    ]);
+    expect((err as PermissionDeniedError).requiredScopes).toEqual(["admin:users"]);
+  });
+
+  it("still reads the tessera.v1.ErrorInfo an older server sends (for one release)", () => {
+    const err = toClientError(
+      fromTheWire(Code.Unauthenticated, [
+        {
+          desc: LegacyErrorInfoSchema,
+          value: { reason: "TOKEN_EXPIRED", domain: "tessera", requestId: "old-1", metadata: { a: "b" } },
+        },
+      ]),
+    );
+    expect(err).toBeInstanceOf(TokenExpiredError);
+    expect([err.reason, err.requestId, err.details]).toEqual(["TOKEN_EXPIRED", "old-1", { a: "b" }]);
+  });
+
+  it("ignores an ErrorInfo of another domain (a proxy's): its reasons are not Tessera's", () => {
+    const err = toClientError(
+      fromTheWire(Code.Unauthenticated, [
+        { desc: ErrorInfoSchema, value: { reason: "TOKEN_EXPIRED", domain: "proxy.example.com" } },
+      ]),
+    );
+    expect(err).toBeInstanceOf(AuthenticationError);
+    expect(err).not.toBeInstanceOf(TokenExpiredError);
+    expect(err.reason).toBeUndefined();
+  });
+});

@@ -119,11 +119,16 @@ describe.each(DATABASES)("real server over TLS on $name", (db) => {
     expect(none.headers.get("www-authenticate")).toBe('Bearer realm="tessera"');
     const noneBody = (await none.json()) as {
       code: string;
-      details: { debug?: { reason: string; requestId: string } }[];
+      details: {
+        type: string;
+        debug?: { reason: string; domain: string; metadata?: Record<string, string> };
+      }[];
     };
     expect(noneBody.code).toBe("unauthenticated");
+    expect(noneBody.details[0]?.type).toBe("google.rpc.ErrorInfo");
+    expect(noneBody.details[0]?.debug?.domain).toBe("tessera.dev");
     expect(noneBody.details[0]?.debug?.reason).toBe("AUTH_REQUIRED");
-    expect(noneBody.details[0]?.debug?.requestId).toBe(none.headers.get("x-request-id"));
+    expect(noneBody.details[0]?.debug?.metadata?.request_id).toBe(none.headers.get("x-request-id"));
     // The seeds' envelope fields beside Connect's own.
     expect(noneBody).toMatchObject({
       ok: false,

@@ -14,12 +14,12 @@ import {
 } from "@connectrpc/connect";
 import { compressionBrotli, compressionGzip, connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import {
   Health,
   HealthCheckRequestSchema,
   HealthCheckResponse_ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
-import { ErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import { type ConnectHandler, createConnectHandler } from "../src/transport/fast-adapter.js";
 import { createTransport, installTransport, type TransportKind } from "../src/transport/index.js";
 import { serveRequests } from "../src/transport/stream-server.js";
@@ -95,7 +95,7 @@ function routes(router: ConnectRouter) {
             [
               {
                 desc: ErrorInfoSchema,
-                value: { reason: "ACCESS_DENIED", domain: "tessera", requestId: "r-1" },
+                value: { reason: "ACCESS_DENIED", domain: "tessera.dev", metadata: { request_id: "r-1" } },
               },
             ],
           );

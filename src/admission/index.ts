@@ -1,5 +1,5 @@
 import type { DescMethod } from "@bufbuild/protobuf";
-import type { Interceptor } from "@connectrpc/connect";
+import { Code, type ConnectError, type Interceptor } from "@connectrpc/connect";
 import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
 import type { AuditLog } from "../audit.js";
 import type { Authenticator } from "../auth/authenticator.js";
@@ -8,7 +8,7 @@ import { admits } from "../auth/principal.js";
 import { hasAllScopes } from "../auth/scopes.js";
 import { budgetKey } from "../client-ip.js";
 import { type RequestState, requestState } from "../context.js";
-import { TesseraError, wwwAuthenticate } from "../errors.js";
+import { isRefusal, reasonForCode, TesseraError, wwwAuthenticate } from "../errors.js";
 import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
 import { auditCall, auditReason } from "./audit.js";
 import { authRuleFor } from "./auth-rule.js";
@@ -27,7 +27,9 @@ import { authenticationRefusal, spendFailure } from "./authenticate.js";
  * (in-memory transports, streams) and finishes what the HTTP layer left: the
  * authentication of an audited call, whose refusal is recorded with the call's target
  * (the request's `id`), known only once the body is read. `RequestState.admission` says
- * how far admission got, so that no check runs twice; it never holds a verdict.
+ * how far admission got, so that no check runs twice; it never holds a verdict. A call
+ * whose body fails before that (it does not parse…) is admitted by {@link admitFailedCall}:
+ * a caller learns nothing from its body before it is authenticated.
  */
 export interface AdmissionDeps {
   authenticator: Authenticator;
@@ -211,6 +213,47 @@ async function countPrincipal(
   } catch (err) {
     return err;
   }
+}
+
+/**
+ * A call that failed before its pipeline ran, with `error`: its body could not be read,
+ * decompressed or parsed, broke a limit, or its protocol headers were refused (Connect
+ * raises these before any interceptor). Admission finishes first what it left for the
+ * pipeline, so that a caller learns nothing from its body before it is authenticated:
+ * the authentication of an audited call (whose refusal is then audited, without a target:
+ * the body named none), or all of it on a path admitted only in the pipeline (streams,
+ * gRPC-Web text). Every transport's unary calls come here (server.ts's `callError`).
+ *
+ * @returns admission's refusal, to answer with instead of `error`; else `error`, after an
+ *   audited call's failure was recorded (with reason `reasonForCode` of its code, as the
+ *   access log names it); a promise of either when admission awaits (it never rejects).
+ *   A fault of ours (Internal…) or a client gone (Canceled) is returned as it is.
+ */
+export function admitFailedCall(
+  deps: AdmissionDeps,
+  method: DescMethod,
+  headers: HeaderSource,
+  state: RequestState,
+  error: ConnectError,
+): unknown {
+  if (!isRefusal(error.code) || error.code === Code.Canceled || error.code === Code.Aborted) return error;
+  let rule: AuthRule;
+  try {
+    rule = authRuleFor(method);
+  } catch (err) {
+    return err;
+  }
+  const refusal =
+    state.admission === "admitted" || state.admission === "refused"
+      ? undefined
+      : admit(deps, method, headers, state, undefined);
+  const decided = (r: unknown): unknown => {
+    // A refusal: recorded by admission (settled) when the rule says audit.
+    if (r !== undefined) return r;
+    if (rule.audit) auditCall(deps.audit, state, method, undefined, "failure", reasonForCode(error.code));
+    return error;
+  };
+  return refusal instanceof Promise ? refusal.then(decided) : decided(refusal);
 }
 
 /**

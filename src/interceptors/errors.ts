@@ -1,9 +1,9 @@
 import type { Interceptor } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "pino";
-import { type ErrorInfo, ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { type ErrorInfo, ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { type RequestState, requestState } from "../context.js";
-import { toConnectError } from "../errors.js";
+import { REQUEST_ID_KEY, toConnectError } from "../errors.js";
 import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
 
 /**
@@ -37,7 +37,7 @@ export function toWireError(err: unknown, state: RequestState, method: string, l
   const detail = ce.details[0];
   if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
     const info = detail.value as ErrorInfo;
-    state.errorInfo = { reason: info.reason, requestId: info.requestId };
+    state.errorInfo = { reason: info.reason, requestId: info.metadata[REQUEST_ID_KEY] ?? state.requestId };
   }
   if (ce.code === Code.Internal || ce.code === Code.Unknown) {
     logger.error(

@@ -1,12 +1,41 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { ErrorInfoSchema as LegacyErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+
+/** The `domain` of Tessera's `google.rpc.ErrorInfo` (the server's `ERROR_DOMAIN`). */
+const TESSERA_DOMAIN = "tessera.dev";
+
+/**
+ * The reason, request id and metadata a failed call's error detail carries: the
+ * `google.rpc.ErrorInfo` of domain "tessera.dev" (metadata `request_id` holds the request
+ * id), or else the `tessera.v1.ErrorInfo` that servers before it sent (read for one
+ * release; see CHANGELOG.md). Undefined when the error carries neither (a proxy's, a
+ * failure to connect).
+ */
+export function errorDetail(
+  err: ConnectError,
+): { reason: string; requestId: string | undefined; metadata: Record<string, string> } | undefined {
+  const info = err.findDetails(ErrorInfoSchema).find((i) => i.domain === TESSERA_DOMAIN);
+  if (info !== undefined) {
+    const { request_id: requestId, ...metadata } = info.metadata;
+    return { reason: info.reason, requestId: requestId || undefined, metadata };
+  }
+  const legacy = err.findDetails(LegacyErrorInfoSchema)[0];
+  if (legacy !== undefined)
+    return {
+      reason: legacy.reason,
+      requestId: legacy.requestId || undefined,
+      metadata: { ...legacy.metadata },
+    };
+  return undefined;
+}
 
 /**
  * Typed errors of the Tessera client SDK. Every failed call is mapped by
  * {@link toClientError} (the one place that decides the class) to a
  * {@link TesseraClientError} subclass a caller can `instanceof` or switch on:
  * `code` is the Connect code, `reason` the server's stable reason from the
- * `tessera.v1.ErrorInfo` detail (e.g. `TOKEN_EXPIRED`), `requestId` the id to quote
+ * `google.rpc.ErrorInfo` detail (e.g. `TOKEN_EXPIRED`), `requestId` the id to quote
  * to support. Messages never contain a credential: the server never puts one there,
  * and client-side messages are scrubbed of the tokens the client holds.
  *
@@ -20,11 +49,11 @@ export class TesseraClientError extends Error {
   readonly code: Code;
   /** The server's stable reason (ErrorInfo.reason), e.g. "TOKEN_EXPIRED"; undefined when the server sent none. */
   readonly reason: string | undefined;
-  /** The request id of the failed call (ErrorInfo.request_id or the X-Request-Id header). */
+  /** The request id of the failed call (ErrorInfo.metadata.request_id or the X-Request-Id header). */
   readonly requestId: string | undefined;
   /** Response headers / trailers of the failed call (Retry-After, X-RateLimit-*, WWW-Authenticate). */
   readonly metadata: Headers;
-  /** ErrorInfo.metadata: non-secret context such as `required_scopes` or `field`. */
+  /** ErrorInfo.metadata but the request id: non-secret context such as `required_scopes` or `field`. */
   readonly details: Readonly<Record<string, string>>;
 
   constructor(message: string, init: ClientErrorInit) {
@@ -159,7 +188,7 @@ export function toClientError(
 ): TesseraClientError {
   if (err instanceof TesseraClientError) return err;
   const ce = ConnectError.from(err);
-  const info = ce.findDetails(ErrorInfoSchema)[0];
+  const info = errorDetail(ce);
   const tls = info ? undefined : tlsFailure(ce);
   const { text: message, changed } = redact(tls?.message ?? ce.rawMessage, secrets);
   const init: ClientErrorInit = {
@@ -167,7 +196,7 @@ export function toClientError(
     reason: info?.reason || undefined,
     requestId: info?.requestId || ce.metadata.get("x-request-id") || undefined,
     metadata: ce.metadata,
-    details: info ? { ...info.metadata } : {},
+    details: info ? info.metadata : {},
     ...(changed ? {} : { cause: ce }),
   };
   switch (init.code) {

@@ -1,9 +1,8 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { getOption, hasOption } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { auth } from "../../gen/tessera/v1/options_pb.js";
-import { ClientConfigError } from "./errors.js";
+import { ClientConfigError, errorDetail } from "./errors.js";
 
 /** A session's token pair as the server issued it. */
 export interface TokenPair {
@@ -178,5 +177,5 @@ export class Session {
 
 function isExpired(err: unknown): boolean {
   if (!(err instanceof ConnectError) || err.code !== Code.Unauthenticated) return false;
-  return err.findDetails(ErrorInfoSchema)[0]?.reason === "TOKEN_EXPIRED";
+  return errorDetail(err)?.reason === "TOKEN_EXPIRED";
 }

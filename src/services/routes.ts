@@ -2,6 +2,8 @@
 // a Connect router: the list a newcomer reads to find which file answers which service.
 import type { DescFile, DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter } from "@connectrpc/connect";
+import { file_google_rpc_error_details } from "../../gen/google/rpc/error_details_pb.js";
+import { file_google_rpc_status } from "../../gen/google/rpc/status_pb.js";
 import { file_grpc_health_v1_health, Health } from "../../gen/grpc/health/v1/health_pb.js";
 import {
   file_grpc_reflection_v1_reflection,
@@ -12,7 +14,6 @@ import {
   ServerReflection as ReflectionV1Alpha,
 } from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
 import { AuditService, file_tessera_v1_audit_service } from "../../gen/tessera/v1/audit_service_pb.js";
-import { file_tessera_v1_error_details } from "../../gen/tessera/v1/error_details_pb.js";
 import {
   file_tessera_v1_machine_user_service,
   MachineUserService,
@@ -71,7 +72,10 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     file_tessera_v1_tenant_service,
     file_tessera_v1_machine_user_service,
     file_tessera_v1_audit_service,
-    file_tessera_v1_error_details,
+    // The error detail of every error (google.rpc.ErrorInfo) and the gRPC status carrying
+    // it: served so that reflection clients (grpcurl, buf curl) can show it.
+    file_google_rpc_error_details,
+    file_google_rpc_status,
     file_grpc_health_v1_health,
     file_grpc_reflection_v1_reflection,
     file_grpc_reflection_v1alpha_reflection,

@@ -1,10 +1,21 @@
 import type { OutgoingHttpHeaders } from "node:http";
 import { create, toBinary, toJson } from "@bufbuild/protobuf";
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
+import { AnySchema } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
 import { codeFromString, codeToString } from "@connectrpc/connect/protocol-connect";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
-import { addChallenge, type ErrorReason, REASONS, reasonForCode, type TesseraError } from "../errors.js";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
+import {
+  addChallenge,
+  ERROR_DOMAIN,
+  type ErrorReason,
+  errorInfo,
+  REASONS,
+  REQUEST_ID_KEY,
+  reasonForCode,
+  type TesseraError,
+} from "../errors.js";
 import type { WireError } from "./early-answers.js";
 
 /**
@@ -32,8 +43,14 @@ function envelopeHead(reason: string): Buffer {
   return head;
 }
 
+/** A detail of Connect's JSON error body, with the ErrorInfo's JSON as its "debug". */
+interface JsonDetail {
+  type?: string;
+  debug?: { reason?: string; domain?: string; metadata?: Record<string, string> };
+}
+
 /**
- * Connect unary errors over JSON carry the protocol's `{code, message, details}`. The seeds'
+ * Connect unary errors (a JSON body whatever the request's content type) carry the protocol's `{code, message, details}`. The seeds'
  * clients also expect the envelope fields `ok: false`, `error` (the HTTP reason phrase) and a
  * stable `reason` (e.g. AUTH_REQUIRED, ACCESS_DENIED) with the `request_id`, so these are added
  * at the top level; Connect clients ignore unknown fields. Only error responses are touched.
@@ -61,8 +78,9 @@ export function augmentJsonErrorBody(
   }
   try {
     const body = JSON.parse(Buffer.from(chunk).toString("utf8")) as Record<string, unknown>;
-    const info = (body.details as { debug?: { reason?: string; requestId?: string } }[] | undefined)?.[0]
-      ?.debug;
+    const info = (body.details as JsonDetail[] | undefined)?.find(
+      (d) => d.type === ErrorInfoSchema.typeName && d.debug?.domain === ERROR_DOMAIN,
+    )?.debug;
     // Without an ErrorInfo (Connect's own refusals: malformed JSON, bad framing…) the
     // reason follows the code: a malformed body is INVALID_ARGUMENT, not INTERNAL.
     const code = typeof body.code === "string" ? codeFromString(body.code) : undefined;
@@ -73,7 +91,7 @@ export function augmentJsonErrorBody(
       error: spec?.title ?? "Error",
       reason,
       ...body,
-      request_id: info?.requestId,
+      request_id: info?.metadata?.[REQUEST_ID_KEY],
     };
     return Buffer.from(JSON.stringify(out));
   } catch {
@@ -90,37 +108,36 @@ interface Shape {
   code: Code;
   /** The error's headers (gRPC: trailers), WWW-Authenticate included, names in lower case. */
   headers: Record<string, string>;
-  /** ErrorInfo without its request id, binary (request_id is its last field: appended per call). */
+  /** google.rpc.ErrorInfo without its request id, binary (the request id is its last map entry: appended per call). */
   info: Buffer;
   /** The Connect JSON body with the envelope, up to the request id inside the detail's "debug". */
   jsonHead: string;
+  /** What follows that request id in "debug", up to the detail's "value". */
+  jsonDebugTail: string;
   /** google.rpc.Status without its details, binary (details are its last field). */
   status: Buffer;
   grpcMessage: string;
 }
 
-/** google.rpc.Status's fields (Connect's gRPC status trailer) and google.protobuf.Any's. */
-const STATUS_CODE = 1;
-const STATUS_MESSAGE = 2;
-const STATUS_DETAILS = 3;
-const ANY_TYPE_URL = 1;
-const ANY_VALUE = 2;
-
 /** Tags of the length-delimited fields written per call, and the Any's type URL field: encoded once, by protobuf-es. */
 const tagOf = (field: number) =>
   Buffer.from(new BinaryWriter().tag(field, WireType.LengthDelimited).finish());
-const INFO_REQUEST_ID_TAG = tagOf(ErrorInfoSchema.field.requestId.number);
-const STATUS_DETAILS_TAG = tagOf(STATUS_DETAILS);
-const ANY_VALUE_TAG = tagOf(ANY_VALUE);
+const INFO_METADATA_TAG = tagOf(ErrorInfoSchema.field.metadata.number);
+/** A map entry's value field (2); its key (1) is the constant {@link REQUEST_ID_KEY_FIELD}. */
+const ENTRY_VALUE_TAG = tagOf(2);
+const REQUEST_ID_KEY_FIELD = Buffer.from(
+  new BinaryWriter().tag(1, WireType.LengthDelimited).string(REQUEST_ID_KEY).finish(),
+);
+const STATUS_DETAILS_TAG = tagOf(StatusSchema.field.details.number);
+const ANY_VALUE_TAG = tagOf(AnySchema.field.value.number);
 const ANY_TYPE_URL_FIELD = Buffer.from(
-  new BinaryWriter()
-    .tag(ANY_TYPE_URL, WireType.LengthDelimited)
-    .string(`type.googleapis.com/${ErrorInfoSchema.typeName}`)
-    .finish(),
+  toBinary(AnySchema, create(AnySchema, { typeUrl: `type.googleapis.com/${ErrorInfoSchema.typeName}` })),
 );
 
 /** A string JSON writes as it is, between quotes. */
 const PLAIN_ID = /^[\w.-]*$/;
+/** Stands for the request id in the JSON made once per shape: cut out, the id goes in its place. */
+const ID_MARK = "\u0000request-id\u0000";
 
 /** Shapes of the refusals that recur (the same reason and message, nothing else): a bounded set. */
 const shapes = new Map<string, Shape>();
@@ -148,23 +165,24 @@ function makeShape(err: TesseraError): Shape {
   const headers: Record<string, string> = {};
   for (const [k, v] of Object.entries(err.headers)) headers[k.toLowerCase()] = v;
   addChallenge(headers, code, reason, message);
-  const info = create(ErrorInfoSchema, { reason, domain: "tessera", metadata: err.metadata });
+  // The ErrorInfo toConnectError makes, with a mark for the request id (the last map entry).
+  const marked = errorInfo(reason, err.metadata, ID_MARK);
   // The detail as Connect writes it: {"type", "debug" (ErrorInfo's JSON), "value" (base64)}.
-  const debug = JSON.stringify(toJson(ErrorInfoSchema, info));
+  const debug = JSON.stringify(toJson(ErrorInfoSchema, marked));
+  const { [REQUEST_ID_KEY]: _mark, ...metadata } = marked.metadata;
+  const info = create(ErrorInfoSchema, { reason, domain: marked.domain, metadata });
+  const [debugHead, debugTail] = debug.split(JSON.stringify(ID_MARK)) as [string, string];
   const jsonHead =
     `${envelopeText(reason)}"code":${JSON.stringify(codeToString(code))}` +
     (message.length > 0 ? `,"message":${JSON.stringify(message)}` : "") +
-    `,"details":[{"type":${JSON.stringify(ErrorInfoSchema.typeName)},"debug":${debug.slice(0, -1)},` +
-    `${JSON.stringify(ErrorInfoSchema.field.requestId.jsonName)}:`;
-  const status = new BinaryWriter();
-  if ((code as number) !== 0) status.tag(STATUS_CODE, WireType.Varint).int32(code);
-  if (message.length > 0) status.tag(STATUS_MESSAGE, WireType.LengthDelimited).string(message);
+    `,"details":[{"type":${JSON.stringify(ErrorInfoSchema.typeName)},"debug":${debugHead}`;
   return {
     code,
     headers,
     info: Buffer.from(toBinary(ErrorInfoSchema, info)),
     jsonHead,
-    status: Buffer.from(status.finish()),
+    jsonDebugTail: debugTail,
+    status: Buffer.from(toBinary(StatusSchema, create(StatusSchema, { code, message }))),
     grpcMessage: encodeURIComponent(message),
   };
 }
@@ -178,17 +196,18 @@ function makeShape(err: TesseraError): Shape {
  * each refusal they serialise the ErrorInfo detail twice by reflection (binary and JSON), over
  * a ConnectError made with a fetch `Headers`: about a quarter of a refusal's cost in profiles.
  * Here everything but the request id is made once per kind of refusal, by protobuf-es. The
- * per-call part is the request id: appended to the ErrorInfo as its last field (a serialised
- * message followed by more fields is the message with those fields, by the protobuf
- * encoding's rules), and that ErrorInfo wrapped in the Status's Any.
+ * per-call part is the request id: appended to the ErrorInfo as its last metadata entry (a
+ * serialised message followed by more fields is the message with those fields, and map
+ * entries are repeated fields, by the protobuf encoding's rules), and that ErrorInfo
+ * wrapped in the Status's Any.
  *
  * Why those few bytes by hand, not protobuf-es's `create` + `toBinary` per call: measured
  * again for issue #19 (CPU time, 50k refusals): a whole gRPC refusal made here costs
  * 1.7–1.9 µs, while `toBinary` of the ErrorInfo alone costs 2.0–2.5 µs and the detail
  * chain (ErrorInfo, Any, Status) 5–6 µs: about 5 % of a refused call's server CPU, on the
  * path an attacker drives (bench/results/2026-12-05-transport-ab.md). The tags and every
- * constant part are still protobuf-es's; only the per-call length varint is written here
- * (a tag, a varint length and the bytes), and the test compares every result with Connect's.
+ * constant part are still protobuf-es's; only the per-call length varints are written here
+ * (see {@link statusWithRequestId}), and the test compares every result with Connect's.
  */
 class Refusal implements WireError {
   constructor(
@@ -206,8 +225,9 @@ class Refusal implements WireError {
     const { shape, requestId } = this;
     // Request ids are plain ASCII (server.ts): quoted as they are, without JSON.stringify.
     const id = PLAIN_ID.test(requestId) ? `"${requestId}"` : JSON.stringify(requestId);
+    const { bytes, infoAt } = statusWithRequestId(shape, requestId);
     const body = Buffer.from(
-      `${shape.jsonHead}${id}},"value":"${base64Raw(this.info())}"}],"request_id":${id}}`,
+      `${shape.jsonHead}${id}${shape.jsonDebugTail},"value":"${base64Raw(bytes.subarray(infoAt))}"}],"request_id":${id}}`,
     );
     const header = this.headers();
     header["content-type"] = "application/json";
@@ -217,19 +237,11 @@ class Refusal implements WireError {
 
   grpcTrailers(): OutgoingHttpHeaders {
     const { shape } = this;
-    // Status { code, message, details: [Any { type_url, value: ErrorInfo }] }
-    const any = appendField(ANY_TYPE_URL_FIELD, ANY_VALUE_TAG, this.info());
-    const status = appendField(shape.status, STATUS_DETAILS_TAG, any);
     const trailer = this.headers();
     trailer["grpc-status"] = String(shape.code);
     trailer["grpc-message"] = shape.grpcMessage;
-    trailer["grpc-status-details-bin"] = base64Raw(status);
+    trailer["grpc-status-details-bin"] = base64Raw(statusWithRequestId(shape, this.requestId).bytes);
     return trailer;
-  }
-
-  /** The ErrorInfo: the shape's, then request_id. */
-  private info(): Buffer {
-    return appendField(this.shape.info, INFO_REQUEST_ID_TAG, Buffer.from(this.requestId));
   }
 
   /**
@@ -247,21 +259,55 @@ class Refusal implements WireError {
 }
 
 /**
- * `message` (serialised) followed by one more length-delimited field: its `tag` (encoded),
- * the varint length of `value`, and `value`.
+ * The google.rpc.Status of a refusal, in one buffer:
+ * `Status { code, message, details: [Any { type_url, value: ErrorInfo { reason, domain,
+ * metadata…, metadata["request_id"] } }] }`, the shape's constant parts followed by the
+ * per-call ones (each a tag, a varint length and the bytes). The ErrorInfo is the buffer's
+ * end, from `infoAt`: the Connect protocol's detail "value".
  */
-function appendField(message: Buffer, tag: Buffer, value: Buffer): Buffer {
-  let n = value.length;
-  const out = Buffer.allocUnsafe(message.length + tag.length + 5 + n);
-  let at = message.copy(out, 0);
-  at += tag.copy(out, at);
+function statusWithRequestId(shape: Shape, requestId: string): { bytes: Buffer; infoAt: number } {
+  const idLength = Buffer.byteLength(requestId);
+  const entryLength = REQUEST_ID_KEY_FIELD.length + ENTRY_VALUE_TAG.length + varintSize(idLength) + idLength;
+  const infoLength = shape.info.length + INFO_METADATA_TAG.length + varintSize(entryLength) + entryLength;
+  const anyLength = ANY_TYPE_URL_FIELD.length + ANY_VALUE_TAG.length + varintSize(infoLength) + infoLength;
+  const out = Buffer.allocUnsafe(
+    shape.status.length + STATUS_DETAILS_TAG.length + varintSize(anyLength) + anyLength,
+  );
+  let at = shape.status.copy(out, 0);
+  at += STATUS_DETAILS_TAG.copy(out, at);
+  at = writeVarint(out, at, anyLength);
+  at += ANY_TYPE_URL_FIELD.copy(out, at);
+  at += ANY_VALUE_TAG.copy(out, at);
+  at = writeVarint(out, at, infoLength);
+  const infoAt = at;
+  at += shape.info.copy(out, at);
+  at += INFO_METADATA_TAG.copy(out, at);
+  at = writeVarint(out, at, entryLength);
+  at += REQUEST_ID_KEY_FIELD.copy(out, at);
+  at += ENTRY_VALUE_TAG.copy(out, at);
+  at = writeVarint(out, at, idLength);
+  out.write(requestId, at);
+  return { bytes: out, infoAt };
+}
+
+/** Bytes of `n`'s varint encoding. */
+function varintSize(n: number): number {
+  let size = 1;
+  while (n >= 0x80) {
+    n >>>= 7;
+    size++;
+  }
+  return size;
+}
+
+/** Write `n` as a varint at `at`; returns the offset after it. */
+function writeVarint(out: Buffer, at: number, n: number): number {
   while (n >= 0x80) {
     out[at++] = (n & 0x7f) | 0x80;
     n >>>= 7;
   }
   out[at++] = n;
-  at += value.copy(out, at);
-  return out.subarray(0, at);
+  return at;
 }
 
 /** Standard base64 without padding, as Connect writes binary values ("std_raw"). */

@@ -7,12 +7,12 @@ import { codeToHttpStatus, errorFromJsonBytes, errorToJsonBytes } from "@connect
 import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { trailerFlag, trailerParse, trailerSerialize } from "@connectrpc/connect/protocol-grpc-web";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { tesseraErrorInfo } from "../errors.js";
 import { setHeaders, stopUnreadBody } from "./early-answers.js";
 import type { ConnectHandlerOptions } from "./fast-adapter.js";
 import { connectErrorCode, streamedCode } from "./node-bridge.js";
 import type { NodeResponse } from "./stream-server.js";
-import { nodeHeaders, type UnaryProtocol } from "./unary-protocols.js";
+import { nodeHeaders, type RequestHeaders, type UnaryProtocol } from "./unary-protocols.js";
 
 /**
  * `server.transport=connect`: calls past admission are served by connect-node's stock
@@ -53,23 +53,26 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
 
   /**
    * The error to answer with in place of one Connect raised itself, else undefined
-   * (unchanged): a request message that does not parse is the client's fault (connect-node
-   * says Internal, "parse binary: …"; unary-protocols.ts's clientFaultParsing), and Connect's
-   * own InvalidArgument (no ErrorInfo) gets what `callError` adds (reason, request id).
+   * (unchanged), or a promise of either: a request message that does not parse is the
+   * client's fault (connect-node says Internal, "parse binary: …"; unary-protocols.ts's
+   * clientFaultParsing), and every error without Tessera's ErrorInfo (raised by Connect
+   * before or after the pipeline) goes through `callError`, as on the fast transport.
    */
   function refined(
     req: http.IncomingMessage | http2.Http2ServerRequest,
     method: DescMethod,
     error: ConnectError,
-  ): ConnectError | undefined {
+  ): Maybe<ConnectError | undefined> {
     let own = error;
     if (error.code === Code.Internal && error.rawMessage.startsWith("parse binary: "))
       own = new ConnectError(error.rawMessage, Code.InvalidArgument);
-    if (own.code !== Code.InvalidArgument || own.findDetails(ErrorInfoSchema).length > 0)
-      return own === error ? undefined : own;
-    if (callError === undefined) return own;
+    const unchanged = own === error ? undefined : own;
+    if (callError === undefined || tesseraErrorInfo(own) !== undefined) return unchanged;
     const values = options.contextValues?.(req) ?? createContextValues();
-    return callError(new ConnectError(own.rawMessage, own.code), values, method as DescMethodUnary);
+    const fresh = new ConnectError(own.rawMessage, own.code);
+    return then(callError(fresh, values, method as DescMethodUnary, headerSource(req)), (answer) =>
+      answer === fresh ? unchanged : answer,
+    );
   }
 
   return (req, res, method, protocol, common) => {
@@ -88,7 +91,11 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     let last: Uint8Array | undefined;
     /** The body of a Connect unary error, held until its end to be rewritten. */
     let held: Uint8Array[] | undefined;
+    /** gRPC trailers or a gRPC-Web trailer frame being refined: written once they are, then the end. */
+    let pending: Promise<void> | undefined;
     let code: number | undefined;
+    const fail = () => out.destroy();
+    const ended = () => stopUnreadBody(req, res, readMaxBytes);
 
     out.writeHead = ((s: number, headers?: http.OutgoingHttpHeaders) => {
       status = s;
@@ -107,22 +114,51 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
         cb?.();
         return true;
       }
-      if (unary && protocol === "grpc-web" && chunk[0] === trailerFlag) chunk = grpcWebTrailer(chunk);
+      if (unary && protocol === "grpc-web" && chunk[0] === trailerFlag) {
+        const frame = grpcWebTrailer(chunk);
+        if (frame instanceof Promise) {
+          pending = frame.then((f) => {
+            last = f;
+            write.call(out, f);
+          });
+          const cb = rest.find((r) => typeof r === "function") as (() => void) | undefined;
+          cb?.();
+          return true;
+        }
+        chunk = frame;
+      }
       last = chunk;
       return write.call(out, chunk, ...rest);
     }) as typeof out.write;
     out.addTrailers = (headers: http.OutgoingHttpHeaders) => {
-      trailer = unary && protocol === "grpc" ? grpcTrailers(headers) : headers;
-      addTrailers.call(out, trailer);
+      const refinedTrailer = unary && protocol === "grpc" ? grpcTrailers(headers) : headers;
+      const add = (t: http.OutgoingHttpHeaders) => {
+        trailer = t;
+        addTrailers.call(out, t);
+      };
+      if (refinedTrailer instanceof Promise) pending = refinedTrailer.then(add);
+      else add(refinedTrailer);
     };
     out.end = ((...args: unknown[]) => {
       if (held !== undefined) {
         const body = connectError(held.length === 1 ? held[0]! : Buffer.concat(held));
-        writeHead.call(out, status, head);
         held = undefined;
-        end.call(out, body);
-      } else end.apply(out, args);
-      stopUnreadBody(req, res, readMaxBytes);
+        const finish = (b: Uint8Array) => {
+          writeHead.call(out, status, head);
+          end.call(out, b);
+          ended();
+        };
+        if (body instanceof Promise) body.then(finish, fail);
+        else finish(body);
+      } else if (pending !== undefined) {
+        pending.then(() => {
+          end.apply(out, args);
+          ended();
+        }, fail);
+      } else {
+        end.apply(out, args);
+        ended();
+      }
       return out;
     }) as typeof out.end;
     if (onCallEnd)
@@ -132,48 +168,44 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     adapter(req, res);
 
     /** A Connect unary error body: refined, enveloped (errorBody), with its new length. */
-    function connectError(original: Uint8Array): Uint8Array {
-      let body = original;
+    function connectError(original: Uint8Array): Maybe<Uint8Array> {
       code = connectErrorCode(original, status);
-      if (code === Code.InvalidArgument || code === Code.Internal) {
-        const error = refined(
-          req,
-          method,
-          errorFromJsonBytes(original, undefined, new ConnectError("", code)),
-        );
-        if (error !== undefined) {
-          code = error.code;
-          status = codeToHttpStatus(error.code);
-          body = errorToJsonBytes(error, jsonOptions);
-          const metadata = nodeHeaders(error.metadata);
+      const error = refined(req, method, errorFromJsonBytes(original, undefined, new ConnectError("", code)));
+      return then(error, (better) => {
+        let body = original;
+        if (better !== undefined) {
+          code = better.code;
+          status = codeToHttpStatus(better.code);
+          body = errorToJsonBytes(better, jsonOptions);
+          const metadata = nodeHeaders(better.metadata);
           for (const k in metadata) head[k] = metadata[k];
         }
-      }
-      if (errorBody) body = errorBody(req, body);
-      head["content-length"] = body.byteLength;
-      return body;
+        if (errorBody) body = errorBody(req, body);
+        head["content-length"] = body.byteLength;
+        return body;
+      });
     }
 
-    /** gRPC status trailers, refined when they carry Connect's own InvalidArgument. */
-    function grpcTrailers(headers: http.OutgoingHttpHeaders): http.OutgoingHttpHeaders {
+    /** gRPC status trailers, refined when they carry an error Connect raised itself. */
+    function grpcTrailers(headers: http.OutgoingHttpHeaders): Maybe<http.OutgoingHttpHeaders> {
       const web = new Headers(headers as Record<string, string>);
       const error = findTrailerError(web);
-      const better = error === undefined ? undefined : refined(req, method, error);
-      if (better === undefined) return headers;
-      for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) web.delete(k);
-      return nodeHeaders(setTrailerStatus(web, better));
+      if (error === undefined) return headers;
+      return then(refined(req, method, error), (better) => {
+        if (better === undefined) return headers;
+        for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) web.delete(k);
+        return nodeHeaders(setTrailerStatus(web, better));
+      });
     }
 
     /** A gRPC-Web trailer frame, refined like gRPC's trailers. */
-    function grpcWebTrailer(frame: Uint8Array): Uint8Array {
+    function grpcWebTrailer(frame: Uint8Array): Maybe<Uint8Array> {
       const length = new DataView(frame.buffer, frame.byteOffset + 1, 4).getUint32(0);
       if (5 + length !== frame.byteLength) return frame;
       const parsed = trailerParse(frame.subarray(5));
       const error = findTrailerError(parsed);
-      const better = error === undefined ? undefined : refined(req, method, error);
-      if (better === undefined) return frame;
-      for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) parsed.delete(k);
-      return encodeEnvelope(trailerFlag, trailerSerialize(setTrailerStatus(parsed, better)));
+      if (error === undefined) return frame;
+      return then(refined(req, method, error), (better) => grpcWebFrame(parsed, better, frame));
     }
 
     /** The code the call ended with, read from what was written (as for Connect's handlers on the fast transport). */
@@ -185,6 +217,30 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
       };
       return streamedCode(uRes, last);
     }
+  };
+}
+
+/** A gRPC-Web trailer frame with `better`'s status in place of the one `parsed` holds (or `frame` unchanged). */
+function grpcWebFrame(parsed: Headers, better: ConnectError | undefined, frame: Uint8Array): Uint8Array {
+  if (better === undefined) return frame;
+  for (const k of ["grpc-status", "grpc-message", "grpc-status-details-bin"]) parsed.delete(k);
+  return encodeEnvelope(trailerFlag, trailerSerialize(setTrailerStatus(parsed, better)));
+}
+
+type Maybe<T> = T | Promise<T>;
+
+/** `f` of `value`, at once when it is not a promise (no microtask), else once it resolves. */
+function then<T, U>(value: Maybe<T>, f: (v: T) => U): Maybe<U> {
+  return value instanceof Promise ? value.then(f) : f(value);
+}
+
+/** A Node request's headers read as fetch Headers' `get` reads them (repeats joined with ", "). */
+function headerSource(req: http.IncomingMessage | http2.Http2ServerRequest): RequestHeaders {
+  return {
+    get(name) {
+      const v = req.headers[name];
+      return v === undefined ? null : typeof v === "string" ? v : v.join(", ");
+    },
   };
 }
 

@@ -112,15 +112,21 @@ export interface UnaryAnswer {
 
 export type UnaryHandler = (req: UnaryRequest) => Promise<UnaryAnswer>;
 
+/** A request's headers by lower-case name, as fetch Headers' `get` reads them. */
+export interface RequestHeaders {
+  get(name: string): string | null;
+}
+
 /**
  * Called with the error a unary call failed with, before it is written (see
- * `ConnectHandlerOptions.callError`); returns the error to answer with.
+ * `ConnectHandlerOptions.callError`); returns the error to answer with, or a promise of it.
  */
 export type CallErrorHook = (
   error: ConnectError,
   values: HandlerContext["values"],
   method: UnarySpec["method"],
-) => ConnectError;
+  headers: RequestHeaders,
+) => ConnectError | Promise<ConnectError>;
 
 type HandlerOptions = ReturnType<typeof validateUniversalHandlerOptions> & {
   callError?: CallErrorHook | undefined;
@@ -197,7 +203,8 @@ function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Looku
       body = serialization.getO(binary).serialize(output);
     } catch (e) {
       context.abort(e);
-      const error = callError(opt, asConnectError(e), context, spec);
+      const answered = callError(opt, asConnectError(e), context, spec, req);
+      const error = answered instanceof Promise ? await answered : answered;
       code = error.code;
       status = connect.codeToHttpStatus(error.code);
       context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
@@ -279,7 +286,8 @@ function grpcUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup, 
       context.abort(CALL_DONE);
     } catch (e) {
       context.abort(e);
-      const error = callError(opt, asConnectError(e), context, spec);
+      const answered = callError(opt, asConnectError(e), context, spec, req);
+      const error = answered instanceof Promise ? await answered : answered;
       code = error.code;
       grpc.setTrailerStatus(context.responseTrailer, error);
     }
@@ -630,8 +638,11 @@ function callError(
   error: ConnectError,
   context: UnaryCall,
   spec: UnarySpec,
-): ConnectError {
-  return opt.callError ? opt.callError(error, context.values, spec.method) : error;
+  req: UnaryRequest,
+): ConnectError | Promise<ConnectError> {
+  return opt.callError
+    ? opt.callError(error, context.values, spec.method, { get: (name) => headerOf(req, name) })
+    : error;
 }
 
 /** Connect's handlers answer anything else thrown as an internal error (the cause kept for logs only). */

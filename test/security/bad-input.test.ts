@@ -173,13 +173,21 @@ describe.each(DATABASES)("bad input on $name", (db) => {
   it("answers a malformed protobuf body InvalidArgument over Connect", async () => {
     const res = await post(ts, LOGIN, { "content-type": "application/proto" }, MALFORMED_PROTO);
     expect(res.status).toBe(400);
-    // A binary client gets Connect's error JSON without the envelope: the reason is in the ErrorInfo detail.
+    // A binary client's error body is JSON too, with the same envelope a JSON client gets.
     const body = JSON.parse(res.body.toString()) as {
       code: string;
-      details?: { debug?: { reason?: string; requestId?: string } }[];
+      reason: string;
+      request_id: string;
+      details?: { type?: string; debug?: { reason?: string; metadata?: Record<string, string> } }[];
     };
-    expect([body.code, body.details?.[0]?.debug?.reason]).toEqual(["invalid_argument", "INVALID_ARGUMENT"]);
-    expect(body.details?.[0]?.debug?.requestId).toBe(res.headers["x-request-id"]);
+    expect([body.code, body.reason, body.details?.[0]?.debug?.reason]).toEqual([
+      "invalid_argument",
+      "INVALID_ARGUMENT",
+      "INVALID_ARGUMENT",
+    ]);
+    expect(body.details?.[0]?.type).toBe("google.rpc.ErrorInfo");
+    expect(body.request_id).toBe(res.headers["x-request-id"]);
+    expect(body.details?.[0]?.debug?.metadata?.request_id).toBe(res.headers["x-request-id"]);
   });
 
   it("answers a malformed protobuf message InvalidArgument over gRPC and gRPC-Web", async () => {
@@ -207,13 +215,21 @@ describe.each(DATABASES)("bad input on $name", (db) => {
       TRUNCATED_GZIP,
     );
     expect(res.status).toBe(400);
-    // A binary client gets Connect's error JSON without the envelope: the reason is in the ErrorInfo detail.
+    // A binary client's error body is JSON too, with the same envelope a JSON client gets.
     const body = JSON.parse(res.body.toString()) as {
       code: string;
-      details?: { debug?: { reason?: string; requestId?: string } }[];
+      reason: string;
+      request_id: string;
+      details?: { type?: string; debug?: { reason?: string; metadata?: Record<string, string> } }[];
     };
-    expect([body.code, body.details?.[0]?.debug?.reason]).toEqual(["invalid_argument", "INVALID_ARGUMENT"]);
-    expect(body.details?.[0]?.debug?.requestId).toBe(res.headers["x-request-id"]);
+    expect([body.code, body.reason, body.details?.[0]?.debug?.reason]).toEqual([
+      "invalid_argument",
+      "INVALID_ARGUMENT",
+      "INVALID_ARGUMENT",
+    ]);
+    expect(body.details?.[0]?.type).toBe("google.rpc.ErrorInfo");
+    expect(body.request_id).toBe(res.headers["x-request-id"]);
+    expect(body.details?.[0]?.debug?.metadata?.request_id).toBe(res.headers["x-request-id"]);
   });
 
   it("answers a truncated gzip message InvalidArgument over gRPC and gRPC-Web", async () => {

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";

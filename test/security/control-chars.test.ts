@@ -9,8 +9,8 @@ import {
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { PrincipalKind } from "../../gen/tessera/v1/options_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";

@@ -7,7 +7,7 @@ import {
 } from "@connectrpc/connect-node";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ErrorInfoSchema } from "../../gen/tessera/v1/error_details_pb.js";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { startServer, type TesseraServer } from "../../src/server.js";
@@ -111,7 +111,7 @@ describe.each(DATABASES.map((d) => d.name))("a database outage under load (%s)",
           code: ce.code,
           reason: info?.reason,
           retryAfter: ce.metadata.get("retry-after"),
-          requestId: info?.requestId ?? requestId,
+          requestId: info?.metadata.request_id ?? requestId,
           audited,
         });
         return undefined;

@@ -10,14 +10,15 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tessera/v1/error_details.proto.
  */
 export const file_tessera_v1_error_details: GenFile = /*@__PURE__*/
-  fileDesc("Ch50ZXNzZXJhL3YxL2Vycm9yX2RldGFpbHMucHJvdG8SCnRlc3NlcmEudjEipwEKCUVycm9ySW5mbxIOCgZyZWFzb24YASABKAkSDgoGZG9tYWluGAIgASgJEjUKCG1ldGFkYXRhGAMgAygLMiMudGVzc2VyYS52MS5FcnJvckluZm8uTWV0YWRhdGFFbnRyeRISCgpyZXF1ZXN0X2lkGAQgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AWIGcHJvdG8z");
+  fileDesc("Ch50ZXNzZXJhL3YxL2Vycm9yX2RldGFpbHMucHJvdG8SCnRlc3NlcmEudjEiqwEKCUVycm9ySW5mbxIOCgZyZWFzb24YASABKAkSDgoGZG9tYWluGAIgASgJEjUKCG1ldGFkYXRhGAMgAygLMiMudGVzc2VyYS52MS5FcnJvckluZm8uTWV0YWRhdGFFbnRyeRISCgpyZXF1ZXN0X2lkGAQgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AToCGAFiBnByb3RvMw");
 
 /**
- * Carried in the details of every Tessera error: a stable machine-readable reason
- * (e.g. TOKEN_EXPIRED, AUTH_REQUIRED, ACCESS_DENIED) and the request id.
- * Mirrors google.rpc.ErrorInfo, plus the request id for support.
+ * The error detail Tessera servers sent before google.rpc.ErrorInfo
+ * (google/rpc/error_details.proto) replaced it. No server sends it any more; the SDK
+ * still reads it, for one release, from a server that does (see CHANGELOG.md).
  *
  * @generated from message tessera.v1.ErrorInfo
+ * @deprecated
  */
 export type ErrorInfo = Message<"tessera.v1.ErrorInfo"> & {
   /**
@@ -52,6 +53,7 @@ export type ErrorInfo = Message<"tessera.v1.ErrorInfo"> & {
 /**
  * Describes the message tessera.v1.ErrorInfo.
  * Use `create(ErrorInfoSchema)` to create a new message.
+ * @deprecated
  */
 export const ErrorInfoSchema: GenMessage<ErrorInfo> = /*@__PURE__*/
   messageDesc(file_tessera_v1_error_details, 0);
