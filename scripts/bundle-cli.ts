@@ -6,6 +6,7 @@
 // several hundred modules it replaces, and `tessera whoami` loads the chunks it needs
 // only. The server's modules stay out: `serve` and the other server commands import them
 // from dist/src/ when they run. Run by `npm run build` after tsc.
+import { rmSync } from "node:fs";
 import { dirname, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type BuildOptions, build, type Metafile, type Plugin } from "esbuild";
@@ -44,6 +45,50 @@ function serverModulesExternal(root: string): Plugin {
   };
 }
 
+/**
+ * Modules of the bundle that load a dependency when first used rather than with the
+ * chunk, each a replacement for one import of one importer: commander's
+ * `child_process` (with `net` and `dgram` behind it: ~10 ms of CPU), which it uses only
+ * to run external subcommands, which tessera has none of; and the SDK's `yaml` (~10 ms),
+ * which only a command that reads or writes the credentials file needs (`whoami` with
+ * TESSERA_TOKEN and TESSERA_SERVER reads none). `require()` in a bundled ES module is
+ * esbuild's: the CommonJS module it names is in the bundle and runs at the first call.
+ */
+const DEFERRED: { importer: RegExp; path: RegExp; contents: string }[] = [
+  {
+    importer: /node_modules\/commander\/lib\/command\.js$/,
+    path: /^node:child_process$/,
+    contents: `module.exports = { spawn: (...args) => require("node:child_process").spawn(...args) };`,
+  },
+  {
+    importer: /src\/sdk\/credentials\.ts$/,
+    path: /^yaml$/,
+    contents: [
+      "let yaml;",
+      'const load = () => (yaml ??= require("yaml"));',
+      "export const parse = (...args) => load().parse(...args);",
+      "export const stringify = (...args) => load().stringify(...args);",
+    ].join("\n"),
+  },
+];
+
+function deferred(): Plugin {
+  return {
+    name: "deferred",
+    setup(b) {
+      b.onResolve({ filter: /^(node:child_process|yaml)$/ }, (args) => {
+        const i = DEFERRED.findIndex((d) => d.importer.test(args.importer) && d.path.test(args.path));
+        return i < 0 ? undefined : { path: String(i), namespace: "deferred" };
+      });
+      b.onLoad({ filter: /.*/, namespace: "deferred" }, (args) => ({
+        contents: DEFERRED[Number(args.path)]!.contents,
+        loader: "js",
+        resolveDir: b.initialOptions.absWorkingDir ?? process.cwd(),
+      }));
+    },
+  };
+}
+
 /** esbuild's options for the CLI bundle, written to `outdir` under `root`. */
 export function cliBundleOptions(root: string, outdir = CLI_BUNDLE_DIR): BuildOptions {
   return {
@@ -65,7 +110,7 @@ export function cliBundleOptions(root: string, outdir = CLI_BUNDLE_DIR): BuildOp
     banner: {
       js: 'import { createRequire as __tesseraCreateRequire } from "node:module";\nconst require = __tesseraCreateRequire(import.meta.url);',
     },
-    plugins: [serverModulesExternal(root)],
+    plugins: [serverModulesExternal(root), deferred()],
     metafile: true,
     logLevel: "warning",
   };
@@ -78,6 +123,8 @@ export function serverInputs(metafile: Metafile): string[] {
 
 /** Build the bundle; fails if a server module found its way into it. */
 export async function bundleCli(root: string, outdir = CLI_BUNDLE_DIR): Promise<Metafile> {
+  // The chunks' names change with their contents: a previous build's must not stay beside them.
+  rmSync(resolve(root, outdir), { recursive: true, force: true });
   const result = await build(cliBundleOptions(root, outdir));
   const leaked = serverInputs(result.metafile!);
   if (leaked.length > 0) throw new Error(`the CLI bundle contains server modules: ${leaked.join(", ")}`);
