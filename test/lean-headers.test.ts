@@ -32,7 +32,9 @@ const OPS: [string, Op[]][] = [
 
 function snapshot(h: Headers) {
   const forEach: [string, string][] = [];
-  h.forEach((v, k) => forEach.push([k, v]));
+  h.forEach((v, k) => {
+    forEach.push([k, v]);
+  });
   return {
     entries: [...h],
     keys: [...h.keys()],

@@ -130,7 +130,9 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     );
     expect((JSON.parse(cli.stdout) as { username: string }).username).toBe("admin");
     const loaded = readFileSync(probeOut, "utf8").split("\n");
-    expect(loaded).toContain(`file://${join(project, "node_modules", "tessera", "dist", "cli", "tessera.js")}`);
+    expect(loaded).toContain(
+      `file://${join(project, "node_modules", "tessera", "dist", "cli", "tessera.js")}`,
+    );
     expect(
       loaded.filter((url) => /\/(@connectrpc|@bufbuild|yaml)\/|\/dist\/(src\/sdk|gen)\//.test(url)),
     ).toEqual([]);
