@@ -1,5 +1,5 @@
 import { execFile, execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { isBuiltin } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -227,8 +227,12 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
       const loads = [
         ...file.text.matchAll(/\bfrom\s*"([^"]+)"|\bimport\(\s*"([^"]+)"\s*\)|\brequire\("([^"]+)"\)/g),
       ].map((m) => m[1] ?? m[2] ?? m[3]!);
-      for (const spec of loads.filter((s) => !isBuiltin(s)))
+      for (const spec of loads.filter((s) => !isBuiltin(s))) {
         expect(spec, file.path).toMatch(/^\.\/[\w-]+\.js$|^\.\.\/src\/[\w/.-]+\.js$/);
+        // A server module, as tsc compiles it into dist/src/ beside dist/cli/.
+        if (spec.startsWith("../src/"))
+          expect(existsSync(join(ROOT, spec.slice(3).replace(/\.js$/, ".ts"))), spec).toBe(true);
+      }
     }
     // whoami's chunk and what it imports statically hold no other service's descriptors.
     const outputs = meta.outputs;
