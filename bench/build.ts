@@ -62,8 +62,10 @@ export function compileForBench(
   if (!existsSync(join(dist, "src", "main.js")) || !existsSync(join(dist, "bench", "bare-server.js"))) {
     throw new Error(`TypeScript emitted no JavaScript for the bench:\n${tsc.stdout}${tsc.stderr}`);
   }
-  // The client commands' bundle, as `npm run build` makes it (a checkout from before the
-  // bundle has no script and runs its client commands unbundled).
+  // The command line's bundle, as `npm run build` makes it (a checkout from before the
+  // bundle has no script and runs its client commands unbundled). The script of a checkout
+  // from before the chunked bundle takes the bundle's file, a later one its folder
+  // (dist/cli) or that file's folder.
   const bundleScript = join(root, "scripts", "bundle-cli.ts");
   if (existsSync(bundleScript)) {
     const bundled = spawnSync(

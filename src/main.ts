@@ -1,75 +1,33 @@
-import { Command, CommanderError } from "commander";
-import { registerAuditCommands } from "./cli/audit-commands.js";
-import { registerClientCommands } from "./cli/client-commands.js";
-import { loadClientModule } from "./cli/client-module.js";
-import { registerCompletionCommand } from "./cli/completion.js";
-import { EXIT, EXIT_HELP, UsageError } from "./cli/exit-codes.js";
-import { registerServerCommands } from "./cli/server-commands.js";
-import { VERSION } from "./version.js";
+import { existsSync } from "node:fs";
 
-// This module and the command trees it registers import only commander: each command
-// loads what it uses when it runs (the SDK for client commands, the server's modules for
-// `serve`), so `tessera --help` and `tessera whoami` start in a blink.
+// The `tessera` entry point (bin/tessera.js imports it; `node dist/src/main.js …` runs it).
+// It holds no command: it loads the command line, src/cli/program.ts, from the bundle the
+// build makes of it (dist/cli/tessera.js, one ES module with a chunk per command group,
+// scripts/bundle-cli.ts) when running compiled, since Node 20 loads one file in a fraction
+// of the time of the hundreds of modules it replaces; from the separate modules otherwise
+// (the TypeScript sources through tsx, or a compiled tree without the bundle).
 
-export { EXIT } from "./cli/exit-codes.js";
-
-/** Build the `tessera` command line. */
-export function buildProgram(): Command {
-  const program = new Command("tessera")
-    .description("Tessera: authentication and identity for platform APIs")
-    .version(VERSION)
-    .exitOverride()
-    .addHelpText("after", `\n${EXIT_HELP}`);
-  registerServerCommands(program);
-  registerClientCommands(program);
-  registerAuditCommands(program);
-  registerCompletionCommand(program);
-  return program;
-}
+/** The command line's module. */
+export type Program = typeof import("./cli/program.js");
 
 /**
- * The one line a failed command prints. A database driver's error (MikroORM's
- * `…Exception` with a SQLSTATE or driver code) is named by class, code and constraint
- * only: its message holds the SQL with its values, a password hash among them when a
- * bootstrap insert fails.
+ * The bundle, seen from this module compiled into dist/src/. Run from the TypeScript
+ * sources this module's URL ends in .ts and the bundle is never used: it would be a
+ * stale build of other sources.
  */
-export function describeFailure(err: unknown): string {
-  if (!(err instanceof Error)) return String(err);
-  const e = err as Error & { code?: unknown; constraint?: unknown };
-  if (/Exception$/.test(err.name) && e.code !== undefined)
-    return `database error: ${err.name} (${String(e.code)}${typeof e.constraint === "string" ? `, ${e.constraint}` : ""})`;
-  return err.message;
+const BUNDLE = new URL("../cli/tessera.js", import.meta.url);
+const COMPILED = import.meta.url.endsWith(".js");
+
+/** Load the command line: the bundle when running compiled and the build made one. */
+export function loadProgram(): Promise<Program> {
+  return COMPILED && existsSync(BUNDLE)
+    ? (import(BUNDLE.href) as Promise<Program>)
+    : import("./cli/program.js");
 }
 
-/** Run the CLI with `argv` (as process.argv). */
+/** Run the CLI with `argv` (as process.argv); resolves to the exit code. */
 export async function main(argv: string[]): Promise<number> {
-  const program = buildProgram();
-  try {
-    await program.parseAsync(argv);
-    return EXIT.ok;
-  } catch (err) {
-    if (err instanceof CommanderError) {
-      return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
-    }
-    if (err instanceof UsageError) {
-      process.stderr.write(`error: ${err.message}\n`);
-      return EXIT.usage;
-    }
-    // Only a client command can have raised a client error, and it loaded the SDK then.
-    const { describeClientError } = await loadClientModule();
-    const client = describeClientError(err, EXIT);
-    if (client) {
-      process.stderr.write(`error: ${client.message}\n`);
-      return client.code;
-    }
-    // A configuration error comes from config.ts, loaded by the server commands only.
-    if (err instanceof Error && err.name === "ConfigError") {
-      process.stderr.write(`${err.message}\n`);
-      return EXIT.usage;
-    }
-    process.stderr.write(`error: ${describeFailure(err)}\n`);
-    return EXIT.error;
-  }
+  return (await loadProgram()).main(argv);
 }
 
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
@@ -77,7 +35,7 @@ if (isEntry) {
   main(process.argv).then((code) => {
     // A failure ends the process now: a pool, timer or half-started server left behind by
     // a failed start must not keep alive a process that serves nothing.
-    if (code !== EXIT.ok) process.exit(code);
+    if (code !== 0) process.exit(code);
     // `serve` keeps running; other commands exit with their code.
     if (!process.argv.includes("serve")) process.exitCode = code;
   });

@@ -1,5 +1,5 @@
 import { execFile, execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { isBuiltin } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -7,9 +7,9 @@ import { fileURLToPath } from "node:url";
 import { Code } from "@connectrpc/connect";
 import { build } from "esbuild";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { clientBundleOptions } from "../scripts/bundle-cli.js";
-import { describeClientError } from "../src/cli/client-actions.js";
+import { bundleCli, cliBundleOptions, serverInputs } from "../scripts/bundle-cli.js";
 import { CLIENT_ENV_NAMES } from "../src/cli/client-commands.js";
+import { describeClientError } from "../src/cli/client-errors.js";
 import { EXIT } from "../src/cli/exit-codes.js";
 import { CLIENT_ENV, RateLimitedError } from "../src/sdk/index.js";
 import { type CliResult, runCli } from "./cli-helpers.js";
@@ -201,38 +201,113 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect(CLIENT_ENV_NAMES).toEqual(CLIENT_ENV);
   });
 
-  it("bundles the client commands with their runtimes and without any server module", async () => {
-    const options = clientBundleOptions(ROOT, join(env.HOME!, "client.bundle.js"));
-    const result = await build({ ...options, write: false });
-    const inputs = Object.keys(result.metafile!.inputs);
-    // What makes it worth a bundle: the SDK, the generated code and the Connect runtime are in it.
+  it("bundles the command line with a chunk per command group, the runtimes inlined, no server module", async () => {
+    const result = await build({ ...cliBundleOptions(ROOT, join(env.HOME!, "bundle-check")), write: false });
+    const meta = result.metafile!;
+    const inputs = Object.keys(meta.inputs);
+    // What makes it worth a bundle: commander, the SDK, the generated code and the Connect runtime are in it.
     for (const wanted of [
-      "src/cli/client-actions.ts",
-      "src/cli/audit-actions.ts",
-      "src/sdk/user-api.ts",
+      "src/cli/program.ts",
+      "src/cli/actions/session.ts",
+      "src/cli/actions/audit.ts",
+      "src/sdk/user-api-core.ts",
       "gen/tessera/v1/user_service_pb.ts",
+      "node_modules/commander/",
       "node_modules/@connectrpc/connect-node/",
       "node_modules/@bufbuild/protobuf/",
     ])
       expect(
-        inputs.some((i) => i.startsWith(wanted)),
+        inputs.some((i) => i.includes(wanted)),
         wanted,
       ).toBe(true);
-    const server = inputs.filter(
-      (i) =>
-        /^src\/(storage|services|interceptors)\//.test(i) ||
-        (/^src\/auth\//.test(i) && i !== "src/auth/scopes.ts") ||
-        /^src\/(config|server)\.ts$/.test(i) ||
-        /node_modules\/(@mikro-orm|knex|pg|ioredis|better-sqlite3|pino)\//.test(i),
-    );
-    expect(server).toEqual([]);
-    // Nothing left to load from node_modules at run time: only Node's built-ins are imported.
-    const output = result.outputFiles!.find((f) => f.path.endsWith("client.bundle.js"))!;
-    const loads = [
-      ...output.text.matchAll(/\bfrom\s*"([^"]+)"|\bimport\(\s*"([^"]+)"\s*\)|\brequire\("([^"]+)"\)/g),
-    ].map((m) => m[1] ?? m[2] ?? m[3]!);
-    expect(loads).toContain("node:http2");
-    expect(loads.filter((spec) => !isBuiltin(spec))).toEqual([]);
+    expect(serverInputs(meta)).toEqual([]);
+    // Nothing left to load from node_modules at run time: Node's built-ins, the bundle's own
+    // chunks, and (for the server commands) the compiled server modules beside it.
+    for (const file of result.outputFiles!) {
+      const loads = [
+        ...file.text.matchAll(/\bfrom\s*"([^"]+)"|\bimport\(\s*"([^"]+)"\s*\)|\brequire\("([^"]+)"\)/g),
+      ].map((m) => m[1] ?? m[2] ?? m[3]!);
+      for (const spec of loads.filter((s) => !isBuiltin(s))) {
+        expect(spec, file.path).toMatch(/^\.\/[\w-]+\.js$|^\.\.\/src\/[\w/.-]+\.js$/);
+        // A server module, as tsc compiles it into dist/src/ beside dist/cli/.
+        if (spec.startsWith("../src/"))
+          expect(existsSync(join(ROOT, spec.slice(3).replace(/\.js$/, ".ts"))), spec).toBe(true);
+      }
+    }
+    // whoami's chunk and what it imports statically hold no other service's descriptors.
+    const outputs = meta.outputs;
+    const session = Object.keys(outputs).find((o) => "src/cli/actions/session.ts" in outputs[o]!.inputs)!;
+    const loaded = new Set<string>();
+    const visit = (o: string) => {
+      if (loaded.has(o)) return;
+      loaded.add(o);
+      for (const i of outputs[o]!.imports) if (i.kind === "import-statement" && !i.external) visit(i.path);
+    };
+    visit(session);
+    const whoamiInputs = [...loaded].flatMap((o) => Object.keys(outputs[o]!.inputs));
+    expect(whoamiInputs).toContain("gen/tessera/v1/user_service_pb.ts");
+    for (const other of ["token", "tenant", "machine_user", "audit"])
+      expect(whoamiInputs).not.toContain(`gen/tessera/v1/${other}_service_pb.ts`);
+    expect(whoamiInputs).not.toContain("src/sdk/user-api.ts");
+  });
+
+  it("runs compiled from the bundle: whoami loads its own chunks only, without Node's undici, and a failure keeps its exit code", async () => {
+    // The layout of a build: dist/src/main.js (compiled alone: it only finds the bundle) and dist/cli/.
+    const dir = mkdtempSync(join(tmpdir(), "tessera-cli-bundle-"));
+    writeFileSync(join(dir, "package.json"), JSON.stringify({ type: "module" }));
+    await bundleCli(ROOT, join(dir, "dist", "cli"));
+    await build({
+      absWorkingDir: ROOT,
+      entryPoints: ["src/main.ts"],
+      outfile: join(dir, "dist", "src", "main.js"),
+      format: "esm",
+      platform: "node",
+      logLevel: "warning",
+    });
+    const run = (args: string[], extra: Record<string, string> = {}) => {
+      const out = join(dir, `probe-${args.join("-")}.txt`);
+      return new Promise<{ code: number; stdout: string; stderr: string; loaded: string[] }>((resolve) => {
+        execFile(
+          process.execPath,
+          ["--import", PROBE, join(dir, "dist", "src", "main.js"), ...args],
+          { env: { PATH: process.env.PATH ?? "/usr/bin", ...env, ...extra, MODULE_PROBE_OUT: out } },
+          (err, stdout, stderr) =>
+            resolve({
+              code: err ? Number((err as { code?: unknown }).code) : 0,
+              stdout,
+              stderr,
+              loaded: readFileSync(out, "utf8").split("\n"),
+            }),
+        );
+      });
+    };
+    const me = await run(["whoami", "--output", "json"], { TESSERA_TOKEN: ADMIN_TOKEN });
+    expect(me.code, me.stderr).toBe(0);
+    expect((JSON.parse(me.stdout) as { id: string }).id).toBe("admin-token");
+    const files = me.loaded.filter((l) => l.startsWith("file:"));
+    expect(
+      files.every((f) => f.startsWith(`file://${dir}/dist/`)),
+      files.join("\n"),
+    ).toBe(true);
+    expect(files.some((f) => /\/dist\/cli\/session-\w+\.js$/.test(f))).toBe(true);
+    expect(
+      files.some((f) => /\/dist\/cli\/(tokens|tenants|machine-users|audit|users)-\w+\.js$/.test(f)),
+    ).toBe(false);
+    expect(me.loaded.filter((l) => l.includes("undici"))).toEqual([]);
+
+    const tokens = await run(["token", "list", "--output", "json"]);
+    expect(tokens.code, tokens.stderr).toBe(0);
+    expect(JSON.parse(tokens.stdout)).toHaveProperty("tokens");
+    const missing = await run(["user", "get", "00000000-0000-4000-8000-000000000000"]);
+    expect(missing.code, missing.stderr).toBe(EXIT.notFound);
+    expect(missing.stderr).toMatch(/NOT_FOUND/);
+    const help = await run(["--help"]);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toContain("whoami");
+    // --help loads the entry (and the small chunk it shares with the actions), no command group.
+    const helpFiles = help.loaded.filter((l) => l.startsWith("file:") && /\/dist\/cli\//.test(l));
+    expect(helpFiles).toContain(`file://${dir}/dist/cli/tessera.js`);
+    expect(helpFiles.filter((f) => !/\/(tessera|chunk-\w+)\.js$/.test(f))).toEqual([]);
   });
 
   it("loads no server module for --help, whoami and token list", async () => {

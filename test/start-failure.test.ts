@@ -1,6 +1,6 @@
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import { describe, expect, it } from "vitest";
-import { describeFailure } from "../src/main.js";
+import { describeFailure } from "../src/cli/program.js";
 
 describe("the line a failed command prints", () => {
   it("names a database driver error by class, code and constraint, never its SQL values", () => {

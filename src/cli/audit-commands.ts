@@ -1,6 +1,5 @@
 import type { Command } from "commander";
 import { idValue } from "./client-commands.js";
-import { loadClientModule } from "./client-module.js";
 
 /** Flags of `tessera audit list`. */
 export interface AuditListFlags {
@@ -17,8 +16,8 @@ export interface AuditListFlags {
 
 /**
  * `tessera audit list`: the audit log, newest first (needs admin:audit). Only commander
- * here: the action loads audit-actions.ts (the SDK, the generated client), or the client
- * bundle that holds it, when it runs.
+ * here: the action loads actions/audit.ts (the SDK core, the generated client) when it
+ * runs.
  */
 export function registerAuditCommands(program: Command): void {
   const audit = program.command("audit").description("the audit log (needs admin:audit)");
@@ -38,7 +37,7 @@ export function registerAuditCommands(program: Command): void {
     .option("--until <time>", "only events before this time (ISO 8601, or a duration ago)")
     .option("--limit <n>", "print at most this many events", "100")
     .action(async (flags: AuditListFlags, cmd: Command) => {
-      const { auditList } = await loadClientModule();
+      const { auditList } = await import("./actions/audit.js");
       await auditList(flags, cmd);
     });
 }

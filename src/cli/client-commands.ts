@@ -1,11 +1,10 @@
 import { type Command, InvalidArgumentError as CommanderArgumentError, Option } from "commander";
-import { loadClientModule } from "./client-module.js";
 
 /**
  * The client commands' tree: names, flags and help. It imports only commander, so that
  * `tessera --help` and the parsing of every command load nothing else; each action loads
- * client-actions.ts (the SDK, the generated clients, the output helpers), or the bundle
- * the build makes of it, when it runs.
+ * its command group's module under actions/ (the SDK core, its service's generated
+ * descriptors, the output helpers) when it runs.
  */
 
 /**
@@ -23,13 +22,24 @@ export const CLIENT_ENV_NAMES = {
 } as const;
 const ENV = CLIENT_ENV_NAMES;
 
-/** The actions client-actions.ts implements, by name. */
-export type ActionName = keyof typeof import("./client-actions.js").actions;
+/**
+ * Each command group's actions, a module of their own: a command loads its group's only
+ * (with its service's generated descriptors), or the bundle's chunk of it when built
+ * (scripts/bundle-cli.ts turns each of these imports into a chunk).
+ */
+const GROUPS = {
+  session: () => import("./actions/session.js"),
+  users: () => import("./actions/users.js"),
+  tokens: () => import("./actions/tokens.js"),
+  machineUsers: () => import("./actions/machine-users.js"),
+  tenants: () => import("./actions/tenants.js"),
+};
+type Groups = typeof GROUPS;
 
-/** An action that loads its implementation when it runs. */
-function lazy(name: ActionName) {
+/** An action of `group` that loads its implementation when it runs. */
+function lazy<G extends keyof Groups>(group: G, name: keyof Awaited<ReturnType<Groups[G]>>["actions"]) {
   return async (...args: unknown[]): Promise<void> => {
-    const { actions } = await loadClientModule();
+    const { actions } = (await GROUPS[group]()) as { actions: Record<PropertyKey, unknown> };
     await (actions[name] as (...a: unknown[]) => Promise<void>)(...args);
   };
 }
@@ -113,19 +123,19 @@ function registerSessionCommands(program: Command): void {
       idValue("--tenant"),
     )
     .option("--password-stdin", "read the password from stdin instead of prompting")
-    .action(lazy("login"));
+    .action(lazy("session", "login"));
 
   program
     .command("logout")
     .description("end the profile's session on the server and remove its tokens from the profile")
-    .action(lazy("logout"));
+    .action(lazy("session", "logout"));
 
   program
     .command("whoami")
     .description(
       "show who the current credentials belong to and their permissions (any token: a session, a personal access token, an API key, the admin token)",
     )
-    .action(lazy("whoami"));
+    .action(lazy("session", "whoami"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -143,15 +153,15 @@ function registerUserCommands(program: Command): void {
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: none)", collect)
     .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
     .option("--password-stdin", "read the password from stdin instead of prompting")
-    .action(lazy("userCreate"));
+    .action(lazy("users", "userCreate"));
 
-  user.command("list").description("list the users of your tenant").action(lazy("userList"));
+  user.command("list").description("list the users of your tenant").action(lazy("users", "userList"));
 
   user
     .command("get")
     .description("show a user")
     .argument("<id>", "user id", idValue("user id"))
-    .action(lazy("userGet"));
+    .action(lazy("users", "userGet"));
 
   user
     .command("update")
@@ -160,7 +170,7 @@ function registerUserCommands(program: Command): void {
     .option("-s, --scopes <scopes>", "the new scopes, comma-separated (repeatable)", collect)
     .option("--no-scopes", "remove every scope")
     .option("--revoke-tokens", "also revoke the user's tokens and sessions")
-    .action(lazy("userUpdate"));
+    .action(lazy("users", "userUpdate"));
 
   for (const verb of ["disable", "enable"] as const) {
     user
@@ -171,14 +181,14 @@ function registerUserCommands(program: Command): void {
           : "re-enable a disabled user",
       )
       .argument("<id>", "user id", idValue("user id"))
-      .action(lazy("userSetDisabled"));
+      .action(lazy("users", "userSetDisabled"));
   }
 
   user
     .command("delete")
     .description("delete a user with its sessions and tokens")
     .argument("<id>", "user id", idValue("user id"))
-    .action(lazy("userDelete"));
+    .action(lazy("users", "userDelete"));
 
   user
     .command("reset-password")
@@ -186,7 +196,7 @@ function registerUserCommands(program: Command): void {
     .argument("<id>", "user id", idValue("user id"))
     .option("--password-stdin", "read the new password from stdin instead of prompting")
     .option("--revoke-tokens", "also revoke the user's personal access tokens and API keys")
-    .action(lazy("userResetPassword"));
+    .action(lazy("users", "userResetPassword"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ function registerTokenCommands(program: Command, kind: "token" | "api-key"): voi
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: all of yours)", collect)
     .option("--expires-in <duration>", "lifetime, e.g. 30d, 12h (default: no expiry)")
     .option("--expires-at <date>", "expiry as an ISO 8601 date")
-    .action(lazy("tokenCreate"));
+    .action(lazy("tokens", "tokenCreate"));
 
   group
     .command("list")
@@ -214,13 +224,13 @@ function registerTokenCommands(program: Command, kind: "token" | "api-key"): voi
     .option("--user <id>", "another user's (needs admin:tokens)", idValue("--user"))
     .option("--all-users", "every user's in your tenant (needs admin:tokens)")
     .option("--include-revoked", "include revoked ones")
-    .action(lazy("tokenList"));
+    .action(lazy("tokens", "tokenList"));
 
   group
     .command("revoke")
     .description(`revoke a ${noun}; it is refused from the next request on`)
     .argument("<id>", `${noun} id`, idValue(`${noun} id`))
-    .action(lazy("tokenRevoke"));
+    .action(lazy("tokens", "tokenRevoke"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -243,26 +253,26 @@ function registerMachineUserCommands(program: Command): void {
       (v: string, p?: string[]) => collect(idValue("--app")(v), p),
     )
     .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
-    .action(lazy("machineUserCreate"));
+    .action(lazy("machineUsers", "machineUserCreate"));
 
   group
     .command("list")
     .description("list machine users")
     .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
-    .action(lazy("machineUserList"));
+    .action(lazy("machineUsers", "machineUserList"));
 
   group
     .command("rotate")
     .description("issue new credentials (printed once); the old ones stop now or after --grace-period")
     .argument("<id>", "machine user id", idValue("machine user id"))
     .option("--grace-period <duration>", "how long the old credentials keep working, e.g. 1h (max 30d)")
-    .action(lazy("machineUserRotate"));
+    .action(lazy("machineUsers", "machineUserRotate"));
 
   group
     .command("delete")
     .description("delete a machine user with its credentials, certificate bindings and backends")
     .argument("<id>", "machine user id", idValue("machine user id"))
-    .action(lazy("machineUserDelete"));
+    .action(lazy("machineUsers", "machineUserDelete"));
 
   group
     .command("bind-cert")
@@ -273,7 +283,7 @@ function registerMachineUserCommands(program: Command): void {
       "--san-uri <uri>",
       "a URI SAN every certificate of the machine user carries, e.g. spiffe://example.org/backend",
     )
-    .action(lazy("machineUserBindCert"));
+    .action(lazy("machineUsers", "machineUserBindCert"));
 
   group
     .command("check")
@@ -288,7 +298,7 @@ function registerMachineUserCommands(program: Command): void {
       textValue("--username"),
     )
     .option("--password-stdin", "read the Basic password from stdin")
-    .action(lazy("machineUserCheck"));
+    .action(lazy("machineUsers", "machineUserCheck"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -301,9 +311,9 @@ function registerTenantCommands(program: Command): void {
     .command("create")
     .description("create a tenant (needs *)")
     .argument("<name>", "tenant name", textValue("tenant name"))
-    .action(lazy("tenantCreate"));
+    .action(lazy("tenants", "tenantCreate"));
 
-  tenant.command("list").description("list the tenants you can see").action(lazy("tenantList"));
+  tenant.command("list").description("list the tenants you can see").action(lazy("tenants", "tenantList"));
 
   for (const verb of ["disable", "enable"] as const) {
     tenant
@@ -314,7 +324,7 @@ function registerTenantCommands(program: Command): void {
           : "re-enable a tenant",
       )
       .argument("<id>", "tenant id", idValue("tenant id"))
-      .action(lazy("tenantSetDisabled"));
+      .action(lazy("tenants", "tenantSetDisabled"));
   }
 
   const app = program.command("app").description("applications within a tenant (needs admin:tenants)");
@@ -324,11 +334,11 @@ function registerTenantCommands(program: Command): void {
     .description("create an application")
     .argument("<name>", "application name", textValue("application name"))
     .option("--tenant <id>", "tenant (default: yours)", idValue("--tenant"))
-    .action(lazy("appCreate"));
+    .action(lazy("tenants", "appCreate"));
 
   app
     .command("list")
     .description("list applications")
     .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
-    .action(lazy("appList"));
+    .action(lazy("tenants", "appList"));
 }

@@ -1,4 +1,3 @@
-import { createInterface } from "node:readline/promises";
 import { Writable } from "node:stream";
 
 /** Thrown when a secret cannot be read (no terminal, empty input, cancelled). */
@@ -24,6 +23,8 @@ export async function readSecretFromStdin(input: NodeJS.ReadableStream = process
 export async function promptHidden(question: string): Promise<string> {
   if (!process.stdin.isTTY)
     throw new PromptError("no terminal to prompt on; pipe the secret with --password-stdin");
+  // Loaded here: every client command imports this module, few of them prompt.
+  const { createInterface } = await import("node:readline/promises");
   let muted = false;
   const output = new Writable({
     write(chunk, _encoding, callback) {

@@ -47,3 +47,4 @@ export {
 export type { AutoRefreshOptions, TokenPair } from "./session.js";
 export { type ClientTls, loadClientTls } from "./tls.js";
 export { type CurrentUser, type LoginResult, UserAPI, type UserAPIOptions } from "./user-api.js";
+export { UserAPICore } from "./user-api-core.js";

@@ -1,12 +1,12 @@
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Command } from "commander";
-import { type AuditEvent, AuditEventSchema } from "../../gen/tessera/v1/audit_service_pb.js";
-import { ClientConfigError } from "../sdk/errors.js";
-import type { AuditListFlags } from "./audit-commands.js";
-import { parseDuration, withClient } from "./client-actions.js";
-import { messageJson, when } from "./output.js";
+import { type AuditEvent, AuditEventSchema, AuditService } from "../../../gen/tessera/v1/audit_service_pb.js";
+import { ClientConfigError } from "../../sdk/errors.js";
+import type { AuditListFlags } from "../audit-commands.js";
+import { messageJson, when } from "../output.js";
+import { parseDuration, withClient } from "./run.js";
 
-// What `tessera audit list` runs, loaded only when it runs (see audit-commands.ts).
+// `tessera audit list`, loaded only when it runs (see audit-commands.ts).
 
 /** "2026-12-04T10:00:00Z" as that instant; "90m", "12h", "7d" as that long ago. */
 export function parseInstant(value: string, flag: string, now = Date.now()): Date {
@@ -57,7 +57,7 @@ export async function auditList(flags: AuditListFlags, cmd: Command): Promise<vo
     const events: AuditEvent[] = [];
     let pageToken = "";
     do {
-      const res = await api.audit.listAuditEvents({
+      const res = await api.client(AuditService).listAuditEvents({
         ...filters,
         pageSize: Math.min(200, limit - events.length),
         pageToken,

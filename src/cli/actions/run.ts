@@ -1,0 +1,161 @@
+import { Code } from "@connectrpc/connect";
+import type { Command } from "commander";
+import { CLIENT_ENV, readProfile, writeProfile } from "../../sdk/credentials.js";
+import { type ResolvedClientOptions, resolveClientOptions } from "../../sdk/environment.js";
+import { AuthenticationError, ClientConfigError } from "../../sdk/errors.js";
+import type { TokenPair } from "../../sdk/session.js";
+import { UserAPICore, type UserAPIOptions } from "../../sdk/user-api-core.js";
+import { Output, type OutputFormat } from "../output.js";
+import { promptHidden, readSecretFromStdin } from "../prompt.js";
+
+// What every client command's action shares: the flags, the client, pages, secrets.
+// Each command group's actions are a module of their own in this folder, loaded when one
+// of its commands runs (client-commands.ts), so that a command loads the generated
+// descriptors of its own service only.
+
+/** Options every client command accepts (declared once, on the program). */
+export interface GlobalFlags {
+  profile?: string;
+  server?: string;
+  certFolder?: string;
+  caFile?: string;
+  protocol?: "grpc" | "connect";
+  output: OutputFormat;
+}
+
+/** The program's global flags as a command sees them. */
+export function globals(cmd: Command): GlobalFlags {
+  return cmd.optsWithGlobals() as GlobalFlags;
+}
+
+/** What {@link withClient} hands an action. */
+export interface ClientRun {
+  api: UserAPICore;
+  out: Output;
+  resolved: ResolvedClientOptions;
+}
+
+/**
+ * Run `fn` with a client built from the flags, the environment and the profile. A
+ * session from the profile renews itself and the renewed pair is written back.
+ */
+export async function withClient(
+  cmd: Command,
+  fn: (run: ClientRun) => Promise<void>,
+  opts: { requireCredential?: boolean; override?: Partial<UserAPIOptions> } = {},
+): Promise<void> {
+  const flags = globals(cmd);
+  const resolved = resolveClientOptions(connectionFlags(flags));
+  const options: UserAPIOptions = { ...resolved.options, ...opts.override };
+  if (resolved.tokenSource === "profile" && options.refreshToken && !opts.override) {
+    options.autoRefresh = true;
+    options.onTokens = (pair: TokenPair) => persistPair(resolved, pair);
+  }
+  if ((opts.requireCredential ?? true) && !options.token && !options.basicAuth) {
+    throw new AuthenticationError(
+      `not logged in (profile "${resolved.profile}"): run \`tessera login\` or set ${CLIENT_ENV.token}`,
+      { code: Code.Unauthenticated, reason: "AUTH_REQUIRED" },
+    );
+  }
+  const api = new UserAPICore(options);
+  try {
+    await fn({ api, out: new Output(flags.output), resolved });
+  } finally {
+    api.close();
+  }
+}
+
+/** The connection-related global flags as SDK options. */
+function connectionFlags(g: GlobalFlags) {
+  return {
+    profile: g.profile,
+    server: g.server,
+    certFolder: g.certFolder,
+    caFile: g.caFile,
+    protocol: g.protocol,
+  };
+}
+
+/** Resolution for login/logout: the profile is read (and may be absent); no token is used. */
+export function sessionConnection(g: GlobalFlags) {
+  const resolved = resolveClientOptions(connectionFlags(g), {
+    allowMissingProfile: true,
+    alwaysReadProfile: true,
+  });
+  const { token: _t, refreshToken: _r, ...connection } = resolved.options;
+  return { resolved, connection };
+}
+
+/** Write a renewed session back to the profile it came from. */
+function persistPair(resolved: ResolvedClientOptions, pair: TokenPair): void {
+  const current = readProfile(resolved.profile, resolved.credentialsFile) ?? {};
+  writeProfile(
+    resolved.profile,
+    { ...current, token: pair.accessToken, refresh_token: pair.refreshToken },
+    resolved.credentialsFile,
+  );
+}
+
+/** Comma- or space-separated scopes, possibly given several times. */
+export function scopeList(values: string[] | undefined): string[] {
+  return (values ?? []).flatMap((v) => v.split(/[\s,]+/)).filter((s) => s.length > 0);
+}
+
+const DURATION_RE = /^(\d+)\s*(s|m|h|d|w)?$/;
+const UNIT_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 };
+
+/** Parse "90", "90s", "15m", "12h", "30d", "2w" into seconds. */
+export function parseDuration(value: string): number {
+  const m = DURATION_RE.exec(value.trim());
+  if (!m) throw new ClientConfigError(`invalid duration "${value}": use e.g. 3600, 90m, 12h, 30d`);
+  const seconds = Number(m[1]) * UNIT_SECONDS[m[2] ?? "s"]!;
+  if (seconds <= 0) throw new ClientConfigError(`invalid duration "${value}": must be positive`);
+  return seconds;
+}
+
+export function expiryFrom(flags: { expiresIn?: string; expiresAt?: string }): Date | undefined {
+  if (flags.expiresIn && flags.expiresAt)
+    throw new ClientConfigError("give either --expires-in or --expires-at, not both");
+  if (flags.expiresIn) return new Date(Date.now() + parseDuration(flags.expiresIn) * 1000);
+  if (flags.expiresAt) {
+    const d = new Date(flags.expiresAt);
+    if (Number.isNaN(d.getTime()))
+      throw new ClientConfigError(`invalid --expires-at "${flags.expiresAt}": use an ISO 8601 date`);
+    return d;
+  }
+  return undefined;
+}
+
+/** Fetch every page of a paginated list. */
+export async function allPages<T>(
+  fetch: (pageToken: string) => Promise<{ items: T[]; next: string }>,
+): Promise<T[]> {
+  const items: T[] = [];
+  let pageToken = "";
+  for (let i = 0; i < 10_000; i++) {
+    const page = await fetch(pageToken);
+    items.push(...page.items);
+    if (!page.next) break;
+    pageToken = page.next;
+  }
+  return items;
+}
+
+/** A password from stdin (`--password-stdin`) or a prompt without echo. */
+export async function readPassword(
+  flags: { passwordStdin?: boolean },
+  question = "Password: ",
+): Promise<string> {
+  return flags.passwordStdin ? readSecretFromStdin() : promptHidden(question);
+}
+
+/** Print a secret once, to stdout, with a reminder on stderr. */
+export function showSecret(
+  out: Output,
+  json: Record<string, unknown>,
+  fields: [string, string][],
+  what: string,
+): void {
+  out.record(json, fields);
+  if (!out.json) out.note(`Store the ${what} now: it is shown only once.`);
+}

@@ -1,0 +1,117 @@
+import { resolve } from "node:path";
+import type { Command } from "commander";
+import { CLIENT_ENV, type Profile, writeProfile } from "../../sdk/credentials.js";
+import { UserAPICore } from "../../sdk/user-api-core.js";
+import { Output } from "../output.js";
+import { globals, readPassword, sessionConnection, withClient } from "./run.js";
+
+// `tessera login`, `logout` and `whoami`.
+
+/** The actions, by the name client-commands.ts registers them under. */
+export const actions = {
+  login: async (flags: { username: string; tenant?: string; passwordStdin?: boolean }, cmd: Command) => {
+    const g = globals(cmd);
+    const { resolved, connection } = sessionConnection(g);
+    // Configuration problems (a bad cert folder) surface before the password is asked for.
+    const api = new UserAPICore(connection);
+    try {
+      const password = await readPassword(flags);
+      const result = await api.login(
+        flags.username,
+        password,
+        flags.tenant !== undefined ? { tenant: flags.tenant } : {},
+      );
+      const server = `${api.host.includes(":") ? `[${api.host}]` : api.host}:${api.port}`;
+      const previous: Profile = resolved.profileData ?? {};
+      const profile: Profile = {
+        ...previous,
+        server,
+        token: result.accessToken,
+        refresh_token: result.refreshToken,
+      };
+      const certFolder = g.certFolder ?? process.env[CLIENT_ENV.certFolder];
+      const caFile = g.caFile ?? process.env[CLIENT_ENV.caFile];
+      if (certFolder) profile.cert_folder = resolve(certFolder);
+      if (caFile) profile.ca_file = resolve(caFile);
+      writeProfile(resolved.profile, profile, resolved.credentialsFile);
+      new Output(g.output).message(
+        {
+          profile: resolved.profile,
+          server,
+          credentialsFile: resolved.credentialsFile,
+          user: result.user,
+          accessTokenExpiresAt: result.accessTokenExpiresAt?.toISOString(),
+          refreshTokenExpiresAt: result.refreshTokenExpiresAt?.toISOString(),
+        },
+        `Logged in to ${server} as ${result.user.username} (profile "${resolved.profile}", saved in ${resolved.credentialsFile}).`,
+      );
+    } finally {
+      api.close();
+    }
+  },
+
+  logout: async (_flags: unknown, cmd: Command) => {
+    const g = globals(cmd);
+    const { resolved, connection } = sessionConnection(g);
+    const out = new Output(g.output);
+    const profile = resolved.profileData;
+    if (!profile?.token && !profile?.refresh_token) {
+      out.message(
+        { profile: resolved.profile, loggedOut: false },
+        `Not logged in (profile "${resolved.profile}").`,
+      );
+      return;
+    }
+    let serverRevoked = false;
+    if (profile.refresh_token) {
+      const api = new UserAPICore(connection);
+      try {
+        await api.logout(profile.refresh_token);
+        serverRevoked = true;
+      } catch (err) {
+        // The local tokens go regardless; say that the server session may live on.
+        out.note(`warning: the server did not end the session: ${(err as Error).message}`);
+      } finally {
+        api.close();
+      }
+    }
+    const { token: _t, refresh_token: _r, ...rest } = profile;
+    writeProfile(resolved.profile, rest, resolved.credentialsFile);
+    out.message(
+      { profile: resolved.profile, loggedOut: true, serverSessionEnded: serverRevoked },
+      `Logged out (profile "${resolved.profile}").`,
+    );
+  },
+
+  whoami: async (_flags: unknown, cmd: Command) => {
+    await withClient(cmd, async ({ api, out, resolved }) => {
+      const user = await api.getUser();
+      const cert = user.clientCertificate;
+      out.record(
+        {
+          id: user.id,
+          username: user.username,
+          tenantId: user.tenantId,
+          permissions: user.permissions,
+          createdAt: user.createdAt?.toISOString(),
+          clientCertificate: cert,
+          server: `${api.host}:${api.port}`,
+          profile: resolved.tokenSource === "profile" ? resolved.profile : undefined,
+        },
+        [
+          ["username", user.username],
+          ["id", user.id],
+          ["tenant", user.tenantId],
+          ["permissions", user.permissions.join(" ") || "(none)"],
+          ["server", `${api.host}:${api.port}`],
+          ...(cert
+            ? ([["certificate", `${cert.commonName || "(no CN)"} sha256:${cert.sha256Fingerprint}`]] as [
+                string,
+                string,
+              ][])
+            : []),
+        ],
+      );
+    });
+  },
+};

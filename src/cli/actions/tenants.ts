@@ -1,0 +1,86 @@
+import type { Command } from "commander";
+import {
+  type Application,
+  ApplicationSchema,
+  type Tenant,
+  TenantSchema,
+  TenantService,
+} from "../../../gen/tessera/v1/tenant_service_pb.js";
+import { messageJson, when } from "../output.js";
+import { allPages, withClient } from "./run.js";
+
+// `tessera tenant …` and `tessera app …`.
+
+const tenantRow = (t: Tenant) => [t.id, t.name, t.disabled ? "disabled" : "active", when(t.createdAt)];
+const appRow = (a: Application) => [a.id, a.name, a.tenantId, when(a.createdAt)];
+
+/** The actions, by the name client-commands.ts registers them under. */
+export const actions = {
+  tenantCreate: async (name: string, _flags: unknown, cmd: Command) => {
+    await withClient(cmd, async ({ api, out }) => {
+      const t = (await api.client(TenantService).createTenant({ name })).tenant!;
+      out.record(messageJson(TenantSchema, t), [
+        ["id", t.id],
+        ["name", t.name],
+      ]);
+    });
+  },
+
+  tenantList: async (_flags: unknown, cmd: Command) => {
+    await withClient(cmd, async ({ api, out }) => {
+      const items = await allPages(async (pageToken) => {
+        const res = await api.client(TenantService).listTenants({ pageSize: 200, pageToken });
+        return { items: res.tenants, next: res.nextPageToken };
+      });
+      out.list(
+        { tenants: items.map((t) => messageJson(TenantSchema, t)) },
+        ["ID", "NAME", "STATUS", "CREATED"],
+        items.map(tenantRow),
+      );
+    });
+  },
+
+  tenantSetDisabled: async (id: string, _flags: unknown, cmd: Command) => {
+    const disabled = cmd.name() === "disable";
+    await withClient(cmd, async ({ api, out }) => {
+      const t = (await api.client(TenantService).updateTenant({ id, disabled })).tenant!;
+      out.message(
+        messageJson(TenantSchema, t),
+        `Tenant ${t.name} (${t.id}) is ${t.disabled ? "disabled" : "enabled"}.`,
+      );
+    });
+  },
+
+  appCreate: async (name: string, flags: { tenant?: string }, cmd: Command) => {
+    await withClient(cmd, async ({ api, out }) => {
+      const a = (
+        await api
+          .client(TenantService)
+          .createApplication({ name, ...(flags.tenant ? { tenantId: flags.tenant } : {}) })
+      ).application!;
+      out.record(messageJson(ApplicationSchema, a), [
+        ["id", a.id],
+        ["name", a.name],
+        ["tenant", a.tenantId],
+      ]);
+    });
+  },
+
+  appList: async (flags: { tenant?: string }, cmd: Command) => {
+    await withClient(cmd, async ({ api, out }) => {
+      const items = await allPages(async (pageToken) => {
+        const res = await api.client(TenantService).listApplications({
+          pageSize: 200,
+          pageToken,
+          ...(flags.tenant ? { tenantId: flags.tenant } : {}),
+        });
+        return { items: res.applications, next: res.nextPageToken };
+      });
+      out.list(
+        { applications: items.map((a) => messageJson(ApplicationSchema, a)) },
+        ["ID", "NAME", "TENANT", "CREATED"],
+        items.map(appRow),
+      );
+    });
+  },
+};

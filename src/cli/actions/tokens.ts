@@ -1,0 +1,113 @@
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Command } from "commander";
+import {
+  CreateApiKeyResponseSchema,
+  CreatePersonalAccessTokenResponseSchema,
+  type TokenMetadata,
+  TokenMetadataSchema,
+  TokenService,
+} from "../../../gen/tessera/v1/token_service_pb.js";
+import { messageJson, when } from "../output.js";
+import { allPages, expiryFrom, scopeList, showSecret, withClient } from "./run.js";
+
+// `tessera token …` (personal access tokens) and `tessera api-key …`: one set of actions.
+
+/** Whether a token command is `token` (personal access tokens) rather than `api-key`. */
+function isPat(cmd: Command): boolean {
+  return cmd.parent?.name() === "token";
+}
+
+function tokenRow(t: TokenMetadata): string[] {
+  const status = t.revoked
+    ? "revoked"
+    : t.expiresAt && t.expiresAt.seconds * 1000n < BigInt(Date.now())
+      ? "expired"
+      : "active";
+  return [t.id, t.name, t.hint, t.scopes.join(" ") || "-", when(t.expiresAt), when(t.lastUsedAt), status];
+}
+
+const TOKEN_HEADERS = ["ID", "NAME", "HINT", "SCOPES", "EXPIRES", "LAST USED", "STATUS"];
+
+/** The actions, by the name client-commands.ts registers them under. */
+export const actions = {
+  tokenCreate: async (
+    flags: { name: string; scopes?: string[]; expiresIn?: string; expiresAt?: string },
+    cmd: Command,
+  ) => {
+    const pat = isPat(cmd);
+    const expires = expiryFrom(flags);
+    await withClient(cmd, async ({ api, out }) => {
+      const req = {
+        name: flags.name,
+        scopes: scopeList(flags.scopes),
+        ...(expires ? { expiresAt: timestampFromDate(expires) } : {}),
+      };
+      if (pat) {
+        const res = await api.client(TokenService).createPersonalAccessToken(req);
+        const json = messageJson(CreatePersonalAccessTokenResponseSchema, res);
+        showSecret(
+          out,
+          json,
+          [
+            ["id", res.id],
+            ["name", res.name],
+            ["scopes", res.scopes.join(" ")],
+            ["expires", when(res.expiresAt)],
+            ["token", res.token],
+          ],
+          "token",
+        );
+      } else {
+        const res = await api.client(TokenService).createApiKey(req);
+        showSecret(
+          out,
+          messageJson(CreateApiKeyResponseSchema, res),
+          [
+            ["id", res.id],
+            ["name", res.name],
+            ["scopes", res.scopes.join(" ")],
+            ["expires", when(res.expiresAt)],
+            ["key", res.key],
+          ],
+          "API key",
+        );
+      }
+    });
+  },
+
+  tokenList: async (flags: { user?: string; allUsers?: boolean; includeRevoked?: boolean }, cmd: Command) => {
+    const pat = isPat(cmd);
+    await withClient(cmd, async ({ api, out }) => {
+      const base = {
+        userId: flags.user ?? "",
+        allUsers: flags.allUsers ?? false,
+        includeRevoked: flags.includeRevoked ?? false,
+        pageSize: 200,
+      };
+      const items = await allPages(async (pageToken) => {
+        if (pat) {
+          const res = await api.client(TokenService).listPersonalAccessTokens({ ...base, pageToken });
+          return { items: res.tokens, next: res.nextPageToken };
+        }
+        const res = await api.client(TokenService).listApiKeys({ ...base, pageToken });
+        return { items: res.apiKeys, next: res.nextPageToken };
+      });
+      const json = items.map((t) => messageJson(TokenMetadataSchema, t));
+      out.list(pat ? { tokens: json } : { apiKeys: json }, TOKEN_HEADERS, items.map(tokenRow));
+    });
+  },
+
+  tokenRevoke: async (id: string, _flags: unknown, cmd: Command) => {
+    const pat = isPat(cmd);
+    const noun = pat ? "personal access token" : "API key";
+    await withClient(cmd, async ({ api, out }) => {
+      const meta = pat
+        ? (await api.client(TokenService).revokePersonalAccessToken({ id })).token
+        : (await api.client(TokenService).revokeApiKey({ id })).apiKey;
+      out.message(
+        meta ? messageJson(TokenMetadataSchema, meta) : { id, revoked: true },
+        `Revoked ${noun} ${id}${meta ? ` (${meta.name})` : ""}.`,
+      );
+    });
+  },
+};

@@ -1,0 +1,73 @@
+import { Command, CommanderError } from "commander";
+import { VERSION } from "../version.js";
+import { registerAuditCommands } from "./audit-commands.js";
+import { registerClientCommands } from "./client-commands.js";
+import { registerCompletionCommand } from "./completion.js";
+import { EXIT, EXIT_HELP, UsageError } from "./exit-codes.js";
+import { registerServerCommands } from "./server-commands.js";
+
+// The `tessera` command line. This module and the command trees it registers import only
+// commander: each command loads what it uses when it runs (its command group's actions
+// with the SDK core for client commands, the server's modules for `serve`), so that
+// `tessera --help` and `tessera whoami` start in a blink. src/main.ts loads it, from the
+// build's bundle when there is one (scripts/bundle-cli.ts).
+
+/** Build the `tessera` command line. */
+export function buildProgram(): Command {
+  const program = new Command("tessera")
+    .description("Tessera: authentication and identity for platform APIs")
+    .version(VERSION)
+    .exitOverride()
+    .addHelpText("after", `\n${EXIT_HELP}`);
+  registerServerCommands(program);
+  registerClientCommands(program);
+  registerAuditCommands(program);
+  registerCompletionCommand(program);
+  return program;
+}
+
+/**
+ * The one line a failed command prints. A database driver's error (MikroORM's
+ * `…Exception` with a SQLSTATE or driver code) is named by class, code and constraint
+ * only: its message holds the SQL with its values, a password hash among them when a
+ * bootstrap insert fails.
+ */
+export function describeFailure(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const e = err as Error & { code?: unknown; constraint?: unknown };
+  if (/Exception$/.test(err.name) && e.code !== undefined)
+    return `database error: ${err.name} (${String(e.code)}${typeof e.constraint === "string" ? `, ${e.constraint}` : ""})`;
+  return err.message;
+}
+
+/** Run the CLI with `argv` (as process.argv). */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    }
+    if (err instanceof UsageError) {
+      process.stderr.write(`error: ${err.message}\n`);
+      return EXIT.usage;
+    }
+    // Only a client command can have raised a client error, and it loaded the SDK then
+    // (this import shares the copy of the error classes that the command used).
+    const { describeClientError } = await import("./client-errors.js");
+    const client = describeClientError(err, EXIT);
+    if (client) {
+      process.stderr.write(`error: ${client.message}\n`);
+      return client.code;
+    }
+    // A configuration error comes from config.ts, loaded by the server commands only.
+    if (err instanceof Error && err.name === "ConfigError") {
+      process.stderr.write(`${err.message}\n`);
+      return EXIT.usage;
+    }
+    process.stderr.write(`error: ${describeFailure(err)}\n`);
+    return EXIT.error;
+  }
+}
