@@ -19,6 +19,10 @@ import {
 import { file_tessera_v1_tenant_service, TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { file_tessera_v1_token_service, TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import {
+  file_tessera_v1_verification_service,
+  VerificationService,
+} from "../gen/tessera/v1/verification_service_pb.js";
 import { assertAuthRules, createAdmissionInterceptor } from "./admission/index.js";
 import { type AuditLog, createAuditLog } from "./audit.js";
 import { createAdminTokenVerifier } from "./auth/admin-token.js";
@@ -55,6 +59,7 @@ import { createTokenService } from "./services/token/token-service.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
 import { createUserService } from "./services/user/user-service.js";
+import { createVerificationService } from "./services/verification/verification-service.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state.js";
@@ -62,6 +67,7 @@ import { AuditEventRepository } from "./storage/repositories/audit.js";
 import { CredentialRepository } from "./storage/repositories/credentials.js";
 import { MachineStateRepository, UserStateRepository } from "./storage/repositories/subject-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
+import { type CredentialVerifier, createCredentialVerifier } from "./verification/verify-credential.js";
 
 export { VERSION } from "./version.js";
 
@@ -80,6 +86,8 @@ export interface App {
   notifier: PgNotifier | undefined;
   jwt: JwtService;
   authenticator: Authenticator;
+  /** The verification core of VerifyCredential and /oauth2/introspect (credentials other services were presented). */
+  verifier: CredentialVerifier;
   limits: RateLimits | undefined;
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
@@ -282,6 +290,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       TenantService,
       MachineUserService,
       AuditService,
+      VerificationService,
     ];
     assertAuthRules(services);
     const files: DescFile[] = [
@@ -290,6 +299,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       file_tessera_v1_tenant_service,
       file_tessera_v1_machine_user_service,
       file_tessera_v1_audit_service,
+      file_tessera_v1_verification_service,
       file_tessera_v1_error_details,
       file_grpc_health_v1_health,
       file_grpc_reflection_v1_reflection,
@@ -327,6 +337,17 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       audit,
     });
     const auditService = createAuditService({ events: auditEvents });
+    const verifier = createCredentialVerifier({
+      authenticator,
+      limits,
+      audit,
+      prefixes: [
+        config.auth.tokens.patPrefix,
+        config.auth.tokens.apiKeyPrefix,
+        config.auth.tokens.machinePrefix,
+      ],
+    });
+    const verificationService = createVerificationService({ verifier });
     const health = createHealthService({
       ping: () => storage.ping(),
       services: services.map((s) => s.typeName),
@@ -360,6 +381,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       notifier,
       jwt,
       authenticator,
+      verifier,
       limits,
       audit,
       metrics,
@@ -373,6 +395,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         router.service(TenantService, tenantService);
         router.service(MachineUserService, machineUserService);
         router.service(AuditService, auditService);
+        router.service(VerificationService, verificationService);
         router.service(Health, health);
         router.service(ReflectionV1, reflection.v1);
         router.service(ReflectionV1Alpha, reflection.v1alpha);

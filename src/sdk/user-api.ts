@@ -7,6 +7,7 @@ import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb
 import { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { hasScope } from "../auth/scopes.js";
 import { typedClient } from "./clients.js";
 import { DEFAULT_PORT } from "./credentials.js";
@@ -102,6 +103,8 @@ export class UserAPI {
   readonly machineUsers: Client<typeof MachineUserService>;
   /** AuditService: the audit log (needs `admin:audit`; tenant-scoped). */
   readonly audit: Client<typeof AuditService>;
+  /** VerificationService: verify a credential another service was presented (needs `auth:verify`, machine principals). */
+  readonly verification: Client<typeof VerificationService>;
   /** The standard grpc.health.v1 service. */
   readonly health: Client<typeof Health>;
   /** The transport every client of this API shares (for services not wrapped here). */
@@ -180,6 +183,7 @@ export class UserAPI {
     this.tenants = typedClient(TenantService, this.transport, secrets);
     this.machineUsers = typedClient(MachineUserService, this.transport, secrets);
     this.audit = typedClient(AuditService, this.transport, secrets);
+    this.verification = typedClient(VerificationService, this.transport, secrets);
     this.health = typedClient(Health, this.transport, secrets);
     this.plainUsers = createClient(UserService, this.transport);
     this.secrets = secrets;
