@@ -10,7 +10,7 @@
  * `npm run bench`.
  *
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
- *     [--scenarios jwt,pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
+ *     [--scenarios jwt,pat,verify-pat] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
@@ -27,6 +27,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFil
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { VerifyCredentialRequestSchema } from "../gen/tessera/v1/verification_service_pb.js";
 import { ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
@@ -62,6 +64,8 @@ const PATHS = {
   login: "tessera.v1.UserService/Login",
   createUser: "tessera.v1.UserService/CreateUser",
   createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
+  createMachineUser: "tessera.v1.MachineUserService/CreateMachineUser",
+  verifyCredential: "tessera.v1.VerificationService/VerifyCredential",
 };
 
 // A build folder given and already compiled is reused (two runs of one checkout compile once).
@@ -146,8 +150,18 @@ const jwt = (await api.call<{ accessToken: string }>(PATHS.login, user)).accessT
 const pat = (
   await api.call<{ token: string }>(PATHS.createPat, { name: "bench" }, { authorization: `Bearer ${jwt}` })
 ).token;
+// verify-pat: a machine user holding auth:verify verifies the PAT (VerifyCredential).
+const verifier = flags.scenarios.split(",").includes("verify-pat")
+  ? (
+      await api.call<{ token: string }>(
+        PATHS.createMachineUser,
+        { name: "bench-verifier", authType: "MACHINE_AUTH_TYPE_BEARER", scopes: ["auth:verify"] },
+        { authorization: `Bearer ${admin.accessToken}` },
+      )
+    ).token
+  : "";
 await api.close();
-const tokens: Record<string, string> = { jwt, pat };
+const tokens: Record<string, string> = { jwt, pat, "verify-pat": verifier };
 
 const bodies = {
   connect: { file: join(work, "body.json"), headers: { "content-type": "application/json" } },
@@ -158,6 +172,18 @@ const bodies = {
 };
 writeFileSync(bodies.connect.file, "{}");
 writeFileSync(bodies.grpc.file, grpcFrame(new Uint8Array()));
+/** VerifyCredential's request for the PAT: {credential: pat}, as JSON and as a gRPC frame. */
+const verifyBodies = {
+  connect: join(work, "verify.json"),
+  grpc: join(work, "verify.grpc"),
+};
+writeFileSync(verifyBodies.connect, JSON.stringify({ credential: pat }));
+writeFileSync(
+  verifyBodies.grpc,
+  grpcFrame(
+    toBinary(VerifyCredentialRequestSchema, create(VerifyCredentialRequestSchema, { credential: pat })),
+  ),
+);
 
 /** The newest callgrind dump's total instruction count. */
 function dumpTotal(): number {
@@ -176,9 +202,10 @@ const requests = Number(flags.requests);
 try {
   for (const scenario of flags.scenarios.split(",")) {
     for (const protocol of flags.protocols.split(",") as Array<keyof typeof bodies>) {
+      const verifying = scenario === "verify-pat";
       const shape = {
-        url: `${server.url}/${PATHS.getCurrentUser}`,
-        bodyFile: bodies[protocol].file,
+        url: `${server.url}/${verifying ? PATHS.verifyCredential : PATHS.getCurrentUser}`,
+        bodyFile: verifying ? verifyBodies[protocol] : bodies[protocol].file,
         workDir: work,
         connections: 2,
         streams: 10,
