@@ -357,6 +357,32 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
     expect(await codeOf(foreignPat)).toBe("NOT_FOUND");
   });
 
+  it("refuses another tenant's credential before its secret is looked at, as an unknown one (same work)", async () => {
+    const admin = clients(plain, root);
+    const { tenant } = await admin.tenants.createTenant({ name: `far-${short()}` });
+    const dave = `dave-${short()}`;
+    await admin.users.createUser({ username: dave, password: "dave password long", tenantId: tenant!.id });
+    const jwt = (
+      await createClient(UserService, plain).login({
+        username: dave,
+        password: "dave password long",
+        tenant: tenant!.id,
+      })
+    ).accessToken;
+    // Never verified: its first verification would need PBKDF2 (a miss of the secret cache).
+    const fresh = (await clientFor(TokenService, plain, jwt).createPersonalAccessToken({ name: "d" })).token;
+    // The verifying caller's own token verified first (its first use is a miss too).
+    expect(await codeOf(generateToken("tsr_pat_").token)).toBe("NOT_FOUND");
+    const before = ts.app.secrets.stats();
+    expect(await codeOf(fresh)).toBe("NOT_FOUND");
+    expect(await codeOf(generateToken("tsr_pat_").token)).toBe("NOT_FOUND");
+    // (Hits are the verifying caller's own token.)
+    expect(ts.app.secrets.stats().misses).toBe(before.misses);
+    // The superuser's verification of it does reach the secret.
+    expect(await codeOf(fresh, {}, superVerifierToken)).toBe("VALID");
+    expect(ts.app.secrets.stats().misses).toBeGreaterThan(before.misses);
+  });
+
   it("refuses a caller without auth:verify, and a user principal", async () => {
     const admin = clients(plain, root);
     const noScope = await admin.machines.createMachineUser({
@@ -594,6 +620,20 @@ describe.each(DATABASES)("failed verifications with rate limits on ($name)", (db
     expect(codes.slice(3)).toEqual(["RATE_LIMITED", "RATE_LIMITED"]);
     const limited = await verification.verifyCredential({ credential: generateToken("tsr_pat_").token });
     expect(limited.retryAfterSeconds).toBeGreaterThan(0);
+    // The same over the independent gRPC client.
+    const client = grpcVerifier(ts.server.port, ts.certs.ca);
+    try {
+      const md = new grpc.Metadata();
+      md.set("authorization", `Bearer ${verifierToken}`);
+      const answer = await new Promise<GrpcAnswer>((resolve, reject) =>
+        client.VerifyCredential({ credential: generateToken("tsr_pat_").token }, md, (err, res) =>
+          err ? reject(err) : resolve(res),
+        ),
+      );
+      expect(answer.code).toBe("VERIFICATION_CODE_RATE_LIMITED");
+    } finally {
+      client.close();
+    }
     // A known credential verifies without spending anything (no PBKDF2 to reserve for).
     expect(VerificationCode[(await verification.verifyCredential({ credential: pat })).code]).toBe("VALID");
   });
