@@ -1,3 +1,4 @@
+import { connect } from "node:http2";
 import { request } from "node:https";
 import { join } from "node:path";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -445,6 +446,33 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
       });
       expect(typeof (jwt.json as { exp: number }).exp).toBe("number");
       expect(typeof (jwt.json as { iat: number }).iat).toBe("number");
+    });
+
+    it("is served over HTTP/2 as well", async () => {
+      const session = connect(ts.server.url, { ca: ts.certs.ca });
+      try {
+        const answer = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+          const req = session.request({
+            ":method": "POST",
+            ":path": "/oauth2/introspect",
+            "content-type": "application/x-www-form-urlencoded",
+            authorization: `Bearer ${verifierToken}`,
+          });
+          let status = 0;
+          const chunks: Buffer[] = [];
+          req.on("response", (h) => {
+            status = Number(h[":status"]);
+          });
+          req.on("data", (c: Buffer) => chunks.push(c));
+          req.on("end", () => resolve({ status, body: Buffer.concat(chunks).toString("utf8") }));
+          req.on("error", reject);
+          req.end(form({ token: creds.apiKey! }));
+        });
+        expect(answer.status).toBe(200);
+        expect(JSON.parse(answer.body)).toMatchObject({ active: true, sub: userId });
+      } finally {
+        session.close();
+      }
     });
 
     it("authenticates the client by a machine user's Basic pair and by a bound client certificate", async () => {
