@@ -53,9 +53,15 @@ export interface CredentialVerifier {
   /**
    * Verify `input.credential` for `caller` (authenticated and authorized already: the
    * `auth:verify` rule), whose request is `callerState`. An invalid credential is an
-   * answer, not an error; faults (storage down) are thrown as they are by authentication.
+   * answer, not an error; faults (storage down) are thrown (or the promise rejects) as
+   * they are by authentication. Synchronous when decided without awaiting (a credential
+   * verified before whose row is read synchronously, as admission decides such a call).
    */
-  verify(caller: Principal, callerState: RequestState, input: VerificationInput): Promise<Verification>;
+  verify(
+    caller: Principal,
+    callerState: RequestState,
+    input: VerificationInput,
+  ): Verification | Promise<Verification>;
 }
 
 /** Dependencies of {@link createCredentialVerifier}. */
@@ -95,30 +101,36 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
   const prefixes = [...new Set(deps.prefixes)].sort((a, b) => b.length - a.length);
 
   return {
-    async verify(caller, callerState, input) {
-      const verification = await verifyOnly(caller, callerState, input);
-      const p = verification.principal;
-      audit.record({
-        requestId: callerState.requestId,
-        tenantId: caller.tenantId,
-        actorKind: caller.kind,
-        actorId: caller.id,
-        action: VERIFY_ACTION,
-        // The credential's id (never its secret), once it verified and the caller may see it.
-        targetId: p?.credentialId ?? null,
-        outcome: verification.valid ? "success" : "failure",
-        reason: verification.code,
-        ip: callerState.ip,
-      });
-      return verification;
+    verify(caller, callerState, input) {
+      const verification = verifyOnly(caller, callerState, input);
+      if (verification instanceof Promise) return verification.then((v) => audited(caller, callerState, v));
+      return audited(caller, callerState, verification);
     },
   };
 
-  async function verifyOnly(
+  /** Write the verification to the audit log; returns it. */
+  function audited(caller: Principal, callerState: RequestState, verification: Verification): Verification {
+    const p = verification.principal;
+    audit.record({
+      requestId: callerState.requestId,
+      tenantId: caller.tenantId,
+      actorKind: caller.kind,
+      actorId: caller.id,
+      action: VERIFY_ACTION,
+      // The credential's id (never its secret), once it verified and the caller may see it.
+      targetId: p?.credentialId ?? null,
+      outcome: verification.valid ? "success" : "failure",
+      reason: verification.code,
+      ip: callerState.ip,
+    });
+    return verification;
+  }
+
+  function verifyOnly(
     caller: Principal,
     callerState: RequestState,
     input: VerificationInput,
-  ): Promise<Verification> {
+  ): Verification | Promise<Verification> {
     const presented = classify(input.credential, prefixes);
     if (presented === "malformed") return { valid: false, code: "MALFORMED" };
     // Only a machine user's Basic pair: a human password is not for other services to test.
@@ -135,7 +147,18 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
     };
     const wall = tenantScope(caller);
     if (wall !== null) state.tenantWall = wall;
-    const refusal = await authenticated(presented.credential, state);
+    const refusal = authenticated(presented.credential, state);
+    if (refusal instanceof Promise) return refusal.then((r) => decided(caller, input, state, r));
+    return decided(caller, input, state, refusal);
+  }
+
+  /** The answer once authentication has decided (`refusal` undefined: `state.principal` is set). */
+  function decided(
+    caller: Principal,
+    input: VerificationInput,
+    state: RequestState,
+    refusal: unknown,
+  ): Verification {
     if (refusal !== undefined) return refused(refusal);
     const principal = state.principal!;
     // The static admin token is no platform credential; another tenant's cannot get here
@@ -153,9 +176,10 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
   /**
    * Authenticate the credential as admission does: first without awaiting (a token seen
    * before, its row read synchronously), else through authenticate.ts with the budgets.
-   * @returns undefined once `state.principal` is set, else the refusal
+   * @returns undefined once `state.principal` is set, else the refusal; a promise of either
+   *   (never rejecting) unless decided without awaiting
    */
-  async function authenticated(credential: PresentedCredential, state: RequestState): Promise<unknown> {
+  function authenticated(credential: PresentedCredential, state: RequestState): unknown {
     let from = 0;
     if (credential.type === "bearer") {
       try {

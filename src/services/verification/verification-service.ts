@@ -25,18 +25,21 @@ export function createVerificationService(deps: {
   verifier: CredentialVerifier;
 }): ServiceImpl<typeof VerificationService> {
   return {
-    async verifyCredential(req, ctx) {
+    // Not async: a credential verified before is answered without a promise (see CredentialVerifier.verify).
+    verifyCredential(req, ctx) {
       const caller = principalOf(ctx);
       if (req.requiredScopes.length > MAX_REQUIRED_SCOPES)
         throw errors.invalidArgument(`at most ${MAX_REQUIRED_SCOPES} required scopes`, "required_scopes");
       for (const s of req.requiredScopes)
         if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "required_scopes");
-      const verification = await deps.verifier.verify(caller, requestState(ctx.values), {
+      const verification = deps.verifier.verify(caller, requestState(ctx.values), {
         credential: req.credential,
         requiredScopes: req.requiredScopes,
         applicationId: req.applicationId,
       });
-      return verificationResponse(verification);
+      return verification instanceof Promise
+        ? verification.then(verificationResponse)
+        : verificationResponse(verification);
     },
   };
 }
