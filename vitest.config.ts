@@ -44,6 +44,7 @@ export default defineConfig({
             "test/server.e2e.test.ts",
             "test/shutdown-drain.test.ts",
             "test/token-e2e.test.ts",
+            "test/verification.test.ts",
             "test/security/**/*.test.ts",
           ],
           env: { TESSERA_TRANSPORT: "connect" },

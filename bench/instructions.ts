@@ -10,7 +10,7 @@
  * `npm run bench`.
  *
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
- *     [--scenarios jwt,pat,refused] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
+ *     [--scenarios jwt,pat,refused,verify-pat,login-shed] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
@@ -36,6 +36,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { LoginRequestSchema } from "../gen/tessera/v1/user_service_pb.js";
+import { VerifyCredentialRequestSchema } from "../gen/tessera/v1/verification_service_pb.js";
 import { ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
@@ -75,6 +76,8 @@ const PATHS = {
   login: "tessera.v1.UserService/Login",
   createUser: "tessera.v1.UserService/CreateUser",
   createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
+  createMachineUser: "tessera.v1.MachineUserService/CreateMachineUser",
+  verifyCredential: "tessera.v1.VerificationService/VerifyCredential",
 };
 
 // A build folder given and already compiled is reused (two runs of one checkout compile once).
@@ -164,11 +167,21 @@ const jwt = (await api.call<{ accessToken: string }>(PATHS.login, user)).accessT
 const pat = (
   await api.call<{ token: string }>(PATHS.createPat, { name: "bench" }, { authorization: `Bearer ${jwt}` })
 ).token;
+// verify-pat: a machine user holding auth:verify verifies the PAT (VerifyCredential).
+const verifier = flags.scenarios.split(",").includes("verify-pat")
+  ? (
+      await api.call<{ token: string }>(
+        PATHS.createMachineUser,
+        { name: "bench-verifier", authType: "MACHINE_AUTH_TYPE_BEARER", scopes: ["auth:verify"] },
+        { authorization: `Bearer ${admin.accessToken}` },
+      )
+    ).token
+  : "";
 await api.close();
 // "refused": a forged access token (a JWT whose signature is not ours), replayed: the
 // refusal an attacker drives, answered before the body is read (an error on every call).
 const forged = `${jwt.slice(0, jwt.lastIndexOf(".") + 1)}${"A".repeat(43)}`;
-const tokens: Record<string, string> = { jwt, pat, refused: forged };
+const tokens: Record<string, string> = { jwt, pat, refused: forged, "verify-pat": verifier };
 /** The login-shed scenario's request: a wrong password (the admin's username, so no dummy hash is made). */
 const wrongLogin = { username: "admin", password: "not the admin's password" };
 
@@ -189,6 +202,18 @@ writeFileSync(loginBodies.connect, JSON.stringify(wrongLogin));
 writeFileSync(
   loginBodies.grpc,
   grpcFrame(toBinary(LoginRequestSchema, create(LoginRequestSchema, wrongLogin))),
+);
+/** VerifyCredential's request for the PAT: {credential: pat}, as JSON and as a gRPC frame. */
+const verifyBodies = {
+  connect: join(work, "verify.json"),
+  grpc: join(work, "verify.grpc"),
+};
+writeFileSync(verifyBodies.connect, JSON.stringify({ credential: pat }));
+writeFileSync(
+  verifyBodies.grpc,
+  grpcFrame(
+    toBinary(VerifyCredentialRequestSchema, create(VerifyCredentialRequestSchema, { credential: pat })),
+  ),
 );
 
 /** The newest callgrind dump's total instruction count. */
@@ -211,6 +236,7 @@ const requests = Number(flags.requests);
 try {
   for (const scenario of scenarios) {
     for (const protocol of flags.protocols.split(",") as Array<keyof typeof bodies>) {
+      const verifying = scenario === "verify-pat";
       const shape =
         scenario === "login-shed"
           ? {
@@ -224,8 +250,8 @@ try {
               expectStatus: protocol === "connect" ? 503 : 200,
             }
           : {
-              url: `${server.url}/${PATHS.getCurrentUser}`,
-              bodyFile: bodies[protocol].file,
+              url: `${server.url}/${verifying ? PATHS.verifyCredential : PATHS.getCurrentUser}`,
+              bodyFile: verifying ? verifyBodies[protocol] : bodies[protocol].file,
               workDir: work,
               connections: 2,
               streams: 10,

@@ -31,6 +31,10 @@ import { SignJWT } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
 import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { LoginRequestSchema, UserService } from "../gen/tessera/v1/user_service_pb.js";
+import {
+  VerificationService,
+  VerifyCredentialRequestSchema,
+} from "../gen/tessera/v1/verification_service_pb.js";
 import { SECRET_CACHE_ENTRY_BYTES } from "../src/auth/secret-cache.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { initORM } from "../src/storage/orm.js";
@@ -108,7 +112,7 @@ if (flags.help) {
   --streams <m>       concurrent streams per connection (default 10)
   --soak <n>          requests in the soak (default 100000)
   --only <regex>      run only scenarios whose id matches: raw, bare, bare-adapter, jwt-hs256, jwt-eddsa,
-                      jwt-es256, pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
+                      jwt-es256, pat, verify-pat, api-key, basic, mu-bearer, mu-basic, rejected, jwt-hs256-limits, pat-limits,
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rival-fastify (Connect JSON), rival-grpc-js (gRPC),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak,
@@ -643,7 +647,7 @@ interface Scenario {
   kind: ScenarioResult["kind"];
   protocol: Protocol;
   server: ServerProcess;
-  service: typeof UserService | typeof MachineUserService;
+  service: typeof UserService | typeof MachineUserService | typeof VerificationService;
   method: string;
   /** The request as JSON (the gRPC body file holds its protobuf). */
   input: Record<string, unknown>;
@@ -1158,6 +1162,47 @@ async function run(): Promise<void> {
         expect: asUser,
       }),
     );
+  // VerifyCredential (issue 22): a backend verifying a personal access token seen before,
+  // beside GetCurrentUser with that same token (pat) and the bare baseline.
+  const verifierToken = pat
+    ? await optional(
+        "machine user with auth:verify (VerificationService)",
+        async () =>
+          (
+            await api.call<{ token: string }>(
+              PATHS.createMachineUser,
+              { name: "bench-verifier", authType: "MACHINE_AUTH_TYPE_BEARER", scopes: ["auth:verify"] },
+              bearer(seeded.adminToken),
+            )
+          ).token,
+      )
+    : null;
+  if (pat && verifierToken) {
+    const input = { credential: pat };
+    scenarios.push(
+      ...both({
+        service: VerificationService,
+        method: "VerifyCredential",
+        input,
+        server: main,
+        generator: "h2load",
+        tls,
+        id: "verify-pat",
+        label: "VerifyCredential, personal access token seen before",
+        kind: "authenticated",
+        headers: bearer(verifierToken),
+        expect: ok(["valid", true]),
+        bodyFiles: {
+          connect: writeBody("verify-pat.json", JSON.stringify(input)),
+          grpc: writeBody(
+            "verify-pat.grpc",
+            grpcFrame(toBinary(VerifyCredentialRequestSchema, create(VerifyCredentialRequestSchema, input))),
+          ),
+        },
+        note: "the caller (a machine token) admitted as any call, the PAT verified by the same verifiers, one audit record per call",
+      }),
+    );
+  }
   const apiKey = await optional(
     "API key (TokenService)",
     async () =>

@@ -32,6 +32,7 @@ import { AuditEventRepository } from "./storage/repositories/audit.js";
 import { CredentialRepository } from "./storage/repositories/credentials.js";
 import { MachineStateRepository, UserStateRepository } from "./storage/repositories/subject-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
+import { type CredentialVerifier, createCredentialVerifier } from "./verification/verify-credential.js";
 
 export { VERSION } from "./version.js";
 
@@ -50,6 +51,8 @@ export interface App {
   notifier: PgNotifier | undefined;
   jwt: JwtService;
   authenticator: Authenticator;
+  /** The verification core of VerifyCredential and /oauth2/introspect (credentials other services were presented). */
+  verifier: CredentialVerifier;
   limits: RateLimits | undefined;
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
@@ -213,7 +216,18 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       ? undefined
       : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding });
 
+    const verifier = createCredentialVerifier({
+      authenticator,
+      limits,
+      audit,
+      prefixes: [
+        config.auth.tokens.patPrefix,
+        config.auth.tokens.apiKeyPrefix,
+        config.auth.tokens.machinePrefix,
+      ],
+    });
     const { services, routes } = createServiceRoutes({
+      verifier,
       config,
       storage,
       jwt,
@@ -252,6 +266,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       notifier,
       jwt,
       authenticator,
+      verifier,
       limits,
       audit,
       metrics,

@@ -45,6 +45,13 @@ export interface RequestState {
   aggregated?: true;
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
+  /**
+   * Only when verifying a credential for another service (src/verification/): the tenant
+   * the verifying caller is confined to. A credential of another tenant is refused by its
+   * verifier exactly as an unknown one (same refusal, same work: before its secret is
+   * checked), so that the wall cannot be told from a missing credential, even by timing.
+   */
+  tenantWall?: string;
   /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */
   startedAt?: number;
 }

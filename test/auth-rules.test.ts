@@ -47,10 +47,17 @@ describe("auth rules in the proto", () => {
     // The rule `audit` replaced (src/interceptors/audit.ts until issue #19): nothing that
     // was audited stops being so, and no read starts being written.
     const byName = (name: string) => !/^(Get|List|Check)/.test(name);
+    // Newer than the name rule, with their own audit record: VerifyCredential writes each
+    // verification as `credential.verify` with its code (src/verification/), not as the call.
+    const ownRecord = new Set(["tessera.v1.VerificationService/VerifyCredential"]);
     const audited: string[] = [];
     for (const service of app.services)
       for (const method of service.methods) {
         const name = `${service.typeName}/${method.name}`;
+        if (ownRecord.has(name)) {
+          expect(authRuleFor(method).audit, name).toBe(false);
+          continue;
+        }
         expect(authRuleFor(method).audit, name).toBe(byName(method.name));
         if (authRuleFor(method).audit) audited.push(name);
       }

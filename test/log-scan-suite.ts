@@ -12,6 +12,8 @@ export const SECRET_PATTERNS: [string, RegExp][] = [
   ["a PBKDF2 hash", /pbkdf2-sha256\$/],
   ["a token or key", /\btsr_(?:pat|key|mu|rt)_[A-Za-z0-9_-]{16,}/],
   ["a JWT", /\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{20,}/],
+  // A Basic pair as an Authorization header or a VerifyCredential `credential` carries it.
+  ["a Basic credential", /\bBasic [A-Za-z0-9+/]{16,}={0,2}/],
   ["a private key", /-----BEGIN [A-Z ]*PRIVATE KEY-----|"d":"[\w-]{32,}"/],
   ["the test admin password", /admin-password-for-tests/],
   // TEST_MASTER_KEY of test/helpers.ts (32 bytes of 7, base64), the key-encryption key.

@@ -2,7 +2,7 @@ import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { PresentedCredential } from "./credentials.js";
 import type { AccessTokenClaims, JwtService } from "./jwt.js";
-import type { PeerCertificateInfo, Principal } from "./principal.js";
+import { type PeerCertificateInfo, type Principal, walledOff } from "./principal.js";
 
 /**
  * Verifies one shape of bearer token (JWT, a prefixed opaque token, the admin token).
@@ -168,6 +168,8 @@ export function createJwtBearerVerifier(
 
   /** The loader of the verified token's subject, once the token's certificate binding holds. */
   function loaderFor(claims: AccessTokenClaims, state: RequestState): ClaimsLoader {
+    // Behind a verification's tenant wall: refused as a token that does not verify is.
+    if (walledOff(state, claims.tid)) throw FORGED;
     const bound = claims.cnf?.["x5t#S256"];
     if (bound !== undefined && state.certificate?.thumbprint !== bound) {
       throw new TesseraError(

@@ -10,7 +10,13 @@ import type {
 import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
 import type { LastUsedTracker } from "./last-used.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
-import type { AuthMethod, PeerCertificateInfo, Principal } from "./principal.js";
+import {
+  type AuthMethod,
+  type PeerCertificateInfo,
+  type Principal,
+  TENANT_DISABLED_MESSAGE,
+  walledOff,
+} from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
@@ -101,14 +107,16 @@ function pick(bindings: readonly CertificateBindingState[]): {
 export function assertMachineActive(machine: MachineAuthState | null): asserts machine is MachineAuthState {
   if (!machine) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
   if (machine.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "machine user is disabled");
-  if (machine.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+  if (machine.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
 }
 
 function machinePrincipal(
   machine: MachineAuthState,
   method: AuthMethod,
   state: RequestState,
-  extra: { scopes?: readonly string[]; credentialId?: string } = {},
+  extra: Pick<Principal, "credentialId" | "expiresAt" | "issuedAt" | "certificateBinding"> & {
+    scopes?: readonly string[];
+  } = {},
 ): Principal {
   const principal: Principal = {
     kind: "machine",
@@ -120,6 +128,9 @@ function machinePrincipal(
     certificate: state.certificate,
   };
   if (extra.credentialId) principal.credentialId = extra.credentialId;
+  if (extra.expiresAt !== undefined) principal.expiresAt = extra.expiresAt;
+  if (extra.issuedAt !== undefined) principal.issuedAt = extra.issuedAt;
+  if (extra.certificateBinding !== undefined) principal.certificateBinding = extra.certificateBinding;
   return principal;
 }
 
@@ -153,8 +164,12 @@ export function createMachineBearerVerifier(
     return parsed;
   }
   /** Refuse a credential that may not authenticate now, before its secret is looked at. */
-  function assertUsable(cred: MachineCredentialState | null): asserts cred is MachineCredentialState {
-    if (cred?.kind !== "bearer") throw new TesseraError("TOKEN_INVALID", "token is not recognised");
+  function assertUsable(
+    cred: MachineCredentialState | null,
+    state: RequestState,
+  ): asserts cred is MachineCredentialState {
+    if (cred?.kind !== "bearer" || walledOff(state, cred.machine.tenantId))
+      throw new TesseraError("TOKEN_INVALID", "token is not recognised");
     if (cred.expiresAt !== null && cred.expiresAt <= now()) {
       throw new TesseraError("TOKEN_REVOKED", "token was replaced by a credential rotation");
     }
@@ -163,7 +178,10 @@ export function createMachineBearerVerifier(
   function accepted(cred: MachineCredentialState, state: RequestState): Principal {
     lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
     lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
-    return machinePrincipal(cred.machine, "machine_token", state, { credentialId: cred.credentialId });
+    return machinePrincipal(cred.machine, "machine_token", state, {
+      credentialId: cred.credentialId,
+      expiresAt: cred.expiresAt,
+    });
   }
   return {
     name: "machine-token",
@@ -174,7 +192,7 @@ export function createMachineBearerVerifier(
       if (presented === null) return null;
       const cred = machines.byCredentialNow(presented.id);
       if (cred === undefined) return undefined;
-      assertUsable(cred);
+      assertUsable(cred, state);
       if (
         !secrets.knows(
           `machine:${cred.credentialId}`,
@@ -190,7 +208,7 @@ export function createMachineBearerVerifier(
       const presented = ours(token);
       if (presented === null) return null;
       const cred = await machines.byCredential(presented.id);
-      assertUsable(cred);
+      assertUsable(cred, state);
       if (
         !(await secrets.verify(
           `machine:${cred.credentialId}`,
@@ -225,7 +243,8 @@ export function createMachineBasicVerifier(
     async verify(username, password, state) {
       if (!username.startsWith(MACHINE_USERNAME_PREFIX)) return null;
       const cred = await machines.byCredential(username);
-      if (cred?.kind !== "basic") {
+      // Behind a verification's tenant wall: as unknown, with the same dummy PBKDF2.
+      if (cred?.kind !== "basic" || walledOff(state, cred.machine.tenantId)) {
         await verifySecret(password, await dummyPasswordHash(options.iterations));
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
@@ -304,9 +323,12 @@ export function createMachineClaimsLoader(
       const cutoff = machine.rotationGraceUntil ?? machine.rotatedAt;
       if (now() >= cutoff) throw new TesseraError("TOKEN_REVOKED", "token predates a credential rotation");
     }
-    const extra: { scopes: string[]; credentialId?: string } = {
+    const extra: Parameters<typeof machinePrincipal>[3] = {
       scopes: intersectScopes(parseScopeString(claims.scope), machine.scopes),
+      expiresAt: claims.exp * 1000,
     };
+    if (typeof claims.iat === "number") extra.issuedAt = claims.iat * 1000;
+    if (claims.cnf?.["x5t#S256"] !== undefined) extra.certificateBinding = claims.cnf["x5t#S256"];
     if (claims.jti) extra.credentialId = claims.jti;
     return machinePrincipal(machine, "jwt", state, extra);
   };

@@ -32,6 +32,24 @@ export interface Principal {
   credentialId?: string;
   /** The verified client certificate of the connection, if any. */
   certificate?: PeerCertificateInfo | null;
+  /** Epoch ms at which the credential stops by itself (token expiry, JWT `exp`); null or absent: it does not. */
+  expiresAt?: number | null;
+  /** Epoch ms at which a JWT was issued (`iat`). */
+  issuedAt?: number;
+  /** RFC 8705 `x5t#S256` the credential (a JWT) is bound to. */
+  certificateBinding?: string;
+}
+
+/** The message of the refusal of a credential whose tenant is disabled (verification tells it from a disabled principal by it). */
+export const TENANT_DISABLED_MESSAGE = "tenant is disabled";
+
+/**
+ * Whether the tenant wall of a verification (`RequestState.tenantWall`) stands between
+ * the verifying caller and a credential of `tenantId`: such a credential must be refused
+ * exactly as an unknown one is, before its secret is looked at.
+ */
+export function walledOff(state: { tenantWall?: string | undefined }, tenantId: string): boolean {
+  return state.tenantWall !== undefined && state.tenantWall !== tenantId;
 }
 
 /** Whether an auth rule's principal kind admits this principal. */

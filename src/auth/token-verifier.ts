@@ -6,7 +6,7 @@ import { oncePerRow } from "../storage/row-cache.js";
 import type { ApiTokenKind } from "../storage/token-entities.js";
 import type { BearerVerifier } from "./authenticator.js";
 import type { LastUsedTracker } from "./last-used.js";
-import type { Principal } from "./principal.js";
+import { type Principal, TENANT_DISABLED_MESSAGE, walledOff } from "./principal.js";
 import { intersectScopes } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 import { parseToken } from "./token-format.js";
@@ -94,9 +94,19 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
   }
 
   /** Refuse a token that may not authenticate now, before its secret is looked at (step 3). */
-  function assertUsable(token: ApiTokenState | null, kind: ApiTokenKind): asserts token is ApiTokenState {
-    // A token of the other kind with a matching id is as unknown as no row at all.
-    if (!token || token.kind !== kind || token.tenantId !== token.userTenantId) {
+  function assertUsable(
+    token: ApiTokenState | null,
+    kind: ApiTokenKind,
+    state: RequestState,
+  ): asserts token is ApiTokenState {
+    // A token of the other kind with a matching id is as unknown as no row at all, and so
+    // is one behind a verification's tenant wall.
+    if (
+      !token ||
+      token.kind !== kind ||
+      token.tenantId !== token.userTenantId ||
+      walledOff(state, token.tenantId)
+    ) {
       throw new TesseraError("TOKEN_INVALID", UNKNOWN);
     }
     if (token.revoked) throw new TesseraError("TOKEN_REVOKED", "token has been revoked");
@@ -104,7 +114,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       throw new TesseraError("TOKEN_EXPIRED", "token has expired");
     }
     if (token.userDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-    if (token.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+    if (token.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
   }
 
   /** The principal of a token whose secret matched; marks the use. */
@@ -126,6 +136,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       scopes: effectiveScopes(token),
       credentialId: token.id,
       certificate: state.certificate,
+      expiresAt: token.expiresAt,
     };
   }
 
@@ -139,7 +150,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       if (presented === null) return null;
       const found = credentials.apiTokenNow(presented.id);
       if (found === undefined) return undefined;
-      assertUsable(found, presented.kind);
+      assertUsable(found, presented.kind, state);
       if (
         !secrets.knows(`token:${found.id}`, presented.secret, found.secretHash, credentials.digestOf(found))
       )
@@ -150,7 +161,7 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       const presented = ours(token);
       if (presented === null) return null;
       const found = await credentials.apiToken(presented.id);
-      assertUsable(found, presented.kind);
+      assertUsable(found, presented.kind, state);
       // Only now the expensive part: a refused token never costs PBKDF2.
       if (
         !(await secrets.verify(

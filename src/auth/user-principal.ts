@@ -4,7 +4,7 @@ import type { UserAuthState, UserStateRepository } from "../storage/repositories
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
-import type { Principal } from "./principal.js";
+import { type Principal, TENANT_DISABLED_MESSAGE } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 
@@ -27,7 +27,7 @@ export function splitBasicUsername(userId: string): { tenant: string; username: 
 export function assertUserActive(user: UserAuthState | null): asserts user is UserAuthState {
   if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
   if (user.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-  if (user.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", "tenant is disabled");
+  if (user.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
 }
 
 /**
@@ -72,8 +72,11 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
       username: user.username,
       scopes: intersectScopes(parseScopeString(claims.scope), user.scopes),
       certificate: state.certificate,
+      expiresAt: claims.exp * 1000,
     };
     if (claims.jti) principal.credentialId = claims.jti;
+    if (typeof claims.iat === "number") principal.issuedAt = claims.iat * 1000;
+    if (claims.cnf?.["x5t#S256"] !== undefined) principal.certificateBinding = claims.cnf["x5t#S256"];
     return principal;
   }
 }

@@ -11,6 +11,11 @@ export { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machin
 export { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 export { TokenKind, TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 export { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+export {
+  VerificationCode,
+  VerificationService,
+  VerifiedPrincipalKind,
+} from "../../gen/tessera/v1/verification_service_pb.js";
 export { hasScope, scopeCovers } from "../auth/scopes.js";
 export {
   CLIENT_ENV,

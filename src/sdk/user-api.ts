@@ -4,6 +4,7 @@ import { AuditService } from "../../gen/tessera/v1/audit_service_pb.js";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { type FromEnvironmentOptions, resolveClientOptions } from "./environment.js";
 import { UserAPICore, type UserAPIOptions } from "./user-api-core.js";
 
@@ -28,6 +29,8 @@ export class UserAPI extends UserAPICore {
   readonly machineUsers: Client<typeof MachineUserService>;
   /** AuditService: the audit log (needs `admin:audit`; tenant-scoped). */
   readonly audit: Client<typeof AuditService>;
+  /** VerificationService: verify a credential another service was presented (needs `auth:verify`, machine principals). */
+  readonly verification: Client<typeof VerificationService>;
   /** The standard grpc.health.v1 service. */
   readonly health: Client<typeof Health>;
 
@@ -37,6 +40,7 @@ export class UserAPI extends UserAPICore {
     this.tenants = this.client(TenantService);
     this.machineUsers = this.client(MachineUserService);
     this.audit = this.client(AuditService);
+    this.verification = this.client(VerificationService);
     this.health = this.client(Health);
   }
 

@@ -21,6 +21,10 @@ import {
 import { file_tessera_v1_tenant_service, TenantService } from "../../gen/tessera/v1/tenant_service_pb.js";
 import { file_tessera_v1_token_service, TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { file_tessera_v1_user_service, UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import {
+  file_tessera_v1_verification_service,
+  VerificationService,
+} from "../../gen/tessera/v1/verification_service_pb.js";
 import { assertAuthRules } from "../admission/index.js";
 import type { AuditLog } from "../audit.js";
 import type { JwtService } from "../auth/jwt.js";
@@ -30,6 +34,7 @@ import type { RateLimits } from "../rate-limit.js";
 import type { Storage } from "../storage/orm.js";
 import type { AuditEventRepository } from "../storage/repositories/audit.js";
 import type { UserStateRepository } from "../storage/repositories/subject-state.js";
+import type { CredentialVerifier } from "../verification/verify-credential.js";
 import { createAuditService } from "./audit/audit-service.js";
 import { createHealthService } from "./health/health-service.js";
 import { createMachineUserService } from "./machine-user/machine-user-service.js";
@@ -38,6 +43,7 @@ import { createTenantService } from "./tenant/tenant-service.js";
 import { createTokenService } from "./token/token-service.js";
 import { SessionIssuer } from "./user/sessions.js";
 import { createUserService } from "./user/user-service.js";
+import { createVerificationService } from "./verification/verification-service.js";
 
 /** What the services are built from. */
 export interface ServiceRoutesDeps {
@@ -50,6 +56,8 @@ export interface ServiceRoutesDeps {
   limits: RateLimits | undefined;
   clock: Clock;
   defaultTenantId: () => Promise<string>;
+  /** The verification core VerifyCredential answers from. */
+  verifier: CredentialVerifier;
 }
 
 /** Tessera's services (each checked to declare its auth rules) and the function registering all of them. */
@@ -64,6 +72,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     TenantService,
     MachineUserService,
     AuditService,
+    VerificationService,
   ];
   assertAuthRules(services);
   const files: DescFile[] = [
@@ -72,6 +81,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     file_tessera_v1_tenant_service,
     file_tessera_v1_machine_user_service,
     file_tessera_v1_audit_service,
+    file_tessera_v1_verification_service,
     // The error detail of every error (google.rpc.ErrorInfo) and the gRPC status carrying
     // it: served so that reflection clients (grpcurl, buf curl) can show it.
     file_google_rpc_error_details,
@@ -113,6 +123,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     audit,
   });
   const auditService = createAuditService({ events: deps.auditEvents });
+  const verificationService = createVerificationService({ verifier: deps.verifier });
   const health = createHealthService({
     ping: () => storage.ping(),
     services: services.map((s) => s.typeName),
@@ -126,6 +137,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
       router.service(TenantService, tenantService);
       router.service(MachineUserService, machineUserService);
       router.service(AuditService, auditService);
+      router.service(VerificationService, verificationService);
       router.service(Health, health);
       router.service(ReflectionV1, reflection.v1);
       router.service(ReflectionV1Alpha, reflection.v1alpha);

@@ -1,8 +1,10 @@
+import { request } from "node:https";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
-import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import type { App } from "../../src/app.js";
 import { rejection } from "../errors-util.js";
 import {
@@ -155,6 +157,35 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       }),
     );
 
+    // Verification for other services: every kind of credential submitted in a request body
+    // (VerifyCredential over both protocols, and /oauth2/introspect), valid and not.
+    const verifier = await root.machines.createMachineUser({
+      name: `verifier-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: ["auth:verify"],
+    });
+    keep("verifier machine token", verifier.token);
+    const basicPair = `Basic ${Buffer.from(`${basicOne.username}:${basicOne.password}`).toString("base64")}`;
+    keep("Basic pair", basicPair);
+    const submitted = [
+      pat.token,
+      key.key,
+      session.accessToken,
+      rotated.token,
+      minted.accessToken,
+      basicPair,
+      `${pat.token.slice(0, -4)}AAAA`,
+      `Basic ${Buffer.from(`${basicOne.username}:not its password`).toString("base64")}`,
+    ];
+    for (const transport of [grpc(), connect()]) {
+      const verification = clientFor(VerificationService, transport, verifier.token);
+      for (const credential of submitted) await verification.verifyCredential({ credential });
+    }
+    for (const credential of submitted) {
+      const res = await fetchIntrospection(ts.server.url, ts.certs.ca, verifier.token, credential);
+      expect(res).toBe(200);
+    }
+
     // A database fault whose statement carries a secret's hash: the write of a new API key
     // fails (its table is gone), and the unexpected error is logged.
     await app.sql.run("drop table api_tokens", []);
@@ -191,3 +222,27 @@ describe.each(DATABASES)("the logs on $name", (db) => {
     expect(log).not.toMatch(/pbkdf2-sha256\$/);
   });
 });
+
+/** POST /oauth2/introspect with `token`; resolves with the status. */
+function fetchIntrospection(url: string, ca: Buffer, bearer: string, token: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      `${url}/oauth2/introspect`,
+      {
+        method: "POST",
+        ca,
+        agent: false,
+        headers: {
+          authorization: `Bearer ${bearer}`,
+          "content-type": "application/x-www-form-urlencoded",
+        },
+      },
+      (res) => {
+        res.resume();
+        res.on("end", () => resolve(res.statusCode ?? 0));
+      },
+    );
+    req.on("error", reject);
+    req.end(new URLSearchParams({ token }).toString());
+  });
+}

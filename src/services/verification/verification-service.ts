@@ -1,0 +1,66 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { ServiceImpl } from "@connectrpc/connect";
+import {
+  VerificationCode,
+  type VerificationService,
+  VerifiedPrincipalKind,
+  type VerifyCredentialResponse,
+  VerifyCredentialResponseSchema,
+} from "../../../gen/tessera/v1/verification_service_pb.js";
+import { isValidScope } from "../../auth/scopes.js";
+import { requestState } from "../../context.js";
+import { errors } from "../../errors.js";
+import type { CredentialVerifier, Verification } from "../../verification/verify-credential.js";
+import { principalOf } from "../common.js";
+
+/** At most this many required scopes per verification (a service asks for a few). */
+const MAX_REQUIRED_SCOPES = 64;
+
+/**
+ * VerificationService: VerifyCredential for the platform's other backends, on the
+ * verification core (src/verification/), which /oauth2/introspect shares.
+ */
+export function createVerificationService(deps: {
+  verifier: CredentialVerifier;
+}): ServiceImpl<typeof VerificationService> {
+  return {
+    // Not async: a credential verified before is answered without a promise (see CredentialVerifier.verify).
+    verifyCredential(req, ctx) {
+      const caller = principalOf(ctx);
+      if (req.requiredScopes.length > MAX_REQUIRED_SCOPES)
+        throw errors.invalidArgument(`at most ${MAX_REQUIRED_SCOPES} required scopes`, "required_scopes");
+      for (const s of req.requiredScopes)
+        if (!isValidScope(s)) throw errors.invalidArgument(`invalid scope "${s}"`, "required_scopes");
+      const verification = deps.verifier.verify(caller, requestState(ctx.values), {
+        credential: req.credential,
+        requiredScopes: req.requiredScopes,
+        applicationId: req.applicationId,
+      });
+      return verification instanceof Promise
+        ? verification.then(verificationResponse)
+        : verificationResponse(verification);
+    },
+  };
+}
+
+/** The wire form of a verification. */
+export function verificationResponse(v: Verification): VerifyCredentialResponse {
+  const res = create(VerifyCredentialResponseSchema, {
+    valid: v.valid,
+    code: VerificationCode[v.code],
+    retryAfterSeconds: v.retryAfterSeconds ?? 0,
+  });
+  const p = v.principal;
+  if (p === undefined) return res;
+  res.principalId = p.id;
+  res.principalKind = p.kind === "user" ? VerifiedPrincipalKind.USER : VerifiedPrincipalKind.MACHINE_USER;
+  res.tenantId = p.tenantId ?? "";
+  res.scopes = [...p.scopes];
+  if (p.expiresAt !== undefined && p.expiresAt !== null) res.expiresAt = timestampFromMs(p.expiresAt);
+  res.certificateThumbprint = p.certificateBinding ?? "";
+  res.credentialId = p.credentialId ?? "";
+  res.credentialKind = v.credentialKind ?? "";
+  res.applicationIds = [...(p.applicationIds ?? [])];
+  return res;
+}
