@@ -33,7 +33,6 @@ const MAX_LINES = 400;
  */
 const LONG_FILES_ALLOWED: ReadonlySet<string> = new Set([
   "src/server.ts",
-  "src/cli/client-actions.ts",
   "src/transport/fast-adapter.ts",
   "src/transport/node-bridge.ts",
   "src/transport/unary-protocols.ts",
