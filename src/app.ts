@@ -45,6 +45,7 @@ import { createErrorInterceptor } from "./interceptors/errors.js";
 import { createInputInterceptor } from "./interceptors/input.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
+import { createOAuthEndpoints, type OAuthEndpoints } from "./oauth/index.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
 import { createAuditService } from "./services/audit/audit-service.js";
 import { createHealthService } from "./services/health/health-service.js";
@@ -90,6 +91,8 @@ export interface App {
   lastUsed: LastUsedTracker;
   /** The admin bootstrap outcome of this start (a generated password is in it once). */
   bootstrap: BootstrapResult;
+  /** The OAuth 2.0 endpoints (token, revocation, discovery), served by the HTTP layer. */
+  oauth: OAuthEndpoints;
   /** Tessera services, in the order they are registered. */
   services: DescService[];
   /** Registers every service on a Connect router. */
@@ -341,6 +344,27 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       logger,
     });
 
+    const oauth = createOAuthEndpoints({
+      authenticator,
+      limits,
+      audit,
+      storage,
+      jwt,
+      sessions,
+      clock,
+      logger,
+      accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
+      clockSkewSeconds: config.auth.jwt.clockSkew,
+      prefixes: {
+        pat: config.auth.tokens.patPrefix,
+        apiKey: config.auth.tokens.apiKeyPrefix,
+        machine: config.auth.tokens.machinePrefix,
+      },
+      issuer: config.auth.oauth.issuer,
+      tls: !config.server.insecurePlaintext,
+      maxBodyBytes: config.server.maxBodyBytes,
+    });
+
     const interceptors: Interceptor[] = [
       createErrorInterceptor({ logger }),
       // Per-IP limit, authentication, authorization, and the audit of the calls it refuses.
@@ -366,6 +390,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       secrets,
       lastUsed,
       bootstrap,
+      oauth,
       services,
       routes(router) {
         router.service(UserService, userService);

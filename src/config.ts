@@ -142,6 +142,33 @@ const ConfigSchema = z
               });
           })
           .prefault({}),
+        oauth: z
+          .object({
+            issuer: z
+              .string()
+              .refine(
+                (v) => {
+                  try {
+                    const u = new URL(v);
+                    return (
+                      (u.protocol === "https:" || u.protocol === "http:") &&
+                      !u.search &&
+                      !u.hash &&
+                      !u.username
+                    );
+                  } catch {
+                    return false;
+                  }
+                },
+                {
+                  message:
+                    "auth.oauth.issuer (TESSERA_OAUTH_ISSUER) must be an https URL without query or fragment",
+                },
+              )
+              .optional(),
+          })
+          .strict()
+          .prefault({}),
         basic: z
           .object({ enabled: z.boolean().default(true) })
           .strict()
@@ -518,6 +545,13 @@ export const CONFIG_REFERENCE: readonly ConfigKeyReference[] = [
     "string",
     "tessera",
     "aud claim of issued tokens, checked on verification.",
+  ],
+  [
+    "auth.oauth.issuer",
+    "TESSERA_OAUTH_ISSUER",
+    "string",
+    "(the request's https://host)",
+    "OAuth 2.0 issuer identifier (RFC 8414): the https URL clients reach this server at, e.g. https://tessera.example.com:50052. The discovery document (/.well-known/oauth-authorization-server) names it and builds the token, revocation and introspection endpoints and jwks_uri from it. Unset: taken from each request's Host (fine for one address; set it behind a proxy or load balancer).",
   ],
   ["auth.jwt.accessTokenTtl", "TESSERA_ACCESS_TOKEN_TTL", "int", "900", "Access token lifetime in seconds."],
   [
