@@ -556,6 +556,28 @@ for (const db of DATABASES) {
       expect(refreshes.some((e) => e.outcome === "success")).toBe(true);
       expect(refreshes.some((e) => e.outcome === "failure" && e.reason === "TOKEN_INVALID")).toBe(true);
       for (const e of refreshes) expect(text(e)).not.toContain(login.refreshToken);
+
+      // A revocation is recorded under its own action, naming what it revoked (never the token).
+      const issued = await token(
+        { grant_type: "client_credentials" },
+        { headers: clientSecretBasic(auditMu.username, auditMu.password) },
+      );
+      await revoke(
+        { token: issued.json.access_token as string },
+        { headers: clientSecretBasic(auditMu.username, auditMu.password) },
+      );
+      await ts.app.audit.flush();
+      const revocations = (
+        await clientFor(AuditService, memoryTransport(ts.app), rootToken).listAuditEvents({
+          action: "oauth2/revoke",
+          actorId: auditMu.id,
+          pageSize: 200,
+        })
+      ).events;
+      expect(revocations.map((e) => [e.outcome, e.targetId, e.tenantId])).toEqual([
+        ["success", auditMu.id, tenant.tenant.id],
+      ]);
+      expect(text(revocations)).not.toContain(issued.json.access_token as string);
     });
   });
 }
