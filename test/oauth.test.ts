@@ -5,9 +5,12 @@ import { AuditService } from "../gen/tessera/v1/audit_service_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { startServer } from "../src/server.js";
 import { rejection } from "./errors-util.js";
 import {
+  ADMIN_PASSWORD,
   clientFor,
+  createTestCerts,
   DATABASES,
   memoryTransport,
   SQLITE,
@@ -15,6 +18,7 @@ import {
   type TestServer,
 } from "./helpers.js";
 import { adminLogin, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
+import { type OutageApp, startOutageApp } from "./outage-helpers.js";
 
 /** An answer of an OAuth endpoint. */
 interface Answer {
@@ -632,5 +636,72 @@ describe("OAuth 2.0 token endpoint budgets (sqlite)", () => {
     expect(doc.issuer).toBe("https://tessera.example.com:8443");
     expect(doc.token_endpoint).toBe("https://tessera.example.com:8443/oauth2/token");
     expect(res.headers["cache-control"]).toBe("public, max-age=300");
+  });
+});
+
+describe("OAuth 2.0 endpoints while PostgreSQL is away", () => {
+  let env: OutageApp | undefined;
+  let server: Awaited<ReturnType<typeof startServer>> | undefined;
+  let agent: Agent;
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    env = await startOutageApp("postgres", { server: { certDir: certs.dir } });
+    server = await startServer(env.app);
+    agent = new Agent({ connect: { ca: certs.ca } });
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await server?.close(0);
+    await env?.close();
+  });
+
+  it("answers temporarily_unavailable (503, Retry-After), not server_error, and serves again once it is back", async () => {
+    const mem = memoryTransport(env!.app);
+    const root = await adminLogin(mem);
+    const created = await clients(mem, root).machines.createMachineUser({
+      name: `mu-${short()}`,
+      authType: MachineAuthType.BASIC,
+      scopes: ["cluster:read"],
+    });
+    const login = await clientFor(UserService, mem).login({ username: "admin", password: ADMIN_PASSWORD });
+    const post = async (path: string, body: Record<string, string>, headers: Record<string, string> = {}) => {
+      const res = await request(`${server!.url}${path}`, {
+        method: "POST",
+        dispatcher: agent,
+        headers: { "content-type": "application/x-www-form-urlencoded", ...headers },
+        body: new URLSearchParams(body).toString(),
+      });
+      const text = await res.body.text();
+      return { status: res.statusCode, headers: res.headers, json: text ? JSON.parse(text) : {} };
+    };
+    const basic = clientSecretBasic(created.username, created.password);
+    expect((await post("/oauth2/token", { grant_type: "client_credentials" }, basic)).status).toBe(200);
+    await env!.cut();
+    try {
+      const answers = [
+        await post("/oauth2/token", { grant_type: "client_credentials" }, basic),
+        await post("/oauth2/token", { grant_type: "refresh_token", refresh_token: login.refreshToken }),
+        await post("/oauth2/revoke", { token: login.refreshToken }, basic),
+      ];
+      for (const a of answers) {
+        expect(a.status).toBe(503);
+        expect(a.json.error).toBe("temporarily_unavailable");
+        expect(Number(a.headers["retry-after"])).toBeGreaterThan(0);
+      }
+      expect(env!.log.count("request failed")).toBe(0);
+    } finally {
+      await env!.restore();
+    }
+    let status = 0;
+    for (let i = 0; i < 50 && status !== 200; i++) {
+      status = (await post("/oauth2/token", { grant_type: "client_credentials" }, basic)).status;
+      if (status !== 200) await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(status).toBe(200);
+    // The refresh token was not spent by the refused attempt.
+    expect(
+      (await post("/oauth2/token", { grant_type: "refresh_token", refresh_token: login.refreshToken }))
+        .status,
+    ).toBe(200);
   });
 });
