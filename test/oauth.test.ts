@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import { decodeJwt } from "jose";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -122,6 +123,36 @@ for (const db of DATABASES) {
         tls_client_certificate_bound_access_tokens: true,
       });
       expect(res.headers["x-request-id"]).toBeTruthy();
+    });
+
+    it("serves the token endpoint over HTTP/2 as well", async () => {
+      const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      try {
+        const answer = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+          const stream = session.request({
+            ":method": "POST",
+            ":path": "/oauth2/token",
+            "content-type": "application/x-www-form-urlencoded",
+            ...clientSecretBasic(mu.username, mu.password),
+          });
+          let status = 0;
+          let body = "";
+          stream.on("response", (h) => {
+            status = Number(h[":status"]);
+          });
+          stream.setEncoding("utf8");
+          stream.on("data", (c: string) => {
+            body += c;
+          });
+          stream.on("end", () => resolve({ status, body }));
+          stream.on("error", reject);
+          stream.end("grant_type=client_credentials&scope=cluster%3Aread");
+        });
+        expect(answer.status).toBe(200);
+        expect(JSON.parse(answer.body).scope).toBe("cluster:read");
+      } finally {
+        session.close();
+      }
     });
 
     describe("client_credentials", () => {

@@ -45,13 +45,17 @@ export interface OAuthEndpoints {
  * the discovery document's; errors are RFC 6749 §5.2's `{error, error_description}`.
  */
 export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
-  const posts: Record<string, (req: OAuthRequest) => Promise<unknown>> = {
-    [OAUTH_PATHS.token]: (req) => tokenEndpoint(deps, req),
-    [OAUTH_PATHS.revocation]: async (req) => {
-      await revocationEndpoint(deps, req);
-      return undefined;
-    },
-  };
+  // The form-encoded POST endpoints by path (the introspection endpoint joins them here).
+  const posts = new Map<string, (req: OAuthRequest) => Promise<unknown>>([
+    [OAUTH_PATHS.token, (req) => tokenEndpoint(deps, req)],
+    [
+      OAUTH_PATHS.revocation,
+      async (req) => {
+        await revocationEndpoint(deps, req);
+        return undefined;
+      },
+    ],
+  ]);
 
   function send(res: Response, status: number, body: unknown, headers: Record<string, string> = {}) {
     if (res.headersSent || res.writableEnded) return;
@@ -82,7 +86,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
 
   return {
     handles(path) {
-      return path === OAUTH_PATHS.discovery || path in posts;
+      return path === OAUTH_PATHS.discovery || posts.has(path);
     },
     serve(req, res, path, state) {
       if (path === OAUTH_PATHS.discovery) {
@@ -102,7 +106,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         });
         return;
       }
-      const endpoint = posts[path]!;
+      const endpoint = posts.get(path)!;
       if (req.method !== "POST") {
         req.resume();
         fail(res, new OAuthError("invalid_request", "use POST", 405, { allow: "POST" }), state);
