@@ -22,9 +22,11 @@ import { createErrorInterceptor } from "./interceptors/errors.js";
 import { createInputInterceptor } from "./interceptors/input.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
+import { createOAuthEndpoints, type OAuthEndpoints } from "./oauth/index.js";
 import { createRateLimits, type RateLimits } from "./rate-limit.js";
 import { createServiceRoutes } from "./services/routes.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
+import { SessionIssuer } from "./services/user/sessions.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state-channel.js";
@@ -65,6 +67,8 @@ export interface App {
   lastUsed: LastUsedTracker;
   /** The admin bootstrap outcome of this start (a generated password is in it once). */
   bootstrap: BootstrapResult;
+  /** The OAuth 2.0 endpoints (token, revocation, discovery), served by the HTTP layer. */
+  oauth: OAuthEndpoints;
   /** Tessera services, in the order they are registered. */
   services: DescService[];
   /** Registers every service on a Connect router. */
@@ -226,8 +230,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         config.auth.tokens.machinePrefix,
       ],
     });
+    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const { services, routes } = createServiceRoutes({
       verifier,
+      sessions,
       config,
       storage,
       jwt,
@@ -245,6 +251,27 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       maxTokenTtlSeconds: config.auth.maxTokenTtl,
       clockSkewSeconds: config.auth.jwt.clockSkew,
       logger,
+    });
+
+    const oauth = createOAuthEndpoints({
+      authenticator,
+      limits,
+      audit,
+      storage,
+      jwt,
+      sessions,
+      clock,
+      logger,
+      accessTokenTtlSeconds: config.auth.jwt.accessTokenTtl,
+      clockSkewSeconds: config.auth.jwt.clockSkew,
+      prefixes: {
+        pat: config.auth.tokens.patPrefix,
+        apiKey: config.auth.tokens.apiKeyPrefix,
+        machine: config.auth.tokens.machinePrefix,
+      },
+      issuer: config.auth.oauth.issuer,
+      tls: !config.server.insecurePlaintext,
+      maxBodyBytes: config.server.maxBodyBytes,
     });
 
     const interceptors: Interceptor[] = [
@@ -274,6 +301,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       secrets,
       lastUsed,
       bootstrap,
+      oauth,
       services,
       routes,
       interceptors,

@@ -154,7 +154,8 @@ export interface TesseraServer {
 
 /**
  * The request handler: request id, security headers and CORS on every response, the
- * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json), and the Connect adapter
+ * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json), the OAuth 2.0 endpoints
+ * (src/oauth/), and the Connect adapter
  * serving gRPC, gRPC-Web and Connect for everything else.
  */
 export function createRequestHandler(
@@ -406,6 +407,14 @@ export function createRequestHandler(
         json(res, 200, app.jwt.jwks(), "public, max-age=300");
         return;
       }
+    }
+
+    // OAuth 2.0 (src/oauth/): form-encoded POSTs and the discovery document, not RPCs.
+    if (app.oauth.handles(path!)) {
+      setCommonHeaders();
+      attachState(req, requestId);
+      app.oauth.serve(req, res, path!, stateOf(req));
+      return;
     }
 
     attachState(req, requestId);

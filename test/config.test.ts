@@ -55,6 +55,7 @@ const CONTRACT = [
   "auth.jwt.keyRotationInterval TESSERA_JWT_KEY_ROTATION_INTERVAL 2592000",
   "auth.jwt.keyPrePublication TESSERA_JWT_KEY_PRE_PUBLICATION 3600 (at most half of auth.jwt.keyRotationInterval)",
   "auth.jwt.keyRefreshMs TESSERA_JWT_KEY_REFRESH_MS 500",
+  "auth.oauth.issuer TESSERA_OAUTH_ISSUER (the request's https://host)",
   "auth.basic.enabled TESSERA_BASIC_AUTH true",
   "auth.tokens.patPrefix TESSERA_PAT_PREFIX tsr_pat_",
   "auth.tokens.apiKeyPrefix TESSERA_API_KEY_PREFIX tsr_key_",

@@ -25,7 +25,7 @@ export const NEW_PRINCIPAL: ManagedTarget = Object.freeze({ scopes: Object.freez
  * (another tenant's principal is NotFound, never ACCESS_DENIED).
  */
 export function assertMayManage(
-  caller: Principal,
+  caller: Pick<Principal, "scopes">,
   target: ManagedTarget,
   resulting: readonly string[] = [],
 ): void {

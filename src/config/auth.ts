@@ -158,6 +158,36 @@ const MASTER_KEY = /^[A-Za-z0-9+/_-]{43}=?$/;
 export const authSchema = z
   .object({
     jwt: jwtSchema,
+    oauth: z
+      .object({
+        issuer: z
+          .string()
+          .refine(
+            (v) => {
+              try {
+                const u = new URL(v);
+                return (
+                  (u.protocol === "https:" || u.protocol === "http:") && !u.search && !u.hash && !u.username
+                );
+              } catch {
+                return false;
+              }
+            },
+            {
+              message:
+                "auth.oauth.issuer (TESSERA_OAUTH_ISSUER) must be an https URL without query or fragment",
+            },
+          )
+          .optional()
+          .register(configKeys, {
+            env: "TESSERA_OAUTH_ISSUER",
+            description:
+              "OAuth 2.0 issuer identifier (RFC 8414): the https URL clients reach this server at, e.g. https://tessera.example.com:50052. The discovery document (/.well-known/oauth-authorization-server) names it and builds the token, revocation and introspection endpoints and jwks_uri from it. Unset: taken from each request's Host (fine for one address; set it behind a proxy or load balancer).",
+            shownDefault: "(the request's https://host)",
+          }),
+      })
+      .strict()
+      .prefault({}),
     basic: z
       .object({
         enabled: z.boolean().default(true).register(configKeys, {

@@ -41,7 +41,7 @@ import { createMachineUserService } from "./machine-user/machine-user-service.js
 import { createReflectionServices } from "./reflection/reflection-service.js";
 import { createTenantService } from "./tenant/tenant-service.js";
 import { createTokenService } from "./token/token-service.js";
-import { SessionIssuer } from "./user/sessions.js";
+import type { SessionIssuer } from "./user/sessions.js";
 import { createUserService } from "./user/user-service.js";
 import { createVerificationService } from "./verification/verification-service.js";
 
@@ -56,6 +56,8 @@ export interface ServiceRoutesDeps {
   limits: RateLimits | undefined;
   clock: Clock;
   defaultTenantId: () => Promise<string>;
+  /** Sessions: login, refresh-token rotation (shared with the OAuth token endpoint). */
+  sessions: SessionIssuer;
   /** The verification core VerifyCredential answers from. */
   verifier: CredentialVerifier;
 }
@@ -65,7 +67,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
   services: DescService[];
   routes: (router: ConnectRouter) => void;
 } {
-  const { config, storage, jwt, users, audit, limits, clock, defaultTenantId } = deps;
+  const { config, storage, jwt, users, audit, limits, clock, defaultTenantId, sessions } = deps;
   const services: DescService[] = [
     UserService,
     TokenService,
@@ -92,7 +94,6 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
   ];
   const servedNames = [...services, Health, ReflectionV1, ReflectionV1Alpha].map((s) => s.typeName);
   const reflection = createReflectionServices(files, servedNames);
-  const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
   const userService = createUserService({
     storage,
     sessions,

@@ -19,9 +19,12 @@ export function parseInstant(value: string, flag: string, now = Date.now()): Dat
   return d;
 }
 
-/** An action as the server records it: a bare "UserService/Login" is in package tessera.v1. */
+/**
+ * An action as the server records it: a bare "UserService/Login" is in package tessera.v1;
+ * the OAuth endpoints' own actions ("oauth2/revoke") are not RPCs and stay as they are.
+ */
 function fullAction(action: string): string {
-  return action.includes(".") ? action : `tessera.v1.${action}`;
+  return action.includes(".") || action.startsWith("oauth2/") ? action : `tessera.v1.${action}`;
 }
 
 function auditRow(e: AuditEvent): string[] {

@@ -1,7 +1,6 @@
 // The RPCs machine principals call themselves (check their authentication, exchange their
 // credential for an access token, register their backend's callback) and the backends' admin.
 import { randomUUID } from "node:crypto";
-import { setTimeout as sleep } from "node:timers/promises";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
@@ -11,10 +10,11 @@ import { parseScopeString } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
-import { Application, Backend, MachineCredential, MachineUser } from "../../storage/machine-entities.js";
+import { Application, Backend, MachineUser } from "../../storage/machine-entities.js";
 import { assertId, canSeeTenant, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { visibleTenant } from "../tenant/tenant-service.js";
+import { issueMachineAccessToken } from "./access-token.js";
 import { normaliseCallbackUrl } from "./callback-url.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -94,51 +94,17 @@ export function machinePrincipalHandlers(
     },
 
     async issueAccessToken(_req, ctx) {
-      const principal = principalOf(ctx);
-      const state = requestState(ctx.values);
-      if (principal.method === "jwt") {
-        // Otherwise a token could renew itself forever, outliving a rotation or its credential.
-        throw new TesseraError(
-          "ACCESS_DENIED",
-          "an access token cannot be exchanged for another; use the machine user's credentials or client certificate",
-        );
-      }
-      if (!principal.tenantId) throw new TesseraError("ACCESS_DENIED", "not a machine principal");
-      const e = em(ctx);
-      const mu = await e.findOne(MachineUser, { id: principal.id });
-      if (!mu) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
-      // `iat` has one-second resolution and tokens from the rotation's second count as
-      // pre-rotation, so never issue in that second.
-      if (mu.rotatedAt) {
-        const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - clock();
-        if (wait > 0) await sleep(wait);
-      }
-      let ttlSeconds: number | undefined;
-      if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
-        const cred = await e.findOne(MachineCredential, { id: principal.credentialId });
-        if (cred?.expiresAt) {
-          // A credential in its rotation grace period issues tokens that end with it: their
-          // exp is at or before the grace period's end, and is enforced exactly (jwt.ts).
-          ttlSeconds = Math.floor((cred.expiresAt.getTime() - clock()) / 1000);
-          if (ttlSeconds <= 0)
-            throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
-          ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
-        }
-      }
-      const thumbprint = state.certificate?.thumbprint;
-      const issued = await deps.jwt.issue({
-        subject: principal.id,
-        tenantId: principal.tenantId,
-        scopes: principal.scopes,
-        kind: "machine",
-        ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
-        ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
-      });
+      const issued = await issueMachineAccessToken(
+        { jwt: deps.jwt, accessTokenTtlSeconds: deps.accessTokenTtlSeconds, clock },
+        em(ctx),
+        principalOf(ctx),
+        requestState(ctx.values).certificate,
+      );
       return {
         accessToken: issued.token,
         expiresAt: timestampFromDate(issued.expiresAt),
         tokenType: "Bearer",
-        certificateBound: thumbprint !== undefined,
+        certificateBound: issued.certificateBound,
       };
     },
 

@@ -1,5 +1,6 @@
 import { createHash, randomBytes, randomUUID } from "node:crypto";
 import type { EntityManager } from "@mikro-orm/knex";
+import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { type Clock, systemClock } from "../../clock.js";
@@ -18,7 +19,8 @@ export interface TokenPair {
   refreshTokenExpiresAt: Date;
 }
 
-function hashRefreshToken(token: string): string {
+/** How a refresh token is found: its SHA-256 (the table keeps only that). */
+export function hashRefreshToken(token: string): string {
   // 256 random bits: a fast hash is enough; a slow one would protect nothing more.
   return createHash("sha256").update(token).digest("hex");
 }
@@ -37,7 +39,12 @@ export class SessionIssuer {
    * new session is opened. The access token names its session (`sid`), so ending the
    * session refuses it too.
    */
-  async issue(em: EntityManager, user: User, familyId?: string): Promise<TokenPair> {
+  async issue(
+    em: EntityManager,
+    user: User,
+    familyId?: string,
+    scopes: readonly string[] = parseScopeString(user.scopes),
+  ): Promise<TokenPair> {
     const sessionId = familyId ?? randomUUID();
     let opened = familyId === undefined;
     if (familyId !== undefined) {
@@ -57,7 +64,7 @@ export class SessionIssuer {
     const access = await this.jwt.issue({
       subject: user.id,
       tenantId: user.tenantId,
-      scopes: parseScopeString(user.scopes),
+      scopes: [...scopes],
       kind: "user",
       username: user.username,
       sessionId,
@@ -101,13 +108,29 @@ export class SessionIssuer {
    * Spend a refresh token for a new pair. Re-use of a spent token (a sign it was stolen)
    * revokes the whole family and its session, so both the thief and the victim must log
    * in again: the access tokens either was issued are refused from the next request.
+   *
+   * `options.scopes`: the new access token carries only these (the OAuth 2.0 refresh_token
+   * grant's `scope`, RFC 6749 §6), which the user must still hold (assertMayManage's rule:
+   * ACCESS_DENIED or INVALID_ARGUMENT otherwise, decided before the token is spent, so a
+   * refused narrowing costs the client nothing). The session keeps the user's scopes.
+   * `options.owner`: the user the token must belong to (a client that authenticated),
+   * else TOKEN_INVALID, before it is spent.
    */
-  async rotate(em: EntityManager, refreshToken: string): Promise<TokenPair> {
+  async rotate(
+    em: EntityManager,
+    refreshToken: string,
+    options: { scopes?: readonly string[]; owner?: string } = {},
+  ): Promise<TokenPair> {
     const row = refreshToken.startsWith(REFRESH_TOKEN_PREFIX)
       ? await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(refreshToken) })
       : null;
-    if (!row) throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
+    if (!row || (options.owner !== undefined && row.userId !== options.owner))
+      throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
+    if (options.scopes !== undefined && !row.spentAt) {
+      const owner = await em.findOne(User, { id: row.userId });
+      if (owner) assertMayManage({ scopes: parseScopeString(owner.scopes) }, NEW_PRINCIPAL, options.scopes);
+    }
     const now = new Date(this.now());
     // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
     const spent = row.spentAt
@@ -124,7 +147,7 @@ export class SessionIssuer {
     const tenant = await em.findOne(Tenant, { id: user.tenantId });
     if (user.disabled || !tenant || tenant.disabled)
       throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-    const pair = await this.issue(em, user, row.familyId);
+    const pair = await this.issue(em, user, row.familyId, options.scopes);
     // A concurrent re-use of the same token may have revoked the family between our
     // conditional update and the insert above. Either it revoked before this check (seen
     // here) or after the insert (its update then covers the new row too): the winner of

@@ -1,0 +1,356 @@
+import type { IncomingHttpHeaders, IncomingMessage } from "node:http";
+import type { Http2ServerRequest } from "node:http2";
+import { authenticationRefusal, spendFailure } from "../admission/authenticate.js";
+import type { Authenticator } from "../auth/authenticator.js";
+import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
+import type { Principal } from "../auth/principal.js";
+import { budgetKey } from "../client-ip.js";
+import type { RequestState } from "../context.js";
+import { TesseraError, wwwAuthenticate } from "../errors.js";
+import { invalidCharacterAt } from "../interceptors/input.js";
+import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import { driverErrorAsTesseraError } from "../storage/errors.js";
+
+/**
+ * What the OAuth 2.0 endpoints share: reading a form-encoded body (RFC 6749 §3.2), client
+ * authentication (client_secret_basic, client_secret_post, tls_client_auth, and a bearer
+ * where an endpoint allows one), and the RFC 6749 §5.2 error answer.
+ */
+
+/** The RFC 6749 / 7009 error codes the endpoints answer with (and, for faults, RFC 6749 §4.1.2.1's). */
+export type OAuthErrorCode =
+  | "invalid_request"
+  | "invalid_client"
+  | "invalid_grant"
+  | "invalid_scope"
+  | "unauthorized_client"
+  | "unsupported_grant_type"
+  | "unsupported_token_type"
+  | "temporarily_unavailable"
+  | "server_error";
+
+/** An OAuth error answer: `{ error, error_description }` with its HTTP status and headers. */
+export class OAuthError extends Error {
+  override readonly name = "OAuthError";
+  constructor(
+    readonly error: OAuthErrorCode,
+    readonly description: string,
+    readonly status = 400,
+    readonly headers: Record<string, string> = {},
+  ) {
+    const limit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
+    super(description);
+    Error.stackTraceLimit = limit;
+  }
+
+  /** The JSON body (RFC 6749 §5.2). */
+  body(): { error: OAuthErrorCode; error_description: string } {
+    return { error: this.error, error_description: this.description };
+  }
+}
+
+/** A request to an OAuth endpoint once its body is read. */
+export interface OAuthRequest {
+  headers: IncomingHttpHeaders;
+  /** The form parameters, each present at most once, none empty (RFC 6749 §3.1: an empty one is omitted). */
+  form: ReadonlyMap<string, string>;
+  state: RequestState;
+}
+
+/** How the client authenticated (RFC 7591 names; "bearer" for a bearer credential where allowed). */
+export type ClientAuthMethod = "client_secret_basic" | "client_secret_post" | "tls_client_auth" | "bearer";
+
+/** An authenticated client. */
+export interface ClientAuthentication {
+  principal: Principal;
+  method: ClientAuthMethod;
+}
+
+/** What client authentication needs: the verifiers, and the budgets when rate limits are on. */
+export interface ClientAuthDeps {
+  authenticator: Authenticator;
+  limits?: RateLimits | undefined;
+}
+
+const FORM_TYPE = "application/x-www-form-urlencoded";
+
+/**
+ * Read `req`'s body as `application/x-www-form-urlencoded` (RFC 6749 §3.2), at most
+ * `maxBytes` (the server's body limit). Each parameter at most once (§3.2: "Request and
+ * response parameters MUST NOT be included more than once"); a parameter without a value
+ * is treated as omitted (§3.1); no control characters (a NUL would reach the database).
+ * @throws OAuthError invalid_request (413 when the body is too large)
+ */
+export async function readForm(
+  req: IncomingMessage | Http2ServerRequest,
+  maxBytes: number,
+): Promise<Map<string, string>> {
+  const type = (req.headers["content-type"] ?? "").split(";")[0]!.trim().toLowerCase();
+  if (type !== FORM_TYPE) {
+    req.resume();
+    throw new OAuthError("invalid_request", `the body must be ${FORM_TYPE}`);
+  }
+  const query = (req.url ?? "").indexOf("?");
+  if (query >= 0 && query < (req.url ?? "").length - 1) {
+    req.resume();
+    // Credentials in a URL end up in logs (RFC 6749 §2.3.1, §3.2).
+    throw new OAuthError("invalid_request", "parameters go in the body, not in the URL");
+  }
+  const declared = Number(req.headers["content-length"] ?? 0);
+  if (declared > maxBytes) {
+    req.resume();
+    throw new OAuthError("invalid_request", "request body too large", 413);
+  }
+  const text = await new Promise<string>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on("data", (chunk: Buffer) => {
+      if (over) return;
+      size += chunk.length;
+      if (size > maxBytes) {
+        over = true;
+        chunks.length = 0;
+        reject(new OAuthError("invalid_request", "request body too large", 413));
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on("end", () => {
+      if (!over) resolve(Buffer.concat(chunks).toString("utf8"));
+    });
+    req.on("error", (err) => {
+      if (!over) reject(err);
+    });
+  });
+  const form = new Map<string, string>();
+  const seen = new Set<string>();
+  for (const [name, value] of new URLSearchParams(text)) {
+    if (seen.has(name)) throw new OAuthError("invalid_request", `parameter "${safeName(name)}" is repeated`);
+    seen.add(name);
+    if (invalidCharacterAt(name) >= 0 || invalidCharacterAt(value) >= 0)
+      throw new OAuthError("invalid_request", "parameters must not contain control characters");
+    if (value !== "") form.set(name, value);
+  }
+  return form;
+}
+
+/** A parameter name fit for an error message (the client's text, cut and stripped). */
+function safeName(name: string): string {
+  return name.replace(/[^A-Za-z0-9_.-]/g, "").slice(0, 40);
+}
+
+/** The scopes of a `scope` parameter (RFC 6749 §3.3: space-delimited), or undefined when absent. */
+export function scopeParameter(form: ReadonlyMap<string, string>): string[] | undefined {
+  const value = form.get("scope");
+  if (value === undefined) return undefined;
+  return value.split(" ").filter((s) => s.length > 0);
+}
+
+/** Decode one part of client_secret_basic (RFC 6749 §2.3.1: form-urlencoded before base64). */
+function formDecode(part: string): string {
+  try {
+    return decodeURIComponent(part.replace(/\+/g, " "));
+  } catch {
+    throw malformed();
+  }
+}
+
+/** A malformed client credential: refused (and counted) as a wrong one is. */
+function malformed(): TesseraError {
+  return new TesseraError("AUTH_HEADER_MALFORMED", "client credentials are malformed");
+}
+
+const BASIC_CHALLENGE = { "www-authenticate": 'Basic realm="tessera"' };
+
+/** The credential a request presents as its client, and how. */
+function presentedClient(
+  req: OAuthRequest,
+  allowBearer: boolean,
+): { credential: PresentedCredential | null; method: ClientAuthMethod } {
+  const { headers, form } = req;
+  const authorization = headers.authorization;
+  const secret = form.get("client_secret");
+  const clientId = form.get("client_id");
+  if (authorization !== undefined || headers["x-api-key"] !== undefined) {
+    if (secret !== undefined)
+      throw new OAuthError("invalid_request", "use one client authentication method, not several");
+    const scheme = (authorization ?? "").trim().split(" ")[0]!.toLowerCase();
+    if (scheme === "basic" && headers["x-api-key"] === undefined) {
+      const encoded = authorization!.trim().slice(5).trim();
+      if (!/^[A-Za-z0-9+/]+={0,2}$/.test(encoded)) throw malformed();
+      const decoded = Buffer.from(encoded, "base64").toString("utf8");
+      const colon = decoded.indexOf(":");
+      if (colon <= 0) throw malformed();
+      const username = formDecode(decoded.slice(0, colon));
+      const password = formDecode(decoded.slice(colon + 1));
+      if (invalidCharacterAt(username) >= 0 || invalidCharacterAt(password) >= 0) throw malformed();
+      if (clientId !== undefined && clientId !== username)
+        throw new OAuthError("invalid_request", "client_id does not match the Authorization header");
+      return { credential: { type: "basic", username, password }, method: "client_secret_basic" };
+    }
+    if (!allowBearer)
+      throw new OAuthError(
+        "invalid_client",
+        "authenticate with client_secret_basic, client_secret_post or tls_client_auth",
+        401,
+        BASIC_CHALLENGE,
+      );
+    // Bearer or X-API-Key: the same parsing (and refusals) as every RPC's.
+    const credential = parseCredentials(nodeHeaders(headers));
+    if (credential === null || credential.type === "basic")
+      throw new OAuthError("invalid_client", "client credentials are malformed", 401, BASIC_CHALLENGE);
+    return { credential, method: "bearer" };
+  }
+  if (secret !== undefined) {
+    if (clientId === undefined) throw new OAuthError("invalid_request", "client_secret needs client_id");
+    return {
+      credential: { type: "basic", username: clientId, password: secret },
+      method: "client_secret_post",
+    };
+  }
+  if (req.state.certificate !== null) return { credential: null, method: "tls_client_auth" };
+  throw new TesseraError("AUTH_REQUIRED", "client authentication required");
+}
+
+/** Node's incoming headers read as fetch Headers would read them. */
+function nodeHeaders(headers: IncomingHttpHeaders): HeaderSource {
+  return {
+    get(name) {
+      const v = headers[name];
+      return v === undefined ? null : typeof v === "string" ? v : v.join(", ");
+    },
+  };
+}
+
+/** Whether the request presents client authentication at all (a header, client_secret, or a client certificate). */
+export function presentsClient(req: OAuthRequest): boolean {
+  return (
+    req.headers.authorization !== undefined ||
+    req.headers["x-api-key"] !== undefined ||
+    req.form.has("client_secret") ||
+    req.state.certificate !== null
+  );
+}
+
+/**
+ * Authenticate the client of an OAuth request: `client_secret_basic` (a machine user's
+ * Basic pair, each part form-urlencoded as RFC 6749 §2.3.1 says; plain pairs decode to
+ * themselves), `client_secret_post` (`client_id` and `client_secret` in the body),
+ * `tls_client_auth` (RFC 8705: the connection's client certificate bound to a machine
+ * user; a `client_id` sent with it must be that machine user's id), or, with
+ * `allowBearer`, any bearer credential Tessera accepts (Authorization: Bearer, X-API-Key).
+ * One method per request (RFC 6749 §2.3).
+ *
+ * Verified by the same code as every RPC's credentials (admission/authenticate.ts): a
+ * password's budgets are reserved before PBKDF2, a credential that does not verify spends
+ * a point of the address's failure budget, then the per-principal limit counts the call.
+ * Sets `state.principal`. The per-IP limit is the caller's to count first ({@link countAddress}).
+ * @throws OAuthError invalid_client (401 with WWW-Authenticate), invalid_request, or a fault's answer
+ */
+export async function authenticateClient(
+  deps: ClientAuthDeps,
+  req: OAuthRequest,
+  options: { allowBearer?: boolean } = {},
+): Promise<ClientAuthentication> {
+  let presented: ReturnType<typeof presentedClient>;
+  try {
+    presented = presentedClient(req, options.allowBearer ?? false);
+  } catch (err) {
+    // A malformed credential is a failed authentication like any other: it spends budget
+    // (none sent, AUTH_REQUIRED, does not).
+    throw asOAuthError(deps.limits ? await spendFailure(deps.limits, req.state, err) : err, "client");
+  }
+  const refusal = await authenticationRefusal(deps, presented.credential, req.state, 0);
+  if (refusal !== undefined) throw asOAuthError(refusal, "client", presented.method);
+  const principal = req.state.principal!;
+  const clientId = req.form.get("client_id");
+  if (presented.method === "tls_client_auth" && clientId !== undefined && clientId !== principal.id) {
+    req.state.principal = null;
+    throw new OAuthError(
+      "invalid_client",
+      "client_id does not name the certificate's machine user",
+      401,
+      BASIC_CHALLENGE,
+    );
+  }
+  if (deps.limits) {
+    let result: Awaited<ReturnType<RateLimits["perPrincipal"]["consume"]>>;
+    try {
+      result = await deps.limits.perPrincipal.consume(`${principal.kind}:${principal.id}`);
+    } catch (err) {
+      throw asOAuthError(err, "client");
+    }
+    if (!result.allowed) throw asOAuthError(rateLimitedError(result), "client");
+    if (!req.state.responseHeaders) req.state.responseHeaders = rateLimitHeaders(result);
+  }
+  return { principal, method: presented.method };
+}
+
+/**
+ * Count the request against the per-IP limit (every OAuth request, as every RPC).
+ * @throws OAuthError temporarily_unavailable (429, Retry-After) once over it
+ */
+export async function countAddress(limits: RateLimits | undefined, state: RequestState): Promise<void> {
+  if (!limits) return;
+  let result: Awaited<ReturnType<RateLimits["perIp"]["consume"]>>;
+  try {
+    result = await limits.perIp.consume(budgetKey(state.ip));
+  } catch (err) {
+    throw asOAuthError(err, "client");
+  }
+  if (!result.allowed) throw asOAuthError(rateLimitedError(result), "client");
+  state.responseHeaders = rateLimitHeaders(result);
+}
+
+/**
+ * The OAuth answer for an error raised while handling a request: Tessera's refusals mapped
+ * by the stage that raised them (client authentication: invalid_client; a grant:
+ * invalid_grant; a scope check: invalid_scope), rate limits 429 and faults (the database
+ * or Redis away) 503 with Retry-After as `temporarily_unavailable`, anything else 500
+ * `server_error` (logged by the caller, never described). Messages carry no credential.
+ */
+export function asOAuthError(
+  err: unknown,
+  stage: "client" | "grant" | "scope",
+  method?: ClientAuthMethod,
+): OAuthError {
+  if (err instanceof OAuthError) return err;
+  const mapped = mapError(err, stage, method);
+  // Kept for the audit record's reason (never sent).
+  Object.defineProperty(mapped, "cause", { value: err });
+  return mapped;
+}
+
+function mapError(err: unknown, stage: "client" | "grant" | "scope", method?: ClientAuthMethod): OAuthError {
+  const e = driverErrorAsTesseraError(err) ?? err;
+  if (!(e instanceof TesseraError)) return new OAuthError("server_error", "internal error", 500);
+  switch (e.reason) {
+    case "RATE_LIMITED":
+      return new OAuthError("temporarily_unavailable", e.message, 429, e.headers);
+    case "UNAVAILABLE":
+      return new OAuthError("temporarily_unavailable", e.message, 503, {
+        "retry-after": "1",
+        ...e.headers,
+      });
+    case "INTERNAL":
+      return new OAuthError("server_error", "internal error", 500);
+    case "MULTIPLE_CREDENTIALS":
+      return new OAuthError("invalid_request", e.message);
+    default:
+      break;
+  }
+  if (stage === "client") {
+    if (e.reason === "INVALID_ARGUMENT") return new OAuthError("invalid_request", e.message);
+    if (e.reason === "PRINCIPAL_NOT_ALLOWED" || e.reason === "ACCESS_DENIED")
+      return new OAuthError("unauthorized_client", e.message);
+    const challenge =
+      method === "bearer" ? { "www-authenticate": wwwAuthenticate(e.reason, e.message) } : BASIC_CHALLENGE;
+    return new OAuthError("invalid_client", e.message, 401, challenge);
+  }
+  if (stage === "scope" && (e.reason === "ACCESS_DENIED" || e.reason === "INVALID_ARGUMENT"))
+    return new OAuthError("invalid_scope", e.message);
+  if (e.reason === "INVALID_ARGUMENT") return new OAuthError("invalid_request", e.message);
+  return new OAuthError("invalid_grant", e.message);
+}

@@ -1,0 +1,129 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
+import type { Logger } from "pino";
+import type { RequestState } from "../context.js";
+import { loggableError } from "../storage/errors.js";
+import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
+import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
+import { type RevocationEndpointDeps, revocationEndpoint } from "./revoke.js";
+import { type TokenEndpointDeps, tokenEndpoint } from "./token.js";
+
+export {
+  authenticateClient,
+  type ClientAuthentication,
+  OAuthError,
+  type OAuthRequest,
+  readForm,
+} from "./form.js";
+
+/** What the OAuth 2.0 endpoints need. */
+export interface OAuthDeps extends TokenEndpointDeps, RevocationEndpointDeps {
+  logger: Pick<Logger, "error">;
+  /** auth.oauth.issuer */
+  issuer: string | undefined;
+  /** Whether the server speaks TLS (the scheme of an issuer taken from the request). */
+  tls: boolean;
+  /** server.maxBodyBytes */
+  maxBodyBytes: number;
+}
+
+type Request = IncomingMessage | Http2ServerRequest;
+type Response = ServerResponse | Http2ServerResponse;
+
+/** The OAuth 2.0 endpoints as the HTTP layer (server.ts) serves them. */
+export interface OAuthEndpoints {
+  /** Whether `path` (without query) is one of them. */
+  handles(path: string): boolean;
+  /** Answer a request for one of them; `state` is the request's (its id, address, certificate). */
+  serve(req: Request, res: Response, path: string, state: RequestState): void;
+}
+
+/**
+ * The plain HTTP endpoints of OAuth 2.0: `POST /oauth2/token` (token.ts), `POST
+ * /oauth2/revoke` (revoke.ts) and `GET /.well-known/oauth-authorization-server`
+ * (discovery.ts). Every answer is JSON with `Cache-Control: no-store` (RFC 6749 §5.1) but
+ * the discovery document's; errors are RFC 6749 §5.2's `{error, error_description}`.
+ */
+export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
+  // The form-encoded POST endpoints by path (the introspection endpoint joins them here).
+  const posts = new Map<string, (req: OAuthRequest) => Promise<unknown>>([
+    [OAUTH_PATHS.token, (req) => tokenEndpoint(deps, req)],
+    [
+      OAUTH_PATHS.revocation,
+      async (req) => {
+        await revocationEndpoint(deps, req);
+        return undefined;
+      },
+    ],
+  ]);
+
+  function send(res: Response, status: number, body: unknown, headers: Record<string, string> = {}) {
+    if (res.headersSent || res.writableEnded) return;
+    res.statusCode = status;
+    for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
+    res.setHeader("cache-control", headers["cache-control"] ?? "no-store");
+    res.setHeader("pragma", "no-cache");
+    if (body === undefined) {
+      res.setHeader("content-length", "0");
+      res.end();
+      return;
+    }
+    res.setHeader("content-type", "application/json");
+    res.end(JSON.stringify(body));
+  }
+
+  function fail(res: Response, err: unknown, state: RequestState) {
+    const e = err instanceof OAuthError ? err : new OAuthError("server_error", "internal error", 500);
+    if (e.status === 500) {
+      const cause = err instanceof OAuthError ? (err as { cause?: unknown }).cause : err;
+      deps.logger.error(
+        { requestId: state.requestId, method: "oauth2", err: loggableError(cause ?? err) },
+        "request failed",
+      );
+    }
+    send(res, e.status, e.body(), { ...state.responseHeaders, ...e.headers });
+  }
+
+  return {
+    handles(path) {
+      return path === OAUTH_PATHS.discovery || posts.has(path);
+    },
+    serve(req, res, path, state) {
+      if (path === OAUTH_PATHS.discovery) {
+        if (req.method !== "GET" && req.method !== "HEAD") {
+          req.resume();
+          fail(res, new OAuthError("invalid_request", "use GET", 405, { allow: "GET, HEAD" }), state);
+          return;
+        }
+        const issuer = issuerOf(deps.issuer, req.headers, deps.tls);
+        if (issuer === undefined) {
+          fail(res, new OAuthError("invalid_request", "no issuer: set auth.oauth.issuer"), state);
+          return;
+        }
+        send(res, 200, discoveryDocument(issuer), {
+          // A configured issuer is the same for everyone; one taken from the request is not.
+          "cache-control": deps.issuer !== undefined ? "public, max-age=300" : "no-store",
+        });
+        return;
+      }
+      const endpoint = posts.get(path)!;
+      if (req.method !== "POST") {
+        req.resume();
+        fail(res, new OAuthError("invalid_request", "use POST", 405, { allow: "POST" }), state);
+        return;
+      }
+      (async () => {
+        await countAddress(deps.limits, state);
+        const form = await readForm(req, deps.maxBodyBytes);
+        return endpoint({ headers: req.headers, form, state });
+      })().then(
+        (body) => send(res, 200, body, state.responseHeaders),
+        (err: unknown) => {
+          // A refusal before the body was read (a rate limit): drained, not left on the connection.
+          if (!req.readableEnded) req.resume();
+          fail(res, err, state);
+        },
+      );
+    },
+  };
+}

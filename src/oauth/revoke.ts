@@ -1,0 +1,121 @@
+import type { AuditLog } from "../audit.js";
+import type { AccessTokenClaims, JwtService } from "../auth/jwt.js";
+import type { Principal } from "../auth/principal.js";
+import { parseToken } from "../auth/token-format.js";
+import type { Clock } from "../clock.js";
+import { revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
+import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../services/user/sessions.js";
+import { RefreshToken } from "../storage/entities.js";
+import type { Storage } from "../storage/orm.js";
+import { ApiToken } from "../storage/token-entities.js";
+import {
+  asOAuthError,
+  authenticateClient,
+  type ClientAuthDeps,
+  OAuthError,
+  type OAuthRequest,
+} from "./form.js";
+
+/** What the revocation endpoint needs. */
+export interface RevocationEndpointDeps extends ClientAuthDeps {
+  storage: Storage;
+  jwt: JwtService;
+  sessions: SessionIssuer;
+  audit: AuditLog;
+  clock: Clock;
+  /** auth.jwt.clockSkew */
+  clockSkewSeconds: number;
+  prefixes: { pat: string; apiKey: string; machine: string };
+}
+
+/** The audit action of a revocation through the endpoint. */
+export const REVOKE_ACTION = "oauth2/revoke";
+
+/**
+ * `POST /oauth2/revoke` (RFC 7009): the authenticated caller (client authentication, or
+ * any bearer credential) revokes one of its own credentials, committed before the answer
+ * and refused on every instance from the next request:
+ * - a refresh token, or a user access token (its `sid`): the session ends, as Logout ends it;
+ * - a personal access token or API key of the caller: revoked, as Revoke… revokes it;
+ * - a machine access token of the caller: every access token the machine user was issued
+ *   so far ends (RFC 7009 §2: a revocation may take the other tokens of the same grant;
+ *   Tessera keeps no per-token list of machine tokens), its credentials stay.
+ * Anything else (unknown, expired, malformed, another principal's, another tenant's) is
+ * answered 200 exactly the same, with nothing revoked (§2.2: invalid tokens cause no error;
+ * and tenants are walls). A machine user's own long-lived credential (`tsr_mu_…`) is not an
+ * OAuth token: `unsupported_token_type` (rotate it with RotateMachineUserCredentials).
+ * `token_type_hint` is accepted and needs no trust: every kind is told apart by its shape.
+ * @throws OAuthError
+ */
+export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
+  const { principal } = await authenticateClient(deps, req, { allowBearer: true });
+  const token = req.form.get("token");
+  if (token === undefined) throw new OAuthError("invalid_request", "token is required");
+  if (token.startsWith(deps.prefixes.machine))
+    throw new OAuthError(
+      "unsupported_token_type",
+      "a machine user's credential is not revoked here; rotate it with RotateMachineUserCredentials",
+    );
+  let target: string | null;
+  try {
+    target = await revokeOwn(deps, principal, token);
+  } catch (err) {
+    throw asOAuthError(err, "grant");
+  }
+  deps.audit.record({
+    requestId: req.state.requestId,
+    tenantId: principal.tenantId,
+    actorKind: principal.kind,
+    actorId: principal.id,
+    action: REVOKE_ACTION,
+    // What was revoked (a session, a token id, the machine user), or nothing.
+    targetId: target,
+    outcome: "success",
+    reason: target === null ? "NOTHING_REVOKED" : null,
+    ip: req.state.ip,
+  });
+}
+
+/** Revoke `token` when it is the caller's; returns the id of what was revoked, or null. */
+async function revokeOwn(
+  deps: RevocationEndpointDeps,
+  caller: Principal,
+  token: string,
+): Promise<string | null> {
+  const em = deps.storage.em.fork();
+  if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
+    if (caller.kind !== "user") return null;
+    const row = await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(token) });
+    if (!row || row.userId !== caller.id) return null;
+    await deps.sessions.revokeFamily(em, row.familyId);
+    return row.familyId;
+  }
+  for (const prefix of [deps.prefixes.pat, deps.prefixes.apiKey]) {
+    const parsed = parseToken(token, [prefix]);
+    if (parsed === null) continue;
+    if (parsed === "malformed" || caller.kind !== "user") return null;
+    const row = await em.findOne(ApiToken, { publicId: parsed.id });
+    if (!row || row.ownerUserId !== caller.id) return null;
+    await em.nativeUpdate(ApiToken, { id: row.id, revokedAt: null }, { revokedAt: new Date(deps.clock()) });
+    return row.id;
+  }
+  let claims: AccessTokenClaims;
+  try {
+    claims = await deps.jwt.verify(token);
+  } catch {
+    // Not ours, forged, or expired already: nothing to revoke.
+    return null;
+  }
+  if (claims.sub !== caller.id || claims.tid !== caller.tenantId) return null;
+  if (claims.pk === "user" && caller.kind === "user") {
+    if (!claims.sid) return null;
+    await deps.sessions.revokeFamily(em, claims.sid);
+    return claims.sid;
+  }
+  if (claims.pk === "machine" && caller.kind === "machine") {
+    return (await revokeMachineAccessTokens(em, caller.id, deps.clock(), deps.clockSkewSeconds))
+      ? caller.id
+      : null;
+  }
+  return null;
+}

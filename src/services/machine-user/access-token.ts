@@ -1,0 +1,114 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import type { EntityManager } from "@mikro-orm/knex";
+import type { JwtService } from "../../auth/jwt.js";
+import type { PeerCertificateInfo, Principal } from "../../auth/principal.js";
+import type { Clock } from "../../clock.js";
+import { TesseraError } from "../../errors.js";
+import { MachineCredential, MachineUser } from "../../storage/machine-entities.js";
+
+/** What issuing a machine access token needs. */
+export interface MachineTokenIssuerDeps {
+  jwt: JwtService;
+  /** auth.jwt.accessTokenTtl */
+  accessTokenTtlSeconds: number;
+  clock: Clock;
+}
+
+/** A machine access token as issued. */
+export interface IssuedMachineToken {
+  token: string;
+  expiresAt: Date;
+  /** The scopes the token carries. */
+  scopes: readonly string[];
+  certificateBound: boolean;
+}
+
+/**
+ * Issue a short-lived access token (JWT) to the authenticated machine principal, carrying
+ * `scopes` (the caller checked they are within the principal's; default: all of them),
+ * bound to `certificate` when the connection presented one (RFC 8705). The one
+ * implementation behind IssueAccessToken and the OAuth 2.0 token endpoint's
+ * client_credentials grant, so that both keep the same rules:
+ * - an access token cannot be exchanged for another (else a token renews itself forever,
+ *   outliving a rotation or its credential);
+ * - never issued within the second of the last rotation (`iat` has one-second resolution
+ *   and tokens from that second count as pre-rotation);
+ * - a credential in its rotation grace period issues tokens that end with it.
+ */
+export async function issueMachineAccessToken(
+  deps: MachineTokenIssuerDeps,
+  em: EntityManager,
+  principal: Principal,
+  certificate: PeerCertificateInfo | null,
+  scopes: readonly string[] = principal.scopes,
+): Promise<IssuedMachineToken> {
+  if (principal.method === "jwt") {
+    throw new TesseraError(
+      "ACCESS_DENIED",
+      "an access token cannot be exchanged for another; use the machine user's credentials or client certificate",
+    );
+  }
+  if (principal.kind !== "machine" || !principal.tenantId)
+    throw new TesseraError("ACCESS_DENIED", "not a machine principal");
+  const mu = await em.findOne(MachineUser, { id: principal.id });
+  if (!mu) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+  if (mu.rotatedAt) {
+    const wait = (Math.floor(mu.rotatedAt.getTime() / 1000) + 1) * 1000 - deps.clock();
+    if (wait > 0) await sleep(wait);
+  }
+  let ttlSeconds: number | undefined;
+  if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
+    const cred = await em.findOne(MachineCredential, { id: principal.credentialId });
+    if (cred?.expiresAt) {
+      // Its exp is at or before the grace period's end, and is enforced exactly (jwt.ts).
+      ttlSeconds = Math.floor((cred.expiresAt.getTime() - deps.clock()) / 1000);
+      if (ttlSeconds <= 0)
+        throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
+      ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
+    }
+  }
+  const thumbprint = certificate?.thumbprint;
+  const issued = await deps.jwt.issue({
+    subject: principal.id,
+    tenantId: principal.tenantId,
+    scopes: [...scopes],
+    kind: "machine",
+    ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
+    ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
+  });
+  return {
+    token: issued.token,
+    expiresAt: issued.expiresAt,
+    scopes,
+    certificateBound: thumbprint !== undefined,
+  };
+}
+
+/**
+ * End every access token the machine user was issued up to now (RFC 7009: revoking one of
+ * a client's access tokens may revoke the others of the same grant; a client_credentials
+ * grant is the client's credentials, so they are all of one grant). Its credentials stay.
+ *
+ * Through the rotation cut-off the claims loader already checks on every request
+ * (machine-principal.ts): tokens with `iat` up to this second are refused once the cut-off
+ * has passed, and it is set `clockSkewSeconds` in the past so that an instance whose clock
+ * lags refuses them too. The next rotation keeps this earlier cut-off (fail closed: see
+ * RotateMachineUserCredentials), so nothing revoked here comes back.
+ */
+export async function revokeMachineAccessTokens(
+  em: EntityManager,
+  machineUserId: string,
+  now: number,
+  clockSkewSeconds: number,
+): Promise<boolean> {
+  const changed = await em.nativeUpdate(
+    MachineUser,
+    { id: machineUserId },
+    {
+      rotatedAt: new Date(now),
+      rotationGraceUntil: new Date(now - clockSkewSeconds * 1000),
+      updatedAt: new Date(now),
+    },
+  );
+  return changed > 0;
+}
