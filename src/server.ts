@@ -253,10 +253,10 @@ export function createRequestHandler(
       const decided = admitFailedCall(admission, method, headers, state, error);
       return decided instanceof Promise ? decided.then(answer) : answer(decided);
     },
-    admit: (req, method, early) => {
-      // A call that cannot be answered before its body is admitted in the pipeline (the
-      // admission interceptor), as is the authentication of an audited call (admission/index.ts).
-      if (!early) return undefined;
+    // Asked only about calls that can be answered before their body; the others are admitted in
+    // the pipeline (the admission interceptor), as is the authentication of an audited call
+    // (admission/index.ts).
+    admit: (req, method) => {
       const state = stateOf(req);
       // A password check the full hash pool would refuse anyway: answered now, body unread.
       const shed = app.shedding.shed(method, state);

@@ -96,13 +96,12 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * Connect, or a ConnectError to answer with it at once, in the request's protocol, as
    * Connect would (status, headers, trailers, JSON body through `errorBody`), without
    * entering the RPC pipeline: the body is discarded unread, and a client still sending
-   * past `readMaxBytes` is stopped. `early` tells whether this request can
-   * be answered so: a unary call by POST over Connect, gRPC or gRPC-Web. When it is false,
-   * an error returned is ignored and the request goes on into Connect, so a refusal must be
-   * left to the pipeline then. A synchronous result costs no promise. A {@link WireError}
-   * answers as a ConnectError would, from the wire form it gives.
+   * past `readMaxBytes` is stopped. Asked only about requests that can be answered so (a
+   * unary call by POST over Connect, gRPC or gRPC-Web); any other goes into Connect
+   * unasked, and its admission is the pipeline's. A synchronous result costs no promise. A
+   * {@link WireError} answers as a ConnectError would, from the wire form it gives.
    */
-  admit?: (req: NodeRequest, method: DescMethod, early: boolean) => Verdict | Promise<Verdict>;
+  admit?: (req: NodeRequest, method: DescMethod) => Verdict | Promise<Verdict>;
   /**
    * Most bytes a request body may have on the wire, whatever it holds: every message and
    * envelope counted, gRPC-Web trailer frames included (Connect checks each message against
@@ -238,13 +237,16 @@ export function createConnectHandler(
       handler.method.methodKind === "unary"
         ? earlyProtocol(req.method, req.headers["content-type"])
         : undefined;
-    if (admit === undefined) {
+    // Only a call that can be answered before its body is admitted here; any other (a
+    // stream, a content type answered later) is admitted once, by the admission interceptor.
+    if (admit === undefined || protocol === undefined) {
       dispatch(route, protocol, req, res, common);
       return;
     }
+    const early = protocol;
     let verdict: ReturnType<typeof admit>;
     try {
-      verdict = admit(req, handler.method, protocol !== undefined);
+      verdict = admit(req, handler.method);
     } catch (err) {
       verdict = admitFailed(handler, err, logger);
     }
@@ -257,24 +259,21 @@ export function createConnectHandler(
       );
 
     function answer(error: ConnectError | WireError) {
-      if (protocol === undefined) dispatch(route!, protocol, req, res, common);
-      else {
-        discardBody(req, res, readMaxBytes);
-        if (gone(req)) {
-          onCallEnd?.(req, handler.method, protocol.kind, Code.Canceled);
-          return;
-        }
-        let early: UnaryAnswer;
-        try {
-          early = earlyAnswer(protocol, error, options.jsonOptions);
-        } catch {
-          destroy(req, res);
-          onCallEnd?.(req, handler.method, protocol.kind, Code.Internal);
-          return;
-        }
-        writeUnaryAnswer(early, req, res, errorBody, common);
-        onCallEnd?.(req, handler.method, protocol.kind, early.code);
+      discardBody(req, res, readMaxBytes);
+      if (gone(req)) {
+        onCallEnd?.(req, handler.method, early.kind, Code.Canceled);
+        return;
       }
+      let answered: UnaryAnswer;
+      try {
+        answered = earlyAnswer(early, error, options.jsonOptions);
+      } catch {
+        destroy(req, res);
+        onCallEnd?.(req, handler.method, early.kind, Code.Internal);
+        return;
+      }
+      writeUnaryAnswer(answered, req, res, errorBody, common);
+      onCallEnd?.(req, handler.method, early.kind, answered.code);
     }
   }
 
