@@ -92,9 +92,10 @@ describe.each(DATABASES)("control characters in request strings on $name", (db) 
     const root = clients(grpc, adminToken);
     const { tenant } = await root.tenants.createTenant({ name: `tenant-${short()}` });
     const { application } = await root.tenants.createApplication({ tenantId: tenant!.id, name: "app" });
+    // auth:verify: VerifyCredential's caller (a machine principal holding it).
     const { machine, token } = await bearerMachine(grpc, adminToken, [application!.id], {
       tenantId: tenant!.id,
-      scopes: [],
+      scopes: ["auth:verify"],
     });
     machineToken = token;
     const { user } = await root.users.createUser({
