@@ -98,6 +98,7 @@ const CONTRACT = [
 const DEFAULT_IN_WORDS = new Set([
   "admin.password",
   "auth.jwt.keyPrePublication",
+  "auth.oauth.issuer",
   "auth.tokens.cacheMaxBytes",
   "auth.hashConcurrency",
   "auth.hashQueue",
