@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createApp } from "../../src/app.js";
@@ -286,6 +286,11 @@ describe("the listening session of an instance lost", () => {
     expect(await outcome(me(ta, u.pat.token))).toBe("ok");
     expect(a.app.sql.cacheStats().hits).toBe(hits);
     expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+    // Online is not yet on: the triggers are checked again first (an asynchronous query).
+    await vi.waitFor(() => expect(a.app.sql.cacheStats().enabled).toBe(true), {
+      timeout: 5_000,
+      interval: 20,
+    });
     await warmOnA(() => me(ta, u.pat.token));
   });
 
