@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tessera/v1/verification_service.proto.
  */
 export const file_tessera_v1_verification_service: GenFile = /*@__PURE__*/
-  fileDesc("CiV0ZXNzZXJhL3YxL3ZlcmlmaWNhdGlvbl9zZXJ2aWNlLnByb3RvEgp0ZXNzZXJhLnYxInYKF1ZlcmlmeUNyZWRlbnRpYWxSZXF1ZXN0EhIKCmNyZWRlbnRpYWwYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhsKDmFwcGxpY2F0aW9uX2lkGAMgASgJSACIAQFCEQoPX2FwcGxpY2F0aW9uX2lkIv8CChhWZXJpZnlDcmVkZW50aWFsUmVzcG9uc2USDQoFdmFsaWQYASABKAgSKgoEY29kZRgCIAEoDjIcLnRlc3NlcmEudjEuVmVyaWZpY2F0aW9uQ29kZRIUCgxwcmluY2lwYWxfaWQYAyABKAkSOQoOcHJpbmNpcGFsX2tpbmQYBCABKA4yIS50ZXNzZXJhLnYxLlZlcmlmaWVkUHJpbmNpcGFsS2luZBIRCgl0ZW5hbnRfaWQYBSABKAkSDgoGc2NvcGVzGAYgAygJEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmNlcnRpZmljYXRlX3RodW1icHJpbnQYCCABKAkSFQoNY3JlZGVudGlhbF9pZBgJIAEoCRIXCg9jcmVkZW50aWFsX2tpbmQYCiABKAkSFwoPYXBwbGljYXRpb25faWRzGAsgAygJEhsKE3JldHJ5X2FmdGVyX3NlY29uZHMYDCABKA0qjAMKEFZlcmlmaWNhdGlvbkNvZGUSIQodVkVSSUZJQ0FUSU9OX0NPREVfVU5TUEVDSUZJRUQQABIbChdWRVJJRklDQVRJT05fQ09ERV9WQUxJRBABEh8KG1ZFUklGSUNBVElPTl9DT0RFX05PVF9GT1VORBACEh0KGVZFUklGSUNBVElPTl9DT0RFX0VYUElSRUQQAxIdChlWRVJJRklDQVRJT05fQ09ERV9SRVZPS0VEEAQSHgoaVkVSSUZJQ0FUSU9OX0NPREVfRElTQUJMRUQQBRIlCiFWRVJJRklDQVRJT05fQ09ERV9URU5BTlRfRElTQUJMRUQQBhIpCiVWRVJJRklDQVRJT05fQ09ERV9JTlNVRkZJQ0lFTlRfU0NPUEVTEAcSIgoeVkVSSUZJQ0FUSU9OX0NPREVfTk9UX0FTU0lHTkVEEAgSIgoeVkVSSUZJQ0FUSU9OX0NPREVfUkFURV9MSU1JVEVEEAkSHwobVkVSSUZJQ0FUSU9OX0NPREVfTUFMRk9STUVEEAoqjAEKFVZlcmlmaWVkUHJpbmNpcGFsS2luZBInCiNWRVJJRklFRF9QUklOQ0lQQUxfS0lORF9VTlNQRUNJRklFRBAAEiAKHFZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX1VTRVIQARIoCiRWRVJJRklFRF9QUklOQ0lQQUxfS0lORF9NQUNISU5FX1VTRVIQAjKLAQoTVmVyaWZpY2F0aW9uU2VydmljZRJ0ChBWZXJpZnlDcmVkZW50aWFsEiMudGVzc2VyYS52MS5WZXJpZnlDcmVkZW50aWFsUmVxdWVzdBokLnRlc3NlcmEudjEuVmVyaWZ5Q3JlZGVudGlhbFJlc3BvbnNlIhWKtRgREgthdXRoOnZlcmlmeRoCAgRiBnByb3RvMw", [file_google_protobuf_timestamp, file_tessera_v1_options]);
+  fileDesc("CiV0ZXNzZXJhL3YxL3ZlcmlmaWNhdGlvbl9zZXJ2aWNlLnByb3RvEgp0ZXNzZXJhLnYxInYKF1ZlcmlmeUNyZWRlbnRpYWxSZXF1ZXN0EhIKCmNyZWRlbnRpYWwYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhsKDmFwcGxpY2F0aW9uX2lkGAMgASgJSACIAQFCEQoPX2FwcGxpY2F0aW9uX2lkIv8CChhWZXJpZnlDcmVkZW50aWFsUmVzcG9uc2USDQoFdmFsaWQYASABKAgSKgoEY29kZRgCIAEoDjIcLnRlc3NlcmEudjEuVmVyaWZpY2F0aW9uQ29kZRIUCgxwcmluY2lwYWxfaWQYAyABKAkSOQoOcHJpbmNpcGFsX2tpbmQYBCABKA4yIS50ZXNzZXJhLnYxLlZlcmlmaWVkUHJpbmNpcGFsS2luZBIRCgl0ZW5hbnRfaWQYBSABKAkSDgoGc2NvcGVzGAYgAygJEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmNlcnRpZmljYXRlX3RodW1icHJpbnQYCCABKAkSFQoNY3JlZGVudGlhbF9pZBgJIAEoCRIXCg9jcmVkZW50aWFsX2tpbmQYCiABKAkSFwoPYXBwbGljYXRpb25faWRzGAsgAygJEhsKE3JldHJ5X2FmdGVyX3NlY29uZHMYDCABKA0iKQoXV2F0Y2hSZXZvY2F0aW9uc1JlcXVlc3QSDgoGY3Vyc29yGAEgASgJIosBCg9SZXZvY2F0aW9uRXZlbnQSKAoEa2luZBgBIAEoDjIaLnRlc3NlcmEudjEuUmV2b2NhdGlvbktpbmQSCgoCaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEi8KC29jY3VycmVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKBAQoYV2F0Y2hSZXZvY2F0aW9uc1Jlc3BvbnNlEg4KBmN1cnNvchgBIAEoCRIrCgZldmVudHMYAiADKAsyGy50ZXNzZXJhLnYxLlJldm9jYXRpb25FdmVudBINCgVyZXNldBgDIAEoCBIZChFoZWFydGJlYXRfc2Vjb25kcxgEIAEoDSqMAwoQVmVyaWZpY2F0aW9uQ29kZRIhCh1WRVJJRklDQVRJT05fQ09ERV9VTlNQRUNJRklFRBAAEhsKF1ZFUklGSUNBVElPTl9DT0RFX1ZBTElEEAESHwobVkVSSUZJQ0FUSU9OX0NPREVfTk9UX0ZPVU5EEAISHQoZVkVSSUZJQ0FUSU9OX0NPREVfRVhQSVJFRBADEh0KGVZFUklGSUNBVElPTl9DT0RFX1JFVk9LRUQQBBIeChpWRVJJRklDQVRJT05fQ09ERV9ESVNBQkxFRBAFEiUKIVZFUklGSUNBVElPTl9DT0RFX1RFTkFOVF9ESVNBQkxFRBAGEikKJVZFUklGSUNBVElPTl9DT0RFX0lOU1VGRklDSUVOVF9TQ09QRVMQBxIiCh5WRVJJRklDQVRJT05fQ09ERV9OT1RfQVNTSUdORUQQCBIiCh5WRVJJRklDQVRJT05fQ09ERV9SQVRFX0xJTUlURUQQCRIfChtWRVJJRklDQVRJT05fQ09ERV9NQUxGT1JNRUQQCiqMAQoVVmVyaWZpZWRQcmluY2lwYWxLaW5kEicKI1ZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocVkVSSUZJRURfUFJJTkNJUEFMX0tJTkRfVVNFUhABEigKJFZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACKqcBCg5SZXZvY2F0aW9uS2luZBIfChtSRVZPQ0FUSU9OX0tJTkRfVU5TUEVDSUZJRUQQABIeChpSRVZPQ0FUSU9OX0tJTkRfQ1JFREVOVElBTBABEhsKF1JFVk9DQVRJT05fS0lORF9TRVNTSU9OEAISGwoXUkVWT0NBVElPTl9LSU5EX1NVQkpFQ1QQAxIaChZSRVZPQ0FUSU9OX0tJTkRfVEVOQU5UEAQygwIKE1ZlcmlmaWNhdGlvblNlcnZpY2USdAoQVmVyaWZ5Q3JlZGVudGlhbBIjLnRlc3NlcmEudjEuVmVyaWZ5Q3JlZGVudGlhbFJlcXVlc3QaJC50ZXNzZXJhLnYxLlZlcmlmeUNyZWRlbnRpYWxSZXNwb25zZSIVirUYERILYXV0aDp2ZXJpZnkaAgIEEnYKEFdhdGNoUmV2b2NhdGlvbnMSIy50ZXNzZXJhLnYxLldhdGNoUmV2b2NhdGlvbnNSZXF1ZXN0GiQudGVzc2VyYS52MS5XYXRjaFJldm9jYXRpb25zUmVzcG9uc2UiFYq1GBESC2F1dGg6dmVyaWZ5GgICBDABYgZwcm90bzM", [file_google_protobuf_timestamp, file_tessera_v1_options]);
 
 /**
  * @generated from message tessera.v1.VerifyCredentialRequest
@@ -144,6 +144,103 @@ export const VerifyCredentialResponseSchema: GenMessage<VerifyCredentialResponse
   messageDesc(file_tessera_v1_verification_service, 1);
 
 /**
+ * @generated from message tessera.v1.WatchRevocationsRequest
+ */
+export type WatchRevocationsRequest = Message<"tessera.v1.WatchRevocationsRequest"> & {
+  /**
+   * Resume after this cursor (the `cursor` of a message received before); empty: start now.
+   *
+   * @generated from field: string cursor = 1;
+   */
+  cursor: string;
+};
+
+/**
+ * Describes the message tessera.v1.WatchRevocationsRequest.
+ * Use `create(WatchRevocationsRequestSchema)` to create a new message.
+ */
+export const WatchRevocationsRequestSchema: GenMessage<WatchRevocationsRequest> = /*@__PURE__*/
+  messageDesc(file_tessera_v1_verification_service, 2);
+
+/**
+ * @generated from message tessera.v1.RevocationEvent
+ */
+export type RevocationEvent = Message<"tessera.v1.RevocationEvent"> & {
+  /**
+   * @generated from field: tessera.v1.RevocationKind kind = 1;
+   */
+  kind: RevocationKind;
+
+  /**
+   * The credential, session, subject or tenant id (per `kind`).
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * The tenant the id belongs to.
+   *
+   * @generated from field: string tenant_id = 3;
+   */
+  tenantId: string;
+
+  /**
+   * When the change was committed.
+   *
+   * @generated from field: google.protobuf.Timestamp occurred_at = 4;
+   */
+  occurredAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tessera.v1.RevocationEvent.
+ * Use `create(RevocationEventSchema)` to create a new message.
+ */
+export const RevocationEventSchema: GenMessage<RevocationEvent> = /*@__PURE__*/
+  messageDesc(file_tessera_v1_verification_service, 3);
+
+/**
+ * @generated from message tessera.v1.WatchRevocationsResponse
+ */
+export type WatchRevocationsResponse = Message<"tessera.v1.WatchRevocationsResponse"> & {
+  /**
+   * Where to resume after this message (pass it as WatchRevocationsRequest.cursor).
+   *
+   * @generated from field: string cursor = 1;
+   */
+  cursor: string;
+
+  /**
+   * Empty on a heartbeat.
+   *
+   * @generated from field: repeated tessera.v1.RevocationEvent events = 2;
+   */
+  events: RevocationEvent[];
+
+  /**
+   * The cursor asked for cannot be resumed from: empty every cache, then go on from `cursor`.
+   *
+   * @generated from field: bool reset = 3;
+   */
+  reset: boolean;
+
+  /**
+   * Seconds between heartbeats on this stream.
+   *
+   * @generated from field: uint32 heartbeat_seconds = 4;
+   */
+  heartbeatSeconds: number;
+};
+
+/**
+ * Describes the message tessera.v1.WatchRevocationsResponse.
+ * Use `create(WatchRevocationsResponseSchema)` to create a new message.
+ */
+export const WatchRevocationsResponseSchema: GenMessage<WatchRevocationsResponse> = /*@__PURE__*/
+  messageDesc(file_tessera_v1_verification_service, 4);
+
+/**
  * The stable outcome of a verification: callers switch on it.
  *
  * @generated from enum tessera.v1.VerificationCode
@@ -259,6 +356,54 @@ export const VerifiedPrincipalKindSchema: GenEnum<VerifiedPrincipalKind> = /*@__
   enumDesc(file_tessera_v1_verification_service, 1);
 
 /**
+ * What an event's `id` names.
+ *
+ * @generated from enum tessera.v1.RevocationKind
+ */
+export enum RevocationKind {
+  /**
+   * @generated from enum value: REVOCATION_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * One credential (VerifyCredentialResponse.credential_id): a personal access token, an
+   * API key, a machine token or machine credential revoked, deleted or replaced by a rotation.
+   *
+   * @generated from enum value: REVOCATION_KIND_CREDENTIAL = 1;
+   */
+  CREDENTIAL = 1,
+
+  /**
+   * A session (the JWT `sid` claim): every access and refresh token of it ends.
+   *
+   * @generated from enum value: REVOCATION_KIND_SESSION = 2;
+   */
+  SESSION = 2,
+
+  /**
+   * A user or machine user (VerifyCredentialResponse.principal_id) disabled, deleted or
+   * changed: every answer cached for any of its credentials must be dropped.
+   *
+   * @generated from enum value: REVOCATION_KIND_SUBJECT = 3;
+   */
+  SUBJECT = 3,
+
+  /**
+   * A tenant disabled or deleted: every answer cached for it must be dropped.
+   *
+   * @generated from enum value: REVOCATION_KIND_TENANT = 4;
+   */
+  TENANT = 4,
+}
+
+/**
+ * Describes the enum tessera.v1.RevocationKind.
+ */
+export const RevocationKindSchema: GenEnum<RevocationKind> = /*@__PURE__*/
+  enumDesc(file_tessera_v1_verification_service, 2);
+
+/**
  * VerificationService: the platform's other backends ask Tessera who a credential their
  * own callers presented belongs to (seed 001's workflow API, seed 003's manager API…).
  *
@@ -291,6 +436,30 @@ export const VerificationService: GenService<{
     methodKind: "unary";
     input: typeof VerifyCredentialRequestSchema;
     output: typeof VerifyCredentialResponseSchema;
+  },
+  /**
+   * Stream what stops credentials from verifying as they did before, so a downstream
+   * cache of VerifyCredential answers can be long-lived and still exact: credentials
+   * revoked or replaced, sessions ended, subjects (users, machine users) disabled, deleted
+   * or changed (scopes, password, application assignments, certificate bindings), tenants
+   * disabled or deleted. Events name ids only, never a credential.
+   *
+   * The first message answers at once: a heartbeat with the current cursor (no cursor
+   * given), or every event after the given cursor. After that, events as they are
+   * committed (on every instance: an event made on another instance arrives too) and a
+   * heartbeat every `heartbeat_seconds`: a client that hears nothing for twice that long
+   * must treat the stream as down (and stop trusting its cache). A cursor too old to
+   * resume from (its events pruned) or not issued by this deployment answers
+   * `reset: true`: the client must empty its cache, then go on from the new cursor.
+   *
+   * Tenants are walls: a caller sees only its own tenant's events (every tenant's with `*`).
+   *
+   * @generated from rpc tessera.v1.VerificationService.WatchRevocations
+   */
+  watchRevocations: {
+    methodKind: "server_streaming";
+    input: typeof WatchRevocationsRequestSchema;
+    output: typeof WatchRevocationsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tessera_v1_verification_service, 0);
