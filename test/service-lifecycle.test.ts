@@ -1,5 +1,5 @@
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import http2 from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -90,28 +90,34 @@ function envIn(dir: string, extra: Record<string, string> = {}): Record<string, 
 const LOGIN_BODY = JSON.stringify({ username: "admin", password: "lifecycle-admin-password" });
 
 /**
- * The production start: the compiled JavaScript (`npm run build`, built here into a
- * temporary folder beside a link to node_modules), run as `node dist/src/main.js serve`.
- * Its signals are tested on it: SIGHUP re-reads the log level, SIGTERM drains.
+ * The build stage of deploy/Containerfile: what it copies into the image before `npm run build`
+ * (`COPY <source>… <dest>` lines up to the second `FROM`), so a file the build needs and the
+ * container does not copy fails here, not in an operator's image build.
+ */
+function containerBuildSources(): string[] {
+  const file = readFileSync(join(ROOT, "deploy", "Containerfile"), "utf8");
+  const build = file.split(/^FROM /m)[1]!;
+  const sources: string[] = [];
+  for (const m of build.matchAll(/^COPY (?!--from)(.+)$/gm))
+    sources.push(...m[1]!.trim().split(/\s+/).slice(0, -1));
+  return sources;
+}
+
+/**
+ * The production start: the compiled JavaScript, built as deploy/Containerfile builds it
+ * (its build stage's files copied into a temporary folder beside a link to node_modules,
+ * then `npm run build`), run as `node dist/src/main.js serve`. Its signals are tested on
+ * it: SIGHUP re-reads the log level, SIGTERM drains.
  */
 describe("the production start from compiled JavaScript", () => {
   let build: string;
   beforeAll(async () => {
     build = mkdtempSync(join(tmpdir(), "tessera-dist-"));
-    await exec(
-      process.execPath,
-      [
-        join(ROOT, "node_modules", "typescript", "bin", "tsc"),
-        "-p",
-        "tsconfig.build.json",
-        "--outDir",
-        join(build, "dist"),
-      ],
-      { cwd: ROOT, maxBuffer: 16 * 1024 * 1024 },
-    );
-    // What an installed package has around dist/: ESM, and its dependencies.
-    writeFileSync(join(build, "package.json"), JSON.stringify({ type: "module" }));
+    const sources = containerBuildSources();
+    expect(sources).toEqual(expect.arrayContaining(["package.json", "src", "gen"]));
+    for (const source of sources) cpSync(join(ROOT, source), join(build, source), { recursive: true });
     symlinkSync(join(ROOT, "node_modules"), join(build, "node_modules"));
+    await exec("npm", ["run", "build"], { cwd: build, maxBuffer: 16 * 1024 * 1024 });
   }, 240_000);
 
   it.each(DATABASES)(
