@@ -1,7 +1,15 @@
 import { PrincipalKind } from "../../gen/tessera/v1/options_pb.js";
 
 /** How a principal proved who it is. */
-export type AuthMethod = "jwt" | "pat" | "api_key" | "basic" | "machine_token" | "mtls" | "admin_token";
+export type AuthMethod =
+  | "jwt"
+  | "pat"
+  | "api_key"
+  | "basic"
+  | "password"
+  | "machine_token"
+  | "mtls"
+  | "admin_token";
 
 /** A verified client certificate, as the TLS layer presented it. */
 export interface PeerCertificateInfo {

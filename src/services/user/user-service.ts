@@ -131,7 +131,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       await attempt?.succeeded();
       state.principal = {
         kind: "user",
-        method: "basic",
+        method: "password",
         id: user.id,
         tenantId: user.tenantId,
         username: user.username,
