@@ -15,6 +15,7 @@ import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./
 import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createVerifierChain } from "./auth/verifier-chain.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
+import { createHttpObserver } from "./call-observer.js";
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
 import { createAuditInterceptor } from "./interceptors/audit.js";
@@ -253,7 +254,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       logger,
     });
 
+    const accessLog = options.accessLog ?? accessLogOf(logger);
     const oauth = createOAuthEndpoints({
+      verifier,
+      observe: createHttpObserver({ metrics, log: accessLog, access: config.log.access }),
       authenticator,
       limits,
       audit,
@@ -287,7 +291,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
-      accessLog: options.accessLog ?? accessLogOf(logger),
+      accessLog,
       storage,
       sql,
       notifier,

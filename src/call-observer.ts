@@ -165,3 +165,59 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     return `{"level":${levelNumber},"time":${Date.now()},"service":"tessera","requestId":${quote(state.requestId)},"method":"${methodName(method)}","protocol":"${protocol}",${outcome}"durationMs":${Math.round(seconds * 1e6) / 1000},${who}"ip":${quote(state.ip)},"msg":"access"}\n`;
   }
 }
+
+/** How a request to one of the plain HTTP endpoints that are not RPCs (the OAuth 2.0 ones) ended. */
+export interface HttpCall {
+  /** The endpoint's path: one the server serves (a fixed set), never a path a client made up. */
+  path: string;
+  /** The request's method, as sent (reduced to a fixed set here). */
+  httpMethod: string | undefined;
+  /** The HTTP status answered (499 for a client gone before its answer, as nginx counts it). */
+  status: number;
+  /** The answer's error code (RFC 6749 §5.2: `invalid_client`…), undefined when it succeeded. */
+  error?: string | undefined;
+  /** Tessera's stable reason behind the error, when one was raised (`TOKEN_INVALID`…). */
+  reason?: string | undefined;
+}
+
+/** What happens when a request to an HTTP endpoint ends: its metrics and its access line. */
+export type HttpObserver = (state: RequestState, call: HttpCall) => void;
+
+/** The methods named as sent; any other is "OTHER" (label values are never a caller's text). */
+const HTTP_METHODS = new Set(["GET", "HEAD", "POST"]);
+
+/**
+ * Create the observer of finished HTTP endpoint requests, or undefined when metrics and the
+ * access log are both off. The line is an RPC's line (see {@link createCallObserver}) with
+ * `method` the request line's method and path (`POST /oauth2/token`), `protocol` "http",
+ * the HTTP `status`, and `code` "ok" or the answer's error code (with Tessera's `reason`
+ * when there is one). Never a header, a form field, a client secret or a token.
+ */
+export function createHttpObserver(options: Omit<CallObserverOptions, "prefixes">): HttpObserver | undefined {
+  const { metrics, log } = options;
+  const level = options.access === "off" ? undefined : options.access;
+  const levelNumber = level === "debug" ? 20 : 30;
+  if (metrics === undefined && level === undefined) return undefined;
+  return (state, call) => {
+    const started = state.startedAt;
+    const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
+    const method =
+      call.httpMethod !== undefined && HTTP_METHODS.has(call.httpMethod) ? call.httpMethod : "OTHER";
+    const endpoint = `${method} ${call.path}`;
+    const error = call.status < 400 ? undefined : (call.error ?? "server_error");
+    metrics?.observeHttp(endpoint, call.status, error ?? "", seconds);
+    if (level === undefined || !log.isLevelEnabled(level)) return;
+    const principal = state.principal;
+    const outcome =
+      error === undefined
+        ? `"code":"ok",`
+        : `"code":${quote(error)},${call.reason !== undefined ? `"reason":${quote(call.reason)},` : ""}`;
+    const who =
+      principal === null
+        ? ""
+        : `"principalKind":"${principal.kind}","principalId":${quote(principal.id)},"authMethod":"${principal.method}",`;
+    log.writeLine(
+      `{"level":${levelNumber},"time":${Date.now()},"service":"tessera","requestId":${quote(state.requestId)},"method":${quote(endpoint)},"protocol":"http","status":${call.status},${outcome}"durationMs":${Math.round(seconds * 1e6) / 1000},${who}"ip":${quote(state.ip)},"msg":"access"}\n`,
+    );
+  };
+}

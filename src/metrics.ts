@@ -39,6 +39,12 @@ export interface Metrics {
    * `reason` the refusal's stable reason (empty on success).
    */
   observeAuth(credential: CredentialKind, success: boolean, reason: string): void;
+  /**
+   * One finished request to an HTTP endpoint that is not an RPC (the OAuth 2.0 endpoints):
+   * `endpoint` its method and path (`POST /oauth2/token`, from a fixed set), `status` the
+   * HTTP status, `error` the answer's OAuth error code (empty on success).
+   */
+  observeHttp(endpoint: string, status: number, error: string, seconds: number): void;
   /** The exposition text (Prometheus text format 0.0.4). */
   scrape(): Promise<string>;
   /**
@@ -130,6 +136,24 @@ export function createMetrics(sources: MetricsSources): Metrics {
   });
   const authChildren = new Map<string, { inc(): void }>();
 
+  // The OAuth 2.0 endpoints: labels from fixed sets (the served paths, GET/HEAD/POST/OTHER,
+  // the statuses and RFC 6749 error codes the endpoints answer with).
+  const httpLabels = ["endpoint", "status", "error"] as const;
+  const httpRequests = new Counter({
+    name: "tessera_http_requests_total",
+    help: "Requests to the plain HTTP endpoints that are not RPCs (OAuth 2.0), by endpoint (method and path), HTTP status and OAuth error code (empty on success).",
+    labelNames: httpLabels,
+    registers: [registry],
+  });
+  const httpDuration = new Histogram({
+    name: "tessera_http_request_duration_seconds",
+    help: "Time from such a request's arrival to its answer, in seconds.",
+    labelNames: httpLabels,
+    buckets: DURATION_BUCKETS,
+    registers: [registry],
+  });
+  const httpChildren = new Map<string, CallChildren>();
+
   const stopWaits = registerComponentMetrics(registry, sources);
 
   return {
@@ -161,6 +185,17 @@ export function createMetrics(sources: MetricsSources): Metrics {
         authChildren.set(key, child);
       }
       child.inc();
+    },
+    observeHttp(endpoint, status, error, seconds) {
+      const key = `${endpoint}\0${status}\0${error}`;
+      let children = httpChildren.get(key);
+      if (children === undefined) {
+        const labels = [endpoint, String(status), error];
+        children = { requests: httpRequests.labels(...labels), duration: httpDuration.labels(...labels) };
+        httpChildren.set(key, children);
+      }
+      children.requests.inc();
+      children.duration.observe(seconds);
     },
     scrape: () => registry.metrics(),
     collectProcessMetrics() {

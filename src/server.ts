@@ -20,7 +20,6 @@ import { type RequestState, requestState, requestStateKey } from "./context.js";
 import { isRefusal, TesseraError, tesseraErrorInfo } from "./errors.js";
 import { toWireError } from "./interceptors/errors.js";
 import { listenError } from "./listen-check.js";
-import { createIntrospectionEndpoint, INTROSPECTION_PATH } from "./oauth/introspect.js";
 import { refuseStream, setHeaders, streamProtocol, type WireError } from "./transport/early-answers.js";
 import { augmentJsonErrorBody, refusalOnTheWire } from "./transport/error-wire.js";
 import { createTransport, installTransport } from "./transport/index.js";
@@ -204,12 +203,6 @@ export function createRequestHandler(
   }
 
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
-  const introspect = createIntrospectionEndpoint({
-    admission,
-    verifier: app.verifier,
-    maxBodyBytes: config.server.maxBodyBytes,
-    logger: app.logger,
-  });
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
     metrics: app.metrics,
@@ -418,11 +411,6 @@ export function createRequestHandler(
     }
 
     attachState(req, requestId);
-    if (path === INTROSPECTION_PATH) {
-      setCommonHeaders();
-      introspect(req, res, stateOf(req), nodeHeaderSource(req.headers));
-      return;
-    }
     const method = adapter.methodOf(req.url);
     if (method !== undefined && method.methodKind !== "unary" && maxStreamsPerIp > 0) {
       // Streaming calls (Health/Watch, reflection) outlive their request: bounded per

@@ -373,6 +373,160 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
     });
   });
 
+  it("counts and logs each request to the OAuth 2.0 endpoints, with no client secret or token", async () => {
+    const before = await scrape();
+    const dispatcher = new Agent({ connect: { ca: certs.ca } });
+    const id = (what: string) => `oauth-${what}-${db.name}-${Date.now()}`;
+    const form = async (
+      path: string,
+      fields: Record<string, string>,
+      headers: Record<string, string>,
+      requestId: string,
+      method = "POST",
+    ) => {
+      const res = await fetch(`${server.url}${path}`, {
+        dispatcher,
+        method,
+        headers: {
+          "content-type": "application/x-www-form-urlencoded",
+          "x-request-id": requestId,
+          ...headers,
+        },
+        body: new URLSearchParams(fields).toString(),
+      });
+      const text = await res.text();
+      return { status: res.status, json: (text ? JSON.parse(text) : {}) as Record<string, string> };
+    };
+    const secret = "a client secret never to be logged";
+    try {
+      const discovery = id("discovery");
+      const doc = await fetch(`${server.url}/.well-known/oauth-authorization-server`, {
+        dispatcher,
+        headers: { "x-request-id": discovery },
+      });
+      expect(doc.status).toBe(200);
+      await doc.text();
+      expect(oneLine(discovery)).toMatchObject({
+        method: "GET /.well-known/oauth-authorization-server",
+        protocol: "http",
+        status: 200,
+        code: "ok",
+      });
+      // A refresh grant: the tokens are in the body and the answer, never in the line.
+      const refreshed = id("refresh");
+      const pair = await form(
+        "/oauth2/token",
+        { grant_type: "refresh_token", refresh_token: refreshToken },
+        {},
+        refreshed,
+      );
+      expect(pair.status).toBe(200);
+      const refreshLine = oneLine(refreshed);
+      expect(refreshLine).toMatchObject({
+        method: "POST /oauth2/token",
+        protocol: "http",
+        status: 200,
+        code: "ok",
+      });
+      expect(JSON.stringify(refreshLine)).not.toContain(pair.json.access_token!);
+      expect(JSON.stringify(refreshLine)).not.toContain(pair.json.refresh_token!);
+      // A client secret that is wrong: 401, or 429 once earlier tests spent this address's budget.
+      const bad = id("bad-client");
+      const refused = await form(
+        "/oauth2/token",
+        { grant_type: "client_credentials", client_id: "mu_nobody", client_secret: secret },
+        {},
+        bad,
+      );
+      const badLine = oneLine(bad);
+      expect(badLine).toMatchObject({ method: "POST /oauth2/token", status: refused.status });
+      if (refused.status === 401) expect(badLine.code).toBe("invalid_client");
+      else
+        expect(badLine).toMatchObject({
+          status: 429,
+          code: "temporarily_unavailable",
+          reason: "RATE_LIMITED",
+        });
+      expect(typeof badLine.reason).toBe("string");
+      expect(JSON.stringify(badLine)).not.toContain(secret);
+      // Introspection by a user: authenticated, then refused by VerifyCredential's rule.
+      const introspect = id("introspect");
+      const forbidden = await form(
+        "/oauth2/introspect",
+        { token: pair.json.access_token! },
+        { authorization: `Bearer ${token}` },
+        introspect,
+      );
+      expect(forbidden.status).toBe(403);
+      expect(oneLine(introspect)).toMatchObject({
+        method: "POST /oauth2/introspect",
+        status: 403,
+        code: "insufficient_scope",
+        reason: "PRINCIPAL_NOT_ALLOWED",
+        principalKind: "user",
+        authMethod: "jwt",
+      });
+      // A revocation of nothing: 200, with its caller.
+      const revoke = id("revoke");
+      const revoked = await form(
+        "/oauth2/revoke",
+        { token: "not-a-token" },
+        { authorization: `Bearer ${token}` },
+        revoke,
+      );
+      expect(revoked.status).toBe(200);
+      expect(oneLine(revoke)).toMatchObject({
+        method: "POST /oauth2/revoke",
+        status: 200,
+        code: "ok",
+        principalKind: "user",
+      });
+      // A method a client made up is named OTHER, never as sent.
+      const other = id("other");
+      expect((await form("/oauth2/token", {}, {}, other, "PUT")).status).toBe(405);
+      expect(oneLine(other)).toMatchObject({
+        method: "OTHER /oauth2/token",
+        status: 405,
+        code: "invalid_request",
+      });
+    } finally {
+      await dispatcher.close();
+    }
+    const after = await scrape();
+    const delta = (name: string, labels: Record<string, string>) =>
+      sample(after, name, labels) - sample(before, name, labels);
+    const okToken = { endpoint: "POST /oauth2/token", status: "200", error: "" };
+    expect(delta("tessera_http_requests_total", okToken)).toBe(1);
+    expect(delta("tessera_http_request_duration_seconds_count", okToken)).toBe(1);
+    expect(
+      delta("tessera_http_requests_total", {
+        endpoint: "POST /oauth2/introspect",
+        status: "403",
+        error: "insufficient_scope",
+      }),
+    ).toBe(1);
+    expect(
+      delta("tessera_http_requests_total", { endpoint: "POST /oauth2/revoke", status: "200", error: "" }),
+    ).toBe(1);
+    expect(
+      delta("tessera_http_requests_total", {
+        endpoint: "GET /.well-known/oauth-authorization-server",
+        status: "200",
+        error: "",
+      }),
+    ).toBe(1);
+    expect(
+      delta("tessera_http_requests_total", {
+        endpoint: "OTHER /oauth2/token",
+        status: "405",
+        error: "invalid_request",
+      }),
+    ).toBe(1);
+    expect(after).not.toContain(secret);
+    expect(after).not.toContain(`endpoint="PUT`);
+    for (const [what, re] of SECRET_PATTERNS) expect(re.test(after), what).toBe(false);
+  });
+
   it("writes no access line when log.access is off, and at debug when asked", async () => {
     const sinkLines: string[] = [];
     const sink = new Writable({

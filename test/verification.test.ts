@@ -114,6 +114,7 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
   /** A machine user of the tenant holding auth:verify, and its token. */
   let verifierToken: string;
   let verifierBasic: Record<string, string>;
+  let verifierPair: { username: string; password: string };
   let superVerifierToken: string;
   const creds: Record<string, string> = {};
   let userId: string;
@@ -172,6 +173,7 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
       scopes: ["auth:verify"],
     });
     verifierBasic = basic(basicVerifier.username, basicVerifier.password);
+    verifierPair = { username: basicVerifier.username, password: basicVerifier.password };
     const certVerifier = await admin.machines.createMachineUser({
       tenantId,
       name: `cert-verifier-${short()}`,
@@ -580,6 +582,39 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
       expect(forbidden.headers["www-authenticate"]).toMatch(/insufficient_scope/);
     });
 
+    it("authenticates the client by client_secret_post too, as the discovery document advertises", async () => {
+      const res = await post(
+        ts,
+        "/oauth2/introspect",
+        form({ token: creds.pat!, client_id: verifierPair.username, client_secret: verifierPair.password }),
+        {},
+      );
+      expect(res.status).toBe(200);
+      expect(res.json).toMatchObject({ active: true, sub: userId });
+      const wrong = await post(
+        ts,
+        "/oauth2/introspect",
+        form({ token: creds.pat!, client_id: verifierPair.username, client_secret: "wrong" }),
+        {},
+      );
+      expect(wrong.status).toBe(401);
+      expect(wrong.json).toMatchObject({ error: "invalid_client" });
+      expect(JSON.stringify(wrong.json)).not.toContain(creds.pat!);
+    });
+
+    it("challenges both schemes it takes when no client authentication is sent, and refuses two at once", async () => {
+      const none = await post(ts, "/oauth2/introspect", form({ token: creds.pat! }), {});
+      expect(none.headers["www-authenticate"]).toBe('Bearer realm="tessera", Basic realm="tessera"');
+      const both = await post(
+        ts,
+        "/oauth2/introspect",
+        form({ token: creds.pat!, client_id: verifierPair.username, client_secret: verifierPair.password }),
+        bearer(verifierToken),
+      );
+      expect(both.status).toBe(400);
+      expect(both.json).toMatchObject({ error: "invalid_request" });
+    });
+
     it("answers 400 invalid_request for a request without exactly one token, and 405 for GET", async () => {
       const missing = await post(ts, "/oauth2/introspect", form({}), bearer(verifierToken));
       expect(missing.status).toBe(400);
@@ -664,5 +699,43 @@ describe.each(DATABASES)("failed verifications with rate limits on ($name)", (db
     }
     // A known credential verifies without spending anything (no PBKDF2 to reserve for).
     expect(VerificationCode[(await verification.verifyCredential({ credential: pat })).code]).toBe("VALID");
+  });
+
+  it("spends the same budget at /oauth2/introspect, then answers 429 with Retry-After there, never active: false", async () => {
+    const own = (
+      await clients(ts.connect(), await adminLogin(ts.connect())).machines.createMachineUser({
+        name: `introspector-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["auth:verify"],
+      })
+    ).token;
+    const statuses: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const res = await post(ts, "/oauth2/introspect", form({ token: generateToken("tsr_pat_").token }), {
+        ...bearer(own),
+      });
+      statuses.push(res.status);
+      expect(res.json).toEqual({ active: false });
+    }
+    expect(statuses).toEqual([200, 200, 200]);
+    const limited = await post(
+      ts,
+      "/oauth2/introspect",
+      form({ token: generateToken("tsr_pat_").token }),
+      bearer(own),
+    );
+    expect(limited.status).toBe(429);
+    expect(limited.json).toMatchObject({ error: "temporarily_unavailable" });
+    expect(Number(limited.headers["retry-after"])).toBeGreaterThan(0);
+    // One budget per verifying caller, whichever door it comes through.
+    const verification = createClient(VerificationService, withHeaders(ts.connect(), bearer(own)));
+    expect(
+      VerificationCode[
+        (await verification.verifyCredential({ credential: generateToken("tsr_pat_").token })).code
+      ],
+    ).toBe("RATE_LIMITED");
+    // A credential verified before still answers.
+    const known = await post(ts, "/oauth2/introspect", form({ token: pat }), bearer(own));
+    expect(known.json).toMatchObject({ active: true });
   });
 });

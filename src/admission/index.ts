@@ -4,7 +4,7 @@ import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
 import type { AuditLog } from "../audit.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
-import { admits } from "../auth/principal.js";
+import { admits, type Principal } from "../auth/principal.js";
 import { hasAllScopes } from "../auth/scopes.js";
 import { budgetKey } from "../client-ip.js";
 import { type RequestState, requestState } from "../context.js";
@@ -180,6 +180,18 @@ function authenticateAndAuthorize(
  */
 function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | undefined): unknown {
   const principal = state.principal!;
+  const refusal = ruleRefusal(rule, principal);
+  if (refusal !== undefined) return refusal;
+  return limits === undefined ? undefined : countPrincipal(limits, state, principal.kind, principal.id);
+}
+
+/**
+ * Whether `rule` admits `principal`: its kind must be one the rule names and its scopes
+ * must cover every scope the rule requires. The one check of a rule, for RPCs (above) and
+ * for the HTTP endpoints that stand for one (oauth/introspect.ts: VerifyCredential's).
+ * @returns the refusal (PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED), or undefined
+ */
+export function ruleRefusal(rule: AuthRule, principal: Principal): TesseraError | undefined {
   if (!rule.principals.some((kind) => admits(kind, principal))) {
     return new TesseraError(
       "PRINCIPAL_NOT_ALLOWED",
@@ -192,7 +204,7 @@ function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | und
       metadata: { required_scopes: rule.scopes.join(" ") },
     });
   }
-  return limits === undefined ? undefined : countPrincipal(limits, state, principal.kind, principal.id);
+  return undefined;
 }
 
 /** The per-principal limit. */

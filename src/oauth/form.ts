@@ -1,6 +1,8 @@
 import type { IncomingHttpHeaders, IncomingMessage } from "node:http";
 import type { Http2ServerRequest } from "node:http2";
+import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
 import { authenticationRefusal, spendFailure } from "../admission/authenticate.js";
+import { ruleRefusal } from "../admission/index.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
 import type { Principal } from "../auth/principal.js";
@@ -17,7 +19,10 @@ import { driverErrorAsTesseraError } from "../storage/errors.js";
  * where an endpoint allows one), and the RFC 6749 §5.2 error answer.
  */
 
-/** The RFC 6749 / 7009 error codes the endpoints answer with (and, for faults, RFC 6749 §4.1.2.1's). */
+/**
+ * The RFC 6749 / 7009 error codes the endpoints answer with (and, for faults, RFC 6749
+ * §4.1.2.1's; for a client whose rule refuses it, RFC 6750 §3.1's `insufficient_scope`).
+ */
 export type OAuthErrorCode =
   | "invalid_request"
   | "invalid_client"
@@ -26,6 +31,7 @@ export type OAuthErrorCode =
   | "unauthorized_client"
   | "unsupported_grant_type"
   | "unsupported_token_type"
+  | "insufficient_scope"
   | "temporarily_unavailable"
   | "server_error";
 
@@ -246,13 +252,17 @@ export function presentsClient(req: OAuthRequest): boolean {
  * Verified by the same code as every RPC's credentials (admission/authenticate.ts): a
  * password's budgets are reserved before PBKDF2, a credential that does not verify spends
  * a point of the address's failure budget, then the per-principal limit counts the call.
+ * With `rule` (the auth rule of the RPC an endpoint stands for), the client is then
+ * authorized by it as admission authorizes that RPC's callers (admission/index.ts
+ * `ruleRefusal`): a refusal is 403 `insufficient_scope` with its challenge.
  * Sets `state.principal`. The per-IP limit is the caller's to count first ({@link countAddress}).
- * @throws OAuthError invalid_client (401 with WWW-Authenticate), invalid_request, or a fault's answer
+ * @throws OAuthError invalid_client (401 with WWW-Authenticate), invalid_request,
+ *   insufficient_scope (403, with `rule`), or a fault's answer
  */
 export async function authenticateClient(
   deps: ClientAuthDeps,
   req: OAuthRequest,
-  options: { allowBearer?: boolean } = {},
+  options: { allowBearer?: boolean; rule?: AuthRule } = {},
 ): Promise<ClientAuthentication> {
   let presented: ReturnType<typeof presentedClient>;
   try {
@@ -260,7 +270,16 @@ export async function authenticateClient(
   } catch (err) {
     // A malformed credential is a failed authentication like any other: it spends budget
     // (none sent, AUTH_REQUIRED, does not).
-    throw asOAuthError(deps.limits ? await spendFailure(deps.limits, req.state, err) : err, "client");
+    const refusal = deps.limits ? await spendFailure(deps.limits, req.state, err) : err;
+    if (options.allowBearer && refusal instanceof TesseraError && refusal.reason === "AUTH_REQUIRED")
+      // Nothing presented where a bearer would do: both schemes are challenged (RFC 7235 §4.1).
+      throw withCause(
+        new OAuthError("invalid_client", refusal.message, 401, {
+          "www-authenticate": `Bearer realm="tessera", ${BASIC_CHALLENGE["www-authenticate"]}`,
+        }),
+        refusal,
+      );
+    throw asOAuthError(refusal, "client");
   }
   const refusal = await authenticationRefusal(deps, presented.credential, req.state, 0);
   if (refusal !== undefined) throw asOAuthError(refusal, "client", presented.method);
@@ -274,6 +293,16 @@ export async function authenticateClient(
       401,
       BASIC_CHALLENGE,
     );
+  }
+  if (options.rule !== undefined) {
+    const denied = ruleRefusal(options.rule, principal);
+    if (denied !== undefined) {
+      const challenge = denied.headers["www-authenticate"] ?? wwwAuthenticate(denied.reason, denied.message);
+      throw withCause(
+        new OAuthError("insufficient_scope", denied.message, 403, { "www-authenticate": challenge }),
+        denied,
+      );
+    }
   }
   if (deps.limits) {
     let result: Awaited<ReturnType<RateLimits["perPrincipal"]["consume"]>>;
@@ -317,10 +346,16 @@ export function asOAuthError(
   method?: ClientAuthMethod,
 ): OAuthError {
   if (err instanceof OAuthError) return err;
-  const mapped = mapError(err, stage, method);
-  // Kept for the audit record's reason (never sent).
-  Object.defineProperty(mapped, "cause", { value: err });
-  return mapped;
+  return withCause(mapError(err, stage, method), err);
+}
+
+/**
+ * `err` with the Tessera error it stands for as its `cause`: kept for the audit record's and
+ * the access line's reason, never sent.
+ */
+export function withCause(err: OAuthError, cause: unknown): OAuthError {
+  Object.defineProperty(err, "cause", { value: cause });
+  return err;
 }
 
 function mapError(err: unknown, stage: "client" | "grant" | "scope", method?: ClientAuthMethod): OAuthError {

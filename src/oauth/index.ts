@@ -1,10 +1,13 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import type { Logger } from "pino";
+import { auditReason } from "../admission/audit.js";
+import type { HttpObserver } from "../call-observer.js";
 import type { RequestState } from "../context.js";
 import { loggableError } from "../storage/errors.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
 import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
+import { type IntrospectionEndpointDeps, introspectionEndpoint } from "./introspect.js";
 import { type RevocationEndpointDeps, revocationEndpoint } from "./revoke.js";
 import { type TokenEndpointDeps, tokenEndpoint } from "./token.js";
 
@@ -17,8 +20,10 @@ export {
 } from "./form.js";
 
 /** What the OAuth 2.0 endpoints need. */
-export interface OAuthDeps extends TokenEndpointDeps, RevocationEndpointDeps {
+export interface OAuthDeps extends TokenEndpointDeps, RevocationEndpointDeps, IntrospectionEndpointDeps {
   logger: Pick<Logger, "error">;
+  /** Metrics and the access line of every request (call-observer.ts), when either is on. */
+  observe?: HttpObserver | undefined;
   /** auth.oauth.issuer */
   issuer: string | undefined;
   /** Whether the server speaks TLS (the scheme of an issuer taken from the request). */
@@ -40,14 +45,18 @@ export interface OAuthEndpoints {
 
 /**
  * The plain HTTP endpoints of OAuth 2.0: `POST /oauth2/token` (token.ts), `POST
- * /oauth2/revoke` (revoke.ts) and `GET /.well-known/oauth-authorization-server`
- * (discovery.ts). Every answer is JSON with `Cache-Control: no-store` (RFC 6749 §5.1) but
- * the discovery document's; errors are RFC 6749 §5.2's `{error, error_description}`.
+ * /oauth2/revoke` (revoke.ts), `POST /oauth2/introspect` (introspect.ts) and `GET
+ * /.well-known/oauth-authorization-server` (discovery.ts). The POSTs share one reading of
+ * the form and one client authentication (form.ts). Every answer is JSON with
+ * `Cache-Control: no-store` (RFC 6749 §5.1) but the discovery document's; errors are RFC
+ * 6749 §5.2's `{error, error_description}`; faults are 503 `temporarily_unavailable` with
+ * Retry-After. Each request ends in one access line and its metrics (`deps.observe`).
  */
 export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
-  // The form-encoded POST endpoints by path (the introspection endpoint joins them here).
+  // The form-encoded POST endpoints by path.
   const posts = new Map<string, (req: OAuthRequest) => Promise<unknown>>([
     [OAUTH_PATHS.token, (req) => tokenEndpoint(deps, req)],
+    [OAUTH_PATHS.introspection, (req) => introspectionEndpoint(deps, req)],
     [
       OAUTH_PATHS.revocation,
       async (req) => {
@@ -57,7 +66,23 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
     ],
   ]);
 
-  function send(res: Response, status: number, body: unknown, headers: Record<string, string> = {}) {
+  const { observe } = deps;
+  // The responses observed already: one line per request, whichever of the answer and the
+  // client's going away comes first.
+  const observed = new WeakSet<Response>();
+
+  /**
+   * Write the answer, once, and observe the request (its access line and metrics): `err`,
+   * for an error answer, names its code and Tessera's reason behind it.
+   */
+  function send(
+    req: Request,
+    res: Response,
+    call: { path: string; state: RequestState; err?: OAuthError },
+    status: number,
+    body: unknown,
+    headers: Record<string, string> = {},
+  ) {
     if (res.headersSent || res.writableEnded) return;
     res.statusCode = status;
     for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
@@ -66,13 +91,23 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
     if (body === undefined) {
       res.setHeader("content-length", "0");
       res.end();
-      return;
+    } else {
+      res.setHeader("content-type", "application/json");
+      res.end(JSON.stringify(body));
     }
-    res.setHeader("content-type", "application/json");
-    res.end(JSON.stringify(body));
+    if (observe === undefined || observed.has(res)) return;
+    observed.add(res);
+    const cause = call.err === undefined ? undefined : (call.err as { cause?: unknown }).cause;
+    observe(call.state, {
+      path: call.path,
+      httpMethod: req.method,
+      status,
+      error: call.err?.error,
+      reason: cause === undefined ? undefined : auditReason(cause),
+    });
   }
 
-  function fail(res: Response, err: unknown, state: RequestState) {
+  function fail(req: Request, res: Response, path: string, err: unknown, state: RequestState) {
     const e = err instanceof OAuthError ? err : new OAuthError("server_error", "internal error", 500);
     if (e.status === 500) {
       const cause = err instanceof OAuthError ? (err as { cause?: unknown }).cause : err;
@@ -81,7 +116,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         "request failed",
       );
     }
-    send(res, e.status, e.body(), { ...state.responseHeaders, ...e.headers });
+    send(req, res, { path, state, err: e }, e.status, e.body(), { ...state.responseHeaders, ...e.headers });
   }
 
   return {
@@ -89,18 +124,32 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
       return path === OAUTH_PATHS.discovery || posts.has(path);
     },
     serve(req, res, path, state) {
+      if (observe !== undefined) {
+        // A client gone before its answer: observed as such (499), as RPCs are (canceled).
+        res.once("close", () => {
+          if (res.writableEnded || observed.has(res)) return;
+          observed.add(res);
+          observe(state, { path, httpMethod: req.method, status: 499, error: "canceled" });
+        });
+      }
       if (path === OAUTH_PATHS.discovery) {
         if (req.method !== "GET" && req.method !== "HEAD") {
           req.resume();
-          fail(res, new OAuthError("invalid_request", "use GET", 405, { allow: "GET, HEAD" }), state);
+          fail(
+            req,
+            res,
+            path,
+            new OAuthError("invalid_request", "use GET", 405, { allow: "GET, HEAD" }),
+            state,
+          );
           return;
         }
         const issuer = issuerOf(deps.issuer, req.headers, deps.tls);
         if (issuer === undefined) {
-          fail(res, new OAuthError("invalid_request", "no issuer: set auth.oauth.issuer"), state);
+          fail(req, res, path, new OAuthError("invalid_request", "no issuer: set auth.oauth.issuer"), state);
           return;
         }
-        send(res, 200, discoveryDocument(issuer), {
+        send(req, res, { path, state }, 200, discoveryDocument(issuer), {
           // A configured issuer is the same for everyone; one taken from the request is not.
           "cache-control": deps.issuer !== undefined ? "public, max-age=300" : "no-store",
         });
@@ -109,7 +158,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
       const endpoint = posts.get(path)!;
       if (req.method !== "POST") {
         req.resume();
-        fail(res, new OAuthError("invalid_request", "use POST", 405, { allow: "POST" }), state);
+        fail(req, res, path, new OAuthError("invalid_request", "use POST", 405, { allow: "POST" }), state);
         return;
       }
       (async () => {
@@ -117,11 +166,11 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         const form = await readForm(req, deps.maxBodyBytes);
         return endpoint({ headers: req.headers, form, state });
       })().then(
-        (body) => send(res, 200, body, state.responseHeaders),
+        (body) => send(req, res, { path, state }, 200, body, state.responseHeaders),
         (err: unknown) => {
           // A refusal before the body was read (a rate limit): drained, not left on the connection.
           if (!req.readableEnded) req.resume();
-          fail(res, err, state);
+          fail(req, res, path, err, state);
         },
       );
     },

@@ -182,9 +182,60 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       for (const credential of submitted) await verification.verifyCredential({ credential });
     }
     for (const credential of submitted) {
-      const res = await fetchIntrospection(ts.server.url, ts.certs.ca, verifier.token, credential);
-      expect(res).toBe(200);
+      const res = await postForm(
+        ts,
+        "/oauth2/introspect",
+        { token: credential },
+        bearerHeader(verifier.token),
+      );
+      expect(res.status).toBe(200);
     }
+
+    // The OAuth 2.0 token and revocation endpoints: a client secret in the body
+    // (client_secret_post) and in a header, a wrong one, issued tokens, a refresh token spent
+    // and one revoked. Each request writes an access line (checked below), none with a secret.
+    const issued = await postForm(ts, "/oauth2/token", {
+      grant_type: "client_credentials",
+      client_id: basicOne.username,
+      client_secret: basicOne.password,
+    });
+    expect(issued.status).toBe(200);
+    keep("OAuth access token", issued.json.access_token as string | undefined);
+    const byHeader = await postForm(
+      ts,
+      "/oauth2/token",
+      { grant_type: "client_credentials" },
+      basic(basicOne.username, basicOne.password),
+    );
+    keep("OAuth access token", byHeader.json.access_token as string | undefined);
+    const wrongSecret = "wrong OAuth client secret";
+    keep("wrong client secret", wrongSecret);
+    expect(
+      (
+        await postForm(ts, "/oauth2/token", {
+          grant_type: "client_credentials",
+          client_id: basicOne.username,
+          client_secret: wrongSecret,
+        })
+      ).status,
+    ).toBe(401);
+    const oauthSession = await anonymous.login({ username: "admin", password: ADMIN_PASSWORD });
+    keep("access token", oauthSession.accessToken);
+    keep("refresh token", oauthSession.refreshToken);
+    const refreshedByOAuth = await postForm(ts, "/oauth2/token", {
+      grant_type: "refresh_token",
+      refresh_token: oauthSession.refreshToken,
+    });
+    expect(refreshedByOAuth.status).toBe(200);
+    keep("OAuth access token", refreshedByOAuth.json.access_token as string | undefined);
+    keep("OAuth refresh token", refreshedByOAuth.json.refresh_token as string | undefined);
+    const revoked = await postForm(
+      ts,
+      "/oauth2/revoke",
+      { token: refreshedByOAuth.json.refresh_token as string },
+      bearerHeader(refreshedByOAuth.json.access_token as string),
+    );
+    expect(revoked.status).toBe(200);
 
     // A database fault whose statement carries a secret's hash: the write of a new API key
     // fails (its table is gone), and the unexpected error is logged.
@@ -214,6 +265,8 @@ describe.each(DATABASES)("the logs on $name", (db) => {
     // What was captured: the ORM's SQL and the failure were logged, so the scan saw them.
     const log = lines.join("\n");
     expect(log).toMatch(/insert into/i);
+    for (const endpoint of ["POST /oauth2/token", "POST /oauth2/revoke", "POST /oauth2/introspect"])
+      expect(log).toContain(`"method":"${endpoint}"`);
     expect(log).toMatch(/request failed/);
     expect(secrets.size).toBeGreaterThan(20);
     const found = [...secrets].filter(([value]) => log.includes(value)).map(([, what]) => what);
@@ -223,26 +276,34 @@ describe.each(DATABASES)("the logs on $name", (db) => {
   });
 });
 
-/** POST /oauth2/introspect with `token`; resolves with the status. */
-function fetchIntrospection(url: string, ca: Buffer, bearer: string, token: string): Promise<number> {
+const bearerHeader = (token: string) => ({ authorization: `Bearer ${token}` });
+
+/** POST a form to one of the OAuth endpoints; resolves with the status and the JSON answer. */
+function postForm(
+  ts: TestServer,
+  path: string,
+  fields: Record<string, string>,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; json: Record<string, unknown> }> {
   return new Promise((resolve, reject) => {
     const req = request(
-      `${url}/oauth2/introspect`,
+      `${ts.server.url}${path}`,
       {
         method: "POST",
-        ca,
+        ca: ts.certs.ca,
         agent: false,
-        headers: {
-          authorization: `Bearer ${bearer}`,
-          "content-type": "application/x-www-form-urlencoded",
-        },
+        headers: { "content-type": "application/x-www-form-urlencoded", ...headers },
       },
       (res) => {
-        res.resume();
-        res.on("end", () => resolve(res.statusCode ?? 0));
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          resolve({ status: res.statusCode ?? 0, json: text ? JSON.parse(text) : {} });
+        });
       },
     );
     req.on("error", reject);
-    req.end(new URLSearchParams({ token }).toString());
+    req.end(new URLSearchParams(fields).toString());
   });
 }

@@ -112,3 +112,75 @@ export async function revokeMachineAccessTokens(
   );
   return changed > 0;
 }
+
+/** The rotation state of a machine user's row, as read. */
+interface RotationState {
+  rotatedAt: Date | null;
+  rotationGraceUntil: Date | null;
+}
+
+/** Attempts of {@link recordRotation} when the row keeps changing under it. */
+const ROTATION_WRITE_ATTEMPTS = 5;
+
+/**
+ * Write a rotation's access-token cut-off to the machine user's row (in the rotation's
+ * transaction `tx`), merged with what the row holds when it is written, not with what the
+ * rotation read before it hashed the new secret: a revocation (revokeMachineAccessTokens)
+ * or another rotation that committed in between must stand. Only one cut-off is kept, so
+ * the merge fails closed: `rotatedAt` is the later of the two (every token issued up to
+ * either is covered), and the grace period ends at the earlier of the two while the stored
+ * one may still cover unexpired tokens (`windowMs`: the access-token lifetime and the clock
+ * skew after the stored rotation).
+ *
+ * The write is conditional on the row still holding `seen` (compare-and-set): when it does
+ * not, the row is read again and the merge redone. On PostgreSQL an uncommitted revocation
+ * holds the row's lock, so the conditional write waits for it and then sees its values.
+ * @returns the state written
+ * @throws TesseraError NOT_FOUND (via `gone`) when the machine user no longer exists
+ */
+export async function recordRotation(
+  tx: EntityManager,
+  machineUserId: string,
+  seen: RotationState,
+  rotation: { now: Date; graceUntil: Date; windowMs: number },
+  gone: () => Error,
+): Promise<RotationState> {
+  let current = seen;
+  for (let attempt = 1; ; attempt++) {
+    const written = mergeRotation(current, rotation);
+    const changed = await tx.nativeUpdate(
+      MachineUser,
+      { id: machineUserId, rotatedAt: current.rotatedAt, rotationGraceUntil: current.rotationGraceUntil },
+      { ...written, updatedAt: rotation.now },
+    );
+    if (changed > 0) return written;
+    if (attempt >= ROTATION_WRITE_ATTEMPTS) throw gone();
+    const row = await tx.findOne(
+      MachineUser,
+      { id: machineUserId },
+      { fields: ["rotatedAt", "rotationGraceUntil"], disableIdentityMap: true },
+    );
+    if (row === null) throw gone();
+    current = { rotatedAt: row.rotatedAt ?? null, rotationGraceUntil: row.rotationGraceUntil ?? null };
+  }
+}
+
+/** The cut-off a rotation leaves, given the row's (see {@link recordRotation}). */
+function mergeRotation(
+  stored: RotationState,
+  rotation: { now: Date; graceUntil: Date; windowMs: number },
+): RotationState {
+  const { now, graceUntil, windowMs } = rotation;
+  let cutoff = graceUntil;
+  let rotatedAt = now;
+  if (stored.rotatedAt !== null) {
+    if (stored.rotatedAt > now) rotatedAt = stored.rotatedAt;
+    if (
+      stored.rotationGraceUntil !== null &&
+      now.getTime() - stored.rotatedAt.getTime() < windowMs &&
+      stored.rotationGraceUntil < cutoff
+    )
+      cutoff = stored.rotationGraceUntil;
+  }
+  return { rotatedAt, rotationGraceUntil: cutoff };
+}

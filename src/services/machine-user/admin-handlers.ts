@@ -16,6 +16,7 @@ import { assertScopesHold, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
+import { recordRotation } from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -191,17 +192,8 @@ export function machineUserAdminHandlers(
         iterations: deps.passwordIterations,
         now,
       });
-      // Access tokens issued before this rotation stop when the previous credentials do.
-      // Only the latest rotation is remembered, so if the previous rotation's tokens may
-      // still be unexpired, its (earlier) cut-off is kept: fail closed, never revive them.
-      let tokenCutoff = graceUntil;
-      if (
-        mu.rotatedAt &&
-        mu.rotationGraceUntil &&
-        now.getTime() - mu.rotatedAt.getTime() < (deps.accessTokenTtlSeconds + deps.clockSkewSeconds) * 1000
-      ) {
-        if (mu.rotationGraceUntil < tokenCutoff) tokenCutoff = mu.rotationGraceUntil;
-      }
+      // The row's rotation state as read now; the write merges with the row as it is then.
+      const seen = { rotatedAt: mu.rotatedAt ?? null, rotationGraceUntil: mu.rotationGraceUntil ?? null };
       // The new credential is shown once: a lost COMMIT is settled (see commitCreation).
       await commitCreation(
         deps.storage,
@@ -224,16 +216,31 @@ export function machineUserAdminHandlers(
               );
             }
             tx.create(MachineCredential, credential.row);
-            mu.rotatedAt = now;
-            mu.rotationGraceUntil = tokenCutoff;
-            mu.updatedAt = now;
             await tx.flush();
+            // Access tokens issued before this rotation stop when the previous credentials do.
+            // Only the latest rotation is remembered, so if an earlier rotation's (or a
+            // revocation's) tokens may still be unexpired, its earlier cut-off is kept: fail
+            // closed, never revive them. Written conditionally, so that a revocation committed
+            // since `mu` was read stands (recordRotation).
+            await recordRotation(
+              tx,
+              mu.id,
+              seen,
+              {
+                now,
+                graceUntil,
+                windowMs: (deps.accessTokenTtlSeconds + deps.clockSkewSeconds) * 1000,
+              },
+              principalChanged,
+            );
             // The new credential carries the scopes the caller was checked against, or nothing.
             await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
           }),
         { kind: "machine credential", id: credential.row.id },
         async () => (await deps.storage.em.fork().count(MachineCredential, { id: credential.row.id })) > 0,
       );
+      // The row as the rotation left it (its own write went around the entity).
+      await e.refresh(mu);
       return {
         machineUser: await toProto(ctx, mu),
         token: credential.token,
