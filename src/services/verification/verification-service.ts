@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import type { ServiceImpl } from "@connectrpc/connect";
 import {
   VerificationCode,
   type VerificationService,
@@ -44,11 +44,6 @@ export function createVerificationService(deps: {
       return verification instanceof Promise
         ? verification.then(verificationResponse)
         : verificationResponse(verification);
-    },
-    // Issue 22 item 4: the contract is in the proto; the server side is being built.
-    // biome-ignore lint/correctness/useYield: refuses before its first message
-    async *watchRevocations() {
-      throw new ConnectError("WatchRevocations is not implemented yet", Code.Unimplemented);
     },
   };
 }
