@@ -15,6 +15,7 @@
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
+ *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), and `login-shed`: a
  * wrong-password Login refused because the hash pool is full (issue 18's flood: one slot, no
@@ -59,6 +60,7 @@ const { values: flags } = parseArgs({
     env: { type: "string", multiple: true },
     transport: { type: "string" },
     "main-thread": { type: "boolean", default: false },
+    keep: { type: "boolean", default: false },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -216,8 +218,8 @@ writeFileSync(
   ),
 );
 
-/** The newest callgrind dump's total instruction count. */
-function dumpTotal(): number {
+/** The newest callgrind dump's total instruction count, and its file. */
+function dumpTotal(): { total: number; file: string } {
   execFileSync("callgrind_control", ["-d", String(server.pid)], { stdio: "ignore" });
   // Named callgrind.<pid>.<dump>, or callgrind.<pid>.<dump>-<thread> with --separate-threads
   // (thread 01: the main thread, Node's event loop).
@@ -225,10 +227,10 @@ function dumpTotal(): number {
   const dumps = readdirSync(work)
     .filter((f) => f.startsWith(`callgrind.${server.pid}.`) && (!mainThread || f.endsWith("-01")))
     .sort((a, b) => dumpOf(a) - dumpOf(b));
-  const text = readFileSync(join(work, dumps.at(-1)!), "utf8");
-  const m = /^(?:totals|summary):\s+(\d+)/m.exec(text);
+  const file = join(work, dumps.at(-1)!);
+  const m = /^(?:totals|summary):\s+(\d+)/m.exec(readFileSync(file, "utf8"));
   if (!m) throw new Error("no totals in the callgrind dump");
-  return Number(m[1]);
+  return { total: Number(m[1]), file };
 }
 
 const warmup = Number(flags.warmup);
@@ -267,7 +269,7 @@ try {
       const load = await runH2load({ ...shape, requests });
       const cpuMs = server.cpuMs() - cpuBefore;
       const mainMs = procThreadCpuMs(server.pid, server.pid) - mainBefore;
-      const instructions = tool === "callgrind" ? dumpTotal() : null;
+      const dump = tool === "callgrind" ? dumpTotal() : null;
       process.stdout.write(
         `${JSON.stringify({
           root,
@@ -276,7 +278,8 @@ try {
           protocol,
           requests,
           errors: load.errors,
-          instructionsPerRequest: instructions === null ? null : Math.round(instructions / requests),
+          instructionsPerRequest: dump === null ? null : Math.round(dump.total / requests),
+          ...(flags.keep && dump !== null ? { dump: dump.file } : {}),
           cpuUsPerRequest: Math.round((cpuMs * 1000) / requests),
           // The event loop's thread alone (the rest: V8's compiler and GC helpers, libuv's pool).
           mainThreadUsPerRequest: Math.round((mainMs * 1000) / requests),
@@ -286,7 +289,7 @@ try {
   }
 } finally {
   await server.stop();
-  if (tool === "callgrind") spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
+  if (tool === "callgrind" && !flags.keep) spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
 }
 
 /** The launcher of a checkout compiled before into `buildDir` (see compileForBench). */

@@ -24,7 +24,7 @@ import { createInputInterceptor } from "./interceptors/input.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createOAuthEndpoints, type OAuthEndpoints } from "./oauth/index.js";
-import { createRateLimits, type RateLimits } from "./rate-limit.js";
+import { createRateLimits, type RateLimits, spentAddressRefusal } from "./rate-limit.js";
 import { createServiceRoutes } from "./services/routes.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
@@ -231,7 +231,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
     });
-    const shedding = createPasswordShedding({ hasRoom: () => hashPool().hasRoom(), logger });
+    const shedding = createPasswordShedding({
+      hasRoom: () => hashPool().hasRoom(),
+      logger,
+      ...(limits ? { spentAddress: (ip: string) => spentAddressRefusal(limits, ip) } : {}),
+    });
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
       : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding, watch: revocations });

@@ -3,11 +3,13 @@
 import { Redis } from "ioredis";
 import { RateLimiterMemory, RateLimiterRedis } from "rate-limiter-flexible";
 import type { Principal } from "./auth/principal.js";
+import { budgetKey } from "./client-ip.js";
 import type { Config } from "./config.js";
+import type { TesseraError } from "./errors.js";
 import { Limiter } from "./rate-limit/limiter.js";
 import { PasswordGuard } from "./rate-limit/password-guard.js";
 import { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
-import { rateLimitedError } from "./rate-limit/refusal.js";
+import { authFailuresError, rateLimitedError } from "./rate-limit/refusal.js";
 
 export { Limiter, type LimitResult } from "./rate-limit/limiter.js";
 export { type LockoutOptions, type PasswordAttempt, PasswordGuard } from "./rate-limit/password-guard.js";
@@ -45,6 +47,30 @@ export async function countCredentialCreation(
   if (!limits) return;
   const result = await limits.credentialCreations.consume(`${principal.kind}:${principal.id}`);
   if (!result.allowed) throw rateLimitedError(result, "too many credentials created; try again later");
+}
+
+/**
+ * The RATE_LIMITED refusal a password check from `address` gets anyway, decided without
+ * the store: this instance has seen the address spend its per-IP request limit or its
+ * failed-authentication budget (Limiter.spentNow), and the window has not ended. Used
+ * where a check is refused before its budget is reserved because the hash pool is full
+ * (admission/shedding.ts, HTTP Basic), so that a spent address gets the 429 and the
+ * Retry-After of its budget, as it would with room in the pool. Counted as that limiter's
+ * refusal. Undefined when this instance knows of no spent budget of the address.
+ */
+export function spentAddressRefusal(limits: RateLimits, address: string): TesseraError | undefined {
+  const { perIp, authFailures } = limits;
+  if (!perIp.anySpent && !authFailures.anySpent) return undefined;
+  const key = budgetKey(address);
+  const requests = perIp.spentNow(key);
+  if (requests !== undefined) {
+    perIp.refused++;
+    return rateLimitedError(requests);
+  }
+  const failures = authFailures.spentNow(key);
+  if (failures === undefined) return undefined;
+  authFailures.refused++;
+  return authFailuresError(failures);
 }
 
 /** The calls of RateLimiterRedis that reach Redis (undocumented, stable across v5–v11). */

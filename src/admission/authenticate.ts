@@ -2,11 +2,16 @@ import { hash, randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
 import type { Authenticator } from "../auth/authenticator.js";
 import type { PresentedCredential } from "../auth/credentials.js";
-import { withoutHashing } from "../auth/hash-pool.js";
+import { hashPool, withoutHashing } from "../auth/hash-pool.js";
 import { budgetKey } from "../client-ip.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
-import { authFailuresError, type PasswordAttempt, type RateLimits } from "../rate-limit.js";
+import {
+  authFailuresError,
+  type PasswordAttempt,
+  type RateLimits,
+  spentAddressRefusal,
+} from "../rate-limit.js";
 
 /** What authentication needs: the verifiers, and the budgets when rate limits are on. */
 export interface AuthenticationDeps {
@@ -229,13 +234,30 @@ async function knownCredential(
   }
 }
 
-/** A credential verified with PBKDF2, its budget reserved first. */
+/**
+ * A credential verified with PBKDF2, its budget reserved first. While the hash pool has no
+ * room the check is refused before anything is reserved, as Login is (admission/shedding.ts):
+ * a flood of Basic guesses then costs the limiters' store nothing (a reservation made
+ * only to be refunded at once was two round trips per guess, three budgets each); an
+ * address this instance knows has spent its budget gets its 429 rather than the pool's 503.
+ */
 async function verifyReserved(
   deps: AuthenticationDeps,
   credential: PresentedCredential,
   state: RequestState,
   reserve: () => Promise<PasswordAttempt>,
 ): Promise<unknown> {
+  const pool = hashPool();
+  if (!pool.hasRoom()) {
+    const limited = deps.limits && spentAddressRefusal(deps.limits, state.ip);
+    if (limited) return limited;
+    try {
+      // Throws the pool's own refusal (Unavailable, Retry-After), counted as refused.
+      pool.assertRoom();
+    } catch (busy) {
+      return busy;
+    }
+  }
   let attempt: PasswordAttempt;
   try {
     attempt = await reserve();

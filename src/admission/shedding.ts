@@ -19,6 +19,15 @@ import { authRuleFor } from "./auth-rule.js";
  * `tessera_password_checks_shed_total` counter, and `tessera_rpc_requests_total` as
  * unavailable) and logged in aggregate: one warning per interval with the count per
  * method, only in intervals that shed any.
+ *
+ * An address this instance already knows to be over its per-IP request limit or its
+ * failed-authentication budget (`spentAddress`: a synchronous look at the limiters' own
+ * state, no store round trip) is answered the 429 RATE_LIMITED it gets once the pool has
+ * room, with that budget's Retry-After, rather than 503 with `Retry-After: 1`: a guesser
+ * who has spent its budget is not invited back every second, nor told how busy the pool
+ * is. A shed call itself is not counted against the per-IP limit: counting needs the
+ * limiter's store (Redis, when shared), the round trip the shedding exists to avoid, and
+ * the calls it would count are the cheapest the server answers.
  */
 export interface PasswordShedding {
   /**
@@ -40,6 +49,12 @@ export interface PasswordSheddingOptions {
   logger: { warn(obj: object, msg: string): void };
   /** Milliseconds an aggregated line covers (default {@link SHED_LOG_INTERVAL_MS}). */
   intervalMs?: number;
+  /**
+   * The RATE_LIMITED refusal a call from this client address gets anyway, when this
+   * instance knows synchronously that the address has spent a per-IP budget (rate-limit.ts's
+   * `spentAddressRefusal`); undefined when rate limits are off.
+   */
+  spentAddress?: (ip: string) => TesseraError | undefined;
 }
 
 /** Default interval of the aggregated log line of shed calls. */
@@ -64,26 +79,35 @@ function checksPassword(method: DescMethod): boolean {
 
 /** Create the shedding of password checks (one per app: its counts are the app's metrics). */
 export function createPasswordShedding(options: PasswordSheddingOptions): PasswordShedding {
-  const { hasRoom, logger } = options;
+  const { hasRoom, logger, spentAddress } = options;
   const intervalMs = options.intervalMs ?? SHED_LOG_INTERVAL_MS;
   const totals = new Map<DescMethod, number>();
   /** Shed since the last aggregated line, by method. */
   let pending = new Map<DescMethod, number>();
+  /** Answered RATE_LIMITED instead (a spent address) since the last aggregated line. */
+  let pendingLimited = 0;
   let timer: NodeJS.Timeout | undefined;
   let since = 0;
 
   const flush = () => {
     timer = undefined;
-    if (pending.size === 0) return;
+    if (pending.size === 0 && pendingLimited === 0) return;
     const byMethod: Record<string, number> = {};
     let total = 0;
     for (const [method, n] of pending) {
       byMethod[`${method.parent.typeName}/${method.name}`] = n;
       total += n;
     }
+    const rateLimited = pendingLimited;
     pending = new Map();
+    pendingLimited = 0;
     logger.warn(
-      { shed: total, byMethod, seconds: Math.round((performance.now() - since) / 100) / 10 },
+      {
+        shed: total,
+        byMethod,
+        ...(rateLimited > 0 ? { rateLimited } : {}),
+        seconds: Math.round((performance.now() - since) / 100) / 10,
+      },
       "password checks refused before their body: the hash pool is full",
     );
   };
@@ -91,12 +115,18 @@ export function createPasswordShedding(options: PasswordSheddingOptions): Passwo
   return {
     shed(method, state) {
       if (!checksPassword(method) || hasRoom()) return undefined;
-      totals.set(method, (totals.get(method) ?? 0) + 1);
-      if (pending.size === 0) since = performance.now();
-      pending.set(method, (pending.get(method) ?? 0) + 1);
+      if (pending.size === 0 && pendingLimited === 0) since = performance.now();
       // One timer per interval, and only while shedding: nothing runs when nothing is shed.
       if (timer === undefined) timer = setTimeout(flush, intervalMs).unref();
       state.aggregated = true;
+      const limited = spentAddress?.(state.ip);
+      if (limited !== undefined) {
+        pendingLimited++;
+        state.errorInfo = { reason: limited.reason, requestId: state.requestId };
+        return refusalOnTheWire(limited, state.requestId, undefined);
+      }
+      totals.set(method, (totals.get(method) ?? 0) + 1);
+      pending.set(method, (pending.get(method) ?? 0) + 1);
       // As the error interceptor keeps it, for the metrics (call-observer.ts).
       state.errorInfo = { reason: SHED.reason, requestId: state.requestId };
       return refusalOnTheWire(SHED, state.requestId, RETRY_AFTER);

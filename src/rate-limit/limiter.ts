@@ -15,10 +15,19 @@ export interface LimitResult {
   windowEnd?: number;
 }
 
+/** Most keys {@link Limiter.spentNow} remembers: an address flood must not grow it without bound. */
+const MAX_SPENT_KEYS = 10_000;
+
 /** A fixed-window limiter over rate-limiter-flexible (memory, or Redis to share between instances). */
 export class Limiter {
   /** Requests this limiter refused since start (metrics read it when scraped). */
   refused = 0;
+  /**
+   * Keys whose window this instance saw spent (a refusal, or the count reaching the limit),
+   * with when that ends (ms since the epoch): what {@link spentNow} reads. Only spent keys
+   * are entered, so a call that finds its budget left pays one comparison.
+   */
+  private readonly spent = new Map<string, number>();
 
   constructor(
     private readonly impl: RateLimiterAbstract,
@@ -31,6 +40,7 @@ export class Limiter {
   async consume(key: string): Promise<LimitResult> {
     try {
       const res = await this.impl.consume(key);
+      if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
       return {
         allowed: true,
         limit: this.limit,
@@ -42,6 +52,7 @@ export class Limiter {
     } catch (res) {
       if (res instanceof RateLimiterRes) {
         this.refused++;
+        this.remember(key, res.msBeforeNext);
         return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
       }
       throw res;
@@ -56,17 +67,54 @@ export class Limiter {
    */
   async refund(key: string, taken: LimitResult): Promise<void> {
     if (taken.windowEnd !== undefined && Date.now() >= taken.windowEnd) return;
+    this.spent.delete(key);
     await this.impl.reward(key, 1);
   }
 
   /** Forget `key`'s count (and any block on it). */
   async reset(key: string): Promise<void> {
+    this.spent.delete(key);
     await this.impl.delete(key);
   }
 
   /** Refuse `key` for `seconds`, whatever its count. */
   async block(key: string, seconds: number): Promise<void> {
     await this.impl.block(key, seconds);
+    this.remember(key, seconds * 1000);
+  }
+
+  /**
+   * Whether `key`'s window is spent, as far as this instance has seen (synchronous, no I/O):
+   * the refusal its next request would get, or undefined when this instance has not seen it
+   * spent (with Redis, other instances may have spent it: the next `consume` will tell).
+   * For answers that must not wait for the store, e.g. calls shed while the hash pool is
+   * full (admission/shedding.ts), which then get the 429 they would get anyway.
+   */
+  spentNow(key: string): LimitResult | undefined {
+    if (!this.anySpent) return undefined;
+    const until = this.spent.get(key);
+    if (until === undefined) return undefined;
+    const resetMs = until - Date.now();
+    if (resetMs <= 0) {
+      this.spent.delete(key);
+      return undefined;
+    }
+    return { allowed: false, limit: this.limit, remaining: 0, resetMs };
+  }
+
+  /** Whether {@link spentNow} may find any key spent (a check before making the key). */
+  get anySpent(): boolean {
+    return this.spent.size > 0;
+  }
+
+  /** Remember `key` as spent for `ms` more (see {@link spentNow}), within {@link MAX_SPENT_KEYS}. */
+  private remember(key: string, ms: number): void {
+    // Re-entered, so that the map's order stays (about) the order in which windows end.
+    this.spent.delete(key);
+    // Full: the oldest entry goes (usually a window that has ended; at worst a spent key is
+    // forgotten here and its next call asks the store, as it would without this map).
+    if (this.spent.size >= MAX_SPENT_KEYS) this.spent.delete(this.spent.keys().next().value!);
+    this.spent.set(key, Date.now() + ms);
   }
 
   /** Whether `key` has used up its window, without counting a request. */

@@ -56,3 +56,41 @@ describe("refunds of a password check's reservation", () => {
     expect(await reservationsGranted(g, ip, "victim")).toBe(BUDGET);
   });
 });
+
+describe("a limiter's synchronous view of spent keys (spentNow)", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("knows a key spent once its last point is counted, until a refund or the window's end", async () => {
+    vi.useFakeTimers({ toFake: ["Date", "setTimeout", "clearTimeout"] });
+    const l = limiter(2, 60);
+    expect(l.spentNow("a")).toBeUndefined();
+    await l.consume("a");
+    expect(l.spentNow("a")).toBeUndefined();
+    const last = await l.consume("a");
+    expect(last.allowed).toBe(true);
+    const spent = l.spentNow("a");
+    expect(spent).toMatchObject({ allowed: false, limit: 2, remaining: 0 });
+    expect(spent!.resetMs).toBeGreaterThan(59_000);
+    // Another key is not affected.
+    expect(l.spentNow("b")).toBeUndefined();
+    // A point given back: the next call would be counted, so it is not spent any more.
+    await l.refund("a", last);
+    expect(l.spentNow("a")).toBeUndefined();
+    expect((await l.consume("a")).allowed).toBe(true);
+    expect((await l.consume("a")).allowed).toBe(false);
+    expect(l.spentNow("a")).toBeDefined();
+    vi.advanceTimersByTime(61_000);
+    expect(l.spentNow("a")).toBeUndefined();
+  });
+
+  it("knows a blocked key for the block's length", async () => {
+    vi.useFakeTimers({ toFake: ["Date", "setTimeout", "clearTimeout"] });
+    const l = limiter(5, 60);
+    await l.block("c", 300);
+    expect(l.spentNow("c")!.resetMs).toBeGreaterThan(299_000);
+    await l.reset("c");
+    expect(l.spentNow("c")).toBeUndefined();
+  });
+});

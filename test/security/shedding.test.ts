@@ -1,13 +1,14 @@
 import type http2 from "node:http2";
 import { createClient } from "@connectrpc/connect";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createPasswordShedding } from "../../src/admission/shedding.js";
 import type { App } from "../../src/app.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
-import { captureLogs } from "./fixtures.js";
+import { basic } from "../machine-fixtures.js";
+import { captureLogs, freshIps, LIMITS_ON } from "./fixtures.js";
 
 const LOGIN = `/${UserService.typeName}/${UserService.method.login.name}`;
 
@@ -20,6 +21,9 @@ function holdPool(): () => Promise<void> {
     await held;
   };
 }
+
+/** A Login path's raw body no parser accepts: an answer other than 400 was given before it was read. */
+const UNPARSABLE = Buffer.from("{not json");
 
 /** A raw HTTP/2 POST; the body is sent whole, the answer collected. */
 function rawPost(ts: TestServer, path: string, headers: Record<string, string>, body: Uint8Array) {
@@ -225,3 +229,129 @@ describe("the aggregated line of shed calls", () => {
     expect(shedding.counts().get(UserService.method.login)).toBe(2);
   });
 });
+
+describe.each(DATABASES)(
+  "an address over its budget while the hash pool is full, over a real server on $name",
+  (db) => {
+    /** Three failures a minute per address: spent after three wrong passwords. */
+    const PER_IP = 3;
+    let ts: TestServer;
+    let app: App;
+    const freshIp = freshIps("203.0");
+    const logs = captureLogs();
+
+    beforeAll(async () => {
+      ts = await startTestServer(
+        db,
+        {
+          auth: { hashConcurrency: 1, hashQueue: 0, passwordIterations: 1000 },
+          rateLimit: { ...LIMITS_ON, authFailuresPerIpPerMinute: PER_IP },
+          server: { trustedProxies: ["127.0.0.1"] },
+          metrics: { listen: "127.0.0.1:0" },
+        },
+        undefined,
+        { logger: logs.logger },
+      );
+      app = ts.app;
+      await createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD });
+    });
+    afterAll(async () => {
+      await ts?.close();
+    });
+
+    let release: (() => Promise<void>) | undefined;
+    afterEach(async () => {
+      await release?.();
+      release = undefined;
+      vi.restoreAllMocks();
+    });
+
+    const from = (ip: string, headers: Record<string, string> = {}) =>
+      withHeaders(ts.connect(), { "x-forwarded-for": ip, ...headers });
+
+    /** An address that has spent its failed-authentication budget on wrong passwords (the pool had room). */
+    async function spentAddress(): Promise<string> {
+      const ip = freshIp();
+      const anon = createClient(UserService, from(ip));
+      for (let i = 0; i < PER_IP; i++)
+        expect((await rejection(anon.login({ username: "admin", password: `wrong ${i}` }))).reason).toBe(
+          "CREDENTIALS_INVALID",
+        );
+      return ip;
+    }
+
+    it("answers Login from a spent address 429 with its budget's Retry-After, before the body, and 503 to any other", async () => {
+      const spent = await spentAddress();
+      release = holdPool();
+      const raw = await rawPost(
+        ts,
+        LOGIN,
+        { "content-type": "application/json", "x-forwarded-for": spent },
+        UNPARSABLE,
+      );
+      expect(raw.status).toBe(429);
+      const body = JSON.parse(raw.body) as { reason: string; request_id: string };
+      expect(body.reason).toBe("RATE_LIMITED");
+      expect(body.request_id).toBe(raw.headers["x-request-id"]);
+      // The budget's window (a minute), not the pool's one second.
+      const retryAfter = Number(raw.headers["retry-after"]);
+      expect(retryAfter).toBeGreaterThan(1);
+      expect(retryAfter).toBeLessThanOrEqual(60);
+
+      for (const transport of [ts.connect(), ts.grpc(), ts.grpcWeb()]) {
+        const r = await rejection(
+          createClient(UserService, withHeaders(transport, { "x-forwarded-for": spent })).login({
+            username: "admin",
+            password: ADMIN_PASSWORD,
+          }),
+        );
+        expect(r.code).toBe(Code.ResourceExhausted);
+        expect(r.reason).toBe("RATE_LIMITED");
+      }
+      // Another address is shed as before.
+      const other = await rejection(
+        createClient(UserService, from(freshIp())).login({ username: "admin", password: ADMIN_PASSWORD }),
+      );
+      expect(other.code).toBe(Code.Unavailable);
+      expect(other.error.metadata.get("retry-after")).toBe("1");
+      // Counted as the limiter's refusals, and in the aggregated line, not as shed calls.
+      const scraped = await app.metrics!.scrape();
+      expect(scraped).toMatch(/tessera_rate_limit_refusals_total\{limiter="authfail"\} [1-9]/);
+      const lines = logs.lines.length;
+      app.shedding.flush();
+      expect(logs.lines.slice(lines).find((l) => l.shed !== undefined)).toMatchObject({
+        shed: 1,
+        rateLimited: 4,
+      });
+    });
+
+    it("refuses HTTP Basic while the pool is full before reserving any budget", async () => {
+      const reserve = vi.spyOn(app.limits!.passwords, "reserve");
+      release = holdPool();
+      const users = createClient(UserService, from(freshIp(), basic("admin", "a wrong guess")));
+      const r = await rejection(users.getCurrentUser({}));
+      expect(r.code).toBe(Code.Unavailable);
+      expect(r.error.metadata.get("retry-after")).toBe("1");
+      expect(reserve).not.toHaveBeenCalled();
+      await release();
+      release = undefined;
+      // With room again, the guess reserves its budget and is checked.
+      const checked = await rejection(users.getCurrentUser({}));
+      expect(checked.reason).not.toBe("UNAVAILABLE");
+      expect(reserve).toHaveBeenCalledTimes(1);
+    });
+
+    it("answers HTTP Basic from a spent address 429 while the pool is full, without reserving", async () => {
+      const spent = await spentAddress();
+      const reserve = vi.spyOn(app.limits!.passwords, "reserve");
+      release = holdPool();
+      const r = await rejection(
+        createClient(UserService, from(spent, basic("admin", "another wrong guess"))).getCurrentUser({}),
+      );
+      expect(r.code).toBe(Code.ResourceExhausted);
+      expect(r.reason).toBe("RATE_LIMITED");
+      expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(1);
+      expect(reserve).not.toHaveBeenCalled();
+    });
+  },
+);
