@@ -1,4 +1,4 @@
-import { execFile, execFileSync } from "node:child_process";
+import { execFile, execFileSync, spawn } from "node:child_process";
 import {
   chmodSync,
   existsSync,
@@ -349,6 +349,26 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect(help.stdout).toContain("whoami");
     // A failed command leaves no cache behind (it would hold its parsing only).
     expect(readdirSync(cacheDir).some((f) => f.endsWith("-user.bin"))).toBe(false);
+  });
+
+  it("stops silently with 141, as git and gh do, when stdout is closed early", async () => {
+    for (const args of [["--help"], ["completion", "bash"]]) {
+      const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [join(ROOT, "bin", "tessera.js"), ...args], {
+          env: { PATH: process.env.PATH ?? "/usr/bin", ...env },
+          stdio: ["ignore", "pipe", "pipe"],
+        });
+        // The reader leaves before the first line is written (`tessera --help | head -0`).
+        child.stdout.destroy();
+        let stderr = "";
+        child.stderr.on("data", (d: Buffer) => {
+          stderr += d.toString();
+        });
+        child.on("close", (code) => resolve({ code, stderr }));
+      });
+      expect(r, args.join(" ")).toEqual({ code: EXIT.brokenPipe, stderr: "" });
+    }
+    expect(EXIT.brokenPipe).toBe(141);
   });
 
   it("loads no server module for --help, whoami and token list", async () => {
