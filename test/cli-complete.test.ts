@@ -235,6 +235,8 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     // requires Node's built-ins only, and the server commands get the compiled server
     // modules beside it through the loader's import function.
     const text = result.outputFiles![0]!.text;
+    // ASCII only: one other character and V8 holds all ~900 kB as a two-byte string.
+    expect(text).toMatch(/^[\x00-\x7f]*$/);
     expect(text).not.toMatch(/\bimport\(\s*["'`]/);
     const required = [...text.matchAll(/\brequire\("([^"]+)"\)/g)].map((m) => m[1]!);
     expect(required.filter((r) => !isBuiltin(r))).toEqual([]);
@@ -324,10 +326,14 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     await whoami();
     expect(statSync(cacheFile).mode & 0o777).toBe(0o600);
     expect(statSync(cacheFile).ino).not.toBe(first.ino);
+    // Another build's cache of the same command is removed when this one's is written.
+    const stale = join(cacheDir, cacheName!.replace(/^[0-9a-f]{32}/, "0".repeat(32)));
+    writeFileSync(stale, "an older build's", { mode: 0o600 });
     // Garbage in its place is rejected by V8 and replaced too.
     writeFileSync(cacheFile, "not a code cache", { mode: 0o600 });
     await whoami();
     expect(statSync(cacheFile).size).toBeGreaterThan(1000);
+    expect(existsSync(stale)).toBe(false);
     // Off means neither read nor written.
     const off = mkdtempSync(join(tmpdir(), "tessera-cli-nocache-"));
     const r = await run(["whoami"], {

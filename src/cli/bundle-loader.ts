@@ -3,8 +3,10 @@ import {
   fstatSync,
   mkdirSync,
   openSync,
+  readdirSync,
   readFileSync,
   renameSync,
+  rmSync,
   statSync,
   writeFileSync,
 } from "node:fs";
@@ -97,7 +99,12 @@ function readCache(dir: string, file: string): Buffer | undefined {
   }
 }
 
-/** Write `data` to `file` atomically (a reader sees the old file or the whole new one), mode 0600. */
+/**
+ * Write `data` to `file` atomically (a reader sees the old file or the whole new one), mode
+ * 0600, and remove the same command's cache of other builds: an upgrade (or a rebuild)
+ * leaves no stale file behind. (Two installations used in turn each lose their cache to
+ * the other then, and run as they would without one.)
+ */
 function writeCache(dir: string, file: string, data: Buffer): boolean {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -106,6 +113,16 @@ function writeCache(dir: string, file: string, data: Buffer): boolean {
     const tmp = `${file}.${process.pid}.tmp`;
     writeFileSync(tmp, data, { mode: 0o600 });
     renameSync(tmp, file);
+    const name = file.slice(dir.length + 1);
+    const rest = name.slice(name.indexOf("-"));
+    for (const other of readdirSync(dir))
+      if (
+        other !== name &&
+        other.length === name.length &&
+        other.endsWith(rest) &&
+        /^[0-9a-f]{32}-/.test(other)
+      )
+        rmSync(join(dir, other), { force: true });
     return true;
   } catch {
     // A cache that cannot be written costs the next start its compile time, nothing else.

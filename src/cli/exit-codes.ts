@@ -13,7 +13,7 @@ export const EXIT = {
   rateLimited: 7,
   alreadyExists: 8,
   /**
-   * The reader of stdout went away (`tessera … | head -5`): 128 + SIGPIPE, the status a
+   * The reader of stdout went away (`tessera --help | head -5`): 128 + SIGPIPE, the status a
    * shell reports for git and gh, which die of SIGPIPE there. Node ignores the signal and
    * sees EPIPE instead, so the CLI exits with the same status itself, silently.
    */
