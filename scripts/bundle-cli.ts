@@ -1,19 +1,24 @@
-// Bundles the command line (src/cli/program.ts: commander, the command trees and, in
-// chunks of their own, each command group's actions with the SDK, the generated
-// descriptors of its service, the Connect and protobuf runtimes and yaml) into ES modules
-// in dist/cli/: tessera.js, which src/main.ts loads when compiled, and the chunks it
-// imports when a command runs. Node 20 loads one file in a fraction of the time of the
-// several hundred modules it replaces, and `tessera whoami` loads the chunks it needs
-// only. The server's modules stay out: `serve` and the other server commands import them
-// from dist/src/ when they run. Run by `npm run build` after tsc.
-import { rmSync } from "node:fs";
-import { dirname, relative, resolve } from "node:path";
+// Bundles the command line (src/cli/program.ts: commander, the command trees, each command
+// group's actions with the SDK, the generated descriptors, the Connect and protobuf
+// runtimes and yaml) into one CommonJS script, dist/cli/tessera.cjs, which src/main.ts runs
+// compiled through node:vm with a V8 code cache (src/cli/bundle-loader.ts): Node 20 has no
+// compile cache for modules, and one cached script starts in a fraction of the time of the
+// hundreds of modules it replaces. The server's modules stay out: `serve` and the other
+// server commands import them from dist/src/ when they run, through the import function
+// the loader hands the script. Run by `npm run build` after tsc.
+import { createHash } from "node:crypto";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type BuildOptions, build, type Metafile, type Plugin } from "esbuild";
 
-/** The bundle's folder and entry, relative to the repository (src/main.ts looks for the entry there). */
+/** The bundle's folder and file, relative to the repository (src/main.ts looks for the file there). */
 export const CLI_BUNDLE_DIR = "dist/cli";
-export const CLI_BUNDLE = `${CLI_BUNDLE_DIR}/tessera.js`;
+export const CLI_BUNDLE_FILE = "tessera.cjs";
+export const CLI_BUNDLE = `${CLI_BUNDLE_DIR}/${CLI_BUNDLE_FILE}`;
+
+/** The bundle's first line, naming its contents for the code cache (src/cli/bundle-loader.ts). */
+const BUNDLE_ID_PREFIX = "// tessera-cli-bundle ";
 
 /**
  * Inputs that must never be in the bundle: the server's storage, drivers, Redis, logger,
@@ -28,30 +33,35 @@ export const SERVER_ONLY: RegExp[] = [
 
 /**
  * What the server commands (src/cli/server-commands.ts) import outside src/cli/ stays a
- * module of the compiled tree, imported at run time from dist/src/: every output file is
- * in dist/cli/, so `../src/<path>.js` names it.
+ * module of the compiled tree, imported at run time from dist/src/: a script run through
+ * node:vm cannot `import()` (Node 20 needs --experimental-vm-modules for that), so these
+ * imports call the function src/main.ts hands the script, `__tesseraImport`, with the same
+ * specifier (relative to src/cli/, i.e. dist/src/cli/).
  */
-function serverModulesExternal(root: string): Plugin {
+function serverModulesImported(root: string): Plugin {
   const importer = resolve(root, "src/cli/server-commands.ts");
   return {
-    name: "server-modules-external",
+    name: "server-modules-imported",
     setup(b) {
-      b.onResolve({ filter: /^\.\.\// }, (args) => {
-        if (args.importer !== importer) return undefined;
-        const target = resolve(dirname(args.importer), args.path);
-        return { path: `../${relative(root, target)}`, external: true };
+      b.onLoad({ filter: /src\/cli\/server-commands\.ts$/ }, (args) => {
+        if (args.path !== importer) return undefined;
+        const text = readFileSync(args.path, "utf8");
+        return {
+          contents: text.replace(/\bimport\((["'])(\.\.\/[^"']+)\1\)/g, "__tesseraImport($1$2$1)"),
+          loader: "ts",
+        };
       });
     },
   };
 }
 
 /**
- * Modules of the bundle that load a dependency when first used rather than with the
- * chunk, each a replacement for one import of one importer: commander's
+ * Modules of the bundle that load a dependency when first used rather than when the
+ * bundle starts, each a replacement for one import of one importer: commander's
  * `child_process` (with `net` and `dgram` behind it: ~10 ms of CPU), which it uses only
  * to run external subcommands, which tessera has none of; and the SDK's `yaml` (~10 ms),
  * which only a command that reads or writes the credentials file needs (`whoami` with
- * TESSERA_TOKEN and TESSERA_SERVER reads none). `require()` in a bundled ES module is
+ * TESSERA_TOKEN and TESSERA_SERVER reads none). `require()` of a bundled module is
  * esbuild's: the CommonJS module it names is in the bundle and runs at the first call.
  */
 const DEFERRED: { importer: RegExp; path: RegExp; contents: string }[] = [
@@ -93,24 +103,19 @@ function deferred(): Plugin {
 export function cliBundleOptions(root: string, outdir = CLI_BUNDLE_DIR): BuildOptions {
   return {
     absWorkingDir: root,
-    entryPoints: [{ in: "src/cli/program.ts", out: "tessera" }],
-    outdir,
-    // One chunk per command group (the dynamic imports in client-commands.ts) and chunks
-    // for what groups share, beside the entry: the server modules' paths above rely on it.
-    splitting: true,
-    chunkNames: "[name]-[hash]",
+    entryPoints: ["src/cli/program.ts"],
+    outfile: join(outdir, CLI_BUNDLE_FILE),
     bundle: true,
-    format: "esm",
+    // A script for node:vm (src/cli/bundle-loader.ts), which can compile it with a code cache.
+    format: "cjs",
     platform: "node",
     target: "node20",
+    // The command groups' `import()`s become calls of the bundle's own modules; the
+    // built-ins' (readline) a require().
+    supported: { "dynamic-import": false },
     // The CLI's own `Headers` for the Connect runtime (see src/cli/lean-headers.ts).
     inject: ["src/cli/lean-headers.ts"],
-    // Some bundled packages are CommonJS (commander, yaml's Node build) and call require()
-    // for Node's built-ins, which an ES module has no binding for.
-    banner: {
-      js: 'import { createRequire as __tesseraCreateRequire } from "node:module";\nconst require = __tesseraCreateRequire(import.meta.url);',
-    },
-    plugins: [serverModulesExternal(root), deferred()],
+    plugins: [serverModulesImported(root), deferred()],
     metafile: true,
     logLevel: "warning",
   };
@@ -123,11 +128,16 @@ export function serverInputs(metafile: Metafile): string[] {
 
 /** Build the bundle; fails if a server module found its way into it. */
 export async function bundleCli(root: string, outdir = CLI_BUNDLE_DIR): Promise<Metafile> {
-  // The chunks' names change with their contents: a previous build's must not stay beside them.
+  // A previous build's files (an older layout's chunks among them) must not stay beside it.
   rmSync(resolve(root, outdir), { recursive: true, force: true });
-  const result = await build(cliBundleOptions(root, outdir));
+  const result = await build({ ...cliBundleOptions(root, outdir), write: false });
   const leaked = serverInputs(result.metafile!);
   if (leaked.length > 0) throw new Error(`the CLI bundle contains server modules: ${leaked.join(", ")}`);
+  const [out] = result.outputFiles!;
+  // Its content hash on the first line: a code cache is used for these very contents only.
+  const id = createHash("sha256").update(out!.contents).digest("hex");
+  mkdirSync(dirname(out!.path), { recursive: true });
+  writeFileSync(out!.path, `${BUNDLE_ID_PREFIX}${id}\n${out!.text}`);
   return result.metafile!;
 }
 

@@ -1,11 +1,12 @@
-import { existsSync } from "node:fs";
+import { readFileSync } from "node:fs";
 
 // The `tessera` entry point (bin/tessera.js imports it; `node dist/src/main.js …` runs it).
-// It holds no command: it loads the command line, src/cli/program.ts, from the bundle the
-// build makes of it (dist/cli/tessera.js, one ES module with a chunk per command group,
-// scripts/bundle-cli.ts) when running compiled, since Node 20 loads one file in a fraction
-// of the time of the hundreds of modules it replaces; from the separate modules otherwise
-// (the TypeScript sources through tsx, or a compiled tree without the bundle).
+// It holds no command: running compiled, it runs the command line (src/cli/program.ts)
+// from the bundle the build makes of it (dist/cli/tessera.cjs, one script,
+// scripts/bundle-cli.ts) with a V8 code cache (src/cli/bundle-loader.ts), since Node 20
+// loads and compiles one cached script in a fraction of the time of the hundreds of
+// modules it replaces; from the separate modules otherwise (the TypeScript sources
+// through tsx, or a compiled tree without the bundle).
 
 /** The command line's module. */
 export type Program = typeof import("./cli/program.js");
@@ -15,19 +16,35 @@ export type Program = typeof import("./cli/program.js");
  * sources this module's URL ends in .ts and the bundle is never used: it would be a
  * stale build of other sources.
  */
-const BUNDLE = new URL("../cli/tessera.js", import.meta.url);
+const BUNDLE = new URL("../cli/tessera.cjs", import.meta.url);
 const COMPILED = import.meta.url.endsWith(".js");
 
-/** Load the command line: the bundle when running compiled and the build made one. */
-export function loadProgram(): Promise<Program> {
-  return COMPILED && existsSync(BUNDLE)
-    ? (import(BUNDLE.href) as Promise<Program>)
-    : import("./cli/program.js");
+/** The bundle's text, or null when this is not a compiled tree with a bundle. */
+function bundleSource(): string | null {
+  if (!COMPILED) return null;
+  try {
+    return readFileSync(BUNDLE, "utf8");
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The server commands' imports of the compiled tree, which the bundle leaves out: their
+ * specifiers are relative to src/cli/server-commands.ts, i.e. to dist/src/cli/ here.
+ */
+function serverImport(specifier: string): Promise<unknown> {
+  return import(new URL(specifier, new URL("./cli/", import.meta.url)).href);
 }
 
 /** Run the CLI with `argv` (as process.argv); resolves to the exit code. */
 export async function main(argv: string[]): Promise<number> {
-  return (await loadProgram()).main(argv);
+  const source = bundleSource();
+  if (source !== null) {
+    const { runBundle } = await import("./cli/bundle-loader.js");
+    return runBundle(BUNDLE, source, argv, serverImport);
+  }
+  return (await import("./cli/program.js")).main(argv);
 }
 
 const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;

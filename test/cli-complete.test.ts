@@ -1,5 +1,13 @@
-import { execFile, execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { execFile, execFileSync, spawn } from "node:child_process";
+import {
+  chmodSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { isBuiltin } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -8,6 +16,7 @@ import { Code } from "@connectrpc/connect";
 import { build } from "esbuild";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bundleCli, cliBundleOptions, serverInputs } from "../scripts/bundle-cli.js";
+import { commandKey } from "../src/cli/bundle-loader.js";
 import { CLIENT_ENV_NAMES } from "../src/cli/client-commands.js";
 import { describeClientError } from "../src/cli/client-errors.js";
 import { EXIT } from "../src/cli/exit-codes.js";
@@ -201,7 +210,7 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect(CLIENT_ENV_NAMES).toEqual(CLIENT_ENV);
   });
 
-  it("bundles the command line with a chunk per command group, the runtimes inlined, no server module", async () => {
+  it("bundles the command line into one script, the runtimes inlined, no server module", async () => {
     const result = await build({ ...cliBundleOptions(ROOT, join(env.HOME!, "bundle-check")), write: false });
     const meta = result.metafile!;
     const inputs = Object.keys(meta.inputs);
@@ -221,56 +230,61 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
         wanted,
       ).toBe(true);
     expect(serverInputs(meta)).toEqual([]);
-    // Nothing left to load from node_modules at run time: Node's built-ins, the bundle's own
-    // chunks, and (for the server commands) the compiled server modules beside it.
-    for (const file of result.outputFiles!) {
-      const loads = [
-        ...file.text.matchAll(/\bfrom\s*"([^"]+)"|\bimport\(\s*"([^"]+)"\s*\)|\brequire\("([^"]+)"\)/g),
-      ].map((m) => m[1] ?? m[2] ?? m[3]!);
-      for (const spec of loads.filter((s) => !isBuiltin(s))) {
-        expect(spec, file.path).toMatch(/^\.\/[\w-]+\.js$|^\.\.\/src\/[\w/.-]+\.js$/);
-        // A server module, as tsc compiles it into dist/src/ beside dist/cli/.
-        if (spec.startsWith("../src/"))
-          expect(existsSync(join(ROOT, spec.slice(3).replace(/\.js$/, ".ts"))), spec).toBe(true);
-      }
-    }
-    // whoami's chunk and what it imports statically hold no other service's descriptors.
-    const outputs = meta.outputs;
-    const session = Object.keys(outputs).find((o) => "src/cli/actions/session.ts" in outputs[o]!.inputs)!;
-    const loaded = new Set<string>();
-    const visit = (o: string) => {
-      if (loaded.has(o)) return;
-      loaded.add(o);
-      for (const i of outputs[o]!.imports) if (i.kind === "import-statement" && !i.external) visit(i.path);
-    };
-    visit(session);
-    const whoamiInputs = [...loaded].flatMap((o) => Object.keys(outputs[o]!.inputs));
-    expect(whoamiInputs).toContain("gen/tessera/v1/user_service_pb.ts");
-    for (const other of ["token", "tenant", "machine_user", "audit"])
-      expect(whoamiInputs).not.toContain(`gen/tessera/v1/${other}_service_pb.ts`);
-    expect(whoamiInputs).not.toContain("src/sdk/user-api.ts");
+    expect(result.outputFiles!.map((f) => f.path)).toEqual([join(env.HOME!, "bundle-check", "tessera.cjs")]);
+    // A script node:vm runs (no `import`, which a vm script cannot do without a flag): it
+    // requires Node's built-ins only, and the server commands get the compiled server
+    // modules beside it through the loader's import function.
+    const text = result.outputFiles![0]!.text;
+    // ASCII only: one other character and V8 holds all ~900 kB as a two-byte string.
+    expect([...text].filter((c) => c.charCodeAt(0) > 0x7f)).toEqual([]);
+    expect(text).not.toMatch(/\bimport\(\s*["'`]/);
+    const required = [...text.matchAll(/\brequire\("([^"]+)"\)/g)].map((m) => m[1]!);
+    expect(required.filter((r) => !isBuiltin(r))).toEqual([]);
+    const serverImports = [...text.matchAll(/__tesseraImport\("([^"]+)"\)/g)].map((m) => m[1]!);
+    expect(serverImports).toContain("../server.js");
+    for (const spec of serverImports)
+      expect(existsSync(join(ROOT, "src", "cli", spec.replace(/\.js$/, ".ts"))), spec).toBe(true);
   });
 
-  it("runs compiled from the bundle: whoami loads its own chunks only, without Node's undici, and a failure keeps its exit code", async () => {
-    // The layout of a build: dist/src/main.js (compiled alone: it only finds the bundle) and dist/cli/.
+  it("keys the code cache by the command, not by option values", () => {
+    expect(commandKey(["whoami"])).toBe("whoami");
+    expect(commandKey(["--profile", "prod", "--output", "json", "token", "list"])).toBe("token");
+    expect(commandKey(["--help"])).toBe("help");
+    expect(commandKey([])).toBe("help");
+    expect(commandKey(["../../etc/passwd"])).toBe("other");
+  });
+
+  it("runs compiled from the bundle with a private code cache: whoami loads no package module nor Node's undici, a cache it cannot trust is not used, and a failure keeps its exit code", async () => {
+    // The layout of a build: dist/src/main.js and its loader (compiled alone: they only
+    // find and run the bundle) and dist/cli/.
     const dir = mkdtempSync(join(tmpdir(), "tessera-cli-bundle-"));
     writeFileSync(join(dir, "package.json"), JSON.stringify({ type: "module" }));
     await bundleCli(ROOT, join(dir, "dist", "cli"));
     await build({
       absWorkingDir: ROOT,
-      entryPoints: ["src/main.ts"],
-      outfile: join(dir, "dist", "src", "main.js"),
+      entryPoints: ["src/main.ts", "src/cli/bundle-loader.ts"],
+      outbase: "src",
+      outdir: join(dir, "dist", "src"),
       format: "esm",
       platform: "node",
       logLevel: "warning",
     });
+    const home = mkdtempSync(join(tmpdir(), "tessera-cli-cache-"));
     const run = (args: string[], extra: Record<string, string> = {}) => {
       const out = join(dir, `probe-${args.join("-")}.txt`);
       return new Promise<{ code: number; stdout: string; stderr: string; loaded: string[] }>((resolve) => {
         execFile(
           process.execPath,
           ["--import", PROBE, join(dir, "dist", "src", "main.js"), ...args],
-          { env: { PATH: process.env.PATH ?? "/usr/bin", ...env, ...extra, MODULE_PROBE_OUT: out } },
+          {
+            env: {
+              PATH: process.env.PATH ?? "/usr/bin",
+              ...env,
+              XDG_CACHE_HOME: home,
+              ...extra,
+              MODULE_PROBE_OUT: out,
+            },
+          },
           (err, stdout, stderr) =>
             resolve({
               code: err ? Number((err as { code?: unknown }).code) : 0,
@@ -281,19 +295,54 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
         );
       });
     };
-    const me = await run(["whoami", "--output", "json"], { TESSERA_TOKEN: ADMIN_TOKEN });
-    expect(me.code, me.stderr).toBe(0);
-    expect((JSON.parse(me.stdout) as { id: string }).id).toBe("admin-token");
+    const whoami = async () => {
+      const me = await run(["whoami", "--output", "json"], { TESSERA_TOKEN: ADMIN_TOKEN });
+      expect(me.code, me.stderr).toBe(0);
+      expect((JSON.parse(me.stdout) as { id: string }).id).toBe("admin-token");
+      return me;
+    };
+    const me = await whoami();
     const files = me.loaded.filter((l) => l.startsWith("file:"));
-    expect(
-      files.every((f) => f.startsWith(`file://${dir}/dist/`)),
-      files.join("\n"),
-    ).toBe(true);
-    expect(files.some((f) => /\/dist\/cli\/session-\w+\.js$/.test(f))).toBe(true);
-    expect(
-      files.some((f) => /\/dist\/cli\/(tokens|tenants|machine-users|audit|users)-\w+\.js$/.test(f)),
-    ).toBe(false);
+    expect(files.sort()).toEqual([
+      `file://${dir}/dist/src/cli/bundle-loader.js`,
+      `file://${dir}/dist/src/main.js`,
+    ]);
     expect(me.loaded.filter((l) => l.includes("undici"))).toEqual([]);
+
+    // The first run wrote whoami's cache, private to the user; the second one used it (a
+    // cache that is used is not written again).
+    const cacheDir = join(home, "tessera", "cli");
+    expect(statSync(cacheDir).mode & 0o777).toBe(0o700);
+    const [cacheName, ...others] = readdirSync(cacheDir);
+    expect(others).toEqual([]);
+    expect(cacheName).toMatch(new RegExp(`^[0-9a-f]{32}-${process.version}-${process.arch}-whoami\\.bin$`));
+    const cacheFile = join(cacheDir, cacheName!);
+    const first = statSync(cacheFile);
+    expect(first.mode & 0o777).toBe(0o600);
+    await whoami();
+    expect(statSync(cacheFile).ino).toBe(first.ino);
+    // A cache others could have written is not run, and is replaced by a private one.
+    chmodSync(cacheFile, 0o666);
+    await whoami();
+    expect(statSync(cacheFile).mode & 0o777).toBe(0o600);
+    expect(statSync(cacheFile).ino).not.toBe(first.ino);
+    // Another build's cache of the same command is removed when this one's is written.
+    const stale = join(cacheDir, cacheName!.replace(/^[0-9a-f]{32}/, "0".repeat(32)));
+    writeFileSync(stale, "an older build's", { mode: 0o600 });
+    // Garbage in its place is rejected by V8 and replaced too.
+    writeFileSync(cacheFile, "not a code cache", { mode: 0o600 });
+    await whoami();
+    expect(statSync(cacheFile).size).toBeGreaterThan(1000);
+    expect(existsSync(stale)).toBe(false);
+    // Off means neither read nor written.
+    const off = mkdtempSync(join(tmpdir(), "tessera-cli-nocache-"));
+    const r = await run(["whoami"], {
+      TESSERA_TOKEN: ADMIN_TOKEN,
+      XDG_CACHE_HOME: off,
+      TESSERA_CLI_CODE_CACHE: "off",
+    });
+    expect(r.code, r.stderr).toBe(0);
+    expect(readdirSync(off)).toEqual([]);
 
     const tokens = await run(["token", "list", "--output", "json"]);
     expect(tokens.code, tokens.stderr).toBe(0);
@@ -304,10 +353,28 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     const help = await run(["--help"]);
     expect(help.code).toBe(0);
     expect(help.stdout).toContain("whoami");
-    // --help loads the entry (and the small chunk it shares with the actions), no command group.
-    const helpFiles = help.loaded.filter((l) => l.startsWith("file:") && /\/dist\/cli\//.test(l));
-    expect(helpFiles).toContain(`file://${dir}/dist/cli/tessera.js`);
-    expect(helpFiles.filter((f) => !/\/(tessera|chunk-\w+)\.js$/.test(f))).toEqual([]);
+    // A failed command leaves no cache behind (it would hold its parsing only).
+    expect(readdirSync(cacheDir).some((f) => f.endsWith("-user.bin"))).toBe(false);
+  });
+
+  it("stops silently with 141, as git and gh do, when stdout is closed early", async () => {
+    for (const args of [["--help"], ["completion", "bash"]]) {
+      const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [join(ROOT, "bin", "tessera.js"), ...args], {
+          env: { PATH: process.env.PATH ?? "/usr/bin", ...env },
+          stdio: ["ignore", "pipe", "pipe"],
+        });
+        // The reader leaves before the first line is written (`tessera --help | head -0`).
+        child.stdout.destroy();
+        let stderr = "";
+        child.stderr.on("data", (d: Buffer) => {
+          stderr += d.toString();
+        });
+        child.on("close", (code) => resolve({ code, stderr }));
+      });
+      expect(r, args.join(" ")).toEqual({ code: EXIT.brokenPipe, stderr: "" });
+    }
+    expect(EXIT.brokenPipe).toBe(141);
   });
 
   it("loads no server module for --help, whoami and token list", async () => {

@@ -103,3 +103,15 @@ describe("the README walkthroughs as scripts", () => {
     expect(ignored).toBe("examples/.secrets/x/mu.json");
   });
 });
+
+describe("the repository's license and changelog", () => {
+  it("ships the Apache-2.0 text package.json claims, and a changelog with an Unreleased section", () => {
+    const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { license: string };
+    expect(pkg.license).toBe("Apache-2.0");
+    const license = readFileSync(join(ROOT, "LICENSE"), "utf8");
+    expect(license).toContain("Apache License");
+    expect(license).toContain("Version 2.0, January 2004");
+    expect(license).toContain("END OF TERMS AND CONDITIONS");
+    expect(readFileSync(join(ROOT, "CHANGELOG.md"), "utf8")).toMatch(/^## \[Unreleased\]$/m);
+  });
+});

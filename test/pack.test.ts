@@ -65,8 +65,7 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     expect(paths).toContain("dist/src/sdk/index.d.ts");
     expect(paths).toContain("dist/gen/tessera/v1/user_service_pb.d.ts");
     expect(paths).toContain("proto/tessera/v1/user_service.proto");
-    expect(paths).toContain("dist/cli/tessera.js");
-    expect(paths.some((p) => /^dist\/cli\/session-\w+\.js$/.test(p))).toBe(true);
+    expect(paths).toContain("dist/cli/tessera.cjs");
     expect(paths.some((p) => p.startsWith("src/") || p.startsWith("test/"))).toBe(false);
 
     const project = join(work, "consumer");
@@ -113,8 +112,8 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     expect(result.listed).toContain("admin");
 
     // The installed binary runs the compiled dist/ (the package has no sources), and the
-    // command line from the bundle (its entry and whoami's chunks) rather than the SDK's
-    // and runtimes' modules.
+    // command line from the bundle (one script run through node:vm, so no module load)
+    // rather than the SDK's and runtimes' modules.
     const probeOut = join(work, "whoami-modules.txt");
     const cli = await exec(
       process.execPath,
@@ -131,7 +130,7 @@ it("installs the packed tarball in a project outside the repo, which calls a run
     expect((JSON.parse(cli.stdout) as { username: string }).username).toBe("admin");
     const loaded = readFileSync(probeOut, "utf8").split("\n");
     expect(loaded).toContain(
-      `file://${join(project, "node_modules", "tessera", "dist", "cli", "tessera.js")}`,
+      `file://${join(project, "node_modules", "tessera", "dist", "src", "cli", "bundle-loader.js")}`,
     );
     expect(
       loaded.filter((url) => /\/(@connectrpc|@bufbuild|yaml)\/|\/dist\/(src\/sdk|gen)\//.test(url)),

@@ -12,6 +12,12 @@ export const EXIT = {
   unavailable: 6,
   rateLimited: 7,
   alreadyExists: 8,
+  /**
+   * The reader of stdout went away (`tessera --help | head -5`): 128 + SIGPIPE, the status a
+   * shell reports for git and gh, which die of SIGPIPE there. Node ignores the signal and
+   * sees EPIPE instead, so the CLI exits with the same status itself, silently.
+   */
+  brokenPipe: 141,
 } as const;
 
 /** The exit codes a failure maps to (the {@link EXIT} table). */
@@ -29,7 +35,9 @@ export const EXIT_HELP = `Exit codes:
   5  not found (another tenant's objects read as not found too)
   6  unavailable: the server cannot be reached or is not ready (retry later)
   7  rate limited: wait the printed Retry-After seconds and retry
-  8  already exists: the name is taken`;
+  8  already exists: the name is taken
+  141  stdout was closed early (\`tessera … | head\`): the output stops there, silently,
+     with the status git and gh have there (128 + SIGPIPE)`;
 
 /** A mistake in how a command was called that the parser cannot see (exit 2). */
 export class UsageError extends Error {

@@ -40,8 +40,29 @@ export function describeFailure(err: unknown): string {
   return err.message;
 }
 
+/**
+ * Make a closed stdout or stderr (`tessera --help | head -5`) end the process at once,
+ * silently, with {@link EXIT.brokenPipe}, as git and gh end there (they die of SIGPIPE,
+ * which Node ignores): a write after the reader left fails with EPIPE, which Node emits
+ * as an 'error' event and, with no listener, turns into a crash with a stack trace. Every
+ * output path writes through these two streams (commander's help, the output helpers,
+ * completion scripts, the server commands' one-time secrets), so one listener each
+ * covers them all.
+ */
+export function exitOnBrokenPipe(streams: NodeJS.WriteStream[] = [process.stdout, process.stderr]): void {
+  for (const stream of streams) {
+    if (!stream.listeners("error").includes(onStreamError)) stream.on("error", onStreamError);
+  }
+}
+
+function onStreamError(err: NodeJS.ErrnoException): void {
+  if (err.code === "EPIPE") process.exit(EXIT.brokenPipe);
+  throw err;
+}
+
 /** Run the CLI with `argv` (as process.argv). */
 export async function main(argv: string[]): Promise<number> {
+  exitOnBrokenPipe();
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
