@@ -2007,7 +2007,7 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
     }
   };
   ratioTarget(["jwt-hs256", "jwt-eddsa", "jwt-es256"], 0.9);
-  ratioTarget(["pat", "api-key", "mu-bearer"], 0.85);
+  ratioTarget(["pat", "verify-pat", "api-key", "mu-bearer"], 0.85);
   ratioTarget(["basic", "mu-basic"], 0.8);
   targets.push(...latencyTargets(extras.latency));
   // Issue 19, by server CPU per call (steadier than req/s here): Tessera at or below fastify
