@@ -20,6 +20,21 @@ export interface H2loadOptions extends LoadShape {
   bodyFile: string;
   /** Where to put the per-request log (deleted after parsing). */
   workDir: string;
+  /**
+   * Open loop: requests per second over all connections (h2load `--rps`, which is per
+   * connection: this total divided by `connections`, rounded, at least 1), instead of
+   * keeping `streams` requests in flight on each. h2load then starts a request on every
+   * tick whether or not the previous ones have answered; only when all `streams` of a
+   * connection are busy does a due request wait, and its latency is then counted from when
+   * it was sent, not when it was due (coordinated omission): the caller compares the
+   * achieved rate with this one to know the schedule was kept.
+   */
+  rps?: number;
+}
+
+/** h2load's per-connection `--rps` for a total rate over `connections`. */
+export function rpsPerConnection(totalRps: number, connections: number): number {
+  return Math.max(1, Math.round(totalRps / connections));
 }
 
 /**
@@ -44,6 +59,7 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
     "--log-file",
     logFile,
   ];
+  if (options.rps !== undefined) args.push(`--rps=${rpsPerConnection(options.rps, options.connections)}`);
   if (options.requests !== undefined) args.push("-n", String(options.requests));
   else
     args.push(

@@ -42,6 +42,16 @@ import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
 import { type ClientTls, grpcCall, JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
 import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
+import {
+  DEFAULT_LATENCY_FRACTION,
+  LATENCY_TARGET_ID,
+  type LatencyResult,
+  latencyMarkdown,
+  latencyTable,
+  latencyTargets,
+  measureLatency,
+  type OpenLoop,
+} from "./latency.js";
 import { runNodeLoad } from "./node-load.js";
 import {
   benchServerEnv,
@@ -95,6 +105,7 @@ const { values: flags } = parseArgs({
     "flood-nice": { type: "string" },
     database: { type: "string", default: "sqlite" },
     "pg-url": { type: "string" },
+    "latency-fraction": { type: "string" },
     help: { type: "boolean", default: false },
   },
   allowPositionals: false,
@@ -116,8 +127,11 @@ if (flags.help) {
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rival-fastify (Connect JSON), rival-grpc-js (gRPC),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak,
+                      latency (fixed-rate p99 of verify-pat, beside bare and pat when selected),
                       pat-ws-in-cache, pat-working-set (640 PATs round-robin against a 64-entry cache; not in
                       --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
+  --latency-fraction <f>  the latency scenario's fixed rate as a fraction of the capacity measured
+                      just before (default ${DEFAULT_LATENCY_FRACTION})
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --keep              keep the temporary folder (certificates, databases, build)
@@ -176,7 +190,12 @@ const settings = {
   loginConnections: 4,
   /** Wrong-password logins in flight at once in the flood scenario (issue 18 measured 16). */
   floodConcurrency: 16,
+  latencyFraction: positive(flags["latency-fraction"], DEFAULT_LATENCY_FRACTION, "latency-fraction"),
 };
+if (settings.latencyFraction >= 1) {
+  process.stderr.write("--latency-fraction must be below 1 (a share of the capacity)\n");
+  process.exit(2);
+}
 const only = flags.only ? new RegExp(flags.only) : null;
 const floodNices = (flags["flood-nice"] ?? "default").split(",").map((n) => n.trim());
 for (const n of floodNices) {
@@ -273,7 +292,9 @@ const extras: {
   };
   /** Counters of the working-set scenarios' servers over their measured slices. */
   workingSet: { id: string; protocol: Protocol; verifications: number; counted: Record<string, number> }[];
-} = { floods: [], workingSet: [] };
+  /** Issue 22's fixed-rate latency measurement (bench/latency.ts). */
+  latency: LatencyResult[];
+} = { floods: [], workingSet: [], latency: [] };
 const log = (text: string) => process.stderr.write(`${text}\n`);
 
 /** Where the CPU went during one slice of the flood scenario, in CPU-ms per second of wall time. */
@@ -763,8 +784,15 @@ async function verify(s: Scenario): Promise<void> {
   }
 }
 
-/** Drive one slice of load with the scenario's generator, sampling the server's RSS. */
-async function drive(s: Scenario, how: { requests: number } | { durationSeconds: number }): Promise<RawLoad> {
+/**
+ * Drive one slice of load with the scenario's generator, sampling the server's RSS.
+ * `open`: a fixed rate instead of a closed loop (h2load only; bench/latency.ts).
+ */
+async function drive(
+  s: Scenario,
+  how: { requests: number } | { durationSeconds: number },
+  open?: OpenLoop,
+): Promise<RawLoad> {
   await s.before?.();
   const startedAt = Date.now();
   const headers = { ...protocolHeaders(s.protocol), ...s.headers };
@@ -777,7 +805,9 @@ async function drive(s: Scenario, how: { requests: number } | { durationSeconds:
     ...("requests" in how
       ? { requests: how.requests }
       : { durationSeconds: how.durationSeconds, warmupSeconds: settings.warmupSeconds }),
+    ...open,
   };
+  if (open && s.generator !== "h2load") throw new Error(`${s.id}: a fixed rate needs h2load`);
   const sampler = sampleRss(s.server.pid);
   try {
     const run =
@@ -1614,6 +1644,28 @@ async function run(): Promise<void> {
     record(s, summarize(s.runs));
   }
 
+  // ---- issue 22's p99 target: a fixed rate below the capacity just measured (bench/latency.ts)
+  if (wanted("latency") && selected.some((s) => s.id === LATENCY_TARGET_ID)) {
+    log(`fixed-rate latency at ${percent(settings.latencyFraction)} of the measured capacity…`);
+    const subjects = selected.filter((s) => ["bare", "pat", LATENCY_TARGET_ID].includes(s.id));
+    extras.latency = await measureLatency(
+      subjects.map((s) => ({
+        id: s.id,
+        label: s.label,
+        protocol: s.protocol,
+        capacityRps: find(s.id, s.protocol)!.rps,
+        drive: (durationSeconds, open) => drive(s, { durationSeconds }, open),
+      })),
+      {
+        fraction: settings.latencyFraction,
+        durationSeconds: settings.smoke ? 1 : settings.durationSeconds,
+        rounds: settings.rounds,
+        connections: settings.connections,
+        log,
+      },
+    );
+  }
+
   if (flags.database === "postgres") await measurePostgres(selected, pgServers, startPg, tls);
 
   // ---- first use of a personal access token: PBKDF2 (600k) once, then the verified-secret cache
@@ -1955,8 +2007,9 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
     }
   };
   ratioTarget(["jwt-hs256", "jwt-eddsa", "jwt-es256"], 0.9);
-  ratioTarget(["pat", "api-key", "mu-bearer"], 0.85);
+  ratioTarget(["pat", "verify-pat", "api-key", "mu-bearer"], 0.85);
   ratioTarget(["basic", "mu-basic"], 0.8);
+  targets.push(...latencyTargets(extras.latency));
   // Issue 19, by server CPU per call (steadier than req/s here): Tessera at or below fastify
   // on JSON, and well below grpc-js on gRPC, taken as at most 80% of its CPU per call.
   for (const [id, max, goal] of [
@@ -2118,6 +2171,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
     `Load: ${load}; ${cpus}. Servers: ${launcher.runtime === "compiled" ? "compiled JavaScript" : "TypeScript through tsx"}; ${server}.`,
     "",
     markdownTable(results),
+    ...latencyMarkdown(extras.latency),
     "",
     "“vs bare” and “vs raw”: throughput relative to the bare Connect handler and to the raw node:http2 server, same protocol, same load generator: the median, over the rounds, of each slice against the baseline slice measured nearest to it in time. " +
       "“CPU µs/req”: the server process's CPU time (all threads) per request, which other work on the machine does not inflate.",
@@ -2170,11 +2224,12 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, latency: extras.latency, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 
   process.stdout.write(`\n${textTable(results)}\n`);
+  if (extras.latency.length) process.stdout.write(`\n${latencyTable(extras.latency, false)}\n`);
   if (results.some((r) => r.generator !== "h2load"))
     process.stdout.write(
       "† Node generator (client certificate); its ratios are to bare/raw runs of the same generator\n",

@@ -93,6 +93,16 @@ describe("benchmark harness, smoke mode", () => {
       soak: { requests: number; errors: number; rssAfterWarmupMb: number; rssAfterSoakMb: number } | null;
       firstUse: { firstMs: number; subsequentMedianMs: number } | null;
       cli: { bareMs: number; helpMs: number; whoamiMs: number } | null;
+      latency: {
+        id: string;
+        protocol: string;
+        offeredRps: number;
+        achievedRps: number;
+        requests: number;
+        p99Ms: number;
+        p999Ms: number;
+        errors: number;
+      }[];
     };
     expect(report.mode).toBe("smoke");
     expect(report.machine.nproc).toBeGreaterThan(0);
@@ -166,6 +176,19 @@ describe("benchmark harness, smoke mode", () => {
     expect(report.cli?.bareMs).toBeGreaterThan(0);
     expect(report.cli?.whoamiMs).toBeGreaterThan(0);
     expect(report.targets.length).toBeGreaterThan(0);
+    // Issue 22's fixed-rate latency: VerifyCredential beside bare and GetCurrentUser with the PAT, both protocols, one target each.
+    for (const id of ["bare", "pat", "verify-pat"]) {
+      for (const protocol of ["connect", "grpc"]) {
+        const row = report.latency.find((r) => r.id === id && r.protocol === protocol);
+        expect(row, `latency ${id} over ${protocol}`).toBeDefined();
+        expect(row!.requests, `latency ${id} over ${protocol}`).toBeGreaterThan(0);
+        expect(row!.errors, `latency ${id} over ${protocol}`).toBe(0);
+        expect(row!.offeredRps).toBeGreaterThan(0);
+        expect(row!.p999Ms).toBeGreaterThanOrEqual(row!.p99Ms);
+      }
+    }
+    expect(report.targets.filter((t) => /VerifyCredential.*p99 < 2 ms/.test(t.target))).toHaveLength(2);
+    expect(run.stdout).toMatch(/scenario \(fixed rate\)\s+protocol\s+offered req\/s/);
 
     const markdown = readFileSync(join(out, mdFile!), "utf8");
     expect(markdown).toContain("| scenario | protocol | req/s |");
