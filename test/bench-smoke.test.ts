@@ -68,8 +68,9 @@ describe("benchmark harness, smoke mode", () => {
     expect(run.stderr).toContain("apt-get install -y nghttp2-client");
   });
 
-  // On a two-core machine busy with other work (load average 25), the run took 300 s, 73 s of it compiling.
-  it("runs every scenario end to end and reports them with zero errors", { timeout: 420_000 }, async () => {
+  // On a two-core machine busy with other work (load average 25), the run took 300 s, 73 s of it compiling;
+  // with the fixed-rate latency phase, 381 s at load 23–31: the bound leaves room for a busier CI machine.
+  it("runs every scenario end to end and reports them with zero errors", { timeout: 900_000 }, async () => {
     const run = await runBench();
     expect(run.code, `bench exited with ${run.code}:\n${run.stderr.slice(-3000)}`).toBe(0);
 
