@@ -55,6 +55,11 @@ function serve(
     TESSERA_MASTER_KEY: TEST_MASTER_KEY,
     TESSERA_RATE_LIMIT: "false",
     TESSERA_MAX_CONNECTIONS_PER_IP: "0",
+    // Hashing at the event loop's priority without a deadline: at the defaults (nice 19, 900 ms)
+    // a machine this loaded refuses logins 503 by design, which the load loop would count as
+    // failures of what this file tests (keys), not of hashing.
+    TESSERA_HASH_NICE: "0",
+    TESSERA_HASH_DEADLINE_MS: "0",
     TESSERA_JWT_KEY_ROTATION_INTERVAL: String(INTERVAL),
     TESSERA_JWT_KEY_PRE_PUBLICATION: String(PRE_PUBLICATION),
     // The default refresh period (500 ms): the propagation bound measured is the shipped one.
@@ -191,13 +196,17 @@ describe("signing keys across three `tessera serve` on one PostgreSQL schema", (
       // At least two rotations happened during the load, and tokens were signed by at least three keys.
       expect(rows.length).toBeGreaterThanOrEqual(3);
       expect(kidsUsed.size).toBeGreaterThanOrEqual(3);
-      // Exactly one key per rotation: consecutive generations, activations one interval apart
-      // (plus at most the refresh period and some scheduling slack), never two in one interval.
+      // Exactly one key per rotation: consecutive generations, activations one interval apart,
+      // never two in one interval. A key activates one interval after the last unless the
+      // first instance to find the rotation due found it late (its 500 ms check delayed: on
+      // a machine at load 30 an event loop can stall for seconds), and then it activates the
+      // pre-publication after that finding: the bound allows that whole pre-publication,
+      // still far from a rotation skipped (two intervals) or one per start only.
       expect(rows.map((r) => r.generation)).toEqual(rows.map((_, i) => i + 1));
       const spacings = rows.slice(1).map((r, i) => r.activatesAt - rows[i]!.activatesAt);
       for (const s of spacings) {
         expect(s).toBeGreaterThanOrEqual(INTERVAL * 1000);
-        expect(s).toBeLessThan(INTERVAL * 1000 + 1500);
+        expect(s).toBeLessThanOrEqual((INTERVAL + PRE_PUBLICATION) * 1000);
       }
       // Every key created during the load was read by all three instances within 1 s of its
       // commit (the creator logs "signing key created" once committed; each instance logs
@@ -254,7 +263,7 @@ describe("signing keys across three `tessera serve` on one PostgreSQL schema", (
       await dispatcher.close();
       await Promise.all(instances.map((i) => stop(i.child)));
     }
-  }, 120_000);
+  });
 
   it("does not rotate early when the instances restart", async () => {
     const fresh = POSTGRES.url();
@@ -269,7 +278,7 @@ describe("signing keys across three `tessera serve` on one PostgreSQL schema", (
     } finally {
       await dropSchema(fresh);
     }
-  }, 120_000);
+  });
 });
 
 describe("unknown kids on a real server over TLS (two in-process instances, one PostgreSQL schema)", () => {
@@ -342,7 +351,7 @@ describe("unknown kids on a real server over TLS (two in-process instances, one 
     expect(reads).toBeGreaterThanOrEqual(1);
     expect(reads).toBeLessThanOrEqual(Math.ceil(elapsed / 250) + 1);
     console.log(`400 forged kids over TLS in ${elapsed.toFixed(0)} ms: ${reads} key reads`);
-  }, 60_000);
+  });
 });
 
 describe("signing keys announced by NOTIFY (two in-process instances, one PostgreSQL schema, the poll at 60 s)", () => {
@@ -410,5 +419,5 @@ describe("signing keys announced by NOTIFY (two in-process instances, one Postgr
     // Every key, not the median: the notification is the mechanism, and 60 s of poll cannot explain any.
     expect(Math.max(...lags), JSON.stringify(lags)).toBeLessThan(1000);
     console.log(`keys by NOTIFY: ${lags.map((l) => l.toFixed(0)).join("/")} ms after the commit`);
-  }, 60_000);
+  });
 });
