@@ -20,7 +20,12 @@ export interface H2loadOptions extends LoadShape {
   bodyFile: string;
   /** Where to put the per-request log (deleted after parsing). */
   workDir: string;
+  /** CPU list (taskset syntax) h2load runs on; by default the bench process's own. */
+  cpus?: string;
 }
+
+/** Runs started so far: several may run at once (one per instance of a fleet), each with its own log. */
+let runs = 0;
 
 /**
  * Run h2load over HTTP/2 + TLS and compute the statistics from its per-request log
@@ -33,7 +38,7 @@ export interface H2loadOptions extends LoadShape {
  * succeeded. They are counted as requests (their latency is real) but not as errors.
  */
 export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
-  const logFile = join(options.workDir, `h2load-${process.pid}-${Date.now()}.log`);
+  const logFile = join(options.workDir, `h2load-${process.pid}-${Date.now()}-${++runs}.log`);
   const args = [
     "-c",
     String(options.connections),
@@ -54,6 +59,9 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
     );
   for (const [k, v] of Object.entries(options.headers)) args.push("-H", `${k}: ${v}`);
   args.push(options.url);
+  const [command, argv]: [string, string[]] = options.cpus
+    ? ["taskset", ["-c", options.cpus, "h2load", ...args]]
+    : ["h2load", args];
   let cpuAtStart: number | undefined;
   const warmup = options.requests === undefined ? (options.warmupSeconds ?? 1) : 0;
   const cpuTimer = options.serverCpuMs
@@ -62,7 +70,7 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
       }, warmup * 1000)
     : undefined;
   const stdout = await new Promise<string>((resolve, reject) => {
-    execFile("h2load", args, { maxBuffer: 16 * 1024 * 1024 }, (err, out, errOut) => {
+    execFile(command, argv, { maxBuffer: 16 * 1024 * 1024 }, (err, out, errOut) => {
       if (err && !out) reject(new Error(`h2load failed: ${err.message}\n${errOut}`));
       else resolve(out);
     });
