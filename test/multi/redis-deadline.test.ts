@@ -145,6 +145,20 @@ describe("one rate-limit budget across two instances through Redis", () => {
 describe("two instances on a Redis that stops answering", () => {
   let instances: Awaited<ReturnType<typeof fleet>>;
   let tokens: string[];
+  /** Durations of calls while Redis answers: what a call costs on this machine now. */
+  let healthy: number[];
+  const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[xs.length >> 1]!;
+  /**
+   * Calls answered without waiting on Redis: typically no slower than while it answered (the
+   * deadline, 50 ms, is paid once a second at most), and none anywhere near the wait of a
+   * call without a deadline (20 s and more). Relative to the healthy calls, since at load 30
+   * on 2 cores a plain call takes 100–500 ms (an absolute 400 ms bound failed there).
+   */
+  const answeredAtOnce = (durations: number[]) => {
+    const shown = `${durations.map((d) => d.toFixed(0)).join(", ")} (healthy: ${healthy.map((d) => d.toFixed(0)).join(", ")})`;
+    expect(median(durations), shown).toBeLessThan(median(healthy) + 200);
+    expect(Math.max(...durations), shown).toBeLessThan(Math.max(400, 3 * Math.max(...healthy)));
+  };
   afterAll(async () => {
     for (const { ts } of instances ?? []) await ts.server.close(0);
     for (const { ts } of instances ?? []) await ts.app.close();
@@ -201,6 +215,7 @@ describe("two instances on a Redis that stops answering", () => {
         }
       }
       for (const { logs } of instances) logs.lines.length = 0;
+      healthy = await both(8);
     } finally {
       probe.disconnect();
     }
@@ -208,9 +223,8 @@ describe("two instances on a Redis that stops answering", () => {
 
   it("answers authenticated calls on both at once while Redis is frozen, each logging the change once", async () => {
     redis.kill("SIGSTOP");
-    const durations = await both(8);
     // Without a deadline on Redis calls, the first of these waited for ever (20 s and more).
-    expect(Math.max(...durations), durations.join(", ")).toBeLessThan(400);
+    answeredAtOnce(await both(8));
     expect(count("Redis unavailable, limiting per instance")).toEqual([1, 1]);
   });
 
@@ -230,8 +244,7 @@ describe("two instances on a Redis that stops answering", () => {
   it("answers on both at once when Redis is killed, each logging the change once more", async () => {
     redis.kill("SIGKILL");
     await new Promise((r) => redis.once("exit", r));
-    const durations = await both(8);
-    expect(Math.max(...durations), durations.join(", ")).toBeLessThan(400);
+    answeredAtOnce(await both(8));
     expect(count("Redis unavailable, limiting per instance")).toEqual([2, 2]);
   });
 });
