@@ -423,7 +423,7 @@ function report(
   }
   lines.push(
     `Fleet layout: ${servers.a.name} and ${servers.b.name} on one schema, rate limits on and shared through a Redis of the bench's own (` +
-      `limits out of reach, TESSERA_REDIS_TIMEOUT_MS at its default: ${redisPerRequest.toFixed(2)} Redis commands per request over ${settings.smoke ? 200 : 2_000} requests on both at once, 2 when both limiters (per IP, per principal) reach Redis, fewer when calls past the deadline were counted per instance; peak RSS of either ${(peakRssKb / 1024).toFixed(0)} MiB); ${layout.describe}`,
+      `limits out of reach, TESSERA_REDIS_TIMEOUT_MS at its default: ${redisPerRequest.toFixed(2)} Redis commands per request over ${settings.smoke ? 200 : 2_000} requests on both at once (per IP and per principal, each call reaching Redis one or more commands; 0 would mean every call fell back to per-instance counting past the deadline); peak RSS of either ${(peakRssKb / 1024).toFixed(0)} MiB); ${layout.describe}`,
   );
   if (!layout.ownCores)
     lines.push(
