@@ -20,6 +20,8 @@ export interface H2loadOptions extends LoadShape {
   bodyFile: string;
   /** Where to put the per-request log (deleted after parsing). */
   workDir: string;
+  /** CPU list (taskset syntax) h2load runs on; by default the bench process's own. */
+  cpus?: string;
   /**
    * Open loop: requests per second over all connections (h2load `--rps`, which is per
    * connection: this total divided by `connections`, rounded, at least 1), instead of
@@ -37,6 +39,9 @@ export function rpsPerConnection(totalRps: number, connections: number): number 
   return Math.max(1, Math.round(totalRps / connections));
 }
 
+/** Runs started so far: several may run at once (one per instance of a fleet), each with its own log. */
+let runs = 0;
+
 /**
  * Run h2load over HTTP/2 + TLS and compute the statistics from its per-request log
  * (`--log-file`: start time, status, microseconds), since h2load itself prints only
@@ -48,7 +53,7 @@ export function rpsPerConnection(totalRps: number, connections: number): number 
  * succeeded. They are counted as requests (their latency is real) but not as errors.
  */
 export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
-  const logFile = join(options.workDir, `h2load-${process.pid}-${Date.now()}.log`);
+  const logFile = join(options.workDir, `h2load-${process.pid}-${Date.now()}-${++runs}.log`);
   const args = [
     "-c",
     String(options.connections),
@@ -70,6 +75,9 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
     );
   for (const [k, v] of Object.entries(options.headers)) args.push("-H", `${k}: ${v}`);
   args.push(options.url);
+  const [command, argv]: [string, string[]] = options.cpus
+    ? ["taskset", ["-c", options.cpus, "h2load", ...args]]
+    : ["h2load", args];
   let cpuAtStart: number | undefined;
   const warmup = options.requests === undefined ? (options.warmupSeconds ?? 1) : 0;
   const cpuTimer = options.serverCpuMs
@@ -78,7 +86,7 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
       }, warmup * 1000)
     : undefined;
   const stdout = await new Promise<string>((resolve, reject) => {
-    execFile("h2load", args, { maxBuffer: 16 * 1024 * 1024 }, (err, out, errOut) => {
+    execFile(command, argv, { maxBuffer: 16 * 1024 * 1024 }, (err, out, errOut) => {
       if (err && !out) reject(new Error(`h2load failed: ${err.message}\n${errOut}`));
       else resolve(out);
     });

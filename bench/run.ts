@@ -53,6 +53,7 @@ import {
   type OpenLoop,
 } from "./latency.js";
 import { runNodeLoad } from "./node-load.js";
+import { fleetLayout, measureFleet } from "./pg-fleet.js";
 import {
   benchServerEnv,
   machineCpuMs,
@@ -141,7 +142,8 @@ if (flags.help) {
   --database postgres also run the JWT and PAT scenarios on PostgreSQL (pg-jwt-hs256, pg-pat; the same
                       without the state cache: pg-nocache-*), side by side with SQLite's in the same
                       rounds, then count PostgreSQL scans per request and measure revocation
-                      propagation between two instances under load (pg-revoke)
+                      propagation between two instances under load (pg-revoke), and two instances on one
+                      schema and one Redis against one, connections split (pg-fleet; bench/pg-fleet.ts)
   --pg-url <url>      PostgreSQL for --database postgres (default postgres://postgres@127.0.0.1:5432/test);
                       each server gets a schema of its own, dropped at the end
   --no-pin            do not pin servers and load generators to separate CPUs (see below)
@@ -212,6 +214,8 @@ const PG_URL = flags["pg-url"] ?? "postgres://postgres@127.0.0.1:5432/test";
 /** PostgreSQL findings of --database postgres, for the report. */
 const pgLines: string[] = [];
 const pgSchemas: string[] = [];
+/** Targets the fleet scenario could measure (bench/pg-fleet.ts; only with ≥ 4 CPUs). */
+const fleetTargets: TargetResult[] = [];
 const wanted = (id: string) => !only || only.test(id);
 
 // ---------------------------------------------------------------------------------------------
@@ -1533,18 +1537,27 @@ async function run(): Promise<void> {
   const pgServers: Record<string, { server: ServerProcess; schema: string; pat: string; userToken: string }> =
     {};
   const pgMasterKey = randomBytes(32).toString("base64");
-  const startPg = async (name: string, schema: string, extra: Record<string, string> = {}) =>
-    startTessera(launcher, certDir, adminPassword, name, {
-      TESSERA_JWT_SECRET: jwtSecret,
-      TESSERA_DATABASE_URL: `${PG_URL}${PG_URL.includes("?") ? "&" : "?"}schema=${schema}`,
-      TESSERA_MASTER_KEY: pgMasterKey,
-      ...extra,
-    });
+  const startPg = async (name: string, schema: string, extra: Record<string, string> = {}, cpus?: string) =>
+    startTessera(
+      launcher,
+      certDir,
+      adminPassword,
+      name,
+      {
+        TESSERA_JWT_SECRET: jwtSecret,
+        TESSERA_DATABASE_URL: `${PG_URL}${PG_URL.includes("?") ? "&" : "?"}schema=${schema}`,
+        TESSERA_MASTER_KEY: pgMasterKey,
+        ...extra,
+      },
+      cpus ? { cpus } : {},
+    );
   if (flags.database === "postgres") {
     for (const [name, extra] of [
       ["pg", {}],
       ["pg-nocache", { TESSERA_STATE_CACHE_SIZE: "0" }],
     ] as const) {
+      // Not started for nothing (`--only '^pg-fleet$'` starts servers of its own).
+      if (![`${name}-jwt-hs256`, `${name}-pat`].some(wanted)) continue;
       const schema = `bench_${name.replace("-", "_")}_${randomBytes(4).toString("hex")}`;
       pgSchemas.push(schema);
       const server = await startPg(name, schema, extra);
@@ -1667,6 +1680,28 @@ async function run(): Promise<void> {
   }
 
   if (flags.database === "postgres") await measurePostgres(selected, pgServers, startPg, tls);
+  if (flags.database === "postgres" && wanted("pg-fleet")) {
+    const fleet = await measureFleet({
+      settings,
+      // All the machine's CPUs: this process is pinned to the generators' by now, and availableParallelism() follows that.
+      layout: fleetLayout(cpuList().length, pinning),
+      tls,
+      work,
+      newSchema: () => {
+        const schema = `bench_fleet_${randomBytes(4).toString("hex")}`;
+        pgSchemas.push(schema);
+        return schema;
+      },
+      start: startPg,
+      seed: (server) => seedUser(server, adminPassword, user, tls),
+      bodyFile: EMPTY_BODY,
+      protocolHeaders,
+      log,
+    });
+    results.push(...fleet.rows);
+    pgLines.push(...fleet.lines);
+    fleetTargets.push(...fleet.targets);
+  }
 
   // ---- first use of a personal access token: PBKDF2 (600k) once, then the verified-secret cache
   if (pat && wanted("first-use")) {
@@ -2133,6 +2168,7 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
       met: r.ratioToRaw >= 0.4,
     });
   }
+  targets.push(...fleetTargets);
   return targets;
 }
 
