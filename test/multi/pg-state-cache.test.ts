@@ -23,6 +23,7 @@ import {
   type TestServer,
   testConfig,
 } from "../helpers.js";
+import { scanChildStderr } from "../log-scan-suite.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 
 /**
@@ -66,6 +67,7 @@ function serveB(env: Record<string, string> = {}): Promise<{ child: ChildProcess
       ...env,
     },
   });
+  scanChildStderr(child);
   return new Promise((resolve, reject) => {
     let stderr = "";
     child.stdout.resume();
