@@ -12,6 +12,13 @@ export interface AccessLog {
   isLevelEnabled(level: string): boolean;
   /** Write one complete line (ending in "\n"). */
   writeLine(line: string): void;
+  /**
+   * When present, a call's line is written through a logger instead (an app given a logger
+   * of its own: {@link accessLogOf}): its fields at `level`, message "access", so that the
+   * logger's formatters, timestamp, base, mixin, bindings and streams apply. `writeLine` is
+   * then not used.
+   */
+  writeFields?(level: string, fields: Record<string, unknown>): void;
 }
 
 /** Access lines lost because the access log's buffer was full (process-wide, like stderr itself). */
@@ -235,13 +242,14 @@ export function createAccessLog(level: string, onDrop?: () => void): AccessLogWr
 }
 
 /**
- * Access lines through a pino logger's own destination, under its level: what an app created
- * without an access log of its own uses (tests give a logger that captures lines).
+ * Access lines through a pino logger, under its level: what an app given a logger of its own
+ * (and no access log) uses. Written as `logger[level](fields, "access")`, so that the
+ * logger's formatters, timestamp, base, mixin, child bindings and a `pino.multistream`'s
+ * level routing apply to them as to any other line (writing raw lines into its stream
+ * bypassed all of them: after an `error` line a multistream sent the next access line to
+ * its error sink). The hand-built fast writer is only for `tessera serve`'s own stderr.
  */
 export function accessLogOf(logger: Logger): AccessLog {
-  const stream = (logger as unknown as Record<symbol, { write(line: string): unknown }>)[
-    pino.symbols.streamSym
-  ]!;
   return {
     get level() {
       return logger.level;
@@ -251,7 +259,16 @@ export function accessLogOf(logger: Logger): AccessLog {
     },
     isLevelEnabled: (level) => logger.isLevelEnabled(level),
     writeLine: (line) => {
-      stream.write(line);
+      // Only a caller that built a line itself comes here: parsed back into fields.
+      const { level, time: _time, msg, ...fields } = JSON.parse(line) as Record<string, unknown>;
+      const name = typeof level === "number" ? (pino.levels.labels[level] ?? "info") : "info";
+      (logger[name as "info"] as (obj: object, msg?: string) => void)(
+        fields,
+        typeof msg === "string" ? msg : "",
+      );
+    },
+    writeFields: (level, fields) => {
+      (logger[level as "info"] as (obj: object, msg: string) => void)(fields, "access");
     },
   };
 }

@@ -135,8 +135,33 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     }
     // A shed call is logged in aggregate, one line per interval (admission/shedding.ts).
     if (level === undefined || state.aggregated || !log.isLevelEnabled(level)) return;
-    log.writeLine(accessLine(state, method, protocol, code, seconds, levelNumber));
+    if (log.writeFields !== undefined)
+      log.writeFields(level, accessFields(state, method, protocol, code, seconds));
+    else log.writeLine(accessLine(state, method, protocol, code, seconds, levelNumber));
   };
+
+  /** The access line's fields, for a logger (an app given its own): the same as {@link accessLine}'s. */
+  function accessFields(
+    state: RequestState,
+    method: DescMethod,
+    protocol: UnaryProtocol,
+    code: number,
+    seconds: number,
+  ): Record<string, unknown> {
+    const principal = state.principal;
+    return {
+      requestId: state.requestId,
+      method: methodName(method),
+      protocol,
+      code: code === 0 ? "ok" : codeToString(code),
+      ...(code === 0 ? {} : { reason: reasonOf(state, code) }),
+      durationMs: Math.round(seconds * 1e6) / 1000,
+      ...(principal === null
+        ? {}
+        : { principalKind: principal.kind, principalId: principal.id, authMethod: principal.method }),
+      ip: state.ip,
+    };
+  }
 
   /**
    * The access line, in the format of a pino line (`level`, `time`, `service`, the fields,

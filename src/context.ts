@@ -43,6 +43,13 @@ export interface RequestState {
    * aggregate: no access line of its own (call-observer.ts); still counted in the metrics.
    */
   aggregated?: true;
+  /**
+   * What an audited call acted on, named by its handler where the request alone cannot
+   * say (a created object's id, the user a Login or a refresh token resolved to): see
+   * AUDIT_TARGETS in admission/audit.ts. `tenantId` only when no principal gives the
+   * record one (a failed Login of a user that exists).
+   */
+  audited?: { targetId: string; tenantId?: string };
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /**

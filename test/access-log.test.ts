@@ -3,9 +3,10 @@ import { closeSync, mkdtempSync, openSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { type AccessLog, AccessLogWriter } from "../src/access-log.js";
+import { type AccessLog, AccessLogWriter, accessLogOf } from "../src/access-log.js";
 import { createCallObserver } from "../src/call-observer.js";
 import type { RequestState } from "../src/context.js";
 
@@ -219,5 +220,65 @@ describe("the access line", () => {
     log.isLevelEnabled = () => true;
     observe(state, {}, method, "connect", 0);
     expect((JSON.parse(lines[0]!) as { level: number }).level).toBe(20);
+  });
+
+  it("goes through an app's own logger: its formatters, base, mixin, bindings and multistream routing apply", () => {
+    const infoSink: string[] = [];
+    const errorSink: string[] = [];
+    const streams = pino.multistream([
+      { level: "info", stream: { write: (s: string) => void infoSink.push(s) } },
+      { level: "error", stream: { write: (s: string) => void errorSink.push(s) } },
+    ]);
+    const logger = pino(
+      {
+        level: "info",
+        base: { service: "svc-under-test" },
+        mixin: () => ({ mixed: true }),
+        formatters: { level: (label) => ({ level: label }) },
+        timestamp: pino.stdTimeFunctions.isoTime,
+      },
+      streams,
+    ).child({ component: "edge" });
+    const observe = createCallObserver({
+      metrics: undefined,
+      log: accessLogOf(logger),
+      access: "info",
+      prefixes,
+    })!;
+    const state = {
+      requestId: "req-2",
+      ip: "192.0.2.7",
+      certificate: null,
+      principal: { kind: "user", method: "jwt", id: "u-1", tenantId: "t", scopes: [] },
+      startedAt: performance.now() - 3,
+    } as unknown as RequestState;
+    // An error line first: a raw write into the multistream used to follow it to the error sink.
+    logger.error("boom");
+    observe(state, {}, method, "connect", 0);
+    observe({ ...state, principal: null }, {}, method, "grpc", 16);
+    expect(errorSink.map((l) => JSON.parse(l).msg)).toEqual(["boom"]);
+    const access = infoSink.map((l) => JSON.parse(l)).filter((l) => l.msg === "access");
+    expect(access).toHaveLength(2);
+    expect(access[0]).toMatchObject({
+      level: "info",
+      service: "svc-under-test",
+      mixed: true,
+      component: "edge",
+      requestId: "req-2",
+      method: "tessera.v1.UserService/GetCurrentUser",
+      protocol: "connect",
+      code: "ok",
+      principalKind: "user",
+      principalId: "u-1",
+      authMethod: "jwt",
+      ip: "192.0.2.7",
+    });
+    expect(access[0].time).toMatch(/^\d{4}-\d\d-\d\dT/);
+    expect(access[1]).toMatchObject({ code: "unauthenticated", protocol: "grpc" });
+    expect(access[1]).not.toHaveProperty("principalId");
+    // Under the logger's level: nothing.
+    logger.level = "warn";
+    observe(state, {}, method, "connect", 0);
+    expect(infoSink.filter((l) => JSON.parse(l).msg === "access")).toHaveLength(2);
   });
 });

@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AuditRecord, createAuditLog } from "../src/audit.js";
 import { LastUsedTracker } from "../src/auth/last-used.js";
+import { createMetrics } from "../src/metrics.js";
 import { AuditEventRepository } from "../src/storage/repositories/audit.js";
 import { CredentialRepository } from "../src/storage/repositories/credentials.js";
 import { toMillis } from "../src/storage/sql.js";
@@ -94,6 +95,12 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
     await until(() => audit.stats().depth === 0);
     expect(await countRows(prefix)).toBe(250);
     expect(audit.stats()).toMatchObject({ depth: 0, dropped: 150, written: 250 });
+    // What an operator sees: the scrape says exactly how many were lost and written.
+    const metrics = createMetrics({ sql: env.app.sql, audit, limits: undefined, storage: env.app.storage });
+    const scraped = await metrics.registry.metrics();
+    expect(scraped).toMatch(/^tessera_audit_dropped_total 150$/m);
+    expect(scraped).toMatch(/^tessera_audit_written_total 250$/m);
+    expect(scraped).toMatch(/^tessera_audit_buffer_depth 0$/m);
     await audit.close();
   });
 

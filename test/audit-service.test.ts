@@ -1,10 +1,14 @@
 import { timestampDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AuditService } from "../gen/tessera/v1/audit_service_pb.js";
+import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { AUDIT_TARGETS } from "../src/admission/audit.js";
+import { authRuleFor } from "../src/admission/auth-rule.js";
 import type { App } from "../src/app.js";
 import { Code, rejection } from "./errors-util.js";
 import { clientFor, createTestApp, DATABASES, memoryTransport } from "./helpers.js";
-import { adminLogin, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
 
 describe.each(DATABASES)("AuditService.ListAuditEvents on $name", (db) => {
   let app: App;
@@ -90,7 +94,11 @@ describe.each(DATABASES)("AuditService.ListAuditEvents on $name", (db) => {
     });
     expect(updates.events.map((e) => e.targetId)).toEqual([a.created[0]]);
     const byTarget = await c.listAuditEvents({ targetId: a.created[0]! });
-    expect(byTarget.events.map((e) => e.action)).toEqual(["tessera.v1.UserService/UpdateUser"]);
+    // The user's whole history: its creation is recorded under its id too.
+    expect(byTarget.events.map((e) => e.action)).toEqual([
+      "tessera.v1.UserService/UpdateUser",
+      "tessera.v1.UserService/CreateUser",
+    ]);
 
     const one = updates.events[0]!;
     const byRequest = await c.listAuditEvents({ requestId: one.requestId });
@@ -141,5 +149,223 @@ describe.each(DATABASES)("AuditService.ListAuditEvents on $name", (db) => {
     expect(r.error.metadata.get("www-authenticate")).toContain('scope="admin:audit"');
     const anonymous = await rejection(clientFor(AuditService, memoryTransport(app)).listAuditEvents({}));
     expect(anonymous.code).toBe(Code.Unauthenticated);
+  });
+
+  describe("the target of every audited RPC", () => {
+    /** The full names of the audited RPCs, from the descriptors of the services the app serves. */
+    const audited = () =>
+      app.services.flatMap((service) =>
+        service.methods.filter((m) => authRuleFor(m).audit).map((m) => `${service.typeName}/${m.name}`),
+      );
+    /** The newest record of `action` (records are written in batches: flushed first). */
+    async function newest(action: string) {
+      await app.audit.flush();
+      const { events } = await audit(root).listAuditEvents({ action: `tessera.v1.${action}`, pageSize: 1 });
+      expect(events, action).toHaveLength(1);
+      return events[0]!;
+    }
+
+    it("is decided for each one (a new audited RPC without a decision fails here)", () => {
+      const names = audited();
+      expect(names.length).toBeGreaterThanOrEqual(24);
+      expect(names.filter((n) => !(n in AUDIT_TARGETS))).toEqual([]);
+      // And no decision outlives its RPC.
+      expect(Object.keys(AUDIT_TARGETS).filter((n) => !names.includes(n))).toEqual([]);
+    });
+
+    it("names what each call acted on, so that target_id finds an object's whole history", async () => {
+      const t = await tenantWithAdmin(memoryTransport(app), root, [
+        "admin:audit",
+        "admin:users",
+        "admin:tenants",
+        "admin:machine-users",
+      ]);
+      const admin = as(t.token);
+      const username = `u-${short()}`;
+      const password = "a good long password";
+      const login = () =>
+        clients(memoryTransport(app)).users.login({ username, password, tenant: t.tenant.id });
+      const tokens = (token: string) => clientFor(TokenService, memoryTransport(app), token);
+      const machine = await bearerMachine(memoryTransport(app), t.token, [t.application.id]);
+      const m = as(machine.token).machines;
+      const fp = Buffer.alloc(32, Math.floor(Math.random() * 256)).toString("hex");
+      let userId = "";
+      let bindingId = "";
+      let backendId = "";
+      // Each RPC (in the order they can run), with the target its record must name.
+      const drivers: Record<string, () => Promise<string | null>> = {
+        "TenantService/CreateTenant": async () =>
+          (await as(root).tenants.createTenant({ name: `t-${short()}` })).tenant!.id,
+        "TenantService/UpdateTenant": async () => {
+          await as(root).tenants.updateTenant({ id: t.tenant.id, name: `t-${short()}` });
+          return t.tenant.id;
+        },
+        "TenantService/CreateApplication": async () =>
+          (await admin.tenants.createApplication({ name: `a-${short()}` })).application!.id,
+        "TenantService/DeleteApplication": async () => {
+          const { application } = await admin.tenants.createApplication({ name: `a-${short()}` });
+          await admin.tenants.deleteApplication({ id: application!.id });
+          return application!.id;
+        },
+        "UserService/CreateUser": async () => {
+          userId = (await admin.users.createUser({ username, password, scopes: ["admin:audit"] })).user!.id;
+          return userId;
+        },
+        "UserService/Login": async () => {
+          await login();
+          return userId;
+        },
+        "UserService/RefreshToken": async () => {
+          await clients(memoryTransport(app)).users.refreshToken({
+            refreshToken: (await login()).refreshToken,
+          });
+          return userId;
+        },
+        "UserService/Logout": async () => {
+          await clients(memoryTransport(app)).users.logout({ refreshToken: (await login()).refreshToken });
+          return userId;
+        },
+        "UserService/ChangePassword": async () => {
+          const token = (await login()).accessToken;
+          await as(token).users.changePassword({ currentPassword: password, newPassword: password });
+          return userId;
+        },
+        "TokenService/CreatePersonalAccessToken": async () =>
+          (await tokens((await login()).accessToken).createPersonalAccessToken({ name: "pat" })).id,
+        "TokenService/RevokePersonalAccessToken": async () => {
+          const c = tokens((await login()).accessToken);
+          const { id } = await c.createPersonalAccessToken({ name: "pat" });
+          await c.revokePersonalAccessToken({ id });
+          return id;
+        },
+        "TokenService/CreateApiKey": async () =>
+          (await tokens((await login()).accessToken).createApiKey({ name: "key" })).id,
+        "TokenService/RevokeApiKey": async () => {
+          const c = tokens((await login()).accessToken);
+          const { id } = await c.createApiKey({ name: "key" });
+          await c.revokeApiKey({ id });
+          return id;
+        },
+        "UserService/UpdateUser": async () => {
+          await admin.users.updateUser({ id: userId, disabled: false });
+          return userId;
+        },
+        "MachineUserService/CreateMachineUser": async () =>
+          (await bearerMachine(memoryTransport(app), t.token, [])).machine.id,
+        "MachineUserService/UpdateMachineUser": async () => {
+          await admin.machines.updateMachineUser({ id: machine.machine.id, name: `mu-${short()}` });
+          return machine.machine.id;
+        },
+        "MachineUserService/BindCertificate": async () => {
+          const { binding } = await admin.machines.bindCertificate({
+            machineUserId: machine.machine.id,
+            identity: { case: "sha256Fingerprint", value: fp },
+          });
+          bindingId = binding!.id;
+          return machine.machine.id;
+        },
+        "MachineUserService/UnbindCertificate": async () => {
+          await admin.machines.unbindCertificate({
+            machineUserId: machine.machine.id,
+            identity: { case: "bindingId", value: bindingId },
+          });
+          return machine.machine.id;
+        },
+        "MachineUserService/RegisterBackend": async () => {
+          backendId = (
+            await m.registerBackend({
+              callbackUrl: `https://backend-${short()}.example/cb`,
+              version: "1",
+              applicationId: t.application.id,
+            })
+          ).backendId;
+          return backendId;
+        },
+        "MachineUserService/IssueAccessToken": async () => {
+          await m.issueAccessToken({});
+          return machine.machine.id;
+        },
+        "MachineUserService/DeregisterBackend": async () => {
+          await admin.machines.deregisterBackend({ id: backendId });
+          return backendId;
+        },
+        "MachineUserService/RotateMachineUserCredentials": async () => {
+          await admin.machines.rotateMachineUserCredentials({ id: machine.machine.id });
+          return machine.machine.id;
+        },
+        "MachineUserService/DeleteMachineUser": async () => {
+          await admin.machines.deleteMachineUser({ id: machine.machine.id });
+          return machine.machine.id;
+        },
+        "UserService/DeleteUser": async () => {
+          await admin.users.deleteUser({ id: userId });
+          return userId;
+        },
+      };
+      // Every audited RPC has a driver here: one added without a target decision fails.
+      expect(
+        audited()
+          .map((n) => n.replace(/^tessera\.v1\./, ""))
+          .sort(),
+      ).toEqual(Object.keys(drivers).sort());
+      // A * caller's records are in its own tenant (the default one).
+      const rootTenant = (await as(root).users.getCurrentUser({})).tenantId;
+      const asRoot = new Set(["TenantService/CreateTenant", "TenantService/UpdateTenant"]);
+      for (const [action, drive] of Object.entries(drivers)) {
+        const target = await drive();
+        const event = await newest(action);
+        expect([action, event.outcome, event.targetId], action).toEqual([action, "success", target]);
+        // Recorded in the tenant the object is in: its admins see it.
+        expect([action, event.tenantId], action).toEqual([
+          action,
+          asRoot.has(action) ? rootTenant : t.tenant.id,
+        ]);
+      }
+      // The user's whole history, its creation included, under its id.
+      const history = await audit(t.token).listAuditEvents({ targetId: userId, pageSize: 200 });
+      expect(history.events.at(-1)!.action).toBe("tessera.v1.UserService/CreateUser");
+      expect(history.events[0]!.action).toBe("tessera.v1.UserService/DeleteUser");
+    });
+
+    it("records a failed Login of an existing user in its tenant, and an unknown username exactly as before", async () => {
+      const t = await tenantWithAdmin(memoryTransport(app), root, ["admin:audit", "admin:users"]);
+      const username = `u-${short()}`;
+      const { user } = await as(t.token).users.createUser({ username, password: "a good long password" });
+      const anonymous = clientFor(UserService, memoryTransport(app));
+      await rejection(anonymous.login({ username, password: "wrong guess 1", tenant: t.tenant.id }));
+      // The tenant's admin sees the guessing against its user.
+      await app.audit.flush();
+      const seen = await audit(t.token).listAuditEvents({
+        action: "tessera.v1.UserService/Login",
+        outcome: "failure",
+      });
+      expect(seen.events.map((e) => [e.outcome, e.reason, e.targetId, e.actorKind, e.actorId])).toEqual([
+        ["failure", "CREDENTIALS_INVALID", user!.id, "anonymous", ""],
+      ]);
+      // No password anywhere in it.
+      expect(JSON.stringify(seen.events, (_k, v) => (typeof v === "bigint" ? `${v}` : v))).not.toContain(
+        "wrong guess",
+      );
+
+      // A username that does not exist: no tenant, no target (what a record said before
+      // the targets), whatever tenant was named: the record is no oracle of existence.
+      const ghost = `ghost-${short()}`;
+      await rejection(anonymous.login({ username: ghost, password: "wrong guess 2", tenant: t.tenant.id }));
+      await rejection(anonymous.login({ username: ghost, password: "wrong guess 3" }));
+      const unknown = await newest("UserService/Login");
+      expect(unknown).toMatchObject({
+        outcome: "failure",
+        reason: "CREDENTIALS_INVALID",
+        tenantId: "",
+        targetId: "",
+        actorKind: "anonymous",
+        actorId: "",
+      });
+      const inTenant = await audit(t.token).listAuditEvents({
+        action: "tessera.v1.UserService/Login",
+        outcome: "failure",
+      });
+      expect(inTenant.events).toHaveLength(1);
+    });
   });
 });

@@ -66,7 +66,11 @@ describe("tessera audit list", () => {
     const revoked = json<{ events: ListedEvent[] }>(
       await tessera(["audit", "list", "--target", tokenId, "--since", "1h", "--output", "json"]),
     ).events;
-    expect(revoked.map((e) => e.action)).toEqual(["tessera.v1.TokenService/RevokePersonalAccessToken"]);
+    // The token's whole history, its creation included (the record names the created id).
+    expect(revoked.map((e) => e.action)).toEqual([
+      "tessera.v1.TokenService/RevokePersonalAccessToken",
+      "tessera.v1.TokenService/CreatePersonalAccessToken",
+    ]);
     const logins = json<{ events: ListedEvent[] }>(
       await tessera([
         "audit",

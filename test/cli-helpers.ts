@@ -1,6 +1,7 @@
 import { execFile } from "node:child_process";
 import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
+import { scanChildStderr } from "./log-scan-suite.js";
 
 const BIN = fileURLToPath(new URL("../bin/tessera.js", import.meta.url));
 
@@ -26,6 +27,8 @@ export function runCli(args: string[], env: Record<string, string>, input = ""):
         resolve({ code: err ? (err as unknown as { code: number }).code : 0, stdout, stderr });
       },
     );
+    // Its stderr only: stdout is where the CLI shows a created token, once, by design.
+    scanChildStderr(child);
     child.stdin!.end(input);
   });
 }

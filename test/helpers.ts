@@ -17,6 +17,7 @@ import type { Clock } from "../src/clock.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
 import { startServer, type TesseraServer } from "../src/server.js";
 import { initORM } from "../src/storage/orm.js";
+import { LOG_SCAN_DIR, scanDestination } from "./log-scan-suite.js";
 
 /** The databases every storage-dependent test runs against. */
 export interface TestDatabase {
@@ -51,13 +52,10 @@ export const TEST_MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
  * line holds a secret (a PBKDF2 hash, a token of any kind, a private key, the test
  * passwords): the scan of the whole suite's logs (`npm test` with the variable set).
  */
-export const LOG_SCAN_DIR = process.env.TESSERA_TEST_LOG_SCAN || undefined;
-export const silentLogger = LOG_SCAN_DIR
-  ? pino(
-      { level: "trace" },
-      pino.destination({ dest: join(LOG_SCAN_DIR, `${process.pid}.log`), sync: true, mkdir: true }),
-    )
-  : pino({ level: "silent" });
+export { LOG_SCAN_DIR };
+
+const scanFile = scanDestination();
+export const silentLogger = scanFile ? pino({ level: "trace" }, scanFile) : pino({ level: "silent" });
 
 /** The transport test servers use (`server.transport`), when the run names one (vitest.config.ts). */
 const TRANSPORT = process.env.TESSERA_TRANSPORT as "fast" | "connect" | undefined;

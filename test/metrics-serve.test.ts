@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
+import { scanChildStderr } from "./log-scan-suite.js";
 
 const ROOT = join(import.meta.dirname, "..");
 const TSX = join(ROOT, "node_modules", ".bin", "tsx");
@@ -35,6 +36,7 @@ describe("tessera serve with metrics and the access log", () => {
       },
     });
     children.push(child);
+    scanChildStderr(child);
     const out = { stderr: "" };
     child.stderr.on("data", (d) => {
       out.stderr += d;

@@ -20,7 +20,7 @@ import {
   testConfig,
   withHeaders,
 } from "./helpers.js";
-import { SECRET_PATTERNS } from "./log-scan-suite.js";
+import { SECRET_PATTERNS, scannedSink } from "./log-scan-suite.js";
 
 /**
  * GET /metrics (issue 21 item 3) and the access log (item 6), driven through a real server
@@ -72,7 +72,7 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
         // A small failure budget, so that a few bad tokens are refused by the limiter.
         rateLimit: { enabled: true, authFailuresPerIpPerMinute: 3 },
       }),
-      { logger: pino({ level: "info" }, sink) },
+      { logger: pino({ level: "info" }, scannedSink(sink)) },
     );
     server = await startServer(app);
     metrics = await startMetricsServer(app.metrics!, "127.0.0.1:0", app.logger);
@@ -542,7 +542,7 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
       const u = db.url();
       const other = await createApp(
         testConfig(u, { server: { certDir: certs.dir }, log: { level: "debug", access } }),
-        { logger: pino({ level: "debug" }, sink) },
+        { logger: pino({ level: "debug" }, scannedSink(sink)) },
       );
       const s = await startServer(other);
       try {

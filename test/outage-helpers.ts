@@ -7,6 +7,7 @@ import { type App, createApp } from "../src/app.js";
 import type { ConfigInput } from "../src/config.js";
 import { DbProxy } from "./db-proxy.js";
 import { dropSchema, testConfig } from "./helpers.js";
+import { scannedSink } from "./log-scan-suite.js";
 
 /** Log lines a test app wrote (parsed), to assert what was logged and how often. */
 export interface CapturedLog {
@@ -21,7 +22,7 @@ export function capturingLogger(level = "info") {
     count: (msg) =>
       log.lines.filter((l) => (typeof msg === "string" ? l.msg === msg : msg.test(String(l.msg)))).length,
   };
-  const logger = pino({ level }, { write: (s: string) => void log.lines.push(JSON.parse(s)) });
+  const logger = pino({ level }, scannedSink({ write: (s: string) => void log.lines.push(JSON.parse(s)) }));
   return { logger, log };
 }
 

@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
+import { scanChildStderr } from "./log-scan-suite.js";
 
 const ROOT = join(import.meta.dirname, "..");
 const TSX = join(ROOT, "node_modules", ".bin", "tsx");
@@ -15,6 +16,7 @@ function run(args: string[], opts: { cwd?: string; env?: Record<string, string> 
       cwd: opts.cwd ?? ROOT,
       env: { ...process.env, ...opts.env },
     });
+    scanChildStderr(child);
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d) => (stdout += d));
@@ -92,6 +94,7 @@ describe("server commands", () => {
         TESSERA_PASSWORD_ITERATIONS: "1000",
       },
     });
+    scanChildStderr(child);
     children.push(child);
     let stdout = "";
     let stderr = "";

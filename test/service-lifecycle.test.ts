@@ -8,6 +8,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initORM } from "../src/storage/orm.js";
 import { DATABASES, dropSchema, TEST_MASTER_KEY } from "./helpers.js";
+import { scanChildStderr } from "./log-scan-suite.js";
 
 const exec = promisify(execFile);
 const ROOT = join(import.meta.dirname, "..");
@@ -30,6 +31,7 @@ afterAll(() => {
 function serve(command: string, args: string[], env: Record<string, string>, cwd = ROOT): Promise<Served> {
   const child = spawn(command, args, { cwd, env: { ...(process.env as Record<string, string>), ...env } });
   children.add(child);
+  scanChildStderr(child);
   let stderr = "";
   const exited = new Promise<number | null>((resolve) =>
     child.once("exit", (code) => {

@@ -1,7 +1,7 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { auditCall, auditReason } from "../admission/audit.js";
+import { auditCall, auditReason, auditTarget } from "../admission/audit.js";
 import type { AuditLog } from "../audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import type { JwtService } from "../auth/jwt.js";
@@ -62,7 +62,7 @@ export async function tokenEndpoint(deps: TokenEndpointDeps, req: OAuthRequest):
 /**
  * Run a grant and record it as the RPC it stands for records its calls (the audit
  * interceptor's and admission's record: actor, tenant, outcome, reason, address, request
- * id; no target, no secret). A refusal by the per-IP limit is counted before and never
+ * id; the target AUDIT_TARGETS decides; no secret). A refusal by the per-IP limit is counted before and never
  * reaches here, as for RPCs.
  */
 async function audited(
@@ -160,6 +160,7 @@ async function refreshToken(deps: TokenEndpointDeps, req: OAuthRequest): Promise
     pair = await deps.sessions.rotate(deps.storage.em.fork(), token, {
       ...(requested !== undefined ? { scopes: requested } : {}),
       ...(owner !== undefined ? { owner } : {}),
+      resolved: (user) => auditTarget(req.state, user.id, user.tenantId),
     });
   } catch (err) {
     rethrow(err, requested !== undefined ? "scope" : "grant");

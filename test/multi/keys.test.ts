@@ -25,6 +25,7 @@ import {
   TEST_MASTER_KEY,
   testConfig,
 } from "../helpers.js";
+import { scanChildStderr } from "../log-scan-suite.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 const MAIN = join(ROOT, "src", "main.ts");
@@ -73,6 +74,7 @@ function serve(
     ...extra,
   };
   const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
+  scanChildStderr(child);
   children.add(child);
   child.once("exit", () => children.delete(child));
   return new Promise((resolve, reject) => {

@@ -7,6 +7,7 @@ import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
 import { initORM } from "../../src/storage/orm.js";
 import { dropSchema, POSTGRES, TEST_MASTER_KEY } from "../helpers.js";
+import { scanChildStderr } from "../log-scan-suite.js";
 import { killAll, MAIN, ROOT, serve, stop } from "./processes.js";
 
 const INSTANCES = 3;
@@ -39,6 +40,7 @@ function run(args: string[], env: Record<string, string>): Promise<Exited> {
   const started = performance.now();
   return new Promise((resolve) => {
     const child = spawn(process.execPath, ["--import", "tsx", MAIN, ...args], { cwd: ROOT, env });
+    scanChildStderr(child);
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d) => (stdout += d));

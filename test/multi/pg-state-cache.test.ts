@@ -24,6 +24,7 @@ import {
   type TestServer,
   testConfig,
 } from "../helpers.js";
+import { scanChildStderr } from "../log-scan-suite.js";
 import {
   adminLogin,
   basic,
@@ -75,6 +76,7 @@ function serveB(env: Record<string, string> = {}): Promise<{ child: ChildProcess
       ...env,
     },
   });
+  scanChildStderr(child);
   return new Promise((resolve, reject) => {
     let stderr = "";
     child.stdout.resume();

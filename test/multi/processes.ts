@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
+import { scanChildStderr } from "../log-scan-suite.js";
 
 /** The repository root and the CLI's entry point, run through tsx as `npm start` does. */
 export const ROOT = join(import.meta.dirname, "..", "..");
@@ -16,6 +17,7 @@ export function serve(
 ): Promise<{ url: string; child: ChildProcess; metricsUrl?: string }> {
   const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], { cwd: ROOT, env });
   children.add(child);
+  scanChildStderr(child);
   child.once("exit", () => children.delete(child));
   return new Promise((resolve, reject) => {
     let stderr = "";

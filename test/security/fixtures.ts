@@ -1,5 +1,6 @@
 import { Writable } from "node:stream";
 import { type Logger, pino } from "pino";
+import { scannedSink } from "../log-scan-suite.js";
 
 /**
  * Fixtures the adversarial suite (test/security/) shares: what several of its files wrote
@@ -60,5 +61,5 @@ export function captureLogs(level: pino.LevelWithSilent = "info"): {
       done();
     },
   });
-  return { logger: pino({ level }, sink), raw, lines };
+  return { logger: pino({ level }, scannedSink(sink)), raw, lines };
 }

@@ -5,9 +5,11 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { auditTarget } from "../../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { formatScopes } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
+import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { countCredentialCreation } from "../../rate-limit.js";
 import { commitCreation } from "../../storage/commit-outcome.js";
@@ -103,6 +105,7 @@ export function machineUserAdminHandlers(
         throw err;
       }
       if (created === undefined) throw new Error("the machine user's transaction ended without it");
+      auditTarget(requestState(ctx.values), id);
       return {
         machineUser: await toProto(ctx, created),
         token: credential.token,

@@ -5,6 +5,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { auditTarget } from "../../admission/audit.js";
 import { assertMayManage } from "../../auth/authority.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
@@ -90,6 +91,7 @@ export function machinePrincipalHandlers(
         e.clear();
         backend = await upsert();
       }
+      auditTarget(requestState(ctx.values), backend.id);
       return { success: true, backendId: backend.id, message: "Backend registered successfully" };
     },
 

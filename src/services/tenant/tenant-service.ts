@@ -9,9 +9,11 @@ import type {
   TenantSchema,
   TenantService,
 } from "../../../gen/tessera/v1/tenant_service_pb.js";
+import { auditTarget } from "../../admission/audit.js";
 import { assertMayManage } from "../../auth/authority.js";
 import { isSuperuser } from "../../auth/principal.js";
 import { parseScopeString } from "../../auth/scopes.js";
+import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
@@ -115,6 +117,7 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         updatedAt: now,
       });
       await flushUnique(ctx, "a tenant with this name exists");
+      auditTarget(requestState(ctx.values), tenant.id);
       return { tenant: tenantToProto(tenant) };
     },
 
@@ -176,6 +179,7 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         createdAt: new Date(),
       });
       await flushUnique(ctx, "an application with this name exists in the tenant");
+      auditTarget(requestState(ctx.values), app.id);
       return { application: applicationToProto(app) };
     },
 

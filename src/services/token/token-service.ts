@@ -8,11 +8,13 @@ import {
   type TokenMetadataSchema,
   type TokenService,
 } from "../../../gen/tessera/v1/token_service_pb.js";
+import { auditTarget } from "../../admission/audit.js";
 import { mayManage } from "../../auth/authority.js";
 import { hashSecret } from "../../auth/password.js";
 import type { Principal } from "../../auth/principal.js";
 import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
 import { generateToken, tokenHint } from "../../auth/token-format.js";
+import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
 import { commitCreation } from "../../storage/commit-outcome.js";
@@ -139,6 +141,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       { kind: label[kind], id: row.id },
       async () => (await deps.storage.em.fork().count(ApiToken, { id: row.id })) > 0,
     );
+    auditTarget(requestState(ctx.values), row.id);
     return { row, token: generated.token };
   }
 

@@ -115,11 +115,17 @@ export class SessionIssuer {
    * refused narrowing costs the client nothing). The session keeps the user's scopes.
    * `options.owner`: the user the token must belong to (a client that authenticated),
    * else TOKEN_INVALID, before it is spent.
+   * `options.resolved`: told the token's user once known (the audit record's target), a
+   * re-use included: the record of a theft names whose session it was.
    */
   async rotate(
     em: EntityManager,
     refreshToken: string,
-    options: { scopes?: readonly string[]; owner?: string } = {},
+    options: {
+      scopes?: readonly string[];
+      owner?: string;
+      resolved?: (user: { id: string; tenantId: string }) => void;
+    } = {},
   ): Promise<TokenPair> {
     const row = refreshToken.startsWith(REFRESH_TOKEN_PREFIX)
       ? await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(refreshToken) })
@@ -138,12 +144,17 @@ export class SessionIssuer {
       : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
     if (spent === 0) {
       await this.revokeFamily(em, row.familyId);
+      if (options.resolved) {
+        const owner = await em.findOne(User, { id: row.userId });
+        if (owner) options.resolved(owner);
+      }
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
     if (row.expiresAt.getTime() <= now.getTime())
       throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
     const user = await em.findOne(User, { id: row.userId });
     if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
+    options.resolved?.(user);
     const tenant = await em.findOne(Tenant, { id: user.tenantId });
     if (user.disabled || !tenant || tenant.disabled)
       throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
@@ -159,11 +170,23 @@ export class SessionIssuer {
     return pair;
   }
 
-  /** Revoke the family of a refresh token; unknown tokens are ignored (logout is idempotent). */
-  async logout(em: EntityManager, refreshToken: string): Promise<void> {
+  /**
+   * Revoke the family of a refresh token; unknown tokens are ignored (logout is idempotent).
+   * `resolved`: told the token's user (the audit record's target).
+   */
+  async logout(
+    em: EntityManager,
+    refreshToken: string,
+    resolved?: (user: { id: string; tenantId: string }) => void,
+  ): Promise<void> {
     if (!refreshToken.startsWith(REFRESH_TOKEN_PREFIX)) return;
     const row = await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(refreshToken) });
-    if (row) await this.revokeFamily(em, row.familyId);
+    if (!row) return;
+    await this.revokeFamily(em, row.familyId);
+    if (resolved) {
+      const user = await em.findOne(User, { id: row.userId });
+      if (user) resolved(user);
+    }
   }
 
   /** End one session: its access tokens first (they are what an attacker holds), then its refresh tokens. */

@@ -4,6 +4,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { UserSchema, UserService } from "../../../gen/tessera/v1/user_service_pb.js";
+import { auditTarget } from "../../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
@@ -124,6 +125,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         await attempt?.cancelled();
         throw err;
       }
+      // A user that exists is named in the record, in its tenant, so that the tenant's
+      // admins see guessing against their users; an unknown username is recorded exactly as
+      // before (no tenant, no target): the record of a name is not an oracle of its existence.
+      if (user) auditTarget(state, user.id, user.tenantId);
       if (!user || !ok || user.disabled || !tenant || tenant.disabled) {
         await attempt?.failed();
         throw new TesseraError("CREDENTIALS_INVALID", GENERIC_LOGIN_FAILURE);
@@ -150,7 +155,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
 
     async refreshToken(req, ctx) {
       if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
-      const pair = await sessions.rotate(em(ctx), req.refreshToken);
+      const state = requestState(ctx.values);
+      const pair = await sessions.rotate(em(ctx), req.refreshToken, {
+        resolved: (user) => auditTarget(state, user.id, user.tenantId),
+      });
       return {
         accessToken: pair.accessToken,
         accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
@@ -162,7 +170,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
 
     async logout(req, ctx) {
       if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
-      await sessions.logout(em(ctx), req.refreshToken);
+      const state = requestState(ctx.values);
+      await sessions.logout(em(ctx), req.refreshToken, (user) => auditTarget(state, user.id, user.tenantId));
       return {};
     },
 
@@ -269,6 +278,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         updatedAt: now,
       });
       await em(ctx).flush();
+      auditTarget(requestState(ctx.values), user.id);
       return { user: userToProto(user) };
     },
 
