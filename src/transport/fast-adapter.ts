@@ -30,15 +30,8 @@ import {
   type WireError,
   writeUnaryAnswer,
 } from "./early-answers.js";
-import {
-  AdapterRequest,
-  bodyOf,
-  closeReason,
-  protocolOf,
-  RequestSignal,
-  writeErrorResponse,
-  writeResponse,
-} from "./node-bridge.js";
+import { AdapterRequest, bodyOf, closeReason, RequestSignal } from "./node-bridge.js";
+import { protocolOf, writeErrorResponse, writeResponse } from "./node-response.js";
 import type { StockDispatch } from "./stock-adapter.js";
 import {
   type NodeRequest,
