@@ -5,8 +5,8 @@ import { createStockDispatch } from "./stock-adapter.js";
 import { serveRequests } from "./stream-server.js";
 
 /**
- * The transport boundary: what speaks the wire for the RPC paths. server.ts builds one with
- * {@link createTransport} and installs its request handler with {@link installTransport};
+ * The transport boundary: what speaks the wire for the RPC paths. server/request-handler.ts
+ * builds one with {@link createTransport}, server.ts installs it with {@link installTransport};
  * nothing else of src/transport/ is its concern.
  *
  * - `fast` (the default): Tessera's own bridge between Node and Connect's router

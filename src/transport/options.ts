@@ -13,10 +13,10 @@ import type { CallErrorHook, UnaryProtocol } from "./unary-protocols.js";
  */
 
 /**
- * What {@link createConnectHandler} returns: a request listener whose `stream` serves
- * the HTTP/2 streams the unary handlers answer, as a StreamRequest without a response
- * object. `prepare`, when given, runs on that request before anything else (server.ts
- * attaches its request state there).
+ * What `createConnectHandler` (fast-adapter.ts) returns: a request listener whose `stream`
+ * serves the HTTP/2 streams the unary handlers answer, as a StreamRequest without a response
+ * object. `prepare`, when given, runs on that request before anything else
+ * (server/request-handler.ts attaches its request state there).
  */
 export interface ConnectHandler extends StreamingHandler {
   stream(
@@ -28,7 +28,7 @@ export interface ConnectHandler extends StreamingHandler {
   methodOf(url: string | undefined): DescMethod | undefined;
 }
 
-/** Options of {@link createConnectHandler}: those of `connectNodeAdapter`. */
+/** Options of `createConnectHandler`: those of `connectNodeAdapter`. */
 export interface ConnectHandlerOptions extends ConnectRouterOptions {
   routes(router: ConnectRouter): void;
   contextValues?: (req: NodeRequest) => ContextValues;
