@@ -3,18 +3,8 @@ import type { OutgoingHttpHeaders } from "node:http";
 import { compressionNegotiate, readAllBytes } from "@connectrpc/connect/protocol";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import { invokeUnary, UnaryCall } from "./unary-call.js";
-import {
-  asConnectError,
-  CALL_DONE,
-  callError,
-  H,
-  type HandlerOptions,
-  headerOf,
-  type Lookup,
-  nodeHeaders,
-  type UnaryHandler,
-  type UnarySpec,
-} from "./unary-core.js";
+import type { HandlerOptions, Lookup, UnaryHandler, UnarySpec } from "./unary-core.js";
+import { asConnectError, CALL_DONE, callError, H, headerOf, nodeHeaders } from "./unary-core.js";
 
 /** The Connect protocol's unary POST, as Connect's `createUnaryHandler` serves it. */
 export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup): UnaryHandler {

@@ -15,18 +15,8 @@ import {
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
 import { invokeUnary, UnaryCall } from "./unary-call.js";
-import {
-  asConnectError,
-  CALL_DONE,
-  callError,
-  H,
-  type HandlerOptions,
-  headerOf,
-  type Lookup,
-  nodeHeaders,
-  type UnaryHandler,
-  type UnarySpec,
-} from "./unary-core.js";
+import type { HandlerOptions, Lookup, UnaryHandler, UnarySpec } from "./unary-core.js";
+import { asConnectError, CALL_DONE, callError, H, headerOf, nodeHeaders } from "./unary-core.js";
 
 /**
  * gRPC and gRPC-Web unary calls, as Connect's gRPC and gRPC-Web handlers serve them:
