@@ -22,7 +22,7 @@ import { authenticationRefusal, spendFailure } from "./authenticate.js";
  * `audit` is written to the audit log here (a refusal by the per-IP limit is not).
  *
  * {@link admit} is the one implementation. The HTTP layer calls it before Connect reads
- * the request (server.ts), so a refused caller costs no body parsing; the
+ * the request (server/admission-hooks.ts), so a refused caller costs no body parsing; the
  * {@link createAdmissionInterceptor admission interceptor} calls it for every other call
  * (in-memory transports, streams) and finishes what the HTTP layer left: the
  * authentication of an audited call, whose refusal is recorded with the call's target
@@ -234,7 +234,8 @@ async function countPrincipal(
  * pipeline, so that a caller learns nothing from its body before it is authenticated:
  * the authentication of an audited call (whose refusal is then audited, without a target:
  * the body named none), or all of it on a path admitted only in the pipeline (streams,
- * gRPC-Web text). Every transport's unary calls come here (server.ts's `callError`).
+ * gRPC-Web text). Every transport's unary calls come here (the `callError` of
+ * server/admission-hooks.ts).
  *
  * @returns admission's refusal, to answer with instead of `error`; else `error`, after an
  *   audited call's failure was recorded (with reason `reasonForCode` of its code, as the

@@ -35,7 +35,7 @@ export interface OAuthDeps extends TokenEndpointDeps, RevocationEndpointDeps, In
 type Request = IncomingMessage | Http2ServerRequest;
 type Response = ServerResponse | Http2ServerResponse;
 
-/** The OAuth 2.0 endpoints as the HTTP layer (server.ts) serves them. */
+/** The OAuth 2.0 endpoints as the HTTP layer (server/request-handler.ts) serves them. */
 export interface OAuthEndpoints {
   /** Whether `path` (without query) is one of them. */
   handles(path: string): boolean;

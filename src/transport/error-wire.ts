@@ -223,7 +223,7 @@ class Refusal implements WireError {
 
   connect(): { header: OutgoingHttpHeaders; body: Uint8Array } {
     const { shape, requestId } = this;
-    // Request ids are plain ASCII (server.ts): quoted as they are, without JSON.stringify.
+    // Request ids are plain ASCII (server/request-facts.ts): quoted as they are, without JSON.stringify.
     const id = PLAIN_ID.test(requestId) ? `"${requestId}"` : JSON.stringify(requestId);
     const { bytes, infoAt } = statusWithRequestId(shape, requestId);
     const body = Buffer.from(

@@ -1,16 +1,17 @@
 import type * as http2 from "node:http2";
-import { type ConnectHandler, type ConnectHandlerOptions, createConnectHandler } from "./fast-adapter.js";
+import { createConnectHandler } from "./fast-adapter.js";
+import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
 import { createStockDispatch } from "./stock-adapter.js";
 import { serveRequests } from "./stream-server.js";
 
 /**
- * The transport boundary: what speaks the wire for the RPC paths. server.ts builds one with
- * {@link createTransport} and installs its request handler with {@link installTransport};
+ * The transport boundary: what speaks the wire for the RPC paths. server/request-handler.ts
+ * builds one with {@link createTransport}, server.ts installs it with {@link installTransport};
  * nothing else of src/transport/ is its concern.
  *
  * - `fast` (the default): Tessera's own bridge between Node and Connect's router
- *   (fast-adapter.ts, node-bridge.ts), unary calls answered by unary-protocols.ts, over
- *   HTTP/2 straight from the stream (stream-server.ts).
+ *   (fast-adapter.ts, node-bridge.ts, node-response.ts), unary calls answered by
+ *   unary-protocols.ts, over HTTP/2 straight from the stream (stream-server.ts).
  * - `connect`: connect-node's stock `connectNodeAdapter` serves every admitted call
  *   (stock-adapter.ts), through Node's compatibility layer.
  *
@@ -20,7 +21,7 @@ import { serveRequests } from "./stream-server.js";
  */
 export type TransportKind = "fast" | "connect";
 
-/** The request handler of the RPC paths, as {@link createTransport} makes it. */
+/** The request handler of the RPC paths, as {@link createTransport} makes it (options.ts). */
 export type Transport = ConnectHandler;
 export type TransportOptions = ConnectHandlerOptions;
 

@@ -9,8 +9,8 @@ import { trailerFlag, trailerParse, trailerSerialize } from "@connectrpc/connect
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { tesseraErrorInfo } from "../errors.js";
 import { setHeaders, stopUnreadBody } from "./early-answers.js";
-import type { ConnectHandlerOptions } from "./fast-adapter.js";
-import { connectErrorCode, streamedCode } from "./node-bridge.js";
+import { connectErrorCode, streamedCode } from "./node-response.js";
+import type { ConnectHandlerOptions } from "./options.js";
 import type { NodeResponse } from "./stream-server.js";
 import { nodeHeaders, type RequestHeaders, type UnaryProtocol } from "./unary-protocols.js";
 

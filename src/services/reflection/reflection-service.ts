@@ -56,6 +56,17 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
       ...base,
       messageResponse: { case: "errorResponse", value: { errorCode: 5, errorMessage: `${what} not found` } },
     });
+    /** The file (with every file it depends on) when there is one, else NOT_FOUND for `what`. */
+    const fileResponse = (file: DescFile | undefined, what: string) =>
+      file
+        ? {
+            ...base,
+            messageResponse: {
+              case: "fileDescriptorResponse",
+              value: { fileDescriptorProto: withDeps(file) },
+            },
+          }
+        : notFound(what);
     switch (r.case) {
       case "listServices":
         return {
@@ -65,43 +76,15 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
             value: { service: serviceNames.map((name) => ({ name })) },
           },
         };
-      case "fileByFilename": {
-        const file = byName.get(r.value as string);
-        return file
-          ? {
-              ...base,
-              messageResponse: {
-                case: "fileDescriptorResponse",
-                value: { fileDescriptorProto: withDeps(file) },
-              },
-            }
-          : notFound(`file ${String(r.value)}`);
-      }
-      case "fileContainingSymbol": {
-        const file = fileOfSymbol(r.value as string);
-        return file
-          ? {
-              ...base,
-              messageResponse: {
-                case: "fileDescriptorResponse",
-                value: { fileDescriptorProto: withDeps(file) },
-              },
-            }
-          : notFound(`symbol ${String(r.value)}`);
-      }
+      case "fileByFilename":
+        return fileResponse(byName.get(r.value as string), `file ${String(r.value)}`);
+      case "fileContainingSymbol":
+        return fileResponse(fileOfSymbol(r.value as string), `symbol ${String(r.value)}`);
       case "fileContainingExtension": {
         const v = r.value as { containingType: string; extensionNumber: number };
         const message = registry.getMessage(v.containingType);
         const ext = message ? registry.getExtensionFor(message, v.extensionNumber) : undefined;
-        return ext
-          ? {
-              ...base,
-              messageResponse: {
-                case: "fileDescriptorResponse",
-                value: { fileDescriptorProto: withDeps(ext.file) },
-              },
-            }
-          : notFound("extension");
+        return fileResponse(ext?.file, "extension");
       }
       case "allExtensionNumbersOfType": {
         const typeName = r.value as string;

@@ -1,0 +1,196 @@
+import type { IncomingMessage } from "node:http";
+import http2 from "node:http2";
+import type { Socket } from "node:net";
+import type { TLSSocket } from "node:tls";
+import { budgetKey } from "../client-ip.js";
+import type { Config } from "../config.js";
+import type { NodeResponse as Response } from "../transport/stream-server.js";
+
+/**
+ * Bound what connections can hold: at most `maxConnections` in all and
+ * `maxConnectionsPerIp` per peer address (more are closed at once, before any TLS work),
+ * and none kept idle for longer than `idleTimeoutSeconds` (HTTP/2: GOAWAY, then closed
+ * once no stream is left; HTTP/1.1: closed). Node keeps idle connections for ever by
+ * default, each holding a descriptor and tens of KB. A request must arrive whole within
+ * `requestTimeoutSeconds` (a body trickled a byte at a time keeps a connection busy, so
+ * the idle timeout alone does not end it), and no stream lives past `maxStreamSeconds`.
+ * Returns the number of connections open from an address, as counted for the limit.
+ */
+export function boundConnections(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  tls: boolean,
+): (ip: string) => number {
+  const open = new Map<string, number>();
+  // By peer address and port: how a TLS socket finds its raw socket's count.
+  const releases = new Map<string, () => void>();
+  // The one per-stream listener (request deadline, stream lifetime, and the open streams
+  // of each session that the idle timeout looks at): per-stream listeners and timers are a
+  // cost every call pays, so each stream gets at most one "close" listener and one timer.
+  const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
+  boundRequestTimes(server, cfg, streamsOf);
+  // net.Server closes connections past it as they are accepted.
+  if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
+  if (cfg.maxConnectionsPerIp > 0) {
+    const limit = cfg.maxConnectionsPerIp;
+    // Prepended: decided before the TLS layer's own listener starts a handshake.
+    server.prependListener("connection", (socket: Socket) => {
+      // Counted per /64 for IPv6 (budgetKey): one client holds a whole /64, and per /128 it
+      // would open 2^64 times the limit.
+      const ip = budgetKey(socket.remoteAddress ?? "unknown");
+      const n = (open.get(ip) ?? 0) + 1;
+      if (n > limit) {
+        socket.destroy();
+        return;
+      }
+      open.set(ip, n);
+      const peer = `${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`;
+      let counted = true;
+      const release = () => {
+        if (!counted) return;
+        counted = false;
+        releases.delete(peer);
+        const left = (open.get(ip) ?? 1) - 1;
+        if (left === 0) open.delete(ip);
+        else open.set(ip, left);
+      };
+      releases.set(peer, release);
+      socket.once("close", release);
+    });
+    // The TLS socket takes the raw socket's handle over: destroyed itself (an idle close),
+    // its "close" is not always seen on the raw socket, and the address stayed counted.
+    if (tls) {
+      const watch = (socket: TLSSocket) => {
+        const release = releases.get(`${socket.remoteAddress ?? "unknown"}|${socket.remotePort}`);
+        if (release === undefined) return;
+        if (socket.destroyed) release();
+        else socket.once("close", release);
+      };
+      server.on("secureConnection", watch);
+      // A handshake that fails or times out never reaches "secureConnection": its TLS socket
+      // is handed over here, or the address stays counted for ever.
+      server.on("tlsClientError", (_err: Error, socket: TLSSocket) => watch(socket));
+    }
+  }
+  const connectionsFrom = (ip: string) => open.get(budgetKey(ip)) ?? 0;
+  const idleMs = cfg.idleTimeoutSeconds * 1000;
+  if (idleMs === 0) return connectionsFrom;
+  // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
+  // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
+  // runs before ours, so ours pairs the socket with the session made just before.
+  const socketOf = new WeakMap<http2.Http2Session, TLSSocket>();
+  const tlsByPeer = new Map<string, TLSSocket>();
+  let lastSession: http2.Http2Session | undefined;
+  /** GOAWAY, close, and a hard close one idle period later (see below). */
+  const closeIdle = (session: http2.Http2Session) => {
+    session.goaway(http2.constants.NGHTTP2_NO_ERROR);
+    session.close();
+    // A peer that never sent its preface (or never reads) leaves data pending, and close()
+    // (even destroy()) then waits for ever on the socket, holding it and its per-IP count.
+    // Paired by "session" order, or else by the peer's address and port (the pairing by order
+    // can miss under load, and the socket then stayed open, counted, for ever).
+    const peer = session.socket ? `${session.socket.remoteAddress}|${session.socket.remotePort}` : "";
+    const socket = socketOf.get(session) ?? tlsByPeer.get(peer);
+    if (socket !== undefined)
+      setTimeout(() => {
+        if (!socket.destroyed) socket.destroy();
+      }, idleMs).unref();
+  };
+  server.on("session", (session: http2.Http2Session) => {
+    lastSession = session;
+    // Filled and emptied by the per-stream listener of boundRequestTimes.
+    const streams = new Set<http2.Http2Stream>();
+    streamsOf.set(session, streams);
+    // Fires after `idleMs` without a frame either way. A stream whose client still owes its
+    // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
+    // whose request is complete (a call in progress, a server stream) keeps the session,
+    // and the timer runs again after its next frame.
+    // "on", not setTimeout's callback: that is a once listener, so a timeout that found the
+    // session busy was its last, and the connection was kept for ever after its long call.
+    session.on("timeout", () => {
+      if (session.destroyed) return;
+      // Closed (by us or by the peer's GOAWAY) yet still here an idle period later: its peer
+      // neither finishes nor reads. End the connection, or its address stays counted.
+      if (session.closed) {
+        const peer = session.socket ? `${session.socket.remoteAddress}|${session.socket.remotePort}` : "";
+        const socket = socketOf.get(session) ?? tlsByPeer.get(peer);
+        if (socket !== undefined) socket.destroy();
+        else session.destroy();
+        return;
+      }
+      let busy = false;
+      for (const stream of streams) {
+        if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
+        else busy = true;
+      }
+      if (!busy) closeIdle(session);
+    });
+    session.setTimeout(idleMs);
+  });
+  // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
+  if (tls)
+    server.on("secureConnection", (socket: TLSSocket) => {
+      const session = lastSession;
+      lastSession = undefined;
+      const peer = `${socket.remoteAddress}|${socket.remotePort}`;
+      tlsByPeer.set(peer, socket);
+      socket.once("close", () => {
+        if (tlsByPeer.get(peer) === socket) tlsByPeer.delete(peer);
+      });
+      if (socket.alpnProtocol !== "h2") socket.setTimeout(idleMs, () => socket.destroy());
+      else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
+        socketOf.set(session, socket);
+    });
+  return connectionsFrom;
+}
+
+/**
+ * Cancel a request not received whole within `requestTimeoutSeconds` of its start, and a
+ * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
+ * end it first, as Health/Watch does with OK). One timer per stream, unref'd. Also keeps
+ * `streamsOf` (the open streams of the sessions it has an entry for) for the idle timeout,
+ * with the same one "close" listener.
+ */
+function boundRequestTimes(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  streamsOf: WeakMap<http2.Http2Session, Set<http2.Http2Stream>>,
+): void {
+  const requestMs = cfg.requestTimeoutSeconds * 1000;
+  // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
+  const lifeMs = cfg.maxStreamSeconds > 0 ? cfg.maxStreamSeconds * 1000 + 1000 : 0;
+  const timed = requestMs > 0 || lifeMs > 0;
+  if (!timed && cfg.idleTimeoutSeconds === 0) return;
+  server.on("stream", (stream: http2.ServerHttp2Stream) => {
+    const open = stream.session === undefined ? undefined : streamsOf.get(stream.session);
+    open?.add(stream);
+    let timer: NodeJS.Timeout | undefined;
+    if (timed) {
+      const cancel = () => {
+        if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
+      };
+      if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
+        timer = setTimeout(() => {
+          // The client still owes part of its request: a stalled or trickled upload.
+          if (stream.state.remoteClose !== 1) cancel();
+          else if (lifeMs > 0) timer = setTimeout(cancel, lifeMs - requestMs).unref();
+        }, requestMs).unref();
+      else timer = setTimeout(cancel, lifeMs).unref();
+    }
+    if (timer === undefined && open === undefined) return;
+    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
+    stream.on("close", () => {
+      if (timer !== undefined) clearTimeout(timer);
+      open?.delete(stream);
+    });
+  });
+  // HTTP/1.1 (allowHTTP1): a request whose body has not arrived in time loses its connection.
+  if (requestMs > 0)
+    server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
+      if (req.httpVersion.startsWith("2")) return;
+      const timer = setTimeout(() => {
+        if (!req.complete) req.socket.destroy();
+      }, requestMs).unref();
+      res.once("close", () => clearTimeout(timer));
+    });
+}

@@ -1,0 +1,81 @@
+import type { App } from "../app.js";
+import type { NodeResponse as Response } from "../transport/stream-server.js";
+import { VERSION } from "../version.js";
+
+/**
+ * The plain HTTP endpoints, answered by the request handler itself (GET or HEAD): /health
+ * (the process is up), /ready (it can serve: its database answers, and it is not draining)
+ * and /.well-known/jwks.json (the public signing keys).
+ */
+export const PLAIN_PATHS = new Set(["/health", "/ready", "/.well-known/jwks.json"]);
+
+function json(res: Response, status: number, body: unknown, cacheControl = "no-store") {
+  const text = JSON.stringify(body);
+  res.statusCode = status;
+  res.setHeader("content-type", "application/json");
+  res.setHeader("cache-control", cacheControl);
+  res.end(text);
+}
+
+/**
+ * The answerer of the {@link PLAIN_PATHS}: `draining` tells whether the server is shutting
+ * down (/ready then answers 503 whatever the database says).
+ */
+export function createPlainEndpoints(
+  app: App,
+  draining: (() => boolean) | undefined,
+): (path: string, res: Response, requestId: string) => void {
+  return function servePlain(path, res, requestId) {
+    if (path === "/health") {
+      json(res, 200, {
+        ok: true,
+        data: {
+          status: "healthy",
+          version: VERSION,
+          uptime: Math.floor((Date.now() - app.startedAt) / 1000),
+        },
+      });
+      return;
+    }
+    if (path === "/ready") {
+      if (draining?.()) {
+        // Shutting down: a load balancer stops sending new work while calls already sent
+        // (and new ones on open connections, until the listener closes) still complete.
+        json(res, 503, {
+          ok: false,
+          error: "Service Unavailable",
+          code: "UNAVAILABLE",
+          message: "draining: shutting down",
+          request_id: requestId,
+        });
+        return;
+      }
+      app.storage.ping().then(
+        (up) =>
+          up
+            ? json(res, 200, { ok: true, data: { status: "ready", database: "up" } })
+            : json(res, 503, {
+                ok: false,
+                error: "Service Unavailable",
+                code: "UNAVAILABLE",
+                message: "database unavailable",
+                request_id: requestId,
+              }),
+        () =>
+          json(res, 503, {
+            ok: false,
+            error: "Service Unavailable",
+            code: "UNAVAILABLE",
+            message: "database unavailable",
+            request_id: requestId,
+          }),
+      );
+      return;
+    }
+    if (path === "/.well-known/jwks.json") {
+      // Short cache: verifiers pick up a rotated key within minutes.
+      json(res, 200, app.jwt.jwks(), "public, max-age=300");
+      return;
+    }
+  };
+}

@@ -1,0 +1,183 @@
+import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
+import type http2 from "node:http2";
+import type { DescMethod } from "@bufbuild/protobuf";
+import { Code, cors as connectCors, createContextValues } from "@connectrpc/connect";
+import type { AdmissionDeps } from "../admission/index.js";
+import type { App } from "../app.js";
+import { createCallObserver } from "../call-observer.js";
+import { budgetKey } from "../client-ip.js";
+import { requestStateKey } from "../context.js";
+import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
+import { augmentJsonErrorBody } from "../transport/error-wire.js";
+import { createTransport } from "../transport/index.js";
+import type {
+  NodeRequest as Request,
+  NodeResponse as Response,
+  StreamingHandler,
+} from "../transport/stream-server.js";
+import type { UnaryProtocol } from "../transport/unary-protocols.js";
+import { createAdmissionHooks } from "./admission-hooks.js";
+import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
+import { createStateAttacher, requestIdOf, stateOf } from "./request-facts.js";
+
+const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
+  "x-content-type-options": "nosniff",
+  "x-frame-options": "DENY",
+  "x-xss-protection": "1; mode=block",
+  "content-security-policy": "default-src 'self'",
+  ...(tls ? { "strict-transport-security": "max-age=31536000; includeSubDomains" } : {}),
+});
+
+/**
+ * The request handler: request id, security headers and CORS on every response, the
+ * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json: plain-endpoints.ts), the
+ * OAuth 2.0 endpoints (src/oauth/), and the transport serving gRPC, gRPC-Web and Connect
+ * for everything else, with the request's facts attached (request-facts.ts) and its
+ * admission hooks (admission-hooks.ts).
+ */
+export function createRequestHandler(
+  app: App,
+  options: {
+    tls: boolean;
+    /** Whether the server is draining (shutting down): /ready then answers 503 whatever the database says. */
+    draining?: () => boolean;
+  },
+) {
+  const { config } = app;
+  const headers = securityHeaders(options.tls);
+  const allowedOrigins = new Set(config.cors.allowedOrigins);
+  const anyOrigin = allowedOrigins.has("*");
+  const exposed = [
+    ...connectCors.exposedHeaders,
+    "X-Request-Id",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "WWW-Authenticate",
+  ].join(", ");
+  const allowHeaders = [
+    ...new Set([...connectCors.allowedHeaders, "Authorization", "X-API-Key", "X-Request-Id"]),
+  ].join(", ");
+
+  /**
+   * The headers every response to `req` carries: its request id, the security headers and,
+   * for an allowed origin, CORS.
+   */
+  function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
+    const common: OutgoingHttpHeaders = { "x-request-id": requestId, ...headers };
+    const origin = req.headers.origin;
+    if (corsAllowed(origin)) {
+      common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
+      if (!anyOrigin) common.vary = "Origin";
+      common["access-control-expose-headers"] = exposed;
+    }
+    return common;
+  }
+
+  function corsAllowed(origin: string | undefined): origin is string {
+    return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
+  }
+
+  const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
+  // Metrics and the access log of every call, when either is on (see call-observer.ts).
+  const observe = createCallObserver({
+    metrics: app.metrics,
+    log: app.accessLog,
+    access: config.log.access,
+    prefixes: {
+      pat: config.auth.tokens.patPrefix,
+      apiKey: config.auth.tokens.apiKeyPrefix,
+      machine: config.auth.tokens.machinePrefix,
+    },
+  });
+  // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
+  const adapter = createTransport(config.server.transport, {
+    routes: app.routes,
+    interceptors: app.interceptors,
+    // A message is capped after decompression too (connect-node inflates with zlib's
+    // maxOutputLength, which stops as soon as the cap is passed), and never past the
+    // body limit: a small gzip body cannot become megabytes per call.
+    readMaxBytes: Math.min(config.server.readMaxBytes, config.server.maxBodyBytes),
+    maxBodyBytes: config.server.maxBodyBytes,
+    logger: app.logger,
+    // Connect errors get the envelope fields, whatever the request's content type: their body
+    // is JSON for binary clients too, and an early refusal has them (the adapter calls this
+    // for error responses only).
+    errorBody: (req, body) => augmentJsonErrorBody(body, stateOf(req).errorInfo),
+    contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
+    responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
+    ...createAdmissionHooks(app, admission),
+    ...(observe
+      ? {
+          onCallEnd: (req: Request, method: DescMethod, protocol: UnaryProtocol, code: number) =>
+            observe(stateOf(req), req.headers, method, protocol, code),
+        }
+      : {}),
+  });
+  const maxStreamsPerIp = config.server.maxStreamsPerIp;
+  const openStreams = new Map<string, number>();
+
+  const attachState = createStateAttacher(config, options.tls);
+  const servePlain = createPlainEndpoints(app, options.draining);
+
+  const handle = function handle(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
+    const requestId = requestIdOf(req);
+    // For the answers written here; the adapter sets them on its own (`responseHeaders`).
+    const setCommonHeaders = () => setHeaders(res, commonHeaders(req, requestId));
+
+    if (req.method === "OPTIONS" && corsAllowed(req.headers.origin)) {
+      setCommonHeaders();
+      res.setHeader("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS");
+      res.setHeader("access-control-allow-headers", allowHeaders);
+      res.setHeader("access-control-max-age", String(config.cors.maxAge));
+      res.statusCode = 204;
+      res.end();
+      return;
+    }
+
+    const path = (req.url ?? "/").split("?")[0];
+    if ((req.method === "GET" || req.method === "HEAD") && PLAIN_PATHS.has(path!)) {
+      setCommonHeaders();
+      servePlain(path!, res, requestId);
+      return;
+    }
+
+    // OAuth 2.0 (src/oauth/): form-encoded POSTs and the discovery document, not RPCs.
+    if (app.oauth.handles(path!)) {
+      setCommonHeaders();
+      attachState(req, requestId);
+      app.oauth.serve(req, res, path!, stateOf(req));
+      return;
+    }
+
+    attachState(req, requestId);
+    const method = adapter.methodOf(req.url);
+    if (method !== undefined && method.methodKind !== "unary" && maxStreamsPerIp > 0) {
+      // Streaming calls (Health/Watch, reflection) outlive their request: bounded per
+      // client address, over all its connections, or a few peers hold them by the thousand.
+      // An IPv6 client's whole /64 counts as one address, as for every per-IP budget.
+      const ip = budgetKey(stateOf(req).ip);
+      const n = (openStreams.get(ip) ?? 0) + 1;
+      if (n > maxStreamsPerIp) {
+        setCommonHeaders();
+        refuseStream(req, res);
+        observe?.(stateOf(req), req.headers, method, streamProtocol(req), Code.ResourceExhausted);
+        return;
+      }
+      openStreams.set(ip, n);
+      res.once("close", () => {
+        const left = (openStreams.get(ip) ?? 1) - 1;
+        if (left === 0) openStreams.delete(ip);
+        else openStreams.set(ip, left);
+      });
+    }
+    adapter(req, res);
+  } as StreamingHandler;
+  // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
+  // never a preflight (OPTIONS) or a plain endpoint (GET), which are answered above.
+  handle.stream = (stream, headers) =>
+    adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
+  return handle;
+}

@@ -1,0 +1,56 @@
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { createSecureContext } from "node:tls";
+import { ensureDevCertificates } from "../certs/dev-ca.js";
+import type { Config } from "../config.js";
+
+/** TLS files read from the cert folder. */
+export interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  crl?: Buffer;
+}
+
+/**
+ * Read ca.crt, server.crt, server.key (and ca.crl when present) from the cert folder,
+ * generating a development CA and server certificate first when allowed and absent.
+ */
+export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMaterial> {
+  const dir = config.certDir;
+  const need = ["ca.crt", "server.crt", "server.key"].map((f) => join(dir, f));
+  if (need.some((p) => !existsSync(p))) {
+    if (!config.devCertificates) {
+      throw new Error(
+        `TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`,
+      );
+    }
+    await ensureDevCertificates(dir);
+  }
+  const [ca, cert, key] = need.map((p) => readFileSync(p));
+  const crlPath = join(dir, "ca.crl");
+  return { ca: ca!, cert: cert!, key: key!, ...(existsSync(crlPath) ? { crl: readFileSync(crlPath) } : {}) };
+}
+
+/**
+ * Check that the TLS files load and match, before anything is created: run before the
+ * bootstrap so that a start that cannot serve creates no admin (the port is checked
+ * earlier still, see listen-check.ts). With `generate: false`, missing files that
+ * development certificates would fill are not an error and nothing is written: `tessera
+ * serve` checks the files present before it touches the database, and generates the
+ * missing ones only once the database is reached and migrated (an unreachable database
+ * then fails the start with no files written).
+ */
+export async function preflight(cfg: Config["server"], options: { generate?: boolean } = {}): Promise<void> {
+  if (cfg.insecurePlaintext) return;
+  if (options.generate === false && cfg.devCertificates) {
+    const missing = ["ca.crt", "server.crt", "server.key"].some((f) => !existsSync(join(cfg.certDir, f)));
+    if (missing) return;
+  }
+  const m = await loadTlsMaterial(cfg);
+  try {
+    createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) });
+  } catch (err) {
+    throw new Error(`bad TLS material in ${cfg.certDir}: ${(err as Error).message}`);
+  }
+}
