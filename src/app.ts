@@ -32,8 +32,10 @@ import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state-channel.js";
 import { AuditEventRepository } from "./storage/repositories/audit.js";
 import { CredentialRepository } from "./storage/repositories/credentials.js";
+import { RevocationEventRepository } from "./storage/repositories/revocation-events.js";
 import { MachineStateRepository, UserStateRepository } from "./storage/repositories/subject-state.js";
 import { createSqlRunner, type SqlRunner } from "./storage/sql.js";
+import { RevocationFeed } from "./verification/revocation-feed.js";
 import { type CredentialVerifier, createCredentialVerifier } from "./verification/verify-credential.js";
 
 export { VERSION } from "./version.js";
@@ -55,6 +57,8 @@ export interface App {
   authenticator: Authenticator;
   /** The verification core of VerifyCredential and /oauth2/introspect (credentials other services were presented). */
   verifier: CredentialVerifier;
+  /** This instance's one reader of the revocation feed, behind every WatchRevocations stream; the server drains it at shutdown. */
+  revocations: RevocationFeed;
   limits: RateLimits | undefined;
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
@@ -176,6 +180,17 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       subscribeKeyChanges(notifier, await stateChannelOf(storage), () => {
         jwt.keysChanged().catch(() => undefined);
       });
+    const revocationEvents = new RevocationEventRepository(sql);
+    const revocations = new RevocationFeed({
+      events: revocationEvents,
+      ...(notifier ? { notifier, channel: await stateChannelOf(storage) } : {}),
+      pollMs: config.verification.watchPollMs,
+      retentionSeconds: config.verification.revocationRetentionSeconds,
+      maxEvents: config.verification.revocationMaxEvents,
+      logger,
+    });
+    // Subscribed before the notifier starts, like the state cache.
+    await revocations.start();
     await notifier?.start();
     let defaultTenant: string | undefined;
     const defaultTenantId = async () => {
@@ -218,7 +233,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const shedding = createPasswordShedding({ hasRoom: () => hashPool().hasRoom(), logger });
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding });
+      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding, watch: revocations });
 
     const verifier = createCredentialVerifier({
       authenticator,
@@ -233,6 +248,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const { services, routes } = createServiceRoutes({
       verifier,
+      revocations,
+      revocationEvents,
+      logger,
       sessions,
       config,
       storage,
@@ -294,6 +312,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       jwt,
       authenticator,
       verifier,
+      revocations,
       limits,
       audit,
       metrics,
@@ -311,6 +330,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         await Promise.all([lastUsed.close(deadlineMs), audit.close(deadlineMs)]);
       },
       async close() {
+        revocations.close();
         jwt.close();
         await sessionPruner.close();
         metrics?.close();

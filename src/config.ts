@@ -7,6 +7,7 @@ import { type ConfigKeyReference, referenceOf } from "./config/key-docs.js";
 import { rateLimitSchema } from "./config/limits.js";
 import { auditSchema, logSchema, metricsSchema } from "./config/operations.js";
 import { corsSchema, serverSchema } from "./config/server.js";
+import { verificationSchema } from "./config/verification.js";
 
 /**
  * Tessera's configuration: a YAML file (path from `--config` or `TESSERA_CONFIG`)
@@ -30,6 +31,7 @@ const ConfigSchema = z
     audit: auditSchema,
     log: logSchema,
     metrics: metricsSchema,
+    verification: verificationSchema,
   })
   .strict();
 

@@ -79,6 +79,8 @@ export interface MetricsSources {
   secrets?: { stats(): SecretCacheStats };
   /** Password checks shed before their body (admission/shedding.ts). */
   shedding?: Pick<PasswordShedding, "counts">;
+  /** WatchRevocations: streams open and events sent (verification/revocation-feed.ts). */
+  watch?: { stats(): { open: number; sent: number } };
 }
 
 /** Latency buckets in seconds: from a cached JWT call (~0.1 ms) to a queued PBKDF2 (seconds). */

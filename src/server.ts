@@ -753,6 +753,9 @@ export async function startServer(app: App): Promise<TesseraServer> {
       draining = true;
       if (drainDelayMs > 0) await new Promise((r) => setTimeout(r, drainDelayMs));
       tlsWatch?.close();
+      // WatchRevocations streams never end by themselves: they end now, cleanly (OK), and
+      // their clients resume on another instance from their cursor.
+      app.revocations.drain();
       // No new connections from here: the listening socket is closed at once.
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       // HTTP/2 sessions get GOAWAY (no new streams; open ones finish), then close when empty.

@@ -263,6 +263,24 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     () => accessLogStats.dropped,
   );
 
+  const watch = sources.watch;
+  if (watch) {
+    scraped(
+      registry,
+      "gauge",
+      "tessera_watch_streams_open",
+      "WatchRevocations streams open now.",
+      () => watch.stats().open,
+    );
+    scraped(
+      registry,
+      "counter",
+      "tessera_watch_events_sent_total",
+      "Revocation events sent on WatchRevocations streams (an event counts once per stream).",
+      () => watch.stats().sent,
+    );
+  }
+
   // The database connection pool (knex's tarn pool under MikroORM).
   const dbPool = new Gauge({
     name: "tessera_db_pool_connections",

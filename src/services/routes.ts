@@ -2,6 +2,7 @@
 // a Connect router: the list a newcomer reads to find which file answers which service.
 import type { DescFile, DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter } from "@connectrpc/connect";
+import type { Logger } from "pino";
 import { file_google_rpc_error_details } from "../../gen/google/rpc/error_details_pb.js";
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb.js";
 import { file_grpc_health_v1_health, Health } from "../../gen/grpc/health/v1/health_pb.js";
@@ -33,7 +34,9 @@ import type { Config } from "../config.js";
 import type { RateLimits } from "../rate-limit.js";
 import type { Storage } from "../storage/orm.js";
 import type { AuditEventRepository } from "../storage/repositories/audit.js";
+import type { RevocationEventRepository } from "../storage/repositories/revocation-events.js";
 import type { UserStateRepository } from "../storage/repositories/subject-state.js";
+import type { RevocationFeed } from "../verification/revocation-feed.js";
 import type { CredentialVerifier } from "../verification/verify-credential.js";
 import { createAuditService } from "./audit/audit-service.js";
 import { createHealthService } from "./health/health-service.js";
@@ -60,6 +63,10 @@ export interface ServiceRoutesDeps {
   sessions: SessionIssuer;
   /** The verification core VerifyCredential answers from. */
   verifier: CredentialVerifier;
+  /** The revocation feed WatchRevocations streams from, and its events (for a stream catching up). */
+  revocations: RevocationFeed;
+  revocationEvents: RevocationEventRepository;
+  logger: Logger;
 }
 
 /** Tessera's services (each checked to declare its auth rules) and the function registering all of them. */
@@ -124,7 +131,18 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     audit,
   });
   const auditService = createAuditService({ events: deps.auditEvents });
-  const verificationService = createVerificationService({ verifier: deps.verifier });
+  const verificationService = createVerificationService({
+    verifier: deps.verifier,
+    watch: {
+      feed: deps.revocations,
+      events: deps.revocationEvents,
+      logger: deps.logger,
+      heartbeatSeconds: config.verification.watchHeartbeatSeconds,
+      maxStreamsPerCaller: config.verification.watchMaxStreamsPerCaller,
+      maxStreams: config.verification.watchMaxStreams,
+      maxStreamMs: config.server.maxStreamSeconds * 1000,
+    },
+  });
   const health = createHealthService({
     ping: () => storage.ping(),
     services: services.map((s) => s.typeName),

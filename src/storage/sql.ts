@@ -39,6 +39,11 @@ export interface SqlRunner {
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
   /**
+   * SQLite: whether the one connection (shared with the ORM) is inside a transaction, whose
+   * uncommitted writes a read now would see. Absent on PostgreSQL (a pool: reads never do).
+   */
+  inTransaction?(): boolean;
+  /**
    * The same reads, synchronous, where the driver is (SQLite: better-sqlite3 answers in
    * the calling turn, so the async methods above only wrap these in a promise). Absent
    * on PostgreSQL.
@@ -137,6 +142,7 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         return cachedAll<T>(sql, params);
       },
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
+      inTransaction: () => db.inTransaction,
       sync: { cachedGet, cachedAll },
     };
   }

@@ -13,18 +13,22 @@ import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import type { CredentialVerifier, Verification } from "../../verification/verify-credential.js";
 import { principalOf } from "../common.js";
+import { createWatchRevocations, type WatchRevocationsDeps } from "./watch-revocations.js";
 
 /** At most this many required scopes per verification (a service asks for a few). */
 const MAX_REQUIRED_SCOPES = 64;
 
 /**
  * VerificationService: VerifyCredential for the platform's other backends, on the
- * verification core (src/verification/), which /oauth2/introspect shares.
+ * verification core (src/verification/), which /oauth2/introspect shares; and
+ * WatchRevocations, the revocation feed their caches follow (watch-revocations.ts).
  */
 export function createVerificationService(deps: {
   verifier: CredentialVerifier;
+  watch: WatchRevocationsDeps;
 }): ServiceImpl<typeof VerificationService> {
   return {
+    watchRevocations: createWatchRevocations(deps.watch),
     // Not async: a credential verified before is answered without a promise (see CredentialVerifier.verify).
     verifyCredential(req, ctx) {
       const caller = principalOf(ctx);

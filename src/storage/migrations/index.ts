@@ -10,6 +10,7 @@ import { Migration20261204230000_signing_key_schedule } from "./Migration2026120
 import { Migration20261204230000_state_notify } from "./Migration20261204230000_state_notify.js";
 import { Migration20261205010000_verified_digests } from "./Migration20261205010000_verified_digests.js";
 import { Migration20261205030000_notify_always } from "./Migration20261205030000_notify_always.js";
+import { Migration20261205100000_revocation_events } from "./Migration20261205100000_revocation_events.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -34,4 +35,8 @@ export const MIGRATIONS: MigrationObject[] = [
   { name: "Migration20261204230000_state_notify", class: Migration20261204230000_state_notify },
   { name: "Migration20261205010000_verified_digests", class: Migration20261205010000_verified_digests },
   { name: "Migration20261205030000_notify_always", class: Migration20261205030000_notify_always },
+  {
+    name: "Migration20261205100000_revocation_events",
+    class: Migration20261205100000_revocation_events,
+  },
 ];

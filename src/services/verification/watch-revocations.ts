@@ -1,0 +1,206 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import {
+  type RevocationEvent,
+  RevocationEventSchema,
+  RevocationKind,
+  type WatchRevocationsRequest,
+  type WatchRevocationsResponse,
+  WatchRevocationsResponseSchema,
+} from "../../../gen/tessera/v1/verification_service_pb.js";
+import { requestState } from "../../context.js";
+import { TesseraError } from "../../errors.js";
+import { toWireError } from "../../interceptors/errors.js";
+import type {
+  RevocationEventRepository,
+  RevocationRecord,
+} from "../../storage/repositories/revocation-events.js";
+import { FEED_PAGE, type FeedBatch, type RevocationFeed } from "../../verification/revocation-feed.js";
+import { principalOf, tenantScope } from "../common.js";
+
+/** Events a stream may have waiting to be sent; past it the stream ends (Unavailable) and its client resumes. */
+const MAX_QUEUED = 10_000;
+
+/** What WatchRevocations is built from. */
+export interface WatchRevocationsDeps {
+  feed: RevocationFeed;
+  events: RevocationEventRepository;
+  logger: Logger;
+  heartbeatSeconds: number;
+  /** Open streams per caller (machine user), and in all on this instance (0: no bound). */
+  maxStreamsPerCaller: number;
+  maxStreams: number;
+  /** A stream ends cleanly (OK) after this long, before the server's stream lifetime cuts it (0: never). */
+  maxStreamMs: number;
+}
+
+const KINDS: Record<RevocationRecord["kind"], RevocationKind> = {
+  credential: RevocationKind.CREDENTIAL,
+  session: RevocationKind.SESSION,
+  subject: RevocationKind.SUBJECT,
+  tenant: RevocationKind.TENANT,
+};
+
+function wireEvent(r: RevocationRecord): RevocationEvent {
+  return create(RevocationEventSchema, {
+    kind: KINDS[r.kind],
+    id: r.subjectId,
+    tenantId: r.tenantId,
+    occurredAt: timestampFromMs(r.occurredAt),
+  });
+}
+
+/**
+ * VerificationService.WatchRevocations (the contract is the proto's comment): the caller's
+ * stream, fed by the instance's one {@link RevocationFeed}. It subscribes to the feed
+ * before reading anything, so that what it reads from the database (the events after the
+ * caller's cursor, up to the newest id at that moment) and what the feed then delivers
+ * (every event after the feed's position, which is never past that newest id) leave no
+ * gap; events at or below the stream's position are dropped, so none is sent twice.
+ */
+export function createWatchRevocations(
+  deps: WatchRevocationsDeps,
+): (req: WatchRevocationsRequest, ctx: HandlerContext) => AsyncGenerator<WatchRevocationsResponse> {
+  const heartbeatMs = deps.heartbeatSeconds * 1000;
+  return async function* watchRevocations(req, ctx) {
+    const state = requestState(ctx.values);
+    try {
+      yield* watch(deps, heartbeatMs, req, ctx);
+    } catch (err) {
+      // Errors of a stream surface while it is iterated, past the error interceptor.
+      throw toWireError(err, state, "tessera.v1.VerificationService/WatchRevocations", deps.logger);
+    }
+  };
+}
+
+async function* watch(
+  deps: WatchRevocationsDeps,
+  heartbeatMs: number,
+  req: WatchRevocationsRequest,
+  ctx: HandlerContext,
+): AsyncGenerator<WatchRevocationsResponse> {
+  const { feed, events } = deps;
+  const caller = principalOf(ctx);
+  const tenant = tenantScope(caller);
+  const callerKey = `${caller.kind}:${caller.id}`;
+  if (feed.isDraining)
+    throw new TesseraError("UNAVAILABLE", "shutting down", { headers: { "retry-after": "1" } });
+  if (!feed.admit(callerKey, deps.maxStreamsPerCaller, deps.maxStreams))
+    throw new TesseraError("RATE_LIMITED", "too many WatchRevocations streams open", {
+      headers: { "retry-after": "1" },
+    });
+  const queue: FeedBatch[] = [];
+  let queued = 0;
+  let overflow = false;
+  let wakeUp: (() => void) | null = null;
+  const notify = () => {
+    const fn = wakeUp;
+    wakeUp = null;
+    fn?.();
+  };
+  const unsubscribe = feed.subscribe((batch) => {
+    queued += batch.events.length;
+    if (queued > MAX_QUEUED) overflow = true;
+    else queue.push(batch);
+    notify();
+  });
+  const offDrain = feed.onDrain(notify);
+  ctx.signal.addEventListener("abort", notify);
+  const message = (cursorAt: number, list: readonly RevocationRecord[], reset = false) => {
+    feed.countSent(list.length);
+    return create(WatchRevocationsResponseSchema, {
+      cursor: feed.cursors.seal(cursorAt),
+      events: list.map(wireEvent),
+      reset,
+      heartbeatSeconds: heartbeatMs / 1000,
+    });
+  };
+  try {
+    // The first message, at once.
+    let position: number;
+    const from = req.cursor === "" ? undefined : feed.cursors.open(req.cursor);
+    if (req.cursor === "") {
+      position = feed.position;
+      yield message(position, []);
+    } else {
+      const top = await events.lastId();
+      if (from === undefined || from > top) {
+        position = top;
+        yield message(position, [], true);
+      } else {
+        position = from;
+        let sent = false;
+        for (;;) {
+          const page = await events.range(tenant, position, top, FEED_PAGE);
+          // Read after the page: a pruning that raced it shows here (and the cursor cannot resume).
+          if ((await events.info()).prunedThrough > position) {
+            if (sent) throw new TesseraError("UNAVAILABLE", "events pruned while catching up; resume");
+            position = top;
+            yield message(position, [], true);
+            sent = true;
+            break;
+          }
+          const full = page.length === FEED_PAGE;
+          position = full ? page[page.length - 1]!.id : top;
+          yield message(position, page);
+          sent = true;
+          if (!full) break;
+        }
+      }
+    }
+    let lastSent = Date.now();
+    const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
+    while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
+      if (overflow)
+        throw new TesseraError("UNAVAILABLE", "the stream fell behind; resume from its last cursor");
+      if (queue.length > 0) {
+        const batches = queue.splice(0);
+        queued = 0;
+        const mine: RevocationRecord[] = [];
+        for (const batch of batches) {
+          for (const e of batch.events)
+            if (e.id > position && (tenant === null || e.tenantId === tenant)) mine.push(e);
+          if (batch.position > position) position = batch.position;
+        }
+        for (let i = 0; i < mine.length; i += FEED_PAGE) {
+          const chunk = mine.slice(i, i + FEED_PAGE);
+          const last = i + FEED_PAGE >= mine.length;
+          yield message(last ? position : chunk[chunk.length - 1]!.id, chunk);
+          lastSent = Date.now();
+        }
+        continue;
+      }
+      const wait = lastSent + heartbeatMs - Date.now();
+      if (wait <= 0) {
+        // A heartbeat vouches that every event up to its cursor was sent: not while the feed cannot read.
+        if (!feed.fresh(heartbeatMs))
+          throw new TesseraError("UNAVAILABLE", "revocation feed unavailable", {
+            headers: { "retry-after": "1" },
+          });
+        yield message(position, []);
+        lastSent = Date.now();
+        continue;
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(
+          () => {
+            wakeUp = null;
+            resolve();
+          },
+          Math.min(wait, endAt - Date.now()),
+        );
+        wakeUp = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+  } finally {
+    unsubscribe();
+    offDrain();
+    ctx.signal.removeEventListener("abort", notify);
+    feed.release(callerKey);
+  }
+}

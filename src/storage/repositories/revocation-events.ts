@@ -1,0 +1,120 @@
+import type { SqlRunner } from "../sql.js";
+import { toMillis } from "../sql.js";
+
+/** What a revocation event's id names (the `kind` column, written by the triggers of Migration20261205100000_revocation_events). */
+export type RevocationKind = "credential" | "session" | "subject" | "tenant";
+
+/** One row of the revocation feed. */
+export interface RevocationRecord {
+  /** The feed's order: an id never becomes visible after a larger one. */
+  id: number;
+  kind: RevocationKind;
+  /** The credential, session, subject or tenant id. */
+  subjectId: string;
+  tenantId: string;
+  /** Epoch ms of the change. */
+  occurredAt: number;
+}
+
+/** This database's feed: its id, and the largest event id retention deleted (0: none). */
+export interface FeedInfo {
+  databaseId: string;
+  prunedThrough: number;
+}
+
+interface Row {
+  id: number | string;
+  kind: string;
+  subject_id: string;
+  tenant_id: string;
+  occurred_at: unknown;
+}
+
+const COLUMNS = "id, kind, subject_id, tenant_id, occurred_at";
+const AFTER = `select ${COLUMNS} from revocation_events where id > ? order by id limit ?`;
+const RANGE = `select ${COLUMNS} from revocation_events where id > ? and id <= ? order by id limit ?`;
+const RANGE_OF_TENANT = `select ${COLUMNS} from revocation_events where tenant_id = ? and id > ? and id <= ? order by id limit ?`;
+const LAST_ID = "select max(id) as id from revocation_events";
+const FEED_INFO = "select database_id, pruned_through from revocation_feed where id = 1";
+/** The newest event is never pruned: it keeps the feed's position across restarts. */
+const PRUNE_BOUND =
+  "select max(id) as id from revocation_events where id < (select max(id) from revocation_events) " +
+  "and (occurred_at < ? or id <= (select max(id) from revocation_events) - ?)";
+const MARK_PRUNED = "update revocation_feed set pruned_through = ? where id = 1 and pruned_through < ?";
+const DELETE_THROUGH = "delete from revocation_events where id <= ?";
+
+function record(r: Row): RevocationRecord {
+  return {
+    id: Number(r.id),
+    kind: r.kind as RevocationKind,
+    subjectId: r.subject_id,
+    tenantId: r.tenant_id,
+    occurredAt: toMillis(r.occurred_at) ?? 0,
+  };
+}
+
+/**
+ * The revocation feed's SQL. On SQLite the ORM and this share one connection, and a read
+ * there while a transaction is open would see its uncommitted events (and, once it rolls
+ * back, an id that will be drawn again): every read waits until no transaction is open.
+ */
+export class RevocationEventRepository {
+  constructor(private readonly sql: SqlRunner) {}
+
+  /** Events after `afterId`, in order, at most `limit`. */
+  async after(afterId: number, limit: number): Promise<RevocationRecord[]> {
+    return (await this.read(() => this.sql.all<Row>(AFTER, [afterId, limit]))).map(record);
+  }
+
+  /** Events in (`afterId`, `throughId`], of one tenant (null: every tenant), at most `limit`. */
+  async range(
+    tenantId: string | null,
+    afterId: number,
+    throughId: number,
+    limit: number,
+  ): Promise<RevocationRecord[]> {
+    const rows = await this.read(() =>
+      tenantId === null
+        ? this.sql.all<Row>(RANGE, [afterId, throughId, limit])
+        : this.sql.all<Row>(RANGE_OF_TENANT, [tenantId, afterId, throughId, limit]),
+    );
+    return rows.map(record);
+  }
+
+  /** The newest event's id (0 when there is none). */
+  async lastId(): Promise<number> {
+    return Number(
+      (await this.read(() => this.sql.get<{ id: number | string | null }>(LAST_ID, [])))?.id ?? 0,
+    );
+  }
+
+  async info(): Promise<FeedInfo> {
+    const row = await this.read(() =>
+      this.sql.get<{ database_id: string; pruned_through: number | string }>(FEED_INFO, []),
+    );
+    if (!row) throw new Error("revocation_feed has no row: the database is not migrated");
+    return { databaseId: row.database_id, prunedThrough: Number(row.pruned_through) };
+  }
+
+  /**
+   * Delete events older than `before` or beyond the newest `keep`, never the newest one;
+   * returns the largest id deleted (0: none). The mark is raised first: a reader that
+   * races the delete sees the mark and answers `reset` rather than miss what went.
+   */
+  async prune(before: Date, keep: number): Promise<number> {
+    const bound = Number(
+      (await this.read(() => this.sql.get<{ id: number | string | null }>(PRUNE_BOUND, [before, keep])))
+        ?.id ?? 0,
+    );
+    if (bound <= 0) return 0;
+    await this.read(() => this.sql.run(MARK_PRUNED, [bound, bound]));
+    await this.read(() => this.sql.run(DELETE_THROUGH, [bound]));
+    return bound;
+  }
+
+  /** Run `query` once no transaction is open on SQLite's shared connection (checked in the same turn as the query starts). */
+  private async read<T>(query: () => Promise<T>): Promise<T> {
+    while (this.sql.inTransaction?.()) await new Promise((r) => setTimeout(r, 2));
+    return query();
+  }
+}

@@ -1,0 +1,220 @@
+import type { PgNotifier } from "../storage/pg-notify.js";
+import type {
+  RevocationEventRepository,
+  RevocationRecord,
+} from "../storage/repositories/revocation-events.js";
+import { CursorCodec } from "./revocation-cursor.js";
+
+/** Events read per query, by the feed and by a stream catching up from its cursor. */
+export const FEED_PAGE = 500;
+
+/** Events handed to the open streams: every one after the previous batch's `position`, in order. */
+export interface FeedBatch {
+  events: readonly RevocationRecord[];
+  /** The id of the last event read: every event up to it has been delivered. */
+  position: number;
+}
+
+/** Options of {@link RevocationFeed}. */
+export interface RevocationFeedOptions {
+  events: RevocationEventRepository;
+  /** PostgreSQL: this instance's listening session and the state channel (a change to any state table wakes the reader). */
+  notifier?: PgNotifier;
+  channel?: string;
+  /** The fallback poll (and SQLite's wake-up). */
+  pollMs: number;
+  /** Retention: events older than this are pruned, and beyond the newest `maxEvents`. */
+  retentionSeconds: number;
+  maxEvents: number;
+  /** How often retention runs (default 60 s). */
+  pruneIntervalMs?: number;
+  logger: { warn(obj: object, msg: string): void; info(obj: object, msg: string): void };
+  now?: () => number;
+}
+
+/** Counters of the feed and its streams (read by the metrics when scraped). */
+export interface FeedStats {
+  open: number;
+  sent: number;
+}
+
+/**
+ * The one reader of the revocation feed in an instance, fanning out to every open
+ * WatchRevocations stream (never one query per stream). It keeps the id of the last event
+ * it read and reads what follows when woken: on PostgreSQL by a notification on the state
+ * channel (every change that makes an event changes a state table, whose trigger notifies
+ * on commit, on every instance), and by a short poll everywhere (the fallback while the
+ * listening session is down, and SQLite's wake-up). Reads are coalesced: a wake during a
+ * read makes one more read after it.
+ *
+ * Ids become visible in order (the migration's triggers see to it), so "every event after
+ * the last id read" is every event committed since.
+ */
+export class RevocationFeed {
+  private last = 0;
+  private codec: CursorCodec | undefined;
+  private readonly listeners = new Set<(batch: FeedBatch) => void>();
+  private readonly drainHandlers = new Set<() => void>();
+  private reading = false;
+  private again = false;
+  private closed = false;
+  private draining = false;
+  private failing = false;
+  private freshAt = 0;
+  private timers: NodeJS.Timeout[] = [];
+  private readonly now: () => number;
+  /** Streams open, per caller and in all. */
+  private readonly openByCaller = new Map<string, number>();
+  private readonly counters: FeedStats = { open: 0, sent: 0 };
+
+  constructor(private readonly options: RevocationFeedOptions) {
+    this.now = options.now ?? Date.now;
+  }
+
+  /** Read this database's feed id and position; subscribe to notifications (before the notifier starts). */
+  async start(): Promise<void> {
+    const info = await this.options.events.info();
+    this.codec = new CursorCodec(info.databaseId);
+    this.last = await this.options.events.lastId();
+    this.freshAt = this.now();
+    const { notifier, channel } = this.options;
+    if (notifier && channel) {
+      notifier.subscribe(channel, () => this.wake());
+      notifier.onStatus((online) => {
+        if (online) this.wake();
+      });
+    }
+    const poll = setInterval(() => this.wake(), this.options.pollMs);
+    const prune = setInterval(() => void this.prune(), this.options.pruneIntervalMs ?? 60_000);
+    poll.unref();
+    prune.unref();
+    this.timers = [poll, prune];
+    void this.prune();
+  }
+
+  /** The cursor codec of this database (after {@link start}). */
+  get cursors(): CursorCodec {
+    if (!this.codec) throw new Error("the revocation feed is not started");
+    return this.codec;
+  }
+
+  /** The id of the last event read. */
+  get position(): number {
+    return this.last;
+  }
+
+  /** Whether the last read succeeded within `withinMs` (a stream that cannot vouch for the feed stops heartbeating). */
+  fresh(withinMs: number): boolean {
+    return !this.failing && this.now() - this.freshAt <= withinMs;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  /** Receive every batch read from now on; returns the unsubscribe function. */
+  subscribe(fn: (batch: FeedBatch) => void): () => void {
+    this.listeners.add(fn);
+    return () => {
+      this.listeners.delete(fn);
+    };
+  }
+
+  /** Be told when the server starts shutting down (streams end cleanly then). */
+  onDrain(fn: () => void): () => void {
+    this.drainHandlers.add(fn);
+    return () => {
+      this.drainHandlers.delete(fn);
+    };
+  }
+
+  /**
+   * Count a stream of `caller` in; false when the caller has `perCaller` open already, or
+   * the instance `total` (0: no bound). Pair with {@link release}.
+   */
+  admit(caller: string, perCaller: number, total: number): boolean {
+    const mine = this.openByCaller.get(caller) ?? 0;
+    if ((perCaller > 0 && mine >= perCaller) || (total > 0 && this.counters.open >= total)) return false;
+    this.openByCaller.set(caller, mine + 1);
+    this.counters.open++;
+    return true;
+  }
+
+  release(caller: string): void {
+    const mine = (this.openByCaller.get(caller) ?? 1) - 1;
+    if (mine <= 0) this.openByCaller.delete(caller);
+    else this.openByCaller.set(caller, mine);
+    this.counters.open--;
+  }
+
+  /** Count events sent on a stream. */
+  countSent(n: number): void {
+    this.counters.sent += n;
+  }
+
+  stats(): FeedStats {
+    return { ...this.counters };
+  }
+
+  /** Read what was committed since the last read (coalesced). */
+  wake(): void {
+    if (this.closed || !this.codec) return;
+    if (this.reading) {
+      this.again = true;
+      return;
+    }
+    void this.read();
+  }
+
+  /** Shutdown has begun: every open stream ends now (cleanly; clients resume elsewhere from their cursor). */
+  drain(): void {
+    this.draining = true;
+    for (const fn of [...this.drainHandlers]) fn();
+  }
+
+  close(): void {
+    this.closed = true;
+    this.drain();
+    for (const t of this.timers) clearInterval(t);
+  }
+
+  private async read(): Promise<void> {
+    this.reading = true;
+    try {
+      do {
+        this.again = false;
+        for (;;) {
+          const events = await this.options.events.after(this.last, FEED_PAGE);
+          if (events.length > 0) {
+            this.last = events[events.length - 1]!.id;
+            const batch: FeedBatch = { events, position: this.last };
+            for (const fn of this.listeners) fn(batch);
+          }
+          if (events.length < FEED_PAGE) break;
+        }
+        this.freshAt = this.now();
+        if (this.failing) this.options.logger.info({}, "revocation feed: reading again");
+        this.failing = false;
+      } while (this.again && !this.closed);
+    } catch (err) {
+      if (!this.failing)
+        this.options.logger.warn({ err: (err as Error).message }, "revocation feed: cannot read; retrying");
+      this.failing = true;
+    } finally {
+      this.reading = false;
+    }
+  }
+
+  private async prune(): Promise<void> {
+    if (this.closed) return;
+    try {
+      const before = new Date(this.now() - this.options.retentionSeconds * 1000);
+      await this.options.events.prune(before, this.options.maxEvents);
+    } catch (err) {
+      this.options.logger.warn(
+        { err: (err as Error).message },
+        "revocation feed: retention failed; retrying later",
+      );
+    }
+  }
+}
