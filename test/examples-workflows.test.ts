@@ -74,20 +74,27 @@ describe.each(DATABASES)("the workflows example protected by Tessera on $name", 
   let ts: TestServer;
   let proxy: DbProxy;
   let workflows: WorkflowServer;
+  /** The same service following WatchRevocations (its cache on), through a proxy of its own. */
+  let watched: WorkflowServer;
+  let watchProxy: DbProxy;
   let tenantId: string;
   let root: string;
   const creds: Record<string, string> = {};
   const ids: Record<string, string> = {};
 
   /** A workflows client over Connect (or gRPC) with headers, optionally presenting the test client certificate. */
-  function wf(headers: Record<string, string>, opts: { grpc?: boolean; clientCert?: boolean } = {}) {
+  function wf(
+    headers: Record<string, string>,
+    opts: { grpc?: boolean; clientCert?: boolean; service?: WorkflowServer } = {},
+  ) {
+    const target = opts.service ?? workflows;
     const nodeOptions = {
       ca: ts.certs.ca,
       ...(opts.clientCert ? { cert: ts.certs.clientCert, key: ts.certs.clientKey } : {}),
     };
     const transport: Transport = opts.grpc
-      ? createGrpcTransport({ baseUrl: workflows.url, nodeOptions })
-      : createConnectTransport({ baseUrl: workflows.url, httpVersion: "2", nodeOptions });
+      ? createGrpcTransport({ baseUrl: target.url, nodeOptions })
+      : createConnectTransport({ baseUrl: target.url, httpVersion: "2", nodeOptions });
     const client = createClient(WorkflowService, transport);
     return {
       list: () => client.listWorkflows({}, { headers }),
@@ -96,8 +103,13 @@ describe.each(DATABASES)("the workflows example protected by Tessera on $name", 
   }
 
   beforeAll(async () => {
-    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    // A heartbeat every second: a silent stream is found down within two.
+    ts = await startTestServer(db, {
+      server: { mtls: "optional" },
+      verification: { watchHeartbeatSeconds: 1 },
+    });
     proxy = await DbProxy.start({ host: "127.0.0.1", port: ts.server.port });
+    watchProxy = await DbProxy.start({ host: "127.0.0.1", port: ts.server.port });
     const plain = ts.connect();
     root = await adminLogin(plain);
     const admin = clients(plain, root);
@@ -181,11 +193,24 @@ describe.each(DATABASES)("the workflows example protected by Tessera on $name", 
       clientCa: ts.certs.ca,
       tessera,
     });
+    watched = await startWorkflowServer({
+      cert: readFileSync(join(ts.certs.dir, "server.crt")),
+      key: readFileSync(join(ts.certs.dir, "server.key")),
+      tessera: {
+        ...tessera,
+        server: `https://localhost:${watchProxy.port}`,
+        watch: true,
+        watchBackoffMs: { min: 50, max: 200 },
+      },
+    });
+    expect(await watched.auth!.ready(10_000)).toBe(true);
   }, 120_000);
 
   afterAll(async () => {
     await workflows?.close();
+    await watched?.close();
     await proxy?.close();
+    await watchProxy?.close();
     await ts?.close();
   });
 
@@ -306,5 +331,131 @@ describe.each(DATABASES)("the workflows example protected by Tessera on $name", 
       proxy.restore();
     }
     expect((await wf(headers).list()).principalId).toBe(machine.machineUser!.id);
+  });
+
+  describe("following WatchRevocations", () => {
+    const w = (headers: Record<string, string>, grpc = false) => wf(headers, { service: watched, grpc });
+    const stats = () => watched.auth!.stats();
+
+    /** Fresh credentials of each kind, issued after the stream began (so a JWT is checked offline). */
+    async function freshCredentials() {
+      const plain = ts.connect();
+      const admin = clients(plain, root);
+      const username = `bob-${short()}`;
+      const userId = (
+        await admin.users.createUser({
+          username,
+          password: "bob password long",
+          scopes: ["workflows:read"],
+          tenantId,
+        })
+      ).user!.id;
+      const login = await createClient(UserService, plain).login({
+        username,
+        password: "bob password long",
+        tenant: tenantId,
+      });
+      const tokens = clientFor(TokenService, plain, login.accessToken);
+      const pat = await tokens.createPersonalAccessToken({ name: "cli" });
+      const key = await tokens.createApiKey({ name: "ci" });
+      const machine = await admin.machines.createMachineUser({
+        tenantId,
+        name: `w-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["workflows:read"],
+      });
+      const basicMachine = await admin.machines.createMachineUser({
+        tenantId,
+        name: `wb-${short()}`,
+        authType: MachineAuthType.BASIC,
+        scopes: ["workflows:read"],
+      });
+      const b = `Basic ${Buffer.from(`${basicMachine.username}:${basicMachine.password}`).toString("base64")}`;
+      return {
+        userId,
+        list: [
+          ["pat", bearer(pat.token), () => tokens.revokePersonalAccessToken({ id: pat.id })],
+          ["apiKey", bearer(key.key), () => tokens.revokeApiKey({ id: key.id })],
+          [
+            "machineToken",
+            bearer(machine.token),
+            () => admin.machines.rotateMachineUserCredentials({ id: machine.machineUser!.id }),
+          ],
+          [
+            "basic",
+            { authorization: b },
+            () => admin.machines.rotateMachineUserCredentials({ id: basicMachine.machineUser!.id }),
+          ],
+          [
+            "jwt",
+            bearer(login.accessToken),
+            () => createClient(UserService, plain).logout({ refreshToken: login.refreshToken }),
+          ],
+        ] as [string, Record<string, string>, () => Promise<unknown>][],
+      };
+    }
+
+    it("serves credentials seen before without asking Tessera, and refuses each on the next call once its revocation arrives", async () => {
+      expect(watched.auth!.watching()).toBe(true);
+      await new Promise((r) => setTimeout(r, 1100)); // past the stream's start plus the 1 s skew
+      const { list } = await freshCredentials();
+      for (const [name, headers, revoke] of list) {
+        await w(headers).list();
+        const calls = stats().verifyCalls;
+        for (const grpc of [false, true]) await w(headers, grpc).list();
+        // The second and third calls: from the cache (or, for the JWT, offline).
+        expect(stats().verifyCalls, name).toBe(calls);
+        const events = stats().watch!.events;
+        await revoke();
+        await expect.poll(() => stats().watch!.events, { timeout: 10_000 }).toBeGreaterThan(events);
+        expect((await refusal(w(headers).list())).code, name).toBe(Code.Unauthenticated);
+      }
+      expect(stats().offlineJwts).toBeGreaterThan(0);
+      expect(stats().cacheHits).toBeGreaterThan(0);
+    });
+
+    it("does not serve a stale answer while the stream is cut, refuses with 503 meanwhile, and refuses the revoked credential once it is back", async () => {
+      const { list } = await freshCredentials();
+      const [, headers, revoke] = list[0]!; // the PAT
+      await w(headers).list();
+      expect(stats().cacheSize).toBeGreaterThan(0);
+      watchProxy.cut();
+      try {
+        await expect.poll(() => watched.auth!.watching(), { timeout: 5000 }).toBe(false);
+        expect(stats().cacheSize).toBe(0);
+        await revoke(); // on Tessera directly: the downstream hears nothing of it now
+        expect(await refusal(w(headers).list())).toMatchObject({ code: Code.Unavailable, retryAfter: "1" });
+      } finally {
+        watchProxy.restore();
+      }
+      expect(await watched.auth!.ready(10_000)).toBe(true);
+      expect(await refusal(w(headers).list())).toMatchObject({
+        code: Code.Unauthenticated,
+        reason: "TOKEN_REVOKED",
+      });
+    });
+
+    it("finds a silent stream down within twice its heartbeat: the cache is emptied and calls go to Tessera", async () => {
+      const { list } = await freshCredentials();
+      const [, headers, revoke] = list[1]!; // the API key
+      await w(headers).list();
+      expect(stats().cacheSize).toBeGreaterThan(0);
+      const drops = stats().watch!.drops;
+      watchProxy.freeze(); // bytes held, nothing answered, no reset: only the heartbeat tells
+      try {
+        await expect.poll(() => watched.auth!.watching(), { timeout: 5000, interval: 100 }).toBe(false);
+        expect(stats().watch!.drops).toBe(drops + 1);
+        expect(stats().cacheSize).toBe(0);
+        await revoke();
+        expect((await refusal(w(headers).list())).code).toBe(Code.Unavailable);
+      } finally {
+        watchProxy.restore();
+      }
+      expect(await watched.auth!.ready(10_000)).toBe(true);
+      expect(await refusal(w(headers).list())).toMatchObject({
+        code: Code.Unauthenticated,
+        reason: "TOKEN_REVOKED",
+      });
+    });
   });
 });

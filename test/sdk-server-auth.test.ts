@@ -1,5 +1,5 @@
 import { generateKeyPairSync, type KeyObject, sign } from "node:crypto";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 import { afterEach, describe, expect, it } from "vitest";
@@ -8,7 +8,7 @@ import {
   VerificationCode,
   VerificationService,
   VerifiedPrincipalKind,
-  type VerifyCredentialResponse,
+  type VerifyCredentialResponseSchema,
   type WatchRevocationsResponse,
   WatchRevocationsResponseSchema,
 } from "../gen/tessera/v1/verification_service_pb.js";
@@ -21,6 +21,7 @@ import { createTesseraAuth, type TesseraAuth, TesseraAuthError } from "../src/sd
  * checked offline against Tessera's keys and the revocations heard.
  */
 
+type Answer = MessageInitShape<typeof VerifyCredentialResponseSchema>;
 type Message = Partial<Omit<WatchRevocationsResponse, "$typeName">>;
 
 /** One WatchRevocations stream: messages pushed by the test, or a failure. */
@@ -51,7 +52,7 @@ interface Fake {
   verifyCalls: number;
   /** While set, VerifyCredential waits for it before answering. */
   hold?: Promise<void> | undefined;
-  answers: Map<string, Partial<VerifyCredentialResponse>>;
+  answers: Map<string, Answer>;
   down: boolean;
   watchRefused: boolean;
   streams: FakeStream[];
@@ -87,7 +88,7 @@ function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterT
   return { fake, transport };
 }
 
-const valid = (over: Partial<VerifyCredentialResponse> = {}): Partial<VerifyCredentialResponse> => ({
+const valid = (over: Answer = {}): Answer => ({
   valid: true,
   code: VerificationCode.VALID,
   principalId: "user-1",
@@ -298,8 +299,15 @@ describe("the downstream auth core", () => {
 
   it("authorizes by scopes with wildcards, and by principal kind", () => {
     const { auth: a } = setup({ watch: false });
-    const p = { ...valid(), id: "u", kind: "user" as const, scopes: ["workflows:*"], applicationIds: [] };
-    const principal = { ...p, tenantId: "t", credentialKind: "pat", credentialId: "c" };
+    const principal = {
+      id: "u",
+      kind: "user" as const,
+      tenantId: "t",
+      scopes: ["workflows:*"],
+      credentialKind: "pat",
+      credentialId: "c",
+      applicationIds: [],
+    };
     a.authorize(principal, { scopes: ["workflows:run"] });
     expect(() =>
       a.authorize({ ...principal, scopes: ["workflows:read"] }, { scopes: ["workflows:run"] }),
