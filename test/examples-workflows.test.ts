@@ -10,6 +10,7 @@ import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { createClientCertificate } from "../src/certs/dev-ca.js";
 import type { TesseraAuthOptions } from "../src/sdk/server/index.js";
 import { DbProxy } from "./db-proxy.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "./helpers.js";
@@ -331,6 +332,46 @@ describe.each(DATABASES)("the workflows example protected by Tessera on $name", 
       proxy.restore();
     }
     expect((await wf(headers).list()).principalId).toBe(machine.machineUser!.id);
+  });
+
+  it("authenticates to Tessera by a bound client certificate alone (mTLS), with no credential of its own", async () => {
+    const plain = ts.connect();
+    const admin = clients(plain, root);
+    const dir = join(ts.certs.dir, "clients", `verifier-${db.name}`);
+    const cert = await createClientCertificate(ts.certs.dir, `verifier-${db.name}`, dir);
+    const verifier = await admin.machines.createMachineUser({
+      tenantId,
+      name: `mtls-verifier-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: ["auth:verify"],
+    });
+    await admin.machines.bindCertificate({
+      machineUserId: verifier.machineUser!.id,
+      identity: { case: "sha256Fingerprint", value: cert.sha256Fingerprint },
+    });
+    const mtls = await startWorkflowServer({
+      cert: readFileSync(join(ts.certs.dir, "server.crt")),
+      key: readFileSync(join(ts.certs.dir, "server.key")),
+      // The folder holds client.crt and client.key: the SDK presents them, as its clients do.
+      tessera: { server: ts.server.url, certFolder: dir, caFile: join(ts.certs.dir, "ca.crt") },
+    });
+    try {
+      expect(await mtls.auth!.ready(10_000)).toBe(true);
+      const machine = await admin.machines.createMachineUser({
+        tenantId,
+        name: `m-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["workflows:read"],
+      });
+      const headers = bearer(machine.token);
+      expect((await wf(headers, { service: mtls }).list()).principalId).toBe(machine.machineUser!.id);
+      expect(mtls.auth!.stats().cacheSize).toBe(1); // Tessera's answer, cached: the stream is up
+      await admin.machines.deleteMachineUser({ id: machine.machineUser!.id });
+      await expect.poll(() => mtls.auth!.stats().cacheSize, { timeout: 10_000 }).toBe(0);
+      expect((await refusal(wf(headers, { service: mtls }).list())).code).toBe(Code.Unauthenticated);
+    } finally {
+      await mtls.close();
+    }
   });
 
   describe("following WatchRevocations", () => {
