@@ -26,6 +26,7 @@ const server = await startWorkflowServer({
           server: process.env.DOWNSTREAM_TESSERA_URL ?? "",
           caFile: join(certDir, "ca.crt"),
           credential: process.env.DOWNSTREAM_TESSERA_CREDENTIAL ?? "",
+          verifyTimeoutMs: Number(process.env.DOWNSTREAM_VERIFY_TIMEOUT_MS ?? 2000),
         },
 });
 if (server.auth && !(await server.auth.ready(30_000))) throw new Error("WatchRevocations did not come up");
