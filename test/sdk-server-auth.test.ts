@@ -373,32 +373,37 @@ describe("the downstream auth core", () => {
       expect((await refusal(a.authenticate(`Bearer ${early}`))).reason).toBe("TOKEN_REVOKED");
     });
 
-    it("refuses offline a token issued before a revocation of its session, subject or tenant", async () => {
+    it("refuses offline a token issued before its session ended, and asks Tessera about one whose subject changed", async () => {
       const s = signer();
       const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
       await up(fake, a);
       clock.t += 2000;
       const token = s.token(claimsAt(clock.t));
+      const other = s.token(claimsAt(clock.t, { sub: "user-2", sid: "session-2", jti: "jti-9" }));
       await a.authenticate(`Bearer ${token}`);
+      await a.authenticate(`Bearer ${other}`);
       clock.t += 5000;
+      const event = (kind: RevocationKind, id: string) =>
+        ({ kind, id, tenantId: "tenant-1", occurredAt: timestampFromMs(clock.t) }) as never;
       fake.streams[0]!.push({
         cursor: "c2",
-        events: [
-          {
-            kind: RevocationKind.SUBJECT,
-            id: "user-1",
-            tenantId: "tenant-1",
-            occurredAt: timestampFromMs(clock.t),
-          } as never,
-        ],
+        events: [event(RevocationKind.SESSION, "session-1"), event(RevocationKind.SUBJECT, "user-2")],
       });
-      await expect.poll(() => a.stats().watch?.events).toBe(1);
+      await expect.poll(() => a.stats().watch?.events).toBe(2);
       expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_REVOKED");
       expect(fake.verifyCalls).toBe(0);
-      // A token issued well after the event verifies offline again.
+      // The subject changed (its scopes, say): Tessera's answer stands, and is cached.
+      fake.answers.set(
+        other,
+        valid({ principalId: "user-2", credentialKind: "jwt", scopes: ["workflows:read"] }),
+      );
+      expect((await a.authenticate(`Bearer ${other}`)).scopes).toEqual(["workflows:read"]);
+      await a.authenticate(`Bearer ${other}`);
+      expect(fake.verifyCalls).toBe(1);
+      // A token issued well after the events verifies offline again.
       clock.t += 5000;
       await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-2" }))}`);
-      expect(fake.verifyCalls).toBe(0);
+      expect(fake.verifyCalls).toBe(1);
     });
 
     it("refuses alg none, HMAC, a key of another type, a tampered signature, wrong iss/aud/typ and expired tokens", async () => {

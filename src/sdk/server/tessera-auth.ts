@@ -310,9 +310,12 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       if (id === undefined) continue;
       const at = watch.revokedAt(target, id);
       if (at === undefined) continue;
-      // `iat` is whole seconds: a token issued up to 1 s (and the skew) after it says.
-      if (at > issued + 1000 + skewMs) return "revoked";
-      if (at + skewMs >= issued) verdict = "ask";
+      if (at + skewMs < issued) continue; // issued after the event
+      // A session or credential ended before the token was issued (`iat` is whole seconds,
+      // and clocks differ): final. A subject or tenant changed since may still hold the
+      // token valid (fewer scopes, re-enabled): Tessera decides, and its answer is cached.
+      if ((target === "session" || target === "credential") && at > issued + 1000 + skewMs) return "revoked";
+      verdict = "ask";
     }
     return verdict;
   }
