@@ -45,6 +45,7 @@ export default defineConfig({
             "test/shutdown-drain.test.ts",
             "test/token-e2e.test.ts",
             "test/verification.test.ts",
+            "test/watch-revocations.test.ts",
             "test/security/**/*.test.ts",
           ],
           env: { TESSERA_TRANSPORT: "connect" },

@@ -92,6 +92,12 @@ const CONTRACT = [
   "log.level TESSERA_LOG_LEVEL info",
   "log.access TESSERA_LOG_ACCESS info",
   "metrics.listen TESSERA_METRICS_LISTEN 127.0.0.1:9464",
+  "verification.watchHeartbeatSeconds TESSERA_WATCH_HEARTBEAT_SECONDS 10",
+  "verification.watchPollMs TESSERA_WATCH_POLL_MS 250",
+  "verification.watchMaxStreamsPerCaller TESSERA_WATCH_MAX_STREAMS_PER_CALLER 8",
+  "verification.watchMaxStreams TESSERA_WATCH_MAX_STREAMS 1000",
+  "verification.revocationRetentionSeconds TESSERA_REVOCATION_RETENTION_SECONDS 86400",
+  "verification.revocationMaxEvents TESSERA_REVOCATION_MAX_EVENTS 1000000",
 ];
 
 /** The keys whose default is computed at start or generated, so the reference words it. */

@@ -193,6 +193,8 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
       "tessera_state_cache_invalidations_total",
       "tessera_audit_buffer_depth",
       "tessera_audit_dropped_total",
+      "tessera_watch_streams_open",
+      "tessera_watch_events_sent_total",
       "process_cpu_user_seconds_total",
       "nodejs_eventloop_lag_seconds",
     ])

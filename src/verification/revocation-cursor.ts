@@ -3,6 +3,8 @@ import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:
 const IV_BYTES = 12;
 const TAG_BYTES = 16;
 const POSITION_BYTES = 8;
+/** 36 bytes in base64url, no padding. */
+const CURSOR_CHARS = ((IV_BYTES + POSITION_BYTES + TAG_BYTES) * 4) / 3;
 
 /**
  * The cursors of WatchRevocations: a position in one database's revocation feed (an event
@@ -31,9 +33,9 @@ export class CursorCodec {
 
   /** The position of a cursor this database issued, or undefined for anything else. */
   open(cursor: string): number | undefined {
-    if (cursor.length > 128 || !/^[A-Za-z0-9_-]+$/.test(cursor)) return undefined;
+    // Exactly the length sealed: base64url decoders ignore trailing characters.
+    if (cursor.length !== CURSOR_CHARS || !/^[A-Za-z0-9_-]+$/.test(cursor)) return undefined;
     const raw = Buffer.from(cursor, "base64url");
-    if (raw.length !== IV_BYTES + POSITION_BYTES + TAG_BYTES) return undefined;
     try {
       const decipher = createDecipheriv("aes-256-gcm", this.key, raw.subarray(0, IV_BYTES));
       decipher.setAuthTag(raw.subarray(IV_BYTES + POSITION_BYTES));

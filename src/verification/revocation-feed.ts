@@ -197,6 +197,7 @@ export class RevocationFeed {
         this.failing = false;
       } while (this.again && !this.closed);
     } catch (err) {
+      if (this.closed) return;
       if (!this.failing)
         this.options.logger.warn({ err: (err as Error).message }, "revocation feed: cannot read; retrying");
       this.failing = true;

@@ -20,6 +20,12 @@ import type {
 import { FEED_PAGE, type FeedBatch, type RevocationFeed } from "../../verification/revocation-feed.js";
 import { principalOf, tenantScope } from "../common.js";
 
+/**
+ * A heartbeat needs a successful read of the feed at most this long ago (or one heartbeat
+ * period, if longer): a loaded machine may delay a poll, and that is no outage.
+ */
+const FRESH_MIN_MS = 3_000;
+
 /** Events a stream may have waiting to be sent; past it the stream ends (Unavailable) and its client resumes. */
 const MAX_QUEUED = 10_000;
 
@@ -175,7 +181,7 @@ async function* watch(
       const wait = lastSent + heartbeatMs - Date.now();
       if (wait <= 0) {
         // A heartbeat vouches that every event up to its cursor was sent: not while the feed cannot read.
-        if (!feed.fresh(heartbeatMs))
+        if (!feed.fresh(Math.max(heartbeatMs, FRESH_MIN_MS)))
           throw new TesseraError("UNAVAILABLE", "revocation feed unavailable", {
             headers: { "retry-after": "1" },
           });

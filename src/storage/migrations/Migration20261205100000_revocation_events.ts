@@ -63,6 +63,8 @@ const SOURCES: Source[] = [
     id: "r.id",
     tenant: { column: "tenant_id" },
     update: `${changed("revoked_at", "scopes", "secret_hash", "owner_user_id", "tenant_id", "public_id")} or ${SHORTENED}`,
+    // A revoked token made its event when it was revoked.
+    delete: "o.revoked_at is null",
   },
   {
     table: "machine_credentials",

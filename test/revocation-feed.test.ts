@@ -1,0 +1,122 @@
+import { randomUUID } from "node:crypto";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { App } from "../src/app.js";
+import { RevocationEventRepository } from "../src/storage/repositories/revocation-events.js";
+import { CursorCodec } from "../src/verification/revocation-cursor.js";
+import { createTestApp, DATABASES } from "./helpers.js";
+
+/**
+ * The revocation feed's storage on SQLite and PostgreSQL, below the RPC: the triggers write
+ * an event for a change made by any path (raw SQL too) and only when it commits, and none
+ * for the updates that do not matter to a verification; and the cursors.
+ */
+describe.each(DATABASES)("the revocation feed on $name", (db) => {
+  let app: App;
+  let events: RevocationEventRepository;
+  let tenantId: string;
+  let userId: string;
+
+  beforeAll(async () => {
+    app = await createTestApp(db);
+    events = new RevocationEventRepository(app.sql);
+    tenantId = await app.defaultTenantId();
+    userId = (await app.sql.get<{ id: string }>("select id from users where username = 'admin'", []))!.id;
+  });
+  afterAll(async () => {
+    await app?.close();
+  });
+
+  /** The events after `from`, as `kind:id`. */
+  const since = async (from: number) =>
+    (await events.after(from, 1_000)).map((e) => `${e.kind}:${e.subjectId}`);
+
+  it("writes an event for a change made by raw SQL, with the row's tenant", async () => {
+    const from = await events.lastId();
+    await app.sql.run("update users set scopes = ? where id = ?", ["x:read", userId]);
+    const after = await events.after(from, 10);
+    expect(after.map((e) => [e.kind, e.subjectId, e.tenantId])).toEqual([["subject", userId, tenantId]]);
+    expect(Math.abs(after[0]!.occurredAt - Date.now())).toBeLessThan(60_000);
+  });
+
+  it("writes nothing for a change that rolls back", async () => {
+    const from = await events.lastId();
+    await expect(
+      app.storage.em.fork().transactional(async (tx) => {
+        await tx.execute("update users set disabled = ? where id = ?", [true, userId]);
+        throw new Error("rolled back");
+      }),
+    ).rejects.toThrow("rolled back");
+    expect(await since(from)).toEqual([]);
+    // The next change still gets an event, in order.
+    await app.sql.run("update users set scopes = ? where id = ?", ["y:read", userId]);
+    expect(await since(from)).toEqual([`subject:${userId}`]);
+  });
+
+  it("writes nothing for updates that do not change what verifies (last used, stored digest, names)", async () => {
+    const now = new Date();
+    await app.sql.run(
+      "insert into api_tokens (id, public_id, kind, tenant_id, owner_user_id, name, scopes, secret_hash, hint, created_at) values (?, ?, 'pat', ?, ?, 'n', '', 'h', 'x', ?)",
+      [randomUUID(), randomUUID().slice(0, 16), tenantId, userId, now],
+    );
+    const id = (await app.sql.get<{ id: string }>("select id from api_tokens where owner_user_id = ?", [
+      userId,
+    ]))!.id;
+    const from = await events.lastId();
+    await app.sql.run("update api_tokens set last_used_at = ? where id = ?", [now, id]);
+    await app.sql.run("update api_tokens set verified_digest = ? where id = ?", ["d".repeat(64), id]);
+    await app.sql.run("update api_tokens set name = ? where id = ?", ["renamed", id]);
+    await app.sql.run("update api_tokens set expires_at = ? where id = ?", [
+      new Date(Date.now() + 86_400_000),
+      id,
+    ]);
+    // Lengthening an expiry does not matter either; shortening it does, and revoking.
+    await app.sql.run("update api_tokens set expires_at = ? where id = ?", [
+      new Date(Date.now() + 2 * 86_400_000),
+      id,
+    ]);
+    expect(await since(from)).toEqual([`credential:${id}`]);
+    await app.sql.run("update api_tokens set expires_at = ? where id = ?", [
+      new Date(Date.now() + 3_600_000),
+      id,
+    ]);
+    await app.sql.run("update api_tokens set revoked_at = ? where id = ?", [now, id]);
+    expect(await since(from)).toEqual([`credential:${id}`, `credential:${id}`, `credential:${id}`]);
+    // Deleting a revoked token: it made its event when revoked.
+    await app.sql.run("delete from api_tokens where id = ?", [id]);
+    expect(await since(from)).toHaveLength(3);
+  });
+
+  it("prunes old events but keeps the newest, and records how far it pruned", async () => {
+    await app.sql.run("update users set scopes = ? where id = ?", ["z:read", userId]);
+    const last = await events.lastId();
+    const through = await events.prune(new Date(Date.now() + 60_000), 1_000_000);
+    expect(through).toBeGreaterThan(0);
+    expect(await events.lastId()).toBe(last);
+    expect((await events.after(0, 10)).map((e) => e.id)).toEqual([last]);
+    expect((await events.info()).prunedThrough).toBe(through);
+    expect(through).toBeLessThan(last);
+  });
+});
+
+describe("revocation cursors", () => {
+  it("open only with the database id that sealed them, and are opaque", () => {
+    const id = randomUUID();
+    const codec = new CursorCodec(id);
+    const c1 = codec.seal(42);
+    const c2 = codec.seal(42);
+    expect(c1).not.toBe(c2);
+    expect(codec.open(c1)).toBe(42);
+    expect(new CursorCodec(id).open(c2)).toBe(42);
+    expect(new CursorCodec(randomUUID()).open(c1)).toBeUndefined();
+    for (const bad of [
+      "",
+      "x",
+      `${c1}A`,
+      c1.slice(1),
+      "!".repeat(48),
+      Buffer.alloc(36).toString("base64url"),
+    ])
+      expect(codec.open(bad), bad).toBeUndefined();
+    expect(Buffer.from(c1, "base64url").includes(Buffer.from([0, 0, 0, 0, 0, 0, 0, 42]))).toBe(false);
+  });
+});
