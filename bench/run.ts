@@ -117,7 +117,7 @@ if (flags.help) {
                       jwt-hs256-unobserved, jwt-hs256-metrics-only (these two only when named),
                       rival-fastify (Connect JSON), rival-grpc-js (gRPC),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak,
-                      downstream (the workflows example behind the interceptor, issue 22),
+                      downstream (the workflows example behind the interceptor, issue 22; with --smoke only when named),
                       pat-ws-in-cache, pat-working-set (640 PATs round-robin against a 64-entry cache; not in
                       --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
@@ -1907,7 +1907,9 @@ async function run(): Promise<void> {
     );
   }
   // ---- issue 22: a downstream service behind Tessera's interceptor (bench/downstream.ts)
-  if (wanted("downstream"))
+  // In smoke mode only when named (--only downstream): its three extra servers would push the
+  // suite's smoke run (test/bench-smoke.test.ts) past its time on a loaded machine.
+  if (smoke ? (only?.test("downstream") ?? false) : wanted("downstream"))
     extras.downstream = await runDownstreamBench({
       launcher,
       certDir,
