@@ -40,6 +40,7 @@ import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev
 import { initORM } from "../src/storage/orm.js";
 import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
 import { type ClientTls, grpcCall, JsonClient } from "./client.js";
+import { type DownstreamResult, runDownstreamBench } from "./downstream.js";
 import { grpcFrame } from "./fixtures.js";
 import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
 import {
@@ -129,6 +130,7 @@ if (flags.help) {
                       rival-fastify (Connect JSON), rival-grpc-js (gRPC),
                       rejected-limited, mtls (with raw-node, bare-node), login, flood, cli, first-use, soak,
                       latency (fixed-rate p99 of verify-pat, beside bare and pat when selected),
+                      downstream (the workflows example behind the interceptor, issue 22; with --smoke only when named),
                       pat-ws-in-cache, pat-working-set (640 PATs round-robin against a 64-entry cache; not in
                       --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
   --latency-fraction <f>  the latency scenario's fixed rate as a fraction of the capacity measured
@@ -272,6 +274,8 @@ const notes: string[] = [];
 const skipped: string[] = [];
 const servers: ServerProcess[] = [];
 const extras: {
+  /** Issue 22: the example downstream service with and without the interceptor (bench/downstream.ts). */
+  downstream?: DownstreamResult;
   firstUse?: { firstMs: number; subsequentMedianMs: number; samples: number };
   pbkdf2?: { hashesPerSecond: number; parallel: number; iterations: number };
   /** One per hashing priority measured; the first is the target's (the default unless --flood-nice says). */
@@ -1989,6 +1993,25 @@ async function run(): Promise<void> {
       `  ${result.requests} requests, ${result.errors} errors; peak RSS ${(warmPeak / 1024).toFixed(1)} MiB in the warm-up, ${(soakPeak / 1024).toFixed(1)} MiB in the soak's second half (${((soakPeak / warmPeak - 1) * 100).toFixed(1)}%); at their ends ${(warmEnd / 1024).toFixed(1)} and ${(soakEnd / 1024).toFixed(1)} MiB`,
     );
   }
+  // ---- issue 22: a downstream service behind Tessera's interceptor (bench/downstream.ts)
+  // In smoke mode only when named (--only downstream): its three extra servers would push the
+  // suite's smoke run (test/bench-smoke.test.ts) past its time on a loaded machine.
+  if (smoke ? (only?.test("downstream") ?? false) : wanted("downstream"))
+    extras.downstream = await runDownstreamBench({
+      launcher,
+      certDir,
+      tls,
+      work,
+      smoke,
+      settings,
+      cpus: pinning?.server,
+      startTessera: (name, env) => startTessera(launcher, certDir, adminPassword, name, env),
+      track: (server) => servers.push(server),
+      client: (server) => new JsonClient(server.url, tls),
+      adminPassword,
+      log,
+    });
+
   await api.close();
 
   report(machine, launcher);
@@ -2169,6 +2192,7 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
     });
   }
   targets.push(...fleetTargets);
+  targets.push(...(extras.downstream?.targets ?? []));
   return targets;
 }
 
@@ -2248,6 +2272,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
         ]
       : []),
     ...pgLines.map((l) => `- ${l}`),
+    ...(extras.downstream?.lines ?? []).map((l) => `- ${l}`),
     ...skipped.map((s) => `- Skipped: ${s}.`),
     ...notes.map((n) => `- Note: ${n.split("\n")[0]}`),
     "",

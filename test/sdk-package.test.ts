@@ -112,6 +112,8 @@ describe("the @tessera/sdk package", () => {
       "dist/esm/src/sdk/index.d.ts",
       "dist/cjs/src/sdk/index.js",
       "dist/cjs/src/sdk/index.d.ts",
+      "dist/esm/src/sdk/server/index.js",
+      "dist/cjs/src/sdk/server/index.js",
       "dist/cjs/package.json",
       "dist/esm/gen/tessera/v1/user_service_pb.js",
       "dist/cjs/gen/tessera/v1/user_service_pb.js",
@@ -124,7 +126,9 @@ describe("the @tessera/sdk package", () => {
     // Besides the SDK only src/auth/scopes (no imports of its own, shared so the client's
     // hasPermission and the server decide alike) is compiled in.
     const modules = files.filter((f) => /^dist\/(esm|cjs)\/src\/.*\.js$/.test(f));
-    const outside = modules.filter((f) => !/^dist\/(esm|cjs)\/src\/(sdk\/[\w-]+|auth\/scopes)\.js$/.test(f));
+    const outside = modules.filter(
+      (f) => !/^dist\/(esm|cjs)\/src\/(sdk\/(server\/)?[\w-]+|auth\/scopes)\.js$/.test(f),
+    );
     expect(outside).toEqual([]);
     expect(files.some((f) => f.endsWith(".ts") && !f.endsWith(".d.ts"))).toBe(false);
     expect(readFileSync(join(project, "node_modules", "@tessera", "sdk", "LICENSE"), "utf8")).toContain(
@@ -154,6 +158,10 @@ const api = new UserAPI({ host: "localhost", verifySsl: true });
 export const me: Promise<CurrentUser> = api.getUser();
 export const users: Promise<User[]> = api.client(UserService).listUsers({}).then((r) => r.users);
 export const isBase = (e: unknown): boolean => e instanceof TesseraClientError;
+import { createTesseraAuthInterceptor, type TesseraPrincipal, tesseraPrincipalKey } from "@tessera/sdk/server";
+export const interceptor = createTesseraAuthInterceptor({ server: "https://localhost:50052", watch: false });
+export const principalKey: typeof tesseraPrincipalKey = tesseraPrincipalKey;
+export type Who = TesseraPrincipal["tenantId"];
 // @ts-expect-error the port is a number
 new UserAPI({ port: "50052" });
 `,
@@ -164,6 +172,8 @@ new UserAPI({ port: "50052" });
 import { TenantService } from "@tessera/sdk/gen/tessera/v1/tenant_service_pb.js";
 export const code: number = new ClientConfigError("x").code;
 export const list = new UserAPI({}).client(TenantService).listTenants({});
+import { createTesseraAuthMiddleware } from "@tessera/sdk/server";
+export const middleware = createTesseraAuthMiddleware({ server: "https://localhost:50052", watch: false }, { rule: { scopes: ["workflows:read"] } });
 // @ts-expect-error insecure is a boolean
 new UserAPI({ insecure: "yes" });
 `,
@@ -186,6 +196,28 @@ new UserAPI({ insecure: "yes" });
     );
     const tsc = join(REPO, "node_modules", "typescript", "bin", "tsc");
     await exec(process.execPath, [tsc, "-p", "tsconfig.json"], { cwd: project, ...BIG });
+  });
+
+  it("offers @tessera/sdk/server to ES modules and to CommonJS, with nothing more installed", async () => {
+    const esm = await exec(
+      process.execPath,
+      [
+        "--input-type=module",
+        "-e",
+        'const s = await import("@tessera/sdk/server"); console.log(typeof s.createTesseraAuthInterceptor, typeof s.createTesseraAuthMiddleware)',
+      ],
+      { cwd: project, ...BIG },
+    );
+    expect(esm.stdout.trim()).toBe("function function");
+    const cjs = await exec(
+      process.execPath,
+      [
+        "-e",
+        'const s = require("@tessera/sdk/server"); console.log(typeof s.createTesseraAuthInterceptor, typeof s.tesseraPrincipalKey)',
+      ],
+      { cwd: project, ...BIG },
+    );
+    expect(cjs.stdout.trim()).toBe("function object");
   });
 
   it("copies the walkthroughs unchanged", () => {

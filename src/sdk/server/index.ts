@@ -1,0 +1,35 @@
+/**
+ * Protecting a service of your own with Tessera (`import … from "@tessera/sdk/server"`):
+ * a Connect interceptor and a plain Node middleware on one core. The one barrel of the
+ * subpath; everything public is named here.
+ */
+
+export {
+  TESSERA_ERROR_DOMAIN,
+  TesseraAuthError,
+  type TesseraAuthReason,
+  toConnectError,
+} from "./errors.js";
+export { createTesseraAuthInterceptor, ruleOf, type TesseraAuthInterceptor } from "./interceptor.js";
+export {
+  createTesseraAuthMiddleware,
+  principalOf,
+  type TesseraAuthMiddleware,
+  type TesseraMiddlewareOptions,
+} from "./middleware.js";
+export { JWT_ALGORITHMS, type JwtAlgorithm } from "./offline-jwt.js";
+export {
+  clientCertificateKey,
+  clientCertificateThumbprint,
+  type TesseraPrincipal,
+  tesseraContextValues,
+  tesseraPrincipalKey,
+} from "./principal.js";
+export type { RevocationWatchStats } from "./revocation-watch.js";
+export {
+  createTesseraAuth,
+  type DownstreamRule,
+  type TesseraAuth,
+  type TesseraAuthOptions,
+  type TesseraAuthStats,
+} from "./tessera-auth.js";

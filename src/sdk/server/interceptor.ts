@@ -1,0 +1,67 @@
+import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
+import type { Interceptor } from "@connectrpc/connect";
+import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
+import { TesseraAuthError, toConnectError } from "./errors.js";
+import { clientCertificateKey, tesseraPrincipalKey } from "./principal.js";
+import {
+  createTesseraAuth,
+  type DownstreamRule,
+  type TesseraAuth,
+  type TesseraAuthOptions,
+} from "./tessera-auth.js";
+
+const rules = new WeakMap<DescMethod, DownstreamRule | null>();
+
+/**
+ * The rule of a method: its `(tessera.v1.auth)` option, read once from the descriptor (by
+ * field number, so a downstream's own generated copy of tessera/v1/options.proto is read
+ * alike). Standard gRPC services (health, reflection) are public; any other method without
+ * the option has no rule (null), and is refused.
+ */
+export function ruleOf(method: DescMethod): DownstreamRule | null {
+  let rule = rules.get(method);
+  if (rule !== undefined) return rule;
+  if (method.parent.typeName.startsWith("grpc.")) rule = { public: true };
+  else if (hasOption(method, authOption)) {
+    const r = getOption(method, authOption);
+    rule = { public: r.public, scopes: r.scopes, principals: r.principals };
+  } else rule = null;
+  rules.set(method, rule);
+  return rule;
+}
+
+/** The interceptor, with the core it runs on (to share with a middleware, read stats, close). */
+export type TesseraAuthInterceptor = Interceptor & { readonly auth: TesseraAuth };
+
+/**
+ * A Connect interceptor protecting any connect-node service with Tessera:
+ * `connectNodeAdapter({ routes, interceptors: [createTesseraAuthInterceptor({ server, certFolder, credential })], contextValues: tesseraContextValues })`.
+ *
+ * Each method's scopes come from its own `option (tessera.v1.auth) = { scopes: [...] }`;
+ * `public: true` lets anyone in; a method without the option is refused (fail closed). The
+ * principal is in the handler's context under {@link tesseraPrincipalKey}. Refusals carry
+ * Tessera's error model: Unauthenticated or PermissionDenied with a reason in a
+ * `google.rpc.ErrorInfo`, Unavailable with Retry-After when Tessera cannot answer.
+ */
+export function createTesseraAuthInterceptor(
+  options: TesseraAuthOptions | TesseraAuth,
+): TesseraAuthInterceptor {
+  const auth = "authenticate" in options ? options : createTesseraAuth(options);
+  const interceptor: Interceptor = (next) => async (req) => {
+    const rule = ruleOf(req.method);
+    if (rule?.public) return next(req);
+    try {
+      if (rule === null) throw new TesseraAuthError("ACCESS_DENIED", "method has no auth rule");
+      const principal = await auth.authenticate(
+        req.header.get("authorization") ?? undefined,
+        req.contextValues.get(clientCertificateKey),
+      );
+      auth.authorize(principal, rule);
+      req.contextValues.set(tesseraPrincipalKey, principal);
+    } catch (err) {
+      throw toConnectError(err);
+    }
+    return next(req);
+  };
+  return Object.assign(interceptor, { auth });
+}

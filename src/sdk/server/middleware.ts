@@ -1,0 +1,101 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { TesseraAuthError, toAuthError } from "./errors.js";
+import { clientCertificateThumbprint, type TesseraPrincipal } from "./principal.js";
+import {
+  createTesseraAuth,
+  type DownstreamRule,
+  type TesseraAuth,
+  type TesseraAuthOptions,
+} from "./tessera-auth.js";
+
+/** Options of {@link createTesseraAuthMiddleware}. */
+export interface TesseraMiddlewareOptions<Req extends IncomingMessage = IncomingMessage> {
+  /**
+   * The rule of a request: fixed, or per request (e.g. by path). `undefined` from the
+   * function means no rule: the request is refused (fail closed).
+   */
+  rule: DownstreamRule | ((req: Req) => DownstreamRule | undefined);
+}
+
+const principals = new WeakMap<object, TesseraPrincipal>();
+
+/** The principal the middleware admitted `req` as (also at `req.tesseraPrincipal`). */
+export function principalOf(req: object): TesseraPrincipal | undefined {
+  return principals.get(req);
+}
+
+/** A plain Node middleware, with the core it runs on. */
+export type TesseraAuthMiddleware<Req extends IncomingMessage = IncomingMessage> = ((
+  req: Req,
+  res: ServerResponse,
+  next: (err?: unknown) => void,
+) => void) & { readonly auth: TesseraAuth };
+
+function refuse(res: ServerResponse, err: TesseraAuthError): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const body = JSON.stringify({
+    ok: false,
+    error:
+      err.status === 401
+        ? "Unauthorized"
+        : err.status === 403
+          ? "Forbidden"
+          : err.status === 429
+            ? "Too Many Requests"
+            : "Service Unavailable",
+    reason: err.reason,
+    message: err.message,
+  });
+  res.writeHead(err.status, {
+    ...err.headers(),
+    "content-type": "application/json",
+    "content-length": Buffer.byteLength(body),
+    "cache-control": "no-store",
+  });
+  res.end(body);
+}
+
+/**
+ * `(req, res, next)` on the same core as the interceptor, for node:http, Express, or
+ * Fastify through `@fastify/express`/`@fastify/middie`: the call's principal is put at
+ * `req.tesseraPrincipal` (and {@link principalOf}) and `next()` runs; a refusal is answered
+ * here as JSON (`reason` as Tessera's, WWW-Authenticate, Retry-After on 503) and `next` is
+ * not called. A verified client certificate on the socket is used for bound credentials.
+ */
+export function createTesseraAuthMiddleware<Req extends IncomingMessage = IncomingMessage>(
+  auth: TesseraAuthOptions | TesseraAuth,
+  options: TesseraMiddlewareOptions<Req>,
+): TesseraAuthMiddleware<Req> {
+  const core = "authenticate" in auth ? auth : createTesseraAuth(auth);
+  const middleware = (req: Req, res: ServerResponse, next: (err?: unknown) => void): void => {
+    let rule: DownstreamRule | undefined;
+    try {
+      rule = typeof options.rule === "function" ? options.rule(req) : options.rule;
+    } catch (err) {
+      next(err);
+      return;
+    }
+    if (rule === undefined) {
+      refuse(res, new TesseraAuthError("ACCESS_DENIED", "no auth rule for this request"));
+      return;
+    }
+    if (rule.public) {
+      next();
+      return;
+    }
+    const header = req.headers.authorization;
+    core
+      .authenticate(header, clientCertificateThumbprint(req.socket))
+      .then((principal) => {
+        core.authorize(principal, rule);
+        principals.set(req, principal);
+        (req as Req & { tesseraPrincipal?: TesseraPrincipal }).tesseraPrincipal = principal;
+        next();
+      })
+      .catch((err: unknown) => refuse(res, toAuthError(err)));
+  };
+  return Object.assign(middleware, { auth: core });
+}

@@ -1,0 +1,72 @@
+import { createHash } from "node:crypto";
+import type { TLSSocket } from "node:tls";
+import { type ContextValues, createContextKey, createContextValues } from "@connectrpc/connect";
+
+/** Who called a protected method: what the handler reads from its context. */
+export interface TesseraPrincipal {
+  /** The user's or machine user's id (a JWT's `sub`). */
+  readonly id: string;
+  readonly kind: "user" | "machine_user";
+  readonly tenantId: string;
+  /** The scopes the credential holds (wildcards as granted: check with `hasScope`). */
+  readonly scopes: readonly string[];
+  /** How the credential was presented: "jwt", "pat", "api_key", "machine_token" or "basic". */
+  readonly credentialKind: string;
+  /** The credential's id (token row, JWT `jti`, machine credential): not secret. */
+  readonly credentialId: string;
+  /** A JWT's session (`sid`), when it has one. */
+  readonly sessionId?: string | undefined;
+  /** Machine users verified through Tessera: the applications they are assigned to (empty for JWTs checked offline). */
+  readonly applicationIds: readonly string[];
+  /** RFC 8705 `x5t#S256` the credential is bound to (the call came with that client certificate). */
+  readonly certificateThumbprint?: string | undefined;
+  /** When the credential stops being valid by itself. */
+  readonly expiresAt?: Date | undefined;
+}
+
+/** The principal of the call, set by the interceptor before the handler runs (undefined on public methods). */
+export const tesseraPrincipalKey = createContextKey<TesseraPrincipal | undefined>(undefined, {
+  description: "the Tessera principal of the call",
+});
+
+/**
+ * The RFC 8705 thumbprint (`x5t#S256`) of the client certificate the connection presented
+ * and the server's CA verified; set by {@link tesseraContextValues}.
+ */
+export const clientCertificateKey = createContextKey<string | undefined>(undefined, {
+  description: "x5t#S256 of the verified client certificate",
+});
+
+const thumbprints = new WeakMap<object, string | null>();
+
+/**
+ * The `x5t#S256` of the verified client certificate on `socket` (undefined without one, or
+ * when the CA did not verify it): hashed once per connection.
+ */
+export function clientCertificateThumbprint(socket: unknown): string | undefined {
+  if (typeof socket !== "object" || socket === null) return undefined;
+  const known = thumbprints.get(socket);
+  if (known !== undefined) return known ?? undefined;
+  const tls = socket as Partial<TLSSocket>;
+  let out: string | null = null;
+  if (tls.authorized === true && typeof tls.getPeerCertificate === "function") {
+    const raw = tls.getPeerCertificate(false)?.raw;
+    if (raw && raw.length > 0) out = createHash("sha256").update(raw).digest("base64url");
+  }
+  thumbprints.set(socket, out);
+  return out ?? undefined;
+}
+
+/**
+ * `contextValues` for connect-node's adapter, so that certificate-bound credentials can be
+ * checked: `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
+ */
+export function tesseraContextValues(req: {
+  socket?: unknown;
+  stream?: { session?: { socket?: unknown } };
+}): ContextValues {
+  const values = createContextValues();
+  const thumbprint = clientCertificateThumbprint(req.socket ?? req.stream?.session?.socket);
+  if (thumbprint) values.set(clientCertificateKey, thumbprint);
+  return values;
+}

@@ -1,0 +1,227 @@
+// The consumer of Tessera's WatchRevocations stream: it says whether the downstream cache
+// may be trusted right now, drops what each event invalidates, and remembers recent
+// revocations for access tokens verified offline.
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import {
+  RevocationKind,
+  type WatchRevocationsResponse,
+} from "../../../gen/tessera/v1/verification_service_pb.js";
+import type { RevocationTarget } from "./verified-cache.js";
+
+/** Opens the stream from `cursor` ("" to start now); ends or throws when it breaks. */
+export type OpenWatch = (cursor: string, signal: AbortSignal) => AsyncIterable<WatchRevocationsResponse>;
+
+/** Options of {@link RevocationWatch}. */
+export interface RevocationWatchOptions {
+  open: OpenWatch;
+  now: () => number;
+  /** Tolerated clock difference with Tessera (ms): widens every time comparison to the safe side. */
+  skewMs: number;
+  /** How long revocations are remembered for offline tokens (the longest access-token lifetime). */
+  rememberMs: number;
+  /** Called with every event, after the watch's own bookkeeping. */
+  onEvent: (target: RevocationTarget, id: string) => void;
+  /** Called when the cache must be emptied: the stream went down, or answered `reset`. */
+  onLost: () => void;
+  /** Delay before reconnecting: first, and the cap of its doubling. */
+  minBackoffMs?: number;
+  maxBackoffMs?: number;
+}
+
+const TARGETS: Partial<Record<RevocationKind, RevocationTarget>> = {
+  [RevocationKind.CREDENTIAL]: "credential",
+  [RevocationKind.SESSION]: "session",
+  [RevocationKind.SUBJECT]: "subject",
+  [RevocationKind.TENANT]: "tenant",
+};
+
+/** Heartbeat period assumed until the stream names its own. */
+const DEFAULT_HEARTBEAT_MS = 15_000;
+
+/** Counters of the watch, for tests, metrics and the bench. */
+export interface RevocationWatchStats {
+  state: "connecting" | "up" | "down" | "closed";
+  connects: number;
+  events: number;
+  resets: number;
+  /** Times the stream was found down (error, end, or silence past twice its heartbeat). */
+  drops: number;
+}
+
+/**
+ * Keeps one WatchRevocations stream open (reconnecting with backoff, resuming from the last
+ * cursor) and answers {@link healthy}: the stream answered, and was heard from within twice
+ * its heartbeat. Every transition away from healthy calls `onLost` (the cache is emptied),
+ * and {@link epoch} moves on every event and every loss, so an answer fetched across one is
+ * not stored.
+ */
+export class RevocationWatch {
+  readonly #o: RevocationWatchOptions;
+  #cursor = "";
+  #up = false;
+  #lastHeard = 0;
+  #heartbeatMs = DEFAULT_HEARTBEAT_MS;
+  #coverageSince = Number.POSITIVE_INFINITY;
+  #epoch = 0;
+  #closed = false;
+  #controller: AbortController | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  #wake: (() => void) | undefined;
+  readonly #revoked = new Map<string, number>();
+  readonly #stats: RevocationWatchStats = {
+    state: "connecting",
+    connects: 0,
+    events: 0,
+    resets: 0,
+    drops: 0,
+  };
+  readonly #waiters = new Set<() => void>();
+
+  constructor(options: RevocationWatchOptions) {
+    this.#o = options;
+    void this.#run();
+  }
+
+  /** Whether the cache may be used: connected, and heard from within twice the heartbeat. */
+  healthy(): boolean {
+    if (!this.#up) return false;
+    if (this.#o.now() - this.#lastHeard <= 2 * this.#heartbeatMs) return true;
+    this.#lose(); // silent too long: down now, whatever the socket says
+    return false;
+  }
+
+  /** Moves on every event and every loss of the stream. */
+  get epoch(): number {
+    return this.#epoch;
+  }
+
+  /**
+   * Local time from which every revocation is known here: an access token issued (by
+   * Tessera's clock, skew allowed for) at or after it can be checked offline against
+   * {@link revokedAt}; an older one must be verified by Tessera.
+   */
+  get coverageSince(): number {
+    return this.#coverageSince;
+  }
+
+  /** When the latest revocation of `id` (as `target`) occurred, if one is remembered. */
+  revokedAt(target: RevocationTarget, id: string): number | undefined {
+    return this.#revoked.get(`${target}:${id}`);
+  }
+
+  stats(): RevocationWatchStats {
+    return { ...this.#stats };
+  }
+
+  /** Resolves once the stream is up (or after `timeoutMs`): for start-up and tests. */
+  ready(timeoutMs = 5000): Promise<boolean> {
+    if (this.healthy()) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#waiters.delete(done);
+        resolve(this.healthy());
+      };
+      const timer = setTimeout(done, timeoutMs);
+      this.#waiters.add(done);
+    });
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#stats.state = "closed";
+    this.#controller?.abort();
+    this.#wake?.();
+    if (this.#timer) clearInterval(this.#timer);
+    this.#lose();
+  }
+
+  #lose(): void {
+    this.#epoch++;
+    if (this.#up) {
+      this.#up = false;
+      this.#stats.drops++;
+      if (!this.#closed) this.#stats.state = "down";
+      this.#controller?.abort();
+    }
+    this.#o.onLost();
+  }
+
+  #apply(message: WatchRevocationsResponse): void {
+    const now = this.#o.now();
+    this.#lastHeard = now;
+    if (message.heartbeatSeconds > 0) this.#heartbeatMs = message.heartbeatSeconds * 1000;
+    if (message.reset) {
+      // Events were missed: nothing cached may stay, and tokens issued before now must be
+      // verified by Tessera (their revocations may be among the missed ones).
+      this.#stats.resets++;
+      this.#epoch++;
+      this.#coverageSince = now + this.#o.skewMs;
+      this.#o.onLost();
+    }
+    if (message.events.length > 0) this.#epoch++;
+    for (const event of message.events) {
+      const target = TARGETS[event.kind];
+      if (target === undefined) {
+        // A kind this client does not know: it cannot tell what it invalidates, so everything.
+        this.#o.onLost();
+        continue;
+      }
+      this.#stats.events++;
+      const at = event.occurredAt ? timestampMs(event.occurredAt) : now;
+      const key = `${target}:${event.id}`;
+      this.#revoked.set(key, Math.max(at, this.#revoked.get(key) ?? 0));
+      this.#o.onEvent(target, event.id);
+    }
+    if (message.cursor) this.#cursor = message.cursor;
+  }
+
+  #prune(): void {
+    const horizon = this.#o.now() - this.#o.rememberMs - this.#o.skewMs;
+    for (const [key, at] of this.#revoked) if (at < horizon) this.#revoked.delete(key);
+  }
+
+  async #run(): Promise<void> {
+    const min = this.#o.minBackoffMs ?? 100;
+    const max = this.#o.maxBackoffMs ?? 5000;
+    let backoff = min;
+    this.#timer = setInterval(() => {
+      this.healthy();
+      this.#prune();
+    }, 1000);
+    this.#timer.unref();
+    while (!this.#closed) {
+      const controller = new AbortController();
+      this.#controller = controller;
+      this.#stats.state = "connecting";
+      try {
+        const resumed = this.#cursor !== "";
+        for await (const message of this.#o.open(this.#cursor, controller.signal)) {
+          this.#apply(message);
+          if (!this.#up) {
+            this.#up = true;
+            this.#stats.state = "up";
+            this.#stats.connects++;
+            backoff = min;
+            // Starting afresh: revocations before Tessera answered are unknown here.
+            if (!resumed && this.#coverageSince === Number.POSITIVE_INFINITY)
+              this.#coverageSince = this.#o.now() + this.#o.skewMs;
+            for (const waiter of [...this.#waiters]) waiter();
+          }
+        }
+      } catch {
+        // Down: reconnect below.
+      }
+      this.#lose();
+      if (this.#closed) break;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, backoff * (0.5 + Math.random() / 2));
+        this.#wake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      backoff = Math.min(max, backoff * 2);
+    }
+  }
+}

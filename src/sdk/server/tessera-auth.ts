@@ -1,0 +1,370 @@
+// The core shared by the Connect interceptor and the Node middleware: who is calling, from
+// the Authorization header (and the client certificate), and whether a rule admits them.
+
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { type Client, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  VerificationCode,
+  VerificationService,
+  VerifiedPrincipalKind,
+  type VerifyCredentialResponse,
+} from "../../../gen/tessera/v1/verification_service_pb.js";
+import { scopeCovers } from "../../auth/scopes.js";
+import { loadClientTls } from "../tls.js";
+import { TesseraAuthError, type TesseraAuthReason } from "./errors.js";
+import { fetchJson } from "./fetch-json.js";
+import {
+  type AccessTokenClaims,
+  createOfflineJwtVerifier,
+  JWT_ALGORITHMS,
+  type JwtAlgorithm,
+  looksLikeJwt,
+  type OfflineJwtVerifier,
+} from "./offline-jwt.js";
+import type { TesseraPrincipal } from "./principal.js";
+import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
+import { VerifiedCache } from "./verified-cache.js";
+
+/** Options of {@link createTesseraAuth} (and of the interceptor and middleware built on it). */
+export interface TesseraAuthOptions {
+  /** Tessera's address, e.g. `https://tessera.internal:50052`. */
+  server: string;
+  /**
+   * A folder with `ca.crt` (verifies Tessera) and, for a service that authenticates to
+   * Tessera by a bound client certificate, `client.crt` + `client.key` (as the SDK's clients).
+   */
+  certFolder?: string;
+  /** A CA bundle to verify Tessera with, instead of the folder's `ca.crt`. */
+  caFile?: string;
+  /**
+   * This service's own credential for VerifyCredential and WatchRevocations (a machine
+   * user holding `auth:verify`): its machine token, or `Basic <base64(user:password)>`.
+   * Unset: the client certificate of `certFolder` alone.
+   */
+  credential?: string;
+  /** `iss` and `aud` access tokens must carry (Tessera's `auth.jwt.issuer` / `audience`; default "tessera"). */
+  issuer?: string;
+  audience?: string;
+  /** Accepted JWS algorithms, a subset of EdDSA and ES256 (default both). */
+  algorithms?: readonly JwtAlgorithm[];
+  /** Tolerated clock difference with Tessera in seconds, for nbf/iat (default 30; never added to exp). */
+  clockSkewSeconds?: number;
+  /** The positive cache of VerifyCredential answers (default 10,000 entries, 300 s at most); false: none. */
+  cache?: { max?: number; ttlSeconds?: number } | false;
+  /** Where the JWKS is (default: the discovery document's `jwks_uri`, else `/.well-known/jwks.json`). */
+  jwksUri?: string;
+  /** Least time between two JWKS fetches caused by unknown kids (default 30 s). */
+  jwksRefetchGapMs?: number;
+  /** Age after which the JWKS is fetched again (default 300 s, its Cache-Control). */
+  jwksMaxAgeMs?: number;
+  /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
+  verifyTimeoutMs?: number;
+  /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */
+  maxTokenLifetimeSeconds?: number;
+  /** Follow WatchRevocations (default true). Without it every opaque credential and JWT is verified per call. */
+  watch?: boolean;
+  /** Reconnection backoff of the watch stream (ms). */
+  watchBackoffMs?: { min: number; max: number };
+  /** The transport to Tessera (default: gRPC over HTTP/2 and TLS from `server` and `certFolder`). */
+  transport?: Transport;
+  /** GET a JSON document from Tessera (default: node:https with `certFolder`'s CA): a custom HTTP client, or tests. */
+  fetchJson?: (url: string) => Promise<unknown>;
+  /** Clock (tests). */
+  now?: () => number;
+}
+
+/** A method's (or route's) rule: `tessera.v1.AuthRule`'s fields the downstream reads. */
+export interface DownstreamRule {
+  public?: boolean;
+  scopes?: readonly string[];
+  /** Principal kinds admitted; empty: any. Values of `tessera.v1.PrincipalKind` (1 user, 2 machine user). */
+  principals?: readonly number[];
+}
+
+/** Counters for tests, metrics and the bench. */
+export interface TesseraAuthStats {
+  watch: RevocationWatchStats | undefined;
+  cacheSize: number;
+  cacheHits: number;
+  verifyCalls: number;
+  offlineJwts: number;
+  jwksFetches: number;
+}
+
+/** The shared core: authenticate a call, authorize it against a rule. */
+export interface TesseraAuth {
+  /**
+   * The principal behind an `Authorization` header value, with the connection's verified
+   * client certificate thumbprint (for bound credentials). @throws TesseraAuthError
+   */
+  authenticate(authorization: string | undefined, certificateThumbprint?: string): Promise<TesseraPrincipal>;
+  /** @throws TesseraAuthError ACCESS_DENIED or PRINCIPAL_NOT_ALLOWED */
+  authorize(principal: TesseraPrincipal, rule: DownstreamRule): void;
+  /** Whether the revocation stream is up (the cache is in use). */
+  watching(): boolean;
+  /** Resolves when the revocation stream is up, false after `timeoutMs` without. */
+  ready(timeoutMs?: number): Promise<boolean>;
+  stats(): TesseraAuthStats;
+  close(): void;
+}
+
+const REFUSALS: Partial<Record<VerificationCode, [TesseraAuthReason, string]>> = {
+  [VerificationCode.NOT_FOUND]: ["CREDENTIALS_INVALID", "credentials are invalid"],
+  [VerificationCode.MALFORMED]: ["TOKEN_INVALID", "credential is malformed"],
+  [VerificationCode.EXPIRED]: ["TOKEN_EXPIRED", "credential expired"],
+  [VerificationCode.REVOKED]: ["TOKEN_REVOKED", "credential is revoked"],
+  [VerificationCode.DISABLED]: ["PRINCIPAL_DISABLED", "principal is disabled"],
+  [VerificationCode.TENANT_DISABLED]: ["PRINCIPAL_DISABLED", "tenant is disabled"],
+};
+
+const MAX_HEADER = 8192;
+
+function unavailable(message: string, err?: unknown, retryAfterSeconds = 1): TesseraAuthError {
+  return new TesseraAuthError("UNAVAILABLE", message, { retryAfterSeconds, cause: err });
+}
+
+function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
+  return {
+    id: claims.sub,
+    kind: claims.pk === "machine" ? "machine_user" : "user",
+    tenantId: claims.tid,
+    scopes: claims.scope.split(" ").filter((s) => s.length > 0),
+    credentialKind: "jwt",
+    credentialId: claims.jti ?? "",
+    sessionId: claims.sid,
+    applicationIds: [],
+    certificateThumbprint: claims.cnf?.["x5t#S256"] || undefined,
+    expiresAt: new Date(claims.exp * 1000),
+  };
+}
+
+function principalOfAnswer(res: VerifyCredentialResponse, claims?: AccessTokenClaims): TesseraPrincipal {
+  return {
+    id: res.principalId,
+    kind: res.principalKind === VerifiedPrincipalKind.MACHINE_USER ? "machine_user" : "user",
+    tenantId: res.tenantId,
+    scopes: res.scopes,
+    credentialKind: res.credentialKind,
+    credentialId: res.credentialId,
+    sessionId: claims?.sid,
+    applicationIds: res.applicationIds,
+    certificateThumbprint: res.certificateThumbprint || undefined,
+    expiresAt: res.expiresAt ? new Date(timestampMs(res.expiresAt)) : undefined,
+  };
+}
+
+/** The credential in an Authorization header value: a bearer token, or a whole Basic pair. */
+function credentialOf(authorization: string | undefined): string {
+  if (authorization === undefined || authorization === "")
+    throw new TesseraAuthError("AUTH_REQUIRED", "authentication required");
+  if (authorization.length > MAX_HEADER)
+    throw new TesseraAuthError("AUTH_HEADER_MALFORMED", "authorization header is too long");
+  const space = authorization.indexOf(" ");
+  const scheme = space > 0 ? authorization.slice(0, space).toLowerCase() : "";
+  const value = space > 0 ? authorization.slice(space + 1) : "";
+  if (!/^[\x21-\x7e]+$/.test(value) || (scheme !== "bearer" && scheme !== "basic"))
+    throw new TesseraAuthError("AUTH_HEADER_MALFORMED", "authorization header is malformed");
+  return scheme === "basic" ? `Basic ${value}` : value;
+}
+
+/**
+ * Create the core. Access tokens are verified offline (JWKS); personal access tokens, API
+ * keys, machine tokens and Basic pairs through Tessera's VerifyCredential, whose VALID
+ * answers are cached while the WatchRevocations stream is up (each event drops what it
+ * names); while it is down (not yet connected, broken, silent past twice its heartbeat)
+ * the cache is empty and every call is verified by Tessera, access tokens included.
+ * Tessera unreachable: UNAVAILABLE (503 + Retry-After), never an admission.
+ */
+export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
+  const now = options.now ?? Date.now;
+  const skewMs = (options.clockSkewSeconds ?? 30) * 1000;
+  const maxLifetimeMs = (options.maxTokenLifetimeSeconds ?? 86_400) * 1000;
+  const verifyTimeoutMs = options.verifyTimeoutMs ?? 2000;
+  const base = options.server.replace(/\/+$/, "");
+  const tls = loadClientTls({ certFolder: options.certFolder, caFile: options.caFile });
+  const transport =
+    options.transport ??
+    createGrpcTransport({
+      baseUrl: base,
+      nodeOptions: {
+        ...(tls.ca ? { ca: tls.ca } : {}),
+        ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
+      },
+    });
+  const headers: Record<string, string> = {};
+  if (options.credential)
+    headers.authorization = /^basic /i.test(options.credential)
+      ? options.credential
+      : `Bearer ${options.credential}`;
+  const client: Client<typeof VerificationService> = createClient(VerificationService, transport);
+
+  const cacheOptions = options.cache === false ? { max: 0, ttlSeconds: 0 } : (options.cache ?? {});
+  const cache = new VerifiedCache({
+    max: cacheOptions.max ?? 10_000,
+    ttlMs: (cacheOptions.ttlSeconds ?? 300) * 1000,
+    now,
+  });
+  const counters = { cacheHits: 0, verifyCalls: 0, offlineJwts: 0 };
+
+  let jwksUri = options.jwksUri;
+  const getJson = options.fetchJson ?? ((url: string) => fetchJson(url, tls));
+  const jwt: OfflineJwtVerifier = createOfflineJwtVerifier({
+    async fetchJwks() {
+      if (jwksUri === undefined) {
+        try {
+          const doc = (await getJson(`${base}/.well-known/oauth-authorization-server`)) as {
+            jwks_uri?: unknown;
+          };
+          jwksUri = typeof doc.jwks_uri === "string" ? doc.jwks_uri : `${base}/.well-known/jwks.json`;
+        } catch {
+          return getJson(`${base}/.well-known/jwks.json`);
+        }
+      }
+      return getJson(jwksUri);
+    },
+    issuer: options.issuer ?? "tessera",
+    audience: options.audience ?? "tessera",
+    algorithms: options.algorithms ?? JWT_ALGORITHMS,
+    clockSkewSeconds: skewMs / 1000,
+    refetchGapMs: options.jwksRefetchGapMs ?? 30_000,
+    maxAgeMs: options.jwksMaxAgeMs ?? 300_000,
+    now,
+  });
+
+  const openWatch: OpenWatch = (cursor, signal) => client.watchRevocations({ cursor }, { signal, headers });
+  const watch =
+    options.watch === false
+      ? undefined
+      : new RevocationWatch({
+          open: openWatch,
+          now,
+          skewMs,
+          rememberMs: maxLifetimeMs,
+          onEvent: (target, id) => cache.invalidate(target, id),
+          onLost: () => cache.clear(),
+          ...(options.watchBackoffMs
+            ? { minBackoffMs: options.watchBackoffMs.min, maxBackoffMs: options.watchBackoffMs.max }
+            : {}),
+        });
+
+  async function callVerify(credential: string): Promise<VerifyCredentialResponse> {
+    counters.verifyCalls++;
+    try {
+      return await client.verifyCredential({ credential }, { headers, timeoutMs: verifyTimeoutMs });
+    } catch (err) {
+      // Whatever went wrong between this service and Tessera (unreachable, overloaded, this
+      // service's own credential refused), the caller's credential is not known good.
+      const retry = err instanceof ConnectError ? Number(err.metadata.get("retry-after")) : Number.NaN;
+      throw unavailable("Tessera cannot verify credentials now", err, retry > 0 ? Math.min(retry, 60) : 1);
+    }
+  }
+
+  const inflight = new Map<string, Promise<VerifyCredentialResponse>>();
+
+  /** Tessera's answer for `credential`, from the cache while the stream vouches for it. */
+  async function online(credential: string, claims?: AccessTokenClaims): Promise<TesseraPrincipal> {
+    const trusted = watch?.healthy() ?? false;
+    if (!trusted) cache.clear();
+    else {
+      const hit = cache.get(credential);
+      if (hit) {
+        counters.cacheHits++;
+        return hit;
+      }
+    }
+    const epoch = watch?.epoch ?? 0;
+    let pending = inflight.get(credential);
+    if (!pending) {
+      pending = callVerify(credential).finally(() => inflight.delete(credential));
+      inflight.set(credential, pending);
+    }
+    const res = await pending;
+    if (res.code === VerificationCode.RATE_LIMITED)
+      throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
+        retryAfterSeconds: Math.max(1, res.retryAfterSeconds),
+      });
+    if (!res.valid) {
+      const [reason, message] = REFUSALS[res.code] ?? ["CREDENTIALS_INVALID", "credentials are invalid"];
+      throw new TesseraAuthError(reason, message);
+    }
+    const principal = principalOfAnswer(res, claims);
+    // Stored only when no event and no loss of the stream came in while Tessera answered.
+    if (trusted && watch?.healthy() && watch.epoch === epoch) cache.set(credential, principal);
+    return principal;
+  }
+
+  /** Whether an offline-verified token may be admitted without asking Tessera. */
+  function offlineVerdict(claims: AccessTokenClaims): "accept" | "ask" | "revoked" {
+    if (!watch?.healthy()) return "ask";
+    const issued = claims.iat * 1000;
+    if (issued < watch.coverageSince || now() - issued > maxLifetimeMs) return "ask";
+    let verdict: "accept" | "ask" = "accept";
+    const ids: [Parameters<RevocationWatch["revokedAt"]>[0], string | undefined][] = [
+      ["credential", claims.jti],
+      ["session", claims.sid],
+      ["subject", claims.sub],
+      ["tenant", claims.tid],
+    ];
+    for (const [target, id] of ids) {
+      if (id === undefined) continue;
+      const at = watch.revokedAt(target, id);
+      if (at === undefined) continue;
+      if (at + skewMs < issued) continue; // issued after the event
+      // A session or credential ended before the token was issued (`iat` is whole seconds,
+      // and clocks differ): final. A subject or tenant changed since may still hold the
+      // token valid (fewer scopes, re-enabled): Tessera decides, and its answer is cached.
+      if ((target === "session" || target === "credential") && at > issued + 1000 + skewMs) return "revoked";
+      verdict = "ask";
+    }
+    return verdict;
+  }
+
+  return {
+    async authenticate(authorization, certificateThumbprint) {
+      const credential = credentialOf(authorization);
+      let principal: TesseraPrincipal;
+      if (looksLikeJwt(credential)) {
+        const claims = await jwt.verify(credential);
+        const verdict = offlineVerdict(claims);
+        if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
+        if (verdict === "accept") {
+          counters.offlineJwts++;
+          principal = principalOfClaims(claims);
+        } else principal = await online(credential, claims);
+      } else principal = await online(credential);
+      if (
+        principal.certificateThumbprint !== undefined &&
+        principal.certificateThumbprint !== certificateThumbprint
+      )
+        throw new TesseraAuthError("TOKEN_NOT_BOUND", "credential is bound to another client certificate");
+      return principal;
+    },
+    authorize(principal, rule) {
+      if (rule.principals && rule.principals.length > 0) {
+        const kind = principal.kind === "user" ? 1 : 2;
+        if (!rule.principals.includes(kind))
+          throw new TesseraAuthError(
+            "PRINCIPAL_NOT_ALLOWED",
+            "this kind of principal may not call this method",
+          );
+      }
+      const required = rule.scopes ?? [];
+      for (const scope of required)
+        if (!principal.scopes.some((granted) => scopeCovers(granted, scope)))
+          throw new TesseraAuthError("ACCESS_DENIED", `missing scope ${scope}`, { requiredScopes: required });
+    },
+    watching: () => watch?.healthy() ?? false,
+    ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
+    stats: () => ({
+      watch: watch?.stats(),
+      cacheSize: cache.size,
+      ...counters,
+      jwksFetches: jwt.fetches,
+    }),
+    close() {
+      watch?.close();
+      cache.clear();
+    },
+  };
+}

@@ -1,0 +1,80 @@
+import type { TesseraPrincipal } from "./principal.js";
+
+interface Entry {
+  principal: TesseraPrincipal;
+  /** Local time after which the entry is not served. */
+  until: number;
+}
+
+/** What a revocation event names. */
+export type RevocationTarget = "credential" | "session" | "subject" | "tenant";
+
+/**
+ * The positive answers of VerifyCredential, by credential: bounded in number (least
+ * recently used out first) and in age, dropped by the revocation events that name their
+ * credential, session, subject or tenant. Only VALID answers are ever stored.
+ */
+export class VerifiedCache {
+  readonly #entries = new Map<string, Entry>();
+  readonly #max: number;
+  readonly #ttlMs: number;
+  readonly #now: () => number;
+
+  constructor(options: { max: number; ttlMs: number; now: () => number }) {
+    this.#max = options.max;
+    this.#ttlMs = options.ttlMs;
+    this.#now = options.now;
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  get(credential: string): TesseraPrincipal | undefined {
+    const entry = this.#entries.get(credential);
+    if (entry === undefined) return undefined;
+    if (entry.until <= this.#now()) {
+      this.#entries.delete(credential);
+      return undefined;
+    }
+    // Most recently used last: the Map's order is the eviction order.
+    this.#entries.delete(credential);
+    this.#entries.set(credential, entry);
+    return entry.principal;
+  }
+
+  set(credential: string, principal: TesseraPrincipal): void {
+    if (this.#max <= 0) return;
+    const now = this.#now();
+    const expires = principal.expiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
+    const until = Math.min(now + this.#ttlMs, expires);
+    if (until <= now) return;
+    this.#entries.delete(credential);
+    while (this.#entries.size >= this.#max) this.#entries.delete(this.#entries.keys().next().value as string);
+    this.#entries.set(credential, { principal, until });
+  }
+
+  /** Drop every answer the event invalidates. */
+  invalidate(target: RevocationTarget, id: string): number {
+    let dropped = 0;
+    for (const [credential, { principal: p }] of this.#entries) {
+      const hit =
+        target === "credential"
+          ? p.credentialId === id
+          : target === "session"
+            ? p.sessionId === id
+            : target === "subject"
+              ? p.id === id
+              : p.tenantId === id;
+      if (hit) {
+        this.#entries.delete(credential);
+        dropped++;
+      }
+    }
+    return dropped;
+  }
+
+  clear(): void {
+    this.#entries.clear();
+  }
+}

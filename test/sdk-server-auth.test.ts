@@ -1,0 +1,461 @@
+import { generateKeyPairSync, type KeyObject, sign } from "node:crypto";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
+import { afterEach, describe, expect, it } from "vitest";
+import {
+  RevocationKind,
+  VerificationCode,
+  VerificationService,
+  VerifiedPrincipalKind,
+  type VerifyCredentialResponseSchema,
+  type WatchRevocationsResponse,
+  WatchRevocationsResponseSchema,
+} from "../gen/tessera/v1/verification_service_pb.js";
+import { createTesseraAuth, type TesseraAuth, TesseraAuthError } from "../src/sdk/server/index.js";
+
+/**
+ * The interceptor's core against an in-memory VerificationService whose WatchRevocations
+ * stream the test drives message by message, on a manual clock: the cache is used only
+ * while the stream vouches for it, each event drops what it names, and an access token is
+ * checked offline against Tessera's keys and the revocations heard.
+ */
+
+type Answer = MessageInitShape<typeof VerifyCredentialResponseSchema>;
+type Message = Partial<Omit<WatchRevocationsResponse, "$typeName">>;
+
+/** One WatchRevocations stream: messages pushed by the test, or a failure. */
+class FakeStream {
+  readonly #queue: (Message | Error)[] = [];
+  #wake: (() => void) | undefined;
+  push(m: Message | Error): void {
+    this.#queue.push(m);
+    this.#wake?.();
+  }
+  async *messages(signal: AbortSignal): AsyncGenerator<WatchRevocationsResponse> {
+    while (!signal.aborted) {
+      const next = this.#queue.shift();
+      if (next === undefined) {
+        await new Promise<void>((resolve) => {
+          this.#wake = resolve;
+          signal.addEventListener("abort", () => resolve(), { once: true });
+        });
+        continue;
+      }
+      if (next instanceof Error) throw next;
+      yield create(WatchRevocationsResponseSchema, next as never);
+    }
+  }
+}
+
+interface Fake {
+  verifyCalls: number;
+  /** While set, VerifyCredential waits for it before answering. */
+  hold?: Promise<void> | undefined;
+  answers: Map<string, Answer>;
+  down: boolean;
+  watchRefused: boolean;
+  streams: FakeStream[];
+  cursors: string[];
+}
+
+function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterTransport> } {
+  const fake: Fake = {
+    verifyCalls: 0,
+    answers: new Map(),
+    down: false,
+    watchRefused: false,
+    streams: [],
+    cursors: [],
+  };
+  const transport = createRouterTransport(({ service }) =>
+    service(VerificationService, {
+      async verifyCredential(req) {
+        fake.verifyCalls++;
+        if (fake.hold) await fake.hold;
+        if (fake.down) throw new ConnectError("storage down", Code.Unavailable);
+        return fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
+      },
+      async *watchRevocations(req, ctx) {
+        if (fake.watchRefused) throw new ConnectError("not implemented", Code.Unimplemented);
+        fake.cursors.push(req.cursor);
+        const stream = new FakeStream();
+        fake.streams.push(stream);
+        yield* stream.messages(ctx.signal);
+      },
+    }),
+  );
+  return { fake, transport };
+}
+
+const valid = (over: Answer = {}): Answer => ({
+  valid: true,
+  code: VerificationCode.VALID,
+  principalId: "user-1",
+  principalKind: VerifiedPrincipalKind.USER,
+  tenantId: "tenant-1",
+  scopes: ["workflows:read"],
+  credentialId: "cred-1",
+  credentialKind: "pat",
+  ...over,
+});
+
+const PAT = "tsr_pat_abcdefghijklmnopqrstuvwxyz0123456789";
+
+/** Signs access tokens the way Tessera does (EdDSA, typ at+jwt). */
+function signer(alg: "EdDSA" | "ES256" = "EdDSA") {
+  const pair =
+    alg === "EdDSA" ? generateKeyPairSync("ed25519") : generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const kid = `kid-${alg}`;
+  const jwk = { ...pair.publicKey.export({ format: "jwk" }), kid, alg, use: "sig" };
+  const token = (
+    claims: Record<string, unknown>,
+    header: Record<string, unknown> = {},
+    key: KeyObject = pair.privateKey,
+  ): string => {
+    const h = Buffer.from(JSON.stringify({ alg, kid, typ: "at+jwt", ...header })).toString("base64url");
+    const p = Buffer.from(JSON.stringify(claims)).toString("base64url");
+    const input = Buffer.from(`${h}.${p}`);
+    const sig =
+      alg === "EdDSA" ? sign(null, input, key) : sign("sha256", input, { key, dsaEncoding: "ieee-p1363" });
+    return `${h}.${p}.${sig.toString("base64url")}`;
+  };
+  return { jwk, token, kid };
+}
+
+describe("the downstream auth core", () => {
+  let auth: TesseraAuth | undefined;
+  let last: { fake: Fake } | undefined;
+  afterEach(() => auth?.close());
+
+  function setup(extra: { jwks?: object[]; watch?: boolean } = {}) {
+    const { fake, transport } = fakeTessera();
+    const clock = { t: 1_800_000_000_000 };
+    const fetches: string[] = [];
+    auth = createTesseraAuth({
+      server: "https://tessera.invalid",
+      transport,
+      now: () => clock.t,
+      clockSkewSeconds: 1,
+      watchBackoffMs: { min: 5, max: 20 },
+      ...(extra.watch === false ? { watch: false } : {}),
+      fetchJson: async (url) => {
+        fetches.push(url);
+        if (url.endsWith("oauth-authorization-server")) return { jwks_uri: "https://tessera.invalid/jwks" };
+        return { keys: extra.jwks ?? [] };
+      },
+    });
+    last = { fake };
+    return { fake, clock, fetches, auth };
+  }
+
+  async function refusal(p: Promise<unknown>): Promise<TesseraAuthError> {
+    const err = await p.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(TesseraAuthError);
+    return err as TesseraAuthError;
+  }
+
+  /** Bring the stream up (its first message: a heartbeat with a cursor). */
+  async function up(fake: Fake, a: TesseraAuth, heartbeatSeconds = 10) {
+    await expect.poll(() => fake.streams.length).toBeGreaterThan(0);
+    fake.streams.at(-1)!.push({ cursor: "c1", heartbeatSeconds });
+    expect(await a.ready(2000)).toBe(true);
+  }
+
+  it("verifies every call through Tessera while the stream is not connected, and caches nothing", async () => {
+    const { fake, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    for (let i = 0; i < 3; i++) expect((await a.authenticate(`Bearer ${PAT}`)).id).toBe("user-1");
+    expect(fake.verifyCalls).toBe(3);
+    expect(a.stats().cacheSize).toBe(0);
+  });
+
+  it("serves a credential seen before from the cache while the stream is up, until an event names it", async () => {
+    const { fake, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    await up(fake, a);
+    await a.authenticate(`Bearer ${PAT}`);
+    await a.authenticate(`Bearer ${PAT}`);
+    expect(fake.verifyCalls).toBe(1);
+    // Revoked on Tessera: the event drops the answer, the next call asks and is refused.
+    fake.answers.set(PAT, { valid: false, code: VerificationCode.REVOKED });
+    fake.streams[0]!.push({
+      cursor: "c2",
+      events: [{ kind: RevocationKind.CREDENTIAL, id: "cred-1", tenantId: "tenant-1" } as never],
+    });
+    await expect.poll(() => a.stats().cacheSize).toBe(0);
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_REVOKED");
+  });
+
+  it.each([
+    [RevocationKind.SUBJECT, "user-1"],
+    [RevocationKind.TENANT, "tenant-1"],
+  ])("drops the answers of a subject or tenant named by an event (%s)", async (kind, id) => {
+    const { fake, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    fake.answers.set(
+      "tsr_key_other",
+      valid({ principalId: "user-2", tenantId: "tenant-2", credentialId: "c9" }),
+    );
+    await up(fake, a);
+    await a.authenticate(`Bearer ${PAT}`);
+    await a.authenticate("Bearer tsr_key_other");
+    expect(a.stats().cacheSize).toBe(2);
+    fake.streams[0]!.push({ cursor: "c2", events: [{ kind, id, tenantId: "tenant-1" } as never] });
+    await expect.poll(() => a.stats().cacheSize).toBe(1);
+    await a.authenticate("Bearer tsr_key_other");
+    expect(fake.verifyCalls).toBe(2);
+  });
+
+  it("empties and bypasses the cache when the stream falls silent past twice its heartbeat, and on reset", async () => {
+    const { fake, clock, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    await up(fake, a, 1);
+    await a.authenticate(`Bearer ${PAT}`);
+    expect(a.stats().cacheSize).toBe(1);
+    clock.t += 2001;
+    expect(a.watching()).toBe(false);
+    expect(a.stats().cacheSize).toBe(0);
+    await a.authenticate(`Bearer ${PAT}`);
+    await a.authenticate(`Bearer ${PAT}`);
+    expect(fake.verifyCalls).toBe(3);
+    // It reconnects from its cursor; a reset empties whatever was cached since.
+    await expect.poll(() => fake.streams.length).toBe(2);
+    expect(fake.cursors[1]).toBe("c1");
+    fake.streams[1]!.push({ cursor: "c5", heartbeatSeconds: 1 });
+    expect(await a.ready(2000)).toBe(true);
+    await a.authenticate(`Bearer ${PAT}`);
+    expect(a.stats().cacheSize).toBe(1);
+    fake.streams[1]!.push({ cursor: "c9", reset: true });
+    await expect.poll(() => a.stats().watch?.resets).toBe(1);
+    expect(a.stats().cacheSize).toBe(0);
+  });
+
+  it("does not store an answer when an event arrived while Tessera was answering", async () => {
+    const { fake, auth: a } = setup();
+    await up(fake, a);
+    fake.answers.set(PAT, valid());
+    let release: () => void = () => {};
+    fake.hold = new Promise<void>((r) => {
+      release = r;
+    });
+    const pending = a.authenticate(`Bearer ${PAT}`);
+    await expect.poll(() => fake.verifyCalls).toBe(1);
+    fake.streams[0]!.push({
+      cursor: "c2",
+      events: [{ kind: RevocationKind.SUBJECT, id: "someone-else", tenantId: "t" } as never],
+    });
+    await expect.poll(() => a.stats().watch?.events).toBe(1);
+    fake.hold = undefined;
+    release();
+    expect((await pending).id).toBe("user-1");
+    expect(a.stats().cacheSize).toBe(0);
+    // Asked again with no event in between, the answer is kept.
+    await a.authenticate(`Bearer ${PAT}`);
+    expect(a.stats().cacheSize).toBe(1);
+    expect(fake.verifyCalls).toBe(2);
+  });
+
+  it("answers UNAVAILABLE with Retry-After when Tessera cannot verify, cache or not", async () => {
+    const { fake, auth: a } = setup();
+    fake.down = true;
+    const err = await refusal(a.authenticate(`Bearer ${PAT}`));
+    expect(err.reason).toBe("UNAVAILABLE");
+    expect(err.status).toBe(503);
+    expect(err.headers()["retry-after"]).toBe("1");
+  });
+
+  it("maps each refusal code of VerifyCredential to Tessera's reason", async () => {
+    const { fake, auth: a } = setup();
+    const cases: [VerificationCode, string][] = [
+      [VerificationCode.NOT_FOUND, "CREDENTIALS_INVALID"],
+      [VerificationCode.EXPIRED, "TOKEN_EXPIRED"],
+      [VerificationCode.REVOKED, "TOKEN_REVOKED"],
+      [VerificationCode.DISABLED, "PRINCIPAL_DISABLED"],
+      [VerificationCode.TENANT_DISABLED, "PRINCIPAL_DISABLED"],
+      [VerificationCode.MALFORMED, "TOKEN_INVALID"],
+      [VerificationCode.RATE_LIMITED, "RATE_LIMITED"],
+    ];
+    for (const [code, reason] of cases) {
+      fake.answers.set(PAT, { valid: false, code, retryAfterSeconds: 7 });
+      const err = await refusal(a.authenticate(`Bearer ${PAT}`));
+      expect(err.reason, VerificationCode[code]).toBe(reason);
+    }
+    expect((await refusal(a.authenticate(undefined))).reason).toBe("AUTH_REQUIRED");
+    expect((await refusal(a.authenticate("Token abc"))).reason).toBe("AUTH_HEADER_MALFORMED");
+    expect((await refusal(a.authenticate("Bearer a b"))).reason).toBe("AUTH_HEADER_MALFORMED");
+  });
+
+  it("refuses a credential bound to a client certificate on a call without that certificate", async () => {
+    const { fake, auth: a } = setup({ watch: false });
+    fake.answers.set(PAT, valid({ certificateThumbprint: "thumb-1" }));
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_NOT_BOUND");
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`, "thumb-2"))).reason).toBe("TOKEN_NOT_BOUND");
+    expect((await a.authenticate(`Bearer ${PAT}`, "thumb-1")).id).toBe("user-1");
+  });
+
+  it("authorizes by scopes with wildcards, and by principal kind", () => {
+    const { auth: a } = setup({ watch: false });
+    const principal = {
+      id: "u",
+      kind: "user" as const,
+      tenantId: "t",
+      scopes: ["workflows:*"],
+      credentialKind: "pat",
+      credentialId: "c",
+      applicationIds: [],
+    };
+    a.authorize(principal, { scopes: ["workflows:run"] });
+    expect(() =>
+      a.authorize({ ...principal, scopes: ["workflows:read"] }, { scopes: ["workflows:run"] }),
+    ).toThrow(expect.objectContaining({ reason: "ACCESS_DENIED" }));
+    expect(() => a.authorize(principal, { principals: [2] })).toThrow(
+      expect.objectContaining({ reason: "PRINCIPAL_NOT_ALLOWED" }),
+    );
+  });
+
+  describe("access tokens", () => {
+    const claimsAt = (t: number, over: Record<string, unknown> = {}) => ({
+      iss: "tessera",
+      aud: "tessera",
+      sub: "user-1",
+      tid: "tenant-1",
+      scope: "workflows:read workflows:run",
+      pk: "user",
+      sid: "session-1",
+      jti: "jti-1",
+      iat: Math.floor(t / 1000),
+      nbf: Math.floor(t / 1000),
+      exp: Math.floor(t / 1000) + 900,
+      ...over,
+    });
+
+    it("verifies a token offline once the stream is up, with no call to Tessera", async () => {
+      const s = signer();
+      const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+      await up(fake, a);
+      clock.t += 2000; // issued after the stream's coverage began (skew 1 s)
+      const p = await a.authenticate(`Bearer ${s.token(claimsAt(clock.t))}`);
+      expect(p).toMatchObject({ id: "user-1", kind: "user", tenantId: "tenant-1", sessionId: "session-1" });
+      expect(p.scopes).toEqual(["workflows:read", "workflows:run"]);
+      expect(fake.verifyCalls).toBe(0);
+      expect(a.stats().offlineJwts).toBe(1);
+    });
+
+    it("asks Tessera about a token while the stream is down, and about one issued before it connected", async () => {
+      const s = signer("ES256");
+      const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+      const early = s.token(claimsAt(clock.t));
+      fake.answers.set(early, valid({ credentialKind: "jwt", credentialId: "jti-1" }));
+      await a.authenticate(`Bearer ${early}`);
+      expect(fake.verifyCalls).toBe(1);
+      await up(fake, a);
+      await a.authenticate(`Bearer ${early}`); // issued before coverage: asked, then cached
+      await a.authenticate(`Bearer ${early}`);
+      expect(fake.verifyCalls).toBe(2);
+      // The session ends: the cached answer goes with it.
+      fake.answers.set(early, { valid: false, code: VerificationCode.REVOKED });
+      fake.streams[0]!.push({
+        cursor: "c2",
+        events: [
+          {
+            kind: RevocationKind.SESSION,
+            id: "session-1",
+            tenantId: "tenant-1",
+            occurredAt: timestampFromMs(clock.t),
+          } as never,
+        ],
+      });
+      await expect.poll(() => a.stats().cacheSize).toBe(0);
+      expect((await refusal(a.authenticate(`Bearer ${early}`))).reason).toBe("TOKEN_REVOKED");
+    });
+
+    it("refuses offline a token issued before its session ended, and asks Tessera about one whose subject changed", async () => {
+      const s = signer();
+      const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+      await up(fake, a);
+      clock.t += 2000;
+      const token = s.token(claimsAt(clock.t));
+      const other = s.token(claimsAt(clock.t, { sub: "user-2", sid: "session-2", jti: "jti-9" }));
+      await a.authenticate(`Bearer ${token}`);
+      await a.authenticate(`Bearer ${other}`);
+      clock.t += 5000;
+      const event = (kind: RevocationKind, id: string) =>
+        ({ kind, id, tenantId: "tenant-1", occurredAt: timestampFromMs(clock.t) }) as never;
+      fake.streams[0]!.push({
+        cursor: "c2",
+        events: [event(RevocationKind.SESSION, "session-1"), event(RevocationKind.SUBJECT, "user-2")],
+      });
+      await expect.poll(() => a.stats().watch?.events).toBe(2);
+      expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_REVOKED");
+      expect(fake.verifyCalls).toBe(0);
+      // The subject changed (its scopes, say): Tessera's answer stands, and is cached.
+      fake.answers.set(
+        other,
+        valid({ principalId: "user-2", credentialKind: "jwt", scopes: ["workflows:read"] }),
+      );
+      expect((await a.authenticate(`Bearer ${other}`)).scopes).toEqual(["workflows:read"]);
+      await a.authenticate(`Bearer ${other}`);
+      expect(fake.verifyCalls).toBe(1);
+      // A token issued well after the events verifies offline again.
+      clock.t += 5000;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-2" }))}`);
+      expect(fake.verifyCalls).toBe(1);
+    });
+
+    it("refuses alg none, HMAC, a key of another type, a tampered signature, wrong iss/aud/typ and expired tokens", async () => {
+      const ed = signer();
+      const ec = signer("ES256");
+      const { clock, auth: a } = setup({ jwks: [ed.jwk, ec.jwk] });
+      const good = claimsAt(clock.t);
+      const unsigned = `${Buffer.from(JSON.stringify({ alg: "none", typ: "at+jwt", kid: ed.kid })).toString("base64url")}.${Buffer.from(JSON.stringify(good)).toString("base64url")}.AAAA`;
+      const hs = ed.token(good, { alg: "HS256" });
+      // The EdDSA key named by an ES256 header (and the reverse): refused whatever the signature.
+      const confused = ec.token(good, { kid: ed.kid });
+      const t = ed.token(good);
+      const [h, p, sig] = t.split(".") as [string, string, string];
+      const mid = Math.floor(sig.length / 2);
+      const tampered = `${h}.${p}.${sig.slice(0, mid)}${sig[mid] === "A" ? "B" : "A"}${sig.slice(mid + 1)}`;
+      const cases: [string, string][] = [
+        [unsigned, "TOKEN_INVALID"],
+        [hs, "TOKEN_INVALID"],
+        [confused, "TOKEN_INVALID"],
+        [tampered, "TOKEN_INVALID"],
+        [ed.token({ ...good, iss: "someone-else" }), "TOKEN_INVALID"],
+        [ed.token({ ...good, aud: "other" }), "TOKEN_INVALID"],
+        [ed.token(good, { typ: "JWT" }), "TOKEN_INVALID"],
+        [ed.token({ ...good, exp: Math.floor(clock.t / 1000) }), "TOKEN_EXPIRED"],
+        [ed.token({ ...good, nbf: Math.floor(clock.t / 1000) + 60 }), "TOKEN_INVALID"],
+      ];
+      for (const [token, reason] of cases) {
+        expect((await refusal(a.authenticate(`Bearer ${token}`))).reason, token.slice(0, 40)).toBe(reason);
+      }
+      // The genuine token passes the offline checks (and, the stream down, Tessera's).
+      const { fake } = last!;
+      fake.answers.set(t, valid({ credentialKind: "jwt" }));
+      expect((await a.authenticate(`Bearer ${t}`)).id).toBe("user-1");
+      expect(fake.verifyCalls).toBe(1);
+    });
+
+    it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {
+      const s = signer();
+      const { clock, fetches, auth: a } = setup({ jwks: [s.jwk] });
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t))}`).catch(() => undefined);
+      const after = fetches.filter((u) => u.endsWith("/jwks")).length;
+      expect(after).toBe(1);
+      for (let i = 0; i < 20; i++) {
+        const err = await refusal(
+          a.authenticate(`Bearer ${s.token(claimsAt(clock.t), { kid: `made-up-${i}` })}`),
+        );
+        expect(err.reason).toBe("TOKEN_INVALID");
+      }
+      expect(fetches.filter((u) => u.endsWith("/jwks")).length).toBe(after);
+      clock.t += 30_001;
+      await refusal(a.authenticate(`Bearer ${s.token(claimsAt(clock.t), { kid: "another" })}`));
+      expect(fetches.filter((u) => u.endsWith("/jwks")).length).toBe(after + 1);
+    });
+  });
+});
