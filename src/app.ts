@@ -190,6 +190,19 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       maxEvents: config.verification.revocationMaxEvents,
       logger,
     });
+    // SQLite: the state tables' triggers announce a write as it is made; the feed reads once
+    // the writing statement (and its transaction) is over, instead of at the next poll.
+    if (sql.onStateChange) {
+      let queued = false;
+      sql.onStateChange(() => {
+        if (queued) return;
+        queued = true;
+        setImmediate(() => {
+          queued = false;
+          revocations.wake();
+        });
+      });
+    }
     // Subscribed before the notifier starts, like the state cache.
     await revocations.start();
     await notifier?.start();

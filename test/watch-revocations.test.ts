@@ -487,6 +487,44 @@ describe.each(DATABASES)("WatchRevocations on $name", (db) => {
   });
 });
 
+describe.each(DATABASES)("WatchRevocations woken by the change itself on $name", (db) => {
+  it("delivers a revocation at once, not at the next poll (a minute here)", async () => {
+    // On SQLite the state tables' triggers wake the feed's reader; on PostgreSQL the NOTIFY.
+    const ts = await startTestServer(db, { verification: { watchPollMs: 60_000 } });
+    try {
+      const plain = ts.connect();
+      const admin = clients(plain, await adminLogin(plain));
+      const verifier = (
+        await admin.machines.createMachineUser({
+          name: `verifier-${short()}`,
+          authType: MachineAuthType.BEARER,
+          scopes: ["*"],
+        })
+      ).token;
+      const w = Watcher.open(plain, verifier);
+      await w.first();
+      const username = `u-${short()}`;
+      await admin.users.createUser({ username, password: "user password long", scopes: [] });
+      const login = await createClient(UserService, plain).login({
+        username,
+        password: "user password long",
+      });
+      const tokens = clientFor(TokenService, plain, login.accessToken);
+      for (let i = 0; i < 3; i++) {
+        const pat = await tokens.createPersonalAccessToken({ name: `p${i}` });
+        const revoked = performance.now();
+        await tokens.revokePersonalAccessToken({ id: pat.id });
+        // Well under the poll: 5 s leaves room for a loaded machine.
+        await w.event(K.CREDENTIAL, pat.id, 5_000);
+        expect(performance.now() - revoked).toBeLessThan(5_000);
+      }
+      w.close();
+    } finally {
+      await ts.close();
+    }
+  });
+});
+
 describe("WatchRevocations at shutdown", () => {
   it("ends every stream cleanly when the server drains, and refuses new ones", async () => {
     const ts = await startTestServer(SQLITE);

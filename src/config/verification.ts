@@ -14,7 +14,7 @@ export const verificationSchema = z
     watchPollMs: z.number().int().min(10).max(60_000).default(250).register(configKeys, {
       env: "TESSERA_WATCH_POLL_MS",
       description:
-        "How often each instance's one reader of the revocation feed looks for new events besides being woken: on PostgreSQL a notification wakes it at once (this is the fallback while the listening session is down); on SQLite this is the delay.",
+        "How often each instance's one reader of the revocation feed looks for new events besides being woken: on PostgreSQL a notification wakes it at once, on SQLite the write itself does (with the state cache on); this is the fallback (on PostgreSQL while the listening session is down; on SQLite the delay when `database.stateCacheSize` is 0).",
     }),
     watchMaxStreamsPerCaller: z.number().int().min(0).default(8).register(configKeys, {
       env: "TESSERA_WATCH_MAX_STREAMS_PER_CALLER",

@@ -44,6 +44,13 @@ export interface SqlRunner {
    */
   inTransaction?(): boolean;
   /**
+   * SQLite with a state cache: `fn` is called on every write to a {@link STATE_TABLES} table
+   * that empties the cache (the writing statement's own trigger calls it, synchronously, inside
+   * that statement and maybe inside a transaction not yet committed: defer any read). Absent
+   * on PostgreSQL, where a NOTIFY announces commits, and without a state cache.
+   */
+  onStateChange?(fn: () => void): void;
+  /**
    * The same reads, synchronous, where the driver is (SQLite: better-sqlite3 answers in
    * the calling turn, so the async methods above only wrap these in a promise). Absent
    * on PostgreSQL.
@@ -143,6 +150,7 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
       },
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
       inTransaction: () => db.inTransaction,
+      ...(cache ? { onStateChange: (fn: () => void) => cache.onChange(fn) } : {}),
       sync: { cachedGet, cachedAll },
     };
   }
@@ -264,6 +272,7 @@ class StateCache {
   private readonly endTurn = () => {
     this.checkedThisTurn = false;
   };
+  private readonly changeListeners: (() => void)[] = [];
 
   constructor(
     private readonly db: BetterSqliteDatabase,
@@ -272,6 +281,7 @@ class StateCache {
     this.rows = new RowBuckets(perStatement);
     db.function("tessera_state_changed", { deterministic: false }, () => {
       this.invalidate();
+      for (const fn of this.changeListeners) fn();
       return null;
     });
     for (const table of STATE_TABLES) {
@@ -317,6 +327,11 @@ class StateCache {
 
   invalidate(): void {
     this.rows.clear();
+  }
+
+  /** Be told of every write that empties the cache (see SqlRunner.onStateChange). */
+  onChange(fn: () => void): void {
+    this.changeListeners.push(fn);
   }
 
   stats(): StateCacheStats {
