@@ -12,10 +12,11 @@ export default defineConfig({
       // Servers started by tests (tessera serve, several at once) take a free metrics port each.
       TESSERA_METRICS_LISTEN: "127.0.0.1:0",
       // Hashing at normal priority without a deadline, as test/helpers.ts gives in-process
-      // apps: the suite's files share two cores, and at nice 19 with a 900 ms deadline a
+      // apps: the suite's files share two cores, and at nice 19 (or SCHED_IDLE) with a 900 ms deadline a
       // spawned server's Login would be refused busy (503) by design. The defaults are
       // tested explicitly (test/security/hash-priority.test.ts).
       TESSERA_HASH_NICE: "0",
+      TESSERA_HASH_IDLE: "false",
       TESSERA_HASH_DEADLINE_MS: "0",
     },
     // `npm test` runs every project; `vitest run --project unit` (or `connect`, `multi`) runs one.

@@ -59,7 +59,9 @@ export function benchServerEnv(
     // machine (at nice 19 with a deadline, hashes on a busy machine are refused with 503, by
     // design), and under valgrind, which runs one thread at a time, a nice-19 hash thread
     // holding that turn stalled a server's start past 15 minutes.
-    ...(settings.hashDefaults ? {} : { TESSERA_HASH_NICE: "0", TESSERA_HASH_DEADLINE_MS: "0" }),
+    ...(settings.hashDefaults
+      ? {}
+      : { TESSERA_HASH_NICE: "0", TESSERA_HASH_IDLE: "false", TESSERA_HASH_DEADLINE_MS: "0" }),
     ...extra,
   });
 }

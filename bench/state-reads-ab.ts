@@ -52,7 +52,7 @@ const app = await createApp(
     overrides: {
       database: { url: "sqlite::memory:" },
       admin: { password: PASSWORD },
-      auth: { passwordIterations: 1000, hashNice: 0, hashDeadlineMs: 0 },
+      auth: { passwordIterations: 1000, hashNice: 0, hashIdle: false, hashDeadlineMs: 0 },
       rateLimit: { enabled: false },
       log: { level: "silent" },
     },

@@ -122,6 +122,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     ...(config.auth.hashConcurrency !== undefined ? { concurrency: config.auth.hashConcurrency } : {}),
     ...(config.auth.hashQueue !== undefined ? { queue: config.auth.hashQueue } : {}),
     nice: config.auth.hashNice,
+    idle: config.auth.hashIdle,
     deadlineMs: config.auth.hashDeadlineMs,
   });
   const storage = await initORM({

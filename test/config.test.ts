@@ -68,6 +68,7 @@ const CONTRACT = [
   "auth.hashConcurrency TESSERA_HASH_CONCURRENCY (cores − 1, at least 1)",
   "auth.hashQueue TESSERA_HASH_QUEUE (4 × hashConcurrency)",
   "auth.hashNice TESSERA_HASH_NICE 19",
+  "auth.hashIdle TESSERA_HASH_IDLE true",
   "auth.hashDeadlineMs TESSERA_HASH_DEADLINE_MS 900",
   "auth.masterKey TESSERA_MASTER_KEY (unset)",
   "auth.masterKeyFile TESSERA_MASTER_KEY_FILE (unset)",

@@ -72,8 +72,9 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
         passwordIterations: TEST_ITERATIONS,
         // The suite's files share two cores with each other: hashing at the lowest priority, with
         // a deadline, would turn verdicts that tests count into refusals whenever the machine is
-        // busy. hash-priority.test.ts tests the production defaults (nice 19, 900 ms).
+        // busy. hash-priority.test.ts tests the production defaults (nice 19, SCHED_IDLE, 900 ms).
         hashNice: 0,
+        hashIdle: false,
         hashDeadlineMs: 0,
         ...(dbUrl.startsWith("postgres") && !overrides.auth?.masterKeyFile
           ? { masterKey: TEST_MASTER_KEY }

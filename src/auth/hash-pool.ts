@@ -15,6 +15,11 @@ export interface HashPoolOptions {
    */
   nice?: number;
   /**
+   * Whether the hashing threads also run in Linux's SCHED_IDLE class (see
+   * {@link HashWorkers}). Default {@link DEFAULT_HASH_IDLE}.
+   */
+  idle?: boolean;
+  /**
    * Milliseconds a password check may wait for its verdict (queue and hash); past it, it is
    * refused with Unavailable and Retry-After while its hash, if started, finishes unheard.
    * 0: no limit. Default {@link DEFAULT_HASH_DEADLINE_MS}. New secrets are never cut short.
@@ -28,6 +33,9 @@ export interface HashPoolOptions {
  * loop took a third to a half of the server's CPU share from it.
  */
 export const DEFAULT_HASH_NICE = 19;
+
+/** Default scheduling class of the hashing threads: SCHED_IDLE (see {@link HashWorkers}). */
+export const DEFAULT_HASH_IDLE = true;
 
 /**
  * Default deadline of a password check: an answer (or Unavailable with Retry-After) within
@@ -50,6 +58,8 @@ export interface HashPoolStats {
   expired: number;
   /** Whether the hashing threads run at the lowered priority (null before the first hash). */
   niced: boolean | null;
+  /** Whether the hashing threads run in the SCHED_IDLE class (null before the first hash). */
+  idle: boolean | null;
 }
 
 /** The default concurrency: every core but one, which is left to the event loop (at least 1). */
@@ -143,6 +153,7 @@ export class HashPool {
       this.workers ??= new HashWorkers({
         threads: this.options.concurrency,
         nice: this.options.nice ?? DEFAULT_HASH_NICE,
+        idle: this.options.idle ?? DEFAULT_HASH_IDLE,
       });
       return this.workers.pbkdf2(job);
     }, purpose);
@@ -272,6 +283,7 @@ export class HashPool {
       refused: this.refused,
       expired: this.expired,
       niced: this.workers?.niced ?? null,
+      idle: this.workers?.idle ?? null,
     };
   }
 
@@ -320,6 +332,7 @@ let pool = new HashPool({
   concurrency: defaultHashConcurrency(),
   queue: defaultHashQueue(defaultHashConcurrency()),
   nice: DEFAULT_HASH_NICE,
+  idle: DEFAULT_HASH_IDLE,
   deadlineMs: DEFAULT_HASH_DEADLINE_MS,
 });
 
@@ -342,6 +355,7 @@ export function configureHashPool(options: Partial<HashPoolOptions>): HashPool {
     concurrency,
     queue: options.queue ?? defaultHashQueue(concurrency),
     nice: options.nice ?? DEFAULT_HASH_NICE,
+    idle: options.idle ?? DEFAULT_HASH_IDLE,
     deadlineMs: options.deadlineMs ?? DEFAULT_HASH_DEADLINE_MS,
   };
   const current = pool.options;

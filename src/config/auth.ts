@@ -219,6 +219,11 @@ export const authSchema = z
       description:
         "Nice value (0–19) the PBKDF2 threads give themselves (Linux): at 19 hashing only gets CPU that serving requests leaves, so a flood of wrong passwords cannot starve authenticated calls. 0 hashes at the event loop's priority.",
     }),
+    hashIdle: z.boolean().default(true).register(configKeys, {
+      env: "TESSERA_HASH_IDLE",
+      description:
+        "Linux: the PBKDF2 threads also put themselves in the SCHED_IDLE scheduling class (through util-linux's chrt), so hashing runs only on CPU nothing else wants: under a wrong-password flood authenticated calls keep their CPU. Where it cannot be set, hashNice alone applies.",
+    }),
     hashDeadlineMs: z.number().int().min(0).default(900).register(configKeys, {
       env: "TESSERA_HASH_DEADLINE_MS",
       description:

@@ -66,6 +66,7 @@ function serve(
     // a machine this loaded refuses logins 503 by design, which the load loop would count as
     // failures of what this file tests (keys), not of hashing.
     TESSERA_HASH_NICE: "0",
+    TESSERA_HASH_IDLE: "false",
     TESSERA_HASH_DEADLINE_MS: "0",
     TESSERA_JWT_KEY_ROTATION_INTERVAL: String(INTERVAL),
     TESSERA_JWT_KEY_PRE_PUBLICATION: String(PRE_PUBLICATION),

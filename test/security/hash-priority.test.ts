@@ -3,7 +3,7 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { DEFAULT_HASH_NICE, HashPool, hashPool } from "../../src/auth/hash-pool.js";
+import { DEFAULT_HASH_IDLE, DEFAULT_HASH_NICE, HashPool, hashPool } from "../../src/auth/hash-pool.js";
 import { HashWorkers } from "../../src/auth/hash-workers.js";
 import { TesseraError } from "../../src/errors.js";
 import { Code, rejection } from "../errors-util.js";
@@ -23,6 +23,23 @@ function threadNices(): Map<number, number> {
     }
   }
   return nices;
+}
+
+/** SCHED_IDLE in sched.h. */
+const SCHED_IDLE = 5;
+
+/** Scheduling policy of each thread of this process (field 41 of /proc/self/task/<tid>/stat). */
+function threadPolicies(): Map<number, number> {
+  const policies = new Map<number, number>();
+  for (const tid of readdirSync("/proc/self/task")) {
+    try {
+      const stat = readFileSync(`/proc/self/task/${tid}/stat`, "utf8");
+      policies.set(Number(tid), Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[38]));
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return policies;
 }
 
 const job = (secret: string, salt: Buffer) => ({ secret, salt, iterations: 2000, keyLength: 32 });
@@ -53,6 +70,40 @@ describe("HashWorkers", () => {
       }
     },
   );
+
+  it.runIf(linux)("puts its threads, and only them, in the SCHED_IDLE class when asked", async () => {
+    const before = threadPolicies();
+    const workers = new HashWorkers({ threads: 2, nice: 19, idle: true });
+    try {
+      const salt = randomBytes(16);
+      await Promise.all([workers.pbkdf2(job("first", salt)), workers.pbkdf2(job("second", salt))]);
+      expect(workers.idle).toBe(true);
+      const after = threadPolicies();
+      const newlyIdle = [...after].filter(
+        ([tid, policy]) => policy === SCHED_IDLE && before.get(tid) !== SCHED_IDLE,
+      );
+      expect(newlyIdle).toHaveLength(2);
+      // The event loop's thread keeps the normal class.
+      expect(after.get(process.pid)).toBe(0);
+    } finally {
+      workers.close();
+    }
+  });
+
+  it.runIf(linux)("leaves its threads in the normal class when not asked", async () => {
+    const before = threadPolicies();
+    const workers = new HashWorkers({ threads: 1, nice: 19 });
+    try {
+      await workers.pbkdf2(job("secret", randomBytes(16)));
+      expect(workers.idle).toBe(false);
+      const newlyIdle = [...threadPolicies()].filter(
+        ([tid, policy]) => policy === SCHED_IDLE && before.get(tid) !== SCHED_IDLE,
+      );
+      expect(newlyIdle).toEqual([]);
+    } finally {
+      workers.close();
+    }
+  });
 
   it("computes at the event loop's priority when asked for nice 0", async () => {
     const workers = new HashWorkers({ threads: 1, nice: 0 });
@@ -163,6 +214,7 @@ describe.each(DATABASES)(
           hashConcurrency: 1,
           hashQueue: 4,
           hashNice: DEFAULT_HASH_NICE,
+          hashIdle: DEFAULT_HASH_IDLE,
           hashDeadlineMs: DEADLINE_MS,
         },
       });
