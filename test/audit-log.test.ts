@@ -171,8 +171,19 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
   it("deletes only events older than the retention period, in batches", async () => {
     env = await startOutageApp(db.name);
     const { logger } = capturingLogger();
+    // Every delete the retention makes, with its size: batches of at most 3 rows, not one delete.
+    const repository = new AuditEventRepository(env.app.sql);
+    const deletes: number[] = [];
     const audit = createAuditLog({
-      events: new AuditEventRepository(env.app.sql),
+      events: {
+        insert: (rows) => repository.insert(rows),
+        deleteBefore: async (cutoff, batch) => {
+          expect(batch).toBe(3);
+          const n = await repository.deleteBefore(cutoff, batch);
+          deletes.push(n);
+          return n;
+        },
+      },
       logger,
       retentionDays: 30,
       retentionBatch: 3,
@@ -201,6 +212,28 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
       [`${prefix}%`],
     );
     expect(left.map((r) => r.request_id)).toEqual([`${prefix}edge`, `${prefix}new`]);
+    // 7 old rows (and any older left by other tests) in deletes of at most 3, until one finds fewer.
+    expect(deletes.length).toBeGreaterThanOrEqual(3);
+    expect(Math.max(...deletes)).toBeLessThanOrEqual(3);
+    expect(deletes.at(-1)).toBeLessThan(3);
     await audit.close();
+    // And by itself, on its timer (the hourly period made short here): an expired row goes,
+    // the rows within the period stay.
+    await insert("late", now - 40 * day);
+    const timed = createAuditLog({
+      events: repository,
+      logger,
+      retentionDays: 30,
+      retentionBatch: 3,
+      retentionIntervalMs: 50,
+    });
+    const remaining = () =>
+      env!.app.sql.all<{ request_id: string }>(
+        "select request_id from audit_events where request_id like ? order by request_id",
+        [`${prefix}%`],
+      );
+    await until(async () => (await remaining()).length === 2);
+    expect((await remaining()).map((r) => r.request_id)).toEqual([`${prefix}edge`, `${prefix}new`]);
+    await timed.close();
   });
 });
