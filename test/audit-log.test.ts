@@ -158,6 +158,21 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
     expect(tracker.stats()).toMatchObject({ depth: 1, dropped: 0 });
     expect(await tracker.flush()).toBe(false);
     expect(log.count("last-used times cannot be written; kept and retried")).toBe(1);
+    // Past its bound (here the one waiting and one more) a use is dropped: counted, logged once.
+    const bounded = new LastUsedTracker(new CredentialRepository(app.sql), logger, 60, { maxPending: 2 });
+    for (let i = 0; i < 5; i++) bounded.mark("api_tokens", randomUUID(), used);
+    expect(bounded.stats()).toMatchObject({ depth: 2, dropped: 3 });
+    expect(log.count(/^last-used buffer full/)).toBe(1);
+    const scraped = await createMetrics({
+      sql: app.sql,
+      audit: app.audit,
+      lastUsed: bounded,
+      limits: undefined,
+      storage: app.storage,
+    }).registry.metrics();
+    expect(scraped).toMatch(/^tessera_last_used_dropped_total 3$/m);
+    expect(scraped).toMatch(/^tessera_last_used_buffer_depth 2$/m);
+    await bounded.close();
     await env.restore();
     await until(async () => (await tracker.flush()) && tracker.stats().depth === 0);
     const row = await app.sql.get<{ last_used_at: unknown }>(

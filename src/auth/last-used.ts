@@ -37,6 +37,8 @@ export class LastUsedTracker {
   private backoff = 0;
   private running: Promise<boolean> | null = null;
   private readonly counters = { dropped: 0, written: 0, failures: 0 };
+  /** Drops of the current overflow episode (logged once when it starts, like the audit buffer's). */
+  private overflowing = false;
   private readonly maxPending: number;
   private readonly minBackoff: number;
   private readonly maxBackoff: number;
@@ -60,6 +62,13 @@ export class LastUsedTracker {
     const current = this.pending.get(key);
     if (current === undefined && this.pending.size >= this.maxPending) {
       this.counters.dropped++;
+      if (!this.overflowing) {
+        this.overflowing = true;
+        this.logger.error(
+          { maxPending: this.maxPending, dropped: this.counters.dropped },
+          "last-used buffer full: uses are being dropped (counted in tessera_last_used_dropped_total) until it drains",
+        );
+      }
       return;
     }
     if (current === undefined || current.at < at) this.pending.set(key, { table, id, at });
@@ -124,6 +133,7 @@ export class LastUsedTracker {
     }
     if (this.backoff > 0) this.logger.info("last-used times are written again");
     this.backoff = 0;
+    if (this.overflowing && this.pending.size < this.maxPending / 2) this.overflowing = false;
     return true;
   }
 
