@@ -14,10 +14,9 @@ export interface HashWorkersOptions {
    * Linux: each thread also moves itself into the SCHED_IDLE scheduling class (through
    * util-linux's `chrt`), so it runs only on CPU that no normal thread wants: a nice-19
    * thread still takes its weighted share (15/1024) and, counted as busy, pushes the event
-   * loop and everything else onto the other cores. Side by side under issue 18's flood
-   * (bench/results/2026-12-05-quiet-session3.md): GetCurrentUser kept 94 % of its
-   * throughput against 74 % at nice 19. Where it cannot be set the thread keeps its nice
-   * value and says so ({@link HashWorkers.idle}).
+   * loop and everything else onto the other cores (issue 18's flood; the A/B is in
+   * bench/results/2026-12-05-quiet-session3.md). Where it cannot be set the thread keeps
+   * its nice value and says so ({@link HashWorkers.idle}).
    */
   idle?: boolean;
 }
