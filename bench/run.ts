@@ -101,6 +101,7 @@ const { values: flags } = parseArgs({
     only: { type: "string" },
     out: { type: "string" },
     tsx: { type: "boolean", default: false },
+    "server-root": { type: "string" },
     "no-pin": { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
     "cpu-prof": { type: "string" },
@@ -137,6 +138,9 @@ if (flags.help) {
                       just before (default ${DEFAULT_LATENCY_FRACTION})
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
+  --server-root <dir> run Tessera's servers from another checkout (an A/B against an earlier commit:
+                      the harness, the reference servers and the rivals stay this checkout's); run the
+                      bench once with it and once without, alternating, and compare the two reports
   --keep              keep the temporary folder (certificates, databases, build)
   --cpu-prof <dir>    write a V8 CPU profile of the flood scenario's server into <dir> (node --cpu-prof)
   --flood-nice <list> hashing priorities (TESSERA_HASH_NICE) the flood scenario compares, one server each,
@@ -1071,6 +1075,20 @@ async function run(): Promise<void> {
     if (built.warning) notes.push(built.warning);
     launcher = built.launcher;
   }
+  // The checkout Tessera's own servers run from (--server-root); the reference servers and the
+  // rivals always run from this one, so they stay a fixed yardstick between A/B runs.
+  const serverRoot = flags["server-root"] ? resolve(flags["server-root"]) : null;
+  let tessera: Launcher = launcher;
+  if (serverRoot) {
+    if (flags.tsx) tessera = tsxLauncher(serverRoot);
+    else {
+      log(`compiling ${serverRoot} for Tessera's servers…`);
+      const built = compileForBench(serverRoot, join(work, "build-server"));
+      if (built.warning) notes.push(`${serverRoot}: ${built.warning}`);
+      tessera = built.launcher;
+    }
+    notes.push(`Tessera's servers ran from ${serverRoot} (--server-root)`);
+  }
 
   // ---- servers and seeding
   log("starting servers…");
@@ -1081,7 +1099,7 @@ async function run(): Promise<void> {
   const adminPassword = randomBytes(18).toString("base64url");
   const user = { username: "bench-user", password: randomBytes(18).toString("base64url") };
   const jwtSecret = randomBytes(32).toString("base64url");
-  const main = await startTessera(launcher, certDir, adminPassword, "hs256", {
+  const main = await startTessera(tessera, certDir, adminPassword, "hs256", {
     TESSERA_JWT_SECRET: jwtSecret,
   });
   const seeded = await seedUser(main, adminPassword, user, tls);
@@ -1168,7 +1186,7 @@ async function run(): Promise<void> {
   for (const alg of ["EdDSA", "ES256"] as const) {
     const id = `jwt-${alg.toLowerCase()}`;
     if (!wanted(id)) continue;
-    const server = await startTessera(launcher, certDir, adminPassword, alg.toLowerCase(), {
+    const server = await startTessera(tessera, certDir, adminPassword, alg.toLowerCase(), {
       TESSERA_JWT_ALGORITHM: alg,
     });
     const s = await seedUser(server, adminPassword, user, tls);
@@ -1351,7 +1369,7 @@ async function run(): Promise<void> {
     ["jwt-hs256-metrics-only", "metrics on, access log off", { TESSERA_LOG_ACCESS: "off" }],
   ] as const) {
     if (!only?.test(id)) continue;
-    const server = await startTessera(launcher, certDir, adminPassword, id, {
+    const server = await startTessera(tessera, certDir, adminPassword, id, {
       TESSERA_JWT_SECRET: jwtSecret,
       ...env,
     });
@@ -1369,7 +1387,7 @@ async function run(): Promise<void> {
     );
   }
   if (wanted("jwt-hs256-limits") || wanted("pat-limits")) {
-    const server = await startTessera(launcher, certDir, adminPassword, "limits", limitsEnv);
+    const server = await startTessera(tessera, certDir, adminPassword, "limits", limitsEnv);
     const s = await seedUser(server, adminPassword, user, tls);
     if (wanted("jwt-hs256-limits"))
       scenarios.push(
@@ -1419,7 +1437,7 @@ async function run(): Promise<void> {
     for (const shared of [true, false]) {
       if (!shared && !wanted("pat-working-set-unshared")) continue;
       const name = shared ? "working-set" : "working-set-unshared";
-      const server = await startTessera(launcher, certDir, adminPassword, name, {
+      const server = await startTessera(tessera, certDir, adminPassword, name, {
         TESSERA_PASSWORD_ITERATIONS: "1000",
         TESSERA_TOKEN_CACHE_MAX_BYTES: String(WS_CACHE_ENTRIES * SECRET_CACHE_ENTRY_BYTES),
         TESSERA_TOKEN_SHARED_DIGESTS: String(shared),
@@ -1476,7 +1494,7 @@ async function run(): Promise<void> {
     }
   }
   if (wanted("rejected-limited")) {
-    const server = await startTessera(launcher, certDir, adminPassword, "failure-limit", limitsEnv);
+    const server = await startTessera(tessera, certDir, adminPassword, "failure-limit", limitsEnv);
     // Spend the failure budget (a one-minute window) before each slice: from then on the IP is refused before any verification.
     const spendFailureBudget = async () => {
       const probe = new JsonClient(server.url, tls);
@@ -1543,7 +1561,7 @@ async function run(): Promise<void> {
   const pgMasterKey = randomBytes(32).toString("base64");
   const startPg = async (name: string, schema: string, extra: Record<string, string> = {}, cpus?: string) =>
     startTessera(
-      launcher,
+      tessera,
       certDir,
       adminPassword,
       name,
@@ -1803,7 +1821,7 @@ async function run(): Promise<void> {
     const variants: FloodVariant[] = [];
     for (const nice of floodNices) {
       const server = await startTessera(
-        launcher,
+        tessera,
         certDir,
         adminPassword,
         `flood-${nice}`,
@@ -1907,7 +1925,7 @@ async function run(): Promise<void> {
   // moment weighs on all three alike; medians of N runs each.
   if (wanted("cli")) {
     log("CLI start-up…");
-    const server = await startTessera(launcher, certDir, adminPassword, "cli", {});
+    const server = await startTessera(tessera, certDir, adminPassword, "cli", {});
     const seededCli = await seedUser(server, adminPassword, user, tls);
     const cliEnv: NodeJS.ProcessEnv = {
       PATH: process.env.PATH,
@@ -2005,7 +2023,7 @@ async function run(): Promise<void> {
       smoke,
       settings,
       cpus: pinning?.server,
-      startTessera: (name, env) => startTessera(launcher, certDir, adminPassword, name, env),
+      startTessera: (name, env) => startTessera(tessera, certDir, adminPassword, name, env),
       track: (server) => servers.push(server),
       client: (server) => new JsonClient(server.url, tls),
       adminPassword,
