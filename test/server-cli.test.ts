@@ -81,7 +81,8 @@ describe("server commands", () => {
     expect(readFileSync(join(dir, "b1", "ca.crt"), "utf8")).toBe(
       readFileSync(join(dir, "certs", "ca.crt"), "utf8"),
     );
-  });
+    // Seven CLI processes in a row, each starting tsx: over a minute when the suite's other files load the machine.
+  }, 120_000);
 
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {
     const cwd = mkdtempSync(join(tmpdir(), "tessera-quickstart-"));
