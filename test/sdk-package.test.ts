@@ -13,6 +13,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
 
@@ -120,6 +122,7 @@ describe("the @tessera/sdk package", () => {
       "proto/tessera/v1/user_service.proto",
       "proto/tessera/v1/options.proto",
       "proto/grpc/health/v1/health.proto",
+      "proto/tessera.binpb",
       "LICENSE",
     ])
       expect(files, f).toContain(f);
@@ -218,6 +221,26 @@ new UserAPI({ insecure: "yes" });
       { cwd: project, ...BIG },
     );
     expect(cjs.stdout.trim()).toBe("function object");
+  });
+
+  it("ships every shipped .proto compiled, imports included, as a FileDescriptorSet for runtimes without a .proto parser", () => {
+    const set = fromBinary(
+      FileDescriptorSetSchema,
+      readFileSync(join(project, "node_modules", "@tessera", "sdk", "proto", "tessera.binpb")),
+    );
+    const names = set.file.map((f) => f.name);
+    const shipped = files.filter((f) => f.endsWith(".proto")).map((f) => f.slice("proto/".length));
+    expect(shipped.length).toBeGreaterThan(10);
+    for (const proto of shipped) expect(names, proto).toContain(proto);
+    for (const wkt of ["google/protobuf/timestamp.proto", "google/protobuf/descriptor.proto"])
+      expect(names).toContain(wkt);
+    // Each file after the files it imports: a descriptor pool adds them in this order.
+    for (const [i, f] of set.file.entries())
+      for (const dep of f.dependency) expect(names.indexOf(dep), `${f.name} imports ${dep}`).toBeLessThan(i);
+    const users = set.file.find((f) => f.name === "tessera/v1/user_service.proto");
+    expect(users?.service[0]?.method.map((m) => m.name)).toContain("GetCurrentUser");
+    // No comments (source info): the runtime does not need them.
+    expect(users?.sourceCodeInfo).toBeUndefined();
   });
 
   it("copies the walkthroughs unchanged", () => {
