@@ -94,6 +94,18 @@ describe("the README walkthroughs as scripts", () => {
     }
   });
 
+  it("is what the README shows for the Python walkthrough: the script after its header comment, verbatim", () => {
+    // test/sdk-package.test.ts runs it against a server, beside the descriptor set the packed SDK ships.
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const lines = readFileSync(join(ROOT, "examples", "python", "walkthrough.py"), "utf8").split("\n");
+    const body = lines
+      .slice(lines.findIndex((l) => !l.startsWith("#")))
+      .join("\n")
+      .trimEnd();
+    expect(body).toMatch(/^import os\n/);
+    expect(readme).toContain(`\`\`\`python\n${body}\n\`\`\``);
+  });
+
   it("writes its secrets under examples/.secrets/, which git ignores", () => {
     const dir = join(ROOT, "examples", ".secrets");
     expect(readdirSync(dir).length).toBeGreaterThan(0);

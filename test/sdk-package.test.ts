@@ -1,4 +1,4 @@
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import {
   copyFileSync,
   mkdirSync,
@@ -13,6 +13,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
 
@@ -26,6 +28,25 @@ const ALLOWED = ["@bufbuild/protobuf", "@connectrpc/connect", "@connectrpc/conne
 
 /** The walkthroughs under examples/ the package test runs, copied unchanged into the consumer project. */
 const WALKTHROUGHS = ["sdk-esm/walkthrough.mjs", "sdk-cjs/walkthrough.cjs", "grpc-js/walkthrough.cjs"];
+/** The Python walkthrough and the module it imports, copied beside each other (their names in the project). */
+const PYTHON_FILES = {
+  "python/walkthrough.py": "python-walkthrough.py",
+  "python/tessera_user_api.py": "tessera_user_api.py",
+};
+
+/** Debian's interpreter, where python3-grpcio and python3-protobuf install (not a pyenv or venv one on PATH). */
+const PYTHON = "/usr/bin/python3";
+
+/** Why PYTHON cannot run the Python walkthrough, or undefined when it can. */
+function pythonGrpcMissing(): string | undefined {
+  try {
+    execFileSync(PYTHON, ["-c", "import grpc, google.protobuf"], { stdio: "pipe" });
+    return undefined;
+  } catch (err) {
+    const why = (err as { stderr?: Buffer }).stderr?.toString().trim().split("\n").at(-1) ?? String(err);
+    return `${PYTHON} cannot import grpc and google.protobuf (${why}): apt-get install python3-grpcio python3-protobuf (.ci/run does)`;
+  }
+}
 
 const rootManifest = JSON.parse(readFileSync(join(REPO, "package.json"), "utf8")) as {
   version: string;
@@ -65,8 +86,9 @@ async function npmInstall(project: string, specs: string[]): Promise<void> {
 /**
  * @tessera/sdk as a user gets it: packed from packages/sdk (which builds it from src/sdk
  * and gen/), installed into an empty project outside the repository, checked for what it
- * pulls in, then used from an ES module, from CommonJS and (its shipped protos) from
- * grpc-js, by the README's walkthroughs under examples/, against a real server over TLS.
+ * pulls in, then used from an ES module, from CommonJS, (its shipped protos) from grpc-js
+ * and (its shipped descriptor set) from Python grpcio, by the README's walkthroughs under
+ * examples/, against a real server over TLS.
  */
 describe("the @tessera/sdk package", () => {
   let work: string;
@@ -120,6 +142,7 @@ describe("the @tessera/sdk package", () => {
       "proto/tessera/v1/user_service.proto",
       "proto/tessera/v1/options.proto",
       "proto/grpc/health/v1/health.proto",
+      "proto/tessera.binpb",
       "LICENSE",
     ])
       expect(files, f).toContain(f);
@@ -220,9 +243,33 @@ new UserAPI({ insecure: "yes" });
     expect(cjs.stdout.trim()).toBe("function object");
   });
 
+  it("ships every shipped .proto compiled, imports included, as a FileDescriptorSet for runtimes without a .proto parser", () => {
+    const set = fromBinary(
+      FileDescriptorSetSchema,
+      readFileSync(join(project, "node_modules", "@tessera", "sdk", "proto", "tessera.binpb")),
+    );
+    const names = set.file.map((f) => f.name);
+    const shipped = files.filter((f) => f.endsWith(".proto")).map((f) => f.slice("proto/".length));
+    expect(shipped.length).toBeGreaterThan(10);
+    for (const proto of shipped) expect(names, proto).toContain(proto);
+    for (const wkt of ["google/protobuf/timestamp.proto", "google/protobuf/descriptor.proto"])
+      expect(names).toContain(wkt);
+    // Each file after the files it imports: a descriptor pool adds them in this order.
+    for (const [i, f] of set.file.entries())
+      for (const dep of f.dependency) expect(names.indexOf(dep), `${f.name} imports ${dep}`).toBeLessThan(i);
+    const users = set.file.find((f) => f.name === "tessera/v1/user_service.proto");
+    expect(users?.service[0]?.method.map((m) => m.name)).toContain("GetCurrentUser");
+    // No comments (source info): the runtime does not need them.
+    expect(users?.sourceCodeInfo).toBeUndefined();
+  });
+
   it("copies the walkthroughs unchanged", () => {
-    for (const w of WALKTHROUGHS) {
-      const target = join(project, w.replace("/", "-"));
+    const copies: [string, string][] = [
+      ...WALKTHROUGHS.map((w): [string, string] => [w, w.replace("/", "-")]),
+      ...Object.entries(PYTHON_FILES),
+    ];
+    for (const [w, name] of copies) {
+      const target = join(project, name);
       copyFileSync(join(REPO, "examples", w), target);
       expect(readFileSync(target, "utf8")).toBe(readFileSync(join(REPO, "examples", w), "utf8"));
     }
@@ -250,16 +297,16 @@ new UserAPI({ insecure: "yes" });
       await ts?.close();
     });
 
-    const run = async (file: string) => {
-      const r = await exec(process.execPath, [file], { cwd: project, env, ...BIG }).catch(
+    const run = async (file: string, command = process.execPath, extra: Record<string, string> = {}) => {
+      const r = await exec(command, [file], { cwd: project, env: { ...env, ...extra }, ...BIG }).catch(
         (err: { stdout: string; stderr: string; code: number }) => err,
       );
       expect(r.stdout, `${file}\n${r.stdout}\n${r.stderr}`).toMatch(/walkthrough done\n$/);
       expect(r.stdout + r.stderr).not.toContain(ADMIN_PASSWORD);
       return r.stdout;
     };
-    const kept = (name: string): string[] =>
-      readdirSync(secrets, { recursive: true, withFileTypes: true })
+    const kept = (name: string, dir = secrets): string[] =>
+      readdirSync(dir, { recursive: true, withFileTypes: true })
         .filter((e) => e.isFile() && e.name === name)
         .map((e) => join(e.parentPath, e.name));
 
@@ -305,5 +352,32 @@ new UserAPI({ insecure: "yes" });
       expect(out).toMatch(/^logged in as admin with \*$/m);
       expect(out).toMatch(/^without a token: UNAUTHENTICATED$/m);
     }, 240_000);
+
+    it("runs the Python grpcio walkthrough twice on the shipped descriptor set (its names do not collide)", async (ctx) => {
+      const missing = pythonGrpcMissing();
+      // CI installs the packages, so there a missing module is a failure, not a skip.
+      if (missing !== undefined && process.env.CI !== "true") {
+        console.warn(`Python grpcio walkthrough skipped: ${missing}`);
+        ctx.skip(missing);
+      }
+      expect(missing, "under CI=true the Python walkthrough must run").toBeUndefined();
+      const own = mkdtempSync(join(secrets, "python-"));
+      for (let i = 0; i < 2; i++) {
+        const out = await run("python-walkthrough.py", PYTHON, { TESSERA_SECRETS_DIR: own });
+        expect(out).toMatch(/^logged in as admin$/m);
+        expect(out).toMatch(/^reader may read clusters: True$/m);
+        expect(out).toMatch(/^denied: ACCESS_DENIED needs admin:users$/m);
+        expect(out).toMatch(/^the token belongs to reader$/m);
+        expect(out).toMatch(/^refreshed, still reader$/m);
+        expect(out).toMatch(/^refresh token reused: TOKEN_REVOKED$/m);
+        expect(out).toMatch(/^then the session is over: TOKEN_REVOKED$/m);
+      }
+      const pats = kept("reader-pat.txt", own);
+      expect(pats).toHaveLength(2);
+      for (const p of pats) {
+        expect(statSync(p).mode & 0o777).toBe(0o600);
+        expect(readFileSync(p, "utf8")).toMatch(/^tsr_pat_/);
+      }
+    }, 120_000);
   });
 });

@@ -1,6 +1,6 @@
 // Builds @tessera/sdk from the repository's sources (src/sdk, the one shared
 // src/auth/scopes.ts, gen/): an ES module build and a CommonJS build of the same files,
-// each with its declarations, plus the .proto files and the licence. Run by `npm pack`
+// each with its declarations, plus the .proto files, their compiled descriptor set and the licence. Run by `npm pack`
 // (prepack) in this folder, or `npm run build:sdk` at the root.
 import { execFileSync } from "node:child_process";
 import { cpSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -20,6 +20,15 @@ for (const config of ["tsconfig.esm.json", "tsconfig.cjs.json"]) {
 writeFileSync(`${pkg}/dist/cjs/package.json`, `${JSON.stringify({ type: "commonjs" })}\n`);
 writeFileSync(`${pkg}/dist/esm/package.json`, `${JSON.stringify({ type: "module" })}\n`);
 cpSync(`${root}/proto`, `${pkg}/proto`, { recursive: true });
+// The protos compiled (a google.protobuf.FileDescriptorSet, imports included, no comments),
+// for clients whose protobuf runtime loads descriptors but cannot parse .proto files: the
+// Python walkthrough (examples/python) reads it, so it needs neither protoc nor grpc_tools.
+const buf = createRequire(`${root}/package.json`).resolve("@bufbuild/buf/bin/buf");
+execFileSync(
+  process.execPath,
+  [buf, "build", "--as-file-descriptor-set", "--exclude-source-info", "-o", `${pkg}/proto/tessera.binpb`],
+  { cwd: root, stdio: "inherit" },
+);
 cpSync(`${root}/LICENSE`, `${pkg}/LICENSE`);
 
 // The versions must be the root package's: one release, one set of runtimes.
