@@ -17,7 +17,7 @@ TESSERA=${TESSERA:-npx tessera}
 export TESSERA_PROFILE=${TESSERA_PROFILE:-examples}
 : "${TESSERA_ADMIN_PASSWORD:?set TESSERA_ADMIN_PASSWORD to the admin password printed at first start}"
 SUFFIX=${SUFFIX:-$(date +%s)-$$}
-SECRETS=$(dirname "$0")/.secrets/$SUFFIX
+SECRETS=examples/.secrets/$SUFFIX
 mkdir -p -m 700 "$SECRETS"
 
 # log in (the session goes to the profile in ~/.tessera/credentials, mode 0600) and look

@@ -8,7 +8,8 @@
 # Settings (environment): TESSERA_URL (https://localhost:50052), TESSERA_CA (certs/ca.crt),
 # TESSERA_CERT_DIR (certs: the development CA that signs the client certificate),
 # TESSERA (the CLI, `npx tessera`). Names get a unique suffix, so the script runs twice on
-# one server without collisions; secrets go under examples/.secrets/ (git-ignored).
+# one server without collisions; secrets go under examples/.secrets/ (git-ignored). Run it from
+# the checkout (certs/ and examples/ are relative to it).
 set -euo pipefail
 
 API=${TESSERA_URL:-https://localhost:50052}
@@ -16,7 +17,7 @@ CA=${TESSERA_CA:-certs/ca.crt}
 TESSERA=${TESSERA:-npx tessera}
 : "${TESSERA_ADMIN_PASSWORD:?set TESSERA_ADMIN_PASSWORD to the admin password printed at first start}"
 SUFFIX=${SUFFIX:-$(date +%s)-$$}
-SECRETS=$(dirname "$0")/.secrets/$SUFFIX
+SECRETS=examples/.secrets/$SUFFIX
 mkdir -p -m 700 "$SECRETS"
 
 # --fail-with-body: an error status fails the script (and shows the error envelope);

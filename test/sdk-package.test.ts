@@ -15,8 +15,13 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
+import { createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { createClientCertificate } from "../src/certs/dev-ca.js";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
+import { PACKAGE_WALKTHROUGHS } from "./walkthroughs.js";
 
 const exec = promisify(execFile);
 const REPO = fileURLToPath(new URL("..", import.meta.url));
@@ -26,8 +31,12 @@ const BIG = { maxBuffer: 32 * 1024 * 1024 };
 /** What installing @tessera/sdk may bring: the Connect and protobuf runtimes, and yaml for profiles. */
 const ALLOWED = ["@bufbuild/protobuf", "@connectrpc/connect", "@connectrpc/connect-node", "yaml"];
 
-/** The walkthroughs under examples/ the package test runs, copied unchanged into the consumer project. */
-const WALKTHROUGHS = ["sdk-esm/walkthrough.mjs", "sdk-cjs/walkthrough.cjs", "grpc-js/walkthrough.cjs"];
+/** Where each walkthrough goes in the consumer project: examples/a/b.cjs → a-b.cjs. */
+const copyName = (w: string) => w.replace(/^examples\//, "").replace("/", "-");
+/** The TypeScript quick start again, in a folder that is an ES module project ("type": "module"). */
+const TS_QUICK_START = "examples/sdk-ts/quick-start.ts";
+const TSX = join(REPO, "node_modules", "tsx", "dist", "cli.mjs");
+
 /** The Python walkthrough and the module it imports, copied beside each other (their names in the project). */
 const PYTHON_FILES = {
   "python/walkthrough.py": "python-walkthrough.py",
@@ -201,6 +210,10 @@ export const middleware = createTesseraAuthMiddleware({ server: "https://localho
 new UserAPI({ insecure: "yes" });
 `,
     );
+    // The README's TypeScript quick start, as it is, type-checked as an ES module and as CommonJS.
+    const quickStart = readFileSync(join(REPO, TS_QUICK_START), "utf8");
+    writeFileSync(join(project, "quick-start.mts"), quickStart);
+    writeFileSync(join(project, "quick-start.cts"), quickStart);
     writeFileSync(
       join(project, "tsconfig.json"),
       JSON.stringify({
@@ -211,10 +224,10 @@ new UserAPI({ insecure: "yes" });
           strict: true,
           noEmit: true,
           skipLibCheck: true,
-          types: [],
+          types: ["node"],
           typeRoots: [join(REPO, "node_modules", "@types")],
         },
-        files: ["esm.mts", "cjs.cts"],
+        files: ["esm.mts", "cjs.cts", "quick-start.mts", "quick-start.cts"],
       }),
     );
     const tsc = join(REPO, "node_modules", "typescript", "bin", "tsc");
@@ -264,11 +277,15 @@ new UserAPI({ insecure: "yes" });
   });
 
   it("copies the walkthroughs unchanged", () => {
-    const copies: [string, string][] = [
-      ...WALKTHROUGHS.map((w): [string, string] => [w, w.replace("/", "-")]),
-      ...Object.entries(PYTHON_FILES),
-    ];
-    for (const [w, name] of copies) {
+    mkdirSync(join(project, "esm"));
+    writeFileSync(join(project, "esm", "package.json"), JSON.stringify({ type: "module" }));
+    const targets = PACKAGE_WALKTHROUGHS.map((w) => [w, join(project, copyName(w))]);
+    targets.push([TS_QUICK_START, join(project, "esm", copyName(TS_QUICK_START))]);
+    for (const [w, target] of targets) {
+      copyFileSync(join(REPO, w!), target!);
+      expect(readFileSync(target!, "utf8")).toBe(readFileSync(join(REPO, w!), "utf8"));
+    }
+    for (const [w, name] of Object.entries(PYTHON_FILES)) {
       const target = join(project, name);
       copyFileSync(join(REPO, "examples", w), target);
       expect(readFileSync(target, "utf8")).toBe(readFileSync(join(REPO, "examples", w), "utf8"));
@@ -297,10 +314,17 @@ new UserAPI({ insecure: "yes" });
       await ts?.close();
     });
 
-    const run = async (file: string, command = process.execPath, extra: Record<string, string> = {}) => {
-      const r = await exec(command, [file], { cwd: project, env: { ...env, ...extra }, ...BIG }).catch(
-        (err: { stdout: string; stderr: string; code: number }) => err,
-      );
+    const run = async (
+      file: string,
+      runner: string[] = [],
+      extraEnv: Record<string, string> = {},
+      command = process.execPath,
+    ) => {
+      const r = await exec(command, [...runner, file], {
+        cwd: project,
+        env: { ...env, ...extraEnv },
+        ...BIG,
+      }).catch((err: { stdout: string; stderr: string; code: number }) => err);
       expect(r.stdout, `${file}\n${r.stdout}\n${r.stderr}`).toMatch(/walkthrough done\n$/);
       expect(r.stdout + r.stderr).not.toContain(ADMIN_PASSWORD);
       return r.stdout;
@@ -309,6 +333,22 @@ new UserAPI({ insecure: "yes" });
       readdirSync(dir, { recursive: true, withFileTypes: true })
         .filter((e) => e.isFile() && e.name === name)
         .map((e) => join(e.parentPath, e.name));
+
+    it("runs the TypeScript quick start (tsx) from a CommonJS project and from an ES module project", async () => {
+      // The consumer project is CommonJS (no "type"): tsx compiles to CommonJS there, where a
+      // top-level await is refused; the quick start has none.
+      writeFileSync(join(project, "tla.ts"), "await Promise.resolve();\nexport {};\n");
+      const tla = await exec(process.execPath, [TSX, "tla.ts"], { cwd: project, env, ...BIG }).catch(
+        (err: { stderr: string }) => err,
+      );
+      expect(tla.stderr).toMatch(/Top-level await is currently not supported with the "cjs" output format/);
+      for (const file of [copyName(TS_QUICK_START), join("esm", copyName(TS_QUICK_START))]) {
+        const out = await run(file, [TSX]);
+        expect(out).toMatch(/^logged in as admin$/m);
+        expect(out).toMatch(/^may read clusters$/m);
+        expect(out).toMatch(/^tenants: default\b/m);
+      }
+    });
 
     it("runs the ES module walkthrough twice (its names do not collide)", async () => {
       for (let i = 0; i < 2; i++) {
@@ -351,6 +391,30 @@ new UserAPI({ insecure: "yes" });
       expect(out).toMatch(/^health: SERVING$/m);
       expect(out).toMatch(/^logged in as admin with \*$/m);
       expect(out).toMatch(/^without a token: UNAUTHENTICATED$/m);
+
+      // The backend in another language: a machine user's certificate alone, nothing else presented.
+      const login = await createClient(UserService, ts.connect()).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
+      const headers = { authorization: `Bearer ${login.accessToken}` };
+      const machines = createClient(MachineUserService, ts.connect());
+      const { machineUser } = await machines.createMachineUser(
+        { name: "grpc-js-backend", authType: MachineAuthType.BEARER },
+        { headers },
+      );
+      const backend = join(work, `grpc-js-backend-${db.name}`);
+      const cert = await createClientCertificate(ts.certs.dir, "grpc-js-backend", backend);
+      await machines.bindCertificate(
+        {
+          machineUserId: machineUser!.id,
+          identity: { case: "sha256Fingerprint", value: cert.sha256Fingerprint },
+        },
+        { headers },
+      );
+      const checked = await run("grpc-js-machine-user.cjs", [], { TESSERA_CERT_FOLDER: backend });
+      expect(checked).toMatch(/authenticated: true/);
+      expect(checked).toContain(`machine_user_id: '${machineUser!.id}'`);
     }, 240_000);
 
     it("runs the Python grpcio walkthrough twice on the shipped descriptor set (its names do not collide)", async (ctx) => {
@@ -363,7 +427,7 @@ new UserAPI({ insecure: "yes" });
       expect(missing, "under CI=true the Python walkthrough must run").toBeUndefined();
       const own = mkdtempSync(join(secrets, "python-"));
       for (let i = 0; i < 2; i++) {
-        const out = await run("python-walkthrough.py", PYTHON, { TESSERA_SECRETS_DIR: own });
+        const out = await run("python-walkthrough.py", [], { TESSERA_SECRETS_DIR: own }, PYTHON);
         expect(out).toMatch(/^logged in as admin$/m);
         expect(out).toMatch(/^reader may read clusters: True$/m);
         expect(out).toMatch(/^denied: ACCESS_DENIED needs admin:users$/m);
