@@ -17,7 +17,6 @@ if (useDist) {
   register();
   mod = await import("../src/main.ts");
 }
-const code = await mod.main(process.argv);
-// A failure ends the process now: nothing left by a failed start may keep it alive.
-if (code !== 0) process.exit(code);
-if (!process.argv.includes("serve")) process.exitCode = code;
+// How the process ends after the command (src/main.ts: a failure at once, `serve` runs on,
+// any other command as soon as its output is written).
+mod.finish(await mod.main(process.argv), process.argv);

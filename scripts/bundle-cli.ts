@@ -61,7 +61,10 @@ function serverModulesImported(root: string): Plugin {
  * `child_process` (with `net` and `dgram` behind it: ~10 ms of CPU), which it uses only
  * to run external subcommands, which tessera has none of; and the SDK's `yaml` (~10 ms),
  * which only a command that reads or writes the credentials file needs (`whoami` with
- * TESSERA_TOKEN and TESSERA_SERVER reads none). `require()` of a bundled module is
+ * TESSERA_TOKEN and TESSERA_SERVER reads none); and connect-node's `zlib`, which it loads
+ * to offer gzip and brotli (Node's zlib is not in its start-up snapshot: the largest single
+ * cost of `whoami`'s module start), though only a compressed message would use it and
+ * neither side compresses messages this small. `require()` of a bundled module is
  * esbuild's: the CommonJS module it names is in the bundle and runs at the first call.
  */
 const DEFERRED: { importer: RegExp; path: RegExp; contents: string }[] = [
@@ -80,13 +83,22 @@ const DEFERRED: { importer: RegExp; path: RegExp; contents: string }[] = [
       "export const stringify = (...args) => load().stringify(...args);",
     ].join("\n"),
   },
+  {
+    // compression.js takes promisify() of these four at load: functions with zlib's own
+    // (callback) signature that load it at their first call keep its behaviour.
+    importer: /@connectrpc\/connect-node\/dist\/(esm|cjs)\/compression\.js$/,
+    path: /^node:zlib$/,
+    contents: ["gzip", "gunzip", "brotliCompress", "brotliDecompress"]
+      .map((f) => `export const ${f} = (...args) => require("node:zlib").${f}(...args);`)
+      .join("\n"),
+  },
 ];
 
 function deferred(): Plugin {
   return {
     name: "deferred",
     setup(b) {
-      b.onResolve({ filter: /^(node:child_process|yaml)$/ }, (args) => {
+      b.onResolve({ filter: /^(node:child_process|node:zlib|yaml)$/ }, (args) => {
         const i = DEFERRED.findIndex((d) => d.importer.test(args.importer) && d.path.test(args.path));
         return i < 0 ? undefined : { path: String(i), namespace: "deferred" };
       });

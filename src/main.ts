@@ -47,13 +47,28 @@ export async function main(argv: string[]): Promise<number> {
   return (await import("./cli/program.js")).main(argv);
 }
 
-const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
-if (isEntry) {
-  main(process.argv).then((code) => {
-    // A failure ends the process now: a pool, timer or half-started server left behind by
-    // a failed start must not keep alive a process that serves nothing.
-    if (code !== 0) process.exit(code);
-    // `serve` keeps running; other commands exit with their code.
-    if (!process.argv.includes("serve")) process.exitCode = code;
-  });
+/**
+ * End the process the way `tessera` ends: a failure at once with its code; `serve` keeps
+ * running; any other command exits as soon as what it printed is written. It does not wait
+ * for the event loop to drain: a client's HTTP/2 session closing, a timer or Node's own
+ * teardown of the heap would only delay the prompt (whoami's output is complete by then).
+ */
+export function finish(code: number, argv: string[]): void {
+  // A failure ends the process now: a pool, timer or half-started server left behind by
+  // a failed start must not keep alive a process that serves nothing.
+  if (code !== 0) process.exit(code);
+  if (argv.includes("serve")) return;
+  process.exitCode = code;
+  // Written to a pipe or file, stdout may still hold output: each stream calls back once
+  // what was written before is out. A stream that failed (its reader left) is left to its
+  // error listener (exit 141, program.ts) and the process ends as it would have.
+  let pending = 2;
+  const done = (err?: Error | null) => {
+    if (!err && --pending === 0) process.exit(code);
+  };
+  process.stdout.write("", done);
+  process.stderr.write("", done);
 }
+
+const isEntry = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
+if (isEntry) main(process.argv).then((code) => finish(code, process.argv));

@@ -29,6 +29,8 @@ const ENV = CLIENT_ENV_NAMES;
  */
 const GROUPS = {
   session: () => import("./actions/session.js"),
+  // whoami's own call, without the SDK client (which it loads for a profile's session).
+  whoami: () => import("./actions/whoami.js").then((m) => ({ actions: { whoami: m.whoami } })),
   users: () => import("./actions/users.js"),
   tokens: () => import("./actions/tokens.js"),
   machineUsers: () => import("./actions/machine-users.js"),
@@ -135,7 +137,7 @@ function registerSessionCommands(program: Command): void {
     .description(
       "show who the current credentials belong to and their permissions (any token: a session, a personal access token, an API key, the admin token)",
     )
-    .action(lazy("session", "whoami"));
+    .action(lazy("whoami", "whoami"));
 }
 
 // ---------------------------------------------------------------------------------

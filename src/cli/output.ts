@@ -1,25 +1,8 @@
-import { type DescMessage, type MessageShape, toJson } from "@bufbuild/protobuf";
-import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
+// The output of client commands; it loads nothing (the protobuf helpers for messages are
+// in messages.ts), so that whoami prints without the protobuf runtime.
 
 /** The `--output` formats. */
 export type OutputFormat = "json" | "table";
-
-/** A protobuf message as JSON (camelCase, RFC 3339 timestamps, every field present). */
-export function messageJson<D extends DescMessage>(
-  schema: D,
-  message: MessageShape<D>,
-): Record<string, unknown> {
-  return toJson(schema, message, { alwaysEmitImplicit: true }) as Record<string, unknown>;
-}
-
-/** A timestamp for a table cell ("-" when unset). */
-export function when(t: Timestamp | undefined): string {
-  return t
-    ? timestampDate(t)
-        .toISOString()
-        .replace(/\.\d{3}Z$/, "Z")
-    : "-";
-}
 
 /**
  * Writes command results to stdout: one JSON document with `--output json`, aligned

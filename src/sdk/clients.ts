@@ -1,6 +1,6 @@
 import type { DescService } from "@bufbuild/protobuf";
 import { type Client, createClient, type Transport } from "@connectrpc/connect";
-import { toClientError } from "./errors.js";
+import { toClientError } from "./error-mapping.js";
 
 /**
  * A Connect client for `service` whose every failure is a typed

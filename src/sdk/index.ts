@@ -34,6 +34,7 @@ export {
   type ResolvedClientOptions,
   resolveClientOptions,
 } from "./environment.js";
+export { toClientError } from "./error-mapping.js";
 export {
   AlreadyExistsError,
   AuthenticationError,
@@ -46,7 +47,6 @@ export {
   RateLimitedError,
   TesseraClientError,
   TokenExpiredError,
-  toClientError,
   UnavailableError,
 } from "./errors.js";
 export type { AutoRefreshOptions, TokenPair } from "./session.js";

@@ -2,7 +2,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { getOption, hasOption } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { auth } from "../../gen/tessera/v1/options_pb.js";
-import { ClientConfigError, errorDetail } from "./errors.js";
+import { errorDetail } from "./error-mapping.js";
 
 /** A session's token pair as the server issued it. */
 export interface TokenPair {
@@ -54,13 +54,8 @@ export function sendsCredential(method: DescMethod): boolean {
   return true;
 }
 
-const TOKEN_RE = /^[\x21-\x7e]+$/;
-
-/** Refuse a token that could not be sent as a header value (without echoing it). */
-export function assertTokenShape(token: string, what: string): void {
-  if (!TOKEN_RE.test(token))
-    throw new ClientConfigError(`${what} contains whitespace or non-printable characters`);
-}
+/** The check of a token's shape (kept here too, where it was first exported). */
+export { assertTokenShape } from "./connection.js";
 
 /**
  * The credential state of one client: the current access token and refresh token,

@@ -4,10 +4,9 @@ import { createConnectTransport, createGrpcTransport, Http2SessionManager } from
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hasScope } from "../auth/scopes.js";
 import { typedClient } from "./clients.js";
-import { DEFAULT_PORT } from "./credentials.js";
-import { ClientConfigError, toClientError } from "./errors.js";
-import { type AutoRefreshOptions, assertTokenShape, Session, type TokenPair } from "./session.js";
-import { loadClientTls } from "./tls.js";
+import { assertTokenShape, connectionOf } from "./connection.js";
+import { toClientError } from "./error-mapping.js";
+import { type AutoRefreshOptions, Session, type TokenPair } from "./session.js";
 
 /** Options of {@link UserAPI} (and {@link UserAPICore}). */
 export interface UserAPIOptions {
@@ -100,35 +99,10 @@ export class UserAPICore {
   protected readonly secrets: () => readonly (string | undefined)[];
 
   constructor(options: UserAPIOptions = {}) {
-    this.host = options.host ?? "localhost";
-    this.port = options.port ?? DEFAULT_PORT;
-    this.protocol = options.protocol ?? "grpc";
-    if (!this.host || /[\s/]/.test(this.host)) throw new ClientConfigError(`invalid host "${this.host}"`);
-    if (!Number.isInteger(this.port) || this.port < 1 || this.port > 65535)
-      throw new ClientConfigError(`invalid port ${this.port}`);
-    if (this.protocol !== "grpc" && this.protocol !== "connect") {
-      throw new ClientConfigError(`invalid protocol "${String(this.protocol)}": use "grpc" or "connect"`);
-    }
-    if (options.token !== undefined) assertTokenShape(options.token, "token");
-    if (options.refreshToken !== undefined) assertTokenShape(options.refreshToken, "refresh token");
-    if (options.basicAuth && (!options.basicAuth.username || options.basicAuth.username.includes(":"))) {
-      throw new ClientConfigError("basicAuth.username must be non-empty and must not contain a colon");
-    }
-
-    if (options.verifySsl === false && options.insecure !== true) {
-      throw new ClientConfigError(
-        "verifySsl: false accepts any server certificate and exposes the token to whoever answers; " +
-          "set insecure: true as well to allow it (development only), or give the server's CA with certFolder or caFile",
-      );
-    }
-    const tls = options.plaintext
-      ? {}
-      : {
-          ...loadClientTls({ certFolder: options.certFolder, caFile: options.caFile }),
-          ...(options.verifySsl === false ? { rejectUnauthorized: false } : {}),
-        };
-    const hostPart = this.host.includes(":") ? `[${this.host}]` : this.host;
-    const baseUrl = `${options.plaintext ? "http" : "https"}://${hostPart}:${this.port}`;
+    const { host, port, protocol, baseUrl, tls } = connectionOf(options);
+    this.host = host;
+    this.port = port;
+    this.protocol = protocol;
     // Our own session manager, so close() can end the connection deterministically.
     this.sessions = new Http2SessionManager(baseUrl, {}, { ...tls });
 

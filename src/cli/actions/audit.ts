@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import { type AuditEvent, AuditEventSchema, AuditService } from "../../../gen/tessera/v1/audit_service_pb.js";
 import { ClientConfigError } from "../../sdk/errors.js";
 import type { AuditListFlags } from "../audit-commands.js";
-import { messageJson, when } from "../output.js";
+import { messageJson, when } from "../messages.js";
 import { parseDuration, withClient } from "./run.js";
 
 // `tessera audit list`, loaded only when it runs (see audit-commands.ts).

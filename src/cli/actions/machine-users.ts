@@ -12,7 +12,7 @@ import {
 import { CLIENT_ENV } from "../../sdk/credentials.js";
 import { ClientConfigError } from "../../sdk/errors.js";
 import type { UserAPIOptions } from "../../sdk/user-api-core.js";
-import { messageJson, when } from "../output.js";
+import { messageJson, when } from "../messages.js";
 import { readSecretFromStdin } from "../prompt.js";
 import { allPages, parseDuration, readPassword, scopeList, showSecret, withClient } from "./run.js";
 

@@ -5,28 +5,16 @@ import { type ResolvedClientOptions, resolveClientOptions } from "../../sdk/envi
 import { AuthenticationError, ClientConfigError } from "../../sdk/errors.js";
 import type { TokenPair } from "../../sdk/session.js";
 import { UserAPICore, type UserAPIOptions } from "../../sdk/user-api-core.js";
-import { Output, type OutputFormat } from "../output.js";
+import { Output } from "../output.js";
 import { promptHidden, readSecretFromStdin } from "../prompt.js";
+import { connectionFlags, type GlobalFlags, globals } from "./flags.js";
 
 // What every client command's action shares: the flags, the client, pages, secrets.
 // Each command group's actions are a module of their own in this folder, loaded when one
 // of its commands runs (client-commands.ts), so that a command loads the generated
 // descriptors of its own service only.
 
-/** Options every client command accepts (declared once, on the program). */
-export interface GlobalFlags {
-  profile?: string;
-  server?: string;
-  certFolder?: string;
-  caFile?: string;
-  protocol?: "grpc" | "connect";
-  output: OutputFormat;
-}
-
-/** The program's global flags as a command sees them. */
-export function globals(cmd: Command): GlobalFlags {
-  return cmd.optsWithGlobals() as GlobalFlags;
-}
+export { type GlobalFlags, globals };
 
 /** What {@link withClient} hands an action. */
 export interface ClientRun {
@@ -63,17 +51,6 @@ export async function withClient(
   } finally {
     api.close();
   }
-}
-
-/** The connection-related global flags as SDK options. */
-function connectionFlags(g: GlobalFlags) {
-  return {
-    profile: g.profile,
-    server: g.server,
-    certFolder: g.certFolder,
-    caFile: g.caFile,
-    protocol: g.protocol,
-  };
 }
 
 /** Resolution for login/logout: the profile is read (and may be absent); no token is used. */

@@ -4,6 +4,7 @@ import { CLIENT_ENV, type Profile, writeProfile } from "../../sdk/credentials.js
 import { UserAPICore } from "../../sdk/user-api-core.js";
 import { Output } from "../output.js";
 import { globals, readPassword, sessionConnection, withClient } from "./run.js";
+import { printUser } from "./whoami.js";
 
 // `tessera login`, `logout` and `whoami`.
 
@@ -83,34 +84,14 @@ export const actions = {
     );
   },
 
+  /** whoami through the SDK client (a profile's session, `--protocol grpc`): whoami.ts decides. */
   whoami: async (_flags: unknown, cmd: Command) => {
     await withClient(cmd, async ({ api, out, resolved }) => {
-      const user = await api.getUser();
-      const cert = user.clientCertificate;
-      out.record(
-        {
-          id: user.id,
-          username: user.username,
-          tenantId: user.tenantId,
-          permissions: user.permissions,
-          createdAt: user.createdAt?.toISOString(),
-          clientCertificate: cert,
-          server: `${api.host}:${api.port}`,
-          profile: resolved.tokenSource === "profile" ? resolved.profile : undefined,
-        },
-        [
-          ["username", user.username],
-          ["id", user.id],
-          ["tenant", user.tenantId],
-          ["permissions", user.permissions.join(" ") || "(none)"],
-          ["server", `${api.host}:${api.port}`],
-          ...(cert
-            ? ([["certificate", `${cert.commonName || "(no CN)"} sha256:${cert.sha256Fingerprint}`]] as [
-                string,
-                string,
-              ][])
-            : []),
-        ],
+      printUser(
+        out,
+        await api.getUser(),
+        `${api.host}:${api.port}`,
+        resolved.tokenSource === "profile" ? resolved.profile : undefined,
       );
     });
   },

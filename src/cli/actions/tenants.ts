@@ -6,7 +6,7 @@ import {
   TenantSchema,
   TenantService,
 } from "../../../gen/tessera/v1/tenant_service_pb.js";
-import { messageJson, when } from "../output.js";
+import { messageJson, when } from "../messages.js";
 import { allPages, withClient } from "./run.js";
 
 // `tessera tenant …` and `tessera app …`.

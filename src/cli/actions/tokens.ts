@@ -7,7 +7,7 @@ import {
   TokenMetadataSchema,
   TokenService,
 } from "../../../gen/tessera/v1/token_service_pb.js";
-import { messageJson, when } from "../output.js";
+import { messageJson, when } from "../messages.js";
 import { allPages, expiryFrom, scopeList, showSecret, withClient } from "./run.js";
 
 // `tessera token …` (personal access tokens) and `tessera api-key …`: one set of actions.

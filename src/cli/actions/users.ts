@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import { type User, UserSchema } from "../../../gen/tessera/v1/user_service_pb.js";
 import { ClientConfigError } from "../../sdk/errors.js";
-import { messageJson, when } from "../output.js";
+import { messageJson, when } from "../messages.js";
 import { allPages, readPassword, scopeList, withClient } from "./run.js";
 
 // `tessera user …`.
