@@ -440,6 +440,29 @@ describe("the downstream auth core", () => {
       expect(fake.verifyCalls).toBe(1);
     });
 
+    it("admits a header seen before from memory only until its token expires or its key leaves the key set", async () => {
+      const s = signer();
+      const t = signer("ES256");
+      const jwks: object[] = [s.jwk];
+      const { fake, clock, auth: a } = setup({ jwks });
+      await up(fake, a, 3600);
+      clock.t += 2000;
+      const token = s.token(claimsAt(clock.t, { exp: Math.floor(clock.t / 1000) + 60 }));
+      for (let i = 0; i < 3; i++) expect((await a.authenticate(`Bearer ${token}`)).id).toBe("user-1");
+      expect(a.stats().offlineJwts).toBe(3);
+      clock.t += 60_000;
+      expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_EXPIRED");
+      // Admitted twice, then its key is replaced (fetched again for a token of the new kid).
+      const fresh = s.token(claimsAt(clock.t));
+      await a.authenticate(`Bearer ${fresh}`);
+      await a.authenticate(`Bearer ${fresh}`);
+      jwks.splice(0, 1, t.jwk);
+      clock.t += 30_001;
+      await a.authenticate(`Bearer ${t.token(claimsAt(clock.t))}`);
+      expect((await refusal(a.authenticate(`Bearer ${fresh}`))).reason).toBe("TOKEN_INVALID");
+      expect(fake.verifyCalls).toBe(0);
+    });
+
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {
       const s = signer();
       const { clock, fetches, auth: a } = setup({ jwks: [s.jwk] });

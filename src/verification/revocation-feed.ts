@@ -21,7 +21,7 @@ export interface RevocationFeedOptions {
   /** PostgreSQL: this instance's listening session and the state channel (a change to any state table wakes the reader). */
   notifier?: PgNotifier;
   channel?: string;
-  /** The fallback poll (and SQLite's wake-up). */
+  /** The poll: SQLite's, and PostgreSQL's while the listening session is down (also the retry after a failed read). */
   pollMs: number;
   /** Retention: events older than this are pruned, and beyond the newest `maxEvents`. */
   retentionSeconds: number;
@@ -43,9 +43,10 @@ export interface FeedStats {
  * WatchRevocations stream (never one query per stream). It keeps the id of the last event
  * it read and reads what follows when woken: on PostgreSQL by a notification on the state
  * channel (every change that makes an event changes a state table, whose trigger notifies
- * on commit, on every instance), and by a short poll everywhere (the fallback while the
- * listening session is down, and SQLite's wake-up). Reads are coalesced: a wake during a
- * read makes one more read after it.
+ * on commit, on every instance), and by a short poll only while that listening session is
+ * down (a notification cannot be lost while it is up; on reconnecting it reads everything
+ * after its position first); on SQLite by the poll and the writes themselves (app.ts).
+ * Reads are coalesced: a wake during a read makes one more read after it.
  *
  * Ids become visible in order (the migration's triggers see to it), so "every event after
  * the last id read" is every event committed since.
@@ -61,7 +62,10 @@ export class RevocationFeed {
   private draining = false;
   private failing = false;
   private freshAt = 0;
-  private timers: NodeJS.Timeout[] = [];
+  private readStartedAt = 0;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private pruneTimer: NodeJS.Timeout | undefined;
   private readonly now: () => number;
   /** Streams open, per caller and in all. */
   private readonly openByCaller = new Map<string, number>();
@@ -81,15 +85,36 @@ export class RevocationFeed {
     if (notifier && channel) {
       notifier.subscribe(channel, () => this.wake());
       notifier.onStatus((online) => {
-        if (online) this.wake();
+        if (online) this.stopPolling();
+        else {
+          // Every commit until now was notified and read (or is being read): vouched for so far.
+          this.freshAt = Math.max(this.freshAt, this.reading ? this.readStartedAt : this.now());
+          this.startPolling();
+        }
+        // Online: what was committed while the session was down, before the notifications resume.
+        this.wake();
       });
     }
-    const poll = setInterval(() => this.wake(), this.options.pollMs);
-    const prune = setInterval(() => void this.prune(), this.options.pruneIntervalMs ?? 60_000);
-    poll.unref();
-    prune.unref();
-    this.timers = [poll, prune];
+    if (!this.listening) this.startPolling();
+    this.pruneTimer = setInterval(() => void this.prune(), this.options.pruneIntervalMs ?? 60_000);
+    this.pruneTimer.unref();
     void this.prune();
+  }
+
+  /** Whether a notification announces every commit now (PostgreSQL's listening session is up). */
+  private get listening(): boolean {
+    return this.options.notifier?.online === true && this.options.channel !== undefined;
+  }
+
+  private startPolling(): void {
+    if (this.pollTimer || this.closed) return;
+    this.pollTimer = setInterval(() => this.wake(), this.options.pollMs);
+    this.pollTimer.unref();
+  }
+
+  private stopPolling(): void {
+    if (this.pollTimer) clearInterval(this.pollTimer);
+    this.pollTimer = undefined;
   }
 
   /** The cursor codec of this database (after {@link start}). */
@@ -105,7 +130,10 @@ export class RevocationFeed {
 
   /** Whether the last read succeeded within `withinMs` (a stream that cannot vouch for the feed stops heartbeating). */
   fresh(withinMs: number): boolean {
-    return !this.failing && this.now() - this.freshAt <= withinMs;
+    if (this.failing) return false;
+    // Listening, nothing is owed but what a read in progress (begun within the bound) reads.
+    if (this.listening) return !this.reading || this.now() - this.readStartedAt <= withinMs;
+    return this.now() - this.freshAt <= withinMs;
   }
 
   get isDraining(): boolean {
@@ -175,7 +203,9 @@ export class RevocationFeed {
   close(): void {
     this.closed = true;
     this.drain();
-    for (const t of this.timers) clearInterval(t);
+    this.stopPolling();
+    clearInterval(this.pruneTimer);
+    clearTimeout(this.retryTimer);
   }
 
   private async read(): Promise<void> {
@@ -183,6 +213,7 @@ export class RevocationFeed {
     try {
       do {
         this.again = false;
+        this.readStartedAt = this.now();
         for (;;) {
           const events = await this.options.events.after(this.last, FEED_PAGE);
           if (events.length > 0) {
@@ -201,6 +232,14 @@ export class RevocationFeed {
       if (!this.failing)
         this.options.logger.warn({ err: (err as Error).message }, "revocation feed: cannot read; retrying");
       this.failing = true;
+      // No poll runs while listening: the retry is this timer's (a notification may come first).
+      if (!this.pollTimer && !this.retryTimer) {
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = undefined;
+          this.wake();
+        }, this.options.pollMs);
+        this.retryTimer.unref();
+      }
     } finally {
       this.reading = false;
     }

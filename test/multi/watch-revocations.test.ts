@@ -1,4 +1,4 @@
-import type { ChildProcess } from "node:child_process";
+import { type ChildProcess, execFileSync } from "node:child_process";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -58,7 +58,8 @@ function percentile(sorted: number[], p: number): number {
 
 beforeAll(async () => {
   certs = await createTestCerts();
-  a = await startTestServer(db, { verification: { watchHeartbeatSeconds: 2 } }, certs);
+  // A minute's poll: on A, only notifications (and the catch-up on reconnecting) deliver events.
+  a = await startTestServer(db, { verification: { watchHeartbeatSeconds: 2, watchPollMs: 60_000 } }, certs);
   b = await serve({
     ...(process.env as Record<string, string>),
     TESSERA_DATABASE_URL: url,
@@ -148,5 +149,40 @@ describe("WatchRevocations across instances (PostgreSQL)", () => {
     expect(live.events).toEqual(resumed.events);
     live.close();
     resumed.close();
+  });
+});
+
+describe("WatchRevocations on an instance whose listening session is lost (PostgreSQL)", () => {
+  it("heartbeats with no poll while A listens, and delivers what was committed while its session was down once it is back", async () => {
+    const onA = Watcher.open(ta, verifier);
+    await onA.first();
+    // Heartbeats every 2 s and a poll of a minute: while A listens, a heartbeat needs no read.
+    const heard = onA.messages.length;
+    await onA.until(() => onA.messages.length >= heard + 2, 10_000, "two heartbeats");
+    const notifier = a.app.notifier!;
+    const u = await userWithPats(tb, 4);
+    const [base, schema] = url.split("?schema=") as [string, string];
+    for (const pat of u.pats) {
+      expect(await notifier.whenOnline(5_000)).toBe(true);
+      const pid = notifier.backendPid!;
+      // Synchronously, so that A (in this process) cannot run meanwhile: its session is
+      // terminated (and gone: the call waits), then the revocation commits, before A has even
+      // seen the session go. Its NOTIFY reached no session of A; only a read on losing the
+      // session or on regaining it delivers the event.
+      execFileSync("psql", [
+        base,
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-qAt",
+        "-c",
+        `set search_path to ${schema}; select pg_terminate_backend(${pid}, 5000); ` +
+          `update api_tokens set revoked_at = now() where id = '${pat.id}'`,
+      ]);
+      await onA.event(K.CREDENTIAL, pat.id, 10_000);
+      expect(await notifier.whenOnline(5_000)).toBe(true);
+      expect(notifier.backendPid).not.toBe(pid);
+    }
+    expect(onA.ended).toBeUndefined();
+    onA.close();
   });
 });

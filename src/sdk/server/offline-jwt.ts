@@ -102,6 +102,8 @@ export interface OfflineJwtVerifier {
   verify(token: string): Promise<AccessTokenClaims>;
   /** Fetches of the JWKS so far (start, age, unknown kids). */
   readonly fetches: number;
+  /** Key sets installed so far: moves on every successful fetch (a key may have left). */
+  readonly keySet: number;
 }
 
 /**
@@ -119,6 +121,7 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
   let lastAttempt = Number.NEGATIVE_INFINITY;
   let inflight: Promise<void> | undefined;
   let fetches = 0;
+  let keySet = 0;
   const verified = new Map<string, { claims: AccessTokenClaims; kid: string }>();
   const MAX_VERIFIED = 10_000;
 
@@ -137,6 +140,7 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
         }
         for (const [token, entry] of verified) if (!next.has(entry.kid)) verified.delete(token);
         keys = next;
+        keySet++;
         fetchedAt = now();
       } finally {
         inflight = undefined;
@@ -229,6 +233,9 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
     verify: verifyToken,
     get fetches() {
       return fetches;
+    },
+    get keySet() {
+      return keySet;
     },
   };
 }

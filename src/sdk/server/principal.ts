@@ -1,6 +1,12 @@
 import { createHash } from "node:crypto";
 import type { TLSSocket } from "node:tls";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type ContextValues, createContextKey, createContextValues } from "@connectrpc/connect";
+import {
+  VerifiedPrincipalKind,
+  type VerifyCredentialResponse,
+} from "../../../gen/tessera/v1/verification_service_pb.js";
+import type { AccessTokenClaims } from "./offline-jwt.js";
 
 /** Who called a protected method: what the handler reads from its context. */
 export interface TesseraPrincipal {
@@ -69,4 +75,39 @@ export function tesseraContextValues(req: {
   const thumbprint = clientCertificateThumbprint(req.socket ?? req.stream?.session?.socket);
   if (thumbprint) values.set(clientCertificateKey, thumbprint);
   return values;
+}
+
+/** The principal of an access token verified offline. */
+export function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
+  return {
+    id: claims.sub,
+    kind: claims.pk === "machine" ? "machine_user" : "user",
+    tenantId: claims.tid,
+    scopes: claims.scope.split(" ").filter((s) => s.length > 0),
+    credentialKind: "jwt",
+    credentialId: claims.jti ?? "",
+    sessionId: claims.sid,
+    applicationIds: [],
+    certificateThumbprint: claims.cnf?.["x5t#S256"] || undefined,
+    expiresAt: new Date(claims.exp * 1000),
+  };
+}
+
+/** The principal of a VALID VerifyCredential answer. */
+export function principalOfAnswer(
+  res: VerifyCredentialResponse,
+  claims?: AccessTokenClaims,
+): TesseraPrincipal {
+  return {
+    id: res.principalId,
+    kind: res.principalKind === VerifiedPrincipalKind.MACHINE_USER ? "machine_user" : "user",
+    tenantId: res.tenantId,
+    scopes: res.scopes,
+    credentialKind: res.credentialKind,
+    credentialId: res.credentialId,
+    sessionId: claims?.sid,
+    applicationIds: res.applicationIds,
+    certificateThumbprint: res.certificateThumbprint || undefined,
+    expiresAt: res.expiresAt ? new Date(timestampMs(res.expiresAt)) : undefined,
+  };
 }

@@ -1,17 +1,16 @@
 // The core shared by the Connect interceptor and the Node middleware: who is calling, from
 // the Authorization header (and the client certificate), and whether a rule admits them.
 
-import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type Client, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   VerificationCode,
   VerificationService,
-  VerifiedPrincipalKind,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
 import { scopeCovers } from "../../auth/scopes.js";
 import { loadClientTls } from "../tls.js";
+import { AdmissionMemo } from "./admission-memo.js";
 import { TesseraAuthError, type TesseraAuthReason } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
 import {
@@ -22,7 +21,7 @@ import {
   looksLikeJwt,
   type OfflineJwtVerifier,
 } from "./offline-jwt.js";
-import type { TesseraPrincipal } from "./principal.js";
+import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
 import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
 import { VerifiedCache } from "./verified-cache.js";
 
@@ -120,38 +119,19 @@ const REFUSALS: Partial<Record<VerificationCode, [TesseraAuthReason, string]>> =
 
 const MAX_HEADER = 8192;
 
+/** Admissions remembered by their Authorization header (see AdmissionMemo). */
+const MEMO_MAX = 10_000;
+
+/** A credential admitted: remembered until `until` (0: not at all) while the watch's epoch stays. */
+interface Admitted {
+  principal: TesseraPrincipal;
+  epoch: number;
+  until: number;
+  offline: boolean;
+}
+
 function unavailable(message: string, err?: unknown, retryAfterSeconds = 1): TesseraAuthError {
   return new TesseraAuthError("UNAVAILABLE", message, { retryAfterSeconds, cause: err });
-}
-
-function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
-  return {
-    id: claims.sub,
-    kind: claims.pk === "machine" ? "machine_user" : "user",
-    tenantId: claims.tid,
-    scopes: claims.scope.split(" ").filter((s) => s.length > 0),
-    credentialKind: "jwt",
-    credentialId: claims.jti ?? "",
-    sessionId: claims.sid,
-    applicationIds: [],
-    certificateThumbprint: claims.cnf?.["x5t#S256"] || undefined,
-    expiresAt: new Date(claims.exp * 1000),
-  };
-}
-
-function principalOfAnswer(res: VerifyCredentialResponse, claims?: AccessTokenClaims): TesseraPrincipal {
-  return {
-    id: res.principalId,
-    kind: res.principalKind === VerifiedPrincipalKind.MACHINE_USER ? "machine_user" : "user",
-    tenantId: res.tenantId,
-    scopes: res.scopes,
-    credentialKind: res.credentialKind,
-    credentialId: res.credentialId,
-    sessionId: claims?.sid,
-    applicationIds: res.applicationIds,
-    certificateThumbprint: res.certificateThumbprint || undefined,
-    expiresAt: res.expiresAt ? new Date(timestampMs(res.expiresAt)) : undefined,
-  };
 }
 
 /** The credential in an Authorization header value: a bearer token, or a whole Basic pair. */
@@ -262,15 +242,18 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const inflight = new Map<string, Promise<VerifyCredentialResponse>>();
 
-  /** Tessera's answer for `credential`, from the cache while the stream vouches for it. */
-  async function online(credential: string, claims?: AccessTokenClaims): Promise<TesseraPrincipal> {
+  /**
+   * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
+   * the watch's epoch and the cache's deadline when the answer is (now) cached, else `until` 0.
+   */
+  async function online(credential: string, claims?: AccessTokenClaims): Promise<Admitted> {
     const trusted = watch?.healthy() ?? false;
     if (!trusted) cache.clear();
     else {
       const hit = cache.get(credential);
       if (hit) {
         counters.cacheHits++;
-        return hit;
+        return { principal: hit, epoch: watch!.epoch, until: cache.until(credential), offline: false };
       }
     }
     const epoch = watch?.epoch ?? 0;
@@ -290,8 +273,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     }
     const principal = principalOfAnswer(res, claims);
     // Stored only when no event and no loss of the stream came in while Tessera answered.
-    if (trusted && watch?.healthy() && watch.epoch === epoch) cache.set(credential, principal);
-    return principal;
+    const until = trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
+    return { principal, epoch, until, offline: false };
   }
 
   /** Whether an offline-verified token may be admitted without asking Tessera. */
@@ -320,19 +303,39 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     return verdict;
   }
 
+  /** The full path: the header parsed, the credential verified (offline, cached, or by Tessera). */
+  async function admit(authorization: string | undefined): Promise<Admitted> {
+    const credential = credentialOf(authorization);
+    if (!looksLikeJwt(credential)) return online(credential);
+    const claims = await jwt.verify(credential);
+    const verdict = offlineVerdict(claims);
+    if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
+    if (verdict === "ask") return online(credential, claims);
+    counters.offlineJwts++;
+    // Accepted while the watch is healthy; offlineVerdict asks again past the lifetime bound.
+    const until = Math.min(claims.exp * 1000, claims.iat * 1000 + maxLifetimeMs);
+    return { principal: principalOfClaims(claims), epoch: watch!.epoch, until, offline: true };
+  }
+
+  const memo = new AdmissionMemo(watch ? MEMO_MAX : 0);
+
   return {
     async authenticate(authorization, certificateThumbprint) {
-      const credential = credentialOf(authorization);
+      const known =
+        authorization !== undefined && watch?.healthy()
+          ? memo.get(authorization, watch.epoch, jwt.keySet, now())
+          : undefined;
       let principal: TesseraPrincipal;
-      if (looksLikeJwt(credential)) {
-        const claims = await jwt.verify(credential);
-        const verdict = offlineVerdict(claims);
-        if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
-        if (verdict === "accept") {
-          counters.offlineJwts++;
-          principal = principalOfClaims(claims);
-        } else principal = await online(credential, claims);
-      } else principal = await online(credential);
+      if (known) {
+        principal = known.principal;
+        if (known.offline) counters.offlineJwts++;
+        else counters.cacheHits++;
+      } else {
+        const keySet = jwt.keySet;
+        const admitted = await admit(authorization);
+        principal = admitted.principal;
+        if (admitted.until > 0) memo.set(authorization!, { ...admitted, keySet });
+      }
       if (
         principal.certificateThumbprint !== undefined &&
         principal.certificateThumbprint !== certificateThumbprint
@@ -365,6 +368,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     close() {
       watch?.close();
       cache.clear();
+      memo.clear();
     },
   };
 }

@@ -43,15 +43,22 @@ export class VerifiedCache {
     return entry.principal;
   }
 
-  set(credential: string, principal: TesseraPrincipal): void {
-    if (this.#max <= 0) return;
+  /** Store a VALID answer; returns the local time it is served until (0: not stored). */
+  set(credential: string, principal: TesseraPrincipal): number {
+    if (this.#max <= 0) return 0;
     const now = this.#now();
     const expires = principal.expiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
     const until = Math.min(now + this.#ttlMs, expires);
-    if (until <= now) return;
+    if (until <= now) return 0;
     this.#entries.delete(credential);
     while (this.#entries.size >= this.#max) this.#entries.delete(this.#entries.keys().next().value as string);
     this.#entries.set(credential, { principal, until });
+    return until;
+  }
+
+  /** Until when the answer for `credential` is served (0: none is held). */
+  until(credential: string): number {
+    return this.#entries.get(credential)?.until ?? 0;
   }
 
   /** Drop every answer the event invalidates. */
