@@ -3,7 +3,7 @@ import { connect as connectHttp2 } from "node:http2";
 import { request } from "node:https";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
-import Fastify, { type FastifyInstance, type onRequestHookHandler } from "fastify";
+import Fastify, { type FastifyInstance, type RawServerBase } from "fastify";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
@@ -13,6 +13,8 @@ import {
   type DownstreamRule,
   principalOf,
   type TesseraAuth,
+  type TesseraMiddlewareRequest,
+  type TesseraMiddlewareResponse,
   type TesseraPrincipal,
 } from "../src/sdk/server/index.js";
 import { DbProxy } from "./db-proxy.js";
@@ -90,9 +92,14 @@ function call(
  * by the middleware on `reply.raw` and `done` is not called: Fastify stops the request there
  * (its onResponse hooks and request log still run, from the raw response's `finish`).
  */
-function tesseraHook(auth: TesseraAuth, rule: DownstreamRule): onRequestHookHandler {
-  const middleware = createTesseraAuthMiddleware(auth, { rule });
-  return (request, reply, done) => {
+function tesseraHook(auth: TesseraAuth, rule: DownstreamRule) {
+  const middleware = createTesseraAuthMiddleware<TesseraMiddlewareRequest>(auth, { rule });
+  // Typed by what it reads, so that one hook fits Fastify over HTTP/1.1 and over HTTP/2.
+  return (
+    request: { raw: TesseraMiddlewareRequest; tesseraPrincipal: TesseraPrincipal | undefined },
+    reply: { raw: TesseraMiddlewareResponse },
+    done: (err?: Error) => void,
+  ): void => {
     middleware(request.raw, reply.raw, (err) => {
       request.tesseraPrincipal = principalOf(request.raw);
       done(err as Error | undefined);
@@ -104,23 +111,15 @@ describe.each(DATABASES)("the Tessera middleware under Fastify on $name", (db) =
   let ts: TestServer;
   let proxy: DbProxy;
   let auth: TesseraAuth;
-  const apps: { name: string; http2: boolean; app: FastifyInstance; url: string }[] = [];
+  const apps: { name: string; http2: boolean; app: { close(): Promise<unknown> }; url: string }[] = [];
   /** What the handlers and the onResponse hook saw, for the last request. */
   const seen: { handled: TesseraPrincipal[]; responses: number[] } = { handled: [], responses: [] };
   const creds: Record<string, string> = {};
   let userId: string;
   let tenantId: string;
 
-  async function startFastify(http2: boolean): Promise<{ app: FastifyInstance; url: string }> {
-    const https = {
-      cert: readFileSync(join(ts.certs.dir, "server.crt")),
-      key: readFileSync(join(ts.certs.dir, "server.key")),
-    };
-    // One set of routes for both; the HTTP/2 instance's raw objects are HTTP/2's compatibility
-    // request and response, which the middleware's types (node:http's) do not name.
-    const app = (http2
-      ? Fastify({ http2: true, https: { ...https, allowHTTP1: true } })
-      : Fastify({ https })) as unknown as FastifyInstance;
+  /** The routes, on Fastify over HTTP/1.1 or HTTP/2 alike (the same hooks, no casts). */
+  function routes<S extends RawServerBase>(app: FastifyInstance<S>): FastifyInstance<S> {
     app.decorateRequest("tesseraPrincipal", undefined);
     // Headers every answer needs, refusals included: on the raw response, which the
     // middleware's writeHead keeps (reply.header() would apply to Fastify's replies only).
@@ -148,6 +147,17 @@ describe.each(DATABASES)("the Tessera middleware under Fastify on $name", (db) =
       seen.handled.push(req.tesseraPrincipal!);
       return { ok: true };
     });
+    return app;
+  }
+
+  async function startFastify(http2: boolean): Promise<{ app: { close(): Promise<unknown> }; url: string }> {
+    const https = {
+      cert: readFileSync(join(ts.certs.dir, "server.crt")),
+      key: readFileSync(join(ts.certs.dir, "server.key")),
+    };
+    const app = http2
+      ? routes(Fastify({ http2: true, https: { ...https, allowHTTP1: true } }))
+      : routes(Fastify({ https }));
     await app.listen({ host: "127.0.0.1", port: 0 });
     const address = app.server.address();
     const port = typeof address === "object" && address ? address.port : 0;
