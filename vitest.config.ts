@@ -29,6 +29,8 @@ const E2E_FILES = [
   "test/sdk-ergonomics.test.ts",
   "test/sdk-errors.test.ts",
   "test/sdk-refresh.test.ts",
+  "test/sdk-server-cache-e2e.test.ts",
+  "test/sdk-server-fastify.test.ts",
   "test/sdk-server-interceptor.test.ts",
   "test/server-cli.test.ts",
   "test/server.e2e.test.ts",

@@ -16,6 +16,8 @@ export {
   principalOf,
   type TesseraAuthMiddleware,
   type TesseraMiddlewareOptions,
+  type TesseraMiddlewareRequest,
+  type TesseraMiddlewareResponse,
 } from "./middleware.js";
 export { JWT_ALGORITHMS, type JwtAlgorithm } from "./offline-jwt.js";
 export {

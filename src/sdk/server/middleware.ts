@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { TesseraAuthError, toAuthError } from "./errors.js";
 import { clientCertificateThumbprint, type TesseraPrincipal } from "./principal.js";
 import {
@@ -8,8 +9,13 @@ import {
   type TesseraAuthOptions,
 } from "./tessera-auth.js";
 
+/** node:http's request, or HTTP/2's compatibility one (Fastify with `http2: true`, node:http2 servers). */
+export type TesseraMiddlewareRequest = IncomingMessage | Http2ServerRequest;
+/** node:http's response, or HTTP/2's compatibility one. */
+export type TesseraMiddlewareResponse = ServerResponse | Http2ServerResponse;
+
 /** Options of {@link createTesseraAuthMiddleware}. */
-export interface TesseraMiddlewareOptions<Req extends IncomingMessage = IncomingMessage> {
+export interface TesseraMiddlewareOptions<Req extends TesseraMiddlewareRequest = IncomingMessage> {
   /**
    * The rule of a request: fixed, or per request (e.g. by path). `undefined` from the
    * function means no rule: the request is refused (fail closed).
@@ -25,13 +31,13 @@ export function principalOf(req: object): TesseraPrincipal | undefined {
 }
 
 /** A plain Node middleware, with the core it runs on. */
-export type TesseraAuthMiddleware<Req extends IncomingMessage = IncomingMessage> = ((
+export type TesseraAuthMiddleware<Req extends TesseraMiddlewareRequest = IncomingMessage> = ((
   req: Req,
-  res: ServerResponse,
+  res: TesseraMiddlewareResponse,
   next: (err?: unknown) => void,
 ) => void) & { readonly auth: TesseraAuth };
 
-function refuse(res: ServerResponse, err: TesseraAuthError): void {
+function refuse(res: TesseraMiddlewareResponse, err: TesseraAuthError): void {
   if (res.headersSent) {
     res.destroy();
     return;
@@ -59,18 +65,19 @@ function refuse(res: ServerResponse, err: TesseraAuthError): void {
 }
 
 /**
- * `(req, res, next)` on the same core as the interceptor, for node:http, Express, or
- * Fastify through `@fastify/express`/`@fastify/middie`: the call's principal is put at
+ * `(req, res, next)` on the same core as the interceptor, for node:http and node:http2,
+ * Express, or Fastify (an `onRequest` hook on `request.raw`, `reply.raw` and its `done`, over
+ * HTTP/1.1 or HTTP/2; see the SDK's README): the call's principal is put at
  * `req.tesseraPrincipal` (and {@link principalOf}) and `next()` runs; a refusal is answered
  * here as JSON (`reason` as Tessera's, WWW-Authenticate, Retry-After on 503) and `next` is
  * not called. A verified client certificate on the socket is used for bound credentials.
  */
-export function createTesseraAuthMiddleware<Req extends IncomingMessage = IncomingMessage>(
+export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest = IncomingMessage>(
   auth: TesseraAuthOptions | TesseraAuth,
   options: TesseraMiddlewareOptions<Req>,
 ): TesseraAuthMiddleware<Req> {
   const core = "authenticate" in auth ? auth : createTesseraAuth(auth);
-  const middleware = (req: Req, res: ServerResponse, next: (err?: unknown) => void): void => {
+  const middleware = (req: Req, res: TesseraMiddlewareResponse, next: (err?: unknown) => void): void => {
     let rule: DownstreamRule | undefined;
     try {
       rule = typeof options.rule === "function" ? options.rule(req) : options.rule;
