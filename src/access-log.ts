@@ -49,9 +49,9 @@ const PAUSE = new Int32Array(new SharedArrayBuffer(4));
  *
  * Written by hand rather than through pino and SonicBoom because of what a line costs on the
  * hot path: pino's serialisation and SonicBoom's string buffer (it measures the whole
- * pending string's byte length at every write) cost several µs per call, a tenth of an
- * authenticated call, where a line built as one template string and copied into a chunk
- * costs under one (bench/observe-cost.ts; bench/results/2026-12-05-access-log.md). Lines keep
+ * pending string's byte length at every write) cost a visible share of an authenticated
+ * call, where a line built as one template string and copied into a chunk costs a fraction
+ * of that (bench/observe-cost.ts; bench/results/2026-12-05-access-log.md). Lines keep
  * pino's format (`level`, `time`, `service`, fields, `msg`), so one reader reads both logs.
  *
  * Why asynchronous: a synchronous write blocks the event loop whenever stderr's reader (a

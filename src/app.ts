@@ -244,6 +244,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       logger,
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
+      clock,
     });
     const shedding = createPasswordShedding({
       hasRoom: () => hashPool().hasRoom(),
@@ -287,6 +288,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       refreshTokenTtlSeconds: config.auth.jwt.refreshTokenTtl,
       maxTokenTtlSeconds: config.auth.maxTokenTtl,
       clockSkewSeconds: config.auth.jwt.clockSkew,
+      now: clock,
       logger,
     });
 

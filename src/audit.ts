@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import type { Logger } from "pino";
+import { type Clock, systemClock } from "./clock.js";
 import { isContentError, loggableError } from "./storage/errors.js";
 import {
   type AuditEventRepository,
@@ -77,6 +78,8 @@ export interface AuditLogOptions {
   retentionIntervalMs?: number;
   /** Rows deleted per statement by retention (default 1000). */
   retentionBatch?: number;
+  /** The clock of an event's time and of the retention cut-off (default: the machine's; tests pass a manual one). */
+  clock?: Clock;
 }
 
 /** Where a flush starts early, without waiting for the timer. */
@@ -97,6 +100,7 @@ function cut(value: string | null | undefined, max: number): string | null {
 /** Create the audit log over the audit events' repository. */
 export function createAuditLog(options: AuditLogOptions): AuditLog {
   const { events, logger } = options;
+  const clock = options.clock ?? systemClock;
   const bufferSize = options.bufferSize ?? 100_000;
   const flushMs = options.flushMs ?? 1000;
   const minBackoff = options.minBackoffMs ?? 250;
@@ -207,7 +211,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     return running;
   };
 
-  const purgeExpired = async (now = new Date()): Promise<number> => {
+  const purgeExpired = async (now = new Date(clock())): Promise<number> => {
     if (retentionDays <= 0) return 0;
     const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
     let total = 0;
@@ -254,7 +258,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
         }
         return;
       }
-      buffer.push({ id: randomUUID(), at: new Date(), entry });
+      buffer.push({ id: randomUUID(), at: new Date(clock()), entry });
       if (backoff > 0) return; // the retry timer is set
       if (buffer.length >= EAGER_DEPTH) void pump();
       else schedule(flushMs);

@@ -39,7 +39,7 @@ const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 
 /** Strings that need no JSON escaping: ids, addresses, reasons (the common case, tested first). */
 const PLAIN = /^[\w.:-]*$/;
-/** A JSON string literal of `s` (JSON.stringify costs ~0.2 µs even when there is nothing to escape). */
+/** A JSON string literal of `s` (JSON.stringify costs even when there is nothing to escape: bench/results/2026-12-05-access-log.md). */
 function quote(s: string): string {
   return PLAIN.test(s) ? `"${s}"` : JSON.stringify(s);
 }
@@ -165,8 +165,8 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
 
   /**
    * The access line, in the format of a pino line (`level`, `time`, `service`, the fields,
-   * `msg`): built as one string, since building it through a logger costs several µs a call
-   * (see access-log.ts). Never a header, a body or a credential: ids, kinds, codes and the
+   * `msg`): built as one string, since building it through a logger costs a visible share
+   * of a call (see access-log.ts). Never a header, a body or a credential: ids, kinds, codes and the
    * caller's address. Strings that are not names from this code or the descriptors go
    * through `quote`.
    */

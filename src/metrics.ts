@@ -89,7 +89,7 @@ export interface MetricsSources {
   watch?: { stats(): { open: number; sent: number } };
 }
 
-/** Latency buckets in seconds: from a cached JWT call (~0.1 ms) to a queued PBKDF2 (seconds). */
+/** Latency buckets in seconds: from a cached JWT call (well under a millisecond) to a queued PBKDF2 (seconds). */
 const DURATION_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 interface CallChildren {

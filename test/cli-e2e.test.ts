@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AuthenticationError, readCredentialsFile, UserAPI } from "../src/sdk/index.js";
 import { type CliResult, closedPort, runCli } from "./cli-helpers.js";
-import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
+import { ADMIN_PASSWORD, pinnableClock, SQLITE, startTestServer, type TestServer } from "./helpers.js";
 
 /**
  * The `tessera` command line driven as a subprocess against a real server, with HOME
@@ -228,8 +228,13 @@ describe("the tessera CLI end to end", () => {
 
 describe("the tessera CLI and an expiring session", () => {
   let ts: TestServer;
+  // The server's clock, pinned to step it across the session's expiry (the CLI, another
+  // process, reads the machine's clock, which the test leaves alone).
+  const clock = pinnableClock();
   beforeAll(async () => {
-    ts = await startTestServer(SQLITE, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } });
+    ts = await startTestServer(SQLITE, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } }, undefined, {
+      clock: clock.now,
+    });
   });
   afterAll(async () => {
     await ts.close();
@@ -242,23 +247,35 @@ describe("the tessera CLI and an expiring session", () => {
       TESSERA_SERVER: `127.0.0.1:${ts.server.port}`,
       TESSERA_CERT_FOLDER: ts.certs.clientDir,
     };
-    expect((await runCli(["login", "-u", "admin", "--password-stdin"], env, ADMIN_PASSWORD)).code).toBe(0);
-    const file = join(home, ".tessera", "credentials");
-    const before = readCredentialsFile(file).default!;
-    const exp = (
-      JSON.parse(Buffer.from(before.token!.split(".")[1]!, "base64url").toString()) as { exp: number }
-    ).exp;
-    const wait = exp * 1000 + 100 - Date.now();
-    expect(wait).toBeLessThanOrEqual(3000);
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    try {
+      // Logged in a minute ahead of the machine's clock: the CLI never sees the token as
+      // about to expire, so only the server's refusal can make it renew.
+      clock.pin(Date.now() + 60_000);
+      expect((await runCli(["login", "-u", "admin", "--password-stdin"], env, ADMIN_PASSWORD)).code).toBe(0);
+      const file = join(home, ".tessera", "credentials");
+      const before = readCredentialsFile(file).default!;
+      const exp = (
+        JSON.parse(Buffer.from(before.token!.split(".")[1]!, "base64url").toString()) as { exp: number }
+      ).exp;
+      const whoami = async () => {
+        const r = await runCli(["whoami", "--output", "json"], env);
+        expect(r.code, r.stderr).toBe(0);
+        expect((JSON.parse(r.stdout) as { username: string }).username).toBe("admin");
+      };
 
-    const r = await runCli(["whoami", "--output", "json"], env);
-    expect(r.code, r.stderr).toBe(0);
-    expect((JSON.parse(r.stdout) as { username: string }).username).toBe("admin");
-    const after = readCredentialsFile(file).default!;
-    expect(after.token).not.toBe(before.token);
-    expect(after.refresh_token).not.toBe(before.refresh_token);
-    expect(statSync(file).mode & 0o777).toBe(0o600);
+      clock.pin(exp * 1000 - 1);
+      await whoami();
+      expect(readCredentialsFile(file).default!.token).toBe(before.token);
+
+      clock.pin(exp * 1000);
+      await whoami();
+      const after = readCredentialsFile(file).default!;
+      expect(after.token).not.toBe(before.token);
+      expect(after.refresh_token).not.toBe(before.refresh_token);
+      expect(statSync(file).mode & 0o777).toBe(0o600);
+    } finally {
+      clock.release();
+    }
   });
 });
 

@@ -96,6 +96,29 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
   });
 }
 
+/**
+ * A clock that reads the machine's time until pinned to an instant: for an app shared by
+ * tests that need time to pass, of which one steps across an expiry (pin, then `release`).
+ */
+export interface PinnableClock {
+  now: Clock;
+  pin(ms: number): void;
+  release(): void;
+}
+
+export function pinnableClock(): PinnableClock {
+  let pinned: number | null = null;
+  return {
+    now: () => pinned ?? Date.now(),
+    pin(ms) {
+      pinned = ms;
+    },
+    release() {
+      pinned = null;
+    },
+  };
+}
+
 /** An app on a fresh database; `close` also drops a PostgreSQL schema. */
 export async function createTestApp(
   db: TestDatabase,
@@ -200,13 +223,13 @@ export async function startTestServer(
   db: TestDatabase,
   overrides: ConfigInput = {},
   certs?: TestCerts,
-  options: { logger?: Logger } = {},
+  options: { logger?: Logger; clock?: Clock } = {},
 ): Promise<TestServer> {
   const c = certs ?? (await createTestCerts());
   const app = await createTestApp(
     db,
     { ...overrides, server: { certDir: c.dir, ...overrides.server } },
-    options.logger ? { logger: options.logger } : {},
+    options,
   );
   const server = await startServer(app);
   const nodeOptions = (clientCert?: boolean) => ({

@@ -2,6 +2,7 @@ import { createLocalJWKSet, decodeJwt, decodeProtectedHeader, jwtVerify } from "
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { createManualClock } from "../src/clock.js";
 import { Code, rejection } from "./errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -119,9 +120,13 @@ describe("JWT claim checks", () => {
   });
 
   it("expires access tokens after their configured lifetime (no skew)", async () => {
-    // 2 s, not 1: `exp` has whole-second resolution, so a 1 s token issued late in a second
-    // could already be expired at the first call on a slow machine.
-    const app = await createTestApp(SQLITE, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } });
+    // On a manual clock: the token is tried at the last millisecond of its life and at its `exp`.
+    const clock = createManualClock();
+    const app = await createTestApp(
+      SQLITE,
+      { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } },
+      { clock: clock.now },
+    );
     try {
       const login = await clientFor(UserService, memoryTransport(app)).login({
         username: "admin",
@@ -129,10 +134,12 @@ describe("JWT claim checks", () => {
       });
       const client = clientFor(UserService, memoryTransport(app), login.accessToken);
       await expect(client.getCurrentUser({})).resolves.toBeDefined();
-      // Until just past the token's own `exp` (and no longer: the lifetime is what is tested).
+      // The lifetime is what is tested: valid until just before the token's own `exp`, and no longer.
       const { exp, iat } = decodeJwt(login.accessToken) as { exp: number; iat: number };
       expect(exp - iat).toBe(2);
-      await new Promise((r) => setTimeout(r, Math.max(0, exp * 1000 - Date.now()) + 100));
+      clock.set(exp * 1000 - 1);
+      await expect(client.getCurrentUser({})).resolves.toBeDefined();
+      clock.set(exp * 1000);
       expect((await rejection(client.getCurrentUser({}))).reason).toBe("TOKEN_EXPIRED");
     } finally {
       await app.close();

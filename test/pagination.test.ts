@@ -1,7 +1,14 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
 import { TesseraError } from "../src/errors.js";
-import { listPage, pageParams } from "../src/services/pagination.js";
+import {
+  epochMsKey,
+  keysetPage,
+  keysetToken,
+  listPage,
+  pageParams,
+  uuidKey,
+} from "../src/services/pagination.js";
 import { Application } from "../src/storage/machine-entities.js";
 import { Code, rejection } from "./errors-util.js";
 import { DATABASES, memoryTransport, startTestServer, type TestServer } from "./helpers.js";
@@ -21,6 +28,49 @@ async function refusal(
   }
   throw new Error("expected a refusal");
 }
+
+describe("keyset page tokens", () => {
+  const id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+
+  it("keep the formats already handed out: an id's base64url, and the audit log's time.id", () => {
+    expect(keysetToken(uuidKey).encode([id])).toBe(tokenOf(id));
+    expect(keysetToken(uuidKey).decode(tokenOf(id))).toEqual([id]);
+    const audit = keysetToken(epochMsKey, uuidKey);
+    const issued = tokenOf(`1733390000123.${id}`);
+    expect(audit.decode(issued)).toEqual([1733390000123, id]);
+    expect(audit.encode([1733390000123, id])).toBe(issued);
+  });
+
+  it("refuse a token of the wrong shape as INVALID_ARGUMENT on page_token", async () => {
+    const audit = keysetToken(epochMsKey, uuidKey);
+    for (const text of [
+      id,
+      `x.${id}`,
+      `1.${id}.1`,
+      `1.${id.toUpperCase()}`,
+      `12345678901234567.${id}`,
+      `-1.${id}`,
+      `1.`,
+      "",
+    ]) {
+      expect(await refusal(() => audit.decode(tokenOf(text))), text).toMatchObject({
+        reason: "INVALID_ARGUMENT",
+        field: "page_token",
+      });
+    }
+  });
+
+  it("cut a page read with one row more than the limit, with the next page's token only when one follows", () => {
+    const token = keysetToken(epochMsKey, uuidKey);
+    const rows = [1, 2, 3].map((at) => ({ at, id }));
+    const full = keysetPage(rows, 2, token, (r) => [r.at, r.id]);
+    expect(full.items).toEqual(rows.slice(0, 2));
+    expect(token.decode(full.nextPageToken)).toEqual([2, id]);
+    const last = keysetPage(rows.slice(0, 2), 2, token, (r) => [r.at, r.id]);
+    expect(last.items).toEqual(rows.slice(0, 2));
+    expect(last.nextPageToken).toBe("");
+  });
+});
 
 describe.each(DATABASES)("keyset pagination on $name", (db) => {
   let ts: TestServer;

@@ -1,5 +1,5 @@
 import type { Interceptor } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import {
   AuthenticationError,
   Code,
@@ -8,18 +8,11 @@ import {
   UserAPI,
   type UserAPIOptions,
 } from "../src/sdk/index.js";
-import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer } from "./helpers.js";
+import { ADMIN_PASSWORD, DATABASES, pinnableClock, startTestServer, type TestServer } from "./helpers.js";
 
 /** The `exp` claim of a JWT (seconds). */
 function expOf(token: string): number {
   return (JSON.parse(Buffer.from(token.split(".")[1]!, "base64url").toString()) as { exp: number }).exp;
-}
-
-/** Sleep until `epochMs` (never more than 3 s: the tokens live 2 s). */
-async function sleepUntil(epochMs: number): Promise<void> {
-  const ms = epochMs - Date.now();
-  expect(ms).toBeLessThanOrEqual(3000);
-  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
 }
 
 /** An interceptor counting the RefreshToken calls a client makes. */
@@ -39,9 +32,22 @@ describe.each(DATABASES)("automatic refresh across a real expiry on $name", (db)
   const make = (options: UserAPIOptions) =>
     new UserAPI({ host: "127.0.0.1", port: ts.server.port, certFolder: ts.certs.clientDir, ...options });
 
+  // The server's clock: the machine's, pinned to step the server across a token's expiry
+  // (the SDK reads the machine's clock, which the test leaves alone).
+  const clock = pinnableClock();
+
   beforeAll(async () => {
-    // Access tokens live 2 s and no skew is tolerated, so expiry is real within the test.
-    ts = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } });
+    // Access tokens live 2 s and no skew is tolerated. Started a minute in the past, so that
+    // its first signing key is already active when a test holds the server behind the
+    // machine's clock.
+    clock.pin(Date.now() - 60_000);
+    ts = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 2, clockSkew: 0 } } }, undefined, {
+      clock: clock.now,
+    });
+    clock.release();
+  });
+  afterEach(() => {
+    clock.release();
   });
   afterAll(async () => {
     await ts.close();
@@ -67,8 +73,9 @@ describe.each(DATABASES)("automatic refresh across a real expiry on $name", (db)
     const plain = make({ token: login.accessToken });
     expect(pairs).toHaveLength(1);
 
-    // Both sessions must have expired: the two logins may straddle a second boundary.
-    await sleepUntil(Math.max(expOf(login.accessToken), expOf(connectLogin.accessToken)) * 1000 + 100);
+    // The server at the later of the two `exp`s (the logins may straddle a second boundary):
+    // both sessions' access tokens have just expired.
+    clock.pin(Math.max(expOf(login.accessToken), expOf(connectLogin.accessToken)) * 1000);
 
     const expired = await plain.getUser().catch((e: unknown) => e);
     expect(expired).toBeInstanceOf(TokenExpiredError);
@@ -104,9 +111,12 @@ describe.each(DATABASES)("automatic refresh across a real expiry on $name", (db)
       onTokens: (p) => void pairs.push(p),
       interceptors: [refreshes.interceptor],
     });
+    // Lifetime 2 s: the client renews in the last second (half the lifetime, as the leeway is
+    // capped). On a server held 1.5 s behind the machine's clock, the token is in its last
+    // second by the client's (machine) clock at once, and valid for the server throughout.
+    clock.pin(Date.now() - 1500);
     const login = await api.login("admin", ADMIN_PASSWORD);
-    // Lifetime 2 s: the client renews in the last second (half the lifetime, as the leeway is capped).
-    await sleepUntil(expOf(login.accessToken) * 1000 - 700);
+    expect(expOf(login.accessToken) * 1000 - Date.now()).toBeLessThanOrEqual(1000);
     const results = await Promise.all(Array.from({ length: 5 }, () => api.getUser()));
     expect(results.every((u) => u.username === "admin")).toBe(true);
     expect(pairs).toHaveLength(2);
@@ -124,7 +134,7 @@ describe.each(DATABASES)("automatic refresh across a real expiry on $name", (db)
     const login = await api.login("admin", ADMIN_PASSWORD);
     const other = make({});
     await other.logout(login.refreshToken);
-    await sleepUntil(expOf(login.accessToken) * 1000 + 100);
+    clock.pin(expOf(login.accessToken) * 1000);
     const err = await api.getUser().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(AuthenticationError);
     expect((err as AuthenticationError).reason).toBe("TOKEN_REVOKED");

@@ -14,6 +14,7 @@ import {
   DATABASES,
   dropSchema,
   memoryTransport,
+  pinnableClock,
   silentLogger,
   startTestServer,
   type TestDatabase,
@@ -28,6 +29,8 @@ describe.each(DATABASES)("token lifecycle over a real server on $name", (db) => 
   let ts: TestServer;
   let agent: Agent;
   let adminJwt: string;
+  // The machine's time, pinned by the expiry test to step the server across an instant.
+  const clock = pinnableClock();
   const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
     undiciFetch(`${ts.server.url}${path}`, {
       method: "POST",
@@ -37,7 +40,7 @@ describe.each(DATABASES)("token lifecycle over a real server on $name", (db) => 
     });
 
   beforeAll(async () => {
-    ts = await startTestServer(db);
+    ts = await startTestServer(db, {}, undefined, { clock: clock.now });
     agent = new Agent({ connect: { ca: ts.certs.ca } });
     adminJwt = (
       await createClient(UserService, ts.grpc()).login({ username: "admin", password: ADMIN_PASSWORD })
@@ -192,7 +195,7 @@ describe.each(DATABASES)("token lifecycle over a real server on $name", (db) => 
 
   it("answers 401 TOKEN_EXPIRED for an expired token over gRPC", async () => {
     const grpc = ts.grpc();
-    const expiresAt = new Date(Date.now() + 1500);
+    const expiresAt = new Date(Date.now() + 3_600_000);
     const created = await clientFor(TokenService, grpc, adminJwt).createApiKey({
       name: "short-lived",
       expiresAt: {
@@ -201,10 +204,17 @@ describe.each(DATABASES)("token lifecycle over a real server on $name", (db) => 
       },
     });
     await clientFor(UserService, grpc, created.key).getCurrentUser({});
-    await new Promise((r) => setTimeout(r, Math.max(0, expiresAt.getTime() - Date.now()) + 100));
-    const r = await rejection(clientFor(UserService, grpc, created.key).getCurrentUser({}));
-    expect(r.code).toBe(Code.Unauthenticated);
-    expect(r.reason).toBe("TOKEN_EXPIRED");
+    try {
+      // The server's clock stepped across the expiry: accepted at its last millisecond, refused at it.
+      clock.pin(expiresAt.getTime() - 1);
+      await clientFor(UserService, grpc, created.key).getCurrentUser({});
+      clock.pin(expiresAt.getTime());
+      const r = await rejection(clientFor(UserService, grpc, created.key).getCurrentUser({}));
+      expect(r.code).toBe(Code.Unauthenticated);
+      expect(r.reason).toBe("TOKEN_EXPIRED");
+    } finally {
+      clock.release();
+    }
   });
 });
 

@@ -27,6 +27,7 @@ import {
   createTestApp,
   DATABASES,
   memoryTransport,
+  pinnableClock,
   withHeaders,
 } from "./helpers.js";
 
@@ -76,7 +77,6 @@ function countingSql(inner: SqlRunner): SqlRunner & { calls: string[] } {
   };
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const state = (): RequestState => ({
   requestId: "test",
   ip: "127.0.0.1",
@@ -95,6 +95,8 @@ const reasonOf = async (p: Promise<unknown>) => {
 describe.each(DATABASES)("TokenService on $name", (db) => {
   let app: App;
   let adminJwt: string;
+  // The machine's time, pinned by the expiry tests to step across an instant.
+  const clock = pinnableClock();
   const users = (token?: string) => clientFor(UserService, memoryTransport(app), token);
   const tokens = (token?: string) => clientFor(TokenService, memoryTransport(app), token);
   const withApiKey = <S extends typeof UserService | typeof TokenService>(
@@ -103,7 +105,7 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
   ): Client<S> => createClient(service, withHeaders(memoryTransport(app), { "x-api-key": key }));
 
   beforeAll(async () => {
-    app = await createTestApp(db, { admin: { token: STATIC_ADMIN_TOKEN } });
+    app = await createTestApp(db, { admin: { token: STATIC_ADMIN_TOKEN } }, { clock: clock.now });
     adminJwt = (await users().login({ username: "admin", password: ADMIN_PASSWORD })).accessToken;
   });
   afterAll(async () => {
@@ -549,16 +551,44 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
   describe("expiry", () => {
     it("accepts a token until its expiry and refuses it from then on with TOKEN_EXPIRED", async () => {
       const { jwt } = await createUser([]);
-      const expiresAt = Date.now() + 2000;
+      const expiresAt = Date.now() + 3_600_000;
       const pat = await tokens(jwt).createPersonalAccessToken({
         name: "short",
         expiresAt: timestampFromMs(expiresAt),
       });
       await users(pat.token).getCurrentUser({});
-      await sleep(Math.max(0, expiresAt - Date.now()) + 100);
-      const r = await rejection(users(pat.token).getCurrentUser({}));
-      expect(r.code).toBe(Code.Unauthenticated);
-      expect(r.reason).toBe("TOKEN_EXPIRED");
+      try {
+        // Through the whole interceptor chain, the verified-secret cache warm.
+        clock.pin(expiresAt - 1);
+        await users(pat.token).getCurrentUser({});
+        clock.pin(expiresAt);
+        const r = await rejection(users(pat.token).getCurrentUser({}));
+        expect(r.code).toBe(Code.Unauthenticated);
+        expect(r.reason).toBe("TOKEN_EXPIRED");
+      } finally {
+        clock.release();
+      }
+    });
+
+    it("refuses to create a token whose expiry is not after the app's now", async () => {
+      const { jwt } = await createUser([]);
+      // Within the caller's JWT lifetime: the pinned clock must still accept it.
+      const expiresAt = Date.now() + 60_000;
+      try {
+        clock.pin(expiresAt);
+        const r = await rejection(
+          tokens(jwt).createApiKey({ name: "late", expiresAt: timestampFromMs(expiresAt) }),
+        );
+        expect(r.code).toBe(Code.InvalidArgument);
+        clock.pin(expiresAt - 1);
+        const key = await tokens(jwt).createApiKey({
+          name: "in time",
+          expiresAt: timestampFromMs(expiresAt),
+        });
+        expect(timestampDate(key.createdAt!).getTime()).toBe(expiresAt - 1);
+      } finally {
+        clock.release();
+      }
     });
 
     it("treats the exact expiry instant as expired", async () => {

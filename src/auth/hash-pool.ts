@@ -28,9 +28,9 @@ export interface HashPoolOptions {
 }
 
 /**
- * Default nice value of the hashing threads: the lowest priority. Measured on 2 contended
- * cores (bench/results/2026-12-04-flood.md), hashing at nice 0 beside a saturated event
- * loop took a third to a half of the server's CPU share from it.
+ * Default nice value of the hashing threads: the lowest priority, because on contended
+ * cores hashing at nice 0 beside a saturated event loop takes a large share of the
+ * server's CPU from it (bench/results/2026-12-04-flood.md).
  */
 export const DEFAULT_HASH_NICE = 19;
 
@@ -111,8 +111,8 @@ export type HashPurpose = "verify" | "create";
 
 /**
  * A bounded pool for PBKDF2 (the only CPU-heavy work Tessera does). Unbounded, a flood of
- * wrong passwords takes every core from everything else (measured: 16 concurrent
- * wrong-password logins cut authenticated throughput to a quarter). This caps the hashes
+ * wrong passwords takes every core from everything else (bench/results/2026-12-04-flood.md).
+ * This caps the hashes
  * running at once (default: cores − 1) and the ones waiting; past both, a check is refused
  * at once with {@link BUSY}, and a check whose verdict is not ready by the deadline too.
  * The hashes themselves run on {@link HashWorkers}: threads at the lowest scheduling

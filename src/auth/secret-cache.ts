@@ -77,7 +77,7 @@ export interface SecretCacheStats {
 
 /**
  * Remembers which presented secrets matched which stored PBKDF2 hash, so a credential
- * pays the ~200 ms PBKDF2 cost once and is recognised again for the price of a hash.
+ * pays the PBKDF2 cost (slow by design) once and is recognised again for the price of a hash.
  *
  * Two levels:
  * - in process, an LRU bounded by memory: each entry is only a 32-byte key, SHA-256 of the

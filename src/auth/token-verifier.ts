@@ -58,7 +58,7 @@ const effectiveScopes = oncePerRow(
  *    for a dead token, and reveals a state only to someone holding the token's
  *    16-character public id, which is shown nowhere but inside the token;
  * 4. the secret against the stored PBKDF2 hash through the {@link VerifiedSecretCache}:
- *    ~200 ms off the event loop on first use, an HMAC afterwards.
+ *    a PBKDF2 (slow by design) off the event loop on first use, an HMAC afterwards.
  *
  * Because step 3 runs on every request, revocation, expiry and owner changes apply to
  * the very next request whatever the cache holds. The token's scopes are intersected

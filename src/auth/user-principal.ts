@@ -95,7 +95,7 @@ export interface UserBasicVerifierOptions {
 }
 
 /**
- * HTTP Basic for users. PBKDF2 at 600k iterations costs ~200 ms, so verified passwords
+ * HTTP Basic for users. PBKDF2 at 600k iterations is slow by design, so verified passwords
  * are remembered by the {@link VerifiedSecretCache} against the hash they matched. Each
  * request still reads the user row: a password change, disabling or deletion applies at
  * once. Unknown usernames cost a dummy PBKDF2 so timing does not reveal which exist

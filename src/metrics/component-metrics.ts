@@ -110,7 +110,7 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     buckets: WAIT_BUCKETS,
     registers: [registry],
   });
-  // Observed as each hash starts: hashing is rare and costs ~200 ms, so this is nothing.
+  // Observed as each hash starts: hashing is rare and slow, so this costs nothing next to it.
   const stopWaits = observeHashWaits((seconds) => hashWait.observe(seconds));
 
   // The subject-state cache (storage/sql.ts).

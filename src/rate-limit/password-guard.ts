@@ -27,7 +27,7 @@ export interface LockoutOptions {
 /**
  * The failed-authentication budget of password checks (Login, HTTP Basic, ChangePassword),
  * reserved atomically *before* PBKDF2 and refunded on success: concurrent guesses cannot
- * all get a verdict, as they could when the budget was read before the ~200 ms hash and
+ * all get a verdict, as they could when the budget was read before the (slow) hash and
  * spent after it. Three counts (OWASP ASVS V6.3 / 4.0 §2.2.1):
  *
  * - per IP (`authFailuresPerIpPerMinute`, shared with bad tokens): one address guesses

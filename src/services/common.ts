@@ -49,8 +49,8 @@ export function principalChanged(): TesseraError {
 /**
  * Run `write` in a transaction that commits only if the principal's row then holds exactly
  * `scopes` (what {@link assertMayManage} checked, or what this change sets). The check read
- * the row before the write, and a password reset or credential rotation spends ~200 ms in
- * PBKDF2 in between: a promotion of the same principal meanwhile would otherwise let the
+ * the row before the write, and a password reset or credential rotation spends a PBKDF2
+ * (slow by design) in between: a promotion of the same principal meanwhile would otherwise let the
  * write land on a principal stronger than the one checked. The re-read happens after the
  * write in the same transaction (PostgreSQL holds the written row's lock until commit;
  * SQLite runs one transaction at a time), so a concurrent promotion either shows up here

@@ -32,6 +32,76 @@ export function badPageToken() {
   return errors.invalidArgument("page_token is not valid", "page_token");
 }
 
+/** One key column of a keyset page token: how its value is written into the token and read back. */
+export interface KeyPart<V> {
+  write(value: V): string;
+  /** The value, or undefined when `text` is not one (the token is then refused). */
+  read(text: string): V | undefined;
+}
+
+/** A row id (UUID, lower case). */
+export const uuidKey: KeyPart<string> = {
+  write: (id) => id,
+  read: (text) => (UUID_RE.test(text) ? text : undefined),
+};
+
+/** An instant in milliseconds since the epoch. */
+export const epochMsKey: KeyPart<number> = {
+  write: (ms) => String(ms),
+  read: (text) => (/^\d{1,16}$/.test(text) ? Number(text) : undefined),
+};
+
+type KeyValues<P extends readonly KeyPart<unknown>[]> = {
+  [I in keyof P]: P[I] extends KeyPart<infer V> ? V : never;
+};
+
+/** The page token of a keyset over some key columns (see {@link keysetToken}). */
+export interface KeysetToken<P extends readonly KeyPart<unknown>[]> {
+  encode(key: KeyValues<P>): string;
+  /** The key a token resumes after; a token that does not parse is {@link badPageToken}. */
+  decode(token: string): KeyValues<P>;
+}
+
+/**
+ * The page token of a keyset over `parts`: the last row's key columns joined by "." and
+ * base64url-encoded, so that clients treat it as opaque. Not signed: it only says where to
+ * resume, and every list applies its tenant wall to each page's query whatever the token
+ * says. With one id column it is the id's base64url, the format lists have always used.
+ */
+export function keysetToken<const P extends readonly KeyPart<unknown>[]>(...parts: P): KeysetToken<P> {
+  return {
+    encode: (key) =>
+      Buffer.from(parts.map((part, i) => part.write(key[i])).join("."), "utf8").toString("base64url"),
+    decode(token) {
+      const texts = Buffer.from(token, "base64url").toString("utf8").split(".");
+      if (texts.length !== parts.length) throw badPageToken();
+      return parts.map((part, i) => {
+        const value = part.read(texts[i]!);
+        if (value === undefined) throw badPageToken();
+        return value;
+      }) as KeyValues<P>;
+    },
+  };
+}
+
+/**
+ * One page cut from `rows`, read with one row more than `limit` (its presence says another
+ * page follows), with the token of the next page (empty on the last).
+ */
+export function keysetPage<T, P extends readonly KeyPart<unknown>[]>(
+  rows: readonly T[],
+  limit: number,
+  token: KeysetToken<P>,
+  keyOf: (row: T) => KeyValues<P>,
+): { items: T[]; nextPageToken: string } {
+  const items = rows.slice(0, limit);
+  const last = items[items.length - 1];
+  return { items, nextPageToken: rows.length > limit && last ? token.encode(keyOf(last)) : "" };
+}
+
+/** The page token of the lists in id order. */
+const idToken = keysetToken(uuidKey);
+
 /**
  * Parse a list request's paging fields, before anything else of the request is looked at
  * (a malformed token is InvalidArgument whatever else the request holds).
@@ -39,8 +109,7 @@ export function badPageToken() {
 export function pageParams(pageSize: number, pageToken: string): PageParams {
   const limit = pageLimit(pageSize);
   if (!pageToken) return { limit, after: null };
-  const after = Buffer.from(pageToken, "base64url").toString("utf8");
-  if (!UUID_RE.test(after)) throw badPageToken();
+  const [after] = idToken.decode(pageToken);
   return { limit, after };
 }
 
@@ -73,7 +142,7 @@ export async function listPage<T extends { id: string }>(
   const last = items[items.length - 1];
   return {
     items,
-    nextPageToken: items.length === limit && last ? Buffer.from(last.id, "utf8").toString("base64url") : "",
+    nextPageToken: items.length === limit && last ? idToken.encode([last.id]) : "",
     totalSize,
   };
 }

@@ -115,6 +115,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     patPrefix: config.auth.tokens.patPrefix,
     apiKeyPrefix: config.auth.tokens.apiKeyPrefix,
     limits,
+    clock,
   });
   const tenantService = createTenantService({ storage, defaultTenantId });
   const machineUserService = createMachineUserService({

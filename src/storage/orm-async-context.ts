@@ -7,8 +7,8 @@
  * and they stay on as long as one storage is enabled, which for MikroORM's storages is for
  * ever: from the bootstrap's first flush on, every promise created anywhere (Connect's
  * gRPC pipeline makes dozens per call) pays an async-hook init and before/after callbacks.
- * Measured on the bare Connect handler of the benchmark, which never touches the ORM:
- * about 35 µs more CPU per gRPC call (≈15 % of its throughput) once a storage had run.
+ * Even the bare Connect handler of the benchmark, which never touches the ORM, costs
+ * measurably more CPU per gRPC call once a storage has run (figures in commit de2d41a).
  * Node 22's AsyncContextFrame removes that cost; the stack pins Node 20.
  *
  * Every one of MikroORM's `run()` calls wraps one awaited operation (`run(store, () =>

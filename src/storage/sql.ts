@@ -9,8 +9,8 @@ import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from ".
 /**
  * Raw, parameterised SQL for the per-request authentication path.
  *
- * Why not the ORM there: an `em.fork()` plus `findOne` per request cut throughput to
- * about a third in a prototype, while a prepared better-sqlite3 statement costs ~7 µs.
+ * Why not the ORM there: an `em.fork()` plus `findOne` per request costs many times what
+ * a prepared statement does, on the path every call takes (figures in commit 1706656).
  * Every request sees the credential's current row state (revocation, expiry, disabled
  * owner or tenant take effect on the very next request): read per request on PostgreSQL,
  * and on SQLite from a cache that every change empties first (see StateCache).
@@ -241,8 +241,8 @@ const QUIET_COLUMNS: readonly string[] = ["last_used_at", "verified_digest"];
 
 /**
  * Authentication state read once and answered from memory until it may have changed: the
- * embedded (SQLite) deployment's answer to a per-request read that, in a loaded server,
- * cost ~20 µs of a ~200 µs request.
+ * embedded (SQLite) deployment's answer to a per-request read that was a noticeable share
+ * of a whole request's CPU under load (figures in commit 4825cdc).
  *
  * Changes made through Tessera are never served stale, and changes made behind its back
  * are seen within one turn of the event loop:
@@ -253,7 +253,7 @@ const QUIET_COLUMNS: readonly string[] = ["last_used_at", "verified_digest"];
  *   `PRAGMA data_version`, which changes whenever another connection commits, is read
  *   before the first cached answer of every event-loop turn, i.e. before any request
  *   that turn's I/O brought in is answered from memory. (Once per turn rather than once
- *   per request: in a loaded server the statement cost ~9 µs, and a turn serves many.)
+ *   per request: the statement is not free, and a turn serves many requests.)
  * - while this connection is inside a transaction, reads bypass the cache and store
  *   nothing (they could see writes that are then rolled back).
  * Any write to a watched table empties the whole cache, except an update that sets only

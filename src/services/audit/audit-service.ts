@@ -9,29 +9,15 @@ import type {
   StoredAuditEvent,
 } from "../../storage/repositories/audit.js";
 import { principalOf, tenantScope } from "../common.js";
-import { badPageToken, pageLimit } from "../pagination.js";
+import { epochMsKey, keysetPage, keysetToken, pageLimit, uuidKey } from "../pagination.js";
 
 /** Dependencies of the AuditService implementation. */
 export interface AuditServiceDeps {
   events: Pick<AuditEventRepository, "list">;
 }
 
-const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
-/**
- * The page token: the last event's time and id (keyset: newest first, ties broken by id),
- * base64url so clients treat it as opaque. Not signed: it only says where to resume, and
- * the tenant wall is applied to every page's query, whatever the token says.
- */
-function encodeToken(at: number, id: string): string {
-  return Buffer.from(`${at}.${id}`, "utf8").toString("base64url");
-}
-
-function decodeToken(token: string): { at: number; id: string } {
-  const m = /^(\d{1,16})\.([0-9a-f-]{36})$/.exec(Buffer.from(token, "base64url").toString("utf8"));
-  if (!m || !UUID_RE.test(m[2]!)) throw badPageToken();
-  return { at: Number(m[1]), id: m[2]! };
-}
+/** The page token: the last event's time and id (keyset: newest first, ties broken by id). */
+const pageToken = keysetToken(epochMsKey, uuidKey);
 
 /** A filter string: at most `max` characters (the column's width), else nothing could match. */
 function filterValue(value: string, field: string, max: number): string | null {
@@ -87,15 +73,14 @@ export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof A
       filter.end = req.endTime ? timestampDate(req.endTime) : null;
       if (filter.start && filter.end && filter.end.getTime() < filter.start.getTime())
         throw errors.invalidArgument("end_time is before start_time", "end_time");
-      if (req.pageToken) filter.after = decodeToken(req.pageToken);
+      if (req.pageToken) {
+        const [at, id] = pageToken.decode(req.pageToken);
+        filter.after = { at, id };
+      }
 
       const rows = await deps.events.list(filter, limit + 1);
-      const page = rows.slice(0, limit);
-      const last = page[page.length - 1];
-      return {
-        events: page.map(toProto),
-        nextPageToken: rows.length > limit && last ? encodeToken(last.at, last.id) : "",
-      };
+      const page = keysetPage(rows, limit, pageToken, (event) => [event.at, event.id]);
+      return { events: page.items.map(toProto), nextPageToken: page.nextPageToken };
     },
   };
 }

@@ -148,7 +148,7 @@ export function machineUserAdminHandlers(
         ? await tenantApplications(ctx, mu.tenantId, req.applicationIds.applicationIds)
         : null;
       if (req.disabled !== undefined) mu.disabled = req.disabled;
-      mu.updatedAt = new Date();
+      mu.updatedAt = new Date(clock());
       try {
         await e.transactional(async (tx) => {
           if (applicationIds) {

@@ -59,7 +59,7 @@ export function machinePrincipalHandlers(
       if (!principal.tenantId || !principal.applicationIds?.includes(req.applicationId)) throw denied();
       const app = await e.findOne(Application, { id: req.applicationId, tenantId: principal.tenantId });
       if (!app) throw denied();
-      const now = new Date();
+      const now = new Date(clock());
       const upsert = async (): Promise<Backend> => {
         const existing = await e.findOne(Backend, { applicationId: app.id, callbackUrl });
         if (existing) {

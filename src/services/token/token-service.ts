@@ -14,6 +14,7 @@ import { hashSecret } from "../../auth/password.js";
 import type { Principal } from "../../auth/principal.js";
 import { formatScopes, hasScope, parseScopeString } from "../../auth/scopes.js";
 import { generateToken, tokenHint } from "../../auth/token-format.js";
+import { type Clock, systemClock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { countCredentialCreation, type RateLimits } from "../../rate-limit.js";
@@ -40,6 +41,8 @@ export interface TokenServiceDeps {
   apiKeyPrefix: string;
   /** When set: new tokens counted per caller (`rateLimit.credentialCreationsPerHour`). */
   limits?: RateLimits | undefined;
+  /** The clock a requested expiry and a revocation are read against (tests pass a manual one). */
+  clock?: Clock;
 }
 
 /** The wire shape of a token's metadata: never its secret or hash. */
@@ -84,6 +87,7 @@ const CONTROL_CHARS = /\p{Cc}/u;
  */
 export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof TokenService> {
   const em = requestEms(deps.storage.em);
+  const clock = deps.clock ?? systemClock;
   const prefixOf: Record<ApiTokenKind, string> = { pat: deps.patPrefix, api_key: deps.apiKeyPrefix };
   const label: Record<ApiTokenKind, string> = { pat: "personal access token", api_key: "API key" };
 
@@ -104,7 +108,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     let expiresAt: Date | null = null;
     if (req.expiresAt) {
       expiresAt = timestampDate(req.expiresAt);
-      if (!(expiresAt.getTime() > Date.now()))
+      if (!(expiresAt.getTime() > clock()))
         throw errors.invalidArgument("expires_at must be in the future", "expires_at");
     }
     // No scopes asked for: the caller's current effective scopes, which for a caller
@@ -128,7 +132,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       scopes: formatScopes(scopes),
       secretHash: await hashSecret(generated.secret, deps.iterations),
       hint: tokenHint(generated.token, prefix),
-      createdAt: new Date(),
+      createdAt: new Date(clock()),
       expiresAt,
       lastUsedAt: null,
       revokedAt: null,
@@ -243,7 +247,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
         throw errors.notFound(label[kind]);
     }
     if (!row.revokedAt) {
-      row.revokedAt = new Date();
+      row.revokedAt = new Date(clock());
       await em(ctx).flush();
     }
     return tokenToProto(row);

@@ -84,7 +84,7 @@ export class SessionIssuer {
     });
     await em.flush();
     // A password change, reset or disable that committed after `user` was read (during a
-    // login's ~200 ms PBKDF2) ended the user's sessions before this one existed: it must
+    // login's PBKDF2, slow by design) ended the user's sessions before this one existed: it must
     // not survive them. Either the change comes before this read (seen here) or its
     // revocation after the insert above (and covers this session).
     if (

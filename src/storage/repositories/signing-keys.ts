@@ -34,8 +34,8 @@ function keyRowOf(r: RawKeyRow): SigningKey {
 
 /**
  * Every signing key row, in one query. Raw SQL, not the ORM: every instance runs this every
- * `keyRefreshMs`, and an ORM find costs about ten times the CPU of the query itself
- * (1.7 ms against 160 µs).
+ * `keyRefreshMs`, and an ORM find costs many times the CPU of the query itself
+ * (bench/results/2026-12-04-key-refresh.md).
  */
 export async function readSigningKeys(storage: Storage): Promise<SigningKey[]> {
   return (await storage.em.getConnection().execute<RawKeyRow[]>(KEY_ROWS_SQL)).map(keyRowOf);
