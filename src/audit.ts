@@ -1,4 +1,3 @@
-import { randomUUID } from "node:crypto";
 import type { Logger } from "pino";
 import { type Clock, systemClock } from "./clock.js";
 import { isContentError, loggableError } from "./storage/errors.js";
@@ -7,6 +6,7 @@ import {
   type AuditEventRow,
   MAX_AUDIT_BATCH,
 } from "./storage/repositories/audit.js";
+import { uuidV7 } from "./storage/uuid-v7.js";
 
 /** One audit record: who did what to which id, and how it ended. Never a secret. */
 export interface AuditRecord {
@@ -61,7 +61,8 @@ export interface AuditLog {
 
 /** Options of {@link createAuditLog}. */
 export interface AuditLogOptions {
-  events: Pick<AuditEventRepository, "insert" | "deleteBefore">;
+  events: Pick<AuditEventRepository, "insert" | "deleteBefore"> &
+    Partial<Pick<AuditEventRepository, "batchRows">>;
   logger: Logger;
   /** Events kept in memory at most (`audit.bufferSize`); past it new events are dropped and counted. */
   bufferSize?: number;
@@ -117,8 +118,13 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   let outageFailures = 0;
   /** Drops of the current overflow episode (logged once when it starts). */
   let overflowing = false;
+  /**
+   * Rows per insert: the repository's bound (SQLite writes in the calling turn, so a batch
+   * there is time no request is answered), else the statement's.
+   */
+  const maxBatch = Math.max(1, Math.min(MAX_AUDIT_BATCH, events.batchRows ?? MAX_AUDIT_BATCH));
   /** Rows per insert for the next attempt: halved while a batch is refused for its content. */
-  let batchLimit = MAX_AUDIT_BATCH;
+  let batchLimit = maxBatch;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<boolean> | null = null;
   let closed = false;
@@ -182,7 +188,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     }
     buffer.splice(0, n);
     counters.written += n;
-    if (n === batchLimit || buffer.length === 0) batchLimit = MAX_AUDIT_BATCH;
+    if (n === batchLimit || buffer.length === 0) batchLimit = maxBatch;
     if (outageFailures > 0) {
       logger.info({ failures: outageFailures, depth: buffer.length }, "audit events are written again");
       outageFailures = 0;
@@ -196,7 +202,11 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   const pump = (): Promise<boolean> => {
     if (running) return running;
     running = (async () => {
+      let batches = 0;
       while (buffer.length > 0) {
+        // One batch per event-loop turn: an insert's continuation is a microtask, so without
+        // this the whole buffer would be written before any waiting request was answered.
+        if (batches++ > 0) await new Promise((resolve) => setImmediate(resolve));
         if (!(await writeHead())) {
           backoff = backoff === 0 ? minBackoff : Math.min(maxBackoff, backoff * 2);
           // Jitter: instances that lost the database together do not come back in step.
@@ -258,7 +268,9 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
         }
         return;
       }
-      buffer.push({ id: randomUUID(), at: new Date(clock()), entry });
+      // Time-ordered ids: rows append to the primary key's index (see uuidV7).
+      const now = clock();
+      buffer.push({ id: uuidV7(now), at: new Date(now), entry });
       if (backoff > 0) return; // the retry timer is set
       if (buffer.length >= EAGER_DEPTH) void pump();
       else schedule(flushMs);

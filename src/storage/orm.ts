@@ -10,6 +10,7 @@ import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
 import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
+import { checkpointOffLoop, type SqliteCheckpointer } from "./sqlite-checkpointer.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
@@ -237,6 +238,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   };
   const statementTimeoutMs = options.bounds?.statementTimeoutMs ?? 5_000;
   let orm: MikroORM;
+  /** SQLite file: the thread that checkpoints its WAL (see sqlite-checkpointer.ts). */
+  let checkpointer: SqliteCheckpointer | undefined;
   // PostgreSQL: lifts the client-side statement bound for a migration (see pg-bounds.ts).
   let exempt = <T>(fn: () => Promise<T>) => fn();
   if (target.kind === "sqlite") {
@@ -253,6 +256,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       await orm.em.getConnection().execute("pragma synchronous = normal");
       // SQLite gives -wal and -shm the database file's mode; ones left by an older version are tightened.
       for (const suffix of ["-wal", "-shm"]) tighten(`${target.location}${suffix}`, 0o600);
+      const conn = orm.em.getConnection();
+      checkpointer = await checkpointOffLoop((sql) => conn.execute(sql), target.location, options.log);
     }
     await orm.em.getConnection().execute("pragma busy_timeout = 5000");
   } else {
@@ -360,6 +365,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       }
     },
     async close() {
+      await checkpointer?.close();
       await orm.close(true);
     },
   };
@@ -372,6 +378,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     if (options.migrate ?? true) await storage.migrate();
   } catch (err) {
     // A pool left open would keep a failed start alive.
+    await checkpointer?.close();
     await orm.close(true).catch(() => undefined);
     throw unreachable(err) ?? err;
   }

@@ -41,6 +41,13 @@ const COLUMNS = "id, at, request_id, tenant_id, actor_kind, actor_id, action, ta
 /** Rows per insert at most: 11 parameters each, far under both databases' parameter limits. */
 export const MAX_AUDIT_BATCH = 512;
 
+/**
+ * Rows per insert where the driver writes in the calling turn (better-sqlite3): a batch is
+ * time during which no request is answered, so it is kept to a fraction of a millisecond
+ * (see bench/results/2026-12-05-verify-latency.md).
+ */
+export const SYNC_AUDIT_BATCH = 64;
+
 /** The insert of `n` rows. `on conflict do nothing`: a retry after a commit whose answer was lost adds nothing. */
 function insertSql(n: number): string {
   const row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
@@ -73,7 +80,12 @@ interface AuditRow {
 
 /** The audit log's table: batched inserts, retention deletes, and filtered keyset reads. */
 export class AuditEventRepository {
-  constructor(private readonly sql: Pick<SqlRunner, "run" | "all">) {}
+  /** Rows per insert the audit log should keep to: fewer where the driver blocks the event loop. */
+  readonly batchRows: number;
+
+  constructor(private readonly sql: Pick<SqlRunner, "run" | "all" | "sync">) {
+    this.batchRows = sql.sync ? SYNC_AUDIT_BATCH : MAX_AUDIT_BATCH;
+  }
 
   /**
    * Insert events in one statement ({@link MAX_AUDIT_BATCH} at most). Callers keep to a few
