@@ -334,7 +334,9 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
         const keySet = jwt.keySet;
         const admitted = await admit(authorization);
         principal = admitted.principal;
-        if (admitted.until > 0) memo.set(authorization!, { ...admitted, keySet });
+        // Offline admissions only: an answer of Tessera's stays the cache's alone, so `cache.max`
+        // bounds the positives held for opaque credentials and its eviction takes effect.
+        if (admitted.until > 0 && admitted.offline) memo.set(authorization!, { ...admitted, keySet });
       }
       if (
         principal.certificateThumbprint !== undefined &&
