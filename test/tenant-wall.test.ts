@@ -305,3 +305,81 @@ describe.each(DATABASES)("the tenant wall of verification on $name", (db) => {
     }
   });
 });
+
+describe.each(DATABASES)("the tenant wall with rate limits on ($name)", (db) => {
+  let ts: TestServer;
+  let verifierToken: string;
+  let superToken: string;
+  const foreign: Record<"jwt" | "expiredJwt" | "pat", string> = { jwt: "", expiredJwt: "", pat: "" };
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      rateLimit: { enabled: true, authFailuresPerIpPerMinute: 4, perIpPerMinute: 10_000 },
+    });
+    const plain = ts.connect();
+    const admin = clients(plain, await adminLogin(plain));
+    const { tenant: home } = await admin.tenants.createTenant({ name: `home-${short()}` });
+    const machine = (name: string, scopes: string[], tenantId?: string) =>
+      admin.machines.createMachineUser({
+        name: `${name}-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes,
+        ...(tenantId ? { tenantId } : {}),
+      });
+    verifierToken = (await machine("verifier", ["auth:verify"], home!.id)).token;
+    superToken = (await machine("super", ["*"])).token;
+    const { tenant } = await admin.tenants.createTenant({ name: `far-${short()}` });
+    const username = `frank-${short()}`;
+    const user = await admin.users.createUser({
+      username,
+      password: "frank password long",
+      tenantId: tenant!.id,
+    });
+    foreign.jwt = (
+      await createClient(UserService, plain).login({
+        username,
+        password: "frank password long",
+        tenant: tenant!.id,
+      })
+    ).accessToken;
+    foreign.pat = (
+      await clientFor(TokenService, plain, foreign.jwt).createPersonalAccessToken({ name: "f" })
+    ).token;
+    foreign.expiredJwt = (
+      await ts.app.jwt.issue({
+        subject: user.user!.id,
+        tenantId: tenant!.id,
+        scopes: [],
+        kind: "user",
+        ttlSeconds: -60,
+      })
+    ).token;
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("spends a point of the caller's failure budget for another tenant's credential as for an unknown one, then answers RATE_LIMITED alike", async () => {
+    const as = (token: string) => clientFor(VerificationService, ts.connect(), token);
+    const code = async (credential: string, token = verifierToken) =>
+      VerificationCode[(await as(token).verifyCredential({ credential })).code];
+    // The * caller (its own budget) hears the real codes, and caches the PAT's secret.
+    expect(await code(foreign.pat, superToken)).toBe("VALID");
+    expect(await code(foreign.jwt, superToken)).toBe("VALID");
+    expect(await code(foreign.expiredJwt, superToken)).toBe("EXPIRED");
+    const first = [
+      await code(foreign.jwt),
+      await code(foreign.expiredJwt),
+      await code(foreign.pat),
+      await code(generateToken("tsr_pat_").token),
+    ];
+    expect(first).toEqual(["NOT_FOUND", "NOT_FOUND", "NOT_FOUND", "NOT_FOUND"]);
+    // Four failures spent the budget of four: each foreign credential counted as one.
+    const limited = await as(verifierToken).verifyCredential({ credential: foreign.pat });
+    const unknown = await as(verifierToken).verifyCredential({ credential: generateToken("tsr_pat_").token });
+    expect(VerificationCode[limited.code]).toBe("RATE_LIMITED");
+    expect({ ...limited, retryAfterSeconds: 0 }).toEqual({ ...unknown, retryAfterSeconds: 0 });
+    for (const credential of [foreign.jwt, foreign.expiredJwt])
+      expect(await code(credential)).toBe("RATE_LIMITED");
+  });
+});
