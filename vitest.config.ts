@@ -44,6 +44,7 @@ export default defineConfig({
             "test/sdk-errors.test.ts",
             "test/server.e2e.test.ts",
             "test/shutdown-drain.test.ts",
+            "test/tenant-wall.test.ts",
             "test/token-e2e.test.ts",
             "test/verification.test.ts",
             "test/watch-revocations.test.ts",
