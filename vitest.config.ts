@@ -40,6 +40,7 @@ const E2E_FILES = [
   "test/service-lifecycle.test.ts",
   "test/shared-verification.test.ts",
   "test/shutdown-drain.test.ts",
+  "test/tenant-wall.test.ts",
   "test/token-e2e.test.ts",
   "test/verification-faults.test.ts",
   "test/verification.test.ts",

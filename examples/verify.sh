@@ -32,5 +32,5 @@ PAT=$(call "$API/tessera.v1.TokenService/CreatePersonalAccessToken" -H "authoriz
 
 call "$API/tessera.v1.VerificationService/VerifyCredential" -H "authorization: Bearer $VERIFIER_TOKEN" \
   -d "{\"credential\": \"$PAT\", \"requiredScopes\": [\"workflows:run\"]}" | jq -e 'select(.valid)'
-# {"valid":true,"code":"VERIFICATION_CODE_VALID","principalId":"…","principalKind":"VERIFIED_PRINCIPAL_KIND_USER",
+# {"valid":true,"code":"VALID","principalId":"…","principalKind":"VERIFIED_PRINCIPAL_KIND_USER",
 #  "tenantId":"…","scopes":["workflows:read","workflows:run"],"credentialId":"…","credentialKind":"pat"}

@@ -46,7 +46,7 @@ const EXPECTED: Record<(typeof SHELL_WALKTHROUGHS)[number], RegExp[]> = {
   "examples/curl.sh": [/curl walkthrough done/],
   "examples/cli.sh": [/CLI walkthrough done/],
   "examples/admin-token.sh": [/"name":\s*"default"/],
-  "examples/verify.sh": [/"code":\s*"VERIFICATION_CODE_VALID"/, /"credentialKind":\s*"pat"/],
+  "examples/verify.sh": [/"code":\s*"VALID"/, /"credentialKind":\s*"pat"/],
   "examples/introspect.sh": [/"active":\s*true/, /"username":\s*"admin"/],
   "examples/oauth.sh": [/"access_token"|^"eyJ/m],
   "examples/audit.sh": [/TokenService\/RevokePersonalAccessToken/],

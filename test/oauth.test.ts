@@ -516,6 +516,45 @@ for (const db of DATABASES) {
         expect((await clientFor(UserService, ts.connect(), other.token).getCurrentUser({})).id).toBeTruthy();
       });
 
+      it("revokes with client_secret_post: the machine user's access tokens end, a wrong secret is invalid_client", async () => {
+        const own = await basicMachineWith(tenant.token, ["cluster:read"]);
+        const post = { client_id: own.username, client_secret: own.password };
+        const at = (await token({ grant_type: "client_credentials", ...post })).json.access_token as string;
+        expect(await machineTokenWorks(at)).toBe("ok");
+        const wrong = await revoke({ token: at, client_id: own.username, client_secret: "wrong" });
+        expect(wrong.status).toBe(401);
+        expect(wrong.json.error).toBe("invalid_client");
+        expect(await machineTokenWorks(at)).toBe("ok");
+        const res = await revoke({ token: at, token_type_hint: "access_token", ...post });
+        expect(res.status).toBe(200);
+        expect(res.json).toEqual({});
+        expect(await machineTokenWorks(at)).toBe("TOKEN_REVOKED");
+      });
+
+      it("revokes with tls_client_auth: the certificate's machine user's bound tokens end", async () => {
+        const certMu = await basicMachineWith(tenant.token, ["cluster:read"]);
+        const identity = { case: "sha256Fingerprint" as const, value: ts.certs.clientFingerprint };
+        const machines = clients(memoryTransport(ts.app), tenant.token).machines;
+        await machines.bindCertificate({ machineUserId: certMu.id, identity });
+        try {
+          const at = (await token({ grant_type: "client_credentials" }, { cert: true })).json
+            .access_token as string;
+          expect(decodeJwt(at).sub).toBe(certMu.id);
+          expect(await machineTokenWorks(at, true)).toBe("ok");
+          const res = await revoke({ token: at, client_id: certMu.id }, { cert: true });
+          expect(res.status).toBe(200);
+          expect(res.json).toEqual({});
+          expect(await machineTokenWorks(at, true)).toBe("TOKEN_REVOKED");
+          // Without client_id too (RFC 8705 §2: the certificate names the client).
+          const again = (await token({ grant_type: "client_credentials" }, { cert: true })).json
+            .access_token as string;
+          expect((await revoke({ token: again }, { cert: true })).status).toBe(200);
+          expect(await machineTokenWorks(again, true)).toBe("TOKEN_REVOKED");
+        } finally {
+          await machines.unbindCertificate({ machineUserId: certMu.id, identity });
+        }
+      });
+
       it("refuses bad client authentication, a missing token, and a machine user's own credential", async () => {
         const bad = await revoke({ token: "x" }, { headers: clientSecretBasic(mu.username, "wrong") });
         expect(bad.status).toBe(401);
@@ -538,6 +577,51 @@ for (const db of DATABASES) {
         expect(own.status).toBe(400);
         expect(own.json.error).toBe("unsupported_token_type");
       });
+    });
+
+    it("answers invalid_client (401) at the token, introspection and revocation endpoints to a client certificate bound to no one, to another machine user, or in another tenant", async () => {
+      const identity = { case: "sha256Fingerprint" as const, value: ts.certs.clientFingerprint };
+      const here = clients(memoryTransport(ts.app), tenant.token).machines;
+      const other = await tenantWithAdmin(memoryTransport(ts.app), rootToken);
+      const there = clients(memoryTransport(ts.app), other.token).machines;
+      // Each holds auth:verify where it may, so that introspection's rule is not what refuses.
+      const bound = await basicMachineWith(tenant.token, ["cluster:read"]);
+      const named = await basicMachineWith(tenant.token, ["cluster:read"]);
+      const foreign = await basicMachineWith(other.token, []);
+      /** The three endpoints over the client certificate, the client named by `clientId` when given. */
+      const endpoints = async (clientId?: string) => {
+        const id: Record<string, string> = clientId === undefined ? {} : { client_id: clientId };
+        return {
+          token: await token({ grant_type: "client_credentials", ...id }, { cert: true }),
+          introspect: await call("/oauth2/introspect", { token: "tsr_pat_nope", ...id }, { cert: true }),
+          revoke: await revoke({ token: "tsr_pat_nope", ...id }, { cert: true }),
+        };
+      };
+      const expectInvalidClient = (answers: Record<string, Answer>, label: string) => {
+        for (const [endpoint, res] of Object.entries(answers)) {
+          expect(res.status, `${label}: ${endpoint}`).toBe(401);
+          expect(res.json.error, `${label}: ${endpoint}`).toBe("invalid_client");
+          expect(res.headers["www-authenticate"], `${label}: ${endpoint}`).toBeTruthy();
+          expect(res.headers["cache-control"], `${label}: ${endpoint}`).toBe("no-store");
+        }
+      };
+      // Bound to no one (a certificate of the server's CA all the same).
+      expectInvalidClient(await endpoints(), "unbound");
+      expectInvalidClient(await endpoints(named.id), "unbound, client_id given");
+      // Bound to another machine user of the tenant than client_id names.
+      await here.bindCertificate({ machineUserId: bound.id, identity });
+      try {
+        expectInvalidClient(await endpoints(named.id), "bound to another machine user");
+      } finally {
+        await here.unbindCertificate({ machineUserId: bound.id, identity });
+      }
+      // Bound in another tenant: not a client of this tenant's machine user.
+      await there.bindCertificate({ machineUserId: foreign.id, identity });
+      try {
+        expectInvalidClient(await endpoints(named.id), "bound in another tenant");
+      } finally {
+        await there.unbindCertificate({ machineUserId: foreign.id, identity });
+      }
     });
 
     it("audits grants as the RPCs they stand for: IssueAccessToken and RefreshToken, success and failure", async () => {

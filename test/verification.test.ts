@@ -141,7 +141,7 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
       viaConnect(credential, extra, token),
       viaGrpc(credential, extra, token),
     ]);
-    const connectCode = `VERIFICATION_CODE_${VerificationCode[c.code]}`;
+    const connectCode = VerificationCode[c.code];
     expect(g.code).toBe(connectCode);
     expect(g.valid).toBe(c.valid);
     return VerificationCode[c.code];
@@ -271,6 +271,34 @@ describe.each(DATABASES)("credential verification on $name", (db) => {
     expect(await codeOf(creds.basic!)).toBe("VALID");
     // "Bearer " in front is accepted as well.
     expect(await codeOf(`Bearer ${creds.pat}`)).toBe("VALID");
+  });
+
+  it('names the code in Connect JSON as the issue pins it: "code":"VALID", "code":"NOT_FOUND"', async () => {
+    const session = connect(ts.server.url, { ca: ts.certs.ca });
+    const json = (credential: string) =>
+      new Promise<string>((resolve, reject) => {
+        const req = session.request({
+          ":method": "POST",
+          ":path": "/tessera.v1.VerificationService/VerifyCredential",
+          "content-type": "application/json",
+          authorization: `Bearer ${verifierToken}`,
+        });
+        const chunks: Buffer[] = [];
+        req.on("data", (c: Buffer) => chunks.push(c));
+        req.on("end", () => resolve(Buffer.concat(chunks).toString("utf8")));
+        req.on("error", reject);
+        req.end(JSON.stringify({ credential }));
+      });
+    try {
+      const valid = await json(creds.pat!);
+      expect(valid).toContain('"code":"VALID"');
+      expect(JSON.parse(valid)).toMatchObject({ valid: true, code: "VALID" });
+      const unknown = await json(generateToken("tsr_pat_").token);
+      expect(unknown).toContain('"code":"NOT_FOUND"');
+      expect(JSON.parse(unknown)).toEqual({ code: "NOT_FOUND" });
+    } finally {
+      session.close();
+    }
   });
 
   it("answers INSUFFICIENT_SCOPES and NOT_ASSIGNED for a valid credential that does not fit", async () => {
@@ -693,7 +721,7 @@ describe.each(DATABASES)("failed verifications with rate limits on ($name)", (db
           err ? reject(err) : resolve(res),
         ),
       );
-      expect(answer.code).toBe("VERIFICATION_CODE_RATE_LIMITED");
+      expect(answer.code).toBe("RATE_LIMITED");
     } finally {
       client.close();
     }

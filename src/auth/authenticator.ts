@@ -148,6 +148,10 @@ export function createJwtBearerVerifier(
       return jwt.isForged(token) ? FORGED : undefined;
     },
     verifyNow(token, state) {
+      if (state.tenantWall !== undefined) {
+        if (!JWT_SHAPE.test(token)) return null;
+        assertInsideWall(token, state);
+      }
       const claims = jwt.verifiedClaims(token);
       if (claims !== undefined) return loaderFor(claims, state).now?.(claims, state);
       // Not of the shape: `verify` would answer null, so the verifiers after this one
@@ -155,6 +159,10 @@ export function createJwtBearerVerifier(
       return JWT_SHAPE.test(token) ? undefined : null;
     },
     async verify(token, state) {
+      if (state.tenantWall !== undefined) {
+        if (!JWT_SHAPE.test(token)) return null;
+        assertInsideWall(token, state);
+      }
       // A token verified before is of the shape: the cache is asked first, with no regex
       // over the token and no await.
       let claims = jwt.verifiedClaims(token);
@@ -166,9 +174,20 @@ export function createJwtBearerVerifier(
     },
   };
 
+  /**
+   * Behind a verification's tenant wall, the tenant the token names decides before anything
+   * else: its signature, its expiry and its subject's state would each tell another
+   * tenant's token from one that does not exist (an expired one answered EXPIRED). The
+   * claim is read unverified, which reveals nothing: anyone can decode it, and a forged
+   * token naming the caller's tenant is still refused by the signature.
+   */
+  function assertInsideWall(token: string, state: RequestState): void {
+    if (walledOff(state, claimedTenant(token))) throw FORGED;
+  }
+
   /** The loader of the verified token's subject, once the token's certificate binding holds. */
   function loaderFor(claims: AccessTokenClaims, state: RequestState): ClaimsLoader {
-    // Behind a verification's tenant wall: refused as a token that does not verify is.
+    // The verified claim, which `assertInsideWall` read unverified from the same payload.
     if (walledOff(state, claims.tid)) throw FORGED;
     const bound = claims.cnf?.["x5t#S256"];
     if (bound !== undefined && state.certificate?.thumbprint !== bound) {
@@ -180,5 +199,19 @@ export function createJwtBearerVerifier(
     const loader = loaders[claims.pk];
     if (!loader) throw new TesseraError("TOKEN_INVALID", "token subject kind is not accepted");
     return loader;
+  }
+}
+
+/** The `tid` claim of a token of the JWT shape, unverified; "" when it has none (no tenant's, so walled off). */
+function claimedTenant(token: string): string {
+  const start = token.indexOf(".") + 1;
+  try {
+    const payload: unknown = JSON.parse(
+      Buffer.from(token.slice(start, token.indexOf(".", start)), "base64url").toString("utf8"),
+    );
+    const tid = typeof payload === "object" && payload !== null ? (payload as { tid?: unknown }).tid : "";
+    return typeof tid === "string" ? tid : "";
+  } catch {
+    return "";
   }
 }

@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tessera/v1/verification_service.proto.
  */
 export const file_tessera_v1_verification_service: GenFile = /*@__PURE__*/
-  fileDesc("CiV0ZXNzZXJhL3YxL3ZlcmlmaWNhdGlvbl9zZXJ2aWNlLnByb3RvEgp0ZXNzZXJhLnYxInYKF1ZlcmlmeUNyZWRlbnRpYWxSZXF1ZXN0EhIKCmNyZWRlbnRpYWwYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhsKDmFwcGxpY2F0aW9uX2lkGAMgASgJSACIAQFCEQoPX2FwcGxpY2F0aW9uX2lkIv8CChhWZXJpZnlDcmVkZW50aWFsUmVzcG9uc2USDQoFdmFsaWQYASABKAgSKgoEY29kZRgCIAEoDjIcLnRlc3NlcmEudjEuVmVyaWZpY2F0aW9uQ29kZRIUCgxwcmluY2lwYWxfaWQYAyABKAkSOQoOcHJpbmNpcGFsX2tpbmQYBCABKA4yIS50ZXNzZXJhLnYxLlZlcmlmaWVkUHJpbmNpcGFsS2luZBIRCgl0ZW5hbnRfaWQYBSABKAkSDgoGc2NvcGVzGAYgAygJEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmNlcnRpZmljYXRlX3RodW1icHJpbnQYCCABKAkSFQoNY3JlZGVudGlhbF9pZBgJIAEoCRIXCg9jcmVkZW50aWFsX2tpbmQYCiABKAkSFwoPYXBwbGljYXRpb25faWRzGAsgAygJEhsKE3JldHJ5X2FmdGVyX3NlY29uZHMYDCABKA0iKQoXV2F0Y2hSZXZvY2F0aW9uc1JlcXVlc3QSDgoGY3Vyc29yGAEgASgJIosBCg9SZXZvY2F0aW9uRXZlbnQSKAoEa2luZBgBIAEoDjIaLnRlc3NlcmEudjEuUmV2b2NhdGlvbktpbmQSCgoCaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEi8KC29jY3VycmVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKBAQoYV2F0Y2hSZXZvY2F0aW9uc1Jlc3BvbnNlEg4KBmN1cnNvchgBIAEoCRIrCgZldmVudHMYAiADKAsyGy50ZXNzZXJhLnYxLlJldm9jYXRpb25FdmVudBINCgVyZXNldBgDIAEoCBIZChFoZWFydGJlYXRfc2Vjb25kcxgEIAEoDSqMAwoQVmVyaWZpY2F0aW9uQ29kZRIhCh1WRVJJRklDQVRJT05fQ09ERV9VTlNQRUNJRklFRBAAEhsKF1ZFUklGSUNBVElPTl9DT0RFX1ZBTElEEAESHwobVkVSSUZJQ0FUSU9OX0NPREVfTk9UX0ZPVU5EEAISHQoZVkVSSUZJQ0FUSU9OX0NPREVfRVhQSVJFRBADEh0KGVZFUklGSUNBVElPTl9DT0RFX1JFVk9LRUQQBBIeChpWRVJJRklDQVRJT05fQ09ERV9ESVNBQkxFRBAFEiUKIVZFUklGSUNBVElPTl9DT0RFX1RFTkFOVF9ESVNBQkxFRBAGEikKJVZFUklGSUNBVElPTl9DT0RFX0lOU1VGRklDSUVOVF9TQ09QRVMQBxIiCh5WRVJJRklDQVRJT05fQ09ERV9OT1RfQVNTSUdORUQQCBIiCh5WRVJJRklDQVRJT05fQ09ERV9SQVRFX0xJTUlURUQQCRIfChtWRVJJRklDQVRJT05fQ09ERV9NQUxGT1JNRUQQCiqMAQoVVmVyaWZpZWRQcmluY2lwYWxLaW5kEicKI1ZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocVkVSSUZJRURfUFJJTkNJUEFMX0tJTkRfVVNFUhABEigKJFZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACKqcBCg5SZXZvY2F0aW9uS2luZBIfChtSRVZPQ0FUSU9OX0tJTkRfVU5TUEVDSUZJRUQQABIeChpSRVZPQ0FUSU9OX0tJTkRfQ1JFREVOVElBTBABEhsKF1JFVk9DQVRJT05fS0lORF9TRVNTSU9OEAISGwoXUkVWT0NBVElPTl9LSU5EX1NVQkpFQ1QQAxIaChZSRVZPQ0FUSU9OX0tJTkRfVEVOQU5UEAQygwIKE1ZlcmlmaWNhdGlvblNlcnZpY2USdAoQVmVyaWZ5Q3JlZGVudGlhbBIjLnRlc3NlcmEudjEuVmVyaWZ5Q3JlZGVudGlhbFJlcXVlc3QaJC50ZXNzZXJhLnYxLlZlcmlmeUNyZWRlbnRpYWxSZXNwb25zZSIVirUYERILYXV0aDp2ZXJpZnkaAgIEEnYKEFdhdGNoUmV2b2NhdGlvbnMSIy50ZXNzZXJhLnYxLldhdGNoUmV2b2NhdGlvbnNSZXF1ZXN0GiQudGVzc2VyYS52MS5XYXRjaFJldm9jYXRpb25zUmVzcG9uc2UiFYq1GBESC2F1dGg6dmVyaWZ5GgICBDABYgZwcm90bzM", [file_google_protobuf_timestamp, file_tessera_v1_options]);
+  fileDesc("CiV0ZXNzZXJhL3YxL3ZlcmlmaWNhdGlvbl9zZXJ2aWNlLnByb3RvEgp0ZXNzZXJhLnYxInYKF1ZlcmlmeUNyZWRlbnRpYWxSZXF1ZXN0EhIKCmNyZWRlbnRpYWwYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhsKDmFwcGxpY2F0aW9uX2lkGAMgASgJSACIAQFCEQoPX2FwcGxpY2F0aW9uX2lkIv8CChhWZXJpZnlDcmVkZW50aWFsUmVzcG9uc2USDQoFdmFsaWQYASABKAgSKgoEY29kZRgCIAEoDjIcLnRlc3NlcmEudjEuVmVyaWZpY2F0aW9uQ29kZRIUCgxwcmluY2lwYWxfaWQYAyABKAkSOQoOcHJpbmNpcGFsX2tpbmQYBCABKA4yIS50ZXNzZXJhLnYxLlZlcmlmaWVkUHJpbmNpcGFsS2luZBIRCgl0ZW5hbnRfaWQYBSABKAkSDgoGc2NvcGVzGAYgAygJEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmNlcnRpZmljYXRlX3RodW1icHJpbnQYCCABKAkSFQoNY3JlZGVudGlhbF9pZBgJIAEoCRIXCg9jcmVkZW50aWFsX2tpbmQYCiABKAkSFwoPYXBwbGljYXRpb25faWRzGAsgAygJEhsKE3JldHJ5X2FmdGVyX3NlY29uZHMYDCABKA0iKQoXV2F0Y2hSZXZvY2F0aW9uc1JlcXVlc3QSDgoGY3Vyc29yGAEgASgJIosBCg9SZXZvY2F0aW9uRXZlbnQSKAoEa2luZBgBIAEoDjIaLnRlc3NlcmEudjEuUmV2b2NhdGlvbktpbmQSCgoCaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEi8KC29jY3VycmVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKBAQoYV2F0Y2hSZXZvY2F0aW9uc1Jlc3BvbnNlEg4KBmN1cnNvchgBIAEoCRIrCgZldmVudHMYAiADKAsyGy50ZXNzZXJhLnYxLlJldm9jYXRpb25FdmVudBINCgVyZXNldBgDIAEoCBIZChFoZWFydGJlYXRfc2Vjb25kcxgEIAEoDSrYAQoQVmVyaWZpY2F0aW9uQ29kZRIhCh1WRVJJRklDQVRJT05fQ09ERV9VTlNQRUNJRklFRBAAEgkKBVZBTElEEAESDQoJTk9UX0ZPVU5EEAISCwoHRVhQSVJFRBADEgsKB1JFVk9LRUQQBBIMCghESVNBQkxFRBAFEhMKD1RFTkFOVF9ESVNBQkxFRBAGEhcKE0lOU1VGRklDSUVOVF9TQ09QRVMQBxIQCgxOT1RfQVNTSUdORUQQCBIQCgxSQVRFX0xJTUlURUQQCRINCglNQUxGT1JNRUQQCiqMAQoVVmVyaWZpZWRQcmluY2lwYWxLaW5kEicKI1ZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocVkVSSUZJRURfUFJJTkNJUEFMX0tJTkRfVVNFUhABEigKJFZFUklGSUVEX1BSSU5DSVBBTF9LSU5EX01BQ0hJTkVfVVNFUhACKqcBCg5SZXZvY2F0aW9uS2luZBIfChtSRVZPQ0FUSU9OX0tJTkRfVU5TUEVDSUZJRUQQABIeChpSRVZPQ0FUSU9OX0tJTkRfQ1JFREVOVElBTBABEhsKF1JFVk9DQVRJT05fS0lORF9TRVNTSU9OEAISGwoXUkVWT0NBVElPTl9LSU5EX1NVQkpFQ1QQAxIaChZSRVZPQ0FUSU9OX0tJTkRfVEVOQU5UEAQygwIKE1ZlcmlmaWNhdGlvblNlcnZpY2USdAoQVmVyaWZ5Q3JlZGVudGlhbBIjLnRlc3NlcmEudjEuVmVyaWZ5Q3JlZGVudGlhbFJlcXVlc3QaJC50ZXNzZXJhLnYxLlZlcmlmeUNyZWRlbnRpYWxSZXNwb25zZSIVirUYERILYXV0aDp2ZXJpZnkaAgIEEnYKEFdhdGNoUmV2b2NhdGlvbnMSIy50ZXNzZXJhLnYxLldhdGNoUmV2b2NhdGlvbnNSZXF1ZXN0GiQudGVzc2VyYS52MS5XYXRjaFJldm9jYXRpb25zUmVzcG9uc2UiFYq1GBESC2F1dGg6dmVyaWZ5GgICBDABYgZwcm90bzM", [file_google_protobuf_timestamp, file_tessera_v1_options]);
 
 /**
  * @generated from message tessera.v1.VerifyCredentialRequest
@@ -243,80 +243,87 @@ export const WatchRevocationsResponseSchema: GenMessage<WatchRevocationsResponse
 /**
  * The stable outcome of a verification: callers switch on it.
  *
+ * The values bear the names issue 22 pins (VALID, NOT_FOUND, ...), so that the JSON answer
+ * says "code":"VALID", not "VERIFICATION_CODE_VALID"; hence this enum alone is exempt from
+ * buf's ENUM_VALUE_PREFIX (the ignore below). Enum values share the package's scope: no
+ * other top-level enum of tessera.v1 may name a value like one of these. The zero value
+ * keeps its prefix (ENUM_ZERO_VALUE_SUFFIX, and UNSPECIFIED is no code).
+ * buf:lint:ignore ENUM_VALUE_PREFIX
+ *
  * @generated from enum tessera.v1.VerificationCode
  */
 export enum VerificationCode {
   /**
    * @generated from enum value: VERIFICATION_CODE_UNSPECIFIED = 0;
    */
-  UNSPECIFIED = 0,
+  VERIFICATION_CODE_UNSPECIFIED = 0,
 
   /**
    * The credential is valid now, holds every required scope and (when asked) is assigned
    * to the application.
    *
-   * @generated from enum value: VERIFICATION_CODE_VALID = 1;
+   * @generated from enum value: VALID = 1;
    */
   VALID = 1,
 
   /**
    * Not a credential Tessera knows (or one of another tenant, or a wrong secret).
    *
-   * @generated from enum value: VERIFICATION_CODE_NOT_FOUND = 2;
+   * @generated from enum value: NOT_FOUND = 2;
    */
   NOT_FOUND = 2,
 
   /**
-   * @generated from enum value: VERIFICATION_CODE_EXPIRED = 3;
+   * @generated from enum value: EXPIRED = 3;
    */
   EXPIRED = 3,
 
   /**
    * Revoked, replaced by a credential rotation, its session ended or its owner deleted.
    *
-   * @generated from enum value: VERIFICATION_CODE_REVOKED = 4;
+   * @generated from enum value: REVOKED = 4;
    */
   REVOKED = 4,
 
   /**
    * Its user or machine user is disabled.
    *
-   * @generated from enum value: VERIFICATION_CODE_DISABLED = 5;
+   * @generated from enum value: DISABLED = 5;
    */
   DISABLED = 5,
 
   /**
    * Its tenant is disabled.
    *
-   * @generated from enum value: VERIFICATION_CODE_TENANT_DISABLED = 6;
+   * @generated from enum value: TENANT_DISABLED = 6;
    */
   TENANT_DISABLED = 6,
 
   /**
    * Valid, but it lacks one of `required_scopes`.
    *
-   * @generated from enum value: VERIFICATION_CODE_INSUFFICIENT_SCOPES = 7;
+   * @generated from enum value: INSUFFICIENT_SCOPES = 7;
    */
   INSUFFICIENT_SCOPES = 7,
 
   /**
    * Valid, but its principal is not assigned to `application_id` (users never are).
    *
-   * @generated from enum value: VERIFICATION_CODE_NOT_ASSIGNED = 8;
+   * @generated from enum value: NOT_ASSIGNED = 8;
    */
   NOT_ASSIGNED = 8,
 
   /**
    * The caller's budget of failed verifications is spent: retry after `retry_after_seconds`.
    *
-   * @generated from enum value: VERIFICATION_CODE_RATE_LIMITED = 9;
+   * @generated from enum value: RATE_LIMITED = 9;
    */
   RATE_LIMITED = 9,
 
   /**
    * Not of any shape Tessera issues (bad checksum, length, encoding).
    *
-   * @generated from enum value: VERIFICATION_CODE_MALFORMED = 10;
+   * @generated from enum value: MALFORMED = 10;
    */
   MALFORMED = 10,
 }
