@@ -79,6 +79,7 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
+  const attachState = createStateAttacher(config, options.tls);
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
@@ -106,6 +107,8 @@ export function createRequestHandler(
     // for error responses only).
     errorBody: (req, body) => augmentJsonErrorBody(body, stateOf(req).errorInfo),
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
+    // The facts of a unary call served from its HTTP/2 stream (see serveRequests).
+    prepare: attachState,
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
@@ -118,8 +121,6 @@ export function createRequestHandler(
   });
   const maxStreamsPerIp = config.server.maxStreamsPerIp;
   const openStreams = new Map<string, number>();
-
-  const attachState = createStateAttacher(config, options.tls);
   const servePlain = createPlainEndpoints(app, options.draining);
 
   const handle = function handle(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
@@ -175,9 +176,8 @@ export function createRequestHandler(
     }
     adapter(req, res);
   } as StreamingHandler;
-  // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
+  // Unary calls over HTTP/2, answered by the transport on the stream itself (see serveRequests):
   // never a preflight (OPTIONS) or a plain endpoint (GET), which are answered above.
-  handle.stream = (stream, headers) =>
-    adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
+  handle.stream = adapter.stream;
   return handle;
 }
