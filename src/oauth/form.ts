@@ -1,8 +1,8 @@
 import type { IncomingHttpHeaders, IncomingMessage } from "node:http";
 import type { Http2ServerRequest } from "node:http2";
 import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
+import { ruleRefusal } from "../admission/auth-rule.js";
 import { authenticationRefusal, spendFailure } from "../admission/authenticate.js";
-import { ruleRefusal } from "../admission/index.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
 import type { Principal } from "../auth/principal.js";

@@ -2,7 +2,7 @@ import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
 import type http2 from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors, createContextValues } from "@connectrpc/connect";
-import type { AdmissionDeps } from "../admission/index.js";
+import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
@@ -16,7 +16,7 @@ import type {
   StreamingHandler,
 } from "../transport/stream-server.js";
 import type { UnaryProtocol } from "../transport/unary-protocols.js";
-import { createAdmissionHooks } from "./admission-hooks.js";
+
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
 import { createStateAttacher, requestIdOf, stateOf } from "./request-facts.js";
 
@@ -33,7 +33,7 @@ const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
  * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json: plain-endpoints.ts), the
  * OAuth 2.0 endpoints (src/oauth/), and the transport serving gRPC, gRPC-Web and Connect
  * for everything else, with the request's facts attached (request-facts.ts) and its
- * admission hooks (admission-hooks.ts).
+ * admission hooks (src/admission/index.ts).
  */
 export function createRequestHandler(
   app: App,
