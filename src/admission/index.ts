@@ -190,24 +190,23 @@ function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | und
   return limits === undefined ? undefined : countPrincipal(limits, state, principal.kind, principal.id);
 }
 
-/** The per-principal limit. */
-async function countPrincipal(
-  limits: RateLimits,
-  state: RequestState,
-  kind: string,
-  id: string,
-): Promise<unknown> {
-  try {
-    const result = await limits.perPrincipal.consume(`${kind}:${id}`);
+/**
+ * The per-principal limit: its refusal (RATE_LIMITED, or its store's failure), else
+ * undefined with the tighter of the two limits' headers kept for the answer.
+ */
+function countPrincipal(limits: RateLimits, state: RequestState, kind: string, id: string): Promise<unknown> {
+  return limits.perPrincipal.consume(`${kind}:${id}`).then((result) => {
     if (!result.allowed) return rateLimitedError(result);
-    // The tighter of the two limits is the one a client should pace itself by.
     const current = state.responseHeaders;
     if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
       state.responseHeaders = rateLimitHeaders(result);
     return undefined;
-  } catch (err) {
-    return err;
-  }
+  }, refusalOf);
+}
+
+/** A rejection's error, returned as the refusal it is (admission returns refusals, never throws them). */
+function refusalOf(err: unknown): unknown {
+  return err;
 }
 
 /**
