@@ -109,7 +109,7 @@ export function createRequestHandler(
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
     // The facts of a unary call served from its HTTP/2 stream (see serveRequests).
     prepare: attachState,
-    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
     ...(observe
