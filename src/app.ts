@@ -18,9 +18,11 @@ import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootst
 import { createHttpObserver } from "./call-observer.js";
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
-import { createAuditInterceptor } from "./interceptors/audit.js";
-import { createErrorInterceptor } from "./interceptors/errors.js";
-import { createInputInterceptor } from "./interceptors/input.js";
+import {
+  createAuditInterceptor,
+  createErrorInterceptor,
+  createInputInterceptor,
+} from "./interceptors/index.js";
 import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createOAuthEndpoints, type OAuthEndpoints } from "./oauth/index.js";

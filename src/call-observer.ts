@@ -9,7 +9,7 @@ import type { CredentialKind, Metrics } from "./metrics.js";
 import type { UnaryProtocol } from "./transport/unary-protocols.js";
 
 /**
- * What happens when a call ends (see `onCallEnd` in transport/fast-adapter.ts): its metrics
+ * What happens when a call ends (see `onCallEnd` in transport/options.ts): its metrics
  * (metrics.ts) and its access-log line. One function for both, so the request's state is
  * read once; undefined when metrics and the access log are both off, so that the adapter
  * then calls nothing at all.

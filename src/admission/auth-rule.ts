@@ -1,7 +1,9 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { create, getOption, hasOption } from "@bufbuild/protobuf";
 import { type AuthRule, AuthRuleSchema, auth } from "../../gen/tessera/v1/options_pb.js";
-import { TesseraError } from "../errors.js";
+import { admits, type Principal } from "../auth/principal.js";
+import { hasAllScopes } from "../auth/scopes.js";
+import { TesseraError, wwwAuthenticate } from "../errors.js";
 
 const PUBLIC_RULE: AuthRule = create(AuthRuleSchema, { public: true });
 const rules = new Map<DescMethod, AuthRule>();
@@ -41,4 +43,26 @@ export function assertAuthRules(services: readonly DescService[]): void {
     }
   }
   if (problems.length > 0) throw new Error(`auth rules missing:\n  ${problems.join("\n  ")}`);
+}
+
+/**
+ * Whether `rule` admits `principal`: its kind must be one the rule names and its scopes
+ * must cover every scope the rule requires. The one check of a rule, for RPCs (above) and
+ * for the HTTP endpoints that stand for one (oauth/form.ts: VerifyCredential's).
+ * @returns the refusal (PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED), or undefined
+ */
+export function ruleRefusal(rule: AuthRule, principal: Principal): TesseraError | undefined {
+  if (!rule.principals.some((kind) => admits(kind, principal))) {
+    return new TesseraError(
+      "PRINCIPAL_NOT_ALLOWED",
+      `this method is not available to ${principal.kind} principals`,
+    );
+  }
+  if (!hasAllScopes(principal.scopes, rule.scopes)) {
+    return new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
+      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
+      metadata: { required_scopes: rule.scopes.join(" ") },
+    });
+  }
+  return undefined;
 }

@@ -1,17 +1,21 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, type ConnectError, type Interceptor } from "@connectrpc/connect";
 import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
+import type { App } from "../app.js";
 import type { AuditLog } from "../audit.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
-import { admits, type Principal } from "../auth/principal.js";
-import { hasAllScopes } from "../auth/scopes.js";
 import { budgetKey } from "../client-ip.js";
 import { type RequestState, requestState } from "../context.js";
-import { isRefusal, reasonForCode, TesseraError, wwwAuthenticate } from "../errors.js";
+import { isRefusal, reasonForCode, TesseraError, tesseraErrorInfo } from "../errors.js";
+import { toWireError } from "../interceptors/errors.js";
 import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import { nodeHeaderSource, stateOf } from "../server/request-facts.js";
+import type { WireError } from "../transport/early-answers.js";
+import { refusalOnTheWire } from "../transport/error-wire.js";
+import type { TransportOptions } from "../transport/index.js";
 import { auditCall, auditReason } from "./audit.js";
-import { authRuleFor } from "./auth-rule.js";
+import { authRuleFor, ruleRefusal } from "./auth-rule.js";
 import { authenticationRefusal, spendFailure } from "./authenticate.js";
 
 /**
@@ -21,8 +25,9 @@ import { authenticationRefusal, spendFailure } from "./authenticate.js";
  * kind, scopes) and the per-principal rate limit; a refusal of a call whose rule says
  * `audit` is written to the audit log here (a refusal by the per-IP limit is not).
  *
- * {@link admit} is the one implementation. The HTTP layer calls it before Connect reads
- * the request (server/admission-hooks.ts), so a refused caller costs no body parsing; the
+ * {@link admit} is the one implementation. The transport calls it before the request's
+ * body is read (its `admit` hook, {@link createAdmissionHooks}: password shedding first),
+ * so a refused caller costs no body parsing; the
  * {@link createAdmissionInterceptor admission interceptor} calls it for every other call
  * (in-memory transports, streams) and finishes what the HTTP layer left: the
  * authentication of an audited call, whose refusal is recorded with the call's target
@@ -186,45 +191,22 @@ function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | und
 }
 
 /**
- * Whether `rule` admits `principal`: its kind must be one the rule names and its scopes
- * must cover every scope the rule requires. The one check of a rule, for RPCs (above) and
- * for the HTTP endpoints that stand for one (oauth/introspect.ts: VerifyCredential's).
- * @returns the refusal (PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED), or undefined
+ * The per-principal limit: its refusal (RATE_LIMITED, or its store's failure), else
+ * undefined with the tighter of the two limits' headers kept for the answer.
  */
-export function ruleRefusal(rule: AuthRule, principal: Principal): TesseraError | undefined {
-  if (!rule.principals.some((kind) => admits(kind, principal))) {
-    return new TesseraError(
-      "PRINCIPAL_NOT_ALLOWED",
-      `this method is not available to ${principal.kind} principals`,
-    );
-  }
-  if (!hasAllScopes(principal.scopes, rule.scopes)) {
-    return new TesseraError("ACCESS_DENIED", "Insufficient permissions", {
-      headers: { "www-authenticate": wwwAuthenticate("ACCESS_DENIED", "", rule.scopes) },
-      metadata: { required_scopes: rule.scopes.join(" ") },
-    });
-  }
-  return undefined;
-}
-
-/** The per-principal limit. */
-async function countPrincipal(
-  limits: RateLimits,
-  state: RequestState,
-  kind: string,
-  id: string,
-): Promise<unknown> {
-  try {
-    const result = await limits.perPrincipal.consume(`${kind}:${id}`);
+function countPrincipal(limits: RateLimits, state: RequestState, kind: string, id: string): Promise<unknown> {
+  return limits.perPrincipal.consume(`${kind}:${id}`).then((result) => {
     if (!result.allowed) return rateLimitedError(result);
-    // The tighter of the two limits is the one a client should pace itself by.
     const current = state.responseHeaders;
     if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
       state.responseHeaders = rateLimitHeaders(result);
     return undefined;
-  } catch (err) {
-    return err;
-  }
+  }, refusalOf);
+}
+
+/** A rejection's error, returned as the refusal it is (admission returns refusals, never throws them). */
+function refusalOf(err: unknown): unknown {
+  return err;
 }
 
 /**
@@ -235,7 +217,7 @@ async function countPrincipal(
  * the authentication of an audited call (whose refusal is then audited, without a target:
  * the body named none), or all of it on a path admitted only in the pipeline (streams,
  * gRPC-Web text). Every transport's unary calls come here (the `callError` of
- * server/admission-hooks.ts).
+ * {@link createAdmissionHooks}).
  *
  * @returns admission's refusal, to answer with instead of `error`; else `error`, after an
  *   audited call's failure was recorded (with reason `reasonForCode` of its code, as the
@@ -270,6 +252,60 @@ export function admitFailedCall(
 }
 
 /**
+ * The transport's two admission hooks, the glue between a call on the wire and the one
+ * admission path (src/admission/): `admit`, asked before a call's body is read, and
+ * `callError`, for a call Connect failed itself before the interceptors ran.
+ */
+export function createAdmissionHooks(
+  app: App,
+  admission: AdmissionDeps,
+): Required<Pick<TransportOptions, "callError" | "admit">> {
+  /** Admission's refusal of a call, answered before the pipeline. */
+  function earlyRefusal(refusal: unknown, state: RequestState, method: DescMethod): ConnectError | WireError {
+    // A refusal (not a fault, which is logged) in wire form, without a ConnectError (transport/error-wire.ts).
+    if (refusal instanceof TesseraError && isRefusal(refusal.code)) {
+      // As the error interceptor keeps it, for the access log and metrics (call-observer.ts).
+      state.errorInfo = { reason: refusal.reason, requestId: state.requestId };
+      return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
+    }
+    return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
+  }
+
+  return {
+    // An error Connect raised itself (no ErrorInfo: a body that does not parse, too large…,
+    // before the interceptors): admission first finishes what it left for the pipeline
+    // (admitFailedCall), so its refusal is the answer and is audited; else Connect's own
+    // InvalidArgument gets the reason and request id every other refusal carries.
+    callError: (error, values, method, headers) => {
+      if (tesseraErrorInfo(error) !== undefined) return error;
+      const state = requestState(values);
+      const name = `${method.parent.typeName}/${method.name}`;
+      const answer = (decided: unknown): ConnectError =>
+        decided !== error || error.code === Code.InvalidArgument
+          ? toWireError(decided, state, name, app.logger)
+          : error;
+      const decided = admitFailedCall(admission, method, headers, state, error);
+      return decided instanceof Promise ? decided.then(answer) : answer(decided);
+    },
+    // Asked only about calls that can be answered before their body; the others are admitted in
+    // the pipeline (the admission interceptor), as is the authentication of an audited call
+    // (admission/index.ts).
+    admit: (req, method) => {
+      const state = stateOf(req);
+      // A password check the full hash pool would refuse anyway: answered now, body unread.
+      const shed = app.shedding.shed(method, state);
+      if (shed !== undefined) return shed;
+      const refusal = admit(admission, method, nodeHeaderSource(req.headers), state, BEFORE_BODY);
+      // Decided synchronously (or nothing to decide): no promise.
+      if (refusal === undefined) return undefined;
+      if (refusal instanceof Promise)
+        return refusal.then((r: unknown) => (r === undefined ? undefined : earlyRefusal(r, state, method)));
+      return earlyRefusal(refusal, state, method);
+    },
+  };
+}
+
+/**
  * The one interceptor of admission, for every transport (connectNodeAdapter, the
  * in-memory router transport, and the calls the HTTP layer did not admit before their
  * body: see {@link admit}). A call already admitted passes straight on; otherwise
@@ -287,4 +323,4 @@ export function createAdmissionInterceptor(deps: AdmissionDeps): Interceptor {
   };
 }
 
-export { assertAuthRules, authRuleFor } from "./auth-rule.js";
+export { assertAuthRules, authRuleFor, ruleRefusal } from "./auth-rule.js";

@@ -1,5 +1,4 @@
 import { type DescField, type DescMessage, ScalarType } from "@bufbuild/protobuf";
-import type { Interceptor } from "@connectrpc/connect";
 import { errors } from "../errors.js";
 
 /**
@@ -134,18 +133,4 @@ export function assertInputMessage(desc: DescMessage, message: unknown, prefix =
         break;
     }
   }
-}
-
-/**
- * Validates every string field of a unary request before the implementation sees it:
- * one layer for the whole API, generated from the descriptors, so no field can be
- * forgotten. Runs after authentication and authorization (innermost), so a caller who
- * may not call a method learns nothing from it. Streaming requests (reflection) never
- * reach the database and are left alone.
- */
-export function createInputInterceptor(): Interceptor {
-  return (next) => (req) => {
-    if (!req.stream) assertInputMessage(req.method.input, req.message);
-    return next(req);
-  };
 }

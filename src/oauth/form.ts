@@ -1,8 +1,8 @@
 import type { IncomingHttpHeaders, IncomingMessage } from "node:http";
 import type { Http2ServerRequest } from "node:http2";
 import type { AuthRule } from "../../gen/tessera/v1/options_pb.js";
+import { ruleRefusal } from "../admission/auth-rule.js";
 import { authenticationRefusal, spendFailure } from "../admission/authenticate.js";
-import { ruleRefusal } from "../admission/index.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
 import type { Principal } from "../auth/principal.js";
@@ -12,6 +12,7 @@ import { TesseraError, wwwAuthenticate } from "../errors.js";
 import { invalidCharacterAt } from "../interceptors/input.js";
 import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
 import { driverErrorAsTesseraError } from "../storage/errors.js";
+import { onCappedData } from "../transport/node-bridge.js";
 
 /**
  * What the OAuth 2.0 endpoints share: reading a form-encoded body (RFC 6749 §3.2), client
@@ -110,19 +111,17 @@ export async function readForm(
   }
   const text = await new Promise<string>((resolve, reject) => {
     const chunks: Buffer[] = [];
-    let size = 0;
     let over = false;
-    req.on("data", (chunk: Buffer) => {
-      if (over) return;
-      size += chunk.length;
-      if (size > maxBytes) {
+    onCappedData(
+      req,
+      maxBytes,
+      (chunk) => chunks.push(chunk),
+      () => {
         over = true;
         chunks.length = 0;
         reject(new OAuthError("invalid_request", "request body too large", 413));
-        return;
-      }
-      chunks.push(chunk);
-    });
+      },
+    );
     req.on("end", () => {
       if (!over) resolve(Buffer.concat(chunks).toString("utf8"));
     });

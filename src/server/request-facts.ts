@@ -63,7 +63,10 @@ export function requestIdOf(req: Request): string {
  * The function that attaches a request's state (read back by {@link stateOf}): the client's
  * address (through trusted proxies), whether it came through one, and its certificate.
  */
-export function createStateAttacher(config: Config, tls: boolean): (req: Request, requestId: string) => void {
+export function createStateAttacher(
+  config: Config,
+  tls: boolean,
+): (req: Request, requestId?: string) => void {
   const certCache = new WeakMap<object, PeerCertificateInfo | null>();
 
   function peerCertificate(req: Request): PeerCertificateInfo | null {
@@ -88,7 +91,7 @@ export function createStateAttacher(config: Config, tls: boolean): (req: Request
   }
 
   /** Attach the request's state (read back by `stateOf`) for the adapter's callbacks and the interceptors. */
-  return function attachState(req: Request, requestId: string): void {
+  return function attachState(req: Request, requestId: string = requestIdOf(req)): void {
     const peer = peerOf(req);
     const state: RequestState = {
       requestId,

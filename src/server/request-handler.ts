@@ -2,7 +2,7 @@ import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
 import type http2 from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors, createContextValues } from "@connectrpc/connect";
-import type { AdmissionDeps } from "../admission/index.js";
+import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
@@ -16,7 +16,7 @@ import type {
   StreamingHandler,
 } from "../transport/stream-server.js";
 import type { UnaryProtocol } from "../transport/unary-protocols.js";
-import { createAdmissionHooks } from "./admission-hooks.js";
+
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
 import { createStateAttacher, requestIdOf, stateOf } from "./request-facts.js";
 
@@ -33,7 +33,7 @@ const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
  * plain HTTP endpoints (/health, /ready, /.well-known/jwks.json: plain-endpoints.ts), the
  * OAuth 2.0 endpoints (src/oauth/), and the transport serving gRPC, gRPC-Web and Connect
  * for everything else, with the request's facts attached (request-facts.ts) and its
- * admission hooks (admission-hooks.ts).
+ * admission hooks (src/admission/index.ts).
  */
 export function createRequestHandler(
   app: App,
@@ -79,6 +79,7 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
+  const attachState = createStateAttacher(config, options.tls);
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({
@@ -106,7 +107,9 @@ export function createRequestHandler(
     // for error responses only).
     errorBody: (req, body) => augmentJsonErrorBody(body, stateOf(req).errorInfo),
     contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
-    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/fast-adapter.ts).
+    // The facts of a unary call served from its HTTP/2 stream (see serveRequests).
+    prepare: attachState,
+    // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
     ...(observe
@@ -118,8 +121,6 @@ export function createRequestHandler(
   });
   const maxStreamsPerIp = config.server.maxStreamsPerIp;
   const openStreams = new Map<string, number>();
-
-  const attachState = createStateAttacher(config, options.tls);
   const servePlain = createPlainEndpoints(app, options.draining);
 
   const handle = function handle(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
@@ -175,9 +176,8 @@ export function createRequestHandler(
     }
     adapter(req, res);
   } as StreamingHandler;
-  // Unary calls over HTTP/2, answered by the adapter on the stream itself (see serveRequests);
+  // Unary calls over HTTP/2, answered by the transport on the stream itself (see serveRequests):
   // never a preflight (OPTIONS) or a plain endpoint (GET), which are answered above.
-  handle.stream = (stream, headers) =>
-    adapter.stream(stream, headers, (req) => attachState(req, requestIdOf(req)));
+  handle.stream = adapter.stream;
   return handle;
 }

@@ -1,5 +1,3 @@
-import type * as http from "node:http";
-import type * as http2 from "node:http2";
 import {
   Code,
   ConnectError,
@@ -9,35 +7,12 @@ import {
   createServiceImplSpec,
   type MethodImplSpec,
 } from "@connectrpc/connect";
-import { type Compression, createMethodUrl, type UniversalHandler } from "@connectrpc/connect/protocol";
+import { type Compression, createMethodUrl } from "@connectrpc/connect/protocol";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
-import type { Logger } from "pino";
-import { loggableError } from "../storage/errors.js";
-import {
-  destroy,
-  discardBody,
-  type EarlyProtocol,
-  earlyAnswer,
-  earlyProtocol,
-  gone,
-  readableOf,
-  setHeaders,
-  stopUnreadBody,
-  type Verdict,
-  type WireError,
-  writeUnaryAnswer,
-} from "./early-answers.js";
-import { AdapterRequest, bodyOf, closeReason, RequestSignal } from "./node-bridge.js";
-import { protocolOf, writeErrorResponse, writeResponse } from "./node-response.js";
 import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
 import type { StockDispatch } from "./stock-adapter.js";
-import { type NodeRequest, type NodeResponse, StreamRequest } from "./stream-server.js";
-import {
-  createUnaryHandlers,
-  type UnaryAnswer,
-  type UnaryHandler,
-  type UnaryProtocol,
-} from "./unary-protocols.js";
+import { type Route, serveCalls } from "./stream-server.js";
+import { createUnaryHandlers, type UnaryHandler, type UnaryProtocol } from "./unary-protocols.js";
 
 export type { ConnectHandler, ConnectHandlerOptions };
 
@@ -62,6 +37,9 @@ export type { ConnectHandler, ConnectHandlerOptions };
  * Every protocol detail (content types, compression, timeouts, envelopes, errors) is
  * @connectrpc/connect's own code; streams, Connect GET and gRPC-Web text are served by
  * Connect's handlers, untouched.
+ *
+ * This builds the routes once (Connect's router, and the unary handlers of each unary
+ * method); a call itself is served by stream-server.ts's `serveCalls`.
  */
 export function createConnectHandler(
   options: ConnectHandlerOptions,
@@ -75,7 +53,6 @@ export function createConnectHandler(
   const router = createConnectRouter(options);
   // `server.transport=connect`: admitted calls go to connect-node's adapter (stock-adapter.ts).
   const stock = serveWith?.(options);
-  const logger = options.logger;
   // Unary methods also get the pipeline-free handlers of unary-protocols.ts, for the
   // protocols they serve; methods registered with options of their own stay with Connect.
   const unary = new Map<string, Partial<Record<UnaryProtocol, UnaryHandler>>>();
@@ -102,222 +79,7 @@ export function createConnectHandler(
   const paths = new Map<string, Route>();
   for (const handler of router.handlers)
     paths.set(handler.requestPath, { handler, unary: unary.get(handler.requestPath) });
-  const fallback = options.fallback ?? notFound;
-  const errorBody = options.errorBody;
-  const admit = options.admit;
-  const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
-  const maxBodyBytes = options.maxBodyBytes ?? Number.POSITIVE_INFINITY;
-  const responseHeaders = options.responseHeaders;
-  const onCallEnd = options.onCallEnd;
-
-  /** The route of an HTTP/2 request the unary handlers answer (and so can be served as a StreamRequest), else undefined. */
-  function acceptedRoute(headers: http2.IncomingHttpHeaders): Route | undefined {
-    if (headers[":method"] !== "POST" || headers.expect !== undefined) return undefined;
-    const protocol = earlyProtocol("POST", headers["content-type"]);
-    if (protocol === undefined) return undefined;
-    const route = routeOf(headers[":path"]);
-    return route?.unary?.[protocol.kind] === undefined ? undefined : route;
-  }
-
-  function routeOf(url: string | undefined): Route | undefined {
-    if (url === undefined) return undefined;
-    const q = url.indexOf("?");
-    return paths.get(q < 0 ? url : url.slice(0, q));
-  }
-
-  /**
-   * Serve `req`. A StreamRequest comes without a response object (`res` undefined) and
-   * with its route, one `acceptedRoute` gave, so it takes the unary handlers' path, which
-   * writes onto the stream.
-   */
-  function handleConnect(
-    req: NodeRequest,
-    res: NodeResponse | undefined,
-    route: Route | undefined = routeOf(req.url),
-  ): void {
-    const common = responseHeaders?.(req);
-    if (!route) {
-      setHeaders(res!, common);
-      fallback(req, res!);
-      return;
-    }
-    const { handler } = route;
-    const protocol =
-      handler.method.methodKind === "unary"
-        ? earlyProtocol(req.method, req.headers["content-type"])
-        : undefined;
-    // Only a call that can be answered before its body is admitted here; any other (a
-    // stream, a content type answered later) is admitted once, by the admission interceptor.
-    if (admit === undefined || protocol === undefined) {
-      dispatch(route, protocol, req, res, common);
-      return;
-    }
-    const early = protocol;
-    let verdict: ReturnType<typeof admit>;
-    try {
-      verdict = admit(req, handler.method);
-    } catch (err) {
-      verdict = admitFailed(handler, err, logger);
-    }
-    if (verdict === undefined) dispatch(route, protocol, req, res, common);
-    else if (!isPromise(verdict)) answer(verdict);
-    else
-      verdict.then(
-        (error) => (error === undefined ? dispatch(route, protocol, req, res, common) : answer(error)),
-        (err: unknown) => answer(admitFailed(handler, err, logger)),
-      );
-
-    function answer(error: ConnectError | WireError) {
-      discardBody(req, res, readMaxBytes);
-      if (gone(req)) {
-        onCallEnd?.(req, handler.method, early.kind, Code.Canceled);
-        return;
-      }
-      let answered: UnaryAnswer;
-      try {
-        answered = earlyAnswer(early, error, options.jsonOptions);
-      } catch {
-        destroy(req, res);
-        onCallEnd?.(req, handler.method, early.kind, Code.Internal);
-        return;
-      }
-      writeUnaryAnswer(answered, req, res, errorBody, common);
-      onCallEnd?.(req, handler.method, early.kind, answered.code);
-    }
-  }
-
-  const serve = handleConnect as ConnectHandler;
-  serve.methodOf = (url) => routeOf(url)?.handler.method;
-  serve.stream = (stream, headers, prepare) => {
-    if (stock !== undefined) return false;
-    const route = acceptedRoute(headers);
-    if (route === undefined) return false;
-    const req = new StreamRequest(stream, headers);
-    prepare?.(req);
-    handleConnect(req, undefined, route);
-    return true;
-  };
-  return serve;
-
-  function dispatch(
-    route: Route,
-    protocol: EarlyProtocol | undefined,
-    req: NodeRequest,
-    res: NodeResponse | undefined,
-    common: http.OutgoingHttpHeaders | undefined,
-  ): void {
-    const { handler } = route;
-    // Gone while admission was pending: nothing to answer.
-    if (gone(req)) {
-      onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Canceled);
-      return;
-    }
-    if (stock !== undefined) {
-      stock(
-        req as Exclude<NodeRequest, StreamRequest>,
-        res!,
-        handler.method,
-        protocol?.kind ?? protocolOf(req),
-        common,
-      );
-      return;
-    }
-    const url = req.url ?? "";
-    const signal = new RequestSignal();
-    // Whether the answer was written (through `res`, or by writeUnaryAnswer on the HTTP/2 stream).
-    let answered = false;
-    const onClose = () => {
-      // Closed before the response was ended: the client went away (an HTTP/2 reset, a
-      // dropped connection). A response ended by us closes normally and aborts nothing.
-      if (!answered && !res?.writableEnded) signal.abort(closeReason(req));
-    };
-    // A StreamRequest's stream closes when the compatibility layer's response would.
-    (res ?? (req as StreamRequest).stream).on("close", onClose);
-    // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
-    const encrypted =
-      "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
-    const authority = "authority" in req ? req.authority : req.headers.host;
-    const uReq = new AdapterRequest(
-      req.httpVersion,
-      req.method ?? "",
-      `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
-      req.headers,
-      // A StreamRequest's stream has an "error" listener of its own: an error destroys the
-      // stream, and its "close" before "end" tells the body reader the client went away.
-      bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes),
-      signal as unknown as AbortSignal,
-      options.contextValues?.(req),
-    );
-    const onError = (err: unknown) => {
-      onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Internal);
-      if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
-        logger?.error(
-          { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
-          "rpc handler failed",
-        );
-      }
-      if (res === undefined) {
-        const { stream } = req as StreamRequest;
-        // `respond` throws on a stream already closed (reset by the client): nothing to answer then.
-        if (stream.headersSent || stream.closed || stream.destroyed) stream.destroy();
-        else stream.respond({ ...common, ":status": 500 }, { endStream: true });
-      } else if (!res.headersSent) {
-        setHeaders(res, common);
-        res.statusCode = 500;
-        res.end();
-      } else {
-        res.destroy();
-      }
-    };
-    const unaryHandler = protocol && route.unary?.[protocol.kind];
-    if (unaryHandler) {
-      unaryHandler(uReq).then((answer) => {
-        answered = true;
-        const code = gone(req) ? Code.Canceled : answer.code;
-        writeUnaryAnswer(answer, req, res, errorBody, common);
-        onCallEnd?.(req, handler.method, protocol.kind, code);
-        // Answered before the body's end (refused while the client was still uploading).
-        stopUnreadBody(req, res, readMaxBytes);
-      }, onError);
-      return;
-    }
-    if (res === undefined) throw new Error("a StreamRequest the unary handlers do not serve");
-    setHeaders(res, common);
-    handler(uReq)
-      .then(
-        (uRes) =>
-          (uRes.status >= 400 && errorBody
-            ? writeErrorResponse(uRes, req, res, errorBody)
-            : writeResponse(uRes, res)
-          ).then((code) => onCallEnd?.(req, handler.method, protocolOf(req), code)),
-        onError,
-      )
-      .then(() => stopUnreadBody(req, res, readMaxBytes));
-  }
-}
-
-/** An RPC path: Connect's handler for it, and the unary handlers by protocol when it has them. */
-interface Route {
-  handler: UniversalHandler;
-  unary: Partial<Record<UnaryProtocol, UnaryHandler>> | undefined;
-}
-
-function isPromise(verdict: Verdict | Promise<Verdict>): verdict is Promise<Verdict> {
-  return typeof (verdict as Partial<Promise<Verdict>>).then === "function";
-}
-
-/** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
-function admitFailed(
-  handler: UniversalHandler,
-  err: unknown,
-  logger: Pick<Logger, "error"> | undefined,
-): ConnectError {
-  if (err instanceof ConnectError) return err;
-  logger?.error(
-    { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
-    "rpc admission failed",
-  );
-  return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
+  return serveCalls(paths, stock, options);
 }
 
 /**
@@ -338,9 +100,4 @@ function clientFaultDecompression(compression: Compression): Compression {
         throw e;
       }),
   };
-}
-
-function notFound(_req: NodeRequest, res: NodeResponse): void {
-  res.statusCode = 404;
-  res.end();
 }

@@ -10,8 +10,9 @@ import { serveRequests } from "./stream-server.js";
  * nothing else of src/transport/ is its concern.
  *
  * - `fast` (the default): Tessera's own bridge between Node and Connect's router
- *   (fast-adapter.ts, node-bridge.ts, node-response.ts), unary calls answered by
- *   unary-protocols.ts, over HTTP/2 straight from the stream (stream-server.ts).
+ *   (fast-adapter.ts builds the routes, stream-server.ts serves a call, over node-bridge.ts and
+ *   node-response.ts), unary calls answered by unary-call.ts, over HTTP/2 straight from the
+ *   stream.
  * - `connect`: connect-node's stock `connectNodeAdapter` serves every admitted call
  *   (stock-adapter.ts), through Node's compatibility layer.
  *

@@ -154,7 +154,6 @@ export function webHeaders(nodeHeaders: http.IncomingHttpHeaders): Headers {
  */
 export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable<Uint8Array> {
   const queue: Uint8Array[] = [];
-  let received = 0;
   // Set once the body is no longer read (too large, or the handler stopped): what still
   // arrives is dropped, and the request stays paused for the adapter to stop (stopUnreadBody).
   // Not an HTTP/2 one: a paused stream with data pending pauses its whole session's reads,
@@ -174,21 +173,24 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncI
     wake = undefined;
     w?.();
   };
-  req.on("data", (chunk: Buffer) => {
-    if (stopped) return;
-    received += chunk.byteLength;
-    if (received > maxBytes) {
+  onCappedData(
+    req,
+    maxBytes,
+    (chunk) => {
+      if (stopped) return;
+      queue.push(chunk);
+      if (queue.length > 8) req.pause();
+      notify();
+    },
+    () => {
+      if (stopped) return;
       stopped = true;
       queue.length = 0;
       if (!http2) req.pause();
       failure ??= new ConnectError(`request body larger than ${maxBytes} bytes`, Code.ResourceExhausted);
       notify();
-      return;
-    }
-    queue.push(chunk);
-    if (queue.length > 8) req.pause();
-    notify();
-  });
+    },
+  );
   // "on", not "once": each fires once, and "once" wraps every listener in one more closure.
   req.on("end", () => {
     ended = true;
@@ -234,4 +236,29 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncI
       };
     },
   };
+}
+
+/**
+ * Hand `req`'s body to `onChunk` chunk by chunk until more than `maxBytes` have come; then
+ * call `onOver` once, and drop what still arrives. The one size cap of a request body read
+ * from "data" events: the RPC bodies above, and the OAuth endpoints' forms (oauth/form.ts).
+ */
+export function onCappedData(
+  req: Readable,
+  maxBytes: number,
+  onChunk: (chunk: Buffer) => void,
+  onOver: () => void,
+): void {
+  let received = 0;
+  let over = false;
+  req.on("data", (chunk: Buffer) => {
+    if (over) return;
+    received += chunk.byteLength;
+    if (received > maxBytes) {
+      over = true;
+      onOver();
+      return;
+    }
+    onChunk(chunk);
+  });
 }

@@ -15,15 +15,10 @@ import type { CallErrorHook, UnaryProtocol } from "./unary-protocols.js";
 /**
  * What `createConnectHandler` (fast-adapter.ts) returns: a request listener whose `stream`
  * serves the HTTP/2 streams the unary handlers answer, as a StreamRequest without a response
- * object. `prepare`, when given, runs on that request before anything else
- * (server/request-handler.ts attaches its request state there).
+ * object (stream-server.ts serves both).
  */
 export interface ConnectHandler extends StreamingHandler {
-  stream(
-    stream: http2.ServerHttp2Stream,
-    headers: http2.IncomingHttpHeaders,
-    prepare?: (req: StreamRequest) => void,
-  ): boolean;
+  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): boolean;
   /** The RPC a request path (query string allowed) names, or undefined when none does. */
   methodOf(url: string | undefined): DescMethod | undefined;
 }
@@ -32,6 +27,12 @@ export interface ConnectHandler extends StreamingHandler {
 export interface ConnectHandlerOptions extends ConnectRouterOptions {
   routes(router: ConnectRouter): void;
   contextValues?: (req: NodeRequest) => ContextValues;
+  /**
+   * Runs first on a request served from its HTTP/2 stream (a StreamRequest), before anything
+   * else reads it: server/request-handler.ts attaches the request's facts there, as it does
+   * itself for the requests of the compatibility layer.
+   */
+  prepare?: (req: StreamRequest) => void;
   /** Requests for paths no RPC serves (default: 404). */
   fallback?: (req: NodeRequest, res: NodeResponse) => void;
   /**

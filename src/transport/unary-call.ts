@@ -1,155 +1,193 @@
 /**
- * The handler context of a unary call and the interceptor chain it runs, shared by every
- * protocol's handler (unary-connect.ts, unary-grpc.ts).
+ * A unary call, from its request body to its answer, in one place for every protocol:
+ * read and decode the one message, run the interceptors and the implementation
+ * (`invokeUnary`), encode the one answer. Connect's unary POST (JSON and binary) is
+ * `connectUnary`, gRPC and gRPC-Web are `grpcUnary`; the protocol details are Connect's own
+ * exported code, called as its handlers call it (see unary-protocols.ts for why this is
+ * written here), and the values a call makes (its context, envelopes) are beside it
+ * (call-context.ts, unary-core.ts).
  */
+import type { OutgoingHttpHeaders } from "node:http";
 import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import {
-  Code,
-  ConnectError,
-  createContextValues,
-  type HandlerContext,
-  type UnaryRequest as InterceptedRequest,
-  type UnaryResponse as InterceptedResponse,
-  type Interceptor,
+import type {
+  UnaryRequest as InterceptedRequest,
+  UnaryResponse as InterceptedResponse,
+  Interceptor,
 } from "@connectrpc/connect";
-import { getAbortSignalReason } from "@connectrpc/connect/protocol";
-import type { UnaryProtocol, UnaryRequest, UnarySpec } from "./unary-core.js";
+import {
+  compressionNegotiate,
+  encodeEnvelope,
+  envelopeCompress,
+  readAllBytes,
+} from "@connectrpc/connect/protocol";
+import * as connect from "@connectrpc/connect/protocol-connect";
+import * as grpc from "@connectrpc/connect/protocol-grpc";
+import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
+import { CallRequest, CallResponse, copyHeaders, ImplementationContext, UnaryCall } from "./call-context.js";
+import type { HandlerOptions, Lookup, UnaryHandler, UnarySpec } from "./unary-core.js";
+import {
+  asConnectError,
+  CALL_DONE,
+  callError,
+  concat,
+  EMPTY,
+  H,
+  headerOf,
+  nodeHeaders,
+  readOneEnvelopedMessage,
+} from "./unary-core.js";
 
-/**
- * The handler context of a unary call: what Connect's `createHandlerContext` gives the
- * interceptors and the implementation (the same members, and a real AbortSignal that
- * aborts when the client goes away, when the deadline passes, on shutdown, and when the
- * call ends), built with less, and how the call ends it (`abort`, as Connect's
- * `HandlerContextController`).
- *
- * Connect's makes two AbortControllers per call (one for a deadline even when there is
- * none) linked by listeners on both, copies the request headers and makes the response
- * headers and trailers. Here a timer runs only for a deadline, and what a call rarely
- * uses is made when first read: the request's Headers (by the adapter, for this call
- * alone), the response headers and trailers (see `responseHeader`), and the AbortSignal.
- * Node's AbortSignal is an EventTarget whose making, linking and aborting cost about 8 %
- * of a unary call in profiles, and no interceptor or implementation of Tessera's unary
- * RPCs reads it. Until it is read, the first reason the call was aborted with (the
- * request's or the shutdown signal's, the deadline's, the call's end) is kept, and a
- * signal made later starts in that state; test/unary-handlers.test.ts checks this against
- * Connect's, read during and after the call.
- *
- * A class, with getters on its prototype: an object literal with a getter gets a hidden
- * class of its own each time, which under load doubled the time of young generation GCs
- * (seen with `--trace-gc`).
- */
-export class UnaryCall implements HandlerContext {
-  readonly service: HandlerContext["service"];
-  readonly requestMethod: string;
-  readonly values: HandlerContext["values"];
-  readonly url: string;
-  readonly timeoutMs: () => number | undefined;
-  #controller: AbortController | undefined;
-  /** Why the call was aborted, while no signal exists yet. */
-  #early: { reason: unknown } | undefined;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-  #onAbort: ((this: AbortSignal) => void) | undefined;
-  #responseHeader: Headers | undefined;
-  #responseTrailer: Headers | undefined;
-
-  /**
-   * `initialHeader` and `initialTrailer` are what the protocol's handler sets before the
-   * call (content type, status "0"...): the response headers and trailers start with them.
-   */
-  constructor(
-    readonly method: UnarySpec["method"],
-    readonly protocolName: UnaryProtocol,
-    private readonly request: UnaryRequest,
-    private readonly shutdownSignal: AbortSignal | undefined,
-    timeoutMs: number | undefined,
-    private readonly initialHeader: Readonly<Record<string, string>>,
-    private readonly initialTrailer: Readonly<Record<string, string>> | undefined,
-  ) {
-    this.service = method.parent;
-    this.requestMethod = request.method;
-    this.values = request.contextValues ?? createContextValues();
-    this.url = request.url;
-    if (timeoutMs === undefined) {
-      this.timeoutMs = noDeadline;
-      return;
+/** The Connect protocol's unary POST, as Connect's `createUnaryHandler` serves it. */
+export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup): UnaryHandler {
+  return async function handleConnectUnary(req) {
+    const type = connect.parseContentType(headerOf(req, H.contentType));
+    const binary = type?.binary === true;
+    const timeout = connect.parseTimeout(headerOf(req, H.connectTimeout), opt.maxTimeoutMs);
+    const contentType = binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson;
+    const context = new UnaryCall(
+      spec.method,
+      "connect",
+      req,
+      opt.shutdownSignal,
+      timeout.timeoutMs,
+      { "content-type": contentType },
+      undefined,
+    );
+    const compression = compressionNegotiate(
+      opt.acceptCompression,
+      headerOf(req, H.connectEncoding),
+      headerOf(req, H.connectAcceptEncoding),
+      connect.headerUnaryAcceptEncoding,
+    );
+    let status = 200;
+    let code = 0;
+    let body: Uint8Array;
+    try {
+      if (compression.error) throw compression.error;
+      if (timeout.error) throw timeout.error;
+      let bytes = await readAllBytes(req.body, opt.readMaxBytes, headerOf(req, H.contentLength));
+      if (compression.request) bytes = await compression.request.decompress(bytes, opt.readMaxBytes);
+      const input = serialization.getI(binary).parse(bytes);
+      const output = await invokeUnary(spec, context, input, opt.interceptors);
+      body = serialization.getO(binary).serialize(output);
+    } catch (e) {
+      context.abort(e);
+      const answered = callError(opt, asConnectError(e), context, spec, req);
+      const error = answered instanceof Promise ? await answered : answered;
+      code = error.code;
+      status = connect.codeToHttpStatus(error.code);
+      context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
+      error.metadata.forEach((value, key) => {
+        context.responseHeader.set(key, value);
+      });
+      body = connect.errorToJsonBytes(error, opt.jsonOptions ?? {});
+    } finally {
+      context.abort(CALL_DONE);
     }
-    const deadline = Date.now() + timeoutMs;
-    this.timeoutMs = () => deadline - Date.now();
-    const expire = () => this.abort(new ConnectError("the operation timed out", Code.DeadlineExceeded));
-    if (timeoutMs <= 0) expire();
-    else this.#timer = setTimeout(expire, timeoutMs);
-  }
-
-  /**
-   * The response headers and trailers, made when first read. Until then they hold only
-   * their initial values (`responseTouched` is false), and the handlers write those
-   * without making fetch Headers at all.
-   */
-  get responseHeader(): Headers {
-    if (this.#responseHeader === undefined) this.#responseHeader = new Headers(this.initialHeader);
-    return this.#responseHeader;
-  }
-
-  get responseTrailer(): Headers {
-    if (this.#responseTrailer === undefined) this.#responseTrailer = new Headers(this.initialTrailer);
-    return this.#responseTrailer;
-  }
-
-  get responseTouched(): boolean {
-    return this.#responseHeader !== undefined || this.#responseTrailer !== undefined;
-  }
-
-  /** The request's headers, made by the adapter when first read (see `UnaryRequest`). */
-  get requestHeader(): Headers {
-    return this.request.header;
-  }
-
-  get signal(): AbortSignal {
-    if (this.#controller !== undefined) return this.#controller.signal;
-    const controller = new AbortController();
-    this.#controller = controller;
-    const aborted = this.#early ?? this.#linkedAbort();
-    if (aborted !== undefined) {
-      controller.abort(aborted.reason);
+    let encoding: string | undefined;
+    if (compression.response && body.byteLength >= opt.compressMinBytes) {
+      body = await compression.response.compress(body);
+      encoding = compression.response.name;
+    }
+    let header: OutgoingHttpHeaders;
+    if (context.responseTouched) {
+      if (encoding !== undefined) context.responseHeader.set(connect.headerUnaryEncoding, encoding);
+      header = nodeHeaders(connect.trailerMux(context.responseHeader, context.responseTrailer));
     } else {
-      const call = this;
-      this.#onAbort = function onAbort(this: AbortSignal) {
-        call.abort(getAbortSignalReason(this));
-      };
-      this.request.signal.addEventListener("abort", this.#onAbort);
-      this.shutdownSignal?.addEventListener("abort", this.#onAbort);
+      // Nothing read or changed the response headers or trailers: what they would hold.
+      header = { "content-type": contentType };
+      if (encoding !== undefined) header["content-encoding"] = encoding;
     }
-    return controller.signal;
-  }
-
-  /** Abort the call's signal (the first reason stays); the call ends with `abort(CALL_DONE)`. */
-  abort = (reason?: unknown): void => {
-    if (this.#timer !== undefined) {
-      clearTimeout(this.#timer);
-      this.#timer = undefined;
-    }
-    const controller = this.#controller;
-    if (controller === undefined) {
-      // A linked signal that aborted first gives the reason, as its listener would have.
-      this.#early ??= this.#linkedAbort() ?? { reason };
-      return;
-    }
-    if (this.#onAbort !== undefined) {
-      this.request.signal.removeEventListener("abort", this.#onAbort);
-      this.shutdownSignal?.removeEventListener("abort", this.#onAbort);
-      this.#onAbort = undefined;
-    }
-    if (!controller.signal.aborted) controller.abort(reason);
+    header["content-length"] = body.byteLength.toString(10);
+    return { status, header, body, plain: !context.responseTouched, code };
   };
-
-  #linkedAbort(): { reason: unknown } | undefined {
-    if (this.request.signal.aborted) return { reason: getAbortSignalReason(this.request.signal) };
-    if (this.shutdownSignal?.aborted) return { reason: getAbortSignalReason(this.shutdownSignal) };
-    return undefined;
-  }
 }
 
-const noDeadline = () => undefined;
+/**
+ * gRPC and gRPC-Web unary calls, as Connect's gRPC and gRPC-Web handlers serve them:
+ * status 200, the response headers, the enveloped message, and the status in the
+ * trailers (gRPC: HTTP trailers; gRPC-Web: a trailer frame at the end of the body).
+ */
+export function grpcUnary(
+  opt: HandlerOptions,
+  spec: UnarySpec,
+  serialization: Lookup,
+  web: boolean,
+): UnaryHandler {
+  const protocolName = web ? "grpc-web" : "grpc";
+  const types = web ? grpcWeb : grpc;
+  return async function handleGrpcUnary(req) {
+    const binary = types.parseContentType(headerOf(req, H.contentType))?.binary !== false;
+    const timeout = grpc.parseTimeout(headerOf(req, H.grpcTimeout), opt.maxTimeoutMs);
+    const compression = compressionNegotiate(
+      opt.acceptCompression,
+      headerOf(req, H.grpcEncoding),
+      headerOf(req, H.grpcAcceptEncoding),
+      grpc.headerAcceptEncoding,
+    );
+    const initialHeader: Record<string, string> = {
+      "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
+    };
+    if (compression.response) initialHeader["grpc-encoding"] = compression.response.name;
+    const context = new UnaryCall(
+      spec.method,
+      protocolName,
+      req,
+      opt.shutdownSignal,
+      timeout.timeoutMs,
+      initialHeader,
+      GRPC_OK,
+    );
+    let message: Uint8Array | undefined;
+    let code = 0;
+    try {
+      if (compression.error) throw compression.error;
+      if (timeout.error) throw timeout.error;
+      const input = await readOneEnvelopedMessage(
+        req.body,
+        opt.readMaxBytes,
+        compression.request,
+        serialization.getI(binary),
+        web ? grpcWeb.trailerFlag : undefined,
+      );
+      const output = await invokeUnary(spec, context, input, opt.interceptors);
+      const env = await envelopeCompress(
+        { flags: 0, data: serialization.getO(binary).serialize(output) },
+        compression.response,
+        opt.compressMinBytes,
+      );
+      message = encodeEnvelope(env.flags, env.data);
+      context.abort(CALL_DONE);
+    } catch (e) {
+      context.abort(e);
+      const answered = callError(opt, asConnectError(e), context, spec, req);
+      const error = answered instanceof Promise ? await answered : answered;
+      code = error.code;
+      grpc.setTrailerStatus(context.responseTrailer, error);
+    }
+    // Nothing read or changed the response headers or trailers: what they would hold.
+    const touched = context.responseTouched;
+    const header = touched ? nodeHeaders(context.responseHeader) : { ...initialHeader };
+    if (!web) {
+      const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
+      return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched, code };
+    }
+    const trailer = await envelopeCompress(
+      {
+        flags: grpcWeb.trailerFlag,
+        data: touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK,
+      },
+      compression.response,
+      opt.compressMinBytes,
+    );
+    const frame = encodeEnvelope(trailer.flags, trailer.data);
+    return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched, code };
+  };
+}
+
+/** The trailers of a successful gRPC call, and their gRPC-Web trailer frame's data. */
+const GRPC_OK: Readonly<Record<string, string>> = { "grpc-status": grpc.grpcStatusOk };
+const GRPC_WEB_OK = grpcWeb.trailerSerialize(new Headers(GRPC_OK));
 
 /**
  * The interceptor chain, then the implementation, as Connect's `invokeUnaryImplementation`
@@ -187,110 +225,4 @@ export async function invokeUnary(
     if (trailer !== undefined) copyHeaders(trailer, call.responseTrailer);
   }
   return res.message;
-}
-
-/** What the request and the response the interceptors see share: the call's method and service, and one message. */
-abstract class CallMessage {
-  readonly stream = false;
-  readonly method: UnarySpec["method"];
-  readonly service: HandlerContext["service"];
-
-  constructor(
-    protected readonly call: UnaryCall,
-    readonly message: MessageShape<DescMessage>,
-  ) {
-    this.method = call.method;
-    this.service = call.service;
-  }
-}
-
-/** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
-class CallResponse extends CallMessage implements InterceptedResponse {
-  get header(): Headers {
-    return this.call.responseHeader;
-  }
-
-  get trailer(): Headers {
-    return this.call.responseTrailer;
-  }
-}
-
-/** The request the interceptors see (Connect's `UnaryRequest`), its `header` and `signal` the call's, made when read. */
-class CallRequest extends CallMessage implements InterceptedRequest {
-  readonly requestMethod: string;
-  readonly url: string;
-  readonly contextValues: HandlerContext["values"];
-
-  constructor(call: UnaryCall, message: MessageShape<DescMessage>) {
-    super(call, message);
-    this.requestMethod = call.requestMethod;
-    this.url = call.url;
-    this.contextValues = call.values;
-  }
-
-  get header(): Headers {
-    return this.call.requestHeader;
-  }
-
-  get signal(): AbortSignal {
-    return this.call.signal;
-  }
-}
-
-/**
- * The implementation's context: the call's (response headers and trailers through getters,
- * made when first read), with the service, headers, signal and values of the request the
- * interceptors passed on (Connect's `mergeRequest`). An interceptor that passed on a copy
- * of the request (`{ ...req }`) dropped the getters `header` and `signal`; the call's
- * own, which they were, stand in.
- */
-class ImplementationContext implements HandlerContext {
-  readonly method: UnarySpec["method"];
-  readonly service: HandlerContext["service"];
-  readonly timeoutMs: () => number | undefined;
-  readonly requestMethod: string;
-  readonly protocolName: string;
-  readonly values: HandlerContext["values"];
-  readonly url: string;
-  readonly abort: (reason?: unknown) => void;
-  #call: UnaryCall;
-  #request: InterceptedRequest;
-
-  constructor(call: UnaryCall, req: InterceptedRequest) {
-    this.#call = call;
-    this.#request = req;
-    this.method = call.method;
-    this.service = req.service;
-    this.timeoutMs = call.timeoutMs;
-    this.requestMethod = call.requestMethod;
-    this.protocolName = call.protocolName;
-    this.values = req.contextValues;
-    this.url = call.url;
-    this.abort = call.abort;
-  }
-
-  get requestHeader(): Headers {
-    return (this.#request.header as Headers | undefined) ?? this.#call.requestHeader;
-  }
-
-  get responseHeader(): Headers {
-    return this.#call.responseHeader;
-  }
-
-  get responseTrailer(): Headers {
-    return this.#call.responseTrailer;
-  }
-
-  get signal(): AbortSignal {
-    return (this.#request.signal as AbortSignal | undefined) ?? this.#call.signal;
-  }
-}
-
-/** Replace the headers of `to` with those of `from` (nothing to do when they are the same object). */
-function copyHeaders(from: Headers, to: Headers): void {
-  if (from === to) return;
-  for (const key of [...to.keys()]) to.delete(key);
-  from.forEach((value, key) => {
-    to.set(key, value);
-  });
 }

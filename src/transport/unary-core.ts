@@ -1,17 +1,21 @@
 /**
- * What every unary protocol handler shares (unary-connect.ts, unary-grpc.ts): the request and
- * answer types, the request headers they read, and how a failed call's error is made.
+ * What the unary handlers (unary-call.ts) read and make: the request and answer types, the
+ * request headers they read, how a failed call's error is made, and the one enveloped
+ * message of a gRPC or gRPC-Web request body.
  */
 import type { OutgoingHttpHeaders } from "node:http";
 import { Code, ConnectError, type HandlerContext, type MethodImplSpec } from "@connectrpc/connect";
-import type {
-  createMethodSerializationLookup,
-  UniversalServerRequest,
-  validateUniversalHandlerOptions,
+import {
+  type Compression,
+  type createMethodSerializationLookup,
+  envelopeDecompress,
+  type Serialization,
+  type UniversalServerRequest,
+  type validateUniversalHandlerOptions,
 } from "@connectrpc/connect/protocol";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
-import type { UnaryCall } from "./unary-call.js";
+import type { UnaryCall } from "./call-context.js";
 
 /** The protocols a unary call is served in here. */
 export type UnaryProtocol = "connect" | "grpc" | "grpc-web";
@@ -131,4 +135,75 @@ export function asConnectError(e: unknown): ConnectError {
   return e instanceof ConnectError
     ? e
     : new ConnectError("internal error", Code.Internal, undefined, undefined, e);
+}
+
+export const EMPTY = new Uint8Array(0);
+
+/**
+ * The single message of an enveloped request body. Errors, and their order, are those of
+ * Connect's pipeline for a unary call (split, decompress and parse each envelope, then
+ * expect exactly one message): a message over `readMaxBytes` as soon as its length is
+ * known, a parse error of an extra message before "received extra input message", an
+ * incomplete envelope when the body ends. Envelopes flagged `skipFlag` (gRPC-Web
+ * trailers) are skipped, as Connect skips them. On an error the rest of the body is
+ * left unread.
+ */
+export async function readOneEnvelopedMessage<T>(
+  body: AsyncIterable<Uint8Array>,
+  readMaxBytes: number,
+  compression: Compression | null,
+  parser: Serialization<T>,
+  skipFlag: number | undefined,
+): Promise<T> {
+  const it = body[Symbol.asyncIterator]();
+  let pending: Uint8Array = EMPTY;
+  let found = false;
+  let input: T | undefined;
+  let finished = false;
+  try {
+    for (let r = await it.next(); r.done !== true; r = await it.next()) {
+      pending = pending.byteLength === 0 ? r.value : concat(pending, r.value);
+      while (pending.byteLength >= 5) {
+        const length = new DataView(pending.buffer, pending.byteOffset + 1, 4).getUint32(0);
+        if (length > readMaxBytes) {
+          throw new ConnectError(
+            `message size ${length} is larger than configured readMaxBytes ${readMaxBytes}`,
+            Code.ResourceExhausted,
+          );
+        }
+        if (pending.byteLength < 5 + length) break;
+        const flags = pending[0]!;
+        // A copy, as Connect's envelope decoder makes: parsed bytes fields may keep views of it.
+        const data = pending.slice(5, 5 + length);
+        pending = pending.subarray(5 + length);
+        const env = await envelopeDecompress({ flags, data }, compression, readMaxBytes);
+        if (skipFlag !== undefined && (env.flags & skipFlag) === skipFlag) continue;
+        const parsed = parser.parse(env.data);
+        if (found) {
+          throw new ConnectError(
+            "protocol error: received extra input message for unary method",
+            Code.Unimplemented,
+          );
+        }
+        found = true;
+        input = parsed;
+      }
+    }
+    finished = true;
+  } finally {
+    // Stop reading: the adapter's body discards what is left.
+    if (!finished) it.return?.().catch(() => undefined);
+  }
+  if (pending.byteLength > 0)
+    throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+  if (!found)
+    throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
+  return input as T;
+}
+
+export function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
+  const out = new Uint8Array(a.byteLength + b.byteLength);
+  out.set(a, 0);
+  out.set(b, a.byteLength);
+  return out;
 }

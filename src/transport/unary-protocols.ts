@@ -22,10 +22,10 @@
  * successes and for each kind of failure. Streaming calls, Connect GET and gRPC-Web text
  * stay with Connect.
  *
- * This file makes a method's handlers, one per protocol, from the modules over a shared core:
- * unary-connect.ts (Connect, JSON and binary), unary-grpc.ts (gRPC and gRPC-Web),
- * unary-call.ts (the handler context and the interceptor chain), unary-core.ts (the types,
- * the request headers read, the error of a failed call).
+ * This file makes a method's handlers, one per protocol, when the routes are built: the
+ * handlers themselves are unary-call.ts (a call from its body to its answer, interceptors
+ * and implementation included), over call-context.ts (the handler context) and
+ * unary-core.ts (the types, the request headers read, the error of a failed call, envelopes).
  */
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -35,7 +35,7 @@ import {
   type UniversalHandlerOptions,
   validateUniversalHandlerOptions,
 } from "@connectrpc/connect/protocol";
-import { connectUnary } from "./unary-connect.js";
+import { connectUnary, grpcUnary } from "./unary-call.js";
 import type {
   CallErrorHook,
   HandlerOptions,
@@ -44,7 +44,6 @@ import type {
   UnaryProtocol,
   UnarySpec,
 } from "./unary-core.js";
-import { grpcUnary } from "./unary-grpc.js";
 
 export {
   type CallErrorHook,

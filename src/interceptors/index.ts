@@ -1,0 +1,74 @@
+import type { Interceptor } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import { auditCall, auditReason } from "../admission/audit.js";
+import { authRuleFor } from "../admission/auth-rule.js";
+import type { AuditLog } from "../audit.js";
+import { requestState } from "../context.js";
+import { toWireError } from "./errors.js";
+import { assertInputMessage } from "./input.js";
+
+/**
+ * The interceptors around every call, in the order app.ts chains them: errors (outermost),
+ * admission (src/admission/index.ts), audit, input checks (innermost), then the service
+ * method. Each only decides where the call goes; what it computes is beside it: an error's
+ * wire form (errors.ts), an audit record (admission/audit.ts), the input checks (input.ts).
+ */
+
+/**
+ * Outermost interceptor: every error leaves as a ConnectError carrying a stable reason
+ * and the request id; unexpected errors are logged (with the request id, never the
+ * request) and become Internal. Also applies headers other interceptors queued.
+ */
+export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
+  return (next) => async (req) => {
+    const state = requestState(req.contextValues);
+    try {
+      const res = await next(req);
+      if (state.responseHeaders)
+        for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
+      return res;
+    } catch (err) {
+      throw toWireError(err, state, `${req.service.typeName}/${req.method.name}`, deps.logger);
+    }
+  };
+}
+
+/**
+ * Audit interceptor: records every call admission let in to a method whose rule says
+ * `audit`, successful or failed, with actor, action, target id and outcome. The calls
+ * admission refuses are recorded by admission itself (src/admission/), which this runs after.
+ */
+export function createAuditInterceptor(deps: { audit: AuditLog }): Interceptor {
+  return (next) => (req) => {
+    // Reads are not written: they pass straight on, without an async frame of their own.
+    if (!authRuleFor(req.method).audit) return next(req);
+    return audited(next, req);
+  };
+
+  async function audited(next: Parameters<Interceptor>[0], req: Parameters<Parameters<Interceptor>[0]>[0]) {
+    const state = requestState(req.contextValues);
+    const message = req.stream ? undefined : req.message;
+    try {
+      const res = await next(req);
+      auditCall(deps.audit, state, req.method, message, "success", null);
+      return res;
+    } catch (err) {
+      auditCall(deps.audit, state, req.method, message, "failure", auditReason(err));
+      throw err;
+    }
+  }
+}
+
+/**
+ * Validates every string field of a unary request before the implementation sees it:
+ * one layer for the whole API, generated from the descriptors, so no field can be
+ * forgotten. Runs after authentication and authorization (innermost), so a caller who
+ * may not call a method learns nothing from it. Streaming requests (reflection) never
+ * reach the database and are left alone.
+ */
+export function createInputInterceptor(): Interceptor {
+  return (next) => (req) => {
+    if (!req.stream) assertInputMessage(req.method.input, req.message);
+    return next(req);
+  };
+}
