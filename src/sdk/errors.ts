@@ -44,7 +44,6 @@ export function errorDetail(
  * ConnectError` anyway. The original `ConnectError` is kept as `cause`.
  */
 export class TesseraClientError extends Error {
-  override name = "TesseraClientError";
   /** The Connect (gRPC) status code. */
   readonly code: Code;
   /** The server's stable reason (ErrorInfo.reason), e.g. "TOKEN_EXPIRED"; undefined when the server sent none. */
@@ -77,18 +76,13 @@ export interface ClientErrorInit {
 }
 
 /** Unauthenticated: no credential, or one the server does not accept (reason says why). */
-export class AuthenticationError extends TesseraClientError {
-  override name = "AuthenticationError";
-}
+export class AuthenticationError extends TesseraClientError {}
 
 /** Unauthenticated with reason TOKEN_EXPIRED: refresh the session or log in again. */
-export class TokenExpiredError extends AuthenticationError {
-  override name = "TokenExpiredError";
-}
+export class TokenExpiredError extends AuthenticationError {}
 
 /** PermissionDenied: authenticated, but the credential lacks a scope or the principal kind is not admitted. */
 export class PermissionDeniedError extends TesseraClientError {
-  override name = "PermissionDeniedError";
   /** The scopes the method requires, when the server named them. */
   get requiredScopes(): string[] {
     const s = this.details.required_scopes;
@@ -97,23 +91,16 @@ export class PermissionDeniedError extends TesseraClientError {
 }
 
 /** NotFound: the resource does not exist or belongs to another tenant. */
-export class NotFoundError extends TesseraClientError {
-  override name = "NotFoundError";
-}
+export class NotFoundError extends TesseraClientError {}
 
 /** InvalidArgument: the request is malformed; `details.field` may name the field. */
-export class InvalidArgumentError extends TesseraClientError {
-  override name = "InvalidArgumentError";
-}
+export class InvalidArgumentError extends TesseraClientError {}
 
 /** AlreadyExists: a resource with that name exists. */
-export class AlreadyExistsError extends TesseraClientError {
-  override name = "AlreadyExistsError";
-}
+export class AlreadyExistsError extends TesseraClientError {}
 
 /** ResourceExhausted: rate limited. Wait `retryAfter` seconds before trying again. */
 export class RateLimitedError extends TesseraClientError {
-  override name = "RateLimitedError";
   /** Seconds to wait, from the Retry-After header or trailer; undefined when absent. */
   readonly retryAfter: number | undefined;
 
@@ -124,9 +111,7 @@ export class RateLimitedError extends TesseraClientError {
 }
 
 /** Unavailable: the server cannot be reached (wrong address, TLS refused, down) or is not ready. */
-export class UnavailableError extends TesseraClientError {
-  override name = "UnavailableError";
-}
+export class UnavailableError extends TesseraClientError {}
 
 /**
  * A client-side configuration problem: an unreadable certificate file, a malformed
@@ -137,7 +122,6 @@ export class UnavailableError extends TesseraClientError {
  * one `catch` clause sees them all.
  */
 export class ClientConfigError extends TesseraClientError {
-  override name = "ClientConfigError";
   /** The file the problem is about, when there is one. */
   readonly path: string | undefined;
 
@@ -148,9 +132,7 @@ export class ClientConfigError extends TesseraClientError {
 }
 
 /** The credentials file is readable or writable by group or others, or owned by someone else. */
-export class CredentialsFileError extends ClientConfigError {
-  override name = "CredentialsFileError";
-}
+export class CredentialsFileError extends ClientConfigError {}
 
 /** Parse a Retry-After value (delta-seconds or an HTTP date) into seconds. */
 export function parseRetryAfter(value: string | null | undefined, now = Date.now()): number | undefined {
@@ -262,3 +244,20 @@ function tlsFailure(ce: ConnectError): { message: string } | undefined {
   }
   return undefined;
 }
+
+// Each class's `name`, set once on its prototype from this table (as Error.prototype's
+// own: not enumerable): an object's keys survive a minifier that renames the classes.
+for (const [name, cls] of Object.entries({
+  TesseraClientError,
+  AuthenticationError,
+  TokenExpiredError,
+  PermissionDeniedError,
+  NotFoundError,
+  InvalidArgumentError,
+  AlreadyExistsError,
+  RateLimitedError,
+  UnavailableError,
+  ClientConfigError,
+  CredentialsFileError,
+}))
+  Object.defineProperty(cls.prototype, "name", { value: name, writable: true, configurable: true });
