@@ -38,9 +38,8 @@ export interface ApiTokenVerifierOptions {
 const UNKNOWN = "token is not recognised";
 
 /** The token's scopes cut down to what its owner holds now (once per token state: the repository hands out the same one until the row changes). */
-const effectiveScopes = oncePerRow(
-  (token: ApiTokenState): string[] =>
-    Object.freeze(intersectScopes(token.scopes, token.userScopes)) as string[],
+const effectiveScopes = oncePerRow((token: ApiTokenState): string[] =>
+  intersectScopes(token.scopes, token.userScopes),
 );
 
 /**
