@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { type ErrorInfo, ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import type { TesseraAuthReason } from "./sdk/server/errors.js";
 
 /**
  * The `domain` of the `google.rpc.ErrorInfo` every Tessera error carries: the product, not
@@ -36,26 +37,17 @@ export function tesseraErrorInfo(err: ConnectError): ErrorInfo | undefined {
 /**
  * Stable reason codes of Tessera errors. Clients (and tests) switch on these; the
  * message is for humans and may change. Each maps to exactly one Connect code in
- * {@link REASONS}, the one place that decides codes, HTTP statuses and headers.
+ * {@link REASONS}, the one place that decides codes, HTTP statuses and headers. The
+ * refusals of authentication are the SDK's (a service Tessera protects refuses with the
+ * same words); the SDK ships without the server, so the server takes them from it.
  */
 export type ErrorReason =
-  | "AUTH_REQUIRED"
-  | "AUTH_HEADER_MALFORMED"
+  | TesseraAuthReason
   | "MULTIPLE_CREDENTIALS"
-  | "TOKEN_INVALID"
-  | "TOKEN_EXPIRED"
-  | "TOKEN_REVOKED"
-  | "TOKEN_NOT_BOUND"
-  | "CREDENTIALS_INVALID"
-  | "PRINCIPAL_DISABLED"
-  | "ACCESS_DENIED"
-  | "PRINCIPAL_NOT_ALLOWED"
   | "INVALID_ARGUMENT"
   | "NOT_FOUND"
   | "ALREADY_EXISTS"
   | "FAILED_PRECONDITION"
-  | "RATE_LIMITED"
-  | "UNAVAILABLE"
   | "INTERNAL";
 
 interface ReasonSpec {
@@ -211,27 +203,19 @@ export function toConnectError(
 
 /** The reason of an error that carries only a Connect code (raised by Connect itself: framing, parsing, limits). */
 export function reasonForCode(code: Code): ErrorReason {
-  switch (code) {
-    case Code.Unauthenticated:
-      return "TOKEN_INVALID";
-    case Code.PermissionDenied:
-      return "ACCESS_DENIED";
-    case Code.InvalidArgument:
-      return "INVALID_ARGUMENT";
-    case Code.NotFound:
-      return "NOT_FOUND";
-    case Code.AlreadyExists:
-      return "ALREADY_EXISTS";
-    case Code.FailedPrecondition:
-      return "FAILED_PRECONDITION";
-    case Code.ResourceExhausted:
-      return "RATE_LIMITED";
-    case Code.Unavailable:
-      return "UNAVAILABLE";
-    default:
-      return "INTERNAL";
-  }
+  return REASON_OF_CODE[code] ?? "INTERNAL";
 }
+
+const REASON_OF_CODE: Partial<Record<Code, ErrorReason>> = {
+  [Code.Unauthenticated]: "TOKEN_INVALID",
+  [Code.PermissionDenied]: "ACCESS_DENIED",
+  [Code.InvalidArgument]: "INVALID_ARGUMENT",
+  [Code.NotFound]: "NOT_FOUND",
+  [Code.AlreadyExists]: "ALREADY_EXISTS",
+  [Code.FailedPrecondition]: "FAILED_PRECONDITION",
+  [Code.ResourceExhausted]: "RATE_LIMITED",
+  [Code.Unavailable]: "UNAVAILABLE",
+};
 
 /** Shorthands for the common cases. */
 export const errors = {

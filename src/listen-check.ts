@@ -1,4 +1,5 @@
 import { createServer } from "node:net";
+import { errnoWords } from "./sdk/errno.js";
 
 /** Where the server listens. */
 export interface ListenAddress {
@@ -8,16 +9,9 @@ export interface ListenAddress {
 
 /** A listen failure as one line naming the address. */
 export function listenError(err: Error, at: ListenAddress): Error {
-  const code = (err as NodeJS.ErrnoException).code;
-  const why =
-    code === "EADDRINUSE"
-      ? "address already in use"
-      : code === "EACCES"
-        ? "permission denied"
-        : code === "EADDRNOTAVAIL"
-          ? "address not available"
-          : err.message;
-  return new Error(`cannot listen on ${at.host}:${at.port}: ${why}`, { cause: err });
+  return new Error(`cannot listen on ${at.host}:${at.port}: ${errnoWords(err) ?? err.message}`, {
+    cause: err,
+  });
 }
 
 /**

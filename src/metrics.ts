@@ -97,6 +97,26 @@ interface CallChildren {
   duration: { observe(value: number): void };
 }
 
+/**
+ * A count of finished requests and their latency histogram, of the same labels; the
+ * function returned makes one label set's pair of prom-client children.
+ */
+function requestMetrics(
+  registry: Registry,
+  labelNames: readonly string[],
+  requests: { name: string; help: string },
+  duration: { name: string; help: string },
+): (...labels: string[]) => CallChildren {
+  const counter = new Counter({ ...requests, labelNames, registers: [registry] });
+  const histogram = new Histogram({
+    ...duration,
+    labelNames,
+    buckets: DURATION_BUCKETS,
+    registers: [registry],
+  });
+  return (...labels) => ({ requests: counter.labels(...labels), duration: histogram.labels(...labels) });
+}
+
 /** Create the registry and every metric of a Tessera app. */
 export function createMetrics(sources: MetricsSources): Metrics {
   const registry = new Registry();
@@ -109,26 +129,22 @@ export function createMetrics(sources: MetricsSources): Metrics {
     registers: [registry],
   }).set({ version: VERSION }, 1);
 
-  const callLabels = ["service", "method", "protocol", "code"] as const;
-  const requests = new Counter({
-    name: "tessera_rpc_requests_total",
-    help: "RPCs finished, by service, method, protocol (connect, grpc, grpc-web) and code (ok or the Connect error code).",
-    labelNames: callLabels,
-    registers: [registry],
-  });
-  const duration = new Histogram({
-    name: "tessera_rpc_duration_seconds",
-    help: "Time from a call's arrival to its answer (for streams: to their end), in seconds.",
-    labelNames: callLabels,
-    buckets: DURATION_BUCKETS,
-    registers: [registry],
-  });
+  const callMetrics = requestMetrics(
+    registry,
+    ["service", "method", "protocol", "code"],
+    {
+      name: "tessera_rpc_requests_total",
+      help: "RPCs finished, by service, method, protocol (connect, grpc, grpc-web) and code (ok or the Connect error code).",
+    },
+    {
+      name: "tessera_rpc_duration_seconds",
+      help: "Time from a call's arrival to its answer (for streams: to their end), in seconds.",
+    },
+  );
   // Per method, per protocol, per code: the prom-client children, made on first use.
   const calls = new Map<DescMethod, Partial<Record<UnaryProtocol, (CallChildren | undefined)[]>>>();
-  const callChildren = (method: DescMethod, protocol: UnaryProtocol, code: number): CallChildren => {
-    const labels = [method.parent.typeName, method.name, protocol, code === 0 ? "ok" : codeToString(code)];
-    return { requests: requests.labels(...labels), duration: duration.labels(...labels) };
-  };
+  const callChildren = (method: DescMethod, protocol: UnaryProtocol, code: number): CallChildren =>
+    callMetrics(method.parent.typeName, method.name, protocol, code === 0 ? "ok" : codeToString(code));
 
   const auth = new Counter({
     name: "tessera_auth_attempts_total",
@@ -140,20 +156,18 @@ export function createMetrics(sources: MetricsSources): Metrics {
 
   // The OAuth 2.0 endpoints: labels from fixed sets (the served paths, GET/HEAD/POST/OTHER,
   // the statuses and RFC 6749 error codes the endpoints answer with).
-  const httpLabels = ["endpoint", "status", "error"] as const;
-  const httpRequests = new Counter({
-    name: "tessera_http_requests_total",
-    help: "Requests to the plain HTTP endpoints that are not RPCs (OAuth 2.0), by endpoint (method and path), HTTP status and OAuth error code (empty on success).",
-    labelNames: httpLabels,
-    registers: [registry],
-  });
-  const httpDuration = new Histogram({
-    name: "tessera_http_request_duration_seconds",
-    help: "Time from such a request's arrival to its answer, in seconds.",
-    labelNames: httpLabels,
-    buckets: DURATION_BUCKETS,
-    registers: [registry],
-  });
+  const httpMetrics = requestMetrics(
+    registry,
+    ["endpoint", "status", "error"],
+    {
+      name: "tessera_http_requests_total",
+      help: "Requests to the plain HTTP endpoints that are not RPCs (OAuth 2.0), by endpoint (method and path), HTTP status and OAuth error code (empty on success).",
+    },
+    {
+      name: "tessera_http_request_duration_seconds",
+      help: "Time from such a request's arrival to its answer, in seconds.",
+    },
+  );
   const httpChildren = new Map<string, CallChildren>();
 
   const stopWaits = registerComponentMetrics(registry, sources);
@@ -192,8 +206,7 @@ export function createMetrics(sources: MetricsSources): Metrics {
       const key = `${endpoint}\0${status}\0${error}`;
       let children = httpChildren.get(key);
       if (children === undefined) {
-        const labels = [endpoint, String(status), error];
-        children = { requests: httpRequests.labels(...labels), duration: httpDuration.labels(...labels) };
+        children = httpMetrics(endpoint, String(status), error);
         httpChildren.set(key, children);
       }
       children.requests.inc();

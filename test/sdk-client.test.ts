@@ -272,7 +272,14 @@ describe("UserAPI configuration errors", () => {
 
   it("names the missing ca.crt of a cert folder", () => {
     const d = dir();
-    expect(() => new UserAPI({ certFolder: d })).toThrow(join(d, "ca.crt"));
+    expect(() => new UserAPI({ certFolder: d })).toThrow(
+      `cannot read CA certificate ${join(d, "ca.crt")}: no such file`,
+    );
+  });
+
+  it("says the errno code of a file error it has no words for", () => {
+    const d = dir();
+    expect(() => new UserAPI({ caFile: d })).toThrow(`cannot read CA file ${d}: EISDIR`);
   });
 
   it("names the missing half of a client certificate pair", async () => {

@@ -5,8 +5,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { ErrorInfoSchema as LegacyErrorInfoSchema } from "../gen/tessera/v1/error_details_pb.js";
 import {
+  AlreadyExistsError,
   AuthenticationError,
+  ClientConfigError,
   Code,
+  CredentialsFileError,
   InvalidArgumentError,
   NotFoundError,
   PermissionDeniedError,
@@ -240,5 +243,29 @@ describe("the error detail the SDK reads", () => {
     expect(err).toBeInstanceOf(AuthenticationError);
     expect(err).not.toBeInstanceOf(TokenExpiredError);
     expect(err.reason).toBeUndefined();
+  });
+});
+
+describe("the error classes' names", () => {
+  it("each class is named as it is spelled, in String(err) and err.name, and the name is not an own key", () => {
+    const init = { code: Code.Unknown };
+    const errors: [Error, string][] = [
+      [new TesseraClientError("m", init), "TesseraClientError"],
+      [new AuthenticationError("m", init), "AuthenticationError"],
+      [new TokenExpiredError("m", init), "TokenExpiredError"],
+      [new PermissionDeniedError("m", init), "PermissionDeniedError"],
+      [new NotFoundError("m", init), "NotFoundError"],
+      [new InvalidArgumentError("m", init), "InvalidArgumentError"],
+      [new AlreadyExistsError("m", init), "AlreadyExistsError"],
+      [new RateLimitedError("m", init), "RateLimitedError"],
+      [new UnavailableError("m", init), "UnavailableError"],
+      [new ClientConfigError("m"), "ClientConfigError"],
+      [new CredentialsFileError("m"), "CredentialsFileError"],
+    ];
+    for (const [err, name] of errors) {
+      expect(err.name).toBe(name);
+      expect(String(err)).toBe(`${name}: m`);
+      expect(Object.keys(err)).not.toContain("name");
+    }
   });
 });

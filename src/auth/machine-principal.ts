@@ -19,6 +19,7 @@ import {
 } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
+import { storedSecretVerifier } from "./stored-secret.js";
 import { parseToken } from "./token-format.js";
 
 /**
@@ -183,45 +184,16 @@ export function createMachineBearerVerifier(
       expiresAt: cred.expiresAt,
     });
   }
-  return {
+  return storedSecretVerifier(secrets, machines, {
     name: "machine-token",
-    // `verify` without a promise, for a token whose secret the cache knows and whose rows are
-    // read synchronously (SQLite): admission then needs no no-hashing scope for it.
-    verifyNow(token, state) {
-      const presented = ours(token);
-      if (presented === null) return null;
-      const cred = machines.byCredentialNow(presented.id);
-      if (cred === undefined) return undefined;
-      assertUsable(cred, state);
-      if (
-        !secrets.knows(
-          `machine:${cred.credentialId}`,
-          presented.secret,
-          cred.secretHash,
-          machines.digestOf(cred),
-        )
-      )
-        return undefined;
-      return accepted(cred, state);
-    },
-    async verify(token, state) {
-      const presented = ours(token);
-      if (presented === null) return null;
-      const cred = await machines.byCredential(presented.id);
-      assertUsable(cred, state);
-      if (
-        !(await secrets.verify(
-          `machine:${cred.credentialId}`,
-          presented.secret,
-          cred.secretHash,
-          machines.sharedDigest(cred),
-        ))
-      ) {
-        throw new TesseraError("TOKEN_INVALID", "token is not recognised");
-      }
-      return accepted(cred, state);
-    },
-  };
+    ours,
+    readNow: (presented) => machines.byCredentialNow(presented.id),
+    read: (presented) => machines.byCredential(presented.id),
+    assertUsable,
+    namespace: (cred) => `machine:${cred.credentialId}`,
+    accepted,
+    unknown: "token is not recognised",
+  });
 }
 
 /**

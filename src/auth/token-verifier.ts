@@ -9,6 +9,7 @@ import type { LastUsedTracker } from "./last-used.js";
 import { type Principal, TENANT_DISABLED_MESSAGE, walledOff } from "./principal.js";
 import { intersectScopes } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
+import { storedSecretVerifier } from "./stored-secret.js";
 import { parseToken } from "./token-format.js";
 
 /** The table of personal access tokens and API keys (also the LastUsedTracker target). */
@@ -38,9 +39,8 @@ export interface ApiTokenVerifierOptions {
 const UNKNOWN = "token is not recognised";
 
 /** The token's scopes cut down to what its owner holds now (once per token state: the repository hands out the same one until the row changes). */
-const effectiveScopes = oncePerRow(
-  (token: ApiTokenState): string[] =>
-    Object.freeze(intersectScopes(token.scopes, token.userScopes)) as string[],
+const effectiveScopes = oncePerRow((token: ApiTokenState): string[] =>
+  intersectScopes(token.scopes, token.userScopes),
 );
 
 /**
@@ -96,8 +96,8 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
   /** Refuse a token that may not authenticate now, before its secret is looked at (step 3). */
   function assertUsable(
     token: ApiTokenState | null,
-    kind: ApiTokenKind,
     state: RequestState,
+    { kind }: { kind: ApiTokenKind },
   ): asserts token is ApiTokenState {
     // A token of the other kind with a matching id is as unknown as no row at all, and so
     // is one behind a verification's tenant wall.
@@ -140,40 +140,14 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     };
   }
 
-  return {
+  return storedSecretVerifier(secrets, credentials, {
     name: "api-token",
-    // The same steps as `verify`, for a token whose secret the cache already knows and whose
-    // row is read synchronously (SQLite): decided without a promise, so that admission needs
-    // no no-hashing scope for it (src/admission/). Anything else: undefined, and `verify`.
-    verifyNow(token: string, state: RequestState): Principal | null | undefined {
-      const presented = ours(token);
-      if (presented === null) return null;
-      const found = credentials.apiTokenNow(presented.id);
-      if (found === undefined) return undefined;
-      assertUsable(found, presented.kind, state);
-      if (
-        !secrets.knows(`token:${found.id}`, presented.secret, found.secretHash, credentials.digestOf(found))
-      )
-        return undefined;
-      return accepted(found, state);
-    },
-    async verify(token: string, state: RequestState): Promise<Principal | null> {
-      const presented = ours(token);
-      if (presented === null) return null;
-      const found = await credentials.apiToken(presented.id);
-      assertUsable(found, presented.kind, state);
-      // Only now the expensive part: a refused token never costs PBKDF2.
-      if (
-        !(await secrets.verify(
-          `token:${found.id}`,
-          presented.secret,
-          found.secretHash,
-          credentials.sharedDigest(found),
-        ))
-      ) {
-        throw new TesseraError("TOKEN_INVALID", UNKNOWN);
-      }
-      return accepted(found, state);
-    },
-  };
+    ours,
+    readNow: (presented) => credentials.apiTokenNow(presented.id),
+    read: (presented) => credentials.apiToken(presented.id),
+    assertUsable,
+    namespace: (token) => `token:${token.id}`,
+    accepted,
+    unknown: UNKNOWN,
+  });
 }

@@ -1,4 +1,5 @@
 import { type Command, InvalidArgumentError as CommanderArgumentError, Option } from "commander";
+import { CLIENT_ENV } from "../sdk/client-env.js";
 
 /**
  * The client commands' tree: names, flags and help. It imports only commander, so that
@@ -7,20 +8,8 @@ import { type Command, InvalidArgumentError as CommanderArgumentError, Option } 
  * descriptors, the output helpers) when it runs.
  */
 
-/**
- * The client environment variables, spelled out here rather than imported from the SDK
- * (whose module would load with `--help`); test/cli-lazy.test.ts checks they equal the
- * SDK's `CLIENT_ENV`.
- */
-export const CLIENT_ENV_NAMES = {
-  token: "TESSERA_TOKEN",
-  server: "TESSERA_SERVER",
-  certFolder: "TESSERA_CERT_FOLDER",
-  caFile: "TESSERA_CA_FILE",
-  profile: "TESSERA_PROFILE",
-  credentialsFile: "TESSERA_CREDENTIALS_FILE",
-} as const;
-const ENV = CLIENT_ENV_NAMES;
+/** The client environment variables: the SDK's module of them imports nothing, so `--help` loads no more. */
+const ENV = CLIENT_ENV;
 
 /**
  * Each command group's actions, a module of their own: a command loads its group's only
@@ -38,9 +27,14 @@ const GROUPS = {
 };
 type Groups = typeof GROUPS;
 
+type Action = (...args: unknown[]) => Promise<void>;
+
 /** An action of `group` that loads its implementation when it runs. */
-function lazy<G extends keyof Groups>(group: G, name: keyof Awaited<ReturnType<Groups[G]>>["actions"]) {
-  return async (...args: unknown[]): Promise<void> => {
+function lazy<G extends keyof Groups>(
+  group: G,
+  name: keyof Awaited<ReturnType<Groups[G]>>["actions"],
+): Action {
+  return async (...args) => {
     const { actions } = (await GROUPS[group]()) as { actions: Record<PropertyKey, unknown> };
     await (actions[name] as (...a: unknown[]) => Promise<void>)(...args);
   };
@@ -67,6 +61,42 @@ function textValue(what: string) {
     if (value.trim() === "") throw new CommanderArgumentError(`${what} must not be empty`);
     return value;
   };
+}
+
+/** `parent <name> <id>`: a subcommand acting on one `what` named by its id. */
+function onId(parent: Command, name: string, what: string, description: string): Command {
+  return parent
+    .command(name)
+    .description(description)
+    .argument("<id>", `${what} id`, idValue(`${what} id`));
+}
+
+/** `parent create <name>`: a subcommand creating a `what` of that name. */
+function creating(parent: Command, what: string, description: string): Command {
+  return parent
+    .command("create")
+    .description(description)
+    .argument("<name>", `${what} name`, textValue(`${what} name`));
+}
+
+/** `disable <id>` and `enable <id>` of `what`, both running `action` (which tells them apart by name). */
+function disableEnable(parent: Command, what: string, disable: string, enable: string, action: Action): void {
+  onId(parent, "disable", what, disable).action(action);
+  onId(parent, "enable", what, enable).action(action);
+}
+
+/** `--tenant <id>`, with its help. */
+export function tenantOption(help: string): Option {
+  return new Option("--tenant <id>", help).argParser(idValue("--tenant"));
+}
+
+/** `parent list [--tenant <id>]`: a list that one tenant's id narrows. */
+function tenantList(parent: Command, description: string, action: Action): void {
+  parent
+    .command("list")
+    .description(description)
+    .addOption(tenantOption("only this tenant's"))
+    .action(action);
 }
 
 /** Repeatable flags collect their values. */
@@ -153,49 +183,38 @@ function registerUserCommands(program: Command): void {
     .description("create a user holding at most your scopes (password prompted or --password-stdin)")
     .argument("<username>", "username, unique within the tenant", textValue("username"))
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: none)", collect)
-    .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
+    .addOption(tenantOption("tenant (default: yours; another needs *)"))
     .option("--password-stdin", "read the password from stdin instead of prompting")
     .action(lazy("users", "userCreate"));
 
   user.command("list").description("list the users of your tenant").action(lazy("users", "userList"));
 
-  user
-    .command("get")
-    .description("show a user")
-    .argument("<id>", "user id", idValue("user id"))
-    .action(lazy("users", "userGet"));
+  onId(user, "get", "user", "show a user").action(lazy("users", "userGet"));
 
-  user
-    .command("update")
-    .description("change a user's scopes")
-    .argument("<id>", "user id", idValue("user id"))
+  onId(user, "update", "user", "change a user's scopes")
     .option("-s, --scopes <scopes>", "the new scopes, comma-separated (repeatable)", collect)
     .option("--no-scopes", "remove every scope")
     .option("--revoke-tokens", "also revoke the user's tokens and sessions")
     .action(lazy("users", "userUpdate"));
 
-  for (const verb of ["disable", "enable"] as const) {
-    user
-      .command(verb)
-      .description(
-        verb === "disable"
-          ? "disable a user: its sessions, tokens and logins are refused"
-          : "re-enable a disabled user",
-      )
-      .argument("<id>", "user id", idValue("user id"))
-      .action(lazy("users", "userSetDisabled"));
-  }
+  disableEnable(
+    user,
+    "user",
+    "disable a user: its sessions, tokens and logins are refused",
+    "re-enable a disabled user",
+    lazy("users", "userSetDisabled"),
+  );
 
-  user
-    .command("delete")
-    .description("delete a user with its sessions and tokens")
-    .argument("<id>", "user id", idValue("user id"))
-    .action(lazy("users", "userDelete"));
+  onId(user, "delete", "user", "delete a user with its sessions and tokens").action(
+    lazy("users", "userDelete"),
+  );
 
-  user
-    .command("reset-password")
-    .description("set a user's password (prompted or --password-stdin); ends the user's sessions")
-    .argument("<id>", "user id", idValue("user id"))
+  onId(
+    user,
+    "reset-password",
+    "user",
+    "set a user's password (prompted or --password-stdin); ends the user's sessions",
+  )
     .option("--password-stdin", "read the new password from stdin instead of prompting")
     .option("--revoke-tokens", "also revoke the user's personal access tokens and API keys")
     .action(lazy("users", "userResetPassword"));
@@ -228,11 +247,9 @@ function registerTokenCommands(program: Command, kind: "token" | "api-key"): voi
     .option("--include-revoked", "include revoked ones")
     .action(lazy("tokens", "tokenList"));
 
-  group
-    .command("revoke")
-    .description(`revoke a ${noun}; it is refused from the next request on`)
-    .argument("<id>", `${noun} id`, idValue(`${noun} id`))
-    .action(lazy("tokens", "tokenRevoke"));
+  onId(group, "revoke", noun, `revoke a ${noun}; it is refused from the next request on`).action(
+    lazy("tokens", "tokenRevoke"),
+  );
 }
 
 // ---------------------------------------------------------------------------------
@@ -254,32 +271,33 @@ function registerMachineUserCommands(program: Command): void {
       "application it may register backends for (repeatable)",
       (v: string, p?: string[]) => collect(idValue("--app")(v), p),
     )
-    .option("--tenant <id>", "tenant (default: yours; another needs *)", idValue("--tenant"))
+    .addOption(tenantOption("tenant (default: yours; another needs *)"))
     .action(lazy("machineUsers", "machineUserCreate"));
 
-  group
-    .command("list")
-    .description("list machine users")
-    .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
-    .action(lazy("machineUsers", "machineUserList"));
+  tenantList(group, "list machine users", lazy("machineUsers", "machineUserList"));
 
-  group
-    .command("rotate")
-    .description("issue new credentials (printed once); the old ones stop now or after --grace-period")
-    .argument("<id>", "machine user id", idValue("machine user id"))
+  onId(
+    group,
+    "rotate",
+    "machine user",
+    "issue new credentials (printed once); the old ones stop now or after --grace-period",
+  )
     .option("--grace-period <duration>", "how long the old credentials keep working, e.g. 1h (max 30d)")
     .action(lazy("machineUsers", "machineUserRotate"));
 
-  group
-    .command("delete")
-    .description("delete a machine user with its credentials, certificate bindings and backends")
-    .argument("<id>", "machine user id", idValue("machine user id"))
-    .action(lazy("machineUsers", "machineUserDelete"));
+  onId(
+    group,
+    "delete",
+    "machine user",
+    "delete a machine user with its credentials, certificate bindings and backends",
+  ).action(lazy("machineUsers", "machineUserDelete"));
 
-  group
-    .command("bind-cert")
-    .description("let a client certificate alone (mTLS, no header) authenticate as this machine user")
-    .argument("<id>", "machine user id", idValue("machine user id"))
+  onId(
+    group,
+    "bind-cert",
+    "machine user",
+    "let a client certificate alone (mTLS, no header) authenticate as this machine user",
+  )
     .option("--fingerprint <sha256>", "SHA-256 fingerprint of the certificate (hex; colons and case ignored)")
     .option(
       "--san-uri <uri>",
@@ -309,38 +327,23 @@ function registerMachineUserCommands(program: Command): void {
 function registerTenantCommands(program: Command): void {
   const tenant = program.command("tenant").description("tenants (needs admin:tenants)");
 
-  tenant
-    .command("create")
-    .description("create a tenant (needs *)")
-    .argument("<name>", "tenant name", textValue("tenant name"))
-    .action(lazy("tenants", "tenantCreate"));
+  creating(tenant, "tenant", "create a tenant (needs *)").action(lazy("tenants", "tenantCreate"));
 
   tenant.command("list").description("list the tenants you can see").action(lazy("tenants", "tenantList"));
 
-  for (const verb of ["disable", "enable"] as const) {
-    tenant
-      .command(verb)
-      .description(
-        verb === "disable"
-          ? "disable a tenant: its users, machine users and tokens are refused"
-          : "re-enable a tenant",
-      )
-      .argument("<id>", "tenant id", idValue("tenant id"))
-      .action(lazy("tenants", "tenantSetDisabled"));
-  }
+  disableEnable(
+    tenant,
+    "tenant",
+    "disable a tenant: its users, machine users and tokens are refused",
+    "re-enable a tenant",
+    lazy("tenants", "tenantSetDisabled"),
+  );
 
   const app = program.command("app").description("applications within a tenant (needs admin:tenants)");
 
-  app
-    .command("create")
-    .description("create an application")
-    .argument("<name>", "application name", textValue("application name"))
-    .option("--tenant <id>", "tenant (default: yours)", idValue("--tenant"))
+  creating(app, "application", "create an application")
+    .addOption(tenantOption("tenant (default: yours)"))
     .action(lazy("tenants", "appCreate"));
 
-  app
-    .command("list")
-    .description("list applications")
-    .option("--tenant <id>", "only this tenant's", idValue("--tenant"))
-    .action(lazy("tenants", "appList"));
+  tenantList(app, "list applications", lazy("tenants", "appList"));
 }

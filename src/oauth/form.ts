@@ -316,6 +316,14 @@ export async function authenticateClient(
   return { principal, method: presented.method };
 }
 
+/** Authenticate the caller of introspection or revocation (a bearer credential too) and read its `token`. */
+export async function tokenRequest(deps: ClientAuthDeps, req: OAuthRequest, rule?: AuthRule) {
+  const { principal } = await authenticateClient(deps, req, { allowBearer: true, rule });
+  const token = req.form.get("token");
+  if (token === undefined) throw new OAuthError("invalid_request", "token is required");
+  return { principal, token };
+}
+
 /**
  * Count the request against the per-IP limit (every OAuth request, as every RPC).
  * @throws OAuthError temporarily_unavailable (429, Retry-After) once over it

@@ -1,13 +1,7 @@
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { authRuleFor } from "../admission/auth-rule.js";
 import type { CredentialVerifier, Verification } from "../verification/verify-credential.js";
-import {
-  asOAuthError,
-  authenticateClient,
-  type ClientAuthDeps,
-  OAuthError,
-  type OAuthRequest,
-} from "./form.js";
+import { asOAuthError, type ClientAuthDeps, OAuthError, type OAuthRequest, tokenRequest } from "./form.js";
 
 /** What the introspection endpoint needs. */
 export interface IntrospectionEndpointDeps extends ClientAuthDeps {
@@ -35,9 +29,7 @@ export async function introspectionEndpoint(
   deps: IntrospectionEndpointDeps,
   req: OAuthRequest,
 ): Promise<Record<string, unknown>> {
-  const { principal } = await authenticateClient(deps, req, { allowBearer: true, rule: VERIFY_RULE() });
-  const token = req.form.get("token");
-  if (token === undefined) throw new OAuthError("invalid_request", "token is required");
+  const { principal, token } = await tokenRequest(deps, req, VERIFY_RULE());
   let verification: Verification;
   try {
     verification = await deps.verifier.verify(principal, req.state, { credential: token });

@@ -8,13 +8,7 @@ import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../s
 import { RefreshToken } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
 import { ApiToken } from "../storage/token-entities.js";
-import {
-  asOAuthError,
-  authenticateClient,
-  type ClientAuthDeps,
-  OAuthError,
-  type OAuthRequest,
-} from "./form.js";
+import { asOAuthError, type ClientAuthDeps, OAuthError, type OAuthRequest, tokenRequest } from "./form.js";
 
 /** What the revocation endpoint needs. */
 export interface RevocationEndpointDeps extends ClientAuthDeps {
@@ -48,9 +42,7 @@ export const REVOKE_ACTION = "oauth2/revoke";
  * @throws OAuthError
  */
 export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
-  const { principal } = await authenticateClient(deps, req, { allowBearer: true });
-  const token = req.form.get("token");
-  if (token === undefined) throw new OAuthError("invalid_request", "token is required");
+  const { principal, token } = await tokenRequest(deps, req);
   if (token.startsWith(deps.prefixes.machine))
     throw new OAuthError(
       "unsupported_token_type",

@@ -14,6 +14,7 @@ import {
 import { homedir } from "node:os";
 import { dirname, join } from "node:path";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
+import { CLIENT_ENV } from "./client-env.js";
 import { ClientConfigError, CredentialsFileError } from "./errors.js";
 
 /**
@@ -55,15 +56,7 @@ const PROFILE_KEYS = ["server", "token", "refresh_token", "cert_folder", "ca_fil
 /** The profile used when neither `--profile` nor TESSERA_PROFILE names one. */
 export const DEFAULT_PROFILE = "default";
 
-/** Client-side environment variables (distinct from the server's TESSERA_HOST/TESSERA_PORT/TESSERA_CERT_DIR). */
-export const CLIENT_ENV = {
-  token: "TESSERA_TOKEN",
-  server: "TESSERA_SERVER",
-  certFolder: "TESSERA_CERT_FOLDER",
-  caFile: "TESSERA_CA_FILE",
-  profile: "TESSERA_PROFILE",
-  credentialsFile: "TESSERA_CREDENTIALS_FILE",
-} as const;
+export { CLIENT_ENV };
 
 /** The environment a lookup reads (defaults to process.env). */
 export type Env = Readonly<Record<string, string | undefined>>;

@@ -22,7 +22,6 @@ const INVALID_ARGUMENT = 3 as Code.InvalidArgument;
  * ConnectError` anyway. The original `ConnectError` is kept as `cause`.
  */
 export class TesseraClientError extends Error {
-  override name = "TesseraClientError";
   /** The Connect (gRPC) status code. */
   readonly code: Code;
   /** The server's stable reason (ErrorInfo.reason), e.g. "TOKEN_EXPIRED"; undefined when the server sent none. */
@@ -55,18 +54,13 @@ export interface ClientErrorInit {
 }
 
 /** Unauthenticated: no credential, or one the server does not accept (reason says why). */
-export class AuthenticationError extends TesseraClientError {
-  override name = "AuthenticationError";
-}
+export class AuthenticationError extends TesseraClientError {}
 
 /** Unauthenticated with reason TOKEN_EXPIRED: refresh the session or log in again. */
-export class TokenExpiredError extends AuthenticationError {
-  override name = "TokenExpiredError";
-}
+export class TokenExpiredError extends AuthenticationError {}
 
 /** PermissionDenied: authenticated, but the credential lacks a scope or the principal kind is not admitted. */
 export class PermissionDeniedError extends TesseraClientError {
-  override name = "PermissionDeniedError";
   /** The scopes the method requires, when the server named them. */
   get requiredScopes(): string[] {
     const s = this.details.required_scopes;
@@ -75,23 +69,16 @@ export class PermissionDeniedError extends TesseraClientError {
 }
 
 /** NotFound: the resource does not exist or belongs to another tenant. */
-export class NotFoundError extends TesseraClientError {
-  override name = "NotFoundError";
-}
+export class NotFoundError extends TesseraClientError {}
 
 /** InvalidArgument: the request is malformed; `details.field` may name the field. */
-export class InvalidArgumentError extends TesseraClientError {
-  override name = "InvalidArgumentError";
-}
+export class InvalidArgumentError extends TesseraClientError {}
 
 /** AlreadyExists: a resource with that name exists. */
-export class AlreadyExistsError extends TesseraClientError {
-  override name = "AlreadyExistsError";
-}
+export class AlreadyExistsError extends TesseraClientError {}
 
 /** ResourceExhausted: rate limited. Wait `retryAfter` seconds before trying again. */
 export class RateLimitedError extends TesseraClientError {
-  override name = "RateLimitedError";
   /** Seconds to wait, from the Retry-After header or trailer; undefined when absent. */
   readonly retryAfter: number | undefined;
 
@@ -102,9 +89,7 @@ export class RateLimitedError extends TesseraClientError {
 }
 
 /** Unavailable: the server cannot be reached (wrong address, TLS refused, down) or is not ready. */
-export class UnavailableError extends TesseraClientError {
-  override name = "UnavailableError";
-}
+export class UnavailableError extends TesseraClientError {}
 
 /**
  * A client-side configuration problem: an unreadable certificate file, a malformed
@@ -115,7 +100,6 @@ export class UnavailableError extends TesseraClientError {
  * one `catch` clause sees them all.
  */
 export class ClientConfigError extends TesseraClientError {
-  override name = "ClientConfigError";
   /** The file the problem is about, when there is one. */
   readonly path: string | undefined;
 
@@ -126,9 +110,7 @@ export class ClientConfigError extends TesseraClientError {
 }
 
 /** The credentials file is readable or writable by group or others, or owned by someone else. */
-export class CredentialsFileError extends ClientConfigError {
-  override name = "CredentialsFileError";
-}
+export class CredentialsFileError extends ClientConfigError {}
 
 /** Parse a Retry-After value (delta-seconds or an HTTP date) into seconds. */
 export function parseRetryAfter(value: string | null | undefined, now = Date.now()): number | undefined {

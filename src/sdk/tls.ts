@@ -1,5 +1,6 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { errnoWords } from "./errno.js";
 import { ClientConfigError } from "./errors.js";
 
 /** TLS material for the client's HTTP/2 connection (Node `tls.connect` options). */
@@ -16,13 +17,7 @@ function readPem(path: string, what: string, marker: RegExp): Buffer {
   try {
     data = readFileSync(path);
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    const why =
-      code === "ENOENT"
-        ? "no such file"
-        : code === "EACCES"
-          ? "permission denied"
-          : (code ?? (err as Error).message);
+    const why = errnoWords(err) ?? (err as NodeJS.ErrnoException).code ?? (err as Error).message;
     throw new ClientConfigError(`cannot read ${what} ${path}: ${why}`, { path, cause: err });
   }
   if (!marker.test(data.toString("latin1"))) {

@@ -23,6 +23,12 @@ export function tenantScope(principal: Principal): string | null {
   return isSuperuser(principal) ? null : principal.tenantId;
 }
 
+/** The filter confining a list to the principal's tenant (`column` holds the tenant's id); none for a superuser. */
+export function tenantWhere<K extends string>(principal: Principal, column: K): Partial<Record<K, string>> {
+  const scope = tenantScope(principal);
+  return scope === null ? {} : ({ [column]: scope } as Record<K, string>);
+}
+
 /** Whether a row of `tenantId` is visible to the principal (not visible reads as NotFound). */
 export function canSeeTenant(principal: Principal, tenantId: string): boolean {
   const scope = tenantScope(principal);

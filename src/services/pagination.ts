@@ -146,3 +146,18 @@ export async function listPage<T extends { id: string }>(
     totalSize,
   };
 }
+
+/**
+ * One page of a list RPC: its paging fields parsed first (a malformed token is refused
+ * whatever else the request holds), then `where` (a function where it looks rows up and
+ * may refuse), then {@link listPage}.
+ */
+export async function listRequest<T extends { id: string }>(
+  em: EntityManager,
+  entity: EntityName<T>,
+  req: { pageSize: number; pageToken: string },
+  where: FilterQuery<T> | (() => Promise<FilterQuery<T>>),
+): Promise<Page<T>> {
+  const paging = pageParams(req.pageSize, req.pageToken);
+  return listPage(em, entity, typeof where === "function" ? await where() : where, paging);
+}

@@ -1,21 +1,23 @@
 import { LRUCache } from "lru-cache";
 
+/** The tables of users (and their tenants), their sessions and their tokens. */
+const USER_TABLES = ["users", "tenants", "sessions", "api_tokens"] as const;
+
+/** The tables of machine users: their credentials, applications and certificate bindings. */
+const MACHINE_TABLES = [
+  "machine_users",
+  "machine_credentials",
+  "machine_user_applications",
+  "machine_user_certificates",
+] as const;
+
 /**
  * Tables whose rows decide who may authenticate: users, tenants, user sessions, tokens,
  * machine users with their credentials, applications and certificate bindings. A statement read through
  * `SqlRunner.cachedGet` may only read these (checked on its first use), because only
  * changes to these tables invalidate the cache.
  */
-export const STATE_TABLES = [
-  "users",
-  "tenants",
-  "sessions",
-  "api_tokens",
-  "machine_users",
-  "machine_credentials",
-  "machine_user_applications",
-  "machine_user_certificates",
-] as const;
+export const STATE_TABLES = [...USER_TABLES, ...MACHINE_TABLES] as const;
 
 /**
  * Watched tables whose inserts do not empty the state cache. Every login inserts a
@@ -108,14 +110,15 @@ export class RowBuckets {
  * `derive` computed once per row object: the state caches hand out the same frozen row (or
  * row list) until it changes, so what is derived from it (parsed scopes, flags, a folded
  * state) is derived once per change rather than on every request. Without a cache each
- * read is a new object, and the derivation simply runs each time.
+ * read is a new object, and the derivation simply runs each time. What it derives is
+ * frozen (shallowly): every request authenticated by the same row shares it.
  */
 export function oncePerRow<R extends object, V>(derive: (row: R) => V): (row: R) => V {
   const derived = new WeakMap<R, V>();
   return (row) => {
     let value = derived.get(row);
     if (value === undefined) {
-      value = derive(row);
+      value = Object.freeze(derive(row));
       derived.set(row, value);
     }
     return value;

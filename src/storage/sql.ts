@@ -1,4 +1,5 @@
 import type { EntityManager } from "@mikro-orm/knex";
+import { parseScopeString } from "../auth/scopes.js";
 import type { Storage } from "./orm.js";
 import type { PgNotifier } from "./pg-notify.js";
 import { PgStateCache } from "./pg-state.js";
@@ -337,6 +338,11 @@ class StateCache {
   stats(): StateCacheStats {
     return { enabled: true, ...this.rows.counters };
   }
+}
+
+/** A scopes column (space-separated) as a frozen list: every request authenticated by the same row shares it. */
+export function toScopes(value: string): string[] {
+  return Object.freeze(parseScopeString(value)) as string[];
 }
 
 /** A boolean column as either driver returns it (SQLite 0/1, PostgreSQL true/false). */

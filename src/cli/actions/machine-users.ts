@@ -14,7 +14,15 @@ import { ClientConfigError } from "../../sdk/errors.js";
 import type { UserAPIOptions } from "../../sdk/user-api-core.js";
 import { messageJson, when } from "../messages.js";
 import { readSecretFromStdin } from "../prompt.js";
-import { allPages, parseDuration, readPassword, scopeList, showSecret, withClient } from "./run.js";
+import {
+  allPages,
+  pageRequest,
+  parseDuration,
+  readPassword,
+  scopeList,
+  showSecret,
+  withClient,
+} from "./run.js";
 
 // `tessera machine-user …`.
 
@@ -77,11 +85,7 @@ export const actions = {
   machineUserList: async (flags: { tenant?: string }, cmd: Command) => {
     await withClient(cmd, async ({ api, out }) => {
       const items = await allPages(async (pageToken) => {
-        const res = await api.client(MachineUserService).listMachineUsers({
-          pageSize: 200,
-          pageToken,
-          ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-        });
+        const res = await api.client(MachineUserService).listMachineUsers(pageRequest(pageToken, flags));
         return { items: res.machineUsers, next: res.nextPageToken };
       });
       out.list(

@@ -103,6 +103,11 @@ export function expiryFrom(flags: { expiresIn?: string; expiresAt?: string }): D
   return undefined;
 }
 
+/** A list page's request: 200 rows (the most a page holds), narrowed to `--tenant` when given. */
+export function pageRequest(pageToken: string, flags: { tenant?: string } = {}) {
+  return { pageSize: 200, pageToken, ...(flags.tenant ? { tenantId: flags.tenant } : {}) };
+}
+
 /** Fetch every page of a paginated list. */
 export async function allPages<T>(
   fetch: (pageToken: string) => Promise<{ items: T[]; next: string }>,

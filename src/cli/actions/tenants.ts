@@ -7,7 +7,7 @@ import {
   TenantService,
 } from "../../../gen/tessera/v1/tenant_service_pb.js";
 import { messageJson, when } from "../messages.js";
-import { allPages, withClient } from "./run.js";
+import { allPages, pageRequest, withClient } from "./run.js";
 
 // `tessera tenant …` and `tessera app …`.
 
@@ -29,7 +29,7 @@ export const actions = {
   tenantList: async (_flags: unknown, cmd: Command) => {
     await withClient(cmd, async ({ api, out }) => {
       const items = await allPages(async (pageToken) => {
-        const res = await api.client(TenantService).listTenants({ pageSize: 200, pageToken });
+        const res = await api.client(TenantService).listTenants(pageRequest(pageToken));
         return { items: res.tenants, next: res.nextPageToken };
       });
       out.list(
@@ -69,11 +69,7 @@ export const actions = {
   appList: async (flags: { tenant?: string }, cmd: Command) => {
     await withClient(cmd, async ({ api, out }) => {
       const items = await allPages(async (pageToken) => {
-        const res = await api.client(TenantService).listApplications({
-          pageSize: 200,
-          pageToken,
-          ...(flags.tenant ? { tenantId: flags.tenant } : {}),
-        });
+        const res = await api.client(TenantService).listApplications(pageRequest(pageToken, flags));
         return { items: res.applications, next: res.nextPageToken };
       });
       out.list(

@@ -42,36 +42,22 @@ export const actions = {
         scopes: scopeList(flags.scopes),
         ...(expires ? { expiresAt: timestampFromDate(expires) } : {}),
       };
-      if (pat) {
-        const res = await api.client(TokenService).createPersonalAccessToken(req);
-        const json = messageJson(CreatePersonalAccessTokenResponseSchema, res);
-        showSecret(
-          out,
-          json,
-          [
-            ["id", res.id],
-            ["name", res.name],
-            ["scopes", res.scopes.join(" ")],
-            ["expires", when(res.expiresAt)],
-            ["token", res.token],
-          ],
-          "token",
-        );
-      } else {
-        const res = await api.client(TokenService).createApiKey(req);
-        showSecret(
-          out,
-          messageJson(CreateApiKeyResponseSchema, res),
-          [
-            ["id", res.id],
-            ["name", res.name],
-            ["scopes", res.scopes.join(" ")],
-            ["expires", when(res.expiresAt)],
-            ["key", res.key],
-          ],
-          "API key",
-        );
-      }
+      const tokens = api.client(TokenService);
+      const [res, json, secret] = pat
+        ? await tokens
+            .createPersonalAccessToken(req)
+            .then((r) => [r, messageJson(CreatePersonalAccessTokenResponseSchema, r), r.token] as const)
+        : await tokens
+            .createApiKey(req)
+            .then((r) => [r, messageJson(CreateApiKeyResponseSchema, r), r.key] as const);
+      const rows: [string, string][] = [
+        ["id", res.id],
+        ["name", res.name],
+        ["scopes", res.scopes.join(" ")],
+        ["expires", when(res.expiresAt)],
+        [pat ? "token" : "key", secret],
+      ];
+      showSecret(out, json, rows, pat ? "token" : "API key");
     });
   },
 

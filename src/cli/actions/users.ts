@@ -2,7 +2,7 @@ import type { Command } from "commander";
 import { type User, UserSchema } from "../../../gen/tessera/v1/user_service_pb.js";
 import { ClientConfigError } from "../../sdk/errors.js";
 import { messageJson, when } from "../messages.js";
-import { allPages, readPassword, scopeList, withClient } from "./run.js";
+import { allPages, pageRequest, readPassword, scopeList, withClient } from "./run.js";
 
 // `tessera user …`.
 
@@ -40,7 +40,7 @@ export const actions = {
   userList: async (_flags: unknown, cmd: Command) => {
     await withClient(cmd, async ({ api, out }) => {
       const items = await allPages(async (pageToken) => {
-        const res = await api.users.listUsers({ pageSize: 200, pageToken });
+        const res = await api.users.listUsers(pageRequest(pageToken));
         return { items: res.users, next: res.nextPageToken };
       });
       out.list({ users: items.map((u) => messageJson(UserSchema, u)) }, USER_HEADERS, items.map(userRow));

@@ -13,7 +13,7 @@ import {
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
+import { assertId, canSeeTenant, principalOf, tenantWhere } from "../common.js";
 import { type MachineDetails, machineUserToProto } from "./messages.js";
 
 /** The lookups of {@link createMachineUserLookups}, passed to each group of handlers. */
@@ -91,8 +91,7 @@ export function createMachineUserLookups(storage: Storage) {
   }
 
   function listScope(ctx: HandlerContext): { tenantId?: string } {
-    const scope = tenantScope(principalOf(ctx));
-    return scope === null ? {} : { tenantId: scope };
+    return tenantWhere(principalOf(ctx), "tenantId");
   }
 
   return { em, visibleMachineUser, managedMachineUser, details, toProto, tenantApplications, listScope };

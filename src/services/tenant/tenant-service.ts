@@ -19,8 +19,8 @@ import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
-import { listPage, pageParams } from "../pagination.js";
+import { assertId, canSeeTenant, principalOf, tenantWhere } from "../common.js";
+import { listRequest } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
 /** Dependencies of the TenantService implementation. */
@@ -126,11 +126,8 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     },
 
     async listTenants(req, ctx) {
-      const paging = pageParams(req.pageSize, req.pageToken);
-      const scope = tenantScope(principalOf(ctx));
-      const where = scope === null ? {} : { id: scope };
-      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Tenant, where, paging);
-      return { tenants: items.map(tenantToProto), nextPageToken, totalSize };
+      const { items, ...page } = await listRequest(em(ctx), Tenant, req, tenantWhere(principalOf(ctx), "id"));
+      return { tenants: items.map(tenantToProto), ...page };
     },
 
     async updateTenant(req, ctx) {
@@ -188,16 +185,12 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
     },
 
     async listApplications(req, ctx) {
-      const paging = pageParams(req.pageSize, req.pageToken);
-      let where: { tenantId?: string };
-      if (req.tenantId !== undefined) {
-        where = { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id };
-      } else {
-        const scope = tenantScope(principalOf(ctx));
-        where = scope === null ? {} : { tenantId: scope };
-      }
-      const { items, nextPageToken, totalSize } = await listPage(em(ctx), Application, where, paging);
-      return { applications: items.map(applicationToProto), nextPageToken, totalSize };
+      const { items, ...page } = await listRequest(em(ctx), Application, req, async () =>
+        req.tenantId !== undefined
+          ? { tenantId: (await visibleTenant(ctx, em(ctx), req.tenantId, "tenant_id")).id }
+          : tenantWhere(principalOf(ctx), "tenantId"),
+      );
+      return { applications: items.map(applicationToProto), ...page };
     },
 
     async deleteApplication(req, ctx) {

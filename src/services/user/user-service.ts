@@ -25,10 +25,10 @@ import {
   canSeeTenant,
   principalChanged,
   principalOf,
-  tenantScope,
+  tenantWhere,
   writeIfScopesHold,
 } from "../common.js";
-import { listPage, pageParams } from "../pagination.js";
+import { listRequest } from "../pagination.js";
 import type { SessionIssuer } from "./sessions.js";
 
 /** Dependencies of the UserService implementation. */
@@ -288,11 +288,13 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     },
 
     async listUsers(req, ctx) {
-      const paging = pageParams(req.pageSize, req.pageToken);
-      const scope = tenantScope(principalOf(ctx));
-      const where = scope === null ? {} : { tenantId: scope };
-      const { items, nextPageToken, totalSize } = await listPage(em(ctx), User, where, paging);
-      return { users: items.map(userToProto), nextPageToken, totalSize };
+      const { items, ...page } = await listRequest(
+        em(ctx),
+        User,
+        req,
+        tenantWhere(principalOf(ctx), "tenantId"),
+      );
+      return { users: items.map(userToProto), ...page };
     },
 
     async updateUser(req, ctx) {

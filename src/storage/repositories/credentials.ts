@@ -1,9 +1,9 @@
-import { parseScopeString } from "../../auth/scopes.js";
 import type { SharedDigest } from "../../auth/secret-cache.js";
 import type { Storage } from "../orm.js";
 import { oncePerRow } from "../row-cache.js";
-import { type SqlRunner, toBool, toMillis } from "../sql.js";
+import { type SqlRunner, toBool, toMillis, toScopes } from "../sql.js";
 import type { ApiTokenKind } from "../token-entities.js";
+import { digestOf, sharedDigest } from "./shared-digests.js";
 
 /** A personal access token or API key joined with its owner and the owner's tenant. */
 export interface ApiTokenState {
@@ -58,41 +58,28 @@ const TOKEN_BY_PUBLIC_ID =
 
 /** A token row's state, frozen: every request authenticated by the same cached row shares it. */
 const tokenState = oncePerRow(
-  (row: TokenRow): ApiTokenState =>
-    Object.freeze({
-      id: row.id,
-      kind: row.kind,
-      tenantId: row.tenant_id,
-      ownerUserId: row.owner_user_id,
-      scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
-      secretHash: row.secret_hash,
-      verifiedDigest: row.verified_digest,
-      expiresAt: toMillis(row.expires_at),
-      revoked: toMillis(row.revoked_at) !== null,
-      username: row.username,
-      userCreatedAt: toMillis(row.user_created_at) ?? 0,
-      userTenantId: row.user_tenant_id,
-      userScopes: Object.freeze(parseScopeString(row.user_scopes)) as string[],
-      userDisabled: toBool(row.user_disabled),
-      tenantDisabled: toBool(row.tenant_disabled),
-    }),
+  (row: TokenRow): ApiTokenState => ({
+    id: row.id,
+    kind: row.kind,
+    tenantId: row.tenant_id,
+    ownerUserId: row.owner_user_id,
+    scopes: toScopes(row.scopes),
+    secretHash: row.secret_hash,
+    verifiedDigest: row.verified_digest,
+    expiresAt: toMillis(row.expires_at),
+    revoked: toMillis(row.revoked_at) !== null,
+    username: row.username,
+    userCreatedAt: toMillis(row.user_created_at) ?? 0,
+    userTenantId: row.user_tenant_id,
+    userScopes: toScopes(row.user_scopes),
+    userDisabled: toBool(row.user_disabled),
+    tenantDisabled: toBool(row.tenant_disabled),
+  }),
 );
 
 function toToken(row: TokenRow | undefined): ApiTokenState | null {
   return row ? tokenState(row) : null;
 }
-
-/** The stored digest read past the state cache (see SharedDigest.fresh). */
-const TOKEN_DIGEST = "select verified_digest from api_tokens where id = ?";
-/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
-const STORE_TOKEN_DIGEST = "update api_tokens set verified_digest = ? where id = ? and secret_hash = ?";
-
-/**
- * Digests stored or read after a token's row was: storing one empties no state cache, so the
- * row a cache keeps may predate it, and without this every later miss on it would read the
- * digest again. Held per state object (one per cached row), whose stored hash the digest is bound to.
- */
-const learntDigests = new WeakMap<ApiTokenState, string>();
 
 /** Tables whose `last_used_at` {@link CredentialRepository.markUsed} may write. */
 export type LastUsedTable = "api_tokens" | "machine_users" | "machine_credentials";
@@ -137,25 +124,12 @@ export class CredentialRepository {
 
   /** The shared digest of a token's secret (generated, high-entropy: see VerifiedSecretCache). */
   sharedDigest(token: ApiTokenState): SharedDigest {
-    const sql = this.sql;
-    return {
-      stored: this.digestOf(token),
-      fresh: async () => {
-        const found = (await sql.get<{ verified_digest: string | null }>(TOKEN_DIGEST, [token.id]))
-          ?.verified_digest;
-        if (found) learntDigests.set(token, found);
-        return found ?? null;
-      },
-      save: async (digest) => {
-        await sql.run(STORE_TOKEN_DIGEST, [digest, token.id, token.secretHash]);
-        learntDigests.set(token, digest);
-      },
-    };
+    return sharedDigest(this.sql, "api_tokens", token.id, token);
   }
 
   /** The digest known for a token read. */
   digestOf(token: ApiTokenState): string | null {
-    return learntDigests.get(token) ?? token.verifiedDigest;
+    return digestOf(token);
   }
 
   /** Set a credential's `last_used_at` to `at` unless it already holds a later time. */

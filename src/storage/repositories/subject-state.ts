@@ -1,8 +1,8 @@
-import { parseScopeString } from "../../auth/scopes.js";
 import type { SharedDigest } from "../../auth/secret-cache.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
 import { oncePerRow } from "../row-cache.js";
-import { type SqlRunner, toBool, toMillis } from "../sql.js";
+import { type SqlRunner, toBool, toMillis, toScopes } from "../sql.js";
+import { digestOf, sharedDigest } from "./shared-digests.js";
 
 /**
  * The state of subjects (users, machine users, their tenants and sessions) as the
@@ -85,18 +85,17 @@ export function isTenantId(value: string): boolean {
 
 /** A user row's state, frozen: every request authenticated by the same cached row shares it. */
 const userState = oncePerRow(
-  (row: UserRow): UserAuthState =>
-    Object.freeze({
-      id: row.id,
-      username: row.username,
-      tenantId: row.tenant_id,
-      scopes: Object.freeze(parseScopeString(row.scopes)) as string[],
-      disabled: toBool(row.disabled),
-      tenantDisabled: toBool(row.tenant_disabled),
-      passwordHash: row.password_hash,
-      createdAt: toMillis(row.created_at) ?? 0,
-      sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
-    }),
+  (row: UserRow): UserAuthState => ({
+    id: row.id,
+    username: row.username,
+    tenantId: row.tenant_id,
+    scopes: toScopes(row.scopes),
+    disabled: toBool(row.disabled),
+    tenantDisabled: toBool(row.tenant_disabled),
+    passwordHash: row.password_hash,
+    createdAt: toMillis(row.created_at) ?? 0,
+    sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
+  }),
 );
 
 function toUser(row: UserRow | undefined): UserAuthState | null {
@@ -230,12 +229,6 @@ const MACHINE_BY_CREDENTIAL =
   `select c.id as credential_id, c.kind, c.secret_hash, c.verified_digest, c.expires_at, ${MACHINE_COLUMNS} ` +
   `from machine_credentials c join machine_users m on m.id = c.machine_user_id ${MACHINE_JOINS} where c.public_id = ?`;
 
-/** The stored digest read past the state cache (see SharedDigest.fresh). */
-const CREDENTIAL_DIGEST = "select verified_digest from machine_credentials where id = ?";
-/** Bound to the hash it was computed with: a digest for a hash replaced meanwhile is not stored. */
-const STORE_CREDENTIAL_DIGEST =
-  "update machine_credentials set verified_digest = ? where id = ? and secret_hash = ?";
-
 const MACHINE_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
 
 /** At most this many SAN URIs of a certificate are looked up (one statement per count). */
@@ -256,42 +249,33 @@ const toMachine = oncePerRow((rows: readonly MachineRow[]): MachineAuthState => 
   const first = rows[0]!;
   const applicationIds: string[] = [];
   for (const r of rows) if (r.application_id) applicationIds.push(r.application_id);
-  return Object.freeze({
+  return {
     id: first.id,
     tenantId: first.tenant_id,
     name: first.name,
-    scopes: Object.freeze(parseScopeString(first.scopes)) as string[],
+    scopes: toScopes(first.scopes),
     disabled: toBool(first.disabled),
     tenantDisabled: toBool(first.tenant_disabled),
     applicationIds: Object.freeze(applicationIds) as string[],
     rotatedAt: toMillis(first.rotated_at),
     rotationGraceUntil: toMillis(first.rotation_grace_until),
-  });
+  };
 });
 
 const credentialState = oncePerRow(
-  (rows: readonly CredentialRow[]): MachineCredentialState =>
-    Object.freeze({
-      credentialId: rows[0]!.credential_id,
-      kind: rows[0]!.kind,
-      secretHash: rows[0]!.secret_hash,
-      verifiedDigest: rows[0]!.verified_digest,
-      expiresAt: toMillis(rows[0]!.expires_at),
-      machine: toMachine(rows),
-    }),
+  (rows: readonly CredentialRow[]): MachineCredentialState => ({
+    credentialId: rows[0]!.credential_id,
+    kind: rows[0]!.kind,
+    secretHash: rows[0]!.secret_hash,
+    verifiedDigest: rows[0]!.verified_digest,
+    expiresAt: toMillis(rows[0]!.expires_at),
+    machine: toMachine(rows),
+  }),
 );
 
 function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
   return rows.length === 0 ? null : credentialState(rows);
 }
-
-/**
- * Digests stored or read after a credential's rows were: storing one empties no state
- * cache, so the rows a cache keeps may predate it, and without this every later miss on
- * them would read the digest again. Held per state object, whose stored hash the digest is
- * bound to (one object per cached row list).
- */
-const learntDigests = new WeakMap<MachineCredentialState, string>();
 
 /** One state per binding (its rows: one per application of its machine user), in the order read. */
 const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly CertificateBindingState[] => {
@@ -301,15 +285,13 @@ const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly Certificat
     if (group) group.push(r);
     else rowsOf.set(r.binding_id, [r]);
   }
-  return Object.freeze(
-    [...rowsOf.values()].map((group) =>
-      Object.freeze({
-        bindingId: group[0]!.binding_id,
-        boundFingerprint: group[0]!.bound_fingerprint,
-        proven: toBool(group[0]!.proven),
-        machine: toMachine(group),
-      }),
-    ),
+  return [...rowsOf.values()].map((group) =>
+    Object.freeze({
+      bindingId: group[0]!.binding_id,
+      boundFingerprint: group[0]!.bound_fingerprint,
+      proven: toBool(group[0]!.proven),
+      machine: toMachine(group),
+    }),
   );
 });
 
@@ -344,26 +326,12 @@ export class MachineStateRepository {
 
   /** The shared digest of a credential's secret (generated, high-entropy: see VerifiedSecretCache). */
   sharedDigest(cred: MachineCredentialState): SharedDigest {
-    const sql = this.sql;
-    return {
-      stored: this.digestOf(cred),
-      fresh: async () => {
-        const found = (
-          await sql.get<{ verified_digest: string | null }>(CREDENTIAL_DIGEST, [cred.credentialId])
-        )?.verified_digest;
-        if (found) learntDigests.set(cred, found);
-        return found ?? null;
-      },
-      save: async (digest) => {
-        await sql.run(STORE_CREDENTIAL_DIGEST, [digest, cred.credentialId, cred.secretHash]);
-        learntDigests.set(cred, digest);
-      },
-    };
+    return sharedDigest(this.sql, "machine_credentials", cred.credentialId, cred);
   }
 
   /** The digest known for a credential read. */
   digestOf(cred: MachineCredentialState): string | null {
-    return learntDigests.get(cred) ?? cred.verifiedDigest;
+    return digestOf(cred);
   }
 
   /**
