@@ -136,3 +136,20 @@ export function redact(
   }
   return { text: out, changed: out !== text };
 }
+
+// Each class's `name`, set once on its prototype from this table (as Error.prototype's
+// own: not enumerable): an object's keys survive a minifier that renames the classes.
+for (const [name, cls] of Object.entries({
+  TesseraClientError,
+  AuthenticationError,
+  TokenExpiredError,
+  PermissionDeniedError,
+  NotFoundError,
+  InvalidArgumentError,
+  AlreadyExistsError,
+  RateLimitedError,
+  UnavailableError,
+  ClientConfigError,
+  CredentialsFileError,
+}))
+  Object.defineProperty(cls.prototype, "name", { value: name, writable: true, configurable: true });
