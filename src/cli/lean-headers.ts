@@ -1,7 +1,7 @@
 // The fetch API's `Headers`, as the CLI's bundle gives it to the Connect runtime in place of
 // Node's global (scripts/bundle-cli.ts injects it for the free identifier `Headers`). The
 // global is defined by Node's bundled undici, whose first use loads and runs all of undici
-// (fetch, WebSocket, …): about 45 ms of CPU, a fifth of `tessera whoami`, spent on a class
+// (fetch, WebSocket, …): a large share of `tessera whoami`'s start-up (bench/results/2026-12-05-cli-sdk.md), spent on a class
 // the runtime uses as a case-insensitive multimap. The SDK itself keeps the global: this
 // class serves the CLI's process only. test/lean-headers.test.ts holds it to the global's
 // behaviour.

@@ -27,8 +27,8 @@ import type { UnaryProtocol, UnaryRequest, UnarySpec } from "./unary-core.js";
  * headers and trailers. Here a timer runs only for a deadline, and what a call rarely
  * uses is made when first read: the request's Headers (by the adapter, for this call
  * alone), the response headers and trailers (see `responseHeader`), and the AbortSignal.
- * Node's AbortSignal is an EventTarget whose making, linking and aborting cost about 8 %
- * of a unary call in profiles, and no interceptor or implementation of Tessera's unary
+ * Node's AbortSignal is an EventTarget whose making, linking and aborting were a visible
+ * share of a unary call in CPU profiles, and no interceptor or implementation of Tessera's unary
  * RPCs reads it. Until it is read, the first reason the call was aborted with (the
  * request's or the shutdown signal's, the deadline's, the call's end) is kept, and a
  * signal made later starts in that state; test/unary-handlers.test.ts checks this against

@@ -201,11 +201,10 @@ function makeShape(err: TesseraError): Shape {
  * entries are repeated fields, by the protobuf encoding's rules), and that ErrorInfo
  * wrapped in the Status's Any.
  *
- * Why those few bytes by hand, not protobuf-es's `create` + `toBinary` per call: measured
- * again for issue #19 (CPU time, 50k refusals): a whole gRPC refusal made here costs
- * 1.7–1.9 µs, while `toBinary` of the ErrorInfo alone costs 2.0–2.5 µs and the detail
- * chain (ErrorInfo, Any, Status) 5–6 µs: about 5 % of a refused call's server CPU, on the
- * path an attacker drives (bench/results/2026-12-05-transport-ab.md). The tags and every
+ * Why those few bytes by hand, not protobuf-es's `create` + `toBinary` per call: the whole
+ * detail chain (ErrorInfo, Any, Status) encoded per call costs several times what this does,
+ * on the path an attacker drives (measured for issue 19: bench/results/2026-12-05-transport-ab.md
+ * and the commit that wrote this). The tags and every
  * constant part are still protobuf-es's; only the per-call length varints are written here
  * (see {@link statusWithRequestId}), and the test compares every result with Connect's.
  */
@@ -246,8 +245,8 @@ class Refusal implements WireError {
 
   /**
    * A new object with the error's headers and the collected ones. Copied key by key: a copy
-   * made by spreading, then added to, cost about 1.7 µs here (V8 gives the spread copy no
-   * room to grow), against 0.03 µs.
+   * made by spreading, then added to, is far slower here (V8 gives the spread copy no room
+   * to grow).
    */
   private headers(): OutgoingHttpHeaders {
     const own = this.shape.headers;

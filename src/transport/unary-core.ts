@@ -24,8 +24,8 @@ export type UnaryProtocol = "connect" | "grpc" | "grpc-web";
  * A request whose body is a byte stream, with Node's header object of the request (what
  * the Node adapter hands over). The handlers read the protocol headers from
  * `nodeHeaders`, so `header` (fetch Headers, made by the adapter when first read) is made
- * only if an interceptor or the implementation reads it: making it is about 2 % of a
- * unary call, and Tessera's interceptors read the Node headers instead.
+ * only if an interceptor or the implementation reads it: making it is a measurable share
+ * of a unary call, and Tessera's interceptors read the Node headers instead.
  */
 export type UnaryRequest = UniversalServerRequest & {
   body: AsyncIterable<Uint8Array>;
