@@ -10,14 +10,16 @@
  * `npm run bench`.
  *
  *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
- *     [--scenarios jwt,pat,refused,verify-pat,login-shed] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
+ *     [--scenarios jwt,pat,api-key,mu-bearer,mu-basic,refused,verify-pat,login-shed] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
  *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
  *
- * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), and `login-shed`: a
+ * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
+ * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
+ * token or its Basic pair), `refused` (a forged JWT), `verify-pat`, and `login-shed`: a
  * wrong-password Login refused because the hash pool is full (issue 18's flood: one slot, no
  * queue, one hash always running, so every other Login is a refusal). The hashes themselves
  * run on other threads: measure that one with --main-thread, which is what the flood takes
@@ -79,6 +81,8 @@ const PATHS = {
   createUser: "tessera.v1.UserService/CreateUser",
   createPat: "tessera.v1.TokenService/CreatePersonalAccessToken",
   createMachineUser: "tessera.v1.MachineUserService/CreateMachineUser",
+  checkAuthentication: "tessera.v1.MachineUserService/CheckAuthentication",
+  createApiKey: "tessera.v1.TokenService/CreateApiKey",
   verifyCredential: "tessera.v1.VerificationService/VerifyCredential",
 };
 
@@ -179,7 +183,46 @@ const verifier = flags.scenarios.split(",").includes("verify-pat")
       )
     ).token
   : "";
+const wantScenario = (name: string) => scenarios.includes(name);
+const apiKey = wantScenario("api-key")
+  ? (
+      await api.call<{ key: string }>(
+        PATHS.createApiKey,
+        { name: "bench" },
+        { authorization: `Bearer ${jwt}` },
+      )
+    ).key
+  : "";
+const muBearer = wantScenario("mu-bearer")
+  ? (
+      await api.call<{ token: string }>(
+        PATHS.createMachineUser,
+        { name: "bench-bearer", authType: "MACHINE_AUTH_TYPE_BEARER" },
+        { authorization: `Bearer ${admin.accessToken}` },
+      )
+    ).token
+  : "";
+const muBasic = wantScenario("mu-basic")
+  ? await api.call<{ username: string; password: string }>(
+      PATHS.createMachineUser,
+      { name: "bench-basic", authType: "MACHINE_AUTH_TYPE_BASIC" },
+      { authorization: `Bearer ${admin.accessToken}` },
+    )
+  : undefined;
 await api.close();
+/** The credential header each GetCurrentUser/CheckAuthentication scenario presents. */
+const credentialHeaders = (scenario: string): Record<string, string> =>
+  scenario === "api-key"
+    ? { "x-api-key": apiKey }
+    : scenario === "mu-bearer"
+      ? { authorization: `Bearer ${muBearer}` }
+      : scenario === "mu-basic"
+        ? {
+            authorization: `Basic ${Buffer.from(`${muBasic!.username}:${muBasic!.password}`).toString("base64")}`,
+          }
+        : { authorization: `Bearer ${tokens[scenario]}` };
+/** Machine scenarios call CheckAuthentication (a machine user has no GetCurrentUser). */
+const machineScenario = (scenario: string) => scenario === "mu-bearer" || scenario === "mu-basic";
 // "refused": a forged access token (a JWT whose signature is not ours), replayed: the
 // refusal an attacker drives, answered before the body is read (an error on every call).
 const forged = `${jwt.slice(0, jwt.lastIndexOf(".") + 1)}${"A".repeat(43)}`;
@@ -252,12 +295,12 @@ try {
               expectStatus: protocol === "connect" ? 503 : 200,
             }
           : {
-              url: `${server.url}/${verifying ? PATHS.verifyCredential : PATHS.getCurrentUser}`,
+              url: `${server.url}/${verifying ? PATHS.verifyCredential : machineScenario(scenario) ? PATHS.checkAuthentication : PATHS.getCurrentUser}`,
               bodyFile: verifying ? verifyBodies[protocol] : bodies[protocol].file,
               workDir: work,
               connections: 2,
               streams: 10,
-              headers: { ...bodies[protocol].headers, authorization: `Bearer ${tokens[scenario]}` },
+              headers: { ...bodies[protocol].headers, ...credentialHeaders(scenario) },
               // A refusal is 401 over Connect; over gRPC the status is in the trailers (HTTP 200).
               expectStatus: scenario === "refused" && protocol === "connect" ? 401 : 200,
             };
