@@ -5,9 +5,11 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { RevocationKind } from "../../gen/tessera/v1/verification_service_pb.js";
 import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { ev, Watcher } from "../watch-fixtures.js";
 
 /**
  * The adversarial review of 2026-12-05, against a real server over TLS: each test is a
@@ -124,5 +126,34 @@ describe.each(DATABASES)("review 2026-12-05 on $name", (db) => {
     // A session still creates tokens without an end (the usual way to make one).
     const free = await bySession.createPersonalAccessToken({ name: "from the session" });
     expect(free.expiresAt).toBeUndefined();
+  });
+
+  it("a WatchRevocations stream ends once its own caller is disabled: nothing of its tenant reaches it after", async () => {
+    const a = await tenantWithUser();
+    const admin = clients(ts.connect(), root);
+    const verifier = await admin.machines.createMachineUser({
+      tenantId: a.tenantId,
+      name: `watcher-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: ["auth:verify"],
+    });
+    const w = Watcher.open(ts.connect(), verifier.token);
+    await w.first();
+    await admin.machines.updateMachineUser({ id: verifier.machineUser!.id, disabled: true });
+    // A revocation in the tenant after the caller's own: a disabled caller must not see it.
+    const s = await login(a);
+    await createClient(UserService, ts.connect()).logout({ refreshToken: s.refreshToken });
+    const sid = JSON.parse(Buffer.from(s.accessToken.split(".")[1]!, "base64url").toString("utf8")).sid;
+    const later = ev(RevocationKind.SESSION, sid);
+    await w.until(() => w.ended !== undefined || w.events.includes(later), 10_000, "the end or the event");
+    w.close();
+    expect(w.events, "an event delivered to a disabled caller").not.toContain(later);
+    expect(w.ended).toBeDefined();
+    // Its client reconnects from its cursor, and is authenticated again: refused.
+    const again = Watcher.open(ts.connect(), verifier.token, w.cursor);
+    const refusal = await again.end();
+    again.close();
+    expect(ConnectError.from(refusal).code).toBe(Code.Unauthenticated);
+    expect(again.events).toEqual([]);
   });
 });
