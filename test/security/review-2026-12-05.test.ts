@@ -1,11 +1,15 @@
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { RevocationKind } from "../../gen/tessera/v1/verification_service_pb.js";
+import { createClientCertificate, writeCrl } from "../../src/certs/index.js";
 import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
@@ -155,5 +159,48 @@ describe.each(DATABASES)("review 2026-12-05 on $name", (db) => {
     again.close();
     expect(ConnectError.from(refusal).code).toBe(Code.Unauthenticated);
     expect(again.events).toEqual([]);
+  });
+
+  it("a client certificate revoked by the CRL stops authenticating on the connection it already has", async () => {
+    const admin = clients(ts.connect(), root);
+    const out = join(mkdtempSync(join(tmpdir(), "tessera-review-")), "revoked-backend");
+    const minted = await createClientCertificate(ts.certs.dir, "revoked-backend", out);
+    const cert = readFileSync(minted.certPath, "utf8");
+    const key = readFileSync(minted.keyPath, "utf8");
+    const mu = (
+      await admin.machines.createMachineUser({ name: `bound-${short()}`, authType: MachineAuthType.BEARER })
+    ).machineUser!;
+    await admin.machines.bindCertificate({
+      machineUserId: mu.id,
+      identity: { case: "sha256Fingerprint", value: minted.sha256Fingerprint },
+    });
+    // One HTTP/2 connection, kept by the transport between calls.
+    const backend = createClient(
+      MachineUserService,
+      createConnectTransport({
+        baseUrl: ts.server.url,
+        httpVersion: "2",
+        nodeOptions: { ca: ts.certs.ca, cert, key },
+      }),
+    );
+    let handshakes = 0;
+    const counted = () => handshakes++;
+    ts.server.server.on("secureConnection", counted);
+    try {
+      expect((await backend.checkAuthentication({})).machineUserId).toBe(mu.id);
+      await writeCrl(ts.certs.dir, [cert]);
+      await ts.server.reloadTls();
+      const after = await backend.checkAuthentication({}).then(
+        (r) => r.machineUserId,
+        (err: unknown) => ConnectError.from(err),
+      );
+      expect(handshakes, "both calls on one connection").toBe(1);
+      expect(after, "a revoked certificate authenticated its connection's next request").toBeInstanceOf(
+        ConnectError,
+      );
+      expect((after as ConnectError).code).toBe(Code.Unauthenticated);
+    } finally {
+      ts.server.server.off("secureConnection", counted);
+    }
   });
 });
