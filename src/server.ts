@@ -48,7 +48,14 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
   const tls = !cfg.insecurePlaintext;
   let draining = false;
-  const handler = createRequestHandler(app, { tls, draining: () => draining });
+  // The serials the loaded CRL revokes: checked on every request's certificate, so that a
+  // reloaded CRL takes effect on connections already open (their handshake predates it).
+  let revoked: ReadonlySet<string> = new Set();
+  const handler = createRequestHandler(app, {
+    tls,
+    draining: () => draining,
+    revokedSerials: () => revoked,
+  });
   const settings: http2.Settings = {
     maxConcurrentStreams: cfg.maxConcurrentStreams,
     maxHeaderListSize: cfg.maxHeaderListSize,
@@ -57,15 +64,15 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const tlsOptions = async () => {
     const m = await loadTlsMaterial(cfg);
     return {
-      ca: m.ca,
-      cert: m.cert,
-      key: m.key,
-      ...(m.crl ? { crl: m.crl } : {}),
+      options: { ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) },
+      revoked: m.revoked,
     };
   };
   if (tls) {
+    const material = await tlsOptions();
+    revoked = material.revoked;
     server = http2.createSecureServer({
-      ...(await tlsOptions()),
+      ...material.options,
       allowHTTP1: true,
       requestCert: cfg.mtls !== "off",
       rejectUnauthorized: cfg.mtls === "require",
@@ -119,13 +126,13 @@ export async function startServer(app: App): Promise<TesseraServer> {
     sockets.add(socket);
     socket.once("close", () => sockets.delete(socket));
   });
-  // New handshakes get the new certificate, key, CA and CRL; established connections keep theirs.
+  // New handshakes get the new certificate, key, CA and CRL; established connections keep
+  // theirs, but a certificate the new CRL revokes no longer authenticates any request.
   const reloadTls = async () => {
-    if (tls)
-      (server as http2.Http2SecureServer).setSecureContext({
-        ...(await tlsOptions()),
-        minVersion: "TLSv1.2",
-      });
+    if (!tls) return;
+    const material = await tlsOptions();
+    (server as http2.Http2SecureServer).setSecureContext({ ...material.options, minVersion: "TLSv1.2" });
+    revoked = material.revoked;
   };
   // Reload when the cert folder's files change (SIGHUP does the same, see `tessera serve`).
   const tlsWatch = tls

@@ -333,16 +333,42 @@ describe("the downstream auth core", () => {
       ...over,
     });
 
+    /**
+     * One credential of tenant-1 verified by Tessera: the core then knows its stream carries
+     * tenant-1's revocations (the same wall as VerifyCredential's), and admits tenant-1's
+     * access tokens offline. One call to Tessera.
+     */
+    async function learnWall(fake: Fake, a: TesseraAuth) {
+      fake.answers.set(PAT, valid());
+      await a.authenticate(`Bearer ${PAT}`);
+      expect(fake.verifyCalls).toBe(1);
+    }
+
     it("verifies a token offline once the stream is up, with no call to Tessera", async () => {
       const s = signer();
       const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
       await up(fake, a);
+      await learnWall(fake, a);
       clock.t += 2000; // issued after the stream's coverage began (skew 1 s)
       const p = await a.authenticate(`Bearer ${s.token(claimsAt(clock.t))}`);
       expect(p).toMatchObject({ id: "user-1", kind: "user", tenantId: "tenant-1", sessionId: "session-1" });
       expect(p.scopes).toEqual(["workflows:read", "workflows:run"]);
-      expect(fake.verifyCalls).toBe(0);
+      expect(fake.verifyCalls).toBe(1);
       expect(a.stats().offlineJwts).toBe(1);
+    });
+
+    it("asks Tessera about a token of a tenant none of its answers named, whose revocations its stream may not carry", async () => {
+      const s = signer();
+      const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+      await up(fake, a);
+      await learnWall(fake, a);
+      clock.t += 2000;
+      const other = s.token(claimsAt(clock.t, { tid: "tenant-2", sub: "user-9" }));
+      // Behind this service's wall: Tessera answers it as unknown.
+      fake.answers.set(other, { valid: false, code: VerificationCode.NOT_FOUND });
+      expect((await refusal(a.authenticate(`Bearer ${other}`))).reason).toBe("CREDENTIALS_INVALID");
+      expect(fake.verifyCalls).toBe(2);
+      expect(a.stats().offlineJwts).toBe(0);
     });
 
     it("asks Tessera about a token while the stream is down, and about one issued before it connected", async () => {
@@ -377,6 +403,7 @@ describe("the downstream auth core", () => {
       const s = signer();
       const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
       await up(fake, a);
+      await learnWall(fake, a);
       clock.t += 2000;
       const token = s.token(claimsAt(clock.t));
       const other = s.token(claimsAt(clock.t, { sub: "user-2", sid: "session-2", jti: "jti-9" }));
@@ -391,7 +418,7 @@ describe("the downstream auth core", () => {
       });
       await expect.poll(() => a.stats().watch?.events).toBe(2);
       expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_REVOKED");
-      expect(fake.verifyCalls).toBe(0);
+      expect(fake.verifyCalls).toBe(1);
       // The subject changed (its scopes, say): Tessera's answer stands, and is cached.
       fake.answers.set(
         other,
@@ -399,11 +426,11 @@ describe("the downstream auth core", () => {
       );
       expect((await a.authenticate(`Bearer ${other}`)).scopes).toEqual(["workflows:read"]);
       await a.authenticate(`Bearer ${other}`);
-      expect(fake.verifyCalls).toBe(1);
+      expect(fake.verifyCalls).toBe(2);
       // A token issued well after the events verifies offline again.
       clock.t += 5000;
       await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-2" }))}`);
-      expect(fake.verifyCalls).toBe(1);
+      expect(fake.verifyCalls).toBe(2);
     });
 
     it("refuses alg none, HMAC, a key of another type, a tampered signature, wrong iss/aud/typ and expired tokens", async () => {
@@ -446,6 +473,7 @@ describe("the downstream auth core", () => {
       const jwks: object[] = [s.jwk];
       const { fake, clock, auth: a } = setup({ jwks });
       await up(fake, a, 3600);
+      await learnWall(fake, a);
       clock.t += 2000;
       const token = s.token(claimsAt(clock.t, { exp: Math.floor(clock.t / 1000) + 60 }));
       for (let i = 0; i < 3; i++) expect((await a.authenticate(`Bearer ${token}`)).id).toBe("user-1");
@@ -460,7 +488,7 @@ describe("the downstream auth core", () => {
       clock.t += 30_001;
       await a.authenticate(`Bearer ${t.token(claimsAt(clock.t))}`);
       expect((await refusal(a.authenticate(`Bearer ${fresh}`))).reason).toBe("TOKEN_INVALID");
-      expect(fake.verifyCalls).toBe(0);
+      expect(fake.verifyCalls).toBe(1);
     });
 
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {

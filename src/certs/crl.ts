@@ -16,6 +16,7 @@ import {
   DEFAULT_CRL_DAYS,
   loadCa,
 } from "./issuing.js";
+import { normaliseSerial } from "./serial.js";
 
 /** DER encoding of a non-negative INTEGER (minimal length, leading 0x00 when the high bit is set). */
 function derInteger(value: bigint): Uint8Array {
@@ -83,4 +84,24 @@ export async function writeCrl(
   // and OpenSSL use "X509 CRL".
   await replaceFile(path, x509.PemConverter.encode(crl.rawData, "X509 CRL"), 0o644);
   return path;
+}
+
+/**
+ * The serial numbers a CRL file revokes (PEM with one or more CRLs, or DER), normalised
+ * ({@link normaliseSerial}). The server checks the certificate of every request against
+ * them, so that a reloaded CRL stops a certificate on connections made before it too (the
+ * TLS layer checks a CRL at the handshake only). Issuers are not compared: a serial revoked
+ * by the CA's list is refused whichever CA issued it (fail closed).
+ * @throws Error when the file holds no CRL that parses
+ */
+export function revokedSerials(crl: Buffer): Set<string> {
+  const text = crl.toString("latin1");
+  const ders: (ArrayBuffer | Uint8Array)[] = text.includes("-----BEGIN")
+    ? x509.PemConverter.decode(text)
+    : [new Uint8Array(crl)];
+  if (ders.length === 0) throw new Error("the CRL file holds no CRL");
+  const out = new Set<string>();
+  for (const der of ders)
+    for (const entry of new x509.X509Crl(der).entries) out.add(normaliseSerial(entry.serialNumber));
+  return out;
 }

@@ -2,6 +2,7 @@ import type { IncomingMessage } from "node:http";
 import type { TLSSocket } from "node:tls";
 import type { HeaderSource } from "../auth/credentials.js";
 import type { PeerCertificateInfo } from "../auth/principal.js";
+import { normaliseSerial } from "../certs/serial.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
 import type { Config } from "../config.js";
 import type { RequestState } from "../context.js";
@@ -15,6 +16,7 @@ import type { NodeRequest as Request } from "../transport/stream-server.js";
  */
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
+const NONE_REVOKED: ReadonlySet<string> = new Set();
 const kState = Symbol("tessera.requestState");
 
 /** The request state the handler attached to an RPC request before handing it to the adapter. */
@@ -32,7 +34,7 @@ export function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSou
   };
 }
 
-function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
+function parseCertificate(socket: TLSSocket): { info: PeerCertificateInfo; serial: string } | null {
   if (!socket.authorized) return null;
   const cert = socket.getPeerCertificate(false);
   if (!cert?.raw) return null;
@@ -43,10 +45,13 @@ function parseCertificate(socket: TLSSocket): PeerCertificateInfo | null {
     .map((s) => s.slice(4));
   const cn = cert.subject?.CN;
   return {
-    sha256Fingerprint: hex,
-    thumbprint: Buffer.from(hex, "hex").toString("base64url"),
-    commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
-    sanUris,
+    info: {
+      sha256Fingerprint: hex,
+      thumbprint: Buffer.from(hex, "hex").toString("base64url"),
+      commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
+      sanUris,
+    },
+    serial: normaliseSerial(cert.serialNumber),
   };
 }
 
@@ -66,19 +71,24 @@ export function requestIdOf(req: Request): string {
 export function createStateAttacher(
   config: Config,
   tls: boolean,
+  revokedSerials: () => ReadonlySet<string> = () => NONE_REVOKED,
 ): (req: Request, requestId?: string) => void {
-  const certCache = new WeakMap<object, PeerCertificateInfo | null>();
+  const certCache = new WeakMap<object, ReturnType<typeof parseCertificate>>();
 
   function peerCertificate(req: Request): PeerCertificateInfo | null {
     if (!tls || config.server.mtls === "off") return null;
     // One parse per connection: the certificate cannot change within it.
     const owner: object = "stream" in req ? (req.stream.session ?? req.socket) : req.socket;
-    let info = certCache.get(owner);
-    if (info === undefined) {
-      info = parseCertificate(req.socket as TLSSocket);
-      certCache.set(owner, info);
+    let parsed = certCache.get(owner);
+    if (parsed === undefined) {
+      parsed = parseCertificate(req.socket as TLSSocket);
+      certCache.set(owner, parsed);
     }
-    return info;
+    if (parsed === null) return null;
+    // Its revocation can: the handshake checked the CRL of its time, and a CRL reloaded since
+    // takes effect on this request, on this connection too.
+    const revoked = revokedSerials();
+    return revoked.size > 0 && revoked.has(parsed.serial) ? null : parsed.info;
   }
 
   const resolveIp = createClientIpResolver(config.server);

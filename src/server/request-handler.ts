@@ -41,6 +41,8 @@ export function createRequestHandler(
     tls: boolean;
     /** Whether the server is draining (shutting down): /ready then answers 503 whatever the database says. */
     draining?: () => boolean;
+    /** The serials the loaded CRL revokes (see request-facts.ts). */
+    revokedSerials?: () => ReadonlySet<string>;
   },
 ) {
   const { config } = app;
@@ -79,7 +81,7 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
-  const attachState = createStateAttacher(config, options.tls);
+  const attachState = createStateAttacher(config, options.tls, options.revokedSerials);
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({

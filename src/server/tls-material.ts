@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createSecureContext } from "node:tls";
+import { revokedSerials } from "../certs/crl.js";
 import { ensureDevCertificates } from "../certs/dev-ca.js";
 import type { Config } from "../config.js";
 
@@ -10,6 +11,8 @@ export interface TlsMaterial {
   cert: Buffer;
   key: Buffer;
   crl?: Buffer;
+  /** The serials the CRL revokes (normalised, see certs/serial.ts); empty without one. */
+  revoked: ReadonlySet<string>;
 }
 
 /**
@@ -29,7 +32,9 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
   }
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   const crlPath = join(dir, "ca.crl");
-  return { ca: ca!, cert: cert!, key: key!, ...(existsSync(crlPath) ? { crl: readFileSync(crlPath) } : {}) };
+  if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, revoked: new Set() };
+  const crl = readFileSync(crlPath);
+  return { ca: ca!, cert: cert!, key: key!, crl, revoked: revokedSerials(crl) };
 }
 
 /**

@@ -112,7 +112,9 @@ export type CreatePersonalAccessTokenRequest = Message<"tessera.v1.CreatePersona
   name: string;
 
   /**
-   * Must be in the future. Unset: the token does not expire.
+   * Must be in the future. Unset: the token does not expire. A caller signed in with a
+   * personal access token or API key that expires gets one ending no later than it (unset:
+   * at the same time; later is PermissionDenied).
    *
    * @generated from field: google.protobuf.Timestamp expires_at = 2;
    */
@@ -308,7 +310,9 @@ export type CreateApiKeyRequest = Message<"tessera.v1.CreateApiKeyRequest"> & {
   name: string;
 
   /**
-   * Must be in the future. Unset: the key does not expire.
+   * Must be in the future. Unset: the key does not expire. A caller signed in with a
+   * personal access token or API key that expires gets one ending no later than it (unset:
+   * at the same time; later is PermissionDenied).
    *
    * @generated from field: google.protobuf.Timestamp expires_at = 2;
    */

@@ -460,6 +460,11 @@ export const VerificationService: GenService<{
    * `reset: true`: the client must empty its cache, then go on from the new cursor.
    *
    * Tenants are walls: a caller sees only its own tenant's events (every tenant's with `*`).
+   * Revocation is exact for the caller too: once an event names the caller itself (its
+   * machine user, its credential or its tenant: disabled, deleted, rotated, its scopes
+   * changed), the stream ends with Unavailable before sending it or anything after, its
+   * last cursor just before that event; the client reconnects, is authenticated and
+   * authorized again, and resumes from that cursor if it still may.
    *
    * @generated from rpc tessera.v1.VerificationService.WatchRevocations
    */

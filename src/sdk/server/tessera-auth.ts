@@ -212,6 +212,16 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     now,
   });
 
+  /**
+   * The tenants whose revocations this service's stream carries, as Tessera has shown them:
+   * those of its VALID answers. VerifyCredential and WatchRevocations share one tenant wall
+   * (the caller's tenant, or every tenant for `*`), so a tenant Tessera answered VALID for
+   * is one whose events the stream delivers. An access token of any other tenant is not
+   * admitted offline: Tessera answers it (as unknown, behind the wall), and its revocations
+   * would never reach this service.
+   */
+  const walled = new Set<string>();
+
   const openWatch: OpenWatch = (cursor, signal) => client.watchRevocations({ cursor }, { signal, headers });
   const watch =
     options.watch === false
@@ -222,7 +232,10 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
           skewMs,
           rememberMs: maxLifetimeMs,
           onEvent: (target, id) => cache.invalidate(target, id),
-          onLost: () => cache.clear(),
+          onLost: () => {
+            cache.clear();
+            walled.clear();
+          },
           ...(options.watchBackoffMs
             ? { minBackoffMs: options.watchBackoffMs.min, maxBackoffMs: options.watchBackoffMs.max }
             : {}),
@@ -272,6 +285,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       throw new TesseraAuthError(reason, message);
     }
     const principal = principalOfAnswer(res, claims);
+    if (res.tenantId !== "") walled.add(res.tenantId);
     // Stored only when no event and no loss of the stream came in while Tessera answered.
     const until = trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
     return { principal, epoch, until, offline: false };
@@ -279,7 +293,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   /** Whether an offline-verified token may be admitted without asking Tessera. */
   function offlineVerdict(claims: AccessTokenClaims): "accept" | "ask" | "revoked" {
-    if (!watch?.healthy()) return "ask";
+    if (!watch?.healthy() || !walled.has(claims.tid)) return "ask";
     const issued = claims.iat * 1000;
     if (issued < watch.coverageSince || now() - issued > maxLifetimeMs) return "ask";
     let verdict: "accept" | "ask" = "accept";

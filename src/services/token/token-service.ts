@@ -111,6 +111,19 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       if (!(expiresAt.getTime() > clock()))
         throw errors.invalidArgument("expires_at must be in the future", "expires_at");
     }
+    // A token made with a token that ends ends no later: else a stolen, short-lived token
+    // is laundered into one that never ends and survives the revocation of the stolen one.
+    // (A session's access token is how a user makes tokens at all: it is not bounded so.)
+    const parentEnd =
+      principal.method === "pat" || principal.method === "api_key" ? principal.expiresAt : null;
+    if (parentEnd !== null && parentEnd !== undefined) {
+      if (expiresAt === null) expiresAt = new Date(parentEnd);
+      else if (expiresAt.getTime() > parentEnd)
+        throw new TesseraError(
+          "ACCESS_DENIED",
+          `a ${label[kind]} cannot outlive the token it is created with`,
+        );
+    }
     // No scopes asked for: the caller's current effective scopes, which for a caller
     // signed in with a token are already cut down to that token's (a token cannot mint
     // a stronger one).

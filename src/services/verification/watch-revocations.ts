@@ -10,6 +10,7 @@ import {
   type WatchRevocationsResponse,
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import type { Principal } from "../../auth/principal.js";
 import { requestState } from "../../context.js";
 import { TesseraError } from "../../errors.js";
 import { toWireError } from "../../interceptors/errors.js";
@@ -56,6 +57,20 @@ function wireEvent(r: RevocationRecord): RevocationEvent {
     tenantId: r.tenantId,
     occurredAt: timestampFromMs(r.occurredAt),
   });
+}
+
+/** Whether a revocation event names the stream's own caller: its machine user, credential or tenant. */
+function namesCaller(e: RevocationRecord, caller: Principal): boolean {
+  switch (e.kind) {
+    case "subject":
+      return e.subjectId === caller.id;
+    case "credential":
+      return caller.credentialId !== undefined && e.subjectId === caller.credentialId;
+    case "tenant":
+      return e.subjectId === caller.tenantId;
+    default:
+      return false;
+  }
 }
 
 /**
@@ -165,17 +180,37 @@ async function* watch(
         const batches = queue.splice(0);
         queued = 0;
         const mine: RevocationRecord[] = [];
+        let callerChanged = false;
         for (const batch of batches) {
-          for (const e of batch.events)
-            if (e.id > position && (tenant === null || e.tenantId === tenant)) mine.push(e);
+          for (const e of batch.events) {
+            if (e.id <= position || (tenant !== null && e.tenantId !== tenant)) continue;
+            if (namesCaller(e, caller)) {
+              callerChanged = true;
+              break;
+            }
+            mine.push(e);
+          }
+          if (callerChanged) break;
           if (batch.position > position) position = batch.position;
         }
         for (let i = 0; i < mine.length; i += FEED_PAGE) {
           const chunk = mine.slice(i, i + FEED_PAGE);
-          const last = i + FEED_PAGE >= mine.length;
+          const last = i + FEED_PAGE >= mine.length && !callerChanged;
           yield message(last ? position : chunk[chunk.length - 1]!.id, chunk);
           lastSent = Date.now();
         }
+        // The caller itself was revoked or changed (disabled, its credential rotated, its
+        // tenant disabled, its scopes): the stream was admitted before that, so it ends
+        // here, its cursor just before that event, and the client's reconnection is
+        // authenticated and authorized again (resuming from there if it still may).
+        if (callerChanged)
+          throw new TesseraError(
+            "UNAVAILABLE",
+            "the caller changed; reconnect and resume from the last cursor",
+            {
+              headers: { "retry-after": "1" },
+            },
+          );
         continue;
       }
       const wait = lastSent + heartbeatMs - Date.now();
