@@ -6,7 +6,7 @@ import type { Logger } from "pino";
 import { type AccessLog, accessLogOf } from "./access-log.js";
 import { createAdmissionInterceptor } from "./admission/index.js";
 import { createPasswordShedding, type PasswordShedding } from "./admission/shedding.js";
-import { type AuditLog, createAuditLog } from "./audit.js";
+import { type AuditLog, auditLineTo, createAuditLog } from "./audit.js";
 import type { Authenticator } from "./auth/authenticator.js";
 import { configureHashPool, hashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
@@ -247,6 +247,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       bufferSize: config.audit.bufferSize,
       retentionDays: config.audit.retentionDays,
       clock,
+      // `tessera serve`'s buffered writer (no fields of a logger of its own): audit lines go
+      // with the access lines, off the request's path; through a given logger otherwise.
+      ...(options.accessLog && !options.accessLog.writeFields
+        ? { line: auditLineTo(options.accessLog) }
+        : {}),
     });
     const shedding = createPasswordShedding({
       hasRoom: () => hashPool().hasRoom(),

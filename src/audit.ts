@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import type { AccessLog } from "./access-log.js";
 import { type Clock, systemClock } from "./clock.js";
 import { isContentError, loggableError } from "./storage/errors.js";
 import {
@@ -81,6 +82,28 @@ export interface AuditLogOptions {
   retentionBatch?: number;
   /** The clock of an event's time and of the retention cut-off (default: the machine's; tests pass a manual one). */
   clock?: Clock;
+  /**
+   * Where each record's log line goes (default: `logger.info({ audit }, "audit")`).
+   * `tessera serve` passes {@link auditLineTo} its access log's buffered writer.
+   */
+  line?: (entry: AuditRecord) => void;
+}
+
+/**
+ * Audit lines through a buffered line writer (the access log's of `tessera serve`), in the
+ * service logger's format (`level`, `time`, `service`, `audit`, `msg`), at info under the
+ * writer's level. Built as one string and written with the access lines, asynchronously:
+ * through pino each VerifyCredential paid for a serialisation and a write of its own
+ * (bench/results/2026-12-05-verify-p99.md). A record holds no secret by construction, so the
+ * logger's redaction has nothing to do on it.
+ */
+export function auditLineTo(log: AccessLog): (entry: AuditRecord) => void {
+  return (entry) => {
+    if (!log.isLevelEnabled("info")) return;
+    log.writeLine(
+      `{"level":30,"time":${Date.now()},"service":"tessera","audit":${JSON.stringify(entry)},"msg":"audit"}\n`,
+    );
+  };
 }
 
 /** Where a flush starts early, without waiting for the timer. */
@@ -109,6 +132,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   const closeTimeoutMs = options.closeTimeoutMs ?? 10_000;
   const retentionDays = options.retentionDays ?? 0;
   const retentionBatch = options.retentionBatch ?? 1000;
+  const line = options.line ?? ((entry: AuditRecord) => logger.info({ audit: entry }, "audit"));
 
   let buffer: Buffered[] = [];
   const counters = { dropped: 0, written: 0, failures: 0 };
@@ -256,7 +280,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
 
   return {
     record(entry) {
-      logger.info({ audit: entry }, "audit");
+      line(entry);
       if (buffer.length >= bufferSize) {
         counters.dropped++;
         if (!overflowing) {

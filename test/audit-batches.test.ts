@@ -83,6 +83,8 @@ describe.each(DATABASES)("the audit log's writes ($name)", (db) => {
 
     expect(audit.stats()).toMatchObject({ depth: 0, dropped: 0, written: n });
     expect(Math.max(...inserts.map((b) => b.length))).toBeLessThanOrEqual(repository.batchRows);
+    // On SQLite a batch is time no request is answered: at most 16 rows in one synchronous step.
+    if (db.name === "sqlite") expect(Math.max(...inserts.map((b) => b.length))).toBeLessThanOrEqual(16);
     // Every insert after the first of a flush came in a later turn than the one before it.
     expect(turnsBetween.every(Boolean)).toBe(true);
     // Ids in the order the events were recorded: each insert appends to the primary key's index.

@@ -11,6 +11,7 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
+import type { AccessLog } from "../src/access-log.js";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
 import type { Clock } from "../src/clock.js";
@@ -123,7 +124,7 @@ export function pinnableClock(): PinnableClock {
 export async function createTestApp(
   db: TestDatabase,
   overrides: ConfigInput = {},
-  options: { clock?: Clock; logger?: Logger } = {},
+  options: { clock?: Clock; logger?: Logger; accessLog?: AccessLog } = {},
 ): Promise<App> {
   const url = db.url();
   const app = await createApp(testConfig(url, overrides), { logger: silentLogger, ...options });

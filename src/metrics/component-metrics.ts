@@ -259,7 +259,7 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     registry,
     "counter",
     "tessera_access_log_dropped_total",
-    "Access log lines lost because stderr was not read fast enough (the access log's memory buffer was full).",
+    "Access log lines (and, under tessera serve, audit lines) lost because stderr was not read fast enough (the access log's memory buffer was full).",
     () => accessLogStats.dropped,
   );
 

@@ -43,10 +43,11 @@ export const MAX_AUDIT_BATCH = 512;
 
 /**
  * Rows per insert where the driver writes in the calling turn (better-sqlite3): a batch is
- * time during which no request is answered, so it is kept to a fraction of a millisecond
- * (see bench/results/2026-12-05-verify-latency.md).
+ * time during which no request is answered, so it is kept to a fraction of a millisecond.
+ * Not fewer: each statement also pays a fixed part (its commit writes a page per index to the
+ * WAL), which fewer rows would spread over fewer calls (bench/results/2026-12-05-verify-p99.md).
  */
-export const SYNC_AUDIT_BATCH = 64;
+export const SYNC_AUDIT_BATCH = 16;
 
 /** The insert of `n` rows. `on conflict do nothing`: a retry after a commit whose answer was lost adds nothing. */
 function insertSql(n: number): string {
