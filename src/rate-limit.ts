@@ -88,7 +88,12 @@ export function createRateLimits(
   options: CreateRateLimitsOptions = {},
 ): RateLimits {
   let redis: Redis | undefined;
-  const state = new RedisState(options.logger ?? { warn() {}, info() {} });
+  const state = new RedisState(
+    options.logger ?? { warn() {}, info() {} },
+    1000,
+    Date.now,
+    config.redisTimeoutMs,
+  );
   const made: Limiter[] = [];
   const make = (keyPrefix: string, points: number, duration = 60): Limiter => {
     const limiter = makeLimiter(keyPrefix, points, duration);
@@ -104,9 +109,10 @@ export function createRateLimits(
         lazyConnect: false,
         maxRetriesPerRequest: 1,
         // ioredis waits for ever by default: a Redis that accepts connections and never
-        // answers held every request for 20 s and more. Past the deadline the call fails
-        // and the limiter's insurance (per-instance memory) answers instead.
-        commandTimeout: config.redisTimeoutMs,
+        // answers held every request for 20 s and more. The deadline is RedisState's (past
+        // it the call fails and the limiter's insurance, per-instance memory, answers); this
+        // one only bounds how long a command abandoned there stays queued in ioredis.
+        commandTimeout: Math.max(1000, 10 * config.redisTimeoutMs),
         connectTimeout: Math.max(1000, config.redisTimeoutMs),
       });
       // Failures are reported through RedisState; without a listener ioredis prints each one.

@@ -1,3 +1,5 @@
+import { once } from "node:events";
+import { connect, type Socket } from "node:net";
 import { describe, expect, it } from "vitest";
 import { RedisState } from "../src/rate-limit.js";
 
@@ -58,5 +60,45 @@ describe("RedisState", () => {
     advance(500);
     await expect(state.run(ok)).resolves.toBe("ok");
     expect(lines).toEqual(["warn Redis unavailable, limiting per instance", "info Redis back"]);
+  });
+
+  it("refuses a call past its deadline, and counts Redis away", async () => {
+    const lines: string[] = [];
+    const state = new RedisState(
+      { warn: (m) => lines.push(`warn ${m}`), info: (m) => lines.push(`info ${m}`) },
+      1000,
+      Date.now,
+      20,
+    );
+    await expect(state.run(() => new Promise<string>(() => undefined))).rejects.toThrow("within 20 ms");
+    expect(lines).toEqual(["warn Redis unavailable, limiting per instance"]);
+  });
+
+  it("takes an answer that came while the event loop was busy past the deadline", async () => {
+    // The machine's Redis (another process: it answers while this event loop is busy).
+    const client: Socket = connect(6379, "127.0.0.1");
+    client.on("error", () => undefined);
+    await once(client, "connect");
+    try {
+      const lines: string[] = [];
+      const state = new RedisState(
+        { warn: (m) => lines.push(`warn ${m}`), info: (m) => lines.push(`info ${m}`) },
+        1000,
+        Date.now,
+        20,
+      );
+      const answer = state.run(async () => {
+        client.write("PING\r\n");
+        const [data] = await once(client, "data");
+        return String(data);
+      });
+      // The event loop busy past the deadline: the answer is in the socket, the timer due.
+      const until = performance.now() + 200;
+      while (performance.now() < until);
+      await expect(answer).resolves.toBe("+PONG\r\n");
+      expect(lines).toEqual([]);
+    } finally {
+      client.destroy();
+    }
   });
 });

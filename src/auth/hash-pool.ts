@@ -1,4 +1,5 @@
 import { availableParallelism } from "node:os";
+import { withinDeadline } from "../deadline.js";
 import { TesseraError } from "../errors.js";
 import { ScopedAsyncLocalStorage } from "../storage/orm-async-context.js";
 import { HashWorkers, type Pbkdf2Job } from "./hash-workers.js";
@@ -217,23 +218,10 @@ export class HashPool {
    */
   private within<T>(deadlineMs: number, result: Promise<T>, onExpiry?: () => void): Promise<T> {
     if (deadlineMs <= 0) return result;
-    return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.expired++;
-        onExpiry?.();
-        reject(BUSY);
-      }, deadlineMs);
-      timer.unref();
-      result.then(
-        (value) => {
-          clearTimeout(timer);
-          resolve(value);
-        },
-        (err: unknown) => {
-          clearTimeout(timer);
-          reject(err);
-        },
-      );
+    return withinDeadline(result, deadlineMs, () => {
+      this.expired++;
+      onExpiry?.();
+      return BUSY;
     });
   }
 

@@ -1,3 +1,5 @@
+import { withinDeadline } from "../deadline.js";
+
 // Whether Redis answers, as the limiters find it: while it is away they count per instance
 // at once instead of each waiting for its own deadline.
 
@@ -19,10 +21,16 @@ export class RedisState {
   private retryAt = 0;
   private probing = false;
 
+  /**
+   * @param deadlineMs how long a call may wait for Redis's answer (0: as long as the call
+   *   itself lets it). Not ioredis's `commandTimeout`: a plain timer, that one takes a busy
+   *   event loop for a Redis that does not answer (see {@link withinDeadline}).
+   */
   constructor(
     private readonly log: RedisStateLog,
     private readonly retryMs = 1000,
     private readonly now: () => number = Date.now,
+    private readonly deadlineMs = 0,
   ) {}
 
   /** Whether Redis is considered available now. */
@@ -38,7 +46,10 @@ export class RedisState {
       this.probing = probe = true;
     }
     try {
-      const result = await call();
+      const ms = this.deadlineMs;
+      const result = await (ms > 0
+        ? withinDeadline(call(), ms, () => new Error(`Redis did not answer within ${ms} ms`))
+        : call());
       if (this.down) {
         this.down = false;
         this.log.info("Redis back");

@@ -14,6 +14,12 @@ const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"
  * that order (within this process), so a table keyed by them grows at the end of its
  * primary-key index: an insert touches the index's last page, not a random one (with v4
  * ids every row of a batch dirtied its own page, and SQLite wrote each one to the WAL).
+ *
+ * Hand-written rather than the `uuid` package's v7, measured against it
+ * (bench/results/2026-12-05-uuid.md): that one takes a fresh 16-byte array and a
+ * `crypto.getRandomValues` call for every id, several times the instructions of this one,
+ * and an id is made for every call the server answers. Its counter also orders only the ids
+ * it timestamps itself, with `Date.now()`; the audit log stamps ids with its injected clock.
  */
 export function uuidV7(now: number = Date.now()): string {
   if (now > lastMs) {

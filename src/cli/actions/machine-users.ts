@@ -15,7 +15,7 @@ import type { UserAPIOptions } from "../../sdk/user-api-core.js";
 import { messageJson, when } from "../messages.js";
 import { readSecretFromStdin } from "../prompt.js";
 import {
-  allPages,
+  listAll,
   pageRequest,
   parseDuration,
   readPassword,
@@ -82,19 +82,17 @@ export const actions = {
     });
   },
 
-  machineUserList: async (flags: { tenant?: string }, cmd: Command) => {
-    await withClient(cmd, async ({ api, out }) => {
-      const items = await allPages(async (pageToken) => {
-        const res = await api.client(MachineUserService).listMachineUsers(pageRequest(pageToken, flags));
-        return { items: res.machineUsers, next: res.nextPageToken };
-      });
-      out.list(
-        { machineUsers: items.map((m) => messageJson(MachineUserSchema, m)) },
-        ["ID", "NAME", "AUTH", "SCOPES", "APPLICATIONS", "STATUS"],
-        items.map(machineRow),
-      );
-    });
-  },
+  machineUserList: (flags: { tenant?: string }, cmd: Command) =>
+    listAll(
+      cmd,
+      "machineUsers",
+      (api, pageToken) => api.client(MachineUserService).listMachineUsers(pageRequest(pageToken, flags)),
+      {
+        schema: MachineUserSchema,
+        headers: ["ID", "NAME", "AUTH", "SCOPES", "APPLICATIONS", "STATUS"],
+        row: machineRow,
+      },
+    ),
 
   machineUserRotate: async (id: string, flags: { gracePeriod?: string }, cmd: Command) => {
     const grace = flags.gracePeriod ? parseDuration(flags.gracePeriod) : undefined;

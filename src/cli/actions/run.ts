@@ -1,3 +1,4 @@
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import type { Command } from "commander";
 import { CLIENT_ENV, readProfile, writeProfile } from "../../sdk/credentials.js";
@@ -5,6 +6,7 @@ import { type ResolvedClientOptions, resolveClientOptions } from "../../sdk/envi
 import { AuthenticationError, ClientConfigError } from "../../sdk/errors.js";
 import type { TokenPair } from "../../sdk/session.js";
 import { UserAPICore, type UserAPIOptions } from "../../sdk/user-api-core.js";
+import { messageJson } from "../messages.js";
 import { Output } from "../output.js";
 import { promptHidden, readSecretFromStdin } from "../prompt.js";
 import { connectionFlags, type GlobalFlags, globals } from "./flags.js";
@@ -106,6 +108,35 @@ export function expiryFrom(flags: { expiresIn?: string; expiresAt?: string }): D
 /** A list page's request: 200 rows (the most a page holds), narrowed to `--tenant` when given. */
 export function pageRequest(pageToken: string, flags: { tenant?: string } = {}) {
   return { pageSize: 200, pageToken, ...(flags.tenant ? { tenantId: flags.tenant } : {}) };
+}
+
+/** How a list command prints its items: as their messages' JSON, or a table of these headers and a row per item. */
+export interface ListTable<D extends DescMessage> {
+  schema: D;
+  headers: string[];
+  row: (item: MessageShape<D>) => string[];
+}
+
+/**
+ * A list command's action: every page that `page` reads (a List RPC whose items are the
+ * response's field `key`), printed as `table` says, under `key` in JSON.
+ */
+export async function listAll<K extends string, D extends DescMessage>(
+  cmd: Command,
+  key: K,
+  page: (
+    api: UserAPICore,
+    pageToken: string,
+  ) => Promise<{ nextPageToken: string } & Record<K, MessageShape<D>[]>>,
+  table: ListTable<D>,
+): Promise<void> {
+  await withClient(cmd, async ({ api, out }) => {
+    const items = await allPages(async (pageToken) => {
+      const res = await page(api, pageToken);
+      return { items: res[key], next: res.nextPageToken };
+    });
+    out.list({ [key]: items.map((m) => messageJson(table.schema, m)) }, table.headers, items.map(table.row));
+  });
 }
 
 /** Fetch every page of a paginated list. */

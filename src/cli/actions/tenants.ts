@@ -7,7 +7,7 @@ import {
   TenantService,
 } from "../../../gen/tessera/v1/tenant_service_pb.js";
 import { messageJson, when } from "../messages.js";
-import { allPages, pageRequest, withClient } from "./run.js";
+import { listAll, pageRequest, withClient } from "./run.js";
 
 // `tessera tenant …` and `tessera app …`.
 
@@ -26,19 +26,17 @@ export const actions = {
     });
   },
 
-  tenantList: async (_flags: unknown, cmd: Command) => {
-    await withClient(cmd, async ({ api, out }) => {
-      const items = await allPages(async (pageToken) => {
-        const res = await api.client(TenantService).listTenants(pageRequest(pageToken));
-        return { items: res.tenants, next: res.nextPageToken };
-      });
-      out.list(
-        { tenants: items.map((t) => messageJson(TenantSchema, t)) },
-        ["ID", "NAME", "STATUS", "CREATED"],
-        items.map(tenantRow),
-      );
-    });
-  },
+  tenantList: (_flags: unknown, cmd: Command) =>
+    listAll(
+      cmd,
+      "tenants",
+      (api, pageToken) => api.client(TenantService).listTenants(pageRequest(pageToken)),
+      {
+        schema: TenantSchema,
+        headers: ["ID", "NAME", "STATUS", "CREATED"],
+        row: tenantRow,
+      },
+    ),
 
   tenantSetDisabled: async (id: string, _flags: unknown, cmd: Command) => {
     const disabled = cmd.name() === "disable";
@@ -66,17 +64,11 @@ export const actions = {
     });
   },
 
-  appList: async (flags: { tenant?: string }, cmd: Command) => {
-    await withClient(cmd, async ({ api, out }) => {
-      const items = await allPages(async (pageToken) => {
-        const res = await api.client(TenantService).listApplications(pageRequest(pageToken, flags));
-        return { items: res.applications, next: res.nextPageToken };
-      });
-      out.list(
-        { applications: items.map((a) => messageJson(ApplicationSchema, a)) },
-        ["ID", "NAME", "TENANT", "CREATED"],
-        items.map(appRow),
-      );
-    });
-  },
+  appList: (flags: { tenant?: string }, cmd: Command) =>
+    listAll(
+      cmd,
+      "applications",
+      (api, pageToken) => api.client(TenantService).listApplications(pageRequest(pageToken, flags)),
+      { schema: ApplicationSchema, headers: ["ID", "NAME", "TENANT", "CREATED"], row: appRow },
+    ),
 };

@@ -8,7 +8,7 @@ import {
   TokenService,
 } from "../../../gen/tessera/v1/token_service_pb.js";
 import { messageJson, when } from "../messages.js";
-import { allPages, expiryFrom, scopeList, showSecret, withClient } from "./run.js";
+import { expiryFrom, listAll, scopeList, showSecret, withClient } from "./run.js";
 
 // `tessera token …` (personal access tokens) and `tessera api-key …`: one set of actions.
 
@@ -26,7 +26,11 @@ function tokenRow(t: TokenMetadata): string[] {
   return [t.id, t.name, t.hint, t.scopes.join(" ") || "-", when(t.expiresAt), when(t.lastUsedAt), status];
 }
 
-const TOKEN_HEADERS = ["ID", "NAME", "HINT", "SCOPES", "EXPIRES", "LAST USED", "STATUS"];
+const TOKEN_TABLE = {
+  schema: TokenMetadataSchema,
+  headers: ["ID", "NAME", "HINT", "SCOPES", "EXPIRES", "LAST USED", "STATUS"],
+  row: tokenRow,
+};
 
 /** The actions, by the name client-commands.ts registers them under. */
 export const actions = {
@@ -61,26 +65,26 @@ export const actions = {
     });
   },
 
-  tokenList: async (flags: { user?: string; allUsers?: boolean; includeRevoked?: boolean }, cmd: Command) => {
-    const pat = isPat(cmd);
-    await withClient(cmd, async ({ api, out }) => {
-      const base = {
-        userId: flags.user ?? "",
-        allUsers: flags.allUsers ?? false,
-        includeRevoked: flags.includeRevoked ?? false,
-        pageSize: 200,
-      };
-      const items = await allPages(async (pageToken) => {
-        if (pat) {
-          const res = await api.client(TokenService).listPersonalAccessTokens({ ...base, pageToken });
-          return { items: res.tokens, next: res.nextPageToken };
-        }
-        const res = await api.client(TokenService).listApiKeys({ ...base, pageToken });
-        return { items: res.apiKeys, next: res.nextPageToken };
-      });
-      const json = items.map((t) => messageJson(TokenMetadataSchema, t));
-      out.list(pat ? { tokens: json } : { apiKeys: json }, TOKEN_HEADERS, items.map(tokenRow));
-    });
+  tokenList: (flags: { user?: string; allUsers?: boolean; includeRevoked?: boolean }, cmd: Command) => {
+    const base = {
+      userId: flags.user ?? "",
+      allUsers: flags.allUsers ?? false,
+      includeRevoked: flags.includeRevoked ?? false,
+      pageSize: 200,
+    };
+    return isPat(cmd)
+      ? listAll(
+          cmd,
+          "tokens",
+          (api, pageToken) => api.client(TokenService).listPersonalAccessTokens({ ...base, pageToken }),
+          TOKEN_TABLE,
+        )
+      : listAll(
+          cmd,
+          "apiKeys",
+          (api, pageToken) => api.client(TokenService).listApiKeys({ ...base, pageToken }),
+          TOKEN_TABLE,
+        );
   },
 
   tokenRevoke: async (id: string, _flags: unknown, cmd: Command) => {

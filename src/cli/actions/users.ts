@@ -2,7 +2,7 @@ import type { Command } from "commander";
 import { type User, UserSchema } from "../../../gen/tessera/v1/user_service_pb.js";
 import { ClientConfigError } from "../../sdk/errors.js";
 import { messageJson, when } from "../messages.js";
-import { allPages, pageRequest, readPassword, scopeList, withClient } from "./run.js";
+import { listAll, pageRequest, readPassword, scopeList, withClient } from "./run.js";
 
 // `tessera user …`.
 
@@ -37,15 +37,12 @@ export const actions = {
     });
   },
 
-  userList: async (_flags: unknown, cmd: Command) => {
-    await withClient(cmd, async ({ api, out }) => {
-      const items = await allPages(async (pageToken) => {
-        const res = await api.users.listUsers(pageRequest(pageToken));
-        return { items: res.users, next: res.nextPageToken };
-      });
-      out.list({ users: items.map((u) => messageJson(UserSchema, u)) }, USER_HEADERS, items.map(userRow));
-    });
-  },
+  userList: (_flags: unknown, cmd: Command) =>
+    listAll(cmd, "users", (api, pageToken) => api.users.listUsers(pageRequest(pageToken)), {
+      schema: UserSchema,
+      headers: USER_HEADERS,
+      row: userRow,
+    }),
 
   userGet: async (id: string, _flags: unknown, cmd: Command) => {
     await withClient(cmd, async ({ api, out }) => {
