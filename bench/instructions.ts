@@ -19,7 +19,10 @@
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
- * token or its Basic pair), `refused` (a forged JWT), `verify-pat`, and `login-shed`: a
+ * token or its Basic pair), `refused` (a forged JWT), `verify-pat`; `rival-fastify` (Connect
+ * JSON) and `rival-grpc-js` (gRPC): issue 19's rivals (bench/rival-*.ts, as `npm run bench`
+ * starts them) under the same tool, answering the same JWT call over the same TLS with the same
+ * load, so that Tessera's instructions per call are compared with theirs; and `login-shed`: a
  * wrong-password Login refused because the hash pool is full (issue 18's flood: one slot, no
  * queue, one hash always running, so every other Login is a refusal). The hashes themselves
  * run on other threads: measure that one with --main-thread, which is what the flood takes
@@ -45,7 +48,7 @@ import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
 import { runH2load } from "./h2load.js";
-import { benchServerEnv, procThreadCpuMs, startServerProcess } from "./processes.js";
+import { benchServerEnv, procThreadCpuMs, type ServerProcess, startServerProcess } from "./processes.js";
 
 const { values: flags } = parseArgs({
   options: {
@@ -74,6 +77,13 @@ const loginShed = scenarios.includes("login-shed");
 const work = flags.out ? resolve(flags.out) : mkdtempSync(join(tmpdir(), "tessera-instructions-"));
 mkdirSync(work, { recursive: true });
 const log = (text: string) => process.stderr.write(`${text}\n`);
+
+/** Issue 19's rivals (bench/run.ts's RIVALS): the script and the one protocol each speaks. */
+const RIVALS = {
+  "rival-fastify": { script: "bench/rival-fastify.ts", protocol: "connect" },
+  "rival-grpc-js": { script: "bench/rival-grpc-js.ts", protocol: "grpc" },
+} as const;
+type RivalId = keyof typeof RIVALS;
 
 const PATHS = {
   getCurrentUser: "tessera.v1.UserService/GetCurrentUser",
@@ -122,9 +132,9 @@ const env = benchServerEnv(
     ),
   },
 );
-const entry = launcher.args("src/main.ts");
-const [command, args] =
-  tool === "callgrind"
+/** The command line running `entry` with its arguments under the chosen tool (the server's, and a rival's). */
+function underTool(entry: string[]): [string, string[]] {
+  return tool === "callgrind"
     ? [
         "valgrind",
         [
@@ -133,12 +143,17 @@ const [command, args] =
           `--callgrind-out-file=${join(work, "callgrind.%p")}`,
           launcher.command,
           ...entry,
-          "serve",
         ],
       ]
     : tool === "cpu-prof"
-      ? [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry, "serve"]]
-      : [launcher.command, [...entry, "serve"]];
+      ? [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry]]
+      : [launcher.command, entry];
+}
+// Only rivals measured: Tessera serves the seeding alone, so it runs without the tool.
+const onlyRivals = scenarios.every((s) => s in RIVALS);
+const [command, args] = onlyRivals
+  ? [launcher.command, [...launcher.args("src/main.ts"), "serve"]]
+  : underTool([...launcher.args("src/main.ts"), "serve"]);
 log("starting the server…");
 const server = await startServerProcess({
   name: "tessera",
@@ -209,6 +224,13 @@ const muBasic = wantScenario("mu-basic")
       { authorization: `Bearer ${admin.accessToken}` },
     )
   : undefined;
+// The rivals answer with the user's creation time as Tessera's Connect JSON spells it.
+const rivalIds = scenarios.filter((s): s is RivalId => s in RIVALS);
+const createdAt =
+  rivalIds.length > 0
+    ? (await api.call<{ createdAt: string }>(PATHS.getCurrentUser, {}, { authorization: `Bearer ${jwt}` }))
+        .createdAt
+    : "";
 await api.close();
 /** The credential header each GetCurrentUser/CheckAuthentication scenario presents. */
 const credentialHeaders = (scenario: string): Record<string, string> =>
@@ -261,14 +283,14 @@ writeFileSync(
   ),
 );
 
-/** The newest callgrind dump's total instruction count, and its file. */
-function dumpTotal(): { total: number; file: string } {
-  execFileSync("callgrind_control", ["-d", String(server.pid)], { stdio: "ignore" });
+/** The newest callgrind dump's total instruction count, and its file, of the process `pid` (the server, or a rival). */
+function dumpTotal(pid = server.pid): { total: number; file: string } {
+  execFileSync("callgrind_control", ["-d", String(pid)], { stdio: "ignore" });
   // Named callgrind.<pid>.<dump>, or callgrind.<pid>.<dump>-<thread> with --separate-threads
   // (thread 01: the main thread, Node's event loop).
   const dumpOf = (f: string) => Number(f.split(".").pop()!.split("-")[0]);
   const dumps = readdirSync(work)
-    .filter((f) => f.startsWith(`callgrind.${server.pid}.`) && (!mainThread || f.endsWith("-01")))
+    .filter((f) => f.startsWith(`callgrind.${pid}.`) && (!mainThread || f.endsWith("-01")))
     .sort((a, b) => dumpOf(a) - dumpOf(b));
   const file = join(work, dumps.at(-1)!);
   const m = /^(?:totals|summary):\s+(\d+)/m.exec(readFileSync(file, "utf8"));
@@ -281,6 +303,10 @@ const requests = Number(flags.requests);
 try {
   for (const scenario of scenarios) {
     for (const protocol of flags.protocols.split(",") as Array<keyof typeof bodies>) {
+      const rivalId = scenario in RIVALS ? (scenario as RivalId) : undefined;
+      // A rival speaks one protocol; it answers the JWT call as Tessera does (bench/rivals.ts).
+      if (rivalId !== undefined && RIVALS[rivalId].protocol !== protocol) continue;
+      const target = rivalId === undefined ? server : await startRival(rivalId);
       const verifying = scenario === "verify-pat";
       const shape =
         scenario === "login-shed"
@@ -295,24 +321,35 @@ try {
               expectStatus: protocol === "connect" ? 503 : 200,
             }
           : {
-              url: `${server.url}/${verifying ? PATHS.verifyCredential : machineScenario(scenario) ? PATHS.checkAuthentication : PATHS.getCurrentUser}`,
+              url: `${target.url}/${verifying ? PATHS.verifyCredential : machineScenario(scenario) ? PATHS.checkAuthentication : PATHS.getCurrentUser}`,
               bodyFile: verifying ? verifyBodies[protocol] : bodies[protocol].file,
               workDir: work,
               connections: 2,
               streams: 10,
-              headers: { ...bodies[protocol].headers, ...credentialHeaders(scenario) },
+              headers: {
+                ...bodies[protocol].headers,
+                ...(rivalId === undefined ? credentialHeaders(scenario) : { authorization: `Bearer ${jwt}` }),
+              },
               // A refusal is 401 over Connect; over gRPC the status is in the trailers (HTTP 200).
               expectStatus: scenario === "refused" && protocol === "connect" ? 401 : 200,
             };
-      await runH2load({ ...shape, requests: warmup });
-      if (tool === "callgrind")
-        execFileSync("callgrind_control", ["-z", String(server.pid)], { stdio: "ignore" });
-      const cpuBefore = server.cpuMs();
-      const mainBefore = procThreadCpuMs(server.pid, server.pid);
-      const load = await runH2load({ ...shape, requests });
-      const cpuMs = server.cpuMs() - cpuBefore;
-      const mainMs = procThreadCpuMs(server.pid, server.pid) - mainBefore;
-      const dump = tool === "callgrind" ? dumpTotal() : null;
+      let load: Awaited<ReturnType<typeof runH2load>>;
+      let cpuMs: number;
+      let mainMs: number;
+      let dump: { total: number; file: string } | null;
+      try {
+        await runH2load({ ...shape, requests: warmup });
+        if (tool === "callgrind")
+          execFileSync("callgrind_control", ["-z", String(target.pid)], { stdio: "ignore" });
+        const cpuBefore = target.cpuMs();
+        const mainBefore = procThreadCpuMs(target.pid, target.pid);
+        load = await runH2load({ ...shape, requests });
+        cpuMs = target.cpuMs() - cpuBefore;
+        mainMs = procThreadCpuMs(target.pid, target.pid) - mainBefore;
+        dump = tool === "callgrind" ? dumpTotal(target.pid) : null;
+      } finally {
+        if (target !== server) await target.stop();
+      }
       process.stdout.write(
         `${JSON.stringify({
           root,
@@ -333,6 +370,33 @@ try {
 } finally {
   await server.stop();
   if (tool === "callgrind" && !flags.keep) spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
+}
+
+/**
+ * Start issue 19's rival `id` from the compiled bench (as bench/run.ts starts it), under the
+ * same tool as the server, with Tessera's JWT secret and the bench user's creation time.
+ */
+async function startRival(id: RivalId): Promise<ServerProcess> {
+  const [command, args] = underTool([...launcher.args(RIVALS[id].script), certDir, join(root, "proto")]);
+  log(`starting ${id}…`);
+  return startServerProcess({
+    name: id,
+    command,
+    args,
+    cwd: launcher.cwd,
+    timeoutMs: 15 * 60_000,
+    // The secret through the environment, not the command line (which `ps` shows).
+    env: {
+      ...process.env,
+      BENCH_PORT: "0",
+      RIVAL_JWT_SECRET: env.TESSERA_JWT_SECRET,
+      RIVAL_CREATED_AT: createdAt,
+    },
+    ready: (line) => {
+      const m = /^\{"listening":(\d+)\}$/.exec(line.trim());
+      return m ? `https://127.0.0.1:${m[1]}` : null;
+    },
+  });
 }
 
 /** The launcher of a checkout compiled before into `buildDir` (see compileForBench). */

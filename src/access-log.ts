@@ -1,4 +1,4 @@
-import { write, writeSync } from "node:fs";
+import { fstatSync, write, writeSync } from "node:fs";
 import { type Logger, pino } from "pino";
 
 /**
@@ -44,8 +44,9 @@ const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 
 /**
  * The access log of `tessera serve`: lines gathered into 4 KiB chunks and written to stderr
- * asynchronously (libuv's thread pool), one write at a time, at least every 250 ms and when
- * the process exits.
+ * asynchronously, one write at a time (through the event loop's stream when stderr is a pipe
+ * or a socket, else libuv's thread pool: see {@link createAccessLog}), at least every 250 ms
+ * and when the process exits.
  *
  * Written by hand rather than through pino and SonicBoom because of what a line costs on the
  * hot path: pino's serialisation and SonicBoom's string buffer (it measures the whole
@@ -73,12 +74,21 @@ export class AccessLogWriter implements AccessLog {
   /** Who waits for the write under way to end (close). */
   private idle: (() => void)[] = [];
 
+  /**
+   * `sink`: when given, the libuv stream on `fd` (a pipe or socket) that chunks are written
+   * through, from the event loop (see {@link createAccessLog}); otherwise libuv's thread
+   * pool writes them. `fd` is still what `flushSync` writes to.
+   */
   constructor(
     level: string,
     private readonly fd = 2,
     private readonly onDrop?: () => void,
+    private readonly sink?: ChunkSink,
   ) {
     this.level = level;
+    // The stream reports a failed write to its callback and as an "error" event: without a
+    // listener the event would crash the process, as a write to a closed stderr must not.
+    sink?.on("error", ignoreSinkError);
     this.timer = setInterval(() => this.flush(), FLUSH_MS);
     this.timer.unref();
     process.once("exit", this.onExit);
@@ -186,21 +196,29 @@ export class AccessLogWriter implements AccessLog {
     if (this.writing || this.pending.length === 0) return;
     this.writing = true;
     const head = this.pending[0]!;
-    write(this.fd, head, 0, head.length, null, (err, written) => {
-      this.writing = false;
-      if (this.idle.length > 0) for (const resolve of this.idle.splice(0)) resolve();
-      if (err) {
-        if (err.code === "EAGAIN") {
-          setTimeout(() => this.writeNext(), RETRY_MS).unref();
-          return;
-        }
-        // stderr is gone (EPIPE, EBADF): nothing can be written any more; count what is lost.
-        this.discard(0);
+    if (this.sink !== undefined) {
+      // A stream's write is whole or fails: it waits for the pipe itself (no EAGAIN here).
+      this.sink.write(head, (err) => this.written(err ?? null, err ? 0 : head.length));
+      return;
+    }
+    write(this.fd, head, 0, head.length, null, (err, written) => this.written(err, written));
+  }
+
+  /** The write of the first pending chunk ended: `written` bytes of it reached stderr, or `err`. */
+  private written(err: NodeJS.ErrnoException | null, written: number): void {
+    this.writing = false;
+    if (this.idle.length > 0) for (const resolve of this.idle.splice(0)) resolve();
+    if (err) {
+      if (err.code === "EAGAIN") {
+        setTimeout(() => this.writeNext(), RETRY_MS).unref();
         return;
       }
-      this.advance(written);
-      this.writeNext();
-    });
+      // stderr is gone (EPIPE, EBADF): nothing can be written any more; count what is lost.
+      this.discard(0);
+      return;
+    }
+    this.advance(written);
+    this.writeNext();
   }
 
   /** `written` bytes of the first pending chunk reached stderr. */
@@ -238,7 +256,36 @@ function countLines(chunk: Buffer): number {
  * logger's level.
  */
 export function createAccessLog(level: string, onDrop?: () => void): AccessLogWriter {
-  return new AccessLogWriter(level, 2, onDrop);
+  return new AccessLogWriter(level, 2, onDrop, stderrStream());
+}
+
+/** What {@link AccessLogWriter} writes a chunk through when stderr is a pipe or a socket. */
+export interface ChunkSink {
+  write(chunk: Buffer, done: (err?: Error | null) => void): unknown;
+  on(event: "error", listener: (err: Error) => void): unknown;
+}
+
+function ignoreSinkError(): void {}
+
+/**
+ * `process.stderr` when it is a pipe or a socket (journald, a container runtime, a test
+ * harness), else undefined (a file or a terminal: libuv's thread pool writes the chunks).
+ *
+ * Why: Node opens such a stderr as a non-blocking libuv stream, whose write is tried at
+ * once on the event loop (one write(2) of the chunk, the same system call the thread pool
+ * would make) and, when the pipe is full, waits for it through the event loop's poll. The
+ * thread pool's write instead wakes a pool thread and the event loop back for every chunk:
+ * system calls and context switches that made the access log a visible share of a call's
+ * CPU. Each chunk is still one write of at most PIPE_BUF bytes ending at a line's end, so
+ * a line can never be split by the service logger's.
+ */
+function stderrStream(): ChunkSink | undefined {
+  try {
+    const stat = fstatSync(2);
+    return stat.isFIFO() || stat.isSocket() ? process.stderr : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /**
