@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { TesseraAuthError, toAuthError } from "./errors.js";
-import { clientCertificateThumbprint, type TesseraPrincipal } from "./principal.js";
+import { clientCertificateThumbprint, connectionOf, type TesseraPrincipal } from "./principal.js";
 import {
   createTesseraAuth,
   type DownstreamRule,
@@ -94,7 +94,9 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
       return;
     }
     const header = req.headers.authorization;
-    const thumbprint = clientCertificateThumbprint(req.socket);
+    const thumbprint = clientCertificateThumbprint(
+      connectionOf(req as { socket?: unknown; stream?: { session?: { socket?: unknown } } }),
+    );
     const admit = (principal: TesseraPrincipal) => {
       core.authorize(principal, rule);
       principals.set(req, principal);
