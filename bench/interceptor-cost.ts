@@ -7,7 +7,8 @@
  *
  *   npx tsx bench/interceptor-cost.ts --root <checkout> [--calls 20000,60000] [--out <dir>]
  *
- * Cases: `none` (the same loop through a pass-through interceptor: the harness),
+ * Cases: `none` (the same loop through a pass-through interceptor: the harness, with the
+ * JWT's header), `none-pat` (the harness with the PAT's header),
  * `jwt-offline` (an access token issued after the watch came up: admitted offline),
  * `jwt-covered` (issued before it: Tessera's answer, cached) and `pat` (from the warm cache).
  * Each case runs in its own `node` under callgrind twice, with two numbers of calls; the
@@ -164,11 +165,12 @@ async function child(kind: string, calls: number, sdkPath: string): Promise<void
     "jwt-covered": covered,
     pat: "tsr_pat_bench_credential",
     none: offline,
+    "none-pat": "tsr_pat_bench_credential",
   }[kind];
   if (token === undefined) throw new Error(`unknown case ${kind}`);
   const interceptor =
     // biome-ignore lint/suspicious/noExplicitAny: a pass-through of the same shape
-    kind === "none" ? (next: any) => (req: any) => next(req) : sdk.createTesseraAuthInterceptor(auth);
+    kind.startsWith("none") ? (next: any) => (req: any) => next(req) : sdk.createTesseraAuthInterceptor(auth);
   const response = { message: {} };
   const call = interceptor(async () => response);
   const method = sdk.WorkflowService.method.listWorkflows;

@@ -491,6 +491,57 @@ describe("the downstream auth core", () => {
       expect(fake.verifyCalls).toBe(1);
     });
 
+    it.each([
+      [RevocationKind.SESSION, "session-1", "offline"],
+      [RevocationKind.CREDENTIAL, "jti-1", "offline"],
+      [RevocationKind.SUBJECT, "user-1", "asked"],
+      [RevocationKind.TENANT, "tenant-1", "asked"],
+    ] as const)(
+      "refuses the next call of a token admitted from memory once an event names its %s",
+      async (kind, id, how) => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        clock.t += 2000;
+        const token = s.token(claimsAt(clock.t));
+        // Remembered (the first call fetched the key set, so from the second): the later calls
+        // are answered synchronously, without the verifier.
+        await a.authenticate(`Bearer ${token}`);
+        await a.authenticate(`Bearer ${token}`);
+        expect(a.admitted(`Bearer ${token}`)?.id).toBe("user-1");
+        expect(a.admitted(`Bearer ${token} `)).toBeUndefined();
+        expect(a.stats().offlineJwts).toBe(3);
+        clock.t += 5000;
+        // Revoked (or disabled) on Tessera after the token was issued.
+        fake.answers.set(token, { valid: false, code: VerificationCode.DISABLED });
+        fake.streams[0]!.push({
+          cursor: "c2",
+          events: [{ kind, id, tenantId: "tenant-1", occurredAt: timestampFromMs(clock.t) } as never],
+        });
+        await expect.poll(() => a.stats().watch?.events).toBe(1);
+        expect(a.admitted(`Bearer ${token}`)).toBeUndefined();
+        const err = await refusal(a.authenticate(`Bearer ${token}`));
+        // A session or the token itself ended: final, refused offline; a subject or tenant
+        // changed: Tessera decides, and refuses.
+        expect(err.reason).toBe(how === "offline" ? "TOKEN_REVOKED" : "PRINCIPAL_DISABLED");
+        expect(fake.verifyCalls).toBe(how === "offline" ? 0 : 1);
+        expect(a.admitted(`Bearer ${token}`)).toBeUndefined();
+      },
+    );
+
+    it("does not answer from memory a bound token on a call without its certificate", async () => {
+      const s = signer();
+      const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+      await up(fake, a, 3600);
+      clock.t += 2000;
+      const token = s.token(claimsAt(clock.t, { cnf: { "x5t#S256": "thumb-1" } }));
+      expect((await a.authenticate(`Bearer ${token}`, "thumb-1")).certificateThumbprint).toBe("thumb-1");
+      await a.authenticate(`Bearer ${token}`, "thumb-1");
+      expect(a.admitted(`Bearer ${token}`, "thumb-1")?.id).toBe("user-1");
+      expect(a.admitted(`Bearer ${token}`, "thumb-2")).toBeUndefined();
+      expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_NOT_BOUND");
+    });
+
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {
       const s = signer();
       const { clock, fetches, auth: a } = setup({ jwks: [s.jwk] });

@@ -47,21 +47,38 @@ export function createTesseraAuthInterceptor(
   options: TesseraAuthOptions | TesseraAuth,
 ): TesseraAuthInterceptor {
   const auth = "authenticate" in options ? options : createTesseraAuth(options);
-  const interceptor: Interceptor = (next) => async (req) => {
+  const interceptor: Interceptor = (next) => (req) => {
     const rule = ruleOf(req.method);
     if (rule?.public) return next(req);
-    try {
-      if (rule === null) throw new TesseraAuthError("ACCESS_DENIED", "method has no auth rule");
-      const principal = await auth.authenticate(
-        req.header.get("authorization") ?? undefined,
-        req.contextValues.get(clientCertificateKey),
-      );
-      auth.authorize(principal, rule);
-      req.contextValues.set(tesseraPrincipalKey, principal);
-    } catch (err) {
-      throw toConnectError(err);
+    if (rule === null)
+      return Promise.reject(toConnectError(new TesseraAuthError("ACCESS_DENIED", "method has no auth rule")));
+    const authorization = req.header.get("authorization") ?? undefined;
+    const thumbprint = req.contextValues.get(clientCertificateKey);
+    // A header admitted before is answered synchronously: no promise of ours on the way.
+    const known = auth.admitted(authorization, thumbprint);
+    if (known !== undefined) {
+      try {
+        auth.authorize(known, rule);
+      } catch (err) {
+        return Promise.reject(toConnectError(err));
+      }
+      req.contextValues.set(tesseraPrincipalKey, known);
+      return next(req);
     }
-    return next(req);
+    return auth.authenticate(authorization, thumbprint).then(
+      (principal) => {
+        try {
+          auth.authorize(principal, rule);
+        } catch (err) {
+          throw toConnectError(err);
+        }
+        req.contextValues.set(tesseraPrincipalKey, principal);
+        return next(req);
+      },
+      (err: unknown) => {
+        throw toConnectError(err);
+      },
+    );
   };
   return Object.assign(interceptor, { auth });
 }

@@ -64,6 +64,18 @@ export function clientCertificateThumbprint(socket: unknown): string | undefined
 }
 
 /**
+ * The object standing for a request's connection, the same for every request on it: an
+ * HTTP/2 request's session socket (its `req.socket` is a new proxy per stream, which would
+ * miss the per-connection memory of the thumbprint on every request), else `req.socket`.
+ */
+export function connectionOf(req: {
+  socket?: unknown;
+  stream?: { session?: { socket?: unknown } };
+}): unknown {
+  return req.stream?.session?.socket ?? req.socket;
+}
+
+/**
  * `contextValues` for connect-node's adapter, so that certificate-bound credentials can be
  * checked: `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
  */
@@ -72,7 +84,7 @@ export function tesseraContextValues(req: {
   stream?: { session?: { socket?: unknown } };
 }): ContextValues {
   const values = createContextValues();
-  const thumbprint = clientCertificateThumbprint(req.socket ?? req.stream?.session?.socket);
+  const thumbprint = clientCertificateThumbprint(connectionOf(req));
   if (thumbprint) values.set(clientCertificateKey, thumbprint);
   return values;
 }

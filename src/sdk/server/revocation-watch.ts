@@ -82,10 +82,13 @@ export class RevocationWatch {
     void this.#run();
   }
 
-  /** Whether the cache may be used: connected, and heard from within twice the heartbeat. */
-  healthy(): boolean {
+  /**
+   * Whether the cache may be used: connected, and heard from within twice the heartbeat
+   * (`now`: the injected clock's reading, when the caller has one already).
+   */
+  healthy(now: number = this.#o.now()): boolean {
     if (!this.#up) return false;
-    if (this.#o.now() - this.#lastHeard <= 2 * this.#heartbeatMs) return true;
+    if (now - this.#lastHeard <= 2 * this.#heartbeatMs) return true;
     this.#lose(); // silent too long: down now, whatever the socket says
     return false;
   }

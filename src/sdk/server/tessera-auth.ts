@@ -8,7 +8,7 @@ import {
   VerificationService,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
-import { scopeCovers } from "../../auth/scopes.js";
+import { hasScope } from "../../auth/scopes.js";
 import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
 import { TesseraAuthError, type TesseraAuthReason } from "./errors.js";
@@ -98,6 +98,13 @@ export interface TesseraAuth {
    * client certificate thumbprint (for bound credentials). @throws TesseraAuthError
    */
   authenticate(authorization: string | undefined, certificateThumbprint?: string): Promise<TesseraPrincipal>;
+  /**
+   * The principal of a header admitted before and still vouched for (an access token
+   * verified offline, or an opaque credential whose answer the cache holds while the watch
+   * is up), synchronously; undefined in every other case, the refusals included: then call
+   * {@link authenticate}, which decides (and throws). Lets a hit skip the promise.
+   */
+  admitted(authorization: string | undefined, certificateThumbprint?: string): TesseraPrincipal | undefined;
   /** @throws TesseraAuthError ACCESS_DENIED or PRINCIPAL_NOT_ALLOWED */
   authorize(principal: TesseraPrincipal, rule: DownstreamRule): void;
   /** Whether the revocation stream is up (the cache is in use). */
@@ -128,6 +135,8 @@ interface Admitted {
   epoch: number;
   until: number;
   offline: boolean;
+  /** Answered by Tessera: the key of its answer in the cache. */
+  credential?: string;
 }
 
 function unavailable(message: string, err?: unknown, retryAfterSeconds = 1): TesseraAuthError {
@@ -266,7 +275,13 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       const hit = cache.get(credential);
       if (hit) {
         counters.cacheHits++;
-        return { principal: hit, epoch: watch!.epoch, until: cache.until(credential), offline: false };
+        return {
+          principal: hit,
+          epoch: watch!.epoch,
+          until: cache.until(credential),
+          offline: false,
+          credential,
+        };
       }
     }
     const epoch = watch?.epoch ?? 0;
@@ -288,7 +303,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     if (res.tenantId !== "") walled.add(res.tenantId);
     // Stored only when no event and no loss of the stream came in while Tessera answered.
     const until = trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
-    return { principal, epoch, until, offline: false };
+    return { principal, epoch, until, offline: false, credential };
   }
 
   /** Whether an offline-verified token may be admitted without asking Tessera. */
@@ -333,25 +348,47 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const memo = new AdmissionMemo(watch ? MEMO_MAX : 0);
 
+  /** The synchronous hit: see TesseraAuth.admitted. */
+  function admitted(
+    authorization: string | undefined,
+    certificateThumbprint?: string,
+  ): TesseraPrincipal | undefined {
+    if (authorization === undefined || watch === undefined) return undefined;
+    const t = now();
+    if (!watch.healthy(t)) return undefined;
+    const known = memo.get(authorization, watch.epoch, jwt.keySet, t);
+    if (known === undefined) return undefined;
+    const principal = known.principal;
+    // Tessera's answer counts while its cache holds it (bound, age, least recently used).
+    if (!known.offline && cache.get(known.credential!) !== principal) return undefined;
+    // A bound credential on a call without its certificate: authenticate refuses it.
+    if (
+      principal.certificateThumbprint !== undefined &&
+      principal.certificateThumbprint !== certificateThumbprint
+    )
+      return undefined;
+    if (known.offline) counters.offlineJwts++;
+    else counters.cacheHits++;
+    return principal;
+  }
+
   return {
+    admitted,
     async authenticate(authorization, certificateThumbprint) {
-      const known =
-        authorization !== undefined && watch?.healthy()
-          ? memo.get(authorization, watch.epoch, jwt.keySet, now())
-          : undefined;
-      let principal: TesseraPrincipal;
-      if (known) {
-        principal = known.principal;
-        if (known.offline) counters.offlineJwts++;
-        else counters.cacheHits++;
-      } else {
-        const keySet = jwt.keySet;
-        const admitted = await admit(authorization);
-        principal = admitted.principal;
-        // Offline admissions only: an answer of Tessera's stays the cache's alone, so `cache.max`
-        // bounds the positives held for opaque credentials and its eviction takes effect.
-        if (admitted.until > 0 && admitted.offline) memo.set(authorization!, { ...admitted, keySet });
-      }
+      const hit = admitted(authorization, certificateThumbprint);
+      if (hit !== undefined) return hit;
+      const keySet = jwt.keySet;
+      const fresh = await admit(authorization);
+      const principal = fresh.principal;
+      if (fresh.until > 0)
+        memo.set(authorization!, {
+          principal,
+          epoch: fresh.epoch,
+          keySet,
+          until: fresh.until,
+          offline: fresh.offline,
+          credential: fresh.credential,
+        });
       if (
         principal.certificateThumbprint !== undefined &&
         principal.certificateThumbprint !== certificateThumbprint
@@ -368,9 +405,10 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
             "this kind of principal may not call this method",
           );
       }
-      const required = rule.scopes ?? [];
+      const required = rule.scopes;
+      if (required === undefined) return;
       for (const scope of required)
-        if (!principal.scopes.some((granted) => scopeCovers(granted, scope)))
+        if (!hasScope(principal.scopes, scope))
           throw new TesseraAuthError("ACCESS_DENIED", `missing scope ${scope}`, { requiredScopes: required });
     },
     watching: () => watch?.healthy() ?? false,
