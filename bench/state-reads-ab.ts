@@ -1,8 +1,8 @@
 /**
  * The authentication path's state reads of two checkouts, side by side in one process: the
- * personal-access-token verifier (`verifyNow`, and `verify` as admission takes it when a
- * rate limit is counted) and the user claims loader (`now`, and the loader itself) for a JWT
- * with a session, each over the same SQLite database and state
+ * personal-access-token verifier's `verify` and the user claims loader for a JWT with a
+ * session (each answers synchronously when the state cache keeps the row; a checkout from
+ * before issue 19 answered with a promise there), each over the same SQLite database and state
  * cache, in interleaved blocks so that whatever else loads the machine weighs on both alike.
  *
  * Why: a change that moves these reads behind repositories must not make them dearer, and
@@ -106,7 +106,7 @@ function block(which: "base" | "new", path: Path): number {
   // CPU time, not wall time: on a VM loaded far past its cores, wall time is mostly waiting.
   const start = process.cpuUsage();
   for (let i = 0; i < calls; i++) {
-    const p = path === "pat" ? c.pat.verifyNow(pat, s) : c.jwt.now(claims, s);
+    const p = path === "pat" ? c.pat.verify(pat, s) : c.jwt(claims, s);
     if (!p) throw new Error(`${which} ${path}: no principal`);
   }
   const used = process.cpuUsage(start);

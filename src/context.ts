@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { type ContextValues, createContextKey } from "@connectrpc/connect";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
+import type { TesseraError } from "./errors.js";
 
 /**
  * Per-request state shared by the HTTP layer, the interceptors and the handlers through
@@ -59,6 +60,14 @@ export interface RequestState {
    * checked), so that the wall cannot be told from a missing credential, even by timing.
    */
   tenantWall?: string;
+  /**
+   * Set by admission while it tries a credential with no PBKDF2 allowed (its first,
+   * budget-free attempt: admission/authenticate.ts): a verifier that would need a hash gets
+   * this refusal instead (VerifiedSecretCache.verify, dummyPasswordHash). Carried here
+   * rather than in an async-local scope, so that a credential decided synchronously enters
+   * no scope at all.
+   */
+  hashingRefused?: TesseraError;
   /** `performance.now()` when the HTTP layer received the request (a call's duration, for metrics and the access log). */
   startedAt?: number;
 }

@@ -15,7 +15,6 @@ import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { admit } from "../src/admission/index.js";
 import type { App } from "../src/app.js";
-import { hashingForbidden } from "../src/auth/hash-pool.js";
 import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
 import { Code, rejection } from "./errors-util.js";
@@ -569,7 +568,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
     expect(again.state.user?.username).toBe("admin");
   });
 
-  it("asks the static admin token's verifier once for a token the synchronous path hands on", async () => {
+  it("asks the static admin token's verifier once for a token another verifier decides", async () => {
     const withAdminToken = await createTestApp(db, {
       admin: { token: "a-static-admin-token-of-32-characters" },
     });
@@ -587,8 +586,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       ).token;
       const adminVerifier = withAdminToken.authenticator.bearer[0]!;
       expect(adminVerifier.name).toBe("admin-token");
-      const now = vi.spyOn(adminVerifier, "verifyNow");
-      const later = vi.spyOn(adminVerifier, "verify");
+      const asked = vi.spyOn(adminVerifier, "verify");
       const state = freshState();
       const verdict = await admit(
         withAdminToken,
@@ -600,8 +598,7 @@ describe.each(DATABASES)("admission decided synchronously when nothing needs I/O
       expect(verdict).toBeUndefined();
       expect(state.admission).toBe("admitted");
       expect(state.principal).toMatchObject({ kind: "user", username: "admin", method: "pat" });
-      expect(now).toHaveBeenCalledTimes(1);
-      expect(later).not.toHaveBeenCalled();
+      expect(asked).toHaveBeenCalledTimes(1);
     } finally {
       await withAdminToken.close();
     }
@@ -702,16 +699,26 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
   });
 
   /**
-   * Admit `token` with `app`, recording for each call of its verifier's asynchronous
-   * `verify` whether hashing was refused there (the no-hashing scope of src/admission/authenticate.ts).
+   * Admit `token` with `app`, recording for each call of its verifier's `verify` whether
+   * hashing was refused there (`RequestState.hashingRefused`, set by src/admission/authenticate.ts).
    */
   async function admitRecording(app: App, verifierName: string, method: DescMethod, token: string) {
     const verifier = app.authenticator.bearer.find((v) => v.name === verifierName)!;
     const scoped: boolean[] = [];
+    /** Per call of `verify`: whether it answered (or refused) without a promise (its row in the state cache). */
+    const answeredNow: boolean[] = [];
     const original = verifier.verify.bind(verifier);
     const spy = vi.spyOn(verifier, "verify").mockImplementation((t, s) => {
-      scoped.push(hashingForbidden() !== undefined);
-      return original(t, s);
+      scoped.push(s.hashingRefused !== undefined);
+      let answer: ReturnType<typeof original>;
+      try {
+        answer = original(t, s);
+      } catch (refusal) {
+        answeredNow.push(true);
+        throw refusal;
+      }
+      answeredNow.push(!(answer instanceof Promise));
+      return answer;
     });
     const state = freshState();
     try {
@@ -724,7 +731,7 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       );
       const synchronous = !(pending instanceof Promise);
       const result = await pending;
-      return { state, scoped, synchronous, result };
+      return { state, scoped, answeredNow, synchronous, result };
     } finally {
       spy.mockRestore();
     }
@@ -748,14 +755,14 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
   ] as const;
 
   it.each(kinds)(
-    "with rate limits on, decides a $kind verified before without the no-hashing scope on SQLite",
+    "with rate limits on, decides a $kind verified before with hashing refused, from the state cache",
     async ({ verifier, rule, method, of }) => {
       const token = tokens.get(limited)![of];
       const first = await admitRecording(limited, verifier, rule(), token);
       expect(await first.result).toBeUndefined();
       expect(first.state.admission).toBe("admitted");
       expect(first.state.principal).toMatchObject({ method });
-      // First use: tried under the scope (hashing refused), then verified with PBKDF2 outside it.
+      // First use: tried with hashing refused, then verified with PBKDF2 once its budget is reserved.
       expect(first.scoped).toContain(true);
       expect(first.scoped.at(-1)).toBe(false);
 
@@ -763,14 +770,15 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       expect(await again.result).toBeUndefined();
       expect(again.state.admission).toBe("admitted");
       expect(again.state.principal).toMatchObject({ method });
-      if (db.name === "sqlite") expect(again.scoped).toEqual([]);
-      // PostgreSQL reads the row asynchronously: under the scope, and never hashing.
-      else expect(again.scoped).toEqual([true]);
+      // One attempt, with hashing refused (it needed none), answered without a promise: the
+      // row from the state cache (SQLite's, or PostgreSQL's with its listener online).
+      expect(again.scoped).toEqual([true]);
+      expect(again.answeredNow).toEqual([true]);
     },
   );
 
   it.each(kinds)(
-    "with rate limits off, admits a $kind verified before at once on SQLite",
+    "with rate limits off, admits a $kind verified before at once, from the state cache",
     async ({ verifier, rule, method, of }) => {
       const token = tokens.get(unlimited)![of];
       await admitRecording(unlimited, verifier, rule(), token);
@@ -778,8 +786,9 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
       expect(await again.result).toBeUndefined();
       expect(again.state.admission).toBe("admitted");
       expect(again.state.principal).toMatchObject({ method });
-      expect(again.synchronous).toBe(db.name === "sqlite");
-      expect(again.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+      expect(again.synchronous).toBe(true);
+      expect(again.scoped).toEqual([false]);
+      expect(again.answeredNow).toEqual([true]);
     },
   );
 
@@ -799,7 +808,8 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     expect(again.state.admission).toBe("admitted");
     expect(again.state.principal).toMatchObject({ kind: "user", username: "admin", method: "jwt" });
     // On PostgreSQL too: the user and session rows are in its state cache (pg-state.ts).
-    expect(again.scoped).toEqual([]);
+    expect(again.scoped).toEqual([false]);
+    expect(again.answeredNow).toEqual([true]);
     // Refusals too: a token of an ended session, decided at once and counted as a failure.
     const login = await clientFor(UserService, memoryTransport(limited)).login({
       username: "admin",
@@ -809,7 +819,9 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     await clientFor(UserService, memoryTransport(limited)).logout({ refreshToken: login.refreshToken });
     const ended = await admitRecording(limited, "jwt", getCurrentUser, login.accessToken);
     expect(((await ended.result) as TesseraError).reason).toBe("TOKEN_REVOKED");
-    expect(ended.scoped).toEqual(db.name === "sqlite" ? [] : [false]);
+    expect(ended.scoped).toEqual([false]);
+    // The cache was emptied by the logout: SQLite's driver reads the row now, PostgreSQL awaits it.
+    expect(ended.answeredNow).toEqual([db.name === "sqlite"]);
   });
 
   it("refuses a revoked personal access token verified before, at once on SQLite, as the asynchronous path does", async () => {
@@ -829,6 +841,45 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     const revoked = await admitRecording(limited, "api-token", getCurrentUser, created.token);
     expect(((await revoked.result) as TesseraError).reason).toBe("TOKEN_REVOKED");
     expect(revoked.state.principal).toBeNull();
-    if (db.name === "sqlite") expect(revoked.scoped).toEqual([]);
+    expect(revoked.scoped).toEqual([true]);
+    if (db.name === "sqlite") expect(revoked.answeredNow).toEqual([true]);
   });
+
+  it.each([
+    { limits: "on", app: () => limited },
+    { limits: "off", app: () => unlimited },
+  ])(
+    "answers a verifier's synchronous throw with the same refusal as its rejection (rate limits $limits)",
+    async ({ app: appOf }) => {
+      const app = appOf();
+      const verifier = app.authenticator.bearer.find((v) => v.name === "api-token")!;
+      const refusal = new TesseraError("TOKEN_REVOKED", "token was revoked");
+      const failures = [
+        () => {
+          throw refusal;
+        },
+        () => Promise.reject(refusal),
+      ];
+      const outcomes: unknown[] = [];
+      for (const [i, fail] of failures.entries()) {
+        const spy = vi.spyOn(verifier, "verify").mockImplementation(fail);
+        // An address of its own per attempt: each spends the same budget from the same start.
+        const state = { ...freshState(), ip: `192.0.2.${i + 1}` };
+        try {
+          const verdict = admit(
+            app,
+            getCurrentUser,
+            { get: (name) => (name === "authorization" ? `Bearer ${tokens.get(app)!.pat}` : null) },
+            state,
+            {},
+          );
+          outcomes.push({ verdict: await verdict, admission: state.admission, principal: state.principal });
+        } finally {
+          spy.mockRestore();
+        }
+      }
+      expect(outcomes[0]).toEqual({ verdict: refusal, admission: "refused", principal: null });
+      expect(outcomes[1]).toEqual(outcomes[0]);
+    },
+  );
 });

@@ -308,8 +308,6 @@ describe.each(DATABASES)("shared verification of token secrets ($name)", (db) =>
     const sql = a.app.sql;
     const counting: SqlRunner = {
       ...sql,
-      // Every read through the counted asynchronous calls (SQLite's synchronous reads would bypass them).
-      sync: undefined,
       cachedGet(q, p) {
         statements.push(q);
         return sql.cachedGet(q, p);

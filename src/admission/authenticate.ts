@@ -1,8 +1,10 @@
 import { hash, randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
 import type { Authenticator } from "../auth/authenticator.js";
+import type { Awaitable } from "../auth/awaitable.js";
 import type { PresentedCredential } from "../auth/credentials.js";
-import { hashPool, withoutHashing } from "../auth/hash-pool.js";
+import { hashPool } from "../auth/hash-pool.js";
+import type { Principal } from "../auth/principal.js";
 import { budgetKey } from "../client-ip.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
@@ -21,49 +23,90 @@ export interface AuthenticationDeps {
 }
 
 /**
- * Authenticate `credential` (null: none sent, the connection's bound certificate may
- * stand for it) when the synchronous attempt of admission (index.ts) could not decide it:
- * `from` is the first bearer verifier still to ask. Sets `state.principal`.
+ * Authenticate `credential` (null: none sent, the connection's bound certificate may stand
+ * for it), within the IP's failed-authentication budget when rate limits are on. Sets
+ * `state.principal`. Admission (index.ts), OAuth and VerifyCredential all come here.
  *
  * The refusal is returned rather than thrown. Why: refusing is what a public API does most
  * under attack, and a throw that crosses async frames is costly in V8 (each frame rejects
  * its promise, and a throw looks up the stack for a handler).
  * @returns undefined once `state.principal` is set; otherwise the refusal (AUTH_REQUIRED,
- *   a credential refusal, or RATE_LIMITED once the IP's failed-authentication budget is spent)
+ *   a credential refusal, or RATE_LIMITED once the IP's failed-authentication budget is
+ *   spent). Synchronously when the verifiers decided without I/O (a credential the caches
+ *   know, see auth/awaitable.ts), else a promise of it that never rejects.
  */
-export async function authenticationRefusal(
+export function authenticationRefusal(
   deps: AuthenticationDeps,
   credential: PresentedCredential | null,
   state: RequestState,
-  from: number,
-): Promise<unknown> {
+): unknown {
   const { authenticator, limits } = deps;
+  if (credential?.type === "bearer") {
+    // A token already refused (a replayed forgery) is refused without any throw.
+    const known = authenticator.knownRefusal(credential);
+    if (known !== undefined) return limits ? spendFailure(limits, state, known) : known;
+  }
+  if (limits === undefined) return verdictOf(authenticator, credential, state);
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
-  if (limits && credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
-  let refusal: unknown;
+  if (credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
   // An opaque token is first verified with hashing refused: one verified before (or one that
   // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2
   // reserves a point of the IP's failure budget first (tokenRefusal). A JWT (or a
   // certificate) never needs PBKDF2, so a valid one is accepted whatever its IP spent: one
   // guesser behind a NAT does not lock out everyone behind it.
+  const verdict =
+    credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)
+      ? knownCredential(deps, credential, state)
+      : verdictOf(authenticator, credential, state);
+  if (verdict instanceof Promise)
+    return verdict.then((v: unknown) => withinBudget(deps, limits, credential, state, v));
+  return withinBudget(deps, limits, credential, state, verdict);
+}
+
+/** A verdict reached with hashing refused, its failure spent; PBKDF2 within the budget when it needs it. */
+function withinBudget(
+  deps: AuthenticationDeps,
+  limits: RateLimits,
+  credential: PresentedCredential | null,
+  state: RequestState,
+  verdict: unknown,
+): unknown {
+  if (verdict === NEEDS_HASHING)
+    return tokenRefusal(deps, limits, credential as PresentedCredential & { type: "bearer" }, state);
+  return spendFailure(limits, state, verdict);
+}
+
+/**
+ * What `authenticator.authenticate` decides, as admission takes it: undefined once
+ * `state.principal` is set, else the refusal. A verifier's synchronous throw and its
+ * rejection are the same refusal. Never throws or rejects; synchronous when the verifiers were.
+ */
+function verdictOf(
+  authenticator: Authenticator,
+  credential: PresentedCredential | null,
+  state: RequestState,
+): unknown {
+  let principal: Awaitable<Principal | null>;
   try {
-    if (limits && credential?.type === "bearer" && !JWT_SHAPE.test(credential.token)) {
-      const known = await knownCredential(deps, credential, state, from);
-      if (known === NEEDS_HASHING) return tokenRefusal(deps, limits, credential, state);
-      if (known === undefined) return undefined;
-      refusal = known;
-    } else {
-      const principal = await authenticator.authenticate(credential, state, from);
-      if (principal) {
-        state.principal = principal;
-        return undefined;
-      }
-      refusal = new TesseraError("AUTH_REQUIRED", "Authentication required");
-    }
+    principal = authenticator.authenticate(credential, state);
   } catch (err) {
-    refusal = err;
+    return err;
   }
-  return limits ? spendFailure(limits, state, refusal) : refusal;
+  if (principal instanceof Promise)
+    return principal.then((p: Principal | null) => principalSet(state, p), refusalOf);
+  return principalSet(state, principal);
+}
+
+/** Undefined once `principal` is the caller's; AUTH_REQUIRED when nothing authenticated it. */
+function principalSet(state: RequestState, principal: Principal | null): unknown {
+  if (!principal) return new TesseraError("AUTH_REQUIRED", "Authentication required");
+  state.principal = principal;
+  return undefined;
+}
+
+/** A rejection's error, returned as the refusal it is. */
+function refusalOf(err: unknown): unknown {
+  return err;
 }
 
 /** The shape of a JWT: verifying one costs a signature check, never PBKDF2. */
@@ -80,14 +123,15 @@ function isFailure(refusal: unknown): boolean {
 
 /**
  * A credential that did not verify spends a point of the IP's budget; once it is spent the
- * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses. Never rejects.
+ * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses. Anything
+ * else is returned as it is, synchronously; a spent failure is a promise that never rejects.
  */
-export async function spendFailure(
-  limits: RateLimits,
-  state: RequestState,
-  refusal: unknown,
-): Promise<unknown> {
+export function spendFailure(limits: RateLimits, state: RequestState, refusal: unknown): unknown {
   if (!isFailure(refusal)) return refusal;
+  return spend(limits, state, refusal);
+}
+
+async function spend(limits: RateLimits, state: RequestState, refusal: unknown): Promise<unknown> {
   try {
     const spent = await limits.authFailures.consume(budgetKey(state.ip));
     return spent.allowed ? refusal : authFailuresError(spent);
@@ -99,7 +143,7 @@ export async function spendFailure(
 
 /**
  * HTTP Basic. A password the verified-secret cache already knows for the stored hash is
- * not a guess: it is checked first, with hashing refused ({@link withoutHashing}), and
+ * not a guess: it is checked first, with hashing refused (`RequestState.hashingRefused`), and
  * accepted with no reservation and no PBKDF2. Otherwise one failure of the IP's, the
  * username's and the username-at-this-IP's budgets is reserved before the password is
  * verified, and refunded when it verifies (or when no verdict was reached, e.g. the hash
@@ -200,38 +244,26 @@ const flights = new Map<string, Promise<unknown>>();
 /**
  * A credential decided without PBKDF2: undefined once `state.principal` is set, a refusal
  * (e.g. a known secret of a principal that may not act, an unknown token id), or
- * {@link NEEDS_HASHING}.
+ * {@link NEEDS_HASHING}. Synchronous when the verifiers decided without I/O (a token
+ * verified before whose row the state cache keeps); never throws or rejects.
  */
-async function knownCredential(
+function knownCredential(
   deps: AuthenticationDeps,
   credential: PresentedCredential,
   state: RequestState,
-  from?: number,
-): Promise<unknown> {
-  try {
-    // A token verified before, decided without awaiting, needs no async-context scope
-    // (whose promise hooks cost every concurrent request while one is in flight). `from`:
-    // the caller asked the synchronous path already, which stopped at that verifier.
-    if (from === undefined) {
-      from = 0;
-      if (credential.type === "bearer") {
-        const now = deps.authenticator.authenticateNow(credential, state);
-        if (typeof now !== "number") {
-          state.principal = now;
-          return undefined;
-        }
-        from = now;
-      }
-    }
-    const principal = await withoutHashing(NEEDS_HASHING, () =>
-      deps.authenticator.authenticate(credential, state, from),
-    );
-    if (!principal) return new TesseraError("AUTH_REQUIRED", "Authentication required");
-    state.principal = principal;
-    return undefined;
-  } catch (err) {
-    return err;
-  }
+): unknown {
+  // On the request rather than in an async-local scope: a credential decided now enters no
+  // scope (whose promise hooks would cost every concurrent request while one is in flight).
+  state.hashingRefused = NEEDS_HASHING;
+  const verdict = verdictOf(deps.authenticator, credential, state);
+  if (verdict instanceof Promise) return verdict.then((v: unknown) => hashingAllowed(state, v));
+  return hashingAllowed(state, verdict);
+}
+
+/** `verdict`, once hashing is allowed again for the request. */
+function hashingAllowed(state: RequestState, verdict: unknown): unknown {
+  state.hashingRefused = undefined;
+  return verdict;
 }
 
 /**

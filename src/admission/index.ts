@@ -53,8 +53,8 @@ export const BEFORE_BODY: unique symbol = Symbol("before the body");
  * `message`: the request (undefined for a stream), or {@link BEFORE_BODY} when the body is
  * not read yet; an audited method's authentication then waits for it (it is not run, and
  * undefined is returned with `state.admission` at "counted").
- * @returns the refusal, or undefined to go on; synchronously when decided without
- *   awaiting (rate limits off, a token verified before whose state is read synchronously),
+ * @returns the refusal, or undefined to go on; synchronously when decided without I/O
+ *   (rate limits off, a credential whose rows the state cache keeps: auth/awaitable.ts),
  *   else a promise that never rejects.
  */
 export function admit(
@@ -139,11 +139,10 @@ function settled(
 }
 
 /**
- * Authenticate, then authorize. First synchronously, without I/O or awaiting, where the
- * authenticator can tell (`Authenticator.authenticateNow`: a token verified before, its
- * subject's row read synchronously): an accepted call with a token seen before is the
- * common case, and each async frame costs a promise and a microtask turn. Otherwise the
- * asynchronous path (authenticate.ts), from the first verifier that could not tell.
+ * Authenticate (authenticate.ts), then authorize. Synchronous when authentication decided
+ * without I/O (a credential the caches know: the common accepted call with a token seen
+ * before), so that such a call costs no promise and no microtask turn until a rate limit
+ * is counted.
  * @returns the refusal or undefined, or a promise of either that never rejects
  */
 function authenticateAndAuthorize(
@@ -152,28 +151,17 @@ function authenticateAndAuthorize(
   headers: HeaderSource,
   state: RequestState,
 ): unknown {
-  const { authenticator, limits } = deps;
+  const { limits } = deps;
   let credential: PresentedCredential | null;
-  let from = 0;
   try {
     credential = parseCredentials(headers);
-    if (credential?.type === "bearer") {
-      // A token already refused (a replayed forgery) is refused without any throw.
-      const known = authenticator.knownRefusal(credential);
-      if (known !== undefined) return limits ? spendFailure(limits, state, known) : known;
-      const now = authenticator.authenticateNow(credential, state);
-      if (typeof now !== "number") {
-        state.principal = now;
-        return authorize(rule, state, limits);
-      }
-      from = now;
-    }
   } catch (err) {
     return limits ? spendFailure(limits, state, err) : err;
   }
-  return authenticationRefusal(deps, credential, state, from).then((refusal) =>
-    refusal === undefined ? authorize(rule, state, limits) : refusal,
-  );
+  const refusal = authenticationRefusal(deps, credential, state);
+  if (refusal instanceof Promise)
+    return refusal.then((r: unknown) => (r === undefined ? authorize(rule, state, limits) : r));
+  return refusal === undefined ? authorize(rule, state, limits) : refusal;
 }
 
 /**

@@ -31,10 +31,7 @@ export function createAdminTokenVerifier(token: string): BearerVerifier {
   const expected = sha256(token);
   return {
     name: "admin-token",
-    verifyNow: principalOf,
-    async verify(presented, state) {
-      return principalOf(presented, state);
-    },
+    verify: principalOf,
   };
 
   function principalOf(presented: string, state: RequestState): Principal | null {

@@ -1,53 +1,42 @@
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
+import type { Awaitable } from "./awaitable.js";
 import type { PresentedCredential } from "./credentials.js";
 import type { AccessTokenClaims, JwtService } from "./jwt.js";
 import { type PeerCertificateInfo, type Principal, walledOff } from "./principal.js";
 
 /**
  * Verifies one shape of bearer token (JWT, a prefixed opaque token, the admin token).
- * Returns null when the token is not of its shape, so the next verifier can try;
- * throws TesseraError when the token is of its shape but not acceptable.
+ * Answers null when the token is not of its shape, so the next verifier can try; refuses
+ * (throws or rejects with a TesseraError) when the token is of its shape but not
+ * acceptable. Answers synchronously when it needs no I/O (a token verified before whose
+ * subject's row the state cache keeps), else with a promise: see awaitable.ts.
  */
 export interface BearerVerifier {
   readonly name: string;
-  verify(token: string, state: RequestState): Promise<Principal | null>;
+  verify(token: string, state: RequestState): Awaitable<Principal | null>;
   /**
-   * The refusal `verify` would throw for `token`, when it is known without any work (a
-   * token this verifier already found forged), else undefined. Synchronous, so that a
-   * replayed bad token is refused without a chain of async frames rethrowing it.
+   * The refusal `verify` would give `token`, when it is known without any work (a token
+   * this verifier already found forged), else undefined: a cache answer, so that a replayed
+   * bad token is refused without a throw.
    */
   knownRefusal?(token: string): TesseraError | undefined;
-  /**
-   * What `verify` would answer, when this verifier can tell without I/O or awaiting (a
-   * JWT it verified before whose subject's row is read synchronously): the principal, or
-   * null when the token is not of its shape. Undefined when it cannot tell now, and the
-   * caller goes on with `verify`. Throws the refusals `verify` would.
-   */
-  verifyNow?(token: string, state: RequestState): Principal | null | undefined;
 }
 
 /** Verifies Basic credentials; null when the username is not one it knows. */
 export interface BasicVerifier {
   readonly name: string;
-  verify(username: string, password: string, state: RequestState): Promise<Principal | null>;
+  verify(username: string, password: string, state: RequestState): Awaitable<Principal | null>;
 }
 
 /** Maps a verified client certificate (with no header credential) to a principal, or null. */
 export interface CertificateVerifier {
   readonly name: string;
-  verify(certificate: PeerCertificateInfo, state: RequestState): Promise<Principal | null>;
+  verify(certificate: PeerCertificateInfo, state: RequestState): Awaitable<Principal | null>;
 }
 
 /** Turns verified access-token claims into a principal by reading the subject's current state. */
-export interface ClaimsLoader {
-  (claims: AccessTokenClaims, state: RequestState): Promise<Principal>;
-  /**
-   * The same, when the subject's state can be read synchronously (SQLite); undefined when
-   * it cannot, and the caller awaits the loader instead.
-   */
-  now?(claims: AccessTokenClaims, state: RequestState): Principal | undefined;
-}
+export type ClaimsLoader = (claims: AccessTokenClaims, state: RequestState) => Awaitable<Principal>;
 
 /**
  * The verifiers admission consults (src/admission/). Features register theirs at
@@ -60,8 +49,8 @@ export class Authenticator {
   readonly certificate: CertificateVerifier[] = [];
 
   /**
-   * The refusal `authenticate` would throw for `credential`, when a verifier already knows
-   * it (see `BearerVerifier.knownRefusal`), else undefined: no I/O, no promise. A token a
+   * The refusal `authenticate` would give `credential`, when a verifier already knows it
+   * (see `BearerVerifier.knownRefusal`), else undefined: no I/O, no promise. A token a
    * verifier remembers refusing was declined by the verifiers before it (their answers for
    * a token do not change), so its refusal stands without asking them again.
    */
@@ -75,58 +64,63 @@ export class Authenticator {
   }
 
   /**
-   * What `authenticate` would answer for a bearer credential, when the verifiers can tell
-   * without I/O or awaiting (see `BearerVerifier.verifyNow`): the principal. When they
-   * cannot (and for Basic), the index of the first verifier that could not tell, for the
-   * caller to go on with `authenticate` from there: the verifiers before it declined the
-   * token already (the static admin token's hash is not computed twice).
-   *
-   * Why: an accepted call with a token seen before is the common case, and each async
-   * frame of `authenticate` (verifier, claims loader, row read) costs a promise and a
-   * microtask turn; profiled, that chain was several percent of such a call.
-   * @throws TesseraError the refusals `authenticate` would throw
+   * Authenticate a presented credential, or the connection's certificate when none was
+   * sent: the first verifier's principal, asked in order. Synchronous when every verifier
+   * asked answers without I/O; a refusal is thrown then, and rejected otherwise (callers
+   * treat both alike: `settle` of awaitable.ts).
    */
-  authenticateNow(credential: PresentedCredential, state: RequestState): Principal | number {
-    if (credential.type === "basic") return 0;
-    for (let i = 0; i < this.bearer.length; i++) {
-      const p = this.bearer[i]!.verifyNow?.(credential.token, state);
-      if (p === undefined) return i;
+  authenticate(credential: PresentedCredential | null, state: RequestState): Awaitable<Principal | null> {
+    if (credential === null) {
+      const certificate = state.certificate;
+      if (!certificate) return null;
+      return firstPrincipal(this.certificate, 0, (v) => v.verify(certificate, state), noPrincipal);
+    }
+    if (credential.type === "basic") {
+      const { username, password } = credential;
+      return firstPrincipal(this.basic, 0, (v) => v.verify(username, password, state), badPassword);
+    }
+    return this.bearerFrom(0, credential.token, state);
+  }
+
+  /**
+   * The bearer verifiers from `i` on. Not {@link firstPrincipal}: this is every
+   * authenticated call's path, and it allocates nothing while the verifiers answer now.
+   */
+  private bearerFrom(i: number, token: string, state: RequestState): Awaitable<Principal | null> {
+    for (; i < this.bearer.length; i++) {
+      const p = this.bearer[i]!.verify(token, state);
+      if (p instanceof Promise) {
+        const next = i + 1;
+        return p.then((found) => found ?? this.bearerFrom(next, token, state));
+      }
       if (p !== null) return p;
     }
     throw new TesseraError("TOKEN_INVALID", "token is not recognised");
   }
-
-  /**
-   * Authenticate a presented credential, or the connection's certificate when none was sent.
-   * `from`: the first bearer verifier to ask (see `authenticateNow`).
-   */
-  async authenticate(
-    credential: PresentedCredential | null,
-    state: RequestState,
-    from = 0,
-  ): Promise<Principal | null> {
-    if (credential === null) {
-      if (!state.certificate) return null;
-      for (const v of this.certificate) {
-        const p = await v.verify(state.certificate, state);
-        if (p) return p;
-      }
-      return null;
-    }
-    if (credential.type === "basic") {
-      for (const v of this.basic) {
-        const p = await v.verify(credential.username, credential.password, state);
-        if (p) return p;
-      }
-      throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-    }
-    for (let i = from; i < this.bearer.length; i++) {
-      const p = await this.bearer[i]!.verify(credential.token, state);
-      if (p) return p;
-    }
-    throw new TesseraError("TOKEN_INVALID", "token is not recognised");
-  }
 }
+
+/** The first principal `ask` gets from `verifiers`, from index `i` on; else `none()`. */
+function firstPrincipal<V>(
+  verifiers: readonly V[],
+  i: number,
+  ask: (verifier: V) => Awaitable<Principal | null>,
+  none: () => Principal | null,
+): Awaitable<Principal | null> {
+  for (; i < verifiers.length; i++) {
+    const p = ask(verifiers[i]!);
+    if (p instanceof Promise) {
+      const next = i + 1;
+      return p.then((found) => found ?? firstPrincipal(verifiers, next, ask, none));
+    }
+    if (p !== null) return p;
+  }
+  return none();
+}
+
+const noPrincipal = () => null;
+const badPassword = (): never => {
+  throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
+};
 
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 /** What a token whose signature already failed is refused with: one error, made once (it carries no stack). */
@@ -147,30 +141,18 @@ export function createJwtBearerVerifier(
     knownRefusal(token) {
       return jwt.isForged(token) ? FORGED : undefined;
     },
-    verifyNow(token, state) {
-      if (state.tenantWall !== undefined) {
-        if (!JWT_SHAPE.test(token)) return null;
-        assertInsideWall(token, state);
-      }
-      const claims = jwt.verifiedClaims(token);
-      if (claims !== undefined) return loaderFor(claims, state).now?.(claims, state);
-      // Not of the shape: `verify` would answer null, so the verifiers after this one
-      // (opaque tokens) may decide now too.
-      return JWT_SHAPE.test(token) ? undefined : null;
-    },
-    async verify(token, state) {
+    verify(token, state) {
       if (state.tenantWall !== undefined) {
         if (!JWT_SHAPE.test(token)) return null;
         assertInsideWall(token, state);
       }
       // A token verified before is of the shape: the cache is asked first, with no regex
-      // over the token and no await.
-      let claims = jwt.verifiedClaims(token);
-      if (claims === undefined) {
-        if (!JWT_SHAPE.test(token)) return null;
-        claims = await jwt.verify(token);
-      }
-      return loaderFor(claims, state)(claims, state);
+      // over the token, and its subject's row read without a promise when the state cache
+      // keeps it.
+      const claims = jwt.verifiedClaims(token);
+      if (claims !== undefined) return loaderFor(claims, state)(claims, state);
+      if (!JWT_SHAPE.test(token)) return null;
+      return jwt.verify(token).then((verified) => loaderFor(verified, state)(verified, state));
     },
   };
 

@@ -1,7 +1,6 @@
 import { availableParallelism } from "node:os";
 import { withinDeadline } from "../deadline.js";
 import { TesseraError } from "../errors.js";
-import { ScopedAsyncLocalStorage } from "../storage/orm-async-context.js";
 import { HashWorkers, type Pbkdf2Job } from "./hash-workers.js";
 
 /** Sizes of the {@link HashPool}. */
@@ -82,26 +81,6 @@ const BUSY = new TesseraError("UNAVAILABLE", "the server is busy verifying passw
 });
 
 /**
- * Set while a credential from an IP that has spent its failure budget is verified: any hash
- * asked for within is refused with the store (RATE_LIMITED). Scoped, so that promise hooks
- * are on only while such a verification runs (see orm-async-context.ts).
- */
-const noHashing = new ScopedAsyncLocalStorage<TesseraError>();
-
-/**
- * Run `verify` with every hash in it refused with `refusal`: what needs no PBKDF2 (a
- * token verified before, found in the verified-secret cache) still goes through.
- */
-export function withoutHashing<T>(refusal: TesseraError, verify: () => Promise<T>): Promise<T> {
-  return noHashing.run(refusal, verify);
-}
-
-/** The refusal a hash asked for now would get from {@link withoutHashing}, if any. */
-export function hashingForbidden(): TesseraError | undefined {
-  return noHashing.getStore();
-}
-
-/**
  * What a hash is for: checking a presented secret (passwords at Login, Basic, ChangePassword;
  * a token's first use) or hashing a new secret to store (tokens, API keys, credentials,
  * passwords set). New secrets may hold at most half the pool's slots and queue, and wait
@@ -173,8 +152,6 @@ export class HashPool {
 
   /** Run `task` when a slot is free; rejects at once with Unavailable when the queue (or the share of `create`) is full. */
   run<T>(task: () => Promise<T>, purpose: HashPurpose = "verify"): Promise<T> {
-    const forbidden = noHashing.getStore();
-    if (forbidden !== undefined) return Promise.reject(forbidden);
     if (!this.hasRoom(purpose)) {
       this.refused++;
       return Promise.reject(BUSY);

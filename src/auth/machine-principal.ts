@@ -8,6 +8,7 @@ import type {
   MachineStateRepository,
 } from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
+import type { AccessTokenClaims } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
 import {
@@ -187,7 +188,6 @@ export function createMachineBearerVerifier(
   return storedSecretVerifier(secrets, machines, {
     name: "machine-token",
     ours,
-    readNow: (presented) => machines.byCredentialNow(presented.id),
     read: (presented) => machines.byCredential(presented.id),
     assertUsable,
     namespace: (cred) => `machine:${cred.credentialId}`,
@@ -217,13 +217,17 @@ export function createMachineBasicVerifier(
       const cred = await machines.byCredential(username);
       // Behind a verification's tenant wall: as unknown, with the same dummy PBKDF2.
       if (cred?.kind !== "basic" || walledOff(state, cred.machine.tenantId)) {
-        await verifySecret(password, await dummyPasswordHash(options.iterations));
+        await verifySecret(
+          password,
+          await dummyPasswordHash(options.iterations, state.hashingRefused),
+          state.hashingRefused,
+        );
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       if (cred.machine.disabled || cred.machine.tenantDisabled) {
         // A disabled machine user's correct password reads exactly like a wrong one, with
         // the same full PBKDF2 each time (no verified-secret cache: no timing difference).
-        await verifySecret(password, cred.secretHash);
+        await verifySecret(password, cred.secretHash, state.hashingRefused);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       if (
@@ -232,6 +236,7 @@ export function createMachineBasicVerifier(
           password,
           cred.secretHash,
           machines.sharedDigest(cred),
+          state.hashingRefused,
         ))
       ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
@@ -280,8 +285,18 @@ export function createMachineClaimsLoader(
   machines: MachineStateRepository,
   now: Clock = Date.now,
 ): ClaimsLoader {
-  return async (claims, state) => {
-    const machine = await machines.byId(claims.sub);
+  return (claims, state) => {
+    const machine = machines.byId(claims.sub);
+    return machine instanceof Promise
+      ? machine.then((row) => principalOf(claims, state, row))
+      : principalOf(claims, state, machine);
+  };
+
+  function principalOf(
+    claims: AccessTokenClaims,
+    state: RequestState,
+    machine: MachineAuthState | null,
+  ): Principal {
     assertMachineActive(machine);
     if (machine.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its machine user");
@@ -303,5 +318,5 @@ export function createMachineClaimsLoader(
     if (claims.cnf?.["x5t#S256"] !== undefined) extra.certificateBinding = claims.cnf["x5t#S256"];
     if (claims.jti) extra.credentialId = claims.jti;
     return machinePrincipal(machine, "jwt", state, extra);
-  };
+  }
 }

@@ -1,5 +1,6 @@
 import { randomBytes, timingSafeEqual } from "node:crypto";
-import { type HashPurpose, hashingForbidden, hashPool } from "./hash-pool.js";
+import type { TesseraError } from "../errors.js";
+import { type HashPurpose, hashPool } from "./hash-pool.js";
 
 /** OWASP 2023 recommendation for PBKDF2-HMAC-SHA256. */
 export const DEFAULT_ITERATIONS = 600_000;
@@ -49,12 +50,18 @@ export function parseHash(stored: string): HashParameters | null {
 
 /**
  * Constant-time verification of `secret` against a stored hash, through the bounded {@link hashPool}.
+ * `forbidden`: set where hashing is refused (`RequestState.hashingRefused`), thrown instead.
  * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full or
  *   the verdict is not ready within its deadline
  */
-export async function verifySecret(secret: string, stored: string): Promise<boolean> {
+export async function verifySecret(
+  secret: string,
+  stored: string,
+  forbidden?: TesseraError,
+): Promise<boolean> {
   const params = parseHash(stored);
   if (!params) return false;
+  if (forbidden !== undefined) throw forbidden;
   const candidate = await hashPool().pbkdf2({
     secret,
     salt: params.salt,
@@ -69,11 +76,14 @@ export async function verifySecret(secret: string, stored: string): Promise<bool
  * unknown user costs the same PBKDF2 work as for a known one (no user enumeration by timing).
  */
 const dummyHashes = new Map<number, Promise<string>>();
-export function dummyPasswordHash(iterations = DEFAULT_ITERATIONS): Promise<string> {
+/** `forbidden`: set where hashing is refused (`RequestState.hashingRefused`), the refusal a new hash gets. */
+export function dummyPasswordHash(
+  iterations = DEFAULT_ITERATIONS,
+  forbidden?: TesseraError,
+): Promise<string> {
   let hash = dummyHashes.get(iterations);
   if (!hash) {
     // Not made (nor remembered) where hashing is refused: a waiting caller elsewhere would get that refusal.
-    const forbidden = hashingForbidden();
     if (forbidden !== undefined) return Promise.reject(forbidden);
     // Stands in for a stored hash when a presented password is checked: a check, not a new secret.
     hash = hashSecret(randomBytes(24).toString("base64"), iterations, "verify");

@@ -1,6 +1,6 @@
 import { createHmac, hash, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
 import { LRUCache } from "lru-cache";
-import { hashingForbidden } from "./hash-pool.js";
+import type { TesseraError } from "../errors.js";
 import { verifySecret } from "./password.js";
 
 /**
@@ -178,13 +178,15 @@ export class VerifiedSecretCache {
    * Whether `secret` matches `storedHash`: the in-process cache, then the shared digest
    * (one HMAC), and PBKDF2 (off the event loop) only when neither knows it. A refusal is
    * always PBKDF2's: a digest that does not match proves nothing (it may be another
-   * master key's, or an older hash's).
+   * master key's, or an older hash's). `forbidden`: set where hashing is refused (admission's
+   * first, budget-free attempt, `RequestState.hashingRefused`): thrown instead of starting PBKDF2.
    */
   async verify(
     namespace: string,
     secret: string,
     storedHash: string,
     shared?: SharedDigest,
+    forbidden?: TesseraError,
   ): Promise<boolean> {
     const k = this.keyOf(namespace, storedHash, secret);
     if (this.cache.get(k) !== undefined) {
@@ -203,9 +205,8 @@ export class VerifiedSecretCache {
     }
     let pending = this.inflight.get(k);
     if (!pending) {
-      // Where hashing is refused (see withoutHashing) no flight is started: others joining
-      // it would get that refusal instead of a verdict.
-      const forbidden = hashingForbidden();
+      // Where hashing is refused no flight is started: others joining it would get that
+      // refusal instead of a verdict.
       if (forbidden !== undefined) throw forbidden;
       pending = verifySecret(secret, storedHash).finally(() => this.inflight.delete(k));
       this.inflight.set(k, pending);

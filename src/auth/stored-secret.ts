@@ -1,6 +1,7 @@
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { BearerVerifier } from "./authenticator.js";
+import type { Awaitable } from "./awaitable.js";
 import type { Principal } from "./principal.js";
 import type { SharedDigest, VerifiedSecretCache } from "./secret-cache.js";
 
@@ -13,9 +14,8 @@ export interface StoredSecretKind<P extends { secret: string }, S extends { secr
   readonly name: string;
   /** The token's parts when it is of this kind (null: another verifier's). @throws TesseraError when malformed */
   ours(token: string): P | null;
-  /** Its row read synchronously where the store allows it (SQLite); undefined where it does not. */
-  readNow(presented: P): S | null | undefined;
-  read(presented: P): Promise<S | null>;
+  /** Its row: synchronously when the state cache keeps it (see SqlRunner.cachedGet). */
+  read(presented: P): Awaitable<S | null>;
   /** Refuse a credential that may not authenticate now, before its secret is looked at. */
   assertUsable(found: S | null, state: RequestState, presented: NoInfer<P>): asserts found is S;
   /** The credential's namespace in the verified-secret cache. */
@@ -28,10 +28,9 @@ export interface StoredSecretKind<P extends { secret: string }, S extends { secr
 
 /**
  * The verifier of a {@link StoredSecretKind}: the cheap checks first (shape, one read,
- * state), so that nothing refused reaches PBKDF2, then the secret through the
- * verified-secret cache. `verifyNow` is the same steps without a promise, for a secret
- * the cache knows and a row read synchronously: admission then needs no no-hashing scope
- * for it; anything else is undefined, and `verify`.
+ * state), so that nothing refused reaches PBKDF2, then the secret: accepted at once when the
+ * verified-secret cache knows it (no promise: admission then decides the call without
+ * awaiting, and needs no budget for it), else through the cache's verification.
  */
 export function storedSecretVerifier<P extends { secret: string }, S extends { secretHash: string }>(
   secrets: Pick<VerifiedSecretCache, "verify" | "knows">,
@@ -40,25 +39,28 @@ export function storedSecretVerifier<P extends { secret: string }, S extends { s
 ): BearerVerifier {
   return {
     name: kind.name,
-    verifyNow(token, state) {
+    verify(token, state) {
       const presented = kind.ours(token);
       if (presented === null) return null;
-      const found = kind.readNow(presented);
-      if (found === undefined) return undefined;
-      kind.assertUsable(found, state, presented);
-      if (!secrets.knows(kind.namespace(found), presented.secret, found.secretHash, digests.digestOf(found)))
-        return undefined;
-      return kind.accepted(found, state);
-    },
-    async verify(token, state) {
-      const presented = kind.ours(token);
-      if (presented === null) return null;
-      const found = await kind.read(presented);
-      kind.assertUsable(found, state, presented);
-      const shared = digests.sharedDigest(found);
-      if (!(await secrets.verify(kind.namespace(found), presented.secret, found.secretHash, shared)))
-        throw new TesseraError("TOKEN_INVALID", kind.unknown);
-      return kind.accepted(found, state);
+      const found = kind.read(presented);
+      return found instanceof Promise
+        ? found.then((row) => decide(row, presented, state))
+        : decide(found, presented, state);
     },
   };
+
+  /** The principal of the credential read as `found`, once its state and its secret allow it. */
+  function decide(found: S | null, presented: P, state: RequestState): Awaitable<Principal> {
+    kind.assertUsable(found, state, presented);
+    const namespace = kind.namespace(found);
+    if (secrets.knows(namespace, presented.secret, found.secretHash, digests.digestOf(found)))
+      return kind.accepted(found, state);
+    const shared = digests.sharedDigest(found);
+    return secrets
+      .verify(namespace, presented.secret, found.secretHash, shared, state.hashingRefused)
+      .then((ok) => {
+        if (!ok) throw new TesseraError("TOKEN_INVALID", kind.unknown);
+        return kind.accepted(found, state);
+      });
+  }
 }

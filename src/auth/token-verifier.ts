@@ -18,7 +18,7 @@ export const API_TOKENS_TABLE = "api_tokens" as const;
 /** Options of {@link createApiTokenVerifier}. */
 export interface ApiTokenVerifierOptions {
   /** The one look-up per request (tests pass one over a counting SQL runner). */
-  credentials: Pick<CredentialRepository, "apiToken" | "apiTokenNow" | "sharedDigest" | "digestOf">;
+  credentials: Pick<CredentialRepository, "apiToken" | "sharedDigest" | "digestOf">;
   /** Verified-secret cache: PBKDF2 on first use only (tests pass a counting wrapper). */
   secrets: Pick<VerifiedSecretCache, "verify" | "knows">;
   lastUsed: Pick<LastUsedTracker, "mark">;
@@ -143,7 +143,6 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
   return storedSecretVerifier(secrets, credentials, {
     name: "api-token",
     ours,
-    readNow: (presented) => credentials.apiTokenNow(presented.id),
     read: (presented) => credentials.apiToken(presented.id),
     assertUsable,
     namespace: (token) => `token:${token.id}`,

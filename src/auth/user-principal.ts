@@ -37,18 +37,12 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * checked against the user alone.
  */
 export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader {
-  const loader: ClaimsLoader = async (claims, state) =>
-    principalOf(
-      claims,
-      state,
-      claims.sid === undefined ? await users.byId(claims.sub) : await users.bySession(claims.sub, claims.sid),
-    );
-  loader.now = (claims, state) => {
-    const user =
-      claims.sid === undefined ? users.byIdNow(claims.sub) : users.bySessionNow(claims.sub, claims.sid);
-    return user === undefined ? undefined : principalOf(claims, state, user);
+  return (claims, state) => {
+    const user = claims.sid === undefined ? users.byId(claims.sub) : users.bySession(claims.sub, claims.sid);
+    return user instanceof Promise
+      ? user.then((row) => principalOf(claims, state, row))
+      : principalOf(claims, state, user);
   };
-  return loader;
 
   function principalOf(
     claims: AccessTokenClaims,
@@ -111,20 +105,33 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
         ? await options.users.byTenantUsername(named.tenant, named.username)
         : await options.users.byUsername(named.username);
       if (!user) {
-        await verifySecret(password, await dummyPasswordHash(options.iterations));
+        await verifySecret(
+          password,
+          await dummyPasswordHash(options.iterations, state.hashingRefused),
+          state.hashingRefused,
+        );
         return null;
       }
       if (user.disabled || user.tenantDisabled) {
         // A disabled account's correct password reads exactly like a wrong one (as Login
         // answers): same reason, same message, and the same full PBKDF2 each time (the
         // verified-secret cache is bypassed, so a repeated guess is not faster when right).
-        await verifySecret(password, user.passwordHash);
+        await verifySecret(password, user.passwordHash, state.hashingRefused);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       // In-process only, no shared digest: a human password is guessable, and a fast keyed
       // digest of it in the database would let whoever holds the master key and a dump test
       // guesses at HMAC speed instead of PBKDF2's. Generated tokens (~190 bits) gain nothing from that.
-      if (!(await options.secrets.verify(`user:${user.id}`, password, user.passwordHash))) {
+      const { hashingRefused } = state;
+      if (
+        !(await options.secrets.verify(
+          `user:${user.id}`,
+          password,
+          user.passwordHash,
+          undefined,
+          hashingRefused,
+        ))
+      ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       state.user = user;

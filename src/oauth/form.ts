@@ -280,7 +280,7 @@ export async function authenticateClient(
       );
     throw asOAuthError(refusal, "client");
   }
-  const refusal = await authenticationRefusal(deps, presented.credential, req.state, 0);
+  const refusal = await authenticationRefusal(deps, presented.credential, req.state);
   if (refusal !== undefined) throw asOAuthError(refusal, "client", presented.method);
   const principal = req.state.principal!;
   const clientId = req.form.get("client_id");

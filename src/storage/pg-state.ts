@@ -1,6 +1,7 @@
 // The PostgreSQL state cache: rows of authentication state kept per statement, emptied by the
 // triggers' notifications, with the write barrier that makes a change exact on every instance.
 import { setTimeout as sleep } from "node:timers/promises";
+import type { Awaitable } from "../auth/awaitable.js";
 import type { PgNotifier } from "./pg-notify.js";
 import { ANNOUNCED, NOTIFY_TRIGGER, TRIGGER_CHECK_MS } from "./pg-state-channel.js";
 import { RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
@@ -162,7 +163,11 @@ export class PgStateCache {
     this.retryTimer.unref();
   }
 
-  async read<T>(sql: string, params: readonly unknown[], load: () => Promise<T>): Promise<T> {
+  /**
+   * The kept answer, synchronously (counted as a hit); otherwise a promise of `load`'s, kept
+   * only if nothing emptied the cache while it was read (it may predate that change).
+   */
+  read<T>(sql: string, params: readonly unknown[], load: () => Promise<T>): Awaitable<T> {
     if (!this.enabled) {
       this.rows.counters.misses++;
       return load();
@@ -171,15 +176,10 @@ export class PgStateCache {
     if (hit !== undefined) return hit;
     this.rows.counters.misses++;
     const epoch = this.epoch;
-    const value = await load();
-    // Kept only if nothing emptied the cache while the row was read (it may predate that change).
-    if (epoch === this.epoch && this.enabled) this.rows.set(sql, params, value);
-    return value;
-  }
-
-  /** A kept answer, synchronously (counted as a hit), or undefined: not kept, or the cache is off. */
-  peek<T>(sql: string, params: readonly unknown[]): T | undefined {
-    return this.enabled ? this.rows.get<T>(sql, params) : undefined;
+    return load().then((value) => {
+      if (epoch === this.epoch && this.enabled) this.rows.set(sql, params, value);
+      return value;
+    });
   }
 
   stats(): StateCacheStats {

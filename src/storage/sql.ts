@@ -1,4 +1,5 @@
 import type { EntityManager } from "@mikro-orm/knex";
+import type { Awaitable } from "../auth/awaitable.js";
 import { parseScopeString } from "../auth/scopes.js";
 import type { Storage } from "./orm.js";
 import type { PgNotifier } from "./pg-notify.js";
@@ -25,18 +26,14 @@ export interface SqlRunner {
   /**
    * Like {@link get}, for the authentication path's state reads: answered from memory while
    * no table in {@link STATE_TABLES} has changed since the row was read (see
-   * {@link StateCache}); a plain read where no such guarantee exists (PostgreSQL).
+   * {@link StateCache}, {@link PgStateCache}). The one synchronous source of the
+   * authentication path: a kept row is returned as it is, without a promise; a miss is a
+   * promise on PostgreSQL and, on SQLite, whose driver reads in the calling turn, the row
+   * read now. A plain read where no cache guarantee exists (PostgreSQL without a listener).
    */
-  cachedGet<T>(sql: string, params: readonly unknown[]): Promise<T | undefined>;
-  /** Like {@link all}, cached under the same rules as {@link cachedGet}. */
-  cachedAll<T>(sql: string, params: readonly unknown[]): Promise<T[]>;
-  /**
-   * A kept answer of {@link cachedGet}, synchronously, or undefined when none is kept (then
-   * ask `cachedGet`; the cache keeps rows found only, so undefined never means "no row").
-   * Present on PostgreSQL with a state cache; SQLite answers every read synchronously
-   * through {@link sync} instead.
-   */
-  peek?<T>(sql: string, params: readonly unknown[]): T | undefined;
+  cachedGet<T>(sql: string, params: readonly unknown[]): Awaitable<T | undefined>;
+  /** Like {@link all}, cached and answered under the same rules as {@link cachedGet}. */
+  cachedAll<T>(sql: string, params: readonly unknown[]): Awaitable<T[]>;
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
   /**
@@ -45,21 +42,17 @@ export interface SqlRunner {
    */
   inTransaction?(): boolean;
   /**
+   * SQLite: the driver answers every statement in the calling turn, blocking the event loop
+   * while it runs (callers that write in bulk keep their batches small). Absent on PostgreSQL.
+   */
+  readonly blocking?: true;
+  /**
    * SQLite with a state cache: `fn` is called on every write to a {@link STATE_TABLES} table
    * that empties the cache (the writing statement's own trigger calls it, synchronously, inside
    * that statement and maybe inside a transaction not yet committed: defer any read). Absent
    * on PostgreSQL, where a NOTIFY announces commits, and without a state cache.
    */
   onStateChange?(fn: () => void): void;
-  /**
-   * The same reads, synchronous, where the driver is (SQLite: better-sqlite3 answers in
-   * the calling turn, so the async methods above only wrap these in a promise). Absent
-   * on PostgreSQL.
-   */
-  readonly sync?: {
-    cachedGet<T>(sql: string, params: readonly unknown[]): T | undefined;
-    cachedAll<T>(sql: string, params: readonly unknown[]): T[];
-  };
 }
 
 export { STATE_TABLES, type StateCacheStats } from "./row-cache.js";
@@ -143,16 +136,12 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
       async run(sql: string, params: readonly unknown[] = []) {
         return prepare(sql).run(...params.map(sqliteParam)).changes;
       },
-      async cachedGet<T>(sql: string, params: readonly unknown[]) {
-        return cachedGet<T>(sql, params);
-      },
-      async cachedAll<T>(sql: string, params: readonly unknown[]) {
-        return cachedAll<T>(sql, params);
-      },
+      cachedGet,
+      cachedAll,
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
       inTransaction: () => db.inTransaction,
       ...(cache ? { onStateChange: (fn: () => void) => cache.onChange(fn) } : {}),
-      sync: { cachedGet, cachedAll },
+      blocking: true,
     };
   }
   const em: EntityManager = storage.em;
@@ -224,7 +213,6 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
     cachedAll: cache
       ? <T>(sql: string, params: readonly unknown[]) => cache.read(sql, params, () => all<T>(sql, params))
       : all,
-    ...(cache ? { peek: <T>(sql: string, params: readonly unknown[]) => cache.peek<T>(sql, params) } : {}),
     cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
   };
 }

@@ -1,4 +1,4 @@
-import { authenticationRefusal, spendFailure } from "../admission/authenticate.js";
+import { authenticationRefusal } from "../admission/authenticate.js";
 import type { AuditLog } from "../audit.js";
 import type { Authenticator } from "../auth/authenticator.js";
 import { type PresentedCredential, parseCredentials } from "../auth/credentials.js";
@@ -147,7 +147,9 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
     };
     const wall = tenantScope(caller);
     if (wall !== null) state.tenantWall = wall;
-    const refusal = authenticated(presented.credential, state);
+    // As admission authenticates (authenticate.ts, with the budgets): undefined once
+    // `state.principal` is set, else the refusal; a promise of either unless decided without I/O.
+    const refusal = authenticationRefusal({ authenticator, limits }, presented.credential, state);
     if (refusal instanceof Promise) return refusal.then((r) => decided(caller, input, state, r));
     return decided(caller, input, state, refusal);
   }
@@ -171,31 +173,6 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
     if (input.applicationId !== undefined && !principal.applicationIds?.includes(input.applicationId))
       return { valid: false, code: "NOT_ASSIGNED", ...found };
     return { valid: true, code: "VALID", ...found };
-  }
-
-  /**
-   * Authenticate the credential as admission does: first without awaiting (a token seen
-   * before, its row read synchronously), else through authenticate.ts with the budgets.
-   * @returns undefined once `state.principal` is set, else the refusal; a promise of either
-   *   (never rejecting) unless decided without awaiting
-   */
-  function authenticated(credential: PresentedCredential, state: RequestState): unknown {
-    let from = 0;
-    if (credential.type === "bearer") {
-      try {
-        const known = authenticator.knownRefusal(credential);
-        if (known !== undefined) throw known;
-        const now = authenticator.authenticateNow(credential, state);
-        if (typeof now !== "number") {
-          state.principal = now;
-          return undefined;
-        }
-        from = now;
-      } catch (err) {
-        return limits ? spendFailure(limits, state, err) : err;
-      }
-    }
-    return authenticationRefusal({ authenticator, limits }, credential, state, from);
   }
 }
 

@@ -84,8 +84,8 @@ export class AuditEventRepository {
   /** Rows per insert the audit log should keep to: fewer where the driver blocks the event loop. */
   readonly batchRows: number;
 
-  constructor(private readonly sql: Pick<SqlRunner, "run" | "all" | "sync">) {
-    this.batchRows = sql.sync ? SYNC_AUDIT_BATCH : MAX_AUDIT_BATCH;
+  constructor(private readonly sql: Pick<SqlRunner, "run" | "all" | "blocking">) {
+    this.batchRows = sql.blocking ? SYNC_AUDIT_BATCH : MAX_AUDIT_BATCH;
   }
 
   /**

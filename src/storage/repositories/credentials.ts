@@ -1,3 +1,4 @@
+import { type Awaitable, andThen } from "../../auth/awaitable.js";
 import type { SharedDigest } from "../../auth/secret-cache.js";
 import type { Storage } from "../orm.js";
 import { oncePerRow } from "../row-cache.js";
@@ -99,27 +100,12 @@ function markUsedSql(table: LastUsedTable): string {
 export class CredentialRepository {
   constructor(private readonly sql: SqlRunner) {}
 
-  /** The personal access token or API key whose public id is `publicId`, with its owner. */
-  apiToken(publicId: string): Promise<ApiTokenState | null> {
-    // Not an async function: the verifier awaits this on every request that a rate limit
-    // counts: a second promise layer over the runner's would make it dearer than it was
-    // before the repositories (bench/state-reads-ab.ts).
-    const sync = this.sql.sync;
-    if (sync === undefined) return this.sql.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]).then(toToken);
-    try {
-      return Promise.resolve(toToken(sync.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId])));
-    } catch (err) {
-      return Promise.reject(err);
-    }
-  }
-
   /**
-   * {@link apiToken} answered synchronously where the store allows it (SQLite, see
-   * `SqlRunner.sync`); undefined where it does not.
+   * The personal access token or API key whose public id is `publicId`, with its owner;
+   * synchronously when the state cache answers (see SqlRunner.cachedGet).
    */
-  apiTokenNow(publicId: string): ApiTokenState | null | undefined {
-    const sync = this.sql.sync;
-    return sync === undefined ? undefined : toToken(sync.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]));
+  apiToken(publicId: string): Awaitable<ApiTokenState | null> {
+    return andThen(this.sql.cachedGet<TokenRow>(TOKEN_BY_PUBLIC_ID, [publicId]), toToken);
   }
 
   /** The shared digest of a token's secret (generated, high-entropy: see VerifiedSecretCache). */

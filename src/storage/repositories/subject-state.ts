@@ -1,3 +1,4 @@
+import { type Awaitable, andThen } from "../../auth/awaitable.js";
 import type { SharedDigest } from "../../auth/secret-cache.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
 import { oncePerRow } from "../row-cache.js";
@@ -106,27 +107,14 @@ function toUser(row: UserRow | undefined): UserAuthState | null {
 export class UserStateRepository {
   constructor(private readonly sql: SqlRunner) {}
 
-  async byId(id: string): Promise<UserAuthState | null> {
-    return toUser(await this.sql.cachedGet<UserRow>(USER_BY_ID, [id]));
-  }
-
-  /**
-   * {@link byId} answered synchronously where the store allows it (SQLite, see
-   * `SqlRunner.sync`; PostgreSQL when the state cache keeps the row, `SqlRunner.peek`);
-   * undefined where it does not.
-   */
-  byIdNow(id: string): UserAuthState | null | undefined {
-    return this.now(USER_BY_ID, [id]);
+  /** The user `id`; synchronously when the state cache answers (see SqlRunner.cachedGet). */
+  byId(id: string): Awaitable<UserAuthState | null> {
+    return andThen(this.sql.cachedGet<UserRow>(USER_BY_ID, [id]), toUser);
   }
 
   /** The user `id` with the state of its session `sid`; null when either does not exist. */
-  async bySession(id: string, sid: string): Promise<UserAuthState | null> {
-    return toUser(await this.sql.cachedGet<UserRow>(USER_BY_SESSION, [id, sid]));
-  }
-
-  /** {@link bySession} answered synchronously where the store allows it (see {@link byIdNow}). */
-  bySessionNow(id: string, sid: string): UserAuthState | null | undefined {
-    return this.now(USER_BY_SESSION, [id, sid]);
+  bySession(id: string, sid: string): Awaitable<UserAuthState | null> {
+    return andThen(this.sql.cachedGet<UserRow>(USER_BY_SESSION, [id, sid]), toUser);
   }
 
   /** The user a username alone names (see {@link USER_BY_USERNAME}). */
@@ -145,14 +133,6 @@ export class UserStateRepository {
   async byTenantUsername(tenant: string, username: string): Promise<UserAuthState | null> {
     const sql = isTenantId(tenant) ? USER_BY_TENANT_ID_USERNAME : USER_BY_TENANT_NAME_USERNAME;
     return toUser(await this.sql.cachedGet<UserRow>(sql, [tenant, username]));
-  }
-
-  private now(sql: string, params: readonly unknown[]): UserAuthState | null | undefined {
-    const sync = this.sql.sync;
-    if (sync !== undefined) return toUser(sync.cachedGet<UserRow>(sql, params));
-    // PostgreSQL: a row the state cache keeps, else undefined (ask the async method).
-    const kept = this.sql.peek?.<UserRow>(sql, params);
-    return kept === undefined ? undefined : toUser(kept);
   }
 }
 
@@ -273,6 +253,10 @@ const credentialState = oncePerRow(
   }),
 );
 
+function toMachineOrNull(rows: readonly MachineRow[]): MachineAuthState | null {
+  return rows.length === 0 ? null : toMachine(rows);
+}
+
 function toCredential(rows: readonly CredentialRow[]): MachineCredentialState | null {
   return rows.length === 0 ? null : credentialState(rows);
 }
@@ -303,25 +287,14 @@ const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly Certificat
 export class MachineStateRepository {
   constructor(private readonly sql: SqlRunner) {}
 
-  async byId(id: string): Promise<MachineAuthState | null> {
-    const rows = await this.sql.cachedAll<MachineRow>(MACHINE_BY_ID, [id]);
-    return rows.length === 0 ? null : toMachine(rows);
+  /** The machine user `id`; synchronously when the state cache answers (see SqlRunner.cachedAll). */
+  byId(id: string): Awaitable<MachineAuthState | null> {
+    return andThen(this.sql.cachedAll<MachineRow>(MACHINE_BY_ID, [id]), toMachineOrNull);
   }
 
   /** The credential whose public id (token id or Basic username) is `publicId`. */
-  async byCredential(publicId: string): Promise<MachineCredentialState | null> {
-    return toCredential(await this.sql.cachedAll<CredentialRow>(MACHINE_BY_CREDENTIAL, [publicId]));
-  }
-
-  /**
-   * {@link byCredential} answered synchronously where the store allows it (SQLite, see
-   * `SqlRunner.sync`); undefined where it does not.
-   */
-  byCredentialNow(publicId: string): MachineCredentialState | null | undefined {
-    const sync = this.sql.sync;
-    return sync === undefined
-      ? undefined
-      : toCredential(sync.cachedAll<CredentialRow>(MACHINE_BY_CREDENTIAL, [publicId]));
+  byCredential(publicId: string): Awaitable<MachineCredentialState | null> {
+    return andThen(this.sql.cachedAll<CredentialRow>(MACHINE_BY_CREDENTIAL, [publicId]), toCredential);
   }
 
   /** The shared digest of a credential's secret (generated, high-entropy: see VerifiedSecretCache). */
@@ -339,13 +312,11 @@ export class MachineStateRepository {
    * {@link MAX_SAN_URIS} SAN URIs, each with its machine user (which one decides is the
    * authentication path's rule, see machine-principal.ts).
    */
-  async bindingsOf(
-    fingerprint: string,
-    sanUris: readonly string[],
-  ): Promise<readonly CertificateBindingState[]> {
+  bindingsOf(fingerprint: string, sanUris: readonly string[]): Awaitable<readonly CertificateBindingState[]> {
     const sans = sanUris.slice(0, MAX_SAN_URIS);
-    return toBindings(
-      await this.sql.cachedAll<BindingRow>(BINDING_QUERIES[sans.length]!, [fingerprint, ...sans]),
+    return andThen(
+      this.sql.cachedAll<BindingRow>(BINDING_QUERIES[sans.length]!, [fingerprint, ...sans]),
+      toBindings,
     );
   }
 }
