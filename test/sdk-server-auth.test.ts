@@ -502,6 +502,7 @@ describe("the downstream auth core", () => {
         const s = signer();
         const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
         await up(fake, a, 3600);
+        await learnWall(fake, a);
         clock.t += 2000;
         const token = s.token(claimsAt(clock.t));
         // Remembered (the first call fetched the key set, so from the second): the later calls
@@ -524,7 +525,7 @@ describe("the downstream auth core", () => {
         // A session or the token itself ended: final, refused offline; a subject or tenant
         // changed: Tessera decides, and refuses.
         expect(err.reason).toBe(how === "offline" ? "TOKEN_REVOKED" : "PRINCIPAL_DISABLED");
-        expect(fake.verifyCalls).toBe(how === "offline" ? 0 : 1);
+        expect(fake.verifyCalls).toBe(how === "offline" ? 1 : 2);
         expect(a.admitted(`Bearer ${token}`)).toBeUndefined();
       },
     );
@@ -533,6 +534,7 @@ describe("the downstream auth core", () => {
       const s = signer();
       const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
       await up(fake, a, 3600);
+      await learnWall(fake, a);
       clock.t += 2000;
       const token = s.token(claimsAt(clock.t, { cnf: { "x5t#S256": "thumb-1" } }));
       expect((await a.authenticate(`Bearer ${token}`, "thumb-1")).certificateThumbprint).toBe("thumb-1");
