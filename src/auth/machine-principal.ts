@@ -8,6 +8,7 @@ import type {
   MachineStateRepository,
 } from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
+import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
@@ -285,12 +286,7 @@ export function createMachineClaimsLoader(
   machines: MachineStateRepository,
   now: Clock = Date.now,
 ): ClaimsLoader {
-  return (claims, state) => {
-    const machine = machines.byId(claims.sub);
-    return machine instanceof Promise
-      ? machine.then((row) => principalOf(claims, state, row))
-      : principalOf(claims, state, machine);
-  };
+  return (claims, state) => andThen(machines.byId(claims.sub), (row) => principalOf(claims, state, row));
 
   function principalOf(
     claims: AccessTokenClaims,

@@ -2,6 +2,7 @@ import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { UserAuthState, UserStateRepository } from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
+import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
 import { type Principal, TENANT_DISABLED_MESSAGE } from "./principal.js";
@@ -37,12 +38,11 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * checked against the user alone.
  */
 export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader {
-  return (claims, state) => {
-    const user = claims.sid === undefined ? users.byId(claims.sub) : users.bySession(claims.sub, claims.sid);
-    return user instanceof Promise
-      ? user.then((row) => principalOf(claims, state, row))
-      : principalOf(claims, state, user);
-  };
+  return (claims, state) =>
+    andThen(
+      claims.sid === undefined ? users.byId(claims.sub) : users.bySession(claims.sub, claims.sid),
+      (row) => principalOf(claims, state, row),
+    );
 
   function principalOf(
     claims: AccessTokenClaims,
