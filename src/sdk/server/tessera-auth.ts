@@ -11,7 +11,7 @@ import {
 import { hasScope } from "../../auth/scopes.js";
 import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
-import { TesseraAuthError, type TesseraAuthReason } from "./errors.js";
+import { TesseraAuthError } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
 import {
   type AccessTokenClaims,
@@ -23,6 +23,7 @@ import {
 } from "./offline-jwt.js";
 import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
 import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
+import { credentialOf, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
 
 /** Options of {@link createTesseraAuth} (and of the interceptor and middleware built on it). */
@@ -115,17 +116,6 @@ export interface TesseraAuth {
   close(): void;
 }
 
-const REFUSALS: Partial<Record<VerificationCode, [TesseraAuthReason, string]>> = {
-  [VerificationCode.NOT_FOUND]: ["CREDENTIALS_INVALID", "credentials are invalid"],
-  [VerificationCode.MALFORMED]: ["TOKEN_INVALID", "credential is malformed"],
-  [VerificationCode.EXPIRED]: ["TOKEN_EXPIRED", "credential expired"],
-  [VerificationCode.REVOKED]: ["TOKEN_REVOKED", "credential is revoked"],
-  [VerificationCode.DISABLED]: ["PRINCIPAL_DISABLED", "principal is disabled"],
-  [VerificationCode.TENANT_DISABLED]: ["PRINCIPAL_DISABLED", "tenant is disabled"],
-};
-
-const MAX_HEADER = 8192;
-
 /** Admissions remembered by their Authorization header (see AdmissionMemo). */
 const MEMO_MAX = 10_000;
 
@@ -137,24 +127,6 @@ interface Admitted {
   offline: boolean;
   /** Answered by Tessera: the key of its answer in the cache. */
   credential?: string;
-}
-
-function unavailable(message: string, err?: unknown, retryAfterSeconds = 1): TesseraAuthError {
-  return new TesseraAuthError("UNAVAILABLE", message, { retryAfterSeconds, cause: err });
-}
-
-/** The credential in an Authorization header value: a bearer token, or a whole Basic pair. */
-function credentialOf(authorization: string | undefined): string {
-  if (authorization === undefined || authorization === "")
-    throw new TesseraAuthError("AUTH_REQUIRED", "authentication required");
-  if (authorization.length > MAX_HEADER)
-    throw new TesseraAuthError("AUTH_HEADER_MALFORMED", "authorization header is too long");
-  const space = authorization.indexOf(" ");
-  const scheme = space > 0 ? authorization.slice(0, space).toLowerCase() : "";
-  const value = space > 0 ? authorization.slice(space + 1) : "";
-  if (!/^[\x21-\x7e]+$/.test(value) || (scheme !== "bearer" && scheme !== "basic"))
-    throw new TesseraAuthError("AUTH_HEADER_MALFORMED", "authorization header is malformed");
-  return scheme === "basic" ? `Basic ${value}` : value;
 }
 
 /**
