@@ -9,7 +9,7 @@
  * It is not time (a cache miss costs more than an add), so it complements, not replaces,
  * `npm run bench`.
  *
- *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|none]
+ *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|strace|none]
  *     [--scenarios jwt,pat,api-key,mu-bearer,mu-basic,refused,verify-pat,login-shed] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
@@ -33,8 +33,11 @@
  * checkouts are measured by the same load. Prints one JSON line per scenario and protocol.
  * `--tool none` serves it plainly and reports only the server's CPU µs per request (from
  * /proc): two checkouts run at the same time that way share whatever else loads the VM.
+ * `--tool strace` counts the server's system calls per request (`perf trace -s`, every
+ * thread, attached after the warm-up and detached after the measured requests): the kernel work
+ * callgrind does not see, where issue 19's gap to fastify was found.
  */
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -70,7 +73,7 @@ const { values: flags } = parseArgs({
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
 const root = resolve(flags.root);
-const tool = flags.tool as "callgrind" | "cpu-prof" | "none";
+const tool = flags.tool as "callgrind" | "cpu-prof" | "strace" | "none";
 const mainThread = flags["main-thread"] === true;
 const scenarios = flags.scenarios.split(",");
 const loginShed = scenarios.includes("login-shed");
@@ -337,16 +340,19 @@ try {
       let cpuMs: number;
       let mainMs: number;
       let dump: { total: number; file: string } | null;
+      let syscalls: SyscallCounts | null = null;
       try {
         await runH2load({ ...shape, requests: warmup });
         if (tool === "callgrind")
           execFileSync("callgrind_control", ["-z", String(target.pid)], { stdio: "ignore" });
+        const tracer = tool === "strace" ? await attachStrace(target.pid, `${scenario}-${protocol}`) : null;
         const cpuBefore = target.cpuMs();
         const mainBefore = procThreadCpuMs(target.pid, target.pid);
         load = await runH2load({ ...shape, requests });
         cpuMs = target.cpuMs() - cpuBefore;
         mainMs = procThreadCpuMs(target.pid, target.pid) - mainBefore;
         dump = tool === "callgrind" ? dumpTotal(target.pid) : null;
+        if (tracer) syscalls = await tracer.detach(requests);
       } finally {
         if (target !== server) await target.stop();
       }
@@ -363,6 +369,7 @@ try {
           cpuUsPerRequest: Math.round((cpuMs * 1000) / requests),
           // The event loop's thread alone (the rest: V8's compiler and GC helpers, libuv's pool).
           mainThreadUsPerRequest: Math.round((mainMs * 1000) / requests),
+          ...(syscalls ? { syscallsPerRequest: syscalls } : {}),
         })}\n`,
       );
     }
@@ -407,5 +414,61 @@ function compiledLauncher(buildDir: string): Launcher {
     command: process.execPath,
     args: (entry) => [join(dist, entry.replace(/\.ts$/, ".js"))],
     cwd: buildDir,
+  };
+}
+
+/** System calls per request: the total and each call's count, most frequent first. */
+type SyscallCounts = {
+  total: number;
+  calls: Record<string, number>;
+  /** perf stat's software counters per request: context switches, migrations, page faults. */
+  events: Record<string, number>;
+};
+
+/**
+ * Count the system calls of every thread of `pid` with `perf trace -s` (kernel tracepoints:
+ * unlike strace, it does not stop the server at each call, so the load and the batching it
+ * causes stay as they are); `detach` stops it and divides its summary by the requests served.
+ */
+async function attachStrace(
+  pid: number,
+  name: string,
+): Promise<{ detach(requests: number): Promise<SyscallCounts> }> {
+  const out = join(work, `syscalls-${name}.txt`);
+  const statOut = join(work, `perf-stat-${name}.txt`);
+  const child = spawn("perf", ["trace", "-s", "-p", String(pid), "-o", out], { stdio: "ignore" });
+  const stat = spawn(
+    "perf",
+    ["stat", "-x,", "-e", "context-switches,cpu-migrations,page-faults", "-p", String(pid), "-o", statOut],
+    { stdio: "ignore" },
+  );
+  const exited = Promise.all([child, stat].map((c) => new Promise((resolve) => c.once("exit", resolve))));
+  // perf says nothing once attached; a second is ample on an idle server.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  return {
+    async detach(requests) {
+      child.kill("SIGINT");
+      stat.kill("SIGINT");
+      await exited;
+      const counts = new Map<string, number>();
+      for (const line of readFileSync(out, "utf8").split("\n")) {
+        // Per thread: syscall, calls, errors, total ms, min, avg, max, stddev.
+        const m = /^\s+([a-z_0-9]+)\s+(\d+)\s+\d+\s+[\d.]+\s/.exec(line);
+        if (m) counts.set(m[1]!, (counts.get(m[1]!) ?? 0) + Number(m[2]));
+      }
+      const perRequest = (n: number) => Math.round((n / requests) * 1000) / 1000;
+      const sorted = [...counts].sort((a, b) => b[1] - a[1]);
+      const events: Record<string, number> = {};
+      // CSV: value,unit,event,…
+      for (const line of readFileSync(statOut, "utf8").split("\n")) {
+        const [value, , event] = line.split(",");
+        if (event && /^\d+$/.test(value ?? "")) events[event] = perRequest(Number(value));
+      }
+      return {
+        events,
+        total: perRequest(sorted.reduce((sum, [, n]) => sum + n, 0)),
+        calls: Object.fromEntries(sorted.map(([call, n]) => [call, perRequest(n)])),
+      };
+    },
   };
 }

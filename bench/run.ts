@@ -1682,7 +1682,9 @@ async function run(): Promise<void> {
   // ---- issue 22's p99 target: a fixed rate below the capacity just measured (bench/latency.ts)
   if (wanted("latency") && selected.some((s) => s.id === LATENCY_TARGET_ID)) {
     log(`fixed-rate latency at ${percent(settings.latencyFraction)} of the measured capacity…`);
-    const subjects = selected.filter((s) => ["bare", "pat", LATENCY_TARGET_ID].includes(s.id));
+    const subjects = selected.filter((s) =>
+      ["bare", "jwt-hs256", "pat", LATENCY_TARGET_ID, "rival-fastify", "rival-grpc-js"].includes(s.id),
+    );
     extras.latency = await measureLatency(
       subjects.map((s) => ({
         id: s.id,
