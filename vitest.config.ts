@@ -45,6 +45,7 @@ const E2E_FILES = [
   "test/verification-faults.test.ts",
   "test/verification.test.ts",
   "test/watch-revocations.test.ts",
+  "test/watch-revocations-aborts.test.ts",
   "test/security/**/*.test.ts",
 ];
 

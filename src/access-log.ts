@@ -69,6 +69,8 @@ export class AccessLogWriter implements AccessLog {
   private chunk = Buffer.allocUnsafe(CHUNK);
   private used = 0;
   private writing = false;
+  /** Set by close: chunks are no longer written asynchronously, only by its synchronous flush. */
+  private closing = false;
   private readonly timer: NodeJS.Timeout;
   private readonly onExit = () => this.flushSync();
   /** Who waits for the write under way to end (close). */
@@ -152,19 +154,29 @@ export class AccessLogWriter implements AccessLog {
   }
 
   /**
-   * Write what is held, in order: the asynchronous writes under way finish first (for at most
-   * `waitMs`), then the rest is written synchronously; the timer and the exit hook stop.
+   * Write what is held, in order, and stop (the timer, the exit hook): no new asynchronous
+   * write starts; the one under way, if any, is waited for (at most `waitMs`), then the rest
+   * is written synchronously after it. A write that outlasts `waitMs` is a destination that
+   * hangs: the lines behind it are dropped (counted) rather than written ahead of it, or
+   * written synchronously into the same hang.
    */
   async close(waitMs = 1_000): Promise<void> {
     clearInterval(this.timer);
     process.removeListener("exit", this.onExit);
-    const deadline = performance.now() + waitMs;
-    this.seal();
-    while (this.writing && performance.now() < deadline)
-      await new Promise<void>((resolve) => {
-        this.idle.push(resolve);
-        setTimeout(resolve, 10).unref();
+    this.closing = true;
+    this.sealChunk();
+    if (this.writing) {
+      let timer: NodeJS.Timeout | undefined;
+      const landed = await new Promise<boolean>((resolve) => {
+        this.idle.push(() => resolve(true));
+        timer = setTimeout(() => resolve(false), waitMs);
       });
+      clearTimeout(timer);
+      if (!landed) {
+        this.discard(1);
+        return;
+      }
+    }
     this.flushSync();
   }
 
@@ -193,7 +205,7 @@ export class AccessLogWriter implements AccessLog {
   }
 
   private writeNext(): void {
-    if (this.writing || this.pending.length === 0) return;
+    if (this.writing || this.closing || this.pending.length === 0) return;
     this.writing = true;
     const head = this.pending[0]!;
     if (this.sink !== undefined) {

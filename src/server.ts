@@ -1,10 +1,13 @@
 import type { IncomingMessage } from "node:http";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
+import type { TLSSocket } from "node:tls";
 import type { App } from "./app.js";
+import type { TrustAnchors } from "./certs/trust-anchors.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { listenError } from "./listen-check.js";
 import { boundConnections } from "./server/connection-limits.js";
+import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-trust.js";
 import { createRequestHandler } from "./server/request-handler.js";
 import { loadTlsMaterial } from "./server/tls-material.js";
 import { installTransport } from "./transport/index.js";
@@ -48,13 +51,15 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
   const tls = !cfg.insecurePlaintext;
   let draining = false;
-  // The serials the loaded CRL revokes: checked on every request's certificate, so that a
-  // reloaded CRL takes effect on connections already open (their handshake predates it).
-  let revoked: ReadonlySet<string> = new Set();
+  // The CA and the CRL loaded last: every request's certificate is held to them, so that a
+  // reloaded CA or CRL takes effect on connections already open (their handshake predates it).
+  let trust: PeerTrust = NO_PEER_TRUST;
+  let handshakeAnchors: ((socket: TLSSocket) => TrustAnchors | undefined) | undefined;
   const handler = createRequestHandler(app, {
     tls,
     draining: () => draining,
-    revokedSerials: () => revoked,
+    peerTrust: () => trust,
+    handshakeAnchors: (socket) => handshakeAnchors?.(socket),
   });
   const settings: http2.Settings = {
     maxConcurrentStreams: cfg.maxConcurrentStreams,
@@ -63,14 +68,17 @@ export async function startServer(app: App): Promise<TesseraServer> {
   let server: http2.Http2SecureServer | http2.Http2Server;
   const tlsOptions = async () => {
     const m = await loadTlsMaterial(cfg);
+    // The same CA keeps its anchors object, so that a reload that leaves it (a new CRL, a new
+    // server certificate) re-verifies no connection's certificate.
+    const anchors = trust.anchors?.key === m.anchors.key ? trust.anchors : m.anchors;
     return {
       options: { ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) },
-      revoked: m.revoked,
+      trust: { anchors, revoked: m.revoked },
     };
   };
   if (tls) {
     const material = await tlsOptions();
-    revoked = material.revoked;
+    trust = material.trust;
     server = http2.createSecureServer({
       ...material.options,
       allowHTTP1: true,
@@ -87,6 +95,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
+  if (tls) handshakeAnchors = stampConnections(server, () => trust.anchors);
   installTransport(server, handler);
   const connectionsFrom = boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
@@ -127,12 +136,14 @@ export async function startServer(app: App): Promise<TesseraServer> {
     socket.once("close", () => sockets.delete(socket));
   });
   // New handshakes get the new certificate, key, CA and CRL; established connections keep
-  // theirs, but a certificate the new CRL revokes no longer authenticates any request.
+  // theirs, but a certificate the new CRL revokes, or that no longer chains to the new CA, no
+  // longer authenticates any request. Context and trust change together, synchronously (see
+  // peer-trust.ts stampConnections).
   const reloadTls = async () => {
     if (!tls) return;
     const material = await tlsOptions();
     (server as http2.Http2SecureServer).setSecureContext({ ...material.options, minVersion: "TLSv1.2" });
-    revoked = material.revoked;
+    trust = material.trust;
   };
   // Reload when the cert folder's files change (SIGHUP does the same, see `tessera serve`).
   const tlsWatch = tls

@@ -4,11 +4,27 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { pino } from "pino";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { type AccessLog, AccessLogWriter, accessLogOf } from "../src/access-log.js";
+import { type AccessLog, AccessLogWriter, accessLogOf, accessLogStats } from "../src/access-log.js";
 import { createCallObserver } from "../src/call-observer.js";
 import type { RequestState } from "../src/context.js";
+
+/**
+ * A gate on libuv's thread-pool writes (node:fs `write`, what the access log uses on a file):
+ * while set, each write waits for it, as a write to a slow or hung disk does. Unset, writes
+ * pass straight through.
+ */
+const fsGate = vi.hoisted(() => ({ hold: undefined as undefined | ((release: () => void) => void) }));
+vi.mock("node:fs", async (importOriginal) => {
+  const fs = await importOriginal<typeof import("node:fs")>();
+  const write = ((...args: unknown[]) => {
+    const go = () => (fs.write as (...a: unknown[]) => void)(...args);
+    if (fsGate.hold) fsGate.hold(go);
+    else go();
+  }) as typeof fs.write;
+  return { ...fs, default: { ...fs, write }, write };
+});
 
 const ACCESS_LOG = fileURLToPath(new URL("../src/access-log.ts", import.meta.url));
 const prefixes = { pat: "tsr_pat_", apiKey: "tsr_key_", machine: "tsr_mu_" };
@@ -42,6 +58,59 @@ describe("the access log writer", () => {
       await log.close();
       expect(readFileSync(file, "utf8")).toBe(lines.join(""));
     } finally {
+      closeSync(fd);
+    }
+  });
+
+  it("keeps the order when closed while a write is slow: the rest follows it once it lands", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
+    const file = join(dir, "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd);
+    const lines = sampleLines(400);
+    try {
+      // Every write takes 150 ms; close waits for the one under way (longer than 150 ms).
+      fsGate.hold = (go) => setTimeout(go, 150);
+      for (const line of lines) log.writeLine(line);
+      log.flush(); // the first chunk's write is under way, the others wait
+      await log.close(2_000);
+      fsGate.hold = undefined;
+      expect(readFileSync(file, "utf8")).toBe(lines.join(""));
+    } finally {
+      fsGate.hold = undefined;
+      closeSync(fd);
+    }
+  });
+
+  it("never writes later lines ahead of a write that outlasts close: they are dropped and counted", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
+    const file = join(dir, "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd);
+    const lines = sampleLines(400);
+    const droppedBefore = accessLogStats.dropped;
+    let release: (() => void) | undefined;
+    try {
+      // A hung disk: the first write does not come back until the test lets it.
+      fsGate.hold = (go) => {
+        release = go;
+      };
+      for (const line of lines) log.writeLine(line);
+      log.flush();
+      const started = performance.now();
+      await log.close(100);
+      expect(performance.now() - started, "close waits a bounded time").toBeLessThan(1_500);
+      fsGate.hold = undefined;
+      expect(readFileSync(file, "utf8"), "nothing written ahead of the write under way").toBe("");
+      release!();
+      await new Promise((r) => setTimeout(r, 50));
+      const got = readFileSync(file, "utf8");
+      expect(got.length).toBeGreaterThan(0);
+      expect(lines.join("").startsWith(got), "what landed is the first lines, in order").toBe(true);
+      const landed = got.split("\n").length - 1;
+      expect(accessLogStats.dropped - droppedBefore).toBe(lines.length - landed);
+    } finally {
+      fsGate.hold = undefined;
       closeSync(fd);
     }
   });

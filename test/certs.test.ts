@@ -13,6 +13,7 @@ import {
   ensureDevCertificates,
   writeCrl,
 } from "../src/certs/index.js";
+import { chainsTo, trustAnchors } from "../src/certs/trust-anchors.js";
 
 const CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
 const SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
@@ -372,5 +373,27 @@ describe("certificate folders in unusual states", () => {
     await expect(createCertificateAuthority(dir)).rejects.toThrow(join(dir, "ca.crt"));
     expect(await readFile(join(dir, "ca.key"))).toEqual(before);
     expect(await modeOf(join(dir, "ca.key"))).toBe(0o600);
+  });
+});
+
+describe("trust anchors (a client certificate held to a replaced CA)", () => {
+  it("chains a certificate to its own CA, in a bundle too, and not to a foreign CA or past its validity", async () => {
+    const own = await tempDir();
+    const foreign = await tempDir();
+    await createCertificateAuthority(own, { commonName: "Own CA" });
+    await createCertificateAuthority(foreign, { commonName: "Own CA" }); // same name, other key
+    const minted = await createClientCertificate(own, "anchored", join(own, "client"), { validityDays: 30 });
+    const leaf = new X509Certificate(await readFile(minted.certPath));
+    const ownCa = await readFile(join(own, "ca.crt"));
+    const foreignCa = await readFile(join(foreign, "ca.crt"));
+
+    expect(chainsTo([leaf], trustAnchors(ownCa))).toBe(true);
+    expect(chainsTo([leaf], trustAnchors(foreignCa))).toBe(false);
+    expect(chainsTo([leaf], trustAnchors(Buffer.concat([foreignCa, ownCa])))).toBe(true);
+    // The old root the handshake found, sent along, is no way in once it is no anchor.
+    expect(chainsTo([leaf, new X509Certificate(ownCa)], trustAnchors(foreignCa))).toBe(false);
+    expect(chainsTo([leaf], trustAnchors(ownCa), Date.now() + 31 * 86_400_000)).toBe(false);
+    expect(trustAnchors(ownCa).key).toBe(trustAnchors(Buffer.from(ownCa)).key);
+    expect(() => trustAnchors(Buffer.from("not a certificate"))).toThrow("no certificate");
   });
 });

@@ -1,15 +1,20 @@
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http2 from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { TLSSocket } from "node:tls";
 import { createClient } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { createClientCertificate, ensureDevCertificates, writeCrl } from "../src/certs/index.js";
+import {
+  createCertificateAuthority,
+  createClientCertificate,
+  ensureDevCertificates,
+  writeCrl,
+} from "../src/certs/index.js";
 import { Code, rejection } from "./errors-util.js";
 import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
 import { clients } from "./machine-fixtures.js";
@@ -149,6 +154,91 @@ describe("reloading certificates and the CRL without a restart", () => {
     const r = await rejection(viaCert());
     expect(r.code).toBe(Code.Unauthenticated);
     expect(r.reason).toBe("AUTH_REQUIRED");
+  });
+
+  it("stops a certificate of a replaced CA on the connections it already has, and admits the new CA's", async () => {
+    ts = await startTestServer(SQLITE, { server: { mtls: "optional" } });
+    const old = await mint(ts.certs.dir, "old-ca-backend");
+    const plain = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca },
+    });
+    const root = (
+      await createClient(UserService, plain).login({ username: "admin", password: ADMIN_PASSWORD })
+    ).accessToken;
+    const admin = clients(plain, root);
+    const bound = async (name: string, pem: Pem) => {
+      const mu = (await admin.machines.createMachineUser({ name, authType: MachineAuthType.BEARER }))
+        .machineUser!;
+      await admin.machines.bindCertificate({
+        machineUserId: mu.id,
+        identity: { case: "sha256Fingerprint", value: pem.fingerprint },
+      });
+      return mu.id;
+    };
+    const oldId = await bound("old-ca-backend", old);
+    /** A client on one HTTP/2 connection of its own, opened now (before any call on it). */
+    const connected = async (pem: Pem) => {
+      const sessionManager = new Http2SessionManager(
+        ts!.server.url,
+        {},
+        { ca: ts!.certs.ca, cert: pem.cert, key: pem.key },
+      );
+      expect(await sessionManager.connect()).not.toBe("error");
+      const transport = createConnectTransport({ baseUrl: ts!.server.url, httpVersion: "2", sessionManager });
+      return { client: createClient(MachineUserService, transport), sessionManager };
+    };
+    const outcome = (call: Promise<{ machineUserId: string }>) =>
+      call.then(
+        (r) => r.machineUserId,
+        (err: unknown) => rejection(Promise.reject(err)),
+      );
+    let handshakes = 0;
+    const counted = () => handshakes++;
+    ts.server.server.on("secureConnection", counted);
+    const busy = await connected(old); // authenticates before the CA changes
+    const idle = await connected(old); // handshaken before the CA changes, first call after
+    try {
+      expect(await outcome(busy.client.checkAuthentication({}))).toBe(oldId);
+
+      // A new CA replaces the old one in the cert folder (the server certificate stays).
+      const next = mkdtempSync(join(tmpdir(), "tessera-next-ca-"));
+      await createCertificateAuthority(next, { commonName: "Tessera Next CA" });
+      copyFileSync(join(next, "ca.crt"), join(ts.certs.dir, "ca.crt"));
+      copyFileSync(join(next, "ca.key"), join(ts.certs.dir, "ca.key"));
+      await ts.server.reloadTls();
+
+      for (const [name, c] of [
+        ["busy", busy],
+        ["idle", idle],
+      ] as const) {
+        const r = await outcome(c.client.checkAuthentication({}));
+        expect(
+          r,
+          `a certificate of the replaced CA authenticated the ${name} connection's next request`,
+        ).not.toBeTypeOf("string");
+        expect(r).toMatchObject({ code: Code.Unauthenticated, reason: "AUTH_REQUIRED" });
+      }
+      expect(handshakes, "every call on the connections opened before the reload").toBe(2);
+      // The connections stay up: they just authenticate nothing by that certificate.
+      expect(busy.sessionManager.state()).not.toBe("error");
+
+      // A certificate of the new CA works, on a new connection.
+      const fresh = await mint(ts.certs.dir, "new-ca-backend");
+      const freshId = await bound("new-ca-backend", fresh);
+      const renewed = await connected(fresh);
+      try {
+        expect(await outcome(renewed.client.checkAuthentication({}))).toBe(freshId);
+        expect(await outcome(renewed.client.checkAuthentication({}))).toBe(freshId);
+      } finally {
+        renewed.sessionManager.abort();
+      }
+    } finally {
+      ts.server.server.off("secureConnection", counted);
+      busy.sessionManager.abort();
+      idle.sessionManager.abort();
+    }
   });
 
   it("serves a replaced server certificate to new connections only", async () => {

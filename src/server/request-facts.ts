@@ -1,13 +1,16 @@
+import { X509Certificate } from "node:crypto";
 import type { IncomingMessage } from "node:http";
-import type { TLSSocket } from "node:tls";
+import type { DetailedPeerCertificate, TLSSocket } from "node:tls";
 import type { HeaderSource } from "../auth/credentials.js";
 import type { PeerCertificateInfo } from "../auth/principal.js";
 import { normaliseSerial } from "../certs/serial.js";
+import { chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
 import type { Config } from "../config.js";
 import type { RequestState } from "../context.js";
 import { uuidV7 } from "../storage/uuid-v7.js";
 import type { NodeRequest as Request } from "../transport/stream-server.js";
+import { NO_PEER_TRUST, type PeerTrust } from "./peer-trust.js";
 
 /**
  * The facts of a request, gathered once when it arrives and attached to it for the
@@ -16,7 +19,6 @@ import type { NodeRequest as Request } from "../transport/stream-server.js";
  */
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const NONE_REVOKED: ReadonlySet<string> = new Set();
 const kState = Symbol("tessera.requestState");
 
 /** The request state the handler attached to an RPC request before handing it to the adapter. */
@@ -34,7 +36,20 @@ export function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSou
   };
 }
 
-function parseCertificate(socket: TLSSocket): { info: PeerCertificateInfo; serial: string } | null {
+/** A connection's client certificate, as parsed once, and as it stands against the current CA. */
+interface ConnectionCertificate {
+  readonly parsed: PeerCertificateInfo;
+  readonly serial: string;
+  /** The anchors `info` was last decided against: the handshake's, then each reloaded CA's. */
+  anchors: TrustAnchors | null | undefined;
+  /** `parsed` while it chains to `anchors`, else null (it authenticates nothing). */
+  info: PeerCertificateInfo | null;
+}
+
+function parseCertificate(
+  socket: TLSSocket,
+  anchors: TrustAnchors | undefined,
+): ConnectionCertificate | null {
   if (!socket.authorized) return null;
   const cert = socket.getPeerCertificate(false);
   if (!cert?.raw) return null;
@@ -44,15 +59,25 @@ function parseCertificate(socket: TLSSocket): { info: PeerCertificateInfo; seria
     .filter((s) => s.startsWith("URI:"))
     .map((s) => s.slice(4));
   const cn = cert.subject?.CN;
-  return {
-    info: {
-      sha256Fingerprint: hex,
-      thumbprint: Buffer.from(hex, "hex").toString("base64url"),
-      commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
-      sanUris,
-    },
-    serial: normaliseSerial(cert.serialNumber),
+  const parsed: PeerCertificateInfo = {
+    sha256Fingerprint: hex,
+    thumbprint: Buffer.from(hex, "hex").toString("base64url"),
+    commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
+    sanUris,
   };
+  return { parsed, serial: normaliseSerial(cert.serialNumber), anchors, info: parsed };
+}
+
+/** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */
+function peerChain(socket: TLSSocket): X509Certificate[] {
+  const chain: X509Certificate[] = [];
+  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+  while (cert?.raw && chain.length < 16) {
+    chain.push(new X509Certificate(cert.raw));
+    if (cert.issuerCertificate === cert) break;
+    cert = cert.issuerCertificate;
+  }
+  return chain;
 }
 
 /**
@@ -66,29 +91,43 @@ export function requestIdOf(req: Request): string {
 
 /**
  * The function that attaches a request's state (read back by {@link stateOf}): the client's
- * address (through trusted proxies), whether it came through one, and its certificate.
+ * address (through trusted proxies), whether it came through one, and its certificate, held to
+ * the current {@link PeerTrust}. `handshakeAnchors` names the CA a connection's handshake
+ * verified its certificate against (see peer-trust.ts `stampConnections`).
  */
 export function createStateAttacher(
   config: Config,
   tls: boolean,
-  revokedSerials: () => ReadonlySet<string> = () => NONE_REVOKED,
+  trust: () => PeerTrust = () => NO_PEER_TRUST,
+  handshakeAnchors: (socket: TLSSocket) => TrustAnchors | undefined = () => undefined,
 ): (req: Request, requestId?: string) => void {
-  const certCache = new WeakMap<object, ReturnType<typeof parseCertificate>>();
+  const certCache = new WeakMap<object, ConnectionCertificate | null>();
 
   function peerCertificate(req: Request): PeerCertificateInfo | null {
     if (!tls || config.server.mtls === "off") return null;
     // One parse per connection: the certificate cannot change within it.
     const owner: object = "stream" in req ? (req.stream.session ?? req.socket) : req.socket;
-    let parsed = certCache.get(owner);
-    if (parsed === undefined) {
-      parsed = parseCertificate(req.socket as TLSSocket);
-      certCache.set(owner, parsed);
+    let cert = certCache.get(owner);
+    if (cert === undefined) {
+      const socket = req.socket as TLSSocket;
+      cert = parseCertificate(socket, handshakeAnchors(socket));
+      certCache.set(owner, cert);
     }
-    if (parsed === null) return null;
-    // Its revocation can: the handshake checked the CRL of its time, and a CRL reloaded since
-    // takes effect on this request, on this connection too.
-    const revoked = revokedSerials();
-    return revoked.size > 0 && revoked.has(parsed.serial) ? null : parsed.info;
+    if (cert === null) return null;
+    const current = trust();
+    // What it is trusted by can change: the handshake chained it to the CA of its time, and a
+    // CA replaced since takes effect on this request, on this connection too. One compare
+    // unless it was replaced; then one chain check per connection per CA.
+    if (cert.anchors !== current.anchors) {
+      const anchors = current.anchors;
+      cert.anchors = anchors;
+      cert.info =
+        anchors !== null && chainsTo(peerChain(req.socket as TLSSocket), anchors) ? cert.parsed : null;
+    }
+    // So can its revocation: the handshake checked the CRL of its time, and a CRL reloaded
+    // since takes effect on this request, on this connection too.
+    const revoked = current.revoked;
+    return revoked.size > 0 && revoked.has(cert.serial) ? null : cert.info;
   }
 
   const resolveIp = createClientIpResolver(config.server);

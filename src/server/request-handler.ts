@@ -1,10 +1,12 @@
 import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
 import type http2 from "node:http2";
+import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors, createContextValues } from "@connectrpc/connect";
 import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
+import type { TrustAnchors } from "../certs/trust-anchors.js";
 import { budgetKey } from "../client-ip.js";
 import { requestStateKey } from "../context.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
@@ -17,6 +19,7 @@ import type {
 } from "../transport/stream-server.js";
 import type { UnaryProtocol } from "../transport/unary-protocols.js";
 
+import type { PeerTrust } from "./peer-trust.js";
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
 import { createStateAttacher, requestIdOf, stateOf } from "./request-facts.js";
 
@@ -41,8 +44,10 @@ export function createRequestHandler(
     tls: boolean;
     /** Whether the server is draining (shutting down): /ready then answers 503 whatever the database says. */
     draining?: () => boolean;
-    /** The serials the loaded CRL revokes (see request-facts.ts). */
-    revokedSerials?: () => ReadonlySet<string>;
+    /** The CA and CRL a client certificate is held to on every request (see peer-trust.ts). */
+    peerTrust?: () => PeerTrust;
+    /** The CA a connection's handshake verified its client certificate against (see peer-trust.ts). */
+    handshakeAnchors?: (socket: TLSSocket) => TrustAnchors | undefined;
   },
 ) {
   const { config } = app;
@@ -81,7 +86,7 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
-  const attachState = createStateAttacher(config, options.tls, options.revokedSerials);
+  const attachState = createStateAttacher(config, options.tls, options.peerTrust, options.handshakeAnchors);
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({

@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { createSecureContext } from "node:tls";
 import { revokedSerials } from "../certs/crl.js";
 import { ensureDevCertificates } from "../certs/dev-ca.js";
+import { type TrustAnchors, trustAnchors } from "../certs/trust-anchors.js";
 import type { Config } from "../config.js";
 
 /** TLS files read from the cert folder. */
@@ -11,6 +12,8 @@ export interface TlsMaterial {
   cert: Buffer;
   key: Buffer;
   crl?: Buffer;
+  /** ca.crt's certificates, parsed: what a client certificate must still chain to on every request. */
+  anchors: TrustAnchors;
   /** The serials the CRL revokes (normalised, see certs/serial.ts); empty without one. */
   revoked: ReadonlySet<string>;
 }
@@ -31,10 +34,16 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
     await ensureDevCertificates(dir);
   }
   const [ca, cert, key] = need.map((p) => readFileSync(p));
+  let anchors: TrustAnchors;
+  try {
+    anchors = trustAnchors(ca!);
+  } catch (err) {
+    throw new Error(`bad TLS material in ${dir}: ca.crt: ${(err as Error).message}`);
+  }
   const crlPath = join(dir, "ca.crl");
-  if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, revoked: new Set() };
+  if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, anchors, revoked: new Set() };
   const crl = readFileSync(crlPath);
-  return { ca: ca!, cert: cert!, key: key!, crl, revoked: revokedSerials(crl) };
+  return { ca: ca!, cert: cert!, key: key!, crl, anchors, revoked: revokedSerials(crl) };
 }
 
 /**

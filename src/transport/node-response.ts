@@ -161,7 +161,17 @@ function lastEnvelope(chunk: Uint8Array): { flags: number; data: Uint8Array } | 
   return found;
 }
 
+/**
+ * Until `res` can take more, or rejected once it cannot: its "close" event, or its having
+ * closed already. A write to a closed response (the client reset the stream while the
+ * handler awaited something) returns false, and no "close" is to come: waiting for one held
+ * the handler's generator at its `yield` for ever, never finalised (a WatchRevocations
+ * stream's slot was never released).
+ */
 function drained(res: NodeResponse): Promise<void> {
+  const stream = (res as http2.Http2ServerResponse).stream as http2.ServerHttp2Stream | undefined;
+  if (stream !== undefined ? stream.destroyed : (res as http.ServerResponse).destroyed)
+    return Promise.reject(new ConnectError("the client closed the request", Code.Canceled));
   return new Promise((resolve, reject) => {
     const onDrain = () => {
       res.off("close", onClose);
