@@ -33,6 +33,14 @@ export const ACCESS_LOG_BUFFER_BYTES = 16 * 1024 * 1024;
  * land inside one of ours when the pipe is full.
  */
 const CHUNK = 4096;
+/**
+ * Full chunks gathered before they are written, back to back (64 KiB). A write to a pipe
+ * wakes its reader (journald, a container runtime) on another CPU, and on this VM that
+ * wake-up, not the copy, is most of a write's cost; chunk by chunk it was ~7 % of a JWT
+ * call's CPU (bench/results/2026-12-05-session6.md). In a burst only the first write finds
+ * the reader asleep, and each write is still one chunk of at most PIPE_BUF bytes.
+ */
+const BURST = 16;
 /** How long a line may wait before it is written when calls are few. */
 const FLUSH_MS = 250;
 /** Retry delay after EAGAIN (a non-blocking stderr whose pipe is full). */
@@ -45,8 +53,8 @@ const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 /**
  * The access log of `tessera serve`: lines gathered into 4 KiB chunks and written to stderr
  * asynchronously, one write at a time (through the event loop's stream when stderr is a pipe
- * or a socket, else libuv's thread pool: see {@link createAccessLog}), at least every 250 ms
- * and when the process exits.
+ * or a socket, else libuv's thread pool: see {@link createAccessLog}), in bursts of 16 chunks,
+ * at least every 250 ms and when the process exits.
  *
  * Written by hand rather than through pino and SonicBoom because of what a line costs on the
  * hot path: pino's serialisation and SonicBoom's string buffer (it measures the whole
@@ -112,7 +120,8 @@ export class AccessLogWriter implements AccessLog {
       this.used += written;
       return;
     }
-    this.seal();
+    this.sealChunk();
+    if (this.pending.length >= BURST) this.writeNext();
     const again = this.chunk.write(line, 0);
     if (CHUNK - again >= 4) this.used = again;
     else this.enqueue(Buffer.from(line));

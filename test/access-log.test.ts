@@ -132,6 +132,43 @@ describe("the access log writer", () => {
     }
   });
 
+  it("writes full chunks in bursts of 16, back to back, each at most PIPE_BUF bytes and ending at a line's end", async () => {
+    const writes: { at: number; chunk: Buffer }[] = [];
+    let turn = 0;
+    const sink = {
+      write(chunk: Buffer, done: (err?: Error | null) => void) {
+        writes.push({ at: turn, chunk: Buffer.from(chunk) });
+        queueMicrotask(() => done(null));
+        return true;
+      },
+      on() {
+        return sink;
+      },
+    };
+    const log = new AccessLogWriter("info", 2, undefined, sink);
+    try {
+      const line = `${JSON.stringify({ pad: "x".repeat(300) })}\n`;
+      const perChunk = Math.floor(4096 / line.length);
+      // Fifteen full chunks and a line into the sixteenth: nothing written yet.
+      for (let i = 0; i < 15 * perChunk + 1; i++) log.writeLine(line);
+      await new Promise((r) => setImmediate(r));
+      expect(writes).toHaveLength(0);
+      // The line that fills the sixteenth seals it: the sixteen go out in one turn.
+      turn = 1;
+      for (let i = 0; i < perChunk; i++) log.writeLine(line);
+      await new Promise((r) => setImmediate(r));
+      expect(writes).toHaveLength(16);
+      expect(new Set(writes.map((w) => w.at))).toEqual(new Set([1]));
+      for (const { chunk } of writes) {
+        expect(chunk.length).toBeLessThanOrEqual(4096);
+        expect(chunk.at(-1)).toBe(10);
+      }
+      expect(Buffer.concat(writes.map((w) => w.chunk)).toString()).toBe(line.repeat(16 * perChunk));
+    } finally {
+      await log.close();
+    }
+  });
+
   it("follows its level like a logger (SIGHUP changes it)", async () => {
     const log = new AccessLogWriter("info", 2);
     try {
