@@ -3,6 +3,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { readAllBytes } from "@connectrpc/connect/protocol";
 import { describe, expect, it } from "vitest";
 import { bodyOf } from "../src/transport/node-bridge.js";
+import { readOneEnvelopedMessage } from "../src/transport/unary-core.js";
 
 /**
  * A unary Connect call reads its body with `readAll` (one promise for the whole body) rather
@@ -123,5 +124,78 @@ describe("a request body read whole", () => {
     chunk[0] = 0;
     expect(Buffer.from(bytes).toString()).toBe("{}");
     expect(bytes.buffer).not.toBe(chunk.buffer);
+  });
+});
+
+/** A gRPC envelope: flags, big-endian length, data. */
+function envelope(flags: number, data: string): Buffer {
+  const bytes = Buffer.from(data, "latin1");
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(bytes.length, 1);
+  return Buffer.concat([head, bytes]);
+}
+
+/** A parser refusing messages that start with "!", as a malformed message is refused. */
+const parser = {
+  parse(bytes: Uint8Array): string {
+    const text = Buffer.from(bytes).toString("latin1");
+    if (text.startsWith("!")) throw new ConnectError("cannot parse", Code.InvalidArgument);
+    return text;
+  },
+  serialize: (text: string) => Buffer.from(text, "latin1"),
+};
+
+const GRPC_CASES: Array<{ name: string; chunks: Buffer[]; end?: false; skipFlag?: number }> = [
+  { name: "one message", chunks: [envelope(0, "hello")] },
+  { name: "an empty message", chunks: [envelope(0, "")] },
+  {
+    name: "one message split across chunks",
+    chunks: (() => {
+      const e = envelope(0, "split message");
+      return [e.subarray(0, 3), e.subarray(3, 9), e.subarray(9)];
+    })(),
+  },
+  { name: "two messages", chunks: [envelope(0, "one"), envelope(0, "two")] },
+  { name: "a second message that does not parse", chunks: [envelope(0, "one"), envelope(0, "!two")] },
+  { name: "a message that does not parse", chunks: [envelope(0, "!one")] },
+  { name: "an incomplete envelope", chunks: [envelope(0, "hello").subarray(0, 7)] },
+  { name: "no message", chunks: [] },
+  { name: "a message over readMaxBytes", chunks: [envelope(0, "x".repeat(40)).subarray(0, 5)], end: false },
+  { name: "a compressed message", chunks: [envelope(1, "zz")] },
+  {
+    name: "a trailer frame skipped",
+    chunks: [envelope(0, "msg"), envelope(0x80, "trailer")],
+    skipFlag: 0x80,
+  },
+  { name: "the client gone mid-message", chunks: [envelope(0, "hello").subarray(0, 6)], end: false },
+];
+
+describe("a gRPC request's one message", () => {
+  it.each(GRPC_CASES)("is read from the chunks as from the body's iterator: $name", async (c) => {
+    const run = async (wrap: boolean) => {
+      const req = new PassThrough();
+      const body = bodyOf(req, true, 1024);
+      // Without readChunks, the reader takes its general path (the body's iterator).
+      const read = readOneEnvelopedMessage(
+        wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,
+        32,
+        null,
+        parser,
+        c.skipFlag,
+      ).then(
+        (message) => ({ message }),
+        (e: unknown) => ({ code: ConnectError.from(e).code, error: ConnectError.from(e).rawMessage }),
+      );
+      for (const chunk of c.chunks) {
+        await new Promise((r) => setImmediate(r));
+        req.write(chunk);
+      }
+      await new Promise((r) => setImmediate(r));
+      if (c.end === false) req.destroy();
+      else req.end();
+      return { outcome: await read, paused: req.isPaused() };
+    };
+    expect(await run(false)).toEqual(await run(true));
   });
 });

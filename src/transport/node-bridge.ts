@@ -156,6 +156,12 @@ export function webHeaders(nodeHeaders: http.IncomingHttpHeaders): Headers {
  */
 export interface WholeBody extends AsyncIterable<Uint8Array> {
   readAll(readMaxBytes: number, lengthHint: string | null): Promise<Uint8Array>;
+  /**
+   * Hand each chunk to `take` as it comes, synchronously; settles when the body ended. When
+   * `take` throws, or the body fails, the rest is not read (as the iterator's `return`) and
+   * the promise rejects with that error.
+   */
+  readChunks(take: (chunk: Uint8Array) => void): Promise<void>;
 }
 
 export function isWholeBody(body: unknown): body is WholeBody {
@@ -320,6 +326,33 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeB
           }
           if (all === undefined) wake = pump;
           else resolve(all);
+        };
+        pump();
+      });
+    },
+    readChunks(take) {
+      return new Promise<void>((resolve, reject) => {
+        const pump = (): void => {
+          try {
+            for (;;) {
+              if (stopped && failure !== undefined) throw failure;
+              const chunk = queue.shift();
+              if (chunk !== undefined) {
+                if (queue.length === 0 && req.isPaused()) req.resume();
+                take(chunk);
+                continue;
+              }
+              if (failure !== undefined) throw failure;
+              if (ended) break;
+              wake = pump;
+              return;
+            }
+          } catch (err) {
+            stop();
+            reject(err);
+            return;
+          }
+          resolve();
         };
         pump();
       });
