@@ -10,6 +10,9 @@
  * With GC_PROBE_HEAP_PROFILE set (a folder), the probe also runs V8's sampling heap profiler
  * between the marks, keeping the samples of objects already collected, so that the profile
  * says which functions allocate (not which hold memory); `topAllocators` sums it by function.
+ * With GC_PROBE_PROMOTED=1 too (`--env GC_PROBE_PROMOTED=1`), the samples of objects a
+ * scavenge collected are dropped: what is left was promoted (or still lives), the objects
+ * that grow the old generation.
  */
 import { readFileSync } from "node:fs";
 
@@ -42,7 +45,7 @@ process.on("SIGUSR2", () => {
     session.post("HeapProfiler.startSampling", {
       samplingInterval: interval,
       includeObjectsCollectedByMajorGC: true,
-      includeObjectsCollectedByMinorGC: true,
+      includeObjectsCollectedByMinorGC: !process.env.GC_PROBE_PROMOTED,
     });
   }
   process.stdout.write("gc-probe: mark " + marks + "\\n");
