@@ -94,22 +94,26 @@ function clientFaultParsing(lookup: Lookup, input: DescMessage): Lookup {
   const wrap = (
     s: Serialization<MessageShape<DescMessage>>,
     json: boolean,
-  ): Serialization<MessageShape<DescMessage>> => ({
-    serialize: s.serialize,
-    parse(data) {
-      // "{}", the JSON of a request without fields (GetCurrentUser) as clients send it: the
-      // empty message JSON parsing makes, without its text, maps and sets (a Connect JSON
-      // call's heap allocation dropped by a kilobyte).
-      if (json && data.byteLength === 2 && data[0] === 0x7b && data[1] === 0x7d) return create(input);
-      try {
-        return s.parse(data);
-      } catch (e) {
-        if (e instanceof ConnectError && e.code === Code.Internal)
-          throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
-        throw e;
-      }
-    },
-  });
+  ): Serialization<MessageShape<DescMessage>> => {
+    // Not for a well-known type, whose JSON is its own ("{}" is a Struct in a Value).
+    const emptyJson = json && !input.typeName.startsWith("google.protobuf.");
+    return {
+      serialize: s.serialize,
+      parse(data) {
+        // "{}", the JSON of a request without fields (GetCurrentUser) as clients send it: the
+        // empty message JSON parsing makes, without its text, maps and sets (a Connect JSON
+        // call's heap allocation dropped by a kilobyte).
+        if (emptyJson && data.byteLength === 2 && data[0] === 0x7b && data[1] === 0x7d) return create(input);
+        try {
+          return s.parse(data);
+        } catch (e) {
+          if (e instanceof ConnectError && e.code === Code.Internal)
+            throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
+          throw e;
+        }
+      },
+    };
+  };
   const binary = wrap(lookup.getI(true), false);
   const json = wrap(lookup.getI(false), true);
   return { getI: (useBinary) => (useBinary ? binary : json), getO: lookup.getO };
