@@ -9,13 +9,14 @@
  * It is not time (a cache miss costs more than an add), so it complements, not replaces,
  * `npm run bench`.
  *
- *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|strace|none]
+ *   npx tsx bench/instructions.ts --root <checkout> [--limits] [--tool callgrind|cpu-prof|strace|gc|none]
  *     [--scenarios jwt,pat,api-key,mu-bearer,mu-basic,refused,verify-pat,login-shed] [--protocols connect,grpc] [--warmup 3000] [--requests 3000]
  *     [--out <dir>] [--build <dir>: compile into it once, reuse it after] [--iterations <n>: PBKDF2]
  *     [--env NAME=value …: a setting of the served checkout, e.g. TESSERA_LOG_ACCESS=off]
  *     [--transport fast|connect: server.transport]
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
  *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
+ *     [--heap-profile: with --tool gc, a sampling heap profile per scenario and protocol in --out]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
@@ -36,12 +37,15 @@
  * `--tool strace` counts the server's system calls per request (`perf trace -s`, every
  * thread, attached after the warm-up and detached after the measured requests): the kernel work
  * callgrind does not see, where issue 19's gap to fastify was found.
+ * `--tool gc` reports the JavaScript heap bytes allocated per request and those promoted to
+ * the old generation (bench/gc-probe.ts), which do not depend on the machine's load either.
  */
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { LoginRequestSchema } from "../gen/tessera/v1/user_service_pb.js";
@@ -50,6 +54,7 @@ import { ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
+import { GC_PROBE, type GcWindow, gcWindow, topAllocators } from "./gc-probe.js";
 import { runH2load } from "./h2load.js";
 import { benchServerEnv, procThreadCpuMs, type ServerProcess, startServerProcess } from "./processes.js";
 
@@ -69,11 +74,12 @@ const { values: flags } = parseArgs({
     transport: { type: "string" },
     "main-thread": { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
+    "heap-profile": { type: "boolean", default: false },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
 const root = resolve(flags.root);
-const tool = flags.tool as "callgrind" | "cpu-prof" | "strace" | "none";
+const tool = flags.tool as "callgrind" | "cpu-prof" | "strace" | "gc" | "none";
 const mainThread = flags["main-thread"] === true;
 const scenarios = flags.scenarios.split(",");
 const loginShed = scenarios.includes("login-shed");
@@ -126,6 +132,7 @@ const env = benchServerEnv(
     // slot are refused; no deadline (benchServerEnv's default here), or the seeding's own
     // logins, slow under callgrind, would be refused.
     ...(loginShed ? { TESSERA_HASH_CONCURRENCY: "1", TESSERA_HASH_QUEUE: "0" } : {}),
+    ...(tool === "gc" && flags["heap-profile"] ? { GC_PROBE_HEAP_PROFILE: work } : {}),
     // Under callgrind each 600k-iteration PBKDF2 of the seeding (bootstrap, logins, the PAT)
     // costs minutes; a token's hash is checked once, so fewer iterations change no request.
     ...(flags.iterations ? { TESSERA_PASSWORD_ITERATIONS: flags.iterations } : {}),
@@ -150,7 +157,27 @@ function underTool(entry: string[]): [string, string[]] {
       ]
     : tool === "cpu-prof"
       ? [launcher.command, ["--cpu-prof", `--cpu-prof-dir=${join(work, "cpu-prof")}`, ...entry]]
-      : [launcher.command, entry];
+      : tool === "gc"
+        ? [launcher.command, ["--trace-gc-nvp", "--expose-gc", "--import", gcProbeUrl(), ...entry]]
+        : [launcher.command, entry];
+}
+/** The server's output lines (with --tool gc: the collections and the probe's marks). */
+const lines: string[] = [];
+let marks = 0;
+/** With --tool gc: collect garbage and mark the server's output, then wait for the mark. */
+async function gcMark(pid: number): Promise<void> {
+  marks++;
+  process.kill(pid, "SIGUSR2");
+  const deadline = Date.now() + 30_000;
+  while (!lines.includes(`gc-probe: mark ${marks}`)) {
+    if (Date.now() > deadline) throw new Error(`the server printed no mark ${marks}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+function gcProbeUrl(): string {
+  const file = join(work, "gc-probe.mjs");
+  writeFileSync(file, GC_PROBE);
+  return pathToFileURL(file).href;
 }
 // Only rivals measured: Tessera serves the seeding alone, so it runs without the tool.
 const onlyRivals = scenarios.every((s) => s in RIVALS);
@@ -165,6 +192,7 @@ const server = await startServerProcess({
   cwd: launcher.cwd,
   env,
   timeoutMs: 15 * 60_000,
+  ...(tool === "gc" ? { onLine: (line: string) => lines.push(line) } : {}),
   ready: (line) => {
     if (!line.startsWith("{")) return null;
     try {
@@ -341,11 +369,13 @@ try {
       let mainMs: number;
       let dump: { total: number; file: string } | null;
       let syscalls: SyscallCounts | null = null;
+      let gc: GcWindow | null = null;
       try {
         await runH2load({ ...shape, requests: warmup });
         if (tool === "callgrind")
           execFileSync("callgrind_control", ["-z", String(target.pid)], { stdio: "ignore" });
         const tracer = tool === "strace" ? await attachStrace(target.pid, `${scenario}-${protocol}`) : null;
+        if (tool === "gc") await gcMark(target.pid);
         const cpuBefore = target.cpuMs();
         const mainBefore = procThreadCpuMs(target.pid, target.pid);
         load = await runH2load({ ...shape, requests });
@@ -353,6 +383,11 @@ try {
         mainMs = procThreadCpuMs(target.pid, target.pid) - mainBefore;
         dump = tool === "callgrind" ? dumpTotal(target.pid) : null;
         if (tracer) syscalls = await tracer.detach(requests);
+        if (tool === "gc") {
+          await gcMark(target.pid);
+          gc = gcWindow(lines, marks - 1);
+          lines.length = 0;
+        }
       } finally {
         if (target !== server) await target.stop();
       }
@@ -366,6 +401,17 @@ try {
           errors: load.errors,
           instructionsPerRequest: dump === null ? null : Math.round(dump.total / requests),
           ...(flags.keep && dump !== null ? { dump: dump.file } : {}),
+          ...(gc === null
+            ? {}
+            : {
+                heapBytesPerRequest: Math.round(gc.allocated / requests),
+                promotedBytesPerRequest: Math.round(gc.promoted / requests),
+                scavenges: gc.scavenges,
+                promotedBytesPerScavenge: gc.scavenges ? Math.round(gc.promoted / gc.scavenges) : null,
+                ...(flags["heap-profile"]
+                  ? { topAllocators: topAllocators(join(work, `mark-${marks}.heapprofile`)) }
+                  : {}),
+              }),
           cpuUsPerRequest: Math.round((cpuMs * 1000) / requests),
           // The event loop's thread alone (the rest: V8's compiler and GC helpers, libuv's pool).
           mainThreadUsPerRequest: Math.round((mainMs * 1000) / requests),

@@ -29,6 +29,8 @@ export interface StartOptions {
   timeoutMs?: number;
   /** CPU list (taskset syntax) the process and all its threads are confined to. */
   cpus?: string | undefined;
+  /** Every line the process writes, after it listens (e.g. V8's --trace-gc-nvp lines). */
+  onLine?: ((line: string) => void) | undefined;
 }
 
 /**
@@ -150,7 +152,10 @@ export async function startServerProcess(options: StartOptions): Promise<ServerP
       if (tail.length > 40) tail.shift();
       // Once started, lines (an access line per request) are only kept for the tail: parsing
       // each would take CPU from the load generators.
-      if (started) return;
+      if (started) {
+        options.onLine?.(line);
+        return;
+      }
       const found = options.ready(line);
       if (found) {
         started = true;

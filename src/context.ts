@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { type ContextValues, createContextKey } from "@connectrpc/connect";
+import { type ContextKey, type ContextValues, createContextKey } from "@connectrpc/connect";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
 import type { TesseraError } from "./errors.js";
 
@@ -85,4 +85,26 @@ export function requestState(values: ContextValues): RequestState {
     values.set(requestStateKey, state);
   }
   return state;
+}
+
+/**
+ * Connect's `createContextValues()` with its methods on a prototype: Connect's makes an
+ * object literal with three fresh functions for every call. Values are held as Connect
+ * holds them (under the key's symbol, on the object itself), so they behave the same.
+ */
+export class CallValues implements ContextValues {
+  get<T>(key: ContextKey<T>): T {
+    const own = this as unknown as Record<symbol, T>;
+    return key.id in this ? own[key.id]! : key.defaultValue;
+  }
+
+  set<T>(key: ContextKey<T>, value: T): this {
+    (this as unknown as Record<symbol, T>)[key.id] = value;
+    return this;
+  }
+
+  delete(key: ContextKey<unknown>): this {
+    delete (this as unknown as Record<symbol, unknown>)[key.id];
+    return this;
+  }
 }

@@ -2,13 +2,13 @@ import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
 import type http2 from "node:http2";
 import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
-import { Code, cors as connectCors, createContextValues } from "@connectrpc/connect";
+import { Code, cors as connectCors } from "@connectrpc/connect";
 import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
 import type { TrustAnchors } from "../certs/trust-anchors.js";
 import { budgetKey } from "../client-ip.js";
-import { requestStateKey } from "../context.js";
+import { CallValues, requestStateKey } from "../context.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
 import { createTransport } from "../transport/index.js";
@@ -113,7 +113,7 @@ export function createRequestHandler(
     // is JSON for binary clients too, and an early refusal has them (the adapter calls this
     // for error responses only).
     errorBody: (req, body) => augmentJsonErrorBody(body, stateOf(req).errorInfo),
-    contextValues: (req) => createContextValues().set(requestStateKey, stateOf(req)),
+    contextValues: (req) => new CallValues().set(requestStateKey, stateOf(req)),
     // The facts of a unary call served from its HTTP/2 stream (see serveRequests).
     prepare: attachState,
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).

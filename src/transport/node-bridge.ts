@@ -148,11 +148,32 @@ export function webHeaders(nodeHeaders: http.IncomingHttpHeaders): Headers {
 }
 
 /**
+ * A request body that can also be read whole: {@link WholeBody.readAll} is Connect's
+ * `readAllBytes` (the same checks, errors and order) with one promise for the whole body,
+ * where reading it through the iterator made a promise and a result object per chunk, and
+ * `readAllBytes`'s `for await` helpers several more (a tenth of a Connect JSON call's heap
+ * allocation).
+ */
+export interface WholeBody extends AsyncIterable<Uint8Array> {
+  readAll(readMaxBytes: number, lengthHint: string | null): Promise<Uint8Array>;
+  /**
+   * Hand each chunk to `take` as it comes, synchronously; settles when the body ended. When
+   * `take` throws, or the body fails, the rest is not read (as the iterator's `return`) and
+   * the promise rejects with that error.
+   */
+  readChunks(take: (chunk: Uint8Array) => void): Promise<void>;
+}
+
+export function isWholeBody(body: unknown): body is WholeBody {
+  return typeof (body as Partial<WholeBody>).readAll === "function";
+}
+
+/**
  * The request body as an async iterable fed by "data" events: one promise per chunk
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure.
  */
-export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncIterable<Uint8Array> {
+export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeBody {
   const queue: Uint8Array[] = [];
   // Set once the body is no longer read (too large, or the handler stopped): what still
   // arrives is dropped, and the request stays paused for the adapter to stop (stopUnreadBody).
@@ -208,6 +229,12 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncI
       notify();
     }
   });
+  /** The consumer stopped reading: the rest of the body is not read (stopUnreadBody). */
+  const stop = () => {
+    stopped = true;
+    queue.length = 0;
+    if (!ended) req.pause();
+  };
   return {
     [Symbol.asyncIterator]() {
       return {
@@ -227,13 +254,108 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): AsyncI
           }
         },
         async return(): Promise<IteratorResult<Uint8Array>> {
-          // The handler stopped reading: the rest of the body is not read (stopUnreadBody).
-          stopped = true;
-          queue.length = 0;
-          if (!ended) req.pause();
+          stop();
           return { done: true, value: undefined };
         },
       };
+    },
+    readAll(readMaxBytes, lengthHint) {
+      // A length hint is used when it is a safe non-negative integer, as Connect's parseLengthHint.
+      const hint = lengthHint === null ? Number.NaN : Number.parseInt(lengthHint, 10);
+      const hinted = Number.isSafeInteger(hint) && hint >= 0;
+      return new Promise<Uint8Array>((resolve, reject) => {
+        if (hinted && hint > readMaxBytes) {
+          reject(
+            new ConnectError(
+              `message size ${hint} is larger than configured readMaxBytes ${readMaxBytes}`,
+              Code.ResourceExhausted,
+            ),
+          );
+          return;
+        }
+        const chunks: Uint8Array[] = [];
+        let count = 0;
+        /** The whole body once it ended, undefined while more is to come; throws what the read fails with. */
+        const step = (): Uint8Array | undefined => {
+          for (;;) {
+            if (stopped && failure !== undefined) throw failure;
+            const chunk = queue.shift();
+            if (chunk !== undefined) {
+              if (queue.length === 0 && req.isPaused()) req.resume();
+              count += chunk.byteLength;
+              // A check failed on a chunk: readAllBytes stops the iteration (return), as on no other failure.
+              if (hinted ? count > hint : count > readMaxBytes) {
+                stop();
+                throw hinted
+                  ? new ConnectError(
+                      `protocol error: promised ${hint} bytes, received ${count}`,
+                      Code.InvalidArgument,
+                    )
+                  : new ConnectError(
+                      `message size is larger than configured readMaxBytes ${readMaxBytes}`,
+                      Code.ResourceExhausted,
+                    );
+              }
+              chunks.push(chunk);
+              continue;
+            }
+            if (failure !== undefined) throw failure;
+            if (!ended) return undefined;
+            if (hinted && count < hint)
+              throw new ConnectError(
+                `protocol error: promised ${hint} bytes, received ${count}`,
+                Code.InvalidArgument,
+              );
+            // A copy, as readAllBytes makes: the parsed message may keep views of it.
+            const all = new Uint8Array(count);
+            let at = 0;
+            for (const c of chunks) {
+              all.set(c, at);
+              at += c.byteLength;
+            }
+            return all;
+          }
+        };
+        const pump = (): void => {
+          let all: Uint8Array | undefined;
+          try {
+            all = step();
+          } catch (err) {
+            reject(err);
+            return;
+          }
+          if (all === undefined) wake = pump;
+          else resolve(all);
+        };
+        pump();
+      });
+    },
+    readChunks(take) {
+      return new Promise<void>((resolve, reject) => {
+        const pump = (): void => {
+          try {
+            for (;;) {
+              if (stopped && failure !== undefined) throw failure;
+              const chunk = queue.shift();
+              if (chunk !== undefined) {
+                if (queue.length === 0 && req.isPaused()) req.resume();
+                take(chunk);
+                continue;
+              }
+              if (failure !== undefined) throw failure;
+              if (ended) break;
+              wake = pump;
+              return;
+            }
+          } catch (err) {
+            stop();
+            reject(err);
+            return;
+          }
+          resolve();
+        };
+        pump();
+      });
     },
   };
 }

@@ -24,6 +24,7 @@ import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
 import { CallRequest, CallResponse, copyHeaders, ImplementationContext, UnaryCall } from "./call-context.js";
+import { isWholeBody } from "./node-bridge.js";
 import type { HandlerOptions, Lookup, UnaryHandler, UnarySpec } from "./unary-core.js";
 import {
   asConnectError,
@@ -65,7 +66,10 @@ export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization
     try {
       if (compression.error) throw compression.error;
       if (timeout.error) throw timeout.error;
-      let bytes = await readAllBytes(req.body, opt.readMaxBytes, headerOf(req, H.contentLength));
+      const lengthHint = headerOf(req, H.contentLength);
+      let bytes = await (isWholeBody(req.body)
+        ? req.body.readAll(opt.readMaxBytes, lengthHint)
+        : readAllBytes(req.body, opt.readMaxBytes, lengthHint));
       if (compression.request) bytes = await compression.request.decompress(bytes, opt.readMaxBytes);
       const input = serialization.getI(binary).parse(bytes);
       const output = await invokeUnary(spec, context, input, opt.interceptors);

@@ -7,6 +7,7 @@ import type { OutgoingHttpHeaders } from "node:http";
 import { Code, ConnectError, type HandlerContext, type MethodImplSpec } from "@connectrpc/connect";
 import {
   type Compression,
+  compressedFlag,
   type createMethodSerializationLookup,
   envelopeDecompress,
   type Serialization,
@@ -16,6 +17,7 @@ import {
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import type { UnaryCall } from "./call-context.js";
+import { isWholeBody } from "./node-bridge.js";
 
 /** The protocols a unary call is served in here. */
 export type UnaryProtocol = "connect" | "grpc" | "grpc-web";
@@ -155,44 +157,68 @@ export async function readOneEnvelopedMessage<T>(
   parser: Serialization<T>,
   skipFlag: number | undefined,
 ): Promise<T> {
-  const it = body[Symbol.asyncIterator]();
   let pending: Uint8Array = EMPTY;
   let found = false;
   let input: T | undefined;
-  let finished = false;
-  try {
-    for (let r = await it.next(); r.done !== true; r = await it.next()) {
-      pending = pending.byteLength === 0 ? r.value : concat(pending, r.value);
-      while (pending.byteLength >= 5) {
-        const length = new DataView(pending.buffer, pending.byteOffset + 1, 4).getUint32(0);
-        if (length > readMaxBytes) {
-          throw new ConnectError(
-            `message size ${length} is larger than configured readMaxBytes ${readMaxBytes}`,
-            Code.ResourceExhausted,
-          );
-        }
-        if (pending.byteLength < 5 + length) break;
-        const flags = pending[0]!;
-        // A copy, as Connect's envelope decoder makes: parsed bytes fields may keep views of it.
-        const data = pending.slice(5, 5 + length);
-        pending = pending.subarray(5 + length);
-        const env = await envelopeDecompress({ flags, data }, compression, readMaxBytes);
-        if (skipFlag !== undefined && (env.flags & skipFlag) === skipFlag) continue;
-        const parsed = parser.parse(env.data);
-        if (found) {
-          throw new ConnectError(
-            "protocol error: received extra input message for unary method",
-            Code.Unimplemented,
-          );
-        }
-        found = true;
-        input = parsed;
-      }
+  /** The next whole envelope of what is pending, or undefined until more bytes come. */
+  const split = (): { flags: number; data: Uint8Array } | undefined => {
+    if (pending.byteLength < 5) return undefined;
+    const length = ((pending[1]! << 24) | (pending[2]! << 16) | (pending[3]! << 8) | pending[4]!) >>> 0;
+    if (length > readMaxBytes) {
+      throw new ConnectError(
+        `message size ${length} is larger than configured readMaxBytes ${readMaxBytes}`,
+        Code.ResourceExhausted,
+      );
     }
-    finished = true;
-  } finally {
-    // Stop reading: the adapter's body discards what is left.
-    if (!finished) it.return?.().catch(() => undefined);
+    if (pending.byteLength < 5 + length) return undefined;
+    const flags = pending[0]!;
+    // A copy, as Connect's envelope decoder makes: parsed bytes fields may keep views of it.
+    const data = pending.slice(5, 5 + length);
+    pending = pending.subarray(5 + length);
+    return { flags, data };
+  };
+  const accept = (flags: number, data: Uint8Array) => {
+    if (skipFlag !== undefined && (flags & skipFlag) === skipFlag) return;
+    const parsed = parser.parse(data);
+    if (found) {
+      throw new ConnectError(
+        "protocol error: received extra input message for unary method",
+        Code.Unimplemented,
+      );
+    }
+    found = true;
+    input = parsed;
+  };
+  if (compression === null && isWholeBody(body)) {
+    // Without compression nothing here awaits: each chunk is taken as it comes, with no
+    // promise per chunk and per envelope (envelopeDecompress's checks, made in place).
+    await body.readChunks((chunk) => {
+      pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
+      for (let env = split(); env !== undefined; env = split()) {
+        if ((env.flags & compressedFlag) === compressedFlag)
+          throw new ConnectError(
+            "received compressed envelope, but do not know how to decompress",
+            Code.Internal,
+          );
+        accept(env.flags, env.data);
+      }
+    });
+  } else {
+    const it = body[Symbol.asyncIterator]();
+    let finished = false;
+    try {
+      for (let r = await it.next(); r.done !== true; r = await it.next()) {
+        pending = pending.byteLength === 0 ? r.value : concat(pending, r.value);
+        for (let env = split(); env !== undefined; env = split()) {
+          const decompressed = await envelopeDecompress(env, compression, readMaxBytes);
+          accept(decompressed.flags, decompressed.data);
+        }
+      }
+      finished = true;
+    } finally {
+      // Stop reading: the adapter's body discards what is left.
+      if (!finished) it.return?.().catch(() => undefined);
+    }
   }
   if (pending.byteLength > 0)
     throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);

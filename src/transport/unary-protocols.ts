@@ -27,7 +27,7 @@
  * and implementation included), over call-context.ts (the handler context) and
  * unary-core.ts (the types, the request headers read, the error of a failed call, envelopes).
  */
-import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   createMethodSerializationLookup,
@@ -73,6 +73,7 @@ export function createUnaryHandlers(
   const opt: HandlerOptions = { ...validateUniversalHandlerOptions(options), callError: options.callError };
   const serialization = clientFaultParsing(
     createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
+    spec.method.input,
   );
   const handlers: Partial<Record<UnaryProtocol, UnaryHandler>> = {};
   if (options.connect !== false && !opt.requireConnectProtocolHeader)
@@ -89,20 +90,31 @@ export function createUnaryHandlers(
  * bytes that do not parse are InvalidArgument, with Connect's message; serializing the
  * response is untouched (a failure there is ours).
  */
-function clientFaultParsing(lookup: Lookup): Lookup {
-  const wrap = (s: Serialization<MessageShape<DescMessage>>): Serialization<MessageShape<DescMessage>> => ({
-    serialize: s.serialize,
-    parse(data) {
-      try {
-        return s.parse(data);
-      } catch (e) {
-        if (e instanceof ConnectError && e.code === Code.Internal)
-          throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
-        throw e;
-      }
-    },
-  });
-  const binary = wrap(lookup.getI(true));
-  const json = wrap(lookup.getI(false));
+function clientFaultParsing(lookup: Lookup, input: DescMessage): Lookup {
+  const wrap = (
+    s: Serialization<MessageShape<DescMessage>>,
+    json: boolean,
+  ): Serialization<MessageShape<DescMessage>> => {
+    // Not for a well-known type, whose JSON is its own ("{}" is a Struct in a Value).
+    const emptyJson = json && !input.typeName.startsWith("google.protobuf.");
+    return {
+      serialize: s.serialize,
+      parse(data) {
+        // "{}", the JSON of a request without fields (GetCurrentUser) as clients send it: the
+        // empty message JSON parsing makes, without its text, maps and sets (a Connect JSON
+        // call's heap allocation dropped by a kilobyte).
+        if (emptyJson && data.byteLength === 2 && data[0] === 0x7b && data[1] === 0x7d) return create(input);
+        try {
+          return s.parse(data);
+        } catch (e) {
+          if (e instanceof ConnectError && e.code === Code.Internal)
+            throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
+          throw e;
+        }
+      },
+    };
+  };
+  const binary = wrap(lookup.getI(true), false);
+  const json = wrap(lookup.getI(false), true);
   return { getI: (useBinary) => (useBinary ? binary : json), getO: lookup.getO };
 }
