@@ -47,6 +47,8 @@ export { VERSION } from "./version.js";
 export interface App {
   config: Config;
   logger: Logger;
+  /** The clock of every expiry it sets and checks ({@link CreateAppOptions.clock}). */
+  clock: Clock;
   /** Where access lines go (`logger`'s destination unless createApp was given another). */
   accessLog: AccessLog;
   storage: Storage;
@@ -336,6 +338,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     return {
       config,
       logger,
+      clock,
       accessLog,
       storage,
       sql,

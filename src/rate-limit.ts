@@ -35,19 +35,25 @@ export interface RateLimits {
 }
 
 /**
- * Count one new secret (token, API key, machine credential) created by `principal`, before
- * its PBKDF2: hashing new secrets is work any user may ask for, and unbounded it would keep
- * the hash pool from verifying anyone's password.
+ * Count one new secret (token, API key, machine credential, password) created by
+ * `principal`, before its PBKDF2: hashing new secrets is work any user may ask for, and
+ * unbounded it would keep the hash pool from verifying anyone's password. Returns the
+ * refund of this count, for a call that turns out to create nothing (ChangePassword with a
+ * wrong current password).
  * @throws TesseraError RATE_LIMITED (with Retry-After) past `rateLimit.credentialCreationsPerHour`
  */
 export async function countCredentialCreation(
   limits: RateLimits | undefined,
   principal: Principal,
-): Promise<void> {
-  if (!limits) return;
-  const result = await limits.credentialCreations.consume(`${principal.kind}:${principal.id}`);
+): Promise<() => Promise<void>> {
+  if (!limits) return noRefund;
+  const key = `${principal.kind}:${principal.id}`;
+  const result = await limits.credentialCreations.consume(key);
   if (!result.allowed) throw rateLimitedError(result, "too many credentials created; try again later");
+  return () => limits.credentialCreations.refund(key, result);
 }
+
+async function noRefund(): Promise<void> {}
 
 /**
  * The RATE_LIMITED refusal a password check from `address` gets anyway, decided without

@@ -38,7 +38,7 @@ export const rateLimitSchema = z
     credentialCreationsPerHour: z.number().int().positive().default(60).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_CREDENTIAL_CREATIONS",
       description:
-        "Personal access tokens, API keys and machine-user credentials (creation and rotation) one principal may create per hour; each costs a PBKDF2.",
+        "New secrets one principal may create per hour, each a PBKDF2: personal access tokens, API keys, machine-user credentials (creation and rotation) and passwords (CreateUser, UpdateUser setting one, ChangePassword; a wrong current password is given back).",
     }),
     lockoutSeconds: seconds.default(60).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_LOCKOUT_SECONDS",

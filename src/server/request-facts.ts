@@ -6,6 +6,7 @@ import type { PeerCertificateInfo } from "../auth/principal.js";
 import { normaliseSerial } from "../certs/serial.js";
 import { chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
+import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
 import type { RequestState } from "../context.js";
 import { uuidV7 } from "../storage/uuid-v7.js";
@@ -44,6 +45,12 @@ interface ConnectionCertificate {
   anchors: TrustAnchors | null | undefined;
   /** `parsed` while it chains to `anchors`, else null (it authenticates nothing). */
   info: PeerCertificateInfo | null;
+  /**
+   * The earliest notAfter of the chain the handshake verified (the peer's certificate, the
+   * intermediates it sent and the CA they lead to), in ms since the epoch: past it the
+   * certificate authenticates nothing, however long its connection stays open.
+   */
+  readonly notAfter: number;
 }
 
 function parseCertificate(
@@ -51,7 +58,7 @@ function parseCertificate(
   anchors: TrustAnchors | undefined,
 ): ConnectionCertificate | null {
   if (!socket.authorized) return null;
-  const cert = socket.getPeerCertificate(false);
+  const cert = socket.getPeerCertificate(true);
   if (!cert?.raw) return null;
   const hex = cert.fingerprint256.replace(/:/g, "").toLowerCase();
   const sanUris = (cert.subjectaltname ?? "")
@@ -65,7 +72,29 @@ function parseCertificate(
     commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
     sanUris,
   };
-  return { parsed, serial: normaliseSerial(cert.serialNumber), anchors, info: parsed };
+  return {
+    parsed,
+    serial: normaliseSerial(cert.serialNumber),
+    anchors,
+    info: parsed,
+    notAfter: chainNotAfter(cert),
+  };
+}
+
+/**
+ * The earliest notAfter of `leaf` and the issuers Node found for it (ms since the epoch).
+ * An end that does not parse counts as passed: the certificate then authenticates nothing.
+ */
+function chainNotAfter(leaf: DetailedPeerCertificate): number {
+  let earliest = Number.POSITIVE_INFINITY;
+  let cert: DetailedPeerCertificate | undefined = leaf;
+  for (let i = 0; cert?.raw && i < 16; i++) {
+    const end = Date.parse(cert.valid_to);
+    earliest = Number.isNaN(end) ? Number.NEGATIVE_INFINITY : Math.min(earliest, end);
+    if (cert.issuerCertificate === cert) break;
+    cert = cert.issuerCertificate;
+  }
+  return earliest;
 }
 
 /** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */
@@ -93,13 +122,15 @@ export function requestIdOf(req: Request): string {
  * The function that attaches a request's state (read back by {@link stateOf}): the client's
  * address (through trusted proxies), whether it came through one, and its certificate, held to
  * the current {@link PeerTrust}. `handshakeAnchors` names the CA a connection's handshake
- * verified its certificate against (see peer-trust.ts `stampConnections`).
+ * verified its certificate against (see peer-trust.ts `stampConnections`). `clock` is the one
+ * a certificate's expiry is read on (the app's).
  */
 export function createStateAttacher(
   config: Config,
   tls: boolean,
   trust: () => PeerTrust = () => NO_PEER_TRUST,
   handshakeAnchors: (socket: TLSSocket) => TrustAnchors | undefined = () => undefined,
+  clock: Clock = systemClock,
 ): (req: Request, requestId?: string) => void {
   const certCache = new WeakMap<object, ConnectionCertificate | null>();
 
@@ -114,6 +145,9 @@ export function createStateAttacher(
       certCache.set(owner, cert);
     }
     if (cert === null) return null;
+    // The handshake checked the chain's validity at its time only (notBefore included, so
+    // only notAfter can pass later): a connection kept open must not outlive it.
+    if (clock() > cert.notAfter) return null;
     const current = trust();
     // What it is trusted by can change: the handshake chained it to the CA of its time, and a
     // CA replaced since takes effect on this request, on this connection too. One compare
@@ -122,7 +156,9 @@ export function createStateAttacher(
       const anchors = current.anchors;
       cert.anchors = anchors;
       cert.info =
-        anchors !== null && chainsTo(peerChain(req.socket as TLSSocket), anchors) ? cert.parsed : null;
+        anchors !== null && chainsTo(peerChain(req.socket as TLSSocket), anchors, clock())
+          ? cert.parsed
+          : null;
     }
     // So can its revocation: the handshake checked the CRL of its time, and a CRL reloaded
     // since takes effect on this request, on this connection too.

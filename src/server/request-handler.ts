@@ -86,7 +86,13 @@ export function createRequestHandler(
     return origin !== undefined && origin !== "" && (anyOrigin || allowedOrigins.has(origin));
   }
 
-  const attachState = createStateAttacher(config, options.tls, options.peerTrust, options.handshakeAnchors);
+  const attachState = createStateAttacher(
+    config,
+    options.tls,
+    options.peerTrust,
+    options.handshakeAnchors,
+    app.clock,
+  );
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };
   // Metrics and the access log of every call, when either is on (see call-observer.ts).
   const observe = createCallObserver({

@@ -6,7 +6,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { HashPool, hashPool } from "../../src/auth/hash-pool.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, basicMachine, clients, tenantWithAdmin } from "../machine-fixtures.js";
+import { adminLogin, basicMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 import { LIMITS_ON } from "./fixtures.js";
 
 /**
@@ -105,6 +105,76 @@ describe.each(DATABASES)("credential creation floods on $name", (db) => {
     const r = await rejection(machines.rotateMachineUserCredentials({ id: m.machine.id }));
     expect(r.reason).toBe("RATE_LIMITED");
     expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+  });
+
+  it("counts the passwords a user administrator sets (CreateUser, UpdateUser) against its budget, creating nothing past it", async () => {
+    const tenant = await tenantWithAdmin(transport, adminToken, ["admin:users"]);
+    const users = clients(transport, tenant.token).users;
+    let first: string | undefined;
+    for (let i = 0; i < CREATIONS_PER_HOUR; i++) {
+      const { user } = await users.createUser({
+        username: `u${i}-${short()}`,
+        password: "first password",
+        scopes: [],
+      });
+      first ??= user!.username;
+    }
+    const username = `one-more-${short()}`;
+    const r = await rejection(users.createUser({ username, password: "first password", scopes: [] }));
+    expect(r.code).toBe(Code.ResourceExhausted);
+    expect(r.reason).toBe("RATE_LIMITED");
+    expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+    const listed = await users.listUsers({ pageSize: 200 });
+    expect(listed.users.map((u) => u.username)).not.toContain(username);
+    expect(listed.users).toHaveLength(CREATIONS_PER_HOUR + 1); // and the tenant admin
+
+    // Setting a password on an existing user is a new secret too; other changes are not.
+    const target = listed.users.find((u) => u.username === first)!;
+    const set = await rejection(users.updateUser({ id: target.id, password: "second password" }));
+    expect(set.reason).toBe("RATE_LIMITED");
+    expect(Number(set.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+    const login = (password: string) =>
+      createClient(UserService, transport).login({ username: first!, password, tenant: tenant.tenant.id });
+    expect((await login("first password")).accessToken).not.toBe("");
+    await users.updateUser({ id: target.id, scopes: { scopes: [] } });
+  });
+
+  it("counts a user's own password changes against its budget, not the ones refused for a wrong current password", async () => {
+    const username = `changer-${short()}`;
+    await clientFor(UserService, transport, adminToken).createUser({
+      username,
+      password: "password 0000",
+      scopes: [],
+    });
+    const login = async (password: string) =>
+      (await createClient(UserService, transport).login({ username, password })).accessToken;
+    let token = await login("password 0000");
+    const wrong = await rejection(
+      clientFor(UserService, transport, token).changePassword({
+        currentPassword: "not the password",
+        newPassword: "never the password",
+      }),
+    );
+    expect(wrong.reason).toBe("CREDENTIALS_INVALID");
+    // A change ends the session (and its access token): each one logs in again.
+    for (let i = 1; i <= CREATIONS_PER_HOUR; i++) {
+      await clientFor(UserService, transport, token).changePassword({
+        currentPassword: `password ${String(i - 1).padStart(4, "0")}`,
+        newPassword: `password ${String(i).padStart(4, "0")}`,
+      });
+      token = await login(`password ${String(i).padStart(4, "0")}`);
+    }
+    const current = `password ${String(CREATIONS_PER_HOUR).padStart(4, "0")}`;
+    const r = await rejection(
+      clientFor(UserService, transport, token).changePassword({
+        currentPassword: current,
+        newPassword: "one more password",
+      }),
+    );
+    expect(r.code).toBe(Code.ResourceExhausted);
+    expect(r.reason).toBe("RATE_LIMITED");
+    expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
+    expect(await login(current)).not.toBe("");
   });
 });
 

@@ -13,7 +13,7 @@ import { isTenantId } from "../../auth/user-principal.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
-import type { RateLimits } from "../../rate-limit.js";
+import { countCredentialCreation, type PasswordAttempt, type RateLimits } from "../../rate-limit.js";
 import { Tenant, User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import type { UserStateRepository } from "../../storage/repositories/subject-state.js";
@@ -225,20 +225,26 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       assertPassword(req.newPassword, "new_password");
       const user = await em(ctx).findOne(User, { id: principal.id });
       if (!user) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
-      // A password check like Login's: a stolen access token must not buy unlimited guesses.
-      const attempt = await deps.limits?.passwords.reserve(
-        requestState(ctx.values).ip,
-        `${user.tenantId}/${user.username}`,
-      );
+      // The new password is a new secret: counted before either PBKDF2, since the password
+      // check's budget below is refunded on success and so bounds only wrong guesses.
+      const refundCreation = await countCredentialCreation(deps.limits, principal);
+      let attempt: PasswordAttempt | undefined;
       let ok: boolean;
       try {
+        // A password check like Login's: a stolen access token must not buy unlimited guesses.
+        attempt = await deps.limits?.passwords.reserve(
+          requestState(ctx.values).ip,
+          `${user.tenantId}/${user.username}`,
+        );
         ok = await verifySecret(req.currentPassword, user.passwordHash);
       } catch (err) {
         await attempt?.cancelled();
+        await refundCreation();
         throw err;
       }
       if (!ok) {
         await attempt?.failed();
+        await refundCreation();
         throw new TesseraError("CREDENTIALS_INVALID", "current password is wrong");
       }
       await attempt?.succeeded();
@@ -267,6 +273,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // Unique per tenant: a name taken only in another tenant is simply free here.
       if (await em(ctx).count(User, { tenantId, username: req.username }))
         throw errors.alreadyExists("username is taken");
+      // Its password is a new secret: counted before its PBKDF2 (see countCredentialCreation).
+      await countCredentialCreation(deps.limits, principal);
       const now = new Date();
       const user = em(ctx).create(User, {
         id: randomUUID(),
@@ -322,6 +330,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       }
       if (req.password !== undefined) {
         assertPassword(req.password);
+        await countCredentialCreation(deps.limits, principal);
         user.passwordHash = await hashSecret(req.password, deps.passwordIterations);
         revoke = true;
       }
