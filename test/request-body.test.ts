@@ -171,31 +171,42 @@ const GRPC_CASES: Array<{ name: string; chunks: Buffer[]; end?: false; skipFlag?
   { name: "the client gone mid-message", chunks: [envelope(0, "hello").subarray(0, 6)], end: false },
 ];
 
+/** Read `c`'s body as a unary gRPC call does: from its chunks, or (`wrap`) through the body's iterator. */
+async function readMessage(c: (typeof GRPC_CASES)[number], wrap: boolean) {
+  const req = new PassThrough();
+  const body = bodyOf(req, true, 1024);
+  // Without readChunks, the reader takes its general path (the body's iterator).
+  const read = readOneEnvelopedMessage(
+    wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,
+    32,
+    null,
+    parser,
+    c.skipFlag,
+  ).then(
+    (message) => ({ message }),
+    (e: unknown) => ({ code: ConnectError.from(e).code, error: ConnectError.from(e).rawMessage }),
+  );
+  for (const chunk of c.chunks) {
+    await new Promise((r) => setImmediate(r));
+    req.write(chunk);
+  }
+  await new Promise((r) => setImmediate(r));
+  if (c.end === false) req.destroy();
+  else req.end();
+  return { outcome: await read, paused: req.isPaused() };
+}
+
 describe("a gRPC request's one message", () => {
   it.each(GRPC_CASES)("is read from the chunks as from the body's iterator: $name", async (c) => {
-    const run = async (wrap: boolean) => {
-      const req = new PassThrough();
-      const body = bodyOf(req, true, 1024);
-      // Without readChunks, the reader takes its general path (the body's iterator).
-      const read = readOneEnvelopedMessage(
-        wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,
-        32,
-        null,
-        parser,
-        c.skipFlag,
-      ).then(
-        (message) => ({ message }),
-        (e: unknown) => ({ code: ConnectError.from(e).code, error: ConnectError.from(e).rawMessage }),
-      );
-      for (const chunk of c.chunks) {
-        await new Promise((r) => setImmediate(r));
-        req.write(chunk);
-      }
-      await new Promise((r) => setImmediate(r));
-      if (c.end === false) req.destroy();
-      else req.end();
-      return { outcome: await read, paused: req.isPaused() };
-    };
-    expect(await run(false)).toEqual(await run(true));
+    expect(await readMessage(c, false)).toEqual(await readMessage(c, true));
+  });
+
+  it("is refused as the client's fault when compressed without a negotiated encoding, on both paths", async () => {
+    const c = GRPC_CASES.find((x) => x.name === "a compressed message")!;
+    for (const wrap of [false, true])
+      expect((await readMessage(c, wrap)).outcome).toEqual({
+        code: Code.InvalidArgument,
+        error: "received compressed envelope, but do not know how to decompress",
+      });
   });
 });

@@ -12,6 +12,7 @@ import {
   type HandlerContext,
   type Interceptor,
 } from "@connectrpc/connect";
+import { codeFromString } from "@connectrpc/connect/protocol-connect";
 import { compressionBrotli, compressionGzip, connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
@@ -292,6 +293,8 @@ function body(wire: Wire, data: Uint8Array, flags = 0): Uint8Array {
   return isConnect(wire) ? data : envelope(flags, data);
 }
 
+const gzipped = (data: Uint8Array) => new Uint8Array(gzipSync(data));
+
 /** An empty request message, gzip-compressed (and enveloped, flagged compressed, for gRPC and gRPC-Web). */
 function gzipBody(wire: Wire): Uint8Array {
   const compressed = new Uint8Array(gzipSync(isJson(wire) ? json({}) : new Uint8Array(0)));
@@ -375,42 +378,69 @@ async function same(
  * Connect already). Everything else is Connect's.
  */
 function parseFailureAsClientFault(wire: Wire): (answer: Answer) => Answer {
-  return (answer) => {
-    if (isJson(wire)) return answer;
-    if (isConnect(wire)) {
-      const text = Buffer.from(answer.body, "hex")
-        .toString("utf8")
-        .replace('"code":"internal"', '"code":"invalid_argument"');
-      const body = Buffer.from(text);
-      return {
-        ...answer,
-        status: answer.status === 500 ? 400 : answer.status,
-        headers: { ...answer.headers, "content-length": String(body.byteLength) },
-        body: body.toString("hex"),
-      };
+  return (answer) => (isJson(wire) ? answer : internalAsClientFault(answer));
+}
+
+/**
+ * Connect's answer with its Internal status as InvalidArgument (the same message), as
+ * Tessera answers Connect's Internal errors about the request's bytes (client-faults.ts):
+ * a Connect unary error's status and body, gRPC's trailers, the status in a gRPC-Web
+ * trailer frame or a Connect end-stream message. Everything else is Connect's.
+ */
+function internalAsClientFault(answer: Answer): Answer {
+  const bytes = Buffer.from(answer.body, "hex");
+  const isFramed = answer.headers["content-type"] !== "application/json";
+  if (!isFramed) {
+    const body = Buffer.from(
+      bytes.toString("utf8").replace('"code":"internal"', '"code":"invalid_argument"'),
+    );
+    return {
+      ...answer,
+      status: answer.status === 500 ? 400 : answer.status,
+      headers: { ...answer.headers, "content-length": String(body.byteLength) },
+      body: body.toString("hex"),
+    };
+  }
+  const trailers = { ...answer.trailers };
+  if (trailers["grpc-status"] === "13") trailers["grpc-status"] = "3";
+  // gRPC-Web's trailer frame (0x80) and Connect's end-stream message (0x02) end the body.
+  const frames: Buffer[] = [];
+  for (let at = 0; at + 5 <= bytes.length; ) {
+    const flags = bytes[at]!;
+    const length = bytes.readUInt32BE(at + 1);
+    let data = bytes.subarray(at + 5, at + 5 + length);
+    if (flags & 0x82)
+      data = Buffer.from(
+        data
+          .toString("latin1")
+          .replace("grpc-status: 13", "grpc-status: 3")
+          .replace('"code":"internal"', '"code":"invalid_argument"'),
+        "latin1",
+      );
+    frames.push(Buffer.from(envelope(flags, data)));
+    at += 5 + length;
+  }
+  return { ...answer, trailers, body: Buffer.concat(frames).toString("hex") };
+}
+
+/** The status code a call ended with, from its answer in any protocol (0 for OK). */
+function endCode(answer: Answer): number {
+  if (answer.trailers["grpc-status"] !== undefined) return Number(answer.trailers["grpc-status"]);
+  const bytes = Buffer.from(answer.body, "hex");
+  if (answer.headers["content-type"] === "application/json")
+    return codeFromString((JSON.parse(bytes.toString("utf8")) as { code: string }).code) ?? -1;
+  for (let at = 0; at + 5 <= bytes.length; ) {
+    const flags = bytes[at]!;
+    const length = bytes.readUInt32BE(at + 1);
+    const data = bytes.subarray(at + 5, at + 5 + length).toString("utf8");
+    if (flags & 0x80) return Number(/grpc-status: (\d+)/.exec(data)?.[1] ?? -1);
+    if (flags & 0x02) {
+      const end = JSON.parse(data) as { error?: { code: string } };
+      return end.error ? (codeFromString(end.error.code) ?? -1) : 0;
     }
-    if (wire === "grpc")
-      return {
-        ...answer,
-        trailers: {
-          ...answer.trailers,
-          ...(answer.trailers["grpc-status"] === "13" ? { "grpc-status": "3" } : {}),
-        },
-      };
-    // gRPC-Web: the status is in the trailer frame at the end of the body.
-    const bytes = Buffer.from(answer.body, "hex");
-    const frames: Buffer[] = [];
-    for (let at = 0; at + 5 <= bytes.length; ) {
-      const flags = bytes[at]!;
-      const length = bytes.readUInt32BE(at + 1);
-      let data = bytes.subarray(at + 5, at + 5 + length);
-      if (flags & 0x80)
-        data = Buffer.from(data.toString("latin1").replace("grpc-status: 13", "grpc-status: 3"));
-      frames.push(Buffer.from(envelope(flags, data)));
-      at += 5 + length;
-    }
-    return { ...answer, body: Buffer.concat(frames).toString("hex") };
-  };
+    at += 5 + length;
+  }
+  return Number(answer.headers["grpc-status"] ?? -1);
 }
 
 describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wire) => {
@@ -455,8 +485,16 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
     expect(answer.headers[isConnect(wire) ? "content-encoding" : "grpc-encoding"]).toBe("gzip");
   });
 
-  it("with an unsupported request compression", async () => {
-    await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+  it("with an unsupported request compression: Unimplemented, naming the encodings accepted", async () => {
+    // gRPC's compression.md and the Connect protocol both ask for this code and list.
+    const answer = await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+    expect(endCode(answer)).toBe(Code.Unimplemented);
+    const accepted = isConnect(wire)
+      ? answer.headers["accept-encoding"]
+      : wire.startsWith("grpc-web")
+        ? /grpc-accept-encoding: ([^\r]*)/.exec(Buffer.from(answer.body, "hex").toString("latin1"))?.[1]
+        : answer.trailers["grpc-accept-encoding"];
+    expect(accepted).toBe("gzip,br");
   });
 
   it("with a protocol header sent twice", async () => {
@@ -511,7 +549,6 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
     ],
     ["an incomplete envelope", () => envelope(0, m()).subarray(0, 4)],
     ["a message and a partial envelope", () => concat(envelope(0, m()), new Uint8Array([0, 0]))],
-    ["a compressed envelope without an encoding", () => envelope(1, new Uint8Array(gzipSync(m())))],
     ["a message announced over readMaxBytes", () => new Uint8Array([0, 0, 0, 0x10, 0])],
     [
       "a message with a trailer frame after it",
@@ -521,6 +558,18 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
     const adjust = label.includes("malformed") ? parseFailureAsClientFault(wire) : undefined;
     await same(CHECK, headers(wire), make(), adjust);
   });
+
+  it.each([
+    ["without an encoding", undefined],
+    ["with the identity encoding", "identity"],
+  ])(
+    "with a compressed envelope %s: InvalidArgument, where Connect says Internal",
+    async (_label, encoding) => {
+      const h = headers(wire, encoding ? { encoding } : {});
+      const answer = await same(CHECK, h, envelope(1, gzipped(m())), internalAsClientFault);
+      expect(endCode(answer)).toBe(Code.InvalidArgument);
+    },
+  );
 
   it("with a message split across many DATA frames", async () => {
     const h = headers(wire);
@@ -737,8 +786,10 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
     const cert = readFileSync(join(certs.dir, "server.crt"));
     for (const kind of kinds) {
       const server = http2.createSecureServer({ key, cert, allowHTTP1: true });
+      // The transports with Tessera's compression (gzip and br, a body that does not
+      // decompress answered as the client's fault: fast-adapter.ts), as its server has them.
       if (kind === "reference") server.on("request", connectNodeAdapter(options));
-      else installTransport(server, createTransport(kind, { ...options }));
+      else installTransport(server, createTransport(kind, { ...options, acceptCompression: undefined }));
       await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
       const port = (server.address() as AddressInfo).port;
       const session = http2.connect(`https://localhost:${port}`, { ca });
@@ -846,6 +897,27 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
         const answer = await sameTls(CHECK, headers(wire), big, { h1 });
         if (isConnect(wire)) expect(answer.status).toBe(429);
       });
+
+      it(`over ${over}: with a body not compressed as its headers say`, async () => {
+        // An envelope flagged compressed without a negotiated encoding is the client's fault.
+        if (!isConnect(wire)) {
+          const flagged = envelope(1, gzipped(message(wire, "x")));
+          const answer = await sameTls(CHECK, headers(wire), flagged, { h1, adjust: internalAsClientFault });
+          expect(endCode(answer)).toBe(Code.InvalidArgument);
+        }
+        const truncated = gzipped(message(wire, "x")).subarray(0, -4);
+        const corrupt = await sameTls(
+          CHECK,
+          headers(wire, { encoding: "gzip" }),
+          isConnect(wire) ? truncated : envelope(1, truncated),
+          { h1, adjust: internalAsClientFault },
+        );
+        expect(endCode(corrupt)).toBe(Code.InvalidArgument);
+        // An encoding the server does not support: Unimplemented, as gRPC and Connect ask.
+        const zstd = headers(wire, { encoding: "zstd" });
+        const unsupported = await sameTls(CHECK, zstd, body(wire, message(wire, "x")), { h1 });
+        expect(endCode(unsupported)).toBe(Code.Unimplemented);
+      });
     }
   });
 
@@ -864,6 +936,22 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
     it("ends with the implementation's error after its messages, over HTTP/2", async () => {
       const answer = await sameTls(WATCH, h(), envelope(0, message(wire, "fail")));
       expect(answer.status).toBe(200);
+    });
+
+    it("ends with InvalidArgument on a body not compressed as its headers say, over HTTP/2", async () => {
+      const flagged = envelope(1, gzipped(message(wire, "x")));
+      const answer = await sameTls(WATCH, h(), flagged, { adjust: internalAsClientFault });
+      expect(endCode(answer)).toBe(Code.InvalidArgument);
+      const identity = {
+        ...h(),
+        [isConnect(wire) ? "connect-content-encoding" : "grpc-encoding"]: "identity",
+      };
+      const named = await sameTls(WATCH, identity, flagged, { adjust: internalAsClientFault });
+      expect(endCode(named)).toBe(Code.InvalidArgument);
+      const gzip = { ...h(), [isConnect(wire) ? "connect-content-encoding" : "grpc-encoding"]: "gzip" };
+      const truncated = envelope(1, gzipped(message(wire, "x")).subarray(0, -4));
+      const corrupt = await sameTls(WATCH, gzip, truncated, { adjust: internalAsClientFault });
+      expect(endCode(corrupt)).toBe(Code.InvalidArgument);
     });
 
     if (!wire.startsWith("grpc") || wire.startsWith("grpc-web"))
