@@ -162,9 +162,17 @@ function routes(router: ConnectRouter) {
           return { status: HealthCheckResponse_ServingStatus.SERVING };
       }
     },
-    async *watch(req) {
+    async *watch(req, ctx) {
       // Two updates, then the end of the stream (or the error the request asks for).
       yield { status: HealthCheckResponse_ServingStatus.SERVING };
+      if (req.service === "wait") {
+        // Ends without an error once its signal aborts (at the deadline), as Tessera's streams do.
+        await new Promise((resolve) => {
+          if (ctx.signal.aborted) resolve(undefined);
+          else ctx.signal.addEventListener("abort", resolve, { once: true });
+        });
+        return;
+      }
       yield { status: HealthCheckResponse_ServingStatus.NOT_SERVING };
       if (req.service === "fail")
         throw new ConnectError("watch failed", Code.Unavailable, { "x-why": "end" });
@@ -952,6 +960,24 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
       const truncated = envelope(1, gzipped(message(wire, "x")).subarray(0, -4));
       const corrupt = await sameTls(WATCH, gzip, truncated, { adjust: internalAsClientFault });
       expect(endCode(corrupt)).toBe(Code.InvalidArgument);
+    });
+
+    it("ends with DeadlineExceeded once its deadline passed, where connect-node's adapter says OK", async () => {
+      const timeout = isConnect(wire) ? { "connect-timeout-ms": "200" } : { "grpc-timeout": "200m" };
+      const [reference, fast, connect] = await Promise.all(
+        kinds.map((kind) =>
+          call(
+            servers[kind] as unknown as Server,
+            WATCH,
+            { ...h(), ...timeout },
+            envelope(0, message(wire, "wait")),
+          ),
+        ),
+      );
+      expect(endCode(reference!)).toBe(0);
+      expect(connect).toEqual(fast);
+      expect(endCode(fast!)).toBe(Code.DeadlineExceeded);
+      expect(fast!.body.length).toBeGreaterThan(0);
     });
 
     if (!wire.startsWith("grpc") || wire.startsWith("grpc-web"))
