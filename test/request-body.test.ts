@@ -22,58 +22,33 @@ interface Case {
   maxBytes?: number;
 }
 
+/**
+ * A case: `chunks` arrive in order, then the body ends (or the client leaves, `close`);
+ * readMaxBytes 100 and no length hint unless given.
+ */
+function bodyCase(
+  name: string,
+  chunks: string[],
+  o: { readMaxBytes?: number; lengthHint?: string; maxBytes?: number; close?: boolean } = {},
+): Case {
+  const steps: Step[] = chunks.map((data) => ({ data }));
+  steps.push(o.close ? { close: true } : { end: true });
+  const c: Case = { name, steps, readMaxBytes: o.readMaxBytes ?? 100, lengthHint: o.lengthHint ?? null };
+  if (o.maxBytes !== undefined) c.maxBytes = o.maxBytes;
+  return c;
+}
+
 const CASES: Case[] = [
-  {
-    name: "one chunk, no length",
-    steps: [{ data: "{}" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-  },
-  {
-    name: "several chunks, the promised length",
-    steps: [{ data: "abc" }, { data: "defg" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "7",
-  },
-  { name: "an empty body", steps: [{ end: true }], readMaxBytes: 100, lengthHint: "0" },
-  {
-    name: "a length over readMaxBytes",
-    steps: [{ data: "x" }, { end: true }],
-    readMaxBytes: 10,
-    lengthHint: "11",
-  },
-  {
-    name: "more than promised",
-    steps: [{ data: "abcd" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "3",
-  },
-  { name: "less than promised", steps: [{ data: "ab" }, { end: true }], readMaxBytes: 100, lengthHint: "3" },
-  {
-    name: "no length, past readMaxBytes",
-    steps: [{ data: "abcdef" }, { data: "ghijkl" }, { end: true }],
-    readMaxBytes: 10,
-    lengthHint: null,
-  },
-  {
-    name: "a length that is no number",
-    steps: [{ data: "ab" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "x",
-  },
-  {
-    name: "the client gone mid-body",
-    steps: [{ data: "ab" }, { close: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-  },
-  {
-    name: "past the body cap",
-    steps: [{ data: "abcdef" }, { data: "ghijkl" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-    maxBytes: 8,
-  },
+  bodyCase("one chunk, no length", ["{}"]),
+  bodyCase("several chunks, the promised length", ["abc", "defg"], { lengthHint: "7" }),
+  bodyCase("an empty body", [], { lengthHint: "0" }),
+  bodyCase("a length over readMaxBytes", ["x"], { readMaxBytes: 10, lengthHint: "11" }),
+  bodyCase("more than promised", ["abcd"], { lengthHint: "3" }),
+  bodyCase("less than promised", ["ab"], { lengthHint: "3" }),
+  bodyCase("no length, past readMaxBytes", ["abcdef", "ghijkl"], { readMaxBytes: 10 }),
+  bodyCase("a length that is no number", ["ab"], { lengthHint: "x" }),
+  bodyCase("the client gone mid-body", ["ab"], { close: true }),
+  bodyCase("past the body cap", ["abcdef", "ghijkl"], { maxBytes: 8 }),
 ];
 
 /** Feed `steps` to a fresh request, one per event-loop turn, while `read` reads it. */

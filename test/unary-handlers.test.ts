@@ -603,6 +603,15 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
   });
 });
 
+/** A gRPC Check of `service` to `server`, reset by the client with `rst` once the implementation runs. */
+async function resetCall(server: Server, service: string, rst: number): Promise<void> {
+  const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+  stream.on("error", () => undefined);
+  stream.end(body("grpc", proto(service)));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  stream.close(rst);
+}
+
 describe("the unary handlers", () => {
   it("give a signal first read after the deadline passed in the state Connect's would be in", async () => {
     for (const wire of wires) {
@@ -618,12 +627,7 @@ describe("the unary handlers", () => {
   ])("(%s) %s", async (service) => {
     for (const server of [reference, tessera, direct]) {
       aborts.length = 0;
-      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-      stream.on("error", () => undefined);
-      stream.end(body("grpc", proto(service)));
-      // Wait until the implementation runs, then reset the stream.
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      stream.close(http2.constants.NGHTTP2_CANCEL);
+      await resetCall(server, service, http2.constants.NGHTTP2_CANCEL);
       for (let i = 0; i < 100 && aborts.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
       expect(aborts).toEqual([Code.Canceled]);
     }
@@ -644,11 +648,7 @@ describe("the unary handlers", () => {
       const seen: { code: Code; message: string | undefined }[] = [];
       for (const server of [reference, tessera, direct]) {
         abortReasons.length = 0;
-        const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-        stream.on("error", () => undefined);
-        stream.end(body("grpc", proto("wait")));
-        await new Promise((resolve) => setTimeout(resolve, 50));
-        stream.close(rst);
+        await resetCall(server, "wait", rst);
         for (let i = 0; i < 100 && abortReasons.length === 0; i++)
           await new Promise((r) => setTimeout(r, 10));
         const reason = abortReasons[0];
@@ -669,11 +669,7 @@ describe("the unary handlers", () => {
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
     for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
-      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-      stream.on("error", () => undefined);
-      stream.end(body("grpc", proto("slow")));
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      stream.close(http2.constants.NGHTTP2_CANCEL);
+      await resetCall(server, "slow", http2.constants.NGHTTP2_CANCEL);
       // The call goes on to its end (150 ms); its signal is read only then.
       await new Promise((resolve) => setTimeout(resolve, 250));
       expect(contexts).toHaveLength(1);
