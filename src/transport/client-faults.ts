@@ -9,8 +9,9 @@ import type { Compression } from "@connectrpc/connect/protocol";
 /**
  * Connect's message for an envelope flagged compressed in a request that negotiated no
  * encoding (no `grpc-encoding` or `connect-content-encoding`, or "identity"): its
- * `envelopeDecompress` raises it as Internal, as gRPC's compression.md asks of this case;
- * the request is malformed whatever the server is, so it is InvalidArgument here.
+ * `envelopeDecompress` raises it as Internal, which gRPC's compression.md asks for this
+ * case. Deliberately InvalidArgument here, as every other malformed request: the request
+ * is wrong whatever the server is, and Tessera's Internal (counted, logged) means its bug.
  */
 export const UNNEGOTIATED_COMPRESSION = "received compressed envelope, but do not know how to decompress";
 

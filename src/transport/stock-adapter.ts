@@ -56,8 +56,9 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
    * The error to answer with in place of one Connect raised itself, else undefined
    * (unchanged), or a promise of either: a request message that does not parse, or an
    * envelope flagged compressed without a negotiated encoding, is the client's fault
-   * (connect-node says Internal; client-faults.ts), and every error without Tessera's ErrorInfo (raised by Connect
-   * before or after the pipeline) goes through `callError`, as on the fast transport.
+   * (connect-node says Internal; client-faults.ts), and every error without Tessera's
+   * ErrorInfo (raised by Connect before or after the pipeline) goes through `callError`,
+   * as on the fast transport.
    */
   function refined(
     req: http.IncomingMessage | http2.Http2ServerRequest,
