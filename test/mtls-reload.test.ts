@@ -8,7 +8,6 @@ import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
-import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import {
   createCertificateAuthority,
   createClientCertificate,
@@ -16,8 +15,8 @@ import {
   writeCrl,
 } from "../src/certs/index.js";
 import { Code, rejection } from "./errors-util.js";
-import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer } from "./helpers.js";
-import { clients } from "./machine-fixtures.js";
+import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
+import { adminLogin, clients } from "./machine-fixtures.js";
 
 interface Pem {
   cert: string;
@@ -33,6 +32,27 @@ async function mint(caDir: string, name: string): Promise<Pem> {
     key: readFileSync(r.keyPath, "utf8"),
     fingerprint: r.sha256Fingerprint,
   };
+}
+
+/** The bootstrap admin's clients, over a connection without a client certificate. */
+async function adminClients(ts: TestServer): Promise<ReturnType<typeof clients>> {
+  const plain = createConnectTransport({
+    baseUrl: ts.server.url,
+    httpVersion: "2",
+    nodeOptions: { ca: ts.certs.ca },
+  });
+  return clients(plain, await adminLogin(plain));
+}
+
+/** A new machine user bound to `pem`'s certificate (by fingerprint); its id. */
+async function boundMachineUser(admin: ReturnType<typeof clients>, name: string, pem: Pem): Promise<string> {
+  const mu = (await admin.machines.createMachineUser({ name, authType: MachineAuthType.BEARER }))
+    .machineUser!;
+  await admin.machines.bindCertificate({
+    machineUserId: mu.id,
+    identity: { case: "sha256Fingerprint", value: pem.fingerprint },
+  });
+  return mu.id;
 }
 
 /** An HTTP/2 connection of its own (one TLS handshake), kept open by the caller. */
@@ -125,20 +145,7 @@ describe("reloading certificates and the CRL without a restart", () => {
   it("stops a revoked, bound certificate from authenticating in optional mode", async () => {
     ts = await startTestServer(SQLITE, { server: { mtls: "optional" } });
     const backend = await mint(ts.certs.dir, "bound-backend");
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const root = (
-      await createClient(UserService, plain).login({ username: "admin", password: ADMIN_PASSWORD })
-    ).accessToken;
-    const admin = clients(plain, root);
-    const mu = await admin.machines.createMachineUser({ name: "bound", authType: MachineAuthType.BEARER });
-    await admin.machines.bindCertificate({
-      machineUserId: mu.machineUser!.id,
-      identity: { case: "sha256Fingerprint", value: backend.fingerprint },
-    });
+    const id = await boundMachineUser(await adminClients(ts), "bound", backend);
     const viaCert = () =>
       createClient(
         MachineUserService,
@@ -148,7 +155,7 @@ describe("reloading certificates and the CRL without a restart", () => {
           nodeOptions: { ca: ts!.certs.ca, cert: backend.cert, key: backend.key },
         }),
       ).checkAuthentication({});
-    expect((await viaCert()).machineUserId).toBe(mu.machineUser!.id);
+    expect((await viaCert()).machineUserId).toBe(id);
     await writeCrl(ts.certs.dir, [backend.cert]);
     await ts.server.reloadTls();
     const r = await rejection(viaCert());
@@ -159,24 +166,8 @@ describe("reloading certificates and the CRL without a restart", () => {
   it("stops a certificate of a replaced CA on the connections it already has, and admits the new CA's", async () => {
     ts = await startTestServer(SQLITE, { server: { mtls: "optional" } });
     const old = await mint(ts.certs.dir, "old-ca-backend");
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const root = (
-      await createClient(UserService, plain).login({ username: "admin", password: ADMIN_PASSWORD })
-    ).accessToken;
-    const admin = clients(plain, root);
-    const bound = async (name: string, pem: Pem) => {
-      const mu = (await admin.machines.createMachineUser({ name, authType: MachineAuthType.BEARER }))
-        .machineUser!;
-      await admin.machines.bindCertificate({
-        machineUserId: mu.id,
-        identity: { case: "sha256Fingerprint", value: pem.fingerprint },
-      });
-      return mu.id;
-    };
+    const admin = await adminClients(ts);
+    const bound = (name: string, pem: Pem) => boundMachineUser(admin, name, pem);
     const oldId = await bound("old-ca-backend", old);
     /** A client on one HTTP/2 connection of its own, opened now (before any call on it). */
     const connected = async (pem: Pem) => {

@@ -22,58 +22,33 @@ interface Case {
   maxBytes?: number;
 }
 
+/**
+ * A case: `chunks` arrive in order, then the body ends (or the client leaves, `close`);
+ * readMaxBytes 100 and no length hint unless given.
+ */
+function bodyCase(
+  name: string,
+  chunks: string[],
+  o: { readMaxBytes?: number; lengthHint?: string; maxBytes?: number; close?: boolean } = {},
+): Case {
+  const steps: Step[] = chunks.map((data) => ({ data }));
+  steps.push(o.close ? { close: true } : { end: true });
+  const c: Case = { name, steps, readMaxBytes: o.readMaxBytes ?? 100, lengthHint: o.lengthHint ?? null };
+  if (o.maxBytes !== undefined) c.maxBytes = o.maxBytes;
+  return c;
+}
+
 const CASES: Case[] = [
-  {
-    name: "one chunk, no length",
-    steps: [{ data: "{}" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-  },
-  {
-    name: "several chunks, the promised length",
-    steps: [{ data: "abc" }, { data: "defg" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "7",
-  },
-  { name: "an empty body", steps: [{ end: true }], readMaxBytes: 100, lengthHint: "0" },
-  {
-    name: "a length over readMaxBytes",
-    steps: [{ data: "x" }, { end: true }],
-    readMaxBytes: 10,
-    lengthHint: "11",
-  },
-  {
-    name: "more than promised",
-    steps: [{ data: "abcd" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "3",
-  },
-  { name: "less than promised", steps: [{ data: "ab" }, { end: true }], readMaxBytes: 100, lengthHint: "3" },
-  {
-    name: "no length, past readMaxBytes",
-    steps: [{ data: "abcdef" }, { data: "ghijkl" }, { end: true }],
-    readMaxBytes: 10,
-    lengthHint: null,
-  },
-  {
-    name: "a length that is no number",
-    steps: [{ data: "ab" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: "x",
-  },
-  {
-    name: "the client gone mid-body",
-    steps: [{ data: "ab" }, { close: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-  },
-  {
-    name: "past the body cap",
-    steps: [{ data: "abcdef" }, { data: "ghijkl" }, { end: true }],
-    readMaxBytes: 100,
-    lengthHint: null,
-    maxBytes: 8,
-  },
+  bodyCase("one chunk, no length", ["{}"]),
+  bodyCase("several chunks, the promised length", ["abc", "defg"], { lengthHint: "7" }),
+  bodyCase("an empty body", [], { lengthHint: "0" }),
+  bodyCase("a length over readMaxBytes", ["x"], { readMaxBytes: 10, lengthHint: "11" }),
+  bodyCase("more than promised", ["abcd"], { lengthHint: "3" }),
+  bodyCase("less than promised", ["ab"], { lengthHint: "3" }),
+  bodyCase("no length, past readMaxBytes", ["abcdef", "ghijkl"], { readMaxBytes: 10 }),
+  bodyCase("a length that is no number", ["ab"], { lengthHint: "x" }),
+  bodyCase("the client gone mid-body", ["ab"], { close: true }),
+  bodyCase("past the body cap", ["abcdef", "ghijkl"], { maxBytes: 8 }),
 ];
 
 /** Feed `steps` to a fresh request, one per event-loop turn, while `read` reads it. */
@@ -171,31 +146,42 @@ const GRPC_CASES: Array<{ name: string; chunks: Buffer[]; end?: false; skipFlag?
   { name: "the client gone mid-message", chunks: [envelope(0, "hello").subarray(0, 6)], end: false },
 ];
 
+/** Read `c`'s body as a unary gRPC call does: from its chunks, or (`wrap`) through the body's iterator. */
+async function readMessage(c: (typeof GRPC_CASES)[number], wrap: boolean) {
+  const req = new PassThrough();
+  const body = bodyOf(req, true, 1024);
+  // Without readChunks, the reader takes its general path (the body's iterator).
+  const read = readOneEnvelopedMessage(
+    wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,
+    32,
+    null,
+    parser,
+    c.skipFlag,
+  ).then(
+    (message) => ({ message }),
+    (e: unknown) => ({ code: ConnectError.from(e).code, error: ConnectError.from(e).rawMessage }),
+  );
+  for (const chunk of c.chunks) {
+    await new Promise((r) => setImmediate(r));
+    req.write(chunk);
+  }
+  await new Promise((r) => setImmediate(r));
+  if (c.end === false) req.destroy();
+  else req.end();
+  return { outcome: await read, paused: req.isPaused() };
+}
+
 describe("a gRPC request's one message", () => {
   it.each(GRPC_CASES)("is read from the chunks as from the body's iterator: $name", async (c) => {
-    const run = async (wrap: boolean) => {
-      const req = new PassThrough();
-      const body = bodyOf(req, true, 1024);
-      // Without readChunks, the reader takes its general path (the body's iterator).
-      const read = readOneEnvelopedMessage(
-        wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,
-        32,
-        null,
-        parser,
-        c.skipFlag,
-      ).then(
-        (message) => ({ message }),
-        (e: unknown) => ({ code: ConnectError.from(e).code, error: ConnectError.from(e).rawMessage }),
-      );
-      for (const chunk of c.chunks) {
-        await new Promise((r) => setImmediate(r));
-        req.write(chunk);
-      }
-      await new Promise((r) => setImmediate(r));
-      if (c.end === false) req.destroy();
-      else req.end();
-      return { outcome: await read, paused: req.isPaused() };
-    };
-    expect(await run(false)).toEqual(await run(true));
+    expect(await readMessage(c, false)).toEqual(await readMessage(c, true));
+  });
+
+  it("is refused as the client's fault when compressed without a negotiated encoding, on both paths", async () => {
+    const c = GRPC_CASES.find((x) => x.name === "a compressed message")!;
+    for (const wrap of [false, true])
+      expect((await readMessage(c, wrap)).outcome).toEqual({
+        code: Code.InvalidArgument,
+        error: "received compressed envelope, but do not know how to decompress",
+      });
   });
 });

@@ -12,6 +12,7 @@ import {
   type HandlerContext,
   type Interceptor,
 } from "@connectrpc/connect";
+import { codeFromString } from "@connectrpc/connect/protocol-connect";
 import { compressionBrotli, compressionGzip, connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
@@ -161,9 +162,17 @@ function routes(router: ConnectRouter) {
           return { status: HealthCheckResponse_ServingStatus.SERVING };
       }
     },
-    async *watch(req) {
+    async *watch(req, ctx) {
       // Two updates, then the end of the stream (or the error the request asks for).
       yield { status: HealthCheckResponse_ServingStatus.SERVING };
+      if (req.service === "wait") {
+        // Ends without an error once its signal aborts (at the deadline), as Tessera's streams do.
+        await new Promise((resolve) => {
+          if (ctx.signal.aborted) resolve(undefined);
+          else ctx.signal.addEventListener("abort", resolve, { once: true });
+        });
+        return;
+      }
       yield { status: HealthCheckResponse_ServingStatus.NOT_SERVING };
       if (req.service === "fail")
         throw new ConnectError("watch failed", Code.Unavailable, { "x-why": "end" });
@@ -292,6 +301,8 @@ function body(wire: Wire, data: Uint8Array, flags = 0): Uint8Array {
   return isConnect(wire) ? data : envelope(flags, data);
 }
 
+const gzipped = (data: Uint8Array) => new Uint8Array(gzipSync(data));
+
 /** An empty request message, gzip-compressed (and enveloped, flagged compressed, for gRPC and gRPC-Web). */
 function gzipBody(wire: Wire): Uint8Array {
   const compressed = new Uint8Array(gzipSync(isJson(wire) ? json({}) : new Uint8Array(0)));
@@ -375,42 +386,69 @@ async function same(
  * Connect already). Everything else is Connect's.
  */
 function parseFailureAsClientFault(wire: Wire): (answer: Answer) => Answer {
-  return (answer) => {
-    if (isJson(wire)) return answer;
-    if (isConnect(wire)) {
-      const text = Buffer.from(answer.body, "hex")
-        .toString("utf8")
-        .replace('"code":"internal"', '"code":"invalid_argument"');
-      const body = Buffer.from(text);
-      return {
-        ...answer,
-        status: answer.status === 500 ? 400 : answer.status,
-        headers: { ...answer.headers, "content-length": String(body.byteLength) },
-        body: body.toString("hex"),
-      };
+  return (answer) => (isJson(wire) ? answer : internalAsClientFault(answer));
+}
+
+/**
+ * Connect's answer with its Internal status as InvalidArgument (the same message), as
+ * Tessera answers Connect's Internal errors about the request's bytes (client-faults.ts):
+ * a Connect unary error's status and body, gRPC's trailers, the status in a gRPC-Web
+ * trailer frame or a Connect end-stream message. Everything else is Connect's.
+ */
+function internalAsClientFault(answer: Answer): Answer {
+  const bytes = Buffer.from(answer.body, "hex");
+  const isFramed = answer.headers["content-type"] !== "application/json";
+  if (!isFramed) {
+    const body = Buffer.from(
+      bytes.toString("utf8").replace('"code":"internal"', '"code":"invalid_argument"'),
+    );
+    return {
+      ...answer,
+      status: answer.status === 500 ? 400 : answer.status,
+      headers: { ...answer.headers, "content-length": String(body.byteLength) },
+      body: body.toString("hex"),
+    };
+  }
+  const trailers = { ...answer.trailers };
+  if (trailers["grpc-status"] === "13") trailers["grpc-status"] = "3";
+  // gRPC-Web's trailer frame (0x80) and Connect's end-stream message (0x02) end the body.
+  const frames: Buffer[] = [];
+  for (let at = 0; at + 5 <= bytes.length; ) {
+    const flags = bytes[at]!;
+    const length = bytes.readUInt32BE(at + 1);
+    let data = bytes.subarray(at + 5, at + 5 + length);
+    if (flags & 0x82)
+      data = Buffer.from(
+        data
+          .toString("latin1")
+          .replace("grpc-status: 13", "grpc-status: 3")
+          .replace('"code":"internal"', '"code":"invalid_argument"'),
+        "latin1",
+      );
+    frames.push(Buffer.from(envelope(flags, data)));
+    at += 5 + length;
+  }
+  return { ...answer, trailers, body: Buffer.concat(frames).toString("hex") };
+}
+
+/** The status code a call ended with, from its answer in any protocol (0 for OK). */
+function endCode(answer: Answer): number {
+  if (answer.trailers["grpc-status"] !== undefined) return Number(answer.trailers["grpc-status"]);
+  const bytes = Buffer.from(answer.body, "hex");
+  if (answer.headers["content-type"] === "application/json")
+    return codeFromString((JSON.parse(bytes.toString("utf8")) as { code: string }).code) ?? -1;
+  for (let at = 0; at + 5 <= bytes.length; ) {
+    const flags = bytes[at]!;
+    const length = bytes.readUInt32BE(at + 1);
+    const data = bytes.subarray(at + 5, at + 5 + length).toString("utf8");
+    if (flags & 0x80) return Number(/grpc-status: (\d+)/.exec(data)?.[1] ?? -1);
+    if (flags & 0x02) {
+      const end = JSON.parse(data) as { error?: { code: string } };
+      return end.error ? (codeFromString(end.error.code) ?? -1) : 0;
     }
-    if (wire === "grpc")
-      return {
-        ...answer,
-        trailers: {
-          ...answer.trailers,
-          ...(answer.trailers["grpc-status"] === "13" ? { "grpc-status": "3" } : {}),
-        },
-      };
-    // gRPC-Web: the status is in the trailer frame at the end of the body.
-    const bytes = Buffer.from(answer.body, "hex");
-    const frames: Buffer[] = [];
-    for (let at = 0; at + 5 <= bytes.length; ) {
-      const flags = bytes[at]!;
-      const length = bytes.readUInt32BE(at + 1);
-      let data = bytes.subarray(at + 5, at + 5 + length);
-      if (flags & 0x80)
-        data = Buffer.from(data.toString("latin1").replace("grpc-status: 13", "grpc-status: 3"));
-      frames.push(Buffer.from(envelope(flags, data)));
-      at += 5 + length;
-    }
-    return { ...answer, body: Buffer.concat(frames).toString("hex") };
-  };
+    at += 5 + length;
+  }
+  return Number(answer.headers["grpc-status"] ?? -1);
 }
 
 describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wire) => {
@@ -455,8 +493,16 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
     expect(answer.headers[isConnect(wire) ? "content-encoding" : "grpc-encoding"]).toBe("gzip");
   });
 
-  it("with an unsupported request compression", async () => {
-    await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+  it("with an unsupported request compression: Unimplemented, naming the encodings accepted", async () => {
+    // gRPC's compression.md and the Connect protocol both ask for this code and list.
+    const answer = await same(CHECK, headers(wire, { encoding: "zstd" }), body(wire, message(wire, "")));
+    expect(endCode(answer)).toBe(Code.Unimplemented);
+    const accepted = isConnect(wire)
+      ? answer.headers["accept-encoding"]
+      : wire.startsWith("grpc-web")
+        ? /grpc-accept-encoding: ([^\r]*)/.exec(Buffer.from(answer.body, "hex").toString("latin1"))?.[1]
+        : answer.trailers["grpc-accept-encoding"];
+    expect(accepted).toBe("gzip,br");
   });
 
   it("with a protocol header sent twice", async () => {
@@ -511,7 +557,6 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
     ],
     ["an incomplete envelope", () => envelope(0, m()).subarray(0, 4)],
     ["a message and a partial envelope", () => concat(envelope(0, m()), new Uint8Array([0, 0]))],
-    ["a compressed envelope without an encoding", () => envelope(1, new Uint8Array(gzipSync(m())))],
     ["a message announced over readMaxBytes", () => new Uint8Array([0, 0, 0, 0x10, 0])],
     [
       "a message with a trailer frame after it",
@@ -521,6 +566,18 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
     const adjust = label.includes("malformed") ? parseFailureAsClientFault(wire) : undefined;
     await same(CHECK, headers(wire), make(), adjust);
   });
+
+  it.each([
+    ["without an encoding", undefined],
+    ["with the identity encoding", "identity"],
+  ])(
+    "with a compressed envelope %s: InvalidArgument, where Connect says Internal",
+    async (_label, encoding) => {
+      const h = headers(wire, encoding ? { encoding } : {});
+      const answer = await same(CHECK, h, envelope(1, gzipped(m())), internalAsClientFault);
+      expect(endCode(answer)).toBe(Code.InvalidArgument);
+    },
+  );
 
   it("with a message split across many DATA frames", async () => {
     const h = headers(wire);
@@ -546,6 +603,15 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
   });
 });
 
+/** A gRPC Check of `service` to `server`, reset by the client with `rst` once the implementation runs. */
+async function resetCall(server: Server, service: string, rst: number): Promise<void> {
+  const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
+  stream.on("error", () => undefined);
+  stream.end(body("grpc", proto(service)));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  stream.close(rst);
+}
+
 describe("the unary handlers", () => {
   it("give a signal first read after the deadline passed in the state Connect's would be in", async () => {
     for (const wire of wires) {
@@ -561,12 +627,7 @@ describe("the unary handlers", () => {
   ])("(%s) %s", async (service) => {
     for (const server of [reference, tessera, direct]) {
       aborts.length = 0;
-      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-      stream.on("error", () => undefined);
-      stream.end(body("grpc", proto(service)));
-      // Wait until the implementation runs, then reset the stream.
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      stream.close(http2.constants.NGHTTP2_CANCEL);
+      await resetCall(server, service, http2.constants.NGHTTP2_CANCEL);
       for (let i = 0; i < 100 && aborts.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
       expect(aborts).toEqual([Code.Canceled]);
     }
@@ -587,11 +648,7 @@ describe("the unary handlers", () => {
       const seen: { code: Code; message: string | undefined }[] = [];
       for (const server of [reference, tessera, direct]) {
         abortReasons.length = 0;
-        const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-        stream.on("error", () => undefined);
-        stream.end(body("grpc", proto("wait")));
-        await new Promise((resolve) => setTimeout(resolve, 50));
-        stream.close(rst);
+        await resetCall(server, "wait", rst);
         for (let i = 0; i < 100 && abortReasons.length === 0; i++)
           await new Promise((r) => setTimeout(r, 10));
         const reason = abortReasons[0];
@@ -612,11 +669,7 @@ describe("the unary handlers", () => {
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
     for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
-      const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
-      stream.on("error", () => undefined);
-      stream.end(body("grpc", proto("slow")));
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      stream.close(http2.constants.NGHTTP2_CANCEL);
+      await resetCall(server, "slow", http2.constants.NGHTTP2_CANCEL);
       // The call goes on to its end (150 ms); its signal is read only then.
       await new Promise((resolve) => setTimeout(resolve, 250));
       expect(contexts).toHaveLength(1);
@@ -737,8 +790,10 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
     const cert = readFileSync(join(certs.dir, "server.crt"));
     for (const kind of kinds) {
       const server = http2.createSecureServer({ key, cert, allowHTTP1: true });
+      // The transports with Tessera's compression (gzip and br, a body that does not
+      // decompress answered as the client's fault: fast-adapter.ts), as its server has them.
       if (kind === "reference") server.on("request", connectNodeAdapter(options));
-      else installTransport(server, createTransport(kind, { ...options }));
+      else installTransport(server, createTransport(kind, { ...options, acceptCompression: undefined }));
       await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
       const port = (server.address() as AddressInfo).port;
       const session = http2.connect(`https://localhost:${port}`, { ca });
@@ -846,6 +901,27 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
         const answer = await sameTls(CHECK, headers(wire), big, { h1 });
         if (isConnect(wire)) expect(answer.status).toBe(429);
       });
+
+      it(`over ${over}: with a body not compressed as its headers say`, async () => {
+        // An envelope flagged compressed without a negotiated encoding is the client's fault.
+        if (!isConnect(wire)) {
+          const flagged = envelope(1, gzipped(message(wire, "x")));
+          const answer = await sameTls(CHECK, headers(wire), flagged, { h1, adjust: internalAsClientFault });
+          expect(endCode(answer)).toBe(Code.InvalidArgument);
+        }
+        const truncated = gzipped(message(wire, "x")).subarray(0, -4);
+        const corrupt = await sameTls(
+          CHECK,
+          headers(wire, { encoding: "gzip" }),
+          isConnect(wire) ? truncated : envelope(1, truncated),
+          { h1, adjust: internalAsClientFault },
+        );
+        expect(endCode(corrupt)).toBe(Code.InvalidArgument);
+        // An encoding the server does not support: Unimplemented, as gRPC and Connect ask.
+        const zstd = headers(wire, { encoding: "zstd" });
+        const unsupported = await sameTls(CHECK, zstd, body(wire, message(wire, "x")), { h1 });
+        expect(endCode(unsupported)).toBe(Code.Unimplemented);
+      });
     }
   });
 
@@ -864,6 +940,40 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
     it("ends with the implementation's error after its messages, over HTTP/2", async () => {
       const answer = await sameTls(WATCH, h(), envelope(0, message(wire, "fail")));
       expect(answer.status).toBe(200);
+    });
+
+    it("ends with InvalidArgument on a body not compressed as its headers say, over HTTP/2", async () => {
+      const flagged = envelope(1, gzipped(message(wire, "x")));
+      const answer = await sameTls(WATCH, h(), flagged, { adjust: internalAsClientFault });
+      expect(endCode(answer)).toBe(Code.InvalidArgument);
+      const identity = {
+        ...h(),
+        [isConnect(wire) ? "connect-content-encoding" : "grpc-encoding"]: "identity",
+      };
+      const named = await sameTls(WATCH, identity, flagged, { adjust: internalAsClientFault });
+      expect(endCode(named)).toBe(Code.InvalidArgument);
+      const gzip = { ...h(), [isConnect(wire) ? "connect-content-encoding" : "grpc-encoding"]: "gzip" };
+      const truncated = envelope(1, gzipped(message(wire, "x")).subarray(0, -4));
+      const corrupt = await sameTls(WATCH, gzip, truncated, { adjust: internalAsClientFault });
+      expect(endCode(corrupt)).toBe(Code.InvalidArgument);
+    });
+
+    it("ends with DeadlineExceeded once its deadline passed, where connect-node's adapter says OK", async () => {
+      const timeout = isConnect(wire) ? { "connect-timeout-ms": "200" } : { "grpc-timeout": "200m" };
+      const [reference, fast, connect] = await Promise.all(
+        kinds.map((kind) =>
+          call(
+            servers[kind] as unknown as Server,
+            WATCH,
+            { ...h(), ...timeout },
+            envelope(0, message(wire, "wait")),
+          ),
+        ),
+      );
+      expect(endCode(reference!)).toBe(0);
+      expect(connect).toEqual(fast);
+      expect(endCode(fast!)).toBe(Code.DeadlineExceeded);
+      expect(fast!.body.length).toBeGreaterThan(0);
     });
 
     if (!wire.startsWith("grpc") || wire.startsWith("grpc-web"))

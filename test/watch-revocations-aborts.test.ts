@@ -1,6 +1,7 @@
 import http2 from "node:http2";
 import { setTimeout as sleep } from "node:timers/promises";
 import { create, toBinary } from "@bufbuild/protobuf";
+import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { WatchRevocationsRequestSchema } from "../gen/tessera/v1/verification_service_pb.js";
@@ -55,8 +56,8 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
     cursor: string;
   }
 
-  /** Open a Connect-protocol WatchRevocations stream on a connection of its own. */
-  function start(opts: { cursor?: string; timeoutMs?: number; window?: number } = {}): {
+  /** Open a WatchRevocations stream (Connect's protocol unless `grpc`) on a connection of its own. */
+  function start(opts: { cursor?: string; timeoutMs?: number; window?: number; grpc?: boolean } = {}): {
     session: http2.ClientHttp2Session;
     stream: http2.ClientHttp2Stream;
   } {
@@ -65,13 +66,22 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
       ...(opts.window !== undefined ? { settings: { initialWindowSize: opts.window } } : {}),
     });
     session.on("error", () => undefined);
+    const timeout = opts.timeoutMs;
     const stream = session.request({
       ":method": "POST",
       ":path": PATH,
-      "content-type": "application/connect+proto",
-      "connect-protocol-version": "1",
       authorization: `Bearer ${token}`,
-      ...(opts.timeoutMs !== undefined ? { "connect-timeout-ms": String(opts.timeoutMs) } : {}),
+      ...(opts.grpc
+        ? {
+            "content-type": "application/grpc",
+            te: "trailers",
+            ...(timeout !== undefined ? { "grpc-timeout": `${timeout}m` } : {}),
+          }
+        : {
+            "content-type": "application/connect+proto",
+            "connect-protocol-version": "1",
+            ...(timeout !== undefined ? { "connect-timeout-ms": String(timeout) } : {}),
+          }),
     });
     stream.on("error", () => undefined);
     const body = toBinary(
@@ -173,14 +183,34 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
     }
   });
 
-  it("releases a stream at its deadline", async () => {
-    const { session, stream } = start({ timeoutMs: 1_500 });
-    stream.resume();
-    await expect.poll(() => ts.app.revocations.stats().open, { timeout: 5_000 }).toBe(1);
-    await new Promise((resolve) => stream.once("close", resolve));
-    await openDrops();
-    session.destroy();
-  });
+  it.each([
+    ["Connect", false],
+    ["gRPC", true],
+  ])(
+    "ends a %s stream at its deadline with DeadlineExceeded, not OK, and releases it",
+    async (_name, grpc) => {
+      const { session, stream } = start({ timeoutMs: 1_500, grpc });
+      const chunks: Buffer[] = [];
+      let trailers: http2.IncomingHttpHeaders = {};
+      stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+      stream.on("trailers", (t) => (trailers = t));
+      await expect.poll(() => ts.app.revocations.stats().open, { timeout: 5_000 }).toBe(1);
+      await new Promise((resolve) => stream.once("close", resolve));
+      await openDrops();
+      session.destroy();
+      const body = Buffer.concat(chunks);
+      if (grpc) {
+        expect(trailers["grpc-status"]).toBe(String(Code.DeadlineExceeded));
+        return;
+      }
+      // The Connect protocol's end-stream message (flag 0x02), the last envelope of the body.
+      let end: { error?: { code?: string } } | undefined;
+      for (let at = 0; at + 5 <= body.length; at += 5 + body.readUInt32BE(at + 1))
+        if (body[at]! & 0x02)
+          end = JSON.parse(body.subarray(at + 5, at + 5 + body.readUInt32BE(at + 1)).toString());
+      expect(end?.error?.code).toBe("deadline_exceeded");
+    },
+  );
 
   it("releases every stream at shutdown, the ones waiting to write among them", async () => {
     const waiting = start({ window: 0 });

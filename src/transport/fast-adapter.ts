@@ -5,10 +5,12 @@ import {
   createConnectRouter,
   createMethodImplSpec,
   createServiceImplSpec,
+  type Interceptor,
   type MethodImplSpec,
 } from "@connectrpc/connect";
-import { type Compression, createMethodUrl } from "@connectrpc/connect/protocol";
+import { createMethodUrl } from "@connectrpc/connect/protocol";
 import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
+import { clientFaultDecompression, clientFaultMessages } from "./client-faults.js";
 import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
 import type { StockDispatch } from "./stock-adapter.js";
 import { type Route, serveCalls } from "./stream-server.js";
@@ -50,9 +52,12 @@ export function createConnectHandler(
       clientFaultDecompression(compressionGzip),
       clientFaultDecompression(compressionBrotli),
     ];
-  const router = createConnectRouter(options);
+  // Connect's handlers (streams on both transports, every call on the stock one) run the
+  // stream rules first; the unary handlers of unary-protocols.ts have no streams to rule.
+  const routerOptions = { ...options, interceptors: [streamCallRules, ...(options.interceptors ?? [])] };
+  const router = createConnectRouter(routerOptions);
   // `server.transport=connect`: admitted calls go to connect-node's adapter (stock-adapter.ts).
-  const stock = serveWith?.(options);
+  const stock = serveWith?.(routerOptions);
   // Unary methods also get the pipeline-free handlers of unary-protocols.ts, for the
   // protocols they serve; methods registered with options of their own stay with Connect.
   const unary = new Map<string, Partial<Record<UnaryProtocol, UnaryHandler>>>();
@@ -83,21 +88,25 @@ export function createConnectHandler(
 }
 
 /**
- * `compression` with request bodies that do not decompress answered as the client's fault:
- * connect-node maps only some zlib errors to InvalidArgument, and a truncated gzip body
- * (Z_BUF_ERROR, "unexpected end of file") was Internal. Whatever fails to decompress is
- * what the client sent; compressing our answers is untouched. Used for every protocol,
- * on Connect's handlers and on the unary handlers alike (both take `acceptCompression`).
+ * The first interceptor of every streaming call, on both transports (Connect's own handlers
+ * serve streams on each), for what Connect leaves to the application:
+ * - the request's messages with Connect's Internal errors about their bytes raised as the
+ *   client's fault (client-faults.ts);
+ * - a stream whose deadline passed ends with DeadlineExceeded. Connect ends with OK a stream
+ *   whose implementation returns once its signal aborted at the deadline (Tessera's streams
+ *   end so); gRPC ends a call whose deadline expired with DEADLINE_EXCEEDED, and a client
+ *   must not take the cut for a clean end (one the service chose: a drain, a lifetime).
  */
-function clientFaultDecompression(compression: Compression): Compression {
-  return {
-    name: compression.name,
-    compress: compression.compress,
-    decompress: (bytes, readMaxBytes) =>
-      compression.decompress(bytes, readMaxBytes).catch((e: unknown) => {
-        if (e instanceof ConnectError && e.code === Code.Internal)
-          throw new ConnectError(e.rawMessage, Code.InvalidArgument, undefined, undefined, e);
-        throw e;
-      }),
-  };
+const streamCallRules: Interceptor = (next) => (req) => {
+  if (!req.stream) return next(req);
+  const { signal } = req;
+  return next({ ...req, message: clientFaultMessages(req.message) }).then((res) =>
+    res.stream ? { ...res, message: endAtDeadline(res.message, signal) } : res,
+  );
+};
+
+async function* endAtDeadline<T>(messages: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
+  yield* messages;
+  const reason: unknown = signal.aborted ? signal.reason : undefined;
+  if (reason instanceof ConnectError && reason.code === Code.DeadlineExceeded) throw reason;
 }

@@ -8,6 +8,7 @@ import { findTrailerError, setTrailerStatus } from "@connectrpc/connect/protocol
 import { trailerFlag, trailerParse, trailerSerialize } from "@connectrpc/connect/protocol-grpc-web";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { tesseraErrorInfo } from "../errors.js";
+import { clientFaultOf } from "./client-faults.js";
 import { setHeaders, stopUnreadBody } from "./early-answers.js";
 import { connectErrorCode, streamedCode } from "./node-response.js";
 import type { ConnectHandlerOptions } from "./options.js";
@@ -53,19 +54,18 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
 
   /**
    * The error to answer with in place of one Connect raised itself, else undefined
-   * (unchanged), or a promise of either: a request message that does not parse is the
-   * client's fault (connect-node says Internal, "parse binary: …"; unary-protocols.ts's
-   * clientFaultParsing), and every error without Tessera's ErrorInfo (raised by Connect
-   * before or after the pipeline) goes through `callError`, as on the fast transport.
+   * (unchanged), or a promise of either: a request message that does not parse, or an
+   * envelope flagged compressed without a negotiated encoding, is the client's fault
+   * (connect-node says Internal; client-faults.ts), and every error without Tessera's
+   * ErrorInfo (raised by Connect before or after the pipeline) goes through `callError`,
+   * as on the fast transport.
    */
   function refined(
     req: http.IncomingMessage | http2.Http2ServerRequest,
     method: DescMethod,
     error: ConnectError,
   ): Maybe<ConnectError | undefined> {
-    let own = error;
-    if (error.code === Code.Internal && error.rawMessage.startsWith("parse binary: "))
-      own = new ConnectError(error.rawMessage, Code.InvalidArgument);
+    const own = clientFaultOf(error) ?? error;
     const unchanged = own === error ? undefined : own;
     if (callError === undefined || tesseraErrorInfo(own) !== undefined) return unchanged;
     const values = options.contextValues?.(req) ?? createContextValues();

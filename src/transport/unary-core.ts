@@ -17,6 +17,7 @@ import {
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import type { UnaryCall } from "./call-context.js";
+import { UNNEGOTIATED_COMPRESSION } from "./client-faults.js";
 import { isWholeBody } from "./node-bridge.js";
 
 /** The protocols a unary call is served in here. */
@@ -146,9 +147,10 @@ export const EMPTY = new Uint8Array(0);
  * Connect's pipeline for a unary call (split, decompress and parse each envelope, then
  * expect exactly one message): a message over `readMaxBytes` as soon as its length is
  * known, a parse error of an extra message before "received extra input message", an
- * incomplete envelope when the body ends. Envelopes flagged `skipFlag` (gRPC-Web
- * trailers) are skipped, as Connect skips them. On an error the rest of the body is
- * left unread.
+ * incomplete envelope when the body ends; but a compressed envelope without a negotiated
+ * encoding is InvalidArgument, where Connect says Internal (see client-faults.ts).
+ * Envelopes flagged `skipFlag` (gRPC-Web trailers) are skipped, as Connect skips them. On
+ * an error the rest of the body is left unread.
  */
 export async function readOneEnvelopedMessage<T>(
   body: AsyncIterable<Uint8Array>,
@@ -195,11 +197,7 @@ export async function readOneEnvelopedMessage<T>(
     await body.readChunks((chunk) => {
       pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
       for (let env = split(); env !== undefined; env = split()) {
-        if ((env.flags & compressedFlag) === compressedFlag)
-          throw new ConnectError(
-            "received compressed envelope, but do not know how to decompress",
-            Code.Internal,
-          );
+        if ((env.flags & compressedFlag) === compressedFlag) throw unnegotiatedCompression();
         accept(env.flags, env.data);
       }
     });
@@ -210,6 +208,8 @@ export async function readOneEnvelopedMessage<T>(
       for (let r = await it.next(); r.done !== true; r = await it.next()) {
         pending = pending.byteLength === 0 ? r.value : concat(pending, r.value);
         for (let env = split(); env !== undefined; env = split()) {
+          if (compression === null && (env.flags & compressedFlag) === compressedFlag)
+            throw unnegotiatedCompression();
           const decompressed = await envelopeDecompress(env, compression, readMaxBytes);
           accept(decompressed.flags, decompressed.data);
         }
@@ -225,6 +225,14 @@ export async function readOneEnvelopedMessage<T>(
   if (!found)
     throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
   return input as T;
+}
+
+/**
+ * An envelope flagged compressed in a request that negotiated no encoding: Connect's
+ * error, as the client's fault (client-faults.ts).
+ */
+function unnegotiatedCompression(): ConnectError {
+  return new ConnectError(UNNEGOTIATED_COMPRESSION, Code.InvalidArgument);
 }
 
 export function concat(a: Uint8Array, b: Uint8Array): Uint8Array {

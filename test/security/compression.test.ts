@@ -1,6 +1,7 @@
 import type http2 from "node:http2";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
+import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code } from "../errors-util.js";
@@ -8,6 +9,7 @@ import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 
 const LOGIN = "/tessera.v1.UserService/Login";
 const WATCH = "/grpc.health.v1.Health/Watch";
+const CHECK = "/grpc.health.v1.Health/Check";
 
 /** A protobuf varint. */
 function varint(n: number): Buffer {
@@ -69,9 +71,12 @@ describe.each(DATABASES)("compressed request bodies on $name", (db) => {
   let ts: TestServer;
   let session: http2.ClientHttp2Session;
   const gzipBomb = bomb();
+  /** The server's error lines (pino's JSON), for faults logged as Tessera's own. */
+  const errors: string[] = [];
 
   beforeAll(async () => {
-    ts = await startTestServer(db);
+    const logger = pino({ level: "error" }, { write: (line: string) => errors.push(line) });
+    ts = await startTestServer(db, {}, undefined, { logger });
     session = ts.session();
     session.on("error", () => undefined);
   });
@@ -138,6 +143,44 @@ describe.each(DATABASES)("compressed request bodies on $name", (db) => {
     }
     peak = Math.max(peak, process.memoryUsage().rss);
     expect((peak - base) / 2 ** 20).toBeLessThan(64);
+  });
+
+  it("answers an envelope flagged compressed without a negotiated encoding as the client's fault: InvalidArgument, neither logged nor counted as Internal", async () => {
+    // Health/Check is unary, Health/Watch a stream (Connect's own handlers on both transports).
+    const flagged = compressedEnvelope(gzipSync(Buffer.alloc(0)));
+    const endStream = (body: string) => JSON.parse(body.slice(body.lastIndexOf('{"error"')));
+    errors.length = 0;
+    for (const encoding of [{}, { "grpc-encoding": "identity" }] as Record<string, string>[]) {
+      for (const path of [CHECK, WATCH]) {
+        const grpc = await call(
+          session,
+          path,
+          { "content-type": "application/grpc", te: "trailers", ...encoding },
+          flagged,
+        );
+        expect(grpc.grpcStatus).toBe(String(Code.InvalidArgument));
+        const web = await call(
+          session,
+          path,
+          { "content-type": "application/grpc-web+proto", ...encoding },
+          flagged,
+        );
+        expect(web.body).toContain(`grpc-status: ${Code.InvalidArgument}\r\n`);
+      }
+    }
+    for (const encoding of [{}, { "connect-content-encoding": "identity" }] as Record<string, string>[]) {
+      const connect = await call(
+        session,
+        WATCH,
+        { "content-type": "application/connect+proto", ...encoding },
+        flagged,
+      );
+      expect(endStream(connect.body).error.code).toBe("invalid_argument");
+    }
+    expect(errors).toEqual([]);
+    const scraped = await ts.app.metrics!.scrape();
+    expect(scraped).toMatch(/tessera_rpc_requests_total\{[^}]*code="invalid_argument"[^}]*\} [1-9]/);
+    expect(scraped).not.toMatch(/tessera_rpc_requests_total\{[^}]*code="internal"/);
   });
 
   it("still accepts a small compressed message", async () => {
