@@ -48,6 +48,11 @@ export type ErrorReason =
   | "NOT_FOUND"
   | "ALREADY_EXISTS"
   | "FAILED_PRECONDITION"
+  | "UNIMPLEMENTED"
+  | "DEADLINE_EXCEEDED"
+  | "CANCELED"
+  | "ABORTED"
+  | "OUT_OF_RANGE"
   | "INTERNAL";
 
 interface ReasonSpec {
@@ -77,6 +82,13 @@ export const REASONS: Readonly<Record<ErrorReason, ReasonSpec>> = {
   FAILED_PRECONDITION: { code: Code.FailedPrecondition, title: "Precondition Failed" },
   RATE_LIMITED: { code: Code.ResourceExhausted, title: "Too Many Requests" },
   UNAVAILABLE: { code: Code.Unavailable, title: "Service Unavailable" },
+  // The other codes Connect itself answers with (an encoding Tessera does not support, a
+  // deadline that passed…): named after their code, so that only Tessera's faults say INTERNAL.
+  UNIMPLEMENTED: { code: Code.Unimplemented, title: "Not Implemented" },
+  DEADLINE_EXCEEDED: { code: Code.DeadlineExceeded, title: "Gateway Timeout" },
+  CANCELED: { code: Code.Canceled, title: "Client Closed Request" },
+  ABORTED: { code: Code.Aborted, title: "Conflict" },
+  OUT_OF_RANGE: { code: Code.OutOfRange, title: "Bad Request" },
   INTERNAL: { code: Code.Internal, title: "Internal Server Error" },
 };
 
@@ -215,6 +227,11 @@ const REASON_OF_CODE: Partial<Record<Code, ErrorReason>> = {
   [Code.FailedPrecondition]: "FAILED_PRECONDITION",
   [Code.ResourceExhausted]: "RATE_LIMITED",
   [Code.Unavailable]: "UNAVAILABLE",
+  [Code.Unimplemented]: "UNIMPLEMENTED",
+  [Code.DeadlineExceeded]: "DEADLINE_EXCEEDED",
+  [Code.Canceled]: "CANCELED",
+  [Code.Aborted]: "ABORTED",
+  [Code.OutOfRange]: "OUT_OF_RANGE",
 };
 
 /** Shorthands for the common cases. */

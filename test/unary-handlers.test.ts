@@ -958,7 +958,10 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
       expect(endCode(corrupt)).toBe(Code.InvalidArgument);
     });
 
-    it("ends with DeadlineExceeded once its deadline passed, where connect-node's adapter says OK", async () => {
+    it("ends as connect-node's adapter does once its deadline passed (the DeadlineExceeded is the error interceptor's)", async () => {
+      // Tessera's answer, DeadlineExceeded with its ErrorInfo, comes from the app's error
+      // interceptor (interceptors/index.ts), the same on both transports; proven end to end
+      // by watch-revocations-aborts.test.ts and security/streams.test.ts (Health/Watch).
       const timeout = isConnect(wire) ? { "connect-timeout-ms": "200" } : { "grpc-timeout": "200m" };
       const [reference, fast, connect] = await Promise.all(
         kinds.map((kind) =>
@@ -972,8 +975,7 @@ describe("over TLS, both transports answer as connect-node's adapter does", () =
       );
       expect(endCode(reference!)).toBe(0);
       expect(connect).toEqual(fast);
-      expect(endCode(fast!)).toBe(Code.DeadlineExceeded);
-      expect(fast!.body.length).toBeGreaterThan(0);
+      expect(endCode(fast!)).toBe(0);
     });
 
     if (!wire.startsWith("grpc") || wire.startsWith("grpc-web"))

@@ -204,11 +204,13 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
         return;
       }
       // The Connect protocol's end-stream message (flag 0x02), the last envelope of the body.
-      let end: { error?: { code?: string } } | undefined;
+      let end: { error?: { code?: string; details?: { debug?: { reason?: string } }[] } } | undefined;
       for (let at = 0; at + 5 <= body.length; at += 5 + body.readUInt32BE(at + 1))
         if (body[at]! & 0x02)
           end = JSON.parse(body.subarray(at + 5, at + 5 + body.readUInt32BE(at + 1)).toString());
       expect(end?.error?.code).toBe("deadline_exceeded");
+      // Its reason names the code: INTERNAL is only ever Tessera's own fault.
+      expect(end?.error?.details?.[0]?.debug?.reason).toBe("DEADLINE_EXCEEDED");
     },
   );
 

@@ -1,9 +1,9 @@
-import type { Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import { auditCall, auditReason } from "../admission/audit.js";
 import { authRuleFor } from "../admission/auth-rule.js";
 import type { AuditLog } from "../audit.js";
-import { requestState } from "../context.js";
+import { type RequestState, requestState } from "../context.js";
 import { toWireError } from "./errors.js";
 import { assertInputMessage } from "./input.js";
 
@@ -22,15 +22,42 @@ import { assertInputMessage } from "./input.js";
 export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
   return (next) => async (req) => {
     const state = requestState(req.contextValues);
+    const method = `${req.service.typeName}/${req.method.name}`;
     try {
       const res = await next(req);
       if (state.responseHeaders)
         for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
-      return res;
+      if (!res.stream) return res;
+      return { ...res, message: streamAnswered(res.message, req.signal, state, method, deps.logger) };
     } catch (err) {
-      throw toWireError(err, state, `${req.service.typeName}/${req.method.name}`, deps.logger);
+      throw toWireError(err, state, method, deps.logger);
     }
   };
+}
+
+/**
+ * A stream's messages, with the errors that surface while it is iterated (past the
+ * interceptor's `await`) answered like any other: a reason and the request id. And a stream
+ * whose deadline passed ends DeadlineExceeded: Connect ends with OK one whose implementation
+ * returns once its signal aborted (Tessera's streams end so), and gRPC ends a call whose
+ * deadline expired with DEADLINE_EXCEEDED; a client must not take the cut for an end the
+ * service chose (a drain, a lifetime).
+ */
+async function* streamAnswered<T>(
+  messages: AsyncIterable<T>,
+  signal: AbortSignal,
+  state: RequestState,
+  method: string,
+  logger: Logger,
+): AsyncGenerator<T> {
+  try {
+    yield* messages;
+  } catch (err) {
+    throw toWireError(err, state, method, logger);
+  }
+  const reason: unknown = signal.aborted ? signal.reason : undefined;
+  if (reason instanceof ConnectError && reason.code === Code.DeadlineExceeded)
+    throw toWireError(reason, state, method, logger);
 }
 
 /**

@@ -137,7 +137,6 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     watch: {
       feed: deps.revocations,
       events: deps.revocationEvents,
-      logger: deps.logger,
       heartbeatSeconds: config.verification.watchHeartbeatSeconds,
       maxStreamsPerCaller: config.verification.watchMaxStreamsPerCaller,
       maxStreams: config.verification.watchMaxStreams,

@@ -1,6 +1,4 @@
 import {
-  Code,
-  ConnectError,
   type ConnectRouter,
   createConnectRouter,
   createMethodImplSpec,
@@ -89,24 +87,9 @@ export function createConnectHandler(
 
 /**
  * The first interceptor of every streaming call, on both transports (Connect's own handlers
- * serve streams on each), for what Connect leaves to the application:
- * - the request's messages with Connect's Internal errors about their bytes raised as the
- *   client's fault (client-faults.ts);
- * - a stream whose deadline passed ends with DeadlineExceeded. Connect ends with OK a stream
- *   whose implementation returns once its signal aborted at the deadline (Tessera's streams
- *   end so); gRPC ends a call whose deadline expired with DEADLINE_EXCEEDED, and a client
- *   must not take the cut for a clean end (one the service chose: a drain, a lifetime).
+ * serve streams on each): the request's messages with Connect's Internal errors about their
+ * bytes raised as the client's fault (client-faults.ts). A stream's deadline and the errors
+ * of its answer are the error interceptor's (interceptors/index.ts).
  */
-const streamCallRules: Interceptor = (next) => (req) => {
-  if (!req.stream) return next(req);
-  const { signal } = req;
-  return next({ ...req, message: clientFaultMessages(req.message) }).then((res) =>
-    res.stream ? { ...res, message: endAtDeadline(res.message, signal) } : res,
-  );
-};
-
-async function* endAtDeadline<T>(messages: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
-  yield* messages;
-  const reason: unknown = signal.aborted ? signal.reason : undefined;
-  if (reason instanceof ConnectError && reason.code === Code.DeadlineExceeded) throw reason;
-}
+const streamCallRules: Interceptor = (next) => (req) =>
+  req.stream ? next({ ...req, message: clientFaultMessages(req.message) }) : next(req);

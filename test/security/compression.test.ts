@@ -183,6 +183,34 @@ describe.each(DATABASES)("compressed request bodies on $name", (db) => {
     expect(scraped).not.toMatch(/tessera_rpc_requests_total\{[^}]*code="internal"/);
   });
 
+  it("names an unsupported encoding's refusal by its code (UNIMPLEMENTED, 501), not as Tessera's fault", async () => {
+    const message = toBinary(
+      LoginRequestSchema,
+      create(LoginRequestSchema, { username: "x", password: "y" }),
+    );
+    const unary = await call(
+      session,
+      LOGIN,
+      { "content-type": "application/proto", "content-encoding": "zstd" },
+      Buffer.from(message),
+    );
+    expect(unary.status).toBe(501);
+    const body = JSON.parse(unary.body);
+    expect([body.code, body.reason, body.error]).toEqual([
+      "unimplemented",
+      "UNIMPLEMENTED",
+      "Not Implemented",
+    ]);
+    const stream = await call(
+      session,
+      WATCH,
+      { "content-type": "application/connect+proto", "connect-content-encoding": "zstd" },
+      Buffer.from([0, 0, 0, 0, 0]),
+    );
+    const end = JSON.parse(stream.body.slice(stream.body.indexOf('{"error"'))).error;
+    expect([end.code, end.details[0].debug.reason]).toEqual(["unimplemented", "UNIMPLEMENTED"]);
+  });
+
   it("still accepts a small compressed message", async () => {
     const a = await call(
       session,

@@ -20,12 +20,13 @@ interface Watch {
   ended: Promise<{ grpcStatus: string | undefined; rstCode: number | undefined }>;
 }
 
-function watch(session: http2.ClientHttp2Session): Watch {
+function watch(session: http2.ClientHttp2Session, headers: http2.OutgoingHttpHeaders = {}): Watch {
   const stream = session.request({
     ":method": "POST",
     ":path": WATCH,
     "content-type": "application/grpc",
     te: "trailers",
+    ...headers,
   });
   stream.on("error", () => undefined);
   let grpcStatus: string | undefined;
@@ -74,6 +75,18 @@ describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
       expect(end.grpcStatus).toBe("0");
       expect(Date.now() - started).toBeGreaterThanOrEqual(1900);
       await within(closed, 5000, "the connection was kept after its Watch ended");
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("ends a Health/Watch whose deadline passed first with DEADLINE_EXCEEDED, not OK", async () => {
+    const session = connect();
+    try {
+      const w = watch(session, { "grpc-timeout": "300m" });
+      expect((await w.response)[":status"]).toBe(200);
+      const end = await within(w.ended, 6000, "the Watch outlived its deadline");
+      expect(end.grpcStatus).toBe(String(Code.DeadlineExceeded));
     } finally {
       session.destroy();
     }

@@ -1,7 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext } from "@connectrpc/connect";
-import type { Logger } from "pino";
 import {
   type RevocationEvent,
   RevocationEventSchema,
@@ -11,9 +10,7 @@ import {
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
 import type { Principal } from "../../auth/principal.js";
-import { requestState } from "../../context.js";
 import { TesseraError } from "../../errors.js";
-import { toWireError } from "../../interceptors/errors.js";
 import type {
   RevocationEventRepository,
   RevocationRecord,
@@ -34,7 +31,6 @@ const MAX_QUEUED = 10_000;
 export interface WatchRevocationsDeps {
   feed: RevocationFeed;
   events: RevocationEventRepository;
-  logger: Logger;
   heartbeatSeconds: number;
   /** Open streams per caller (machine user), and in all on this instance (0: no bound). */
   maxStreamsPerCaller: number;
@@ -85,15 +81,7 @@ export function createWatchRevocations(
   deps: WatchRevocationsDeps,
 ): (req: WatchRevocationsRequest, ctx: HandlerContext) => AsyncGenerator<WatchRevocationsResponse> {
   const heartbeatMs = deps.heartbeatSeconds * 1000;
-  return async function* watchRevocations(req, ctx) {
-    const state = requestState(ctx.values);
-    try {
-      yield* watch(deps, heartbeatMs, req, ctx);
-    } catch (err) {
-      // Errors of a stream surface while it is iterated, past the error interceptor.
-      throw toWireError(err, state, "tessera.v1.VerificationService/WatchRevocations", deps.logger);
-    }
-  };
+  return (req, ctx) => watch(deps, heartbeatMs, req, ctx);
 }
 
 async function* watch(
