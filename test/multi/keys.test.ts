@@ -402,7 +402,7 @@ describe("signing keys announced by NOTIFY (two in-process instances, one Postgr
         }),
       );
     const [a, b] = apps as [App, App];
-    expect(await b.notifier!.whenOnline(5_000)).toBe(true);
+    expect(await b.notifier!.whenOnline(20_000)).toBe(true);
     // A third listener on the schema's channel marks each commit: the trigger's notification
     // is delivered when the transaction commits, so its arrival here is the commit (plus a
     // loopback delivery the instances pay as well).
