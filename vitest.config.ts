@@ -54,6 +54,10 @@ export default defineConfig({
     // PBKDF2 at 600k iterations and real servers make some tests slow by design.
     testTimeout: 60_000,
     hookTimeout: 60_000,
+    // expect.poll's own default gives up after 1 s: on two cores shared by the suite's files,
+    // a condition that holds a moment later can take longer than that to be seen. A poll
+    // returns as soon as it holds; tests that bound a time say so with their own timeout.
+    expect: { poll: { timeout: 10_000 } },
     // Two cores: run files in parallel but not more than the machine can hold.
     maxWorkers: 2,
     globalSetup: ["test/global-setup.ts"],

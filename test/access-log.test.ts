@@ -13,13 +13,21 @@ import type { RequestState } from "../src/context.js";
 /**
  * A gate on libuv's thread-pool writes (node:fs `write`, what the access log uses on a file):
  * while set, each write waits for it, as a write to a slow or hung disk does. Unset, writes
- * pass straight through.
+ * pass straight through. `written`, when set, is told after each write's callback has run.
  */
-const fsGate = vi.hoisted(() => ({ hold: undefined as undefined | ((release: () => void) => void) }));
+const fsGate = vi.hoisted(() => ({
+  hold: undefined as undefined | ((release: () => void) => void),
+  written: undefined as undefined | (() => void),
+}));
 vi.mock("node:fs", async (importOriginal) => {
   const fs = await importOriginal<typeof import("node:fs")>();
   const write = ((...args: unknown[]) => {
-    const go = () => (fs.write as (...a: unknown[]) => void)(...args);
+    const callback = args.at(-1) as (...result: unknown[]) => void;
+    const told = (...result: unknown[]) => {
+      callback(...result);
+      fsGate.written?.();
+    };
+    const go = () => (fs.write as (...a: unknown[]) => void)(...args.slice(0, -1), told);
     if (fsGate.hold) fsGate.hold(go);
     else go();
   }) as typeof fs.write;
@@ -102,8 +110,12 @@ describe("the access log writer", () => {
       expect(performance.now() - started, "close waits a bounded time").toBeLessThan(1_500);
       fsGate.hold = undefined;
       expect(readFileSync(file, "utf8"), "nothing written ahead of the write under way").toBe("");
+      // The write under way lands when the disk lets it, not by some time after.
+      const writeLanded = new Promise<void>((resolve) => {
+        fsGate.written = resolve;
+      });
       release!();
-      await new Promise((r) => setTimeout(r, 50));
+      await writeLanded;
       const got = readFileSync(file, "utf8");
       expect(got.length).toBeGreaterThan(0);
       expect(lines.join("").startsWith(got), "what landed is the first lines, in order").toBe(true);
@@ -111,6 +123,7 @@ describe("the access log writer", () => {
       expect(accessLogStats.dropped - droppedBefore).toBe(lines.length - landed);
     } finally {
       fsGate.hold = undefined;
+      fsGate.written = undefined;
       closeSync(fd);
     }
   });

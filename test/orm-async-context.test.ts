@@ -1,5 +1,4 @@
 import { execFile } from "node:child_process";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
@@ -118,18 +117,6 @@ describe("ScopedAsyncLocalStorage", () => {
   });
 });
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const address = srv.address();
-      const port = typeof address === "object" && address ? address.port : 0;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
 describe("MikroORM's storages in a server process", () => {
   it("the probe can see promise hooks: a plain AsyncLocalStorage turns them on for good", async () => {
     const { stdout } = await run(process.execPath, [
@@ -152,7 +139,6 @@ describe("MikroORM's storages in a server process", () => {
           cwd: ROOT,
           env: {
             ...process.env,
-            PROBE_PORT: String(await freePort()),
             PROBE_DB: url,
             TESSERA_ADMIN_PASSWORD: "probe-password-123",
             TESSERA_PASSWORD_ITERATIONS: "1000",

@@ -4,11 +4,13 @@
  * `serve`, exactly as `tessera serve` does, makes calls that write through the ORM (Login:
  * refresh token and audit event), and reports as one JSON line whether promise hooks are on.
  *
- * Environment: PROBE_PORT (a free port), PROBE_DB (database URL); the admin password comes
- * from TESSERA_ADMIN_PASSWORD.
+ * Environment: PROBE_DB (database URL); the admin password comes from TESSERA_ADMIN_PASSWORD.
+ * The server listens on a port of the system's choosing (0), found once it listens: a port
+ * picked free beforehand can be taken by another process before the server binds it.
  */
 import { executionAsyncId } from "node:async_hooks";
 import http2 from "node:http2";
+import type { Server } from "node:net";
 // Nothing else from src/ before main(): the probe must see the load order `tessera serve` has.
 import { main } from "../src/main.js";
 
@@ -21,7 +23,6 @@ async function promiseHooksActive(): Promise<boolean> {
   return executionAsyncId() !== 0;
 }
 
-const port = process.env.PROBE_PORT ?? "0";
 const report: Record<string, unknown> = { beforeStartup: await promiseHooksActive() };
 
 // Migrations, default tenant and admin bootstrap run here: flushes and transactions.
@@ -31,13 +32,20 @@ const code = await main([
   "serve",
   "--insecure-plaintext",
   "--port",
-  port,
+  "0",
   "--database",
   process.env.PROBE_DB ?? "sqlite::memory:",
 ]);
 report.serveExit = code;
 report.scoped = (await import("../src/storage/orm-async-context.js")).ormStoragesScoped;
 report.afterStartup = await promiseHooksActive();
+
+// The HTTP/2 server `serve` left listening (the metrics endpoint is another, HTTP/1.1, server).
+const handles = (process as unknown as { _getActiveHandles(): object[] })._getActiveHandles();
+const h2 = Object.getPrototypeOf(http2.createServer());
+const servers = handles.filter((h): h is Server => Object.getPrototypeOf(h) === h2);
+if (servers.length !== 1) throw new Error(`expected one HTTP/2 server listening, found ${servers.length}`);
+const { port } = servers[0]!.address() as { port: number };
 
 // h2c with prior knowledge (the plaintext development mode serves HTTP/2 only).
 const session = http2.connect(`http://127.0.0.1:${port}`);

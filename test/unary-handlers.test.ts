@@ -39,6 +39,26 @@ const aborts: Code[] = [];
 /** The reasons a "wait" call's signal was aborted with. */
 const abortReasons: unknown[] = [];
 const contexts: HandlerContext[] = [];
+/** The calls whose implementation has started ("wait", "late", "slow"), and those that ended ("slow"). */
+const entered: string[] = [];
+const ended: string[] = [];
+/**
+ * What "late" and "slow" wait for before they go on: 150 ms, or, while a test sets `held`,
+ * that promise (the test lets them go once the server has seen the client reset the stream,
+ * which a fixed time cannot promise on a loaded machine).
+ */
+let held: Promise<void> | undefined;
+const pause = () => held ?? new Promise<void>((resolve) => setTimeout(resolve, 150));
+/** Streams the test servers have seen closed, reset by their client among them. */
+let serverStreamsClosed = 0;
+
+/** Wait (polling, up to 10 s) until `done()` holds; else fail naming `what`. */
+async function until(done: () => boolean, what: string): Promise<void> {
+  for (const end = Date.now() + 10_000; !done(); ) {
+    if (Date.now() > end) throw new Error(`${what} within 10 s`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
 /** What the interceptor and the implementation of a "members" call saw, in that order. */
 const members: Record<string, unknown>[] = [];
 /** The signal the interceptor saw on a "members" call without `x-spread`. */
@@ -104,6 +124,7 @@ function routes(router: ConnectRouter) {
           throw new Error("an unexpected failure with a detail that must not leave the server");
         case "wait":
           // Until the deadline passes or the client goes away; the reason is the answer.
+          entered.push(req.service);
           return new Promise((_, reject) => {
             const done = () => {
               aborts.push(ConnectError.from(ctx.signal.reason).code);
@@ -116,16 +137,13 @@ function routes(router: ConnectRouter) {
         case "late":
           // Reads the signal for the first time only after a while.
           contexts.push(ctx);
-          return new Promise((resolve, reject) =>
-            setTimeout(() => {
-              const signal = ctx.signal;
-              if (!signal.aborted) resolve({ status: HealthCheckResponse_ServingStatus.SERVING });
-              else {
-                aborts.push(ConnectError.from(signal.reason).code);
-                reject(signal.reason);
-              }
-            }, 150),
-          );
+          entered.push(req.service);
+          return pause().then(() => {
+            const signal = ctx.signal;
+            if (!signal.aborted) return { status: HealthCheckResponse_ServingStatus.SERVING };
+            aborts.push(ConnectError.from(signal.reason).code);
+            throw signal.reason;
+          });
         case "members":
           contexts.push(ctx);
           members.push({
@@ -144,9 +162,11 @@ function routes(router: ConnectRouter) {
         case "slow":
           // Never reads the signal; ends after the test had time to reset the stream.
           contexts.push(ctx);
-          return new Promise((resolve) =>
-            setTimeout(() => resolve({ status: HealthCheckResponse_ServingStatus.SERVING }), 150),
-          );
+          entered.push(req.service);
+          return pause().then(() => {
+            ended.push(req.service);
+            return { status: HealthCheckResponse_ServingStatus.SERVING };
+          });
         case "untouched":
           contexts.push(ctx);
           return { status: HealthCheckResponse_ServingStatus.SERVING };
@@ -214,6 +234,7 @@ async function start(
   const server = http2.createServer();
   if (direct) serveRequests(server, direct);
   else server.on("request", handler);
+  server.on("stream", (stream) => stream.once("close", () => serverStreamsClosed++));
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const session = http2.connect(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
   return {
@@ -223,6 +244,26 @@ async function start(
         session.close();
         server.close(() => resolve());
       }),
+  };
+}
+
+/**
+ * Hold "late" and "slow" calls from now on; the function returned waits until the server has
+ * seen one more stream closed (the client's reset), then lets them go on.
+ */
+function holdUntilReset(): () => Promise<void> {
+  let go!: () => void;
+  held = new Promise<void>((resolve) => {
+    go = resolve;
+  });
+  const closed = serverStreamsClosed;
+  return async () => {
+    try {
+      await until(() => serverStreamsClosed > closed, "the server did not see the stream reset");
+    } finally {
+      held = undefined;
+      go();
+    }
   };
 }
 
@@ -603,12 +644,13 @@ describe.each(wires.filter((w) => !isConnect(w)))("enveloped bodies over %s", (w
   });
 });
 
-/** A gRPC Check of `service` to `server`, reset by the client with `rst` once the implementation runs. */
+/** A gRPC Check of `service` to `server`, reset by the client with `rst` once its implementation runs. */
 async function resetCall(server: Server, service: string, rst: number): Promise<void> {
+  entered.length = 0;
   const stream = server.session.request({ ":method": "POST", ":path": CHECK, ...headers("grpc") });
   stream.on("error", () => undefined);
   stream.end(body("grpc", proto(service)));
-  await new Promise((resolve) => setTimeout(resolve, 50));
+  await until(() => entered.length > 0, "the implementation did not start");
   stream.close(rst);
 }
 
@@ -627,8 +669,10 @@ describe("the unary handlers", () => {
   ])("(%s) %s", async (service) => {
     for (const server of [reference, tessera, direct]) {
       aborts.length = 0;
+      const reset = holdUntilReset();
       await resetCall(server, service, http2.constants.NGHTTP2_CANCEL);
-      for (let i = 0; i < 100 && aborts.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+      await reset();
+      await until(() => aborts.length > 0, "the signal was not aborted");
       expect(aborts).toEqual([Code.Canceled]);
     }
   });
@@ -649,8 +693,7 @@ describe("the unary handlers", () => {
       for (const server of [reference, tessera, direct]) {
         abortReasons.length = 0;
         await resetCall(server, "wait", rst);
-        for (let i = 0; i < 100 && abortReasons.length === 0; i++)
-          await new Promise((r) => setTimeout(r, 10));
+        await until(() => abortReasons.length > 0, "the signal was not aborted");
         const reason = abortReasons[0];
         // connect-node aborts with no reason (an AbortError) for the codes it does not map.
         seen.push({
@@ -669,9 +712,12 @@ describe("the unary handlers", () => {
   it("give a signal first read after a call the client left in the state Connect's would be in", async () => {
     for (const server of [reference, tessera, direct]) {
       contexts.length = 0;
+      ended.length = 0;
+      const reset = holdUntilReset();
       await resetCall(server, "slow", http2.constants.NGHTTP2_CANCEL);
-      // The call goes on to its end (150 ms); its signal is read only then.
-      await new Promise((resolve) => setTimeout(resolve, 250));
+      await reset();
+      // The call goes on to its end; its signal is read only then.
+      await until(() => ended.length > 0, "the call did not end");
       expect(contexts).toHaveLength(1);
       const reason = contexts[0]?.signal.reason as unknown;
       // The client's leaving (not the call's end, an AbortError) is why the signal aborted.

@@ -47,7 +47,10 @@ function connect(url: string, ca: Buffer): Promise<http2.ClientHttp2Session | Er
 describe("draining a `tessera serve` on SIGTERM", () => {
   it("answers /ready 503 at once, serves calls and new connections for the drain delay, then refuses connections, finishes the call in flight and exits 0", async () => {
     const dir = mkdtempSync(join(tmpdir(), "tessera-drain-"));
-    const DELAY_S = 4;
+    // Long enough that what must happen within it (a /ready poll, two logins, a new TLS
+    // connection, each a process hop away) fits on a loaded machine, where a plain call can
+    // take seconds.
+    const DELAY_S = 10;
     const { url, child } = await serve({
       ...(process.env as Record<string, string>),
       TESSERA_DATABASE_URL: `sqlite:${join(dir, "tessera.db")}`,
@@ -59,6 +62,8 @@ describe("draining a `tessera serve` on SIGTERM", () => {
       TESSERA_RATE_LIMIT: "false",
       TESSERA_DRAIN_DELAY_SECONDS: String(DELAY_S),
       TESSERA_SHUTDOWN_GRACE_SECONDS: "10",
+      // The call in flight sends the rest of its body only after the delay, on purpose.
+      TESSERA_REQUEST_TIMEOUT_SECONDS: "60",
     });
     const ca = readFileSync(join(dir, "certs", "ca.crt"));
     const exited = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
@@ -83,16 +88,18 @@ describe("draining a `tessera serve` on SIGTERM", () => {
 
     const signalled = performance.now();
     child.kill("SIGTERM");
-    // /ready turns 503 at once, on a connection already open.
+    // /ready turns 503 at once, on a connection already open: well within the first half of
+    // the delay (not at its end, when the port closes).
+    const READY_BOUND_MS = (DELAY_S * 1000) / 2;
     let ready = await request(open, "GET", "/ready");
-    while (ready.status === 200 && performance.now() - signalled < 2_000) {
+    while (ready.status === 200 && performance.now() - signalled < READY_BOUND_MS) {
       await sleep(20);
       ready = await request(open, "GET", "/ready");
     }
     const readyFailedAfter = performance.now() - signalled;
     expect(ready.status).toBe(503);
     expect(JSON.parse(ready.body)).toMatchObject({ code: "UNAVAILABLE", message: "draining: shutting down" });
-    expect(readyFailedAfter).toBeLessThan(2_000);
+    expect(readyFailedAfter).toBeLessThan(READY_BOUND_MS);
     // The rest is served as before: calls on the open connection, and new connections.
     expect((await request(open, "POST", "/tessera.v1.UserService/Login", LOGIN)).status).toBe(200);
     const fresh = await connect(url, ca);

@@ -306,7 +306,7 @@ describe("state changes made on one PostgreSQL instance, on the next request of 
 
 /** The backend pid of A's listening session, waiting for it to be online. */
 async function listenerPidOfA(): Promise<number> {
-  expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+  expect(await a.app.notifier!.whenOnline(20_000)).toBe(true);
   return a.app.notifier!.backendPid!;
 }
 
@@ -337,7 +337,7 @@ describe("the listening session of an instance lost", () => {
       expect(stale).toEqual([]);
       expect(await outcome(me(ta, u.pat.token))).toBe("TOKEN_REVOKED");
       // Back online, emptied, and the refusal still holds from the cache's side.
-      expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+      expect(await a.app.notifier!.whenOnline(20_000)).toBe(true);
       expect(a.app.notifier!.backendPid).not.toBe(pid);
       expect(await outcome(me(ta, u.pat.token))).toBe("TOKEN_REVOKED");
     }
@@ -362,10 +362,10 @@ describe("the listening session of an instance lost", () => {
     const hits = a.app.sql.cacheStats().hits;
     expect(await outcome(me(ta, u.pat.token))).toBe("ok");
     expect(a.app.sql.cacheStats().hits).toBe(hits);
-    expect(await a.app.notifier!.whenOnline(5_000)).toBe(true);
+    expect(await a.app.notifier!.whenOnline(20_000)).toBe(true);
     // Online is not yet on: the triggers are checked again first (an asynchronous query).
     await vi.waitFor(() => expect(a.app.sql.cacheStats().enabled).toBe(true), {
-      timeout: 5_000,
+      timeout: 20_000,
       interval: 20,
     });
     await warmOnA(() => me(ta, u.pat.token));
@@ -439,12 +439,14 @@ describe("queries per authenticated call at steady state", () => {
       await me(tc, u.pat.token);
       await flushed();
       const s0 = await scans();
+      const t0 = performance.now();
       for (let i = 0; i < 200; i++) {
         await me(ta, u.login.accessToken);
         await me(ta, u.pat.token);
       }
       await flushed();
       const s1 = await scans();
+      const windowS = (performance.now() - t0) / 1000;
       for (let i = 0; i < 200; i++) {
         await me(tc, u.login.accessToken);
         await me(tc, u.pat.token);
@@ -454,8 +456,15 @@ describe("queries per authenticated call at steady state", () => {
       // 400 calls answered from memory. What remains is per flush interval, not per call: the
       // PAT's coalesced last-used update (an indexed look-up of api_tokens), and B's own
       // background writes after the earlier tests (its last-used flush): at most 1 in 20 calls,
-      // against 3 scans per call without the cache.
-      expect(total(s1) - total(s0), JSON.stringify(delta(s0, s1))).toBeLessThanOrEqual(20);
+      // against 3 scans per call without the cache. Intervals, not calls: where a loaded
+      // machine stretches the 400 calls over minutes, more of them pass, and each may add its
+      // scans (the 15 s last-used flush on A and B, the revocation feed's prune each minute on
+      // A, B and C); the 20 holds for the half minute the window takes on a quiet machine.
+      const byTime = 10 + 2 * Math.ceil(windowS / 15) + 3 * Math.ceil(windowS / 60);
+      expect(
+        total(s1) - total(s0),
+        `${JSON.stringify(delta(s0, s1))} in ${windowS.toFixed(0)} s`,
+      ).toBeLessThanOrEqual(Math.max(20, byTime));
       // Without the cache: at least one look-up per call (the state join scans several tables).
       expect(total(s2) - total(s1), JSON.stringify(delta(s1, s2))).toBeGreaterThanOrEqual(400);
     } finally {

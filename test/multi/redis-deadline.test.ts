@@ -39,8 +39,12 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-/** A throw-away redis-server of this test: no persistence, its own port. */
-async function startRedis(port: number): Promise<ChildProcess> {
+/**
+ * A throw-away redis-server of this test: no persistence, its own port. Undefined when it
+ * exits before answering: the port found free was taken meanwhile (by another process's
+ * bind, or as a connection's local port).
+ */
+async function startRedis(port: number): Promise<ChildProcess | undefined> {
   const child = spawn(
     "redis-server",
     ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -48,18 +52,32 @@ async function startRedis(port: number): Promise<ChildProcess> {
       stdio: "ignore",
     },
   );
-  const probe = new Redis({ port, host: "127.0.0.1", lazyConnect: true, retryStrategy: () => null });
+  let exited = false;
+  child.once("exit", () => {
+    exited = true;
+  });
+  // Bounded: what took the port may accept and never answer.
+  const probe = new Redis({
+    port,
+    host: "127.0.0.1",
+    lazyConnect: true,
+    retryStrategy: () => null,
+    connectTimeout: 1000,
+    commandTimeout: 1000,
+  });
   probe.on("error", () => undefined);
-  for (let i = 0; i < 100; i++) {
+  for (let i = 0; i < 100 && !exited; i++) {
     try {
       await probe.connect();
       await probe.ping();
       probe.disconnect();
-      return child;
+      if (!exited) return child;
     } catch {
       await sleep(50);
     }
   }
+  probe.disconnect();
+  if (exited) return undefined;
   throw new Error("redis-server did not start");
 }
 
@@ -69,8 +87,15 @@ let certs: TestCerts;
 const schemas: string[] = [];
 
 beforeAll(async () => {
-  port = await freePort();
-  redis = await startRedis(port);
+  for (let attempt = 0; ; attempt++) {
+    port = await freePort();
+    const started = await startRedis(port);
+    if (started) {
+      redis = started;
+      break;
+    }
+    if (attempt === 2) throw new Error("redis-server could not listen on three free ports");
+  }
   certs = await createTestCerts();
 });
 afterAll(async () => {

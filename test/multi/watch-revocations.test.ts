@@ -163,7 +163,7 @@ describe("WatchRevocations on an instance whose listening session is lost (Postg
     const u = await userWithPats(tb, 4);
     const [base, schema] = url.split("?schema=") as [string, string];
     for (const pat of u.pats) {
-      expect(await notifier.whenOnline(5_000)).toBe(true);
+      expect(await notifier.whenOnline(20_000)).toBe(true);
       const pid = notifier.backendPid!;
       // Synchronously, so that A (in this process) cannot run meanwhile: its session is
       // terminated (and gone: the call waits), then the revocation commits, before A has even
@@ -179,7 +179,7 @@ describe("WatchRevocations on an instance whose listening session is lost (Postg
           `update api_tokens set revoked_at = now() where id = '${pat.id}'`,
       ]);
       await onA.event(K.CREDENTIAL, pat.id, 10_000);
-      expect(await notifier.whenOnline(5_000)).toBe(true);
+      expect(await notifier.whenOnline(20_000)).toBe(true);
       expect(notifier.backendPid).not.toBe(pid);
     }
     expect(onA.ended).toBeUndefined();

@@ -157,9 +157,12 @@ describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
     try {
       const open = [watch(a), watch(a), watch(b)];
       for (const w of open) expect((await w.response)["grpc-status"]).toBeUndefined();
-      // A fourth, on either connection: ResourceExhausted at once, trailers-only.
+      // A fourth, on either connection: ResourceExhausted at once, trailers-only (a stream held
+      // until one ends would never end here: the ceiling is only for a loaded machine).
       const over = watch(b);
-      expect((await within(over.ended, 2000, "no refusal")).grpcStatus).toBe(String(Code.ResourceExhausted));
+      expect((await within(over.ended, 10_000, "no refusal")).grpcStatus).toBe(
+        String(Code.ResourceExhausted),
+      );
       // Over the Connect streaming protocol too (its error in the end-stream message).
       const refused = await (async () => {
         try {
@@ -174,7 +177,10 @@ describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
       open[0]!.stream.close(http2.constants.NGHTTP2_CANCEL);
       await open[0]!.ended;
       let again = watch(b);
-      for (let tries = 0; (await again.response)["grpc-status"] !== undefined && tries < 50; tries++) {
+      for (
+        const end = Date.now() + 10_000;
+        (await again.response)["grpc-status"] !== undefined && Date.now() < end;
+      ) {
         // The server sees the cancel a moment after the client does.
         await new Promise((r) => setTimeout(r, 20));
         again = watch(b);
