@@ -1,10 +1,12 @@
 import { randomUUID } from "node:crypto";
 import type { Transport } from "@connectrpc/connect";
 import { createClient } from "@connectrpc/connect";
+import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
-import { ADMIN_PASSWORD, clientFor, withHeaders } from "./helpers.js";
+import { rejection } from "./errors-util.js";
+import { ADMIN_PASSWORD, clientFor, type TestServer, withHeaders } from "./helpers.js";
 
 /** Shared set-up for the tenant, machine-user and mTLS tests. */
 
@@ -82,4 +84,27 @@ export async function basicMachine(
     ...(extra.tenantId ? { tenantId: extra.tenantId } : {}),
   });
   return { machine: res.machineUser!, username: res.username, password: res.password };
+}
+
+/** A MachineUserService client on one HTTP/2 connection of its own with a client certificate, opened now (before any call on it). */
+export async function connectedWithCertificate(
+  ts: TestServer,
+  pem: { cert: Buffer | string; key: Buffer | string },
+) {
+  const sessionManager = new Http2SessionManager(
+    ts.server.url,
+    {},
+    { ca: ts.certs.ca, cert: pem.cert, key: pem.key },
+  );
+  if ((await sessionManager.connect()) === "error") throw new Error("the TLS connection did not open");
+  const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
+  return { client: createClient(MachineUserService, transport), sessionManager };
+}
+
+/** The machine user a CheckAuthentication answered with, or its refusal. */
+export function authenticatedAs(call: Promise<{ machineUserId: string }>) {
+  return call.then(
+    (r) => r.machineUserId,
+    (err: unknown) => rejection(Promise.reject(err)),
+  );
 }

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { TLSSocket } from "node:tls";
 import { createClient } from "@connectrpc/connect";
-import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import {
@@ -16,7 +16,7 @@ import {
 } from "../src/certs/index.js";
 import { Code, rejection } from "./errors-util.js";
 import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
-import { adminLogin, clients } from "./machine-fixtures.js";
+import { adminLogin, authenticatedAs, clients, connectedWithCertificate } from "./machine-fixtures.js";
 
 interface Pem {
   cert: string;
@@ -169,22 +169,8 @@ describe("reloading certificates and the CRL without a restart", () => {
     const admin = await adminClients(ts);
     const bound = (name: string, pem: Pem) => boundMachineUser(admin, name, pem);
     const oldId = await bound("old-ca-backend", old);
-    /** A client on one HTTP/2 connection of its own, opened now (before any call on it). */
-    const connected = async (pem: Pem) => {
-      const sessionManager = new Http2SessionManager(
-        ts!.server.url,
-        {},
-        { ca: ts!.certs.ca, cert: pem.cert, key: pem.key },
-      );
-      expect(await sessionManager.connect()).not.toBe("error");
-      const transport = createConnectTransport({ baseUrl: ts!.server.url, httpVersion: "2", sessionManager });
-      return { client: createClient(MachineUserService, transport), sessionManager };
-    };
-    const outcome = (call: Promise<{ machineUserId: string }>) =>
-      call.then(
-        (r) => r.machineUserId,
-        (err: unknown) => rejection(Promise.reject(err)),
-      );
+    const connected = (pem: Pem) => connectedWithCertificate(ts!, pem);
+    const outcome = authenticatedAs;
     let handshakes = 0;
     const counted = () => handshakes++;
     ts.server.server.on("secureConnection", counted);

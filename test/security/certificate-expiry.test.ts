@@ -2,14 +2,19 @@ import { X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createClient } from "@connectrpc/connect";
-import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
-import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";
-import { Code, rejection } from "../errors-util.js";
+import { Code } from "../errors-util.js";
 import { DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import {
+  adminLogin,
+  authenticatedAs,
+  clients,
+  connectedWithCertificate,
+  short,
+} from "../machine-fixtures.js";
 
 /**
  * mTLS is checked at the handshake, and an HTTP/2 connection can stay open for as long as its
@@ -71,23 +76,8 @@ describe.each(DATABASES)("a client certificate expiring under an open connection
         identity: { case: "sha256Fingerprint", value: pem.fingerprint },
       });
 
-    /** A client on one HTTP/2 connection of its own, opened now. */
-    const connected = async (pem: Pem) => {
-      const sessionManager = new Http2SessionManager(
-        ts!.server.url,
-        {},
-        { ca: ts!.certs.ca, cert: pem.cert, key: pem.key },
-      );
-      expect(await sessionManager.connect()).not.toBe("error");
-      const transport = createConnectTransport({ baseUrl: ts!.server.url, httpVersion: "2", sessionManager });
-      return { client: createClient(MachineUserService, transport), sessionManager };
-    };
-    const outcome = (call: Promise<{ machineUserId: string }>) =>
-      call.then(
-        (r) => r.machineUserId,
-        (err: unknown) => rejection(Promise.reject(err)),
-      );
-
+    const connected = (pem: Pem) => connectedWithCertificate(ts!, pem);
+    const outcome = authenticatedAs;
     let handshakes = 0;
     const counted = () => handshakes++;
     ts.server.server.on("secureConnection", counted);
