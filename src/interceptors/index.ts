@@ -22,17 +22,21 @@ import { assertInputMessage } from "./input.js";
 export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
   return (next) => async (req) => {
     const state = requestState(req.contextValues);
-    const method = `${req.service.typeName}/${req.method.name}`;
     try {
       const res = await next(req);
       if (state.responseHeaders)
         for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
       if (!res.stream) return res;
-      return { ...res, message: streamAnswered(res.message, req.signal, state, method, deps.logger) };
+      return { ...res, message: streamAnswered(res.message, req.signal, state, nameOf(req), deps.logger) };
     } catch (err) {
-      throw toWireError(err, state, method, deps.logger);
+      throw toWireError(err, state, nameOf(req), deps.logger);
     }
   };
+}
+
+/** A call's method as errors are logged: `package.Service/Method`. */
+function nameOf(req: { service: { typeName: string }; method: { name: string } }): string {
+  return `${req.service.typeName}/${req.method.name}`;
 }
 
 /**
