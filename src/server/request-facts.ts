@@ -66,19 +66,15 @@ function parseCertificate(
     .filter((s) => s.startsWith("URI:"))
     .map((s) => s.slice(4));
   const cn = cert.subject?.CN;
+  const notAfter = chainNotAfter(cert);
   const parsed: PeerCertificateInfo = {
     sha256Fingerprint: hex,
     thumbprint: Buffer.from(hex, "hex").toString("base64url"),
     commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
     sanUris,
+    notAfter,
   };
-  return {
-    parsed,
-    serial: normaliseSerial(cert.serialNumber),
-    anchors,
-    info: parsed,
-    notAfter: chainNotAfter(cert),
-  };
+  return { parsed, serial: normaliseSerial(cert.serialNumber), anchors, info: parsed, notAfter };
 }
 
 /**

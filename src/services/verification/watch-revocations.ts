@@ -11,6 +11,7 @@ import {
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
 import type { Principal } from "../../auth/principal.js";
+import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { TesseraError } from "../../errors.js";
 import { toWireError } from "../../interceptors/errors.js";
@@ -41,6 +42,8 @@ export interface WatchRevocationsDeps {
   maxStreams: number;
   /** A stream ends cleanly (OK) after this long, before the server's stream lifetime cuts it (0: never). */
   maxStreamMs: number;
+  /** The clock a caller's certificate expiry is read on (the app's). */
+  clock: Clock;
 }
 
 const KINDS: Record<RevocationRecord["kind"], RevocationKind> = {
@@ -71,6 +74,16 @@ function namesCaller(e: RevocationRecord, caller: Principal): boolean {
     default:
       return false;
   }
+}
+
+/**
+ * When the client certificate the caller authenticated by (mTLS) or its token is bound to
+ * (RFC 8705) expires, in ms since the epoch: each request on the connection is refused past
+ * it, and a stream must not outlive it either.
+ */
+function certificateEnd(caller: Principal): number {
+  if (caller.method !== "mtls" && caller.certificateBinding === undefined) return Number.POSITIVE_INFINITY;
+  return caller.certificate?.notAfter ?? Number.POSITIVE_INFINITY;
 }
 
 /**
@@ -173,7 +186,15 @@ async function* watch(
     }
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
+    const authEnd = certificateEnd(caller);
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
+      // Like a revoked caller's: the reconnection is authenticated again, and refused.
+      if (deps.clock() > authEnd)
+        throw new TesseraError(
+          "UNAVAILABLE",
+          "the caller's certificate expired; reconnect and resume from the last cursor",
+          { headers: { "retry-after": "1" } },
+        );
       if (overflow)
         throw new TesseraError("UNAVAILABLE", "the stream fell behind; resume from its last cursor");
       if (queue.length > 0) {
@@ -230,7 +251,7 @@ async function* watch(
             wakeUp = null;
             resolve();
           },
-          Math.min(wait, endAt - Date.now()),
+          Math.min(wait, endAt - Date.now(), authEnd - deps.clock() + 1),
         );
         wakeUp = () => {
           clearTimeout(timer);
