@@ -1,14 +1,17 @@
-import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
+import "reflect-metadata";
+import { webcrypto, X509Certificate } from "node:crypto";
+import { appendFileSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import * as x509 from "@peculiar/x509";
 import { afterEach, describe, expect, it } from "vitest";
-import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";
-import { DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
+import { Code as Codes, rejection } from "../errors-util.js";
+import { createTestCerts, DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
 
@@ -36,6 +39,77 @@ async function mint(ts: TestServer, validityDays: number): Promise<Pem> {
     key: readFileSync(join(out, "client.key")),
     fingerprint: parsed.fingerprint256.replace(/:/g, "").toLowerCase(),
     notAfter: Date.parse(parsed.validTo),
+  };
+}
+
+const DAY_MS = 86_400_000;
+const EC = { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" };
+
+async function ecKeys(): Promise<webcrypto.CryptoKeyPair> {
+  return (await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"])) as webcrypto.CryptoKeyPair;
+}
+
+async function keyPem(key: webcrypto.CryptoKey): Promise<Buffer> {
+  const der = Buffer.from(await webcrypto.subtle.exportKey("pkcs8", key));
+  return Buffer.from(`-----BEGIN PRIVATE KEY-----\n${der.toString("base64")}\n-----END PRIVATE KEY-----\n`);
+}
+
+/**
+ * A CA that expires in two days, a client certificate it signed that outlives it by weeks (a
+ * CA that does not cut its leaves to its own end), and a forgery: a self-signed certificate
+ * with the CA's name and key identifier, valid for ten years, signed by a key of the client's.
+ */
+async function outlivingLeaf(name: string) {
+  const now = Date.now();
+  const caKeys = await ecKeys();
+  const ski = await x509.SubjectKeyIdentifierExtension.create(caKeys.publicKey as never);
+  const caExtensions = (keyId: string) => [
+    new x509.BasicConstraintsExtension(true, undefined, true),
+    new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
+    new x509.SubjectKeyIdentifierExtension(keyId),
+  ];
+  const ca = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: "0a01",
+    name: [{ CN: [name] }],
+    notBefore: new Date(now - DAY_MS),
+    notAfter: new Date(now + 2 * DAY_MS),
+    signingAlgorithm: EC,
+    keys: caKeys as never,
+    extensions: caExtensions(ski.keyId),
+  });
+  const forged = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: "0a02",
+    name: [{ CN: [name] }],
+    notBefore: new Date(now - DAY_MS),
+    notAfter: new Date(now + 3650 * DAY_MS),
+    signingAlgorithm: EC,
+    keys: (await ecKeys()) as never,
+    extensions: caExtensions(ski.keyId),
+  });
+  const leafKeys = await ecKeys();
+  const leaf = await x509.X509CertificateGenerator.create({
+    serialNumber: "0a03",
+    subject: [{ CN: [`client-${short()}`] }],
+    issuer: ca.subjectName,
+    notBefore: new Date(now - DAY_MS),
+    notAfter: new Date(now + 30 * DAY_MS),
+    signingAlgorithm: EC,
+    publicKey: leafKeys.publicKey as never,
+    signingKey: caKeys.privateKey as never,
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
+      new x509.AuthorityKeyIdentifierExtension(ski.keyId),
+    ],
+  });
+  return {
+    caPem: ca.toString("pem"),
+    caNotAfter: ca.notAfter.getTime(),
+    leafPem: leaf.toString("pem"),
+    forgedPem: forged.toString("pem"),
+    key: await keyPem(leafKeys.privateKey),
+    fingerprint: new X509Certificate(leaf.toString("pem")).fingerprint256.replace(/:/g, "").toLowerCase(),
   };
 }
 
@@ -95,6 +169,55 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       expect(ConnectError.from(await again.end()).code).toBe(Code.Unauthenticated);
     } finally {
       watcher.close();
+      sessionManager.abort();
+    }
+  });
+
+  it("a certificate stops authenticating when its CA expires, whatever certificate named like that CA the client sends along", async () => {
+    const clock = pinnableClock();
+    const certs = await createTestCerts();
+    // A second CA in ca.crt, beside the development one that signs the server's certificate.
+    const pki = await outlivingLeaf(`Short CA ${short()}`);
+    appendFileSync(join(certs.dir, "ca.crt"), `\n${pki.caPem}\n`);
+    ts = await startTestServer(db, { server: { mtls: "optional" } }, certs, { clock: clock.now });
+    const plain = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca },
+    });
+    const admin = clients(plain, await adminLogin(plain));
+    const machine = (
+      await admin.machines.createMachineUser({ name: `backend-${short()}`, authType: MachineAuthType.BEARER })
+    ).machineUser!;
+    await admin.machines.bindCertificate({
+      machineUserId: machine.id,
+      identity: { case: "sha256Fingerprint", value: pki.fingerprint },
+    });
+    // The handshake verifies the leaf by the real CA (in the server's store); the forgery, sent
+    // after it, is the certificate Node reports as the leaf's issuer.
+    const sessionManager = new Http2SessionManager(
+      ts.server.url,
+      {},
+      { ca: ts.certs.ca, cert: `${pki.leafPem}\n${pki.forgedPem}\n`, key: pki.key },
+    );
+    const client = createClient(
+      MachineUserService,
+      createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager }),
+    );
+    const outcome = () =>
+      client.checkAuthentication({}).then(
+        (r) => r.machineUserId,
+        (err: unknown) => rejection(Promise.reject(err)),
+      );
+    try {
+      expect(await outcome()).toBe(machine.id);
+      clock.pin(pki.caNotAfter);
+      expect(await outcome()).toBe(machine.id);
+      clock.pin(pki.caNotAfter + 1);
+      const r = await outcome();
+      expect(r, "the certificate outlived its CA on its open connection").not.toBeTypeOf("string");
+      expect(r).toMatchObject({ code: Codes.Unauthenticated, reason: "AUTH_REQUIRED" });
+    } finally {
       sessionManager.abort();
     }
   });
