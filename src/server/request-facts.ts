@@ -76,7 +76,12 @@ function parseCertificate(
   // The chain Node reports follows issuer names through what the peer sent, not the path the
   // handshake verified: its end is read on the path to the anchors (see chainEnd).
   const trustedBy = anchors ?? current;
-  const notAfter = trustedBy ? chainEnd(peerChain(socket), trustedBy) : Number.NEGATIVE_INFINITY;
+  const chain = peerChain(socket);
+  let notAfter = trustedBy ? chainEnd(chain, trustedBy) : Number.NEGATIVE_INFINITY;
+  // A resumed session's client sent no certificate: Node knows the leaf (kept in the session)
+  // and the issuers the store has, not the intermediates of the first handshake, which
+  // verified them. Nothing in it comes from the client, so its ends are taken as they are.
+  if (notAfter === Number.NEGATIVE_INFINITY && socket.isSessionReused()) notAfter = earliestEnd(chain);
   return {
     parsed,
     serial: normaliseSerial(cert.serialNumber),
@@ -84,6 +89,16 @@ function parseCertificate(
     info: { ...parsed, notAfter },
     notAfter,
   };
+}
+
+/** The earliest notAfter of `chain` (ms since the epoch); one that does not parse counts as passed. */
+function earliestEnd(chain: readonly X509Certificate[]): number {
+  let end = Number.POSITIVE_INFINITY;
+  for (const cert of chain) {
+    const t = Date.parse(cert.validTo);
+    end = Number.isNaN(t) ? Number.NEGATIVE_INFINITY : Math.min(end, t);
+  }
+  return chain.length > 0 ? end : Number.NEGATIVE_INFINITY;
 }
 
 /** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */

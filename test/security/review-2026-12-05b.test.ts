@@ -1,6 +1,7 @@
 import "reflect-metadata";
 import { webcrypto, X509Certificate } from "node:crypto";
 import { appendFileSync, mkdtempSync, readFileSync } from "node:fs";
+import https from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
@@ -113,6 +114,92 @@ async function outlivingLeaf(name: string) {
   };
 }
 
+/**
+ * A root CA (ten days), an intermediate it signed that ends in two days, and a client
+ * certificate the intermediate signed that outlives it: the client sends the intermediate.
+ */
+async function intermediateChain() {
+  const now = Date.now();
+  const ca = async (
+    name: string,
+    days: number,
+    issuer?: { name: x509.Name; keys: webcrypto.CryptoKeyPair },
+  ) => {
+    const keys = await ecKeys();
+    const extensions = [
+      new x509.BasicConstraintsExtension(true, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey as never),
+    ];
+    const validity = { notBefore: new Date(now - DAY_MS), notAfter: new Date(now + days * DAY_MS) };
+    const cert = issuer
+      ? await x509.X509CertificateGenerator.create({
+          serialNumber: "0b02",
+          subject: [{ CN: [name] }],
+          issuer: issuer.name,
+          ...validity,
+          signingAlgorithm: EC,
+          publicKey: keys.publicKey as never,
+          signingKey: issuer.keys.privateKey as never,
+          extensions,
+        })
+      : await x509.X509CertificateGenerator.createSelfSigned({
+          serialNumber: "0b01",
+          name: [{ CN: [name] }],
+          ...validity,
+          signingAlgorithm: EC,
+          keys: keys as never,
+          extensions,
+        });
+    return { cert, keys };
+  };
+  const root = await ca(`Root ${short()}`, 10);
+  const inter = await ca(`Intermediate ${short()}`, 2, { name: root.cert.subjectName, keys: root.keys });
+  const leafKeys = await ecKeys();
+  const leaf = await x509.X509CertificateGenerator.create({
+    serialNumber: "0b03",
+    subject: [{ CN: [`client-${short()}`] }],
+    issuer: inter.cert.subjectName,
+    notBefore: new Date(now - DAY_MS),
+    notAfter: new Date(now + 5 * DAY_MS),
+    signingAlgorithm: EC,
+    publicKey: leafKeys.publicKey as never,
+    signingKey: inter.keys.privateKey as never,
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
+    ],
+  });
+  return {
+    rootPem: root.cert.toString("pem"),
+    interNotAfter: inter.cert.notAfter.getTime(),
+    chainPem: `${leaf.toString("pem")}\n${inter.cert.toString("pem")}\n`,
+    key: await keyPem(leafKeys.privateKey),
+    fingerprint: new X509Certificate(leaf.toString("pem")).fingerprint256.replace(/:/g, "").toLowerCase(),
+  };
+}
+
+/** CheckAuthentication over HTTP/1.1 (Connect JSON) through `agent`: the machine user's id, or the HTTP status. */
+function checkOverHttp1(url: string, agent: https.Agent): Promise<string | number> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(
+      `${url}/tessera.v1.MachineUserService/CheckAuthentication`,
+      { method: "POST", agent, headers: { "content-type": "application/json" } },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () => {
+          if (res.statusCode !== 200) return resolve(res.statusCode ?? 0);
+          resolve((JSON.parse(Buffer.concat(chunks).toString()) as { machineUserId: string }).machineUserId);
+        });
+      },
+    );
+    req.on("error", reject);
+    req.end("{}");
+  });
+}
+
 describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
   let ts: TestServer | undefined;
   afterEach(async () => {
@@ -219,6 +306,52 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       expect(r).toMatchObject({ code: Codes.Unauthenticated, reason: "AUTH_REQUIRED" });
     } finally {
       sessionManager.abort();
+    }
+  });
+
+  it("over HTTP/1.1, an intermediate the client sends bounds its certificate, and a resumed TLS session still authenticates", async () => {
+    const clock = pinnableClock();
+    const certs = await createTestCerts();
+    const pki = await intermediateChain();
+    appendFileSync(join(certs.dir, "ca.crt"), `\n${pki.rootPem}\n`);
+    ts = await startTestServer(db, { server: { mtls: "optional" } }, certs, { clock: clock.now });
+    const plain = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca },
+    });
+    const admin = clients(plain, await adminLogin(plain));
+    const machine = (
+      await admin.machines.createMachineUser({ name: `backend-${short()}`, authType: MachineAuthType.BEARER })
+    ).machineUser!;
+    await admin.machines.bindCertificate({
+      machineUserId: machine.id,
+      identity: { case: "sha256Fingerprint", value: pki.fingerprint },
+    });
+    const reused: boolean[] = [];
+    const record = (socket: import("node:tls").TLSSocket) => reused.push(socket.isSessionReused());
+    ts.server.server.on("secureConnection", record);
+    // A connection per request, the TLS 1.2 session kept by the agent: the second resumes it.
+    const agentOf = () =>
+      new https.Agent({
+        keepAlive: false,
+        maxCachedSessions: 1,
+        maxVersion: "TLSv1.2",
+        ca: ts!.certs.ca,
+        cert: pki.chainPem,
+        key: pki.key,
+      });
+    const agent = agentOf();
+    try {
+      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machine.id);
+      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machine.id);
+      expect(reused, "the second connection resumed the first one's session").toEqual([false, true]);
+      // Past the intermediate's end (the leaf's is days later), a full handshake's certificate authenticates nothing.
+      clock.pin(pki.interNotAfter + 1);
+      expect(await checkOverHttp1(ts.server.url, agentOf())).toBe(401);
+    } finally {
+      ts.server.server.off("secureConnection", record);
+      agent.destroy();
     }
   });
 });
