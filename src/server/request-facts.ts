@@ -192,6 +192,7 @@ export function createStateAttacher(
       startedAt: performance.now(),
     };
     if (isProxy(peer)) state.viaProxy = true;
+    if (state.certificate !== null) state.certificateHolds = () => peerCertificate(req) !== null;
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
   };
 }

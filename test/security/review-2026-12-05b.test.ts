@@ -10,7 +10,7 @@ import * as x509 from "@peculiar/x509";
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
-import { createClientCertificate } from "../../src/certs/dev-ca.js";
+import { createClientCertificate, writeCrl } from "../../src/certs/index.js";
 import { Code as Codes, rejection } from "../errors-util.js";
 import { createTestCerts, DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
@@ -254,6 +254,51 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       // Reconnecting on the same connection is refused: the certificate authenticates nothing now.
       const again = new Watcher(createClient(VerificationService, transport));
       expect(ConnectError.from(await again.end()).code).toBe(Code.Unauthenticated);
+    } finally {
+      watcher.close();
+      sessionManager.abort();
+    }
+  });
+
+  it("a WatchRevocations stream authenticated by a client certificate ends once a reloaded CRL revokes that certificate", async () => {
+    ts = await startTestServer(db, {
+      server: { mtls: "optional" },
+      verification: { watchHeartbeatSeconds: 1 },
+    });
+    const plain = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca },
+    });
+    const admin = clients(plain, await adminLogin(plain));
+    const machine = (
+      await admin.machines.createMachineUser({
+        name: `watcher-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["auth:verify"],
+      })
+    ).machineUser!;
+    const pem = await mint(ts, 30);
+    await admin.machines.bindCertificate({
+      machineUserId: machine.id,
+      identity: { case: "sha256Fingerprint", value: pem.fingerprint },
+    });
+    const sessionManager = new Http2SessionManager(
+      ts.server.url,
+      {},
+      { ca: ts.certs.ca, cert: pem.cert, key: pem.key },
+    );
+    const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
+    const watcher = new Watcher(createClient(VerificationService, transport));
+    try {
+      await watcher.first();
+      await writeCrl(ts.certs.dir, [pem.cert.toString()]);
+      await ts.server.reloadTls();
+      const ended = await watcher.end(5_000);
+      expect(ended, "the stream kept running after a CRL revoked its certificate").toBeInstanceOf(
+        ConnectError,
+      );
+      expect((ended as ConnectError).code).toBe(Code.Unavailable);
     } finally {
       watcher.close();
       sessionManager.abort();

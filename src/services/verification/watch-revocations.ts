@@ -77,13 +77,12 @@ function namesCaller(e: RevocationRecord, caller: Principal): boolean {
 }
 
 /**
- * When the client certificate the caller authenticated by (mTLS) or its token is bound to
- * (RFC 8705) expires, in ms since the epoch: each request on the connection is refused past
- * it, and a stream must not outlive it either.
+ * Whether the caller authenticated by its connection's client certificate (mTLS) or by a
+ * token bound to it (RFC 8705): each request on the connection is refused once the
+ * certificate no longer authenticates, and a stream must not outlive it either.
  */
-function certificateEnd(caller: Principal): number {
-  if (caller.method !== "mtls" && caller.certificateBinding === undefined) return Number.POSITIVE_INFINITY;
-  return caller.certificate?.notAfter ?? Number.POSITIVE_INFINITY;
+function certificateBound(caller: Principal): boolean {
+  return caller.method === "mtls" || caller.certificateBinding !== undefined;
 }
 
 /**
@@ -117,6 +116,7 @@ async function* watch(
 ): AsyncGenerator<WatchRevocationsResponse> {
   const { feed, events } = deps;
   const caller = principalOf(ctx);
+  const state = requestState(ctx.values);
   const tenant = tenantScope(caller);
   const callerKey = `${caller.kind}:${caller.id}`;
   if (feed.isDraining)
@@ -186,13 +186,17 @@ async function* watch(
     }
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
-    const authEnd = certificateEnd(caller);
+    // Woken at its certificate's end; a CRL or CA reloaded since is seen at the next wake.
+    const bound = certificateBound(caller);
+    const authEnd = (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY;
+    const certificateHolds = bound ? state.certificateHolds : undefined;
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
-      // Like a revoked caller's: the reconnection is authenticated again, and refused.
-      if (deps.clock() > authEnd)
+      // The certificate the caller authenticated by expired, or a CRL or CA reloaded since
+      // refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
+      if (deps.clock() > authEnd || certificateHolds?.() === false)
         throw new TesseraError(
           "UNAVAILABLE",
-          "the caller's certificate expired; reconnect and resume from the last cursor",
+          "the caller's certificate no longer authenticates; reconnect and resume from the last cursor",
           { headers: { "retry-after": "1" } },
         );
       if (overflow)
