@@ -305,6 +305,39 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
     }
   });
 
+  it("a WatchRevocations stream authenticated by a machine access token ends once that token expires", async () => {
+    const clock = pinnableClock();
+    ts = await startTestServer(db, { verification: { watchHeartbeatSeconds: 1 } }, undefined, {
+      clock: clock.now,
+    });
+    const transport = ts.connect();
+    const admin = clients(transport, await adminLogin(transport));
+    const created = await admin.machines.createMachineUser({
+      name: `watcher-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: ["auth:verify"],
+    });
+    const issued = await clients(transport, created.token).machines.issueAccessToken({});
+    const expiresAt = Number(issued.expiresAt!.seconds) * 1000;
+    const watcher = Watcher.open(transport, issued.accessToken);
+    try {
+      await watcher.first();
+      // Its last valid instant: the stream carries on.
+      clock.pin(expiresAt - 1);
+      const before = watcher.messages.length;
+      await watcher.until(() => watcher.messages.length > before, 5_000, "a heartbeat");
+      clock.pin(expiresAt);
+      const ended = await watcher.end(5_000);
+      expect(ended, "the stream kept running past its access token's expiry").toBeInstanceOf(ConnectError);
+      expect((ended as ConnectError).code).toBe(Code.Unavailable);
+      expect(ConnectError.from(await Watcher.open(transport, issued.accessToken).end()).code).toBe(
+        Code.Unauthenticated,
+      );
+    } finally {
+      watcher.close();
+    }
+  });
+
   it("a certificate stops authenticating when its CA expires, whatever certificate named like that CA the client sends along", async () => {
     const clock = pinnableClock();
     const certs = await createTestCerts();

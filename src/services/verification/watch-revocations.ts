@@ -42,7 +42,7 @@ export interface WatchRevocationsDeps {
   maxStreams: number;
   /** A stream ends cleanly (OK) after this long, before the server's stream lifetime cuts it (0: never). */
   maxStreamMs: number;
-  /** The clock a caller's certificate expiry is read on (the app's). */
+  /** The clock a caller's token or certificate expiry is read on (the app's). */
   clock: Clock;
 }
 
@@ -186,17 +186,22 @@ async function* watch(
     }
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
-    // Woken at its certificate's end; a CRL or CA reloaded since is seen at the next wake.
+    // The last instant the caller's credential authenticates: its token's end (exclusive),
+    // its certificate's notAfter (inclusive). Woken then; a CRL or CA reloaded since is
+    // seen at the next wake.
     const bound = certificateBound(caller);
-    const authEnd = (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY;
+    const authEnd = Math.min(
+      caller.expiresAt != null ? caller.expiresAt - 1 : Number.POSITIVE_INFINITY,
+      (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY,
+    );
     const certificateHolds = bound ? state.certificateHolds : undefined;
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
-      // The certificate the caller authenticated by expired, or a CRL or CA reloaded since
-      // refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
+      // The token or certificate the caller authenticated by expired, or a CRL or CA reloaded
+      // since refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
       if (deps.clock() > authEnd || certificateHolds?.() === false)
         throw new TesseraError(
           "UNAVAILABLE",
-          "the caller's certificate no longer authenticates; reconnect and resume from the last cursor",
+          "the caller's credential no longer authenticates; reconnect and resume from the last cursor",
           { headers: { "retry-after": "1" } },
         );
       if (overflow)
