@@ -58,7 +58,8 @@ function parseCertificate(
   anchors: TrustAnchors | undefined,
   current: TrustAnchors | null,
 ): ConnectionCertificate | null {
-  if (!socket.authorized) return null;
+  // authorizationError too: a failed verification after the first one leaves `authorized` set.
+  if (!socket.authorized || socket.authorizationError) return null;
   const cert = socket.getPeerCertificate(false);
   if (!cert?.raw) return null;
   const hex = cert.fingerprint256.replace(/:/g, "").toLowerCase();

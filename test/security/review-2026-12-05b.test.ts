@@ -1,9 +1,11 @@
 import "reflect-metadata";
+import { execFile, spawnSync } from "node:child_process";
 import { webcrypto, X509Certificate } from "node:crypto";
-import { appendFileSync, mkdtempSync, readFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import https from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as x509 from "@peculiar/x509";
@@ -199,6 +201,61 @@ function checkOverHttp1(url: string, agent: https.Agent): Promise<string | numbe
     req.end("{}");
   });
 }
+
+/**
+ * A TLS 1.2 client that opens a connection with one certificate, then renegotiates
+ * presenting another, then asks CheckAuthentication over HTTP/1.1 (Node's client cannot
+ * change its certificate between handshakes). Built with the system's C compiler and
+ * OpenSSL; where there are none, the test that uses it is skipped.
+ */
+const RENEGOTIATING_CLIENT = `
+#include <openssl/ssl.h>
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+/* port ca certA keyA certB keyB */
+int main(int argc, char **argv) {
+  if (argc != 7) return 9;
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(atoi(argv[1]));
+  inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+  if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) return 1;
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_load_verify_locations(ctx, argv[2], NULL);
+  SSL_CTX_use_certificate_file(ctx, argv[3], SSL_FILETYPE_PEM);
+  SSL_CTX_use_PrivateKey_file(ctx, argv[4], SSL_FILETYPE_PEM);
+  SSL *ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  SSL_set_tlsext_host_name(ssl, "localhost");
+  SSL_set_alpn_protos(ssl, (const unsigned char *)"\\x08http/1.1", 9);
+  if (SSL_connect(ssl) != 1) return 2;
+  if (SSL_use_certificate_file(ssl, argv[5], SSL_FILETYPE_PEM) != 1) return 3;
+  if (SSL_use_PrivateKey_file(ssl, argv[6], SSL_FILETYPE_PEM) != 1) return 3;
+  if (SSL_renegotiate(ssl) == 1 && SSL_do_handshake(ssl) == 1) fputs("renegotiated", stderr);
+  const char *req = "POST /tessera.v1.MachineUserService/CheckAuthentication HTTP/1.1\\r\\nHost: localhost\\r\\n"
+    "Content-Type: application/json\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{}";
+  if (SSL_write(ssl, req, strlen(req)) <= 0) return 0;
+  char buf[4096];
+  int n;
+  while ((n = SSL_read(ssl, buf, sizeof buf - 1)) > 0) fwrite(buf, 1, n, stdout);
+  return 0;
+}
+`;
+
+/** The renegotiating client's path, or undefined where it cannot be built. */
+const renegotiatingClient = ((): string | undefined => {
+  const dir = mkdtempSync(join(tmpdir(), "tessera-reneg-"));
+  writeFileSync(join(dir, "client.c"), RENEGOTIATING_CLIENT);
+  const built = spawnSync("cc", ["-o", join(dir, "client"), join(dir, "client.c"), "-lssl", "-lcrypto"], {
+    stdio: "ignore",
+  });
+  return built.status === 0 ? join(dir, "client") : undefined;
+})();
 
 describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
   let ts: TestServer | undefined;
@@ -432,4 +489,58 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       agent.destroy();
     }
   });
+
+  it.skipIf(renegotiatingClient === undefined)(
+    "a client cannot swap its certificate by renegotiating: a self-signed one bearing a machine user's SAN URI authenticates no one",
+    async () => {
+      ts = await startTestServer(db, { server: { mtls: "optional" } });
+      const plain = createConnectTransport({
+        baseUrl: ts.server.url,
+        httpVersion: "2",
+        nodeOptions: { ca: ts.certs.ca },
+      });
+      const admin = clients(plain, await adminLogin(plain));
+      const uri = `spiffe://victim/${short()}`;
+      const victim = (
+        await admin.machines.createMachineUser({
+          name: `victim-${short()}`,
+          authType: MachineAuthType.BEARER,
+        })
+      ).machineUser!;
+      await admin.machines.bindCertificate({
+        machineUserId: victim.id,
+        identity: { case: "sanUri", value: uri },
+      });
+      // The attacker's own certificate of the CA (bound to no one), and a forgery of its making.
+      const keys = await ecKeys();
+      const forged = await x509.X509CertificateGenerator.createSelfSigned({
+        serialNumber: "0c01",
+        name: [{ CN: ["forged"] }],
+        notBefore: new Date(Date.now() - DAY_MS),
+        notAfter: new Date(Date.now() + 30 * DAY_MS),
+        signingAlgorithm: EC,
+        keys: keys as never,
+        extensions: [
+          new x509.SubjectAlternativeNameExtension([{ type: "url", value: uri }]),
+          new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
+        ],
+      });
+      const dir = mkdtempSync(join(tmpdir(), "tessera-reneg-"));
+      const file = (name: string, content: string | Buffer) => {
+        writeFileSync(join(dir, name), content);
+        return join(dir, name);
+      };
+      const args = [
+        String(ts.server.port),
+        file("ca.crt", ts.certs.ca),
+        file("a.crt", ts.certs.clientCert),
+        file("a.key", ts.certs.clientKey),
+        file("b.crt", forged.toString("pem")),
+        file("b.key", await keyPem(keys.privateKey)),
+      ];
+      const r = await promisify(execFile)(renegotiatingClient!, args, { encoding: "utf8" });
+      expect(r.stdout, "the forged certificate authenticated as the machine user").not.toContain(victim.id);
+      expect(r.stderr, "the server accepted a renegotiation").not.toContain("renegotiated");
+    },
+  );
 });
