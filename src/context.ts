@@ -14,6 +14,11 @@ export interface RequestState {
   /** The connection's verified client certificate, or null. */
   certificate: PeerCertificateInfo | null;
   /**
+   * With a certificate: whether it still authenticates now (not expired, not revoked by the
+   * CRL loaded since, still chaining to the CA): a stream it authenticated asks as it runs.
+   */
+  certificateHolds?: () => boolean;
+  /**
    * True when the direct peer is a trusted proxy: the connection (and any certificate on
    * it) is the proxy's, shared by every client behind it, so it proves nothing of theirs.
    */

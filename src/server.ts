@@ -95,7 +95,13 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
-  if (tls) handshakeAnchors = stampConnections(server, () => trust.anchors);
+  if (tls) {
+    handshakeAnchors = stampConnections(server, () => trust.anchors);
+    // A TLS 1.2 client may renegotiate (HTTP/1.1; HTTP/2 forbids it) and present another
+    // certificate: Node keeps the socket authorized by the first handshake even when the new
+    // one verifies nothing. No client of this service needs renegotiation.
+    server.on("secureConnection", (socket: TLSSocket) => socket.disableRenegotiation());
+  }
   installTransport(server, handler);
   const connectionsFrom = boundConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {

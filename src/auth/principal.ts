@@ -21,6 +21,11 @@ export interface PeerCertificateInfo {
   commonName: string | null;
   /** URI subject alternative names (e.g. SPIFFE ids). */
   sanUris: readonly string[];
+  /**
+   * Epoch ms past which it authenticates nothing: the earliest notAfter of its chain. A stream
+   * it authenticated ends there, as its connection's next request is refused.
+   */
+  notAfter?: number;
 }
 
 /** Who is calling, after authentication. Carries no secret. */

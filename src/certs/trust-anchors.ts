@@ -56,3 +56,32 @@ export function chainsTo(
   }
   return false;
 }
+
+/** A certificate's notAfter in ms since the epoch; one that does not parse counts as passed. */
+function endOf(cert: X509Certificate): number {
+  const end = Date.parse(cert.validTo);
+  return Number.isNaN(end) ? Number.NEGATIVE_INFINITY : end;
+}
+
+/**
+ * The earliest notAfter (ms since the epoch) on the path {@link chainsTo} follows from `chain`
+ * to `anchors`, by issuer and signature, or -Infinity when there is none: what a verification
+ * rests on, not whatever else the peer sent (a certificate named like an anchor but signed by
+ * nobody it trusts would otherwise stand in for the anchor's nearer end).
+ */
+export function chainEnd(chain: readonly X509Certificate[], anchors: TrustAnchors): number {
+  const fingerprints = new Set(anchors.certs.map((a) => a.fingerprint256));
+  let end = Number.POSITIVE_INFINITY;
+  for (let i = 0; i < Math.min(chain.length, MAX_CHAIN); i++) {
+    const cert = chain[i]!;
+    end = Math.min(end, endOf(cert));
+    if (i > 0 && fingerprints.has(cert.fingerprint256)) return end;
+    // Several anchors may sign it (a CA re-issued with the same key): a new handshake holds while any does.
+    let anchorEnd = Number.NEGATIVE_INFINITY;
+    for (const a of anchors.certs) if (signed(cert, a)) anchorEnd = Math.max(anchorEnd, endOf(a));
+    if (anchorEnd > Number.NEGATIVE_INFINITY) return Math.min(end, anchorEnd);
+    const next = chain[i + 1];
+    if (next === undefined || !next.ca || !signed(cert, next)) return Number.NEGATIVE_INFINITY;
+  }
+  return Number.NEGATIVE_INFINITY;
+}

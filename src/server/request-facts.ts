@@ -4,7 +4,7 @@ import type { DetailedPeerCertificate, TLSSocket } from "node:tls";
 import type { HeaderSource } from "../auth/credentials.js";
 import type { PeerCertificateInfo } from "../auth/principal.js";
 import { normaliseSerial } from "../certs/serial.js";
-import { chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
+import { chainEnd, chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
 import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
@@ -41,24 +41,26 @@ export function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSou
 interface ConnectionCertificate {
   readonly parsed: PeerCertificateInfo;
   readonly serial: string;
-  /** The anchors `info` was last decided against: the handshake's, then each reloaded CA's. */
+  /** The anchors `info` and `notAfter` were last decided against: the handshake's, then each reloaded CA's. */
   anchors: TrustAnchors | null | undefined;
-  /** `parsed` while it chains to `anchors`, else null (it authenticates nothing). */
+  /** `parsed` (with `notAfter`) while it chains to `anchors`, else null (it authenticates nothing). */
   info: PeerCertificateInfo | null;
   /**
-   * The earliest notAfter of the chain the handshake verified (the peer's certificate, the
-   * intermediates it sent and the CA they lead to), in ms since the epoch: past it the
-   * certificate authenticates nothing, however long its connection stays open.
+   * The earliest notAfter of the chain to `anchors` (the peer's certificate, the intermediates
+   * on the way and the CA), in ms since the epoch: past it the certificate authenticates
+   * nothing, however long its connection stays open.
    */
-  readonly notAfter: number;
+  notAfter: number;
 }
 
 function parseCertificate(
   socket: TLSSocket,
   anchors: TrustAnchors | undefined,
+  current: TrustAnchors | null,
 ): ConnectionCertificate | null {
-  if (!socket.authorized) return null;
-  const cert = socket.getPeerCertificate(true);
+  // authorizationError too: a failed verification after the first one leaves `authorized` set.
+  if (!socket.authorized || socket.authorizationError) return null;
+  const cert = socket.getPeerCertificate(false);
   if (!cert?.raw) return null;
   const hex = cert.fingerprint256.replace(/:/g, "").toLowerCase();
   const sanUris = (cert.subjectaltname ?? "")
@@ -72,29 +74,32 @@ function parseCertificate(
     commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
     sanUris,
   };
+  // The chain Node reports follows issuer names through what the peer sent, not the path the
+  // handshake verified: its end is read on the path to the anchors (see chainEnd).
+  const trustedBy = anchors ?? current;
+  const chain = peerChain(socket);
+  let notAfter = trustedBy ? chainEnd(chain, trustedBy) : Number.NEGATIVE_INFINITY;
+  // A resumed session's client sent no certificate: Node knows the leaf (kept in the session)
+  // and the issuers the store has, not the intermediates of the first handshake, which
+  // verified them. Nothing in it comes from the client, so its ends are taken as they are.
+  if (notAfter === Number.NEGATIVE_INFINITY && socket.isSessionReused()) notAfter = earliestEnd(chain);
   return {
     parsed,
     serial: normaliseSerial(cert.serialNumber),
     anchors,
-    info: parsed,
-    notAfter: chainNotAfter(cert),
+    info: { ...parsed, notAfter },
+    notAfter,
   };
 }
 
-/**
- * The earliest notAfter of `leaf` and the issuers Node found for it (ms since the epoch).
- * An end that does not parse counts as passed: the certificate then authenticates nothing.
- */
-function chainNotAfter(leaf: DetailedPeerCertificate): number {
-  let earliest = Number.POSITIVE_INFINITY;
-  let cert: DetailedPeerCertificate | undefined = leaf;
-  for (let i = 0; cert?.raw && i < 16; i++) {
-    const end = Date.parse(cert.valid_to);
-    earliest = Number.isNaN(end) ? Number.NEGATIVE_INFINITY : Math.min(earliest, end);
-    if (cert.issuerCertificate === cert) break;
-    cert = cert.issuerCertificate;
+/** The earliest notAfter of `chain` (ms since the epoch); one that does not parse counts as passed. */
+function earliestEnd(chain: readonly X509Certificate[]): number {
+  let end = Number.POSITIVE_INFINITY;
+  for (const cert of chain) {
+    const t = Date.parse(cert.validTo);
+    end = Number.isNaN(t) ? Number.NEGATIVE_INFINITY : Math.min(end, t);
   }
-  return earliest;
+  return chain.length > 0 ? end : Number.NEGATIVE_INFINITY;
 }
 
 /** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */
@@ -139,27 +144,29 @@ export function createStateAttacher(
     // One parse per connection: the certificate cannot change within it.
     const owner: object = "stream" in req ? (req.stream.session ?? req.socket) : req.socket;
     let cert = certCache.get(owner);
+    const current = trust();
     if (cert === undefined) {
       const socket = req.socket as TLSSocket;
-      cert = parseCertificate(socket, handshakeAnchors(socket));
+      cert = parseCertificate(socket, handshakeAnchors(socket), current.anchors);
       certCache.set(owner, cert);
     }
     if (cert === null) return null;
-    // The handshake checked the chain's validity at its time only (notBefore included, so
-    // only notAfter can pass later): a connection kept open must not outlive it.
-    if (clock() > cert.notAfter) return null;
-    const current = trust();
     // What it is trusted by can change: the handshake chained it to the CA of its time, and a
     // CA replaced since takes effect on this request, on this connection too. One compare
     // unless it was replaced; then one chain check per connection per CA.
     if (cert.anchors !== current.anchors) {
       const anchors = current.anchors;
+      const chain = peerChain(req.socket as TLSSocket);
       cert.anchors = anchors;
+      cert.notAfter = anchors !== null ? chainEnd(chain, anchors) : Number.NEGATIVE_INFINITY;
       cert.info =
-        anchors !== null && chainsTo(peerChain(req.socket as TLSSocket), anchors, clock())
-          ? cert.parsed
+        anchors !== null && chainsTo(chain, anchors, clock())
+          ? { ...cert.parsed, notAfter: cert.notAfter }
           : null;
     }
+    // The handshake checked the chain's validity at its time only (notBefore included, so
+    // only notAfter can pass later): a connection kept open must not outlive it.
+    if (clock() > cert.notAfter) return null;
     // So can its revocation: the handshake checked the CRL of its time, and a CRL reloaded
     // since takes effect on this request, on this connection too.
     const revoked = current.revoked;
@@ -186,6 +193,7 @@ export function createStateAttacher(
       startedAt: performance.now(),
     };
     if (isProxy(peer)) state.viaProxy = true;
+    if (state.certificate !== null) state.certificateHolds = () => peerCertificate(req) !== null;
     (req as unknown as Record<symbol, RequestState>)[kState] = state;
   };
 }

@@ -141,6 +141,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
       maxStreamsPerCaller: config.verification.watchMaxStreamsPerCaller,
       maxStreams: config.verification.watchMaxStreams,
       maxStreamMs: config.server.maxStreamSeconds * 1000,
+      clock,
     },
   });
   const health = createHealthService({

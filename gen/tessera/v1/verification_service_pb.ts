@@ -464,7 +464,10 @@ export const VerificationService: GenService<{
    * machine user, its credential or its tenant: disabled, deleted, rotated, its scopes
    * changed), the stream ends with Unavailable before sending it or anything after, its
    * last cursor just before that event; the client reconnects, is authenticated and
-   * authorized again, and resumes from that cursor if it still may.
+   * authorized again, and resumes from that cursor if it still may. So it does, with
+   * Unavailable, once the credential the stream was authenticated by no longer would be:
+   * its access token expired, or its client certificate expired or refused by a CRL or CA
+   * reloaded since.
    *
    * @generated from rpc tessera.v1.VerificationService.WatchRevocations
    */

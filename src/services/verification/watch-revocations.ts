@@ -10,6 +10,8 @@ import {
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
 import type { Principal } from "../../auth/principal.js";
+import type { Clock } from "../../clock.js";
+import { requestState } from "../../context.js";
 import { TesseraError } from "../../errors.js";
 import type {
   RevocationEventRepository,
@@ -37,6 +39,8 @@ export interface WatchRevocationsDeps {
   maxStreams: number;
   /** A stream ends cleanly (OK) after this long, before the server's stream lifetime cuts it (0: never). */
   maxStreamMs: number;
+  /** The clock a caller's token or certificate expiry is read on (the app's). */
+  clock: Clock;
 }
 
 const KINDS: Record<RevocationRecord["kind"], RevocationKind> = {
@@ -70,6 +74,15 @@ function namesCaller(e: RevocationRecord, caller: Principal): boolean {
 }
 
 /**
+ * Whether the caller authenticated by its connection's client certificate (mTLS) or by a
+ * token bound to it (RFC 8705): each request on the connection is refused once the
+ * certificate no longer authenticates, and a stream must not outlive it either.
+ */
+function certificateBound(caller: Principal): boolean {
+  return caller.method === "mtls" || caller.certificateBinding !== undefined;
+}
+
+/**
  * VerificationService.WatchRevocations (the contract is the proto's comment): the caller's
  * stream, fed by the instance's one {@link RevocationFeed}. It subscribes to the feed
  * before reading anything, so that what it reads from the database (the events after the
@@ -92,6 +105,7 @@ async function* watch(
 ): AsyncGenerator<WatchRevocationsResponse> {
   const { feed, events } = deps;
   const caller = principalOf(ctx);
+  const state = requestState(ctx.values);
   const tenant = tenantScope(caller);
   const callerKey = `${caller.kind}:${caller.id}`;
   if (feed.isDraining)
@@ -161,7 +175,24 @@ async function* watch(
     }
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
+    // The last instant the caller's credential authenticates: its token's end (exclusive),
+    // its certificate's notAfter (inclusive). Woken then; a CRL or CA reloaded since is
+    // seen at the next wake.
+    const bound = certificateBound(caller);
+    const authEnd = Math.min(
+      caller.expiresAt != null ? caller.expiresAt - 1 : Number.POSITIVE_INFINITY,
+      (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY,
+    );
+    const certificateHolds = bound ? state.certificateHolds : undefined;
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
+      // The token or certificate the caller authenticated by expired, or a CRL or CA reloaded
+      // since refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
+      if (deps.clock() > authEnd || certificateHolds?.() === false)
+        throw new TesseraError(
+          "UNAVAILABLE",
+          "the caller's credential no longer authenticates; reconnect and resume from the last cursor",
+          { headers: { "retry-after": "1" } },
+        );
       if (overflow)
         throw new TesseraError("UNAVAILABLE", "the stream fell behind; resume from its last cursor");
       if (queue.length > 0) {
@@ -218,7 +249,7 @@ async function* watch(
             wakeUp = null;
             resolve();
           },
-          Math.min(wait, endAt - Date.now()),
+          Math.min(wait, endAt - Date.now(), authEnd - deps.clock() + 1),
         );
         wakeUp = () => {
           clearTimeout(timer);
