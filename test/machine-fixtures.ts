@@ -1,10 +1,14 @@
-import { randomUUID } from "node:crypto";
+import { randomUUID, X509Certificate } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { Transport } from "@connectrpc/connect";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { createClientCertificate } from "../src/certs/dev-ca.js";
 import { rejection } from "./errors-util.js";
 import { ADMIN_PASSWORD, clientFor, type TestServer, withHeaders } from "./helpers.js";
 
@@ -98,7 +102,7 @@ export async function connectedWithCertificate(
   );
   if ((await sessionManager.connect()) === "error") throw new Error("the TLS connection did not open");
   const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
-  return { client: createClient(MachineUserService, transport), sessionManager };
+  return { client: createClient(MachineUserService, transport), transport, sessionManager };
 }
 
 /** The machine user a CheckAuthentication answered with, or its refusal. */
@@ -107,4 +111,52 @@ export function authenticatedAs(call: Promise<{ machineUserId: string }>) {
     (r) => r.machineUserId,
     (err: unknown) => rejection(Promise.reject(err)),
   );
+}
+
+/** Clients of the three services, as the bootstrap admin, over TLS without a client certificate. */
+export async function adminClients(ts: TestServer): Promise<ReturnType<typeof clients>> {
+  const plain = createConnectTransport({
+    baseUrl: ts.server.url,
+    httpVersion: "2",
+    nodeOptions: { ca: ts.certs.ca },
+  });
+  return clients(plain, await adminLogin(plain));
+}
+
+/** A client certificate of the test CA: PEMs, SHA-256 fingerprint (hex) and notAfter (epoch ms). */
+export interface ClientPem {
+  cert: Buffer;
+  key: Buffer;
+  fingerprint: string;
+  notAfter: number;
+}
+
+/** A new client certificate issued by `ts`'s CA, valid `validityDays` (the CA's default when omitted). */
+export async function mintClientCertificate(ts: TestServer, validityDays?: number): Promise<ClientPem> {
+  const out = join(mkdtempSync(join(tmpdir(), "tessera-client-")), "client");
+  await createClientCertificate(ts.certs.dir, `client-${short()}`, out, validityDays ? { validityDays } : {});
+  const cert = readFileSync(join(out, "client.crt"));
+  const parsed = new X509Certificate(cert);
+  return {
+    cert,
+    key: readFileSync(join(out, "client.key")),
+    fingerprint: parsed.fingerprint256.replace(/:/g, "").toLowerCase(),
+    notAfter: Date.parse(parsed.validTo),
+  };
+}
+
+/** A new bearer machine user holding `scopes`, bound to the certificate of `fingerprint`; its id. */
+export async function boundMachineUser(
+  admin: ReturnType<typeof clients>,
+  name: string,
+  fingerprint: string,
+  scopes: string[] = [],
+): Promise<string> {
+  const mu = (await admin.machines.createMachineUser({ name, authType: MachineAuthType.BEARER, scopes }))
+    .machineUser!;
+  await admin.machines.bindCertificate({
+    machineUserId: mu.id,
+    identity: { case: "sha256Fingerprint", value: fingerprint },
+  });
+  return mu.id;
 }

@@ -7,7 +7,7 @@ import type { TLSSocket } from "node:tls";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
-import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import {
   createCertificateAuthority,
   createClientCertificate,
@@ -16,7 +16,12 @@ import {
 } from "../src/certs/index.js";
 import { Code, rejection } from "./errors-util.js";
 import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
-import { adminLogin, authenticatedAs, clients, connectedWithCertificate } from "./machine-fixtures.js";
+import {
+  adminClients,
+  authenticatedAs,
+  boundMachineUser,
+  connectedWithCertificate,
+} from "./machine-fixtures.js";
 
 interface Pem {
   cert: string;
@@ -32,27 +37,6 @@ async function mint(caDir: string, name: string): Promise<Pem> {
     key: readFileSync(r.keyPath, "utf8"),
     fingerprint: r.sha256Fingerprint,
   };
-}
-
-/** The bootstrap admin's clients, over a connection without a client certificate. */
-async function adminClients(ts: TestServer): Promise<ReturnType<typeof clients>> {
-  const plain = createConnectTransport({
-    baseUrl: ts.server.url,
-    httpVersion: "2",
-    nodeOptions: { ca: ts.certs.ca },
-  });
-  return clients(plain, await adminLogin(plain));
-}
-
-/** A new machine user bound to `pem`'s certificate (by fingerprint); its id. */
-async function boundMachineUser(admin: ReturnType<typeof clients>, name: string, pem: Pem): Promise<string> {
-  const mu = (await admin.machines.createMachineUser({ name, authType: MachineAuthType.BEARER }))
-    .machineUser!;
-  await admin.machines.bindCertificate({
-    machineUserId: mu.id,
-    identity: { case: "sha256Fingerprint", value: pem.fingerprint },
-  });
-  return mu.id;
 }
 
 /** An HTTP/2 connection of its own (one TLS handshake), kept open by the caller. */
@@ -145,7 +129,7 @@ describe("reloading certificates and the CRL without a restart", () => {
   it("stops a revoked, bound certificate from authenticating in optional mode", async () => {
     ts = await startTestServer(SQLITE, { server: { mtls: "optional" } });
     const backend = await mint(ts.certs.dir, "bound-backend");
-    const id = await boundMachineUser(await adminClients(ts), "bound", backend);
+    const id = await boundMachineUser(await adminClients(ts), "bound", backend.fingerprint);
     const viaCert = () =>
       createClient(
         MachineUserService,
@@ -167,7 +151,7 @@ describe("reloading certificates and the CRL without a restart", () => {
     ts = await startTestServer(SQLITE, { server: { mtls: "optional" } });
     const old = await mint(ts.certs.dir, "old-ca-backend");
     const admin = await adminClients(ts);
-    const bound = (name: string, pem: Pem) => boundMachineUser(admin, name, pem);
+    const bound = (name: string, pem: Pem) => boundMachineUser(admin, name, pem.fingerprint);
     const oldId = await bound("old-ca-backend", old);
     const connected = (pem: Pem) => connectedWithCertificate(ts!, pem);
     const outcome = authenticatedAs;

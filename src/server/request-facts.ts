@@ -4,7 +4,7 @@ import type { DetailedPeerCertificate, TLSSocket } from "node:tls";
 import type { HeaderSource } from "../auth/credentials.js";
 import type { PeerCertificateInfo } from "../auth/principal.js";
 import { normaliseSerial } from "../certs/serial.js";
-import { chainEnd, chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
+import { chainEnd, chainsTo, earliestEnd, type TrustAnchors } from "../certs/trust-anchors.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
 import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
@@ -90,16 +90,6 @@ function parseCertificate(
     info: { ...parsed, notAfter },
     notAfter,
   };
-}
-
-/** The earliest notAfter of `chain` (ms since the epoch); one that does not parse counts as passed. */
-function earliestEnd(chain: readonly X509Certificate[]): number {
-  let end = Number.POSITIVE_INFINITY;
-  for (const cert of chain) {
-    const t = Date.parse(cert.validTo);
-    end = Number.isNaN(t) ? Number.NEGATIVE_INFINITY : Math.min(end, t);
-  }
-  return chain.length > 0 ? end : Number.NEGATIVE_INFINITY;
 }
 
 /** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */

@@ -1,21 +1,29 @@
 import "reflect-metadata";
 import { execFile, spawnSync } from "node:child_process";
 import { webcrypto, X509Certificate } from "node:crypto";
-import { appendFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, writeFileSync } from "node:fs";
 import https from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as x509 from "@peculiar/x509";
 import { afterEach, describe, expect, it } from "vitest";
-import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
-import { createClientCertificate, writeCrl } from "../../src/certs/index.js";
-import { Code as Codes, rejection } from "../errors-util.js";
+import { writeCrl } from "../../src/certs/index.js";
+import { Code as Codes } from "../errors-util.js";
 import { createTestCerts, DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import {
+  adminClients,
+  adminLogin,
+  authenticatedAs,
+  boundMachineUser,
+  clients,
+  connectedWithCertificate,
+  mintClientCertificate,
+  short,
+} from "../machine-fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
 
 /**
@@ -23,27 +31,6 @@ import { Watcher } from "../watch-fixtures.js";
  * budget of passwords), against a real server over TLS: each test is a finding of that
  * review, failing on the main it was found on, and holds with its fix.
  */
-
-interface Pem {
-  cert: Buffer;
-  key: Buffer;
-  fingerprint: string;
-  /** Its notAfter, ms since the epoch. */
-  notAfter: number;
-}
-
-async function mint(ts: TestServer, validityDays: number): Promise<Pem> {
-  const out = join(mkdtempSync(join(tmpdir(), "tessera-review-")), "client");
-  await createClientCertificate(ts.certs.dir, `client-${short()}`, out, { validityDays });
-  const cert = readFileSync(join(out, "client.crt"));
-  const parsed = new X509Certificate(cert);
-  return {
-    cert,
-    key: readFileSync(join(out, "client.key")),
-    fingerprint: parsed.fingerprint256.replace(/:/g, "").toLowerCase(),
-    notAfter: Date.parse(parsed.validTo),
-  };
-}
 
 const DAY_MS = 86_400_000;
 const EC = { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" };
@@ -272,31 +259,10 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       undefined,
       { clock: clock.now },
     );
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const admin = clients(plain, await adminLogin(plain));
-    const machine = (
-      await admin.machines.createMachineUser({
-        name: `watcher-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).machineUser!;
-    const pem = await mint(ts, 1);
-    await admin.machines.bindCertificate({
-      machineUserId: machine.id,
-      identity: { case: "sha256Fingerprint", value: pem.fingerprint },
-    });
+    const pem = await mintClientCertificate(ts, 1);
+    await boundMachineUser(await adminClients(ts), `watcher-${short()}`, pem.fingerprint, ["auth:verify"]);
     // No Authorization header: the stream is authenticated by the certificate alone.
-    const sessionManager = new Http2SessionManager(
-      ts.server.url,
-      {},
-      { ca: ts.certs.ca, cert: pem.cert, key: pem.key },
-    );
-    const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
+    const { transport, sessionManager } = await connectedWithCertificate(ts, pem);
     const watcher = new Watcher(createClient(VerificationService, transport));
     try {
       await watcher.first();
@@ -322,30 +288,9 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       server: { mtls: "optional" },
       verification: { watchHeartbeatSeconds: 1 },
     });
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const admin = clients(plain, await adminLogin(plain));
-    const machine = (
-      await admin.machines.createMachineUser({
-        name: `watcher-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).machineUser!;
-    const pem = await mint(ts, 30);
-    await admin.machines.bindCertificate({
-      machineUserId: machine.id,
-      identity: { case: "sha256Fingerprint", value: pem.fingerprint },
-    });
-    const sessionManager = new Http2SessionManager(
-      ts.server.url,
-      {},
-      { ca: ts.certs.ca, cert: pem.cert, key: pem.key },
-    );
-    const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
+    const pem = await mintClientCertificate(ts, 30);
+    await boundMachineUser(await adminClients(ts), `watcher-${short()}`, pem.fingerprint, ["auth:verify"]);
+    const { transport, sessionManager } = await connectedWithCertificate(ts, pem);
     const watcher = new Watcher(createClient(VerificationService, transport));
     try {
       await watcher.first();
@@ -402,39 +347,18 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
     const pki = await outlivingLeaf(`Short CA ${short()}`);
     appendFileSync(join(certs.dir, "ca.crt"), `\n${pki.caPem}\n`);
     ts = await startTestServer(db, { server: { mtls: "optional" } }, certs, { clock: clock.now });
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const admin = clients(plain, await adminLogin(plain));
-    const machine = (
-      await admin.machines.createMachineUser({ name: `backend-${short()}`, authType: MachineAuthType.BEARER })
-    ).machineUser!;
-    await admin.machines.bindCertificate({
-      machineUserId: machine.id,
-      identity: { case: "sha256Fingerprint", value: pki.fingerprint },
-    });
+    const machineId = await boundMachineUser(await adminClients(ts), `backend-${short()}`, pki.fingerprint);
     // The handshake verifies the leaf by the real CA (in the server's store); the forgery, sent
     // after it, is the certificate Node reports as the leaf's issuer.
-    const sessionManager = new Http2SessionManager(
-      ts.server.url,
-      {},
-      { ca: ts.certs.ca, cert: `${pki.leafPem}\n${pki.forgedPem}\n`, key: pki.key },
-    );
-    const client = createClient(
-      MachineUserService,
-      createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager }),
-    );
-    const outcome = () =>
-      client.checkAuthentication({}).then(
-        (r) => r.machineUserId,
-        (err: unknown) => rejection(Promise.reject(err)),
-      );
+    const { client, sessionManager } = await connectedWithCertificate(ts, {
+      cert: `${pki.leafPem}\n${pki.forgedPem}\n`,
+      key: pki.key,
+    });
+    const outcome = () => authenticatedAs(client.checkAuthentication({}));
     try {
-      expect(await outcome()).toBe(machine.id);
+      expect(await outcome()).toBe(machineId);
       clock.pin(pki.caNotAfter);
-      expect(await outcome()).toBe(machine.id);
+      expect(await outcome()).toBe(machineId);
       clock.pin(pki.caNotAfter + 1);
       const r = await outcome();
       expect(r, "the certificate outlived its CA on its open connection").not.toBeTypeOf("string");
@@ -450,19 +374,7 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
     const pki = await intermediateChain();
     appendFileSync(join(certs.dir, "ca.crt"), `\n${pki.rootPem}\n`);
     ts = await startTestServer(db, { server: { mtls: "optional" } }, certs, { clock: clock.now });
-    const plain = createConnectTransport({
-      baseUrl: ts.server.url,
-      httpVersion: "2",
-      nodeOptions: { ca: ts.certs.ca },
-    });
-    const admin = clients(plain, await adminLogin(plain));
-    const machine = (
-      await admin.machines.createMachineUser({ name: `backend-${short()}`, authType: MachineAuthType.BEARER })
-    ).machineUser!;
-    await admin.machines.bindCertificate({
-      machineUserId: machine.id,
-      identity: { case: "sha256Fingerprint", value: pki.fingerprint },
-    });
+    const machineId = await boundMachineUser(await adminClients(ts), `backend-${short()}`, pki.fingerprint);
     const reused: boolean[] = [];
     const record = (socket: import("node:tls").TLSSocket) => reused.push(socket.isSessionReused());
     ts.server.server.on("secureConnection", record);
@@ -478,8 +390,8 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
       });
     const agent = agentOf();
     try {
-      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machine.id);
-      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machine.id);
+      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machineId);
+      expect(await checkOverHttp1(ts.server.url, agent)).toBe(machineId);
       expect(reused, "the second connection resumed the first one's session").toEqual([false, true]);
       // Past the intermediate's end (the leaf's is days later), a full handshake's certificate authenticates nothing.
       clock.pin(pki.interNotAfter + 1);
@@ -495,12 +407,7 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
     "a client cannot swap its certificate by renegotiating: a self-signed one bearing a machine user's SAN URI authenticates no one",
     async () => {
       ts = await startTestServer(db, { server: { mtls: "optional" } });
-      const plain = createConnectTransport({
-        baseUrl: ts.server.url,
-        httpVersion: "2",
-        nodeOptions: { ca: ts.certs.ca },
-      });
-      const admin = clients(plain, await adminLogin(plain));
+      const admin = await adminClients(ts);
       const uri = `spiffe://victim/${short()}`;
       const victim = (
         await admin.machines.createMachineUser({
