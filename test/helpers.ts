@@ -17,7 +17,7 @@ import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev
 import type { Clock } from "../src/clock.js";
 import { type ConfigInput, loadConfig } from "../src/config.js";
 import { startServer, type TesseraServer } from "../src/server.js";
-import { initORM } from "../src/storage/orm.js";
+import { initORM, isSchemaDroppedMeanwhile, type Storage } from "../src/storage/orm.js";
 import { LOG_SCAN_DIR, scanDestination } from "./log-scan-suite.js";
 
 /** The databases every storage-dependent test runs against. */
@@ -145,6 +145,24 @@ export async function dropSchema(url: string): Promise<void> {
     await storage.em.getConnection().execute(`drop schema if exists "${schema}" cascade`);
   } finally {
     await storage.close();
+  }
+}
+
+/**
+ * Run the migrator up or down to one migration, as a migration test does before writing
+ * rows in an older schema. MikroORM's migrator first lists every table of the database, so
+ * another test dropping its schema at that moment fails the look-up (nothing applied yet):
+ * tried again, as `Storage.migrate` does.
+ */
+export async function migrateTo(storage: Storage, direction: "up" | "down", to: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await storage.orm.getMigrator()[direction]({ to });
+      return;
+    } catch (err) {
+      if (storage.target.kind !== "postgresql" || attempt >= 4 || !isSchemaDroppedMeanwhile(err)) throw err;
+      await new Promise((r) => setTimeout(r, 25 * attempt));
+    }
   }
 }
 

@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { MachineUserCertificate } from "../src/storage/machine-entities.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema } from "./helpers.js";
+import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
 
 /**
  * The proven-bindings migration adds `proven` to certificate bindings: every binding made
@@ -19,7 +19,7 @@ describe.each(DATABASES)("proven certificate bindings migration ($name)", (db) =
   it("marks every existing binding unproven, and drops the column on the way down", async () => {
     url = db.url();
     storage = await initORM({ url, migrate: false });
-    await storage.orm.getMigrator().up({ to: "Migration20261204213000_usernames_per_tenant" });
+    await migrateTo(storage, "up", "Migration20261204213000_usernames_per_tenant");
     const at = new Date("2026-12-01T10:00:00Z");
     const knex = storage.em.fork().getKnex();
     await knex("tenants").insert({ id: "t1", name: "t1", disabled: false, created_at: at, updated_at: at });
@@ -44,7 +44,7 @@ describe.each(DATABASES)("proven certificate bindings migration ($name)", (db) =
     const bindings = await storage.em.fork().find(MachineUserCertificate, {});
     expect(bindings.map((b) => [b.id, b.proven])).toEqual([["b1", false]]);
 
-    await storage.orm.getMigrator().down({ to: "Migration20261204213000_usernames_per_tenant" });
+    await migrateTo(storage, "down", "Migration20261204213000_usernames_per_tenant");
     const columns = Object.keys(await knex("machine_user_certificates").columnInfo());
     expect(columns).not.toContain("proven");
     expect(columns).toContain("sha256_fingerprint");

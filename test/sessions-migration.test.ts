@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { RefreshToken, Session, Tenant } from "../src/storage/entities.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema } from "./helpers.js";
+import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
 
 /**
  * The sessions migration gives every refresh-token family that existed before it a
@@ -19,7 +19,7 @@ describe.each(DATABASES)("sessions migration ($name)", (db) => {
   it("backfills one session per existing refresh-token family, revoked when the family was", async () => {
     url = db.url();
     storage = await initORM({ url, migrate: false });
-    await storage.orm.getMigrator().up({ to: "Migration20261123110000_machine_users" });
+    await migrateTo(storage, "up", "Migration20261123110000_machine_users");
     const em = storage.em.fork();
     const at = new Date("2026-11-30T10:00:00Z");
     await em.insert(Tenant, { id: "t1", name: "t1", disabled: false, createdAt: at, updatedAt: at });

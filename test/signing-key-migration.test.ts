@@ -2,7 +2,7 @@ import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import { afterEach, describe, expect, it } from "vitest";
 import { SigningKey } from "../src/storage/entities.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema } from "./helpers.js";
+import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
 
 /**
  * The signing key schedule migration numbers existing keys in creation order and lets them
@@ -19,7 +19,7 @@ describe.each(DATABASES)("signing key schedule migration ($name)", (db) => {
   it("numbers existing keys by creation and activates them at their creation", async () => {
     url = db.url();
     storage = await initORM({ url, migrate: false });
-    await storage.orm.getMigrator().up({ to: "Migration20261204213000_usernames_per_tenant" });
+    await migrateTo(storage, "up", "Migration20261204213000_usernames_per_tenant");
     const knex = storage.em.fork().getKnex();
     const at = (s: number) => new Date(Date.parse("2026-11-01T00:00:00Z") + s * 1000);
     // Rows as the schema before this migration has them; two created in the same instant.

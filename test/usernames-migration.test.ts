@@ -2,7 +2,7 @@ import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import { afterEach, describe, expect, it } from "vitest";
 import { User } from "../src/storage/entities.js";
 import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema } from "./helpers.js";
+import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
 
 /**
  * The per-tenant usernames migration keeps every existing user (marked to keep logging in
@@ -20,7 +20,7 @@ describe.each(DATABASES)("usernames per tenant migration ($name)", (db) => {
   it("keeps existing users and makes usernames unique per tenant instead of globally", async () => {
     url = db.url();
     storage = await initORM({ url, migrate: false });
-    await storage.orm.getMigrator().up({ to: "Migration20261204200000_sessions" });
+    await migrateTo(storage, "up", "Migration20261204200000_sessions");
     const at = new Date("2026-11-30T10:00:00Z");
     const user = (id: string, tenantId: string, username: string) => ({
       id,
@@ -65,7 +65,7 @@ describe.each(DATABASES)("usernames per tenant migration ($name)", (db) => {
 
     // Down again (once no name is in two tenants): one username across all tenants.
     await storage.em.fork().nativeDelete(User, { id: "u2" });
-    await storage.orm.getMigrator().down({ to: "Migration20261204200000_sessions" });
+    await migrateTo(storage, "down", "Migration20261204200000_sessions");
     await expect(knex("users").insert(oldRow("u4", "t2", "alice"))).rejects.toThrow(/unique/i);
   });
 });
