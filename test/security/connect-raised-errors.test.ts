@@ -122,7 +122,10 @@ function outcomeOf(protocol: Protocol, raw: Raw): Outcome {
     for (let at = 0; at + 5 <= raw.body.length; ) {
       const length = raw.body.readUInt32BE(at + 1);
       if (raw.body[at]! & 0x80)
-        for (const line of raw.body.subarray(at + 5, at + 5 + length).toString("latin1").split("\r\n")) {
+        for (const line of raw.body
+          .subarray(at + 5, at + 5 + length)
+          .toString("latin1")
+          .split("\r\n")) {
           const colon = line.indexOf(":");
           if (colon > 0) t[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
         }
@@ -253,7 +256,13 @@ describe("errors Connect raises itself on a unary call", () => {
               body: Buffer.from(JSON.stringify({ username: "a".repeat(READ_MAX * 2), password: "x" })),
             }
           : request(protocol, login);
-      const { header } = await expectAnswer(protocol, LOGIN, req, Code.ResourceExhausted, "MESSAGE_TOO_LARGE");
+      const { header } = await expectAnswer(
+        protocol,
+        LOGIN,
+        req,
+        Code.ResourceExhausted,
+        "MESSAGE_TOO_LARGE",
+      );
       await ts.app.audit.flush();
       const rows = await ts.app.sql.all<Record<string, unknown>>(
         "select action, outcome, reason from audit_events where request_id = ?",
