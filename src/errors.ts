@@ -45,6 +45,7 @@ export type ErrorReason =
   | TesseraAuthReason
   | "MULTIPLE_CREDENTIALS"
   | "INVALID_ARGUMENT"
+  | "MESSAGE_TOO_LARGE"
   | "NOT_FOUND"
   | "ALREADY_EXISTS"
   | "FAILED_PRECONDITION"
@@ -81,6 +82,9 @@ export const REASONS: Readonly<Record<ErrorReason, ReasonSpec>> = {
   ALREADY_EXISTS: { code: Code.AlreadyExists, title: "Conflict" },
   FAILED_PRECONDITION: { code: Code.FailedPrecondition, title: "Precondition Failed" },
   RATE_LIMITED: { code: Code.ResourceExhausted, title: "Too Many Requests" },
+  // A request over a size limit: ResourceExhausted as Connect raises it (so HTTP 429), but
+  // not a rate limit, which tells a client to retry later; the same request never passes.
+  MESSAGE_TOO_LARGE: { code: Code.ResourceExhausted, title: "Content Too Large" },
   UNAVAILABLE: { code: Code.Unavailable, title: "Service Unavailable" },
   // The other codes Connect itself answers with (an encoding Tessera does not support, a
   // deadline that passed…): named after their code, so that only Tessera's faults say INTERNAL.
@@ -213,7 +217,11 @@ export function toConnectError(
   return ce;
 }
 
-/** The reason of an error that carries only a Connect code (raised by Connect itself: framing, parsing, limits). */
+/**
+ * The reason of an error that carries only a Connect code (raised by Connect itself: framing,
+ * parsing, limits). Connect's ResourceExhausted is always a size limit (a message or body too
+ * large): Tessera's rate limits are TesseraErrors with reason RATE_LIMITED.
+ */
 export function reasonForCode(code: Code): ErrorReason {
   return REASON_OF_CODE[code] ?? "INTERNAL";
 }
@@ -225,7 +233,7 @@ const REASON_OF_CODE: Partial<Record<Code, ErrorReason>> = {
   [Code.NotFound]: "NOT_FOUND",
   [Code.AlreadyExists]: "ALREADY_EXISTS",
   [Code.FailedPrecondition]: "FAILED_PRECONDITION",
-  [Code.ResourceExhausted]: "RATE_LIMITED",
+  [Code.ResourceExhausted]: "MESSAGE_TOO_LARGE",
   [Code.Unavailable]: "UNAVAILABLE",
   [Code.Unimplemented]: "UNIMPLEMENTED",
   [Code.DeadlineExceeded]: "DEADLINE_EXCEEDED",

@@ -20,13 +20,14 @@ describe("the SDK's errors", () => {
     const errorClasses = Object.entries(sdk).filter(
       ([name, value]) => /^[A-Z]\w*Error$/.test(name) && typeof value === "function",
     );
-    // The barrel names eleven error classes; a new one must extend the base class too.
+    // The barrel names twelve error classes; a new one must extend the base class too.
     expect(errorClasses.map(([name]) => name).sort()).toEqual([
       "AlreadyExistsError",
       "AuthenticationError",
       "ClientConfigError",
       "CredentialsFileError",
       "InvalidArgumentError",
+      "MessageTooLargeError",
       "NotFoundError",
       "PermissionDeniedError",
       "RateLimitedError",

@@ -11,6 +11,7 @@ import {
   Code,
   CredentialsFileError,
   InvalidArgumentError,
+  MessageTooLargeError,
   NotFoundError,
   PermissionDeniedError,
   RateLimitedError,
@@ -124,6 +125,18 @@ describe("typed errors from a real server", () => {
       const err = await failure(api.users.createUser({ username: "", password: "a long enough password" }));
       expect(err).toBeInstanceOf(InvalidArgumentError);
       expect(err.reason).toBe("INVALID_ARGUMENT");
+      api.close();
+    });
+
+    it("raises MessageTooLargeError, not RateLimitedError, for a request over the server's size limit", async () => {
+      const api = client();
+      // Over server.readMaxBytes (64 KiB by default): refused by Connect before any interceptor.
+      const err = await failure(api.login("admin", "x".repeat(100 * 1024)));
+      expect(err).toBeInstanceOf(MessageTooLargeError);
+      expect(err).not.toBeInstanceOf(RateLimitedError);
+      expect(err.code).toBe(Code.ResourceExhausted);
+      expect(err.reason).toBe("MESSAGE_TOO_LARGE");
+      expect(err.requestId).toMatch(UUID);
       api.close();
     });
   });
@@ -258,6 +271,7 @@ describe("the error classes' names", () => {
       [new InvalidArgumentError("m", init), "InvalidArgumentError"],
       [new AlreadyExistsError("m", init), "AlreadyExistsError"],
       [new RateLimitedError("m", init), "RateLimitedError"],
+      [new MessageTooLargeError("m", init), "MessageTooLargeError"],
       [new UnavailableError("m", init), "UnavailableError"],
       [new ClientConfigError("m"), "ClientConfigError"],
       [new CredentialsFileError("m"), "CredentialsFileError"],

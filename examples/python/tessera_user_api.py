@@ -35,6 +35,7 @@ __all__ = [
     "InvalidArgumentError",
     "AlreadyExistsError",
     "RateLimitedError",
+    "MessageTooLargeError",
     "UnavailableError",
     "ClientConfigError",
     "has_scope",
@@ -97,6 +98,11 @@ class AlreadyExistsError(TesseraClientError):
 
 class RateLimitedError(TesseraClientError):
     """RESOURCE_EXHAUSTED: rate limited; wait `retry_after` seconds (None when not sent)."""
+
+
+class MessageTooLargeError(TesseraClientError):
+    """RESOURCE_EXHAUSTED with reason MESSAGE_TOO_LARGE: the request is over the server's size
+    limit. Not a rate limit: the same request never passes, so retrying it does not help."""
 
 
 class UnavailableError(TesseraClientError):
@@ -329,6 +335,8 @@ class UserAPI:
                 retry_after = int(value)
         if code == grpc.StatusCode.UNAUTHENTICATED and reason == "TOKEN_EXPIRED":
             cls = TokenExpiredError
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "MESSAGE_TOO_LARGE":
+            cls = MessageTooLargeError
         else:
             cls = _CLASSES.get(code, TesseraClientError)
         # The server's message never holds a credential; grpcio's own (a failed connection) neither.

@@ -260,18 +260,16 @@ export function createAdmissionHooks(
   }
 
   return {
-    // An error Connect raised itself (no ErrorInfo: a body that does not parse, too large…,
-    // before the interceptors): admission first finishes what it left for the pipeline
-    // (admitFailedCall), so its refusal is the answer and is audited; else Connect's own
-    // InvalidArgument gets the reason and request id every other refusal carries.
+    // An error Connect raised itself (no ErrorInfo: a body that does not parse, too large, an
+    // unsupported encoding…, before the interceptors): admission first finishes what it left
+    // for the pipeline (admitFailedCall), so its refusal is the answer and is audited; else
+    // Connect's error, whatever its code, gets the reason and request id every other error
+    // carries (reasonForCode), as a stream's do in the error interceptor.
     callError: (error, values, method, headers) => {
       if (tesseraErrorInfo(error) !== undefined) return error;
       const state = requestState(values);
       const name = `${method.parent.typeName}/${method.name}`;
-      const answer = (decided: unknown): ConnectError =>
-        decided !== error || error.code === Code.InvalidArgument
-          ? toWireError(decided, state, name, app.logger)
-          : error;
+      const answer = (decided: unknown): ConnectError => toWireError(decided, state, name, app.logger);
       const decided = admitFailedCall(admission, method, headers, state, error);
       return decided instanceof Promise ? decided.then(answer) : answer(decided);
     },

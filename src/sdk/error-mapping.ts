@@ -6,6 +6,7 @@ import {
   AuthenticationError,
   type ClientErrorInit,
   InvalidArgumentError,
+  MessageTooLargeError,
   NotFoundError,
   PermissionDeniedError,
   parseRetryAfter,
@@ -80,6 +81,8 @@ export function toClientError(
     case Code.AlreadyExists:
       return new AlreadyExistsError(message, init);
     case Code.ResourceExhausted:
+      // A size limit shares the code of a rate limit, but waiting does not help it.
+      if (init.reason === "MESSAGE_TOO_LARGE") return new MessageTooLargeError(message, init);
       return new RateLimitedError(message, {
         ...init,
         retryAfter: parseRetryAfter(ce.metadata.get("retry-after")),

@@ -88,6 +88,13 @@ export class RateLimitedError extends TesseraClientError {
   }
 }
 
+/**
+ * ResourceExhausted with reason MESSAGE_TOO_LARGE: the request (a message, or the whole body)
+ * is over the server's size limit. Not a rate limit: the same request never passes, so
+ * retrying it does not help.
+ */
+export class MessageTooLargeError extends TesseraClientError {}
+
 /** Unavailable: the server cannot be reached (wrong address, TLS refused, down) or is not ready. */
 export class UnavailableError extends TesseraClientError {}
 
@@ -148,6 +155,7 @@ for (const [name, cls] of Object.entries({
   InvalidArgumentError,
   AlreadyExistsError,
   RateLimitedError,
+  MessageTooLargeError,
   UnavailableError,
   ClientConfigError,
   CredentialsFileError,

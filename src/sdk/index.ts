@@ -42,6 +42,7 @@ export {
   type ClientErrorInit,
   CredentialsFileError,
   InvalidArgumentError,
+  MessageTooLargeError,
   NotFoundError,
   PermissionDeniedError,
   RateLimitedError,

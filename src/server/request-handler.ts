@@ -177,6 +177,9 @@ export function createRequestHandler(
       if (n > maxStreamsPerIp) {
         setCommonHeaders();
         refuseStream(req, res);
+        // A limit on streams held at once (retry once one ends): RATE_LIMITED in the access log
+        // and metrics, not the reason of Connect's own ResourceExhausted (a size limit).
+        stateOf(req).errorInfo = { reason: "RATE_LIMITED", requestId };
         observe?.(stateOf(req), req.headers, method, streamProtocol(req), Code.ResourceExhausted);
         return;
       }

@@ -1,0 +1,310 @@
+import type http2 from "node:http2";
+import { gzipSync } from "node:zlib";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { anyUnpack } from "@bufbuild/protobuf/wkt";
+import { Code } from "@connectrpc/connect";
+import { codeFromString } from "@connectrpc/connect/protocol-connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
+import { HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js";
+import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
+import { ERROR_DOMAIN } from "../../src/errors.js";
+import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { captureLogs, envelope } from "./fixtures.js";
+
+/**
+ * Errors Connect raises itself on a unary call, before the interceptors (a body or message
+ * over a limit, an encoding Tessera does not support, a gRPC body with no message or two),
+ * carry Tessera's ErrorInfo like every other error: a reason and the request id (the
+ * `X-Request-Id` answered), on every protocol and on both transports (the `unit` project
+ * runs the fast one, `connect` connect-node's stock adapter). A size limit is
+ * MESSAGE_TOO_LARGE, never RATE_LIMITED (which tells a client to retry later).
+ */
+
+const CHECK = "/grpc.health.v1.Health/Check";
+const LOGIN = "/tessera.v1.UserService/Login";
+const WATCH = "/grpc.health.v1.Health/Watch";
+/** server.readMaxBytes here: a message over it, whose body is under server.maxBodyBytes, is refused by Connect's reader. */
+const READ_MAX = 1024;
+const MAX_BODY = 16 * 1024;
+
+type Protocol = "connect-json" | "connect-proto" | "grpc" | "grpc-web";
+const PROTOCOLS: readonly Protocol[] = ["connect-json", "connect-proto", "grpc", "grpc-web"];
+
+const CONTENT_TYPE: Record<Protocol, string> = {
+  "connect-json": "application/json",
+  "connect-proto": "application/proto",
+  grpc: "application/grpc",
+  "grpc-web": "application/grpc-web+proto",
+};
+
+/** What a client reads of a failed call: its code, and its Tessera ErrorInfo if any. */
+interface Outcome {
+  code: Code | undefined;
+  reason: string | undefined;
+  requestId: string | undefined;
+  /** The answer's X-Request-Id header. */
+  header: string | undefined;
+  /** The Connect JSON envelope's top-level fields (Connect protocol only). */
+  envelope?: { reason?: string; request_id?: string; error?: string };
+}
+
+interface Raw {
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+/** One raw HTTP/2 POST over TLS. The server may answer before the body is sent in full: the reset that follows is expected. */
+function post(ts: TestServer, path: string, headers: Record<string, string>, body: Uint8Array): Promise<Raw> {
+  return new Promise((resolve, reject) => {
+    const session = ts.session();
+    session.on("error", () => undefined);
+    const req = session.request({ ":method": "POST", ":path": path, ...headers });
+    let head: http2.IncomingHttpHeaders | undefined;
+    let trailers: http2.IncomingHttpHeaders = {};
+    const chunks: Buffer[] = [];
+    const done = () => {
+      session.close();
+      if (head === undefined) reject(new Error("no answer"));
+      else resolve({ headers: head, trailers, body: Buffer.concat(chunks) });
+    };
+    req.on("response", (h) => {
+      head = h;
+    });
+    req.on("trailers", (t) => {
+      trailers = t;
+    });
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", done);
+    req.on("error", () => (head === undefined ? reject(new Error("reset before an answer")) : undefined));
+    req.on("close", () => (req.readableEnded ? undefined : done()));
+    req.end(body);
+  });
+}
+
+/** The Tessera ErrorInfo of a google.rpc.Status in base64 (grpc-status-details-bin). */
+function infoOfStatus(bin: string | undefined): { reason?: string; requestId?: string } {
+  if (bin === undefined) return {};
+  const status = fromBinary(StatusSchema, Buffer.from(bin, "base64"));
+  for (const any of status.details) {
+    const info = anyUnpack(any, ErrorInfoSchema);
+    if (info?.domain === ERROR_DOMAIN) return { reason: info.reason, requestId: info.metadata.request_id };
+  }
+  return {};
+}
+
+function outcomeOf(protocol: Protocol, raw: Raw): Outcome {
+  const header = raw.headers["x-request-id"] as string | undefined;
+  if (protocol === "connect-json" || protocol === "connect-proto") {
+    const body = JSON.parse(raw.body.toString()) as {
+      code: string;
+      reason?: string;
+      request_id?: string;
+      error?: string;
+      details?: { type?: string; value?: string }[];
+    };
+    const detail = body.details?.find((d) => d.type === ErrorInfoSchema.typeName);
+    const info = detail?.value ? fromBinary(ErrorInfoSchema, Buffer.from(detail.value, "base64")) : undefined;
+    return {
+      code: codeFromString(body.code),
+      reason: info?.domain === ERROR_DOMAIN ? info.reason : undefined,
+      requestId: info?.metadata.request_id,
+      header,
+      envelope: { reason: body.reason, request_id: body.request_id, error: body.error },
+    };
+  }
+  let t: http2.IncomingHttpHeaders = { ...raw.headers, ...raw.trailers };
+  if (protocol === "grpc-web") {
+    // The trailers are the body's last frame (flag 0x80): `name: value` lines.
+    t = {};
+    for (let at = 0; at + 5 <= raw.body.length; ) {
+      const length = raw.body.readUInt32BE(at + 1);
+      if (raw.body[at]! & 0x80)
+        for (const line of raw.body
+          .subarray(at + 5, at + 5 + length)
+          .toString("latin1")
+          .split("\r\n")) {
+          const colon = line.indexOf(":");
+          if (colon > 0) t[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+        }
+      at += 5 + length;
+    }
+  }
+  const status = t["grpc-status"] as string | undefined;
+  const info = infoOfStatus(t["grpc-status-details-bin"] as string | undefined);
+  return {
+    code: status === undefined ? undefined : (Number(status) as Code),
+    reason: info.reason,
+    requestId: info.requestId,
+    header,
+  };
+}
+
+/** A protobuf message whose field 1 (HealthCheckRequest.service, LoginRequest.username) is `size` bytes of "a". */
+function bigMessage(size: number): Uint8Array {
+  return toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service: "a".repeat(size) }));
+}
+
+/** The request of a case in `protocol`: its headers and body, made of `message` (protobuf bytes). */
+function request(
+  protocol: Protocol,
+  message: Uint8Array,
+  extra: { encoding?: string; compressed?: Uint8Array } = {},
+): { headers: Record<string, string>; body: Uint8Array } {
+  const headers: Record<string, string> = { "content-type": CONTENT_TYPE[protocol] };
+  const connect = protocol === "connect-json" || protocol === "connect-proto";
+  if (!connect) headers.te = "trailers";
+  if (extra.encoding) headers[connect ? "content-encoding" : "grpc-encoding"] = extra.encoding;
+  const data =
+    protocol === "connect-json"
+      ? Buffer.from(JSON.stringify({ service: Buffer.from(message.subarray(3)).toString() }))
+      : message;
+  const payload = extra.compressed ?? data;
+  if (connect) return { headers, body: payload };
+  return { headers, body: envelope(extra.compressed ? 1 : 0, payload) };
+}
+
+describe("errors Connect raises itself on a unary call", () => {
+  let ts: TestServer;
+  const logs = captureLogs("error");
+
+  beforeAll(async () => {
+    ts = await startTestServer(
+      SQLITE,
+      { server: { readMaxBytes: READ_MAX, maxBodyBytes: MAX_BODY } },
+      undefined,
+      { logger: logs.logger },
+    );
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  /** Send, then expect the code, the reason, and the request id in the ErrorInfo equal to the X-Request-Id header. */
+  async function expectAnswer(
+    protocol: Protocol,
+    path: string,
+    req: { headers: Record<string, string>; body: Uint8Array },
+    code: Code,
+    reason: string,
+  ): Promise<Outcome> {
+    const outcome = outcomeOf(protocol, await post(ts, path, req.headers, req.body));
+    expect({ code: outcome.code, reason: outcome.reason }).toEqual({ code, reason });
+    expect(outcome.header).toMatch(/\S/);
+    expect(outcome.requestId).toBe(outcome.header);
+    if (outcome.envelope) expect(outcome.envelope).toMatchObject({ reason, request_id: outcome.header });
+    // The client's fault: nothing is logged as Tessera's.
+    expect(logs.lines.filter((l) => (l.level as number) >= 50)).toEqual([]);
+    return outcome;
+  }
+
+  describe.each(PROTOCOLS)("over %s", (protocol) => {
+    it("answers a message over server.readMaxBytes ResourceExhausted with reason MESSAGE_TOO_LARGE, not RATE_LIMITED", async () => {
+      await expectAnswer(
+        protocol,
+        CHECK,
+        request(protocol, bigMessage(READ_MAX * 2)),
+        Code.ResourceExhausted,
+        "MESSAGE_TOO_LARGE",
+      );
+    });
+
+    it("answers a body over server.maxBodyBytes ResourceExhausted with reason MESSAGE_TOO_LARGE", async () => {
+      await expectAnswer(
+        protocol,
+        CHECK,
+        request(protocol, bigMessage(MAX_BODY * 2)),
+        Code.ResourceExhausted,
+        "MESSAGE_TOO_LARGE",
+      );
+    });
+
+    it("answers a compressed message that inflates past server.readMaxBytes ResourceExhausted with reason MESSAGE_TOO_LARGE", async () => {
+      const message = bigMessage(64 * 1024);
+      const compressed = gzipSync(protocol === "connect-json" ? request(protocol, message).body : message);
+      expect(compressed.byteLength).toBeLessThan(READ_MAX);
+      await expectAnswer(
+        protocol,
+        CHECK,
+        request(protocol, message, { encoding: "gzip", compressed }),
+        Code.ResourceExhausted,
+        "MESSAGE_TOO_LARGE",
+      );
+    });
+
+    it("answers an encoding Tessera does not support Unimplemented with reason UNIMPLEMENTED", async () => {
+      await expectAnswer(
+        protocol,
+        CHECK,
+        request(protocol, bigMessage(4), { encoding: "zstd" }),
+        Code.Unimplemented,
+        "UNIMPLEMENTED",
+      );
+    });
+
+    it("answers an audited method's oversized message with reason MESSAGE_TOO_LARGE and audits it so", async () => {
+      const login = toBinary(
+        LoginRequestSchema,
+        create(LoginRequestSchema, { username: "a".repeat(READ_MAX * 2), password: "x" }),
+      );
+      const req =
+        protocol === "connect-json"
+          ? {
+              headers: { "content-type": "application/json" },
+              body: Buffer.from(JSON.stringify({ username: "a".repeat(READ_MAX * 2), password: "x" })),
+            }
+          : request(protocol, login);
+      const { header } = await expectAnswer(
+        protocol,
+        LOGIN,
+        req,
+        Code.ResourceExhausted,
+        "MESSAGE_TOO_LARGE",
+      );
+      await ts.app.audit.flush();
+      const rows = await ts.app.sql.all<Record<string, unknown>>(
+        "select action, outcome, reason from audit_events where request_id = ?",
+        [header],
+      );
+      expect(rows).toEqual([
+        { action: "tessera.v1.UserService/Login", outcome: "failure", reason: "MESSAGE_TOO_LARGE" },
+      ]);
+    });
+  });
+
+  describe.each(["grpc", "grpc-web"] as const)("over %s", (protocol) => {
+    it("answers a body with no message Unimplemented with reason UNIMPLEMENTED", async () => {
+      await expectAnswer(
+        protocol,
+        CHECK,
+        { headers: request(protocol, bigMessage(1)).headers, body: new Uint8Array(0) },
+        Code.Unimplemented,
+        "UNIMPLEMENTED",
+      );
+    });
+
+    it("answers a body with two messages Unimplemented with reason UNIMPLEMENTED", async () => {
+      const one = request(protocol, bigMessage(1));
+      await expectAnswer(
+        protocol,
+        CHECK,
+        { headers: one.headers, body: Buffer.concat([one.body, one.body]) },
+        Code.Unimplemented,
+        "UNIMPLEMENTED",
+      );
+    });
+  });
+
+  it("answers a streaming call's message over the limit with reason MESSAGE_TOO_LARGE too, not RATE_LIMITED", async () => {
+    const compressed = gzipSync(bigMessage(64 * 1024));
+    await expectAnswer(
+      "grpc",
+      WATCH,
+      request("grpc", bigMessage(1), { encoding: "gzip", compressed }),
+      Code.ResourceExhausted,
+      "MESSAGE_TOO_LARGE",
+    );
+  });
+});
