@@ -1053,7 +1053,7 @@ export const MachineUserService: GenService<{
     output: typeof BindCertificateResponseSchema;
   },
   /**
-   * Remove a certificate binding from a machine user.
+   * Remove a certificate binding from a machine user; the access tokens it was issued so far end too.
    *
    * @generated from rpc tessera.v1.MachineUserService.UnbindCertificate
    */
