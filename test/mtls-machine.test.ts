@@ -346,6 +346,31 @@ describe.each(DATABASES)("machine principals over mTLS (optional mode) on $name"
     expect((await rejection(conn.checkAuthentication({}))).reason).toBe("AUTH_REQUIRED");
   });
 
+  it("refuses an access token the certificate obtained once the certificate is unbound", async () => {
+    const mu = await admin.machines.createMachineUser({
+      tenantId,
+      name: `unbound-${short()}`,
+      authType: MachineAuthType.BEARER,
+    });
+    const folder = await mint(ts.certs.dir, "unbound-backend");
+    const { binding } = await admin.machines.bindCertificate({
+      machineUserId: mu.machineUser!.id,
+      identity: { case: "sha256Fingerprint", value: folder.fingerprint },
+    });
+    const withCert = connectOver(ts, folder);
+    const { accessToken } = await createClient(MachineUserService, withCert).issueAccessToken({});
+    const bearer = clients(withCert, accessToken).machines;
+    expect((await bearer.checkAuthentication({})).machineUserId).toBe(mu.machineUser!.id);
+
+    await admin.machines.unbindCertificate({
+      machineUserId: mu.machineUser!.id,
+      identity: { case: "bindingId", value: binding!.id },
+    });
+    // The certificate is still CA-valid and still on the connection: only the unbinding
+    // stands between its holder and the machine user.
+    expect((await rejection(bearer.checkAuthentication({}))).reason).toBe("TOKEN_REVOKED");
+  });
+
   it("cuts an mTLS machine principal off on its next request when deleted", async () => {
     const mu = await admin.machines.createMachineUser({
       tenantId,

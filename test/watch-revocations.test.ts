@@ -213,7 +213,8 @@ describe.each(DATABASES)("WatchRevocations on $name", (db) => {
       machineUserId: m6.machineUser!.id,
       identity: { case: "bindingId", value: bound.binding!.id },
     });
-    await w.until(() => w.events.filter((x) => x === subject6).length === 2, 10_000, "the unbinding's event");
+    // Two rows change: the binding's, and the machine user's cut-off of the tokens it issued.
+    await w.until(() => w.events.filter((x) => x === subject6).length >= 2, 10_000, "the unbinding's event");
     w.close();
   });
 

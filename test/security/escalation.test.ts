@@ -315,6 +315,37 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
       expect(listed.backends.map((b) => b.id)).toEqual([backendId]);
     });
 
+    it("an admin:machine-users holder cannot take a stronger machine user's backend over through a machine user of its own", async () => {
+      const attacker = await userWith(["admin:machine-users"]);
+      const target = await machineWith(["swarm:deploy"]);
+      const callbackUrl = `https://${short()}.example.com/triggers`;
+      const { backendId } = await as(target.token).machines.registerBackend({
+        callbackUrl,
+        version: "1",
+        applicationId,
+      });
+      // A machine user of no scope, assigned to the application: the attacker may create it.
+      const pawn = await as(attacker.token).machines.createMachineUser({
+        name: `pawn-${short()}`,
+        authType: MachineAuthType.BEARER,
+        applicationIds: [applicationId],
+      });
+      // Registering the same URL again would make the backend the pawn's, which the attacker
+      // then manages (and deregisters).
+      await denied(as(pawn.token).machines.registerBackend({ callbackUrl, version: "2", applicationId }));
+      await denied(as(attacker.token).machines.deregisterBackend({ id: backendId }));
+      const listed = await as(root).machines.listBackends({ machineUserId: target.id });
+      expect(listed.backends.map((b) => [b.id, b.version])).toEqual([[backendId, "1"]]);
+      // A peer holding what the registrant holds (a replacement of the same service) takes it over.
+      const peer = await machineWith(["swarm:deploy"]);
+      const again = await as(peer.token).machines.registerBackend({
+        callbackUrl,
+        version: "3",
+        applicationId,
+      });
+      expect(again.backendId).toBe(backendId);
+    });
+
     it("an admin:tenants holder cannot delete an application a stronger machine user is assigned to", async () => {
       const attacker = await userWith(["admin:tenants"]);
       const { application } = await as(root).tenants.createApplication({ name: `app-${short()}` });

@@ -1053,7 +1053,7 @@ export const MachineUserService: GenService<{
     output: typeof BindCertificateResponseSchema;
   },
   /**
-   * Remove a certificate binding from a machine user.
+   * Remove a certificate binding from a machine user; the access tokens it was issued so far end too.
    *
    * @generated from rpc tessera.v1.MachineUserService.UnbindCertificate
    */
@@ -1075,7 +1075,9 @@ export const MachineUserService: GenService<{
   /**
    * Seed 000's /api/machine/register-backend. The application must be in the caller's
    * tenant and assigned to the machine user (else PermissionDenied). Registering the
-   * same callback URL for the same application again updates that backend.
+   * same callback URL for the same application again updates that backend; when another
+   * machine user registered it, only a caller holding that machine user's scopes may
+   * (else PermissionDenied), as DeregisterBackend needs authority over it.
    *
    * @generated from rpc tessera.v1.MachineUserService.RegisterBackend
    */

@@ -4,10 +4,12 @@ import { randomUUID } from "node:crypto";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import type { Clock } from "../../clock.js";
 import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
 import { assertId, writeIfScopesHold } from "../common.js";
+import { revokeMachineAccessTokens } from "./access-token.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
 import { bindingToProto } from "./messages.js";
@@ -60,6 +62,7 @@ function assertSanUri(raw: string): string {
 /** The certificate-binding handlers of MachineUserService. */
 export function certificateBindingHandlers(
   deps: MachineUserServiceDeps,
+  clock: Clock,
   { em, managedMachineUser }: MachineUserLookups,
 ): Pick<ServiceImpl<typeof MachineUserService>, "bindCertificate" | "unbindCertificate"> {
   return {
@@ -160,7 +163,15 @@ export function certificateBindingHandlers(
           "one of binding_id, sha256_fingerprint or san_uri is required",
           "identity",
         );
-      const removed = await em(ctx).nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
+      // The access tokens the certificate obtained are bound to it (cnf), not to the binding,
+      // and it stays CA-valid: they end with the binding, in the same commit. Tessera keeps
+      // no list of which credential issued which token, so all of the machine user's end,
+      // as a revocation through /oauth2/revoke ends them (its credentials stay).
+      const removed = await em(ctx).transactional(async (tx) => {
+        const n = await tx.nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
+        if (n > 0) await revokeMachineAccessTokens(tx, mu.id, clock(), deps.clockSkewSeconds);
+        return n;
+      });
       if (removed === 0) throw errors.notFound("certificate binding");
       return {};
     },

@@ -63,6 +63,12 @@ export function machinePrincipalHandlers(
       const upsert = async (): Promise<Backend> => {
         const existing = await e.findOne(Backend, { applicationId: app.id, callbackUrl });
         if (existing) {
+          if (existing.machineUserId !== principal.id) {
+            // Taking over another machine user's backend changes it (it becomes the caller's,
+            // which whoever manages the caller may deregister): only with authority over it.
+            const owner = await e.findOne(MachineUser, { id: existing.machineUserId });
+            if (owner) assertMayManage(principal, { scopes: parseScopeString(owner.scopes) });
+          }
           existing.version = req.version;
           existing.machineUserId = principal.id;
           existing.updatedAt = now;

@@ -50,7 +50,7 @@ export function createMachineUserService(
   const lookups = createMachineUserLookups(deps.storage);
   return {
     ...machineUserAdminHandlers(deps, clock, lookups),
-    ...certificateBindingHandlers(deps, lookups),
+    ...certificateBindingHandlers(deps, clock, lookups),
     ...machinePrincipalHandlers(deps, clock, lookups),
   };
 }
