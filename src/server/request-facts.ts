@@ -159,8 +159,22 @@ export function createStateAttacher(
     // revocation: the handshake checked the CRL of its time, and a CRL reloaded since takes
     // effect on this request, on this connection too.
     const revoked = current.revoked;
-    if (clock() > cert.notAfter) return null;
-    return revoked.size > 0 && revoked.has(cert.serial) ? null : cert.info;
+    if (clock() <= cert.notAfter && !(revoked.size > 0 && revoked.has(cert.serial)) && cert.info !== null)
+      return cert.info;
+    if (config.server.mtls === "require") closeGracefully(req);
+    return null;
+  }
+
+  /**
+   * With mTLS required, a connection whose certificate authenticates nothing any more can serve
+   * nothing: over HTTP/2, GOAWAY once the calls in flight (this one included) are answered, so
+   * that its client reconnects with its renewed certificate. HTTP/1.1 answers one call at a
+   * time and each is refused: it is left to its client.
+   */
+  function closeGracefully(req: Request): void {
+    const session = "stream" in req ? req.stream.session : undefined;
+    // close() sends GOAWAY and ends the session once its streams have.
+    if (session && !session.closed && !session.destroyed) session.close();
   }
 
   const resolveIp = createClientIpResolver(config.server);

@@ -3,17 +3,32 @@ import http2 from "node:http2";
 import { join } from "node:path";
 import tls from "node:tls";
 import { afterEach, describe, expect, it } from "vitest";
+import { writeCrl } from "../../src/certs/index.js";
 import { createTestCerts, DATABASES, pinnableClock, startTestServer, type TestServer } from "../helpers.js";
-import { adminClients, boundMachineUser, short } from "../machine-fixtures.js";
+import {
+  adminClients,
+  adminLogin,
+  boundMachineUser,
+  clients,
+  mintClientCertificate,
+  short,
+} from "../machine-fixtures.js";
 import { intermediateChain } from "../pki-fixtures.js";
 
 /**
  * A client certificate's chain is verified at a full TLS handshake only: a resumed session
  * sends no certificate and Node keeps none of the first handshake's intermediates. Its
- * certificate must still stop authenticating once that handshake's chain ends.
+ * certificate must still stop authenticating once that handshake's chain ends, and with mTLS
+ * required a connection whose certificate authenticates nothing any more is closed cleanly.
  */
 
 const CHECK = "/tessera.v1.MachineUserService/CheckAuthentication";
+
+/** The bootstrap admin's clients where mTLS is required: over the test CA's client certificate. */
+async function requiredAdmin(ts: TestServer) {
+  const transport = ts.connect({ clientCert: true });
+  return clients(transport, await adminLogin(transport));
+}
 
 /** One HTTP/2 connection over a TLS socket of its own: resumed from `session` when given. */
 async function connection(
@@ -124,4 +139,43 @@ describe.each(DATABASES)("resumed TLS sessions and expiring client certificates 
       }
     },
   );
+
+  it("with mtls required, a connection whose certificate has expired answers the call that finds it, then gets GOAWAY", async () => {
+    const clock = pinnableClock();
+    ts = await startTestServer(db, { server: { mtls: "require" } }, undefined, { clock: clock.now });
+    const pem = await mintClientCertificate(ts, 1);
+    const machineId = await boundMachineUser(await requiredAdmin(ts), `backend-${short()}`, pem.fingerprint);
+    const c = await connection(ts, pem);
+    try {
+      expect(await c.check()).toBe(machineId);
+      clock.pin(pem.notAfter);
+      expect(await c.check()).toBe(machineId);
+      expect(c.goaways).toEqual([]);
+      clock.pin(pem.notAfter + 1);
+      expect(await c.check()).toBe(401);
+      await expect
+        .poll(() => c.goaways, { timeout: 5_000, message: "no GOAWAY for an expired certificate" })
+        .toEqual([http2.constants.NGHTTP2_NO_ERROR]);
+    } finally {
+      c.close();
+    }
+  });
+
+  it("with mtls required, a connection whose certificate a reloaded CRL revokes answers the call that finds it, then gets GOAWAY", async () => {
+    ts = await startTestServer(db, { server: { mtls: "require" } });
+    const pem = await mintClientCertificate(ts, 30);
+    const machineId = await boundMachineUser(await requiredAdmin(ts), `backend-${short()}`, pem.fingerprint);
+    const c = await connection(ts, pem);
+    try {
+      expect(await c.check()).toBe(machineId);
+      await writeCrl(ts.certs.dir, [pem.cert.toString()]);
+      await ts.server.reloadTls();
+      expect(await c.check()).toBe(401);
+      await expect
+        .poll(() => c.goaways, { timeout: 5_000, message: "no GOAWAY for a revoked certificate" })
+        .toEqual([http2.constants.NGHTTP2_NO_ERROR]);
+    } finally {
+      c.close();
+    }
+  });
 });
