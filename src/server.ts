@@ -7,6 +7,7 @@ import type { TrustAnchors } from "./certs/trust-anchors.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { listenError } from "./listen-check.js";
 import { boundConnections } from "./server/connection-limits.js";
+import { trackHandshakeEnds } from "./server/handshake-ends.js";
 import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-trust.js";
 import { createRequestHandler } from "./server/request-handler.js";
 import { loadTlsMaterial } from "./server/tls-material.js";
@@ -55,11 +56,15 @@ export async function startServer(app: App): Promise<TesseraServer> {
   // reloaded CA or CRL takes effect on connections already open (their handshake predates it).
   let trust: PeerTrust = NO_PEER_TRUST;
   let handshakeAnchors: ((socket: TLSSocket) => TrustAnchors | undefined) | undefined;
+  let handshakeEnd: ((socket: TLSSocket) => number | undefined) | undefined;
   const handler = createRequestHandler(app, {
     tls,
     draining: () => draining,
     peerTrust: () => trust,
-    handshakeAnchors: (socket) => handshakeAnchors?.(socket),
+    handshake: {
+      anchors: (socket) => handshakeAnchors?.(socket),
+      end: (socket) => handshakeEnd?.(socket),
+    },
   });
   const settings: http2.Settings = {
     maxConcurrentStreams: cfg.maxConcurrentStreams,
@@ -97,6 +102,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   }
   if (tls) {
     handshakeAnchors = stampConnections(server, () => trust.anchors);
+    // After the stamp: a handshake's chain is read against the anchors it was verified by.
+    if (cfg.mtls !== "off") handshakeEnd = trackHandshakeEnds(server, handshakeAnchors);
     // A TLS 1.2 client may renegotiate (HTTP/1.1; HTTP/2 forbids it) and present another
     // certificate: Node keeps the socket authorized by the first handshake even when the new
     // one verifies nothing. No client of this service needs renegotiation.

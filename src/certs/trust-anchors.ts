@@ -63,11 +63,6 @@ function endOf(cert: X509Certificate): number {
   return Number.isNaN(end) ? Number.NEGATIVE_INFINITY : end;
 }
 
-/** The earliest notAfter of `chain` (ms since the epoch), -Infinity for an empty one. */
-export function earliestEnd(chain: readonly X509Certificate[]): number {
-  return chain.length > 0 ? Math.min(...chain.map(endOf)) : Number.NEGATIVE_INFINITY;
-}
-
 /**
  * The earliest notAfter (ms since the epoch) on the path {@link chainsTo} follows from `chain`
  * to `anchors`, by issuer and signature, or -Infinity when there is none: what a verification

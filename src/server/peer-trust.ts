@@ -1,6 +1,7 @@
 import type { Server } from "node:net";
 import type { TLSSocket } from "node:tls";
 import type { TrustAnchors } from "../certs/trust-anchors.js";
+import { rawSocketOf } from "./handshake-ends.js";
 
 /**
  * What a client certificate is held to on every request, beyond its handshake: the CA
@@ -37,8 +38,7 @@ export function stampConnections(
     if (anchors !== null) accepted.set(raw, anchors);
   });
   return (socket) => {
-    // The raw socket a server-side TLS socket wraps (Node sets `_parent` on every one).
-    const raw = (socket as unknown as { _parent?: object | null })._parent;
+    const raw = rawSocketOf(socket);
     return raw ? accepted.get(raw) : undefined;
   };
 }

@@ -1,16 +1,16 @@
-import { X509Certificate } from "node:crypto";
 import type { IncomingMessage } from "node:http";
-import type { DetailedPeerCertificate, TLSSocket } from "node:tls";
+import type { TLSSocket } from "node:tls";
 import type { HeaderSource } from "../auth/credentials.js";
 import type { PeerCertificateInfo } from "../auth/principal.js";
 import { normaliseSerial } from "../certs/serial.js";
-import { chainEnd, chainsTo, earliestEnd, type TrustAnchors } from "../certs/trust-anchors.js";
+import { chainEnd, chainsTo, type TrustAnchors } from "../certs/trust-anchors.js";
 import { createClientIpResolver, createTrustedProxyCheck } from "../client-ip.js";
 import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
 import type { RequestState } from "../context.js";
 import { uuidV7 } from "../storage/uuid-v7.js";
 import type { NodeRequest as Request } from "../transport/stream-server.js";
+import { peerChain } from "./handshake-ends.js";
 import { NO_PEER_TRUST, type PeerTrust } from "./peer-trust.js";
 
 /**
@@ -37,6 +37,16 @@ export function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSou
   };
 }
 
+/**
+ * What the server knows of a connection's handshake: the CA it verified the client
+ * certificate against (peer-trust.ts `stampConnections`) and the end of the chain it verified
+ * (handshake-ends.ts). Either may not know a connection: undefined.
+ */
+export interface HandshakeFacts {
+  anchors?: (socket: TLSSocket) => TrustAnchors | undefined;
+  end?: (socket: TLSSocket) => number | undefined;
+}
+
 /** A connection's client certificate, as parsed once, and as it stands against the current CA. */
 interface ConnectionCertificate {
   readonly parsed: PeerCertificateInfo;
@@ -55,7 +65,7 @@ interface ConnectionCertificate {
 
 function parseCertificate(
   socket: TLSSocket,
-  anchors: TrustAnchors | undefined,
+  handshake: HandshakeFacts,
   current: TrustAnchors | null,
 ): ConnectionCertificate | null {
   // authorizationError too: a failed verification after the first one leaves `authorized` set.
@@ -74,15 +84,18 @@ function parseCertificate(
     commonName: Array.isArray(cn) ? (cn[0] ?? null) : (cn ?? null),
     sanUris,
   };
-  // The chain Node reports follows issuer names through what the peer sent, not the path the
-  // handshake verified: its end is read on the path to the anchors (see chainEnd).
-  const trustedBy = anchors ?? current;
-  const chain = peerChain(socket);
-  let notAfter = trustedBy ? chainEnd(chain, trustedBy) : Number.NEGATIVE_INFINITY;
-  // A resumed session's client sent no certificate: Node knows the leaf (kept in the session)
-  // and the issuers the store has, not the intermediates of the first handshake, which
-  // verified them. Nothing in it comes from the client, so its ends are taken as they are.
-  if (notAfter === Number.NEGATIVE_INFINITY && socket.isSessionReused()) notAfter = earliestEnd(chain);
+  const anchors = handshake.anchors?.(socket);
+  // Decided at the handshake (handshake-ends.ts), a resumed session's from the full one that
+  // created it. Else read here on the path to the anchors (see chainEnd), except for a resumed
+  // session: Node keeps none of its first handshake's intermediates, so its end is unknown.
+  let notAfter = handshake.end?.(socket);
+  if (notAfter === undefined) {
+    const trustedBy = anchors ?? current;
+    notAfter =
+      trustedBy && !socket.isSessionReused()
+        ? chainEnd(peerChain(socket), trustedBy)
+        : Number.NEGATIVE_INFINITY;
+  }
   return {
     parsed,
     serial: normaliseSerial(cert.serialNumber),
@@ -90,18 +103,6 @@ function parseCertificate(
     info: { ...parsed, notAfter },
     notAfter,
   };
-}
-
-/** The peer's certificate and the issuers it sent (and its handshake found), leaf first. */
-function peerChain(socket: TLSSocket): X509Certificate[] {
-  const chain: X509Certificate[] = [];
-  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-  while (cert?.raw && chain.length < 16) {
-    chain.push(new X509Certificate(cert.raw));
-    if (cert.issuerCertificate === cert) break;
-    cert = cert.issuerCertificate;
-  }
-  return chain;
 }
 
 /**
@@ -116,15 +117,14 @@ export function requestIdOf(req: Request): string {
 /**
  * The function that attaches a request's state (read back by {@link stateOf}): the client's
  * address (through trusted proxies), whether it came through one, and its certificate, held to
- * the current {@link PeerTrust}. `handshakeAnchors` names the CA a connection's handshake
- * verified its certificate against (see peer-trust.ts `stampConnections`). `clock` is the one
- * a certificate's expiry is read on (the app's).
+ * the current {@link PeerTrust}. `handshake` tells what the connection's handshake verified
+ * (see {@link HandshakeFacts}). `clock` is the one a certificate's expiry is read on (the app's).
  */
 export function createStateAttacher(
   config: Config,
   tls: boolean,
   trust: () => PeerTrust = () => NO_PEER_TRUST,
-  handshakeAnchors: (socket: TLSSocket) => TrustAnchors | undefined = () => undefined,
+  handshake: HandshakeFacts = {},
   clock: Clock = systemClock,
 ): (req: Request, requestId?: string) => void {
   const certCache = new WeakMap<object, ConnectionCertificate | null>();
@@ -137,7 +137,7 @@ export function createStateAttacher(
     const current = trust();
     if (cert === undefined) {
       const socket = req.socket as TLSSocket;
-      cert = parseCertificate(socket, handshakeAnchors(socket), current.anchors);
+      cert = parseCertificate(socket, handshake, current.anchors);
       certCache.set(owner, cert);
     }
     if (cert === null) return null;
@@ -155,12 +155,26 @@ export function createStateAttacher(
           : null;
     }
     // The handshake checked the chain's validity at its time only (notBefore included, so
-    // only notAfter can pass later): a connection kept open must not outlive it.
-    if (clock() > cert.notAfter) return null;
-    // So can its revocation: the handshake checked the CRL of its time, and a CRL reloaded
-    // since takes effect on this request, on this connection too.
+    // only notAfter can pass later): a connection kept open must not outlive it. So can its
+    // revocation: the handshake checked the CRL of its time, and a CRL reloaded since takes
+    // effect on this request, on this connection too.
     const revoked = current.revoked;
-    return revoked.size > 0 && revoked.has(cert.serial) ? null : cert.info;
+    if (clock() <= cert.notAfter && !(revoked.size > 0 && revoked.has(cert.serial)) && cert.info !== null)
+      return cert.info;
+    if (config.server.mtls === "require") closeGracefully(req);
+    return null;
+  }
+
+  /**
+   * With mTLS required, a connection whose certificate authenticates nothing any more can serve
+   * nothing: over HTTP/2, GOAWAY once the calls in flight (this one included) are answered, so
+   * that its client reconnects with its renewed certificate. HTTP/1.1 answers one call at a
+   * time and each is refused: it is left to its client.
+   */
+  function closeGracefully(req: Request): void {
+    const session = "stream" in req ? req.stream.session : undefined;
+    // close() sends GOAWAY and ends the session once its streams have.
+    if (session && !session.closed && !session.destroyed) session.close();
   }
 
   const resolveIp = createClientIpResolver(config.server);

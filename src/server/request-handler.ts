@@ -1,12 +1,10 @@
 import type { IncomingMessage, OutgoingHttpHeaders } from "node:http";
 import type http2 from "node:http2";
-import type { TLSSocket } from "node:tls";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors } from "@connectrpc/connect";
 import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
-import type { TrustAnchors } from "../certs/trust-anchors.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
@@ -21,7 +19,7 @@ import type { UnaryProtocol } from "../transport/unary-protocols.js";
 
 import type { PeerTrust } from "./peer-trust.js";
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
-import { createStateAttacher, requestIdOf, stateOf } from "./request-facts.js";
+import { createStateAttacher, type HandshakeFacts, requestIdOf, stateOf } from "./request-facts.js";
 
 const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
   "x-content-type-options": "nosniff",
@@ -46,8 +44,8 @@ export function createRequestHandler(
     draining?: () => boolean;
     /** The CA and CRL a client certificate is held to on every request (see peer-trust.ts). */
     peerTrust?: () => PeerTrust;
-    /** The CA a connection's handshake verified its client certificate against (see peer-trust.ts). */
-    handshakeAnchors?: (socket: TLSSocket) => TrustAnchors | undefined;
+    /** What a connection's handshake verified its client certificate against, and until when (see request-facts.ts). */
+    handshake?: HandshakeFacts;
   },
 ) {
   const { config } = app;
@@ -90,7 +88,7 @@ export function createRequestHandler(
     config,
     options.tls,
     options.peerTrust,
-    options.handshakeAnchors,
+    options.handshake,
     app.clock,
   );
   const admission: AdmissionDeps = { authenticator: app.authenticator, limits: app.limits, audit: app.audit };

@@ -1,0 +1,95 @@
+import { X509Certificate } from "node:crypto";
+import { readFileSync } from "node:fs";
+import type { AddressInfo } from "node:net";
+import { join } from "node:path";
+import tls from "node:tls";
+import { afterEach, describe, expect, it } from "vitest";
+import { createClientCertificate } from "../src/certs/dev-ca.js";
+import { type TrustAnchors, trustAnchors } from "../src/certs/trust-anchors.js";
+import { createVerifiedEnds, trackHandshakeEnds } from "../src/server/handshake-ends.js";
+import { createTestCerts } from "./helpers.js";
+
+/**
+ * A resumed TLS session carries no chain: its certificate's end is the one its full handshake
+ * verified, remembered per leaf; a resumption the server remembers nothing of authenticates nothing.
+ */
+
+describe("the ends of verified client certificates", () => {
+  it("keeps a leaf's latest end under the anchors it was verified by, and nothing under others", () => {
+    // Two generations of a CA: only their identity matters here.
+    const a: TrustAnchors = { key: "a", certs: [] };
+    const b: TrustAnchors = { key: "b", certs: [] };
+    const ends = createVerifiedEnds(10);
+    expect(ends.recall("leaf", a)).toBe(Number.NEGATIVE_INFINITY);
+    ends.remember("leaf", a, 2_000);
+    ends.remember("leaf", a, 1_000);
+    expect(ends.recall("leaf", a)).toBe(2_000);
+    expect(ends.recall("leaf", b)).toBe(Number.NEGATIVE_INFINITY);
+    ends.remember("leaf", b, 500);
+    expect(ends.recall("leaf", b)).toBe(500);
+    expect(ends.recall("leaf", a)).toBe(Number.NEGATIVE_INFINITY);
+  });
+});
+
+describe("a TLS server's handshake ends", () => {
+  let server: tls.Server | undefined;
+  afterEach(() => {
+    server?.close();
+    server = undefined;
+  });
+
+  it("gives a resumed session its full handshake's end, and -Infinity once that leaf was forgotten", async () => {
+    const certs = await createTestCerts();
+    const anchors = trustAnchors(certs.ca);
+    const leaf = async (name: string) => {
+      const c = await createClientCertificate(certs.dir, name, join(certs.clientDir, "..", name));
+      const cert = readFileSync(c.certPath);
+      return { cert, key: readFileSync(c.keyPath), notAfter: Date.parse(new X509Certificate(cert).validTo) };
+    };
+    const [first, second] = [await leaf("first"), await leaf("second")];
+    server = tls.createServer({
+      ca: certs.ca,
+      cert: readFileSync(join(certs.dir, "server.crt")),
+      key: readFileSync(join(certs.dir, "server.key")),
+      requestCert: true,
+      rejectUnauthorized: true,
+      maxVersion: "TLSv1.2",
+    });
+    // One leaf remembered at a time: the second full handshake forgets the first leaf.
+    const endOf = trackHandshakeEnds(server, () => anchors, createVerifiedEnds(1));
+    const seen: { reused: boolean; end: number | undefined }[] = [];
+    server.on("secureConnection", (socket: tls.TLSSocket) => {
+      seen.push({ reused: socket.isSessionReused(), end: endOf(socket) });
+      socket.end();
+    });
+    await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
+    const port = (server.address() as AddressInfo).port;
+    const connect = (pem: { cert: Buffer; key: Buffer }, session?: Buffer) =>
+      new Promise<Buffer | undefined>((resolve, reject) => {
+        let ticket: Buffer | undefined;
+        const s = tls.connect({
+          host: "127.0.0.1",
+          port,
+          ca: certs.ca,
+          ...pem,
+          ...(session ? { session } : {}),
+        });
+        s.on("session", (t: Buffer) => {
+          ticket = t;
+        });
+        s.on("error", reject);
+        s.on("close", () => resolve(ticket));
+        s.resume();
+      });
+    const firstTicket = await connect(first);
+    const secondTicket = await connect(second);
+    await connect(second, secondTicket);
+    await connect(first, firstTicket);
+    expect(seen).toEqual([
+      { reused: false, end: first.notAfter },
+      { reused: false, end: second.notAfter },
+      { reused: true, end: second.notAfter },
+      { reused: true, end: Number.NEGATIVE_INFINITY },
+    ]);
+  });
+});
