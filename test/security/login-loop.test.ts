@@ -1,8 +1,11 @@
 import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
+import { loadConfig } from "../../src/config.js";
+import type { TesseraError } from "../../src/errors.js";
+import { createRateLimits } from "../../src/rate-limit.js";
 import { Code, rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { clients, short } from "../machine-fixtures.js";
@@ -168,5 +171,32 @@ describe.each(DATABASES)("an account looping its right password on $name", (db) 
       const other = await newUser();
       await createClient(UserService, from(freshIp())).login({ username: other, password: PASSWORD });
     });
+  });
+});
+
+describe("a username's budget of password checks", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("refuses past it with the rest of its minute as Retry-After, counts only checks that hash every time, and starts again when the minute ends", async () => {
+    vi.useFakeTimers({ toFake: ["Date", "setTimeout", "clearTimeout"] });
+    const limits = createRateLimits(
+      loadConfig({ env: {}, overrides: { rateLimit: { passwordChecksPerUsernamePerMinute: 2 } } }).rateLimit,
+    );
+    const check = (ip: string) => limits.passwords.reserve(ip, "owner", { everyCheck: true });
+    await (await check("203.0.113.1")).succeeded();
+    // No verdict (a fault, a full pool): given back.
+    await (await check("203.0.113.2")).cancelled();
+    await (await check("203.0.113.3")).succeeded();
+    vi.advanceTimersByTime(20_000);
+    const refused = (await check("203.0.113.4").catch((err: unknown) => err)) as TesseraError;
+    expect(refused.reason).toBe("RATE_LIMITED");
+    expect(refused.headers["retry-after"]).toBe("40");
+    // HTTP Basic's check (verified once, then cached) is not counted.
+    await (await limits.passwords.reserve("203.0.113.4", "owner")).succeeded();
+    vi.advanceTimersByTime(40_000);
+    await (await check("203.0.113.4")).succeeded();
+    await limits.close();
   });
 });
