@@ -12,7 +12,12 @@ import { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
 import { authFailuresError, rateLimitedError } from "./rate-limit/refusal.js";
 
 export { Limiter, type LimitResult } from "./rate-limit/limiter.js";
-export { type LockoutOptions, type PasswordAttempt, PasswordGuard } from "./rate-limit/password-guard.js";
+export {
+  type LockoutOptions,
+  type PasswordAttempt,
+  PasswordGuard,
+  type ReserveOptions,
+} from "./rate-limit/password-guard.js";
 export { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
 
 const ONE_DAY = 24 * 3600;
@@ -25,7 +30,7 @@ export interface RateLimits {
   perPrincipal: Limiter;
   /** Failed authentications per IP: bounds password guessing and PBKDF2 work. */
   authFailures: Limiter;
-  /** Password checks: budget reserved per IP, per username and per username at an IP before PBKDF2. */
+  /** Password checks: budget reserved per IP, per username and per username at an IP before PBKDF2 (and, right ones included, per username). */
   passwords: PasswordGuard;
   /** New secrets (tokens, API keys, machine credentials) per principal per hour: each costs a PBKDF2. */
   credentialCreations: Limiter;
@@ -159,6 +164,7 @@ export function createRateLimits(
         seconds: config.lockoutSeconds,
         maxSeconds: config.maxLockoutSeconds,
       },
+      make("password-checks", config.passwordChecksPerUsernamePerMinute),
     ),
     refusals() {
       const out: Record<string, number> = {};

@@ -81,6 +81,7 @@ const CONTRACT = [
   "rateLimit.authFailuresPerIpPerMinute TESSERA_RATE_LIMIT_AUTH_FAILURES 20",
   "rateLimit.authFailuresPerUsernamePerHour TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME 100",
   "rateLimit.authFailuresPerUsernamePerIp TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP 5",
+  "rateLimit.passwordChecksPerUsernamePerMinute TESSERA_RATE_LIMIT_PASSWORD_CHECKS_PER_USERNAME 10",
   "rateLimit.credentialCreationsPerHour TESSERA_RATE_LIMIT_CREDENTIAL_CREATIONS 60",
   "rateLimit.lockoutSeconds TESSERA_RATE_LIMIT_LOCKOUT_SECONDS 60",
   "rateLimit.maxLockoutSeconds TESSERA_RATE_LIMIT_MAX_LOCKOUT_SECONDS 3600",

@@ -35,6 +35,11 @@ export const rateLimitSchema = z
       description:
         "Consecutive failed password checks for one username from one IP, within an hour, before that IP is locked out of that username.",
     }),
+    passwordChecksPerUsernamePerMinute: z.number().int().positive().default(10).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_PASSWORD_CHECKS_PER_USERNAME",
+      description:
+        "Password checks per minute for one username, from all addresses together, right passwords included (Login, ChangePassword): each is a PBKDF2, so one account's holder cannot keep the hash pool busy with its own logins. Reserved before the hash; a wrong password gives its check back (the failure budgets count it), so guessing cannot use this budget to lock the owner out. HTTP Basic is not counted: a right Basic password is verified once, then cached.",
+    }),
     credentialCreationsPerHour: z.number().int().positive().default(60).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_CREDENTIAL_CREATIONS",
       description:

@@ -1,9 +1,10 @@
 // The failed-password budget: reserved before PBKDF2 and refunded on success, per IP, per
-// username and per username at an IP with a growing lockout, so concurrent guesses gain nothing.
+// username and per username at an IP with a growing lockout, so concurrent guesses gain nothing;
+// and the per-username budget of checks that succeed, so no account keeps the hash pool busy.
 import { hash } from "node:crypto";
 import { budgetKey } from "../client-ip.js";
 import type { Limiter } from "./limiter.js";
-import { authFailuresError } from "./refusal.js";
+import { authFailuresError, rateLimitedError } from "./refusal.js";
 
 /** What became of a password check whose budget {@link PasswordGuard.reserve} reserved. */
 export interface PasswordAttempt {
@@ -13,6 +14,17 @@ export interface PasswordAttempt {
   failed(): Promise<void>;
   /** No verdict (a fault, or the hash pool was full): the reservation is refunded. */
   cancelled(): Promise<void>;
+}
+
+/** What {@link PasswordGuard.reserve} counts beside the failure budgets. */
+export interface ReserveOptions {
+  /**
+   * Also count the check against the username's budget of password checks, kept when the
+   * password is right: for checks that cost a PBKDF2 every time (Login, ChangePassword).
+   * HTTP Basic leaves it out: the verified-secret cache answers a right password again
+   * without hashing, and concurrent first uses share one hash.
+   */
+  everyCheck?: boolean;
 }
 
 /** Sizes of the {@link PasswordGuard}'s lockout of an IP from a username. */
@@ -46,6 +58,14 @@ export interface LockoutOptions {
  * one account, below the 100 that refuse the username to everyone), so shutting a victim
  * out needs several addresses at once, and lasts at most until the hour ends.
  *
+ * The failure budgets bound wrong passwords only: a right one gives its points back. Checks
+ * that hash every time (Login, ChangePassword) also reserve a point of the username's
+ * budget of checks (`passwordChecksPerUsernamePerMinute`, from every address together),
+ * which a right password keeps and a wrong one gives back: the holder of one account's
+ * password cannot loop its logins to keep the shared hash pool full and everyone else's
+ * logins refused. Wrong passwords are given back so that this budget adds no lockout: a
+ * guesser only holds it while its guesses hash, and the failure budgets bound those.
+ *
  * Usernames are keyed by their SHA-256, so keys are short and no username is kept in clear.
  */
 export class PasswordGuard {
@@ -56,14 +76,17 @@ export class PasswordGuard {
     /** Lockouts of an IP from a username in the last day (for the doubling). */
     private readonly lockouts: Limiter,
     private readonly lockout: LockoutOptions,
+    /** Password checks per username, right ones included (see {@link ReserveOptions.everyCheck}). */
+    private readonly checks?: Limiter,
   ) {}
 
   /**
    * Reserve one failure of budget for a password check of `username` from `address`
    * (counted under its {@link budgetKey}: an IPv6 client's whole /64).
-   * @throws TesseraError RATE_LIMITED (with Retry-After) when any of the three is spent
+   * With `everyCheck`, one check of the username's budget of checks as well.
+   * @throws TesseraError RATE_LIMITED (with Retry-After) when any of them is spent
    */
-  async reserve(address: string, username: string): Promise<PasswordAttempt> {
+  async reserve(address: string, username: string, options: ReserveOptions = {}): Promise<PasswordAttempt> {
     const ip = budgetKey(address);
     const user = hash("sha256", username, "base64url");
     const pair = `${ip}|${user}`;
@@ -84,6 +107,19 @@ export class PasswordGuard {
       await Promise.all([this.perIp.refund(ip, byIp), this.perUsernameIp.refund(pair, byPair)]);
       throw authFailuresError(byUser);
     }
+    const checks = options.everyCheck ? this.checks : undefined;
+    const byCheck = await checks?.consume(user);
+    if (byCheck && !byCheck.allowed) {
+      await Promise.all([
+        this.perIp.refund(ip, byIp),
+        this.perUsernameIp.refund(pair, byPair),
+        this.perUsername.refund(user, byUser),
+      ]);
+      throw rateLimitedError(byCheck, "too many password checks for this account; try again later");
+    }
+    const refundCheck = async () => {
+      if (checks && byCheck) await checks.refund(user, byCheck);
+    };
     let settled = false;
     const once = (fn: () => Promise<unknown>) => async () => {
       if (settled) return;
@@ -100,6 +136,7 @@ export class PasswordGuard {
         ]),
       ),
       failed: once(async () => {
+        await refundCheck();
         // The reservation that used the last allowed failure locks the IP out of the username.
         if ((byPair.consumed ?? 0) < this.lockout.failures) return;
         const round = (await this.lockouts.consume(pair)).consumed ?? 1;
@@ -114,6 +151,7 @@ export class PasswordGuard {
           this.perIp.refund(ip, byIp),
           this.perUsername.refund(user, byUser),
           this.perUsernameIp.refund(pair, byPair),
+          refundCheck(),
         ]),
       ),
     };

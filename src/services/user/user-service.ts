@@ -107,9 +107,12 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // users of two tenants do not share a lockout. Not normalised to the account found
       // (name vs id vs tenant-less): keys that merge only when an account exists would let
       // an attacker learn, from a shared lockout, which tenant holds a username.
+      // Every check counts, a right password's too: each one is a full PBKDF2 (no cache for
+      // Login), and looped by one account's holder they would keep the hash pool full.
       const attempt = await deps.limits?.passwords.reserve(
         state.ip,
         req.tenant ? `${req.tenant}/${req.username}` : req.username,
+        { everyCheck: true },
       );
       let user: User | null;
       let ok: boolean;
@@ -235,6 +238,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         attempt = await deps.limits?.passwords.reserve(
           requestState(ctx.values).ip,
           `${user.tenantId}/${user.username}`,
+          { everyCheck: true },
         );
         ok = await verifySecret(req.currentPassword, user.passwordHash);
       } catch (err) {
