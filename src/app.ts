@@ -142,6 +142,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     },
   });
   let notifier: PgNotifier | undefined;
+  // Made first, so that Redis connects while the database work below runs; awaited last.
+  const limits = config.rateLimit.enabled
+    ? createRateLimits(config.rateLimit, {
+        logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
+      })
+    : undefined;
   try {
     // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
     // signing key): instances started together find each other's work done, not half done.
@@ -237,11 +243,6 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       lastUsed,
       clock,
     });
-    const limits = config.rateLimit.enabled
-      ? createRateLimits(config.rateLimit, {
-          logger: { warn: (m) => logger.warn(m), info: (m) => logger.info(m) },
-        })
-      : undefined;
     const auditEvents = new AuditEventRepository(sql);
     const audit = createAuditLog({
       events: auditEvents,
@@ -334,6 +335,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       // Innermost: every string field checked before a service (and so the ORM) sees it.
       createInputInterceptor(),
     ];
+    // Before the server listens: a call made before Redis is ready would count per instance.
+    // Bounded, and a Redis that is down starts the service anyway (limited per instance).
+    await limits?.connected();
 
     return {
       config,
@@ -376,6 +380,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       },
     };
   } catch (err) {
+    await limits?.close();
     await notifier?.close();
     await storage.close();
     throw err;

@@ -8,6 +8,7 @@ import type { Config } from "./config.js";
 import type { TesseraError } from "./errors.js";
 import { Limiter } from "./rate-limit/limiter.js";
 import { PasswordGuard } from "./rate-limit/password-guard.js";
+import { watchFirstConnection } from "./rate-limit/redis-connection.js";
 import { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
 import { authFailuresError, rateLimitedError } from "./rate-limit/refusal.js";
 
@@ -36,6 +37,16 @@ export interface RateLimits {
   credentialCreations: Limiter;
   /** Requests refused since start, by limiter name (every limiter, the password guard's included). */
   refusals(): Record<string, number>;
+  /**
+   * Resolves once the limiters count in Redis (true, at once without Redis), or false when
+   * Redis refused the first connection or did not answer within `max(1000,
+   * redisTimeoutMs)` ms: they then count per instance, and that is logged once. The start
+   * awaits it before listening, so that a fleet started together shares its budgets from
+   * the first call.
+   */
+  connected(): Promise<boolean>;
+  /** Whether the limits are shared through Redis now (undefined without Redis). */
+  shared(): boolean | undefined;
   close(): Promise<void>;
 }
 
@@ -99,6 +110,9 @@ export function createRateLimits(
   options: CreateRateLimitsOptions = {},
 ): RateLimits {
   let redis: Redis | undefined;
+  let firstConnection: ((boundMs: number) => Promise<boolean>) | undefined;
+  // ioredis's own bound on connecting: the start waits no longer for the first connection.
+  const connectTimeout = Math.max(1000, config.redisTimeoutMs);
   const state = new RedisState(
     options.logger ?? { warn() {}, info() {} },
     1000,
@@ -124,10 +138,11 @@ export function createRateLimits(
         // it the call fails and the limiter's insurance, per-instance memory, answers); this
         // one only bounds how long a command abandoned there stays queued in ioredis.
         commandTimeout: Math.max(1000, 10 * config.redisTimeoutMs),
-        connectTimeout: Math.max(1000, config.redisTimeoutMs),
+        connectTimeout,
       });
       // Failures are reported through RedisState; without a listener ioredis prints each one.
       redis.on("error", () => undefined);
+      firstConnection = watchFirstConnection(redis);
     }
     // The memory limiter insures against Redis outages: limits stay enforced per instance.
     const shared = new RateLimiterRedis({
@@ -170,6 +185,16 @@ export function createRateLimits(
       const out: Record<string, number> = {};
       for (const l of made) out[l.name] = (out[l.name] ?? 0) + l.refused;
       return out;
+    },
+    async connected() {
+      if (!firstConnection) return true;
+      const ok = await firstConnection(connectTimeout);
+      if (!ok) state.unavailable();
+      return ok;
+    },
+    shared() {
+      // ioredis knows of a closed connection before any call fails on it.
+      return redis ? redis.status === "ready" && state.available : undefined;
     },
     async close() {
       redis?.disconnect();

@@ -55,7 +55,8 @@ export const rateLimitSchema = z
     }),
     redisUrl: z.string().optional().register(configKeys, {
       env: "TESSERA_REDIS_URL",
-      description: "redis://… to share rate limits between instances.",
+      description:
+        "redis://… to share rate limits between instances. The start waits for the first connection before listening (up to max(1000, rateLimit.redisTimeoutMs) ms); refused or unanswered, the instance starts limiting per instance and logs it once.",
     }),
     redisTimeoutMs: z.number().int().positive().max(10_000).default(50).register(configKeys, {
       env: "TESSERA_REDIS_TIMEOUT_MS",

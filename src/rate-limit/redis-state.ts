@@ -38,6 +38,18 @@ export class RedisState {
     return !this.down;
   }
 
+  /**
+   * Take Redis for away as a failed call would (logged once; calls go to the in-process
+   * limiter until the retry time): the start's first connection failed.
+   */
+  unavailable(): void {
+    this.retryAt = this.now() + this.retryMs;
+    if (!this.down) {
+      this.down = true;
+      this.log.warn("Redis unavailable, limiting per instance");
+    }
+  }
+
   /** Run one Redis call, or refuse it at once while Redis is known to be away. */
   async run<T>(call: () => Promise<T>): Promise<T> {
     let probe = false;
@@ -56,11 +68,7 @@ export class RedisState {
       }
       return result;
     } catch (err) {
-      this.retryAt = this.now() + this.retryMs;
-      if (!this.down) {
-        this.down = true;
-        this.log.warn("Redis unavailable, limiting per instance");
-      }
+      this.unavailable();
       throw err;
     } finally {
       if (probe) this.probing = false;

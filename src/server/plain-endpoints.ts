@@ -18,6 +18,16 @@ function json(res: Response, status: number, body: unknown, cacheControl = "no-s
 }
 
 /**
+ * With `rateLimit.redisUrl`, whether the limits are shared through Redis now. Told, not a
+ * 503: with Redis away the limits count per instance (documented), and every instance of a
+ * fleet failing /ready at once would turn a Redis outage into the service's.
+ */
+function redisOf(app: App): { redis?: "up" | "down" } {
+  const shared = app.limits?.shared();
+  return shared === undefined ? {} : { redis: shared ? "up" : "down" };
+}
+
+/**
  * The answerer of the {@link PLAIN_PATHS}: `draining` tells whether the server is shutting
  * down (/ready then answers 503 whatever the database says).
  */
@@ -53,7 +63,7 @@ export function createPlainEndpoints(
       app.storage.ping().then(
         (up) =>
           up
-            ? json(res, 200, { ok: true, data: { status: "ready", database: "up" } })
+            ? json(res, 200, { ok: true, data: { status: "ready", database: "up", ...redisOf(app) } })
             : json(res, 503, {
                 ok: false,
                 error: "Service Unavailable",
