@@ -1,4 +1,5 @@
 import type http2 from "node:http2";
+import https from "node:https";
 import { gzipSync } from "node:zlib";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
@@ -11,7 +12,7 @@ import { HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js"
 import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
 import { ERROR_DOMAIN } from "../../src/errors.js";
 import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
-import { captureLogs, envelope } from "./fixtures.js";
+import { captureLogs, envelope, within } from "./fixtures.js";
 
 /**
  * Errors Connect raises itself on a unary call, before the interceptors (a body or message
@@ -117,8 +118,9 @@ function outcomeOf(protocol: Protocol, raw: Raw): Outcome {
   }
   let t: http2.IncomingHttpHeaders = { ...raw.headers, ...raw.trailers };
   if (protocol === "grpc-web") {
-    // The trailers are the body's last frame (flag 0x80): `name: value` lines.
-    t = {};
+    // The trailers are the body's last frame (flag 0x80): `name: value` lines; a
+    // trailers-only answer has them in its headers.
+    t = { ...raw.headers };
     for (let at = 0; at + 5 <= raw.body.length; ) {
       const length = raw.body.readUInt32BE(at + 1);
       if (raw.body[at]! & 0x80)
@@ -306,5 +308,108 @@ describe("errors Connect raises itself on a unary call", () => {
       Code.ResourceExhausted,
       "MESSAGE_TOO_LARGE",
     );
+  });
+});
+
+/** The Tessera ErrorInfo and metadata of a Connect streaming answer's end-stream message (its last envelope). */
+function endStreamOf(raw: Pick<Raw, "headers" | "body">): Outcome & { retryAfter: string | undefined } {
+  let at = 0;
+  let end: Buffer | undefined;
+  while (at + 5 <= raw.body.length) {
+    const length = raw.body.readUInt32BE(at + 1);
+    if (raw.body[at]! & 0b10) end = raw.body.subarray(at + 5, at + 5 + length);
+    at += 5 + length;
+  }
+  const json = JSON.parse(end?.toString() ?? "{}") as {
+    error?: { code: string; details?: { type?: string; value?: string }[] };
+    metadata?: Record<string, string[]>;
+  };
+  const detail = json.error?.details?.find((d) => d.type === ErrorInfoSchema.typeName);
+  const info = detail?.value ? fromBinary(ErrorInfoSchema, Buffer.from(detail.value, "base64")) : undefined;
+  return {
+    code: json.error ? codeFromString(json.error.code) : undefined,
+    reason: info?.domain === ERROR_DOMAIN ? info.reason : undefined,
+    requestId: info?.metadata.request_id,
+    header: raw.headers["x-request-id"] as string | undefined,
+    retryAfter: json.metadata?.["retry-after"]?.[0],
+  };
+}
+
+/** One HTTP/1.1 request over TLS: its status, headers and body. */
+function h1(
+  ts: TestServer,
+  method: string,
+  path: string,
+  headers: Record<string, string>,
+  body: Uint8Array,
+): Promise<{ status: number | undefined; headers: http2.IncomingHttpHeaders; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(`${ts.server.url}${path}`, { method, headers, ca: ts.certs.ca }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (c: Buffer) => chunks.push(c));
+      res.on("end", () =>
+        resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks) }),
+      );
+    });
+    req.on("error", reject);
+    req.end(method === "GET" ? undefined : body);
+  });
+}
+
+/**
+ * A streaming call past server.maxStreamsPerIp is refused before Connect sees it: with
+ * RATE_LIMITED (the same call passes once one of the address's streams ends) and Retry-After,
+ * and the ErrorInfo with the request id, in each streaming protocol's own place for errors.
+ */
+describe("a streaming call past server.maxStreamsPerIp", () => {
+  let ts: TestServer;
+  let held: http2.ClientHttp2Session;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { server: { maxStreamsPerIp: 1 } });
+    // The address's one stream, held open for the file's tests.
+    held = ts.session();
+    held.on("error", () => undefined);
+    const watch = held.request({
+      ":method": "POST",
+      ":path": WATCH,
+      ...request("grpc", bigMessage(0)).headers,
+    });
+    watch.on("error", () => undefined);
+    const answered = new Promise((r) => watch.once("response", r));
+    watch.resume();
+    watch.end(request("grpc", bigMessage(0)).body);
+    await within(answered, 10_000, "the first Watch was not answered");
+  });
+  afterAll(async () => {
+    held?.destroy();
+    await ts?.close();
+  });
+
+  it.each(["grpc", "grpc-web"] as const)(
+    "is refused over %s trailers-only ResourceExhausted with reason RATE_LIMITED, the request id and Retry-After",
+    async (protocol) => {
+      const req = request(protocol, bigMessage(0));
+      const raw = await within(post(ts, WATCH, req.headers, req.body), 10_000, "no refusal");
+      expect(raw.body.byteLength).toBe(0);
+      const outcome = outcomeOf(protocol, raw);
+      expect(outcome).toMatchObject({ code: Code.ResourceExhausted, reason: "RATE_LIMITED" });
+      expect(outcome.header).toMatch(/\S/);
+      expect(outcome.requestId).toBe(outcome.header);
+      expect(raw.headers["retry-after"]).toBe("1");
+    },
+  );
+
+  it("is refused over Connect's streaming protocol (HTTP/2 and HTTP/1.1) in the end-stream message, with its ErrorInfo and Retry-After", async () => {
+    const headers = { "content-type": "application/connect+json" };
+    const body = envelope(0, Buffer.from("{}"));
+    const overH2 = await within(post(ts, WATCH, headers, body), 10_000, "no refusal");
+    const overH1 = await within(h1(ts, "POST", WATCH, headers, body), 10_000, "no refusal");
+    for (const raw of [overH2, overH1]) {
+      const end = endStreamOf(raw);
+      expect(end).toMatchObject({ code: Code.ResourceExhausted, reason: "RATE_LIMITED", retryAfter: "1" });
+      expect(end.header).toMatch(/\S/);
+      expect(end.requestId).toBe(end.header);
+    }
   });
 });
