@@ -413,3 +413,100 @@ describe("a streaming call past server.maxStreamsPerIp", () => {
     }
   });
 });
+
+/**
+ * Answers to requests no RPC takes, before any call exists: an unknown path (404), a method
+ * other than POST on a unary RPC that does not allow GET (405), a content type no protocol
+ * serves (415, gRPC-Web text included: Connect's servers do not speak it). The Connect and
+ * gRPC specs make these bare HTTP answers (no body; a gRPC client maps the status), so they
+ * carry no ErrorInfo, only X-Request-Id; the same on both transports, HTTP/2 and HTTP/1.1.
+ */
+describe("requests no RPC takes", () => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  const cases: [string, string, string, Record<string, string>, Uint8Array, number][] = [
+    [
+      "an unknown path over gRPC",
+      "POST",
+      "/nope.v1.Nope/Nope",
+      { "content-type": "application/grpc", te: "trailers" },
+      envelope(0, new Uint8Array(0)),
+      404,
+    ],
+    [
+      "an unknown path over Connect",
+      "POST",
+      "/nope.v1.Nope/Nope",
+      { "content-type": "application/json" },
+      Buffer.from("{}"),
+      404,
+    ],
+    [
+      "a Connect GET of a unary RPC without GET",
+      "GET",
+      `${CHECK}?encoding=json&message=%7B%7D`,
+      {},
+      new Uint8Array(0),
+      405,
+    ],
+    ["a PUT", "PUT", CHECK, { "content-type": "application/json" }, Buffer.from("{}"), 405],
+    [
+      "a content type no protocol has",
+      "POST",
+      CHECK,
+      { "content-type": "text/plain" },
+      Buffer.from("{}"),
+      415,
+    ],
+    ["no content type", "POST", CHECK, {}, Buffer.from("{}"), 415],
+    [
+      "gRPC-Web text",
+      "POST",
+      "/tessera.v1.UserService/GetCurrentUser",
+      { "content-type": "application/grpc-web-text" },
+      Buffer.from(envelope(0, new Uint8Array(0)).toString("base64")),
+      415,
+    ],
+  ];
+
+  it.each(cases)(
+    "answers %s with its HTTP status, no body and X-Request-Id, over HTTP/2 and HTTP/1.1",
+    async (_, method, path, headers, body, status) => {
+      const session = ts.session();
+      session.on("error", () => undefined);
+      const overH2 = await within(
+        new Promise<{ status: unknown; headers: http2.IncomingHttpHeaders; body: Buffer }>(
+          (resolve, reject) => {
+            const req = session.request({ ":method": method, ":path": path, ...headers });
+            const chunks: Buffer[] = [];
+            let head: http2.IncomingHttpHeaders = {};
+            req.on("response", (h) => {
+              head = h;
+            });
+            req.on("data", (c: Buffer) => chunks.push(c));
+            req.on("end", () =>
+              resolve({ status: head[":status"], headers: head, body: Buffer.concat(chunks) }),
+            );
+            req.on("error", reject);
+            req.end(method === "GET" ? undefined : body);
+          },
+        ),
+        10_000,
+        "no answer over HTTP/2",
+      ).finally(() => session.close());
+      const overH1 = await within(h1(ts, method, path, headers, body), 10_000, "no answer over HTTP/1.1");
+      for (const answer of [overH2, overH1]) {
+        expect({ status: answer.status, body: answer.body.toString() }).toEqual({ status, body: "" });
+        expect(answer.headers["x-request-id"]).toMatch(/\S/);
+        expect(answer.headers["grpc-status"]).toBeUndefined();
+      }
+    },
+  );
+});
