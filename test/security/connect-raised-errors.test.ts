@@ -3,14 +3,16 @@ import https from "node:https";
 import { gzipSync } from "node:zlib";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
-import { Code } from "@connectrpc/connect";
+import { Code, createClient } from "@connectrpc/connect";
 import { codeFromString } from "@connectrpc/connect/protocol-connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
-import { HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js";
+import { Health, HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js";
 import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
 import { ERROR_DOMAIN } from "../../src/errors.js";
+import { toClientError } from "../../src/sdk/error-mapping.js";
+import { RateLimitedError } from "../../src/sdk/errors.js";
 import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
 import { captureLogs, envelope, within } from "./fixtures.js";
 
@@ -412,6 +414,25 @@ describe("a streaming call past server.maxStreamsPerIp", () => {
       expect(end.requestId).toBe(end.header);
     }
   });
+
+  it.each(["connect", "grpc", "grpcWeb"] as const)(
+    "reaches the SDK over Connect-ES's %s transport as a RateLimitedError with its reason, request id and retryAfter",
+    async (kind) => {
+      let thrown: unknown;
+      try {
+        for await (const _ of createClient(Health, ts[kind]()).watch({ service: "" })) break;
+      } catch (e) {
+        thrown = e;
+      }
+      const err = toClientError(thrown);
+      expect(err).toBeInstanceOf(RateLimitedError);
+      expect({ reason: err.reason, retryAfter: (err as RateLimitedError).retryAfter }).toEqual({
+        reason: "RATE_LIMITED",
+        retryAfter: 1,
+      });
+      expect(err.requestId).toMatch(/\S/);
+    },
+  );
 });
 
 /**
