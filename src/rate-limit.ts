@@ -23,7 +23,12 @@ export { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
 
 const ONE_DAY = 24 * 3600;
 
-export { authFailuresError, rateLimitedError, rateLimitHeaders } from "./rate-limit/refusal.js";
+export {
+  authFailuresError,
+  rateLimitedError,
+  rateLimitHeaders,
+  tooManyStreamsError,
+} from "./rate-limit/refusal.js";
 
 /** The limits the edge enforces. */
 export interface RateLimits {

@@ -129,7 +129,7 @@ export const serverSchema = z
     maxStreamsPerIp: z.number().int().min(0).default(64).register(configKeys, {
       env: "TESSERA_MAX_STREAMS_PER_IP",
       description:
-        "Streaming calls open at once per client address (an IPv6 client's whole /64), over all its connections; more are refused with ResourceExhausted. 0: no limit.",
+        "Streaming calls open at once per client address (an IPv6 client's whole /64), over all its connections; more are refused with ResourceExhausted, reason RATE_LIMITED and Retry-After: 1. 0: no limit.",
     }),
     // Below the 90 s a systemd unit waits by default (TimeoutStopSec) and the 30 s of
     // Kubernetes' terminationGracePeriodSeconds, with room left for the flush after it.

@@ -29,3 +29,14 @@ export function rateLimitedError(
 export function authFailuresError(result: LimitResult): TesseraError {
   return rateLimitedError(result, "too many failed authentication attempts; try again later");
 }
+
+/**
+ * The refusal of a streaming call past `server.maxStreamsPerIp`. RATE_LIMITED, not a size
+ * limit: the same call passes once one of the address's streams ends, which no one can
+ * date, so Retry-After is the shortest wait (a refusal costs a header read, nothing more).
+ */
+export function tooManyStreamsError(): TesseraError {
+  return new TesseraError("RATE_LIMITED", "too many streaming calls open from this address", {
+    headers: { "retry-after": "1" },
+  });
+}

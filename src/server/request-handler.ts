@@ -7,6 +7,8 @@ import type { App } from "../app.js";
 import { createCallObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
+import { toConnectError } from "../errors.js";
+import { tooManyStreamsError } from "../rate-limit.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
 import { createTransport } from "../transport/index.js";
@@ -174,9 +176,9 @@ export function createRequestHandler(
       const n = (openStreams.get(ip) ?? 0) + 1;
       if (n > maxStreamsPerIp) {
         setCommonHeaders();
-        refuseStream(req, res);
-        // A limit on streams held at once (retry once one ends): RATE_LIMITED in the access log
-        // and metrics, not the reason of Connect's own ResourceExhausted (a size limit).
+        // A limit on streams held at once (retry once one ends): RATE_LIMITED with Retry-After
+        // and the ErrorInfo every error carries, in the access log and metrics too.
+        refuseStream(req, res, toConnectError(tooManyStreamsError(), requestId));
         stateOf(req).errorInfo = { reason: "RATE_LIMITED", requestId };
         observe?.(stateOf(req), req.headers, method, streamProtocol(req), Code.ResourceExhausted);
         return;

@@ -3,12 +3,14 @@ import type * as http2 from "node:http2";
 import { constants as http2constants } from "node:http2";
 import type { Readable } from "node:stream";
 import type { JsonWriteOptions } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { type Code, ConnectError } from "@connectrpc/connect";
 import { encodeEnvelope } from "@connectrpc/connect/protocol";
 import {
   codeToHttpStatus,
   contentTypeUnaryJson as connectJson,
   contentTypeUnaryRegExp as connectUnaryType,
+  endStreamFlag,
+  endStreamToJson,
   errorToJsonBytes,
 } from "@connectrpc/connect/protocol-connect";
 import {
@@ -268,8 +270,6 @@ function sendTrailer(this: TrailingStream): void {
   this.sendTrailers(this[kTrailer] ?? NO_TRAILERS);
 }
 
-const TOO_MANY_STREAMS = "too many streaming calls open from this address";
-
 /** The protocol of a streaming call, by its content type. */
 export function streamProtocol(
   req: http.IncomingMessage | http2.Http2ServerRequest,
@@ -283,25 +283,27 @@ export function streamProtocol(
 }
 
 /**
- * Refuse a streaming call with ResourceExhausted in its protocol: gRPC and gRPC-Web as a
- * trailers-only answer, Connect's streaming protocol as an end-stream message (its spec
- * puts a stream's error there, with HTTP 200).
+ * Refuse a streaming call with `error` in its protocol, as Connect's handlers write a
+ * stream's error: gRPC and gRPC-Web as a trailers-only answer (grpc-status-details-bin
+ * holding its details, its metadata beside), Connect's streaming protocol as an end-stream
+ * message (its spec puts a stream's error there, with HTTP 200, and the metadata with it).
  */
-export function refuseStream(req: http.IncomingMessage | http2.Http2ServerRequest, res: NodeResponse): void {
+export function refuseStream(
+  req: http.IncomingMessage | http2.Http2ServerRequest,
+  res: NodeResponse,
+  error: ConnectError,
+): void {
   const type = req.headers["content-type"] ?? "";
   res.statusCode = 200;
   if (type.startsWith("application/grpc")) {
     res.setHeader("content-type", type);
-    res.setHeader("grpc-status", String(Code.ResourceExhausted));
-    res.setHeader("grpc-message", encodeURIComponent(TOO_MANY_STREAMS));
+    setHeaders(res, nodeHeaders(setTrailerStatus(new Headers(), error)));
     res.end();
     return;
   }
-  const end = Buffer.from(
-    JSON.stringify({ error: { code: "resource_exhausted", message: TOO_MANY_STREAMS } }),
-  );
+  const end = Buffer.from(JSON.stringify(endStreamToJson(new Headers(), error, {})));
   const head = Buffer.alloc(5);
-  head[0] = 0b10; // end-stream flag
+  head[0] = endStreamFlag;
   head.writeUInt32BE(end.byteLength, 1);
   res.setHeader("content-type", type.startsWith("application/connect+") ? type : "application/connect+json");
   res.end(Buffer.concat([head, end]));

@@ -170,7 +170,16 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     /** A Connect unary error body: refined, enveloped (errorBody), with its new length. */
     function connectError(original: Uint8Array): Maybe<Uint8Array> {
       code = connectErrorCode(original, status);
-      const error = refined(req, method, errorFromJsonBytes(original, undefined, new ConnectError("", code)));
+      let parsed: ConnectError;
+      try {
+        parsed = errorFromJsonBytes(original, undefined, new ConnectError("", code));
+      } catch {
+        // Not an error of a call: Connect's 405 and 415 have no body (its spec says so). Sent
+        // as they are; thrown from `end`, the answer was never written and the stream hung.
+        head["content-length"] = original.byteLength;
+        return original;
+      }
+      const error = refined(req, method, parsed);
       return then(error, (better) => {
         let body = original;
         if (better !== undefined) {

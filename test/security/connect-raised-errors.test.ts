@@ -1,17 +1,20 @@
 import type http2 from "node:http2";
+import https from "node:https";
 import { gzipSync } from "node:zlib";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
-import { Code } from "@connectrpc/connect";
+import { Code, createClient } from "@connectrpc/connect";
 import { codeFromString } from "@connectrpc/connect/protocol-connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
-import { HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js";
+import { Health, HealthCheckRequestSchema } from "../../gen/grpc/health/v1/health_pb.js";
 import { LoginRequestSchema } from "../../gen/tessera/v1/user_service_pb.js";
 import { ERROR_DOMAIN } from "../../src/errors.js";
+import { toClientError } from "../../src/sdk/error-mapping.js";
+import { RateLimitedError } from "../../src/sdk/errors.js";
 import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
-import { captureLogs, envelope } from "./fixtures.js";
+import { captureLogs, envelope, within } from "./fixtures.js";
 
 /**
  * Errors Connect raises itself on a unary call, before the interceptors (a body or message
@@ -117,8 +120,9 @@ function outcomeOf(protocol: Protocol, raw: Raw): Outcome {
   }
   let t: http2.IncomingHttpHeaders = { ...raw.headers, ...raw.trailers };
   if (protocol === "grpc-web") {
-    // The trailers are the body's last frame (flag 0x80): `name: value` lines.
-    t = {};
+    // The trailers are the body's last frame (flag 0x80): `name: value` lines; a
+    // trailers-only answer has them in its headers.
+    t = { ...raw.headers };
     for (let at = 0; at + 5 <= raw.body.length; ) {
       const length = raw.body.readUInt32BE(at + 1);
       if (raw.body[at]! & 0x80)
@@ -307,4 +311,223 @@ describe("errors Connect raises itself on a unary call", () => {
       "MESSAGE_TOO_LARGE",
     );
   });
+});
+
+/** The Tessera ErrorInfo and metadata of a Connect streaming answer's end-stream message (its last envelope). */
+function endStreamOf(raw: Pick<Raw, "headers" | "body">): Outcome & { retryAfter: string | undefined } {
+  let at = 0;
+  let end: Buffer | undefined;
+  while (at + 5 <= raw.body.length) {
+    const length = raw.body.readUInt32BE(at + 1);
+    if (raw.body[at]! & 0b10) end = raw.body.subarray(at + 5, at + 5 + length);
+    at += 5 + length;
+  }
+  const json = JSON.parse(end?.toString() ?? "{}") as {
+    error?: { code: string; details?: { type?: string; value?: string }[] };
+    metadata?: Record<string, string[]>;
+  };
+  const detail = json.error?.details?.find((d) => d.type === ErrorInfoSchema.typeName);
+  const info = detail?.value ? fromBinary(ErrorInfoSchema, Buffer.from(detail.value, "base64")) : undefined;
+  return {
+    code: json.error ? codeFromString(json.error.code) : undefined,
+    reason: info?.domain === ERROR_DOMAIN ? info.reason : undefined,
+    requestId: info?.metadata.request_id,
+    header: raw.headers["x-request-id"] as string | undefined,
+    retryAfter: json.metadata?.["retry-after"]?.[0],
+  };
+}
+
+/** One HTTP/1.1 request over TLS: its status, headers and body. */
+function h1(
+  ts: TestServer,
+  method: string,
+  path: string,
+  headers: Record<string, string>,
+  body: Uint8Array,
+): Promise<{ status: number | undefined; headers: http2.IncomingHttpHeaders; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(`${ts.server.url}${path}`, { method, headers, ca: ts.certs.ca }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (c: Buffer) => chunks.push(c));
+      res.on("end", () =>
+        resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks) }),
+      );
+    });
+    req.on("error", reject);
+    req.end(method === "GET" ? undefined : body);
+  });
+}
+
+/**
+ * A streaming call past server.maxStreamsPerIp is refused before Connect sees it: with
+ * RATE_LIMITED (the same call passes once one of the address's streams ends) and Retry-After,
+ * and the ErrorInfo with the request id, in each streaming protocol's own place for errors.
+ */
+describe("a streaming call past server.maxStreamsPerIp", () => {
+  let ts: TestServer;
+  let held: http2.ClientHttp2Session;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { server: { maxStreamsPerIp: 1 } });
+    // The address's one stream, held open for the file's tests.
+    held = ts.session();
+    held.on("error", () => undefined);
+    const watch = held.request({
+      ":method": "POST",
+      ":path": WATCH,
+      ...request("grpc", bigMessage(0)).headers,
+    });
+    watch.on("error", () => undefined);
+    const answered = new Promise((r) => watch.once("response", r));
+    watch.resume();
+    watch.end(request("grpc", bigMessage(0)).body);
+    await within(answered, 10_000, "the first Watch was not answered");
+  });
+  afterAll(async () => {
+    held?.destroy();
+    await ts?.close();
+  });
+
+  it.each(["grpc", "grpc-web"] as const)(
+    "is refused over %s trailers-only ResourceExhausted with reason RATE_LIMITED, the request id and Retry-After",
+    async (protocol) => {
+      const req = request(protocol, bigMessage(0));
+      const raw = await within(post(ts, WATCH, req.headers, req.body), 10_000, "no refusal");
+      expect(raw.body.byteLength).toBe(0);
+      const outcome = outcomeOf(protocol, raw);
+      expect(outcome).toMatchObject({ code: Code.ResourceExhausted, reason: "RATE_LIMITED" });
+      expect(outcome.header).toMatch(/\S/);
+      expect(outcome.requestId).toBe(outcome.header);
+      expect(raw.headers["retry-after"]).toBe("1");
+    },
+  );
+
+  it("is refused over Connect's streaming protocol (HTTP/2 and HTTP/1.1) in the end-stream message, with its ErrorInfo and Retry-After", async () => {
+    const headers = { "content-type": "application/connect+json" };
+    const body = envelope(0, Buffer.from("{}"));
+    const overH2 = await within(post(ts, WATCH, headers, body), 10_000, "no refusal");
+    const overH1 = await within(h1(ts, "POST", WATCH, headers, body), 10_000, "no refusal");
+    for (const raw of [overH2, overH1]) {
+      const end = endStreamOf(raw);
+      expect(end).toMatchObject({ code: Code.ResourceExhausted, reason: "RATE_LIMITED", retryAfter: "1" });
+      expect(end.header).toMatch(/\S/);
+      expect(end.requestId).toBe(end.header);
+    }
+  });
+
+  it.each(["connect", "grpc", "grpcWeb"] as const)(
+    "reaches the SDK over Connect-ES's %s transport as a RateLimitedError with its reason, request id and retryAfter",
+    async (kind) => {
+      let thrown: unknown;
+      try {
+        for await (const _ of createClient(Health, ts[kind]()).watch({ service: "" })) break;
+      } catch (e) {
+        thrown = e;
+      }
+      const err = toClientError(thrown);
+      expect(err).toBeInstanceOf(RateLimitedError);
+      expect({ reason: err.reason, retryAfter: (err as RateLimitedError).retryAfter }).toEqual({
+        reason: "RATE_LIMITED",
+        retryAfter: 1,
+      });
+      expect(err.requestId).toMatch(/\S/);
+    },
+  );
+});
+
+/**
+ * Answers to requests no RPC takes, before any call exists: an unknown path (404), a method
+ * other than POST on a unary RPC that does not allow GET (405), a content type no protocol
+ * serves (415, gRPC-Web text included: Connect's servers do not speak it). The Connect and
+ * gRPC specs make these bare HTTP answers (no body; a gRPC client maps the status), so they
+ * carry no ErrorInfo, only X-Request-Id; the same on both transports, HTTP/2 and HTTP/1.1.
+ */
+describe("requests no RPC takes", () => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  const cases: [string, string, string, Record<string, string>, Uint8Array, number][] = [
+    [
+      "an unknown path over gRPC",
+      "POST",
+      "/nope.v1.Nope/Nope",
+      { "content-type": "application/grpc", te: "trailers" },
+      envelope(0, new Uint8Array(0)),
+      404,
+    ],
+    [
+      "an unknown path over Connect",
+      "POST",
+      "/nope.v1.Nope/Nope",
+      { "content-type": "application/json" },
+      Buffer.from("{}"),
+      404,
+    ],
+    [
+      "a Connect GET of a unary RPC without GET",
+      "GET",
+      `${CHECK}?encoding=json&message=%7B%7D`,
+      {},
+      new Uint8Array(0),
+      405,
+    ],
+    ["a PUT", "PUT", CHECK, { "content-type": "application/json" }, Buffer.from("{}"), 405],
+    [
+      "a content type no protocol has",
+      "POST",
+      CHECK,
+      { "content-type": "text/plain" },
+      Buffer.from("{}"),
+      415,
+    ],
+    ["no content type", "POST", CHECK, {}, Buffer.from("{}"), 415],
+    [
+      "gRPC-Web text",
+      "POST",
+      "/tessera.v1.UserService/GetCurrentUser",
+      { "content-type": "application/grpc-web-text" },
+      Buffer.from(envelope(0, new Uint8Array(0)).toString("base64")),
+      415,
+    ],
+  ];
+
+  it.each(cases)(
+    "answers %s with its HTTP status, no body and X-Request-Id, over HTTP/2 and HTTP/1.1",
+    async (_, method, path, headers, body, status) => {
+      const session = ts.session();
+      session.on("error", () => undefined);
+      const overH2 = await within(
+        new Promise<{ status: unknown; headers: http2.IncomingHttpHeaders; body: Buffer }>(
+          (resolve, reject) => {
+            const req = session.request({ ":method": method, ":path": path, ...headers });
+            const chunks: Buffer[] = [];
+            let head: http2.IncomingHttpHeaders = {};
+            req.on("response", (h) => {
+              head = h;
+            });
+            req.on("data", (c: Buffer) => chunks.push(c));
+            req.on("end", () =>
+              resolve({ status: head[":status"], headers: head, body: Buffer.concat(chunks) }),
+            );
+            req.on("error", reject);
+            req.end(method === "GET" ? undefined : body);
+          },
+        ),
+        10_000,
+        "no answer over HTTP/2",
+      ).finally(() => session.close());
+      const overH1 = await within(h1(ts, method, path, headers, body), 10_000, "no answer over HTTP/1.1");
+      for (const answer of [overH2, overH1]) {
+        expect({ status: answer.status, body: answer.body.toString() }).toEqual({ status, body: "" });
+        expect(answer.headers["x-request-id"]).toMatch(/\S/);
+        expect(answer.headers["grpc-status"]).toBeUndefined();
+      }
+    },
+  );
 });
