@@ -36,13 +36,24 @@ export function rawSocketOf(socket: TLSSocket): object | undefined {
 }
 
 /**
- * The ends of verified leaves, by SHA-256 fingerprint, each under the anchors it was verified
- * against. Ticket keys are per process and change with every TLS reload (a new secure
- * context), so a session resumed here was created by a full handshake this map saw, under
- * anchors no older than the current ones.
+ * The ends of verified leaves, by CA generation and SHA-256 fingerprint. Ticket keys are per
+ * process and change with every TLS reload (a new secure context), so a session resumed here
+ * was created by a full handshake this map saw, under anchors no older than the current ones.
+ * Keyed by the generation too, not only replaced by it: a handshake accepted before a reload
+ * may end after it, and must not erase what the new generation's handshakes remembered.
  */
 export function createVerifiedEnds(max = MAX_REMEMBERED) {
-  const ends = new LRUCache<string, { anchors: TrustAnchors; end: number }>({ max });
+  const ends = new LRUCache<string, number>({ max });
+  const generations = new WeakMap<TrustAnchors, number>();
+  let nextGeneration = 0;
+  const keyOf = (fingerprint: string, anchors: TrustAnchors): string => {
+    let generation = generations.get(anchors);
+    if (generation === undefined) {
+      generation = nextGeneration++;
+      generations.set(anchors, generation);
+    }
+    return `${generation}|${fingerprint}`;
+  };
   return {
     /**
      * Remember a full handshake's end. The latest of a leaf's ends under the same anchors
@@ -50,14 +61,13 @@ export function createVerifiedEnds(max = MAX_REMEMBERED) {
      * intermediate still chains until the later one.
      */
     remember(fingerprint: string, anchors: TrustAnchors, end: number): void {
-      const known = ends.get(fingerprint);
-      if (known?.anchors === anchors && known.end >= end) return;
-      ends.set(fingerprint, { anchors, end });
+      const key = keyOf(fingerprint, anchors);
+      const known = ends.get(key);
+      if (known === undefined || known < end) ends.set(key, end);
     },
     /** The end remembered for a leaf under `anchors`; -Infinity (authenticates nothing) when none. */
     recall(fingerprint: string, anchors: TrustAnchors): number {
-      const known = ends.get(fingerprint);
-      return known?.anchors === anchors ? known.end : Number.NEGATIVE_INFINITY;
+      return ends.get(keyOf(fingerprint, anchors)) ?? Number.NEGATIVE_INFINITY;
     },
   };
 }

@@ -219,7 +219,12 @@ export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeB
   });
   if (errors)
     req.on("error", (err) => {
-      failure = err;
+      // An HTTP/1.1 client that hung up mid-body ("aborted", ECONNRESET) ended the call itself,
+      // as on "close" below: Canceled, not an Internal error logged as Tessera's fault.
+      const gone = !(err instanceof ConnectError) && (err as NodeJS.ErrnoException).code === "ECONNRESET";
+      failure = gone
+        ? new ConnectError("the client closed the request", Code.Canceled, undefined, undefined, err)
+        : err;
       notify();
     });
   req.on("close", () => {

@@ -65,7 +65,7 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     method: DescMethod,
     error: ConnectError,
   ): Maybe<ConnectError | undefined> {
-    const own = clientFaultOf(error) ?? error;
+    const own = clientFaultOf(error) ?? abandoned(req, error) ?? error;
     const unchanged = own === error ? undefined : own;
     if (callError === undefined || tesseraErrorInfo(own) !== undefined) return unchanged;
     const values = options.contextValues?.(req) ?? createContextValues();
@@ -73,6 +73,16 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     return then(callError(fresh, values, method as DescMethodUnary, headerSource(req)), (answer) =>
       answer === fresh ? unchanged : answer,
     );
+  }
+
+  /**
+   * `error` as Canceled when it is connect-node's Internal for a request its client reset or
+   * hung up on before its body was read: the client ended the call, nothing failed here, so it
+   * is neither answered nor logged as Tessera's fault (which any caller could do at will).
+   */
+  function abandoned(req: http.IncomingMessage | http2.Http2ServerRequest, error: ConnectError) {
+    if (error.code !== Code.Internal || !req.aborted) return undefined;
+    return new ConnectError("the client ended the call before its request was read", Code.Canceled);
   }
 
   return (req, res, method, protocol, common) => {

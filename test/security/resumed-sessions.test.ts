@@ -1,5 +1,6 @@
 import { appendFileSync } from "node:fs";
 import http2 from "node:http2";
+import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
 import { afterEach, describe, expect, it } from "vitest";
@@ -34,7 +35,7 @@ async function requiredAdmin(ts: TestServer) {
 async function connection(
   ts: TestServer,
   pem: { cert: Buffer | string; key: Buffer | string },
-  options: { maxVersion?: tls.SecureVersion; session?: Buffer } = {},
+  options: { maxVersion?: tls.SecureVersion; session?: Buffer; socket?: net.Socket } = {},
 ) {
   const tickets: Buffer[] = [];
   let socket: tls.TLSSocket | undefined;
@@ -139,6 +140,35 @@ describe.each(DATABASES)("resumed TLS sessions and expiring client certificates 
       }
     },
   );
+
+  it("a session resumed after a CA reload authenticates though a handshake accepted before the reload ended after it", async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    const pem = await mintClientCertificate(ts, 30);
+    const machineId = await boundMachineUser(await adminClients(ts), `backend-${short()}`, pem.fingerprint);
+    // A connection accepted under the first CA generation, its handshake not yet sent.
+    const accepted = new Promise((resolve) => ts!.server.server.once("connection", resolve));
+    const raw = net.connect(ts.server.port, "127.0.0.1");
+    await accepted;
+    // A new CA generation that still trusts the client's CA (another root added).
+    appendFileSync(join(ts.certs.dir, "ca.crt"), `\n${(await intermediateChain()).rootPem}\n`);
+    await ts.server.reloadTls();
+    const full = await connection(ts, pem);
+    const ticket = await full.ticket();
+    expect(await full.check()).toBe(machineId);
+    full.close();
+    // The held connection's full handshake ends now, verified by the first generation.
+    const late = await connection(ts, pem, { socket: raw });
+    expect(await late.check()).toBe(machineId);
+    late.close();
+    // It must not have replaced what the new generation's handshake remembered.
+    const resumed = await connection(ts, pem, { session: ticket });
+    try {
+      expect(resumed.reused()).toBe(true);
+      expect(await resumed.check(), "the resumed session lost its handshake's chain").toBe(machineId);
+    } finally {
+      resumed.close();
+    }
+  });
 
   it("with mtls required, a connection whose certificate has expired answers the call that finds it, then gets GOAWAY", async () => {
     const clock = pinnableClock();

@@ -4,7 +4,7 @@ import type { JwtService } from "../../auth/jwt.js";
 import type { PeerCertificateInfo, Principal } from "../../auth/principal.js";
 import type { Clock } from "../../clock.js";
 import { TesseraError } from "../../errors.js";
-import { MachineCredential, MachineUser } from "../../storage/machine-entities.js";
+import { MachineCredential, MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
 
 /** What issuing a machine access token needs. */
 export interface MachineTokenIssuerDeps {
@@ -66,6 +66,16 @@ export async function issueMachineAccessToken(
         throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
       ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
     }
+  }
+  // A certificate's binding was read when the call was authenticated, and an unbinding's
+  // cut-off covers only tokens up to its second, which the wait above may have passed: the
+  // binding must still be there once the token's second is reached.
+  if (principal.method === "mtls" && principal.credentialId) {
+    const bound = await em.count(MachineUserCertificate, {
+      id: principal.credentialId,
+      machineUserId: mu.id,
+    });
+    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
   }
   const thumbprint = certificate?.thumbprint;
   const issued = await deps.jwt.issue({
