@@ -67,16 +67,6 @@ export async function issueMachineAccessToken(
       ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
     }
   }
-  // A certificate's binding was read when the call was authenticated, and an unbinding's
-  // cut-off covers only tokens up to its second, which the wait above may have passed: the
-  // binding must still be there once the token's second is reached.
-  if (principal.method === "mtls" && principal.credentialId) {
-    const bound = await em.count(MachineUserCertificate, {
-      id: principal.credentialId,
-      machineUserId: mu.id,
-    });
-    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
-  }
   const thumbprint = certificate?.thumbprint;
   const issued = await deps.jwt.issue({
     subject: principal.id,
@@ -86,6 +76,17 @@ export async function issueMachineAccessToken(
     ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
+  // A certificate's binding was read when the call was authenticated, and an unbinding's
+  // cut-off (iat up to its second, inclusive) is read after its commit (revokeAfterUnbinding):
+  // checked after signing, a binding still seen means the unbinding commits later, so its
+  // cut-off is at or past this token's iat and ends it; one not seen refuses the token.
+  if (principal.method === "mtls" && principal.credentialId) {
+    const bound = await em.count(MachineUserCertificate, {
+      id: principal.credentialId,
+      machineUserId: mu.id,
+    });
+    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
+  }
   return {
     token: issued.token,
     expiresAt: issued.expiresAt,
@@ -121,6 +122,34 @@ export async function revokeMachineAccessTokens(
     },
   );
   return changed > 0;
+}
+
+/**
+ * After an unbinding committed (its cut-off `cutoff` was read before the commit): raise the
+ * cut-off to `now`, read once the commit is visible, when a second has begun since. An
+ * IssueAccessToken over the certificate that still saw the binding after signing did so
+ * before the commit, so its `iat` is at or before `now`'s second; without this it could be
+ * the second after `cutoff`'s. Conditional on the row holding an earlier cut-off: a later
+ * one (another revocation or rotation) already covers it.
+ */
+export async function revokeAfterUnbinding(
+  em: EntityManager,
+  machineUserId: string,
+  cutoff: number,
+  now: number,
+  clockSkewSeconds: number,
+): Promise<void> {
+  const second = Math.floor(now / 1000) * 1000;
+  if (cutoff >= second) return;
+  await em.nativeUpdate(
+    MachineUser,
+    { id: machineUserId, rotatedAt: { $lt: new Date(second) } },
+    {
+      rotatedAt: new Date(now),
+      rotationGraceUntil: new Date(now - clockSkewSeconds * 1000),
+      updatedAt: new Date(now),
+    },
+  );
 }
 
 /** The rotation state of a machine user's row, as read. */
