@@ -183,8 +183,8 @@ describe.each(DATABASES)("an unbinding racing the certificate's IssueAccessToken
     expect((await rejection(Promise.reject(outcome))).reason).toBe("TOKEN_REVOKED");
   });
 
-  // SQLite has one connection, held by a transaction until it ends: a read cannot run while an
-  // unbinding is uncommitted. PostgreSQL reads what was committed, so the issuer's check can.
+  // SQLite has one connection: a check made while an unbinding is uncommitted waits for its end
+  // or sees its deletion. PostgreSQL reads what was committed, so the check can miss it.
   it.skipIf(db !== POSTGRES)(
     "ends a token signed in a later second than the cut-off while the unbinding's commit was on its way",
     async () => {

@@ -76,10 +76,11 @@ export async function issueMachineAccessToken(
     ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
-  // A certificate's binding was read when the call was authenticated, and an unbinding's
-  // cut-off (iat up to its second, inclusive) is read after its commit (revokeAfterUnbinding):
-  // checked after signing, a binding still seen means the unbinding commits later, so its
-  // cut-off is at or past this token's iat and ends it; one not seen refuses the token.
+  // A certificate's binding was read when the call was authenticated. Checked again after the
+  // signature, no lock needed: a binding gone refuses the token; one still seen means the
+  // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the
+  // second its commit is seen in (revokeAfterUnbinding), so it ends this token (on clocks
+  // that agree: iat is this instance's).
   if (principal.method === "mtls" && principal.credentialId) {
     const bound = await em.count(MachineUserCertificate, {
       id: principal.credentialId,
