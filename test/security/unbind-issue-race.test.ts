@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
+import { Agent, request } from "undici";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { createClientCertificate } from "../../src/certs/dev-ca.js";
@@ -83,7 +84,7 @@ describe.each(DATABASES)("an unbinding racing the certificate's IssueAccessToken
     });
     const withCert = over(folder);
     const machines = createClient(MachineUserService, withCert);
-    return { mu, binding: binding!, withCert, machines };
+    return { mu, binding: binding!, folder, withCert, machines };
   }
 
   /** The outcome of IssueAccessToken: the token, or the error. */
@@ -149,39 +150,66 @@ describe.each(DATABASES)("an unbinding racing the certificate's IssueAccessToken
     expect((await rejection(Promise.reject(outcome))).reason).toBe("TOKEN_REVOKED");
   });
 
-  it("refuses a token signed in a later second than an unbinding that committed after the binding was last read", async () => {
-    const { mu, binding, withCert, machines } = await boundCertificate();
-    const second = aSecondAhead();
-    clock.pin(second);
-    // The hook: just before the signature, the unbinding commits (its cut-off in this second),
-    // and the next second begins; the token's iat is then past the cut-off.
-    const jwt = ts.app.jwt;
-    const sign = jwt.issue.bind(jwt);
-    let unbound = false;
-    jwt.issue = async (claims) => {
-      if (claims.subject === mu.id) {
-        jwt.issue = sign;
-        await admin.machines.unbindCertificate({
-          machineUserId: mu.id,
-          identity: { case: "bindingId", value: binding.id },
-        });
-        unbound = true;
-        clock.pin(second + 1000);
-      }
-      return sign(claims);
-    };
-    let outcome: string | ConnectError;
+  /** POST /oauth2/token, client_credentials over the certificate: the token, or the status and error. */
+  async function grant(folder: {
+    cert: Buffer;
+    key: Buffer;
+  }): Promise<string | { status: number; error: string }> {
+    const agent = new Agent({ connect: { ca: ts.certs.ca, cert: folder.cert, key: folder.key } });
     try {
-      outcome = await issue(machines);
+      const res = await request(`${ts.server.url}/oauth2/token`, {
+        method: "POST",
+        dispatcher: agent,
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: "grant_type=client_credentials",
+      });
+      const body = (await res.body.json()) as { access_token?: string; error?: string };
+      return res.statusCode === 200 ? body.access_token! : { status: res.statusCode, error: body.error! };
     } finally {
-      jwt.issue = sign;
+      await agent.close();
     }
-    expect(unbound).toBe(true);
-    if (typeof outcome === "string")
-      expect(await works(withCert, outcome), "a token signed after the unbinding authenticated").toBe(false);
-    expect(outcome).toBeInstanceOf(ConnectError);
-    expect((await rejection(Promise.reject(outcome))).reason).toBe("TOKEN_REVOKED");
-  });
+  }
+
+  it.each(["IssueAccessToken", "the client_credentials grant"] as const)(
+    "refuses through %s a token signed in a later second than an unbinding that committed after the binding was last read",
+    async (way) => {
+      const { mu, binding, folder, withCert, machines } = await boundCertificate();
+      const second = aSecondAhead();
+      clock.pin(second);
+      // The hook: just before the signature, the unbinding commits (its cut-off in this second),
+      // and the next second begins; the token's iat is then past the cut-off.
+      const jwt = ts.app.jwt;
+      const sign = jwt.issue.bind(jwt);
+      let unbound = false;
+      jwt.issue = async (claims) => {
+        if (claims.subject === mu.id) {
+          jwt.issue = sign;
+          await admin.machines.unbindCertificate({
+            machineUserId: mu.id,
+            identity: { case: "bindingId", value: binding.id },
+          });
+          unbound = true;
+          clock.pin(second + 1000);
+        }
+        return sign(claims);
+      };
+      let outcome: string | ConnectError | { status: number; error: string };
+      try {
+        outcome = way === "IssueAccessToken" ? await issue(machines) : await grant(folder);
+      } finally {
+        jwt.issue = sign;
+      }
+      expect(unbound).toBe(true);
+      if (typeof outcome === "string")
+        expect(await works(withCert, outcome), "a token signed after the unbinding authenticated").toBe(
+          false,
+        );
+      if (way === "IssueAccessToken") {
+        expect(outcome).toBeInstanceOf(ConnectError);
+        expect((await rejection(Promise.reject(outcome))).reason).toBe("TOKEN_REVOKED");
+      } else expect(outcome).toEqual({ status: 400, error: "invalid_grant" });
+    },
+  );
 
   // SQLite has one connection: a check made while an unbinding is uncommitted waits for its end
   // or sees its deletion. PostgreSQL reads what was committed, so the check can miss it.
