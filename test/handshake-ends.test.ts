@@ -1,5 +1,6 @@
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
+import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
@@ -7,7 +8,8 @@ import { afterEach, describe, expect, it } from "vitest";
 import { createClientCertificate } from "../src/certs/dev-ca.js";
 import { type TrustAnchors, trustAnchors } from "../src/certs/trust-anchors.js";
 import { createVerifiedEnds, trackHandshakeEnds } from "../src/server/handshake-ends.js";
-import { createTestCerts } from "./helpers.js";
+import { createStateAttacher, stateOf } from "../src/server/request-facts.js";
+import { createTestCerts, testConfig } from "./helpers.js";
 
 /**
  * A resumed TLS session carries no chain: its certificate's end is the one its full handshake
@@ -35,7 +37,7 @@ describe("the ends of verified client certificates", () => {
 });
 
 describe("a TLS server's handshake ends", () => {
-  let server: tls.Server | undefined;
+  let server: tls.Server | http2.Http2SecureServer | undefined;
   afterEach(() => {
     server?.close();
     server = undefined;
@@ -94,5 +96,118 @@ describe("a TLS server's handshake ends", () => {
       { reused: true, end: second.notAfter },
       { reused: true, end: Number.NEGATIVE_INFINITY },
     ]);
+  });
+
+  it("with mtls required, refuses a resumption it remembers nothing of without cutting its connection, and cuts an expired one", async () => {
+    const certs = await createTestCerts();
+    const anchors = trustAnchors(certs.ca);
+    const leaf = async (name: string) => {
+      const c = await createClientCertificate(certs.dir, name, join(certs.clientDir, "..", name));
+      const cert = readFileSync(c.certPath);
+      return { cert, key: readFileSync(c.keyPath), notAfter: Date.parse(new X509Certificate(cert).validTo) };
+    };
+    const [first, second] = [await leaf("first"), await leaf("second")];
+    const h2 = http2.createSecureServer({
+      ca: certs.ca,
+      cert: readFileSync(join(certs.dir, "server.crt")),
+      key: readFileSync(join(certs.dir, "server.key")),
+      requestCert: true,
+      rejectUnauthorized: true,
+      maxVersion: "TLSv1.2",
+    });
+    server = h2;
+    // One leaf remembered at a time, as in the test above; the request facts as the server reads them.
+    const endOf = trackHandshakeEnds(h2, () => anchors, createVerifiedEnds(1));
+    let now = Date.now();
+    const attach = createStateAttacher(
+      testConfig("sqlite::memory:", { server: { mtls: "require" } }),
+      true,
+      () => ({ anchors, revoked: new Set<string>() }),
+      { anchors: () => anchors, end: endOf },
+      () => now,
+    );
+    h2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+      attach(req);
+      res.writeHead(stateOf(req).certificate === null ? 401 : 200).end();
+    });
+    await new Promise<void>((resolve) => h2.listen(0, "127.0.0.1", resolve));
+    const port = (h2.address() as AddressInfo).port;
+    const open = async (pem: { cert: Buffer; key: Buffer }, session?: Buffer) => {
+      let ticket: Buffer | undefined;
+      let socket: tls.TLSSocket | undefined;
+      const client = http2.connect(`https://127.0.0.1:${port}`, {
+        createConnection: () => {
+          socket = tls.connect({
+            host: "127.0.0.1",
+            port,
+            ALPNProtocols: ["h2"],
+            ca: certs.ca,
+            ...pem,
+            ...(session ? { session } : {}),
+          });
+          socket.on("session", (t: Buffer) => {
+            ticket = t;
+          });
+          return socket;
+        },
+      });
+      const goaways: number[] = [];
+      client.on("goaway", (code: number) => goaways.push(code));
+      client.on("error", () => {});
+      await new Promise<void>((resolve, reject) => {
+        client.once("connect", () => resolve());
+        client.once("error", reject);
+      });
+      const call = () =>
+        new Promise<number>((resolve, reject) => {
+          const req = client.request({ ":path": "/" });
+          let status = 0;
+          req.on("response", (h) => {
+            status = Number(h[":status"]);
+          });
+          req.on("end", () => resolve(status));
+          req.on("error", reject);
+          req.resume();
+          req.end();
+        });
+      return {
+        call,
+        goaways,
+        reused: () => socket!.isSessionReused(),
+        ticket: () => ticket!,
+        close: () => client.close(),
+      };
+    };
+
+    const a = await open(first);
+    expect(await a.call()).toBe(200);
+    const firstTicket = a.ticket();
+    a.close();
+    const b = await open(second);
+    expect(await b.call()).toBe(200);
+    b.close();
+    // The first leaf is forgotten: its resumption authenticates nothing, call after call, and
+    // its connection stays (a new one would resume the same ticket).
+    const resumed = await open(first, firstTicket);
+    try {
+      expect(resumed.reused()).toBe(true);
+      expect(await resumed.call()).toBe(401);
+      expect(resumed.goaways, "a forgotten resumption was cut").toEqual([]);
+      expect(await resumed.call()).toBe(401);
+      expect(resumed.goaways).toEqual([]);
+    } finally {
+      resumed.close();
+    }
+    // A certificate past its end is still cut, so that its client comes back with a renewed one.
+    const expired = await open(second);
+    try {
+      now = second.notAfter + 1;
+      expect(await expired.call()).toBe(401);
+      await expect
+        .poll(() => expired.goaways, { timeout: 5_000 })
+        .toEqual([http2.constants.NGHTTP2_NO_ERROR]);
+    } finally {
+      expired.close();
+    }
   });
 });

@@ -61,6 +61,11 @@ interface ConnectionCertificate {
    * nothing, however long its connection stays open.
    */
   notAfter: number;
+  /**
+   * A resumed session whose full handshake is not remembered (see handshake-ends.ts): it
+   * authenticates nothing, but is not cut, since its client would resume the same ticket.
+   */
+  endUnknown: boolean;
 }
 
 function parseCertificate(
@@ -89,12 +94,10 @@ function parseCertificate(
   // created it. Else read here on the path to the anchors (see chainEnd), except for a resumed
   // session: Node keeps none of its first handshake's intermediates, so its end is unknown.
   let notAfter = handshake.end?.(socket);
+  const resumed = socket.isSessionReused();
   if (notAfter === undefined) {
     const trustedBy = anchors ?? current;
-    notAfter =
-      trustedBy && !socket.isSessionReused()
-        ? chainEnd(peerChain(socket), trustedBy)
-        : Number.NEGATIVE_INFINITY;
+    notAfter = trustedBy && !resumed ? chainEnd(peerChain(socket), trustedBy) : Number.NEGATIVE_INFINITY;
   }
   return {
     parsed,
@@ -102,6 +105,7 @@ function parseCertificate(
     anchors,
     info: { ...parsed, notAfter },
     notAfter,
+    endUnknown: resumed && notAfter === Number.NEGATIVE_INFINITY,
   };
 }
 
@@ -148,6 +152,7 @@ export function createStateAttacher(
       const anchors = current.anchors;
       const chain = peerChain(req.socket as TLSSocket);
       cert.anchors = anchors;
+      cert.endUnknown = false;
       cert.notAfter = anchors !== null ? chainEnd(chain, anchors) : Number.NEGATIVE_INFINITY;
       cert.info =
         anchors !== null && chainsTo(chain, anchors, clock())
@@ -158,10 +163,12 @@ export function createStateAttacher(
     // only notAfter can pass later): a connection kept open must not outlive it. So can its
     // revocation: the handshake checked the CRL of its time, and a CRL reloaded since takes
     // effect on this request, on this connection too.
-    const revoked = current.revoked;
-    if (clock() <= cert.notAfter && !(revoked.size > 0 && revoked.has(cert.serial)) && cert.info !== null)
-      return cert.info;
-    if (config.server.mtls === "require") closeGracefully(req);
+    const revoked = current.revoked.size > 0 && current.revoked.has(cert.serial);
+    if (clock() <= cert.notAfter && !revoked && cert.info !== null) return cert.info;
+    // Cut only a certificate that expired, was revoked or is no longer trusted: its client
+    // reconnects with a renewed one. One refused for an unknown end alone just gets the 401.
+    const unknownOnly = cert.endUnknown && !revoked && cert.info !== null;
+    if (config.server.mtls === "require" && !unknownOnly) closeGracefully(req);
     return null;
   }
 

@@ -67,16 +67,6 @@ export async function issueMachineAccessToken(
       ttlSeconds = Math.min(ttlSeconds, deps.accessTokenTtlSeconds);
     }
   }
-  // A certificate's binding was read when the call was authenticated, and an unbinding's
-  // cut-off covers only tokens up to its second, which the wait above may have passed: the
-  // binding must still be there once the token's second is reached.
-  if (principal.method === "mtls" && principal.credentialId) {
-    const bound = await em.count(MachineUserCertificate, {
-      id: principal.credentialId,
-      machineUserId: mu.id,
-    });
-    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
-  }
   const thumbprint = certificate?.thumbprint;
   const issued = await deps.jwt.issue({
     subject: principal.id,
@@ -86,6 +76,18 @@ export async function issueMachineAccessToken(
     ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
+  // A certificate's binding was read when the call was authenticated. Checked again after the
+  // signature, no lock needed: a binding gone refuses the token; one still seen means the
+  // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the
+  // second its commit is seen in (revokeAfterUnbinding), so it ends this token (on clocks
+  // that agree: iat is this instance's).
+  if (principal.method === "mtls" && principal.credentialId) {
+    const bound = await em.count(MachineUserCertificate, {
+      id: principal.credentialId,
+      machineUserId: mu.id,
+    });
+    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
+  }
   return {
     token: issued.token,
     expiresAt: issued.expiresAt,
@@ -121,6 +123,34 @@ export async function revokeMachineAccessTokens(
     },
   );
   return changed > 0;
+}
+
+/**
+ * After an unbinding committed (its cut-off `cutoff` was read before the commit): raise the
+ * cut-off to `now`, read once the commit is visible, when a second has begun since. An
+ * IssueAccessToken over the certificate that still saw the binding after signing did so
+ * before the commit, so its `iat` is at or before `now`'s second; without this it could be
+ * the second after `cutoff`'s. Conditional on the row holding an earlier cut-off: a later
+ * one (another revocation or rotation) already covers it.
+ */
+export async function revokeAfterUnbinding(
+  em: EntityManager,
+  machineUserId: string,
+  cutoff: number,
+  now: number,
+  clockSkewSeconds: number,
+): Promise<void> {
+  const second = Math.floor(now / 1000) * 1000;
+  if (cutoff >= second) return;
+  await em.nativeUpdate(
+    MachineUser,
+    { id: machineUserId, rotatedAt: { $lt: new Date(second) } },
+    {
+      rotatedAt: new Date(now),
+      rotationGraceUntil: new Date(now - clockSkewSeconds * 1000),
+      updatedAt: new Date(now),
+    },
+  );
 }
 
 /** The rotation state of a machine user's row, as read. */

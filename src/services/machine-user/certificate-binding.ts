@@ -9,7 +9,7 @@ import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
 import { assertId, writeIfScopesHold } from "../common.js";
-import { revokeMachineAccessTokens } from "./access-token.js";
+import { revokeAfterUnbinding, revokeMachineAccessTokens } from "./access-token.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
 import { bindingToProto } from "./messages.js";
@@ -167,12 +167,17 @@ export function certificateBindingHandlers(
       // and it stays CA-valid: they end with the binding, in the same commit. Tessera keeps
       // no list of which credential issued which token, so all of the machine user's end,
       // as a revocation through /oauth2/revoke ends them (its credentials stay).
+      let cutoff = 0;
       const removed = await em(ctx).transactional(async (tx) => {
         const n = await tx.nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
-        if (n > 0) await revokeMachineAccessTokens(tx, mu.id, clock(), deps.clockSkewSeconds);
+        if (n === 0) return n;
+        cutoff = clock();
+        await revokeMachineAccessTokens(tx, mu.id, cutoff, deps.clockSkewSeconds);
         return n;
       });
       if (removed === 0) throw errors.notFound("certificate binding");
+      // A token signed while the commit was on its way may bear a later second than the cut-off.
+      await revokeAfterUnbinding(em(ctx), mu.id, cutoff, clock(), deps.clockSkewSeconds);
       return {};
     },
   };
