@@ -241,7 +241,8 @@ describe("the access log writer", () => {
       child.stderr.pause();
       setTimeout(() => child.stderr.resume(), 2);
     });
-    expect(await new Promise((r) => child.on("exit", r))).toBe(0);
+    // "close", not "exit": the process may exit before this slow reader has read its last lines.
+    expect(await new Promise((r) => child.on("close", r))).toBe(0);
     const lines = Buffer.concat(chunks).toString("utf8").trimEnd().split("\n");
     const parsed = lines.map((l) => JSON.parse(l) as { msg: string; i: number });
     const access = parsed.filter((l) => l.msg === "access").map((l) => l.i);
