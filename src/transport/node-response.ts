@@ -98,6 +98,17 @@ export function protocolOf(req: NodeRequest): UnaryProtocol {
   return "connect";
 }
 
+/**
+ * The code, for metrics and the access log, of an answer that is only an HTTP status.
+ * Connect's 405 (a GET or PUT of an RPC that takes only POST) and 415 (a content type no
+ * protocol has) map to `unknown` by the protocols' table, which the access log reads as
+ * an INTERNAL fault of ours that any client could then count up at will: they are a
+ * request this server does not support, so `unimplemented`, as gRPC makes a 404.
+ */
+export function codeOfStatus(status: number): number {
+  return status === 405 || status === 415 ? Code.Unimplemented : codeFromHttpStatus(status);
+}
+
 /** The code of a Connect unary error body (`{"code":"not_found",…}`), else the HTTP status's. */
 export function connectErrorCode(body: Uint8Array, status: number): number {
   try {
@@ -107,7 +118,7 @@ export function connectErrorCode(body: Uint8Array, status: number): number {
   } catch {
     // Not JSON: the status tells.
   }
-  return codeFromHttpStatus(status);
+  return codeOfStatus(status);
 }
 
 /**
@@ -143,7 +154,7 @@ export function streamedCode(uRes: UniversalServerResponse, last: Uint8Array | u
       return Code.Unknown;
     }
   }
-  return uRes.status < 400 ? 0 : codeFromHttpStatus(uRes.status);
+  return uRes.status < 400 ? 0 : codeOfStatus(uRes.status);
 }
 
 const EMPTY_BYTES = new Uint8Array(0);

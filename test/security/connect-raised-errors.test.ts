@@ -446,7 +446,8 @@ describe("requests no RPC takes", () => {
   let ts: TestServer;
 
   beforeAll(async () => {
-    ts = await startTestServer(SQLITE);
+    // Metrics counted (not served: the app's registry is read directly).
+    ts = await startTestServer(SQLITE, { metrics: { listen: "127.0.0.1:0" } });
   });
   afterAll(async () => {
     await ts?.close();
@@ -530,4 +531,27 @@ describe("requests no RPC takes", () => {
       }
     },
   );
+
+  it("counts a 405 or 415 as unimplemented, never as a fault of ours (unknown, INTERNAL)", async () => {
+    const check = 'service="grpc.health.v1.Health",method="Check"';
+    const count = async (code: string, protocol: string) => {
+      const text = (await ts.app.metrics?.scrape()) ?? "";
+      const line = text
+        .split("\n")
+        .find((l) =>
+          l.startsWith(`tessera_rpc_requests_total{${check},protocol="${protocol}",code="${code}"}`),
+        );
+      return line === undefined ? 0 : Number(line.split(" ").pop());
+    };
+    const before = await count("unimplemented", "connect");
+    for (const [method, headers] of [
+      ["PUT", { "content-type": "application/json" }],
+      ["POST", { "content-type": "text/plain" }],
+    ] as const) {
+      const answer = await within(h1(ts, method, CHECK, headers, Buffer.from("{}")), 10_000, "no answer");
+      expect(answer.status).toBeGreaterThanOrEqual(405);
+    }
+    await expect.poll(() => count("unimplemented", "connect")).toBe(before + 2);
+    expect(await count("unknown", "connect")).toBe(0);
+  });
 });
