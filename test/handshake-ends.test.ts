@@ -9,7 +9,7 @@ import { createClientCertificate } from "../src/certs/dev-ca.js";
 import { type TrustAnchors, trustAnchors } from "../src/certs/trust-anchors.js";
 import { createVerifiedEnds, trackHandshakeEnds } from "../src/server/handshake-ends.js";
 import { createStateAttacher, stateOf } from "../src/server/request-facts.js";
-import { createTestCerts, testConfig } from "./helpers.js";
+import { createTestCerts, type TestCerts, testConfig } from "./helpers.js";
 
 /**
  * A resumed TLS session carries no chain: its certificate's end is the one its full handshake
@@ -36,6 +36,13 @@ describe("the ends of verified client certificates", () => {
   });
 });
 
+/** A client certificate of the test CA, with its key and its notAfter (ms). */
+async function leafOf(certs: TestCerts, name: string) {
+  const c = await createClientCertificate(certs.dir, name, join(certs.clientDir, "..", name));
+  const cert = readFileSync(c.certPath);
+  return { cert, key: readFileSync(c.keyPath), notAfter: Date.parse(new X509Certificate(cert).validTo) };
+}
+
 describe("a TLS server's handshake ends", () => {
   let server: tls.Server | http2.Http2SecureServer | undefined;
   afterEach(() => {
@@ -46,12 +53,7 @@ describe("a TLS server's handshake ends", () => {
   it("gives a resumed session its full handshake's end, and -Infinity once that leaf was forgotten", async () => {
     const certs = await createTestCerts();
     const anchors = trustAnchors(certs.ca);
-    const leaf = async (name: string) => {
-      const c = await createClientCertificate(certs.dir, name, join(certs.clientDir, "..", name));
-      const cert = readFileSync(c.certPath);
-      return { cert, key: readFileSync(c.keyPath), notAfter: Date.parse(new X509Certificate(cert).validTo) };
-    };
-    const [first, second] = [await leaf("first"), await leaf("second")];
+    const [first, second] = [await leafOf(certs, "first"), await leafOf(certs, "second")];
     server = tls.createServer({
       ca: certs.ca,
       cert: readFileSync(join(certs.dir, "server.crt")),
@@ -101,12 +103,7 @@ describe("a TLS server's handshake ends", () => {
   it("with mtls required, refuses a resumption it remembers nothing of without cutting its connection, and cuts an expired one", async () => {
     const certs = await createTestCerts();
     const anchors = trustAnchors(certs.ca);
-    const leaf = async (name: string) => {
-      const c = await createClientCertificate(certs.dir, name, join(certs.clientDir, "..", name));
-      const cert = readFileSync(c.certPath);
-      return { cert, key: readFileSync(c.keyPath), notAfter: Date.parse(new X509Certificate(cert).validTo) };
-    };
-    const [first, second] = [await leaf("first"), await leaf("second")];
+    const [first, second] = [await leafOf(certs, "first"), await leafOf(certs, "second")];
     const h2 = http2.createSecureServer({
       ca: certs.ca,
       cert: readFileSync(join(certs.dir, "server.crt")),
