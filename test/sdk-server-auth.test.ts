@@ -72,9 +72,11 @@ function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterT
     service(VerificationService, {
       async verifyCredential(req) {
         fake.verifyCalls++;
+        // Decided when asked; `hold` delays only its arrival.
+        const answer = fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
         if (fake.hold) await fake.hold;
         if (fake.down) throw new ConnectError("storage down", Code.Unavailable);
-        return fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
+        return answer;
       },
       async *watchRevocations(req, ctx) {
         if (fake.watchRefused) throw new ConnectError("not implemented", Code.Unimplemented);
@@ -257,6 +259,34 @@ describe("the downstream auth core", () => {
     await a.authenticate(`Bearer ${PAT}`);
     expect(a.stats().cacheSize).toBe(1);
     expect(fake.verifyCalls).toBe(2);
+  });
+
+  it("does not join a call asked before an event: its answer is neither admitted nor cached after the event", async () => {
+    const { fake, auth: a } = setup();
+    await up(fake, a);
+    fake.answers.set(PAT, valid());
+    let release: () => void = () => {};
+    fake.hold = new Promise<void>((r) => {
+      release = r;
+    });
+    // Tessera answers VALID; the answer is on its way when the credential is revoked.
+    const before = a.authenticate(`Bearer ${PAT}`);
+    await expect.poll(() => fake.verifyCalls).toBe(1);
+    fake.answers.set(PAT, { valid: false, code: VerificationCode.REVOKED });
+    fake.streams[0]!.push({
+      cursor: "c2",
+      events: [{ kind: RevocationKind.CREDENTIAL, id: "cred-1", tenantId: "tenant-1" } as never],
+    });
+    await expect.poll(() => a.stats().watch?.events).toBe(1);
+    // A call after the event is Tessera's to answer afresh, not the answer asked before it.
+    const after = a.authenticate(`Bearer ${PAT}`);
+    fake.hold = undefined;
+    release();
+    expect((await before).id).toBe("user-1");
+    expect((await refusal(after)).reason).toBe("TOKEN_REVOKED");
+    expect(a.stats().cacheSize).toBe(0);
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_REVOKED");
+    expect(fake.verifyCalls).toBe(3);
   });
 
   it("answers UNAVAILABLE with Retry-After when Tessera cannot verify, cache or not", async () => {
