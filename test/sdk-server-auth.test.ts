@@ -289,6 +289,28 @@ describe("the downstream auth core", () => {
     expect(fake.verifyCalls).toBe(3);
   });
 
+  it("does not cache an answer asked before the stream first came up: revocations before it are never sent", async () => {
+    const { fake, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    let release: () => void = () => {};
+    fake.hold = new Promise<void>((r) => {
+      release = r;
+    });
+    // Asked while the stream is not up yet; the credential is revoked before it comes up,
+    // so the stream (starting from now) never names it.
+    const before = a.authenticate(`Bearer ${PAT}`);
+    await expect.poll(() => fake.verifyCalls).toBe(1);
+    fake.answers.set(PAT, { valid: false, code: VerificationCode.REVOKED });
+    await up(fake, a);
+    const after = a.authenticate(`Bearer ${PAT}`);
+    fake.hold = undefined;
+    release();
+    expect((await before).id).toBe("user-1");
+    expect((await refusal(after)).reason).toBe("TOKEN_REVOKED");
+    expect(a.stats().cacheSize).toBe(0);
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_REVOKED");
+  });
+
   it("answers UNAVAILABLE with Retry-After when Tessera cannot verify, cache or not", async () => {
     const { fake, auth: a } = setup();
     fake.down = true;

@@ -88,4 +88,65 @@ describe.each(DATABASES)("review 2026-12-06 on $name", (db) => {
       reason: "CREDENTIALS_INVALID",
     });
   });
+
+  it("SDK: an answer asked before the revocation stream first came up is not cached by a call joining it", async () => {
+    const admin = clients(ts.connect(), root);
+    const tenantId = (await admin.tenants.createTenant({ name: `cold-${short()}` })).tenant!.id;
+    const machine = (name: string, scopes: string[]) =>
+      admin.machines.createMachineUser({ tenantId, name, authType: MachineAuthType.BEARER, scopes });
+    const verifier = (await machine(`verifier-${short()}`, ["auth:verify"])).token;
+    const victim = await machine(`victim-${short()}`, ["workflows:read"]);
+
+    // The stream opens only once `streamGate` does; VerifyCredential answers reach the
+    // service only once `answerGate` does.
+    let openStream: () => void = () => {};
+    const streamGate = new Promise<void>((resolve) => {
+      openStream = resolve;
+    });
+    let openAnswers: () => void = () => {};
+    let answerGate: Promise<void> | undefined = new Promise<void>((resolve) => {
+      openAnswers = resolve;
+    });
+    let answered: () => void = () => {};
+    const firstAnswered = new Promise<void>((resolve) => {
+      answered = resolve;
+    });
+    const slow: Interceptor = (next) => async (req) => {
+      if (req.method.name === "WatchRevocations") await streamGate;
+      const res = await next(req);
+      if (req.method.name === "VerifyCredential" && answerGate !== undefined) {
+        answered();
+        await answerGate;
+      }
+      return res;
+    };
+    const auth = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifier,
+      transport: createGrpcTransport({
+        baseUrl: ts.server.url,
+        nodeOptions: { ca: readFileSync(join(ts.certs.dir, "ca.crt")) },
+        interceptors: [slow],
+      }),
+    });
+    cores.push(auth);
+
+    // Asked (and answered VALID) while the stream is not up; then the machine user is
+    // deleted, and only then does the stream start, from now: it never names the victim.
+    const before = auth.authenticate(`Bearer ${victim.token}`);
+    await firstAnswered;
+    await admin.machines.deleteMachineUser({ id: victim.machineUser!.id });
+    openStream();
+    expect(await auth.ready(10_000)).toBe(true);
+    const after = auth.authenticate(`Bearer ${victim.token}`);
+    answerGate = undefined;
+    openAnswers();
+    expect((await before).id).toBe(victim.machineUser!.id);
+    await expect(after).rejects.toMatchObject({ reason: "CREDENTIALS_INVALID" });
+    expect(auth.stats().cacheSize).toBe(0);
+    await expect(auth.authenticate(`Bearer ${victim.token}`)).rejects.toMatchObject({
+      reason: "CREDENTIALS_INVALID",
+    });
+  });
 });
