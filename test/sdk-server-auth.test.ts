@@ -130,7 +130,7 @@ describe("the downstream auth core", () => {
   let last: { fake: Fake } | undefined;
   afterEach(() => auth?.close());
 
-  function setup(extra: { jwks?: object[]; watch?: boolean } = {}) {
+  function setup(extra: { jwks?: object[]; watch?: boolean; jwksDown?: { down: boolean } } = {}) {
     const { fake, transport } = fakeTessera();
     const clock = { t: 1_800_000_000_000 };
     const fetches: string[] = [];
@@ -143,6 +143,7 @@ describe("the downstream auth core", () => {
       ...(extra.watch === false ? { watch: false } : {}),
       fetchJson: async (url) => {
         fetches.push(url);
+        if (extra.jwksDown?.down) throw new Error("connect ECONNREFUSED");
         if (url.endsWith("oauth-authorization-server")) return { jwks_uri: "https://tessera.invalid/jwks" };
         return { keys: extra.jwks ?? [] };
       },
@@ -594,6 +595,46 @@ describe("the downstream auth core", () => {
       expect(a.admitted(`Bearer ${token}`, "thumb-1")?.id).toBe("user-1");
       expect(a.admitted(`Bearer ${token}`, "thumb-2")).toBeUndefined();
       expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_NOT_BOUND");
+    });
+
+    it("while the key set cannot be fetched, tries again at most once a second, not on every call", async () => {
+      const s = signer();
+      const jwksDown = { down: false };
+      const { clock, fetches, auth: a } = setup({ jwks: [s.jwk], jwksDown });
+      const jwksFetches = () => fetches.filter((u) => u.endsWith("/jwks")).length;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(1);
+      // The key set is stale and Tessera is down: its last keys still verify, and one
+      // attempt is made, not one per call.
+      clock.t += 300_001;
+      jwksDown.down = true;
+      for (let i = 0; i < 20; i++)
+        await a
+          .authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: `jti-${i}` }))}`)
+          .catch((e: unknown) => {
+            expect((e as TesseraAuthError).reason).not.toBe("TOKEN_INVALID");
+          });
+      expect(jwksFetches()).toBe(2);
+      clock.t += 1000;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-a" }))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(3);
+      // Back: fetched, and fresh again.
+      jwksDown.down = false;
+      clock.t += 1000;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-b" }))}`).catch(() => undefined);
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-c" }))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(4);
+    });
+
+    it("answers UNAVAILABLE, not TOKEN_INVALID, between attempts while no key set was ever fetched", async () => {
+      const s = signer();
+      const { clock, fetches, auth: a } = setup({ jwks: [s.jwk], jwksDown: { down: true } });
+      for (let i = 0; i < 5; i++)
+        expect(
+          (await refusal(a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: `jti-${i}` }))}`))).reason,
+        ).toBe("UNAVAILABLE");
+      // The discovery document, then the default key set's address: one attempt.
+      expect(fetches.length).toBe(2);
     });
 
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {
