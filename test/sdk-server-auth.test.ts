@@ -72,9 +72,11 @@ function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterT
     service(VerificationService, {
       async verifyCredential(req) {
         fake.verifyCalls++;
+        // Decided when asked; `hold` delays only its arrival.
+        const answer = fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
         if (fake.hold) await fake.hold;
         if (fake.down) throw new ConnectError("storage down", Code.Unavailable);
-        return fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
+        return answer;
       },
       async *watchRevocations(req, ctx) {
         if (fake.watchRefused) throw new ConnectError("not implemented", Code.Unimplemented);
@@ -128,7 +130,7 @@ describe("the downstream auth core", () => {
   let last: { fake: Fake } | undefined;
   afterEach(() => auth?.close());
 
-  function setup(extra: { jwks?: object[]; watch?: boolean } = {}) {
+  function setup(extra: { jwks?: object[]; watch?: boolean; jwksDown?: { down: boolean } } = {}) {
     const { fake, transport } = fakeTessera();
     const clock = { t: 1_800_000_000_000 };
     const fetches: string[] = [];
@@ -141,6 +143,7 @@ describe("the downstream auth core", () => {
       ...(extra.watch === false ? { watch: false } : {}),
       fetchJson: async (url) => {
         fetches.push(url);
+        if (extra.jwksDown?.down) throw new Error("connect ECONNREFUSED");
         if (url.endsWith("oauth-authorization-server")) return { jwks_uri: "https://tessera.invalid/jwks" };
         return { keys: extra.jwks ?? [] };
       },
@@ -257,6 +260,56 @@ describe("the downstream auth core", () => {
     await a.authenticate(`Bearer ${PAT}`);
     expect(a.stats().cacheSize).toBe(1);
     expect(fake.verifyCalls).toBe(2);
+  });
+
+  it("does not join a call asked before an event: its answer is neither admitted nor cached after the event", async () => {
+    const { fake, auth: a } = setup();
+    await up(fake, a);
+    fake.answers.set(PAT, valid());
+    let release: () => void = () => {};
+    fake.hold = new Promise<void>((r) => {
+      release = r;
+    });
+    // Tessera answers VALID; the answer is on its way when the credential is revoked.
+    const before = a.authenticate(`Bearer ${PAT}`);
+    await expect.poll(() => fake.verifyCalls).toBe(1);
+    fake.answers.set(PAT, { valid: false, code: VerificationCode.REVOKED });
+    fake.streams[0]!.push({
+      cursor: "c2",
+      events: [{ kind: RevocationKind.CREDENTIAL, id: "cred-1", tenantId: "tenant-1" } as never],
+    });
+    await expect.poll(() => a.stats().watch?.events).toBe(1);
+    // A call after the event is Tessera's to answer afresh, not the answer asked before it.
+    const after = a.authenticate(`Bearer ${PAT}`);
+    fake.hold = undefined;
+    release();
+    expect((await before).id).toBe("user-1");
+    expect((await refusal(after)).reason).toBe("TOKEN_REVOKED");
+    expect(a.stats().cacheSize).toBe(0);
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_REVOKED");
+    expect(fake.verifyCalls).toBe(3);
+  });
+
+  it("does not cache an answer asked before the stream first came up: revocations before it are never sent", async () => {
+    const { fake, auth: a } = setup();
+    fake.answers.set(PAT, valid());
+    let release: () => void = () => {};
+    fake.hold = new Promise<void>((r) => {
+      release = r;
+    });
+    // Asked while the stream is not up yet; the credential is revoked before it comes up,
+    // so the stream (starting from now) never names it.
+    const before = a.authenticate(`Bearer ${PAT}`);
+    await expect.poll(() => fake.verifyCalls).toBe(1);
+    fake.answers.set(PAT, { valid: false, code: VerificationCode.REVOKED });
+    await up(fake, a);
+    const after = a.authenticate(`Bearer ${PAT}`);
+    fake.hold = undefined;
+    release();
+    expect((await before).id).toBe("user-1");
+    expect((await refusal(after)).reason).toBe("TOKEN_REVOKED");
+    expect(a.stats().cacheSize).toBe(0);
+    expect((await refusal(a.authenticate(`Bearer ${PAT}`))).reason).toBe("TOKEN_REVOKED");
   });
 
   it("answers UNAVAILABLE with Retry-After when Tessera cannot verify, cache or not", async () => {
@@ -542,6 +595,46 @@ describe("the downstream auth core", () => {
       expect(a.admitted(`Bearer ${token}`, "thumb-1")?.id).toBe("user-1");
       expect(a.admitted(`Bearer ${token}`, "thumb-2")).toBeUndefined();
       expect((await refusal(a.authenticate(`Bearer ${token}`))).reason).toBe("TOKEN_NOT_BOUND");
+    });
+
+    it("while the key set cannot be fetched, tries again at most once a second, not on every call", async () => {
+      const s = signer();
+      const jwksDown = { down: false };
+      const { clock, fetches, auth: a } = setup({ jwks: [s.jwk], jwksDown });
+      const jwksFetches = () => fetches.filter((u) => u.endsWith("/jwks")).length;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(1);
+      // The key set is stale and Tessera is down: its last keys still verify, and one
+      // attempt is made, not one per call.
+      clock.t += 300_001;
+      jwksDown.down = true;
+      for (let i = 0; i < 20; i++)
+        await a
+          .authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: `jti-${i}` }))}`)
+          .catch((e: unknown) => {
+            expect((e as TesseraAuthError).reason).not.toBe("TOKEN_INVALID");
+          });
+      expect(jwksFetches()).toBe(2);
+      clock.t += 1000;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-a" }))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(3);
+      // Back: fetched, and fresh again.
+      jwksDown.down = false;
+      clock.t += 1000;
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-b" }))}`).catch(() => undefined);
+      await a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: "jti-c" }))}`).catch(() => undefined);
+      expect(jwksFetches()).toBe(4);
+    });
+
+    it("answers UNAVAILABLE, not TOKEN_INVALID, between attempts while no key set was ever fetched", async () => {
+      const s = signer();
+      const { clock, fetches, auth: a } = setup({ jwks: [s.jwk], jwksDown: { down: true } });
+      for (let i = 0; i < 5; i++)
+        expect(
+          (await refusal(a.authenticate(`Bearer ${s.token(claimsAt(clock.t, { jti: `jti-${i}` }))}`))).reason,
+        ).toBe("UNAVAILABLE");
+      // The discovery document, then the default key set's address: one attempt.
+      expect(fetches.length).toBe(2);
     });
 
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {

@@ -46,6 +46,8 @@ export interface OfflineJwtOptions {
 }
 
 const B64URL = /^[A-Za-z0-9_-]+$/;
+/** Least time between a failed JWKS fetch and the next attempt (or `refetchGapMs`, if shorter). */
+const FAILED_FETCH_GAP_MS = 1000;
 /** Longest access token considered at all (Tessera's are a few hundred bytes). */
 const MAX_TOKEN_LENGTH = 8192;
 
@@ -151,7 +153,11 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
 
   async function keyFor(kid: string): Promise<Key> {
     const t = now();
-    const stale = t - fetchedAt > options.maxAgeMs;
+    // After a failed fetch (Tessera down or overloaded), tried again at most once per
+    // FAILED_FETCH_GAP_MS, not on every call: meanwhile the last keys stay in use.
+    const retry =
+      fetchedAt >= lastAttempt || t - lastAttempt >= Math.min(FAILED_FETCH_GAP_MS, options.refetchGapMs);
+    const stale = t - fetchedAt > options.maxAgeMs && retry;
     const unknown = !keys.has(kid) && t - lastAttempt >= options.refetchGapMs;
     if (stale || unknown) {
       try {
@@ -165,6 +171,10 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
           });
       }
     }
+    if (fetchedAt === Number.NEGATIVE_INFINITY)
+      throw new TesseraAuthError("UNAVAILABLE", "Tessera's signing keys cannot be fetched", {
+        retryAfterSeconds: 1,
+      });
     const key = keys.get(kid);
     if (!key) throw invalid("access token is signed by an unknown key");
     return key;

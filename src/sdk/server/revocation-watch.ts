@@ -53,7 +53,7 @@ export interface RevocationWatchStats {
  * cursor) and answers {@link healthy}: the stream answered, and was heard from within twice
  * its heartbeat. Every transition away from healthy calls `onLost` (the cache is emptied),
  * and {@link epoch} moves on every event and every loss, so an answer fetched across one is
- * not stored.
+ * not stored; and when the stream comes up, so an answer asked while it was down is not either.
  */
 export class RevocationWatch {
   readonly #o: RevocationWatchOptions;
@@ -93,7 +93,7 @@ export class RevocationWatch {
     return false;
   }
 
-  /** Moves on every event and every loss of the stream. */
+  /** Moves on every event, every loss of the stream, and when it comes up. */
   get epoch(): number {
     return this.#epoch;
   }
@@ -203,6 +203,9 @@ export class RevocationWatch {
           this.#apply(message);
           if (!this.#up) {
             this.#up = true;
+            // An answer asked before the stream was up may predate a revocation it never
+            // sends (one from before a fresh start): not to be cached by a call joining it.
+            this.#epoch++;
             this.#stats.state = "up";
             this.#stats.connects++;
             backoff = min;

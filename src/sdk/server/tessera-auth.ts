@@ -25,6 +25,7 @@ import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./p
 import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
 import { credentialOf, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
+import { VerifyFlights } from "./verify-flights.js";
 
 /** Options of {@link createTesseraAuth} (and of the interceptor and middleware built on it). */
 export interface TesseraAuthOptions {
@@ -234,7 +235,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     }
   }
 
-  const inflight = new Map<string, Promise<VerifyCredentialResponse>>();
+  const inflight = new VerifyFlights<VerifyCredentialResponse>();
 
   /**
    * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
@@ -257,12 +258,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       }
     }
     const epoch = watch?.epoch ?? 0;
-    let pending = inflight.get(credential);
-    if (!pending) {
-      pending = callVerify(credential).finally(() => inflight.delete(credential));
-      inflight.set(credential, pending);
-    }
-    const res = await pending;
+    const res = await inflight.answer(credential, epoch, () => callVerify(credential));
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
         retryAfterSeconds: Math.max(1, res.retryAfterSeconds),
