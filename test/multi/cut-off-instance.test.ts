@@ -101,3 +101,27 @@ describe("an instance cut off from PostgreSQL without a reset", () => {
     expect(await outcome(me(tp, pat.token))).toBe("TOKEN_REVOKED");
   });
 });
+
+describe("an instance cut off from PostgreSQL when another rotates the signing key", () => {
+  it("answers a token of the key it cannot read Unavailable with Retry-After, not TOKEN_INVALID", async () => {
+    const admin = await adminLogin(tw);
+    const username = `keys-${short()}`;
+    await clients(tw, admin).users.createUser({ username, password: PASSWORD, scopes: ["cluster:read"] });
+    proxy.cut();
+    await expect.poll(() => p.app.notifier!.online).toBe(false);
+    // An emergency rotation on W: P cannot hear of the new key, nor read it.
+    const rotated = await w.app.jwt.rotate({ immediate: true });
+    const login = await createClient(UserService, tw).login({ username, password: PASSWORD });
+    expect(login.accessToken.length).toBeGreaterThan(0);
+    expect(await outcome(me(tw, login.accessToken))).toBe("ok");
+    const refused = await rejection(me(tp, login.accessToken));
+    // A fault of P's, to retry: the token may well be good (the client must not drop it).
+    expect(refused.code).toBe(Code.Unavailable);
+    expect(refused.error.metadata.get("retry-after")).toMatch(/^\d+$/);
+
+    proxy.restore();
+    expect(await p.app.notifier!.whenOnline(20_000)).toBe(true);
+    await expect.poll(() => p.app.jwt.jwks().keys.some((k) => k.kid === rotated!.kid)).toBe(true);
+    expect(await outcome(me(tp, login.accessToken))).toBe("ok");
+  });
+});
