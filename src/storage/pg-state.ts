@@ -66,7 +66,7 @@ export interface PgStateCacheOptions {
  *   the database) and coming back online empties it: a notification missed meanwhile
  *   cannot leave an entry alive.
  * - Nor while the session has not proven itself for `barrierTimeoutMs` (no answer to a
- *   query sent that recently; the keepalive asks four times per bound): a session cut off
+ *   query sent that recently; the keepalive asks at least four times per bound): a session cut off
  *   without a reset (a partition that drops packets) looks online here until its keepalive
  *   times out, while another instance's barrier, hearing nothing from it, ends it and
  *   returns after that bound; by then this instance no longer trusts its cache.
