@@ -179,7 +179,10 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     });
     // PostgreSQL: one listening session per instance, subscribed (the state cache's channel)
     // before it starts, so that nothing committed after its first `online` is missed.
-    notifier = storage.target.kind === "postgresql" ? await createStateNotifier(storage, logger) : undefined;
+    notifier =
+      storage.target.kind === "postgresql"
+        ? await createStateNotifier(storage, logger, config.database.barrierTimeoutMs)
+        : undefined;
     const sql = await createSqlRunner(storage, {
       stateCacheSize: config.database.stateCacheSize,
       barrierTimeoutMs: config.database.barrierTimeoutMs,

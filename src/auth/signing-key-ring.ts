@@ -13,8 +13,9 @@ import {
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
 import type { Config } from "../config.js";
+import { TesseraError } from "../errors.js";
 import { SigningKey } from "../storage/entities.js";
-import { loggableError } from "../storage/errors.js";
+import { isOutage, loggableError } from "../storage/errors.js";
 import type { Storage } from "../storage/orm.js";
 import { readSigningKeys } from "../storage/repositories/signing-keys.js";
 import type { JwtKeyStats } from "./jwt.js";
@@ -368,7 +369,16 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
       if (!entry && !config.secret && KID_SHAPE.test(kid)) {
         // Another instance may have created a key this one has not read yet (the poll
         // bounds that to keyRefreshMs; an immediate rotation is not pre-published at all).
-        await refetchForUnknownKid().catch(() => undefined);
+        // When the rows cannot be read, whether the key exists is not known here: a fault
+        // to retry (the token may well be good), not a verdict on the token.
+        try {
+          await refetchForUnknownKid();
+        } catch (err) {
+          if (isOutage(err))
+            throw new TesseraError("UNAVAILABLE", "signing keys cannot be read", {
+              headers: { "retry-after": "1" },
+            });
+        }
         entry = keys.get(kid);
       }
       return entry;

@@ -35,7 +35,7 @@ export const databaseSchema = z
     barrierTimeoutMs: z.number().int().positive().max(60_000).default(1_000).register(configKeys, {
       env: "TESSERA_STATE_BARRIER_TIMEOUT_MS",
       description:
-        "PostgreSQL: how long a write to authentication state waits for every instance to acknowledge it emptied its state cache; past it the silent instances' listening sessions are ended, which turns their caches off.",
+        "PostgreSQL: how long a write to authentication state waits for every instance to acknowledge it emptied its state cache; past it the silent instances' listening sessions are ended, which turns their caches off. Also how long an instance trusts its cache after the last query its listening session answered was sent: instances of one schema must share it.",
     }),
   })
   .strict()

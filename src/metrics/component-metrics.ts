@@ -118,7 +118,7 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     scraped(registry, "counter", name, help, () => sources.sql.cacheStats()[key]);
   new Gauge({
     name: "tessera_state_cache_enabled",
-    help: "1 when the subject-state cache is on (SQLite always; PostgreSQL while its LISTEN connection is up and every notify trigger is in place), 0 when every request reads the database.",
+    help: "1 when the subject-state cache is on (SQLite always; PostgreSQL while its LISTEN connection is up, answered a keepalive sent within database.barrierTimeoutMs, and every notify trigger is in place), 0 when every request reads the database.",
     registers: [registry],
     collect() {
       this.set(sources.sql.cacheStats().enabled ? 1 : 0);

@@ -67,7 +67,8 @@ function quoteIdent(name: string): string {
  * `online` event reaches it in commit order (PostgreSQL's notification queue is one
  * queue, in commit order); across an offline period notifications may have been missed,
  * so a subscriber that caches must distrust its cache while offline and drop it when the
- * signal comes back.
+ * signal comes back. A session cut off without a reset stays "online" until its keepalive
+ * times out: {@link PgNotifier.provenWithin} says whether it answered recently enough.
  *
  * Why hand-written: `pg` gives the session and its `notification` event but no reconnect;
  * `pg-listen` (the usual wrapper) re-LISTENs but gives no signal a cache can rely on at the
@@ -91,6 +92,8 @@ export class PgNotifier {
   private keepaliveTimer: NodeJS.Timeout | null = null;
   private probing = false;
   private everOnline = false;
+  /** When the last query the session answered was sent (`performance.now()`): see {@link provenWithin}. */
+  private provenAt = Number.NEGATIVE_INFINITY;
   private readonly keepaliveMs: number;
   private readonly timeoutMs: number;
   private readonly minDelay: number;
@@ -113,6 +116,18 @@ export class PgNotifier {
   /** Whether the session is connected and LISTENing on every subscribed channel. */
   get online(): boolean {
     return this.isOnline;
+  }
+
+  /**
+   * Whether online and the session answered a query sent less than `ms` ago (the
+   * keepalive's, or the LISTENs of its start). Past that, the session may have been ended
+   * by the database while this process heard nothing of it (packets dropped, no reset: a
+   * partition), and notifications sent since may never arrive. PostgreSQL sends a listening
+   * session its pending notifications before it answers a query, so an answer to a query
+   * sent at `t` means every notification committed before `t` has been delivered.
+   */
+  provenWithin(ms: number): boolean {
+    return this.isOnline && performance.now() - this.provenAt < ms;
   }
 
   /**
@@ -227,8 +242,10 @@ export class PgNotifier {
       const handlers = this.handlers.get(msg.channel);
       if (handlers) for (const fn of handlers) fn(msg.payload ?? "", msg.processId);
     });
+    let sentAt = 0;
     try {
       await client.connect();
+      sentAt = performance.now();
       for (const channel of this.handlers.keys()) await client.query(`listen ${quoteIdent(channel)}`);
       // Named only once it LISTENs: whoever finds it in pg_stat_activity by this name
       // (another instance's write barrier) may count on it receiving what is sent from then on.
@@ -240,6 +257,7 @@ export class PgNotifier {
     }
     if (this.client !== client) return;
     this.reconnectDelay = this.minDelay;
+    this.provenAt = sentAt;
     this.setOnline(true);
   }
 
@@ -274,10 +292,13 @@ export class PgNotifier {
     this.probing = true;
     const timer = setTimeout(() => this.lost(client, new Error("keepalive not answered")), this.timeoutMs);
     timer.unref();
+    const sentAt = performance.now();
     client.query("").then(
       () => {
         clearTimeout(timer);
-        if (this.client === client) this.probing = false;
+        if (this.client !== client) return;
+        this.probing = false;
+        this.provenAt = Math.max(this.provenAt, sentAt);
       },
       (err: unknown) => {
         clearTimeout(timer);

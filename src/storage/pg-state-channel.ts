@@ -19,11 +19,19 @@ export function stateChannel(schema: string): string {
  * `application_name` names the schema's state channel, so the write barriers of the other
  * instances find it in `pg_stat_activity`. Subscribe (createSqlRunner does, and any other
  * user of the session should) before calling its `start()`.
+ * @param barrierTimeoutMs `database.barrierTimeoutMs`: the state cache trusts the session
+ *   only that long after the last query it answered was sent (PgStateCache), so the
+ *   keepalive asks four times as often (at least once a second)
  */
-export async function createStateNotifier(storage: Storage, logger?: PgNotifyLogger): Promise<PgNotifier> {
+export async function createStateNotifier(
+  storage: Storage,
+  logger?: PgNotifyLogger,
+  barrierTimeoutMs = 1_000,
+): Promise<PgNotifier> {
   return new PgNotifier({
     url: storage.target.location,
     applicationName: `tessera:${await stateChannelOf(storage)}`,
+    keepaliveMs: Math.max(10, Math.min(1_000, Math.floor(barrierTimeoutMs / 4))),
     ...(logger ? { logger } : {}),
   });
 }

@@ -12,6 +12,16 @@ const WATCHED: ReadonlySet<string> = new Set<string>(STATE_TABLES);
 const BARRIER = "~b:";
 const ACK = "~a:";
 
+/**
+ * Resolves once `ms` have passed since `from` (`performance.now()`) by that clock: a timer
+ * alone may fire early by as long as the event loop's turn that set it had run.
+ */
+async function elapsed(from: number, ms: number): Promise<"timeout"> {
+  for (let left = from + ms - performance.now(); left > 0; left = from + ms - performance.now())
+    await sleep(Math.ceil(left), undefined, { ref: false });
+  return "timeout";
+}
+
 /** Options of {@link PgStateCache}. */
 export interface PgStateCacheOptions {
   /** Entries per cached statement; 0: nothing is cached (the barrier still runs, for the other instances). */
@@ -55,6 +65,11 @@ export interface PgStateCacheOptions {
  *   `pg_terminate_backend`, a keepalive unanswered) turns it off at once (every read goes to
  *   the database) and coming back online empties it: a notification missed meanwhile
  *   cannot leave an entry alive.
+ * - Nor while the session has not proven itself for `barrierTimeoutMs` (no answer to a
+ *   query sent that recently; the keepalive asks at least four times per bound): a session cut off
+ *   without a reset (a partition that drops packets) looks online here until its keepalive
+ *   times out, while another instance's barrier, hearing nothing from it, ends it and
+ *   returns after that bound; by then this instance no longer trusts its cache.
  * - A read that was in flight while the cache was emptied is not kept (an epoch counter):
  *   it may have read the row before the change that emptied it committed.
  * - A write on this instance does not return before its barrier (see {@link barrier}): its
@@ -98,9 +113,14 @@ export class PgStateCache {
     });
   }
 
-  /** Whether answers may come from memory now. */
+  /**
+   * Whether answers may come from memory now: the listening session online and proven
+   * alive within the barrier's bound (see {@link barrier}: a write of another instance
+   * that could not hear from this one returns only after that bound, by which time a
+   * session that stopped answering has stopped being trusted here).
+   */
   get enabled(): boolean {
-    return this.options.perStatement > 0 && this.notifier.online && this.triggersOk;
+    return this.options.perStatement > 0 && this.triggersOk && this.notifier.provenWithin(this.timeoutMs);
   }
 
   /**
@@ -245,12 +265,18 @@ export class PgStateCache {
    * nor ended are terminated, which turns their caches off the same way. With this
    * instance's listener offline its own cache is off, but the other instances' are still
    * waited for (their acknowledgements cannot be received here, so their sessions are
-   * ended once the bound passes).
+   * ended once the bound passes). An instance that cannot hear its session ended (cut off
+   * without a reset) is covered by the bound itself: a write that did not hear from it
+   * returns no sooner than the bound after its commit, and by then that instance, whose
+   * session has answered nothing sent since, no longer trusts its cache ({@link enabled}).
    */
   async barrier(): Promise<void> {
+    const started = performance.now();
     try {
       if (!(await this.notifier.whenOnline(this.timeoutMs))) {
-        // No way to hear acknowledgements: end every other listener (fail closed).
+        // No way to hear acknowledgements: end every other listener (fail closed). The
+        // bound has passed since the commit: a listener cut off unheard trusts its cache no more.
+        await elapsed(started, this.timeoutMs);
         const peers = await this.options.peers(-1);
         if (peers.length > 0) {
           this.options.logger?.warn(
@@ -272,7 +298,9 @@ export class PgStateCache {
       this.waiting.set(token, { own: true, peers: new Set(peers), done });
       try {
         await this.options.notify(this.options.channel, `${BARRIER}${token}`);
-        const timer = sleep(this.timeoutMs, "timeout" as const, { ref: false });
+        // From the notification's commit on: a listener that missed it has answered no query
+        // sent since, so it stops trusting its cache within the bound (see enabled).
+        const timer = elapsed(performance.now(), this.timeoutMs);
         if ((await Promise.race([settled, timer])) !== "timeout") return;
         const entry = this.waiting.get(token);
         if (!entry) return;
@@ -301,8 +329,10 @@ export class PgStateCache {
       }
     } catch {
       // The database is unreachable (the write itself committed): nobody reads the change
-      // from it now, and every listener that lost it is offline, its cache off.
+      // from it now, and a listener that lost it stops trusting its cache within the bound
+      // (its session answers nothing more), so the write returns once the bound has passed.
       this.notifier.reset("state barrier failed");
+      await elapsed(started, this.timeoutMs);
     }
   }
 }

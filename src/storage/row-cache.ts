@@ -31,7 +31,7 @@ export const INSERT_EXEMPT: ReadonlySet<string> = new Set(["sessions"]);
 
 /** What the state cache did since start. */
 export interface StateCacheStats {
-  /** Whether cached answers are served now (PostgreSQL: only while the listener is online). */
+  /** Whether cached answers are served now (PostgreSQL: only while the listener is online and proven recently). */
   enabled: boolean;
   hits: number;
   /** Reads that went to the database (while enabled, or, on PostgreSQL, while the cache was off). */
