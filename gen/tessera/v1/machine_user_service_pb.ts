@@ -1029,7 +1029,11 @@ export const MachineUserService: GenService<{
    * certificate authenticates no one (AUTH_REQUIRED, spending no failure budget), so no
    * tenant can take over another's certificate; within one tenant a fingerprint binding
    * wins over SAN URI bindings, and SAN URI bindings naming two machine users refuse it
-   * (CREDENTIALS_INVALID).
+   * (CREDENTIALS_INVALID). A fingerprint binding so takes the certificate from the machine
+   * users its SAN URIs are bound to: binding a fingerprint needs authority over them too
+   * (ACCESS_DENIED otherwise); unproven, over every other machine user of the tenant bound
+   * by a SAN URI (the certificate is unknown); proven, over those bound to a SAN URI the
+   * presented certificate carries.
    *
    * Proof of possession: a bind made over a TLS connection that presents the very
    * certificate being bound (its fingerprint, or a CA-verified certificate carrying the

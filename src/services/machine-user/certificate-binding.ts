@@ -1,14 +1,17 @@
 // Certificate bindings: which client certificate identifies a machine user, and when a bind
 // proves possession of it (a proven bind may displace another tenant's unproven squatter).
 import { randomUUID } from "node:crypto";
-import type { ServiceImpl } from "@connectrpc/connect";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
 import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { assertMayManage } from "../../auth/authority.js";
+import { parseScopeString } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
 import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
-import { assertId, writeIfScopesHold } from "../common.js";
+import { assertId, principalOf, writeIfScopesHold } from "../common.js";
 import { revokeAfterUnbinding, revokeMachineAccessTokens } from "./access-token.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -59,6 +62,36 @@ function assertSanUri(raw: string): string {
   return raw;
 }
 
+/**
+ * Within its tenant a fingerprint binding outranks every SAN URI binding of the same
+ * certificate (machineOfCertificate): binding a fingerprint takes that certificate from the
+ * machine users its SAN URIs are bound to, a change to each of them, so the caller needs
+ * authority over them too (assertMayManage), not only over the machine user it binds to.
+ * Else a holder of admin:machine-users turns a stronger machine user's certificate into one
+ * of its own weak machine users (the certificate's fingerprint is public). With proof the
+ * certificate is on the connection and its SAN URIs are known; without, it is not, so every
+ * other machine user of the tenant bound by a SAN URI counts (bind with proof to do less).
+ */
+async function assertMayOutrankSanBindings(
+  ctx: HandlerContext,
+  e: EntityManager,
+  mu: MachineUser,
+  sanUris: readonly string[] | null,
+): Promise<void> {
+  if (sanUris !== null && sanUris.length === 0) return;
+  const query = e
+    .getKnex()("machine_user_certificates as b")
+    .join("machine_users as m", "m.id", "b.machine_user_id")
+    .where("m.tenant_id", mu.tenantId)
+    .whereNot("m.id", mu.id)
+    .whereNotNull("b.san_uri")
+    .distinct("m.scopes");
+  if (sanUris !== null) query.whereIn("b.san_uri", [...sanUris]);
+  const holders = (await query) as { scopes: string }[];
+  if (holders.length > 0)
+    assertMayManage(principalOf(ctx), { scopes: holders.flatMap((h) => parseScopeString(h.scopes)) });
+}
+
 /** The certificate-binding handlers of MachineUserService. */
 export function certificateBindingHandlers(
   deps: MachineUserServiceDeps,
@@ -102,6 +135,13 @@ export function certificateBindingHandlers(
         if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
         displaced = { binding: existing, tenantId: holder.tenantId };
       }
+      if (sha256Fingerprint !== null)
+        await assertMayOutrankSanBindings(
+          ctx,
+          e,
+          mu,
+          proven ? requestState(ctx.values).certificate!.sanUris : null,
+        );
       const binding = e.create(MachineUserCertificate, {
         id: randomUUID(),
         machineUserId: mu.id,

@@ -1,0 +1,130 @@
+import { X509Certificate } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { createClientCertificate } from "../../src/certs/dev-ca.js";
+import { Code, rejection } from "../errors-util.js";
+import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+
+/**
+ * The adversarial review of bounded authority of 2026-12-06 (certificate identities within
+ * one tenant), over TLS: within a tenant a fingerprint binding outranks the SAN URI binding
+ * of the same certificate, and a certificate's fingerprint is public (sent in every
+ * handshake). A holder of admin:machine-users binding the fingerprint of a stronger machine
+ * user's certificate to a weak machine user of its own took that certificate over: the
+ * stronger machine user's backend then authenticated as the attacker's machine user. The
+ * bind checked authority over the machine user bound to, never over the one the
+ * certificate is taken from.
+ */
+
+interface Backend {
+  cert: Buffer;
+  key: Buffer;
+  fingerprint: string;
+}
+
+async function mint(ts: TestServer, sanUri?: string): Promise<Backend> {
+  const out = join(mkdtempSync(join(tmpdir(), "tessera-binding-")), "backend");
+  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
+  const cert = readFileSync(join(out, "client.crt"));
+  return {
+    cert,
+    key: readFileSync(join(out, "client.key")),
+    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
+  };
+}
+
+/** A transport presenting the backend's client certificate. */
+function presenting(ts: TestServer, backend: Backend): Transport {
+  return createConnectTransport({
+    baseUrl: ts.server.url,
+    httpVersion: "2",
+    nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
+  });
+}
+
+/** The machine user the backend's certificate alone authenticates as. */
+async function whoAmI(ts: TestServer, backend: Backend): Promise<string> {
+  return (await createClient(MachineUserService, presenting(ts, backend)).checkAuthentication({}))
+    .machineUserId;
+}
+
+describe.each(DATABASES)("authority over certificate identities within a tenant on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let root: string;
+  /** A tenant whose administrator holds admin:machine-users only. */
+  let tenant: Awaited<ReturnType<typeof tenantWithAdmin>>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    transport = ts.connect();
+    root = await adminLogin(transport);
+    tenant = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  /** A machine user of the tenant holding cluster:write (which the tenant's administrator lacks), its certificate bound by SAN URI. */
+  async function strongBackend(): Promise<{ id: string; backend: Backend }> {
+    const san = `spiffe://tenant.example/${short()}`;
+    const { machine } = await bearerMachine(transport, root, [tenant.application.id], {
+      tenantId: tenant.tenant.id,
+      scopes: ["cluster:write"],
+    });
+    await clients(transport, root).machines.bindCertificate({
+      machineUserId: machine.id,
+      identity: { case: "sanUri", value: san },
+    });
+    const backend = await mint(ts, san);
+    expect(await whoAmI(ts, backend)).toBe(machine.id);
+    return { id: machine.id, backend };
+  }
+
+  it("an admin:machine-users holder cannot take a stronger machine user's certificate by binding its fingerprint to a machine user of its own", async () => {
+    const victim = await strongBackend();
+    const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+    const r = await rejection(
+      clients(transport, tenant.token).machines.bindCertificate({
+        machineUserId: own.id,
+        identity: { case: "sha256Fingerprint", value: victim.backend.fingerprint },
+      }),
+    );
+    expect({ code: r.code, reason: r.reason }).toEqual({
+      code: Code.PermissionDenied,
+      reason: "ACCESS_DENIED",
+    });
+    // Untouched: the certificate still authenticates as the stronger machine user.
+    expect(await whoAmI(ts, victim.backend)).toBe(victim.id);
+  });
+
+  it("a caller holding the stronger machine user's scopes still singles one of its certificates out by fingerprint", async () => {
+    const fleet = await strongBackend();
+    const { machine: special } = await bearerMachine(transport, root, [tenant.application.id], {
+      tenantId: tenant.tenant.id,
+    });
+    await clients(transport, root).machines.bindCertificate({
+      machineUserId: special.id,
+      identity: { case: "sha256Fingerprint", value: fleet.backend.fingerprint },
+    });
+    expect(await whoAmI(ts, fleet.backend)).toBe(special.id);
+  });
+
+  it("an admin:machine-users holder binds with proof a certificate carrying no SAN URI a stronger machine user holds", async () => {
+    await strongBackend();
+    const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+    const mine = await mint(ts);
+    // Over a connection presenting the certificate: its SAN URIs are known, and none is another's.
+    await clients(presenting(ts, mine), tenant.token).machines.bindCertificate({
+      machineUserId: own.id,
+      identity: { case: "sha256Fingerprint", value: mine.fingerprint },
+    });
+    expect(await whoAmI(ts, mine)).toBe(own.id);
+  });
+});
