@@ -8,6 +8,7 @@ import { createCallObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
 import { toConnectError } from "../errors.js";
+import { toWireError } from "../interceptors/errors.js";
 import { tooManyStreamsError } from "../rate-limit.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
@@ -125,6 +126,10 @@ export function createRequestHandler(
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
+    // A call failing outside the pipeline (a fault of admission's hooks or of the transport):
+    // INTERNAL with the request id in its ErrorInfo, logged once with it, as inside.
+    internalError: (req, method, err) =>
+      toWireError(err, stateOf(req), `${method.parent.typeName}/${method.name}`, app.logger),
     ...(observe
       ? {
           onCallEnd: (req: Request, method: DescMethod, protocol: UnaryProtocol, code: number) =>
