@@ -22,7 +22,13 @@ import type { UnaryProtocol } from "../transport/unary-protocols.js";
 
 import type { PeerTrust } from "./peer-trust.js";
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
-import { createStateAttacher, type HandshakeFacts, requestIdOf, stateOf } from "./request-facts.js";
+import {
+  closesConnection,
+  createStateAttacher,
+  type HandshakeFacts,
+  requestIdOf,
+  stateOf,
+} from "./request-facts.js";
 
 const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
   "x-content-type-options": "nosniff",
@@ -74,6 +80,8 @@ export function createRequestHandler(
    */
   function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
     const common: OutgoingHttpHeaders = { "x-request-id": requestId, ...headers };
+    // HTTP/1.1 only (the header is forbidden in HTTP/2, where the connection gets GOAWAY).
+    if (closesConnection(req)) common.connection = "close";
     const origin = req.headers.origin;
     if (corsAllowed(origin)) {
       common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
@@ -165,8 +173,8 @@ export function createRequestHandler(
 
     // OAuth 2.0 (src/oauth/): form-encoded POSTs and the discovery document, not RPCs.
     if (app.oauth.handles(path!)) {
-      setCommonHeaders();
       attachState(req, requestId);
+      setCommonHeaders();
       app.oauth.serve(req, res, path!, stateOf(req));
       return;
     }
