@@ -1,6 +1,7 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { AuditLog } from "../audit.js";
+import { isSuperuser } from "../auth/principal.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import { driverErrorAsTesseraError } from "../storage/errors.js";
@@ -96,7 +97,7 @@ export function auditCall(
   const target = targetOf(state, method, message);
   audit.record({
     requestId: state.requestId,
-    tenantId: p?.tenantId ?? state.audited?.tenantId ?? null,
+    tenantId: recordTenant(state),
     actorKind: p?.kind ?? "anonymous",
     actorId: p?.id ?? null,
     action: `${method.parent.typeName}/${method.name}`,
@@ -105,4 +106,17 @@ export function auditCall(
     reason,
     ip: state.ip,
   });
+}
+
+/**
+ * The tenant a record is stored in, so read by that tenant's `admin:audit` holders: the
+ * actor's. Not a cross-tenant principal's (`*`): what it does may name any tenant's objects,
+ * which its own tenant's admins must not see (the tenant wall), so its records are the
+ * platform's, with no tenant, read by `*` holders only, as the static admin token's are.
+ * No principal: the tenant a handler named (a failed Login of a user that exists), else none.
+ */
+function recordTenant(state: RequestState): string | null {
+  const p = state.principal;
+  if (p === null || p === undefined) return state.audited?.tenantId ?? null;
+  return isSuperuser(p) ? null : p.tenantId;
 }

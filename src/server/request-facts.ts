@@ -27,6 +27,17 @@ export function stateOf(req: Request): RequestState {
   return (req as unknown as Record<symbol, RequestState>)[kState]!;
 }
 
+const kCloseConnection = Symbol("tessera.closeConnection");
+
+/**
+ * Whether the answer to `req` must end its HTTP/1.1 connection (`Connection: close`, then the
+ * socket closed once the answer is written): its certificate authenticates nothing any more
+ * under mTLS required, HTTP/1.1's equivalent of the GOAWAY an HTTP/2 connection gets.
+ */
+export function closesConnection(req: Request): boolean {
+  return (req as unknown as Record<symbol, boolean | undefined>)[kCloseConnection] === true;
+}
+
 /** Node's incoming headers read as fetch Headers would read them (repeats joined with ", "). */
 export function nodeHeaderSource(headers: IncomingMessage["headers"]): HeaderSource {
   return {
@@ -175,11 +186,16 @@ export function createStateAttacher(
   /**
    * With mTLS required, a connection whose certificate authenticates nothing any more can serve
    * nothing: over HTTP/2, GOAWAY once the calls in flight (this one included) are answered, so
-   * that its client reconnects with its renewed certificate. HTTP/1.1 answers one call at a
-   * time and each is refused: it is left to its client.
+   * that its client reconnects with its renewed certificate; over HTTP/1.1, this answer says
+   * `Connection: close` and the socket is closed once it is written (see {@link closesConnection}):
+   * no further request on it, as none could be served.
    */
   function closeGracefully(req: Request): void {
-    const session = "stream" in req ? req.stream.session : undefined;
+    if (!("stream" in req)) {
+      if (req.httpVersionMajor === 1) (req as unknown as Record<symbol, boolean>)[kCloseConnection] = true;
+      return;
+    }
+    const session = req.stream.session;
     // close() sends GOAWAY and ends the session once its streams have.
     if (session && !session.closed && !session.destroyed) session.close();
   }

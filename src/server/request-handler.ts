@@ -8,6 +8,7 @@ import { createCallObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
 import { toConnectError } from "../errors.js";
+import { toWireError } from "../interceptors/errors.js";
 import { tooManyStreamsError } from "../rate-limit.js";
 import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
@@ -21,7 +22,13 @@ import type { UnaryProtocol } from "../transport/unary-protocols.js";
 
 import type { PeerTrust } from "./peer-trust.js";
 import { createPlainEndpoints, PLAIN_PATHS } from "./plain-endpoints.js";
-import { createStateAttacher, type HandshakeFacts, requestIdOf, stateOf } from "./request-facts.js";
+import {
+  closesConnection,
+  createStateAttacher,
+  type HandshakeFacts,
+  requestIdOf,
+  stateOf,
+} from "./request-facts.js";
 
 const securityHeaders = (tls: boolean): Readonly<Record<string, string>> => ({
   "x-content-type-options": "nosniff",
@@ -73,6 +80,8 @@ export function createRequestHandler(
    */
   function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
     const common: OutgoingHttpHeaders = { "x-request-id": requestId, ...headers };
+    // HTTP/1.1 only (the header is forbidden in HTTP/2, where the connection gets GOAWAY).
+    if (closesConnection(req)) common.connection = "close";
     const origin = req.headers.origin;
     if (corsAllowed(origin)) {
       common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
@@ -125,6 +134,10 @@ export function createRequestHandler(
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
+    // A call failing outside the pipeline (a fault of admission's hooks or of the transport):
+    // INTERNAL with the request id in its ErrorInfo, logged once with it, as inside.
+    internalError: (req, method, err) =>
+      toWireError(err, stateOf(req), `${method.parent.typeName}/${method.name}`, app.logger),
     ...(observe
       ? {
           onCallEnd: (req: Request, method: DescMethod, protocol: UnaryProtocol, code: number) =>
@@ -160,8 +173,8 @@ export function createRequestHandler(
 
     // OAuth 2.0 (src/oauth/): form-encoded POSTs and the discovery document, not RPCs.
     if (app.oauth.handles(path!)) {
-      setCommonHeaders();
       attachState(req, requestId);
+      setCommonHeaders();
       app.oauth.serve(req, res, path!, stateOf(req));
       return;
     }

@@ -1,7 +1,7 @@
 import type * as http from "node:http";
 import type * as http2 from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
-import type { ConnectRouter, ConnectRouterOptions, ContextValues } from "@connectrpc/connect";
+import type { ConnectError, ConnectRouter, ConnectRouterOptions, ContextValues } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import type { Verdict, WireError } from "./early-answers.js";
 import type { NodeRequest, NodeResponse, StreamingHandler, StreamRequest } from "./stream-server.js";
@@ -75,6 +75,15 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * lets it add them (a reason, the request id), as its error interceptor does for the rest.
    */
   callError?: CallErrorHook;
+  /**
+   * The error a call that failed unexpectedly outside the pipeline is answered with: a
+   * throw or rejection of `admit` or `callError`, a unary handler or Connect's handler
+   * failing (the error interceptor answers what fails inside). It logs `err` once and
+   * returns the Internal error (a reason, the request id) that is then written in the
+   * call's protocol, as every other error is, unless the answer was already begun. It must
+   * not throw. Default: Connect's bare Internal, with `err` logged through `logger`.
+   */
+  internalError?: (req: NodeRequest, method: DescMethod, err: unknown) => ConnectError;
   /**
    * Where a handler's or `admit`'s unexpected failure is logged (the service's pino logger):
    * never the raw error, which may carry SQL with its parameters, only what

@@ -10,6 +10,7 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { tesseraErrorInfo } from "../errors.js";
 import { clientFaultOf } from "./client-faults.js";
 import { setHeaders, stopUnreadBody } from "./early-answers.js";
+import { internalErrorOf } from "./last-resort.js";
 import { connectErrorCode, streamedCode } from "./node-response.js";
 import type { ConnectHandlerOptions } from "./options.js";
 import type { NodeResponse } from "./stream-server.js";
@@ -70,9 +71,16 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
     if (callError === undefined || tesseraErrorInfo(own) !== undefined) return unchanged;
     const values = options.contextValues?.(req) ?? createContextValues();
     const fresh = new ConnectError(own.rawMessage, own.code);
-    return then(callError(fresh, values, method as DescMethodUnary, headerSource(req)), (answer) =>
-      answer === fresh ? unchanged : answer,
-    );
+    // The hook failing is answered as any call that fails outside the pipeline (last-resort.ts).
+    const failed = (err: unknown) => internalErrorOf(options, req, method, err, "rpc call error failed");
+    let answered: Maybe<ConnectError>;
+    try {
+      answered = callError(fresh, values, method as DescMethodUnary, headerSource(req));
+      if (answered instanceof Promise) answered = answered.catch(failed);
+    } catch (err) {
+      answered = failed(err);
+    }
+    return then(answered, (answer) => (answer === fresh ? unchanged : answer));
   }
 
   /**

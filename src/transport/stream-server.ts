@@ -2,8 +2,6 @@ import type * as http from "node:http";
 import type * as http2 from "node:http2";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { UniversalHandler } from "@connectrpc/connect/protocol";
-import type { Logger } from "pino";
-import { loggableError } from "../storage/errors.js";
 import {
   destroy,
   discardBody,
@@ -18,6 +16,7 @@ import {
   type WireError,
   writeUnaryAnswer,
 } from "./early-answers.js";
+import { answerFailedCall, internalErrorOf } from "./last-resort.js";
 import { AdapterRequest, bodyOf, closeReason, RequestSignal } from "./node-bridge.js";
 import { protocolOf, writeErrorResponse, writeResponse } from "./node-response.js";
 import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
@@ -146,7 +145,6 @@ export function serveCalls(
 ): ConnectHandler {
   const fallback = options.fallback ?? notFound;
   const prepare = options.prepare;
-  const logger = options.logger;
   const errorBody = options.errorBody;
   const admit = options.admit;
   const readMaxBytes = options.readMaxBytes ?? 0xffffffff;
@@ -201,14 +199,14 @@ export function serveCalls(
     try {
       verdict = admit(req, handler.method);
     } catch (err) {
-      verdict = admitFailed(handler, err, logger);
+      verdict = internalErrorOf(options, req, handler.method, err, "rpc admission failed");
     }
     if (verdict === undefined) dispatch(route, protocol, req, res, common);
     else if (!isPromise(verdict)) answer(verdict);
     else
       verdict.then(
         (error) => (error === undefined ? dispatch(route, protocol, req, res, common) : answer(error)),
-        (err: unknown) => answer(admitFailed(handler, err, logger)),
+        (err: unknown) => answer(internalErrorOf(options, req, handler.method, err, "rpc admission failed")),
       );
 
     function answer(error: ConnectError | WireError) {
@@ -293,25 +291,16 @@ export function serveCalls(
       options.contextValues?.(req),
     );
     const onError = (err: unknown) => {
+      const code = ConnectError.from(err).code;
       onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Internal);
-      if (ConnectError.from(err).code !== Code.Aborted && ConnectError.from(err).code !== Code.Canceled) {
-        logger?.error(
-          { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
-          "rpc handler failed",
-        );
+      // A client gone (a reset, a hang-up) is not our fault: nothing to log nor to answer.
+      if (code === Code.Aborted || code === Code.Canceled) {
+        if (res === undefined) (req as StreamRequest).stream.destroy();
+        else res.destroy();
+        return;
       }
-      if (res === undefined) {
-        const { stream } = req as StreamRequest;
-        // `respond` throws on a stream already closed (reset by the client): nothing to answer then.
-        if (stream.headersSent || stream.closed || stream.destroyed) stream.destroy();
-        else stream.respond({ ...common, ":status": 500 }, { endStream: true });
-      } else if (!res.headersSent) {
-        setHeaders(res, common);
-        res.statusCode = 500;
-        res.end();
-      } else {
-        res.destroy();
-      }
+      const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
+      answerFailedCall(req, res, protocol, error, options, common);
     };
     const unaryHandler = protocol && route.unary?.[protocol.kind];
     if (unaryHandler) {
@@ -342,20 +331,6 @@ export function serveCalls(
 
 function isPromise(verdict: Verdict | Promise<Verdict>): verdict is Promise<Verdict> {
   return typeof (verdict as Partial<Promise<Verdict>>).then === "function";
-}
-
-/** A failure of `admit` itself: logged, and answered as Connect answers a handler's unexpected error. */
-function admitFailed(
-  handler: UniversalHandler,
-  err: unknown,
-  logger: Pick<Logger, "error"> | undefined,
-): ConnectError {
-  if (err instanceof ConnectError) return err;
-  logger?.error(
-    { method: `${handler.service.typeName}/${handler.method.name}`, err: loggableError(err) },
-    "rpc admission failed",
-  );
-  return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
 }
 
 function notFound(_req: NodeRequest, res: NodeResponse): void {

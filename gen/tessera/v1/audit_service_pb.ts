@@ -41,7 +41,8 @@ export type AuditEvent = Message<"tessera.v1.AuditEvent"> & {
   requestId: string;
 
   /**
-   * The actor's tenant; empty when no actor was identified.
+   * The actor's tenant; empty when no actor was identified, and for the events of an actor
+   * holding `*` (the platform's: they may name any tenant's objects, so only `*` reads them).
    *
    * @generated from field: string tenant_id = 4;
    */
