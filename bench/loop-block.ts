@@ -8,7 +8,21 @@
  *   synchronous sleeps (`Atomics.wait`) that follow one (SonicBoom sleeps 100 ms, then retries);
  * - every SQLite statement run on the event loop (better-sqlite3's `run`): the audit inserts
  *   apart, with their rows per insert and the time each held the loop;
- * - garbage collections (a `gc` PerformanceObserver): count and pause per kind, the longest.
+ * - garbage collections (a `gc` PerformanceObserver): count and pause per kind, the longest;
+ * - every HTTP/2 stream's arrival (the server's 'stream' event) and close: the server's own
+ *   latency (`serverStreams`), how many requests arrived during each stall (`arrived`) and
+ *   within 0.2 ms of the one before (a burst), and the CPU per stream of the process and of
+ *   the event loop thread (`cpu`);
+ * - with `--env LOOP_PROBE_ALL_STALLS=1`, every stall (not only the longest 12) and every
+ *   stream (arrival, ms to close), each stall also stamped `monoUs` on the monotonic clock of a
+ *   `--node-arg=--cpu-prof` profile's timestamps, to find what ran then.
+ *
+ * `--spacing rps` (the default, as `npm run bench`) drives the rate with h2load's `--rps`,
+ * whose timer fires at most every 10 ms and sends the requests due since together (at 500
+ * req/s over one connection, 5 at once every 10 ms; over 10 connections, their ticks about
+ * aligned, most of a 10 ms share at once); `--spacing even` sends each request on its own
+ * slot, 1000 / rate ms apart over all connections (one h2load per connection, see
+ * `runH2loadEvenly`). 2026-12-06-p99.md has what that changes.
  *
  * The server's stderr is a pipe read by this process, as in `npm run bench` (and as under a
  * container runtime or journald): a reader that falls behind fills it. Wall-clock figures
@@ -16,7 +30,8 @@
  * much less so, and they name the cause.
  *
  *   npx tsx bench/loop-block.ts --root <checkout> [--scenario verify-pat|pat] [--protocol connect|grpc]
- *     [--rate 2700] [--seconds 10] [--warmup 20000] [--build <dir>] [--env NAME=value …]
+ *     [--rate 2700] [--connections 10] [--spacing rps|even] [--seconds 10] [--warmup 20000]
+ *     [--build <dir>] [--env NAME=value …]
  *
  *     [--node-arg --trace-gc … --stdout <file>]
  *
@@ -35,7 +50,7 @@ import { ensureDevCertificates } from "../src/certs/dev-ca.js";
 import { compileForBench, type Launcher } from "./build.js";
 import { JsonClient } from "./client.js";
 import { grpcFrame } from "./fixtures.js";
-import { runH2load } from "./h2load.js";
+import { runH2load, runH2loadEvenly } from "./h2load.js";
 import { benchServerEnv, startServerProcess } from "./processes.js";
 import { percentile } from "./stats.js";
 
@@ -48,6 +63,8 @@ const { values: flags } = parseArgs({
     seconds: { type: "string", default: "10" },
     warmup: { type: "string", default: "20000" },
     connections: { type: "string", default: "10" },
+    /** rps: h2load's --rps (bursts every 10 ms); even: each request on its own schedule slot. */
+    spacing: { type: "string", default: "rps" },
     build: { type: "string" },
     out: { type: "string" },
     env: { type: "string", multiple: true },
@@ -68,6 +85,7 @@ const log = (text: string) => process.stderr.write(`${text}\n`);
 /** The probe, plain JavaScript loaded by the server before its own code (`--import`). */
 const PROBE = `
 import fs from "node:fs";
+import http2 from "node:http2";
 import { createRequire } from "node:module";
 import { monitorEventLoopDelay, PerformanceObserver } from "node:perf_hooks";
 import { isMainThread } from "node:worker_threads";
@@ -86,13 +104,21 @@ if (isMainThread) {
     return { cpu: Number(onCpu) / 1e6, wait: Number(waiting) / 1e6 };
   };
   const piece = () => ({ n: 0, totalMs: 0, maxMs: 0, over1ms: 0, samples: [] });
+  let cpuAtReset = process.cpuUsage();
+  let loopAtReset = sched();
+  let wallAtReset = performance.now();
   const reset = () => {
+    cpuAtReset = process.cpuUsage();
+    loopAtReset = sched();
+    wallAtReset = performance.now();
     delay.reset();
-    s = { writes: {}, eagain: 0, sleeps: piece(), audit: piece(), auditCpu: 0, auditWait: 0, auditBlocked: 0, auditMaxBlocked: 0, auditMaxCpu: 0, auditRows: 0, auditMaxRows: 0, otherRuns: piece(), gc: {}, stalls: [], spans: [] };
+    s = { writes: {}, eagain: 0, sleeps: piece(), audit: piece(), auditCpu: 0, auditWait: 0, auditBlocked: 0, auditMaxBlocked: 0, auditMaxCpu: 0, auditRows: 0, auditMaxRows: 0, otherRuns: piece(), gc: {}, stalls: [], spans: [], streams: [] };
   };
   // Stalls: a 1 ms timer's late ticks, with the process's CPU time (all threads) during each:
   // a stall the process spent on the CPU is its own work, one it did not is the machine's.
   let lastTick = performance.now();
+  // The same instant on the monotonic clock in µs, the clock of a --cpu-prof profile's timestamps.
+  let lastMono = process.hrtime.bigint();
   let lastCpu = process.cpuUsage();
   let lastSched = sched();
   setInterval(() => {
@@ -103,6 +129,7 @@ if (isMainThread) {
       const t = sched();
       s.stalls.push({
         at: lastTick,
+        monoUs: Number(lastMono / 1000n),
         gapMs: gap,
         cpuMs: (cpu.user + cpu.system - lastCpu.user - lastCpu.system) / 1000,
         loopCpuMs: t.cpu - lastSched.cpu,
@@ -110,6 +137,7 @@ if (isMainThread) {
       });
     }
     lastTick = now;
+    lastMono = process.hrtime.bigint();
     lastCpu = cpu;
     lastSched = sched();
   }, 1).unref();
@@ -185,6 +213,20 @@ if (isMainThread) {
     process.stderr.write("loop probe: better-sqlite3 not wrapped: " + err.message + "\\n");
   }
 
+  // Each HTTP/2 stream's arrival (the session's 'stream' event) and close, on the server's clock:
+  // the server's own latency, and how requests arrive (one by one, or in bursts).
+  const createSecureServer = http2.createSecureServer;
+  http2.createSecureServer = function (...args) {
+    const server = createSecureServer.apply(this, args);
+    server.on("stream", (stream) => {
+      const t = performance.now();
+      stream.once("close", () => {
+        if (s.streams.length < 200000) s.streams.push(t, performance.now() - t);
+      });
+    });
+    return server;
+  };
+
   const KINDS = { 1: "scavenge", 2: "mark-compact", 4: "incremental", 8: "weak-callbacks" };
   new PerformanceObserver((list) => {
     for (const e of list.getEntries()) {
@@ -223,6 +265,23 @@ if (isMainThread) {
       c.cpuMs += st.cpuMs;
       c.maxMs = Math.max(c.maxMs, st.gapMs);
     }
+    // Requests arriving during each stall; arrivals closer than 0.2 ms to the one before (a burst).
+    const arrivals = Float64Array.from(s.streams.filter((_, i) => i % 2 === 0)).sort();
+    const before = (t) => {
+      let lo = 0;
+      let hi = arrivals.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (arrivals[mid] < t) lo = mid + 1;
+        else hi = mid;
+      }
+      return lo;
+    };
+    for (const st of stalls) st.arrived = before(st.at + st.gapMs) - before(st.at);
+    let burst = 0;
+    for (let i = 1; i < arrivals.length; i++) if (arrivals[i] - arrivals[i - 1] < 0.2) burst++;
+    const serverMs = Float64Array.from(s.streams.filter((_, i) => i % 2 === 1)).sort();
+    const q = (p) => (serverMs.length ? serverMs[Math.min(serverMs.length - 1, Math.floor((p / 100) * serverMs.length))] : 0);
     const longest = [...stalls].sort((a, b) => b.gapMs - a.gapMs).slice(0, 12);
     const result = {
       stderrNonBlocking: flags === null ? null : (parseInt(flags, 8) & 0o4000) !== 0,
@@ -249,11 +308,33 @@ if (isMainThread) {
       otherStatements: summary(s.otherRuns),
       gc: Object.fromEntries(Object.entries(s.gc).map(([k, p]) => [k, summary(p)])),
       heap: (() => { const m = process.memoryUsage(); return { rssMb: m.rss / 2 ** 20, heapUsedMb: m.heapUsed / 2 ** 20, heapTotalMb: m.heapTotal / 2 ** 20 }; })(),
+      // CPU since the reset: the process (all threads) and the event loop thread alone, per stream.
+      cpu: (() => {
+        const c = process.cpuUsage(cpuAtReset);
+        const l = sched();
+        const n = serverMs.length || 1;
+        return {
+          wallMs: performance.now() - wallAtReset,
+          processMs: (c.user + c.system) / 1000,
+          loopMs: l.cpu - loopAtReset.cpu,
+          loopRunqueueMs: l.wait - loopAtReset.wait,
+          processUsPerStream: ((c.user + c.system) / n),
+          loopUsPerStream: ((l.cpu - loopAtReset.cpu) * 1000) / n,
+        };
+      })(),
+      // Arrival of a stream to its close, in the server; and how many arrived within 0.2 ms of another.
+      serverStreams: { n: serverMs.length, p50Ms: q(50), p99Ms: q(99), maxMs: serverMs.at(-1) ?? 0, within200us: burst },
       stallsByCause: byCause,
       longestStalls: longest,
+      ...(process.env.LOOP_PROBE_ALL_STALLS ? { stalls, streams: s.streams } : {}),
     };
     fs.writeFileSync(out, JSON.stringify(result));
     reset();
+    // This handler's own work (sorting and writing the figures) is no stall of the server's.
+    lastTick = performance.now();
+    lastMono = process.hrtime.bigint();
+    lastCpu = process.cpuUsage();
+    lastSched = sched();
   });
 }
 `;
@@ -398,14 +479,21 @@ try {
   const rate = Number(flags.rate);
   const connections = Number(flags.connections);
   log(`fixed rate: ${rate} req/s over ${connections} connections for ${flags.seconds} s`);
-  const load = await runH2load({
-    ...shape,
-    connections,
-    streams: 64,
-    rps: rate,
-    durationSeconds: Number(flags.seconds),
-    warmupSeconds: 1,
-  });
+  const load =
+    flags.spacing === "even"
+      ? await runH2loadEvenly(
+          { ...shape, streams: 64, durationSeconds: Number(flags.seconds), warmupSeconds: 1 },
+          rate,
+          connections,
+        )
+      : await runH2load({
+          ...shape,
+          connections,
+          streams: 64,
+          rps: rate,
+          durationSeconds: Number(flags.seconds),
+          warmupSeconds: 1,
+        });
   process.kill(server.pid, "SIGUSR2");
   await new Promise((r) => setTimeout(r, 300));
   const probe = JSON.parse(readFileSync(probeOut, "utf8")) as unknown;
@@ -418,6 +506,8 @@ try {
         scenario: flags.scenario,
         protocol,
         rate,
+        connections,
+        spacing: flags.spacing,
         loadAverage: Number(load1),
         achievedRps: Math.round(load.latenciesUs.length / load.seconds),
         errors: load.errors,

@@ -2,6 +2,14 @@ import type { Logger } from "pino";
 import { isContentError, loggableError } from "../storage/errors.js";
 import type { CredentialRepository, LastUsedTable } from "../storage/repositories/credentials.js";
 
+/**
+ * Rows a flush writes per event-loop turn. SQLite (better-sqlite3) answers each update in the
+ * calling turn, a commit each (~0.1 ms): without a turn between, a flush of every credential
+ * used in the interval held the loop for all of them at once (10,000 credentials: about a
+ * second, every `lastUsedFlushSeconds`). 16 is the audit log's bound (SYNC_AUDIT_BATCH) too.
+ */
+export const LAST_USED_ROWS_PER_TURN = 16;
+
 /** What the last-used tracker has done since start (for metrics and tests). */
 export interface LastUsedStats {
   /** Credentials whose last use waits to be written. */
@@ -96,6 +104,7 @@ export class LastUsedTracker {
     const batch = [...this.pending.entries()];
     this.pending = new Map();
     for (let i = 0; i < batch.length; i++) {
+      if (i > 0 && i % LAST_USED_ROWS_PER_TURN === 0) await new Promise((resolve) => setImmediate(resolve));
       const [, { table, id, at }] = batch[i]!;
       try {
         await this.credentials.markUsed(table, id, at);

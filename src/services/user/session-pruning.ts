@@ -46,6 +46,9 @@ export async function pruneSessions(em: EntityManager, o: SessionPruneOptions): 
   const cutoff = new Date((o.now ?? Date.now)() - sessionRetentionMs(o));
   let deleted = 0;
   for (let batch = 0; batch < MAX_BATCHES; batch++) {
+    // A turn of the event loop between batches: on SQLite every query is answered in the
+    // calling turn, and 20 batches of 500 held the loop 1.6–1.8 s (requests waited meanwhile).
+    if (batch > 0) await new Promise((resolve) => setImmediate(resolve));
     const n = await deleteEndedSessions(em, cutoff, batchSize);
     deleted += n;
     if (n < batchSize) break;
