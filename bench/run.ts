@@ -42,7 +42,7 @@ import { compileForBench, type Launcher, tsxLauncher } from "./build.js";
 import { type ClientTls, grpcCall, JsonClient } from "./client.js";
 import { type DownstreamResult, runDownstreamBench } from "./downstream.js";
 import { grpcFrame } from "./fixtures.js";
-import { H2LOAD_INSTALL, h2loadVersion, runH2load } from "./h2load.js";
+import { H2LOAD_INSTALL, h2loadVersion, runH2load, runH2loadEvenly } from "./h2load.js";
 import {
   DEFAULT_LATENCY_FRACTION,
   LATENCY_TARGET_ID,
@@ -109,6 +109,7 @@ const { values: flags } = parseArgs({
     database: { type: "string", default: "sqlite" },
     "pg-url": { type: "string" },
     "latency-fraction": { type: "string" },
+    "latency-spacing": { type: "string", default: "even" },
     help: { type: "boolean", default: false },
   },
   allowPositionals: false,
@@ -136,6 +137,9 @@ if (flags.help) {
                       --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
   --latency-fraction <f>  the latency scenario's fixed rate as a fraction of the capacity measured
                       just before (default ${DEFAULT_LATENCY_FRACTION})
+  --latency-spacing even|rps  how the latency scenario's requests are sent: even (default), each on its own slot
+                      of an exact schedule (one h2load per connection, --timing-script-file); rps, h2load's
+                      --rps, which sends what fell due every 10 ms in one burst (as runs before 2026-12-06 did)
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --server-root <dir> run Tessera's servers from another checkout (an A/B against an earlier commit:
@@ -200,6 +204,11 @@ const settings = {
   floodConcurrency: 16,
   latencyFraction: positive(flags["latency-fraction"], DEFAULT_LATENCY_FRACTION, "latency-fraction"),
 };
+if (flags["latency-spacing"] !== "even" && flags["latency-spacing"] !== "rps") {
+  process.stderr.write("--latency-spacing must be even or rps\n");
+  process.exit(2);
+}
+const latencySpacing = flags["latency-spacing"] as "even" | "rps";
 if (settings.latencyFraction >= 1) {
   process.stderr.write("--latency-fraction must be below 1 (a share of the capacity)\n");
   process.exit(2);
@@ -822,14 +831,22 @@ async function drive(
   if (open && s.generator !== "h2load") throw new Error(`${s.id}: a fixed rate needs h2load`);
   const sampler = sampleRss(s.server.pid);
   try {
+    const h2loadTarget = {
+      url: `${s.server.url}/${s.service.typeName}/${s.method}`,
+      bodyFile: s.bodyFile,
+      workDir: work,
+    };
     const run =
       s.generator === "h2load"
-        ? await runH2load({
-            ...common,
-            url: `${s.server.url}/${s.service.typeName}/${s.method}`,
-            bodyFile: s.bodyFile,
-            workDir: work,
-          })
+        ? open && latencySpacing === "even"
+          ? await runH2loadEvenly(
+              (({ rps: _r, connections: _c, requests: _n, ...rest }) => ({ ...rest, ...h2loadTarget }))(
+                common as typeof common & { requests?: number },
+              ),
+              open.rps,
+              open.connections,
+            )
+          : await runH2load({ ...common, ...h2loadTarget })
         : await runNodeLoad({
             ...common,
             origin: s.server.url,
@@ -1695,6 +1712,7 @@ async function run(): Promise<void> {
       })),
       {
         fraction: settings.latencyFraction,
+        spacing: latencySpacing,
         durationSeconds: settings.smoke ? 1 : settings.durationSeconds,
         rounds: settings.rounds,
         connections: settings.connections,
