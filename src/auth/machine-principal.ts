@@ -8,6 +8,7 @@ import type {
   MachineStateRepository,
 } from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
+import { mayManage } from "./authority.js";
 import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
@@ -55,8 +56,8 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * the certificate's owner from another tenant that bound its public fingerprint or a
  * guessable SAN URI, and every rule that picks a winner between tenants (by kind, by age)
  * hands some certificate to the tenant that did not issue it. Within the tenant a
- * fingerprint binding wins over SAN URI bindings; SAN URIs naming two different machine
- * users are refused rather than guessed between.
+ * fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); SAN URIs
+ * naming two different machine users are refused rather than guessed between.
  */
 export async function machineOfCertificate(
   machines: Pick<MachineStateRepository, "bindingsOf">,
@@ -86,8 +87,8 @@ export async function machineOfCertificate(
       "client certificate is bound to more than one machine user; it authenticates no one",
     );
   }
-  const byFingerprint = candidates.filter((r) => r.boundFingerprint === certificate.sha256Fingerprint);
-  const chosen = byFingerprint.length > 0 ? byFingerprint : candidates;
+  const byFingerprint = candidates.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
+  const chosen = byFingerprint ? overFingerprint(byFingerprint, candidates) : candidates;
   const machineIds = new Set(chosen.map((r) => r.machine.id));
   if (machineIds.size > 1) {
     throw new TesseraError(
@@ -96,6 +97,30 @@ export async function machineOfCertificate(
     );
   }
   return pick(chosen);
+}
+
+/**
+ * The bindings that decide when the certificate's fingerprint is bound (within one tenant).
+ * A proven fingerprint binding decides: the holder of the key made it. An unproven one is a
+ * claim on a public value, so it outranks a SAN URI binding of another machine user only
+ * when its binder's scopes at bind time cover that machine user's current scopes (the one
+ * authority rule, {@link mayManage}): taking a certificate from a machine user is managing
+ * it. Else the SAN URI bindings it does not outrank decide (naming two machine users, they
+ * refuse the certificate as usual), whichever binding came first: a holder of admin:machine-users that bound a certificate's fingerprint before a
+ * stronger machine user's SAN URI binding was made cannot take that certificate, and scopes
+ * granted later to the SAN URI-bound machine user count from the next request on.
+ */
+function overFingerprint(
+  fingerprint: CertificateBindingState,
+  candidates: readonly CertificateBindingState[],
+): readonly CertificateBindingState[] {
+  if (fingerprint.proven) return [fingerprint];
+  const binder = { scopes: fingerprint.binderScopes };
+  const standing = candidates.filter(
+    (r) =>
+      r.boundFingerprint === null && r.machine.id !== fingerprint.machine.id && !mayManage(binder, r.machine),
+  );
+  return standing.length > 0 ? standing : [fingerprint];
 }
 
 /** The first of bindings that all name one machine user. */

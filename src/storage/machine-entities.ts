@@ -132,6 +132,11 @@ export class MachineUserCertificate {
   sha256Fingerprint?: string | null = null;
   sanUri?: string | null = null;
   proven = false;
+  /**
+   * The binder's effective scopes at bind time, space-separated (null: bound before they
+   * were recorded, read as none). See machineOfCertificate.
+   */
+  binderScopes?: string | null = null;
   createdAt: Date = new Date();
 }
 
@@ -150,6 +155,7 @@ export const MachineUserCertificateSchema = new EntitySchema<MachineUserCertific
     },
     sanUri: { type: "string", length: 2048, nullable: true, unique: true },
     proven: { type: "boolean", default: false },
+    binderScopes: { type: "text", fieldName: "binder_scopes", nullable: true },
     createdAt: { type: "Date" },
   },
 });

@@ -127,4 +127,71 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
     });
     expect(await whoAmI(ts, mine)).toBe(own.id);
   });
+
+  /**
+   * The ordering gap: the bind-time refusal above sees only SAN URI bindings that exist when
+   * the fingerprint is bound. A certificate is issued (its fingerprint known), a holder of
+   * admin:machine-users binds that fingerprint first, and a strong administrator binds its
+   * SAN URI to a stronger machine user afterwards. Each test takes a fresh tenant: the
+   * fingerprint is bound while no machine user of the tenant is bound by a SAN URI.
+   */
+  describe("whichever binding was made first", () => {
+    /** A fresh tenant whose administrator holds `scopes`, and a certificate carrying a SAN URI no one has bound yet. */
+    async function issued(scopes: string[]) {
+      const fresh = await tenantWithAdmin(transport, root, scopes);
+      const san = `spiffe://tenant.example/${short()}`;
+      return { fresh, san, backend: await mint(ts, san) };
+    }
+
+    /** Root binds the SAN URI to a new machine user of the tenant holding `scopes`. */
+    async function sanBoundLater(tenantId: string, applicationId: string, san: string, scopes: string[]) {
+      const { machine } = await bearerMachine(transport, root, [applicationId], { tenantId, scopes });
+      await clients(transport, root).machines.bindCertificate({
+        machineUserId: machine.id,
+        identity: { case: "sanUri", value: san },
+      });
+      return machine.id;
+    }
+
+    it("a fingerprint an admin:machine-users holder bound before a stronger machine user's SAN URI binding existed does not take that certificate", async () => {
+      const { fresh, san, backend } = await issued(["admin:machine-users"]);
+      const { machine: own } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
+      await clients(transport, fresh.token).machines.bindCertificate({
+        machineUserId: own.id,
+        identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+      });
+      expect(await whoAmI(ts, backend)).toBe(own.id);
+      const strong = await sanBoundLater(fresh.tenant.id, fresh.application.id, san, ["cluster:write"]);
+      // The stronger machine user keeps its certificate (authenticated, not refused).
+      expect(await whoAmI(ts, backend)).toBe(strong);
+    });
+
+    it("a fingerprint bound first by a caller holding the stronger machine user's scopes still singles its certificate out", async () => {
+      const { fresh, san, backend } = await issued(["admin:machine-users", "cluster:write"]);
+      const { machine: special } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
+      await clients(transport, fresh.token).machines.bindCertificate({
+        machineUserId: special.id,
+        identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+      });
+      await sanBoundLater(fresh.tenant.id, fresh.application.id, san, ["cluster:write"]);
+      expect(await whoAmI(ts, backend)).toBe(special.id);
+    });
+
+    it("scopes granted to the SAN URI-bound machine user after the fingerprint was bound count at the next authentication", async () => {
+      const { fresh, san, backend } = await issued(["admin:machine-users"]);
+      const { machine: own } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
+      await clients(transport, fresh.token).machines.bindCertificate({
+        machineUserId: own.id,
+        identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+      });
+      // A scopeless machine user: the binder's authority covers it, so the fingerprint outranks it.
+      const later = await sanBoundLater(fresh.tenant.id, fresh.application.id, san, []);
+      expect(await whoAmI(ts, backend)).toBe(own.id);
+      await clients(transport, root).machines.updateMachineUser({
+        id: later,
+        scopes: { scopes: ["cluster:write"] },
+      });
+      expect(await whoAmI(ts, backend)).toBe(later);
+    });
+  });
 });

@@ -1033,7 +1033,12 @@ export const MachineUserService: GenService<{
    * users its SAN URIs are bound to: binding a fingerprint needs authority over them too
    * (ACCESS_DENIED otherwise); unproven, over every other machine user of the tenant bound
    * by a SAN URI (the certificate is unknown); proven, over those bound to a SAN URI the
-   * presented certificate carries.
+   * presented certificate carries. The rule also holds when the SAN URI is bound later: a
+   * binding records its caller's effective scopes, and an unproven fingerprint binding wins
+   * over the SAN URI binding of another machine user only while those scopes cover that
+   * machine user's current ones (checked on every authentication); else that machine user
+   * keeps its certificate. Fingerprint bindings made before the scopes were recorded count
+   * as made with none.
    *
    * Proof of possession: a bind made over a TLS connection that presents the very
    * certificate being bound (its fingerprint, or a CA-verified certificate carrying the

@@ -71,6 +71,9 @@ function assertSanUri(raw: string): string {
  * of its own weak machine users (the certificate's fingerprint is public). With proof the
  * certificate is on the connection and its SAN URIs are known; without, it is not, so every
  * other machine user of the tenant bound by a SAN URI counts (bind with proof to do less).
+ * This is the early, explicit refusal; the rule itself holds at authentication, where the
+ * binder's recorded scopes must cover the SAN URI-bound machine user's current ones
+ * (machineOfCertificate), so a SAN URI binding made after the fingerprint's is not outranked.
  */
 async function assertMayOutrankSanBindings(
   ctx: HandlerContext,
@@ -148,6 +151,10 @@ export function certificateBindingHandlers(
         sha256Fingerprint,
         sanUri,
         proven,
+        // What an unproven fingerprint binding may outrank is decided at authentication, against
+        // the SAN URI-bound machine users' scopes then (machineOfCertificate): a SAN URI binding
+        // made after this one is not seen by the check above.
+        binderScopes: principalOf(ctx).scopes.join(" "),
         createdAt: new Date(),
       });
       let removed = 0;

@@ -11,6 +11,7 @@ import { Migration20261204230000_state_notify } from "./Migration20261204230000_
 import { Migration20261205010000_verified_digests } from "./Migration20261205010000_verified_digests.js";
 import { Migration20261205030000_notify_always } from "./Migration20261205030000_notify_always.js";
 import { Migration20261205100000_revocation_events } from "./Migration20261205100000_revocation_events.js";
+import { Migration20261206020000_binder_authority } from "./Migration20261206020000_binder_authority.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -39,4 +40,5 @@ export const MIGRATIONS: MigrationObject[] = [
     name: "Migration20261205100000_revocation_events",
     class: Migration20261205100000_revocation_events,
   },
+  { name: "Migration20261206020000_binder_authority", class: Migration20261206020000_binder_authority },
 ];

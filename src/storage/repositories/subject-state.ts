@@ -169,6 +169,8 @@ export interface CertificateBindingState {
   boundFingerprint: string | null;
   /** Made over a connection presenting the certificate itself (BindCertificate). */
   proven: boolean;
+  /** The binder's effective scopes at bind time (none when not recorded: bound before they were). */
+  binderScopes: readonly string[];
   machine: MachineAuthState;
 }
 
@@ -196,6 +198,7 @@ interface BindingRow extends MachineRow {
   binding_id: string;
   bound_fingerprint: string | null;
   proven: unknown;
+  binder_scopes: string | null;
 }
 
 const MACHINE_COLUMNS =
@@ -217,7 +220,7 @@ const MAX_SAN_URIS = 16;
 function bindingQuery(sanCount: number): string {
   const sans = sanCount > 0 ? ` or b.san_uri in (${new Array(sanCount).fill("?").join(", ")})` : "";
   return (
-    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, b.proven, ${MACHINE_COLUMNS} ` +
+    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, b.proven, b.binder_scopes, ${MACHINE_COLUMNS} ` +
     `from machine_user_certificates b join machine_users m on m.id = b.machine_user_id ${MACHINE_JOINS} ` +
     `where b.sha256_fingerprint = ?${sans}`
   );
@@ -274,6 +277,7 @@ const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly Certificat
       bindingId: group[0]!.binding_id,
       boundFingerprint: group[0]!.bound_fingerprint,
       proven: toBool(group[0]!.proven),
+      binderScopes: toScopes(group[0]!.binder_scopes ?? ""),
       machine: toMachine(group),
     }),
   );
