@@ -1,5 +1,5 @@
 import { execFile, spawnSync } from "node:child_process";
-import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { LoadShape, RawLoad } from "./stats.js";
 
@@ -32,15 +32,6 @@ export interface H2loadOptions extends LoadShape {
    * achieved rate with this one to know the schedule was kept.
    */
   rps?: number;
-  /**
-   * Open loop on an exact schedule instead of `rps` (h2load `--timing-script-file`): one request
-   * every `intervalMs` on each connection, the first at `startMs`, for `warmupSeconds` (not
-   * counted) + `durationSeconds`. h2load's `--rps` fires its timer at most every 10 ms and sends
-   * the requests due since in one burst (at 500 req/s on a connection, 5 at once every 10 ms);
-   * this sends each on its own. Every connection of one run keeps the same schedule: for
-   * connections out of phase, run one connection per run with a different `startMs`.
-   */
-  schedule?: { intervalMs: number; startMs: number };
 }
 
 /** h2load's per-connection `--rps` for a total rate over `connections`. */
@@ -48,48 +39,50 @@ export function rpsPerConnection(totalRps: number, connections: number): number 
   return Math.max(1, Math.round(totalRps / connections));
 }
 
+/** h2load's `--rps` timer ticks at most every 10 ms: at or below this rate a connection sends one request a tick. */
+export const ONE_PER_TICK_RPS = 100;
+
 /**
- * One connection's share of an even schedule of `totalRps` over `connections`: each sends one
- * request every `connections` slots of 1000 / totalRps ms, connection k starting at slot k,
- * so that the requests of all of them arrive one slot apart rather than together.
+ * How {@link runH2loadEvenly} spreads `totalRps`: over as many single-connection h2load
+ * processes as it takes for each to send at most one request per 10 ms tick, the processes'
+ * starts staggered over one tick. h2load's `--rps` timer repeats on its own schedule (libev
+ * re-arms it from when it was due, so it does not drift) but fires at most every 10 ms and
+ * sends what fell due meanwhile at once; and all connections of one h2load tick together. So
+ * with several connections per process, or over 100 req/s per connection, requests arrive in
+ * bursts (at 2,700 req/s over 10 connections, ~27 every 10 ms). Its `--timing-script-file`
+ * would place each request exactly but waits each interval from when the previous request
+ * went out, so lateness adds up: measured here, 81 % of the scheduled rate at one request
+ * every 3.7 ms, 92 % at 10 ms (bench/results/2026-12-06-p99.md).
  */
-export function evenSchedules(
-  totalRps: number,
-  connections: number,
-): { intervalMs: number; startMs: number }[] {
-  const slotMs = 1000 / totalRps;
-  return Array.from({ length: connections }, (_, k) => ({
-    intervalMs: slotMs * connections,
-    startMs: slotMs * k,
-  }));
-}
-
-/** h2load's `--timing-script-file` for one schedule over `spanMs`: "offset ms<TAB>url" lines. */
-export function timingScript(
-  schedule: { intervalMs: number; startMs: number },
-  spanMs: number,
-  url: string,
-): { text: string; count: number } {
-  // (less a rounding error: 100 ms at 1000 / 270 ms is 27 requests, not 28)
-  const count = Math.max(1, Math.ceil(spanMs / schedule.intervalMs - 1e-9));
-  let text = "";
-  for (let i = 0; i < count; i++)
-    text += `${(schedule.startMs + i * schedule.intervalMs).toFixed(3)}\t${url}\n`;
-  return { text, count };
+export function evenLoad(totalRps: number): { processes: number; rpsEach: number; offeredRps: number } {
+  const processes = Math.max(1, Math.ceil(totalRps / ONE_PER_TICK_RPS));
+  const rpsEach = Math.max(1, Math.round(totalRps / processes));
+  return { processes, rpsEach, offeredRps: processes * rpsEach };
 }
 
 /**
- * An open loop of `totalRps` over `connections` with every request on its own slot
- * (`evenSchedules`): one h2load per connection, run together, their requests merged.
+ * An open loop of `totalRps` with requests spread rather than in bursts ({@link evenLoad}):
+ * single-connection h2load processes, each at most one request per tick, their starts
+ * staggered, their requests merged.
  */
 export async function runH2loadEvenly(
-  options: Omit<H2loadOptions, "rps" | "schedule" | "requests" | "connections">,
+  options: Omit<H2loadOptions, "rps" | "requests" | "connections">,
   totalRps: number,
-  connections: number,
 ): Promise<RawLoad> {
+  const { processes, rpsEach } = evenLoad(totalRps);
+  const { serverCpuMs, ...rest } = options;
+  const tickMs = 1000 / ONE_PER_TICK_RPS;
   const runs = await Promise.all(
-    evenSchedules(totalRps, connections).map((schedule) =>
-      runH2load({ ...options, connections: 1, schedule }),
+    Array.from({ length: processes }, (_, k) =>
+      new Promise((r) => setTimeout(r, (k * tickMs) / processes)).then(() =>
+        // The server's CPU over the slice once (the first process's window), not once per process.
+        runH2load({
+          ...rest,
+          connections: 1,
+          rps: rpsEach,
+          ...(k === 0 && serverCpuMs ? { serverCpuMs } : {}),
+        }),
+      ),
     ),
   );
   const statuses: Record<string, number> = {};
@@ -100,6 +93,7 @@ export async function runH2loadEvenly(
     seconds: options.durationSeconds ?? 10,
     errors: runs.reduce((n, r) => n + r.errors, 0),
     statuses,
+    ...(runs[0]?.serverCpuMs !== undefined ? { serverCpuMs: runs[0].serverCpuMs } : {}),
   };
 }
 
@@ -128,27 +122,17 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
     "--log-file",
     logFile,
   ];
-  const schedule = options.schedule;
-  const warmupMs = (options.warmupSeconds ?? 1) * 1000;
-  if (schedule) {
-    // The script sets the requests and their number; h2load has no warm-up phase then.
-    const scriptFile = `${logFile}.script`;
-    const script = timingScript(schedule, warmupMs + (options.durationSeconds ?? 10) * 1000, options.url);
-    writeFileSync(scriptFile, script.text);
-    args.push("--timing-script-file", scriptFile, "-n", String(script.count));
-  } else {
-    if (options.rps !== undefined) args.push(`--rps=${rpsPerConnection(options.rps, options.connections)}`);
-    if (options.requests !== undefined) args.push("-n", String(options.requests));
-    else
-      args.push(
-        "-D",
-        `${Math.round((options.durationSeconds ?? 10) * 1000)}ms`,
-        "--warm-up-time",
-        `${Math.round((options.warmupSeconds ?? 1) * 1000)}ms`,
-      );
-  }
+  if (options.rps !== undefined) args.push(`--rps=${rpsPerConnection(options.rps, options.connections)}`);
+  if (options.requests !== undefined) args.push("-n", String(options.requests));
+  else
+    args.push(
+      "-D",
+      `${Math.round((options.durationSeconds ?? 10) * 1000)}ms`,
+      "--warm-up-time",
+      `${Math.round((options.warmupSeconds ?? 1) * 1000)}ms`,
+    );
   for (const [k, v] of Object.entries(options.headers)) args.push("-H", `${k}: ${v}`);
-  if (!schedule) args.push(options.url);
+  args.push(options.url);
   const [command, argv]: [string, string[]] = options.cpus
     ? ["taskset", ["-c", options.cpus, "h2load", ...args]]
     : ["h2load", args];
@@ -172,17 +156,6 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
     log = readFileSync(logFile, "utf8");
   } finally {
     rmSync(logFile, { force: true });
-    if (schedule) rmSync(`${logFile}.script`, { force: true });
-  }
-  // On a schedule there is no warm-up phase in h2load: the requests started in its first
-  // `warmupSeconds` are left out here (the log's first column is the start, µs since the epoch).
-  let from = 0;
-  if (schedule) {
-    for (const line of log.split("\n")) {
-      const start = Number(line.split("\t")[0]);
-      if (line && (from === 0 || start < from)) from = start;
-    }
-    from += warmupMs * 1000;
   }
   const summary = parseSummary(stdout);
   const latenciesUs: number[] = [];
@@ -190,8 +163,7 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
   let errors = 0;
   for (const line of log.split("\n")) {
     if (!line) continue;
-    const [startText, statusText, usText] = line.split("\t");
-    if (schedule && Number(startText) < from) continue;
+    const [, statusText, usText] = line.split("\t");
     const status = Number(statusText);
     const us = Number(usText);
     statuses[String(status)] = (statuses[String(status)] ?? 0) + 1;
@@ -203,8 +175,7 @@ export async function runH2load(options: H2loadOptions): Promise<RawLoad> {
   if (summary.done === 0 && latenciesUs.length === 0) {
     throw new Error(`h2load completed no request against ${options.url}:\n${stdout}`);
   }
-  const seconds =
-    options.requests !== undefined && !schedule ? summary.seconds : (options.durationSeconds ?? 10);
+  const seconds = options.requests !== undefined ? summary.seconds : (options.durationSeconds ?? 10);
   return {
     generator: "h2load",
     latenciesUs,

@@ -5,8 +5,8 @@
  * The rest of the bench drives each server flat out (h2load keeps connections × streams
  * requests in flight), so every p99 there is mostly time spent queued behind the other
  * 99 requests, the bare baseline's included: it measures throughput, not latency. Here
- * h2load starts requests on a schedule (each on its own slot by default; `--rps` with
- * `--latency-spacing rps`), whether or not earlier ones answered,
+ * h2load starts requests on a schedule (spread out by default, see LatencyOptions.spacing),
+ * whether or not earlier ones answered,
  * at a stated fraction of the capacity the closed-loop rounds measured just before in the
  * same run, and the latency of each request is what a caller at that load sees.
  *
@@ -16,7 +16,7 @@
  * the same verification costs when Tessera does it for its own call).
  */
 import { readFileSync } from "node:fs";
-import { rpsPerConnection } from "./h2load.js";
+import { evenLoad, rpsPerConnection } from "./h2load.js";
 import type { TargetResult } from "./report.js";
 import { percentile, type RawLoad, summarize } from "./stats.js";
 
@@ -68,10 +68,11 @@ export interface LatencySubject {
 export interface LatencyOptions {
   fraction: number;
   /**
-   * How requests are sent: `even`, each on its own slot of an exact schedule (bench/h2load.ts
-   * runH2loadEvenly); `rps`, h2load's `--rps`, whose timer fires at most every 10 ms and sends
-   * what fell due meanwhile in one burst (at 2,700 req/s over 10 connections, ~27 at once), so
-   * its p99 is mostly the burst's own queue: measured in bench/results/2026-12-06-p99.md.
+   * How requests are sent: `even`, spread out (bench/h2load.ts evenLoad: one request per 10 ms
+   * tick per connection, the connections' ticks staggered); `rps`, h2load's `--rps` over
+   * `connections`, whose timer fires at most every 10 ms and sends what fell due meanwhile on
+   * every connection at once (at 2,700 req/s over 10 connections, ~27 at once), so its p99 is
+   * mostly the burst's own queue: measured in bench/results/2026-12-06-p99.md.
    */
   spacing: "even" | "rps";
   /** Measured seconds per subject, over all rounds. */
@@ -134,7 +135,10 @@ export async function measureLatency(
       ...subjects.filter((o) => o.protocol === s.protocol).map((o) => o.capacityRps),
     );
     const rate = Math.max(1, capacityRps * options.fraction);
-    const connections = Math.max(1, Math.min(options.connections, Math.floor(rate)));
+    const connections =
+      options.spacing === "even"
+        ? evenLoad(rate).processes
+        : Math.max(1, Math.min(options.connections, Math.floor(rate)));
     const open: OpenLoop = {
       rps: rate,
       connections,
@@ -145,7 +149,9 @@ export async function measureLatency(
       capacityRps,
       open,
       offeredRps:
-        options.spacing === "even" ? Math.round(rate) : rpsPerConnection(rate, connections) * connections,
+        options.spacing === "even"
+          ? evenLoad(rate).offeredRps
+          : rpsPerConnection(rate, connections) * connections,
       runs: [] as RawLoad[],
       generatorShares: [] as number[],
     };
@@ -285,7 +291,7 @@ export function latencyNote(results: readonly LatencyResult[]): string {
     )
     .join("; ");
   return (
-    `Fixed rate (open loop, ${first.spacing === "even" ? "every request on its own slot of an even schedule, one h2load per connection with --timing-script-file" : "h2load --rps: what fell due in its 10 ms tick sent in one burst"}): each row at ${pct(first.fraction)} of the lowest closed-loop req/s of its protocol's rows measured above in this run: ${rates}. ` +
+    `Fixed rate (open loop, ${first.spacing === "even" ? "spread out: one h2load per connection, each sending one request per 10 ms tick (--rps 100 at most), their ticks staggered" : "h2load --rps: what fell due in its 10 ms tick sent in one burst"}): each row at ${pct(first.fraction)} of the lowest closed-loop req/s of its protocol's rows measured above in this run: ${rates}. ` +
     "Requests start on h2load's schedule whether or not earlier ones answered, so these latencies are what a caller sees at that load, not queueing behind a saturating generator; " +
     `a slice that achieved less than ${pct(KEPT_RATE)} of the offered rate did not keep the schedule and fails the target. ` +
     "“h2load CPU”: the generator's CPU time over its wall time (its busiest slice; near 100% it would be the bottleneck)."

@@ -20,9 +20,9 @@
  * `--spacing rps` (the default, as `npm run bench`) drives the rate with h2load's `--rps`,
  * whose timer fires at most every 10 ms and sends the requests due since together (at 500
  * req/s over one connection, 5 at once every 10 ms; over 10 connections, their ticks about
- * aligned, most of a 10 ms share at once); `--spacing even` sends each request on its own
- * slot, 1000 / rate ms apart over all connections (one h2load per connection, see
- * `runH2loadEvenly`). 2026-12-06-p99.md has what that changes.
+ * aligned, most of a 10 ms share at once); `--spacing even` spreads them (one h2load per
+ * 100 req/s, one connection and one request per tick each, starts staggered; `--connections`
+ * is then ignored; see `evenLoad`). 2026-12-06-p99.md has what that changes.
  *
  * The server's stderr is a pipe read by this process, as in `npm run bench` (and as under a
  * container runtime or journald): a reader that falls behind fills it. Wall-clock figures
@@ -63,7 +63,7 @@ const { values: flags } = parseArgs({
     seconds: { type: "string", default: "10" },
     warmup: { type: "string", default: "20000" },
     connections: { type: "string", default: "10" },
-    /** rps: h2load's --rps (bursts every 10 ms); even: each request on its own schedule slot. */
+    /** rps: h2load's --rps (bursts every 10 ms); even: spread out (bench/h2load.ts evenLoad). */
     spacing: { type: "string", default: "rps" },
     build: { type: "string" },
     out: { type: "string" },
@@ -484,7 +484,6 @@ try {
       ? await runH2loadEvenly(
           { ...shape, streams: 64, durationSeconds: Number(flags.seconds), warmupSeconds: 1 },
           rate,
-          connections,
         )
       : await runH2load({
           ...shape,

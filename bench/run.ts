@@ -109,7 +109,7 @@ const { values: flags } = parseArgs({
     database: { type: "string", default: "sqlite" },
     "pg-url": { type: "string" },
     "latency-fraction": { type: "string" },
-    "latency-spacing": { type: "string", default: "even" },
+    "latency-spacing": { type: "string", default: "rps" },
     help: { type: "boolean", default: false },
   },
   allowPositionals: false,
@@ -137,9 +137,10 @@ if (flags.help) {
                       --smoke unless named), pat-working-set-unshared (only when named: digests not shared)
   --latency-fraction <f>  the latency scenario's fixed rate as a fraction of the capacity measured
                       just before (default ${DEFAULT_LATENCY_FRACTION})
-  --latency-spacing even|rps  how the latency scenario's requests are sent: even (default), each on its own slot
-                      of an exact schedule (one h2load per connection, --timing-script-file); rps, h2load's
-                      --rps, which sends what fell due every 10 ms in one burst (as runs before 2026-12-06 did)
+  --latency-spacing rps|even  how the latency scenario's requests are sent: rps (default), over --connections
+                      with h2load's --rps, which sends what fell due every 10 ms in one burst on every
+                      connection at once; even, spread out (one h2load per 100 req/s, one connection
+                      each, one request per 10 ms tick, starts staggered)
   --out <dir>         where <date>.json and <date>.md go (default bench/results; smoke: $TMPDIR/tessera-bench-smoke)
   --tsx               run the servers from TypeScript through tsx instead of compiled JavaScript
   --server-root <dir> run Tessera's servers from another checkout (an A/B against an earlier commit:
@@ -844,7 +845,6 @@ async function drive(
                 common as typeof common & { requests?: number },
               ),
               open.rps,
-              open.connections,
             )
           : await runH2load({ ...common, ...h2loadTarget })
         : await runNodeLoad({
