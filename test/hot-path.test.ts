@@ -1,4 +1,5 @@
 import { randomBytes, webcrypto } from "node:crypto";
+import http2 from "node:http2";
 import { Code } from "@connectrpc/connect";
 import { SignJWT } from "jose";
 import { Agent, fetch as undiciFetch } from "undici";
@@ -212,5 +213,78 @@ describe.each(DATABASES)("Connect JSON error envelope ($name)", (db) => {
       .debug;
     expect(debug.reason).toBe("TOKEN_INVALID");
     expect(debug.metadata.request_id).toBe(body.request_id);
+  });
+});
+
+describe.each(DATABASES)("rate-limit headers of an admitted call ($name)", (db) => {
+  let ts: TestServer;
+  let adminToken: string;
+  let session: http2.ClientHttp2Session;
+  beforeAll(async () => {
+    ts = await startTestServer(db, { auth: { jwt: { secret: JWT_SECRET } }, rateLimit: { enabled: true } });
+    const login = await clientFor(UserService, memoryTransport(ts.app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    adminToken = login.accessToken;
+    session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    session.on("error", () => undefined);
+  });
+  afterAll(async () => {
+    session.close();
+    await ts.close();
+  });
+
+  /** GetCurrentUser over HTTP/2 (node:http2, which makes no fetch Headers), counting the Headers the server makes meanwhile. */
+  async function getCurrentUser(contentType: string, body: Uint8Array) {
+    const made = { count: 0 };
+    const Global = globalThis.Headers;
+    globalThis.Headers = class Counted extends Global {
+      constructor(init?: ConstructorParameters<typeof Headers>[0]) {
+        super(init);
+        made.count++;
+      }
+    };
+    try {
+      const answer = await new Promise<{
+        headers: http2.IncomingHttpHeaders;
+        trailers: http2.IncomingHttpHeaders;
+      }>((resolve, reject) => {
+        const stream = session.request({
+          ":method": "POST",
+          ":path": "/tessera.v1.UserService/GetCurrentUser",
+          "content-type": contentType,
+          te: "trailers",
+          authorization: `Bearer ${adminToken}`,
+        });
+        let headers: http2.IncomingHttpHeaders = {};
+        let trailers: http2.IncomingHttpHeaders = {};
+        stream.on("response", (h) => (headers = h));
+        stream.on("trailers", (t) => (trailers = t));
+        stream.on("data", () => undefined);
+        stream.on("error", reject);
+        stream.on("end", () => resolve({ headers, trailers }));
+        stream.end(body);
+      });
+      return { ...answer, made: made.count };
+    } finally {
+      globalThis.Headers = Global;
+    }
+  }
+
+  it("are answered over Connect JSON and gRPC, the fast transport making no fetch Headers for them", async () => {
+    const fast = ts.app.config.server.transport === "fast";
+    const json = await getCurrentUser("application/json", new TextEncoder().encode("{}"));
+    const grpc = await getCurrentUser("application/grpc", new Uint8Array(5));
+    for (const answer of [json, grpc]) {
+      expect(answer.headers["x-ratelimit-limit"]).toBe(String(ts.app.config.rateLimit.perIpPerMinute));
+      expect(Number(answer.headers["x-ratelimit-remaining"])).toBeGreaterThan(0);
+      expect(Number(answer.headers["x-ratelimit-reset"])).toBeGreaterThan(0);
+      if (fast) expect(answer.made).toBe(0);
+    }
+    expect(json.headers[":status"]).toBe(200);
+    expect(json.headers["content-type"]).toBe("application/json");
+    expect(grpc.headers["content-type"]).toMatch(/^application\/grpc/);
+    expect(grpc.trailers["grpc-status"]).toBe("0");
   });
 });

@@ -21,6 +21,7 @@ import {
   HealthCheckRequestSchema,
   HealthCheckResponse_ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
+import { setResponseHeaders } from "../src/transport/call-context.js";
 import { type ConnectHandler, createConnectHandler } from "../src/transport/fast-adapter.js";
 import { createTransport, installTransport, type TransportKind } from "../src/transport/index.js";
 import { serveRequests } from "../src/transport/stream-server.js";
@@ -90,6 +91,14 @@ const interceptor: Interceptor = (next) => async (req) => {
     });
   }
   const res = await next(spread ? { ...req } : req);
+  // As the error interceptor sets the rate-limit headers: names out of order, and with
+  // `x-set-headers: odd` a name and a value the Headers normalise.
+  const set = req.header.get("x-set-headers");
+  if (set !== null)
+    setResponseHeaders(
+      res,
+      set === "odd" ? { "x-z": "1", "X-Upper": " spaced value " } : { "x-z": "1", "x-a": "2", "x-m": "3" },
+    );
   if (req.header.get("x-decorate") !== null) {
     res.header.set("x-intercepted", "1");
     res.trailer.set("x-checked", "yes");
@@ -517,6 +526,20 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
     expect(answer.body + JSON.stringify(answer.trailers)).not.toContain("must not leave");
   });
 
+  it.each(["plain", "odd"])(
+    "on success, with headers an interceptor set with setResponseHeaders (%s)",
+    async (kind) => {
+      for (const decorate of [{}, { "x-decorate": "1" }]) {
+        const sent = { ...headers(wire), "x-set-headers": kind, ...decorate };
+        const answer = await same(CHECK, sent, body(wire, message(wire, "")));
+        expect(answer.status).toBe(200);
+        expect(answer.headers["x-z"]).toBe("1");
+        if (kind === "odd") expect(answer.headers["x-upper"]).toBe("spaced value");
+        else expect(answer.headers["x-a"]).toBe("2");
+      }
+    },
+  );
+
   it("when an interceptor refuses", async () => {
     await same(CHECK, { ...headers(wire), "x-refuse": "1" }, body(wire, message(wire, "")));
   });
@@ -776,6 +799,11 @@ describe("the unary handlers", () => {
       const decorated = { ...headers(wire), "x-decorate": "1" };
       const other = await call(tessera, CHECK, decorated, body(wire, message(wire, "")));
       expect(other.headers["x-impl"]).toBe("check");
+      expect(compatWrites).toBe(1);
+      // Headers of plain names and values set with setResponseHeaders are checked already.
+      const set = { ...headers(wire), "x-set-headers": "plain" };
+      const limited = await call(tessera, CHECK, set, body(wire, message(wire, "")));
+      expect(limited.headers["x-a"]).toBe("2");
       expect(compatWrites).toBe(1);
     }
   });

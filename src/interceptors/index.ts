@@ -4,6 +4,7 @@ import { auditCall, auditReason } from "../admission/audit.js";
 import { authRuleFor } from "../admission/auth-rule.js";
 import type { AuditLog } from "../audit.js";
 import { type RequestState, requestState } from "../context.js";
+import { setResponseHeaders } from "../transport/call-context.js";
 import { toWireError } from "./errors.js";
 import { assertInputMessage } from "./input.js";
 
@@ -24,8 +25,7 @@ export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
     const state = requestState(req.contextValues);
     try {
       const res = await next(req);
-      if (state.responseHeaders)
-        for (const [k, v] of Object.entries(state.responseHeaders)) res.header.set(k, v);
+      if (state.responseHeaders) setResponseHeaders(res, state.responseHeaders);
       if (!res.stream) return res;
       return { ...res, message: streamAnswered(res.message, req.signal, state, nameOf(req), deps.logger) };
     } catch (err) {

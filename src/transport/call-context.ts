@@ -51,6 +51,10 @@ export class UnaryCall implements HandlerContext {
   #onAbort: ((this: AbortSignal) => void) | undefined;
   #responseHeader: Headers | undefined;
   #responseTrailer: Headers | undefined;
+  /** `initialHeader` and what `addResponseHeaders` set, while no Headers is made: its keys lowercase, its values checked. */
+  #plainHeader: Record<string, string> | undefined;
+  /** Whether `#plainHeader`'s keys are in the order Headers would give them (sorted). */
+  #plainSorted = true;
 
   /**
    * `initialHeader` and `initialTrailer` are what the protocol's handler sets before the
@@ -86,8 +90,54 @@ export class UnaryCall implements HandlerContext {
    * without making fetch Headers at all.
    */
   get responseHeader(): Headers {
-    if (this.#responseHeader === undefined) this.#responseHeader = new Headers(this.initialHeader);
+    if (this.#responseHeader === undefined)
+      this.#responseHeader = new Headers(this.#plainHeader ?? this.initialHeader);
     return this.#responseHeader;
+  }
+
+  /**
+   * Set response headers (as `responseHeader.set` each, in order) without making the
+   * fetch Headers when every name is lowercase and every value is what Headers would keep
+   * as it is: the rate-limit headers of every admitted call. Anything else, or once the
+   * Headers exist, goes through them.
+   */
+  addResponseHeaders(values: Readonly<Record<string, string>>): void {
+    if (this.#responseHeader === undefined && allPlain(values)) {
+      let plain = this.#plainHeader;
+      if (plain === undefined) {
+        plain = { ...this.initialHeader };
+        this.#plainHeader = plain;
+      }
+      let last = "";
+      for (const key in plain) {
+        if (key < last) this.#plainSorted = false;
+        last = key;
+      }
+      for (const key in values) {
+        if (!(key in plain)) {
+          if (key < last) this.#plainSorted = false;
+          last = key;
+        }
+        plain[key] = values[key]!;
+      }
+      return;
+    }
+    const header = this.responseHeader;
+    for (const key in values) header.set(key, values[key]!);
+  }
+
+  /**
+   * The response headers of an untouched call (`responseTouched` false) as Node takes them,
+   * in the order `nodeHeaders(responseHeader)` would give them: a new object, or the one
+   * `addResponseHeaders` filled, which the call no longer needs.
+   */
+  plainResponseHeader(): Record<string, string> {
+    const plain = this.#plainHeader;
+    if (plain === undefined) return { ...this.initialHeader };
+    if (this.#plainSorted) return plain;
+    const sorted: Record<string, string> = {};
+    for (const key of Object.keys(plain).sort()) sorted[key] = plain[key]!;
+    return sorted;
   }
 
   get responseTrailer(): Headers {
@@ -97,6 +147,11 @@ export class UnaryCall implements HandlerContext {
 
   get responseTouched(): boolean {
     return this.#responseHeader !== undefined || this.#responseTrailer !== undefined;
+  }
+
+  /** Whether the response trailers were read or changed (else they hold only their initial values). */
+  get trailerTouched(): boolean {
+    return this.#responseTrailer !== undefined;
   }
 
   /** The request's headers, made by the adapter when first read (see `UnaryRequest`). */
@@ -151,6 +206,24 @@ export class UnaryCall implements HandlerContext {
 
 const noDeadline = () => undefined;
 
+/** A lowercase header name (a token), and a value of visible ASCII: what Headers keeps unchanged and never refuses. */
+const PLAIN_NAME = /^[a-z0-9-]+$/;
+const PLAIN_VALUE = /^[!-~]+$/;
+
+function allPlain(values: Readonly<Record<string, string>>): boolean {
+  for (const key in values) {
+    const value = values[key];
+    if (
+      key === "set-cookie" ||
+      typeof value !== "string" ||
+      !PLAIN_NAME.test(key) ||
+      !PLAIN_VALUE.test(value)
+    )
+      return false;
+  }
+  return true;
+}
+
 /** What the request and the response the interceptors see share: the call's method and service, and one message. */
 abstract class CallMessage {
   readonly stream = false;
@@ -168,6 +241,11 @@ abstract class CallMessage {
 
 /** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
 export class CallResponse extends CallMessage implements InterceptedResponse {
+  /** Set response headers as `header.set` would, without making the Headers when it need not (see `UnaryCall.addResponseHeaders`). */
+  addHeaders(values: Readonly<Record<string, string>>): void {
+    this.call.addResponseHeaders(values);
+  }
+
   get header(): Headers {
     return this.call.responseHeader;
   }
@@ -255,4 +333,17 @@ export function copyHeaders(from: Headers, to: Headers): void {
   from.forEach((value, key) => {
     to.set(key, value);
   });
+}
+
+/**
+ * Set `values` on the response headers of `res` (as `res.header.set` each, in order): on a
+ * response of this transport's unary calls without making fetch Headers when it need not
+ * (see `UnaryCall.addResponseHeaders`), on any other through its `header`.
+ */
+export function setResponseHeaders(
+  res: { readonly header: Headers },
+  values: Readonly<Record<string, string>>,
+): void {
+  if (res instanceof CallResponse) res.addHeaders(values);
+  else for (const key in values) res.header.set(key, values[key]!);
 }

@@ -96,10 +96,15 @@ export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization
     let header: OutgoingHttpHeaders;
     if (context.responseTouched) {
       if (encoding !== undefined) context.responseHeader.set(connect.headerUnaryEncoding, encoding);
-      header = nodeHeaders(connect.trailerMux(context.responseHeader, context.responseTrailer));
+      // Trailers never read or changed are empty: nothing to mux in.
+      header = nodeHeaders(
+        context.trailerTouched
+          ? connect.trailerMux(context.responseHeader, context.responseTrailer)
+          : context.responseHeader,
+      );
     } else {
       // Nothing read or changed the response headers or trailers: what they would hold.
-      header = { "content-type": contentType };
+      header = context.plainResponseHeader();
       if (encoding !== undefined) header["content-encoding"] = encoding;
     }
     header["content-length"] = body.byteLength.toString(10);
@@ -171,7 +176,7 @@ export function grpcUnary(
     }
     // Nothing read or changed the response headers or trailers: what they would hold.
     const touched = context.responseTouched;
-    const header = touched ? nodeHeaders(context.responseHeader) : { ...initialHeader };
+    const header = touched ? nodeHeaders(context.responseHeader) : context.plainResponseHeader();
     if (!web) {
       const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
       return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched, code };
