@@ -1,15 +1,11 @@
-import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
-import { createClientCertificate } from "../../src/certs/dev-ca.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { type Backend, mintBackend as mint } from "./fixtures.js";
 
 /**
  * The adversarial review of bounded authority of 2026-12-06 (certificate identities within
@@ -21,23 +17,6 @@ import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../m
  * bind checked authority over the machine user bound to, never over the one the
  * certificate is taken from.
  */
-
-interface Backend {
-  cert: Buffer;
-  key: Buffer;
-  fingerprint: string;
-}
-
-async function mint(ts: TestServer, sanUri?: string): Promise<Backend> {
-  const out = join(mkdtempSync(join(tmpdir(), "tessera-binding-")), "backend");
-  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
-  const cert = readFileSync(join(out, "client.crt"));
-  return {
-    cert,
-    key: readFileSync(join(out, "client.key")),
-    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
-  };
-}
 
 /** A transport presenting the backend's client certificate. */
 function presenting(ts: TestServer, backend: Backend): Transport {

@@ -1,17 +1,13 @@
-import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { createClientCertificate } from "../../src/certs/dev-ca.js";
 import { Code, rejection } from "../errors-util.js";
 import { createTestCerts, DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { type Backend, mintBackend as mint } from "./fixtures.js";
 
 /**
  * Issue #18, item 2 (and the certificate part of item 10): a certificate identity bound in
@@ -20,23 +16,6 @@ import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../m
  * presents only its client certificate (whose fingerprint is public: it is sent in every
  * handshake).
  */
-
-interface Backend {
-  cert: Buffer;
-  key: Buffer;
-  fingerprint: string;
-}
-
-async function mint(ts: TestServer, sanUri?: string): Promise<Backend> {
-  const out = join(mkdtempSync(join(tmpdir(), "tessera-hijack-")), "backend");
-  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
-  const cert = readFileSync(join(out, "client.crt"));
-  return {
-    cert,
-    key: readFileSync(join(out, "client.key")),
-    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
-  };
-}
 
 function backendTransports(ts: TestServer, backend: Backend): Transport[] {
   const nodeOptions = { ca: ts.certs.ca, cert: backend.cert, key: backend.key };

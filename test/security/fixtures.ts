@@ -1,6 +1,13 @@
+import { X509Certificate } from "node:crypto";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Writable } from "node:stream";
 import { type Logger, pino } from "pino";
+import { createClientCertificate } from "../../src/certs/dev-ca.js";
+import type { TestServer } from "../helpers.js";
 import { scannedSink } from "../log-scan-suite.js";
+import { short } from "../machine-fixtures.js";
 
 /**
  * Fixtures the adversarial suite (test/security/) shares: what several of its files wrote
@@ -68,4 +75,23 @@ export function captureLogs(level: pino.LevelWithSilent = "info"): {
     },
   });
   return { logger: pino({ level }, scannedSink(sink)), raw, lines };
+}
+
+/** A backend's client certificate from the test server's CA: files, and its SHA-256 fingerprint as bound. */
+export interface Backend {
+  cert: Buffer;
+  key: Buffer;
+  fingerprint: string;
+}
+
+/** Mints a backend's client certificate from the test server's CA (with `sanUri` as a URI SAN). */
+export async function mintBackend(ts: TestServer, sanUri?: string): Promise<Backend> {
+  const out = join(mkdtempSync(join(tmpdir(), "tessera-backend-")), "backend");
+  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
+  const cert = readFileSync(join(out, "client.crt"));
+  return {
+    cert,
+    key: readFileSync(join(out, "client.key")),
+    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
+  };
 }
