@@ -85,9 +85,11 @@ export class RefreshToken {
 export const RefreshTokenSchema = new EntitySchema<RefreshToken>({
   class: RefreshToken,
   tableName: "refresh_tokens",
+  // A session's live refresh tokens (session pruning); it serves lookups by family too.
+  indexes: [{ properties: ["familyId", "expiresAt"], name: "refresh_tokens_family_id_expires_at_index" }],
   properties: {
     id: { type: "string", primary: true, length: 36 },
-    familyId: { type: "string", length: 36, index: true },
+    familyId: { type: "string", length: 36 },
     userId: { type: "string", length: 36, index: true },
     tokenHash: { type: "string", length: 64, unique: true },
     createdAt: { type: "Date" },
@@ -113,6 +115,9 @@ export class Session {
 export const SessionSchema = new EntitySchema<Session>({
   class: Session,
   tableName: "sessions",
+  // Session pruning has two partial indexes (revoked ones by revoked_at, the others by
+  // created_at and id), made by Migration20261206050000_session_prune_indexes: this schema
+  // cannot declare a predicate.
   properties: {
     id: { type: "string", primary: true, length: 36 },
     userId: { type: "string", length: 36, index: true },
