@@ -10,12 +10,12 @@ import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
 const BEFORE = "Migration20261205100000_revocation_events";
 
 /** A certificate as the TLS layer describes it: only the fingerprint and SAN URIs matter here. */
-function certificate(fingerprint: string, sanUri: string): PeerCertificateInfo {
+function certificate(fingerprint: string, ...sanUris: string[]): PeerCertificateInfo {
   return {
     sha256Fingerprint: fingerprint,
     thumbprint: "",
     commonName: null,
-    sanUris: [sanUri],
+    sanUris,
   } as unknown as PeerCertificateInfo;
 }
 
@@ -23,7 +23,8 @@ function certificate(fingerprint: string, sanUri: string): PeerCertificateInfo {
  * The binder-authority migration records no authority for the bindings made before it:
  * their binder is unknown, so an unproven fingerprint binding from before it no longer
  * outranks the SAN URI binding of a machine user holding scopes (it may still outrank that
- * of a scopeless one). Down drops the column again.
+ * of a scopeless one), and an unproven SAN URI binding from before it contests only a
+ * scopeless machine user's. Down drops the column again.
  */
 describe.each(DATABASES)("binder authority migration ($name)", (db) => {
   let storage: Storage | undefined;
@@ -33,7 +34,7 @@ describe.each(DATABASES)("binder authority migration ($name)", (db) => {
     await dropSchema(url);
   });
 
-  it("reads existing fingerprint bindings as bound with no authority, and drops the column on the way down", async () => {
+  it("reads existing fingerprint and SAN URI bindings as bound with no authority, and drops the column on the way down", async () => {
     url = db.url();
     storage = await initORM({ url, migrate: false });
     await migrateTo(storage, "up", BEFORE);
@@ -91,6 +92,10 @@ describe.each(DATABASES)("binder authority migration ($name)", (db) => {
     expect(
       (await machineOfCertificate(machines, certificate(fpScopeless, "spiffe://t1/scopeless")))?.machine.id,
     ).toBe("weak");
+    // Between SAN URI bindings alike: bound with no authority, the scopeless machine user's
+    // binding cannot contest the strong one's, whose binding still contests the scopeless one.
+    const both = certificate("c".repeat(64), "spiffe://t1/strong", "spiffe://t1/scopeless");
+    expect((await machineOfCertificate(machines, both))?.machine.id).toBe("strong");
 
     await migrateTo(storage, "down", BEFORE);
     await expect(knex("machine_user_certificates").select("binder_scopes")).rejects.toThrow(/binder_scopes/);

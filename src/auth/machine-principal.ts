@@ -56,8 +56,10 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * the certificate's owner from another tenant that bound its public fingerprint or a
  * guessable SAN URI, and every rule that picks a winner between tenants (by kind, by age)
  * hands some certificate to the tenant that did not issue it. Within the tenant a
- * fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); SAN URIs
- * naming two different machine users are refused rather than guessed between.
+ * fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); of SAN URIs
+ * naming different machine users, only bindings whose binder may manage every rival machine
+ * user count (see {@link contesting}), and two that still do are refused rather than
+ * guessed between.
  */
 export async function machineOfCertificate(
   machines: Pick<MachineStateRepository, "bindingsOf">,
@@ -88,9 +90,9 @@ export async function machineOfCertificate(
     );
   }
   const byFingerprint = candidates.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
-  const chosen = byFingerprint ? overFingerprint(byFingerprint, candidates) : candidates;
-  const machineIds = new Set(chosen.map((r) => r.machine.id));
-  if (machineIds.size > 1) {
+  let chosen = byFingerprint ? overFingerprint(byFingerprint, candidates) : candidates;
+  if (proven.length === 0 && !oneMachine(chosen)) chosen = contesting(chosen);
+  if (!oneMachine(chosen)) {
     throw new TesseraError(
       "CREDENTIALS_INVALID",
       "client certificate is bound to more than one machine user",
@@ -100,15 +102,39 @@ export async function machineOfCertificate(
 }
 
 /**
+ * Among unproven SAN URI bindings naming different machine users, the ones that may contest
+ * every rival: a binding stands against another machine user's only when its binder's
+ * scopes at bind time cover that machine user's current scopes ({@link mayManage}, the rule
+ * {@link overFingerprint} applies to a fingerprint binding), since binding one of a
+ * certificate's SAN URIs to a machine user of one's own takes that certificate from the
+ * others. Else a holder of admin:machine-users binds a second SAN URI of a stronger machine
+ * user's certificate to a scopeless machine user and locks that certificate out. Binders
+ * who may each manage the other's machine user still refuse the certificate (all stand),
+ * as do binders who may manage neither (none stands).
+ */
+function contesting(bindings: readonly CertificateBindingState[]): readonly CertificateBindingState[] {
+  return bindings.filter((b) => {
+    const binder = { scopes: b.binderScopes };
+    return bindings.every((r) => r.machine.id === b.machine.id || mayManage(binder, r.machine));
+  });
+}
+
+/** Whether `bindings` are some, all naming one machine user. */
+function oneMachine(bindings: readonly CertificateBindingState[]): boolean {
+  return bindings.length > 0 && bindings.every((r) => r.machine.id === bindings[0]!.machine.id);
+}
+
+/**
  * The bindings that decide when the certificate's fingerprint is bound (within one tenant).
  * A proven fingerprint binding decides: the holder of the key made it. An unproven one is a
  * claim on a public value, so it outranks a SAN URI binding of another machine user only
  * when its binder's scopes at bind time cover that machine user's current scopes (the one
  * authority rule, {@link mayManage}): taking a certificate from a machine user is managing
- * it. Else the SAN URI bindings it does not outrank decide (naming two machine users, they
- * refuse the certificate as usual), whichever binding came first: a holder of admin:machine-users that bound a certificate's fingerprint before a
- * stronger machine user's SAN URI binding was made cannot take that certificate, and scopes
- * granted later to the SAN URI-bound machine user count from the next request on.
+ * it. Else the SAN URI bindings it does not outrank decide (naming several machine users,
+ * among themselves by {@link contesting}), whichever binding came first: a holder of
+ * admin:machine-users that bound a certificate's fingerprint before a stronger machine
+ * user's SAN URI binding was made cannot take that certificate, and scopes granted later to
+ * the SAN URI-bound machine user count from the next request on.
  */
 function overFingerprint(
   fingerprint: CertificateBindingState,

@@ -2,6 +2,7 @@ import { createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
@@ -31,6 +32,18 @@ function presenting(ts: TestServer, backend: Backend): Transport {
 async function whoAmI(ts: TestServer, backend: Backend): Promise<string> {
   return (await createClient(MachineUserService, presenting(ts, backend)).checkAuthentication({}))
     .machineUserId;
+}
+
+/** The backend's certificate alone authenticates no one: it is bound to more than one machine user. */
+async function expectRefused(ts: TestServer, backend: Backend): Promise<void> {
+  const r = await rejection(
+    createClient(MachineUserService, presenting(ts, backend)).checkAuthentication({}),
+  );
+  expect({ code: r.code, reason: r.reason, message: r.message }).toEqual({
+    code: Code.Unauthenticated,
+    reason: "CREDENTIALS_INVALID",
+    message: "client certificate is bound to more than one machine user",
+  });
 }
 
 describe.each(DATABASES)("authority over certificate identities within a tenant on $name", (db) => {
@@ -172,5 +185,108 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
       });
       expect(await whoAmI(ts, backend)).toBe(later);
     });
+  });
+
+  /**
+   * The second half of the review: a certificate carrying several SAN URIs whose bindings
+   * name different machine users was refused outright. A holder of admin:machine-users bound
+   * a second SAN URI of a stronger machine user's certificate (its SAN URIs are no secret) to
+   * a scopeless machine user of its own, and the stronger machine user's backend was locked
+   * out. Now a SAN URI binding contests another machine user's only when its binder's scopes
+   * cover that machine user's current ones.
+   */
+  describe("a certificate carrying several SAN URIs", () => {
+    /** `binderToken` binds `san` to the tenant's machine user `machineId`. */
+    async function bindSan(binderToken: string, machineId: string, san: string): Promise<void> {
+      await clients(transport, binderToken).machines.bindCertificate({
+        machineUserId: machineId,
+        identity: { case: "sanUri", value: san },
+      });
+    }
+
+    /** A machine user of the tenant holding `scopes`, made by root. */
+    async function machineHolding(scopes: string[]): Promise<string> {
+      const { machine } = await bearerMachine(transport, root, [tenant.application.id], {
+        tenantId: tenant.tenant.id,
+        scopes,
+      });
+      return machine.id;
+    }
+
+    const sans = () => [`spiffe://tenant.example/${short()}`, `spiffe://tenant.example/${short()}`];
+
+    it("an admin:machine-users holder binding a second SAN URI of a stronger machine user's certificate to a machine user of its own does not lock that certificate out", async () => {
+      const [first, second] = sans();
+      const strong = await machineHolding(["cluster:write"]);
+      await bindSan(root, strong, first!);
+      const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+      await bindSan(tenant.token, own.id, second!);
+      expect(await whoAmI(ts, await mint(ts, first!, second!))).toBe(strong);
+      // The weak binding stands where it contests no one: a certificate carrying only that SAN URI.
+      expect(await whoAmI(ts, await mint(ts, second!))).toBe(own.id);
+    });
+
+    it("two SAN URI bindings whose binders may each manage the other's machine user still refuse the certificate", async () => {
+      const [first, second] = sans();
+      const one = await machineHolding(["cluster:write"]);
+      const other = await machineHolding(["cluster:write"]);
+      await bindSan(root, one, first!);
+      await bindSan(root, other, second!);
+      await expectRefused(ts, await mint(ts, first!, second!));
+    });
+
+    it("two SAN URI bindings whose binders may manage neither's machine user refuse the certificate", async () => {
+      const [first, second] = sans();
+      // A second administrator of the tenant, holding what the first lacks and lacking what it holds.
+      const writer = await tenantAdmin(["admin:machine-users", "cluster:write"]);
+      const reader = await tenantAdmin(["admin:machine-users", "cluster:read"]);
+      const { machine: writing } = await bearerMachine(transport, writer, [tenant.application.id], {
+        scopes: ["cluster:write"],
+      });
+      const { machine: reading } = await bearerMachine(transport, reader, [tenant.application.id], {
+        scopes: ["cluster:read"],
+      });
+      await bindSan(writer, writing.id, first!);
+      await bindSan(reader, reading.id, second!);
+      await expectRefused(ts, await mint(ts, first!, second!));
+    });
+
+    it("scopes granted to or taken from a SAN URI-bound machine user count at the next authentication", async () => {
+      const [first, second] = sans();
+      const later = await machineHolding([]);
+      await bindSan(root, later, first!);
+      const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+      await bindSan(tenant.token, own.id, second!);
+      const backend = await mint(ts, first!, second!);
+      // Both scopeless: each binder may manage the other's machine user.
+      await expectRefused(ts, backend);
+      const admin = clients(transport, root).machines;
+      await admin.updateMachineUser({ id: later, scopes: { scopes: ["cluster:write"] } });
+      expect(await whoAmI(ts, backend)).toBe(later);
+      // Answered from the state cache now, which the next change must empty.
+      const { hits } = ts.app.sql.cacheStats();
+      expect(await whoAmI(ts, backend)).toBe(later);
+      expect(ts.app.sql.cacheStats().hits).toBeGreaterThan(hits);
+      await admin.updateMachineUser({ id: later, scopes: { scopes: [] } });
+      await expectRefused(ts, backend);
+    });
+
+    /** Another administrator of the tenant holding `scopes`, logged in. */
+    async function tenantAdmin(scopes: string[]): Promise<string> {
+      const username = `ta-${short()}`;
+      await clients(transport, root).users.createUser({
+        username,
+        password: "tenant admin password",
+        scopes,
+        tenantId: tenant.tenant.id,
+      });
+      return (
+        await createClient(UserService, transport).login({
+          username,
+          password: "tenant admin password",
+          tenant: tenant.tenant.id,
+        })
+      ).accessToken;
+    }
   });
 });

@@ -1,10 +1,6 @@
-import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { Writable } from "node:stream";
 import { type Logger, pino } from "pino";
-import { createClientCertificate } from "../../src/certs/dev-ca.js";
+import { certificateFingerprint, DEFAULT_LEAF_DAYS, issueLeaf, loadCa } from "../../src/certs/issuing.js";
 import type { TestServer } from "../helpers.js";
 import { scannedSink } from "../log-scan-suite.js";
 import { short } from "../machine-fixtures.js";
@@ -84,14 +80,20 @@ export interface Backend {
   fingerprint: string;
 }
 
-/** Mints a backend's client certificate from the test server's CA (with `sanUri` as a URI SAN). */
-export async function mintBackend(ts: TestServer, sanUri?: string): Promise<Backend> {
-  const out = join(mkdtempSync(join(tmpdir(), "tessera-backend-")), "backend");
-  await createClientCertificate(ts.certs.dir, `backend-${short()}`, out, sanUri ? { sanUri } : {});
-  const cert = readFileSync(join(out, "client.crt"));
+/**
+ * Mints a backend's client certificate from the test server's CA, carrying `sanUris` as URI
+ * SANs in that order (the same leaf as `createClientCertificate` issues, which takes one).
+ */
+export async function mintBackend(ts: TestServer, ...sanUris: string[]): Promise<Backend> {
+  const leaf = await issueLeaf(await loadCa(ts.certs.dir), {
+    commonName: `backend-${short()}`,
+    usage: "client",
+    names: sanUris.map((value) => ({ type: "url", value })),
+    validityDays: DEFAULT_LEAF_DAYS,
+  });
   return {
-    cert,
-    key: readFileSync(join(out, "client.key")),
-    fingerprint: new X509Certificate(cert).fingerprint256.replace(/:/g, "").toLowerCase(),
+    cert: Buffer.from(leaf.certPem),
+    key: Buffer.from(leaf.keyPem),
+    fingerprint: certificateFingerprint(leaf.certPem),
   };
 }

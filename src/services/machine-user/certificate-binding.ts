@@ -151,9 +151,9 @@ export function certificateBindingHandlers(
         sha256Fingerprint,
         sanUri,
         proven,
-        // What an unproven fingerprint binding may outrank is decided at authentication, against
-        // the SAN URI-bound machine users' scopes then (machineOfCertificate): a SAN URI binding
-        // made after this one is not seen by the check above.
+        // What an unproven binding may outrank or contest is decided at authentication, against
+        // the other machine users' scopes then (machineOfCertificate): a SAN URI binding made
+        // after this one is not seen by the check above, and none is made for a SAN URI.
         binderScopes: principalOf(ctx).scopes.join(" "),
         createdAt: new Date(),
       });
