@@ -184,6 +184,23 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     expect(auth.watching()).toBe(true);
   });
 
+  it("refuses the token on the next call once its user is disabled (the subject's event drops the answer)", async () => {
+    const user = await login();
+    const { auth, call } = await downstream();
+    expect((await call(user.token)).principal?.id).toBe(user.id);
+    expect((await call(user.token)).principal?.id).toBe(user.id);
+    expect(auth.stats()).toMatchObject({ verifyCalls: 1, cacheSize: 1 });
+    const events = auth.stats().watch!.events;
+    const root = clients(ts.connect(), await adminLogin(ts.connect()));
+    await root.users.updateUser({ id: user.id, disabled: true });
+    await expect.poll(() => auth.stats().watch!.events).toBeGreaterThan(events);
+    expect(auth.stats().cacheSize).toBe(0);
+    const refused = await call(user.token);
+    expect(refused.code).toBe(Code.Unauthenticated);
+    expect(refused.reason).toBe("PRINCIPAL_DISABLED");
+    expect(auth.stats().verifyCalls).toBe(2);
+  });
+
   it("refuses an expired HS256 token, even one admitted and cached before", async () => {
     const user = await login();
     let offset = 0;
