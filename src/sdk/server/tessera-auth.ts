@@ -234,6 +234,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
             : {}),
         });
 
+  const verdictDeps = { watch, walled, skewMs, maxLifetimeMs, now };
+
   async function callVerify(credential: string): Promise<VerifyCredentialResponse> {
     counters.verifyCalls++;
     try {
@@ -296,7 +298,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     // Verified by Tessera exactly as an opaque credential: its claims are never trusted here.
     if (verifiesOnline(credential, jwtMode, algorithms)) return online(credential, true);
     const claims = await jwt.verify(credential);
-    const verdict = offlineVerdict(claims, { watch, walled, skewMs, maxLifetimeMs, now });
+    const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
     if (verdict === "ask") return online(credential, false, claims);
     counters.offlineJwts++;
