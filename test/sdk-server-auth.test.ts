@@ -12,7 +12,12 @@ import {
   type WatchRevocationsResponse,
   WatchRevocationsResponseSchema,
 } from "../gen/tessera/v1/verification_service_pb.js";
-import { createTesseraAuth, type TesseraAuth, TesseraAuthError } from "../src/sdk/server/index.js";
+import {
+  createTesseraAuth,
+  type JwtVerifyMode,
+  type TesseraAuth,
+  TesseraAuthError,
+} from "../src/sdk/server/index.js";
 
 /**
  * The interceptor's core against an in-memory VerificationService whose WatchRevocations
@@ -130,7 +135,9 @@ describe("the downstream auth core", () => {
   let last: { fake: Fake } | undefined;
   afterEach(() => auth?.close());
 
-  function setup(extra: { jwks?: object[]; watch?: boolean; jwksDown?: { down: boolean } } = {}) {
+  function setup(
+    extra: { jwks?: object[]; watch?: boolean; jwksDown?: { down: boolean }; verify?: JwtVerifyMode } = {},
+  ) {
     const { fake, transport } = fakeTessera();
     const clock = { t: 1_800_000_000_000 };
     const fetches: string[] = [];
@@ -141,6 +148,7 @@ describe("the downstream auth core", () => {
       clockSkewSeconds: 1,
       watchBackoffMs: { min: 5, max: 20 },
       ...(extra.watch === false ? { watch: false } : {}),
+      ...(extra.verify ? { jwt: { verify: extra.verify } } : {}),
       fetchJson: async (url) => {
         fetches.push(url);
         if (extra.jwksDown?.down) throw new Error("connect ECONNREFUSED");
@@ -486,10 +494,10 @@ describe("the downstream auth core", () => {
       expect(fake.verifyCalls).toBe(2);
     });
 
-    it("refuses alg none, HMAC, a key of another type, a tampered signature, wrong iss/aud/typ and expired tokens", async () => {
+    it('refuses alg none, HMAC (jwt.verify "offline"), a key of another type, a tampered signature, wrong iss/aud/typ and expired tokens', async () => {
       const ed = signer();
       const ec = signer("ES256");
-      const { clock, auth: a } = setup({ jwks: [ed.jwk, ec.jwk] });
+      const { clock, auth: a } = setup({ jwks: [ed.jwk, ec.jwk], verify: "offline" });
       const good = claimsAt(clock.t);
       const unsigned = `${Buffer.from(JSON.stringify({ alg: "none", typ: "at+jwt", kid: ed.kid })).toString("base64url")}.${Buffer.from(JSON.stringify(good)).toString("base64url")}.AAAA`;
       const hs = ed.token(good, { alg: "HS256" });
@@ -518,6 +526,54 @@ describe("the downstream auth core", () => {
       fake.answers.set(t, valid({ credentialKind: "jwt" }));
       expect((await a.authenticate(`Bearer ${t}`)).id).toBe("user-1");
       expect(fake.verifyCalls).toBe(1);
+    });
+
+    it("asks Tessera about an HS256 token by default, cached and dropped by its session's event, but never about an algorithm Tessera does not sign", async () => {
+      const ed = signer();
+      const { fake, clock, fetches, auth: a } = setup({ jwks: [ed.jwk] });
+      await up(fake, a);
+      const good = claimsAt(clock.t);
+      const hs = ed.token(good, { alg: "HS256", kid: "hs256" });
+      fake.answers.set(hs, valid({ credentialKind: "jwt", credentialId: "jti-1" }));
+      // The session comes from the payload Tessera vouched for, keying its revocations.
+      expect(await a.authenticate(`Bearer ${hs}`)).toMatchObject({ id: "user-1", sessionId: "session-1" });
+      await a.authenticate(`Bearer ${hs}`);
+      expect(fake.verifyCalls).toBe(1);
+      expect(fetches).toEqual([]);
+      fake.streams[0]!.push({
+        cursor: "c2",
+        events: [{ kind: RevocationKind.SESSION, id: "session-1", tenantId: "tenant-1" } as never],
+      });
+      await expect.poll(() => a.stats().watch?.events).toBe(1);
+      fake.answers.set(hs, { valid: false, code: VerificationCode.REVOKED });
+      expect((await refusal(a.authenticate(`Bearer ${hs}`))).reason).toBe("TOKEN_REVOKED");
+      expect(fake.verifyCalls).toBe(2);
+      // No Tessera token is signed so: refused offline, no VerifyCredential spent on it.
+      for (const alg of ["none", "RS256", "HS512"])
+        expect((await refusal(a.authenticate(`Bearer ${ed.token(good, { alg })}`))).reason, alg).toBe(
+          "TOKEN_INVALID",
+        );
+      expect(fake.verifyCalls).toBe(2);
+    });
+
+    it('asks Tessera about every JWT with jwt.verify "online", and never fetches the key set', async () => {
+      const ed = signer();
+      const { fake, clock, fetches, auth: a } = setup({ jwks: [ed.jwk], verify: "online" });
+      await up(fake, a);
+      const t = ed.token(claimsAt(clock.t));
+      fake.answers.set(t, valid({ credentialKind: "jwt" }));
+      await a.authenticate(`Bearer ${t}`);
+      await a.authenticate(`Bearer ${t}`);
+      expect(a.stats()).toMatchObject({ verifyCalls: 1, cacheHits: 1, offlineJwts: 0, jwksFetches: 0 });
+      // Its claims are not read before Tessera answers: another tenant's, or forged, is its call.
+      const forged = ed.token(
+        claimsAt(clock.t, { jti: "jti-2" }),
+        {},
+        generateKeyPairSync("ed25519").privateKey,
+      );
+      expect((await refusal(a.authenticate(`Bearer ${forged}`))).reason).toBe("CREDENTIALS_INVALID");
+      expect(fake.verifyCalls).toBe(2);
+      expect(fetches).toEqual([]);
     });
 
     it("admits a header seen before from memory only until its token expires or its key leaves the key set", async () => {

@@ -43,7 +43,7 @@ const jwtSchema = z
       .register(configKeys, {
         env: "TESSERA_JWT_SECRET",
         description:
-          "HS256 signing secret (at least 32 characters). Unset: asymmetric keys generated and served at /.well-known/jwks.json.",
+          "HS256 signing secret (at least 32 characters); no key is published, so other services (`@tessera/sdk/server`) verify access tokens through VerifyCredential. Unset: asymmetric keys generated and served at /.well-known/jwks.json.",
       }),
     algorithm: z.enum(["EdDSA", "ES256"]).default("EdDSA").register(configKeys, {
       env: "TESSERA_JWT_ALGORITHM",

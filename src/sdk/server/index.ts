@@ -11,6 +11,7 @@ export {
   toConnectError,
 } from "./errors.js";
 export { createTesseraAuthInterceptor, ruleOf, type TesseraAuthInterceptor } from "./interceptor.js";
+export type { JwtVerifyMode } from "./jwt-paths.js";
 export {
   createTesseraAuthMiddleware,
   principalOf,

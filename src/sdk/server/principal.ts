@@ -105,11 +105,8 @@ export function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
   };
 }
 
-/** The principal of a VALID VerifyCredential answer. */
-export function principalOfAnswer(
-  res: VerifyCredentialResponse,
-  claims?: AccessTokenClaims,
-): TesseraPrincipal {
+/** The principal of a VALID VerifyCredential answer (`sessionId`: the JWT's `sid`, for its revocations). */
+export function principalOfAnswer(res: VerifyCredentialResponse, sessionId?: string): TesseraPrincipal {
   return {
     id: res.principalId,
     kind: res.principalKind === VerifiedPrincipalKind.MACHINE_USER ? "machine_user" : "user",
@@ -117,7 +114,7 @@ export function principalOfAnswer(
     scopes: res.scopes,
     credentialKind: res.credentialKind,
     credentialId: res.credentialId,
-    sessionId: claims?.sid,
+    sessionId,
     applicationIds: res.applicationIds,
     certificateThumbprint: res.certificateThumbprint || undefined,
     expiresAt: res.expiresAt ? new Date(timestampMs(res.expiresAt)) : undefined,

@@ -13,6 +13,7 @@ import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
 import { TesseraAuthError } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
+import { type JwtVerifyMode, offlineVerdict, verifiesOnline, vouchedSession } from "./jwt-paths.js";
 import {
   type AccessTokenClaims,
   createOfflineJwtVerifier,
@@ -47,8 +48,15 @@ export interface TesseraAuthOptions {
   /** `iss` and `aud` access tokens must carry (Tessera's `auth.jwt.issuer` / `audience`; default "tessera"). */
   issuer?: string;
   audience?: string;
-  /** Accepted JWS algorithms, a subset of EdDSA and ES256 (default both). */
+  /** JWS algorithms verified offline, a subset of EdDSA and ES256 (default both). */
   algorithms?: readonly JwtAlgorithm[];
+  /**
+   * How JWTs are verified (default "auto"): "offline" against the JWKS only, refusing any
+   * other algorithm; "online" every JWT by VerifyCredential, as an opaque credential (cached
+   * and revoked alike); "auto" offline where `algorithms` holds the token's algorithm, by
+   * VerifyCredential otherwise: a Tessera signing HS256 (`auth.jwt.secret`) publishes no key.
+   */
+  jwt?: { verify?: JwtVerifyMode };
   /** Tolerated clock difference with Tessera in seconds, for nbf/iat (default 30; never added to exp). */
   clockSkewSeconds?: number;
   /** The positive cache of VerifyCredential answers (default 10,000 entries, 300 s at most); false: none. */
@@ -131,8 +139,9 @@ interface Admitted {
 }
 
 /**
- * Create the core. Access tokens are verified offline (JWKS); personal access tokens, API
- * keys, machine tokens and Basic pairs through Tessera's VerifyCredential, whose VALID
+ * Create the core. Access tokens are verified offline (JWKS) where their algorithm allows
+ * (see `jwt.verify`); personal access tokens, API keys, machine tokens, Basic pairs and the
+ * access tokens of an HS256 Tessera through Tessera's VerifyCredential, whose VALID
  * answers are cached while the WatchRevocations stream is up (each event drops what it
  * names); while it is down (not yet connected, broken, silent past twice its heartbeat)
  * the cache is empty and every call is verified by Tessera, access tokens included.
@@ -169,6 +178,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   });
   const counters = { cacheHits: 0, verifyCalls: 0, offlineJwts: 0 };
 
+  const algorithms = options.algorithms ?? JWT_ALGORITHMS;
+  const jwtMode = options.jwt?.verify ?? "auto";
   let jwksUri = options.jwksUri;
   const getJson = options.fetchJson ?? ((url: string) => fetchJson(url, tls));
   const jwt: OfflineJwtVerifier = createOfflineJwtVerifier({
@@ -187,7 +198,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     },
     issuer: options.issuer ?? "tessera",
     audience: options.audience ?? "tessera",
-    algorithms: options.algorithms ?? JWT_ALGORITHMS,
+    algorithms,
     clockSkewSeconds: skewMs / 1000,
     refetchGapMs: options.jwksRefetchGapMs ?? 30_000,
     maxAgeMs: options.jwksMaxAgeMs ?? 300_000,
@@ -223,6 +234,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
             : {}),
         });
 
+  const verdictDeps = { watch, walled, skewMs, maxLifetimeMs, now };
+
   async function callVerify(credential: string): Promise<VerifyCredentialResponse> {
     counters.verifyCalls++;
     try {
@@ -241,7 +254,11 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
    * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
    * the watch's epoch and the cache's deadline when the answer is (now) cached, else `until` 0.
    */
-  async function online(credential: string, claims?: AccessTokenClaims): Promise<Admitted> {
+  async function online(
+    credential: string,
+    jwtOnline = false,
+    claims?: AccessTokenClaims,
+  ): Promise<Admitted> {
     const trusted = watch?.healthy() ?? false;
     if (!trusted) cache.clear();
     else {
@@ -267,47 +284,23 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       const [reason, message] = REFUSALS[res.code] ?? ["CREDENTIALS_INVALID", "credentials are invalid"];
       throw new TesseraAuthError(reason, message);
     }
-    const principal = principalOfAnswer(res, claims);
+    const principal = principalOfAnswer(res, jwtOnline ? vouchedSession(credential) : claims?.sid);
     if (res.tenantId !== "") walled.add(res.tenantId);
     // Stored only when no event and no loss of the stream came in while Tessera answered.
     const until = trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
     return { principal, epoch, until, offline: false, credential };
   }
 
-  /** Whether an offline-verified token may be admitted without asking Tessera. */
-  function offlineVerdict(claims: AccessTokenClaims): "accept" | "ask" | "revoked" {
-    if (!watch?.healthy() || !walled.has(claims.tid)) return "ask";
-    const issued = claims.iat * 1000;
-    if (issued < watch.coverageSince || now() - issued > maxLifetimeMs) return "ask";
-    let verdict: "accept" | "ask" = "accept";
-    const ids: [Parameters<RevocationWatch["revokedAt"]>[0], string | undefined][] = [
-      ["credential", claims.jti],
-      ["session", claims.sid],
-      ["subject", claims.sub],
-      ["tenant", claims.tid],
-    ];
-    for (const [target, id] of ids) {
-      if (id === undefined) continue;
-      const at = watch.revokedAt(target, id);
-      if (at === undefined) continue;
-      if (at + skewMs < issued) continue; // issued after the event
-      // A session or credential ended before the token was issued (`iat` is whole seconds,
-      // and clocks differ): final. A subject or tenant changed since may still hold the
-      // token valid (fewer scopes, re-enabled): Tessera decides, and its answer is cached.
-      if ((target === "session" || target === "credential") && at > issued + 1000 + skewMs) return "revoked";
-      verdict = "ask";
-    }
-    return verdict;
-  }
-
   /** The full path: the header parsed, the credential verified (offline, cached, or by Tessera). */
   async function admit(authorization: string | undefined): Promise<Admitted> {
     const credential = credentialOf(authorization);
     if (!looksLikeJwt(credential)) return online(credential);
+    // Verified by Tessera exactly as an opaque credential: its claims are never trusted here.
+    if (verifiesOnline(credential, jwtMode, algorithms)) return online(credential, true);
     const claims = await jwt.verify(credential);
-    const verdict = offlineVerdict(claims);
+    const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
-    if (verdict === "ask") return online(credential, claims);
+    if (verdict === "ask") return online(credential, false, claims);
     counters.offlineJwts++;
     // Accepted while the watch is healthy; offlineVerdict asks again past the lifetime bound.
     const until = Math.min(claims.exp * 1000, claims.iat * 1000 + maxLifetimeMs);

@@ -1,0 +1,105 @@
+// Which way a JWT presented downstream is verified: offline (the JWKS) or by Tessera's
+// VerifyCredential, and, offline, whether the revocation watch lets the verdict stand.
+// Apart from the core (tessera-auth.ts) so that file stays one concept: deciding who is calling.
+
+import type { AccessTokenClaims, JwtAlgorithm } from "./offline-jwt.js";
+import type { RevocationWatch } from "./revocation-watch.js";
+
+/**
+ * How JWTs are verified: "offline" against Tessera's JWKS only (a token signed otherwise is
+ * refused); "online" by Tessera's VerifyCredential, as an opaque credential; "auto" offline
+ * where the token's algorithm allows, by Tessera otherwise (HS256: a shared secret publishes
+ * no key a downstream could check with).
+ */
+export type JwtVerifyMode = "offline" | "online" | "auto";
+
+/** The algorithms Tessera signs access tokens with (`auth.jwt.algorithm`, or HS256 with `auth.jwt.secret`). */
+const TESSERA_ALGORITHMS: readonly string[] = ["EdDSA", "ES256", "HS256"];
+
+/** The `alg` a JWT's header names, read only to route the token: nothing in it is trusted. */
+function headerAlg(token: string): unknown {
+  try {
+    const header: unknown = JSON.parse(
+      Buffer.from(token.slice(0, token.indexOf(".")), "base64url").toString(),
+    );
+    return typeof header === "object" && header !== null ? (header as { alg?: unknown }).alg : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether `token` (of a JWT's shape) is verified by Tessera rather than offline. In "auto",
+ * only an algorithm Tessera signs with and the offline allowlist does not hold goes to
+ * Tessera; any other (`none`, RS256, garbage) can be no Tessera token and is refused
+ * offline without spending a VerifyCredential call (nor the service's verification budget).
+ */
+export function verifiesOnline(
+  token: string,
+  mode: JwtVerifyMode,
+  offline: readonly JwtAlgorithm[],
+): boolean {
+  if (mode !== "auto") return mode === "online";
+  const alg = headerAlg(token);
+  return (
+    typeof alg === "string" &&
+    TESSERA_ALGORITHMS.includes(alg) &&
+    !(offline as readonly string[]).includes(alg)
+  );
+}
+
+/**
+ * The session (`sid`) of a JWT Tessera has just answered VALID for. VerifyCredential checked
+ * this very token's signature, so its payload is Tessera's own; the `sid` keys the cached
+ * answer to the session's revocation events (logout, session revoked).
+ */
+export function vouchedSession(token: string): string | undefined {
+  try {
+    const payload: unknown = JSON.parse(Buffer.from(token.split(".")[1] ?? "", "base64url").toString());
+    const sid =
+      typeof payload === "object" && payload !== null ? (payload as { sid?: unknown }).sid : undefined;
+    return typeof sid === "string" && sid !== "" ? sid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** What {@link offlineVerdict} reads of the core. */
+export interface OfflineVerdictDeps {
+  watch: RevocationWatch | undefined;
+  /** Tenants whose revocations the stream carries (see tessera-auth.ts). */
+  walled: ReadonlySet<string>;
+  skewMs: number;
+  maxLifetimeMs: number;
+  now: () => number;
+}
+
+/** Whether an offline-verified token may be admitted without asking Tessera. */
+export function offlineVerdict(
+  claims: AccessTokenClaims,
+  deps: OfflineVerdictDeps,
+): "accept" | "ask" | "revoked" {
+  const { watch, skewMs } = deps;
+  if (!watch?.healthy() || !deps.walled.has(claims.tid)) return "ask";
+  const issued = claims.iat * 1000;
+  if (issued < watch.coverageSince || deps.now() - issued > deps.maxLifetimeMs) return "ask";
+  let verdict: "accept" | "ask" = "accept";
+  const ids: [Parameters<RevocationWatch["revokedAt"]>[0], string | undefined][] = [
+    ["credential", claims.jti],
+    ["session", claims.sid],
+    ["subject", claims.sub],
+    ["tenant", claims.tid],
+  ];
+  for (const [target, id] of ids) {
+    if (id === undefined) continue;
+    const at = watch.revokedAt(target, id);
+    if (at === undefined) continue;
+    if (at + skewMs < issued) continue; // issued after the event
+    // A session or credential ended before the token was issued (`iat` is whole seconds,
+    // and clocks differ): final. A subject or tenant changed since may still hold the
+    // token valid (fewer scopes, re-enabled): Tessera decides, and its answer is cached.
+    if ((target === "session" || target === "credential") && at > issued + 1000 + skewMs) return "revoked";
+    verdict = "ask";
+  }
+  return verdict;
+}
