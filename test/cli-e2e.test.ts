@@ -163,7 +163,10 @@ describe("the tessera CLI end to end", () => {
   });
 
   it("exits 6 when the server cannot be reached", async () => {
-    const r = await tessera(["whoami", "--server", `127.0.0.1:${await closedPort()}`]);
+    // A token of its own: the profile's session is for the server it was opened on.
+    const r = await tessera(["whoami", "--server", `127.0.0.1:${await closedPort()}`], {
+      TESSERA_TOKEN: "tsr_pat_any",
+    });
     expect(r.code).toBe(6);
     expect(r.stderr).toContain("server unavailable");
   });

@@ -34,6 +34,22 @@ export interface ResolvedClientOptions {
   profileData: Profile | undefined;
   /** Where the token came from. */
   tokenSource: "option" | "env" | "profile" | undefined;
+  /**
+   * The profile's `server` when the address in effect is another server: the profile's
+   * token and refresh token were then left out (they are that server's to see).
+   */
+  profileElsewhere: string | undefined;
+}
+
+/** Whether `profileServer` (a profile's `server`) names the server at `host`, `port`, `tls`. */
+function sameServer(profileServer: string, host: string, port: number, tls: boolean): boolean {
+  let a: ReturnType<typeof parseServerAddress>;
+  try {
+    a = parseServerAddress(profileServer);
+  } catch {
+    return false;
+  }
+  return a.host.toLowerCase() === host.toLowerCase() && a.port === port && a.tls === tls;
 }
 
 /**
@@ -78,14 +94,7 @@ export function resolveClientOptions(
       );
     }
   }
-  let refreshToken = rest.refreshToken;
-  if (!token && profileData?.token) {
-    token = profileData.token;
-    tokenSource = "profile";
-    refreshToken ??= profileData.refresh_token;
-  }
-
-  const resolved: UserAPIOptions = { ...rest, token, refreshToken };
+  const resolved: UserAPIOptions = { ...rest };
   const address = explicitAddress ?? profileData?.server;
   if (!rest.host && address) {
     const a = parseServerAddress(
@@ -98,8 +107,31 @@ export function resolveClientOptions(
   }
   resolved.host ??= "localhost";
   resolved.port ??= DEFAULT_PORT;
+  // A profile's session belongs to the server it was opened on: another address in effect
+  // (--server, TESSERA_SERVER, host/port options) must not receive its tokens, least of
+  // all the refresh token, which the client would spend there.
+  const profileElsewhere =
+    profileData?.server !== undefined &&
+    !sameServer(profileData.server, resolved.host, resolved.port, resolved.plaintext !== true)
+      ? profileData.server
+      : undefined;
+  let refreshToken = rest.refreshToken;
+  if (!token && profileData?.token && profileElsewhere === undefined) {
+    token = profileData.token;
+    tokenSource = "profile";
+    refreshToken ??= profileData.refresh_token;
+  }
+  resolved.token = token;
+  resolved.refreshToken = refreshToken;
   resolved.certFolder =
     rest.certFolder ?? (env[CLIENT_ENV.certFolder] || undefined) ?? profileData?.cert_folder;
   resolved.caFile = rest.caFile ?? (env[CLIENT_ENV.caFile] || undefined) ?? profileData?.ca_file;
-  return { options: resolved, profile: name, credentialsFile: file, profileData, tokenSource };
+  return {
+    options: resolved,
+    profile: name,
+    credentialsFile: file,
+    profileData,
+    tokenSource,
+    profileElsewhere,
+  };
 }

@@ -42,6 +42,12 @@ export async function withClient(
     options.onTokens = (pair: TokenPair) => persistPair(resolved, pair);
   }
   if ((opts.requireCredential ?? true) && !options.token && !options.basicAuth) {
+    if (resolved.profileElsewhere !== undefined)
+      throw new AuthenticationError(
+        `profile "${resolved.profile}" is logged in to ${resolved.profileElsewhere}, not to ${options.host}:${options.port}: ` +
+          `its tokens are not sent to another server; run \`tessera login\` there or set ${CLIENT_ENV.token}`,
+        { code: Code.Unauthenticated, reason: "AUTH_REQUIRED" },
+      );
     throw new AuthenticationError(
       `not logged in (profile "${resolved.profile}"): run \`tessera login\` or set ${CLIENT_ENV.token}`,
       { code: Code.Unauthenticated, reason: "AUTH_REQUIRED" },

@@ -1,6 +1,7 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { CLIENT_ENV, type Profile, writeProfile } from "../../sdk/credentials.js";
+import { ClientConfigError } from "../../sdk/errors.js";
 import { UserAPICore } from "../../sdk/user-api-core.js";
 import { Output } from "../output.js";
 import { globals, readPassword, sessionConnection, withClient } from "./run.js";
@@ -63,6 +64,12 @@ export const actions = {
       );
       return;
     }
+    // The refresh token ends the session on its own server only; sent elsewhere it is given away.
+    if (resolved.profileElsewhere !== undefined)
+      throw new ClientConfigError(
+        `profile "${resolved.profile}" is logged in to ${resolved.profileElsewhere}, not to ${connection.host}:${connection.port}: ` +
+          "log out without --server (or with that server) to end its session",
+      );
     let serverRevoked = false;
     if (profile.refresh_token) {
       const api = new UserAPICore(connection);

@@ -13,19 +13,29 @@ import {
 const rules = new WeakMap<DescMethod, DownstreamRule | null>();
 
 /**
+ * The standard gRPC services public without a rule of their own. Named one by one: a
+ * downstream's own package may start with `grpc.` too, and channelz tells internals.
+ */
+const STANDARD_PUBLIC = new Set([
+  "grpc.health.v1.Health",
+  "grpc.reflection.v1.ServerReflection",
+  "grpc.reflection.v1alpha.ServerReflection",
+]);
+
+/**
  * The rule of a method: its `(tessera.v1.auth)` option, read once from the descriptor (by
  * field number, so a downstream's own generated copy of tessera/v1/options.proto is read
- * alike). Standard gRPC services (health, reflection) are public; any other method without
- * the option has no rule (null), and is refused.
+ * alike). Without the option, the standard health and reflection services are public and
+ * any other method has no rule (null), and is refused.
  */
 export function ruleOf(method: DescMethod): DownstreamRule | null {
   let rule = rules.get(method);
   if (rule !== undefined) return rule;
-  if (method.parent.typeName.startsWith("grpc.")) rule = { public: true };
-  else if (hasOption(method, authOption)) {
+  if (hasOption(method, authOption)) {
     const r = getOption(method, authOption);
     rule = { public: r.public, scopes: r.scopes, principals: r.principals };
-  } else rule = null;
+  } else if (STANDARD_PUBLIC.has(method.parent.typeName)) rule = { public: true };
+  else rule = null;
   rules.set(method, rule);
   return rule;
 }

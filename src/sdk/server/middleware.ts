@@ -17,10 +17,12 @@ export type TesseraMiddlewareResponse = ServerResponse | Http2ServerResponse;
 /** Options of {@link createTesseraAuthMiddleware}. */
 export interface TesseraMiddlewareOptions<Req extends TesseraMiddlewareRequest = IncomingMessage> {
   /**
-   * The rule of a request: fixed, or per request (e.g. by path). `undefined` from the
-   * function means no rule: the request is refused (fail closed).
+   * The rule of a request: fixed, or per request. `undefined` (or `null`) from the function
+   * means no rule: the request is refused (fail closed). Mount one middleware per route
+   * through your router rather than parsing `req.url` here: the router decides which handler
+   * runs (case, `//`, `%2F`, trailing slashes, HEAD for GET), and a rule must see the same.
    */
-  rule: DownstreamRule | ((req: Req) => DownstreamRule | undefined);
+  rule: DownstreamRule | ((req: Req) => DownstreamRule | undefined | null);
 }
 
 const principals = new WeakMap<object, TesseraPrincipal>();
@@ -78,14 +80,15 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
 ): TesseraAuthMiddleware<Req> {
   const core = "authenticate" in auth ? auth : createTesseraAuth(auth);
   const middleware = (req: Req, res: TesseraMiddlewareResponse, next: (err?: unknown) => void): void => {
-    let rule: DownstreamRule | undefined;
+    let rule: DownstreamRule | undefined | null;
     try {
       rule = typeof options.rule === "function" ? options.rule(req) : options.rule;
     } catch (err) {
       next(err);
       return;
     }
-    if (rule === undefined) {
+    // null too: a plain-JavaScript rule function's "none" must refuse, not throw past here.
+    if (rule === undefined || rule === null || typeof rule !== "object") {
       refuse(res, new TesseraAuthError("ACCESS_DENIED", "no auth rule for this request"));
       return;
     }

@@ -89,9 +89,20 @@ export function tesseraContextValues(req: {
   return values;
 }
 
+/**
+ * One principal object serves every later call with the same credential (the admission memo,
+ * the cache of Tessera's answers), and its scopes decide those calls: frozen, so a handler
+ * that changes what it was handed cannot change what the next call is admitted as.
+ */
+function frozen(principal: TesseraPrincipal): TesseraPrincipal {
+  Object.freeze(principal.scopes);
+  Object.freeze(principal.applicationIds);
+  return Object.freeze(principal);
+}
+
 /** The principal of an access token verified offline. */
 export function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
-  return {
+  return frozen({
     id: claims.sub,
     kind: claims.pk === "machine" ? "machine_user" : "user",
     tenantId: claims.tid,
@@ -102,21 +113,22 @@ export function principalOfClaims(claims: AccessTokenClaims): TesseraPrincipal {
     applicationIds: [],
     certificateThumbprint: claims.cnf?.["x5t#S256"] || undefined,
     expiresAt: new Date(claims.exp * 1000),
-  };
+  });
 }
 
 /** The principal of a VALID VerifyCredential answer (`sessionId`: the JWT's `sid`, for its revocations). */
 export function principalOfAnswer(res: VerifyCredentialResponse, sessionId?: string): TesseraPrincipal {
-  return {
+  return frozen({
     id: res.principalId,
     kind: res.principalKind === VerifiedPrincipalKind.MACHINE_USER ? "machine_user" : "user",
     tenantId: res.tenantId,
-    scopes: res.scopes,
+    // Copies: concurrent calls share one answer, whose arrays stay the message's.
+    scopes: [...res.scopes],
     credentialKind: res.credentialKind,
     credentialId: res.credentialId,
     sessionId,
-    applicationIds: res.applicationIds,
+    applicationIds: [...res.applicationIds],
     certificateThumbprint: res.certificateThumbprint || undefined,
     expiresAt: res.expiresAt ? new Date(timestampMs(res.expiresAt)) : undefined,
-  };
+  });
 }
