@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
+import { closedPort } from "./cli-helpers.js";
 import { scanChildStderr } from "./log-scan-suite.js";
 
 const ROOT = join(import.meta.dirname, "..");
@@ -48,6 +49,25 @@ describe("server commands", () => {
     const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("TESSERA_MTLS");
+  });
+
+  it("warns that a password in --database is readable in the process list, without printing it", async () => {
+    const port = await closedPort();
+    const withPassword = await run(
+      ["migrate", "--database", `postgres://tessera:pw-in-argv@127.0.0.1:${port}/x`],
+      {
+        env: { TESSERA_MASTER_KEY: Buffer.alloc(32, 7).toString("base64") },
+      },
+    );
+    expect(withPassword.stderr).toContain("warning: --database holds a password");
+    expect(withPassword.stderr).toContain("TESSERA_DATABASE_URL");
+    expect(withPassword.stderr + withPassword.stdout).not.toContain("pw-in-argv");
+    const dir = mkdtempSync(join(tmpdir(), "tessera-cli-"));
+    const without = await run(["migrate", "--database", `sqlite:${join(dir, "t.db")}`], {
+      env: { TESSERA_PASSWORD_ITERATIONS: "1000" },
+    });
+    expect(without.code).toBe(0);
+    expect(without.stderr).not.toContain("warning: --database");
   });
 
   it("migrates, bootstraps an admin once, and creates certificates with a private CA key", async () => {

@@ -58,8 +58,30 @@ async function configFrom(flags: ServerFlags) {
   if (flags.certDir) overrides.server!.certDir = flags.certDir;
   if (flags.mtls) overrides.server!.mtls = flags.mtls;
   if (flags.insecurePlaintext) overrides.server!.insecurePlaintext = true;
-  if (flags.database) overrides.database!.url = flags.database;
+  if (flags.database) {
+    warnOfPasswordInArguments(flags.database);
+    overrides.database!.url = flags.database;
+  }
   return loadConfig({ ...(flags.config ? { file: flags.config } : {}), overrides });
+}
+
+/**
+ * A password in `--database` is readable by every user of the machine for as long as the
+ * process runs (`ps`, /proc/<pid>/cmdline). The flag stays (a public contract); the warning
+ * names the places that keep it private, and never the password.
+ */
+function warnOfPasswordInArguments(url: string): void {
+  let password = "";
+  try {
+    password = new URL(url).password;
+  } catch {
+    return;
+  }
+  if (password)
+    process.stderr.write(
+      "warning: --database holds a password, which every user of this machine can read in the process list; " +
+        "set TESSERA_DATABASE_URL or database.url in the configuration file instead\n",
+    );
 }
 
 function withServerFlags(cmd: Command): Command {
