@@ -128,7 +128,7 @@ describe.each(DATABASES)("session prune indexes migration ($name)", (db) => {
               .rows;
       return new Set((rows as { name: string }[]).map((r) => r.name));
     };
-    await migrateTo(storage, "up", "Migration20261206050000_session_prune_indexes");
+    await migrateTo(storage, "up", "Migration20261206060000_session_prune_indexes");
     const after = await indexes();
     for (const name of [
       "sessions_revoked_at_index",

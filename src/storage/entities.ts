@@ -116,7 +116,7 @@ export const SessionSchema = new EntitySchema<Session>({
   class: Session,
   tableName: "sessions",
   // Session pruning has two partial indexes (revoked ones by revoked_at, the others by
-  // created_at and id), made by Migration20261206050000_session_prune_indexes: this schema
+  // created_at and id), made by Migration20261206060000_session_prune_indexes: this schema
   // cannot declare a predicate.
   properties: {
     id: { type: "string", primary: true, length: 36 },

@@ -7,7 +7,7 @@ import { SchemaMigration } from "./schema-migration.js";
  * `expires_at`), which replaces the index on `family_id` alone that it covers. Without them
  * every batch scanned both tables (on SQLite, inside one turn of the event loop).
  */
-export class Migration20261206050000_session_prune_indexes extends SchemaMigration {
+export class Migration20261206060000_session_prune_indexes extends SchemaMigration {
   override async up(): Promise<void> {
     // Partial, each holding one kind only: with one plain index on revoked_at, SQLite's
     // planner (no statistics) walked it for `revoked_at is null` and sorted every open session.
