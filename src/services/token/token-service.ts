@@ -25,6 +25,7 @@ import { requestEms } from "../../storage/request-em.js";
 import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
 import { assertGrantableScopes, assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
+import { assertMakerStands } from "./maker.js";
 
 /** The scope that lets a caller list and revoke every token of its tenant. */
 export const ADMIN_TOKENS_SCOPE = "admin:tokens";
@@ -159,6 +160,13 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       async () => (await deps.storage.em.fork().count(ApiToken, { id: row.id })) > 0,
     );
     auditTarget(requestState(ctx.values), row.id);
+    try {
+      await assertMakerStands(deps.storage.em.fork(), principal, requestState(ctx.values));
+    } catch (err) {
+      // Its secret is never shown; revoked (not deleted) so that its record stays listed.
+      await deps.storage.em.fork().nativeUpdate(ApiToken, { id: row.id }, { revokedAt: new Date(clock()) });
+      throw err;
+    }
     return { row, token: generated.token };
   }
 

@@ -1,0 +1,170 @@
+import { ConnectError, createClient } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { rejection } from "../errors-util.js";
+import { clientFor, DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminLogin, basic, short } from "../machine-fixtures.js";
+
+/**
+ * The adversarial review of the credential lifecycle (2026-12-06), over TLS: a credential
+ * made with a credential that ends while the new one is being made. CreatePersonalAccessToken
+ * and CreateApiKey authenticate their caller, then spend a PBKDF2 (slow by design) on the
+ * new secret before inserting it; an end that commits in between (a password change with
+ * revoke_tokens, a logout, a revocation of the creating token, a disable) must not leave a
+ * new credential standing that it would have ended, had it existed. Else a thief holding a
+ * stolen access token keeps a creation in flight and outlives every end the victim can
+ * make: the new token is a standing credential. The interleaving is forced, not hoped for:
+ * the test's hook on the credential-creation limiter (counted after authentication, before
+ * the hash) runs the whole end (committed) first.
+ */
+
+const PASSWORD = "lifecycle test password";
+
+describe.each(DATABASES)("credentials made while their maker ends ($name)", (db) => {
+  let ts: TestServer;
+  let root: string;
+
+  beforeAll(async () => {
+    // Rate limits on: the credential-creation count is where the hook sits.
+    ts = await startTestServer(db, { rateLimit: { enabled: true } });
+    root = await adminLogin(ts.connect());
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  const users = (token?: string) => clientFor(UserService, ts.connect(), token);
+  const tokens = (token?: string) => clientFor(TokenService, ts.connect(), token);
+
+  /** A new user, logged in once. */
+  async function user() {
+    const username = `life-${short()}`;
+    const { user } = await users(root).createUser({ username, password: PASSWORD, scopes: ["cluster:read"] });
+    const login = await createClient(UserService, ts.connect()).login({ username, password: PASSWORD });
+    return { id: user!.id, tenantId: user!.tenantId, username, login };
+  }
+
+  /** Run `end` (to its commit) when the next credential creation of `userId` is counted. */
+  function onNextCreation(userId: string, end: () => Promise<unknown>): () => boolean {
+    const limiter = ts.app.limits!.credentialCreations;
+    const consume = limiter.consume.bind(limiter);
+    let ended = false;
+    limiter.consume = async (key: string) => {
+      if (key === `user:${userId}`) {
+        limiter.consume = consume;
+        await end();
+        ended = true;
+      }
+      return consume(key);
+    };
+    return () => {
+      limiter.consume = consume;
+      return ended;
+    };
+  }
+
+  /** The outcome of GetCurrentUser with `token`: "ok" or the refusal's reason. */
+  function outcome(token: string): Promise<string> {
+    return users(token)
+      .getCurrentUser({})
+      .then(
+        () => "ok",
+        async (err: unknown) => (await rejection(Promise.reject(err))).reason ?? "no reason",
+      );
+  }
+
+  type Maker = "session" | "pat" | "basic";
+  const ends: {
+    name: string;
+    makers: Maker[];
+    end: (u: Awaited<ReturnType<typeof user>>, maker: { pat?: string; patId?: string }) => Promise<unknown>;
+    /** After the end, before the new credential is tried (undo what is not an end for good). */
+    after?: (u: Awaited<ReturnType<typeof user>>) => Promise<unknown>;
+  }[] = [
+    {
+      name: "a password change with revoke_tokens",
+      makers: ["session", "pat", "basic"],
+      end: async (u) => {
+        // The victim, from another login of its own.
+        const victim = await createClient(UserService, ts.connect()).login({
+          username: u.username,
+          password: PASSWORD,
+        });
+        await users(victim.accessToken).changePassword({
+          currentPassword: PASSWORD,
+          newPassword: "the victim's new password",
+          revokeTokens: true,
+        });
+      },
+    },
+    {
+      name: "an administrator's password reset with revoke_tokens",
+      makers: ["session", "pat", "basic"],
+      end: (u) =>
+        users(root).updateUser({ id: u.id, password: "reset by an administrator", revokeTokens: true }),
+    },
+    {
+      name: "a logout of the creating session",
+      makers: ["session"],
+      end: (u) => users().logout({ refreshToken: u.login.refreshToken }),
+    },
+    {
+      name: "a revocation of the creating token",
+      makers: ["pat"],
+      end: (_u, maker) => tokens(root).revokePersonalAccessToken({ id: maker.patId! }),
+    },
+    {
+      name: "a disable of the user (enabled again after)",
+      makers: ["session"],
+      end: (u) => users(root).updateUser({ id: u.id, disabled: true }),
+      after: (u) => users(root).updateUser({ id: u.id, disabled: false }),
+    },
+  ];
+
+  const makerNames: Record<Maker, string> = {
+    session: "session's access token",
+    pat: "personal access token",
+    basic: "password (HTTP Basic)",
+  };
+
+  for (const { name, makers, end, after } of ends)
+    for (const maker of makers)
+      for (const kind of ["personal access token", "API key"] as const)
+        it(`makes no ${kind} with a ${makerNames[maker]} that outlives ${name} committed meanwhile`, async () => {
+          const u = await user();
+          let credential = u.login.accessToken;
+          let patId: string | undefined;
+          if (maker === "pat") {
+            const made = await tokens(u.login.accessToken).createPersonalAccessToken({ name: "maker" });
+            credential = made.token;
+            patId = made.id;
+          }
+          // HTTP Basic: the password itself, in the user's tenant.
+          const maker_ =
+            maker === "basic"
+              ? createClient(
+                  TokenService,
+                  withHeaders(ts.connect(), basic(`${u.tenantId}/${u.username}`, PASSWORD)),
+                )
+              : tokens(credential);
+          expect(await outcome(credential)).toBe("ok");
+          const release = onNextCreation(u.id, () =>
+            end(u, { pat: credential, ...(patId ? { patId } : {}) }),
+          );
+          let made: string | ConnectError;
+          try {
+            made = await (kind === "API key"
+              ? maker_.createApiKey({ name: "made meanwhile" }).then((r) => r.key)
+              : maker_.createPersonalAccessToken({ name: "made meanwhile" }).then((r) => r.token)
+            ).catch((e: unknown) => ConnectError.from(e));
+          } finally {
+            expect(release(), "the end ran while the credential was made").toBe(true);
+          }
+          await after?.(u);
+          if (typeof made === "string")
+            expect(await outcome(made), `a ${kind} made meanwhile outlived ${name}`).not.toBe("ok");
+          expect(made).toBeInstanceOf(ConnectError);
+          expect((await rejection(Promise.reject(made))).reason).toBe("TOKEN_REVOKED");
+        });
+});
