@@ -1,10 +1,17 @@
 import { ConnectError, createClient } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { rejection } from "../errors-util.js";
-import { clientFor, DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
-import { adminLogin, basic, short } from "../machine-fixtures.js";
+import {
+  clientFor,
+  DATABASES,
+  pinnableClock,
+  startTestServer,
+  type TestServer,
+  withHeaders,
+} from "../helpers.js";
+import { adminLogin, basic, bearerMachine, clients, short } from "../machine-fixtures.js";
 
 /**
  * The adversarial review of the credential lifecycle (2026-12-06), over TLS: a credential
@@ -168,3 +175,106 @@ describe.each(DATABASES)("credentials made while their maker ends ($name)", (db)
           expect((await rejection(Promise.reject(made))).reason).toBe("TOKEN_REVOKED");
         });
 });
+
+/**
+ * RotateMachineUserCredentials with no grace period ends the previous credentials and the
+ * access tokens they obtained (the cut-off: tokens with `iat` up to the rotation's second).
+ * A token the previous credential obtains while the rotation hashes the new secret, or
+ * signed after a rotation that committed since the credential authenticated, bears a later
+ * second: it lived out its whole lifetime, although its credential was gone. Both
+ * interleavings are forced: the rotation's credential-creation count (after it read the
+ * clock, before its hash) and the token's signature are hooked, and the test's clock is
+ * pinned so that the second changes where the hook says.
+ */
+describe.each(DATABASES)(
+  "machine access tokens against a rotation that ends their credential ($name)",
+  (db) => {
+    let ts: TestServer;
+    let root: string;
+    const clock = pinnableClock();
+
+    beforeAll(async () => {
+      ts = await startTestServer(db, { rateLimit: { enabled: true } }, undefined, { clock: clock.now });
+      root = await adminLogin(ts.connect());
+    });
+    afterAll(async () => {
+      await ts?.close();
+    });
+    afterEach(() => clock.release());
+
+    /** The outcome of CheckAuthentication with `token`: "ok" or the refusal's reason. */
+    function outcome(token: string): Promise<string> {
+      return clients(ts.connect(), token)
+        .machines.checkAuthentication({})
+        .then(
+          () => "ok",
+          async (err: unknown) => (await rejection(Promise.reject(err))).reason ?? "no reason",
+        );
+    }
+
+    /** The second after the next one begins, plus a little: later than any clock reading so far. */
+    const aSecondAhead = () => (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
+
+    it("ends a token the previous credential obtained while the rotation hashed the new secret", async () => {
+      const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
+      const second = aSecondAhead();
+      clock.pin(second);
+      const limiter = ts.app.limits!.credentialCreations;
+      const consume = limiter.consume.bind(limiter);
+      let obtained: string | undefined;
+      limiter.consume = async (key: string) => {
+        limiter.consume = consume;
+        clock.pin(second + 1000);
+        obtained = (await clients(ts.connect(), credential).machines.issueAccessToken({})).accessToken;
+        return consume(key);
+      };
+      try {
+        await clients(ts.connect(), root).machines.rotateMachineUserCredentials({ id: machine.id });
+      } finally {
+        limiter.consume = consume;
+      }
+      expect(obtained, "the previous credential obtained a token during the rotation").toBeDefined();
+      expect(await outcome(credential)).not.toBe("ok");
+      expect(await outcome(obtained!), "a token of the previous credential outlived the rotation").toBe(
+        "TOKEN_REVOKED",
+      );
+    });
+
+    it("issues no token signed after a rotation that committed since its credential authenticated", async () => {
+      const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
+      const second = aSecondAhead();
+      clock.pin(second);
+      const jwt = ts.app.jwt;
+      const sign = jwt.issue.bind(jwt);
+      let rotated = false;
+      jwt.issue = async (claims) => {
+        if (claims.subject === machine.id) {
+          jwt.issue = sign;
+          await clients(ts.connect(), root).machines.rotateMachineUserCredentials({ id: machine.id });
+          rotated = true;
+          clock.pin(second + 1000);
+        }
+        return sign(claims);
+      };
+      let made: string | ConnectError;
+      try {
+        made = await clients(ts.connect(), credential)
+          .machines.issueAccessToken({})
+          .then(
+            (r) => r.accessToken,
+            (e: unknown) => ConnectError.from(e),
+          );
+      } finally {
+        jwt.issue = sign;
+      }
+      expect(rotated).toBe(true);
+      if (typeof made === "string")
+        expect(
+          await outcome(made),
+          "a token signed after its credential was rotated away authenticated",
+        ).not.toBe("ok");
+      expect(made).toBeInstanceOf(ConnectError);
+      expect((await rejection(Promise.reject(made))).reason).toBe("TOKEN_REVOKED");
+    });
+  },
+);
