@@ -6,6 +6,27 @@ import { Session, Tenant, User } from "../../storage/entities.js";
 import { ApiToken } from "../../storage/token-entities.js";
 
 /**
+ * Revoke, at `at`, the tokens made with the token `id` (just revoked), the tokens made with
+ * those, and so on: else a stolen token is laundered into one that the revocation of the stolen
+ * one leaves standing. A token made meanwhile with one revoked here is refused by
+ * {@link assertMakerStands}: either its check reads after this token's revocation committed,
+ * or its row committed before the look-up below.
+ */
+export async function revokeMadeWith(em: EntityManager, id: string, at: Date): Promise<void> {
+  let parents = [id];
+  while (parents.length > 0) {
+    const made = await em.find(
+      ApiToken,
+      { madeWithTokenId: { $in: parents }, revokedAt: null },
+      { fields: ["id"], disableIdentityMap: true },
+    );
+    parents = made.map((t) => t.id);
+    if (parents.length > 0)
+      await em.nativeUpdate(ApiToken, { id: { $in: parents }, revokedAt: null }, { revokedAt: at });
+  }
+}
+
+/**
  * Whether the credential a new token was made with still stands, read after the new token's
  * row committed (through `em`, a fresh fork: nothing cached). A token is made after a PBKDF2
  * (slow by design) that follows its caller's authentication: an end committed meanwhile (a
