@@ -49,6 +49,8 @@ export interface Principal {
   expiresAt?: number | null;
   /** Epoch ms at which a JWT was issued (`iat`). */
   issuedAt?: number;
+  /** The session a user's access token belongs to (its `sid`). */
+  sessionId?: string;
   /** RFC 8705 `x5t#S256` the credential (a JWT) is bound to. */
   certificateBinding?: string;
 }

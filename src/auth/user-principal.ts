@@ -70,6 +70,7 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
     };
     if (claims.jti) principal.credentialId = claims.jti;
     if (typeof claims.iat === "number") principal.issuedAt = claims.iat * 1000;
+    if (claims.sid !== undefined) principal.sessionId = claims.sid;
     if (claims.cnf?.["x5t#S256"] !== undefined) principal.certificateBinding = claims.cnf["x5t#S256"];
     return principal;
   }

@@ -4,6 +4,7 @@ import type { Principal } from "../auth/principal.js";
 import { parseToken } from "../auth/token-format.js";
 import type { Clock } from "../clock.js";
 import { revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
+import { revokeMadeWith } from "../services/token/maker.js";
 import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../services/user/sessions.js";
 import { RefreshToken } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
@@ -88,7 +89,9 @@ async function revokeOwn(
     if (parsed === "malformed" || caller.kind !== "user") return null;
     const row = await em.findOne(ApiToken, { publicId: parsed.id });
     if (!row || row.ownerUserId !== caller.id) return null;
-    await em.nativeUpdate(ApiToken, { id: row.id, revokedAt: null }, { revokedAt: new Date(deps.clock()) });
+    const at = new Date(deps.clock());
+    await em.nativeUpdate(ApiToken, { id: row.id, revokedAt: null }, { revokedAt: at });
+    await revokeMadeWith(em, row.id, at);
     return row.id;
   }
   let claims: AccessTokenClaims;

@@ -26,6 +26,8 @@ export class ApiToken {
   expiresAt?: Date | null = null;
   lastUsedAt?: Date | null = null;
   revokedAt?: Date | null = null;
+  /** The token of this table it was made with (its revocation revokes this one), if any. */
+  madeWithTokenId?: string | null = null;
 }
 
 export const ApiTokenSchema = new EntitySchema<ApiToken>({
@@ -45,5 +47,6 @@ export const ApiTokenSchema = new EntitySchema<ApiToken>({
     expiresAt: { type: "Date", nullable: true },
     lastUsedAt: { type: "Date", nullable: true },
     revokedAt: { type: "Date", nullable: true },
+    madeWithTokenId: { type: "string", length: 36, nullable: true },
   },
 });

@@ -569,7 +569,8 @@ export const TokenService: GenService<{
   /**
    * Revoke a personal access token: the caller's own, or (with admin:tokens) one whose
    * owner the caller may manage. Committed before the call returns; the token is
-   * refused from the next request on. Revoking a revoked token succeeds unchanged.
+   * refused from the next request on, and so are the tokens made with it (created by a
+   * call it authenticated) and those made with them. Revoking a revoked token succeeds unchanged.
    *
    * @generated from rpc tessera.v1.TokenService.RevokePersonalAccessToken
    */

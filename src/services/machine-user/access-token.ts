@@ -57,8 +57,10 @@ export async function issueMachineAccessToken(
     if (wait > 0) await sleep(wait);
   }
   let ttlSeconds: number | undefined;
-  if (principal.credentialId && (principal.method === "machine_token" || principal.method === "basic")) {
-    const cred = await em.findOne(MachineCredential, { id: principal.credentialId });
+  const credentialId =
+    principal.method === "machine_token" || principal.method === "basic" ? principal.credentialId : undefined;
+  if (credentialId) {
+    const cred = await em.findOne(MachineCredential, { id: credentialId });
     if (cred?.expiresAt) {
       // Its exp is at or before the grace period's end, and is enforced exactly (jwt.ts).
       ttlSeconds = Math.floor((cred.expiresAt.getTime() - deps.clock()) / 1000);
@@ -81,6 +83,19 @@ export async function issueMachineAccessToken(
   // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the
   // second its commit is seen in (revokeAfterUnbinding), so it ends this token (on clocks
   // that agree: iat is this instance's).
+  // The same for a token or password: a rotation committed since the read above deleted the
+  // credential or set its end (its cut-off, read before it hashed, may be a second before this
+  // token's iat); one still seen as it was commits later, and raises its cut-off to its
+  // commit's second (raiseRotationCutoff), which covers this token.
+  if (credentialId) {
+    const cred = await em.findOne(
+      MachineCredential,
+      { id: credentialId },
+      { fields: ["expiresAt"], disableIdentityMap: true },
+    );
+    if (!cred || (cred.expiresAt && cred.expiresAt.getTime() < issued.expiresAt.getTime()))
+      throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
+  }
   if (principal.method === "mtls" && principal.credentialId) {
     const bound = await em.count(MachineUserCertificate, {
       id: principal.credentialId,
@@ -150,6 +165,27 @@ export async function revokeAfterUnbinding(
       rotationGraceUntil: new Date(now - clockSkewSeconds * 1000),
       updatedAt: new Date(now),
     },
+  );
+}
+
+/**
+ * After a rotation committed (its cut-off `rotatedAt` read before it hashed the new secret):
+ * raise the cut-off to `now`, read once the commit is visible, when a second has begun
+ * since, keeping the grace period it wrote. A token the previous credentials obtained while
+ * the rotation hashed and committed was signed before the commit, so its `iat` is at or
+ * before `now`'s second; without this it could be a second after the cut-off's, and outlive
+ * its credential. Conditional on the row holding an earlier cut-off: a later one covers it.
+ */
+export async function raiseRotationCutoff(
+  em: EntityManager,
+  machineUserId: string,
+  now: number,
+): Promise<void> {
+  const second = Math.floor(now / 1000) * 1000;
+  await em.nativeUpdate(
+    MachineUser,
+    { id: machineUserId, rotatedAt: { $lt: new Date(second) } },
+    { rotatedAt: new Date(now), updatedAt: new Date(now) },
   );
 }
 

@@ -18,7 +18,7 @@ import { assertScopesHold, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
-import { recordRotation } from "./access-token.js";
+import { raiseRotationCutoff, recordRotation } from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -242,6 +242,8 @@ export function machineUserAdminHandlers(
         { kind: "machine credential", id: credential.row.id },
         async () => (await deps.storage.em.fork().count(MachineCredential, { id: credential.row.id })) > 0,
       );
+      // A token the previous credentials obtained meanwhile may bear a later second than `now`.
+      await raiseRotationCutoff(e, mu.id, clock());
       // The row as the rotation left it (its own write went around the entity).
       await e.refresh(mu);
       return {

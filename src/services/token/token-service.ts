@@ -25,6 +25,7 @@ import { requestEms } from "../../storage/request-em.js";
 import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
 import { assertGrantableScopes, assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
+import { assertMakerStands, revokeMadeWith } from "./maker.js";
 
 /** The scope that lets a caller list and revoke every token of its tenant. */
 export const ADMIN_TOKENS_SCOPE = "admin:tokens";
@@ -149,6 +150,10 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       expiresAt,
       lastUsedAt: null,
       revokedAt: null,
+      madeWithTokenId:
+        principal.method === "pat" || principal.method === "api_key"
+          ? (principal.credentialId ?? null)
+          : null,
     });
     // The secret is shown once: a COMMIT whose answer is lost is settled (was it saved?)
     // rather than answered as if nothing happened.
@@ -159,6 +164,13 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       async () => (await deps.storage.em.fork().count(ApiToken, { id: row.id })) > 0,
     );
     auditTarget(requestState(ctx.values), row.id);
+    try {
+      await assertMakerStands(deps.storage.em.fork(), principal, requestState(ctx.values));
+    } catch (err) {
+      // Its secret is never shown; revoked (not deleted) so that its record stays listed.
+      await deps.storage.em.fork().nativeUpdate(ApiToken, { id: row.id }, { revokedAt: new Date(clock()) });
+      throw err;
+    }
     return { row, token: generated.token };
   }
 
@@ -263,6 +275,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       row.revokedAt = new Date(clock());
       await em(ctx).flush();
     }
+    await revokeMadeWith(em(ctx), row.id, row.revokedAt);
     return tokenToProto(row);
   }
 
