@@ -12,6 +12,7 @@ import { Migration20261205010000_verified_digests } from "./Migration20261205010
 import { Migration20261205030000_notify_always } from "./Migration20261205030000_notify_always.js";
 import { Migration20261205100000_revocation_events } from "./Migration20261205100000_revocation_events.js";
 import { Migration20261206020000_binder_authority } from "./Migration20261206020000_binder_authority.js";
+import { Migration20261206050000_audit_actor_outside } from "./Migration20261206050000_audit_actor_outside.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -41,4 +42,8 @@ export const MIGRATIONS: MigrationObject[] = [
     class: Migration20261205100000_revocation_events,
   },
   { name: "Migration20261206020000_binder_authority", class: Migration20261206020000_binder_authority },
+  {
+    name: "Migration20261206050000_audit_actor_outside",
+    class: Migration20261206050000_audit_actor_outside,
+  },
 ];
