@@ -1,9 +1,11 @@
 import { createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AuditService } from "../../gen/tessera/v1/audit_service_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 
 /** Every field of `events` as one text (a time's seconds are a bigint). */
 const text = (events: unknown[]) =>
@@ -106,5 +108,48 @@ describe.each(DATABASES)("a superuser's audit records on $name", (db) => {
       "tessera.v1.TenantService/CreateTenant",
       "",
     ]);
+  });
+
+  it("file a * verifier's check of a tenant's credential in that tenant, never in the verifier's own", async () => {
+    const t = ts.connect();
+    const admin = clients(t, root);
+    const password = `pw-${short()}-${short()}`;
+    const auditorName = `auditor-${short()}`;
+    await admin.users.createUser({ username: auditorName, password, scopes: ["admin:audit"] });
+    const defaultAuditor = (await createClient(UserService, t).login({ username: auditorName, password }))
+      .accessToken;
+    // A verifier of the default tenant holding `*`, and a user of tenant T with a token.
+    const verifier = await bearerMachine(t, root, [], { scopes: ["*"] });
+    const tT = await tenantWithAdmin(t, root, ["admin:audit"]);
+    const username = `carol-${short()}`;
+    await admin.users.createUser({ username, password, scopes: [], tenantId: tT.tenant.id });
+    const carol = (await createClient(UserService, t).login({ username, password, tenant: tT.tenant.id }))
+      .accessToken;
+    const pat = await clientFor(TokenService, t, carol).createPersonalAccessToken({ name: "pat" });
+    const answer = await clientFor(VerificationService, t, verifier.token).verifyCredential({
+      credential: pat.token,
+    });
+    expect(answer.valid).toBe(true);
+    await ts.app.audit.flush();
+    const list = (token: string) =>
+      clientFor(AuditService, t, token)
+        .listAuditEvents({ action: "credential.verify", pageSize: 500 })
+        .then((r) => r.events);
+
+    // The default tenant's auditor never reads T's credential id through the verifier's records.
+    expect(text(await list(defaultAuditor))).not.toContain(pat.id);
+    // T's auditor sees its credential checked, by the platform.
+    expect(await list(tT.token)).toEqual([
+      expect.objectContaining({
+        targetId: pat.id,
+        tenantId: tT.tenant.id,
+        actorKind: "machine",
+        actorId: "platform",
+        reason: "VALID",
+      }),
+    ]);
+    // A `*` reader sees the verifier.
+    const all = (await list(root)).filter((e) => e.targetId === pat.id);
+    expect(all.map((e) => [e.tenantId, e.actorId])).toEqual([[tT.tenant.id, verifier.machine.id]]);
   });
 });
