@@ -17,6 +17,7 @@ const logger = pino({ level: "silent" });
 const entry: AuditRecord = {
   requestId: randomUUID(),
   tenantId: randomUUID(),
+  actorOutside: false,
   actorKind: "user",
   actorId: randomUUID(),
   action: "tessera.v1.TokenService/CreatePersonalAccessToken",

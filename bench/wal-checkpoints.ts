@@ -43,6 +43,7 @@ for (let b = 0; b < Number(flags.batches); b++) {
       at: new Date(now),
       requestId: uuidV7(now),
       tenantId: tenant,
+      actorOutside: false,
       actorKind: "machine_user",
       actorId: actor,
       action: "credential.verify",

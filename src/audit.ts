@@ -12,7 +12,13 @@ import { uuidV7 } from "./storage/uuid-v7.js";
 /** One audit record: who did what to which id, and how it ended. Never a secret. */
 export interface AuditRecord {
   requestId: string;
+  /** The tenant the record is filed in, so read by its `admin:audit` holders: see auditFiling (admission/audit.ts). */
   tenantId: string | null;
+  /**
+   * The actor is not of `tenantId` (a `*` principal acting on another tenant's object, the
+   * static admin token): that tenant's readers see it as the platform, never by its id.
+   */
+  actorOutside: boolean;
   actorKind: string;
   actorId: string | null;
   action: string;
@@ -167,6 +173,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
     at: b.at,
     requestId: cut(b.entry.requestId, 64) ?? "",
     tenantId: cut(b.entry.tenantId, 36),
+    actorOutside: b.entry.actorOutside,
     actorKind: cut(b.entry.actorKind, 32) ?? "",
     actorId: cut(b.entry.actorId, 64),
     action: cut(b.entry.action, 128) ?? "",

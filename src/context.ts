@@ -50,12 +50,12 @@ export interface RequestState {
    */
   aggregated?: true;
   /**
-   * What an audited call acted on, named by its handler where the request alone cannot
-   * say (a created object's id, the user a Login or a refresh token resolved to): see
-   * AUDIT_TARGETS in admission/audit.ts. `tenantId` only when no principal gives the
-   * record one (a failed Login of a user that exists).
+   * What an audited call acted on, named by its handler (admission/audit.ts, auditTarget):
+   * the target's id where the request alone cannot say (a created object's id, the user a
+   * Login or a refresh token resolved to: see AUDIT_TARGETS), and the tenant it is in, which
+   * decides where the record is filed when the actor spans tenants or is anonymous.
    */
-  audited?: { targetId: string; tenantId?: string };
+  audited?: { targetId?: string; tenantId: string | null };
   /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
   responseHeaders?: Record<string, string>;
   /**

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { AuditService } from "../gen/tessera/v1/audit_service_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import type { App } from "../src/app.js";
 import { ADMIN_TOKEN_PRINCIPAL_ID, createAdminTokenVerifier } from "../src/auth/admin-token.js";
@@ -6,7 +7,7 @@ import { ConfigError, loadConfig } from "../src/config.js";
 import type { RequestState } from "../src/context.js";
 import { main } from "../src/main.js";
 import { Code, rejection } from "./errors-util.js";
-import { createTestApp, DATABASES, memoryTransport } from "./helpers.js";
+import { clientFor, createTestApp, DATABASES, memoryTransport } from "./helpers.js";
 import { adminLogin, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
 
 const ADMIN_TOKEN = "static-admin-token-0123456789-abcdefghij";
@@ -155,6 +156,25 @@ describe.each(DATABASES)("the static admin token on $name", (db) => {
     expect(r.reason).toBe("TOKEN_INVALID");
     expect(r.error.metadata.get("www-authenticate")).toContain('error="invalid_token"');
     expect(r.message).not.toContain(near);
+  });
+
+  it("records its act on a tenant's object in that tenant, where the actor is the platform", async () => {
+    const root = await adminLogin(memoryTransport(app));
+    const b = await tenantWithAdmin(memoryTransport(app), root, ["admin:audit", "admin:users"]);
+    const { user } = await as(b.token).users.createUser({
+      username: `u-${short()}`,
+      password: "a good long password",
+    });
+    await as(ADMIN_TOKEN).users.updateUser({ id: user!.id, disabled: true });
+    await app.audit.flush();
+    const read = async (token: string) =>
+      (
+        await clientFor(AuditService, memoryTransport(app), token).listAuditEvents({ targetId: user!.id })
+      ).events
+        .filter((e) => e.action === "tessera.v1.UserService/UpdateUser")
+        .map((e) => [e.tenantId, e.actorKind, e.actorId]);
+    expect(await read(b.token)).toEqual([[b.tenant.id, "admin", "platform"]]);
+    expect(await read(ADMIN_TOKEN)).toEqual([[b.tenant.id, "admin", ADMIN_TOKEN_PRINCIPAL_ID]]);
   });
 
   it("records admin-token actions in the audit log without the token", async () => {

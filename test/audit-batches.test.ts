@@ -16,6 +16,7 @@ function verification(requestId: string): AuditRecord {
   return {
     requestId,
     tenantId: null,
+    actorOutside: false,
     actorKind: "machine_user",
     actorId: "verifier",
     action: "credential.verify",

@@ -11,6 +11,7 @@ import { createTestApp, DATABASES } from "./helpers.js";
 const record: AuditRecord = {
   requestId: "0193a0a0-0000-7000-8000-000000000123",
   tenantId: "00000000-0000-7000-8000-000000000001",
+  actorOutside: false,
   actorKind: "machine_user",
   actorId: "verifier",
   action: "credential.verify",

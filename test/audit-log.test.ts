@@ -14,6 +14,7 @@ function record(requestId: string, action = "tessera.v1.UserService/Login"): Aud
   return {
     requestId,
     tenantId: null,
+    actorOutside: false,
     actorKind: "anonymous",
     actorId: null,
     action,

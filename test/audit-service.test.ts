@@ -173,160 +173,201 @@ describe.each(DATABASES)("AuditService.ListAuditEvents on $name", (db) => {
       expect(Object.keys(AUDIT_TARGETS).filter((n) => !names.includes(n))).toEqual([]);
     });
 
-    it("names what each call acted on, so that target_id finds an object's whole history", async () => {
-      const t = await tenantWithAdmin(memoryTransport(app), root, [
-        "admin:audit",
-        "admin:users",
-        "admin:tenants",
-        "admin:machine-users",
-      ]);
-      const admin = as(t.token);
-      const username = `u-${short()}`;
-      const password = "a good long password";
-      const login = () =>
-        clients(memoryTransport(app)).users.login({ username, password, tenant: t.tenant.id });
-      const tokens = (token: string) => clientFor(TokenService, memoryTransport(app), token);
-      const machine = await bearerMachine(memoryTransport(app), t.token, [t.application.id]);
-      const m = as(machine.token).machines;
-      const fp = Buffer.alloc(32, Math.floor(Math.random() * 256)).toString("hex");
-      let userId = "";
-      let bindingId = "";
-      let backendId = "";
-      // Each RPC (in the order they can run), with the target its record must name.
-      const drivers: Record<string, () => Promise<string | null>> = {
-        "TenantService/CreateTenant": async () =>
-          (await as(root).tenants.createTenant({ name: `t-${short()}` })).tenant!.id,
-        "TenantService/UpdateTenant": async () => {
-          await as(root).tenants.updateTenant({ id: t.tenant.id, name: `t-${short()}` });
-          return t.tenant.id;
-        },
-        "TenantService/CreateApplication": async () =>
-          (await admin.tenants.createApplication({ name: `a-${short()}` })).application!.id,
-        "TenantService/DeleteApplication": async () => {
-          const { application } = await admin.tenants.createApplication({ name: `a-${short()}` });
-          await admin.tenants.deleteApplication({ id: application!.id });
-          return application!.id;
-        },
-        "UserService/CreateUser": async () => {
-          userId = (await admin.users.createUser({ username, password, scopes: ["admin:audit"] })).user!.id;
-          return userId;
-        },
-        "UserService/Login": async () => {
-          await login();
-          return userId;
-        },
-        "UserService/RefreshToken": async () => {
-          await clients(memoryTransport(app)).users.refreshToken({
-            refreshToken: (await login()).refreshToken,
-          });
-          return userId;
-        },
-        "UserService/Logout": async () => {
-          await clients(memoryTransport(app)).users.logout({ refreshToken: (await login()).refreshToken });
-          return userId;
-        },
-        "UserService/ChangePassword": async () => {
-          const token = (await login()).accessToken;
-          await as(token).users.changePassword({ currentPassword: password, newPassword: password });
-          return userId;
-        },
-        "TokenService/CreatePersonalAccessToken": async () =>
-          (await tokens((await login()).accessToken).createPersonalAccessToken({ name: "pat" })).id,
-        "TokenService/RevokePersonalAccessToken": async () => {
-          const c = tokens((await login()).accessToken);
-          const { id } = await c.createPersonalAccessToken({ name: "pat" });
-          await c.revokePersonalAccessToken({ id });
-          return id;
-        },
-        "TokenService/CreateApiKey": async () =>
-          (await tokens((await login()).accessToken).createApiKey({ name: "key" })).id,
-        "TokenService/RevokeApiKey": async () => {
-          const c = tokens((await login()).accessToken);
-          const { id } = await c.createApiKey({ name: "key" });
-          await c.revokeApiKey({ id });
-          return id;
-        },
-        "UserService/UpdateUser": async () => {
-          await admin.users.updateUser({ id: userId, disabled: false });
-          return userId;
-        },
-        "MachineUserService/CreateMachineUser": async () =>
-          (await bearerMachine(memoryTransport(app), t.token, [])).machine.id,
-        "MachineUserService/UpdateMachineUser": async () => {
-          await admin.machines.updateMachineUser({ id: machine.machine.id, name: `mu-${short()}` });
-          return machine.machine.id;
-        },
-        "MachineUserService/BindCertificate": async () => {
-          const { binding } = await admin.machines.bindCertificate({
-            machineUserId: machine.machine.id,
-            identity: { case: "sha256Fingerprint", value: fp },
-          });
-          bindingId = binding!.id;
-          return machine.machine.id;
-        },
-        "MachineUserService/UnbindCertificate": async () => {
-          await admin.machines.unbindCertificate({
-            machineUserId: machine.machine.id,
-            identity: { case: "bindingId", value: bindingId },
-          });
-          return machine.machine.id;
-        },
-        "MachineUserService/RegisterBackend": async () => {
-          backendId = (
-            await m.registerBackend({
-              callbackUrl: `https://backend-${short()}.example/cb`,
-              version: "1",
-              applicationId: t.application.id,
-            })
-          ).backendId;
-          return backendId;
-        },
-        "MachineUserService/IssueAccessToken": async () => {
-          await m.issueAccessToken({});
-          return machine.machine.id;
-        },
-        "MachineUserService/DeregisterBackend": async () => {
-          await admin.machines.deregisterBackend({ id: backendId });
-          return backendId;
-        },
-        "MachineUserService/RotateMachineUserCredentials": async () => {
-          await admin.machines.rotateMachineUserCredentials({ id: machine.machine.id });
-          return machine.machine.id;
-        },
-        "MachineUserService/DeleteMachineUser": async () => {
-          await admin.machines.deleteMachineUser({ id: machine.machine.id });
-          return machine.machine.id;
-        },
-        "UserService/DeleteUser": async () => {
-          await admin.users.deleteUser({ id: userId });
-          return userId;
-        },
-      };
-      // Every audited RPC has a driver here: one added without a target decision fails.
-      expect(
-        audited()
-          .map((n) => n.replace(/^tessera\.v1\./, ""))
-          .sort(),
-      ).toEqual(Object.keys(drivers).sort());
-      // A * caller's records are the platform's (no tenant): in its own tenant (the default
-      // one) they would show that tenant's auditors the ids of other tenants' objects.
-      const rootTenant = "";
-      const asRoot = new Set(["TenantService/CreateTenant", "TenantService/UpdateTenant"]);
-      for (const [action, drive] of Object.entries(drivers)) {
-        const target = await drive();
-        const event = await newest(action);
-        expect([action, event.outcome, event.targetId], action).toEqual([action, "success", target]);
-        // Recorded in the tenant the object is in: its admins see it.
-        expect([action, event.tenantId], action).toEqual([
-          action,
-          asRoot.has(action) ? rootTenant : t.tenant.id,
+    // Run by the tenant's admin, and by a `*` principal of another tenant (the bootstrap
+    // admin) acting on the same tenant's objects: each record is in that tenant either way.
+    it.each([
+      ["the tenant's admin", false],
+      ["a * principal of another tenant", true],
+    ])(
+      "names what each call acted on, so that target_id finds an object's whole history (by %s)",
+      async (_, bySuperuser) => {
+        const t = await tenantWithAdmin(memoryTransport(app), root, [
+          "admin:audit",
+          "admin:users",
+          "admin:tenants",
+          "admin:machine-users",
         ]);
-      }
-      // The user's whole history, its creation included, under its id.
-      const history = await audit(t.token).listAuditEvents({ targetId: userId, pageSize: 200 });
-      expect(history.events.at(-1)!.action).toBe("tessera.v1.UserService/CreateUser");
-      expect(history.events[0]!.action).toBe("tessera.v1.UserService/DeleteUser");
-    });
+        const actor = bySuperuser ? root : t.token;
+        const inT = { tenantId: t.tenant.id };
+        const admin = as(actor);
+        const username = `u-${short()}`;
+        const password = "a good long password";
+        const login = () =>
+          clients(memoryTransport(app)).users.login({ username, password, tenant: t.tenant.id });
+        const tokens = (token: string) => clientFor(TokenService, memoryTransport(app), token);
+        const machine = await bearerMachine(memoryTransport(app), actor, [t.application.id], inT);
+        const m = as(machine.token).machines;
+        const fp = Buffer.alloc(32, Math.floor(Math.random() * 256)).toString("hex");
+        let userId = "";
+        let bindingId = "";
+        let backendId = "";
+        // Each RPC (in the order they can run), with the target its record must name.
+        const drivers: Record<string, () => Promise<string | null>> = {
+          "TenantService/CreateTenant": async () =>
+            (await as(root).tenants.createTenant({ name: `t-${short()}` })).tenant!.id,
+          "TenantService/UpdateTenant": async () => {
+            await as(root).tenants.updateTenant({ id: t.tenant.id, name: `t-${short()}` });
+            return t.tenant.id;
+          },
+          "TenantService/CreateApplication": async () =>
+            (await admin.tenants.createApplication({ name: `a-${short()}`, ...inT })).application!.id,
+          "TenantService/DeleteApplication": async () => {
+            const { application } = await admin.tenants.createApplication({ name: `a-${short()}`, ...inT });
+            await admin.tenants.deleteApplication({ id: application!.id });
+            return application!.id;
+          },
+          "UserService/CreateUser": async () => {
+            userId = (await admin.users.createUser({ username, password, scopes: ["admin:audit"], ...inT }))
+              .user!.id;
+            return userId;
+          },
+          "UserService/Login": async () => {
+            await login();
+            return userId;
+          },
+          "UserService/RefreshToken": async () => {
+            await clients(memoryTransport(app)).users.refreshToken({
+              refreshToken: (await login()).refreshToken,
+            });
+            return userId;
+          },
+          "UserService/Logout": async () => {
+            await clients(memoryTransport(app)).users.logout({ refreshToken: (await login()).refreshToken });
+            return userId;
+          },
+          "UserService/ChangePassword": async () => {
+            const token = (await login()).accessToken;
+            await as(token).users.changePassword({ currentPassword: password, newPassword: password });
+            return userId;
+          },
+          "TokenService/CreatePersonalAccessToken": async () =>
+            (await tokens((await login()).accessToken).createPersonalAccessToken({ name: "pat" })).id,
+          "TokenService/RevokePersonalAccessToken": async () => {
+            const c = tokens((await login()).accessToken);
+            const { id } = await c.createPersonalAccessToken({ name: "pat" });
+            await c.revokePersonalAccessToken({ id });
+            return id;
+          },
+          "TokenService/CreateApiKey": async () =>
+            (await tokens((await login()).accessToken).createApiKey({ name: "key" })).id,
+          "TokenService/RevokeApiKey": async () => {
+            const c = tokens((await login()).accessToken);
+            const { id } = await c.createApiKey({ name: "key" });
+            await c.revokeApiKey({ id });
+            return id;
+          },
+          "UserService/UpdateUser": async () => {
+            await admin.users.updateUser({ id: userId, disabled: false });
+            return userId;
+          },
+          "MachineUserService/CreateMachineUser": async () =>
+            (await bearerMachine(memoryTransport(app), actor, [], inT)).machine.id,
+          "MachineUserService/UpdateMachineUser": async () => {
+            await admin.machines.updateMachineUser({ id: machine.machine.id, name: `mu-${short()}` });
+            return machine.machine.id;
+          },
+          "MachineUserService/BindCertificate": async () => {
+            const { binding } = await admin.machines.bindCertificate({
+              machineUserId: machine.machine.id,
+              identity: { case: "sha256Fingerprint", value: fp },
+            });
+            bindingId = binding!.id;
+            return machine.machine.id;
+          },
+          "MachineUserService/UnbindCertificate": async () => {
+            await admin.machines.unbindCertificate({
+              machineUserId: machine.machine.id,
+              identity: { case: "bindingId", value: bindingId },
+            });
+            return machine.machine.id;
+          },
+          "MachineUserService/RegisterBackend": async () => {
+            backendId = (
+              await m.registerBackend({
+                callbackUrl: `https://backend-${short()}.example/cb`,
+                version: "1",
+                applicationId: t.application.id,
+              })
+            ).backendId;
+            return backendId;
+          },
+          "MachineUserService/IssueAccessToken": async () => {
+            await m.issueAccessToken({});
+            return machine.machine.id;
+          },
+          "MachineUserService/DeregisterBackend": async () => {
+            await admin.machines.deregisterBackend({ id: backendId });
+            return backendId;
+          },
+          "MachineUserService/RotateMachineUserCredentials": async () => {
+            await admin.machines.rotateMachineUserCredentials({ id: machine.machine.id });
+            return machine.machine.id;
+          },
+          "MachineUserService/DeleteMachineUser": async () => {
+            await admin.machines.deleteMachineUser({ id: machine.machine.id });
+            return machine.machine.id;
+          },
+          "UserService/DeleteUser": async () => {
+            await admin.users.deleteUser({ id: userId });
+            return userId;
+          },
+        };
+        // The drivers that act through `admin` (the run's actor), not as t's user or machine.
+        const driversByAdmin = new Set([
+          "TenantService/CreateApplication",
+          "TenantService/DeleteApplication",
+          "UserService/CreateUser",
+          "UserService/UpdateUser",
+          "UserService/DeleteUser",
+          "MachineUserService/CreateMachineUser",
+          "MachineUserService/UpdateMachineUser",
+          "MachineUserService/BindCertificate",
+          "MachineUserService/UnbindCertificate",
+          "MachineUserService/DeregisterBackend",
+          "MachineUserService/RotateMachineUserCredentials",
+          "MachineUserService/DeleteMachineUser",
+        ]);
+        // Every audited RPC has a driver here: one added without a target decision fails.
+        expect(
+          audited()
+            .map((n) => n.replace(/^tessera\.v1\./, ""))
+            .sort(),
+        ).toEqual(Object.keys(drivers).sort());
+        // A * caller's records are in the tenant it acted on (UpdateTenant: t's, and all of them
+        // in the second run), never in its own; a new tenant is on no tenant yet: the
+        // platform's (no tenant). A handler that forgot to name its object's tenant fails here.
+        const rootTenant = "";
+        const asRoot = new Set(["TenantService/CreateTenant"]);
+        for (const [action, drive] of Object.entries(drivers)) {
+          const target = await drive();
+          const event = await newest(action);
+          expect([action, event.outcome, event.targetId], action).toEqual([action, "success", target]);
+          // Recorded in the tenant the object is in: its admins see it.
+          expect([action, event.tenantId], action).toEqual([
+            action,
+            asRoot.has(action) ? rootTenant : t.tenant.id,
+          ]);
+        }
+        // t's auditor sees the * principal's acts on t with the actor as the platform, and only
+        // those: every one the root ran above (and, in t's set-up, its application and admin).
+        const platform = new Set([
+          "TenantService/UpdateTenant",
+          "TenantService/CreateApplication",
+          "UserService/CreateUser",
+        ]);
+        if (bySuperuser)
+          for (const action of Object.keys(drivers)) if (driversByAdmin.has(action)) platform.add(action);
+        const shown = await audit(t.token).listAuditEvents({ actorId: "platform", pageSize: 500 });
+        expect(new Set(shown.events.map((e) => e.action.replace(/^tessera\.v1\./, "")))).toEqual(platform);
+        expect(new Set(shown.events.map((e) => [e.actorId, e.ip, e.tenantId].join(" ")))).toEqual(
+          new Set([`platform  ${t.tenant.id}`]),
+        );
+        // The user's whole history, its creation included, under its id.
+        const history = await audit(t.token).listAuditEvents({ targetId: userId, pageSize: 200 });
+        expect(history.events.at(-1)!.action).toBe("tessera.v1.UserService/CreateUser");
+        expect(history.events[0]!.action).toBe("tessera.v1.UserService/DeleteUser");
+      },
+    );
 
     it("records a failed Login of an existing user in its tenant, and an unknown username exactly as before", async () => {
       const t = await tenantWithAdmin(memoryTransport(app), root, ["admin:audit", "admin:users"]);

@@ -1,7 +1,7 @@
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { AuditLog } from "../audit.js";
-import { isSuperuser } from "../auth/principal.js";
+import { isSuperuser, type Principal } from "../auth/principal.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import { driverErrorAsTesseraError } from "../storage/errors.js";
@@ -56,18 +56,56 @@ export const AUDIT_TARGETS: Readonly<Record<string, AuditTargetRule>> = {
 };
 
 /**
- * Name what an audited call acted on, for its record (the `handler` rule of
- * {@link AUDIT_TARGETS}). `tenantId`: the record's tenant when the call has no principal
- * to give it one (a failed Login of a user that exists, so that its tenant's admins see
- * guessing against their users).
+ * Name what an audited call acts on, for its record: `id` where the request does not name
+ * it (the `handler` rule of {@link AUDIT_TARGETS}: what the call created, the user a Login or
+ * a refresh token resolved to), and always the tenant that object is in, or null for an act
+ * on no single tenant (CreateTenant). The tenant is required so that no handler can name an
+ * object without it: it decides who reads the record (see {@link auditFiling}). Handlers
+ * that load an object by id name its tenant through `reachesTenant` (services/common.ts).
  */
-export function auditTarget(state: RequestState, targetId: string, tenantId?: string): void {
-  state.audited = tenantId === undefined ? { targetId } : { targetId, tenantId };
+export function auditTarget(state: RequestState, target: { id?: string; tenantId: string | null }): void {
+  const audited = state.audited;
+  if (audited === undefined)
+    state.audited =
+      target.id === undefined
+        ? { tenantId: target.tenantId }
+        : { targetId: target.id, tenantId: target.tenantId };
+  else {
+    if (target.id !== undefined) audited.targetId = target.id;
+    audited.tenantId = target.tenantId;
+  }
+}
+
+/** Where a record is filed: {@link auditFiling}'s answer. */
+export interface AuditFiling {
+  tenantId: string | null;
+  actorOutside: boolean;
+}
+
+/**
+ * The one rule of where an audit record is filed, so read by that tenant's `admin:audit`
+ * holders. A principal without `*` acts only in its own tenant: there. A `*` principal (the
+ * bootstrap admin, of the default tenant; the static admin token, of none) acts on any
+ * tenant's objects: in the tenant of the object acted on (`targetTenant`), so that its
+ * auditors see what the platform did to them, and never in the actor's own, whose auditors
+ * would read other tenants' object ids; none (`*` readers only) when the act is on no single
+ * tenant. No principal: the tenant of the object named (a failed Login of a user that
+ * exists). `actorOutside`: the actor is not of the tenant filed under, so that tenant's
+ * readers see it as the platform, never by its id (services/audit/audit-service.ts).
+ */
+export function auditFiling(actor: Principal | null | undefined, targetTenant: string | null): AuditFiling {
+  if (actor === null || actor === undefined) return { tenantId: targetTenant, actorOutside: false };
+  if (!isSuperuser(actor)) return { tenantId: actor.tenantId, actorOutside: false };
+  return { tenantId: targetTenant, actorOutside: targetTenant !== null && targetTenant !== actor.tenantId };
+}
+
+/** The target decision of `method`. */
+function ruleOf(method: DescMethod): AuditTargetRule {
+  return AUDIT_TARGETS[`${method.parent.typeName}/${method.name}`] ?? "id";
 }
 
 /** The target of a record, as {@link AUDIT_TARGETS} decides it for `method`. */
-function targetOf(state: RequestState, method: DescMethod, message: unknown): string | null {
-  const rule = AUDIT_TARGETS[`${method.parent.typeName}/${method.name}`] ?? "id";
+function targetOf(state: RequestState, rule: AuditTargetRule, message: unknown): string | null {
   let id: unknown;
   if (rule === "id" || rule === "machineUserId")
     id = (message as Record<string, unknown> | undefined)?.[rule];
@@ -94,10 +132,14 @@ export function auditCall(
   reason: string | null,
 ): void {
   const p = state.principal;
-  const target = targetOf(state, method, message);
+  const rule = ruleOf(method);
+  const target = targetOf(state, rule, message);
+  // A call on the caller itself is in the caller's tenant; else where the handler said it acted.
+  const filing = auditFiling(p, rule === "actor" ? (p?.tenantId ?? null) : (state.audited?.tenantId ?? null));
   audit.record({
     requestId: state.requestId,
-    tenantId: recordTenant(state),
+    tenantId: filing.tenantId,
+    actorOutside: filing.actorOutside,
     actorKind: p?.kind ?? "anonymous",
     actorId: p?.id ?? null,
     action: `${method.parent.typeName}/${method.name}`,
@@ -106,17 +148,4 @@ export function auditCall(
     reason,
     ip: state.ip,
   });
-}
-
-/**
- * The tenant a record is stored in, so read by that tenant's `admin:audit` holders: the
- * actor's. Not a cross-tenant principal's (`*`): what it does may name any tenant's objects,
- * which its own tenant's admins must not see (the tenant wall), so its records are the
- * platform's, with no tenant, read by `*` holders only, as the static admin token's are.
- * No principal: the tenant a handler named (a failed Login of a user that exists), else none.
- */
-function recordTenant(state: RequestState): string | null {
-  const p = state.principal;
-  if (p === null || p === undefined) return state.audited?.tenantId ?? null;
-  return isSuperuser(p) ? null : p.tenantId;
 }

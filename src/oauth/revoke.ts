@@ -1,3 +1,4 @@
+import { auditFiling } from "../admission/audit.js";
 import type { AuditLog } from "../audit.js";
 import type { AccessTokenClaims, JwtService } from "../auth/jwt.js";
 import type { Principal } from "../auth/principal.js";
@@ -57,7 +58,8 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
   }
   deps.audit.record({
     requestId: req.state.requestId,
-    tenantId: principal.tenantId,
+    // The caller's own credential: in the caller's tenant.
+    ...auditFiling(principal, principal.tenantId),
     actorKind: principal.kind,
     actorId: principal.id,
     action: REVOKE_ACTION,

@@ -160,7 +160,7 @@ async function refreshToken(deps: TokenEndpointDeps, req: OAuthRequest): Promise
     pair = await deps.sessions.rotate(deps.storage.em.fork(), token, {
       ...(requested !== undefined ? { scopes: requested } : {}),
       ...(owner !== undefined ? { owner } : {}),
-      resolved: (user) => auditTarget(req.state, user.id, user.tenantId),
+      resolved: (user) => auditTarget(req.state, { id: user.id, tenantId: user.tenantId }),
     });
   } catch (err) {
     rethrow(err, requested !== undefined ? "scope" : "grant");

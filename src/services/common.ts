@@ -1,6 +1,7 @@
 import type { HandlerContext } from "@connectrpc/connect";
 import type { EntityName } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
+import { auditTarget } from "../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import type { Principal } from "../auth/principal.js";
@@ -33,6 +34,19 @@ export function tenantWhere<K extends string>(principal: Principal, column: K): 
 export function canSeeTenant(principal: Principal, tenantId: string): boolean {
   const scope = tenantScope(principal);
   return scope === null || scope === tenantId;
+}
+
+/**
+ * Whether the caller of `ctx` may act on a row of `tenantId` ({@link canSeeTenant}; not
+ * visible reads as NotFound). When it may, the call now acts in that tenant: named as its
+ * audit record's tenant (auditTarget), so that a `*` caller's act on the row is filed where
+ * the row's tenant's auditors read it. Every handler loading an object by id checks it
+ * through here, so none can act on an object without naming its tenant.
+ */
+export function reachesTenant(ctx: HandlerContext, tenantId: string): boolean {
+  if (!canSeeTenant(principalOf(ctx), tenantId)) return false;
+  auditTarget(requestState(ctx.values), { tenantId });
+  return true;
 }
 
 /**

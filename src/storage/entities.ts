@@ -162,6 +162,8 @@ export class AuditEvent {
   at: Date = new Date();
   requestId!: string;
   tenantId?: string | null = null;
+  /** 1: the actor is not of `tenantId`, shown to that tenant's readers as the platform; else 0. */
+  actorOutside = 0;
   actorKind!: string;
   actorId?: string | null = null;
   action!: string;
@@ -179,6 +181,7 @@ export const AuditEventSchema = new EntitySchema<AuditEvent>({
     at: { type: "Date", index: true },
     requestId: { type: "string", length: 64 },
     tenantId: { type: "string", length: 36, nullable: true, index: true },
+    actorOutside: { type: "smallint", default: 0 },
     actorKind: { type: "string", length: 32 },
     actorId: { type: "string", length: 64, nullable: true },
     action: { type: "string", length: 128 },

@@ -1,3 +1,4 @@
+import { auditFiling } from "../admission/audit.js";
 import { authenticationRefusal } from "../admission/authenticate.js";
 import type { AuditLog } from "../audit.js";
 import type { Authenticator } from "../auth/authenticator.js";
@@ -113,7 +114,9 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
     const p = verification.principal;
     audit.record({
       requestId: callerState.requestId,
-      tenantId: caller.tenantId,
+      // A `*` caller's verification is filed in the verified credential's tenant (none when
+      // nothing verified), never in the caller's own: its auditors would read that id.
+      ...auditFiling(caller, p?.tenantId ?? null),
       actorKind: caller.kind,
       actorId: caller.id,
       action: VERIFY_ACTION,

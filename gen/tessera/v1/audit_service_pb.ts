@@ -41,8 +41,10 @@ export type AuditEvent = Message<"tessera.v1.AuditEvent"> & {
   requestId: string;
 
   /**
-   * The actor's tenant; empty when no actor was identified, and for the events of an actor
-   * holding `*` (the platform's: they may name any tenant's objects, so only `*` reads them).
+   * The tenant the event is in: the actor's; for an actor holding `*` (which acts across
+   * tenants), the tenant of the object it acted on, and empty when that is no single tenant
+   * (CreateTenant); without an actor, the named object's (a failed Login of a user that
+   * exists), else empty.
    *
    * @generated from field: string tenant_id = 4;
    */
@@ -56,7 +58,9 @@ export type AuditEvent = Message<"tessera.v1.AuditEvent"> & {
   actorKind: string;
 
   /**
-   * The actor's id; empty for anonymous callers.
+   * The actor's id; empty for anonymous callers. "platform" to a reader without `*` when
+   * the actor is not of the event's tenant (a `*` principal of another tenant, the static
+   * admin token): the operator's identity is not the tenant's to read; `ip` is empty then.
    *
    * @generated from field: string actor_id = 6;
    */
@@ -131,7 +135,8 @@ export type ListAuditEventsRequest = Message<"tessera.v1.ListAuditEventsRequest"
   tenantId: string;
 
   /**
-   * Only events of this actor (a user, machine user or admin-token id).
+   * Only events of this actor (a user, machine user or admin-token id; "platform": the
+   * events a reader without `*` sees with that actor).
    *
    * @generated from field: string actor_id = 4;
    */
@@ -220,7 +225,8 @@ export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> 
  * another tenant reads exactly like a tenant without events. A principal holding `*` (the
  * bootstrap admin, the static admin token) sees every tenant's events, and events that
  * belong to no tenant (e.g. a login refused before anyone was identified), and may filter
- * by tenant.
+ * by tenant. What a `*` principal did to a tenant's object is that tenant's event: its
+ * `admin:audit` holders see it, with the actor shown as the platform (see `actor_id`).
  *
  * @generated from service tessera.v1.AuditService
  */

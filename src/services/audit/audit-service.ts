@@ -26,19 +26,33 @@ function filterValue(value: string, field: string, max: number): string | null {
   return value;
 }
 
-function toProto(event: StoredAuditEvent): MessageInitShape<typeof AuditEventSchema> {
+/**
+ * How an actor from outside the reader's tenant is shown to it ({@link toProto}): kind kept,
+ * this id in place of its own, and no address. A fixed word, not an id: the default tenant's
+ * superuser or the static admin token is the platform operator, whose identity is not the
+ * tenant's to read (the tenant wall); `actor_id` = this finds those events.
+ */
+export const PLATFORM_ACTOR_ID = "platform";
+
+/**
+ * An event as `reader`'s tenant sees it (`walled`: the reader lacks `*`): an actor of
+ * another tenant (a `*` principal that acted on this tenant's object) as the platform, never
+ * by its id or address.
+ */
+function toProto(event: StoredAuditEvent, walled: boolean): MessageInitShape<typeof AuditEventSchema> {
+  const hidden = walled && event.actorOutside;
   return {
     id: event.id,
     time: timestampFromMs(event.at),
     requestId: event.requestId,
     tenantId: event.tenantId ?? "",
     actorKind: event.actorKind,
-    actorId: event.actorId ?? "",
+    actorId: hidden ? PLATFORM_ACTOR_ID : (event.actorId ?? ""),
     action: event.action,
     targetId: event.targetId ?? "",
     outcome: event.outcome,
     reason: event.reason ?? "",
-    ip: event.ip ?? "",
+    ip: hidden ? "" : (event.ip ?? ""),
   };
 }
 
@@ -46,7 +60,8 @@ function toProto(event: StoredAuditEvent): MessageInitShape<typeof AuditEventSch
  * AuditService: the audit log, read through its repository (one indexed query per page;
  * the rows are plain records, no entity needs loading). Tenant-scoped like every list: a
  * caller without `*` is confined to its own tenant, and naming another tenant is an empty
- * list, exactly like a tenant without events.
+ * list, exactly like a tenant without events. Within a tenant, what a `*` principal of
+ * another tenant did there is shown with the actor as the platform ({@link PLATFORM_ACTOR_ID}).
  */
 export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof AuditService> {
   return {
@@ -61,6 +76,12 @@ export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof A
         filter.tenantId = scope;
       } else filter.tenantId = tenant;
       filter.actorId = filterValue(req.actorId, "actor_id", 64);
+      if (scope !== null && filter.actorId !== null) {
+        // As the events are shown: the platform's under its word, and no outside actor by its
+        // own id (else naming the operator's id would tell whether it acted here).
+        filter.actorOutside = filter.actorId === PLATFORM_ACTOR_ID;
+        if (filter.actorOutside) filter.actorId = null;
+      }
       filter.action = filterValue(req.action, "action", 128);
       if (req.outcome) {
         if (req.outcome !== "success" && req.outcome !== "failure")
@@ -80,7 +101,10 @@ export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof A
 
       const rows = await deps.events.list(filter, limit + 1);
       const page = keysetPage(rows, limit, pageToken, (event) => [event.at, event.id]);
-      return { events: page.items.map(toProto), nextPageToken: page.nextPageToken };
+      return {
+        events: page.items.map((event) => toProto(event, scope !== null)),
+        nextPageToken: page.nextPageToken,
+      };
     },
   };
 }

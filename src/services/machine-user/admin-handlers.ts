@@ -105,7 +105,7 @@ export function machineUserAdminHandlers(
         throw err;
       }
       if (created === undefined) throw new Error("the machine user's transaction ended without it");
-      auditTarget(requestState(ctx.values), id);
+      auditTarget(requestState(ctx.values), { id, tenantId: created.tenantId });
       return {
         machineUser: await toProto(ctx, created),
         token: credential.token,

@@ -5,6 +5,7 @@ import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
 import type { MachineUserService } from "../../../gen/tessera/v1/machine_user_service_pb.js";
+import { auditFiling } from "../../admission/audit.js";
 import { assertMayManage } from "../../auth/authority.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
@@ -182,7 +183,7 @@ export function certificateBindingHandlers(
         const state = requestState(ctx.values);
         deps.audit?.record({
           requestId: state.requestId,
-          tenantId: displaced.tenantId,
+          ...auditFiling(null, displaced.tenantId),
           actorKind: "system",
           actorId: null,
           action: DISPLACED_ACTION,

@@ -13,7 +13,7 @@ import {
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, canSeeTenant, principalOf, tenantWhere } from "../common.js";
+import { assertId, principalOf, reachesTenant, tenantWhere } from "../common.js";
 import { type MachineDetails, machineUserToProto } from "./messages.js";
 
 /** The lookups of {@link createMachineUserLookups}, passed to each group of handlers. */
@@ -27,7 +27,7 @@ export function createMachineUserLookups(storage: Storage) {
   async function visibleMachineUser(ctx: HandlerContext, id: string, field = "id"): Promise<MachineUser> {
     assertId(id, "machine user", field);
     const mu = await em(ctx).findOne(MachineUser, { id });
-    if (!mu || !canSeeTenant(principalOf(ctx), mu.tenantId)) throw errors.notFound("machine user");
+    if (!mu || !reachesTenant(ctx, mu.tenantId)) throw errors.notFound("machine user");
     return mu;
   }
 

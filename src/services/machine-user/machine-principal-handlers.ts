@@ -12,7 +12,7 @@ import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Application, Backend, MachineUser } from "../../storage/machine-entities.js";
-import { assertId, canSeeTenant, principalOf } from "../common.js";
+import { assertId, principalOf, reachesTenant } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { visibleTenant } from "../tenant/tenant-service.js";
 import { issueMachineAccessToken } from "./access-token.js";
@@ -97,7 +97,7 @@ export function machinePrincipalHandlers(
         e.clear();
         backend = await upsert();
       }
-      auditTarget(requestState(ctx.values), backend.id);
+      auditTarget(requestState(ctx.values), { id: backend.id, tenantId: backend.tenantId });
       return { success: true, backendId: backend.id, message: "Backend registered successfully" };
     },
 
@@ -126,7 +126,7 @@ export function machinePrincipalHandlers(
       if (req.applicationId !== undefined) {
         assertId(req.applicationId, "application", "application_id");
         const app = await e.findOne(Application, { id: req.applicationId });
-        if (!app || !canSeeTenant(principalOf(ctx), app.tenantId)) throw errors.notFound("application");
+        if (!app || !reachesTenant(ctx, app.tenantId)) throw errors.notFound("application");
         where.applicationId = app.id;
       }
       if (req.machineUserId !== undefined)
@@ -139,7 +139,7 @@ export function machinePrincipalHandlers(
       assertId(req.id, "backend");
       const e = em(ctx);
       const backend = await e.findOne(Backend, { id: req.id });
-      if (!backend || !canSeeTenant(principalOf(ctx), backend.tenantId)) throw errors.notFound("backend");
+      if (!backend || !reachesTenant(ctx, backend.tenantId)) throw errors.notFound("backend");
       // Deregistering cuts the backend's machine user off its callbacks: a change to it.
       const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
       if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });

@@ -19,7 +19,7 @@ import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, canSeeTenant, principalOf, tenantWhere } from "../common.js";
+import { assertId, principalOf, reachesTenant, tenantWhere } from "../common.js";
 import { listRequest } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
@@ -57,7 +57,7 @@ export async function visibleTenant(
   field = "id",
 ): Promise<Tenant> {
   assertId(id, "tenant", field);
-  if (!canSeeTenant(principalOf(ctx), id)) throw errors.notFound("tenant");
+  if (!reachesTenant(ctx, id)) throw errors.notFound("tenant");
   const tenant = await em.findOne(Tenant, { id });
   if (!tenant) throw errors.notFound("tenant");
   return tenant;
@@ -87,7 +87,7 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
   async function visibleApplication(ctx: HandlerContext, id: string): Promise<Application> {
     assertId(id, "application");
     const app = await em(ctx).findOne(Application, { id });
-    if (!app || !canSeeTenant(principalOf(ctx), app.tenantId)) throw errors.notFound("application");
+    if (!app || !reachesTenant(ctx, app.tenantId)) throw errors.notFound("application");
     return app;
   }
 
@@ -117,7 +117,8 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         updatedAt: now,
       });
       await flushUnique(ctx, "a tenant with this name exists");
-      auditTarget(requestState(ctx.values), tenant.id);
+      // A new tenant is the platform's act, on no tenant yet: only `*` readers see it.
+      auditTarget(requestState(ctx.values), { id: tenant.id, tenantId: null });
       return { tenant: tenantToProto(tenant) };
     },
 
@@ -176,7 +177,7 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
         createdAt: new Date(),
       });
       await flushUnique(ctx, "an application with this name exists in the tenant");
-      auditTarget(requestState(ctx.values), app.id);
+      auditTarget(requestState(ctx.values), { id: app.id, tenantId });
       return { application: applicationToProto(app) };
     },
 

@@ -23,7 +23,14 @@ import { User } from "../../storage/entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
 import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
-import { assertGrantableScopes, assertId, canSeeTenant, principalOf, tenantScope } from "../common.js";
+import {
+  assertGrantableScopes,
+  assertId,
+  canSeeTenant,
+  principalOf,
+  reachesTenant,
+  tenantScope,
+} from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertMakerStands, revokeMadeWith } from "./maker.js";
 
@@ -163,7 +170,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       { kind: label[kind], id: row.id },
       async () => (await deps.storage.em.fork().count(ApiToken, { id: row.id })) > 0,
     );
-    auditTarget(requestState(ctx.values), row.id);
+    auditTarget(requestState(ctx.values), { id: row.id, tenantId: row.tenantId });
     try {
       await assertMakerStands(deps.storage.em.fork(), principal, requestState(ctx.values));
     } catch (err) {
@@ -260,7 +267,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
     const row = await em(ctx).findOne(ApiToken, { id, kind });
     const visible =
       row !== null &&
-      canSeeTenant(principal, row.tenantId) &&
+      reachesTenant(ctx, row.tenantId) &&
       (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
     if (!visible) throw errors.notFound(label[kind]);
     if (row.ownerUserId !== principal.id) {

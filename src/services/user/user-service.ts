@@ -22,9 +22,9 @@ import {
   assertId,
   assertPassword,
   assertUsername,
-  canSeeTenant,
   principalChanged,
   principalOf,
+  reachesTenant,
   tenantWhere,
   writeIfScopesHold,
 } from "../common.js";
@@ -92,7 +92,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
   async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
     assertId(id, "user");
     const user = await em(ctx).findOne(User, { id });
-    if (!user || !canSeeTenant(principalOf(ctx), user.tenantId)) throw errors.notFound("user");
+    if (!user || !reachesTenant(ctx, user.tenantId)) throw errors.notFound("user");
     return user;
   }
 
@@ -132,7 +132,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // A user that exists is named in the record, in its tenant, so that the tenant's
       // admins see guessing against their users; an unknown username is recorded exactly as
       // before (no tenant, no target): the record of a name is not an oracle of its existence.
-      if (user) auditTarget(state, user.id, user.tenantId);
+      if (user) auditTarget(state, { id: user.id, tenantId: user.tenantId });
       if (!user || !ok || user.disabled || !tenant || tenant.disabled) {
         await attempt?.failed();
         throw new TesseraError("CREDENTIALS_INVALID", GENERIC_LOGIN_FAILURE);
@@ -161,7 +161,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
       const state = requestState(ctx.values);
       const pair = await sessions.rotate(em(ctx), req.refreshToken, {
-        resolved: (user) => auditTarget(state, user.id, user.tenantId),
+        resolved: (user) => auditTarget(state, { id: user.id, tenantId: user.tenantId }),
       });
       return {
         accessToken: pair.accessToken,
@@ -175,7 +175,9 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
     async logout(req, ctx) {
       if (!req.refreshToken) throw errors.invalidArgument("refresh_token is required", "refresh_token");
       const state = requestState(ctx.values);
-      await sessions.logout(em(ctx), req.refreshToken, (user) => auditTarget(state, user.id, user.tenantId));
+      await sessions.logout(em(ctx), req.refreshToken, (user) =>
+        auditTarget(state, { id: user.id, tenantId: user.tenantId }),
+      );
       return {};
     },
 
@@ -270,9 +272,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         tenantId = req.tenantId;
       }
       // Another tenant reads exactly like a tenant that does not exist (no oracle).
-      const tenant = canSeeTenant(principal, tenantId)
-        ? await em(ctx).findOne(Tenant, { id: tenantId })
-        : null;
+      const tenant = reachesTenant(ctx, tenantId) ? await em(ctx).findOne(Tenant, { id: tenantId }) : null;
       if (!tenant) throw errors.notFound("tenant");
       // Unique per tenant: a name taken only in another tenant is simply free here.
       if (await em(ctx).count(User, { tenantId, username: req.username }))
@@ -291,7 +291,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         updatedAt: now,
       });
       await em(ctx).flush();
-      auditTarget(requestState(ctx.values), user.id);
+      auditTarget(requestState(ctx.values), { id: user.id, tenantId });
       return { user: userToProto(user) };
     },
 

@@ -14,6 +14,7 @@ import { Migration20261205100000_revocation_events } from "./Migration2026120510
 import { Migration20261206020000_binder_authority } from "./Migration20261206020000_binder_authority.js";
 import { Migration20261206050000_token_lineage } from "./Migration20261206050000_token_lineage.js";
 import { Migration20261206060000_session_prune_indexes } from "./Migration20261206060000_session_prune_indexes.js";
+import { Migration20261206070000_audit_actor_outside } from "./Migration20261206070000_audit_actor_outside.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -47,5 +48,9 @@ export const MIGRATIONS: MigrationObject[] = [
   {
     name: "Migration20261206060000_session_prune_indexes",
     class: Migration20261206060000_session_prune_indexes,
+  },
+  {
+    name: "Migration20261206070000_audit_actor_outside",
+    class: Migration20261206070000_audit_actor_outside,
   },
 ];

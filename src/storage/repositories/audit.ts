@@ -6,6 +6,8 @@ export interface AuditEventRow {
   at: Date;
   requestId: string;
   tenantId: string | null;
+  /** The actor is not of `tenantId` (see AuditRecord.actorOutside). */
+  actorOutside: boolean;
   actorKind: string;
   actorId: string | null;
   action: string;
@@ -24,6 +26,8 @@ export interface StoredAuditEvent extends Omit<AuditEventRow, "at"> {
 export interface AuditEventFilter {
   tenantId?: string | null;
   actorId?: string | null;
+  /** Only events whose actor is (true) or is not (false) of another tenant than the event's. */
+  actorOutside?: boolean | null;
   action?: string | null;
   outcome?: string | null;
   targetId?: string | null;
@@ -36,9 +40,10 @@ export interface AuditEventFilter {
   after?: { at: number; id: string } | null;
 }
 
-const COLUMNS = "id, at, request_id, tenant_id, actor_kind, actor_id, action, target_id, outcome, reason, ip";
+const COLUMNS =
+  "id, at, request_id, tenant_id, actor_outside, actor_kind, actor_id, action, target_id, outcome, reason, ip";
 
-/** Rows per insert at most: 11 parameters each, far under both databases' parameter limits. */
+/** Rows per insert at most: 12 parameters each, far under both databases' parameter limits. */
 export const MAX_AUDIT_BATCH = 512;
 
 /**
@@ -51,7 +56,7 @@ export const SYNC_AUDIT_BATCH = 16;
 
 /** The insert of `n` rows. `on conflict do nothing`: a retry after a commit whose answer was lost adds nothing. */
 function insertSql(n: number): string {
-  const row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+  const row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
   return `insert into audit_events (${COLUMNS}) values ${Array.from({ length: n }, () => row).join(", ")} on conflict (id) do nothing`;
 }
 
@@ -70,6 +75,8 @@ interface AuditRow {
   at: unknown;
   request_id: string;
   tenant_id: string | null;
+  /** 0 or 1. */
+  actor_outside: number;
   actor_kind: string;
   actor_id: string | null;
   action: string;
@@ -100,6 +107,7 @@ export class AuditEventRepository {
         e.at,
         e.requestId,
         e.tenantId,
+        e.actorOutside ? 1 : 0,
         e.actorKind,
         e.actorId,
         e.action,
@@ -134,6 +142,10 @@ export class AuditEventRepository {
         params.push(value);
       }
     }
+    if (typeof filter.actorOutside === "boolean") {
+      where.push("actor_outside = ?");
+      params.push(filter.actorOutside ? 1 : 0);
+    }
     if (filter.start) {
       where.push("at >= ?");
       params.push(filter.start);
@@ -157,6 +169,7 @@ export class AuditEventRepository {
       at: toMillis(r.at) ?? 0,
       requestId: r.request_id,
       tenantId: r.tenant_id,
+      actorOutside: Number(r.actor_outside) === 1,
       actorKind: r.actor_kind,
       actorId: r.actor_id,
       action: r.action,
