@@ -528,9 +528,10 @@ describe("the downstream auth core", () => {
       expect(fake.verifyCalls).toBe(1);
     });
 
-    it("asks Tessera about an HS256 token by default, cached and dropped by its session's event, but never about an algorithm Tessera does not sign", async () => {
+    it("asks Tessera about an HS256 token by default on a deployment publishing no key, cached and dropped by its session's event, but never about an algorithm Tessera does not sign", async () => {
       const ed = signer();
-      const { fake, clock, fetches, auth: a } = setup({ jwks: [ed.jwk] });
+      // An HS256 Tessera: its JWKS is empty.
+      const { fake, clock, fetches, auth: a } = setup({ jwks: [] });
       await up(fake, a);
       const good = claimsAt(clock.t);
       const hs = ed.token(good, { alg: "HS256", kid: "hs256" });
@@ -539,7 +540,11 @@ describe("the downstream auth core", () => {
       expect(await a.authenticate(`Bearer ${hs}`)).toMatchObject({ id: "user-1", sessionId: "session-1" });
       await a.authenticate(`Bearer ${hs}`);
       expect(fake.verifyCalls).toBe(1);
-      expect(fetches).toEqual([]);
+      // The key set fetched once (discovery, then the JWKS) to learn there is none.
+      expect(fetches).toEqual([
+        "https://tessera.invalid/.well-known/oauth-authorization-server",
+        "https://tessera.invalid/jwks",
+      ]);
       fake.streams[0]!.push({
         cursor: "c2",
         events: [{ kind: RevocationKind.SESSION, id: "session-1", tenantId: "tenant-1" } as never],
@@ -554,6 +559,72 @@ describe("the downstream auth core", () => {
           "TOKEN_INVALID",
         );
       expect(fake.verifyCalls).toBe(2);
+    });
+
+    it("refuses an HS256 token by default without asking Tessera when the JWKS holds a key, whatever its kid", async () => {
+      const ed = signer();
+      const { fake, clock, auth: a } = setup({ jwks: [ed.jwk] });
+      await up(fake, a);
+      const good = claimsAt(clock.t);
+      for (const kid of ["hs256", ed.kid, "made-up"]) {
+        const hs = ed.token(good, { alg: "HS256", kid });
+        fake.answers.set(hs, valid({ credentialKind: "jwt" }));
+        expect((await refusal(a.authenticate(`Bearer ${hs}`))).reason, kid).toBe("TOKEN_INVALID");
+      }
+      expect(fake.verifyCalls).toBe(0);
+      expect(a.stats().jwksFetches).toBe(1);
+    });
+
+    it("answers UNAVAILABLE for an HS256 token while the key set was never fetched, retrying the fetch at most once a second", async () => {
+      const ed = signer();
+      const jwksDown = { down: true };
+      const { fake, clock, auth: a } = setup({ jwks: [], jwksDown });
+      const hs = ed.token(claimsAt(clock.t), { alg: "HS256", kid: "hs256" });
+      fake.answers.set(hs, valid({ credentialKind: "jwt" }));
+      for (let i = 0; i < 5; i++) {
+        const err = await refusal(a.authenticate(`Bearer ${hs}`));
+        expect(err.reason).toBe("UNAVAILABLE");
+        expect(err.retryAfterSeconds).toBe(1);
+      }
+      expect(a.stats().jwksFetches).toBe(1);
+      clock.t += 999;
+      expect((await refusal(a.authenticate(`Bearer ${hs}`))).reason).toBe("UNAVAILABLE");
+      expect(a.stats().jwksFetches).toBe(1);
+      clock.t += 1;
+      jwksDown.down = false;
+      expect((await a.authenticate(`Bearer ${hs}`)).id).toBe("user-1");
+      expect(a.stats().jwksFetches).toBe(2);
+      expect(fake.verifyCalls).toBe(1);
+    });
+
+    it("follows a deployment switching algorithm: its keys learnt from a token's unknown kid, or once the key set ages", async () => {
+      const ed = signer();
+      const jwks: object[] = [];
+      const { fake, clock, auth: a } = setup({ jwks });
+      const hs = ed.token(claimsAt(clock.t), { alg: "HS256", kid: "hs256" });
+      fake.answers.set(hs, valid({ credentialKind: "jwt" }));
+      expect((await a.authenticate(`Bearer ${hs}`)).id).toBe("user-1");
+      expect(fake.verifyCalls).toBe(1);
+      // HS256 to EdDSA: the first EdDSA token names a kid the empty set lacks, fetched again.
+      jwks.push(ed.jwk);
+      clock.t += 30_000;
+      const t = ed.token(claimsAt(clock.t));
+      fake.answers.set(t, valid({ credentialKind: "jwt" }));
+      expect((await a.authenticate(`Bearer ${t}`)).id).toBe("user-1");
+      expect(a.stats().jwksFetches).toBe(2);
+      // Keys published: an HS256 token is refused offline from now on.
+      const calls = fake.verifyCalls;
+      const hs2 = ed.token(claimsAt(clock.t, { jti: "jti-2" }), { alg: "HS256", kid: "hs256" });
+      fake.answers.set(hs2, valid({ credentialKind: "jwt" }));
+      expect((await refusal(a.authenticate(`Bearer ${hs2}`))).reason).toBe("TOKEN_INVALID");
+      expect(fake.verifyCalls).toBe(calls);
+      // Back to HS256: refused until the key set ages (jwksMaxAgeMs) and is found empty.
+      jwks.splice(0);
+      clock.t += 300_001;
+      const hs3 = ed.token(claimsAt(clock.t, { jti: "jti-3" }), { alg: "HS256", kid: "hs256" });
+      fake.answers.set(hs3, valid({ credentialKind: "jwt" }));
+      expect((await a.authenticate(`Bearer ${hs3}`)).id).toBe("user-1");
+      expect(fake.verifyCalls).toBe(calls + 1);
     });
 
     it('asks Tessera about every JWT with jwt.verify "online", and never fetches the key set', async () => {

@@ -1,3 +1,4 @@
+import { join } from "node:path";
 import {
   Code,
   ConnectError,
@@ -62,24 +63,27 @@ function cuttableStreams(inner: Transport) {
   };
 }
 
-describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
-  let ts: TestServer;
+/**
+ * A real Tessera over TLS signing with `alg` (`jwt`: its `auth.jwt` config), a tenant and a
+ * service of it holding `auth:verify`; the hooks are those of the calling describe.
+ */
+function deployment(jwt: Record<string, unknown>, alg: "HS256" | "EdDSA") {
+  const env = {} as { ts: TestServer; tenantId: string };
   let verifier: string;
-  let tenantId: string;
   const clock = pinnableClock();
   const cores: TesseraAuth[] = [];
   const seen: (TesseraPrincipal | undefined)[] = [];
 
   beforeAll(async () => {
-    ts = await startTestServer(SQLITE, { auth: { jwt: { secret: SECRET } } }, undefined, {
-      clock: clock.now,
-    });
+    env.ts = await startTestServer(SQLITE, { auth: { jwt } }, undefined, { clock: clock.now });
+    const ts = env.ts;
     const root = clients(ts.connect(), await adminLogin(ts.connect()));
-    tenantId = (await root.tenants.createTenant({ name: `hs256-${short()}` })).tenant!.id;
+    env.tenantId = (await root.tenants.createTenant({ name: `${alg}-${short()}` })).tenant!.id;
+    const tenantId = env.tenantId;
     verifier = (
       await root.machines.createMachineUser({
         tenantId,
-        name: `hs256-service-${short()}`,
+        name: `${alg}-service-${short()}`,
         authType: MachineAuthType.BEARER,
         scopes: ["auth:verify"],
       })
@@ -92,20 +96,21 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
   });
 
   afterAll(async () => {
-    await ts?.close();
+    await env.ts?.close();
   });
 
-  /** A user of `tenant` logged in: its HS256 access token, refresh token and id. */
-  async function login(tenant = tenantId) {
+  /** A user of `tenant` logged in: its access token (signed `alg`), refresh token and id. */
+  async function login(tenant = env.tenantId) {
+    const { ts } = env;
     const root = clients(ts.connect(), await adminLogin(ts.connect()));
-    const username = `hs-${short()}`;
+    const username = `${alg}-${short()}`;
     const password = "hs256 user password";
     const id = (
       await root.users.createUser({ username, password, scopes: ["things:read"], tenantId: tenant })
     ).user!.id;
     const res = await createClient(UserService, ts.connect()).login({ username, password, tenant });
     expect(JSON.parse(Buffer.from(res.accessToken.split(".")[0]!, "base64url").toString())).toMatchObject({
-      alg: "HS256",
+      alg,
     });
     return { id, token: res.accessToken, refresh: res.refreshToken };
   }
@@ -114,8 +119,11 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
   async function downstream(
     opts: { verify?: JwtVerifyMode; transport?: Transport; now?: () => number; watch?: boolean } = {},
   ) {
+    const { ts } = env;
     const auth = createTesseraAuth({
       server: ts.server.url,
+      // The JWKS fetched over TLS too (node:https, this CA).
+      caFile: join(ts.certs.dir, "ca.crt"),
       transport:
         opts.transport ?? createGrpcTransport({ baseUrl: ts.server.url, nodeOptions: { ca: ts.certs.ca } }),
       credential: verifier,
@@ -152,6 +160,12 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     return { auth, call };
   }
 
+  return { env, clock, login, downstream };
+}
+
+describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
+  const { env, clock, login, downstream } = deployment({ secret: SECRET }, "HS256");
+
   it("admits an HS256 access token downstream through VerifyCredential, then from the cache", async () => {
     const user = await login();
     const { auth, call } = await downstream();
@@ -159,14 +173,15 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     expect((await call(user.token)).principal).toMatchObject({
       id: user.id,
       kind: "user",
-      tenantId,
+      tenantId: env.tenantId,
       credentialKind: "jwt",
       sessionId: sid,
       scopes: ["things:read"],
     });
     await call(user.token);
     await call(user.token);
-    expect(auth.stats()).toMatchObject({ verifyCalls: 1, offlineJwts: 0, jwksFetches: 0 });
+    // The JWKS fetched once, as for an offline token: empty, so HS256 is verified by Tessera.
+    expect(auth.stats()).toMatchObject({ verifyCalls: 1, offlineJwts: 0, jwksFetches: 1 });
   });
 
   it("refuses the token on the next call once its session is logged out (the cached answer dropped)", async () => {
@@ -176,7 +191,7 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     expect((await call(user.token)).principal?.id).toBe(user.id);
     expect(auth.stats()).toMatchObject({ verifyCalls: 1, cacheSize: 1 });
     const events = auth.stats().watch!.events;
-    await clientFor(UserService, ts.connect(), user.token).logout({ refreshToken: user.refresh });
+    await clientFor(UserService, env.ts.connect(), user.token).logout({ refreshToken: user.refresh });
     await expect.poll(() => auth.stats().watch!.events).toBeGreaterThan(events);
     expect(auth.stats().cacheSize).toBe(0);
     expect(await call(user.token)).toEqual({ code: Code.Unauthenticated, reason: "TOKEN_REVOKED" });
@@ -191,7 +206,7 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     expect((await call(user.token)).principal?.id).toBe(user.id);
     expect(auth.stats()).toMatchObject({ verifyCalls: 1, cacheSize: 1 });
     const events = auth.stats().watch!.events;
-    const root = clients(ts.connect(), await adminLogin(ts.connect()));
+    const root = clients(env.ts.connect(), await adminLogin(env.ts.connect()));
     await root.users.updateUser({ id: user.id, disabled: true });
     await expect.poll(() => auth.stats().watch!.events).toBeGreaterThan(events);
     expect(auth.stats().cacheSize).toBe(0);
@@ -218,7 +233,7 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
   it("with the watch stream down, serves no cached answer: a session logged out meanwhile is refused", async () => {
     const user = await login();
     const streams = cuttableStreams(
-      createGrpcTransport({ baseUrl: ts.server.url, nodeOptions: { ca: ts.certs.ca } }),
+      createGrpcTransport({ baseUrl: env.ts.server.url, nodeOptions: { ca: env.ts.certs.ca } }),
     );
     const { auth, call } = await downstream({ transport: streams.transport });
     expect((await call(user.token)).principal?.id).toBe(user.id);
@@ -231,7 +246,7 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     expect((await call(user.token)).principal?.id).toBe(user.id);
     expect(auth.stats()).toMatchObject({ verifyCalls: 2, cacheSize: 0 });
     // The revocation's event cannot arrive: Tessera's answer refuses the token.
-    await clientFor(UserService, ts.connect(), user.token).logout({ refreshToken: user.refresh });
+    await clientFor(UserService, env.ts.connect(), user.token).logout({ refreshToken: user.refresh });
     expect(await call(user.token)).toEqual({ code: Code.Unauthenticated, reason: "TOKEN_REVOKED" });
     expect(auth.stats().verifyCalls).toBe(3);
     streams.restore();
@@ -255,7 +270,7 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
         reason: "CREDENTIALS_INVALID",
       });
     // A genuine token of a tenant the service may not see: behind Tessera's tenant wall.
-    const root = clients(ts.connect(), await adminLogin(ts.connect()));
+    const root = clients(env.ts.connect(), await adminLogin(env.ts.connect()));
     const other = (await root.tenants.createTenant({ name: `hs256-other-${short()}` })).tenant!.id;
     const stranger = await login(other);
     expect(await call(stranger.token)).toEqual({ code: Code.Unauthenticated, reason: "CREDENTIALS_INVALID" });
@@ -275,9 +290,39 @@ describe("the SDK against a Tessera signing HS256 (sqlite)", () => {
     const user = await login();
     const { auth } = await downstream({ watch: false });
     expect((await auth.authenticate(`Bearer ${user.token}`)).id).toBe(user.id);
-    await clientFor(UserService, ts.connect(), user.token).logout({ refreshToken: user.refresh });
+    await clientFor(UserService, env.ts.connect(), user.token).logout({ refreshToken: user.refresh });
     const err = await auth.authenticate(`Bearer ${user.token}`).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(TesseraAuthError);
     expect((err as TesseraAuthError).reason).toBe("TOKEN_REVOKED");
+  });
+});
+
+describe("the SDK against a Tessera signing EdDSA (sqlite)", () => {
+  const { login, downstream } = deployment({ algorithm: "EdDSA" }, "EdDSA");
+
+  it('in "auto", refuses forged HS256 tokens offline: none costs a VerifyCredential call', async () => {
+    const user = await login();
+    const { auth, call } = await downstream();
+    const claims = JSON.parse(Buffer.from(user.token.split(".")[1]!, "base64url").toString()) as Record<
+      string,
+      unknown
+    >;
+    const kid = JSON.parse(Buffer.from(user.token.split(".")[0]!, "base64url").toString()).kid as string;
+    // What an attacker sends at will: the header is theirs, so is the secret; each token new.
+    for (let i = 0; i < 20; i++) {
+      const forged = await new SignJWT({ ...claims, jti: `forged-${i}` })
+        .setProtectedHeader({ alg: "HS256", kid: i % 2 === 0 ? "hs256" : kid, typ: "at+jwt" })
+        .sign(new TextEncoder().encode(`attacker-secret-${i}-0123456789abcdef0123`));
+      expect(await call(forged), `forged ${i}`).toEqual({
+        code: Code.Unauthenticated,
+        reason: "TOKEN_INVALID",
+      });
+    }
+    expect(auth.stats()).toMatchObject({ verifyCalls: 0, jwksFetches: 1 });
+    // The genuine token passes the offline checks, then (issued before this service's watch
+    // began) Tessera's, once: its answer is cached.
+    expect((await call(user.token)).principal?.id).toBe(user.id);
+    expect((await call(user.token)).principal?.id).toBe(user.id);
+    expect(auth.stats()).toMatchObject({ verifyCalls: 1, jwksFetches: 1 });
   });
 });

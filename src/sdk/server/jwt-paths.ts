@@ -7,14 +7,11 @@ import type { RevocationWatch } from "./revocation-watch.js";
 
 /**
  * How JWTs are verified: "offline" against Tessera's JWKS only (a token signed otherwise is
- * refused); "online" by Tessera's VerifyCredential, as an opaque credential; "auto" offline
- * where the token's algorithm allows, by Tessera otherwise (HS256: a shared secret publishes
- * no key a downstream could check with).
+ * refused); "online" by Tessera's VerifyCredential, as an opaque credential; "auto" decided
+ * by the deployment, not by the token: offline while the JWKS holds a key the allowlist
+ * accepts, by Tessera when it holds none (HS256: a shared secret publishes no key).
  */
 export type JwtVerifyMode = "offline" | "online" | "auto";
-
-/** The algorithms Tessera signs access tokens with (`auth.jwt.algorithm`, or HS256 with `auth.jwt.secret`). */
-const TESSERA_ALGORITHMS: readonly string[] = ["EdDSA", "ES256", "HS256"];
 
 /** The `alg` a JWT's header names, read only to route the token: nothing in it is trusted. */
 function headerAlg(token: string): unknown {
@@ -28,24 +25,28 @@ function headerAlg(token: string): unknown {
   }
 }
 
+/** The algorithms Tessera signs access tokens with (`auth.jwt.algorithm`, or HS256 with `auth.jwt.secret`). */
+const TESSERA_ALGORITHMS: readonly string[] = ["EdDSA", "ES256", "HS256"];
+
 /**
  * Whether `token` (of a JWT's shape) is verified by Tessera rather than offline. In "auto",
- * only an algorithm Tessera signs with and the offline allowlist does not hold goes to
- * Tessera; any other (`none`, RS256, garbage) can be no Tessera token and is refused
- * offline without spending a VerifyCredential call (nor the service's verification budget).
+ * a token goes to Tessera only when the deployment publishes no key the offline allowlist
+ * accepts (`keyless`: the JWKS, fetched as for an offline token; HS256 publishes none) and
+ * its header names an algorithm Tessera signs with that the allowlist lacks. The header is
+ * the caller's to write, so it never decides alone: on a deployment with keys, an HS256
+ * token is refused offline and a forged one spends no VerifyCredential call, nor the
+ * service's failure budget at Tessera; `none`, RS256 or garbage are refused on any deployment.
  */
-export function verifiesOnline(
+export async function verifiesOnline(
   token: string,
   mode: JwtVerifyMode,
   offline: readonly JwtAlgorithm[],
-): boolean {
+  keyless: () => Promise<boolean>,
+): Promise<boolean> {
   if (mode !== "auto") return mode === "online";
   const alg = headerAlg(token);
-  return (
-    typeof alg === "string" &&
-    TESSERA_ALGORITHMS.includes(alg) &&
-    !(offline as readonly string[]).includes(alg)
-  );
+  if (typeof alg !== "string" || !TESSERA_ALGORITHMS.includes(alg)) return false;
+  return !(offline as readonly string[]).includes(alg) && (await keyless());
 }
 
 /**

@@ -102,6 +102,12 @@ export interface OfflineJwtVerifier {
    * no key set could be fetched.
    */
   verify(token: string): Promise<AccessTokenClaims>;
+  /**
+   * Whether the JWKS (fetched or refreshed as for a token) holds a key the allowlist accepts:
+   * false on a Tessera signing HS256, which publishes none. @throws TesseraAuthError
+   * UNAVAILABLE when no key set could ever be fetched.
+   */
+  hasKeys(): Promise<boolean>;
   /** Fetches of the JWKS so far (start, age, unknown kids). */
   readonly fetches: number;
   /** Key sets installed so far: moves on every successful fetch (a key may have left). */
@@ -151,14 +157,18 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
     return inflight;
   }
 
-  async function keyFor(kid: string): Promise<Key> {
+  /**
+   * The key set brought up to date where due: on first use, past `maxAgeMs`, or for a `kid`
+   * it lacks (at most once per `refetchGapMs`). @throws UNAVAILABLE when no set was ever fetched.
+   */
+  async function current(kid?: string): Promise<void> {
     const t = now();
     // After a failed fetch (Tessera down or overloaded), tried again at most once per
     // FAILED_FETCH_GAP_MS, not on every call: meanwhile the last keys stay in use.
     const retry =
       fetchedAt >= lastAttempt || t - lastAttempt >= Math.min(FAILED_FETCH_GAP_MS, options.refetchGapMs);
     const stale = t - fetchedAt > options.maxAgeMs && retry;
-    const unknown = !keys.has(kid) && t - lastAttempt >= options.refetchGapMs;
+    const unknown = kid !== undefined && !keys.has(kid) && t - lastAttempt >= options.refetchGapMs;
     if (stale || unknown) {
       try {
         await refresh();
@@ -175,6 +185,10 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
       throw new TesseraAuthError("UNAVAILABLE", "Tessera's signing keys cannot be fetched", {
         retryAfterSeconds: 1,
       });
+  }
+
+  async function keyFor(kid: string): Promise<Key> {
+    await current(kid);
     const key = keys.get(kid);
     if (!key) throw invalid("access token is signed by an unknown key");
     return key;
@@ -241,6 +255,10 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
 
   return {
     verify: verifyToken,
+    async hasKeys() {
+      await current();
+      return keys.size > 0;
+    },
     get fetches() {
       return fetches;
     },

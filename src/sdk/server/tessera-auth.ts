@@ -53,8 +53,10 @@ export interface TesseraAuthOptions {
   /**
    * How JWTs are verified (default "auto"): "offline" against the JWKS only, refusing any
    * other algorithm; "online" every JWT by VerifyCredential, as an opaque credential (cached
-   * and revoked alike); "auto" offline where `algorithms` holds the token's algorithm, by
-   * VerifyCredential otherwise: a Tessera signing HS256 (`auth.jwt.secret`) publishes no key.
+   * and revoked alike); "auto" by what the deployment publishes, never by the token's header
+   * alone: offline while the JWKS holds a key `algorithms` accepts (an HS256 token is then
+   * refused without asking Tessera), by VerifyCredential when it holds none, as a Tessera
+   * signing HS256 (`auth.jwt.secret`) publishes no key.
    */
   jwt?: { verify?: JwtVerifyMode };
   /** Tolerated clock difference with Tessera in seconds, for nbf/iat (default 30; never added to exp). */
@@ -139,9 +141,9 @@ interface Admitted {
 }
 
 /**
- * Create the core. Access tokens are verified offline (JWKS) where their algorithm allows
- * (see `jwt.verify`); personal access tokens, API keys, machine tokens, Basic pairs and the
- * access tokens of an HS256 Tessera through Tessera's VerifyCredential, whose VALID
+ * Create the core. Access tokens are verified offline (JWKS) where the deployment publishes
+ * keys (see `jwt.verify`); personal access tokens, API keys, machine tokens, Basic pairs and
+ * the access tokens of an HS256 Tessera through Tessera's VerifyCredential, whose VALID
  * answers are cached while the WatchRevocations stream is up (each event drops what it
  * names); while it is down (not yet connected, broken, silent past twice its heartbeat)
  * the cache is empty and every call is verified by Tessera, access tokens included.
@@ -291,12 +293,14 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     return { principal, epoch, until, offline: false, credential };
   }
 
+  const keyless = async () => !(await jwt.hasKeys());
+
   /** The full path: the header parsed, the credential verified (offline, cached, or by Tessera). */
   async function admit(authorization: string | undefined): Promise<Admitted> {
     const credential = credentialOf(authorization);
     if (!looksLikeJwt(credential)) return online(credential);
     // Verified by Tessera exactly as an opaque credential: its claims are never trusted here.
-    if (verifiesOnline(credential, jwtMode, algorithms)) return online(credential, true);
+    if (await verifiesOnline(credential, jwtMode, algorithms, keyless)) return online(credential, true);
     const claims = await jwt.verify(credential);
     const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
