@@ -810,6 +810,13 @@ describe.each(DATABASES)("opaque tokens verified before ($name)", (db) => {
     // On PostgreSQL too: the user and session rows are in its state cache (pg-state.ts).
     expect(again.scoped).toEqual([false]);
     expect(again.answeredNow).toEqual([true]);
+    // Both limits counted in memory without a promise: the whole admission was synchronous,
+    // and the answer keeps a limit's headers, this call counted.
+    expect(again.synchronous).toBe(true);
+    const headers = again.state.responseHeaders!;
+    const { perIpPerMinute, perPrincipalPerMinute } = limited.config.rateLimit;
+    expect([String(perIpPerMinute), String(perPrincipalPerMinute)]).toContain(headers["x-ratelimit-limit"]);
+    expect(Number(headers["x-ratelimit-remaining"])).toBeLessThan(Number(headers["x-ratelimit-limit"]));
     // Refusals too: a token of an ended session, decided at once and counted as a failure.
     const login = await clientFor(UserService, memoryTransport(limited)).login({
       username: "admin",

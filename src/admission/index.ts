@@ -9,7 +9,7 @@ import { budgetKey } from "../client-ip.js";
 import { type RequestState, requestState } from "../context.js";
 import { isRefusal, reasonForCode, TesseraError, tesseraErrorInfo } from "../errors.js";
 import { toWireError } from "../interceptors/errors.js";
-import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import { type LimitResult, type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
 import { nodeHeaderSource, stateOf } from "../server/request-facts.js";
 import type { WireError } from "../transport/early-answers.js";
 import { refusalOnTheWire } from "../transport/error-wire.js";
@@ -54,8 +54,8 @@ export const BEFORE_BODY: unique symbol = Symbol("before the body");
  * not read yet; an audited method's authentication then waits for it (it is not run, and
  * undefined is returned with `state.admission` at "counted").
  * @returns the refusal, or undefined to go on; synchronously when decided without I/O
- *   (rate limits off, a credential whose rows the state cache keeps: auth/awaitable.ts),
- *   else a promise that never rejects.
+ *   (rate limits off or counted in memory, a credential whose rows the state cache keeps:
+ *   auth/awaitable.ts), else a promise that never rejects.
  */
 export function admit(
   deps: AdmissionDeps,
@@ -77,8 +77,11 @@ export function admit(
   return afterCount(deps, method, rule, headers, state, message);
 }
 
-/** The per-IP limit, then the rest. */
-async function counted(
+/**
+ * The per-IP limit, then the rest. Synchronous when the limit's store is memory (the
+ * default: `Limiter.consumeNow`), so that a call decided without I/O costs no promise.
+ */
+function counted(
   deps: AdmissionDeps,
   limits: RateLimits,
   method: DescMethod,
@@ -86,15 +89,34 @@ async function counted(
   headers: HeaderSource,
   state: RequestState,
   message: unknown,
-): Promise<unknown> {
+): unknown {
+  let key: string;
+  let now: LimitResult | undefined;
   try {
-    const result = await limits.perIp.consume(budgetKey(state.ip));
-    // Refused by the per-IP limit: never audited (a flood must not become a flood of writes).
-    if (!result.allowed) return rateLimitedError(result);
-    state.responseHeaders = rateLimitHeaders(result);
+    key = budgetKey(state.ip);
+    now = limits.perIp.consumeNow(key);
   } catch (err) {
     return err;
   }
+  if (now !== undefined) return ipCounted(deps, method, rule, headers, state, message, now);
+  return limits.perIp
+    .consume(key)
+    .then((result) => ipCounted(deps, method, rule, headers, state, message, result), refusalOf);
+}
+
+/** The per-IP limit's `result`: its refusal, else the rest of admission. */
+function ipCounted(
+  deps: AdmissionDeps,
+  method: DescMethod,
+  rule: AuthRule,
+  headers: HeaderSource,
+  state: RequestState,
+  message: unknown,
+  result: LimitResult,
+): unknown {
+  // Refused by the per-IP limit: never audited (a flood must not become a flood of writes).
+  if (!result.allowed) return rateLimitedError(result);
+  state.responseHeaders = rateLimitHeaders(result);
   state.admission = "counted";
   return afterCount(deps, method, rule, headers, state, message);
 }
@@ -169,7 +191,7 @@ function authenticateAndAuthorize(
  * rule admits and its scopes must cover every scope the rule requires; then the
  * per-principal rate limit counts the call.
  * @returns the refusal (PRINCIPAL_NOT_ALLOWED, ACCESS_DENIED, RATE_LIMITED) or undefined,
- *   or a promise of either when the per-principal limit is counted
+ *   or a promise of either when the per-principal limit is counted in Redis
  */
 function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | undefined): unknown {
   const principal = state.principal!;
@@ -180,16 +202,27 @@ function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | und
 
 /**
  * The per-principal limit: its refusal (RATE_LIMITED, or its store's failure), else
- * undefined with the tighter of the two limits' headers kept for the answer.
+ * undefined with the tighter of the two limits' headers kept for the answer. Synchronous
+ * when the limit's store is memory, else a promise that never rejects.
  */
-function countPrincipal(limits: RateLimits, state: RequestState, kind: string, id: string): Promise<unknown> {
-  return limits.perPrincipal.consume(`${kind}:${id}`).then((result) => {
-    if (!result.allowed) return rateLimitedError(result);
-    const current = state.responseHeaders;
-    if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
-      state.responseHeaders = rateLimitHeaders(result);
-    return undefined;
-  }, refusalOf);
+function countPrincipal(limits: RateLimits, state: RequestState, kind: string, id: string): unknown {
+  const key = `${kind}:${id}`;
+  let now: LimitResult | undefined;
+  try {
+    now = limits.perPrincipal.consumeNow(key);
+  } catch (err) {
+    return err;
+  }
+  if (now !== undefined) return principalCounted(state, now);
+  return limits.perPrincipal.consume(key).then((result) => principalCounted(state, result), refusalOf);
+}
+
+function principalCounted(state: RequestState, result: LimitResult): unknown {
+  if (!result.allowed) return rateLimitedError(result);
+  const current = state.responseHeaders;
+  if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
+    state.responseHeaders = rateLimitHeaders(result);
+  return undefined;
 }
 
 /** A rejection's error, returned as the refusal it is (admission returns refusals, never throws them). */

@@ -1,6 +1,6 @@
 // One fixed-window limiter over rate-limiter-flexible (memory, or Redis shared between
 // instances): consume, refund and block, with the outcome the edge turns into headers.
-import { type RateLimiterAbstract, RateLimiterRes } from "rate-limiter-flexible";
+import { type RateLimiterAbstract, RateLimiterMemory, RateLimiterRes } from "rate-limiter-flexible";
 
 /** Outcome of one counted request. */
 export interface LimitResult {
@@ -29,15 +29,22 @@ export class Limiter {
    */
   private readonly spent = new Map<string, number>();
 
+  /** The memory store's counter when `impl` is rate-limiter-flexible's memory limiter alone ({@link consumeNow}). */
+  private readonly memory: MemoryStorage | undefined;
+
   constructor(
     private readonly impl: RateLimiterAbstract,
     readonly limit: number,
     /** What it limits, as the `limiter` label of `tessera_rate_limit_refusals_total` names it. */
     readonly name = "unnamed",
-  ) {}
+  ) {
+    this.memory = memoryStorageOf(impl);
+  }
 
   /** Count one request for `key`. */
   async consume(key: string): Promise<LimitResult> {
+    const now = this.consumeNow(key);
+    if (now !== undefined) return now;
     try {
       const res = await this.impl.consume(key);
       if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
@@ -57,6 +64,35 @@ export class Limiter {
       }
       throw res;
     }
+  }
+
+  /**
+   * Count one request for `key` without a promise, when the store is memory alone (no
+   * Redis): what rate-limiter-flexible's `RateLimiterMemory.consume` does (the same count in
+   * the same store, the same window and refusal), minus the promise it wraps that in. An
+   * admitted call counts two limits (per IP, per principal); with a promise each it could
+   * not be decided synchronously. Undefined when the store needs I/O (Redis): `consume`.
+   */
+  consumeNow(key: string): LimitResult | undefined {
+    const memory = this.memory;
+    if (memory === undefined) return undefined;
+    const impl = this.impl;
+    const res = memory.incrby(impl.getKey(key), 1, impl.duration);
+    const remaining = Math.max(impl.points - res.consumedPoints, 0);
+    if (res.consumedPoints > impl.points) {
+      this.refused++;
+      this.remember(key, res.msBeforeNext);
+      return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
+    }
+    if (remaining <= 0) this.remember(key, res.msBeforeNext);
+    return {
+      allowed: true,
+      limit: this.limit,
+      remaining,
+      resetMs: res.msBeforeNext,
+      consumed: res.consumedPoints,
+      windowEnd: Date.now() + res.msBeforeNext,
+    };
   }
 
   /**
@@ -124,4 +160,21 @@ export class Limiter {
       return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
     return null;
   }
+}
+
+/** rate-limiter-flexible's memory store (`RateLimiterMemory._memoryStorage`, stable across v5–v11). */
+interface MemoryStorage {
+  incrby(key: string, value: number, durationSec: number): RateLimiterRes;
+}
+
+/**
+ * The store of a memory limiter that `consumeNow` can count in as its `consume` would: no
+ * block on refusal and no even spreading (which delay answers: Tessera sets neither), and
+ * the store where this version keeps it. Anything else (Redis, a library whose internals
+ * moved) is counted by `consume`, as before.
+ */
+function memoryStorageOf(impl: RateLimiterAbstract): MemoryStorage | undefined {
+  if (!(impl instanceof RateLimiterMemory) || impl.blockDuration > 0 || impl.execEvenly) return undefined;
+  const storage = (impl as unknown as { _memoryStorage?: Partial<MemoryStorage> })._memoryStorage;
+  return typeof storage?.incrby === "function" ? (storage as MemoryStorage) : undefined;
 }
