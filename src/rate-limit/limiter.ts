@@ -162,7 +162,11 @@ export class Limiter {
   }
 }
 
-/** rate-limiter-flexible's memory store (`RateLimiterMemory._memoryStorage`, stable across v5–v11). */
+/**
+ * rate-limiter-flexible's memory store (`RateLimiterMemory._memoryStorage`, stable across v5–v11): a
+ * private field, so package.json pins the library's exact version and test/rate-limit-now.test.ts
+ * compares this path with the library's own `consume` on every upgrade.
+ */
 interface MemoryStorage {
   incrby(key: string, value: number, durationSec: number): RateLimiterRes;
 }
