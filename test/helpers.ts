@@ -11,6 +11,7 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
+import { afterEach } from "vitest";
 import type { AccessLog } from "../src/access-log.js";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
@@ -164,6 +165,30 @@ export async function migrateTo(storage: Storage, direction: "up" | "down", to: 
       await new Promise((r) => setTimeout(r, 25 * attempt));
     }
   }
+}
+
+/**
+ * The storage of a migration test, called inside its `describe`: `open()` connects to a fresh
+ * database with no migration applied (the test then runs `migrateTo` the schema it writes
+ * rows in), and after each test the storage is closed and its PostgreSQL schema dropped.
+ */
+export function migrationStorage(db: TestDatabase): { open(): Promise<Storage> } {
+  let storage: Storage | undefined;
+  let url = "";
+  afterEach(async () => {
+    await storage?.close();
+    storage = undefined;
+    await dropSchema(url);
+    url = "";
+  });
+  return {
+    async open() {
+      // The URL first: should connecting fail, its schema is dropped all the same.
+      url = db.url();
+      storage = await initORM({ url, migrate: false });
+      return storage;
+    },
+  };
 }
 
 /** An in-memory transport through the app's full interceptor chain. */
