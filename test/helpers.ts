@@ -1,6 +1,9 @@
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
+import type { RequestListener } from "node:http";
 import http2 from "node:http2";
+import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { DescService } from "@bufbuild/protobuf";
@@ -189,6 +192,22 @@ export function migrationStorage(db: TestDatabase): { open(): Promise<Storage> }
       return storage;
     },
   };
+}
+
+/**
+ * A downstream service's HTTPS server (an SDK middleware's app) on the test certificates,
+ * listening on 127.0.0.1; its URL names localhost, which the server certificate covers.
+ */
+export async function listenHttps(
+  certsDir: string,
+  app: RequestListener,
+): Promise<{ server: HttpsServer; url: string }> {
+  const server = createHttpsServer(
+    { cert: readFileSync(join(certsDir, "server.crt")), key: readFileSync(join(certsDir, "server.key")) },
+    app,
+  );
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, url: `https://localhost:${(server.address() as AddressInfo).port}` };
 }
 
 /** An in-memory transport through the app's full interceptor chain. */
