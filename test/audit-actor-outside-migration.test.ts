@@ -1,8 +1,7 @@
-import { afterEach, describe, expect, it } from "vitest";
-import { initORM, type Storage } from "../src/storage/orm.js";
+import { describe, expect, it } from "vitest";
 import { AuditEventRepository } from "../src/storage/repositories/audit.js";
 import { createSqlRunner } from "../src/storage/sql.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 const BEFORE = "Migration20261206020000_binder_authority";
 
@@ -12,16 +11,10 @@ const BEFORE = "Migration20261206020000_binder_authority";
  * so none of them is shown as the platform. Down drops the column and keeps the rows.
  */
 describe.each(DATABASES)("audit actor_outside migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("reads existing events as of an actor inside their tenant, and drops the column on the way down", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", BEFORE);
     const knex = storage.em.fork().getKnex();
     // A row as the schema before this migration has it.

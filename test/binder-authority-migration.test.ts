@@ -1,11 +1,10 @@
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { machineOfCertificate } from "../src/auth/machine-principal.js";
 import type { PeerCertificateInfo } from "../src/auth/principal.js";
 import { MachineUserCertificate } from "../src/storage/machine-entities.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
 import { MachineStateRepository } from "../src/storage/repositories/subject-state.js";
 import { createSqlRunner } from "../src/storage/sql.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 const BEFORE = "Migration20261205100000_revocation_events";
 
@@ -27,16 +26,10 @@ function certificate(fingerprint: string, ...sanUris: string[]): PeerCertificate
  * scopeless machine user's. Down drops the column again.
  */
 describe.each(DATABASES)("binder authority migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("reads existing fingerprint and SAN URI bindings as bound with no authority, and drops the column on the way down", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", BEFORE);
     const at = new Date("2026-12-01T10:00:00Z");
     // Rows written as the schema before this migration has them (the entity has a column more).

@@ -1,6 +1,9 @@
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
+import type { RequestListener } from "node:http";
 import http2 from "node:http2";
+import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { DescService } from "@bufbuild/protobuf";
@@ -11,6 +14,7 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
+import { afterEach } from "vitest";
 import type { AccessLog } from "../src/access-log.js";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
@@ -164,6 +168,46 @@ export async function migrateTo(storage: Storage, direction: "up" | "down", to: 
       await new Promise((r) => setTimeout(r, 25 * attempt));
     }
   }
+}
+
+/**
+ * The storage of a migration test, called inside its `describe`: `open()` connects to a fresh
+ * database with no migration applied (the test then runs `migrateTo` the schema it writes
+ * rows in), and after each test the storage is closed and its PostgreSQL schema dropped.
+ */
+export function migrationStorage(db: TestDatabase): { open(): Promise<Storage> } {
+  let storage: Storage | undefined;
+  let url = "";
+  afterEach(async () => {
+    await storage?.close();
+    storage = undefined;
+    await dropSchema(url);
+    url = "";
+  });
+  return {
+    async open() {
+      // The URL first: should connecting fail, its schema is dropped all the same.
+      url = db.url();
+      storage = await initORM({ url, migrate: false });
+      return storage;
+    },
+  };
+}
+
+/**
+ * A downstream service's HTTPS server (an SDK middleware's app) on the test certificates,
+ * listening on 127.0.0.1; its URL names localhost, which the server certificate covers.
+ */
+export async function listenHttps(
+  certsDir: string,
+  app: RequestListener,
+): Promise<{ server: HttpsServer; url: string }> {
+  const server = createHttpsServer(
+    { cert: readFileSync(join(certsDir, "server.crt")), key: readFileSync(join(certsDir, "server.key")) },
+    app,
+  );
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, url: `https://localhost:${(server.address() as AddressInfo).port}` };
 }
 
 /** An in-memory transport through the app's full interceptor chain. */

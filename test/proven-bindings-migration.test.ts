@@ -1,7 +1,6 @@
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { MachineUserCertificate } from "../src/storage/machine-entities.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 /**
  * The proven-bindings migration adds `proven` to certificate bindings: every binding made
@@ -9,16 +8,10 @@ import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
  * proven bind in another tenant), and the column goes again on the way down.
  */
 describe.each(DATABASES)("proven certificate bindings migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("marks every existing binding unproven, and drops the column on the way down", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", "Migration20261204213000_usernames_per_tenant");
     const at = new Date("2026-12-01T10:00:00Z");
     const knex = storage.em.fork().getKnex();

@@ -1,6 +1,4 @@
-import { readFileSync } from "node:fs";
-import { createServer, request, type Server } from "node:https";
-import type { AddressInfo } from "node:net";
+import { request, type Server } from "node:https";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import express, { type Request } from "express";
@@ -16,7 +14,7 @@ import {
   type TesseraPrincipal,
 } from "../src/sdk/server/index.js";
 import { DbProxy } from "./db-proxy.js";
-import { clientFor, DATABASES, startTestServer, type TestServer } from "./helpers.js";
+import { clientFor, DATABASES, listenHttps, startTestServer, type TestServer } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
 
 /**
@@ -136,15 +134,7 @@ describe.each(DATABASES)("the Tessera middleware in an Express app, against Tess
     };
     app.get("/v1/things", read, route);
     app.get("/v1/admin", admin, route);
-    server = createServer(
-      {
-        cert: readFileSync(join(ts.certs.dir, "server.crt")),
-        key: readFileSync(join(ts.certs.dir, "server.key")),
-      },
-      app,
-    );
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    url = `https://localhost:${(server.address() as AddressInfo).port}`;
+    ({ server, url } = await listenHttps(ts.certs.dir, app));
   });
 
   afterAll(async () => {

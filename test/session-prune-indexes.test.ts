@@ -2,8 +2,7 @@ import { randomUUID } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
 import { type PruneWalk, pruneSessions } from "../src/services/user/session-pruning.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { createTestApp, DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { createTestApp, DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 const DAY = 24 * 3600 * 1000;
 const OPTIONS = { refreshTokenTtlSeconds: 3600, maxTokenTtlSeconds: 3600, clockSkewSeconds: 30 };
@@ -108,19 +107,12 @@ describe.each(DATABASES)("session pruning's reads ($name)", (db) => {
 });
 
 describe.each(DATABASES)("session prune indexes migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    storage = undefined;
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("makes the pruning indexes in place of refresh_tokens' family index, and undoes it", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     const indexes = async () => {
-      const knex = storage!.em.fork().getKnex();
+      const knex = storage.em.fork().getKnex();
       const rows =
         db.name === "sqlite"
           ? await knex.raw("select name from sqlite_master where type = 'index'")

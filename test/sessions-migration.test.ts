@@ -1,7 +1,6 @@
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { RefreshToken, Session, Tenant } from "../src/storage/entities.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 /**
  * The sessions migration gives every refresh-token family that existed before it a
@@ -9,16 +8,10 @@ import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
  * one can be refreshed into access tokens that name it.
  */
 describe.each(DATABASES)("sessions migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("backfills one session per existing refresh-token family, revoked when the family was", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", "Migration20261123110000_machine_users");
     const em = storage.em.fork();
     const at = new Date("2026-11-30T10:00:00Z");

@@ -1,24 +1,17 @@
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { SigningKey } from "../src/storage/entities.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 /**
  * The signing key schedule migration numbers existing keys in creation order and lets them
  * sign from their creation, as they did; a second key of one generation is refused.
  */
 describe.each(DATABASES)("signing key schedule migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("numbers existing keys by creation and activates them at their creation", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", "Migration20261204213000_usernames_per_tenant");
     const knex = storage.em.fork().getKnex();
     const at = (s: number) => new Date(Date.parse("2026-11-01T00:00:00Z") + s * 1000);

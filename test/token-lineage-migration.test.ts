@@ -1,6 +1,5 @@
-import { afterEach, describe, expect, it } from "vitest";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 const BEFORE = "Migration20261206020000_binder_authority";
 const LINEAGE = "Migration20261206050000_token_lineage";
@@ -11,16 +10,10 @@ const LINEAGE = "Migration20261206050000_token_lineage";
  * column again and keeps the rows.
  */
 describe.each(DATABASES)("token lineage migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("leaves existing tokens made with nothing known, and drops the column on the way down", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", BEFORE);
     const at = new Date("2026-12-01T10:00:00Z");
     const knex = storage.em.fork().getKnex();

@@ -1,8 +1,7 @@
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { User } from "../src/storage/entities.js";
-import { initORM, type Storage } from "../src/storage/orm.js";
-import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
+import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
 
 /**
  * The per-tenant usernames migration keeps every existing user (marked to keep logging in
@@ -10,16 +9,10 @@ import { DATABASES, dropSchema, migrateTo } from "./helpers.js";
  * in another tenant is accepted, the same name twice in one tenant still refused.
  */
 describe.each(DATABASES)("usernames per tenant migration ($name)", (db) => {
-  let storage: Storage | undefined;
-  let url = "";
-  afterEach(async () => {
-    await storage?.close();
-    await dropSchema(url);
-  });
+  const fresh = migrationStorage(db);
 
   it("keeps existing users and makes usernames unique per tenant instead of globally", async () => {
-    url = db.url();
-    storage = await initORM({ url, migrate: false });
+    const storage = await fresh.open();
     await migrateTo(storage, "up", "Migration20261204200000_sessions");
     const at = new Date("2026-11-30T10:00:00Z");
     const user = (id: string, tenantId: string, username: string) => ({

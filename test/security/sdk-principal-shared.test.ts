@@ -1,6 +1,4 @@
-import { readFileSync } from "node:fs";
-import { createServer, request, type Server } from "node:https";
-import type { AddressInfo } from "node:net";
+import { request, type Server } from "node:https";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import express, { type Request } from "express";
@@ -13,7 +11,7 @@ import {
   principalOf,
   type TesseraAuthMiddleware,
 } from "../../src/sdk/server/index.js";
-import { clientFor, SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { clientFor, listenHttps, SQLITE, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 
 /**
@@ -90,15 +88,7 @@ describe("a principal handed to one call cannot widen the next one", () => {
       reached.push("admin");
       res.json({ ok: true });
     });
-    server = createServer(
-      {
-        cert: readFileSync(join(ts.certs.dir, "server.crt")),
-        key: readFileSync(join(ts.certs.dir, "server.key")),
-      },
-      app,
-    );
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    url = `https://localhost:${(server.address() as AddressInfo).port}`;
+    ({ server, url } = await listenHttps(ts.certs.dir, app));
   });
   afterAll(async () => {
     await new Promise((resolve) => server?.close(resolve));
