@@ -18,7 +18,7 @@ import { assertScopesHold, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
-import { raiseRotationCutoff, recordRotation } from "./access-token.js";
+import { raiseRotationCutoff, recordRotation, revokeMachineAccessTokens } from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -158,6 +158,10 @@ export function machineUserAdminHandlers(
           }
           await tx.flush();
           await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
+          // A disable ends the access tokens issued so far for good, as a user's disable ends
+          // its sessions: re-enabling must not bring them back (its credentials stay).
+          if (req.disabled === true)
+            await revokeMachineAccessTokens(tx, mu.id, clock(), deps.clockSkewSeconds);
         });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) {
