@@ -1,3 +1,4 @@
+import { ConnectError } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineUser } from "../../src/storage/machine-entities.js";
@@ -14,14 +15,16 @@ import { adminLogin, basic, basicMachine, bearerMachine, clients } from "../mach
 describe.each(DATABASES)("a machine user's disable ends its access tokens ($name)", (db) => {
   let ts: TestServer;
   let root: string;
+  const clock = pinnableClock();
 
   beforeAll(async () => {
-    ts = await startTestServer(db);
+    ts = await startTestServer(db, {}, undefined, { clock: clock.now });
     root = await adminLogin(ts.connect());
   });
   afterAll(async () => {
     await ts?.close();
   });
+  afterEach(() => clock.release());
 
   /** The outcome of CheckAuthentication with `token`: "ok" or the refusal's reason. */
   function outcome(token: string): Promise<string> {
@@ -50,6 +53,47 @@ describe.each(DATABASES)("a machine user's disable ends its access tokens ($name
     expect(await outcome(credential)).toBe("ok");
     const after = (await clients(ts.connect(), credential).machines.issueAccessToken({})).accessToken;
     expect(await outcome(after)).toBe("ok");
+  });
+
+  // A call authenticated before the disable committed, signing after it, a second later: the
+  // token would bear a later second than the cut-off, and work again once re-enabled. Forced:
+  // the test's hook on the signature runs the disable (committed) first.
+  it("issues no token signed after a disable that committed since its credential authenticated", async () => {
+    const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
+    const admin = clients(ts.connect(), root).machines;
+    const second = (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
+    clock.pin(second);
+    const jwt = ts.app.jwt;
+    const sign = jwt.issue.bind(jwt);
+    let disabled = false;
+    jwt.issue = async (claims) => {
+      if (claims.subject === machine.id) {
+        jwt.issue = sign;
+        await admin.updateMachineUser({ id: machine.id, disabled: true });
+        disabled = true;
+        clock.pin(second + 1000);
+      }
+      return sign(claims);
+    };
+    let made: string | ConnectError;
+    try {
+      made = await clients(ts.connect(), credential)
+        .machines.issueAccessToken({})
+        .then(
+          (r) => r.accessToken,
+          (e: unknown) => ConnectError.from(e),
+        );
+    } finally {
+      jwt.issue = sign;
+    }
+    expect(disabled).toBe(true);
+    await admin.updateMachineUser({ id: machine.id, disabled: false });
+    if (typeof made === "string")
+      expect(await outcome(made), "a token signed after the disable came back with the re-enable").not.toBe(
+        "ok",
+      );
+    expect(made).toBeInstanceOf(ConnectError);
+    expect((await rejection(Promise.reject(made))).reason).toBe("PRINCIPAL_DISABLED");
   });
 
   it("leaves the tokens alone when an update does not disable", async () => {

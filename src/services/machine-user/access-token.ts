@@ -96,6 +96,16 @@ export async function issueMachineAccessToken(
     if (!cred || (cred.expiresAt && cred.expiresAt.getTime() < issued.expiresAt.getTime()))
       throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
   }
+  // A disable commits its cut-off (revokeMachineAccessTokens) before its caller may re-enable
+  // the machine user; a token signed after that commit, by a call authenticated before it,
+  // bears a later second, and would work again once the machine user is enabled.
+  const state = await em.findOne(
+    MachineUser,
+    { id: mu.id },
+    { fields: ["disabled"], disableIdentityMap: true },
+  );
+  if (!state) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+  if (state.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "machine user is disabled");
   if (principal.method === "mtls" && principal.credentialId) {
     const bound = await em.count(MachineUserCertificate, {
       id: principal.credentialId,
