@@ -96,6 +96,43 @@ describe.each(DATABASES)("a machine user's disable ends its access tokens ($name
     expect((await rejection(Promise.reject(made))).reason).toBe("PRINCIPAL_DISABLED");
   });
 
+  // A token signed between the disable's clock read and its commit, a second later. Forced:
+  // the test's hook on the disable's write of the cut-off obtains a token first. SQLite has
+  // one connection: the token's call reads inside the disable's transaction and is refused, so
+  // the interleaving exists on PostgreSQL only.
+  it.runIf(db.name === "postgres")(
+    "ends a token signed while the disable was being committed, a second later",
+    async () => {
+      const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
+      const admin = clients(ts.connect(), root).machines;
+      const second = (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
+      clock.pin(second);
+      const driver = ts.app.storage.em.getDriver();
+      const nativeUpdate = driver.nativeUpdate.bind(driver);
+      let obtained: string | undefined;
+      driver.nativeUpdate = (async (...args: Parameters<typeof nativeUpdate>) => {
+        const [, where, data] = args;
+        if ((where as { id?: string }).id === machine.id && "rotationGraceUntil" in (data as object)) {
+          driver.nativeUpdate = nativeUpdate;
+          clock.pin(second + 1000);
+          obtained = (await clients(ts.connect(), credential).machines.issueAccessToken({})).accessToken;
+        }
+        return nativeUpdate(...args);
+      }) as typeof nativeUpdate;
+      try {
+        await admin.updateMachineUser({ id: machine.id, disabled: true });
+      } finally {
+        driver.nativeUpdate = nativeUpdate;
+      }
+      expect(obtained, "a token was obtained while the disable was on its way").toBeDefined();
+      await admin.updateMachineUser({ id: machine.id, disabled: false });
+      expect(
+        await outcome(obtained!),
+        "a token signed before the disable committed came back with the re-enable",
+      ).toBe("TOKEN_REVOKED");
+    },
+  );
+
   it("leaves the tokens alone when an update does not disable", async () => {
     const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
     const token = (await clients(ts.connect(), credential).machines.issueAccessToken({})).accessToken;
