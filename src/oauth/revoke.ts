@@ -4,7 +4,7 @@ import type { AccessTokenClaims, JwtService } from "../auth/jwt.js";
 import type { Principal } from "../auth/principal.js";
 import { parseToken } from "../auth/token-format.js";
 import type { Clock } from "../clock.js";
-import { revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
+import { raiseRevocationCutoff, revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
 import { revokeMadeWith } from "../services/token/maker.js";
 import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../services/user/sessions.js";
 import { RefreshToken } from "../storage/entities.js";
@@ -110,9 +110,11 @@ async function revokeOwn(
     return claims.sid;
   }
   if (claims.pk === "machine" && caller.kind === "machine") {
-    return (await revokeMachineAccessTokens(em, caller.id, deps.clock(), deps.clockSkewSeconds))
-      ? caller.id
-      : null;
+    const cutoff = deps.clock();
+    if (!(await revokeMachineAccessTokens(em, caller.id, cutoff, deps.clockSkewSeconds))) return null;
+    // A token signed while the write was on its way may bear a later second than the cut-off.
+    await raiseRevocationCutoff(em, caller.id, cutoff, deps.clock(), deps.clockSkewSeconds);
+    return caller.id;
   }
   return null;
 }

@@ -81,7 +81,7 @@ export async function issueMachineAccessToken(
   // A certificate's binding was read when the call was authenticated. Checked again after the
   // signature, no lock needed: a binding gone refuses the token; one still seen means the
   // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the
-  // second its commit is seen in (revokeAfterUnbinding), so it ends this token (on clocks
+  // second its commit is seen in (raiseRevocationCutoff), so it ends this token (on clocks
   // that agree: iat is this instance's).
   // The same for a token or password: a rotation committed since the read above deleted the
   // credential or set its end (its cut-off, read before it hashed, may be a second before this
@@ -96,6 +96,16 @@ export async function issueMachineAccessToken(
     if (!cred || (cred.expiresAt && cred.expiresAt.getTime() < issued.expiresAt.getTime()))
       throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
   }
+  // A disable commits its cut-off (revokeMachineAccessTokens) before its caller may re-enable
+  // the machine user; a token signed after that commit, by a call authenticated before it,
+  // bears a later second, and would work again once the machine user is enabled.
+  const state = await em.findOne(
+    MachineUser,
+    { id: mu.id },
+    { fields: ["disabled"], disableIdentityMap: true },
+  );
+  if (!state) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
+  if (state.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "machine user is disabled");
   if (principal.method === "mtls" && principal.credentialId) {
     const bound = await em.count(MachineUserCertificate, {
       id: principal.credentialId,
@@ -141,14 +151,15 @@ export async function revokeMachineAccessTokens(
 }
 
 /**
- * After an unbinding committed (its cut-off `cutoff` was read before the commit): raise the
- * cut-off to `now`, read once the commit is visible, when a second has begun since. An
- * IssueAccessToken over the certificate that still saw the binding after signing did so
- * before the commit, so its `iat` is at or before `now`'s second; without this it could be
- * the second after `cutoff`'s. Conditional on the row holding an earlier cut-off: a later
- * one (another revocation or rotation) already covers it.
+ * After a revocation (revokeMachineAccessTokens: an unbinding, `/oauth2/revoke`, a disable)
+ * committed, its cut-off `cutoff` read before the commit: raise the cut-off to `now`, read
+ * once the commit is visible, when a second has begun since. A token signed between the
+ * clock read and the commit (e.g. an IssueAccessToken over the certificate that still saw
+ * the binding after signing) has its `iat` at or before `now`'s second; without this it
+ * could be the second after `cutoff`'s, and outlive the revocation. Conditional on the row
+ * holding an earlier cut-off: a later one (another revocation or rotation) already covers it.
  */
-export async function revokeAfterUnbinding(
+export async function raiseRevocationCutoff(
   em: EntityManager,
   machineUserId: string,
   cutoff: number,

@@ -18,7 +18,12 @@ import { assertScopesHold, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
-import { raiseRotationCutoff, recordRotation } from "./access-token.js";
+import {
+  raiseRevocationCutoff,
+  raiseRotationCutoff,
+  recordRotation,
+  revokeMachineAccessTokens,
+} from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -149,6 +154,7 @@ export function machineUserAdminHandlers(
         : null;
       if (req.disabled !== undefined) mu.disabled = req.disabled;
       mu.updatedAt = new Date(clock());
+      let cutoff: number | undefined;
       try {
         await e.transactional(async (tx) => {
           if (applicationIds) {
@@ -158,6 +164,12 @@ export function machineUserAdminHandlers(
           }
           await tx.flush();
           await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
+          // A disable ends the access tokens issued so far for good, as a user's disable ends
+          // its sessions: re-enabling must not bring them back (its credentials stay).
+          if (req.disabled === true) {
+            cutoff = clock();
+            await revokeMachineAccessTokens(tx, mu.id, cutoff, deps.clockSkewSeconds);
+          }
         });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) {
@@ -165,6 +177,8 @@ export function machineUserAdminHandlers(
         }
         throw err;
       }
+      // A token signed while the commit was on its way may bear a later second than the cut-off.
+      if (cutoff !== undefined) await raiseRevocationCutoff(e, mu.id, cutoff, clock(), deps.clockSkewSeconds);
       return { machineUser: await toProto(ctx, mu) };
     },
 

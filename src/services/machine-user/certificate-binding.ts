@@ -13,7 +13,7 @@ import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
 import { assertId, principalOf, writeIfScopesHold } from "../common.js";
-import { revokeAfterUnbinding, revokeMachineAccessTokens } from "./access-token.js";
+import { raiseRevocationCutoff, revokeMachineAccessTokens } from "./access-token.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
 import { bindingToProto } from "./messages.js";
@@ -225,7 +225,7 @@ export function certificateBindingHandlers(
       });
       if (removed === 0) throw errors.notFound("certificate binding");
       // A token signed while the commit was on its way may bear a later second than the cut-off.
-      await revokeAfterUnbinding(em(ctx), mu.id, cutoff, clock(), deps.clockSkewSeconds);
+      await raiseRevocationCutoff(em(ctx), mu.id, cutoff, clock(), deps.clockSkewSeconds);
       return {};
     },
   };
