@@ -13,6 +13,7 @@ import {
   withHeaders,
 } from "../helpers.js";
 import { adminLogin, basic, bearerMachine, clients, short } from "../machine-fixtures.js";
+import { aSecondAhead, issueOutcome, machineOutcome, signingAfter } from "./fixtures.js";
 
 /**
  * The adversarial review of the credential lifecycle (2026-12-06), over TLS: a credential
@@ -241,18 +242,7 @@ describe.each(DATABASES)(
     });
     afterEach(() => clock.release());
 
-    /** The outcome of CheckAuthentication with `token`: "ok" or the refusal's reason. */
-    function outcome(token: string): Promise<string> {
-      return clients(ts.connect(), token)
-        .machines.checkAuthentication({})
-        .then(
-          () => "ok",
-          async (err: unknown) => (await rejection(Promise.reject(err))).reason ?? "no reason",
-        );
-    }
-
-    /** The second after the next one begins, plus a little: later than any clock reading so far. */
-    const aSecondAhead = () => (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
+    const outcome = (token: string) => machineOutcome(ts.connect(), token);
 
     it("ends a token the previous credential obtained while the rotation hashed the new secret", async () => {
       const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
@@ -283,29 +273,15 @@ describe.each(DATABASES)(
       const { machine, token: credential } = await bearerMachine(ts.connect(), root, []);
       const second = aSecondAhead();
       clock.pin(second);
-      const jwt = ts.app.jwt;
-      const sign = jwt.issue.bind(jwt);
-      let rotated = false;
-      jwt.issue = async (claims) => {
-        if (claims.subject === machine.id) {
-          jwt.issue = sign;
+      const { outcome: made, ran: rotated } = await signingAfter(
+        ts,
+        machine.id,
+        async () => {
           await clients(ts.connect(), root).machines.rotateMachineUserCredentials({ id: machine.id });
-          rotated = true;
           clock.pin(second + 1000);
-        }
-        return sign(claims);
-      };
-      let made: string | ConnectError;
-      try {
-        made = await clients(ts.connect(), credential)
-          .machines.issueAccessToken({})
-          .then(
-            (r) => r.accessToken,
-            (e: unknown) => ConnectError.from(e),
-          );
-      } finally {
-        jwt.issue = sign;
-      }
+        },
+        () => issueOutcome(ts.connect(), credential),
+      );
       expect(rotated).toBe(true);
       if (typeof made === "string")
         expect(

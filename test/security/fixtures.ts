@@ -1,9 +1,11 @@
 import { Writable } from "node:stream";
+import { ConnectError, type Transport } from "@connectrpc/connect";
 import { type Logger, pino } from "pino";
 import { certificateFingerprint, DEFAULT_LEAF_DAYS, issueLeaf, loadCa } from "../../src/certs/issuing.js";
+import { rejection } from "../errors-util.js";
 import type { TestServer } from "../helpers.js";
 import { scannedSink } from "../log-scan-suite.js";
-import { short } from "../machine-fixtures.js";
+import { clients, short } from "../machine-fixtures.js";
 
 /**
  * Fixtures the adversarial suite (test/security/) shares: what several of its files wrote
@@ -96,4 +98,59 @@ export async function mintBackend(ts: TestServer, ...sanUris: string[]): Promise
     key: Buffer.from(leaf.keyPem),
     fingerprint: certificateFingerprint(leaf.certPem),
   };
+}
+
+/** The outcome of a machine CheckAuthentication with `token` over `transport`: "ok" or the refusal's reason. */
+export function machineOutcome(transport: Transport, token: string): Promise<string> {
+  return clients(transport, token)
+    .machines.checkAuthentication({})
+    .then(
+      () => "ok",
+      async (err: unknown) => (await rejection(Promise.reject(err))).reason ?? "no reason",
+    );
+}
+
+/** The second after the next one begins, plus a little: later than any clock reading so far. */
+export function aSecondAhead(): number {
+  return (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
+}
+
+/**
+ * The forced interleaving "a change commits between a call's authentication and its token's
+ * signature": while `call` runs, the server's next signature of a token for `subject` first
+ * runs `first` to its end (which commits the change, and may move a pinned clock on), then
+ * signs. `ran`: whether the hook ran (a test whose hook never ran proves nothing).
+ */
+export async function signingAfter<T>(
+  ts: TestServer,
+  subject: string,
+  first: () => Promise<unknown>,
+  call: () => Promise<T>,
+): Promise<{ outcome: T; ran: boolean }> {
+  const jwt = ts.app.jwt;
+  const sign = jwt.issue.bind(jwt);
+  let ran = false;
+  jwt.issue = async (claims) => {
+    if (claims.subject === subject) {
+      jwt.issue = sign;
+      await first();
+      ran = true;
+    }
+    return sign(claims);
+  };
+  try {
+    return { outcome: await call(), ran };
+  } finally {
+    jwt.issue = sign;
+  }
+}
+
+/** The outcome of IssueAccessToken with `credential` over `transport`: the token, or the error. */
+export function issueOutcome(transport: Transport, credential: string): Promise<string | ConnectError> {
+  return clients(transport, credential)
+    .machines.issueAccessToken({})
+    .then(
+      (r) => r.accessToken,
+      (e: unknown) => ConnectError.from(e),
+    );
 }

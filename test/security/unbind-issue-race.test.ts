@@ -18,6 +18,7 @@ import {
   type TestServer,
 } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { aSecondAhead, signingAfter } from "./fixtures.js";
 
 /**
  * UnbindCertificate ends the access tokens the certificate obtained (their cut-off is the
@@ -106,11 +107,6 @@ describe.each(DATABASES)("an unbinding racing the certificate's IssueAccessToken
     }
   }
 
-  /** The second after the next one begins, plus a little: later than any clock reading so far. */
-  function aSecondAhead(): number {
-    return (Math.floor(Date.now() / 1000) + 2) * 1000 + 200;
-  }
-
   it("issues no token that outlives an unbinding committed after the certificate authenticated", async () => {
     const { mu, binding, withCert, machines } = await boundCertificate();
 
@@ -183,27 +179,19 @@ describe.each(DATABASES)("an unbinding racing the certificate's IssueAccessToken
       clock.pin(second);
       // The hook: just before the signature, the unbinding commits (its cut-off in this second),
       // and the next second begins; the token's iat is then past the cut-off.
-      const jwt = ts.app.jwt;
-      const sign = jwt.issue.bind(jwt);
-      let unbound = false;
-      jwt.issue = async (claims) => {
-        if (claims.subject === mu.id) {
-          jwt.issue = sign;
+      const { outcome, ran: unbound } = await signingAfter(
+        ts,
+        mu.id,
+        async () => {
           await admin.machines.unbindCertificate({
             machineUserId: mu.id,
             identity: { case: "bindingId", value: binding.id },
           });
-          unbound = true;
           clock.pin(second + 1000);
-        }
-        return sign(claims);
-      };
-      let outcome: string | ConnectError | { status: number; error: string };
-      try {
-        outcome = way === "IssueAccessToken" ? await issue(machines) : await grant(folder);
-      } finally {
-        jwt.issue = sign;
-      }
+        },
+        (): Promise<string | ConnectError | { status: number; error: string }> =>
+          way === "IssueAccessToken" ? issue(machines) : grant(folder),
+      );
       expect(unbound).toBe(true);
       if (typeof outcome === "string")
         expect(await works(withCert, outcome), "a token signed after the unbinding authenticated").toBe(
