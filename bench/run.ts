@@ -2120,10 +2120,21 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
       ? `; by throughput Tessera at ${percent(1 / rival.ratioToTessera)} of it`
       : "";
     targets.push({
-      target: `Tessera, JWT HS256 (${protocolName(protocol)}): server CPU per call ${goal} ${name}'s (issue 19)`,
+      target: `Tessera, JWT HS256, rate limits off (${protocolName(protocol)}): server CPU per call ${goal} ${name}'s (issue 19)`,
       measured: `${percent(rival.cpuRatioToTessera)} (${tessera.cpuUsPerRequest?.toFixed(0) ?? "?"} vs ${rival.cpuUsPerRequest?.toFixed(0) ?? "?"} µs per call)${byRps}`,
       met: rival.cpuRatioToTessera <= max,
     });
+    // The issue's goal is with the default configuration, which counts rate limits: judged on
+    // that row too when it ran (medians of the rounds, not paired slice by slice).
+    const defaults = find("jwt-hs256-limits", protocol);
+    if (defaults?.cpuUsPerRequest && rival.cpuUsPerRequest) {
+      const ratio = defaults.cpuUsPerRequest / rival.cpuUsPerRequest;
+      targets.push({
+        target: `Tessera, JWT HS256, default configuration (rate limits on) (${protocolName(protocol)}): server CPU per call ${goal} ${name}'s (issue 19)`,
+        measured: `${percent(ratio)} (${defaults.cpuUsPerRequest.toFixed(0)} vs ${rival.cpuUsPerRequest.toFixed(0)} µs per call, medians of the rounds)`,
+        met: ratio <= max,
+      });
+    }
   }
   for (const protocol of PROTOCOLS) {
     const rejected = find("rejected", protocol);
