@@ -96,6 +96,58 @@ describe.each(DATABASES)("the revocation feed on $name", (db) => {
     expect((await events.info()).prunedThrough).toBe(through);
     expect(through).toBeLessThan(last);
   });
+
+  it("prunes a backlog by age through the occurred_at index, in steps with a turn between them", async () => {
+    // 12,000 events from two days ago, then one of now: a backlog three steps long.
+    const old = new Date(Date.now() - 2 * 86_400_000);
+    await app.sql.run(
+      db.name === "sqlite"
+        ? "with recursive n(i) as (select 1 union all select i + 1 from n where i < 12000) " +
+            "insert into revocation_events (kind, subject_id, tenant_id, occurred_at) " +
+            "select 'credential', 'bulk-' || i, ?, ? from n"
+        : "insert into revocation_events (kind, subject_id, tenant_id, occurred_at) " +
+            "select 'credential', 'bulk-' || i, ?, ? from generate_series(1, 12000) as i",
+      [tenantId, old],
+    );
+    await app.sql.run("update users set scopes = ? where id = ?", ["y:read", userId]);
+    const last = await events.lastId();
+    // Each statement the pruning sends, with the event-loop turns seen before it.
+    let turns = 0;
+    let counting = true;
+    const count = () => {
+      turns++;
+      if (counting) setImmediate(count);
+    };
+    setImmediate(count);
+    const sent: { sql: string; turns: number }[] = [];
+    const recording = new Proxy(app.sql, {
+      get(target, key) {
+        const value = Reflect.get(target, key);
+        if (typeof value !== "function") return value;
+        return (...args: unknown[]) => {
+          if (typeof args[0] === "string") sent.push({ sql: args[0], turns });
+          return value.apply(target, args);
+        };
+      },
+    });
+    const through = await new RevocationEventRepository(recording).prune(
+      new Date(Date.now() - 86_400_000),
+      1_000_000,
+    );
+    counting = false;
+    expect((await events.after(0, 10)).map((e) => e.id)).toEqual([last]);
+    expect(through).toBe(last - 1);
+    const deletes = sent.filter((q) => q.sql.startsWith("delete"));
+    expect(deletes.length).toBeGreaterThanOrEqual(3);
+    for (let i = 1; i < deletes.length; i++) expect(deletes[i]!.turns).toBeGreaterThan(deletes[i - 1]!.turns);
+    if (db.name === "sqlite") {
+      // A look-up with a condition reads the occurred_at index (the old one walked the ids kept).
+      for (const { sql } of sent.filter((q) => q.sql.startsWith("select") && q.sql.includes(" where "))) {
+        const plan = await app.sql.all<{ detail: string }>(`explain query plan ${sql}`, [old]);
+        expect(plan.map((r) => r.detail).join("; ")).toMatch(/INDEX revocation_events_occurred_at_index/);
+      }
+    }
+  });
 });
 
 describe("revocation cursors", () => {

@@ -35,13 +35,19 @@ const AFTER = `select ${COLUMNS} from revocation_events where id > ? order by id
 const RANGE = `select ${COLUMNS} from revocation_events where id > ? and id <= ? order by id limit ?`;
 const RANGE_OF_TENANT = `select ${COLUMNS} from revocation_events where tenant_id = ? and id > ? and id <= ? order by id limit ?`;
 const LAST_ID = "select max(id) as id from revocation_events";
+const OLDEST_ID = "select min(id) as id from revocation_events";
 const FEED_INFO = "select database_id, pruned_through from revocation_feed where id = 1";
-/** The newest event is never pruned: it keeps the feed's position across restarts. */
-const PRUNE_BOUND =
-  "select max(id) as id from revocation_events where id < (select max(id) from revocation_events) " +
-  "and (occurred_at < ? or id <= (select max(id) from revocation_events) - ?)";
+/**
+ * How far retention may delete by age: the newest event older than the cut-off, one step
+ * down the `occurred_at` index. Asked as `max(id) … where occurred_at < ?` (alone or or-ed
+ * with the count bound) SQLite walked the ids down from the newest, every event kept.
+ */
+const NEWEST_BEFORE =
+  "select id from revocation_events where occurred_at < ? order by occurred_at desc limit 1";
 const MARK_PRUNED = "update revocation_feed set pruned_through = ? where id = 1 and pruned_through < ?";
-const DELETE_THROUGH = "delete from revocation_events where id <= ?";
+const DELETE_RANGE = "delete from revocation_events where id > ? and id <= ?";
+/** Ids per delete: a statement on SQLite holds the event loop while it runs. */
+const DELETE_STEP = 5_000;
 
 function record(r: Row): RevocationRecord {
   return {
@@ -102,14 +108,29 @@ export class RevocationEventRepository {
    * races the delete sees the mark and answers `reset` rather than miss what went.
    */
   async prune(before: Date, keep: number): Promise<number> {
-    const bound = Number(
-      (await this.read(() => this.sql.get<{ id: number | string | null }>(PRUNE_BOUND, [before, keep])))
-        ?.id ?? 0,
+    const last = await this.lastId();
+    const byAge = Number(
+      (await this.read(() => this.sql.get<{ id: number | string | null }>(NEWEST_BEFORE, [before])))?.id ?? 0,
     );
+    // The newest event is never pruned: it keeps the feed's position across restarts.
+    const bound = Math.min(Math.max(byAge, last - keep), last - 1);
     if (bound <= 0) return 0;
     await this.read(() => this.sql.run(MARK_PRUNED, [bound, bound]));
-    await this.read(() => this.sql.run(DELETE_THROUGH, [bound]));
+    // From the oldest event on, in steps with a turn between them: a backlog (retention after
+    // a long stop, or a lowered limit) never holds SQLite's one connection in one statement.
+    for (let low = (await this.oldestId()) - 1; low < bound; low += DELETE_STEP) {
+      const high = Math.min(low + DELETE_STEP, bound);
+      await this.read(() => this.sql.run(DELETE_RANGE, [low, high]));
+      if (high < bound) await new Promise((r) => setImmediate(r));
+    }
     return bound;
+  }
+
+  /** The oldest event's id (0 when there is none). */
+  private async oldestId(): Promise<number> {
+    return Number(
+      (await this.read(() => this.sql.get<{ id: number | string | null }>(OLDEST_ID, [])))?.id ?? 0,
+    );
   }
 
   /** Run `query` once no transaction is open on SQLite's shared connection (checked in the same turn as the query starts). */
