@@ -9,23 +9,14 @@ import {
 } from "./storage/repositories/audit.js";
 import { uuidV7 } from "./storage/uuid-v7.js";
 
-/** One audit record: who did what to which id, and how it ended. Never a secret. */
-export interface AuditRecord {
-  requestId: string;
-  /** The tenant the record is filed in, so read by its `admin:audit` holders: see auditFiling (admission/audit.ts). */
-  tenantId: string | null;
-  /**
-   * The actor is not of `tenantId` (a `*` principal acting on another tenant's object, the
-   * static admin token): that tenant's readers see it as the platform, never by its id.
-   */
-  actorOutside: boolean;
-  actorKind: string;
-  actorId: string | null;
-  action: string;
+/**
+ * One audit record: who did what to which id, and how it ended; the row it becomes
+ * ({@link AuditEventRow}) but for the id and time the buffer gives it. Never a secret.
+ */
+export interface AuditRecord extends Omit<AuditEventRow, "id" | "at" | "targetId" | "outcome" | "reason"> {
   targetId?: string | null;
   outcome: "success" | "failure";
   reason?: string | null;
-  ip: string | null;
 }
 
 /** What the audit buffer has done since start (for metrics and tests). */

@@ -9,7 +9,13 @@ import { budgetKey } from "../client-ip.js";
 import { type RequestState, requestState } from "../context.js";
 import { isRefusal, reasonForCode, TesseraError, tesseraErrorInfo } from "../errors.js";
 import { toWireError } from "../interceptors/errors.js";
-import { type LimitResult, type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import {
+  type Limiter,
+  type LimitResult,
+  type RateLimits,
+  rateLimitedError,
+  rateLimitHeaders,
+} from "../rate-limit.js";
 import { nodeHeaderSource, stateOf } from "../server/request-facts.js";
 import type { WireError } from "../transport/early-answers.js";
 import { refusalOnTheWire } from "../transport/error-wire.js";
@@ -71,54 +77,30 @@ export function admit(
     return err;
   }
   if (state.admission === undefined) {
-    if (deps.limits !== undefined) return counted(deps, deps.limits, method, rule, headers, state, message);
+    // Refused by the per-IP limit: never audited (a flood must not become a flood of writes).
+    const refusal = deps.limits === undefined ? undefined : countIp(deps.limits, state);
+    if (refusal instanceof Promise)
+      return refusal.then((r: unknown) => {
+        if (r !== undefined) return r;
+        state.admission = "counted";
+        return afterCount(deps, method, rule, headers, state, message);
+      });
+    if (refusal !== undefined) return refusal;
     state.admission = "counted";
   }
   return afterCount(deps, method, rule, headers, state, message);
 }
 
 /**
- * The per-IP limit, then the rest. Synchronous when the limit's store is memory (the
+ * The per-IP limit ({@link count}): synchronous when the limit's store is memory (the
  * default: `Limiter.consumeNow`), so that a call decided without I/O costs no promise.
  */
-function counted(
-  deps: AdmissionDeps,
-  limits: RateLimits,
-  method: DescMethod,
-  rule: AuthRule,
-  headers: HeaderSource,
-  state: RequestState,
-  message: unknown,
-): unknown {
-  let key: string;
-  let now: LimitResult | undefined;
+function countIp(limits: RateLimits, state: RequestState): unknown {
   try {
-    key = budgetKey(state.ip);
-    now = limits.perIp.consumeNow(key);
+    return count(limits.perIp, budgetKey(state.ip), state);
   } catch (err) {
     return err;
   }
-  if (now !== undefined) return ipCounted(deps, method, rule, headers, state, message, now);
-  return limits.perIp
-    .consume(key)
-    .then((result) => ipCounted(deps, method, rule, headers, state, message, result), refusalOf);
-}
-
-/** The per-IP limit's `result`: its refusal, else the rest of admission. */
-function ipCounted(
-  deps: AdmissionDeps,
-  method: DescMethod,
-  rule: AuthRule,
-  headers: HeaderSource,
-  state: RequestState,
-  message: unknown,
-  result: LimitResult,
-): unknown {
-  // Refused by the per-IP limit: never audited (a flood must not become a flood of writes).
-  if (!result.allowed) return rateLimitedError(result);
-  state.responseHeaders = rateLimitHeaders(result);
-  state.admission = "counted";
-  return afterCount(deps, method, rule, headers, state, message);
 }
 
 /** Authentication and authorization, once the per-IP limit has counted the call. */
@@ -197,27 +179,29 @@ function authorize(rule: AuthRule, state: RequestState, limits: RateLimits | und
   const principal = state.principal!;
   const refusal = ruleRefusal(rule, principal);
   if (refusal !== undefined) return refusal;
-  return limits === undefined ? undefined : countPrincipal(limits, state, principal.kind, principal.id);
+  return limits === undefined
+    ? undefined
+    : count(limits.perPrincipal, `${principal.kind}:${principal.id}`, state);
 }
 
 /**
- * The per-principal limit: its refusal (RATE_LIMITED, or its store's failure), else
- * undefined with the tighter of the two limits' headers kept for the answer. Synchronous
- * when the limit's store is memory, else a promise that never rejects.
+ * Count the call on one of the two limits (per IP, per principal): its refusal
+ * (RATE_LIMITED, or its store's failure), else undefined with the tighter of the limits'
+ * headers kept for the answer. Synchronous when the limit's store is memory, else a
+ * promise that never rejects.
  */
-function countPrincipal(limits: RateLimits, state: RequestState, kind: string, id: string): unknown {
-  const key = `${kind}:${id}`;
+function count(limiter: Limiter, key: string, state: RequestState): unknown {
   let now: LimitResult | undefined;
   try {
-    now = limits.perPrincipal.consumeNow(key);
+    now = limiter.consumeNow(key);
   } catch (err) {
     return err;
   }
-  if (now !== undefined) return principalCounted(state, now);
-  return limits.perPrincipal.consume(key).then((result) => principalCounted(state, result), refusalOf);
+  if (now !== undefined) return limitCounted(state, now);
+  return limiter.consume(key).then((result) => limitCounted(state, result), refusalOf);
 }
 
-function principalCounted(state: RequestState, result: LimitResult): unknown {
+function limitCounted(state: RequestState, result: LimitResult): unknown {
   if (!result.allowed) return rateLimitedError(result);
   const current = state.responseHeaders;
   if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)

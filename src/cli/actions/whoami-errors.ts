@@ -71,28 +71,28 @@ export function deadlineError(secrets: string[]): Error {
   return toClientError(new ConnectError("the operation timed out", Code.DeadlineExceeded), secrets);
 }
 
-const RST_CODES: Record<number, [string, Code]> = {
-  1: ["PROTOCOL_ERROR", Code.Internal],
-  2: ["INTERNAL_ERROR", Code.Internal],
-  3: ["FLOW_CONTROL_ERROR", Code.Internal],
-  4: ["SETTINGS_TIMEOUT", Code.Internal],
-  6: ["FRAME_SIZE_ERROR", Code.Internal],
-  7: ["REFUSED_STREAM", Code.Unavailable],
-  8: ["CANCEL", Code.Canceled],
-  9: ["COMPRESSION_ERROR", Code.Internal],
-  10: ["CONNECT_ERROR", Code.Internal],
-  11: ["ENHANCE_YOUR_CALM", Code.ResourceExhausted],
-  12: ["INADEQUATE_SECURITY", Code.PermissionDenied],
-  13: ["HTTP_1_1_REQUIRED", Code.PermissionDenied],
+// RFC 9113 §7's error codes by value, and the Connect code connect-node gives a stream reset
+// with one (connectErrorFromH2ResetCode): Internal but for these; NO_ERROR and STREAM_CLOSED
+// are not mapped (a stream closed without an answer).
+const H2_ERRORS =
+  "NO_ERROR PROTOCOL_ERROR INTERNAL_ERROR FLOW_CONTROL_ERROR SETTINGS_TIMEOUT STREAM_CLOSED FRAME_SIZE_ERROR REFUSED_STREAM CANCEL COMPRESSION_ERROR CONNECT_ERROR ENHANCE_YOUR_CALM INADEQUATE_SECURITY HTTP_1_1_REQUIRED".split(
+    " ",
+  );
+const RST_CODES: Record<string, Code> = {
+  REFUSED_STREAM: Code.Unavailable,
+  CANCEL: Code.Canceled,
+  ENHANCE_YOUR_CALM: Code.ResourceExhausted,
+  INADEQUATE_SECURITY: Code.PermissionDenied,
+  HTTP_1_1_REQUIRED: Code.PermissionDenied,
 };
 
 /** A stream that closed without a whole answer, as connect-node reports it. */
 export function resetError(rstCode: number, secrets: string[]): Error {
-  const known = RST_CODES[rstCode];
-  const err = known
+  const name = rstCode === 0 || rstCode === 5 ? undefined : H2_ERRORS[rstCode];
+  const err = name
     ? new ConnectError(
-        `http/2 stream closed with error code ${known[0]} (0x${rstCode.toString(16)})`,
-        known[1],
+        `http/2 stream closed with error code ${name} (0x${rstCode.toString(16)})`,
+        RST_CODES[name] ?? Code.Internal,
       )
     : new ConnectError("http/2 stream closed without a response", Code.Aborted);
   return toClientError(err, secrets);

@@ -1,4 +1,10 @@
+import type { Knex } from "@mikro-orm/knex";
 import { SchemaMigration } from "./schema-migration.js";
+
+/** A not-null column holding the id of a row of `table`, deleted with that row. */
+function cascading(t: Knex.CreateTableBuilder, column: string, table: string): void {
+  t.string(column, 36).notNullable().references("id").inTable(table).onDelete("CASCADE");
+}
 
 /**
  * Applications, machine users with their credentials, application assignments and
@@ -11,7 +17,7 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     this.addSchema((schema) =>
       schema.createTable("applications", (t) => {
         t.string("id", 36).primary();
-        t.string("tenant_id", 36).notNullable().references("id").inTable("tenants").onDelete("CASCADE");
+        cascading(t, "tenant_id", "tenants");
         t.string("name", 200).notNullable();
         t.datetime("created_at", { useTz: true }).notNullable();
         t.unique(["tenant_id", "name"], { indexName: "applications_tenant_id_name_unique" });
@@ -20,7 +26,7 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     this.addSchema((schema) =>
       schema.createTable("machine_users", (t) => {
         t.string("id", 36).primary();
-        t.string("tenant_id", 36).notNullable().references("id").inTable("tenants").onDelete("CASCADE");
+        cascading(t, "tenant_id", "tenants");
         t.string("name", 200).notNullable();
         t.string("auth_type", 16).notNullable();
         t.text("scopes").notNullable().defaultTo("");
@@ -36,11 +42,7 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     this.addSchema((schema) =>
       schema.createTable("machine_credentials", (t) => {
         t.string("id", 36).primary();
-        t.string("machine_user_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("machine_users")
-          .onDelete("CASCADE");
+        cascading(t, "machine_user_id", "machine_users");
         t.string("kind", 16).notNullable();
         t.string("public_id", 64).notNullable();
         t.string("secret_hash", 255).notNullable();
@@ -54,16 +56,8 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     );
     this.addSchema((schema) =>
       schema.createTable("machine_user_applications", (t) => {
-        t.string("machine_user_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("machine_users")
-          .onDelete("CASCADE");
-        t.string("application_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("applications")
-          .onDelete("CASCADE");
+        cascading(t, "machine_user_id", "machine_users");
+        cascading(t, "application_id", "applications");
         t.primary(["machine_user_id", "application_id"]);
         t.index(["application_id"], "machine_user_applications_application_id_index");
       }),
@@ -71,11 +65,7 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     this.addSchema((schema) =>
       schema.createTable("machine_user_certificates", (t) => {
         t.string("id", 36).primary();
-        t.string("machine_user_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("machine_users")
-          .onDelete("CASCADE");
+        cascading(t, "machine_user_id", "machine_users");
         t.string("sha256_fingerprint", 64).nullable();
         t.string("san_uri", 2048).nullable();
         t.datetime("created_at", { useTz: true }).notNullable();
@@ -89,17 +79,9 @@ export class Migration20261123110000_machine_users extends SchemaMigration {
     this.addSchema((schema) =>
       schema.createTable("backends", (t) => {
         t.string("id", 36).primary();
-        t.string("tenant_id", 36).notNullable().references("id").inTable("tenants").onDelete("CASCADE");
-        t.string("application_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("applications")
-          .onDelete("CASCADE");
-        t.string("machine_user_id", 36)
-          .notNullable()
-          .references("id")
-          .inTable("machine_users")
-          .onDelete("CASCADE");
+        cascading(t, "tenant_id", "tenants");
+        cascading(t, "application_id", "applications");
+        cascading(t, "machine_user_id", "machine_users");
         t.string("callback_url", 2048).notNullable();
         t.string("version", 64).notNullable().defaultTo("");
         t.datetime("created_at", { useTz: true }).notNullable();

@@ -5,9 +5,9 @@ import { SchemaMigration } from "./schema-migration.js";
  * Tables whose changes are announced on PostgreSQL (see src/storage/state-sync.ts): the
  * authentication state (STATE_TABLES of sql.ts) and the signing keys (for the key work of
  * other instances). Listed here rather than imported: a shipped migration must not change
- * when the code around it does.
+ * when the code around it does (Migration20261205030000_notify_always reads this list).
  */
-const NOTIFY_TABLES = [
+export const NOTIFY_TABLES: readonly string[] = [
   "users",
   "tenants",
   "sessions",

@@ -1,21 +1,10 @@
 import { PostgreSqlDriver } from "@mikro-orm/postgresql";
+import { NOTIFY_TABLES } from "./Migration20261204230000_state_notify.js";
 import { SchemaMigration } from "./schema-migration.js";
 
-/** The tables of Migration20261204230000_state_notify (listed again: a shipped migration never changes). */
-const NOTIFY_TABLES = [
-  "users",
-  "tenants",
-  "sessions",
-  "api_tokens",
-  "machine_users",
-  "machine_credentials",
-  "machine_user_applications",
-  "machine_user_certificates",
-  "signing_keys",
-];
-
 /**
- * PostgreSQL: the state triggers fire in every session, and TRUNCATE is announced too.
+ * PostgreSQL: the state triggers fire in every session, and TRUNCATE is announced too, on the
+ * tables of Migration20261204230000_state_notify (its list, shipped with it, never changes).
  *
  * - `ENABLE ALWAYS`: an ordinary trigger does not fire for a writer whose
  *   `session_replication_role` is `replica` (logical-replication apply, some bulk loaders),

@@ -5,8 +5,12 @@ export interface AuditEventRow {
   id: string;
   at: Date;
   requestId: string;
+  /** The tenant the record is filed in, so read by its `admin:audit` holders: see auditFiling (admission/audit.ts). */
   tenantId: string | null;
-  /** The actor is not of `tenantId` (see AuditRecord.actorOutside). */
+  /**
+   * The actor is not of `tenantId` (a `*` principal acting on another tenant's object, the
+   * static admin token): that tenant's readers see it as the platform, never by its id.
+   */
   actorOutside: boolean;
   actorKind: string;
   actorId: string | null;
