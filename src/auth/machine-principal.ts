@@ -47,7 +47,8 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * the holder of its key, so it decides; else proven SAN URI bindings decide when they
  * name one machine user (the CA issued the SAN URI to the prover), unless another
  * tenant bound this certificate's own fingerprint (unproven): then it authenticates no
- * one until the fingerprint is proven (which displaces the other tenant's binding).
+ * one until the fingerprint is proven (which displaces the other tenant's binding); within
+ * the provers' tenant, their authority decides against unproven bindings ({@link overProven}).
  * Another tenant's unproven binding of a SAN URI the certificate carries cannot deny the
  * prover its own certificate.
  *
@@ -73,9 +74,17 @@ export async function machineOfCertificate(
   // beside it, so two tenants' claims still authenticate no one (the fingerprint's owner
   // settles it by proving the fingerprint). Otherwise a CA that gave one SAN URI to two
   // tenants' certificates would hand one tenant's workload to the other.
+  const provenTenant = proven[0]?.machine.tenantId;
   const candidates =
     proven.length > 0
-      ? [...proven, ...rows.filter((r) => !r.proven && r.boundFingerprint === certificate.sha256Fingerprint)]
+      ? [
+          ...proven,
+          ...rows.filter(
+            (r) =>
+              !r.proven &&
+              (r.boundFingerprint === certificate.sha256Fingerprint || r.machine.tenantId === provenTenant),
+          ),
+        ]
       : rows;
   if (candidates.some((r) => r.machine.tenantId !== candidates[0]!.machine.tenantId)) {
     // A proven fingerprint binding settles it (the fingerprint is unique, so there is one).
@@ -91,7 +100,7 @@ export async function machineOfCertificate(
   }
   const byFingerprint = candidates.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
   let chosen = byFingerprint ? overFingerprint(byFingerprint, candidates) : candidates;
-  if (proven.length === 0 && !oneMachine(chosen)) chosen = contesting(chosen);
+  if (!oneMachine(chosen)) chosen = chosen.some((r) => r.proven) ? overProven(chosen) : contesting(chosen);
   if (!oneMachine(chosen)) {
     throw new TesseraError(
       "CREDENTIALS_INVALID",
@@ -117,6 +126,28 @@ function contesting(bindings: readonly CertificateBindingState[]): readonly Cert
     const binder = { scopes: b.binderScopes };
     return bindings.every((r) => r.machine.id === b.machine.id || mayManage(binder, r.machine));
   });
+}
+
+/**
+ * Of SAN URI bindings naming different machine users of one tenant, some proven: the proven
+ * ones decide (among themselves by {@link contesting}), except against an unproven binding
+ * of a machine user none of their binders may manage ({@link mayManage}): those stand. A
+ * proof shows its maker holds *a* certificate carrying the URI, not this one; else a holder
+ * of admin:machine-users whose certificate shares one SAN URI with a stronger machine
+ * user's would take that certificate over by proving the URI.
+ */
+function overProven(bindings: readonly CertificateBindingState[]): readonly CertificateBindingState[] {
+  let provers: readonly CertificateBindingState[] = bindings.filter((b) => b.proven);
+  if (!oneMachine(provers)) provers = contesting(provers);
+  if (!oneMachine(provers)) return provers;
+  const standing = bindings.filter(
+    (r) =>
+      !r.proven &&
+      r.machine.id !== provers[0]!.machine.id &&
+      !provers.some((b) => mayManage({ scopes: b.binderScopes }, r.machine)),
+  );
+  if (standing.length === 0) return provers;
+  return oneMachine(standing) ? standing : contesting(standing);
 }
 
 /** Whether `bindings` are some, all naming one machine user. */

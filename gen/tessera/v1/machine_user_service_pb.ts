@@ -1049,7 +1049,9 @@ export const MachineUserService: GenService<{
    * its machine user; else proven SAN URI bindings naming one machine user decide, unless
    * another tenant bound the certificate's own fingerprint (unproven): a proven SAN URI
    * proves its maker holds a certificate with that URI, not this one, so the certificate
-   * then authenticates no one until its fingerprint is proven.
+   * then authenticates no one until its fingerprint is proven; for the same reason, within
+   * the tenant it decides over an unproven SAN URI binding of another machine user only
+   * when its binder's recorded scopes cover that machine user's (else that one keeps it).
    * No proof is taken from a request carrying an Origin header (a browser's ambient client
    * certificate) nor from one whose direct peer is a trusted proxy (the certificate is the
    * proxy's).
