@@ -10,13 +10,15 @@ import { type Backend, mintBackend as mint } from "./fixtures.js";
 /**
  * The adversarial review of 2026-12-06 (sec-a): a proven SAN URI binding proves that its
  * maker holds *a* certificate carrying that URI, not the certificate being authenticated.
- * Within one tenant it decided over every unproven SAN URI binding of the same certificate,
- * whoever had bound them: a holder of admin:machine-users with a certificate of its own
- * that shares one SAN URI with a stronger machine user's certificate proved that URI to a
- * weak machine user of its own, and the stronger machine user's certificate then
- * authenticated as the weak one (or, against a proven binding, as no one). Taking a
- * certificate from a machine user is managing it: the binder's authority decides, as it
- * does for unproven bindings.
+ * It decided over every unproven SAN URI binding of the same certificate, whoever had bound
+ * them. Across tenants: a tenant holding a certificate that shares one SAN URI with another
+ * tenant's certificate proved that URI, and the other tenant's certificate then
+ * authenticated as the prover's machine user (a wall breach); now the two tenants' bindings
+ * disagree and it authenticates no one until its owner proves its fingerprint, as for a
+ * fingerprint squat. Within a tenant: a holder of admin:machine-users did the same to a
+ * stronger machine user's certificate (or, against a proven binding, locked it out); taking
+ * a certificate from a machine user is managing it, so the binder's authority decides, as
+ * it does for unproven bindings.
  */
 
 function presenting(ts: TestServer, backend: Backend): Transport {
@@ -92,6 +94,46 @@ describe.each(DATABASES)("a proven SAN URI binding against the binder's authorit
       expect(await whoAmI(ts, victim)).toBe(strong.id);
     });
   }
+
+  describe("another tenant", () => {
+    it("proving a SAN URI a certificate shares with its owner's takes nothing: the certificate then authenticates no one", async () => {
+      const san = uris();
+      const owner = await machine(tenant.token);
+      const victim = await mint(ts, san.own, san.shared);
+      await bindSan(tenant.token, owner.id, san.own);
+      expect(await whoAmI(ts, victim)).toBe(owner.id);
+
+      const other = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+      const { machine: theirs } = await bearerMachine(transport, other.token, [other.application.id]);
+      const attacker = await mint(ts, san.shared);
+      await bindSan(other.token, theirs.id, san.shared, presenting(ts, attacker));
+      expect(await whoAmI(ts, attacker)).toBe(theirs.id);
+      // Not the other tenant's: the two tenants' bindings disagree, as a fingerprint squat does.
+      expect(await whoAmI(ts, victim)).toBe("AUTH_REQUIRED");
+      // Its owner settles it by proving the certificate's own fingerprint.
+      await clients(presenting(ts, victim), tenant.token).machines.bindCertificate({
+        machineUserId: owner.id,
+        identity: { case: "sha256Fingerprint", value: victim.fingerprint },
+      });
+      expect(await whoAmI(ts, victim)).toBe(owner.id);
+    });
+
+    it("squatting a SAN URI of a certificate whose holder proved another denies it only until the holder proves that one too", async () => {
+      const san = uris();
+      const holder = await machine(tenant.token);
+      const backend = await mint(ts, san.own, san.shared);
+      await bindSan(tenant.token, holder.id, san.own, presenting(ts, backend));
+      expect(await whoAmI(ts, backend)).toBe(holder.id);
+
+      const other = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+      const { machine: squatter } = await bearerMachine(transport, other.token, [other.application.id]);
+      await bindSan(other.token, squatter.id, san.shared);
+      expect(await whoAmI(ts, backend)).toBe("AUTH_REQUIRED");
+      // Proving the squatted URI displaces the squat.
+      await bindSan(tenant.token, holder.id, san.shared, presenting(ts, backend));
+      expect(await whoAmI(ts, backend)).toBe(holder.id);
+    });
+  });
 
   it("a proof still decides over an unproven binding its binder may manage", async () => {
     const san = uris();
