@@ -53,6 +53,20 @@ describe("database errors a handler did not expect", () => {
     );
   });
 
+  it("answer a value PostgreSQL refused on the raw SQL path (pg's own error) InvalidArgument", () => {
+    // As pg raises it for a timestamp past year 9999 in a raw query's parameter.
+    const raw = Object.assign(new Error('time zone displacement out of range: "+275760-09-13"'), {
+      name: "error",
+      severity: "ERROR",
+      code: "22009",
+    });
+    const mapped = driverErrorAsTesseraError(raw)!;
+    expect(mapped.reason).toBe("INVALID_ARGUMENT");
+    expect(mapped.message).not.toMatch(/275760/);
+    const syntax = Object.assign(new Error("x"), { name: "error", severity: "ERROR", code: "42601" });
+    expect(driverErrorAsTesseraError(syntax)).toBeUndefined();
+  });
+
   it("leave anything else a bug, and never repeat a value in their message", () => {
     expect(driverErrorAsTesseraError(driverError(DriverException, { code: "42P01" }))).toBeUndefined();
     expect(driverErrorAsTesseraError(new Error("not a driver error"))).toBeUndefined();

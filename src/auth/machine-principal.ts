@@ -42,24 +42,20 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * The machine user a verified client certificate is bound to, decided among the bindings
  * that name it (its fingerprint, its SAN URIs). Null when it is bound to no one.
  *
- * Proven bindings first (made over a connection presenting the certificate itself, see
- * BindCertificate): a proven fingerprint binding names this very certificate, proven by
- * the holder of its key, so it decides; else proven SAN URI bindings decide when they
- * name one machine user (the CA issued the SAN URI to the prover), unless another
- * tenant bound this certificate's own fingerprint (unproven): then it authenticates no
- * one until the fingerprint is proven (which displaces the other tenant's binding).
- * Another tenant's unproven binding of a SAN URI the certificate carries cannot deny the
- * prover its own certificate.
- *
- * With no proven binding, all the matching bindings (its fingerprint, any of its SAN
- * URIs) must be in one tenant, or it authenticates no one: nothing at bind time could tell
+ * A proven fingerprint binding (made over a connection presenting this very certificate,
+ * see BindCertificate) names it, proven by the holder of its key, so it decides. Else all
+ * the matching bindings (its fingerprint, any of its SAN URIs, proven or not) must be in
+ * one tenant, or it authenticates no one until its owner proves the fingerprint (or the
+ * squatted identity, which displaces the other tenant's unproven binding): a proven SAN URI
+ * shows its maker holds *a* certificate carrying it, not this one. Nothing else could tell
  * the certificate's owner from another tenant that bound its public fingerprint or a
  * guessable SAN URI, and every rule that picks a winner between tenants (by kind, by age)
  * hands some certificate to the tenant that did not issue it. Within the tenant a
  * fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); of SAN URIs
- * naming different machine users, only bindings whose binder may manage every rival machine
- * user count (see {@link contesting}), and two that still do are refused rather than
- * guessed between.
+ * naming different machine users, proven ones decide against those their binders may
+ * manage ({@link overProven}), and among unproven ones only bindings whose binder may manage
+ * every rival machine user count (see {@link contesting}); two that still do are refused
+ * rather than guessed between.
  */
 export async function machineOfCertificate(
   machines: Pick<MachineStateRepository, "bindingsOf">,
@@ -67,19 +63,14 @@ export async function machineOfCertificate(
 ): Promise<{ bindingId: string; machine: MachineAuthState } | null> {
   const rows = await machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris);
   if (rows.length === 0) return null;
-  const proven = rows.filter((r) => r.proven);
-  // A proven SAN URI binding proves its maker holds *a* certificate carrying that URI, not
-  // this one: an unproven binding of this very certificate's fingerprint stays a claim
-  // beside it, so two tenants' claims still authenticate no one (the fingerprint's owner
-  // settles it by proving the fingerprint). Otherwise a CA that gave one SAN URI to two
-  // tenants' certificates would hand one tenant's workload to the other.
-  const candidates =
-    proven.length > 0
-      ? [...proven, ...rows.filter((r) => !r.proven && r.boundFingerprint === certificate.sha256Fingerprint)]
-      : rows;
-  if (candidates.some((r) => r.machine.tenantId !== candidates[0]!.machine.tenantId)) {
+  // Every binding of this certificate counts, a proven SAN URI's rivals too: it proves its
+  // maker holds *a* certificate carrying that URI, not this one. Otherwise a CA that gave one
+  // SAN URI to two tenants' certificates would hand one tenant's workload to the other.
+  if (rows.some((r) => r.machine.tenantId !== rows[0]!.machine.tenantId)) {
     // A proven fingerprint binding settles it (the fingerprint is unique, so there is one).
-    const provenFingerprint = proven.filter((r) => r.boundFingerprint === certificate.sha256Fingerprint);
+    const provenFingerprint = rows.filter(
+      (r) => r.proven && r.boundFingerprint === certificate.sha256Fingerprint,
+    );
     if (provenFingerprint.length > 0) return pick(provenFingerprint);
     // AUTH_REQUIRED, not CREDENTIALS_INVALID: nothing was guessed, and a refusal that spent
     // the IP's failure budget would let the other tenant lock the owner's address out.
@@ -89,9 +80,9 @@ export async function machineOfCertificate(
       "client certificate is bound to more than one machine user; it authenticates no one",
     );
   }
-  const byFingerprint = candidates.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
-  let chosen = byFingerprint ? overFingerprint(byFingerprint, candidates) : candidates;
-  if (proven.length === 0 && !oneMachine(chosen)) chosen = contesting(chosen);
+  const byFingerprint = rows.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
+  let chosen = byFingerprint ? overFingerprint(byFingerprint, rows) : rows;
+  if (!oneMachine(chosen)) chosen = chosen.some((r) => r.proven) ? overProven(chosen) : contesting(chosen);
   if (!oneMachine(chosen)) {
     throw new TesseraError(
       "CREDENTIALS_INVALID",
@@ -117,6 +108,28 @@ function contesting(bindings: readonly CertificateBindingState[]): readonly Cert
     const binder = { scopes: b.binderScopes };
     return bindings.every((r) => r.machine.id === b.machine.id || mayManage(binder, r.machine));
   });
+}
+
+/**
+ * Of SAN URI bindings naming different machine users of one tenant, some proven: the proven
+ * ones decide (among themselves by {@link contesting}), except against an unproven binding
+ * of a machine user none of their binders may manage ({@link mayManage}): those stand. A
+ * proof shows its maker holds *a* certificate carrying the URI, not this one; else a holder
+ * of admin:machine-users whose certificate shares one SAN URI with a stronger machine
+ * user's would take that certificate over by proving the URI.
+ */
+function overProven(bindings: readonly CertificateBindingState[]): readonly CertificateBindingState[] {
+  let provers: readonly CertificateBindingState[] = bindings.filter((b) => b.proven);
+  if (!oneMachine(provers)) provers = contesting(provers);
+  if (!oneMachine(provers)) return provers;
+  const standing = bindings.filter(
+    (r) =>
+      !r.proven &&
+      r.machine.id !== provers[0]!.machine.id &&
+      !provers.some((b) => mayManage({ scopes: b.binderScopes }, r.machine)),
+  );
+  if (standing.length === 0) return provers;
+  return oneMachine(standing) ? standing : contesting(standing);
 }
 
 /** Whether `bindings` are some, all naming one machine user. */

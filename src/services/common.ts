@@ -1,3 +1,4 @@
+import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext } from "@connectrpc/connect";
 import type { EntityName } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
@@ -8,6 +9,7 @@ import type { Principal } from "../auth/principal.js";
 import { isSuperuser } from "../auth/principal.js";
 import { requestState } from "../context.js";
 import { errors, TesseraError } from "../errors.js";
+import { MAX_TIMESTAMP_MS } from "./pagination.js";
 
 /** The authenticated principal of a handler's request (the interceptors guarantee one on non-public methods). */
 export function principalOf(ctx: HandlerContext): Principal {
@@ -127,4 +129,21 @@ const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 export function assertId(id: string, what: string, field = "id"): void {
   if (!id) throw errors.invalidArgument(`${field} is required`, field);
   if (!UUID_RE.test(id)) throw errors.notFound(what);
+}
+
+/** The first instant a google.protobuf.Timestamp holds (0001-01-01T00:00:00Z), in ms. */
+const MIN_TIMESTAMP_MS = -62_135_596_800_000;
+
+/**
+ * A request's Timestamp field as a Date, or InvalidArgument when it is outside the range the
+ * Timestamp type defines (rounded to the millisecond as it is used). Connect JSON refuses
+ * such values while parsing; binary gRPC carries any pair of integers, which would become an
+ * Invalid Date, or a year PostgreSQL cannot read back, deep in a query.
+ */
+export function requestTime(value: Timestamp, field: string): Date {
+  const date = timestampDate(value);
+  const ms = date.getTime();
+  if (!(ms >= MIN_TIMESTAMP_MS && ms <= MAX_TIMESTAMP_MS) || value.nanos < 0 || value.nanos > 999_999_999)
+    throw errors.invalidArgument(`${field} must be within years 1 to 9999`, field);
+  return date;
 }

@@ -45,10 +45,17 @@ export const uuidKey: KeyPart<string> = {
   read: (text) => (UUID_RE.test(text) ? text : undefined),
 };
 
-/** An instant in milliseconds since the epoch. */
+/**
+ * The last instant a google.protobuf.Timestamp holds (9999-12-31T23:59:59.999Z), in
+ * milliseconds since the epoch. Later ones are no Date at all past 8.64e15, and a database
+ * refuses what an Invalid Date is sent as: a token naming one is refused, not a 500.
+ */
+export const MAX_TIMESTAMP_MS = 253_402_300_799_999;
+
+/** An instant in milliseconds since the epoch, at most {@link MAX_TIMESTAMP_MS}. */
 export const epochMsKey: KeyPart<number> = {
   write: (ms) => String(ms),
-  read: (text) => (/^\d{1,16}$/.test(text) ? Number(text) : undefined),
+  read: (text) => (/^\d{1,15}$/.test(text) && Number(text) <= MAX_TIMESTAMP_MS ? Number(text) : undefined),
 };
 
 type KeyValues<P extends readonly KeyPart<unknown>[]> = {

@@ -27,14 +27,26 @@ export function driverErrorAsTesseraError(err: unknown): TesseraError | undefine
   // timeout): a database that is away, busy or full is a fault to retry, never a bug.
   if (isOutage(err))
     return new TesseraError("UNAVAILABLE", "database unavailable", { headers: { "retry-after": "1" } });
-  if (!(err instanceof DriverException)) return undefined;
+  // A value PostgreSQL refused on the raw SQL path (its driver's error, not wrapped by the
+  // ORM): the same client mistake as through the ORM.
+  if (!(err instanceof DriverException)) return isRawPgValueError(err) ? valueNotAcceptable() : undefined;
   if (err instanceof UniqueConstraintViolationException)
     return new TesseraError("ALREADY_EXISTS", "the object already exists");
   if (err instanceof ConstraintViolationException)
     return new TesseraError("FAILED_PRECONDITION", "the change conflicts with related objects");
-  if (typeof err.code === "string" && err.code.startsWith("22"))
-    return new TesseraError("INVALID_ARGUMENT", "a value is not acceptable");
+  if (typeof err.code === "string" && err.code.startsWith("22")) return valueNotAcceptable();
   return undefined;
+}
+
+function valueNotAcceptable(): TesseraError {
+  return new TesseraError("INVALID_ARGUMENT", "a value is not acceptable");
+}
+
+/** A pg driver error (it carries the server's `severity` and SQLSTATE) of class 22, data exception. */
+function isRawPgValueError(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  const { code, severity } = err as { code?: unknown; severity?: unknown };
+  return typeof severity === "string" && typeof code === "string" && /^22[0-9A-Z]{3}$/.test(code);
 }
 
 /** Node's socket errors: the database's host is not there, or the connection broke. */

@@ -1046,10 +1046,12 @@ export const MachineUserService: GenService<{
    * displaces an unproven binding of the same identity in another tenant (removed and
    * audited; the answer is the same whether one was displaced or not), and is never
    * displaced itself. A certificate matching a proven fingerprint binding authenticates as
-   * its machine user; else proven SAN URI bindings naming one machine user decide, unless
-   * another tenant bound the certificate's own fingerprint (unproven): a proven SAN URI
-   * proves its maker holds a certificate with that URI, not this one, so the certificate
-   * then authenticates no one until its fingerprint is proven.
+   * its machine user. A proven SAN URI proves its maker holds a certificate with that URI,
+   * not this one: when another tenant bound the certificate's fingerprint or another of its
+   * SAN URIs (proven or not), it authenticates no one until its owner proves its fingerprint
+   * (or the squatted URI); within one tenant, proven SAN URI bindings naming one machine user
+   * decide, except over an unproven SAN URI binding of a machine user their binders' recorded
+   * scopes do not cover (that one keeps the certificate).
    * No proof is taken from a request carrying an Origin header (a browser's ambient client
    * certificate) nor from one whose direct peer is a trusted proxy (the certificate is the
    * proxy's).

@@ -1,5 +1,5 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import type { AuditEventSchema, AuditService } from "../../../gen/tessera/v1/audit_service_pb.js";
 import { errors } from "../../errors.js";
@@ -8,7 +8,7 @@ import type {
   AuditEventRepository,
   StoredAuditEvent,
 } from "../../storage/repositories/audit.js";
-import { principalOf, tenantScope } from "../common.js";
+import { principalOf, requestTime, tenantScope } from "../common.js";
 import { epochMsKey, keysetPage, keysetToken, pageLimit, uuidKey } from "../pagination.js";
 
 /** Dependencies of the AuditService implementation. */
@@ -90,8 +90,8 @@ export function createAuditService(deps: AuditServiceDeps): ServiceImpl<typeof A
       }
       filter.targetId = filterValue(req.targetId, "target_id", 64);
       filter.requestId = filterValue(req.requestId, "request_id", 64);
-      filter.start = req.startTime ? timestampDate(req.startTime) : null;
-      filter.end = req.endTime ? timestampDate(req.endTime) : null;
+      filter.start = req.startTime ? requestTime(req.startTime, "start_time") : null;
+      filter.end = req.endTime ? requestTime(req.endTime, "end_time") : null;
       if (filter.start && filter.end && filter.end.getTime() < filter.start.getTime())
         throw errors.invalidArgument("end_time is before start_time", "end_time");
       if (req.pageToken) {
