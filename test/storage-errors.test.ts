@@ -102,6 +102,7 @@ describe("database errors a handler did not expect", () => {
       driverError(DriverException, { code: "SQLITE_READONLY" }),
       driverError(DriverException, { code: "53100" }),
       driverError(DriverException, { code: "57014" }),
+      driverError(DriverException, { code: "55P03" }),
       new Error("Connection terminated unexpectedly"),
       Object.assign(new Error("Knex: Timeout acquiring a connection."), { name: "KnexTimeoutError" }),
     ]) {

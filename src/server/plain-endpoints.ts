@@ -14,6 +14,8 @@ function json(res: Response, status: number, body: unknown, cacheControl = "no-s
   res.statusCode = status;
   res.setHeader("content-type", "application/json");
   res.setHeader("cache-control", cacheControl);
+  // As every RPC's Unavailable: a client or balancer polling /ready is told when to come back.
+  if (status === 503) res.setHeader("retry-after", "1");
   res.end(text);
 }
 

@@ -81,8 +81,9 @@ const OUTAGE_MESSAGES =
  * rather than that the request or the code is wrong: a refused, reset or timed-out
  * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P03 (shut
  * down, crashed, starting), class 53 (insufficient resources: too many connections, disk
- * or memory full), 57014 (statement timeout) and 40001/40P01 (serialization failure,
- * deadlock: worth a retry); SQLite's BUSY and LOCKED (another process holds the write lock
+ * or memory full), 57014 (statement timeout), 55P03 (a lock not granted within a
+ * `lock_timeout` the deployment set on its role or database: another session holds it) and
+ * 40001/40P01 (serialization failure, deadlock: worth a retry); SQLite's BUSY and LOCKED (another process holds the write lock
  * past the busy timeout), FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its
  * folder went away or became read-only). Each is answered Unavailable with Retry-After.
  */
@@ -95,7 +96,7 @@ export function isOutage(err: unknown): boolean {
         code.startsWith("08") ||
         /^57P0[123]$/.test(code) ||
         code.startsWith("53") ||
-        ["57014", "40001", "40P01"].includes(code) ||
+        ["57014", "55P03", "40001", "40P01"].includes(code) ||
         SOCKET_CODES.has(code) ||
         /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|NOLFS)/.test(code)
       )

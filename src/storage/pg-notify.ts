@@ -131,6 +131,15 @@ export class PgNotifier {
   }
 
   /**
+   * How long ago the last query the session answered was sent (ms; infinite before any):
+   * every notification committed before then has been delivered. Still the last proof's
+   * age once offline, so a subscriber knows up to when it heard everything.
+   */
+  get provenAgoMs(): number {
+    return performance.now() - this.provenAt;
+  }
+
+  /**
    * The backend pid of the current session (as `pg_stat_activity.pid` shows it), once
    * connected (it may still be setting up: see {@link online}), else null.
    */

@@ -8,6 +8,16 @@ import { CursorCodec } from "./revocation-cursor.js";
 /** Events read per query, by the feed and by a stream catching up from its cursor. */
 export const FEED_PAGE = 500;
 
+/**
+ * How far behind the last proof that every commit was read the feed may be before its
+ * streams stop vouching for their cursors: a loaded machine may delay a read, and that is
+ * no outage.
+ */
+export const FRESH_MIN_MS = 3_000;
+
+/** How often a PostgreSQL feed with open streams checks that it still vouches ({@link RevocationFeed.onLost}). */
+const WATCHDOG_MS = 250;
+
 /** Events handed to the open streams: every one after the previous batch's `position`, in order. */
 export interface FeedBatch {
   events: readonly RevocationRecord[];
@@ -56,6 +66,7 @@ export class RevocationFeed {
   private codec: CursorCodec | undefined;
   private readonly listeners = new Set<(batch: FeedBatch) => void>();
   private readonly drainHandlers = new Set<() => void>();
+  private readonly lostHandlers = new Set<() => void>();
   private reading = false;
   private again = false;
   private closed = false;
@@ -66,6 +77,7 @@ export class RevocationFeed {
   private pollTimer: NodeJS.Timeout | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private pruneTimer: NodeJS.Timeout | undefined;
+  private watchdog: NodeJS.Timeout | undefined;
   private readonly now: () => number;
   /** Streams open, per caller and in all. */
   private readonly openByCaller = new Map<string, number>();
@@ -87,8 +99,10 @@ export class RevocationFeed {
       notifier.onStatus((online) => {
         if (online) this.stopPolling();
         else {
-          // Every commit until now was notified and read (or is being read): vouched for so far.
-          this.freshAt = Math.max(this.freshAt, this.reading ? this.readStartedAt : this.now());
+          // Every commit before the session's last proof was notified and read (or is being
+          // read): vouched for so far, not up to now (a session cut off without a reset is
+          // found lost only when its keepalive times out, and heard nothing meanwhile).
+          this.freshAt = Math.max(this.freshAt, this.heardUntil(notifier));
           this.startPolling();
         }
         // Online: what was committed while the session was down, before the notifications resume.
@@ -96,6 +110,14 @@ export class RevocationFeed {
       });
     }
     if (!this.listening) this.startPolling();
+    if (notifier) {
+      // Streams of an instance that can no longer vouch end at once (their clients empty the
+      // caches they keep while a stream is up), not only when their next heartbeat is due.
+      this.watchdog = setInterval(() => {
+        if (this.lostHandlers.size > 0 && !this.vouching()) for (const fn of [...this.lostHandlers]) fn();
+      }, WATCHDOG_MS);
+      this.watchdog.unref();
+    }
     this.pruneTimer = setInterval(() => void this.prune(), this.options.pruneIntervalMs ?? 60_000);
     this.pruneTimer.unref();
     void this.prune();
@@ -128,12 +150,36 @@ export class RevocationFeed {
     return this.last;
   }
 
-  /** Whether the last read succeeded within `withinMs` (a stream that cannot vouch for the feed stops heartbeating). */
+  /**
+   * Whether every event committed until `withinMs` ago has been read (a stream that cannot
+   * vouch for the feed stops heartbeating). Listening, nothing is owed but what a read in
+   * progress reads, and what the session may not have heard since it last answered a query
+   * (a partition without a reset: notifications stop, and nothing tells this process yet).
+   */
   fresh(withinMs: number): boolean {
     if (this.failing) return false;
-    // Listening, nothing is owed but what a read in progress (begun within the bound) reads.
-    if (this.listening) return !this.reading || this.now() - this.readStartedAt <= withinMs;
-    return this.now() - this.freshAt <= withinMs;
+    const notifier = this.options.notifier;
+    const until =
+      this.listening && notifier ? Math.max(this.freshAt, this.heardUntil(notifier)) : this.freshAt;
+    return this.now() - until <= withinMs;
+  }
+
+  /**
+   * Whether streams may stay open: always on SQLite (its poll cannot be cut off from the
+   * database it reads); on PostgreSQL while {@link fresh} within {@link FRESH_MIN_MS}.
+   */
+  vouching(): boolean {
+    return this.options.notifier === undefined || this.fresh(FRESH_MIN_MS);
+  }
+
+  /**
+   * The instant (this.now's clock) before which every commit was notified to this
+   * instance and read: the send time of the last query the session answered, or, with a
+   * read in progress, when that read began if earlier.
+   */
+  private heardUntil(notifier: PgNotifier): number {
+    const proven = this.now() - notifier.provenAgoMs;
+    return this.reading ? Math.min(proven, this.readStartedAt) : proven;
   }
 
   get isDraining(): boolean {
@@ -145,6 +191,14 @@ export class RevocationFeed {
     this.listeners.add(fn);
     return () => {
       this.listeners.delete(fn);
+    };
+  }
+
+  /** Be told when a PostgreSQL feed stops vouching ({@link vouching}): its streams end, Unavailable. */
+  onLost(fn: () => void): () => void {
+    this.lostHandlers.add(fn);
+    return () => {
+      this.lostHandlers.delete(fn);
     };
   }
 
@@ -205,6 +259,7 @@ export class RevocationFeed {
     this.drain();
     this.stopPolling();
     clearInterval(this.pruneTimer);
+    clearInterval(this.watchdog);
     clearTimeout(this.retryTimer);
   }
 
@@ -223,7 +278,8 @@ export class RevocationFeed {
           }
           if (events.length < FEED_PAGE) break;
         }
-        this.freshAt = this.now();
+        // What was committed before the read began has been read (not what came during it).
+        this.freshAt = Math.max(this.freshAt, this.readStartedAt);
         if (this.failing) this.options.logger.info({}, "revocation feed: reading again");
         this.failing = false;
       } while (this.again && !this.closed);

@@ -17,14 +17,13 @@ import type {
   RevocationEventRepository,
   RevocationRecord,
 } from "../../storage/repositories/revocation-events.js";
-import { FEED_PAGE, type FeedBatch, type RevocationFeed } from "../../verification/revocation-feed.js";
+import {
+  FEED_PAGE,
+  type FeedBatch,
+  FRESH_MIN_MS,
+  type RevocationFeed,
+} from "../../verification/revocation-feed.js";
 import { principalOf, tenantScope } from "../common.js";
-
-/**
- * A heartbeat needs a successful read of the feed at most this long ago (or one heartbeat
- * period, if longer): a loaded machine may delay a poll, and that is no outage.
- */
-const FRESH_MIN_MS = 3_000;
 
 /** Events a stream may have waiting to be sent; past it the stream ends (Unavailable) and its client resumes. */
 const MAX_QUEUED = 10_000;
@@ -130,6 +129,11 @@ async function* watch(
     notify();
   });
   const offDrain = feed.onDrain(notify);
+  let lost = false;
+  const offLost = feed.onLost(() => {
+    lost = true;
+    notify();
+  });
   ctx.signal.addEventListener("abort", notify);
   const message = (cursorAt: number, list: readonly RevocationRecord[], reset = false) => {
     feed.countSent(list.length);
@@ -193,6 +197,7 @@ async function* watch(
           "the caller's credential no longer authenticates; reconnect and resume from the last cursor",
           { headers: { "retry-after": "1" } },
         );
+      if (lost) throw feedUnavailable();
       if (overflow)
         throw new TesseraError("UNAVAILABLE", "the stream fell behind; resume from its last cursor");
       if (queue.length > 0) {
@@ -235,10 +240,7 @@ async function* watch(
       const wait = lastSent + heartbeatMs - Date.now();
       if (wait <= 0) {
         // A heartbeat vouches that every event up to its cursor was sent: not while the feed cannot read.
-        if (!feed.fresh(Math.max(heartbeatMs, FRESH_MIN_MS)))
-          throw new TesseraError("UNAVAILABLE", "revocation feed unavailable", {
-            headers: { "retry-after": "1" },
-          });
+        if (!feed.fresh(Math.max(heartbeatMs, FRESH_MIN_MS))) throw feedUnavailable();
         yield message(position, []);
         lastSent = Date.now();
         continue;
@@ -260,7 +262,13 @@ async function* watch(
   } finally {
     unsubscribe();
     offDrain();
+    offLost();
     ctx.signal.removeEventListener("abort", notify);
     feed.release(callerKey);
   }
+}
+
+/** The end of a stream whose instance cannot vouch for the feed (its client resumes elsewhere, or later). */
+function feedUnavailable(): TesseraError {
+  return new TesseraError("UNAVAILABLE", "revocation feed unavailable", { headers: { "retry-after": "1" } });
 }
