@@ -219,7 +219,8 @@ export type WatchRevocationsResponse = Message<"tessera.v1.WatchRevocationsRespo
   events: RevocationEvent[];
 
   /**
-   * The cursor asked for cannot be resumed from: empty every cache, then go on from `cursor`.
+   * The cursor asked for cannot be resumed from, or a state table was emptied wholesale (a
+   * TRUNCATE, which names no row): empty every cache, then go on from `cursor`.
    *
    * @generated from field: bool reset = 3;
    */

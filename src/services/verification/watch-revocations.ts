@@ -42,7 +42,8 @@ export interface WatchRevocationsDeps {
   clock: Clock;
 }
 
-const KINDS: Record<RevocationRecord["kind"], RevocationKind> = {
+/** Kinds sent as events (a `reset` event is answered `reset: true` instead). */
+const KINDS: Record<Exclude<RevocationRecord["kind"], "reset">, RevocationKind> = {
   credential: RevocationKind.CREDENTIAL,
   session: RevocationKind.SESSION,
   subject: RevocationKind.SUBJECT,
@@ -51,7 +52,7 @@ const KINDS: Record<RevocationRecord["kind"], RevocationKind> = {
 
 function wireEvent(r: RevocationRecord): RevocationEvent {
   return create(RevocationEventSchema, {
-    kind: KINDS[r.kind],
+    kind: r.kind === "reset" ? RevocationKind.UNSPECIFIED : KINDS[r.kind],
     id: r.subjectId,
     tenantId: r.tenantId,
     occurredAt: timestampFromMs(r.occurredAt),
@@ -162,7 +163,8 @@ async function* watch(
         for (;;) {
           const page = await events.range(tenant, position, top, FEED_PAGE);
           // Read after the page: a pruning that raced it shows here (and the cursor cannot resume).
-          if ((await events.info()).prunedThrough > position) {
+          // A truncation raised the mark to its `reset` event in the same commit.
+          if ((await events.info()).prunedThrough > position || page.some((e) => e.kind === "reset")) {
             if (sent) throw new TesseraError("UNAVAILABLE", "events pruned while catching up; resume");
             position = top;
             yield message(position, [], true);
@@ -203,11 +205,19 @@ async function* watch(
       if (queue.length > 0) {
         const batches = queue.splice(0);
         queued = 0;
-        const mine: RevocationRecord[] = [];
+        let mine: RevocationRecord[] = [];
         let callerChanged = false;
+        // The last truncation read (0: none): the client empties its cache, so events before it need not be sent.
+        let resetAt = 0;
         for (const batch of batches) {
           for (const e of batch.events) {
-            if (e.id <= position || (tenant !== null && e.tenantId !== tenant)) continue;
+            if (e.id <= position) continue;
+            if (e.kind === "reset") {
+              resetAt = e.id;
+              mine = [];
+              continue;
+            }
+            if (tenant !== null && e.tenantId !== tenant) continue;
             if (namesCaller(e, caller)) {
               callerChanged = true;
               break;
@@ -216,6 +226,10 @@ async function* watch(
           }
           if (callerChanged) break;
           if (batch.position > position) position = batch.position;
+        }
+        if (resetAt > 0) {
+          yield message(mine.length === 0 && !callerChanged ? position : resetAt, [], true);
+          lastSent = Date.now();
         }
         for (let i = 0; i < mine.length; i += FEED_PAGE) {
           const chunk = mine.slice(i, i + FEED_PAGE);

@@ -120,7 +120,7 @@ const SOURCES: Source[] = [
  * it (so it cannot deadlock with the row locks the transaction took before). Their WHEN
  * conditions are checked at once, so an irrelevant update queues nothing. Enabled ALWAYS,
  * like the state notify triggers (a `replica` session writes events too). TRUNCATE makes
- * no event (no row trigger sees it).
+ * no event (no row trigger sees it): Migration20261206080000_truncate_resets commits a reset.
  */
 export class Migration20261205100000_revocation_events extends SchemaMigration {
   override async up(): Promise<void> {

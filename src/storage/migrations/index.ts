@@ -15,6 +15,7 @@ import { Migration20261206020000_binder_authority } from "./Migration20261206020
 import { Migration20261206050000_token_lineage } from "./Migration20261206050000_token_lineage.js";
 import { Migration20261206060000_session_prune_indexes } from "./Migration20261206060000_session_prune_indexes.js";
 import { Migration20261206070000_audit_actor_outside } from "./Migration20261206070000_audit_actor_outside.js";
+import { Migration20261206080000_truncate_resets } from "./Migration20261206080000_truncate_resets.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -53,4 +54,5 @@ export const MIGRATIONS: MigrationObject[] = [
     name: "Migration20261206070000_audit_actor_outside",
     class: Migration20261206070000_audit_actor_outside,
   },
+  { name: "Migration20261206080000_truncate_resets", class: Migration20261206080000_truncate_resets },
 ];

@@ -1,8 +1,12 @@
 import type { SqlRunner } from "../sql.js";
 import { toMillis } from "../sql.js";
 
-/** What a revocation event's id names (the `kind` column, written by the triggers of Migration20261205100000_revocation_events). */
-export type RevocationKind = "credential" | "session" | "subject" | "tenant";
+/**
+ * What a revocation event's id names (the `kind` column, written by the triggers of
+ * Migration20261205100000_revocation_events), or `reset`: a watched table was truncated
+ * (its id the table's name, its tenant `*`; Migration20261206080000_truncate_resets).
+ */
+export type RevocationKind = "credential" | "session" | "subject" | "tenant" | "reset";
 
 /** One row of the revocation feed. */
 export interface RevocationRecord {
