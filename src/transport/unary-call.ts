@@ -15,7 +15,6 @@ import type {
   Interceptor,
 } from "@connectrpc/connect";
 import {
-  compressionNegotiate,
   encodeEnvelope,
   envelopeCompress,
   readAllBytes,
@@ -30,36 +29,41 @@ import {
   asConnectError,
   CALL_DONE,
   callError,
+  compressionNegotiator,
   concat,
   EMPTY,
   H,
   headerOf,
   nodeHeaders,
   readOneEnvelopedMessage,
+  rememberParsed,
 } from "./unary-core.js";
+
+/** The protocol headers' parses, remembered per value (see `rememberParsed`), and the constant response headers. */
+const connectType = rememberParsed(connect.parseContentType);
+const grpcType = rememberParsed(grpc.parseContentType);
+const grpcWebType = rememberParsed(grpcWeb.parseContentType);
+const CONNECT_PROTO = { "content-type": connect.contentTypeUnaryProto };
+const CONNECT_JSON = { "content-type": connect.contentTypeUnaryJson };
 
 /** The Connect protocol's unary POST, as Connect's `createUnaryHandler` serves it. */
 export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup): UnaryHandler {
+  const parseTimeout = rememberParsed((value) => connect.parseTimeout(value, opt.maxTimeoutMs));
+  const negotiate = compressionNegotiator(opt.acceptCompression, connect.headerUnaryAcceptEncoding);
   return async function handleConnectUnary(req) {
-    const type = connect.parseContentType(headerOf(req, H.contentType));
+    const type = connectType(headerOf(req, H.contentType));
     const binary = type?.binary === true;
-    const timeout = connect.parseTimeout(headerOf(req, H.connectTimeout), opt.maxTimeoutMs);
-    const contentType = binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson;
+    const timeout = parseTimeout(headerOf(req, H.connectTimeout));
     const context = new UnaryCall(
       spec.method,
       "connect",
       req,
       opt.shutdownSignal,
       timeout.timeoutMs,
-      { "content-type": contentType },
+      binary ? CONNECT_PROTO : CONNECT_JSON,
       undefined,
     );
-    const compression = compressionNegotiate(
-      opt.acceptCompression,
-      headerOf(req, H.connectEncoding),
-      headerOf(req, H.connectAcceptEncoding),
-      connect.headerUnaryAcceptEncoding,
-    );
+    const compression = negotiate(headerOf(req, H.connectEncoding), headerOf(req, H.connectAcceptEncoding));
     let status = 200;
     let code = 0;
     let body: Uint8Array;
@@ -125,19 +129,23 @@ export function grpcUnary(
 ): UnaryHandler {
   const protocolName = web ? "grpc-web" : "grpc";
   const types = web ? grpcWeb : grpc;
+  const parseType = web ? grpcWebType : grpcType;
+  const protoHeader = { "content-type": types.contentTypeProto };
+  const jsonHeader = { "content-type": types.contentTypeJson };
+  const parseTimeout = rememberParsed((value) => grpc.parseTimeout(value, opt.maxTimeoutMs));
+  const negotiate = compressionNegotiator(opt.acceptCompression, grpc.headerAcceptEncoding);
   return async function handleGrpcUnary(req) {
-    const binary = types.parseContentType(headerOf(req, H.contentType))?.binary !== false;
-    const timeout = grpc.parseTimeout(headerOf(req, H.grpcTimeout), opt.maxTimeoutMs);
-    const compression = compressionNegotiate(
-      opt.acceptCompression,
-      headerOf(req, H.grpcEncoding),
-      headerOf(req, H.grpcAcceptEncoding),
-      grpc.headerAcceptEncoding,
-    );
-    const initialHeader: Record<string, string> = {
-      "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
-    };
-    if (compression.response) initialHeader["grpc-encoding"] = compression.response.name;
+    const binary = parseType(headerOf(req, H.contentType))?.binary !== false;
+    const timeout = parseTimeout(headerOf(req, H.grpcTimeout));
+    const compression = negotiate(headerOf(req, H.grpcEncoding), headerOf(req, H.grpcAcceptEncoding));
+    const initialHeader = compression.response
+      ? {
+          "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
+          "grpc-encoding": compression.response.name,
+        }
+      : binary
+        ? protoHeader
+        : jsonHeader;
     const context = new UnaryCall(
       spec.method,
       protocolName,

@@ -8,6 +8,7 @@ import { Code, ConnectError, type HandlerContext, type MethodImplSpec } from "@c
 import {
   type Compression,
   compressedFlag,
+  compressionNegotiate,
   type createMethodSerializationLookup,
   envelopeDecompress,
   type Serialization,
@@ -57,6 +58,45 @@ export const H = {
   grpcEncoding: grpc.headerEncoding.toLowerCase(),
   grpcAcceptEncoding: grpc.headerAcceptEncoding.toLowerCase(),
 };
+
+/**
+ * `parse` of a request header's value, remembered for the first few distinct values whose
+ * result has no error: clients send the same content type (and mostly no timeout or encoding
+ * header) on every call, and each parse made a regex match or a result object per call. The
+ * results are only read; one with an error is made anew each time (an error is thrown, and
+ * its metadata may be changed on its way out).
+ */
+export function rememberParsed<T extends object | undefined>(
+  parse: (value: string | null) => T,
+): (value: string | null) => T {
+  const known = new Map<string | null, T>();
+  return (value) => {
+    const found = known.get(value);
+    if (found !== undefined) return found;
+    const parsed = parse(value);
+    const failed = parsed !== undefined && (parsed as { error?: unknown }).error !== undefined;
+    if (parsed !== undefined && !failed && known.size < REMEMBERED) known.set(value, parsed);
+    return parsed;
+  };
+}
+
+const REMEMBERED = 16;
+
+/**
+ * Connect's `compressionNegotiate` for one handler (its encodings, its accept-encoding header
+ * name), remembered by the accepted encodings when the request itself is not compressed (the
+ * result depends on nothing else then), for the same reason as {@link rememberParsed}.
+ */
+export function compressionNegotiator(
+  available: Compression[],
+  acceptHeaderName: string,
+): (requested: string | null, accepted: string | null) => ReturnType<typeof compressionNegotiate> {
+  const plain = rememberParsed((accepted) => compressionNegotiate(available, null, accepted, acceptHeaderName));
+  return (requested, accepted) =>
+    requested === null || requested === "identity"
+      ? plain(accepted)
+      : compressionNegotiate(available, requested, accepted, acceptHeaderName);
+}
 
 /**
  * The whole answer to a unary call: status, headers, the body in one piece, and HTTP
