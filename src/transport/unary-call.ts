@@ -14,11 +14,7 @@ import type {
   UnaryResponse as InterceptedResponse,
   Interceptor,
 } from "@connectrpc/connect";
-import {
-  encodeEnvelope,
-  envelopeCompress,
-  readAllBytes,
-} from "@connectrpc/connect/protocol";
+import { encodeEnvelope, envelopeCompress, readAllBytes } from "@connectrpc/connect/protocol";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";

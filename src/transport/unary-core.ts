@@ -91,7 +91,9 @@ export function compressionNegotiator(
   available: Compression[],
   acceptHeaderName: string,
 ): (requested: string | null, accepted: string | null) => ReturnType<typeof compressionNegotiate> {
-  const plain = rememberParsed((accepted) => compressionNegotiate(available, null, accepted, acceptHeaderName));
+  const plain = rememberParsed((accepted) =>
+    compressionNegotiate(available, null, accepted, acceptHeaderName),
+  );
   return (requested, accepted) =>
     requested === null || requested === "identity"
       ? plain(accepted)
