@@ -14,7 +14,7 @@ import type {
   UnaryResponse as InterceptedResponse,
   Interceptor,
 } from "@connectrpc/connect";
-import { encodeEnvelope, envelopeCompress, readAllBytes } from "@connectrpc/connect/protocol";
+import { readAllBytes } from "@connectrpc/connect/protocol";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
@@ -25,9 +25,11 @@ import {
   asConnectError,
   CALL_DONE,
   callError,
+  compressedEnvelope,
   compressionNegotiator,
   concat,
   EMPTY,
+  envelope,
   H,
   headerOf,
   nodeHeaders,
@@ -164,12 +166,11 @@ export function grpcUnary(
         web ? grpcWeb.trailerFlag : undefined,
       );
       const output = await invokeUnary(spec, context, input, opt.interceptors);
-      const env = await envelopeCompress(
-        { flags: 0, data: serialization.getO(binary).serialize(output) },
-        compression.response,
-        opt.compressMinBytes,
-      );
-      message = encodeEnvelope(env.flags, env.data);
+      const data = serialization.getO(binary).serialize(output);
+      message =
+        compression.response === null
+          ? envelope(0, data)
+          : await compressedEnvelope(0, data, compression.response, opt.compressMinBytes);
       context.abort(CALL_DONE);
     } catch (e) {
       context.abort(e);
@@ -185,15 +186,11 @@ export function grpcUnary(
       const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
       return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched, code };
     }
-    const trailer = await envelopeCompress(
-      {
-        flags: grpcWeb.trailerFlag,
-        data: touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK,
-      },
-      compression.response,
-      opt.compressMinBytes,
-    );
-    const frame = encodeEnvelope(trailer.flags, trailer.data);
+    const trailer = touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK;
+    const frame =
+      compression.response === null
+        ? envelope(grpcWeb.trailerFlag, trailer)
+        : await compressedEnvelope(grpcWeb.trailerFlag, trailer, compression.response, opt.compressMinBytes);
     return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched, code };
   };
 }

@@ -10,6 +10,7 @@ import {
   compressedFlag,
   compressionNegotiate,
   type createMethodSerializationLookup,
+  envelopeCompress,
   envelopeDecompress,
   type Serialization,
   type UniversalServerRequest,
@@ -282,4 +283,28 @@ export function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
   out.set(a, 0);
   out.set(b, a.byteLength);
   return out;
+}
+
+/**
+ * Connect's `encodeEnvelope` (flags, the data's length big-endian, the data), in a slice of
+ * Node's buffer pool and without the DataView it makes: an ArrayBuffer and a DataView less per
+ * answer. Every byte is written, so the pool's unset memory never shows.
+ */
+export function envelope(flags: number, data: Uint8Array): Uint8Array {
+  const bytes = Buffer.allocUnsafe(data.byteLength + 5);
+  bytes[0] = flags;
+  bytes.writeUInt32BE(data.byteLength, 1);
+  bytes.set(data, 5);
+  return bytes;
+}
+
+/** The envelope of `data` compressed by Connect's `envelopeCompress` (from `minBytes` on). */
+export async function compressedEnvelope(
+  flags: number,
+  data: Uint8Array,
+  compression: Compression,
+  minBytes: number,
+): Promise<Uint8Array> {
+  const env = await envelopeCompress({ flags, data }, compression, minBytes);
+  return envelope(env.flags, env.data);
 }
