@@ -195,7 +195,7 @@ export const EMPTY = new Uint8Array(0);
  * Envelopes flagged `skipFlag` (gRPC-Web trailers) are skipped, as Connect skips them. On
  * an error the rest of the body is left unread.
  */
-export async function readOneEnvelopedMessage<T>(
+export function readOneEnvelopedMessage<T>(
   body: AsyncIterable<Uint8Array>,
   readMaxBytes: number,
   compression: Compression | null,
@@ -234,17 +234,29 @@ export async function readOneEnvelopedMessage<T>(
     found = true;
     input = parsed;
   };
+  /** The one message, once the body ended. */
+  const one = (): T => {
+    if (pending.byteLength > 0)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (!found)
+      throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
+    return input as T;
+  };
   if (compression === null && isWholeBody(body)) {
     // Without compression nothing here awaits: each chunk is taken as it comes, with no
-    // promise per chunk and per envelope (envelopeDecompress's checks, made in place).
-    await body.readChunks((chunk) => {
-      pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
-      for (let env = split(); env !== undefined; env = split()) {
-        if ((env.flags & compressedFlag) === compressedFlag) throw unnegotiatedCompression();
-        accept(env.flags, env.data);
-      }
-    });
-  } else {
+    // promise per chunk and per envelope (envelopeDecompress's checks, made in place), and
+    // the message follows the chunks' promise in one `then` (no async frame of its own).
+    return body
+      .readChunks((chunk) => {
+        pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
+        for (let env = split(); env !== undefined; env = split()) {
+          if ((env.flags & compressedFlag) === compressedFlag) throw unnegotiatedCompression();
+          accept(env.flags, env.data);
+        }
+      })
+      .then(one);
+  }
+  return (async () => {
     const it = body[Symbol.asyncIterator]();
     let finished = false;
     try {
@@ -262,12 +274,8 @@ export async function readOneEnvelopedMessage<T>(
       // Stop reading: the adapter's body discards what is left.
       if (!finished) it.return?.().catch(() => undefined);
     }
-  }
-  if (pending.byteLength > 0)
-    throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
-  if (!found)
-    throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
-  return input as T;
+    return one();
+  })();
 }
 
 /**
