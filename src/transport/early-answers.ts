@@ -53,7 +53,9 @@ export interface WireError {
 }
 
 /** The protocols of a unary POST this adapter answers itself: an early error (see `admit`), or the whole call (unary-protocols.ts). */
-export type EarlyProtocol = { kind: "connect" } | { kind: "grpc" | "grpc-web"; json: boolean };
+export type EarlyProtocol =
+  | { readonly kind: "connect" }
+  | { readonly kind: "grpc" | "grpc-web"; readonly json: boolean };
 
 /** The protocol of a unary POST this adapter can answer itself, or undefined (left to Connect's handlers). */
 export function earlyProtocol(
@@ -61,6 +63,18 @@ export function earlyProtocol(
   type: string | undefined,
 ): EarlyProtocol | undefined {
   if (method !== "POST" || type === undefined) return undefined;
+  // Remembered for the first few content types: asked twice per call, and a gRPC type's
+  // parse made a regex match and an object each time. The results are only read.
+  const known = knownProtocols.get(type);
+  if (known !== undefined || knownProtocols.has(type)) return known;
+  const protocol = protocolOfType(type);
+  if (knownProtocols.size < 16) knownProtocols.set(type, protocol);
+  return protocol;
+}
+
+const knownProtocols = new Map<string, EarlyProtocol | undefined>();
+
+function protocolOfType(type: string): EarlyProtocol | undefined {
   if (connectUnaryType.test(type)) return { kind: "connect" };
   let m = grpcType.exec(type);
   if (m) return { kind: "grpc", json: m[1] !== undefined };

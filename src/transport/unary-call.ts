@@ -8,18 +8,13 @@
  * (call-context.ts, unary-core.ts).
  */
 import type { OutgoingHttpHeaders } from "node:http";
-import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import type {
   UnaryRequest as InterceptedRequest,
   UnaryResponse as InterceptedResponse,
   Interceptor,
 } from "@connectrpc/connect";
-import {
-  compressionNegotiate,
-  encodeEnvelope,
-  envelopeCompress,
-  readAllBytes,
-} from "@connectrpc/connect/protocol";
+import { readAllBytes } from "@connectrpc/connect/protocol";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as grpcWeb from "@connectrpc/connect/protocol-grpc-web";
@@ -30,36 +25,43 @@ import {
   asConnectError,
   CALL_DONE,
   callError,
+  compressedEnvelope,
+  compressionNegotiator,
   concat,
   EMPTY,
+  envelope,
   H,
   headerOf,
   nodeHeaders,
   readOneEnvelopedMessage,
+  rememberParsed,
 } from "./unary-core.js";
+
+/** The protocol headers' parses, remembered per value (see `rememberParsed`), and the constant response headers. */
+const connectType = rememberParsed(connect.parseContentType);
+const grpcType = rememberParsed(grpc.parseContentType);
+const grpcWebType = rememberParsed(grpcWeb.parseContentType);
+const CONNECT_PROTO = { "content-type": connect.contentTypeUnaryProto };
+const CONNECT_JSON = { "content-type": connect.contentTypeUnaryJson };
 
 /** The Connect protocol's unary POST, as Connect's `createUnaryHandler` serves it. */
 export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization: Lookup): UnaryHandler {
+  const parseTimeout = rememberParsed((value) => connect.parseTimeout(value, opt.maxTimeoutMs));
+  const negotiate = compressionNegotiator(opt.acceptCompression, connect.headerUnaryAcceptEncoding);
   return async function handleConnectUnary(req) {
-    const type = connect.parseContentType(headerOf(req, H.contentType));
+    const type = connectType(headerOf(req, H.contentType));
     const binary = type?.binary === true;
-    const timeout = connect.parseTimeout(headerOf(req, H.connectTimeout), opt.maxTimeoutMs);
-    const contentType = binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson;
+    const timeout = parseTimeout(headerOf(req, H.connectTimeout));
     const context = new UnaryCall(
       spec.method,
       "connect",
       req,
       opt.shutdownSignal,
       timeout.timeoutMs,
-      { "content-type": contentType },
+      binary ? CONNECT_PROTO : CONNECT_JSON,
       undefined,
     );
-    const compression = compressionNegotiate(
-      opt.acceptCompression,
-      headerOf(req, H.connectEncoding),
-      headerOf(req, H.connectAcceptEncoding),
-      connect.headerUnaryAcceptEncoding,
-    );
+    const compression = negotiate(headerOf(req, H.connectEncoding), headerOf(req, H.connectAcceptEncoding));
     let status = 200;
     let code = 0;
     let body: Uint8Array;
@@ -72,7 +74,7 @@ export function connectUnary(opt: HandlerOptions, spec: UnarySpec, serialization
         : readAllBytes(req.body, opt.readMaxBytes, lengthHint));
       if (compression.request) bytes = await compression.request.decompress(bytes, opt.readMaxBytes);
       const input = serialization.getI(binary).parse(bytes);
-      const output = await invokeUnary(spec, context, input, opt.interceptors);
+      const output = outputOf(context, await invokeUnary(spec, context, input, opt.interceptors));
       body = serialization.getO(binary).serialize(output);
     } catch (e) {
       context.abort(e);
@@ -125,19 +127,23 @@ export function grpcUnary(
 ): UnaryHandler {
   const protocolName = web ? "grpc-web" : "grpc";
   const types = web ? grpcWeb : grpc;
+  const parseType = web ? grpcWebType : grpcType;
+  const protoHeader = { "content-type": types.contentTypeProto };
+  const jsonHeader = { "content-type": types.contentTypeJson };
+  const parseTimeout = rememberParsed((value) => grpc.parseTimeout(value, opt.maxTimeoutMs));
+  const negotiate = compressionNegotiator(opt.acceptCompression, grpc.headerAcceptEncoding);
   return async function handleGrpcUnary(req) {
-    const binary = types.parseContentType(headerOf(req, H.contentType))?.binary !== false;
-    const timeout = grpc.parseTimeout(headerOf(req, H.grpcTimeout), opt.maxTimeoutMs);
-    const compression = compressionNegotiate(
-      opt.acceptCompression,
-      headerOf(req, H.grpcEncoding),
-      headerOf(req, H.grpcAcceptEncoding),
-      grpc.headerAcceptEncoding,
-    );
-    const initialHeader: Record<string, string> = {
-      "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
-    };
-    if (compression.response) initialHeader["grpc-encoding"] = compression.response.name;
+    const binary = parseType(headerOf(req, H.contentType))?.binary !== false;
+    const timeout = parseTimeout(headerOf(req, H.grpcTimeout));
+    const compression = negotiate(headerOf(req, H.grpcEncoding), headerOf(req, H.grpcAcceptEncoding));
+    const initialHeader = compression.response
+      ? {
+          "content-type": binary ? types.contentTypeProto : types.contentTypeJson,
+          "grpc-encoding": compression.response.name,
+        }
+      : binary
+        ? protoHeader
+        : jsonHeader;
     const context = new UnaryCall(
       spec.method,
       protocolName,
@@ -159,13 +165,12 @@ export function grpcUnary(
         serialization.getI(binary),
         web ? grpcWeb.trailerFlag : undefined,
       );
-      const output = await invokeUnary(spec, context, input, opt.interceptors);
-      const env = await envelopeCompress(
-        { flags: 0, data: serialization.getO(binary).serialize(output) },
-        compression.response,
-        opt.compressMinBytes,
-      );
-      message = encodeEnvelope(env.flags, env.data);
+      const output = outputOf(context, await invokeUnary(spec, context, input, opt.interceptors));
+      const data = serialization.getO(binary).serialize(output);
+      message =
+        compression.response === null
+          ? envelope(0, data)
+          : await compressedEnvelope(0, data, compression.response, opt.compressMinBytes);
       context.abort(CALL_DONE);
     } catch (e) {
       context.abort(e);
@@ -181,15 +186,11 @@ export function grpcUnary(
       const trailer = touched ? nodeHeaders(context.responseTrailer) : { ...GRPC_OK };
       return { status: 200, header, body: message ?? EMPTY, trailer, plain: !touched, code };
     }
-    const trailer = await envelopeCompress(
-      {
-        flags: grpcWeb.trailerFlag,
-        data: touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK,
-      },
-      compression.response,
-      opt.compressMinBytes,
-    );
-    const frame = encodeEnvelope(trailer.flags, trailer.data);
+    const trailer = touched ? grpcWeb.trailerSerialize(context.responseTrailer) : GRPC_WEB_OK;
+    const frame =
+      compression.response === null
+        ? envelope(grpcWeb.trailerFlag, trailer)
+        : await compressedEnvelope(grpcWeb.trailerFlag, trailer, compression.response, opt.compressMinBytes);
     return { status: 200, header, body: message ? concat(message, frame) : frame, plain: !touched, code };
   };
 }
@@ -210,24 +211,44 @@ const GRPC_WEB_OK = grpcWeb.trailerSerialize(new Headers(GRPC_OK));
  * makes only on demand would be made on every call. Here `signal` is a getter of both,
  * reading the call's signal when someone reads it. The chain is built per call, as
  * Connect builds it.
+ *
+ * Neither this nor the innermost step is an async function: the handlers await the chain's
+ * promise themselves (then take its output with `outputOf`), and the implementation's
+ * answer becomes the response in one `then`, an async frame and its awaits less per call.
+ * A synchronous throw is a rejection, as it was from the async functions.
  */
-export async function invokeUnary(
+export function invokeUnary(
   spec: UnarySpec,
   call: UnaryCall,
   input: MessageShape<DescMessage>,
   interceptors: Interceptor[],
-): Promise<MessageShape<DescMessage>> {
+): Promise<InterceptedResponse> {
   const { method } = spec;
-  let next = async (req: InterceptedRequest): Promise<InterceptedResponse> => {
-    const output = await spec.impl(req.message, new ImplementationContext(call, req));
-    return new CallResponse(call, create(method.output, output));
+  const respond = (output: MessageInitShape<DescMessage>) =>
+    new CallResponse(call, create(method.output, output));
+  let next = (req: InterceptedRequest): Promise<InterceptedResponse> => {
+    try {
+      return Promise.resolve(spec.impl(req.message, new ImplementationContext(call, req))).then(respond);
+    } catch (e) {
+      return Promise.reject(e);
+    }
   };
   for (let i = interceptors.length - 1; i >= 0; i--)
     next = interceptors[i]!(next as Parameters<Interceptor>[0]) as typeof next;
-  const res = await next(new CallRequest(call, input));
-  // The call's own response has the call's headers and trailers; one an interceptor made
-  // has its own (Connect copies them into the call's). A copy of the call's response
-  // (`{ ...res }`) dropped the getters, and so has the call's, as it had.
+  try {
+    return next(new CallRequest(call, input));
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+/**
+ * The output of the chain's response `res`. The call's own response has the call's headers
+ * and trailers; one an interceptor made has its own (Connect copies them into the call's). A
+ * copy of the call's response (`{ ...res }`) dropped the getters, and so has the call's, as
+ * it had.
+ */
+export function outputOf(call: UnaryCall, res: InterceptedResponse): MessageShape<DescMessage> {
   if (!(res instanceof CallResponse)) {
     const { header, trailer } = res as Partial<InterceptedResponse>;
     if (header !== undefined) copyHeaders(header, call.responseHeader);

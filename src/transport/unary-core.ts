@@ -8,7 +8,9 @@ import { Code, ConnectError, type HandlerContext, type MethodImplSpec } from "@c
 import {
   type Compression,
   compressedFlag,
+  compressionNegotiate,
   type createMethodSerializationLookup,
+  envelopeCompress,
   envelopeDecompress,
   type Serialization,
   type UniversalServerRequest,
@@ -57,6 +59,47 @@ export const H = {
   grpcEncoding: grpc.headerEncoding.toLowerCase(),
   grpcAcceptEncoding: grpc.headerAcceptEncoding.toLowerCase(),
 };
+
+/**
+ * `parse` of a request header's value, remembered for the first few distinct values whose
+ * result has no error: clients send the same content type (and mostly no timeout or encoding
+ * header) on every call, and each parse made a regex match or a result object per call. The
+ * results are only read; one with an error is made anew each time (an error is thrown, and
+ * its metadata may be changed on its way out).
+ */
+export function rememberParsed<T extends object | undefined>(
+  parse: (value: string | null) => T,
+): (value: string | null) => T {
+  const known = new Map<string | null, T>();
+  return (value) => {
+    const found = known.get(value);
+    if (found !== undefined) return found;
+    const parsed = parse(value);
+    const failed = parsed !== undefined && (parsed as { error?: unknown }).error !== undefined;
+    if (parsed !== undefined && !failed && known.size < REMEMBERED) known.set(value, parsed);
+    return parsed;
+  };
+}
+
+const REMEMBERED = 16;
+
+/**
+ * Connect's `compressionNegotiate` for one handler (its encodings, its accept-encoding header
+ * name), remembered by the accepted encodings when the request itself is not compressed (the
+ * result depends on nothing else then), for the same reason as {@link rememberParsed}.
+ */
+export function compressionNegotiator(
+  available: Compression[],
+  acceptHeaderName: string,
+): (requested: string | null, accepted: string | null) => ReturnType<typeof compressionNegotiate> {
+  const plain = rememberParsed((accepted) =>
+    compressionNegotiate(available, null, accepted, acceptHeaderName),
+  );
+  return (requested, accepted) =>
+    requested === null || requested === "identity"
+      ? plain(accepted)
+      : compressionNegotiate(available, requested, accepted, acceptHeaderName);
+}
 
 /**
  * The whole answer to a unary call: status, headers, the body in one piece, and HTTP
@@ -152,7 +195,7 @@ export const EMPTY = new Uint8Array(0);
  * Envelopes flagged `skipFlag` (gRPC-Web trailers) are skipped, as Connect skips them. On
  * an error the rest of the body is left unread.
  */
-export async function readOneEnvelopedMessage<T>(
+export function readOneEnvelopedMessage<T>(
   body: AsyncIterable<Uint8Array>,
   readMaxBytes: number,
   compression: Compression | null,
@@ -191,17 +234,29 @@ export async function readOneEnvelopedMessage<T>(
     found = true;
     input = parsed;
   };
+  /** The one message, once the body ended. */
+  const one = (): T => {
+    if (pending.byteLength > 0)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (!found)
+      throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
+    return input as T;
+  };
   if (compression === null && isWholeBody(body)) {
     // Without compression nothing here awaits: each chunk is taken as it comes, with no
-    // promise per chunk and per envelope (envelopeDecompress's checks, made in place).
-    await body.readChunks((chunk) => {
-      pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
-      for (let env = split(); env !== undefined; env = split()) {
-        if ((env.flags & compressedFlag) === compressedFlag) throw unnegotiatedCompression();
-        accept(env.flags, env.data);
-      }
-    });
-  } else {
+    // promise per chunk and per envelope (envelopeDecompress's checks, made in place), and
+    // the message follows the chunks' promise in one `then` (no async frame of its own).
+    return body
+      .readChunks((chunk) => {
+        pending = pending.byteLength === 0 ? chunk : concat(pending, chunk);
+        for (let env = split(); env !== undefined; env = split()) {
+          if ((env.flags & compressedFlag) === compressedFlag) throw unnegotiatedCompression();
+          accept(env.flags, env.data);
+        }
+      })
+      .then(one);
+  }
+  return (async () => {
     const it = body[Symbol.asyncIterator]();
     let finished = false;
     try {
@@ -219,12 +274,8 @@ export async function readOneEnvelopedMessage<T>(
       // Stop reading: the adapter's body discards what is left.
       if (!finished) it.return?.().catch(() => undefined);
     }
-  }
-  if (pending.byteLength > 0)
-    throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
-  if (!found)
-    throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
-  return input as T;
+    return one();
+  })();
 }
 
 /**
@@ -240,4 +291,28 @@ export function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
   out.set(a, 0);
   out.set(b, a.byteLength);
   return out;
+}
+
+/**
+ * Connect's `encodeEnvelope` (flags, the data's length big-endian, the data), in a slice of
+ * Node's buffer pool and without the DataView it makes: an ArrayBuffer and a DataView less per
+ * answer. Every byte is written, so the pool's unset memory never shows.
+ */
+export function envelope(flags: number, data: Uint8Array): Uint8Array {
+  const bytes = Buffer.allocUnsafe(data.byteLength + 5);
+  bytes[0] = flags;
+  bytes.writeUInt32BE(data.byteLength, 1);
+  bytes.set(data, 5);
+  return bytes;
+}
+
+/** The envelope of `data` compressed by Connect's `envelopeCompress` (from `minBytes` on). */
+export async function compressedEnvelope(
+  flags: number,
+  data: Uint8Array,
+  compression: Compression,
+  minBytes: number,
+): Promise<Uint8Array> {
+  const env = await envelopeCompress({ flags, data }, compression, minBytes);
+  return envelope(env.flags, env.data);
 }

@@ -27,10 +27,11 @@
  * and implementation included), over call-context.ts (the handler context) and
  * unary-core.ts (the types, the request headers read, the error of a failed call, envelopes).
  */
-import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageShape, toJsonString } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   createMethodSerializationLookup,
+  limitSerialization,
   type Serialization,
   type UniversalHandlerOptions,
   validateUniversalHandlerOptions,
@@ -72,7 +73,11 @@ export function createUnaryHandlers(
 ): Partial<Record<UnaryProtocol, UnaryHandler>> {
   const opt: HandlerOptions = { ...validateUniversalHandlerOptions(options), callError: options.callError };
   const serialization = clientFaultParsing(
-    createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
+    plainJsonAnswers(
+      createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
+      spec.method.output,
+      opt,
+    ),
     spec.method.input,
   );
   const handlers: Partial<Record<UnaryProtocol, UnaryHandler>> = {};
@@ -117,4 +122,29 @@ function clientFaultParsing(lookup: Lookup, input: DescMessage): Lookup {
   const binary = wrap(lookup.getI(true), false);
   const json = wrap(lookup.getI(false), true);
   return { getI: (useBinary) => (useBinary ? binary : json), getO: lookup.getO };
+}
+
+/**
+ * The lookup with the JSON answer made as Connect's serializer makes it, with less garbage,
+ * when no JSON option is set (Tessera sets none): Connect passes its options object to
+ * `toJsonString`, which then copies it with protobuf-es's defaults on every call, and encodes
+ * through TextEncoder (a new ArrayBuffer per answer), where `Buffer.from` takes a slice of
+ * Node's pool. Same bytes (UTF-8 either way), same errors and the same `writeMaxBytes` check.
+ */
+function plainJsonAnswers(lookup: Lookup, output: DescMessage, opt: HandlerOptions): Lookup {
+  if (opt.jsonOptions !== undefined && Object.keys(opt.jsonOptions).length > 0) return lookup;
+  const json = limitSerialization<MessageShape<DescMessage>>(
+    {
+      parse: lookup.getO(false).parse,
+      serialize(data) {
+        try {
+          return Buffer.from(toJsonString(output, data));
+        } catch (e) {
+          throw ConnectError.from(e, Code.Internal);
+        }
+      },
+    },
+    opt,
+  );
+  return { getI: lookup.getI, getO: (useBinary) => (useBinary ? lookup.getO(true) : json) };
 }
