@@ -2,11 +2,13 @@ import { performance } from "node:perf_hooks";
 import { createClient } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { budgetKey } from "../../src/client-ip.js";
 import { DbProxy } from "../db-proxy.js";
 import { rejection } from "../errors-util.js";
-import { SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { clientFor, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminLogin, basic, clients, short } from "../machine-fixtures.js";
 import { captureLogs, freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
@@ -73,11 +75,11 @@ async function guesses(from: string, n: number): Promise<string[]> {
   return out;
 }
 
-/** Call the limiters until they count in Redis again (Redis is tried at most once a second). */
-async function untilShared(): Promise<void> {
-  for (let k = 0; !ts.app.limits!.shared(); k++) {
+/** Call the limiters of `server` until they count in Redis again (Redis is tried at most once a second). */
+async function untilShared(server = ts): Promise<void> {
+  for (let k = 0; !server.app.limits!.shared(); k++) {
     expect(k, "the limiters never went back to Redis").toBeLessThan(100);
-    await ts.app.limits!.perIp.consume(`probe-${ip()}`);
+    await server.app.limits!.perIp.consume(`probe-${ip()}`);
     await new Promise((r) => setTimeout(r, 100));
   }
 }
@@ -127,6 +129,25 @@ describe("the failed-password budget with Redis frozen", () => {
     expect(await guesses(from, 3)).toEqual(["CREDENTIALS_INVALID", "RATE_LIMITED", "RATE_LIMITED"]);
   });
 
+  it("holds HTTP Basic guesses to what is left of the budget spent in Redis before the freeze", async () => {
+    await untilShared();
+    const from = ip();
+    const basicGuesses = async (n: number) => {
+      const out: string[] = [];
+      for (let i = 0; i < n; i++) {
+        const me = createClient(
+          UserService,
+          withHeaders(ts.connect(), { "x-forwarded-for": from, ...basic("nobody-here", `wrong ${i}`) }),
+        );
+        out.push((await rejection(me.getCurrentUser({}, { timeoutMs: 20_000 }))).reason ?? "?");
+      }
+      return out;
+    };
+    expect(await basicGuesses(BUDGET - 1)).toEqual(Array(BUDGET - 1).fill("CREDENTIALS_INVALID"));
+    proxy.freeze();
+    expect(await basicGuesses(2)).toEqual(["CREDENTIALS_INVALID", "RATE_LIMITED"]);
+  });
+
   it("does not grant again in Redis the failures an address spent in memory while it was frozen", async () => {
     proxy.freeze();
     const from = ip();
@@ -139,5 +160,81 @@ describe("the failed-password budget with Redis frozen", () => {
     expect(await guesses(from, 2)).toEqual(["RATE_LIMITED", "RATE_LIMITED"]);
     // Counted in Redis, so every instance of a fleet refuses the address too.
     expect(await failures(from)).toBeGreaterThanOrEqual(BUDGET);
+  });
+});
+
+describe("the request and credential-creation budgets with Redis frozen", () => {
+  const PER_IP = 5;
+  const CREATIONS = 2;
+  let other: TestServer;
+  beforeAll(async () => {
+    other = await startTestServer(SQLITE, {
+      rateLimit: {
+        ...LIMITS_ON,
+        perIpPerMinute: PER_IP,
+        credentialCreationsPerHour: CREATIONS,
+        redisUrl: `redis://127.0.0.1:${proxy.port}/${DB}`,
+        redisTimeoutMs: 300,
+      },
+      server: { trustedProxies: ["127.0.0.1"] },
+    });
+  });
+  afterAll(async () => {
+    await other?.close();
+  });
+  const from = (address: string) => withHeaders(other.connect(), { "x-forwarded-for": address });
+  /** `n` authenticated calls from `address`: "ok" or the refusal's reason each. */
+  async function calls(token: string, address: string, n: number): Promise<string[]> {
+    const out: string[] = [];
+    for (let i = 0; i < n; i++)
+      try {
+        await clientFor(UserService, from(address), token).getCurrentUser({}, { timeoutMs: 20_000 });
+        out.push("ok");
+      } catch (err) {
+        out.push((await rejection(Promise.reject(err))).reason ?? "?");
+      }
+    return out;
+  }
+
+  it("counts an address's requests on from Redis while it is frozen, and adds them to Redis when it answers", async () => {
+    await untilShared(other);
+    const token = await adminLogin(from(ip()));
+    const a = ip();
+    expect(await calls(token, a, 3)).toEqual(["ok", "ok", "ok"]);
+    proxy.freeze();
+    expect(await calls(token, a, 3)).toEqual(["ok", "ok", "RATE_LIMITED"]);
+    const b = ip();
+    expect(await calls(token, b, 3)).toEqual(["ok", "ok", "ok"]);
+    proxy.restore();
+    await untilShared(other);
+    // Three of five counted in memory, then in Redis with the next call.
+    expect(await calls(token, b, 3)).toEqual(["ok", "ok", "RATE_LIMITED"]);
+  });
+
+  it("holds a principal to its credential creations across a freeze and the return", async () => {
+    await untilShared(other);
+    const admin = await adminLogin(from(ip()));
+    const username = `frozen-${short()}`;
+    await clients(from(ip()), admin).users.createUser({ username, password: "frozen redis password" });
+    const token = (
+      await createClient(UserService, from(ip())).login({ username, password: "frozen redis password" })
+    ).accessToken;
+    const create = async () => {
+      try {
+        await clientFor(TokenService, from(ip()), token).createPersonalAccessToken(
+          { name: `pat ${short()}`, scopes: [] },
+          { timeoutMs: 20_000 },
+        );
+        return "ok";
+      } catch (err) {
+        return (await rejection(Promise.reject(err))).reason ?? "?";
+      }
+    };
+    expect(await create()).toBe("ok");
+    proxy.freeze();
+    expect([await create(), await create()]).toEqual(["ok", "RATE_LIMITED"]);
+    proxy.restore();
+    await untilShared(other);
+    expect(await create()).toBe("RATE_LIMITED");
   });
 });
