@@ -82,7 +82,16 @@ export class Limiter {
    */
   private async consumeShared(key: string, local: LocalCount): Promise<LimitResult> {
     const blockedMs = local.blockedMs(key);
-    if (blockedMs > 0) return this.refuse(key, blockedMs);
+    if (blockedMs > 0) {
+      // A block Redis could not take when it was made: handed to Redis as soon as it answers,
+      // so that every instance refuses the key for the rest of it.
+      this.countedLocally++;
+      await this.impl.block(key, Math.ceil(blockedMs / 1000)).then(
+        () => local.forget(key),
+        () => undefined,
+      );
+      return this.refuse(key, blockedMs);
+    }
     const owed = local.owed(key);
     let res: RateLimiterRes;
     let allowed = true;

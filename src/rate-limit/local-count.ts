@@ -80,11 +80,14 @@ export class LocalCount {
     e.owed = Math.max(0, e.owed - 1);
   }
 
-  /** Refuse `key` here for `ms` (Redis could not take the block). */
+  /**
+   * Refuse `key` here for `ms` (Redis could not take the block). As a block in Redis does, it
+   * replaces the key's count and window: when it ends, the key starts afresh.
+   */
   block(key: string, ms: number): void {
     const e = this.entry(key);
-    e.blockedUntil = this.now() + ms;
-    e.end = Math.max(e.end, e.blockedUntil);
+    e.blockedUntil = e.end = this.now() + ms;
+    e.owed = 0;
   }
 
   /** Forget `key` (its count was reset). */

@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { performance } from "node:perf_hooks";
 import { createClient } from "@connectrpc/connect";
 import { Redis } from "ioredis";
@@ -24,6 +25,8 @@ const UNAVAILABLE = "Redis unavailable, limiting per instance";
 const BUDGET = 3;
 const DB = 13;
 const ip = freshIps("100.93");
+/** A username nobody has, of this run: Redis keeps its per-username failure budget for an hour. */
+const NOBODY = `nobody-${short()}`;
 
 let proxy: DbProxy;
 let ts: TestServer;
@@ -62,7 +65,7 @@ async function guess(from: string) {
   const start = performance.now();
   // The client's deadline only keeps a hung call from holding the test.
   const r = await rejection(
-    login.login({ username: "nobody-here", password: "wrong guess" }, { timeoutMs: 20_000 }),
+    login.login({ username: NOBODY, password: "wrong guess" }, { timeoutMs: 20_000 }),
   );
   const ms = performance.now() - start;
   if (r.reason === "RATE_LIMITED") expect(Number(r.error.metadata.get("retry-after"))).toBeGreaterThan(0);
@@ -129,6 +132,21 @@ describe("the failed-password budget with Redis frozen", () => {
     expect(await guesses(from, 3)).toEqual(["CREDENTIALS_INVALID", "RATE_LIMITED", "RATE_LIMITED"]);
   });
 
+  it("holds the budget the same way when Redis is gone (connections reset) and comes back", async () => {
+    await untilShared();
+    const from = ip();
+    expect(await guesses(from, BUDGET - 1)).toEqual(Array(BUDGET - 1).fill("CREDENTIALS_INVALID"));
+    proxy.cut();
+    const answers = [await guess(from), await guess(from)];
+    expect(answers.map((a) => a.reason)).toEqual(["CREDENTIALS_INVALID", "RATE_LIMITED"]);
+    for (const a of answers) expect(a.ms).toBeLessThan(5_000);
+    proxy.restore();
+    await untilShared();
+    expect(await guesses(from, 1)).toEqual(["RATE_LIMITED"]);
+    // Two in Redis, two counted in memory (a refused one counts, as in Redis), this one.
+    expect(await failures(from)).toBe(BUDGET + 2);
+  });
+
   it("holds HTTP Basic guesses to what is left of the budget spent in Redis before the freeze", async () => {
     await untilShared();
     const from = ip();
@@ -137,7 +155,7 @@ describe("the failed-password budget with Redis frozen", () => {
       for (let i = 0; i < n; i++) {
         const me = createClient(
           UserService,
-          withHeaders(ts.connect(), { "x-forwarded-for": from, ...basic("nobody-here", `wrong ${i}`) }),
+          withHeaders(ts.connect(), { "x-forwarded-for": from, ...basic(NOBODY, `wrong ${i}`) }),
         );
         out.push((await rejection(me.getCurrentUser({}, { timeoutMs: 20_000 }))).reason ?? "?");
       }
@@ -166,6 +184,7 @@ describe("the failed-password budget with Redis frozen", () => {
 describe("the request and credential-creation budgets with Redis frozen", () => {
   const PER_IP = 5;
   const CREATIONS = 2;
+  const LOCKOUT_AFTER = 2;
   let other: TestServer;
   beforeAll(async () => {
     other = await startTestServer(SQLITE, {
@@ -173,6 +192,8 @@ describe("the request and credential-creation budgets with Redis frozen", () => 
         ...LIMITS_ON,
         perIpPerMinute: PER_IP,
         credentialCreationsPerHour: CREATIONS,
+        authFailuresPerUsernamePerIp: LOCKOUT_AFTER,
+        lockoutSeconds: 30,
         redisUrl: `redis://127.0.0.1:${proxy.port}/${DB}`,
         redisTimeoutMs: 300,
       },
@@ -236,5 +257,27 @@ describe("the request and credential-creation budgets with Redis frozen", () => 
     proxy.restore();
     await untilShared(other);
     expect(await create()).toBe("RATE_LIMITED");
+  });
+
+  it("keeps a lockout earned while Redis was frozen, and hands it to Redis when it answers", async () => {
+    const address = ip();
+    const username = `locked-${short()}`;
+    const login = createClient(UserService, from(address));
+    const attempt = async () =>
+      (await rejection(login.login({ username, password: "wrong guess" }, { timeoutMs: 20_000 }))).reason;
+    proxy.freeze();
+    expect([await attempt(), await attempt(), await attempt()]).toEqual([
+      "CREDENTIALS_INVALID",
+      "CREDENTIALS_INVALID",
+      "RATE_LIMITED",
+    ]);
+    proxy.restore();
+    await untilShared(other);
+    expect(await attempt()).toBe("RATE_LIMITED");
+    // In Redis now, for the lockout's length: every instance of a fleet refuses the pair.
+    const pair = `tessera:authfail-user-ip:${budgetKey(address)}|${createHash("sha256").update(username).digest("base64url")}`;
+    const ttl = await redis.pttl(pair);
+    expect(ttl).toBeGreaterThan(0);
+    expect(ttl).toBeLessThanOrEqual(30_000);
   });
 });
