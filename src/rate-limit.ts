@@ -7,6 +7,7 @@ import { budgetKey } from "./client-ip.js";
 import type { Config } from "./config.js";
 import type { TesseraError } from "./errors.js";
 import { Limiter } from "./rate-limit/limiter.js";
+import { LocalCount } from "./rate-limit/local-count.js";
 import { PasswordGuard } from "./rate-limit/password-guard.js";
 import { watchFirstConnection } from "./rate-limit/redis-connection.js";
 import { RedisState, type RedisStateLog } from "./rate-limit/redis-state.js";
@@ -42,6 +43,8 @@ export interface RateLimits {
   credentialCreations: Limiter;
   /** Requests refused since start, by limiter name (every limiter, the password guard's included). */
   refusals(): Record<string, number>;
+  /** Calls counted in this instance's memory since start because Redis did not answer, by limiter name (empty without Redis). */
+  countedLocally(): Record<string, number>;
   /**
    * Resolves once the limiters count in Redis (true, at once without Redis), or false when
    * Redis refused the first connection or did not answer within `max(1000,
@@ -131,8 +134,8 @@ export function createRateLimits(
     return limiter;
   };
   const makeLimiter = (keyPrefix: string, points: number, duration: number): Limiter => {
-    const memory = new RateLimiterMemory({ keyPrefix, points, duration });
-    if (!config.redisUrl) return new Limiter(memory, points, keyPrefix);
+    if (!config.redisUrl)
+      return new Limiter(new RateLimiterMemory({ keyPrefix, points, duration }), points, keyPrefix);
     if (!redis) {
       redis = new Redis(config.redisUrl, {
         enableOfflineQueue: false,
@@ -149,22 +152,21 @@ export function createRateLimits(
       redis.on("error", () => undefined);
       firstConnection = watchFirstConnection(redis);
     }
-    // The memory limiter insures against Redis outages: limits stay enforced per instance.
     const shared = new RateLimiterRedis({
       storeClient: redis,
       keyPrefix: `tessera:${keyPrefix}`,
       points,
       duration,
-      insuranceLimiter: memory,
     });
     // Every call reaching Redis goes through RedisState (fail fast while Redis is away, log
-    // the transitions); its failure is what makes rate-limiter-flexible ask the insurance.
+    // the transitions); its failure is what makes the Limiter count in memory instead, from
+    // Redis's last count (LocalCount), not from zero as an insurance limiter would.
     const store = shared as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
     for (const name of REDIS_STORE_CALLS) {
       const call = store[name]!.bind(shared);
       store[name] = (...args) => state.run(() => call(...args));
     }
-    return new Limiter(shared, points, keyPrefix);
+    return new Limiter(shared, points, keyPrefix, new LocalCount(points, duration * 1000));
   };
   const authFailures = make("authfail", config.authFailuresPerIpPerMinute);
   return {
@@ -189,6 +191,11 @@ export function createRateLimits(
     refusals() {
       const out: Record<string, number> = {};
       for (const l of made) out[l.name] = (out[l.name] ?? 0) + l.refused;
+      return out;
+    },
+    countedLocally() {
+      const out: Record<string, number> = {};
+      if (redis) for (const l of made) out[l.name] = (out[l.name] ?? 0) + l.countedLocally;
       return out;
     },
     async connected() {

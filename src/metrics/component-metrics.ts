@@ -59,6 +59,18 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     },
   });
 
+  new Counter({
+    name: "tessera_rate_limit_local_total",
+    help: "Rate-limit calls counted in this instance's memory because Redis did not answer within rateLimit.redisTimeoutMs (or was known away), by limiter; absent without Redis.",
+    labelNames: ["limiter"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [limiter, n] of Object.entries(sources.limits?.countedLocally() ?? {}))
+        this.inc({ limiter }, n);
+    },
+  });
+
   // The PBKDF2 pool (auth/hash-pool.ts): one per process, read when scraped.
   const poolGauge = (name: string, help: string, read: () => number) =>
     scraped(registry, "gauge", name, help, read);

@@ -1,6 +1,7 @@
 // One fixed-window limiter over rate-limiter-flexible (memory, or Redis shared between
 // instances): consume, refund and block, with the outcome the edge turns into headers.
 import { type RateLimiterAbstract, RateLimiterMemory, RateLimiterRes } from "rate-limiter-flexible";
+import type { LocalCount } from "./local-count.js";
 
 /** Outcome of one counted request. */
 export interface LimitResult {
@@ -13,6 +14,8 @@ export interface LimitResult {
   consumed?: number;
   /** When the window this request was counted in ends (ms since the epoch). */
   windowEnd?: number;
+  /** Counted in this instance's memory because the shared store (Redis) did not answer. */
+  local?: boolean;
 }
 
 /** Most keys {@link Limiter.spentNow} remembers: an address flood must not grow it without bound. */
@@ -22,6 +25,8 @@ const MAX_SPENT_KEYS = 10_000;
 export class Limiter {
   /** Requests this limiter refused since start (metrics read it when scraped). */
   refused = 0;
+  /** Requests counted in memory because the shared store (Redis) did not answer (metrics read it). */
+  countedLocally = 0;
   /**
    * Keys whose window this instance saw spent (a refusal, or the count reaching the limit),
    * with when that ends (ms since the epoch): what {@link spentNow} reads. Only spent keys
@@ -37,6 +42,8 @@ export class Limiter {
     readonly limit: number,
     /** What it limits, as the `limiter` label of `tessera_rate_limit_refusals_total` names it. */
     readonly name = "unnamed",
+    /** With a shared store: where this instance counts while the store does not answer. */
+    private readonly local?: LocalCount,
   ) {
     this.memory = memoryStorageOf(impl);
   }
@@ -45,6 +52,8 @@ export class Limiter {
   async consume(key: string): Promise<LimitResult> {
     const now = this.consumeNow(key);
     if (now !== undefined) return now;
+    const local = this.local;
+    if (local !== undefined) return this.consumeShared(key, local);
     try {
       const res = await this.impl.consume(key);
       if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
@@ -64,6 +73,70 @@ export class Limiter {
       }
       throw res;
     }
+  }
+
+  /**
+   * Count one request for `key` in the shared store, with the points this instance counted
+   * for it while the store did not answer (so they are not granted again); or, the store not
+   * answering, in this instance's memory, from the store's last count of the key.
+   */
+  private async consumeShared(key: string, local: LocalCount): Promise<LimitResult> {
+    const blockedMs = local.blockedMs(key);
+    if (blockedMs > 0) {
+      // A block Redis could not take when it was made: handed to Redis as soon as it answers,
+      // so that every instance refuses the key for the rest of it.
+      this.countedLocally++;
+      await this.impl.block(key, Math.ceil(blockedMs / 1000)).then(
+        () => local.forget(key),
+        () => undefined,
+      );
+      return this.refuse(key, blockedMs);
+    }
+    const owed = local.owed(key);
+    let res: RateLimiterRes;
+    let allowed = true;
+    try {
+      res = await this.impl.consume(key, 1 + owed);
+    } catch (err) {
+      if (err instanceof RateLimiterRes) {
+        res = err;
+        allowed = false;
+      } else {
+        this.countedLocally++;
+        const mine = local.consume(key);
+        if (!mine.allowed) return { ...this.refuse(key, mine.resetMs), local: true };
+        const remaining = Math.max(this.limit - mine.consumed, 0);
+        if (remaining <= 0) this.remember(key, mine.resetMs);
+        const windowEnd = Date.now() + mine.resetMs;
+        return {
+          allowed,
+          limit: this.limit,
+          remaining,
+          resetMs: mine.resetMs,
+          consumed: mine.consumed,
+          windowEnd,
+          local: true,
+        };
+      }
+    }
+    local.counted(key, owed, res.consumedPoints, Date.now() + res.msBeforeNext);
+    if (!allowed) return this.refuse(key, res.msBeforeNext);
+    if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
+    return {
+      allowed,
+      limit: this.limit,
+      remaining: res.remainingPoints,
+      resetMs: res.msBeforeNext,
+      consumed: res.consumedPoints,
+      windowEnd: Date.now() + res.msBeforeNext,
+    };
+  }
+
+  /** A refusal of `key` for `resetMs`, counted and remembered. */
+  private refuse(key: string, resetMs: number): LimitResult {
+    this.refused++;
+    this.remember(key, resetMs);
+    return { allowed: false, limit: this.limit, remaining: 0, resetMs };
   }
 
   /**
@@ -104,19 +177,38 @@ export class Limiter {
   async refund(key: string, taken: LimitResult): Promise<void> {
     if (taken.windowEnd !== undefined && Date.now() >= taken.windowEnd) return;
     this.spent.delete(key);
-    await this.impl.reward(key, 1);
+    const local = this.local;
+    if (local !== undefined && taken.local) return local.refund(key);
+    // The store not answering, the point is given back here (never below zero: a negative
+    // count would be budget the store never granted).
+    await this.orLocally(this.impl.reward(key, 1), () => local?.refund(key));
   }
 
   /** Forget `key`'s count (and any block on it). */
   async reset(key: string): Promise<void> {
     this.spent.delete(key);
-    await this.impl.delete(key);
+    this.local?.forget(key);
+    await this.orLocally(this.impl.delete(key), () => undefined);
   }
 
   /** Refuse `key` for `seconds`, whatever its count. */
   async block(key: string, seconds: number): Promise<void> {
-    await this.impl.block(key, seconds);
+    await this.orLocally(this.impl.block(key, seconds), () => this.local?.block(key, seconds * 1000));
     this.remember(key, seconds * 1000);
+  }
+
+  /** Await `call` to the store; with a shared store that does not answer, do `instead` here. */
+  private async orLocally(call: Promise<unknown>, instead: () => void): Promise<void> {
+    if (this.local === undefined) {
+      await call;
+      return;
+    }
+    try {
+      await call;
+    } catch {
+      this.countedLocally++;
+      instead();
+    }
   }
 
   /**
