@@ -103,6 +103,10 @@ describe("database errors a handler did not expect", () => {
       driverError(DriverException, { code: "53100" }),
       driverError(DriverException, { code: "57014" }),
       driverError(DriverException, { code: "55P03" }),
+      // A server-side timeout the deployment set ended the session (idle, idle in a transaction, transaction).
+      driverError(DriverException, { code: "57P05" }),
+      driverError(DriverException, { code: "25P03" }),
+      driverError(DriverException, { code: "25P04" }),
       new Error("Connection terminated unexpectedly"),
       Object.assign(new Error("Knex: Timeout acquiring a connection."), { name: "KnexTimeoutError" }),
     ]) {

@@ -79,8 +79,9 @@ const OUTAGE_MESSAGES =
 /**
  * Whether `err` (or an error it wraps) says the database cannot serve the request now,
  * rather than that the request or the code is wrong: a refused, reset or timed-out
- * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P03 (shut
- * down, crashed, starting), class 53 (insufficient resources: too many connections, disk
+ * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P05 (shut
+ * down, crashed, starting, database dropped, idle session timeout), 25P03/25P04 (a
+ * session's idle-in-transaction or transaction timeout ended it), class 53 (insufficient resources: too many connections, disk
  * or memory full), 57014 (statement timeout), 55P03 (a lock not granted within a
  * `lock_timeout` the deployment set on its role or database: another session holds it) and
  * 40001/40P01 (serialization failure, deadlock: worth a retry); SQLite's BUSY and LOCKED (another process holds the write lock
@@ -94,7 +95,9 @@ export function isOutage(err: unknown): boolean {
     if (typeof code === "string") {
       if (
         code.startsWith("08") ||
-        /^57P0[123]$/.test(code) ||
+        /^57P0[1-5]$/.test(code) ||
+        code === "25P03" ||
+        code === "25P04" ||
         code.startsWith("53") ||
         ["57014", "55P03", "40001", "40P01"].includes(code) ||
         SOCKET_CODES.has(code) ||
