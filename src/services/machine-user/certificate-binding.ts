@@ -128,6 +128,11 @@ export function certificateBindingHandlers(
         if (!proven || existing.proven) throw errors.alreadyExists(conflict);
         if (existing.machineUserId === mu.id) {
           // The owner proves its own binding: it becomes proven (and can no longer be displaced).
+          // A proven fingerprint outranks every SAN URI binding of the certificate, so it needs
+          // the authority a new proven fingerprint binding needs: the SAN URI bindings made
+          // since the unproven one was are the ones it would now take the certificate from.
+          if (sha256Fingerprint !== null)
+            await assertMayOutrankSanBindings(ctx, e, mu, requestState(ctx.values).certificate!.sanUris);
           await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
             tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true }),
           );

@@ -1,0 +1,86 @@
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { rejection } from "../errors-util.js";
+import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { type Backend, mintBackend as mint } from "./fixtures.js";
+
+/**
+ * The adversarial review of 2026-12-06 (cert-review) of the certificate-binding rules:
+ * - proving one's own unproven fingerprint binding made it proven (which outranks every
+ *   SAN URI binding of the certificate) without the authority check a new proven
+ *   fingerprint binding must pass: a holder of admin:machine-users that bound the
+ *   fingerprint before a stronger machine user's SAN URI binding was made took that
+ *   machine user's certificate by re-binding it with proof.
+ */
+
+function presenting(ts: TestServer, backend: Backend): Transport {
+  return createConnectTransport({
+    baseUrl: ts.server.url,
+    httpVersion: "2",
+    nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
+  });
+}
+
+/** Whom a call over `transport` (with `headers`) authenticates as, or the refusal's reason. */
+async function whoAmI(transport: Transport, headers: Record<string, string> = {}): Promise<string> {
+  try {
+    return (await createClient(MachineUserService, withHeaders(transport, headers)).checkAuthentication({}))
+      .machineUserId;
+  } catch (err) {
+    return (await rejection(Promise.reject(err))).reason ?? "";
+  }
+}
+
+describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let root: string;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    transport = ts.connect();
+    root = await adminLogin(transport);
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  it("proving one's own unproven fingerprint binding needs the authority a new proven one needs", async () => {
+    const tenant = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+    const san = `spiffe://tenant.example/api/${short()}`;
+    const cert = await mint(ts, san);
+    const { machine: weak } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+    // Bound before any SAN URI binding of the certificate exists: nothing to outrank yet.
+    await clients(transport, tenant.token).machines.bindCertificate({
+      machineUserId: weak!.id,
+      identity: { case: "sha256Fingerprint", value: cert.fingerprint },
+    });
+    const { machine: strong } = await bearerMachine(transport, root, [tenant.application.id], {
+      tenantId: tenant.tenant.id,
+      scopes: ["cluster:write"],
+    });
+    await clients(transport, root).machines.bindCertificate({
+      machineUserId: strong!.id,
+      identity: { case: "sanUri", value: san },
+    });
+    const over = presenting(ts, cert);
+    expect(await whoAmI(over)).toBe(strong!.id);
+
+    const proving = clients(over, tenant.token).machines.bindCertificate({
+      machineUserId: weak!.id,
+      identity: { case: "sha256Fingerprint", value: cert.fingerprint },
+    });
+    expect(
+      ConnectError.from(
+        await proving.then(
+          () => null,
+          (err: unknown) => err,
+        ),
+      ).code,
+    ).toBe(Code.PermissionDenied);
+    expect(await whoAmI(over)).toBe(strong!.id);
+  });
+});
