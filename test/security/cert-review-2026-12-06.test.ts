@@ -9,6 +9,10 @@ import { type Backend, mintBackend as mint } from "./fixtures.js";
 
 /**
  * The adversarial review of 2026-12-06 (cert-review) of the certificate-binding rules:
+ * - a proven bind that displaced another tenant's unproven binding of the same identity
+ *   removed it without ending the access tokens certificates had obtained through it
+ *   (bound to the certificate, not to the binding), as UnbindCertificate ends them: the
+ *   certificate kept authenticating as the displaced binding's machine user with them;
  * - proving one's own unproven fingerprint binding made it proven (which outranks every
  *   SAN URI binding of the certificate) without the authority check a new proven
  *   fingerprint binding must pass: a holder of admin:machine-users that bound the
@@ -46,6 +50,36 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
   });
   afterAll(async () => {
     await ts.close();
+  });
+
+  it("a displaced binding's certificate-bound access tokens end with it", async () => {
+    const san = `spiffe://shared.example/${short()}`;
+    const owner = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+    const squatter = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
+    const { machine: theirs } = await bearerMachine(transport, squatter.token, [squatter.application.id]);
+    await clients(transport, squatter.token).machines.bindCertificate({
+      machineUserId: theirs!.id,
+      identity: { case: "sanUri", value: san },
+    });
+    const cert = await mint(ts, san);
+    const over = presenting(ts, cert);
+    expect(await whoAmI(over)).toBe(theirs!.id);
+    const { accessToken } = await createClient(MachineUserService, over).issueAccessToken({});
+    const bearer = { authorization: `Bearer ${accessToken}` };
+    expect(await whoAmI(over, bearer)).toBe(theirs!.id);
+
+    const { machine: ours } = await bearerMachine(transport, owner.token, [owner.application.id]);
+    await clients(over, owner.token).machines.bindCertificate({
+      machineUserId: ours!.id,
+      identity: { case: "sanUri", value: san },
+    });
+    expect(await whoAmI(over)).toBe(ours!.id);
+    // The token the displaced binding gave the certificate ends, as an unbinding's would.
+    expect(await whoAmI(over, bearer)).toBe("TOKEN_REVOKED");
+    const [row] = (
+      await clients(transport, root).machines.listMachineUsers({ tenantId: squatter.tenant.id })
+    ).machineUsers.filter((m) => m.id === theirs!.id);
+    expect(row, "the displaced binding's machine user stays").toBeDefined();
   });
 
   it("proving one's own unproven fingerprint binding needs the authority a new proven one needs", async () => {
