@@ -112,24 +112,27 @@ function contesting(bindings: readonly CertificateBindingState[]): readonly Cert
 
 /**
  * Of SAN URI bindings naming different machine users of one tenant, some proven: the proven
- * ones decide (among themselves by {@link contesting}), except against an unproven binding
- * of a machine user none of their binders may manage ({@link mayManage}): those stand. A
- * proof shows its maker holds *a* certificate carrying the URI, not this one; else a holder
- * of admin:machine-users whose certificate shares one SAN URI with a stronger machine
- * user's would take that certificate over by proving the URI.
+ * ones decide (among themselves by {@link contesting}) over an unproven binding of a machine
+ * user one of their binders may manage ({@link mayManage}). An unproven binding they may not
+ * manage keeps the certificate only if its own binder may manage theirs; where neither may,
+ * it is refused, as between two unproven bindings. A proof shows its maker holds *a*
+ * certificate carrying the URI, not this one, so it cannot take a certificate from a
+ * stronger machine user; nor can a binding that proves nothing take it from the prover's.
  */
 function overProven(bindings: readonly CertificateBindingState[]): readonly CertificateBindingState[] {
   let provers: readonly CertificateBindingState[] = bindings.filter((b) => b.proven);
   if (!oneMachine(provers)) provers = contesting(provers);
   if (!oneMachine(provers)) return provers;
-  const standing = bindings.filter(
+  const prover = provers[0]!.machine;
+  const rivals = bindings.filter(
     (r) =>
       !r.proven &&
-      r.machine.id !== provers[0]!.machine.id &&
+      r.machine.id !== prover.id &&
       !provers.some((b) => mayManage({ scopes: b.binderScopes }, r.machine)),
   );
-  if (standing.length === 0) return provers;
-  return oneMachine(standing) ? standing : contesting(standing);
+  if (rivals.length === 0) return provers;
+  if (rivals.some((r) => !mayManage({ scopes: r.binderScopes }, prover))) return [];
+  return oneMachine(rivals) ? rivals : contesting(rivals);
 }
 
 /** Whether `bindings` are some, all naming one machine user. */

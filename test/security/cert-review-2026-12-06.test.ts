@@ -2,6 +2,7 @@ import { Code, ConnectError, createClient, type Transport } from "@connectrpc/co
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { rejection } from "../errors-util.js";
 import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
@@ -17,7 +18,14 @@ import { type Backend, mintBackend as mint } from "./fixtures.js";
  *   SAN URI binding of the certificate) without the authority check a new proven
  *   fingerprint binding must pass: a holder of admin:machine-users that bound the
  *   fingerprint before a stronger machine user's SAN URI binding was made took that
- *   machine user's certificate by re-binding it with proof.
+ *   machine user's certificate by re-binding it with proof;
+ * - within a tenant, an unproven SAN URI binding of a machine user the provers' binders may
+ *   not manage took the certificate from a proven one even when its own binder could not
+ *   manage the provers' machine user either: a holder of admin:machine-users with a scope
+ *   the prover's binder lacks bound a second SAN URI of a proven certificate, without
+ *   proof, to a machine user holding that scope, and the certificate authenticated as it.
+ *   Where neither binder may manage the other's machine user, the certificate is refused,
+ *   as between two unproven bindings.
  */
 
 function presenting(ts: TestServer, backend: Backend): Transport {
@@ -116,5 +124,47 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
       ).code,
     ).toBe(Code.PermissionDenied);
     expect(await whoAmI(over)).toBe(strong!.id);
+  });
+
+  it("an unproven SAN URI binding whose binder may not manage the prover's machine user takes nothing from it", async () => {
+    const tenant = await tenantWithAdmin(transport, root, ["admin:machine-users", "cluster:write"]);
+    // A second admin of the tenant, holding a scope the first lacks (and lacking one it holds).
+    const username = `weak-${short()}`;
+    await clients(transport, root).users.createUser({
+      username,
+      password: "weak admin password",
+      scopes: ["admin:machine-users", "billing:read"],
+      tenantId: tenant.tenant.id,
+    });
+    const weak = (
+      await createClient(UserService, transport).login({
+        username,
+        password: "weak admin password",
+        tenant: tenant.tenant.id,
+      })
+    ).accessToken;
+    const id = short();
+    const own = `spiffe://tenant.example/api/${id}`;
+    const second = `spiffe://tenant.example/pool/${id}`;
+    const cert = await mint(ts, own, second);
+    const over = presenting(ts, cert);
+    const { machine: strong } = await bearerMachine(transport, tenant.token, [tenant.application.id], {
+      scopes: ["cluster:write"],
+    });
+    await clients(over, tenant.token).machines.bindCertificate({
+      machineUserId: strong!.id,
+      identity: { case: "sanUri", value: own },
+    });
+    expect(await whoAmI(over)).toBe(strong!.id);
+
+    const { machine: theirs } = await bearerMachine(transport, weak, [tenant.application.id], {
+      scopes: ["billing:read"],
+    });
+    await clients(transport, weak).machines.bindCertificate({
+      machineUserId: theirs!.id,
+      identity: { case: "sanUri", value: second },
+    });
+    // Neither binder may manage the other's machine user: refused, as two unproven bindings are.
+    expect(await whoAmI(over)).toBe("CREDENTIALS_INVALID");
   });
 });
