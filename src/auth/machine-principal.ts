@@ -147,10 +147,13 @@ function oneMachine(bindings: readonly CertificateBindingState[]): boolean {
  * when its binder's scopes at bind time cover that machine user's current scopes (the one
  * authority rule, {@link mayManage}): taking a certificate from a machine user is managing
  * it. Else the SAN URI bindings it does not outrank decide (naming several machine users,
- * among themselves by {@link contesting}), whichever binding came first: a holder of
- * admin:machine-users that bound a certificate's fingerprint before a stronger machine
- * user's SAN URI binding was made cannot take that certificate, and scopes granted later to
- * the SAN URI-bound machine user count from the next request on.
+ * among themselves by {@link contesting}) when their binders may manage its machine user,
+ * whichever binding came first: a holder of admin:machine-users that bound a certificate's
+ * fingerprint before a stronger machine user's SAN URI binding was made cannot take that
+ * certificate, and scopes granted later to the SAN URI-bound machine user count from the
+ * next request on. Where neither binder may manage the other's machine user it is refused,
+ * as between two SAN URI bindings: a SAN URI bind needs no authority over the certificate's
+ * other machine users, so winning there would be a take-over by an unrelated admin.
  */
 function overFingerprint(
   fingerprint: CertificateBindingState,
@@ -162,7 +165,8 @@ function overFingerprint(
     (r) =>
       r.boundFingerprint === null && r.machine.id !== fingerprint.machine.id && !mayManage(binder, r.machine),
   );
-  return standing.length > 0 ? standing : [fingerprint];
+  if (standing.length === 0) return [fingerprint];
+  return standing.every((r) => mayManage({ scopes: r.binderScopes }, fingerprint.machine)) ? standing : [];
 }
 
 /** The first of bindings that all name one machine user. */

@@ -25,7 +25,7 @@ import { type Backend, mintBackend as mint } from "./fixtures.js";
  *   the prover's binder lacks bound a second SAN URI of a proven certificate, without
  *   proof, to a machine user holding that scope, and the certificate authenticated as it.
  *   Where neither binder may manage the other's machine user, the certificate is refused,
- *   as between two unproven bindings.
+ *   as between two unproven bindings. The same held against an unproven fingerprint binding.
  */
 
 function presenting(ts: TestServer, backend: Backend): Transport {
@@ -59,6 +59,15 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
   afterAll(async () => {
     await ts.close();
   });
+
+  /** Another admin of `tenantId` holding `scopes`: its access token. */
+  async function secondAdmin(tenantId: string, scopes: string[]): Promise<string> {
+    const username = `admin-${short()}`;
+    const password = "second admin password";
+    await clients(transport, root).users.createUser({ username, password, scopes, tenantId });
+    return (await createClient(UserService, transport).login({ username, password, tenant: tenantId }))
+      .accessToken;
+  }
 
   it("a displaced binding's certificate-bound access tokens end with it", async () => {
     const san = `spiffe://shared.example/${short()}`;
@@ -129,20 +138,7 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
   it("an unproven SAN URI binding whose binder may not manage the prover's machine user takes nothing from it", async () => {
     const tenant = await tenantWithAdmin(transport, root, ["admin:machine-users", "cluster:write"]);
     // A second admin of the tenant, holding a scope the first lacks (and lacking one it holds).
-    const username = `weak-${short()}`;
-    await clients(transport, root).users.createUser({
-      username,
-      password: "weak admin password",
-      scopes: ["admin:machine-users", "billing:read"],
-      tenantId: tenant.tenant.id,
-    });
-    const weak = (
-      await createClient(UserService, transport).login({
-        username,
-        password: "weak admin password",
-        tenant: tenant.tenant.id,
-      })
-    ).accessToken;
+    const weak = await secondAdmin(tenant.tenant.id, ["admin:machine-users", "billing:read"]);
     const id = short();
     const own = `spiffe://tenant.example/api/${id}`;
     const second = `spiffe://tenant.example/pool/${id}`;
@@ -165,6 +161,31 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
       identity: { case: "sanUri", value: second },
     });
     // Neither binder may manage the other's machine user: refused, as two unproven bindings are.
+    expect(await whoAmI(over)).toBe("CREDENTIALS_INVALID");
+  });
+
+  it("an unproven SAN URI binding whose binder may not manage the fingerprint's machine user takes nothing from it", async () => {
+    const tenant = await tenantWithAdmin(transport, root, ["admin:machine-users", "cluster:write"]);
+    const weak = await secondAdmin(tenant.tenant.id, ["admin:machine-users", "billing:read"]);
+    const san = `spiffe://tenant.example/api/${short()}`;
+    const cert = await mint(ts, san);
+    const over = presenting(ts, cert);
+    const { machine: strong } = await bearerMachine(transport, tenant.token, [tenant.application.id], {
+      scopes: ["cluster:write"],
+    });
+    await clients(transport, tenant.token).machines.bindCertificate({
+      machineUserId: strong!.id,
+      identity: { case: "sha256Fingerprint", value: cert.fingerprint },
+    });
+    expect(await whoAmI(over)).toBe(strong!.id);
+
+    const { machine: theirs } = await bearerMachine(transport, weak, [tenant.application.id], {
+      scopes: ["billing:read"],
+    });
+    await clients(transport, weak).machines.bindCertificate({
+      machineUserId: theirs!.id,
+      identity: { case: "sanUri", value: san },
+    });
     expect(await whoAmI(over)).toBe("CREDENTIALS_INVALID");
   });
 });

@@ -1037,7 +1037,8 @@ export const MachineUserService: GenService<{
    * binding records its caller's effective scopes, and an unproven fingerprint binding wins
    * over the SAN URI binding of another machine user only while those scopes cover that
    * machine user's current ones (checked on every authentication); else that machine user
-   * keeps its certificate. Fingerprint bindings made before the scopes were recorded count
+   * keeps its certificate if its binding's recorded scopes cover the fingerprint's machine
+   * user's, and if neither does the certificate authenticates no one. Fingerprint bindings made before the scopes were recorded count
    * as made with none.
    *
    * Proof of possession: a bind made over a TLS connection that presents the very
