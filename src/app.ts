@@ -289,6 +289,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       storage,
       jwt,
       users,
+      machines,
       auditEvents,
       audit,
       limits,

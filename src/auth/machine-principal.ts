@@ -112,24 +112,27 @@ function contesting(bindings: readonly CertificateBindingState[]): readonly Cert
 
 /**
  * Of SAN URI bindings naming different machine users of one tenant, some proven: the proven
- * ones decide (among themselves by {@link contesting}), except against an unproven binding
- * of a machine user none of their binders may manage ({@link mayManage}): those stand. A
- * proof shows its maker holds *a* certificate carrying the URI, not this one; else a holder
- * of admin:machine-users whose certificate shares one SAN URI with a stronger machine
- * user's would take that certificate over by proving the URI.
+ * ones decide (among themselves by {@link contesting}) over an unproven binding of a machine
+ * user one of their binders may manage ({@link mayManage}). An unproven binding they may not
+ * manage keeps the certificate only if its own binder may manage theirs; where neither may,
+ * it is refused, as between two unproven bindings. A proof shows its maker holds *a*
+ * certificate carrying the URI, not this one, so it cannot take a certificate from a
+ * stronger machine user; nor can a binding that proves nothing take it from the prover's.
  */
 function overProven(bindings: readonly CertificateBindingState[]): readonly CertificateBindingState[] {
   let provers: readonly CertificateBindingState[] = bindings.filter((b) => b.proven);
   if (!oneMachine(provers)) provers = contesting(provers);
   if (!oneMachine(provers)) return provers;
-  const standing = bindings.filter(
+  const prover = provers[0]!.machine;
+  const rivals = bindings.filter(
     (r) =>
       !r.proven &&
-      r.machine.id !== provers[0]!.machine.id &&
+      r.machine.id !== prover.id &&
       !provers.some((b) => mayManage({ scopes: b.binderScopes }, r.machine)),
   );
-  if (standing.length === 0) return provers;
-  return oneMachine(standing) ? standing : contesting(standing);
+  if (rivals.length === 0) return provers;
+  if (rivals.some((r) => !mayManage({ scopes: r.binderScopes }, prover))) return [];
+  return oneMachine(rivals) ? rivals : contesting(rivals);
 }
 
 /** Whether `bindings` are some, all naming one machine user. */
@@ -144,10 +147,13 @@ function oneMachine(bindings: readonly CertificateBindingState[]): boolean {
  * when its binder's scopes at bind time cover that machine user's current scopes (the one
  * authority rule, {@link mayManage}): taking a certificate from a machine user is managing
  * it. Else the SAN URI bindings it does not outrank decide (naming several machine users,
- * among themselves by {@link contesting}), whichever binding came first: a holder of
- * admin:machine-users that bound a certificate's fingerprint before a stronger machine
- * user's SAN URI binding was made cannot take that certificate, and scopes granted later to
- * the SAN URI-bound machine user count from the next request on.
+ * among themselves by {@link contesting}) when their binders may manage its machine user,
+ * whichever binding came first: a holder of admin:machine-users that bound a certificate's
+ * fingerprint before a stronger machine user's SAN URI binding was made cannot take that
+ * certificate, and scopes granted later to the SAN URI-bound machine user count from the
+ * next request on. Where neither binder may manage the other's machine user it is refused,
+ * as between two SAN URI bindings: a SAN URI bind needs no authority over the certificate's
+ * other machine users, so winning there would be a take-over by an unrelated admin.
  */
 function overFingerprint(
   fingerprint: CertificateBindingState,
@@ -159,7 +165,8 @@ function overFingerprint(
     (r) =>
       r.boundFingerprint === null && r.machine.id !== fingerprint.machine.id && !mayManage(binder, r.machine),
   );
-  return standing.length > 0 ? standing : [fingerprint];
+  if (standing.length === 0) return [fingerprint];
+  return standing.every((r) => mayManage({ scopes: r.binderScopes }, fingerprint.machine)) ? standing : [];
 }
 
 /** The first of bindings that all name one machine user. */

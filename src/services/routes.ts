@@ -35,7 +35,7 @@ import type { RateLimits } from "../rate-limit.js";
 import type { Storage } from "../storage/orm.js";
 import type { AuditEventRepository } from "../storage/repositories/audit.js";
 import type { RevocationEventRepository } from "../storage/repositories/revocation-events.js";
-import type { UserStateRepository } from "../storage/repositories/subject-state.js";
+import type { MachineStateRepository, UserStateRepository } from "../storage/repositories/subject-state.js";
 import type { RevocationFeed } from "../verification/revocation-feed.js";
 import type { CredentialVerifier } from "../verification/verify-credential.js";
 import { createAuditService } from "./audit/audit-service.js";
@@ -54,6 +54,8 @@ export interface ServiceRoutesDeps {
   storage: Storage;
   jwt: JwtService;
   users: UserStateRepository;
+  /** Machine-user state (WatchRevocations re-reads whom a caller's certificate authenticates as). */
+  machines: MachineStateRepository;
   auditEvents: AuditEventRepository;
   audit: AuditLog;
   limits: RateLimits | undefined;
@@ -142,6 +144,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
       maxStreams: config.verification.watchMaxStreams,
       maxStreamMs: config.server.maxStreamSeconds * 1000,
       clock,
+      machines: deps.machines,
     },
   });
   const health = createHealthService({

@@ -1037,21 +1037,24 @@ export const MachineUserService: GenService<{
    * binding records its caller's effective scopes, and an unproven fingerprint binding wins
    * over the SAN URI binding of another machine user only while those scopes cover that
    * machine user's current ones (checked on every authentication); else that machine user
-   * keeps its certificate. Fingerprint bindings made before the scopes were recorded count
+   * keeps its certificate if its binding's recorded scopes cover the fingerprint's machine
+   * user's, and if neither does the certificate authenticates no one. Fingerprint bindings made before the scopes were recorded count
    * as made with none.
    *
    * Proof of possession: a bind made over a TLS connection that presents the very
    * certificate being bound (its fingerprint, or a CA-verified certificate carrying the
    * SAN URI; the caller still needs the scope and authority) is `proven`. A proven binding
-   * displaces an unproven binding of the same identity in another tenant (removed and
-   * audited; the answer is the same whether one was displaced or not), and is never
+   * displaces an unproven binding of the same identity in another tenant (removed, audited,
+   * and its machine user's access tokens ended as by UnbindCertificate; the answer is the
+   * same whether one was displaced or not), and is never
    * displaced itself. A certificate matching a proven fingerprint binding authenticates as
    * its machine user. A proven SAN URI proves its maker holds a certificate with that URI,
    * not this one: when another tenant bound the certificate's fingerprint or another of its
    * SAN URIs (proven or not), it authenticates no one until its owner proves its fingerprint
    * (or the squatted URI); within one tenant, proven SAN URI bindings naming one machine user
    * decide, except over an unproven SAN URI binding of a machine user their binders' recorded
-   * scopes do not cover (that one keeps the certificate).
+   * scopes do not cover: that one keeps the certificate if its binder's scopes cover the
+   * provers' machine user's, and if neither does the certificate authenticates no one.
    * No proof is taken from a request carrying an Origin header (a browser's ambient client
    * certificate) nor from one whose direct peer is a trusted proxy (the certificate is the
    * proxy's).

@@ -467,8 +467,9 @@ export const VerificationService: GenService<{
    * last cursor just before that event; the client reconnects, is authenticated and
    * authorized again, and resumes from that cursor if it still may. So it does, with
    * Unavailable, once the credential the stream was authenticated by no longer would be:
-   * its access token expired, or its client certificate expired or refused by a CRL or CA
-   * reloaded since.
+   * its access token expired, its client certificate expired or refused by a CRL or CA
+   * reloaded since, or (authenticated by the certificate alone) taken by another binding,
+   * in any tenant, so that it no longer authenticates as the caller.
    *
    * @generated from rpc tessera.v1.VerificationService.WatchRevocations
    */

@@ -128,6 +128,11 @@ export function certificateBindingHandlers(
         if (!proven || existing.proven) throw errors.alreadyExists(conflict);
         if (existing.machineUserId === mu.id) {
           // The owner proves its own binding: it becomes proven (and can no longer be displaced).
+          // A proven fingerprint outranks every SAN URI binding of the certificate, so it needs
+          // the authority a new proven fingerprint binding needs: the SAN URI bindings made
+          // since the unproven one was are the ones it would now take the certificate from.
+          if (sha256Fingerprint !== null)
+            await assertMayOutrankSanBindings(ctx, e, mu, requestState(ctx.values).certificate!.sanUris);
           await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
             tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true }),
           );
@@ -159,6 +164,7 @@ export function certificateBindingHandlers(
         createdAt: new Date(),
       });
       let removed = 0;
+      let cutoff = 0;
       try {
         await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
           // Only while it is still unproven: two provers racing for one identity, the loser
@@ -168,6 +174,17 @@ export function certificateBindingHandlers(
               id: displaced.binding.id,
               proven: false,
             });
+          // A displaced binding ends like an unbound one: the access tokens certificates
+          // obtained through it are bound to them, not to it, and would outlive it.
+          if (removed > 0) {
+            cutoff = clock();
+            await revokeMachineAccessTokens(
+              tx,
+              displaced!.binding.machineUserId,
+              cutoff,
+              deps.clockSkewSeconds,
+            );
+          }
           await tx.flush();
         });
       } catch (err) {
@@ -175,6 +192,8 @@ export function certificateBindingHandlers(
         throw err;
       }
       if (displaced && removed > 0) {
+        const squatter = displaced.binding.machineUserId;
+        await raiseRevocationCutoff(e, squatter, cutoff, clock(), deps.clockSkewSeconds);
         // In the squatter's tenant, so its auditors see why its binding went; the answer to
         // this caller is the same whether a binding was displaced or not. The prover is of
         // another tenant: its id and address are not the squatter's to read (tenants are

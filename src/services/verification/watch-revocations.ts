@@ -9,6 +9,7 @@ import {
   type WatchRevocationsResponse,
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { machineOfCertificate } from "../../auth/machine-principal.js";
 import type { Principal } from "../../auth/principal.js";
 import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
@@ -17,6 +18,7 @@ import type {
   RevocationEventRepository,
   RevocationRecord,
 } from "../../storage/repositories/revocation-events.js";
+import type { MachineStateRepository } from "../../storage/repositories/subject-state.js";
 import {
   FEED_PAGE,
   type FeedBatch,
@@ -40,6 +42,8 @@ export interface WatchRevocationsDeps {
   maxStreamMs: number;
   /** The clock a caller's token or certificate expiry is read on (the app's). */
   clock: Clock;
+  /** Whom a client certificate authenticates as now (a certificate-authenticated caller's, re-read). */
+  machines: Pick<MachineStateRepository, "bindingsOf">;
 }
 
 /** Kinds sent as events (a `reset` event is answered `reset: true` instead). */
@@ -80,6 +84,26 @@ function namesCaller(e: RevocationRecord, caller: Principal): boolean {
  */
 function certificateBound(caller: Principal): boolean {
   return caller.method === "mtls" || caller.certificateBinding !== undefined;
+}
+
+/**
+ * Whether the certificate an mTLS caller authenticated by still authenticates as it. Another
+ * binding can take the certificate (a fingerprint bound to another machine user, another
+ * tenant's binding of it) with an event naming that other machine user, perhaps in another
+ * tenant, so a stream cannot tell from the events alone: it asks the one rule again.
+ */
+async function certificateStillNames(deps: WatchRevocationsDeps, caller: Principal): Promise<boolean> {
+  try {
+    return (await machineOfCertificate(deps.machines, caller.certificate!))?.machine.id === caller.id;
+  } catch (err) {
+    // The rule's refusals (bound in two tenants, or contested): it authenticates no one.
+    if (
+      err instanceof TesseraError &&
+      (err.reason === "AUTH_REQUIRED" || err.reason === "CREDENTIALS_INVALID")
+    )
+      return false;
+    throw err;
+  }
 }
 
 /**
@@ -190,6 +214,7 @@ async function* watch(
       (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY,
     );
     const certificateHolds = bound ? state.certificateHolds : undefined;
+    const byCertificate = caller.method === "mtls" && caller.certificate != null;
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
       // The token or certificate the caller authenticated by expired, or a CRL or CA reloaded
       // since refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
@@ -209,9 +234,19 @@ async function* watch(
         let callerChanged = false;
         // The last truncation read (0: none): the client empties its cache, so events before it need not be sent.
         let resetAt = 0;
+        // Bindings and machine users change only with SUBJECT events, of any tenant: at the
+        // first of these batches' the certificate is resolved again, once.
+        let resolved = !byCertificate;
         for (const batch of batches) {
           for (const e of batch.events) {
             if (e.id <= position) continue;
+            if (!resolved && e.kind === "subject") {
+              resolved = true;
+              if (!(await certificateStillNames(deps, caller))) {
+                callerChanged = true;
+                break;
+              }
+            }
             if (e.kind === "reset") {
               resetAt = e.id;
               mine = [];
@@ -238,7 +273,7 @@ async function* watch(
           lastSent = Date.now();
         }
         // The caller itself was revoked or changed (disabled, its credential rotated, its
-        // tenant disabled, its scopes): the stream was admitted before that, so it ends
+        // tenant disabled, its scopes, its certificate taken by another binding): the stream was admitted before that, so it ends
         // here, its cursor just before that event, and the client's reconnection is
         // authenticated and authorized again (resuming from there if it still may).
         if (callerChanged)
