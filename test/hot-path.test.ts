@@ -165,6 +165,37 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     expect(refused.code).toBe(Code.Unauthenticated);
     expect(refused.reason).toBe("PRINCIPAL_DISABLED");
   });
+
+  it("gives a JWT seen before the same frozen principal, and a new one once its user's row changes", async () => {
+    const as = (token: string) => clientFor(UserService, memoryTransport(app), token);
+    const created = await as(adminToken).createUser({
+      username: `shared-${randomBytes(3).toString("hex")}`,
+      password: "a-long-enough-password",
+      scopes: ["tokens:read", "tokens:write"],
+    });
+    const session = await clientFor(UserService, memoryTransport(app)).login({
+      username: created.user!.username,
+      password: "a-long-enough-password",
+    });
+    const credential = { type: "bearer" as const, token: session.accessToken };
+    const state = () => ({ requestId: "r", ip: "127.0.0.1", certificate: null, principal: null });
+    const first = await app.authenticator.authenticate(credential, state());
+    const again = await app.authenticator.authenticate(credential, state());
+    expect(again).toBe(first);
+    expect(Object.isFrozen(first)).toBe(true);
+    expect(first!.scopes).toEqual(["tokens:read", "tokens:write"]);
+    // A scope taken away: the next request's principal holds what the user holds now.
+    await as(adminToken).updateUser({ id: created.user!.id, scopes: { scopes: ["tokens:read"] } });
+    const after = await app.authenticator.authenticate(credential, state());
+    expect(after).not.toBe(first);
+    expect(after!.scopes).toEqual(["tokens:read"]);
+    expect(first!.scopes).toEqual(["tokens:read", "tokens:write"]);
+    // And the session ended: refused, whatever was made before.
+    await as(session.accessToken).logout({ refreshToken: session.refreshToken });
+    await expect(
+      Promise.resolve().then(() => app.authenticator.authenticate(credential, state())),
+    ).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+  });
 });
 
 describe("errors", () => {
