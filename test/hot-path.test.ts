@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { App } from "../src/app.js";
+import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
 import { rejection } from "./errors-util.js";
 import {
@@ -143,6 +144,34 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     expect(viaPat.username).toBe(viaJwt.username);
     expect(viaPat.tenantId).toBe(viaJwt.tenantId);
     expect(viaPat.createdAt).toEqual(viaJwt.createdAt);
+  });
+
+  it("gives a personal access token seen before the same frozen principal and owner, until it is revoked", async () => {
+    const created = await clientFor(TokenService, memoryTransport(app), adminToken).createPersonalAccessToken(
+      { name: "shared-principal" },
+    );
+    const credential = { type: "bearer" as const, token: created.token };
+    const state = (): RequestState => ({
+      requestId: "r",
+      ip: "127.0.0.1",
+      certificate: null,
+      principal: null,
+    });
+    const first = state();
+    const p1 = await app.authenticator.authenticate(credential, first);
+    const second = state();
+    const p2 = await app.authenticator.authenticate(credential, second);
+    expect(p2).toBe(p1);
+    expect(second.user).toBe(first.user);
+    expect(Object.isFrozen(p1)).toBe(true);
+    expect(Object.isFrozen(first.user)).toBe(true);
+    expect(p1).toMatchObject({ method: "pat", credentialId: created.id });
+    await clientFor(TokenService, memoryTransport(app), adminToken).revokePersonalAccessToken({
+      id: created.id,
+    });
+    await expect(
+      Promise.resolve().then(() => app.authenticator.authenticate(credential, state())),
+    ).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
   });
 
   it("answers GetCurrentUser from the row of this request, and refuses the next request once the user is disabled", async () => {
