@@ -44,7 +44,10 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
    * until either changes, so a token seen before gets the same frozen principal back instead
    * of a new object and scope list per call. A new row (any change, or no cache) misses.
    */
-  const made = new WeakMap<UserAuthState, { claims: AccessTokenClaims; certificate: unknown; principal: Principal }>();
+  const made = new WeakMap<
+    UserAuthState,
+    { claims: AccessTokenClaims; certificate: unknown; principal: Principal }
+  >();
   return (claims, state) =>
     andThen(
       claims.sid === undefined ? users.byId(claims.sub) : users.bySession(claims.sub, claims.sid),
