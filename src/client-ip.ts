@@ -60,6 +60,18 @@ function forwardedFor(value: string): string[] {
  * dual-stack peer) counts as the IPv4 address, not as one /64 shared by every IPv4 client.
  */
 export function budgetKey(raw: string): string {
+  // Every call counts its address: the last one's key is kept (consecutive calls mostly
+  // come from one client), so that it is not normalised and parsed again.
+  if (raw === lastBudget.raw) return lastBudget.key;
+  const key = budgetKeyOf(raw);
+  lastBudget.raw = raw;
+  lastBudget.key = key;
+  return key;
+}
+
+const lastBudget = { raw: "", key: "" };
+
+function budgetKeyOf(raw: string): string {
   const ip = normalizeIp(raw);
   if (isIP(ip) !== 6) return ip;
   const address = ip.toLowerCase().split("%")[0]!;

@@ -6,6 +6,7 @@ import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom
 import type { PasswordShedding } from "./admission/shedding.js";
 import type { AuditLog, AuditStats } from "./audit.js";
 import type { SecretCacheStats } from "./auth/secret-cache.js";
+import { boundHistogramChild } from "./metrics/bound-histogram.js";
 import { registerComponentMetrics } from "./metrics/component-metrics.js";
 import type { RateLimits } from "./rate-limit.js";
 import type { Storage } from "./storage/orm.js";
@@ -122,7 +123,7 @@ function requestMetrics(
   });
   return (...labels) => ({
     requests: counts.child(Object.fromEntries(labelNames.map((name, i) => [name, labels[i]!]))),
-    duration: histogram.labels(...labels),
+    duration: boundHistogramChild(histogram, labelNames, labels),
   });
 }
 

@@ -331,6 +331,51 @@ describe("the access line", () => {
     expect(line).not.toHaveProperty("principalId");
   });
 
+  it("names each call's own principal, address, protocol and time when they change from call to call", async () => {
+    const { log, lines } = captured();
+    const observe = createCallObserver({ metrics: undefined, log, access: "info", prefixes })!;
+    const alice = { kind: "user", method: "jwt", id: "alice", tenantId: "t", scopes: [] } as const;
+    const bob = { kind: "machine", method: "pat", id: 'b"ob', tenantId: "t", scopes: [] } as const;
+    const calls = [
+      { principal: alice, ip: "10.0.0.1", protocol: "connect" },
+      { principal: alice, ip: "10.0.0.1", protocol: "connect" },
+      { principal: bob, ip: "10.0.0.1", protocol: "grpc" },
+      { principal: null, ip: "10.0.0.2", protocol: "grpc" },
+      { principal: alice, ip: 'x"y', protocol: "grpc-web" },
+      { principal: alice, ip: "10.0.0.1", protocol: "connect" },
+    ] as const;
+    const times: number[] = [];
+    for (const [i, call] of calls.entries()) {
+      if (i === 3) await new Promise((r) => setTimeout(r, 5));
+      times.push(Date.now());
+      observe(
+        { requestId: `r${i}`, ip: call.ip, certificate: null, principal: call.principal },
+        {},
+        method,
+        call.protocol,
+        0,
+      );
+    }
+    const got = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(
+      got.map((l) => [l.requestId, l.principalId, l.principalKind, l.authMethod, l.ip, l.protocol]),
+    ).toEqual(
+      calls.map((c, i) => [
+        `r${i}`,
+        c.principal?.id,
+        c.principal?.kind,
+        c.principal?.method,
+        c.ip,
+        c.protocol,
+      ]),
+    );
+    for (const [i, l] of got.entries()) {
+      expect(l.time as number).toBeGreaterThanOrEqual(times[i]!);
+      expect(l.time as number).toBeLessThanOrEqual(times[i]! + 50);
+    }
+    expect(got[3]!.time as number).toBeGreaterThan(got[2]!.time as number);
+  });
+
   it("is written at debug only when the log's level lets debug through", () => {
     const { log, lines } = captured();
     const observe = createCallObserver({ metrics: undefined, log, access: "debug", prefixes })!;

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { App } from "../src/app.js";
+import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
 import { rejection } from "./errors-util.js";
 import {
@@ -145,6 +146,34 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     expect(viaPat.createdAt).toEqual(viaJwt.createdAt);
   });
 
+  it("gives a personal access token seen before the same frozen principal and owner, until it is revoked", async () => {
+    const created = await clientFor(TokenService, memoryTransport(app), adminToken).createPersonalAccessToken(
+      { name: "shared-principal" },
+    );
+    const credential = { type: "bearer" as const, token: created.token };
+    const state = (): RequestState => ({
+      requestId: "r",
+      ip: "127.0.0.1",
+      certificate: null,
+      principal: null,
+    });
+    const first = state();
+    const p1 = await app.authenticator.authenticate(credential, first);
+    const second = state();
+    const p2 = await app.authenticator.authenticate(credential, second);
+    expect(p2).toBe(p1);
+    expect(second.user).toBe(first.user);
+    expect(Object.isFrozen(p1)).toBe(true);
+    expect(Object.isFrozen(first.user)).toBe(true);
+    expect(p1).toMatchObject({ method: "pat", credentialId: created.id });
+    await clientFor(TokenService, memoryTransport(app), adminToken).revokePersonalAccessToken({
+      id: created.id,
+    });
+    await expect(
+      Promise.resolve().then(() => app.authenticator.authenticate(credential, state())),
+    ).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+  });
+
   it("answers GetCurrentUser from the row of this request, and refuses the next request once the user is disabled", async () => {
     const as = (token: string) => clientFor(UserService, memoryTransport(app), token);
     const created = await as(adminToken).createUser({
@@ -164,6 +193,37 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     const refused = await rejection(as(session.accessToken).getCurrentUser({}));
     expect(refused.code).toBe(Code.Unauthenticated);
     expect(refused.reason).toBe("PRINCIPAL_DISABLED");
+  });
+
+  it("gives a JWT seen before the same frozen principal, and a new one once its user's row changes", async () => {
+    const as = (token: string) => clientFor(UserService, memoryTransport(app), token);
+    const created = await as(adminToken).createUser({
+      username: `shared-${randomBytes(3).toString("hex")}`,
+      password: "a-long-enough-password",
+      scopes: ["tokens:read", "tokens:write"],
+    });
+    const session = await clientFor(UserService, memoryTransport(app)).login({
+      username: created.user!.username,
+      password: "a-long-enough-password",
+    });
+    const credential = { type: "bearer" as const, token: session.accessToken };
+    const state = () => ({ requestId: "r", ip: "127.0.0.1", certificate: null, principal: null });
+    const first = await app.authenticator.authenticate(credential, state());
+    const again = await app.authenticator.authenticate(credential, state());
+    expect(again).toBe(first);
+    expect(Object.isFrozen(first)).toBe(true);
+    expect(first!.scopes).toEqual(["tokens:read", "tokens:write"]);
+    // A scope taken away: the next request's principal holds what the user holds now.
+    await as(adminToken).updateUser({ id: created.user!.id, scopes: { scopes: ["tokens:read"] } });
+    const after = await app.authenticator.authenticate(credential, state());
+    expect(after).not.toBe(first);
+    expect(after!.scopes).toEqual(["tokens:read"]);
+    expect(first!.scopes).toEqual(["tokens:read", "tokens:write"]);
+    // And the session ended: refused, whatever was made before.
+    await as(session.accessToken).logout({ refreshToken: session.refreshToken });
+    await expect(
+      Promise.resolve().then(() => app.authenticator.authenticate(credential, state())),
+    ).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
   });
 });
 

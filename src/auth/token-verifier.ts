@@ -117,17 +117,32 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
     if (token.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
   }
 
+  /**
+   * The principal and owner last made from each token row, with the certificate they were
+   * made with: the state cache hands out the same frozen row until it changes, so a token
+   * seen before gets the same frozen objects back instead of two new ones per call.
+   */
+  const made = new WeakMap<
+    ApiTokenState,
+    { certificate: unknown; principal: Principal; user: NonNullable<RequestState["user"]> }
+  >();
+
   /** The principal of a token whose secret matched; marks the use. */
   function accepted(token: ApiTokenState, state: RequestState): Principal {
     lastUsed.mark(API_TOKENS_TABLE, token.id);
+    const last = made.get(token);
+    if (last !== undefined && last.certificate === state.certificate) {
+      state.user = last.user;
+      return last.principal;
+    }
     // The owner as this query read it: GetCurrentUser answers from it without a second read.
-    state.user = {
+    const user = Object.freeze({
       id: token.ownerUserId,
       username: token.username,
       tenantId: token.userTenantId,
       createdAt: token.userCreatedAt,
-    };
-    return {
+    });
+    const principal: Principal = Object.freeze({
       kind: "user",
       method: token.kind === "pat" ? "pat" : "api_key",
       id: token.ownerUserId,
@@ -137,7 +152,10 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       credentialId: token.id,
       certificate: state.certificate,
       expiresAt: token.expiresAt,
-    };
+    });
+    made.set(token, { certificate: state.certificate, principal, user });
+    state.user = user;
+    return principal;
   }
 
   return storedSecretVerifier(secrets, credentials, {

@@ -38,6 +38,16 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * checked against the user alone.
  */
 export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader {
+  /**
+   * The last principal made from each user row, with the claims and certificate it was made
+   * from: the state cache hands out the same frozen row, and the JWT cache the same claims,
+   * until either changes, so a token seen before gets the same frozen principal back instead
+   * of a new object and scope list per call. A new row (any change, or no cache) misses.
+   */
+  const made = new WeakMap<
+    UserAuthState,
+    { claims: AccessTokenClaims; certificate: unknown; principal: Principal }
+  >();
   return (claims, state) =>
     andThen(
       claims.sid === undefined ? users.byId(claims.sub) : users.bySession(claims.sub, claims.sid),
@@ -58,6 +68,9 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
     if (user.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
     state.user = user;
+    const last = made.get(user);
+    if (last !== undefined && last.claims === claims && last.certificate === state.certificate)
+      return last.principal;
     const principal: Principal = {
       kind: "user",
       method: "jwt",
@@ -72,6 +85,8 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
     if (typeof claims.iat === "number") principal.issuedAt = claims.iat * 1000;
     if (claims.sid !== undefined) principal.sessionId = claims.sid;
     if (claims.cnf?.["x5t#S256"] !== undefined) principal.certificateBinding = claims.cnf["x5t#S256"];
+    Object.freeze(principal);
+    made.set(user, { claims, certificate: state.certificate, principal });
     return principal;
   }
 }

@@ -36,6 +36,9 @@ export class Limiter {
 
   /** The memory store's counter when `impl` is rate-limiter-flexible's memory limiter alone ({@link consumeNow}). */
   private readonly memory: MemoryStorage | undefined;
+  /** The last key {@link consumeNow} counted, and the store's key for it (`impl.getKey`). */
+  private lastKey: string | undefined;
+  private lastStoreKey = "";
 
   constructor(
     private readonly impl: RateLimiterAbstract,
@@ -150,7 +153,13 @@ export class Limiter {
     const memory = this.memory;
     if (memory === undefined) return undefined;
     const impl = this.impl;
-    const res = memory.incrby(impl.getKey(key), 1, impl.duration);
+    // The store's key of the last key counted, kept: the same caller's next call makes no
+    // new string to look up (nor hashes one).
+    if (key !== this.lastKey) {
+      this.lastKey = key;
+      this.lastStoreKey = impl.getKey(key);
+    }
+    const res = memory.incrby(this.lastStoreKey, 1, impl.duration);
     const remaining = Math.max(impl.points - res.consumedPoints, 0);
     if (res.consumedPoints > impl.points) {
       this.refused++;
