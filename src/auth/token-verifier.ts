@@ -148,7 +148,8 @@ export function createApiTokenVerifier(options: ApiTokenVerifierOptions): Bearer
       id: token.ownerUserId,
       tenantId: token.userTenantId,
       username: token.username,
-      scopes: effectiveScopes(token),
+      // Shared by every call with this token: frozen to the list too.
+      scopes: Object.freeze(effectiveScopes(token)),
       credentialId: token.id,
       certificate: state.certificate,
       expiresAt: token.expiresAt,

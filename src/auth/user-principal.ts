@@ -77,7 +77,8 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
       id: user.id,
       tenantId: user.tenantId,
       username: user.username,
-      scopes: intersectScopes(parseScopeString(claims.scope), user.scopes),
+      // Shared by every call with these claims: frozen to the list too.
+      scopes: Object.freeze(intersectScopes(parseScopeString(claims.scope), user.scopes)),
       certificate: state.certificate,
       expiresAt: claims.exp * 1000,
     };
