@@ -133,7 +133,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   };
   server.on("stream", (stream: http2.ServerHttp2Stream) => {
     inFlight++;
-    stream.once("close", callEnded);
+    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
+    stream.on("close", callEnded);
   });
   server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
     if (req.httpVersion.startsWith("2")) return;
