@@ -164,7 +164,7 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     expect(p2).toBe(p1);
     expect(second.user).toBe(first.user);
     expect(Object.isFrozen(p1)).toBe(true);
-    expect(Object.isFrozen(p1.scopes)).toBe(true);
+    expect(Object.isFrozen(p1!.scopes)).toBe(true);
     expect(Object.isFrozen(first.user)).toBe(true);
     expect(p1).toMatchObject({ method: "pat", credentialId: created.id });
     await clientFor(TokenService, memoryTransport(app), adminToken).revokePersonalAccessToken({
@@ -213,7 +213,7 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     const again = await app.authenticator.authenticate(credential, state());
     expect(again).toBe(first);
     expect(Object.isFrozen(first)).toBe(true);
-    expect(Object.isFrozen(first.scopes)).toBe(true);
+    expect(Object.isFrozen(first!.scopes)).toBe(true);
     expect(first!.scopes).toEqual(["tokens:read", "tokens:write"]);
     // A scope taken away: the next request's principal holds what the user holds now.
     await as(adminToken).updateUser({ id: created.user!.id, scopes: { scopes: ["tokens:read"] } });
