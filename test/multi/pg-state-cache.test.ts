@@ -1,8 +1,6 @@
-import { type ChildProcess, spawn } from "node:child_process";
-import { join } from "node:path";
+import type { ChildProcess } from "node:child_process";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
@@ -12,19 +10,16 @@ import { startServer } from "../../src/server.js";
 import { initORM, type Storage } from "../../src/storage/orm.js";
 import { rejection } from "../errors-util.js";
 import {
-  ADMIN_PASSWORD,
   clientFor,
   createTestCerts,
   POSTGRES,
   silentLogger,
   startTestServer,
-  TEST_MASTER_KEY,
   type TestCerts,
   type TestDatabase,
   type TestServer,
   testConfig,
 } from "../helpers.js";
-import { scanChildStderr } from "../log-scan-suite.js";
 import {
   adminLogin,
   basic,
@@ -34,6 +29,8 @@ import {
   short,
   tenantWithAdmin,
 } from "../machine-fixtures.js";
+import { transportTo } from "./fixtures.js";
+import { serve, serveEnv } from "./processes.js";
 
 /**
  * The PostgreSQL state cache across instances: A runs in this process (its cache counters
@@ -44,8 +41,6 @@ import {
  * accepted.
  */
 
-const ROOT = join(import.meta.dirname, "..", "..");
-const MAIN = join(ROOT, "src", "main.ts");
 const PASSWORD = "multi instance password";
 
 const url = POSTGRES.url();
@@ -57,41 +52,6 @@ let probe: Storage;
 let ta: Transport;
 let tb: Transport;
 let adminA: string;
-
-/** Start `tessera serve` on the test's schema; resolves with its URL once it listens. */
-function serveB(env: Record<string, string> = {}): Promise<{ child: ChildProcess; url: string }> {
-  const child = spawn(process.execPath, ["--import", "tsx", MAIN, "serve"], {
-    cwd: ROOT,
-    env: {
-      ...(process.env as Record<string, string>),
-      TESSERA_DATABASE_URL: url,
-      TESSERA_CERT_DIR: certs.dir,
-      TESSERA_HOST: "127.0.0.1",
-      TESSERA_PORT: "0",
-      TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
-      TESSERA_PASSWORD_ITERATIONS: "1000",
-      TESSERA_MASTER_KEY: TEST_MASTER_KEY,
-      TESSERA_RATE_LIMIT: "false",
-      TESSERA_MAX_CONNECTIONS_PER_IP: "0",
-      ...env,
-    },
-  });
-  scanChildStderr(child);
-  return new Promise((resolve, reject) => {
-    let stderr = "";
-    child.stdout.resume();
-    child.stderr.on("data", (d) => {
-      stderr += d;
-      const m = /"url":"(https:\/\/[^"]+)".*"msg":"tessera listening"/.exec(stderr);
-      if (m) resolve({ child, url: m[1]! });
-    });
-    child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
-  });
-}
-
-function transportTo(baseUrl: string): Transport {
-  return createConnectTransport({ baseUrl, httpVersion: "2", nodeOptions: { ca: certs.ca } });
-}
 
 /** The outcome of a call: "ok" or the refusal's reason (its code when it has none). */
 async function outcome(call: Promise<unknown>): Promise<string> {
@@ -131,9 +91,9 @@ const me = (t: Transport, token: string) => clientFor(UserService, t, token).get
 beforeAll(async () => {
   certs = await createTestCerts();
   a = await startTestServer(db, {}, certs);
-  b = await serveB();
+  b = await serve(serveEnv(url, certs.dir));
   ta = a.connect();
-  tb = transportTo(b.url);
+  tb = transportTo(b.url, certs);
   adminA = await adminLogin(ta);
   probe = await initORM({ url, migrate: false });
 });
@@ -434,7 +394,7 @@ describe("queries per authenticated call at steady state", () => {
       { logger: silentLogger },
     );
     const serverC = await startServer(appC);
-    const tc = transportTo(serverC.url);
+    const tc = transportTo(serverC.url, certs);
     try {
       await me(tc, u.pat.token);
       await flushed();

@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
+import { ADMIN_PASSWORD, TEST_MASTER_KEY } from "../helpers.js";
 import { scanChildStderr } from "../log-scan-suite.js";
 
 /** The repository root and the CLI's entry point, run through tsx as `npm start` does. */
@@ -32,6 +33,31 @@ export function serve(
     });
     child.once("exit", (code) => reject(new Error(`serve exited with ${code} before listening:\n${stderr}`)));
   });
+}
+
+/**
+ * The environment of a `tessera serve` on `databaseUrl` with the test certificates, the test
+ * admin password and master key, fast hashing and no rate or connection limits; `extra` is
+ * spread last.
+ */
+export function serveEnv(
+  databaseUrl: string,
+  certDir: string,
+  extra: Record<string, string> = {},
+): Record<string, string> {
+  return {
+    ...(process.env as Record<string, string>),
+    TESSERA_DATABASE_URL: databaseUrl,
+    TESSERA_CERT_DIR: certDir,
+    TESSERA_HOST: "127.0.0.1",
+    TESSERA_PORT: "0",
+    TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
+    TESSERA_PASSWORD_ITERATIONS: "1000",
+    TESSERA_MASTER_KEY: TEST_MASTER_KEY,
+    TESSERA_RATE_LIMIT: "false",
+    TESSERA_MAX_CONNECTIONS_PER_IP: "0",
+    ...extra,
+  };
 }
 
 /** SIGTERM a server and wait for it to exit. */

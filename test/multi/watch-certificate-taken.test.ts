@@ -5,18 +5,17 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import {
-  ADMIN_PASSWORD,
   createTestCerts,
   POSTGRES,
   startTestServer,
-  TEST_MASTER_KEY,
   type TestDatabase,
   type TestServer,
 } from "../helpers.js";
 import { adminLogin, bearerMachine, clients, short } from "../machine-fixtures.js";
 import { type Backend, mintBackend } from "../security/fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
-import { killAll, serve, stop } from "./processes.js";
+import { transportTo } from "./fixtures.js";
+import { killAll, serve, serveEnv, stop } from "./processes.js";
 
 /**
  * A certificate-authenticated WatchRevocations stream on instance A ends when a binding
@@ -47,19 +46,8 @@ beforeAll(async () => {
     { server: { mtls: "optional" }, verification: { watchHeartbeatSeconds: 1 } },
     certs,
   );
-  b = await serve({
-    ...(process.env as Record<string, string>),
-    TESSERA_DATABASE_URL: url,
-    TESSERA_CERT_DIR: certs.dir,
-    TESSERA_HOST: "127.0.0.1",
-    TESSERA_PORT: "0",
-    TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
-    TESSERA_PASSWORD_ITERATIONS: "1000",
-    TESSERA_MASTER_KEY: TEST_MASTER_KEY,
-    TESSERA_RATE_LIMIT: "false",
-    TESSERA_MAX_CONNECTIONS_PER_IP: "0",
-  });
-  tb = createConnectTransport({ baseUrl: b.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
+  b = await serve(serveEnv(url, certs.dir));
+  tb = transportTo(b.url, certs);
   root = await adminLogin(a.connect());
 }, 120_000);
 

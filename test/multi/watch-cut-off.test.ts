@@ -1,24 +1,11 @@
-import type { ChildProcess } from "node:child_process";
-import { Code, ConnectError, type Transport } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { DbProxy } from "../db-proxy.js";
-import {
-  ADMIN_PASSWORD,
-  clientFor,
-  createTestCerts,
-  dropSchema,
-  startTestServer,
-  TEST_MASTER_KEY,
-  type TestCerts,
-  type TestDatabase,
-  type TestServer,
-} from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { clientFor, dropSchema, type TestDatabase } from "../helpers.js";
+import { short } from "../machine-fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
-import { killAll, serve, stop } from "./processes.js";
+import { type Instances, startInstances, stopInstances } from "./fixtures.js";
 
 /**
  * A WatchRevocations stream served by an instance cut off from PostgreSQL without a reset
@@ -33,16 +20,9 @@ import { killAll, serve, stop } from "./processes.js";
 const BARRIER_MS = 400;
 const schema = `t_${Date.now().toString(36)}_wcut`;
 let proxy: DbProxy;
-let certs: TestCerts;
-let a: TestServer;
-let b: { child: ChildProcess; url: string };
-let ta: Transport;
-let tb: Transport;
-let root: string;
-let verifier: string;
+let m: Instances;
 
 beforeAll(async () => {
-  certs = await createTestCerts();
   proxy = await DbProxy.start();
   const viaProxy = proxy.url(schema);
   const direct: TestDatabase = {
@@ -50,46 +30,25 @@ beforeAll(async () => {
     url: () => viaProxy.replace(`127.0.0.1:${proxy.port}`, "127.0.0.1:5432"),
   };
   // A (in this process) reaches PostgreSQL directly; B, a `tessera serve`, through the proxy.
-  a = await startTestServer(direct, { database: { barrierTimeoutMs: BARRIER_MS } }, certs);
-  b = await serve({
-    ...(process.env as Record<string, string>),
-    TESSERA_DATABASE_URL: viaProxy,
-    TESSERA_CERT_DIR: certs.dir,
-    TESSERA_HOST: "127.0.0.1",
-    TESSERA_PORT: "0",
-    TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
-    TESSERA_PASSWORD_ITERATIONS: "1000",
-    TESSERA_MASTER_KEY: TEST_MASTER_KEY,
-    TESSERA_RATE_LIMIT: "false",
-    TESSERA_MAX_CONNECTIONS_PER_IP: "0",
+  m = await startInstances(direct, { database: { barrierTimeoutMs: BARRIER_MS } }, viaProxy, {
     TESSERA_STATE_BARRIER_TIMEOUT_MS: String(BARRIER_MS),
     TESSERA_WATCH_HEARTBEAT_SECONDS: "10",
   });
-  ta = a.connect();
-  tb = createConnectTransport({ baseUrl: b.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
-  root = await adminLogin(ta);
-  verifier = (
-    await clients(ta, root).machines.createMachineUser({
-      name: `verifier-${short()}`,
-      authType: MachineAuthType.BEARER,
-      scopes: ["*"],
-    })
-  ).token;
 }, 120_000);
 
 afterAll(async () => {
   proxy?.restore();
-  if (b) await stop(b.child);
-  killAll();
-  await a?.close();
+  await stopInstances(m);
   await proxy?.close();
   await dropSchema(`postgres://postgres@127.0.0.1:5432/test?schema=${schema}`);
 });
 
 describe("WatchRevocations on an instance cut off from PostgreSQL without a reset", () => {
   it("ends the stream (Unavailable) within the barrier's bound and a keepalive, never heartbeating past a revocation it missed", async () => {
-    const pat = await clientFor(TokenService, ta, root).createPersonalAccessToken({ name: `w-${short()}` });
-    const onB = Watcher.open(tb, verifier);
+    const pat = await clientFor(TokenService, m.ta, m.root).createPersonalAccessToken({
+      name: `w-${short()}`,
+    });
+    const onB = Watcher.open(m.tb, m.verifier);
     await onB.first();
     // The cut comes 6.5 s into the heartbeat period: B's keepalive gives up (2 s) before the
     // next heartbeat is due (10 s), while the catch-up read it starts then still waits.
@@ -97,7 +56,7 @@ describe("WatchRevocations on an instance cut off from PostgreSQL without a rese
     const heard = onB.messages.length;
     proxy.freeze();
     const revokedAt = performance.now();
-    await clientFor(TokenService, ta, root).revokePersonalAccessToken({ id: pat.id });
+    await clientFor(TokenService, m.ta, m.root).revokePersonalAccessToken({ id: pat.id });
     const returned = Date.now();
     // A's write returned after giving up on B's acknowledgement: from then on, B's stream may
     // not vouch for a cursor (no heartbeat), and it ends soon after, so the client's cache goes.

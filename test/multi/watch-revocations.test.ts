@@ -1,25 +1,13 @@
-import { type ChildProcess, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createClient, type Transport } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { RevocationKind as K } from "../../gen/tessera/v1/verification_service_pb.js";
-import {
-  ADMIN_PASSWORD,
-  clientFor,
-  createTestCerts,
-  POSTGRES,
-  startTestServer,
-  TEST_MASTER_KEY,
-  type TestCerts,
-  type TestDatabase,
-  type TestServer,
-} from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { clientFor, POSTGRES, type TestDatabase } from "../helpers.js";
+import { clients, short } from "../machine-fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
-import { killAll, serve, stop } from "./processes.js";
+import { type Instances, startInstances, stopInstances } from "./fixtures.js";
 
 /**
  * WatchRevocations across instances on one PostgreSQL schema: A in this process, B a
@@ -33,18 +21,12 @@ import { killAll, serve, stop } from "./processes.js";
 const PASSWORD = "watch multi password";
 const url = POSTGRES.url();
 const db: TestDatabase = { name: "postgres", url: () => url };
-let certs: TestCerts;
-let a: TestServer;
-let b: { child: ChildProcess; url: string };
-let ta: Transport;
-let tb: Transport;
-let root: string;
-let verifier: string;
+let m: Instances;
 
 /** A user with `n` personal access tokens, made on `t`. */
 async function userWithPats(t: Transport, n: number) {
   const username = `wm-${short()}`;
-  await clients(t, root).users.createUser({ username, password: PASSWORD, scopes: ["x:read"] });
+  await clients(t, m.root).users.createUser({ username, password: PASSWORD, scopes: ["x:read"] });
   const login = await createClient(UserService, t).login({ username, password: PASSWORD });
   const tokens = clientFor(TokenService, t, login.accessToken);
   const pats = [];
@@ -57,48 +39,21 @@ function percentile(sorted: number[], p: number): number {
 }
 
 beforeAll(async () => {
-  certs = await createTestCerts();
   // A minute's poll: on A, only notifications (and the catch-up on reconnecting) deliver events.
-  a = await startTestServer(db, { verification: { watchHeartbeatSeconds: 2, watchPollMs: 60_000 } }, certs);
-  b = await serve({
-    ...(process.env as Record<string, string>),
-    TESSERA_DATABASE_URL: url,
-    TESSERA_CERT_DIR: certs.dir,
-    TESSERA_HOST: "127.0.0.1",
-    TESSERA_PORT: "0",
-    TESSERA_ADMIN_PASSWORD: ADMIN_PASSWORD,
-    TESSERA_PASSWORD_ITERATIONS: "1000",
-    TESSERA_MASTER_KEY: TEST_MASTER_KEY,
-    TESSERA_RATE_LIMIT: "false",
-    TESSERA_MAX_CONNECTIONS_PER_IP: "0",
-    TESSERA_WATCH_HEARTBEAT_SECONDS: "2",
-  });
-  ta = a.connect();
-  tb = createConnectTransport({ baseUrl: b.url, httpVersion: "2", nodeOptions: { ca: certs.ca } });
-  root = await adminLogin(ta);
-  verifier = (
-    await clients(ta, root).machines.createMachineUser({
-      name: `verifier-${short()}`,
-      authType: MachineAuthType.BEARER,
-      scopes: ["*"],
-    })
-  ).token;
+  const configA = { verification: { watchHeartbeatSeconds: 2, watchPollMs: 60_000 } };
+  m = await startInstances(db, configA, url, { TESSERA_WATCH_HEARTBEAT_SECONDS: "2" });
 }, 120_000);
 
-afterAll(async () => {
-  if (b) await stop(b.child);
-  killAll();
-  await a?.close();
-});
+afterAll(() => stopInstances(m));
 
 describe("WatchRevocations across instances (PostgreSQL)", () => {
   it("delivers a revocation made on B to a stream open on A, and one made on A to a stream on B", async () => {
-    const onA = Watcher.open(ta, verifier);
-    const onB = Watcher.open(tb, verifier);
+    const onA = Watcher.open(m.ta, m.verifier);
+    const onB = Watcher.open(m.tb, m.verifier);
     await onA.first();
     await onB.first();
     const rounds = 20;
-    const u = await userWithPats(tb, rounds);
+    const u = await userWithPats(m.tb, rounds);
     // After B's RPC returned (negative: the event was on A's stream before B answered, which
     // B's write barrier allows: it waits for every instance's listener to be notified), and
     // from B's RPC being sent.
@@ -123,7 +78,7 @@ describe("WatchRevocations across instances (PostgreSQL)", () => {
     );
     expect(delays[delays.length - 1]!).toBeLessThan(2_000);
     // The other way round.
-    const v = await userWithPats(ta, 1);
+    const v = await userWithPats(m.ta, 1);
     await v.tokens.revokePersonalAccessToken({ id: v.pats[0]!.id });
     await onB.event(K.CREDENTIAL, v.pats[0]!.id, 5_000);
     onA.close();
@@ -131,8 +86,8 @@ describe("WatchRevocations across instances (PostgreSQL)", () => {
   });
 
   it("delivers revocations committed concurrently on both instances in the order a resumed stream reads", async () => {
-    const [ua, ub] = [await userWithPats(ta, 15), await userWithPats(tb, 15)];
-    const live = Watcher.open(ta, verifier);
+    const [ua, ub] = [await userWithPats(m.ta, 15), await userWithPats(m.tb, 15)];
+    const live = Watcher.open(m.ta, m.verifier);
     await live.first();
     const cursor = live.cursor;
     await Promise.all([
@@ -141,7 +96,7 @@ describe("WatchRevocations across instances (PostgreSQL)", () => {
     ]);
     const expected = new Set([...ua.pats, ...ub.pats].map((p) => `CREDENTIAL:${p.id}`));
     await live.until(() => [...expected].every((e) => live.events.includes(e)), 10_000, "all 30 events");
-    const resumed = Watcher.open(tb, verifier, cursor);
+    const resumed = Watcher.open(m.tb, m.verifier, cursor);
     await resumed.until(() => resumed.events.length >= expected.size, 10_000, "the 30 events resumed");
     // Exactly the 30, each once, and the live order is the feed's order.
     expect(resumed.events).toHaveLength(30);
@@ -154,13 +109,13 @@ describe("WatchRevocations across instances (PostgreSQL)", () => {
 
 describe("WatchRevocations on an instance whose listening session is lost (PostgreSQL)", () => {
   it("heartbeats with no poll while A listens, and delivers what was committed while its session was down once it is back", async () => {
-    const onA = Watcher.open(ta, verifier);
+    const onA = Watcher.open(m.ta, m.verifier);
     await onA.first();
     // Heartbeats every 2 s and a poll of a minute: while A listens, a heartbeat needs no read.
     const heard = onA.messages.length;
     await onA.until(() => onA.messages.length >= heard + 2, 10_000, "two heartbeats");
-    const notifier = a.app.notifier!;
-    const u = await userWithPats(tb, 4);
+    const notifier = m.a.app.notifier!;
+    const u = await userWithPats(m.tb, 4);
     const [base, schema] = url.split("?schema=") as [string, string];
     for (const pat of u.pats) {
       expect(await notifier.whenOnline(20_000)).toBe(true);

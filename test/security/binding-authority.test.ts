@@ -1,12 +1,11 @@
-import { createClient, type Transport } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createClient } from "@connectrpc/connect";
+import { describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
-import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
-import { type Backend, mintBackend as mint } from "./fixtures.js";
+import { DATABASES, type TestServer } from "../helpers.js";
+import { bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
+import { type Backend, certificateTenant, mintBackend as mint, presenting } from "./fixtures.js";
 
 /**
  * The adversarial review of bounded authority of 2026-12-06 (certificate identities within
@@ -18,15 +17,6 @@ import { type Backend, mintBackend as mint } from "./fixtures.js";
  * bind checked authority over the machine user bound to, never over the one the
  * certificate is taken from.
  */
-
-/** A transport presenting the backend's client certificate. */
-function presenting(ts: TestServer, backend: Backend): Transport {
-  return createConnectTransport({
-    baseUrl: ts.server.url,
-    httpVersion: "2",
-    nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
-  });
-}
 
 /** The machine user the backend's certificate alone authenticates as. */
 async function whoAmI(ts: TestServer, backend: Backend): Promise<string> {
@@ -47,43 +37,29 @@ async function expectRefused(ts: TestServer, backend: Backend): Promise<void> {
 }
 
 describe.each(DATABASES)("authority over certificate identities within a tenant on $name", (db) => {
-  let ts: TestServer;
-  let transport: Transport;
-  let root: string;
-  /** A tenant whose administrator holds admin:machine-users only. */
-  let tenant: Awaited<ReturnType<typeof tenantWithAdmin>>;
-
-  beforeAll(async () => {
-    ts = await startTestServer(db, { server: { mtls: "optional" } });
-    transport = ts.connect();
-    root = await adminLogin(transport);
-    tenant = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
-  });
-  afterAll(async () => {
-    await ts.close();
-  });
+  const c = certificateTenant(db);
 
   /** A machine user of the tenant holding cluster:write (which the tenant's administrator lacks), its certificate bound by SAN URI. */
   async function strongBackend(): Promise<{ id: string; backend: Backend }> {
     const san = `spiffe://tenant.example/${short()}`;
-    const { machine } = await bearerMachine(transport, root, [tenant.application.id], {
-      tenantId: tenant.tenant.id,
+    const { machine } = await bearerMachine(c.transport, c.root, [c.tenant.application.id], {
+      tenantId: c.tenant.tenant.id,
       scopes: ["cluster:write"],
     });
-    await clients(transport, root).machines.bindCertificate({
+    await clients(c.transport, c.root).machines.bindCertificate({
       machineUserId: machine.id,
       identity: { case: "sanUri", value: san },
     });
-    const backend = await mint(ts, san);
-    expect(await whoAmI(ts, backend)).toBe(machine.id);
+    const backend = await mint(c.ts, san);
+    expect(await whoAmI(c.ts, backend)).toBe(machine.id);
     return { id: machine.id, backend };
   }
 
   it("an admin:machine-users holder cannot take a stronger machine user's certificate by binding its fingerprint to a machine user of its own", async () => {
     const victim = await strongBackend();
-    const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
+    const { machine: own } = await bearerMachine(c.transport, c.tenant.token, [c.tenant.application.id]);
     const r = await rejection(
-      clients(transport, tenant.token).machines.bindCertificate({
+      clients(c.transport, c.tenant.token).machines.bindCertificate({
         machineUserId: own.id,
         identity: { case: "sha256Fingerprint", value: victim.backend.fingerprint },
       }),
@@ -93,31 +69,31 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
       reason: "ACCESS_DENIED",
     });
     // Untouched: the certificate still authenticates as the stronger machine user.
-    expect(await whoAmI(ts, victim.backend)).toBe(victim.id);
+    expect(await whoAmI(c.ts, victim.backend)).toBe(victim.id);
   });
 
   it("a caller holding the stronger machine user's scopes still singles one of its certificates out by fingerprint", async () => {
     const fleet = await strongBackend();
-    const { machine: special } = await bearerMachine(transport, root, [tenant.application.id], {
-      tenantId: tenant.tenant.id,
+    const { machine: special } = await bearerMachine(c.transport, c.root, [c.tenant.application.id], {
+      tenantId: c.tenant.tenant.id,
     });
-    await clients(transport, root).machines.bindCertificate({
+    await clients(c.transport, c.root).machines.bindCertificate({
       machineUserId: special.id,
       identity: { case: "sha256Fingerprint", value: fleet.backend.fingerprint },
     });
-    expect(await whoAmI(ts, fleet.backend)).toBe(special.id);
+    expect(await whoAmI(c.ts, fleet.backend)).toBe(special.id);
   });
 
   it("an admin:machine-users holder binds with proof a certificate carrying no SAN URI a stronger machine user holds", async () => {
     await strongBackend();
-    const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
-    const mine = await mint(ts);
+    const { machine: own } = await bearerMachine(c.transport, c.tenant.token, [c.tenant.application.id]);
+    const mine = await mint(c.ts);
     // Over a connection presenting the certificate: its SAN URIs are known, and none is another's.
-    await clients(presenting(ts, mine), tenant.token).machines.bindCertificate({
+    await clients(presenting(c.ts, mine), c.tenant.token).machines.bindCertificate({
       machineUserId: own.id,
       identity: { case: "sha256Fingerprint", value: mine.fingerprint },
     });
-    expect(await whoAmI(ts, mine)).toBe(own.id);
+    expect(await whoAmI(c.ts, mine)).toBe(own.id);
   });
 
   /**
@@ -130,15 +106,15 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
   describe("whichever binding was made first", () => {
     /** A fresh tenant whose administrator holds `scopes`, and a certificate carrying a SAN URI no one has bound yet. */
     async function issued(scopes: string[]) {
-      const fresh = await tenantWithAdmin(transport, root, scopes);
+      const fresh = await tenantWithAdmin(c.transport, c.root, scopes);
       const san = `spiffe://tenant.example/${short()}`;
-      return { fresh, san, backend: await mint(ts, san) };
+      return { fresh, san, backend: await mint(c.ts, san) };
     }
 
     /** Root binds the SAN URI to a new machine user of the tenant holding `scopes`. */
     async function sanBoundLater(tenantId: string, applicationId: string, san: string, scopes: string[]) {
-      const { machine } = await bearerMachine(transport, root, [applicationId], { tenantId, scopes });
-      await clients(transport, root).machines.bindCertificate({
+      const { machine } = await bearerMachine(c.transport, c.root, [applicationId], { tenantId, scopes });
+      await clients(c.transport, c.root).machines.bindCertificate({
         machineUserId: machine.id,
         identity: { case: "sanUri", value: san },
       });
@@ -147,43 +123,43 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
 
     it("a fingerprint an admin:machine-users holder bound before a stronger machine user's SAN URI binding existed does not take that certificate", async () => {
       const { fresh, san, backend } = await issued(["admin:machine-users"]);
-      const { machine: own } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
-      await clients(transport, fresh.token).machines.bindCertificate({
+      const { machine: own } = await bearerMachine(c.transport, fresh.token, [fresh.application.id]);
+      await clients(c.transport, fresh.token).machines.bindCertificate({
         machineUserId: own.id,
         identity: { case: "sha256Fingerprint", value: backend.fingerprint },
       });
-      expect(await whoAmI(ts, backend)).toBe(own.id);
+      expect(await whoAmI(c.ts, backend)).toBe(own.id);
       const strong = await sanBoundLater(fresh.tenant.id, fresh.application.id, san, ["cluster:write"]);
       // The stronger machine user keeps its certificate (authenticated, not refused).
-      expect(await whoAmI(ts, backend)).toBe(strong);
+      expect(await whoAmI(c.ts, backend)).toBe(strong);
     });
 
     it("a fingerprint bound first by a caller holding the stronger machine user's scopes still singles its certificate out", async () => {
       const { fresh, san, backend } = await issued(["admin:machine-users", "cluster:write"]);
-      const { machine: special } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
-      await clients(transport, fresh.token).machines.bindCertificate({
+      const { machine: special } = await bearerMachine(c.transport, fresh.token, [fresh.application.id]);
+      await clients(c.transport, fresh.token).machines.bindCertificate({
         machineUserId: special.id,
         identity: { case: "sha256Fingerprint", value: backend.fingerprint },
       });
       await sanBoundLater(fresh.tenant.id, fresh.application.id, san, ["cluster:write"]);
-      expect(await whoAmI(ts, backend)).toBe(special.id);
+      expect(await whoAmI(c.ts, backend)).toBe(special.id);
     });
 
     it("scopes granted to the SAN URI-bound machine user after the fingerprint was bound count at the next authentication", async () => {
       const { fresh, san, backend } = await issued(["admin:machine-users"]);
-      const { machine: own } = await bearerMachine(transport, fresh.token, [fresh.application.id]);
-      await clients(transport, fresh.token).machines.bindCertificate({
+      const { machine: own } = await bearerMachine(c.transport, fresh.token, [fresh.application.id]);
+      await clients(c.transport, fresh.token).machines.bindCertificate({
         machineUserId: own.id,
         identity: { case: "sha256Fingerprint", value: backend.fingerprint },
       });
       // A scopeless machine user: the binder's authority covers it, so the fingerprint outranks it.
       const later = await sanBoundLater(fresh.tenant.id, fresh.application.id, san, []);
-      expect(await whoAmI(ts, backend)).toBe(own.id);
-      await clients(transport, root).machines.updateMachineUser({
+      expect(await whoAmI(c.ts, backend)).toBe(own.id);
+      await clients(c.transport, c.root).machines.updateMachineUser({
         id: later,
         scopes: { scopes: ["cluster:write"] },
       });
-      expect(await whoAmI(ts, backend)).toBe(later);
+      expect(await whoAmI(c.ts, backend)).toBe(later);
     });
   });
 
@@ -198,7 +174,7 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
   describe("a certificate carrying several SAN URIs", () => {
     /** `binderToken` binds `san` to the tenant's machine user `machineId`. */
     async function bindSan(binderToken: string, machineId: string, san: string): Promise<void> {
-      await clients(transport, binderToken).machines.bindCertificate({
+      await clients(c.transport, binderToken).machines.bindCertificate({
         machineUserId: machineId,
         identity: { case: "sanUri", value: san },
       });
@@ -206,8 +182,8 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
 
     /** A machine user of the tenant holding `scopes`, made by root. */
     async function machineHolding(scopes: string[]): Promise<string> {
-      const { machine } = await bearerMachine(transport, root, [tenant.application.id], {
-        tenantId: tenant.tenant.id,
+      const { machine } = await bearerMachine(c.transport, c.root, [c.tenant.application.id], {
+        tenantId: c.tenant.tenant.id,
         scopes,
       });
       return machine.id;
@@ -218,21 +194,21 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
     it("an admin:machine-users holder binding a second SAN URI of a stronger machine user's certificate to a machine user of its own does not lock that certificate out", async () => {
       const [first, second] = sans();
       const strong = await machineHolding(["cluster:write"]);
-      await bindSan(root, strong, first!);
-      const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
-      await bindSan(tenant.token, own.id, second!);
-      expect(await whoAmI(ts, await mint(ts, first!, second!))).toBe(strong);
+      await bindSan(c.root, strong, first!);
+      const { machine: own } = await bearerMachine(c.transport, c.tenant.token, [c.tenant.application.id]);
+      await bindSan(c.tenant.token, own.id, second!);
+      expect(await whoAmI(c.ts, await mint(c.ts, first!, second!))).toBe(strong);
       // The weak binding stands where it contests no one: a certificate carrying only that SAN URI.
-      expect(await whoAmI(ts, await mint(ts, second!))).toBe(own.id);
+      expect(await whoAmI(c.ts, await mint(c.ts, second!))).toBe(own.id);
     });
 
     it("two SAN URI bindings whose binders may each manage the other's machine user still refuse the certificate", async () => {
       const [first, second] = sans();
       const one = await machineHolding(["cluster:write"]);
       const other = await machineHolding(["cluster:write"]);
-      await bindSan(root, one, first!);
-      await bindSan(root, other, second!);
-      await expectRefused(ts, await mint(ts, first!, second!));
+      await bindSan(c.root, one, first!);
+      await bindSan(c.root, other, second!);
+      await expectRefused(c.ts, await mint(c.ts, first!, second!));
     });
 
     it("two SAN URI bindings whose binders may manage neither's machine user refuse the certificate", async () => {
@@ -240,51 +216,51 @@ describe.each(DATABASES)("authority over certificate identities within a tenant 
       // A second administrator of the tenant, holding what the first lacks and lacking what it holds.
       const writer = await tenantAdmin(["admin:machine-users", "cluster:write"]);
       const reader = await tenantAdmin(["admin:machine-users", "cluster:read"]);
-      const { machine: writing } = await bearerMachine(transport, writer, [tenant.application.id], {
+      const { machine: writing } = await bearerMachine(c.transport, writer, [c.tenant.application.id], {
         scopes: ["cluster:write"],
       });
-      const { machine: reading } = await bearerMachine(transport, reader, [tenant.application.id], {
+      const { machine: reading } = await bearerMachine(c.transport, reader, [c.tenant.application.id], {
         scopes: ["cluster:read"],
       });
       await bindSan(writer, writing.id, first!);
       await bindSan(reader, reading.id, second!);
-      await expectRefused(ts, await mint(ts, first!, second!));
+      await expectRefused(c.ts, await mint(c.ts, first!, second!));
     });
 
     it("scopes granted to or taken from a SAN URI-bound machine user count at the next authentication", async () => {
       const [first, second] = sans();
       const later = await machineHolding([]);
-      await bindSan(root, later, first!);
-      const { machine: own } = await bearerMachine(transport, tenant.token, [tenant.application.id]);
-      await bindSan(tenant.token, own.id, second!);
-      const backend = await mint(ts, first!, second!);
+      await bindSan(c.root, later, first!);
+      const { machine: own } = await bearerMachine(c.transport, c.tenant.token, [c.tenant.application.id]);
+      await bindSan(c.tenant.token, own.id, second!);
+      const backend = await mint(c.ts, first!, second!);
       // Both scopeless: each binder may manage the other's machine user.
-      await expectRefused(ts, backend);
-      const admin = clients(transport, root).machines;
+      await expectRefused(c.ts, backend);
+      const admin = clients(c.transport, c.root).machines;
       await admin.updateMachineUser({ id: later, scopes: { scopes: ["cluster:write"] } });
-      expect(await whoAmI(ts, backend)).toBe(later);
+      expect(await whoAmI(c.ts, backend)).toBe(later);
       // Answered from the state cache now, which the next change must empty.
-      const { hits } = ts.app.sql.cacheStats();
-      expect(await whoAmI(ts, backend)).toBe(later);
-      expect(ts.app.sql.cacheStats().hits).toBeGreaterThan(hits);
+      const { hits } = c.ts.app.sql.cacheStats();
+      expect(await whoAmI(c.ts, backend)).toBe(later);
+      expect(c.ts.app.sql.cacheStats().hits).toBeGreaterThan(hits);
       await admin.updateMachineUser({ id: later, scopes: { scopes: [] } });
-      await expectRefused(ts, backend);
+      await expectRefused(c.ts, backend);
     });
 
     /** Another administrator of the tenant holding `scopes`, logged in. */
     async function tenantAdmin(scopes: string[]): Promise<string> {
       const username = `ta-${short()}`;
-      await clients(transport, root).users.createUser({
+      await clients(c.transport, c.root).users.createUser({
         username,
         password: "tenant admin password",
         scopes,
-        tenantId: tenant.tenant.id,
+        tenantId: c.tenant.tenant.id,
       });
       return (
-        await createClient(UserService, transport).login({
+        await createClient(UserService, c.transport).login({
           username,
           password: "tenant admin password",
-          tenant: tenant.tenant.id,
+          tenant: c.tenant.tenant.id,
         })
       ).accessToken;
     }

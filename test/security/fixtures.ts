@@ -1,11 +1,15 @@
 import { Writable } from "node:stream";
-import { ConnectError, type Transport } from "@connectrpc/connect";
+import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
+import { afterAll, beforeAll } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { certificateFingerprint, DEFAULT_LEAF_DAYS, issueLeaf, loadCa } from "../../src/certs/issuing.js";
+import type { ConfigInput } from "../../src/config.js";
 import { rejection } from "../errors-util.js";
-import type { TestServer } from "../helpers.js";
+import { startTestServer, type TestDatabase, type TestServer } from "../helpers.js";
 import { scannedSink } from "../log-scan-suite.js";
-import { clients, short } from "../machine-fixtures.js";
+import { adminLogin, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 
 /**
  * Fixtures the adversarial suite (test/security/) shares: what several of its files wrote
@@ -98,6 +102,54 @@ export async function mintBackend(ts: TestServer, ...sanUris: string[]): Promise
     key: Buffer.from(leaf.keyPem),
     fingerprint: certificateFingerprint(leaf.certPem),
   };
+}
+
+/** A transport to the test server presenting the backend's client certificate. */
+export function presenting(ts: TestServer, backend: Backend): Transport {
+  return createConnectTransport({
+    baseUrl: ts.server.url,
+    httpVersion: "2",
+    nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
+  });
+}
+
+/** The machine user the backend's certificate alone authenticates as, or the refusal's reason. */
+export async function certificateUser(ts: TestServer, backend: Backend): Promise<string> {
+  try {
+    return (await createClient(MachineUserService, presenting(ts, backend)).checkAuthentication({}))
+      .machineUserId;
+  } catch (err) {
+    return (await rejection(Promise.reject(err))).reason ?? "";
+  }
+}
+
+/** What {@link certificateTenant} sets up; its fields are set once its beforeAll has run. */
+export interface CertificateTenant {
+  ts: TestServer;
+  /** A transport to `ts` presenting no client certificate. */
+  transport: Transport;
+  /** The default tenant's admin's token. */
+  root: string;
+  /** A tenant whose administrator holds admin:machine-users only. */
+  tenant: Awaited<ReturnType<typeof tenantWithAdmin>>;
+}
+
+/**
+ * In a describe: a test server on `db` with optional mTLS (and `config` spread over that) for
+ * the describe's tests, the admin's token, and a tenant administered with admin:machine-users.
+ */
+export function certificateTenant(db: TestDatabase, config: ConfigInput = {}): CertificateTenant {
+  const c = {} as CertificateTenant;
+  beforeAll(async () => {
+    c.ts = await startTestServer(db, { server: { mtls: "optional" }, ...config });
+    c.transport = c.ts.connect();
+    c.root = await adminLogin(c.transport);
+    c.tenant = await tenantWithAdmin(c.transport, c.root, ["admin:machine-users"]);
+  });
+  afterAll(async () => {
+    await c.ts.close();
+  });
+  return c;
 }
 
 /** The outcome of a machine CheckAuthentication with `token` over `transport`: "ok" or the refusal's reason. */
