@@ -59,21 +59,9 @@ export class Limiter {
     if (local !== undefined) return this.consumeShared(key, local);
     try {
       const res = await this.impl.consume(key);
-      if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
-      return {
-        allowed: true,
-        limit: this.limit,
-        remaining: res.remainingPoints,
-        resetMs: res.msBeforeNext,
-        consumed: res.consumedPoints,
-        windowEnd: Date.now() + res.msBeforeNext,
-      };
+      return this.allow(key, res.remainingPoints, res.msBeforeNext, res.consumedPoints);
     } catch (res) {
-      if (res instanceof RateLimiterRes) {
-        this.refused++;
-        this.remember(key, res.msBeforeNext);
-        return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
-      }
+      if (res instanceof RateLimiterRes) return this.refuse(key, res.msBeforeNext);
       throw res;
     }
   }
@@ -107,31 +95,28 @@ export class Limiter {
       } else {
         this.countedLocally++;
         const mine = local.consume(key);
-        if (!mine.allowed) return { ...this.refuse(key, mine.resetMs), local: true };
-        const remaining = Math.max(this.limit - mine.consumed, 0);
-        if (remaining <= 0) this.remember(key, mine.resetMs);
-        const windowEnd = Date.now() + mine.resetMs;
-        return {
-          allowed,
-          limit: this.limit,
-          remaining,
-          resetMs: mine.resetMs,
-          consumed: mine.consumed,
-          windowEnd,
-          local: true,
-        };
+        const result = mine.allowed
+          ? this.allow(key, Math.max(this.limit - mine.consumed, 0), mine.resetMs, mine.consumed)
+          : this.refuse(key, mine.resetMs);
+        result.local = true;
+        return result;
       }
     }
     local.counted(key, owed, res.consumedPoints, Date.now() + res.msBeforeNext);
     if (!allowed) return this.refuse(key, res.msBeforeNext);
-    if (res.remainingPoints <= 0) this.remember(key, res.msBeforeNext);
+    return this.allow(key, res.remainingPoints, res.msBeforeNext, res.consumedPoints);
+  }
+
+  /** An admission of `key`, its window remembered as spent when nothing remains. */
+  private allow(key: string, remaining: number, resetMs: number, consumed: number): LimitResult {
+    if (remaining <= 0) this.remember(key, resetMs);
     return {
-      allowed,
+      allowed: true,
       limit: this.limit,
-      remaining: res.remainingPoints,
-      resetMs: res.msBeforeNext,
-      consumed: res.consumedPoints,
-      windowEnd: Date.now() + res.msBeforeNext,
+      remaining,
+      resetMs,
+      consumed,
+      windowEnd: Date.now() + resetMs,
     };
   }
 
@@ -161,20 +146,8 @@ export class Limiter {
     }
     const res = memory.incrby(this.lastStoreKey, 1, impl.duration);
     const remaining = Math.max(impl.points - res.consumedPoints, 0);
-    if (res.consumedPoints > impl.points) {
-      this.refused++;
-      this.remember(key, res.msBeforeNext);
-      return { allowed: false, limit: this.limit, remaining: 0, resetMs: res.msBeforeNext };
-    }
-    if (remaining <= 0) this.remember(key, res.msBeforeNext);
-    return {
-      allowed: true,
-      limit: this.limit,
-      remaining,
-      resetMs: res.msBeforeNext,
-      consumed: res.consumedPoints,
-      windowEnd: Date.now() + res.msBeforeNext,
-    };
+    if (res.consumedPoints > impl.points) return this.refuse(key, res.msBeforeNext);
+    return this.allow(key, remaining, res.msBeforeNext, res.consumedPoints);
   }
 
   /**
