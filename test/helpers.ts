@@ -195,6 +195,25 @@ export function migrationStorage(db: TestDatabase): { open(): Promise<Storage> }
 }
 
 /**
+ * Tenant `t1` and its user `u1` as the early schema had them (columns added since left out),
+ * for a migration test that writes older rows through knex.
+ */
+export async function insertEarlyUser(storage: Storage, at: Date): Promise<void> {
+  const knex = storage.em.fork().getKnex();
+  await knex("tenants").insert({ id: "t1", name: "t1", disabled: false, created_at: at, updated_at: at });
+  await knex("users").insert({
+    id: "u1",
+    tenant_id: "t1",
+    username: "u1",
+    password_hash: "x",
+    scopes: "",
+    disabled: false,
+    created_at: at,
+    updated_at: at,
+  });
+}
+
+/**
  * A downstream service's HTTPS server (an SDK middleware's app) on the test certificates,
  * listening on 127.0.0.1; its URL names localhost, which the server certificate covers.
  */

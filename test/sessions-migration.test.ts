@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { RefreshToken, Session, Tenant } from "../src/storage/entities.js";
-import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
+import { RefreshToken, Session } from "../src/storage/entities.js";
+import { DATABASES, insertEarlyUser, migrateTo, migrationStorage } from "./helpers.js";
 
 /**
  * The sessions migration gives every refresh-token family that existed before it a
@@ -15,18 +15,7 @@ describe.each(DATABASES)("sessions migration ($name)", (db) => {
     await migrateTo(storage, "up", "Migration20261123110000_machine_users");
     const em = storage.em.fork();
     const at = new Date("2026-11-30T10:00:00Z");
-    await em.insert(Tenant, { id: "t1", name: "t1", disabled: false, createdAt: at, updatedAt: at });
-    // As the schema of that time has it (the User entity has columns added since).
-    await em.getKnex()("users").insert({
-      id: "u1",
-      tenant_id: "t1",
-      username: "u1",
-      password_hash: "x",
-      scopes: "",
-      disabled: false,
-      created_at: at,
-      updated_at: at,
-    });
+    await insertEarlyUser(storage, at);
     const token = (id: string, familyId: string, minutes: number, revoked: boolean) => ({
       id,
       familyId,

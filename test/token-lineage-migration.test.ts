@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { DATABASES, migrateTo, migrationStorage } from "./helpers.js";
+import { DATABASES, insertEarlyUser, migrateTo, migrationStorage } from "./helpers.js";
 
 const BEFORE = "Migration20261206020000_binder_authority";
 const LINEAGE = "Migration20261206050000_token_lineage";
@@ -17,17 +17,7 @@ describe.each(DATABASES)("token lineage migration ($name)", (db) => {
     await migrateTo(storage, "up", BEFORE);
     const at = new Date("2026-12-01T10:00:00Z");
     const knex = storage.em.fork().getKnex();
-    await knex("tenants").insert({ id: "t1", name: "t1", disabled: false, created_at: at, updated_at: at });
-    await knex("users").insert({
-      id: "u1",
-      tenant_id: "t1",
-      username: "u1",
-      password_hash: "x",
-      scopes: "",
-      disabled: false,
-      created_at: at,
-      updated_at: at,
-    });
+    await insertEarlyUser(storage, at);
     const token = (id: string) => ({
       id,
       public_id: id.padEnd(16, "0"),
