@@ -1,5 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { connect, createSecureServer, type Http2ServerRequest } from "node:http2";
+import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -7,9 +9,20 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
+import {
+  createTesseraAuth,
+  createTesseraAuthMiddleware,
+  type TesseraAuth,
+} from "../../src/sdk/server/index.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import {
+  adminLogin,
+  boundMachineUser,
+  clients,
+  connectedWithCertificate,
+  mintClientCertificate,
+  short,
+} from "../machine-fixtures.js";
 
 /**
  * The adversarial review of 2026-12-06 (third pass: the SDK's downstream verification,
@@ -23,7 +36,7 @@ describe.each(DATABASES)("review 2026-12-06c on $name", (db) => {
   const cores: TesseraAuth[] = [];
 
   beforeAll(async () => {
-    ts = await startTestServer(db);
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
     root = await adminLogin(ts.connect());
   }, 120_000);
 
@@ -163,5 +176,68 @@ describe.each(DATABASES)("review 2026-12-06c on $name", (db) => {
     await expect(auth.authenticate(`Bearer ${victim.accessToken}`)).rejects.toMatchObject({
       reason: "TOKEN_REVOKED",
     });
+  });
+
+  it("SDK: a certificate-bound token stops passing on a connection whose client certificate has expired since its handshake", async () => {
+    const admin = clients(ts.connect(), root);
+    const verifier = (
+      await admin.machines.createMachineUser({
+        name: `verifier-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["auth:verify"],
+      })
+    ).token;
+    // A short-lived workload certificate (its expiry is how it is revoked), bound to a
+    // machine user, which obtains an access token bound to it (RFC 8705).
+    const pem = await mintClientCertificate(ts, 8 / 86_400);
+    await boundMachineUser(admin, `workload-${short()}`, pem.fingerprint, ["workflows:read"]);
+    const over = await connectedWithCertificate(ts, pem);
+    const { accessToken } = await over.client.issueAccessToken({});
+    over.sessionManager.abort();
+
+    // A downstream service on HTTP/2 that asks for client certificates of the same CA.
+    const auth = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifier,
+    });
+    cores.push(auth);
+    const middleware = createTesseraAuthMiddleware<Http2ServerRequest>(auth, {
+      rule: { scopes: ["workflows:read"] },
+    });
+    const downstream = createSecureServer(
+      {
+        key: readFileSync(join(ts.certs.dir, "server.key")),
+        cert: readFileSync(join(ts.certs.dir, "server.crt")),
+        ca: ts.certs.ca,
+        requestCert: true,
+        rejectUnauthorized: false,
+      },
+      (req, res) =>
+        middleware(req, res, () => {
+          res.writeHead(200);
+          res.end("ok");
+        }),
+    );
+    await new Promise<void>((resolve) => downstream.listen(0, "127.0.0.1", resolve));
+    const port = (downstream.address() as AddressInfo).port;
+    const session = connect(`https://localhost:${port}`, { ca: ts.certs.ca, cert: pem.cert, key: pem.key });
+    const call = () =>
+      new Promise<number>((resolve, reject) => {
+        const req = session.request({ ":path": "/work", authorization: `Bearer ${accessToken}` });
+        req.on("response", (headers) => resolve(Number(headers[":status"])));
+        req.on("error", reject);
+        req.resume();
+        req.end();
+      });
+    try {
+      expect(await call()).toBe(200);
+      // The certificate's notAfter passes; the client keeps its connection open.
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, pem.notAfter + 1100 - Date.now())));
+      expect(await call(), "an expired certificate still carried its bound token").toBe(401);
+    } finally {
+      session.close();
+      downstream.close();
+    }
   });
 });
