@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import type { TLSSocket } from "node:tls";
+import type { DetailedPeerCertificate, TLSSocket } from "node:tls";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type ContextValues, createContextKey, createContextValues } from "@connectrpc/connect";
 import {
@@ -43,24 +43,54 @@ export const clientCertificateKey = createContextKey<string | undefined>(undefin
   description: "x5t#S256 of the verified client certificate",
 });
 
-const thumbprints = new WeakMap<object, string | null>();
+/** A connection's verified client certificate: its thumbprint, and the last instant its chain is valid. */
+interface Presented {
+  thumbprint: string;
+  notAfter: number;
+}
+
+const thumbprints = new WeakMap<object, Presented | null>();
+
+/**
+ * The earliest `valid_to` along the certificate and the issuers Node chained it to (epoch
+ * ms; NaN when one cannot be read, which no instant passes).
+ */
+function chainEnd(cert: DetailedPeerCertificate): number {
+  let end = Number.POSITIVE_INFINITY;
+  const seen = new Set<object>();
+  for (let c: DetailedPeerCertificate | undefined = cert; c && !seen.has(c); c = c.issuerCertificate) {
+    seen.add(c);
+    if (c.valid_to !== undefined) end = Math.min(end, Date.parse(c.valid_to));
+  }
+  return end;
+}
 
 /**
  * The `x5t#S256` of the verified client certificate on `socket` (undefined without one, or
- * when the CA did not verify it): hashed once per connection.
+ * when the CA did not verify it): hashed once per connection. Undefined too once the
+ * certificate (or a CA of its chain) has expired (`now`, default the clock): TLS checks it
+ * at the handshake only, and a connection kept open must not carry a bound credential past
+ * its certificate's end.
  */
-export function clientCertificateThumbprint(socket: unknown): string | undefined {
+export function clientCertificateThumbprint(socket: unknown, now?: number): string | undefined {
   if (typeof socket !== "object" || socket === null) return undefined;
-  const known = thumbprints.get(socket);
-  if (known !== undefined) return known ?? undefined;
-  const tls = socket as Partial<TLSSocket>;
-  let out: string | null = null;
-  if (tls.authorized === true && typeof tls.getPeerCertificate === "function") {
-    const raw = tls.getPeerCertificate(false)?.raw;
-    if (raw && raw.length > 0) out = createHash("sha256").update(raw).digest("base64url");
+  let known = thumbprints.get(socket);
+  if (known === undefined) {
+    const tls = socket as Partial<TLSSocket>;
+    known = null;
+    if (tls.authorized === true && typeof tls.getPeerCertificate === "function") {
+      const peer = tls.getPeerCertificate(true);
+      if (peer?.raw && peer.raw.length > 0)
+        known = {
+          thumbprint: createHash("sha256").update(peer.raw).digest("base64url"),
+          notAfter: chainEnd(peer),
+        };
+    }
+    thumbprints.set(socket, known);
   }
-  thumbprints.set(socket, out);
-  return out ?? undefined;
+  if (known === null) return undefined;
+  // X.509's notAfter is inclusive.
+  return (now ?? Date.now()) <= known.notAfter ? known.thumbprint : undefined;
 }
 
 /**

@@ -209,8 +209,10 @@ export class RevocationWatch {
             this.#stats.state = "up";
             this.#stats.connects++;
             backoff = min;
-            // Starting afresh: revocations before Tessera answered are unknown here.
-            if (!resumed && this.#coverageSince === Number.POSITIVE_INFINITY)
+            // Starting afresh: revocations before Tessera answered are unknown here. So too
+            // when resuming past missed events: Tessera sends a long catch-up over several
+            // messages, and until the last arrives a revocation among the rest is unknown.
+            if (resumed ? message.events.length > 0 : this.#coverageSince === Number.POSITIVE_INFINITY)
               this.#coverageSince = this.#o.now() + this.#o.skewMs;
             for (const waiter of [...this.#waiters]) waiter();
           }
