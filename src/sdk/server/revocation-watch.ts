@@ -166,7 +166,9 @@ export class RevocationWatch {
     for (const event of message.events) {
       const target = TARGETS[event.kind];
       if (target === undefined) {
-        // A kind this client does not know: it cannot tell what it invalidates, so everything.
+        // A kind this client does not know: it cannot tell what it invalidates, so everything,
+        // and an access token issued before now may be what it revoked: Tessera decides those.
+        this.#coverageSince = now + this.#o.skewMs;
         this.#o.onLost();
         continue;
       }
