@@ -1,0 +1,106 @@
+import { createClient, type Transport } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { hashPool } from "../../src/auth/hash-pool.js";
+import { rejection } from "../errors-util.js";
+import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminLogin, basic, clients, short } from "../machine-fixtures.js";
+import { freshIps, LIMITS_ON } from "./fixtures.js";
+
+/**
+ * Adversarial review of 2026-12-06 (b): sessions, refresh tokens, OAuth grants and the
+ * exactness of revocation, attacked over TLS as a client would.
+ */
+
+const PASSWORD = "review b password";
+
+/** A client address no other test of the file uses. */
+const freshIp = freshIps("100.72");
+
+describe.each(DATABASES)("review 2026-12-06b on $name", (db) => {
+  let ts: TestServer;
+  let transport: Transport;
+  let root: string;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      rateLimit: LIMITS_ON,
+      server: { trustedProxies: ["127.0.0.1"] },
+      // Hashing slow enough that a second address's guess arrives while the first one's
+      // PBKDF2 runs; one thread, so that every PBKDF2 run is another wait.
+      auth: { passwordIterations: 100_000, hashConcurrency: 1, hashQueue: 1000 },
+    });
+    transport = ts.connect();
+    root = await adminLogin(withHeaders(transport, { "x-forwarded-for": freshIp() }));
+  });
+  afterAll(async () => {
+    await ts.close();
+  });
+
+  /** GetCurrentUser with HTTP Basic from `ip`: "ok", or the refusal's reason. */
+  async function basicCall(ip: string, username: string, password: string): Promise<string> {
+    const users = createClient(
+      UserService,
+      withHeaders(transport, { ...basic(username, password), "x-forwarded-for": ip }),
+    );
+    try {
+      await users.getCurrentUser({});
+      return "ok";
+    } catch (err) {
+      return (await rejection(Promise.reject(err))).reason ?? "no reason";
+    }
+  }
+
+  /** Resolves once the hash pool has started more PBKDF2 runs than `count`. */
+  async function hashingStarted(count: number): Promise<void> {
+    await expect
+      .poll(() => hashPool().stats().started, { timeout: 10_000, interval: 1 })
+      .toBeGreaterThan(count);
+  }
+
+  /**
+   * What guessing `username`'s password over HTTP Basic shows an attacker holding two
+   * addresses: five rounds, each one guess sent from the first address and, while its
+   * PBKDF2 runs, the same guess from the second; then a sixth guess from the second.
+   * The PBKDF2 runs the rounds took (their time) and every answer.
+   */
+  async function guessFromTwoAddresses(username: string) {
+    const [first, second] = [freshIp(), freshIp()];
+    const answers: string[] = [];
+    const before = hashPool().stats().started;
+    for (let round = 0; round < 5; round++) {
+      const guess = `wrong guess ${round} ${short()}`;
+      const started = hashPool().stats().started;
+      const leading = basicCall(first, username, guess);
+      await hashingStarted(started);
+      const following = basicCall(second, username, guess);
+      answers.push(await leading, await following);
+    }
+    const runs = hashPool().stats().started - before;
+    answers.push(await basicCall(second, username, `sixth guess ${short()}`));
+    return { runs, answers };
+  }
+
+  it("HTTP Basic shows an attacker the same work and answers for a wrong password whether or not the user exists, from several addresses at once", async () => {
+    const username = `enum-${short()}`;
+    await clients(withHeaders(transport, { "x-forwarded-for": freshIp() }), root).users.createUser({
+      username,
+      password: PASSWORD,
+      scopes: [],
+    });
+    // The stand-in hash of unknown names is made once, at its first use: not during a round.
+    expect(await basicCall(freshIp(), `nobody-${short()}`, "warm up")).toBe("CREDENTIALS_INVALID");
+
+    const unknown = await guessFromTwoAddresses(`nobody-${short()}`);
+    const existing = await guessFromTwoAddresses(username);
+    // An unknown name: every guess from either address is a PBKDF2 run, refused, and the
+    // second address is locked out of the name after its five.
+    expect(unknown).toEqual({
+      runs: 10,
+      answers: [...Array(10).fill("CREDENTIALS_INVALID"), "RATE_LIMITED"],
+    });
+    // An existing user's: the same. Were the second address's guesses answered from the
+    // first's PBKDF2, an existing name would take half the time and never lock it out.
+    expect(existing).toEqual(unknown);
+  });
+});
