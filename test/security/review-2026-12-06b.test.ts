@@ -103,4 +103,27 @@ describe.each(DATABASES)("review 2026-12-06b on $name", (db) => {
     // first's PBKDF2, an existing name would take half the time and never lock it out.
     expect(existing).toEqual(unknown);
   });
+
+  it("a refresh refused while the session's tenant is disabled spends nothing: the session goes on once the tenant is enabled again", async () => {
+    const from = withHeaders(transport, { "x-forwarded-for": freshIp() });
+    const admin = clients(from, root);
+    const { tenant } = await admin.tenants.createTenant({ name: `suspended-${short()}` });
+    const username = `member-${short()}`;
+    await admin.users.createUser({ username, password: PASSWORD, scopes: [], tenantId: tenant!.id });
+    const users = createClient(UserService, from);
+    const login = await users.login({ username, password: PASSWORD, tenant: tenant!.id });
+
+    await admin.tenants.updateTenant({ id: tenant!.id, disabled: true });
+    // A client refreshing on its schedule while the tenant is suspended.
+    expect((await rejection(users.refreshToken({ refreshToken: login.refreshToken }))).reason).toBe(
+      "PRINCIPAL_DISABLED",
+    );
+    await admin.tenants.updateTenant({ id: tenant!.id, disabled: false });
+
+    // Disabling a tenant ends nothing (README): once enabled, its sessions go on as they were,
+    // and the refused refresh was no use of the token that a second one would re-use.
+    const refreshed = await users.refreshToken({ refreshToken: login.refreshToken });
+    for (const token of [login.accessToken, refreshed.accessToken])
+      expect((await clients(from, token).users.getCurrentUser({})).username).toBe(username);
+  });
 });
