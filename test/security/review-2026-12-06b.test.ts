@@ -1,5 +1,7 @@
 import { createClient, type Transport } from "@connectrpc/connect";
+import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
 import { rejection } from "../errors-util.js";
@@ -125,5 +127,46 @@ describe.each(DATABASES)("review 2026-12-06b on $name", (db) => {
     const refreshed = await users.refreshToken({ refreshToken: login.refreshToken });
     for (const token of [login.accessToken, refreshed.accessToken])
       expect((await clients(from, token).users.getCurrentUser({})).username).toBe(username);
+  });
+});
+
+describe.each(DATABASES)("RFC 7009 revocation with nested token prefixes on $name", (db) => {
+  let ts: TestServer;
+  let agent: Agent;
+
+  beforeAll(async () => {
+    // Nested prefixes are supported (the verifiers try the longest first): an API key then
+    // starts with the personal access tokens' prefix too.
+    ts = await startTestServer(db, { auth: { tokens: { patPrefix: "rvw_", apiKeyPrefix: "rvw_key_" } } });
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    await agent.close();
+    await ts.close();
+  });
+
+  it("revokes the caller's own API key and personal access token, refused from the next request", async () => {
+    const access = await adminLogin(ts.connect());
+    const tokens = createClient(
+      TokenService,
+      withHeaders(ts.connect(), { authorization: `Bearer ${access}` }),
+    );
+    const { key } = await tokens.createApiKey({ name: `key-${short()}` });
+    const { token: pat } = await tokens.createPersonalAccessToken({ name: `pat-${short()}` });
+    for (const credential of [key, pat]) {
+      expect((await clients(ts.connect(), credential).users.getCurrentUser({})).username).toBe("admin");
+      const res = await request(`${ts.server.url}/oauth2/revoke`, {
+        method: "POST",
+        dispatcher: agent,
+        headers: { "content-type": "application/x-www-form-urlencoded", authorization: `Bearer ${access}` },
+        body: new URLSearchParams({ token: credential }).toString(),
+      });
+      await res.body.dump();
+      expect(res.statusCode).toBe(200);
+      expect(
+        (await rejection(clients(ts.connect(), credential).users.getCurrentUser({}))).reason,
+        credential.slice(0, 8),
+      ).toBe("TOKEN_REVOKED");
+    }
   });
 });
