@@ -228,6 +228,27 @@ export class VerifiedSecretCache {
   }
 
   /**
+   * As {@link verify} without a shared digest, but a miss is this call's own PBKDF2: it
+   * neither joins nor leads a verification in flight. For guessable secrets (human
+   * passwords), whose unknown and disabled accounts cost every guess a PBKDF2 of its own:
+   * a wrong guess answered from another address's PBKDF2 would be faster, and free of the
+   * budgets that address reserved, only where the account exists. (Concurrent identical
+   * guesses from one address share one verification before they get here: admission's.)
+   */
+  async verifyOwn(namespace: string, secret: string, storedHash: string, forbidden?: TesseraError) {
+    const k = this.keyOf(namespace, storedHash, secret);
+    if (this.cache.get(k) !== undefined) {
+      this.counters.hits++;
+      return true;
+    }
+    if (forbidden !== undefined) throw forbidden;
+    this.counters.misses++;
+    const ok = await verifySecret(secret, storedHash);
+    if (ok) this.cache.set(k, true);
+    return ok;
+  }
+
+  /**
    * The stored digest read now, or null when it cannot be read: the digest only spares
    * PBKDF2, and the row of record (the stored hash, just read) can still decide, so a failed
    * read costs a PBKDF2, never the request. Counted, and logged once per run of failures.

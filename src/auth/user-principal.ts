@@ -139,15 +139,10 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       // In-process only, no shared digest: a human password is guessable, and a fast keyed
       // digest of it in the database would let whoever holds the master key and a dump test
       // guesses at HMAC speed instead of PBKDF2's. Generated tokens (~190 bits) gain nothing from that.
+      // Nor a PBKDF2 another request started: a wrong guess costs what it costs an unknown name.
       const { hashingRefused } = state;
       if (
-        !(await options.secrets.verify(
-          `user:${user.id}`,
-          password,
-          user.passwordHash,
-          undefined,
-          hashingRefused,
-        ))
+        !(await options.secrets.verifyOwn(`user:${user.id}`, password, user.passwordHash, hashingRefused))
       ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }

@@ -45,7 +45,7 @@ export const REVOKE_ACTION = "oauth2/revoke";
  */
 export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
   const { principal, token } = await tokenRequest(deps, req);
-  if (token.startsWith(deps.prefixes.machine))
+  if (opaquePrefix(deps.prefixes, token) === deps.prefixes.machine)
     throw new OAuthError(
       "unsupported_token_type",
       "a machine user's credential is not revoked here; rotate it with RotateMachineUserCredentials",
@@ -71,6 +71,18 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
   });
 }
 
+/**
+ * The configured prefix `token` is of: the longest it starts with, as the verifiers decide
+ * (of two nested prefixes, `acme_` and `acme_key_`, the shorter would take the longer's
+ * tokens for malformed ones of its own, and revoke nothing). Undefined for none.
+ */
+function opaquePrefix(prefixes: RevocationEndpointDeps["prefixes"], token: string): string | undefined {
+  let found: string | undefined;
+  for (const p of [prefixes.machine, prefixes.pat, prefixes.apiKey])
+    if (token.startsWith(p) && p.length > (found?.length ?? 0)) found = p;
+  return found;
+}
+
 /** Revoke `token` when it is the caller's; returns the id of what was revoked, or null. */
 async function revokeOwn(
   deps: RevocationEndpointDeps,
@@ -85,10 +97,10 @@ async function revokeOwn(
     await deps.sessions.revokeFamily(em, row.familyId);
     return row.familyId;
   }
-  for (const prefix of [deps.prefixes.pat, deps.prefixes.apiKey]) {
+  const prefix = opaquePrefix(deps.prefixes, token);
+  if (prefix !== undefined) {
     const parsed = parseToken(token, [prefix]);
-    if (parsed === null) continue;
-    if (parsed === "malformed" || caller.kind !== "user") return null;
+    if (parsed === null || parsed === "malformed" || caller.kind !== "user") return null;
     const row = await em.findOne(ApiToken, { publicId: parsed.id });
     if (!row || row.ownerUserId !== caller.id) return null;
     const at = new Date(deps.clock());

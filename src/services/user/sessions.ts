@@ -133,9 +133,18 @@ export class SessionIssuer {
     if (!row || (options.owner !== undefined && row.userId !== options.owner))
       throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
-    if (options.scopes !== undefined && !row.spentAt) {
-      const owner = await em.findOne(User, { id: row.userId });
-      if (owner) assertMayManage({ scopes: parseScopeString(owner.scopes) }, NEW_PRINCIPAL, options.scopes);
+    const user = await em.findOne(User, { id: row.userId });
+    if (!row.spentAt && user) {
+      if (options.scopes !== undefined)
+        assertMayManage({ scopes: parseScopeString(user.scopes) }, NEW_PRINCIPAL, options.scopes);
+      // Refused before it is spent: disabling a tenant ends none of its sessions, and a
+      // refresh refused meanwhile must not make the client's next one (once the tenant is
+      // enabled again) a re-use that ends its session.
+      const tenant = await em.findOne(Tenant, { id: user.tenantId });
+      if (user.disabled || !tenant || tenant.disabled) {
+        options.resolved?.(user);
+        throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+      }
     }
     const now = new Date(this.now());
     // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
@@ -144,20 +153,13 @@ export class SessionIssuer {
       : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
     if (spent === 0) {
       await this.revokeFamily(em, row.familyId);
-      if (options.resolved) {
-        const owner = await em.findOne(User, { id: row.userId });
-        if (owner) options.resolved(owner);
-      }
+      if (user) options.resolved?.(user);
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
     if (row.expiresAt.getTime() <= now.getTime())
       throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
-    const user = await em.findOne(User, { id: row.userId });
     if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
     options.resolved?.(user);
-    const tenant = await em.findOne(Tenant, { id: user.tenantId });
-    if (user.disabled || !tenant || tenant.disabled)
-      throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
     const pair = await this.issue(em, user, row.familyId, options.scopes);
     // A concurrent re-use of the same token may have revoked the family between our
     // conditional update and the insert above. Either it revoked before this check (seen
