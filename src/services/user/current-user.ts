@@ -36,6 +36,7 @@ export function createCurrentUserAnswer(): CurrentUserAnswer {
     const certificate = principal.certificate;
     const lasting =
       Object.isFrozen(principal) &&
+      Object.isFrozen(principal.scopes) &&
       Object.isFrozen(row) &&
       (!certificate || (Object.isFrozen(certificate) && Object.isFrozen(certificate.sanUris)));
     if (!lasting) return answerOf(principal, row);

@@ -4,26 +4,32 @@ import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/conn
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { VerificationCode, VerificationService } from "../gen/tessera/v1/verification_service_pb.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "./helpers.js";
-import { adminLogin, clients, short } from "./machine-fixtures.js";
+import { adminLogin, bearerMachine, clients, short } from "./machine-fixtures.js";
 
 /**
- * GetCurrentUser's answer is made once per frozen principal and user row, and encoded once
- * per encoding (services/user/current-user.ts, transport/frozen-answers.ts): every change to
- * the row or to the principal must still be in the very next answer, over every protocol and
- * encoding, whichever credential asks. Each case warms the kept answer first (two calls), so
- * an answer or an encoding kept past a change shows up as the old value.
+ * GetCurrentUser's and VerifyCredential's answers are made once per frozen principal (and
+ * user row, and verdict), and encoded once per encoding (services/user/current-user.ts,
+ * services/verification/verification-service.ts, transport/frozen-answers.ts): every change
+ * to the rows or to the principal must still be in the very next answer, over every protocol
+ * and encoding, whichever credential asks. Each case warms the kept answer first (two calls),
+ * so an answer or an encoding kept past a change shows up as the old value.
  */
 
 const PASSWORD = "current user answers password";
 
-describe.each(DATABASES)("GetCurrentUser's kept answers ($name)", (db) => {
+describe.each(DATABASES)("kept answers ($name)", (db) => {
   let ts: TestServer;
+  /** A machine user of the default tenant holding auth:verify: VerifyCredential's caller. */
+  let verifierToken: string;
   let root: ReturnType<typeof clients>;
 
   beforeAll(async () => {
     ts = await startTestServer(db);
-    root = clients(ts.connect(), await adminLogin(ts.connect()));
+    const admin = await adminLogin(ts.connect());
+    root = clients(ts.connect(), admin);
+    verifierToken = (await bearerMachine(ts.connect(), admin, [], { scopes: ["auth:verify"] })).token;
   });
   afterAll(async () => {
     await ts.close();
@@ -118,5 +124,59 @@ describe.each(DATABASES)("GetCurrentUser's kept answers ($name)", (db) => {
     await expectAnswers(u, { ...expected, permissions: ["cluster:read", "cluster:write"] });
     await root.users.updateUser({ id: u.id, scopes: { scopes: ["cluster:read"] } });
     await expectAnswers(u, { ...expected, permissions: ["cluster:read"] });
+  });
+
+  /** What each protocol answers verifying each credential of `u`, asked twice: every answer must be `expected`. */
+  async function expectVerifications(
+    u: Awaited<ReturnType<typeof user>>,
+    requiredScopes: string[],
+    expected: { code: string; scopes: string[]; patExpiresAtMs: number | null },
+  ) {
+    for (const [name, transport] of transports()) {
+      const verifier = clientFor(VerificationService, transport, verifierToken);
+      for (const [how, token] of [
+        ["jwt", u.jwt],
+        ["pat", u.pat],
+      ] as const) {
+        for (let i = 0; i < 2; i++) {
+          const v = await verifier.verifyCredential({ credential: token, requiredScopes });
+          const got = {
+            via: `${name} ${how}`,
+            code: VerificationCode[v.code],
+            principalId: v.principalId,
+            scopes: v.scopes,
+            expiresAtMs: v.expiresAt ? timestampMs(v.expiresAt) : null,
+          };
+          // A JWT's expiry is its own (not a row's): only the token's row is checked here.
+          if (how === "jwt") got.expiresAtMs = null;
+          expect(got).toEqual({
+            via: `${name} ${how}`,
+            code: expected.code,
+            principalId: u.id,
+            scopes: expected.scopes,
+            expiresAtMs: how === "pat" ? expected.patExpiresAtMs : null,
+          });
+        }
+      }
+    }
+  }
+
+  it("verifies a credential whose rows changed with the new rows on the next call", async () => {
+    const u = await user();
+    const both = ["cluster:read", "cluster:write"];
+    await expectVerifications(u, [], { code: "VALID", scopes: both, patExpiresAtMs: null });
+    await expectVerifications(u, ["cluster:write"], { code: "VALID", scopes: both, patExpiresAtMs: null });
+    const expiresAt = new Date(Date.now() + 86_400_000);
+    expiresAt.setUTCMilliseconds(0);
+    await ts.app.sql.run("update api_tokens set expires_at = ? where owner_user_id = ?", [expiresAt, u.id]);
+    await expectVerifications(u, [], { code: "VALID", scopes: both, patExpiresAtMs: expiresAt.getTime() });
+    await root.users.updateUser({ id: u.id, scopes: { scopes: ["cluster:read"] } });
+    const read = ["cluster:read"];
+    await expectVerifications(u, [], { code: "VALID", scopes: read, patExpiresAtMs: expiresAt.getTime() });
+    await expectVerifications(u, ["cluster:write"], {
+      code: "INSUFFICIENT_SCOPES",
+      scopes: read,
+      patExpiresAtMs: expiresAt.getTime(),
+    });
   });
 });
