@@ -21,6 +21,11 @@ export interface BearerVerifier {
    * bad token is refused without a throw.
    */
   knownRefusal?(token: string): TesseraError | undefined;
+  /**
+   * Whether `token` is a JWT this verifier verified before and still keeps: a cache answer,
+   * no work, that spares a caller the test of the token's shape.
+   */
+  knownJwt?(token: string): boolean;
 }
 
 /** Verifies Basic credentials; null when the username is not one it knows. */
@@ -61,6 +66,12 @@ export class Authenticator {
       if (known) return known;
     }
     return undefined;
+  }
+
+  /** Whether a bearer verifier keeps `token` as a JWT it verified (see `BearerVerifier.knownJwt`). */
+  isKnownJwt(token: string): boolean {
+    for (const v of this.bearer) if (v.knownJwt?.(token) === true) return true;
+    return false;
   }
 
   /**
@@ -140,6 +151,9 @@ export function createJwtBearerVerifier(
     name: "jwt",
     knownRefusal(token) {
       return jwt.isForged(token) ? FORGED : undefined;
+    },
+    knownJwt(token) {
+      return jwt.isVerified(token);
     },
     verify(token, state) {
       if (state.tenantWall !== undefined) {

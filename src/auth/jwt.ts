@@ -106,6 +106,11 @@ export interface JwtService {
   /** Whether `token`'s signature already failed to verify under a known key (`verify` refuses it with TOKEN_INVALID). */
   isForged(token: string): boolean;
   /**
+   * Whether `token` is kept as verified (expired or not): a cache answer, no work. Such a
+   * token is a JWT, with no test of its shape.
+   */
+  isVerified(token: string): boolean;
+  /**
    * The public keys (empty for HS256): every key that signs, will sign (pre-published) or
    * signed tokens that may not have expired yet, newest first. Instances that have read the
    * same rows serve the same JSON.
@@ -346,6 +351,9 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     },
     isForged(token) {
       return forged.has(token);
+    },
+    isVerified(token) {
+      return verified.has(token);
     },
     jwks() {
       const t = now();

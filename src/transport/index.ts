@@ -19,8 +19,13 @@ import { serveRequests } from "./stream-server.js";
  * Both admit calls before their body is read and answer refusals the same way
  * (early-answers.ts, error-wire.ts), with the same headers, limits, error envelope and
  * call observer: a client cannot tell them apart (test/unary-handlers.test.ts compares them).
+ *
+ * Implementations may answer with {@link frozenAnswer}: an answer that never changes, which
+ * the fast transport encodes once per encoding (frozen-answers.ts).
  */
 export type TransportKind = "fast" | "connect";
+
+export { frozenAnswer } from "./frozen-answers.js";
 
 /** The request handler of the RPC paths, as {@link createTransport} makes it (options.ts). */
 export type Transport = ConnectHandler;

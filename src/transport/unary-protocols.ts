@@ -36,6 +36,7 @@ import {
   type UniversalHandlerOptions,
   validateUniversalHandlerOptions,
 } from "@connectrpc/connect/protocol";
+import { rememberFrozenAnswers } from "./frozen-answers.js";
 import { connectUnary, grpcUnary } from "./unary-call.js";
 import type {
   CallErrorHook,
@@ -73,10 +74,12 @@ export function createUnaryHandlers(
 ): Partial<Record<UnaryProtocol, UnaryHandler>> {
   const opt: HandlerOptions = { ...validateUniversalHandlerOptions(options), callError: options.callError };
   const serialization = clientFaultParsing(
-    plainJsonAnswers(
-      createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
-      spec.method.output,
-      opt,
+    rememberFrozenAnswers(
+      plainJsonAnswers(
+        createMethodSerializationLookup(spec.method, opt.binaryOptions, opt.jsonOptions, opt),
+        spec.method.output,
+        opt,
+      ),
     ),
     spec.method.input,
   );

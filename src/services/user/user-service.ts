@@ -29,6 +29,7 @@ import {
   writeIfScopesHold,
 } from "../common.js";
 import { listRequest } from "../pagination.js";
+import { createCurrentUserAnswer } from "./current-user.js";
 import type { SessionIssuer } from "./sessions.js";
 
 /** Dependencies of the UserService implementation. */
@@ -87,6 +88,7 @@ async function loginUser(em: EntityManager, username: string, tenant: string): P
 export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof UserService> {
   const { storage, sessions } = deps;
   const em = requestEms(storage.em);
+  const currentUser = createCurrentUserAnswer();
 
   /** A user visible to the caller, or NotFound (another tenant's user reads as missing). */
   async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
@@ -201,28 +203,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
             ? await deps.users.byId(principal.id)
             : await em(ctx).findOne(User, { id: principal.id });
       if (!row) throw new TesseraError("TOKEN_REVOKED", "the credential's user no longer exists");
-      const user = {
-        id: row.id,
-        username: row.username,
-        tenantId: row.tenantId,
-        createdAt: new Date(row.createdAt),
-      };
-      return {
-        id: user.id,
-        username: user.username,
-        tenantId: user.tenantId,
-        permissions: [...principal.scopes],
-        createdAt: timestampFromDate(user.createdAt),
-        ...(principal.certificate
-          ? {
-              clientCertificate: {
-                sha256Fingerprint: principal.certificate.sha256Fingerprint,
-                commonName: principal.certificate.commonName ?? "",
-                sanUris: [...principal.certificate.sanUris],
-              },
-            }
-          : {}),
-      };
+      return currentUser(principal, row);
     },
 
     async changePassword(req, ctx) {

@@ -8,9 +8,11 @@ import {
   type VerifyCredentialResponse,
   VerifyCredentialResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import type { Principal } from "../../auth/principal.js";
 import { isValidScope } from "../../auth/scopes.js";
 import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
+import { frozenAnswer } from "../../transport/index.js";
 import type { CredentialVerifier, Verification } from "../../verification/verify-credential.js";
 import { principalOf } from "../common.js";
 import { createWatchRevocations, type WatchRevocationsDeps } from "./watch-revocations.js";
@@ -27,6 +29,7 @@ export function createVerificationService(deps: {
   verifier: CredentialVerifier;
   watch: WatchRevocationsDeps;
 }): ServiceImpl<typeof VerificationService> {
+  const verificationResponse = keptVerificationResponses();
   return {
     watchRevocations: createWatchRevocations(deps.watch),
     // Not async: a credential verified before is answered without a promise (see CredentialVerifier.verify).
@@ -47,6 +50,50 @@ export function createVerificationService(deps: {
     },
   };
 }
+
+/**
+ * {@link verificationResponse}, the same frozen answer for the same verdict on the same frozen
+ * principal: a credential verified before gets the principal its verifier made from the frozen
+ * rows it read (auth/token-verifier.ts, auth/user-principal.ts) until they change, and the
+ * answer is a pure function of that principal and the verdict (nothing in it is per request),
+ * so the transport encodes it once per encoding (transport/frozen-answers.ts). A verdict
+ * without a principal, or with one not frozen, is answered anew each time.
+ */
+function keptVerificationResponses(): (v: Verification) => VerifyCredentialResponse {
+  const made = new WeakMap<Principal, KeptVerification[]>();
+  return (v) => {
+    const p = v.principal;
+    const lasting =
+      p !== undefined &&
+      Object.isFrozen(p) &&
+      Object.isFrozen(p.scopes) &&
+      (p.applicationIds === undefined || Object.isFrozen(p.applicationIds));
+    if (!lasting) return verificationResponse(v);
+    let kept = made.get(p);
+    if (kept === undefined) {
+      kept = [];
+      made.set(p, kept);
+    }
+    for (const k of kept)
+      if (
+        k.valid === v.valid &&
+        k.code === v.code &&
+        k.credentialKind === v.credentialKind &&
+        k.retryAfterSeconds === v.retryAfterSeconds
+      )
+        return k.answer;
+    const answer = frozenAnswer(VerifyCredentialResponseSchema, verificationResponse(v));
+    // A principal has a few verdicts at most (valid, insufficient scopes, not assigned): bounded.
+    if (kept.length < KEPT_VERDICTS) kept.push({ ...v, answer });
+    return answer;
+  };
+}
+
+interface KeptVerification extends Verification {
+  answer: VerifyCredentialResponse;
+}
+
+const KEPT_VERDICTS = 8;
 
 /** The wire form of a verification. */
 export function verificationResponse(v: Verification): VerifyCredentialResponse {
