@@ -1,5 +1,7 @@
+import type { Http2Stream } from "node:http2";
 import type { Readable } from "node:stream";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { whenStreamCloses } from "./stream-close.js";
 
 /**
  * The body of a request the fast adapter serves, read from the request's "data" events (the
@@ -32,9 +34,13 @@ export function isWholeBody(body: unknown): body is WholeBody {
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure. At most `maxBytes`
  * are taken: past them the body fails ResourceExhausted, and what still arrives is dropped.
+ * `source` is "stream" for the HTTP/2 stream of a StreamRequest: its "error" listener is the
+ * StreamRequest's own (an error destroys the stream, and its close before its end tells the
+ * body the client went away), and its close is heard through a close hook (stream-close.ts);
+ * "request" for any other request, whose "error" and "close" the body listens to.
  */
-export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeBody {
-  return new NodeBody(req, errors, maxBytes);
+export function bodyOf(req: Readable, source: "request" | "stream", maxBytes: number): WholeBody {
+  return new NodeBody(req, source, maxBytes);
 }
 
 const kBody = Symbol("tessera.body");
@@ -67,7 +73,11 @@ function onBodyError(this: BodySource, err: unknown): void {
 }
 
 function onBodyClose(this: BodySource): void {
-  const body = this[kBody];
+  closeBody(this);
+}
+
+function closeBody(source: Readable): void {
+  const body = (source as BodySource)[kBody];
   // Closed before its end: the client went away mid-body.
   if (!body.ended && body.failure === undefined) {
     body.failure = new ConnectError("the client closed the request", Code.Canceled);
@@ -99,7 +109,7 @@ class NodeBody implements WholeBody {
 
   constructor(
     readonly req: Readable,
-    errors: boolean,
+    source: "request" | "stream",
     readonly maxBytes: number,
   ) {
     this.http2 = "session" in req || "stream" in req;
@@ -107,8 +117,11 @@ class NodeBody implements WholeBody {
     (req as BodySource)[kBody] = this;
     req.on("data", onBodyData);
     req.on("end", onBodyEnd);
-    if (errors) req.on("error", onBodyError);
-    req.on("close", onBodyClose);
+    if (source === "stream") whenStreamCloses(req as unknown as Http2Stream, closeBody);
+    else {
+      req.on("error", onBodyError);
+      req.on("close", onBodyClose);
+    }
   }
 
   /** A chunk of the body, within `maxBytes` (the one size cap, as onCappedData's). */
