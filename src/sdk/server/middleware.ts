@@ -2,12 +2,8 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { TesseraAuthError, toAuthError } from "./errors.js";
 import { clientCertificateThumbprint, connectionOf, type TesseraPrincipal } from "./principal.js";
-import {
-  createTesseraAuth,
-  type DownstreamRule,
-  type TesseraAuth,
-  type TesseraAuthOptions,
-} from "./tessera-auth.js";
+import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
+import type { DownstreamRule } from "./verdicts.js";
 
 /** node:http's request, or HTTP/2's compatibility one (Fastify with `http2: true`, node:http2 servers). */
 export type TesseraMiddlewareRequest = IncomingMessage | Http2ServerRequest;
