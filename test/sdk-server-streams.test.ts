@@ -19,6 +19,7 @@ import {
   createTesseraAuth,
   createTesseraAuthInterceptor,
   type TesseraAuth,
+  TesseraAuthError,
   tesseraContextValues,
 } from "../src/sdk/server/index.js";
 import { DbProxy } from "./db-proxy.js";
@@ -74,11 +75,18 @@ const TickerService = createFileRegistry(file, (name) =>
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Why each Ticks handler's signal was aborted, as the handler saw it when it stopped. */
+const handlerEnds: unknown[] = [];
+
 /** A tick every 50 ms until the call's signal ends it. */
 async function* ticks(_req: unknown, ctx: HandlerContext): AsyncGenerator<object> {
-  while (!ctx.signal.aborted) {
-    yield {};
-    await sleep(50);
+  try {
+    while (!ctx.signal.aborted) {
+      yield {};
+      await sleep(50);
+    }
+  } finally {
+    handlerEnds.push(ctx.signal.reason);
   }
 }
 
@@ -296,6 +304,10 @@ describe.each(DATABASES)("streams behind the Tessera interceptor on $name", (db)
         });
         expect(core.stats().watch!.events).toBeGreaterThan(events);
         expect(core.stats().streams).toBe(1); // the other one
+        // The handler was told, through its own signal, why it must stop.
+        await expect
+          .poll(() => handlerEnds.some((r) => r instanceof TesseraAuthError && r.reason === "TOKEN_REVOKED"))
+          .toBe(true);
       }
       await runs(other);
       other.stop();
