@@ -35,6 +35,7 @@ const E2E_FILES = [
   "test/sdk-server-express.test.ts",
   "test/sdk-server-fastify.test.ts",
   "test/sdk-server-interceptor.test.ts",
+  "test/sdk-server-streams.test.ts",
   "test/server-cli.test.ts",
   "test/server.e2e.test.ts",
   "test/service-lifecycle.test.ts",

@@ -29,10 +29,11 @@ export {
   tesseraPrincipalKey,
 } from "./principal.js";
 export type { RevocationWatchStats } from "./revocation-watch.js";
+export type { StreamHold } from "./stream-holds.js";
 export {
   createTesseraAuth,
-  type DownstreamRule,
   type TesseraAuth,
   type TesseraAuthOptions,
   type TesseraAuthStats,
 } from "./tessera-auth.js";
+export type { DownstreamRule } from "./verdicts.js";

@@ -1,14 +1,11 @@
 import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
-import type { Interceptor } from "@connectrpc/connect";
+import type { Interceptor, StreamRequest, StreamResponse } from "@connectrpc/connect";
 import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
 import { TesseraAuthError, toConnectError } from "./errors.js";
 import { clientCertificateKey, tesseraPrincipalKey } from "./principal.js";
-import {
-  createTesseraAuth,
-  type DownstreamRule,
-  type TesseraAuth,
-  type TesseraAuthOptions,
-} from "./tessera-auth.js";
+import type { StreamHold } from "./stream-holds.js";
+import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
+import type { DownstreamRule } from "./verdicts.js";
 
 const rules = new WeakMap<DescMethod, DownstreamRule | null>();
 
@@ -40,6 +37,80 @@ export function ruleOf(method: DescMethod): DownstreamRule | null {
   return rule;
 }
 
+/**
+ * Run a held stream: the handler's signal is aborted and both directions' messages throw
+ * the refusal (a ConnectError: Unauthenticated, PermissionDenied or Unavailable, as a new
+ * call would get) once the hold's signal is; the hold is released when the stream ends.
+ */
+async function held(
+  next: (req: StreamRequest) => Promise<StreamResponse>,
+  req: StreamRequest,
+  hold: StreamHold,
+): Promise<StreamResponse> {
+  const release = () => hold.release();
+  // The call's end, however it comes (a client gone before the first message included).
+  req.signal.addEventListener("abort", release, { once: true });
+  try {
+    const signal = AbortSignal.any([req.signal, hold.signal]);
+    // Raced too: a client-streaming handler's response is awaited inside next().
+    const res = await untilEnded(
+      next({ ...req, signal, message: guarded(req.message, hold.signal) }),
+      hold.signal,
+    );
+    return { ...res, message: guarded(res.message, hold.signal, release) };
+  } catch (err) {
+    release();
+    throw err;
+  }
+}
+
+/** `p`, or the hold's refusal as a ConnectError once its signal aborts, whichever first. */
+function untilEnded<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    p.catch(() => {});
+    return Promise.reject(toConnectError(signal.reason));
+  }
+  return new Promise<T>((resolve, reject) => {
+    const ended = () => reject(toConnectError(signal.reason));
+    signal.addEventListener("abort", ended, { once: true });
+    p.then(
+      (value) => {
+        signal.removeEventListener("abort", ended);
+        resolve(value);
+      },
+      (err: unknown) => {
+        signal.removeEventListener("abort", ended);
+        reject(err);
+      },
+    );
+  });
+}
+
+/** The messages of `source`, until the hold ends (then its refusal is thrown); `done` when they stop. */
+async function* guarded<T>(
+  source: AsyncIterable<T>,
+  signal: AbortSignal,
+  done?: () => void,
+): AsyncGenerator<T> {
+  const it = source[Symbol.asyncIterator]();
+  let finished = false;
+  try {
+    for (;;) {
+      const r = await untilEnded(it.next(), signal);
+      if (r.done) {
+        finished = true;
+        return;
+      }
+      yield r.value;
+    }
+  } finally {
+    done?.();
+    // Ended early (refused, or the consumer left): the source is told, not awaited, as a
+    // handler that ignores its signal would hold the call's end.
+    if (!finished) Promise.resolve(it.return?.()).catch(() => {});
+  }
+}
+
 /** The interceptor, with the core it runs on (to share with a middleware, read stats, close). */
 export type TesseraAuthInterceptor = Interceptor & { readonly auth: TesseraAuth };
 
@@ -52,6 +123,12 @@ export type TesseraAuthInterceptor = Interceptor & { readonly auth: TesseraAuth 
  * principal is in the handler's context under {@link tesseraPrincipalKey}. Refusals carry
  * Tessera's error model: Unauthenticated or PermissionDenied with a reason in a
  * `google.rpc.ErrorInfo`, Unavailable with Retry-After when Tessera cannot answer.
+ *
+ * A streaming method (server, client or bidi) stays admitted only while its credential
+ * does: once a revocation names its credential, session, subject or tenant, once the
+ * credential expires, or once the revocation watch that vouched for it is lost and Tessera
+ * refuses it (or cannot answer), the handler's `signal` is aborted and the stream ends with
+ * the error a new call would get. Unary calls are admitted once, as before.
  */
 export function createTesseraAuthInterceptor(
   options: TesseraAuthOptions | TesseraAuth,
@@ -64,6 +141,17 @@ export function createTesseraAuthInterceptor(
       return Promise.reject(toConnectError(new TesseraAuthError("ACCESS_DENIED", "method has no auth rule")));
     const authorization = req.header.get("authorization") ?? undefined;
     const thumbprint = req.contextValues.get(clientCertificateKey);
+    // A stream is not only admitted but held: it ends when its admission no longer holds.
+    if (req.stream)
+      return auth.holdStream(authorization, thumbprint, rule).then(
+        (hold) => {
+          req.contextValues.set(tesseraPrincipalKey, hold.principal);
+          return held(next as (req: StreamRequest) => Promise<StreamResponse>, req, hold);
+        },
+        (err: unknown) => {
+          throw toConnectError(err);
+        },
+      );
     // A header admitted before is answered synchronously: no promise of ours on the way.
     const known = auth.admitted(authorization, thumbprint);
     if (known !== undefined) {

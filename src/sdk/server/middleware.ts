@@ -2,12 +2,8 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { TesseraAuthError, toAuthError } from "./errors.js";
 import { clientCertificateThumbprint, connectionOf, type TesseraPrincipal } from "./principal.js";
-import {
-  createTesseraAuth,
-  type DownstreamRule,
-  type TesseraAuth,
-  type TesseraAuthOptions,
-} from "./tessera-auth.js";
+import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
+import type { DownstreamRule } from "./verdicts.js";
 
 /** node:http's request, or HTTP/2's compatibility one (Fastify with `http2: true`, node:http2 servers). */
 export type TesseraMiddlewareRequest = IncomingMessage | Http2ServerRequest;
@@ -73,6 +69,9 @@ function refuse(res: TesseraMiddlewareResponse, err: TesseraAuthError): void {
  * `req.tesseraPrincipal` (and {@link principalOf}) and `next()` runs; a refusal is answered
  * here as JSON (`reason` as Tessera's, WWW-Authenticate, Retry-After on 503) and `next` is
  * not called. A verified client certificate on the socket is used for bound credentials.
+ * A request is admitted once, when it arrives: a response the handler keeps open (server-sent
+ * events, a long poll) is not ended when the credential is revoked later. Serve long-lived
+ * streams through the interceptor (which holds them), or end them yourself.
  */
 export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest = IncomingMessage>(
   auth: TesseraAuthOptions | TesseraAuth,

@@ -8,7 +8,6 @@ import {
   VerificationService,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
-import { hasScope } from "../../auth/scopes.js";
 import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
 import { TesseraAuthError } from "./errors.js";
@@ -24,7 +23,8 @@ import {
 } from "./offline-jwt.js";
 import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
 import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
-import { credentialOf, REFUSALS, unavailable } from "./verdicts.js";
+import { type StreamHold, StreamHolds } from "./stream-holds.js";
+import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
 import { VerifyFlights } from "./verify-flights.js";
 
@@ -85,14 +85,6 @@ export interface TesseraAuthOptions {
   now?: () => number;
 }
 
-/** A method's (or route's) rule: `tessera.v1.AuthRule`'s fields the downstream reads. */
-export interface DownstreamRule {
-  public?: boolean;
-  scopes?: readonly string[];
-  /** Principal kinds admitted; empty: any. Values of `tessera.v1.PrincipalKind` (1 user, 2 machine user). */
-  principals?: readonly number[];
-}
-
 /** Counters for tests, metrics and the bench. */
 export interface TesseraAuthStats {
   watch: RevocationWatchStats | undefined;
@@ -101,6 +93,8 @@ export interface TesseraAuthStats {
   verifyCalls: number;
   offlineJwts: number;
   jwksFetches: number;
+  /** Streaming calls held open (see {@link TesseraAuth.holdStream}). */
+  streams: number;
 }
 
 /** The shared core: authenticate a call, authorize it against a rule. */
@@ -119,6 +113,16 @@ export interface TesseraAuth {
   admitted(authorization: string | undefined, certificateThumbprint?: string): TesseraPrincipal | undefined;
   /** @throws TesseraAuthError ACCESS_DENIED or PRINCIPAL_NOT_ALLOWED */
   authorize(principal: TesseraPrincipal, rule: DownstreamRule): void;
+  /**
+   * Admit a streaming call (authenticate, authorize) and keep its admission alive while it
+   * runs: the hold's signal is aborted with the refusal a new call would get (see
+   * StreamHolds). Release the hold when the stream ends. @throws TesseraAuthError
+   */
+  holdStream(
+    authorization: string | undefined,
+    certificateThumbprint: string | undefined,
+    rule: DownstreamRule,
+  ): Promise<StreamHold>;
   /** Whether the revocation stream is up (the cache is in use). */
   watching(): boolean;
   /** Resolves when the revocation stream is up, false after `timeoutMs` without. */
@@ -217,6 +221,12 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
    */
   const walled = new Set<string>();
 
+  const streams = new StreamHolds({
+    authenticate: (authorization, thumbprint) => core.authenticate(authorization, thumbprint),
+    watching: () => watch?.healthy() ?? false,
+    now,
+  });
+
   const openWatch: OpenWatch = (cursor, signal) => client.watchRevocations({ cursor }, { signal, headers });
   const watch =
     options.watch === false
@@ -226,10 +236,14 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
           now,
           skewMs,
           rememberMs: maxLifetimeMs,
-          onEvent: (target, id) => cache.invalidate(target, id),
+          onEvent: (target, id) => {
+            cache.invalidate(target, id);
+            streams.onEvent(target, id);
+          },
           onLost: () => {
             cache.clear();
             walled.clear();
+            streams.onLost();
           },
           ...(options.watchBackoffMs
             ? { minBackoffMs: options.watchBackoffMs.min, maxBackoffMs: options.watchBackoffMs.max }
@@ -337,7 +351,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     return principal;
   }
 
-  return {
+  const core: TesseraAuth = {
     admitted,
     async authenticate(authorization, certificateThumbprint) {
       const hit = admitted(authorization, certificateThumbprint);
@@ -361,21 +375,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
         throw new TesseraAuthError("TOKEN_NOT_BOUND", "credential is bound to another client certificate");
       return principal;
     },
-    authorize(principal, rule) {
-      if (rule.principals && rule.principals.length > 0) {
-        const kind = principal.kind === "user" ? 1 : 2;
-        if (!rule.principals.includes(kind))
-          throw new TesseraAuthError(
-            "PRINCIPAL_NOT_ALLOWED",
-            "this kind of principal may not call this method",
-          );
-      }
-      const required = rule.scopes;
-      if (required === undefined) return;
-      for (const scope of required)
-        if (!hasScope(principal.scopes, scope))
-          throw new TesseraAuthError("ACCESS_DENIED", `missing scope ${scope}`, { requiredScopes: required });
-    },
+    authorize,
+    holdStream: (authorization, thumbprint, rule) => streams.hold(authorization, thumbprint, rule),
     watching: () => watch?.healthy() ?? false,
     ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
     stats: () => ({
@@ -383,11 +384,15 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       cacheSize: cache.size,
       ...counters,
       jwksFetches: jwt.fetches,
+      streams: streams.size,
     }),
     close() {
+      // Nothing vouches for a held stream once the core stops following revocations.
+      streams.endAll(unavailable("the service is shutting down"));
       watch?.close();
       cache.clear();
       memo.clear();
     },
   };
+  return core;
 }

@@ -10,6 +10,20 @@ interface Entry {
 export type RevocationTarget = "credential" | "session" | "subject" | "tenant";
 
 /**
+ * Whether a revocation event invalidates what was admitted as `principal`: its credential,
+ * session, subject or tenant. One rule for the cache and for the streams kept open.
+ */
+export function names(target: RevocationTarget, id: string, principal: TesseraPrincipal): boolean {
+  return target === "credential"
+    ? principal.credentialId === id
+    : target === "session"
+      ? principal.sessionId === id
+      : target === "subject"
+        ? principal.id === id
+        : principal.tenantId === id;
+}
+
+/**
  * The positive answers of VerifyCredential, by credential: bounded in number (least
  * recently used out first) and in age, dropped by the revocation events that name their
  * credential, session, subject or tenant. Only VALID answers are ever stored.
@@ -64,16 +78,8 @@ export class VerifiedCache {
   /** Drop every answer the event invalidates. */
   invalidate(target: RevocationTarget, id: string): number {
     let dropped = 0;
-    for (const [credential, { principal: p }] of this.#entries) {
-      const hit =
-        target === "credential"
-          ? p.credentialId === id
-          : target === "session"
-            ? p.sessionId === id
-            : target === "subject"
-              ? p.id === id
-              : p.tenantId === id;
-      if (hit) {
+    for (const [credential, { principal }] of this.#entries) {
+      if (names(target, id, principal)) {
         this.#entries.delete(credential);
         dropped++;
       }

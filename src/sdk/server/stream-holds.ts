@@ -1,0 +1,192 @@
+// The admissions of streaming calls kept alive: a stream admitted once must not outlive
+// its credential, session, subject or tenant, nor the revocation stream that vouched for it.
+import { TesseraAuthError, toAuthError } from "./errors.js";
+import type { TesseraPrincipal } from "./principal.js";
+import { authorize, type DownstreamRule } from "./verdicts.js";
+import { names, type RevocationTarget } from "./verified-cache.js";
+
+/** A streaming call's admission, held while the stream runs. */
+export interface StreamHold {
+  /** The principal the stream was admitted as. */
+  readonly principal: TesseraPrincipal;
+  /**
+   * Aborted when the admission no longer holds, its reason the {@link TesseraAuthError} a
+   * new call with the same credential would get (or UNAVAILABLE when Tessera cannot answer).
+   */
+  readonly signal: AbortSignal;
+  /** Forget the stream (it ended): idempotent, and what keeps the registry from leaking. */
+  release(): void;
+}
+
+/** What {@link StreamHolds} asks of the core. */
+export interface StreamHoldsOptions {
+  /** The core's authentication of a new call (then authorized against the stream's rule). @throws */
+  authenticate(authorization: string | undefined, thumbprint: string | undefined): Promise<TesseraPrincipal>;
+  /** Whether the revocation watch vouches for what it has not reported. */
+  watching(): boolean;
+  now(): number;
+  /** Streams held at once (default 10,000); one more is refused (RATE_LIMITED), never admitted unwatched. */
+  max?: number;
+  /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
+  recheckMs?: number;
+}
+
+interface Held {
+  readonly authorization: string | undefined;
+  readonly thumbprint: string | undefined;
+  readonly rule: DownstreamRule;
+  readonly controller: AbortController;
+  /** Undefined until the first verification answers: then any event or loss may concern it. */
+  principal: TesseraPrincipal | undefined;
+  checking: boolean;
+  /** Something that may concern the stream arrived during a check: check again after it. */
+  again: boolean;
+  /** Its last check was vouched for by a healthy watch (whose loss must then check it again). */
+  vouched: boolean;
+  timer: NodeJS.Timeout | undefined;
+}
+
+/** setTimeout's longest delay; a later deadline is reached in several waits. */
+const MAX_DELAY_MS = 2 ** 31 - 1;
+
+/**
+ * The registry of held streams. Each is verified again — exactly as a new call with its
+ * Authorization header would be, so the error it ends with is the one that call would get —
+ * when a revocation event names its principal (the cache's own rule, {@link names}), when
+ * the watch that vouched for it is lost or reset, and every `recheckMs` while nothing
+ * vouches for it; it ends at its credential's expiry. A check that arrives while another
+ * runs makes it run once more, so an event during Tessera's answer is never missed.
+ */
+export class StreamHolds {
+  readonly #held = new Set<Held>();
+  readonly #o: StreamHoldsOptions;
+  readonly #max: number;
+  readonly #recheckMs: number;
+
+  constructor(options: StreamHoldsOptions) {
+    this.#o = options;
+    this.#max = options.max ?? 10_000;
+    this.#recheckMs = options.recheckMs ?? 5000;
+  }
+
+  get size(): number {
+    return this.#held.size;
+  }
+
+  /** Admit a stream and hold it. @throws TesseraAuthError as the call's refusal */
+  async hold(
+    authorization: string | undefined,
+    thumbprint: string | undefined,
+    rule: DownstreamRule,
+  ): Promise<StreamHold> {
+    if (this.#held.size >= this.#max)
+      throw new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", {
+        retryAfterSeconds: 1,
+      });
+    const held: Held = {
+      authorization,
+      thumbprint,
+      rule,
+      controller: new AbortController(),
+      principal: undefined,
+      checking: false,
+      again: false,
+      vouched: false,
+      timer: undefined,
+    };
+    // Registered before the first answer, so that an event or a loss during it is seen.
+    this.#held.add(held);
+    try {
+      await this.#check(held);
+    } catch (err) {
+      this.#drop(held);
+      throw err;
+    }
+    // Ended meanwhile (the core closed): the call is refused as the stream would have ended.
+    if (held.controller.signal.aborted) throw held.controller.signal.reason;
+    return {
+      principal: held.principal!,
+      signal: held.controller.signal,
+      release: () => this.#drop(held),
+    };
+  }
+
+  /** A revocation event: the streams whose principal it names are verified again. */
+  onEvent(target: RevocationTarget, id: string): void {
+    for (const held of this.#held)
+      if (held.principal === undefined || names(target, id, held.principal)) this.#poke(held);
+  }
+
+  /** The watch was lost or reset: every stream it vouched for is verified again. */
+  onLost(): void {
+    for (const held of this.#held) if (held.vouched || held.principal === undefined) this.#poke(held);
+  }
+
+  /** End every held stream with `err` (the core is closing). */
+  endAll(err: TesseraAuthError): void {
+    for (const held of [...this.#held]) this.#end(held, err);
+  }
+
+  async #check(held: Held): Promise<void> {
+    held.checking = true;
+    try {
+      // Let the rest of the watch's message apply first (its later events, the cache's drops).
+      await undefined;
+      do {
+        held.again = false;
+        held.vouched = this.#o.watching();
+        const principal = await this.#o.authenticate(held.authorization, held.thumbprint);
+        authorize(principal, held.rule);
+        held.principal = principal;
+      } while (held.again && this.#held.has(held));
+    } finally {
+      held.checking = false;
+    }
+    this.#arm(held);
+  }
+
+  #poke(held: Held): void {
+    if (held.checking) held.again = true;
+    else this.#check(held).catch((err: unknown) => this.#end(held, toAuthError(err)));
+  }
+
+  /** The stream's next deadline: its credential's expiry, and a re-check while nothing vouches for it. */
+  #arm(held: Held): void {
+    clearTimeout(held.timer);
+    held.timer = undefined;
+    if (!this.#held.has(held)) return;
+    const expires = held.principal?.expiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
+    const now = this.#o.now();
+    if (expires <= now) {
+      this.#end(held, expired(held.principal!));
+      return;
+    }
+    const delay = Math.min(expires - now, held.vouched ? MAX_DELAY_MS : this.#recheckMs, MAX_DELAY_MS);
+    held.timer = setTimeout(() => {
+      held.timer = undefined;
+      if (this.#o.now() >= expires) this.#end(held, expired(held.principal!));
+      else this.#poke(held);
+    }, delay);
+    held.timer.unref();
+  }
+
+  #end(held: Held, err: TesseraAuthError): void {
+    if (!this.#held.has(held)) return;
+    this.#drop(held);
+    held.controller.abort(err);
+  }
+
+  #drop(held: Held): void {
+    this.#held.delete(held);
+    clearTimeout(held.timer);
+    held.timer = undefined;
+  }
+}
+
+/** The refusal a new call with an expired credential gets (offline for a JWT, by Tessera otherwise). */
+function expired(principal: TesseraPrincipal): TesseraAuthError {
+  return new TesseraAuthError(
+    "TOKEN_EXPIRED",
+    principal.credentialKind === "jwt" ? "access token expired" : "credential expired",
+  );
+}

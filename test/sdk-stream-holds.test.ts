@@ -1,0 +1,144 @@
+import { describe, expect, it } from "vitest";
+import { TesseraAuthError, type TesseraPrincipal } from "../src/sdk/server/index.js";
+import { StreamHolds } from "../src/sdk/server/stream-holds.js";
+
+/**
+ * The registry of held streams on its own, with a scripted authentication: bounded and
+ * released, an event arriving during a verification checks again, a loss re-checks only
+ * what the watch vouched for, and a credential's expiry ends its stream.
+ */
+
+function principal(over: Partial<TesseraPrincipal> = {}): TesseraPrincipal {
+  return {
+    id: "user-1",
+    kind: "user",
+    tenantId: "tenant-1",
+    scopes: ["ticks:read"],
+    credentialKind: "pat",
+    credentialId: "pat-1",
+    applicationIds: [],
+    ...over,
+  };
+}
+
+const rule = { scopes: ["ticks:read"] };
+
+function deferred<T>() {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+describe("the SDK's held streams", () => {
+  it("holds at most max streams, refuses one more with RATE_LIMITED, and frees a slot on release", async () => {
+    const holds = new StreamHolds({
+      authenticate: async () => principal(),
+      watching: () => true,
+      now: Date.now,
+      max: 2,
+    });
+    const a = await holds.hold("Bearer a", undefined, rule);
+    await holds.hold("Bearer b", undefined, rule);
+    const err = await holds.hold("Bearer c", undefined, rule).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TesseraAuthError);
+    expect(err).toMatchObject({ reason: "RATE_LIMITED", retryAfterSeconds: 1 });
+    a.release();
+    a.release();
+    expect(holds.size).toBe(1);
+    await holds.hold("Bearer c", undefined, rule);
+    expect(holds.size).toBe(2);
+  });
+
+  it("verifies again when an event arrives during the first verification, and refuses if that one does", async () => {
+    const answers = [deferred<TesseraPrincipal>(), deferred<TesseraPrincipal>()];
+    let calls = 0;
+    const holds = new StreamHolds({
+      authenticate: () => answers[calls++]!.promise,
+      watching: () => true,
+      now: Date.now,
+    });
+    const held = holds.hold("Bearer a", undefined, rule).catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 0));
+    expect(calls).toBe(1);
+    // Any event while the principal is not known yet may concern it.
+    holds.onEvent("credential", "pat-elsewhere");
+    answers[0]!.resolve(principal());
+    await new Promise((r) => setTimeout(r, 0));
+    expect(calls).toBe(2);
+    answers[1]!.reject(new TesseraAuthError("TOKEN_REVOKED", "credential is revoked"));
+    expect(await held).toMatchObject({ reason: "TOKEN_REVOKED" });
+    expect(holds.size).toBe(0);
+  });
+
+  it("ends a stream an event names with the refusal, leaves the others, and re-checks on a loss only what the watch vouched for", async () => {
+    const revoked = new Set<string>();
+    let watching = true;
+    let calls = 0;
+    const holds = new StreamHolds({
+      authenticate: async (authorization) => {
+        calls++;
+        const id = authorization!.slice("Bearer ".length);
+        if (revoked.has(id)) throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
+        return principal({ credentialId: id });
+      },
+      watching: () => watching,
+      now: Date.now,
+    });
+    const a = await holds.hold("Bearer a", undefined, rule);
+    const b = await holds.hold("Bearer b", undefined, rule);
+    revoked.add("a");
+    const before = calls;
+    holds.onEvent("credential", "a");
+    await expect.poll(() => a.signal.aborted).toBe(true);
+    expect(a.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    expect(calls).toBe(before + 1); // b was not asked again
+    expect(b.signal.aborted).toBe(false);
+    // The watch is lost: b, vouched for by it, is verified again (and admitted, unvouched now).
+    watching = false;
+    holds.onLost();
+    await expect.poll(() => calls).toBe(before + 2);
+    // Lost again while down: nothing new is vouched for, so nothing is asked (its timer re-checks it).
+    holds.onLost();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(calls).toBe(before + 2);
+    expect(holds.size).toBe(1);
+    holds.endAll(new TesseraAuthError("UNAVAILABLE", "closing"));
+    expect(b.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
+    expect(holds.size).toBe(0);
+  });
+
+  it("verifies again every recheckMs while nothing vouches for a stream", async () => {
+    let calls = 0;
+    const holds = new StreamHolds({
+      authenticate: async () => {
+        calls++;
+        if (calls > 2) throw new TesseraAuthError("CREDENTIALS_INVALID", "credentials are invalid");
+        return principal();
+      },
+      watching: () => false,
+      now: Date.now,
+      recheckMs: 30,
+    });
+    const h = await holds.hold("Bearer a", undefined, rule);
+    await expect.poll(() => h.signal.aborted).toBe(true);
+    expect(calls).toBe(3);
+    expect(h.signal.reason).toMatchObject({ reason: "CREDENTIALS_INVALID" });
+  });
+
+  it("ends a stream at its credential's expiry with TOKEN_EXPIRED", async () => {
+    const holds = new StreamHolds({
+      authenticate: async () => principal({ credentialKind: "jwt", expiresAt: new Date(Date.now() + 80) }),
+      watching: () => true,
+      now: Date.now,
+    });
+    const h = await holds.hold("Bearer a", undefined, rule);
+    expect(h.signal.aborted).toBe(false);
+    await expect.poll(() => h.signal.aborted).toBe(true);
+    expect(h.signal.reason).toMatchObject({ reason: "TOKEN_EXPIRED", message: "access token expired" });
+    expect(holds.size).toBe(0);
+  });
+});
