@@ -8,9 +8,9 @@ import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
 
 /**
  * The ConnectError a request that failed with `err` is answered with: reason and request id
- * in its ErrorInfo (also kept in `state.errorInfo` for the JSON envelope), the headers
- * of the limit in `state.rateLimit` (X-RateLimit-*), and unexpected errors logged as such. Used by the error
- * interceptor (index.ts), and by admission for refusals answered before the pipeline.
+ * in its ErrorInfo (also kept in `state.errorInfo` for the JSON envelope), the X-RateLimit-*
+ * headers of the limit in `state.rateLimit`, and unexpected errors logged as such. Used by
+ * the error interceptor (index.ts), and by admission for refusals answered before the pipeline.
  */
 export function toWireError(err: unknown, state: RequestState, method: string, logger: Logger): ConnectError {
   // A database error a handler did not expect is still, mostly, not a bug (storage/errors.ts).

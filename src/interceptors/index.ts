@@ -19,7 +19,8 @@ import { assertInputMessage } from "./input.js";
 /**
  * Outermost interceptor: every error leaves as a ConnectError carrying a stable reason
  * and the request id; unexpected errors are logged (with the request id, never the
- * request) and become Internal. Also sets the X-RateLimit-* headers of the limit admission counted.
+ * request) and become Internal. Also sets the X-RateLimit-* headers of the limit admission
+ * counted.
  */
 export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
   // Not an async function: every call passes here, and the answer in one `then` is an async
