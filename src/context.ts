@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { type ContextKey, type ContextValues, createContextKey } from "@connectrpc/connect";
 import type { PeerCertificateInfo, Principal } from "./auth/principal.js";
 import type { TesseraError } from "./errors.js";
+import type { LimitResult } from "./rate-limit/limiter.js";
 
 /**
  * Per-request state shared by the HTTP layer, the interceptors and the handlers through
@@ -56,8 +57,12 @@ export interface RequestState {
    * decides where the record is filed when the actor spans tenants or is anonymous.
    */
   audited?: { targetId?: string; tenantId: string | null };
-  /** Response headers to add (e.g. X-RateLimit-*), applied by the error interceptor. */
-  responseHeaders?: Record<string, string>;
+  /**
+   * The limit the answer describes in its X-RateLimit-* headers (the tighter of those the
+   * request was counted on), kept as counted: the headers are made where the answer is
+   * written (the error interceptor, the error wire form, the OAuth endpoints).
+   */
+  rateLimit?: LimitResult;
   /**
    * Only when verifying a credential for another service (src/verification/): the tenant
    * the verifying caller is confined to. A credential of another tenant is refused by its

@@ -28,6 +28,7 @@ export {
   authFailuresError,
   rateLimitedError,
   rateLimitHeaders,
+  rateLimitValues,
   tooManyStreamsError,
 } from "./rate-limit/refusal.js";
 

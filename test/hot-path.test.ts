@@ -366,4 +366,43 @@ describe.each(DATABASES)("rate-limit headers of an admitted call ($name)", (db) 
     }
     expect(counts).toEqual([1, 1]);
   });
+
+  it("carry exactly the request id, the security headers, the content's and the limit's, on Connect JSON and gRPC", async () => {
+    const security = {
+      "x-content-type-options": "nosniff",
+      "x-frame-options": "DENY",
+      "x-xss-protection": "1; mode=block",
+      "content-security-policy": "default-src 'self'",
+      "strict-transport-security": "max-age=31536000; includeSubDomains",
+    };
+    const limit = String(ts.app.config.rateLimit.perIpPerMinute);
+    const first = await getCurrentUser("application/json", new TextEncoder().encode("{}"));
+    const json = await getCurrentUser("application/json", new TextEncoder().encode("{}"));
+    const grpc = await getCurrentUser("application/grpc", new Uint8Array(5));
+    const answers = [
+      { answer: json, type: "application/json" },
+      { answer: grpc, type: "application/grpc+proto" },
+    ];
+    for (const { answer, type } of answers) {
+      const { date, "x-request-id": id, "content-length": length, ...rest } = answer.headers;
+      // Its string keys: node:http2 adds a symbol of its own.
+      expect(Object.fromEntries(Object.entries(rest))).toEqual({
+        ":status": 200,
+        ...security,
+        "content-type": type,
+        "x-ratelimit-limit": limit,
+        "x-ratelimit-remaining": expect.stringMatching(/^[0-9]+$/),
+        "x-ratelimit-reset": expect.stringMatching(/^[1-9][0-9]*$/),
+      });
+      expect(date).toBeTruthy();
+      expect(id).toMatch(/^[0-9a-f-]{36}$/);
+      // A Connect answer says its length; a gRPC one is framed.
+      if (type === "application/json") expect(Number(length)).toBeGreaterThan(2);
+      else expect(length).toBeUndefined();
+    }
+    // The tighter limit's count, one call later: one fewer left (per IP, every call counts).
+    expect(Number(json.headers["x-ratelimit-remaining"])).toBe(
+      Number(first.headers["x-ratelimit-remaining"]) - 1,
+    );
+  });
 });

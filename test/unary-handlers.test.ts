@@ -91,13 +91,18 @@ const interceptor: Interceptor = (next) => async (req) => {
     });
   }
   const res = await next(spread ? { ...req } : req);
-  // As the error interceptor sets the rate-limit headers: names out of order, and with
-  // `x-set-headers: odd` a name and a value the Headers normalise.
+  // As the error interceptor sets the rate-limit headers: names out of order, with
+  // `x-set-headers: odd` a name and a value the Headers normalise, with `numbers` values
+  // given as numbers (as the rate-limit headers are).
   const set = req.header.get("x-set-headers");
   if (set !== null)
     setResponseHeaders(
       res,
-      set === "odd" ? { "x-z": "1", "X-Upper": " spaced value " } : { "x-z": "1", "x-a": "2", "x-m": "3" },
+      set === "odd"
+        ? { "x-z": "1", "X-Upper": " spaced value " }
+        : set === "numbers"
+          ? { "x-z": 1, "x-a": 2, "x-m": -3.5 }
+          : { "x-z": "1", "x-a": "2", "x-m": "3" },
     );
   if (req.header.get("x-decorate") !== null) {
     res.header.set("x-intercepted", "1");
@@ -526,7 +531,7 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
     expect(answer.body + JSON.stringify(answer.trailers)).not.toContain("must not leave");
   });
 
-  it.each(["plain", "odd"])(
+  it.each(["plain", "odd", "numbers"])(
     "on success, with headers an interceptor set with setResponseHeaders (%s)",
     async (kind) => {
       for (const decorate of [{}, { "x-decorate": "1" }]) {
@@ -536,6 +541,7 @@ describe.each(wires)("unary calls over %s answer as Connect's handlers do", (wir
         expect(answer.headers["x-z"]).toBe("1");
         if (kind === "odd") expect(answer.headers["x-upper"]).toBe("spaced value");
         else expect(answer.headers["x-a"]).toBe("2");
+        if (kind === "numbers") expect(answer.headers["x-m"]).toBe("-3.5");
       }
     },
   );
@@ -804,6 +810,11 @@ describe("the unary handlers", () => {
       const set = { ...headers(wire), "x-set-headers": "plain" };
       const limited = await call(tessera, CHECK, set, body(wire, message(wire, "")));
       expect(limited.headers["x-a"]).toBe("2");
+      expect(compatWrites).toBe(1);
+      // And numbers, as the rate-limit headers are set: written as their text.
+      const numbers = { ...headers(wire), "x-set-headers": "numbers" };
+      const counted = await call(tessera, CHECK, numbers, body(wire, message(wire, "")));
+      expect(counted.headers["x-m"]).toBe("-3.5");
       expect(compatWrites).toBe(1);
     }
   });

@@ -203,9 +203,9 @@ function count(limiter: Limiter, key: string, state: RequestState): unknown {
 
 function limitCounted(state: RequestState, result: LimitResult): unknown {
   if (!result.allowed) return rateLimitedError(result);
-  const current = state.responseHeaders;
-  if (!current || Number(current["x-ratelimit-remaining"]) > result.remaining)
-    state.responseHeaders = rateLimitHeaders(result);
+  const current = state.rateLimit;
+  // The tighter limit: fewer remaining than the other's header says (which is never below 0).
+  if (current === undefined || Math.max(0, current.remaining) > result.remaining) state.rateLimit = result;
   return undefined;
 }
 
@@ -271,7 +271,7 @@ export function createAdmissionHooks(
     if (refusal instanceof TesseraError && isRefusal(refusal.code)) {
       // As the error interceptor keeps it, for the access log and metrics (call-observer.ts).
       state.errorInfo = { reason: refusal.reason, requestId: state.requestId };
-      return refusalOnTheWire(refusal, state.requestId, state.responseHeaders);
+      return refusalOnTheWire(refusal, state.requestId, state.rateLimit && rateLimitHeaders(state.rateLimit));
     }
     return toWireError(refusal, state, `${method.parent.typeName}/${method.name}`, app.logger);
   }

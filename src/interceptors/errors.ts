@@ -3,13 +3,14 @@ import type { Logger } from "pino";
 import { type ErrorInfo, ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import type { RequestState } from "../context.js";
 import { REQUEST_ID_KEY, toConnectError } from "../errors.js";
+import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
 
 /**
  * The ConnectError a request that failed with `err` is answered with: reason and request id
- * in its ErrorInfo (also kept in `state.errorInfo` for the JSON envelope), the headers
- * queued in `state.responseHeaders`, and unexpected errors logged as such. Used by the error
- * interceptor (index.ts), and by admission for refusals answered before the pipeline.
+ * in its ErrorInfo (also kept in `state.errorInfo` for the JSON envelope), the X-RateLimit-*
+ * headers of the limit in `state.rateLimit`, and unexpected errors logged as such. Used by
+ * the error interceptor (index.ts), and by admission for refusals answered before the pipeline.
  */
 export function toWireError(err: unknown, state: RequestState, method: string, logger: Logger): ConnectError {
   // A database error a handler did not expect is still, mostly, not a bug (storage/errors.ts).
@@ -29,8 +30,8 @@ export function toWireError(err: unknown, state: RequestState, method: string, l
       "request failed",
     );
   }
-  if (state.responseHeaders)
-    for (const [k, v] of Object.entries(state.responseHeaders))
+  if (state.rateLimit)
+    for (const [k, v] of Object.entries(rateLimitHeaders(state.rateLimit)))
       if (!ce.metadata.has(k)) ce.metadata.set(k, v);
   return ce;
 }

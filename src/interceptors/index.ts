@@ -4,6 +4,7 @@ import { auditCall, auditReason } from "../admission/audit.js";
 import { authRuleFor } from "../admission/auth-rule.js";
 import type { AuditLog } from "../audit.js";
 import { type RequestState, requestState } from "../context.js";
+import { rateLimitValues } from "../rate-limit/refusal.js";
 import { setResponseHeaders } from "../transport/call-context.js";
 import { toWireError } from "./errors.js";
 import { assertInputMessage } from "./input.js";
@@ -18,7 +19,8 @@ import { assertInputMessage } from "./input.js";
 /**
  * Outermost interceptor: every error leaves as a ConnectError carrying a stable reason
  * and the request id; unexpected errors are logged (with the request id, never the
- * request) and become Internal. Also applies headers other interceptors queued.
+ * request) and become Internal. Also sets the X-RateLimit-* headers of the limit admission
+ * counted.
  */
 export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
   // Not an async function: every call passes here, and the answer in one `then` is an async
@@ -31,7 +33,7 @@ export function createErrorInterceptor(deps: { logger: Logger }): Interceptor {
     };
     const answered = (res: Awaited<ReturnType<typeof next>>) => {
       try {
-        if (state.responseHeaders) setResponseHeaders(res, state.responseHeaders);
+        if (state.rateLimit) setResponseHeaders(res, rateLimitValues(state.rateLimit));
         if (!res.stream) return res;
         return { ...res, message: streamAnswered(res.message, req.signal, state, nameOf(req), deps.logger) };
       } catch (err) {

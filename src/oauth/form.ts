@@ -10,7 +10,7 @@ import { budgetKey } from "../client-ip.js";
 import type { RequestState } from "../context.js";
 import { TesseraError, wwwAuthenticate } from "../errors.js";
 import { invalidCharacterAt } from "../interceptors/input.js";
-import { type RateLimits, rateLimitedError, rateLimitHeaders } from "../rate-limit.js";
+import { type RateLimits, rateLimitedError } from "../rate-limit.js";
 import { driverErrorAsTesseraError } from "../storage/errors.js";
 import { onCappedData } from "../transport/node-bridge.js";
 
@@ -311,7 +311,7 @@ export async function authenticateClient(
       throw asOAuthError(err, "client");
     }
     if (!result.allowed) throw asOAuthError(rateLimitedError(result), "client");
-    if (!req.state.responseHeaders) req.state.responseHeaders = rateLimitHeaders(result);
+    req.state.rateLimit ??= result;
   }
   return { principal, method: presented.method };
 }
@@ -337,7 +337,7 @@ export async function countAddress(limits: RateLimits | undefined, state: Reques
     throw asOAuthError(err, "client");
   }
   if (!result.allowed) throw asOAuthError(rateLimitedError(result), "client");
-  state.responseHeaders = rateLimitHeaders(result);
+  state.rateLimit = result;
 }
 
 /**

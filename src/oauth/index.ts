@@ -4,6 +4,7 @@ import type { Logger } from "pino";
 import { auditReason } from "../admission/audit.js";
 import type { HttpObserver } from "../call-observer.js";
 import type { RequestState } from "../context.js";
+import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { loggableError } from "../storage/errors.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
 import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
@@ -116,7 +117,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         "request failed",
       );
     }
-    send(req, res, { path, state, err: e }, e.status, e.body(), { ...state.responseHeaders, ...e.headers });
+    send(req, res, { path, state, err: e }, e.status, e.body(), { ...limitHeaders(state), ...e.headers });
   }
 
   return {
@@ -166,7 +167,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         const form = await readForm(req, deps.maxBodyBytes);
         return endpoint({ headers: req.headers, form, state });
       })().then(
-        (body) => send(req, res, { path, state }, 200, body, state.responseHeaders),
+        (body) => send(req, res, { path, state }, 200, body, limitHeaders(state)),
         (err: unknown) => {
           // A refusal before the body was read (a rate limit): drained, not left on the connection.
           if (!req.readableEnded) req.resume();
@@ -175,4 +176,9 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
       );
     },
   };
+}
+
+/** The X-RateLimit-* headers of the limit the request was counted on, if any. */
+function limitHeaders(state: RequestState): Record<string, string> | undefined {
+  return state.rateLimit && rateLimitHeaders(state.rateLimit);
 }

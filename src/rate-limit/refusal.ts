@@ -5,10 +5,28 @@ import type { LimitResult } from "./limiter.js";
 
 /** Headers describing a limit (seed 003): X-RateLimit-Limit/Remaining/Reset. */
 export function rateLimitHeaders(result: LimitResult): Record<string, string> {
+  const values = rateLimitValues(result);
   return {
-    "x-ratelimit-limit": String(result.limit),
-    "x-ratelimit-remaining": String(Math.max(0, result.remaining)),
-    "x-ratelimit-reset": String(Math.ceil(result.resetMs / 1000)),
+    "x-ratelimit-limit": String(values["x-ratelimit-limit"]),
+    "x-ratelimit-remaining": String(values["x-ratelimit-remaining"]),
+    "x-ratelimit-reset": String(values["x-ratelimit-reset"]),
+  };
+}
+
+/**
+ * The same headers with their values as numbers (each header's text is the number's): what
+ * an admitted call's answer carries, set on it as they are (transport/call-context.ts), so
+ * the fast transport writes them with the answer without making their text itself.
+ */
+export function rateLimitValues(result: LimitResult): {
+  "x-ratelimit-limit": number;
+  "x-ratelimit-remaining": number;
+  "x-ratelimit-reset": number;
+} {
+  return {
+    "x-ratelimit-limit": result.limit,
+    "x-ratelimit-remaining": Math.max(0, result.remaining),
+    "x-ratelimit-reset": Math.ceil(result.resetMs / 1000),
   };
 }
 

@@ -3,6 +3,7 @@
  * objects its interceptors and implementation see: values unary-call.ts makes and reads,
  * whose signal and headers are made only when read.
  */
+import type { OutgoingHttpHeaders } from "node:http";
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import {
   Code,
@@ -51,10 +52,8 @@ export class UnaryCall implements HandlerContext {
   #onAbort: ((this: AbortSignal) => void) | undefined;
   #responseHeader: Headers | undefined;
   #responseTrailer: Headers | undefined;
-  /** `initialHeader` and what `addResponseHeaders` set, while no Headers is made: its keys lowercase, its values checked. */
-  #plainHeader: Record<string, string> | undefined;
-  /** Whether `#plainHeader`'s keys are in the order Headers would give them (sorted). */
-  #plainSorted = true;
+  /** What `addResponseHeaders` set while no Headers is made, the caller's object as it was given: its names and values plain. */
+  #added: Readonly<Record<string, HeaderValue>> | undefined;
 
   /**
    * `initialHeader` and `initialTrailer` are what the protocol's handler sets before the
@@ -90,54 +89,44 @@ export class UnaryCall implements HandlerContext {
    * without making fetch Headers at all.
    */
   get responseHeader(): Headers {
-    if (this.#responseHeader === undefined)
-      this.#responseHeader = new Headers(this.#plainHeader ?? this.initialHeader);
+    if (this.#responseHeader === undefined) {
+      const header = new Headers(this.initialHeader);
+      const added = this.#added;
+      if (added !== undefined) for (const key in added) header.set(key, String(added[key]));
+      this.#responseHeader = header;
+    }
     return this.#responseHeader;
   }
 
   /**
-   * Set response headers (as `responseHeader.set` each, in order) without making the
-   * fetch Headers when every name is lowercase and every value is what Headers would keep
-   * as it is: the rate-limit headers of every admitted call. Anything else, or once the
-   * Headers exist, goes through them.
+   * Set response headers (as `responseHeader.set` each, in order, a number as its text)
+   * without making the fetch Headers when every name is lowercase and every value is what
+   * Headers would keep as it is (see `allPlain`): the rate-limit headers of every admitted
+   * call. `values` is then kept as it is, not copied: the caller gives it away. Anything
+   * else, a second set, or once the Headers exist, goes through them.
    */
-  addResponseHeaders(values: Readonly<Record<string, string>>): void {
-    if (this.#responseHeader === undefined && allPlain(values)) {
-      let plain = this.#plainHeader;
-      if (plain === undefined) {
-        plain = { ...this.initialHeader };
-        this.#plainHeader = plain;
-      }
-      let last = "";
-      for (const key in plain) {
-        if (key < last) this.#plainSorted = false;
-        last = key;
-      }
-      for (const key in values) {
-        if (!(key in plain)) {
-          if (key < last) this.#plainSorted = false;
-          last = key;
-        }
-        plain[key] = values[key]!;
-      }
+  addResponseHeaders(values: Readonly<Record<string, HeaderValue>>): void {
+    if (this.#responseHeader === undefined && this.#added === undefined && allPlain(values)) {
+      this.#added = values;
       return;
     }
     const header = this.responseHeader;
-    for (const key in values) header.set(key, values[key]!);
+    for (const key in values) header.set(key, String(values[key]));
   }
 
   /**
-   * The response headers of an untouched call (`responseTouched` false) as Node takes them,
-   * in the order `nodeHeaders(responseHeader)` would give them: a new object, or the one
-   * `addResponseHeaders` filled, which the call no longer needs.
+   * The response headers of an untouched call (`responseTouched` false) as Node takes them
+   * (a new object, for the answer to add to): the protocol's, then what `addResponseHeaders`
+   * set. Not in the order Headers would give them (sorted): HTTP/2 and HTTP/1.1 give the
+   * order of different header names no meaning.
    */
-  plainResponseHeader(): Record<string, string> {
-    const plain = this.#plainHeader;
-    if (plain === undefined) return { ...this.initialHeader };
-    if (this.#plainSorted) return plain;
-    const sorted: Record<string, string> = {};
-    for (const key of Object.keys(plain).sort()) sorted[key] = plain[key]!;
-    return sorted;
+  plainResponseHeader(): OutgoingHttpHeaders {
+    const header: OutgoingHttpHeaders = {};
+    const initial = this.initialHeader;
+    for (const key in initial) header[key] = initial[key];
+    const added = this.#added;
+    if (added !== undefined) for (const key in added) header[key] = added[key];
+    return header;
   }
 
   get responseTrailer(): Headers {
@@ -206,21 +195,34 @@ export class UnaryCall implements HandlerContext {
 
 const noDeadline = () => undefined;
 
+/** A response header's value as `addResponseHeaders` takes it: text, or a number standing for its text. */
+export type HeaderValue = string | number;
+
 /** A lowercase header name (a token), and a value of visible ASCII: what Headers keeps unchanged and never refuses. */
 const PLAIN_NAME = /^[a-z0-9-]+$/;
 const PLAIN_VALUE = /^[!-~]+$/;
+/** Names found plain, the first few: the same few are set on every call. */
+const plainNames = new Set<string>();
 
-function allPlain(values: Readonly<Record<string, string>>): boolean {
+/**
+ * Whether Headers would keep every name and value of `values` as it is: a plain name (not
+ * set-cookie, a list in Node's form), and a value of visible ASCII or a number (whose text,
+ * digits, a sign, a point or a word, always is).
+ */
+function allPlain(values: Readonly<Record<string, HeaderValue>>): boolean {
   for (const key in values) {
     const value = values[key];
-    if (
-      key === "set-cookie" ||
-      typeof value !== "string" ||
-      !PLAIN_NAME.test(key) ||
-      !PLAIN_VALUE.test(value)
-    )
-      return false;
+    if (typeof value === "number") {
+      if (!plainName(key)) return false;
+    } else if (typeof value !== "string" || !plainName(key) || !PLAIN_VALUE.test(value)) return false;
   }
+  return true;
+}
+
+function plainName(key: string): boolean {
+  if (plainNames.has(key)) return true;
+  if (key === "set-cookie" || !PLAIN_NAME.test(key)) return false;
+  if (plainNames.size < 32) plainNames.add(key);
   return true;
 }
 
@@ -242,7 +244,7 @@ abstract class CallMessage {
 /** The implementation's response as the interceptors see it (Connect's `UnaryResponse`), its `header` and `trailer` the call's, made when read. */
 export class CallResponse extends CallMessage implements InterceptedResponse {
   /** Set response headers as `header.set` would, without making the Headers when it need not (see `UnaryCall.addResponseHeaders`). */
-  addHeaders(values: Readonly<Record<string, string>>): void {
+  addHeaders(values: Readonly<Record<string, HeaderValue>>): void {
     this.call.addResponseHeaders(values);
   }
 
@@ -342,8 +344,8 @@ export function copyHeaders(from: Headers, to: Headers): void {
  */
 export function setResponseHeaders(
   res: { readonly header: Headers },
-  values: Readonly<Record<string, string>>,
+  values: Readonly<Record<string, HeaderValue>>,
 ): void {
   if (res instanceof CallResponse) res.addHeaders(values);
-  else for (const key in values) res.header.set(key, values[key]!);
+  else for (const key in values) res.header.set(key, String(values[key]));
 }

@@ -259,7 +259,7 @@ export function writeUnaryAnswer(
       }
       // The compatibility layer's own "wantTrailers" listener sends what addTrailers set.
       else if (trailer) (res as http2.Http2ServerResponse).addTrailers(trailer);
-      stream.respond(all, { waitForTrailers: true });
+      stream.respond(all, RESPOND_OPTIONS);
       stream.end(body.byteLength > 0 ? body : undefined);
       return;
     }
@@ -273,6 +273,9 @@ export function writeUnaryAnswer(
     destroy(req, res);
   }
 }
+
+/** `respond`'s options for every unary answer: one object for all (Node copies it before use). */
+const RESPOND_OPTIONS: http2.ServerStreamResponseOptions = Object.freeze({ waitForTrailers: true });
 
 /** The trailers of a unary answer written onto a StreamRequest's stream, for `sendTrailer`. */
 const kTrailer = Symbol("tessera.trailer");
