@@ -152,16 +152,22 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       // Not where hashing is refused (admission's budget-free attempt, answered from the
       // cache): the re-hash is a PBKDF2 and waits for a call that reserved its budget; the
       // first use after a restart is one, since the cache starts empty.
+      let read = user;
       if (hashingRefused === undefined) {
         const { id } = user;
         await options.upgrader.upgrade(id, password, user.passwordHash, async (from, to) => {
           const replaced = await options.users.replacePasswordHash(id, from, to);
-          // Made from this very password: the next use needs no PBKDF2 to match it.
-          if (replaced) options.secrets.remember(`user:${id}`, password, to);
+          if (replaced) {
+            // Made from this very password: the next use needs no PBKDF2 to match it.
+            options.secrets.remember(`user:${id}`, password, to);
+            // The row as it now is: what the call made with this password is checked
+            // against (assertMakerStands), and the old hash would read as a changed password.
+            read = Object.freeze({ ...user, passwordHash: to });
+          }
           return replaced;
         });
       }
-      state.user = user;
+      state.user = read;
       return {
         kind: "user",
         method: "basic",

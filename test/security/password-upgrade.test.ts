@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createApp } from "../../src/app.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
@@ -50,7 +51,7 @@ describe.each(DATABASES)("password hashes upgraded on login on $name", (db) => {
     });
     try {
       const admin = clients(memoryTransport(before), await adminLogin(memoryTransport(before)));
-      for (const name of ["alice", "guessed", "disabled", "basic", "basic-guessed"]) {
+      for (const name of ["alice", "guessed", "disabled", "basic", "basic-guessed", "basic-maker"]) {
         const { user } = await admin.users.createUser({ username: name, password: PASSWORD });
         ids[name] = user!.id;
       }
@@ -145,6 +146,14 @@ describe.each(DATABASES)("password hashes upgraded on login on $name", (db) => {
     expect(await storedHash("basic-guessed")).toBe(old);
     await basic("basic-guessed", PASSWORD).getCurrentUser({});
     expect(await iterationsOf("basic-guessed")).toBe(NEW_ITERATIONS);
+  });
+
+  it("lets a call authenticated by the Basic password that was just re-hashed create a token with it", async () => {
+    const header = `Basic ${Buffer.from(`basic-maker:${PASSWORD}`).toString("base64")}`;
+    const tokens = createClient(TokenService, withHeaders(ts.connect(), { authorization: header }));
+    const made = await tokens.createPersonalAccessToken({ name: "made over basic" });
+    expect(made.token).not.toBe("");
+    expect(await iterationsOf("basic-maker")).toBe(NEW_ITERATIONS);
   });
 
   it("does not put an upgraded hash over a password changed meanwhile", async () => {
