@@ -12,6 +12,7 @@ import { configureHashPool, hashPool } from "./auth/hash-pool.js";
 import { createJwtService, type JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
 import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
+import { PasswordUpgrader } from "./auth/password-upgrade.js";
 import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createVerifierChain } from "./auth/verifier-chain.js";
 import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
@@ -237,15 +238,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const lastUsed = new LastUsedTracker(credentials, logger, config.auth.tokens.lastUsedFlushSeconds, {
       maxPending: config.audit.bufferSize,
     });
-    const authenticator = createVerifierChain(config, {
-      jwt,
-      users,
-      machines,
-      credentials,
-      secrets,
-      lastUsed,
-      clock,
-    });
+    const passwords = new PasswordUpgrader(config.auth.passwordIterations, logger);
+    const chain = { passwords, jwt, users, machines, credentials, secrets, lastUsed, clock };
+    const authenticator = createVerifierChain(config, chain);
     const auditEvents = new AuditEventRepository(sql);
     const audit = createAuditLog({
       events: auditEvents,
@@ -266,7 +261,17 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     });
     const metrics = metricsOff(config.metrics.listen)
       ? undefined
-      : createMetrics({ sql, audit, lastUsed, limits, storage, secrets, shedding, watch: revocations });
+      : createMetrics({
+          sql,
+          audit,
+          lastUsed,
+          limits,
+          storage,
+          secrets,
+          passwords,
+          shedding,
+          watch: revocations,
+        });
 
     const verifier = createCredentialVerifier({
       authenticator,
@@ -280,6 +285,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
     const { services, routes } = createServiceRoutes({
+      passwords,
       verifier,
       revocations,
       revocationEvents,

@@ -2,6 +2,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { AccessLog } from "./access-log.js";
+import { longestPrefix } from "./auth/token-format.js";
 import type { Config } from "./config.js";
 import type { RequestState } from "./context.js";
 import { reasonForCode } from "./errors.js";
@@ -74,6 +75,16 @@ function methodPart(method: DescMethod, protocol: UnaryProtocol): string {
 /** Create the observer of finished calls, or undefined when there is nothing to observe. */
 export function createCallObserver(options: CallObserverOptions): CallObserver | undefined {
   const { metrics, log, prefixes } = options;
+  // Longest prefix first, as the verifiers decide: with nested prefixes (`acme_`, `acme_key_`)
+  // an API key is not counted as a PAT. Of equal prefixes the first here names the kind.
+  const tokenPrefixes = [prefixes.pat, prefixes.apiKey, prefixes.machine];
+  const tokenKinds = new Map<string, CredentialKind>();
+  for (const [prefix, kind] of [
+    [prefixes.pat, "pat"],
+    [prefixes.apiKey, "api_key"],
+    [prefixes.machine, "machine_token"],
+  ] as const)
+    if (!tokenKinds.has(prefix)) tokenKinds.set(prefix, kind);
   const level = options.access === "off" ? undefined : options.access;
   // pino's numbers for the two levels `log.access` can name.
   const levelNumber = level === "debug" ? 20 : 30;
@@ -106,10 +117,8 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     if (scheme !== "bearer") return "malformed";
     const token = value.slice(space + 1).trim();
     if (JWT_SHAPE.test(token)) return "jwt";
-    if (token.startsWith(prefixes.pat)) return "pat";
-    if (token.startsWith(prefixes.apiKey)) return "api_key";
-    if (token.startsWith(prefixes.machine)) return "machine_token";
-    return "bearer_unknown";
+    const prefix = longestPrefix(token, tokenPrefixes);
+    return prefix === undefined ? "bearer_unknown" : (tokenKinds.get(prefix) ?? "bearer_unknown");
   }
 
   /** The stable reason of a call that failed with `code`. */

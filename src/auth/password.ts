@@ -49,6 +49,22 @@ export function parseHash(stored: string): HashParameters | null {
 }
 
 /**
+ * Whether `stored` was made with parameters other than those a new hash gets (Passlib's
+ * "needs_update"): then a password it verified is re-hashed (see PasswordUpgrader). An
+ * unknown name is checked against a stand-in at the current parameters, so an account whose
+ * hash kept older ones would take another time to refuse, and tell itself apart.
+ */
+export function hashOutdated(stored: string, iterations: number): boolean {
+  const params = parseHash(stored);
+  if (!params) return false;
+  return (
+    params.iterations !== iterations ||
+    params.hash.length !== KEY_LENGTH ||
+    params.salt.length !== SALT_LENGTH
+  );
+}
+
+/**
  * Constant-time verification of `secret` against a stored hash, through the bounded {@link hashPool}.
  * `forbidden`: set where hashing is refused (`RequestState.hashingRefused`), thrown instead.
  * @throws TesseraError UNAVAILABLE (with Retry-After) when the hash pool's queue is full or

@@ -249,6 +249,14 @@ export class VerifiedSecretCache {
   }
 
   /**
+   * Remember `secret` as matching `storedHash`, a hash just made of it here (a password's
+   * upgrade to the current iterations, auth/password-upgrade.ts): by construction it matches.
+   */
+  remember(namespace: string, secret: string, storedHash: string): void {
+    this.cache.set(this.keyOf(namespace, storedHash, secret), true);
+  }
+
+  /**
    * The stored digest read now, or null when it cannot be read: the digest only spares
    * PBKDF2, and the row of record (the stored hash, just read) can still decide, so a failed
    * read costs a PBKDF2, never the request. Counted, and logged once per run of failures.

@@ -79,6 +79,21 @@ export function parseToken(token: string, prefixes: readonly string[]): ParsedTo
   };
 }
 
+/**
+ * Of `prefixes`, the longest `token` starts with (the first of equals), as the verifiers
+ * decide: of two nested prefixes, `acme_` and `acme_key_`, the shorter would take the
+ * longer's tokens. Undefined for none. Allocates nothing (it runs on every refused call's
+ * metrics).
+ */
+export function longestPrefix(token: string, prefixes: readonly string[]): string | undefined {
+  let found: string | undefined;
+  for (let i = 0; i < prefixes.length; i++) {
+    const p = prefixes[i]!;
+    if (token.startsWith(p) && (found === undefined || p.length > found.length)) found = p;
+  }
+  return found;
+}
+
 /** What a list may show of a token: its prefix and last four characters. */
 export function tokenHint(token: string, prefix: string): string {
   return `${prefix}…${token.slice(-4)}`;

@@ -5,6 +5,7 @@ import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import { dummyPasswordHash, verifySecret } from "./password.js";
+import type { PasswordUpgrader } from "./password-upgrade.js";
 import { type Principal, TENANT_DISABLED_MESSAGE } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
@@ -103,6 +104,8 @@ export interface UserBasicVerifierOptions {
    * username costs exactly one dummy PBKDF2 whichever verifier owns it.
    */
   reservedPrefixes?: readonly string[];
+  /** Re-hashes a verified password whose hash has other parameters than `iterations`. */
+  upgrader: PasswordUpgrader;
 }
 
 /**
@@ -146,7 +149,25 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       ) {
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
-      state.user = user;
+      // Not where hashing is refused (admission's budget-free attempt, answered from the
+      // cache): the re-hash is a PBKDF2 and waits for a call that reserved its budget; the
+      // first use after a restart is one, since the cache starts empty.
+      let read = user;
+      if (hashingRefused === undefined) {
+        const { id } = user;
+        await options.upgrader.upgrade(id, password, user.passwordHash, async (from, to) => {
+          const replaced = await options.users.replacePasswordHash(id, from, to);
+          if (replaced) {
+            // Made from this very password: the next use needs no PBKDF2 to match it.
+            options.secrets.remember(`user:${id}`, password, to);
+            // The row as it now is: what the call made with this password is checked
+            // against (assertMakerStands), and the old hash would read as a changed password.
+            read = Object.freeze({ ...user, passwordHash: to });
+          }
+          return replaced;
+        });
+      }
+      state.user = read;
       return {
         kind: "user",
         method: "basic",

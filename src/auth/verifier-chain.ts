@@ -15,6 +15,7 @@ import {
   createMachineClaimsLoader,
   MACHINE_USERNAME_PREFIX,
 } from "./machine-principal.js";
+import type { PasswordUpgrader } from "./password-upgrade.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 import { createApiTokenVerifier } from "./token-verifier.js";
 import { createUserBasicVerifier, createUserClaimsLoader } from "./user-principal.js";
@@ -28,6 +29,8 @@ export interface VerifierChainDeps {
   secrets: VerifiedSecretCache;
   lastUsed: LastUsedTracker;
   clock: Clock;
+  /** Re-hashes a user's verified password whose hash is outdated (shared with Login). */
+  passwords: PasswordUpgrader;
 }
 
 /** The authenticator with every verifier the configuration enables, in the order they are tried. */
@@ -60,6 +63,7 @@ export function createVerifierChain(config: Config, deps: VerifierChainDeps): Au
         secrets,
         iterations: config.auth.passwordIterations,
         reservedPrefixes: [MACHINE_USERNAME_PREFIX],
+        upgrader: deps.passwords,
       }),
     );
   }

@@ -200,7 +200,8 @@ export const authSchema = z
     tokens: tokensSchema,
     passwordIterations: z.number().int().min(1000).default(600_000).register(configKeys, {
       env: "TESSERA_PASSWORD_ITERATIONS",
-      description: "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000).",
+      description:
+        "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000). A user's password hashed with another count is re-hashed at its next successful Login or HTTP Basic check.",
     }),
     hashConcurrency: z.number().int().positive().optional().register(configKeys, {
       env: "TESSERA_HASH_CONCURRENCY",

@@ -152,6 +152,23 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     "invalidations",
   );
 
+  // Password hashes re-made at the current iterations after a login (auth/password-upgrade.ts).
+  const passwords = sources.passwords;
+  if (passwords) {
+    const outcomes = ["upgraded", "deferred", "failed"] as const;
+    new Counter({
+      name: "tessera_password_hash_upgrades_total",
+      help: "Password hashes with outdated iterations after a successful check: upgraded, deferred (hash pool busy), failed (not stored).",
+      labelNames: ["outcome"],
+      registers: [registry],
+      collect() {
+        const stats = passwords.stats();
+        this.reset();
+        for (const outcome of outcomes) this.inc({ outcome }, stats[outcome]);
+      },
+    });
+  }
+
   // The verified-secret cache (auth/secret-cache.ts): what spares PBKDF2, read when scraped.
   const secrets = sources.secrets;
   if (secrets) {

@@ -2,7 +2,7 @@ import { auditFiling } from "../admission/audit.js";
 import type { AuditLog } from "../audit.js";
 import type { AccessTokenClaims, JwtService } from "../auth/jwt.js";
 import type { Principal } from "../auth/principal.js";
-import { parseToken } from "../auth/token-format.js";
+import { longestPrefix, parseToken } from "../auth/token-format.js";
 import type { Clock } from "../clock.js";
 import { raiseRevocationCutoff, revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
 import { revokeMadeWith } from "../services/token/maker.js";
@@ -72,15 +72,11 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
 }
 
 /**
- * The configured prefix `token` is of: the longest it starts with, as the verifiers decide
- * (of two nested prefixes, `acme_` and `acme_key_`, the shorter would take the longer's
- * tokens for malformed ones of its own, and revoke nothing). Undefined for none.
+ * The configured prefix `token` is of: the longest it starts with (of nested ones the
+ * shorter would take the longer's tokens for malformed ones of its own, and revoke nothing).
  */
 function opaquePrefix(prefixes: RevocationEndpointDeps["prefixes"], token: string): string | undefined {
-  let found: string | undefined;
-  for (const p of [prefixes.machine, prefixes.pat, prefixes.apiKey])
-    if (token.startsWith(p) && p.length > (found?.length ?? 0)) found = p;
-  return found;
+  return longestPrefix(token, [prefixes.machine, prefixes.pat, prefixes.apiKey]);
 }
 
 /** Revoke `token` when it is the caller's; returns the id of what was revoked, or null. */

@@ -29,6 +29,7 @@ import {
 import { assertAuthRules } from "../admission/index.js";
 import type { AuditLog } from "../audit.js";
 import type { JwtService } from "../auth/jwt.js";
+import type { PasswordUpgrader } from "../auth/password-upgrade.js";
 import type { Clock } from "../clock.js";
 import type { Config } from "../config.js";
 import type { RateLimits } from "../rate-limit.js";
@@ -69,6 +70,8 @@ export interface ServiceRoutesDeps {
   revocations: RevocationFeed;
   revocationEvents: RevocationEventRepository;
   logger: Logger;
+  /** Re-hashes a password Login accepted when its hash is outdated (shared with HTTP Basic). */
+  passwords: PasswordUpgrader;
 }
 
 /** Tessera's services (each checked to declare its auth rules) and the function registering all of them. */
@@ -110,6 +113,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     defaultTenantId,
     limits,
     users,
+    upgrader: deps.passwords,
   });
   const tokenService = createTokenService({
     storage,

@@ -8,6 +8,7 @@ import { auditTarget } from "../../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import { hashPool } from "../../auth/hash-pool.js";
 import { dummyPasswordHash, hashSecret, verifySecret } from "../../auth/password.js";
+import type { PasswordUpgrader } from "../../auth/password-upgrade.js";
 import { formatScopes, parseScopeString } from "../../auth/scopes.js";
 import { isTenantId } from "../../auth/user-principal.js";
 import { DEFAULT_TENANT_NAME } from "../../bootstrap.js";
@@ -46,6 +47,8 @@ export interface UserServiceDeps {
    * the ORM.
    */
   users?: UserStateRepository;
+  /** Re-hashes a password Login accepted when its hash has other parameters than `passwordIterations`. */
+  upgrader: PasswordUpgrader;
 }
 
 /** The wire shape of a user. */
@@ -149,6 +152,14 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         scopes: [],
       };
       const pair = await sessions.issue(em(ctx), user);
+      // Only now, the login granted (a refused one rewrites nothing), and after the session's
+      // check that the hash read is still the user's: that check is what a password change
+      // racing this login must meet, and an upgraded hash would fail it.
+      const { id, passwordHash } = user;
+      await deps.upgrader.upgrade(id, req.password, passwordHash, async (from, to) => {
+        // Not through the entity: a flush would overwrite a password changed meanwhile.
+        return (await em(ctx).nativeUpdate(User, { id, passwordHash: from }, { passwordHash: to })) > 0;
+      });
       return {
         accessToken: pair.accessToken,
         accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),

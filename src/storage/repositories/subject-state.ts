@@ -99,6 +99,8 @@ const userState = oncePerRow(
   }),
 );
 
+const REPLACE_PASSWORD_HASH = "update users set password_hash = ? where id = ? and password_hash = ?";
+
 function toUser(row: UserRow | undefined): UserAuthState | null {
   return row ? userState(row) : null;
 }
@@ -133,6 +135,14 @@ export class UserStateRepository {
   async byTenantUsername(tenant: string, username: string): Promise<UserAuthState | null> {
     const sql = isTenantId(tenant) ? USER_BY_TENANT_ID_USERNAME : USER_BY_TENANT_NAME_USERNAME;
     return toUser(await this.sql.cachedGet<UserRow>(sql, [tenant, username]));
+  }
+
+  /**
+   * Replace the user's password hash `from` by `to` (a re-hash of the same password:
+   * auth/password-upgrade.ts); false when the hash is no longer `from` (changed meanwhile).
+   */
+  async replacePasswordHash(id: string, from: string, to: string): Promise<boolean> {
+    return (await this.sql.run(REPLACE_PASSWORD_HASH, [to, id, from])) > 0;
   }
 }
 
