@@ -12,7 +12,6 @@ import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-t
 import { createRequestHandler } from "./server/request-handler.js";
 import { loadTlsMaterial } from "./server/tls-material.js";
 import { installTransport } from "./transport/index.js";
-import { whenStreamCloses } from "./transport/stream-close.js";
 import type { NodeResponse as Response } from "./transport/stream-server.js";
 
 export { preflight, type TlsMaterial } from "./server/tls-material.js";
@@ -134,7 +133,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   };
   server.on("stream", (stream: http2.ServerHttp2Stream) => {
     inFlight++;
-    whenStreamCloses(stream, callEnded);
+    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
+    stream.on("close", callEnded);
   });
   server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
     if (req.httpVersion.startsWith("2")) return;

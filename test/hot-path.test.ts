@@ -350,23 +350,6 @@ describe.each(DATABASES)("rate-limit headers of an admitted call ($name)", (db) 
     expect(grpc.trailers["grpc-status"]).toBe("0");
   });
 
-  it('give the stream of an admitted call over the fast transport one "close" listener, whatever keeps something per stream', async () => {
-    if (ts.app.config.server.transport !== "fast") return;
-    // The calls in flight for a shutdown, the stream's deadlines and idle tracking, the call's
-    // cancellation and its body each need the stream's close: through one listener, not four.
-    const counts: number[] = [];
-    const onStream = (stream: http2.ServerHttp2Stream) =>
-      stream.once("close", () => counts.push(stream.listenerCount("close")));
-    ts.server.server.on("stream", onStream);
-    try {
-      await getCurrentUser("application/json", new TextEncoder().encode("{}"));
-      await getCurrentUser("application/grpc", new Uint8Array(5));
-    } finally {
-      ts.server.server.off("stream", onStream);
-    }
-    expect(counts).toEqual([1, 1]);
-  });
-
   it("carry exactly the request id, the security headers, the content's and the limit's, on Connect JSON and gRPC", async () => {
     const security = {
       "x-content-type-options": "nosniff",

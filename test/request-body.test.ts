@@ -72,17 +72,17 @@ describe("a request body read whole", () => {
   it.each(CASES)("answers as Connect's readAllBytes does: $name", async (c) => {
     const maxBytes = c.maxBytes ?? 1024;
     const whole = await outcome(c, (req) =>
-      bodyOf(req, "request", maxBytes).readAll(c.readMaxBytes, c.lengthHint),
+      bodyOf(req, true, maxBytes).readAll(c.readMaxBytes, c.lengthHint),
     );
     const iterated = await outcome(c, (req) =>
-      readAllBytes(bodyOf(req, "request", maxBytes), c.readMaxBytes, c.lengthHint),
+      readAllBytes(bodyOf(req, true, maxBytes), c.readMaxBytes, c.lengthHint),
     );
     expect(whole).toEqual(iterated);
   });
 
   it("refuses a body past readMaxBytes with ResourceExhausted and stops reading it", async () => {
     const c = CASES.find((x) => x.name === "no length, past readMaxBytes")!;
-    const { settled, paused } = await outcome(c, (req) => bodyOf(req, "request", 1024).readAll(10, null));
+    const { settled, paused } = await outcome(c, (req) => bodyOf(req, true, 1024).readAll(10, null));
     expect(settled).toEqual({
       code: Code.ResourceExhausted,
       message: "message size is larger than configured readMaxBytes 10",
@@ -93,7 +93,7 @@ describe("a request body read whole", () => {
   it("gives a copy of the bytes, never a view of the chunks received", async () => {
     const req = new PassThrough();
     const chunk = Buffer.from("{}");
-    const read = bodyOf(req, "request", 1024).readAll(100, null);
+    const read = bodyOf(req, true, 1024).readAll(100, null);
     req.end(chunk);
     const bytes = await read;
     chunk[0] = 0;
@@ -149,7 +149,7 @@ const GRPC_CASES: Array<{ name: string; chunks: Buffer[]; end?: false; skipFlag?
 /** Read `c`'s body as a unary gRPC call does: from its chunks, or (`wrap`) through the body's iterator. */
 async function readMessage(c: (typeof GRPC_CASES)[number], wrap: boolean) {
   const req = new PassThrough();
-  const body = bodyOf(req, "request", 1024);
+  const body = bodyOf(req, true, 1024);
   // Without readChunks, the reader takes its general path (the body's iterator).
   const read = readOneEnvelopedMessage(
     wrap ? { [Symbol.asyncIterator]: () => body[Symbol.asyncIterator]() } : body,

@@ -4,7 +4,6 @@ import type { Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { budgetKey } from "../client-ip.js";
 import type { Config } from "../config.js";
-import { whenStreamCloses } from "../transport/stream-close.js";
 import type { NodeResponse as Response } from "../transport/stream-server.js";
 
 /**
@@ -25,9 +24,9 @@ export function boundConnections(
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
   const releases = new Map<string, () => void>();
-  // One close hook per stream (request deadline, stream lifetime, and the open streams of
-  // each session that the idle timeout looks at): per-stream listeners and timers are a cost
-  // every call pays, so each stream gets at most one hook (stream-close.ts) and one timer.
+  // The one per-stream listener (request deadline, stream lifetime, and the open streams
+  // of each session that the idle timeout looks at): per-stream listeners and timers are a
+  // cost every call pays, so each stream gets at most one "close" listener and one timer.
   const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
   boundRequestTimes(server, cfg, streamsOf);
   // net.Server closes connections past it as they are accepted.
@@ -99,7 +98,7 @@ export function boundConnections(
   };
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
-    // Filled and emptied by the per-stream hook of boundRequestTimes.
+    // Filled and emptied by the per-stream listener of boundRequestTimes.
     const streams = new Set<http2.Http2Stream>();
     streamsOf.set(session, streams);
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
@@ -150,7 +149,7 @@ export function boundConnections(
  * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
  * end it first, as Health/Watch does with OK). One timer per stream, unref'd. Also keeps
  * `streamsOf` (the open streams of the sessions it has an entry for) for the idle timeout,
- * with the same one close hook.
+ * with the same one "close" listener.
  */
 function boundRequestTimes(
   server: http2.Http2SecureServer | http2.Http2Server,
@@ -179,7 +178,8 @@ function boundRequestTimes(
       else timer = setTimeout(cancel, lifeMs).unref();
     }
     if (timer === undefined && open === undefined) return;
-    whenStreamCloses(stream, () => {
+    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
+    stream.on("close", () => {
       if (timer !== undefined) clearTimeout(timer);
       open?.delete(stream);
     });

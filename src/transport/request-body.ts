@@ -1,7 +1,5 @@
-import type { Http2Stream } from "node:http2";
 import type { Readable } from "node:stream";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { whenStreamCloses } from "./stream-close.js";
 
 /**
  * The body of a request the fast adapter serves, read from the request's "data" events (the
@@ -34,13 +32,9 @@ export function isWholeBody(body: unknown): body is WholeBody {
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure. At most `maxBytes`
  * are taken: past them the body fails ResourceExhausted, and what still arrives is dropped.
- * `source` is "stream" for the HTTP/2 stream of a StreamRequest: its "error" listener is the
- * StreamRequest's own (an error destroys the stream, and its close before its end tells the
- * body the client went away), and its close is heard through a close hook (stream-close.ts);
- * "request" for any other request, whose "error" and "close" the body listens to.
  */
-export function bodyOf(req: Readable, source: "request" | "stream", maxBytes: number): WholeBody {
-  return new NodeBody(req, source, maxBytes);
+export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeBody {
+  return new NodeBody(req, errors, maxBytes);
 }
 
 const kBody = Symbol("tessera.body");
@@ -73,11 +67,7 @@ function onBodyError(this: BodySource, err: unknown): void {
 }
 
 function onBodyClose(this: BodySource): void {
-  closeBody(this);
-}
-
-function closeBody(source: Readable): void {
-  const body = (source as BodySource)[kBody];
+  const body = this[kBody];
   // Closed before its end: the client went away mid-body.
   if (!body.ended && body.failure === undefined) {
     body.failure = new ConnectError("the client closed the request", Code.Canceled);
@@ -109,7 +99,7 @@ class NodeBody implements WholeBody {
 
   constructor(
     readonly req: Readable,
-    source: "request" | "stream",
+    errors: boolean,
     readonly maxBytes: number,
   ) {
     this.http2 = "session" in req || "stream" in req;
@@ -117,11 +107,8 @@ class NodeBody implements WholeBody {
     (req as BodySource)[kBody] = this;
     req.on("data", onBodyData);
     req.on("end", onBodyEnd);
-    if (source === "stream") whenStreamCloses(req as unknown as Http2Stream, closeBody);
-    else {
-      req.on("error", onBodyError);
-      req.on("close", onBodyClose);
-    }
+    if (errors) req.on("error", onBodyError);
+    req.on("close", onBodyClose);
   }
 
   /** A chunk of the body, within `maxBytes` (the one size cap, as onCappedData's). */

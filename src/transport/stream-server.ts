@@ -21,7 +21,6 @@ import { AdapterRequest, bodyOf, closeReason, RequestSignal } from "./node-bridg
 import { protocolOf, writeErrorResponse, writeResponse } from "./node-response.js";
 import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
 import type { StockDispatch } from "./stock-adapter.js";
-import { whenStreamCloses } from "./stream-close.js";
 import type { UnaryAnswer, UnaryHandler, UnaryProtocol } from "./unary-protocols.js";
 
 /**
@@ -275,8 +274,7 @@ export function serveCalls(
       if (!answered && !res?.writableEnded) signal.abort(closeReason(req));
     };
     // A StreamRequest's stream closes when the compatibility layer's response would.
-    if (res === undefined) whenStreamCloses((req as StreamRequest).stream, onClose);
-    else res.on("close", onClose);
+    (res ?? (req as StreamRequest).stream).on("close", onClose);
     // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
@@ -286,7 +284,9 @@ export function serveCalls(
       req.method ?? "",
       `${encrypted ? "https" : "http"}://${authority ?? "localhost"}${url}`,
       req.headers,
-      bodyOf(readableOf(req), req instanceof StreamRequest ? "stream" : "request", maxBodyBytes),
+      // A StreamRequest's stream has an "error" listener of its own: an error destroys the
+      // stream, and its "close" before "end" tells the body reader the client went away.
+      bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes),
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
