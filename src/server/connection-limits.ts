@@ -120,7 +120,10 @@ export function boundConnections(
       }
       let busy = false;
       for (const stream of streams) {
-        if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
+        // A stream whose client still owes part of its request, or has not taken what was
+        // written to it for a whole idle period (a zero window: a slow reader), is cancelled.
+        if (stream.state.remoteClose !== 1 || stream.bufferSize > 0)
+          stream.close(http2.constants.NGHTTP2_CANCEL);
         else busy = true;
       }
       if (!busy) closeIdle(session);
