@@ -34,6 +34,7 @@ const CONTRACT = [
   "server.requestTimeoutSeconds TESSERA_REQUEST_TIMEOUT_SECONDS 10",
   "server.maxStreamSeconds TESSERA_MAX_STREAM_SECONDS 3600",
   "server.maxStreamsPerIp TESSERA_MAX_STREAMS_PER_IP 64",
+  "server.maxStreamMessages TESSERA_MAX_STREAM_MESSAGES 100",
   "server.shutdownGraceSeconds TESSERA_SHUTDOWN_GRACE_SECONDS 10",
   "server.drainDelaySeconds TESSERA_DRAIN_DELAY_SECONDS 0",
   "database.url TESSERA_DATABASE_URL sqlite:./data/tessera.db",

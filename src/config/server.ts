@@ -131,6 +131,11 @@ export const serverSchema = z
       description:
         "Streaming calls open at once per client address (an IPv6 client's whole /64), over all its connections; more are refused with ResourceExhausted, reason RATE_LIMITED and Retry-After: 1. 0: no limit.",
     }),
+    maxStreamMessages: z.number().int().min(0).default(100).register(configKeys, {
+      env: "TESSERA_MAX_STREAM_MESSAGES",
+      description:
+        "Request messages a client may send on one client or bidi stream (gRPC server reflection); the next ends the stream with ResourceExhausted, reason MESSAGE_TOO_LARGE. Each message after the first is also counted against rateLimit.perIpPerMinute, as a call of its own. 0: no limit on the count.",
+    }),
     // Below the 90 s a systemd unit waits by default (TimeoutStopSec) and the 30 s of
     // Kubernetes' terminationGracePeriodSeconds, with room left for the flush after it.
     shutdownGraceSeconds: z.number().int().min(0).max(3600).default(10).register(configKeys, {

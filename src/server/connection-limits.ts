@@ -120,7 +120,10 @@ export function boundConnections(
       }
       let busy = false;
       for (const stream of streams) {
-        if (stream.state.remoteClose !== 1) stream.close(http2.constants.NGHTTP2_CANCEL);
+        // A stream whose client still owes part of its request, or has not taken what was
+        // written to it for a whole idle period (a zero window: a slow reader), is cancelled.
+        if (stream.state.remoteClose !== 1 || stream.bufferSize > 0)
+          stream.close(http2.constants.NGHTTP2_CANCEL);
         else busy = true;
       }
       if (!busy) closeIdle(session);
@@ -184,6 +187,22 @@ function boundRequestTimes(
       open?.delete(stream);
     });
   });
+  // HTTP/1.1 (allowHTTP1): headers trickled in never reach "request" below, and every byte
+  // resets the idle timeout; only Node's own headersTimeout ends them (60 s, looked at every
+  // 30 s, so 90 s per connection). Held to the same limit, looked at twice per period. Read
+  // by Node when the server starts listening; the h2c server has no such check.
+  const http1 = server as unknown as { headersTimeout?: number; connectionsCheckingInterval?: number };
+  if (
+    requestMs > 0 &&
+    http1.headersTimeout !== undefined &&
+    http1.connectionsCheckingInterval !== undefined
+  ) {
+    http1.headersTimeout = Math.min(http1.headersTimeout, requestMs);
+    http1.connectionsCheckingInterval = Math.min(
+      http1.connectionsCheckingInterval,
+      Math.max(1000, Math.ceil(requestMs / 2)),
+    );
+  }
   // HTTP/1.1 (allowHTTP1): a request whose body has not arrived in time loses its connection.
   if (requestMs > 0)
     server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {

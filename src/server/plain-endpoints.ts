@@ -37,6 +37,14 @@ export function createPlainEndpoints(
   app: App,
   draining: (() => boolean) | undefined,
 ): (path: string, res: Response, requestId: string) => void {
+  // /ready is public and not rate limited (probes must pass): each request's own `select 1`
+  // let anonymous callers fill the database pool and starve every call that needs it.
+  // Requests arriving while a ping is out share it: at most one at a time.
+  let pinging: Promise<boolean> | undefined;
+  const ping = (): Promise<boolean> =>
+    (pinging ??= app.storage.ping().finally(() => {
+      pinging = undefined;
+    }));
   return function servePlain(path, res, requestId) {
     if (path === "/health") {
       json(res, 200, {
@@ -62,7 +70,7 @@ export function createPlainEndpoints(
         });
         return;
       }
-      app.storage.ping().then(
+      ping().then(
         (up) =>
           up
             ? json(res, 200, { ok: true, data: { status: "ready", database: "up", ...redisOf(app) } })

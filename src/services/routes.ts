@@ -105,7 +105,10 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     file_grpc_reflection_v1alpha_reflection,
   ];
   const servedNames = [...services, Health, ReflectionV1, ReflectionV1Alpha].map((s) => s.typeName);
-  const reflection = createReflectionServices(files, servedNames);
+  const reflection = createReflectionServices(files, servedNames, {
+    max: config.server.maxStreamMessages,
+    limits,
+  });
   const userService = createUserService({
     storage,
     sessions,

@@ -248,6 +248,36 @@ describe.each(DATABASES)("bounded connections and bodies on $name", (db) => {
     }
   });
 
+  it("cancels a call whose client takes none of its answer for an idle period (a zero window), then closes the connection", async () => {
+    // A slow reader: its flow-control window never opens, so the answer waits in the server.
+    // Counted as a call in progress, it held the connection (and its address's count) until
+    // server.maxStreamSeconds, an hour by default.
+    const session = http2.connect(ts.server.url, { ca: ts.certs.ca, settings: { initialWindowSize: 0 } });
+    session.on("error", () => undefined);
+    try {
+      const closed = new Promise<void>((resolve) => session.once("close", () => resolve()));
+      const stream = session.request({
+        ":method": "POST",
+        ":path": GET_CURRENT_USER,
+        "content-type": "application/json",
+      });
+      stream.on("error", () => undefined);
+      const response = new Promise<http2.IncomingHttpHeaders>((resolve) => stream.once("response", resolve));
+      const reset = new Promise<number | undefined>((resolve) =>
+        stream.once("close", () => resolve(stream.rstCode)),
+      );
+      stream.end("{}");
+      // The answer's headers arrive (they are not flow-controlled); its body never can.
+      expect((await within(response, 5000, "no answer"))[":status"]).toBe(401);
+      expect(await within(reset, 5000, "the call whose answer is not read was kept")).toBe(
+        http2.constants.NGHTTP2_CANCEL,
+      );
+      await within(closed, 5000, "the connection was kept after its unread call was cancelled");
+    } finally {
+      session.destroy();
+    }
+  });
+
   it("closes a TCP connection that never starts its TLS handshake after the idle timeout", async () => {
     const socket = net.connect(ts.server.port, "127.0.0.1");
     socket.on("error", () => undefined);

@@ -1,5 +1,6 @@
 import http2 from "node:http2";
 import https from "node:https";
+import tls from "node:tls";
 import { ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
@@ -148,6 +149,42 @@ describe.each(DATABASES)("bounded streams and request times on $name", (db) => {
     } finally {
       clearInterval(timer);
       req.destroy();
+    }
+  });
+
+  it("closes an HTTP/1.1 connection whose request headers trickle in past server.requestTimeoutSeconds", async () => {
+    const socket = tls.connect({
+      host: "127.0.0.1",
+      port: ts.server.port,
+      ca: ts.certs.ca,
+      servername: "localhost",
+      ALPNProtocols: ["http/1.1"],
+    });
+    socket.on("error", () => undefined);
+    const answer: Buffer[] = [];
+    socket.on("data", (c: Buffer) => answer.push(c));
+    const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+    await new Promise<void>((resolve) => socket.once("secureConnect", () => resolve()));
+    const head = Buffer.from(`POST ${LOGIN} HTTP/1.1\r\nHost: localhost\r\nX-Pad: ${"a".repeat(250)}\r\n`);
+    // A header block a byte every 50 ms (15 s in all): never idle, never done. Counted by the
+    // bytes it got to send: all of them, and the server waited for the whole block.
+    let sent = 0;
+    let allSent: () => void = () => undefined;
+    const done = new Promise<void>((resolve) => {
+      allSent = resolve;
+    });
+    const timer = setInterval(() => {
+      if (socket.destroyed) return;
+      if (sent < head.byteLength) socket.write(head.subarray(sent, ++sent));
+      else allSent();
+    }, 50);
+    try {
+      await within(Promise.race([closed, done]), 20_000, "the trickle neither ended nor was cut");
+      expect(sent).toBeLessThan(head.byteLength);
+      expect(Buffer.concat(answer).toString("latin1")).toMatch(/^HTTP\/1\.1 408 /);
+    } finally {
+      clearInterval(timer);
+      socket.destroy();
     }
   });
 

@@ -1,8 +1,9 @@
 import { createRegistry, type DescFile, toBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
 import type { ServerReflection as ReflectionV1Alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import { boundedMessages, type StreamMessageBounds } from "../stream-messages.js";
 
 /**
  * gRPC server reflection (v1 and v1alpha, which older tools ask for) over the
@@ -10,7 +11,11 @@ import type { ServerReflection as ReflectionV1Alpha } from "../../../gen/grpc/re
  * holds every file's FileDescriptorProto. Answers carry a file and its transitive
  * dependencies, as grpcurl and buf curl expect.
  */
-export function createReflectionServices(files: readonly DescFile[], serviceNames: readonly string[]) {
+export function createReflectionServices(
+  files: readonly DescFile[],
+  serviceNames: readonly string[],
+  bounds: StreamMessageBounds,
+) {
   const byName = new Map<string, DescFile>();
   const collect = (f: DescFile) => {
     if (byName.has(f.proto.name)) return;
@@ -109,14 +114,14 @@ export function createReflectionServices(files: readonly DescFile[], serviceName
         };
     }
   };
-  async function* serve(requests: AsyncIterable<Req>) {
-    for await (const req of clientFaults(requests)) yield answer(req);
+  async function* serve(requests: AsyncIterable<Req>, context: HandlerContext) {
+    for await (const req of boundedMessages(clientFaults(requests), context, bounds)) yield answer(req);
   }
   const v1: ServiceImpl<typeof ReflectionV1> = {
-    serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
+    serverReflectionInfo: (reqs, context) => serve(reqs as AsyncIterable<Req>, context),
   };
   const v1alpha: ServiceImpl<typeof ReflectionV1Alpha> = {
-    serverReflectionInfo: (reqs) => serve(reqs as AsyncIterable<Req>),
+    serverReflectionInfo: (reqs, context) => serve(reqs as AsyncIterable<Req>, context),
   };
   return { v1, v1alpha };
 }
