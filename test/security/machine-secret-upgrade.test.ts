@@ -1,6 +1,7 @@
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { crc32 } from "node:zlib";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
@@ -11,6 +12,7 @@ import { createApp } from "../../src/app.js";
 import { HashPool } from "../../src/auth/hash-pool.js";
 import type { Pbkdf2Job } from "../../src/auth/hash-workers.js";
 import { parseHash } from "../../src/auth/password.js";
+import { generateToken, parseToken } from "../../src/auth/token-format.js";
 import {
   DATABASES,
   memoryTransport,
@@ -327,4 +329,34 @@ describe.each(DATABASES)("machine users' Basic secrets re-hashed on use on $name
     // Still within its grace period, with its re-hashed secret.
     expect((await machineCheck(graced.username, graced.password)).machineUserId).toBe(graced.id);
   });
+
+  it("audit: a machine token is told apart by its public id before any PBKDF2, so its hash's iterations add nothing", async () => {
+    const prefix = ts.app.config.auth.tokens.machinePrefix;
+    const bearer = (token: string) =>
+      createClient(
+        MachineUserService,
+        withHeaders(ts.connect(), { authorization: `Bearer ${token}` }),
+      ).checkAuthentication({});
+    // An unknown id: refused with no PBKDF2 at all (the id is 16 random characters found only inside the token).
+    expect(await counting(() => bearer(generateToken(prefix).token))).toEqual([]);
+    // Its id with a wrong secret: one PBKDF2 at the count it was made with, never re-made.
+    const known = parseToken(verifier, [prefix]);
+    if (known === null || known === "malformed") throw new Error("not a machine token");
+    expect(await counting(() => bearer(withSecret(prefix, known.id, generateToken(prefix).secret)))).toEqual([
+      OLD_ITERATIONS,
+    ]);
+  });
 });
+
+/** A well-formed opaque token with this id and secret (its CRC32 checksum as token-format.ts makes it). */
+function withSecret(prefix: string, id: string, secret: string): string {
+  const alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  const head = `${prefix}${id}${secret}`;
+  let v = crc32(head) >>> 0;
+  let sum = "";
+  do {
+    sum = alphabet[v % 62] + sum;
+    v = Math.floor(v / 62);
+  } while (v > 0);
+  return `${head}${sum.padStart(6, "0")}`;
+}
