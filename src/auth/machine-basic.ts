@@ -77,14 +77,15 @@ export function createMachineBasicVerifier(options: MachineBasicVerifierOptions)
       // the shared digest recognises this secret there with no PBKDF2, after a restart too,
       // so a reserved check may never come. The secret was just proven: no budget to guard.
       const { credentialId } = cred;
-      await upgrader.upgrade("machine", credentialId, password, cred.secretHash, async (from, to) => {
-        // The new hash's digest in the same write: other instances recognise it with one HMAC.
-        const digest = secrets.sharedDigestOf(namespace, to, password) ?? null;
-        const replaced = await machines.replaceSecretHash(credentialId, from, to, digest);
-        // Made from this very secret: the next use needs no PBKDF2 to match it.
-        if (replaced) secrets.remember(namespace, password, to);
-        return replaced;
-      });
+      if (upgrader.outdated(cred.secretHash))
+        await upgrader.upgrade("machine", credentialId, password, cred.secretHash, async (from, to) => {
+          // The new hash's digest in the same write: other instances recognise it with one HMAC.
+          const digest = secrets.sharedDigestOf(namespace, to, password) ?? null;
+          const replaced = await machines.replaceSecretHash(credentialId, from, to, digest);
+          // Made from this very secret: the next use needs no PBKDF2 to match it.
+          if (replaced) secrets.remember(namespace, password, to);
+          return replaced;
+        });
       lastUsed.mark(MACHINE_CREDENTIALS_TABLE, credentialId);
       lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
       return machinePrincipal(cred.machine, "basic", state, { credentialId });

@@ -63,9 +63,10 @@ export class PasswordUpgrader {
   /**
    * {@link hashOutdated}, without parsing the hash when it has the very shape hashSecret
    * gives at `iterations` (a 16-byte salt and a 32-byte hash, padded base64): every accepted
-   * Basic check asks, and nearly every hash is one.
+   * Basic check asks (before {@link upgrade}, so that a current hash costs no promise), and
+   * nearly every hash is one.
    */
-  private outdated(stored: string): boolean {
+  outdated(stored: string): boolean {
     const p = this.currentPrefix.length;
     const current =
       stored.length === p + 69 &&
@@ -89,8 +90,9 @@ export class PasswordUpgrader {
     stored: string,
     store: StoreUpgradedHash,
   ): Promise<string | undefined> {
+    if (!this.outdated(stored)) return undefined;
     const key = `${kind}:${id}`;
-    if (!this.outdated(stored) || this.inflight.has(key)) return undefined;
+    if (this.inflight.has(key)) return undefined;
     const counters = this.counters[kind];
     this.inflight.add(key);
     try {

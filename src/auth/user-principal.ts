@@ -156,7 +156,7 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       // cache): the re-hash is a PBKDF2 and waits for a call that reserved its budget; the
       // first use after a restart is one, since the cache starts empty.
       let read = user;
-      if (hashingRefused === undefined) {
+      if (hashingRefused === undefined && options.upgrader.outdated(user.passwordHash)) {
         const { id } = user;
         const upgraded = await options.upgrader.upgrade("user", id, password, user.passwordHash, (from, to) =>
           options.users.replacePasswordHash(id, from, to),
