@@ -5,7 +5,7 @@ import { codeToString } from "@connectrpc/connect/protocol-connect";
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
 import type { PasswordShedding } from "./admission/shedding.js";
 import type { AuditLog, AuditStats } from "./audit.js";
-import type { PasswordUpgradeStats } from "./auth/password-upgrade.js";
+import type { PasswordUpgradeStats, UpgradedSecret } from "./auth/password-upgrade.js";
 import type { SecretCacheStats } from "./auth/secret-cache.js";
 import { boundHistogramChild } from "./metrics/bound-histogram.js";
 import { registerComponentMetrics } from "./metrics/component-metrics.js";
@@ -85,8 +85,8 @@ export interface MetricsSources {
   storage: Storage;
   /** The verified-secret cache (auth/secret-cache.ts). */
   secrets?: { stats(): SecretCacheStats };
-  /** Password hashes upgraded to the current iterations (auth/password-upgrade.ts). */
-  passwords?: { stats(): PasswordUpgradeStats };
+  /** Password hashes (users', machine users' Basic secrets) upgraded to the current iterations (auth/password-upgrade.ts). */
+  passwords?: { stats(): Record<UpgradedSecret, PasswordUpgradeStats> };
   /** Password checks shed before their body (admission/shedding.ts). */
   shedding?: Pick<PasswordShedding, "counts">;
   /** WatchRevocations: streams open and events sent (verification/revocation-feed.ts). */

@@ -7,12 +7,11 @@ import type {
   MachineCredentialState,
   MachineStateRepository,
 } from "../storage/repositories/subject-state.js";
-import type { BasicVerifier, BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
+import type { BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
 import { mayManage } from "./authority.js";
 import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
-import { dummyPasswordHash, verifySecret } from "./password.js";
 import {
   type AuthMethod,
   type PeerCertificateInfo,
@@ -184,7 +183,8 @@ export function assertMachineActive(machine: MachineAuthState | null): asserts m
   if (machine.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
 }
 
-function machinePrincipal(
+/** The principal of a machine user authenticated by `method` (the Basic verifier's too, machine-basic.ts). */
+export function machinePrincipal(
   machine: MachineAuthState,
   method: AuthMethod,
   state: RequestState,
@@ -266,62 +266,6 @@ export function createMachineBearerVerifier(
     accepted,
     unknown: "token is not recognised",
   });
-}
-
-/**
- * `Authorization: Basic` for machine users (usernames starting with
- * {@link MACHINE_USERNAME_PREFIX}; anything else → null, left to the user verifier).
- * The password is checked first (an unknown username costs one dummy PBKDF2, so timing
- * does not tell which exist), through the verified-secret cache: after first use a
- * request costs an HMAC, not PBKDF2. Wrong passwords are 401s, which the authentication
- * interceptor counts per IP, refusing the IP before any verification once over
- * `rateLimit.authFailuresPerIpPerMinute`.
- */
-export function createMachineBasicVerifier(
-  options: MachineVerifierOptions & { iterations: number },
-): BasicVerifier {
-  const { machines, secrets, lastUsed } = options;
-  const now = options.now ?? Date.now;
-  return {
-    name: "machine-basic",
-    async verify(username, password, state) {
-      if (!username.startsWith(MACHINE_USERNAME_PREFIX)) return null;
-      const cred = await machines.byCredential(username);
-      // Behind a verification's tenant wall: as unknown, with the same dummy PBKDF2.
-      if (cred?.kind !== "basic" || walledOff(state, cred.machine.tenantId)) {
-        await verifySecret(
-          password,
-          await dummyPasswordHash(options.iterations, state.hashingRefused),
-          state.hashingRefused,
-        );
-        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-      }
-      if (cred.machine.disabled || cred.machine.tenantDisabled) {
-        // A disabled machine user's correct password reads exactly like a wrong one, with
-        // the same full PBKDF2 each time (no verified-secret cache: no timing difference).
-        await verifySecret(password, cred.secretHash, state.hashingRefused);
-        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-      }
-      if (
-        !(await secrets.verify(
-          `machine:${cred.credentialId}`,
-          password,
-          cred.secretHash,
-          machines.sharedDigest(cred),
-          state.hashingRefused,
-        ))
-      ) {
-        throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
-      }
-      if (cred.expiresAt !== null && cred.expiresAt <= now()) {
-        throw new TesseraError("TOKEN_REVOKED", "credentials were replaced by a credential rotation");
-      }
-      assertMachineActive(cred.machine);
-      lastUsed.mark(MACHINE_CREDENTIALS_TABLE, cred.credentialId);
-      lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
-      return machinePrincipal(cred.machine, "basic", state, { credentialId: cred.credentialId });
-    },
-  };
 }
 
 /**

@@ -135,8 +135,11 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       if (user.disabled || user.tenantDisabled) {
         // A disabled account's correct password reads exactly like a wrong one (as Login
         // answers): same reason, same message, and the same full PBKDF2 each time (the
-        // verified-secret cache is bypassed, so a repeated guess is not faster when right).
-        await verifySecret(password, user.passwordHash, state.hashingRefused);
+        // verified-secret cache is bypassed, so a repeated guess is not faster when right),
+        // an unknown name's: its hash, never upgraded while refused, may be older.
+        const { hashingRefused } = state;
+        const against = await options.upgrader.refusalHash(user.passwordHash, hashingRefused);
+        await verifySecret(password, against, hashingRefused);
         throw new TesseraError("CREDENTIALS_INVALID", "invalid username or password");
       }
       // In-process only, no shared digest: a human password is guessable, and a fast keyed
@@ -153,19 +156,18 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
       // cache): the re-hash is a PBKDF2 and waits for a call that reserved its budget; the
       // first use after a restart is one, since the cache starts empty.
       let read = user;
-      if (hashingRefused === undefined) {
+      if (hashingRefused === undefined && options.upgrader.outdated(user.passwordHash)) {
         const { id } = user;
-        await options.upgrader.upgrade(id, password, user.passwordHash, async (from, to) => {
-          const replaced = await options.users.replacePasswordHash(id, from, to);
-          if (replaced) {
-            // Made from this very password: the next use needs no PBKDF2 to match it.
-            options.secrets.remember(`user:${id}`, password, to);
-            // The row as it now is: what the call made with this password is checked
-            // against (assertMakerStands), and the old hash would read as a changed password.
-            read = Object.freeze({ ...user, passwordHash: to });
-          }
-          return replaced;
-        });
+        const upgraded = await options.upgrader.upgrade("user", id, password, user.passwordHash, (from, to) =>
+          options.users.replacePasswordHash(id, from, to),
+        );
+        if (upgraded !== undefined) {
+          // Made from this very password: the next use needs no PBKDF2 to match it.
+          options.secrets.remember(`user:${id}`, password, upgraded);
+          // The row as it now is: what the call made with this password is checked
+          // against (assertMakerStands), and the old hash would read as a changed password.
+          read = Object.freeze({ ...user, passwordHash: upgraded });
+        }
       }
       state.user = read;
       return {

@@ -8,8 +8,8 @@ import { createAdminTokenVerifier } from "./admin-token.js";
 import { Authenticator, createJwtBearerVerifier } from "./authenticator.js";
 import type { JwtService } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
+import { createMachineBasicVerifier } from "./machine-basic.js";
 import {
-  createMachineBasicVerifier,
   createMachineBearerVerifier,
   createMachineCertificateVerifier,
   createMachineClaimsLoader,
@@ -29,7 +29,7 @@ export interface VerifierChainDeps {
   secrets: VerifiedSecretCache;
   lastUsed: LastUsedTracker;
   clock: Clock;
-  /** Re-hashes a user's verified password whose hash is outdated (shared with Login). */
+  /** Re-hashes a verified password (a user's, a machine user's Basic secret) whose hash is outdated (shared with Login). */
   passwords: PasswordUpgrader;
 }
 
@@ -82,6 +82,7 @@ export function createVerifierChain(config: Config, deps: VerifierChainDeps): Au
       secrets,
       lastUsed,
       iterations: config.auth.passwordIterations,
+      upgrader: deps.passwords,
       now: clock,
     }),
   );

@@ -201,7 +201,7 @@ export const authSchema = z
     passwordIterations: z.number().int().min(1000).default(600_000).register(configKeys, {
       env: "TESSERA_PASSWORD_ITERATIONS",
       description:
-        "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000). A user's password hashed with another count is re-hashed at its next successful Login or HTTP Basic check.",
+        "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000). A user's password or a machine user's Basic secret hashed with another count is re-hashed at its next successful check (Login, HTTP Basic, OAuth client authentication, VerifyCredential).",
     }),
     hashConcurrency: z.number().int().positive().optional().register(configKeys, {
       env: "TESSERA_HASH_CONCURRENCY",

@@ -5,6 +5,7 @@ import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { accessLogStats } from "../access-log.js";
 import type { AuditStats } from "../audit.js";
 import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
+import { UPGRADED_SECRETS } from "../auth/password-upgrade.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
 import type { MetricsSources } from "../metrics.js";
 import type { Storage } from "../storage/orm.js";
@@ -152,19 +153,21 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     "invalidations",
   );
 
-  // Password hashes re-made at the current iterations after a login (auth/password-upgrade.ts).
+  // Password hashes re-made at the current iterations after a successful check
+  // (auth/password-upgrade.ts), users' and machine users' apart: each has its own remedy.
   const passwords = sources.passwords;
   if (passwords) {
     const outcomes = ["upgraded", "deferred", "failed"] as const;
     new Counter({
       name: "tessera_password_hash_upgrades_total",
-      help: "Password hashes with outdated iterations after a successful check: upgraded, deferred (hash pool busy), failed (not stored).",
-      labelNames: ["outcome"],
+      help: "Password hashes (users', machine users' Basic secrets) with outdated iterations after a successful check: upgraded, deferred (hash pool busy), failed (not stored).",
+      labelNames: ["kind", "outcome"],
       registers: [registry],
       collect() {
         const stats = passwords.stats();
         this.reset();
-        for (const outcome of outcomes) this.inc({ outcome }, stats[outcome]);
+        for (const kind of UPGRADED_SECRETS)
+          for (const outcome of outcomes) this.inc({ kind, outcome }, stats[kind][outcome]);
       },
     });
   }

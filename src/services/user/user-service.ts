@@ -124,10 +124,15 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       let tenant: Tenant | null;
       try {
         user = await loginUser(em(ctx), req.username, req.tenant);
-        // Same PBKDF2 work whether or not the user exists, and one message for every failure.
+        // Same PBKDF2 work whether or not the user exists, and one message for every failure;
+        // a disabled user's the same too, its hash (never upgraded while refused) maybe older.
         ok = await verifySecret(
           req.password,
-          user?.passwordHash ?? (await dummyPasswordHash(deps.passwordIterations)),
+          user === null
+            ? await dummyPasswordHash(deps.passwordIterations)
+            : user.disabled
+              ? await deps.upgrader.refusalHash(user.passwordHash)
+              : user.passwordHash,
         );
         tenant = user && ok ? await em(ctx).findOne(Tenant, { id: user.tenantId }) : null;
       } catch (err) {
@@ -156,7 +161,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // check that the hash read is still the user's: that check is what a password change
       // racing this login must meet, and an upgraded hash would fail it.
       const { id, passwordHash } = user;
-      await deps.upgrader.upgrade(id, req.password, passwordHash, async (from, to) => {
+      await deps.upgrader.upgrade("user", id, req.password, passwordHash, async (from, to) => {
         // Not through the entity: a flush would overwrite a password changed meanwhile.
         return (await em(ctx).nativeUpdate(User, { id, passwordHash: from }, { passwordHash: to })) > 0;
       });

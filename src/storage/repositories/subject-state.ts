@@ -222,6 +222,9 @@ const MACHINE_BY_CREDENTIAL =
   `select c.id as credential_id, c.kind, c.secret_hash, c.verified_digest, c.expires_at, ${MACHINE_COLUMNS} ` +
   `from machine_credentials c join machine_users m on m.id = c.machine_user_id ${MACHINE_JOINS} where c.public_id = ?`;
 
+const REPLACE_SECRET_HASH =
+  "update machine_credentials set secret_hash = ?, verified_digest = ? where id = ? and secret_hash = ?";
+
 const MACHINE_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
 
 /** At most this many SAN URIs of a certificate are looked up (one statement per count). */
@@ -319,6 +322,16 @@ export class MachineStateRepository {
   /** The digest known for a credential read. */
   digestOf(cred: MachineCredentialState): string | null {
     return digestOf(cred);
+  }
+
+  /**
+   * Replace credential `id`'s secret hash `from` by `to` (a re-hash of the same secret:
+   * auth/password-upgrade.ts) with `digest`, the shared digest bound to `to` (null: none);
+   * false when the hash is no longer `from` (the row rotated away or replaced meanwhile).
+   * Nothing else of the row is written: an expiry a rotation set meanwhile stands.
+   */
+  async replaceSecretHash(id: string, from: string, to: string, digest: string | null): Promise<boolean> {
+    return (await this.sql.run(REPLACE_SECRET_HASH, [to, digest, id, from])) > 0;
   }
 
   /**
