@@ -50,4 +50,30 @@ describe("credential parsing", () => {
       );
     }
   });
+  it("parses a bearer header once: the same frozen credential for the same value, with every check kept", () => {
+    const header = () => new Headers({ authorization: "Bearer kept.once.token" });
+    const first = parseCredentials(header());
+    expect(first).toEqual({ type: "bearer", token: "kept.once.token" });
+    expect(parseCredentials(header())).toBe(first);
+    expect(Object.isFrozen(first)).toBe(true);
+    // What was kept for the value changes no other answer.
+    const both = new Headers({ authorization: "Bearer kept.once.token", "x-api-key": "tsr_key_x" });
+    expect(reasonOf(() => parseCredentials(both))).toBe("MULTIPLE_CREDENTIALS");
+    expect(parseCredentials(new Headers({ authorization: "Bearer other.token" }))).toEqual({
+      type: "bearer",
+      token: "other.token",
+    });
+    // Past the bound (emptied, then filled again), every value still parses to its own token.
+    for (let i = 0; i < 1500; i++) {
+      const token = `t${i}.x.y`;
+      expect(parseCredentials(new Headers({ authorization: `Bearer ${token}` }))).toEqual({
+        type: "bearer",
+        token,
+      });
+    }
+    expect(parseCredentials(header())).toEqual({ type: "bearer", token: "kept.once.token" });
+    expect(reasonOf(() => parseCredentials(new Headers({ authorization: "Bearer a, Bearer b" })))).toBe(
+      "AUTH_HEADER_MALFORMED",
+    );
+  });
 });

@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import { Writable } from "node:stream";
 import { createClient } from "@connectrpc/connect";
 import { pino } from "pino";
@@ -80,6 +81,59 @@ describe("plaintext mode", () => {
       });
       expect(res.accessToken).toBeTruthy();
     } finally {
+      await server.close(0);
+      await app.close();
+    }
+  });
+
+  it("answers over h2c with the security headers but no Strict-Transport-Security, on RPCs and plain endpoints", async () => {
+    const certs = await createTestCerts();
+    const app = await createApp(
+      testConfig(SQLITE.url(), { server: { insecurePlaintext: true, certDir: certs.dir } }),
+      { logger: pino({ level: "silent" }) },
+    );
+    const server = await startServer(app);
+    const session = http2.connect(server.url);
+    /** One request's response headers (the body read and dropped). */
+    const ask = (headers: http2.OutgoingHttpHeaders, body?: string) =>
+      new Promise<http2.IncomingHttpHeaders>((resolve, reject) => {
+        const stream = session.request(headers);
+        let answer: http2.IncomingHttpHeaders = {};
+        stream.on("response", (h) => (answer = h));
+        stream.on("data", () => undefined);
+        stream.on("error", reject);
+        stream.on("end", () => resolve(answer));
+        stream.end(body);
+      });
+    try {
+      const answers = [
+        // A unary call answered on its stream, and one refused before its body is read.
+        await ask(
+          { ":method": "POST", ":path": "/tessera.v1.UserService/Login", "content-type": "application/json" },
+          JSON.stringify({ username: "admin", password: ADMIN_PASSWORD }),
+        ),
+        await ask(
+          {
+            ":method": "POST",
+            ":path": "/tessera.v1.UserService/GetCurrentUser",
+            "content-type": "application/json",
+          },
+          "{}",
+        ),
+        // A plain endpoint, answered through the compatibility layer's response.
+        await ask({ ":method": "GET", ":path": "/health" }),
+      ];
+      expect(answers.map((a) => a[":status"])).toEqual([200, 401, 200]);
+      for (const answer of answers) {
+        expect(answer["x-request-id"]).toMatch(/^[0-9a-f-]{36}$/);
+        expect(answer["x-content-type-options"]).toBe("nosniff");
+        expect(answer["x-frame-options"]).toBe("DENY");
+        expect(answer["x-xss-protection"]).toBe("1; mode=block");
+        expect(answer["content-security-policy"]).toBe("default-src 'self'");
+        expect(answer).not.toHaveProperty("strict-transport-security");
+      }
+    } finally {
+      session.close();
       await server.close(0);
       await app.close();
     }

@@ -30,27 +30,23 @@ import {
   stateOf,
 } from "./request-facts.js";
 
+/** Strict-Transport-Security, sent over TLS only (seed 003). */
+const HSTS = "max-age=31536000; includeSubDomains";
+
 /**
  * A response's request id and security headers (seed 003): a new object per response, made
  * as one literal, since the answer's own headers are added to it (transport/early-answers.ts):
- * a spread copy of shared headers was slower to make and to add to.
+ * a spread copy of shared headers was slower to make and to add to. Without TLS `hsts` is
+ * undefined: Node's HTTP/2 `respond` leaves such a header out, and so does `setHeaders`.
  */
-function securedHeaders(requestId: string, tls: boolean): OutgoingHttpHeaders {
-  if (!tls)
-    return {
-      "x-request-id": requestId,
-      "x-content-type-options": "nosniff",
-      "x-frame-options": "DENY",
-      "x-xss-protection": "1; mode=block",
-      "content-security-policy": "default-src 'self'",
-    };
+function securedHeaders(requestId: string, hsts: string | undefined): OutgoingHttpHeaders {
   return {
     "x-request-id": requestId,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "x-xss-protection": "1; mode=block",
     "content-security-policy": "default-src 'self'",
-    "strict-transport-security": "max-age=31536000; includeSubDomains",
+    "strict-transport-security": hsts,
   };
 }
 
@@ -75,6 +71,7 @@ export function createRequestHandler(
 ) {
   const { config } = app;
   const tls = options.tls;
+  const hsts = tls ? HSTS : undefined;
   const allowedOrigins = new Set(config.cors.allowedOrigins);
   const anyOrigin = allowedOrigins.has("*");
   const exposed = [
@@ -95,7 +92,7 @@ export function createRequestHandler(
    * for an allowed origin, CORS.
    */
   function commonHeaders(req: Request, requestId: string): OutgoingHttpHeaders {
-    const common = securedHeaders(requestId, tls);
+    const common = securedHeaders(requestId, hsts);
     // HTTP/1.1 only (the header is forbidden in HTTP/2, where the connection gets GOAWAY).
     if (closesConnection(req)) common.connection = "close";
     const origin = req.headers.origin;

@@ -84,10 +84,13 @@ function protocolOfType(type: string): EarlyProtocol | undefined {
   return undefined;
 }
 
-/** Set `headers` on the response (nothing when there are none). */
+/** Set `headers` on the response (nothing when there are none); a header whose value is undefined is left out, as HTTP/2's `respond` leaves it out. */
 export function setHeaders(res: NodeResponse, headers: http.OutgoingHttpHeaders | undefined): void {
   if (headers === undefined) return;
-  for (const k in headers) res.setHeader(k, headers[k]!);
+  for (const k in headers) {
+    const value = headers[k];
+    if (value !== undefined) res.setHeader(k, value);
+  }
 }
 
 export function gone(req: NodeRequest): boolean {

@@ -32,9 +32,12 @@ export function isWholeBody(body: unknown): body is WholeBody {
  * the consumer waits for, none for chunks already queued. The request is paused while
  * more than a few chunks wait, so a slow consumer applies backpressure. At most `maxBytes`
  * are taken: past them the body fails ResourceExhausted, and what still arrives is dropped.
+ * `onClose`, when given, is called first when `req` closes, from the body's own "close"
+ * listener: a caller watching the same stream's close needs no listener of its own (each
+ * listener added to an HTTP/2 stream also runs its "newListener" event).
  */
-export function bodyOf(req: Readable, errors: boolean, maxBytes: number): WholeBody {
-  return new NodeBody(req, errors, maxBytes);
+export function bodyOf(req: Readable, errors: boolean, maxBytes: number, onClose?: () => void): WholeBody {
+  return new NodeBody(req, errors, maxBytes, onClose);
 }
 
 const kBody = Symbol("tessera.body");
@@ -68,6 +71,7 @@ function onBodyError(this: BodySource, err: unknown): void {
 
 function onBodyClose(this: BodySource): void {
   const body = this[kBody];
+  body.onClose?.();
   // Closed before its end: the client went away mid-body.
   if (!body.ended && body.failure === undefined) {
     body.failure = new ConnectError("the client closed the request", Code.Canceled);
@@ -101,6 +105,7 @@ class NodeBody implements WholeBody {
     readonly req: Readable,
     errors: boolean,
     readonly maxBytes: number,
+    readonly onClose: (() => void) | undefined,
   ) {
     this.http2 = "session" in req || "stream" in req;
     this.ended = req.readableEnded;

@@ -273,8 +273,9 @@ export function serveCalls(
       // dropped connection). A response ended by us closes normally and aborts nothing.
       if (!answered && !res?.writableEnded) signal.abort(closeReason(req));
     };
-    // A StreamRequest's stream closes when the compatibility layer's response would.
-    (res ?? (req as StreamRequest).stream).on("close", onClose);
+    // A StreamRequest's stream closes when the compatibility layer's response would; its
+    // body's "close" listener, on that same stream, calls onClose (see bodyOf).
+    if (res !== undefined) res.on("close", onClose);
     // HTTP/2 carries the scheme (req.socket would build a Proxy per stream); HTTP/1.1 has the socket.
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
@@ -286,7 +287,7 @@ export function serveCalls(
       req.headers,
       // A StreamRequest's stream has an "error" listener of its own: an error destroys the
       // stream, and its "close" before "end" tells the body reader the client went away.
-      bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes),
+      bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes, res ? undefined : onClose),
       signal as unknown as AbortSignal,
       options.contextValues?.(req),
     );
