@@ -2112,9 +2112,9 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
   ratioTarget(["pat", "verify-pat", "api-key", "mu-bearer"], 0.85);
   ratioTarget(["basic", "mu-basic"], 0.8);
   targets.push(...latencyTargets(extras.latency));
-  // Peak RSS under load against the rival on the same protocol: main today measures 2.0–2.4×
-  // and last session's per-stream listeners measured 3.8× (542 MiB), so 3× catches such a step
-  // with room for GC timing's noise.
+  // Peak RSS under load against the rival on the same protocol: main measured 1.3–2.6× here and
+  // last session's per-stream listeners 3.8× (542 against 144 MiB), so 3.25× fails such a step and
+  // leaves room for GC timing and throughput, which move peak RSS (bench/results/2026-12-06-memory.md).
   for (const id of ["rival-fastify", "rival-grpc-js"] as const) {
     const { protocol, name } = RIVALS[id];
     const rival = find(id, protocol);
@@ -2122,9 +2122,9 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
     if (!rival?.peakRssMb || !tessera?.peakRssMb) continue;
     const ratio = tessera.peakRssMb / rival.peakRssMb;
     targets.push({
-      target: `Tessera, JWT HS256 (${protocolName(protocol)}): peak server RSS under load ≤ 3× ${name}'s`,
+      target: `Tessera, JWT HS256 (${protocolName(protocol)}): peak server RSS under load ≤ 3.25× ${name}'s`,
       measured: `${ratio.toFixed(2)}× (${tessera.peakRssMb.toFixed(0)} vs ${rival.peakRssMb.toFixed(0)} MiB)`,
-      met: ratio <= 3,
+      met: ratio <= 3.25,
     });
   }
   // Issue 19, by server CPU per call (steadier than req/s here): Tessera at or below fastify
@@ -2360,7 +2360,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, latency: extras.latency, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, latency: extras.latency, idleRss: extras.idleRss, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 
