@@ -316,7 +316,9 @@ const extras: {
   workingSet: { id: string; protocol: Protocol; verifications: number; counted: Record<string, number> }[];
   /** Issue 22's fixed-rate latency measurement (bench/latency.ts). */
   latency: LatencyResult[];
-} = { floods: [], workingSet: [], latency: [] };
+  /** Each server's RSS once started (and Tessera's seeded), before any request of a scenario. */
+  idleRss: { name: string; mb: number }[];
+} = { floods: [], workingSet: [], latency: [], idleRss: [] };
 const log = (text: string) => process.stderr.write(`${text}\n`);
 
 /** Where the CPU went during one slice of the flood scenario, in CPU-ms per second of wall time. */
@@ -1634,6 +1636,10 @@ async function run(): Promise<void> {
   );
   scenarioList.push(...selected);
 
+  // Idle RSS, after a second's pause: what a server that serves nothing costs.
+  await new Promise((r) => setTimeout(r, 1000));
+  extras.idleRss = servers.map((server) => ({ name: server.name, mb: server.rssKb() / 1024 }));
+
   // ---- check each scenario once, then warm every server up (a fresh process runs cold: lazy compilation, JIT)
   log("checking every scenario with a real client…");
   for (const s of selected) await verify(s);
@@ -2106,6 +2112,21 @@ function evaluateTargets(launcher: Launcher): TargetResult[] {
   ratioTarget(["pat", "verify-pat", "api-key", "mu-bearer"], 0.85);
   ratioTarget(["basic", "mu-basic"], 0.8);
   targets.push(...latencyTargets(extras.latency));
+  // Peak RSS under load against the rival on the same protocol: main measured 1.3–2.6× here and
+  // last session's per-stream listeners 3.8× (542 against 144 MiB), so 3.25× fails such a step and
+  // leaves room for GC timing and throughput, which move peak RSS (bench/results/2026-12-06-memory.md).
+  for (const id of ["rival-fastify", "rival-grpc-js"] as const) {
+    const { protocol, name } = RIVALS[id];
+    const rival = find(id, protocol);
+    const tessera = find("jwt-hs256", protocol);
+    if (!rival?.peakRssMb || !tessera?.peakRssMb) continue;
+    const ratio = tessera.peakRssMb / rival.peakRssMb;
+    targets.push({
+      target: `Tessera, JWT HS256 (${protocolName(protocol)}): peak server RSS under load ≤ 3.25× ${name}'s`,
+      measured: `${ratio.toFixed(2)}× (${tessera.peakRssMb.toFixed(0)} vs ${rival.peakRssMb.toFixed(0)} MiB)`,
+      met: ratio <= 3.25,
+    });
+  }
   // Issue 19, by server CPU per call (steadier than req/s here): Tessera at or below fastify
   // on JSON, and well below grpc-js on gRPC, taken as at most 80% of its CPU per call.
   for (const [id, max, goal] of [
@@ -2320,6 +2341,11 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
           `- Soak: ${soak.requests} JWT-authenticated requests (Connect JSON) at ${soak.rps.toFixed(0)} req/s, ${soak.errors} errors; server RSS at most ${soak.peakRssWarmupMb.toFixed(1)} MiB during the warm-up (${soak.rssAfterWarmupMb.toFixed(1)} MiB at its end) and at most ${soak.peakRssSoakMb.toFixed(1)} MiB during the soak's second half, as long as the warm-up (${soak.rssAfterSoakMb.toFixed(1)} MiB at its end; a point sample falls anywhere in the GC cycle).`,
         ]
       : []),
+    ...(extras.idleRss.length
+      ? [
+          `- Idle RSS (each server started, Tessera's seeded, before any scenario's request): ${extras.idleRss.map((r) => `${r.name} ${r.mb.toFixed(0)} MiB`).join(", ")}.`,
+        ]
+      : []),
     ...pgLines.map((l) => `- ${l}`),
     ...(extras.downstream?.lines ?? []).map((l) => `- ${l}`),
     ...skipped.map((s) => `- Skipped: ${s}.`),
@@ -2334,7 +2360,7 @@ function report(machine: ReturnType<typeof describeMachine>, launcher: Launcher)
   const mdPath = join(outDir, `${date}.md`);
   writeFileSync(
     jsonPath,
-    `${JSON.stringify({ ...runInfo, machine, settings, results, latency: extras.latency, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
+    `${JSON.stringify({ ...runInfo, machine, settings, results, latency: extras.latency, idleRss: extras.idleRss, targets, firstUse: firstUse ?? null, pbkdf2: pbkdf2 ?? null, floods, cli: cli ?? null, soak: soak ?? null, skipped, notes }, null, 2)}\n`,
   );
   writeFileSync(mdPath, markdown);
 

@@ -19,7 +19,19 @@ export interface HashWorkersOptions {
    * its nice value and says so ({@link HashWorkers.idle}).
    */
   idle?: boolean;
+  /**
+   * Milliseconds a thread may wait for a hash before it stops (the next hash starts it
+   * again). Default {@link DEFAULT_HASH_THREAD_IDLE_MS}. Each thread is a V8 isolate of its
+   * own: kept for good after one login, it holds its memory for the process's life.
+   */
+  idleMs?: number;
 }
+
+/**
+ * Default {@link HashWorkersOptions.idleMs}: long enough that a burst of logins reuses its
+ * threads, short enough that a quiet server gives their memory back.
+ */
+export const DEFAULT_HASH_THREAD_IDLE_MS = 30_000;
 
 /** PBKDF2-SHA256 parameters of one hash. */
 export interface Pbkdf2Job {
@@ -79,6 +91,8 @@ interface Slot {
   worker: Worker;
   /** The job running on it, if any. */
   current: { resolve(hash: Buffer): void; reject(err: Error): void } | null;
+  /** Stops the thread once it has waited {@link HashWorkersOptions.idleMs} for a hash. */
+  reaper: NodeJS.Timeout | undefined;
 }
 
 /**
@@ -116,6 +130,11 @@ export class HashWorkers {
     return this.options.idle ? this.idled : false;
   }
 
+  /** Threads started and not yet stopped (tests). */
+  get threadsRunning(): number {
+    return this.slots.filter((s) => s !== null).length;
+  }
+
   /** Compute PBKDF2-SHA256 on a thread; resolves with the derived key. */
   pbkdf2(job: Pbkdf2Job): Promise<Buffer> {
     if (this.closed) return Promise.reject(new Error("the hash workers are closed"));
@@ -131,6 +150,7 @@ export class HashWorkers {
     for (const w of this.waiting.splice(0)) w.reject(new Error("the hash workers are closed"));
     for (const [i, slot] of this.slots.entries()) {
       if (slot && slot.current === null) {
+        clearTimeout(slot.reaper);
         void slot.worker.terminate();
         this.slots[i] = null;
       }
@@ -143,6 +163,8 @@ export class HashWorkers {
       if (index < 0) return;
       const slot = this.slots[index] ?? this.spawn(index);
       const next = this.waiting.shift()!;
+      clearTimeout(slot.reaper);
+      slot.reaper = undefined;
       slot.current = { resolve: next.resolve, reject: next.reject };
       // A thread with a hash to compute keeps the process alive (a CLI awaiting it would
       // otherwise exit mid-hash); an idle one does not (see spawn).
@@ -158,7 +180,7 @@ export class HashWorkers {
       // A hash needs little memory: keep each thread's heap small.
       resourceLimits: { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 4 },
     });
-    const slot: Slot = { worker, current: null };
+    const slot: Slot = { worker, current: null, reaper: undefined };
     this.slots[index] = slot;
     worker.on(
       "message",
@@ -181,6 +203,7 @@ export class HashWorkers {
           else current.reject(new Error(message.error ?? "PBKDF2 failed"));
         }
         this.dispatch();
+        if (slot.current === null && this.slots[index] === slot) this.reapLater(index, slot);
       },
     );
     const fail = (err: Error) => {
@@ -197,5 +220,16 @@ export class HashWorkers {
     // listener refs the worker's port again (measured: `tessera init` never exited).
     worker.unref();
     return slot;
+  }
+
+  /** Stop `slot`'s thread if it is still idle after {@link HashWorkersOptions.idleMs}. */
+  private reapLater(index: number, slot: Slot): void {
+    clearTimeout(slot.reaper);
+    slot.reaper = setTimeout(() => {
+      if (slot.current !== null || this.slots[index] !== slot) return;
+      this.slots[index] = null;
+      void slot.worker.terminate();
+    }, this.options.idleMs ?? DEFAULT_HASH_THREAD_IDLE_MS);
+    slot.reaper.unref();
   }
 }

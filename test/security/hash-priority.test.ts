@@ -119,6 +119,31 @@ describe("HashWorkers", () => {
     }
   });
 
+  it("stops a thread that waited idleMs for a hash, and starts one again for the next hash", async () => {
+    const workers = new HashWorkers({ threads: 2, nice: 0, idleMs: 200 });
+    try {
+      const salt = randomBytes(16);
+      await Promise.all([workers.pbkdf2(job("first", salt)), workers.pbkdf2(job("second", salt))]);
+      expect(workers.threadsRunning).toBe(2);
+      await vi.waitFor(() => expect(workers.threadsRunning).toBe(0), { timeout: 5_000, interval: 50 });
+      expect(await workers.pbkdf2(job("again", salt))).toEqual(pbkdf2Sync("again", salt, 2000, 32, "sha256"));
+      expect(workers.threadsRunning).toBe(1);
+    } finally {
+      workers.close();
+    }
+  });
+
+  it("keeps a thread that is busy past idleMs", async () => {
+    const workers = new HashWorkers({ threads: 1, nice: 0, idleMs: 50 });
+    try {
+      const salt = randomBytes(16);
+      const slow = { secret: "slow", salt, iterations: 400_000, keyLength: 32 };
+      expect(await workers.pbkdf2(slow)).toEqual(pbkdf2Sync("slow", salt, 400_000, 32, "sha256"));
+    } finally {
+      workers.close();
+    }
+  });
+
   it("refuses hashes once closed", async () => {
     const workers = new HashWorkers({ threads: 1, nice: 19 });
     workers.close();
