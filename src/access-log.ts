@@ -45,6 +45,8 @@ const BURST = 16;
 const FLUSH_MS = 250;
 /** Retry delay after EAGAIN (a non-blocking stderr whose pipe is full). */
 const RETRY_MS = 20;
+/** Written chunks kept for reuse: one burst and the chunk being filled. */
+const SPARE_CHUNKS = BURST + 1;
 
 const LEVELS = pino.levels.values;
 /** For a 10 ms pause of a synchronous flush whose pipe is full. */
@@ -74,7 +76,14 @@ export class AccessLogWriter implements AccessLog {
   /** Chunks waiting to be written, oldest first; the first may be partly written already. */
   private readonly pending: Buffer[] = [];
   private pendingBytes = 0;
-  private chunk = Buffer.allocUnsafe(CHUNK);
+  /**
+   * Chunks whose write has landed, to be filled again: a new 4 KiB buffer each time cost
+   * an allocation outside V8's heap and its sweep (bench/results/2026-12-06-observe-cuts.md).
+   */
+  private readonly spare: Buffer[] = [];
+  /** The whole chunk behind each chunk's backing store, for the views written from it. */
+  private readonly chunkOf = new WeakMap<ArrayBufferLike, Buffer>();
+  private chunk = this.newChunk();
   private used = 0;
   private writing = false;
   /** Set by close: chunks are no longer written asynchronously, only by its synchronous flush. */
@@ -198,9 +207,16 @@ export class AccessLogWriter implements AccessLog {
     if (this.used > 0) {
       this.pending.push(this.chunk.subarray(0, this.used));
       this.pendingBytes += this.used;
-      this.chunk = Buffer.allocUnsafe(CHUNK);
+      this.chunk = this.spare.pop() ?? this.newChunk();
       this.used = 0;
     }
+  }
+
+  private newChunk(): Buffer {
+    // Never a slice of Node's shared pool: the backing store names this chunk alone.
+    const chunk = Buffer.allocUnsafeSlow(CHUNK);
+    this.chunkOf.set(chunk.buffer, chunk);
+    return chunk;
   }
 
   private enqueue(buffer: Buffer): void {
@@ -246,8 +262,14 @@ export class AccessLogWriter implements AccessLog {
   private advance(written: number): void {
     const head = this.pending[0]!;
     this.pendingBytes -= written;
-    if (written < head.length) this.pending[0] = head.subarray(written);
-    else this.pending.shift();
+    if (written < head.length) {
+      this.pending[0] = head.subarray(written);
+      return;
+    }
+    this.pending.shift();
+    // Only once the whole write has landed: until then the stream or the thread pool reads it.
+    const chunk = this.chunkOf.get(head.buffer);
+    if (chunk !== undefined && this.spare.length < SPARE_CHUNKS) this.spare.push(chunk);
   }
 
   /** Give up the pending chunks from index `from` on (stderr cannot take them), counting their lines. */

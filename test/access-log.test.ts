@@ -182,6 +182,51 @@ describe("the access log writer", () => {
     }
   });
 
+  it("fills a chunk again only after its write has landed, each byte handed to stderr left as it was", async () => {
+    const lines = sampleLines(3_000);
+    const landed: Buffer[] = [];
+    const changed: number[] = [];
+    const stores = new Set<ArrayBufferLike>();
+    let writes = 0;
+    const sink = {
+      write(chunk: Buffer, done: (err?: Error | null) => void) {
+        const n = writes++;
+        const copy = Buffer.from(chunk);
+        stores.add(chunk.buffer);
+        // A slow reader: the write lands a turn later, while calls keep adding lines.
+        setImmediate(() => {
+          if (!chunk.equals(copy)) changed.push(n);
+          landed.push(copy);
+          done(null);
+        });
+        return true;
+      },
+      on() {
+        return sink;
+      },
+    };
+    // What close writes synchronously, after the last asynchronous write, goes to the file.
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-access-")), "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd, undefined, sink);
+    try {
+      for (let i = 0; i < lines.length; i++) {
+        log.writeLine(lines[i]!);
+        if (i % 3 === 0) await new Promise(setImmediate);
+        if (i % 400 === 0) log.flush();
+      }
+      await log.close();
+      expect(changed, "chunks changed between their write and its landing").toEqual([]);
+      expect(Buffer.concat(landed).toString("utf8") + readFileSync(file, "utf8")).toBe(lines.join(""));
+      // The chunks were filled again (the two lines longer than a chunk are buffers of their own).
+      expect(writes).toBeGreaterThan(100);
+      expect(stores.size).toBeLessThanOrEqual(16 + 2 + 2);
+    } finally {
+      await log.close();
+      closeSync(fd);
+    }
+  });
+
   it("follows its level like a logger (SIGHUP changes it)", async () => {
     const log = new AccessLogWriter("info", 2);
     try {
