@@ -10,8 +10,11 @@ export interface AccessLog {
   level: string;
   /** Whether a line at this pino level name is written now. */
   isLevelEnabled(level: string): boolean;
-  /** Write one complete line (ending in "\n"). */
-  writeLine(line: string): void;
+  /**
+   * Write one complete line (ending in "\n"). `ascii`: the caller knows every character of
+   * it is ASCII, whose UTF-8 is one byte per character, so it may be copied as Latin-1.
+   */
+  writeLine(line: string, ascii?: boolean): void;
   /**
    * When present, a call's line is written through a logger instead (an app given a logger
    * of its own: {@link accessLogOf}): its fields at `level`, message "access", so that the
@@ -117,21 +120,23 @@ export class AccessLogWriter implements AccessLog {
     return (LEVELS[level] ?? 0) >= (LEVELS[this.level] ?? Number.POSITIVE_INFINITY);
   }
 
-  writeLine(line: string): void {
+  writeLine(line: string, ascii = false): void {
     if (this.pendingBytes + this.used + line.length > ACCESS_LOG_BUFFER_BYTES) {
       this.drop(1);
       return;
     }
     // Buffer#write copies as much of the line as fits: less than 4 bytes left free means it
     // may have been cut (a UTF-8 character takes up to 4), so the line goes to the next chunk.
-    const written = this.chunk.write(line, this.used);
+    // An ASCII line is copied as Latin-1: the same bytes, without UTF-8's encoder.
+    const encoding = ascii ? "latin1" : "utf8";
+    const written = this.chunk.write(line, this.used, encoding);
     if (CHUNK - this.used - written >= 4) {
       this.used += written;
       return;
     }
     this.sealChunk();
     if (this.pending.length >= BURST) this.writeNext();
-    const again = this.chunk.write(line, 0);
+    const again = this.chunk.write(line, 0, encoding);
     if (CHUNK - again >= 4) this.used = again;
     else this.enqueue(Buffer.from(line));
   }
