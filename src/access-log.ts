@@ -10,8 +10,11 @@ export interface AccessLog {
   level: string;
   /** Whether a line at this pino level name is written now. */
   isLevelEnabled(level: string): boolean;
-  /** Write one complete line (ending in "\n"). */
-  writeLine(line: string): void;
+  /**
+   * Write one complete line (ending in "\n"). `ascii`: the caller knows every character of
+   * it is ASCII, whose UTF-8 is one byte per character, so it may be copied as Latin-1.
+   */
+  writeLine(line: string, ascii?: boolean): void;
   /**
    * When present, a call's line is written through a logger instead (an app given a logger
    * of its own: {@link accessLogOf}): its fields at `level`, message "access", so that the
@@ -45,6 +48,8 @@ const BURST = 16;
 const FLUSH_MS = 250;
 /** Retry delay after EAGAIN (a non-blocking stderr whose pipe is full). */
 const RETRY_MS = 20;
+/** Written chunks kept for reuse: one burst and the chunk being filled. */
+const SPARE_CHUNKS = BURST + 1;
 
 const LEVELS = pino.levels.values;
 /** For a 10 ms pause of a synchronous flush whose pipe is full. */
@@ -74,7 +79,14 @@ export class AccessLogWriter implements AccessLog {
   /** Chunks waiting to be written, oldest first; the first may be partly written already. */
   private readonly pending: Buffer[] = [];
   private pendingBytes = 0;
-  private chunk = Buffer.allocUnsafe(CHUNK);
+  /**
+   * Chunks whose write has landed, to be filled again: a new 4 KiB buffer each time cost
+   * an allocation outside V8's heap and its sweep (bench/results/2026-12-06-observe-cuts.md).
+   */
+  private readonly spare: Buffer[] = [];
+  /** The whole chunk behind each chunk's backing store, for the views written from it. */
+  private readonly chunkOf = new WeakMap<ArrayBufferLike, Buffer>();
+  private chunk = this.newChunk();
   private used = 0;
   private writing = false;
   /** Set by close: chunks are no longer written asynchronously, only by its synchronous flush. */
@@ -108,21 +120,23 @@ export class AccessLogWriter implements AccessLog {
     return (LEVELS[level] ?? 0) >= (LEVELS[this.level] ?? Number.POSITIVE_INFINITY);
   }
 
-  writeLine(line: string): void {
+  writeLine(line: string, ascii = false): void {
     if (this.pendingBytes + this.used + line.length > ACCESS_LOG_BUFFER_BYTES) {
       this.drop(1);
       return;
     }
     // Buffer#write copies as much of the line as fits: less than 4 bytes left free means it
     // may have been cut (a UTF-8 character takes up to 4), so the line goes to the next chunk.
-    const written = this.chunk.write(line, this.used);
+    // An ASCII line is copied as Latin-1: the same bytes, without UTF-8's encoder.
+    const encoding = ascii ? "latin1" : "utf8";
+    const written = this.chunk.write(line, this.used, encoding);
     if (CHUNK - this.used - written >= 4) {
       this.used += written;
       return;
     }
     this.sealChunk();
     if (this.pending.length >= BURST) this.writeNext();
-    const again = this.chunk.write(line, 0);
+    const again = this.chunk.write(line, 0, encoding);
     if (CHUNK - again >= 4) this.used = again;
     else this.enqueue(Buffer.from(line));
   }
@@ -198,9 +212,16 @@ export class AccessLogWriter implements AccessLog {
     if (this.used > 0) {
       this.pending.push(this.chunk.subarray(0, this.used));
       this.pendingBytes += this.used;
-      this.chunk = Buffer.allocUnsafe(CHUNK);
+      this.chunk = this.spare.pop() ?? this.newChunk();
       this.used = 0;
     }
+  }
+
+  private newChunk(): Buffer {
+    // Never a slice of Node's shared pool: the backing store names this chunk alone.
+    const chunk = Buffer.allocUnsafeSlow(CHUNK);
+    this.chunkOf.set(chunk.buffer, chunk);
+    return chunk;
   }
 
   private enqueue(buffer: Buffer): void {
@@ -246,8 +267,14 @@ export class AccessLogWriter implements AccessLog {
   private advance(written: number): void {
     const head = this.pending[0]!;
     this.pendingBytes -= written;
-    if (written < head.length) this.pending[0] = head.subarray(written);
-    else this.pending.shift();
+    if (written < head.length) {
+      this.pending[0] = head.subarray(written);
+      return;
+    }
+    this.pending.shift();
+    // Only once the whole write has landed: until then the stream or the thread pool reads it.
+    const chunk = this.chunkOf.get(head.buffer);
+    if (chunk !== undefined && this.spare.length < SPARE_CHUNKS) this.spare.push(chunk);
   }
 
   /** Give up the pending chunks from index `from` on (stderr cannot take them), counting their lines. */

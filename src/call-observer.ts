@@ -44,6 +44,11 @@ const PLAIN = /^[\w.:-]*$/;
 function quote(s: string): string {
   return PLAIN.test(s) ? `"${s}"` : JSON.stringify(s);
 }
+/**
+ * A character other than printable ASCII: JSON.stringify escapes control characters but
+ * leaves those whose UTF-8 takes more than one byte as they are.
+ */
+const NOT_ASCII = /[^ -~]/;
 
 /** The access line's `method` ("tessera.v1.UserService/GetCurrentUser"), made once per RPC. */
 const methodNames = new Map<DescMethod, string>();
@@ -99,6 +104,22 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
   let whoText = "";
   let ipOf = "";
   let ipText = '""';
+  let ipAscii = true;
+  let whoAscii = true;
+  /**
+   * Whether the line {@link accessLine} built last is all ASCII, so that the access log may
+   * copy it as Latin-1 (the same bytes as UTF-8 for it, without the encoder): every part is a
+   * name from this code or the descriptors (protobuf identifiers are ASCII) but the values
+   * quoted, which are checked.
+   */
+  let lineAscii = true;
+  /** `quote` for the line being built, noting a value that is not ASCII. */
+  function quoteInLine(s: string): string {
+    if (PLAIN.test(s)) return `"${s}"`;
+    const json = JSON.stringify(s);
+    if (NOT_ASCII.test(json)) lineAscii = false;
+    return json;
+  }
 
   /** The kind of credential a refused request presented, from its headers (never their value). */
   function presented(
@@ -172,7 +193,10 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     if (level === undefined || state.aggregated || !log.isLevelEnabled(level)) return;
     if (log.writeFields !== undefined)
       log.writeFields(level, accessFields(state, method, protocol, code, seconds));
-    else log.writeLine(accessLine(state, method, protocol, code, seconds));
+    else {
+      const line = accessLine(state, method, protocol, code, seconds);
+      log.writeLine(line, lineAscii);
+    }
   };
 
   /** The access line's fields, for a logger (an app given its own): the same as {@link accessLine}'s. */
@@ -212,11 +236,12 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     code: number,
     seconds: number,
   ): string {
+    lineAscii = true;
     const outcome =
       code === 0
         ? `"code":"ok",`
-        : `"code":"${codeToString(code)}","reason":${quote(reasonOf(state, code))},`;
-    return `${head()}${quote(state.requestId)},${methodPart(method, protocol)}${outcome}"durationMs":${Math.round(seconds * 1e6) / 1000},${whoPart(state.principal)}"ip":${ipPart(state.ip)},"msg":"access"}\n`;
+        : `"code":"${codeToString(code)}","reason":${quoteInLine(reasonOf(state, code))},`;
+    return `${head()}${quoteInLine(state.requestId)},${methodPart(method, protocol)}${outcome}"durationMs":${Math.round(seconds * 1e6) / 1000},${whoPart(state.principal)}"ip":${ipPart(state.ip)},"msg":"access"}\n`;
   }
 
   /** `{"level":…,"time":…,"service":"tessera","requestId":`, made once per millisecond. */
@@ -234,7 +259,9 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     if (principal !== whoOf) {
       whoOf = principal;
       whoText = `"principalKind":"${principal.kind}","principalId":${quote(principal.id)},"authMethod":"${principal.method}",`;
+      whoAscii = !NOT_ASCII.test(whoText);
     }
+    if (!whoAscii) lineAscii = false;
     return whoText;
   }
   /** The caller's address as a JSON string, made again only for another address. */
@@ -242,7 +269,9 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     if (ip !== ipOf) {
       ipOf = ip;
       ipText = quote(ip);
+      ipAscii = !NOT_ASCII.test(ipText);
     }
+    if (!ipAscii) lineAscii = false;
     return ipText;
   }
 }

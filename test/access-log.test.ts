@@ -70,6 +70,23 @@ describe("the access log writer", () => {
     }
   });
 
+  it("copies the lines its caller marks ASCII byte for byte, across chunk boundaries, among lines that are not", async () => {
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-access-")), "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd);
+    const lines = sampleLines(5_000);
+    try {
+      for (let i = 0; i < lines.length; i++) {
+        log.writeLine(lines[i]!, /^[ -~\n]*$/.test(lines[i]!));
+        if (i % 50 === 0) await new Promise(setImmediate);
+      }
+      await log.close();
+      expect(readFileSync(file, "utf8")).toBe(lines.join(""));
+    } finally {
+      closeSync(fd);
+    }
+  });
+
   it("keeps the order when closed while a write is slow: the rest follows it once it lands", async () => {
     const dir = mkdtempSync(join(tmpdir(), "tessera-access-"));
     const file = join(dir, "access.log");
@@ -179,6 +196,51 @@ describe("the access log writer", () => {
       expect(Buffer.concat(writes.map((w) => w.chunk)).toString()).toBe(line.repeat(16 * perChunk));
     } finally {
       await log.close();
+    }
+  });
+
+  it("fills a chunk again only after its write has landed, each byte handed to stderr left as it was", async () => {
+    const lines = sampleLines(3_000);
+    const landed: Buffer[] = [];
+    const changed: number[] = [];
+    const stores = new Set<ArrayBufferLike>();
+    let writes = 0;
+    const sink = {
+      write(chunk: Buffer, done: (err?: Error | null) => void) {
+        const n = writes++;
+        const copy = Buffer.from(chunk);
+        stores.add(chunk.buffer);
+        // A slow reader: the write lands a turn later, while calls keep adding lines.
+        setImmediate(() => {
+          if (!chunk.equals(copy)) changed.push(n);
+          landed.push(copy);
+          done(null);
+        });
+        return true;
+      },
+      on() {
+        return sink;
+      },
+    };
+    // What close writes synchronously, after the last asynchronous write, goes to the file.
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-access-")), "access.log");
+    const fd = openSync(file, "a");
+    const log = new AccessLogWriter("info", fd, undefined, sink);
+    try {
+      for (let i = 0; i < lines.length; i++) {
+        log.writeLine(lines[i]!);
+        if (i % 3 === 0) await new Promise(setImmediate);
+        if (i % 400 === 0) log.flush();
+      }
+      await log.close();
+      expect(changed, "chunks changed between their write and its landing").toEqual([]);
+      expect(Buffer.concat(landed).toString("utf8") + readFileSync(file, "utf8")).toBe(lines.join(""));
+      // The chunks were filled again (the two lines longer than a chunk are buffers of their own).
+      expect(writes).toBeGreaterThan(100);
+      expect(stores.size).toBeLessThanOrEqual(16 + 2 + 2);
+    } finally {
+      await log.close();
+      closeSync(fd);
     }
   });
 
@@ -313,6 +375,62 @@ describe("the access line", () => {
     expect(typeof line.reason).toBe("string");
     expect(Math.abs((line.time as number) - Date.now())).toBeLessThan(5_000);
     expect(line.durationMs as number).toBeGreaterThanOrEqual(12);
+  });
+
+  it("reaches the log as UTF-8 whichever of its values is not ASCII, on the call that makes it and on later ones", async () => {
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-access-")), "access.log");
+    const fd = openSync(file, "a");
+    const writer = new AccessLogWriter("info", fd);
+    const observe = createCallObserver({ metrics: undefined, log: writer, access: "info", prefixes })!;
+    const plain = { kind: "user", method: "jwt", id: "alice", tenantId: "t", scopes: [] } as const;
+    const accented = {
+      kind: "user",
+      method: "jwt",
+      id: "ren\u00e9e-\u{1f600}",
+      tenantId: "t",
+      scopes: [],
+    } as const;
+    // Each value that is not ASCII, then calls that reuse what the one before kept (the
+    // principal's fields, the address) and calls that are all ASCII between them.
+    const calls = [
+      { requestId: "r0", principal: plain, ip: "10.0.0.1", code: 0 },
+      { requestId: "r\u00e91", principal: plain, ip: "10.0.0.1", code: 0 },
+      { requestId: "r2", principal: plain, ip: "10.0.0.1", code: 0 },
+      { requestId: "r3", principal: accented, ip: "10.0.0.1", code: 0 },
+      { requestId: "r4", principal: accented, ip: "10.0.0.1", code: 0 },
+      { requestId: "r5", principal: plain, ip: "10.0.0.1", code: 0 },
+      { requestId: "r6", principal: plain, ip: "h\u00f4te", code: 0 },
+      { requestId: "r7", principal: plain, ip: "h\u00f4te", code: 0 },
+      { requestId: "r8", principal: null, ip: "10.0.0.1", code: 7, reason: "D\u00c9NI" },
+      { requestId: "r9", principal: null, ip: "10.0.0.1", code: 0 },
+      { requestId: "r10", principal: plain, ip: "10.0.0.1", code: 7, reason: "DENIED" },
+    ] as const;
+    try {
+      for (const call of calls)
+        observe(
+          {
+            requestId: call.requestId,
+            ip: call.ip,
+            certificate: null,
+            principal: call.principal,
+            ...("reason" in call ? { errorInfo: { reason: call.reason } } : {}),
+          } as RequestState,
+          {},
+          method,
+          "connect",
+          call.code,
+        );
+      await writer.close();
+      const got = readFileSync(file, "utf8")
+        .trimEnd()
+        .split("\n")
+        .map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(got.map((l) => [l.requestId, l.principalId, l.ip, l.reason])).toEqual(
+        calls.map((c) => [c.requestId, c.principal?.id, c.ip, "reason" in c ? c.reason : undefined]),
+      );
+    } finally {
+      closeSync(fd);
+    }
   });
 
   it("has no principal fields for an anonymous call, and no reason when it succeeded", () => {
