@@ -9,6 +9,7 @@ import { startWorkflowServer, type WorkflowServer } from "../examples/workflows/
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { generateToken } from "../src/auth/token-format.js";
+import { createTesseraAuthMiddleware, type TesseraMiddlewareRequest } from "../src/sdk/server/index.js";
 import { AuditEventRepository } from "../src/storage/repositories/audit.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
@@ -122,5 +123,35 @@ describe.each(DATABASES)("a downstream flooded with bogus tokens on $name", (db)
     for (let i = 0; i < PER_CLIENT + 2; i++) statuses.push(await getJson(bogus(), attacker));
     expect(statuses).toEqual([...Array(PER_CLIENT).fill(401), 429, 429]);
     expect(await getJson(await newPat(), "127.0.0.5")).toBe(200);
+  });
+
+  it("budgets by the middleware's clientAddress option, and sends nothing that is not an IP address", async () => {
+    /** The status the middleware answers (200: it called next) for a token sent from `address`. */
+    const status = (address: string, token: string) => {
+      const middleware = createTesseraAuthMiddleware<TesseraMiddlewareRequest>(workflows.auth!, {
+        rule: { scopes: ["workflows:read"] },
+        // As behind a proxy of the service's own: the address it forwards, not the socket's.
+        clientAddress: () => address,
+      });
+      return new Promise<number>((resolve) => {
+        const res = {
+          headersSent: false,
+          writeHead: (code: number) => {
+            resolve(code);
+            return res;
+          },
+          end: () => res,
+        };
+        middleware({ headers: { authorization: `Bearer ${token}` } } as never, res as never, () =>
+          resolve(200),
+        );
+      });
+    };
+    const statuses: number[] = [];
+    for (let i = 0; i < PER_CLIENT + 1; i++) statuses.push(await status("198.51.100.9", bogus()));
+    expect(statuses).toEqual([...Array(PER_CLIENT).fill(401), 429]);
+    expect(await status("198.51.100.10", await newPat())).toBe(200);
+    // Not an address: not sent (Tessera would refuse the call), so the service's own budget is spent.
+    expect(await status("unknown", await newPat())).toBe(200);
   });
 });
