@@ -38,6 +38,8 @@ export interface RateLimits {
   perPrincipal: Limiter;
   /** Failed authentications per IP: bounds password guessing and PBKDF2 work. */
   authFailures: Limiter;
+  /** Failed VerifyCredential verifications per verifying caller, across the client addresses it names. */
+  verifyFailures: Limiter;
   /** Password checks: budget reserved per IP, per username and per username at an IP before PBKDF2 (and, right ones included, per username). */
   passwords: PasswordGuard;
   /** New secrets (tokens, API keys, machine credentials) per principal per hour: each costs a PBKDF2. */
@@ -174,6 +176,7 @@ export function createRateLimits(
     perIp: make("ip", config.perIpPerMinute),
     perPrincipal: make("principal", config.perPrincipalPerMinute),
     authFailures,
+    verifyFailures: make("verify-failures", config.verifyFailuresPerCallerPerMinute),
     credentialCreations: make("credential-creations", config.credentialCreationsPerHour, 3600),
     passwords: new PasswordGuard(
       authFailures,

@@ -80,6 +80,7 @@ const CONTRACT = [
   "rateLimit.perIpPerMinute TESSERA_RATE_LIMIT_PER_IP 600",
   "rateLimit.perPrincipalPerMinute TESSERA_RATE_LIMIT_PER_PRINCIPAL 1200",
   "rateLimit.authFailuresPerIpPerMinute TESSERA_RATE_LIMIT_AUTH_FAILURES 20",
+  "rateLimit.verifyFailuresPerCallerPerMinute TESSERA_RATE_LIMIT_VERIFY_FAILURES_PER_CALLER 600",
   "rateLimit.authFailuresPerUsernamePerHour TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME 100",
   "rateLimit.authFailuresPerUsernamePerIp TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP 5",
   "rateLimit.passwordChecksPerUsernamePerMinute TESSERA_RATE_LIMIT_PASSWORD_CHECKS_PER_USERNAME 10",

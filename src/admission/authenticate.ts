@@ -10,16 +10,30 @@ import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import {
   authFailuresError,
+  type Limiter,
+  type LimitResult,
   type PasswordAttempt,
   type RateLimits,
   spentAddressRefusal,
 } from "../rate-limit.js";
+
+/** A failure budget: a limiter and the key counted on it. */
+export interface FailureBudget {
+  limiter: Limiter;
+  key: string;
+}
 
 /** What authentication needs: the verifiers, and the budgets when rate limits are on. */
 export interface AuthenticationDeps {
   authenticator: Authenticator;
   /** When set: failed authentications counted per IP, and password checks' budgets reserved before PBKDF2 (rate-limit.ts). */
   limits?: RateLimits | undefined;
+  /**
+   * A budget every failure also spends, after the address's (`state.ip`) and only when that
+   * one allowed it: VerifyCredential's per-caller budget when the caller names its client's
+   * address, so that each client address runs out alone while the caller's total stays bounded.
+   */
+  wider?: FailureBudget | undefined;
 }
 
 /**
@@ -44,7 +58,7 @@ export function authenticationRefusal(
   if (credential?.type === "bearer") {
     // A token already refused (a replayed forgery) is refused without any throw.
     const known = authenticator.knownRefusal(credential);
-    if (known !== undefined) return limits ? spendFailure(limits, state, known) : known;
+    if (known !== undefined) return limits ? spendFailure(limits, state, known, deps.wider) : known;
   }
   if (limits === undefined) return verdictOf(authenticator, credential, state);
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
@@ -76,7 +90,7 @@ function withinBudget(
 ): unknown {
   if (verdict === NEEDS_HASHING)
     return tokenRefusal(deps, limits, credential as PresentedCredential & { type: "bearer" }, state);
-  return spendFailure(limits, state, verdict);
+  return spendFailure(limits, state, verdict, deps.wider);
 }
 
 /**
@@ -129,15 +143,28 @@ function isFailure(refusal: unknown): boolean {
  * answer is RATE_LIMITED, so that a guesser learns nothing more from its guesses. Anything
  * else is returned as it is, synchronously; a spent failure is a promise that never rejects.
  */
-export function spendFailure(limits: RateLimits, state: RequestState, refusal: unknown): unknown {
+export function spendFailure(
+  limits: RateLimits,
+  state: RequestState,
+  refusal: unknown,
+  wider?: FailureBudget,
+): unknown {
   if (!isFailure(refusal)) return refusal;
-  return spend(limits, state, refusal);
+  return spend(limits, state, refusal, wider);
 }
 
-async function spend(limits: RateLimits, state: RequestState, refusal: unknown): Promise<unknown> {
+async function spend(
+  limits: RateLimits,
+  state: RequestState,
+  refusal: unknown,
+  wider: FailureBudget | undefined,
+): Promise<unknown> {
   try {
     const spent = await limits.authFailures.consume(budgetKey(state.ip));
-    return spent.allowed ? refusal : authFailuresError(spent);
+    if (!spent.allowed) return authFailuresError(spent);
+    if (wider === undefined) return refusal;
+    const widely = await wider.limiter.consume(wider.key);
+    return widely.allowed ? refusal : authFailuresError(widely);
   } catch (err) {
     // The budget's store failing (Redis gone) is what the call is answered with.
     return err;
@@ -160,8 +187,12 @@ function basicRefusal(
   credential: PresentedCredential & { type: "basic" },
   state: RequestState,
 ): Promise<unknown> {
-  return verifyOnce(deps, credential, state, `basic\0${credential.username}\0${credential.password}`, () =>
-    limits.passwords.reserve(state.ip, credential.username),
+  return verifyOnce(
+    deps,
+    credential,
+    state,
+    `basic\0${credential.username}\0${credential.password}`,
+    withinWider(deps.wider, () => limits.passwords.reserve(state.ip, credential.username)),
   );
 }
 
@@ -176,19 +207,61 @@ function tokenRefusal(
   credential: PresentedCredential & { type: "bearer" },
   state: RequestState,
 ): Promise<unknown> {
-  return verifyOnce(deps, credential, state, `bearer\0${credential.token}`, async () => {
-    const key = budgetKey(state.ip);
-    const taken = await limits.authFailures.consume(key);
-    if (!taken.allowed) throw authFailuresError(taken);
-    const refund = () => limits.authFailures.refund(key, taken);
-    let settled = false;
-    const once = (fn: () => Promise<unknown>) => async () => {
-      if (settled) return;
-      settled = true;
-      await fn();
+  return verifyOnce(
+    deps,
+    credential,
+    state,
+    `bearer\0${credential.token}`,
+    withinWider(deps.wider, async () => {
+      const key = budgetKey(state.ip);
+      const taken = await limits.authFailures.consume(key);
+      if (!taken.allowed) throw authFailuresError(taken);
+      const refund = () => limits.authFailures.refund(key, taken);
+      let settled = false;
+      const once = (fn: () => Promise<unknown>) => async () => {
+        if (settled) return;
+        settled = true;
+        await fn();
+      };
+      return { succeeded: once(refund), failed: once(async () => {}), cancelled: once(refund) };
+    }),
+  );
+}
+
+/**
+ * `reserve`, then one point of `wider` (when set): a reservation refused by the wider budget
+ * gives the first one back (no PBKDF2 will run for it); a success or no verdict gives both
+ * back, a failure keeps both.
+ */
+function withinWider(
+  wider: FailureBudget | undefined,
+  reserve: () => Promise<PasswordAttempt>,
+): () => Promise<PasswordAttempt> {
+  if (wider === undefined) return reserve;
+  return async () => {
+    const first = await reserve();
+    let taken: LimitResult;
+    try {
+      taken = await wider.limiter.consume(wider.key);
+    } catch (err) {
+      await first.cancelled();
+      throw err;
+    }
+    if (!taken.allowed) {
+      await first.cancelled();
+      throw authFailuresError(taken);
+    }
+    const refund = () => wider.limiter.refund(wider.key, taken);
+    return {
+      succeeded: async () => {
+        await Promise.all([first.succeeded(), refund()]);
+      },
+      failed: first.failed,
+      cancelled: async () => {
+        await Promise.all([first.cancelled(), refund()]);
+      },
     };
-    return { succeeded: once(refund), failed: once(async () => {}), cancelled: once(refund) };
-  });
+  };
 }
 
 /**
@@ -286,6 +359,12 @@ async function verifyReserved(
   if (!pool.hasRoom()) {
     const limited = deps.limits && spentAddressRefusal(deps.limits, state.ip);
     if (limited) return limited;
+    const wider = deps.wider;
+    const widely = wider?.limiter.spentNow(wider.key);
+    if (widely) {
+      wider!.limiter.refused++;
+      return authFailuresError(widely);
+    }
     try {
       // Throws the pool's own refusal (Unavailable, Retry-After), counted as refused.
       pool.assertRoom();

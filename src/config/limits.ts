@@ -25,6 +25,11 @@ export const rateLimitSchema = z
       description:
         "Failed logins/credentials per minute per IP before refusing. Budget is reserved before a password is verified and refunded on success.",
     }),
+    verifyFailuresPerCallerPerMinute: z.number().int().positive().default(600).register(configKeys, {
+      env: "TESSERA_RATE_LIMIT_VERIFY_FAILURES_PER_CALLER",
+      description:
+        "Failed VerifyCredential verifications per minute per verifying caller across all the client addresses it names (`client_address`), each of which has its own budget of `rateLimit.authFailuresPerIpPerMinute`: bounds the PBKDF2 work one caller can cause. Reserved before the hash and refunded on success, as the per-IP budget. Verifications without a client address spend the caller's per-IP-sized budget alone, as before.",
+    }),
     authFailuresPerUsernamePerHour: z.number().int().positive().default(100).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
       description:

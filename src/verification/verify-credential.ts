@@ -1,3 +1,4 @@
+import { isIP } from "node:net";
 import { auditFiling } from "../admission/audit.js";
 import { authenticationRefusal } from "../admission/authenticate.js";
 import type { AuditLog } from "../audit.js";
@@ -7,8 +8,9 @@ import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import { type PeerCertificateInfo, type Principal, TENANT_DISABLED_MESSAGE } from "../auth/principal.js";
 import { hasAllScopes } from "../auth/scopes.js";
 import { parseToken } from "../auth/token-format.js";
+import { budgetKey, normalizeIp } from "../client-ip.js";
 import type { RequestState } from "../context.js";
-import { isRefusal, TesseraError } from "../errors.js";
+import { errors, isRefusal, TesseraError } from "../errors.js";
 import type { RateLimits } from "../rate-limit.js";
 import { canSeeTenant, tenantScope } from "../services/common.js";
 
@@ -36,6 +38,12 @@ export interface VerificationInput {
   requiredScopes?: readonly string[];
   /** When set, the credential's principal must be a machine user assigned to it. */
   applicationId?: string | undefined;
+  /**
+   * The address of the client that presented the credential to the caller, as the caller
+   * saw it: an IP literal, checked by {@link clientAddressOf}. Set, failures are budgeted per
+   * caller and client address within a per-caller budget (see createCredentialVerifier).
+   */
+  clientAddress?: string | undefined;
 }
 
 /** The answer about one credential. Carries no secret. */
@@ -89,7 +97,11 @@ const TOKEN_CHARS = /^[\x21-\x7e]+$/;
  * and the state read on every call, and the same budgets (src/admission/authenticate.ts),
  * counted under the caller's own key (`verify:<kind>:<id>`): a guessing caller runs out
  * of verifications, and a service verifying its users' bad tokens never locks its own
- * address out of authenticating to Tessera.
+ * address out of authenticating to Tessera. A caller that names its client's address
+ * (`clientAddress`) has one such budget per client address (`verify:<kind>:<id>@<address's
+ * budget key>`: the caller's own, never another's) and spends its per-caller budget
+ * (`limits.verifyFailures`) beside it: a downstream service's anonymous client sending bad
+ * tokens runs out alone, rather than locking every client of that service out of first uses.
  *
  * The tenant wall is the verifiers' own (`RequestState.tenantWall`, decided by
  * {@link tenantScope}, the one rule of who sees which tenant): another tenant's credential
@@ -104,13 +116,19 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
   return {
     verify(caller, callerState, input) {
       const verification = verifyOnly(caller, callerState, input);
-      if (verification instanceof Promise) return verification.then((v) => audited(caller, callerState, v));
-      return audited(caller, callerState, verification);
+      if (verification instanceof Promise)
+        return verification.then((v) => audited(caller, callerState, input, v));
+      return audited(caller, callerState, input, verification);
     },
   };
 
   /** Write the verification to the audit log; returns it. */
-  function audited(caller: Principal, callerState: RequestState, verification: Verification): Verification {
+  function audited(
+    caller: Principal,
+    callerState: RequestState,
+    input: VerificationInput,
+    verification: Verification,
+  ): Verification {
     const p = verification.principal;
     audit.record({
       requestId: callerState.requestId,
@@ -124,7 +142,9 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
       targetId: p?.credentialId ?? null,
       outcome: verification.valid ? "success" : "failure",
       reason: verification.code,
-      ip: callerState.ip,
+      // The client the caller named is the one that presented the credential (as a trusted
+      // proxy's forwarded address is); the caller itself is the actor.
+      ip: input.clientAddress ? normalizeIp(input.clientAddress) : callerState.ip,
     });
     return verification;
   }
@@ -142,9 +162,11 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
       !presented.credential.username.startsWith(MACHINE_USERNAME_PREFIX)
     )
       return { valid: false, code: "NOT_FOUND" };
+    const own = `verify:${caller.kind}:${caller.id}`;
+    const client = input.clientAddress;
     const state: RequestState = {
       requestId: callerState.requestId,
-      ip: `verify:${caller.kind}:${caller.id}`,
+      ip: client ? `${own}@${budgetKey(client)}` : own,
       certificate: presented.binding,
       principal: null,
     };
@@ -152,7 +174,8 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
     if (wall !== null) state.tenantWall = wall;
     // As admission authenticates (authenticate.ts, with the budgets): undefined once
     // `state.principal` is set, else the refusal; a promise of either unless decided without I/O.
-    const refusal = authenticationRefusal({ authenticator, limits }, presented.credential, state);
+    const wider = client && limits ? { limiter: limits.verifyFailures, key: own } : undefined;
+    const refusal = authenticationRefusal({ authenticator, limits, wider }, presented.credential, state);
     if (refusal instanceof Promise) return refusal.then((r) => decided(caller, input, state, r));
     return decided(caller, input, state, refusal);
   }
@@ -177,6 +200,21 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
       return { valid: false, code: "NOT_ASSIGNED", ...found };
     return { valid: true, code: "VALID", ...found };
   }
+}
+
+/** Longest client address taken: an IPv6 literal with an embedded IPv4 and a zone fits. */
+const MAX_CLIENT_ADDRESS_LENGTH = 64;
+
+/**
+ * `raw` as a client address to budget under, or undefined when it is none (empty); throws
+ * INVALID_ARGUMENT when it is not an IP literal of at most 64 characters: anything else
+ * would let a caller make up budget keys at will.
+ */
+export function clientAddressOf(raw: string): string | undefined {
+  if (raw === "") return undefined;
+  if (raw.length > MAX_CLIENT_ADDRESS_LENGTH || isIP(normalizeIp(raw)) === 0)
+    throw errors.invalidArgument("client_address must be an IPv4 or IPv6 address", "client_address");
+  return raw;
 }
 
 /** The answer to a credential that did not verify; a fault is thrown (Unavailable, Internal). */

@@ -95,7 +95,8 @@ export type AuditEvent = Message<"tessera.v1.AuditEvent"> & {
   reason: string;
 
   /**
-   * The client's address.
+   * The client's address; for a verification (credential.verify) whose caller named the
+   * address of its own client (VerifyCredentialRequest.client_address), that address.
    *
    * @generated from field: string ip = 11;
    */

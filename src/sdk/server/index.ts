@@ -22,6 +22,7 @@ export {
 } from "./middleware.js";
 export { JWT_ALGORITHMS, type JwtAlgorithm } from "./offline-jwt.js";
 export {
+  clientAddressKey,
   clientCertificateKey,
   clientCertificateThumbprint,
   type TesseraPrincipal,

@@ -2,7 +2,7 @@ import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
 import type { Interceptor, StreamRequest, StreamResponse } from "@connectrpc/connect";
 import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
 import { TesseraAuthError, toConnectError } from "./errors.js";
-import { clientCertificateKey, tesseraPrincipalKey } from "./principal.js";
+import { clientAddressKey, clientCertificateKey, tesseraPrincipalKey } from "./principal.js";
 import type { StreamHold } from "./stream-holds.js";
 import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
 import type { DownstreamRule } from "./verdicts.js";
@@ -120,7 +120,9 @@ export type TesseraAuthInterceptor = Interceptor & { readonly auth: TesseraAuth 
  *
  * Each method's scopes come from its own `option (tessera.v1.auth) = { scopes: [...] }`;
  * `public: true` lets anyone in; a method without the option is refused (fail closed). The
- * principal is in the handler's context under {@link tesseraPrincipalKey}. Refusals carry
+ * principal is in the handler's context under {@link tesseraPrincipalKey}. The client's
+ * address ({@link clientAddressKey}, which `tesseraContextValues` sets) goes to
+ * VerifyCredential with the credentials it presents. Refusals carry
  * Tessera's error model: Unauthenticated or PermissionDenied with a reason in a
  * `google.rpc.ErrorInfo`, Unavailable with Retry-After when Tessera cannot answer.
  *
@@ -143,7 +145,7 @@ export function createTesseraAuthInterceptor(
     const thumbprint = req.contextValues.get(clientCertificateKey);
     // A stream is not only admitted but held: it ends when its admission no longer holds.
     if (req.stream)
-      return auth.holdStream(authorization, thumbprint, rule).then(
+      return auth.holdStream(authorization, thumbprint, rule, req.contextValues.get(clientAddressKey)).then(
         (hold) => {
           req.contextValues.set(tesseraPrincipalKey, hold.principal);
           return held(next as (req: StreamRequest) => Promise<StreamResponse>, req, hold);
@@ -163,7 +165,7 @@ export function createTesseraAuthInterceptor(
       req.contextValues.set(tesseraPrincipalKey, known);
       return next(req);
     }
-    return auth.authenticate(authorization, thumbprint).then(
+    return auth.authenticate(authorization, thumbprint, req.contextValues.get(clientAddressKey)).then(
       (principal) => {
         try {
           auth.authorize(principal, rule);

@@ -1,7 +1,12 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { TesseraAuthError, toAuthError } from "./errors.js";
-import { clientCertificateThumbprint, connectionOf, type TesseraPrincipal } from "./principal.js";
+import {
+  clientCertificateThumbprint,
+  connectionOf,
+  peerAddressOf,
+  type TesseraPrincipal,
+} from "./principal.js";
 import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
 import type { DownstreamRule } from "./verdicts.js";
 
@@ -19,6 +24,13 @@ export interface TesseraMiddlewareOptions<Req extends TesseraMiddlewareRequest =
    * runs (case, `//`, `%2F`, trailing slashes, HEAD for GET), and a rule must see the same.
    */
   rule: DownstreamRule | ((req: Req) => DownstreamRule | undefined | null);
+  /**
+   * The address of the client that sent `req`, sent to VerifyCredential with its
+   * credentials so that a client sending bad ones spends a budget of its own at Tessera
+   * (default: the connection's peer address). Behind a proxy of your own, the address it
+   * forwards (Express's `req.ip` with `trust proxy` set); undefined: none sent.
+   */
+  clientAddress?: (req: Req) => string | undefined;
 }
 
 const principals = new WeakMap<object, TesseraPrincipal>();
@@ -116,8 +128,15 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
       next();
       return;
     }
+    let address: string | undefined;
+    try {
+      address = options.clientAddress ? options.clientAddress(req) : peerAddressOf(req as never);
+    } catch (err) {
+      next(err);
+      return;
+    }
     core
-      .authenticate(header, thumbprint)
+      .authenticate(header, thumbprint, address)
       .then((principal) => {
         admit(principal);
         next();

@@ -43,6 +43,17 @@ export const clientCertificateKey = createContextKey<string | undefined>(undefin
   description: "x5t#S256 of the verified client certificate",
 });
 
+/**
+ * The address of the client that called (the connection's peer, by default), sent to
+ * VerifyCredential with the credentials it presents: Tessera then counts that client's
+ * failed verifications on a budget of its own, so that one client sending bad credentials
+ * does not spend the whole service's. Set by {@link tesseraContextValues}; behind a proxy
+ * of your own, set it in your `contextValues` from the address the proxy forwards.
+ */
+export const clientAddressKey = createContextKey<string | undefined>(undefined, {
+  description: "the address of the calling client",
+});
+
 /** A connection's verified client certificate: its thumbprint, and the last instant its chain is valid. */
 interface Presented {
   thumbprint: string;
@@ -105,9 +116,20 @@ export function connectionOf(req: {
   return req.stream?.session?.socket ?? req.socket;
 }
 
+/** The peer address of a request's connection (undefined once the socket is gone). */
+export function peerAddressOf(req: {
+  socket?: unknown;
+  stream?: { session?: { socket?: unknown } };
+}): string | undefined {
+  const socket = connectionOf(req) as { remoteAddress?: unknown } | undefined;
+  const address = socket?.remoteAddress;
+  return typeof address === "string" ? address : undefined;
+}
+
 /**
  * `contextValues` for connect-node's adapter, so that certificate-bound credentials can be
- * checked: `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
+ * checked and the client's address reaches VerifyCredential:
+ * `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
  */
 export function tesseraContextValues(req: {
   socket?: unknown;
@@ -116,6 +138,8 @@ export function tesseraContextValues(req: {
   const values = createContextValues();
   const thumbprint = clientCertificateThumbprint(connectionOf(req));
   if (thumbprint) values.set(clientCertificateKey, thumbprint);
+  const address = peerAddressOf(req);
+  if (address !== undefined) values.set(clientAddressKey, address);
   return values;
 }
 

@@ -21,7 +21,11 @@ export interface StreamHold {
 /** What {@link StreamHolds} asks of the core. */
 export interface StreamHoldsOptions {
   /** The core's authentication of a new call (then authorized against the stream's rule). @throws */
-  authenticate(authorization: string | undefined, thumbprint: string | undefined): Promise<TesseraPrincipal>;
+  authenticate(
+    authorization: string | undefined,
+    thumbprint: string | undefined,
+    clientAddress: string | undefined,
+  ): Promise<TesseraPrincipal>;
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
   now(): number;
@@ -34,6 +38,7 @@ export interface StreamHoldsOptions {
 interface Held {
   readonly authorization: string | undefined;
   readonly thumbprint: string | undefined;
+  readonly clientAddress: string | undefined;
   readonly rule: DownstreamRule;
   readonly controller: AbortController;
   /** Undefined until the first verification answers: then any event or loss may concern it. */
@@ -78,6 +83,7 @@ export class StreamHolds {
     authorization: string | undefined,
     thumbprint: string | undefined,
     rule: DownstreamRule,
+    clientAddress?: string,
   ): Promise<StreamHold> {
     if (this.#held.size >= this.#max)
       throw new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", {
@@ -86,6 +92,7 @@ export class StreamHolds {
     const held: Held = {
       authorization,
       thumbprint,
+      clientAddress,
       rule,
       controller: new AbortController(),
       principal: undefined,
@@ -135,7 +142,7 @@ export class StreamHolds {
       do {
         held.again = false;
         held.vouched = this.#o.watching();
-        const principal = await this.#o.authenticate(held.authorization, held.thumbprint);
+        const principal = await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
         authorize(principal, held.rule);
         held.principal = principal;
       } while (held.again && this.#held.has(held));

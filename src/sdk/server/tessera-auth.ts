@@ -1,11 +1,9 @@
 // The core shared by the Connect interceptor and the Node middleware: who is calling, from
 // the Authorization header (and the client certificate), and whether a rule admits them.
 
-import { type Client, ConnectError, createClient, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import type { Transport } from "@connectrpc/connect";
 import {
   VerificationCode,
-  VerificationService,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
 import { loadClientTls } from "../tls.js";
@@ -22,8 +20,9 @@ import {
   type OfflineJwtVerifier,
 } from "./offline-jwt.js";
 import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
-import { type OpenWatch, RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
+import { RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
 import { type StreamHold, StreamHolds } from "./stream-holds.js";
+import { createTesseraClient } from "./tessera-client.js";
 import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
 import { VerifyFlights } from "./verify-flights.js";
@@ -101,9 +100,15 @@ export interface TesseraAuthStats {
 export interface TesseraAuth {
   /**
    * The principal behind an `Authorization` header value, with the connection's verified
-   * client certificate thumbprint (for bound credentials). @throws TesseraAuthError
+   * client certificate thumbprint (for bound credentials) and the client's address (sent to
+   * VerifyCredential, so that a client sending bad credentials spends a budget of its own
+   * there, not the whole service's). @throws TesseraAuthError
    */
-  authenticate(authorization: string | undefined, certificateThumbprint?: string): Promise<TesseraPrincipal>;
+  authenticate(
+    authorization: string | undefined,
+    certificateThumbprint?: string,
+    clientAddress?: string,
+  ): Promise<TesseraPrincipal>;
   /**
    * The principal of a header admitted before and still vouched for (an access token
    * verified offline, or an opaque credential whose answer the cache holds while the watch
@@ -122,6 +127,7 @@ export interface TesseraAuth {
     authorization: string | undefined,
     certificateThumbprint: string | undefined,
     rule: DownstreamRule,
+    clientAddress?: string,
   ): Promise<StreamHold>;
   /** Whether the revocation stream is up (the cache is in use). */
   watching(): boolean;
@@ -160,21 +166,13 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const verifyTimeoutMs = options.verifyTimeoutMs ?? 2000;
   const base = options.server.replace(/\/+$/, "");
   const tls = loadClientTls({ certFolder: options.certFolder, caFile: options.caFile });
-  const transport =
-    options.transport ??
-    createGrpcTransport({
-      baseUrl: base,
-      nodeOptions: {
-        ...(tls.ca ? { ca: tls.ca } : {}),
-        ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
-      },
-    });
-  const headers: Record<string, string> = {};
-  if (options.credential)
-    headers.authorization = /^basic /i.test(options.credential)
-      ? options.credential
-      : `Bearer ${options.credential}`;
-  const client: Client<typeof VerificationService> = createClient(VerificationService, transport);
+  const tessera = createTesseraClient({
+    base,
+    tls,
+    transport: options.transport,
+    credential: options.credential,
+    verifyTimeoutMs,
+  });
 
   const cacheOptions = options.cache === false ? { max: 0, ttlSeconds: 0 } : (options.cache ?? {});
   const cache = new VerifiedCache({
@@ -222,17 +220,17 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const walled = new Set<string>();
 
   const streams = new StreamHolds({
-    authenticate: (authorization, thumbprint) => core.authenticate(authorization, thumbprint),
+    authenticate: (authorization, thumbprint, address) =>
+      core.authenticate(authorization, thumbprint, address),
     watching: () => watch?.healthy() ?? false,
     now,
   });
 
-  const openWatch: OpenWatch = (cursor, signal) => client.watchRevocations({ cursor }, { signal, headers });
   const watch =
     options.watch === false
       ? undefined
       : new RevocationWatch({
-          open: openWatch,
+          open: tessera.openWatch,
           now,
           skewMs,
           rememberMs: maxLifetimeMs,
@@ -252,18 +250,6 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const verdictDeps = { watch, walled, skewMs, maxLifetimeMs, now };
 
-  async function callVerify(credential: string): Promise<VerifyCredentialResponse> {
-    counters.verifyCalls++;
-    try {
-      return await client.verifyCredential({ credential }, { headers, timeoutMs: verifyTimeoutMs });
-    } catch (err) {
-      // Whatever went wrong between this service and Tessera (unreachable, overloaded, this
-      // service's own credential refused), the caller's credential is not known good.
-      const retry = err instanceof ConnectError ? Number(err.metadata.get("retry-after")) : Number.NaN;
-      throw unavailable("Tessera cannot verify credentials now", err, retry > 0 ? Math.min(retry, 60) : 1);
-    }
-  }
-
   const inflight = new VerifyFlights<VerifyCredentialResponse>();
 
   /**
@@ -272,6 +258,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
    */
   async function online(
     credential: string,
+    address: string | undefined,
     jwtOnline = false,
     claims?: AccessTokenClaims,
   ): Promise<Admitted> {
@@ -291,7 +278,11 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       }
     }
     const epoch = watch?.epoch ?? 0;
-    const res = await inflight.answer(credential, epoch, () => callVerify(credential));
+    // Concurrent first uses of one credential share one answer, whichever client sent each.
+    const res = await inflight.answer(credential, epoch, () => {
+      counters.verifyCalls++;
+      return tessera.verify(credential, address);
+    });
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
         retryAfterSeconds: Math.max(1, res.retryAfterSeconds),
@@ -310,15 +301,16 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const keyless = async () => !(await jwt.hasKeys());
 
   /** The full path: the header parsed, the credential verified (offline, cached, or by Tessera). */
-  async function admit(authorization: string | undefined): Promise<Admitted> {
+  async function admit(authorization: string | undefined, address: string | undefined): Promise<Admitted> {
     const credential = credentialOf(authorization);
-    if (!looksLikeJwt(credential)) return online(credential);
+    if (!looksLikeJwt(credential)) return online(credential, address);
     // Verified by Tessera exactly as an opaque credential: its claims are never trusted here.
-    if (await verifiesOnline(credential, jwtMode, algorithms, keyless)) return online(credential, true);
+    if (await verifiesOnline(credential, jwtMode, algorithms, keyless))
+      return online(credential, address, true);
     const claims = await jwt.verify(credential);
     const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
-    if (verdict === "ask") return online(credential, false, claims);
+    if (verdict === "ask") return online(credential, address, false, claims);
     counters.offlineJwts++;
     // Accepted while the watch is healthy; offlineVerdict asks again past the lifetime bound.
     const until = Math.min(claims.exp * 1000, claims.iat * 1000 + maxLifetimeMs);
@@ -353,11 +345,11 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const core: TesseraAuth = {
     admitted,
-    async authenticate(authorization, certificateThumbprint) {
+    async authenticate(authorization, certificateThumbprint, clientAddress) {
       const hit = admitted(authorization, certificateThumbprint);
       if (hit !== undefined) return hit;
       const keySet = jwt.keySet;
-      const fresh = await admit(authorization);
+      const fresh = await admit(authorization, clientAddress);
       const principal = fresh.principal;
       if (fresh.until > 0)
         memo.set(authorization!, {
@@ -376,7 +368,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       return principal;
     },
     authorize,
-    holdStream: (authorization, thumbprint, rule) => streams.hold(authorization, thumbprint, rule),
+    holdStream: (authorization, thumbprint, rule, address) =>
+      streams.hold(authorization, thumbprint, rule, address),
     watching: () => watch?.healthy() ?? false,
     ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
     stats: () => ({

@@ -13,7 +13,11 @@ import { isValidScope } from "../../auth/scopes.js";
 import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { frozenAnswer } from "../../transport/index.js";
-import type { CredentialVerifier, Verification } from "../../verification/verify-credential.js";
+import {
+  type CredentialVerifier,
+  clientAddressOf,
+  type Verification,
+} from "../../verification/verify-credential.js";
 import { principalOf } from "../common.js";
 import { createWatchRevocations, type WatchRevocationsDeps } from "./watch-revocations.js";
 
@@ -43,6 +47,7 @@ export function createVerificationService(deps: {
         credential: req.credential,
         requiredScopes: req.requiredScopes,
         applicationId: req.applicationId,
+        clientAddress: clientAddressOf(req.clientAddress),
       });
       return verification instanceof Promise
         ? verification.then(verificationResponse)
