@@ -163,6 +163,7 @@ const renegotiatingClient = ((): string | undefined => {
   writeFileSync(join(dir, "client.c"), RENEGOTIATING_CLIENT);
   const built = spawnSync("cc", ["-o", join(dir, "client"), join(dir, "client.c"), "-lssl", "-lcrypto"], {
     stdio: "ignore",
+    timeout: 120_000,
   });
   return built.status === 0 ? join(dir, "client") : undefined;
 })();
