@@ -70,6 +70,8 @@ it("ends test files that block their event loop or stop reporting, names them, a
   expect(text).toMatch(/Test Files +\d+ failed/);
   expect(running("sleep 6001")).toEqual([]);
   expect(running("sleep 6002")).toEqual([]);
+  // A worker whose Date a test moved, waiting past the limit with its event loop turning, is left alone.
+  expect(text).toMatch(/✓ test\/fixtures\/stall\/fake-clock\.fixture\.ts/);
   // A child left running by a file that passed goes with its worker.
   expect(text).toMatch(/✓ test\/fixtures\/stall\/leftover\.fixture\.ts/);
   expect(running("sleep 6003")).toEqual([]);

@@ -25,7 +25,7 @@ const GRACE_MS = Math.min(15_000, STALL_MS);
 const THREAD = `
 const { workerData } = require("node:worker_threads");
 const { readdirSync, readFileSync, writeSync } = require("node:fs");
-const { beat, label, start, stallMs, graceMs } = workerData;
+const { beat, label, stallMs, graceMs } = workerData;
 const say = (text) => {
   for (let i = 0; i < 50; i++) {
     try { writeSync(2, text); return; } catch { Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20); }
@@ -50,8 +50,16 @@ const command = (pid) => {
   try { return readFileSync("/proc/" + pid + "/cmdline", "utf8").replaceAll("\\0", " ").slice(0, 200); } catch { return "(gone)"; }
 };
 let killedAt = 0;
+let seen = -1;
+let since = Date.now();
 setInterval(() => {
-  const stalled = Date.now() - start - Atomics.load(beat, 0) * 1000;
+  // The beat is a count: this thread's own clock times it (a test may fake or move the worker's Date).
+  const count = Atomics.load(beat, 0);
+  if (count !== seen) {
+    seen = count;
+    since = Date.now();
+  }
+  const stalled = Date.now() - since;
   if (stalled < stallMs) { killedAt = 0; return; }
   const where = new TextDecoder().decode(label.subarray(4, 4 + new Int32Array(label.buffer, 0, 1)[0]));
   if (killedAt === 0) {
@@ -73,14 +81,13 @@ declare global {
 }
 
 if (!globalThis.__tesseraWatchdog && STALL_MS > 0) {
-  const start = Date.now();
   const beat = new Int32Array(new SharedArrayBuffer(4));
   const label = new Uint8Array(new SharedArrayBuffer(4 + 1024));
-  const timer = setInterval(() => Atomics.store(beat, 0, Math.floor((Date.now() - start) / 1000)), 1000);
+  const timer = setInterval(() => Atomics.add(beat, 0, 1), 1000);
   timer.unref();
   const thread = new Worker(THREAD, {
     eval: true,
-    workerData: { beat, label, start, stallMs: STALL_MS, graceMs: GRACE_MS },
+    workerData: { beat, label, stallMs: STALL_MS, graceMs: GRACE_MS },
   });
   thread.unref();
   globalThis.__tesseraWatchdog = { label };
