@@ -63,6 +63,11 @@ export default defineConfig({
     // Two cores: run files in parallel but not more than the machine can hold.
     maxWorkers: 2,
     globalSetup: ["test/global-setup.ts"],
+    // A file whose worker stops turning its event loop (test/watchdog.ts), or that stops
+    // reporting anything at all (test/stall-reporter.ts), is ended and reported failed:
+    // Vitest's own timeouts are timers in the worker, and nothing bounds a whole file.
+    setupFiles: ["test/watchdog.ts"],
+    reporters: ["default", "./test/stall-reporter.ts"],
     env: {
       // Servers started by tests (tessera serve, several at once) take a free metrics port each.
       TESSERA_METRICS_LISTEN: "127.0.0.1:0",

@@ -48,7 +48,7 @@ function runBench(): Promise<{ code: number | null; stdout: string; stderr: stri
 
 describe("benchmark harness, smoke mode", () => {
   it("finds h2load installed (apt-get install -y nghttp2-client)", () => {
-    const probe = spawnSync("h2load", ["--version"], { encoding: "utf8" });
+    const probe = spawnSync("h2load", ["--version"], { encoding: "utf8", timeout: 30_000 });
     expect(
       probe.error,
       "h2load is missing: apt-get update && apt-get install -y nghttp2-client",

@@ -19,10 +19,10 @@ const CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
 const SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
 
 // openssl is only a second opinion here; the module itself never shells out. Machines without it skip those checks.
-const hasOpenssl = spawnSync("openssl", ["version"]).status === 0;
+const hasOpenssl = spawnSync("openssl", ["version"], { timeout: 30_000 }).status === 0;
 
 function openssl(args: string[]): { status: number | null; output: string } {
-  const r = spawnSync("openssl", args, { encoding: "utf8" });
+  const r = spawnSync("openssl", args, { encoding: "utf8", timeout: 30_000 });
   return { status: r.status, output: `${r.stdout}${r.stderr}` };
 }
 

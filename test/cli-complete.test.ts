@@ -191,12 +191,16 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect(bash.code).toBe(0);
     const file = join(env.HOME!, "completion.bash");
     writeFileSync(file, bash.stdout);
-    execFileSync("bash", ["-n", file]);
+    execFileSync("bash", ["-n", file], { timeout: 30_000 });
     // Completing `tessera user re` offers reset-password.
-    const offered = execFileSync("bash", [
-      "-c",
-      `source ${file}; COMP_WORDS=(tessera user re); COMP_CWORD=2; _tessera_complete; echo "\${COMPREPLY[@]}"`,
-    ])
+    const offered = execFileSync(
+      "bash",
+      [
+        "-c",
+        `source ${file}; COMP_WORDS=(tessera user re); COMP_CWORD=2; _tessera_complete; echo "\${COMPREPLY[@]}"`,
+      ],
+      { timeout: 30_000 },
+    )
       .toString()
       .trim();
     expect(offered).toBe("reset-password");

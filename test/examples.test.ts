@@ -32,7 +32,7 @@ function runScript(
 
 /** Files git would report as new (untracked and not ignored). */
 const untracked = (): string[] =>
-  execFileSync("git", ["ls-files", "--others", "--exclude-standard"], { cwd: ROOT })
+  execFileSync("git", ["ls-files", "--others", "--exclude-standard"], { cwd: ROOT, timeout: 60_000 })
     .toString()
     .split("\n")
     .filter(Boolean);
@@ -110,7 +110,10 @@ describe("the README walkthroughs as scripts", () => {
     ).toHaveLength(3);
     const key = join(SECRETS, kept.find((n) => /^quick-start-\d/.test(n))!, "my-backend", "client.key");
     expect(statSync(key).mode & 0o777).toBe(0o600);
-    const ignored = execFileSync("git", ["check-ignore", `examples/.secrets/${kept[0]}/x`], { cwd: ROOT });
+    const ignored = execFileSync("git", ["check-ignore", `examples/.secrets/${kept[0]}/x`], {
+      cwd: ROOT,
+      timeout: 60_000,
+    });
     expect(ignored.toString().trim()).toBe(`examples/.secrets/${kept[0]}/x`);
   }, 1_800_000);
 

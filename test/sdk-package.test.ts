@@ -49,7 +49,7 @@ const PYTHON = "/usr/bin/python3";
 /** Why PYTHON cannot run the Python walkthrough, or undefined when it can. */
 function pythonGrpcMissing(): string | undefined {
   try {
-    execFileSync(PYTHON, ["-c", "import grpc, google.protobuf"], { stdio: "pipe" });
+    execFileSync(PYTHON, ["-c", "import grpc, google.protobuf"], { stdio: "pipe", timeout: 60_000 });
     return undefined;
   } catch (err) {
     const why = (err as { stderr?: Buffer }).stderr?.toString().trim().split("\n").at(-1) ?? String(err);

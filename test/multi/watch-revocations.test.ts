@@ -123,16 +123,23 @@ describe("WatchRevocations on an instance whose listening session is lost (Postg
       // Synchronously, so that A (in this process) cannot run meanwhile: its session is
       // terminated (and gone: the call waits), then the revocation commits, before A has even
       // seen the session go. Its NOTIFY reached no session of A; only a read on losing the
-      // session or on regaining it delivers the event.
-      execFileSync("psql", [
-        base,
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-qAt",
-        "-c",
-        `set search_path to ${schema}; select pg_terminate_backend(${pid}, 5000); ` +
-          `update api_tokens set revoked_at = now() where id = '${pat.id}'`,
-      ]);
+      // session or on regaining it delivers the event. Bounded: a lock held by a transaction
+      // of A (which cannot commit while this process waits) would otherwise wait for ever,
+      // and nothing else can time out a worker blocked here.
+      execFileSync(
+        "psql",
+        [
+          base,
+          "-v",
+          "ON_ERROR_STOP=1",
+          "-qAt",
+          "-c",
+          `set search_path to ${schema}; set lock_timeout = '10s'; set statement_timeout = '20s'; ` +
+            `select pg_terminate_backend(${pid}, 5000); ` +
+            `update api_tokens set revoked_at = now() where id = '${pat.id}'`,
+        ],
+        { timeout: 30_000 },
+      );
       await onA.event(K.CREDENTIAL, pat.id, 10_000);
       expect(await notifier.whenOnline(20_000)).toBe(true);
       expect(notifier.backendPid).not.toBe(pid);

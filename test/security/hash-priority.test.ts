@@ -120,12 +120,14 @@ describe("HashWorkers", () => {
   });
 
   it("stops a thread that waited idleMs for a hash, and starts one again for the next hash", async () => {
-    const workers = new HashWorkers({ threads: 2, nice: 0, idleMs: 200 });
+    // Longer than one thread may take to start after the other has hashed on a loaded machine
+    // (at 200 ms the first thread was stopped before the second answered: 1 running, not 2).
+    const workers = new HashWorkers({ threads: 2, nice: 0, idleMs: 5_000 });
     try {
       const salt = randomBytes(16);
       await Promise.all([workers.pbkdf2(job("first", salt)), workers.pbkdf2(job("second", salt))]);
       expect(workers.threadsRunning).toBe(2);
-      await vi.waitFor(() => expect(workers.threadsRunning).toBe(0), { timeout: 5_000, interval: 50 });
+      await vi.waitFor(() => expect(workers.threadsRunning).toBe(0), { timeout: 20_000, interval: 100 });
       expect(await workers.pbkdf2(job("again", salt))).toEqual(pbkdf2Sync("again", salt, 2000, 32, "sha256"));
       expect(workers.threadsRunning).toBe(1);
     } finally {

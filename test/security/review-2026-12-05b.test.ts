@@ -163,6 +163,7 @@ const renegotiatingClient = ((): string | undefined => {
   writeFileSync(join(dir, "client.c"), RENEGOTIATING_CLIENT);
   const built = spawnSync("cc", ["-o", join(dir, "client"), join(dir, "client.c"), "-lssl", "-lcrypto"], {
     stdio: "ignore",
+    timeout: 120_000,
   });
   return built.status === 0 ? join(dir, "client") : undefined;
 })();
@@ -369,7 +370,7 @@ describe.each(DATABASES)("review 2026-12-05b on $name", (db) => {
         file("b.crt", forged.toString("pem")),
         file("b.key", await keyPem(keys.privateKey)),
       ];
-      const r = await promisify(execFile)(renegotiatingClient!, args, { encoding: "utf8" });
+      const r = await promisify(execFile)(renegotiatingClient!, args, { encoding: "utf8", timeout: 30_000 });
       expect(r.stdout, "the forged certificate authenticated as the machine user").not.toContain(victim.id);
       expect(r.stderr, "the server accepted a renegotiation").not.toContain("renegotiated");
     },
