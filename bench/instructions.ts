@@ -17,7 +17,8 @@
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
  *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
  *     [--heap-profile: with --tool gc, a sampling heap profile per scenario and protocol in --out]
- *     [--settle-gc: with --tool callgrind, a full collection of the server's heap just before each measured window]
+ *     [--settle-gc: with --tool callgrind, a full collection of the server's heap just before each measured window;
+ *       its counts compare only with other --settle-gc counts (the window re-warms code the collection dropped)]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
