@@ -17,6 +17,8 @@
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
  *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
  *     [--heap-profile: with --tool gc, a sampling heap profile per scenario and protocol in --out]
+ *     [--settle-gc: with --tool callgrind, a full collection of the server's heap just before each measured window;
+ *       its counts compare only with other --settle-gc counts (the window re-warms code the collection dropped)]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
@@ -75,12 +77,18 @@ const { values: flags } = parseArgs({
     "main-thread": { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
     "heap-profile": { type: "boolean", default: false },
+    "settle-gc": { type: "boolean", default: false },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
 const root = resolve(flags.root);
 const tool = flags.tool as "callgrind" | "cpu-prof" | "strace" | "gc" | "none";
 const mainThread = flags["main-thread"] === true;
+// Why: a window of a few thousand calls holds a major collection (incremental marking and
+// mark-compact, ~25,000 instructions a call over 3000 calls) or not depending on how close the
+// old generation was to its limit when the window opened, which a checkout loading a little
+// more code shifts; collected first, both sides of an A/B open their windows at the same phase.
+const settleGc = flags["settle-gc"] === true && tool === "callgrind";
 const scenarios = flags.scenarios.split(",");
 const loginShed = scenarios.includes("login-shed");
 const work = flags.out ? resolve(flags.out) : mkdtempSync(join(tmpdir(), "tessera-instructions-"));
@@ -152,6 +160,7 @@ function underTool(entry: string[]): [string, string[]] {
           ...(mainThread ? ["--separate-threads=yes"] : []),
           `--callgrind-out-file=${join(work, "callgrind.%p")}`,
           launcher.command,
+          ...(settleGc ? ["--expose-gc", "--import", gcProbeUrl()] : []),
           ...entry,
         ],
       ]
@@ -165,10 +174,10 @@ function underTool(entry: string[]): [string, string[]] {
 const lines: string[] = [];
 let marks = 0;
 /** With --tool gc: collect garbage and mark the server's output, then wait for the mark. */
-async function gcMark(pid: number): Promise<void> {
+async function gcMark(pid: number, waitMs = 30_000): Promise<void> {
   marks++;
   process.kill(pid, "SIGUSR2");
-  const deadline = Date.now() + 30_000;
+  const deadline = Date.now() + waitMs;
   while (!lines.includes(`gc-probe: mark ${marks}`)) {
     if (Date.now() > deadline) throw new Error(`the server printed no mark ${marks}`);
     await new Promise((r) => setTimeout(r, 50));
@@ -192,7 +201,7 @@ const server = await startServerProcess({
   cwd: launcher.cwd,
   env,
   timeoutMs: 15 * 60_000,
-  ...(tool === "gc" ? { onLine: (line: string) => lines.push(line) } : {}),
+  ...(tool === "gc" || settleGc ? { onLine: (line: string) => lines.push(line) } : {}),
   ready: (line) => {
     if (!line.startsWith("{")) return null;
     try {
@@ -372,8 +381,11 @@ try {
       let gc: GcWindow | null = null;
       try {
         await runH2load({ ...shape, requests: warmup });
-        if (tool === "callgrind")
+        if (tool === "callgrind") {
+          // The probe is in Tessera's process only; a full collection is slow under callgrind.
+          if (settleGc && target === server) await gcMark(target.pid, 10 * 60_000);
           execFileSync("callgrind_control", ["-z", String(target.pid)], { stdio: "ignore" });
+        }
         const tracer = tool === "strace" ? await attachStrace(target.pid, `${scenario}-${protocol}`) : null;
         if (tool === "gc") await gcMark(target.pid);
         const cpuBefore = target.cpuMs();
