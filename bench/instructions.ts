@@ -17,6 +17,8 @@
  *     [--main-thread: count the event loop's thread alone (callgrind --separate-threads)]
  *     [--keep: keep the callgrind dumps in --out, one per scenario and protocol, for callgrind_annotate]
  *     [--heap-profile: with --tool gc, a sampling heap profile per scenario and protocol in --out]
+ *     [--node-arg <flag> …: a Node or V8 flag for the served process, e.g. --trace-opt, which
+ *      NODE_OPTIONS refuses] [--server-log <file>: the server's output lines, e.g. V8's traces]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
@@ -42,7 +44,15 @@
  */
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import {
+  createWriteStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -75,6 +85,8 @@ const { values: flags } = parseArgs({
     "main-thread": { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
     "heap-profile": { type: "boolean", default: false },
+    "node-arg": { type: "string", multiple: true },
+    "server-log": { type: "string" },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -143,7 +155,8 @@ const env = benchServerEnv(
   },
 );
 /** The command line running `entry` with its arguments under the chosen tool (the server's, and a rival's). */
-function underTool(entry: string[]): [string, string[]] {
+function underTool(script: string[]): [string, string[]] {
+  const entry = [...(flags["node-arg"] ?? []), ...script];
   return tool === "callgrind"
     ? [
         "valgrind",
@@ -179,6 +192,11 @@ function gcProbeUrl(): string {
   writeFileSync(file, GC_PROBE);
   return pathToFileURL(file).href;
 }
+/** With --server-log: every output line of the server (and of a rival) appended to that file. */
+const serverLog = flags["server-log"]
+  ? createWriteStream(resolve(flags["server-log"]), { flags: "a" })
+  : null;
+const logLine = serverLog ? (line: string) => serverLog.write(`${line}\n`) : undefined;
 // Only rivals measured: Tessera serves the seeding alone, so it runs without the tool.
 const onlyRivals = scenarios.every((s) => s in RIVALS);
 const [command, args] = onlyRivals
@@ -192,7 +210,16 @@ const server = await startServerProcess({
   cwd: launcher.cwd,
   env,
   timeoutMs: 15 * 60_000,
-  ...(tool === "gc" ? { onLine: (line: string) => lines.push(line) } : {}),
+  ...(tool === "gc"
+    ? {
+        onLine: (line: string) => {
+          lines.push(line);
+          logLine?.(line);
+        },
+      }
+    : logLine
+      ? { onLine: logLine }
+      : {}),
   ready: (line) => {
     if (!line.startsWith("{")) return null;
     try {
@@ -422,6 +449,7 @@ try {
   }
 } finally {
   await server.stop();
+  serverLog?.end();
   if (tool === "callgrind" && !flags.keep) spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
 }
 
@@ -438,6 +466,7 @@ async function startRival(id: RivalId): Promise<ServerProcess> {
     args,
     cwd: launcher.cwd,
     timeoutMs: 15 * 60_000,
+    ...(logLine ? { onLine: logLine } : {}),
     // The secret through the environment, not the command line (which `ps` shows).
     env: {
       ...process.env,
