@@ -19,6 +19,8 @@
  *     [--heap-profile: with --tool gc, a sampling heap profile per scenario and protocol in --out]
  *     [--settle-gc: with --tool callgrind, a full collection of the server's heap just before each measured window;
  *       its counts compare only with other --settle-gc counts (the window re-warms code the collection dropped)]
+ *     [--node-arg <flag> …: a Node or V8 flag for the served process, e.g. --trace-opt, which
+ *      NODE_OPTIONS refuses] [--server-log <file>: the server's output lines, e.g. V8's traces]
  *
  * Scenarios: `jwt` and `pat` (GetCurrentUser with either credential), `api-key` (GetCurrentUser
  * with X-API-Key), `mu-bearer` and `mu-basic` (CheckAuthentication as a machine user with its
@@ -44,7 +46,15 @@
  */
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import {
+  createWriteStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -78,6 +88,8 @@ const { values: flags } = parseArgs({
     keep: { type: "boolean", default: false },
     "heap-profile": { type: "boolean", default: false },
     "settle-gc": { type: "boolean", default: false },
+    "node-arg": { type: "string", multiple: true },
+    "server-log": { type: "string" },
   },
 });
 if (!flags.root) throw new Error("--root <checkout> is required");
@@ -151,7 +163,8 @@ const env = benchServerEnv(
   },
 );
 /** The command line running `entry` with its arguments under the chosen tool (the server's, and a rival's). */
-function underTool(entry: string[]): [string, string[]] {
+function underTool(script: string[]): [string, string[]] {
+  const entry = [...(flags["node-arg"] ?? []), ...script];
   return tool === "callgrind"
     ? [
         "valgrind",
@@ -188,6 +201,11 @@ function gcProbeUrl(): string {
   writeFileSync(file, GC_PROBE);
   return pathToFileURL(file).href;
 }
+/** With --server-log: every output line of the server (and of a rival) appended to that file. */
+const serverLog = flags["server-log"]
+  ? createWriteStream(resolve(flags["server-log"]), { flags: "a" })
+  : null;
+const logLine = serverLog ? (line: string) => serverLog.write(`${line}\n`) : undefined;
 // Only rivals measured: Tessera serves the seeding alone, so it runs without the tool.
 const onlyRivals = scenarios.every((s) => s in RIVALS);
 const [command, args] = onlyRivals
@@ -201,7 +219,16 @@ const server = await startServerProcess({
   cwd: launcher.cwd,
   env,
   timeoutMs: 15 * 60_000,
-  ...(tool === "gc" || settleGc ? { onLine: (line: string) => lines.push(line) } : {}),
+  ...(tool === "gc" || settleGc
+    ? {
+        onLine: (line: string) => {
+          lines.push(line);
+          logLine?.(line);
+        },
+      }
+    : logLine
+      ? { onLine: logLine }
+      : {}),
   ready: (line) => {
     if (!line.startsWith("{")) return null;
     try {
@@ -434,6 +461,7 @@ try {
   }
 } finally {
   await server.stop();
+  serverLog?.end();
   if (tool === "callgrind" && !flags.keep) spawnSync("sh", ["-c", `rm -f ${join(work, "callgrind.*")}`]);
 }
 
@@ -450,6 +478,7 @@ async function startRival(id: RivalId): Promise<ServerProcess> {
     args,
     cwd: launcher.cwd,
     timeoutMs: 15 * 60_000,
+    ...(logLine ? { onLine: logLine } : {}),
     // The secret through the environment, not the command line (which `ps` shows).
     env: {
       ...process.env,

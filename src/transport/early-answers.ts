@@ -26,6 +26,7 @@ import {
   trailerFlag,
   trailerSerialize,
 } from "@connectrpc/connect/protocol-grpc-web";
+import { answerDate } from "./answer-date.js";
 import { type NodeRequest, type NodeResponse, StreamRequest } from "./stream-server.js";
 import { nodeHeaders, type UnaryAnswer } from "./unary-protocols.js";
 
@@ -256,6 +257,8 @@ export function writeUnaryAnswer(
       const all: http2.OutgoingHttpHeaders = common ?? {};
       for (const k in header) all[k] = header[k];
       all[":status"] = answer.status;
+      // Last, where node:http2 would add it (see answer-date.ts); one the call set is kept.
+      all.date ??= answerDate();
       if (res === undefined) {
         (stream as TrailingStream)[kTrailer] = trailer;
         stream.on("wantTrailers", sendTrailer);

@@ -3,6 +3,7 @@ import type * as http2 from "node:http2";
 import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { loggableError } from "../storage/errors.js";
+import { answerDate } from "./answer-date.js";
 import {
   type EarlyProtocol,
   earlyAnswer,
@@ -70,7 +71,7 @@ export function answerFailedCall(
         options.errorBody,
         common,
       );
-    else stream.respond({ ...common, ":status": 500 }, { endStream: true });
+    else stream.respond({ ...common, ":status": 500, date: answerDate() }, { endStream: true });
   } else if (res.headersSent || res.writableEnded) {
     res.destroy();
   } else if (protocol !== undefined) {
