@@ -2,7 +2,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { ReportedHookContext, Reporter, TestCase, TestModule } from "vitest/node";
-import { descendants, describeProcesses, killAll } from "./process-tree.js";
+import { descendants, describeProcesses, killAll } from "./process-tree.mjs";
 
 /**
  * A reporter that ends a test file which has stopped reporting (vitest.config.ts).

@@ -2,7 +2,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { beforeEach, expect } from "vitest";
-import { descendants, killAll } from "./process-tree.js";
+import { descendants, killAll } from "./process-tree.mjs";
 
 /**
  * A watchdog thread in every test worker (a setup file: test/vitest.config.ts).
@@ -22,60 +22,6 @@ const STALL_MS = Number(process.env.TESSERA_TEST_STALL_SECONDS || 300) * 1000;
 /** After the children were killed, how long the loop has to turn again. */
 const GRACE_MS = Math.min(15_000, STALL_MS);
 
-const THREAD = `
-const { workerData } = require("node:worker_threads");
-const { readdirSync, readFileSync, writeSync } = require("node:fs");
-const { beat, label, stallMs, graceMs } = workerData;
-const say = (text) => {
-  for (let i = 0; i < 50; i++) {
-    try { writeSync(2, text); return; } catch { Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20); }
-  }
-};
-const children = () => {
-  const of = new Map();
-  for (const entry of readdirSync("/proc")) {
-    if (!/^\\d+$/.test(entry)) continue;
-    try {
-      const stat = readFileSync("/proc/" + entry + "/stat", "utf8");
-      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-      of.set(ppid, [...(of.get(ppid) ?? []), Number(entry)]);
-    } catch {}
-  }
-  const found = [];
-  for (const queue = [process.pid]; queue.length > 0; )
-    for (const child of of.get(queue.shift()) ?? []) found.push(child), queue.push(child);
-  return found;
-};
-const command = (pid) => {
-  try { return readFileSync("/proc/" + pid + "/cmdline", "utf8").replaceAll("\\0", " ").slice(0, 200); } catch { return "(gone)"; }
-};
-let killedAt = 0;
-let seen = -1;
-let since = Date.now();
-setInterval(() => {
-  // The beat is a count: this thread's own clock times it (a test may fake or move the worker's Date).
-  const count = Atomics.load(beat, 0);
-  if (count !== seen) {
-    seen = count;
-    since = Date.now();
-  }
-  const stalled = Date.now() - since;
-  if (stalled < stallMs) { killedAt = 0; return; }
-  const where = new TextDecoder().decode(label.subarray(4, 4 + new Int32Array(label.buffer, 0, 1)[0]));
-  if (killedAt === 0) {
-    const pids = children();
-    say("\\n[test watchdog] the event loop of test worker " + process.pid + " has not turned for " +
-      Math.round(stalled / 1000) + " s, in or after: " + where + "\\n" +
-      (pids.length ? "killing its child processes:\\n" + pids.map((p) => "  " + p + " " + command(p)).join("\\n") + "\\n" : ""));
-    for (const pid of pids) try { process.kill(pid, "SIGKILL"); } catch {}
-    killedAt = Date.now();
-  } else if (Date.now() - killedAt > graceMs) {
-    say("[test watchdog] test worker " + process.pid + " is still blocked: killing it (" + where + ")\\n");
-    process.kill(process.pid, "SIGKILL");
-  }
-}, Math.min(5_000, stallMs / 4));
-`;
-
 declare global {
   var __tesseraWatchdog: { label: Uint8Array } | undefined;
 }
@@ -85,8 +31,7 @@ if (!globalThis.__tesseraWatchdog && STALL_MS > 0) {
   const label = new Uint8Array(new SharedArrayBuffer(4 + 1024));
   const timer = setInterval(() => Atomics.add(beat, 0, 1), 1000);
   timer.unref();
-  const thread = new Worker(THREAD, {
-    eval: true,
+  const thread = new Worker(new URL("./watchdog-thread.mjs", import.meta.url), {
     workerData: { beat, label, stallMs: STALL_MS, graceMs: GRACE_MS },
   });
   thread.unref();

@@ -1,13 +1,20 @@
 import { readdirSync, readFileSync } from "node:fs";
 
+// Plain JavaScript, so that the watchdog's thread (test/watchdog-thread.mjs), which runs
+// outside Vitest's TypeScript transform, walks the same tree as the reporters do.
+
 /**
  * The processes below `root` (children first, then theirs), read from /proc: what a stalled
  * test worker or run leaves behind (servers, CLIs, h2load), to be named and killed. Empty
  * where /proc is missing.
+ * @param {number} root
+ * @returns {number[]}
  */
-export function descendants(root: number): number[] {
-  const children = new Map<number, number[]>();
-  let entries: string[];
+export function descendants(root) {
+  /** @type {Map<number, number[]>} */
+  const children = new Map();
+  /** @type {string[]} */
+  let entries;
   try {
     entries = readdirSync("/proc");
   } catch {
@@ -26,10 +33,11 @@ export function descendants(root: number): number[] {
       // Gone meanwhile.
     }
   }
-  const found: number[] = [];
+  /** @type {number[]} */
+  const found = [];
   const queue = [root];
   while (queue.length > 0) {
-    for (const child of children.get(queue.shift()!) ?? []) {
+    for (const child of children.get(/** @type {number} */ (queue.shift())) ?? []) {
       found.push(child);
       queue.push(child);
     }
@@ -37,8 +45,12 @@ export function descendants(root: number): number[] {
   return found;
 }
 
-/** One line per process: its id, parent, age in seconds and command line (for a report). */
-export function describeProcesses(pids: number[]): string {
+/**
+ * One line per process: its id, parent and command line (for a report).
+ * @param {number[]} pids
+ * @returns {string}
+ */
+export function describeProcesses(pids) {
   return pids
     .map((pid) => {
       try {
@@ -53,8 +65,11 @@ export function describeProcesses(pids: number[]): string {
     .join("\n");
 }
 
-/** SIGKILL each of `pids`, ignoring those already gone. */
-export function killAll(pids: number[]): void {
+/**
+ * SIGKILL each of `pids`, ignoring those already gone.
+ * @param {number[]} pids
+ */
+export function killAll(pids) {
   for (const pid of pids) {
     try {
       process.kill(pid, "SIGKILL");
