@@ -1,0 +1,178 @@
+import { readFileSync } from "node:fs";
+import { createSecureServer } from "node:http2";
+import type { AddressInfo } from "node:net";
+import { join } from "node:path";
+import { create, createFileRegistry, type DescService, setExtension } from "@bufbuild/protobuf";
+import {
+  FileDescriptorProtoSchema,
+  file_google_protobuf_empty,
+  MethodOptionsSchema,
+} from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, type HandlerContext } from "@connectrpc/connect";
+import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { AuthRuleSchema, auth } from "../../gen/tessera/v1/options_pb.js";
+import {
+  createTesseraAuth,
+  createTesseraAuthInterceptor,
+  type TesseraAuth,
+  tesseraContextValues,
+} from "../../src/sdk/server/index.js";
+import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import {
+  adminLogin,
+  boundMachineUser,
+  clients,
+  connectedWithCertificate,
+  mintClientCertificate,
+  short,
+} from "../machine-fixtures.js";
+
+/**
+ * The adversarial review of 2026-12-07 (the last sessions' changes: hashing, password
+ * upgrades, the SDK's held streams, answer headers, refresh and revocation), against a real
+ * server over TLS: each test is a finding of that review, failing on the main it was found
+ * on, and holds with its fix.
+ */
+
+/** A downstream service with one server-streaming method needing `ticks:read`, built at run time. */
+const file = create(FileDescriptorProtoSchema, {
+  name: "ticker/v1/ticker.proto",
+  package: "ticker.v1",
+  syntax: "proto3",
+  dependency: ["google/protobuf/empty.proto"],
+  service: [
+    {
+      name: "TickerService",
+      method: [
+        {
+          name: "Ticks",
+          inputType: ".google.protobuf.Empty",
+          outputType: ".google.protobuf.Empty",
+          serverStreaming: true,
+          options: (() => {
+            const o = create(MethodOptionsSchema);
+            setExtension(o, auth, create(AuthRuleSchema, { scopes: ["ticks:read"] }));
+            return o;
+          })(),
+        },
+      ],
+    },
+  ],
+});
+const TickerService = createFileRegistry(file, (name) =>
+  name === "google/protobuf/empty.proto" ? file_google_protobuf_empty : undefined,
+).getService("ticker.v1.TickerService") as DescService;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A tick every 50 ms until the call's signal ends it. */
+async function* ticks(_req: unknown, ctx: HandlerContext): AsyncGenerator<object> {
+  while (!ctx.signal.aborted) {
+    yield {};
+    await sleep(50);
+  }
+}
+
+describe.each(DATABASES)("review 2026-12-07 on $name", (db) => {
+  let ts: TestServer;
+  let root: string;
+  const cores: TesseraAuth[] = [];
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, { server: { mtls: "optional" } });
+    root = await adminLogin(ts.connect());
+  }, 120_000);
+
+  afterEach(() => {
+    for (const c of cores.splice(0)) c.close();
+  });
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("SDK: a held stream of a certificate-bound token ends once the connection's client certificate has expired", async () => {
+    const admin = clients(ts.connect(), root);
+    const verifier = (
+      await admin.machines.createMachineUser({
+        name: `verifier-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["auth:verify"],
+      })
+    ).token;
+    // A short-lived workload certificate (its expiry is how it is revoked), bound to a
+    // machine user, which obtains an access token bound to it (RFC 8705) that outlives it.
+    const pem = await mintClientCertificate(ts, 8 / 86_400);
+    await boundMachineUser(admin, `workload-${short()}`, pem.fingerprint, ["ticks:read"]);
+    const over = await connectedWithCertificate(ts, pem);
+    const { accessToken } = await over.client.issueAccessToken({});
+    over.sessionManager.abort();
+
+    const core = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifier,
+    });
+    cores.push(core);
+    // The watch up: the stream is vouched for, so nothing but a deadline checks it again.
+    expect(await core.ready(10_000)).toBe(true);
+    const downstream = createSecureServer(
+      {
+        key: readFileSync(join(ts.certs.dir, "server.key")),
+        cert: readFileSync(join(ts.certs.dir, "server.crt")),
+        ca: ts.certs.ca,
+        requestCert: true,
+        rejectUnauthorized: false,
+      },
+      connectNodeAdapter({
+        routes: ({ service }) => service(TickerService, { ticks } as never),
+        interceptors: [createTesseraAuthInterceptor(core)],
+        contextValues: tesseraContextValues,
+      }),
+    );
+    await new Promise<void>((resolve) => downstream.listen(0, "127.0.0.1", resolve));
+    const port = (downstream.address() as AddressInfo).port;
+    const transport = createGrpcTransport({
+      baseUrl: `https://localhost:${port}`,
+      nodeOptions: { ca: ts.certs.ca, cert: pem.cert, key: pem.key },
+    });
+    const ticker = createClient(TickerService, transport) as unknown as {
+      ticks(req: object, o: { headers: Record<string, string>; signal: AbortSignal }): AsyncIterable<unknown>;
+    };
+    const stop = new AbortController();
+    let count = 0;
+    let done = false;
+    const ended = (async () => {
+      for await (const _ of ticker.ticks(
+        {},
+        { headers: { authorization: `Bearer ${accessToken}` }, signal: stop.signal },
+      ))
+        count++;
+    })().then(
+      () => undefined,
+      (e: unknown) => ConnectError.from(e),
+    );
+    void ended.then(() => {
+      done = true;
+    });
+    try {
+      await expect.poll(() => count > 2 || done, { timeout: 10_000 }).toBe(true);
+      expect(done, "the bound token's stream was not admitted").toBe(false);
+      // The certificate's notAfter passes; the stream keeps running on its connection.
+      await sleep(Math.max(0, pem.notAfter + 1500 - Date.now()));
+      await expect
+        .poll(() => done, { timeout: 3000, interval: 50, message: "the stream outlived its certificate" })
+        .toBe(true);
+      const err = await ended;
+      expect(err?.code).toBe(Code.Unauthenticated);
+      expect(err?.findDetails(ErrorInfoSchema)[0]?.reason).toBe("TOKEN_NOT_BOUND");
+    } finally {
+      stop.abort();
+      await ended;
+      downstream.close();
+    }
+  });
+});
