@@ -1,6 +1,7 @@
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { createSecureServer } from "node:http2";
 import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create, createFileRegistry, type DescService, setExtension } from "@bufbuild/protobuf";
 import {
@@ -14,13 +15,24 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { AuthRuleSchema, auth } from "../../gen/tessera/v1/options_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { createApp } from "../../src/app.js";
+import { parseHash } from "../../src/auth/password.js";
 import {
   createTesseraAuth,
   createTesseraAuthInterceptor,
   type TesseraAuth,
   tesseraContextValues,
 } from "../../src/sdk/server/index.js";
-import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { User } from "../../src/storage/entities.js";
+import {
+  DATABASES,
+  memoryTransport,
+  silentLogger,
+  startTestServer,
+  type TestServer,
+  testConfig,
+} from "../helpers.js";
 import {
   adminLogin,
   boundMachineUser,
@@ -174,5 +186,65 @@ describe.each(DATABASES)("review 2026-12-07 on $name", (db) => {
       await ended;
       downstream.close();
     }
+  });
+});
+
+describe.each(DATABASES)("review 2026-12-07, password upgrades, on $name", (db) => {
+  /** Iterations the user's hash was made with (slow, so logins overlap), and the server's now. */
+  const OLD_ITERATIONS = 300_000;
+  const NEW_ITERATIONS = 1_000;
+  const PASSWORD = "a password made long ago";
+  let ts: TestServer;
+  let userId: string;
+
+  beforeAll(async () => {
+    const url =
+      db.name === "sqlite"
+        ? `sqlite:${join(mkdtempSync(join(tmpdir(), "tessera-review-")), "t.db")}`
+        : db.url();
+    // The user's hash made at an older, higher count; the server re-hashes it at its own on
+    // the next successful login. Hashes run side by side, as on any machine with the cores.
+    const before = await createApp(testConfig(url, { auth: { passwordIterations: OLD_ITERATIONS } }), {
+      logger: silentLogger,
+    });
+    try {
+      const admin = clients(memoryTransport(before), await adminLogin(memoryTransport(before)));
+      const { user } = await admin.users.createUser({ username: "two-devices", password: PASSWORD });
+      userId = user!.id;
+    } finally {
+      await before.close();
+    }
+    ts = await startTestServer(
+      { name: db.name, url: () => url },
+      { auth: { passwordIterations: NEW_ITERATIONS, hashConcurrency: 4 } },
+    );
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("Login: concurrent logins of a user whose hash is re-hashed meanwhile all succeed", async () => {
+    const users = createClient(UserService, ts.connect());
+    const logins: Promise<unknown>[] = [];
+    // Staggered: the later ones read the old hash before the first login's re-hash, and
+    // check their session after it.
+    for (let i = 0; i < 4; i++) {
+      logins.push(
+        users.login({ username: "two-devices", password: PASSWORD }).then(
+          () => "ok",
+          (e: unknown) => ConnectError.from(e).rawMessage,
+        ),
+      );
+      await sleep(30);
+    }
+    expect(await Promise.all(logins), "a right password was refused by a re-hash of it").toEqual([
+      "ok",
+      "ok",
+      "ok",
+      "ok",
+    ]);
+    const stored = await ts.app.storage.em.fork().findOneOrFail(User, { id: userId });
+    expect(parseHash(stored.passwordHash)!.iterations).toBe(NEW_ITERATIONS);
   });
 });

@@ -37,13 +37,15 @@ export class SessionIssuer {
   /**
    * Issue a pair for `user`; `familyId` continues a rotation family (a session), else a
    * new session is opened. The access token names its session (`sid`), so ending the
-   * session refuses it too.
+   * session refuses it too. `samePassword`: whether the password that opens a new session
+   * (Login's) matches a stored hash (see {@link userStands}).
    */
   async issue(
     em: EntityManager,
     user: User,
     familyId?: string,
     scopes: readonly string[] = parseScopeString(user.scopes),
+    samePassword?: (stored: string) => Promise<boolean>,
   ): Promise<TokenPair> {
     const sessionId = familyId ?? randomUUID();
     let opened = familyId === undefined;
@@ -87,11 +89,13 @@ export class SessionIssuer {
     // login's PBKDF2, slow by design) ended the user's sessions before this one existed: it must
     // not survive them. Either the change comes before this read (seen here) or its
     // revocation after the insert above (and covers this session).
-    if (
-      opened &&
-      !(await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false }))
-    ) {
-      await this.revokeFamily(em, sessionId);
+    let stands = !opened;
+    try {
+      stands ||= await this.userStands(em, user, samePassword);
+    } finally {
+      if (!stands) await this.revokeFamily(em, sessionId);
+    }
+    if (!stands) {
       throw familyId === undefined
         ? new TesseraError("CREDENTIALS_INVALID", "invalid username or password")
         : new TesseraError("TOKEN_REVOKED", "the session has ended");
@@ -102,6 +106,24 @@ export class SessionIssuer {
       refreshToken,
       refreshTokenExpiresAt,
     };
+  }
+
+  /**
+   * Whether `user`, read before its new session was opened, may still have it: enabled, with
+   * the password read. A hash changed meanwhile is a password changed, unless `samePassword`
+   * matches the new one: a re-hash of this very password at the current iterations
+   * (auth/password-upgrade.ts) by a concurrent login, on any instance, changes no password.
+   */
+  private async userStands(
+    em: EntityManager,
+    user: User,
+    samePassword: ((stored: string) => Promise<boolean>) | undefined,
+  ): Promise<boolean> {
+    if (await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false })) return true;
+    if (samePassword === undefined) return false;
+    // A fork: the request's identity map holds the row as read before.
+    const now = await em.fork().findOne(User, { id: user.id, disabled: false }, { fields: ["passwordHash"] });
+    return now !== null && now.passwordHash !== user.passwordHash && (await samePassword(now.passwordHash));
   }
 
   /**
