@@ -15,6 +15,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { AuthRuleSchema, auth } from "../../gen/tessera/v1/options_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createApp } from "../../src/app.js";
 import { parseHash } from "../../src/auth/password.js";
@@ -32,6 +33,7 @@ import {
   startTestServer,
   type TestServer,
   testConfig,
+  withHeaders,
 } from "../helpers.js";
 import {
   adminLogin,
@@ -211,6 +213,7 @@ describe.each(DATABASES)("review 2026-12-07, password upgrades, on $name", (db) 
       const admin = clients(memoryTransport(before), await adminLogin(memoryTransport(before)));
       const { user } = await admin.users.createUser({ username: "two-devices", password: PASSWORD });
       userId = user!.id;
+      await admin.users.createUser({ username: "two-scripts", password: PASSWORD });
     } finally {
       await before.close();
     }
@@ -246,5 +249,26 @@ describe.each(DATABASES)("review 2026-12-07, password upgrades, on $name", (db) 
     ]);
     const stored = await ts.app.storage.em.fork().findOneOrFail(User, { id: userId });
     expect(parseHash(stored.passwordHash)!.iterations).toBe(NEW_ITERATIONS);
+  });
+
+  it("HTTP Basic: concurrent calls making a token with a password re-hashed meanwhile all succeed", async () => {
+    const header = `Basic ${Buffer.from(`two-scripts:${PASSWORD}`).toString("base64")}`;
+    const tokens = createClient(TokenService, withHeaders(ts.connect(), { authorization: header }));
+    const made: Promise<unknown>[] = [];
+    for (let i = 0; i < 4; i++) {
+      made.push(
+        tokens.createPersonalAccessToken({ name: `script ${i}` }).then(
+          () => "ok",
+          (e: unknown) => ConnectError.from(e).rawMessage,
+        ),
+      );
+      await sleep(30);
+    }
+    expect(await Promise.all(made), "a token made with the right password was refused").toEqual([
+      "ok",
+      "ok",
+      "ok",
+      "ok",
+    ]);
   });
 });
