@@ -272,3 +272,62 @@ describe.each(DATABASES)("review 2026-12-07, password upgrades, on $name", (db) 
     ]);
   });
 });
+
+describe.each(DATABASES)("review 2026-12-07, refresh, on $name", (db) => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db);
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  /** Make the database refuse new refresh tokens of `userId` (a write failing mid-refresh), until undone. */
+  async function failRefreshInserts(userId: string): Promise<() => Promise<void>> {
+    const sql = ts.app.storage.em.getConnection();
+    if (db.name === "sqlite") {
+      await sql.execute(
+        `create trigger review_fail_refresh before insert on refresh_tokens when new.user_id = '${userId}' ` +
+          "begin select raise(abort, 'injected write failure'); end",
+      );
+      return async () => void (await sql.execute("drop trigger review_fail_refresh"));
+    }
+    await sql.execute(
+      "create function review_fail_refresh() returns trigger language plpgsql as " +
+        "$$ begin raise exception 'injected write failure'; end $$",
+    );
+    await sql.execute(
+      "create trigger review_fail_refresh before insert on refresh_tokens for each row " +
+        `when (new.user_id = '${userId}') execute function review_fail_refresh()`,
+    );
+    return async () => {
+      await sql.execute("drop trigger review_fail_refresh on refresh_tokens");
+      await sql.execute("drop function review_fail_refresh()");
+    };
+  }
+
+  it("a refresh that failed while writing its new token leaves the old one unspent: the retry is no re-use", async () => {
+    const plain = ts.connect();
+    const admin = clients(plain, await adminLogin(plain));
+    const username = `refresher-${short()}`;
+    const { user } = await admin.users.createUser({ username, password: "refresher password long" });
+    const users = createClient(UserService, plain);
+    const login = await users.login({ username, password: "refresher password long" });
+    const undo = await failRefreshInserts(user!.id);
+    try {
+      await expect(users.refreshToken({ refreshToken: login.refreshToken })).rejects.toBeInstanceOf(
+        ConnectError,
+      );
+    } finally {
+      await undo();
+    }
+    // The client retries with the token it still holds, once the database writes again.
+    const retried = await users.refreshToken({ refreshToken: login.refreshToken }).then(
+      () => "ok",
+      (e: unknown) => ConnectError.from(e).rawMessage,
+    );
+    expect(retried, "a failed write ended the session as a stolen token's re-use").toBe("ok");
+  });
+});

@@ -169,20 +169,27 @@ export class SessionIssuer {
       }
     }
     const now = new Date(this.now());
-    // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
-    const spent = row.spentAt
-      ? 0
-      : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
-    if (spent === 0) {
+    // Spent and replaced in one transaction: a write failing in between (the database gone
+    // mid-refresh) must leave the token unspent, or the client's retry reads as a re-use.
+    const outcome = await em.transactional(async (tx) => {
+      // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
+      const spent = row.spentAt
+        ? 0
+        : await tx.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
+      if (spent === 0) return "reused";
+      if (row.expiresAt.getTime() <= now.getTime()) return "expired";
+      if (!user) return "gone";
+      options.resolved?.(user);
+      return this.issue(tx, user, row.familyId, options.scopes);
+    });
+    if (outcome === "reused") {
       await this.revokeFamily(em, row.familyId);
       if (user) options.resolved?.(user);
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
-    if (row.expiresAt.getTime() <= now.getTime())
-      throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
-    if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
-    options.resolved?.(user);
-    const pair = await this.issue(em, user, row.familyId, options.scopes);
+    if (outcome === "expired") throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
+    if (outcome === "gone") throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
+    const pair = outcome;
     // A concurrent re-use of the same token may have revoked the family between our
     // conditional update and the insert above. Either it revoked before this check (seen
     // here) or after the insert (its update then covers the new row too): the winner of
