@@ -25,7 +25,7 @@ import {
   type TesseraAuth,
   tesseraContextValues,
 } from "../../src/sdk/server/index.js";
-import { User } from "../../src/storage/entities.js";
+import { Tenant, User } from "../../src/storage/entities.js";
 import {
   DATABASES,
   memoryTransport,
@@ -329,5 +329,47 @@ describe.each(DATABASES)("review 2026-12-07, refresh, on $name", (db) => {
       (e: unknown) => ConnectError.from(e).rawMessage,
     );
     expect(retried, "a failed write ended the session as a stolen token's re-use").toBe("ok");
+  });
+});
+
+describe.each(DATABASES)("review 2026-12-07, audit, on $name", (db) => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(db);
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("audit events written while another request's transaction is open survive its rollback", async () => {
+    const action = `review-${short()}`;
+    let flushed: Promise<void> | undefined;
+    // A request's transaction (a refresh's, say) that fails after its first write, with the
+    // audit buffer written in between (its 1 s timer, here asked for directly).
+    const rolledBack = ts.app.storage.em.fork().transactional(async (tx) => {
+      await tx.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+      ts.app.audit.record({
+        requestId: "review",
+        tenantId: null,
+        actorOutside: false,
+        actorKind: "anonymous",
+        actorId: null,
+        action,
+        outcome: "failure",
+        ip: null,
+      });
+      flushed = ts.app.audit.flush();
+      await sleep(100);
+      throw new Error("the request failed");
+    });
+    await expect(rolledBack).rejects.toThrow("the request failed");
+    await flushed;
+    const rows = await ts.app.storage.em
+      .fork()
+      .getConnection()
+      .execute("select id from audit_events where action = ?", [action]);
+    expect(rows, "an audit event was rolled back with another request's transaction").toHaveLength(1);
   });
 });
