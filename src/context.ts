@@ -33,6 +33,12 @@ export interface RequestState {
    */
   user?: { id: string; username: string; tenantId: string; createdAt: number };
   /**
+   * HTTP Basic (a user's): whether the password this request authenticated with matches a
+   * stored hash (a PBKDF2), so that what the call makes can tell a re-hash of that password
+   * (auth/password-upgrade.ts), by a concurrent call on any instance, from a password change.
+   */
+  samePassword?: (stored: string) => Promise<boolean>;
+  /**
    * The reason and request id of the error the request ended with, as the error
    * interceptor put them in the ErrorInfo detail (lets the HTTP layer add the JSON error
    * envelope without parsing the body Connect wrote).

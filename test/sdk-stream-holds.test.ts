@@ -141,4 +141,25 @@ describe("the SDK's held streams", () => {
     expect(h.signal.reason).toMatchObject({ reason: "TOKEN_EXPIRED", message: "access token expired" });
     expect(holds.size).toBe(0);
   });
+
+  it("verifies a stream again without its certificate once the certificate's notAfter has passed", async () => {
+    const seen: Array<string | undefined> = [];
+    const holds = new StreamHolds({
+      authenticate: async (_authorization, thumbprint) => {
+        seen.push(thumbprint);
+        // A certificate-bound credential: refused on a call without its certificate.
+        if (thumbprint !== "x5t")
+          throw new TesseraAuthError("TOKEN_NOT_BOUND", "credential is bound to another client certificate");
+        return principal({ certificateThumbprint: "x5t" });
+      },
+      watching: () => true,
+      now: Date.now,
+    });
+    const h = await holds.hold("Bearer a", "x5t", rule, undefined, Date.now() + 80);
+    expect(h.signal.aborted).toBe(false);
+    await expect.poll(() => h.signal.aborted).toBe(true);
+    expect(h.signal.reason).toMatchObject({ reason: "TOKEN_NOT_BOUND" });
+    expect(seen).toEqual(["x5t", undefined]);
+    expect(holds.size).toBe(0);
+  });
 });

@@ -170,6 +170,7 @@ export function createUserBasicVerifier(options: UserBasicVerifierOptions): Basi
         }
       }
       state.user = read;
+      state.samePassword = (stored) => verifySecret(password, stored);
       return {
         kind: "user",
         method: "basic",

@@ -134,6 +134,10 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         return all<T>(sql, params);
       },
       async run(sql: string, params: readonly unknown[] = []) {
+        // Not inside a transaction the ORM has open on this one connection (a request's, across
+        // its awaits): the write would commit or roll back with it, an audit batch lost with a
+        // failed request's writes. Run in the turn that finds none open.
+        while (db.inTransaction) await new Promise((resolve) => setTimeout(resolve, 2));
         return prepare(sql).run(...params.map(sqliteParam)).changes;
       },
       cachedGet,

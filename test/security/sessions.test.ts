@@ -6,6 +6,7 @@ import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { verifySecret } from "../../src/auth/password.js";
 import { pruneSessions, type SessionPruneOptions } from "../../src/services/user/session-pruning.js";
 import { SessionIssuer } from "../../src/services/user/sessions.js";
 import { RefreshToken, Session, User } from "../../src/storage/entities.js";
@@ -225,6 +226,12 @@ describe.each(DATABASES)("sessions end everywhere ($name)", (db) => {
       );
       const issuer = new SessionIssuer(ts.app.jwt, 3600);
       await expect(issuer.issue(em, readByLogin)).rejects.toMatchObject({ reason: "CREDENTIALS_INVALID" });
+      // Nor when the login's password is checked against the hash now stored, as Login does
+      // (a concurrent re-hash of the same password is no change): it is not that password.
+      const withPassword = issuer.issue(em, readByLogin, undefined, undefined, (stored) =>
+        verifySecret(PASSWORD, stored),
+      );
+      await expect(withPassword).rejects.toMatchObject({ reason: "CREDENTIALS_INVALID" });
       expect(await ts.app.storage.em.fork().count(Session, { userId: u.id, revokedAt: null })).toBe(0);
     });
   }

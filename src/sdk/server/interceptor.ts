@@ -2,7 +2,12 @@ import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
 import type { Interceptor, StreamRequest, StreamResponse } from "@connectrpc/connect";
 import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
 import { TesseraAuthError, toConnectError } from "./errors.js";
-import { clientAddressKey, clientCertificateKey, tesseraPrincipalKey } from "./principal.js";
+import {
+  clientAddressKey,
+  clientCertificateEndKey,
+  clientCertificateKey,
+  tesseraPrincipalKey,
+} from "./principal.js";
 import type { StreamHold } from "./stream-holds.js";
 import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
 import type { DownstreamRule } from "./verdicts.js";
@@ -145,15 +150,23 @@ export function createTesseraAuthInterceptor(
     const thumbprint = req.contextValues.get(clientCertificateKey);
     // A stream is not only admitted but held: it ends when its admission no longer holds.
     if (req.stream)
-      return auth.holdStream(authorization, thumbprint, rule, req.contextValues.get(clientAddressKey)).then(
-        (hold) => {
-          req.contextValues.set(tesseraPrincipalKey, hold.principal);
-          return held(next as (req: StreamRequest) => Promise<StreamResponse>, req, hold);
-        },
-        (err: unknown) => {
-          throw toConnectError(err);
-        },
-      );
+      return auth
+        .holdStream(
+          authorization,
+          thumbprint,
+          rule,
+          req.contextValues.get(clientAddressKey),
+          req.contextValues.get(clientCertificateEndKey),
+        )
+        .then(
+          (hold) => {
+            req.contextValues.set(tesseraPrincipalKey, hold.principal);
+            return held(next as (req: StreamRequest) => Promise<StreamResponse>, req, hold);
+          },
+          (err: unknown) => {
+            throw toConnectError(err);
+          },
+        );
     // A header admitted before is answered synchronously: no promise of ours on the way.
     const known = auth.admitted(authorization, thumbprint);
     if (known !== undefined) {

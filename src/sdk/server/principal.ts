@@ -54,6 +54,15 @@ export const clientAddressKey = createContextKey<string | undefined>(undefined, 
   description: "the address of the calling client",
 });
 
+/**
+ * The last instant (epoch ms, inclusive) the certificate behind {@link clientCertificateKey}
+ * stands for it, set with it by {@link tesseraContextValues}: a stream held past it is
+ * verified again without the certificate, as a new call on the connection would be.
+ */
+export const clientCertificateEndKey = createContextKey<number>(Number.POSITIVE_INFINITY, {
+  description: "notAfter of the verified client certificate's chain",
+});
+
 /** A connection's verified client certificate: its thumbprint, and the last instant its chain is valid. */
 interface Presented {
   thumbprint: string;
@@ -136,8 +145,13 @@ export function tesseraContextValues(req: {
   stream?: { session?: { socket?: unknown } };
 }): ContextValues {
   const values = createContextValues();
-  const thumbprint = clientCertificateThumbprint(connectionOf(req));
-  if (thumbprint) values.set(clientCertificateKey, thumbprint);
+  const connection = connectionOf(req);
+  const thumbprint = clientCertificateThumbprint(connection);
+  if (thumbprint) {
+    values.set(clientCertificateKey, thumbprint);
+    // Known once the thumbprint is: clientCertificateThumbprint remembered both.
+    values.set(clientCertificateEndKey, thumbprints.get(connection as object)!.notAfter);
+  }
   const address = peerAddressOf(req);
   if (address !== undefined) values.set(clientAddressKey, address);
   return values;

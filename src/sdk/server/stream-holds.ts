@@ -37,7 +37,10 @@ export interface StreamHoldsOptions {
 
 interface Held {
   readonly authorization: string | undefined;
-  readonly thumbprint: string | undefined;
+  /** The connection's certificate, until its end passes (then none, as on a new call). */
+  thumbprint: string | undefined;
+  /** The last instant (epoch ms, inclusive) the certificate stands for the thumbprint. */
+  readonly certificateEnd: number;
   readonly clientAddress: string | undefined;
   readonly rule: DownstreamRule;
   readonly controller: AbortController;
@@ -84,6 +87,7 @@ export class StreamHolds {
     thumbprint: string | undefined,
     rule: DownstreamRule,
     clientAddress?: string,
+    certificateEnd = Number.POSITIVE_INFINITY,
   ): Promise<StreamHold> {
     if (this.#held.size >= this.#max)
       throw new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", {
@@ -92,6 +96,7 @@ export class StreamHolds {
     const held: Held = {
       authorization,
       thumbprint,
+      certificateEnd,
       clientAddress,
       rule,
       controller: new AbortController(),
@@ -157,7 +162,11 @@ export class StreamHolds {
     else this.#check(held).catch((err: unknown) => this.#end(held, toAuthError(err)));
   }
 
-  /** The stream's next deadline: its credential's expiry, and a re-check while nothing vouches for it. */
+  /**
+   * The stream's next deadline: its credential's expiry, its certificate's end (TLS checked
+   * it at the handshake only: past it, the stream is verified again without it, so a bound
+   * credential is refused as on a new call), and a re-check while nothing vouches for it.
+   */
   #arm(held: Held): void {
     clearTimeout(held.timer);
     held.timer = undefined;
@@ -168,13 +177,34 @@ export class StreamHolds {
       this.#end(held, expired(held.principal!));
       return;
     }
-    const delay = Math.min(expires - now, held.vouched ? MAX_DELAY_MS : this.#recheckMs, MAX_DELAY_MS);
+    if (this.#certificateEnded(held, now)) {
+      this.#poke(held);
+      return;
+    }
+    const certificateEnd = held.thumbprint === undefined ? Number.POSITIVE_INFINITY : held.certificateEnd;
+    const delay = Math.min(
+      expires - now,
+      certificateEnd + 1 - now,
+      held.vouched ? MAX_DELAY_MS : this.#recheckMs,
+      MAX_DELAY_MS,
+    );
     held.timer = setTimeout(() => {
       held.timer = undefined;
-      if (this.#o.now() >= expires) this.#end(held, expired(held.principal!));
-      else this.#poke(held);
+      const at = this.#o.now();
+      if (at >= expires) this.#end(held, expired(held.principal!));
+      else {
+        this.#certificateEnded(held, at);
+        this.#poke(held);
+      }
     }, delay);
     held.timer.unref();
+  }
+
+  /** Whether the held certificate's end has passed at `now`: then it is dropped from the stream. */
+  #certificateEnded(held: Held, now: number): boolean {
+    if (held.thumbprint === undefined || now <= held.certificateEnd) return false;
+    held.thumbprint = undefined;
+    return true;
   }
 
   #end(held: Held, err: TesseraAuthError): void {

@@ -121,13 +121,15 @@ export interface TesseraAuth {
   /**
    * Admit a streaming call (authenticate, authorize) and keep its admission alive while it
    * runs: the hold's signal is aborted with the refusal a new call would get (see
-   * StreamHolds). Release the hold when the stream ends. @throws TesseraAuthError
+   * StreamHolds), past `certificateEnd` (the certificate's notAfter, epoch ms) too, without
+   * the certificate. Release the hold when the stream ends. @throws TesseraAuthError
    */
   holdStream(
     authorization: string | undefined,
     certificateThumbprint: string | undefined,
     rule: DownstreamRule,
     clientAddress?: string,
+    certificateEnd?: number,
   ): Promise<StreamHold>;
   /** Whether the revocation stream is up (the cache is in use). */
   watching(): boolean;
@@ -368,8 +370,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       return principal;
     },
     authorize,
-    holdStream: (authorization, thumbprint, rule, address) =>
-      streams.hold(authorization, thumbprint, rule, address),
+    holdStream: (authorization, thumbprint, rule, address, certificateEnd) =>
+      streams.hold(authorization, thumbprint, rule, address, certificateEnd),
     watching: () => watch?.healthy() ?? false,
     ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
     stats: () => ({

@@ -65,7 +65,10 @@ export async function assertMakerStands(
     { id: principal.id },
     { fields: ["disabled", "passwordHash", "tenantId"] },
   );
-  if (!user || (hash !== undefined && user.passwordHash !== hash)) throw ended();
+  if (!user) throw ended();
+  // A hash changed since: a password changed, unless it is a re-hash of this very one.
+  if (hash !== undefined && user.passwordHash !== hash && !(await state.samePassword?.(user.passwordHash)))
+    throw ended();
   if (user.disabled || !(await em.count(Tenant, { id: user.tenantId, disabled: false })))
     throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
 }

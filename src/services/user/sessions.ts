@@ -37,13 +37,15 @@ export class SessionIssuer {
   /**
    * Issue a pair for `user`; `familyId` continues a rotation family (a session), else a
    * new session is opened. The access token names its session (`sid`), so ending the
-   * session refuses it too.
+   * session refuses it too. `samePassword`: whether the password that opens a new session
+   * (Login's) matches a stored hash (see {@link userStands}).
    */
   async issue(
     em: EntityManager,
     user: User,
     familyId?: string,
     scopes: readonly string[] = parseScopeString(user.scopes),
+    samePassword?: (stored: string) => Promise<boolean>,
   ): Promise<TokenPair> {
     const sessionId = familyId ?? randomUUID();
     let opened = familyId === undefined;
@@ -87,11 +89,13 @@ export class SessionIssuer {
     // login's PBKDF2, slow by design) ended the user's sessions before this one existed: it must
     // not survive them. Either the change comes before this read (seen here) or its
     // revocation after the insert above (and covers this session).
-    if (
-      opened &&
-      !(await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false }))
-    ) {
-      await this.revokeFamily(em, sessionId);
+    let stands = !opened;
+    try {
+      stands ||= await this.userStands(em, user, samePassword);
+    } finally {
+      if (!stands) await this.revokeFamily(em, sessionId);
+    }
+    if (!stands) {
       throw familyId === undefined
         ? new TesseraError("CREDENTIALS_INVALID", "invalid username or password")
         : new TesseraError("TOKEN_REVOKED", "the session has ended");
@@ -102,6 +106,24 @@ export class SessionIssuer {
       refreshToken,
       refreshTokenExpiresAt,
     };
+  }
+
+  /**
+   * Whether `user`, read before its new session was opened, may still have it: enabled, with
+   * the password read. A hash changed meanwhile is a password changed, unless `samePassword`
+   * matches the new one: a re-hash of this very password at the current iterations
+   * (auth/password-upgrade.ts) by a concurrent login, on any instance, changes no password.
+   */
+  private async userStands(
+    em: EntityManager,
+    user: User,
+    samePassword: ((stored: string) => Promise<boolean>) | undefined,
+  ): Promise<boolean> {
+    if (await em.count(User, { id: user.id, passwordHash: user.passwordHash, disabled: false })) return true;
+    if (samePassword === undefined) return false;
+    // A fork: the request's identity map holds the row as read before.
+    const now = await em.fork().findOne(User, { id: user.id, disabled: false }, { fields: ["passwordHash"] });
+    return now !== null && now.passwordHash !== user.passwordHash && (await samePassword(now.passwordHash));
   }
 
   /**
@@ -147,20 +169,27 @@ export class SessionIssuer {
       }
     }
     const now = new Date(this.now());
-    // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
-    const spent = row.spentAt
-      ? 0
-      : await em.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
-    if (spent === 0) {
+    // Spent and replaced in one transaction: a write failing in between (the database gone
+    // mid-refresh) must leave the token unspent, or the client's retry reads as a re-use.
+    const outcome = await em.transactional(async (tx) => {
+      // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
+      const spent = row.spentAt
+        ? 0
+        : await tx.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
+      if (spent === 0) return "reused";
+      if (row.expiresAt.getTime() <= now.getTime()) return "expired";
+      if (!user) return "gone";
+      options.resolved?.(user);
+      return this.issue(tx, user, row.familyId, options.scopes);
+    });
+    if (outcome === "reused") {
       await this.revokeFamily(em, row.familyId);
       if (user) options.resolved?.(user);
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
-    if (row.expiresAt.getTime() <= now.getTime())
-      throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
-    if (!user) throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
-    options.resolved?.(user);
-    const pair = await this.issue(em, user, row.familyId, options.scopes);
+    if (outcome === "expired") throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
+    if (outcome === "gone") throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
+    const pair = outcome;
     // A concurrent re-use of the same token may have revoked the family between our
     // conditional update and the insert above. Either it revoked before this check (seen
     // here) or after the insert (its update then covers the new row too): the winner of

@@ -156,7 +156,10 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         username: user.username,
         scopes: [],
       };
-      const pair = await sessions.issue(em(ctx), user);
+      // A concurrent login's re-hash of this password (below) is no password change.
+      const pair = await sessions.issue(em(ctx), user, undefined, undefined, (stored) =>
+        verifySecret(req.password, stored),
+      );
       // Only now, the login granted (a refused one rewrites nothing), and after the session's
       // check that the hash read is still the user's: that check is what a password change
       // racing this login must meet, and an upgraded hash would fail it.
