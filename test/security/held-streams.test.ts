@@ -1,4 +1,4 @@
-import http2 from "node:http2";
+import type http2 from "node:http2";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DATABASES, startTestServer, type TestServer } from "../helpers.js";
 
