@@ -149,6 +149,22 @@ export function boundConnections(
       if (!busy) closeIdle(session);
     });
     session.setTimeout(idleMs);
+    // Frames keep the timeout above from firing: a peer that sends PINGs while taking none of
+    // the answers it asked for (a zero window) held every such stream until maxStreamSeconds.
+    // So the answers are also looked at every idle period: one with bytes waiting that did
+    // not shrink over a whole period is cancelled, whatever else the connection carries.
+    const waiting = new WeakMap<http2.Http2Stream, number>();
+    const stuck = setInterval(() => {
+      for (const stream of streams) {
+        const pending = stream.bufferSize;
+        const before = waiting.get(stream);
+        if (pending > 0 && before !== undefined && pending >= before)
+          stream.close(http2.constants.NGHTTP2_CANCEL);
+        else if (pending > 0) waiting.set(stream, pending);
+        else waiting.delete(stream);
+      }
+    }, idleMs).unref();
+    session.once("close", () => clearInterval(stuck));
   });
   // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
   if (tls)
