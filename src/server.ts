@@ -110,7 +110,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     server.on("secureConnection", (socket: TLSSocket) => socket.disableRenegotiation());
   }
   installTransport(server, handler);
-  const connectionsFrom = boundConnections(server, cfg, tls);
+  const connectionsFrom = boundConnections(server, cfg, tls, app.logger);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);

@@ -93,6 +93,7 @@ export function testConfig(dbUrl: string, overrides: ConfigInput = {}) {
         port: 0,
         host: "127.0.0.1",
         maxConnectionsPerIp: 0,
+        newConnectionsPerIpPerSecond: 0,
         ...(TRANSPORT ? { transport: TRANSPORT } : {}),
         ...overrides.server,
       },

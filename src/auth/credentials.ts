@@ -19,6 +19,11 @@ const TOKEN_CHARS = /^[\x21-\x7e]+$/;
  */
 const bearerByHeader = new Map<string, PresentedCredential>();
 const BEARER_HEADERS_KEPT = 1024;
+/**
+ * Longest header remembered: Tessera's tokens are far shorter, and a count alone let made-up
+ * tokens of tens of kilobytes (up to server.maxHeaderListSize) pin 1024 times that.
+ */
+const BEARER_HEADER_KEPT_CHARS = 4096;
 
 /** Where request headers are read from: fetch `Headers`, or a view of Node's incoming headers. */
 export interface HeaderSource {
@@ -66,8 +71,10 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
       throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token>");
     }
     const credential: PresentedCredential = Object.freeze({ type: "bearer", token: rest });
-    if (bearerByHeader.size >= BEARER_HEADERS_KEPT) bearerByHeader.clear();
-    bearerByHeader.set(authorization, credential);
+    if (authorization.length <= BEARER_HEADER_KEPT_CHARS) {
+      if (bearerByHeader.size >= BEARER_HEADERS_KEPT) bearerByHeader.clear();
+      bearerByHeader.set(authorization, credential);
+    }
     return credential;
   }
   if (scheme === "basic") {

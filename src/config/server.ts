@@ -109,12 +109,18 @@ export const serverSchema = z
     }),
     maxConnections: z.number().int().min(0).default(10_000).register(configKeys, {
       env: "TESSERA_MAX_CONNECTIONS",
-      description: "Open connections in total; more are closed at once, before TLS. 0: no limit.",
+      description:
+        "Open connections in total; more are closed at once, before TLS (counted, as every connection refused before TLS, in tessera_connections_refused_total). 0: no limit.",
     }),
     maxConnectionsPerIp: z.number().int().min(0).default(1024).register(configKeys, {
       env: "TESSERA_MAX_CONNECTIONS_PER_IP",
       description:
         "Open connections per peer address (an IPv6 peer's whole /64; the proxy's, behind one); more are closed at once, before TLS. 0: no limit.",
+    }),
+    newConnectionsPerIpPerSecond: z.number().int().min(0).default(200).register(configKeys, {
+      env: "TESSERA_NEW_CONNECTIONS_PER_IP_PER_SECOND",
+      description:
+        "New connections accepted per second per peer address (an IPv6 peer's whole /64; the proxy's, behind one): each costs a TLS handshake, which server.maxConnectionsPerIp does not bound once connections close as fast as they open. More are closed at once, before TLS. 0: no limit.",
     }),
     requestTimeoutSeconds: z.number().int().min(0).default(10).register(configKeys, {
       env: "TESSERA_REQUEST_TIMEOUT_SECONDS",

@@ -8,6 +8,7 @@ import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
 import { UPGRADED_SECRETS } from "../auth/password-upgrade.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
 import type { MetricsSources } from "../metrics.js";
+import { connectionRefusals } from "../server/connection-limits.js";
 import type { Storage } from "../storage/orm.js";
 
 const WAIT_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -286,6 +287,17 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     "Last-used times lost because the buffer was full.",
     "dropped",
   );
+
+  new Counter({
+    name: "tessera_connections_refused_total",
+    help: "Connections closed before TLS, by limit: per_ip (server.maxConnectionsPerIp), rate (server.newConnectionsPerIpPerSecond), total (server.maxConnections).",
+    labelNames: ["limit"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [limit, n] of Object.entries(connectionRefusals)) this.inc({ limit }, n);
+    },
+  });
 
   scraped(
     registry,

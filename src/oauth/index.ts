@@ -6,6 +6,7 @@ import type { HttpObserver } from "../call-observer.js";
 import type { RequestState } from "../context.js";
 import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { loggableError } from "../storage/errors.js";
+import { stopUnreadPlainBody } from "../transport/early-answers.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
 import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
 import { type IntrospectionEndpointDeps, introspectionEndpoint } from "./introspect.js";
@@ -85,6 +86,10 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
     headers: Record<string, string> = {},
   ) {
     if (res.headersSent || res.writableEnded) return;
+    // An answer given before the body was read (a refusal, a wrong method) does not leave the
+    // stream held until requestTimeoutSeconds: HTTP/2 resets it once answered, HTTP/1.1
+    // reads at most maxBodyBytes more (transport/early-answers.ts).
+    if (!req.readableEnded) stopUnreadPlainBody(req, res, deps.maxBodyBytes);
     res.statusCode = status;
     for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
     res.setHeader("cache-control", headers["cache-control"] ?? "no-store");

@@ -20,7 +20,9 @@ export function boundConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   tls: boolean,
+  logger?: RefusalLogger,
 ): (ip: string) => number {
+  const refuse = refusalCounter(logger);
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
   const releases = new Map<string, () => void>();
@@ -29,8 +31,20 @@ export function boundConnections(
   // cost every call pays, so each stream gets at most one "close" listener and one timer.
   const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
   boundRequestTimes(server, cfg, streamsOf);
-  // net.Server closes connections past it as they are accepted.
-  if (cfg.maxConnections > 0) server.maxConnections = cfg.maxConnections;
+  // net.Server closes connections past it as they are accepted (and says so: "drop").
+  if (cfg.maxConnections > 0) {
+    server.maxConnections = cfg.maxConnections;
+    server.on("drop", () => refuse("total"));
+  }
+  const newPerSecond = cfg.newConnectionsPerIpPerSecond;
+  const admitNew = newPerSecond > 0 ? newConnectionRate(newPerSecond) : undefined;
+  if (admitNew !== undefined && cfg.maxConnectionsPerIp === 0)
+    server.prependListener("connection", (socket: Socket) => {
+      if (!admitNew(budgetKey(socket.remoteAddress ?? "unknown"))) {
+        refuse("rate");
+        socket.destroy();
+      }
+    });
   if (cfg.maxConnectionsPerIp > 0) {
     const limit = cfg.maxConnectionsPerIp;
     // Prepended: decided before the TLS layer's own listener starts a handshake.
@@ -38,8 +52,14 @@ export function boundConnections(
       // Counted per /64 for IPv6 (budgetKey): one client holds a whole /64, and per /128 it
       // would open 2^64 times the limit.
       const ip = budgetKey(socket.remoteAddress ?? "unknown");
+      if (admitNew !== undefined && !admitNew(ip)) {
+        refuse("rate");
+        socket.destroy();
+        return;
+      }
       const n = (open.get(ip) ?? 0) + 1;
       if (n > limit) {
+        refuse("per_ip");
         socket.destroy();
         return;
       }
@@ -129,6 +149,22 @@ export function boundConnections(
       if (!busy) closeIdle(session);
     });
     session.setTimeout(idleMs);
+    // Frames keep the timeout above from firing: a peer that sends PINGs while taking none of
+    // the answers it asked for (a zero window) held every such stream until maxStreamSeconds.
+    // So the answers are also looked at every idle period: one with bytes waiting that did
+    // not shrink over a whole period is cancelled, whatever else the connection carries.
+    const waiting = new WeakMap<http2.Http2Stream, number>();
+    const stuck = setInterval(() => {
+      for (const stream of streams) {
+        const pending = stream.bufferSize;
+        const before = waiting.get(stream);
+        if (pending > 0 && before !== undefined && pending >= before)
+          stream.close(http2.constants.NGHTTP2_CANCEL);
+        else if (pending > 0) waiting.set(stream, pending);
+        else waiting.delete(stream);
+      }
+    }, idleMs).unref();
+    session.once("close", () => clearInterval(stuck));
   });
   // HTTP/1.1 (allowHTTP1): an idle keep-alive connection is closed.
   if (tls)
@@ -212,4 +248,66 @@ function boundRequestTimes(
       }, requestMs).unref();
       res.once("close", () => clearTimeout(timer));
     });
+}
+
+/** Why a connection was closed before TLS: the per-address bound, the per-address rate, the total. */
+export type ConnectionRefusal = "per_ip" | "rate" | "total";
+
+/** Connections closed before TLS since the start, by bound (process-wide; metrics read it when scraped). */
+export const connectionRefusals: Record<ConnectionRefusal, number> = { per_ip: 0, rate: 0, total: 0 };
+
+/** Where refusals are reported: one aggregated warning per {@link REFUSAL_LOG_INTERVAL_MS} that had any. */
+export interface RefusalLogger {
+  warn(obj: object, msg: string): void;
+}
+
+const REFUSAL_LOG_INTERVAL_MS = 10_000;
+
+/**
+ * Count a refusal; the first of an interval schedules one warning with the interval's counts:
+ * a line per refused connection would make a flood of connections a flood of log lines.
+ */
+function refusalCounter(logger: RefusalLogger | undefined): (why: ConnectionRefusal) => void {
+  let since: Record<ConnectionRefusal, number> | undefined;
+  return (why) => {
+    connectionRefusals[why]++;
+    if (logger === undefined) return;
+    if (since === undefined) {
+      since = { ...connectionRefusals };
+      setTimeout(() => {
+        const refused: Partial<Record<ConnectionRefusal, number>> = {};
+        for (const k of Object.keys(connectionRefusals) as ConnectionRefusal[]) {
+          const n = connectionRefusals[k] - since![k];
+          if (n > 0) refused[k] = n;
+        }
+        since = undefined;
+        logger.warn(
+          { refused, intervalMs: REFUSAL_LOG_INTERVAL_MS },
+          "connections closed before TLS by the connection limits (counted in tessera_connections_refused_total)",
+        );
+      }, REFUSAL_LOG_INTERVAL_MS).unref();
+      // The refusal that started the interval is in it.
+      since[why]--;
+    }
+  };
+}
+
+/**
+ * Admit at most `perSecond` new connections per address in each second. Forgotten every
+ * second, so it holds at most the addresses that connected within one.
+ */
+export function newConnectionRate(perSecond: number, now: () => number = Date.now): (ip: string) => boolean {
+  const counts = new Map<string, number>();
+  let windowStart = Number.NEGATIVE_INFINITY;
+  return (ip) => {
+    const t = now();
+    if (t - windowStart >= 1000) {
+      counts.clear();
+      windowStart = t;
+    }
+    const n = (counts.get(ip) ?? 0) + 1;
+    if (n > perSecond) return false;
+    counts.set(ip, n);
+    return true;
+  };
 }

@@ -148,6 +148,30 @@ function resetWhenAnswered(req: NodeRequest & { stream: http2.Http2Stream }): vo
 }
 
 /**
+ * {@link stopUnreadBody} for answers that send no trailers worth waiting for (a 404, the
+ * OAuth endpoints' JSON): an empty answer goes out with END_STREAM on its headers, so
+ * "wantTrailers" never comes. HTTP/2 resets the stream once the answer is written.
+ */
+export function stopUnreadPlainBody(req: NodeRequest, res: NodeResponse, limit: number): void {
+  const source = readableOf(req);
+  if (source.readableEnded || source.destroyed) return;
+  if (!("stream" in req)) {
+    discardBody(req, res, limit);
+    source.resume();
+    return;
+  }
+  const stream = req.stream;
+  let waits = 0;
+  const stop = () => {
+    if (stream.closed || stream.destroyed) return;
+    if (stream.state.localClose !== 1 && waits++ < 8) setImmediate(stop);
+    else stream.close(http2constants.NGHTTP2_NO_ERROR);
+  };
+  if (stream.writableFinished) setImmediate(stop);
+  else stream.once("finish", () => setImmediate(stop));
+}
+
+/**
  * Discard the body of a request answered without reading it: HTTP/2 asks the client to
  * stop sending as soon as the answer is out (RST_STREAM NO_ERROR, RFC 9113 §8.1), so a
  * refused upload is not read at all; HTTP/1.1, which cannot refuse the rest of a request

@@ -12,6 +12,7 @@ import {
   readableOf,
   setHeaders,
   stopUnreadBody,
+  stopUnreadPlainBody,
   type Verdict,
   type WireError,
   writeUnaryAnswer,
@@ -181,6 +182,9 @@ export function serveCalls(
     if (!route) {
       setHeaders(res!, common);
       fallback(req, res!);
+      // A made-up path is answered without its body: left open, each stream stayed held (one
+      // of maxConcurrentStreams, unbudgeted) until requestTimeoutSeconds.
+      stopUnreadPlainBody(req, res!, readMaxBytes);
       return;
     }
     const { handler } = route;

@@ -70,6 +70,8 @@ export interface TesseraAuthOptions {
   jwksMaxAgeMs?: number;
   /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
   verifyTimeoutMs?: number;
+  /** Distinct credentials verified by Tessera at once (default 1024); past it a call is refused with 503. */
+  maxConcurrentVerifications?: number;
   /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */
   maxTokenLifetimeSeconds?: number;
   /** Follow WatchRevocations (default true). Without it every opaque credential and JWT is verified per call. */
@@ -90,6 +92,8 @@ export interface TesseraAuthStats {
   cacheSize: number;
   cacheHits: number;
   verifyCalls: number;
+  /** Calls refused (503) because `maxConcurrentVerifications` credentials were being verified. */
+  verifyRefused: number;
   offlineJwts: number;
   jwksFetches: number;
   /** Streaming calls held open (see {@link TesseraAuth.holdStream}). */
@@ -252,7 +256,10 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const verdictDeps = { watch, walled, skewMs, maxLifetimeMs, now };
 
-  const inflight = new VerifyFlights<VerifyCredentialResponse>();
+  const inflight = new VerifyFlights<VerifyCredentialResponse>(
+    options.maxConcurrentVerifications ?? 1024,
+    () => unavailable("too many credentials are being verified at once"),
+  );
 
   /**
    * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
@@ -378,6 +385,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       watch: watch?.stats(),
       cacheSize: cache.size,
       ...counters,
+      verifyRefused: inflight.refused,
       jwksFetches: jwt.fetches,
       streams: streams.size,
     }),
