@@ -1,5 +1,4 @@
 import { readFileSync } from "node:fs";
-import { setFlagsFromString } from "node:v8";
 
 // The `tessera` entry point (bin/tessera.js imports it; `node dist/src/main.js …` runs it).
 // It holds no command: running compiled, it runs the command line (src/cli/program.ts)
@@ -38,21 +37,8 @@ function serverImport(specifier: string): Promise<unknown> {
   return import(new URL(specifier, new URL("./cli/", import.meta.url)).href);
 }
 
-/**
- * V8's allocation-site pretenuring off for `serve`, before any module is loaded. Why: it
- * decides at the first scavenges, from whatever startup happened to allocate, to allocate
- * some object literals straight in the old generation; when per-call code shares such a
- * literal, each call's dead old copy keeps that call's young objects alive through
- * scavenges (they are its remembered-set roots), so every call is promoted and collected by
- * mark-compacts: a server in one state or the other for its whole life, at random.
- */
-export function tuneHeapForServing(argv: readonly string[]): void {
-  if (argv.includes("serve")) setFlagsFromString("--no-allocation-site-pretenuring");
-}
-
 /** Run the CLI with `argv` (as process.argv); resolves to the exit code. */
 export async function main(argv: string[]): Promise<number> {
-  tuneHeapForServing(argv);
   const source = bundleSource();
   if (source !== null) {
     const { runBundle } = await import("./cli/bundle-loader.js");
