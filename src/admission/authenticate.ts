@@ -62,10 +62,13 @@ export function authenticationRefusal(
   }
   if (limits === undefined) return verdictOf(authenticator, credential, state);
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
-  if (credential?.type === "basic") return basicRefusal(deps, limits, credential, state);
+  if (credential?.type === "basic")
+    return verifyOnce(deps, credential, state, passwordIdentity(credential), () =>
+      limits.passwords.reserve(state.ip, credential.username),
+    );
   // An opaque token is first verified with hashing refused: one verified before (or one that
   // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2
-  // reserves a point of the IP's failure budget first (tokenRefusal). A JWT (or a
+  // reserves a point of the IP's failure budget first (reserveTokenFailure). A JWT (or a
   // certificate) never needs PBKDF2, so a valid one is accepted whatever its IP spent: one
   // guesser behind a NAT does not lock out everyone behind it. (A JWT verified before is
   // known as one without the regex over it, a measurable share of a call.)
@@ -88,8 +91,10 @@ function withinBudget(
   state: RequestState,
   verdict: unknown,
 ): unknown {
-  if (verdict === NEEDS_HASHING)
-    return tokenRefusal(deps, limits, credential as PresentedCredential & { type: "bearer" }, state);
+  if (verdict === NEEDS_HASHING) {
+    const token = (credential as PresentedCredential & { type: "bearer" }).token;
+    return verifyOnce(deps, credential!, state, `bearer\0${token}`, () => reserveTokenFailure(limits, state));
+  }
   return spendFailure(limits, state, verdict, deps.wider);
 }
 
@@ -181,19 +186,8 @@ async function spend(
  * verification ({@link flights}): a client sending its correct password on 30
  * connections at once spends neither 30 reservations nor 30 PBKDF2 runs.
  */
-function basicRefusal(
-  deps: AuthenticationDeps,
-  limits: RateLimits,
-  credential: PresentedCredential & { type: "basic" },
-  state: RequestState,
-): Promise<unknown> {
-  return verifyOnce(
-    deps,
-    credential,
-    state,
-    `basic\0${credential.username}\0${credential.password}`,
-    withinWider(deps.wider, () => limits.passwords.reserve(state.ip, credential.username)),
-  );
+function passwordIdentity(credential: PresentedCredential & { type: "basic" }): string {
+  return `basic\0${credential.username}\0${credential.password}`;
 }
 
 /**
@@ -201,31 +195,18 @@ function basicRefusal(
  * budget is reserved first, kept when the token is refused and given back when it
  * verifies; concurrent first uses of one token share the reservation and the PBKDF2.
  */
-function tokenRefusal(
-  deps: AuthenticationDeps,
-  limits: RateLimits,
-  credential: PresentedCredential & { type: "bearer" },
-  state: RequestState,
-): Promise<unknown> {
-  return verifyOnce(
-    deps,
-    credential,
-    state,
-    `bearer\0${credential.token}`,
-    withinWider(deps.wider, async () => {
-      const key = budgetKey(state.ip);
-      const taken = await limits.authFailures.consume(key);
-      if (!taken.allowed) throw authFailuresError(taken);
-      const refund = () => limits.authFailures.refund(key, taken);
-      let settled = false;
-      const once = (fn: () => Promise<unknown>) => async () => {
-        if (settled) return;
-        settled = true;
-        await fn();
-      };
-      return { succeeded: once(refund), failed: once(async () => {}), cancelled: once(refund) };
-    }),
-  );
+async function reserveTokenFailure(limits: RateLimits, state: RequestState): Promise<PasswordAttempt> {
+  const key = budgetKey(state.ip);
+  const taken = await limits.authFailures.consume(key);
+  if (!taken.allowed) throw authFailuresError(taken);
+  const refund = () => limits.authFailures.refund(key, taken);
+  let settled = false;
+  const once = (fn: () => Promise<unknown>) => async () => {
+    if (settled) return;
+    settled = true;
+    await fn();
+  };
+  return { succeeded: once(refund), failed: once(async () => {}), cancelled: once(refund) };
 }
 
 /**
@@ -265,7 +246,8 @@ function withinWider(
 }
 
 /**
- * Verify a credential that needs PBKDF2, its budget reserved by `reserve` first; concurrent
+ * Verify a credential that needs PBKDF2, its budget reserved by `reserve` (and within the
+ * wider budget, {@link withinWider}) first; concurrent
  * identical credentials (by `identity`) from one address share one reservation and verification: the first
  * reserves and hashes, the others await its verdict (and, when it verified, find the
  * secret in the cache).
@@ -295,7 +277,7 @@ async function verifyOnce(
   flights.set(flightKey, flight);
   let verdict: unknown;
   try {
-    verdict = await verifyReserved(deps, credential, state, reserve);
+    verdict = await verifyReserved(deps, credential, state, withinWider(deps.wider, reserve));
   } catch (err) {
     verdict = err;
   } finally {
