@@ -193,6 +193,22 @@ describe("configuration", () => {
     expect(() => loadConfig({ env: { TESSERA_ADMIN_TOKEN: "short" } })).toThrow(/TESSERA_ADMIN_TOKEN/);
   });
 
+  it("refuses token prefixes that would take another kind's tokens", () => {
+    // POST /oauth2/revoke read such PATs as refresh tokens and revoked nothing.
+    expect(() => loadConfig({ env: { TESSERA_PAT_PREFIX: "tsr_rt_" } })).toThrow(/refresh tokens' prefix/);
+    expect(() => loadConfig({ env: { TESSERA_API_KEY_PREFIX: "tsr_rt_key_" } })).toThrow(
+      /auth\.tokens\.apiKeyPrefix .*refresh tokens' prefix/,
+    );
+    expect(() => loadConfig({ env: { TESSERA_MACHINE_TOKEN_PREFIX: "tsr_pat_" } })).toThrow(
+      /auth\.tokens\.machinePrefix must differ from auth\.tokens\.patPrefix/,
+    );
+    // Nested prefixes stay allowed: the longest one a token starts with decides (auth/token-format.ts).
+    expect(loadConfig({ env: { TESSERA_API_KEY_PREFIX: "tsr_pat_key_" } }).auth.tokens.apiKeyPrefix).toBe(
+      "tsr_pat_key_",
+    );
+    expect(loadConfig({ env: { TESSERA_PAT_PREFIX: "tsr_" } }).auth.tokens.patPrefix).toBe("tsr_");
+  });
+
   it("documents every key in docs/configuration.md", () => {
     const doc = readFileSync(new URL("../docs/configuration.md", import.meta.url), "utf8");
     for (const ref of CONFIG_REFERENCE) {

@@ -109,6 +109,9 @@ const jwtSchema = z
 
 const tokenPrefix = z.string().regex(/^[a-z0-9_]{2,16}_$/);
 
+/** Refresh tokens' prefix: fixed, and no configured token prefix may claim it (see tokensSchema). */
+export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
+
 const tokensSchema = z
   .object({
     patPrefix: tokenPrefix
@@ -149,6 +152,28 @@ const tokensSchema = z
     }),
   })
   .strict()
+  .superRefine((tokens, ctx) => {
+    // A token is told by its prefix: a prefix shared by two kinds hands one kind's tokens to
+    // the other's verifier (never valid), and one that starts with the refresh tokens' is
+    // read as a refresh token where both are taken (POST /oauth2/revoke revoked nothing).
+    const keys = ["patPrefix", "apiKeyPrefix", "machinePrefix"] as const;
+    for (const [i, key] of keys.entries()) {
+      const prefix = tokens[key];
+      if (prefix.startsWith(REFRESH_TOKEN_PREFIX))
+        ctx.addIssue({
+          code: "custom",
+          path: [key],
+          message: `auth.tokens.${key} (${prefix}) must not start with the refresh tokens' prefix ${REFRESH_TOKEN_PREFIX}`,
+        });
+      const same = keys.slice(0, i).find((other) => tokens[other] === prefix);
+      if (same !== undefined)
+        ctx.addIssue({
+          code: "custom",
+          path: [key],
+          message: `auth.tokens.${key} must differ from auth.tokens.${same} (both ${prefix})`,
+        });
+    }
+  })
   .prefault({});
 
 /** A master key: the base64 of 32 random bytes. */

@@ -4,12 +4,13 @@ import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { type Clock, systemClock } from "../../clock.js";
+import { REFRESH_TOKEN_PREFIX } from "../../config/auth.js";
 import { TesseraError } from "../../errors.js";
 import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
 import { ApiToken } from "../../storage/token-entities.js";
 
-/** Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens. */
-export const REFRESH_TOKEN_PREFIX = "tsr_rt_";
+// Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens.
+export { REFRESH_TOKEN_PREFIX };
 
 /** A freshly issued access + refresh token pair. */
 export interface TokenPair {
