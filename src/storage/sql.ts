@@ -99,6 +99,9 @@ function sqliteParam(value: unknown): unknown {
   return value === undefined ? null : value;
 }
 
+/** How long a raw write on SQLite waits for an open ORM transaction to end (see `run`). */
+const RAW_WRITE_WAIT_MS = 1000;
+
 /** Build the runner for a storage: prepared statements on SQLite, the pool on PostgreSQL. */
 export async function createSqlRunner(storage: Storage, options: SqlRunnerOptions = {}): Promise<SqlRunner> {
   const cacheSize = options.stateCacheSize ?? 10_000;
@@ -136,8 +139,11 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
       async run(sql: string, params: readonly unknown[] = []) {
         // Not inside a transaction the ORM has open on this one connection (a request's, across
         // its awaits): the write would commit or roll back with it, an audit batch lost with a
-        // failed request's writes. Run in the turn that finds none open.
-        while (db.inTransaction) await new Promise((resolve) => setTimeout(resolve, 2));
+        // failed request's writes. Run in the turn that finds none open. Bounded: a write issued
+        // from within that transaction (a flush hook's) would wait on itself for ever; past the
+        // bound it runs inside it, as every write did before.
+        for (const until = Date.now() + RAW_WRITE_WAIT_MS; db.inTransaction && Date.now() < until; )
+          await new Promise((resolve) => setTimeout(resolve, 2));
         return prepare(sql).run(...params.map(sqliteParam)).changes;
       },
       cachedGet,
