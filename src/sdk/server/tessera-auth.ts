@@ -377,8 +377,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       return principal;
     },
     authorize,
-    holdStream: (authorization, thumbprint, rule, address, certificateEnd) =>
-      streams.hold(authorization, thumbprint, rule, address, certificateEnd),
+    holdStream: (...args) => streams.hold(...args),
     watching: () => watch?.healthy() ?? false,
     ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
     stats: () => ({
