@@ -115,11 +115,16 @@ export function destroy(req: NodeRequest, res: NodeResponse | undefined): void {
  * HTTP/2 resets the stream once the answer is out (RST_STREAM NO_ERROR, RFC 9113 §8.1),
  * HTTP/1.1 discards up to `limit` bytes and then closes the connection (see discardBody).
  */
-export function stopUnreadBody(req: NodeRequest, res: NodeResponse | undefined, limit: number): void {
+export function stopUnreadBody(
+  req: NodeRequest,
+  res: NodeResponse | undefined,
+  limit: number,
+  trailers = true,
+): void {
   const source = readableOf(req);
   if (source.readableEnded || source.destroyed) return;
   if ("stream" in req) {
-    resetWhenAnswered(req);
+    resetWhenAnswered(req, trailers);
     return;
   }
   discardBody(req, res, limit);
@@ -127,8 +132,13 @@ export function stopUnreadBody(req: NodeRequest, res: NodeResponse | undefined, 
   source.resume();
 }
 
-/** HTTP/2: close the request's stream with NO_ERROR once the answer is out (what the client still sends is dropped). */
-function resetWhenAnswered(req: NodeRequest & { stream: http2.Http2Stream }): void {
+/**
+ * HTTP/2: close the request's stream with NO_ERROR once the answer is out (what the client
+ * still sends is dropped). `trailers`: whether the answer ends with trailers; one that does
+ * not (a 404, the OAuth endpoints' JSON) may go out with END_STREAM on its headers, and then
+ * "wantTrailers" never comes: its stream's "finish" is waited for instead.
+ */
+function resetWhenAnswered(req: NodeRequest & { stream: http2.Http2Stream }, trailers = true): void {
   const stream = req.stream as http2.ServerHttp2Stream;
   let waits = 0;
   // Closed once nghttp2 has sent the end of the answer (END_STREAM: `localClose`). An
@@ -141,34 +151,19 @@ function resetWhenAnswered(req: NodeRequest & { stream: http2.Http2Stream }): vo
     if (stream.state.localClose !== 1 && waits++ < 8) setImmediate(stop);
     else stream.close(http2constants.NGHTTP2_NO_ERROR);
   };
-  // Every answer asks for trailers (`waitForTrailers`, here and in the compatibility layer):
-  // it ends once its "wantTrailers" listener has sent them.
-  if (stream.sentTrailers !== undefined) stop();
+  if (!trailers) {
+    if (stream.writableFinished) setImmediate(stop);
+    else stream.once("finish", () => setImmediate(stop));
+  }
+  // Every answer with trailers asks for them (`waitForTrailers`, here and in the
+  // compatibility layer): it ends once its "wantTrailers" listener has sent them.
+  else if (stream.sentTrailers !== undefined) stop();
   else stream.once("wantTrailers", () => setImmediate(stop));
 }
 
-/**
- * {@link stopUnreadBody} for answers that send no trailers worth waiting for (a 404, the
- * OAuth endpoints' JSON): an empty answer goes out with END_STREAM on its headers, so
- * "wantTrailers" never comes. HTTP/2 resets the stream once the answer is written.
- */
+/** {@link stopUnreadBody} for an answer without trailers (a 404, the OAuth endpoints' JSON). */
 export function stopUnreadPlainBody(req: NodeRequest, res: NodeResponse, limit: number): void {
-  const source = readableOf(req);
-  if (source.readableEnded || source.destroyed) return;
-  if (!("stream" in req)) {
-    discardBody(req, res, limit);
-    source.resume();
-    return;
-  }
-  const stream = req.stream;
-  let waits = 0;
-  const stop = () => {
-    if (stream.closed || stream.destroyed) return;
-    if (stream.state.localClose !== 1 && waits++ < 8) setImmediate(stop);
-    else stream.close(http2constants.NGHTTP2_NO_ERROR);
-  };
-  if (stream.writableFinished) setImmediate(stop);
-  else stream.once("finish", () => setImmediate(stop));
+  stopUnreadBody(req, res, limit, false);
 }
 
 /**
