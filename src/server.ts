@@ -110,7 +110,20 @@ export async function startServer(app: App): Promise<TesseraServer> {
     server.on("secureConnection", (socket: TLSSocket) => socket.disableRenegotiation());
   }
   installTransport(server, handler);
-  const connectionsFrom = boundConnections(server, cfg, tls, app.logger);
+  // Calls in flight, for a shutdown that waits for them: HTTP/2 streams (every call over
+  // HTTP/2, unary ones answered on the stream included) and HTTP/1.1 requests.
+  let inFlight = 0;
+  let drained: (() => void) | undefined;
+  const callEnded = () => {
+    inFlight--;
+    if (inFlight === 0) drained?.();
+  };
+  // A stream's close is told through the bounds' one "close" listener: a third listener on it
+  // grew the pair events.js keeps them in, a copy per call that a pretenured pair kept alive.
+  const connectionsFrom = boundConnections(server, cfg, tls, app.logger, callEnded);
+  server.on("stream", () => {
+    inFlight++;
+  });
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);
@@ -123,19 +136,6 @@ export async function startServer(app: App): Promise<TesseraServer> {
   const host = cfg.host === "0.0.0.0" || cfg.host === "::" ? "127.0.0.1" : cfg.host;
   const sessions = new Set<http2.Http2Session>();
   const sockets = new Set<import("node:net").Socket>();
-  // Calls in flight, for a shutdown that waits for them: HTTP/2 streams (every call over
-  // HTTP/2, unary ones answered on the stream included) and HTTP/1.1 requests.
-  let inFlight = 0;
-  let drained: (() => void) | undefined;
-  const callEnded = () => {
-    inFlight--;
-    if (inFlight === 0) drained?.();
-  };
-  server.on("stream", (stream: http2.ServerHttp2Stream) => {
-    inFlight++;
-    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
-    stream.on("close", callEnded);
-  });
   server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
     if (req.httpVersion.startsWith("2")) return;
     inFlight++;

@@ -15,12 +15,15 @@ import type { NodeResponse as Response } from "../transport/stream-server.js";
  * `requestTimeoutSeconds` (a body trickled a byte at a time keeps a connection busy, so
  * the idle timeout alone does not end it), and no stream lives past `maxStreamSeconds`.
  * Returns the number of connections open from an address, as counted for the limit.
+ * `streamClosed`, when given, is called as each HTTP/2 stream closes, from the bounds' own
+ * "close" listener (a stream's third listener grew the pair events.js keeps them in).
  */
 export function boundConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   tls: boolean,
   logger?: RefusalLogger,
+  streamClosed?: () => void,
 ): (ip: string) => number {
   const refuse = refusalCounter(logger);
   const open = new Map<string, number>();
@@ -30,7 +33,7 @@ export function boundConnections(
   // of each session that the idle timeout looks at): per-stream listeners and timers are a
   // cost every call pays, so each stream gets at most one "close" listener and one timer.
   const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
-  boundRequestTimes(server, cfg, streamsOf);
+  boundRequestTimes(server, cfg, streamsOf, streamClosed);
   // net.Server closes connections past it as they are accepted (and says so: "drop").
   if (cfg.maxConnections > 0) {
     server.maxConnections = cfg.maxConnections;
@@ -183,6 +186,28 @@ export function boundConnections(
   return connectionsFrom;
 }
 
+const kBounds = Symbol("tessera.streamBounds");
+interface StreamBounds {
+  timer: NodeJS.Timeout | undefined;
+  open: Set<http2.Http2Stream> | undefined;
+  closed: (() => void) | undefined;
+}
+type BoundedStream = http2.Http2Stream & { [kBounds]?: StreamBounds };
+
+/**
+ * The "close" listener of every bounded stream: one function, its state on the stream. The
+ * stream's body already listens for "close", so Node's events.js holds both listeners in a
+ * two-element array from the one literal site all emitters share; when V8 pretenures that site
+ * at start-up (at random), the array is born old, and a per-stream closure in it kept the
+ * whole call alive through every scavenge (bench/results/2026-12-08-json-cut.md, "Which site").
+ */
+function onBoundedStreamClose(this: BoundedStream): void {
+  const bounds = this[kBounds];
+  if (bounds?.timer !== undefined) clearTimeout(bounds.timer);
+  bounds?.open?.delete(this);
+  bounds?.closed?.();
+}
+
 /**
  * Cancel a request not received whole within `requestTimeoutSeconds` of its start, and a
  * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
@@ -194,34 +219,33 @@ function boundRequestTimes(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   streamsOf: WeakMap<http2.Http2Session, Set<http2.Http2Stream>>,
+  streamClosed: (() => void) | undefined,
 ): void {
   const requestMs = cfg.requestTimeoutSeconds * 1000;
   // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
   const lifeMs = cfg.maxStreamSeconds > 0 ? cfg.maxStreamSeconds * 1000 + 1000 : 0;
   const timed = requestMs > 0 || lifeMs > 0;
-  if (!timed && cfg.idleTimeoutSeconds === 0) return;
+  if (!timed && cfg.idleTimeoutSeconds === 0 && streamClosed === undefined) return;
   server.on("stream", (stream: http2.ServerHttp2Stream) => {
     const open = stream.session === undefined ? undefined : streamsOf.get(stream.session);
     open?.add(stream);
-    let timer: NodeJS.Timeout | undefined;
+    const bounds: StreamBounds = { timer: undefined, open, closed: streamClosed };
     if (timed) {
       const cancel = () => {
         if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
       };
       if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
-        timer = setTimeout(() => {
+        bounds.timer = setTimeout(() => {
           // The client still owes part of its request: a stalled or trickled upload.
           if (stream.state.remoteClose !== 1) cancel();
-          else if (lifeMs > 0) timer = setTimeout(cancel, lifeMs - requestMs).unref();
+          else if (lifeMs > 0) bounds.timer = setTimeout(cancel, lifeMs - requestMs).unref();
         }, requestMs).unref();
-      else timer = setTimeout(cancel, lifeMs).unref();
+      else bounds.timer = setTimeout(cancel, lifeMs).unref();
     }
-    if (timer === undefined && open === undefined) return;
+    if (bounds.timer === undefined && open === undefined && streamClosed === undefined) return;
+    (stream as BoundedStream)[kBounds] = bounds;
     // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
-    stream.on("close", () => {
-      if (timer !== undefined) clearTimeout(timer);
-      open?.delete(stream);
-    });
+    stream.on("close", onBoundedStreamClose);
   });
   // HTTP/1.1 (allowHTTP1): headers trickled in never reach "request" below, and every byte
   // resets the idle timeout; only Node's own headersTimeout ends them (60 s, looked at every
