@@ -331,3 +331,44 @@ export function createHttpObserver(options: Omit<CallObserverOptions, "prefixes"
     );
   };
 }
+
+/**
+ * What happens when a request for a path nothing serves ends, answered 404 (gRPC and Connect
+ * clients read it as `unimplemented`): `protocol` the RPC protocol its method and content type
+ * name, undefined for any other request.
+ */
+export type UnknownPathObserver = (
+  state: RequestState,
+  httpMethod: string | undefined,
+  protocol: UnaryProtocol | undefined,
+) => void;
+
+/**
+ * Create the observer of requests for paths nothing serves, or undefined when metrics and the
+ * access log are both off: a request shaped as an RPC is counted in the RPC metrics as service
+ * and method "unknown", code "unimplemented"; any other in the HTTP ones as endpoint
+ * "<method> unknown", status 404. Never the path itself, in a label or a line: a client
+ * makes one up per request, and each would be a label set kept for ever.
+ */
+export function createUnknownPathObserver(
+  options: Omit<CallObserverOptions, "prefixes">,
+): UnknownPathObserver | undefined {
+  const http = createHttpObserver(options);
+  if (http === undefined) return undefined;
+  const { metrics, log } = options;
+  const level = options.access === "off" ? undefined : options.access;
+  const levelNumber = level === "debug" ? 20 : 30;
+  return (state, httpMethod, protocol) => {
+    if (protocol === undefined) {
+      http(state, { path: "unknown", httpMethod, status: 404, error: "not_found" });
+      return;
+    }
+    const started = state.startedAt;
+    const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
+    metrics?.observeUnknownCall(protocol, seconds);
+    if (level === undefined || !log.isLevelEnabled(level)) return;
+    log.writeLine(
+      `{"level":${levelNumber},"time":${Date.now()},"service":"tessera","requestId":${quote(state.requestId)},"method":"unknown","protocol":"${protocol}","code":"unimplemented","reason":"UNIMPLEMENTED","durationMs":${Math.round(seconds * 1e6) / 1000},"ip":${quote(state.ip)},"msg":"access"}\n`,
+    );
+  };
+}

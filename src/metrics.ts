@@ -25,7 +25,8 @@ export { type MetricsServer, metricsOff, startMetricsServer } from "./metrics/se
  *   protocol and code, with a latency histogram) and authentication outcomes. Each label
  *   combination's prom-client child is made once and kept, so a call costs two or three
  *   increments; the method label only ever names a registered RPC (the adapter reports
- *   calls to routes it serves, never a path a client made up);
+ *   calls to routes it serves, never a path a client made up) or is "unknown" (a request
+ *   for any other path, counted all under that one name);
  * - read when scraped (prom-client `collect()` callbacks), from counters the components
  *   keep anyway: rate-limit refusals, the PBKDF2 pool, the state cache, the audit buffer and
  *   the database pool. These cost nothing between scrapes.
@@ -36,6 +37,12 @@ export interface Metrics {
   readonly registry: Registry;
   /** One finished call: `code` 0 for OK, else its Connect code; `seconds` from its first byte to its answer. */
   observeCall(method: DescMethod, protocol: UnaryProtocol, code: number, seconds: number): void;
+  /**
+   * One request for a path no RPC serves, shaped as a call of `protocol` (answered 404, which
+   * its client reads as `unimplemented`): counted as service and method "unknown", never
+   * under the path a client made up.
+   */
+  observeUnknownCall(protocol: UnaryProtocol, seconds: number): void;
   /**
    * One authentication: `credential` what was presented (a {@link CredentialKind}),
    * `reason` the refusal's stable reason (empty on success).
@@ -190,6 +197,8 @@ export function createMetrics(sources: MetricsSources): Metrics {
   const callChildren = (method: DescMethod, protocol: UnaryProtocol, code: number): CallChildren =>
     callMetrics(method.parent.typeName, method.name, protocol, code === 0 ? "ok" : codeToString(code));
 
+  const unknownCalls: Partial<Record<UnaryProtocol, CallChildren>> = {};
+
   const authCounts = new PendingCounts();
   const auth: Counter = new Counter({
     name: "tessera_auth_attempts_total",
@@ -207,7 +216,7 @@ export function createMetrics(sources: MetricsSources): Metrics {
     ["endpoint", "status", "error"],
     {
       name: "tessera_http_requests_total",
-      help: "Requests to the plain HTTP endpoints that are not RPCs (OAuth 2.0), by endpoint (method and path), HTTP status and OAuth error code (empty on success).",
+      help: "Requests to the plain HTTP endpoints that are not RPCs (OAuth 2.0; '<method> unknown' for a path nothing serves), by endpoint (method and path), HTTP status and OAuth error code (empty on success).",
     },
     {
       name: "tessera_http_request_duration_seconds",
@@ -235,6 +244,15 @@ export function createMetrics(sources: MetricsSources): Metrics {
       if (children === undefined) {
         children = callChildren(method, protocol, code);
         byCode[code] = children;
+      }
+      children.requests.inc();
+      children.duration.observe(seconds);
+    },
+    observeUnknownCall(protocol, seconds) {
+      let children = unknownCalls[protocol];
+      if (children === undefined) {
+        children = callMetrics("unknown", "unknown", protocol, "unimplemented");
+        unknownCalls[protocol] = children;
       }
       children.requests.inc();
       children.duration.observe(seconds);

@@ -120,7 +120,13 @@ export async function startServer(app: App): Promise<TesseraServer> {
   };
   // A stream's close is told through the bounds' one "close" listener: a third listener on it
   // grew the pair events.js keeps them in, a copy per call that a pretenured pair kept alive.
-  const connectionsFrom = boundConnections(server, cfg, tls, app.logger, callEnded);
+  const connectionsFrom = boundConnections(
+    server,
+    cfg,
+    tls,
+    { logger: app.logger, clock: app.clock },
+    callEnded,
+  );
   server.on("stream", () => {
     inFlight++;
   });

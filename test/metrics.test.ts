@@ -252,7 +252,65 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
     const served = new Set(
       [...app.services.flatMap((s) => s.methods), ...ServerReflection.methods].map((m) => m.name),
     );
-    for (const m of text.matchAll(/method="([^"]*)"/g)) expect(served.has(m[1]!), m[1]).toBe(true);
+    for (const m of text.matchAll(/method="([^"]*)"/g))
+      expect(served.has(m[1]!) || m[1] === "unknown", m[1]).toBe(true);
+  });
+
+  it("counts and logs requests for paths nothing serves under fixed names, over Connect, gRPC and plain HTTP", async () => {
+    // A method of a service this server does not serve, called by real clients.
+    const made = {
+      ...UserService.method.getCurrentUser,
+      name: "DropTablesZq9",
+      parent: { ...UserService, typeName: "evil.v1.MadeUpServiceZq9" },
+    } as typeof UserService.method.getCurrentUser;
+    const rpc = { service: "unknown", method: "unknown", code: "unimplemented" };
+    const plain = { endpoint: "GET unknown", status: "404", error: "not_found" };
+    const id = (what: string) => `unknown-${what}-${db.name}-${Date.now()}`;
+    const before = await scrape();
+    const ids: Record<string, string> = {};
+    for (const [protocol, transport] of [
+      ["connect", connect()],
+      ["grpc", grpc()],
+    ] as const) {
+      ids[protocol] = id(protocol);
+      const err = await transport
+        .unary(made, undefined, undefined, { "x-request-id": ids[protocol]! }, {})
+        .then(
+          () => undefined,
+          (e: unknown) => ConnectError.from(e),
+        );
+      expect(err?.code, protocol).toBe(Code.Unimplemented);
+    }
+    ids.http = id("http");
+    const dispatcher = new Agent({ connect: { ca: certs.ca } });
+    try {
+      const res = await fetch(`${server.url}/admin/made-up-page-Zq9?x=1`, {
+        dispatcher,
+        headers: { "x-request-id": ids.http },
+      });
+      expect(res.status).toBe(404);
+      await res.text();
+    } finally {
+      await dispatcher.close();
+    }
+    const after = await scrape();
+    for (const protocol of ["connect", "grpc"])
+      expect(sample(after, "tessera_rpc_requests_total", { ...rpc, protocol }), protocol).toBe(
+        sample(before, "tessera_rpc_requests_total", { ...rpc, protocol }) + 1,
+      );
+    expect(sample(after, "tessera_http_requests_total", plain)).toBe(
+      sample(before, "tessera_http_requests_total", plain) + 1,
+    );
+    // The names a client made up are in no label value and no line.
+    expect(after).not.toContain("Zq9");
+    expect(oneLine(ids.connect!)).toMatchObject({
+      method: "unknown",
+      protocol: "connect",
+      code: "unimplemented",
+    });
+    expect(oneLine(ids.grpc!)).toMatchObject({ method: "unknown", protocol: "grpc", code: "unimplemented" });
+    expect(oneLine(ids.http)).toMatchObject({ method: "GET unknown", protocol: "http", status: 404 });
+    for (const line of lines) expect(line).not.toContain("Zq9");
   });
 
   /** The access lines of one request id. */

@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { type ConnectRouter, createContextValues, type HandlerContext, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { pino } from "pino";
 import {
   createTesseraAuth,
   createTesseraAuthInterceptor,
@@ -152,6 +153,7 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
     return value;
   };
   const tlsDir = env("WORKFLOWS_TLS_DIR");
+  const logger = pino({ name: "workflows" });
   const started = await startWorkflowServer({
     cert: readFileSync(join(tlsDir, "server.crt")),
     key: readFileSync(join(tlsDir, "server.key")),
@@ -159,8 +161,11 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
       server: env("TESSERA_SERVER", "https://localhost:50052"),
       certFolder: env("TESSERA_CERT_FOLDER"),
       ...(process.env.WORKFLOWS_TESSERA_CREDENTIAL ? { credential: process.env.WORKFLOWS_TESSERA_CREDENTIAL } : {}),
+      // Where the SDK reports the revocation stream's ups and downs and, in aggregate, verifications
+      // refused or failing: without one it is silent.
+      logger,
     },
     port: Number(env("WORKFLOWS_PORT", "50060")),
   });
-  console.log(`workflows service on ${started.url}`);
+  logger.info({ url: started.url }, "workflows service started");
 }

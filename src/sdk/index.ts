@@ -50,6 +50,7 @@ export {
   TokenExpiredError,
   UnavailableError,
 } from "./errors.js";
+export type { TesseraLogger } from "./logger.js";
 export type { AutoRefreshOptions, TokenPair } from "./session.js";
 export { type ClientTls, loadClientTls } from "./tls.js";
 export { type CurrentUser, type LoginResult, UserAPI, type UserAPIOptions } from "./user-api.js";

@@ -3,6 +3,7 @@ import { getOption, hasOption } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { auth } from "../../gen/tessera/v1/options_pb.js";
 import { errorDetail } from "./error-mapping.js";
+import { errorFields, type TesseraLogger } from "./logger.js";
 
 /** A session's token pair as the server issued it. */
 export interface TokenPair {
@@ -68,6 +69,8 @@ export class Session {
   private inflight: Promise<TokenPair> | undefined;
   private readonly leeway: number;
   private readonly proactive: boolean;
+  /** Renewals failed in a row: a warning for the first, info when one succeeds again. */
+  private refreshFailures = 0;
 
   constructor(
     private readonly opts: {
@@ -80,6 +83,8 @@ export class Session {
       refresh: (refreshToken: string) => Promise<TokenPair>;
       /** Called with every new pair (login, refresh), e.g. to persist it. */
       onTokens?: ((pair: TokenPair) => void | Promise<void>) | undefined;
+      /** Where renewals that fail are reported: the first of a run, and the success that ends it. */
+      logger: TesseraLogger;
     },
   ) {
     this.accessToken = opts.accessToken;
@@ -116,7 +121,25 @@ export class Session {
       try {
         const pair = await this.opts.refresh(rt);
         await this.adopt(pair);
+        if (this.refreshFailures > 0)
+          this.opts.logger.info?.({ failures: this.refreshFailures }, "session renewed again");
+        this.refreshFailures = 0;
         return pair;
+      } catch (err) {
+        // A proactive renewal's failure is otherwise swallowed (the call goes on with the
+        // current token); one line per run of failures, whatever the number of calls.
+        if (++this.refreshFailures === 1)
+          this.opts.logger.warn(
+            // Without the message: a client-side one may quote what it was given.
+            {
+              error: {
+                ...errorFields(err, false),
+                ...(err instanceof ConnectError ? { reason: errorDetail(err)?.reason } : {}),
+              },
+            },
+            "session renewal failed: calls go on with the current access token until it expires",
+          );
+        throw err;
       } finally {
         this.inflight = undefined;
       }

@@ -6,6 +6,7 @@ import { hasScope } from "../auth/scopes.js";
 import { typedClient } from "./clients.js";
 import { assertTokenShape, connectionOf } from "./connection.js";
 import { toClientError } from "./error-mapping.js";
+import { defaultLogger, type TesseraLogger } from "./logger.js";
 import { type AutoRefreshOptions, Session, type TokenPair } from "./session.js";
 
 /** Options of {@link UserAPI} (and {@link UserAPICore}). */
@@ -38,6 +39,12 @@ export interface UserAPIOptions {
   onTokens?: ((pair: TokenPair) => void | Promise<void>) | undefined;
   /** Default deadline of each call in milliseconds (default 30000; 0 for none). */
   timeoutMs?: number | undefined;
+  /**
+   * Where the client reports what it would otherwise drop silently (an automatic renewal
+   * that failed): `{ warn(obj, msg), error(obj, msg), info?(obj, msg) }`, so a pino logger fits
+   * as is. Never a token or password. Default: silent, unless `NODE_DEBUG=tessera` (stderr).
+   */
+  logger?: TesseraLogger | undefined;
   /** Extra Connect interceptors (tracing, logging), run inside the one that attaches credentials. */
   interceptors?: Interceptor[] | undefined;
   /** Connect without TLS (a server started with insecurePlaintext; development only). */
@@ -113,6 +120,7 @@ export class UserAPICore {
       autoRefresh: options.autoRefresh ?? false,
       onTokens: options.onTokens,
       refresh: (rt) => this.spendRefreshToken(rt),
+      logger: options.logger ?? defaultLogger,
     });
     const common = {
       baseUrl,

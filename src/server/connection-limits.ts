@@ -1,8 +1,9 @@
 import type { IncomingMessage } from "node:http";
 import http2 from "node:http2";
-import type { Socket } from "node:net";
+import type { Server, Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { budgetKey } from "../client-ip.js";
+import type { Clock } from "../clock.js";
 import type { Config } from "../config.js";
 import type { NodeResponse as Response } from "../transport/stream-server.js";
 
@@ -15,6 +16,7 @@ import type { NodeResponse as Response } from "../transport/stream-server.js";
  * `requestTimeoutSeconds` (a body trickled a byte at a time keeps a connection busy, so
  * the idle timeout alone does not end it), and no stream lives past `maxStreamSeconds`.
  * Returns the number of connections open from an address, as counted for the limit.
+ * Refusals are counted (`connectionRefusals`) and, with `refusals`, logged in aggregate.
  * `streamClosed`, when given, is called as each HTTP/2 stream closes, from the bounds' own
  * "close" listener (a stream's third listener grew the pair events.js keeps them in).
  */
@@ -22,10 +24,10 @@ export function boundConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   tls: boolean,
-  logger?: RefusalLogger,
+  refusals?: { logger: RefusalLogger; clock: Clock },
   streamClosed?: () => void,
 ): (ip: string) => number {
-  const refuse = refusalCounter(logger);
+  const refuse = refusalCounter(server, refusals);
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
   const releases = new Map<string, () => void>();
@@ -288,31 +290,43 @@ export interface RefusalLogger {
 const REFUSAL_LOG_INTERVAL_MS = 10_000;
 
 /**
- * Count a refusal; the first of an interval schedules one warning with the interval's counts:
- * a line per refused connection would make a flood of connections a flood of log lines.
+ * Count a refusal, and log the counts once per interval that had any: a line per refused
+ * connection would make a flood of connections a flood of log lines. An interval starts
+ * at its first refusal; its line is written at its end (a timer), or by the first refusal
+ * `clock` puts past its end, or when the server closes, whichever comes first, so the
+ * last interval's refusals are logged too.
  */
-function refusalCounter(logger: RefusalLogger | undefined): (why: ConnectionRefusal) => void {
-  let since: Record<ConnectionRefusal, number> | undefined;
+function refusalCounter(
+  server: Server,
+  log: { logger: RefusalLogger; clock: Clock } | undefined,
+): (why: ConnectionRefusal) => void {
+  // This server's refusals in the interval open now (undefined: none is).
+  let pending: Record<ConnectionRefusal, number> | undefined;
+  let endsAt = 0;
+  let timer: NodeJS.Timeout | undefined;
+  const flush = () => {
+    clearTimeout(timer);
+    timer = undefined;
+    if (pending === undefined || log === undefined) return;
+    const refused: Partial<Record<ConnectionRefusal, number>> = {};
+    for (const k of Object.keys(pending) as ConnectionRefusal[]) if (pending[k] > 0) refused[k] = pending[k];
+    pending = undefined;
+    log.logger.warn(
+      { refused, intervalMs: REFUSAL_LOG_INTERVAL_MS },
+      "connections closed before TLS by the connection limits (counted in tessera_connections_refused_total)",
+    );
+  };
+  if (log !== undefined) server.once("close", flush);
   return (why) => {
     connectionRefusals[why]++;
-    if (logger === undefined) return;
-    if (since === undefined) {
-      since = { ...connectionRefusals };
-      setTimeout(() => {
-        const refused: Partial<Record<ConnectionRefusal, number>> = {};
-        for (const k of Object.keys(connectionRefusals) as ConnectionRefusal[]) {
-          const n = connectionRefusals[k] - since![k];
-          if (n > 0) refused[k] = n;
-        }
-        since = undefined;
-        logger.warn(
-          { refused, intervalMs: REFUSAL_LOG_INTERVAL_MS },
-          "connections closed before TLS by the connection limits (counted in tessera_connections_refused_total)",
-        );
-      }, REFUSAL_LOG_INTERVAL_MS).unref();
-      // The refusal that started the interval is in it.
-      since[why]--;
+    if (log === undefined) return;
+    if (pending !== undefined && log.clock() >= endsAt) flush();
+    if (pending === undefined) {
+      pending = { per_ip: 0, rate: 0, total: 0 };
+      endsAt = log.clock() + REFUSAL_LOG_INTERVAL_MS;
+      timer = setTimeout(flush, REFUSAL_LOG_INTERVAL_MS).unref();
     }
+    pending[why]++;
   };
 }
 

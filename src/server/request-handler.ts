@@ -4,13 +4,13 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors } from "@connectrpc/connect";
 import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
-import { createCallObserver } from "../call-observer.js";
+import { createCallObserver, createUnknownPathObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
 import { toConnectError } from "../errors.js";
 import { toWireError } from "../interceptors/errors.js";
 import { tooManyStreamsError } from "../rate-limit.js";
-import { refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
+import { earlyProtocol, refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
 import { createTransport } from "../transport/index.js";
 import type {
@@ -127,6 +127,11 @@ export function createRequestHandler(
       machine: config.auth.tokens.machinePrefix,
     },
   });
+  const observeUnknown = createUnknownPathObserver({
+    metrics: app.metrics,
+    log: app.accessLog,
+    access: config.log.access,
+  });
   // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
   const adapter = createTransport(config.server.transport, {
     routes: app.routes,
@@ -147,6 +152,13 @@ export function createRequestHandler(
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
+    // A path nothing serves: 404, counted and logged under fixed names, never its path.
+    fallback: (req, res) => {
+      res.statusCode = 404;
+      res.end();
+      const protocol = earlyProtocol(req.method, req.headers["content-type"])?.kind;
+      observeUnknown?.(stateOf(req), req.method, protocol);
+    },
     // A call failing outside the pipeline (a fault of admission's hooks or of the transport):
     // INTERNAL with the request id in its ErrorInfo, logged once with it, as inside.
     internalError: (req, method, err) =>

@@ -1,6 +1,7 @@
 import tls from "node:tls";
 import { afterEach, describe, expect, it } from "vitest";
-import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { pinnableClock, SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { capturingLogger } from "../outage-helpers.js";
 
 /**
  * server.maxConnectionsPerIp bounds the connections an address holds, not how fast it opens
@@ -8,10 +9,11 @@ import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
  * handshake (about 1.4 ms of CPU each here, P-256), as fast as it could connect. And
  * connections closed before TLS by any bound must not be lost silently: counted.
  */
-function openTls(ts: TestServer): Promise<{ socket: tls.TLSSocket; accepted: boolean }> {
+function openTls(ts: TestServer, from?: string): Promise<{ socket: tls.TLSSocket; accepted: boolean }> {
   return new Promise((resolve) => {
     const socket = tls.connect({
       host: "127.0.0.1",
+      ...(from === undefined ? {} : { localAddress: from }),
       port: ts.server.port,
       ca: ts.certs.ca,
       servername: "localhost",
@@ -73,6 +75,63 @@ describe("new connections per address", () => {
       expect((await refused(ts)).per_ip! - before).toBe(2);
     } finally {
       for (const s of held) s.destroy();
+    }
+  });
+});
+
+describe("the aggregated refusal warning", () => {
+  const MSG = /^connections closed before TLS by the connection limits/;
+
+  it("logs one warning per interval with its totals by limit, as many as the counter counted, and the last interval's at close", async () => {
+    const clock = pinnableClock();
+    const t0 = Date.now();
+    clock.pin(t0);
+    const { logger, log } = capturingLogger("info");
+    // Two connections per address, three in all: addresses 127.0.0.x are all the loopback's.
+    const ts = await startTestServer(
+      SQLITE,
+      { server: { maxConnectionsPerIp: 2, maxConnections: 3 } },
+      undefined,
+      { logger, clock: clock.now },
+    );
+    const held: tls.TLSSocket[] = [];
+    let closed = false;
+    try {
+      const before = await refused(ts);
+      for (let i = 0; i < 2; i++) held.push((await openTls(ts, "127.0.0.1")).socket);
+      // Past the address's bound (three in all are not open yet): per_ip, three times.
+      const perIp = await Promise.all([1, 2, 3].map(() => openTls(ts, "127.0.0.1")));
+      expect(perIp.map((c) => c.accepted)).toEqual([false, false, false]);
+      const third = await openTls(ts, "127.0.0.2");
+      expect(third.accepted).toBe(true);
+      held.push(third.socket);
+      // Three open: every other is closed by the total bound, four times.
+      const total = await Promise.all([1, 2, 3, 4].map(() => openTls(ts, "127.0.0.3")));
+      expect(total.map((c) => c.accepted)).toEqual([false, false, false, false]);
+      const counted = await refused(ts);
+      expect((counted.per_ip ?? 0) - (before.per_ip ?? 0)).toBe(3);
+      expect((counted.total ?? 0) - (before.total ?? 0)).toBe(4);
+      // Seven refusals within one interval: no line yet, not one each.
+      expect(log.count(MSG)).toBe(0);
+      // The interval's end, by the app's clock: the next refusal writes the interval's one
+      // line, with its totals, and starts the next interval.
+      clock.pin(t0 + 10_000);
+      expect((await openTls(ts, "127.0.0.3")).accepted).toBe(false);
+      expect(log.count(MSG)).toBe(1);
+      const line = log.lines.find((l) => MSG.test(String(l.msg)))!;
+      expect(line.level).toBe(40);
+      expect(line.refused).toEqual({ per_ip: 3, total: 4 });
+      expect(line.intervalMs).toBe(10_000);
+      expect(((await refused(ts)).total ?? 0) - (before.total ?? 0)).toBe(5);
+      for (const s of held.splice(0)) s.destroy();
+      await ts.close();
+      closed = true;
+      // The last interval's refusal is logged when the server closes, not lost.
+      expect(log.count(MSG)).toBe(2);
+      expect(log.lines.filter((l) => MSG.test(String(l.msg)))[1]!.refused).toEqual({ total: 1 });
+    } finally {
+      for (const s of held) s.destroy();
+      if (!closed) await ts.close();
     }
   });
 });

@@ -4,6 +4,7 @@
  * subpath; everything public is named here.
  */
 
+export type { TesseraLogger } from "../logger.js";
 export {
   TESSERA_ERROR_DOMAIN,
   TesseraAuthError,

@@ -43,6 +43,8 @@ export interface OfflineJwtOptions {
   /** Age after which the JWKS is fetched again before use. */
   maxAgeMs: number;
   now: () => number;
+  /** Told of every fetch's outcome: the error of one that failed, nothing for one that succeeded. */
+  onFetched?: (error?: unknown) => void;
 }
 
 const B64URL = /^[A-Za-z0-9_-]+$/;
@@ -150,6 +152,10 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
         keys = next;
         keySet++;
         fetchedAt = now();
+        options.onFetched?.();
+      } catch (err) {
+        options.onFetched?.(err);
+        throw err;
       } finally {
         inflight = undefined;
       }

@@ -6,6 +6,7 @@ import {
   RevocationKind,
   type WatchRevocationsResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { errorFields, type TesseraLogger } from "../logger.js";
 import type { RevocationTarget } from "./verified-cache.js";
 
 /** Opens the stream from `cursor` ("" to start now); ends or throws when it breaks. */
@@ -26,6 +27,11 @@ export interface RevocationWatchOptions {
   /** Delay before reconnecting: first, and the cap of its doubling. */
   minBackoffMs?: number;
   maxBackoffMs?: number;
+  /**
+   * Where its state changes are reported: a warning when the stream goes down (or cannot
+   * connect), once until it is back; info when it is up; a warning for each reset.
+   */
+  logger?: TesseraLogger;
 }
 
 const TARGETS: Partial<Record<RevocationKind, RevocationTarget>> = {
@@ -76,6 +82,9 @@ export class RevocationWatch {
     drops: 0,
   };
   readonly #waiters = new Set<() => void>();
+  /** The state last reported: a line per change, not per reconnection attempt. */
+  #reported: "up" | "down" | undefined;
+  readonly #unknownKinds = new Set<number>();
 
   constructor(options: RevocationWatchOptions) {
     this.#o = options;
@@ -89,7 +98,8 @@ export class RevocationWatch {
   healthy(now: number = this.#o.now()): boolean {
     if (!this.#up) return false;
     if (now - this.#lastHeard <= 2 * this.#heartbeatMs) return true;
-    this.#lose(); // silent too long: down now, whatever the socket says
+    // Silent too long: down now, whatever the socket says.
+    this.#lose({ reason: "silent", heartbeatMs: this.#heartbeatMs });
     return false;
   }
 
@@ -139,7 +149,8 @@ export class RevocationWatch {
     this.#lose();
   }
 
-  #lose(): void {
+  /** Down (`why`: how, to report it), or closed (no `why`). */
+  #lose(why?: object): void {
     this.#epoch++;
     if (this.#up) {
       this.#up = false;
@@ -147,7 +158,31 @@ export class RevocationWatch {
       if (!this.#closed) this.#stats.state = "down";
       this.#controller?.abort();
     }
+    if (why !== undefined) this.#report("down", why);
     this.#o.onLost();
+  }
+
+  /** Report a change of state (none while closed, none when it is the state reported last). */
+  #report(state: "up" | "down", fields: object): void {
+    if (this.#closed || this.#reported === state) return;
+    const first = this.#reported === undefined;
+    this.#reported = state;
+    const log = this.#o.logger;
+    const { connects, drops } = this.#stats;
+    if (state === "up")
+      log?.info?.(
+        { connects, drops, ...fields },
+        first
+          ? "revocation watch up"
+          : "revocation watch back up: the verified-credential cache is in use again",
+      );
+    else
+      log?.warn(
+        { connects, drops, ...fields },
+        first && connects === 0
+          ? "revocation watch cannot connect: every credential is verified by Tessera until it does"
+          : "revocation watch down: cache emptied, every credential is verified by Tessera until it is back",
+      );
   }
 
   #apply(message: WatchRevocationsResponse): void {
@@ -158,6 +193,10 @@ export class RevocationWatch {
       // Events were missed: nothing cached may stay, and tokens issued before now must be
       // verified by Tessera (their revocations may be among the missed ones).
       this.#stats.resets++;
+      this.#o.logger?.warn(
+        { resets: this.#stats.resets },
+        "revocation watch reset by Tessera (events were missed): cache emptied",
+      );
       this.#epoch++;
       this.#coverageSince = now + this.#o.skewMs;
       this.#o.onLost();
@@ -169,6 +208,13 @@ export class RevocationWatch {
         // A kind this client does not know: it cannot tell what it invalidates, so everything,
         // and an access token issued before now may be what it revoked: Tessera decides those.
         this.#coverageSince = now + this.#o.skewMs;
+        if (!this.#unknownKinds.has(event.kind)) {
+          this.#unknownKinds.add(event.kind);
+          this.#o.logger?.warn(
+            { kind: event.kind },
+            "revocation event of a kind this SDK does not know: cache emptied at each (upgrade the SDK)",
+          );
+        }
         this.#o.onLost();
         continue;
       }
@@ -199,6 +245,7 @@ export class RevocationWatch {
       const controller = new AbortController();
       this.#controller = controller;
       this.#stats.state = "connecting";
+      let why: object = { reason: "ended" };
       try {
         const resumed = this.#cursor !== "";
         for await (const message of this.#o.open(this.#cursor, controller.signal)) {
@@ -210,6 +257,7 @@ export class RevocationWatch {
             this.#epoch++;
             this.#stats.state = "up";
             this.#stats.connects++;
+            this.#report("up", {});
             backoff = min;
             // Starting afresh: revocations before Tessera answered are unknown here. So too
             // when resuming past missed events: Tessera sends a long catch-up over several
@@ -219,10 +267,11 @@ export class RevocationWatch {
             for (const waiter of [...this.#waiters]) waiter();
           }
         }
-      } catch {
+      } catch (err) {
         // Down: reconnect below.
+        why = { reason: "error", error: errorFields(err, true) };
       }
-      this.#lose();
+      this.#lose(why);
       if (this.#closed) break;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, backoff * (0.5 + Math.random() / 2));

@@ -1,104 +1,34 @@
 // The core shared by the Connect interceptor and the Node middleware: who is calling, from
 // the Authorization header (and the client certificate), and whether a rule admits them.
 
-import type { Transport } from "@connectrpc/connect";
 import {
   VerificationCode,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { defaultLogger } from "../logger.js";
 import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
+import { createAuthReports } from "./auth-reports.js";
 import { TesseraAuthError } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
-import { type JwtVerifyMode, offlineVerdict, verifiesOnline, vouchedSession } from "./jwt-paths.js";
+import { offlineVerdict, verifiesOnline, vouchedSession } from "./jwt-paths.js";
 import {
   type AccessTokenClaims,
   createOfflineJwtVerifier,
   JWT_ALGORITHMS,
-  type JwtAlgorithm,
   looksLikeJwt,
   type OfflineJwtVerifier,
 } from "./offline-jwt.js";
 import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
-import { RevocationWatch, type RevocationWatchStats } from "./revocation-watch.js";
+import { RevocationWatch } from "./revocation-watch.js";
 import { type StreamHold, StreamHolds } from "./stream-holds.js";
+import type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-options.js";
 import { createTesseraClient } from "./tessera-client.js";
 import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
 import { VerifyFlights } from "./verify-flights.js";
 
-/** Options of {@link createTesseraAuth} (and of the interceptor and middleware built on it). */
-export interface TesseraAuthOptions {
-  /** Tessera's address, e.g. `https://tessera.internal:50052`. */
-  server: string;
-  /**
-   * A folder with `ca.crt` (verifies Tessera) and, for a service that authenticates to
-   * Tessera by a bound client certificate, `client.crt` + `client.key` (as the SDK's clients).
-   */
-  certFolder?: string;
-  /** A CA bundle to verify Tessera with, instead of the folder's `ca.crt`. */
-  caFile?: string;
-  /**
-   * This service's own credential for VerifyCredential and WatchRevocations (a machine
-   * user holding `auth:verify`): its machine token, or `Basic <base64(user:password)>`.
-   * Unset: the client certificate of `certFolder` alone.
-   */
-  credential?: string;
-  /** `iss` and `aud` access tokens must carry (Tessera's `auth.jwt.issuer` / `audience`; default "tessera"). */
-  issuer?: string;
-  audience?: string;
-  /** JWS algorithms verified offline, a subset of EdDSA and ES256 (default both). */
-  algorithms?: readonly JwtAlgorithm[];
-  /**
-   * How JWTs are verified (default "auto"): "offline" against the JWKS only, refusing any
-   * other algorithm; "online" every JWT by VerifyCredential, as an opaque credential (cached
-   * and revoked alike); "auto" by what the deployment publishes, never by the token's header
-   * alone: offline while the JWKS holds a key `algorithms` accepts (an HS256 token is then
-   * refused without asking Tessera), by VerifyCredential when it holds none, as a Tessera
-   * signing HS256 (`auth.jwt.secret`) publishes no key.
-   */
-  jwt?: { verify?: JwtVerifyMode };
-  /** Tolerated clock difference with Tessera in seconds, for nbf/iat (default 30; never added to exp). */
-  clockSkewSeconds?: number;
-  /** The positive cache of VerifyCredential answers (default 10,000 entries, 300 s at most); false: none. */
-  cache?: { max?: number; ttlSeconds?: number } | false;
-  /** Where the JWKS is (default: the discovery document's `jwks_uri`, else `/.well-known/jwks.json`). */
-  jwksUri?: string;
-  /** Least time between two JWKS fetches caused by unknown kids (default 30 s). */
-  jwksRefetchGapMs?: number;
-  /** Age after which the JWKS is fetched again (default 300 s, its Cache-Control). */
-  jwksMaxAgeMs?: number;
-  /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
-  verifyTimeoutMs?: number;
-  /** Distinct credentials verified by Tessera at once (default 1024); past it a call is refused with 503. */
-  maxConcurrentVerifications?: number;
-  /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */
-  maxTokenLifetimeSeconds?: number;
-  /** Follow WatchRevocations (default true). Without it every opaque credential and JWT is verified per call. */
-  watch?: boolean;
-  /** Reconnection backoff of the watch stream (ms). */
-  watchBackoffMs?: { min: number; max: number };
-  /** The transport to Tessera (default: gRPC over HTTP/2 and TLS from `server` and `certFolder`). */
-  transport?: Transport;
-  /** GET a JSON document from Tessera (default: node:https with `certFolder`'s CA): a custom HTTP client, or tests. */
-  fetchJson?: (url: string) => Promise<unknown>;
-  /** Clock (tests). */
-  now?: () => number;
-}
-
-/** Counters for tests, metrics and the bench. */
-export interface TesseraAuthStats {
-  watch: RevocationWatchStats | undefined;
-  cacheSize: number;
-  cacheHits: number;
-  verifyCalls: number;
-  /** Calls refused (503) because `maxConcurrentVerifications` credentials were being verified. */
-  verifyRefused: number;
-  offlineJwts: number;
-  jwksFetches: number;
-  /** Streaming calls held open (see {@link TesseraAuth.holdStream}). */
-  streams: number;
-}
+export type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-options.js";
 
 /** The shared core: authenticate a call, authorize it against a rule. */
 export interface TesseraAuth {
@@ -172,7 +102,10 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const verifyTimeoutMs = options.verifyTimeoutMs ?? 2000;
   const base = options.server.replace(/\/+$/, "");
   const tls = loadClientTls({ certFolder: options.certFolder, caFile: options.caFile });
+  const logger = options.logger ?? defaultLogger;
+  const reports = createAuthReports(logger, now);
   const tessera = createTesseraClient({
+    onFault: reports.verifyFault,
     base,
     tls,
     transport: options.transport,
@@ -213,6 +146,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     refetchGapMs: options.jwksRefetchGapMs ?? 30_000,
     maxAgeMs: options.jwksMaxAgeMs ?? 300_000,
     now,
+    onFetched: reports.jwksFetched,
   });
 
   /**
@@ -238,6 +172,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       : new RevocationWatch({
           open: tessera.openWatch,
           now,
+          logger,
           skewMs,
           rememberMs: maxLifetimeMs,
           onEvent: (target, id) => {
@@ -258,7 +193,10 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const inflight = new VerifyFlights<VerifyCredentialResponse>(
     options.maxConcurrentVerifications ?? 1024,
-    () => unavailable("too many credentials are being verified at once"),
+    () => {
+      reports.verifyRefused();
+      return unavailable("too many credentials are being verified at once");
+    },
   );
 
   /**
@@ -358,7 +296,13 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       const hit = admitted(authorization, certificateThumbprint);
       if (hit !== undefined) return hit;
       const keySet = jwt.keySet;
-      const fresh = await admit(authorization, clientAddress);
+      let fresh: Admitted;
+      try {
+        fresh = await admit(authorization, clientAddress);
+      } catch (err) {
+        if (!(err instanceof TesseraAuthError)) reports.unexpected(err);
+        throw err;
+      }
       const principal = fresh.principal;
       if (fresh.until > 0)
         memo.set(authorization!, {
@@ -394,6 +338,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       watch?.close();
       cache.clear();
       memo.clear();
+      reports.flush();
     },
   };
   return core;

@@ -29,6 +29,8 @@ export function createTesseraClient(options: {
   transport?: Transport | undefined;
   credential?: string | undefined;
   verifyTimeoutMs: number;
+  /** Told of each VerifyCredential call that failed (the call is then refused with 503). */
+  onFault?: ((err: unknown) => void) | undefined;
 }): TesseraClient {
   const { tls, verifyTimeoutMs } = options;
   const transport =
@@ -56,6 +58,7 @@ export function createTesseraClient(options: {
       } catch (err) {
         // Whatever went wrong between this service and Tessera (unreachable, overloaded, this
         // service's own credential refused), the caller's credential is not known good.
+        options.onFault?.(err);
         const retry = err instanceof ConnectError ? Number(err.metadata.get("retry-after")) : Number.NaN;
         throw unavailable("Tessera cannot verify credentials now", err, retry > 0 ? Math.min(retry, 60) : 1);
       }
