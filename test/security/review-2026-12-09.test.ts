@@ -1,0 +1,75 @@
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createClient } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { parseHash } from "../../src/auth/password.js";
+import { User } from "../../src/storage/entities.js";
+import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminClients } from "../machine-fixtures.js";
+
+/**
+ * The adversarial review of 2026-12-09 (the last session's defences: held streams' certificate
+ * end, refresh in one transaction, SQLite's raw writes, re-hash races, zero-window answers, the
+ * connection rate, the SDK's bounds, token prefixes), against a real server over TLS: each test
+ * is a finding of that review, failing on the main it was found on, and holds with its fix.
+ */
+
+const PASSWORD = "a password two instances check";
+
+/**
+ * A rolling upgrade of `auth.passwordIterations`: two instances on one database, one at the
+ * old count and one at the new. Each re-hashed every password it accepted whose count was
+ * not its own, so logins alternating between them rewrote the hash every time (a write per
+ * login, each racing concurrent logins' checks), and the old instance downgraded it.
+ */
+describe.each(DATABASES)("password hashes under instances at two counts on $name", (db) => {
+  const LOW = 1_000;
+  const HIGH = 1_500;
+  let low: TestServer;
+  let high: TestServer;
+  let userId: string;
+
+  beforeAll(async () => {
+    const url =
+      db.name === "sqlite"
+        ? `sqlite:${join(mkdtempSync(join(tmpdir(), "tessera-two-counts-")), "t.db")}`
+        : db.url();
+    const shared = { name: db.name, url: () => url };
+    low = await startTestServer(shared, { auth: { passwordIterations: LOW } });
+    high = await startTestServer(shared, { auth: { passwordIterations: HIGH } });
+    const admin = await adminClients(low);
+    const { user } = await admin.users.createUser({ username: "rolled", password: PASSWORD });
+    userId = user!.id;
+  }, 120_000);
+
+  afterAll(async () => {
+    await high?.close();
+    await low?.close();
+  });
+
+  async function storedHash(): Promise<string> {
+    return (await low.app.storage.em.fork().findOneOrFail(User, { id: userId })).passwordHash;
+  }
+
+  function basic(ts: TestServer) {
+    const header = `Basic ${Buffer.from(`rolled:${PASSWORD}`).toString("base64")}`;
+    return createClient(UserService, withHeaders(ts.connect(), { authorization: header }));
+  }
+
+  it("keeps the hash at the higher count however logins and Basic calls alternate between the instances", async () => {
+    expect(parseHash(await storedHash())!.iterations).toBe(LOW);
+    await createClient(UserService, high.connect()).login({ username: "rolled", password: PASSWORD });
+    const upgraded = await storedHash();
+    expect(parseHash(upgraded)!.iterations).toBe(HIGH);
+    for (let i = 0; i < 3; i++) {
+      await createClient(UserService, low.connect()).login({ username: "rolled", password: PASSWORD });
+      await basic(low).getCurrentUser({});
+      await createClient(UserService, high.connect()).login({ username: "rolled", password: PASSWORD });
+      await basic(high).getCurrentUser({});
+    }
+    // Not downgraded by the lower instance, nor re-made by the higher one: the very same hash.
+    expect(await storedHash()).toBe(upgraded);
+  });
+});
