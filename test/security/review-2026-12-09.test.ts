@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { parseHash } from "../../src/auth/password.js";
 import { User } from "../../src/storage/entities.js";
-import { DATABASES, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { DATABASES, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminClients } from "../machine-fixtures.js";
 
 /**
@@ -72,4 +72,53 @@ describe.each(DATABASES)("password hashes under instances at two counts on $name
     // Not downgraded by the lower instance, nor re-made by the higher one: the very same hash.
     expect(await storedHash()).toBe(upgraded);
   });
+});
+
+/**
+ * SQLite's raw writes (audit batches, last-used times, re-hashed secrets) wait for the ORM's
+ * open transaction on the one shared connection, at most 1 s. They polled for a moment with
+ * none open: under back-to-back transactions (one user's sixteen sessions refreshing in a
+ * loop) none came, so every write waited out the bound and then ran inside another
+ * request's transaction, to be lost if it rolled back, with nothing counted or logged.
+ */
+describe("SQLite raw writes under back-to-back transactions", () => {
+  let ts: TestServer;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+  }, 60_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("runs each write between two transactions, within the bound, never inside one", async () => {
+    const admin = await adminClients(ts);
+    await admin.users.createUser({ username: "refresher", password: PASSWORD });
+    const users = createClient(UserService, ts.connect());
+    const sessions: string[] = [];
+    for (let i = 0; i < 16; i++)
+      sessions.push((await users.login({ username: "refresher", password: PASSWORD })).refreshToken);
+    let stop = false;
+    const loops = sessions.map(async (first) => {
+      let refreshToken = first;
+      while (!stop) refreshToken = (await users.refreshToken({ refreshToken })).refreshToken;
+    });
+    const waits: number[] = [];
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      for (let i = 0; i < 8; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        const started = performance.now();
+        await ts.app.sql.run("update users set username = username where id = ?", ["nobody"]);
+        waits.push(Math.round(performance.now() - started));
+      }
+    } finally {
+      stop = true;
+      await Promise.all(loops);
+    }
+    // Before: [1010, 1015, 1002, ...], each write past the bound, run inside a refresh's transaction.
+    expect(Math.max(...waits), JSON.stringify(waits)).toBeLessThan(900);
+    expect(ts.app.sql.rawWritesJoined?.()).toBe(0);
+  }, 60_000);
 });
