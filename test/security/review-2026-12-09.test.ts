@@ -2,11 +2,19 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
+import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { parseHash } from "../../src/auth/password.js";
 import { User } from "../../src/storage/entities.js";
-import { DATABASES, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import {
+  createTestApp,
+  DATABASES,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+  withHeaders,
+} from "../helpers.js";
 import { adminClients } from "../machine-fixtures.js";
 
 /**
@@ -121,4 +129,28 @@ describe("SQLite raw writes under back-to-back transactions", () => {
     expect(Math.max(...waits), JSON.stringify(waits)).toBeLessThan(900);
     expect(ts.app.sql.rawWritesJoined?.()).toBe(0);
   }, 60_000);
+});
+
+describe("a SQLite raw write issued from within the open transaction itself", () => {
+  it("runs inside it once its bound has passed, and is counted and reported, not silent", async () => {
+    const lines: string[] = [];
+    const logger = pino({ level: "info" }, { write: (line: string) => lines.push(line) });
+    const app = await createTestApp(SQLITE, {}, { logger });
+    try {
+      const started = performance.now();
+      // A flush hook's write (test/security/escalation.test.ts): it would wait on itself for ever.
+      await app.storage.em.fork().transactional(async (tx) => {
+        await tx.nativeUpdate(User, { id: "nobody" }, { disabled: false });
+        await app.sql.run("update users set username = username where id = ?", ["nobody"]);
+      });
+      expect(performance.now() - started).toBeGreaterThanOrEqual(950);
+      expect(app.sql.rawWritesJoined?.()).toBe(1);
+      const warned = lines.map((l) => JSON.parse(l) as { msg: string; joined?: number });
+      expect(warned.filter((l) => l.msg.includes("ran inside an open transaction"))).toEqual([
+        expect.objectContaining({ joined: 1 }),
+      ]);
+    } finally {
+      await app.close();
+    }
+  }, 30_000);
 });
