@@ -84,7 +84,7 @@ export type CredentialKind =
 
 /** What the scrape-time callbacks read. */
 export interface MetricsSources {
-  sql: Pick<SqlRunner, "cacheStats">;
+  sql: Pick<SqlRunner, "cacheStats" | "rawWritesJoined">;
   audit: Pick<AuditLog, "stats">;
   /** The last-used times' buffer: the same shape of figures as the audit log's. */
   lastUsed?: { stats(): AuditStats };

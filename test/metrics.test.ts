@@ -191,6 +191,7 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
       "tessera_state_cache_hits_total",
       "tessera_state_cache_misses_total",
       "tessera_state_cache_invalidations_total",
+      "tessera_sqlite_raw_writes_joined_total",
       "tessera_audit_buffer_depth",
       "tessera_audit_dropped_total",
       "tessera_watch_streams_open",

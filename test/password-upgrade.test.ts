@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import {
   dummyPasswordHash,
   hashOutdated,
+  hashParametersDiffer,
   hashSecret,
   parseHash,
   verifySecret,
@@ -98,6 +99,20 @@ describe("PasswordUpgrader", () => {
     expect(upgrader.stats().machine.upgraded).toBe(1);
   });
 
+  it("never re-hashes a stronger hash (a higher count another instance made) down to the current iterations", async () => {
+    const stronger = await hashSecret(PASSWORD, 1_500);
+    let calls = 0;
+    const upgrader = new PasswordUpgrader(1_200);
+    expect(upgrader.outdated(stronger)).toBe(false);
+    await upgrader.upgrade("user", "u1", PASSWORD, stronger, async () => {
+      calls++;
+      return true;
+    });
+    expect(calls).toBe(0);
+    // Yet a refused account with it costs what an unknown name costs here: the stand-in.
+    expect(await upgrader.refusalHash(stronger)).toBe(await dummyPasswordHash(1_200));
+  });
+
   it("checks a refused account's password against the stand-in when its own hash is outdated", async () => {
     const upgrader = new PasswordUpgrader(1_200);
     const old = await hashSecret(PASSWORD, 1_000);
@@ -108,7 +123,7 @@ describe("PasswordUpgrader", () => {
 });
 
 describe("PasswordUpgrader's shape check", () => {
-  it("tells outdated hashes as hashOutdated does, current ones included", async () => {
+  it("tells outdated hashes as hashOutdated does and differing ones as hashParametersDiffer does, current ones included", async () => {
     const upgrader = new PasswordUpgrader(1_200);
     const current = await hashSecret(PASSWORD, 1_200);
     const [, , salt, hash] = current.split("$");
@@ -121,10 +136,12 @@ describe("PasswordUpgrader's shape check", () => {
       `pbkdf2-sha256$1200$${Buffer.alloc(18).toString("base64")}$${hash}`,
       "not a hash at all",
     ];
-    for (const stored of shapes)
+    for (const stored of shapes) {
+      expect([stored, upgrader.outdated(stored)]).toEqual([stored, hashOutdated(stored, 1_200)]);
       expect([stored, (await upgrader.refusalHash(stored)) !== stored]).toEqual([
         stored,
-        hashOutdated(stored, 1_200),
+        hashParametersDiffer(stored, 1_200),
       ]);
+    }
   });
 });

@@ -1,5 +1,5 @@
 import type { TesseraError } from "../errors.js";
-import { dummyPasswordHash, hashOutdated, hashSecret } from "./password.js";
+import { dummyPasswordHash, hashOutdated, hashParametersDiffer, hashSecret } from "./password.js";
 
 /** Whose secret is re-hashed: a user's password, or a machine user's Basic secret. */
 export type UpgradedSecret = "user" | "machine";
@@ -31,8 +31,8 @@ export interface UpgradeLogger {
 
 /**
  * Re-hashes a password (a user's, or a machine user's generated Basic secret), after a check
- * that accepted it, when its stored hash was made with other parameters than
- * `auth.passwordIterations` (Django's and Passlib's remedy): an unknown name costs a stand-in
+ * that accepted it, when its stored hash is weaker than one at `auth.passwordIterations`
+ * (Django's and Passlib's remedy; never a stronger one): an unknown name costs a stand-in
  * hash at the current parameters, so until every account converges on them, an older hash's
  * other cost tells existing accounts apart by timing. Shared by every check of such a secret
  * (Login, HTTP Basic, OAuth client authentication, VerifyCredential), so they count alike.
@@ -60,6 +60,19 @@ export class PasswordUpgrader {
     this.currentPrefix = `pbkdf2-sha256$${iterations}$`;
   }
 
+  /** Whether `stored` has the very shape hashSecret gives at `iterations` (no parse needed). */
+  private current(stored: string): boolean {
+    const p = this.currentPrefix.length;
+    return (
+      stored.length === p + 69 &&
+      stored.startsWith(this.currentPrefix) &&
+      stored.endsWith("==", p + 24) &&
+      stored.charCodeAt(p + 24) === 36 && // "$"
+      stored.endsWith("=") &&
+      !stored.endsWith("==")
+    );
+  }
+
   /**
    * {@link hashOutdated}, without parsing the hash when it has the very shape hashSecret
    * gives at `iterations` (a 16-byte salt and a 32-byte hash, padded base64): every accepted
@@ -67,15 +80,7 @@ export class PasswordUpgrader {
    * nearly every hash is one.
    */
   outdated(stored: string): boolean {
-    const p = this.currentPrefix.length;
-    const current =
-      stored.length === p + 69 &&
-      stored.startsWith(this.currentPrefix) &&
-      stored.endsWith("==", p + 24) &&
-      stored.charCodeAt(p + 24) === 36 && // "$"
-      stored.endsWith("=") &&
-      !stored.endsWith("==");
-    return !current && hashOutdated(stored, this.iterations);
+    return !this.current(stored) && hashOutdated(stored, this.iterations);
   }
 
   /**
@@ -137,7 +142,10 @@ export class PasswordUpgrader {
    * `forbidden`: as for {@link dummyPasswordHash}.
    */
   refusalHash(stored: string, forbidden?: TesseraError): Promise<string> {
-    return this.outdated(stored) ? dummyPasswordHash(this.iterations, forbidden) : Promise.resolve(stored);
+    // Any other parameters, stronger ones too (a hash another instance made at a higher count).
+    return !this.current(stored) && hashParametersDiffer(stored, this.iterations)
+      ? dummyPasswordHash(this.iterations, forbidden)
+      : Promise.resolve(stored);
   }
 
   stats(): Record<UpgradedSecret, PasswordUpgradeStats> {

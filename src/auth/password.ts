@@ -49,12 +49,25 @@ export function parseHash(stored: string): HashParameters | null {
 }
 
 /**
- * Whether `stored` was made with parameters other than those a new hash gets (Passlib's
- * "needs_update"): then a password it verified is re-hashed (see PasswordUpgrader). An
- * unknown name is checked against a stand-in at the current parameters, so an account whose
- * hash kept older ones would take another time to refuse, and tell itself apart.
+ * Whether `stored` is weaker than a new hash (Passlib's "needs_update"): fewer iterations than
+ * `iterations`, or a salt or hash of another length. Then a password it verified is re-hashed
+ * (see PasswordUpgrader). A stronger hash is not: instances configured with different counts
+ * (a rolling upgrade) would otherwise re-hash every login back and forth, and downgrade it.
  */
 export function hashOutdated(stored: string, iterations: number): boolean {
+  const params = parseHash(stored);
+  if (!params) return false;
+  return (
+    params.iterations < iterations || params.hash.length !== KEY_LENGTH || params.salt.length !== SALT_LENGTH
+  );
+}
+
+/**
+ * Whether `stored` costs a check other than a new hash at `iterations` would (more or fewer
+ * iterations, other lengths): an unknown name is checked against a stand-in at the current
+ * parameters, so a refused account whose hash differs is checked against that stand-in too.
+ */
+export function hashParametersDiffer(stored: string, iterations: number): boolean {
   const params = parseHash(stored);
   if (!params) return false;
   return (

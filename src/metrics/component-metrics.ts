@@ -146,6 +146,13 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
       this.set(sources.sql.cacheStats().triggersMissing ?? 0);
     },
   });
+  scraped(
+    registry,
+    "counter",
+    "tessera_sqlite_raw_writes_joined_total",
+    "SQLite: raw writes that ran inside an ORM transaction still open after waiting 1 s for it.",
+    () => sources.sql.rawWritesJoined?.() ?? 0,
+  );
   cache("tessera_state_cache_hits_total", "Subject-state reads answered from the cache.", "hits");
   cache("tessera_state_cache_misses_total", "Subject-state reads that went to the database.", "misses");
   cache(

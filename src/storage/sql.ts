@@ -7,6 +7,7 @@ import { PgStateCache } from "./pg-state.js";
 import { ANNOUNCED_TABLES, stateChannel, TRIGGERED_TABLES_SQL } from "./pg-state-channel.js";
 import { installWriteHook } from "./pg-write-hook.js";
 import { INSERT_EXEMPT, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
+import { SqliteWriteGate } from "./sqlite-write-gate.js";
 
 /**
  * Raw, parameterised SQL for the per-request authentication path.
@@ -41,6 +42,11 @@ export interface SqlRunner {
    * uncommitted writes a read now would see. Absent on PostgreSQL (a pool: reads never do).
    */
   inTransaction?(): boolean;
+  /**
+   * SQLite: raw writes that ran inside another's open transaction, having waited for it past
+   * their bound (see SqliteWriteGate). Absent on PostgreSQL (each write takes its own connection).
+   */
+  rawWritesJoined?(): number;
   /**
    * SQLite: the driver answers every statement in the calling turn, blocking the event loop
    * while it runs (callers that write in bulk keep their batches small). Absent on PostgreSQL.
@@ -99,9 +105,6 @@ function sqliteParam(value: unknown): unknown {
   return value === undefined ? null : value;
 }
 
-/** How long a raw write on SQLite waits for an open ORM transaction to end (see `run`). */
-const RAW_WRITE_WAIT_MS = 1000;
-
 /** Build the runner for a storage: prepared statements on SQLite, the pool on PostgreSQL. */
 export async function createSqlRunner(storage: Storage, options: SqlRunnerOptions = {}): Promise<SqlRunner> {
   const cacheSize = options.stateCacheSize ?? 10_000;
@@ -125,6 +128,7 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
     const all = <T>(sql: string, params: readonly unknown[]) =>
       prepare(sql).all(...params.map(sqliteParam)) as T[];
     const cache = cacheSize > 0 ? new StateCache(db, cacheSize) : null;
+    const gate = new SqliteWriteGate(client, db, options.logger);
     const cachedGet = <T>(sql: string, params: readonly unknown[]) =>
       cache ? cache.read(sql, params, () => get<T>(sql, params)) : get<T>(sql, params);
     const cachedAll = <T>(sql: string, params: readonly unknown[]) =>
@@ -137,15 +141,10 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
         return all<T>(sql, params);
       },
       async run(sql: string, params: readonly unknown[] = []) {
-        // Not inside a transaction the ORM has open on this one connection (a request's, across
-        // its awaits): the write would commit or roll back with it, an audit batch lost with a
-        // failed request's writes. Run in the turn that finds none open. Bounded: a write issued
-        // from within that transaction (a flush hook's) would wait on itself for ever; past the
-        // bound it runs inside it, as every write did before.
-        for (const until = Date.now() + RAW_WRITE_WAIT_MS; db.inTransaction && Date.now() < until; )
-          await new Promise((resolve) => setTimeout(resolve, 2));
-        return prepare(sql).run(...params.map(sqliteParam)).changes;
+        // Not inside a transaction the ORM has open on this one connection (see SqliteWriteGate).
+        return gate.run(() => prepare(sql).run(...params.map(sqliteParam)).changes);
       },
+      rawWritesJoined: () => gate.joined(),
       cachedGet,
       cachedAll,
       cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
