@@ -37,6 +37,11 @@ export interface TesseraServer {
    */
   connectionsFrom(ip: string): number;
   /**
+   * HTTP/2 streams open from a peer address, as counted for `server.maxOpenStreamsPerIp` (0
+   * when it is off): for an IPv6 address, from its whole /64.
+   */
+  openStreamsFrom(ip: string): number;
+  /**
    * Shut down: /ready answers 503 at once; for `drainDelayMs` (default 0) everything else
    * is served as before (new connections included), so that a load balancer probing
    * /ready takes the instance out before it stops accepting; then stop accepting (the port
@@ -120,7 +125,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
   };
   // A stream's close is told through the bounds' one "close" listener: a third listener on it
   // grew the pair events.js keeps them in, a copy per call that a pretenured pair kept alive.
-  const connectionsFrom = boundConnections(
+  const { connectionsFrom, openStreamsFrom } = boundConnections(
     server,
     cfg,
     tls,
@@ -189,6 +194,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     url: `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${port}`,
     reloadTls,
     connectionsFrom,
+    openStreamsFrom,
     async close(graceMs = 2000, drainDelayMs = 0) {
       draining = true;
       if (drainDelayMs > 0) await new Promise((r) => setTimeout(r, drainDelayMs));

@@ -32,6 +32,7 @@ const CONTRACT = [
   "server.maxConnections TESSERA_MAX_CONNECTIONS 10000",
   "server.maxConnectionsPerIp TESSERA_MAX_CONNECTIONS_PER_IP 1024",
   "server.newConnectionsPerIpPerSecond TESSERA_NEW_CONNECTIONS_PER_IP_PER_SECOND 200",
+  "server.maxOpenStreamsPerIp TESSERA_MAX_OPEN_STREAMS_PER_IP 16384",
   "server.requestTimeoutSeconds TESSERA_REQUEST_TIMEOUT_SECONDS 10",
   "server.maxStreamSeconds TESSERA_MAX_STREAM_SECONDS 3600",
   "server.maxStreamsPerIp TESSERA_MAX_STREAMS_PER_IP 64",

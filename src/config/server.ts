@@ -122,6 +122,13 @@ export const serverSchema = z
       description:
         "New connections accepted per second per peer address (an IPv6 peer's whole /64; the proxy's, behind one): each costs a TLS handshake, which server.maxConnectionsPerIp does not bound once connections close as fast as they open. More are closed at once, before TLS. 0: no limit.",
     }),
+    // 64 connections' worth of the per-connection default (256): far past what one NAT'd
+    // address of real clients keeps open, a 16th of what maxConnectionsPerIp × 256 allowed.
+    maxOpenStreamsPerIp: z.number().int().min(0).default(16_384).register(configKeys, {
+      env: "TESSERA_MAX_OPEN_STREAMS_PER_IP",
+      description:
+        "HTTP/2 streams (calls of every kind, held or not) open at once per peer address (an IPv6 peer's whole /64; the proxy's, behind one), over all its connections: server.maxConcurrentStreams bounds them per connection only. More are refused with RST_STREAM REFUSED_STREAM before any of their call runs, which clients may retry at once (gRPC clients do, once), counted in tessera_streams_refused_total. The default is 64 connections of 256 streams each, far more than the clients behind one NAT hold. 0: no limit.",
+    }),
     requestTimeoutSeconds: z.number().int().min(0).default(10).register(configKeys, {
       env: "TESSERA_REQUEST_TIMEOUT_SECONDS",
       description:

@@ -8,7 +8,7 @@ import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
 import { UPGRADED_SECRETS } from "../auth/password-upgrade.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
 import type { MetricsSources } from "../metrics.js";
-import { connectionRefusals } from "../server/connection-limits.js";
+import { connectionRefusals } from "../server/refusals.js";
 import type { Storage } from "../storage/orm.js";
 
 const WAIT_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -302,7 +302,20 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     registers: [registry],
     collect() {
       this.reset();
-      for (const [limit, n] of Object.entries(connectionRefusals)) this.inc({ limit }, n);
+      this.inc({ limit: "per_ip" }, connectionRefusals.per_ip);
+      this.inc({ limit: "rate" }, connectionRefusals.rate);
+      this.inc({ limit: "total" }, connectionRefusals.total);
+    },
+  });
+  // Streams, not connections: a sibling, so that the connections counter still counts connections.
+  new Counter({
+    name: "tessera_streams_refused_total",
+    help: "HTTP/2 streams refused with RST_STREAM REFUSED_STREAM before any of their call ran, by limit: open_per_ip (server.maxOpenStreamsPerIp).",
+    labelNames: ["limit"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc({ limit: "open_per_ip" }, connectionRefusals.open_streams_per_ip);
     },
   });
 

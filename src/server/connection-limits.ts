@@ -1,11 +1,11 @@
-import type { IncomingMessage } from "node:http";
 import http2 from "node:http2";
-import type { Server, Socket } from "node:net";
+import type { Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { budgetKey } from "../client-ip.js";
 import type { Clock } from "../clock.js";
 import type { Config } from "../config.js";
-import type { NodeResponse as Response } from "../transport/stream-server.js";
+import { type RefusalLogger, refusalCounter } from "./refusals.js";
+import { boundStreams } from "./stream-bounds.js";
 
 /**
  * Bound what connections can hold: at most `maxConnections` in all and
@@ -14,11 +14,11 @@ import type { NodeResponse as Response } from "../transport/stream-server.js";
  * once no stream is left; HTTP/1.1: closed). Node keeps idle connections for ever by
  * default, each holding a descriptor and tens of KB. A request must arrive whole within
  * `requestTimeoutSeconds` (a body trickled a byte at a time keeps a connection busy, so
- * the idle timeout alone does not end it), and no stream lives past `maxStreamSeconds`.
- * Returns the number of connections open from an address, as counted for the limit.
- * Refusals are counted (`connectionRefusals`) and, with `refusals`, logged in aggregate.
- * `streamClosed`, when given, is called as each HTTP/2 stream closes, from the bounds' own
- * "close" listener (a stream's third listener grew the pair events.js keeps them in).
+ * the idle timeout alone does not end it), no stream lives past `maxStreamSeconds`, and an
+ * address holds at most `maxOpenStreamsPerIp` HTTP/2 streams at once (stream-bounds.ts).
+ * Returns the number of connections open from an address, as counted for the limit, and of
+ * HTTP/2 streams. `streamClosed`, when given, is called as each HTTP/2 stream closes, from the
+ * bounds' own "close" listener (a stream's third listener grew the pair events.js keeps them in).
  */
 export function boundConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
@@ -26,16 +26,16 @@ export function boundConnections(
   tls: boolean,
   refusals?: { logger: RefusalLogger; clock: Clock },
   streamClosed?: () => void,
-): (ip: string) => number {
+): { connectionsFrom(ip: string): number; openStreamsFrom(ip: string): number } {
   const refuse = refusalCounter(server, refusals);
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
   const releases = new Map<string, () => void>();
-  // The one per-stream listener (request deadline, stream lifetime, and the open streams
-  // of each session that the idle timeout looks at): per-stream listeners and timers are a
-  // cost every call pays, so each stream gets at most one "close" listener and one timer.
-  const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
-  boundRequestTimes(server, cfg, streamsOf, streamClosed);
+  // The one per-stream listener (request deadline, stream lifetime, the address's open
+  // streams, and the open streams of each session that the idle timeout looks at):
+  // per-stream listeners and timers are a cost every call pays, so each stream gets at most
+  // one "close" listener and one timer.
+  const { sessions: streamsOf, openStreamsFrom } = boundStreams(server, cfg, refuse, streamClosed);
   // net.Server closes connections past it as they are accepted (and says so: "drop").
   if (cfg.maxConnections > 0) {
     server.maxConnections = cfg.maxConnections;
@@ -99,7 +99,7 @@ export function boundConnections(
   }
   const connectionsFrom = (ip: string) => open.get(budgetKey(ip)) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
-  if (idleMs === 0) return connectionsFrom;
+  if (idleMs === 0) return { connectionsFrom, openStreamsFrom };
   // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
   // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
   // runs before ours, so ours pairs the socket with the session made just before.
@@ -123,9 +123,9 @@ export function boundConnections(
   };
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
-    // Filled and emptied by the per-stream listener of boundRequestTimes.
-    const streams = new Set<http2.Http2Stream>();
-    streamsOf.set(session, streams);
+    // Filled and emptied by the per-stream listener of boundStreams, whose "session" listener
+    // ran first.
+    const streams = streamsOf.get(session)?.open ?? new Set<http2.Http2Stream>();
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
     // whose request is complete (a call in progress, a server stream) keeps the session,
@@ -185,149 +185,7 @@ export function boundConnections(
       else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
         socketOf.set(session, socket);
     });
-  return connectionsFrom;
-}
-
-const kBounds = Symbol("tessera.streamBounds");
-interface StreamBounds {
-  timer: NodeJS.Timeout | undefined;
-  open: Set<http2.Http2Stream> | undefined;
-  closed: (() => void) | undefined;
-}
-type BoundedStream = http2.Http2Stream & { [kBounds]?: StreamBounds };
-
-/**
- * The "close" listener of every bounded stream: one function, its state on the stream. The
- * stream's body already listens for "close", so Node's events.js holds both listeners in a
- * two-element array from the one literal site all emitters share; when V8 pretenures that site
- * at start-up (at random), the array is born old, and a per-stream closure in it kept the
- * whole call alive through every scavenge (bench/results/2026-12-08-json-cut.md, "Which site").
- */
-function onBoundedStreamClose(this: BoundedStream): void {
-  const bounds = this[kBounds];
-  if (bounds?.timer !== undefined) clearTimeout(bounds.timer);
-  bounds?.open?.delete(this);
-  bounds?.closed?.();
-}
-
-/**
- * Cancel a request not received whole within `requestTimeoutSeconds` of its start, and a
- * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
- * end it first, as Health/Watch does with OK). One timer per stream, unref'd. Also keeps
- * `streamsOf` (the open streams of the sessions it has an entry for) for the idle timeout,
- * with the same one "close" listener.
- */
-function boundRequestTimes(
-  server: http2.Http2SecureServer | http2.Http2Server,
-  cfg: Config["server"],
-  streamsOf: WeakMap<http2.Http2Session, Set<http2.Http2Stream>>,
-  streamClosed: (() => void) | undefined,
-): void {
-  const requestMs = cfg.requestTimeoutSeconds * 1000;
-  // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
-  const lifeMs = cfg.maxStreamSeconds > 0 ? cfg.maxStreamSeconds * 1000 + 1000 : 0;
-  const timed = requestMs > 0 || lifeMs > 0;
-  if (!timed && cfg.idleTimeoutSeconds === 0 && streamClosed === undefined) return;
-  server.on("stream", (stream: http2.ServerHttp2Stream) => {
-    const open = stream.session === undefined ? undefined : streamsOf.get(stream.session);
-    open?.add(stream);
-    const bounds: StreamBounds = { timer: undefined, open, closed: streamClosed };
-    if (timed) {
-      const cancel = () => {
-        if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
-      };
-      if (requestMs > 0 && (lifeMs === 0 || requestMs < lifeMs))
-        bounds.timer = setTimeout(() => {
-          // The client still owes part of its request: a stalled or trickled upload.
-          if (stream.state.remoteClose !== 1) cancel();
-          else if (lifeMs > 0) bounds.timer = setTimeout(cancel, lifeMs - requestMs).unref();
-        }, requestMs).unref();
-      else bounds.timer = setTimeout(cancel, lifeMs).unref();
-    }
-    if (bounds.timer === undefined && open === undefined && streamClosed === undefined) return;
-    (stream as BoundedStream)[kBounds] = bounds;
-    // "on", not "once": a stream closes once, and once's wrapper is a cost per call.
-    stream.on("close", onBoundedStreamClose);
-  });
-  // HTTP/1.1 (allowHTTP1): headers trickled in never reach "request" below, and every byte
-  // resets the idle timeout; only Node's own headersTimeout ends them (60 s, looked at every
-  // 30 s, so 90 s per connection). Held to the same limit, looked at twice per period. Read
-  // by Node when the server starts listening; the h2c server has no such check.
-  const http1 = server as unknown as { headersTimeout?: number; connectionsCheckingInterval?: number };
-  if (
-    requestMs > 0 &&
-    http1.headersTimeout !== undefined &&
-    http1.connectionsCheckingInterval !== undefined
-  ) {
-    http1.headersTimeout = Math.min(http1.headersTimeout, requestMs);
-    http1.connectionsCheckingInterval = Math.min(
-      http1.connectionsCheckingInterval,
-      Math.max(1000, Math.ceil(requestMs / 2)),
-    );
-  }
-  // HTTP/1.1 (allowHTTP1): a request whose body has not arrived in time loses its connection.
-  if (requestMs > 0)
-    server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: Response) => {
-      if (req.httpVersion.startsWith("2")) return;
-      const timer = setTimeout(() => {
-        if (!req.complete) req.socket.destroy();
-      }, requestMs).unref();
-      res.once("close", () => clearTimeout(timer));
-    });
-}
-
-/** Why a connection was closed before TLS: the per-address bound, the per-address rate, the total. */
-export type ConnectionRefusal = "per_ip" | "rate" | "total";
-
-/** Connections closed before TLS since the start, by bound (process-wide; metrics read it when scraped). */
-export const connectionRefusals: Record<ConnectionRefusal, number> = { per_ip: 0, rate: 0, total: 0 };
-
-/** Where refusals are reported: one aggregated warning per {@link REFUSAL_LOG_INTERVAL_MS} that had any. */
-export interface RefusalLogger {
-  warn(obj: object, msg: string): void;
-}
-
-const REFUSAL_LOG_INTERVAL_MS = 10_000;
-
-/**
- * Count a refusal, and log the counts once per interval that had any: a line per refused
- * connection would make a flood of connections a flood of log lines. An interval starts
- * at its first refusal; its line is written at its end (a timer), or by the first refusal
- * `clock` puts past its end, or when the server closes, whichever comes first, so the
- * last interval's refusals are logged too.
- */
-function refusalCounter(
-  server: Server,
-  log: { logger: RefusalLogger; clock: Clock } | undefined,
-): (why: ConnectionRefusal) => void {
-  // This server's refusals in the interval open now (undefined: none is).
-  let pending: Record<ConnectionRefusal, number> | undefined;
-  let endsAt = 0;
-  let timer: NodeJS.Timeout | undefined;
-  const flush = () => {
-    clearTimeout(timer);
-    timer = undefined;
-    if (pending === undefined || log === undefined) return;
-    const refused: Partial<Record<ConnectionRefusal, number>> = {};
-    for (const k of Object.keys(pending) as ConnectionRefusal[]) if (pending[k] > 0) refused[k] = pending[k];
-    pending = undefined;
-    log.logger.warn(
-      { refused, intervalMs: REFUSAL_LOG_INTERVAL_MS },
-      "connections closed before TLS by the connection limits (counted in tessera_connections_refused_total)",
-    );
-  };
-  if (log !== undefined) server.once("close", flush);
-  return (why) => {
-    connectionRefusals[why]++;
-    if (log === undefined) return;
-    if (pending !== undefined && log.clock() >= endsAt) flush();
-    if (pending === undefined) {
-      pending = { per_ip: 0, rate: 0, total: 0 };
-      endsAt = log.clock() + REFUSAL_LOG_INTERVAL_MS;
-      timer = setTimeout(flush, REFUSAL_LOG_INTERVAL_MS).unref();
-    }
-    pending[why]++;
-  };
+  return { connectionsFrom, openStreamsFrom };
 }
 
 /**

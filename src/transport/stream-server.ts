@@ -122,6 +122,9 @@ export function serveRequests(
       flags: number,
       rawHeaders: string[],
     ) {
+      // Refused by a bound before this listener ran (server.maxOpenStreamsPerIp: RST_STREAM
+      // REFUSED_STREAM promises the client none of its call ran, and a flood costs no more).
+      if (stream.closed) return;
       if (!handler.stream(stream, headers)) onCompatStream.call(this, stream, headers, flags, rawHeaders);
     },
   );

@@ -80,7 +80,7 @@ describe("new connections per address", () => {
 });
 
 describe("the aggregated refusal warning", () => {
-  const MSG = /^connections closed before TLS by the connection limits/;
+  const MSG = /^connections closed before TLS, or HTTP\/2 streams refused, by the connection limits/;
 
   it("logs one warning per interval with its totals by limit, as many as the counter counted, and the last interval's at close", async () => {
     const clock = pinnableClock();
