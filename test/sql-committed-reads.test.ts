@@ -80,20 +80,17 @@ describe.each(DATABASES)("raw reads and open transactions, on $name", (db) => {
   });
 
   it.runIf(db.name === "sqlite")(
-    "answers the transaction's own reads and writes at once, with its own writes",
+    "answers the transaction's own reads at once, with its own writes",
     async () => {
       const sql = app.sql;
       const r = await disabledThenRolledBack(
         async () => {
           const started = Date.now();
           const cached = sql.cachedGet<Row>(STATE, [userId]);
-          // Its own raw write joins it (rolled back with it) rather than waiting on itself.
-          const changed = await sql.run("update users set updated_at = ? where id = ?", [new Date(), userId]);
           return {
             sync: !(cached instanceof Promise),
             cached: await cached,
             get: await sql.get<Row>(STATE, [userId]),
-            changed,
             ms: Date.now() - started,
           };
         },
@@ -102,8 +99,7 @@ describe.each(DATABASES)("raw reads and open transactions, on $name", (db) => {
       expect(r.own.sync, "the owner's cached read waited").toBe(true);
       expect(disabled(r.own.cached), "the owner's read did not see its own write").toBe(true);
       expect(disabled(r.own.get)).toBe(true);
-      expect(r.own.changed).toBe(1);
-      expect(r.own.ms, "the owner's write waited on its own transaction").toBeLessThan(500);
+      expect(r.own.ms, "the owner's reads waited on its own transaction").toBeLessThan(500);
       expect(disabled(r.theirs)).toBe(false);
     },
   );

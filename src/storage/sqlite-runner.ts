@@ -25,7 +25,7 @@ function sqliteParam(value: unknown): unknown {
   return value === undefined ? null : value;
 }
 
-/** How long a raw write on SQLite waits for another request's open ORM transaction to end (see `run`). */
+/** How long a raw write on SQLite waits for an open ORM transaction to end (see `run`). */
 const RAW_WRITE_WAIT_MS = 1000;
 
 /**
@@ -71,13 +71,13 @@ export async function createSqliteRunner(
       return reads.gate(() => all<T>(sql, params));
     },
     async run(sql: string, params: readonly unknown[] = []) {
-      // Not inside a transaction another request has open on this one connection (across its
-      // awaits): the write would commit or roll back with it, an audit batch lost with a
-      // failed request's writes. Run in the turn that finds none open. Bounded: past the bound
-      // it runs inside it, as every write did before. A write of the transaction's own (a
-      // flush hook's) runs at once: waiting would wait on itself.
-      const until = Date.now() + RAW_WRITE_WAIT_MS;
-      while (db.inTransaction && Date.now() < until && !ownsOpenTransaction())
+      // Not inside a transaction the ORM has open on this one connection (a request's, across
+      // its awaits): the write would commit or roll back with it, an audit batch lost with a
+      // failed request's writes. Run in the turn that finds none open. Bounded: a write issued
+      // from within that transaction (a flush hook's) would wait on itself for ever; past the
+      // bound it runs inside it, as every write did before. (Not exempt as the transaction's
+      // own, unlike reads: an audit flush started in a request's context is not its write.)
+      for (const until = Date.now() + RAW_WRITE_WAIT_MS; db.inTransaction && Date.now() < until; )
         await new Promise((resolve) => setTimeout(resolve, 2));
       return prepare(sql).run(...params.map(sqliteParam)).changes;
     },
