@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
-import { User } from "../src/storage/entities.js";
+import { Tenant, User } from "../src/storage/entities.js";
 import { createTestApp, DATABASES } from "./helpers.js";
 
 const STATE = "select id, disabled from users where id = ?";
@@ -101,6 +101,33 @@ describe.each(DATABASES)("raw reads and open transactions, on $name", (db) => {
       expect(disabled(r.own.get)).toBe(true);
       expect(r.own.ms, "the owner's reads waited on its own transaction").toBeLessThan(500);
       expect(disabled(r.theirs)).toBe(false);
+    },
+  );
+
+  it.runIf(db.name === "sqlite")(
+    "serves a read in its turn between back-to-back transactions, none of which leaves a gap",
+    async () => {
+      // Sixteen loops, each beginning its next transaction as soon as its last ends, each held
+      // open across a timer (as a transaction awaiting I/O is): a read that polled for a moment
+      // with none open would never find one.
+      let stop = false;
+      const loops = Array.from({ length: 16 }, async () => {
+        while (!stop)
+          await app.storage.em.fork().transactional(async (t) => {
+            await t.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+            await new Promise((resolve) => setTimeout(resolve, 5));
+          });
+      });
+      try {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        const started = Date.now();
+        const row = await app.sql.get<Row>(STATE, [userId]);
+        expect(disabled(row)).toBe(false);
+        expect(Date.now() - started, "the read waited out its bound").toBeLessThan(900);
+      } finally {
+        stop = true;
+        await Promise.all(loops);
+      }
     },
   );
 });

@@ -11,6 +11,15 @@ export function ownsOpenTransaction(): boolean {
   return trx?.isCompleted?.() === false;
 }
 
+/** The knex client of the ORM's SQLite pool (one connection): acquire and release it. */
+export interface SqlitePoolClient {
+  acquireConnection(): Promise<unknown>;
+  releaseConnection(conn: unknown): Promise<unknown>;
+}
+
+/** At most one warning per this many milliseconds about refused reads. */
+const WARN_EVERY_MS = 10_000;
+
 /**
  * Keeps the raw reads of SQLite's one connection (shared with the ORM) off another request's
  * uncommitted writes.
@@ -20,9 +29,11 @@ export function ownsOpenTransaction(): boolean {
  * every statement on the connection. A re-enable, a grant or a new credential row that is
  * then rolled back would admit a request on state that never existed; revocation is exact and
  * authority bounded for committed state only. So a read issued while a transaction is open
- * waits for it to end, unless the transaction is the caller's own (same async context: it must
- * see its own writes, and waiting would wait on itself). The wait is bounded: past it the read
- * is refused with Unavailable and Retry-After, a fault to retry, never a dirty answer.
+ * queues for the ORM's pool (first in, first out: polling for a moment with none open starves
+ * under back-to-back transactions) and reads holding the connection, unless the transaction is
+ * the caller's own (same async context: it must see its own writes, and would wait on itself).
+ * The wait is bounded: past it the read is refused with Unavailable and Retry-After, a fault
+ * to retry, never a dirty answer.
  *
  * Not a second connection (a WAL snapshot): an in-memory database has only the one, and the
  * state cache's triggers and data_version are per connection.
@@ -32,8 +43,10 @@ export class SqliteReadGate {
   held = 0;
   /** Reads refused because that transaction outlasted the bound. */
   refused = 0;
+  private warnedAt = Number.NEGATIVE_INFINITY;
 
   constructor(
+    private readonly client: SqlitePoolClient,
     private readonly db: { readonly inTransaction: boolean },
     private readonly waitMs: number,
     private readonly logger?: { warn(obj: object, msg: string): void },
@@ -49,23 +62,45 @@ export class SqliteReadGate {
     return this.readable() ? read() : this.afterCommit(read);
   }
 
-  /** `read`, run in the turn that finds no other request's transaction open (the caller's is not: see gate). */
+  /** `read` (synchronous on SQLite), run holding the pool's connection once the open transaction has let it go. */
   async afterCommit<T>(read: () => Awaitable<T>): Promise<T> {
     this.held++;
-    const until = Date.now() + this.waitMs;
-    // One turn first: the ORM's transactions on SQLite usually end within the turn they began in.
-    await new Promise((resolve) => setImmediate(resolve));
-    while (!this.readable()) {
-      if (Date.now() >= until) {
-        this.refused++;
-        this.logger?.warn(
-          { waitMs: this.waitMs, refused: this.refused },
-          "a state read was refused: another request's transaction stayed open past the bound",
-        );
-        throw new TesseraError("UNAVAILABLE", "database busy", { headers: { "retry-after": "1" } });
-      }
-      await new Promise((resolve) => setTimeout(resolve, 2));
+    const acquiring = this.client.acquireConnection().catch(() => null);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<undefined>((resolve) => {
+      timer = setTimeout(resolve, this.waitMs, undefined);
+    });
+    const conn = await Promise.race([acquiring, late]);
+    clearTimeout(timer);
+    if (conn === undefined) {
+      // Handed over when the transaction ends: given straight back.
+      void acquiring.then((c) => (c === null ? undefined : this.client.releaseConnection(c)));
+      throw this.refuse();
     }
-    return read();
+    // A refused acquire (the pool closing): read only if no transaction is open.
+    if (conn === null) {
+      if (this.db.inTransaction) throw this.refuse();
+      return read();
+    }
+    try {
+      // Holding the one connection: no transaction can begin until this read has run.
+      if (!this.db.inTransaction) return await read();
+    } finally {
+      await this.client.releaseConnection(conn);
+    }
+    throw this.refuse();
+  }
+
+  private refuse(): TesseraError {
+    this.refused++;
+    const now = Date.now();
+    if (now - this.warnedAt >= WARN_EVERY_MS) {
+      this.warnedAt = now;
+      this.logger?.warn(
+        { refused: this.refused, waitMs: this.waitMs },
+        "a state read was refused (Unavailable): another request's transaction stayed open past its bound",
+      );
+    }
+    return new TesseraError("UNAVAILABLE", "database busy", { headers: { "retry-after": "1" } });
   }
 }

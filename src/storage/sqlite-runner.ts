@@ -55,7 +55,7 @@ export async function createSqliteRunner(
     prepare(sql).get(...params.map(sqliteParam)) as T | undefined;
   const all = <T>(sql: string, params: readonly unknown[]) =>
     prepare(sql).all(...params.map(sqliteParam)) as T[];
-  const reads = new SqliteReadGate(db, READ_WAIT_MS, logger);
+  const reads = new SqliteReadGate(client, db, READ_WAIT_MS, logger);
   const cache = cacheSize > 0 ? new StateCache(db, cacheSize) : null;
   // One boolean on the hot path: with no transaction open, the cache answers as it did.
   const cached = <T>(sql: string, params: readonly unknown[], load: () => T): Awaitable<T> => {
