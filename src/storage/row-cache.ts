@@ -43,7 +43,19 @@ export interface StateCacheStats {
    * start and whenever the listener comes back); while any is, the cache is off.
    */
   triggersMissing?: number;
+  /** SQLite: state reads that waited for another request's open transaction to end (see SqliteReadGate). */
+  readsHeld?: number;
+  /** SQLite: of those, reads refused (Unavailable) because the transaction stayed open past the bound. */
+  readsRefused?: number;
 }
+
+/** The counters of a runner without a state cache. */
+export const NO_CACHE: Readonly<StateCacheStats> = Object.freeze({
+  enabled: false,
+  hits: 0,
+  misses: 0,
+  invalidations: 0,
+});
 
 /** Table names a statement reads (after FROM and JOIN). */
 function tablesOf(sql: string): string[] {

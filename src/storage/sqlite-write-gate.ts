@@ -1,8 +1,4 @@
-/** The knex client of the ORM's SQLite pool (one connection): acquire and release it. */
-export interface SqlitePoolClient {
-  acquireConnection(): Promise<unknown>;
-  releaseConnection(conn: unknown): Promise<unknown>;
-}
+import { acquireWithin, type SqlitePoolClient } from "./sqlite-read-gate.js";
 
 /** Where a write that had to join an open transaction is reported (without its statement). */
 export interface SqliteWriteGateLogger {
@@ -46,18 +42,9 @@ export class SqliteWriteGate {
   /** Run `write` (synchronous) once no ORM transaction is open on the connection. */
   async run<T>(write: () => T): Promise<T> {
     if (!this.db.inTransaction) return write();
-    // A refused acquire (the pool closing) is the old behaviour: the write runs and fails or not.
-    const acquiring = this.client.acquireConnection().catch(() => null);
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<undefined>((resolve) => {
-      timer = setTimeout(resolve, this.waitMs, undefined);
-    });
-    const conn = await Promise.race([acquiring, late]);
-    clearTimeout(timer);
-    if (conn === undefined) {
-      // Handed over when the transaction ends: given straight back.
-      void acquiring.then((c) => (c === null ? undefined : this.client.releaseConnection(c)));
-    } else if (conn !== null) {
+    // A refused acquire (null: the pool closing) is the old behaviour: the write runs and fails or not.
+    const conn = await acquireWithin(this.client, this.waitMs);
+    if (conn !== undefined && conn !== null) {
       try {
         if (!this.db.inTransaction) return write();
       } finally {
