@@ -5,6 +5,7 @@ import type { TLSSocket } from "node:tls";
 import { budgetKey } from "../client-ip.js";
 import type { Config } from "../config.js";
 import type { NodeResponse as Response } from "../transport/stream-server.js";
+import { type OpenStreamLink, OpenStreams } from "./open-streams.js";
 
 /**
  * Bound what connections can hold: at most `maxConnections` in all and
@@ -32,7 +33,7 @@ export function boundConnections(
   // The one per-stream listener (request deadline, stream lifetime, and the open streams
   // of each session that the idle timeout looks at): per-stream listeners and timers are a
   // cost every call pays, so each stream gets at most one "close" listener and one timer.
-  const streamsOf = new WeakMap<http2.Http2Session, Set<http2.Http2Stream>>();
+  const streamsOf = new WeakMap<http2.Http2Session, OpenStreams>();
   boundRequestTimes(server, cfg, streamsOf, streamClosed);
   // net.Server closes connections past it as they are accepted (and says so: "drop").
   if (cfg.maxConnections > 0) {
@@ -122,7 +123,7 @@ export function boundConnections(
   server.on("session", (session: http2.Http2Session) => {
     lastSession = session;
     // Filled and emptied by the per-stream listener of boundRequestTimes.
-    const streams = new Set<http2.Http2Stream>();
+    const streams = new OpenStreams();
     streamsOf.set(session, streams);
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
@@ -187,9 +188,9 @@ export function boundConnections(
 }
 
 const kBounds = Symbol("tessera.streamBounds");
-interface StreamBounds {
+interface StreamBounds extends OpenStreamLink {
   timer: NodeJS.Timeout | undefined;
-  open: Set<http2.Http2Stream> | undefined;
+  open: OpenStreams | undefined;
   closed: (() => void) | undefined;
 }
 type BoundedStream = http2.Http2Stream & { [kBounds]?: StreamBounds };
@@ -204,7 +205,7 @@ type BoundedStream = http2.Http2Stream & { [kBounds]?: StreamBounds };
 function onBoundedStreamClose(this: BoundedStream): void {
   const bounds = this[kBounds];
   if (bounds?.timer !== undefined) clearTimeout(bounds.timer);
-  bounds?.open?.delete(this);
+  if (bounds !== undefined) bounds.open?.delete(bounds);
   bounds?.closed?.();
 }
 
@@ -218,7 +219,7 @@ function onBoundedStreamClose(this: BoundedStream): void {
 function boundRequestTimes(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
-  streamsOf: WeakMap<http2.Http2Session, Set<http2.Http2Stream>>,
+  streamsOf: WeakMap<http2.Http2Session, OpenStreams>,
   streamClosed: (() => void) | undefined,
 ): void {
   const requestMs = cfg.requestTimeoutSeconds * 1000;
@@ -228,8 +229,15 @@ function boundRequestTimes(
   if (!timed && cfg.idleTimeoutSeconds === 0 && streamClosed === undefined) return;
   server.on("stream", (stream: http2.ServerHttp2Stream) => {
     const open = stream.session === undefined ? undefined : streamsOf.get(stream.session);
-    open?.add(stream);
-    const bounds: StreamBounds = { timer: undefined, open, closed: streamClosed };
+    const bounds: StreamBounds = {
+      stream,
+      prev: undefined,
+      next: undefined,
+      timer: undefined,
+      open,
+      closed: streamClosed,
+    };
+    open?.add(bounds);
     if (timed) {
       const cancel = () => {
         if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
