@@ -29,7 +29,10 @@ export interface StartOptions {
   timeoutMs?: number;
   /** CPU list (taskset syntax) the process and all its threads are confined to. */
   cpus?: string | undefined;
-  /** Every line the process writes, after it listens (e.g. V8's --trace-gc-nvp lines). */
+  /**
+   * Every line the process writes, from its start (e.g. V8's --trace-gc-nvp lines, or what
+   * V8 traces while the server starts, such as its pretenuring decisions).
+   */
   onLine?: ((line: string) => void) | undefined;
 }
 
@@ -152,10 +155,8 @@ export async function startServerProcess(options: StartOptions): Promise<ServerP
       if (tail.length > 40) tail.shift();
       // Once started, lines (an access line per request) are only kept for the tail: parsing
       // each would take CPU from the load generators.
-      if (started) {
-        options.onLine?.(line);
-        return;
-      }
+      options.onLine?.(line);
+      if (started) return;
       const found = options.ready(line);
       if (found) {
         started = true;

@@ -125,7 +125,7 @@ export function boundConnections(
     lastSession = session;
     // Filled and emptied by the per-stream listener of boundStreams, whose "session" listener
     // ran first.
-    const streams = streamsOf.get(session)?.open ?? new Set<http2.Http2Stream>();
+    const streams: Iterable<http2.Http2Stream> = streamsOf.get(session)?.open ?? [];
     // Fires after `idleMs` without a frame either way. A stream whose client still owes its
     // request (a body begun and stalled) is cancelled: it cannot hold the connection. One
     // whose request is complete (a call in progress, a server stream) keeps the session,

@@ -3,6 +3,7 @@ import http2 from "node:http2";
 import { budgetKey } from "../client-ip.js";
 import type { Config } from "../config.js";
 import type { NodeResponse as Response } from "../transport/stream-server.js";
+import { type OpenStreamLink, OpenStreams } from "./open-streams.js";
 import type { ConnectionRefusal } from "./refusals.js";
 
 /**
@@ -30,15 +31,15 @@ class PeerStreams {
 /** What the bounds keep per HTTP/2 session, found with one lookup per stream. */
 export interface SessionStreams {
   /** Its open streams, for the idle timeout (connection-limits.ts), when there is one. */
-  readonly open: Set<http2.Http2Stream> | undefined;
+  readonly open: OpenStreams | undefined;
   /** Its peer address's open streams, when `server.maxOpenStreamsPerIp` bounds them. */
   readonly peer: PeerStreams | undefined;
 }
 
 const kBounds = Symbol("tessera.streamBounds");
-interface StreamBounds {
+interface StreamBounds extends OpenStreamLink {
   timer: NodeJS.Timeout | undefined;
-  open: Set<http2.Http2Stream> | undefined;
+  open: OpenStreams | undefined;
   peer: PeerStreams | undefined;
   closed: (() => void) | undefined;
 }
@@ -55,7 +56,7 @@ function onBoundedStreamClose(this: BoundedStream): void {
   const bounds = this[kBounds];
   if (bounds === undefined) return;
   if (bounds.timer !== undefined) clearTimeout(bounds.timer);
-  bounds.open?.delete(this);
+  bounds.open?.delete(bounds);
   const peer = bounds.peer;
   if (peer !== undefined) {
     peer.open--;
@@ -102,7 +103,7 @@ export function boundStreams(
         });
         peer = counted;
       }
-      sessions.set(session, { open: idle ? new Set() : undefined, peer });
+      sessions.set(session, { open: idle ? new OpenStreams() : undefined, peer });
     });
   const requestMs = cfg.requestTimeoutSeconds * 1000;
   // A moment past the limit, so a handler ending its stream at the limit does so cleanly first.
@@ -125,6 +126,9 @@ export function boundStreams(
       // Still told to `streamClosed` when it closes: the server counted it in flight.
       if (streamClosed !== undefined) {
         (stream as BoundedStream)[kBounds] = {
+          stream,
+          prev: undefined,
+          next: undefined,
           timer: undefined,
           open: undefined,
           peer: undefined,
@@ -136,8 +140,16 @@ export function boundStreams(
     }
     if (peer !== undefined) peer.open++;
     const open = of?.open;
-    open?.add(stream);
-    const bounds: StreamBounds = { timer: undefined, open, peer, closed: streamClosed };
+    const bounds: StreamBounds = {
+      stream,
+      prev: undefined,
+      next: undefined,
+      timer: undefined,
+      open,
+      peer,
+      closed: streamClosed,
+    };
+    open?.add(bounds);
     if (timed) {
       const cancel = () => {
         if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
