@@ -114,7 +114,6 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // one verifies nothing. No client of this service needs renegotiation.
     server.on("secureConnection", (socket: TLSSocket) => socket.disableRenegotiation());
   }
-  installTransport(server, handler);
   // Calls in flight, for a shutdown that waits for them: HTTP/2 streams (every call over
   // HTTP/2, unary ones answered on the stream included) and HTTP/1.1 requests.
   let inFlight = 0;
@@ -123,6 +122,12 @@ export async function startServer(app: App): Promise<TesseraServer> {
     inFlight--;
     if (inFlight === 0) drained?.();
   };
+  // Counted in before the transport's listener runs (the bounds', which count it out, are
+  // prepended): a transport that threw would otherwise leave a stream counted out only.
+  server.on("stream", () => {
+    inFlight++;
+  });
+  installTransport(server, handler);
   // A stream's close is told through the bounds' one "close" listener: a third listener on it
   // grew the pair events.js keeps them in, a copy per call that a pretenured pair kept alive.
   const { connectionsFrom, openStreamsFrom } = boundConnections(
@@ -132,9 +137,6 @@ export async function startServer(app: App): Promise<TesseraServer> {
     { logger: app.logger, clock: app.clock },
     callEnded,
   );
-  server.on("stream", () => {
-    inFlight++;
-  });
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);

@@ -80,6 +80,34 @@ describe.each(DATABASES)("raw reads and open transactions, on $name", (db) => {
   });
 
   it.runIf(db.name === "sqlite")(
+    "does not hand the writer's transaction to work a state-change listener defers",
+    async () => {
+      const sql = app.sql;
+      // The listener runs inside the writing statement; what it defers (as the revocation
+      // feed's wake does) must read as an outsider, not as the open transaction's own.
+      let armed = false;
+      let deferred: Promise<Row | undefined> | undefined;
+      sql.onStateChange?.(() => {
+        if (!armed) return;
+        armed = false;
+        setImmediate(() => {
+          deferred = sql.get<Row>(STATE, [userId]);
+        });
+      });
+      armed = true;
+      const r = await disabledThenRolledBack(
+        async () => undefined,
+        async () => {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          return deferred;
+        },
+      );
+      expect(deferred, "the listener ran and deferred its read").toBeDefined();
+      expect(disabled(r.theirs), "the deferred read saw the uncommitted write").toBe(false);
+    },
+  );
+
+  it.runIf(db.name === "sqlite")(
     "answers the transaction's own reads at once, with its own writes",
     async () => {
       const sql = app.sql;

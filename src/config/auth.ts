@@ -226,7 +226,7 @@ export const authSchema = z
     passwordIterations: z.number().int().min(1000).default(600_000).register(configKeys, {
       env: "TESSERA_PASSWORD_ITERATIONS",
       description:
-        "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000). A user's password or a machine user's Basic secret hashed with a lower count is re-hashed at its next successful check (Login, HTTP Basic, OAuth client authentication, VerifyCredential); one with a higher count is left as it is.",
+        "PBKDF2-SHA256 iterations for new hashes (OWASP 2023: 600000). A user's password or a machine user's Basic secret hashed with a lower count is re-hashed at its next successful check (Login, HTTP Basic, OAuth client authentication, VerifyCredential); one with a higher count is left as it is. Raise it, do not lower it: an account still on a higher count refuses a wrong password more slowly than an unknown name is refused.",
     }),
     hashConcurrency: z.number().int().positive().optional().register(configKeys, {
       env: "TESSERA_HASH_CONCURRENCY",

@@ -1,3 +1,4 @@
+import { AsyncResource } from "node:async_hooks";
 import type { Awaitable } from "../auth/awaitable.js";
 import type { Storage } from "./orm.js";
 import { INSERT_EXEMPT, NO_CACHE, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
@@ -186,9 +187,14 @@ class StateCache {
     this.rows.clear();
   }
 
-  /** Be told of every write that empties the cache (see SqlRunner.onStateChange). */
+  /**
+   * Be told of every write that empties the cache (see SqlRunner.onStateChange). Run in the
+   * context it was registered in, not the writer's: work it defers (a timer, a promise) would
+   * otherwise carry the writer's transaction context, and its reads pass the read gate as that
+   * transaction's own, uncommitted rows and all.
+   */
   onChange(fn: () => void): void {
-    this.changeListeners.push(fn);
+    this.changeListeners.push(AsyncResource.bind(fn));
   }
 
   stats(): StateCacheStats {
