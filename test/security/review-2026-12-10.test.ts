@@ -10,7 +10,8 @@ import { adminLogin, clients, short } from "../machine-fixtures.js";
 
 /**
  * The adversarial review of 2026-12-10 (bounded authority under concurrency: the RPCs that
- * change a machine user without a PBKDF2 between their authority check and their write),
+ * change a principal, its certificate bindings, backends, applications or tokens, with no
+ * PBKDF2 between their authority check and their write),
  * against a real server over TLS: each test is a finding of that review, failing on the main
  * it was found on, and holds with its fix.
  */
@@ -51,9 +52,10 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
    */
   function promoteOnRead(id: string, table: "machine_users" | "users" = "machine_users") {
     let fired = false;
+    let stopped = false;
     const subscriber: EventSubscriber = {
       async onLoad({ entity }) {
-        if (fired || (entity as { id?: unknown }).id !== id) return;
+        if (fired || stopped || (entity as { id?: unknown }).id !== id) return;
         fired = true;
         await ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
       },
@@ -62,7 +64,7 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
     // whose listeners are indexed when a subscriber is registered. It stays registered,
     // inert once fired (the manager has no way to unregister one).
     ts.app.storage.em.getEventManager().registerSubscriber(subscriber);
-    return { fired: () => fired, stop: () => (fired = true) };
+    return { fired: () => fired, stop: () => (stopped = true) };
   }
 
   beforeAll(async () => {
