@@ -12,7 +12,7 @@ import type { Clock } from "../../clock.js";
 import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
-import { assertId, principalOf, writeIfScopesHold } from "../common.js";
+import { assertId, assertScopesHold, principalOf, writeIfScopesHold } from "../common.js";
 import { raiseRevocationCutoff, revokeMachineAccessTokens } from "./access-token.js";
 import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
@@ -234,12 +234,15 @@ export function certificateBindingHandlers(
       // and it stays CA-valid: they end with the binding, in the same commit. Tessera keeps
       // no list of which credential issued which token, so all of the machine user's end,
       // as a revocation through /oauth2/revoke ends them (its credentials stay).
+      // Committed only if the machine user still holds the scopes checked: a promotion between
+      // the check and this write would otherwise let the caller cut a stronger one off.
       let cutoff = 0;
       const removed = await em(ctx).transactional(async (tx) => {
         const n = await tx.nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
         if (n === 0) return n;
         cutoff = clock();
         await revokeMachineAccessTokens(tx, mu.id, cutoff, deps.clockSkewSeconds);
+        await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
         return n;
       });
       if (removed === 0) throw errors.notFound("certificate binding");

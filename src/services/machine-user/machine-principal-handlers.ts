@@ -12,7 +12,7 @@ import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Application, Backend, MachineUser } from "../../storage/machine-entities.js";
-import { assertId, principalOf, reachesTenant } from "../common.js";
+import { assertId, assertScopesHold, principalOf, reachesTenant, writeIfScopesHold } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { visibleTenant } from "../tenant/tenant-service.js";
 import { issueMachineAccessToken } from "./access-token.js";
@@ -63,16 +63,19 @@ export function machinePrincipalHandlers(
       const upsert = async (): Promise<Backend> => {
         const existing = await e.findOne(Backend, { applicationId: app.id, callbackUrl });
         if (existing) {
+          let owner: MachineUser | null = null;
           if (existing.machineUserId !== principal.id) {
             // Taking over another machine user's backend changes it (it becomes the caller's,
             // which whoever manages the caller may deregister): only with authority over it.
-            const owner = await e.findOne(MachineUser, { id: existing.machineUserId });
+            owner = await e.findOne(MachineUser, { id: existing.machineUserId });
             if (owner) assertMayManage(principal, { scopes: parseScopeString(owner.scopes) });
           }
           existing.version = req.version;
           existing.machineUserId = principal.id;
           existing.updatedAt = now;
-          await e.flush();
+          // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
+          if (owner) await writeIfScopesHold(e, MachineUser, owner.id, owner.scopes, (tx) => tx.flush());
+          else await e.flush();
           return existing;
         }
         const created = e.create(Backend, {
@@ -143,7 +146,11 @@ export function machinePrincipalHandlers(
       // Deregistering cuts the backend's machine user off its callbacks: a change to it.
       const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
       if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });
-      await e.nativeDelete(Backend, { id: backend.id });
+      // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
+      await e.transactional(async (tx) => {
+        await tx.nativeDelete(Backend, { id: backend.id });
+        if (owner) await assertScopesHold(tx, MachineUser, owner.id, owner.scopes);
+      });
       return {};
     },
   };

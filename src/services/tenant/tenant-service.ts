@@ -19,7 +19,7 @@ import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, principalOf, reachesTenant, tenantWhere } from "../common.js";
+import { assertId, assertScopesHold, principalOf, reachesTenant, tenantWhere } from "../common.js";
 import { listRequest } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
@@ -204,11 +204,13 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
       for (const a of await e.find(MachineUserApplication, { applicationId: app.id }))
         ids.add(a.machineUserId);
       for (const b of await e.find(Backend, { applicationId: app.id })) ids.add(b.machineUserId);
-      if (ids.size > 0) {
-        const affected = await e.find(MachineUser, { id: { $in: [...ids] } });
-        assertMayManage(principalOf(ctx), { scopes: affected.flatMap((m) => parseScopeString(m.scopes)) });
-      }
-      await em(ctx).nativeDelete(Application, { id: app.id });
+      const affected = ids.size > 0 ? await e.find(MachineUser, { id: { $in: [...ids] } }) : [];
+      assertMayManage(principalOf(ctx), { scopes: affected.flatMap((m) => parseScopeString(m.scopes)) });
+      // Committed only if each of them still holds the scopes checked (none promoted meanwhile).
+      await e.transactional(async (tx) => {
+        await tx.nativeDelete(Application, { id: app.id });
+        for (const m of affected) await assertScopesHold(tx, MachineUser, m.id, m.scopes);
+      });
       return {};
     },
   };

@@ -30,6 +30,7 @@ import {
   principalOf,
   reachesTenant,
   tenantScope,
+  writeIfScopesHold,
 } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertMakerStands, revokeMadeWith } from "./maker.js";
@@ -270,17 +271,20 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       reachesTenant(ctx, row.tenantId) &&
       (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
     if (!visible) throw errors.notFound(label[kind]);
+    let owner: User | null = null;
     if (row.ownerUserId !== principal.id) {
       // Another user's token: only with authority over that user (its owner's current
       // scopes, or the token's own if the owner is gone); else it reads as missing, so a
       // weaker admin learns nothing of a stronger user's tokens.
-      const owner = await em(ctx).findOne(User, { id: row.ownerUserId });
+      owner = await em(ctx).findOne(User, { id: row.ownerUserId });
       if (!mayManage(principal, { scopes: parseScopeString(owner ? owner.scopes : row.scopes) }))
         throw errors.notFound(label[kind]);
     }
     if (!row.revokedAt) {
       row.revokedAt = new Date(clock());
-      await em(ctx).flush();
+      // Committed only if another user owning it still holds the scopes checked (not promoted meanwhile).
+      if (owner) await writeIfScopesHold(em(ctx), User, owner.id, owner.scopes, (tx) => tx.flush());
+      else await em(ctx).flush();
     }
     await revokeMadeWith(em(ctx), row.id, row.revokedAt);
     return tokenToProto(row);
