@@ -1,3 +1,8 @@
+import { spawn } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -110,4 +115,71 @@ describe("raw SQLite reads and writes queued behind transactions", () => {
     expect(laterMs, "a call arriving behind a transaction past its bound waited").toBeLessThan(500);
     expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
   }, 30_000);
+});
+
+/** Another process holds SQLite's write lock on the file (`BEGIN IMMEDIATE`) for `ms`. */
+async function lockedByAnotherProcess(file: string, ms: number): Promise<{ exited: Promise<void> }> {
+  const driver = createRequire(import.meta.url).resolve("better-sqlite3");
+  const child = spawn(process.execPath, [
+    "-e",
+    `const db = new (require(${JSON.stringify(driver)}))(${JSON.stringify(file)});
+     db.exec("begin immediate");
+     process.stdout.write("locked\\n");
+     setTimeout(() => { db.exec("commit"); db.close(); }, ${ms});`,
+  ]);
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.once("data", () => resolve());
+    child.once("exit", (code) => reject(new Error(`the locking process exited (${code})`)));
+  });
+  return { exited };
+}
+
+describe("a SQLite file whose write lock another process holds", () => {
+  let ts: TestServer;
+  let file: string;
+
+  beforeAll(async () => {
+    file = join(mkdtempSync(join(tmpdir(), "tessera-busy-")), "tessera.db");
+    ts = await startTestServer({ name: "sqlite", url: () => `sqlite:${file}` });
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("answers a write Unavailable with Retry-After at once, serves meanwhile, and writes its audit events later", async () => {
+    const admin = clients(ts.connect(), await adminLogin(ts.connect()));
+    const before = ts.app.audit.stats();
+    const lock = await lockedByAnotherProcess(file, 3_000);
+    // How long the event loop stood still at most (the driver waits for a lock on its thread).
+    let stalled = 0;
+    let last = performance.now();
+    const ticks = setInterval(() => {
+      const now = performance.now();
+      stalled = Math.max(stalled, now - last - 10);
+      last = now;
+    }, 10);
+    const started = performance.now();
+    const created = await outcome(
+      admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }),
+    );
+    const ms = performance.now() - started;
+    clearInterval(ticks);
+    await lock.exited;
+    // Before: "ok" after ~3 s, the whole server stopped in the driver's 5 s busy wait.
+    expect(created).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(ms).toBeLessThan(1_500);
+    expect(stalled, "the event loop stood still waiting for the lock").toBeLessThan(500);
+    // The refused call's audit event failed to be written (counted), was kept, and is written now.
+    await expect.poll(() => ts.app.audit.stats().depth).toBe(0);
+    const after = ts.app.audit.stats();
+    expect(after.failures).toBeGreaterThan(before.failures);
+    expect(after.written).toBeGreaterThan(before.written);
+    expect(after.dropped).toBe(before.dropped);
+    // And the write goes through once the lock is gone.
+    expect(
+      (await outcome(admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }))).code,
+    ).toBe("ok");
+  }, 60_000);
 });
