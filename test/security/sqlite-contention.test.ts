@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Tenant, User } from "../../src/storage/entities.js";
-import { SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 
 const PASSWORD = "contention password";
@@ -165,11 +165,18 @@ describe("a SQLite file whose write lock another process holds", () => {
       admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }),
     );
     const ms = performance.now() - started;
+    // A Login writes its session (refused alike); reads are served (WAL: a lock blocks writers only).
+    const login = await outcome(
+      createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD }),
+    );
+    const read = await outcome(admin.users.getCurrentUser({}));
     clearInterval(ticks);
     await lock.exited;
     // Before: "ok" after ~4 s, the whole server stopped in the driver's 5 s busy wait.
     expect(created).toEqual({ code: "Unavailable", retryAfter: "1" });
     expect(ms).toBeLessThan(2_000);
+    expect(login).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(read).toEqual({ code: "ok", retryAfter: null });
     expect(stalled, "the event loop stood still waiting for the lock").toBeLessThan(1_000);
     // The refused call's audit event failed to be written (counted), was kept, and is written now.
     await expect.poll(() => ts.app.audit.stats().depth).toBe(0);
