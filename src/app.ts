@@ -188,6 +188,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       stateCacheSize: config.database.stateCacheSize,
       barrierTimeoutMs: config.database.barrierTimeoutMs,
       logger,
+      clock,
       ...(notifier ? { notifier } : {}),
     });
     // A key created by another instance is read here when its notification arrives (the
@@ -384,6 +385,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         metrics?.close();
         shedding.flush();
         await Promise.all([lastUsed.close(), audit.close()]);
+        sql.flushReports?.();
         await limits?.close();
         await notifier?.close();
         await storage.close();

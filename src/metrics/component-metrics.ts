@@ -150,7 +150,7 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     registry,
     "counter",
     "tessera_sqlite_raw_writes_joined_total",
-    "SQLite: raw writes that ran inside an ORM transaction still open after waiting 1 s for it.",
+    "SQLite: raw writes that ran inside an ORM transaction held open 1 s or more (or after waiting 10 s).",
     () => sources.sql.rawWritesJoined?.() ?? 0,
   );
   cache("tessera_state_cache_hits_total", "Subject-state reads answered from the cache.", "hits");

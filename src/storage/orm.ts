@@ -135,6 +135,15 @@ export function isLockContention(err: unknown): boolean {
   return false;
 }
 
+/**
+ * How long a SQLite statement waits for another connection's write lock (the CLI's, a second
+ * Tessera's on the same file) before failing with SQLITE_BUSY, answered Unavailable with
+ * Retry-After (storage/errors.ts). Short because better-sqlite3 waits on the event loop's
+ * thread: nothing else is served meanwhile (5 s froze every request for 5 s per write under
+ * a lock held that long). Longer than a healthy peer's write lock (a short transaction).
+ */
+export const SQLITE_BUSY_TIMEOUT_MS = 100;
+
 /** Attempts of {@link Storage.migrate} when another schema vanished under its introspection. */
 const MIGRATE_ATTEMPTS = 4;
 
@@ -259,7 +268,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       const conn = orm.em.getConnection();
       checkpointer = await checkpointOffLoop((sql) => conn.execute(sql), target.location, options.log);
     }
-    await orm.em.getConnection().execute("pragma busy_timeout = 5000");
+    await orm.em.getConnection().execute(`pragma busy_timeout = ${SQLITE_BUSY_TIMEOUT_MS}`);
   } else {
     const bounds = pgBoundOptions({
       statementTimeoutMs,

@@ -61,6 +61,8 @@ export interface SqlRunner {
    * on PostgreSQL, where a NOTIFY announces commits, and without a state cache.
    */
   onStateChange?(fn: () => void): void;
+  /** SQLite: write the gates' aggregated reports of the open interval now (at close). */
+  flushReports?(): void;
 }
 
 export { STATE_TABLES, type StateCacheStats } from "./row-cache.js";
@@ -87,12 +89,15 @@ export interface SqlRunnerOptions {
     warn(obj: object, msg: string): void;
     error(obj: object, msg: string): void;
   };
+  /** The clock of the SQLite gates' aggregated reports (default: the machine's). */
+  clock?: () => number;
 }
 
 /** Build the runner for a storage: prepared statements on SQLite, the pool on PostgreSQL. */
 export async function createSqlRunner(storage: Storage, options: SqlRunnerOptions = {}): Promise<SqlRunner> {
   const cacheSize = options.stateCacheSize ?? 10_000;
-  if (storage.target.kind === "sqlite") return createSqliteRunner(storage, cacheSize, options.logger);
+  if (storage.target.kind === "sqlite")
+    return createSqliteRunner(storage, cacheSize, options.logger, options.clock);
   const em: EntityManager = storage.em;
   const conn = em.getConnection();
   const get = async <T>(sql: string, params: readonly unknown[] = []) => {

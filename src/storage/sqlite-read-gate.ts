@@ -1,9 +1,8 @@
 import { TransactionContext } from "@mikro-orm/core";
 import type { Awaitable } from "../auth/awaitable.js";
 import { TesseraError } from "../errors.js";
-
-/** How long a raw read on SQLite waits for another request's transaction to end (see {@link SqliteReadGate}). */
-export const READ_WAIT_MS = 1000;
+import { AggregatedLog } from "../sdk/logger.js";
+import { HOLD_BOUND_MS, type SqlitePoolQueue } from "./sqlite-pool-queue.js";
 
 /** Whether the caller runs inside an ORM transaction (`em.transactional`) that has not ended yet. */
 export function ownsOpenTransaction(): boolean {
@@ -11,31 +10,10 @@ export function ownsOpenTransaction(): boolean {
   return trx?.isCompleted?.() === false;
 }
 
-/** The knex client of the ORM's SQLite pool (one connection): acquire and release it. */
-export interface SqlitePoolClient {
-  acquireConnection(): Promise<unknown>;
-  releaseConnection(conn: unknown): Promise<unknown>;
+/** Where the gates report what they refused or let through (without statements). */
+export interface SqliteGateLogger {
+  warn(obj: object, msg: string): void;
 }
-
-/**
- * The pool's one connection, acquired in its first-in, first-out queue: the connection once
- * the transaction open now (and those queued before) let it go; `undefined` past `waitMs`
- * (the acquire still pending is handed back when it comes); `null` when the pool refused.
- */
-export async function acquireWithin(client: SqlitePoolClient, waitMs: number): Promise<unknown> {
-  const acquiring = client.acquireConnection().catch(() => null);
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<undefined>((resolve) => {
-    timer = setTimeout(resolve, waitMs, undefined);
-  });
-  const conn = await Promise.race([acquiring, late]);
-  clearTimeout(timer);
-  if (conn === undefined) void acquiring.then((c) => (c === null ? undefined : client.releaseConnection(c)));
-  return conn;
-}
-
-/** At most one warning per this many milliseconds about refused reads. */
-const WARN_EVERY_MS = 10_000;
 
 /**
  * Keeps the raw reads of SQLite's one connection (shared with the ORM) off another request's
@@ -49,8 +27,9 @@ const WARN_EVERY_MS = 10_000;
  * queues for the ORM's pool (first in, first out: polling for a moment with none open starves
  * under back-to-back transactions) and reads holding the connection, unless the transaction is
  * the caller's own (same async context: it must see its own writes, and would wait on itself).
- * The wait is bounded: past it the read is refused with Unavailable and Retry-After, a fault
- * to retry, never a dirty answer.
+ * The wait is bounded ({@link SqlitePoolQueue}): once the transaction holding the connection
+ * is past its bound, the read is refused with Unavailable and Retry-After, a fault to retry,
+ * never a dirty answer.
  *
  * Not a second connection (a WAL snapshot): an in-memory database has only the one, and the
  * state cache's triggers and data_version are per connection.
@@ -60,14 +39,23 @@ export class SqliteReadGate {
   held = 0;
   /** Reads refused because that transaction outlasted the bound. */
   refused = 0;
-  private warnedAt = Number.NEGATIVE_INFINITY;
+  private readonly refusals: AggregatedLog;
 
   constructor(
-    private readonly client: SqlitePoolClient,
+    private readonly queue: SqlitePoolQueue,
     private readonly db: { readonly inTransaction: boolean },
-    private readonly waitMs: number,
-    private readonly logger?: { warn(obj: object, msg: string): void },
-  ) {}
+    logger: SqliteGateLogger | undefined,
+    now: () => number,
+  ) {
+    this.refusals = new AggregatedLog(
+      (fields) =>
+        logger?.warn(
+          { ...fields, refused: this.refused, holdBoundMs: HOLD_BOUND_MS },
+          "state reads were refused (Unavailable): another request's transaction held SQLite's connection past its bound",
+        ),
+      now,
+    );
+  }
 
   /** Whether a read now sees only committed rows, or the caller's own transaction's. */
   readable(): boolean {
@@ -82,7 +70,7 @@ export class SqliteReadGate {
   /** `read` (synchronous on SQLite), run holding the pool's connection once the open transaction has let it go. */
   async afterCommit<T>(read: () => Awaitable<T>): Promise<T> {
     this.held++;
-    const conn = await acquireWithin(this.client, this.waitMs);
+    const conn = await this.queue.acquire();
     if (conn === undefined) throw this.refuse();
     // A refused acquire (the pool closing): read only if no transaction is open.
     if (conn === null) {
@@ -93,21 +81,19 @@ export class SqliteReadGate {
       // Holding the one connection: no transaction can begin until this read has run.
       if (!this.db.inTransaction) return await read();
     } finally {
-      await this.client.releaseConnection(conn);
+      await this.queue.release(conn);
     }
     throw this.refuse();
   }
 
+  /** Write the open interval's report now (at close). */
+  flush(): void {
+    this.refusals.flush();
+  }
+
   private refuse(): TesseraError {
     this.refused++;
-    const now = Date.now();
-    if (now - this.warnedAt >= WARN_EVERY_MS) {
-      this.warnedAt = now;
-      this.logger?.warn(
-        { refused: this.refused, waitMs: this.waitMs },
-        "a state read was refused (Unavailable): another request's transaction stayed open past its bound",
-      );
-    }
+    this.refusals.add();
     return new TesseraError("UNAVAILABLE", "database busy", { headers: { "retry-after": "1" } });
   }
 }

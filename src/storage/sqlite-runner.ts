@@ -3,7 +3,8 @@ import type { Awaitable } from "../auth/awaitable.js";
 import type { Storage } from "./orm.js";
 import { INSERT_EXEMPT, NO_CACHE, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 import type { SqlRunner, SqlRunnerOptions } from "./sql.js";
-import { ownsOpenTransaction, READ_WAIT_MS, SqliteReadGate } from "./sqlite-read-gate.js";
+import { HOLD_BOUND_MS, MAX_WAIT_MS, type SqlitePoolEvents, SqlitePoolQueue } from "./sqlite-pool-queue.js";
+import { ownsOpenTransaction, SqliteReadGate } from "./sqlite-read-gate.js";
 import { SqliteWriteGate } from "./sqlite-write-gate.js";
 
 interface BetterSqliteStatement {
@@ -37,6 +38,7 @@ export async function createSqliteRunner(
   storage: Storage,
   cacheSize: number,
   logger?: SqlRunnerOptions["logger"],
+  now: () => number = Date.now,
 ): Promise<SqlRunner> {
   const client = storage.em.getConnection().getKnex().client;
   const db = (await client.acquireConnection()) as BetterSqliteDatabase;
@@ -54,8 +56,12 @@ export async function createSqliteRunner(
     prepare(sql).get(...params.map(sqliteParam)) as T | undefined;
   const all = <T>(sql: string, params: readonly unknown[]) =>
     prepare(sql).all(...params.map(sqliteParam)) as T[];
-  const reads = new SqliteReadGate(client, db, READ_WAIT_MS, logger);
-  const writes = new SqliteWriteGate(client, db, logger);
+  const queue = new SqlitePoolQueue(client, client.pool as SqlitePoolEvents, {
+    holdMs: HOLD_BOUND_MS,
+    maxWaitMs: MAX_WAIT_MS,
+  });
+  const reads = new SqliteReadGate(queue, db, logger, now);
+  const writes = new SqliteWriteGate(queue, db, logger, now);
   const cache = cacheSize > 0 ? new StateCache(db, cacheSize) : null;
   // One boolean on the hot path: with no transaction open, the cache answers as it did.
   const cached = <T>(sql: string, params: readonly unknown[], load: () => T): Awaitable<T> => {
@@ -85,6 +91,10 @@ export async function createSqliteRunner(
       readsRefused: reads.refused,
     }),
     inTransaction: () => db.inTransaction,
+    flushReports() {
+      reads.flush();
+      writes.flush();
+    },
     ...(cache ? { onStateChange: (fn: () => void) => cache.onChange(fn) } : {}),
     blocking: true,
   };

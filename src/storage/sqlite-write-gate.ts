@@ -1,14 +1,6 @@
-import { acquireWithin, type SqlitePoolClient } from "./sqlite-read-gate.js";
-
-/** Where a write that had to join an open transaction is reported (without its statement). */
-export interface SqliteWriteGateLogger {
-  warn(obj: object, msg: string): void;
-}
-
-/** How long a raw write waits for the ORM's open transaction to end (see {@link SqliteWriteGate}). */
-export const RAW_WRITE_WAIT_MS = 1000;
-/** At most one warning per this many milliseconds about writes that joined a transaction. */
-const WARN_EVERY_MS = 10_000;
+import { AggregatedLog } from "../sdk/logger.js";
+import { HOLD_BOUND_MS, type SqlitePoolQueue } from "./sqlite-pool-queue.js";
+import type { SqliteGateLogger } from "./sqlite-read-gate.js";
 
 /**
  * Keeps SQLite's raw writes (audit batches, last-used times, re-hashed secrets, stored
@@ -20,19 +12,29 @@ const WARN_EVERY_MS = 10_000;
  * out: the transaction open now and those queued before it end first, and none queued after
  * it starts ahead. Polling for a moment with none open starved under back-to-back
  * transactions (a burst of refreshes): every write then waited out its bound and ran inside.
- * Bounded: a write issued from within that very transaction (a flush hook's) would wait on
- * itself for ever; past the bound it runs inside it, counted and reported.
+ * Bounded ({@link SqlitePoolQueue}): a write issued from within that very transaction (a
+ * flush hook's) would wait on itself for ever; once the transaction holding the connection
+ * is past its bound, the write runs inside it, counted and reported.
  */
 export class SqliteWriteGate {
   private joinedCount = 0;
-  private warnedAt = Number.NEGATIVE_INFINITY;
+  private readonly joins: AggregatedLog;
 
   constructor(
-    private readonly client: SqlitePoolClient,
+    private readonly queue: SqlitePoolQueue,
     private readonly db: { readonly inTransaction: boolean },
-    private readonly logger?: SqliteWriteGateLogger,
-    private readonly waitMs = RAW_WRITE_WAIT_MS,
-  ) {}
+    logger: SqliteGateLogger | undefined,
+    now: () => number,
+  ) {
+    this.joins = new AggregatedLog(
+      (fields) =>
+        logger?.warn(
+          { ...fields, joined: this.joinedCount, holdBoundMs: HOLD_BOUND_MS },
+          "SQLite writes ran inside an open transaction held past its bound; they commit or roll back with it",
+        ),
+      now,
+    );
+  }
 
   /** Writes that ran inside another's open transaction (past the bound). */
   joined(): number {
@@ -43,26 +45,23 @@ export class SqliteWriteGate {
   async run<T>(write: () => T): Promise<T> {
     if (!this.db.inTransaction) return write();
     // A refused acquire (null: the pool closing) is the old behaviour: the write runs and fails or not.
-    const conn = await acquireWithin(this.client, this.waitMs);
+    const conn = await this.queue.acquire();
     if (conn !== undefined && conn !== null) {
       try {
         if (!this.db.inTransaction) return write();
       } finally {
-        await this.client.releaseConnection(conn);
+        await this.queue.release(conn);
       }
     }
-    if (this.db.inTransaction) this.report();
+    if (this.db.inTransaction) {
+      this.joinedCount++;
+      this.joins.add();
+    }
     return write();
   }
 
-  private report(): void {
-    this.joinedCount++;
-    const now = Date.now();
-    if (now - this.warnedAt < WARN_EVERY_MS) return;
-    this.warnedAt = now;
-    this.logger?.warn(
-      { joined: this.joinedCount, waitedMs: this.waitMs },
-      "a SQLite write ran inside an open transaction after waiting for it; it commits or rolls back with it",
-    );
+  /** Write the open interval's report now (at close). */
+  flush(): void {
+    this.joins.flush();
   }
 }

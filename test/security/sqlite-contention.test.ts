@@ -1,0 +1,192 @@
+import { spawn } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { Tenant, User } from "../../src/storage/entities.js";
+import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
+import { adminLogin, clients, short } from "../machine-fixtures.js";
+
+const PASSWORD = "contention password";
+
+/** A call's outcome as a client sees it: its code, and Retry-After when refused. */
+function outcome(call: Promise<unknown>): Promise<{ code: string; retryAfter: string | null }> {
+  return call.then(
+    () => ({ code: "ok", retryAfter: null }),
+    (e: unknown) => {
+      const err = ConnectError.from(e);
+      return { code: Code[err.code]!, retryAfter: err.metadata.get("retry-after") };
+    },
+  );
+}
+
+/** A user's personal access token, and GetCurrentUser with it over TLS. */
+async function userWithToken(ts: TestServer) {
+  const plain = ts.connect();
+  const admin = clients(plain, await adminLogin(plain));
+  const username = `gate-${short()}`;
+  const id = (await admin.users.createUser({ username, password: PASSWORD })).user!.id;
+  const login = await createClient(UserService, plain).login({ username, password: PASSWORD });
+  const tokens = createClient(
+    TokenService,
+    withHeaders(plain, { authorization: `Bearer ${login.accessToken}` }),
+  );
+  const pat = (await tokens.createPersonalAccessToken({ name: "script" })).token;
+  const users = createClient(UserService, withHeaders(ts.connect(), { authorization: `Bearer ${pat}` }));
+  return { id, call: () => outcome(users.getCurrentUser({})) };
+}
+
+/**
+ * SQLite's raw reads wait for other requests' transactions on the one connection (see
+ * SqliteReadGate), bounded on the age of the transaction holding it, not on the time queued.
+ */
+describe("raw SQLite reads and writes queued behind transactions", () => {
+  let ts: TestServer;
+  let user: Awaited<ReturnType<typeof userWithToken>>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+    user = await userWithToken(ts);
+    expect((await user.call()).code).toBe("ok");
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("answers a call queued behind a burst of short transactions longer than a second in all", async () => {
+    const heldBefore = ts.app.sql.cacheStats().readsHeld ?? 0;
+    const joinedBefore = ts.app.sql.rawWritesJoined?.();
+    const started = performance.now();
+    // 250 transactions of ≥ 6 ms each, queued for the one connection: ≥ 1.5 s of queue, none stuck.
+    const burst = Array.from({ length: 250 }, () =>
+      ts.app.storage.em.fork().transactional(async (tx) => {
+        await tx.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+        await sleep(6);
+      }),
+    );
+    const during = user.call();
+    const write = ts.app.sql.run("update users set username = username where id = ?", ["nobody"]);
+    await Promise.all(burst);
+    const burstMs = performance.now() - started;
+    await write;
+    // Before: { code: "Unavailable", retryAfter: "1" }, refused a second after it queued.
+    expect(await during).toEqual({ code: "ok", retryAfter: null });
+    expect(burstMs, "the queue ahead of the call lasted past a second").toBeGreaterThan(1_000);
+    expect(ts.app.sql.cacheStats().readsHeld, "the call's read waited its turn").toBeGreaterThan(heldBefore);
+    // Before: the write ran inside one of the burst's transactions after a second.
+    expect(ts.app.sql.rawWritesJoined?.()).toBe(joinedBefore);
+  }, 60_000);
+
+  it("refuses reads with Unavailable and Retry-After while a transaction stays open past the bound, at once once it is", async () => {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let opened!: () => void;
+    const open = new Promise<void>((resolve) => {
+      opened = resolve;
+    });
+    const stuck = ts.app.storage.em.fork().transactional(async (tx) => {
+      await tx.nativeUpdate(User, { id: user.id }, { disabled: true });
+      opened();
+      await released;
+      throw new Error("rolled back");
+    });
+    await open;
+    const openedAt = performance.now();
+    const first = await user.call();
+    const firstMs = performance.now() - openedAt;
+    await sleep(200);
+    const laterAt = performance.now();
+    const later = await user.call();
+    const laterMs = performance.now() - laterAt;
+    release();
+    await expect(stuck).rejects.toThrow("rolled back");
+    expect(first).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(firstMs, "refused once the transaction had been open a second").toBeGreaterThanOrEqual(950);
+    expect(later).toEqual({ code: "Unavailable", retryAfter: "1" });
+    // Before: ~1,000 ms, a full bound of its own behind a transaction already past it.
+    expect(laterMs, "a call arriving behind a transaction past its bound waited").toBeLessThan(500);
+    expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
+  }, 30_000);
+});
+
+/** Another process holds SQLite's write lock on the file (`BEGIN IMMEDIATE`) for `ms`. */
+async function lockedByAnotherProcess(file: string, ms: number): Promise<{ exited: Promise<void> }> {
+  const driver = createRequire(import.meta.url).resolve("better-sqlite3");
+  const child = spawn(process.execPath, [
+    "-e",
+    `const db = new (require(${JSON.stringify(driver)}))(${JSON.stringify(file)});
+     db.exec("begin immediate");
+     process.stdout.write("locked\\n");
+     setTimeout(() => { db.exec("commit"); db.close(); }, ${ms});`,
+  ]);
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.once("data", () => resolve());
+    child.once("exit", (code) => reject(new Error(`the locking process exited (${code})`)));
+  });
+  return { exited };
+}
+
+describe("a SQLite file whose write lock another process holds", () => {
+  let ts: TestServer;
+  let file: string;
+
+  beforeAll(async () => {
+    file = join(mkdtempSync(join(tmpdir(), "tessera-busy-")), "tessera.db");
+    ts = await startTestServer({ name: "sqlite", url: () => `sqlite:${file}` });
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("answers a write Unavailable with Retry-After at once, serves meanwhile, and writes its audit events later", async () => {
+    const admin = clients(ts.connect(), await adminLogin(ts.connect()));
+    const before = ts.app.audit.stats();
+    const lock = await lockedByAnotherProcess(file, 4_000);
+    // How long the event loop stood still at most (the driver waits for a lock on its thread).
+    let stalled = 0;
+    let last = performance.now();
+    const ticks = setInterval(() => {
+      const now = performance.now();
+      stalled = Math.max(stalled, now - last - 10);
+      last = now;
+    }, 10);
+    const started = performance.now();
+    const created = await outcome(
+      admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }),
+    );
+    const ms = performance.now() - started;
+    // A Login writes its session (refused alike); reads are served (WAL: a lock blocks writers only).
+    const login = await outcome(
+      createClient(UserService, ts.connect()).login({ username: "admin", password: ADMIN_PASSWORD }),
+    );
+    const read = await outcome(admin.users.getCurrentUser({}));
+    clearInterval(ticks);
+    await lock.exited;
+    // Before: "ok" after ~4 s, the whole server stopped in the driver's 5 s busy wait.
+    expect(created).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(ms).toBeLessThan(2_000);
+    expect(login).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(read).toEqual({ code: "ok", retryAfter: null });
+    expect(stalled, "the event loop stood still waiting for the lock").toBeLessThan(1_000);
+    // The refused call's audit event failed to be written (counted), was kept, and is written now.
+    await expect.poll(() => ts.app.audit.stats().depth).toBe(0);
+    const after = ts.app.audit.stats();
+    expect(after.failures).toBeGreaterThan(before.failures);
+    expect(after.written).toBeGreaterThan(before.written);
+    expect(after.dropped).toBe(before.dropped);
+    // And the write goes through once the lock is gone.
+    expect(
+      (await outcome(admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }))).code,
+    ).toBe("ok");
+  }, 60_000);
+});
