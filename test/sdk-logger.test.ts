@@ -4,6 +4,7 @@ import { Code, ConnectError, type Transport } from "@connectrpc/connect";
 import { describe, expect, it } from "vitest";
 import { WatchRevocationsResponseSchema } from "../gen/tessera/v1/verification_service_pb.js";
 import type { TesseraLogger } from "../src/sdk/index.js";
+import { AggregatedLog, type AggregateFields } from "../src/sdk/logger.js";
 import { createTesseraAuth, type TesseraAuthError } from "../src/sdk/server/index.js";
 import { RevocationWatch } from "../src/sdk/server/revocation-watch.js";
 import { Session } from "../src/sdk/session.js";
@@ -201,5 +202,34 @@ describe("the SDK's logger", () => {
     expect(logger.lines).toHaveLength(2);
     expect(logger.lines[1]).toMatchObject({ level: "info", obj: { failures: 3 } });
     expect(JSON.stringify(logger.lines)).not.toMatch(/secret/);
+  });
+});
+
+describe("AggregatedLog", () => {
+  it("counts events by key within an interval, in one line with the keys that had any, and none for events without a key", () => {
+    const lines: AggregateFields<"a" | "b" | "c">[] = [];
+    let t = 0;
+    const log = new AggregatedLog<"a" | "b" | "c">(
+      (fields) => lines.push(fields),
+      () => t,
+      1000,
+    );
+    log.add(undefined, "a");
+    log.add({ name: "Error" }, "b");
+    log.add(undefined, "a");
+    expect(lines).toHaveLength(0);
+    // The first event past the interval's end writes its line and starts the next.
+    t = 1000;
+    log.add(undefined, "c");
+    expect(lines).toEqual([
+      { count: 3, intervalMs: 1000, lastError: { name: "Error" }, counts: { a: 2, b: 1 } },
+    ]);
+    log.flush();
+    expect(lines[1]).toEqual({ count: 1, intervalMs: 1000, counts: { c: 1 } });
+    // An interval of events without a key: its count alone, as before keys.
+    log.add();
+    log.flush();
+    expect(lines[2]).toEqual({ count: 1, intervalMs: 1000 });
+    expect(lines).toHaveLength(3);
   });
 });

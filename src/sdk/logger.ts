@@ -50,26 +50,42 @@ export function errorFields(
 export const AGGREGATE_INTERVAL_MS = 10_000;
 
 /**
- * An event a caller can cause once per request (a flood of new credentials; every call while
- * Tessera is unreachable), reported as one line per interval that had any, with its count,
- * never a line each. An interval starts at its first event; its line is written at its end
- * (an unref'd timer), or by the first event `now` puts past its end, or by {@link flush}
- * (at close), whichever comes first.
+ * What an {@link AggregatedLog} writes for an interval: its events, the interval, the last
+ * error given, and, when events were added with a key, the count of each key that had any.
  */
-export class AggregatedLog {
+export type AggregateFields<K extends string = string> = {
+  count: number;
+  intervalMs: number;
+  lastError?: object;
+  counts?: Partial<Record<K, number>>;
+};
+
+/**
+ * An event a caller can cause once per request (a flood of new credentials; every call while
+ * Tessera is unreachable; a connection refused by a limit), reported as one line per interval
+ * that had any, with its count (by key, when events are told apart), never a line each. An
+ * interval starts at its first event; its line is written at its end (an unref'd timer), or
+ * by the first event `now` puts past its end, or by {@link flush} (at close), whichever
+ * comes first.
+ */
+export class AggregatedLog<K extends string = string> {
   #count = 0;
   #endsAt = 0;
   #timer: NodeJS.Timeout | undefined;
   #last: object | undefined;
+  #counts: Partial<Record<K, number>> | undefined;
 
   constructor(
-    private readonly write: (fields: Record<string, unknown>) => void,
+    private readonly write: (fields: AggregateFields<K>) => void,
     private readonly now: () => number,
     readonly intervalMs = AGGREGATE_INTERVAL_MS,
   ) {}
 
-  /** One event; `last`, when given (see {@link errorFields}), is reported as the interval's last error. */
-  add(last?: object): void {
+  /**
+   * One event; `last`, when given (see {@link errorFields}), is reported as the interval's
+   * last error; `key`, when given, is counted in the line's `counts` too.
+   */
+  add(last?: object, key?: K): void {
     if (this.#count > 0 && this.now() >= this.#endsAt) this.flush();
     if (this.#count === 0) {
       this.#endsAt = this.now() + this.intervalMs;
@@ -77,6 +93,10 @@ export class AggregatedLog {
     }
     this.#count++;
     if (last !== undefined) this.#last = last;
+    if (key !== undefined) {
+      this.#counts ??= {};
+      this.#counts[key] = (this.#counts[key] ?? 0) + 1;
+    }
   }
 
   /** Write the open interval's line now, if it had any event. */
@@ -84,13 +104,15 @@ export class AggregatedLog {
     clearTimeout(this.#timer);
     this.#timer = undefined;
     if (this.#count === 0) return;
-    const fields = {
+    const fields: AggregateFields<K> = {
       count: this.#count,
       intervalMs: this.intervalMs,
       ...(this.#last ? { lastError: this.#last } : {}),
+      ...(this.#counts ? { counts: this.#counts } : {}),
     };
     this.#count = 0;
     this.#last = undefined;
+    this.#counts = undefined;
     this.write(fields);
   }
 }

@@ -152,10 +152,9 @@ export function createRequestHandler(
     // Set by the adapter with the answer: over HTTP/2 written with it in one go (see transport/stream-server.ts).
     responseHeaders: (req) => commonHeaders(req, stateOf(req).requestId),
     ...createAdmissionHooks(app, admission),
-    // A path nothing serves: 404, counted and logged under fixed names, never its path.
-    fallback: (req, res) => {
-      res.statusCode = 404;
-      res.end();
+    // A path nothing serves: answered 404 by the transport, counted and logged here under
+    // fixed names, never its path.
+    onNotFound: (req) => {
       const protocol = earlyProtocol(req.method, req.headers["content-type"])?.kind;
       observeUnknown?.(stateOf(req), req.method, protocol);
     },

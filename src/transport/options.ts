@@ -4,7 +4,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import type { ConnectError, ConnectRouter, ConnectRouterOptions, ContextValues } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import type { Verdict, WireError } from "./early-answers.js";
-import type { NodeRequest, NodeResponse, StreamingHandler, StreamRequest } from "./stream-server.js";
+import type { NodeRequest, StreamingHandler, StreamRequest } from "./stream-server.js";
 import type { CallErrorHook, UnaryProtocol } from "./unary-protocols.js";
 
 /**
@@ -33,8 +33,11 @@ export interface ConnectHandlerOptions extends ConnectRouterOptions {
    * itself for the requests of the compatibility layer.
    */
   prepare?: (req: StreamRequest) => void;
-  /** Requests for paths no RPC serves (default: 404). */
-  fallback?: (req: NodeRequest, res: NodeResponse) => void;
+  /**
+   * Runs once a request for a path no RPC serves has been answered 404 (the transport's one
+   * 404 answer): to count and log it.
+   */
+  onNotFound?: (req: NodeRequest) => void;
   /**
    * Rewrite the body of an error response (HTTP status ≥ 400, i.e. a Connect unary error)
    * before it is sent; Content-Length follows the new body. Success responses never pass

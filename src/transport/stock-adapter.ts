@@ -41,9 +41,9 @@ export type StockDispatch = (
 /** The stock adapter, on `options` as Tessera's own adapter has them (compression, limits, router options). */
 export function createStockDispatch(options: ConnectHandlerOptions): StockDispatch {
   // The router options as Tessera's adapter has them (compression with client-fault
-  // decompression, readMaxBytes, interceptors, JSON options); `fallback` is never reached
+  // decompression, readMaxBytes, interceptors, JSON options); `onNotFound` is never reached
   // (only RPC paths come here).
-  const { fallback: _fallback, contextValues, ...routerOptions } = options;
+  const { onNotFound: _onNotFound, contextValues, ...routerOptions } = options;
   const adapter = connectNodeAdapter({
     ...routerOptions,
     ...(contextValues ? { contextValues: (req) => contextValues(req) } : {}),

@@ -147,7 +147,7 @@ export function serveCalls(
   stock: StockDispatch | undefined,
   options: ConnectHandlerOptions,
 ): ConnectHandler {
-  const fallback = options.fallback ?? notFound;
+  const onNotFound = options.onNotFound;
   const prepare = options.prepare;
   const errorBody = options.errorBody;
   const admit = options.admit;
@@ -184,7 +184,9 @@ export function serveCalls(
     const common = responseHeaders?.(req);
     if (!route) {
       setHeaders(res!, common);
-      fallback(req, res!);
+      res!.statusCode = 404;
+      res!.end();
+      onNotFound?.(req);
       // A made-up path is answered without its body: left open, each stream stayed held (one
       // of maxConcurrentStreams, unbudgeted) until requestTimeoutSeconds.
       stopUnreadPlainBody(req, res!, readMaxBytes);
@@ -339,11 +341,6 @@ export function serveCalls(
 
 function isPromise(verdict: Verdict | Promise<Verdict>): verdict is Promise<Verdict> {
   return typeof (verdict as Partial<Promise<Verdict>>).then === "function";
-}
-
-function notFound(_req: NodeRequest, res: NodeResponse): void {
-  res.statusCode = 404;
-  res.end();
 }
 
 /** For the streams served without the compatibility layer, whose own "error" listener swallows stream errors. */
