@@ -4,6 +4,7 @@ import type { Authenticator } from "../auth/authenticator.js";
 import type { Awaitable } from "../auth/awaitable.js";
 import type { PresentedCredential } from "../auth/credentials.js";
 import { hashPool } from "../auth/hash-pool.js";
+import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
 import type { Principal } from "../auth/principal.js";
 import { budgetKey } from "../client-ip.js";
 import type { RequestState } from "../context.js";
@@ -64,7 +65,9 @@ export function authenticationRefusal(
   // A password: budget reserved before PBKDF2 (rate-limit.ts, PasswordGuard).
   if (credential?.type === "basic")
     return verifyOnce(deps, credential, state, passwordIdentity(credential), () =>
-      limits.passwords.reserve(state.ip, credential.username),
+      limits.passwords.reserve(state.ip, credential.username, {
+        generatedSecret: credential.username.startsWith(MACHINE_USERNAME_PREFIX),
+      }),
     );
   // An opaque token is first verified with hashing refused: one verified before (or one that
   // needs no PBKDF2 to refuse) is decided so, whatever its IP spent. One that needs PBKDF2

@@ -33,7 +33,7 @@ export const rateLimitSchema = z
     authFailuresPerUsernamePerHour: z.number().int().positive().default(100).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME",
       description:
-        "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends.",
+        "Failed password checks per hour for one username, from all addresses together, before the username is refused until the hour ends. Not counted for a machine user's Basic username (`mu_…`): its password is generated (192 random bits), and the budget would only let whoever knows the username refuse a credential not yet verified.",
     }),
     authFailuresPerUsernamePerIp: z.number().int().positive().default(5).register(configKeys, {
       env: "TESSERA_RATE_LIMIT_AUTH_FAILURES_PER_USERNAME_IP",

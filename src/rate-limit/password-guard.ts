@@ -25,6 +25,16 @@ export interface ReserveOptions {
    * without hashing, and concurrent first uses share one hash.
    */
   everyCheck?: boolean;
+  /**
+   * The secret was generated, not chosen (a machine user's Basic password, 192 random bits):
+   * the username's budget from every address together is left out. That budget bounds how
+   * many guesses many addresses make at one chosen password; a generated one is out of
+   * reach of any number of them, and the budget would only let whoever knows the username
+   * (it is no secret) spend it and refuse a credential not yet verified (not in the
+   * verified-secret cache) for the rest of the hour. The per-IP budget and the lockout of
+   * an IP from the username still bound what each address hashes.
+   */
+  generatedSecret?: boolean;
 }
 
 /** Sizes of the {@link PasswordGuard}'s lockout of an IP from a username. */
@@ -102,19 +112,18 @@ export class PasswordGuard {
         resetMs: Math.min(byPair.resetMs, this.lockout.maxSeconds * 1000),
       });
     }
-    const byUser = await this.perUsername.consume(user);
-    if (!byUser.allowed) {
+    const byUser = options.generatedSecret ? undefined : await this.perUsername.consume(user);
+    if (byUser && !byUser.allowed) {
       await Promise.all([this.perIp.refund(ip, byIp), this.perUsernameIp.refund(pair, byPair)]);
       throw authFailuresError(byUser);
     }
+    const refundUser = async () => {
+      if (byUser) await this.perUsername.refund(user, byUser);
+    };
     const checks = options.everyCheck ? this.checks : undefined;
     const byCheck = await checks?.consume(user);
     if (byCheck && !byCheck.allowed) {
-      await Promise.all([
-        this.perIp.refund(ip, byIp),
-        this.perUsernameIp.refund(pair, byPair),
-        this.perUsername.refund(user, byUser),
-      ]);
+      await Promise.all([this.perIp.refund(ip, byIp), this.perUsernameIp.refund(pair, byPair), refundUser()]);
       throw rateLimitedError(byCheck, "too many password checks for this account; try again later");
     }
     const refundCheck = async () => {
@@ -130,7 +139,7 @@ export class PasswordGuard {
       succeeded: once(() =>
         Promise.all([
           this.perIp.refund(ip, byIp),
-          this.perUsername.refund(user, byUser),
+          refundUser(),
           this.perUsernameIp.reset(pair),
           this.lockouts.reset(pair),
         ]),
@@ -149,7 +158,7 @@ export class PasswordGuard {
       cancelled: once(() =>
         Promise.all([
           this.perIp.refund(ip, byIp),
-          this.perUsername.refund(user, byUser),
+          refundUser(),
           this.perUsernameIp.refund(pair, byPair),
           refundCheck(),
         ]),

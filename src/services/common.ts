@@ -60,6 +60,15 @@ export function assertGrantableScopes(principal: Principal, scopes: readonly str
   assertMayManage(principal, NEW_PRINCIPAL, scopes);
 }
 
+/**
+ * Mark the answer of `ctx` as one no cache may keep: it carries a secret (a token, a
+ * password), like the OAuth token endpoint's (RFC 6749 §5.1). Only on those answers: on
+ * every RPC it would be bytes on the hot path for nothing.
+ */
+export function noStore(ctx: HandlerContext): void {
+  ctx.responseHeader.set("cache-control", "no-store");
+}
+
 /** A principal changed between the authority check and the write: nothing was written. */
 export function principalChanged(): TesseraError {
   return new TesseraError(

@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
@@ -170,6 +171,32 @@ describe.each(DATABASES)("password guessing under concurrency on $name", (db) =>
     );
     expect(right.code).toBe(Code.ResourceExhausted);
     expect(right.reason).toBe("RATE_LIMITED");
+  });
+
+  it("does not let guesses from many addresses refuse a machine user's generated Basic password, never used before", async () => {
+    const { machineUser, username, password } = await clientFor(
+      MachineUserService,
+      transport,
+      adminToken,
+    ).createMachineUser({ name: `mu-${randomUUID().slice(0, 8)}`, authType: MachineAuthType.BASIC });
+    const check = (ip: string, secret: string) =>
+      rejection(
+        clientFor(MachineUserService, withHeaders(from(ip), basic(username, secret))).checkAuthentication({}),
+      );
+    // More guesses than the username's budget, spread over addresses: each is refused as wrong,
+    // none locks the username (192 random bits are out of reach of any number of guesses).
+    const guesses = await Promise.all(
+      Array.from({ length: LIMITS.authFailuresPerUsernamePerHour + 4 }, (_, i) =>
+        check(freshIp(), `guess-${i}-${randomUUID()}`),
+      ),
+    );
+    expect(guesses.map((r) => r.reason)).toEqual(guesses.map(() => "CREDENTIALS_INVALID"));
+    // Its first use: verified (PBKDF2), not refused for the guessers' spending.
+    const owner = await clientFor(
+      MachineUserService,
+      withHeaders(from(freshIp()), basic(username, password)),
+    ).checkAuthentication({});
+    expect(owner.machineUserId).toBe(machineUser!.id);
   });
 
   it("locks only the guessing address out of an account: its owner still logs in from another", async () => {

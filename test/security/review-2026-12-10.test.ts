@@ -5,7 +5,7 @@ import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
-import { clientFor, DATABASES, startTestServer, type TestServer } from "../helpers.js";
+import { clientFor, DATABASES, POSTGRES, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 
 /**
@@ -51,13 +51,18 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
    * and its write comes after the promotion committed (a concurrent update by a `*` admin).
    */
   function promoteOnRead(id: string, table: "machine_users" | "users" = "machine_users") {
+    return onRead(id, () => ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]));
+  }
+
+  /** Run `action` (once) as the request reads the row `id`, before it goes on. */
+  function onRead(id: string, action: () => Promise<unknown>) {
     let fired = false;
     let stopped = false;
     const subscriber: EventSubscriber = {
       async onLoad({ entity }) {
         if (fired || stopped || (entity as { id?: unknown }).id !== id) return;
         fired = true;
-        await ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
+        await action();
       },
     };
     // Registered (not only added to the set): the request's fork shares this event manager,
@@ -168,6 +173,86 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
     const mu = (await clients(t, root).machines.getMachineUser({ id: target.id })).machineUser!;
     expect(mu.applicationIds).toContain(app.id);
   });
+
+  /** An application with a machine user holding swarm:deploy assigned, and a `*` one not (yet). */
+  async function applicationWithWeakAndStrong() {
+    const app = (await clients(t, root).tenants.createApplication({ name: `app-${short()}` })).application!;
+    const weak = await machineWith(["swarm:deploy"]);
+    await clients(t, root).machines.updateMachineUser({
+      id: weak.id,
+      applicationIds: { applicationIds: [applicationId, app.id] },
+    });
+    const strong = await machineWith(["*"]);
+    const assignments = async () =>
+      (await clients(t, root).machines.getMachineUser({ id: strong.id })).machineUser!.applicationIds;
+    return { app, weak, strong, assignments };
+  }
+
+  it("an application a * machine user was assigned to after the authority check is not deleted", async () => {
+    const attacker = await userWith(["admin:tenants", "swarm:deploy"]);
+    const { app, weak, strong, assignments } = await applicationWithWeakAndStrong();
+    // As the request reads the assigned machine users, a `*` admin assigns a `*` one (committed).
+    const race = onRead(weak.id, () =>
+      ts.app.sql.run(
+        "insert into machine_user_applications (machine_user_id, application_id) values (?, ?)",
+        [strong.id, app.id],
+      ),
+    );
+    const result = await outcome(attacker.tenants.deleteApplication({ id: app.id })).finally(race.stop);
+    expect(race.fired()).toBe(true);
+    expect(result).toBe("FAILED_PRECONDITION");
+    expect(await assignments()).toContain(app.id);
+  });
+
+  // SQLite runs one transaction at a time; PostgreSQL needs the application's row locked.
+  it.skipIf(db !== POSTGRES)(
+    "an application a * machine user's assignment to is being committed is not deleted when it commits",
+    async () => {
+      const attacker = await userWith(["admin:tenants", "swarm:deploy"]);
+      const { app, strong, assignments } = await applicationWithWeakAndStrong();
+      // A transaction of the test's (another connection) assigns the `*` machine user and
+      // holds its commit while the deletion starts.
+      const knex = ts.app.storage.em.getConnection().getKnex();
+      let holder = 0;
+      let release!: () => void;
+      const released = new Promise<void>((resolve) => {
+        release = resolve;
+      });
+      let held!: () => void;
+      const holding = new Promise<void>((resolve) => {
+        held = resolve;
+      });
+      const hold = knex.transaction(async (trx) => {
+        holder = (await trx.raw("select pg_backend_pid() as pid")).rows[0].pid;
+        await trx.raw(
+          "insert into machine_user_applications (machine_user_id, application_id) values (?, ?)",
+          [strong.id, app.id],
+        );
+        held();
+        await released;
+      });
+      await holding;
+      const deletion = outcome(attacker.tenants.deleteApplication({ id: app.id }));
+      try {
+        await expect
+          .poll(
+            async () =>
+              (
+                await knex.raw(
+                  "select count(*)::int as n from pg_stat_activity where ?::int = any(pg_blocking_pids(pid))",
+                  [holder],
+                )
+              ).rows[0].n,
+          )
+          .toBe(1);
+      } finally {
+        release();
+        await hold;
+      }
+      expect(await deletion).toBe("FAILED_PRECONDITION");
+      expect(await assignments()).toContain(app.id);
+    },
+  );
 
   it("a token of a user promoted to * after the authority check is not revoked by an admin:tokens holder", async () => {
     const attacker = await userWith(["admin:tokens", "cluster:read"]);

@@ -14,7 +14,7 @@ import { errors } from "../../errors.js";
 import { countCredentialCreation } from "../../rate-limit.js";
 import { commitCreation } from "../../storage/commit-outcome.js";
 import { MachineCredential, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
-import { assertScopesHold, principalChanged, principalOf } from "../common.js";
+import { assertScopesHold, noStore, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
@@ -111,6 +111,7 @@ export function machineUserAdminHandlers(
       }
       if (created === undefined) throw new Error("the machine user's transaction ended without it");
       auditTarget(requestState(ctx.values), { id, tenantId: created.tenantId });
+      noStore(ctx);
       return {
         machineUser: await toProto(ctx, created),
         token: credential.token,
@@ -260,6 +261,7 @@ export function machineUserAdminHandlers(
       await raiseRotationCutoff(e, mu.id, clock());
       // The row as the rotation left it (its own write went around the entity).
       await e.refresh(mu);
+      noStore(ctx);
       return {
         machineUser: await toProto(ctx, mu),
         token: credential.token,

@@ -12,7 +12,14 @@ import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Application, Backend, MachineUser } from "../../storage/machine-entities.js";
-import { assertId, assertScopesHold, principalOf, reachesTenant, writeIfScopesHold } from "../common.js";
+import {
+  assertId,
+  assertScopesHold,
+  noStore,
+  principalOf,
+  reachesTenant,
+  writeIfScopesHold,
+} from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { visibleTenant } from "../tenant/tenant-service.js";
 import { issueMachineAccessToken } from "./access-token.js";
@@ -111,6 +118,7 @@ export function machinePrincipalHandlers(
         principalOf(ctx),
         requestState(ctx.values).certificate,
       );
+      noStore(ctx);
       return {
         accessToken: issued.token,
         expiresAt: timestampFromDate(issued.expiresAt),

@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
-import { UniqueConstraintViolationException } from "@mikro-orm/core";
+import { LockMode, UniqueConstraintViolationException } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
 import type {
   ApplicationSchema,
@@ -19,7 +19,7 @@ import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, assertScopesHold, principalOf, reachesTenant, tenantWhere } from "../common.js";
+import { assertId, principalChanged, principalOf, reachesTenant, tenantWhere } from "../common.js";
 import { listRequest } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
@@ -196,22 +196,54 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
 
     async deleteApplication(req, ctx) {
       const app = await visibleApplication(ctx, req.id);
+      const principal = principalOf(ctx);
       // Assignments and registered backends go with it (ON DELETE CASCADE): that changes
       // every machine user assigned to it or registered on it, so the caller needs
-      // authority over each of them (assertMayManage).
-      const e = em(ctx);
-      const ids = new Set<string>();
-      for (const a of await e.find(MachineUserApplication, { applicationId: app.id }))
-        ids.add(a.machineUserId);
-      for (const b of await e.find(Backend, { applicationId: app.id })) ids.add(b.machineUserId);
-      const affected = ids.size > 0 ? await e.find(MachineUser, { id: { $in: [...ids] } }) : [];
-      assertMayManage(principalOf(ctx), { scopes: affected.flatMap((m) => parseScopeString(m.scopes)) });
-      // Committed only if each of them still holds the scopes checked (none promoted meanwhile).
-      await e.transactional(async (tx) => {
+      // authority over each of them (assertMayManage). Checked first without locks (a
+      // refusal costs no transaction), then again on the locked rows.
+      assertMayManage(principal, { scopes: await affectedScopes(em(ctx), app.id, false) });
+      await em(ctx).transactional(async (tx) => {
+        // The application's row locked: an assignment or backend being added to it (its
+        // foreign key check takes a KEY SHARE lock on this row) committed before and is read
+        // below, or waits for this delete and fails. Its backends are locked against a
+        // take-over, its machine users against a promotion, until the commit. (SQLite runs
+        // one transaction at a time: the locks are no-ops there.)
+        if (!(await tx.findOne(Application, { id: app.id }, { lockMode: LockMode.PESSIMISTIC_WRITE })))
+          return;
+        const scopes = await affectedScopes(tx, app.id, true);
+        try {
+          assertMayManage(principal, { scopes });
+        } catch {
+          // Authority held on the rows as first read: a principal changed meanwhile.
+          throw principalChanged();
+        }
         await tx.nativeDelete(Application, { id: app.id });
-        for (const m of affected) await assertScopesHold(tx, MachineUser, m.id, m.scopes);
       });
       return {};
     },
   };
+}
+
+/**
+ * The scopes of the machine users an application's deletion changes (assigned to it, or
+ * owning a backend on it), read again from the database; `lock` (in a transaction): its
+ * backends FOR UPDATE and those machine users FOR SHARE.
+ */
+async function affectedScopes(e: EntityManager, applicationId: string, lock: boolean): Promise<string[]> {
+  const ids = new Set<string>();
+  for (const a of await e.find(MachineUserApplication, { applicationId }, { refresh: true }))
+    ids.add(a.machineUserId);
+  const backends = await e.find(
+    Backend,
+    { applicationId },
+    lock ? { refresh: true, lockMode: LockMode.PESSIMISTIC_WRITE } : { refresh: true },
+  );
+  for (const b of backends) ids.add(b.machineUserId);
+  if (ids.size === 0) return [];
+  const users = await e.find(
+    MachineUser,
+    { id: { $in: [...ids] } },
+    lock ? { refresh: true, lockMode: LockMode.PESSIMISTIC_READ } : { refresh: true },
+  );
+  return users.flatMap((m) => parseScopeString(m.scopes));
 }

@@ -27,6 +27,7 @@ import {
   assertGrantableScopes,
   assertId,
   canSeeTenant,
+  noStore,
   principalOf,
   reachesTenant,
   tenantScope,
@@ -307,6 +308,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
   return {
     async createPersonalAccessToken(req, ctx) {
       const { row, token } = await create(ctx, "pat", req);
+      noStore(ctx);
       return { ...createdFields(row), token };
     },
 
@@ -321,6 +323,7 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
 
     async createApiKey(req, ctx) {
       const { row, token } = await create(ctx, "api_key", req);
+      noStore(ctx);
       return { ...createdFields(row), key: token };
     },
 

@@ -23,6 +23,7 @@ import {
   assertId,
   assertPassword,
   assertUsername,
+  noStore,
   principalChanged,
   principalOf,
   reachesTenant,
@@ -168,6 +169,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         // Not through the entity: a flush would overwrite a password changed meanwhile.
         return (await em(ctx).nativeUpdate(User, { id, passwordHash: from }, { passwordHash: to })) > 0;
       });
+      noStore(ctx);
       return {
         accessToken: pair.accessToken,
         accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
@@ -184,6 +186,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       const pair = await sessions.rotate(em(ctx), req.refreshToken, {
         resolved: (user) => auditTarget(state, { id: user.id, tenantId: user.tenantId }),
       });
+      noStore(ctx);
       return {
         accessToken: pair.accessToken,
         accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
