@@ -12,7 +12,14 @@ import type { Clock } from "../../clock.js";
 import { requestState } from "../../context.js";
 import { errors, TesseraError } from "../../errors.js";
 import { Application, Backend, MachineUser } from "../../storage/machine-entities.js";
-import { assertId, assertScopesHold, principalOf, reachesTenant, writeIfScopesHold } from "../common.js";
+import {
+  assertId,
+  assertScopesHold,
+  principalChanged,
+  principalOf,
+  reachesTenant,
+  writeIfScopesHold,
+} from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { visibleTenant } from "../tenant/tenant-service.js";
 import { issueMachineAccessToken } from "./access-token.js";
@@ -146,9 +153,11 @@ export function machinePrincipalHandlers(
       // Deregistering cuts the backend's machine user off its callbacks: a change to it.
       const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
       if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });
-      // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
+      // Committed only if the owner checked still owns it (not taken over meanwhile by one the
+      // caller may not manage) and still holds the scopes checked (not promoted meanwhile).
       await e.transactional(async (tx) => {
-        await tx.nativeDelete(Backend, { id: backend.id });
+        const n = await tx.nativeDelete(Backend, { id: backend.id, machineUserId: backend.machineUserId });
+        if (n === 0 && (await tx.count(Backend, { id: backend.id })) > 0) throw principalChanged();
         if (owner) await assertScopesHold(tx, MachineUser, owner.id, owner.scopes);
       });
       return {};
