@@ -182,6 +182,40 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
     ]);
   });
 
+  it("a backend taken over by a * machine user after the authority check of another take-over stays its", async () => {
+    const attacker = await machineWith(["swarm:deploy"]);
+    const weak = await machineWith(["swarm:deploy"]);
+    const strong = await machineWith(["*"]);
+    const callbackUrl = `https://backend-${short()}.example.com/callback`;
+    const { backendId } = await clients(t, weak.token).machines.registerBackend({
+      applicationId,
+      callbackUrl,
+      version: "1",
+    });
+    // The `*` machine user takes the backend over as the request reads its owner (the one checked).
+    let fired = false;
+    let stopped = false;
+    ts.app.storage.em.getEventManager().registerSubscriber({
+      async onLoad({ entity }) {
+        if (fired || stopped || (entity as { id?: unknown }).id !== weak.id) return;
+        fired = true;
+        await ts.app.sql.run("update backends set machine_user_id = ? where id = ?", [strong.id, backendId]);
+      },
+    } satisfies EventSubscriber);
+    const result = await outcome(
+      clients(t, attacker.token).machines.registerBackend({ applicationId, callbackUrl, version: "2" }),
+    ).finally(() => {
+      stopped = true;
+    });
+    expect(fired).toBe(true);
+    // Before: "done", and the backend was the attacker's.
+    expect(result).toBe("FAILED_PRECONDITION");
+    const { backends } = await clients(t, root).machines.listBackends({ applicationId });
+    expect(backends.filter((b) => b.id === backendId).map((b) => [b.machineUserId, b.version])).toEqual([
+      [strong.id, "1"],
+    ]);
+  });
+
   it("an application a machine user promoted to * after the authority check is assigned to is not deleted", async () => {
     const attacker = await userWith(["admin:tenants", "swarm:deploy"]);
     const app = (await clients(t, root).tenants.createApplication({ name: `app-${short()}` })).application!;

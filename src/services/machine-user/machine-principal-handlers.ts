@@ -80,8 +80,19 @@ export function machinePrincipalHandlers(
           existing.version = req.version;
           existing.machineUserId = principal.id;
           existing.updatedAt = now;
-          // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
-          if (owner) await writeIfScopesHold(e, MachineUser, owner.id, owner.scopes, (tx) => tx.flush());
+          // Committed only if the owner checked still owns it (not taken over meanwhile by one the
+          // caller may not manage: claimed from it first) and still holds the scopes checked.
+          const from = owner?.id;
+          if (owner)
+            await writeIfScopesHold(e, MachineUser, owner.id, owner.scopes, async (tx) => {
+              const claimed = await tx.nativeUpdate(
+                Backend,
+                { id: existing.id, machineUserId: from },
+                { updatedAt: now },
+              );
+              if (claimed === 0) throw principalChanged();
+              await tx.flush();
+            });
           else await e.flush();
           return existing;
         }
