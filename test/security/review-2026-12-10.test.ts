@@ -137,6 +137,35 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
     expect(backends.map((b) => b.id)).toEqual([backendId]);
   });
 
+  it("a deregistration of a backend taken over by a * machine user after the authority check removes nothing", async () => {
+    const attacker = await userWith(["admin:machine-users", "swarm:deploy"]);
+    const weak = await machineWith(["swarm:deploy"]);
+    const strong = await machineWith(["*"]);
+    const { backendId } = await clients(t, weak.token).machines.registerBackend({
+      applicationId,
+      callbackUrl: `https://backend-${short()}.example.com/callback`,
+      version: "1",
+    });
+    // The `*` machine user takes the backend over as the request reads its owner (the one checked).
+    let fired = false;
+    let stopped = false;
+    ts.app.storage.em.getEventManager().registerSubscriber({
+      async onLoad({ entity }) {
+        if (fired || stopped || (entity as { id?: unknown }).id !== weak.id) return;
+        fired = true;
+        await ts.app.sql.run("update backends set machine_user_id = ? where id = ?", [strong.id, backendId]);
+      },
+    } satisfies EventSubscriber);
+    const result = await outcome(attacker.machines.deregisterBackend({ id: backendId })).finally(() => {
+      stopped = true;
+    });
+    expect(fired).toBe(true);
+    // Before: "done", and the `*` machine user's backend was gone.
+    expect(result).toBe("FAILED_PRECONDITION");
+    const { backends } = await clients(t, root).machines.listBackends({ machineUserId: strong.id });
+    expect(backends.map((b) => b.id)).toEqual([backendId]);
+  });
+
   it("a backend taken over from a machine user promoted to * after the authority check stays its own", async () => {
     const attacker = await machineWith(["swarm:deploy"]);
     const target = await machineWith(["swarm:deploy"]);
@@ -155,6 +184,40 @@ describe.each(DATABASES)("review 2026-12-10 on $name", (db) => {
     const { backends } = await clients(t, root).machines.listBackends({ applicationId });
     expect(backends.filter((b) => b.id === backendId).map((b) => [b.machineUserId, b.version])).toEqual([
       [target.id, "1"],
+    ]);
+  });
+
+  it("a backend taken over by a * machine user after the authority check of another take-over stays its", async () => {
+    const attacker = await machineWith(["swarm:deploy"]);
+    const weak = await machineWith(["swarm:deploy"]);
+    const strong = await machineWith(["*"]);
+    const callbackUrl = `https://backend-${short()}.example.com/callback`;
+    const { backendId } = await clients(t, weak.token).machines.registerBackend({
+      applicationId,
+      callbackUrl,
+      version: "1",
+    });
+    // The `*` machine user takes the backend over as the request reads its owner (the one checked).
+    let fired = false;
+    let stopped = false;
+    ts.app.storage.em.getEventManager().registerSubscriber({
+      async onLoad({ entity }) {
+        if (fired || stopped || (entity as { id?: unknown }).id !== weak.id) return;
+        fired = true;
+        await ts.app.sql.run("update backends set machine_user_id = ? where id = ?", [strong.id, backendId]);
+      },
+    } satisfies EventSubscriber);
+    const result = await outcome(
+      clients(t, attacker.token).machines.registerBackend({ applicationId, callbackUrl, version: "2" }),
+    ).finally(() => {
+      stopped = true;
+    });
+    expect(fired).toBe(true);
+    // Before: "done", and the backend was the attacker's.
+    expect(result).toBe("FAILED_PRECONDITION");
+    const { backends } = await clients(t, root).machines.listBackends({ applicationId });
+    expect(backends.filter((b) => b.id === backendId).map((b) => [b.machineUserId, b.version])).toEqual([
+      [strong.id, "1"],
     ]);
   });
 

@@ -16,6 +16,7 @@ import {
   assertId,
   assertScopesHold,
   noStore,
+  principalChanged,
   principalOf,
   reachesTenant,
   writeIfScopesHold,
@@ -80,8 +81,19 @@ export function machinePrincipalHandlers(
           existing.version = req.version;
           existing.machineUserId = principal.id;
           existing.updatedAt = now;
-          // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
-          if (owner) await writeIfScopesHold(e, MachineUser, owner.id, owner.scopes, (tx) => tx.flush());
+          // Committed only if the owner checked still owns it (not taken over meanwhile by one the
+          // caller may not manage: claimed from it first) and still holds the scopes checked.
+          const from = owner?.id;
+          if (owner)
+            await writeIfScopesHold(e, MachineUser, owner.id, owner.scopes, async (tx) => {
+              const claimed = await tx.nativeUpdate(
+                Backend,
+                { id: existing.id, machineUserId: from },
+                { updatedAt: now },
+              );
+              if (claimed === 0) throw principalChanged();
+              await tx.flush();
+            });
           else await e.flush();
           return existing;
         }
@@ -154,9 +166,11 @@ export function machinePrincipalHandlers(
       // Deregistering cuts the backend's machine user off its callbacks: a change to it.
       const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
       if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });
-      // Committed only if the owner still holds the scopes checked (not promoted meanwhile).
+      // Committed only if the owner checked still owns it (not taken over meanwhile by one the
+      // caller may not manage) and still holds the scopes checked (not promoted meanwhile).
       await e.transactional(async (tx) => {
-        await tx.nativeDelete(Backend, { id: backend.id });
+        const n = await tx.nativeDelete(Backend, { id: backend.id, machineUserId: backend.machineUserId });
+        if (n === 0 && (await tx.count(Backend, { id: backend.id })) > 0) throw principalChanged();
         if (owner) await assertScopesHold(tx, MachineUser, owner.id, owner.scopes);
       });
       return {};
