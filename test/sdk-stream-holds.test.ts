@@ -1,4 +1,5 @@
 import { describe, expect, it } from "vitest";
+import { refusalOf } from "../src/sdk/server/errors.js";
 import { TesseraAuthError, type TesseraPrincipal } from "../src/sdk/server/index.js";
 import { StreamHolds } from "../src/sdk/server/stream-holds.js";
 
@@ -127,6 +128,27 @@ describe("the SDK's held streams", () => {
     await expect.poll(() => h.signal.aborted).toBe(true);
     expect(calls).toBe(3);
     expect(h.signal.reason).toMatchObject({ reason: "CREDENTIALS_INVALID" });
+  });
+
+  it("ends a stream whose re-check fails outside the check (a bug) with INTERNAL, not a retryable UNAVAILABLE", async () => {
+    let calls = 0;
+    const reported: unknown[] = [];
+    const holds = new StreamHolds({
+      authenticate: async () => {
+        calls++;
+        if (calls > 1) throw new TypeError("a bug");
+        return principal();
+      },
+      watching: () => false,
+      now: Date.now,
+      recheckMs: 30,
+      refusalOf: (err) => refusalOf(err, (e) => reported.push(e)),
+    });
+    const h = await holds.hold("Bearer a", undefined, rule);
+    await expect.poll(() => h.signal.aborted).toBe(true);
+    expect(h.signal.reason).toMatchObject({ reason: "INTERNAL", status: 500 });
+    expect(reported).toHaveLength(1);
+    expect(holds.size).toBe(0);
   });
 
   it("ends a stream at its credential's expiry with TOKEN_EXPIRED", async () => {

@@ -252,6 +252,9 @@ export class UserAPICore {
 
   /** Close the connection. Pending calls fail; the client is not usable afterwards. */
   close(): void {
+    // Safe in the turn a stream was reset (Node 20's client spins when a session is destroyed
+    // then with another stream open): connect-node destroys with an error and CANCEL, which
+    // does not (destroy() with a code alone, or an error alone, does: bench/results/2026-12-10-held-streams.md).
     this.sessions.abort();
   }
 

@@ -10,7 +10,13 @@ import { CallValues, requestStateKey } from "../context.js";
 import { toConnectError } from "../errors.js";
 import { toWireError } from "../interceptors/errors.js";
 import { tooManyStreamsError } from "../rate-limit.js";
-import { earlyProtocol, refuseStream, setHeaders, streamProtocol } from "../transport/early-answers.js";
+import {
+  earlyProtocol,
+  refuseStream,
+  setHeaders,
+  stopUnreadPlainBody,
+  streamProtocol,
+} from "../transport/early-answers.js";
 import { augmentJsonErrorBody } from "../transport/error-wire.js";
 import { createTransport } from "../transport/index.js";
 import type {
@@ -172,6 +178,7 @@ export function createRequestHandler(
   const maxStreamsPerIp = config.server.maxStreamsPerIp;
   const openStreams = new Map<string, number>();
   const servePlain = createPlainEndpoints(app, options.draining);
+  const maxBodyBytes = config.server.maxBodyBytes;
 
   const handle = function handle(req: IncomingMessage | http2.Http2ServerRequest, res: Response): void {
     const requestId = requestIdOf(req);
@@ -185,6 +192,9 @@ export function createRequestHandler(
       res.setHeader("access-control-max-age", String(config.cors.maxAge));
       res.statusCode = 204;
       res.end();
+      // Answers given without reading a body a client may still be sending are not left
+      // holding their stream until requestTimeoutSeconds (transport/early-answers.ts).
+      stopUnreadPlainBody(req, res, maxBodyBytes);
       return;
     }
 
@@ -192,6 +202,7 @@ export function createRequestHandler(
     if ((req.method === "GET" || req.method === "HEAD") && PLAIN_PATHS.has(path!)) {
       setCommonHeaders();
       servePlain(path!, res, requestId);
+      stopUnreadPlainBody(req, res, maxBodyBytes);
       return;
     }
 
@@ -215,7 +226,9 @@ export function createRequestHandler(
         setCommonHeaders();
         // A limit on streams held at once (retry once one ends): RATE_LIMITED with Retry-After
         // and the ErrorInfo every error carries, in the access log and metrics too.
-        refuseStream(req, res, toConnectError(tooManyStreamsError(), requestId));
+        // Its stream is reset once answered: held until its body ends, a refused stream kept
+        // what the limit protects (body never sent, each one held until requestTimeoutSeconds).
+        refuseStream(req, res, toConnectError(tooManyStreamsError(), requestId), maxBodyBytes);
         stateOf(req).errorInfo = { reason: "RATE_LIMITED", requestId };
         observe?.(stateOf(req), req.headers, method, streamProtocol(req), Code.ResourceExhausted);
         return;

@@ -329,14 +329,19 @@ export function streamProtocol(
  * stream's error: gRPC and gRPC-Web as a trailers-only answer (grpc-status-details-bin
  * holding its details, its metadata beside), Connect's streaming protocol as an end-stream
  * message (its spec puts a stream's error there, with HTTP 200, and the metadata with it).
+ * With `limit`, the body left unread is stopped once answered (stopUnreadPlainBody): a
+ * refused call whose client never ends its request kept its stream, and what refusing it
+ * was to free, until server.requestTimeoutSeconds.
  */
 export function refuseStream(
   req: http.IncomingMessage | http2.Http2ServerRequest,
   res: NodeResponse,
   error: ConnectError,
+  limit?: number,
 ): void {
   const type = req.headers["content-type"] ?? "";
   res.statusCode = 200;
+  if (limit !== undefined) stopUnreadPlainBody(req, res, limit);
   if (type.startsWith("application/grpc")) {
     res.setHeader("content-type", type);
     setHeaders(res, nodeHeaders(setTrailerStatus(new Headers(), error)));

@@ -56,7 +56,7 @@ export function answerFailedCall(
   res: NodeResponse | undefined,
   protocol: EarlyProtocol | undefined,
   error: ConnectError,
-  options: Pick<ConnectHandlerOptions, "errorBody" | "jsonOptions">,
+  options: Pick<ConnectHandlerOptions, "errorBody" | "jsonOptions" | "maxBodyBytes">,
   common: http.OutgoingHttpHeaders | undefined,
 ): void {
   if (res === undefined) {
@@ -78,6 +78,6 @@ export function answerFailedCall(
     writeUnaryAnswer(earlyAnswer(protocol, error, options.jsonOptions), req, res, options.errorBody, common);
   } else {
     setHeaders(res, common);
-    refuseStream(req as http.IncomingMessage | http2.Http2ServerRequest, res, error);
+    refuseStream(req as http.IncomingMessage | http2.Http2ServerRequest, res, error, options.maxBodyBytes);
   }
 }

@@ -81,3 +81,98 @@ describe.each(DATABASES)("streams answered before their body ($name)", (db) => {
     },
   );
 });
+
+/** server.maxStreamsPerIp in the server below. */
+const MAX_STREAMS = 5;
+const ORIGIN = "https://app.example";
+
+/**
+ * The same for the other answers given before the request's body: a streaming call refused
+ * past server.maxStreamsPerIp (the refusal must free what that limit protects), a CORS
+ * preflight and a plain endpoint sent with a body. Its own server, without the per-IP
+ * budget, so the streams within the limit are the only ones rightly left open.
+ */
+describe.each(DATABASES)("streaming calls and plain answers given before their body ($name)", (db) => {
+  let ts: TestServer;
+  let open = 0;
+  beforeAll(async () => {
+    ts = await startTestServer(db, {
+      cors: { allowedOrigins: [ORIGIN] },
+      server: { maxStreamsPerIp: MAX_STREAMS, requestTimeoutSeconds: 120, idleTimeoutSeconds: 120 },
+    });
+    ts.server.server.on("stream", (stream: http2.ServerHttp2Stream) => {
+      open++;
+      stream.on("close", () => open--);
+    });
+  });
+  afterAll(async () => ts?.close());
+
+  /** Open `STREAMS` streams with `headers`, their body never ended; what became of them after `waitMs`. */
+  async function hold(headers: http2.OutgoingHttpHeaders, waitMs: number) {
+    // The streams of the case before are closed first (their session was destroyed).
+    for (let i = 0; i < 100 && (open > 0 || ts.server.openStreamsFrom("127.0.0.1") > 0); i++)
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    const session = ts.session();
+    session.on("error", () => undefined);
+    await new Promise((resolve) => session.once("connect", resolve));
+    const streams: http2.ClientHttp2Stream[] = [];
+    const answers: http2.IncomingHttpHeaders[] = [];
+    for (let i = 0; i < STREAMS; i++) {
+      const stream = session.request({ ...headers }, { endStream: false });
+      stream.on("error", () => undefined);
+      stream.on("response", (h) => answers.push(h));
+      stream.resume();
+      streams.push(stream);
+    }
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
+    const result = {
+      answers,
+      open: streams.filter((s) => !s.closed && !s.destroyed).length,
+      serverOpen: open,
+      openFromIp: ts.server.openStreamsFrom("127.0.0.1"),
+    };
+    session.destroy();
+    return result;
+  }
+
+  const watch = (type: string) => ({
+    ":method": "POST",
+    ":path": "/grpc.health.v1.Health/Watch",
+    "content-type": type,
+    te: "trailers",
+  });
+  it.each([
+    ["gRPC", watch("application/grpc")],
+    ["gRPC-Web", watch("application/grpc-web+proto")],
+    ["Connect", watch("application/connect+json")],
+  ])(
+    "resets the %s streaming calls refused past server.maxStreamsPerIp once answered",
+    async (_name, headers) => {
+      const { answers, open, serverOpen, openFromIp } = await hold(headers, 1500);
+      // gRPC's refusals are trailers-only (grpc-status in the headers); the others' status is in their body.
+      if (headers["content-type"] === "application/grpc")
+        expect(answers.filter((h) => h["grpc-status"] === "8").length).toBe(STREAMS - MAX_STREAMS);
+      else expect(answers.length).toBeGreaterThanOrEqual(STREAMS - MAX_STREAMS);
+      // Only the calls within the limit, waiting for their request, are still open.
+      expect(open).toBe(MAX_STREAMS);
+      expect(serverOpen).toBe(MAX_STREAMS);
+      expect(openFromIp).toBe(MAX_STREAMS);
+    },
+  );
+
+  it.each([
+    [
+      "a CORS preflight",
+      { ":method": "OPTIONS", ":path": "/tessera.v1.UserService/Login", origin: ORIGIN },
+      204,
+    ],
+    ["a GET of /health", { ":method": "GET", ":path": "/health" }, 200],
+    ["a HEAD of /health", { ":method": "HEAD", ":path": "/health" }, 200],
+    ["a GET of the JWKS", { ":method": "GET", ":path": "/.well-known/jwks.json" }, 200],
+  ])("resets the stream of %s sent with a body once answered", async (_name, headers, status) => {
+    const { answers, open, serverOpen } = await hold(headers, 1500);
+    expect(answers.filter((h) => Number(h[":status"]) === status).length).toBe(STREAMS);
+    expect(open).toBe(0);
+    expect(serverOpen).toBe(0);
+  });
+});

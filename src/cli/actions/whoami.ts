@@ -78,6 +78,8 @@ export function getCurrentUser(connection: Connection, token: string): Promise<C
       if (settled) return;
       settled = true;
       clearTimeout(timer);
+      // Possibly in the turn its stream was reset: Node 20's client spins when a session is
+      // destroyed then with another stream open, and this session only ever has the one.
       session.destroy();
       Promise.resolve().then(outcome).then(resolve, reject);
     };

@@ -10,6 +10,8 @@ export interface AuthReports {
   verifyFault(err: unknown): void;
   /** A fault of the check itself (not a refusal): the call is refused with 503. */
   unexpected(err: unknown): void;
+  /** A failure outside the check (a bug, of the SDK or of what it was given): the call is answered INTERNAL. */
+  bug(err: unknown): void;
   /** A JWKS fetch's outcome: its error, or nothing when it succeeded. */
   jwksFetched(err?: unknown): void;
   flush(): void;
@@ -33,6 +35,14 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
     (fields) => logger.error(fields, "the credential check failed unexpectedly: calls refused with 503"),
     now,
   );
+  const bugs = new AggregatedLog(
+    (fields) =>
+      logger.error(
+        fields,
+        "the Tessera SDK failed outside the credential check (a bug, of the SDK or of the rule, context or handler it was given): calls answered INTERNAL (500)",
+      ),
+    now,
+  );
   // Failed fetches in a row: the first is reported, the rest when one succeeds again. They
   // are bounded already (at most one attempt a second, or per jwksRefetchGapMs for a kid).
   let jwksFailures = 0;
@@ -41,6 +51,8 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
     verifyFault: (err) => faults.add(errorFields(err, true)),
     // Without its message: a fault while parsing may quote what it parsed.
     unexpected: (err) => unexpected.add(errorFields(err, false)),
+    // Where it failed (the stack's first frame), not what it said: a bug's message may quote its input.
+    bug: (err) => bugs.add({ ...errorFields(err, false), at: frameOf(err) }),
     jwksFetched(err) {
       if (err === undefined) {
         if (jwksFailures > 0) logger.info?.({ failures: jwksFailures }, "Tessera's JWKS fetched again");
@@ -58,6 +70,22 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
       refused.flush();
       faults.flush();
       unexpected.flush();
+      bugs.flush();
     },
   };
+}
+
+/**
+ * The first frame of `err`'s stack ("at fn (file:line:col)"): code locations, never data. Read
+ * past the stack's head, which repeats the message (whose lines might look like frames).
+ */
+function frameOf(err: unknown): string | undefined {
+  if (!(err instanceof Error) || typeof err.stack !== "string") return undefined;
+  const head = err.message === "" ? err.name : `${err.name}: ${err.message}`;
+  if (!err.stack.startsWith(head)) return undefined;
+  return err.stack
+    .slice(head.length)
+    .split("\n")
+    .find((line) => line.trimStart().startsWith("at "))
+    ?.trim();
 }

@@ -20,7 +20,8 @@ export type TesseraAuthReason =
   | "ACCESS_DENIED"
   | "PRINCIPAL_NOT_ALLOWED"
   | "RATE_LIMITED"
-  | "UNAVAILABLE";
+  | "UNAVAILABLE"
+  | "INTERNAL";
 
 const CODES: Readonly<Record<TesseraAuthReason, Code>> = {
   AUTH_REQUIRED: Code.Unauthenticated,
@@ -35,6 +36,7 @@ const CODES: Readonly<Record<TesseraAuthReason, Code>> = {
   PRINCIPAL_NOT_ALLOWED: Code.PermissionDenied,
   RATE_LIMITED: Code.ResourceExhausted,
   UNAVAILABLE: Code.Unavailable,
+  INTERNAL: Code.Internal,
 };
 
 const STATUS: Partial<Record<Code, number>> = {
@@ -42,6 +44,7 @@ const STATUS: Partial<Record<Code, number>> = {
   [Code.PermissionDenied]: 403,
   [Code.ResourceExhausted]: 429,
   [Code.Unavailable]: 503,
+  [Code.Internal]: 500,
 };
 
 /**
@@ -72,7 +75,7 @@ export class TesseraAuthError extends Error {
     return CODES[this.reason];
   }
 
-  /** The HTTP status of the reason (401, 403, 429, 503). */
+  /** The HTTP status of the reason (401, 403, 429, 503; 500 for INTERNAL). */
   get status(): number {
     return STATUS[this.code] ?? 500;
   }
@@ -121,4 +124,18 @@ export function toAuthError(err: unknown): TesseraAuthError {
         retryAfterSeconds: 1,
         cause: err,
       });
+}
+
+/**
+ * The refusal of a call that failed with `err`: a {@link TesseraAuthError} as it is (the
+ * core makes Tessera's faults, and its own inside `authenticate`, UNAVAILABLE ones, and
+ * reports them); anything else failed outside the credential check — a bug of the SDK or of
+ * what it was given (a rule of the wrong shape, a context that throws, the handler chain the
+ * middleware runs) — and is reported to `report` and answered INTERNAL: a 503 would tell the
+ * client to retry what will fail again, and hide a bug as an outage.
+ */
+export function refusalOf(err: unknown, report: (err: unknown) => void): TesseraAuthError {
+  if (err instanceof TesseraAuthError) return err;
+  report(err);
+  return new TesseraAuthError("INTERNAL", "internal error", { cause: err });
 }

@@ -1,11 +1,12 @@
 import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
 import type { Interceptor, StreamRequest, StreamResponse } from "@connectrpc/connect";
 import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
-import { TesseraAuthError, toConnectError } from "./errors.js";
+import { refusalOf, TesseraAuthError, toConnectError } from "./errors.js";
 import {
   clientAddressKey,
   clientCertificateEndKey,
   clientCertificateKey,
+  type TesseraPrincipal,
   tesseraPrincipalKey,
 } from "./principal.js";
 import type { StreamHold } from "./stream-holds.js";
@@ -141,55 +142,71 @@ export function createTesseraAuthInterceptor(
   options: TesseraAuthOptions | TesseraAuth,
 ): TesseraAuthInterceptor {
   const auth = "authenticate" in options ? options : createTesseraAuth(options);
+  // A TesseraAuthError as it is; anything else failed outside the credential check: reported
+  // (aggregated) and answered Internal, never the retryable Unavailable of Tessera's faults.
+  const refused = (err: unknown) => toConnectError(refusalOf(err, (e) => auth.reportBug(e)));
   const interceptor: Interceptor = (next) => (req) => {
-    const rule = ruleOf(req.method);
-    if (rule?.public) return next(req);
-    if (rule === null)
-      return Promise.reject(toConnectError(new TesseraAuthError("ACCESS_DENIED", "method has no auth rule")));
-    const authorization = req.header.get("authorization") ?? undefined;
-    const thumbprint = req.contextValues.get(clientCertificateKey);
+    let rule: DownstreamRule | null;
+    let authorization: string | undefined;
+    let thumbprint: string | undefined;
+    let known: TesseraPrincipal | undefined;
+    // Everything of ours before the call runs: what throws here is answered by us, not left
+    // to Connect (which answers an unknown error with its message).
+    try {
+      rule = ruleOf(req.method);
+      if (rule === null) throw new TesseraAuthError("ACCESS_DENIED", "method has no auth rule");
+      if (!rule.public) {
+        authorization = req.header.get("authorization") ?? undefined;
+        thumbprint = req.contextValues.get(clientCertificateKey);
+        // A header admitted before is answered synchronously: no promise of ours on the way.
+        if (!req.stream) known = auth.admitted(authorization, thumbprint);
+        if (known !== undefined) {
+          auth.authorize(known, rule);
+          req.contextValues.set(tesseraPrincipalKey, known);
+        }
+      }
+    } catch (err) {
+      return Promise.reject(refused(err));
+    }
+    // The call's own failures (the handler's, the next interceptors') are the service's: as they are.
+    if (rule.public || known !== undefined) return next(req);
+    const admitted = rule;
     // A stream is not only admitted but held: it ends when its admission no longer holds.
     if (req.stream)
       return auth
         .holdStream(
           authorization,
           thumbprint,
-          rule,
+          admitted,
           req.contextValues.get(clientAddressKey),
           req.contextValues.get(clientCertificateEndKey),
         )
         .then(
           (hold) => {
-            req.contextValues.set(tesseraPrincipalKey, hold.principal);
+            try {
+              req.contextValues.set(tesseraPrincipalKey, hold.principal);
+            } catch (err) {
+              hold.release();
+              throw refused(err);
+            }
             return held(next as (req: StreamRequest) => Promise<StreamResponse>, req, hold);
           },
           (err: unknown) => {
-            throw toConnectError(err);
+            throw refused(err);
           },
         );
-    // A header admitted before is answered synchronously: no promise of ours on the way.
-    const known = auth.admitted(authorization, thumbprint);
-    if (known !== undefined) {
-      try {
-        auth.authorize(known, rule);
-      } catch (err) {
-        return Promise.reject(toConnectError(err));
-      }
-      req.contextValues.set(tesseraPrincipalKey, known);
-      return next(req);
-    }
     return auth.authenticate(authorization, thumbprint, req.contextValues.get(clientAddressKey)).then(
       (principal) => {
         try {
-          auth.authorize(principal, rule);
+          auth.authorize(principal, admitted);
+          req.contextValues.set(tesseraPrincipalKey, principal);
         } catch (err) {
-          throw toConnectError(err);
+          throw refused(err);
         }
-        req.contextValues.set(tesseraPrincipalKey, principal);
         return next(req);
       },
       (err: unknown) => {
-        throw toConnectError(err);
+        throw refused(err);
       },
     );
   };

@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
-import { TesseraAuthError, toAuthError } from "./errors.js";
+import { refusalOf, TesseraAuthError } from "./errors.js";
 import {
   clientCertificateThumbprint,
   connectionOf,
@@ -61,7 +61,9 @@ function refuse(res: TesseraMiddlewareResponse, err: TesseraAuthError): void {
           ? "Forbidden"
           : err.status === 429
             ? "Too Many Requests"
-            : "Service Unavailable",
+            : err.status === 500
+              ? "Internal Server Error"
+              : "Service Unavailable",
     reason: err.reason,
     message: err.message,
   });
@@ -90,6 +92,9 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
   options: TesseraMiddlewareOptions<Req>,
 ): TesseraAuthMiddleware<Req> {
   const core = "authenticate" in auth ? auth : createTesseraAuth(auth);
+  // A TesseraAuthError as it is; anything else failed outside the credential check: reported
+  // (aggregated) and answered 500, never the retryable 503 of Tessera's faults.
+  const refused = (err: unknown) => refusalOf(err, (e) => core.reportBug(e));
   const middleware = (req: Req, res: TesseraMiddlewareResponse, next: (err?: unknown) => void): void => {
     let rule: DownstreamRule | undefined | null;
     try {
@@ -108,23 +113,26 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
       return;
     }
     const header = req.headers.authorization;
-    const thumbprint = clientCertificateThumbprint(
-      connectionOf(req as { socket?: unknown; stream?: { session?: { socket?: unknown } } }),
-    );
     const admit = (principal: TesseraPrincipal) => {
       core.authorize(principal, rule);
       principals.set(req, principal);
       (req as Req & { tesseraPrincipal?: TesseraPrincipal }).tesseraPrincipal = principal;
     };
-    // A header admitted before is answered synchronously, without a promise.
-    const known = core.admitted(header, thumbprint);
+    let thumbprint: string | undefined;
+    let known: TesseraPrincipal | undefined;
+    try {
+      thumbprint = clientCertificateThumbprint(
+        connectionOf(req as { socket?: unknown; stream?: { session?: { socket?: unknown } } }),
+      );
+      // A header admitted before is answered synchronously, without a promise.
+      known = core.admitted(header, thumbprint);
+      if (known !== undefined) admit(known);
+    } catch (err) {
+      refuse(res, refused(err));
+      return;
+    }
+    // Outside the try: what the chain throws goes to whoever called the middleware, as without it.
     if (known !== undefined) {
-      try {
-        admit(known);
-      } catch (err) {
-        refuse(res, toAuthError(err));
-        return;
-      }
       next();
       return;
     }
@@ -135,13 +143,25 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
       next(err);
       return;
     }
-    core
-      .authenticate(header, thumbprint, address)
-      .then((principal) => {
-        admit(principal);
-        next();
-      })
-      .catch((err: unknown) => refuse(res, toAuthError(err)));
+    core.authenticate(header, thumbprint, address).then(
+      (principal) => {
+        try {
+          admit(principal);
+        } catch (err) {
+          refuse(res, refused(err));
+          return;
+        }
+        try {
+          next();
+        } catch (err) {
+          // Called from our promise, nothing above it catches what the chain throws (a
+          // framework catches its handlers' errors; node:http's `next`, the handler itself,
+          // does not): a failure of the application's, answered 500 and reported, not 503.
+          refuse(res, refused(err));
+        }
+      },
+      (err: unknown) => refuse(res, refused(err)),
+    );
   };
   return Object.assign(middleware, { auth: core });
 }

@@ -1,6 +1,6 @@
 // The admissions of streaming calls kept alive: a stream admitted once must not outlive
 // its credential, session, subject or tenant, nor the revocation stream that vouched for it.
-import { TesseraAuthError, toAuthError } from "./errors.js";
+import { refusalOf, TesseraAuthError } from "./errors.js";
 import type { TesseraPrincipal } from "./principal.js";
 import { authorize, type DownstreamRule } from "./verdicts.js";
 import { names, type RevocationTarget } from "./verified-cache.js";
@@ -29,6 +29,8 @@ export interface StreamHoldsOptions {
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
   now(): number;
+  /** The refusal a stream ends with when a check fails with `err`, reporting a bug (default: `refusalOf`, unreported). */
+  refusalOf?(err: unknown): TesseraAuthError;
   /** Streams held at once (default 10,000); one more is refused (RATE_LIMITED), never admitted unwatched. */
   max?: number;
   /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
@@ -54,6 +56,8 @@ interface Held {
   timer: NodeJS.Timeout | undefined;
 }
 
+function ignore(): void {}
+
 /** setTimeout's longest delay; a later deadline is reached in several waits. */
 const MAX_DELAY_MS = 2 ** 31 - 1;
 
@@ -70,9 +74,11 @@ export class StreamHolds {
   readonly #o: StreamHoldsOptions;
   readonly #max: number;
   readonly #recheckMs: number;
+  readonly #refusalOf: (err: unknown) => TesseraAuthError;
 
   constructor(options: StreamHoldsOptions) {
     this.#o = options;
+    this.#refusalOf = options.refusalOf ?? ((err) => refusalOf(err, ignore));
     this.#max = options.max ?? 10_000;
     this.#recheckMs = options.recheckMs ?? 5000;
   }
@@ -159,7 +165,7 @@ export class StreamHolds {
 
   #poke(held: Held): void {
     if (held.checking) held.again = true;
-    else this.#check(held).catch((err: unknown) => this.#end(held, toAuthError(err)));
+    else this.#check(held).catch((err: unknown) => this.#end(held, this.#refusalOf(err)));
   }
 
   /**

@@ -9,7 +9,7 @@ import { defaultLogger } from "../logger.js";
 import { loadClientTls } from "../tls.js";
 import { AdmissionMemo } from "./admission-memo.js";
 import { createAuthReports } from "./auth-reports.js";
-import { TesseraAuthError } from "./errors.js";
+import { refusalOf, TesseraAuthError } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
 import { offlineVerdict, verifiesOnline, vouchedSession } from "./jwt-paths.js";
 import {
@@ -52,6 +52,12 @@ export interface TesseraAuth {
   admitted(authorization: string | undefined, certificateThumbprint?: string): TesseraPrincipal | undefined;
   /** @throws TesseraAuthError ACCESS_DENIED or PRINCIPAL_NOT_ALLOWED */
   authorize(principal: TesseraPrincipal, rule: DownstreamRule): void;
+  /**
+   * Report a failure outside {@link authenticate} (a bug, of the SDK or of what it was given:
+   * see `refusalOf`) to the logger, aggregated, its message left out. The interceptor and the
+   * middleware answer such a call INTERNAL.
+   */
+  reportBug(err: unknown): void;
   /**
    * Admit a streaming call (authenticate, authorize) and keep its admission alive while it
    * runs: the hold's signal is aborted with the refusal a new call would get (see
@@ -164,6 +170,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       core.authenticate(authorization, thumbprint, address),
     watching: () => watch?.healthy() ?? false,
     now,
+    refusalOf: (err) => refusalOf(err, reports.bug),
   });
 
   const watch =
@@ -300,8 +307,11 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       try {
         fresh = await admit(authorization, clientAddress);
       } catch (err) {
-        if (!(err instanceof TesseraAuthError)) reports.unexpected(err);
-        throw err;
+        if (err instanceof TesseraAuthError) throw err;
+        // A fault of the check (503, reported): made a TesseraAuthError so that what calls
+        // this tells it from a failure of its own (a bug: INTERNAL, see refusalOf).
+        reports.unexpected(err);
+        throw unavailable("authentication is unavailable", err);
       }
       const principal = fresh.principal;
       if (fresh.until > 0)
@@ -321,6 +331,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       return principal;
     },
     authorize,
+    reportBug: reports.bug,
     holdStream: (...args) => streams.hold(...args),
     watching: () => watch?.healthy() ?? false,
     ready: (timeoutMs) => watch?.ready(timeoutMs) ?? Promise.resolve(false),
