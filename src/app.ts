@@ -115,10 +115,7 @@ export interface CreateAppOptions {
   accessLog?: AccessLog;
 }
 
-/**
- * Build the application: storage (migrated), admin bootstrap, keys, verifiers,
- * interceptors and services. The HTTP/TLS layer lives in server.ts.
- */
+/** The application: storage (migrated), admin bootstrap, keys, verifiers, interceptors, services (not HTTP/TLS: server.ts). */
 export async function createApp(config: Config, options: CreateAppOptions = {}): Promise<App> {
   const logger = options.logger ?? createLogger(config.log.level);
   const clock = options.clock ?? systemClock;
@@ -384,11 +381,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         await sessionPruner.close();
         metrics?.close();
         shedding.flush();
-        await Promise.all([lastUsed.close(), audit.close()]);
-        sql.flushReports?.();
-        await limits?.close();
-        await notifier?.close();
-        await storage.close();
+        // The SQLite gates report last (a read refused while the pool shut down too), and even if a close failed.
+        await Promise.all([lastUsed.close(), audit.close()])
+          .then(() => limits?.close())
+          .then(() => notifier?.close())
+          .then(() => storage.close())
+          .finally(() => sql.flushReports?.());
       },
     };
   } catch (err) {
