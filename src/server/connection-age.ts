@@ -66,13 +66,13 @@ export function ageConnections(
         session.close();
         const cut = setTimeout(() => {
           if (!session.destroyed) session.destroy();
-        }, graceMs);
+        }, graceMs).unref();
         session.once("close", () => clearTimeout(cut));
       };
       // Two PING round trips: a client answers a PING ahead of the requests it queued before
       // reading it, so the second answer comes after every request sent before the first GOAWAY.
       // A client that does not answer in time has had that long to see the first GOAWAY.
-      const unanswered = setTimeout(finish, PING_WAIT_MS);
+      const unanswered = setTimeout(finish, PING_WAIT_MS).unref();
       if (!session.ping(() => session.destroyed || session.ping(finish) || finish())) finish();
     }, jitteredAge(ageMs));
     // Unref'd: an aged connection never holds the process (shutdown has its own grace).
