@@ -196,6 +196,23 @@ describe("configuration", () => {
     expect(() => loadConfig({ env: { TESSERA_ADMIN_TOKEN: "short" } })).toThrow(/TESSERA_ADMIN_TOKEN/);
   });
 
+  it("refuses durations past setTimeout's longest delay, which Node would fire after 1 ms", () => {
+    // 30 days: every connection recycled, closed as idle or cancelled at once instead of never.
+    for (const name of [
+      "TESSERA_IDLE_TIMEOUT_SECONDS",
+      "TESSERA_REQUEST_TIMEOUT_SECONDS",
+      "TESSERA_MAX_STREAM_SECONDS",
+      "TESSERA_MAX_CONNECTION_AGE_SECONDS",
+      "TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS",
+    ]) {
+      expect(() => loadConfig({ env: { [name]: "2592000" } }), name).toThrow(new RegExp(name));
+      expect(loadConfig({ env: { [name]: "2147482" } }), name).toBeDefined();
+    }
+    expect(() => loadConfig({ env: { TESSERA_HASH_DEADLINE_MS: "2592000000" } })).toThrow(
+      /TESSERA_HASH_DEADLINE_MS/,
+    );
+  });
+
   it("refuses token prefixes that would take another kind's tokens", () => {
     // POST /oauth2/revoke read such PATs as refresh tokens and revoked nothing.
     expect(() => loadConfig({ env: { TESSERA_PAT_PREFIX: "tsr_rt_" } })).toThrow(/refresh tokens' prefix/);

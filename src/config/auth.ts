@@ -250,11 +250,17 @@ export const authSchema = z
       description:
         "Linux: the PBKDF2 threads also put themselves in the SCHED_IDLE scheduling class (through util-linux's chrt), so hashing runs only on CPU nothing else wants: under a wrong-password flood authenticated calls keep their CPU. Where it cannot be set, hashNice alone applies.",
     }),
-    hashDeadlineMs: z.number().int().min(0).default(900).register(configKeys, {
-      env: "TESSERA_HASH_DEADLINE_MS",
-      description:
-        "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
-    }),
+    hashDeadlineMs: z
+      .number()
+      .int()
+      .min(0)
+      .max(2 ** 31 - 1)
+      .default(900)
+      .register(configKeys, {
+        env: "TESSERA_HASH_DEADLINE_MS",
+        description:
+          "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
+      }),
     masterKey: z
       .string()
       .regex(

@@ -4,6 +4,10 @@ import { z } from "zod";
 import { parseCidr } from "./addresses.js";
 import { configKeys } from "./key-docs.js";
 
+// setTimeout's longest delay (2^31 − 1 ms), in whole seconds: Node fires a longer one after
+// 1 ms, so a duration past it would close every connection or stream at once, not never.
+const TIMER_MAX_SECONDS = 2_147_483;
+
 /** `server.*`: the listener, its TLS and the per-connection and per-call bounds. */
 export const serverSchema = z
   .object({
@@ -102,24 +106,30 @@ export const serverSchema = z
         description:
           "Largest request body accepted, all messages and envelopes counted (every protocol); a larger one is refused with ResourceExhausted and its stream reset.",
       }),
-    idleTimeoutSeconds: z.number().int().min(0).default(60).register(configKeys, {
+    idleTimeoutSeconds: z.number().int().min(0).max(TIMER_MAX_SECONDS).default(60).register(configKeys, {
       env: "TESSERA_IDLE_TIMEOUT_SECONDS",
       description:
         "A connection with no traffic for this long is closed (HTTP/2: GOAWAY first; a call whose client stalls mid-request is cancelled); also the TLS handshake timeout. 0 keeps idle connections.",
     }),
     // Off by default, as in grpc-go and grpc-js: a recycled connection costs its client a TLS
     // handshake and cuts streams older than the grace; behind an L4 load balancer, set it.
-    maxConnectionAgeSeconds: z.number().int().min(0).default(0).register(configKeys, {
+    maxConnectionAgeSeconds: z.number().int().min(0).max(TIMER_MAX_SECONDS).default(0).register(configKeys, {
       env: "TESSERA_MAX_CONNECTION_AGE_SECONDS",
       description:
         "Recycle a connection once it is this old (± 10 %, so connections opened together do not all reconnect together), as gRPC's MaxConnectionAge: behind an L4 load balancer, long-lived connections otherwise pin clients to the instance they first reached, and a new or restarted instance gets none of them. HTTP/2: GOAWAY (calls in flight finish, clients open a new connection for the next ones); HTTP/1.1: closed when idle, else after its response (Connection: close). Counted in tessera_connections_recycled_total. Behind an L4 load balancer, a few minutes to an hour (e.g. 1800). 0: connections live as long as they are used.",
     }),
     // A minute: unary calls finish long before it; streaming calls are cut after it anyway.
-    maxConnectionAgeGraceSeconds: z.number().int().min(0).default(60).register(configKeys, {
-      env: "TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS",
-      description:
-        "After server.maxConnectionAgeSeconds sent its GOAWAY: seconds the calls still open on the connection get to finish; then it is closed and what is left is cancelled (streaming calls, e.g. Health/Watch and WatchRevocations, whose clients reconnect and resume).",
-    }),
+    maxConnectionAgeGraceSeconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(TIMER_MAX_SECONDS)
+      .default(60)
+      .register(configKeys, {
+        env: "TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        description:
+          "After server.maxConnectionAgeSeconds sent its GOAWAY: seconds the calls still open on the connection get to finish; then it is closed and what is left is cancelled (streaming calls, e.g. Health/Watch and WatchRevocations, whose clients reconnect and resume).",
+      }),
     maxConnections: z.number().int().min(0).default(10_000).register(configKeys, {
       env: "TESSERA_MAX_CONNECTIONS",
       description:
@@ -142,16 +152,22 @@ export const serverSchema = z
       description:
         "HTTP/2 streams (calls of every kind, held or not) open at once per peer address (an IPv6 peer's whole /64; the proxy's, behind one), over all its connections: server.maxConcurrentStreams bounds them per connection only. More are refused with RST_STREAM REFUSED_STREAM before any of their call runs, which clients may retry at once (gRPC clients do, once), counted in tessera_streams_refused_total. The default is 64 connections of 256 streams each, far more than the clients behind one NAT hold. 0: no limit.",
     }),
-    requestTimeoutSeconds: z.number().int().min(0).default(10).register(configKeys, {
+    requestTimeoutSeconds: z.number().int().min(0).max(TIMER_MAX_SECONDS).default(10).register(configKeys, {
       env: "TESSERA_REQUEST_TIMEOUT_SECONDS",
       description:
         "Time a client has to send a request's headers and body, however slowly it trickles them: past it the call is cancelled (HTTP/2 RST_STREAM CANCEL; HTTP/1.1: the connection is closed). Also bounds the client's half of a client or bidi stream (reflection). 0: no limit.",
     }),
-    maxStreamSeconds: z.number().int().min(0).default(3600).register(configKeys, {
-      env: "TESSERA_MAX_STREAM_SECONDS",
-      description:
-        "Longest life of a streaming call (e.g. grpc.health.v1.Health/Watch): Watch then ends with OK, and any other stream still open is cancelled; clients reconnect. 0: no limit.",
-    }),
+    maxStreamSeconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(TIMER_MAX_SECONDS - 1)
+      .default(3600)
+      .register(configKeys, {
+        env: "TESSERA_MAX_STREAM_SECONDS",
+        description:
+          "Longest life of a streaming call (e.g. grpc.health.v1.Health/Watch): Watch then ends with OK, and any other stream still open is cancelled; clients reconnect. 0: no limit.",
+      }),
     maxStreamsPerIp: z.number().int().min(0).default(64).register(configKeys, {
       env: "TESSERA_MAX_STREAMS_PER_IP",
       description:
