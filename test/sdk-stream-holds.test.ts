@@ -182,7 +182,11 @@ describe("the SDK's held streams", () => {
     expect(h.signal.aborted).toBe(false);
     await expect.poll(() => h.signal.aborted, { timeout: 10_000 }).toBe(true);
     expect(h.signal.reason).toMatchObject({ reason: "TOKEN_NOT_BOUND" });
-    expect(seen).toEqual(["x5t", undefined]);
+    // Verified with the certificate until its end, then once without it. A timer may fire a
+    // millisecond before Date.now() reaches the end (a loaded CI run did): one more check with it.
+    expect(seen.at(-1)).toBeUndefined();
+    expect(seen.slice(0, -1).length).toBeGreaterThanOrEqual(1);
+    expect(seen.slice(0, -1).every((t) => t === "x5t")).toBe(true);
     expect(holds.size).toBe(0);
   });
 });
