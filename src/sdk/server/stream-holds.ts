@@ -194,14 +194,16 @@ export class StreamHolds {
       held.vouched ? MAX_DELAY_MS : this.#recheckMs,
       MAX_DELAY_MS,
     );
+    // A re-check (or a step towards a deadline past setTimeout's range) checks again when it fires.
+    const deadline = delay === Math.min(expires - now, certificateEnd + 1 - now);
     held.timer = setTimeout(() => {
       held.timer = undefined;
       const at = this.#o.now();
       if (at >= expires) this.#end(held, expired(held.principal!));
-      else {
-        this.#certificateEnded(held, at);
-        this.#poke(held);
-      }
+      else if (this.#certificateEnded(held, at) || !deadline) this.#poke(held);
+      // A timer can fire a millisecond before Date.now() reaches its deadline: wait the rest
+      // rather than verify again with the certificate it is about to drop.
+      else this.#arm(held);
     }, delay);
     held.timer.unref();
   }

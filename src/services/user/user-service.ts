@@ -32,7 +32,7 @@ import {
 } from "../common.js";
 import { listRequest } from "../pagination.js";
 import { createCurrentUserAnswer } from "./current-user.js";
-import type { SessionIssuer } from "./sessions.js";
+import type { SessionIssuer, TokenPair } from "./sessions.js";
 
 /** Dependencies of the UserService implementation. */
 export interface UserServiceDeps {
@@ -170,14 +170,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         return (await em(ctx).nativeUpdate(User, { id, passwordHash: from }, { passwordHash: to })) > 0;
       });
       noStore(ctx);
-      return {
-        accessToken: pair.accessToken,
-        accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
-        refreshToken: pair.refreshToken,
-        refreshTokenExpiresAt: timestampFromDate(pair.refreshTokenExpiresAt),
-        user: userToProto(user),
-        tokenType: "Bearer",
-      };
+      return { ...sessionAnswer(pair), user: userToProto(user) };
     },
 
     async refreshToken(req, ctx) {
@@ -187,13 +180,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         resolved: (user) => auditTarget(state, { id: user.id, tenantId: user.tenantId }),
       });
       noStore(ctx);
-      return {
-        accessToken: pair.accessToken,
-        accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
-        refreshToken: pair.refreshToken,
-        refreshTokenExpiresAt: timestampFromDate(pair.refreshTokenExpiresAt),
-        tokenType: "Bearer",
-      };
+      return sessionAnswer(pair);
     },
 
     async logout(req, ctx) {
@@ -360,5 +347,16 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
         throw principalChanged();
       return {};
     },
+  };
+}
+
+/** A session's tokens, as Login and RefreshToken answer them. */
+function sessionAnswer(pair: TokenPair) {
+  return {
+    accessToken: pair.accessToken,
+    accessTokenExpiresAt: timestampFromDate(pair.accessTokenExpiresAt),
+    refreshToken: pair.refreshToken,
+    refreshTokenExpiresAt: timestampFromDate(pair.refreshTokenExpiresAt),
+    tokenType: "Bearer",
   };
 }
