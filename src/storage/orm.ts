@@ -10,6 +10,7 @@ import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
 import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
+import { ImmediateBetterSqliteDialect } from "./sqlite-begin.js";
 import { checkpointOffLoop, type SqliteCheckpointer } from "./sqlite-checkpointer.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
@@ -257,7 +258,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       ...common,
       driver: BetterSqliteDriver,
       dbName: target.location,
-      driverOptions: { log: knexLog(options.log) },
+      // Write transactions take the write lock at BEGIN (see sqlite-begin.ts).
+      driverOptions: { client: ImmediateBetterSqliteDialect, log: knexLog(options.log) },
     } as Options<BetterSqliteDriver>);
     if (target.location !== ":memory:") {
       // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
