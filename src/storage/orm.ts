@@ -1,6 +1,3 @@
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
-import { homedir } from "node:os";
-import { dirname, parse, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { BetterSqliteDriver, MikroORM as BetterSqliteORM } from "@mikro-orm/better-sqlite";
 import type { MikroORM, Options } from "@mikro-orm/core";
@@ -12,6 +9,7 @@ import { MIGRATIONS } from "./migrations/index.js";
 import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
 import { ImmediateBetterSqliteDialect } from "./sqlite-begin.js";
 import { checkpointOffLoop, type SqliteCheckpointer } from "./sqlite-checkpointer.js";
+import { prepareSqliteFiles, tighten } from "./sqlite-files.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
@@ -163,36 +161,6 @@ export function isSchemaDroppedMeanwhile(err: unknown): boolean {
     if (code === "3F000" || code === "42P01") return true;
   }
   return false;
-}
-
-/**
- * The database holds password hashes and sealed signing keys: its folder is made 0700
- * and its file 0600 before SQLite opens it (an existing file, and a folder of its own
- * that is not the working directory, are tightened), so nobody else can read it or a
- * copy SQLite writes beside it.
- */
-function prepareSqliteFiles(location: string): void {
-  const dir = dirname(resolve(location));
-  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
-  else if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir))
-    chmodSync(dir, 0o700);
-  // Created empty with its final mode: SQLite takes an empty file as a new database.
-  closeSync(openSync(location, "a", 0o600));
-  tighten(location, 0o600);
-}
-
-/** A folder this process owns and that is not shared (sticky, like /tmp). */
-function ownFolder(dir: string): boolean {
-  const st = statSync(dir);
-  return (process.getuid === undefined || st.uid === process.getuid()) && (st.mode & 0o1000) === 0;
-}
-
-function tighten(path: string, mode: number): void {
-  try {
-    if ((statSync(path).mode & 0o777) !== mode) chmodSync(path, mode);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-  }
 }
 
 /** A database that cannot be reached, said so in one line (the driver's own words after it). */
