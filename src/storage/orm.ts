@@ -53,6 +53,12 @@ export interface Storage {
   /** The root EntityManager; fork it per request (never use it directly in handlers). */
   em: EntityManager;
   target: DatabaseTarget;
+  /**
+   * Longest wait for a pooled connection, in ms (`database.connectTimeoutMs`): knex's acquire
+   * bound on PostgreSQL; on SQLite, the whole wait of raw SQL for the one connection that
+   * other requests' transactions hold (see SqlitePoolQueue).
+   */
+  connectionWaitMs: number;
   /** Run pending migrations (under the start-up lock); returns the names applied. */
   migrate(): Promise<string[]>;
   /**
@@ -84,7 +90,8 @@ export interface InitOrmOptions {
   migrate?: boolean;
   /**
    * PostgreSQL: bounds on connecting and on each statement (default 5,000 ms each, as the
-   * `database.*TimeoutMs` config keys; see pg-bounds.ts).
+   * `database.*TimeoutMs` config keys; see pg-bounds.ts). SQLite: `connectTimeoutMs` only
+   * ({@link Storage.connectionWaitMs}).
    */
   bounds?: Partial<PgBounds>;
   /** How migrations wait for locks and retry (defaults: {@link MIGRATION_LOCK_DEFAULTS}; tests shorten them). */
@@ -140,6 +147,7 @@ export function isLockContention(err: unknown): boolean {
  * Retry-After (storage/errors.ts). Short because better-sqlite3 waits on the event loop's
  * thread: nothing else is served meanwhile (5 s froze every request for 5 s per write under
  * a lock held that long). Longer than a healthy peer's write lock (a short transaction).
+ * An ORM write transaction waits at its BEGIN, before it reads (see sqlite-begin.ts).
  */
 export const SQLITE_BUSY_TIMEOUT_MS = 100;
 
@@ -215,6 +223,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     allowGlobalContext: false,
   };
   const statementTimeoutMs = options.bounds?.statementTimeoutMs ?? 5_000;
+  const connectTimeoutMs = options.bounds?.connectTimeoutMs ?? 5_000;
   let orm: MikroORM;
   /** SQLite file: the thread that checkpoints its WAL (see sqlite-checkpointer.ts). */
   let checkpointer: SqliteCheckpointer | undefined;
@@ -240,10 +249,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     }
     await orm.em.getConnection().execute(`pragma busy_timeout = ${SQLITE_BUSY_TIMEOUT_MS}`);
   } else {
-    const bounds = pgBoundOptions({
-      statementTimeoutMs,
-      connectTimeoutMs: options.bounds?.connectTimeoutMs ?? 5_000,
-    });
+    const bounds = pgBoundOptions({ statementTimeoutMs, connectTimeoutMs });
     exempt = bounds.exempt;
     orm = await PostgresORM.init({
       ...common,
@@ -331,6 +337,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     orm,
     em,
     target,
+    connectionWaitMs: connectTimeoutMs,
     withStartupLock,
     migrate() {
       return withStartupLock((held) => held.migrate());

@@ -52,7 +52,9 @@ describe("raw SQLite reads and writes queued behind transactions", () => {
   let user: Awaited<ReturnType<typeof userWithToken>>;
 
   beforeAll(async () => {
-    ts = await startTestServer(SQLITE);
+    // The whole wait's cap (database.connectTimeoutMs) far past any burst below on a loaded
+    // machine: these tests are about the bound on the holder's age (see the next describe).
+    ts = await startTestServer(SQLITE, { database: { connectTimeoutMs: 60_000 } });
     user = await userWithToken(ts);
     expect((await user.call()).code).toBe("ok");
   }, 120_000);
@@ -120,6 +122,54 @@ describe("raw SQLite reads and writes queued behind transactions", () => {
     expect(laterMs, "a call arriving behind a transaction past its bound waited").toBeLessThan(500);
     expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
   }, 30_000);
+});
+
+/**
+ * The whole wait of a raw SQLite read for the one connection is bounded as PostgreSQL's wait
+ * for a free pooled connection is, by `database.connectTimeoutMs`, however the queue moves.
+ */
+describe("a raw SQLite read's whole wait for the connection", () => {
+  const CONNECT_MS = 1_500;
+  let ts: TestServer;
+  let user: Awaited<ReturnType<typeof userWithToken>>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { database: { connectTimeoutMs: CONNECT_MS } });
+    user = await userWithToken(ts);
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("ends after database.connectTimeoutMs behind a queue of short transactions, with Unavailable and Retry-After", async () => {
+    const heldBefore = ts.app.sql.cacheStats().readsHeld ?? 0;
+    // 500 transactions of ≥ 6 ms each, queued for the one connection: ≥ 3 s of queue, none
+    // held near the 1 s bound on a transaction's age.
+    let done = 0;
+    const burst = Array.from({ length: 500 }, () =>
+      ts.app.storage.em
+        .fork()
+        .transactional(async (tx) => {
+          await tx.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+          await sleep(6);
+        })
+        .then(() => void done++),
+    );
+    while (!ts.app.sql.inTransaction?.()) await new Promise((resolve) => setImmediate(resolve));
+    const started = performance.now();
+    const during = await user.call();
+    const ms = performance.now() - started;
+    const left = burst.length - done;
+    await Promise.all(burst);
+    // Before: { code: "ok", retryAfter: null } once the whole burst had run (a fixed 10 s cap).
+    expect(during).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(ts.app.sql.cacheStats().readsHeld, "the call's read waited").toBeGreaterThan(heldBefore);
+    expect(ms, "refused once it had waited the configured bound").toBeGreaterThanOrEqual(CONNECT_MS);
+    expect(left, "refused while the queue ahead of it still moved").toBeGreaterThan(0);
+    // Served again once the queue is gone.
+    expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
+  }, 60_000);
 });
 
 /** Another process holds SQLite's write lock on the file (`BEGIN IMMEDIATE`) for `ms`. */
