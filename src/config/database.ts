@@ -1,9 +1,9 @@
 // The database keys: which database, and the bounds that turn a database that stops answering
-// into Unavailable rather than hung calls.
+// (or, on SQLite, a connection that stays taken) into Unavailable rather than hung calls.
 import { z } from "zod";
 import { configKeys } from "./key-docs.js";
 
-/** `database.*`: the URL, SQL logging, the state cache and PostgreSQL's time bounds. */
+/** `database.*`: the URL, SQL logging, the state cache and the time bounds. */
 export const databaseSchema = z
   .object({
     url: z.string().min(1).default("sqlite:./data/tessera.db").register(configKeys, {
@@ -30,7 +30,7 @@ export const databaseSchema = z
     connectTimeoutMs: z.number().int().positive().max(120_000).default(5_000).register(configKeys, {
       env: "TESSERA_DATABASE_CONNECT_TIMEOUT_MS",
       description:
-        "PostgreSQL: longest wait for a new connection (TCP and start-up) and for a free pooled connection; past it the call is answered Unavailable.",
+        "Longest wait for a database connection. PostgreSQL: for a new connection (TCP and start-up) and for a free pooled connection; past it the call is answered Unavailable. SQLite: for its one connection while other requests' transactions hold it (each 1 s at most); past it a state read is answered Unavailable, and a write outside the ORM (audit, last-used times) runs inside the open transaction.",
     }),
     barrierTimeoutMs: z.number().int().positive().max(60_000).default(1_000).register(configKeys, {
       env: "TESSERA_STATE_BARRIER_TIMEOUT_MS",

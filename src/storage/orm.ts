@@ -1,6 +1,3 @@
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
-import { homedir } from "node:os";
-import { dirname, parse, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { BetterSqliteDriver, MikroORM as BetterSqliteORM } from "@mikro-orm/better-sqlite";
 import type { MikroORM, Options } from "@mikro-orm/core";
@@ -10,7 +7,9 @@ import { PostgreSqlDriver, MikroORM as PostgresORM } from "@mikro-orm/postgresql
 import { ENTITIES } from "./entities.js";
 import { MIGRATIONS } from "./migrations/index.js";
 import { type PgBounds, pgBoundOptions } from "./pg-bounds.js";
+import { ImmediateBetterSqliteDialect } from "./sqlite-begin.js";
 import { checkpointOffLoop, type SqliteCheckpointer } from "./sqlite-checkpointer.js";
+import { prepareSqliteFiles, tighten } from "./sqlite-files.js";
 import { withFileLock, withPostgresLock } from "./startup-lock.js";
 
 /** Which database a URL selects. */
@@ -54,6 +53,12 @@ export interface Storage {
   /** The root EntityManager; fork it per request (never use it directly in handlers). */
   em: EntityManager;
   target: DatabaseTarget;
+  /**
+   * Longest wait for a pooled connection, in ms (`database.connectTimeoutMs`): knex's acquire
+   * bound on PostgreSQL; on SQLite, the whole wait of raw SQL for the one connection that
+   * other requests' transactions hold (see SqlitePoolQueue).
+   */
+  connectionWaitMs: number;
   /** Run pending migrations (under the start-up lock); returns the names applied. */
   migrate(): Promise<string[]>;
   /**
@@ -85,7 +90,8 @@ export interface InitOrmOptions {
   migrate?: boolean;
   /**
    * PostgreSQL: bounds on connecting and on each statement (default 5,000 ms each, as the
-   * `database.*TimeoutMs` config keys; see pg-bounds.ts).
+   * `database.*TimeoutMs` config keys; see pg-bounds.ts). SQLite: `connectTimeoutMs` only
+   * ({@link Storage.connectionWaitMs}).
    */
   bounds?: Partial<PgBounds>;
   /** How migrations wait for locks and retry (defaults: {@link MIGRATION_LOCK_DEFAULTS}; tests shorten them). */
@@ -141,6 +147,7 @@ export function isLockContention(err: unknown): boolean {
  * Retry-After (storage/errors.ts). Short because better-sqlite3 waits on the event loop's
  * thread: nothing else is served meanwhile (5 s froze every request for 5 s per write under
  * a lock held that long). Longer than a healthy peer's write lock (a short transaction).
+ * An ORM write transaction waits at its BEGIN, before it reads (see sqlite-begin.ts).
  */
 export const SQLITE_BUSY_TIMEOUT_MS = 100;
 
@@ -162,36 +169,6 @@ export function isSchemaDroppedMeanwhile(err: unknown): boolean {
     if (code === "3F000" || code === "42P01") return true;
   }
   return false;
-}
-
-/**
- * The database holds password hashes and sealed signing keys: its folder is made 0700
- * and its file 0600 before SQLite opens it (an existing file, and a folder of its own
- * that is not the working directory, are tightened), so nobody else can read it or a
- * copy SQLite writes beside it.
- */
-function prepareSqliteFiles(location: string): void {
-  const dir = dirname(resolve(location));
-  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
-  else if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir))
-    chmodSync(dir, 0o700);
-  // Created empty with its final mode: SQLite takes an empty file as a new database.
-  closeSync(openSync(location, "a", 0o600));
-  tighten(location, 0o600);
-}
-
-/** A folder this process owns and that is not shared (sticky, like /tmp). */
-function ownFolder(dir: string): boolean {
-  const st = statSync(dir);
-  return (process.getuid === undefined || st.uid === process.getuid()) && (st.mode & 0o1000) === 0;
-}
-
-function tighten(path: string, mode: number): void {
-  try {
-    if ((statSync(path).mode & 0o777) !== mode) chmodSync(path, mode);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-  }
 }
 
 /** A database that cannot be reached, said so in one line (the driver's own words after it). */
@@ -246,6 +223,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     allowGlobalContext: false,
   };
   const statementTimeoutMs = options.bounds?.statementTimeoutMs ?? 5_000;
+  const connectTimeoutMs = options.bounds?.connectTimeoutMs ?? 5_000;
   let orm: MikroORM;
   /** SQLite file: the thread that checkpoints its WAL (see sqlite-checkpointer.ts). */
   let checkpointer: SqliteCheckpointer | undefined;
@@ -257,7 +235,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       ...common,
       driver: BetterSqliteDriver,
       dbName: target.location,
-      driverOptions: { log: knexLog(options.log) },
+      // Write transactions take the write lock at BEGIN (see sqlite-begin.ts).
+      driverOptions: { client: ImmediateBetterSqliteDialect, log: knexLog(options.log) },
     } as Options<BetterSqliteDriver>);
     if (target.location !== ":memory:") {
       // WAL lets readers proceed during writes; NORMAL sync is durable across process crashes in WAL mode.
@@ -270,10 +249,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     }
     await orm.em.getConnection().execute(`pragma busy_timeout = ${SQLITE_BUSY_TIMEOUT_MS}`);
   } else {
-    const bounds = pgBoundOptions({
-      statementTimeoutMs,
-      connectTimeoutMs: options.bounds?.connectTimeoutMs ?? 5_000,
-    });
+    const bounds = pgBoundOptions({ statementTimeoutMs, connectTimeoutMs });
     exempt = bounds.exempt;
     orm = await PostgresORM.init({
       ...common,
@@ -361,6 +337,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
     orm,
     em,
     target,
+    connectionWaitMs: connectTimeoutMs,
     withStartupLock,
     migrate() {
       return withStartupLock((held) => held.migrate());

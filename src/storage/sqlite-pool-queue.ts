@@ -5,8 +5,6 @@ import { performance } from "node:perf_hooks";
  * reads and writes waiting for it stop waiting (see {@link SqlitePoolQueue}).
  */
 export const HOLD_BOUND_MS = 1000;
-/** The longest a raw read or write waits for the connection, however the queue ahead of it moves. */
-export const MAX_WAIT_MS = 10_000;
 
 /** The knex client of the ORM's SQLite pool (one connection): acquire and release it. */
 export interface SqlitePoolClient {
@@ -23,7 +21,10 @@ export interface SqlitePoolEvents {
 export interface SqliteWaitBounds {
   /** How long the holder may keep the connection (its transaction's age). */
   holdMs: number;
-  /** How long one wait may last in all. */
+  /**
+   * How long one wait may last in all, however the queue ahead of it moves: the storage's
+   * `database.connectTimeoutMs`, PostgreSQL's bound on waiting for a free pooled connection.
+   */
   maxWaitMs: number;
 }
 

@@ -3,7 +3,7 @@ import type { Awaitable } from "../auth/awaitable.js";
 import type { Storage } from "./orm.js";
 import { INSERT_EXEMPT, NO_CACHE, RowBuckets, STATE_TABLES, type StateCacheStats } from "./row-cache.js";
 import type { SqlRunner, SqlRunnerOptions } from "./sql.js";
-import { HOLD_BOUND_MS, MAX_WAIT_MS, type SqlitePoolEvents, SqlitePoolQueue } from "./sqlite-pool-queue.js";
+import { HOLD_BOUND_MS, type SqlitePoolEvents, SqlitePoolQueue } from "./sqlite-pool-queue.js";
 import { ownsOpenTransaction, SqliteReadGate } from "./sqlite-read-gate.js";
 import { SqliteWriteGate } from "./sqlite-write-gate.js";
 
@@ -58,7 +58,8 @@ export async function createSqliteRunner(
     prepare(sql).all(...params.map(sqliteParam)) as T[];
   const queue = new SqlitePoolQueue(client, client.pool as SqlitePoolEvents, {
     holdMs: HOLD_BOUND_MS,
-    maxWaitMs: MAX_WAIT_MS,
+    // As PostgreSQL's wait for a free pooled connection (database.connectTimeoutMs).
+    maxWaitMs: storage.connectionWaitMs,
   });
   const reads = new SqliteReadGate(queue, db, logger, now);
   const writes = new SqliteWriteGate(queue, db, logger, now);

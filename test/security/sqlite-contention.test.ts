@@ -9,6 +9,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Tenant, User } from "../../src/storage/entities.js";
+import { isOutage } from "../../src/storage/errors.js";
+import { isLockContention } from "../../src/storage/orm.js";
 import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 
@@ -50,7 +52,9 @@ describe("raw SQLite reads and writes queued behind transactions", () => {
   let user: Awaited<ReturnType<typeof userWithToken>>;
 
   beforeAll(async () => {
-    ts = await startTestServer(SQLITE);
+    // The whole wait's cap (database.connectTimeoutMs) far past any burst below on a loaded
+    // machine: these tests are about the bound on the holder's age (see the next describe).
+    ts = await startTestServer(SQLITE, { database: { connectTimeoutMs: 60_000 } });
     user = await userWithToken(ts);
     expect((await user.call()).code).toBe("ok");
   }, 120_000);
@@ -118,6 +122,54 @@ describe("raw SQLite reads and writes queued behind transactions", () => {
     expect(laterMs, "a call arriving behind a transaction past its bound waited").toBeLessThan(500);
     expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
   }, 30_000);
+});
+
+/**
+ * The whole wait of a raw SQLite read for the one connection is bounded as PostgreSQL's wait
+ * for a free pooled connection is, by `database.connectTimeoutMs`, however the queue moves.
+ */
+describe("a raw SQLite read's whole wait for the connection", () => {
+  const CONNECT_MS = 1_500;
+  let ts: TestServer;
+  let user: Awaited<ReturnType<typeof userWithToken>>;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { database: { connectTimeoutMs: CONNECT_MS } });
+    user = await userWithToken(ts);
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("ends after database.connectTimeoutMs behind a queue of short transactions, with Unavailable and Retry-After", async () => {
+    const heldBefore = ts.app.sql.cacheStats().readsHeld ?? 0;
+    // 500 transactions of ≥ 6 ms each, queued for the one connection: ≥ 3 s of queue, none
+    // held near the 1 s bound on a transaction's age.
+    let done = 0;
+    const burst = Array.from({ length: 500 }, () =>
+      ts.app.storage.em
+        .fork()
+        .transactional(async (tx) => {
+          await tx.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+          await sleep(6);
+        })
+        .then(() => void done++),
+    );
+    while (!ts.app.sql.inTransaction?.()) await new Promise((resolve) => setImmediate(resolve));
+    const started = performance.now();
+    const during = await user.call();
+    const ms = performance.now() - started;
+    const left = burst.length - done;
+    await Promise.all(burst);
+    // Before: { code: "ok", retryAfter: null } once the whole burst had run (a fixed 10 s cap).
+    expect(during).toEqual({ code: "Unavailable", retryAfter: "1" });
+    expect(ts.app.sql.cacheStats().readsHeld, "the call's read waited").toBeGreaterThan(heldBefore);
+    expect(ms, "refused once it had waited the configured bound").toBeGreaterThanOrEqual(CONNECT_MS);
+    expect(left, "refused while the queue ahead of it still moved").toBeGreaterThan(0);
+    // Served again once the queue is gone.
+    expect(await user.call()).toEqual({ code: "ok", retryAfter: null });
+  }, 60_000);
 });
 
 /** Another process holds SQLite's write lock on the file (`BEGIN IMMEDIATE`) for `ms`. */
@@ -191,5 +243,130 @@ describe("a SQLite file whose write lock another process holds", () => {
     expect(
       (await outcome(admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }))).code,
     ).toBe("ok");
+  }, 60_000);
+});
+
+/** The few members of a better-sqlite3 connection the tests below use. */
+interface SqliteConnection {
+  exec(sql: string): unknown;
+  prepare(sql: string): { run(...params: unknown[]): { changes: number } };
+  transaction<T>(fn: () => T): () => T;
+  close(): void;
+}
+
+/**
+ * Another connection to the SQLite file, in this process. No busy wait (`timeout: 0`): it
+ * runs on the test's event loop, which is the in-process server's too.
+ */
+function otherConnection(file: string): SqliteConnection {
+  const Database = createRequire(import.meta.url)("better-sqlite3") as new (
+    file: string,
+    options: { timeout: number },
+  ) => SqliteConnection;
+  return new Database(file, { timeout: 0 });
+}
+
+/**
+ * A transaction that reads and then writes (DeleteApplication: it reads the application and
+ * what it affects, then deletes it), while another connection to the file (the CLI, a second
+ * Tessera) writes in between. A deferred BEGIN takes no lock: the transaction's reads pin a
+ * snapshot, and its first write must upgrade it, which SQLite refuses at once (SQLITE_BUSY
+ * while the other holds the write lock, SQLITE_BUSY_SNAPSHOT once it has committed) without
+ * asking the busy handler, however short the other's write.
+ */
+describe("a SQLite file another connection writes to while a transaction runs", () => {
+  let ts: TestServer;
+  let file: string;
+
+  beforeAll(async () => {
+    file = join(mkdtempSync(join(tmpdir(), "tessera-immediate-")), "tessera.db");
+    ts = await startTestServer({ name: "sqlite", url: () => `sqlite:${file}` });
+  }, 120_000);
+
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  it("deletes an application although another connection writes between the delete's reads and its write", async () => {
+    const admin = clients(ts.connect(), await adminLogin(ts.connect()));
+    const { tenant } = await admin.tenants.createTenant({ name: `imm-${short()}` });
+    const { application } = await admin.tenants.createApplication({ tenantId: tenant!.id, name: "app" });
+    const other = otherConnection(file);
+    const write = other.prepare("update tenants set updated_at = updated_at + 1 where id = ?");
+    const knex = ts.app.storage.em.getConnection().getKnex();
+    const statements: string[] = [];
+    let intruder: { took: true; released: Promise<void> } | { took: false; code: string } | undefined;
+    const onQuery = (q: { sql: string; __knexTxId?: string }) => {
+      if (q.__knexTxId === undefined) return;
+      statements.push(q.sql);
+      // Told synchronously before the statement runs: just before the transaction's first
+      // write, once its reads have run, the other connection writes, and commits 20 ms later
+      // (well within the server's busy timeout).
+      if (intruder !== undefined || !/^delete from `applications`/.test(q.sql)) return;
+      try {
+        other.exec("begin immediate");
+        write.run(tenant!.id);
+        intruder = { took: true, released: sleep(20).then(() => void other.exec("commit")) };
+      } catch (err) {
+        intruder = { took: false, code: String((err as { code?: unknown }).code) };
+      }
+    };
+    knex.on("query", onQuery);
+    let deleted: Awaited<ReturnType<typeof outcome>>;
+    try {
+      deleted = await outcome(admin.tenants.deleteApplication({ id: application!.id }));
+    } finally {
+      knex.off("query", onQuery);
+      if (intruder?.took) await intruder.released;
+    }
+    // Before: { code: "Unavailable", retryAfter: "1" } (SQLITE_BUSY on the delete, at once).
+    expect(deleted).toEqual({ code: "ok", retryAfter: null });
+    expect(statements[0], "the transaction took the write lock at its start").toMatch(/^begin immediate/i);
+    // The transaction held the write lock from its BEGIN, before its reads: the other writer
+    // was the one to wait (a second process would, within its own busy timeout).
+    expect(intruder).toEqual({ took: false, code: "SQLITE_BUSY" });
+    expect((await outcome(admin.tenants.getApplication({ id: application!.id }))).code).toBe("NotFound");
+    // And the other connection writes once the transaction has committed.
+    expect(other.transaction(() => write.run(tenant!.id).changes)()).toBe(1);
+    other.close();
+  }, 60_000);
+
+  it("fails a write transaction at its BEGIN while another connection holds the write lock, and runs read-only ones", async () => {
+    const other = otherConnection(file);
+    const ran: string[] = [];
+    other.exec("begin immediate");
+    let failed: unknown;
+    try {
+      failed = await ts.app.storage.em
+        .fork()
+        .transactional(async (tx) => {
+          ran.push("write");
+          await tx.nativeUpdate(Tenant, { id: "no such tenant" }, { name: "x" });
+        })
+        .then(
+          () => undefined,
+          (err: unknown) => err,
+        );
+      // A read-only transaction is deferred: it reads beside the other's write lock (WAL).
+      ran.push(
+        `read ${await ts.app.storage.em.fork().transactional((tx) => tx.count(Tenant, {}), { readOnly: true })}`,
+      );
+    } finally {
+      other.exec("commit");
+      other.close();
+    }
+    // Before: the callback ran (a deferred BEGIN takes no lock) and its write failed.
+    expect(ran, "only the read-only transaction's callback ran").toEqual([
+      expect.stringMatching(/^read [1-9]/),
+    ]);
+    // Its own error, not knex's "Transaction query already complete": Unavailable, and a
+    // lock contention a migration tries again after.
+    expect((failed as { code?: unknown }).code).toBe("SQLITE_BUSY");
+    expect(isOutage(failed)).toBe(true);
+    expect(isLockContention(failed)).toBe(true);
+    // The connection went back to the pool: the next transaction runs.
+    await ts.app.storage.em
+      .fork()
+      .transactional((tx) => tx.nativeUpdate(Tenant, { id: "none" }, { name: "y" }));
   }, 60_000);
 });
