@@ -7,6 +7,7 @@ import { typedClient } from "./clients.js";
 import { assertTokenShape, connectionOf } from "./connection.js";
 import { toClientError } from "./error-mapping.js";
 import { defaultLogger, type TesseraLogger } from "./logger.js";
+import { retryRefusedStream } from "./refused-stream.js";
 import { type AutoRefreshOptions, Session, type TokenPair } from "./session.js";
 
 /** Options of {@link UserAPI} (and {@link UserAPICore}). */
@@ -125,7 +126,9 @@ export class UserAPICore {
     const common = {
       baseUrl,
       sessionManager: this.sessions,
-      interceptors: [this.session.interceptor(), ...(options.interceptors ?? [])],
+      // Outermost: a call crossing the server's GOAWAY (a recycled connection) was refused
+      // before any of it ran, credentials and refresh included, and is sent again once.
+      interceptors: [retryRefusedStream, this.session.interceptor(), ...(options.interceptors ?? [])],
       ...(options.timeoutMs === 0 ? {} : { defaultTimeoutMs: options.timeoutMs ?? 30_000 }),
     };
     this.transport =

@@ -7,6 +7,7 @@ import {
   VerificationService,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { retryRefusedStream } from "../refused-stream.js";
 import type { ClientTls } from "../tls.js";
 import type { OpenWatch } from "./revocation-watch.js";
 import { unavailable } from "./verdicts.js";
@@ -37,6 +38,8 @@ export function createTesseraClient(options: {
     options.transport ??
     createGrpcTransport({
       baseUrl: options.base,
+      // A call crossing Tessera's GOAWAY (a recycled connection) is refused, and safe to retry.
+      interceptors: [retryRefusedStream],
       nodeOptions: {
         ...(tls.ca ? { ca: tls.ca } : {}),
         ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),

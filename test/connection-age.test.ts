@@ -1,0 +1,246 @@
+import type http2 from "node:http2";
+import https from "node:https";
+import { join } from "node:path";
+import { createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { retryRefusedStream } from "../src/sdk/refused-stream.js";
+import { createTesseraAuth } from "../src/sdk/server/index.js";
+import { jitteredAge } from "../src/server/connection-age.js";
+import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
+import { adminLogin, clients, short } from "./machine-fixtures.js";
+
+/**
+ * server.maxConnectionAgeSeconds: a connection is recycled at its age (GOAWAY, then cut after
+ * the grace), so that clients behind an L4 load balancer spread over new instances. Clients
+ * calling across several ages must see no failed call, only new connections.
+ */
+const PROTO_DIR = join(import.meta.dirname, "..", "proto");
+const AGED = { server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 1 } };
+
+function grpcHealth(ts: TestServer) {
+  const def = protoLoader.loadSync(["grpc/health/v1/health.proto"], { includeDirs: [PROTO_DIR] });
+  // biome-ignore lint/suspicious/noExplicitAny: grpc-js package definitions are untyped
+  const HealthClient = (grpc.loadPackageDefinition(def) as any).grpc.health.v1
+    .Health as grpc.ServiceClientConstructor;
+  return new HealthClient(`localhost:${ts.server.port}`, grpc.credentials.createSsl(ts.certs.ca));
+}
+
+/** Sessions the server accepted from now on. */
+function countSessions(ts: TestServer): { readonly n: number } {
+  const counter = { n: 0 };
+  ts.server.server.on("session", () => counter.n++);
+  return counter;
+}
+
+/** `tessera_connections_recycled_total` by protocol, as scraped. */
+async function recycled(ts: TestServer): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const line of (await ts.app.metrics!.scrape()).split("\n")) {
+    const m = /^tessera_connections_recycled_total\{protocol="(\w+)"\} (\d+)/.exec(line);
+    if (m) out[m[1]!] = Number(m[2]);
+  }
+  return out;
+}
+
+/** Run `call` in `loops` concurrent loops for `ms`; the calls made and the failures. */
+async function callFor(ms: number, loops: number, call: () => Promise<unknown>) {
+  const end = Date.now() + ms;
+  let calls = 0;
+  const failures: unknown[] = [];
+  await Promise.all(
+    Array.from({ length: loops }, async () => {
+      while (Date.now() < end) {
+        try {
+          await call();
+        } catch (err) {
+          failures.push(err);
+        }
+        calls++;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    }),
+  );
+  return { calls, failures };
+}
+
+describe("connections recycled at server.maxConnectionAgeSeconds", () => {
+  let ts: TestServer | undefined;
+  afterEach(async () => {
+    await ts?.close();
+    ts = undefined;
+  });
+
+  it("keeps a grpc-js client's calls succeeding across several ages, on new connections, and counts them", async () => {
+    ts = await startTestServer(SQLITE, AGED);
+    const sessions = countSessions(ts);
+    const before = (await recycled(ts)).http2 ?? 0;
+    const client = grpcHealth(ts);
+    try {
+      const { calls, failures } = await callFor(
+        4500,
+        4,
+        () =>
+          new Promise((resolve, reject) =>
+            // biome-ignore lint/suspicious/noExplicitAny: dynamic client
+            (client as any).Check({ service: "" }, (err: grpc.ServiceError | null, res: unknown) =>
+              err ? reject(err) : resolve(res),
+            ),
+          ),
+      );
+      expect(failures).toEqual([]);
+      expect(calls).toBeGreaterThan(100);
+      // About one connection per second (± 10 %): at least three ages passed.
+      expect(sessions.n).toBeGreaterThanOrEqual(4);
+      expect((await recycled(ts)).http2! - before).toBeGreaterThanOrEqual(3);
+    } finally {
+      client.close();
+    }
+  });
+
+  it("keeps a Connect client's calls (HTTP/2) succeeding across several ages, on new connections", async () => {
+    ts = await startTestServer(SQLITE, AGED);
+    const sessions = countSessions(ts);
+    // connect-node does not retry a refused stream by itself (grpc-js does): a call it opened
+    // as the GOAWAY arrived. The SDK's clients retry it once (RFC 9113 8.7), so does this one.
+    const transport = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca },
+      interceptors: [retryRefusedStream],
+    });
+    const client = createClient(Health, transport);
+    const { calls, failures } = await callFor(4500, 4, () => client.check({ service: "" }));
+    expect(failures).toEqual([]);
+    expect(calls).toBeGreaterThan(100);
+    expect(sessions.n).toBeGreaterThanOrEqual(4);
+  });
+
+  it("ends a streaming call still open at the age once the grace is over, and no sooner", async () => {
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 2 },
+    });
+    const session: http2.ClientHttp2Session = ts.session();
+    session.on("error", () => undefined);
+    const started = Date.now();
+    let goaway = 0;
+    session.once("goaway", () => {
+      goaway = Date.now() - started;
+    });
+    // Health/Watch over Connect (a server stream): it stays open until cancelled.
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/grpc.health.v1.Health/Watch",
+      "content-type": "application/connect+json",
+    });
+    stream.on("error", () => undefined);
+    const body = Buffer.from("{}");
+    const head = Buffer.alloc(5);
+    head.writeUInt32BE(body.length, 1);
+    stream.end(Buffer.concat([head, body]));
+    let data = 0;
+    stream.on("data", (c: Buffer) => {
+      data += c.length;
+    });
+    // Bounded: without an age the stream stays open for ever.
+    const ended = await new Promise<number>((resolve) => {
+      stream.once("close", () => resolve(Date.now() - started));
+      setTimeout(() => resolve(Number.POSITIVE_INFINITY), 8000).unref();
+    });
+    session.destroy();
+    // The status was sent (SERVING), then the stream stayed open through the GOAWAY.
+    expect(data).toBeGreaterThan(0);
+    expect(goaway).toBeGreaterThanOrEqual(900);
+    expect(goaway).toBeLessThan(1100 + 500);
+    expect(ended).toBeGreaterThanOrEqual(goaway + 2000 - 50);
+    expect(ended).toBeLessThan(goaway + 2000 + 1000);
+  });
+
+  it("leaves the SDK's VerifyCredential calls succeeding, and its revocation watch resuming from its cursor", async () => {
+    ts = await startTestServer(SQLITE, { ...AGED, verification: { watchHeartbeatSeconds: 1 } });
+    const admin = clients(ts.connect(), await adminLogin(ts.connect()));
+    const tenantId = (await admin.tenants.createTenant({ name: `age-${short()}` })).tenant!.id;
+    const machine = (scopes: string[]) =>
+      admin.machines
+        .createMachineUser({ tenantId, name: `mu-${short()}`, authType: MachineAuthType.BEARER, scopes })
+        .then((r) => r.token);
+    const verifier = await machine(["auth:verify"]);
+    const caller = await machine(["workflows:read"]);
+    const resumed: (number | undefined)[] = [];
+    const codec = ts.app.revocations.cursors;
+    const open = codec.open.bind(codec);
+    vi.spyOn(codec, "open").mockImplementation((cursor) => {
+      const at = open(cursor);
+      resumed.push(at);
+      return at;
+    });
+    const sessions = countSessions(ts);
+    const auth = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifier,
+      cache: false,
+    });
+    try {
+      expect(await auth.ready(10_000)).toBe(true);
+      const { calls, failures } = await callFor(4500, 3, () => auth.authenticate(`Bearer ${caller}`));
+      expect(failures).toEqual([]);
+      expect(calls).toBeGreaterThan(50);
+      expect(sessions.n).toBeGreaterThanOrEqual(3);
+      // The watch's stream was cut at age + grace, and came back resuming from its cursor
+      // (never a reset: no event was lost).
+      const watch = auth.stats().watch!;
+      expect(watch.connects).toBeGreaterThanOrEqual(2);
+      expect(watch.resets).toBe(0);
+      expect(resumed.length).toBeGreaterThanOrEqual(1);
+      expect(resumed.every((at) => at !== undefined)).toBe(true);
+      await expect.poll(() => auth.watching()).toBe(true);
+    } finally {
+      auth.close();
+    }
+  });
+
+  it("closes an HTTP/1.1 keep-alive connection at its age: idle at once, busy after its response", async () => {
+    ts = await startTestServer(SQLITE, AGED);
+    const agent = new https.Agent({ keepAlive: true, ca: ts.certs.ca, maxSockets: 1 });
+    const get = () =>
+      new Promise<{ status: number; connection: string | undefined; socket: object }>((resolve, reject) => {
+        const req = https.get(`${ts!.server.url}/health`, { agent }, (res) => {
+          res.resume();
+          res.on("end", () =>
+            resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, socket: req.socket! }),
+          );
+        });
+        req.on("error", reject);
+      });
+    try {
+      const before = (await recycled(ts)).http1 ?? 0;
+      const first = await get();
+      expect(first.status).toBe(200);
+      let closed = false;
+      (first.socket as import("node:net").Socket).once("close", () => {
+        closed = true;
+      });
+      await expect.poll(() => closed, { timeout: 3000 }).toBe(true);
+      expect((await recycled(ts)).http1! - before).toBe(1);
+      // The next request opens a new connection, and succeeds.
+      const second = await get();
+      expect(second.status).toBe(200);
+      expect(second.socket).not.toBe(first.socket);
+    } finally {
+      agent.destroy();
+    }
+  });
+});
+
+describe("jitteredAge", () => {
+  it("spreads an age over ± 10 %", () => {
+    expect(jitteredAge(1000, () => 0)).toBe(900);
+    expect(jitteredAge(1000, () => 0.5)).toBe(1000);
+    expect(jitteredAge(1000, () => 0.999_999)).toBe(1100);
+  });
+});
