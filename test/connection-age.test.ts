@@ -204,6 +204,57 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     }
   });
 
+  it("keeps a connection whose age is past setTimeout's longest delay (24.8 days) open, not recycled at once", async () => {
+    // 30 days: setTimeout takes a delay past 2^31-1 ms as 1 ms.
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 30 * 86_400, maxConnectionAgeGraceSeconds: 30 * 86_400 },
+    });
+    const before = await recycled(ts);
+    const session: http2.ClientHttp2Session = ts.session();
+    session.on("error", () => undefined);
+    let goaway = false;
+    session.on("goaway", () => {
+      goaway = true;
+    });
+    await new Promise((resolve) => session.once("connect", resolve));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const closed = session.closed || session.destroyed;
+    session.destroy();
+    expect({ goaway, closed, recycled: await recycled(ts) }).toEqual({
+      goaway: false,
+      closed: false,
+      recycled: before,
+    });
+  });
+
+  it("keeps a streaming call open through a grace past setTimeout's longest delay, not cut at once", async () => {
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 30 * 86_400 },
+    });
+    const session: http2.ClientHttp2Session = ts.session();
+    session.on("error", () => undefined);
+    let goaway = false;
+    session.once("goaway", () => {
+      goaway = true;
+    });
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/grpc.health.v1.Health/Watch",
+      "content-type": "application/connect+json",
+    });
+    stream.on("error", () => undefined);
+    const body = Buffer.from("{}");
+    const head = Buffer.alloc(5);
+    head.writeUInt32BE(body.length, 1);
+    stream.end(Buffer.concat([head, body]));
+    stream.resume();
+    // Past the age (1 s ± 10 %) and the two PING round trips of its GOAWAYs.
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    const open = !stream.closed && !stream.destroyed;
+    session.destroy();
+    expect({ goaway, open }).toEqual({ goaway: true, open: true });
+  });
+
   it("closes an HTTP/1.1 keep-alive connection at its age: idle at once, busy after its response", async () => {
     ts = await startTestServer(SQLITE, AGED);
     const agent = new https.Agent({ keepAlive: true, ca: ts.certs.ca, maxSockets: 1 });

@@ -15,9 +15,15 @@ const MAX_STREAM_ID = 2 ** 31 - 1;
 /** How long the first GOAWAY's PING may wait for its answer before the second is sent anyway. */
 const PING_WAIT_MS = 1000;
 
+/**
+ * setTimeout's longest delay (24.8 days): it takes a longer one as 1 ms, which recycled every
+ * connection as soon as it opened. An age or grace configured past it is waited as this long.
+ */
+const MAX_DELAY_MS = 2 ** 31 - 1;
+
 /** `ageMs` ± 10 %: connections opened together (a client fleet's restart) do not all reconnect together. */
 export function jitteredAge(ageMs: number, random: () => number = Math.random): number {
-  return Math.round(ageMs * (0.9 + 0.2 * random()));
+  return Math.min(Math.round(ageMs * (0.9 + 0.2 * random())), MAX_DELAY_MS);
 }
 
 /**
@@ -38,7 +44,7 @@ export function ageConnections(
 ): void {
   const ageMs = cfg.maxConnectionAgeSeconds * 1000;
   if (ageMs === 0) return;
-  const graceMs = cfg.maxConnectionAgeGraceSeconds * 1000;
+  const graceMs = Math.min(cfg.maxConnectionAgeGraceSeconds * 1000, MAX_DELAY_MS);
   server.on("session", (session: http2.Http2Session) => {
     const recycle = setTimeout(() => {
       if (session.closed || session.destroyed) return;
