@@ -21,6 +21,8 @@ import { adminLogin, clients, short } from "./machine-fixtures.js";
  */
 const PROTO_DIR = join(import.meta.dirname, "..", "proto");
 const AGED = { server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 1 } };
+/** The longest duration the configuration takes (setTimeout's longest delay, in whole seconds). */
+const LONGEST = 2_147_483;
 
 function grpcHealth(ts: TestServer) {
   const def = protoLoader.loadSync(["grpc/health/v1/health.proto"], { includeDirs: [PROTO_DIR] });
@@ -204,12 +206,15 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     }
   });
 
-  it("keeps a connection whose age is past setTimeout's longest delay (24.8 days) open, not recycled at once", async () => {
-    // 30 days: setTimeout takes a delay past 2^31-1 ms as 1 ms.
+  it("keeps a connection whose age is the longest allowed (24.8 days) open, not recycled at once", async () => {
+    // The configuration caps it at setTimeout's longest delay; its +10 % jitter goes past it,
+    // and setTimeout takes a delay past 2^31-1 ms as 1 ms.
     ts = await startTestServer(SQLITE, {
-      server: { maxConnectionAgeSeconds: 30 * 86_400, maxConnectionAgeGraceSeconds: 30 * 86_400 },
+      server: { maxConnectionAgeSeconds: LONGEST, maxConnectionAgeGraceSeconds: LONGEST },
     });
     const before = await recycled(ts);
+    // The top of the jitter (+9.8 %), for this connection's age.
+    const random = vi.spyOn(Math, "random").mockReturnValue(0.99);
     const session: http2.ClientHttp2Session = ts.session();
     session.on("error", () => undefined);
     let goaway = false;
@@ -218,6 +223,19 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     });
     await new Promise((resolve) => session.once("connect", resolve));
     await new Promise((resolve) => setTimeout(resolve, 300));
+    // A call, after which a GOAWAY owed by an aged idle session would have been sent.
+    const check = session.request({
+      ":method": "POST",
+      ":path": "/grpc.health.v1.Health/Check",
+      "content-type": "application/json",
+    });
+    check.on("error", () => undefined);
+    check.end("{}");
+    check.resume();
+    await new Promise((resolve) => check.once("close", resolve));
+    // Answered: the server has long made the session (and drawn its jitter).
+    random.mockRestore();
+    await new Promise((resolve) => setTimeout(resolve, 100));
     const closed = session.closed || session.destroyed;
     session.destroy();
     expect({ goaway, closed, recycled: await recycled(ts) }).toEqual({
@@ -227,9 +245,9 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     });
   });
 
-  it("keeps a streaming call open through a grace past setTimeout's longest delay, not cut at once", async () => {
+  it("keeps a streaming call open through the longest grace allowed (24.8 days), not cut at once", async () => {
     ts = await startTestServer(SQLITE, {
-      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 30 * 86_400 },
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: LONGEST },
     });
     const session: http2.ClientHttp2Session = ts.session();
     session.on("error", () => undefined);
