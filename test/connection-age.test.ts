@@ -2,7 +2,7 @@ import type http2 from "node:http2";
 import https from "node:https";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterEach, describe, expect, it, vi } from "vitest";
@@ -120,6 +120,74 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     expect(failures).toEqual([]);
     expect(calls).toBeGreaterThan(100);
     expect(sessions.n).toBeGreaterThanOrEqual(4);
+  });
+
+  it("never sends a stock connect-node client GOAWAY while it has no call open (it would die of an uncaught error)", async () => {
+    ts = await startTestServer(SQLITE, AGED);
+    const before = (await recycled(ts)).http2 ?? 0;
+    // connect-node 2.1.2, stock: a GOAWAY read with no stream open makes it destroy the
+    // session with an error Node emits once the socket has closed; a request made meanwhile
+    // takes the session's "error" listener off, and the error is thrown uncaught in the
+    // client (bench/goaway-idle-repro.ts). Such an error is recorded here, and swallowed.
+    const unheard: unknown[] = [];
+    const goaways: string[] = [];
+    const seen = new WeakSet<http2.ClientHttp2Session>();
+    const sessions: http2.ClientHttp2Session[] = [];
+    let next: (() => void) | undefined;
+    class Watched extends Http2SessionManager {
+      override async request(...args: Parameters<Http2SessionManager["request"]>) {
+        const stream = await super.request(...args);
+        const session = stream.session as http2.ClientHttp2Session;
+        if (!seen.has(session)) {
+          seen.add(session);
+          sessions.push(session);
+          const emit = session.emit.bind(session);
+          session.emit = ((event: string, ...rest: unknown[]) => {
+            if (event === "error" && session.listenerCount("error") === 0) {
+              unheard.push(rest[0]);
+              return false;
+            }
+            return emit(event, ...rest);
+          }) as typeof session.emit;
+          // After connect-node's own listener: the client's next call, as the GOAWAY is read.
+          session.on("goaway", () => {
+            // connect-node destroys at once a session that had no stream open.
+            goaways.push(session.destroyed ? "destroyed: no stream open" : "kept: a stream open");
+            setImmediate(() => next?.());
+          });
+        }
+        return stream;
+      }
+    }
+    const manager = new Watched(ts.server.url, {}, { ca: ts.certs.ca });
+    const client = createClient(
+      Health,
+      createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager: manager }),
+    );
+    const calls: Promise<unknown>[] = [];
+    next = () => calls.push(client.check({ service: "" }));
+    try {
+      await client.check({ service: "" });
+      // Idle across the age (1 s ± 10 %): on a loaded machine past it, then one call.
+      await new Promise((resolve) => setTimeout(resolve, 2500));
+      calls.push(client.check({ service: "" }));
+      await expect.poll(() => goaways.length, { timeout: 5000 }).toBeGreaterThanOrEqual(1);
+      // Every session but the newest is done with (its error, if any, emitted), every call answered.
+      await expect
+        .poll(() => sessions.length >= 2 && sessions.slice(0, -1).every((s) => s.destroyed), {
+          timeout: 5000,
+        })
+        .toBe(true);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      await Promise.all(calls);
+      expect(unheard).toEqual([]);
+      // Recycled at that call, not while idle.
+      expect(goaways[0]).toBe("kept: a stream open");
+      expect((await recycled(ts)).http2! - before).toBeGreaterThanOrEqual(1);
+    } finally {
+      next = undefined;
+      manager.abort();
+    }
   });
 
   it("ends a streaming call still open at the age once the grace is over, and no sooner", async () => {
