@@ -8,6 +8,7 @@ import * as protoLoader from "@grpc/proto-loader";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
+import { UserAPI } from "../src/sdk/index.js";
 import { retryRefusedStream } from "../src/sdk/refused-stream.js";
 import { createTesseraAuth } from "../src/sdk/server/index.js";
 import { jitteredAge } from "../src/server/connection-age.js";
@@ -187,6 +188,50 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     } finally {
       next = undefined;
       manager.abort();
+    }
+  });
+
+  it("keeps an SDK client's process alive when a GOAWAY reaches its idle connection (the idle timeout's)", async () => {
+    // Any server may GOAWAY an idle connection (Tessera's own idle timeout does): the SDK's
+    // sessions keep an "error" listener, so connect-node's error for it is never thrown.
+    ts = await startTestServer(SQLITE, { server: { idleTimeoutSeconds: 1 } });
+    const api = new UserAPI({ host: "127.0.0.1", port: ts.server.port, certFolder: ts.certs.clientDir });
+    const unheard: unknown[] = [];
+    const sessions: http2.ClientHttp2Session[] = [];
+    const calls: Promise<boolean>[] = [];
+    const request = Http2SessionManager.prototype.request;
+    const spy = vi.spyOn(Http2SessionManager.prototype, "request").mockImplementation(async function (
+      this: Http2SessionManager,
+      ...args
+    ) {
+      const stream = await request.apply(this, args);
+      const session = stream.session as http2.ClientHttp2Session;
+      if (!sessions.includes(session)) {
+        sessions.push(session);
+        const emit = session.emit.bind(session);
+        session.emit = ((event: string, ...rest: unknown[]) => {
+          if (event === "error" && session.listenerCount("error") === 0) {
+            unheard.push(rest[0]);
+            return false;
+          }
+          return emit(event, ...rest);
+        }) as typeof session.emit;
+        // The application's next call, as the GOAWAY is read (the server closing the
+        // connection too, the error follows within a millisecond).
+        session.once("goaway", () => calls.push(api.isAvailable()));
+      }
+      return stream;
+    });
+    try {
+      expect(await api.isAvailable()).toBe(true);
+      await expect.poll(() => calls.length, { timeout: 5000 }).toBe(1);
+      expect(await Promise.all(calls)).toEqual([true]);
+      await expect.poll(() => sessions[0]!.destroyed, { timeout: 5000 }).toBe(true);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(unheard).toEqual([]);
+    } finally {
+      spy.mockRestore();
+      api.close();
     }
   });
 

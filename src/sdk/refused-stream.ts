@@ -1,4 +1,5 @@
 import { ConnectError, type Interceptor } from "@connectrpc/connect";
+import { Http2SessionManager } from "@connectrpc/connect-node";
 
 /**
  * Whether a call failed because its HTTP/2 stream was refused (RST_STREAM REFUSED_STREAM, or a
@@ -30,3 +31,31 @@ export const retryRefusedStream: Interceptor = (next) => async (req) => {
     return next(req);
   }
 };
+
+function ignoreSessionError(): void {}
+
+/** The sessions given a permanent "error" listener. */
+const guarded = new WeakSet<object>();
+
+/**
+ * connect-node's session manager, each session it makes a request on given a permanent
+ * "error" listener. connect-node 2.1.2 destroys a session that reads a GOAWAY (NO_ERROR) with
+ * no stream open, with an error Node emits only once the socket has closed; a request made
+ * meanwhile leaves that session behind and takes its listeners off, and the error was then
+ * thrown uncaught, killing the process (bench/goaway-idle-repro.ts). Any server may send that
+ * GOAWAY: an idle timeout (Tessera's `server.idleTimeoutSeconds` among them), a proxy, a
+ * restart. A session error always reaches its streams, so calls still fail with it.
+ */
+export class GuardedSessionManager extends Http2SessionManager {
+  override async request(
+    ...args: Parameters<Http2SessionManager["request"]>
+  ): ReturnType<Http2SessionManager["request"]> {
+    const stream = await super.request(...args);
+    const session = stream.session;
+    if (session !== undefined && !guarded.has(session)) {
+      guarded.add(session);
+      session.on("error", ignoreSessionError);
+    }
+    return stream;
+  }
+}
