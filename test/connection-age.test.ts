@@ -50,14 +50,17 @@ async function recycled(ts: TestServer): Promise<Record<string, number>> {
   return out;
 }
 
-/** Run `call` in `loops` concurrent loops for `ms`; the calls made and the failures. */
-async function callFor(ms: number, loops: number, call: () => Promise<unknown>) {
-  const end = Date.now() + ms;
+/**
+ * Run `call` in `loops` concurrent loops (5 ms apart) until `done()` (a condition, not a fixed
+ * time: a loaded machine fires the ages late), at most 30 s; the calls made and the failures.
+ */
+async function callUntil(done: () => boolean, loops: number, call: () => Promise<unknown>) {
+  const end = Date.now() + 30_000;
   let calls = 0;
   const failures: unknown[] = [];
   await Promise.all(
     Array.from({ length: loops }, async () => {
-      while (Date.now() < end) {
+      while (!done() && Date.now() < end) {
         try {
           await call();
         } catch (err) {
@@ -84,8 +87,9 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     const before = (await recycled(ts)).http2 ?? 0;
     const client = grpcHealth(ts);
     try {
-      const { calls, failures } = await callFor(
-        4500,
+      // About one connection per second (± 10 %): until three ages passed.
+      const { calls, failures } = await callUntil(
+        () => sessions.n >= 4,
         4,
         () =>
           new Promise((resolve, reject) =>
@@ -96,8 +100,7 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
           ),
       );
       expect(failures).toEqual([]);
-      expect(calls).toBeGreaterThan(100);
-      // About one connection per second (± 10 %): at least three ages passed.
+      expect(calls).toBeGreaterThan(20);
       expect(sessions.n).toBeGreaterThanOrEqual(4);
       expect((await recycled(ts)).http2! - before).toBeGreaterThanOrEqual(3);
     } finally {
@@ -117,9 +120,13 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
       interceptors: [retryRefusedStream],
     });
     const client = createClient(Health, transport);
-    const { calls, failures } = await callFor(4500, 4, () => client.check({ service: "" }));
+    const { calls, failures } = await callUntil(
+      () => sessions.n >= 4,
+      4,
+      () => client.check({ service: "" }),
+    );
     expect(failures).toEqual([]);
-    expect(calls).toBeGreaterThan(100);
+    expect(calls).toBeGreaterThan(20);
     expect(sessions.n).toBeGreaterThanOrEqual(4);
   });
 
@@ -169,10 +176,15 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     next = () => calls.push(client.check({ service: "" }));
     try {
       await client.check({ service: "" });
-      // Idle across the age (1 s ± 10 %): on a loaded machine past it, then one call.
+      // Idle across the age (1 s ± 10 %), then calls one at a time, idle between them, until a
+      // GOAWAY came (a loaded machine may fire the age late).
       await new Promise((resolve) => setTimeout(resolve, 2500));
-      calls.push(client.check({ service: "" }));
-      await expect.poll(() => goaways.length, { timeout: 5000 }).toBeGreaterThanOrEqual(1);
+      for (const end = Date.now() + 20_000; goaways.length === 0 && Date.now() < end; ) {
+        calls.push(client.check({ service: "" }));
+        await Promise.all(calls);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      expect(goaways.length).toBeGreaterThanOrEqual(1);
       // Every session but the newest is done with (its error, if any, emitted), every call answered.
       await expect
         .poll(() => sessions.length >= 2 && sessions.slice(0, -1).every((s) => s.destroyed), {
@@ -269,10 +281,12 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     session.destroy();
     // The status was sent (SERVING), then the stream stayed open through the GOAWAY.
     expect(data).toBeGreaterThan(0);
-    expect(goaway).toBeGreaterThanOrEqual(900);
-    expect(goaway).toBeLessThan(1100 + 500);
+    // At the age (1 s - 10 %; a timer may fire a millisecond early), late only by the load.
+    expect(goaway).toBeGreaterThanOrEqual(890);
+    expect(goaway).toBeLessThan(1100 + 3000);
     expect(ended).toBeGreaterThanOrEqual(goaway + 2000 - 50);
-    expect(ended).toBeLessThan(goaway + 2000 + 1000);
+    // The grace runs from the second GOAWAY, up to a second (PING_WAIT_MS) after the first.
+    expect(ended).toBeLessThan(goaway + 2000 + 1000 + 3000);
   });
 
   it("leaves the SDK's VerifyCredential calls succeeding, and its revocation watch resuming from its cursor", async () => {
@@ -302,9 +316,14 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     });
     try {
       expect(await auth.ready(10_000)).toBe(true);
-      const { calls, failures } = await callFor(4500, 3, () => auth.authenticate(`Bearer ${caller}`));
+      // Until the watch's stream came back after a cut (age + grace), on a third connection.
+      const { calls, failures } = await callUntil(
+        () => sessions.n >= 3 && auth.stats().watch!.connects >= 2 && resumed.length >= 1,
+        3,
+        () => auth.authenticate(`Bearer ${caller}`),
+      );
       expect(failures).toEqual([]);
-      expect(calls).toBeGreaterThan(50);
+      expect(calls).toBeGreaterThan(10);
       expect(sessions.n).toBeGreaterThanOrEqual(3);
       // The watch's stream was cut at age + grace, and came back resuming from its cursor
       // (never a reset: no event was lost).
@@ -364,9 +383,9 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     });
     const session: http2.ClientHttp2Session = ts.session();
     session.on("error", () => undefined);
-    let goaway = false;
-    session.once("goaway", () => {
-      goaway = true;
+    let goaways = 0;
+    session.on("goaway", () => {
+      goaways++;
     });
     const stream = session.request({
       ":method": "POST",
@@ -379,11 +398,12 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     head.writeUInt32BE(body.length, 1);
     stream.end(Buffer.concat([head, body]));
     stream.resume();
-    // Past the age (1 s ± 10 %) and the two PING round trips of its GOAWAYs.
-    await new Promise((resolve) => setTimeout(resolve, 2500));
+    // Both GOAWAYs (the second after two PING round trips), then a moment for a cut to come.
+    await expect.poll(() => goaways, { timeout: 10_000 }).toBe(2);
+    await new Promise((resolve) => setTimeout(resolve, 300));
     const open = !stream.closed && !stream.destroyed;
     session.destroy();
-    expect({ goaway, open }).toEqual({ goaway: true, open: true });
+    expect({ goaways, open }).toEqual({ goaways: 2, open: true });
   });
 
   it("closes an HTTP/1.1 keep-alive connection at its age: idle at once, busy after its response", async () => {
@@ -407,7 +427,7 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
       (first.socket as import("node:net").Socket).once("close", () => {
         closed = true;
       });
-      await expect.poll(() => closed, { timeout: 3000 }).toBe(true);
+      await expect.poll(() => closed, { timeout: 10_000 }).toBe(true);
       expect((await recycled(ts)).http1! - before).toBe(1);
       // The next request opens a new connection, and succeeds.
       const second = await get();
