@@ -10,6 +10,7 @@ const E2E_FILES = [
   "test/cli-e2e.test.ts",
   "test/cli-whoami.test.ts",
   "test/commit-outcome.test.ts",
+  "test/connection-age.test.ts",
   "test/edge.test.ts",
   "test/examples-workflows.test.ts",
   "test/examples.test.ts",

@@ -6,6 +6,7 @@ import type { App } from "./app.js";
 import type { TrustAnchors } from "./certs/trust-anchors.js";
 import { watchTlsFiles } from "./certs/watch.js";
 import { listenError } from "./listen-check.js";
+import { ageConnections } from "./server/connection-age.js";
 import { boundConnections } from "./server/connection-limits.js";
 import { trackHandshakeEnds } from "./server/handshake-ends.js";
 import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-trust.js";
@@ -20,7 +21,7 @@ export { preflight, type TlsMaterial } from "./server/tls-material.js";
  * The Tessera server on its port: HTTP/2 over TLS (h2c in development) with HTTP/1.1, built,
  * listening, reloading its certificates and shutting down. Its parts are in src/server/:
  * tls-material.ts (the cert folder), connection-limits.ts (what a connection and a stream may
- * hold), request-handler.ts (what every request gets before the transport serves the RPC).
+ * hold), connection-age.ts (when a connection is recycled), request-handler.ts (what every request gets before the transport serves the RPC).
  */
 
 /** A listening Tessera server. */
@@ -137,6 +138,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
     { logger: app.logger, clock: app.clock },
     callEnded,
   );
+  // Recycled at server.maxConnectionAgeSeconds (connection-age.ts): GOAWAY, then cut after the grace.
+  ageConnections(server, cfg, tls);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);

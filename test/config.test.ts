@@ -29,6 +29,8 @@ const CONTRACT = [
   "server.maxHeaderListSize TESSERA_MAX_HEADER_LIST_SIZE 32768",
   "server.maxBodyBytes TESSERA_MAX_BODY_BYTES 131072",
   "server.idleTimeoutSeconds TESSERA_IDLE_TIMEOUT_SECONDS 60",
+  "server.maxConnectionAgeSeconds TESSERA_MAX_CONNECTION_AGE_SECONDS 0",
+  "server.maxConnectionAgeGraceSeconds TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS 60",
   "server.maxConnections TESSERA_MAX_CONNECTIONS 10000",
   "server.maxConnectionsPerIp TESSERA_MAX_CONNECTIONS_PER_IP 1024",
   "server.newConnectionsPerIpPerSecond TESSERA_NEW_CONNECTIONS_PER_IP_PER_SECOND 200",
@@ -195,11 +197,13 @@ describe("configuration", () => {
   });
 
   it("refuses durations past setTimeout's longest delay, which Node would fire after 1 ms", () => {
-    // 30 days: every connection closed as idle, or every call cancelled, at once instead of never.
+    // 30 days: every connection recycled, closed as idle or cancelled at once instead of never.
     for (const name of [
       "TESSERA_IDLE_TIMEOUT_SECONDS",
       "TESSERA_REQUEST_TIMEOUT_SECONDS",
       "TESSERA_MAX_STREAM_SECONDS",
+      "TESSERA_MAX_CONNECTION_AGE_SECONDS",
+      "TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS",
     ]) {
       expect(() => loadConfig({ env: { [name]: "2592000" } }), name).toThrow(new RegExp(name));
       expect(loadConfig({ env: { [name]: "2147482" } }), name).toBeDefined();

@@ -8,6 +8,7 @@ import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
 import { UPGRADED_SECRETS } from "../auth/password-upgrade.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
 import type { MetricsSources } from "../metrics.js";
+import { connectionsRecycled } from "../server/connection-age.js";
 import { connectionRefusals } from "../server/refusals.js";
 import type { Storage } from "../storage/orm.js";
 
@@ -305,6 +306,16 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
       this.inc({ limit: "per_ip" }, connectionRefusals.per_ip);
       this.inc({ limit: "rate" }, connectionRefusals.rate);
       this.inc({ limit: "total" }, connectionRefusals.total);
+    },
+  });
+  new Counter({
+    name: "tessera_connections_recycled_total",
+    help: "Connections closed at server.maxConnectionAgeSeconds, by protocol (http2: GOAWAY sent; http1).",
+    labelNames: ["protocol"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [protocol, n] of Object.entries(connectionsRecycled)) this.inc({ protocol }, n);
     },
   });
   // Streams, not connections: a sibling, so that the connections counter still counts connections.

@@ -1,12 +1,13 @@
 import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Client, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hasScope } from "../auth/scopes.js";
 import { typedClient } from "./clients.js";
 import { assertTokenShape, connectionOf } from "./connection.js";
 import { toClientError } from "./error-mapping.js";
 import { defaultLogger, type TesseraLogger } from "./logger.js";
+import { GuardedSessionManager, retryRefusedStream } from "./refused-stream.js";
 import { type AutoRefreshOptions, Session, type TokenPair } from "./session.js";
 
 /** Options of {@link UserAPI} (and {@link UserAPICore}). */
@@ -97,7 +98,7 @@ export class UserAPICore {
   readonly transport: Transport;
 
   private readonly session: Session;
-  private readonly sessions: Http2SessionManager;
+  private readonly sessions: GuardedSessionManager;
   private readonly rawUsers: Client<typeof UserService>;
   /** Unmapped client for renewals inside the interceptor (which must throw ConnectErrors). */
   private readonly plainUsers: Client<typeof UserService>;
@@ -110,8 +111,9 @@ export class UserAPICore {
     this.host = host;
     this.port = port;
     this.protocol = protocol;
-    // Our own session manager, so close() can end the connection deterministically.
-    this.sessions = new Http2SessionManager(baseUrl, {}, { ...tls });
+    // Our own session manager, so close() can end the connection deterministically; guarded,
+    // so a server's GOAWAY to an idle connection cannot throw in the application's process.
+    this.sessions = new GuardedSessionManager(baseUrl, {}, { ...tls });
 
     this.session = new Session({
       accessToken: options.token,
@@ -125,7 +127,9 @@ export class UserAPICore {
     const common = {
       baseUrl,
       sessionManager: this.sessions,
-      interceptors: [this.session.interceptor(), ...(options.interceptors ?? [])],
+      // Outermost: a call crossing the server's GOAWAY (a recycled connection) was refused
+      // before any of it ran, credentials and refresh included, and is sent again once.
+      interceptors: [retryRefusedStream, this.session.interceptor(), ...(options.interceptors ?? [])],
       ...(options.timeoutMs === 0 ? {} : { defaultTimeoutMs: options.timeoutMs ?? 30_000 }),
     };
     this.transport =

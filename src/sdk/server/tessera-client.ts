@@ -7,6 +7,7 @@ import {
   VerificationService,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { GuardedSessionManager, retryRefusedStream } from "../refused-stream.js";
 import type { ClientTls } from "../tls.js";
 import type { OpenWatch } from "./revocation-watch.js";
 import { unavailable } from "./verdicts.js";
@@ -37,10 +38,17 @@ export function createTesseraClient(options: {
     options.transport ??
     createGrpcTransport({
       baseUrl: options.base,
-      nodeOptions: {
-        ...(tls.ca ? { ca: tls.ca } : {}),
-        ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
-      },
+      // A call crossing Tessera's GOAWAY (a recycled connection) is refused, and safe to retry.
+      interceptors: [retryRefusedStream],
+      // Guarded: a server's GOAWAY to an idle connection cannot throw in the application.
+      sessionManager: new GuardedSessionManager(
+        options.base,
+        {},
+        {
+          ...(tls.ca ? { ca: tls.ca } : {}),
+          ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
+        },
+      ),
     });
   const headers: Record<string, string> = {};
   if (options.credential)

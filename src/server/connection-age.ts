@@ -1,0 +1,177 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import http2 from "node:http2";
+import type { Socket } from "node:net";
+import type { Config } from "../config.js";
+
+/**
+ * Connections recycled at `server.maxConnectionAgeSeconds`, by protocol, since the start
+ * (process-wide; the metrics read it when scraped).
+ */
+export const connectionsRecycled = { http2: 0, http1: 0 };
+
+/** The largest HTTP/2 stream id: a GOAWAY naming it refuses no stream (RFC 9113 6.8). */
+const MAX_STREAM_ID = 2 ** 31 - 1;
+
+/** How long the first GOAWAY's PING may wait for its answer before the second is sent anyway. */
+const PING_WAIT_MS = 1000;
+
+/**
+ * setTimeout's longest delay (24.8 days): it takes a longer one as 1 ms, which recycled every
+ * connection as soon as it opened. An age or grace configured past it is waited as this long.
+ */
+const MAX_DELAY_MS = 2 ** 31 - 1;
+
+/** `ageMs` ± 10 %: connections opened together (a client fleet's restart) do not all reconnect together. */
+export function jitteredAge(ageMs: number, random: () => number = Math.random): number {
+  return Math.min(Math.round(ageMs * (0.9 + 0.2 * random())), MAX_DELAY_MS);
+}
+
+interface SessionAge {
+  aged: boolean;
+  streams: Set<http2.ServerHttp2Stream>;
+  /** The set's size at which its closed streams are dropped. */
+  prune: number;
+}
+
+/** A stream the server has not finished answering: its END_STREAM is not queued yet. */
+function answering(stream: http2.ServerHttp2Stream): boolean {
+  return !stream.closed && !stream.destroyed && !stream.writableEnded;
+}
+
+/**
+ * The two-step GOAWAY, as grpc-go sends it, to a session with a call in progress (see
+ * ageConnections for why never to an idle one). A GOAWAY naming the last stream accepted
+ * refuses the streams the client opened before it arrived (REFUSED_STREAM, an error for
+ * clients that do not retry it, connect-node among them). The first names no limit
+ * (2^31-1): the client opens no more streams, and those on their way are still served.
+ */
+function goaway(session: http2.Http2Session, graceMs: number): void {
+  if (session.closed || session.destroyed) return;
+  connectionsRecycled.http2++;
+  session.goaway(http2.constants.NGHTTP2_NO_ERROR, MAX_STREAM_ID);
+  // A Node client answers it with a GOAWAY of its own, sent ahead of the requests it had
+  // queued, and Node closes a session whose peer sent GOAWAY, refusing those requests.
+  // That close is held until the second GOAWAY.
+  let held = true;
+  (session as { close: (callback?: () => void) => void }).close = (callback) => {
+    if (callback !== undefined) session.once("close", callback);
+  };
+  const finish = () => {
+    if (!held) return;
+    held = false;
+    clearTimeout(unanswered);
+    Reflect.deleteProperty(session, "close");
+    if (session.closed || session.destroyed) return;
+    // The second GOAWAY names the last stream the client opened; the session closes once
+    // its streams are done, or is destroyed after the grace (what is left, cancelled).
+    session.close();
+    const cut = setTimeout(() => {
+      if (!session.destroyed) session.destroy();
+    }, graceMs).unref();
+    session.once("close", () => clearTimeout(cut));
+  };
+  // Two PING round trips: a client answers a PING ahead of the requests it queued before
+  // reading it, so the second answer comes after every request sent before the first GOAWAY.
+  // A client that does not answer in time has had that long to see the first GOAWAY.
+  const unanswered = setTimeout(finish, PING_WAIT_MS).unref();
+  if (!session.ping(() => session.destroyed || session.ping(finish) || finish())) finish();
+}
+
+/**
+ * Recycle every connection once it is `maxConnectionAgeSeconds` old (jittered ± 10 %), as
+ * gRPC servers' MaxConnectionAge does: behind an L4 load balancer a long-lived connection
+ * pins its client to the instance it first reached, so a new or restarted instance gets no
+ * share; and a long-lived session's own stream table in node:http2 keeps stale entries alive
+ * (bench/results/2026-12-09-pret2.md). HTTP/2: GOAWAY (no new streams; open ones finish) and,
+ * `maxConnectionAgeGraceSeconds` later, the session is destroyed with whatever streams it
+ * still has (cancelled). HTTP/1.1: closed at once when idle, else its response in progress
+ * says `Connection: close` (or, already sent, the connection ends with it). One timer per
+ * connection; per call, a Set.add (nothing at all when the age is 0).
+ *
+ * The first GOAWAY is only ever sent with a call in progress on the session, queued ahead of
+ * that call's END_STREAM: at the age if one is, else at the session's next call. connect-node
+ * (2.1.2) destroys a session that gets a GOAWAY with no stream of its own open, with an
+ * error Node emits only once the socket has closed; a request made meanwhile leaves that
+ * session's state and takes its "error" listener off, and the error is thrown uncaught in
+ * the client's process (bench/goaway-idle-repro.ts). With a stream open, it keeps the session
+ * and its listeners until the session closes, whatever GOAWAYs follow.
+ */
+export function ageConnections(
+  server: http2.Http2SecureServer | http2.Http2Server,
+  cfg: Config["server"],
+  tls: boolean,
+): void {
+  const ageMs = cfg.maxConnectionAgeSeconds * 1000;
+  if (ageMs === 0) return;
+  const graceMs = Math.min(cfg.maxConnectionAgeGraceSeconds * 1000, MAX_DELAY_MS);
+  // Per session: aged (its first GOAWAY is owed), and its streams not known closed (closed ones
+  // dropped whenever the set doubles: no listener on any stream, per call a Set.add).
+  const sessions = new WeakMap<http2.Http2Session, SessionAge>();
+  const recycleNow = (session: http2.Http2Session) => {
+    sessions.delete(session);
+    goaway(session, graceMs);
+  };
+  server.on("session", (session: http2.Http2Session) => {
+    const state: SessionAge = { aged: false, streams: new Set(), prune: 64 };
+    sessions.set(session, state);
+    const recycle = setTimeout(() => {
+      if (session.closed || session.destroyed) return;
+      for (const stream of state.streams) if (answering(stream)) return recycleNow(session);
+      // No call in progress: the first GOAWAY waits for the session's next call (below).
+      state.aged = true;
+    }, jitteredAge(ageMs));
+    // Unref'd: an aged connection never holds the process (shutdown has its own grace).
+    recycle.unref();
+    session.once("close", () => clearTimeout(recycle));
+  });
+  // Prepended (before the transport answers): an aged session's GOAWAY is queued ahead of this
+  // call's answer, so the client reads it with the call still open.
+  server.prependListener("stream", (stream: http2.ServerHttp2Stream) => {
+    const state = stream.session === undefined ? undefined : sessions.get(stream.session);
+    if (state === undefined) return;
+    if (state.aged) return recycleNow(stream.session!);
+    state.streams.add(stream);
+    if (state.streams.size < state.prune) return;
+    for (const s of state.streams) if (s.closed) state.streams.delete(s);
+    state.prune = Math.max(64, 2 * state.streams.size);
+  });
+  // HTTP/1.1 (allowHTTP1): the connection's birth and whether a request is in progress.
+  const http1 = new WeakMap<Socket, { aged: boolean; busy: ServerResponse | undefined }>();
+  const onHttp1 = (socket: Socket) => {
+    if ((socket as Socket & { alpnProtocol?: string | false }).alpnProtocol === "h2") return;
+    const state = { aged: false, busy: undefined as ServerResponse | undefined };
+    http1.set(socket, state);
+    const recycle = setTimeout(() => {
+      if (socket.destroyed) return;
+      state.aged = true;
+      connectionsRecycled.http1++;
+      const res = state.busy;
+      if (res === undefined) socket.end();
+      else if (!res.headersSent) res.setHeader("connection", "close");
+    }, jitteredAge(ageMs));
+    recycle.unref();
+    socket.once("close", () => clearTimeout(recycle));
+  };
+  // The plaintext (h2c) server sees HTTP/1.1 and HTTP/2 alike on "connection"; its HTTP/2
+  // sessions are aged above, and its HTTP/1.1 requests carry their socket.
+  if (tls) server.on("secureConnection", onHttp1);
+  server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
+    if (req.httpVersion.startsWith("2")) return;
+    let state = http1.get(req.socket);
+    if (state === undefined && !tls) {
+      onHttp1(req.socket);
+      state = http1.get(req.socket);
+    }
+    if (state === undefined) return;
+    if (state.aged) {
+      res.setHeader("connection", "close");
+      return;
+    }
+    state.busy = res;
+    res.once("close", () => {
+      if (state.busy === res) state.busy = undefined;
+      // Aged while its response was already on its way: the connection ends with it.
+      if (state.aged && !req.socket.destroyed) req.socket.end();
+    });
+  });
+}
