@@ -44,7 +44,8 @@ const guarded = new WeakSet<object>();
  * meanwhile leaves that session behind and takes its listeners off, and the error was then
  * thrown uncaught, killing the process (bench/goaway-idle-repro.ts). Any server may send that
  * GOAWAY: an idle timeout (Tessera's `server.idleTimeoutSeconds` among them), a proxy, a
- * restart. A session error always reaches its streams, so calls still fail with it.
+ * restart. A session error always reaches its streams, so calls still fail with it. Upstream:
+ * connectrpc/connect-es#1768 (open; remove this once a release carries its fix).
  */
 export class GuardedSessionManager extends Http2SessionManager {
   override async request(
