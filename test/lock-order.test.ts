@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { ConnectError, type Transport } from "@connectrpc/connect";
 import type { Knex } from "@mikro-orm/knex";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -159,6 +160,30 @@ describe("lock order on PostgreSQL", () => {
     expect(await assignments(mu.id)).toEqual([other]);
   });
 
+  /**
+   * A DeleteMachineUser of `mu` held in its cascade, with the machine user's row locked, on a
+   * credential row the test locks (credentials are the first rows the cascade deletes: their
+   * foreign key is the oldest); then `rival` started. What became of both, once `rival`
+   * waited for the deletion.
+   */
+  async function againstDeletion(mu: string, credentialLock: string, rival: () => Promise<unknown>) {
+    const holder = await hold(
+      `select id from machine_credentials where machine_user_id = ? ${credentialLock}`,
+      [mu],
+    );
+    let removal!: Promise<string>;
+    let other!: Promise<string>;
+    try {
+      removal = outcome(root.machines.deleteMachineUser({ id: mu }));
+      const remover = await waiterOn(holder.pid);
+      other = outcome(rival());
+      await waiterOn(remover);
+    } finally {
+      await holder.release();
+    }
+    return [await removal, await other];
+  }
+
   it("a deletion of an application and of a machine user with a backend on it do not deadlock", async () => {
     const app = await application();
     const mu = await machineUser([app]);
@@ -167,25 +192,46 @@ describe("lock order on PostgreSQL", () => {
       callbackUrl: `https://backend-${short()}.example.com/callback`,
       version: "1",
     });
-    // The machine user's deletion is held in its cascade (its credentials go first), with
-    // the machine user's row locked and its backend not yet.
-    const holder = await hold("select id from machine_credentials where machine_user_id = ? for update", [
-      mu.id,
-    ]);
-    let deletion!: Promise<string>;
-    let removal!: Promise<string>;
-    try {
-      removal = outcome(root.machines.deleteMachineUser({ id: mu.id }));
-      const remover = await waiterOn(holder.pid);
-      // Before: the application's deletion locked the backend, then waited for the machine
-      // user; the machine user's cascade then waited for the backend.
-      deletion = outcome(root.tenants.deleteApplication({ id: app }));
-      await waiterOn(remover);
-    } finally {
-      await holder.release();
-    }
-    expect([await deletion, await removal]).toEqual(["done", "done"]);
-    const { backends } = await root.machines.listBackends({ applicationId: undefined });
+    // Before: the application's deletion locked the backend, then waited for the machine
+    // user; the machine user's cascade then waited for the backend.
+    const result = await againstDeletion(mu.id, "for update", () =>
+      root.tenants.deleteApplication({ id: app }),
+    );
+    expect(result).toEqual(["done", "done"]);
+    const { backends } = await root.machines.listBackends({});
     expect(backends.filter((b) => b.applicationId === app)).toEqual([]);
+  });
+
+  it("a deletion of a machine user and an unbinding of its certificate do not deadlock", async () => {
+    const mu = await machineUser([]);
+    const sha256Fingerprint = randomBytes(32).toString("hex");
+    await root.machines.bindCertificate({
+      machineUserId: mu.id,
+      identity: { case: "sha256Fingerprint", value: sha256Fingerprint },
+    });
+    // Before: the unbinding deleted the binding, then waited for the machine user's row (its
+    // revocation cut-off); the deletion's cascade then waited for the binding.
+    const result = await againstDeletion(mu.id, "for update", () =>
+      root.machines.unbindCertificate({
+        machineUserId: mu.id,
+        identity: { case: "sha256Fingerprint", value: sha256Fingerprint },
+      }),
+    );
+    expect(result).toEqual(["done", "NOT_FOUND"]);
+  });
+
+  it("a deletion of a machine user and a rotation of its credentials do not deadlock", async () => {
+    const mu = await machineUser([]);
+    // Two credentials: the current one, and the previous one for 30 days more.
+    await root.machines.rotateMachineUserCredentials({ id: mu.id, gracePeriodSeconds: 30 * 24 * 3600 });
+    // The deletion is held on the previous credential (the test's lock); the rotation ends
+    // the current one, then waits for the previous one too (its grace shortened).
+    const result = await againstDeletion(mu.id, "and expires_at is not null for update", () =>
+      root.machines.rotateMachineUserCredentials({ id: mu.id, gracePeriodSeconds: 60 }),
+    );
+    // Before: the rotation held the current credential and waited for the machine user's row
+    // (its new credential's foreign key), which the deletion held while its cascade waited
+    // for the credentials.
+    expect(result).toEqual(["done", "NOT_FOUND"]);
   });
 });

@@ -165,7 +165,7 @@ export function machineUserAdminHandlers(
             // since the check above is missing, as it would have been then.
             const locked = await lockApplications(tx, mu.tenantId, applicationIds);
             if (locked.length !== applicationIds.length) throw errors.notFound("application");
-            if (!(await lockMachineUser(tx, mu.id))) throw errors.notFound("machine user");
+            if (!(await lockMachineUser(tx, mu.id, "no key update"))) throw errors.notFound("machine user");
             await tx.nativeDelete(MachineUserApplication, { machineUserId: mu.id });
             for (const applicationId of applicationIds)
               tx.create(MachineUserApplication, { machineUserId: mu.id, applicationId });
@@ -224,6 +224,8 @@ export function machineUserAdminHandlers(
         deps.storage,
         () =>
           e.transactional(async (tx) => {
+            // The machine user's row before its credentials' (storage/lock-order.ts).
+            if (!(await lockMachineUser(tx, mu.id, "key share"))) throw errors.notFound("machine user");
             // Credentials already past their end are dropped; live ones end now or after the grace period.
             await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
             if (grace === 0) {
