@@ -17,6 +17,7 @@ const E2E_FILES = [
   "test/grpc-interop.test.ts",
   "test/hot-path.test.ts",
   "test/jwt.test.ts",
+  "test/lock-order.test.ts",
   "test/logging.test.ts",
   "test/metrics-serve.test.ts",
   "test/metrics.test.ts",

@@ -13,6 +13,7 @@ import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { countCredentialCreation } from "../../rate-limit.js";
 import { commitCreation } from "../../storage/commit-outcome.js";
+import { lockApplications, lockMachineUser } from "../../storage/lock-order.js";
 import { MachineCredential, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import { assertScopesHold, noStore, principalChanged, principalOf } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
@@ -159,6 +160,12 @@ export function machineUserAdminHandlers(
       try {
         await e.transactional(async (tx) => {
           if (applicationIds) {
+            // The applications, then the machine user, then its assignments: the lock order
+            // of DeleteApplication and DeleteMachineUser (storage/lock-order.ts). One deleted
+            // since the check above is missing, as it would have been then.
+            const locked = await lockApplications(tx, mu.tenantId, applicationIds);
+            if (locked.length !== applicationIds.length) throw errors.notFound("application");
+            if (!(await lockMachineUser(tx, mu.id, "no key update"))) throw errors.notFound("machine user");
             await tx.nativeDelete(MachineUserApplication, { machineUserId: mu.id });
             for (const applicationId of applicationIds)
               tx.create(MachineUserApplication, { machineUserId: mu.id, applicationId });
@@ -217,6 +224,8 @@ export function machineUserAdminHandlers(
         deps.storage,
         () =>
           e.transactional(async (tx) => {
+            // The machine user's row before its credentials' (storage/lock-order.ts).
+            if (!(await lockMachineUser(tx, mu.id, "key share"))) throw errors.notFound("machine user");
             // Credentials already past their end are dropped; live ones end now or after the grace period.
             await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
             if (grace === 0) {

@@ -11,6 +11,7 @@ import { parseScopeString } from "../../auth/scopes.js";
 import type { Clock } from "../../clock.js";
 import { type RequestState, requestState } from "../../context.js";
 import { errors } from "../../errors.js";
+import { lockMachineUser } from "../../storage/lock-order.js";
 import { MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
 import { assertId, assertScopesHold, principalOf, writeIfScopesHold } from "../common.js";
 import { raiseRevocationCutoff, revokeMachineAccessTokens } from "./access-token.js";
@@ -238,6 +239,8 @@ export function certificateBindingHandlers(
       // the check and this write would otherwise let the caller cut a stronger one off.
       let cutoff = 0;
       const removed = await em(ctx).transactional(async (tx) => {
+        // The machine user's row before its binding's (storage/lock-order.ts).
+        if (!(await lockMachineUser(tx, mu.id, "key share"))) throw errors.notFound("machine user");
         const n = await tx.nativeDelete(MachineUserCertificate, { ...where, machineUserId: mu.id });
         if (n === 0) return n;
         cutoff = clock();

@@ -203,11 +203,11 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
       // refusal costs no transaction), then again on the locked rows.
       assertMayManage(principal, { scopes: await affectedScopes(em(ctx), app.id, false) });
       await em(ctx).transactional(async (tx) => {
-        // The application's row locked: an assignment or backend being added to it (its
-        // foreign key check takes a KEY SHARE lock on this row) committed before and is read
-        // below, or waits for this delete and fails. Its backends are locked against a
-        // take-over, its machine users against a promotion, until the commit. (SQLite runs
-        // one transaction at a time: the locks are no-ops there.)
+        // The application's row locked (first: storage/lock-order.ts): an assignment or
+        // backend being added to it (its foreign key check takes a KEY SHARE lock on this
+        // row) committed before and is read below, or waits for this delete and fails. Its
+        // machine users are locked against a promotion, its backends against a take-over,
+        // until the commit. (SQLite runs one transaction at a time: the locks are no-ops there.)
         if (!(await tx.findOne(Application, { id: app.id }, { lockMode: LockMode.PESSIMISTIC_WRITE })))
           return;
         const scopes = await affectedScopes(tx, app.id, true);
@@ -226,24 +226,34 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
 
 /**
  * The scopes of the machine users an application's deletion changes (assigned to it, or
- * owning a backend on it), read again from the database; `lock` (in a transaction): its
- * backends FOR UPDATE and those machine users FOR SHARE.
+ * owning a backend on it), read again from the database. `lock` (in a transaction holding the
+ * application's row FOR UPDATE): those machine users FOR SHARE, then its backends FOR
+ * UPDATE, in the lock order of storage/lock-order.ts (a DeleteMachineUser holds the machine
+ * user, then its backends); a backend taken over meanwhile by a machine user not locked is
+ * a principal changed.
  */
 async function affectedScopes(e: EntityManager, applicationId: string, lock: boolean): Promise<string[]> {
   const ids = new Set<string>();
   for (const a of await e.find(MachineUserApplication, { applicationId }, { refresh: true }))
     ids.add(a.machineUserId);
-  const backends = await e.find(
-    Backend,
-    { applicationId },
-    lock ? { refresh: true, lockMode: LockMode.PESSIMISTIC_WRITE } : { refresh: true },
-  );
-  for (const b of backends) ids.add(b.machineUserId);
-  if (ids.size === 0) return [];
-  const users = await e.find(
-    MachineUser,
-    { id: { $in: [...ids] } },
-    lock ? { refresh: true, lockMode: LockMode.PESSIMISTIC_READ } : { refresh: true },
-  );
+  for (const b of await e.find(Backend, { applicationId }, { refresh: true })) ids.add(b.machineUserId);
+  const users =
+    ids.size === 0
+      ? []
+      : await e.find(
+          MachineUser,
+          { id: { $in: [...ids] } },
+          lock
+            ? { refresh: true, orderBy: { id: "asc" }, lockMode: LockMode.PESSIMISTIC_READ }
+            : { refresh: true },
+        );
+  if (lock) {
+    const backends = await e.find(
+      Backend,
+      { applicationId },
+      { refresh: true, orderBy: { id: "asc" }, lockMode: LockMode.PESSIMISTIC_WRITE },
+    );
+    if (backends.some((b) => !ids.has(b.machineUserId))) throw principalChanged();
+  }
   return users.flatMap((m) => parseScopeString(m.scopes));
 }

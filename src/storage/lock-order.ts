@@ -1,0 +1,73 @@
+// The one order in which the RPCs that change applications, machine users, their
+// assignments and their backends take row locks on PostgreSQL.
+import { LockMode } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/knex";
+import { Application, MachineUser } from "./machine-entities.js";
+
+/*
+ * Lock order (PostgreSQL; SQLite runs one write transaction at a time and drops these
+ * clauses). Two transactions taking rows in opposite orders deadlock: PostgreSQL ends one
+ * after deadlock_timeout (40P01), answered Unavailable. Each transaction locks, in order:
+ *
+ *   1. applications, in id order: DeleteApplication FOR UPDATE (its row); UpdateMachineUser
+ *      FOR SHARE on those it assigns ({@link lockApplications}); the FOR KEY SHARE of the
+ *      foreign-key check of a new assignment (CreateMachineUser) or backend (RegisterBackend);
+ *   2. machine users, in id order: locked ({@link lockMachineUser}) before their rows are
+ *      touched by UpdateMachineUser (assignments), RotateMachineUserCredentials
+ *      (credentials) and UnbindCertificate (bindings); DeleteMachineUser's DELETE;
+ *      DeleteApplication FOR SHARE on those it changes (assigned, or owning a backend on it);
+ *   3. their rows: assignments, backends (DeleteApplication FOR UPDATE, DeregisterBackend's
+ *      DELETE, a RegisterBackend take-over's UPDATE), credentials, certificate bindings, and
+ *      the ON DELETE CASCADE of a DELETE of 1 or 2.
+ *
+ * The steps back: a take-over's UPDATE (3) checks its new owner's key (FOR KEY SHARE on 2),
+ * which waits only for a FOR UPDATE or DELETE of that machine user, whose holders wait for
+ * none of another owner's backends; BindCertificate displacing another machine user's
+ * unproven binding deletes it (3), then writes that machine user's cut-off (2): not yet in
+ * this order. UpdateTenant (disable) locks only the tenant's row (FOR NO KEY UPDATE: the KEY
+ * SHARE checks of its children do not wait for it). DeleteApplication finds the machine
+ * users of 2 by reading 3 unlocked (with its row FOR UPDATE, nothing can be assigned to or
+ * registered on it), and refuses (FailedPrecondition) if a backend changed owner before it
+ * locked them.
+ */
+
+/**
+ * Lock the applications `ids` of `tenantId` FOR SHARE, in id order (step 1): none can be
+ * deleted until the commit. Those that exist (a deleted one is not waited for, it is
+ * missing); lock before any row of a later step.
+ */
+export async function lockApplications(
+  tx: EntityManager,
+  tenantId: string,
+  ids: readonly string[],
+): Promise<string[]> {
+  if (ids.length === 0) return [];
+  const rows: { id: string }[] = await tx
+    .createQueryBuilder(Application)
+    .select("id")
+    .where({ id: { $in: [...ids] }, tenantId })
+    .orderBy({ id: "asc" })
+    .setLockMode(LockMode.PESSIMISTIC_READ)
+    .execute("all", false);
+  return rows.map((r) => r.id);
+}
+
+/**
+ * Lock the machine user `id` (step 2) before any of its rows (step 3): whether it still
+ * exists. Any mode makes a DeleteMachineUser (whose cascade takes those rows) wait for this
+ * transaction. "key share" lets a promotion (an UPDATE of its scopes) commit meanwhile, for
+ * the transaction's own assertScopesHold to see; "no key update" (UpdateMachineUser, whose
+ * UPDATE takes it anyway) also orders it with DeleteApplication's FOR SHARE.
+ */
+export async function lockMachineUser(
+  tx: EntityManager,
+  id: string,
+  mode: "key share" | "no key update",
+): Promise<boolean> {
+  const query = tx.createQueryBuilder(MachineUser).select("id").where({ id }).getKnexQuery();
+  // MikroORM's lock modes have neither (knex drops both on SQLite).
+  if (mode === "key share") query.forKeyShare();
+  else query.forNoKeyUpdate();
+  const rows = await tx.getConnection().execute(query, [], "all", tx.getTransactionContext());
+  return rows.length === 1;
+}
