@@ -1,9 +1,12 @@
+import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
+import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
 import {
   ADMIN_PASSWORD,
   clientFor,
@@ -12,6 +15,7 @@ import {
   type TestServer,
   withHeaders,
 } from "../helpers.js";
+import { adminLogin, authenticatedAs, clients, short } from "../machine-fixtures.js";
 import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
@@ -88,5 +92,77 @@ describe.each(DATABASES)("review 2026-12-11 (semantic) on $name", (db) => {
       /too many failed authentication attempts/,
     );
     expect(hashPool().stats().started).toBe(after);
+  });
+});
+
+describe.each(DATABASES)("review 2026-12-11 (semantic, machine tokens) on $name", (db) => {
+  let ts: TestServer;
+  let root: string;
+  let tenantId: string;
+  let verifierToken: string;
+  const cores: TesseraAuth[] = [];
+
+  beforeAll(async () => {
+    ts = await startTestServer(db);
+    root = await adminLogin(ts.connect());
+    const admin = clients(ts.connect(), root);
+    tenantId = (await admin.tenants.createTenant({ name: `rev8-${short()}` })).tenant!.id;
+    verifierToken = (
+      await admin.machines.createMachineUser({
+        tenantId,
+        name: `verifier-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["auth:verify"],
+      })
+    ).token;
+  }, 120_000);
+  afterAll(async () => {
+    for (const c of cores.splice(0)) c.close();
+    await ts?.close();
+  });
+
+  it("an access token issued before a rotation with a grace period ends with the grace period at a downstream service too (its answer is not cached past it)", async () => {
+    const admin = clients(ts.connect(), root);
+    const created = await admin.machines.createMachineUser({
+      tenantId,
+      name: `graced-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: ["workflows:read"],
+    });
+    const machineId = created.machineUser!.id;
+    const jwt = (await clients(ts.connect(), created.token).machines.issueAccessToken({})).accessToken;
+    const auth = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifierToken,
+      cache: { ttlSeconds: 300 },
+    });
+    cores.push(auth);
+    expect(await auth.ready(10_000)).toBe(true);
+    await expect(auth.authenticate(`Bearer ${jwt}`)).resolves.toMatchObject({ id: machineId });
+
+    const GRACE_SECONDS = 8;
+    const rotated = await admin.machines.rotateMachineUserCredentials({
+      id: machineId,
+      gracePeriodSeconds: GRACE_SECONDS,
+    });
+    const graceEnd = Number(rotated.previousCredentialsExpireAt!.seconds) * 1000;
+    // Within the grace period the token still works, at Tessera and downstream; the answer
+    // the downstream caches then must not outlive the grace period.
+    await expect
+      .poll(async () => {
+        const events = auth.stats().watch?.events ?? 0;
+        return events > 0 && (await auth.authenticate(`Bearer ${jwt}`)).id === machineId;
+      })
+      .toBe(true);
+    expect(Date.now()).toBeLessThan(graceEnd);
+    // Past it, Tessera refuses the token...
+    await expect
+      .poll(() => authenticatedAs(clients(ts.connect(), jwt).machines.checkAuthentication({})), {
+        timeout: (GRACE_SECONDS + 10) * 1000,
+      })
+      .toMatchObject({ reason: "TOKEN_REVOKED" });
+    // ...and so does the downstream service, whatever it cached.
+    await expect(auth.authenticate(`Bearer ${jwt}`)).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
   });
 });
