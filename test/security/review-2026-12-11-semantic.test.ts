@@ -165,4 +165,47 @@ describe.each(DATABASES)("review 2026-12-11 (semantic, machine tokens) on $name"
     // ...and so does the downstream service, whatever it cached.
     await expect(auth.authenticate(`Bearer ${jwt}`)).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
   });
+
+  it("a Basic pair in a rotation's grace period ends with it at a downstream service too (its answer is not cached past it)", async () => {
+    const admin = clients(ts.connect(), root);
+    const created = await admin.machines.createMachineUser({
+      tenantId,
+      name: `graced-basic-${short()}`,
+      authType: MachineAuthType.BASIC,
+      scopes: ["workflows:read"],
+    });
+    const machineId = created.machineUser!.id;
+    const header = `Basic ${Buffer.from(`${created.username}:${created.password}`).toString("base64")}`;
+    const auth = createTesseraAuth({
+      server: ts.server.url,
+      caFile: join(ts.certs.dir, "ca.crt"),
+      credential: verifierToken,
+      cache: { ttlSeconds: 300 },
+    });
+    cores.push(auth);
+    expect(await auth.ready(10_000)).toBe(true);
+    const GRACE_SECONDS = 8;
+    const rotated = await admin.machines.rotateMachineUserCredentials({
+      id: machineId,
+      gracePeriodSeconds: GRACE_SECONDS,
+    });
+    const graceEnd = Number(rotated.previousCredentialsExpireAt!.seconds) * 1000;
+    // Within the grace period the pair still works; the downstream caches Tessera's answer
+    // (once the rotation's events have arrived: each drops what it names).
+    await expect
+      .poll(async () => {
+        await auth.authenticate(header);
+        return auth.stats().cacheSize;
+      })
+      .toBe(1);
+    expect(Date.now()).toBeLessThan(graceEnd);
+    await expect
+      .poll(
+        () =>
+          authenticatedAs(clients(ts.connect(), { authorization: header }).machines.checkAuthentication({})),
+        { timeout: (GRACE_SECONDS + 10) * 1000 },
+      )
+      .toMatchObject({ reason: "TOKEN_REVOKED" });
+    await expect(auth.authenticate(header)).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+  });
 });
