@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { hashPool } from "../../src/auth/hash-pool.js";
 import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
 import {
@@ -15,7 +16,7 @@ import {
   type TestServer,
   withHeaders,
 } from "../helpers.js";
-import { adminLogin, authenticatedAs, clients, short } from "../machine-fixtures.js";
+import { adminLogin, authenticatedAs, basic, clients, short } from "../machine-fixtures.js";
 import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
@@ -103,7 +104,7 @@ describe.each(DATABASES)("review 2026-12-11 (semantic, machine tokens) on $name"
   const cores: TesseraAuth[] = [];
 
   beforeAll(async () => {
-    ts = await startTestServer(db);
+    ts = await startTestServer(db, { verification: { watchHeartbeatSeconds: 1 } });
     root = await adminLogin(ts.connect());
     const admin = clients(ts.connect(), root);
     tenantId = (await admin.tenants.createTenant({ name: `rev8-${short()}` })).tenant!.id;
@@ -207,5 +208,50 @@ describe.each(DATABASES)("review 2026-12-11 (semantic, machine tokens) on $name"
       )
       .toMatchObject({ reason: "TOKEN_REVOKED" });
     await expect(auth.authenticate(header)).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+  });
+
+  it("a WatchRevocations stream authenticated by a Basic pair in a rotation's grace period ends with the grace period", async () => {
+    const admin = clients(ts.connect(), root);
+    const created = await admin.machines.createMachineUser({
+      tenantId,
+      name: `graced-watcher-${short()}`,
+      authType: MachineAuthType.BASIC,
+      scopes: ["auth:verify"],
+    });
+    const GRACE_SECONDS = 6;
+    const rotated = await admin.machines.rotateMachineUserCredentials({
+      id: created.machineUser!.id,
+      gracePeriodSeconds: GRACE_SECONDS,
+    });
+    const graceEnd = Number(rotated.previousCredentialsExpireAt!.seconds) * 1000;
+    const watcher = createClient(
+      VerificationService,
+      withHeaders(ts.connect(), basic(created.username, created.password)),
+    );
+    const controller = new AbortController();
+    let heartbeats = 0;
+    // Ended by the server (Unavailable) once the pair no longer authenticates; without that,
+    // it would send heartbeats for as long as it is held open (cut here 10 s past the grace period).
+    const cut = setTimeout(() => controller.abort(), graceEnd + 10_000 - Date.now());
+    const ended = await (async () => {
+      try {
+        for await (const _ of watcher.watchRevocations({ cursor: "" }, { signal: controller.signal }))
+          heartbeats++;
+        return "ended";
+      } catch (err) {
+        return controller.signal.aborted ? "still open" : (err as { rawMessage?: string }).rawMessage;
+      } finally {
+        clearTimeout(cut);
+      }
+    })();
+    expect(heartbeats).toBeGreaterThan(0);
+    expect(ended).toMatch(/no longer authenticates/);
+    expect(Date.now()).toBeGreaterThanOrEqual(graceEnd);
+    // A new call with the pair is refused as the stream's end said.
+    await expect(
+      authenticatedAs(
+        clients(ts.connect(), basic(created.username, created.password)).machines.checkAuthentication({}),
+      ),
+    ).resolves.toMatchObject({ reason: "TOKEN_REVOKED" });
   });
 });
