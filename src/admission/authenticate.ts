@@ -61,7 +61,7 @@ export function authenticationRefusal(
   const token = credential !== null && credential.type !== "basic" ? credential.token : undefined;
   if (token !== undefined) {
     // A token already refused (a replayed forgery) is refused without any throw.
-    const known = authenticator.knownRefusal(credential);
+    const known = authenticator.knownRefusal(credential!);
     if (known !== undefined) return limits ? spendFailure(limits, state, known, deps.wider) : known;
   }
   if (limits === undefined) return verdictOf(authenticator, credential, state);
