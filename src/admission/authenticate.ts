@@ -56,9 +56,12 @@ export function authenticationRefusal(
   state: RequestState,
 ): unknown {
   const { authenticator, limits } = deps;
-  if (credential?.type === "bearer") {
+  // `Authorization: Bearer` and `X-API-Key` carry the same tokens: one path and one budget
+  // for both (an X-API-Key that skipped the reservation below reached PBKDF2 past the budget).
+  const token = credential !== null && credential.type !== "basic" ? credential.token : undefined;
+  if (token !== undefined) {
     // A token already refused (a replayed forgery) is refused without any throw.
-    const known = authenticator.knownRefusal(credential);
+    const known = authenticator.knownRefusal(credential!);
     if (known !== undefined) return limits ? spendFailure(limits, state, known, deps.wider) : known;
   }
   if (limits === undefined) return verdictOf(authenticator, credential, state);
@@ -76,10 +79,8 @@ export function authenticationRefusal(
   // guesser behind a NAT does not lock out everyone behind it. (A JWT verified before is
   // known as one without the regex over it, a measurable share of a call.)
   const verdict =
-    credential?.type === "bearer" &&
-    !authenticator.isKnownJwt(credential.token) &&
-    !JWT_SHAPE.test(credential.token)
-      ? knownCredential(deps, credential, state)
+    token !== undefined && !authenticator.isKnownJwt(token) && !JWT_SHAPE.test(token)
+      ? knownCredential(deps, credential!, state)
       : verdictOf(authenticator, credential, state);
   if (verdict instanceof Promise)
     return verdict.then((v: unknown) => withinBudget(deps, limits, credential, state, v));
@@ -95,7 +96,7 @@ function withinBudget(
   verdict: unknown,
 ): unknown {
   if (verdict === NEEDS_HASHING) {
-    const token = (credential as PresentedCredential & { type: "bearer" }).token;
+    const token = (credential as PresentedCredential & { type: "bearer" | "api-key" }).token;
     return verifyOnce(deps, credential!, state, `bearer\0${token}`, () => reserveTokenFailure(limits, state));
   }
   return spendFailure(limits, state, verdict, deps.wider);

@@ -88,7 +88,8 @@ export function createMachineBasicVerifier(options: MachineBasicVerifierOptions)
         });
       lastUsed.mark(MACHINE_CREDENTIALS_TABLE, credentialId);
       lastUsed.mark(MACHINE_USERS_TABLE, cred.machine.id);
-      return machinePrincipal(cred.machine, "basic", state, { credentialId });
+      // Its end (a rotation's grace period) told, as a machine token's is: no event announces it.
+      return machinePrincipal(cred.machine, "basic", state, { credentialId, expiresAt: cred.expiresAt });
     },
   };
 }

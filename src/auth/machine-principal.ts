@@ -313,6 +313,7 @@ export function createMachineClaimsLoader(
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its machine user");
     // iat has one-second resolution: a token from the rotation's own second counts as older
     // (fail closed); IssueAccessToken never issues in that second (see rotationSecondPassed).
+    let expiresAt = claims.exp * 1000;
     if (
       machine.rotatedAt !== null &&
       typeof claims.iat === "number" &&
@@ -320,10 +321,14 @@ export function createMachineClaimsLoader(
     ) {
       const cutoff = machine.rotationGraceUntil ?? machine.rotatedAt;
       if (now() >= cutoff) throw new TesseraError("TOKEN_REVOKED", "token predates a credential rotation");
+      // It ends with the grace period, which no event announces: what is told of its end (a
+      // VerifyCredential answer a downstream service caches, a WatchRevocations stream's
+      // deadline, introspection's exp) must say so, not the later `exp`.
+      expiresAt = Math.min(expiresAt, cutoff);
     }
     const extra: Parameters<typeof machinePrincipal>[3] = {
       scopes: intersectScopes(parseScopeString(claims.scope), machine.scopes),
-      expiresAt: claims.exp * 1000,
+      expiresAt,
     };
     if (typeof claims.iat === "number") extra.issuedAt = claims.iat * 1000;
     if (claims.cnf?.["x5t#S256"] !== undefined) extra.certificateBinding = claims.cnf["x5t#S256"];

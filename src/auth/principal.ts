@@ -45,7 +45,7 @@ export interface Principal {
   credentialId?: string;
   /** The verified client certificate of the connection, if any. */
   certificate?: PeerCertificateInfo | null;
-  /** Epoch ms at which the credential stops by itself (token expiry, JWT `exp`); null or absent: it does not. */
+  /** Epoch ms at which the credential stops by itself (token expiry, JWT `exp`, the end of a rotation's grace period); null or absent: it does not. */
   expiresAt?: number | null;
   /** Epoch ms at which a JWT was issued (`iat`). */
   issuedAt?: number;
