@@ -155,23 +155,28 @@ export function ageConnections(
   // The plaintext (h2c) server sees HTTP/1.1 and HTTP/2 alike on "connection"; its HTTP/2
   // sessions are aged above, and its HTTP/1.1 requests carry their socket.
   if (tls) server.on("secureConnection", onHttp1);
-  server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
-    if (req.httpVersion.startsWith("2")) return;
-    let state = http1.get(req.socket);
-    if (state === undefined && !tls) {
-      onHttp1(req.socket);
-      state = http1.get(req.socket);
-    }
-    if (state === undefined) return;
-    if (state.aged) {
-      res.setHeader("connection", "close");
-      return;
-    }
-    state.busy = res;
-    res.once("close", () => {
-      if (state.busy === res) state.busy = undefined;
-      // Aged while its response was already on its way: the connection ends with it.
-      if (state.aged && !req.socket.destroyed) req.socket.end();
-    });
-  });
+  // Prepended: the request handler may answer at once (/health, CORS preflight), and a header
+  // set after that throws ERR_HTTP_HEADERS_SENT out of the "request" event, uncaught.
+  server.prependListener(
+    "request",
+    (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
+      if (req.httpVersion.startsWith("2")) return;
+      let state = http1.get(req.socket);
+      if (state === undefined && !tls) {
+        onHttp1(req.socket);
+        state = http1.get(req.socket);
+      }
+      if (state === undefined) return;
+      if (state.aged) {
+        if (!res.headersSent) res.setHeader("connection", "close");
+        return;
+      }
+      state.busy = res;
+      res.once("close", () => {
+        if (state.busy === res) state.busy = undefined;
+        // Aged while its response was already on its way: the connection ends with it.
+        if (state.aged && !req.socket.destroyed) req.socket.end();
+      });
+    },
+  );
 }
