@@ -3,6 +3,8 @@ import type http2 from "node:http2";
 import https from "node:https";
 import { join } from "node:path";
 import tls from "node:tls";
+import v8 from "node:v8";
+import vm from "node:vm";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
@@ -451,6 +453,44 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
       agent.destroy();
     }
   });
+  it("keeps no finished call alive on a connection it will recycle", async () => {
+    // Up to 63 finished streams (~3.4 KB each) per connection stayed in a Set until it was
+    // pruned: hundreds of MB over thousands of connections. The age now reads the session's
+    // open streams from stream-bounds.ts, whose links are cleared when a stream closes.
+    ts = await startTestServer(SQLITE, { server: { maxConnectionAgeSeconds: 3600, idleTimeoutSeconds: 0 } });
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as () => void;
+    const finished: WeakRef<http2.ServerHttp2Stream>[] = [];
+    let closed = 0;
+    ts.server.server.on("stream", (stream: http2.ServerHttp2Stream) => {
+      finished.push(new WeakRef(stream));
+      stream.once("close", () => closed++);
+    });
+    const sessions = new Http2SessionManager(ts.server.url, {}, { ca: ts.certs.ca });
+    const client = createClient(
+      Health,
+      createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager: sessions }),
+    );
+    try {
+      for (let i = 0; i < 3; i++) await client.check({});
+      await expect.poll(() => closed).toBe(3);
+      // The connection is still open, and the age has not come.
+      expect(sessions.state()).not.toBe("closed");
+      await expect
+        .poll(
+          async () => {
+            await new Promise((resolve) => setImmediate(resolve));
+            gc();
+            return finished.filter((ref) => ref.deref() !== undefined).length;
+          },
+          { timeout: 10_000 },
+        )
+        .toBe(0);
+    } finally {
+      sessions.abort();
+    }
+  });
+
   it("survives a request on an aged HTTP/1.1 connection that the handler answers at once", async () => {
     // Aged while a streaming answer is under way (its headers sent), the connection stays
     // open; a request pipelined behind it is answered by the handler synchronously (/health),
