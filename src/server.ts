@@ -131,7 +131,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
   installTransport(server, handler);
   // A stream's close is told through the bounds' one "close" listener: a third listener on it
   // grew the pair events.js keeps them in, a copy per call that a pretenured pair kept alive.
-  const { connectionsFrom, openStreamsFrom } = boundConnections(
+  const { connectionsFrom, openStreamsFrom, openStreamsOf } = boundConnections(
     server,
     cfg,
     tls,
@@ -139,7 +139,7 @@ export async function startServer(app: App): Promise<TesseraServer> {
     callEnded,
   );
   // Recycled at server.maxConnectionAgeSeconds (connection-age.ts): GOAWAY, then cut after the grace.
-  ageConnections(server, cfg, tls);
+  ageConnections(server, cfg, tls, openStreamsOf);
   await new Promise<void>((resolve, reject) => {
     const fail = (err: Error) => reject(listenError(err, cfg));
     server.once("error", fail);

@@ -1,6 +1,10 @@
+import { once } from "node:events";
 import type http2 from "node:http2";
 import https from "node:https";
 import { join } from "node:path";
+import tls from "node:tls";
+import v8 from "node:v8";
+import vm from "node:vm";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
@@ -31,6 +35,18 @@ function grpcHealth(ts: TestServer) {
   const HealthClient = (grpc.loadPackageDefinition(def) as any).grpc.health.v1
     .Health as grpc.ServiceClientConstructor;
   return new HealthClient(`localhost:${ts.server.port}`, grpc.credentials.createSsl(ts.certs.ca));
+}
+
+/** GET /health on a new HTTP/1.1 connection: its status. */
+function fetchHealth(ts: TestServer): Promise<number> {
+  return new Promise((resolve, reject) => {
+    https
+      .get(`${ts.server.url}/health`, { ca: ts.certs.ca, agent: false }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      })
+      .on("error", reject);
+  });
 }
 
 /** Sessions the server accepted from now on. */
@@ -435,6 +451,88 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
       expect(second.socket).not.toBe(first.socket);
     } finally {
       agent.destroy();
+    }
+  });
+  it("keeps no finished call alive on a connection it will recycle", async () => {
+    // Up to 63 finished streams (~3.4 KB each) per connection stayed in a Set until it was
+    // pruned: hundreds of MB over thousands of connections. The age now reads the session's
+    // open streams from stream-bounds.ts, whose links are cleared when a stream closes.
+    ts = await startTestServer(SQLITE, { server: { maxConnectionAgeSeconds: 3600, idleTimeoutSeconds: 0 } });
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as () => void;
+    const finished: WeakRef<http2.ServerHttp2Stream>[] = [];
+    let closed = 0;
+    ts.server.server.on("stream", (stream: http2.ServerHttp2Stream) => {
+      finished.push(new WeakRef(stream));
+      stream.once("close", () => closed++);
+    });
+    const sessions = new Http2SessionManager(ts.server.url, {}, { ca: ts.certs.ca });
+    const client = createClient(
+      Health,
+      createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager: sessions }),
+    );
+    try {
+      for (let i = 0; i < 3; i++) await client.check({});
+      await expect.poll(() => closed).toBe(3);
+      // The connection is still open, and the age has not come.
+      expect(sessions.state()).not.toBe("closed");
+      await expect
+        .poll(
+          async () => {
+            await new Promise((resolve) => setImmediate(resolve));
+            gc();
+            return finished.filter((ref) => ref.deref() !== undefined).length;
+          },
+          { timeout: 10_000 },
+        )
+        .toBe(0);
+    } finally {
+      sessions.abort();
+    }
+  });
+
+  it("survives a request on an aged HTTP/1.1 connection that the handler answers at once", async () => {
+    // Aged while a streaming answer is under way (its headers sent), the connection stays
+    // open; a request pipelined behind it is answered by the handler synchronously (/health),
+    // and the age's "Connection: close" set after that threw out of the "request" event.
+    ts = await startTestServer(SQLITE, AGED);
+    const before = (await recycled(ts)).http1 ?? 0;
+    // The pipelined request's "request" event, seen by a listener that runs after the age's.
+    let pipelined = false;
+    ts.server.server.on("request", (req: http2.Http2ServerRequest) => {
+      if (req.httpVersion === "1.1" && req.url === "/health") pipelined = true;
+    });
+    const thrown: unknown[] = [];
+    const onUncaught = (err: unknown) => thrown.push(err);
+    process.on("uncaughtException", onUncaught);
+    const sock = tls.connect({
+      port: ts.server.port,
+      host: "127.0.0.1",
+      servername: "localhost",
+      ca: ts.certs.ca,
+      ALPNProtocols: ["http/1.1"],
+    });
+    try {
+      await once(sock, "secureConnect");
+      let got = "";
+      sock.on("data", (d: Buffer) => {
+        got += d.toString("latin1");
+      });
+      const body = Buffer.concat([Buffer.from([0, 0, 0, 0, 2]), Buffer.from("{}")]);
+      sock.write(
+        "POST /grpc.health.v1.Health/Watch HTTP/1.1\r\nHost: localhost\r\n" +
+          `Content-Type: application/connect+json\r\nContent-Length: ${body.length}\r\n\r\n`,
+      );
+      sock.write(body);
+      await expect.poll(() => got.includes("SERVING"), { timeout: 10_000 }).toBe(true);
+      await expect.poll(async () => (await recycled(ts!)).http1 ?? 0, { timeout: 10_000 }).toBe(before + 1);
+      sock.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+      await expect.poll(() => pipelined || thrown.length > 0, { timeout: 10_000 }).toBe(true);
+      const res = await fetchHealth(ts);
+      expect({ thrown: thrown.map(String), status: res }).toEqual({ thrown: [], status: 200 });
+    } finally {
+      process.off("uncaughtException", onUncaught);
+      sock.destroy();
     }
   });
 });

@@ -28,13 +28,10 @@ export function jitteredAge(ageMs: number, random: () => number = Math.random): 
 
 interface SessionAge {
   aged: boolean;
-  streams: Set<http2.ServerHttp2Stream>;
-  /** The set's size at which its closed streams are dropped. */
-  prune: number;
 }
 
 /** A stream the server has not finished answering: its END_STREAM is not queued yet. */
-function answering(stream: http2.ServerHttp2Stream): boolean {
+function answering(stream: http2.Http2Stream): boolean {
   return !stream.closed && !stream.destroyed && !stream.writableEnded;
 }
 
@@ -86,7 +83,9 @@ function goaway(session: http2.Http2Session, graceMs: number): void {
  * `maxConnectionAgeGraceSeconds` later, the session is destroyed with whatever streams it
  * still has (cancelled). HTTP/1.1: closed at once when idle, else its response in progress
  * says `Connection: close` (or, already sent, the connection ends with it). One timer per
- * connection; per call, a Set.add (nothing at all when the age is 0).
+ * connection; per call, a place in its session's open streams (`openStreamsOf`, kept by
+ * stream-bounds.ts, a link cleared when the stream closes: a Set of the streams kept up to 63
+ * finished calls, ~3.4 KB each, alive per connection). Nothing at all when the age is 0.
  *
  * The first GOAWAY is only ever sent with a call in progress on the session, queued ahead of
  * that call's END_STREAM: at the age if one is, else at the session's next call. connect-node
@@ -100,23 +99,23 @@ export function ageConnections(
   server: http2.Http2SecureServer | http2.Http2Server,
   cfg: Config["server"],
   tls: boolean,
+  openStreamsOf: (session: http2.Http2Session) => Iterable<http2.Http2Stream>,
 ): void {
   const ageMs = cfg.maxConnectionAgeSeconds * 1000;
   if (ageMs === 0) return;
   const graceMs = Math.min(cfg.maxConnectionAgeGraceSeconds * 1000, MAX_DELAY_MS);
-  // Per session: aged (its first GOAWAY is owed), and its streams not known closed (closed ones
-  // dropped whenever the set doubles: no listener on any stream, per call a Set.add).
+  // Per session: aged (its first GOAWAY is owed).
   const sessions = new WeakMap<http2.Http2Session, SessionAge>();
   const recycleNow = (session: http2.Http2Session) => {
     sessions.delete(session);
     goaway(session, graceMs);
   };
   server.on("session", (session: http2.Http2Session) => {
-    const state: SessionAge = { aged: false, streams: new Set(), prune: 64 };
+    const state: SessionAge = { aged: false };
     sessions.set(session, state);
     const recycle = setTimeout(() => {
       if (session.closed || session.destroyed) return;
-      for (const stream of state.streams) if (answering(stream)) return recycleNow(session);
+      for (const stream of openStreamsOf(session)) if (answering(stream)) return recycleNow(session);
       // No call in progress: the first GOAWAY waits for the session's next call (below).
       state.aged = true;
     }, jitteredAge(ageMs));
@@ -129,11 +128,7 @@ export function ageConnections(
   server.prependListener("stream", (stream: http2.ServerHttp2Stream) => {
     const state = stream.session === undefined ? undefined : sessions.get(stream.session);
     if (state === undefined) return;
-    if (state.aged) return recycleNow(stream.session!);
-    state.streams.add(stream);
-    if (state.streams.size < state.prune) return;
-    for (const s of state.streams) if (s.closed) state.streams.delete(s);
-    state.prune = Math.max(64, 2 * state.streams.size);
+    if (state.aged) recycleNow(stream.session!);
   });
   // HTTP/1.1 (allowHTTP1): the connection's birth and whether a request is in progress.
   const http1 = new WeakMap<Socket, { aged: boolean; busy: ServerResponse | undefined }>();
@@ -155,23 +150,28 @@ export function ageConnections(
   // The plaintext (h2c) server sees HTTP/1.1 and HTTP/2 alike on "connection"; its HTTP/2
   // sessions are aged above, and its HTTP/1.1 requests carry their socket.
   if (tls) server.on("secureConnection", onHttp1);
-  server.on("request", (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
-    if (req.httpVersion.startsWith("2")) return;
-    let state = http1.get(req.socket);
-    if (state === undefined && !tls) {
-      onHttp1(req.socket);
-      state = http1.get(req.socket);
-    }
-    if (state === undefined) return;
-    if (state.aged) {
-      res.setHeader("connection", "close");
-      return;
-    }
-    state.busy = res;
-    res.once("close", () => {
-      if (state.busy === res) state.busy = undefined;
-      // Aged while its response was already on its way: the connection ends with it.
-      if (state.aged && !req.socket.destroyed) req.socket.end();
-    });
-  });
+  // Prepended: the request handler may answer at once (/health, CORS preflight), and a header
+  // set after that throws ERR_HTTP_HEADERS_SENT out of the "request" event, uncaught.
+  server.prependListener(
+    "request",
+    (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
+      if (req.httpVersion.startsWith("2")) return;
+      let state = http1.get(req.socket);
+      if (state === undefined && !tls) {
+        onHttp1(req.socket);
+        state = http1.get(req.socket);
+      }
+      if (state === undefined) return;
+      if (state.aged) {
+        if (!res.headersSent) res.setHeader("connection", "close");
+        return;
+      }
+      state.busy = res;
+      res.once("close", () => {
+        if (state.busy === res) state.busy = undefined;
+        // Aged while its response was already on its way: the connection ends with it.
+        if (state.aged && !req.socket.destroyed) req.socket.end();
+      });
+    },
+  );
 }

@@ -26,7 +26,12 @@ export function boundConnections(
   tls: boolean,
   refusals?: { logger: RefusalLogger; clock: Clock },
   streamClosed?: () => void,
-): { connectionsFrom(ip: string): number; openStreamsFrom(ip: string): number } {
+): {
+  connectionsFrom(ip: string): number;
+  openStreamsFrom(ip: string): number;
+  /** A session's open streams (with `idleTimeoutSeconds` or `maxConnectionAgeSeconds` set; else none). */
+  openStreamsOf(session: http2.Http2Session): Iterable<http2.Http2Stream>;
+} {
   const refuse = refusalCounter(server, refusals);
   const open = new Map<string, number>();
   // By peer address and port: how a TLS socket finds its raw socket's count.
@@ -36,6 +41,8 @@ export function boundConnections(
   // per-stream listeners and timers are a cost every call pays, so each stream gets at most
   // one "close" listener and one timer.
   const { sessions: streamsOf, openStreamsFrom } = boundStreams(server, cfg, refuse, streamClosed);
+  const openStreamsOf = (session: http2.Http2Session): Iterable<http2.Http2Stream> =>
+    streamsOf.get(session)?.open ?? [];
   // net.Server closes connections past it as they are accepted (and says so: "drop").
   if (cfg.maxConnections > 0) {
     server.maxConnections = cfg.maxConnections;
@@ -99,7 +106,7 @@ export function boundConnections(
   }
   const connectionsFrom = (ip: string) => open.get(budgetKey(ip)) ?? 0;
   const idleMs = cfg.idleTimeoutSeconds * 1000;
-  if (idleMs === 0) return { connectionsFrom, openStreamsFrom };
+  if (idleMs === 0) return { connectionsFrom, openStreamsFrom, openStreamsOf };
   // The TLS socket of each HTTP/2 session (the session only hands out a proxy that cannot
   // destroy it): node:http2 emits "session" from its own "secureConnection" listener, which
   // runs before ours, so ours pairs the socket with the session made just before.
@@ -185,7 +192,7 @@ export function boundConnections(
       else if (session !== undefined && session.socket?.remotePort === socket.remotePort)
         socketOf.set(session, socket);
     });
-  return { connectionsFrom, openStreamsFrom };
+  return { connectionsFrom, openStreamsFrom, openStreamsOf };
 }
 
 /**

@@ -30,7 +30,7 @@ class PeerStreams {
 
 /** What the bounds keep per HTTP/2 session, found with one lookup per stream. */
 export interface SessionStreams {
-  /** Its open streams, for the idle timeout (connection-limits.ts), when there is one. */
+  /** Its open streams, for the idle timeout (connection-limits.ts) or the age (connection-age.ts), when there is one. */
   readonly open: OpenStreams | undefined;
   /** Its peer address's open streams, when `server.maxOpenStreamsPerIp` bounds them. */
   readonly peer: PeerStreams | undefined;
@@ -72,8 +72,9 @@ function ignoreRefusedStreamError(): void {}
  * stream still open `maxStreamSeconds` after it (a streaming call whose handler did not
  * end it first, as Health/Watch does with OK). One timer per stream, unref'd. Refuse a
  * stream past `maxOpenStreamsPerIp` open from its peer address (RST_STREAM REFUSED_STREAM,
- * counted by `refuse`). Keeps, per session, the open streams the idle timeout looks at
- * (when `idleTimeoutSeconds` is set), all with the same one "close" listener. Returns the
+ * counted by `refuse`). Keeps, per session, the open streams the idle timeout and the age look
+ * at (when `idleTimeoutSeconds` or `maxConnectionAgeSeconds` is set), all with the same one
+ * "close" listener. Returns the
  * sessions' state and the count of streams open from an address (0 when not bounded).
  */
 export function boundStreams(
@@ -86,7 +87,7 @@ export function boundStreams(
   const peers = new Map<string, PeerStreams>();
   const openStreamsFrom = (ip: string) => peers.get(budgetKey(ip))?.open ?? 0;
   const limit = cfg.maxOpenStreamsPerIp > 0 ? cfg.maxOpenStreamsPerIp : 0;
-  const idle = cfg.idleTimeoutSeconds > 0;
+  const idle = cfg.idleTimeoutSeconds > 0 || cfg.maxConnectionAgeSeconds > 0;
   if (limit > 0 || idle)
     server.on("session", (session: http2.Http2Session) => {
       let peer: PeerStreams | undefined;
