@@ -57,10 +57,11 @@ export class SqlitePoolQueue {
 
   /**
    * The connection once the holder and those queued before have let it go; `undefined` once
-   * the holder of the moment has held it `holdMs` (or the wait reached `maxWaitMs`), the acquire
+   * the holder of the moment has held it `holdMs` (or the wait reached `maxWaitMs`, by default
+   * the bounds'), the acquire
    * still pending then handed back when it comes; `null` when the pool refused (closing).
    */
-  async acquire(): Promise<unknown> {
+  async acquire(maxWaitMs = this.bounds.maxWaitMs): Promise<unknown> {
     const started = performance.now();
     if (started - this.heldSince >= this.bounds.holdMs) return undefined;
     const acquiring = this.client.acquireConnection().catch(() => null);
@@ -69,7 +70,7 @@ export class SqlitePoolQueue {
       // One timer per wait, moved on at each expiry to the holder of the moment's bound.
       const check = () => {
         const now = performance.now();
-        const due = Math.min(this.heldSince + this.bounds.holdMs, started + this.bounds.maxWaitMs);
+        const due = Math.min(this.heldSince + this.bounds.holdMs, started + maxWaitMs);
         if (now >= due) resolve(undefined);
         else timer = setTimeout(check, Math.ceil(due - now));
       };

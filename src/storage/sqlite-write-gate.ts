@@ -45,7 +45,11 @@ export class SqliteWriteGate {
   async run<T>(write: () => T): Promise<T> {
     if (!this.db.inTransaction) return write();
     // A refused acquire (null: the pool closing) is the old behaviour: the write runs and fails or not.
-    const conn = await this.queue.acquire();
+    // No cap on the whole wait: only a stuck holder (past the hold bound) may have a write join
+    // its transaction. A capped wait put writes into healthy transactions behind a burst once
+    // database.connectTimeoutMs was short (25 ms: 3 of 8), to be lost if they rolled back; the
+    // queue ahead is first in, first out, so the wait still ends.
+    const conn = await this.queue.acquire(Number.POSITIVE_INFINITY);
     if (conn !== undefined && conn !== null) {
       try {
         if (!this.db.inTransaction) return write();
