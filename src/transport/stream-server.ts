@@ -2,6 +2,7 @@ import type * as http from "node:http";
 import type * as http2 from "node:http2";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { UniversalHandler } from "@connectrpc/connect/protocol";
+import { boundDeadlineHeaders } from "./deadlines.js";
 import {
   destroy,
   discardBody,
@@ -264,6 +265,8 @@ export function serveCalls(
       return;
     }
     if (stock !== undefined) {
+      // Connect's handlers arm a timer for the client's deadline: one a timer can hold (deadlines.ts).
+      boundDeadlineHeaders(req.headers);
       stock(
         req as Exclude<NodeRequest, StreamRequest>,
         res!,
@@ -326,6 +329,7 @@ export function serveCalls(
     }
     if (res === undefined) throw new Error("a StreamRequest the unary handlers do not serve");
     setHeaders(res, common);
+    boundDeadlineHeaders(req.headers);
     handler(uReq)
       .then(
         (uRes) =>
