@@ -267,13 +267,20 @@ export function serveCalls(
     if (stock !== undefined) {
       // Connect's handlers arm a timer for the client's deadline: one a timer can hold (deadlines.ts).
       boundDeadlineHeaders(req.headers);
-      stock(
-        req as Exclude<NodeRequest, StreamRequest>,
-        res!,
-        handler.method,
-        protocol?.kind ?? protocolOf(req),
-        common,
-      );
+      // Thrown out of the request listener, an error would end the process (none is expected:
+      // see stock-adapter.ts for the one connect-node had): answered as the fast transport would.
+      try {
+        stock(
+          req as Exclude<NodeRequest, StreamRequest>,
+          res!,
+          handler.method,
+          protocol?.kind ?? protocolOf(req),
+          common,
+        );
+      } catch (err) {
+        const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
+        answerFailedCall(req, res, protocol, error, options, common);
+      }
       return;
     }
     const url = req.url ?? "";

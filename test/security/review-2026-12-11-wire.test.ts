@@ -1,7 +1,8 @@
-import type http2 from "node:http2";
+import http2 from "node:http2";
+import tls from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { POSTGRES, startTestServer, type TestServer } from "../helpers.js";
-import { envelope } from "./fixtures.js";
+import { envelope, within } from "./fixtures.js";
 
 /**
  * The adversarial review of 2026-12-11 of the wire side (transport, parsing, limits), against
@@ -122,6 +123,79 @@ describe("review 2026-12-11 (wire)", () => {
       stream.req.close();
       // process.emitWarning emits on the next tick of the call that armed the timer, long past.
       expect(warnings).toEqual([]);
+    });
+  });
+});
+
+/** What the server wrote back to `request`, sent raw over TLS (HTTP/1.x), until it closed the connection. */
+function rawHttp1(ts: TestServer, request: string): Promise<string> {
+  const { hostname, port } = new URL(ts.server.url);
+  return new Promise<string>((resolve, reject) => {
+    const socket = tls.connect({
+      host: hostname,
+      port: Number(port),
+      ca: ts.certs.ca,
+      servername: "localhost",
+    });
+    let answer = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => {
+      answer += chunk;
+    });
+    socket.on("close", () => resolve(answer));
+    socket.on("error", reject);
+    socket.on("secureConnect", () => socket.write(request));
+  });
+}
+
+describe.each(["connect", "fast"] as const)("review 2026-12-11 (wire), transport %s", (transport) => {
+  let ts: TestServer;
+  const uncaught: unknown[] = [];
+  const onUncaught = (err: unknown) => uncaught.push(err);
+
+  beforeAll(async () => {
+    ts = await startTestServer(POSTGRES, { server: { transport } });
+    process.prependListener("uncaughtException", onUncaught);
+  });
+  afterAll(async () => {
+    process.off("uncaughtException", onUncaught);
+    await ts?.close();
+  });
+
+  describe("a request whose authority is missing or does not parse as a URL's host", () => {
+    const LOGIN = "/tessera.v1.UserService/Login";
+    const body = JSON.stringify({ username: "nobody", password: "wrong" });
+    const post = (version: string, host: string | undefined) =>
+      `POST ${LOGIN} HTTP/${version}\r\n${host === undefined ? "" : `Host: ${host}\r\n`}` +
+      `Connection: close\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+
+    // connect-node's adapter threw from Node's request listener: the process ended (no
+    // uncaughtException handler in `tessera serve`), for one anonymous request.
+    it.each([
+      ["HTTP/1.0 without Host", "1.0", undefined],
+      ["HTTP/1.1 with Host `a b`", "1.1", "a b"],
+    ])("is served, not thrown out of the request listener: %s", async (_name, version, host) => {
+      const answer = await within(rawHttp1(ts, post(version, host)), 10_000, "no answer");
+      expect(answer).toMatch(/^HTTP\/1\.1 401 /);
+      expect(answer).toContain("CREDENTIALS_INVALID");
+      expect(uncaught).toEqual([]);
+    });
+
+    it("is served over HTTP/2 too (`:authority: [`, a Health/Watch stream)", async () => {
+      const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+      session.on("error", () => {});
+      try {
+        const watch = call(
+          session,
+          { ":path": WATCH, ":authority": "[", "content-type": "application/grpc", te: "trailers" },
+          envelope(0, new Uint8Array(0)),
+        );
+        await within(watch.first, 10_000, "no first answer");
+        expect(uncaught).toEqual([]);
+        watch.req.close();
+      } finally {
+        session.destroy();
+      }
     });
   });
 });
