@@ -14,6 +14,7 @@ import {
   type UnaryResponse as InterceptedResponse,
 } from "@connectrpc/connect";
 import { getAbortSignalReason } from "@connectrpc/connect/protocol";
+import { MAX_DEADLINE_MS } from "./deadlines.js";
 import type { UnaryProtocol, UnaryRequest, UnarySpec } from "./unary-core.js";
 
 /**
@@ -76,11 +77,13 @@ export class UnaryCall implements HandlerContext {
       this.timeoutMs = noDeadline;
       return;
     }
-    const deadline = Date.now() + timeoutMs;
+    // Past a timer's longest delay, held to it: a longer timer fires after 1 ms (deadlines.ts).
+    const bounded = Math.min(timeoutMs, MAX_DEADLINE_MS);
+    const deadline = Date.now() + bounded;
     this.timeoutMs = () => deadline - Date.now();
     const expire = () => this.abort(new ConnectError("the operation timed out", Code.DeadlineExceeded));
-    if (timeoutMs <= 0) expire();
-    else this.#timer = setTimeout(expire, timeoutMs);
+    if (bounded <= 0) expire();
+    else this.#timer = setTimeout(expire, bounded);
   }
 
   /**

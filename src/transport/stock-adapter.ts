@@ -94,6 +94,7 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
   }
 
   return (req, res, method, protocol, common) => {
+    parseableAuthority(req);
     setHeaders(res, common);
     if (maxBodyBytes !== Number.POSITIVE_INFINITY) limitBody(req, maxBodyBytes);
     const out = res as http2.Http2ServerResponse;
@@ -259,6 +260,25 @@ type Maybe<T> = T | Promise<T>;
 /** `f` of `value`, at once when it is not a promise (no microtask), else once it resolves. */
 function then<T, U>(value: Maybe<T>, f: (v: T) => U): Maybe<U> {
   return value instanceof Promise ? value.then(f) : f(value);
+}
+
+/**
+ * connect-node's adapter makes the request's URL from its authority (`new URL(path,
+ * "https://" + authority)`) in Node's request listener, and throws when there is none (an
+ * HTTP/1.0 request without Host) or it does not parse (`Host: a b`, `:authority: [`): thrown
+ * there, any anonymous client ended the process with one request. Such an authority is
+ * replaced by `localhost`, the one the fast transport puts in the call's URL then: the URL
+ * is read only by Connect GET (a query), and no call is served differently for it.
+ */
+function parseableAuthority(req: http.IncomingMessage | http2.Http2ServerRequest): void {
+  const http2 = "authority" in req;
+  const authority = http2 ? req.authority : req.headers.host;
+  if (authority !== undefined && URL.canParse(`https://${authority}`)) return;
+  if (http2) {
+    // Http2ServerRequest's `authority` reads these (`:authority`, else Host).
+    req.headers[":authority"] = "localhost";
+    delete req.headers.host;
+  } else req.headers.host = "localhost";
 }
 
 /** A Node request's headers read as fetch Headers' `get` reads them (repeats joined with ", "). */

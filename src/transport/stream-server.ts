@@ -2,6 +2,7 @@ import type * as http from "node:http";
 import type * as http2 from "node:http2";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { UniversalHandler } from "@connectrpc/connect/protocol";
+import { boundDeadlineHeaders } from "./deadlines.js";
 import {
   destroy,
   discardBody,
@@ -264,13 +265,22 @@ export function serveCalls(
       return;
     }
     if (stock !== undefined) {
-      stock(
-        req as Exclude<NodeRequest, StreamRequest>,
-        res!,
-        handler.method,
-        protocol?.kind ?? protocolOf(req),
-        common,
-      );
+      // Connect's handlers arm a timer for the client's deadline: one a timer can hold (deadlines.ts).
+      boundDeadlineHeaders(req.headers);
+      // Thrown out of the request listener, an error would end the process (none is expected:
+      // see stock-adapter.ts for the one connect-node had): answered as the fast transport would.
+      try {
+        stock(
+          req as Exclude<NodeRequest, StreamRequest>,
+          res!,
+          handler.method,
+          protocol?.kind ?? protocolOf(req),
+          common,
+        );
+      } catch (err) {
+        const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
+        answerFailedCall(req, res, protocol, error, options, common);
+      }
       return;
     }
     const url = req.url ?? "";
@@ -326,6 +336,7 @@ export function serveCalls(
     }
     if (res === undefined) throw new Error("a StreamRequest the unary handlers do not serve");
     setHeaders(res, common);
+    boundDeadlineHeaders(req.headers);
     handler(uReq)
       .then(
         (uRes) =>
