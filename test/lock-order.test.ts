@@ -1,11 +1,13 @@
 import { randomBytes } from "node:crypto";
 import { ConnectError, type Transport } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import type { Knex } from "@mikro-orm/knex";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { POSTGRES, startTestServer, type TestServer } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
+import { mintBackend } from "./security/fixtures.js";
 
 /**
  * DeleteApplication against UpdateMachineUser and DeleteMachineUser on PostgreSQL, each pair
@@ -26,7 +28,11 @@ describe("lock order on PostgreSQL", () => {
   beforeAll(async () => {
     // Waits are bounded by the conditions below, not by the 5 s statement timeout (a loaded
     // machine could take longer than that to get the second RPC to its lock).
-    ts = await startTestServer(POSTGRES, { database: { statementTimeoutMs: 60_000 } });
+    // mTLS optional: a bind over a connection presenting the certificate proves possession.
+    ts = await startTestServer(POSTGRES, {
+      server: { mtls: "optional" },
+      database: { statementTimeoutMs: 60_000 },
+    });
     t = ts.connect();
     root = clients(t, await adminLogin(t));
     knex = ts.app.storage.em.getConnection().getKnex();
@@ -233,5 +239,36 @@ describe("lock order on PostgreSQL", () => {
     // (its new credential's foreign key), which the deletion held while its cascade waited
     // for the credentials.
     expect(result).toEqual(["done", "NOT_FOUND"]);
+  });
+
+  it("a deletion of a machine user and a proven bind displacing its unproven binding do not deadlock", async () => {
+    // The squatter's unproven binding of a certificate's fingerprint, in this tenant.
+    const squatter = await machineUser([]);
+    const backend = await mintBackend(ts, `spiffe://lock-order.example/${short()}`);
+    const identity = { case: "sha256Fingerprint" as const, value: backend.fingerprint };
+    await root.machines.bindCertificate({ machineUserId: squatter.id, identity });
+    // The certificate's holder, in another tenant, binds it over a connection presenting it.
+    const { tenant } = await root.tenants.createTenant({ name: `tenant-${short()}` });
+    const owner = await root.machines.createMachineUser({
+      name: `mu-${short()}`,
+      authType: MachineAuthType.BEARER,
+      scopes: [],
+      tenantId: tenant!.id,
+    });
+    const presenting = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
+    });
+    const token = await adminLogin(t);
+    // Before: the bind deleted the squatter's binding, then waited for its row (the revocation
+    // cut-off); the deletion's cascade then waited for the binding (503 after deadlock_timeout).
+    const result = await againstDeletion(squatter.id, "for update", () =>
+      clients(presenting, token).machines.bindCertificate({
+        machineUserId: owner.machineUser!.id,
+        identity,
+      }),
+    );
+    expect(result).toEqual(["done", "done"]);
   });
 });

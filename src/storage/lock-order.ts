@@ -14,7 +14,8 @@ import { Application, MachineUser } from "./machine-entities.js";
  *      foreign-key check of a new assignment (CreateMachineUser) or backend (RegisterBackend);
  *   2. machine users, in id order: locked ({@link lockMachineUser}) before their rows are
  *      touched by UpdateMachineUser (assignments), RotateMachineUserCredentials
- *      (credentials) and UnbindCertificate (bindings); DeleteMachineUser's DELETE;
+ *      (credentials), UnbindCertificate and BindCertificate's displacement (bindings);
+ *      DeleteMachineUser's DELETE;
  *      DeleteApplication FOR SHARE on those it changes (assigned, or owning a backend on it);
  *   3. their rows: assignments, backends (DeleteApplication FOR UPDATE, DeregisterBackend's
  *      DELETE, a RegisterBackend take-over's UPDATE), credentials, certificate bindings, and
@@ -22,9 +23,9 @@ import { Application, MachineUser } from "./machine-entities.js";
  *
  * The steps back: a take-over's UPDATE (3) checks its new owner's key (FOR KEY SHARE on 2),
  * which waits only for a FOR UPDATE or DELETE of that machine user, whose holders wait for
- * none of another owner's backends; BindCertificate displacing another machine user's
- * unproven binding deletes it (3), then writes that machine user's cut-off (2): not yet in
- * this order. UpdateTenant (disable) locks only the tenant's row (FOR NO KEY UPDATE: the KEY
+ * none of another owner's backends. BindCertificate displacing another machine user's
+ * unproven binding locks that machine user (2) before it deletes the binding (3) and writes
+ * the machine user's cut-off. UpdateTenant (disable) locks only the tenant's row (FOR NO KEY UPDATE: the KEY
  * SHARE checks of its children do not wait for it). DeleteApplication finds the machine
  * users of 2 by reading 3 unlocked (with its row FOR UPDATE, nothing can be assigned to or
  * registered on it), and refuses (FailedPrecondition) if a backend changed owner before it

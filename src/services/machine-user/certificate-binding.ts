@@ -170,7 +170,10 @@ export function certificateBindingHandlers(
         await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
           // Only while it is still unproven: two provers racing for one identity, the loser
           // meets the unique constraint below (AlreadyExists), never displaces the winner.
-          if (displaced)
+          // The displaced binding's machine user before its binding (storage/lock-order.ts): a
+          // DeleteMachineUser of it holds its row, then deletes its bindings. Gone meanwhile,
+          // its binding went with it.
+          if (displaced && (await lockMachineUser(tx, displaced.binding.machineUserId, "key share")))
             removed = await tx.nativeDelete(MachineUserCertificate, {
               id: displaced.binding.id,
               proven: false,
