@@ -30,7 +30,7 @@ export const databaseSchema = z
     connectTimeoutMs: z.number().int().positive().max(120_000).default(5_000).register(configKeys, {
       env: "TESSERA_DATABASE_CONNECT_TIMEOUT_MS",
       description:
-        "Longest wait for a database connection. PostgreSQL: for a new connection (TCP and start-up) and for a free pooled connection; past it the call is answered Unavailable. SQLite: for its one connection while other requests' transactions hold it (each 1 s at most); past it a state read is answered Unavailable. A write outside the ORM (audit, last-used times) waits its turn however long the queue, and runs inside an open transaction only once that one has held the connection past 1 s.",
+        "Longest wait for a database connection. PostgreSQL: for a new connection (TCP and start-up) and for a free pooled connection; past it the call is answered Unavailable. SQLite: for its one connection while other requests' transactions hold it (each 1 s at most); past it a state read is answered Unavailable. A write outside the ORM (audit, last-used times) waits its turn (the pool's own bound, 60 s, at most), and runs inside an open transaction only once that one has held the connection past 1 s (or past that bound).",
     }),
     barrierTimeoutMs: z.number().int().positive().max(60_000).default(1_000).register(configKeys, {
       env: "TESSERA_STATE_BARRIER_TIMEOUT_MS",

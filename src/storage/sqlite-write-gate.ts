@@ -48,7 +48,7 @@ export class SqliteWriteGate {
     // No cap on the whole wait: only a stuck holder (past the hold bound) may have a write join
     // its transaction. A capped wait put writes into healthy transactions behind a burst once
     // database.connectTimeoutMs was short (25 ms: 3 of 8), to be lost if they rolled back; the
-    // queue ahead is first in, first out, so the wait still ends.
+    // queue ahead is first in, first out, so the wait still ends (knex's pool gives up at 60 s).
     const conn = await this.queue.acquire(Number.POSITIVE_INFINITY);
     if (conn !== undefined && conn !== null) {
       try {
