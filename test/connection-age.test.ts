@@ -1,6 +1,7 @@
 import { once } from "node:events";
 import type http2 from "node:http2";
 import https from "node:https";
+import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
 import v8 from "node:v8";
@@ -622,6 +623,33 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     } finally {
       process.off("uncaughtException", onUncaught);
       h1.sock.destroy();
+    }
+  });
+});
+
+describe("connection age on the plaintext development server", () => {
+  it("has no HTTP/1.1 connection to age: Node's h2c server answers HTTP/1.1 with HTTP/2", async () => {
+    // connection-age.ts ages HTTP/1.1 over TLS only. Should Node ever serve HTTP/1.1 on its
+    // plaintext server (allowHTTP1), this fails: age those connections from "connection" then.
+    const ts = await startTestServer(SQLITE, { server: { insecurePlaintext: true, ...AGED.server } });
+    const sock = net.connect({ port: ts.server.port, host: "127.0.0.1" });
+    try {
+      sock.on("error", () => undefined);
+      let got = Buffer.alloc(0);
+      sock.on("data", (d: Buffer) => {
+        got = Buffer.concat([got, d]);
+      });
+      await once(sock, "connect");
+      sock.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+      await once(sock, "close");
+      // An HTTP/2 SETTINGS frame (type 4 at byte 3), never an HTTP/1.1 status line.
+      expect({ http1: got.toString("latin1").startsWith("HTTP/1"), frame: got[3] }).toEqual({
+        http1: false,
+        frame: 4,
+      });
+    } finally {
+      sock.destroy();
+      await ts.close();
     }
   });
 });
