@@ -1,6 +1,7 @@
 import { once } from "node:events";
 import type http2 from "node:http2";
 import https from "node:https";
+import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
 import v8 from "node:v8";
@@ -47,6 +48,38 @@ function fetchHealth(ts: TestServer): Promise<number> {
       })
       .on("error", reject);
   });
+}
+
+/** A raw HTTP/1.1 connection over TLS: its socket, and what it read so far. */
+async function http1Socket(ts: TestServer) {
+  const sock = tls.connect({
+    port: ts.server.port,
+    host: "127.0.0.1",
+    servername: "localhost",
+    ca: ts.certs.ca,
+    ALPNProtocols: ["http/1.1"],
+  });
+  sock.on("error", () => undefined);
+  let got = "";
+  sock.on("data", (d: Buffer) => {
+    got += d.toString("latin1");
+  });
+  // When it closed (listened to from the start: a loaded machine may get there before the test).
+  const closed = once(sock, "close").then(() => Date.now());
+  await once(sock, "secureConnect");
+  return { sock, got: () => got, closed };
+}
+
+/** Health/Watch over Connect on HTTP/1.1 (a server stream: it stays open until cancelled). */
+function watchRequest(): Buffer {
+  const body = Buffer.concat([Buffer.from([0, 0, 0, 0, 2]), Buffer.from("{}")]);
+  return Buffer.concat([
+    Buffer.from(
+      "POST /grpc.health.v1.Health/Watch HTTP/1.1\r\nHost: localhost\r\n" +
+        `Content-Type: application/connect+json\r\nContent-Length: ${body.length}\r\n\r\n`,
+    ),
+    body,
+  ]);
 }
 
 /** Sessions the server accepted from now on. */
@@ -491,11 +524,87 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     }
   });
 
-  it("survives a request on an aged HTTP/1.1 connection that the handler answers at once", async () => {
-    // Aged while a streaming answer is under way (its headers sent), the connection stays
-    // open; a request pipelined behind it is answered by the handler synchronously (/health),
-    // and the age's "Connection: close" set after that threw out of the "request" event.
-    ts = await startTestServer(SQLITE, AGED);
+  it("ends an HTTP/1.1 streaming answer still open at the age once the grace is over, and no sooner", async () => {
+    // maxConnectionAgeGraceSeconds applied to HTTP/2 only: an HTTP/1.1 connection carrying a
+    // server stream (Health/Watch over Connect) was never recycled.
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 2 },
+    });
+    const before = (await recycled(ts)).http1 ?? 0;
+    // Before the connection: the server's age counts from its handshake, no sooner.
+    const opened = Date.now();
+    const h1 = await http1Socket(ts);
+    try {
+      h1.sock.write(watchRequest());
+      await expect.poll(() => h1.got().includes("SERVING"), { timeout: 10_000 }).toBe(true);
+      await expect.poll(async () => (await recycled(ts!)).http1 ?? 0, { timeout: 10_000 }).toBe(before + 1);
+      const aged = Date.now() - opened;
+      // Bounded: without the grace the answer stays open for ever.
+      const ended = await new Promise<number>((resolve) => {
+        h1.closed.then((at) => resolve(at - opened));
+        setTimeout(() => resolve(Number.POSITIVE_INFINITY), 10_000).unref();
+      });
+      // The grace runs from the age (which the poll saw at most its interval late).
+      expect(ended).toBeGreaterThanOrEqual(900 + 2000 - 50);
+      expect(ended).toBeLessThan(aged + 2000 + 3000);
+    } finally {
+      h1.sock.destroy();
+    }
+  });
+
+  it("does not process a request pipelined behind the last answer of an aged HTTP/1.1 connection", async () => {
+    // The answer in progress at the age says "Connection: close", and Node ends the connection
+    // after it; a request pipelined behind it was still handed to the handler, its answer never
+    // sent: a client retrying it, as it may (RFC 9112 9.3.2), ran it twice. RFC 9112 9.6: not
+    // processed at all, and the client sees the close without an answer. A long grace: the
+    // connection ends with that answer, not cut before it.
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 30 },
+    });
+    const before = (await recycled(ts)).http1 ?? 0;
+    const processed: string[] = [];
+    ts.server.server.on("request", (req: http2.Http2ServerRequest) => {
+      if (req.httpVersion === "1.1") processed.push(req.url);
+    });
+    const h1 = await http1Socket(ts);
+    try {
+      // A unary call whose body is held: in progress, its answer not begun, across the age.
+      const body = Buffer.from("{}");
+      h1.sock.write(
+        "POST /grpc.health.v1.Health/Check HTTP/1.1\r\nHost: localhost\r\n" +
+          `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`,
+      );
+      await expect.poll(() => processed.length, { timeout: 10_000 }).toBe(1);
+      await expect.poll(async () => (await recycled(ts!)).http1 ?? 0, { timeout: 10_000 }).toBe(before + 1);
+      // Its body, and a second request pipelined behind it, in one write.
+      h1.sock.write(Buffer.concat([body, Buffer.from("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")]));
+      await h1.closed;
+      const answers = h1.got().match(/^HTTP\/1\.1 \d+/gm) ?? [];
+      expect({
+        answers,
+        close: /\r\nconnection: close\r\n/i.test(h1.got()),
+        serving: h1.got().includes("SERVING"),
+        processed,
+      }).toEqual({
+        answers: ["HTTP/1.1 200"],
+        close: true,
+        serving: true,
+        processed: ["/grpc.health.v1.Health/Check"],
+      });
+    } finally {
+      h1.sock.destroy();
+    }
+  });
+
+  it("survives a request on an aged HTTP/1.1 connection that the handler would answer at once, and does not process it", async () => {
+    // Aged while a streaming answer is under way (its headers sent), the connection ends after
+    // the grace; a request pipelined behind it was answered by the handler synchronously
+    // (/health), and the age's "Connection: close" set after that threw out of the "request"
+    // event. It is now not processed at all (its answer could never be sent). The grace long
+    // enough for the pipelined request to reach the connection before the cut.
+    ts = await startTestServer(SQLITE, {
+      server: { maxConnectionAgeSeconds: 1, maxConnectionAgeGraceSeconds: 3 },
+    });
     const before = (await recycled(ts)).http1 ?? 0;
     // The pipelined request's "request" event, seen by a listener that runs after the age's.
     let pipelined = false;
@@ -505,34 +614,52 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
     const thrown: unknown[] = [];
     const onUncaught = (err: unknown) => thrown.push(err);
     process.on("uncaughtException", onUncaught);
-    const sock = tls.connect({
-      port: ts.server.port,
-      host: "127.0.0.1",
-      servername: "localhost",
-      ca: ts.certs.ca,
-      ALPNProtocols: ["http/1.1"],
-    });
+    const h1 = await http1Socket(ts);
     try {
-      await once(sock, "secureConnect");
-      let got = "";
-      sock.on("data", (d: Buffer) => {
-        got += d.toString("latin1");
-      });
-      const body = Buffer.concat([Buffer.from([0, 0, 0, 0, 2]), Buffer.from("{}")]);
-      sock.write(
-        "POST /grpc.health.v1.Health/Watch HTTP/1.1\r\nHost: localhost\r\n" +
-          `Content-Type: application/connect+json\r\nContent-Length: ${body.length}\r\n\r\n`,
-      );
-      sock.write(body);
-      await expect.poll(() => got.includes("SERVING"), { timeout: 10_000 }).toBe(true);
+      h1.sock.write(watchRequest());
+      await expect.poll(() => h1.got().includes("SERVING"), { timeout: 10_000 }).toBe(true);
       await expect.poll(async () => (await recycled(ts!)).http1 ?? 0, { timeout: 10_000 }).toBe(before + 1);
-      sock.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
-      await expect.poll(() => pipelined || thrown.length > 0, { timeout: 10_000 }).toBe(true);
+      expect(h1.sock.destroyed).toBe(false);
+      h1.sock.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+      await h1.closed;
+      const processed = pipelined;
+      // The server still answers (a new connection's /health).
       const res = await fetchHealth(ts);
-      expect({ thrown: thrown.map(String), status: res }).toEqual({ thrown: [], status: 200 });
+      expect({ thrown: thrown.map(String), pipelined: processed, status: res }).toEqual({
+        thrown: [],
+        pipelined: false,
+        status: 200,
+      });
     } finally {
       process.off("uncaughtException", onUncaught);
+      h1.sock.destroy();
+    }
+  });
+});
+
+describe("connection age on the plaintext development server", () => {
+  it("has no HTTP/1.1 connection to age: Node's h2c server answers HTTP/1.1 with HTTP/2", async () => {
+    // connection-age.ts ages HTTP/1.1 over TLS only. Should Node ever serve HTTP/1.1 on its
+    // plaintext server (allowHTTP1), this fails: age those connections from "connection" then.
+    const ts = await startTestServer(SQLITE, { server: { insecurePlaintext: true, ...AGED.server } });
+    const sock = net.connect({ port: ts.server.port, host: "127.0.0.1" });
+    try {
+      sock.on("error", () => undefined);
+      let got = Buffer.alloc(0);
+      sock.on("data", (d: Buffer) => {
+        got = Buffer.concat([got, d]);
+      });
+      await once(sock, "connect");
+      sock.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+      await once(sock, "close");
+      // An HTTP/2 SETTINGS frame (type 4 at byte 3), never an HTTP/1.1 status line.
+      expect({ http1: got.toString("latin1").startsWith("HTTP/1"), frame: got[3] }).toEqual({
+        http1: false,
+        frame: 4,
+      });
+    } finally {
       sock.destroy();
+      await ts.close();
     }
   });
 });

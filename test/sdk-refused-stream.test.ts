@@ -1,7 +1,16 @@
-import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
-import { describe, expect, it } from "vitest";
+import http2 from "node:http2";
+import {
+  Code,
+  ConnectError,
+  createClient,
+  createRouterTransport,
+  type Interceptor,
+} from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { retryRefusedStream } from "../src/sdk/refused-stream.js";
+import { refusedStream, retryRefusedStream } from "../src/sdk/refused-stream.js";
+import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
 
 /** What connect-node throws for a stream the server refused (RST_STREAM or past a GOAWAY's last stream). */
 function refused(): ConnectError {
@@ -9,6 +18,14 @@ function refused(): ConnectError {
     code: "ERR_HTTP2_STREAM_ERROR",
   });
   return new ConnectError(cause.message, Code.Internal, undefined, undefined, cause);
+}
+
+/**
+ * What connect-node 2.1.2 throws when the stream closed with REFUSED_STREAM and no "error"
+ * event came first (its "close" listener: connectErrorFromH2ResetCode).
+ */
+function refusedOnClose(): ConnectError {
+  return new ConnectError("http/2 stream closed with error code REFUSED_STREAM (0x7)", Code.Unavailable);
 }
 
 /** A Health client whose first `failures` calls fail on the way out with `error()`, as the HTTP/2 layer would. */
@@ -45,9 +62,149 @@ describe("the SDK's retry of a refused HTTP/2 stream", () => {
     expect(calls()).toBe(2);
   });
 
+  it("sends a unary call again once when connect-node reports the refusal from the stream's close", async () => {
+    const { client, calls } = failingFirst(1, refusedOnClose);
+    expect((await client.check({})).status).toBe(1);
+    expect(calls()).toBe(2);
+  });
+
   it("does not retry any other failure", async () => {
     const { client, calls } = failingFirst(1, () => new ConnectError("down", Code.Unavailable));
     await expect(client.check({})).rejects.toThrow(/down/);
     expect(calls()).toBe(1);
   });
+
+  it("recognises no failure of a call that may have run", () => {
+    const sessionError = Object.assign(new Error("Session closed with error code 2"), {
+      code: "ERR_HTTP2_SESSION_ERROR",
+    });
+    const closedWith = (name: string, code: Code) =>
+      new ConnectError(`http/2 stream closed with error code ${name}`, code);
+    // A server's own error in the same words: it carries its answer's headers.
+    const fromServer = new ConnectError(refusedOnClose().rawMessage, Code.Unavailable, {
+      "content-type": "application/json",
+    });
+    expect([
+      refusedStream(refused()),
+      refusedStream(refusedOnClose()),
+      // A GOAWAY with an error code fails every stream of its session alike, run or not.
+      refusedStream(
+        new ConnectError(sessionError.message, Code.Internal, undefined, undefined, sessionError),
+      ),
+      refusedStream(closedWith("CANCEL (0x8)", Code.Canceled)),
+      refusedStream(closedWith("INTERNAL_ERROR (0x2)", Code.Internal)),
+      refusedStream(fromServer),
+      refusedStream(new ConnectError(refusedOnClose().rawMessage, Code.Internal)),
+      refusedStream(new ConnectError("down", Code.Unavailable)),
+    ]).toEqual([true, true, false, false, false, false, false, false]);
+  });
+});
+
+/**
+ * Over TLS, the real server refusing a stream: past `server.maxOpenStreamsPerIp` it resets it
+ * with REFUSED_STREAM before any of its call runs. Every form connect-node gives it is retried.
+ */
+describe("the SDK's retry of a stream the server refused, over TLS", () => {
+  let ts: TestServer;
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, {
+      server: { maxOpenStreamsPerIp: 1, requestTimeoutSeconds: 120, idleTimeoutSeconds: 120 },
+    });
+  });
+  afterAll(async () => ts?.close());
+
+  /** Hold the address's one stream (a unary call whose body never comes). */
+  async function holdTheStream(): Promise<() => Promise<void>> {
+    const session = http2.connect(ts.server.url, { ca: ts.certs.ca });
+    session.on("error", () => undefined);
+    const stream = session.request(
+      {
+        ":method": "POST",
+        ":path": "/grpc.health.v1.Health/Check",
+        "content-type": "application/grpc",
+        te: "trailers",
+      },
+      { endStream: false },
+    );
+    stream.on("error", () => undefined);
+    stream.resume();
+    await expect.poll(() => ts.server.openStreamsFrom("127.0.0.1"), { timeout: 10_000 }).toBe(1);
+    return async () => {
+      session.destroy();
+      await expect.poll(() => ts.server.openStreamsFrom("127.0.0.1"), { timeout: 10_000 }).toBe(0);
+    };
+  }
+
+  /** Under the retry: the failures seen, the stream released at the first. */
+  function releasing(release: () => Promise<void>, seen: unknown[]): Interceptor {
+    return (next) => async (req) => {
+      try {
+        return await next(req);
+      } catch (err) {
+        seen.push(err);
+        if (seen.length === 1) await release();
+        throw err;
+      }
+    };
+  }
+
+  /**
+   * connect-node's session manager; with `closeOnly`, a refused stream's "error" event is not
+   * emitted (as a runtime may close it with no error event), so connect-node reports the
+   * refusal from the stream's "close" and its rstCode.
+   */
+  class Sessions extends Http2SessionManager {
+    constructor(private readonly closeOnly: boolean) {
+      super(ts.server.url, {}, { ca: ts.certs.ca });
+    }
+    override async request(...args: Parameters<Http2SessionManager["request"]>) {
+      const stream = await super.request(...args);
+      if (this.closeOnly) {
+        const emit = stream.emit.bind(stream);
+        stream.emit = ((event: string, ...rest: unknown[]) => {
+          const err = rest[0] as { code?: string } | undefined;
+          if (event === "error" && err?.code === "ERR_HTTP2_STREAM_ERROR") return false;
+          return emit(event, ...rest);
+        }) as typeof stream.emit;
+      }
+      return stream;
+    }
+  }
+
+  for (const [form, closeOnly, expected] of [
+    [
+      "Internal, Node's stream error as its cause",
+      false,
+      { code: Code.Internal, cause: "ERR_HTTP2_STREAM_ERROR" },
+    ],
+    ["Unavailable, no cause (the stream's close)", true, { code: Code.Unavailable, cause: undefined }],
+  ] as const)
+    for (const protocol of ["connect", "grpc"] as const)
+      it(`retries a unary call refused with REFUSED_STREAM, reported as ${form} (${protocol})`, async () => {
+        const release = await holdTheStream();
+        const seen: unknown[] = [];
+        const sessions = new Sessions(closeOnly);
+        const options = {
+          baseUrl: ts.server.url,
+          sessionManager: sessions,
+          interceptors: [retryRefusedStream, releasing(release, seen)],
+        };
+        const transport =
+          protocol === "connect"
+            ? createConnectTransport({ ...options, httpVersion: "2" })
+            : createGrpcTransport(options);
+        try {
+          const res = await createClient(Health, transport).check({});
+          expect(res.status).toBe(1);
+          expect(
+            seen.map((e) => ({
+              code: (e as ConnectError).code,
+              cause: ((e as ConnectError).cause as { code?: string })?.code,
+            })),
+          ).toEqual([expected]);
+        } finally {
+          sessions.abort();
+          await release().catch(() => undefined);
+        }
+      });
 });

@@ -116,7 +116,7 @@ export const serverSchema = z
     maxConnectionAgeSeconds: z.number().int().min(0).max(TIMER_MAX_SECONDS).default(0).register(configKeys, {
       env: "TESSERA_MAX_CONNECTION_AGE_SECONDS",
       description:
-        "Recycle a connection once it is this old (± 10 %, so connections opened together do not all reconnect together), as gRPC's MaxConnectionAge: behind an L4 load balancer, long-lived connections otherwise pin clients to the instance they first reached, and a new or restarted instance gets none of them. HTTP/2: GOAWAY (calls in flight finish, clients open a new connection for the next ones), sent only with a call in progress, so a connection idle at its age is recycled at its next call; HTTP/1.1: closed when idle, else after its response (Connection: close). Counted in tessera_connections_recycled_total. Behind an L4 load balancer, a few minutes to an hour (e.g. 1800). 0: connections live as long as they are used.",
+        "Recycle a connection once it is this old (± 10 %, so connections opened together do not all reconnect together), as gRPC's MaxConnectionAge: behind an L4 load balancer, long-lived connections otherwise pin clients to the instance they first reached, and a new or restarted instance gets none of them. HTTP/2: GOAWAY (calls in flight finish, clients open a new connection for the next ones), sent only with a call in progress, so a connection idle at its age is recycled at its next call; HTTP/1.1: closed when idle, else after its response (Connection: close; a request pipelined behind it is not processed) or the grace. Counted in tessera_connections_recycled_total. Behind an L4 load balancer, a few minutes to an hour (e.g. 1800). 0: connections live as long as they are used.",
     }),
     // A minute: unary calls finish long before it; streaming calls are cut after it anyway.
     maxConnectionAgeGraceSeconds: z
@@ -128,7 +128,7 @@ export const serverSchema = z
       .register(configKeys, {
         env: "TESSERA_MAX_CONNECTION_AGE_GRACE_SECONDS",
         description:
-          "After server.maxConnectionAgeSeconds sent its GOAWAY: seconds the calls still open on the connection get to finish; then it is closed and what is left is cancelled (streaming calls, e.g. Health/Watch and WatchRevocations, whose clients reconnect and resume).",
+          "After server.maxConnectionAgeSeconds sent its GOAWAY (HTTP/1.1: found a response under way): seconds the calls still open on the connection get to finish; then it is closed and what is left is cancelled (streaming calls, e.g. Health/Watch and WatchRevocations, whose clients reconnect and resume).",
       }),
     maxConnections: z.number().int().min(0).default(10_000).register(configKeys, {
       env: "TESSERA_MAX_CONNECTIONS",

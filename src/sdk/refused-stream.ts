@@ -1,12 +1,30 @@
-import { ConnectError, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
 
 /**
+ * connect-node's error for a stream that closed with REFUSED_STREAM without an "error" event
+ * (node-universal-client.js, the stream's "close" listener: connectErrorFromH2ResetCode).
+ */
+const REFUSED_RESET = "http/2 stream closed with error code REFUSED_STREAM (0x7)";
+
+/**
  * Whether a call failed because its HTTP/2 stream was refused (RST_STREAM REFUSED_STREAM, or a
- * stream past the last one a GOAWAY accepted): the server did none of it (RFC 9113 8.7).
- * connect-node reports it as Internal with Node's stream error as the cause.
+ * stream past the last one a GOAWAY accepted, which nghttp2 closes with REFUSED_STREAM): the
+ * server did none of it (RFC 9113 8.7). connect-node 2.1.2 reports it in one of two forms:
+ * Internal with Node's ERR_HTTP2_STREAM_ERROR as the cause (the stream's "error" event, what
+ * Node 20 emits for both), or Unavailable with no cause (its "close" listener, when the stream
+ * closed with that code and no "error" event came first). Nothing else: a server's own error
+ * with those words carries its answer's headers; a GOAWAY with an error code fails every
+ * stream of the session alike (ERR_HTTP2_SESSION_ERROR), run or not, so it is not retried.
  */
 export function refusedStream(err: unknown): boolean {
+  if (err instanceof ConnectError && err.cause === undefined)
+    return (
+      err.code === Code.Unavailable &&
+      err.rawMessage === REFUSED_RESET &&
+      err.metadata.keys().next().done === true &&
+      err.details.length === 0
+    );
   const cause = err instanceof ConnectError ? err.cause : err;
   return (
     cause instanceof Error &&

@@ -81,8 +81,8 @@ function goaway(session: http2.Http2Session, graceMs: number): void {
  * share; and a long-lived session's own stream table in node:http2 keeps stale entries alive
  * (bench/results/2026-12-09-pret2.md). HTTP/2: GOAWAY (no new streams; open ones finish) and,
  * `maxConnectionAgeGraceSeconds` later, the session is destroyed with whatever streams it
- * still has (cancelled). HTTP/1.1: closed at once when idle, else its response in progress
- * says `Connection: close` (or, already sent, the connection ends with it). One timer per
+ * still has (cancelled). HTTP/1.1: see ageHttp1 (closed at once when idle, else after its
+ * response in progress, cut after the grace). One timer per
  * connection; per call, a place in its session's open streams (`openStreamsOf`, kept by
  * stream-bounds.ts, a link cleared when the stream closes: a Set of the streams kept up to 63
  * finished calls, ~3.4 KB each, alive per connection). Nothing at all when the age is 0.
@@ -130,48 +130,70 @@ export function ageConnections(
     if (state === undefined) return;
     if (state.aged) recycleNow(stream.session!);
   });
-  // HTTP/1.1 (allowHTTP1): the connection's birth and whether a request is in progress.
-  const http1 = new WeakMap<Socket, { aged: boolean; busy: ServerResponse | undefined }>();
-  const onHttp1 = (socket: Socket) => {
-    if ((socket as Socket & { alpnProtocol?: string | false }).alpnProtocol === "h2") return;
-    const state = { aged: false, busy: undefined as ServerResponse | undefined };
+  // HTTP/1.1 (allowHTTP1) only over TLS: Node's plaintext (h2c) server speaks HTTP/2 to every
+  // connection, allowHTTP1 or not (an HTTP/1.1 request gets SETTINGS and a GOAWAY), so there
+  // is no HTTP/1.1 connection there to age.
+  if (tls) ageHttp1(server, ageMs, graceMs);
+}
+
+interface Http1Age {
+  /** The connection ends after `busy` (or at once, idle): no later request is for it. */
+  closing: boolean;
+  /** The newest response not yet done: Node answers a connection's requests in order. */
+  busy: ServerResponse | undefined;
+}
+
+/**
+ * HTTP/1.1: at the age an idle connection is ended at once; a busy one ends with its newest
+ * response (`Connection: close` when its head is not sent yet), or `graceMs` later with that
+ * response cut, as HTTP/2's are (a server stream, e.g. Health/Watch, never ends by itself).
+ * A request read after that (pipelined, or sent as the end crossed it) is not processed
+ * (RFC 9112 9.6): Node would run its handler and never send the answer, so a client retrying
+ * it, as it may when the connection closes unanswered (9.3.2), would run it twice. Not emitted
+ * as "request" at all: a listener cannot stop the ones after it.
+ */
+function ageHttp1(server: http2.Http2SecureServer | http2.Http2Server, ageMs: number, graceMs: number): void {
+  const http1 = new WeakMap<Socket, Http1Age>();
+  server.on("secureConnection", (socket: Socket & { alpnProtocol?: string | false }) => {
+    if (socket.alpnProtocol === "h2") return;
+    const state: Http1Age = { closing: false, busy: undefined };
     http1.set(socket, state);
+    let cut: NodeJS.Timeout | undefined;
     const recycle = setTimeout(() => {
       if (socket.destroyed) return;
-      state.aged = true;
+      state.closing = true;
       connectionsRecycled.http1++;
       const res = state.busy;
-      if (res === undefined) socket.end();
-      else if (!res.headersSent) res.setHeader("connection", "close");
+      if (res === undefined) return void socket.end();
+      if (!res.headersSent) res.setHeader("connection", "close");
+      cut = setTimeout(() => socket.destroy(), graceMs).unref();
     }, jitteredAge(ageMs));
+    // Unref'd: an aged connection never holds the process (shutdown has its own grace).
     recycle.unref();
-    socket.once("close", () => clearTimeout(recycle));
+    socket.once("close", () => {
+      clearTimeout(recycle);
+      clearTimeout(cut);
+    });
+  });
+  // Ahead of every "request" listener: the request handler may answer at once (/health, CORS
+  // preflight), and a header set after that throws ERR_HTTP_HEADERS_SENT, uncaught.
+  const admit = (req: IncomingMessage, res: ServerResponse): boolean => {
+    if (req.httpVersionMajor !== 1) return true;
+    const state = http1.get(req.socket);
+    if (state === undefined) return true;
+    if (state.closing) return false;
+    state.busy = res;
+    res.once("close", () => {
+      if (state.busy !== res) return;
+      state.busy = undefined;
+      // Aged while its head was already sent: the connection ends with it.
+      if (state.closing && !req.socket.destroyed) req.socket.end();
+    });
+    return true;
   };
-  // The plaintext (h2c) server sees HTTP/1.1 and HTTP/2 alike on "connection"; its HTTP/2
-  // sessions are aged above, and its HTTP/1.1 requests carry their socket.
-  if (tls) server.on("secureConnection", onHttp1);
-  // Prepended: the request handler may answer at once (/health, CORS preflight), and a header
-  // set after that throws ERR_HTTP_HEADERS_SENT out of the "request" event, uncaught.
-  server.prependListener(
-    "request",
-    (req: IncomingMessage | http2.Http2ServerRequest, res: ServerResponse) => {
-      if (req.httpVersion.startsWith("2")) return;
-      let state = http1.get(req.socket);
-      if (state === undefined && !tls) {
-        onHttp1(req.socket);
-        state = http1.get(req.socket);
-      }
-      if (state === undefined) return;
-      if (state.aged) {
-        if (!res.headersSent) res.setHeader("connection", "close");
-        return;
-      }
-      state.busy = res;
-      res.once("close", () => {
-        if (state.busy === res) state.busy = undefined;
-        // Aged while its response was already on its way: the connection ends with it.
-        if (state.aged && !req.socket.destroyed) req.socket.end();
-      });
-    },
-  );
+  const emit = server.emit;
+  server.emit = function (this: typeof server, event: string | symbol, ...args: unknown[]): boolean {
+    if (event === "request" && !admit(args[0] as IncomingMessage, args[1] as ServerResponse)) return false;
+    return Reflect.apply(emit, this, [event, ...args]) as boolean;
+  } as typeof server.emit;
 }
