@@ -51,8 +51,10 @@ function fetchHealth(ts: TestServer): Promise<number> {
 }
 
 /** A raw HTTP/1.1 connection over TLS: its socket, and what it read so far. */
-async function http1Socket(ts: TestServer) {
+async function http1Socket(ts: TestServer, allowHalfOpen = false) {
   const sock = tls.connect({
+    // Passed on to the socket by tls.connect, though not in its types.
+    ...({ allowHalfOpen } as tls.ConnectionOptions),
     port: ts.server.port,
     host: "127.0.0.1",
     servername: "localhost",
@@ -547,6 +549,36 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
       // The grace runs from the age (which the poll saw at most its interval late).
       expect(ended).toBeGreaterThanOrEqual(900 + 2000 - 50);
       expect(ended).toBeLessThan(aged + 2000 + 3000);
+    } finally {
+      h1.sock.destroy();
+    }
+  });
+
+  it("cuts an idle aged HTTP/1.1 connection after the grace when its client ignores the end", async () => {
+    // The idle branch ended the socket with no cut: a client that never ends its side kept it
+    // half-open until the idle timeout (off here), for ever.
+    ts = await startTestServer(SQLITE, {
+      // A request timeout of 60 s: Node's headers timeout (bounded by it) would close it otherwise.
+      server: {
+        maxConnectionAgeSeconds: 1,
+        maxConnectionAgeGraceSeconds: 1,
+        idleTimeoutSeconds: 0,
+        requestTimeoutSeconds: 60,
+      },
+    });
+    const server = ts.server.server as unknown as {
+      getConnections(cb: (err: Error | null, n: number) => void): void;
+    };
+    const connections = () =>
+      new Promise<number>((resolve, reject) =>
+        server.getConnections((err, n) => (err ? reject(err) : resolve(n))),
+      );
+    const before = await connections();
+    const h1 = await http1Socket(ts, true);
+    try {
+      await expect.poll(connections, { timeout: 5_000 }).toBe(before + 1);
+      // The server's side is gone (not half-open) once the age and the grace are over.
+      await expect.poll(connections, { timeout: 12_000, interval: 200 }).toBe(before);
     } finally {
       h1.sock.destroy();
     }

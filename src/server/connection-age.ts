@@ -164,9 +164,10 @@ function ageHttp1(server: http2.Http2SecureServer | http2.Http2Server, ageMs: nu
       state.closing = true;
       connectionsRecycled.http1++;
       const res = state.busy;
-      if (res === undefined) return void socket.end();
-      if (!res.headersSent) res.setHeader("connection", "close");
+      // Cut after the grace either way: an idle client that ignores the end would keep it half-open.
       cut = setTimeout(() => socket.destroy(), graceMs).unref();
+      if (res === undefined) socket.end();
+      else if (!res.headersSent) res.setHeader("connection", "close");
     }, jitteredAge(ageMs));
     // Unref'd: an aged connection never holds the process (shutdown has its own grace).
     recycle.unref();
@@ -192,8 +193,15 @@ function ageHttp1(server: http2.Http2SecureServer | http2.Http2Server, ageMs: nu
     return true;
   };
   const emit = server.emit;
-  server.emit = function (this: typeof server, event: string | symbol, ...args: unknown[]): boolean {
-    if (event === "request" && !admit(args[0] as IncomingMessage, args[1] as ServerResponse)) return false;
-    return Reflect.apply(emit, this, [event, ...args]) as boolean;
+  // Every event passes here, HTTP/2 calls' too: no rest parameters or spread (two arrays per event).
+  server.emit = function (
+    this: typeof server,
+    event: string | symbol,
+    req?: unknown,
+    res?: unknown,
+  ): boolean {
+    if (event === "request" && !admit(req as IncomingMessage, res as ServerResponse)) return false;
+    // biome-ignore lint/complexity/noArguments: forwards every argument without copying them
+    return Reflect.apply(emit, this, arguments) as boolean;
   } as typeof server.emit;
 }
