@@ -5,6 +5,9 @@
  */
 export type Clock = () => number;
 
+/** setTimeout's longest delay (2^31 − 1 ms, 24.8 days): Node fires a longer timer after 1 ms. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** The machine's clock. */
 export const systemClock: Clock = () => Date.now();
 

@@ -1,6 +1,7 @@
 // The keys that decide who may call: the bootstrap admin, JWT signing and its key rotation,
 // credential formats and caches, password hashing, and the master key sealing signing keys.
 import { z } from "zod";
+import { MAX_TIMER_MS } from "../clock.js";
 import { configKeys } from "./key-docs.js";
 
 const seconds = z.number().int().positive();
@@ -250,17 +251,11 @@ export const authSchema = z
       description:
         "Linux: the PBKDF2 threads also put themselves in the SCHED_IDLE scheduling class (through util-linux's chrt), so hashing runs only on CPU nothing else wants: under a wrong-password flood authenticated calls keep their CPU. Where it cannot be set, hashNice alone applies.",
     }),
-    hashDeadlineMs: z
-      .number()
-      .int()
-      .min(0)
-      .max(2 ** 31 - 1)
-      .default(900)
-      .register(configKeys, {
-        env: "TESSERA_HASH_DEADLINE_MS",
-        description:
-          "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
-      }),
+    hashDeadlineMs: z.number().int().min(0).max(MAX_TIMER_MS).default(900).register(configKeys, {
+      env: "TESSERA_HASH_DEADLINE_MS",
+      description:
+        "Milliseconds a password check may wait for its verdict (queue and hash); past it Unavailable with Retry-After. 0: no limit. Hashing a new secret is never cut short.",
+    }),
     masterKey: z
       .string()
       .regex(

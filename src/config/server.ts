@@ -1,12 +1,13 @@
 // The public port's keys: where it listens, TLS, the transport, proxies, and the bounds every
 // connection and call is held to before any authentication (plus the browser-facing CORS).
 import { z } from "zod";
+import { MAX_TIMER_MS } from "../clock.js";
 import { parseCidr } from "./addresses.js";
 import { configKeys } from "./key-docs.js";
 
-// setTimeout's longest delay (2^31 − 1 ms), in whole seconds: Node fires a longer one after
-// 1 ms, so a duration past it would close every connection or stream at once, not never.
-const TIMER_MAX_SECONDS = 2_147_483;
+// setTimeout's longest delay, in whole seconds: a duration past it would close every
+// connection or stream at once, not never.
+const TIMER_MAX_SECONDS = Math.floor(MAX_TIMER_MS / 1000);
 
 /** `server.*`: the listener, its TLS and the per-connection and per-call bounds. */
 export const serverSchema = z

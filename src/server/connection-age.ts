@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import http2 from "node:http2";
 import type { Socket } from "node:net";
+import { MAX_TIMER_MS } from "../clock.js";
 import type { Config } from "../config.js";
 
 /**
@@ -15,15 +16,11 @@ const MAX_STREAM_ID = 2 ** 31 - 1;
 /** How long the first GOAWAY's PING may wait for its answer before the second is sent anyway. */
 const PING_WAIT_MS = 1000;
 
-/**
- * setTimeout's longest delay (24.8 days): it takes a longer one as 1 ms, which recycled every
- * connection as soon as it opened. An age or grace configured past it is waited as this long.
- */
-const MAX_DELAY_MS = 2 ** 31 - 1;
-
 /** `ageMs` ± 10 %: connections opened together (a client fleet's restart) do not all reconnect together. */
 export function jitteredAge(ageMs: number, random: () => number = Math.random): number {
-  return Math.min(Math.round(ageMs * (0.9 + 0.2 * random())), MAX_DELAY_MS);
+  // Held to a timer's longest delay (clock.ts): the jitter's +10 % can pass it at the longest
+  // age the configuration takes, and a longer timer recycled every connection at once.
+  return Math.min(Math.round(ageMs * (0.9 + 0.2 * random())), MAX_TIMER_MS);
 }
 
 interface SessionAge {
@@ -103,7 +100,8 @@ export function ageConnections(
 ): void {
   const ageMs = cfg.maxConnectionAgeSeconds * 1000;
   if (ageMs === 0) return;
-  const graceMs = Math.min(cfg.maxConnectionAgeGraceSeconds * 1000, MAX_DELAY_MS);
+  // Within a timer's range: the configuration bounds it (config/server.ts).
+  const graceMs = cfg.maxConnectionAgeGraceSeconds * 1000;
   // Per session: aged (its first GOAWAY is owed).
   const sessions = new WeakMap<http2.Http2Session, SessionAge>();
   const recycleNow = (session: http2.Http2Session) => {

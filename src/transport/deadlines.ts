@@ -1,4 +1,5 @@
 import type { IncomingHttpHeaders } from "node:http";
+import { MAX_TIMER_MS } from "../clock.js";
 
 /**
  * The longest deadline a call is held to: setTimeout's longest delay (2^31 − 1 ms, 24.8
@@ -8,7 +9,7 @@ import type { IncomingHttpHeaders } from "node:http";
  * or WatchRevocations stream too, ended DEADLINE_EXCEEDED at once, and any client could
  * write a line to the server's stderr per call. A longer deadline is held as this one.
  */
-export const MAX_DEADLINE_MS = 2_147_483_647;
+export const MAX_DEADLINE_MS = MAX_TIMER_MS;
 
 /** The gRPC timeout units, in ms (as Connect's parseTimeout reads them). */
 const GRPC_UNIT_MS: Readonly<Record<string, number>> = { H: 3_600_000, M: 60_000, S: 1000 };
