@@ -131,3 +131,58 @@ describe("the CLI prints a hostile server's answers without terminal control cha
     expect(r.stderr).toContain("request id id");
   });
 });
+
+/**
+ * An answer is read whole before it is printed: a server's answer of gigabytes (or a gzip
+ * bomb of a few kilobytes, which connect-node decompresses up to its 4 GiB default) would
+ * be buffered to the last byte. The CLI refuses an answer past 16 MiB as too large.
+ */
+describe("the CLI refuses a hostile server's oversized answer", { timeout: 120_000 }, () => {
+  let server: Http2SecureServer;
+  let env: Record<string, string>;
+  /** Past the bound; gzip makes it a few kilobytes on the wire where the client accepts it. */
+  const HUGE = "a".repeat(17 * 1024 * 1024);
+
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    const adapter = connectNodeAdapter({
+      routes: (router: ConnectRouter) => {
+        router.service(UserService, {
+          getCurrentUser: () => ({ id: "u", username: HUGE, tenantId: "t" }),
+          listUsers: () => ({ users: [{ id: "u", username: HUGE }] }),
+        });
+      },
+    });
+    server = createSecureServer(
+      {
+        allowHTTP1: true,
+        cert: readFileSync(join(certs.dir, "server.crt")),
+        key: readFileSync(join(certs.dir, "server.key")),
+      },
+      adapter,
+    );
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    env = {
+      HOME: mkdtempSync(join(tmpdir(), "tessera-cli-huge-")),
+      TESSERA_SERVER: `127.0.0.1:${(server.address() as AddressInfo).port}`,
+      TESSERA_CA_FILE: join(certs.dir, "ca.crt"),
+      TESSERA_TOKEN: "tsr_pat_abcdefghijklmnop",
+    };
+  });
+
+  afterAll(async () => {
+    server?.close();
+  });
+
+  it.each([
+    ["whoami's own Connect call", ["whoami"]],
+    ["the SDK client over gRPC (gzip)", ["--protocol", "grpc", "whoami"]],
+    ["the SDK client over Connect (gzip)", ["--protocol", "connect", "user", "list"]],
+  ])("through %s", async (_what, args) => {
+    const r = await runCli(args, env);
+    expect(r.stdout).toBe("");
+    expect(r.stderr).toMatch(/larger than configured readMaxBytes 16777216/);
+    expect(r.stderr).not.toMatch(/rate limited/);
+    expect(r.code).toBe(1);
+  });
+});
