@@ -16,7 +16,8 @@ export function prepareSqliteFiles(location: string): void {
     assertOwned(dir, "database folder", true);
     if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir)) chmodSync(dir, 0o700);
   }
-  for (const suffix of ["", "-wal", "-shm"]) assertOwned(`${location}${suffix}`, "database file");
+  // A WAL or rollback journal left beside the database is replayed into it when SQLite opens it.
+  for (const suffix of ["", "-wal", "-shm", "-journal"]) assertOwned(`${location}${suffix}`, "database file");
   // Created empty with its final mode: SQLite takes an empty file as a new database.
   closeSync(openSync(location, "a", 0o600));
   tighten(location, 0o600);

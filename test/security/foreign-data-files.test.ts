@@ -14,7 +14,8 @@ import { createTestCerts, silentLogger, testConfig } from "../helpers.js";
  * that uses them anyway hands that user the keys: the owner of the folder can swap the
  * files between starts; the owner of a file reads it through a descriptor opened before
  * the server tightened its mode (root tightens any file, and the owner can loosen it
- * again). Start-up must refuse them, naming the path.
+ * again), or a WAL or rollback journal SQLite replays into the database when it opens it.
+ * Start-up must refuse them, naming the path.
  */
 const OTHER_UID = 65534; // nobody
 const root = typeof process.getuid === "function" && process.getuid() === 0;
@@ -59,7 +60,7 @@ describe.skipIf(!root)("a database folder or file another user owns", () => {
     expect(await refusal(join(dir, "tessera.db"))).toMatch(/master key file .*: it is owned by another user/);
   });
 
-  it.each(["tessera.db", "tessera.db-wal", "tessera.db-shm"])(
+  it.each(["tessera.db", "tessera.db-wal", "tessera.db-shm", "tessera.db-journal"])(
     "refuses a %s another user planted",
     async (name) => {
       const dir = join(parent(), "data");
