@@ -2,10 +2,10 @@ import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { Config } from "../config.js";
+import { assertOwned } from "../owned-files.js";
 import { SigningKey } from "../storage/entities.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
 import { clearSharedDigests } from "../storage/repositories/credentials.js";
-import { assertOwned } from "../storage/sqlite-files.js";
 
 /**
  * The key-encryption key ("master key") that seals private signing keys at rest, with

@@ -4,6 +4,8 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app.js";
 import { MASTER_KEY_FILE_NAME } from "../../src/auth/master-key.js";
+import { createCertificateAuthority } from "../../src/certs/dev-ca.js";
+import { preflight } from "../../src/server/tls-material.js";
 import { createTestCerts, silentLogger, testConfig } from "../helpers.js";
 
 /**
@@ -73,4 +75,46 @@ describe.skipIf(!root)("a database folder or file another user owns", () => {
       );
     },
   );
+});
+
+/**
+ * The development CA is generated into the certificate folder when it lacks the server's
+ * files (`server.devCertificates`, on by default). A folder another user owns, or a CA they
+ * planted there (ca.crt and ca.key, no server files yet), would have this start sign its
+ * server certificate with their CA and trust that CA for client certificates (mTLS
+ * machine users): start-up refuses them.
+ */
+describe.skipIf(!root)("a certificate folder or CA another user owns", () => {
+  /** Why a start with development certificates in `dir` refused ("started" when it did not). */
+  async function refusal(dir: string): Promise<string> {
+    const config = testConfig(`sqlite:${join(parent(), "tessera.db")}`, {
+      server: { certDir: dir, devCertificates: true },
+    });
+    return preflight(config.server).then(
+      () => "started",
+      (err: Error) => err.message,
+    );
+  }
+
+  it("refuses a certificate folder owned by another user, writing nothing into it", async () => {
+    const dir = join(parent(), "certs");
+    mkdirSync(dir, { mode: 0o777 });
+    chownSync(dir, OTHER_UID, OTHER_UID);
+    expect(await refusal(dir)).toMatch(/certificate folder .*: it is owned by another user/);
+    expect(existsSync(join(dir, "server.key"))).toBe(false);
+  });
+
+  it("refuses to sign the server's certificate with a CA another user planted", async () => {
+    const dir = join(parent(), "certs");
+    await createCertificateAuthority(dir, { commonName: "Planted CA" });
+    for (const f of ["ca.crt", "ca.key"]) chownSync(join(dir, f), OTHER_UID, OTHER_UID);
+    expect(await refusal(dir)).toMatch(/development CA file .*ca\.(crt|key): it is owned by another user/);
+    expect(existsSync(join(dir, "server.crt"))).toBe(false);
+  });
+
+  it("generates the set in a folder of its own", async () => {
+    const dir = join(parent(), "certs");
+    expect(await refusal(dir)).toBe("started");
+    expect(existsSync(join(dir, "server.key"))).toBe(true);
+  });
 });
