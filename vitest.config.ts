@@ -8,6 +8,7 @@ const E2E_FILES = [
   "test/cli-audit.test.ts",
   "test/cli-complete.test.ts",
   "test/cli-e2e.test.ts",
+  "test/cli-plaintext-profile.test.ts",
   "test/cli-whoami.test.ts",
   "test/commit-outcome.test.ts",
   "test/connection-age.test.ts",

@@ -2,6 +2,7 @@ import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { Config } from "../config.js";
+import { assertOwned } from "../owned-files.js";
 import { SigningKey } from "../storage/entities.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
 import { clearSharedDigests } from "../storage/repositories/credentials.js";
@@ -90,6 +91,10 @@ function readKeyFile(path: string, generate: boolean): MasterKey {
       text = readFileSync(path, "utf8");
     }
   }
+  // The generated key's file lies in the database's folder: one another user planted (before
+  // this start, or just before its "wx") is a key they know. Checked after the read, which
+  // may have been of theirs.
+  if (generate) assertOwned(path, "master key file");
   // An older file may have been created readable by others.
   if (generate) chmodSync(path, 0o600);
   return parseMasterKey(text, source);

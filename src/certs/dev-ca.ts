@@ -2,6 +2,7 @@
 // none, and the client certificates and foreign CAs minted from the command line and tests.
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
+import { assertOwned } from "../owned-files.js";
 import { withFileLock } from "../storage/startup-lock.js";
 import { exists, replaceFile, writeNewFile } from "./files.js";
 import {
@@ -63,6 +64,9 @@ export async function ensureDevCertificates(
   // A complete set needs no lock (nor a writable folder: certificates mounted read-only).
   const complete = await Promise.all([CA_CERT, SERVER_CERT, SERVER_KEY].map((f) => exists(join(dir, f))));
   if (complete.every(Boolean)) return { created: false, dir };
+  // A folder another user owns is theirs to fill: a CA of their own, planted beside the
+  // files this start creates, would sign the server's certificate and be trusted for clients'.
+  assertOwned(dir, "certificate folder", true);
   // Instances started together on one (shared) folder: one creates, the others then find
   // the set complete, never two CAs nor a CA key without its certificate.
   await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -101,6 +105,9 @@ async function ensureDevCertificatesLocked(
       `${caKeyPath} exists without ${caCertPath}; refusing to overwrite the CA key. Restore ${CA_CERT} or remove ${CA_KEY}.`,
     );
   }
+
+  // The CA that signs the new server certificate, and that mTLS then trusts, must be one of ours.
+  for (const path of [caCertPath, caKeyPath]) assertOwned(path, "development CA file");
 
   // Validate inputs before touching the disk so a bad option leaves no half-made folder behind.
   const validityDays = checkValidityDays(opts.validityDays ?? DEFAULT_LEAF_DAYS, "server certificate");

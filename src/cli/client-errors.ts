@@ -11,6 +11,7 @@ import {
   UnavailableError,
 } from "../sdk/errors.js";
 import type { ExitCodes } from "./exit-codes.js";
+import { printable } from "./output.js";
 import { PromptError } from "./prompt.js";
 
 /**
@@ -39,10 +40,13 @@ export function describeClientError(
   if (err instanceof PromptError) return { code: exit.usage, message: err.message };
   if (err instanceof ClientConfigError) return { code: exit.usage, message: withFlagNames(err.message) };
   if (!(err instanceof TesseraClientError)) return undefined;
+  // The server's words (message, reason, request id, scopes) as text, newlines included:
+  // one that rewrote the terminal, or added a line, would pass for the CLI's own.
   const extra = [err.reason, err.requestId ? `request id ${err.requestId}` : undefined]
     .filter(Boolean)
+    .map((part) => printable(part!))
     .join(", ");
-  let message = `${withFlagNames(err.message)}${extra ? ` (${extra})` : ""}`;
+  let message = `${printable(withFlagNames(err.message))}${extra ? ` (${extra})` : ""}`;
   let code: number = exit.error;
   if (err instanceof AuthenticationError) {
     code = exit.unauthenticated;
@@ -53,13 +57,14 @@ export function describeClientError(
     }
   } else if (err instanceof PermissionDeniedError) {
     code = exit.permissionDenied;
-    if (err.requiredScopes.length > 0) message += `\nrequired scopes: ${err.requiredScopes.join(" ")}`;
+    if (err.requiredScopes.length > 0)
+      message += `\nrequired scopes: ${printable(err.requiredScopes.join(" "))}`;
   } else if (err instanceof NotFoundError) code = exit.notFound;
   else if (err instanceof RateLimitedError) {
     code = exit.rateLimited;
     const retryAfter = err.retryAfter ?? err.metadata.get("retry-after") ?? undefined;
     message = `rate limited: ${message}`;
-    if (retryAfter !== undefined) message += `\nRetry-After: ${retryAfter}`;
+    if (retryAfter !== undefined) message += `\nRetry-After: ${printable(String(retryAfter))}`;
   } else if (err instanceof AlreadyExistsError) code = exit.alreadyExists;
   else if (err instanceof UnavailableError || err.code === Code.DeadlineExceeded) {
     code = exit.unavailable;

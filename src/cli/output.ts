@@ -1,6 +1,30 @@
 // The output of client commands; it loads nothing (the protobuf helpers for messages are
 // in messages.ts), so that whoami prints without the protobuf runtime.
 
+/**
+ * What a terminal acts on rather than shows: C0 controls (ESC starts its sequences: OSC 52
+ * writes the clipboard; CR and backspace rewrite a line), DEL, C1 controls (U+009B is CSI
+ * to a terminal that reads 8-bit controls) and the bidirectional marks and overrides that
+ * reorder what follows. Tab and newline are kept in running text, not in a field's value.
+ */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
+const CONTROLS_IN_TEXT = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+/** What JSON.stringify leaves raw of {@link CONTROLS} (it escapes C0 itself). */
+const CONTROLS_IN_JSON = /[\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+const escaped = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`;
+
+/**
+ * `text` with every character a terminal would act on written as `\uXXXX`: what a server
+ * answers (a name, a message) is shown, never obeyed. `lines`: tabs and newlines stay (a
+ * message of the CLI's own with a hint on its next line).
+ */
+export function printable(text: string, lines = false): string {
+  return text.replace(lines ? CONTROLS_IN_TEXT : CONTROLS, escaped);
+}
+
 /** The `--output` formats. */
 export type OutputFormat = "json" | "table";
 
@@ -17,7 +41,8 @@ export class Output {
 
   /** Print a JSON document (json mode only). */
   document(value: unknown): void {
-    process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+    // Inside JSON strings only (nowhere else can they be): `\u009b` reads back as the same text.
+    process.stdout.write(`${JSON.stringify(value, null, 2).replace(CONTROLS_IN_JSON, escaped)}\n`);
   }
 
   /** Print one result: `json` in json mode, else `fields` as "key  value" lines. */
@@ -27,7 +52,7 @@ export class Output {
       return;
     }
     const width = Math.max(...fields.map(([k]) => k.length));
-    process.stdout.write(`${fields.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n")}\n`);
+    process.stdout.write(`${fields.map(([k, v]) => `${k.padEnd(width)}  ${printable(v)}`).join("\n")}\n`);
   }
 
   /** Print a list: `json` in json mode, else a table with a header row. */
@@ -40,6 +65,7 @@ export class Output {
       process.stderr.write("(none)\n");
       return;
     }
+    rows = rows.map((r) => r.map((c) => printable(c)));
     const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) =>
       cells
@@ -52,11 +78,11 @@ export class Output {
   /** A plain message (table mode) or a JSON document. */
   message(json: unknown, text: string): void {
     if (this.json) this.document(json);
-    else process.stdout.write(`${text}\n`);
+    else process.stdout.write(`${printable(text, true)}\n`);
   }
 
   /** A note for the human at the terminal: always stderr. */
   note(text: string): void {
-    process.stderr.write(`${text}\n`);
+    process.stderr.write(`${printable(text, true)}\n`);
   }
 }

@@ -4,6 +4,7 @@ import { registerAuditCommands } from "./audit-commands.js";
 import { registerClientCommands } from "./client-commands.js";
 import { registerCompletionCommand } from "./completion.js";
 import { EXIT, EXIT_HELP, UsageError } from "./exit-codes.js";
+import { printable } from "./output.js";
 import { registerServerCommands } from "./server-commands.js";
 
 // The `tessera` command line. This module and the command trees it registers import only
@@ -63,6 +64,9 @@ function onStreamError(err: NodeJS.ErrnoException): void {
 /** Run the CLI with `argv` (as process.argv). */
 export async function main(argv: string[]): Promise<number> {
   exitOnBrokenPipe();
+  // A failure's message may quote what a server answered (a value it could not decode):
+  // shown, never obeyed by the terminal.
+  const fail = (text: string) => process.stderr.write(`${printable(text, true)}\n`);
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
@@ -72,7 +76,7 @@ export async function main(argv: string[]): Promise<number> {
       return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     }
     if (err instanceof UsageError) {
-      process.stderr.write(`error: ${err.message}\n`);
+      fail(`error: ${err.message}`);
       return EXIT.usage;
     }
     // Only a client command can have raised a client error, and it loaded the SDK then
@@ -80,15 +84,15 @@ export async function main(argv: string[]): Promise<number> {
     const { describeClientError } = await import("./client-errors.js");
     const client = describeClientError(err, EXIT);
     if (client) {
-      process.stderr.write(`error: ${client.message}\n`);
+      fail(`error: ${client.message}`);
       return client.code;
     }
     // A configuration error comes from config.ts, loaded by the server commands only.
     if (err instanceof Error && err.name === "ConfigError") {
-      process.stderr.write(`${err.message}\n`);
+      fail(err.message);
       return EXIT.usage;
     }
-    process.stderr.write(`error: ${describeFailure(err)}\n`);
+    fail(`error: ${describeFailure(err)}`);
     return EXIT.error;
   }
 }

@@ -90,6 +90,22 @@ function withServerFlags(cmd: Command): Command {
     .option("--database <url>", "database URL (env: TESSERA_DATABASE_URL)");
 }
 
+/** Whether `path` holds a CA certificate other than `ours` (or one that cannot be read as one). */
+async function otherCa(path: string, ours: string): Promise<boolean> {
+  if (!existsSync(path) || !existsSync(ours)) return false;
+  const { X509Certificate } = await import("node:crypto");
+  const { readFileSync } = await import("node:fs");
+  const fingerprint = (p: string) => {
+    try {
+      return new X509Certificate(readFileSync(p)).fingerprint256;
+    } catch {
+      return undefined;
+    }
+  };
+  const theirs = fingerprint(path);
+  return theirs === undefined || theirs !== fingerprint(ours);
+}
+
 /** Print a secret once, to stdout only. */
 function showOnce(text: string): void {
   process.stdout.write(`${text}\n`);
@@ -308,7 +324,10 @@ export function registerServerCommands(program: Command): void {
     .option("--cert-dir <dir>", "folder holding ca.crt and ca.key (env: TESSERA_CERT_DIR)")
     .option("-o, --out <dir>", "output folder (default: ./<name>)")
     .option("--san-uri <uri>", "URI subject alternative name, e.g. spiffe://tenant/app")
-    .option("--force", "replace an existing client.key / client.crt in the output folder")
+    .option(
+      "--force",
+      "replace an existing client.key / client.crt, or a ca.crt of another CA, in the output folder",
+    )
     .action(
       async (name: string, flags: { certDir?: string; out?: string; sanUri?: string; force?: boolean }) => {
         const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
@@ -317,6 +336,11 @@ export function registerServerCommands(program: Command): void {
         // never a side effect. (Checked before minting; a concurrent writer in the same
         // folder is outside what a development tool guards against.)
         const existing = ["client.key", "client.crt"].filter((f) => existsSync(join(out, f)));
+        // The folder's ca.crt is what its clients verify the server by: one of another CA
+        // (a production folder) replaced by the development CA's would have them trust
+        // whoever holds that CA's key. The same CA's is replaced by itself.
+        if (!flags.force && (await otherCa(join(out, "ca.crt"), join(dir, "ca.crt"))))
+          existing.push("ca.crt");
         if (existing.length > 0 && !flags.force)
           throw new UsageError(
             `${existing.map((f) => join(out, f)).join(" and ")} already exist${existing.length === 1 ? "s" : ""}: give --force to replace, or --out another folder`,

@@ -9,6 +9,14 @@ import type { UserAPIOptions } from "./user-api-core.js";
 
 const TOKEN_RE = /^[\x21-\x7e]+$/;
 
+/**
+ * The largest answer a client reads (one message, decompressed): Tessera's largest, a page
+ * of 200 audit events, is well under 1 MiB. connect-node's default is 4 GiB, so a server
+ * the client was pointed at (or a gzip bomb of a few kilobytes from it) could have it
+ * buffer gigabytes.
+ */
+export const MAX_ANSWER_BYTES = 16 * 1024 * 1024;
+
 /** Refuse a token that could not be sent as a header value (without echoing it). */
 export function assertTokenShape(token: string, what: string): void {
   if (!TOKEN_RE.test(token))

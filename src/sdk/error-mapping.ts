@@ -82,7 +82,12 @@ export function toClientError(
       return new AlreadyExistsError(message, init);
     case Code.ResourceExhausted:
       // A size limit shares the code of a rate limit, but waiting does not help it.
-      if (init.reason === "MESSAGE_TOO_LARGE") return new MessageTooLargeError(message, init);
+      // So is an answer past the client's own bound (connect's readMaxBytes; no ErrorInfo).
+      if (
+        init.reason === "MESSAGE_TOO_LARGE" ||
+        (!info && /than configured readMaxBytes/.test(ce.rawMessage))
+      )
+        return new MessageTooLargeError(message, init);
       return new RateLimitedError(message, {
         ...init,
         retryAfter: parseRetryAfter(ce.metadata.get("retry-after")),

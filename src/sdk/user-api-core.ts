@@ -4,7 +4,7 @@ import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hasScope } from "../auth/scopes.js";
 import { typedClient } from "./clients.js";
-import { assertTokenShape, connectionOf } from "./connection.js";
+import { assertTokenShape, connectionOf, MAX_ANSWER_BYTES } from "./connection.js";
 import { toClientError } from "./error-mapping.js";
 import { defaultLogger, type TesseraLogger } from "./logger.js";
 import { GuardedSessionManager, retryRefusedStream } from "./refused-stream.js";
@@ -130,6 +130,7 @@ export class UserAPICore {
       // Outermost: a call crossing the server's GOAWAY (a recycled connection) was refused
       // before any of it ran, credentials and refresh included, and is sent again once.
       interceptors: [retryRefusedStream, this.session.interceptor(), ...(options.interceptors ?? [])],
+      readMaxBytes: MAX_ANSWER_BYTES,
       ...(options.timeoutMs === 0 ? {} : { defaultTimeoutMs: options.timeoutMs ?? 30_000 }),
     };
     this.transport =

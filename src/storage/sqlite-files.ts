@@ -2,6 +2,7 @@
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, parse, resolve } from "node:path";
+import { assertOwned } from "../owned-files.js";
 
 /**
  * The database holds password hashes and sealed signing keys: its folder is made 0700
@@ -12,8 +13,12 @@ import { dirname, parse, resolve } from "node:path";
 export function prepareSqliteFiles(location: string): void {
   const dir = dirname(resolve(location));
   if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
-  else if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir))
-    chmodSync(dir, 0o700);
+  else {
+    assertOwned(dir, "database folder", true);
+    if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir)) chmodSync(dir, 0o700);
+  }
+  // A WAL or rollback journal left beside the database is replayed into it when SQLite opens it.
+  for (const suffix of ["", "-wal", "-shm", "-journal"]) assertOwned(`${location}${suffix}`, "database file");
   // Created empty with its final mode: SQLite takes an empty file as a new database.
   closeSync(openSync(location, "a", 0o600));
   tighten(location, 0o600);

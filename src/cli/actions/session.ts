@@ -23,7 +23,10 @@ export const actions = {
         password,
         flags.tenant !== undefined ? { tenant: flags.tenant } : {},
       );
-      const server = `${api.host.includes(":") ? `[${api.host}]` : api.host}:${api.port}`;
+      const hostPort = `${api.host.includes(":") ? `[${api.host}]` : api.host}:${api.port}`;
+      // A plaintext server keeps its scheme: as host:port the profile would name a TLS server,
+      // which its session's next command (and its logout) would not reach.
+      const server = connection.plaintext ? `http://${hostPort}` : hostPort;
       const previous: Profile = resolved.profileData ?? {};
       const profile: Profile = {
         ...previous,

@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders } from "node:http2";
 import { appendHeaders, Code, ConnectError } from "@connectrpc/connect";
 import { errorFromJsonBytes, trailerDemux, validateResponse } from "@connectrpc/connect/protocol-connect";
+import { MAX_ANSWER_BYTES } from "../../sdk/connection.js";
 import { toClientError } from "../../sdk/error-mapping.js";
 
 // What whoami's own call (whoami.ts) loads when it fails: the error the SDK client's Connect
@@ -96,4 +97,15 @@ export function resetError(rstCode: number, secrets: string[]): Error {
       )
     : new ConnectError("http/2 stream closed without a response", Code.Aborted);
   return toClientError(err, secrets);
+}
+
+/** An answer past {@link MAX_ANSWER_BYTES}: the error connect-node's client makes of it. */
+export function tooLargeError(secrets: string[]): Error {
+  return toClientError(
+    new ConnectError(
+      `message size is larger than configured readMaxBytes ${MAX_ANSWER_BYTES}`,
+      Code.ResourceExhausted,
+    ),
+    secrets,
+  );
 }

@@ -1,6 +1,6 @@
 import { connect, type IncomingHttpHeaders } from "node:http2";
 import type { Command } from "commander";
-import { type Connection, connectionOf } from "../../sdk/connection.js";
+import { type Connection, connectionOf, MAX_ANSWER_BYTES } from "../../sdk/connection.js";
 import { resolveClientOptions } from "../../sdk/environment.js";
 import type { CurrentUser } from "../../sdk/user-api-core.js";
 import { Output } from "../output.js";
@@ -102,7 +102,13 @@ export function getCurrentUser(connection: Connection, token: string): Promise<C
     stream.on("response", (headers) => {
       answer = headers;
     });
-    stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+    let size = 0;
+    stream.on("data", (chunk: Buffer) => {
+      size += chunk.length;
+      // Bounded as the SDK client's answers are: a server must not make whoami buffer gigabytes.
+      if (size > MAX_ANSWER_BYTES) failed((m) => m.tooLargeError(secrets));
+      else chunks.push(chunk);
+    });
     // A connection that fails first fails the request waiting on it ("The pending stream has
     // been canceled", caused by the connection's error): connect-node, which connects before
     // it sends, reports the connection's error, and so does this.

@@ -1,0 +1,28 @@
+// Files the server keeps its secrets in, or trusts, must be its own user's.
+import { lstatSync, statSync } from "node:fs";
+
+/**
+ * Refuse `path` (when it exists) if another user owns it, or owns the link at it: the owner
+ * of the folder can swap the database and the master key between starts, and the owner of
+ * a file reads it through a descriptor opened before the server tightened its mode (root
+ * tightens anyone's file, and its owner can loosen it again). `rootToo`: a folder of root's
+ * is accepted (root can do anything anyway; /srv, the working directory). As PostgreSQL
+ * refuses a data directory of another owner.
+ */
+export function assertOwned(path: string, what: string, rootToo = false): void {
+  if (process.getuid === undefined) return;
+  const uid = process.getuid();
+  let owners: number[];
+  try {
+    owners = [lstatSync(path).uid, statSync(path).uid];
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+    throw err;
+  }
+  for (const owner of owners)
+    if (owner !== uid && !(rootToo && owner === 0))
+      throw new Error(
+        `refusing to use ${what} ${path}: it is owned by another user (uid ${owner}), who could read or replace the secrets in it; ` +
+          `give it to the user running Tessera (chown), or choose another location`,
+      );
+}

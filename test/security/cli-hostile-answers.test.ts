@@ -1,0 +1,188 @@
+import { mkdtempSync, readFileSync } from "node:fs";
+import { createSecureServer, type Http2SecureServer } from "node:http2";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { runCli } from "../cli-helpers.js";
+import { createTestCerts, type TestCerts } from "../helpers.js";
+
+/**
+ * What a server answers is printed to the user's terminal: names in tables, the caller in
+ * whoami, error messages, reasons and request ids. A server the CLI was pointed at (a typo in
+ * --server, a profile of someone else's, a plaintext http:// address on a hostile network)
+ * can put terminal control sequences in any of them: OSC 52 writes the user's clipboard, a
+ * title or a cleared screen hides what happened, CR and cursor moves rewrite a line already
+ * printed, a bidirectional override reorders one. Tessera refuses such characters in what it
+ * stores; the CLI must not rely on it, and prints them escaped (`\u001b`), never raw.
+ */
+const ESC = "\u001b";
+/** Everything a terminal would act on: ESC sequences, BEL, CR, backspace, C1 CSI, DEL, RLO. */
+const HOSTILE = `ok${ESC}]52;c;ZWNobyBwd25lZA==\u0007${ESC}[2J\r\b\u009b31m\u007f\u202eevil`;
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
+const RAW = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/;
+
+describe("the CLI prints a hostile server's answers without terminal control characters", {
+  timeout: 120_000,
+}, () => {
+  let certs: TestCerts;
+  let server: Http2SecureServer;
+  let env: Record<string, string>;
+
+  const refused = () => {
+    throw new ConnectError(`denied ${HOSTILE}`, Code.PermissionDenied, undefined, [
+      {
+        desc: ErrorInfoSchema,
+        value: {
+          reason: `R${HOSTILE}`,
+          domain: "tessera.dev",
+          metadata: { request_id: `id${HOSTILE}`, required_scopes: `admin:${HOSTILE}` },
+        },
+      },
+    ]);
+  };
+
+  beforeAll(async () => {
+    certs = await createTestCerts();
+    const adapter = connectNodeAdapter({
+      routes: (router: ConnectRouter) => {
+        router.service(UserService, {
+          getCurrentUser: () => ({
+            id: `u-${HOSTILE}`,
+            username: `alice${HOSTILE}`,
+            tenantId: `t-${HOSTILE}`,
+            permissions: [`scope${HOSTILE}`],
+          }),
+          listUsers: refused,
+        });
+        router.service(TokenService, {
+          listPersonalAccessTokens: () => ({
+            tokens: [{ id: `tok-${HOSTILE}`, name: `CI${HOSTILE}`, hint: `h${HOSTILE}`, scopes: [HOSTILE] }],
+          }),
+        });
+      },
+    });
+    server = createSecureServer(
+      {
+        allowHTTP1: true,
+        cert: readFileSync(join(certs.dir, "server.crt")),
+        key: readFileSync(join(certs.dir, "server.key")),
+      },
+      adapter,
+    );
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    env = {
+      HOME: mkdtempSync(join(tmpdir(), "tessera-cli-hostile-")),
+      TESSERA_SERVER: `127.0.0.1:${(server.address() as AddressInfo).port}`,
+      TESSERA_CA_FILE: join(certs.dir, "ca.crt"),
+      TESSERA_TOKEN: "tsr_pat_abcdefghijklmnop",
+    };
+  });
+
+  afterAll(async () => {
+    server?.close();
+  });
+
+  /** Run the CLI; neither of its outputs may hold a raw control character. */
+  async function clean(args: string[]) {
+    const r = await runCli(args, env);
+    expect(r.stdout, r.stderr).not.toMatch(RAW);
+    expect(r.stderr).not.toMatch(RAW);
+    return r;
+  }
+
+  it.each([
+    ["whoami (its own Connect call)", ["whoami"]],
+    ["whoami (the SDK client)", ["--protocol", "grpc", "whoami"]],
+    ["a table", ["token", "list"]],
+  ])("escapes them in %s", async (_what, args) => {
+    const r = await clean(args);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain("\\u001b]52;c;");
+  });
+
+  it.each([
+    ["whoami", ["--output", "json", "whoami"], (j: { username: string }) => j.username, `alice${HOSTILE}`],
+    [
+      "a list",
+      ["--output", "json", "token", "list"],
+      (j: { tokens: { name: string }[] }) => j.tokens[0]!.name,
+      `CI${HOSTILE}`,
+    ],
+  ])(
+    "escapes them in the JSON of %s, which still parses to the server's text",
+    async (_what, args, pick, text) => {
+      const r = await clean(args as string[]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout).toContain("\\u009b");
+      expect((pick as (j: unknown) => string)(JSON.parse(r.stdout) as unknown)).toBe(text);
+    },
+  );
+
+  it("escapes them in an error's message, reason and request id", async () => {
+    const r = await clean(["user", "list"]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toContain("denied ok\\u001b]52;c;");
+    expect(r.stderr).toContain("request id id");
+  });
+});
+
+/**
+ * An answer is read whole before it is printed: a server's answer of gigabytes (or a gzip
+ * bomb of a few kilobytes, which connect-node decompresses up to its 4 GiB default) would
+ * be buffered to the last byte. The CLI refuses an answer past 16 MiB as too large.
+ */
+describe("the CLI refuses a hostile server's oversized answer", { timeout: 120_000 }, () => {
+  let server: Http2SecureServer;
+  let env: Record<string, string>;
+  /** Past the bound; gzip makes it a few kilobytes on the wire where the client accepts it. */
+  const HUGE = "a".repeat(17 * 1024 * 1024);
+
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    const adapter = connectNodeAdapter({
+      routes: (router: ConnectRouter) => {
+        router.service(UserService, {
+          getCurrentUser: () => ({ id: "u", username: HUGE, tenantId: "t" }),
+          listUsers: () => ({ users: [{ id: "u", username: HUGE }] }),
+        });
+      },
+    });
+    server = createSecureServer(
+      {
+        allowHTTP1: true,
+        cert: readFileSync(join(certs.dir, "server.crt")),
+        key: readFileSync(join(certs.dir, "server.key")),
+      },
+      adapter,
+    );
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    env = {
+      HOME: mkdtempSync(join(tmpdir(), "tessera-cli-huge-")),
+      TESSERA_SERVER: `127.0.0.1:${(server.address() as AddressInfo).port}`,
+      TESSERA_CA_FILE: join(certs.dir, "ca.crt"),
+      TESSERA_TOKEN: "tsr_pat_abcdefghijklmnop",
+    };
+  });
+
+  afterAll(async () => {
+    server?.close();
+  });
+
+  it.each([
+    ["whoami's own Connect call", ["whoami"]],
+    ["the SDK client over gRPC (gzip)", ["--protocol", "grpc", "whoami"]],
+    ["the SDK client over Connect (gzip)", ["--protocol", "connect", "user", "list"]],
+  ])("through %s", async (_what, args) => {
+    const r = await runCli(args, env);
+    expect(r.stdout).toBe("");
+    expect(r.stderr).toMatch(/larger than configured readMaxBytes 16777216/);
+    expect(r.stderr).not.toMatch(/rate limited/);
+    expect(r.code).toBe(1);
+  });
+});
