@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch as undiciFetch } from "undici";
@@ -49,6 +49,14 @@ describe("server commands", () => {
     const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("TESSERA_MTLS");
+    // A config file that is not YAML is a bad configuration too, told by its position only:
+    // the parser's own message quotes the line, here the admin password.
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-cli-")), "tessera.yaml");
+    writeFileSync(file, "admin:\n  password: pw-in-broken-yaml: x\n");
+    const broken = await run(["migrate", "--config", file]);
+    expect(broken.code).toBe(2);
+    expect(broken.stderr).toContain("not valid YAML (line 2, column");
+    expect(broken.stderr).not.toContain("pw-in-broken-yaml");
   });
 
   it("warns that a password in --database is readable in the process list, without printing it", async () => {
