@@ -5,6 +5,7 @@ import { revokedSerials } from "../certs/crl.js";
 import { ensureDevCertificates } from "../certs/dev-ca.js";
 import { type TrustAnchors, trustAnchors } from "../certs/trust-anchors.js";
 import type { Config } from "../config.js";
+import { refuseOpenToOthers } from "../private-file.js";
 
 /** TLS files read from the cert folder. */
 export interface TlsMaterial {
@@ -33,6 +34,7 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
     }
     await ensureDevCertificates(dir);
   }
+  refuseOpenToOthers(need[2]!, "TLS private key");
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   let anchors: TrustAnchors;
   try {
