@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app.js";
 import { startServer } from "../../src/server.js";
-import { createTestCerts, silentLogger, testConfig } from "../helpers.js";
+import { createTestCerts, dropSchema, POSTGRES, silentLogger, testConfig } from "../helpers.js";
 
 /**
  * The server's own secrets on disk: a master key file (`auth.masterKeyFile`) or a TLS private
@@ -43,6 +43,30 @@ describe("secret files readable by others", () => {
       await server.close(0);
     } finally {
       await app.close();
+    }
+  });
+
+  it("creates no admin before a refused master key: its generated password is shown by the start that serves", async () => {
+    // The admin's generated password is printed once, by the start that created it; a start
+    // that then stopped on its master key showed it to no one, and every later start found
+    // the admin made, with a password nobody knows.
+    const url = POSTGRES.url();
+    const noPassword = { admin: { password: undefined } };
+    try {
+      await expect(
+        createApp(testConfig(url, { ...noPassword, auth: { masterKey: undefined } }), {
+          logger: silentLogger,
+        }),
+      ).rejects.toThrow(/PostgreSQL needs a master key/);
+      const app = await createApp(testConfig(url, noPassword), { logger: silentLogger });
+      try {
+        expect(app.bootstrap.created).toBe(true);
+        expect(app.bootstrap.generatedPassword).toBeTruthy();
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await dropSchema(url);
     }
   });
 });
