@@ -112,6 +112,36 @@ describe("server commands", () => {
     // Seven CLI processes in a row, each starting tsx: over a minute when the suite's other files load the machine.
   }, 120_000);
 
+  it("warns at start when it serves without TLS on an address other hosts can reach, and not on loopback", async () => {
+    const serve = async (host: string) => {
+      const cwd = mkdtempSync(join(tmpdir(), "tessera-plaintext-"));
+      const child = spawn(TSX, [MAIN, "serve", "--insecure-plaintext", "--port", "0", "--host", host], {
+        cwd,
+        env: { ...process.env, TESSERA_PASSWORD_ITERATIONS: "1000", TESSERA_METRICS_LISTEN: "off" },
+      });
+      scanChildStderr(child);
+      children.push(child);
+      let stderr = "";
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 60_000);
+        child.stderr.on("data", (d) => {
+          stderr += d;
+          if (stderr.includes('"msg":"tessera listening"')) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+      });
+      // The warning follows the listening line in the same turn; let it land.
+      await new Promise((r) => setTimeout(r, 300));
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("close", r));
+      return stderr;
+    };
+    expect(await serve("0.0.0.0")).toContain("serving without TLS on an address other hosts can reach");
+    expect(await serve("127.0.0.1")).not.toContain("serving without TLS");
+  }, 120_000);
+
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {
     const cwd = mkdtempSync(join(tmpdir(), "tessera-quickstart-"));
     const child = spawn(TSX, [MAIN, "serve"], {
