@@ -239,6 +239,50 @@ describe.each(DATABASES)("the logs on $name", (db) => {
     );
     expect(revoked.status).toBe(200);
 
+    // Secrets where the endpoints refuse them: in the URL's query, in a form the parser
+    // refuses (a control character), under the wrong content type, in a Basic header without
+    // its colon, in an Authorization scheme Tessera does not know.
+    const misplaced = `misplaced secret ${short()}`;
+    keep("misplaced secret", misplaced);
+    const query = new URLSearchParams({ client_id: basicOne.username, client_secret: misplaced }).toString();
+    for (const [path, fields, headers] of [
+      [`/oauth2/token?grant_type=client_credentials&${query}`, { grant_type: "client_credentials" }, {}],
+      [
+        `/oauth2/introspect?token=${encodeURIComponent(misplaced)}`,
+        { token: "x" },
+        bearerHeader(verifier.token),
+      ],
+      [
+        "/oauth2/token",
+        {
+          grant_type: "client_credentials",
+          client_id: basicOne.username,
+          client_secret: `${misplaced}\u0001`,
+        },
+        {},
+      ],
+      [
+        "/oauth2/token",
+        { grant_type: "client_credentials", client_secret: misplaced },
+        { "content-type": "text/plain" },
+      ],
+      [
+        "/oauth2/revoke",
+        { token: "x" },
+        { authorization: `Basic ${Buffer.from(misplaced).toString("base64")}` },
+      ],
+      ["/oauth2/revoke", { token: "x" }, { authorization: `Digest ${misplaced}` }],
+    ] as [string, Record<string, string>, Record<string, string>][]) {
+      const res = await postForm(ts, path, fields, headers);
+      expect(res.status, path).toBeGreaterThanOrEqual(400);
+    }
+    await rejection(
+      createClient(
+        UserService,
+        withHeaders(connect(), { authorization: `Digest ${misplaced}` }),
+      ).getCurrentUser({}),
+    );
+
     // A database fault whose statement carries a secret's hash: the write of a new API key
     // fails (its table is gone), and the unexpected error is logged.
     await app.sql.run("drop table api_tokens", []);
