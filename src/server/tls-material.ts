@@ -35,6 +35,9 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
     await ensureDevCertificates(dir);
   }
   refuseOpenToOthers(need[2]!, "TLS private key");
+  // Not read here, but it signs the client certificates ca.crt makes this server trust.
+  const caKey = join(dir, "ca.key");
+  if (existsSync(caKey)) refuseOpenToOthers(caKey, "CA private key");
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   let anchors: TrustAnchors;
   try {

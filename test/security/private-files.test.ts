@@ -29,7 +29,7 @@ describe("secret files readable by others", () => {
     await app.close();
   });
 
-  it("refuses to serve with a TLS private key any user can read", async () => {
+  it("refuses to serve with a TLS or CA private key any user can read", async () => {
     const certs = await createTestCerts();
     const key = join(certs.dir, "server.key");
     chmodSync(key, 0o604);
@@ -39,6 +39,11 @@ describe("secret files readable by others", () => {
     try {
       await expect(startServer(app)).rejects.toThrow(`refusing TLS private key ${key}: its mode 0604`);
       chmodSync(key, 0o600);
+      // The CA's key beside it signs the client certificates the server trusts (mTLS identities).
+      const caKey = join(certs.dir, "ca.key");
+      chmodSync(caKey, 0o644);
+      await expect(startServer(app)).rejects.toThrow(`refusing CA private key ${caKey}: its mode 0644`);
+      chmodSync(caKey, 0o640);
       const server = await startServer(app);
       await server.close(0);
     } finally {
