@@ -9,6 +9,8 @@ import { statSync } from "node:fs";
  * @throws Error naming the file, its mode and the chmod that fixes it
  */
 export function refuseOpenToOthers(path: string, what: string): void {
+  // Windows reports no permission bits of its own (every writable file reads 0666).
+  if (process.platform === "win32") return;
   const mode = statSync(path).mode;
   if ((mode & 0o006) === 0) return;
   const octal = `0${(mode & 0o777).toString(8).padStart(3, "0")}`;
