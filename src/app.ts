@@ -152,12 +152,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
     const { bootstrap, jwt, digestKey } = await storage.withStartupLock(async (held) => {
       await held.migrate();
       await options.beforeBootstrap?.();
-      const bootstrap = await ensureAdmin(storage.em.fork(), {
-        username: config.admin.username,
-        password: config.admin.password,
-        iterations: config.auth.passwordIterations,
-      });
-      // Before any key is read: clear rows sealed, and a wrong master key stops the start here.
+      // Before any key is read: clear rows sealed, and a wrong master key stops the start here,
+      // before the admin is made: its generated password is printed by the start that serves.
       const masterKey = loadMasterKey(config.auth, storage.target);
       const sealed = await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
       if (sealed.resealed > 0)
@@ -165,6 +161,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
           { resealed: sealed.resealed, digestsCleared: sealed.digestsCleared },
           "master key rotated: signing keys resealed, shared digests of the previous key cleared",
         );
+      const bootstrap = await ensureAdmin(storage.em.fork(), {
+        username: config.admin.username,
+        password: config.admin.password,
+        iterations: config.auth.passwordIterations,
+      });
       const jwt = await createJwtService({
         config: config.auth.jwt,
         storage,

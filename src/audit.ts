@@ -149,6 +149,8 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<boolean> | null = null;
   let closed = false;
+  /** The drops counted when close ended (-1 before): the first event recorded after it is logged. */
+  let droppedAtClose = -1;
 
   const schedule = (ms: number) => {
     if (timer || closed) return;
@@ -279,6 +281,16 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
   return {
     record(entry) {
       line(entry);
+      if (droppedAtClose >= 0) {
+        // A call cut at shutdown that ends after close: nothing writes the buffer any more
+        // (one recorded while close still writes is written by it).
+        if (counters.dropped++ === droppedAtClose)
+          logger.error(
+            { action: entry.action },
+            "audit event recorded after the audit log closed: dropped (counted in the audit stats)",
+          );
+        return;
+      }
       if (buffer.length >= bufferSize) {
         counters.dropped++;
         if (!overflowing) {
@@ -324,6 +336,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
         logger.error({ lost: buffer.length }, "audit events could not be written before shutdown");
         buffer = [];
       }
+      droppedAtClose = counters.dropped;
     },
     stats: () => ({ depth: buffer.length, ...counters }),
     purgeExpired,

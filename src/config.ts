@@ -116,6 +116,24 @@ function deepMerge(base: Record<string, unknown>, extra: Record<string, unknown>
 }
 
 /**
+ * The YAML text of config file `file`. The parser's errors and warnings quote the offending
+ * line, which in a config file may hold a password, a token or a database URL: a refusal
+ * names only the position (printed at start-up, logged by a SIGHUP reload), and warnings (an
+ * unknown tag: the value is read as plain text) are not emitted at all.
+ * @throws ConfigError when the text is not valid YAML
+ */
+function parseConfigYaml(text: string, file: string): unknown {
+  try {
+    return parseYaml(text, { logLevel: "error" });
+  } catch (err) {
+    const at = (err as { linePos?: { line: number; col: number }[] }).linePos?.[0];
+    throw new ConfigError(
+      `config file ${file}: not valid YAML${at ? ` (line ${at.line}, column ${at.col})` : ""}`,
+    );
+  }
+}
+
+/**
  * Load, merge and validate the configuration: file, then environment, then overrides.
  * @throws ConfigError listing every invalid key with the variable that sets it.
  */
@@ -130,7 +148,7 @@ export function loadConfig(options: LoadConfigOptions = {}): Config {
     } catch (err) {
       throw new ConfigError(`cannot read config file ${file}: ${(err as Error).message}`);
     }
-    const parsed: unknown = parseYaml(text);
+    const parsed = parseConfigYaml(text, file);
     if (parsed !== null && parsed !== undefined) {
       if (typeof parsed !== "object" || Array.isArray(parsed)) {
         throw new ConfigError(`config file ${file}: expected a mapping at the top level`);

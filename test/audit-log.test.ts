@@ -6,7 +6,7 @@ import { createMetrics } from "../src/metrics.js";
 import { AuditEventRepository } from "../src/storage/repositories/audit.js";
 import { CredentialRepository } from "../src/storage/repositories/credentials.js";
 import { toMillis } from "../src/storage/sql.js";
-import { DATABASES } from "./helpers.js";
+import { createTestApp, DATABASES, SQLITE } from "./helpers.js";
 import { capturingLogger, type OutageApp, startOutageApp } from "./outage-helpers.js";
 
 /** A record as the audit interceptor makes it, under a request id of the test's. */
@@ -251,5 +251,33 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
     await until(async () => (await remaining()).length === 2);
     expect((await remaining()).map((r) => r.request_id)).toEqual([`${prefix}edge`, `${prefix}new`]);
     await timed.close();
+  });
+});
+
+describe("an event recorded after the audit log closed", () => {
+  it("is counted as dropped and logged, not left in a buffer nothing writes any more (last-used times too)", async () => {
+    // A call cut at shutdown (after the grace period) still ends, and records, after the app
+    // closed its audit log: that record can no longer be written, and must not be lost silently.
+    const app = await createTestApp(SQLITE);
+    const { logger, log } = capturingLogger();
+    const audit = createAuditLog({ events: new AuditEventRepository(app.sql), logger, flushMs: 20 });
+    try {
+      audit.record(record(`before-close-${randomUUID().slice(0, 8)}`));
+      await audit.close();
+      expect(audit.stats()).toMatchObject({ depth: 0, dropped: 0, written: 1 });
+      audit.record(record(`after-close-${randomUUID().slice(0, 8)}`));
+      audit.record(record(`after-close-${randomUUID().slice(0, 8)}`));
+      expect(audit.stats()).toMatchObject({ depth: 0, dropped: 2, written: 1 });
+      expect(log.count(/^audit event recorded after the audit log closed/)).toBe(1);
+      // The last-used times likewise.
+      const tracker = new LastUsedTracker(new CredentialRepository(app.sql), logger, 60);
+      await tracker.close();
+      tracker.mark("api_tokens", randomUUID());
+      tracker.mark("api_tokens", randomUUID());
+      expect(tracker.stats()).toMatchObject({ depth: 0, dropped: 2 });
+      expect(log.count(/^last-used time marked after the tracker closed/)).toBe(1);
+    } finally {
+      await app.close();
+    }
   });
 });

@@ -1,7 +1,7 @@
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { z } from "zod";
 import { renderConfigDoc } from "../scripts/gen-config-doc.js";
 import { configKeys, referenceOf } from "../src/config/key-docs.js";
@@ -187,6 +187,41 @@ describe("configuration", () => {
     const file = join(dir, "bad.yaml");
     writeFileSync(file, "server:\n  prot: 7000\n");
     expect(() => loadConfig({ file, env: {} })).toThrow(/prot/);
+  });
+
+  it("refuses a config file that is not valid YAML without quoting it, nor warning with its lines", () => {
+    // The YAML parser's errors and warnings quote the offending line, here a secret: printed at
+    // start-up and logged by a SIGHUP reload (the service log).
+    const dir = mkdtempSync(join(tmpdir(), "tessera-config-"));
+    const secret = "TopSecretAdminPw123";
+    const warnings = vi.spyOn(process, "emitWarning").mockImplementation(() => undefined);
+    try {
+      for (const text of [
+        `admin:\n  password: ${secret}: x\n`,
+        `admin:\n  password: "${secret}\ndatabase:\n  url: postgres://u:${secret}@db/x\n`,
+        `auth:\n  masterKey: "${secret}"x\n`,
+      ]) {
+        const file = join(dir, "broken.yaml");
+        writeFileSync(file, text);
+        let message = "";
+        try {
+          loadConfig({ file, env: {} });
+        } catch (e) {
+          expect(e).toBeInstanceOf(ConfigError);
+          message = (e as Error).message;
+        }
+        expect(message).toMatch(/not valid YAML \(line \d+, column \d+\)/);
+        expect(message).not.toContain(secret);
+      }
+      // A tag the parser does not know is a warning, not an error: read as the plain string,
+      // and never said through process.emitWarning (stderr) with the line.
+      const file = join(dir, "tagged.yaml");
+      writeFileSync(file, `admin:\n  password: !weird ${secret}\n`);
+      expect(loadConfig({ file, env: {} }).admin.password).toBe(secret);
+      expect(warnings.mock.calls.map((c) => String(c[0]))).toEqual([]);
+    } finally {
+      warnings.mockRestore();
+    }
   });
 
   it("rejects bad values with the variable that sets them", () => {

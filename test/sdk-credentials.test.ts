@@ -1,7 +1,7 @@
 import { chmodSync, mkdirSync, mkdtempSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import {
   ClientConfigError,
   CredentialsFileError,
@@ -118,6 +118,17 @@ describe("the credentials file", () => {
     }
     expect(message).toContain("not valid YAML");
     expect(message).not.toContain("tsr_pat_secretvalue");
+  });
+
+  it("reads a tag it does not know as text without a process warning quoting the file's line", () => {
+    const warnings = vi.spyOn(process, "emitWarning").mockImplementation(() => undefined);
+    try {
+      const tagged = homeWith("default:\n  token: !weird tsr_pat_secretvalue\n");
+      expect(readCredentialsFile(tagged.file).default?.token).toBe("tsr_pat_secretvalue");
+      expect(warnings.mock.calls.map((c) => String(c[0]))).toEqual([]);
+    } finally {
+      warnings.mockRestore();
+    }
   });
 });
 

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, fetch as undiciFetch } from "undici";
@@ -49,6 +49,14 @@ describe("server commands", () => {
     const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("TESSERA_MTLS");
+    // A config file that is not YAML is a bad configuration too, told by its position only:
+    // the parser's own message quotes the line, here the admin password.
+    const file = join(mkdtempSync(join(tmpdir(), "tessera-cli-")), "tessera.yaml");
+    writeFileSync(file, "admin:\n  password: pw-in-broken-yaml: x\n");
+    const broken = await run(["migrate", "--config", file]);
+    expect(broken.code).toBe(2);
+    expect(broken.stderr).toContain("not valid YAML (line 2, column");
+    expect(broken.stderr).not.toContain("pw-in-broken-yaml");
   });
 
   it("warns that a password in --database is readable in the process list, without printing it", async () => {
@@ -102,6 +110,36 @@ describe("server commands", () => {
       readFileSync(join(dir, "certs", "ca.crt"), "utf8"),
     );
     // Seven CLI processes in a row, each starting tsx: over a minute when the suite's other files load the machine.
+  }, 120_000);
+
+  it("warns at start when it serves without TLS on an address other hosts can reach, and not on loopback", async () => {
+    const serve = async (host: string) => {
+      const cwd = mkdtempSync(join(tmpdir(), "tessera-plaintext-"));
+      const child = spawn(TSX, [MAIN, "serve", "--insecure-plaintext", "--port", "0", "--host", host], {
+        cwd,
+        env: { ...process.env, TESSERA_PASSWORD_ITERATIONS: "1000", TESSERA_METRICS_LISTEN: "off" },
+      });
+      scanChildStderr(child);
+      children.push(child);
+      let stderr = "";
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 60_000);
+        child.stderr.on("data", (d) => {
+          stderr += d;
+          if (stderr.includes('"msg":"tessera listening"')) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+      });
+      // The warning follows the listening line in the same turn; let it land.
+      await new Promise((r) => setTimeout(r, 300));
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("close", r));
+      return stderr;
+    };
+    expect(await serve("0.0.0.0")).toContain("serving without TLS on an address other hosts can reach");
+    expect(await serve("127.0.0.1")).not.toContain("serving without TLS");
   }, 120_000);
 
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {

@@ -47,6 +47,8 @@ export class LastUsedTracker {
   private readonly counters = { dropped: 0, written: 0, failures: 0 };
   /** Drops of the current overflow episode (logged once when it starts, like the audit buffer's). */
   private overflowing = false;
+  /** The drops counted when close ended (-1 before): the first use marked after it is logged. */
+  private droppedAtClose = -1;
   private readonly maxPending: number;
   private readonly minBackoff: number;
   private readonly maxBackoff: number;
@@ -66,6 +68,12 @@ export class LastUsedTracker {
 
   /** Record a use of row `id` in `table` (a fixed table name, never user input). */
   mark(table: LastUsedTable, id: string, at = new Date()): void {
+    if (this.droppedAtClose >= 0) {
+      // A call cut at shutdown that ends after close: nothing writes what is pending any more.
+      if (this.counters.dropped++ === this.droppedAtClose)
+        this.logger.error({ table }, "last-used time marked after the tracker closed: dropped (counted)");
+      return;
+    }
     const key = `${table}\0${id}`;
     const current = this.pending.get(key);
     if (current === undefined && this.pending.size >= this.maxPending) {
@@ -169,5 +177,6 @@ export class LastUsedTracker {
       this.logger.error({ lost: this.pending.size }, "last-used times could not be written before shutdown");
       this.pending.clear();
     }
+    this.droppedAtClose = this.counters.dropped;
   }
 }

@@ -2,7 +2,7 @@ import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { Config } from "../config.js";
-import { assertOwned } from "../owned-files.js";
+import { assertOwned, refuseOpenToOthers } from "../private-files.js";
 import { SigningKey } from "../storage/entities.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
 import { clearSharedDigests } from "../storage/repositories/credentials.js";
@@ -97,6 +97,14 @@ function readKeyFile(path: string, generate: boolean): MasterKey {
   if (generate) assertOwned(path, "master key file");
   // An older file may have been created readable by others.
   if (generate) chmodSync(path, 0o600);
+  else {
+    // The operator's file: never altered, but refused while anyone on the machine can read it.
+    try {
+      refuseOpenToOthers(path, "master key file");
+    } catch (err) {
+      throw new MasterKeyError((err as Error).message);
+    }
+  }
   return parseMasterKey(text, source);
 }
 

@@ -2,7 +2,7 @@
 // none, and the client certificates and foreign CAs minted from the command line and tests.
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import { assertOwned } from "../owned-files.js";
+import { assertOwned } from "../private-files.js";
 import { withFileLock } from "../storage/startup-lock.js";
 import { exists, replaceFile, writeNewFile } from "./files.js";
 import {

@@ -172,6 +172,13 @@ export function registerServerCommands(program: Command): void {
       { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
       "tessera listening",
     );
+    const { isLoopbackHost } = await import("../services/machine-user/callback-url.js");
+    if (config.server.insecurePlaintext && !isLoopbackHost(config.server.host))
+      // Allowed (a TLS proxy in front on a private network), but never silently.
+      logger.warn(
+        { host: config.server.host },
+        "serving without TLS on an address other hosts can reach: passwords and tokens cross the network in clear (server.insecurePlaintext is for development; set TESSERA_HOST=127.0.0.1)",
+      );
     process.on("SIGHUP", () => {
       // The log level from the configuration as it reads now (file and environment, under
       // the same flags); a configuration that no longer loads keeps the running one.

@@ -270,7 +270,8 @@ export const authSchema = z
       }),
     masterKeyFile: z.string().min(1).optional().register(configKeys, {
       env: "TESSERA_MASTER_KEY_FILE",
-      description: "File holding the master key (base64 of 32 bytes), instead of auth.masterKey.",
+      description:
+        "File holding the master key (base64 of 32 bytes), instead of auth.masterKey. Refused when any user of the machine can read it (o+r): chmod 600 (640 for a group).",
     }),
     previousMasterKeys: z
       .array(

@@ -23,7 +23,8 @@ export const serverSchema = z
     }),
     certDir: z.string().min(1).default("./certs").register(configKeys, {
       env: "TESSERA_CERT_DIR",
-      description: "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl).",
+      description:
+        "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl). A server.key or ca.key any user of the machine can read (o+r) is refused: chmod 600 (640 for a group).",
     }),
     mtls: z.enum(["off", "optional", "require"]).default("optional").register(configKeys, {
       env: "TESSERA_MTLS",

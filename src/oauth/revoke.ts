@@ -11,6 +11,7 @@ import { RefreshToken } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
 import { ApiToken } from "../storage/token-entities.js";
 import { asOAuthError, type ClientAuthDeps, OAuthError, type OAuthRequest, tokenRequest } from "./form.js";
+import { oauthAuditReason } from "./token.js";
 
 /** What the revocation endpoint needs. */
 export interface RevocationEndpointDeps extends ClientAuthDeps {
@@ -44,6 +45,29 @@ export const REVOKE_ACTION = "oauth2/revoke";
  * @throws OAuthError
  */
 export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
+  try {
+    await revokeAndRecord(deps, req);
+  } catch (err) {
+    // Recorded as Logout and the Revoke… RPCs record their failures: a caller trying tokens
+    // here with a secret that does not verify leaves its trace (the per-IP limit bounds it).
+    const principal = req.state.principal;
+    deps.audit.record({
+      requestId: req.state.requestId,
+      ...auditFiling(principal, principal?.tenantId ?? null),
+      actorKind: principal?.kind ?? "anonymous",
+      actorId: principal?.id ?? null,
+      action: REVOKE_ACTION,
+      targetId: null,
+      outcome: "failure",
+      reason: oauthAuditReason(err),
+      ip: req.state.ip,
+    });
+    throw err;
+  }
+}
+
+/** Revoke the caller's token, and record the revocation (see {@link revocationEndpoint}). */
+async function revokeAndRecord(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
   const { principal, token } = await tokenRequest(deps, req);
   if (opaquePrefix(deps.prefixes, token) === deps.prefixes.machine)
     throw new OAuthError(

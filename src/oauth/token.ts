@@ -81,8 +81,8 @@ async function audited(
   }
 }
 
-/** The audit reason of a failed grant: Tessera's reason where one was raised, else the OAuth error code. */
-function oauthAuditReason(err: unknown): string {
+/** The audit reason of a failed grant or revocation: Tessera's reason where one was raised, else the OAuth error code. */
+export function oauthAuditReason(err: unknown): string {
   if (err instanceof OAuthError) {
     const cause = (err as { cause?: unknown }).cause;
     return cause !== undefined ? auditReason(cause) : err.error.toUpperCase();

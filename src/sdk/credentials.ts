@@ -119,7 +119,8 @@ export function readCredentialsFile(path: string = credentialsPath()): Record<st
   }
   let doc: unknown;
   try {
-    doc = parseYaml(text);
+    // Warnings (an unknown tag) are not emitted: process.emitWarning would print the line, a token's.
+    doc = parseYaml(text, { logLevel: "error" });
   } catch (err) {
     // The YAML parser quotes the offending text; that may be a token, so keep only the position.
     const pos = (err as { linePos?: { line: number }[] }).linePos?.[0]?.line;

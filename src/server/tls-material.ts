@@ -5,6 +5,7 @@ import { revokedSerials } from "../certs/crl.js";
 import { ensureDevCertificates } from "../certs/dev-ca.js";
 import { type TrustAnchors, trustAnchors } from "../certs/trust-anchors.js";
 import type { Config } from "../config.js";
+import { refuseOpenToOthers } from "../private-files.js";
 
 /** TLS files read from the cert folder. */
 export interface TlsMaterial {
@@ -33,6 +34,10 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
     }
     await ensureDevCertificates(dir);
   }
+  refuseOpenToOthers(need[2]!, "TLS private key");
+  // Not read here, but it signs the client certificates ca.crt makes this server trust.
+  const caKey = join(dir, "ca.key");
+  if (existsSync(caKey)) refuseOpenToOthers(caKey, "CA private key");
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   let anchors: TrustAnchors;
   try {

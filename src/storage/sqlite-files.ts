@@ -2,7 +2,7 @@
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, parse, resolve } from "node:path";
-import { assertOwned } from "../owned-files.js";
+import { assertOwned } from "../private-files.js";
 
 /**
  * The database holds password hashes and sealed signing keys: its folder is made 0700

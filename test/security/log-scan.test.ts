@@ -6,6 +6,8 @@ import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import type { App } from "../../src/app.js";
+import { TOKEN_ID_LENGTH, TOKEN_SECRET_LENGTH } from "../../src/auth/token-format.js";
+import { REFRESH_TOKEN_PREFIX } from "../../src/config/auth.js";
 import { rejection } from "../errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -237,6 +239,50 @@ describe.each(DATABASES)("the logs on $name", (db) => {
     );
     expect(revoked.status).toBe(200);
 
+    // Secrets where the endpoints refuse them: in the URL's query, in a form the parser
+    // refuses (a control character), under the wrong content type, in a Basic header without
+    // its colon, in an Authorization scheme Tessera does not know.
+    const misplaced = `misplaced secret ${short()}`;
+    keep("misplaced secret", misplaced);
+    const query = new URLSearchParams({ client_id: basicOne.username, client_secret: misplaced }).toString();
+    for (const [path, fields, headers] of [
+      [`/oauth2/token?grant_type=client_credentials&${query}`, { grant_type: "client_credentials" }, {}],
+      [
+        `/oauth2/introspect?token=${encodeURIComponent(misplaced)}`,
+        { token: "x" },
+        bearerHeader(verifier.token),
+      ],
+      [
+        "/oauth2/token",
+        {
+          grant_type: "client_credentials",
+          client_id: basicOne.username,
+          client_secret: `${misplaced}\u0001`,
+        },
+        {},
+      ],
+      [
+        "/oauth2/token",
+        { grant_type: "client_credentials", client_secret: misplaced },
+        { "content-type": "text/plain" },
+      ],
+      [
+        "/oauth2/revoke",
+        { token: "x" },
+        { authorization: `Basic ${Buffer.from(misplaced).toString("base64")}` },
+      ],
+      ["/oauth2/revoke", { token: "x" }, { authorization: `Digest ${misplaced}` }],
+    ] as [string, Record<string, string>, Record<string, string>][]) {
+      const res = await postForm(ts, path, fields, headers);
+      expect(res.status, path).toBeGreaterThanOrEqual(400);
+    }
+    await rejection(
+      createClient(
+        UserService,
+        withHeaders(connect(), { authorization: `Digest ${misplaced}` }),
+      ).getCurrentUser({}),
+    );
+
     // A database fault whose statement carries a secret's hash: the write of a new API key
     // fails (its table is gone), and the unexpected error is logged.
     await app.sql.run("drop table api_tokens", []);
@@ -271,6 +317,12 @@ describe.each(DATABASES)("the logs on $name", (db) => {
     expect(secrets.size).toBeGreaterThan(20);
     const found = [...secrets].filter(([value]) => log.includes(value)).map(([, what]) => what);
     expect(found).toEqual([]);
+    // Nor in another form: encoded (base64 as in a Basic header, base64url, percent-encoding as
+    // in a URL or a form, hex), or a token's secret part without its prefix and id.
+    const encoded = [...secrets].flatMap(([value, what]) =>
+      encodings(value).map((e) => [e, `${what} (encoded)`] as const),
+    );
+    expect(encoded.filter(([form]) => log.includes(form)).map(([, what]) => what)).toEqual([]);
     // No PBKDF2 hash of any kind, including ones never stored (a racer's that lost).
     expect(log).not.toMatch(/pbkdf2-sha256\$/);
   });
@@ -306,4 +358,25 @@ function postForm(
     req.on("error", reject);
     req.end(new URLSearchParams(fields).toString());
   });
+}
+
+/**
+ * The forms other than itself a secret could be written in: base64 and base64url (a Basic
+ * header's, a cookie's), percent-encoding (a URL's query, a form body), hex; for one of
+ * Tessera's opaque tokens also its secret part alone (after the prefix and the public id).
+ */
+function encodings(value: string): string[] {
+  const bytes = Buffer.from(value, "utf8");
+  const forms = new Set([
+    bytes.toString("base64").replace(/=+$/, ""),
+    bytes.toString("base64url"),
+    encodeURIComponent(value),
+    new URLSearchParams({ v: value }).toString().slice(2),
+    bytes.toString("hex"),
+  ]);
+  const opaque = /^tsr_(?:pat|key|mu)_([A-Za-z0-9_-]+)$/.exec(value);
+  if (opaque) forms.add(opaque[1]!.slice(TOKEN_ID_LENGTH, TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH));
+  if (value.startsWith(REFRESH_TOKEN_PREFIX)) forms.add(value.slice(REFRESH_TOKEN_PREFIX.length));
+  // Short forms (a 12-character password's hex is 24) could only match by chance in a long log.
+  return [...forms].filter((f) => f !== value && f.length >= 16);
 }

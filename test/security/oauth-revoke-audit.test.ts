@@ -1,0 +1,82 @@
+import { Agent, request } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { adminLogin, basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
+
+/**
+ * `POST /oauth2/revoke` is recorded in the audit log whichever way it ends, as Logout and the
+ * Revoke… RPCs record theirs: a caller trying tokens there with a client secret that does not
+ * verify, or a credential the endpoint does not revoke, leaves a failure with its reason (it
+ * left no record at all: only a revocation that succeeded was written).
+ */
+describe("the audit of /oauth2/revoke", () => {
+  let ts: TestServer;
+  let agent: Agent;
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await ts?.close();
+  });
+
+  async function revoke(token: string, headers: Record<string, string>, requestId: string) {
+    const res = await request(`${ts.server.url}/oauth2/revoke`, {
+      method: "POST",
+      dispatcher: agent,
+      headers: { "content-type": "application/x-www-form-urlencoded", "x-request-id": requestId, ...headers },
+      body: new URLSearchParams({ token }).toString(),
+    });
+    await res.body.text();
+    return res.statusCode;
+  }
+
+  async function recordOf(requestId: string) {
+    await ts.app.audit.flush();
+    return ts.app.sql.all<Record<string, unknown>>(
+      "select action, outcome, reason, actor_kind, actor_id, tenant_id, target_id from audit_events where request_id = ?",
+      [requestId],
+    );
+  }
+
+  it("records a refused client and a credential it does not revoke as failures, with their reasons", async () => {
+    const admin = await adminLogin(ts.grpc());
+    const { tenant } = await clients(ts.grpc(), admin).tenants.createTenant({ name: `t-${short()}` });
+    const mu = await basicMachine(ts.grpc(), admin, [], { tenantId: tenant!.id });
+    const other = await bearerMachine(ts.grpc(), admin, [], { tenantId: tenant!.id });
+
+    const wrong = `wrong-secret-${short()}`;
+    expect(await revoke(other.token, basic(mu.username, "not its secret"), wrong)).toBe(401);
+    expect(await recordOf(wrong)).toEqual([
+      {
+        action: "oauth2/revoke",
+        outcome: "failure",
+        reason: "CREDENTIALS_INVALID",
+        actor_kind: "anonymous",
+        actor_id: null,
+        tenant_id: null,
+        target_id: null,
+      },
+    ]);
+
+    const unsupported = `unsupported-${short()}`;
+    expect(await revoke(other.token, basic(mu.username, mu.password), unsupported)).toBe(400);
+    expect(await recordOf(unsupported)).toEqual([
+      {
+        action: "oauth2/revoke",
+        outcome: "failure",
+        reason: "UNSUPPORTED_TOKEN_TYPE",
+        actor_kind: "machine",
+        actor_id: mu.machine.id,
+        tenant_id: tenant!.id,
+        target_id: null,
+      },
+    ]);
+
+    // What succeeds is recorded as before.
+    const nothing = `nothing-${short()}`;
+    expect(await revoke("not-a-token-of-anyone", basic(mu.username, mu.password), nothing)).toBe(200);
+    expect(await recordOf(nothing)).toMatchObject([{ outcome: "success", reason: "NOTHING_REVOKED" }]);
+  });
+});
