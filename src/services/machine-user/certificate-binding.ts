@@ -1,5 +1,5 @@
 // Certificate bindings: which client certificate identifies a machine user, and when a bind
-// proves possession of it (a proven bind may displace another tenant's unproven squatter).
+// proves possession of it (a proven fingerprint bind may displace another tenant's unproven squatter).
 import { randomUUID } from "node:crypto";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
@@ -140,6 +140,12 @@ export function certificateBindingHandlers(
           existing.proven = true;
           return { binding: bindingToProto(existing) };
         }
+        // Only a fingerprint is displaced: its proof shows the very certificate, so another
+        // tenant's claim on it is a squat. A SAN URI's proof shows *a* certificate carrying it,
+        // and a CA may give one URI to two tenants' certificates: displacing the other's binding
+        // would hand that tenant's certificates to the prover's machine user. Its holder takes a
+        // squatted certificate back by proving the fingerprint, which decides across tenants.
+        if (sanUri !== null) throw errors.alreadyExists(conflict);
         const holder = await e.findOne(MachineUser, { id: existing.machineUserId });
         // The caller's own tenant: it sees that binding and can remove it itself.
         if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
