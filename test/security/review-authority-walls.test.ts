@@ -19,6 +19,48 @@ describe.each(DATABASES)("review: authority and tenant walls on $name", (db) => 
     });
   }
 
+  async function machine(token: string, scopes: string[] = []) {
+    const { machine } = await bearerMachine(c.transport, token, [c.tenant.application.id], {
+      tenantId: c.tenant.tenant.id,
+      scopes,
+    });
+    return machine;
+  }
+
+  describe("proving one's own unproven SAN URI binding", () => {
+    /** A certificate of a stronger machine user carrying two URIs; the `*` admin bound the first to a weak machine user. */
+    async function sharedCertificate(strongProven: boolean) {
+      const id = short();
+      const san = { shared: `spiffe://tenant.example/pool/${id}`, own: `spiffe://tenant.example/api/${id}` };
+      const strong = await machine(c.root, ["cluster:write"]);
+      const victim = await mint(c.ts, san.shared, san.own);
+      await bindSan(c.root, strong.id, san.own, strongProven ? presenting(c.ts, victim) : c.transport);
+      const weak = await machine(c.tenant.token);
+      await bindSan(c.root, weak.id, san.shared);
+      return { san, strong, weak, victim };
+    }
+
+    it("weighs the prover's authority, not the first binder's: an admin:machine-users holder does not lock a stronger machine user's certificate out", async () => {
+      const { san, strong, weak, victim } = await sharedCertificate(true);
+      expect(await certificateUser(c.ts, victim)).toBe(strong.id);
+      // The weak admin holds a certificate carrying the shared URI, and proves the binding.
+      const lookalike = await mint(c.ts, san.shared);
+      const { binding } = await bindSan(c.tenant.token, weak.id, san.shared, presenting(c.ts, lookalike));
+      expect(binding!.proven).toBe(true);
+      // As a proof of its own making would: it takes nothing from the stronger machine user.
+      expect(await certificateUser(c.ts, victim)).toBe(strong.id);
+      expect(await certificateUser(c.ts, lookalike)).toBe(weak.id);
+    });
+
+    it("weighs the prover's authority, not the first binder's: an admin:machine-users holder does not take a contested certificate", async () => {
+      const { san, strong, weak, victim } = await sharedCertificate(false);
+      const lookalike = await mint(c.ts, san.shared);
+      await bindSan(c.tenant.token, weak.id, san.shared, presenting(c.ts, lookalike));
+      expect(await certificateUser(c.ts, victim)).not.toBe(weak.id);
+      expect(await certificateUser(c.ts, victim)).toBe(strong.id);
+    });
+  });
+
   describe("BindCertificate displacement", () => {
     it("another tenant proving a SAN URI with a lookalike certificate neither displaces the owner's unproven binding nor takes its certificate", async () => {
       // A CA that gave one SAN URI to two tenants' certificates (the case machineOfCertificate

@@ -134,10 +134,15 @@ export function certificateBindingHandlers(
           // since the unproven one was are the ones it would now take the certificate from.
           if (sha256Fingerprint !== null)
             await assertMayOutrankSanBindings(ctx, e, mu, requestState(ctx.values).certificate!.sanUris);
+          // The proof is this caller's act, so the binding now ranks by this caller's scopes (as
+          // a proven binding of its own making would), not by the first binder's: else a weaker
+          // admin proving a stronger admin's binding decides with the stronger one's authority.
+          const binderScopes = principalOf(ctx).scopes.join(" ");
           await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
-            tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true }),
+            tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true, binderScopes }),
           );
           existing.proven = true;
+          existing.binderScopes = binderScopes;
           return { binding: bindingToProto(existing) };
         }
         // Only a fingerprint is displaced: its proof shows the very certificate, so another
