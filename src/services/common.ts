@@ -93,11 +93,32 @@ export async function writeIfScopesHold(
   id: string,
   scopes: string,
   write: (tx: EntityManager) => Promise<unknown>,
+  checked: string = scopes,
 ): Promise<void> {
   await em.transactional(async (tx) => {
+    await setScopesIfHeld(tx, entity, id, checked, scopes);
     await write(tx);
     await assertScopesHold(tx, entity, id, scopes);
   });
+}
+
+/**
+ * A change that sets the scopes (`checked` → `scopes`) writes them only over the row as the
+ * authority check read it, in one conditional statement (which then holds the row's lock on
+ * PostgreSQL): checked after the write, the row always holds what the write set, so a
+ * promotion committed meanwhile would be overwritten unseen, and the rest of the change (a
+ * password reset, a disable) land on the stronger principal. Else FAILED_PRECONDITION.
+ * Nothing to do when the scopes do not change ({@link assertScopesHold} after the write sees it).
+ */
+export async function setScopesIfHeld(
+  tx: EntityManager,
+  entity: EntityName<{ id: string; scopes: string }>,
+  id: string,
+  checked: string,
+  scopes: string,
+): Promise<void> {
+  if (checked === scopes) return;
+  if ((await tx.nativeUpdate(entity, { id, scopes: checked }, { scopes })) !== 1) throw principalChanged();
 }
 
 /** The check of {@link writeIfScopesHold}, for a transaction that is already open (after its writes). */

@@ -1,5 +1,8 @@
-import type { Transport } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
+import type { EventSubscriber } from "@mikro-orm/core";
 import { describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
 import { DATABASES } from "../helpers.js";
 import { bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
@@ -58,6 +61,93 @@ describe.each(DATABASES)("review: authority and tenant walls on $name", (db) => 
       await bindSan(c.tenant.token, weak.id, san.shared, presenting(c.ts, lookalike));
       expect(await certificateUser(c.ts, victim)).not.toBe(weak.id);
       expect(await certificateUser(c.ts, victim)).toBe(strong.id);
+    });
+  });
+
+  describe("a promotion racing a change that also sets the scopes", () => {
+    const PASSWORD = "correct horse battery staple";
+    const NEW_PASSWORD = "attacker chosen password 1";
+    const login = async (username: string, password = PASSWORD) =>
+      (await createClient(UserService, c.transport).login({ username, password })).accessToken;
+
+    async function userWith(scopes: string[]) {
+      const username = `u-${short()}`;
+      const { user } = await clients(c.transport, c.root).users.createUser({
+        username,
+        password: PASSWORD,
+        scopes,
+      });
+      return { id: user!.id, username, token: await login(username) };
+    }
+
+    /**
+     * Promote `id` to `*` (raw SQL, another connection than the request's) as the request's own
+     * transaction on that row is about to begin: after its authority check (and the PBKDF2 of
+     * a password reset), before its write.
+     */
+    function promoteBeforeWrite(entity: string, id: string, table: string) {
+      const subscribers = c.ts.app.storage.em.getEventManager().getSubscribers();
+      let fired = false;
+      const subscriber: EventSubscriber = {
+        async beforeTransactionStart({ em }) {
+          if (fired || em.getUnitOfWork().getById(entity, id) === undefined) return;
+          fired = true;
+          await c.ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
+        },
+      };
+      subscribers.add(subscriber);
+      return { fired: () => fired, stop: () => subscribers.delete(subscriber) };
+    }
+
+    it("UpdateUser: a password reset naming scopes the caller holds is not written over a user promoted to * meanwhile", async () => {
+      const attacker = await userWith(["admin:users", "cluster:read"]);
+      const target = await userWith(["cluster:read"]);
+      const race = promoteBeforeWrite("User", target.id, "users");
+      const r = await rejection(
+        clients(c.transport, attacker.token).users.updateUser({
+          id: target.id,
+          password: NEW_PASSWORD,
+          scopes: { scopes: [] },
+        }),
+      ).finally(race.stop);
+      expect(race.fired()).toBe(true);
+      expect({ code: r.code, reason: r.reason }).toEqual({
+        code: Code.FailedPrecondition,
+        reason: "FAILED_PRECONDITION",
+      });
+      // The attacker's password does not sign in; the target's own does, still holding *.
+      expect((await rejection(login(target.username, NEW_PASSWORD))).reason).toBe("CREDENTIALS_INVALID");
+      const again = await createClient(UserService, c.transport).login({
+        username: target.username,
+        password: PASSWORD,
+      });
+      expect(again.user!.permissions).toEqual(["*"]);
+    });
+
+    it("UpdateMachineUser: scopes the caller holds are not written over a machine user promoted to * meanwhile", async () => {
+      const attacker = await userWith(["admin:machine-users", "cluster:read"]);
+      const { machineUser } = await clients(c.transport, c.root).machines.createMachineUser({
+        name: `mu-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["cluster:read"],
+      });
+      const race = promoteBeforeWrite("MachineUser", machineUser!.id, "machine_users");
+      const r = await rejection(
+        clients(c.transport, attacker.token).machines.updateMachineUser({
+          id: machineUser!.id,
+          scopes: { scopes: [] },
+          disabled: true,
+        }),
+      ).finally(race.stop);
+      expect(race.fired()).toBe(true);
+      expect(r.code).toBe(Code.FailedPrecondition);
+      const { machineUser: after } = await clients(c.transport, c.root).machines.getMachineUser({
+        id: machineUser!.id,
+      });
+      expect({ scopes: after!.scopes, disabled: after!.disabled }).toEqual({
+        scopes: ["*"],
+        disabled: false,
+      });
     });
   });
 

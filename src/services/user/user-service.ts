@@ -313,6 +313,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // Every field (password, disabled, scopes) needs authority over the user as it is
       // and as it would be.
       assertMayManage(principal, { scopes: parseScopeString(user.scopes) }, req.scopes?.scopes);
+      const checked = user.scopes;
       if (req.scopes) user.scopes = formatScopes(req.scopes.scopes);
       let revoke = false;
       if (req.disabled !== undefined) {
@@ -330,7 +331,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       }
       user.updatedAt = new Date();
       // Committed only if the user still holds what was checked (or what this sets).
-      await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush());
+      await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush(), checked);
       if (revoke) await sessions.revokeUser(em(ctx), user.id);
       if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return { user: userToProto(user) };
