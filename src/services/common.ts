@@ -1,7 +1,7 @@
 import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext } from "@connectrpc/connect";
 import type { EntityName } from "@mikro-orm/core";
-import type { EntityManager } from "@mikro-orm/knex";
+import type { EntityManager, FilterQuery } from "@mikro-orm/knex";
 import { auditTarget } from "../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
@@ -49,6 +49,26 @@ export function reachesTenant(ctx: HandlerContext, tenantId: string): boolean {
   if (!canSeeTenant(principalOf(ctx), tenantId)) return false;
   auditTarget(requestState(ctx.values), { tenantId });
   return true;
+}
+
+/**
+ * The row `id` of `entity` when the caller of `ctx` may act on it ({@link reachesTenant}),
+ * else null. The look-up itself is confined to the caller's tenant (a `*` caller's to none):
+ * another tenant's row is never read, so it costs exactly what a missing one costs. Read and
+ * then refused, it was loaded and hydrated first, a difference of ~0.1 ms per call over TLS
+ * that told another tenant's id from a missing one.
+ */
+export async function findReachable<T extends { id: string; tenantId: string }>(
+  ctx: HandlerContext,
+  em: EntityManager,
+  entity: EntityName<T>,
+  id: string,
+  where: Record<string, unknown> = {},
+): Promise<T | null> {
+  const scope = tenantScope(principalOf(ctx));
+  const query = { ...where, id, ...(scope === null ? {} : { tenantId: scope }) } as FilterQuery<T>;
+  const row = await em.findOne(entity, query);
+  return row !== null && reachesTenant(ctx, row.tenantId) ? row : null;
 }
 
 /**

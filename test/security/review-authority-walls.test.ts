@@ -1,10 +1,12 @@
+import { randomUUID } from "node:crypto";
 import { createClient, type Transport } from "@connectrpc/connect";
 import type { EventSubscriber } from "@mikro-orm/core";
 import { describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Code, rejection } from "../errors-util.js";
-import { DATABASES } from "../helpers.js";
+import { clientFor, DATABASES } from "../helpers.js";
 import { bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 import { certificateTenant, certificateUser, mintBackend as mint, presenting } from "./fixtures.js";
 
@@ -148,6 +150,113 @@ describe.each(DATABASES)("review: authority and tenant walls on $name", (db) => 
         scopes: ["*"],
         disabled: false,
       });
+    });
+  });
+
+  describe("another tenant's object named by its id", () => {
+    /** The ids of the entities the server hydrates while `call` runs. */
+    async function hydrated(call: () => Promise<unknown>): Promise<{ ids: Set<string>; outcome: unknown }> {
+      const events = c.ts.app.storage.em.getEventManager();
+      const ids = new Set<string>();
+      const subscriber: EventSubscriber = {
+        onInit({ entity }) {
+          const id = (entity as { id?: unknown }).id;
+          if (typeof id === "string") ids.add(id);
+        },
+      };
+      // Registered (not only added to the set): entity events go to the registered listeners,
+      // and each request's EntityManager is forked, with its listeners, from this one.
+      events.registerSubscriber(subscriber);
+      try {
+        return { ids, outcome: await rejection(call()).then((r) => ({ code: r.code, message: r.message })) };
+      } finally {
+        events.getSubscribers().delete(subscriber);
+        (events as unknown as { listeners: Record<string, Set<unknown>> }).listeners.onInit?.delete(
+          subscriber,
+        );
+      }
+    }
+
+    it("is never read: it costs what a missing id costs, and reads as missing, for every RPC taking one", async () => {
+      // Another tenant's user, machine user, application, backend, personal access token and API key.
+      const other = await tenantWithAdmin(c.transport, c.root, ["admin:*"]);
+      const otherUser = (await clients(c.transport, other.token).users.getCurrentUser({})).id;
+      const { machine: mu, token: muToken } = await bearerMachine(c.transport, other.token, [
+        other.application.id,
+      ]);
+      const { backendId } = await clients(c.transport, muToken).machines.registerBackend({
+        applicationId: other.application.id,
+        callbackUrl: `https://backend-${short()}.example/callback`,
+        version: "1",
+      });
+      const tokens = clientFor(TokenService, c.transport, other.token);
+      const pat = (await tokens.createPersonalAccessToken({ name: "theirs", scopes: [] })).id;
+      const key = (await tokens.createApiKey({ name: "theirs", scopes: [] })).id;
+
+      const attacker = await tenantWithAdmin(c.transport, c.root, ["admin:*"]);
+      const api = {
+        ...clients(c.transport, attacker.token),
+        tokens: clientFor(TokenService, c.transport, attacker.token),
+      };
+      const san = { case: "sanUri" as const, value: `spiffe://tenant.example/${short()}` };
+      const calls: [string, string, (id: string) => Promise<unknown>][] = [
+        ["GetUser", otherUser, (id) => api.users.getUser({ id })],
+        ["UpdateUser", otherUser, (id) => api.users.updateUser({ id, disabled: true })],
+        ["DeleteUser", otherUser, (id) => api.users.deleteUser({ id })],
+        ["ListPersonalAccessTokens", otherUser, (userId) => api.tokens.listPersonalAccessTokens({ userId })],
+        ["GetMachineUser", mu.id, (id) => api.machines.getMachineUser({ id })],
+        ["UpdateMachineUser", mu.id, (id) => api.machines.updateMachineUser({ id, disabled: true })],
+        ["RotateMachineUserCredentials", mu.id, (id) => api.machines.rotateMachineUserCredentials({ id })],
+        [
+          "BindCertificate",
+          mu.id,
+          (machineUserId) => api.machines.bindCertificate({ machineUserId, identity: san }),
+        ],
+        ["DeleteMachineUser", mu.id, (id) => api.machines.deleteMachineUser({ id })],
+        [
+          "UnbindCertificate",
+          mu.id,
+          (machineUserId) => api.machines.unbindCertificate({ machineUserId, identity: san }),
+        ],
+        [
+          "ListBackends(machine_user_id)",
+          mu.id,
+          (machineUserId) => api.machines.listBackends({ machineUserId }),
+        ],
+        ["GetTenant", other.tenant.id, (id) => api.tenants.getTenant({ id })],
+        ["UpdateTenant", other.tenant.id, (id) => api.tenants.updateTenant({ id, disabled: true })],
+        ["ListApplications", other.tenant.id, (tenantId) => api.tenants.listApplications({ tenantId })],
+        [
+          "CreateApplication",
+          other.tenant.id,
+          (tenantId) => api.tenants.createApplication({ tenantId, name: "x" }),
+        ],
+        ["ListMachineUsers", other.tenant.id, (tenantId) => api.machines.listMachineUsers({ tenantId })],
+        [
+          "CreateUser",
+          other.tenant.id,
+          (tenantId) =>
+            api.users.createUser({ tenantId, username: `u-${short()}`, password: "a long enough password" }),
+        ],
+        ["GetApplication", other.application.id, (id) => api.tenants.getApplication({ id })],
+        ["DeleteApplication", other.application.id, (id) => api.tenants.deleteApplication({ id })],
+        [
+          "ListBackends",
+          other.application.id,
+          (applicationId) => api.machines.listBackends({ applicationId }),
+        ],
+        ["DeregisterBackend", backendId, (id) => api.machines.deregisterBackend({ id })],
+        ["RevokePersonalAccessToken", pat, (id) => api.tokens.revokePersonalAccessToken({ id })],
+        ["RevokeApiKey", key, (id) => api.tokens.revokeApiKey({ id })],
+      ];
+      for (const [rpc, theirs, call] of calls) {
+        const missing = randomUUID();
+        const seen = await hydrated(() => call(theirs));
+        const absent = await hydrated(() => call(missing));
+        expect({ rpc, outcome: seen.outcome }).toEqual({ rpc, outcome: absent.outcome });
+        expect((absent.outcome as { code: Code }).code, rpc).toBe(Code.NotFound);
+        expect(seen.ids.has(theirs), `${rpc} read another tenant's row`).toBe(false);
+      }
     });
   });
 

@@ -23,6 +23,7 @@ import {
   assertId,
   assertPassword,
   assertUsername,
+  findReachable,
   noStore,
   principalChanged,
   principalOf,
@@ -97,8 +98,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
   /** A user visible to the caller, or NotFound (another tenant's user reads as missing). */
   async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
     assertId(id, "user");
-    const user = await em(ctx).findOne(User, { id });
-    if (!user || !reachesTenant(ctx, user.tenantId)) throw errors.notFound("user");
+    const user = await findReachable(ctx, em(ctx), User, id);
+    if (!user) throw errors.notFound("user");
     return user;
   }
 
