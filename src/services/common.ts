@@ -54,9 +54,8 @@ export function reachesTenant(ctx: HandlerContext, tenantId: string): boolean {
 /**
  * The row `id` of `entity` when the caller of `ctx` may act on it ({@link reachesTenant}),
  * else null. The look-up itself is confined to the caller's tenant (a `*` caller's to none):
- * another tenant's row is never read, so it costs exactly what a missing one costs. Read and
- * then refused, it was loaded and hydrated first, a difference of ~0.1 ms per call over TLS
- * that told another tenant's id from a missing one.
+ * another tenant's row is never read, so it costs exactly what a missing one costs (read and
+ * then refused, its hydration was a timing difference telling its id from a missing one).
  */
 export async function findReachable<T extends { id: string; tenantId: string }>(
   ctx: HandlerContext,
