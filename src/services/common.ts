@@ -1,7 +1,7 @@
 import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext } from "@connectrpc/connect";
 import type { EntityName } from "@mikro-orm/core";
-import type { EntityManager } from "@mikro-orm/knex";
+import type { EntityManager, FilterQuery } from "@mikro-orm/knex";
 import { auditTarget } from "../admission/audit.js";
 import { assertMayManage, NEW_PRINCIPAL } from "../auth/authority.js";
 import { MACHINE_USERNAME_PREFIX } from "../auth/machine-principal.js";
@@ -52,6 +52,25 @@ export function reachesTenant(ctx: HandlerContext, tenantId: string): boolean {
 }
 
 /**
+ * The row `id` of `entity` when the caller of `ctx` may act on it ({@link reachesTenant}),
+ * else null. The look-up itself is confined to the caller's tenant (a `*` caller's to none):
+ * another tenant's row is never read, so it costs exactly what a missing one costs (read and
+ * then refused, its hydration was a timing difference telling its id from a missing one).
+ */
+export async function findReachable<T extends { id: string; tenantId: string }>(
+  ctx: HandlerContext,
+  em: EntityManager,
+  entity: EntityName<T>,
+  id: string,
+  where: Record<string, unknown> = {},
+): Promise<T | null> {
+  const scope = tenantScope(principalOf(ctx));
+  const query = { ...where, id, ...(scope === null ? {} : { tenantId: scope }) } as FilterQuery<T>;
+  const row = await em.findOne(entity, query);
+  return row !== null && reachesTenant(ctx, row.tenantId) ? row : null;
+}
+
+/**
  * Validate requested scopes and that the caller holds them (no privilege escalation):
  * {@link assertMayManage} for a principal that holds nothing yet (a new one, or a token
  * the caller mints for itself).
@@ -93,11 +112,32 @@ export async function writeIfScopesHold(
   id: string,
   scopes: string,
   write: (tx: EntityManager) => Promise<unknown>,
+  checked: string = scopes,
 ): Promise<void> {
   await em.transactional(async (tx) => {
+    await setScopesIfHeld(tx, entity, id, checked, scopes);
     await write(tx);
     await assertScopesHold(tx, entity, id, scopes);
   });
+}
+
+/**
+ * A change that sets the scopes (`checked` → `scopes`) writes them only over the row as the
+ * authority check read it, in one conditional statement (which then holds the row's lock on
+ * PostgreSQL): checked after the write, the row always holds what the write set, so a
+ * promotion committed meanwhile would be overwritten unseen, and the rest of the change (a
+ * password reset, a disable) land on the stronger principal. Else FAILED_PRECONDITION.
+ * Nothing to do when the scopes do not change ({@link assertScopesHold} after the write sees it).
+ */
+export async function setScopesIfHeld(
+  tx: EntityManager,
+  entity: EntityName<{ id: string; scopes: string }>,
+  id: string,
+  checked: string,
+  scopes: string,
+): Promise<void> {
+  if (checked === scopes) return;
+  if ((await tx.nativeUpdate(entity, { id, scopes: checked }, { scopes })) !== 1) throw principalChanged();
 }
 
 /** The check of {@link writeIfScopesHold}, for a transaction that is already open (after its writes). */

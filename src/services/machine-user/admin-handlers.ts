@@ -15,7 +15,7 @@ import { countCredentialCreation } from "../../rate-limit.js";
 import { commitCreation } from "../../storage/commit-outcome.js";
 import { lockApplications, lockMachineUser } from "../../storage/lock-order.js";
 import { MachineCredential, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
-import { assertScopesHold, noStore, principalChanged, principalOf } from "../common.js";
+import { assertScopesHold, noStore, principalChanged, principalOf, setScopesIfHeld } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
 import { assertDisplayName } from "../tenant/names.js";
 import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
@@ -143,6 +143,7 @@ export function machineUserAdminHandlers(
     async updateMachineUser(req, ctx) {
       const e = em(ctx);
       const mu = await managedMachineUser(ctx, req.id, "id", req.scopes?.scopes);
+      const checked = mu.scopes;
       if (req.name !== undefined && req.name !== mu.name) {
         assertDisplayName(req.name);
         if (await e.count(MachineUser, { tenantId: mu.tenantId, name: req.name })) {
@@ -166,10 +167,11 @@ export function machineUserAdminHandlers(
             const locked = await lockApplications(tx, mu.tenantId, applicationIds);
             if (locked.length !== applicationIds.length) throw errors.notFound("application");
             if (!(await lockMachineUser(tx, mu.id, "no key update"))) throw errors.notFound("machine user");
+            await setScopesIfHeld(tx, MachineUser, mu.id, checked, mu.scopes);
             await tx.nativeDelete(MachineUserApplication, { machineUserId: mu.id });
             for (const applicationId of applicationIds)
               tx.create(MachineUserApplication, { machineUserId: mu.id, applicationId });
-          }
+          } else await setScopesIfHeld(tx, MachineUser, mu.id, checked, mu.scopes);
           await tx.flush();
           await assertScopesHold(tx, MachineUser, mu.id, mu.scopes);
           // A disable ends the access tokens issued so far for good, as a user's disable ends

@@ -13,7 +13,7 @@ import {
 } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, principalOf, reachesTenant, tenantWhere } from "../common.js";
+import { assertId, findReachable, principalOf, tenantWhere } from "../common.js";
 import { type MachineDetails, machineUserToProto } from "./messages.js";
 
 /** The lookups of {@link createMachineUserLookups}, passed to each group of handlers. */
@@ -26,8 +26,8 @@ export function createMachineUserLookups(storage: Storage) {
   /** A machine user visible to the caller, or NotFound (another tenant's reads as missing). */
   async function visibleMachineUser(ctx: HandlerContext, id: string, field = "id"): Promise<MachineUser> {
     assertId(id, "machine user", field);
-    const mu = await em(ctx).findOne(MachineUser, { id });
-    if (!mu || !reachesTenant(ctx, mu.tenantId)) throw errors.notFound("machine user");
+    const mu = await findReachable(ctx, em(ctx), MachineUser, id);
+    if (!mu) throw errors.notFound("machine user");
     return mu;
   }
 

@@ -15,10 +15,10 @@ import { Application, Backend, MachineUser } from "../../storage/machine-entitie
 import {
   assertId,
   assertScopesHold,
+  findReachable,
   noStore,
   principalChanged,
   principalOf,
-  reachesTenant,
   writeIfScopesHold,
 } from "../common.js";
 import { listPage, pageParams } from "../pagination.js";
@@ -148,8 +148,8 @@ export function machinePrincipalHandlers(
           : listScope(ctx);
       if (req.applicationId !== undefined) {
         assertId(req.applicationId, "application", "application_id");
-        const app = await e.findOne(Application, { id: req.applicationId });
-        if (!app || !reachesTenant(ctx, app.tenantId)) throw errors.notFound("application");
+        const app = await findReachable(ctx, e, Application, req.applicationId);
+        if (!app) throw errors.notFound("application");
         where.applicationId = app.id;
       }
       if (req.machineUserId !== undefined)
@@ -161,8 +161,8 @@ export function machinePrincipalHandlers(
     async deregisterBackend(req, ctx) {
       assertId(req.id, "backend");
       const e = em(ctx);
-      const backend = await e.findOne(Backend, { id: req.id });
-      if (!backend || !reachesTenant(ctx, backend.tenantId)) throw errors.notFound("backend");
+      const backend = await findReachable(ctx, e, Backend, req.id);
+      if (!backend) throw errors.notFound("backend");
       // Deregistering cuts the backend's machine user off its callbacks: a change to it.
       const owner = await e.findOne(MachineUser, { id: backend.machineUserId });
       if (owner) assertMayManage(principalOf(ctx), { scopes: parseScopeString(owner.scopes) });

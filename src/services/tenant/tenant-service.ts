@@ -19,7 +19,14 @@ import { Tenant } from "../../storage/entities.js";
 import { Application, Backend, MachineUser, MachineUserApplication } from "../../storage/machine-entities.js";
 import type { Storage } from "../../storage/orm.js";
 import { requestEms } from "../../storage/request-em.js";
-import { assertId, principalChanged, principalOf, reachesTenant, tenantWhere } from "../common.js";
+import {
+  assertId,
+  findReachable,
+  principalChanged,
+  principalOf,
+  reachesTenant,
+  tenantWhere,
+} from "../common.js";
 import { listRequest } from "../pagination.js";
 import { assertDisplayName } from "./names.js";
 
@@ -86,8 +93,8 @@ export function createTenantService(deps: TenantServiceDeps): ServiceImpl<typeof
 
   async function visibleApplication(ctx: HandlerContext, id: string): Promise<Application> {
     assertId(id, "application");
-    const app = await em(ctx).findOne(Application, { id });
-    if (!app || !reachesTenant(ctx, app.tenantId)) throw errors.notFound("application");
+    const app = await findReachable(ctx, em(ctx), Application, id);
+    if (!app) throw errors.notFound("application");
     return app;
   }
 

@@ -26,10 +26,9 @@ import { ApiToken, type ApiTokenKind } from "../../storage/token-entities.js";
 import {
   assertGrantableScopes,
   assertId,
-  canSeeTenant,
+  findReachable,
   noStore,
   principalOf,
-  reachesTenant,
   tenantScope,
   writeIfScopesHold,
 } from "../common.js";
@@ -203,13 +202,9 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
       if (!isTokenAdmin)
         throw new TesseraError("ACCESS_DENIED", `listing another user's tokens needs ${ADMIN_TOKENS_SCOPE}`);
       assertId(req.userId, "user", "user_id");
-      const owner = await em(ctx).findOne(User, { id: req.userId });
+      const owner = await findReachable(ctx, em(ctx), User, req.userId);
       // A user the caller may not manage reads exactly like one that does not exist.
-      if (
-        !owner ||
-        !canSeeTenant(principal, owner.tenantId) ||
-        !mayManage(principal, { scopes: parseScopeString(owner.scopes) })
-      )
+      if (!owner || !mayManage(principal, { scopes: parseScopeString(owner.scopes) }))
         throw errors.notFound("user");
       where.ownerUserId = owner.id;
     } else {
@@ -266,11 +261,9 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
   async function revoke(ctx: HandlerContext, kind: ApiTokenKind, id: string) {
     const principal = principalOf(ctx);
     assertId(id, label[kind]);
-    const row = await em(ctx).findOne(ApiToken, { id, kind });
+    const row = await findReachable(ctx, em(ctx), ApiToken, id, { kind });
     const visible =
-      row !== null &&
-      reachesTenant(ctx, row.tenantId) &&
-      (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
+      row !== null && (row.ownerUserId === principal.id || hasScope(principal.scopes, ADMIN_TOKENS_SCOPE));
     if (!visible) throw errors.notFound(label[kind]);
     let owner: User | null = null;
     if (row.ownerUserId !== principal.id) {

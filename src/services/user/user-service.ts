@@ -23,6 +23,7 @@ import {
   assertId,
   assertPassword,
   assertUsername,
+  findReachable,
   noStore,
   principalChanged,
   principalOf,
@@ -97,8 +98,8 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
   /** A user visible to the caller, or NotFound (another tenant's user reads as missing). */
   async function visibleUser(ctx: HandlerContext, id: string): Promise<User> {
     assertId(id, "user");
-    const user = await em(ctx).findOne(User, { id });
-    if (!user || !reachesTenant(ctx, user.tenantId)) throw errors.notFound("user");
+    const user = await findReachable(ctx, em(ctx), User, id);
+    if (!user) throw errors.notFound("user");
     return user;
   }
 
@@ -313,6 +314,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       // Every field (password, disabled, scopes) needs authority over the user as it is
       // and as it would be.
       assertMayManage(principal, { scopes: parseScopeString(user.scopes) }, req.scopes?.scopes);
+      const checked = user.scopes;
       if (req.scopes) user.scopes = formatScopes(req.scopes.scopes);
       let revoke = false;
       if (req.disabled !== undefined) {
@@ -330,7 +332,7 @@ export function createUserService(deps: UserServiceDeps): ServiceImpl<typeof Use
       }
       user.updatedAt = new Date();
       // Committed only if the user still holds what was checked (or what this sets).
-      await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush());
+      await writeIfScopesHold(em(ctx), User, user.id, user.scopes, (tx) => tx.flush(), checked);
       if (revoke) await sessions.revokeUser(em(ctx), user.id);
       if (req.revokeTokens) await sessions.revokeUserTokens(em(ctx), user.id);
       return { user: userToProto(user) };
