@@ -13,7 +13,8 @@ import { lostCommit, outcomeUnknownError } from "./commit-outcome.js";
  * rather than a bug: a unique constraint lost to a concurrent request is AlreadyExists
  * (the loser of two CreateUser for one name), another constraint (foreign key, not null,
  * check) FailedPrecondition, a lost connection Unavailable, and a value the database
- * refuses (SQLSTATE class 22: too long, bad encoding) InvalidArgument. The messages name
+ * refuses (SQLSTATE class 22: too long, bad encoding; 54000: too large for an index entry,
+ * e.g. a SAN URI of 2,048 multi-byte characters) InvalidArgument. The messages name
  * no value: a driver's message embeds the SQL with its parameters (hashes included).
  * Anything else stays a bug (undefined here: Internal).
  */
@@ -34,8 +35,17 @@ export function driverErrorAsTesseraError(err: unknown): TesseraError | undefine
     return new TesseraError("ALREADY_EXISTS", "the object already exists");
   if (err instanceof ConstraintViolationException)
     return new TesseraError("FAILED_PRECONDITION", "the change conflicts with related objects");
-  if (typeof err.code === "string" && err.code.startsWith("22")) return valueNotAcceptable();
+  if (isValueCode(err.code)) return valueNotAcceptable();
   return undefined;
+}
+
+/**
+ * SQLSTATE class 22 (data exception) and 54000 (program_limit_exceeded: PostgreSQL's
+ * "index row size exceeds btree maximum", a value longer in bytes than an index entry
+ * holds, which a length bound in characters does not prevent).
+ */
+function isValueCode(code: unknown): boolean {
+  return typeof code === "string" && (/^22[0-9A-Z]{3}$/.test(code) || code === "54000");
 }
 
 function valueNotAcceptable(): TesseraError {
@@ -46,7 +56,7 @@ function valueNotAcceptable(): TesseraError {
 function isRawPgValueError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
   const { code, severity } = err as { code?: unknown; severity?: unknown };
-  return typeof severity === "string" && typeof code === "string" && /^22[0-9A-Z]{3}$/.test(code);
+  return typeof severity === "string" && isValueCode(code);
 }
 
 /** Node's socket errors: the database's host is not there, or the connection broke. */
@@ -123,7 +133,7 @@ export function isContentError(err: unknown): boolean {
     const code = (e as { code?: unknown }).code;
     if (
       typeof code === "string" &&
-      (/^2[23]/.test(code) || /^SQLITE_(CONSTRAINT|TOOBIG|MISMATCH|RANGE)/.test(code))
+      (/^2[23]/.test(code) || code === "54000" || /^SQLITE_(CONSTRAINT|TOOBIG|MISMATCH|RANGE)/.test(code))
     )
       return true;
   }
