@@ -89,7 +89,9 @@ const OUTAGE_MESSAGES =
 /**
  * Whether `err` (or an error it wraps) says the database cannot serve the request now,
  * rather than that the request or the code is wrong: a refused, reset or timed-out
- * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P05 (shut
+ * connection; PostgreSQL's SQLSTATE class 08 (connection exception), class 28 and 3D000 (a
+ * new session refused: the role's password rotated ahead of the configuration, its LOGIN
+ * taken away, pg_hba.conf, the database renamed or being restored), 57P01-57P05 (shut
  * down, crashed, starting, database dropped, idle session timeout), 25P03/25P04 (a
  * session's idle-in-transaction or transaction timeout ended it), class 53 (insufficient resources: too many connections, disk
  * or memory full), 57014 (statement timeout), 55P03 (a lock not granted within a
@@ -107,6 +109,8 @@ export function isOutage(err: unknown): boolean {
     if (typeof code === "string") {
       if (
         code.startsWith("08") ||
+        /^28[0-9A-Z]{3}$/.test(code) ||
+        code === "3D000" ||
         /^57P0[1-5]$/.test(code) ||
         code === "25P03" ||
         code === "25P04" ||

@@ -8,16 +8,20 @@ import { transportTo } from "../multi/fixtures.js";
 import { killAll, serve, serveEnv, stop } from "../multi/processes.js";
 
 /**
- * PostgreSQL turned read-only under a running instance: a failover that demoted the primary
- * it talks to, a standby it was pointed at, or `default_transaction_read_only` set by an
- * operator for maintenance. Every write then fails with SQLSTATE 25006
- * (read_only_sql_transaction). That is the database unable to take writes now, not a bug:
- * Unavailable with Retry-After, as a read-only SQLite file is, never Internal.
+ * An operator's bad day under a running `tessera serve`, done to its database role:
+ * - PostgreSQL turned read-only: a failover that demoted the primary it talks to, a standby
+ *   it was pointed at, or `default_transaction_read_only` set for maintenance. Every write
+ *   then fails with SQLSTATE 25006 (read_only_sql_transaction);
+ * - new sessions refused: the role's password rotated before the instance's configuration,
+ *   its LOGIN taken away, a pg_hba.conf change (SQLSTATE class 28), or the database renamed
+ *   or being restored (3D000). The pool's sessions end and none can be opened again.
+ * Either is the database unable to serve this instance now, not a bug: Unavailable with
+ * Retry-After, as a read-only SQLite file or a refused connection is, never Internal.
  */
 
 const ROLE = "tessera_rstore_ro";
 const BASE = "postgres://postgres@127.0.0.1:5432/test";
-const schema = `t_${Date.now().toString(36)}_readonly`;
+const schema = `t_${Date.now().toString(36)}_operator`;
 let certs: TestCerts;
 let child: Awaited<ReturnType<typeof serve>>["child"] | undefined;
 let t: Transport;
@@ -50,7 +54,8 @@ async function failure(call: Promise<unknown>): Promise<ConnectError | undefined
 beforeAll(async () => {
   await psql(
     `do $$ begin if not exists (select 1 from pg_roles where rolname = '${ROLE}') then create role ${ROLE} login; end if; end $$; ` +
-      `grant create on database test to ${ROLE}; alter role ${ROLE} in database test set default_transaction_read_only = off`,
+      `grant create on database test to ${ROLE}; alter role ${ROLE} login; ` +
+      `alter role ${ROLE} in database test set default_transaction_read_only = off`,
   );
   certs = await createTestCerts();
   const s = await serve(serveEnv(`postgres://${ROLE}@127.0.0.1:5432/test?schema=${schema}`, certs.dir));
@@ -59,13 +64,13 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(async () => {
-  await psql(`alter role ${ROLE} in database test set default_transaction_read_only = off`);
+  await psql(`alter role ${ROLE} login; alter role ${ROLE} in database test set default_transaction_read_only = off`);
   if (child) await stop(child);
   killAll();
   await dropSchema(`${BASE}?schema=${schema}`);
 });
 
-describe("PostgreSQL turned read-only under a running instance", () => {
+describe("PostgreSQL failing an instance's role under it", () => {
   it("answers writes Unavailable with Retry-After, never Internal, and writes again once it is writable", async () => {
     const users = createClient(UserService, t);
     const first = await users.login({ username: "admin", password: ADMIN_PASSWORD });
@@ -85,5 +90,27 @@ describe("PostgreSQL turned read-only under a running instance", () => {
     await expect
       .poll(async () => (await failure(users.login({ username: "admin", password: ADMIN_PASSWORD })))?.code)
       .toBeUndefined();
+  });
+
+  it("answers reads and writes Unavailable with Retry-After, never Internal, while the role may not log in, and serves again once it may", async () => {
+    const users = createClient(UserService, t);
+    const first = await users.login({ username: "admin", password: ADMIN_PASSWORD });
+    const me = () => clientFor(UserService, t, first.accessToken).getCurrentUser({});
+    await me();
+    expect(await psql(`alter role ${ROLE} nologin`)).toBe(0);
+    expect(
+      await psql(`select pg_terminate_backend(pid) from pg_stat_activity where usename = '${ROLE}'`),
+    ).toBe(0);
+    for (let i = 0; i < 3; i++) {
+      for (const err of [
+        await failure(users.login({ username: "admin", password: ADMIN_PASSWORD })),
+        await failure(me()),
+      ]) {
+        expect(err?.code, err?.message).toBe(Code.Unavailable);
+        expect(err?.metadata.get("retry-after")).toBe("1");
+      }
+    }
+    expect(await psql(`alter role ${ROLE} login`)).toBe(0);
+    await expect.poll(async () => (await failure(me()))?.code).toBeUndefined();
   });
 });
