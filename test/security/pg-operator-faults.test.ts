@@ -39,9 +39,9 @@ async function readOnly(on: boolean): Promise<void> {
     ),
   ).toBe(0);
   // Sessions take the setting when they start: end the instance's (its pool and listener reconnect).
-  expect(
-    await psql(`select pg_terminate_backend(pid) from pg_stat_activity where usename = '${ROLE}'`),
-  ).toBe(0);
+  expect(await psql(`select pg_terminate_backend(pid) from pg_stat_activity where usename = '${ROLE}'`)).toBe(
+    0,
+  );
 }
 
 async function failure(call: Promise<unknown>): Promise<ConnectError | undefined> {
@@ -64,7 +64,9 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(async () => {
-  await psql(`alter role ${ROLE} login; alter role ${ROLE} in database test set default_transaction_read_only = off`);
+  await psql(
+    `alter role ${ROLE} login; alter role ${ROLE} in database test set default_transaction_read_only = off`,
+  );
   if (child) await stop(child);
   killAll();
   await dropSchema(`${BASE}?schema=${schema}`);
