@@ -98,9 +98,10 @@ const OUTAGE_MESSAGES =
  * `lock_timeout` the deployment set on its role or database: another session holds it),
  * 40001/40P01 (serialization failure, deadlock: worth a retry) and 25006 (a write refused by
  * a database that is read-only now: a primary demoted by a failover, a standby, or
- * `default_transaction_read_only` set for maintenance; as a read-only SQLite file); SQLite's BUSY and LOCKED (another process holds the write lock
- * past the busy timeout), FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its
- * folder went away or became read-only). Each is answered Unavailable with Retry-After.
+ * `default_transaction_read_only` set for maintenance; as a read-only SQLite file);
+ * SQLite's BUSY and LOCKED (another process holds the write lock past the busy timeout),
+ * FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its folder went away or
+ * became read-only). Each is answered Unavailable with Retry-After.
  */
 export function isOutage(err: unknown): boolean {
   for (let e = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
