@@ -19,7 +19,9 @@ import { killAll, serve, serveEnv, stop } from "../multi/processes.js";
  * Retry-After, as a read-only SQLite file or a refused connection is, never Internal.
  */
 
-const ROLE = "tessera_rstore_ro";
+// A role of this file's run alone: the unit and connect projects run it at the same time,
+// and a role made read-only or refused its login under the other's server would fail it.
+const ROLE = `tessera_ops_${process.pid}_${Date.now().toString(36)}`;
 const BASE = "postgres://postgres@127.0.0.1:5432/test";
 const schema = `t_${Date.now().toString(36)}_operator`;
 let certs: TestCerts;
@@ -52,11 +54,7 @@ async function failure(call: Promise<unknown>): Promise<ConnectError | undefined
 }
 
 beforeAll(async () => {
-  await psql(
-    `do $$ begin if not exists (select 1 from pg_roles where rolname = '${ROLE}') then create role ${ROLE} login; end if; end $$; ` +
-      `grant create on database test to ${ROLE}; alter role ${ROLE} login; ` +
-      `alter role ${ROLE} in database test set default_transaction_read_only = off`,
-  );
+  await psql(`create role ${ROLE} login; grant create on database test to ${ROLE}`);
   certs = await createTestCerts();
   const s = await serve(serveEnv(`postgres://${ROLE}@127.0.0.1:5432/test?schema=${schema}`, certs.dir));
   child = s.child;
@@ -64,12 +62,12 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(async () => {
-  await psql(
-    `alter role ${ROLE} login; alter role ${ROLE} in database test set default_transaction_read_only = off`,
-  );
   if (child) await stop(child);
   killAll();
   await dropSchema(`${BASE}?schema=${schema}`);
+  await psql(
+    `alter role ${ROLE} in database test reset all; drop owned by ${ROLE}; drop role if exists ${ROLE}`,
+  );
 });
 
 describe("PostgreSQL failing an instance's role under it", () => {
