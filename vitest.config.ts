@@ -50,6 +50,7 @@ const E2E_FILES = [
   "test/verification.test.ts",
   "test/watch-revocations.test.ts",
   "test/watch-revocations-aborts.test.ts",
+  "test/watch-revocations-restore.test.ts",
   "test/watch-revocations-truncate.test.ts",
   "test/security/**/*.test.ts",
 ];

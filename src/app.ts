@@ -155,7 +155,8 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       // Before any key is read: clear rows sealed, and a wrong master key stops the start here,
       // before the admin is made: its generated password is printed by the start that serves.
       const masterKey = loadMasterKey(config.auth, storage.target);
-      const sealed = await sealStoredSigningKeys(storage, masterKey, loadPreviousMasterKeys(config.auth));
+      const previousMasterKeys = loadPreviousMasterKeys(config.auth);
+      const sealed = await sealStoredSigningKeys(storage, masterKey, previousMasterKeys);
       if (sealed.resealed > 0)
         logger.info(
           { resealed: sealed.resealed, digestsCleared: sealed.digestsCleared },
@@ -170,6 +171,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         config: config.auth.jwt,
         storage,
         masterKey,
+        previousMasterKeys,
         maxTokenTtlSeconds: config.auth.maxTokenTtl,
         clock,
         logger,

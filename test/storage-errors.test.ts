@@ -40,6 +40,11 @@ describe("database errors a handler did not expect", () => {
       driverError(DriverException, { code: "57P01" }),
       driverError(DriverException, { code: "08006" }),
       driverError(DriverException, { code: "ECONNREFUSED" }),
+      // Read-only (a failover's demoted primary), a session refused (password, LOGIN, pg_hba), the database gone.
+      driverError(DriverException, { code: "25006" }),
+      driverError(DriverException, { code: "28P01" }),
+      driverError(DriverException, { code: "28000" }),
+      driverError(DriverException, { code: "3D000" }),
     ]) {
       const mapped = driverErrorAsTesseraError(e);
       expect(mapped?.reason).toBe("UNAVAILABLE");
@@ -47,10 +52,14 @@ describe("database errors a handler did not expect", () => {
     }
   });
 
-  it("answer a value the database refuses (SQLSTATE class 22) InvalidArgument", () => {
-    expect(driverErrorAsTesseraError(driverError(DriverException, { code: "22021" }))?.reason).toBe(
-      "INVALID_ARGUMENT",
-    );
+  it("answer a value the database refuses (SQLSTATE class 22, or 54000: too large for an index entry) InvalidArgument", () => {
+    for (const code of ["22021", "54000"]) {
+      const e = driverError(DriverException, { code });
+      expect(driverErrorAsTesseraError(e)?.reason).toBe("INVALID_ARGUMENT");
+      expect(isContentError(e)).toBe(true);
+    }
+    // A program limit that is not about a value stays a bug.
+    expect(driverErrorAsTesseraError(driverError(DriverException, { code: "54001" }))).toBeUndefined();
   });
 
   it("answer a value PostgreSQL refused on the raw SQL path (pg's own error) InvalidArgument", () => {

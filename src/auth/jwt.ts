@@ -148,6 +148,8 @@ export interface JwtServiceOptions {
   maxTokenTtlSeconds?: number;
   /** Seals the private keys stored in the database (see master-key.ts). */
   masterKey: MasterKey;
+  /** Master keys being rotated out: keys sealed with one are opened too (see SigningKeyRingOptions). */
+  previousMasterKeys?: readonly MasterKey[];
   /** Where failures of the background refresh and rotations are reported. */
   logger?: Pick<Logger, "info" | "warn" | "error">;
   /** The clock of key schedules, `iat`/`exp` on issue and every expiry check (tests pass a manual one). */
@@ -225,6 +227,7 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
     config,
     storage: options.storage,
     masterKey: options.masterKey,
+    previousMasterKeys: options.previousMasterKeys,
     logger: options.logger,
     clock: now,
     // The last token a retired key signed ends `maxTtl` after its retirement, exactly (exp has

@@ -124,10 +124,22 @@ export function isSealed(stored: string): boolean {
 }
 
 /**
- * Open what {@link sealPrivateJwk} sealed for `kid`.
+ * Open what {@link sealPrivateJwk} sealed for `kid`, with `mk` or else one of `previous`
+ * (master keys being rotated out: a key an instance still on one of them sealed).
  * @throws MasterKeyError when another master key sealed it, or the envelope does not authenticate.
  */
-export function openPrivateJwk(mk: MasterKey, kid: string, stored: string): string {
+export function openPrivateJwk(
+  mk: MasterKey,
+  kid: string,
+  stored: string,
+  previous: readonly MasterKey[] = [],
+): string {
+  const keyId = stored.split(":")[1];
+  const other = previous.find((p) => p.id !== mk.id && p.id === keyId);
+  return openWith(other ?? mk, kid, stored);
+}
+
+function openWith(mk: MasterKey, kid: string, stored: string): string {
   const parts = stored.split(":");
   if (parts.length !== 4 || parts[0] !== ENVELOPE_VERSION)
     throw new MasterKeyError(`signing key ${kid}: unknown private key envelope`);

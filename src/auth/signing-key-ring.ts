@@ -64,6 +64,8 @@ export interface SigningKeyRingOptions {
   config: Config["auth"]["jwt"];
   storage: Storage;
   masterKey: MasterKey;
+  /** Master keys being rotated out: opens a key an instance still on one created meanwhile. */
+  previousMasterKeys?: readonly MasterKey[] | undefined;
   logger?: Pick<Logger, "info" | "warn" | "error"> | undefined;
   clock: Clock;
   /** How long after its retirement a key is still published and accepted (ms). */
@@ -101,7 +103,7 @@ export interface SigningKeyRing {
  * when due) before serving, then poll every refresh period.
  */
 export async function openSigningKeyRing(options: SigningKeyRingOptions): Promise<SigningKeyRing> {
-  const { config, storage, masterKey, verifyWindowMs, unknownKidGapMs } = options;
+  const { config, storage, masterKey, verifyWindowMs, unknownKidGapMs, previousMasterKeys } = options;
   const now = options.clock;
   const log = options.logger;
   const intervalMs = config.keyRotationInterval * 1000;
@@ -175,18 +177,19 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
         let priv = opened.get(row.kid);
         if (priv?.sealed !== row.privateJwk) {
           try {
-            const jwk = JSON.parse(openPrivateJwk(masterKey, row.kid, row.privateJwk)) as JWK;
+            const jwk = JSON.parse(openPrivateJwk(masterKey, row.kid, row.privateJwk, previousMasterKeys));
             priv = { sealed: row.privateJwk, key: (await importJWK(jwk, row.alg)) as CryptoKey };
             opened.set(row.kid, priv);
             unopenable.delete(row.kid);
           } catch (err) {
-            // Sealed with another master key (a misconfigured instance rotated): this
-            // instance cannot sign with it, and says so once; it still verifies with it.
-            priv = undefined;
-            if (!unopenable.has(row.kid)) {
-              unopenable.add(row.kid);
-              log?.error({ kid: row.kid, err: (err as Error).message }, "signing key cannot be opened");
-            }
+            // Resealed under a master key this instance lacks (a rolling rotation): the key opened before is
+            // the same (kid: its thumbprint) and signs on. None opened: verify only (said once).
+            const why = { kid: row.kid, err: (err as Error).message };
+            if (!unopenable.has(row.kid))
+              priv
+                ? log?.warn(why, "signing key resealed; signing with the key opened before")
+                : log?.error(why, "signing key cannot be opened");
+            unopenable.add(row.kid);
           }
         }
         if (priv) entry.signKey = priv.key;

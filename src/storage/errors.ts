@@ -13,7 +13,8 @@ import { lostCommit, outcomeUnknownError } from "./commit-outcome.js";
  * rather than a bug: a unique constraint lost to a concurrent request is AlreadyExists
  * (the loser of two CreateUser for one name), another constraint (foreign key, not null,
  * check) FailedPrecondition, a lost connection Unavailable, and a value the database
- * refuses (SQLSTATE class 22: too long, bad encoding) InvalidArgument. The messages name
+ * refuses (SQLSTATE class 22: too long, bad encoding; 54000: too large for an index entry,
+ * e.g. a SAN URI of 2,048 multi-byte characters) InvalidArgument. The messages name
  * no value: a driver's message embeds the SQL with its parameters (hashes included).
  * Anything else stays a bug (undefined here: Internal).
  */
@@ -34,8 +35,17 @@ export function driverErrorAsTesseraError(err: unknown): TesseraError | undefine
     return new TesseraError("ALREADY_EXISTS", "the object already exists");
   if (err instanceof ConstraintViolationException)
     return new TesseraError("FAILED_PRECONDITION", "the change conflicts with related objects");
-  if (typeof err.code === "string" && err.code.startsWith("22")) return valueNotAcceptable();
+  if (isValueCode(err.code)) return valueNotAcceptable();
   return undefined;
+}
+
+/**
+ * SQLSTATE class 22 (data exception) and 54000 (program_limit_exceeded: PostgreSQL's
+ * "index row size exceeds btree maximum", a value longer in bytes than an index entry
+ * holds, which a length bound in characters does not prevent).
+ */
+function isValueCode(code: unknown): boolean {
+  return typeof code === "string" && (/^22[0-9A-Z]{3}$/.test(code) || code === "54000");
 }
 
 function valueNotAcceptable(): TesseraError {
@@ -46,7 +56,7 @@ function valueNotAcceptable(): TesseraError {
 function isRawPgValueError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
   const { code, severity } = err as { code?: unknown; severity?: unknown };
-  return typeof severity === "string" && typeof code === "string" && /^22[0-9A-Z]{3}$/.test(code);
+  return typeof severity === "string" && isValueCode(code);
 }
 
 /** Node's socket errors: the database's host is not there, or the connection broke. */
@@ -79,14 +89,19 @@ const OUTAGE_MESSAGES =
 /**
  * Whether `err` (or an error it wraps) says the database cannot serve the request now,
  * rather than that the request or the code is wrong: a refused, reset or timed-out
- * connection; PostgreSQL's SQLSTATE class 08 (connection exception), 57P01-57P05 (shut
+ * connection; PostgreSQL's SQLSTATE class 08 (connection exception), class 28 and 3D000 (a
+ * new session refused: the role's password rotated ahead of the configuration, its LOGIN
+ * taken away, pg_hba.conf, the database renamed or being restored), 57P01-57P05 (shut
  * down, crashed, starting, database dropped, idle session timeout), 25P03/25P04 (a
  * session's idle-in-transaction or transaction timeout ended it), class 53 (insufficient resources: too many connections, disk
  * or memory full), 57014 (statement timeout), 55P03 (a lock not granted within a
- * `lock_timeout` the deployment set on its role or database: another session holds it) and
- * 40001/40P01 (serialization failure, deadlock: worth a retry); SQLite's BUSY and LOCKED (another process holds the write lock
- * past the busy timeout), FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its
- * folder went away or became read-only). Each is answered Unavailable with Retry-After.
+ * `lock_timeout` the deployment set on its role or database: another session holds it),
+ * 40001/40P01 (serialization failure, deadlock: worth a retry) and 25006 (a write refused by
+ * a database that is read-only now: a primary demoted by a failover, a standby, or
+ * `default_transaction_read_only` set for maintenance; as a read-only SQLite file);
+ * SQLite's BUSY and LOCKED (another process holds the write lock past the busy timeout),
+ * FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its folder went away or
+ * became read-only). Each is answered Unavailable with Retry-After.
  */
 export function isOutage(err: unknown): boolean {
   for (let e = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
@@ -95,11 +110,13 @@ export function isOutage(err: unknown): boolean {
     if (typeof code === "string") {
       if (
         code.startsWith("08") ||
+        /^28[0-9A-Z]{3}$/.test(code) ||
+        code === "3D000" ||
         /^57P0[1-5]$/.test(code) ||
         code === "25P03" ||
         code === "25P04" ||
         code.startsWith("53") ||
-        ["57014", "55P03", "40001", "40P01"].includes(code) ||
+        ["57014", "55P03", "40001", "40P01", "25006"].includes(code) ||
         SOCKET_CODES.has(code) ||
         /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|NOLFS)/.test(code)
       )
@@ -121,7 +138,7 @@ export function isContentError(err: unknown): boolean {
     const code = (e as { code?: unknown }).code;
     if (
       typeof code === "string" &&
-      (/^2[23]/.test(code) || /^SQLITE_(CONSTRAINT|TOOBIG|MISMATCH|RANGE)/.test(code))
+      (/^2[23]/.test(code) || code === "54000" || /^SQLITE_(CONSTRAINT|TOOBIG|MISMATCH|RANGE)/.test(code))
     )
       return true;
   }

@@ -2,6 +2,7 @@
 // assignments and their backends take row locks on PostgreSQL.
 import { LockMode } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/knex";
+import { User } from "./entities.js";
 import { Application, MachineUser } from "./machine-entities.js";
 
 /*
@@ -30,6 +31,11 @@ import { Application, MachineUser } from "./machine-entities.js";
  * users of 2 by reading 3 unlocked (with its row FOR UPDATE, nothing can be assigned to or
  * registered on it), and refuses (FailedPrecondition) if a backend changed owner before it
  * locked them.
+ *
+ * Users: a user's row before its refresh tokens. DeleteUser's DELETE takes the row, then
+ * (ON DELETE CASCADE) its refresh tokens and sessions; RefreshToken takes the user's row FOR
+ * KEY SHARE ({@link lockUser}) before it spends its token and inserts the next one (whose
+ * foreign-key check takes the same share).
  */
 
 /**
@@ -69,6 +75,18 @@ export async function lockMachineUser(
   // MikroORM's lock modes have neither (knex drops both on SQLite).
   if (mode === "key share") query.forKeyShare();
   else query.forNoKeyUpdate();
+  const rows = await tx.getConnection().execute(query, [], "all", tx.getTransactionContext());
+  return rows.length === 1;
+}
+
+/**
+ * Lock the user `id` FOR KEY SHARE before any of its refresh tokens: whether it still
+ * exists. A DeleteUser waits for this transaction, or this one for it (and then finds the
+ * user gone); a password change or a disable (no key update) does not wait.
+ */
+export async function lockUser(tx: EntityManager, id: string): Promise<boolean> {
+  const query = tx.createQueryBuilder(User).select("id").where({ id }).getKnexQuery();
+  query.forKeyShare();
   const rows = await tx.getConnection().execute(query, [], "all", tx.getTransactionContext());
   return rows.length === 1;
 }

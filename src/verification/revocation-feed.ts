@@ -69,6 +69,8 @@ export class RevocationFeed {
   private readonly lostHandlers = new Set<() => void>();
   private reading = false;
   private again = false;
+  /** A wake asked for {@link checkEnd} since the last read began. */
+  private endCheckOwed = false;
   private closed = false;
   private draining = false;
   private failing = false;
@@ -95,7 +97,8 @@ export class RevocationFeed {
     this.freshAt = this.now();
     const { notifier, channel } = this.options;
     if (notifier && channel) {
-      notifier.subscribe(channel, () => this.wake());
+      // A table's change (not a barrier's "~" payload) may have taken an id already read past: see checkEnd.
+      notifier.subscribe(channel, (payload) => this.wake(!payload.startsWith("~")));
       notifier.onStatus((online) => {
         if (online) this.stopPolling();
         else {
@@ -106,7 +109,7 @@ export class RevocationFeed {
           this.startPolling();
         }
         // Online: what was committed while the session was down, before the notifications resume.
-        this.wake();
+        this.wake(online);
       });
     }
     if (!this.listening) this.startPolling();
@@ -130,7 +133,9 @@ export class RevocationFeed {
 
   private startPolling(): void {
     if (this.pollTimer || this.closed) return;
-    this.pollTimer = setInterval(() => this.wake(), this.options.pollMs);
+    // PostgreSQL's poll (its session down) checks the end too; SQLite's, every 250 ms, need not.
+    const checkEnd = this.options.notifier !== undefined;
+    this.pollTimer = setInterval(() => this.wake(checkEnd), this.options.pollMs);
     this.pollTimer.unref();
   }
 
@@ -238,9 +243,13 @@ export class RevocationFeed {
     return { ...this.counters };
   }
 
-  /** Read what was committed since the last read (coalesced). */
-  wake(): void {
+  /**
+   * Read what was committed since the last read (coalesced); `checkEnd`: when nothing
+   * follows the last id read, check that the feed's ids have not gone back ({@link checkEnd}).
+   */
+  wake(checkEnd = false): void {
     if (this.closed || !this.codec) return;
+    this.endCheckOwed ||= checkEnd;
     if (this.reading) {
       this.again = true;
       return;
@@ -269,13 +278,16 @@ export class RevocationFeed {
       do {
         this.again = false;
         this.readStartedAt = this.now();
+        let checkEnd = this.endCheckOwed;
+        this.endCheckOwed = false;
         for (;;) {
           const events = await this.options.events.after(this.last, FEED_PAGE);
           if (events.length > 0) {
             this.last = events[events.length - 1]!.id;
             const batch: FeedBatch = { events, position: this.last };
             for (const fn of this.listeners) fn(batch);
-          }
+          } else if (checkEnd) await this.checkEnd();
+          checkEnd = false;
           if (events.length < FEED_PAGE) break;
         }
         // What was committed before the read began has been read (not what came during it).
@@ -299,6 +311,28 @@ export class RevocationFeed {
     } finally {
       this.reading = false;
     }
+  }
+
+  /**
+   * A change was announced and no event follows the last id read: the feed's ids may have
+   * gone back (restored from a backup, its events and id sequence where the backup left
+   * them), and what commits now takes ids this reader has read past, which no stream would
+   * ever be sent. Then every stream ends (its client resumes from its cursor, past the end
+   * now: answered `reset`, it empties its cache) and the reader goes on from the end.
+   * Retention's mark counts as read: a feed pruned empty has not gone back.
+   */
+  private async checkEnd(): Promise<void> {
+    const top = Math.max(
+      await this.options.events.lastId(),
+      (await this.options.events.info()).prunedThrough,
+    );
+    if (top >= this.last) return;
+    this.options.logger.warn(
+      { from: this.last, to: top },
+      "revocation feed: its ids went back (restored from a backup?); ending every stream",
+    );
+    this.last = top;
+    for (const fn of [...this.lostHandlers]) fn();
   }
 
   private async prune(): Promise<void> {

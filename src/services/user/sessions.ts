@@ -7,6 +7,7 @@ import { type Clock, systemClock } from "../../clock.js";
 import { REFRESH_TOKEN_PREFIX } from "../../config/auth.js";
 import { TesseraError } from "../../errors.js";
 import { RefreshToken, Session, Tenant, User } from "../../storage/entities.js";
+import { lockUser } from "../../storage/lock-order.js";
 import { ApiToken } from "../../storage/token-entities.js";
 
 // Prefix of refresh tokens: opaque, never a JWT, so they can never pass as access tokens.
@@ -173,6 +174,9 @@ export class SessionIssuer {
     // Spent and replaced in one transaction: a write failing in between (the database gone
     // mid-refresh) must leave the token unspent, or the client's retry reads as a re-use.
     const outcome = await em.transactional(async (tx) => {
+      // The user's row before the token's (storage/lock-order.ts): a DeleteUser, which takes
+      // them in that order, deadlocked with a refresh that spent its token first.
+      if (user && !(await lockUser(tx, user.id))) return "gone";
       // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
       const spent = row.spentAt
         ? 0
