@@ -70,17 +70,15 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
   }
 
   it("a displaced binding's certificate-bound access tokens end with it", async () => {
+    const san = `spiffe://shared.example/${short()}`;
     const owner = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
     const squatter = await tenantWithAdmin(transport, root, ["admin:machine-users"]);
     const { machine: theirs } = await bearerMachine(transport, squatter.token, [squatter.application.id]);
-    const cert = await mint(ts);
-    // The fingerprint is public: the squatter binds it without proof. (A SAN URI is never
-    // displaced: its proof shows a certificate carrying it, not this one.)
-    const identity = { case: "sha256Fingerprint" as const, value: cert.fingerprint };
     await clients(transport, squatter.token).machines.bindCertificate({
       machineUserId: theirs!.id,
-      identity,
+      identity: { case: "sanUri", value: san },
     });
+    const cert = await mint(ts, san);
     const over = presenting(ts, cert);
     expect(await whoAmI(over)).toBe(theirs!.id);
     const { accessToken } = await createClient(MachineUserService, over).issueAccessToken({});
@@ -88,7 +86,10 @@ describe.each(DATABASES)("certificate bindings, review of 2026-12-06, on $name",
     expect(await whoAmI(over, bearer)).toBe(theirs!.id);
 
     const { machine: ours } = await bearerMachine(transport, owner.token, [owner.application.id]);
-    await clients(over, owner.token).machines.bindCertificate({ machineUserId: ours!.id, identity });
+    await clients(over, owner.token).machines.bindCertificate({
+      machineUserId: ours!.id,
+      identity: { case: "sanUri", value: san },
+    });
     expect(await whoAmI(over)).toBe(ours!.id);
     // The token the displaced binding gave the certificate ends, as an unbinding's would.
     expect(await whoAmI(over, bearer)).toBe("TOKEN_REVOKED");

@@ -357,7 +357,7 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       )) as Record<string, unknown>[];
   };
 
-  for (const kind of ["sha256Fingerprint"] as const) {
+  for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
     it(`lets the certificate's holder take back a ${kind} another tenant squatted, by binding it over a connection presenting the certificate`, async () => {
       const backend = await mint(ts, `spiffe://victim.example/${short()}`);
       const identity: Identity = { case: kind, value: backend.fingerprint };
@@ -404,29 +404,6 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       for (const leak of [victim.tenant.id, mine.id, binding!.id]) expect(view).not.toContain(leak);
     });
   }
-
-  it("lets the certificate's holder take back a certificate whose SAN URI another tenant squatted by proving its fingerprint; the URI's proof displaces nothing", async () => {
-    const san = `spiffe://victim.example/${short()}`;
-    const backend = await mint(ts, san);
-    const theirs = await attackerMachine();
-    const squat = await bind(attacker.token, theirs.id, { case: "sanUri", value: san });
-    const mine = await victimMachine();
-    // A proof of the URI shows a certificate carrying it, not that the other tenant's
-    // binding is a squat (a CA may give one URI to two tenants' certificates): refused alike.
-    const withProof = await refusal(
-      bindPresenting(backend, victim.token, mine.id, { case: "sanUri", value: san }),
-    );
-    expect(withProof).toEqual(await refusal(bind(victim.token, mine.id, { case: "sanUri", value: san })));
-    expect(withProof.code).toBe(Code.AlreadyExists);
-    expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
-    // The certificate's own fingerprint, proven, decides across tenants.
-    await bindPresenting(backend, victim.token, mine.id, {
-      case: "sha256Fingerprint",
-      value: backend.fingerprint,
-    });
-    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
-    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
-  });
 
   it("never lets a proven binding be displaced, not even by another certificate from the same CA carrying the SAN URI", async () => {
     const san = `spiffe://victim.example/${short()}`;

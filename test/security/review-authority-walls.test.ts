@@ -259,30 +259,4 @@ describe.each(DATABASES)("review: authority and tenant walls on $name", (db) => 
       }
     });
   });
-
-  describe("BindCertificate displacement", () => {
-    it("another tenant proving a SAN URI with a lookalike certificate neither displaces the owner's unproven binding nor takes its certificate", async () => {
-      // A CA that gave one SAN URI to two tenants' certificates (the case machineOfCertificate
-      // refuses to decide between): the owner bound the URI from its console, without proof.
-      const san = `spiffe://tenant.example/api/${short()}`;
-      const { machine: owner } = await bearerMachine(c.transport, c.tenant.token, [c.tenant.application.id]);
-      const victim = await mint(c.ts, san);
-      await bindSan(c.tenant.token, owner.id, san);
-      expect(await certificateUser(c.ts, victim)).toBe(owner.id);
-
-      const other = await tenantWithAdmin(c.transport, c.root, ["admin:machine-users"]);
-      const { machine: theirs } = await bearerMachine(c.transport, other.token, [other.application.id]);
-      const lookalike = await mint(c.ts, san);
-      const attempt = bindSan(other.token, theirs.id, san, presenting(c.ts, lookalike));
-      await attempt.catch(() => undefined);
-      // The owner's certificate is still its own, never the other tenant's machine user.
-      expect(await certificateUser(c.ts, victim)).toBe(owner.id);
-      // The answer every bind of an identity bound elsewhere gets.
-      expect((await rejection(attempt)).code).toBe(Code.AlreadyExists);
-      const { machineUser } = await clients(c.transport, c.tenant.token).machines.getMachineUser({
-        id: owner.id,
-      });
-      expect(machineUser!.certificates.map((b) => b.sanUri)).toEqual([san]);
-    });
-  });
 });

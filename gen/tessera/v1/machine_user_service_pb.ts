@@ -1043,17 +1043,15 @@ export const MachineUserService: GenService<{
    *
    * Proof of possession: a bind made over a TLS connection that presents the very
    * certificate being bound (its fingerprint, or a CA-verified certificate carrying the
-   * SAN URI; the caller still needs the scope and authority) is `proven`. A proven
-   * fingerprint binding displaces an unproven binding of the same fingerprint in another
-   * tenant (removed, audited, and its machine user's access tokens ended as by
-   * UnbindCertificate; the answer is the same whether one was displaced or not). A proven
-   * SAN URI displaces nothing (AlreadyExists, as without proof): it shows a certificate
-   * carrying the URI, not this one, and a CA may give one URI to two tenants' certificates.
-   * A proven binding is never displaced itself. A certificate matching a proven fingerprint binding authenticates as
+   * SAN URI; the caller still needs the scope and authority) is `proven`. A proven binding
+   * displaces an unproven binding of the same identity in another tenant (removed, audited,
+   * and its machine user's access tokens ended as by UnbindCertificate; the answer is the
+   * same whether one was displaced or not), and is never
+   * displaced itself. A certificate matching a proven fingerprint binding authenticates as
    * its machine user. A proven SAN URI proves its maker holds a certificate with that URI,
    * not this one: when another tenant bound the certificate's fingerprint or another of its
    * SAN URIs (proven or not), it authenticates no one until its owner proves its fingerprint
-   * (which settles a squatted URI too); within one tenant, proven SAN URI bindings naming one machine user
+   * (or the squatted URI); within one tenant, proven SAN URI bindings naming one machine user
    * decide, except over an unproven SAN URI binding of a machine user their binders' recorded
    * scopes do not cover: that one keeps the certificate if its binder's scopes cover the
    * provers' machine user's, and if neither does the certificate authenticates no one.

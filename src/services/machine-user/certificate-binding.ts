@@ -1,5 +1,5 @@
 // Certificate bindings: which client certificate identifies a machine user, and when a bind
-// proves possession of it (a proven fingerprint bind may displace another tenant's unproven squatter).
+// proves possession of it (a proven bind may displace another tenant's unproven squatter).
 import { randomUUID } from "node:crypto";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
@@ -138,19 +138,21 @@ export function certificateBindingHandlers(
           // a proven binding of its own making would), not by the first binder's: else a weaker
           // admin proving a stronger admin's binding decides with the stronger one's authority.
           const binderScopes = principalOf(ctx).scopes.join(" ");
-          await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, (tx) =>
-            tx.nativeUpdate(MachineUserCertificate, { id: existing.id }, { proven: true, binderScopes }),
-          );
+          // Only while still this machine user's and unproven: of two racing provers the second
+          // finds it proven (AlreadyExists, as above), and a binding removed meanwhile is not there.
+          let updated = 0;
+          await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
+            updated = await tx.nativeUpdate(
+              MachineUserCertificate,
+              { id: existing.id, machineUserId: mu.id, proven: false },
+              { proven: true, binderScopes },
+            );
+            if (updated === 0) throw errors.alreadyExists(conflict);
+          });
           existing.proven = true;
           existing.binderScopes = binderScopes;
           return { binding: bindingToProto(existing) };
         }
-        // Only a fingerprint is displaced: its proof shows the very certificate, so another
-        // tenant's claim on it is a squat. A SAN URI's proof shows *a* certificate carrying it,
-        // and a CA may give one URI to two tenants' certificates: displacing the other's binding
-        // would hand that tenant's certificates to the prover's machine user. Its holder takes a
-        // squatted certificate back by proving the fingerprint, which decides across tenants.
-        if (sanUri !== null) throw errors.alreadyExists(conflict);
         const holder = await e.findOne(MachineUser, { id: existing.machineUserId });
         // The caller's own tenant: it sees that binding and can remove it itself.
         if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
