@@ -359,8 +359,12 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
 
   for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
     it(`lets the certificate's holder take back a ${kind} another tenant squatted, by binding it over a connection presenting the certificate`, async () => {
-      const backend = await mint(ts, `spiffe://victim.example/${short()}`);
-      const identity: Identity = { case: kind, value: backend.fingerprint };
+      const san = `spiffe://victim.example/${short()}`;
+      const backend = await mint(ts, san);
+      const identity: Identity =
+        kind === "sanUri"
+          ? { case: "sanUri", value: san }
+          : { case: "sha256Fingerprint", value: backend.fingerprint };
 
       // The squatter binds first (no proof: it does not hold the certificate's key).
       const theirs = await attackerMachine();
