@@ -1,5 +1,6 @@
 // Files the server keeps its secrets in, or trusts, must be its own user's and closed to others.
-import { lstatSync, statSync } from "node:fs";
+import { lstatSync, readFileSync, type Stats, statSync } from "node:fs";
+import { userInfo } from "node:os";
 
 /**
  * Refuse `path` (when it exists) if another user owns it, or owns the link at it: the owner
@@ -8,23 +9,67 @@ import { lstatSync, statSync } from "node:fs";
  * tightens anyone's file, and its owner can loosen it again). `rootToo`: a folder of root's
  * is accepted (root can do anything anyway; /srv, the working directory). As PostgreSQL
  * refuses a data directory of another owner.
+ *
+ * A symbolic link is judged by its own owner first (root's is fine: `sudo ln -s`), then by
+ * its target's; a dangling link of another user's is refused too, since whatever is created
+ * through it lands where they chose.
  */
 export function assertOwned(path: string, what: string, rootToo = false): void {
   if (process.getuid === undefined) return;
   const uid = process.getuid();
-  let owners: number[];
+  const link = statOrNone(lstatSync, path);
+  if (link === undefined) return;
+  if (link.isSymbolicLink()) {
+    if (link.uid !== uid && link.uid !== 0) refuse(path, what, link.uid, uid);
+    const target = statOrNone(statSync, path);
+    if (target !== undefined) assertOwnerOf(target, path, what, rootToo);
+  } else assertOwnerOf(link, path, what, rootToo);
+}
+
+/**
+ * Refuse `stats` (of `path`, e.g. an open descriptor's fstat) when another user owns it;
+ * `rootToo` as in {@link assertOwned}.
+ */
+export function assertOwnerOf(stats: Stats, path: string, what: string, rootToo = false): void {
+  const uid = process.getuid?.();
+  if (uid !== undefined && stats.uid !== uid && !(rootToo && stats.uid === 0))
+    refuse(path, what, stats.uid, uid);
+}
+
+function statOrNone(stat: (path: string) => Stats, path: string): Stats | undefined {
   try {
-    owners = [lstatSync(path).uid, statSync(path).uid];
+    return stat(path);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw err;
   }
-  for (const owner of owners)
-    if (owner !== uid && !(rootToo && owner === 0))
-      throw new Error(
-        `refusing to use ${what} ${path}: it is owned by another user (uid ${owner}), who could read or replace the secrets in it; ` +
-          `give it to the user running Tessera (chown), or choose another location`,
-      );
+}
+
+function refuse(path: string, what: string, owner: number, uid: number): never {
+  const name = userName(owner);
+  const them = name !== undefined ? `uid ${owner} (${name})` : `uid ${owner}`;
+  const us = userName(uid) ?? `uid ${uid}`;
+  // Most often the folder is a service user's own: running as that user fixes it without
+  // breaking the service, where a chown would take the folder away from it.
+  throw new Error(
+    `refusing to use ${what} ${path}: it is owned by another user, ${them}, not by the user running Tessera (${us}), ` +
+      `so that user could read or replace the secrets in it; if it is Tessera's service user, run Tessera as that user ` +
+      `(e.g. sudo -u ${name ?? `'#${owner}'`} tessera serve), else choose another location`,
+  );
+}
+
+/** The login name of `uid` from /etc/passwd, when it can be read cheaply; else undefined. */
+export function userName(uid: number): string | undefined {
+  try {
+    if (uid === process.getuid?.()) return userInfo().username;
+    for (const line of readFileSync("/etc/passwd", "utf8").split("\n")) {
+      const [name, , id] = line.split(":");
+      if (id === String(uid) && name) return name;
+    }
+  } catch {
+    // No passwd file (a container without one): the uid alone names the owner.
+  }
+  return undefined;
 }
 
 /**

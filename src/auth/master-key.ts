@@ -1,8 +1,8 @@
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
-import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { closeSync, constants, fchmodSync, fstatSync, openSync, readFileSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { Config } from "../config.js";
-import { assertOwned, refuseOpenToOthers } from "../private-files.js";
+import { assertOwnerOf, refuseOpenToOthers } from "../private-files.js";
 import { SigningKey } from "../storage/entities.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
 import { clearSharedDigests } from "../storage/repositories/credentials.js";
@@ -76,36 +76,68 @@ export function loadMasterKey(auth: Config["auth"], target: DatabaseTarget): Mas
 
 function readKeyFile(path: string, generate: boolean): MasterKey {
   const source = `master key file ${path}`;
+  if (generate) return parseMasterKey(readGeneratedKey(path, source), source);
   let text: string;
   try {
     text = readFileSync(path, "utf8");
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "ENOENT" || !generate)
-      throw new MasterKeyError(`cannot read ${source}: ${(err as Error).message}`);
-    text = `${randomBytes(32).toString("base64")}\n`;
-    try {
-      // "wx": two processes starting at once never overwrite each other's key.
-      writeFileSync(path, text, { flag: "wx", mode: 0o600 });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-      text = readFileSync(path, "utf8");
-    }
+    throw new MasterKeyError(`cannot read ${source}: ${(err as Error).message}`);
   }
-  // The generated key's file lies in the database's folder: one another user planted (before
-  // this start, or just before its "wx") is a key they know. Checked after the read, which
-  // may have been of theirs.
-  if (generate) assertOwned(path, "master key file");
-  // An older file may have been created readable by others.
-  if (generate) chmodSync(path, 0o600);
-  else {
-    // The operator's file: never altered, but refused while anyone on the machine can read it.
-    try {
-      refuseOpenToOthers(path, "master key file");
-    } catch (err) {
-      throw new MasterKeyError((err as Error).message);
-    }
+  // The operator's file: never altered, but refused while anyone on the machine can read it.
+  try {
+    refuseOpenToOthers(path, "master key file");
+  } catch (err) {
+    throw new MasterKeyError((err as Error).message);
   }
   return parseMasterKey(text, source);
+}
+
+/** Open flags of the generated key file: a link is not followed, a FIFO does not block the open. */
+const NO_FOLLOW = (constants.O_NOFOLLOW ?? 0) | (constants.O_NONBLOCK ?? 0);
+
+/**
+ * The text of the key generated beside the database, made on first start. The file lies in
+ * the database's folder, where one another user planted (before this start, or just before
+ * its exclusive create) is a key they know: it is opened once, without following a link,
+ * and its owner and mode are checked and fixed on that descriptor, which is the one read
+ * (checked by path, the file could be swapped between the check and the read).
+ */
+function readGeneratedKey(path: string, source: string): string {
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_RDONLY | NO_FOLLOW);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ELOOP")
+      throw new MasterKeyError(
+        `${source} is a symbolic link, which the generated key is not read through: name the key's file with auth.masterKeyFile (TESSERA_MASTER_KEY_FILE)`,
+      );
+    if (code !== "ENOENT") throw new MasterKeyError(`cannot read ${source}: ${(err as Error).message}`);
+    const text = `${randomBytes(32).toString("base64")}\n`;
+    try {
+      // Exclusive: two processes starting at once never overwrite each other's key.
+      fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | NO_FOLLOW, 0o600);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      return readGeneratedKey(path, source);
+    }
+    try {
+      writeSync(fd, text);
+    } finally {
+      closeSync(fd);
+    }
+    return text;
+  }
+  try {
+    const stats = fstatSync(fd);
+    if (!stats.isFile()) throw new MasterKeyError(`${source} is not a regular file`);
+    assertOwnerOf(stats, path, "master key file");
+    // An older file may have been created readable by others.
+    if (process.platform !== "win32" && (stats.mode & 0o777) !== 0o600) fchmodSync(fd, 0o600);
+    return readFileSync(fd, "utf8");
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Seal a private JWK (its JSON text) for the row of signing key `kid`: `v1:<master key id>:<iv>:<ciphertext+tag>`. */

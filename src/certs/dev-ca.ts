@@ -63,7 +63,13 @@ export async function ensureDevCertificates(
 ): Promise<EnsureCertsResult> {
   // A complete set needs no lock (nor a writable folder: certificates mounted read-only).
   const complete = await Promise.all([CA_CERT, SERVER_CERT, SERVER_KEY].map((f) => exists(join(dir, f))));
-  if (complete.every(Boolean)) return { created: false, dir };
+  if (complete.every(Boolean)) {
+    // A set with its CA key is a development set, which this start could have made: one
+    // another user planted, or can rewrite, is their CA that mTLS trusts for clients, and
+    // their server key. (Without ca.key it is a production set, mounted as its owner chose.)
+    if (await exists(join(dir, CA_KEY))) assertDevSetOwned(dir, [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY]);
+    return { created: false, dir };
+  }
   // A folder another user owns is theirs to fill: a CA of their own, planted beside the
   // files this start creates, would sign the server's certificate and be trusted for clients'.
   assertOwned(dir, "certificate folder", true);
@@ -71,6 +77,12 @@ export async function ensureDevCertificates(
   // the set complete, never two CAs nor a CA key without its certificate.
   await mkdir(dir, { recursive: true, mode: 0o700 });
   return withFileLock(join(dir, CERTS_LOCK), () => ensureDevCertificatesLocked(dir, opts));
+}
+
+/** Refuse a certificate folder, or one of its `files`, of another user's (a folder of root's is fine). */
+function assertDevSetOwned(dir: string, files: string[]): void {
+  assertOwned(dir, "certificate folder", true);
+  for (const f of files) assertOwned(join(dir, f), "development certificate file", true);
 }
 
 async function ensureDevCertificatesLocked(

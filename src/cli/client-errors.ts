@@ -38,7 +38,8 @@ export function describeClientError(
   exit: ExitCodes,
 ): { code: number; message: string } | undefined {
   if (err instanceof PromptError) return { code: exit.usage, message: err.message };
-  if (err instanceof ClientConfigError) return { code: exit.usage, message: withFlagNames(err.message) };
+  if (err instanceof ClientConfigError)
+    return { code: exit.usage, message: printable(withFlagNames(err.message)) };
   if (!(err instanceof TesseraClientError)) return undefined;
   // The server's words (message, reason, request id, scopes) as text, newlines included:
   // one that rewrote the terminal, or added a line, would pass for the CLI's own.

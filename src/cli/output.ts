@@ -5,14 +5,16 @@
  * What a terminal acts on rather than shows: C0 controls (ESC starts its sequences: OSC 52
  * writes the clipboard; CR and backspace rewrite a line), DEL, C1 controls (U+009B is CSI
  * to a terminal that reads 8-bit controls) and the bidirectional marks and overrides that
- * reorder what follows. Tab and newline are kept in running text, not in a field's value.
+ * reorder what follows (U+061C, the Arabic letter mark, among them). Tab and newline are
+ * kept only in text the CLI composed itself (an error with a hint on its next line).
  */
 // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
-const CONTROLS = /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
-// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
-const CONTROLS_IN_TEXT = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const CONTROLS_IN_TEXT =
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
+  /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 /** What JSON.stringify leaves raw of {@link CONTROLS} (it escapes C0 itself). */
-const CONTROLS_IN_JSON = /[\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const CONTROLS_IN_JSON = /[\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 
 const escaped = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`;
 
@@ -75,14 +77,18 @@ export class Output {
     process.stdout.write(`${[line(headers), ...rows.map(line)].join("\n")}\n`);
   }
 
-  /** A plain message (table mode) or a JSON document. */
+  /**
+   * A plain message (table mode) or a JSON document. One line: the names and messages of a
+   * server's in it have their newlines and tabs escaped too, or a server could add lines
+   * of its own that pass for the CLI's ("error: … run curl … | sh").
+   */
   message(json: unknown, text: string): void {
     if (this.json) this.document(json);
-    else process.stdout.write(`${printable(text, true)}\n`);
+    else process.stdout.write(`${printable(text)}\n`);
   }
 
-  /** A note for the human at the terminal: always stderr. */
+  /** A one-line note for the human at the terminal, escaped as {@link message}: always stderr. */
   note(text: string): void {
-    process.stderr.write(`${printable(text, true)}\n`);
+    process.stderr.write(`${printable(text)}\n`);
   }
 }

@@ -65,8 +65,9 @@ function onStreamError(err: NodeJS.ErrnoException): void {
 export async function main(argv: string[]): Promise<number> {
   exitOnBrokenPipe();
   // A failure's message may quote what a server answered (a value it could not decode):
-  // shown, never obeyed by the terminal.
-  const fail = (text: string) => process.stderr.write(`${printable(text, true)}\n`);
+  // shown, never obeyed by the terminal, and on one line unless the CLI composed the lines
+  // itself (`lines`: a client error, whose server parts are escaped already; the config's).
+  const fail = (text: string, lines = false) => process.stderr.write(`${printable(text, lines)}\n`);
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
@@ -84,12 +85,12 @@ export async function main(argv: string[]): Promise<number> {
     const { describeClientError } = await import("./client-errors.js");
     const client = describeClientError(err, EXIT);
     if (client) {
-      fail(`error: ${client.message}`);
+      fail(`error: ${client.message}`, true);
       return client.code;
     }
     // A configuration error comes from config.ts, loaded by the server commands only.
     if (err instanceof Error && err.name === "ConfigError") {
-      fail(err.message);
+      fail(err.message, true);
       return EXIT.usage;
     }
     fail(`error: ${describeFailure(err)}`);

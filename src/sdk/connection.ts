@@ -10,7 +10,8 @@ import type { UserAPIOptions } from "./user-api-core.js";
 const TOKEN_RE = /^[\x21-\x7e]+$/;
 
 /**
- * The largest answer a client reads (one message, decompressed): Tessera's largest, a page
+ * The largest answer a client reads by default (one message, decompressed; the option
+ * `readMaxBytes`, and the CLI's bound): Tessera's largest, a page
  * of 200 audit events, is well under 1 MiB. connect-node's default is 4 GiB, so a server
  * the client was pointed at (or a gzip bomb of a few kilobytes from it) could have it
  * buffer gigabytes.
@@ -36,7 +37,7 @@ export interface Connection {
 
 /**
  * Check `options` as a client is built ({@link ClientConfigError} for the first problem:
- * host, port, protocol, token shapes, Basic credentials, an unconfirmed `verifySsl: false`,
+ * host, port, protocol, token shapes, Basic credentials, `readMaxBytes`, an unconfirmed `verifySsl: false`,
  * the TLS files) and load the TLS material.
  */
 export function connectionOf(options: UserAPIOptions): Connection {
@@ -54,6 +55,10 @@ export function connectionOf(options: UserAPIOptions): Connection {
   if (options.basicAuth && (!options.basicAuth.username || options.basicAuth.username.includes(":"))) {
     throw new ClientConfigError("basicAuth.username must be non-empty and must not contain a colon");
   }
+  const max = options.readMaxBytes;
+  // connect-node's own ceiling: 2^32 - 1, the most its length prefix can say.
+  if (max !== undefined && (!Number.isInteger(max) || max < 1 || max > 0xffffffff))
+    throw new ClientConfigError(`invalid readMaxBytes ${max}: a positive whole number of bytes`);
   if (options.verifySsl === false && options.insecure !== true) {
     throw new ClientConfigError(
       "verifySsl: false accepts any server certificate and exposes the token to whoever answers; " +

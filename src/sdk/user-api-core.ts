@@ -41,6 +41,13 @@ export interface UserAPIOptions {
   /** Default deadline of each call in milliseconds (default 30000; 0 for none). */
   timeoutMs?: number | undefined;
   /**
+   * The largest answer the client reads, in bytes (one message, decompressed; default 16 MiB,
+   * far above any of Tessera's): a larger one fails the call with `MessageTooLargeError`.
+   * Named as connect-node names it, whose own default of 4 GiB lets a server (or a gzip bomb
+   * of a few kilobytes from it) have the client buffer gigabytes.
+   */
+  readMaxBytes?: number | undefined;
+  /**
    * Where the client reports what it would otherwise drop silently (an automatic renewal
    * that failed): `{ warn(obj, msg), error(obj, msg), info?(obj, msg) }`, so a pino logger fits
    * as is. Never a token or password. Default: silent, unless `NODE_DEBUG=tessera` (stderr).
@@ -130,7 +137,7 @@ export class UserAPICore {
       // Outermost: a call crossing the server's GOAWAY (a recycled connection) was refused
       // before any of it ran, credentials and refresh included, and is sent again once.
       interceptors: [retryRefusedStream, this.session.interceptor(), ...(options.interceptors ?? [])],
-      readMaxBytes: MAX_ANSWER_BYTES,
+      readMaxBytes: options.readMaxBytes ?? MAX_ANSWER_BYTES,
       ...(options.timeoutMs === 0 ? {} : { defaultTimeoutMs: options.timeoutMs ?? 30_000 }),
     };
     this.transport =

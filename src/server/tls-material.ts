@@ -26,13 +26,13 @@ export interface TlsMaterial {
 export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMaterial> {
   const dir = config.certDir;
   const need = ["ca.crt", "server.crt", "server.key"].map((f) => join(dir, f));
-  if (need.some((p) => !existsSync(p))) {
-    if (!config.devCertificates) {
-      throw new Error(
-        `TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`,
-      );
-    }
-    await ensureDevCertificates(dir);
+  // Development certificates: the missing files are generated, and a complete development
+  // set (its CA key beside it) another user owns is refused, as a folder to generate into is.
+  if (config.devCertificates) await ensureDevCertificates(dir);
+  else if (need.some((p) => !existsSync(p))) {
+    throw new Error(
+      `TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`,
+    );
   }
   refuseOpenToOthers(need[2]!, "TLS private key");
   // Not read here, but it signs the client certificates ca.crt makes this server trust.

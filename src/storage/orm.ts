@@ -230,7 +230,8 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
   // PostgreSQL: lifts the client-side statement bound for a migration (see pg-bounds.ts).
   let exempt = <T>(fn: () => Promise<T>) => fn();
   if (target.kind === "sqlite") {
-    if (target.location !== ":memory:") prepareSqliteFiles(target.location);
+    // Where SQLite keeps the file and its -wal/-shm: beside a symbolic link's target.
+    const file = target.location === ":memory:" ? target.location : prepareSqliteFiles(target.location);
     orm = await BetterSqliteORM.init({
       ...common,
       driver: BetterSqliteDriver,
@@ -243,7 +244,7 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
       await orm.em.getConnection().execute("pragma journal_mode = wal");
       await orm.em.getConnection().execute("pragma synchronous = normal");
       // SQLite gives -wal and -shm the database file's mode; ones left by an older version are tightened.
-      for (const suffix of ["-wal", "-shm"]) tighten(`${target.location}${suffix}`, 0o600);
+      for (const suffix of ["-wal", "-shm"]) tighten(`${file}${suffix}`, 0o600);
       const conn = orm.em.getConnection();
       checkpointer = await checkpointOffLoop((sql) => conn.execute(sql), target.location, options.log);
     }

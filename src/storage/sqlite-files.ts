@@ -1,27 +1,74 @@
 // The SQLite database file and its folder: who may read them.
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync, statSync } from "node:fs";
+import {
+  chmodSync,
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readlinkSync,
+  realpathSync,
+  statSync,
+} from "node:fs";
 import { homedir } from "node:os";
-import { dirname, parse, resolve } from "node:path";
+import { basename, dirname, join, parse, resolve } from "node:path";
 import { assertOwned } from "../private-files.js";
+
+/** The files SQLite keeps beside the database: a WAL or rollback journal is replayed into it. */
+const SIDE_FILES = ["-wal", "-shm", "-journal"];
 
 /**
  * The database holds password hashes and sealed signing keys: its folder is made 0700
  * and its file 0600 before SQLite opens it (an existing file, and a folder of its own
  * that is not the working directory, are tightened), so nobody else can read it or a
  * copy SQLite writes beside it.
+ * @returns The file SQLite opens (`location` with symbolic links resolved), beside which it
+ * keeps its -wal, -shm and -journal.
  */
-export function prepareSqliteFiles(location: string): void {
+export function prepareSqliteFiles(location: string): string {
   const dir = dirname(resolve(location));
   if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
-  else {
-    assertOwned(dir, "database folder", true);
-    if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir)) chmodSync(dir, 0o700);
-  }
-  // A WAL or rollback journal left beside the database is replayed into it when SQLite opens it.
-  for (const suffix of ["", "-wal", "-shm", "-journal"]) assertOwned(`${location}${suffix}`, "database file");
+  else closeFolder(dir);
+  // The link itself, if it is one (another user's would point the database where they chose).
+  assertOwned(location, "database file");
+  // SQLite follows a symbolic link and keeps its side files beside the target, not the link:
+  // the folder and files checked and tightened are those.
+  const real = sqlitePath(location);
+  if (dirname(real) !== dir) closeFolder(dirname(real));
+  for (const suffix of ["", ...SIDE_FILES]) assertOwned(`${real}${suffix}`, "database file");
   // Created empty with its final mode: SQLite takes an empty file as a new database.
-  closeSync(openSync(location, "a", 0o600));
-  tighten(location, 0o600);
+  closeSync(openSync(real, "a", 0o600));
+  for (const suffix of ["", ...SIDE_FILES]) tighten(`${real}${suffix}`, 0o600);
+  return real;
+}
+
+/** Refuse a database folder of another user's (root's is fine), and make one of ours 0700. */
+function closeFolder(dir: string): void {
+  assertOwned(dir, "database folder", true);
+  if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir)) chmodSync(dir, 0o700);
+}
+
+/**
+ * The path SQLite opens for `location`: every symbolic link resolved, a dangling one to where
+ * it points (SQLite creates the database there), a missing file in its folder's real path.
+ */
+export function sqlitePath(location: string): string {
+  let path = resolve(location);
+  for (let hops = 0; hops < 40; hops++) {
+    try {
+      return realpathSync(path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+    let target: string;
+    try {
+      target = readlinkSync(path);
+    } catch {
+      // Not a link: a file to be created in the real folder.
+      return join(realpathSync(dirname(path)), basename(path));
+    }
+    path = resolve(dirname(path), target);
+  }
+  throw new Error(`too many symbolic links in the database path ${location}`);
 }
 
 /** A folder this process owns and that is not shared (sticky, like /tmp). */

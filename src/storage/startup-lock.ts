@@ -3,6 +3,7 @@ import { chmodSync, closeSync, openSync } from "node:fs";
 import { createRequire } from "node:module";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { EntityManager } from "@mikro-orm/knex";
+import { assertOwned } from "../private-files.js";
 import { CLIENT_TIMEOUT_MARGIN_MS } from "./pg-bounds.js";
 
 /** How long a start-up waits for another instance's migrations and bootstrap. */
@@ -80,6 +81,10 @@ export async function withFileLock<T>(
   timeoutMs = STARTUP_LOCK_TIMEOUT_MS,
 ): Promise<T> {
   const Database = createRequire(import.meta.url)("better-sqlite3") as SqliteOpen;
+  // It persists beside the database (or the certificates): one another user planted in a
+  // shared folder they could hold locked for ever (no start gets past it), or make a link
+  // through which this open and chmod, as root, would create or close a file of their choosing.
+  assertOwned(path, "start-up lock file");
   closeSync(openSync(path, "a", 0o600));
   chmodSync(path, 0o600);
   const db = new Database(path, { timeout: 0 });

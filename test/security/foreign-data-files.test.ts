@@ -1,10 +1,18 @@
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { createApp } from "../../src/app.js";
 import { MASTER_KEY_FILE_NAME } from "../../src/auth/master-key.js";
-import { createCertificateAuthority } from "../../src/certs/dev-ca.js";
+import { createCertificateAuthority, ensureDevCertificates } from "../../src/certs/dev-ca.js";
 import { preflight } from "../../src/server/tls-material.js";
 import { createTestCerts, silentLogger, testConfig } from "../helpers.js";
 
@@ -48,7 +56,9 @@ describe.skipIf(!root)("a database folder or file another user owns", () => {
     chmodSync(dir, 0o777);
     chownSync(dir, OTHER_UID, OTHER_UID);
     const file = join(dir, "tessera.db");
-    expect(await refusal(file)).toMatch(/database folder .*: it is owned by another user \(uid 65534\)/);
+    expect(await refusal(file)).toMatch(
+      /database folder .*: it is owned by another user, uid 65534 \(nobody\)/,
+    );
     expect(existsSync(file)).toBe(false);
     expect(existsSync(join(dir, MASTER_KEY_FILE_NAME))).toBe(false);
   });
@@ -60,6 +70,20 @@ describe.skipIf(!root)("a database folder or file another user owns", () => {
     writeFileSync(key, `${Buffer.alloc(32, 7).toString("base64")}\n`, { mode: 0o644 });
     chownSync(key, OTHER_UID, OTHER_UID);
     expect(await refusal(join(dir, "tessera.db"))).toMatch(/master key file .*: it is owned by another user/);
+  });
+
+  it("refuses a WAL another user planted beside the target of a linked database file, where SQLite reads it", async () => {
+    const base = parent();
+    const [data, shared] = [join(base, "data"), join(base, "shared")];
+    mkdirSync(data, { mode: 0o700 });
+    mkdirSync(shared, { mode: 0o700 });
+    chmodSync(shared, 0o1777);
+    symlinkSync(join(shared, "tessera.db"), join(data, "tessera.db"));
+    writeFileSync(join(shared, "tessera.db-wal"), "", { mode: 0o666 });
+    chownSync(join(shared, "tessera.db-wal"), OTHER_UID, OTHER_UID);
+    expect(await refusal(join(data, "tessera.db"))).toMatch(
+      /database file .*shared\/tessera\.db-wal: it is owned by another user/,
+    );
   });
 
   it.each(["tessera.db", "tessera.db-wal", "tessera.db-shm", "tessera.db-journal"])(
@@ -110,6 +134,15 @@ describe.skipIf(!root)("a certificate folder or CA another user owns", () => {
     for (const f of ["ca.crt", "ca.key"]) chownSync(join(dir, f), OTHER_UID, OTHER_UID);
     expect(await refusal(dir)).toMatch(/development CA file .*ca\.(crt|key): it is owned by another user/);
     expect(existsSync(join(dir, "server.crt"))).toBe(false);
+  });
+
+  it("refuses a complete development set (CA key included) another user planted in their folder", async () => {
+    const dir = join(parent(), "certs");
+    await ensureDevCertificates(dir);
+    for (const f of ["ca.crt", "ca.key", "server.crt", "server.key"])
+      chownSync(join(dir, f), OTHER_UID, OTHER_UID);
+    chownSync(dir, OTHER_UID, OTHER_UID);
+    expect(await refusal(dir)).toMatch(/certificate folder .*: it is owned by another user/);
   });
 
   it("generates the set in a folder of its own", async () => {

@@ -4,6 +4,7 @@ import { type AuditEvent, AuditEventSchema, AuditService } from "../../../gen/te
 import { ClientConfigError } from "../../sdk/errors.js";
 import type { AuditListFlags } from "../audit-commands.js";
 import { messageJson, when } from "../messages.js";
+import { readPages } from "./pages.js";
 import { parseDuration, withClient } from "./run.js";
 
 // `tessera audit list`, loaded only when it runs (see audit-commands.ts).
@@ -57,17 +58,20 @@ export async function auditList(flags: AuditListFlags, cmd: Command): Promise<vo
     ...(flags.until ? { endTime: timestampFromDate(parseInstant(flags.until, "--until")) } : {}),
   };
   await withClient(cmd, async ({ api, out }) => {
-    const events: AuditEvent[] = [];
-    let pageToken = "";
-    do {
-      const res = await api.client(AuditService).listAuditEvents({
-        ...filters,
-        pageSize: Math.min(200, limit - events.length),
-        pageToken,
-      });
-      events.push(...res.events);
-      pageToken = res.nextPageToken;
-    } while (pageToken && events.length < limit);
+    const read = await readPages(
+      AuditEventSchema,
+      async (pageToken, count) => {
+        const res = await api.client(AuditService).listAuditEvents({
+          ...filters,
+          pageSize: Math.min(200, limit - count),
+          pageToken,
+        });
+        return { items: res.events, next: res.nextPageToken };
+      },
+      (count) => count >= limit,
+    );
+    const events = read.items.slice(0, limit);
+    const pageToken = read.next;
     out.list(
       { events: events.map((e) => messageJson(AuditEventSchema, e)) },
       ["TIME", "ACTION", "OUTCOME", "REASON", "ACTOR", "TARGET", "REQUEST"],

@@ -10,6 +10,7 @@ import { messageJson } from "../messages.js";
 import { Output } from "../output.js";
 import { promptHidden, readSecretFromStdin } from "../prompt.js";
 import { connectionFlags, type GlobalFlags, globals } from "./flags.js";
+import { readPages } from "./pages.js";
 
 // What every client command's action shares: the flags, the client, pages, secrets.
 // Each command group's actions are a module of their own in this folder, loaded when one
@@ -137,27 +138,12 @@ export async function listAll<K extends string, D extends DescMessage>(
   table: ListTable<D>,
 ): Promise<void> {
   await withClient(cmd, async ({ api, out }) => {
-    const items = await allPages(async (pageToken) => {
+    const { items } = await readPages(table.schema, async (pageToken) => {
       const res = await page(api, pageToken);
       return { items: res[key], next: res.nextPageToken };
     });
     out.list({ [key]: items.map((m) => messageJson(table.schema, m)) }, table.headers, items.map(table.row));
   });
-}
-
-/** Fetch every page of a paginated list. */
-export async function allPages<T>(
-  fetch: (pageToken: string) => Promise<{ items: T[]; next: string }>,
-): Promise<T[]> {
-  const items: T[] = [];
-  let pageToken = "";
-  for (let i = 0; i < 10_000; i++) {
-    const page = await fetch(pageToken);
-    items.push(...page.items);
-    if (!page.next) break;
-    pageToken = page.next;
-  }
-  return items;
 }
 
 /** A password from stdin (`--password-stdin`) or a prompt without echo. */
