@@ -254,6 +254,61 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
   });
 });
 
+describe("the last-used tracker's close", () => {
+  it("writes the uses marked while its final write runs, the database being up", async () => {
+    // Calls still ending at shutdown mark uses while close writes what was pending: those were
+    // counted lost ("could not be written before shutdown") though the database answered.
+    const app = await createTestApp(SQLITE);
+    const { logger, log } = capturingLogger();
+    try {
+      const user = await app.sql.get<{ id: string; tenant_id: string }>(
+        "select id, tenant_id from users where username = 'admin'",
+      );
+      const ids = [randomUUID(), randomUUID()];
+      for (const id of ids)
+        await app.sql.run(
+          "insert into api_tokens (id, public_id, kind, tenant_id, owner_user_id, name, scopes, secret_hash, hint, created_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+          [
+            id,
+            id.slice(0, 16),
+            "pat",
+            user!.tenant_id,
+            user!.id,
+            "close",
+            "",
+            "unused",
+            "tsr_pat_…abcd",
+            new Date(),
+          ],
+        );
+      const credentials = new CredentialRepository(app.sql);
+      const used = new Date(Date.now() + 1000);
+      let tracker: LastUsedTracker | undefined;
+      // The real repository; its first write lets a call end (and mark a use) meanwhile.
+      const during = Object.assign(Object.create(credentials) as CredentialRepository, {
+        markUsed: async (...args: Parameters<CredentialRepository["markUsed"]>) => {
+          if (args[1] === ids[0]) tracker!.mark("api_tokens", ids[1]!, used);
+          return credentials.markUsed(...args);
+        },
+      });
+      tracker = new LastUsedTracker(during, logger, 60);
+      tracker.mark("api_tokens", ids[0]!, used);
+      await tracker.close(5000);
+      expect(tracker.stats()).toMatchObject({ depth: 0, dropped: 0, written: 2 });
+      expect(log.count(/could not be written before shutdown/)).toBe(0);
+      for (const id of ids) {
+        const row = await app.sql.get<{ last_used_at: unknown }>(
+          "select last_used_at from api_tokens where id = ?",
+          [id],
+        );
+        expect(toMillis(row!.last_used_at)).toBe(used.getTime());
+      }
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe("an event recorded after the audit log closed", () => {
   it("is counted as dropped and logged, not left in a buffer nothing writes any more (last-used times too)", async () => {
     // A call cut at shutdown (after the grace period) still ends, and records, after the app
