@@ -309,6 +309,49 @@ describe("the last-used tracker's close", () => {
   });
 });
 
+describe("the audit log's close", () => {
+  it("writes an event recorded as its final write ends, the database being up", async () => {
+    // An event recorded a few microtasks after the last insert resolved (a call ending as
+    // the write did), before close ended, found the pump done and nothing writing the buffer
+    // any more: close counted it lost ("could not be written before shutdown") though the
+    // database was up. Every such moment, one per log.
+    const app = await createTestApp(SQLITE);
+    const { logger, log } = capturingLogger();
+    const real = new AuditEventRepository(app.sql);
+    try {
+      for (let depth = 1; depth <= 8; depth++) {
+        let audit: ReturnType<typeof createAuditLog> | undefined;
+        let first = true;
+        // The real repository; its first insert lets a call end `depth` microtasks after it.
+        const events = Object.assign(Object.create(real) as AuditEventRepository, {
+          insert: async (...args: Parameters<AuditEventRepository["insert"]>) => {
+            const written = await real.insert(...args);
+            if (first) {
+              first = false;
+              let later: Promise<unknown> = Promise.resolve();
+              for (let i = 0; i < depth; i++) later = later.then(() => undefined);
+              void later.then(() => audit!.record(record(`ending-${depth}-${randomUUID().slice(0, 8)}`)));
+            }
+            return written;
+          },
+        });
+        audit = createAuditLog({ events, logger, flushMs: 60_000 });
+        audit.record(record(`closing-${depth}-${randomUUID().slice(0, 8)}`));
+        await audit.close(5000);
+        await new Promise((resolve) => setImmediate(resolve));
+        // Written, or (once close has ended) dropped as recorded after it: never lost by close.
+        const { written, dropped } = audit.stats();
+        expect(written + dropped, `an event ${depth} microtasks after the write`).toBe(2);
+        expect(log.count(/could not be written before shutdown/), `an event ${depth} microtasks after`).toBe(
+          0,
+        );
+      }
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe("an event recorded after the audit log closed", () => {
   it("is counted as dropped and logged, not left in a buffer nothing writes any more (last-used times too)", async () => {
     // A call cut at shutdown (after the grace period) still ends, and records, after the app
