@@ -23,7 +23,7 @@ export interface TlsMaterial {
 }
 
 /**
- * Certificate reloads since the start, and the served server certificate's notAfter (unix
+ * Certificate reloads that failed since the start, and the served server certificate's notAfter (unix
  * seconds, 0 before one is served): process-wide, read by the metrics when scraped.
  */
 export const tlsStatus = { reloadFailures: 0, certificateNotAfter: 0 };
