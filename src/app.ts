@@ -9,13 +9,12 @@ import { createPasswordShedding, type PasswordShedding } from "./admission/shedd
 import { type AuditLog, auditLineTo, createAuditLog } from "./audit.js";
 import type { Authenticator } from "./auth/authenticator.js";
 import { configureHashPool, hashPool } from "./auth/hash-pool.js";
-import { createJwtService, type JwtService } from "./auth/jwt.js";
+import type { JwtService } from "./auth/jwt.js";
 import { LastUsedTracker } from "./auth/last-used.js";
-import { loadMasterKey, loadPreviousMasterKeys, sealStoredSigningKeys } from "./auth/master-key.js";
 import { PasswordUpgrader } from "./auth/password-upgrade.js";
-import { sharedDigestKey, VerifiedSecretCache } from "./auth/secret-cache.js";
+import { VerifiedSecretCache } from "./auth/secret-cache.js";
 import { createVerifierChain } from "./auth/verifier-chain.js";
-import { type BootstrapResult, ensureAdmin, ensureDefaultTenant } from "./bootstrap.js";
+import { type BootstrapResult, ensureDefaultTenant } from "./bootstrap.js";
 import { createHttpObserver } from "./call-observer.js";
 import { type Clock, systemClock } from "./clock.js";
 import type { Config } from "./config.js";
@@ -31,6 +30,7 @@ import { createRateLimits, type RateLimits, spentAddressRefusal } from "./rate-l
 import { createServiceRoutes } from "./services/routes.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
+import { bootstrapUnderLock } from "./startup.js";
 import { initORM, type Storage } from "./storage/orm.js";
 import type { PgNotifier } from "./storage/pg-notify.js";
 import { createStateNotifier, stateChannelOf, subscribeKeyChanges } from "./storage/pg-state-channel.js";
@@ -113,6 +113,12 @@ export interface CreateAppOptions {
   beforeBootstrap?: () => Promise<void>;
   /** Where access lines go (default: `logger`'s destination); `tessera serve` gives a buffered one (access-log.ts). */
   accessLog?: AccessLog;
+  /**
+   * Called once the bootstrap admin is created with a generated password (in
+   * `generatedPassword`), before any later step of the start can fail it: the password is in
+   * no other place, and a later start finds the admin made. `tessera serve` shows it here.
+   */
+  onAdminCreated?: (bootstrap: BootstrapResult) => void;
 }
 
 /** The application: storage (migrated), admin bootstrap, keys, verifiers, interceptors, services (not HTTP/TLS: server.ts). */
@@ -149,34 +155,11 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
   try {
     // One instance at a time migrates and bootstraps (tenant, admin, master key check, first
     // signing key): instances started together find each other's work done, not half done.
-    const { bootstrap, jwt, digestKey } = await storage.withStartupLock(async (held) => {
-      await held.migrate();
-      await options.beforeBootstrap?.();
-      // Before any key is read: clear rows sealed, and a wrong master key stops the start here,
-      // before the admin is made: its generated password is printed by the start that serves.
-      const masterKey = loadMasterKey(config.auth, storage.target);
-      const previousMasterKeys = loadPreviousMasterKeys(config.auth);
-      const sealed = await sealStoredSigningKeys(storage, masterKey, previousMasterKeys);
-      if (sealed.resealed > 0)
-        logger.info(
-          { resealed: sealed.resealed, digestsCleared: sealed.digestsCleared },
-          "master key rotated: signing keys resealed, shared digests of the previous key cleared",
-        );
-      const bootstrap = await ensureAdmin(storage.em.fork(), {
-        username: config.admin.username,
-        password: config.admin.password,
-        iterations: config.auth.passwordIterations,
-      });
-      const jwt = await createJwtService({
-        config: config.auth.jwt,
-        storage,
-        masterKey,
-        previousMasterKeys,
-        maxTokenTtlSeconds: config.auth.maxTokenTtl,
-        clock,
-        logger,
-      });
-      return { bootstrap, jwt, digestKey: sharedDigestKey(masterKey.key) };
+    const { bootstrap, jwt, digestKey } = await bootstrapUnderLock(storage, config, {
+      logger,
+      clock,
+      beforeBootstrap: options.beforeBootstrap,
+      onAdminCreated: options.onAdminCreated,
     });
     // PostgreSQL: one listening session per instance, subscribed (the state cache's channel)
     // before it starts, so that nothing committed after its first `online` is missed.

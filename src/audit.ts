@@ -327,7 +327,14 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
       }
       closed = true;
       let wait = minBackoff;
-      while (buffer.length > 0 && !(await pump()) && Date.now() + wait < deadline) {
+      while (buffer.length > 0) {
+        // An event recorded as the last write ended (a call still ending) is written by
+        // another turn: the database answered, so it is not lost while the deadline allows.
+        if (await pump()) {
+          if (Date.now() >= deadline) break;
+          continue;
+        }
+        if (Date.now() + wait >= deadline) break;
         await new Promise((resolve) => setTimeout(resolve, wait));
         wait = Math.min(maxBackoff, wait * 2);
       }

@@ -73,18 +73,34 @@ export function userName(uid: number): string | undefined {
 }
 
 /**
- * Refuse `path` when its mode lets users other than its owner and group read or write it
- * (`o+r`, `o+w`): `what` names it in the message, which says how to fix it. Group access is
- * allowed: an operator may give the key to the service's group (`root:tessera 0640`).
- * @throws Error naming the file, its mode and the chmod that fixes it
+ * What is wrong with `path` when its mode lets users other than its owner and group read or
+ * write it (`o+r`, `o+w`), with how to fix it there and in the containers that commonly cause
+ * it (a Kubernetes secret volume is 0644 unless told otherwise; rootless podman maps the
+ * owner of a bind-mounted file to nobody, which tempts a chmod o+r); null when it is closed
+ * to others. `what` names the file. Group access is allowed: an operator may give the key to
+ * the service's group (`root:tessera 0640`).
+ */
+export function openToOthers(path: string, what: string): string | null {
+  // Windows reports no permission bits of its own (every writable file reads 0666).
+  if (process.platform === "win32") return null;
+  const mode = statSync(path).mode;
+  if ((mode & 0o006) === 0) return null;
+  const octal = `0${(mode & 0o777).toString(8).padStart(3, "0")}`;
+  const access = mode & 0o004 ? (mode & 0o002 ? "read and write" : "read") : "write";
+  return (
+    `${what} ${path}: its mode ${octal} lets any user of the machine ${access} it; restrict it with ` +
+    `chmod 600 ${path} (or 640 for a group that runs Tessera); in a Kubernetes secret volume set ` +
+    `defaultMode: 0400 (or 0440 with the pod's securityContext.fsGroup); for a rootless podman bind ` +
+    `mount run the container with --userns=keep-id rather than opening the file to others`
+  );
+}
+
+/**
+ * Refuse `path` when it is open to others ({@link openToOthers}): at start, as PostgreSQL
+ * refuses such a server key, a secret anyone on the machine can read is not served.
+ * @throws Error naming the file, its mode and how to fix it
  */
 export function refuseOpenToOthers(path: string, what: string): void {
-  // Windows reports no permission bits of its own (every writable file reads 0666).
-  if (process.platform === "win32") return;
-  const mode = statSync(path).mode;
-  if ((mode & 0o006) === 0) return;
-  const octal = `0${(mode & 0o777).toString(8).padStart(3, "0")}`;
-  throw new Error(
-    `refusing ${what} ${path}: its mode ${octal} lets any user of the machine read it; restrict it with: chmod 600 ${path} (or 640 for a group that runs Tessera)`,
-  );
+  const problem = openToOthers(path, what);
+  if (problem !== null) throw new Error(`refusing ${problem}`);
 }

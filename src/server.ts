@@ -11,7 +11,7 @@ import { boundConnections } from "./server/connection-limits.js";
 import { trackHandshakeEnds } from "./server/handshake-ends.js";
 import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-trust.js";
 import { createRequestHandler } from "./server/request-handler.js";
-import { loadTlsMaterial } from "./server/tls-material.js";
+import { loadTlsMaterial, type OpenKeyPolicy, tlsStatus } from "./server/tls-material.js";
 import { installTransport } from "./transport/index.js";
 import type { NodeResponse as Response } from "./transport/stream-server.js";
 
@@ -77,19 +77,21 @@ export async function startServer(app: App): Promise<TesseraServer> {
     maxHeaderListSize: cfg.maxHeaderListSize,
   };
   let server: http2.Http2SecureServer | http2.Http2Server;
-  const tlsOptions = async () => {
-    const m = await loadTlsMaterial(cfg);
+  const tlsOptions = async (openKey?: OpenKeyPolicy) => {
+    const m = await loadTlsMaterial(cfg, openKey);
     // The same CA keeps its anchors object, so that a reload that leaves it (a new CRL, a new
     // server certificate) re-verifies no connection's certificate.
     const anchors = trust.anchors?.key === m.anchors.key ? trust.anchors : m.anchors;
     return {
       options: { ca: m.ca, cert: m.cert, key: m.key, ...(m.crl ? { crl: m.crl } : {}) },
       trust: { anchors, revoked: m.revoked },
+      notAfter: m.notAfter,
     };
   };
   if (tls) {
     const material = await tlsOptions();
     trust = material.trust;
+    tlsStatus.certificateNotAfter = material.notAfter ?? 0;
     server = http2.createSecureServer({
       ...material.options,
       allowHTTP1: true,
@@ -169,11 +171,20 @@ export async function startServer(app: App): Promise<TesseraServer> {
   // theirs, but a certificate the new CRL revokes, or that no longer chains to the new CA, no
   // longer authenticates any request. Context and trust change together, synchronously (see
   // peer-trust.ts stampConnections).
+  // A key open to others is warned about, not refused (see OpenKeyPolicy): the start refused it.
   const reloadTls = async () => {
     if (!tls) return;
-    const material = await tlsOptions();
-    (server as http2.Http2SecureServer).setSecureContext({ ...material.options, minVersion: "TLSv1.2" });
-    trust = material.trust;
+    try {
+      const material = await tlsOptions((problem) =>
+        app.logger.warn(`TLS reload: loaded, but a restart will refuse it: ${problem}`),
+      );
+      (server as http2.Http2SecureServer).setSecureContext({ ...material.options, minVersion: "TLSv1.2" });
+      trust = material.trust;
+      tlsStatus.certificateNotAfter = material.notAfter ?? 0;
+    } catch (err) {
+      tlsStatus.reloadFailures++;
+      throw err;
+    }
   };
   // Reload when the cert folder's files change (SIGHUP does the same, see `tessera serve`).
   const tlsWatch = tls

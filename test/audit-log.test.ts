@@ -254,6 +254,104 @@ describe.each(DATABASES)("the audit log and last-used times through a database o
   });
 });
 
+describe("the last-used tracker's close", () => {
+  it("writes the uses marked while its final write runs, the database being up", async () => {
+    // Calls still ending at shutdown mark uses while close writes what was pending: those were
+    // counted lost ("could not be written before shutdown") though the database answered.
+    const app = await createTestApp(SQLITE);
+    const { logger, log } = capturingLogger();
+    try {
+      const user = await app.sql.get<{ id: string; tenant_id: string }>(
+        "select id, tenant_id from users where username = 'admin'",
+      );
+      const ids = [randomUUID(), randomUUID()];
+      for (const id of ids)
+        await app.sql.run(
+          "insert into api_tokens (id, public_id, kind, tenant_id, owner_user_id, name, scopes, secret_hash, hint, created_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+          [
+            id,
+            id.slice(0, 16),
+            "pat",
+            user!.tenant_id,
+            user!.id,
+            "close",
+            "",
+            "unused",
+            "tsr_pat_…abcd",
+            new Date(),
+          ],
+        );
+      const credentials = new CredentialRepository(app.sql);
+      const used = new Date(Date.now() + 1000);
+      let tracker: LastUsedTracker | undefined;
+      // The real repository; its first write lets a call end (and mark a use) meanwhile.
+      const during = Object.assign(Object.create(credentials) as CredentialRepository, {
+        markUsed: async (...args: Parameters<CredentialRepository["markUsed"]>) => {
+          if (args[1] === ids[0]) tracker!.mark("api_tokens", ids[1]!, used);
+          return credentials.markUsed(...args);
+        },
+      });
+      tracker = new LastUsedTracker(during, logger, 60);
+      tracker.mark("api_tokens", ids[0]!, used);
+      await tracker.close(5000);
+      expect(tracker.stats()).toMatchObject({ depth: 0, dropped: 0, written: 2 });
+      expect(log.count(/could not be written before shutdown/)).toBe(0);
+      for (const id of ids) {
+        const row = await app.sql.get<{ last_used_at: unknown }>(
+          "select last_used_at from api_tokens where id = ?",
+          [id],
+        );
+        expect(toMillis(row!.last_used_at)).toBe(used.getTime());
+      }
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe("the audit log's close", () => {
+  it("writes an event recorded as its final write ends, the database being up", async () => {
+    // An event recorded a few microtasks after the last insert resolved (a call ending as
+    // the write did), before close ended, found the pump done and nothing writing the buffer
+    // any more: close counted it lost ("could not be written before shutdown") though the
+    // database was up. Every such moment, one per log.
+    const app = await createTestApp(SQLITE);
+    const { logger, log } = capturingLogger();
+    const real = new AuditEventRepository(app.sql);
+    try {
+      for (let depth = 1; depth <= 8; depth++) {
+        let audit: ReturnType<typeof createAuditLog> | undefined;
+        let first = true;
+        // The real repository; its first insert lets a call end `depth` microtasks after it.
+        const events = Object.assign(Object.create(real) as AuditEventRepository, {
+          insert: async (...args: Parameters<AuditEventRepository["insert"]>) => {
+            const written = await real.insert(...args);
+            if (first) {
+              first = false;
+              let later: Promise<unknown> = Promise.resolve();
+              for (let i = 0; i < depth; i++) later = later.then(() => undefined);
+              void later.then(() => audit!.record(record(`ending-${depth}-${randomUUID().slice(0, 8)}`)));
+            }
+            return written;
+          },
+        });
+        audit = createAuditLog({ events, logger, flushMs: 60_000 });
+        audit.record(record(`closing-${depth}-${randomUUID().slice(0, 8)}`));
+        await audit.close(5000);
+        await new Promise((resolve) => setImmediate(resolve));
+        // Written, or (once close has ended) dropped as recorded after it: never lost by close.
+        const { written, dropped } = audit.stats();
+        expect(written + dropped, `an event ${depth} microtasks after the write`).toBe(2);
+        expect(log.count(/could not be written before shutdown/), `an event ${depth} microtasks after`).toBe(
+          0,
+        );
+      }
+    } finally {
+      await app.close();
+    }
+  });
+});
+
 describe("an event recorded after the audit log closed", () => {
   it("is counted as dropped and logged, not left in a buffer nothing writes any more (last-used times too)", async () => {
     // A call cut at shutdown (after the grace period) still ends, and records, after the app

@@ -112,6 +112,46 @@ describe("server commands", () => {
     // Seven CLI processes in a row, each starting tsx: over a minute when the suite's other files load the machine.
   }, 120_000);
 
+  it("shows the generated admin password of a start that fails after making the admin, so that the admin stays usable", async () => {
+    // The admin is committed before the first signing key is made: a start that failed there
+    // (here the database refuses that key, as a full disk would) printed nothing, and every
+    // later start found the admin made, with a password nobody had seen.
+    const dir = mkdtempSync(join(tmpdir(), "tessera-cli-"));
+    const url = `sqlite:${join(dir, "t.db")}`;
+    const env = {
+      TESSERA_DATABASE_URL: url,
+      TESSERA_PASSWORD_ITERATIONS: "1000",
+      TESSERA_METRICS_LISTEN: "off",
+    };
+    expect((await run(["migrate"], { env })).code).toBe(0);
+    const { initORM } = await import("../src/storage/orm.js");
+    const sql = async (text: string) => {
+      const storage = await initORM({ url, migrate: false });
+      try {
+        return (await storage.em.getConnection().execute(text)) as Record<string, string>[];
+      } finally {
+        await storage.close();
+      }
+    };
+    await sql(
+      "create trigger refuse_keys before insert on signing_keys begin select raise(abort, 'no room for a key'); end",
+    );
+    const failed = await run(["serve", "--insecure-plaintext", "--port", "0", "--host", "127.0.0.1"], {
+      env,
+    });
+    expect(failed.code).not.toBe(0);
+    expect(failed.stderr).toContain("SQLITE_CONSTRAINT_TRIGGER");
+    const shown = /Created admin user "admin" with password: (\S{20,})/.exec(failed.stdout)?.[1];
+    expect(shown, failed.stdout).toBeDefined();
+    // The start after the fault finds the admin made (and prints no password): the one shown opens it.
+    await sql("drop trigger refuse_keys");
+    const [admin] = await sql("select password_hash from users where username = 'admin'");
+    const { verifySecret } = await import("../src/auth/password.js");
+    expect(await verifySecret(shown!, admin!.password_hash!)).toBe(true);
+    const again = await run(["init"], { env });
+    expect(again.stdout).toContain("already exists");
+  }, 120_000);
+
   it("warns at start when it serves without TLS on an address other hosts can reach, and not on loopback", async () => {
     const serve = async (host: string) => {
       const cwd = mkdtempSync(join(tmpdir(), "tessera-plaintext-"));

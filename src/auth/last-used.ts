@@ -164,9 +164,18 @@ export class LastUsedTracker {
     this.retry = undefined;
     const deadline = Date.now() + deadlineMs;
     let wait = this.minBackoff;
-    while (!(await this.flush()) && Date.now() + wait < deadline) {
+    for (;;) {
+      const written = await this.flush();
+      // Uses marked while that write ran (calls still ending) are written by another turn:
+      // the database answered, so they are not lost while the deadline allows.
+      if (written && this.pending.size === 0) break;
+      if (written) {
+        if (Date.now() >= deadline) break;
+        continue;
+      }
       clearTimeout(this.retry);
       this.retry = undefined;
+      if (Date.now() + wait >= deadline) break;
       await new Promise((resolve) => setTimeout(resolve, wait));
       wait = Math.min(this.maxBackoff, wait * 2);
     }

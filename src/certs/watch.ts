@@ -1,6 +1,10 @@
 import { existsSync, type FSWatcher, watch } from "node:fs";
 
-/** Files of the cert folder whose change means "reload the TLS material". */
+/**
+ * Files of the cert folder whose change means "reload the TLS material". Not ca.key: the
+ * server never reads it (it only checks its mode), so a change of it changes nothing served,
+ * and a reload for another file warns about its mode anyway.
+ */
 export const TLS_FILES: ReadonlySet<string> = new Set(["ca.crt", "server.crt", "server.key", "ca.crl"]);
 
 /** A running watch; `close` stops it and cancels a pending reload. */

@@ -149,13 +149,14 @@ export function registerServerCommands(program: Command): void {
     const app = await createApp(config, {
       logger,
       beforeBootstrap: () => preflight(config.server),
+      // Shown as soon as the admin is made: a step after it that fails the start would
+      // otherwise leave an admin whose password nobody saw (a later start finds it made).
+      onAdminCreated: (bootstrap) =>
+        showOnce(
+          `Created admin user "${bootstrap.username}" with password: ${bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
+        ),
       ...(accessLog ? { accessLog } : {}),
     });
-    if (app.bootstrap.generatedPassword) {
-      showOnce(
-        `Created admin user "${app.bootstrap.username}" with password: ${app.bootstrap.generatedPassword}\n(shown once; set TESSERA_ADMIN_PASSWORD to choose it)`,
-      );
-    }
     const server = await startServer(app).catch(async (err: unknown) => {
       await app.close().catch(() => undefined);
       throw err;

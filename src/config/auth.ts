@@ -271,7 +271,7 @@ export const authSchema = z
     masterKeyFile: z.string().min(1).optional().register(configKeys, {
       env: "TESSERA_MASTER_KEY_FILE",
       description:
-        "File holding the master key (base64 of 32 bytes), instead of auth.masterKey. Refused when any user of the machine can read it (o+r): chmod 600 (640 for a group).",
+        "File holding the master key (base64 of 32 bytes), instead of auth.masterKey. Refused when any user of the machine can read or write it (o+r, o+w): chmod 600 (640 for a group); a Kubernetes secret volume needs defaultMode: 0400 (or 0440 with fsGroup), a rootless podman bind mount --userns=keep-id.",
     }),
     previousMasterKeys: z
       .array(

@@ -24,7 +24,7 @@ export const serverSchema = z
     certDir: z.string().min(1).default("./certs").register(configKeys, {
       env: "TESSERA_CERT_DIR",
       description:
-        "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl). A server.key or ca.key any user of the machine can read (o+r) is refused: chmod 600 (640 for a group).",
+        "Folder with ca.crt, server.crt, server.key (and optionally ca.key, ca.crl). A server.key or ca.key any user of the machine can read or write (o+r, o+w) stops the start: chmod 600 (640 for a group); a Kubernetes secret volume needs defaultMode: 0400 (or 0440 with fsGroup), a rootless podman bind mount --userns=keep-id. On a reload such a key is loaded with a warning.",
     }),
     mtls: z.enum(["off", "optional", "require"]).default("optional").register(configKeys, {
       env: "TESSERA_MTLS",

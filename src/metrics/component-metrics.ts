@@ -8,9 +8,8 @@ import { hashPool, observeHashWaits } from "../auth/hash-pool.js";
 import { UPGRADED_SECRETS } from "../auth/password-upgrade.js";
 import type { SecretCacheStats } from "../auth/secret-cache.js";
 import type { MetricsSources } from "../metrics.js";
-import { connectionsRecycled } from "../server/connection-age.js";
-import { connectionRefusals } from "../server/refusals.js";
 import type { Storage } from "../storage/orm.js";
+import { registerServerMetrics } from "./server-metrics.js";
 
 const WAIT_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
@@ -296,39 +295,7 @@ export function registerComponentMetrics(registry: Registry, sources: MetricsSou
     "dropped",
   );
 
-  new Counter({
-    name: "tessera_connections_refused_total",
-    help: "Connections closed before TLS, by limit: per_ip (server.maxConnectionsPerIp), rate (server.newConnectionsPerIpPerSecond), total (server.maxConnections).",
-    labelNames: ["limit"],
-    registers: [registry],
-    collect() {
-      this.reset();
-      this.inc({ limit: "per_ip" }, connectionRefusals.per_ip);
-      this.inc({ limit: "rate" }, connectionRefusals.rate);
-      this.inc({ limit: "total" }, connectionRefusals.total);
-    },
-  });
-  new Counter({
-    name: "tessera_connections_recycled_total",
-    help: "Connections closed at server.maxConnectionAgeSeconds, by protocol (http2: GOAWAY sent; http1).",
-    labelNames: ["protocol"],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const [protocol, n] of Object.entries(connectionsRecycled)) this.inc({ protocol }, n);
-    },
-  });
-  // Streams, not connections: a sibling, so that the connections counter still counts connections.
-  new Counter({
-    name: "tessera_streams_refused_total",
-    help: "HTTP/2 streams refused with RST_STREAM REFUSED_STREAM before any of their call ran, by limit: open_per_ip (server.maxOpenStreamsPerIp).",
-    labelNames: ["limit"],
-    registers: [registry],
-    collect() {
-      this.reset();
-      this.inc({ limit: "open_per_ip" }, connectionRefusals.open_streams_per_ip);
-    },
-  });
+  registerServerMetrics(registry);
 
   scraped(
     registry,

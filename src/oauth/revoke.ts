@@ -45,8 +45,11 @@ export const REVOKE_ACTION = "oauth2/revoke";
  * @throws OAuthError
  */
 export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
+  // What the revocation found to revoke, once known: a step that fails after an earlier one
+  // committed (a token revoked, the tokens made with it not) is audited with its target.
+  const found: Found = { target: null };
   try {
-    await revokeAndRecord(deps, req);
+    await revokeAndRecord(deps, req, found);
   } catch (err) {
     // Recorded as Logout and the Revoke… RPCs record their failures: a caller trying tokens
     // here with a secret that does not verify leaves its trace (the per-IP limit bounds it).
@@ -57,7 +60,7 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
       actorKind: principal?.kind ?? "anonymous",
       actorId: principal?.id ?? null,
       action: REVOKE_ACTION,
-      targetId: null,
+      targetId: found.target,
       outcome: "failure",
       reason: oauthAuditReason(err),
       ip: req.state.ip,
@@ -66,8 +69,13 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
   }
 }
 
+/** The target of a revocation, set before anything is written for it. */
+interface Found {
+  target: string | null;
+}
+
 /** Revoke the caller's token, and record the revocation (see {@link revocationEndpoint}). */
-async function revokeAndRecord(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
+async function revokeAndRecord(deps: RevocationEndpointDeps, req: OAuthRequest, found: Found): Promise<void> {
   const { principal, token } = await tokenRequest(deps, req);
   if (opaquePrefix(deps.prefixes, token) === deps.prefixes.machine)
     throw new OAuthError(
@@ -76,7 +84,7 @@ async function revokeAndRecord(deps: RevocationEndpointDeps, req: OAuthRequest):
     );
   let target: string | null;
   try {
-    target = await revokeOwn(deps, principal, token);
+    target = await revokeOwn(deps, principal, token, found);
   } catch (err) {
     throw asOAuthError(err, "grant");
   }
@@ -108,13 +116,19 @@ async function revokeOwn(
   deps: RevocationEndpointDeps,
   caller: Principal,
   token: string,
+  found: Found,
 ): Promise<string | null> {
   const em = deps.storage.em.fork();
+  /** `id`, noted in `found` before its first write. */
+  const revoking = (id: string) => {
+    found.target = id;
+    return id;
+  };
   if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
     if (caller.kind !== "user") return null;
     const row = await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(token) });
     if (!row || row.userId !== caller.id) return null;
-    await deps.sessions.revokeFamily(em, row.familyId);
+    await deps.sessions.revokeFamily(em, revoking(row.familyId));
     return row.familyId;
   }
   const prefix = opaquePrefix(deps.prefixes, token);
@@ -124,7 +138,7 @@ async function revokeOwn(
     const row = await em.findOne(ApiToken, { publicId: parsed.id });
     if (!row || row.ownerUserId !== caller.id) return null;
     const at = new Date(deps.clock());
-    await em.nativeUpdate(ApiToken, { id: row.id, revokedAt: null }, { revokedAt: at });
+    await em.nativeUpdate(ApiToken, { id: revoking(row.id), revokedAt: null }, { revokedAt: at });
     await revokeMadeWith(em, row.id, at);
     return row.id;
   }
@@ -138,12 +152,15 @@ async function revokeOwn(
   if (claims.sub !== caller.id || claims.tid !== caller.tenantId) return null;
   if (claims.pk === "user" && caller.kind === "user") {
     if (!claims.sid) return null;
-    await deps.sessions.revokeFamily(em, claims.sid);
+    await deps.sessions.revokeFamily(em, revoking(claims.sid));
     return claims.sid;
   }
   if (claims.pk === "machine" && caller.kind === "machine") {
     const cutoff = deps.clock();
-    if (!(await revokeMachineAccessTokens(em, caller.id, cutoff, deps.clockSkewSeconds))) return null;
+    if (!(await revokeMachineAccessTokens(em, revoking(caller.id), cutoff, deps.clockSkewSeconds))) {
+      found.target = null;
+      return null;
+    }
     // A token signed while the write was on its way may bear a later second than the cut-off.
     await raiseRevocationCutoff(em, caller.id, cutoff, deps.clock(), deps.clockSkewSeconds);
     return caller.id;

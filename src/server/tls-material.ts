@@ -1,3 +1,4 @@
+import { X509Certificate } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createSecureContext } from "node:tls";
@@ -5,7 +6,7 @@ import { revokedSerials } from "../certs/crl.js";
 import { ensureDevCertificates } from "../certs/dev-ca.js";
 import { type TrustAnchors, trustAnchors } from "../certs/trust-anchors.js";
 import type { Config } from "../config.js";
-import { refuseOpenToOthers } from "../private-files.js";
+import { openToOthers } from "../private-files.js";
 
 /** TLS files read from the cert folder. */
 export interface TlsMaterial {
@@ -17,13 +18,32 @@ export interface TlsMaterial {
   anchors: TrustAnchors;
   /** The serials the CRL revokes (normalised, see certs/serial.ts); empty without one. */
   revoked: ReadonlySet<string>;
+  /** server.crt's (first certificate's) notAfter, in unix seconds; undefined when it does not parse. */
+  notAfter: number | undefined;
 }
+
+/**
+ * Certificate reloads that failed since the start, and the served server certificate's notAfter (unix
+ * seconds, 0 before one is served): process-wide, read by the metrics when scraped.
+ */
+export const tlsStatus = { reloadFailures: 0, certificateNotAfter: 0 };
+
+/**
+ * What {@link loadTlsMaterial} does with a private key (server.key, ca.key) any user of the
+ * machine can read or write: `refuse` (at start) throws; a function (on a reload) is told
+ * and the files are loaded, since the running server holds that key already and refusing
+ * would only keep the old certificate until it expires.
+ */
+export type OpenKeyPolicy = "refuse" | ((problem: string) => void);
 
 /**
  * Read ca.crt, server.crt, server.key (and ca.crl when present) from the cert folder,
  * generating a development CA and server certificate first when allowed and absent.
  */
-export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMaterial> {
+export async function loadTlsMaterial(
+  config: Config["server"],
+  openKey: OpenKeyPolicy = "refuse",
+): Promise<TlsMaterial> {
   const dir = config.certDir;
   const need = ["ca.crt", "server.crt", "server.key"].map((f) => join(dir, f));
   // Development certificates: the missing files are generated, and a complete development
@@ -34,11 +54,18 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
       `TLS files missing in ${dir} (need ca.crt, server.crt, server.key); set TESSERA_DEV_CERTIFICATES=true to generate development ones`,
     );
   }
-  refuseOpenToOthers(need[2]!, "TLS private key");
+  const keys: [string, string][] = [[need[2]!, "TLS private key"]];
   // Not read here, but it signs the client certificates ca.crt makes this server trust.
   const caKey = join(dir, "ca.key");
-  if (existsSync(caKey)) refuseOpenToOthers(caKey, "CA private key");
+  if (existsSync(caKey)) keys.push([caKey, "CA private key"]);
+  for (const [path, what] of keys) {
+    const problem = openToOthers(path, what);
+    if (problem === null) continue;
+    if (openKey === "refuse") throw new Error(`refusing ${problem}`);
+    openKey(problem);
+  }
   const [ca, cert, key] = need.map((p) => readFileSync(p));
+  const notAfter = expiryOf(cert!);
   let anchors: TrustAnchors;
   try {
     anchors = trustAnchors(ca!);
@@ -46,9 +73,20 @@ export async function loadTlsMaterial(config: Config["server"]): Promise<TlsMate
     throw new Error(`bad TLS material in ${dir}: ca.crt: ${(err as Error).message}`);
   }
   const crlPath = join(dir, "ca.crl");
-  if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, anchors, revoked: new Set() };
+  if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, anchors, revoked: new Set(), notAfter };
   const crl = readFileSync(crlPath);
-  return { ca: ca!, cert: cert!, key: key!, crl, anchors, revoked: revokedSerials(crl) };
+  return { ca: ca!, cert: cert!, key: key!, crl, anchors, revoked: revokedSerials(crl), notAfter };
+}
+
+/** The notAfter of the first certificate in `pem`, in unix seconds (undefined when it does not parse). */
+function expiryOf(pem: Buffer): number | undefined {
+  try {
+    const at = Date.parse(new X509Certificate(pem).validTo);
+    return Number.isNaN(at) ? undefined : Math.floor(at / 1000);
+  } catch {
+    // A server.crt that does not parse fails the secure context with its own message.
+    return undefined;
+  }
 }
 
 /**

@@ -17,7 +17,7 @@ import {
   type TestServer,
   withHeaders,
 } from "../helpers.js";
-import { basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
+import { basic as basicHeader, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
 import { captureLogs } from "./fixtures.js";
 
 /**
@@ -39,6 +39,13 @@ describe.each(DATABASES)("the logs on $name", (db) => {
   let app: App;
   const keep = (what: string, value: string | undefined) => {
     if (value) secrets.set(value, what);
+  };
+  /** `user:secret` pairs sent as HTTP Basic: the header holds the secret at an offset, not as its own base64. */
+  const pairs = new Map<string, string>();
+  const keepPair = (user: string, secret: string) => pairs.set(`${user}:${secret}`, `Basic pair of ${user}`);
+  const basic = (user: string, secret: string) => {
+    keepPair(user, secret);
+    return basicHeader(user, secret);
   };
 
   beforeAll(async () => {
@@ -167,8 +174,12 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       scopes: ["auth:verify"],
     });
     keep("verifier machine token", verifier.token);
+    keepPair(basicOne.username, basicOne.password);
+    keepPair(basicOne.username, "not its password");
     const basicPair = `Basic ${Buffer.from(`${basicOne.username}:${basicOne.password}`).toString("base64")}`;
     keep("Basic pair", basicPair);
+    // The scan's offset forms find a secret inside a Basic header, whatever its username's length.
+    expect(encodings(basicOne.password).some((form) => basicPair.includes(form))).toBe(true);
     const submitted = [
       pat.token,
       key.key,
@@ -323,6 +334,15 @@ describe.each(DATABASES)("the logs on $name", (db) => {
       encodings(value).map((e) => [e, `${what} (encoded)`] as const),
     );
     expect(encoded.filter(([form]) => log.includes(form)).map(([, what]) => what)).toEqual([]);
+    // Nor a Basic header's credentials: each pair sent, and any secret at an offset in one.
+    expect(pairs.size).toBeGreaterThan(4);
+    const paired = [...pairs].flatMap(([pair, what]) => {
+      const bytes = Buffer.from(pair, "utf8");
+      return [bytes.toString("base64").replace(/=+$/, ""), bytes.toString("base64url")].map(
+        (f) => [f, what] as const,
+      );
+    });
+    expect(paired.filter(([form]) => log.includes(form)).map(([, what]) => what)).toEqual([]);
     // No PBKDF2 hash of any kind, including ones never stored (a racer's that lost).
     expect(log).not.toMatch(/pbkdf2-sha256\$/);
   });
@@ -362,7 +382,7 @@ function postForm(
 
 /**
  * The forms other than itself a secret could be written in: base64 and base64url (a Basic
- * header's, a cookie's), percent-encoding (a URL's query, a form body), hex; for one of
+ * header's, at any of the three offsets a `user:` before it gives, a cookie's), percent-encoding (a URL's query, a form body), hex; for one of
  * Tessera's opaque tokens also its secret part alone (after the prefix and the public id).
  */
 function encodings(value: string): string[] {
@@ -374,6 +394,13 @@ function encodings(value: string): string[] {
     new URLSearchParams({ v: value }).toString().slice(2),
     bytes.toString("hex"),
   ]);
+  // After a `user:` of any length (a Basic header): the secret's base64 shifted by one or two
+  // bytes, from the first group made of its bytes alone to the last whole one.
+  for (const shift of [1, 2]) {
+    const shifted = Buffer.concat([Buffer.alloc(shift), bytes]).toString("base64");
+    const whole = Math.floor((shift + bytes.length) / 3) * 4;
+    forms.add(shifted.slice(4, whole));
+  }
   const opaque = /^tsr_(?:pat|key|mu)_([A-Za-z0-9_-]+)$/.exec(value);
   if (opaque) forms.add(opaque[1]!.slice(TOKEN_ID_LENGTH, TOKEN_ID_LENGTH + TOKEN_SECRET_LENGTH));
   if (value.startsWith(REFRESH_TOKEN_PREFIX)) forms.add(value.slice(REFRESH_TOKEN_PREFIX.length));

@@ -1,6 +1,7 @@
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
+import { clientFor, SQLITE, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
 
 /**
@@ -78,5 +79,37 @@ describe("the audit of /oauth2/revoke", () => {
     const nothing = `nothing-${short()}`;
     expect(await revoke("not-a-token-of-anyone", basic(mu.username, mu.password), nothing)).toBe(200);
     expect(await recordOf(nothing)).toMatchObject([{ outcome: "success", reason: "NOTHING_REVOKED" }]);
+  });
+
+  it("records a revocation that failed after revoking the token with the token as its target", async () => {
+    // The token's revocation commits, then the revocation of the tokens made with it fails:
+    // the record said the attempt failed, but not that (nor what) it had partly revoked.
+    const admin = await adminLogin(ts.grpc());
+    const parent = await clientFor(TokenService, ts.connect(), admin).createPersonalAccessToken({
+      name: `parent-${short()}`,
+    });
+    const child = await clientFor(TokenService, ts.connect(), parent.token).createPersonalAccessToken({
+      name: `child-${short()}`,
+    });
+    const trigger = `refuse_${short()}`;
+    // The database refuses the second write (as a constraint, a full disk or a lost connection would).
+    await ts.app.sql.run(
+      `create trigger ${trigger} before update of revoked_at on api_tokens when old.id = '${child.id}' begin select raise(abort, 'refused'); end`,
+      [],
+    );
+    try {
+      const partly = `partly-${short()}`;
+      expect(await revoke(parent.token, { authorization: `Bearer ${admin}` }, partly)).not.toBe(200);
+      expect(await recordOf(partly)).toMatchObject([
+        { action: "oauth2/revoke", outcome: "failure", actor_kind: "user", target_id: parent.id },
+      ]);
+      const revoked = await ts.app.sql.get<{ revoked_at: unknown }>(
+        "select revoked_at from api_tokens where id = ?",
+        [parent.id],
+      );
+      expect(revoked?.revoked_at).not.toBeNull();
+    } finally {
+      await ts.app.sql.run(`drop trigger ${trigger}`, []);
+    }
   });
 });
