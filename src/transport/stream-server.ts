@@ -278,8 +278,13 @@ export function serveCalls(
           common,
         );
       } catch (err) {
+        // A stock dispatch that throws has not reported the call (StockDispatch): reported
+        // here, or a throw before the adapter's "close" listener left it out of the metrics
+        // and the access log.
         const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
+        const code = gone(req) ? Code.Canceled : error.code;
         answerFailedCall(req, res, protocol, error, options, common);
+        onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), code);
       }
       return;
     }
