@@ -71,7 +71,8 @@ const transports: [string, (url: string) => Transport][] = [
 /** The code a Check of `service` ends with, as the client sees it. */
 async function check(transport: Transport, service = ""): Promise<number> {
   return createClient(Health, transport)
-    .check({ service })
+    // Bounded: a call nothing answers (a server that threw it away) fails rather than hangs.
+    .check({ service }, { timeoutMs: 5000 })
     .then(
       () => OK,
       (e: unknown) => ConnectError.from(e).code,
@@ -137,6 +138,24 @@ describe("the end of a call admitted on the fast transport", () => {
     ["admitted at once", () => undefined, OK],
     ["admitted later", () => Promise.resolve(undefined), OK],
   ];
+  for (const [name, transport] of transports)
+    for (const [what, admit] of [
+      ["without admission", undefined],
+      ["admitted at once", () => undefined],
+      ["admitted later", () => Promise.resolve(undefined)],
+    ] as const)
+      it(`answers Internal and reports once a call whose serving throws, ${what} (${name})`, async () => {
+        // Thrown out of Node's request listener or admission's promise, it ended the process.
+        const s = await start({
+          ...(admit ? { admit } : {}),
+          contextValues: () => {
+            throw new Error("a bug in contextValues");
+          },
+        });
+        expect(await check(transport(s.url))).toBe(Code.Internal);
+        expect(await settled(s)).toEqual([Code.Internal]);
+      });
+
   for (const [name, transport] of transports)
     for (const [what, admit, code] of verdicts)
       it(`reports a call ${what} exactly once (${name})`, async () => {
