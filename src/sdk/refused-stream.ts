@@ -76,6 +76,9 @@ interface Opened {
   bound: number;
 }
 
+/** The fewest streams a session's list holds before its closed ones are dropped (then, twice those open). */
+const MIN_BOUND = 16;
+
 /** The sessions given their listeners, with the streams made on each. */
 const sessions = new WeakMap<http2.ClientHttp2Session, Opened>();
 
@@ -84,7 +87,7 @@ function track(opened: Opened, stream: http2.ClientHttp2Stream): void {
   opened.streams.push(stream);
   if (opened.streams.length < opened.bound) return;
   opened.streams = opened.streams.filter((s) => !s.closed);
-  opened.bound = Math.max(64, 2 * opened.streams.length);
+  opened.bound = Math.max(MIN_BOUND, 2 * opened.streams.length);
 }
 
 /**
@@ -126,7 +129,7 @@ export class GuardedSessionManager extends Http2SessionManager {
     if (session === undefined) return stream;
     let opened = sessions.get(session);
     if (opened === undefined) {
-      opened = { streams: [], bound: 64 };
+      opened = { streams: [], bound: MIN_BOUND };
       sessions.set(session, opened);
       session.on("error", ignoreSessionError);
       session.on("goaway", onGoaway);
