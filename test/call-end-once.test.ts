@@ -70,8 +70,8 @@ const transports: [string, (url: string) => Transport][] = [
 
 /** The code a Check of `service` ends with, as the client sees it. */
 async function check(transport: Transport, service = ""): Promise<number> {
+  // Bounded: a call nothing answers (a server that threw it away) fails rather than hangs.
   return createClient(Health, transport)
-    // Bounded: a call nothing answers (a server that threw it away) fails rather than hangs.
     .check({ service }, { timeoutMs: 5000 })
     .then(
       () => OK,
