@@ -208,6 +208,37 @@ describe("lock order on PostgreSQL", () => {
     expect(backends.filter((b) => b.applicationId === app)).toEqual([]);
   });
 
+  it("a deletion of an application refuses, deleting nothing, when a backend changes owner between its read and its lock", async () => {
+    const app = await application();
+    const owner = await machineUser([app]);
+    // Assigned to nothing: not among the machine users the deletion reads (nor checks its authority over).
+    const taker = await machineUser([]);
+    const { backendId } = await clients(t, owner.token).machines.registerBackend({
+      applicationId: app,
+      callbackUrl: `https://backend-${short()}.example.com/callback`,
+      version: "1",
+    });
+    // The deletion holds the application's row and has read its machine users and backends
+    // (unlocked); it is held on its share lock of the owner, before it locks the backends.
+    const holder = await hold("select id from machine_users where id = ? for no key update", [owner.id]);
+    let deletion!: Promise<string>;
+    try {
+      deletion = outcome(root.tenants.deleteApplication({ id: app }));
+      await waiterOn(holder.pid);
+      // The backend changes owner in that window (committed at once: it waits for no lock
+      // the deletion holds yet), to one whose scopes the deletion never checked.
+      await knex("backends").where({ id: backendId }).update({ machine_user_id: taker.id });
+    } finally {
+      await holder.release();
+    }
+    expect(await deletion).toBe("FAILED_PRECONDITION");
+    // Nothing was deleted: the application, the owner's assignment, the backend (now the taker's).
+    expect((await root.tenants.getApplication({ id: app })).application?.id).toBe(app);
+    expect(await assignments(owner.id)).toEqual([app]);
+    const { backends } = await root.machines.listBackends({});
+    expect(backends.filter((b) => b.id === backendId).map((b) => b.machineUserId)).toEqual([taker.id]);
+  });
+
   it("a deletion of a machine user and an unbinding of its certificate do not deadlock", async () => {
     const mu = await machineUser([]);
     const sha256Fingerprint = randomBytes(32).toString("hex");

@@ -1,4 +1,7 @@
+import { readFileSync } from "node:fs";
 import http2 from "node:http2";
+import type { AddressInfo } from "node:net";
+import { join } from "node:path";
 import {
   Code,
   ConnectError,
@@ -6,11 +9,21 @@ import {
   createRouterTransport,
   type Interceptor,
 } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import {
+  connectNodeAdapter,
+  createConnectTransport,
+  createGrpcTransport,
+  Http2SessionManager,
+} from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { refusedStream, retryRefusedStream } from "../src/sdk/refused-stream.js";
-import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
+import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
+import {
+  GuardedSessionManager,
+  refusedStream,
+  retryRefusedStream,
+  UnprocessedStreamError,
+} from "../src/sdk/refused-stream.js";
+import { createTestCerts, SQLITE, startTestServer, type TestServer } from "./helpers.js";
 
 /** What connect-node throws for a stream the server refused (RST_STREAM or past a GOAWAY's last stream). */
 function refused(): ConnectError {
@@ -96,7 +109,11 @@ describe("the SDK's retry of a refused HTTP/2 stream", () => {
       refusedStream(fromServer),
       refusedStream(new ConnectError(refusedOnClose().rawMessage, Code.Internal)),
       refusedStream(new ConnectError("down", Code.Unavailable)),
-    ]).toEqual([true, true, false, false, false, false, false, false]);
+      // Past the last stream of a GOAWAY with an error code (GuardedSessionManager).
+      refusedStream(
+        new ConnectError("x", Code.Internal, undefined, undefined, new UnprocessedStreamError(5, 2, 3)),
+      ),
+    ]).toEqual([true, true, false, false, false, false, false, false, true]);
   });
 });
 
@@ -207,4 +224,125 @@ describe("the SDK's retry of a stream the server refused, over TLS", () => {
           await release().catch(() => undefined);
         }
       });
+});
+
+/**
+ * Over TLS, a server that sends GOAWAY while three unary calls are in flight on one session,
+ * its last stream id the first of them: the two past it were never processed (RFC 9113 6.8)
+ * and are sent again once, on a new session; the first may have run and is not. Node 20 fails
+ * all three alike (ERR_HTTP2_SESSION_ERROR) when the GOAWAY carries an error code, and those
+ * past the last stream with REFUSED_STREAM when it does not.
+ */
+describe("the SDK's retry of the calls a GOAWAY left unprocessed, over TLS", () => {
+  let server: http2.Http2SecureServer;
+  let url: string;
+  let ca: Buffer;
+  /** The GOAWAY the three calls after the first `warm` ones get, and whether it was sent. */
+  let plan: { code: number; sent: boolean; warm: number } | undefined;
+  /** The calls (by their x-call header) Health/Check ran for. */
+  const ran: string[] = [];
+
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    ca = certs.ca;
+    server = http2.createSecureServer({
+      key: readFileSync(join(certs.dir, "server.key")),
+      cert: readFileSync(join(certs.dir, "server.crt")),
+    });
+    const adapter = connectNodeAdapter({
+      routes: (router) =>
+        router.service(Health, {
+          check(_req, ctx) {
+            ran.push(ctx.requestHeader.get("x-call") ?? "");
+            return { status: HealthCheckResponse_ServingStatus.SERVING };
+          },
+          list: () => ({ statuses: {} }),
+          async *watch() {},
+        }),
+    });
+    const held: [http2.Http2ServerRequest, http2.Http2ServerResponse][] = [];
+    server.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+      if (plan === undefined || plan.sent) return adapter(req, res);
+      if (plan.warm > 0) {
+        plan.warm--;
+        return adapter(req, res);
+      }
+      // Held, none of them served, until all three arrived on the session.
+      req.stream.on("error", () => undefined);
+      held.push([req, res]);
+      if (held.length < 3) return;
+      plan.sent = true;
+      held.sort(([a], [b]) => a.stream.id! - b.stream.id!);
+      const [[first, firstRes]] = held.splice(0);
+      first.stream.session!.goaway(plan.code, first.stream.id!);
+      // Without an error code the session lives on for the streams up to the last one.
+      if (plan.code === http2.constants.NGHTTP2_NO_ERROR) adapter(first, firstRes!);
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    url = `https://localhost:${(server.address() as AddressInfo).port}`;
+  });
+  afterAll(async () => {
+    await new Promise((resolve) => server?.close(resolve));
+  });
+
+  /** Three concurrent checks on one session of the SDK's transport: what each ended with. */
+  async function threeCalls(protocol: "connect" | "grpc", warm = 0) {
+    const sessions = new GuardedSessionManager(url, {}, { ca });
+    const options = { baseUrl: url, sessionManager: sessions, interceptors: [retryRefusedStream] };
+    const transport =
+      protocol === "connect"
+        ? createConnectTransport({ ...options, httpVersion: "2" })
+        : createGrpcTransport(options);
+    const client = createClient(Health, transport);
+    try {
+      // Calls made before, one after the other on the same session (its list of streams dropping closed ones).
+      for (let i = 0; i < warm; i++) await client.check({}, { headers: { "x-call": "warm" } });
+      const calls = ["a", "b", "c"].map((name) =>
+        client.check({}, { headers: { "x-call": name } }).then(
+          () => ({ name, ok: true }),
+          (e: unknown) => ({
+            name,
+            ok: false,
+            cause: (ConnectError.from(e).cause as { code?: string })?.code,
+          }),
+        ),
+      );
+      return await Promise.all(calls);
+    } finally {
+      sessions.abort();
+    }
+  }
+
+  for (const protocol of ["connect", "grpc"] as const)
+    for (const [name, code, warm] of [
+      ["INTERNAL_ERROR", http2.constants.NGHTTP2_INTERNAL_ERROR, 0],
+      ["ENHANCE_YOUR_CALM", http2.constants.NGHTTP2_ENHANCE_YOUR_CALM, 0],
+      ["INTERNAL_ERROR after 50 calls", http2.constants.NGHTTP2_INTERNAL_ERROR, 50],
+    ] as const)
+      it(`sends again once the calls past the last stream of a GOAWAY ${name}, never the one up to it (${protocol})`, async () => {
+        ran.length = 0;
+        plan = { code, sent: false, warm };
+        const outcomes = await threeCalls(protocol, warm);
+        expect(plan.sent).toBe(true);
+        const failed = outcomes.filter((o) => !o.ok);
+        // The first stream may have run: failed with the session's error, not sent again.
+        expect(failed).toEqual([{ name: expect.any(String), ok: false, cause: "ERR_HTTP2_SESSION_ERROR" }]);
+        // The two others ran once each, on the next session; the first never ran here.
+        expect(ran.filter((r) => r !== "warm").sort()).toEqual(
+          outcomes
+            .filter((o) => o.ok)
+            .map((o) => o.name)
+            .sort(),
+        );
+      });
+
+  for (const protocol of ["connect", "grpc"] as const)
+    it(`sends again once the calls past the last stream of a GOAWAY NO_ERROR (${protocol})`, async () => {
+      ran.length = 0;
+      plan = { code: http2.constants.NGHTTP2_NO_ERROR, sent: false, warm: 0 };
+      const outcomes = await threeCalls(protocol);
+      expect(plan.sent).toBe(true);
+      expect(outcomes.every((o) => o.ok)).toBe(true);
+      expect(ran.sort()).toEqual(["a", "b", "c"]);
+    });
 });

@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
 
@@ -13,9 +14,11 @@ const REFUSED_RESET = "http/2 stream closed with error code REFUSED_STREAM (0x7)
  * server did none of it (RFC 9113 8.7). connect-node 2.1.2 reports it in one of two forms:
  * Internal with Node's ERR_HTTP2_STREAM_ERROR as the cause (the stream's "error" event, what
  * Node 20 emits for both), or Unavailable with no cause (its "close" listener, when the stream
- * closed with that code and no "error" event came first). Nothing else: a server's own error
- * with those words carries its answer's headers; a GOAWAY with an error code fails every
- * stream of the session alike (ERR_HTTP2_SESSION_ERROR), run or not, so it is not retried.
+ * closed with that code and no "error" event came first). Or, past the last stream of a GOAWAY
+ * with an error code, Internal with an {@link UnprocessedStreamError} as the cause (see
+ * {@link GuardedSessionManager}). Nothing else: a server's own error with those words carries
+ * its answer's headers; a stream up to that GOAWAY's last one fails with Node's
+ * ERR_HTTP2_SESSION_ERROR, and may have run.
  */
 export function refusedStream(err: unknown): boolean {
   if (err instanceof ConnectError && err.cause === undefined)
@@ -27,10 +30,25 @@ export function refusedStream(err: unknown): boolean {
     );
   const cause = err instanceof ConnectError ? err.cause : err;
   return (
-    cause instanceof Error &&
-    (cause as { code?: unknown }).code === "ERR_HTTP2_STREAM_ERROR" &&
-    cause.message.endsWith("NGHTTP2_REFUSED_STREAM")
+    cause instanceof UnprocessedStreamError ||
+    (cause instanceof Error &&
+      (cause as { code?: unknown }).code === "ERR_HTTP2_STREAM_ERROR" &&
+      cause.message.endsWith("NGHTTP2_REFUSED_STREAM"))
   );
+}
+
+/**
+ * What a stream past the last stream id of a GOAWAY with an error code fails with: the server
+ * processed none of it (RFC 9113 6.8). Node 20 fails every stream of that session with one
+ * and the same ERR_HTTP2_SESSION_ERROR, whatever its id: this one tells the unprocessed apart.
+ */
+export class UnprocessedStreamError extends Error {
+  override readonly name = "UnprocessedStreamError";
+  constructor(id: number | undefined, code: number, lastStreamId: number) {
+    super(
+      `the server sent GOAWAY with error code ${code} and last stream ${lastStreamId}: stream ${id ?? "(not sent)"} was not processed`,
+    );
+  }
 }
 
 /**
@@ -52,8 +70,43 @@ export const retryRefusedStream: Interceptor = (next) => async (req) => {
 
 function ignoreSessionError(): void {}
 
-/** The sessions given a permanent "error" listener. */
-const guarded = new WeakSet<object>();
+/** The streams made on a session, closed ones dropped once `bound` are held (see {@link track}). */
+interface Opened {
+  streams: http2.ClientHttp2Stream[];
+  bound: number;
+}
+
+/** The fewest streams a session's list holds before its closed ones are dropped (then, twice those open). */
+const MIN_BOUND = 16;
+
+/** The sessions given their listeners, with the streams made on each. */
+const sessions = new WeakMap<http2.ClientHttp2Session, Opened>();
+
+/** Hold `stream` among `opened`: closed ones are dropped when the list reaches its bound (O(1) per stream, amortised). */
+function track(opened: Opened, stream: http2.ClientHttp2Stream): void {
+  opened.streams.push(stream);
+  if (opened.streams.length < opened.bound) return;
+  opened.streams = opened.streams.filter((s) => !s.closed);
+  opened.bound = Math.max(MIN_BOUND, 2 * opened.streams.length);
+}
+
+/**
+ * A GOAWAY with an error code read on a session (`this`): Node then destroys the session and
+ * fails each of its streams with the same session error, run or not. Run before that (Node
+ * emits "goaway" first), this fails those past the last stream id, which the server never
+ * processed, with an {@link UnprocessedStreamError} of their own, which the retry recognises.
+ * A GOAWAY without an error code needs nothing: nghttp2 closes those with REFUSED_STREAM.
+ */
+function onGoaway(this: http2.ClientHttp2Session, code: number, lastStreamId: number): void {
+  const opened = sessions.get(this);
+  if (code === http2.constants.NGHTTP2_NO_ERROR || opened === undefined) return;
+  for (const stream of opened.streams) {
+    const id = stream.id;
+    if (!stream.destroyed && (id === undefined || id > lastStreamId))
+      stream.destroy(new UnprocessedStreamError(id, code, lastStreamId));
+  }
+  opened.streams = [];
+}
 
 /**
  * connect-node's session manager, each session it makes a request on given a permanent
@@ -63,18 +116,25 @@ const guarded = new WeakSet<object>();
  * thrown uncaught, killing the process (bench/goaway-idle-repro.ts). Any server may send that
  * GOAWAY: an idle timeout (Tessera's `server.idleTimeoutSeconds` among them), a proxy, a
  * restart. A session error always reaches its streams, so calls still fail with it. Upstream:
- * connectrpc/connect-es#1768 (open; remove this once a release carries its fix).
+ * connectrpc/connect-es#1768 (open; remove this once a release carries its fix). The streams
+ * it makes are held too, to fail those a GOAWAY with an error code left unprocessed with an
+ * error of their own (see `onGoaway`).
  */
 export class GuardedSessionManager extends Http2SessionManager {
   override async request(
     ...args: Parameters<Http2SessionManager["request"]>
   ): ReturnType<Http2SessionManager["request"]> {
     const stream = await super.request(...args);
-    const session = stream.session;
-    if (session !== undefined && !guarded.has(session)) {
-      guarded.add(session);
+    const session = stream.session as http2.ClientHttp2Session | undefined;
+    if (session === undefined) return stream;
+    let opened = sessions.get(session);
+    if (opened === undefined) {
+      opened = { streams: [], bound: MIN_BOUND };
+      sessions.set(session, opened);
       session.on("error", ignoreSessionError);
+      session.on("goaway", onGoaway);
     }
+    track(opened, stream);
     return stream;
   }
 }

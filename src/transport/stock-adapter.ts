@@ -29,7 +29,11 @@ import { nodeHeaders, type RequestHeaders, type UnaryProtocol } from "./unary-pr
  * offers none of its own for them.
  */
 
-/** Serves one admitted call to an RPC path through the stock adapter. */
+/**
+ * Serves one admitted call to an RPC path through the stock adapter, and reports its end
+ * (`onCallEnd`) once it closes. When it throws, it reports nothing: the caller answers the
+ * call and reports it (stream-server.ts).
+ */
 export type StockDispatch = (
   req: http.IncomingMessage | http2.Http2ServerRequest,
   res: NodeResponse,
@@ -180,11 +184,20 @@ export function createStockDispatch(options: ConnectHandlerOptions): StockDispat
       }
       return out;
     }) as typeof out.end;
-    if (onCallEnd)
-      res.once("close", () => {
-        onCallEnd(req, method, protocol, res.writableEnded ? (code ?? outcome()) : Code.Canceled);
-      });
-    adapter(req, res);
+    const onClose =
+      onCallEnd &&
+      (() => onCallEnd(req, method, protocol, res.writableEnded ? (code ?? outcome()) : Code.Canceled));
+    if (onClose) res.once("close", onClose);
+    try {
+      adapter(req, res);
+    } catch (err) {
+      // The caller answers and reports a call this throws for (`StockDispatch`), through
+      // Node's own methods: the ones above held a Connect error body given to `end` and sent
+      // a bodiless 500, and the end reported here too counted and logged the call twice.
+      if (onClose) res.off("close", onClose);
+      Object.assign(out, { writeHead, write, end, addTrailers });
+      throw err;
+    }
 
     /** A Connect unary error body: refined, enveloped (errorBody), with its new length. */
     function connectError(original: Uint8Array): Maybe<Uint8Array> {

@@ -264,12 +264,15 @@ export function serveCalls(
       onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), Code.Canceled);
       return;
     }
-    if (stock !== undefined) {
-      // Connect's handlers arm a timer for the client's deadline: one a timer can hold (deadlines.ts).
-      boundDeadlineHeaders(req.headers);
-      // Thrown out of the request listener, an error would end the process (none is expected:
-      // see stock-adapter.ts for the one connect-node had): answered as the fast transport would.
-      try {
+    // Thrown out of the request listener (or out of admission's promise), an error would end
+    // the process (none is expected: see stock-adapter.ts for the one connect-node had): the
+    // call is answered Internal instead, and reported here, as nothing reported it yet (a
+    // stock dispatch that throws reports nothing: StockDispatch).
+    try {
+      if (stock === undefined) serveFast(route, protocol, req, res, common);
+      else {
+        // Connect's handlers arm a timer for the client's deadline: one a timer can hold (deadlines.ts).
+        boundDeadlineHeaders(req.headers);
         stock(
           req as Exclude<NodeRequest, StreamRequest>,
           res!,
@@ -277,12 +280,24 @@ export function serveCalls(
           protocol?.kind ?? protocolOf(req),
           common,
         );
-      } catch (err) {
-        const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
-        answerFailedCall(req, res, protocol, error, options, common);
       }
-      return;
+    } catch (err) {
+      const error = internalErrorOf(options, req, handler.method, err, "rpc handler failed");
+      const code = gone(req) ? Code.Canceled : error.code;
+      answerFailedCall(req, res, protocol, error, options, common);
+      onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), code);
     }
+  }
+
+  /** Serve an admitted call on the fast transport; a throw here has reported nothing (see `dispatch`). */
+  function serveFast(
+    route: Route,
+    protocol: EarlyProtocol | undefined,
+    req: NodeRequest,
+    res: NodeResponse | undefined,
+    common: http.OutgoingHttpHeaders | undefined,
+  ): void {
+    const { handler } = route;
     const url = req.url ?? "";
     const signal = new RequestSignal();
     // Whether the answer was written (through `res`, or by writeUnaryAnswer on the HTTP/2 stream).

@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Tenant, User } from "../../src/storage/entities.js";
@@ -329,6 +330,58 @@ describe("a SQLite file another connection writes to while a transaction runs", 
     // And the other connection writes once the transaction has committed.
     expect(other.transaction(() => write.run(tenant!.id).changes)()).toBe(1);
     other.close();
+  }, 60_000);
+
+  it("lets no other writer change a backend's owner between DeleteApplication's read of its backends and its delete", async () => {
+    // On PostgreSQL that window exists (answered FAILED_PRECONDITION: test/lock-order.test.ts).
+    // Here the read runs inside the transaction, which holds the write lock from its BEGIN.
+    const t = ts.connect();
+    const admin = clients(t, await adminLogin(t));
+    const app = (await admin.tenants.createApplication({ name: `own-${short()}` })).application!.id;
+    const machine = async (applicationIds: string[]) =>
+      admin.machines.createMachineUser({
+        name: `mu-${short()}`,
+        authType: MachineAuthType.BEARER,
+        scopes: ["swarm:deploy"],
+        applicationIds,
+      });
+    const owner = await machine([app]);
+    const taker = (await machine([])).machineUser!.id;
+    const { backendId } = await clients(t, owner.token).machines.registerBackend({
+      applicationId: app,
+      callbackUrl: `https://backend-${short()}.example.com/callback`,
+      version: "1",
+    });
+    const other = otherConnection(file);
+    const takeOver = other.prepare("update backends set machine_user_id = ? where id = ?");
+    const knex = ts.app.storage.em.getConnection().getKnex();
+    const statements: string[] = [];
+    let tried: string | undefined;
+    const onQuery = (q: { sql: string; __knexTxId?: string }) => {
+      if (q.__knexTxId === undefined) return;
+      statements.push(q.sql);
+      // Told synchronously before the transaction's first read of the backends runs.
+      if (tried !== undefined || !/ from `backends`/.test(q.sql)) return;
+      try {
+        tried = `changed ${takeOver.run(taker, backendId).changes}`;
+      } catch (err) {
+        tried = String((err as { code?: unknown }).code);
+      }
+    };
+    knex.on("query", onQuery);
+    let deleted: Awaited<ReturnType<typeof outcome>>;
+    try {
+      deleted = await outcome(admin.tenants.deleteApplication({ id: app }));
+    } finally {
+      knex.off("query", onQuery);
+      other.close();
+    }
+    expect(statements[0]).toMatch(/^begin immediate/i);
+    expect(statements.some((sql) => / from `backends`/.test(sql))).toBe(true);
+    expect(tried).toBe("SQLITE_BUSY");
+    expect(deleted).toEqual({ code: "ok", retryAfter: null });
+    const { backends } = await admin.machines.listBackends({});
+    expect(backends.filter((b) => b.id === backendId)).toEqual([]);
   }, 60_000);
 
   it("fails a write transaction at its BEGIN while another connection holds the write lock, and runs read-only ones", async () => {
