@@ -302,4 +302,38 @@ describe("lock order on PostgreSQL", () => {
     );
     expect(result).toEqual(["done", "done"]);
   });
+
+  it("of two provers of one unproven binding, the second is refused and does not rewrite the first one's binder scopes", async () => {
+    const mu = await machineUser([]);
+    const backend = await mintBackend(ts, `spiffe://lock-order.example/${short()}`);
+    const identity = { case: "sha256Fingerprint" as const, value: backend.fingerprint };
+    const { binding } = await root.machines.bindCertificate({ machineUserId: mu.id, identity });
+    const presenting = createConnectTransport({
+      baseUrl: ts.server.url,
+      httpVersion: "2",
+      nodeOptions: { ca: ts.certs.ca, cert: backend.cert, key: backend.key },
+    });
+    // The test's transaction stands for the first prover, not committed yet: the second (this
+    // RPC) reads the binding unproven and waits at its own write.
+    const holder = await hold(
+      "update machine_user_certificates set proven = true, binder_scopes = 'first-prover' where id = ?",
+      [binding!.id],
+    );
+    let proof!: Promise<string>;
+    try {
+      const token = await adminLogin(t);
+      proof = outcome(
+        clients(presenting, token).machines.bindCertificate({ machineUserId: mu.id, identity }),
+      );
+      await waiterOn(holder.pid);
+    } finally {
+      await holder.release();
+    }
+    // Before: "done", the first prover's binder scopes replaced by the second's.
+    expect(await proof).toBe("ALREADY_EXISTS");
+    const { rows } = await knex.raw("select binder_scopes from machine_user_certificates where id = ?", [
+      binding!.id,
+    ]);
+    expect(rows).toEqual([{ binder_scopes: "first-prover" }]);
+  });
 });
