@@ -1,4 +1,7 @@
 import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeEach, describe, expect, it } from "vitest";
 import { createJwtService, type JwtService } from "../../src/auth/jwt.js";
 import {
@@ -25,15 +28,17 @@ const claims = { subject: "u1", tenantId: "t1", scopes: ["a"], kind: "user" as c
 let t = Date.parse("2026-12-04T00:00:00Z");
 const made: JwtService[] = [];
 let storage: Storage;
+const dir = mkdtempSync(join(tmpdir(), "tessera-rolling-keys-"));
 
 beforeEach(async () => {
   for (const s of made.splice(0)) s.close();
   await storage?.close();
-  storage = await initORM({ url: `sqlite:/tmp/rv-rstore/keys-${randomBytes(4).toString("hex")}.db` });
+  storage = await initORM({ url: `sqlite:${join(dir, `keys-${randomBytes(4).toString("hex")}.db`)}` });
 });
 afterAll(async () => {
   for (const s of made) s.close();
   await storage?.close();
+  rmSync(dir, { recursive: true, force: true });
 });
 
 /** An instance on `mk` (with `previous`), as app.ts starts one: the stored keys resealed first. */
