@@ -8,6 +8,7 @@ import {
 import { describe, expect, it } from "vitest";
 import { driverErrorAsTesseraError, isContentError, isOutage, loggableError } from "../src/storage/errors.js";
 import { knexLog } from "../src/storage/orm.js";
+import { REFUSED_SESSION_LOG_INTERVAL_MS, reportRefusedSession } from "../src/storage/refused-sessions.js";
 
 /** A driver error as MikroORM wraps it: the driver's message embeds the SQL with its values. */
 function driverError<T extends DriverException>(
@@ -148,5 +149,29 @@ describe("database errors a handler did not expect", () => {
       "Connection Error: Error: insert into api_tokens (secret_hash) values ('pbkdf2-sha256$1000$c2FsdA==$aGFzaA==') - read ECONNRESET",
     );
     expect(lines).toEqual(["knex: Connection Error: read ECONNRESET"]);
+  });
+});
+
+describe("reportRefusedSession", () => {
+  const refused = (code: string) => Object.assign(new Error("refused"), { code, severity: "FATAL" });
+
+  it("says a refused session at error level with its SQLSTATE, at most once per interval, counting the rest", () => {
+    const lines: Record<string, unknown>[] = [];
+    const logger = { error: (obj: object) => lines.push(obj as Record<string, unknown>) };
+    const t0 = 1_000_000;
+    reportRefusedSession(new Error("wrapped", { cause: refused("28P01") }), logger, t0);
+    reportRefusedSession(refused("3D000"), logger, t0 + 1);
+    reportRefusedSession(refused("28000"), logger, t0 + 2);
+    expect(lines).toEqual([expect.objectContaining({ sqlstate: "28P01", refusedSinceLastLine: 0 })]);
+    reportRefusedSession(refused("3D000"), logger, t0 + REFUSED_SESSION_LOG_INTERVAL_MS);
+    expect(lines[1]).toMatchObject({ sqlstate: "3D000", refusedSinceLastLine: 2 });
+  });
+
+  it("says nothing of other errors, outages included", () => {
+    const lines: object[] = [];
+    const logger = { error: (obj: object) => lines.push(obj) };
+    for (const code of ["08006", "57P01", "25006", "23505"]) reportRefusedSession(refused(code), logger);
+    reportRefusedSession(new Error("ECONNREFUSED"), logger);
+    expect(lines).toEqual([]);
   });
 });

@@ -1,9 +1,11 @@
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
 import { closeSync, constants, fchmodSync, fstatSync, openSync, readFileSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
+import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { assertOwnerOf, refuseOpenToOthers } from "../private-files.js";
 import { SigningKey } from "../storage/entities.js";
+import { loggableError } from "../storage/errors.js";
 import type { DatabaseTarget, Storage } from "../storage/orm.js";
 import { clearSharedDigests } from "../storage/repositories/credentials.js";
 
@@ -28,6 +30,8 @@ export class MasterKeyError extends Error {
 export const MASTER_KEY_FILE_NAME = "master.key";
 
 const ENVELOPE_VERSION = "v1";
+/** Between the envelopes of one row sealed under several master keys (not in base64url). */
+const ENVELOPE_SEPARATOR = ",";
 const IV_BYTES = 12;
 const TAG_BYTES = 16;
 
@@ -156,8 +160,27 @@ export function isSealed(stored: string): boolean {
 }
 
 /**
- * Open what {@link sealPrivateJwk} sealed for `kid`, with `mk` or else one of `previous`
- * (master keys being rotated out: a key an instance still on one of them sealed).
+ * Seal a private JWK for a key this instance creates: under `mk`, and under each of `previous`
+ * too (a rolling master-key rotation), so an instance still on one of them opens it and signs
+ * with it when it activates. The envelopes are joined by ","; the current key's comes first.
+ */
+export function sealForFleet(
+  mk: MasterKey,
+  previous: readonly MasterKey[],
+  kid: string,
+  plaintext: string,
+): string {
+  const keys = [
+    mk,
+    ...previous.filter((p, i) => p.id !== mk.id && previous.findIndex((q) => q.id === p.id) === i),
+  ];
+  return keys.map((k) => sealPrivateJwk(k, kid, plaintext)).join(ENVELOPE_SEPARATOR);
+}
+
+/**
+ * Open what {@link sealPrivateJwk} (or {@link sealForFleet}) sealed for `kid`, with `mk` or
+ * else one of `previous` (master keys being rotated out: a key an instance still on one of
+ * them sealed).
  * @throws MasterKeyError when another master key sealed it, or the envelope does not authenticate.
  */
 export function openPrivateJwk(
@@ -166,9 +189,14 @@ export function openPrivateJwk(
   stored: string,
   previous: readonly MasterKey[] = [],
 ): string {
-  const keyId = stored.split(":")[1];
-  const other = previous.find((p) => p.id !== mk.id && p.id === keyId);
-  return openWith(other ?? mk, kid, stored);
+  const envelopes = stored.split(ENVELOPE_SEPARATOR);
+  const mine = envelopes.find((e) => sealedWith(e) === mk.id);
+  if (mine !== undefined) return openWith(mk, kid, mine);
+  for (const p of previous) {
+    const theirs = envelopes.find((e) => sealedWith(e) === p.id);
+    if (theirs !== undefined) return openWith(p, kid, theirs);
+  }
+  return openWith(mk, kid, envelopes[0] ?? "");
 }
 
 function openWith(mk: MasterKey, kid: string, stored: string): string {
@@ -204,49 +232,113 @@ export function loadPreviousMasterKeys(auth: Config["auth"]): MasterKey[] {
 }
 
 /** The master key id an envelope names. */
-function sealedWith(stored: string): string | undefined {
-  return stored.split(":")[1];
+function sealedWith(envelope: string): string | undefined {
+  return envelope.split(":")[1];
 }
 
 /**
- * Start-up step: seal every signing key still stored in clear, reseal under `mk` those
- * sealed with one of the `previous` master keys (a rotation), and check that every sealed
- * one opens with `mk`, so a wrong master key stops the start with a clear message rather
- * than letting the service generate a new key. Idempotent; concurrent starts are safe (a
- * row is replaced only while it still holds what was read).
+ * What a row sealed as `stored` should hold for an instance on `mk` with `previous`, or
+ * undefined when it is right already. With previous keys, a row lacking an envelope under
+ * `mk` gains one and keeps the others: instances not yet restarted open it with theirs (a
+ * reseal replacing their envelope left them unable to sign with a key they had not opened
+ * yet). Without, a row is reduced to its envelope under `mk`: the rotation is over.
+ * @throws MasterKeyError when no envelope opens with `mk` or `previous` (a wrong master key).
+ */
+export function resealed(
+  mk: MasterKey,
+  previous: readonly MasterKey[],
+  kid: string,
+  stored: string,
+): { text: string; fromPrevious: boolean } | undefined {
+  if (!isSealed(stored)) return { text: sealForFleet(mk, previous, kid, stored), fromPrevious: false };
+  const clear = openPrivateJwk(mk, kid, stored, previous);
+  const envelopes = stored.split(ENVELOPE_SEPARATOR);
+  const mine = envelopes.find((e) => sealedWith(e) === mk.id);
+  if (mine === undefined)
+    return {
+      text: [sealPrivateJwk(mk, kid, clear), ...envelopes].join(ENVELOPE_SEPARATOR),
+      fromPrevious: true,
+    };
+  if (previous.length > 0 || envelopes.length === 1) return undefined;
+  return { text: mine, fromPrevious: false };
+}
+
+/**
+ * Store {@link resealed}'s text for each of `rows` that needs it, each only while the row
+ * still holds what was read (concurrent instances and starts are safe). Returns how many
+ * rows gained an envelope under `mk` from one under a previous key.
+ */
+export async function resealRows(
+  storage: Storage,
+  mk: MasterKey,
+  previous: readonly MasterKey[],
+  rows: readonly Pick<SigningKey, "kid" | "privateJwk">[],
+): Promise<number> {
+  let fromPrevious = 0;
+  const em = storage.em.fork();
+  for (const row of rows) {
+    const next = resealed(mk, previous, row.kid, row.privateJwk);
+    if (next === undefined) continue;
+    await em.nativeUpdate(
+      SigningKey,
+      { kid: row.kid, privateJwk: row.privateJwk },
+      { privateJwk: next.text },
+    );
+    if (next.fromPrevious) fromPrevious++;
+  }
+  return fromPrevious;
+}
+
+/**
+ * The key ring's step while previous master keys are configured: a key an instance still on
+ * one of them created after this one started gets an envelope under `mk` as soon as it is
+ * read, so the start that drops the previous keys opens it. A row that does not open (said
+ * by the ring itself) or cannot be written now is tried again at the next read; a write
+ * failure is said once per key.
+ */
+export async function resealReadRows(
+  storage: Storage,
+  mk: MasterKey,
+  previous: readonly MasterKey[],
+  rows: readonly Pick<SigningKey, "kid" | "privateJwk">[],
+  warned: Set<string>,
+  log?: Pick<Logger, "warn">,
+): Promise<void> {
+  for (const row of rows) {
+    if (row.privateJwk.split(ENVELOPE_SEPARATOR).some((e) => sealedWith(e) === mk.id)) continue;
+    try {
+      await resealRows(storage, mk, previous, [row]);
+      warned.delete(row.kid);
+    } catch (err) {
+      if (err instanceof MasterKeyError || warned.has(row.kid)) continue;
+      warned.add(row.kid);
+      log?.warn(
+        { kid: row.kid, err: loggableError(err) },
+        "cannot reseal a signing key under the master key",
+      );
+    }
+  }
+}
+
+/**
+ * Start-up step: seal every signing key still stored in clear, give those sealed only with
+ * one of the `previous` master keys (a rotation) an envelope under `mk` ({@link resealed}),
+ * drop the other envelopes once no previous key is configured, and check that every sealed
+ * one opens, so a wrong master key stops the start with a clear message rather than letting
+ * the service generate a new key. Idempotent; concurrent starts are safe.
  */
 export async function sealStoredSigningKeys(
   storage: Storage,
   mk: MasterKey,
   previous: readonly MasterKey[] = [],
 ): Promise<{ resealed: number; digestsCleared: number }> {
-  const em = storage.em.fork();
-  const rows = await em.find(SigningKey, {});
-  let resealed = 0;
-  for (const row of rows) {
-    let clear: string;
-    if (isSealed(row.privateJwk)) {
-      const old = previous.find((p) => p.id !== mk.id && p.id === sealedWith(row.privateJwk));
-      if (old === undefined) {
-        openPrivateJwk(mk, row.kid, row.privateJwk);
-        continue;
-      }
-      clear = openPrivateJwk(old, row.kid, row.privateJwk);
-      resealed++;
-    } else {
-      clear = row.privateJwk;
-    }
-    await em.nativeUpdate(
-      SigningKey,
-      { kid: row.kid, privateJwk: row.privateJwk },
-      { privateJwk: sealPrivateJwk(mk, row.kid, clear) },
-    );
-  }
+  const rows = await storage.em.fork().find(SigningKey, {});
+  const resealedRows = await resealRows(storage, mk, previous, rows);
   // A rotation (keys sealed under a previous master key were found): the shared digests of
   // verified secrets were keyed from that key (sharedDigestKey), and whoever holds it could
   // test guesses against them; they are cleared, and the next verification of each secret
   // stores one keyed from the new key. A digest an instance still on the previous key
   // stores later is never matched by the new key's instances, which replace it on use.
-  const digestsCleared = resealed > 0 ? await clearSharedDigests(storage) : 0;
-  return { resealed, digestsCleared };
+  const digestsCleared = resealedRows > 0 ? await clearSharedDigests(storage) : 0;
+  return { resealed: resealedRows, digestsCleared };
 }

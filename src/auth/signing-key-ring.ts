@@ -19,7 +19,8 @@ import { isOutage, loggableError } from "../storage/errors.js";
 import type { Storage } from "../storage/orm.js";
 import { readSigningKeys } from "../storage/repositories/signing-keys.js";
 import type { JwtKeyStats } from "./jwt.js";
-import { type MasterKey, openPrivateJwk, sealPrivateJwk } from "./master-key.js";
+import { type MasterKey, sealForFleet } from "./master-key.js";
+import { createPrivateKeyOpener } from "./private-signing-keys.js";
 
 /** A key this instance knows: published (in the JWKS) and accepted on verification. */
 export interface VerifyKey {
@@ -129,8 +130,7 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
   // Imported keys by kid, so a re-read of unchanged rows costs no crypto. The stored text
   // is part of the key: a row whose content changed is imported again.
   const imported = new Map<string, { publicText: string; key: CryptoKey; publicJwk: JWK }>();
-  const opened = new Map<string, { sealed: string; key: CryptoKey }>();
-  const unopenable = new Set<string>();
+  const privateKeys = createPrivateKeyOpener({ storage, masterKey, previousMasterKeys, logger: log });
   let loadedOnce = false;
 
   // Reads are numbered as they start: one that finishes after a later-started one has read an
@@ -143,6 +143,7 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
     stats.refreshes++;
     const seq = ++readsStarted;
     const rows = await readSigningKeys(storage);
+    await privateKeys.reseal(rows);
     const t = now();
     const next = new Map<string, VerifyKey>();
     let top = 0;
@@ -174,25 +175,8 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
       };
       if (retiresAt > t) {
         // Opened ahead of its activation, so the instance signs with it on time.
-        let priv = opened.get(row.kid);
-        if (priv?.sealed !== row.privateJwk) {
-          try {
-            const jwk = JSON.parse(openPrivateJwk(masterKey, row.kid, row.privateJwk, previousMasterKeys));
-            priv = { sealed: row.privateJwk, key: (await importJWK(jwk, row.alg)) as CryptoKey };
-            opened.set(row.kid, priv);
-            unopenable.delete(row.kid);
-          } catch (err) {
-            // Resealed under a master key this instance lacks (a rolling rotation): the key opened before is
-            // the same (kid: its thumbprint) and signs on. None opened: verify only (said once).
-            const why = { kid: row.kid, err: (err as Error).message };
-            if (!unopenable.has(row.kid))
-              priv
-                ? log?.warn(why, "signing key resealed; signing with the key opened before")
-                : log?.error(why, "signing key cannot be opened");
-            unopenable.add(row.kid);
-          }
-        }
-        if (priv) entry.signKey = priv.key;
+        const signKey = await privateKeys.open(row);
+        if (signKey) entry.signKey = signKey;
       }
       next.set(row.kid, entry);
     }
@@ -212,7 +196,7 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
     loadedOnce = true;
     for (const kid of keys.keys()) if (!next.has(kid)) forgetVerifiedUnder(kid);
     for (const kid of imported.keys()) if (!next.has(kid)) imported.delete(kid);
-    for (const kid of opened.keys()) if (!next.get(kid)?.signKey) opened.delete(kid);
+    privateKeys.keepOnly(new Set([...next.values()].filter((k) => k.signKey).map((k) => k.kid)));
     keys = next;
     ring = [...next.values()].sort((a, b) => b.generation - a.generation || (a.kid < b.kid ? -1 : 1));
     topGeneration = top;
@@ -243,7 +227,7 @@ export async function openSigningKeyRing(options: SigningKeyRingOptions): Promis
         await tx.insert(SigningKey, {
           kid,
           alg: config.algorithm,
-          privateJwk: sealPrivateJwk(masterKey, kid, JSON.stringify(privateJwk)),
+          privateJwk: sealForFleet(masterKey, previousMasterKeys ?? [], kid, JSON.stringify(privateJwk)),
           publicJwk: JSON.stringify(publicJwk),
           createdAt: created,
           activatesAt: activation,

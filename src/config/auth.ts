@@ -286,7 +286,7 @@ export const authSchema = z
       .register(configKeys, {
         env: "TESSERA_PREVIOUS_MASTER_KEYS",
         description:
-          "Comma-separated master keys being rotated out: signing keys sealed with one are resealed under the current master key at start. Drop them once every instance runs with the new key.",
+          "Comma-separated master keys being rotated out: signing keys sealed with one gain an envelope under the current master key (at start, and when read), and keys created are sealed under both, so instances still on an old key sign on. Drop them once every instance runs with the new key; the start without them keeps the current key's envelopes only.",
       }),
     maxTokenTtl: seconds.default(24 * 3600).register(configKeys, {
       env: "TESSERA_MAX_TOKEN_TTL",

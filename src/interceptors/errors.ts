@@ -5,6 +5,7 @@ import type { RequestState } from "../context.js";
 import { REQUEST_ID_KEY, toConnectError } from "../errors.js";
 import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
+import { reportRefusedSession } from "../storage/refused-sessions.js";
 
 /**
  * The ConnectError a request that failed with `err` is answered with: reason and request id
@@ -15,6 +16,8 @@ import { driverErrorAsTesseraError, loggableError } from "../storage/errors.js";
 export function toWireError(err: unknown, state: RequestState, method: string, logger: Logger): ConnectError {
   // A database error a handler did not expect is still, mostly, not a bug (storage/errors.ts).
   const ce = toConnectError(driverErrorAsTesseraError(err) ?? err, state.requestId);
+  // An outage that lasts until an operator acts: said at error level, rate-limited.
+  if (ce.code === Code.Unavailable) reportRefusedSession(err, logger);
   const detail = ce.details[0];
   if (detail && "desc" in detail && detail.desc === ErrorInfoSchema) {
     const info = detail.value as ErrorInfo;

@@ -6,6 +6,7 @@ import type { HttpObserver } from "../call-observer.js";
 import type { RequestState } from "../context.js";
 import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { loggableError } from "../storage/errors.js";
+import { reportRefusedSession } from "../storage/refused-sessions.js";
 import { stopUnreadPlainBody } from "../transport/early-answers.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
 import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
@@ -115,6 +116,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
 
   function fail(req: Request, res: Response, path: string, err: unknown, state: RequestState) {
     const e = err instanceof OAuthError ? err : new OAuthError("server_error", "internal error", 500);
+    if (e.status === 503) reportRefusedSession((err as { cause?: unknown }).cause, deps.logger);
     if (e.status === 500) {
       const cause = err instanceof OAuthError ? (err as { cause?: unknown }).cause : err;
       deps.logger.error(

@@ -156,7 +156,16 @@ describe.each(DATABASES)("signing keys at rest on $name", (db) => {
     } finally {
       await second.close();
     }
-    // The old key alone no longer opens them.
+    // Dropping the previous key: that start keeps only the new key's envelope, so the old key
+    // alone no longer opens them (while the rotation was under way it did: instances not yet
+    // restarted sign on and may restart).
+    const third = await serve(u, certs, { auth: { masterKey: NEW_KEY, previousMasterKeys: [] } });
+    try {
+      const [dropped] = await rows(third.app);
+      expect(dropped!.private_jwk).toMatch(/^v1:[A-Za-z0-9_-]+:[A-Za-z0-9_-]+:[A-Za-z0-9_-]+$/);
+    } finally {
+      await third.close();
+    }
     await expect(
       createApp(testConfig(u, { auth: { masterKey: OTHER_KEY } }), { logger: silentLogger }),
     ).rejects.toThrow(/not the configured one/);

@@ -27,6 +27,8 @@ const schema = `t_${Date.now().toString(36)}_operator`;
 let certs: TestCerts;
 let child: Awaited<ReturnType<typeof serve>>["child"] | undefined;
 let t: Transport;
+/** The server's log lines (JSON, from its stderr). */
+const logLines: Record<string, unknown>[] = [];
 
 function psql(sql: string): Promise<number> {
   const p = spawn("psql", [BASE, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]);
@@ -58,6 +60,13 @@ beforeAll(async () => {
   certs = await createTestCerts();
   const s = await serve(serveEnv(`postgres://${ROLE}@127.0.0.1:5432/test?schema=${schema}`, certs.dir));
   child = s.child;
+  let pending = "";
+  child.stderr?.on("data", (d: Buffer) => {
+    const parts = (pending + d.toString()).split("\n");
+    pending = parts.pop() ?? "";
+    for (const line of parts)
+      if (line.startsWith("{")) logLines.push(JSON.parse(line) as Record<string, unknown>);
+  });
   t = transportTo(s.url, certs);
 }, 120_000);
 
@@ -110,6 +119,12 @@ describe("PostgreSQL failing an instance's role under it", () => {
         expect(err?.metadata.get("retry-after")).toBe("1");
       }
     }
+    // Said at error level, naming the SQLSTATE (28000: the role may not log in), once for
+    // the six refused calls (rate-limited), not a line each.
+    await expect
+      .poll(() => logLines.filter((l) => l.level === 50 && l.sqlstate !== undefined))
+      .toHaveLength(1);
+    expect(logLines.find((l) => l.sqlstate !== undefined)).toMatchObject({ sqlstate: "28000" });
     expect(await psql(`alter role ${ROLE} login`)).toBe(0);
     await expect.poll(async () => (await failure(me()))?.code).toBeUndefined();
   });
