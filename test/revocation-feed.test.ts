@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
 import { RevocationEventRepository } from "../src/storage/repositories/revocation-events.js";
-import { CursorCodec } from "../src/verification/revocation-cursor.js";
+import { CursorCodec, markOf } from "../src/verification/revocation-cursor.js";
 import { createTestApp, DATABASES } from "./helpers.js";
 
 /**
@@ -151,24 +151,40 @@ describe.each(DATABASES)("the revocation feed on $name", (db) => {
 });
 
 describe("revocation cursors", () => {
+  const event = (id: number, occurredAt = 1_700_000_000_000) =>
+    ({ id, kind: "credential", subjectId: "c-1", tenantId: "t-1", occurredAt }) as const;
+
   it("open only with the database id that sealed them, and are opaque", () => {
     const id = randomUUID();
     const codec = new CursorCodec(id);
-    const c1 = codec.seal(42);
-    const c2 = codec.seal(42);
+    const c1 = codec.seal(event(42));
+    const c2 = codec.seal(event(42));
     expect(c1).not.toBe(c2);
-    expect(codec.open(c1)).toBe(42);
-    expect(new CursorCodec(id).open(c2)).toBe(42);
+    expect(codec.open(c1)?.position).toBe(42);
+    expect(new CursorCodec(id).open(c2)?.position).toBe(42);
     expect(new CursorCodec(randomUUID()).open(c1)).toBeUndefined();
     for (const bad of [
       "",
       "x",
       `${c1}A`,
       c1.slice(1),
-      "!".repeat(48),
+      "!".repeat(59),
+      Buffer.alloc(44).toString("base64url"),
+      // A cursor of the earlier format (a position alone) no longer opens: answered reset once.
       Buffer.alloc(36).toString("base64url"),
     ])
       expect(codec.open(bad), bad).toBeUndefined();
     expect(Buffer.from(c1, "base64url").includes(Buffer.from([0, 0, 0, 0, 0, 0, 0, 42]))).toBe(false);
+  });
+
+  it("carry the mark of the event at their position, which another event at that id does not match", () => {
+    const codec = new CursorCodec(randomUUID());
+    const opened = codec.open(codec.seal(event(7)))!;
+    expect(opened.mark.equals(markOf(event(7)))).toBe(true);
+    // The same id drawn again after a restore: a later change, or another subject.
+    expect(opened.mark.equals(markOf(event(7, 1_700_000_000_001)))).toBe(false);
+    expect(opened.mark.equals(markOf({ ...event(7), subjectId: "c-2" }))).toBe(false);
+    expect(opened.mark.equals(markOf(undefined))).toBe(false);
+    expect(codec.open(codec.seal(undefined))).toEqual({ position: 0, mark: markOf(undefined) });
   });
 });

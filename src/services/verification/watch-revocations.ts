@@ -25,6 +25,7 @@ import {
   FRESH_MIN_MS,
   type RevocationFeed,
 } from "../../verification/revocation-feed.js";
+import { markOf } from "../../verification/revocation-cursor.js";
 import { principalOf, tenantScope } from "../common.js";
 
 /** Events a stream may have waiting to be sent; past it the stream ends (Unavailable) and its client resumes. */
@@ -160,7 +161,7 @@ async function* watch(
     notify();
   });
   ctx.signal.addEventListener("abort", notify);
-  const message = (cursorAt: number, list: readonly RevocationRecord[], reset = false) => {
+  const message = (cursorAt: RevocationRecord | undefined, list: readonly RevocationRecord[], reset = false) => {
     feed.countSent(list.length);
     return create(WatchRevocationsResponseSchema, {
       cursor: feed.cursors.seal(cursorAt),
@@ -170,39 +171,47 @@ async function* watch(
     });
   };
   try {
-    // The first message, at once.
-    let position: number;
+    // The first message, at once. The stream's position: the last event it accounts for (none: an empty feed).
+    let at: RevocationRecord | undefined;
     const from = req.cursor === "" ? undefined : feed.cursors.open(req.cursor);
     if (req.cursor === "") {
-      position = feed.position;
-      yield message(position, []);
+      at = feed.anchor;
+      yield message(at, []);
     } else {
-      const top = await events.lastId();
-      if (from === undefined || from > top) {
-        position = top;
-        yield message(position, [], true);
+      const top = await events.newest();
+      // The cursor's event must still be there as it was: gone, or another event at its id
+      // (the feed's ids went back, a restore), what follows it here was never sent.
+      const resumable =
+        from !== undefined &&
+        (from.position === 0 ||
+          (from.position <= (top?.id ?? 0) && markOf(await events.at(from.position)).equals(from.mark)));
+      if (!resumable) {
+        at = top;
+        yield message(at, [], true);
       } else {
-        position = from;
+        let after = from.position;
         let sent = false;
         for (;;) {
-          const page = await events.range(tenant, position, top, FEED_PAGE);
+          const page = await events.range(tenant, after, top?.id ?? 0, FEED_PAGE);
           // Read after the page: a pruning that raced it shows here (and the cursor cannot resume).
           // A truncation raised the mark to its `reset` event in the same commit.
-          if ((await events.info()).prunedThrough > position || page.some((e) => e.kind === "reset")) {
+          if ((await events.info()).prunedThrough > after || page.some((e) => e.kind === "reset")) {
             if (sent) throw new TesseraError("UNAVAILABLE", "events pruned while catching up; resume");
-            position = top;
-            yield message(position, [], true);
+            at = top;
+            yield message(at, [], true);
             sent = true;
             break;
           }
           const full = page.length === FEED_PAGE;
-          position = full ? page[page.length - 1]!.id : top;
-          yield message(position, page);
+          at = full ? page[page.length - 1]! : top;
+          after = at?.id ?? 0;
+          yield message(at, page);
           sent = true;
           if (!full) break;
         }
       }
     }
+    let position = at?.id ?? 0;
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
     // The last instant the caller's credential authenticates: its token's end (exclusive),
@@ -233,7 +242,7 @@ async function* watch(
         let mine: RevocationRecord[] = [];
         let callerChanged = false;
         // The last truncation read (0: none): the client empties its cache, so events before it need not be sent.
-        let resetAt = 0;
+        let resetAt: RevocationRecord | undefined;
         // Bindings and machine users change only with SUBJECT events, of any tenant: at the
         // first of these batches' the certificate is resolved again, once.
         let resolved = !byCertificate;
@@ -248,7 +257,7 @@ async function* watch(
               }
             }
             if (e.kind === "reset") {
-              resetAt = e.id;
+              resetAt = e;
               mine = [];
               continue;
             }
@@ -260,16 +269,19 @@ async function* watch(
             mine.push(e);
           }
           if (callerChanged) break;
-          if (batch.position > position) position = batch.position;
+          if (batch.position > position) {
+            at = batch.events[batch.events.length - 1];
+            position = batch.position;
+          }
         }
-        if (resetAt > 0) {
-          yield message(mine.length === 0 && !callerChanged ? position : resetAt, [], true);
+        if (resetAt) {
+          yield message(mine.length === 0 && !callerChanged ? at : resetAt, [], true);
           lastSent = Date.now();
         }
         for (let i = 0; i < mine.length; i += FEED_PAGE) {
           const chunk = mine.slice(i, i + FEED_PAGE);
           const last = i + FEED_PAGE >= mine.length && !callerChanged;
-          yield message(last ? position : chunk[chunk.length - 1]!.id, chunk);
+          yield message(last ? at : chunk[chunk.length - 1], chunk);
           lastSent = Date.now();
         }
         // The caller itself was revoked or changed (disabled, its credential rotated, its
@@ -290,7 +302,7 @@ async function* watch(
       if (wait <= 0) {
         // A heartbeat vouches that every event up to its cursor was sent: not while the feed cannot read.
         if (!feed.fresh(Math.max(heartbeatMs, FRESH_MIN_MS))) throw feedUnavailable();
-        yield message(position, []);
+        yield message(at, []);
         lastSent = Date.now();
         continue;
       }
