@@ -19,13 +19,13 @@ import type {
   RevocationRecord,
 } from "../../storage/repositories/revocation-events.js";
 import type { MachineStateRepository } from "../../storage/repositories/subject-state.js";
+import { markOf, type OpenedCursor } from "../../verification/revocation-cursor.js";
 import {
   FEED_PAGE,
   type FeedBatch,
   FRESH_MIN_MS,
   type RevocationFeed,
 } from "../../verification/revocation-feed.js";
-import { markOf } from "../../verification/revocation-cursor.js";
 import { principalOf, tenantScope } from "../common.js";
 
 /** Events a stream may have waiting to be sent; past it the stream ends (Unavailable) and its client resumes. */
@@ -161,7 +161,11 @@ async function* watch(
     notify();
   });
   ctx.signal.addEventListener("abort", notify);
-  const message = (cursorAt: RevocationRecord | undefined, list: readonly RevocationRecord[], reset = false) => {
+  const message = (
+    cursorAt: RevocationRecord | undefined,
+    list: readonly RevocationRecord[],
+    reset = false,
+  ) => {
     feed.countSent(list.length);
     return create(WatchRevocationsResponseSchema, {
       cursor: feed.cursors.seal(cursorAt),
@@ -179,13 +183,7 @@ async function* watch(
       yield message(at, []);
     } else {
       const top = await events.newest();
-      // The cursor's event must still be there as it was: gone, or another event at its id
-      // (the feed's ids went back, a restore), what follows it here was never sent.
-      const resumable =
-        from !== undefined &&
-        (from.position === 0 ||
-          (from.position <= (top?.id ?? 0) && markOf(await events.at(from.position)).equals(from.mark)));
-      if (!resumable) {
+      if (from === undefined || !(await resumable(events, from, top?.id ?? 0))) {
         at = top;
         yield message(at, [], true);
       } else {
@@ -241,7 +239,7 @@ async function* watch(
         queued = 0;
         let mine: RevocationRecord[] = [];
         let callerChanged = false;
-        // The last truncation read (0: none): the client empties its cache, so events before it need not be sent.
+        // The last truncation read, if any: the client empties its cache, so events before it need not be sent.
         let resetAt: RevocationRecord | undefined;
         // Bindings and machine users change only with SUBJECT events, of any tenant: at the
         // first of these batches' the certificate is resolved again, once.
@@ -327,6 +325,24 @@ async function* watch(
     ctx.signal.removeEventListener("abort", notify);
     feed.release(callerKey);
   }
+}
+
+/**
+ * Whether a cursor's event is still there as it was, or gone only because retention deleted
+ * it and nothing after it (the mark is its id; a mark past it resets in the catch-up). Another
+ * event at its id, or none below the mark, means the feed's ids went back (a restore): what
+ * follows it here was never sent.
+ */
+async function resumable(
+  events: RevocationEventRepository,
+  from: OpenedCursor,
+  top: number,
+): Promise<boolean> {
+  if (from.position === 0) return true;
+  if (from.position > top) return false;
+  const at = await events.at(from.position);
+  if (at) return markOf(at).equals(from.mark);
+  return (await events.info()).prunedThrough === from.position;
 }
 
 /** The end of a stream whose instance cannot vouch for the feed (its client resumes elsewhere, or later). */
