@@ -17,6 +17,7 @@ import { UserAPI } from "../src/sdk/index.js";
 import { retryRefusedStream } from "../src/sdk/refused-stream.js";
 import { createTesseraAuth } from "../src/sdk/server/index.js";
 import { jitteredAge } from "../src/server/connection-age.js";
+import type { OpenedCursor } from "../src/verification/revocation-cursor.js";
 import { SQLITE, startTestServer, type TestServer } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
 
@@ -350,7 +351,7 @@ describe("connections recycled at server.maxConnectionAgeSeconds", () => {
         .then((r) => r.token);
     const verifier = await machine(["auth:verify"]);
     const caller = await machine(["workflows:read"]);
-    const resumed: (number | undefined)[] = [];
+    const resumed: (OpenedCursor | undefined)[] = [];
     const codec = ts.app.revocations.cursors;
     const open = codec.open.bind(codec);
     vi.spyOn(codec, "open").mockImplementation((cursor) => {

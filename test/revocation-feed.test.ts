@@ -1,8 +1,10 @@
 import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
+import type { PgNotifier } from "../src/storage/pg-notify.js";
 import { RevocationEventRepository } from "../src/storage/repositories/revocation-events.js";
-import { CursorCodec } from "../src/verification/revocation-cursor.js";
+import { CursorCodec, markOf } from "../src/verification/revocation-cursor.js";
+import { RevocationFeed } from "../src/verification/revocation-feed.js";
 import { createTestApp, DATABASES } from "./helpers.js";
 
 /**
@@ -150,25 +152,190 @@ describe.each(DATABASES)("the revocation feed on $name", (db) => {
   });
 });
 
+/** `events` whose reads fail while `set(true)` (the database unreachable). */
+function stalling(events: RevocationEventRepository) {
+  let failing = false;
+  const proxy = new Proxy(events, {
+    get(target, key) {
+      const value = Reflect.get(target, key);
+      if (key !== "from" || typeof value !== "function") return value;
+      return (...args: unknown[]) =>
+        failing ? Promise.reject(new Error("connection lost")) : value.apply(target, args);
+    },
+  });
+  return {
+    events: proxy,
+    set: (on: boolean) => {
+      failing = on;
+    },
+  };
+}
+
+/** A feed of its own over `app`'s events, polling, with the batches it hands out and the times it ended its streams. */
+async function ownFeed(app: App, events = new RevocationEventRepository(app.sql)) {
+  const lines: string[] = [];
+  const feed = new RevocationFeed({
+    events,
+    pollMs: 20,
+    retentionSeconds: 86_400,
+    maxEvents: 1_000_000,
+    logger: { warn: (_o, msg) => lines.push(msg), info: () => undefined },
+  });
+  await feed.start();
+  const read: number[] = [];
+  let lost = 0;
+  feed.subscribe((b) => read.push(...b.events.map((e) => e.id)));
+  feed.onLost(() => lost++);
+  return { feed, read, lines, lost: () => lost };
+}
+
+describe.each(DATABASES)("the revocation feed's reader on $name", (db) => {
+  let app: App;
+  let userId: string;
+  const change = (scopes: string) =>
+    app.sql.run("update users set scopes = ? where id = ?", [scopes, userId]);
+
+  beforeAll(async () => {
+    app = await createTestApp(db);
+    userId = (await app.sql.get<{ id: string }>("select id from users where username = 'admin'", []))!.id;
+  });
+  afterAll(async () => {
+    await app?.close();
+  });
+
+  it("goes on from an empty feed, and past retention deleting the last event it read, ending no stream", async () => {
+    await app.sql.run("delete from revocation_events", []);
+    const f = await ownFeed(app);
+    expect(f.feed.position).toBe(0);
+    await change("a:read");
+    await expect.poll(() => f.read.length).toBe(1);
+    await change("b:read");
+    await expect.poll(() => f.read.length).toBe(2);
+    // Retention takes the event the reader read last: a newer one is committed first, not yet read.
+    f.feed.close();
+    const stalled = stalling(new RevocationEventRepository(app.sql));
+    const g = await ownFeed(app, stalled.events);
+    stalled.set(true);
+    await change("c:read");
+    const through = await new RevocationEventRepository(app.sql).prune(
+      new Date(Date.now() + 60_000),
+      1_000_000,
+    );
+    expect(through).toBe(g.feed.position);
+    stalled.set(false);
+    await expect.poll(() => g.read.length).toBe(1);
+    await change("d:read");
+    await expect.poll(() => g.read.length).toBe(2);
+    expect(g.lost()).toBe(0);
+    expect(f.lost()).toBe(0);
+    g.feed.close();
+  });
+
+  it("ends its streams when retention deleted events it had not read, and goes on from the newest", async () => {
+    const stalled = stalling(new RevocationEventRepository(app.sql));
+    const f = await ownFeed(app, stalled.events);
+    const position = f.feed.position;
+    // Not reading while three events come and retention deletes two of them.
+    stalled.set(true);
+    await change("e:read");
+    await change("f:read");
+    await change("g:read");
+    await new RevocationEventRepository(app.sql).prune(new Date(Date.now() + 60_000), 1);
+    stalled.set(false);
+    await expect.poll(() => f.lost()).toBe(1);
+    expect(f.read).toEqual([]);
+    expect(f.feed.position).toBeGreaterThan(position + 2);
+    await change("h:read");
+    await expect.poll(() => f.read.length).toBe(1);
+    expect(f.lost()).toBe(1);
+    f.feed.close();
+  });
+
+  it("keeps the check owed when a read fails: the restore is seen by the read that succeeds", async () => {
+    const failing = stalling(new RevocationEventRepository(app.sql));
+    await change("i:read");
+    const f = await ownFeed(app, failing.events);
+    const backupAt = f.feed.position;
+    await change("j:read");
+    await change("k:read");
+    await expect.poll(() => f.read.length).toBe(2);
+    failing.set(true);
+    await app.sql.run("delete from revocation_events where id > ?", [backupAt]);
+    if (db.name === "postgres")
+      await app.sql.get("select setval(pg_get_serial_sequence('revocation_events', 'id'), ?, true)", [
+        backupAt,
+      ]);
+    else await app.sql.run("update sqlite_sequence set seq = ? where name = 'revocation_events'", [backupAt]);
+    for (const s of ["l:read", "m:read", "n:read"]) await change(s);
+    await new Promise((r) => setTimeout(r, 100));
+    failing.set(false);
+    await expect.poll(() => f.lost()).toBe(1);
+    expect(f.read).toHaveLength(2);
+    expect(f.lines).toContain(
+      "revocation feed: the last event read is gone (its ids went back: restored from a backup?); ending every stream",
+    );
+    f.feed.close();
+  });
+
+  it.runIf(db.name === "postgres")(
+    "refuses to start when the events' sequence hands out ids ahead",
+    async () => {
+      await app.sql.run("alter sequence revocation_events_id_seq cache 20", []);
+      try {
+        const feed = new RevocationFeed({
+          events: new RevocationEventRepository(app.sql),
+          // PostgreSQL's: what the check is made for (the notifier itself is not reached).
+          notifier: {} as PgNotifier,
+          pollMs: 20,
+          retentionSeconds: 86_400,
+          maxEvents: 1_000_000,
+          logger: { warn: () => undefined, info: () => undefined },
+        });
+        await expect(feed.start()).rejects.toThrow(
+          /revocation_events_id_seq of revocation_events caches 20 ids per session.*alter sequence .*revocation_events_id_seq cache 1/,
+        );
+      } finally {
+        await app.sql.run("alter sequence revocation_events_id_seq cache 1", []);
+      }
+    },
+  );
+});
+
 describe("revocation cursors", () => {
+  const event = (id: number, occurredAt = 1_700_000_000_000) =>
+    ({ id, kind: "credential", subjectId: "c-1", tenantId: "t-1", occurredAt }) as const;
+
   it("open only with the database id that sealed them, and are opaque", () => {
     const id = randomUUID();
     const codec = new CursorCodec(id);
-    const c1 = codec.seal(42);
-    const c2 = codec.seal(42);
+    const c1 = codec.seal(event(42));
+    const c2 = codec.seal(event(42));
     expect(c1).not.toBe(c2);
-    expect(codec.open(c1)).toBe(42);
-    expect(new CursorCodec(id).open(c2)).toBe(42);
+    expect(codec.open(c1)?.position).toBe(42);
+    expect(new CursorCodec(id).open(c2)?.position).toBe(42);
     expect(new CursorCodec(randomUUID()).open(c1)).toBeUndefined();
     for (const bad of [
       "",
       "x",
       `${c1}A`,
       c1.slice(1),
-      "!".repeat(48),
+      "!".repeat(59),
+      Buffer.alloc(44).toString("base64url"),
+      // A cursor of the earlier format (a position alone) no longer opens: answered reset once.
       Buffer.alloc(36).toString("base64url"),
     ])
       expect(codec.open(bad), bad).toBeUndefined();
     expect(Buffer.from(c1, "base64url").includes(Buffer.from([0, 0, 0, 0, 0, 0, 0, 42]))).toBe(false);
+  });
+
+  it("carry the mark of the event at their position, which another event at that id does not match", () => {
+    const codec = new CursorCodec(randomUUID());
+    const opened = codec.open(codec.seal(event(7)))!;
+    expect(opened.mark.equals(markOf(event(7)))).toBe(true);
+    // The same id drawn again after a restore: a later change, or another subject.
+    expect(opened.mark.equals(markOf(event(7, 1_700_000_000_001)))).toBe(false);
+    expect(opened.mark.equals(markOf({ ...event(7), subjectId: "c-2" }))).toBe(false);
+    expect(opened.mark.equals(markOf(undefined))).toBe(false);
+    expect(codec.open(codec.seal(undefined))).toEqual({ position: 0, mark: markOf(undefined) });
   });
 });

@@ -309,7 +309,13 @@ describe.each(DATABASES)("WatchRevocations on $name", (db) => {
     w.close();
     const mid = Math.floor(real.length / 2);
     const tampered = real.slice(0, mid) + (real[mid] === "A" ? "B" : "A") + real.slice(mid + 1);
-    const foreign = new CursorCodec(randomUUID()).seal(1);
+    const foreign = new CursorCodec(randomUUID()).seal({
+      id: 1,
+      kind: "credential",
+      subjectId: "x",
+      tenantId: "t",
+      occurredAt: 0,
+    });
     for (const cursor of ["not a cursor", "QUJDRA", tampered, foreign]) {
       const r = watch(verifierToken, cursor);
       await r.first();

@@ -3,7 +3,7 @@ import type {
   RevocationEventRepository,
   RevocationRecord,
 } from "../storage/repositories/revocation-events.js";
-import { CursorCodec } from "./revocation-cursor.js";
+import { CursorCodec, sameEvent } from "./revocation-cursor.js";
 
 /** Events read per query, by the feed and by a stream catching up from its cursor. */
 export const FEED_PAGE = 500;
@@ -59,18 +59,19 @@ export interface FeedStats {
  * Reads are coalesced: a wake during a read makes one more read after it.
  *
  * Ids become visible in order (the migration's triggers see to it), so "every event after
- * the last id read" is every event committed since.
+ * the last id read" is every event committed since, as long as that id still names the
+ * event read: each read starts at it ({@link read}), so a feed whose ids went back (a
+ * restore from a backup) is seen before anything after them is taken for new.
  */
 export class RevocationFeed {
-  private last = 0;
+  /** The last event read (none: the feed was empty). */
+  private last: RevocationRecord | undefined;
   private codec: CursorCodec | undefined;
   private readonly listeners = new Set<(batch: FeedBatch) => void>();
   private readonly drainHandlers = new Set<() => void>();
   private readonly lostHandlers = new Set<() => void>();
   private reading = false;
   private again = false;
-  /** A wake asked for {@link checkEnd} since the last read began. */
-  private endCheckOwed = false;
   private closed = false;
   private draining = false;
   private failing = false;
@@ -92,13 +93,21 @@ export class RevocationFeed {
   /** Read this database's feed id and position; subscribe to notifications (before the notifier starts). */
   async start(): Promise<void> {
     const info = await this.options.events.info();
-    this.codec = new CursorCodec(info.databaseId);
-    this.last = await this.options.events.lastId();
-    this.freshAt = this.now();
     const { notifier, channel } = this.options;
+    if (notifier) {
+      // Ids follow commit order only if each is drawn at the commit, one at a time (see the migration).
+      const { sequence, cache } = await this.options.events.idCache();
+      if (cache !== 1)
+        throw new Error(
+          `the sequence ${sequence} of revocation_events caches ${cache} ids per session: event ids would not ` +
+            `follow commit order and WatchRevocations could skip revocations; run \`alter sequence ${sequence} cache 1\``,
+        );
+    }
+    this.codec = new CursorCodec(info.databaseId);
+    this.last = await this.options.events.newest();
+    this.freshAt = this.now();
     if (notifier && channel) {
-      // A table's change (not a barrier's "~" payload) may have taken an id already read past: see checkEnd.
-      notifier.subscribe(channel, (payload) => this.wake(!payload.startsWith("~")));
+      notifier.subscribe(channel, () => this.wake());
       notifier.onStatus((online) => {
         if (online) this.stopPolling();
         else {
@@ -109,7 +118,7 @@ export class RevocationFeed {
           this.startPolling();
         }
         // Online: what was committed while the session was down, before the notifications resume.
-        this.wake(online);
+        this.wake();
       });
     }
     if (!this.listening) this.startPolling();
@@ -121,7 +130,11 @@ export class RevocationFeed {
       }, WATCHDOG_MS);
       this.watchdog.unref();
     }
-    this.pruneTimer = setInterval(() => void this.prune(), this.options.pruneIntervalMs ?? 60_000);
+    // Each minute a read too: a restore that announced nothing (no notification, no reconnection) is seen.
+    this.pruneTimer = setInterval(() => {
+      void this.prune();
+      this.wake();
+    }, this.options.pruneIntervalMs ?? 60_000);
     this.pruneTimer.unref();
     void this.prune();
   }
@@ -133,9 +146,7 @@ export class RevocationFeed {
 
   private startPolling(): void {
     if (this.pollTimer || this.closed) return;
-    // PostgreSQL's poll (its session down) checks the end too; SQLite's, every 250 ms, need not.
-    const checkEnd = this.options.notifier !== undefined;
-    this.pollTimer = setInterval(() => this.wake(checkEnd), this.options.pollMs);
+    this.pollTimer = setInterval(() => this.wake(), this.options.pollMs);
     this.pollTimer.unref();
   }
 
@@ -152,6 +163,11 @@ export class RevocationFeed {
 
   /** The id of the last event read. */
   get position(): number {
+    return this.last?.id ?? 0;
+  }
+
+  /** The last event read (none: the feed was empty), whose cursor a stream starting now is given. */
+  get anchor(): RevocationRecord | undefined {
     return this.last;
   }
 
@@ -243,13 +259,9 @@ export class RevocationFeed {
     return { ...this.counters };
   }
 
-  /**
-   * Read what was committed since the last read (coalesced); `checkEnd`: when nothing
-   * follows the last id read, check that the feed's ids have not gone back ({@link checkEnd}).
-   */
-  wake(checkEnd = false): void {
+  /** Read what was committed since the last read (coalesced). */
+  wake(): void {
     if (this.closed || !this.codec) return;
-    this.endCheckOwed ||= checkEnd;
     if (this.reading) {
       this.again = true;
       return;
@@ -278,16 +290,20 @@ export class RevocationFeed {
       do {
         this.again = false;
         this.readStartedAt = this.now();
-        let checkEnd = this.endCheckOwed;
-        this.endCheckOwed = false;
         for (;;) {
-          const events = await this.options.events.after(this.last, FEED_PAGE);
+          const last = this.last;
+          // From the last event read on, that one included: still there as read, nothing was missed.
+          const rows = await this.options.events.from(last?.id ?? 0, FEED_PAGE + (last ? 1 : 0));
+          const events = last ? rows.slice(rows[0]?.id === last.id ? 1 : 0) : rows;
+          if (last && !sameEvent(rows[0], last) && !(await this.prunedExactly(last, rows[0]))) {
+            await this.restart(last);
+            break;
+          }
           if (events.length > 0) {
-            this.last = events[events.length - 1]!.id;
-            const batch: FeedBatch = { events, position: this.last };
+            this.last = events[events.length - 1]!;
+            const batch: FeedBatch = { events, position: this.last.id };
             for (const fn of this.listeners) fn(batch);
-          } else if (checkEnd) await this.checkEnd();
-          checkEnd = false;
+          }
           if (events.length < FEED_PAGE) break;
         }
         // What was committed before the read began has been read (not what came during it).
@@ -314,24 +330,30 @@ export class RevocationFeed {
   }
 
   /**
-   * A change was announced and no event follows the last id read: the feed's ids may have
-   * gone back (restored from a backup, its events and id sequence where the backup left
-   * them), and what commits now takes ids this reader has read past, which no stream would
-   * ever be sent. Then every stream ends (its client resumes from its cursor, past the end
-   * now: answered `reset`, it empties its cache) and the reader goes on from the end.
-   * Retention's mark counts as read: a feed pruned empty has not gone back.
+   * Whether the last event read is gone only because retention deleted it, and nothing after
+   * it: the mark (raised before the delete, so read after the rows) is its id. A mark below
+   * it means the feed's ids went back; above it, events this reader never read were deleted.
    */
-  private async checkEnd(): Promise<void> {
-    const top = Math.max(
-      await this.options.events.lastId(),
-      (await this.options.events.info()).prunedThrough,
-    );
-    if (top >= this.last) return;
+  private async prunedExactly(last: RevocationRecord, first: RevocationRecord | undefined): Promise<boolean> {
+    if (first?.id === last.id) return false;
+    return (await this.options.events.info()).prunedThrough === last.id;
+  }
+
+  /**
+   * The last event read is no longer what it was: the feed's ids went back (restored from a
+   * backup, its events and id sequence where the backup left them), so what commits now
+   * takes ids this reader read past; or retention deleted events before it read them.
+   * Either way no stream can be sent what it missed: every stream ends (its client resumes
+   * from its cursor, whose event is gone or another now: answered `reset`, it empties its
+   * cache) and the reader goes on from the newest event.
+   */
+  private async restart(last: RevocationRecord): Promise<void> {
+    const newest = await this.options.events.newest();
     this.options.logger.warn(
-      { from: this.last, to: top },
-      "revocation feed: its ids went back (restored from a backup?); ending every stream",
+      { from: last.id, to: newest?.id ?? 0 },
+      "revocation feed: the last event read is gone (its ids went back: restored from a backup?); ending every stream",
     );
-    this.last = top;
+    this.last = newest;
     for (const fn of [...this.lostHandlers]) fn();
   }
 

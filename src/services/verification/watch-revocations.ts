@@ -19,6 +19,7 @@ import type {
   RevocationRecord,
 } from "../../storage/repositories/revocation-events.js";
 import type { MachineStateRepository } from "../../storage/repositories/subject-state.js";
+import { markOf, type OpenedCursor } from "../../verification/revocation-cursor.js";
 import {
   FEED_PAGE,
   type FeedBatch,
@@ -160,7 +161,11 @@ async function* watch(
     notify();
   });
   ctx.signal.addEventListener("abort", notify);
-  const message = (cursorAt: number, list: readonly RevocationRecord[], reset = false) => {
+  const message = (
+    cursorAt: RevocationRecord | undefined,
+    list: readonly RevocationRecord[],
+    reset = false,
+  ) => {
     feed.countSent(list.length);
     return create(WatchRevocationsResponseSchema, {
       cursor: feed.cursors.seal(cursorAt),
@@ -170,39 +175,41 @@ async function* watch(
     });
   };
   try {
-    // The first message, at once.
-    let position: number;
+    // The first message, at once. The stream's position: the last event it accounts for (none: an empty feed).
+    let at: RevocationRecord | undefined;
     const from = req.cursor === "" ? undefined : feed.cursors.open(req.cursor);
     if (req.cursor === "") {
-      position = feed.position;
-      yield message(position, []);
+      at = feed.anchor;
+      yield message(at, []);
     } else {
-      const top = await events.lastId();
-      if (from === undefined || from > top) {
-        position = top;
-        yield message(position, [], true);
+      const top = await events.newest();
+      if (from === undefined || !(await resumable(events, from, top?.id ?? 0))) {
+        at = top;
+        yield message(at, [], true);
       } else {
-        position = from;
+        let after = from.position;
         let sent = false;
         for (;;) {
-          const page = await events.range(tenant, position, top, FEED_PAGE);
+          const page = await events.range(tenant, after, top?.id ?? 0, FEED_PAGE);
           // Read after the page: a pruning that raced it shows here (and the cursor cannot resume).
           // A truncation raised the mark to its `reset` event in the same commit.
-          if ((await events.info()).prunedThrough > position || page.some((e) => e.kind === "reset")) {
+          if ((await events.info()).prunedThrough > after || page.some((e) => e.kind === "reset")) {
             if (sent) throw new TesseraError("UNAVAILABLE", "events pruned while catching up; resume");
-            position = top;
-            yield message(position, [], true);
+            at = top;
+            yield message(at, [], true);
             sent = true;
             break;
           }
           const full = page.length === FEED_PAGE;
-          position = full ? page[page.length - 1]!.id : top;
-          yield message(position, page);
+          at = full ? page[page.length - 1]! : top;
+          after = at?.id ?? 0;
+          yield message(at, page);
           sent = true;
           if (!full) break;
         }
       }
     }
+    let position = at?.id ?? 0;
     let lastSent = Date.now();
     const endAt = deps.maxStreamMs > 0 ? Date.now() + deps.maxStreamMs : Number.POSITIVE_INFINITY;
     // The last instant the caller's credential authenticates: its token's end (exclusive),
@@ -232,8 +239,8 @@ async function* watch(
         queued = 0;
         let mine: RevocationRecord[] = [];
         let callerChanged = false;
-        // The last truncation read (0: none): the client empties its cache, so events before it need not be sent.
-        let resetAt = 0;
+        // The last truncation read, if any: the client empties its cache, so events before it need not be sent.
+        let resetAt: RevocationRecord | undefined;
         // Bindings and machine users change only with SUBJECT events, of any tenant: at the
         // first of these batches' the certificate is resolved again, once.
         let resolved = !byCertificate;
@@ -248,7 +255,7 @@ async function* watch(
               }
             }
             if (e.kind === "reset") {
-              resetAt = e.id;
+              resetAt = e;
               mine = [];
               continue;
             }
@@ -260,16 +267,19 @@ async function* watch(
             mine.push(e);
           }
           if (callerChanged) break;
-          if (batch.position > position) position = batch.position;
+          if (batch.position > position) {
+            at = batch.events[batch.events.length - 1];
+            position = batch.position;
+          }
         }
-        if (resetAt > 0) {
-          yield message(mine.length === 0 && !callerChanged ? position : resetAt, [], true);
+        if (resetAt) {
+          yield message(mine.length === 0 && !callerChanged ? at : resetAt, [], true);
           lastSent = Date.now();
         }
         for (let i = 0; i < mine.length; i += FEED_PAGE) {
           const chunk = mine.slice(i, i + FEED_PAGE);
           const last = i + FEED_PAGE >= mine.length && !callerChanged;
-          yield message(last ? position : chunk[chunk.length - 1]!.id, chunk);
+          yield message(last ? at : chunk[chunk.length - 1], chunk);
           lastSent = Date.now();
         }
         // The caller itself was revoked or changed (disabled, its credential rotated, its
@@ -290,7 +300,7 @@ async function* watch(
       if (wait <= 0) {
         // A heartbeat vouches that every event up to its cursor was sent: not while the feed cannot read.
         if (!feed.fresh(Math.max(heartbeatMs, FRESH_MIN_MS))) throw feedUnavailable();
-        yield message(position, []);
+        yield message(at, []);
         lastSent = Date.now();
         continue;
       }
@@ -315,6 +325,24 @@ async function* watch(
     ctx.signal.removeEventListener("abort", notify);
     feed.release(callerKey);
   }
+}
+
+/**
+ * Whether a cursor's event is still there as it was, or gone only because retention deleted
+ * it and nothing after it (the mark is its id; a mark past it resets in the catch-up). Another
+ * event at its id, or none below the mark, means the feed's ids went back (a restore): what
+ * follows it here was never sent.
+ */
+async function resumable(
+  events: RevocationEventRepository,
+  from: OpenedCursor,
+  top: number,
+): Promise<boolean> {
+  if (from.position === 0) return true;
+  if (from.position > top) return false;
+  const at = await events.at(from.position);
+  if (at) return markOf(at).equals(from.mark);
+  return (await events.info()).prunedThrough === from.position;
 }
 
 /** The end of a stream whose instance cannot vouch for the feed (its client resumes elsewhere, or later). */

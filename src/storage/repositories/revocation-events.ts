@@ -36,9 +36,16 @@ interface Row {
 
 const COLUMNS = "id, kind, subject_id, tenant_id, occurred_at";
 const AFTER = `select ${COLUMNS} from revocation_events where id > ? order by id limit ?`;
+const FROM = `select ${COLUMNS} from revocation_events where id >= ? order by id limit ?`;
+const AT = `select ${COLUMNS} from revocation_events where id = ?`;
+const NEWEST = `select ${COLUMNS} from revocation_events order by id desc limit 1`;
 const RANGE = `select ${COLUMNS} from revocation_events where id > ? and id <= ? order by id limit ?`;
 const RANGE_OF_TENANT = `select ${COLUMNS} from revocation_events where tenant_id = ? and id > ? and id <= ? order by id limit ?`;
 const LAST_ID = "select max(id) as id from revocation_events";
+/** PostgreSQL: how many ids a session draws from the events' sequence at once. */
+const ID_CACHE =
+  "select s.seqrelid::regclass::text as sequence, s.seqcache as cache from pg_sequence s " +
+  "where s.seqrelid = pg_get_serial_sequence('revocation_events', 'id')::regclass";
 const OLDEST_ID = "select min(id) as id from revocation_events";
 const FEED_INFO = "select database_id, pruned_through from revocation_feed where id = 1";
 /**
@@ -74,6 +81,32 @@ export class RevocationEventRepository {
   /** Events after `afterId`, in order, at most `limit`. */
   async after(afterId: number, limit: number): Promise<RevocationRecord[]> {
     return (await this.read(() => this.sql.all<Row>(AFTER, [afterId, limit]))).map(record);
+  }
+
+  /** Events from `id` on (that one included), in order, at most `limit`. */
+  async from(id: number, limit: number): Promise<RevocationRecord[]> {
+    return (await this.read(() => this.sql.all<Row>(FROM, [id, limit]))).map(record);
+  }
+
+  /** The event at `id`, if there is one. */
+  async at(id: number): Promise<RevocationRecord | undefined> {
+    const row = await this.read(() => this.sql.get<Row>(AT, [id]));
+    return row && record(row);
+  }
+
+  /** The newest event, if there is one. */
+  async newest(): Promise<RevocationRecord | undefined> {
+    const row = await this.read(() => this.sql.get<Row>(NEWEST, []));
+    return row && record(row);
+  }
+
+  /**
+   * PostgreSQL only: how many ids the events' sequence hands a session at once. Above 1 a
+   * session draws ids ahead, and one can commit after a larger id another drew later.
+   */
+  async idCache(): Promise<{ sequence: string; cache: number }> {
+    const row = await this.sql.get<{ sequence: string; cache: number | string }>(ID_CACHE, []);
+    return { sequence: row?.sequence ?? "", cache: Number(row?.cache ?? 1) };
   }
 
   /** Events in (`afterId`, `throughId`], of one tenant (null: every tenant), at most `limit`. */
