@@ -2,6 +2,8 @@ import { readFileSync } from "node:fs";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
+import v8 from "node:v8";
+import vm from "node:vm";
 import {
   Code,
   ConnectError,
@@ -312,6 +314,46 @@ describe("the SDK's retry of the calls a GOAWAY left unprocessed, over TLS", () 
       sessions.abort();
     }
   }
+
+  it("holds no stream once it closed, after a burst of concurrent calls", async () => {
+    // The streams were held in a list pruned only at twice the most ever open: after a burst
+    // of N calls, N closed streams (~11 KB each with connect-node's call state, their bearer
+    // headers too) stayed alive for the session's life.
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as () => void;
+    const made: WeakRef<http2.ClientHttp2Stream>[] = [];
+    class Watched extends GuardedSessionManager {
+      override async request(...args: Parameters<GuardedSessionManager["request"]>) {
+        const stream = await super.request(...args);
+        made.push(new WeakRef(stream));
+        return stream;
+      }
+    }
+    plan = undefined;
+    const sessions = new Watched(url, {}, { ca });
+    const client = createClient(
+      Health,
+      createConnectTransport({ baseUrl: url, httpVersion: "2", sessionManager: sessions }),
+    );
+    try {
+      await Promise.all(Array.from({ length: 200 }, () => client.check({})));
+      expect(made).toHaveLength(200);
+      // The session is still open: only the streams' own end can have let them go.
+      expect(sessions.state()).not.toBe("closed");
+      await expect
+        .poll(
+          async () => {
+            await new Promise((resolve) => setImmediate(resolve));
+            gc();
+            return made.filter((ref) => ref.deref() !== undefined).length;
+          },
+          { timeout: 10_000 },
+        )
+        .toBe(0);
+    } finally {
+      sessions.abort();
+    }
+  });
 
   for (const protocol of ["connect", "grpc"] as const)
     for (const [name, code, warm] of [

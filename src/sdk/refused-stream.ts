@@ -70,25 +70,8 @@ export const retryRefusedStream: Interceptor = (next) => async (req) => {
 
 function ignoreSessionError(): void {}
 
-/** The streams made on a session, closed ones dropped once `bound` are held (see {@link track}). */
-interface Opened {
-  streams: http2.ClientHttp2Stream[];
-  bound: number;
-}
-
-/** The fewest streams a session's list holds before its closed ones are dropped (then, twice those open). */
-const MIN_BOUND = 16;
-
-/** The sessions given their listeners, with the streams made on each. */
-const sessions = new WeakMap<http2.ClientHttp2Session, Opened>();
-
-/** Hold `stream` among `opened`: closed ones are dropped when the list reaches its bound (O(1) per stream, amortised). */
-function track(opened: Opened, stream: http2.ClientHttp2Stream): void {
-  opened.streams.push(stream);
-  if (opened.streams.length < opened.bound) return;
-  opened.streams = opened.streams.filter((s) => !s.closed);
-  opened.bound = Math.max(MIN_BOUND, 2 * opened.streams.length);
-}
+/** The sessions given their listeners, with their streams not yet closed (each leaves on "close"). */
+const sessions = new WeakMap<http2.ClientHttp2Session, Set<http2.ClientHttp2Stream>>();
 
 /**
  * A GOAWAY with an error code read on a session (`this`): Node then destroys the session and
@@ -98,14 +81,14 @@ function track(opened: Opened, stream: http2.ClientHttp2Stream): void {
  * A GOAWAY without an error code needs nothing: nghttp2 closes those with REFUSED_STREAM.
  */
 function onGoaway(this: http2.ClientHttp2Session, code: number, lastStreamId: number): void {
-  const opened = sessions.get(this);
-  if (code === http2.constants.NGHTTP2_NO_ERROR || opened === undefined) return;
-  for (const stream of opened.streams) {
+  const open = sessions.get(this);
+  if (code === http2.constants.NGHTTP2_NO_ERROR || open === undefined) return;
+  for (const stream of [...open]) {
     const id = stream.id;
     if (!stream.destroyed && (id === undefined || id > lastStreamId))
       stream.destroy(new UnprocessedStreamError(id, code, lastStreamId));
   }
-  opened.streams = [];
+  open.clear();
 }
 
 /**
@@ -127,14 +110,18 @@ export class GuardedSessionManager extends Http2SessionManager {
     const stream = await super.request(...args);
     const session = stream.session as http2.ClientHttp2Session | undefined;
     if (session === undefined) return stream;
-    let opened = sessions.get(session);
-    if (opened === undefined) {
-      opened = { streams: [], bound: MIN_BOUND };
-      sessions.set(session, opened);
+    let open = sessions.get(session);
+    if (open === undefined) {
+      open = new Set();
+      sessions.set(session, open);
       session.on("error", ignoreSessionError);
       session.on("goaway", onGoaway);
     }
-    track(opened, stream);
+    // Dropped as it closes: a closed stream keeps connect-node's call state (its headers, a
+    // bearer token among them) alive, and a burst of calls must not be held after it.
+    const held = open;
+    held.add(stream);
+    stream.once("close", () => held.delete(stream));
     return stream;
   }
 }
