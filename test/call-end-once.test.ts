@@ -1,3 +1,4 @@
+import http from "node:http";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
@@ -163,4 +164,64 @@ describe("the end of a call admitted on the fast transport", () => {
         expect(await check(transport(s.url))).toBe(code);
         expect(await settled(s)).toEqual([code]);
       });
+});
+
+describe("a throw while serving an admitted call with a body still coming (fast transport)", () => {
+  it("drops the rest of the body, so the next request on the same HTTP/1.1 connection is answered", async () => {
+    let calls = 0;
+    const ends: number[] = [];
+    const handler = createConnectHandler({
+      onCallEnd: (_req, _method, _protocol, code) => ends.push(code),
+      contextValues: () => {
+        if (calls++ === 0) throw new Error("a bug in contextValues");
+        return undefined as never;
+      },
+      routes(router) {
+        router.service(Health, {
+          check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),
+          list: () => ({ statuses: {} }),
+          async *watch() {},
+        });
+      },
+    });
+    // HTTP/1.1 requests reach the handler as Node's request listener, as on Tessera's port.
+    const server = http.createServer(handler as unknown as http.RequestListener);
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    closers.push(
+      () =>
+        new Promise<void>((done) => {
+          agent.destroy();
+          server.closeAllConnections();
+          server.close(() => done());
+        }),
+    );
+    const port = (server.address() as AddressInfo).port;
+    const call = (body: string) =>
+      new Promise<number | string>((resolve) => {
+        const req = http.request(
+          {
+            host: "127.0.0.1",
+            port,
+            method: "POST",
+            path: "/grpc.health.v1.Health/Check",
+            agent,
+            headers: { "content-type": "application/json" },
+            timeout: 5000,
+          },
+          (res) => {
+            res.resume();
+            res.on("end", () => resolve(res.statusCode ?? 0));
+          },
+        );
+        req.on("timeout", () => req.destroy(new Error("no answer")));
+        req.on("error", (e) => resolve(e.message));
+        req.end(body);
+      });
+    // 2 MB: more than the body reader takes before it pauses.
+    expect(await call(`{${" ".repeat(2_000_000)}}`)).toBe(500);
+    // Before: the paused body was never drained and this request, queued behind it, hung.
+    expect(await call("{}")).toBe(200);
+    expect(ends).toEqual([Code.Internal, OK]);
+  });
 });

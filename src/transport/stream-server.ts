@@ -286,6 +286,9 @@ export function serveCalls(
       const code = gone(req) ? Code.Canceled : error.code;
       answerFailedCall(req, res, protocol, error, options, common);
       onCallEnd?.(req, handler.method, protocol?.kind ?? protocolOf(req), code);
+      // The fast transport's body reader may have started (and paused): what the client still
+      // sends is dropped, as after any answer given before the body's end.
+      if (stock === undefined) stopUnreadBody(req, res, readMaxBytes);
     }
   }
 
@@ -314,6 +317,9 @@ export function serveCalls(
     const encrypted =
       "scheme" in req ? req.scheme === "https" : "encrypted" in req.socket && req.socket.encrypted;
     const authority = "authority" in req ? req.authority : req.headers.host;
+    // Before the body reader starts: a hook that throws leaves an unread body that `dispatch`
+    // can still drop (a reader started and paused would hold it).
+    const values = options.contextValues?.(req);
     const uReq = new AdapterRequest(
       req.httpVersion,
       req.method ?? "",
@@ -323,7 +329,7 @@ export function serveCalls(
       // stream, and its "close" before "end" tells the body reader the client went away.
       bodyOf(readableOf(req), !(req instanceof StreamRequest), maxBodyBytes, res ? undefined : onClose),
       signal as unknown as AbortSignal,
-      options.contextValues?.(req),
+      values,
     );
     const onError = (err: unknown) => {
       const code = ConnectError.from(err).code;
