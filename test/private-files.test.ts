@@ -109,6 +109,32 @@ describe("a database file behind a symbolic link", () => {
       expect(statSync(join(shared, `tessera.db${suffix}`)).mode & 0o777).toBe(0o600);
   });
 
+  it("leaves the target's folder its mode (the operator's group and setgid bits)", () => {
+    for (const mode of [0o750, 0o2770]) {
+      const { shared, link } = linked();
+      chmodSync(shared, mode);
+      expect(prepareSqliteFiles(link)).toBe(join(shared, "tessera.db"));
+      expect(statSync(shared).mode & 0o7777).toBe(mode);
+      expect(statSync(join(shared, "tessera.db")).mode & 0o777).toBe(0o600);
+    }
+  });
+
+  it("leaves a home reached through a symbolic link its mode (/home -> /usr/home)", () => {
+    const base = folder();
+    const realHome = join(base, "usr", "home", "u");
+    mkdirSync(realHome, { recursive: true, mode: 0o755 });
+    chmodSync(realHome, 0o755);
+    symlinkSync(join(base, "usr", "home"), join(base, "home"));
+    const home = process.env.HOME;
+    process.env.HOME = join(base, "home", "u");
+    try {
+      expect(prepareSqliteFiles(join(base, "home", "u", "tessera.db"))).toBe(join(realHome, "tessera.db"));
+    } finally {
+      process.env.HOME = home;
+    }
+    expect(statSync(realHome).mode & 0o7777).toBe(0o755);
+  });
+
   it.skipIf(!root)("refuses a WAL another user planted beside the target", () => {
     const { shared, link } = linked();
     chmodSync(shared, 0o1777);
