@@ -175,6 +175,20 @@ describe("the generated master key file", () => {
     expect(readFileSync(join(dir, MASTER_KEY_FILE_NAME), "utf8")).toMatch(/^[A-Za-z0-9+/]{43}=\n$/);
   });
 
+  it("takes others' bits from an older key, and keeps the owner's (a 0400 key is not made writable)", () => {
+    for (const [before, after] of [
+      [0o400, 0o400],
+      [0o440, 0o400],
+      [0o644, 0o600],
+    ]) {
+      const dir = folder();
+      writeFileSync(join(dir, MASTER_KEY_FILE_NAME), `${Buffer.alloc(32, 7).toString("base64")}\n`);
+      chmodSync(join(dir, MASTER_KEY_FILE_NAME), before);
+      loadMasterKey(auth, { kind: "sqlite", location: join(dir, "tessera.db") } as never);
+      expect(statSync(join(dir, MASTER_KEY_FILE_NAME)).mode & 0o777).toBe(after);
+    }
+  });
+
   it.skipIf(!root)("refuses one another user owns, by the descriptor it reads", () => {
     const dir = folder();
     writeFileSync(join(dir, MASTER_KEY_FILE_NAME), `${Buffer.alloc(32, 7).toString("base64")}\n`);
