@@ -14,14 +14,19 @@ export interface CliResult {
 
 /**
  * Run `node bin/tessera.js ...args` as a subprocess with only the given environment
- * (plus PATH), feeding `input` on stdin.
+ * (plus PATH), feeding `input` on stdin; `maxBuffer` bounds what each of its outputs may hold.
  */
-export function runCli(args: string[], env: Record<string, string>, input = ""): Promise<CliResult> {
+export function runCli(
+  args: string[],
+  env: Record<string, string>,
+  input = "",
+  maxBuffer = 1024 * 1024,
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = execFile(
       process.execPath,
       [BIN, ...args],
-      { env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env }, timeout: 60_000 },
+      { env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env }, timeout: 60_000, maxBuffer },
       (err, stdout, stderr) => {
         if (err && typeof (err as { code?: unknown }).code !== "number") return reject(err);
         resolve({ code: err ? (err as unknown as { code: number }).code : 0, stdout, stderr });

@@ -109,6 +109,32 @@ describe("a database file behind a symbolic link", () => {
       expect(statSync(join(shared, `tessera.db${suffix}`)).mode & 0o777).toBe(0o600);
   });
 
+  it("leaves the target's folder its mode (the operator's group and setgid bits)", () => {
+    for (const mode of [0o750, 0o2770]) {
+      const { shared, link } = linked();
+      chmodSync(shared, mode);
+      expect(prepareSqliteFiles(link)).toBe(join(shared, "tessera.db"));
+      expect(statSync(shared).mode & 0o7777).toBe(mode);
+      expect(statSync(join(shared, "tessera.db")).mode & 0o777).toBe(0o600);
+    }
+  });
+
+  it("leaves a home reached through a symbolic link its mode (/home -> /usr/home)", () => {
+    const base = folder();
+    const realHome = join(base, "usr", "home", "u");
+    mkdirSync(realHome, { recursive: true, mode: 0o755 });
+    chmodSync(realHome, 0o755);
+    symlinkSync(join(base, "usr", "home"), join(base, "home"));
+    const home = process.env.HOME;
+    process.env.HOME = join(base, "home", "u");
+    try {
+      expect(prepareSqliteFiles(join(base, "home", "u", "tessera.db"))).toBe(join(realHome, "tessera.db"));
+    } finally {
+      process.env.HOME = home;
+    }
+    expect(statSync(realHome).mode & 0o7777).toBe(0o755);
+  });
+
   it.skipIf(!root)("refuses a WAL another user planted beside the target", () => {
     const { shared, link } = linked();
     chmodSync(shared, 0o1777);
@@ -147,6 +173,20 @@ describe("the generated master key file", () => {
     expect(loadMasterKey(auth, target).id).toBe(first.id);
     expect(statSync(join(dir, MASTER_KEY_FILE_NAME)).mode & 0o777).toBe(0o600);
     expect(readFileSync(join(dir, MASTER_KEY_FILE_NAME), "utf8")).toMatch(/^[A-Za-z0-9+/]{43}=\n$/);
+  });
+
+  it("takes others' bits from an older key, and keeps the owner's (a 0400 key is not made writable)", () => {
+    for (const [before, after] of [
+      [0o400, 0o400],
+      [0o440, 0o400],
+      [0o644, 0o600],
+    ]) {
+      const dir = folder();
+      writeFileSync(join(dir, MASTER_KEY_FILE_NAME), `${Buffer.alloc(32, 7).toString("base64")}\n`);
+      chmodSync(join(dir, MASTER_KEY_FILE_NAME), before);
+      loadMasterKey(auth, { kind: "sqlite", location: join(dir, "tessera.db") } as never);
+      expect(statSync(join(dir, MASTER_KEY_FILE_NAME)).mode & 0o777).toBe(after);
+    }
   });
 
   it.skipIf(!root)("refuses one another user owns, by the descriptor it reads", () => {

@@ -106,13 +106,14 @@ const NO_FOLLOW = (constants.O_NOFOLLOW ?? 0) | (constants.O_NONBLOCK ?? 0);
  * and its owner and mode are checked and fixed on that descriptor, which is the one read
  * (checked by path, the file could be swapped between the check and the read).
  */
-function readGeneratedKey(path: string, source: string): string {
+function readGeneratedKey(path: string, source: string, retried = false): string {
   let fd: number;
   try {
     fd = openSync(path, constants.O_RDONLY | NO_FOLLOW);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === "ELOOP")
+    // ELOOP on Linux and macOS, EMLINK on FreeBSD: the path is a link, not followed.
+    if (code === "ELOOP" || code === "EMLINK")
       throw new MasterKeyError(
         `${source} is a symbolic link, which the generated key is not read through: name the key's file with auth.masterKeyFile (TESSERA_MASTER_KEY_FILE)`,
       );
@@ -123,7 +124,13 @@ function readGeneratedKey(path: string, source: string): string {
       fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | NO_FOLLOW, 0o600);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-      return readGeneratedKey(path, source);
+      // Another process created it meanwhile: read theirs, once. Missing to open and present
+      // to create again is a dangling link where O_NOFOLLOW is 0 (Windows): it would loop.
+      if (retried)
+        throw new MasterKeyError(
+          `${source} cannot be opened, nor created as it exists: a dangling symbolic link? Remove it, or name the key's file with auth.masterKeyFile (TESSERA_MASTER_KEY_FILE)`,
+        );
+      return readGeneratedKey(path, source, true);
     }
     try {
       writeSync(fd, text);
@@ -136,8 +143,9 @@ function readGeneratedKey(path: string, source: string): string {
     const stats = fstatSync(fd);
     if (!stats.isFile()) throw new MasterKeyError(`${source} is not a regular file`);
     assertOwnerOf(stats, path, "master key file");
-    // An older file may have been created readable by others.
-    if (process.platform !== "win32" && (stats.mode & 0o777) !== 0o600) fchmodSync(fd, 0o600);
+    // An older file may have been created readable by others: their bits are taken, the
+    // owner's kept (a 0400 key stays read-only, and one on a read-only mount is not written).
+    if (process.platform !== "win32" && (stats.mode & 0o077) !== 0) fchmodSync(fd, stats.mode & 0o700);
     return readFileSync(fd, "utf8");
   } finally {
     closeSync(fd);

@@ -45,8 +45,9 @@ export const REVOKE_ACTION = "oauth2/revoke";
  * @throws OAuthError
  */
 export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAuthRequest): Promise<void> {
-  // What the revocation found to revoke, once known: a step that fails after an earlier one
-  // committed (a token revoked, the tokens made with it not) is audited with its target.
+  // What the revocation revoked, once its first write committed: a step that fails after an
+  // earlier one committed (a token revoked, the tokens made with it not) is audited with its
+  // target; one whose only write failed, without one.
   const found: Found = { target: null };
   try {
     await revokeAndRecord(deps, req, found);
@@ -69,7 +70,7 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
   }
 }
 
-/** The target of a revocation, set before anything is written for it. */
+/** The target of a revocation, set once its first write committed. */
 interface Found {
   target: string | null;
 }
@@ -119,16 +120,15 @@ async function revokeOwn(
   found: Found,
 ): Promise<string | null> {
   const em = deps.storage.em.fork();
-  /** `id`, noted in `found` before its first write. */
-  const revoking = (id: string) => {
+  /** `id`, noted in `found` once its first write committed (each write commits on its own). */
+  const committed = (id: string) => () => {
     found.target = id;
-    return id;
   };
   if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
     if (caller.kind !== "user") return null;
     const row = await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(token) });
     if (!row || row.userId !== caller.id) return null;
-    await deps.sessions.revokeFamily(em, revoking(row.familyId));
+    await deps.sessions.revokeFamily(em, row.familyId, committed(row.familyId));
     return row.familyId;
   }
   const prefix = opaquePrefix(deps.prefixes, token);
@@ -138,7 +138,8 @@ async function revokeOwn(
     const row = await em.findOne(ApiToken, { publicId: parsed.id });
     if (!row || row.ownerUserId !== caller.id) return null;
     const at = new Date(deps.clock());
-    await em.nativeUpdate(ApiToken, { id: revoking(row.id), revokedAt: null }, { revokedAt: at });
+    await em.nativeUpdate(ApiToken, { id: row.id, revokedAt: null }, { revokedAt: at });
+    committed(row.id)();
     await revokeMadeWith(em, row.id, at);
     return row.id;
   }
@@ -152,15 +153,13 @@ async function revokeOwn(
   if (claims.sub !== caller.id || claims.tid !== caller.tenantId) return null;
   if (claims.pk === "user" && caller.kind === "user") {
     if (!claims.sid) return null;
-    await deps.sessions.revokeFamily(em, revoking(claims.sid));
+    await deps.sessions.revokeFamily(em, claims.sid, committed(claims.sid));
     return claims.sid;
   }
   if (claims.pk === "machine" && caller.kind === "machine") {
     const cutoff = deps.clock();
-    if (!(await revokeMachineAccessTokens(em, revoking(caller.id), cutoff, deps.clockSkewSeconds))) {
-      found.target = null;
-      return null;
-    }
+    if (!(await revokeMachineAccessTokens(em, caller.id, cutoff, deps.clockSkewSeconds))) return null;
+    committed(caller.id)();
     // A token signed while the write was on its way may bear a later second than the cut-off.
     await raiseRevocationCutoff(em, caller.id, cutoff, deps.clock(), deps.clockSkewSeconds);
     return caller.id;

@@ -31,9 +31,10 @@ export function prepareSqliteFiles(location: string): string {
   // The link itself, if it is one (another user's would point the database where they chose).
   assertOwned(location, "database file");
   // SQLite follows a symbolic link and keeps its side files beside the target, not the link:
-  // the folder and files checked and tightened are those.
+  // the files checked and tightened are those. A folder the link leads to is the operator's
+  // choice (group bits, setgid): its owner is checked, its mode left as it is.
   const real = sqlitePath(location);
-  if (dirname(real) !== dir) closeFolder(dirname(real));
+  if (dirname(real) !== realOrSelf(dir)) assertOwned(dirname(real), "database folder", true);
   for (const suffix of ["", ...SIDE_FILES]) assertOwned(`${real}${suffix}`, "database file");
   // Created empty with its final mode: SQLite takes an empty file as a new database.
   closeSync(openSync(real, "a", 0o600));
@@ -44,7 +45,19 @@ export function prepareSqliteFiles(location: string): string {
 /** Refuse a database folder of another user's (root's is fine), and make one of ours 0700. */
 function closeFolder(dir: string): void {
   assertOwned(dir, "database folder", true);
-  if (![process.cwd(), homedir(), parse(dir).root].includes(dir) && ownFolder(dir)) chmodSync(dir, 0o700);
+  // Compared with links resolved: a home reached through one (/home -> /usr/home) is still the home.
+  const real = realOrSelf(dir);
+  const kept = [process.cwd(), homedir(), parse(dir).root].map(realOrSelf);
+  if (!kept.includes(real) && ownFolder(dir)) chmodSync(dir, 0o700);
+}
+
+/** `path` with its symbolic links resolved, or as given when it cannot be (missing). */
+function realOrSelf(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
 }
 
 /**

@@ -1,7 +1,10 @@
+import { createClient } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
-import { clientFor, SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { hashRefreshToken } from "../../src/services/user/sessions.js";
+import { ADMIN_PASSWORD, clientFor, SQLITE, startTestServer, type TestServer } from "../helpers.js";
 import { adminLogin, basic, basicMachine, bearerMachine, clients, short } from "../machine-fixtures.js";
 
 /**
@@ -108,6 +111,53 @@ describe("the audit of /oauth2/revoke", () => {
         [parent.id],
       );
       expect(revoked?.revoked_at).not.toBeNull();
+    } finally {
+      await ts.app.sql.run(`drop trigger ${trigger}`, []);
+    }
+  });
+  it("records a revocation whose only write failed without a target (nothing was revoked)", async () => {
+    const admin = await adminLogin(ts.grpc());
+    const pat = await clientFor(TokenService, ts.connect(), admin).createPersonalAccessToken({
+      name: `only-${short()}`,
+    });
+    const trigger = `refuse_${short()}`;
+    await ts.app.sql.run(
+      `create trigger ${trigger} before update of revoked_at on api_tokens when old.id = '${pat.id}' begin select raise(abort, 'refused'); end`,
+      [],
+    );
+    try {
+      const failed = `failed-${short()}`;
+      expect(await revoke(pat.token, { authorization: `Bearer ${admin}` }, failed)).not.toBe(200);
+      expect(await recordOf(failed)).toMatchObject([
+        { action: "oauth2/revoke", outcome: "failure", actor_kind: "user", target_id: null },
+      ]);
+    } finally {
+      await ts.app.sql.run(`drop trigger ${trigger}`, []);
+    }
+  });
+
+  it("names the session when its refresh tokens' write fails after the session's committed", async () => {
+    const login = await createClient(UserService, ts.grpc()).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const trigger = `refuse_${short()}`;
+    await ts.app.sql.run(
+      `create trigger ${trigger} before update of revoked_at on refresh_tokens begin select raise(abort, 'refused'); end`,
+      [],
+    );
+    try {
+      const partly = `session-${short()}`;
+      expect(
+        await revoke(login.refreshToken, { authorization: `Bearer ${login.accessToken}` }, partly),
+      ).not.toBe(200);
+      const [record] = await recordOf(partly);
+      expect(record).toMatchObject({ outcome: "failure", actor_kind: "user" });
+      const session = await ts.app.sql.get<{ family_id: string }>(
+        "select family_id from refresh_tokens where token_hash = ?",
+        [hashRefreshToken(login.refreshToken)],
+      );
+      expect(record?.target_id).toBe(session?.family_id);
     } finally {
       await ts.app.sql.run(`drop trigger ${trigger}`, []);
     }

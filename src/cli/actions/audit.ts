@@ -77,6 +77,10 @@ export async function auditList(flags: AuditListFlags, cmd: Command): Promise<vo
       ["TIME", "ACTION", "OUTCOME", "REASON", "ACTOR", "TARGET", "REQUEST"],
       events.map(auditRow),
     );
-    if (pageToken && !out.json) out.note(`(more events: raise --limit, or narrow with --since/--until)`);
+    if (read.capped)
+      out.note(
+        `(more events: the CLI reads at most ${read.capped} of one list; narrow with --since/--until)`,
+      );
+    else if (pageToken && !out.json) out.note(`(more events: raise --limit, or narrow with --since/--until)`);
   });
 }

@@ -14,7 +14,7 @@ export const LIST_MAX_BYTES = 64 * 1024 * 1024;
 /** The most pages a listing reads (200 items each from Tessera: two million). */
 export const LIST_MAX_PAGES = 10_000;
 
-/** A listing the server would not end, or that passed the bounds above (exit 1). */
+/** A listing the server would not end (exit 1). */
 export class ListingError extends Error {
   override readonly name = "ListingError";
 }
@@ -26,31 +26,41 @@ export interface Page<T> {
 }
 
 /**
+ * What a listing read: its items, the token of the page not read (when capped, of the page
+ * cut, "" for the first), and why it stopped early.
+ */
+export interface Listing<T> extends Page<T> {
+  /** Set when {@link LIST_MAX_BYTES} or {@link LIST_MAX_PAGES} stopped it: the bound, for a note. */
+  capped?: string;
+}
+
+/**
  * Read the pages `fetch` returns (given the page token and how many items were read so far)
- * until one has no next token or `enough` says so.
+ * until one has no next token or `enough` says so. Past {@link LIST_MAX_BYTES} or
+ * {@link LIST_MAX_PAGES} it stops with what it read (the items within the bound) and says so
+ * in `capped`: a big honest list is printed in part, as `audit list --limit` does.
  * @returns The items, and the token of the page not read ("" when the list ended).
  * @throws ListingError on a page token given twice or an empty page that asks for another
- * (the list would never end), or past {@link LIST_MAX_BYTES} or {@link LIST_MAX_PAGES}.
+ * (the list would never end).
  */
 export async function readPages<D extends DescMessage>(
   schema: D,
   fetch: (pageToken: string, read: number) => Promise<Page<MessageShape<D>>>,
   enough: (read: number) => boolean = () => false,
-): Promise<Page<MessageShape<D>>> {
+): Promise<Listing<MessageShape<D>>> {
   const items: MessageShape<D>[] = [];
   const seen = new Set<string>();
   let bytes = 0;
   let next = "";
   for (let pages = 1; ; pages++) {
     const page = await fetch(next, items.length);
-    // Two bytes for each item's tag and length on the wire: empty items are not free either.
-    for (const item of page.items) bytes += toBinary(schema, item).length + 2;
     bytes += page.next.length;
-    if (bytes > LIST_MAX_BYTES)
-      throw new ListingError(
-        `the server's list passed ${LIST_MAX_BYTES / 1024 / 1024} MiB after ${items.length + page.items.length} items; narrow it (--tenant, or a filter)`,
-      );
-    items.push(...page.items);
+    for (const item of page.items) {
+      // Two bytes for each item's tag and length on the wire: empty items are not free either.
+      bytes += toBinary(schema, item).length + 2;
+      if (bytes > LIST_MAX_BYTES) return { items, next, capped: `${LIST_MAX_BYTES / 1024 / 1024} MiB` };
+      items.push(item);
+    }
     next = page.next;
     if (!next || enough(items.length)) return { items, next };
     if (page.items.length === 0)
@@ -60,9 +70,7 @@ export async function readPages<D extends DescMessage>(
     if (seen.has(next))
       throw new ListingError("the server answered a page token it had given before: its list would not end");
     if (pages >= LIST_MAX_PAGES)
-      throw new ListingError(
-        `the server's list passed ${LIST_MAX_PAGES} pages; narrow it (--tenant, or a filter)`,
-      );
+      return { items, next, capped: `${LIST_MAX_PAGES.toLocaleString("en")} pages` };
     seen.add(next);
   }
 }

@@ -138,11 +138,16 @@ export async function listAll<K extends string, D extends DescMessage>(
   table: ListTable<D>,
 ): Promise<void> {
   await withClient(cmd, async ({ api, out }) => {
-    const { items } = await readPages(table.schema, async (pageToken) => {
+    const { items, capped } = await readPages(table.schema, async (pageToken) => {
       const res = await page(api, pageToken);
       return { items: res[key], next: res.nextPageToken };
     });
     out.list({ [key]: items.map((m) => messageJson(table.schema, m)) }, table.headers, items.map(table.row));
+    // On stderr, JSON output too: the list printed is not all of it.
+    if (capped)
+      out.note(
+        `(more in the list: the CLI reads at most ${capped} of one; narrow it with --tenant or a filter)`,
+      );
   });
 }
 

@@ -225,10 +225,14 @@ export class SessionIssuer {
     }
   }
 
-  /** End one session: its access tokens first (they are what an attacker holds), then its refresh tokens. */
-  async revokeFamily(em: EntityManager, familyId: string): Promise<void> {
+  /**
+   * End one session: its access tokens first (they are what an attacker holds), then its refresh
+   * tokens; `sessionEnded` is called between the two writes (for an audit that names what committed).
+   */
+  async revokeFamily(em: EntityManager, familyId: string, sessionEnded?: () => void): Promise<void> {
     const now = new Date(this.now());
     await em.nativeUpdate(Session, { id: familyId, revokedAt: null }, { revokedAt: now });
+    sessionEnded?.();
     await em.nativeUpdate(RefreshToken, { familyId, revokedAt: null }, { revokedAt: now });
   }
 
