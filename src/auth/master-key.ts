@@ -244,12 +244,34 @@ function sealedWith(envelope: string): string | undefined {
   return envelope.split(":")[1];
 }
 
+/** The previous keys that count: the current key among them is no previous key. */
+function othersThan(mk: MasterKey, previous: readonly MasterKey[]): Set<string> {
+  return new Set(previous.filter((p) => p.id !== mk.id).map((p) => p.id));
+}
+
+/**
+ * Whether {@link resealed} would change `stored` (no crypto: the ring asks on every read).
+ * Envelopes are newest first (sealForFleet puts the current key first, a reseal prepends):
+ * an instance whose envelope is not the first is an old one and leaves the row alone.
+ */
+export function needsReseal(mk: MasterKey, previous: readonly MasterKey[], stored: string): boolean {
+  if (!isSealed(stored)) return true;
+  const ids = stored.split(ENVELOPE_SEPARATOR).map(sealedWith);
+  if (ids[0] === mk.id) {
+    const kept = othersThan(mk, previous);
+    return ids.some((id, i) => i > 0 && !kept.has(id ?? ""));
+  }
+  return !ids.includes(mk.id);
+}
+
 /**
  * What a row sealed as `stored` should hold for an instance on `mk` with `previous`, or
- * undefined when it is right already. With previous keys, a row lacking an envelope under
- * `mk` gains one and keeps the others: instances not yet restarted open it with theirs (a
- * reseal replacing their envelope left them unable to sign with a key they had not opened
- * yet). Without, a row is reduced to its envelope under `mk`: the rotation is over.
+ * undefined when it is right already. A row lacking an envelope under `mk` gains one, first.
+ * When `mk`'s envelope is first, the others are kept only under a configured previous key:
+ * instances not yet restarted open it with theirs, and a key rotated out before (K1 of a
+ * K1→K2→K3 chain) or once the roll is over (no previous key) opens nothing any more. An
+ * instance whose envelope is not first is one still on an older key (during the roll, or
+ * restarted in it): it must not strip the newer instances' envelopes.
  * @throws MasterKeyError when no envelope opens with `mk` or `previous` (a wrong master key).
  */
 export function resealed(
@@ -258,23 +280,26 @@ export function resealed(
   kid: string,
   stored: string,
 ): { text: string; fromPrevious: boolean } | undefined {
-  if (!isSealed(stored)) return { text: sealForFleet(mk, previous, kid, stored), fromPrevious: false };
-  const clear = openPrivateJwk(mk, kid, stored, previous);
+  const kept = othersThan(mk, previous);
+  const others = previous.filter((p) => kept.has(p.id));
+  if (!isSealed(stored)) return { text: sealForFleet(mk, others, kid, stored), fromPrevious: false };
+  const clear = openPrivateJwk(mk, kid, stored, others);
+  if (!needsReseal(mk, previous, stored)) return undefined;
   const envelopes = stored.split(ENVELOPE_SEPARATOR);
-  const mine = envelopes.find((e) => sealedWith(e) === mk.id);
-  if (mine === undefined)
-    return {
-      text: [sealPrivateJwk(mk, kid, clear), ...envelopes].join(ENVELOPE_SEPARATOR),
-      fromPrevious: true,
-    };
-  if (previous.length > 0 || envelopes.length === 1) return undefined;
-  return { text: mine, fromPrevious: false };
+  const theirs = envelopes.filter((e) => kept.has(sealedWith(e) ?? ""));
+  if (sealedWith(envelopes[0] ?? "") === mk.id)
+    return { text: [envelopes[0], ...theirs].join(ENVELOPE_SEPARATOR), fromPrevious: false };
+  return {
+    text: [sealPrivateJwk(mk, kid, clear), ...theirs].join(ENVELOPE_SEPARATOR),
+    fromPrevious: true,
+  };
 }
 
 /**
  * Store {@link resealed}'s text for each of `rows` that needs it, each only while the row
- * still holds what was read (concurrent instances and starts are safe). Returns how many
- * rows gained an envelope under `mk` from one under a previous key.
+ * still holds what was read (concurrent instances and starts are safe). Every row's text is
+ * computed before any is written: a row that does not open stops it with all rows untouched.
+ * Returns how many rows gained an envelope under `mk` from one under a previous key.
  */
 export async function resealRows(
   storage: Storage,
@@ -282,27 +307,27 @@ export async function resealRows(
   previous: readonly MasterKey[],
   rows: readonly Pick<SigningKey, "kid" | "privateJwk">[],
 ): Promise<number> {
-  let fromPrevious = 0;
-  const em = storage.em.fork();
-  for (const row of rows) {
+  const writes = rows.flatMap((row) => {
     const next = resealed(mk, previous, row.kid, row.privateJwk);
-    if (next === undefined) continue;
+    return next === undefined ? [] : [{ row, next }];
+  });
+  const em = storage.em.fork();
+  for (const { row, next } of writes)
     await em.nativeUpdate(
       SigningKey,
       { kid: row.kid, privateJwk: row.privateJwk },
       { privateJwk: next.text },
     );
-    if (next.fromPrevious) fromPrevious++;
-  }
-  return fromPrevious;
+  return writes.filter((w) => w.next.fromPrevious).length;
 }
 
 /**
- * The key ring's step while previous master keys are configured: a key an instance still on
- * one of them created after this one started gets an envelope under `mk` as soon as it is
- * read, so the start that drops the previous keys opens it. A row that does not open (said
- * by the ring itself) or cannot be written now is tried again at the next read; a write
- * failure is said once per key.
+ * The key ring's step on every read: a key an instance still on a previous key created
+ * after this one started gets an envelope under `mk`, so the start that drops the previous
+ * keys opens it; a row whose first envelope is `mk`'s loses those no configured previous key
+ * needs (one an instance not yet restarted created, after the previous key was dropped). A
+ * row that does not open (said by the ring itself) or cannot be written now is tried again
+ * at the next read; a write failure is said once per key.
  */
 export async function resealReadRows(
   storage: Storage,
@@ -313,7 +338,7 @@ export async function resealReadRows(
   log?: Pick<Logger, "warn">,
 ): Promise<void> {
   for (const row of rows) {
-    if (row.privateJwk.split(ENVELOPE_SEPARATOR).some((e) => sealedWith(e) === mk.id)) continue;
+    if (!needsReseal(mk, previous, row.privateJwk)) continue;
     try {
       await resealRows(storage, mk, previous, [row]);
       warned.delete(row.kid);
@@ -331,9 +356,9 @@ export async function resealReadRows(
 /**
  * Start-up step: seal every signing key still stored in clear, give those sealed only with
  * one of the `previous` master keys (a rotation) an envelope under `mk` ({@link resealed}),
- * drop the other envelopes once no previous key is configured, and check that every sealed
- * one opens, so a wrong master key stops the start with a clear message rather than letting
- * the service generate a new key. Idempotent; concurrent starts are safe.
+ * drop the envelopes no configured key needs, and check that every sealed one opens, so a
+ * wrong master key stops the start with a clear message rather than letting the service
+ * generate a new key. Idempotent; concurrent starts are safe.
  */
 export async function sealStoredSigningKeys(
   storage: Storage,

@@ -16,7 +16,7 @@ export interface PrivateKeyOpenerOptions {
 
 /** Opens private keys for the key ring, at most once per stored text. */
 export interface PrivateKeyOpener {
-  /** During a master-key rotation: rows read without an envelope under this instance's key get one. */
+  /** Rows read without an envelope under this instance's key get one; envelopes no configured key needs go. */
   reseal(rows: readonly SigningKey[]): Promise<void>;
   /** The private key of `row`, or undefined (verify only) when it does not open and none opened before. */
   open(row: SigningKey): Promise<CryptoKey | undefined>;
@@ -32,8 +32,7 @@ export function createPrivateKeyOpener(options: PrivateKeyOpenerOptions): Privat
   const resealWarned = new Set<string>();
   return {
     async reseal(rows) {
-      if (previousMasterKeys?.length)
-        await resealReadRows(storage, masterKey, previousMasterKeys, rows, resealWarned, log);
+      await resealReadRows(storage, masterKey, previousMasterKeys ?? [], rows, resealWarned, log);
     },
     async open(row) {
       let priv = opened.get(row.kid);

@@ -33,9 +33,9 @@ import { Application, MachineUser } from "./machine-entities.js";
  * locked them.
  *
  * Users: a user's row before its refresh tokens. DeleteUser's DELETE takes the row, then
- * (ON DELETE CASCADE) its refresh tokens and sessions; RefreshToken reads the user's row FOR
- * KEY SHARE ({@link lockUser}, its one read of the user) before it spends its token and
- * inserts the next one (whose foreign-key check takes the same share).
+ * (ON DELETE CASCADE) its refresh tokens and sessions; RefreshToken takes the user's row FOR
+ * KEY SHARE ({@link lockUser}) before it spends its token and inserts the next one (whose
+ * foreign-key check takes the same share).
  */
 
 /**
@@ -80,14 +80,13 @@ export async function lockMachineUser(
 }
 
 /**
- * Read the user `id` FOR KEY SHARE before any of its refresh tokens: the row (the caller's
- * only read of it), or null when it no longer exists. A DeleteUser waits for this
- * transaction, or this one for it (and then finds the user gone); a password change or a
- * disable (no key update) does not wait.
+ * Lock the user `id` FOR KEY SHARE before any of its refresh tokens: whether it still
+ * exists. A DeleteUser waits for this transaction, or this one for it (and then finds the
+ * user gone); a password change or a disable (no key update) does not wait.
  */
-export async function lockUser(tx: EntityManager, id: string): Promise<User | null> {
-  const query = tx.createQueryBuilder(User).select("*").where({ id }).getKnexQuery();
+export async function lockUser(tx: EntityManager, id: string): Promise<boolean> {
+  const query = tx.createQueryBuilder(User).select("id").where({ id }).getKnexQuery();
   query.forKeyShare();
   const rows = await tx.getConnection().execute(query, [], "all", tx.getTransactionContext());
-  return rows[0] ? tx.map(User, rows[0]) : null;
+  return rows.length === 1;
 }

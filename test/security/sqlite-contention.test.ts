@@ -12,6 +12,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { Tenant, User } from "../../src/storage/entities.js";
 import { isOutage } from "../../src/storage/errors.js";
 import { isLockContention } from "../../src/storage/orm.js";
+import { rejection } from "../errors-util.js";
 import { ADMIN_PASSWORD, SQLITE, startTestServer, type TestServer, withHeaders } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
 
@@ -244,6 +245,30 @@ describe("a SQLite file whose write lock another process holds", () => {
     expect(
       (await outcome(admin.users.createUser({ username: `busy-${short()}`, password: PASSWORD }))).code,
     ).toBe("ok");
+  }, 60_000);
+  it("refuses a refresh of a disabled tenant's session at once, not Unavailable after waiting for the lock", async () => {
+    const t = ts.connect();
+    const root = clients(t, await adminLogin(t));
+    const { tenant } = await root.tenants.createTenant({ name: `busy-${short()}` });
+    const username = `busy-${short()}`;
+    await root.users.createUser({ username, password: PASSWORD, tenantId: tenant!.id });
+    const users = createClient(UserService, t);
+    const login = await users.login({ username, password: PASSWORD, tenant: tenant!.id });
+    await root.tenants.updateTenant({ id: tenant!.id, disabled: true });
+    const lock = await lockedByAnotherProcess(file, 4_000);
+    const started = performance.now();
+    const refused = await rejection(users.refreshToken({ refreshToken: login.refreshToken }));
+    const ms = performance.now() - started;
+    await lock.exited;
+    // Before: Unavailable with Retry-After (the refusal waited for SQLite's write lock).
+    expect({ code: Code[refused.code], reason: refused.reason }).toEqual({
+      code: "Unauthenticated",
+      reason: "PRINCIPAL_DISABLED",
+    });
+    expect(ms).toBeLessThan(2_000);
+    // Refused before it was spent: the session goes on once the tenant is enabled again.
+    await root.tenants.updateTenant({ id: tenant!.id, disabled: false });
+    expect((await users.refreshToken({ refreshToken: login.refreshToken })).refreshToken).not.toBe("");
   }, 60_000);
 });
 

@@ -157,26 +157,26 @@ export class SessionIssuer {
     if (!row || (options.owner !== undefined && row.userId !== options.owner))
       throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
+    const user = await em.findOne(User, { id: row.userId });
+    if (!row.spentAt && user) {
+      if (options.scopes !== undefined)
+        assertMayManage({ scopes: parseScopeString(user.scopes) }, NEW_PRINCIPAL, options.scopes);
+      // Refused before it is spent: disabling a tenant ends none of its sessions, and a
+      // refresh refused meanwhile must not make the client's next one (once the tenant is
+      // enabled again) a re-use that ends its session.
+      const tenant = await em.findOne(Tenant, { id: user.tenantId });
+      if (user.disabled || !tenant || tenant.disabled) {
+        options.resolved?.(user);
+        throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+      }
+    }
     const now = new Date(this.now());
     // Spent and replaced in one transaction: a write failing in between (the database gone
     // mid-refresh) must leave the token unspent, or the client's retry reads as a re-use.
-    let user: User | null = null;
     const outcome = await em.transactional(async (tx) => {
-      // The user's row, read once, before the token's (storage/lock-order.ts): a DeleteUser,
-      // which takes them in that order, deadlocked with a refresh that spent its token first.
-      user = await lockUser(tx, row.userId);
-      if (!row.spentAt && user) {
-        if (options.scopes !== undefined)
-          assertMayManage({ scopes: parseScopeString(user.scopes) }, NEW_PRINCIPAL, options.scopes);
-        // Refused before it is spent (the transaction rolls back): disabling a tenant ends none
-        // of its sessions, and a refresh refused meanwhile must not make the client's next one
-        // (once the tenant is enabled again) a re-use that ends its session.
-        const tenant = await tx.findOne(Tenant, { id: user.tenantId });
-        if (user.disabled || !tenant || tenant.disabled) {
-          options.resolved?.(user);
-          throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
-        }
-      }
+      // The user's row before the token's (storage/lock-order.ts): a DeleteUser, which takes
+      // them in that order, deadlocked with a refresh that spent its token first.
+      if (user && !(await lockUser(tx, user.id))) return "gone";
       // Conditional update: of two concurrent uses exactly one wins; the other is a re-use.
       const spent = row.spentAt
         ? 0
