@@ -80,7 +80,7 @@ export class Output {
   /**
    * A plain message (table mode) or a JSON document. One line: the names and messages of a
    * server's in it have their newlines and tabs escaped too, or a server could add lines
-   * of its own that pass for the CLI's ("error: … run curl … | sh").
+   * of its own that pass for the CLI's ("error: ... run curl ... | sh").
    */
   message(json: unknown, text: string): void {
     if (this.json) this.document(json);
