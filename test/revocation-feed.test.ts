@@ -8,6 +8,7 @@ import type { SqlRunner } from "../src/storage/sql.js";
 import { CursorCodec, markOf } from "../src/verification/revocation-cursor.js";
 import { RevocationFeed } from "../src/verification/revocation-feed.js";
 import { createTestApp, DATABASES, POSTGRES } from "./helpers.js";
+import { earlierCursor } from "./watch-fixtures.js";
 
 /**
  * The revocation feed's storage on SQLite and PostgreSQL, below the RPC: the triggers write
@@ -434,7 +435,7 @@ describe("revocation cursors", () => {
       c1.slice(1),
       "!".repeat(59),
       Buffer.alloc(44).toString("base64url"),
-      // A cursor of the earlier format (a position alone) no longer opens: answered reset once.
+      // Of the earlier format's length, not sealed here.
       Buffer.alloc(36).toString("base64url"),
     ])
       expect(codec.open(bad), bad).toBeUndefined();
@@ -450,5 +451,12 @@ describe("revocation cursors", () => {
     expect(opened.mark!.equals(markOf({ ...event(7), subjectId: "c-2" }))).toBe(false);
     expect(opened.mark!.equals(markOf(undefined))).toBe(false);
     expect(codec.open(codec.seal(undefined))).toEqual({ position: 0, mark: markOf(undefined) });
+  });
+
+  it("open an earlier version's cursor (a position alone) by its position, for a rolling upgrade", () => {
+    const id = randomUUID();
+    const opened = new CursorCodec(id).open(earlierCursor(id, 42));
+    expect(opened).toEqual({ position: 42 });
+    expect(new CursorCodec(randomUUID()).open(earlierCursor(id, 42))).toBeUndefined();
   });
 });
