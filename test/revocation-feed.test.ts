@@ -1,11 +1,14 @@
 import { randomUUID } from "node:crypto";
+import { createRequire } from "node:module";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { App } from "../src/app.js";
 import type { PgNotifier } from "../src/storage/pg-notify.js";
 import { RevocationEventRepository } from "../src/storage/repositories/revocation-events.js";
+import type { SqlRunner } from "../src/storage/sql.js";
 import { CursorCodec, markOf } from "../src/verification/revocation-cursor.js";
 import { RevocationFeed } from "../src/verification/revocation-feed.js";
-import { createTestApp, DATABASES } from "./helpers.js";
+import { createTestApp, DATABASES, POSTGRES } from "./helpers.js";
+import { earlierCursor } from "./watch-fixtures.js";
 
 /**
  * The revocation feed's storage on SQLite and PostgreSQL, below the RPC: the triggers write
@@ -301,6 +304,117 @@ describe.each(DATABASES)("the revocation feed's reader on $name", (db) => {
   );
 });
 
+/** One session of node-postgres (what the ORM's pool uses), opened with settings of its own. */
+interface PgSession {
+  connect(): Promise<void>;
+  end(): Promise<void>;
+  query(sql: string, params?: unknown[]): Promise<{ rows: Record<string, unknown>[] }>;
+}
+const PgClient = createRequire(import.meta.url)("pg").Client as new (options: {
+  connectionString: string;
+  options: string;
+}) => PgSession;
+
+/** A feed over `events` as PostgreSQL's (the notifier itself is not reached): its start checks the id sequence. */
+const pgFeed = (events: RevocationEventRepository) =>
+  new RevocationFeed({
+    events,
+    notifier: {} as PgNotifier,
+    pollMs: 20,
+    retentionSeconds: 86_400,
+    maxEvents: 1_000_000,
+    logger: { warn: () => undefined, info: () => undefined },
+  });
+
+describe.runIf(DATABASES.includes(POSTGRES))(
+  "the revocation feed on PostgreSQL sessions of other settings",
+  () => {
+    let app: App;
+    let schema = "";
+    let client: PgSession;
+
+    beforeAll(async () => {
+      const url = POSTGRES.url();
+      schema = new URL(url).searchParams.get("schema")!;
+      app = await createTestApp({ name: "postgres", url: () => url });
+      const base = new URL(url);
+      base.searchParams.delete("schema");
+      client = new PgClient({
+        connectionString: base.toString(),
+        options: `-c search_path=${schema} -c DateStyle=SQL,DMY`,
+      });
+      await client.connect();
+    });
+    afterAll(async () => {
+      await client?.end();
+      await app?.close();
+    });
+
+    /** A runner over the one session of `client` (`?` placeholders numbered as PostgreSQL's). */
+    const session = (): SqlRunner => {
+      const query = async (sql: string, params: readonly unknown[] = []) => {
+        let n = 0;
+        return (
+          await client.query(
+            sql.replace(/\?/g, () => `$${++n}`),
+            [...params],
+          )
+        ).rows;
+      };
+      return {
+        get: async (sql: string, params?: readonly unknown[]) => (await query(sql, params))[0],
+        all: query,
+        run: async (sql: string, params?: readonly unknown[]) => (await query(sql, params)).length,
+      } as unknown as SqlRunner;
+    };
+
+    it("reads an event the same, and marks it the same, under any DateStyle", async () => {
+      expect((await client.query("show datestyle")).rows[0]!.DateStyle).toBe("SQL, DMY");
+      const userId = (await app.sql.get<{ id: string }>("select id from users where username = 'admin'", []))!
+        .id;
+      await app.sql.run("update users set scopes = ? where id = ?", ["dmy:read", userId]);
+      const dmy = await new RevocationEventRepository(session()).newest();
+      const iso = await new RevocationEventRepository(app.sql).newest();
+      expect(Math.abs(dmy!.occurredAt - Date.now())).toBeLessThan(60_000);
+      expect(dmy).toEqual(iso);
+      expect(markOf(dmy).equals(markOf(iso))).toBe(true);
+    });
+
+    it("refuses to start when the events' id draws from a sequence it does not own, caching ids ahead", async () => {
+      await app.sql.run("alter sequence revocation_events_id_seq owned by none", []);
+      await app.sql.run("alter sequence revocation_events_id_seq cache 20", []);
+      try {
+        await expect(pgFeed(new RevocationEventRepository(app.sql)).start()).rejects.toThrow(
+          /revocation_events_id_seq of revocation_events caches 20 ids per session/,
+        );
+      } finally {
+        await app.sql.run("alter sequence revocation_events_id_seq cache 1", []);
+      }
+      const started = pgFeed(new RevocationEventRepository(app.sql));
+      await started.start();
+      started.close();
+    });
+
+    it("refuses to start when no sequence of the events' id is found", async () => {
+      // A default naming its sequence by text: resolved at each call, no dependency recorded.
+      await app.sql.run(
+        "alter table revocation_events alter column id set default nextval('revocation_events_id_seq'::text)",
+        [],
+      );
+      try {
+        await expect(pgFeed(new RevocationEventRepository(app.sql)).start()).rejects.toThrow(
+          /no sequence of revocation_events\.id found/,
+        );
+      } finally {
+        await app.sql.run(
+          "alter table revocation_events alter column id set default nextval('revocation_events_id_seq'::regclass)",
+          [],
+        );
+      }
+    });
+  },
+);
+
 describe("revocation cursors", () => {
   const event = (id: number, occurredAt = 1_700_000_000_000) =>
     ({ id, kind: "credential", subjectId: "c-1", tenantId: "t-1", occurredAt }) as const;
@@ -321,7 +435,7 @@ describe("revocation cursors", () => {
       c1.slice(1),
       "!".repeat(59),
       Buffer.alloc(44).toString("base64url"),
-      // A cursor of the earlier format (a position alone) no longer opens: answered reset once.
+      // Of the earlier format's length, not sealed here.
       Buffer.alloc(36).toString("base64url"),
     ])
       expect(codec.open(bad), bad).toBeUndefined();
@@ -331,11 +445,18 @@ describe("revocation cursors", () => {
   it("carry the mark of the event at their position, which another event at that id does not match", () => {
     const codec = new CursorCodec(randomUUID());
     const opened = codec.open(codec.seal(event(7)))!;
-    expect(opened.mark.equals(markOf(event(7)))).toBe(true);
+    expect(opened.mark!.equals(markOf(event(7)))).toBe(true);
     // The same id drawn again after a restore: a later change, or another subject.
-    expect(opened.mark.equals(markOf(event(7, 1_700_000_000_001)))).toBe(false);
-    expect(opened.mark.equals(markOf({ ...event(7), subjectId: "c-2" }))).toBe(false);
-    expect(opened.mark.equals(markOf(undefined))).toBe(false);
+    expect(opened.mark!.equals(markOf(event(7, 1_700_000_000_001)))).toBe(false);
+    expect(opened.mark!.equals(markOf({ ...event(7), subjectId: "c-2" }))).toBe(false);
+    expect(opened.mark!.equals(markOf(undefined))).toBe(false);
     expect(codec.open(codec.seal(undefined))).toEqual({ position: 0, mark: markOf(undefined) });
+  });
+
+  it("open an earlier version's cursor (a position alone) by its position, for a rolling upgrade", () => {
+    const id = randomUUID();
+    const opened = new CursorCodec(id).open(earlierCursor(id, 42));
+    expect(opened).toEqual({ position: 42 });
+    expect(new CursorCodec(randomUUID()).open(earlierCursor(id, 42))).toBeUndefined();
   });
 });

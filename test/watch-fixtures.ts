@@ -1,3 +1,4 @@
+import { createCipheriv, createHash, randomBytes } from "node:crypto";
 import { type Client, createClient, type Transport } from "@connectrpc/connect";
 import {
   RevocationKind,
@@ -99,4 +100,15 @@ export class Watcher {
     this.waiters = [];
     for (const w of waiters) w();
   }
+}
+
+/** A cursor as the version before marks sealed it: 48 characters, the position alone. */
+export function earlierCursor(databaseId: string, position: number): string {
+  const key = createHash("sha256").update(`tessera revocation cursor\0${databaseId}`).digest();
+  const iv = randomBytes(12);
+  const cipher = createCipheriv("aes-256-gcm", key, iv);
+  const plain = Buffer.alloc(8);
+  plain.writeBigUInt64BE(BigInt(position));
+  const body = Buffer.concat([cipher.update(plain), cipher.final()]);
+  return Buffer.concat([iv, body, cipher.getAuthTag()]).toString("base64url");
 }

@@ -17,7 +17,7 @@ import {
   type TestServer,
 } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
-import { Watcher } from "./watch-fixtures.js";
+import { earlierCursor, Watcher } from "./watch-fixtures.js";
 
 /**
  * The revocation feed restored from a backup under a running instance (pg_restore, or a
@@ -188,6 +188,28 @@ describe.each(DATABASES)("the revocation feed's ids going back on $name", (db) =
     await again.until(() => again.events.some((e) => e.endsWith(pat.id)));
     expect(again.messages.some((m) => m.reset)).toBe(false);
     again.close();
+  });
+  it("resumes a cursor of the version before marks by its position (a rolling upgrade), past the end reset", async () => {
+    const { verifier, tokens } = await setUp(ts);
+    const at = await newestId(ts.app);
+    const pat = await tokens.createPersonalAccessToken({ name: "earlier-cursor" });
+    await tokens.revokePersonalAccessToken({ id: pat.id });
+    const { database_id: databaseId } = (await ts.app.sql.get<{ database_id: string }>(
+      "select database_id from revocation_feed where id = 1",
+      [],
+    ))!;
+    const w = Watcher.open(ts.connect(), verifier, earlierCursor(databaseId, at));
+    await w.until(() => w.events.some((e) => e.endsWith(pat.id)));
+    expect(w.messages.some((m) => m.reset)).toBe(false);
+    w.close();
+    const past = Watcher.open(
+      ts.connect(),
+      verifier,
+      earlierCursor(databaseId, (await newestId(ts.app)) + 10),
+    );
+    await past.first();
+    expect(past.messages[0]!.reset).toBe(true);
+    past.close();
   });
 });
 

@@ -261,8 +261,10 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
         acquireConnectionTimeout: bounds.driverOptions.acquireConnectionTimeout,
         connection: {
           ...bounds.driverOptions.connection,
-          // Unqualified names in migrations and raw queries resolve to the configured schema.
-          ...(target.schema ? { options: `-c search_path=${target.schema}` } : {}),
+          // Unqualified names in migrations and raw queries resolve to the configured schema. Timestamps
+          // come back as text, read as ISO (toMillis): another DateStyle (a database's or role's default)
+          // would read a revoked_at as none, a revoked credential as valid.
+          options: `-c DateStyle=ISO${target.schema ? ` -c search_path=${target.schema}` : ""}`,
         },
       },
       ...(target.schema ? { schema: target.schema } : {}),

@@ -8,14 +8,22 @@ const MARK_BYTES = 8;
 const PLAIN_BYTES = POSITION_BYTES + MARK_BYTES;
 /** 44 bytes in base64url, no padding. */
 const CURSOR_CHARS = Math.ceil(((IV_BYTES + PLAIN_BYTES + TAG_BYTES) * 4) / 3);
+/**
+ * An earlier version's cursor: 36 bytes, a position alone. Opened for one release, so that a
+ * client moving between instances of a rolling upgrade is not reset at each move.
+ */
+const LEGACY_CHARS = ((IV_BYTES + POSITION_BYTES + TAG_BYTES) * 4) / 3;
 
 /** The event a position names (none: the start of an empty feed). */
 export type FeedAnchor = Pick<RevocationRecord, "id" | "kind" | "subjectId" | "tenantId" | "occurredAt">;
 
-/** A cursor opened: the id of the event it resumes after, and that event's {@link markOf}. */
+/**
+ * A cursor opened: the id of the event it resumes after, and that event's {@link markOf}
+ * (none: an earlier version's cursor, resumed by its position alone, as that version did).
+ */
 export interface OpenedCursor {
   position: number;
-  mark: Buffer;
+  mark?: Buffer;
 }
 
 /**
@@ -73,17 +81,20 @@ export class CursorCodec {
   /** The position of a cursor this database issued, or undefined for anything else. */
   open(cursor: string): OpenedCursor | undefined {
     // Exactly the length sealed: base64url decoders ignore trailing characters.
-    if (cursor.length !== CURSOR_CHARS || !/^[A-Za-z0-9_-]+$/.test(cursor)) return undefined;
+    const legacy = cursor.length === LEGACY_CHARS;
+    if ((!legacy && cursor.length !== CURSOR_CHARS) || !/^[A-Za-z0-9_-]+$/.test(cursor)) return undefined;
     const raw = Buffer.from(cursor, "base64url");
+    const plainBytes = legacy ? POSITION_BYTES : PLAIN_BYTES;
     try {
       const decipher = createDecipheriv("aes-256-gcm", this.key, raw.subarray(0, IV_BYTES));
-      decipher.setAuthTag(raw.subarray(IV_BYTES + PLAIN_BYTES));
+      decipher.setAuthTag(raw.subarray(IV_BYTES + plainBytes));
       const plain = Buffer.concat([
-        decipher.update(raw.subarray(IV_BYTES, IV_BYTES + PLAIN_BYTES)),
+        decipher.update(raw.subarray(IV_BYTES, IV_BYTES + plainBytes)),
         decipher.final(),
       ]);
       const position = plain.readBigUInt64BE();
       if (position > BigInt(Number.MAX_SAFE_INTEGER)) return undefined;
+      if (legacy) return { position: Number(position) };
       return { position: Number(position), mark: plain.subarray(POSITION_BYTES) };
     } catch {
       return undefined;

@@ -96,7 +96,14 @@ export class RevocationFeed {
     const { notifier, channel } = this.options;
     if (notifier) {
       // Ids follow commit order only if each is drawn at the commit, one at a time (see the migration).
-      const { sequence, cache } = await this.options.events.idCache();
+      const found = await this.options.events.idCache();
+      if (!found)
+        throw new Error(
+          "no sequence of revocation_events.id found (neither owned by the column nor named by its default as " +
+            "nextval('…'::regclass)): the start cannot check that event ids follow commit order; restore the " +
+            "column's default, or run `alter sequence <its sequence> owned by revocation_events.id`",
+        );
+      const { sequence, cache } = found;
       if (cache !== 1)
         throw new Error(
           `the sequence ${sequence} of revocation_events caches ${cache} ids per session: event ids would not ` +

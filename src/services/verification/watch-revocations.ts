@@ -340,6 +340,8 @@ async function resumable(
 ): Promise<boolean> {
   if (from.position === 0) return true;
   if (from.position > top) return false;
+  // An earlier version's cursor: its rule (not past the end; a pruning past it resets in the catch-up).
+  if (!from.mark) return true;
   const at = await events.at(from.position);
   if (at) return markOf(at).equals(from.mark);
   return (await events.info()).prunedThrough === from.position;

@@ -34,18 +34,40 @@ interface Row {
   occurred_at: unknown;
 }
 
-const COLUMNS = "id, kind, subject_id, tenant_id, occurred_at";
-const AFTER = `select ${COLUMNS} from revocation_events where id > ? order by id limit ?`;
-const FROM = `select ${COLUMNS} from revocation_events where id >= ? order by id limit ?`;
-const AT = `select ${COLUMNS} from revocation_events where id = ?`;
-const NEWEST = `select ${COLUMNS} from revocation_events order by id desc limit 1`;
-const RANGE = `select ${COLUMNS} from revocation_events where id > ? and id <= ? order by id limit ?`;
-const RANGE_OF_TENANT = `select ${COLUMNS} from revocation_events where tenant_id = ? and id > ? and id <= ? order by id limit ?`;
+/**
+ * The events' columns, `occurred_at` as epoch ms (SQLite stores it so). PostgreSQL's is
+ * computed there: as text it takes the session's DateStyle, and the cursors' mark hashes it.
+ */
+const columns = (sqlite: boolean) =>
+  `id, kind, subject_id, tenant_id, ${
+    sqlite
+      ? "occurred_at"
+      : "(extract(epoch from date_trunc('milliseconds', occurred_at)) * 1000)::bigint as occurred_at"
+  }`;
+const queries = (sqlite: boolean) => {
+  const c = columns(sqlite);
+  return {
+    AFTER: `select ${c} from revocation_events where id > ? order by id limit ?`,
+    FROM: `select ${c} from revocation_events where id >= ? order by id limit ?`,
+    AT: `select ${c} from revocation_events where id = ?`,
+    NEWEST: `select ${c} from revocation_events order by id desc limit 1`,
+    RANGE: `select ${c} from revocation_events where id > ? and id <= ? order by id limit ?`,
+    RANGE_OF_TENANT: `select ${c} from revocation_events where tenant_id = ? and id > ? and id <= ? order by id limit ?`,
+  };
+};
 const LAST_ID = "select max(id) as id from revocation_events";
-/** PostgreSQL: how many ids a session draws from the events' sequence at once. */
+/**
+ * PostgreSQL: the sequences the events' id is drawn from, and how many ids a session draws
+ * at once: the column's own (serial, identity) and any its default names (`nextval('s')`
+ * with no OWNED BY, which pg_get_serial_sequence does not see).
+ */
 const ID_CACHE =
   "select s.seqrelid::regclass::text as sequence, s.seqcache as cache from pg_sequence s " +
-  "where s.seqrelid = pg_get_serial_sequence('revocation_events', 'id')::regclass";
+  "where s.seqrelid = pg_get_serial_sequence('revocation_events', 'id')::regclass " +
+  "or s.seqrelid in (select d.refobjid from pg_attrdef a join pg_depend d on d.classid = 'pg_attrdef'::regclass " +
+  "and d.objid = a.oid and d.refclassid = 'pg_class'::regclass where a.adrelid = 'revocation_events'::regclass " +
+  "and a.adnum = (select attnum from pg_attribute where attrelid = 'revocation_events'::regclass and attname = 'id')) " +
+  "order by s.seqcache desc";
 const OLDEST_ID = "select min(id) as id from revocation_events";
 const FEED_INFO = "select database_id, pruned_through from revocation_feed where id = 1";
 /**
@@ -76,37 +98,42 @@ function record(r: Row): RevocationRecord {
  * back, an id that will be drawn again): every read waits until no transaction is open.
  */
 export class RevocationEventRepository {
-  constructor(private readonly sql: SqlRunner) {}
+  private readonly q: ReturnType<typeof queries>;
+
+  constructor(private readonly sql: SqlRunner) {
+    this.q = queries(sql.blocking === true);
+  }
 
   /** Events after `afterId`, in order, at most `limit`. */
   async after(afterId: number, limit: number): Promise<RevocationRecord[]> {
-    return (await this.read(() => this.sql.all<Row>(AFTER, [afterId, limit]))).map(record);
+    return (await this.read(() => this.sql.all<Row>(this.q.AFTER, [afterId, limit]))).map(record);
   }
 
   /** Events from `id` on (that one included), in order, at most `limit`. */
   async from(id: number, limit: number): Promise<RevocationRecord[]> {
-    return (await this.read(() => this.sql.all<Row>(FROM, [id, limit]))).map(record);
+    return (await this.read(() => this.sql.all<Row>(this.q.FROM, [id, limit]))).map(record);
   }
 
   /** The event at `id`, if there is one. */
   async at(id: number): Promise<RevocationRecord | undefined> {
-    const row = await this.read(() => this.sql.get<Row>(AT, [id]));
+    const row = await this.read(() => this.sql.get<Row>(this.q.AT, [id]));
     return row && record(row);
   }
 
   /** The newest event, if there is one. */
   async newest(): Promise<RevocationRecord | undefined> {
-    const row = await this.read(() => this.sql.get<Row>(NEWEST, []));
+    const row = await this.read(() => this.sql.get<Row>(this.q.NEWEST, []));
     return row && record(row);
   }
 
   /**
-   * PostgreSQL only: how many ids the events' sequence hands a session at once. Above 1 a
-   * session draws ids ahead, and one can commit after a larger id another drew later.
+   * PostgreSQL only: how many ids the events' sequence hands a session at once (the largest,
+   * if the id draws from several; none: no sequence found). Above 1 a session draws ids
+   * ahead, and one can commit after a larger id another drew later.
    */
-  async idCache(): Promise<{ sequence: string; cache: number }> {
+  async idCache(): Promise<{ sequence: string; cache: number } | undefined> {
     const row = await this.sql.get<{ sequence: string; cache: number | string }>(ID_CACHE, []);
-    return { sequence: row?.sequence ?? "", cache: Number(row?.cache ?? 1) };
+    return row && { sequence: row.sequence, cache: Number(row.cache) };
   }
 
   /** Events in (`afterId`, `throughId`], of one tenant (null: every tenant), at most `limit`. */
@@ -118,8 +145,8 @@ export class RevocationEventRepository {
   ): Promise<RevocationRecord[]> {
     const rows = await this.read(() =>
       tenantId === null
-        ? this.sql.all<Row>(RANGE, [afterId, throughId, limit])
-        : this.sql.all<Row>(RANGE_OF_TENANT, [tenantId, afterId, throughId, limit]),
+        ? this.sql.all<Row>(this.q.RANGE, [afterId, throughId, limit])
+        : this.sql.all<Row>(this.q.RANGE_OF_TENANT, [tenantId, afterId, throughId, limit]),
     );
     return rows.map(record);
   }
