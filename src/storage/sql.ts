@@ -194,7 +194,9 @@ export function toMillis(value: unknown): number | null {
     if (/^\d+$/.test(value)) return Number(value);
     const iso = value.replace(" ", "T").replace(/([+-]\d\d)$/, "$1:00");
     const ms = Date.parse(iso);
-    return Number.isNaN(ms) ? null : ms;
+    if (!Number.isNaN(ms)) return ms;
   }
-  return null;
+  // Never read as "no time": a revocation or an expiry the code cannot read must not pass for
+  // none (a session's DateStyle once turned revoked_at into text Date.parse refused).
+  throw new Error(`a database timestamp in an unexpected form (${typeof value})`);
 }
