@@ -1,12 +1,12 @@
 import { randomBytes } from "node:crypto";
-import { ConnectError, type Transport } from "@connectrpc/connect";
+import type { Transport } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import type { Knex } from "@mikro-orm/knex";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { POSTGRES, startTestServer, type TestServer } from "./helpers.js";
 import { adminLogin, clients, short } from "./machine-fixtures.js";
+import { outcome, pgHolds } from "./pg-holds.js";
 import { mintBackend } from "./security/fixtures.js";
 
 /**
@@ -42,57 +42,7 @@ describe("lock order on PostgreSQL", () => {
     await ts?.close();
   });
 
-  /** What became of `call`: "done", or the reason it was refused with. */
-  async function outcome(call: Promise<unknown>): Promise<string> {
-    try {
-      await call;
-      return "done";
-    } catch (err) {
-      const e = ConnectError.from(err);
-      return e.findDetails(ErrorInfoSchema)[0]?.reason ?? String(e);
-    }
-  }
-
-  /** The server processes waiting for a lock `pid` holds. */
-  async function blockedBy(pid: number): Promise<number[]> {
-    const { rows } = await knex.raw(
-      "select pid from pg_stat_activity where ?::int = any(pg_blocking_pids(pid)) order by pid",
-      [pid],
-    );
-    return rows.map((r: { pid: number }) => r.pid);
-  }
-
-  /** The one server process waiting for `pid`, once there is one. */
-  async function waiterOn(pid: number): Promise<number> {
-    await expect.poll(() => blockedBy(pid)).toHaveLength(1);
-    return (await blockedBy(pid))[0]!;
-  }
-
-  /** A transaction of the test's that runs `sql` (taking its locks) and holds them until released. */
-  async function hold(sql: string, params: string[]) {
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    let held!: (pid: number) => void;
-    const holding = new Promise<number>((resolve) => {
-      held = resolve;
-    });
-    const done = knex.transaction(async (trx) => {
-      const pid = (await trx.raw("select pg_backend_pid() as pid")).rows[0].pid as number;
-      await trx.raw(sql, params);
-      held(pid);
-      await released;
-    });
-    const pid = await Promise.race([holding, done.then(() => -1)]);
-    return {
-      pid,
-      async release() {
-        release();
-        await done;
-      },
-    };
-  }
+  const { blockedBy, waiterOn, hold } = pgHolds(() => knex);
 
   async function application() {
     return (await root.tenants.createApplication({ name: `app-${short()}` })).application!.id;

@@ -1,12 +1,12 @@
 import { createHash } from "node:crypto";
-import { ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import type { Knex } from "@mikro-orm/knex";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { initORM, type Storage } from "../../src/storage/orm.js";
 import { createTestCerts, dropSchema, POSTGRES } from "../helpers.js";
 import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { outcome, pgHolds } from "../pg-holds.js";
 import { transportTo } from "./fixtures.js";
 import { killAll, serve, serveEnv, stop } from "./processes.js";
 
@@ -48,57 +48,7 @@ afterAll(async () => {
   await dropSchema(url);
 });
 
-/** What became of `call`: "done", or the reason it was refused with. */
-async function outcome(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "done";
-  } catch (err) {
-    const e = ConnectError.from(err);
-    return e.findDetails(ErrorInfoSchema)[0]?.reason ?? String(e);
-  }
-}
-
-/** The sessions waiting for a lock `pid` holds. */
-async function blockedBy(pid: number): Promise<number[]> {
-  const { rows } = await knex.raw(
-    "select pid from pg_stat_activity where ?::int = any(pg_blocking_pids(pid)) order by pid",
-    [pid],
-  );
-  return rows.map((r: { pid: number }) => r.pid);
-}
-
-/** The one session waiting for `pid`, once there is one. */
-async function waiterOn(pid: number): Promise<number> {
-  await expect.poll(() => blockedBy(pid)).toHaveLength(1);
-  return (await blockedBy(pid))[0]!;
-}
-
-/** A transaction of the test's that runs `sql` (taking its locks) and holds them until released. */
-async function hold(sql: string, params: string[]) {
-  let release!: () => void;
-  const released = new Promise<void>((resolve) => {
-    release = resolve;
-  });
-  let held!: (pid: number) => void;
-  const holding = new Promise<number>((resolve) => {
-    held = resolve;
-  });
-  const done = knex.transaction(async (trx) => {
-    const pid = (await trx.raw("select pg_backend_pid() as pid")).rows[0].pid as number;
-    await trx.raw(sql, params);
-    held(pid);
-    await released;
-  });
-  const pid = await Promise.race([holding, done.then(() => -1)]);
-  return {
-    pid,
-    async release() {
-      release();
-      await done;
-    },
-  };
-}
+const { waiterOn, hold } = pgHolds(() => knex);
 
 describe("DeleteUser and RefreshToken on two PostgreSQL instances", () => {
   it("a deletion of a user and a refresh of its session do not deadlock", async () => {
