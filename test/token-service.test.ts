@@ -219,6 +219,23 @@ describe.each(DATABASES)("TokenService on $name", (db) => {
       expect(k.code).toBe(Code.InvalidArgument);
     });
 
+    it("refuses an expiry past google.protobuf.Timestamp's range, and keeps one at its end usable", async () => {
+      const { jwt } = await createUser([]);
+      // Year 10000: the database stores it, and it came back in a form no reader took.
+      const r = await rejection(
+        tokens(jwt).createPersonalAccessToken({
+          name: "far",
+          expiresAt: { seconds: 253_402_300_800n, nanos: 0 },
+        }),
+      );
+      expect(r.code).toBe(Code.InvalidArgument);
+      const last = await tokens(jwt).createPersonalAccessToken({
+        name: "last second",
+        expiresAt: { seconds: 253_402_300_799n, nanos: 0 },
+      });
+      expect(await tokens(last.token).listPersonalAccessTokens({})).toBeDefined();
+    });
+
     it("refuses a token with a malformed shape as TOKEN_INVALID without echoing it", async () => {
       const bad = "tsr_pat_this-is-not-a-token";
       const r = await rejection(users(bad).getCurrentUser({}));

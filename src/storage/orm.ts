@@ -264,7 +264,14 @@ export async function initORM(options: InitOrmOptions): Promise<Storage> {
           // Unqualified names in migrations and raw queries resolve to the configured schema. Timestamps
           // come back as text, read as ISO (toMillis): another DateStyle (a database's or role's default)
           // would read a revoked_at as none, a revoked credential as valid.
-          options: `-c DateStyle=ISO${target.schema ? ` -c search_path=${target.schema}` : ""}`,
+          // node-pg reads PGOPTIONS only when no options are given: kept, ahead of ours.
+          options: [
+            process.env.PGOPTIONS,
+            "-c DateStyle=ISO",
+            target.schema ? `-c search_path=${target.schema}` : undefined,
+          ]
+            .filter(Boolean)
+            .join(" "),
         },
       },
       ...(target.schema ? { schema: target.schema } : {}),

@@ -192,7 +192,14 @@ export function toMillis(value: unknown): number | null {
   if (value instanceof Date) return value.getTime();
   if (typeof value === "string") {
     if (/^\d+$/.test(value)) return Number(value);
-    const iso = value.replace(" ", "T").replace(/([+-]\d\d)$/, "$1:00");
+    // PostgreSQL's unbounded timestamps: no end (an expiry of "infinity" never comes).
+    if (value === "infinity") return Number.POSITIVE_INFINITY;
+    if (value === "-infinity") return Number.NEGATIVE_INFINITY;
+    // Years past 9999 (a far expiry, or near it in a database TimeZone east of UTC) come with
+    // five digits, which Date.parse reads only as an expanded year ("+010000").
+    const year = /^(\d{5,6})-/.exec(value);
+    const text = year ? `+${year[1]!.padStart(6, "0")}${value.slice(year[1]!.length)}` : value;
+    const iso = text.replace(" ", "T").replace(/([+-]\d\d)$/, "$1:00");
     const ms = Date.parse(iso);
     if (!Number.isNaN(ms)) return ms;
   }
