@@ -35,7 +35,6 @@ import {
 import { listPage, MAX_TIMESTAMP_MS, pageParams } from "../pagination.js";
 import { assertMakerStands, revokeMadeWith } from "./maker.js";
 
-
 /** The scope that lets a caller list and revoke every token of its tenant. */
 export const ADMIN_TOKENS_SCOPE = "admin:tokens";
 
@@ -122,7 +121,10 @@ export function createTokenService(deps: TokenServiceDeps): ServiceImpl<typeof T
         throw errors.invalidArgument("expires_at must be in the future", "expires_at");
       // google.protobuf.Timestamp's own range: a later one is no timestamp any client can read back.
       if (!(expiresAt.getTime() <= MAX_TIMESTAMP_MS))
-        throw errors.invalidArgument("expires_at must be no later than 9999-12-31T23:59:59.999Z", "expires_at");
+        throw errors.invalidArgument(
+          "expires_at must be no later than 9999-12-31T23:59:59.999Z",
+          "expires_at",
+        );
     }
     // A token made with a token that ends ends no later: else a stolen, short-lived token
     // is laundered into one that never ends and survives the revocation of the stolen one.
