@@ -140,9 +140,8 @@ export function certificateBindingHandlers(
           const binderScopes = principalOf(ctx).scopes.join(" ");
           // Only while still this machine user's and unproven: of two racing provers the second
           // finds it proven (AlreadyExists, as above), and a binding removed meanwhile is not there.
-          let updated = 0;
           await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
-            updated = await tx.nativeUpdate(
+            const updated = await tx.nativeUpdate(
               MachineUserCertificate,
               { id: existing.id, machineUserId: mu.id, proven: false },
               { proven: true, binderScopes },
