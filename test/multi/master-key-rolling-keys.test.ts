@@ -1,19 +1,11 @@
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { afterAll, beforeEach, describe, expect, it } from "vitest";
-import { createJwtService, type JwtService } from "../../src/auth/jwt.js";
-import {
-  type MasterKey,
-  openPrivateJwk,
-  parseMasterKey,
-  sealStoredSigningKeys,
-} from "../../src/auth/master-key.js";
+import { describe, expect, it } from "vitest";
+import type { JwtService } from "../../src/auth/jwt.js";
+import { openPrivateJwk, parseMasterKey } from "../../src/auth/master-key.js";
 import { TesseraError } from "../../src/errors.js";
-import { initORM, type Storage } from "../../src/storage/orm.js";
 import { readSigningKeys } from "../../src/storage/repositories/signing-keys.js";
-import { TEST_MASTER_KEY, testConfig } from "../helpers.js";
+import { TEST_MASTER_KEY } from "../helpers.js";
+import { keyRingInstances } from "./key-ring-instances.js";
 
 /**
  * The key ring's side of a rolling master-key rotation (README, "master key"): instances
@@ -26,40 +18,7 @@ const OLD = parseMasterKey(TEST_MASTER_KEY, "old");
 const NEW = parseMasterKey(randomBytes(32).toString("base64"), "new");
 const claims = { subject: "u1", tenantId: "t1", scopes: ["a"], kind: "user" as const };
 let t = Date.parse("2026-12-04T00:00:00Z");
-const made: JwtService[] = [];
-let storage: Storage;
-const dir = mkdtempSync(join(tmpdir(), "tessera-rolling-keys-"));
-
-beforeEach(async () => {
-  for (const s of made.splice(0)) s.close();
-  await storage?.close();
-  storage = await initORM({ url: `sqlite:${join(dir, `keys-${randomBytes(4).toString("hex")}.db`)}` });
-});
-afterAll(async () => {
-  for (const s of made) s.close();
-  await storage?.close();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-/** An instance on `mk` (with `previous`), as app.ts starts one: the stored keys resealed first. */
-async function instance(mk: MasterKey, previous: MasterKey[] = []): Promise<JwtService> {
-  await sealStoredSigningKeys(storage, mk, previous);
-  const config = testConfig("sqlite::memory:", {
-    auth: { jwt: { keyRotationInterval: 1000, keyPrePublication: 60 }, maxTokenTtl: 600 },
-  });
-  const s = await createJwtService({
-    config: config.auth.jwt,
-    storage,
-    masterKey: mk,
-    previousMasterKeys: previous,
-    maxTokenTtlSeconds: 600,
-    clock: () => t,
-    refreshIntervalMs: 0,
-    unknownKidGapMs: 0,
-  });
-  made.push(s);
-  return s;
-}
+const { storage, instance } = keyRingInstances("rolling-keys", () => t);
 
 const signs = (s: JwtService) =>
   s.issue(claims).then(
@@ -107,7 +66,7 @@ describe("a rolling master-key rotation", () => {
     );
     expect(started).toBe("started");
     // That start leaves every key sealed under the new key alone.
-    for (const row of await readSigningKeys(storage)) {
+    for (const row of await readSigningKeys(storage())) {
       expect(row.privateJwk.split(",")).toHaveLength(1);
       expect(() => openPrivateJwk(OLD, row.kid, row.privateJwk)).toThrow(/not the configured one/);
       expect(openPrivateJwk(NEW, row.kid, row.privateJwk)).toContain('"d"');

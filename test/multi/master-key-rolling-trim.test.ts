@@ -1,9 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { afterAll, beforeEach, describe, expect, it } from "vitest";
-import { createJwtService, type JwtService } from "../../src/auth/jwt.js";
+import { describe, expect, it } from "vitest";
 import {
   type MasterKey,
   openPrivateJwk,
@@ -13,9 +9,8 @@ import {
   sealStoredSigningKeys,
 } from "../../src/auth/master-key.js";
 import { SigningKey } from "../../src/storage/entities.js";
-import { initORM, type Storage } from "../../src/storage/orm.js";
 import { readSigningKeys } from "../../src/storage/repositories/signing-keys.js";
-import { testConfig } from "../helpers.js";
+import { keyRingInstances } from "./key-ring-instances.js";
 
 /**
  * Which envelopes a signing key's row keeps through master-key rotations (README, "master
@@ -29,44 +24,11 @@ const K1 = key("K1");
 const K2 = key("K2");
 const K3 = key("K3");
 const t = Date.parse("2026-12-04T00:00:00Z");
-const made: JwtService[] = [];
-let storage: Storage;
-const dir = mkdtempSync(join(tmpdir(), "tessera-rolling-trim-"));
-
-beforeEach(async () => {
-  for (const s of made.splice(0)) s.close();
-  await storage?.close();
-  storage = await initORM({ url: `sqlite:${join(dir, `trim-${randomBytes(4).toString("hex")}.db`)}` });
-});
-afterAll(async () => {
-  for (const s of made) s.close();
-  await storage?.close();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-/** An instance on `mk` (with `previous`), as app.ts starts one: the stored keys resealed first. */
-async function instance(mk: MasterKey, previous: MasterKey[] = []): Promise<JwtService> {
-  await sealStoredSigningKeys(storage, mk, previous);
-  const config = testConfig("sqlite::memory:", {
-    auth: { jwt: { keyRotationInterval: 1000, keyPrePublication: 60 }, maxTokenTtl: 600 },
-  });
-  const s = await createJwtService({
-    config: config.auth.jwt,
-    storage,
-    masterKey: mk,
-    previousMasterKeys: previous,
-    maxTokenTtlSeconds: 600,
-    clock: () => t,
-    refreshIntervalMs: 0,
-    unknownKidGapMs: 0,
-  });
-  made.push(s);
-  return s;
-}
+const { storage, instance } = keyRingInstances("rolling-trim", () => t);
 
 /** Of each stored key, whether `mk` opens it. */
 async function opens(mk: MasterKey): Promise<boolean[]> {
-  return (await readSigningKeys(storage)).map((row) => {
+  return (await readSigningKeys(storage())).map((row) => {
     try {
       return openPrivateJwk(mk, row.kid, row.privateJwk).includes('"d"');
     } catch {
@@ -117,7 +79,7 @@ describe("the envelopes a rolling master-key rotation leaves", () => {
   });
 
   it("leaves every row untouched when a start refuses a row no configured key opens", async () => {
-    const em = storage.em.fork();
+    const em = storage().em.fork();
     const jwk = JSON.stringify({ kty: "OKP", crv: "Ed25519", d: "secret", x: "public" });
     const base = { alg: "EdDSA", publicJwk: "{}", createdAt: new Date(t), activatesAt: new Date(t) };
     for (let i = 1; i <= 3; i++)
@@ -133,8 +95,8 @@ describe("the envelopes a rolling master-key rotation leaves", () => {
       generation: 4,
       privateJwk: sealPrivateJwk(K3, "k4", jwk),
     });
-    const before = (await readSigningKeys(storage)).map((r) => r.privateJwk);
-    await expect(sealStoredSigningKeys(storage, K2)).rejects.toThrow(/not the configured one/);
-    expect((await readSigningKeys(storage)).map((r) => r.privateJwk)).toEqual(before);
+    const before = (await readSigningKeys(storage())).map((r) => r.privateJwk);
+    await expect(sealStoredSigningKeys(storage(), K2)).rejects.toThrow(/not the configured one/);
+    expect((await readSigningKeys(storage())).map((r) => r.privateJwk)).toEqual(before);
   });
 });
