@@ -117,6 +117,12 @@ describe("database errors a handler did not expect", () => {
       driverError(DriverException, { code: "57P05" }),
       driverError(DriverException, { code: "25P03" }),
       driverError(DriverException, { code: "25P04" }),
+      // The database's own disk failed under it.
+      driverError(DriverException, { code: "58030" }),
+      // The network under the connection went away (an interface down, an address withdrawn).
+      Object.assign(new Error("connect EADDRNOTAVAIL"), { code: "EADDRNOTAVAIL" }),
+      Object.assign(new Error("read ENETDOWN"), { code: "ENETDOWN" }),
+      Object.assign(new Error("read ECONNABORTED"), { code: "ECONNABORTED" }),
       new Error("Connection terminated unexpectedly"),
       Object.assign(new Error("Knex: Timeout acquiring a connection."), { name: "KnexTimeoutError" }),
     ]) {

@@ -69,6 +69,10 @@ const SOCKET_CODES = new Set([
   "EHOSTUNREACH",
   "ENETUNREACH",
   "EAI_AGAIN",
+  "EADDRNOTAVAIL",
+  "ENETDOWN",
+  "EHOSTDOWN",
+  "ECONNABORTED",
 ]);
 
 /**
@@ -96,9 +100,10 @@ const OUTAGE_MESSAGES =
  * session's idle-in-transaction or transaction timeout ended it), class 53 (insufficient resources: too many connections, disk
  * or memory full), 57014 (statement timeout), 55P03 (a lock not granted within a
  * `lock_timeout` the deployment set on its role or database: another session holds it),
- * 40001/40P01 (serialization failure, deadlock: worth a retry) and 25006 (a write refused by
+ * 40001/40P01 (serialization failure, deadlock: worth a retry), 25006 (a write refused by
  * a database that is read-only now: a primary demoted by a failover, a standby, or
- * `default_transaction_read_only` set for maintenance; as a read-only SQLite file);
+ * `default_transaction_read_only` set for maintenance; as a read-only SQLite file) and class
+ * 58 (the database's own system or I/O error: its disk, not the request);
  * SQLite's BUSY and LOCKED (another process holds the write lock past the busy timeout),
  * FULL (disk full), IOERR, READONLY and CANTOPEN (the file or its folder went away or
  * became read-only). Each is answered Unavailable with Retry-After.
@@ -116,6 +121,7 @@ export function isOutage(err: unknown): boolean {
         code === "25P03" ||
         code === "25P04" ||
         code.startsWith("53") ||
+        code.startsWith("58") ||
         ["57014", "55P03", "40001", "40P01", "25006"].includes(code) ||
         SOCKET_CODES.has(code) ||
         /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|NOLFS)/.test(code)
