@@ -157,6 +157,12 @@ export class SessionIssuer {
     if (!row || (options.owner !== undefined && row.userId !== options.owner))
       throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
+    const now = new Date(this.now());
+    // Refused unspent: spent, the client's retry of an expired token read as a re-use (a
+    // theft) and ended the session with its live access tokens. A token spent before it
+    // expired is still a re-use below, whenever it comes back.
+    if (!row.spentAt && row.expiresAt.getTime() <= now.getTime())
+      throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
     const user = await em.findOne(User, { id: row.userId });
     if (!row.spentAt && user) {
       if (options.scopes !== undefined)
@@ -170,7 +176,6 @@ export class SessionIssuer {
         throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
       }
     }
-    const now = new Date(this.now());
     // Spent and replaced in one transaction: a write failing in between (the database gone
     // mid-refresh) must leave the token unspent, or the client's retry reads as a re-use.
     const outcome = await em.transactional(async (tx) => {
@@ -182,7 +187,6 @@ export class SessionIssuer {
         ? 0
         : await tx.nativeUpdate(RefreshToken, { id: row.id, spentAt: null }, { spentAt: now });
       if (spent === 0) return "reused";
-      if (row.expiresAt.getTime() <= now.getTime()) return "expired";
       if (!user) return "gone";
       options.resolved?.(user);
       return this.issue(tx, user, row.familyId, options.scopes);
@@ -192,7 +196,6 @@ export class SessionIssuer {
       if (user) options.resolved?.(user);
       throw new TesseraError("TOKEN_REVOKED", "refresh token was already used; the session has been revoked");
     }
-    if (outcome === "expired") throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
     if (outcome === "gone") throw new TesseraError("TOKEN_REVOKED", "the session's user no longer exists");
     const pair = outcome;
     // A concurrent re-use of the same token may have revoked the family between our
