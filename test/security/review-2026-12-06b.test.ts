@@ -117,9 +117,10 @@ describe.each(DATABASES)("review 2026-12-06b on $name", (db) => {
 
     await admin.tenants.updateTenant({ id: tenant!.id, disabled: true });
     // A client refreshing on its schedule while the tenant is suspended.
-    expect((await rejection(users.refreshToken({ refreshToken: login.refreshToken }))).reason).toBe(
-      "PRINCIPAL_DISABLED",
-    );
+    const refused = await rejection(users.refreshToken({ refreshToken: login.refreshToken }));
+    expect(refused.reason).toBe("PRINCIPAL_DISABLED");
+    // The tenant's state, not the user's, as every other call of the tenant's is told.
+    expect(refused.message).toBe("tenant is disabled");
     await admin.tenants.updateTenant({ id: tenant!.id, disabled: false });
 
     // Disabling a tenant ends nothing (README): once enabled, its sessions go on as they were,

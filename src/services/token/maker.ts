@@ -1,5 +1,5 @@
 import type { EntityManager } from "@mikro-orm/knex";
-import type { Principal } from "../../auth/principal.js";
+import { type Principal, TENANT_DISABLED_MESSAGE } from "../../auth/principal.js";
 import type { RequestState } from "../../context.js";
 import { TesseraError } from "../../errors.js";
 import { Session, Tenant, User } from "../../storage/entities.js";
@@ -69,6 +69,7 @@ export async function assertMakerStands(
   // A hash changed since: a password changed, unless it is a re-hash of this very one.
   if (hash !== undefined && user.passwordHash !== hash && !(await state.samePassword?.(user.passwordHash)))
     throw ended();
-  if (user.disabled || !(await em.count(Tenant, { id: user.tenantId, disabled: false })))
-    throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+  if (user.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+  if (!(await em.count(Tenant, { id: user.tenantId, disabled: false })))
+    throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
 }

@@ -2,6 +2,7 @@ import { createHash, randomBytes, randomUUID } from "node:crypto";
 import type { EntityManager } from "@mikro-orm/knex";
 import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
+import { TENANT_DISABLED_MESSAGE } from "../../auth/principal.js";
 import { parseScopeString } from "../../auth/scopes.js";
 import { type Clock, systemClock } from "../../clock.js";
 import { REFRESH_TOKEN_PREFIX } from "../../config/auth.js";
@@ -173,7 +174,10 @@ export class SessionIssuer {
       const tenant = await em.findOne(Tenant, { id: user.tenantId });
       if (user.disabled || !tenant || tenant.disabled) {
         options.resolved?.(user);
-        throw new TesseraError("PRINCIPAL_DISABLED", "user is disabled");
+        throw new TesseraError(
+          "PRINCIPAL_DISABLED",
+          user.disabled ? "user is disabled" : TENANT_DISABLED_MESSAGE,
+        );
       }
     }
     // Spent and replaced in one transaction: a write failing in between (the database gone
