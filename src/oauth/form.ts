@@ -125,8 +125,10 @@ export async function readForm(
     req.on("end", () => {
       if (!over) resolve(Buffer.concat(chunks).toString("utf8"));
     });
-    req.on("error", (err) => {
-      if (!over) reject(err);
+    // The client went away (or broke its stream) mid-body: its doing, never a fault of
+    // Tessera's to log at error level, which anyone could then do at will.
+    req.on("error", () => {
+      if (!over) reject(new OAuthError("invalid_request", "the request body was cut short"));
     });
   });
   const form = new Map<string, string>();
