@@ -231,13 +231,16 @@ function nodeHeaders(headers: IncomingHttpHeaders): HeaderSource {
   };
 }
 
-/** Whether the request presents client authentication at all (a header, client_secret, or a client certificate). */
-export function presentsClient(req: OAuthRequest): boolean {
+/**
+ * Whether the request presents client credentials (a header or client_secret). A client
+ * certificate alone is not counted: a connection may carry one without the client choosing
+ * tls_client_auth (every connection does with mtls: require).
+ */
+export function presentsClientSecret(req: OAuthRequest): boolean {
   return (
     req.headers.authorization !== undefined ||
     req.headers["x-api-key"] !== undefined ||
-    req.form.has("client_secret") ||
-    req.state.certificate !== null
+    req.form.has("client_secret")
   );
 }
 

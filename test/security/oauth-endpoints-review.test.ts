@@ -1,12 +1,78 @@
 import tls from "node:tls";
+import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SQLITE, startTestServer, type TestServer } from "../helpers.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  memoryTransport,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+} from "../helpers.js";
 import { captureLogs } from "./fixtures.js";
 
 /**
  * Review of the OAuth 2.0 endpoints (/oauth2/token, /oauth2/introspect, /oauth2/revoke) as a
  * strict client and as an attacker, over TLS. Each case here failed on the code before it.
  */
+
+/** POST a form to `path` through `dispatcher`. */
+async function postForm(ts: TestServer, dispatcher: Agent, path: string, form: Record<string, string>) {
+  const res = await request(`${ts.server.url}${path}`, {
+    method: "POST",
+    dispatcher,
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams(form).toString(),
+  });
+  const raw = await res.body.text();
+  return { status: res.statusCode, json: JSON.parse(raw) as Record<string, unknown> };
+}
+
+describe("the refresh_token grant over a connection that presents a client certificate", () => {
+  // mtls: require, where every client presents one: the users' CLIs and scripts among them.
+  let ts: TestServer;
+  let certAgent: Agent;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { server: { mtls: "require" } });
+    certAgent = new Agent({
+      connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
+    });
+  });
+  afterAll(async () => {
+    await certAgent?.close();
+    await ts?.close();
+  });
+
+  it("rotates a user's refresh token as the RefreshToken RPC on that connection does: the certificate is no client authentication", async () => {
+    const login = () =>
+      clientFor(UserService, memoryTransport(ts.app)).login({ username: "admin", password: ADMIN_PASSWORD });
+    // The RPC, over the same kind of connection, refreshes.
+    const viaRpc = await clientFor(UserService, ts.connect({ clientCert: true })).refreshToken({
+      refreshToken: (await login()).refreshToken,
+    });
+    expect(viaRpc.refreshToken).toMatch(/^tsr_rt_/);
+    // The OAuth grant took the certificate (bound to no machine user) for tls_client_auth:
+    // 401 invalid_client, so no user could refresh through /oauth2/token.
+    const refreshToken = (await login()).refreshToken;
+    const res = await postForm(ts, certAgent, "/oauth2/token", {
+      grant_type: "refresh_token",
+      refresh_token: refreshToken,
+    });
+    expect(res.json.error).toBeUndefined();
+    expect(res.status).toBe(200);
+    expect(res.json.refresh_token).toMatch(/^tsr_rt_/);
+    // Reuse detection is the same on such a connection: a spent token is invalid_grant.
+    const reuse = await postForm(ts, certAgent, "/oauth2/token", {
+      grant_type: "refresh_token",
+      refresh_token: refreshToken,
+      client_id: "cli",
+    });
+    expect(reuse.status).toBe(400);
+    expect(reuse.json.error).toBe("invalid_grant");
+  });
+});
 
 describe("an OAuth request whose HTTP/1.1 client hangs up before its form is read", () => {
   let ts: TestServer;
