@@ -125,8 +125,10 @@ export async function readForm(
     req.on("end", () => {
       if (!over) resolve(Buffer.concat(chunks).toString("utf8"));
     });
-    req.on("error", (err) => {
-      if (!over) reject(err);
+    // The client went away (or broke its stream) mid-body: its doing, never a fault of
+    // Tessera's to log at error level, which anyone could then do at will.
+    req.on("error", () => {
+      if (!over) reject(new OAuthError("invalid_request", "the request body was cut short"));
     });
   });
   const form = new Map<string, string>();
@@ -229,13 +231,16 @@ function nodeHeaders(headers: IncomingHttpHeaders): HeaderSource {
   };
 }
 
-/** Whether the request presents client authentication at all (a header, client_secret, or a client certificate). */
-export function presentsClient(req: OAuthRequest): boolean {
+/**
+ * Whether the request presents client credentials (a header or client_secret). A client
+ * certificate alone is not counted: a connection may carry one without the client choosing
+ * tls_client_auth (every connection does with mtls: require).
+ */
+export function presentsClientSecret(req: OAuthRequest): boolean {
   return (
     req.headers.authorization !== undefined ||
     req.headers["x-api-key"] !== undefined ||
-    req.form.has("client_secret") ||
-    req.state.certificate !== null
+    req.form.has("client_secret")
   );
 }
 

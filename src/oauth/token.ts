@@ -16,7 +16,7 @@ import {
   type ClientAuthDeps,
   OAuthError,
   type OAuthRequest,
-  presentsClient,
+  presentsClientSecret,
   scopeParameter,
 } from "./form.js";
 
@@ -141,14 +141,18 @@ async function clientCredentials(deps: TokenEndpointDeps, req: OAuthRequest): Pr
  * refresh_token (RFC 6749 §6): a user session's rotating refresh token, spent for a new
  * pair as RefreshToken spends it (reuse of a spent token ends the session). Refresh tokens
  * are issued to users' sessions, public clients: no client authentication is needed, and a
- * `client_id` alone is ignored. A client that does authenticate must be the token's user.
+ * `client_id` alone, or a client certificate, is ignored. A client that does authenticate
+ * (Basic or client_secret_post) must be the token's user.
  * `scope` may narrow the new access token to scopes the user still holds (invalid_scope
  * otherwise, before the token is spent).
  */
 async function refreshToken(deps: TokenEndpointDeps, req: OAuthRequest): Promise<TokenResponse> {
   const token = req.form.get("refresh_token");
   let owner: string | undefined;
-  if (presentsClient(req)) {
+  // A certificate alone is no client authentication here: only machine users are bound to
+  // certificates and they hold no refresh token, so taking it for tls_client_auth refused
+  // every user whose connection carries one.
+  if (presentsClientSecret(req)) {
     const client = await authenticateClient(deps, req);
     // A machine user holds no refresh token: one naming nobody matches no row.
     owner = client.principal.kind === "user" ? client.principal.id : "";

@@ -1,0 +1,118 @@
+import tls from "node:tls";
+import { Agent, request } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import {
+  ADMIN_PASSWORD,
+  clientFor,
+  memoryTransport,
+  SQLITE,
+  startTestServer,
+  type TestServer,
+} from "../helpers.js";
+import { captureLogs } from "./fixtures.js";
+
+/**
+ * Review of the OAuth 2.0 endpoints (/oauth2/token, /oauth2/introspect, /oauth2/revoke) as a
+ * strict client and as an attacker, over TLS. Each case here failed on the code before it.
+ */
+
+/** POST a form to `path` through `dispatcher`. */
+async function postForm(ts: TestServer, dispatcher: Agent, path: string, form: Record<string, string>) {
+  const res = await request(`${ts.server.url}${path}`, {
+    method: "POST",
+    dispatcher,
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams(form).toString(),
+  });
+  const raw = await res.body.text();
+  return { status: res.statusCode, json: JSON.parse(raw) as Record<string, unknown> };
+}
+
+describe("the refresh_token grant over a connection that presents a client certificate", () => {
+  // mtls: require, where every client presents one: the users' CLIs and scripts among them.
+  let ts: TestServer;
+  let certAgent: Agent;
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { server: { mtls: "require" } });
+    certAgent = new Agent({
+      connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
+    });
+  });
+  afterAll(async () => {
+    await certAgent?.close();
+    await ts?.close();
+  });
+
+  it("rotates a user's refresh token as the RefreshToken RPC on that connection does: the certificate is no client authentication", async () => {
+    const login = () =>
+      clientFor(UserService, memoryTransport(ts.app)).login({ username: "admin", password: ADMIN_PASSWORD });
+    // The RPC, over the same kind of connection, refreshes.
+    const viaRpc = await clientFor(UserService, ts.connect({ clientCert: true })).refreshToken({
+      refreshToken: (await login()).refreshToken,
+    });
+    expect(viaRpc.refreshToken).toMatch(/^tsr_rt_/);
+    // The OAuth grant took the certificate (bound to no machine user) for tls_client_auth:
+    // 401 invalid_client, so no user could refresh through /oauth2/token.
+    const refreshToken = (await login()).refreshToken;
+    const res = await postForm(ts, certAgent, "/oauth2/token", {
+      grant_type: "refresh_token",
+      refresh_token: refreshToken,
+    });
+    expect(res.json.error).toBeUndefined();
+    expect(res.status).toBe(200);
+    expect(res.json.refresh_token).toMatch(/^tsr_rt_/);
+    // Reuse detection is the same on such a connection: a spent token is invalid_grant.
+    const reuse = await postForm(ts, certAgent, "/oauth2/token", {
+      grant_type: "refresh_token",
+      refresh_token: refreshToken,
+      client_id: "cli",
+    });
+    expect(reuse.status).toBe(400);
+    expect(reuse.json.error).toBe("invalid_grant");
+  });
+});
+
+describe("an OAuth request whose HTTP/1.1 client hangs up before its form is read", () => {
+  let ts: TestServer;
+  const logs = captureLogs("info");
+
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, { log: { access: "info" } }, undefined, { logger: logs.logger });
+  });
+  afterAll(async () => {
+    await ts?.close();
+  });
+
+  for (const path of ["/oauth2/token", "/oauth2/introspect", "/oauth2/revoke"])
+    it(`is not logged as Tessera's fault (${path})`, async () => {
+      // Anyone, unauthenticated, could write error lines ("request failed", a 500's) at will.
+      const requestId = `oauth-hangup-${path.slice(8)}`;
+      const socket = tls.connect({
+        host: "127.0.0.1",
+        port: ts.server.port,
+        ca: ts.certs.ca,
+        servername: "localhost",
+        ALPNProtocols: ["http/1.1"],
+      });
+      socket.on("error", () => undefined);
+      await new Promise((resolve) => socket.once("secureConnect", resolve));
+      const head =
+        `POST ${path} HTTP/1.1\r\nhost: localhost\r\n` +
+        "content-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n" +
+        `x-request-id: ${requestId}\r\n\r\n`;
+      await new Promise<void>((resolve) =>
+        socket.write(Buffer.concat([Buffer.from(head), Buffer.from("grant_type=client_")]), () => resolve()),
+      );
+      socket.destroy();
+      await expect
+        .poll(() => logs.lines.some((l) => l.msg === "access" && l.requestId === requestId), {
+          timeout: 5000,
+        })
+        .toBe(true);
+      // The error line, when there is one, follows the access line at once.
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(logs.lines.filter((l) => l.requestId === requestId && (l.level as number) >= 50)).toEqual([]);
+    });
+});
