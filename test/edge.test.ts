@@ -107,6 +107,12 @@ describe("CORS and readiness", () => {
         dispatcher: agent,
       });
       expect(ok.headers.get("access-control-expose-headers")).toContain("X-Request-Id");
+      // A cacheable answer to a request without Origin varies by Origin too: a shared cache
+      // must not serve it to the allowed origin's browser, which would miss its CORS headers.
+      const keys = await undiciFetch(`${ts.server.url}/.well-known/jwks.json`, { dispatcher: agent });
+      expect(keys.headers.get("cache-control")).toBe("public, max-age=300");
+      expect(keys.headers.get("vary")).toBe("Origin");
+      expect(ok.headers.get("vary")).toBe("Origin");
     } finally {
       await agent.close();
       await ts.close();

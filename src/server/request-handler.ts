@@ -80,6 +80,11 @@ export function createRequestHandler(
   const hsts = tls ? HSTS : undefined;
   const allowedOrigins = new Set(config.cors.allowedOrigins);
   const anyOrigin = allowedOrigins.has("*");
+  // With a list of origins an answer differs by Origin (allowed or not) even when the request
+  // has none: without Vary a shared cache keeps the JWKS or discovery document answered to
+  // a request without Origin (public, max-age=300) and serves it to a browser of an allowed
+  // origin, which then refuses it for want of CORS headers.
+  const varyOrigin = !anyOrigin && allowedOrigins.size > 0;
   const exposed = [
     ...connectCors.exposedHeaders,
     "X-Request-Id",
@@ -102,9 +107,9 @@ export function createRequestHandler(
     // HTTP/1.1 only (the header is forbidden in HTTP/2, where the connection gets GOAWAY).
     if (closesConnection(req)) common.connection = "close";
     const origin = req.headers.origin;
+    if (varyOrigin) common.vary = "Origin";
     if (corsAllowed(origin)) {
       common["access-control-allow-origin"] = anyOrigin ? "*" : origin;
-      if (!anyOrigin) common.vary = "Origin";
       common["access-control-expose-headers"] = exposed;
     }
     return common;
