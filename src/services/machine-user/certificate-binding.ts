@@ -226,13 +226,14 @@ export function certificateBindingHandlers(
         // Only while still this machine user's and unproven: of two racing provers the second
         // finds it proven (AlreadyExists, as above), and a binding removed meanwhile is not there.
         await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
+          // The outranked bindings' machine users before this binding's row (storage/lock-order.ts).
+          outranked = await outrankElsewhere(tx, mu.tenantId, identity, cutoff, deps.clockSkewSeconds);
           const updated = await tx.nativeUpdate(
             MachineUserCertificate,
             { id: existing.id, machineUserId: mu.id, proven: false },
             { proven: true, binderScopes },
           );
           if (updated === 0) throw errors.alreadyExists(conflict);
-          outranked = await outrankElsewhere(tx, mu.tenantId, identity, cutoff, deps.clockSkewSeconds);
         });
         existing.proven = true;
         existing.binderScopes = binderScopes;
