@@ -84,6 +84,21 @@ describe.each(DATABASES)("certificate bindings per tenant on $name", (db) => {
     expect(await certificateUser(c.ts, owned)).toBe(ours.id);
   });
 
+  it("a fingerprint proven in two tenants authenticates no one, and a proven fingerprint outranks another tenant's proven SAN URI", async () => {
+    const san = `spiffe://shared.example/${short()}`;
+    const cert = await mint(c.ts, san);
+    const over = presenting(c.ts, cert);
+    const a = await otherTenant();
+    const b = await otherTenant();
+    const theirs = await machineOf(a);
+    const ours = await machineOf(b);
+    await bind(a.token, theirs.id, { case: "sanUri", value: san }, over);
+    await bind(b.token, ours.id, { case: "sha256Fingerprint", value: cert.fingerprint }, over);
+    expect(await certificateUser(c.ts, cert)).toBe(ours.id);
+    await bind(a.token, theirs.id, { case: "sha256Fingerprint", value: cert.fingerprint }, over);
+    expect(await certificateUser(c.ts, cert)).toBe("AUTH_REQUIRED");
+  });
+
   for (const kind of ["sanUri", "sha256Fingerprint"] as const) {
     it(`squat of a ${kind} before the owner's proof: the owner's certificate is the owner's, the squatter's tokens through it end`, async () => {
       const san = `spiffe://owner.example/${short()}`;
