@@ -209,6 +209,13 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect((await tessera(["completion", "tcsh"])).code).toBe(EXIT.usage);
   });
 
+  it("says an API key, not a API key, in its help", async () => {
+    const help = (await tessera(["api-key", "--help"])).stdout;
+    expect(help).toContain("create an API key acting as you");
+    expect(help).toContain("revoke an API key;");
+    expect(help).not.toMatch(/\ba API\b/);
+  });
+
   it("names the SDK's client environment variables in --help", async () => {
     const help = (await tessera(["--help"])).stdout;
     for (const name of [
