@@ -178,8 +178,13 @@ describe("server commands", () => {
       await new Promise((r) => child.once("close", r));
       return stderr;
     };
-    expect(await serve("0.0.0.0")).toContain("serving without TLS on an address other hosts can reach");
-    expect(await serve("127.0.0.1")).not.toContain("serving without TLS");
+    const wide = await serve("0.0.0.0");
+    expect(wide).toContain("serving without TLS on an address other hosts can reach");
+    // The listening line names what is bound, not only the loopback URL to dial it at.
+    expect(wide).toMatch(/"listen":"0\.0\.0\.0:\d+".*"msg":"tessera listening"/);
+    const loopback = await serve("127.0.0.1");
+    expect(loopback).not.toContain("serving without TLS");
+    expect(loopback).toMatch(/"listen":"127\.0\.0\.1:\d+".*"msg":"tessera listening"/);
   }, 120_000);
 
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {

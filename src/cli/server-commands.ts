@@ -170,7 +170,14 @@ export function registerServerCommands(program: Command): void {
       : undefined;
     if (metrics) logger.info({ url: metrics.url }, "metrics listening");
     logger.info(
-      { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
+      {
+        url: server.url,
+        // What is bound: `url` names loopback for a wildcard host (an address to dial), which
+        // read as if the port were reachable from this machine only.
+        listen: `${config.server.host.includes(":") ? `[${config.server.host}]` : config.server.host}:${server.port}`,
+        mtls: config.server.mtls,
+        database: app.storage.target.kind,
+      },
       "tessera listening",
     );
     const { isLoopbackHost } = await import("../services/machine-user/callback-url.js");
