@@ -49,13 +49,15 @@ describe("server commands", () => {
     const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("TESSERA_MTLS");
+    // One `error: …` line first, like every other refused start.
+    expect(bad.stderr).toMatch(/^error: invalid configuration/);
     // A config file that is not YAML is a bad configuration too, told by its position only:
     // the parser's own message quotes the line, here the admin password.
     const file = join(mkdtempSync(join(tmpdir(), "tessera-cli-")), "tessera.yaml");
     writeFileSync(file, "admin:\n  password: pw-in-broken-yaml: x\n");
     const broken = await run(["migrate", "--config", file]);
     expect(broken.code).toBe(2);
-    expect(broken.stderr).toContain("not valid YAML (line 2, column");
+    expect(broken.stderr).toMatch(/^error: config file .* not valid YAML \(line 2, column/);
     expect(broken.stderr).not.toContain("pw-in-broken-yaml");
   });
 
