@@ -27,6 +27,7 @@ import { createLogger } from "./logger.js";
 import { createMetrics, type Metrics, metricsOff } from "./metrics.js";
 import { createOAuthEndpoints, type OAuthEndpoints } from "./oauth/index.js";
 import { createRateLimits, type RateLimits, spentAddressRefusal } from "./rate-limit.js";
+import { ServingState } from "./services/health/serving-state.js";
 import { createServiceRoutes } from "./services/routes.js";
 import { startSessionPruner } from "./services/user/session-pruning.js";
 import { SessionIssuer } from "./services/user/sessions.js";
@@ -65,6 +66,8 @@ export interface App {
   verifier: CredentialVerifier;
   /** This instance's one reader of the revocation feed, behind every WatchRevocations stream; the server drains it at shutdown. */
   revocations: RevocationFeed;
+  /** Where a shutdown is (the server steps it): grpc.health.v1.Health follows it. */
+  serving: ServingState;
   limits: RateLimits | undefined;
   audit: AuditLog;
   /** The Prometheus metrics; undefined when `metrics.listen` is off (nothing is counted then). */
@@ -268,7 +271,9 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       ],
     });
     const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
+    const serving = new ServingState();
     const { services, routes } = createServiceRoutes({
+      serving,
       passwords,
       verifier,
       revocations,
@@ -345,6 +350,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       authenticator,
       verifier,
       revocations,
+      serving,
       limits,
       audit,
       metrics,

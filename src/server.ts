@@ -213,11 +213,14 @@ export async function startServer(app: App): Promise<TesseraServer> {
     openStreamsFrom,
     async close(graceMs = 2000, drainDelayMs = 0) {
       draining = true;
+      app.serving.drain();
       if (drainDelayMs > 0) await new Promise((r) => setTimeout(r, drainDelayMs));
       tlsWatch?.close();
       // WatchRevocations streams never end by themselves: they end now, cleanly (OK), and
       // their clients resume on another instance from their cursor.
       app.revocations.drain();
+      // Health watches likewise, having said NOT_SERVING since the drain began.
+      app.serving.close();
       // No new connections from here: the listening socket is closed at once.
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       // HTTP/2 sessions get GOAWAY (no new streams; open ones finish), then close when empty.

@@ -186,6 +186,25 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect(readFileSync(join(out, "client.key"), "utf8")).not.toBe(key);
   });
 
+  it("exits 2 (usage), not 1, for a bad certs client argument or a cert folder without a CA", async () => {
+    const out = mkdtempSync(join(tmpdir(), "tessera-cli-certs-"));
+    const certEnv = { TESSERA_CERT_DIR: ts.certs.dir };
+    for (const [args, says] of [
+      [["certs", "client", "", "--out", join(out, "a")], "client name must be"],
+      [
+        ["certs", "client", "b", "--out", join(out, "b"), "--san-uri", "not a uri"],
+        "not an absolute ASCII URI",
+      ],
+      [["certs", "client", "c", "--out", join(out, "c"), "--san-uri", ""], "not an absolute ASCII URI"],
+      [["certs", "client", "d", "--out", join(out, "d"), "--cert-dir", out], "ca.key not found"],
+    ] as const) {
+      const r = await tessera([...args], certEnv);
+      expect(r.code, args.join(" ")).toBe(EXIT.usage);
+      expect(r.stderr).toContain(says);
+    }
+    expect(readdirSync(out)).toEqual([]);
+  });
+
   it("prints completion scripts for bash, zsh and fish from the command tree", async () => {
     const bash = await tessera(["completion", "bash"]);
     expect(bash.code).toBe(0);
@@ -207,6 +226,13 @@ describe("the tessera CLI, complete and consistent", { timeout: 300_000 }, () =>
     expect((await tessera(["completion", "zsh"])).stdout).toContain("bashcompinit");
     expect((await tessera(["completion", "fish"])).stdout).toContain("-a reset-password");
     expect((await tessera(["completion", "tcsh"])).code).toBe(EXIT.usage);
+  });
+
+  it("says an API key, not a API key, in its help", async () => {
+    const help = (await tessera(["api-key", "--help"])).stdout;
+    expect(help).toContain("create an API key acting as you");
+    expect(help).toContain("revoke an API key;");
+    expect(help).not.toMatch(/\ba API\b/);
   });
 
   it("names the SDK's client environment variables in --help", async () => {

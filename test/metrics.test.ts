@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { Writable } from "node:stream";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
@@ -205,6 +206,15 @@ describe.each(DATABASES)("metrics and access log on $name", (db) => {
     expect(sample(text, "tessera_hash_pool_wait_seconds_count", {})).toBeGreaterThan(0);
     expect(sample(text, "tessera_db_pool_connections", { state: "max" })).toBeGreaterThan(0);
     if (db.name === "sqlite") expect(sample(text, "tessera_state_cache_hits_total", {})).toBeGreaterThan(0);
+  });
+
+  it("documents every metric it serves in docs/metrics.md", async () => {
+    const text = await scrape();
+    const doc = readFileSync(new URL("../docs/metrics.md", import.meta.url), "utf8");
+    const served = [...text.matchAll(/^# TYPE (tessera_[a-z0-9_]+) /gm)].map((m) => m[1]!);
+    expect(served.length).toBeGreaterThan(30);
+    // Node's own (process_*, nodejs_*) are documented as one row.
+    expect(served.filter((name) => !doc.includes(`\`${name}\``))).toEqual([]);
   });
 
   it("is not served on the public port", async () => {

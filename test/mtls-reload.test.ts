@@ -234,4 +234,29 @@ describe("reloading certificates and the CRL without a restart", () => {
     expect(await freshHealth(ts, client)).toBe(200);
     rmSync(join(ts.certs.dir, "ca.crl"));
   });
+
+  it("names the file at fault when a reload fails, and keeps serving", async () => {
+    ts = await startTestServer(SQLITE);
+    const { writeFileSync } = await import("node:fs");
+    const dir = ts.certs.dir;
+    const kept = (file: string) => readFileSync(join(dir, file));
+    const [crt, key] = [kept("server.crt"), kept("server.key")];
+    // OpenSSL's own message ("no start line", "key values mismatch") names no file.
+    for (const [file, content, says] of [
+      ["server.crt", "garbage\n", `bad TLS material in ${dir}: server.crt: `],
+      ["server.key", "garbage\n", `bad TLS material in ${dir}: server.key: `],
+      [
+        "server.key",
+        ts.certs.clientKey,
+        `bad TLS material in ${dir}: server.key is not the key of server.crt`,
+      ],
+      ["ca.crl", "not a crl", `bad TLS material in ${dir}: ca.crl: `],
+    ] as const) {
+      writeFileSync(join(dir, file), content);
+      await expect(ts.server.reloadTls()).rejects.toThrow(says);
+      if (file === "ca.crl") rmSync(join(dir, file));
+      else writeFileSync(join(dir, file), file === "server.crt" ? crt : key);
+    }
+    await ts.server.reloadTls();
+  });
 });

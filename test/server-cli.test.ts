@@ -49,13 +49,15 @@ describe("server commands", () => {
     const bad = await run(["migrate"], { env: { TESSERA_MTLS: "sometimes" } });
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("TESSERA_MTLS");
+    // One `error: …` line first, like every other refused start.
+    expect(bad.stderr).toMatch(/^error: invalid configuration/);
     // A config file that is not YAML is a bad configuration too, told by its position only:
     // the parser's own message quotes the line, here the admin password.
     const file = join(mkdtempSync(join(tmpdir(), "tessera-cli-")), "tessera.yaml");
     writeFileSync(file, "admin:\n  password: pw-in-broken-yaml: x\n");
     const broken = await run(["migrate", "--config", file]);
     expect(broken.code).toBe(2);
-    expect(broken.stderr).toContain("not valid YAML (line 2, column");
+    expect(broken.stderr).toMatch(/^error: config file .* not valid YAML \(line 2, column/);
     expect(broken.stderr).not.toContain("pw-in-broken-yaml");
   });
 
@@ -178,8 +180,13 @@ describe("server commands", () => {
       await new Promise((r) => child.once("close", r));
       return stderr;
     };
-    expect(await serve("0.0.0.0")).toContain("serving without TLS on an address other hosts can reach");
-    expect(await serve("127.0.0.1")).not.toContain("serving without TLS");
+    const wide = await serve("0.0.0.0");
+    expect(wide).toContain("serving without TLS on an address other hosts can reach");
+    // The listening line names what is bound, not only the loopback URL to dial it at.
+    expect(wide).toMatch(/"listen":"0\.0\.0\.0:\d+".*"msg":"tessera listening"/);
+    const loopback = await serve("127.0.0.1");
+    expect(loopback).not.toContain("serving without TLS");
+    expect(loopback).toMatch(/"listen":"127\.0\.0\.1:\d+".*"msg":"tessera listening"/);
   }, 120_000);
 
   it("starts like the README's quick start: certificates, database and admin from nothing, then serves /health over TLS", async () => {

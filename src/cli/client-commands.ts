@@ -226,13 +226,14 @@ function registerUserCommands(program: Command): void {
 function registerTokenCommands(program: Command, kind: "token" | "api-key"): void {
   const pat = kind === "token";
   const noun = pat ? "personal access token" : "API key";
+  const aNoun = pat ? "a personal access token" : "an API key";
   const group = program
     .command(kind)
     .description(pat ? "personal access tokens (CLI tools, scripts)" : "API keys (integrations)");
 
   group
     .command("create")
-    .description(`create a ${noun} acting as you; it is printed once`)
+    .description(`create ${aNoun} acting as you; it is printed once`)
     .requiredOption("-n, --name <name>", `name of the ${noun}, e.g. "CI"`, textValue("--name"))
     .option("-s, --scopes <scopes>", "scopes, comma-separated (repeatable; default: all of yours)", collect)
     .option("--expires-in <duration>", "lifetime, e.g. 30d, 12h (default: no expiry)")
@@ -247,7 +248,7 @@ function registerTokenCommands(program: Command, kind: "token" | "api-key"): voi
     .option("--include-revoked", "include revoked ones")
     .action(lazy("tokens", "tokenList"));
 
-  onId(group, "revoke", noun, `revoke a ${noun}; it is refused from the next request on`).action(
+  onId(group, "revoke", noun, `revoke ${aNoun}; it is refused from the next request on`).action(
     lazy("tokens", "tokenRevoke"),
   );
 }

@@ -90,7 +90,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     // A configuration error comes from config.ts, loaded by the server commands only.
     if (err instanceof Error && err.name === "ConfigError") {
-      fail(err.message, true);
+      fail(`error: ${err.message}`, true);
       return EXIT.usage;
     }
     fail(`error: ${describeFailure(err)}`);

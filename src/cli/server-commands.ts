@@ -170,7 +170,14 @@ export function registerServerCommands(program: Command): void {
       : undefined;
     if (metrics) logger.info({ url: metrics.url }, "metrics listening");
     logger.info(
-      { url: server.url, mtls: config.server.mtls, database: app.storage.target.kind },
+      {
+        url: server.url,
+        // What is bound: `url` names loopback for a wildcard host (an address to dial), which
+        // read as if the port were reachable from this machine only.
+        listen: `${config.server.host.includes(":") ? `[${config.server.host}]` : config.server.host}:${server.port}`,
+        mtls: config.server.mtls,
+        database: app.storage.target.kind,
+      },
       "tessera listening",
     );
     const { isLoopbackHost } = await import("../services/machine-user/callback-url.js");
@@ -340,6 +347,20 @@ export function registerServerCommands(program: Command): void {
       async (name: string, flags: { certDir?: string; out?: string; sanUri?: string; force?: boolean }) => {
         const dir = resolve(flags.certDir ?? process.env.TESSERA_CERT_DIR ?? "./certs");
         const out = resolve(flags.out ?? name);
+        // A bad argument or a cert folder with no development CA is the caller's to fix (exit
+        // 2), not a failure of Tessera's (1); `--san-uri ""` is refused, not taken as absent.
+        const { CA_CERT, CA_KEY, checkCommonName, checkSanUri } = await import("../certs/issuing.js");
+        try {
+          checkCommonName(name, "client name");
+          if (flags.sanUri !== undefined) checkSanUri(flags.sanUri);
+        } catch (err) {
+          throw new UsageError((err as Error).message);
+        }
+        const noCa = [CA_CERT, CA_KEY].filter((f) => !existsSync(join(dir, f)));
+        if (noCa.length > 0)
+          throw new UsageError(
+            `${noCa.map((f) => join(dir, f)).join(" and ")} not found: certs client signs with the development CA there (run \`tessera certs\` to create one, or give --cert-dir)`,
+          );
         // A key that exists may be the one a running client uses: replacing it is a choice,
         // never a side effect. (Checked before minting; a concurrent writer in the same
         // folder is outside what a development tool guards against.)
@@ -358,7 +379,7 @@ export function registerServerCommands(program: Command): void {
           dir,
           name,
           out,
-          flags.sanUri ? { sanUri: flags.sanUri } : {},
+          flags.sanUri !== undefined ? { sanUri: flags.sanUri } : {},
         );
         showOnce(
           `wrote ${result.certPath}, ${result.keyPath}, ${result.caPath}\nsha256 fingerprint: ${result.sha256Fingerprint}`,

@@ -1,4 +1,4 @@
-import { X509Certificate } from "node:crypto";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createSecureContext } from "node:tls";
@@ -66,16 +66,25 @@ export async function loadTlsMaterial(
   }
   const [ca, cert, key] = need.map((p) => readFileSync(p));
   const notAfter = expiryOf(cert!);
-  let anchors: TrustAnchors;
-  try {
-    anchors = trustAnchors(ca!);
-  } catch (err) {
-    throw new Error(`bad TLS material in ${dir}: ca.crt: ${(err as Error).message}`);
-  }
+  // Each file on its own first, so that the error (at start, or logged by a reload that keeps
+  // the previous files) names the file at fault: OpenSSL's own says only "no start line".
+  const named = <T>(file: string, parse: () => T): T => {
+    try {
+      return parse();
+    } catch (err) {
+      throw new Error(`bad TLS material in ${dir}: ${file}: ${(err as Error).message}`);
+    }
+  };
+  const anchors: TrustAnchors = named("ca.crt", () => trustAnchors(ca!));
+  const served = named("server.crt", () => new X509Certificate(cert!));
+  const privateKey = named("server.key", () => createPrivateKey(key!));
+  if (!served.checkPrivateKey(privateKey))
+    throw new Error(`bad TLS material in ${dir}: server.key is not the key of server.crt`);
   const crlPath = join(dir, "ca.crl");
   if (!existsSync(crlPath)) return { ca: ca!, cert: cert!, key: key!, anchors, revoked: new Set(), notAfter };
   const crl = readFileSync(crlPath);
-  return { ca: ca!, cert: cert!, key: key!, crl, anchors, revoked: revokedSerials(crl), notAfter };
+  const revoked = named("ca.crl", () => revokedSerials(crl));
+  return { ca: ca!, cert: cert!, key: key!, crl, anchors, revoked, notAfter };
 }
 
 /** The notAfter of the first certificate in `pem`, in unix seconds (undefined when it does not parse). */

@@ -41,6 +41,7 @@ import type { RevocationFeed } from "../verification/revocation-feed.js";
 import type { CredentialVerifier } from "../verification/verify-credential.js";
 import { createAuditService } from "./audit/audit-service.js";
 import { createHealthService } from "./health/health-service.js";
+import type { ServingState } from "./health/serving-state.js";
 import { createMachineUserService } from "./machine-user/machine-user-service.js";
 import { createReflectionServices } from "./reflection/reflection-service.js";
 import { createTenantService } from "./tenant/tenant-service.js";
@@ -72,6 +73,8 @@ export interface ServiceRoutesDeps {
   logger: Logger;
   /** Re-hashes a password Login accepted when its hash is outdated (shared with HTTP Basic). */
   passwords: PasswordUpgrader;
+  /** Where a shutdown is: health answers NOT_SERVING from its start. */
+  serving: ServingState;
 }
 
 /** Tessera's services (each checked to declare its auth rules) and the function registering all of them. */
@@ -158,6 +161,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
     ping: () => storage.ping(),
     services: services.map((s) => s.typeName),
     maxWatchMs: config.server.maxStreamSeconds * 1000,
+    serving: deps.serving,
   });
   return {
     services,

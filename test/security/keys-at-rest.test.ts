@@ -1,4 +1,4 @@
-import { chmodSync, mkdirSync, mkdtempSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
@@ -293,5 +293,45 @@ describe("file modes of the embedded database", () => {
     } finally {
       await second.close();
     }
+  });
+});
+
+describe("rotating SQLite's generated master.key as the README says", () => {
+  it("takes the new key written into master.key, with the old one in previousMasterKeys for one start", async () => {
+    const certs = await createTestCerts();
+    const u = durableUrl(SQLITE);
+    const keyFile = join(u.slice("sqlite:".length), "..", MASTER_KEY_FILE_NAME);
+    const first = await serve(u, certs);
+    const { accessToken } = await first.users.login({ username: "admin", password: ADMIN_PASSWORD });
+    await first.close();
+    const old = readFileSync(keyFile, "utf8").trim();
+
+    const NEW_KEY = Buffer.alloc(32, 7).toString("base64");
+    writeFileSync(keyFile, `${NEW_KEY}\n`);
+    const second = await serve(u, certs, { auth: { previousMasterKeys: [old] } });
+    try {
+      const me = await second.users.getCurrentUser(
+        {},
+        { headers: { authorization: `Bearer ${accessToken}` } },
+      );
+      expect(me.username).toBe("admin");
+    } finally {
+      await second.close();
+    }
+    // Then without the old key: the file alone opens every signing key, and the old key none.
+    const third = await serve(u, certs);
+    try {
+      const me = await third.users.getCurrentUser(
+        {},
+        { headers: { authorization: `Bearer ${accessToken}` } },
+      );
+      expect(me.username).toBe("admin");
+    } finally {
+      await third.close();
+    }
+    writeFileSync(keyFile, `${old}\n`);
+    await expect(createApp(testConfig(u), { logger: silentLogger })).rejects.toThrow(
+      /not the configured one/,
+    );
   });
 });
