@@ -31,7 +31,10 @@ export interface StreamHoldsOptions {
   now(): number;
   /** The refusal a stream ends with when a check fails with `err`, reporting a bug (default: `refusalOf`, unreported). */
   refusalOf?(err: unknown): TesseraAuthError;
-  /** Streams held at once (default 10,000); one more is refused (RATE_LIMITED), never admitted unwatched. */
+  /**
+   * Streams admitted at once (default 10,000); one more is refused (RATE_LIMITED), never
+   * admitted unwatched. A call still being verified is not counted.
+   */
   max?: number;
   /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
   recheckMs?: number;
@@ -53,7 +56,13 @@ interface Held {
   again: boolean;
   /** Its last check was vouched for by a healthy watch (whose loss must then check it again). */
   vouched: boolean;
+  /** Past its first verification: counted against `max`. */
+  admitted: boolean;
   timer: NodeJS.Timeout | undefined;
+}
+
+function tooMany(): TesseraAuthError {
+  return new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", { retryAfterSeconds: 1 });
 }
 
 function ignore(): void {}
@@ -71,6 +80,12 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
+  /**
+   * Of those, the admitted ones. Calls still being verified are held too (an event during
+   * their first answer must be seen) but not counted: anyone can send those, without any
+   * credential Tessera knows, for as long as Tessera takes to answer.
+   */
+  #admitted = 0;
   readonly #o: StreamHoldsOptions;
   readonly #max: number;
   readonly #recheckMs: number;
@@ -95,10 +110,7 @@ export class StreamHolds {
     clientAddress?: string,
     certificateEnd = Number.POSITIVE_INFINITY,
   ): Promise<StreamHold> {
-    if (this.#held.size >= this.#max)
-      throw new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", {
-        retryAfterSeconds: 1,
-      });
+    if (this.#admitted >= this.#max) throw tooMany();
     const held: Held = {
       authorization,
       thumbprint,
@@ -110,6 +122,7 @@ export class StreamHolds {
       checking: false,
       again: false,
       vouched: false,
+      admitted: false,
       timer: undefined,
     };
     // Registered before the first answer, so that an event or a loss during it is seen.
@@ -122,6 +135,13 @@ export class StreamHolds {
     }
     // Ended meanwhile (the core closed): the call is refused as the stream would have ended.
     if (held.controller.signal.aborted) throw held.controller.signal.reason;
+    // Counted once admitted: calls verified at the same time may have filled the slots meanwhile.
+    if (this.#admitted >= this.#max) {
+      this.#drop(held);
+      throw tooMany();
+    }
+    held.admitted = true;
+    this.#admitted++;
     return {
       principal: held.principal!,
       signal: held.controller.signal,
@@ -222,7 +242,7 @@ export class StreamHolds {
   }
 
   #drop(held: Held): void {
-    this.#held.delete(held);
+    if (this.#held.delete(held) && held.admitted) this.#admitted--;
     clearTimeout(held.timer);
     held.timer = undefined;
   }
