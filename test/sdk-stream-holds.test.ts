@@ -54,6 +54,38 @@ describe("the SDK's held streams", () => {
     expect(holds.size).toBe(2);
   });
 
+  it("counts only admitted streams against max: calls still being verified take no slot, and past max once verified are refused", async () => {
+    const pending = new Map<string, ReturnType<typeof deferred<TesseraPrincipal>>>();
+    const holds = new StreamHolds({
+      authenticate: (authorization) => {
+        if (authorization === "Bearer known") return Promise.resolve(principal());
+        const answer = deferred<TesseraPrincipal>();
+        pending.set(authorization!, answer);
+        return answer.promise;
+      },
+      watching: () => true,
+      now: Date.now,
+      max: 1,
+    });
+    // Two calls whose verification has not answered yet.
+    const slow = ["Bearer x", "Bearer y"].map((h) => holds.hold(h, undefined, rule).catch((e: unknown) => e));
+    await new Promise((r) => setTimeout(r, 0));
+    expect(pending.size).toBe(2);
+    const known = await holds.hold("Bearer known", undefined, rule);
+    expect(known.principal.id).toBe("user-1");
+    known.release();
+    // Both verified now: the first takes the one slot, the second is refused and not held.
+    pending.get("Bearer x")!.resolve(principal());
+    pending.get("Bearer y")!.resolve(principal());
+    const [x, y] = await Promise.all(slow);
+    expect(x).toMatchObject({ principal: { id: "user-1" } });
+    expect(y).toMatchObject({ reason: "RATE_LIMITED", retryAfterSeconds: 1 });
+    expect(holds.size).toBe(1);
+    expect(await holds.hold("Bearer known", undefined, rule).catch((e: unknown) => e)).toMatchObject({
+      reason: "RATE_LIMITED",
+    });
+  });
+
   it("verifies again when an event arrives during the first verification, and refuses if that one does", async () => {
     const answers = [deferred<TesseraPrincipal>(), deferred<TesseraPrincipal>()];
     let calls = 0;

@@ -31,10 +31,18 @@ export interface StreamHoldsOptions {
   now(): number;
   /** The refusal a stream ends with when a check fails with `err`, reporting a bug (default: `refusalOf`, unreported). */
   refusalOf?(err: unknown): TesseraAuthError;
-  /** Streams held at once (default 10,000); one more is refused (RATE_LIMITED), never admitted unwatched. */
+  /**
+   * Streams admitted at once (default 10,000); one more is refused (RATE_LIMITED), never
+   * admitted unwatched. A call still being verified is not counted.
+   */
   max?: number;
   /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
   recheckMs?: number;
+  /**
+   * Whether a check failed only because the core had too many verifications in flight
+   * (`maxConcurrentVerifications`): a re-check so refused is tried again, for up to `recheckMs`.
+   */
+  busy?(err: unknown): boolean;
 }
 
 interface Held {
@@ -53,7 +61,13 @@ interface Held {
   again: boolean;
   /** Its last check was vouched for by a healthy watch (whose loss must then check it again). */
   vouched: boolean;
+  /** Past its first verification: counted against `max`. */
+  admitted: boolean;
   timer: NodeJS.Timeout | undefined;
+}
+
+function tooMany(): TesseraAuthError {
+  return new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", { retryAfterSeconds: 1 });
 }
 
 function ignore(): void {}
@@ -71,6 +85,12 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
+  /**
+   * Of those, the admitted ones. Calls still being verified are held too (an event during
+   * their first answer must be seen) but not counted: anyone can send those, without any
+   * credential Tessera knows, for as long as Tessera takes to answer.
+   */
+  #admitted = 0;
   readonly #o: StreamHoldsOptions;
   readonly #max: number;
   readonly #recheckMs: number;
@@ -95,10 +115,7 @@ export class StreamHolds {
     clientAddress?: string,
     certificateEnd = Number.POSITIVE_INFINITY,
   ): Promise<StreamHold> {
-    if (this.#held.size >= this.#max)
-      throw new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", {
-        retryAfterSeconds: 1,
-      });
+    if (this.#admitted >= this.#max) throw tooMany();
     const held: Held = {
       authorization,
       thumbprint,
@@ -110,6 +127,7 @@ export class StreamHolds {
       checking: false,
       again: false,
       vouched: false,
+      admitted: false,
       timer: undefined,
     };
     // Registered before the first answer, so that an event or a loss during it is seen.
@@ -122,6 +140,13 @@ export class StreamHolds {
     }
     // Ended meanwhile (the core closed): the call is refused as the stream would have ended.
     if (held.controller.signal.aborted) throw held.controller.signal.reason;
+    // Counted once admitted: calls verified at the same time may have filled the slots meanwhile.
+    if (this.#admitted >= this.#max) {
+      this.#drop(held);
+      throw tooMany();
+    }
+    held.admitted = true;
+    this.#admitted++;
     return {
       principal: held.principal!,
       signal: held.controller.signal,
@@ -153,7 +178,7 @@ export class StreamHolds {
       do {
         held.again = false;
         held.vouched = this.#o.watching();
-        const principal = await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
+        const principal = await this.#authenticate(held);
         authorize(principal, held.rule);
         held.principal = principal;
       } while (held.again && this.#held.has(held));
@@ -161,6 +186,33 @@ export class StreamHolds {
       held.checking = false;
     }
     this.#arm(held);
+  }
+
+  /**
+   * The check's authentication. A re-check refused by the core's own bound on verifications in
+   * flight is tried again shortly, for up to `recheckMs` (how long a stream nothing vouches for
+   * runs between checks anyway): a loss of the watch (Tessera ends it every
+   * `server.maxStreamSeconds`) re-checks every held stream at once, and those past the bound
+   * would otherwise end, Unavailable, though Tessera answers. A first check is refused at once,
+   * as a new call is.
+   */
+  async #authenticate(held: Held): Promise<TesseraPrincipal> {
+    const until = this.#o.now() + this.#recheckMs;
+    // Counted too, for a clock that does not move (tests'): each wait is at least 20 ms.
+    for (let tries = Math.ceil(this.#recheckMs / 20); ; tries--) {
+      try {
+        return await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
+      } catch (err) {
+        const retry =
+          held.principal !== undefined &&
+          this.#o.busy?.(err) === true &&
+          this.#held.has(held) &&
+          this.#o.now() < until &&
+          tries > 1;
+        if (!retry) throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20 + Math.random() * 80).unref());
+    }
   }
 
   #poke(held: Held): void {
@@ -222,7 +274,7 @@ export class StreamHolds {
   }
 
   #drop(held: Held): void {
-    this.#held.delete(held);
+    if (this.#held.delete(held) && held.admitted) this.#admitted--;
     clearTimeout(held.timer);
     held.timer = undefined;
   }
