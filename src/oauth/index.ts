@@ -9,18 +9,14 @@ import { loggableError } from "../storage/errors.js";
 import { reportRefusedSession } from "../storage/refused-sessions.js";
 import { stopUnreadPlainBody } from "../transport/early-answers.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
-import { countAddress, OAuthError, type OAuthRequest, readForm } from "./form.js";
+import { countAddress, type OAuthRequest, readForm } from "./form.js";
 import { type IntrospectionEndpointDeps, introspectionEndpoint } from "./introspect.js";
+import { OAuthError } from "./oauth-error.js";
 import { type RevocationEndpointDeps, revocationEndpoint } from "./revoke.js";
 import { type TokenEndpointDeps, tokenEndpoint } from "./token.js";
 
-export {
-  authenticateClient,
-  type ClientAuthentication,
-  OAuthError,
-  type OAuthRequest,
-  readForm,
-} from "./form.js";
+export { authenticateClient, type ClientAuthentication, type OAuthRequest, readForm } from "./form.js";
+export { OAuthError } from "./oauth-error.js";
 
 /** What the OAuth 2.0 endpoints need. */
 export interface OAuthDeps extends TokenEndpointDeps, RevocationEndpointDeps, IntrospectionEndpointDeps {

@@ -1,7 +1,8 @@
 import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { authRuleFor } from "../admission/auth-rule.js";
 import type { CredentialVerifier, Verification } from "../verification/verify-credential.js";
-import { asOAuthError, type ClientAuthDeps, OAuthError, type OAuthRequest, tokenRequest } from "./form.js";
+import { type ClientAuthDeps, type OAuthRequest, tokenRequest } from "./form.js";
+import { asOAuthError, OAuthError } from "./oauth-error.js";
 
 /** What the introspection endpoint needs. */
 export interface IntrospectionEndpointDeps extends ClientAuthDeps {

@@ -10,7 +10,8 @@ import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../s
 import { RefreshToken } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
 import { ApiToken } from "../storage/token-entities.js";
-import { asOAuthError, type ClientAuthDeps, OAuthError, type OAuthRequest, tokenRequest } from "./form.js";
+import { type ClientAuthDeps, type OAuthRequest, tokenRequest } from "./form.js";
+import { asOAuthError, OAuthError } from "./oauth-error.js";
 import { oauthAuditReason } from "./token.js";
 
 /** What the revocation endpoint needs. */

@@ -11,14 +11,13 @@ import { issueMachineAccessToken } from "../services/machine-user/access-token.j
 import type { SessionIssuer } from "../services/user/sessions.js";
 import type { Storage } from "../storage/orm.js";
 import {
-  asOAuthError,
   authenticateClient,
   type ClientAuthDeps,
-  OAuthError,
   type OAuthRequest,
   presentsClientSecret,
   scopeParameter,
 } from "./form.js";
+import { asOAuthError, OAuthError } from "./oauth-error.js";
 
 /** What the token endpoint needs. */
 export interface TokenEndpointDeps extends ClientAuthDeps {
