@@ -41,18 +41,16 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * The machine user a verified client certificate is bound to, decided among the bindings
  * that name it (its fingerprint, its SAN URIs). Null when it is bound to no one.
  *
- * Tenants bind identities independently, so the matching bindings may span tenants; then
- * one tenant's bindings decide, or none do ({@link decidingTenant}): the tenant holding a
- * proven fingerprint binding (made over a connection presenting this very certificate, see
- * BindCertificate); else the one tenant holding proven bindings, when every other tenant's
- * binding is an unproven one of an identity it proved (a proof outranks another tenant's
- * claim on the same identity, whichever came first: a squatter of a guessable SAN URI or of
- * a public fingerprint holds no proof). Otherwise (proofs in two tenants, or none, or
- * another tenant's binding of an identity not proven) it authenticates no one: a proven SAN
- * URI shows its maker holds *a* certificate carrying it, not this one, and nothing else could
- * tell the certificate's owner from another tenant that bound its public fingerprint or a
- * guessable SAN URI (until its owner proves the fingerprint, or the contested identity).
- * Within the tenant a fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); of SAN URIs
+ * A proven fingerprint binding (made over a connection presenting this very certificate,
+ * see BindCertificate) names it, proven by the holder of its key, so it decides. Else all
+ * the matching bindings (its fingerprint, any of its SAN URIs, proven or not) must be in
+ * one tenant, or it authenticates no one until its owner proves the fingerprint (or the
+ * squatted identity, which displaces the other tenant's unproven binding): a proven SAN URI
+ * shows its maker holds *a* certificate carrying it, not this one. Nothing else could tell
+ * the certificate's owner from another tenant that bound its public fingerprint or a
+ * guessable SAN URI, and every rule that picks a winner between tenants (by kind, by age)
+ * hands some certificate to the tenant that did not issue it. Within the tenant a
+ * fingerprint binding wins over SAN URI bindings (see {@link overFingerprint}); of SAN URIs
  * naming different machine users, proven ones decide against those their binders may
  * manage ({@link overProven}), and among unproven ones only bindings whose binder may manage
  * every rival machine user count (see {@link contesting}); two that still do are refused
@@ -62,19 +60,24 @@ export async function machineOfCertificate(
   machines: Pick<MachineStateRepository, "bindingsOf">,
   certificate: PeerCertificateInfo,
 ): Promise<{ bindingId: string; machine: MachineAuthState } | null> {
-  let rows = await machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris);
+  const rows = await machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris);
   if (rows.length === 0) return null;
+  // Every binding of this certificate counts, a proven SAN URI's rivals too: it proves its
+  // maker holds *a* certificate carrying that URI, not this one. Otherwise a CA that gave one
+  // SAN URI to two tenants' certificates would hand one tenant's workload to the other.
   if (rows.some((r) => r.machine.tenantId !== rows[0]!.machine.tenantId)) {
-    const tenant = decidingTenant(rows, certificate.sha256Fingerprint);
+    // A proven fingerprint binding settles it (the fingerprint is unique, so there is one).
+    const provenFingerprint = rows.filter(
+      (r) => r.proven && r.boundFingerprint === certificate.sha256Fingerprint,
+    );
+    if (provenFingerprint.length > 0) return pick(provenFingerprint);
     // AUTH_REQUIRED, not CREDENTIALS_INVALID: nothing was guessed, and a refusal that spent
     // the IP's failure budget would let the other tenant lock the owner's address out.
     // The message names no tenant.
-    if (tenant === null)
-      throw new TesseraError(
-        "AUTH_REQUIRED",
-        "client certificate is bound to more than one machine user; it authenticates no one",
-      );
-    rows = rows.filter((r) => r.machine.tenantId === tenant);
+    throw new TesseraError(
+      "AUTH_REQUIRED",
+      "client certificate is bound to more than one machine user; it authenticates no one",
+    );
   }
   const byFingerprint = rows.find((r) => r.boundFingerprint === certificate.sha256Fingerprint);
   let chosen = byFingerprint ? overFingerprint(byFingerprint, rows) : rows;
@@ -129,41 +132,6 @@ function overProven(bindings: readonly CertificateBindingState[]): readonly Cert
   if (rivals.length === 0) return provers;
   if (rivals.some((r) => !mayManage({ scopes: r.binderScopes }, prover))) return [];
   return oneMachine(rivals) ? rivals : contesting(rivals);
-}
-
-/**
- * Of bindings spanning tenants, the tenant whose bindings decide, or null for none. The one
- * tenant with a proven binding of the fingerprint (several: null). Else the one tenant with
- * proven bindings (several, or none: null), and only if every other tenant's binding is an
- * unproven one of an identity it proved: a proof outranks another tenant's claim on the same
- * fingerprint or SAN URI, whichever came first, but a proven SAN URI shows its maker holds
- * *a* certificate carrying it, not this one, so against another tenant's binding of another
- * of the certificate's identities it proves nothing (else a CA that gave one SAN URI to two
- * tenants' workloads would let one prove it and take the other's certificates).
- */
-function decidingTenant(bindings: readonly CertificateBindingState[], fingerprint: string): string | null {
-  const fingerprintProvers = new Set<string>();
-  const provers = new Set<string>();
-  for (const b of bindings) {
-    if (!b.proven) continue;
-    provers.add(b.machine.tenantId);
-    if (b.boundFingerprint === fingerprint) fingerprintProvers.add(b.machine.tenantId);
-  }
-  if (fingerprintProvers.size > 0) return only(fingerprintProvers);
-  const tenant = only(provers);
-  if (tenant === null) return null;
-  const proven = new Set<string | null>();
-  for (const b of bindings) if (b.machine.tenantId === tenant && b.proven) proven.add(b.boundSanUri);
-  return bindings.every(
-    (b) => b.machine.tenantId === tenant || (b.boundSanUri !== null && proven.has(b.boundSanUri)),
-  )
-    ? tenant
-    : null;
-}
-
-/** The one member of `set`, or null. */
-function only(set: ReadonlySet<string>): string | null {
-  return set.size === 1 ? [...set][0]! : null;
 }
 
 /** Whether `bindings` are some, all naming one machine user. */

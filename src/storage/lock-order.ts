@@ -15,7 +15,7 @@ import { Application, MachineUser } from "./machine-entities.js";
  *      foreign-key check of a new assignment (CreateMachineUser) or backend (RegisterBackend);
  *   2. machine users, in id order: locked ({@link lockMachineUser}) before their rows are
  *      touched by UpdateMachineUser (assignments), RotateMachineUserCredentials
- *      (credentials), UnbindCertificate and BindCertificate's outranking (bindings; cut-offs);
+ *      (credentials), UnbindCertificate and BindCertificate's displacement (bindings);
  *      DeleteMachineUser's DELETE;
  *      DeleteApplication FOR SHARE on those it changes (assigned, or owning a backend on it);
  *   3. their rows: assignments, backends (DeleteApplication FOR UPDATE, DeregisterBackend's
@@ -24,9 +24,9 @@ import { Application, MachineUser } from "./machine-entities.js";
  *
  * The steps back: a take-over's UPDATE (3) checks its new owner's key (FOR KEY SHARE on 2),
  * which waits only for a FOR UPDATE or DELETE of that machine user, whose holders wait for
- * none of another owner's backends. BindCertificate outranking other tenants' unproven
- * bindings of the identity it proves locks their machine users (2), in id order, before it
- * writes their cut-offs and its own binding (3). UpdateTenant (disable) locks only the tenant's row (FOR NO KEY UPDATE: the KEY
+ * none of another owner's backends. BindCertificate displacing another machine user's
+ * unproven binding locks that machine user (2) before it deletes the binding (3) and writes
+ * the machine user's cut-off. UpdateTenant (disable) locks only the tenant's row (FOR NO KEY UPDATE: the KEY
  * SHARE checks of its children do not wait for it). DeleteApplication finds the machine
  * users of 2 by reading 3 unlocked (with its row FOR UPDATE, nothing can be assigned to or
  * registered on it), and refuses (FailedPrecondition) if a backend changed owner before it

@@ -121,16 +121,14 @@ export const MachineUserApplicationSchema = new EntitySchema<MachineUserApplicat
 /**
  * A client certificate tied to a machine user, by SHA-256 fingerprint (one certificate)
  * or by URI SAN (every certificate carrying it). Exactly one of the two is set; each is
- * unique within a tenant (`tenantId`, its machine user's, which never changes): tenants
- * bind independently, and a binding of another tenant is never seen from this one.
- * `proven`: bound over a connection presenting the certificate itself (proof of
- * possession). Which machine user a certificate matching bindings of several tenants
- * authenticates as is decided by machineOfCertificate (src/auth/machine-principal.ts).
+ * unique across all tenants. `proven`: bound over a connection presenting the certificate
+ * itself (proof of possession). A certificate matching a proven binding authenticates as
+ * its machine user; one matching only unproven bindings in two tenants authenticates no
+ * one (machineOfCertificate, src/auth/machine-principal.ts).
  */
 export class MachineUserCertificate {
   id!: string;
   machineUserId!: string;
-  tenantId!: string;
   sha256Fingerprint?: string | null = null;
   sanUri?: string | null = null;
   proven = false;
@@ -145,19 +143,17 @@ export class MachineUserCertificate {
 export const MachineUserCertificateSchema = new EntitySchema<MachineUserCertificate>({
   class: MachineUserCertificate,
   tableName: "machine_user_certificates",
-  uniques: [{ properties: ["tenantId", "sha256Fingerprint"] }, { properties: ["tenantId", "sanUri"] }],
   properties: {
     id: { type: "string", primary: true, length: 36 },
     machineUserId: { type: "string", length: 36, index: true },
-    tenantId: { type: "string", length: 36 },
     sha256Fingerprint: {
       type: "string",
       fieldName: "sha256_fingerprint",
       length: 64,
       nullable: true,
-      index: true,
+      unique: true,
     },
-    sanUri: { type: "string", length: 2048, nullable: true, index: true },
+    sanUri: { type: "string", length: 2048, nullable: true, unique: true },
     proven: { type: "boolean", default: false },
     binderScopes: { type: "text", fieldName: "binder_scopes", nullable: true },
     createdAt: { type: "Date" },

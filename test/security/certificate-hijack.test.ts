@@ -209,87 +209,57 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
     expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
   });
 
-  /** A bind's answer without what differs per binding (its id, identity and time). */
-  const answer = (res: Awaited<ReturnType<typeof bind>>) => ({
-    ...res.binding!,
-    id: "",
-    sha256Fingerprint: res.binding!.sha256Fingerprint === "" ? "" : "<set>",
-    sanUri: res.binding!.sanUri === "" ? "" : "<set>",
-    createdAt: undefined,
-  });
-
   for (const kind of ["sha256Fingerprint", "sanUri"] as const) {
-    for (const proven of [false, true]) {
-      it(`answers a bind of a ${kind} another tenant bound (${proven ? "proven" : "unproven"}) exactly as one bound nowhere`, async () => {
-        const identityOf = (backend: Backend, san: string): Identity =>
-          kind === "sanUri"
-            ? { case: "sanUri", value: san }
-            : { case: "sha256Fingerprint", value: backend.fingerprint };
-        const san = `spiffe://victim.example/${short()}`;
-        const backend = await mint(ts, san);
-        const identity = identityOf(backend, san);
-        const mine = await victimMachine();
-        if (proven)
-          await clients(backendTransports(ts, backend)[0]!, {
-            authorization: `Bearer ${victim.token}`,
-          }).machines.bindCertificate({ machineUserId: mine.id, identity });
-        else await bind(victim.token, mine.id, identity);
-        const freshSan = `spiffe://nowhere.example/${short()}`;
-        const fresh = identityOf(await mint(ts, freshSan), freshSan);
+    it(`refuses a ${kind} already bound in another tenant exactly as one already bound in the caller's own`, async () => {
+      const san = `spiffe://victim.example/${short()}`;
+      const backend = await mint(ts, san);
+      const identity: Identity =
+        kind === "sanUri"
+          ? { case: "sanUri", value: san }
+          : { case: "sha256Fingerprint", value: backend.fingerprint };
+      const mine = await victimMachine();
+      await bind(victim.token, mine.id, identity);
 
-        // The other tenant's bind of the victim's identity and of one nobody bound: the same answer.
-        const theirs = await attackerMachine();
-        const taken = await bind(attacker.token, theirs.id, identity);
-        const free = await bind(attacker.token, (await attackerMachine()).id, fresh);
-        expect(answer(taken)).toEqual(answer(free));
-        for (const leak of [victim.tenant.id, mine.id])
-          expect(JSON.stringify(taken, (_k, v) => (typeof v === "bigint" ? String(v) : v))).not.toContain(
-            leak,
-          );
-        // Binding either again in the caller's tenant: the same tenant-local AlreadyExists.
-        const again = await refusal(bind(attacker.token, (await attackerMachine()).id, identity));
-        const againFree = await refusal(bind(attacker.token, (await attackerMachine()).id, fresh));
-        expect(again.code).toBe(Code.AlreadyExists);
-        expect(again).toEqual(againFree);
-        // Over gRPC as well.
-        const grpcBind = (machineUserId: string, id: Identity) =>
-          clients(ts.grpc(), attacker.token).machines.bindCertificate({ machineUserId, identity: id });
-        const grpcAgain = await refusal(grpcBind((await attackerMachine()).id, identity));
-        expect(grpcAgain).toEqual(await refusal(grpcBind((await attackerMachine()).id, fresh)));
+      // The same identity again: by the attacker (other tenant) and by the victim itself (own tenant).
+      const elsewhere = await refusal(bind(attacker.token, (await attackerMachine()).id, identity));
+      const ownTenant = await refusal(bind(victim.token, (await victimMachine()).id, identity));
+      const sameUser = await refusal(bind(victim.token, mine.id, identity));
+      expect(elsewhere.code).toBe(Code.AlreadyExists);
+      expect(elsewhere.reason).toBe("ALREADY_EXISTS");
+      expect(elsewhere).toEqual(ownTenant);
+      expect(elsewhere).toEqual(sameUser);
+      for (const leak of [victim.tenant.id, mine.id]) expect(JSON.stringify(elsewhere)).not.toContain(leak);
 
-        // The victim's proven binding keeps its certificate; two unproven claims of two tenants: no one.
-        const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
-        if (proven) expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
-        else await expectRefused(ts, backend, [theirs.id, attacker.tenant.id, victim.tenant.id, mine.id]);
-      });
-    }
+      // Over gRPC as well.
+      const grpcBind = (token: string, machineUserId: string) =>
+        clients(ts.grpc(), token).machines.bindCertificate({ machineUserId, identity });
+      const grpcElsewhere = await refusal(grpcBind(attacker.token, (await attackerMachine()).id));
+      const grpcOwn = await refusal(grpcBind(victim.token, (await victimMachine()).id));
+      expect(grpcElsewhere.code).toBe(Code.AlreadyExists);
+      expect(grpcElsewhere).toEqual(grpcOwn);
+
+      // Nothing was bound: the owner's certificate is still its own.
+      const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
+      expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+    });
   }
 
-  it("lets two tenants bind one identity concurrently, and refuses the loser of two concurrent binds in one tenant", async () => {
-    for (let i = 0; i < 4; i++) {
-      const identity: Identity = { case: "sanUri", value: `spiffe://race.example/${short()}` };
-      const [a, b] = [await victimMachine(), await attackerMachine()];
-      const both = await Promise.allSettled([
-        bind(victim.token, a.id, identity),
-        bind(attacker.token, b.id, identity),
-      ]);
-      expect(both.map((r) => r.status)).toEqual(["fulfilled", "fulfilled"]);
-    }
+  it("answers the loser of concurrent binds of one identity from two tenants exactly like a bind made after", async () => {
+    const san = `spiffe://victim.example/${short()}`;
     const later = await refusal(
       (async () => {
-        const identity: Identity = { case: "sanUri", value: `spiffe://race.example/${short()}` };
-        await bind(victim.token, (await victimMachine()).id, identity);
-        return bind(victim.token, (await victimMachine()).id, identity);
+        await bind(victim.token, (await victimMachine()).id, { case: "sanUri", value: san });
+        return bind(attacker.token, (await attackerMachine()).id, { case: "sanUri", value: san });
       })(),
     );
     expect(later.code).toBe(Code.AlreadyExists);
     // Several races, so some losers pass the existence check and meet the unique constraint.
     for (let i = 0; i < 4; i++) {
       const identity: Identity = { case: "sanUri", value: `spiffe://race.example/${short()}` };
-      const [a, b] = [await victimMachine(), await victimMachine()];
+      const [a, b] = [await victimMachine(), await attackerMachine()];
       const results = await Promise.allSettled([
         bind(victim.token, a.id, identity),
-        bind(victim.token, b.id, identity),
+        bind(attacker.token, b.id, identity),
       ]);
       const lost = results.filter((r) => r.status === "rejected");
       expect(lost).toHaveLength(1);
@@ -335,9 +305,7 @@ describe.each(DATABASES)("certificate identities across tenants on $name", (db) 
  * Issue #18's remaining certificate item: squatting. Another tenant binding the public
  * fingerprint (or a SAN URI) of A's certificate first must not deny A its own certificate.
  * A bind made over a connection presenting the very certificate is proven; a proven binding
- * outranks the squatter's unproven one of the same identity (kept, in the squatter's tenant,
- * but inert for the certificate, whichever was made first) and is outranked by no other
- * tenant's binding but a proven fingerprint's.
+ * displaces the squatter's unproven one and is never displaced itself.
  */
 describe.each(DATABASES)("proof of possession of a bound certificate on $name", (db) => {
   let ts: TestServer;
@@ -403,6 +371,8 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       const squat = await bind(attacker.token, theirs.id, identity);
       expect(squat.binding!.proven).toBe(false);
       const mine = await victimMachine();
+      // Without proof the owner is refused exactly as before.
+      expect((await refusal(bind(victim.token, mine.id, identity))).code).toBe(Code.AlreadyExists);
 
       // With proof (the owner's admin token, over the backend's own mTLS connection): bound, proven.
       const { binding } = await bindPresenting(backend, victim.token, mine.id, identity);
@@ -410,9 +380,8 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
       expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
 
-      // The squatter's binding is kept (its tenant's to remove) but outranked, and that is
-      // audited in the squatter's tenant.
-      expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
+      // The squatter's binding is gone, and audited in the squatter's tenant.
+      expect(await certificatesOf(attacker.token, theirs.id)).toEqual([]);
       expect(await displacedRecords(squat.binding!.id)).toEqual([
         {
           tenant_id: attacker.tenant.id,
@@ -440,7 +409,7 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
     });
   }
 
-  it("never lets another tenant take a certificate whose fingerprint its owner proved, not even with another certificate from the same CA carrying the SAN URI", async () => {
+  it("never lets a proven binding be displaced, not even by another certificate from the same CA carrying the SAN URI", async () => {
     const san = `spiffe://victim.example/${short()}`;
     const backend = await mint(ts, san);
     const mine = await victimMachine();
@@ -456,12 +425,9 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       () => bindPresenting(lookalike, attacker.token, theirs.id, { case: "sanUri", value: san }),
       () => bind(attacker.token, theirs.id, { case: "sha256Fingerprint", value: backend.fingerprint }),
     ];
-    // Each binds in the other tenant (identities are unique per tenant), and takes nothing.
+    for (const attempt of attempts) expect((await refusal(attempt())).code).toBe(Code.AlreadyExists);
     const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
-    for (const attempt of attempts) {
-      await attempt();
-      expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
-    }
+    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
     expect((await certificatesOf(victim.token, mine.id)).map((b) => b.proven)).toEqual([true, true]);
   });
 
@@ -479,12 +445,12 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       value: backend.fingerprint,
     });
     await expectRefused(ts, backend, [victim.tenant.id, attacker.tenant.id, mine.id]);
-    // The certificate's holder proves its fingerprint: the other tenant's binding is outranked (kept).
+    // The certificate's holder proves its fingerprint: the other tenant's binding is displaced.
     await bindPresenting(backend, victim.token, mine.id, {
       case: "sha256Fingerprint",
       value: backend.fingerprint,
     });
-    expect(await certificatesOf(attacker.token, theirs.id)).toHaveLength(1);
+    expect(await certificatesOf(attacker.token, theirs.id)).toEqual([]);
     const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
     expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
   });
@@ -497,10 +463,10 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
     const proven = await bindPresenting(backend, victim.token, mine.id, identity);
     expect(proven.binding!.id).toBe(first.binding!.id);
     expect(proven.binding!.proven).toBe(true);
-    // Proven now: another tenant's binding of it (made after) takes nothing.
-    await bind(attacker.token, (await attackerMachine()).id, identity);
-    const expected = { machineUserId: mine.id, tenantId: victim.tenant.id };
-    expect(await whoAmI(ts, backend)).toEqual([expected, expected]);
+    // Proven now: another tenant can no longer displace nor share it.
+    expect((await refusal(bind(attacker.token, (await attackerMachine()).id, identity))).code).toBe(
+      Code.AlreadyExists,
+    );
   });
 
   it("takes no proof from a certificate the server's client CA does not trust, even one carrying the SAN URI", async () => {
@@ -516,13 +482,12 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
       fingerprint: foreign.clientFingerprint,
     };
     const mine = await victimMachine();
-    const first = await bindPresenting(untrusted, victim.token, mine.id, { case: "sanUri", value: san });
-    expect(first.binding!.proven).toBe(false);
-    // Over gRPC: a proof would make that binding proven; AlreadyExists shows none was taken.
-    const r = await refusal(
-      bindPresenting(untrusted, victim.token, mine.id, { case: "sanUri", value: san }, {}, 1),
-    );
-    expect(r.code).toBe(Code.AlreadyExists);
+    for (const protocol of [0, 1]) {
+      const r = await refusal(
+        bindPresenting(untrusted, victim.token, mine.id, { case: "sanUri", value: san }, {}, protocol),
+      );
+      expect(r.code).toBe(Code.AlreadyExists);
+    }
     // Its own fingerprint is bound unproven (nothing proven about it), and the squat stands.
     const byFp = await bindPresenting(untrusted, victim.token, mine.id, {
       case: "sha256Fingerprint",
@@ -537,10 +502,12 @@ describe.each(DATABASES)("proof of possession of a bound certificate on $name", 
     const identity: Identity = { case: "sha256Fingerprint", value: backend.fingerprint };
     const theirs = await attackerMachine();
     const squat = await bind(attacker.token, theirs.id, identity);
-    const { binding } = await bindPresenting(backend, victim.token, (await victimMachine()).id, identity, {
-      origin: "https://evil.example",
-    });
-    expect(binding!.proven).toBe(false);
+    const r = await refusal(
+      bindPresenting(backend, victim.token, (await victimMachine()).id, identity, {
+        origin: "https://evil.example",
+      }),
+    );
+    expect(r.code).toBe(Code.AlreadyExists);
     expect((await certificatesOf(attacker.token, theirs.id)).map((b) => b.id)).toEqual([squat.binding!.id]);
   });
 
@@ -584,7 +551,7 @@ describe.each(DATABASES)("proof of possession behind a trusted proxy on $name", 
       authorization: `Bearer ${victim.token}`,
       "x-forwarded-for": "198.51.100.7",
     });
-    const { binding } = await viaGateway.machines.bindCertificate({ machineUserId: mine.id, identity });
-    expect(binding!.proven).toBe(false);
+    const r = await refusal(viaGateway.machines.bindCertificate({ machineUserId: mine.id, identity }));
+    expect(r.code).toBe(Code.AlreadyExists);
   });
 });

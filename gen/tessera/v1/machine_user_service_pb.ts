@@ -132,7 +132,7 @@ export type CertificateBinding = Message<"tessera.v1.CertificateBinding"> & {
 
   /**
    * Bound over a TLS connection presenting this very certificate (proof of possession):
-   * it outranks unproven bindings of its identity (see BindCertificate).
+   * it wins over unproven bindings and is never displaced (see BindCertificate).
    *
    * @generated from field: bool proven = 5;
    */
@@ -1021,15 +1021,13 @@ export const MachineUserService: GenService<{
   /**
    * Tie a client certificate (by SHA-256 fingerprint, or by a URI SAN such as a SPIFFE
    * id) to a machine user: a connection presenting it, with no header, authenticates as
-   * that machine user. A fingerprint or SAN URI can be bound to one machine user per
-   * tenant: binding one already bound in the caller's tenant is AlreadyExists; tenants bind
-   * independently, and the answer is the same whether or not another tenant bound it
-   * (nothing of another tenant's bindings is revealed). Precedence, when a certificate
-   * matches several bindings (its fingerprint and its SAN URIs) in more than one tenant:
-   * the one tenant with a proven fingerprint binding decides; else the one tenant with
-   * proven bindings, when every other tenant's binding is an unproven one of an identity it
-   * proved; else the certificate authenticates no one (AUTH_REQUIRED, spending no failure
-   * budget), so no tenant can take over another's certificate; within one tenant a fingerprint binding
+   * that machine user. A fingerprint or SAN URI can be bound to one machine user only, in
+   * any tenant: binding one already bound anywhere is AlreadyExists, answered exactly alike
+   * whether the existing binding is in the caller's tenant or another (no tenant, machine
+   * user or binding id is revealed). Precedence, when a certificate matches several
+   * bindings (its fingerprint and its SAN URIs): if they are in more than one tenant the
+   * certificate authenticates no one (AUTH_REQUIRED, spending no failure budget), so no
+   * tenant can take over another's certificate; within one tenant a fingerprint binding
    * wins over SAN URI bindings, and SAN URI bindings naming two machine users refuse it
    * (CREDENTIALS_INVALID). A fingerprint binding so takes the certificate from the machine
    * users its SAN URIs are bound to: binding a fingerprint needs authority over them too
@@ -1046,11 +1044,11 @@ export const MachineUserService: GenService<{
    * Proof of possession: a bind made over a TLS connection that presents the very
    * certificate being bound (its fingerprint, or a CA-verified certificate carrying the
    * SAN URI; the caller still needs the scope and authority) is `proven`. A proven binding
-   * outranks the unproven bindings of the same identity in other tenants, made before or
-   * after it (kept, but taking nothing; when the proof is made each is audited in its tenant
-   * and its machine user's access tokens end as by UnbindCertificate; the answer is the same
-   * either way). A certificate matching a proven fingerprint binding of one tenant
-   * authenticates by that tenant's bindings. A proven SAN URI proves its maker holds a certificate with that URI,
+   * displaces an unproven binding of the same identity in another tenant (removed, audited,
+   * and its machine user's access tokens ended as by UnbindCertificate; the answer is the
+   * same whether one was displaced or not), and is never
+   * displaced itself. A certificate matching a proven fingerprint binding authenticates as
+   * its machine user. A proven SAN URI proves its maker holds a certificate with that URI,
    * not this one: when another tenant bound the certificate's fingerprint or another of its
    * SAN URIs (proven or not), it authenticates no one until its owner proves its fingerprint
    * (or the squatted URI); within one tenant, proven SAN URI bindings naming one machine user

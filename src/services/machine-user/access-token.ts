@@ -79,8 +79,7 @@ export async function issueMachineAccessToken(
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
   // A certificate's binding was read when the call was authenticated. Checked again after the
-  // signature, no lock needed: a binding gone (or outranked by another tenant's proof, which
-  // ends its tokens as an unbinding does) refuses the token; one still seen means the
+  // signature, no lock needed: a binding gone refuses the token; one still seen means the
   // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the
   // second its commit is seen in (raiseRevocationCutoff), so it ends this token (on clocks
   // that agree: iat is this instance's).
@@ -108,25 +107,11 @@ export async function issueMachineAccessToken(
   if (!state) throw new TesseraError("TOKEN_REVOKED", "the credential's machine user no longer exists");
   if (state.disabled) throw new TesseraError("PRINCIPAL_DISABLED", "machine user is disabled");
   if (principal.method === "mtls" && principal.credentialId) {
-    const binding = await em.findOne(
-      MachineUserCertificate,
-      { id: principal.credentialId, machineUserId: mu.id },
-      { fields: ["tenantId", "sha256Fingerprint", "sanUri", "proven"], disableIdentityMap: true },
-    );
-    if (!binding) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
-    // Another tenant's proof of the identity outranks an unproven binding as an unbinding
-    // would remove it (BindCertificate ends its tokens the same way): seen, it refuses the token.
-    if (
-      !binding.proven &&
-      (await em.count(MachineUserCertificate, {
-        ...(binding.sha256Fingerprint
-          ? { sha256Fingerprint: binding.sha256Fingerprint }
-          : { sanUri: binding.sanUri ?? null }),
-        tenantId: { $ne: binding.tenantId },
-        proven: true,
-      })) > 0
-    )
-      throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
+    const bound = await em.count(MachineUserCertificate, {
+      id: principal.credentialId,
+      machineUserId: mu.id,
+    });
+    if (bound === 0) throw new TesseraError("TOKEN_REVOKED", "the client certificate is no longer bound");
   }
   return {
     token: issued.token,

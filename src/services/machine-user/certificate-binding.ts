@@ -1,6 +1,5 @@
 // Certificate bindings: which client certificate identifies a machine user, and when a bind
-// proves possession of it. Identities are unique per tenant: a proven bind outranks (and
-// ends the tokens of) another tenant's unproven binding of it without revealing or removing it.
+// proves possession of it (a proven bind may displace another tenant's unproven squatter).
 import { randomUUID } from "node:crypto";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { UniqueConstraintViolationException } from "@mikro-orm/core";
@@ -20,10 +19,7 @@ import type { MachineUserLookups } from "./lookups.js";
 import type { MachineUserServiceDeps } from "./machine-user-service.js";
 import { bindingToProto } from "./messages.js";
 
-/**
- * The audit action of an unproven binding outranked by another tenant's proven bind of its
- * identity (the name is from when the binding was deleted: audit readers filter on it).
- */
+/** The audit action of an unproven binding removed by a proven bind of its identity. */
 export const DISPLACED_ACTION = "tessera.v1.MachineUserService/BindCertificate:displaced";
 
 /**
@@ -101,83 +97,6 @@ async function assertMayOutrankSanBindings(
     assertMayManage(principalOf(ctx), { scopes: holders.flatMap((h) => parseScopeString(h.scopes)) });
 }
 
-/** Another tenant's unproven binding of an identity just proven (see {@link outrankElsewhere}). */
-interface OutrankedBinding {
-  id: string;
-  machineUserId: string;
-  tenantId: string;
-}
-
-/**
- * In the proof's transaction: the other tenants' unproven bindings of the identity just
- * proven, which the proof now outranks (machineOfCertificate: a proof outranks another
- * tenant's unproven binding). They stay (their tenants' to remove; nothing here tells the
- * prover of them), but end as an unbound binding would: the access tokens certificates
- * obtained through them are bound to those certificates, not to the binding, and would
- * outlive it. Each machine user is locked before its row is written (storage/lock-order.ts),
- * in id order; one deleted meanwhile took its binding with it.
- */
-async function outrankElsewhere(
-  tx: EntityManager,
-  tenantId: string,
-  identity: { sha256Fingerprint: string } | { sanUri: string | null },
-  cutoff: number,
-  clockSkewSeconds: number,
-): Promise<OutrankedBinding[]> {
-  const rows = await tx.find(
-    MachineUserCertificate,
-    { ...identity, tenantId: { $ne: tenantId }, proven: false },
-    { fields: ["id", "machineUserId", "tenantId"], orderBy: { machineUserId: "asc", id: "asc" } },
-  );
-  const outranked: OutrankedBinding[] = [];
-  const revoked = new Set<string>();
-  for (const r of rows) {
-    if (!revoked.has(r.machineUserId)) {
-      if (!(await lockMachineUser(tx, r.machineUserId, "key share"))) continue;
-      await revokeMachineAccessTokens(tx, r.machineUserId, cutoff, clockSkewSeconds);
-      revoked.add(r.machineUserId);
-    }
-    outranked.push({ id: r.id, machineUserId: r.machineUserId, tenantId: r.tenantId });
-  }
-  return outranked;
-}
-
-/**
- * After the proof committed: the outranked bindings' machine users' cut-offs raised (as an
- * unbinding's), and an event in each one's tenant, so its auditors see why its binding no
- * longer authenticates; the answer to this caller is the same either way. The prover is of
- * another tenant: its id and address are not that tenant's to read (tenants are walls), so
- * the event names no actor. The prover's own BindCertificate event, in its tenant, carries
- * the same request id for an operator who needs both.
- */
-async function afterOutranking(
-  deps: MachineUserServiceDeps,
-  e: EntityManager,
-  ctx: HandlerContext,
-  outranked: readonly OutrankedBinding[],
-  cutoff: number,
-  clock: Clock,
-): Promise<void> {
-  const raised = new Set<string>();
-  for (const b of outranked) {
-    if (!raised.has(b.machineUserId)) {
-      raised.add(b.machineUserId);
-      await raiseRevocationCutoff(e, b.machineUserId, cutoff, clock(), deps.clockSkewSeconds);
-    }
-    deps.audit?.record({
-      requestId: requestState(ctx.values).requestId,
-      ...auditFiling(null, b.tenantId),
-      actorKind: "system",
-      actorId: null,
-      action: DISPLACED_ACTION,
-      targetId: b.id,
-      outcome: "success",
-      reason: "PROVEN_BINDING",
-      ip: null,
-    });
-  }
-}
-
 /** The certificate-binding handlers of MachineUserService. */
 export function certificateBindingHandlers(
   deps: MachineUserServiceDeps,
@@ -198,47 +117,45 @@ export function certificateBindingHandlers(
         sanUri,
       });
       const e = em(ctx);
-      // Only this tenant's bindings: another tenant's are neither seen nor contested here (each
-      // tenant binds independently; machineOfCertificate decides between them), so the answer
-      // is the same whether or not another tenant bound the identity.
-      const existing = await e.findOne(MachineUserCertificate, {
-        tenantId: mu.tenantId,
-        ...(sha256Fingerprint ? { sha256Fingerprint } : { sanUri }),
-      });
+      const existing = await e.findOne(
+        MachineUserCertificate,
+        sha256Fingerprint ? { sha256Fingerprint } : { sanUri },
+      );
+      // Identities are unique across tenants (a certificate names one principal); the refusal
+      // is the same whichever tenant holds the binding, so it reveals no tenant, user or id.
       const conflict = "this certificate identity is already bound to a machine user";
-      const identity = sha256Fingerprint ? { sha256Fingerprint } : { sanUri };
-      const cutoff = clock();
-      let outranked: OutrankedBinding[] = [];
+      let displaced: { binding: MachineUserCertificate; tenantId: string } | null = null;
       if (existing) {
+        if (!proven || existing.proven) throw errors.alreadyExists(conflict);
+        if (existing.machineUserId === mu.id) {
+          // The owner proves its own binding: it becomes proven (and can no longer be displaced).
+          // A proven fingerprint outranks every SAN URI binding of the certificate, so it needs
+          // the authority a new proven fingerprint binding needs: the SAN URI bindings made
+          // since the unproven one was are the ones it would now take the certificate from.
+          if (sha256Fingerprint !== null)
+            await assertMayOutrankSanBindings(ctx, e, mu, requestState(ctx.values).certificate!.sanUris);
+          // The proof is this caller's act, so the binding now ranks by this caller's scopes (as
+          // a proven binding of its own making would), not by the first binder's: else a weaker
+          // admin proving a stronger admin's binding decides with the stronger one's authority.
+          const binderScopes = principalOf(ctx).scopes.join(" ");
+          // Only while still this machine user's and unproven: of two racing provers the second
+          // finds it proven (AlreadyExists, as above), and a binding removed meanwhile is not there.
+          await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
+            const updated = await tx.nativeUpdate(
+              MachineUserCertificate,
+              { id: existing.id, machineUserId: mu.id, proven: false },
+              { proven: true, binderScopes },
+            );
+            if (updated === 0) throw errors.alreadyExists(conflict);
+          });
+          existing.proven = true;
+          existing.binderScopes = binderScopes;
+          return { binding: bindingToProto(existing) };
+        }
+        const holder = await e.findOne(MachineUser, { id: existing.machineUserId });
         // The caller's own tenant: it sees that binding and can remove it itself.
-        if (!proven || existing.proven || existing.machineUserId !== mu.id)
-          throw errors.alreadyExists(conflict);
-        // The owner proves its own binding: it becomes proven. A proven fingerprint outranks
-        // every SAN URI binding of the certificate, so it needs the authority a new proven
-        // fingerprint binding needs: the SAN URI bindings made since the unproven one was are
-        // the ones it would now take the certificate from.
-        if (sha256Fingerprint !== null)
-          await assertMayOutrankSanBindings(ctx, e, mu, requestState(ctx.values).certificate!.sanUris);
-        // The proof is this caller's act, so the binding now ranks by this caller's scopes (as
-        // a proven binding of its own making would), not by the first binder's: else a weaker
-        // admin proving a stronger admin's binding decides with the stronger one's authority.
-        const binderScopes = principalOf(ctx).scopes.join(" ");
-        // Only while still this machine user's and unproven: of two racing provers the second
-        // finds it proven (AlreadyExists, as above), and a binding removed meanwhile is not there.
-        await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
-          // The outranked bindings' machine users before this binding's row (storage/lock-order.ts).
-          outranked = await outrankElsewhere(tx, mu.tenantId, identity, cutoff, deps.clockSkewSeconds);
-          const updated = await tx.nativeUpdate(
-            MachineUserCertificate,
-            { id: existing.id, machineUserId: mu.id, proven: false },
-            { proven: true, binderScopes },
-          );
-          if (updated === 0) throw errors.alreadyExists(conflict);
-        });
-        existing.proven = true;
-        existing.binderScopes = binderScopes;
-        await afterOutranking(deps, e, ctx, outranked, cutoff, clock);
-        return { binding: bindingToProto(existing) };
+        if (!holder || holder.tenantId === mu.tenantId) throw errors.alreadyExists(conflict);
+        displaced = { binding: existing, tenantId: holder.tenantId };
       }
       if (sha256Fingerprint !== null)
         await assertMayOutrankSanBindings(
@@ -250,7 +167,6 @@ export function certificateBindingHandlers(
       const binding = e.create(MachineUserCertificate, {
         id: randomUUID(),
         machineUserId: mu.id,
-        tenantId: mu.tenantId,
         sha256Fingerprint,
         sanUri,
         proven,
@@ -260,19 +176,58 @@ export function certificateBindingHandlers(
         binderScopes: principalOf(ctx).scopes.join(" "),
         createdAt: new Date(),
       });
+      let removed = 0;
+      let cutoff = 0;
       try {
         await writeIfScopesHold(e, MachineUser, mu.id, mu.scopes, async (tx) => {
-          if (proven)
-            outranked = await outrankElsewhere(tx, mu.tenantId, identity, cutoff, deps.clockSkewSeconds);
-          // Two binds of one identity racing in one tenant: the loser meets the unique
-          // constraint (AlreadyExists).
+          // Only while it is still unproven: two provers racing for one identity, the loser
+          // meets the unique constraint below (AlreadyExists), never displaces the winner.
+          // The displaced binding's machine user before its binding (storage/lock-order.ts): a
+          // DeleteMachineUser of it holds its row, then deletes its bindings. Gone meanwhile,
+          // its binding went with it.
+          if (displaced && (await lockMachineUser(tx, displaced.binding.machineUserId, "key share")))
+            removed = await tx.nativeDelete(MachineUserCertificate, {
+              id: displaced.binding.id,
+              proven: false,
+            });
+          // A displaced binding ends like an unbound one: the access tokens certificates
+          // obtained through it are bound to them, not to it, and would outlive it.
+          if (removed > 0) {
+            cutoff = clock();
+            await revokeMachineAccessTokens(
+              tx,
+              displaced!.binding.machineUserId,
+              cutoff,
+              deps.clockSkewSeconds,
+            );
+          }
           await tx.flush();
         });
       } catch (err) {
         if (err instanceof UniqueConstraintViolationException) throw errors.alreadyExists(conflict);
         throw err;
       }
-      await afterOutranking(deps, e, ctx, outranked, cutoff, clock);
+      if (displaced && removed > 0) {
+        const squatter = displaced.binding.machineUserId;
+        await raiseRevocationCutoff(e, squatter, cutoff, clock(), deps.clockSkewSeconds);
+        // In the squatter's tenant, so its auditors see why its binding went; the answer to
+        // this caller is the same whether a binding was displaced or not. The prover is of
+        // another tenant: its id and address are not the squatter's to read (tenants are
+        // walls), so the event names no actor. The prover's own BindCertificate event, in
+        // its tenant, carries the same request id for an operator who needs both.
+        const state = requestState(ctx.values);
+        deps.audit?.record({
+          requestId: state.requestId,
+          ...auditFiling(null, displaced.tenantId),
+          actorKind: "system",
+          actorId: null,
+          action: DISPLACED_ACTION,
+          targetId: displaced.binding.id,
+          outcome: "success",
+          reason: "PROVEN_BINDING",
+          ip: null,
+        });
+      }
       return { binding: bindingToProto(binding) };
     },
 

@@ -35,7 +35,7 @@ export interface MachineUserServiceDeps {
   defaultTenantId: () => Promise<string>;
   /** When set: new credentials counted per caller (`rateLimit.credentialCreationsPerHour`). */
   limits?: RateLimits | undefined;
-  /** Where a certificate binding outranked by another tenant's proof is recorded (see BindCertificate). */
+  /** Where a displaced certificate binding is recorded (see BindCertificate). */
   audit?: Pick<AuditLog, "record"> | undefined;
 }
 

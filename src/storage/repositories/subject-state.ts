@@ -177,8 +177,6 @@ export interface CertificateBindingState {
   bindingId: string;
   /** The bound SHA-256 fingerprint, or null for a SAN URI binding. */
   boundFingerprint: string | null;
-  /** The bound SAN URI, or null for a fingerprint binding. */
-  boundSanUri: string | null;
   /** Made over a connection presenting the certificate itself (BindCertificate). */
   proven: boolean;
   /** The binder's effective scopes at bind time (none when not recorded: bound before they were). */
@@ -209,7 +207,6 @@ interface CredentialRow extends MachineRow {
 interface BindingRow extends MachineRow {
   binding_id: string;
   bound_fingerprint: string | null;
-  bound_san_uri: string | null;
   proven: unknown;
   binder_scopes: string | null;
 }
@@ -236,7 +233,7 @@ const MAX_SAN_URIS = 16;
 function bindingQuery(sanCount: number): string {
   const sans = sanCount > 0 ? ` or b.san_uri in (${new Array(sanCount).fill("?").join(", ")})` : "";
   return (
-    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, b.san_uri as bound_san_uri, b.proven, b.binder_scopes, ${MACHINE_COLUMNS} ` +
+    `select b.id as binding_id, b.sha256_fingerprint as bound_fingerprint, b.proven, b.binder_scopes, ${MACHINE_COLUMNS} ` +
     `from machine_user_certificates b join machine_users m on m.id = b.machine_user_id ${MACHINE_JOINS} ` +
     `where b.sha256_fingerprint = ?${sans}`
   );
@@ -292,7 +289,6 @@ const toBindings = oncePerRow((rows: readonly BindingRow[]): readonly Certificat
     Object.freeze({
       bindingId: group[0]!.binding_id,
       boundFingerprint: group[0]!.bound_fingerprint,
-      boundSanUri: group[0]!.bound_san_uri,
       proven: toBool(group[0]!.proven),
       binderScopes: toScopes(group[0]!.binder_scopes ?? ""),
       machine: toMachine(group),
@@ -340,9 +336,8 @@ export class MachineStateRepository {
 
   /**
    * The bindings naming a certificate's fingerprint or one of its first
-   * {@link MAX_SAN_URIS} SAN URIs, in every tenant (indexed by fingerprint and by SAN URI
-   * across tenants), each with its machine user (which one decides is the authentication
-   * path's rule, see machine-principal.ts).
+   * {@link MAX_SAN_URIS} SAN URIs, each with its machine user (which one decides is the
+   * authentication path's rule, see machine-principal.ts).
    */
   bindingsOf(fingerprint: string, sanUris: readonly string[]): Awaitable<readonly CertificateBindingState[]> {
     const sans = sanUris.slice(0, MAX_SAN_URIS);
