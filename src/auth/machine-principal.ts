@@ -311,6 +311,13 @@ export function createMachineClaimsLoader(
     assertMachineActive(machine);
     if (machine.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its machine user");
+    // A cut-off a later rotation replaced stays in force (recordRotation): over for good.
+    if (
+      machine.tokensRevokedBefore !== null &&
+      typeof claims.iat === "number" &&
+      claims.iat <= Math.floor(machine.tokensRevokedBefore / 1000)
+    )
+      throw new TesseraError("TOKEN_REVOKED", "token predates a credential rotation");
     // iat has one-second resolution: a token from the rotation's own second counts as older
     // (fail closed); IssueAccessToken never issues in that second (see rotationSecondPassed).
     let expiresAt = claims.exp * 1000;

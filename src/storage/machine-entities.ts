@@ -47,6 +47,8 @@ export class MachineUser {
   lastUsedAt?: Date | null = null;
   rotatedAt?: Date | null = null;
   rotationGraceUntil?: Date | null = null;
+  /** Machine access tokens issued up to this instant (by `iat`'s second) are refused for good. */
+  tokensRevokedBefore?: Date | null = null;
 }
 
 export const MachineUserSchema = new EntitySchema<MachineUser>({
@@ -65,6 +67,7 @@ export const MachineUserSchema = new EntitySchema<MachineUser>({
     lastUsedAt: { type: "Date", nullable: true },
     rotatedAt: { type: "Date", nullable: true },
     rotationGraceUntil: { type: "Date", nullable: true },
+    tokensRevokedBefore: { type: "Date", nullable: true },
   },
 });
 

@@ -204,6 +204,7 @@ export async function raiseRotationCutoff(
 interface RotationState {
   rotatedAt: Date | null;
   rotationGraceUntil: Date | null;
+  tokensRevokedBefore: Date | null;
 }
 
 /** Attempts of {@link recordRotation} when the row keeps changing under it. */
@@ -245,10 +246,14 @@ export async function recordRotation(
     const row = await tx.findOne(
       MachineUser,
       { id: machineUserId },
-      { fields: ["rotatedAt", "rotationGraceUntil"], disableIdentityMap: true },
+      { fields: ["rotatedAt", "rotationGraceUntil", "tokensRevokedBefore"], disableIdentityMap: true },
     );
     if (row === null) throw gone();
-    current = { rotatedAt: row.rotatedAt ?? null, rotationGraceUntil: row.rotationGraceUntil ?? null };
+    current = {
+      rotatedAt: row.rotatedAt ?? null,
+      rotationGraceUntil: row.rotationGraceUntil ?? null,
+      tokensRevokedBefore: row.tokensRevokedBefore ?? null,
+    };
   }
 }
 
@@ -260,7 +265,14 @@ function mergeRotation(
   const { now, graceUntil, windowMs } = rotation;
   let cutoff = graceUntil;
   let rotatedAt = now;
+  let revokedBefore = stored.tokensRevokedBefore;
   if (stored.rotatedAt !== null) {
+    // A cut-off already in force (a revocation's, a rotation's past its grace period) is kept
+    // for good rather than dropped with the pair: the tokens it ended may have been issued
+    // with a longer lifetime than `windowMs` counts (another instance's, or an earlier one's).
+    const inForce = (stored.rotationGraceUntil ?? stored.rotatedAt) <= now;
+    if (inForce && (revokedBefore === null || revokedBefore < stored.rotatedAt))
+      revokedBefore = stored.rotatedAt;
     if (stored.rotatedAt > now) rotatedAt = stored.rotatedAt;
     if (
       stored.rotationGraceUntil !== null &&
@@ -269,5 +281,5 @@ function mergeRotation(
     )
       cutoff = stored.rotationGraceUntil;
   }
-  return { rotatedAt, rotationGraceUntil: cutoff };
+  return { rotatedAt, rotationGraceUntil: cutoff, tokensRevokedBefore: revokedBefore };
 }

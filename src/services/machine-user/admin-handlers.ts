@@ -220,7 +220,11 @@ export function machineUserAdminHandlers(
         now,
       });
       // The row's rotation state as read now; the write merges with the row as it is then.
-      const seen = { rotatedAt: mu.rotatedAt ?? null, rotationGraceUntil: mu.rotationGraceUntil ?? null };
+      const seen = {
+        rotatedAt: mu.rotatedAt ?? null,
+        rotationGraceUntil: mu.rotationGraceUntil ?? null,
+        tokensRevokedBefore: mu.tokensRevokedBefore ?? null,
+      };
       // The new credential is shown once: a lost COMMIT is settled (see commitCreation).
       await commitCreation(
         deps.storage,

@@ -16,6 +16,7 @@ import { Migration20261206050000_token_lineage } from "./Migration20261206050000
 import { Migration20261206060000_session_prune_indexes } from "./Migration20261206060000_session_prune_indexes.js";
 import { Migration20261206070000_audit_actor_outside } from "./Migration20261206070000_audit_actor_outside.js";
 import { Migration20261206080000_truncate_resets } from "./Migration20261206080000_truncate_resets.js";
+import { Migration20261207120000_machine_tokens_revoked_before } from "./Migration20261207120000_machine_tokens_revoked_before.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -55,4 +56,8 @@ export const MIGRATIONS: MigrationObject[] = [
     class: Migration20261206070000_audit_actor_outside,
   },
   { name: "Migration20261206080000_truncate_resets", class: Migration20261206080000_truncate_resets },
+  {
+    name: "Migration20261207120000_machine_tokens_revoked_before",
+    class: Migration20261207120000_machine_tokens_revoked_before,
+  },
 ];

@@ -159,6 +159,8 @@ export interface MachineAuthState {
   rotatedAt: number | null;
   /** Epoch ms at which the pre-rotation credentials stopped (or stop) working, or null. */
   rotationGraceUntil: number | null;
+  /** Epoch ms up to which (by `iat`'s second) its access tokens are refused for good, or null. */
+  tokensRevokedBefore: number | null;
 }
 
 /** A machine credential (token or Basic password) joined with its machine user. */
@@ -193,6 +195,7 @@ interface MachineRow {
   tenant_disabled: unknown;
   rotated_at: unknown;
   rotation_grace_until: unknown;
+  tokens_revoked_before: unknown;
   application_id: string | null;
 }
 
@@ -213,7 +216,7 @@ interface BindingRow extends MachineRow {
 
 const MACHINE_COLUMNS =
   "m.id, m.tenant_id, m.name, m.scopes, m.disabled, m.rotated_at, m.rotation_grace_until, " +
-  "t.disabled as tenant_disabled, a.application_id";
+  "m.tokens_revoked_before, t.disabled as tenant_disabled, a.application_id";
 const MACHINE_JOINS =
   "join tenants t on t.id = m.tenant_id left join machine_user_applications a on a.machine_user_id = m.id";
 
@@ -255,6 +258,7 @@ const toMachine = oncePerRow((rows: readonly MachineRow[]): MachineAuthState => 
     applicationIds: Object.freeze(applicationIds) as string[],
     rotatedAt: toMillis(first.rotated_at),
     rotationGraceUntil: toMillis(first.rotation_grace_until),
+    tokensRevokedBefore: toMillis(first.tokens_revoked_before),
   };
 });
 

@@ -1,0 +1,133 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createClient } from "@connectrpc/connect";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
+import {
+  createTestCerts,
+  POSTGRES,
+  pinnableClock,
+  SQLITE,
+  startTestServer,
+  type TestDatabase,
+  type TestServer,
+  withHeaders,
+} from "../helpers.js";
+import { adminLogin, bearerMachine, clients } from "../machine-fixtures.js";
+
+/**
+ * A machine access token ended by a revocation (a disable) or by a rotation whose grace period
+ * is over stays ended when a later rotation with a grace period replaces the cut-off, even
+ * where the rotating instance counts a shorter access-token lifetime than the token was issued
+ * with (two instances on one PostgreSQL schema during a rolling change of
+ * `auth.jwt.accessTokenTtl`, or one restarted with a lower one). The rotation used to keep the
+ * earlier cut-off only within its own lifetime of it, so the token verified again until the new
+ * grace period ended. Over TLS, each answer from VerifyCredential on both instances.
+ */
+/** One database two instances open: a PostgreSQL schema, or a SQLite file (two processes' worth of connections). */
+function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
+  if (kind === "postgres") {
+    const url = POSTGRES.url();
+    return { db: { name: "postgres", url: () => url }, cleanup() {} };
+  }
+  const dir = mkdtempSync(join(tmpdir(), "tessera-revival-"));
+  return {
+    db: { ...SQLITE, url: () => `sqlite:${join(dir, "tessera.db")}` },
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+describe.each(["sqlite", "postgres"] as const)(
+  "machine access tokens ended before a rotation stay ended (%s, two instances)",
+  (kind) => {
+    let long: TestServer;
+    let short: TestServer;
+    let verifier: string;
+    let root: string;
+    const clock = pinnableClock();
+    const shared = sharedDatabase(kind);
+
+    beforeAll(async () => {
+      const db = shared.db;
+      const certs = await createTestCerts();
+      long = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 3600 } } }, certs, {
+        clock: clock.now,
+      });
+      short = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 60 } } }, certs, {
+        clock: clock.now,
+      });
+      root = await adminLogin(long.connect());
+      verifier = (
+        await clients(long.connect(), root).machines.createMachineUser({
+          name: "verifier",
+          authType: MachineAuthType.BEARER,
+          scopes: ["auth:verify"],
+        })
+      ).token;
+    });
+    afterAll(async () => {
+      await short?.close();
+      await long?.close();
+      shared.cleanup();
+    });
+    afterEach(() => clock.release());
+
+    const codes = (credential: string) =>
+      Promise.all(
+        [long, short].map(async (ts) => {
+          const v = createClient(
+            VerificationService,
+            withHeaders(ts.connect(), { authorization: `Bearer ${verifier}` }),
+          );
+          return VerificationCode[(await v.verifyCredential({ credential })).code];
+        }),
+      );
+
+    it("does not bring back a token a disable ended", async () => {
+      const admin = clients(long.connect(), root).machines;
+      const { machine, token } = await bearerMachine(long.connect(), root, []);
+      const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
+      expect(await codes(jwt)).toEqual(["VALID", "VALID"]);
+      await admin.updateMachineUser({ id: machine.id, disabled: true });
+      await admin.updateMachineUser({ id: machine.id, disabled: false });
+      expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
+
+      // Past the short instance's access-token lifetime (and clock skew), within the token's.
+      clock.pin(Date.now() + 120_000);
+      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
+        {
+          id: machine.id,
+          gracePeriodSeconds: 600,
+        },
+      );
+      expect(await codes(jwt), "the rotation's grace period revived a token the disable ended").toEqual([
+        "REVOKED",
+        "REVOKED",
+      ]);
+    });
+
+    it("does not bring back a token an earlier rotation ended once its grace period was over", async () => {
+      const admin = clients(long.connect(), root).machines;
+      const { machine, token } = await bearerMachine(long.connect(), root, []);
+      const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
+      const first = await admin.rotateMachineUserCredentials({ id: machine.id, gracePeriodSeconds: 10 });
+      clock.pin(Date.now() + 120_000);
+      expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
+
+      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
+        {
+          id: machine.id,
+          gracePeriodSeconds: 600,
+        },
+      );
+      expect(await codes(jwt), "the second rotation's grace period revived the first one's token").toEqual([
+        "REVOKED",
+        "REVOKED",
+      ]);
+      // What the first rotation issued (its credential, now in the second's grace period) still verifies.
+      expect(await codes(first.token)).toEqual(["VALID", "VALID"]);
+    });
+  },
+);
