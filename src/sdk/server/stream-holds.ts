@@ -38,11 +38,6 @@ export interface StreamHoldsOptions {
   max?: number;
   /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
   recheckMs?: number;
-  /**
-   * Whether a check failed only because the core had too many verifications in flight
-   * (`maxConcurrentVerifications`): a re-check so refused is tried again, for up to `recheckMs`.
-   */
-  busy?(err: unknown): boolean;
 }
 
 interface Held {
@@ -178,7 +173,7 @@ export class StreamHolds {
       do {
         held.again = false;
         held.vouched = this.#o.watching();
-        const principal = await this.#authenticate(held);
+        const principal = await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
         authorize(principal, held.rule);
         held.principal = principal;
       } while (held.again && this.#held.has(held));
@@ -186,33 +181,6 @@ export class StreamHolds {
       held.checking = false;
     }
     this.#arm(held);
-  }
-
-  /**
-   * The check's authentication. A re-check refused by the core's own bound on verifications in
-   * flight is tried again shortly, for up to `recheckMs` (how long a stream nothing vouches for
-   * runs between checks anyway): a loss of the watch (Tessera ends it every
-   * `server.maxStreamSeconds`) re-checks every held stream at once, and those past the bound
-   * would otherwise end, Unavailable, though Tessera answers. A first check is refused at once,
-   * as a new call is.
-   */
-  async #authenticate(held: Held): Promise<TesseraPrincipal> {
-    const until = this.#o.now() + this.#recheckMs;
-    // Counted too, for a clock that does not move (tests'): each wait is at least 20 ms.
-    for (let tries = Math.ceil(this.#recheckMs / 20); ; tries--) {
-      try {
-        return await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
-      } catch (err) {
-        const retry =
-          held.principal !== undefined &&
-          this.#o.busy?.(err) === true &&
-          this.#held.has(held) &&
-          this.#o.now() < until &&
-          tries > 1;
-        if (!retry) throw err;
-      }
-      await new Promise((resolve) => setTimeout(resolve, 20 + Math.random() * 80).unref());
-    }
   }
 
   #poke(held: Held): void {

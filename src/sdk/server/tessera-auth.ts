@@ -165,16 +165,12 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
    */
   const walled = new Set<string>();
 
-  /** Refusals of the core's own bound on verifications in flight (not an answer of Tessera's). */
-  const busy = new WeakSet<object>();
-
   const streams = new StreamHolds({
     authenticate: (authorization, thumbprint, address) =>
       core.authenticate(authorization, thumbprint, address),
     watching: () => watch?.healthy() ?? false,
     now,
     refusalOf: (err) => refusalOf(err, reports.bug),
-    busy: (err) => typeof err === "object" && err !== null && busy.has(err),
   });
 
   const watch =
@@ -206,9 +202,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     options.maxConcurrentVerifications ?? 1024,
     () => {
       reports.verifyRefused();
-      const refusal = unavailable("too many credentials are being verified at once");
-      busy.add(refusal);
-      return refusal;
+      return unavailable("too many credentials are being verified at once");
     },
   );
 
