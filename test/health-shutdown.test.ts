@@ -1,6 +1,8 @@
 import { createClient } from "@connectrpc/connect";
 import { describe, expect, it } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.js";
+import { createHealthService } from "../src/services/health/health-service.js";
+import { ServingState } from "../src/services/health/serving-state.js";
 import { SQLITE, startTestServer } from "./helpers.js";
 
 /**
@@ -32,5 +34,37 @@ describe("grpc.health.v1.Health during a shutdown", () => {
     } finally {
       await ts.app.close();
     }
+  });
+
+  it("tells a drain that begins while its database ping is in flight, or between two turns of a watch", async () => {
+    const serving = new ServingState();
+    const pings: ((up: boolean) => void)[] = [];
+    const health = createHealthService({
+      ping: () => new Promise<boolean>((resolve) => pings.push(resolve)),
+      services: [],
+      serving,
+    });
+    // A check whose ping was sent before the drain began and answered after it.
+    const checking = health.check({ service: "" } as never, {} as never) as Promise<{ status: Status }>;
+    serving.drain();
+    pings.shift()!(true);
+    expect((await checking).status).toBe(Status.NOT_SERVING);
+
+    const watching = new ServingState();
+    const watched = createHealthService({ ping: async () => true, services: [], serving: watching });
+    const abort = new AbortController();
+    const turns = (
+      watched.watch({ service: "" } as never, { signal: abort.signal } as never) as AsyncIterable<{
+        status: Status;
+      }>
+    )[Symbol.asyncIterator]();
+    expect((await turns.next()).value.status).toBe(Status.SERVING);
+    // The drain lands after the watch said SERVING and before its next turn sleeps: it must
+    // not sleep its 5 s out first.
+    watching.drain();
+    const started = performance.now();
+    expect((await turns.next()).value.status).toBe(Status.NOT_SERVING);
+    expect(performance.now() - started).toBeLessThan(1000);
+    abort.abort();
   });
 });

@@ -23,7 +23,9 @@ export function createHealthService(deps: {
   const maxWatchMs = deps.maxWatchMs ?? 0;
   const serving = deps.serving ?? new ServingState();
   const known = new Set(["", ...deps.services]);
-  const status = async () => (!serving.draining && (await deps.ping()) ? Status.SERVING : Status.NOT_SERVING);
+  // Draining is read after the ping too: a drain begun while the database answered is told.
+  const status = async () =>
+    !serving.draining && (await deps.ping()) && !serving.draining ? Status.SERVING : Status.NOT_SERVING;
   return {
     async check(req) {
       if (!known.has(req.service)) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
@@ -44,6 +46,7 @@ export function createHealthService(deps: {
       const endAt = maxWatchMs > 0 ? Date.now() + maxWatchMs : Number.POSITIVE_INFINITY;
       for (;;) {
         if (ctx.signal.aborted) return;
+        const seen = serving.phase;
         const s = await status();
         if (s !== last) {
           last = s;
@@ -52,7 +55,7 @@ export function createHealthService(deps: {
         if (serving.closed || Date.now() >= endAt) return;
         // Ends at once on a signal aborted meanwhile (or before: a listener added then never
         // fired, and the call slept 5 s) or a shutdown's step, and leaves no listener behind per turn.
-        await serving.sleep(Math.min(5000, endAt - Date.now()), ctx.signal);
+        await serving.sleep(Math.min(5000, endAt - Date.now()), ctx.signal, seen);
       }
     },
   };

@@ -29,10 +29,19 @@ export class ServingState {
     this.#advance(2);
   }
 
-  /** Resolves after `ms`, when `signal` aborts, or when the phase changes, whichever comes first. */
-  sleep(ms: number, signal: AbortSignal): Promise<void> {
+  /** The phase now, for {@link sleep}: a change after it was read wakes the sleeper at once. */
+  get phase(): number {
+    return this.#phase;
+  }
+
+  /**
+   * Resolves after `ms`, when `signal` aborts, or when the phase changes from `seen` (read
+   * before the caller's last await: a drain meanwhile woke the sleepers before this one
+   * slept), whichever comes first.
+   */
+  sleep(ms: number, signal: AbortSignal, seen: number = this.#phase): Promise<void> {
     return new Promise((resolve) => {
-      if (signal.aborted) return resolve();
+      if (signal.aborted || seen !== this.#phase) return resolve();
       const done = () => {
         clearTimeout(timer);
         signal.removeEventListener("abort", done);
