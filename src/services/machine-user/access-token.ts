@@ -267,12 +267,6 @@ function mergeRotation(
   let rotatedAt = now;
   let revokedBefore = stored.tokensRevokedBefore;
   if (stored.rotatedAt !== null) {
-    // A cut-off already in force (a revocation's, a rotation's past its grace period) is kept
-    // for good rather than dropped with the pair: the tokens it ended may have been issued
-    // with a longer lifetime than `windowMs` counts (another instance's, or an earlier one's).
-    const inForce = (stored.rotationGraceUntil ?? stored.rotatedAt) <= now;
-    if (inForce && (revokedBefore === null || revokedBefore < stored.rotatedAt))
-      revokedBefore = stored.rotatedAt;
     if (stored.rotatedAt > now) rotatedAt = stored.rotatedAt;
     if (
       stored.rotationGraceUntil !== null &&
@@ -280,6 +274,17 @@ function mergeRotation(
       stored.rotationGraceUntil < cutoff
     )
       cutoff = stored.rotationGraceUntil;
+    // A stored cut-off the new pair would end later (in force already: a revocation's, a
+    // rotation's past its grace period; or still pending past `windowMs`) is kept for good
+    // rather than dropped with the pair: the tokens it ends may have been issued with a longer
+    // lifetime than `windowMs` counts (another instance's, or an earlier one's). A pending one
+    // then ends them now, before its own end: fail closed, and only tokens longer-lived than
+    // this instance issues are still alive then.
+    if (
+      (stored.rotationGraceUntil ?? stored.rotatedAt) < cutoff &&
+      (revokedBefore === null || revokedBefore < stored.rotatedAt)
+    )
+      revokedBefore = stored.rotatedAt;
   }
   return { rotatedAt, rotationGraceUntil: cutoff, tokensRevokedBefore: revokedBefore };
 }
