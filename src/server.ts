@@ -28,8 +28,10 @@ export { preflight, type TlsMaterial } from "./server/tls-material.js";
 export interface TesseraServer {
   server: http2.Http2SecureServer | http2.Http2Server;
   port: number;
-  /** e.g. https://127.0.0.1:50052 */
+  /** e.g. https://127.0.0.1:50052: an address to dial (loopback for a wildcard host). */
   url: string;
+  /** The address bound, e.g. 0.0.0.0:50052 or [::]:50052. */
+  listen: string;
   /** Replace certificate, key, CA and CRL for new handshakes; open connections stay. */
   reloadTls(): Promise<void>;
   /**
@@ -206,8 +208,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   return {
     server,
     port,
-    // An IPv6 literal is bracketed in a URL (RFC 3986).
-    url: `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${port}`,
+    url: `${tls ? "https" : "http"}://${hostPort(host, port)}`,
+    listen: hostPort(cfg.host, port),
     reloadTls,
     connectionsFrom,
     openStreamsFrom,
@@ -245,4 +247,9 @@ export async function startServer(app: App): Promise<TesseraServer> {
       return { cut };
     },
   };
+}
+
+/** `host:port`, an IPv6 literal bracketed (RFC 3986). */
+function hostPort(host: string, port: number): string {
+  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
 }

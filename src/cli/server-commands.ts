@@ -174,7 +174,7 @@ export function registerServerCommands(program: Command): void {
         url: server.url,
         // What is bound: `url` names loopback for a wildcard host (an address to dial), which
         // read as if the port were reachable from this machine only.
-        listen: `${config.server.host.includes(":") ? `[${config.server.host}]` : config.server.host}:${server.port}`,
+        listen: server.listen,
         mtls: config.server.mtls,
         database: app.storage.target.kind,
       },
