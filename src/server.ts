@@ -59,7 +59,6 @@ export interface TesseraServer {
 export async function startServer(app: App): Promise<TesseraServer> {
   const { server: cfg } = app.config;
   const tls = !cfg.insecurePlaintext;
-  let draining = false;
   // The CA and the CRL loaded last: every request's certificate is held to them, so that a
   // reloaded CA or CRL takes effect on connections already open (their handshake predates it).
   let trust: PeerTrust = NO_PEER_TRUST;
@@ -67,7 +66,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
   let handshakeEnd: ((socket: TLSSocket) => number | undefined) | undefined;
   const handler = createRequestHandler(app, {
     tls,
-    draining: () => draining,
+    // /ready follows the same shutdown state as grpc.health.v1.Health.
+    draining: () => app.serving.draining,
     peerTrust: () => trust,
     handshake: {
       anchors: (socket) => handshakeAnchors?.(socket),
@@ -214,7 +214,6 @@ export async function startServer(app: App): Promise<TesseraServer> {
     connectionsFrom,
     openStreamsFrom,
     async close(graceMs = 2000, drainDelayMs = 0) {
-      draining = true;
       app.serving.drain();
       if (drainDelayMs > 0) await new Promise((r) => setTimeout(r, drainDelayMs));
       tlsWatch?.close();
