@@ -201,10 +201,19 @@ export async function raiseRotationCutoff(
 }
 
 /** The rotation state of a machine user's row, as read. */
-interface RotationState {
+export interface RotationState {
   rotatedAt: Date | null;
   rotationGraceUntil: Date | null;
   tokensRevokedBefore: Date | null;
+}
+
+/** The rotation state of a machine user's row (its unloaded fields as none). */
+export function rotationStateOf(row: Pick<MachineUser, keyof RotationState>): RotationState {
+  return {
+    rotatedAt: row.rotatedAt ?? null,
+    rotationGraceUntil: row.rotationGraceUntil ?? null,
+    tokensRevokedBefore: row.tokensRevokedBefore ?? null,
+  };
 }
 
 /** Attempts of {@link recordRotation} when the row keeps changing under it. */
@@ -249,11 +258,7 @@ export async function recordRotation(
       { fields: ["rotatedAt", "rotationGraceUntil", "tokensRevokedBefore"], disableIdentityMap: true },
     );
     if (row === null) throw gone();
-    current = {
-      rotatedAt: row.rotatedAt ?? null,
-      rotationGraceUntil: row.rotationGraceUntil ?? null,
-      tokensRevokedBefore: row.tokensRevokedBefore ?? null,
-    };
+    current = rotationStateOf(row);
   }
 }
 

@@ -24,6 +24,7 @@ import {
   raiseRotationCutoff,
   recordRotation,
   revokeMachineAccessTokens,
+  rotationStateOf,
 } from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
@@ -220,11 +221,7 @@ export function machineUserAdminHandlers(
         now,
       });
       // The row's rotation state as read now; the write merges with the row as it is then.
-      const seen = {
-        rotatedAt: mu.rotatedAt ?? null,
-        rotationGraceUntil: mu.rotationGraceUntil ?? null,
-        tokensRevokedBefore: mu.tokensRevokedBefore ?? null,
-      };
+      const seen = rotationStateOf(mu);
       // The new credential is shown once: a lost COMMIT is settled (see commitCreation).
       await commitCreation(
         deps.storage,
