@@ -129,5 +129,72 @@ describe.each(["sqlite", "postgres"] as const)(
       // What the first rotation issued (its credential, now in the second's grace period) still verifies.
       expect(await codes(first.token)).toEqual(["VALID", "VALID"]);
     });
+
+    // A cut-off still in its grace period, replaced past the rotating instance's window, must
+    // not stretch or revive what it ends (found by the merge review of w-rmach).
+    it("ends a pre-rotation token no later than its rotation's grace period", async () => {
+      const { machine, token } = await bearerMachine(long.connect(), root, []);
+      const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
+      const start = Date.now();
+      await clients(long.connect(), root).machines.rotateMachineUserCredentials({
+        id: machine.id,
+        gracePeriodSeconds: 300,
+      });
+      clock.pin(start + 200_000); // past the short instance's window, within the grace period
+      expect(await codes(jwt)).toEqual(["VALID", "VALID"]);
+      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
+        { id: machine.id, gracePeriodSeconds: 600 },
+      );
+      clock.pin(start + 400_000); // the first grace period is over
+      expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
+    });
+
+    // PostgreSQL: a transaction holds the row while the rotation (its clock read) waits.
+    it.runIf(kind === "postgres")(
+      "never brings back a token ended while a rotation that began before the end waited for the row",
+      async () => {
+        const { machine, token } = await bearerMachine(long.connect(), root, []);
+        const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
+        const start = Date.now();
+        await clients(long.connect(), root).machines.rotateMachineUserCredentials({
+          id: machine.id,
+          gracePeriodSeconds: 300,
+        });
+        clock.pin(start + 299_000); // 1 s before the grace period ends
+        const shortAdmin = clients(short.connect(), await adminLogin(short.connect())).machines;
+        let release!: () => void;
+        const gate = new Promise<void>((r) => {
+          release = r;
+        });
+        let locked!: () => void;
+        const isLocked = new Promise<void>((r) => {
+          locked = r;
+        });
+        const holder = long.app.storage.em.fork().transactional(async (tx) => {
+          await tx
+            .getConnection()
+            .execute(
+              "select id from machine_users where id = ? for update",
+              [machine.id],
+              "all",
+              tx.getTransactionContext(),
+            );
+          locked();
+          await gate;
+        });
+        await isLocked;
+        const rotation = shortAdmin.rotateMachineUserCredentials({ id: machine.id, gracePeriodSeconds: 600 });
+        await new Promise((r) => setTimeout(r, 500));
+        clock.pin(start + 305_000); // the grace period is over: the token is ended
+        expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
+        release();
+        await holder;
+        await rotation;
+        expect(await codes(jwt), "the token the first rotation ended verifies again").toEqual([
+          "REVOKED",
+          "REVOKED",
+        ]);
+      },
+    );
   },
 );
