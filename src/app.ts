@@ -270,7 +270,12 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
         config.auth.tokens.machinePrefix,
       ],
     });
-    const sessions = new SessionIssuer(jwt, config.auth.jwt.refreshTokenTtl, clock);
+    const sessions = new SessionIssuer(
+      jwt,
+      config.auth.jwt.refreshTokenTtl,
+      clock,
+      config.auth.sessionMaxLifetime,
+    );
     const serving = new ServingState();
     const { services, routes } = createServiceRoutes({
       serving,

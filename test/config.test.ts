@@ -79,6 +79,7 @@ const CONTRACT = [
   "auth.masterKeyFile TESSERA_MASTER_KEY_FILE (unset)",
   "auth.previousMasterKeys TESSERA_PREVIOUS_MASTER_KEYS (none)",
   "auth.maxTokenTtl TESSERA_MAX_TOKEN_TTL 86400",
+  "auth.sessionMaxLifetime TESSERA_SESSION_MAX_LIFETIME 2592000",
   "auth.sessionPruneInterval TESSERA_SESSION_PRUNE_INTERVAL 3600",
   "rateLimit.enabled TESSERA_RATE_LIMIT true",
   "rateLimit.perIpPerMinute TESSERA_RATE_LIMIT_PER_IP 600",

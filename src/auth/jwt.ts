@@ -61,6 +61,8 @@ export interface IssueAccessToken {
   certificateThumbprint?: string;
   /** Override the configured lifetime (seconds). */
   ttlSeconds?: number;
+  /** No later than this: `exp` is cut to it (a user session's absolute end). */
+  expiresBy?: Date;
 }
 
 /** Counters of the key set, for tests and metrics. */
@@ -270,7 +272,10 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       const signing = keyRing.signingAt(now());
       if (!signing?.signKey) throw new TesseraError("UNAVAILABLE", "no signing key available");
       const iat = Math.floor(now() / 1000);
-      const exp = iat + Math.min(claims.ttlSeconds ?? config.accessTokenTtl, ttlCap);
+      const exp = Math.min(
+        iat + Math.min(claims.ttlSeconds ?? config.accessTokenTtl, ttlCap),
+        claims.expiresBy ? Math.floor(claims.expiresBy.getTime() / 1000) : Number.POSITIVE_INFINITY,
+      );
       const jti = randomUUID();
       const payload: Record<string, unknown> = {
         tid: claims.tenantId,

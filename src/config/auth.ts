@@ -293,6 +293,16 @@ export const authSchema = z
       description:
         "Cap in seconds on the lifetime of every access JWT minted (configured lifetime, machine tokens, rotation grace periods). PATs and API keys are checked on every use and revocable at once, so their expires_at is not capped.",
     }),
+    sessionMaxLifetime: z
+      .number()
+      .int()
+      .min(0)
+      .default(30 * 24 * 3600)
+      .register(configKeys, {
+        env: "TESSERA_SESSION_MAX_LIFETIME",
+        description:
+          "Absolute lifetime of a user session in seconds (2592000: 30 days), from its login, however often it is refreshed: a refresh past it is refused with TOKEN_EXPIRED (the refresh token left unspent, as an expired one), and no refresh or access token it issues outlives it. Applies to sessions opened before it was set, from their login. 0: no bound (a session refreshed within auth.jwt.refreshTokenTtl lasts forever).",
+      }),
     sessionPruneInterval: z.number().int().min(0).default(3600).register(configKeys, {
       env: "TESSERA_SESSION_PRUNE_INTERVAL",
       description:

@@ -4,15 +4,17 @@ import { join } from "node:path";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
 import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { verifySecret } from "../../src/auth/password.js";
 import { pruneSessions, type SessionPruneOptions } from "../../src/services/user/session-pruning.js";
 import { SessionIssuer } from "../../src/services/user/sessions.js";
 import { RefreshToken, Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
 import { clientFor, DATABASES, startTestServer, type TestDatabase, type TestServer } from "../helpers.js";
-import { adminLogin, short } from "../machine-fixtures.js";
+import { adminLogin, bearerMachine, short } from "../machine-fixtures.js";
 
 /**
  * Sessions end everywhere (issue 18, item 4): ending a session (logout, refresh-token
@@ -236,21 +238,36 @@ describe.each(DATABASES)("sessions end everywhere ($name)", (db) => {
     });
   }
 
-  it("keeps accepting a user access token without a session (issued before sessions were tracked)", async () => {
+  it("refuses a user access token without a session as an ended session's (only a leaked signing key mints one now)", async () => {
     const u = await user();
-    const legacy = await ts.app.jwt.issue({
+    const { tenantId } = (await root.users.getUser({ id: u.id })).user!;
+    // What a holder of the signing key could mint: every user token Tessera issues names its session.
+    const sidless = await ts.app.jwt.issue({
       subject: u.id,
-      tenantId: (await root.users.getUser({ id: u.id })).user!.tenantId,
+      tenantId,
       scopes: ["cluster:read"],
       kind: "user",
       username: u.username,
     });
-    expect(decodeJwt(legacy.token).sid).toBeUndefined();
-    await warm(legacy.token);
-    await createClient(UserService, ts.connect()).logout({ refreshToken: u.logins[0]!.refreshToken });
-    expect(await outcomes(legacy.token)).toEqual(["ok", "ok"]);
-    await root.users.updateUser({ id: u.id, disabled: true });
-    expect(await outcomes(legacy.token)).toEqual(["PRINCIPAL_DISABLED", "PRINCIPAL_DISABLED"]);
+    expect(decodeJwt(sidless.token).sid).toBeUndefined();
+    // Refused while the user and its session stand: revoking every session of a user ends
+    // every access token of it.
+    await warm(u.logins[0]!.accessToken);
+    expect(await outcomes(sidless.token)).toEqual(refused);
+    expect(await outcomes(sidless.token)).toEqual(refused);
+    // Asked by a machine user's access token: a JWT without `sid` too, of the other kind, still accepted.
+    const mu = await bearerMachine(ts.connect(), await adminLogin(ts.connect()), [], {
+      scopes: ["auth:verify"],
+    });
+    const machineJwt = await clientFor(MachineUserService, ts.connect(), mu.token).issueAccessToken({});
+    const machineClaims = decodeJwt(machineJwt.accessToken);
+    expect([machineClaims.pk, machineClaims.sid]).toEqual(["machine", undefined]);
+    const verify = clientFor(VerificationService, ts.connect(), machineJwt.accessToken);
+    const { code } = await verify.verifyCredential({ credential: sidless.token });
+    expect(VerificationCode[code]).toBe("REVOKED");
+    expect(
+      VerificationCode[(await verify.verifyCredential({ credential: u.logins[0]!.accessToken })).code],
+    ).toBe("VALID");
   });
 
   it("keeps answering authenticated calls from the state cache while other users log in", async () => {

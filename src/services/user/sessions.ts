@@ -28,6 +28,9 @@ export function hashRefreshToken(token: string): string {
   return createHash("sha256").update(token).digest("hex");
 }
 
+/** Why a refresh past a session's absolute end is refused (TOKEN_EXPIRED, as an expired refresh token). */
+const SESSION_LIFETIME_OVER = "the session reached its maximum lifetime; log in again";
+
 /** Issues and rotates user sessions (access JWT + rotating refresh token). */
 export class SessionIssuer {
   constructor(
@@ -35,7 +38,54 @@ export class SessionIssuer {
     private readonly refreshTtlSeconds: number,
     /** The clock of refresh-token expiries (tests pass a manual one). */
     private readonly now: Clock = systemClock,
+    /**
+     * `auth.sessionMaxLifetime`: a session ends this long after its login however often it
+     * is refreshed (no token it issues outlives that); 0: no bound.
+     */
+    private readonly maxLifetimeSeconds = 0,
   ) {}
+
+  /**
+   * When a session that began at `startedAt` (ms) must end, as ms; infinite with no bound.
+   * Computed here from the session row's `created_at` on every instance, nothing stored:
+   * instances configured alike decide alike, and a changed bound applies to every session.
+   */
+  private endOf(startedAt: number): number {
+    return this.maxLifetimeSeconds > 0
+      ? startedAt + this.maxLifetimeSeconds * 1000
+      : Number.POSITIVE_INFINITY;
+  }
+
+  /** When session `familyId` must end (ms; infinite with no bound), from {@link startOf}. */
+  private async sessionEndOf(em: EntityManager, familyId: string): Promise<number> {
+    if (this.maxLifetimeSeconds === 0) return Number.POSITIVE_INFINITY;
+    return this.endOf(await this.startOf(em, familyId, await em.findOne(Session, { id: familyId })));
+  }
+
+  /**
+   * When session `familyId` began: its row's `created_at`, or for a family an instance from
+   * before sessions opened (no row yet) its first refresh token's creation, as the sessions
+   * migration's backfill reads it.
+   */
+  private async startOf(em: EntityManager, familyId: string, session: Session | null): Promise<number> {
+    if (session) return session.createdAt.getTime();
+    const [first] = await em.find(RefreshToken, { familyId }, { orderBy: { createdAt: "asc" }, limit: 1 });
+    return first ? first.createdAt.getTime() : this.now();
+  }
+
+  /**
+   * Why unspent refresh token `row` is over at `now`, if it is: expired, or its session past its
+   * absolute end. Either is only that, never a re-use: refused unspent (spent, the client's
+   * retry read as a theft and ended the session with its live access tokens), with the same
+   * reason, TOKEN_EXPIRED. Tokens issued under the bound expire with their session; those
+   * issued before it was set (or lowered) may outlive it. A token spent before it expired is
+   * still a re-use, whenever it comes back.
+   */
+  private async expiryOf(em: EntityManager, row: RefreshToken, now: number): Promise<string | undefined> {
+    if (row.expiresAt.getTime() <= now) return "refresh token expired";
+    if ((await this.sessionEndOf(em, row.familyId)) <= now) return SESSION_LIFETIME_OVER;
+    return undefined;
+  }
 
   /**
    * Issue a pair for `user`; `familyId` continues a rotation family (a session), else a
@@ -52,18 +102,25 @@ export class SessionIssuer {
   ): Promise<TokenPair> {
     const sessionId = familyId ?? randomUUID();
     let opened = familyId === undefined;
+    const issuedAt = this.now();
+    let startedAt = issuedAt;
     if (familyId !== undefined) {
       const session = await em.findOne(Session, { id: familyId });
       if (session?.revokedAt) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
       // A family opened by an instance that predates sessions (after the migration's
       // backfill): give it its row, so that its new access tokens can be checked.
       opened = !session;
+      startedAt = await this.startOf(em, familyId, session);
     }
+    const end = this.endOf(startedAt);
+    // rotate() refused this before spending; reached meanwhile (its transaction then rolls the
+    // spend back, so the token stays unspent as an expired one).
+    if (end <= issuedAt) throw new TesseraError("TOKEN_EXPIRED", SESSION_LIFETIME_OVER);
     if (opened)
       em.create(Session, {
         id: sessionId,
         userId: user.id,
-        createdAt: new Date(this.now()),
+        createdAt: new Date(startedAt),
         revokedAt: null,
       });
     const access = await this.jwt.issue({
@@ -73,10 +130,11 @@ export class SessionIssuer {
       kind: "user",
       username: user.username,
       sessionId,
+      ...(end < Number.POSITIVE_INFINITY ? { expiresBy: new Date(end) } : {}),
     });
     const refreshToken = REFRESH_TOKEN_PREFIX + randomBytes(32).toString("base64url");
-    const issuedAt = this.now();
-    const refreshTokenExpiresAt = new Date(issuedAt + this.refreshTtlSeconds * 1000);
+    // Never past the session's end: a refresh token kept warm dies with its session.
+    const refreshTokenExpiresAt = new Date(Math.min(issuedAt + this.refreshTtlSeconds * 1000, end));
     em.create(RefreshToken, {
       id: randomUUID(),
       familyId: sessionId,
@@ -159,12 +217,13 @@ export class SessionIssuer {
       throw new TesseraError("TOKEN_INVALID", "refresh token is invalid");
     if (row.revokedAt) throw new TesseraError("TOKEN_REVOKED", "refresh token has been revoked");
     const now = new Date(this.now());
-    // Refused unspent: spent, the client's retry of an expired token read as a re-use (a
-    // theft) and ended the session with its live access tokens. A token spent before it
-    // expired is still a re-use below, whenever it comes back.
-    if (!row.spentAt && row.expiresAt.getTime() <= now.getTime())
-      throw new TesseraError("TOKEN_EXPIRED", "refresh token expired");
+    const expired = row.spentAt ? undefined : await this.expiryOf(em, row, now.getTime());
     const user = await em.findOne(User, { id: row.userId });
+    if (expired !== undefined) {
+      // The record names whose session ended, as a re-use's names whose was stolen.
+      if (user) options.resolved?.(user);
+      throw new TesseraError("TOKEN_EXPIRED", expired);
+    }
     if (!row.spentAt && user) {
       if (options.scopes !== undefined)
         assertMayManage({ scopes: parseScopeString(user.scopes) }, NEW_PRINCIPAL, options.scopes);

@@ -1,0 +1,221 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type Timestamp, timestampDate } from "@bufbuild/protobuf/wkt";
+import { Code, createClient, type Transport } from "@connectrpc/connect";
+import { decodeJwt } from "jose";
+import { Agent, request } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { hashRefreshToken, SessionIssuer } from "../../src/services/user/sessions.js";
+import { RefreshToken, Session } from "../../src/storage/entities.js";
+import { rejection } from "../errors-util.js";
+import {
+  clientFor,
+  DATABASES,
+  pinnableClock,
+  startTestServer,
+  type TestDatabase,
+  type TestServer,
+  withHeaders,
+} from "../helpers.js";
+import { adminLogin, short } from "../machine-fixtures.js";
+
+/**
+ * A session has an absolute lifetime (auth.sessionMaxLifetime) from its login: refreshed as
+ * often as it likes, a session (and a stolen refresh token kept warm) ended only when a
+ * refresh lapsed. Past its end a refresh is refused as an expired refresh token is
+ * (TOKEN_EXPIRED, the token unspent, no theft), and no token it issued outlives that end.
+ */
+
+const PASSWORD = "session lifetime test password";
+const MAX = 3600;
+const S = 1000;
+const config = { auth: { sessionMaxLifetime: MAX, jwt: { accessTokenTtl: 600, refreshTokenTtl: 1800 } } };
+
+const reasonOf = async (call: Promise<unknown>) => {
+  const r = await rejection(call);
+  expect(r.code).toBe(Code.Unauthenticated);
+  return r.reason;
+};
+
+async function loginAt(ts: TestServer, root: string) {
+  const username = `sl-${short()}`;
+  const { user } = await clientFor(UserService, ts.connect(), root).createUser({
+    username,
+    password: PASSWORD,
+  });
+  const pair = await createClient(UserService, ts.connect()).login({ username, password: PASSWORD });
+  return { ...pair, userId: user!.id, sid: decodeJwt(pair.accessToken).sid as string };
+}
+
+const refreshOn = (transport: Transport, refreshToken: string) =>
+  createClient(UserService, transport).refreshToken({ refreshToken });
+/** Now, up to the next whole second (never before the signing key): access tokens' exp is whole seconds, so expires_in is then exact. */
+const wholeSecond = () => Math.ceil(Date.now() / S) * S;
+const at = (t: Timestamp | undefined) => timestampDate(t!).getTime();
+
+describe.each(DATABASES)("a session's absolute lifetime ($name)", (db) => {
+  let ts: TestServer;
+  let root: string;
+  let agent: Agent;
+  const clock = pinnableClock();
+
+  beforeAll(async () => {
+    ts = await startTestServer(db, config, undefined, { clock: clock.now });
+    root = await adminLogin(ts.connect());
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    clock.release();
+    await agent?.close();
+    await ts?.close();
+  });
+
+  const current = (token: string) => clientFor(UserService, ts.connect(), token).getCurrentUser({});
+
+  it("ends a session refreshed within every refresh token's lifetime at its end: TOKEN_EXPIRED, unspent, audited as the session's end", async () => {
+    const t0 = wholeSecond();
+    clock.pin(t0);
+    const login = await loginAt(ts, root);
+    const end = t0 + MAX * S;
+    expect(at(login.refreshTokenExpiresAt)).toBe(t0 + 1800 * S);
+    clock.pin(t0 + 1500 * S);
+    const first = await refreshOn(ts.grpc(), login.refreshToken);
+    clock.pin(t0 + 3200 * S);
+    const second = await refreshOn(ts.grpc(), first.refreshToken);
+    // Neither token of the last pair outlives the session (uncapped: t0+5000 s and t0+3800 s).
+    expect(at(second.refreshTokenExpiresAt)).toBe(end);
+    expect(at(second.accessTokenExpiresAt)).toBeLessThanOrEqual(end);
+    expect(at(second.accessTokenExpiresAt)).toBeGreaterThan(end - S);
+    clock.pin(end - 2 * S);
+    expect((await current(second.accessToken)).username).toMatch(/^sl-/);
+
+    clock.pin(end);
+    const requestId = `sl-${short()}`;
+    const traced = withHeaders(ts.grpc(), { "x-request-id": requestId });
+    // Each time: the token is not spent by its refusal, so its retry is no re-use.
+    expect(await reasonOf(refreshOn(traced, second.refreshToken))).toBe("TOKEN_EXPIRED");
+    expect(await reasonOf(refreshOn(ts.grpc(), second.refreshToken))).toBe("TOKEN_EXPIRED");
+    expect(await reasonOf(current(second.accessToken))).toBe("TOKEN_EXPIRED");
+    const em = ts.app.storage.em.fork();
+    const row = await em.findOneOrFail(RefreshToken, { tokenHash: hashRefreshToken(second.refreshToken) });
+    expect(row.spentAt ?? null).toBeNull();
+    expect(row.revokedAt ?? null).toBeNull();
+    expect((await em.findOneOrFail(Session, { id: login.sid })).revokedAt ?? null).toBeNull();
+    await ts.app.audit.flush();
+    const records = await ts.app.sql.all<Record<string, unknown>>(
+      "select outcome, reason, target_id from audit_events where request_id = ?",
+      [requestId],
+    );
+    expect(records).toEqual([{ outcome: "failure", reason: "TOKEN_EXPIRED", target_id: login.userId }]);
+  });
+
+  it("bounds a session opened before the bound from its login (its row's created_at), and one without a row from its first refresh token", async () => {
+    const t0 = wholeSecond();
+    clock.pin(t0);
+    const em = ts.app.storage.em.fork();
+    // Opened MAX seconds ago: its refresh token, issued under no bound, is still live.
+    const old = await loginAt(ts, root);
+    await em.nativeUpdate(Session, { id: old.sid }, { createdAt: new Date(t0 - MAX * S) });
+    expect(await reasonOf(refreshOn(ts.grpc(), old.refreshToken))).toBe("TOKEN_EXPIRED");
+
+    // A family from an instance before sessions: no row; its first refresh token is its login.
+    const legacy = await loginAt(ts, root);
+    await em.nativeDelete(Session, { id: legacy.sid });
+    await em.nativeUpdate(RefreshToken, { familyId: legacy.sid }, { createdAt: new Date(t0 - MAX * S) });
+    expect(await reasonOf(refreshOn(ts.grpc(), legacy.refreshToken))).toBe("TOKEN_EXPIRED");
+
+    const recent = await loginAt(ts, root);
+    await em.nativeDelete(Session, { id: recent.sid });
+    await em.nativeUpdate(RefreshToken, { familyId: recent.sid }, { createdAt: new Date(t0 - 2000 * S) });
+    const renewed = await refreshOn(ts.grpc(), recent.refreshToken);
+    expect(at(renewed.refreshTokenExpiresAt)).toBe(t0 + (MAX - 2000) * S);
+    const row = await ts.app.storage.em.fork().findOneOrFail(Session, { id: recent.sid });
+    expect(row.createdAt.getTime()).toBe(t0 - 2000 * S);
+  });
+
+  it("leaves the token unspent when the session's end comes between the check and the new pair", async () => {
+    clock.release();
+    const login = await loginAt(ts, root);
+    const em = ts.app.storage.em.fork();
+    const end = (await em.findOneOrFail(Session, { id: login.sid })).createdAt.getTime() + 1000 * S;
+    // Before the refresh token's expiry (1800 s): rotate() reads the time once before spending (just before the end), issue() after (at it).
+    let reads = 0;
+    const issuer = new SessionIssuer(ts.app.jwt, 1800, () => (reads++ === 0 ? end - 1 : end), 1000);
+    await expect(issuer.rotate(em, login.refreshToken)).rejects.toMatchObject({ reason: "TOKEN_EXPIRED" });
+    expect(reads).toBeGreaterThan(1);
+    const row = await ts.app.storage.em
+      .fork()
+      .findOneOrFail(RefreshToken, { tokenHash: hashRefreshToken(login.refreshToken) });
+    expect(row.spentAt ?? null).toBeNull();
+  });
+
+  async function grant(refreshToken: string) {
+    const res = await request(`${ts.server.url}/oauth2/token`, {
+      method: "POST",
+      dispatcher: agent,
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({ grant_type: "refresh_token", refresh_token: refreshToken }).toString(),
+    });
+    return { status: res.statusCode, json: (await res.body.json()) as Record<string, unknown> };
+  }
+
+  it("caps the OAuth refresh grant's expires_in at the session's end, then answers invalid_grant", async () => {
+    const t0 = wholeSecond();
+    clock.pin(t0);
+    const login = await loginAt(ts, root);
+    clock.pin(t0 + 1700 * S);
+    const renewed = await grant(login.refreshToken);
+    expect(renewed.json.expires_in).toBe(600);
+    clock.pin(t0 + 3300 * S);
+    const near = await grant(renewed.json.refresh_token as string);
+    expect(near.status).toBe(200);
+    expect(near.json.expires_in).toBe(300);
+    clock.pin(t0 + MAX * S);
+    const over = await grant(near.json.refresh_token as string);
+    expect(over).toEqual({ status: 400, json: expect.objectContaining({ error: "invalid_grant" }) });
+    // Unspent: the same token is refused the same way, no theft.
+    expect((await grant(near.json.refresh_token as string)).json.error).toBe("invalid_grant");
+    const em = ts.app.storage.em.fork();
+    expect((await em.findOneOrFail(Session, { id: login.sid })).revokedAt ?? null).toBeNull();
+  });
+});
+
+describe.each(DATABASES)("a session's absolute lifetime on two instances ($name)", (db: TestDatabase) => {
+  let dir: string;
+  let a: TestServer;
+  let b: TestServer;
+  let root: string;
+  const clock = pinnableClock();
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "tessera-session-lifetime-"));
+    const url = db.name === "sqlite" ? `sqlite:${join(dir, "tessera.db")}` : db.url();
+    const shared: TestDatabase = { ...db, url: () => url };
+    a = await startTestServer(shared, config, undefined, { clock: clock.now });
+    b = await startTestServer(shared, config, undefined, { clock: clock.now });
+    root = await adminLogin(a.connect());
+  });
+  afterAll(async () => {
+    clock.release();
+    await b?.close();
+    await a?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("ends a session opened on one instance at its end on the other", async () => {
+    const t0 = wholeSecond();
+    clock.pin(t0);
+    const login = await loginAt(a, root);
+    clock.pin(t0 + 1700 * S);
+    const onB = await refreshOn(b.grpc(), login.refreshToken);
+    expect(at(onB.refreshTokenExpiresAt)).toBe(t0 + 3500 * S);
+    clock.pin(t0 + 3400 * S);
+    const onA = await refreshOn(a.grpc(), onB.refreshToken);
+    expect(at(onA.refreshTokenExpiresAt)).toBe(t0 + MAX * S);
+    clock.pin(t0 + MAX * S);
+    expect(await reasonOf(refreshOn(b.grpc(), onA.refreshToken))).toBe("TOKEN_EXPIRED");
+    expect(await reasonOf(refreshOn(a.grpc(), onA.refreshToken))).toBe("TOKEN_EXPIRED");
+  });
+});
