@@ -28,6 +28,14 @@ export function hashRefreshToken(token: string): string {
   return createHash("sha256").update(token).digest("hex");
 }
 
+/** The shape of the refresh tokens {@link SessionIssuer.issue} makes: the prefix and 32 random bytes, base64url. */
+const REFRESH_TOKEN_SHAPE = new RegExp(`^${REFRESH_TOKEN_PREFIX}[A-Za-z0-9_-]{43}$`);
+
+/** Whether `token` has the shape of an issued refresh token (one of any other matches no row). */
+export function isRefreshTokenShaped(token: string): boolean {
+  return REFRESH_TOKEN_SHAPE.test(token);
+}
+
 /** Issues and rotates user sessions (access JWT + rotating refresh token). */
 export class SessionIssuer {
   constructor(
