@@ -116,3 +116,31 @@ describe("an OAuth request whose HTTP/1.1 client hangs up before its form is rea
       expect(logs.lines.filter((l) => l.requestId === requestId && (l.level as number) >= 50)).toEqual([]);
     });
 });
+
+describe("the discovery document of a server signing with a shared secret (HS256)", () => {
+  let ts: TestServer;
+  let agent: Agent;
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, {
+      auth: { jwt: { secret: "a shared secret of at least 32 characters" } },
+    });
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await ts?.close();
+  });
+
+  it("names no jwks_uri: the key set it would name is always empty", async () => {
+    const get = async (path: string) => {
+      const res = await request(`${ts.server.url}${path}`, { dispatcher: agent });
+      return { status: res.statusCode, json: (await res.body.json()) as Record<string, unknown> };
+    };
+    const doc = await get("/.well-known/oauth-authorization-server");
+    expect(doc.status).toBe(200);
+    expect(doc.json.token_endpoint).toBe(`${ts.server.url}/oauth2/token`);
+    expect(doc.json).not.toHaveProperty("jwks_uri");
+    // The JWKS endpoint still answers, as before, with the empty set (the SDK's fallback reads it).
+    expect(await get("/.well-known/jwks.json")).toEqual({ status: 200, json: { keys: [] } });
+  });
+});
