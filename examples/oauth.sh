@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's OAuth 2.0 walkthrough with curl: a machine user's Basic pair and its bound client
 # certificate get tokens (client_credentials), a user session's refresh token a new pair
-# (refresh_token), and a token is revoked. test/examples.test.ts runs it against a fresh server.
+# (refresh_token), and tokens are revoked. test/examples.test.ts runs it against a fresh server.
 #
 #   TESSERA_ADMIN_PASSWORD=… examples/oauth.sh                 # from the checkout, server running
 #
@@ -43,8 +43,10 @@ curl -sS --fail-with-body --cacert "$CA" --cert "$SECRETS/oauth-client/client.cr
   --key "$SECRETS/oauth-client/client.key" "$API/oauth2/token" -d grant_type=client_credentials | jq -e .access_token
 
 # a user session's refresh token (from Login) → a new pair; no client authentication (a public client)
-curl -sS --fail-with-body --cacert "$CA" "$API/oauth2/token" \
-  -d grant_type=refresh_token -d refresh_token="$REFRESH_TOKEN" | jq -e .refresh_token
+REFRESH_TOKEN=$(curl -sS --fail-with-body --cacert "$CA" "$API/oauth2/token" \
+  -d grant_type=refresh_token -d refresh_token="$REFRESH_TOKEN" | jq -er .refresh_token)
 
 # revoke: with client authentication, or any bearer credential of the token's owner
 curl -sS --fail-with-body --cacert "$CA" -u "$MU_USERNAME:$MU_PASSWORD" "$API/oauth2/revoke" -d token="$ACCESS_TOKEN"
+# signing out, a public client: its refresh token alone ends its session (RFC 7009 §2.1)
+curl -sS --fail-with-body --cacert "$CA" "$API/oauth2/revoke" -d token="$REFRESH_TOKEN"

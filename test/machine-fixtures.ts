@@ -5,6 +5,7 @@ import { join } from "node:path";
 import type { Transport } from "@connectrpc/connect";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { Agent } from "undici";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
@@ -29,6 +30,16 @@ export function clients(transport: Transport, auth?: string | Record<string, str
     users: clientFor(UserService, t, token),
     tenants: clientFor(TenantService, t, token),
     machines: clientFor(MachineUserService, t, token),
+  };
+}
+
+/** HTTP agents trusting `ts`'s CA, for its plain endpoints (OAuth): without, and with, its client certificate. */
+export function tlsAgents(ts: TestServer): { agent: Agent; certAgent: Agent } {
+  return {
+    agent: new Agent({ connect: { ca: ts.certs.ca } }),
+    certAgent: new Agent({
+      connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
+    }),
   };
 }
 

@@ -1,5 +1,5 @@
 import * as oidc from "openid-client";
-import { Agent, fetch as undiciFetch } from "undici";
+import { type Agent, fetch as undiciFetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
@@ -12,7 +12,7 @@ import {
   startTestServer,
   type TestServer,
 } from "./helpers.js";
-import { adminLogin, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
+import { adminLogin, clients, short, tenantWithAdmin, tlsAgents } from "./machine-fixtures.js";
 
 /**
  * Tessera's OAuth 2.0 endpoints driven by openid-client (the Node ecosystem's certified
@@ -42,10 +42,7 @@ for (const db of DATABASES) {
 
     beforeAll(async () => {
       ts = await startTestServer(db);
-      agent = new Agent({ connect: { ca: ts.certs.ca } });
-      certAgent = new Agent({
-        connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
-      });
+      ({ agent, certAgent } = tlsAgents(ts));
       const mem = memoryTransport(ts.app);
       const root = await adminLogin(mem);
       const tenant = await tenantWithAdmin(mem, root, ["admin:tenants", "admin:machine-users", "cluster:*"]);
@@ -146,6 +143,27 @@ for (const db of DATABASES) {
         error?: string;
       };
       expect(err.error).toBe("invalid_grant");
+    });
+
+    it("revokes a user's refresh token as a public client (RFC 7009 §2.1, `none` in the metadata): its session ends", async () => {
+      const login = await clientFor(UserService, memoryTransport(ts.app)).login({
+        username: "admin",
+        password: ADMIN_PASSWORD,
+      });
+      const config = await discover("tessera-cli", oidc.None());
+      const meta = config.serverMetadata();
+      expect(meta.token_endpoint_auth_methods_supported).toContain("none");
+      expect(meta.revocation_endpoint_auth_methods_supported).toContain("none");
+      // What a client does at sign-out once its access token has expired: the refresh token alone.
+      await oidc.tokenRevocation(config, login.refreshToken, { token_type_hint: "refresh_token" });
+      const err = (await oidc.refreshTokenGrant(config, login.refreshToken).catch((e: unknown) => e)) as {
+        error?: string;
+      };
+      expect(err.error).toBe("invalid_grant");
+      const me = await clientFor(UserService, ts.connect(), login.accessToken)
+        .getCurrentUser({})
+        .catch((e: unknown) => rejection(Promise.reject(e)));
+      expect(me).toMatchObject({ reason: "TOKEN_REVOKED" });
     });
   });
 }

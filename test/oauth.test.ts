@@ -18,7 +18,7 @@ import {
   startTestServer,
   type TestServer,
 } from "./helpers.js";
-import { adminLogin, clients, short, tenantWithAdmin } from "./machine-fixtures.js";
+import { adminLogin, clients, short, tenantWithAdmin, tlsAgents } from "./machine-fixtures.js";
 import { type OutageApp, startOutageApp } from "./outage-helpers.js";
 
 /** An answer of an OAuth endpoint. */
@@ -47,10 +47,7 @@ for (const db of DATABASES) {
 
     beforeAll(async () => {
       ts = await startTestServer(db);
-      agent = new Agent({ connect: { ca: ts.certs.ca } });
-      certAgent = new Agent({
-        connect: { ca: ts.certs.ca, cert: ts.certs.clientCert, key: ts.certs.clientKey },
-      });
+      ({ agent, certAgent } = tlsAgents(ts));
       const mem = memoryTransport(ts.app);
       rootToken = await adminLogin(mem);
       tenant = await tenantWithAdmin(mem, rootToken, ["admin:tenants", "admin:machine-users", "cluster:*"]);
@@ -115,10 +112,25 @@ for (const db of DATABASES) {
         revocation_endpoint: `${issuer}/oauth2/revoke`,
         introspection_endpoint: `${issuer}/oauth2/introspect`,
         grant_types_supported: ["client_credentials", "refresh_token"],
+        // none: a user's session refreshes, and revokes its refresh token, as a public client.
         token_endpoint_auth_methods_supported: [
           "client_secret_basic",
           "client_secret_post",
           "tls_client_auth",
+          "none",
+        ],
+        revocation_endpoint_auth_methods_supported: [
+          "client_secret_basic",
+          "client_secret_post",
+          "tls_client_auth",
+          "none",
+        ],
+        // Introspection takes a bearer (RFC 8414 §2: an access token type may be named there), never none.
+        introspection_endpoint_auth_methods_supported: [
+          "client_secret_basic",
+          "client_secret_post",
+          "tls_client_auth",
+          "Bearer",
         ],
         tls_client_certificate_bound_access_tokens: true,
       });

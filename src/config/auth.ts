@@ -208,7 +208,7 @@ export const authSchema = z
           .register(configKeys, {
             env: "TESSERA_OAUTH_ISSUER",
             description:
-              "OAuth 2.0 issuer identifier (RFC 8414): the https URL clients reach this server at, e.g. https://tessera.example.com:50052. The discovery document (/.well-known/oauth-authorization-server) names it and builds the token, revocation and introspection endpoints and jwks_uri from it. Unset: taken from each request's Host (fine for one address; set it behind a proxy or load balancer).",
+              "OAuth 2.0 issuer identifier (RFC 8414): the https URL clients reach this server at, e.g. https://tessera.example.com:50052. The discovery document (/.well-known/oauth-authorization-server) names it and builds the token, revocation and introspection endpoints and jwks_uri (none when signing with auth.jwt.secret) from it. Unset: taken from each request's Host (fine for one address; set it behind a proxy or load balancer).",
             shownDefault: "(the request's https://host)",
           }),
       })

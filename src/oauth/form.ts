@@ -114,11 +114,24 @@ function safeName(name: string): string {
   return name.replace(/[^A-Za-z0-9_.-]/g, "").slice(0, 40);
 }
 
-/** The scopes of a `scope` parameter (RFC 6749 §3.3: space-delimited), or undefined when absent. */
+/**
+ * The scopes of a `scope` parameter (RFC 6749 §3.3: space-delimited), or undefined when absent.
+ * One that holds no scope at all (`scope=+`, blanks) is malformed (§3.3: at least one
+ * scope-token), not a request for none: `invalid_scope`. Read as absent instead, it would
+ * grant the default (every scope) to a client that asked for less; read as an empty list,
+ * it issued a token with no scope.
+ * @throws OAuthError invalid_scope
+ */
 export function scopeParameter(form: ReadonlyMap<string, string>): string[] | undefined {
   const value = form.get("scope");
   if (value === undefined) return undefined;
-  return value.split(" ").filter((s) => s.length > 0);
+  const scopes = value.split(" ").filter((s) => s.length > 0);
+  if (scopes.length === 0)
+    throw withCause(
+      new OAuthError("invalid_scope", "scope names no scope; omit it for the default"),
+      new TesseraError("INVALID_ARGUMENT", "scope names no scope"),
+    );
+  return scopes;
 }
 
 /** Decode one part of client_secret_basic (RFC 6749 §2.3.1: form-urlencoded before base64). */

@@ -66,6 +66,8 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
   ]);
 
   const { observe } = deps;
+  // A shared secret (HS256) publishes no key: the JWKS is empty, and not named.
+  const publishesKeys = !deps.jwt.algorithms.includes("HS256");
   // The responses observed already: one line per request, whichever of the answer and the
   // client's going away comes first.
   const observed = new WeakSet<Response>();
@@ -153,7 +155,7 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
           fail(req, res, path, new OAuthError("invalid_request", "no issuer: set auth.oauth.issuer"), state);
           return;
         }
-        send(req, res, { path, state }, 200, discoveryDocument(issuer), {
+        send(req, res, { path, state }, 200, discoveryDocument(issuer, publishesKeys), {
           // A configured issuer is the same for everyone; one taken from the request is not.
           "cache-control": deps.issuer !== undefined ? "public, max-age=300" : "no-store",
         });

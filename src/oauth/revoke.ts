@@ -6,11 +6,16 @@ import { longestPrefix, parseToken } from "../auth/token-format.js";
 import type { Clock } from "../clock.js";
 import { raiseRevocationCutoff, revokeMachineAccessTokens } from "../services/machine-user/access-token.js";
 import { revokeMadeWith } from "../services/token/maker.js";
-import { hashRefreshToken, REFRESH_TOKEN_PREFIX, type SessionIssuer } from "../services/user/sessions.js";
-import { RefreshToken } from "../storage/entities.js";
+import {
+  hashRefreshToken,
+  isRefreshTokenShaped,
+  REFRESH_TOKEN_PREFIX,
+  type SessionIssuer,
+} from "../services/user/sessions.js";
+import { RefreshToken, User } from "../storage/entities.js";
 import type { Storage } from "../storage/orm.js";
 import { ApiToken } from "../storage/token-entities.js";
-import { type ClientAuthDeps, type OAuthRequest, tokenRequest } from "./form.js";
+import { type ClientAuthDeps, type OAuthRequest, presentsClientSecret, tokenRequest } from "./form.js";
 import { asOAuthError, OAuthError } from "./oauth-error.js";
 import { oauthAuditReason } from "./token.js";
 
@@ -32,7 +37,8 @@ export const REVOKE_ACTION = "oauth2/revoke";
 /**
  * `POST /oauth2/revoke` (RFC 7009): the authenticated caller (client authentication, or
  * any bearer credential) revokes one of its own credentials, committed before the answer
- * and refused on every instance from the next request:
+ * and refused on every instance from the next request (and a public client, none, its
+ * refresh token: {@link revokeWithRefreshToken}):
  * - a refresh token, or a user access token (its `sid`): the session ends, as Logout ends it;
  * - a personal access token or API key of the caller: revoked, as Revoke… revokes it;
  * - a machine access token of the caller: every access token the machine user was issued
@@ -55,54 +61,69 @@ export async function revocationEndpoint(deps: RevocationEndpointDeps, req: OAut
   } catch (err) {
     // Recorded as Logout and the Revoke… RPCs record their failures: a caller trying tokens
     // here with a secret that does not verify leaves its trace (the per-IP limit bounds it).
-    const principal = req.state.principal;
-    deps.audit.record({
-      requestId: req.state.requestId,
-      ...auditFiling(principal, principal?.tenantId ?? null),
-      actorKind: principal?.kind ?? "anonymous",
-      actorId: principal?.id ?? null,
-      action: REVOKE_ACTION,
-      targetId: found.target,
-      outcome: "failure",
-      reason: oauthAuditReason(err),
-      ip: req.state.ip,
-    });
+    record(deps, req, found, "failure", oauthAuditReason(err));
     throw err;
   }
 }
 
-/** The target of a revocation, set once its first write committed. */
+/** What a revocation found, as its writes committed. */
 interface Found {
+  /** The target of a revocation, set once its first write committed. */
   target: string | null;
+  /** A public client's revocation: the user whose session its refresh token is, once found. */
+  user?: { id: string; tenantId: string | null };
+}
+
+/**
+ * The audit record of a revocation: by the caller, in the caller's tenant (its own
+ * credential); a public client's, by the user whose session its token is, once found.
+ * The target is what was revoked (a session, a token id, the machine user), or nothing.
+ */
+function record(
+  deps: RevocationEndpointDeps,
+  req: OAuthRequest,
+  found: Found,
+  outcome: "success" | "failure",
+  reason: string | null,
+): void {
+  const { user, target } = found;
+  const principal = req.state.principal;
+  deps.audit.record({
+    requestId: req.state.requestId,
+    ...(user !== undefined
+      ? { tenantId: user.tenantId, actorOutside: false }
+      : auditFiling(principal, principal?.tenantId ?? null)),
+    actorKind: user !== undefined ? "user" : (principal?.kind ?? "anonymous"),
+    actorId: user?.id ?? principal?.id ?? null,
+    action: REVOKE_ACTION,
+    targetId: target,
+    outcome,
+    reason: reason ?? (target === null ? "NOTHING_REVOKED" : null),
+    ip: req.state.ip,
+  });
 }
 
 /** Revoke the caller's token, and record the revocation (see {@link revocationEndpoint}). */
 async function revokeAndRecord(deps: RevocationEndpointDeps, req: OAuthRequest, found: Found): Promise<void> {
+  const presented = req.form.get("token");
+  // RFC 7009 §2.1: a public client revokes with its token alone. Only a refresh token, and
+  // only with no client credentials: one that does not verify is refused (below), never
+  // read as none. A client certificate is no authority either way: ignored here, as by the
+  // refresh_token grant.
+  if (presented?.startsWith(REFRESH_TOKEN_PREFIX) && !presentsClientSecret(req))
+    return revokeWithRefreshToken(deps, req, presented, found);
   const { principal, token } = await tokenRequest(deps, req);
   if (opaquePrefix(deps.prefixes, token) === deps.prefixes.machine)
     throw new OAuthError(
       "unsupported_token_type",
       "a machine user's credential is not revoked here; rotate it with RotateMachineUserCredentials",
     );
-  let target: string | null;
   try {
-    target = await revokeOwn(deps, principal, token, found);
+    found.target = await revokeOwn(deps, principal, token, found);
   } catch (err) {
     throw asOAuthError(err, "grant");
   }
-  deps.audit.record({
-    requestId: req.state.requestId,
-    // The caller's own credential: in the caller's tenant.
-    ...auditFiling(principal, principal.tenantId),
-    actorKind: principal.kind,
-    actorId: principal.id,
-    action: REVOKE_ACTION,
-    // What was revoked (a session, a token id, the machine user), or nothing.
-    targetId: target,
-    outcome: "success",
-    reason: target === null ? "NOTHING_REVOKED" : null,
-    ip: req.state.ip,
-  });
+  record(deps, req, found, "success", null);
 }
 
 /**
@@ -166,4 +187,40 @@ async function revokeOwn(
     return caller.id;
   }
   return null;
+}
+
+/**
+ * A public client's revocation of its refresh token (RFC 7009 §2.1: with no client
+ * authentication). Holding the token is the authority to end its session, as for Logout
+ * and the refresh_token grant: the session ends as Logout ends it (whichever tenant, and
+ * whether the token is live, spent or expired), recorded as its user's revocation of it.
+ * An unknown token (or one of another shape) revokes nothing, answered 200 the same.
+ *
+ * Its cost, for anyone: the per-IP limit counted before the body was read (as for
+ * Logout), one SHA-256 of a token of the issued shape (nothing else is hashed) and one
+ * indexed read; no password hashing, no failure budget (nothing here is a guess that
+ * could succeed: a refresh token is 256 random bits).
+ */
+async function revokeWithRefreshToken(
+  deps: RevocationEndpointDeps,
+  req: OAuthRequest,
+  token: string,
+  found: Found,
+): Promise<void> {
+  try {
+    const em = deps.storage.em.fork();
+    const row = isRefreshTokenShaped(token)
+      ? await em.findOne(RefreshToken, { tokenHash: hashRefreshToken(token) })
+      : null;
+    if (row !== null) {
+      const user = await em.findOne(User, { id: row.userId }, { fields: ["tenantId"] });
+      found.user = { id: row.userId, tenantId: user?.tenantId ?? null };
+      await deps.sessions.revokeFamily(em, row.familyId, () => {
+        found.target = row.familyId;
+      });
+    }
+  } catch (err) {
+    throw asOAuthError(err, "grant");
+  }
+  record(deps, req, found, "success", null);
 }

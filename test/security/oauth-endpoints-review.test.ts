@@ -1,6 +1,7 @@
 import tls from "node:tls";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import {
   ADMIN_PASSWORD,
@@ -10,6 +11,7 @@ import {
   startTestServer,
   type TestServer,
 } from "../helpers.js";
+import { adminLogin, basic, clients, short } from "../machine-fixtures.js";
 import { captureLogs } from "./fixtures.js";
 
 /**
@@ -115,4 +117,94 @@ describe("an OAuth request whose HTTP/1.1 client hangs up before its form is rea
       await new Promise((resolve) => setTimeout(resolve, 200));
       expect(logs.lines.filter((l) => l.requestId === requestId && (l.level as number) >= 50)).toEqual([]);
     });
+});
+
+describe("the discovery document of a server signing with a shared secret (HS256)", () => {
+  let ts: TestServer;
+  let agent: Agent;
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE, {
+      auth: { jwt: { secret: "a shared secret of at least 32 characters" } },
+    });
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await ts?.close();
+  });
+
+  it("names no jwks_uri: the key set it would name is always empty", async () => {
+    const get = async (path: string) => {
+      const res = await request(`${ts.server.url}${path}`, { dispatcher: agent });
+      return { status: res.statusCode, json: (await res.body.json()) as Record<string, unknown> };
+    };
+    const doc = await get("/.well-known/oauth-authorization-server");
+    expect(doc.status).toBe(200);
+    expect(doc.json.token_endpoint).toBe(`${ts.server.url}/oauth2/token`);
+    expect(doc.json).not.toHaveProperty("jwks_uri");
+    // The JWKS endpoint still answers, as before, with the empty set (the SDK's fallback reads it).
+    expect(await get("/.well-known/jwks.json")).toEqual({ status: 200, json: { keys: [] } });
+  });
+});
+
+describe("a scope parameter that names no scope (scope=+)", () => {
+  let ts: TestServer;
+  let agent: Agent;
+  let mu: { username: string; password: string };
+  beforeAll(async () => {
+    ts = await startTestServer(SQLITE);
+    agent = new Agent({ connect: { ca: ts.certs.ca } });
+    const mem = memoryTransport(ts.app);
+    const admin = await adminLogin(mem);
+    const res = await clients(mem, admin).machines.createMachineUser({
+      name: `mu-${short()}`,
+      authType: MachineAuthType.BASIC,
+      scopes: ["cluster:read"],
+    });
+    mu = { username: res.username, password: res.password };
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await ts?.close();
+  });
+
+  /** POST a raw form body to the token endpoint. */
+  async function token(body: string, headers: Record<string, string> = {}) {
+    const res = await request(`${ts.server.url}/oauth2/token`, {
+      method: "POST",
+      dispatcher: agent,
+      headers: { "content-type": "application/x-www-form-urlencoded", ...headers },
+      body,
+    });
+    return { status: res.statusCode, json: (await res.body.json()) as Record<string, unknown> };
+  }
+
+  it("is invalid_scope (RFC 6749 §3.3: at least one scope-token), never a token with no scope nor one with every scope", async () => {
+    // It form-decodes to blanks: the grant issued a token with no scope at all.
+    for (const scope of ["+", "%20%20", "+%20+"]) {
+      const res = await token(
+        `grant_type=client_credentials&scope=${scope}`,
+        basic(mu.username, mu.password),
+      );
+      expect(res.status, scope).toBe(400);
+      expect(res.json.error, scope).toBe("invalid_scope");
+      expect(res.json.access_token, scope).toBeUndefined();
+    }
+    // An empty value is an omitted parameter (§3.1): the default, every scope of the client.
+    expect(
+      (await token("grant_type=client_credentials&scope=", basic(mu.username, mu.password))).json.scope,
+    ).toBe("cluster:read");
+    // The refresh_token grant: refused before the token is spent, which then refreshes.
+    const login = await clientFor(UserService, memoryTransport(ts.app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const refresh = new URLSearchParams({ grant_type: "refresh_token", refresh_token: login.refreshToken });
+    const blank = await token(`${refresh}&scope=+`);
+    expect(blank.status).toBe(400);
+    expect(blank.json.error).toBe("invalid_scope");
+    const next = await token(refresh.toString());
+    expect(next.status).toBe(200);
+    expect(next.json.scope).toBe("*");
+  });
 });

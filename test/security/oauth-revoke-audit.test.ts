@@ -162,4 +162,38 @@ describe("the audit of /oauth2/revoke", () => {
       await ts.app.sql.run(`drop trigger ${trigger}`, []);
     }
   });
+
+  it("records a public client's revocation (the refresh token alone) that failed part-way as its user's, naming the session", async () => {
+    const login = await createClient(UserService, ts.grpc()).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const me = await clientFor(UserService, ts.connect(), login.accessToken).getCurrentUser({});
+    const trigger = `refuse_${short()}`;
+    await ts.app.sql.run(
+      `create trigger ${trigger} before update of revoked_at on refresh_tokens begin select raise(abort, 'refused'); end`,
+      [],
+    );
+    try {
+      const partly = `public-${short()}`;
+      expect(await revoke(login.refreshToken, {}, partly)).not.toBe(200);
+      const session = await ts.app.sql.get<{ family_id: string }>(
+        "select family_id from refresh_tokens where token_hash = ?",
+        [hashRefreshToken(login.refreshToken)],
+      );
+      expect(await recordOf(partly)).toEqual([
+        {
+          action: "oauth2/revoke",
+          outcome: "failure",
+          reason: expect.any(String),
+          actor_kind: "user",
+          actor_id: me.id,
+          tenant_id: me.tenantId,
+          target_id: session?.family_id,
+        },
+      ]);
+    } finally {
+      await ts.app.sql.run(`drop trigger ${trigger}`, []);
+    }
+  });
 });

@@ -31,6 +31,14 @@ export function hashRefreshToken(token: string): string {
 /** Why a refresh past a session's absolute end is refused (TOKEN_EXPIRED, as an expired refresh token). */
 const SESSION_LIFETIME_OVER = "the session reached its maximum lifetime; log in again";
 
+/** The shape of the refresh tokens {@link SessionIssuer.issue} makes: the prefix and 32 random bytes, base64url. */
+const REFRESH_TOKEN_SHAPE = new RegExp(`^${REFRESH_TOKEN_PREFIX}[A-Za-z0-9_-]{43}$`);
+
+/** Whether `token` has the shape of an issued refresh token (one of any other matches no row). */
+export function isRefreshTokenShaped(token: string): boolean {
+  return REFRESH_TOKEN_SHAPE.test(token);
+}
+
 /** Issues and rotates user sessions (access JWT + rotating refresh token). */
 export class SessionIssuer {
   constructor(
