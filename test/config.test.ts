@@ -247,6 +247,16 @@ describe("configuration", () => {
     expect(() => loadConfig({ env: { TESSERA_HASH_DEADLINE_MS: "2592000000" } })).toThrow(
       /TESSERA_HASH_DEADLINE_MS/,
     );
+    // Lifetimes past 100 years: a token's expiry beyond a Date's range made every Login Internal.
+    for (const name of [
+      "TESSERA_SESSION_MAX_LIFETIME",
+      "TESSERA_ACCESS_TOKEN_TTL",
+      "TESSERA_REFRESH_TOKEN_TTL",
+      "TESSERA_MAX_TOKEN_TTL",
+    ]) {
+      expect(() => loadConfig({ env: { [name]: "9000000000000" } }), name).toThrow(new RegExp(name));
+      expect(loadConfig({ env: { [name]: "3153600000" } }), name).toBeDefined();
+    }
   });
 
   it("refuses token prefixes that would take another kind's tokens", () => {

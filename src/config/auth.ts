@@ -4,7 +4,9 @@ import { z } from "zod";
 import { MAX_TIMER_MS } from "../clock.js";
 import { configKeys } from "./key-docs.js";
 
-const seconds = z.number().int().positive();
+/** 100 years: past it a lifetime adds nothing, and a Date past ±8.64e15 ms is invalid (Internal). */
+const MAX_LIFETIME_SECONDS = 100 * 366 * 24 * 3600;
+const seconds = z.number().int().positive().max(MAX_LIFETIME_SECONDS);
 
 /** `admin.*`: the bootstrap admin and the static superuser token. */
 export const adminSchema = z
@@ -297,6 +299,7 @@ export const authSchema = z
       .number()
       .int()
       .min(0)
+      .max(MAX_LIFETIME_SECONDS)
       .default(30 * 24 * 3600)
       .register(configKeys, {
         env: "TESSERA_SESSION_MAX_LIFETIME",

@@ -8,7 +8,7 @@ import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { hashRefreshToken, SessionIssuer } from "../../src/services/user/sessions.js";
-import { RefreshToken, Session } from "../../src/storage/entities.js";
+import { RefreshToken, Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
 import {
   clientFor,
@@ -139,7 +139,9 @@ describe.each(DATABASES)("a session's absolute lifetime ($name)", (db) => {
     clock.release();
     const login = await loginAt(ts, root);
     const em = ts.app.storage.em.fork();
-    const end = (await em.findOneOrFail(Session, { id: login.sid })).createdAt.getTime() + 1000 * S;
+    // Whole seconds, as a JWT's exp: the end is the last whole second within the lifetime.
+    const started = (await em.findOneOrFail(Session, { id: login.sid })).createdAt.getTime();
+    const end = Math.floor((started + 1000 * S) / S) * S;
     // Before the refresh token's expiry (1800 s): rotate() reads the time once before spending (just before the end), issue() after (at it).
     let reads = 0;
     const issuer = new SessionIssuer(ts.app.jwt, 1800, () => (reads++ === 0 ? end - 1 : end), 1000);
@@ -179,6 +181,60 @@ describe.each(DATABASES)("a session's absolute lifetime ($name)", (db) => {
     expect((await grant(near.json.refresh_token as string)).json.error).toBe("invalid_grant");
     const em = ts.app.storage.em.fork();
     expect((await em.findOneOrFail(Session, { id: login.sid })).revokedAt ?? null).toBeNull();
+  });
+  it("ends a session begun in a second's fraction at that second: no pair dead on arrival, no 500 that spends the token", async () => {
+    // A login at .700 of a second: the end's last 700 ms are past the whole second a JWT's exp can name.
+    const t0 = wholeSecond() + 700;
+    clock.pin(t0);
+    const viaGrant = await loginAt(ts, root);
+    const viaRpc = await loginAt(ts, root);
+    const warm = async (refreshToken: string) => {
+      clock.pin(t0 + 1700 * S);
+      const first = await refreshOn(ts.grpc(), refreshToken);
+      clock.pin(t0 + 3400 * S);
+      return (await refreshOn(ts.grpc(), first.refreshToken)).refreshToken;
+    };
+    const grantToken = await warm(viaGrant.refreshToken);
+    const rpcToken = await warm(viaRpc.refreshToken);
+    // Every token of the session ends at the whole second.
+    const em = ts.app.storage.em.fork();
+    const row = await em.findOneOrFail(RefreshToken, { tokenHash: hashRefreshToken(grantToken) });
+    expect(row.expiresAt.getTime()).toBe(t0 - 700 + MAX * S);
+    clock.pin(t0 + MAX * S - 200);
+    expect(await grant(grantToken)).toEqual({
+      status: 400,
+      json: expect.objectContaining({ error: "invalid_grant" }),
+    });
+    expect(await reasonOf(refreshOn(ts.grpc(), rpcToken))).toBe("TOKEN_EXPIRED");
+    // Unspent both ways: the retry is no re-use, and the sessions stand.
+    expect((await grant(grantToken)).json.error).toBe("invalid_grant");
+    expect(await reasonOf(refreshOn(ts.grpc(), rpcToken))).toBe("TOKEN_EXPIRED");
+    const fresh = ts.app.storage.em.fork();
+    for (const sid of [viaGrant.sid, viaRpc.sid])
+      expect((await fresh.findOneOrFail(Session, { id: sid })).revokedAt ?? null).toBeNull();
+  });
+
+  it("refuses a refresh whose session a logout ended after rotate's first reads: TOKEN_REVOKED, not a pair of an ended session", async () => {
+    clock.release();
+    const login = await loginAt(ts, root);
+    const issuer = new SessionIssuer(ts.app.jwt, 1800, Date.now, MAX);
+    const em = ts.app.storage.em.fork();
+    // The logout's write lands when rotate() reads the user, after it read the session (its end).
+    const findOne = em.findOne.bind(em);
+    let ended = false;
+    (em as unknown as { findOne: unknown }).findOne = async (entity: unknown, ...rest: unknown[]) => {
+      if (entity === User && !ended) {
+        ended = true;
+        await ts.app.storage.em.fork().nativeUpdate(Session, { id: login.sid }, { revokedAt: new Date() });
+      }
+      return (findOne as (...args: unknown[]) => unknown)(entity, ...rest);
+    };
+    await expect(issuer.rotate(em, login.refreshToken)).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+    expect(ended).toBe(true);
+    const row = await ts.app.storage.em
+      .fork()
+      .findOneOrFail(RefreshToken, { tokenHash: hashRefreshToken(login.refreshToken) });
+    expect(row.spentAt ?? null).toBeNull();
   });
 });
 

@@ -20,6 +20,8 @@ export interface TokenPair {
   accessTokenExpiresAt: Date;
   refreshToken: string;
   refreshTokenExpiresAt: Date;
+  /** The access token's scopes (its `scope` claim). */
+  scopes: readonly string[];
 }
 
 /** How a refresh token is found: its SHA-256 (the table keeps only that). */
@@ -59,8 +61,10 @@ export class SessionIssuer {
    * instances configured alike decide alike, and a changed bound applies to every session.
    */
   private endOf(startedAt: number): number {
+    // Down to a whole second, as a JWT's `exp` is: a pair issued in the end's last fraction
+    // of a second carried an access token dead on arrival.
     return this.maxLifetimeSeconds > 0
-      ? startedAt + this.maxLifetimeSeconds * 1000
+      ? Math.floor((startedAt + this.maxLifetimeSeconds * 1000) / 1000) * 1000
       : Number.POSITIVE_INFINITY;
   }
 
@@ -113,7 +117,9 @@ export class SessionIssuer {
     const issuedAt = this.now();
     let startedAt = issuedAt;
     if (familyId !== undefined) {
-      const session = await em.findOne(Session, { id: familyId });
+      // Read again, not from the identity map: rotate() read the row before its transaction
+      // (the session's end), and a logout committed since must be seen here.
+      const session = await em.findOne(Session, { id: familyId }, { refresh: true });
       if (session?.revokedAt) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
       // A family opened by an instance that predates sessions (after the migration's
       // backfill): give it its row, so that its new access tokens can be checked.
@@ -174,6 +180,7 @@ export class SessionIssuer {
       accessTokenExpiresAt: access.expiresAt,
       refreshToken,
       refreshTokenExpiresAt,
+      scopes: [...scopes],
     };
   }
 
