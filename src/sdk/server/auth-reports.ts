@@ -1,11 +1,14 @@
 // What the core (tessera-auth.ts) reports to its logger: state changes once each, and the
 // events a caller can cause per request in aggregate (see AggregatedLog).
 import { AggregatedLog, errorFields, type TesseraLogger } from "../logger.js";
+import { RECHECK_MS } from "./stream-holds.js";
 
 /** The core's reports; `flush` writes the open intervals' lines (at close). */
 export interface AuthReports {
   /** A call refused because `maxConcurrentVerifications` credentials were being verified. */
   verifyRefused(): void;
+  /** A held stream's re-check refused because it waited for a verification slot past its deadline. */
+  recheckRefused(): void;
   /** A VerifyCredential call that failed (Tessera unreachable, overloaded, this service refused). */
   verifyFault(err: unknown): void;
   /** A fault of the check itself (not a refusal): the call is refused with 503. */
@@ -24,6 +27,14 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
       logger.warn(
         fields,
         "calls refused with 503: maxConcurrentVerifications credentials were being verified by Tessera",
+      ),
+    now,
+  );
+  const rechecks = new AggregatedLog(
+    (fields) =>
+      logger.warn(
+        fields,
+        `held streams ended with 503: their re-check waited ${RECHECK_MS / 1000} s for one of maxConcurrentVerifications (Tessera answering slowly, or more distinct credentials held than it verifies in that time)`,
       ),
     now,
   );
@@ -48,6 +59,7 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
   let jwksFailures = 0;
   return {
     verifyRefused: () => refused.add(),
+    recheckRefused: () => rechecks.add(),
     verifyFault: (err) => faults.add(errorFields(err, true)),
     // Without its message: a fault while parsing may quote what it parsed.
     unexpected: (err) => unexpected.add(errorFields(err, false)),
@@ -68,6 +80,7 @@ export function createAuthReports(logger: TesseraLogger, now: () => number): Aut
     },
     flush() {
       refused.flush();
+      rechecks.flush();
       faults.flush();
       unexpected.flush();
       bugs.flush();

@@ -20,11 +20,16 @@ export interface StreamHold {
 
 /** What {@link StreamHolds} asks of the core. */
 export interface StreamHoldsOptions {
-  /** The core's authentication of a new call (then authorized against the stream's rule). @throws */
+  /**
+   * The core's authentication of a new call (then authorized against the stream's rule).
+   * With `wait`, a re-check that may wait for a verification slot when none is free (see
+   * VerifyFlights), rejected with `wait`'s reason once it aborts while waiting. @throws
+   */
   authenticate(
     authorization: string | undefined,
     thumbprint: string | undefined,
     clientAddress: string | undefined,
+    wait?: AbortSignal,
   ): Promise<TesseraPrincipal>;
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
@@ -36,7 +41,7 @@ export interface StreamHoldsOptions {
    * admitted unwatched. A call still being verified is not counted.
    */
   max?: number;
-  /** How often a stream nothing vouches for (the watch down, or off) is verified again (default 5 s). */
+  /** How often a stream nothing vouches for (the watch down, or off) is verified again (default {@link RECHECK_MS}). */
   recheckMs?: number;
 }
 
@@ -58,8 +63,22 @@ interface Held {
   vouched: boolean;
   /** Past its first verification: counted against `max`. */
   admitted: boolean;
+  /** An event (or its certificate's end) concerns it: its next check must not wait for a slot. */
+  urgent: boolean;
+  /** Aborted to take its check out of the wait for a verification slot (with {@link LEFT}). */
+  waiting: AbortController | undefined;
   timer: NodeJS.Timeout | undefined;
 }
+
+/**
+ * How often a stream nothing vouches for is verified again, and so how long a re-check may
+ * wait for a verification slot (the core's VerifyFlights): a stream nothing vouches for runs
+ * that long between checks anyway.
+ */
+export const RECHECK_MS = 5000;
+
+/** The reason a re-check's wait for a slot is aborted with: not a refusal, it left. */
+const LEFT = new TesseraAuthError("UNAVAILABLE", "the re-check stopped waiting for a verification slot");
 
 function tooMany(): TesseraAuthError {
   return new TesseraAuthError("RATE_LIMITED", "too many streams open: retry later", { retryAfterSeconds: 1 });
@@ -77,6 +96,14 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * the watch that vouched for it is lost or reset, and every `recheckMs` while nothing
  * vouches for it; it ends at its credential's expiry. A check that arrives while another
  * runs makes it run once more, so an event during Tessera's answer is never missed.
+ *
+ * A loss re-checks every stream the watch vouched for at once, and Tessera ends the watch
+ * about hourly: those re-checks wait, first in first out, for one of the core's verification
+ * slots (up to {@link RECHECK_MS}) rather than being refused when more distinct credentials
+ * are held than the slots. Meanwhile the stream runs on its last admission, as during any
+ * re-check, and nothing else is admitted on it: the cache is empty since the loss, so a new
+ * call with its credential is verified by Tessera (or refused 503 while the slots are taken).
+ * An event naming a waiting stream takes it out of the queue and checks it at once.
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
@@ -95,7 +122,7 @@ export class StreamHolds {
     this.#o = options;
     this.#refusalOf = options.refusalOf ?? ((err) => refusalOf(err, ignore));
     this.#max = options.max ?? 10_000;
-    this.#recheckMs = options.recheckMs ?? 5000;
+    this.#recheckMs = options.recheckMs ?? RECHECK_MS;
   }
 
   get size(): number {
@@ -123,6 +150,8 @@ export class StreamHolds {
       again: false,
       vouched: false,
       admitted: false,
+      urgent: false,
+      waiting: undefined,
       timer: undefined,
     };
     // Registered before the first answer, so that an event or a loss during it is seen.
@@ -152,7 +181,7 @@ export class StreamHolds {
   /** A revocation event: the streams whose principal it names are verified again. */
   onEvent(target: RevocationTarget, id: string): void {
     for (const held of this.#held)
-      if (held.principal === undefined || names(target, id, held.principal)) this.#poke(held);
+      if (held.principal === undefined || names(target, id, held.principal)) this.#poke(held, true);
   }
 
   /** The watch was lost or reset: every stream it vouched for is verified again. */
@@ -173,7 +202,9 @@ export class StreamHolds {
       do {
         held.again = false;
         held.vouched = this.#o.watching();
-        const principal = await this.#o.authenticate(held.authorization, held.thumbprint, held.clientAddress);
+        const principal = await this.#authenticate(held);
+        // Its wait was cancelled: an event came (checked again at once), or the stream ended.
+        if (principal === undefined) continue;
         authorize(principal, held.rule);
         held.principal = principal;
       } while (held.again && this.#held.has(held));
@@ -183,9 +214,39 @@ export class StreamHolds {
     this.#arm(held);
   }
 
-  #poke(held: Held): void {
-    if (held.checking) held.again = true;
-    else this.#check(held).catch((err: unknown) => this.#end(held, this.#refusalOf(err)));
+  /**
+   * One authentication of the stream. A re-check of an admitted stream (after a loss of the
+   * watch, or while nothing vouches for it) may wait for a verification slot, as every held
+   * stream is re-checked at once after a loss: the stream runs on its last admission meanwhile,
+   * as during any re-check. A first check does not (a new call is refused at once, 503), nor
+   * one an event or the certificate's end asked for: it is answered at once, or refused 503 at
+   * once when no slot is free, never left waiting behind the others. Undefined: the wait was
+   * cancelled (see {@link #poke} and {@link #drop}).
+   */
+  async #authenticate(held: Held): Promise<TesseraPrincipal | undefined> {
+    const { authorization, thumbprint, clientAddress } = held;
+    const urgent = held.urgent || !held.admitted;
+    held.urgent = false;
+    if (urgent) return this.#o.authenticate(authorization, thumbprint, clientAddress);
+    const waiting = new AbortController();
+    held.waiting = waiting;
+    try {
+      return await this.#o.authenticate(authorization, thumbprint, clientAddress, waiting.signal);
+    } catch (err) {
+      if (err === LEFT) return undefined;
+      throw err;
+    } finally {
+      if (held.waiting === waiting) held.waiting = undefined;
+    }
+  }
+
+  /** Check the stream again (`urgent`: without waiting for a slot, its wait, if any, cut short). */
+  #poke(held: Held, urgent = false): void {
+    if (urgent) held.urgent = true;
+    if (held.checking) {
+      held.again = true;
+      if (urgent) held.waiting?.abort(LEFT);
+    } else this.#check(held).catch((err: unknown) => this.#end(held, this.#refusalOf(err)));
   }
 
   /**
@@ -204,7 +265,7 @@ export class StreamHolds {
       return;
     }
     if (this.#certificateEnded(held, now)) {
-      this.#poke(held);
+      this.#poke(held, true);
       return;
     }
     const certificateEnd = held.thumbprint === undefined ? Number.POSITIVE_INFINITY : held.certificateEnd;
@@ -220,7 +281,8 @@ export class StreamHolds {
       held.timer = undefined;
       const at = this.#o.now();
       if (at >= expires) this.#end(held, expired(held.principal!));
-      else if (this.#certificateEnded(held, at) || !deadline) this.#poke(held);
+      else if (this.#certificateEnded(held, at)) this.#poke(held, true);
+      else if (!deadline) this.#poke(held);
       // A timer can fire a millisecond before Date.now() reaches its deadline: wait the rest
       // rather than verify again with the certificate it is about to drop.
       else this.#arm(held);
@@ -245,6 +307,8 @@ export class StreamHolds {
     if (this.#held.delete(held) && held.admitted) this.#admitted--;
     clearTimeout(held.timer);
     held.timer = undefined;
+    // Gone: its re-check leaves the queue, so that nobody asks Tessera for it.
+    held.waiting?.abort(LEFT);
   }
 }
 

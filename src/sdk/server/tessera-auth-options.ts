@@ -48,7 +48,17 @@ export interface TesseraAuthOptions {
   jwksMaxAgeMs?: number;
   /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
   verifyTimeoutMs?: number;
-  /** Distinct credentials verified by Tessera at once (default 1024); past it a call is refused with 503. */
+  /**
+   * Distinct credentials verified by Tessera at once (default 1024); past it a new call is
+   * refused with 503 at once. Calls for one credential share one verification. A held
+   * stream's re-check (every stream the watch vouched for is re-checked when it is lost,
+   * which Tessera does about hourly, and every 5 s while it stays down) instead waits, first
+   * in first out, for a verification to end, for up to 5 s: only then is it refused and the
+   * stream ended with 503 (counted in `verifyRefused`, reported once per interval). While it
+   * waits the stream runs on its last admission, as during any re-check, and the cache stays
+   * empty, so nothing else is admitted on the strength of it; a revocation event naming it
+   * checks it at once (ending it, 503 when no slot is free).
+   */
   maxConcurrentVerifications?: number;
   /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */
   maxTokenLifetimeSeconds?: number;
@@ -67,7 +77,8 @@ export interface TesseraAuthOptions {
    * going down (a warning, once until it is back) and coming back (info), a reset by
    * Tessera, JWKS fetches failing, and, one line per 10 s interval that had any with their
    * count (a caller can cause them per request), calls refused past
-   * `maxConcurrentVerifications`, VerifyCredential calls that failed, and unexpected faults.
+   * `maxConcurrentVerifications` (held streams' re-checks that waited past their deadline on
+   * a line of their own), VerifyCredential calls that failed, and unexpected faults.
    * Never a credential, nor a prefix or hash of one. A pino logger fits as is. Default:
    * silent, unless `NODE_DEBUG=tessera` (then stderr).
    */
@@ -80,8 +91,13 @@ export interface TesseraAuthStats {
   cacheSize: number;
   cacheHits: number;
   verifyCalls: number;
-  /** Calls refused (503) because `maxConcurrentVerifications` credentials were being verified. */
+  /**
+   * Calls refused (503) because `maxConcurrentVerifications` credentials were being verified:
+   * new calls at once, held streams' re-checks once they waited past their deadline.
+   */
   verifyRefused: number;
+  /** Held streams' re-checks waiting for a verification slot now. */
+  verifyWaiting: number;
   offlineJwts: number;
   jwksFetches: number;
   /** Streaming calls held open (see {@link TesseraAuth.holdStream}). */

@@ -21,7 +21,7 @@ import {
 } from "./offline-jwt.js";
 import { principalOfAnswer, principalOfClaims, type TesseraPrincipal } from "./principal.js";
 import { RevocationWatch } from "./revocation-watch.js";
-import { type StreamHold, StreamHolds } from "./stream-holds.js";
+import { RECHECK_MS, type StreamHold, StreamHolds } from "./stream-holds.js";
 import type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-options.js";
 import { createTesseraClient } from "./tessera-client.js";
 import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
@@ -166,8 +166,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const walled = new Set<string>();
 
   const streams = new StreamHolds({
-    authenticate: (authorization, thumbprint, address) =>
-      core.authenticate(authorization, thumbprint, address),
+    authenticate,
     watching: () => watch?.healthy() ?? false,
     now,
     refusalOf: (err) => refusalOf(err, reports.bug),
@@ -198,12 +197,16 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
 
   const verdictDeps = { watch, walled, skewMs, maxLifetimeMs, now };
 
+  // A held stream's re-check waits for a slot as long as a stream nothing vouches for runs
+  // between checks anyway (see StreamHolds); a new call never waits.
   const inflight = new VerifyFlights<VerifyCredentialResponse>(
     options.maxConcurrentVerifications ?? 1024,
-    () => {
-      reports.verifyRefused();
+    (why) => {
+      if (why === "waited") reports.recheckRefused();
+      else reports.verifyRefused();
       return unavailable("too many credentials are being verified at once");
     },
+    RECHECK_MS,
   );
 
   /**
@@ -213,6 +216,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   async function online(
     credential: string,
     address: string | undefined,
+    wait: AbortSignal | undefined,
     jwtOnline = false,
     claims?: AccessTokenClaims,
   ): Promise<Admitted> {
@@ -233,10 +237,15 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     }
     const epoch = watch?.epoch ?? 0;
     // Concurrent first uses of one credential share one answer, whichever client sent each.
-    const res = await inflight.answer(credential, epoch, () => {
-      counters.verifyCalls++;
-      return tessera.verify(credential, address);
-    });
+    const res = await inflight.answer(
+      credential,
+      epoch,
+      () => {
+        counters.verifyCalls++;
+        return tessera.verify(credential, address);
+      },
+      wait && { signal: wait },
+    );
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
         retryAfterSeconds: Math.max(1, res.retryAfterSeconds),
@@ -255,16 +264,20 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   const keyless = async () => !(await jwt.hasKeys());
 
   /** The full path: the header parsed, the credential verified (offline, cached, or by Tessera). */
-  async function admit(authorization: string | undefined, address: string | undefined): Promise<Admitted> {
+  async function admit(
+    authorization: string | undefined,
+    address: string | undefined,
+    wait: AbortSignal | undefined,
+  ): Promise<Admitted> {
     const credential = credentialOf(authorization);
-    if (!looksLikeJwt(credential)) return online(credential, address);
+    if (!looksLikeJwt(credential)) return online(credential, address, wait);
     // Verified by Tessera exactly as an opaque credential: its claims are never trusted here.
     if (await verifiesOnline(credential, jwtMode, algorithms, keyless))
-      return online(credential, address, true);
+      return online(credential, address, wait, true);
     const claims = await jwt.verify(credential);
     const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
-    if (verdict === "ask") return online(credential, address, false, claims);
+    if (verdict === "ask") return online(credential, address, wait, false, claims);
     counters.offlineJwts++;
     // Accepted while the watch is healthy; offlineVerdict asks again past the lifetime bound.
     const until = Math.min(claims.exp * 1000, claims.iat * 1000 + maxLifetimeMs);
@@ -297,39 +310,48 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     return principal;
   }
 
+  /** TesseraAuth.authenticate; `wait`: a held stream's re-check, which may wait for a slot (see StreamHolds). */
+  async function authenticate(
+    authorization: string | undefined,
+    certificateThumbprint?: string,
+    clientAddress?: string,
+    wait?: AbortSignal,
+  ): Promise<TesseraPrincipal> {
+    const hit = admitted(authorization, certificateThumbprint);
+    if (hit !== undefined) return hit;
+    const keySet = jwt.keySet;
+    let fresh: Admitted;
+    try {
+      fresh = await admit(authorization, clientAddress, wait);
+    } catch (err) {
+      if (err instanceof TesseraAuthError) throw err;
+      // A fault of the check (503, reported): made a TesseraAuthError so that what calls
+      // this tells it from a failure of its own (a bug: INTERNAL, see refusalOf).
+      reports.unexpected(err);
+      throw unavailable("authentication is unavailable", err);
+    }
+    const principal = fresh.principal;
+    if (fresh.until > 0)
+      memo.set(authorization!, {
+        principal,
+        epoch: fresh.epoch,
+        keySet,
+        until: fresh.until,
+        offline: fresh.offline,
+        credential: fresh.credential,
+      });
+    if (
+      principal.certificateThumbprint !== undefined &&
+      principal.certificateThumbprint !== certificateThumbprint
+    )
+      throw new TesseraAuthError("TOKEN_NOT_BOUND", "credential is bound to another client certificate");
+    return principal;
+  }
+
   const core: TesseraAuth = {
     admitted,
-    async authenticate(authorization, certificateThumbprint, clientAddress) {
-      const hit = admitted(authorization, certificateThumbprint);
-      if (hit !== undefined) return hit;
-      const keySet = jwt.keySet;
-      let fresh: Admitted;
-      try {
-        fresh = await admit(authorization, clientAddress);
-      } catch (err) {
-        if (err instanceof TesseraAuthError) throw err;
-        // A fault of the check (503, reported): made a TesseraAuthError so that what calls
-        // this tells it from a failure of its own (a bug: INTERNAL, see refusalOf).
-        reports.unexpected(err);
-        throw unavailable("authentication is unavailable", err);
-      }
-      const principal = fresh.principal;
-      if (fresh.until > 0)
-        memo.set(authorization!, {
-          principal,
-          epoch: fresh.epoch,
-          keySet,
-          until: fresh.until,
-          offline: fresh.offline,
-          credential: fresh.credential,
-        });
-      if (
-        principal.certificateThumbprint !== undefined &&
-        principal.certificateThumbprint !== certificateThumbprint
-      )
-        throw new TesseraAuthError("TOKEN_NOT_BOUND", "credential is bound to another client certificate");
-      return principal;
-    },
+    authenticate: (authorization, certificateThumbprint, clientAddress) =>
+      authenticate(authorization, certificateThumbprint, clientAddress),
     authorize,
     reportBug: reports.bug,
     holdStream: (...args) => streams.hold(...args),
@@ -340,6 +362,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       cacheSize: cache.size,
       ...counters,
       verifyRefused: inflight.refused,
+      verifyWaiting: inflight.waiting,
       jwksFetches: jwt.fetches,
       streams: streams.size,
     }),

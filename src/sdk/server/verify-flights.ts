@@ -1,3 +1,26 @@
+import { performance } from "node:perf_hooks";
+
+/** A verification whose credential is not in flight yet, waiting for a slot (see {@link VerifyFlights}). */
+interface Queued<T> {
+  readonly credential: string;
+  /** The latest epoch a waiter asked at: its flight, asked after every one of them began, carries it. */
+  epoch: number;
+  readonly ask: () => Promise<T>;
+  /** performance.now() past which its waiters are refused. */
+  readonly deadline: number;
+  readonly waiters: Set<Waiter<T>>;
+}
+
+interface Waiter<T> {
+  resolve(answer: Promise<T>): void;
+  reject(err: unknown): void;
+  /** Stop listening to the waiter's signal (it is served, refused or gone). */
+  off(): void;
+}
+
+/** Why a call was refused: no slot free at once, or none within the wait's deadline. */
+export type FlightRefusal = "busy" | "waited";
+
 /**
  * VerifyCredential calls in flight, by credential, each with the revocation watch's epoch
  * when it was asked: concurrent calls for one credential share one answer. A call asked
@@ -7,33 +30,150 @@
  * At most `max` distinct credentials are asked at once: the service's callers choose the
  * credentials, and each one not yet known was one more call to Tessera held in memory
  * (queued behind the connection's stream limit) for as long as the caller kept sending new
- * ones. Past it a call is refused with `refusal()` at once, and counted.
+ * ones. Past it a call is refused with `refusal("busy")` at once, and counted.
+ *
+ * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
+ * in first out, for a flight to end, and is refused with `refusal("waited")` (counted once)
+ * only when `waitMs` pass first. A flight ending hands its slot to the oldest waiting
+ * credential before anything else runs, so a queue only exists while every slot is taken,
+ * and a call that may not wait is refused then as before. Waiters for one credential wait
+ * as one entry and share its flight; one timer, for the oldest entry's deadline, serves the
+ * whole queue (deadlines are in arrival order). A waiter leaves when its signal aborts.
  */
 export class VerifyFlights<T> {
   readonly #flights = new Map<string, { epoch: number; answer: Promise<T> }>();
-  /** Calls refused because `max` credentials were being asked already. */
+  /** Waiting credentials, oldest first (a Map keeps insertion order and deletes in O(1)). */
+  readonly #queue = new Map<string, Queued<T>>();
+  #timer: NodeJS.Timeout | undefined;
+  #waiting = 0;
+  /** Calls refused: `max` credentials were being asked already (at once, or past the wait). */
   refused = 0;
 
   constructor(
     private readonly max = Number.POSITIVE_INFINITY,
-    private readonly refusal: () => Error = () => new Error("too many verifications in flight"),
+    private readonly refusal: (why: FlightRefusal) => Error = () =>
+      new Error("too many verifications in flight"),
+    private readonly waitMs = 5000,
   ) {}
 
-  /** The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. */
-  answer(credential: string, epoch: number, ask: () => Promise<T>): Promise<T> {
+  /** Calls waiting for a slot now. */
+  get waiting(): number {
+    return this.#waiting;
+  }
+
+  /**
+   * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
+   * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
+   * then it is rejected with the signal's reason).
+   */
+  answer(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    wait?: { signal?: AbortSignal },
+  ): Promise<T> {
     const pending = this.#flights.get(credential);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
     if (pending === undefined && this.#flights.size >= this.max) {
+      if (wait !== undefined) return this.#enqueue(credential, epoch, ask, wait.signal);
       this.refused++;
-      return Promise.reject(this.refusal());
+      return Promise.reject(this.refusal("busy"));
     }
+    return this.#fly(credential, epoch, ask);
+  }
+
+  #fly(credential: string, epoch: number, ask: () => Promise<T>): Promise<T> {
     const flight = {
       epoch,
       answer: ask().finally(() => {
-        if (this.#flights.get(credential) === flight) this.#flights.delete(credential);
+        if (this.#flights.get(credential) !== flight) return;
+        this.#flights.delete(credential);
+        this.#pump();
       }),
     };
     this.#flights.set(credential, flight);
     return flight.answer;
+  }
+
+  #enqueue(credential: string, epoch: number, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    let entry = this.#queue.get(credential);
+    if (entry === undefined) {
+      entry = { credential, epoch, ask, deadline: performance.now() + this.waitMs, waiters: new Set() };
+      this.#queue.set(credential, entry);
+      this.#arm();
+    } else entry.epoch = Math.max(entry.epoch, epoch);
+    const queued = entry;
+    return new Promise<T>((resolve, reject) => {
+      const leave = () => {
+        this.#leave(queued, waiter);
+        reject(signal!.reason);
+      };
+      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
+      queued.waiters.add(waiter);
+      this.#waiting++;
+      signal?.addEventListener("abort", leave, { once: true });
+    });
+  }
+
+  #leave(entry: Queued<T>, waiter: Waiter<T>): void {
+    if (!entry.waiters.delete(waiter)) return;
+    this.#waiting--;
+    // Nobody waits for it any more: it is not asked (the timer skips a gone head on its own).
+    if (entry.waiters.size === 0 && this.#queue.get(entry.credential) === entry)
+      this.#queue.delete(entry.credential);
+    if (this.#queue.size === 0) this.#disarm();
+  }
+
+  /** Hand free slots to the oldest waiting credentials. */
+  #pump(): void {
+    // A waiting credential has no flight (it would have joined or replaced it, not waited),
+    // and none starts but here while any waits: every slot is taken until this hands it on.
+    for (const entry of this.#queue.values()) {
+      if (this.#flights.size >= this.max) break;
+      this.#queue.delete(entry.credential);
+      const answer = this.#fly(entry.credential, entry.epoch, entry.ask);
+      this.#settle(entry, (waiter) => waiter.resolve(answer));
+    }
+    if (this.#queue.size === 0) this.#disarm();
+  }
+
+  /** Refuse the waiters whose deadline passed, oldest first, then wait for the next one's. */
+  #expire(): void {
+    this.#timer = undefined;
+    const now = performance.now();
+    for (const entry of this.#queue.values()) {
+      if (entry.deadline > now) break;
+      this.#queue.delete(entry.credential);
+      this.#settle(entry, (waiter) => {
+        this.refused++;
+        waiter.reject(this.refusal("waited"));
+      });
+    }
+    this.#arm();
+  }
+
+  #settle(entry: Queued<T>, settle: (waiter: Waiter<T>) => void): void {
+    for (const waiter of entry.waiters) {
+      waiter.off();
+      this.#waiting--;
+      settle(waiter);
+    }
+    entry.waiters.clear();
+  }
+
+  /** The one timer: the oldest entry's deadline. */
+  #arm(): void {
+    if (this.#timer !== undefined) return;
+    const head = this.#queue.values().next();
+    if (head.done) return;
+    const delay = Math.max(1, Math.ceil(head.value.deadline - performance.now()));
+    this.#timer = setTimeout(() => this.#expire(), delay);
+    this.#timer.unref();
+  }
+
+  #disarm(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
   }
 }

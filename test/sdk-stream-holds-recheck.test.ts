@@ -1,0 +1,128 @@
+import { describe, expect, it } from "vitest";
+import { TesseraAuthError, type TesseraPrincipal } from "../src/sdk/server/index.js";
+import { StreamHolds } from "../src/sdk/server/stream-holds.js";
+import { VerifyFlights } from "../src/sdk/server/verify-flights.js";
+
+/**
+ * Held streams re-checked after a loss of the revocation watch, with more distinct
+ * credentials held than verification slots: the re-checks past the slots wait for one
+ * (they were refused, and their streams ended UNAVAILABLE, though Tessera would answer),
+ * while an event naming a waiting stream still checks it at once and a released stream's
+ * re-check is never asked. The core's VerifyFlights in front of a scripted Tessera.
+ */
+
+function principal(id: string): TesseraPrincipal {
+  return {
+    id: `user-${id}`,
+    kind: "user",
+    tenantId: "tenant-1",
+    scopes: ["ticks:read"],
+    credentialKind: "pat",
+    credentialId: `pat-${id}`,
+    applicationIds: [],
+  };
+}
+
+const rule = { scopes: ["ticks:read"] };
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+/** `n` held streams of distinct credentials behind `slots` verification slots; Tessera answers when told. */
+async function fixture(n: number, slots: number) {
+  const flights = new VerifyFlights<TesseraPrincipal>(
+    slots,
+    () => new TesseraAuthError("UNAVAILABLE", "too many credentials are being verified at once"),
+  );
+  const asked: string[] = [];
+  const answers: Array<() => void> = [];
+  let manual = false;
+  const revoked = new Set<string>();
+  const holds = new StreamHolds({
+    authenticate: (authorization, _thumbprint, _address, wait) => {
+      const id = authorization!.slice("Bearer ".length);
+      return flights.answer(
+        id,
+        0,
+        () => {
+          asked.push(id);
+          const answer = () =>
+            revoked.has(id)
+              ? Promise.reject(new TesseraAuthError("TOKEN_REVOKED", "credential is revoked"))
+              : Promise.resolve(principal(id));
+          if (!manual) return answer();
+          return new Promise<TesseraPrincipal>((resolve, reject) =>
+            answers.push(() => answer().then(resolve, reject)),
+          );
+        },
+        wait && { signal: wait },
+      );
+    },
+    watching: () => true,
+    now: Date.now,
+  });
+  const held = [];
+  for (let i = 0; i < n; i++) held.push(await holds.hold(`Bearer ${i}`, undefined, rule));
+  asked.length = 0;
+  manual = true;
+  /** Tessera answers every call asked so far. */
+  const answerAll = () => {
+    for (const answer of answers.splice(0)) answer();
+  };
+  return { flights, holds, held, asked, answerAll, revoked };
+}
+
+const running = (held: { signal: AbortSignal }[]) =>
+  held.map((h) => (h.signal.aborted ? (h.signal.reason as TesseraAuthError).reason : "running"));
+
+describe("the SDK's held streams re-checked past the verification slots", () => {
+  it("keeps every stream after a loss: the re-checks past the slots wait for one, each credential asked once", async () => {
+    const f = await fixture(20, 4);
+    f.holds.onLost();
+    await tick();
+    expect(f.asked).toHaveLength(4);
+    expect(f.flights.waiting).toBe(16);
+    f.revoked.add("13");
+    for (let round = 0; round < 5 && f.asked.length < 20; round++) {
+      f.answerAll();
+      await tick();
+    }
+    f.answerAll();
+    await expect.poll(() => f.held[13]!.signal.aborted).toBe(true);
+    expect(f.held[13]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    const states = running(f.held);
+    states.splice(13, 1);
+    expect(states).toEqual(Array(19).fill("running"));
+    expect([...f.asked].sort()).toEqual(Array.from({ length: 20 }, (_, i) => `${i}`).sort());
+    expect(f.flights.refused).toBe(0);
+  });
+
+  it("checks a waiting stream an event names at once, not after the others: refused 503 at once while every slot is taken", async () => {
+    const f = await fixture(20, 4);
+    f.holds.onLost();
+    await tick();
+    expect(f.flights.waiting).toBe(16);
+    f.holds.onEvent("credential", "pat-17");
+    await tick();
+    await tick();
+    // Ended now, with what a new call would get now (every slot taken: 503), not left waiting.
+    expect(f.held[17]!.signal.aborted).toBe(true);
+    expect(f.held[17]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
+    expect(f.flights.waiting).toBe(15);
+    expect(running(f.held).filter((s) => s === "running")).toHaveLength(19);
+    expect(f.asked).not.toContain("17");
+  });
+
+  it("takes a released stream's re-check out of the queue: Tessera is not asked for it", async () => {
+    const f = await fixture(6, 4);
+    f.holds.onLost();
+    await tick();
+    expect(f.flights.waiting).toBe(2);
+    f.held[5]!.release();
+    expect(f.flights.waiting).toBe(1);
+    f.answerAll();
+    await tick();
+    f.answerAll();
+    await expect.poll(() => f.asked.length).toBe(5);
+    await tick();
+    expect(f.asked).not.toContain("5");
+  });
+});

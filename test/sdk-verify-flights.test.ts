@@ -1,0 +1,112 @@
+import { describe, expect, it } from "vitest";
+import { type FlightRefusal, VerifyFlights } from "../src/sdk/server/verify-flights.js";
+
+/**
+ * The core's verifications in flight on their own: at most `max` distinct credentials asked
+ * at once, a call past it refused at once, except a call that may wait (a held stream's
+ * re-check), which waits first in first out for a flight to end, up to a deadline.
+ */
+
+function deferred<T>() {
+  let resolve!: (v: T) => void;
+  const promise = new Promise<T>((res) => {
+    resolve = res;
+  });
+  return { promise, resolve };
+}
+
+/** Flights whose answers the test gives, recording what was asked. */
+function scripted(max: number, waitMs = 60_000) {
+  const asked: string[] = [];
+  const answers = new Map<string, ReturnType<typeof deferred<string>>>();
+  const refusals: FlightRefusal[] = [];
+  const flights = new VerifyFlights<string>(
+    max,
+    (why) => {
+      refusals.push(why);
+      return new Error(`refused: ${why}`);
+    },
+    waitMs,
+  );
+  const answer = (credential: string, wait?: { signal?: AbortSignal }, epoch = 0) =>
+    flights.answer(
+      credential,
+      epoch,
+      () => {
+        asked.push(credential);
+        const d = deferred<string>();
+        answers.set(credential, d);
+        return d.promise;
+      },
+      wait,
+    );
+  const settle = (credential: string) => answers.get(credential)!.resolve(`answer ${credential}`);
+  return { flights, asked, refusals, answer, settle };
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+describe("the SDK's verifications in flight", () => {
+  it("gives a call that may wait the next free slot, first in first out, one flight per credential, and refuses a new call at once meanwhile", async () => {
+    const f = scripted(2);
+    const a = f.answer("a");
+    const b = f.answer("b");
+    const c1 = f.answer("c", {});
+    const d = f.answer("d", {});
+    const c2 = f.answer("c", {});
+    expect(f.asked).toEqual(["a", "b"]);
+    expect(f.flights.waiting).toBe(3);
+    // A new call is not queued: refused at once, as before.
+    await expect(f.answer("e")).rejects.toThrow("refused: busy");
+    f.settle("a");
+    await a;
+    await tick();
+    // a's slot went to c, the oldest waiting credential, asked once for both of its waiters.
+    expect(f.asked).toEqual(["a", "b", "c"]);
+    f.settle("c");
+    expect(await c1).toBe("answer c");
+    expect(await c2).toBe("answer c");
+    await tick();
+    expect(f.asked).toEqual(["a", "b", "c", "d"]);
+    f.settle("b");
+    f.settle("d");
+    expect(await Promise.all([b, d])).toEqual(["answer b", "answer d"]);
+    expect(f.flights.waiting).toBe(0);
+    expect(f.refusals).toEqual(["busy"]);
+    expect(f.flights.refused).toBe(1);
+  });
+
+  it("refuses the waiters whose deadline passes, each counted once, without asking again", async () => {
+    const f = scripted(1, 80);
+    void f.answer("a");
+    const started = performance.now();
+    const waits = ["b", "c", "d"].map((c) => f.answer(c, {}).catch((e: Error) => e.message));
+    expect(await Promise.all(waits)).toEqual(Array(3).fill("refused: waited"));
+    expect(performance.now() - started).toBeGreaterThanOrEqual(75);
+    expect(f.refusals).toEqual(["waited", "waited", "waited"]);
+    expect(f.flights.refused).toBe(3);
+    expect(f.flights.waiting).toBe(0);
+    // Nothing was asked but the flight that held the slot.
+    f.settle("a");
+    await tick();
+    expect(f.asked).toEqual(["a"]);
+  });
+
+  it("lets a waiter leave when its signal aborts: a credential nobody waits for any more is not asked", async () => {
+    const f = scripted(1);
+    void f.answer("a");
+    const gone = new AbortController();
+    const left = f.answer("b", { signal: gone.signal }).catch((e: unknown) => e);
+    const stays = f.answer("c", {});
+    expect(f.flights.waiting).toBe(2);
+    gone.abort("left");
+    expect(await left).toBe("left");
+    expect(f.flights.waiting).toBe(1);
+    f.settle("a");
+    await tick();
+    expect(f.asked).toEqual(["a", "c"]);
+    f.settle("c");
+    expect(await stays).toBe("answer c");
+    expect(f.refusals).toEqual([]);
+  });
+});
