@@ -76,7 +76,8 @@ interface Found {
 
 /**
  * The audit record of a revocation: by the caller, in the caller's tenant (its own
- * credential); a public client's, by the user whose session its token is, once found.
+ * credential); a public client's, anonymous, in the tenant of the user whose session its
+ * token is, once found.
  * The target is what was revoked (a session, a token id, the machine user), or nothing.
  */
 function record(
@@ -93,8 +94,10 @@ function record(
     ...(user !== undefined
       ? { tenantId: user.tenantId, actorOutside: false }
       : auditFiling(principal, principal?.tenantId ?? null)),
-    actorKind: user !== undefined ? "user" : (principal?.kind ?? "anonymous"),
-    actorId: user?.id ?? principal?.id ?? null,
+    // A public client's: by nobody who authenticated (whoever held the token, perhaps a
+    // thief), as Logout records it; filed in the session's tenant, naming the session.
+    actorKind: user !== undefined ? "anonymous" : (principal?.kind ?? "anonymous"),
+    actorId: user !== undefined ? null : (principal?.id ?? null),
     action: REVOKE_ACTION,
     targetId: target,
     outcome,
@@ -193,7 +196,7 @@ async function revokeOwn(
  * A public client's revocation of its refresh token (RFC 7009 §2.1: with no client
  * authentication). Holding the token is the authority to end its session, as for Logout
  * and the refresh_token grant: the session ends as Logout ends it (whichever tenant, and
- * whether the token is live, spent or expired), recorded as its user's revocation of it.
+ * whether the token is live, spent or expired), recorded as Logout's: by an anonymous caller.
  * An unknown token (or one of another shape) revokes nothing, answered 200 the same.
  *
  * Its cost, for anyone: the per-IP limit counted before the body was read (as for

@@ -163,7 +163,7 @@ describe("the audit of /oauth2/revoke", () => {
     }
   });
 
-  it("records a public client's revocation (the refresh token alone) that failed part-way as its user's, naming the session", async () => {
+  it("records a public client's revocation (the refresh token alone) that failed part-way in its user's tenant, anonymous, naming the session", async () => {
     const login = await createClient(UserService, ts.grpc()).login({
       username: "admin",
       password: ADMIN_PASSWORD,
@@ -186,8 +186,8 @@ describe("the audit of /oauth2/revoke", () => {
           action: "oauth2/revoke",
           outcome: "failure",
           reason: expect.any(String),
-          actor_kind: "user",
-          actor_id: me.id,
+          actor_kind: "anonymous",
+          actor_id: null,
           tenant_id: me.tenantId,
           target_id: session?.family_id,
         },
