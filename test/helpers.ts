@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import type { RequestListener } from "node:http";
 import http2 from "node:http2";
 import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
@@ -41,6 +41,22 @@ export const POSTGRES: TestDatabase = {
 /** SQLite and PostgreSQL (PostgreSQL left out only by the local TESSERA_TEST_SKIP_POSTGRES switch). */
 export const DATABASES: TestDatabase[] =
   process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
+
+/**
+ * One database that two instances open: a PostgreSQL schema, or a SQLite file (two processes'
+ * worth of connections). `cleanup` removes the SQLite file's folder (each app drops its schema).
+ */
+export function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
+  if (kind === "postgres") {
+    const url = POSTGRES.url();
+    return { db: { name: "postgres", url: () => url }, cleanup() {} };
+  }
+  const dir = mkdtempSync(join(tmpdir(), "tessera-shared-"));
+  return {
+    db: { ...SQLITE, url: () => `sqlite:${join(dir, "tessera.db")}` },
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
 
 export const ADMIN_PASSWORD = "admin-password-for-tests";
 

@@ -1,17 +1,12 @@
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import {
   createTestCerts,
-  POSTGRES,
   pinnableClock,
-  SQLITE,
+  sharedDatabase,
   startTestServer,
-  type TestDatabase,
   type TestServer,
   withHeaders,
 } from "../helpers.js";
@@ -26,19 +21,6 @@ import { adminLogin, bearerMachine, clients } from "../machine-fixtures.js";
  * earlier cut-off only within its own lifetime of it, so the token verified again until the new
  * grace period ended. Over TLS, each answer from VerifyCredential on both instances.
  */
-/** One database two instances open: a PostgreSQL schema, or a SQLite file (two processes' worth of connections). */
-function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
-  if (kind === "postgres") {
-    const url = POSTGRES.url();
-    return { db: { name: "postgres", url: () => url }, cleanup() {} };
-  }
-  const dir = mkdtempSync(join(tmpdir(), "tessera-revival-"));
-  return {
-    db: { ...SQLITE, url: () => `sqlite:${join(dir, "tessera.db")}` },
-    cleanup: () => rmSync(dir, { recursive: true, force: true }),
-  };
-}
-
 describe.each(["sqlite", "postgres"] as const)(
   "machine access tokens ended before a rotation stay ended (%s, two instances)",
   (kind) => {
