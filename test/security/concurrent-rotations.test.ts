@@ -1,3 +1,4 @@
+import { randomBytes, randomUUID } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Knex } from "@mikro-orm/knex";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -138,5 +139,36 @@ describe.each(["sqlite", "postgres"] as const)(
         ]);
       else expect(live.map((l) => l.join()).sort()).toEqual(["false,false", "true,true"]);
     });
+
+    // A rolling upgrade: an instance on the previous release rotates under a shared lock of the
+    // machine user (FOR KEY SHARE). Its transaction, as the test's own: it has deleted the
+    // credential and inserted its new one when this release's rotation starts.
+    it.runIf(kind === "postgres")(
+      "replaces the credential of a previous release's rotation in its transaction when it comes second",
+      async () => {
+        const { machine } = await bearerMachine(one.connect(), root, []);
+        const { waiterOn, hold } = pgHolds(() => knex);
+        const previous = randomUUID();
+        const holder = await hold(
+          "with locked as (select id from machine_users where id = ? for key share), " +
+            "gone as (delete from machine_credentials where machine_user_id = ?) " +
+            "insert into machine_credentials (id, machine_user_id, kind, public_id, secret_hash, hint, created_at) " +
+            "select ?, id, 'bearer', ?, 'x', '', now() from locked",
+          [machine.id, machine.id, previous, randomBytes(8).toString("hex")],
+        );
+        let rotation!: Promise<unknown>;
+        try {
+          rotation = clients(two.connect(), root).machines.rotateMachineUserCredentials({ id: machine.id });
+          // Before: held only at the credential the other deleted, with a snapshot from before its insert.
+          await waiterOn(holder.pid);
+        } finally {
+          await holder.release();
+        }
+        await rotation;
+        const left = await one.app.storage.em.fork().find(MachineCredential, { machineUserId: machine.id });
+        expect(left.map((c) => c.id)).not.toContain(previous);
+        expect(left).toHaveLength(1);
+      },
+    );
   },
 );

@@ -241,7 +241,7 @@ const ROTATION_WRITE_ATTEMPTS = 5;
  *
  * The write is conditional on the row still holding `seen` (compare-and-set): when it does
  * not, the row is read again and the merge redone. RotateMachineUserCredentials reads `seen`
- * under the row's lock (no key update), so there the first attempt is the one; the condition
+ * under the row's lock (FOR UPDATE), so there the first attempt is the one; the condition
  * keeps a caller without that lock from writing over a revocation it did not see.
  * @returns the state written
  * @throws TesseraError NOT_FOUND (via `gone`) when the machine user no longer exists

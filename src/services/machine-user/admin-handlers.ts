@@ -226,12 +226,12 @@ export function machineUserAdminHandlers(
         () =>
           e.transactional(async (tx) => {
             // The machine user's row before its credentials' (storage/lock-order.ts), held
-            // against writers: concurrent rotations take turns, in commit order. Each one's
-            // statements below see the credentials of those that committed before it (its own
-            // predecessors), so exactly one credential, the last one's, is left without an end.
-            // With a shared lock, two rotations both deleted or ended the credentials they saw
-            // before either inserted its own, and both new credentials stayed live.
-            if (!(await lockMachineUser(tx, mu.id, "no key update"))) throw errors.notFound("machine user");
+            // exclusively: concurrent rotations take turns, in commit order. Each one's
+            // statements below see the credentials of those that committed before it, so
+            // exactly one credential, the last one's, is left without an end. With a shared
+            // lock, two rotations both deleted or ended the credentials they saw before either
+            // inserted its own, and both new credentials stayed live.
+            if (!(await lockMachineUser(tx, mu.id, "update"))) throw errors.notFound("machine user");
             // The rotation state under that lock: what the write below merges with.
             const seen = await readRotationState(tx, mu.id);
             if (seen === null) throw errors.notFound("machine user");
