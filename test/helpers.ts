@@ -14,7 +14,7 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
-import { afterEach } from "vitest";
+import { afterAll, afterEach, beforeAll } from "vitest";
 import type { AccessLog } from "../src/access-log.js";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
@@ -43,10 +43,10 @@ export const DATABASES: TestDatabase[] =
   process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
 
 /**
- * One database that two instances open: a PostgreSQL schema, or a SQLite file (two processes'
+ * One database that several instances open: a PostgreSQL schema, or a SQLite file (two processes'
  * worth of connections). `cleanup` removes the SQLite file's folder (each app drops its schema).
  */
-export function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
+function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
   if (kind === "postgres") {
     const url = POSTGRES.url();
     return { db: { name: "postgres", url: () => url }, cleanup() {} };
@@ -312,6 +312,29 @@ export interface TestServer {
   /** A raw HTTP/2 session to the server over TLS (no error listener: add one where a test expects errors). */
   session(): http2.ClientHttp2Session;
   close(): Promise<void>;
+}
+
+/**
+ * Instances on one database (see sharedDatabase), one per config, with one set of certificates:
+ * started before the calling `describe`'s tests (filling the array returned, in order) and
+ * closed after them. Call inside a `describe`.
+ */
+export function sharedInstances(
+  kind: "postgres" | "sqlite",
+  configs: readonly ConfigInput[],
+  options: { clock?: Clock } = {},
+): TestServer[] {
+  const servers: TestServer[] = [];
+  const shared = sharedDatabase(kind);
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    for (const config of configs) servers.push(await startTestServer(shared.db, config, certs, options));
+  }, 120_000);
+  afterAll(async () => {
+    for (const ts of servers.splice(0).reverse()) await ts.close();
+    shared.cleanup();
+  });
+  return servers;
 }
 
 /**

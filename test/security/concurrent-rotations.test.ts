@@ -1,16 +1,9 @@
 import { randomBytes, randomUUID } from "node:crypto";
-import { Code, ConnectError } from "@connectrpc/connect";
 import type { Knex } from "@mikro-orm/knex";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { MachineCredential } from "../../src/storage/machine-entities.js";
-import {
-  createTestCerts,
-  pinnableClock,
-  sharedDatabase,
-  startTestServer,
-  type TestServer,
-} from "../helpers.js";
-import { adminLogin, bearerMachine, clients } from "../machine-fixtures.js";
+import { pinnableClock, sharedInstances, type TestServer } from "../helpers.js";
+import { adminLogin, authenticates, bearerMachine, clients } from "../machine-fixtures.js";
 import { pgHolds } from "../pg-holds.js";
 
 /**
@@ -35,37 +28,23 @@ describe.each(["sqlite", "postgres"] as const)(
     let root: string;
     let knex: Knex;
     const clock = pinnableClock();
-    const shared = sharedDatabase(kind);
+    // PostgreSQL: waits are bounded by the conditions below, not by the statement timeout.
+    const config = { database: { statementTimeoutMs: 60_000 } };
+    const servers = sharedInstances(kind, kind === "sqlite" ? [config] : [config, config], {
+      clock: clock.now,
+    });
 
     beforeAll(async () => {
-      const certs = await createTestCerts();
-      // PostgreSQL: waits are bounded by the conditions below, not by the statement timeout.
-      const options = { database: { statementTimeoutMs: 60_000 } };
-      one = await startTestServer(shared.db, options, certs, { clock: clock.now });
-      two = kind === "sqlite" ? one : await startTestServer(shared.db, options, certs, { clock: clock.now });
+      one = servers[0]!;
+      two = servers[servers.length - 1]!;
       root = await adminLogin(one.connect());
       knex = one.app.storage.em.getConnection().getKnex();
-    }, 120_000);
-    afterAll(async () => {
-      if (two !== one) await two?.close();
-      await one?.close();
-      shared.cleanup();
     });
     afterEach(() => clock.release());
 
     /** Whether `credential` authenticates a call, on each instance. */
     const works = (credential: string) =>
-      Promise.all(
-        [one, two].map(async (ts) => {
-          try {
-            await clients(ts.connect(), credential).machines.checkAuthentication({});
-            return true;
-          } catch (err) {
-            expect(ConnectError.from(err).code).toBe(Code.Unauthenticated);
-            return false;
-          }
-        }),
-      );
+      Promise.all([one, two].map((ts) => authenticates(ts.connect(), credential)));
 
     /**
      * A rotation of `id` on instance one, and a second on instance two begun while the first is
