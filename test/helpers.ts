@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import type { RequestListener } from "node:http";
 import http2 from "node:http2";
 import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
@@ -14,7 +14,7 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 import { type Logger, pino } from "pino";
-import { afterEach } from "vitest";
+import { afterAll, afterEach, beforeAll } from "vitest";
 import type { AccessLog } from "../src/access-log.js";
 import { type App, createApp } from "../src/app.js";
 import { createClientCertificate, ensureDevCertificates } from "../src/certs/dev-ca.js";
@@ -41,6 +41,22 @@ export const POSTGRES: TestDatabase = {
 /** SQLite and PostgreSQL (PostgreSQL left out only by the local TESSERA_TEST_SKIP_POSTGRES switch). */
 export const DATABASES: TestDatabase[] =
   process.env.TESSERA_TEST_SKIP_POSTGRES === "1" ? [SQLITE] : [SQLITE, POSTGRES];
+
+/**
+ * One database that several instances open: a PostgreSQL schema, or a SQLite file (two processes'
+ * worth of connections). `cleanup` removes the SQLite file's folder (each app drops its schema).
+ */
+function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
+  if (kind === "postgres") {
+    const url = POSTGRES.url();
+    return { db: { name: "postgres", url: () => url }, cleanup() {} };
+  }
+  const dir = mkdtempSync(join(tmpdir(), "tessera-shared-"));
+  return {
+    db: { ...SQLITE, url: () => `sqlite:${join(dir, "tessera.db")}` },
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
 
 export const ADMIN_PASSWORD = "admin-password-for-tests";
 
@@ -296,6 +312,29 @@ export interface TestServer {
   /** A raw HTTP/2 session to the server over TLS (no error listener: add one where a test expects errors). */
   session(): http2.ClientHttp2Session;
   close(): Promise<void>;
+}
+
+/**
+ * Instances on one database (see sharedDatabase), one per config, with one set of certificates:
+ * started before the calling `describe`'s tests (filling the array returned, in order) and
+ * closed after them. Call inside a `describe`.
+ */
+export function sharedInstances(
+  kind: "postgres" | "sqlite",
+  configs: readonly ConfigInput[],
+  options: { clock?: Clock } = {},
+): TestServer[] {
+  const servers: TestServer[] = [];
+  const shared = sharedDatabase(kind);
+  beforeAll(async () => {
+    const certs = await createTestCerts();
+    for (const config of configs) servers.push(await startTestServer(shared.db, config, certs, options));
+  }, 120_000);
+  afterAll(async () => {
+    for (const ts of servers.splice(0).reverse()) await ts.close();
+    shared.cleanup();
+  });
+  return servers;
 }
 
 /**

@@ -2,13 +2,14 @@ import { randomUUID, X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Transport } from "@connectrpc/connect";
-import { createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { Agent } from "undici";
+import { expect } from "vitest";
 import { MachineAuthType, MachineUserService } from "../gen/tessera/v1/machine_user_service_pb.js";
 import { TenantService } from "../gen/tessera/v1/tenant_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
+import { VerificationCode, VerificationService } from "../gen/tessera/v1/verification_service_pb.js";
 import { createClientCertificate } from "../src/certs/dev-ca.js";
 import { rejection } from "./errors-util.js";
 import { ADMIN_PASSWORD, clientFor, type TestServer, withHeaders } from "./helpers.js";
@@ -114,6 +115,44 @@ export async function connectedWithCertificate(
   if ((await sessionManager.connect()) === "error") throw new Error("the TLS connection did not open");
   const transport = createConnectTransport({ baseUrl: ts.server.url, httpVersion: "2", sessionManager });
   return { client: createClient(MachineUserService, transport), transport, sessionManager };
+}
+
+/** Whether the bearer `credential` authenticates a call over `transport` (else it is refused Unauthenticated). */
+export async function authenticates(transport: Transport, credential: string): Promise<boolean> {
+  try {
+    await clients(transport, credential).machines.checkAuthentication({});
+    return true;
+  } catch (err) {
+    expect(ConnectError.from(err).code).toBe(Code.Unauthenticated);
+    return false;
+  }
+}
+
+/** A machine user of the caller's tenant that may call VerificationService (auth:verify): its token. */
+export async function verifierMachine(transport: Transport, adminToken: string): Promise<string> {
+  const res = await clients(transport, adminToken).machines.createMachineUser({
+    name: `verifier-${short()}`,
+    authType: MachineAuthType.BEARER,
+    scopes: ["auth:verify"],
+  });
+  return res.token;
+}
+
+/** VerifyCredential's answer to `credential` on each of `servers` (the code's name), asked by `verifier`. */
+export function verificationCodes(
+  servers: readonly TestServer[],
+  verifier: string,
+  credential: string,
+): Promise<string[]> {
+  return Promise.all(
+    servers.map(async (ts) => {
+      const v = createClient(
+        VerificationService,
+        withHeaders(ts.connect(), { authorization: `Bearer ${verifier}` }),
+      );
+      return VerificationCode[(await v.verifyCredential({ credential })).code];
+    }),
+  );
 }
 
 /** The machine user a CheckAuthentication answered with, or its refusal. */

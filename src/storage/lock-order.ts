@@ -15,7 +15,7 @@ import { Application, MachineUser } from "./machine-entities.js";
  *      foreign-key check of a new assignment (CreateMachineUser) or backend (RegisterBackend);
  *   2. machine users, in id order: locked ({@link lockMachineUser}) before their rows are
  *      touched by UpdateMachineUser (assignments), RotateMachineUserCredentials
- *      (credentials), UnbindCertificate and BindCertificate's displacement (bindings);
+ *      (credentials; FOR UPDATE), UnbindCertificate and BindCertificate's displacement (bindings);
  *      DeleteMachineUser's DELETE;
  *      DeleteApplication FOR SHARE on those it changes (assigned, or owning a backend on it);
  *   3. their rows: assignments, backends (DeleteApplication FOR UPDATE, DeregisterBackend's
@@ -64,17 +64,21 @@ export async function lockApplications(
  * exists. Any mode makes a DeleteMachineUser (whose cascade takes those rows) wait for this
  * transaction. "key share" lets a promotion (an UPDATE of its scopes) commit meanwhile, for
  * the transaction's own assertScopesHold to see; "no key update" (UpdateMachineUser, whose
- * UPDATE takes it anyway) also orders it with DeleteApplication's FOR SHARE.
+ * UPDATE takes it anyway) also orders it with DeleteApplication's FOR SHARE; "update"
+ * (RotateMachineUserCredentials) waits for every other lock on the row, "key share" too, so
+ * that rotations take turns, each seeing the credential the one before it made, including
+ * those of an instance on the previous release (which took "key share").
  */
 export async function lockMachineUser(
   tx: EntityManager,
   id: string,
-  mode: "key share" | "no key update",
+  mode: "key share" | "no key update" | "update",
 ): Promise<boolean> {
   const query = tx.createQueryBuilder(MachineUser).select("id").where({ id }).getKnexQuery();
-  // MikroORM's lock modes have neither (knex drops both on SQLite).
+  // MikroORM's lock modes lack the first two (knex drops all three on SQLite).
   if (mode === "key share") query.forKeyShare();
-  else query.forNoKeyUpdate();
+  else if (mode === "no key update") query.forNoKeyUpdate();
+  else query.forUpdate();
   const rows = await tx.getConnection().execute(query, [], "all", tx.getTransactionContext());
   return rows.length === 1;
 }

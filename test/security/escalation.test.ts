@@ -445,18 +445,25 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
   describe("a promotion racing the change", () => {
     /**
      * Promote `id` (raw SQL, another statement than the request's) at the moment the
-     * request's own flush of a `table` change starts: after its authority check, before its
-     * write. That is the ~200 ms PBKDF2 window a password reset or a rotation leaves.
+     * request's own flush of an `entity` change starts (or, `entity` null, its transaction
+     * does): after its authority check, before its write. That is the ~200 ms PBKDF2 window
+     * a password reset or a rotation leaves. (A rotation locks the machine user's row FOR
+     * UPDATE first thing in its transaction: a promotion after that waits for its commit.)
      */
-    function promoteDuringFlush(entity: string, id: string, table: string) {
+    function promoteBeforeWrite(entity: string | null, id: string, table: string) {
       const subscribers = ts.app.storage.em.getEventManager().getSubscribers();
       let fired = false;
+      const promote = async () => {
+        fired = true;
+        await ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
+      };
       const subscriber: EventSubscriber = {
         async onFlush({ uow }) {
-          if (fired) return;
-          if (!uow.getChangeSets().some((c) => c.name === entity)) return;
-          fired = true;
-          await ts.app.sql.run(`update ${table} set scopes = ? where id = ?`, ["*", id]);
+          if (fired || entity === null) return;
+          if (uow.getChangeSets().some((c) => c.name === entity)) await promote();
+        },
+        async afterTransactionStart() {
+          if (!fired && entity === null) await promote();
         },
       };
       subscribers.add(subscriber);
@@ -469,7 +476,7 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
     it("a password reset of a user promoted to * while it was being hashed is not written", async () => {
       const attacker = await userWith(["admin:users", "cluster:read"]);
       const target = await userWith(["cluster:read"]);
-      const race = promoteDuringFlush("User", target.id, "users");
+      const race = promoteBeforeWrite("User", target.id, "users");
       const r = await rejection(
         as(attacker.token).users.updateUser({ id: target.id, password: NEW_PASSWORD }),
       ).finally(race.stop);
@@ -486,7 +493,7 @@ describe.each(DATABASES)("escalation over TLS on $name", (db) => {
     it("a credential rotation of a machine user promoted to * meanwhile hands out nothing", async () => {
       const attacker = await userWith(["admin:machine-users", "swarm:deploy"]);
       const target = await machineWith(["swarm:deploy"]);
-      const race = promoteDuringFlush("MachineCredential", target.id, "machine_users");
+      const race = promoteBeforeWrite(null, target.id, "machine_users");
       const r = await rejection(
         as(attacker.token).machines.rotateMachineUserCredentials({ id: target.id }),
       ).finally(race.stop);

@@ -1,21 +1,12 @@
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { createClient } from "@connectrpc/connect";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
-import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
+import { afterEach, beforeAll, describe, expect, it } from "vitest";
+import { pinnableClock, sharedInstances, type TestServer } from "../helpers.js";
 import {
-  createTestCerts,
-  POSTGRES,
-  pinnableClock,
-  SQLITE,
-  startTestServer,
-  type TestDatabase,
-  type TestServer,
-  withHeaders,
-} from "../helpers.js";
-import { adminLogin, bearerMachine, clients } from "../machine-fixtures.js";
+  adminLogin,
+  bearerMachine,
+  clients,
+  verificationCodes,
+  verifierMachine,
+} from "../machine-fixtures.js";
 
 /**
  * A machine access token ended by a revocation (a disable) or by a rotation whose grace period
@@ -26,19 +17,6 @@ import { adminLogin, bearerMachine, clients } from "../machine-fixtures.js";
  * earlier cut-off only within its own lifetime of it, so the token verified again until the new
  * grace period ended. Over TLS, each answer from VerifyCredential on both instances.
  */
-/** One database two instances open: a PostgreSQL schema, or a SQLite file (two processes' worth of connections). */
-function sharedDatabase(kind: "postgres" | "sqlite"): { db: TestDatabase; cleanup(): void } {
-  if (kind === "postgres") {
-    const url = POSTGRES.url();
-    return { db: { name: "postgres", url: () => url }, cleanup() {} };
-  }
-  const dir = mkdtempSync(join(tmpdir(), "tessera-revival-"));
-  return {
-    db: { ...SQLITE, url: () => `sqlite:${join(dir, "tessera.db")}` },
-    cleanup: () => rmSync(dir, { recursive: true, force: true }),
-  };
-}
-
 describe.each(["sqlite", "postgres"] as const)(
   "machine access tokens ended before a rotation stay ended (%s, two instances)",
   (kind) => {
@@ -47,43 +25,20 @@ describe.each(["sqlite", "postgres"] as const)(
     let verifier: string;
     let root: string;
     const clock = pinnableClock();
-    const shared = sharedDatabase(kind);
+    const servers = sharedInstances(
+      kind,
+      [{ auth: { jwt: { accessTokenTtl: 3600 } } }, { auth: { jwt: { accessTokenTtl: 60 } } }],
+      { clock: clock.now },
+    );
 
     beforeAll(async () => {
-      const db = shared.db;
-      const certs = await createTestCerts();
-      long = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 3600 } } }, certs, {
-        clock: clock.now,
-      });
-      short = await startTestServer(db, { auth: { jwt: { accessTokenTtl: 60 } } }, certs, {
-        clock: clock.now,
-      });
+      [long, short] = servers as [TestServer, TestServer];
       root = await adminLogin(long.connect());
-      verifier = (
-        await clients(long.connect(), root).machines.createMachineUser({
-          name: "verifier",
-          authType: MachineAuthType.BEARER,
-          scopes: ["auth:verify"],
-        })
-      ).token;
-    });
-    afterAll(async () => {
-      await short?.close();
-      await long?.close();
-      shared.cleanup();
+      verifier = await verifierMachine(long.connect(), root);
     });
     afterEach(() => clock.release());
 
-    const codes = (credential: string) =>
-      Promise.all(
-        [long, short].map(async (ts) => {
-          const v = createClient(
-            VerificationService,
-            withHeaders(ts.connect(), { authorization: `Bearer ${verifier}` }),
-          );
-          return VerificationCode[(await v.verifyCredential({ credential })).code];
-        }),
-      );
+    const codes = (credential: string) => verificationCodes([long, short], verifier, credential);
 
     it("does not bring back a token a disable ended", async () => {
       const admin = clients(long.connect(), root).machines;

@@ -1009,7 +1009,8 @@ export const MachineUserService: GenService<{
   /**
    * Issue new credentials (shown once). The old ones stop working at once, or when
    * `grace_period_seconds` have passed; access tokens issued before the rotation stop
-   * with them.
+   * with them. Concurrent rotations of one machine user take effect one after the other,
+   * in the order they commit: the last one's credentials are the current ones.
    *
    * @generated from rpc tessera.v1.MachineUserService.RotateMachineUserCredentials
    */

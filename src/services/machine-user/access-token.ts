@@ -216,6 +216,16 @@ export function rotationStateOf(row: Pick<MachineUser, keyof RotationState>): Ro
   };
 }
 
+/** The rotation state of machine user `id` as the database holds it now (null: no such row). */
+export async function readRotationState(em: EntityManager, id: string): Promise<RotationState | null> {
+  const row = await em.findOne(
+    MachineUser,
+    { id },
+    { fields: ["rotatedAt", "rotationGraceUntil", "tokensRevokedBefore"], disableIdentityMap: true },
+  );
+  return row === null ? null : rotationStateOf(row);
+}
+
 /** Attempts of {@link recordRotation} when the row keeps changing under it. */
 const ROTATION_WRITE_ATTEMPTS = 5;
 
@@ -230,8 +240,9 @@ const ROTATION_WRITE_ATTEMPTS = 5;
  * skew after the stored rotation).
  *
  * The write is conditional on the row still holding `seen` (compare-and-set): when it does
- * not, the row is read again and the merge redone. On PostgreSQL an uncommitted revocation
- * holds the row's lock, so the conditional write waits for it and then sees its values.
+ * not, the row is read again and the merge redone. RotateMachineUserCredentials reads `seen`
+ * under the row's lock (FOR UPDATE), so there the first attempt is the one; the condition
+ * keeps a caller without that lock from writing over a revocation it did not see.
  * @returns the state written
  * @throws TesseraError NOT_FOUND (via `gone`) when the machine user no longer exists
  */
@@ -252,13 +263,9 @@ export async function recordRotation(
     );
     if (changed > 0) return written;
     if (attempt >= ROTATION_WRITE_ATTEMPTS) throw gone();
-    const row = await tx.findOne(
-      MachineUser,
-      { id: machineUserId },
-      { fields: ["rotatedAt", "rotationGraceUntil", "tokensRevokedBefore"], disableIdentityMap: true },
-    );
+    const row = await readRotationState(tx, machineUserId);
     if (row === null) throw gone();
-    current = rotationStateOf(row);
+    current = row;
   }
 }
 

@@ -22,9 +22,9 @@ import { targetTenantId, visibleTenant } from "../tenant/tenant-service.js";
 import {
   raiseRevocationCutoff,
   raiseRotationCutoff,
+  readRotationState,
   recordRotation,
   revokeMachineAccessTokens,
-  rotationStateOf,
 } from "./access-token.js";
 import { newMachineCredential } from "./credentials.js";
 import type { MachineUserLookups } from "./lookups.js";
@@ -220,15 +220,21 @@ export function machineUserAdminHandlers(
         iterations: deps.passwordIterations,
         now,
       });
-      // The row's rotation state as read now; the write merges with the row as it is then.
-      const seen = rotationStateOf(mu);
       // The new credential is shown once: a lost COMMIT is settled (see commitCreation).
       await commitCreation(
         deps.storage,
         () =>
           e.transactional(async (tx) => {
-            // The machine user's row before its credentials' (storage/lock-order.ts).
-            if (!(await lockMachineUser(tx, mu.id, "key share"))) throw errors.notFound("machine user");
+            // The machine user's row before its credentials' (storage/lock-order.ts), held
+            // exclusively: concurrent rotations take turns, in commit order. Each one's
+            // statements below see the credentials of those that committed before it, so
+            // exactly one credential, the last one's, is left without an end. With a shared
+            // lock, two rotations both deleted or ended the credentials they saw before either
+            // inserted its own, and both new credentials stayed live.
+            if (!(await lockMachineUser(tx, mu.id, "update"))) throw errors.notFound("machine user");
+            // The rotation state under that lock: what the write below merges with.
+            const seen = await readRotationState(tx, mu.id);
+            if (seen === null) throw errors.notFound("machine user");
             // Credentials already past their end are dropped; live ones end now or after the grace period.
             await tx.nativeDelete(MachineCredential, { machineUserId: mu.id, expiresAt: { $lte: now } });
             if (grace === 0) {
@@ -250,8 +256,8 @@ export function machineUserAdminHandlers(
             // Access tokens issued before this rotation stop when the previous credentials do.
             // Only the latest rotation is remembered, so if an earlier rotation's (or a
             // revocation's) tokens may still be unexpired, its earlier cut-off is kept: fail
-            // closed, never revive them. Written conditionally, so that a revocation committed
-            // since `mu` was read stands (recordRotation).
+            // closed, never revive them. Merged with the row as read under the lock, so that a
+            // revocation or rotation committed since `mu` was read stands (recordRotation).
             await recordRotation(
               tx,
               mu.id,

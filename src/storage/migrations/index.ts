@@ -17,6 +17,7 @@ import { Migration20261206060000_session_prune_indexes } from "./Migration202612
 import { Migration20261206070000_audit_actor_outside } from "./Migration20261206070000_audit_actor_outside.js";
 import { Migration20261206080000_truncate_resets } from "./Migration20261206080000_truncate_resets.js";
 import { Migration20261207120000_machine_tokens_revoked_before } from "./Migration20261207120000_machine_tokens_revoked_before.js";
+import { Migration20261207130000_revocation_tokens_revoked_before } from "./Migration20261207130000_revocation_tokens_revoked_before.js";
 
 /**
  * Every migration, in order. Listed explicitly (not discovered by glob) so the same
@@ -59,5 +60,9 @@ export const MIGRATIONS: MigrationObject[] = [
   {
     name: "Migration20261207120000_machine_tokens_revoked_before",
     class: Migration20261207120000_machine_tokens_revoked_before,
+  },
+  {
+    name: "Migration20261207130000_revocation_tokens_revoked_before",
+    class: Migration20261207130000_revocation_tokens_revoked_before,
   },
 ];
