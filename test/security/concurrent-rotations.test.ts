@@ -119,6 +119,26 @@ describe.each(["sqlite", "postgres"] as const)(
       else expect(live.map((l) => l.join()).sort()).toEqual(["false,false", "true,true"]);
     });
 
+    // The rotation state as SQL writes it (microseconds; Tessera reads and writes milliseconds):
+    // a write conditional on the row still holding what was read never matched it, and every
+    // rotation of the machine user was refused FAILED_PRECONDITION until the column was rewritten.
+    it.runIf(kind === "postgres")(
+      "rotates a machine user whose rotation state an operator's SQL wrote",
+      async () => {
+        const { machine, token } = await bearerMachine(one.connect(), root, []);
+        await knex.raw(
+          "update machine_users set rotated_at = now() - interval '1 hour' + interval '1 microsecond', " +
+            "rotation_grace_until = now() - interval '1 hour' + interval '1 microsecond' where id = ?",
+          [machine.id],
+        );
+        const rotated = await clients(two.connect(), root).machines.rotateMachineUserCredentials({
+          id: machine.id,
+        });
+        expect(await works(rotated.token)).toEqual([true, true]);
+        expect(await works(token)).toEqual([false, false]);
+      },
+    );
+
     // A rolling upgrade: an instance on the previous release rotates under a shared lock of the
     // machine user (FOR KEY SHARE). Its transaction, as the test's own: it has deleted the
     // credential and inserted its new one when this release's rotation starts.

@@ -226,23 +226,19 @@ export async function readRotationState(em: EntityManager, id: string): Promise<
   return row === null ? null : rotationStateOf(row);
 }
 
-/** Attempts of {@link recordRotation} when the row keeps changing under it. */
-const ROTATION_WRITE_ATTEMPTS = 5;
-
 /**
  * Write a rotation's access-token cut-off to the machine user's row (in the rotation's
- * transaction `tx`), merged with what the row holds when it is written, not with what the
- * rotation read before it hashed the new secret: a revocation (revokeMachineAccessTokens)
- * or another rotation that committed in between must stand. Only one cut-off is kept, so
- * the merge fails closed: `rotatedAt` is the later of the two (every token issued up to
- * either is covered), and the grace period ends at the earlier of the two while the stored
- * one may still cover unexpired tokens (`windowMs`: the access-token lifetime and the clock
- * skew after the stored rotation).
+ * transaction `tx`), merged with what the row holds, read under the row's lock (FOR UPDATE;
+ * SQLite: the one write transaction) as `seen`, not with what the rotation read before it
+ * hashed the new secret: a revocation (revokeMachineAccessTokens) or another rotation that
+ * committed in between stands. Only one cut-off is kept, so the merge fails closed:
+ * `rotatedAt` is the later of the two (every token issued up to either is covered), and the
+ * grace period ends at the earlier of the two while the stored one may still cover unexpired
+ * tokens (`windowMs`: the access-token lifetime and the clock skew after the stored rotation).
  *
- * The write is conditional on the row still holding `seen` (compare-and-set): when it does
- * not, the row is read again and the merge redone. RotateMachineUserCredentials reads `seen`
- * under the row's lock (FOR UPDATE), so there the first attempt is the one; the condition
- * keeps a caller without that lock from writing over a revocation it did not see.
+ * Not conditional on the row still holding `seen`: under the lock it does, and a comparison
+ * of timestamps read at milliseconds with ones written at microseconds (an operator's SQL
+ * `now()`) never matched, refusing every rotation of that machine user for good.
  * @returns the state written
  * @throws TesseraError NOT_FOUND (via `gone`) when the machine user no longer exists
  */
@@ -253,20 +249,14 @@ export async function recordRotation(
   rotation: { now: Date; graceUntil: Date; windowMs: number },
   gone: () => Error,
 ): Promise<RotationState> {
-  let current = seen;
-  for (let attempt = 1; ; attempt++) {
-    const written = mergeRotation(current, rotation);
-    const changed = await tx.nativeUpdate(
-      MachineUser,
-      { id: machineUserId, rotatedAt: current.rotatedAt, rotationGraceUntil: current.rotationGraceUntil },
-      { ...written, updatedAt: rotation.now },
-    );
-    if (changed > 0) return written;
-    if (attempt >= ROTATION_WRITE_ATTEMPTS) throw gone();
-    const row = await readRotationState(tx, machineUserId);
-    if (row === null) throw gone();
-    current = row;
-  }
+  const written = mergeRotation(seen, rotation);
+  const changed = await tx.nativeUpdate(
+    MachineUser,
+    { id: machineUserId },
+    { ...written, updatedAt: rotation.now },
+  );
+  if (changed === 0) throw gone();
+  return written;
 }
 
 /** The cut-off a rotation leaves, given the row's (see {@link recordRotation}). */
