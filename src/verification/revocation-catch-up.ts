@@ -48,6 +48,11 @@ export class RevocationCatchUp {
   constructor(private readonly deps: RevocationCatchUpDeps) {
     this.#timeoutMs = deps.timeoutMs ?? CATCH_UP_MS;
     deps.feed.subscribe((batch) => this.#reached(batch.position));
+    // The feed restarted (its ids went back: a restore) or stopped vouching: what was claimed
+    // past its position is claimed no more (ids below it may be drawn again, for new events).
+    deps.feed.onLost(() => {
+      this.#applied = Math.min(this.#applied, deps.feed.position);
+    });
   }
 
   /** The id through which every revocation event is reflected in this instance's caches. */
