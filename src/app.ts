@@ -283,6 +283,7 @@ export async function createApp(config: Config, options: CreateAppOptions = {}):
       verifier,
       revocations,
       revocationEvents,
+      sql,
       logger,
       sessions,
       config,

@@ -90,4 +90,36 @@ describe("RevocationWatch", () => {
       watch.close();
     }
   });
+
+  it("names as its position the cursor of the last events or reset it applied, not of a heartbeat", async () => {
+    const watch = new RevocationWatch({
+      open: streamOf([
+        create(WatchRevocationsResponseSchema, { cursor: "h1", heartbeatSeconds: 60 }),
+        create(WatchRevocationsResponseSchema, {
+          cursor: "e1",
+          events: [
+            create(RevocationEventSchema, { kind: RevocationKind.CREDENTIAL, id: "c", tenantId: "t" }),
+          ],
+        }),
+        create(WatchRevocationsResponseSchema, { cursor: "h2" }),
+        create(WatchRevocationsResponseSchema, { cursor: "r1", reset: true }),
+        create(WatchRevocationsResponseSchema, { cursor: "h3" }),
+      ]),
+      now: () => Date.now(),
+      skewMs: 5_000,
+      rememberMs: 60_000,
+      onEvent: () => {},
+      onLost: () => {},
+    });
+    try {
+      expect(watch.position).toBe("");
+      expect(await watch.ready()).toBe(true);
+      await expect.poll(() => watch.stats().resets).toBe(1);
+      // The heartbeat after the reset, read meanwhile, moves nothing.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(watch.position).toBe("r1");
+    } finally {
+      watch.close();
+    }
+  });
 });

@@ -37,6 +37,8 @@ import type { Storage } from "../storage/orm.js";
 import type { AuditEventRepository } from "../storage/repositories/audit.js";
 import type { RevocationEventRepository } from "../storage/repositories/revocation-events.js";
 import type { MachineStateRepository, UserStateRepository } from "../storage/repositories/subject-state.js";
+import type { SqlRunner } from "../storage/sql.js";
+import { RevocationCatchUp } from "../verification/revocation-catch-up.js";
 import type { RevocationFeed } from "../verification/revocation-feed.js";
 import type { CredentialVerifier } from "../verification/verify-credential.js";
 import { createAuditService } from "./audit/audit-service.js";
@@ -70,6 +72,8 @@ export interface ServiceRoutesDeps {
   /** The revocation feed WatchRevocations streams from, and its events (for a stream catching up). */
   revocations: RevocationFeed;
   revocationEvents: RevocationEventRepository;
+  /** The state cache a caller ahead of the feed's position empties (VerifyCredential's `min_revocation_position`). */
+  sql: Pick<SqlRunner, "evictState">;
   logger: Logger;
   /** Re-hashes a password Login accepted when its hash is outdated (shared with HTTP Basic). */
   passwords: PasswordUpgrader;
@@ -146,6 +150,7 @@ export function createServiceRoutes(deps: ServiceRoutesDeps): {
   const auditService = createAuditService({ events: deps.auditEvents });
   const verificationService = createVerificationService({
     verifier: deps.verifier,
+    catchUp: new RevocationCatchUp({ feed: deps.revocations, events: deps.revocationEvents, sql: deps.sql }),
     watch: {
       feed: deps.revocations,
       events: deps.revocationEvents,

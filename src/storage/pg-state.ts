@@ -206,6 +206,11 @@ export class PgStateCache {
     return { enabled: this.enabled, ...this.rows.counters, triggersMissing: this.missing.length };
   }
 
+  /** Empty the cache now, as a notification does (reads in flight are not kept). */
+  evict(): void {
+    this.invalidate();
+  }
+
   private invalidate(): void {
     this.epoch++;
     this.rows.clear();

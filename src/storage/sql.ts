@@ -40,6 +40,12 @@ export interface SqlRunner {
   /** Counters of the state cache (all zero when there is none). */
   cacheStats(): StateCacheStats;
   /**
+   * PostgreSQL with a state cache: empty it now, as a notification does (reads in flight are
+   * not kept): every state read from now on sees what had committed before the call.
+   * Absent on SQLite, whose cache every write empties first, and without a cache.
+   */
+  evictState?(): void;
+  /**
    * SQLite: whether the one connection (shared with the ORM) is inside a transaction, whose
    * uncommitted writes a read now would see. Absent on PostgreSQL (a pool: reads never do).
    */
@@ -168,6 +174,7 @@ export async function createSqlRunner(storage: Storage, options: SqlRunnerOption
       ? <T>(sql: string, params: readonly unknown[]) => cache.read(sql, params, () => all<T>(sql, params))
       : all,
     cacheStats: () => cache?.stats() ?? { ...NO_CACHE },
+    ...(cache ? { evictState: cache.evict.bind(cache) } : {}),
   };
 }
 

@@ -64,6 +64,8 @@ export interface RevocationWatchStats {
 export class RevocationWatch {
   readonly #o: RevocationWatchOptions;
   #cursor = "";
+  /** The cursor of the last message whose events (or reset) were applied: see {@link position}. */
+  #heard = "";
   #up = false;
   #lastHeard = 0;
   #heartbeatMs = DEFAULT_HEARTBEAT_MS;
@@ -101,6 +103,16 @@ export class RevocationWatch {
     // Silent too long: down now, whatever the socket says.
     this.#lose({ reason: "silent", heartbeatMs: this.#heartbeatMs });
     return false;
+  }
+
+  /**
+   * The cursor of the last message whose events (or reset) this watch applied ("" before
+   * any): sent with each VerifyCredential as `min_revocation_position`, so that whichever
+   * instance answers has applied every revocation this service has heard of (another
+   * instance may not have yet: its notification still on the way).
+   */
+  get position(): string {
+    return this.#heard;
   }
 
   /** Moves on every event, every loss of the stream, and when it comes up. */
@@ -224,7 +236,10 @@ export class RevocationWatch {
       this.#revoked.set(key, Math.max(at, this.#revoked.get(key) ?? 0));
       this.#o.onEvent(target, event.id);
     }
-    if (message.cursor) this.#cursor = message.cursor;
+    if (message.cursor) {
+      this.#cursor = message.cursor;
+      if (message.reset || message.events.length > 0) this.#heard = message.cursor;
+    }
   }
 
   #prune(): void {

@@ -242,7 +242,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       epoch,
       () => {
         counters.verifyCalls++;
-        return tessera.verify(credential, address);
+        return tessera.verify(credential, address, watch?.position);
       },
       wait && { signal: wait },
     );

@@ -16,10 +16,15 @@ import { unavailable } from "./verdicts.js";
 export interface TesseraClient {
   /**
    * VerifyCredential for `credential`, naming the address of the client that presented it
-   * when known (Tessera then budgets that client's failures apart from the others').
+   * when known (Tessera then budgets that client's failures apart from the others'), and
+   * the watch's position (`min_revocation_position`; "" for none).
    * @throws TesseraAuthError UNAVAILABLE whatever went wrong on the way
    */
-  verify(credential: string, clientAddress: string | undefined): Promise<VerifyCredentialResponse>;
+  verify(
+    credential: string,
+    clientAddress: string | undefined,
+    minRevocationPosition?: string,
+  ): Promise<VerifyCredentialResponse>;
   openWatch: OpenWatch;
 }
 
@@ -57,10 +62,10 @@ export function createTesseraClient(options: {
       : `Bearer ${options.credential}`;
   const client: Client<typeof VerificationService> = createClient(VerificationService, transport);
   return {
-    async verify(credential, clientAddress) {
+    async verify(credential, clientAddress, minRevocationPosition = "") {
       try {
         return await client.verifyCredential(
-          { credential, clientAddress: sendable(clientAddress) },
+          { credential, clientAddress: sendable(clientAddress), minRevocationPosition },
           { headers, timeoutMs: verifyTimeoutMs },
         );
       } catch (err) {
