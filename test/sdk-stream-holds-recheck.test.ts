@@ -78,8 +78,9 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     const f = await fixture(20, 4);
     f.holds.onLost();
     await tick();
-    expect(f.asked).toHaveLength(4);
-    expect(f.flights.waiting).toBe(16);
+    // Three of the four slots (their share): the fourth stays free for new calls.
+    expect(f.asked).toHaveLength(3);
+    expect(f.flights.waiting).toBe(17);
     f.revoked.add("13");
     for (let round = 0; round < 5 && f.asked.length < 20; round++) {
       f.answerAll();
@@ -95,18 +96,36 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     expect(f.flights.refused).toBe(0);
   });
 
-  it("checks a waiting stream an event names at once, not after the others: refused 503 at once while every slot is taken", async () => {
+  it("checks a waiting stream an event names at once, in the slot the re-checks leave free, not after the others", async () => {
     const f = await fixture(20, 4);
     f.holds.onLost();
     await tick();
-    expect(f.flights.waiting).toBe(16);
+    expect(f.flights.waiting).toBe(17);
+    f.revoked.add("17");
     f.holds.onEvent("credential", "pat-17");
     await tick();
     await tick();
-    // Ended now, with what a new call would get now (every slot taken: 503), not left waiting.
+    // Asked at once (it was refused 503 while the queue held every slot), the others still waiting.
+    expect(f.asked).toEqual(["0", "1", "2", "17"]);
+    expect(f.flights.waiting).toBe(16);
+    f.answerAll();
+    await expect.poll(() => f.held[17]!.signal.aborted).toBe(true);
+    expect(f.held[17]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    expect(running(f.held).filter((s) => s === "running")).toHaveLength(19);
+  });
+
+  it("refuses an event's check 503 at once when every slot is taken, rather than leave it waiting", async () => {
+    const f = await fixture(20, 4);
+    f.holds.onLost();
+    await tick();
+    // A new call takes the slot the re-checks leave free.
+    void f.flights.answer("new", 0, () => new Promise<TesseraPrincipal>(() => {}));
+    f.holds.onEvent("credential", "pat-17");
+    await tick();
+    await tick();
     expect(f.held[17]!.signal.aborted).toBe(true);
     expect(f.held[17]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
-    expect(f.flights.waiting).toBe(15);
+    expect(f.flights.waiting).toBe(16);
     expect(running(f.held).filter((s) => s === "running")).toHaveLength(19);
     expect(f.asked).not.toContain("17");
   });
@@ -115,9 +134,9 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     const f = await fixture(6, 4);
     f.holds.onLost();
     await tick();
-    expect(f.flights.waiting).toBe(2);
+    expect(f.flights.waiting).toBe(3);
     f.held[5]!.release();
-    expect(f.flights.waiting).toBe(1);
+    expect(f.flights.waiting).toBe(2);
     f.answerAll();
     await tick();
     f.answerAll();
