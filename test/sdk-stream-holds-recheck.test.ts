@@ -130,6 +130,20 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     expect(f.asked).not.toContain("17");
   });
 
+  it("asks nothing for a stream released in the tick of the loss", async () => {
+    const f = await fixture(6, 2);
+    f.holds.onLost();
+    for (const h of f.held) h.release();
+    await tick();
+    expect(f.flights.waiting).toBe(0);
+    f.answerAll();
+    await tick();
+    f.answerAll();
+    await tick();
+    expect(f.asked).toEqual([]);
+    expect(f.holds.size).toBe(0);
+  });
+
   it("takes a released stream's re-check out of the queue: Tessera is not asked for it", async () => {
     const f = await fixture(6, 4);
     f.holds.onLost();

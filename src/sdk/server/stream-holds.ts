@@ -199,6 +199,8 @@ export class StreamHolds {
     try {
       // Let the rest of the watch's message apply first (its later events, the cache's drops).
       await undefined;
+      // Released (or ended) meanwhile, in the tick of the loss: nobody asks Tessera for it.
+      if (!this.#held.has(held)) return;
       do {
         held.again = false;
         held.vouched = this.#o.watching();
