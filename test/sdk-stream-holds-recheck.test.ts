@@ -27,7 +27,7 @@ const rule = { scopes: ["ticks:read"] };
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
 /** `n` held streams of distinct credentials behind `slots` verification slots; Tessera answers when told. */
-async function fixture(n: number, slots: number) {
+async function fixture(n: number, slots: number, o: { watching?: () => boolean; recheckMs?: number } = {}) {
   const flights = new VerifyFlights<TesseraPrincipal>(
     slots,
     () => new TesseraAuthError("UNAVAILABLE", "too many credentials are being verified at once"),
@@ -56,8 +56,9 @@ async function fixture(n: number, slots: number) {
         wait && { signal: wait },
       );
     },
-    watching: () => true,
+    watching: o.watching ?? (() => true),
     now: Date.now,
+    ...(o.recheckMs ? { recheckMs: o.recheckMs } : {}),
   });
   const held = [];
   for (let i = 0; i < n; i++) held.push(await holds.hold(`Bearer ${i}`, undefined, rule));
@@ -68,6 +69,16 @@ async function fixture(n: number, slots: number) {
     for (const answer of answers.splice(0)) answer();
   };
   return { flights, holds, held, asked, answerAll, revoked };
+}
+
+/** Twenty held streams behind four slots, re-checked every 100 ms while the watch is down, just after a loss. */
+async function lostFor100msRechecks() {
+  const watch = { up: true };
+  const f = await fixture(20, 4, { watching: () => watch.up, recheckMs: 100 });
+  watch.up = false;
+  f.holds.onLost();
+  await tick();
+  return { f, watch };
 }
 
 const running = (held: { signal: AbortSignal }[]) =>
@@ -157,5 +168,42 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     await expect.poll(() => f.asked.length).toBe(5);
     await tick();
     expect(f.asked).not.toContain("5");
+  });
+
+  it("re-checks a stream every recheckMs while the watch stays down without waiting behind the queue: a revocation (no event) ends it then", async () => {
+    const { f } = await lostFor100msRechecks();
+    // The first three answered (nothing vouches for them now), three more asked, fourteen waiting.
+    f.answerAll();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    expect(f.flights.waiting).toBe(14);
+    f.revoked.add("0");
+    const started = Date.now();
+    // Its next re-check is asked at once in the free slot, not after the fourteen (5 s).
+    await expect
+      .poll(() => f.asked.filter((a) => a === "0"), { timeout: 1000, interval: 10 })
+      .toHaveLength(2);
+    expect(Date.now() - started).toBeLessThan(1000);
+    f.answerAll();
+    await expect.poll(() => f.held[0]!.signal.aborted, { timeout: 1000 }).toBe(true);
+    expect(f.held[0]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    for (const h of f.held) h.release();
+  });
+
+  it("lets the periodic re-check wait once the watch is back (it replays what it missed): the routine loss cuts no stream", async () => {
+    const { f, watch } = await lostFor100msRechecks();
+    watch.up = true;
+    f.answerAll();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    // The first three's periodic re-checks come while the slots are still taken: they queue.
+    await new Promise((r) => setTimeout(r, 200));
+    expect(f.flights.waiting).toBe(17);
+    for (let round = 0; round < 20 && f.flights.waiting > 0; round++) {
+      f.answerAll();
+      await tick();
+    }
+    f.answerAll();
+    expect(running(f.held)).toEqual(Array(20).fill("running"));
+    expect(f.flights.refused).toBe(0);
+    for (const h of f.held) h.release();
   });
 });
