@@ -27,7 +27,7 @@ const rule = { scopes: ["ticks:read"] };
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
 /** `n` held streams of distinct credentials behind `slots` verification slots; Tessera answers when told. */
-async function fixture(n: number, slots: number) {
+async function fixture(n: number, slots: number, o: { watching?: () => boolean; recheckMs?: number } = {}) {
   const flights = new VerifyFlights<TesseraPrincipal>(
     slots,
     () => new TesseraAuthError("UNAVAILABLE", "too many credentials are being verified at once"),
@@ -56,8 +56,9 @@ async function fixture(n: number, slots: number) {
         wait && { signal: wait },
       );
     },
-    watching: () => true,
+    watching: o.watching ?? (() => true),
     now: Date.now,
+    ...(o.recheckMs ? { recheckMs: o.recheckMs } : {}),
   });
   const held = [];
   for (let i = 0; i < n; i++) held.push(await holds.hold(`Bearer ${i}`, undefined, rule));
@@ -70,6 +71,16 @@ async function fixture(n: number, slots: number) {
   return { flights, holds, held, asked, answerAll, revoked };
 }
 
+/** Twenty held streams behind four slots, re-checked every 100 ms while the watch is down, just after a loss. */
+async function lostFor100msRechecks() {
+  const watch = { up: true };
+  const f = await fixture(20, 4, { watching: () => watch.up, recheckMs: 100 });
+  watch.up = false;
+  f.holds.onLost();
+  await tick();
+  return { f, watch };
+}
+
 const running = (held: { signal: AbortSignal }[]) =>
   held.map((h) => (h.signal.aborted ? (h.signal.reason as TesseraAuthError).reason : "running"));
 
@@ -78,8 +89,9 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     const f = await fixture(20, 4);
     f.holds.onLost();
     await tick();
-    expect(f.asked).toHaveLength(4);
-    expect(f.flights.waiting).toBe(16);
+    // Three of the four slots (their share): the fourth stays free for new calls.
+    expect(f.asked).toHaveLength(3);
+    expect(f.flights.waiting).toBe(17);
     f.revoked.add("13");
     for (let round = 0; round < 5 && f.asked.length < 20; round++) {
       f.answerAll();
@@ -95,34 +107,103 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     expect(f.flights.refused).toBe(0);
   });
 
-  it("checks a waiting stream an event names at once, not after the others: refused 503 at once while every slot is taken", async () => {
+  it("checks a waiting stream an event names at once, in the slot the re-checks leave free, not after the others", async () => {
     const f = await fixture(20, 4);
     f.holds.onLost();
     await tick();
-    expect(f.flights.waiting).toBe(16);
+    expect(f.flights.waiting).toBe(17);
+    f.revoked.add("17");
     f.holds.onEvent("credential", "pat-17");
     await tick();
     await tick();
-    // Ended now, with what a new call would get now (every slot taken: 503), not left waiting.
+    // Asked at once (it was refused 503 while the queue held every slot), the others still waiting.
+    expect(f.asked).toEqual(["0", "1", "2", "17"]);
+    expect(f.flights.waiting).toBe(16);
+    f.answerAll();
+    await expect.poll(() => f.held[17]!.signal.aborted).toBe(true);
+    expect(f.held[17]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    expect(running(f.held).filter((s) => s === "running")).toHaveLength(19);
+  });
+
+  it("refuses an event's check 503 at once when every slot is taken, rather than leave it waiting", async () => {
+    const f = await fixture(20, 4);
+    f.holds.onLost();
+    await tick();
+    // A new call takes the slot the re-checks leave free.
+    void f.flights.answer("new", 0, () => new Promise<TesseraPrincipal>(() => {}));
+    f.holds.onEvent("credential", "pat-17");
+    await tick();
+    await tick();
     expect(f.held[17]!.signal.aborted).toBe(true);
     expect(f.held[17]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
-    expect(f.flights.waiting).toBe(15);
+    expect(f.flights.waiting).toBe(16);
     expect(running(f.held).filter((s) => s === "running")).toHaveLength(19);
     expect(f.asked).not.toContain("17");
+  });
+
+  it("asks nothing for a stream released in the tick of the loss", async () => {
+    const f = await fixture(6, 2);
+    f.holds.onLost();
+    for (const h of f.held) h.release();
+    await tick();
+    expect(f.flights.waiting).toBe(0);
+    f.answerAll();
+    await tick();
+    f.answerAll();
+    await tick();
+    expect(f.asked).toEqual([]);
+    expect(f.holds.size).toBe(0);
   });
 
   it("takes a released stream's re-check out of the queue: Tessera is not asked for it", async () => {
     const f = await fixture(6, 4);
     f.holds.onLost();
     await tick();
-    expect(f.flights.waiting).toBe(2);
+    expect(f.flights.waiting).toBe(3);
     f.held[5]!.release();
-    expect(f.flights.waiting).toBe(1);
+    expect(f.flights.waiting).toBe(2);
     f.answerAll();
     await tick();
     f.answerAll();
     await expect.poll(() => f.asked.length).toBe(5);
     await tick();
     expect(f.asked).not.toContain("5");
+  });
+
+  it("re-checks a stream every recheckMs while the watch stays down without waiting behind the queue: a revocation (no event) ends it then", async () => {
+    const { f } = await lostFor100msRechecks();
+    // The first three answered (nothing vouches for them now), three more asked, fourteen waiting.
+    f.answerAll();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    expect(f.flights.waiting).toBe(14);
+    f.revoked.add("0");
+    const started = Date.now();
+    // Its next re-check is asked at once in the free slot, not after the fourteen (5 s).
+    await expect
+      .poll(() => f.asked.filter((a) => a === "0"), { timeout: 1000, interval: 10 })
+      .toHaveLength(2);
+    expect(Date.now() - started).toBeLessThan(1000);
+    f.answerAll();
+    await expect.poll(() => f.held[0]!.signal.aborted, { timeout: 1000 }).toBe(true);
+    expect(f.held[0]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    for (const h of f.held) h.release();
+  });
+
+  it("lets the periodic re-check wait once the watch is back (it replays what it missed): the routine loss cuts no stream", async () => {
+    const { f, watch } = await lostFor100msRechecks();
+    watch.up = true;
+    f.answerAll();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    // The first three's periodic re-checks come while the slots are still taken: they queue.
+    await new Promise((r) => setTimeout(r, 200));
+    expect(f.flights.waiting).toBe(17);
+    for (let round = 0; round < 20 && f.flights.waiting > 0; round++) {
+      f.answerAll();
+      await tick();
+    }
+    f.answerAll();
+    expect(running(f.held)).toEqual(Array(20).fill("running"));
+    expect(f.flights.refused).toBe(0);
+    for (const h of f.held) h.release();
   });
 });

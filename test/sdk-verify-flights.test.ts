@@ -109,4 +109,56 @@ describe("the SDK's verifications in flight", () => {
     expect(await stays).toBe("answer c");
     expect(f.refusals).toEqual([]);
   });
+
+  it("keeps a quarter of the slots for calls that may not wait: a freed slot goes to the queue only while waiting calls fly in fewer than 3/4", async () => {
+    const f = scripted(4);
+    expect(f.flights.recheckShare).toBe(3);
+    const waits = ["w1", "w2", "w3", "w4", "w5"].map((c) => f.answer(c, {}));
+    // Three fly (their share), two wait although a slot is free.
+    expect(f.asked).toEqual(["w1", "w2", "w3"]);
+    expect(f.flights.waiting).toBe(2);
+    // A new call (or an urgent re-check) takes the fourth at once; one more is refused.
+    const n1 = f.answer("n1");
+    expect(f.asked).toEqual(["w1", "w2", "w3", "n1"]);
+    await expect(f.answer("n2")).rejects.toThrow("refused: busy");
+    // Its slot is not handed to the queue (the waiting calls hold their share): the next new call takes it.
+    f.settle("n1");
+    await n1;
+    await tick();
+    expect(f.flights.waiting).toBe(2);
+    void f.answer("n3");
+    expect(f.asked).toEqual(["w1", "w2", "w3", "n1", "n3"]);
+    // A waiting call's flight ending hands its slot on, first in first out.
+    f.settle("w1");
+    await tick();
+    expect(f.asked).toEqual(["w1", "w2", "w3", "n1", "n3", "w4"]);
+    // A call that may wait arriving meanwhile queues behind the others, first in first out.
+    for (const c of ["w2", "w3", "w4"]) f.settle(c);
+    const w6 = f.answer("w6", {});
+    await tick();
+    expect(f.asked.slice(6)).toEqual(["w5", "w6"]);
+    for (const c of ["w5", "w6", "n3"]) f.settle(c);
+    expect(await Promise.all([...waits, w6])).toHaveLength(6);
+    expect(f.refusals).toEqual(["busy"]);
+  });
+
+  it("answers the waiters of a credential a new call asks for meanwhile, in the slot kept free, and asks it once", async () => {
+    const f = scripted(4);
+    for (const c of ["w1", "w2", "w3"]) void f.answer(c, {});
+    const waiting = [f.answer("x", {}), f.answer("x", {})];
+    expect(f.flights.waiting).toBe(2);
+    const fresh = f.answer("x");
+    expect(f.flights.waiting).toBe(0);
+    f.settle("x");
+    expect(await Promise.all([fresh, ...waiting])).toEqual(Array(3).fill("answer x"));
+    for (const c of ["w1", "w2", "w3"]) f.settle(c);
+    await tick();
+    expect(f.asked).toEqual(["w1", "w2", "w3", "x"]);
+  });
+
+  it("gives calls that may wait 3/4 of the slots, at least one", () => {
+    expect([1, 2, 3, 4, 64, 1024].map((max) => new VerifyFlights(max).recheckShare)).toEqual([
+      1, 1, 2, 3, 48, 768,
+    ]);
+  });
 });

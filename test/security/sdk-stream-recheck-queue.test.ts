@@ -22,13 +22,17 @@ import { adminLogin, clients, short } from "../machine-fixtures.js";
  * their streams ended UNAVAILABLE though Tessera still admitted them: a service holding more
  * streams of distinct credentials than the bound lost the rest at every routine loss. They
  * wait for a verification slot now, first in first out, for up to 5 s; each credential is
- * asked once (no retries); a revoked one still ends, at once when an event names it.
+ * asked once (no retries); a revoked one still ends, at once when an event names it. They
+ * fly in at most 3/4 of the slots: the rest stay free, so that a new call, or an event's
+ * re-check, is answered meanwhile rather than refused 503 until the queue drains.
  *
  * Real Tessera over TLS: VerifyCredential through one proxy (frozen: Tessera answering
  * slowly, so the slots stay taken), WatchRevocations through another (cut: the watch lost).
  */
 
 const SLOTS = 4;
+/** The slots re-checks may fly in (3/4 of them): the fourth stays free for new calls and urgent re-checks. */
+const SHARE = 3;
 const CALLERS = 20;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -144,12 +148,13 @@ describe("SDK: held streams re-checked after a loss of the revocation watch, pas
       // Tessera answers slowly, and the watch is lost: every stream is re-checked at once.
       verifyProxy.freeze();
       watchProxy.cut();
-      // Four credentials asked (their second streams joining), sixteen waiting for a slot
+      // Three credentials asked (their second streams joining), seventeen waiting for a slot
       // (they were refused, their streams ended UNAVAILABLE), every stream running.
-      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SLOTS);
+      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SHARE);
       await sleep(200);
       expect(states(holds)).toEqual(Array(holds.length).fill("running"));
-      expect(auth.stats().verifyWaiting).toBe(CALLERS - SLOTS);
+      // Seventeen credentials waiting, the fourth doubled one with both its streams.
+      expect(auth.stats().verifyWaiting).toBe(CALLERS - SHARE + 1);
       // Meanwhile the last caller is disabled: its re-check, still waiting, is asked after this.
       await admin.machines.updateMachineUser({ id: who[CALLERS - 1]!.id, disabled: true });
       verifyProxy.restore();
@@ -166,32 +171,55 @@ describe("SDK: held streams re-checked after a loss of the revocation watch, pas
     });
   });
 
-  it("ends a waiting stream at once when a revocation event names it, while the others keep waiting", async () => {
+  it("checks a waiting stream at once when a revocation event names it, in the slot kept free, while the others keep waiting", async () => {
     await scene(0, async ({ who, auth, holds, before }) => {
       verifyProxy.freeze();
       // The routine end of the watch: lost, and back up at once.
       watchProxy.cut();
       watchProxy.restore();
-      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SLOTS);
+      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SHARE);
       expect(await auth.ready(10_000)).toBe(true);
       expect(states(holds)).toEqual(Array(CALLERS).fill("running"));
-      expect(auth.stats().verifyWaiting).toBe(CALLERS - SLOTS);
+      expect(auth.stats().verifyWaiting).toBe(CALLERS - SHARE);
       // Tessera's event for a caller whose re-check waits behind the others'.
-      const started = Date.now();
       await admin.machines.updateMachineUser({ id: who[12]!.id, disabled: true });
-      await expect.poll(() => holds[12]!.signal.aborted, { timeout: 4000, interval: 20 }).toBe(true);
-      // Not at the queue's deadline (it would have ended the sixteen waiting together): now, alone.
-      expect(Date.now() - started).toBeLessThan(4000);
-      expect(runningBut(holds, 12)).toBe(true);
-      // Every slot taken: what a new call with its credential gets now (fail closed, 503).
-      expect(holds[12]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
-      expect(auth.stats().verifyWaiting).toBe(CALLERS - SLOTS - 1);
+      // Asked now, in the slot the re-checks leave free (it was refused 503, every slot taken).
+      await expect
+        .poll(() => auth.stats().verifyCalls - before.verifyCalls, { timeout: 4000, interval: 20 })
+        .toBe(SHARE + 1);
+      expect(auth.stats().verifyWaiting).toBe(CALLERS - SHARE - 1);
+      expect(states(holds)).toEqual(Array(CALLERS).fill("running"));
       verifyProxy.restore();
+      await expect.poll(() => holds[12]!.signal.aborted).toBe(true);
+      expect(holds[12]!.signal.reason).toMatchObject({ reason: "PRINCIPAL_DISABLED" });
       await expect.poll(() => auth.stats().verifyWaiting).toBe(0);
-      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(CALLERS - 1);
+      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(CALLERS);
       await sleep(300);
       expect(runningBut(holds, 12)).toBe(true);
-      expect(auth.stats().verifyCalls - before.verifyCalls).toBe(CALLERS - 1);
+      expect(auth.stats().verifyCalls - before.verifyCalls).toBe(CALLERS);
+      expect(auth.stats().verifyRefused - before.verifyRefused).toBe(0);
+    });
+  });
+
+  it("answers a new call while the re-checks wait, in the slot they leave free, and refuses 503 only past it", async () => {
+    const [fresh, other] = await callers(2);
+    await scene(0, async ({ auth, holds, before }) => {
+      verifyProxy.freeze();
+      watchProxy.cut();
+      watchProxy.restore();
+      await expect.poll(() => auth.stats().verifyWaiting).toBe(CALLERS - SHARE);
+      // A new caller is asked at once (it was refused 503 until the queue drained)...
+      const admitted = auth.authenticate(`Bearer ${fresh!.token}`);
+      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SHARE + 1);
+      // ...and one more, with every slot taken, is refused at once, as ever.
+      await expect(auth.authenticate(`Bearer ${other!.token}`)).rejects.toMatchObject({
+        reason: "UNAVAILABLE",
+      });
+      verifyProxy.restore();
+      expect((await admitted).id).toBe(fresh!.id);
+      await expect.poll(() => auth.stats().verifyWaiting).toBe(0);
+      expect(states(holds)).toEqual(Array(CALLERS).fill("running"));
+      expect(auth.stats().verifyRefused - before.verifyRefused).toBe(1);
     });
   });
 
@@ -200,30 +228,30 @@ describe("SDK: held streams re-checked after a loss of the revocation watch, pas
       verifyProxy.freeze();
       const lost = Date.now();
       watchProxy.cut();
-      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SLOTS);
+      await expect.poll(() => auth.stats().verifyCalls - before.verifyCalls).toBe(SHARE);
       // They wait: a second in, every stream still runs.
       await sleep(1000);
       expect(states(holds)).toEqual(Array(CALLERS).fill("running"));
-      expect(auth.stats().verifyWaiting).toBe(CALLERS - SLOTS);
+      expect(auth.stats().verifyWaiting).toBe(CALLERS - SHARE);
       await expect
         .poll(() => states(holds).filter((s) => s !== "running").length, { timeout: 15_000 })
-        .toBe(CALLERS - SLOTS);
+        .toBe(CALLERS - SHARE);
       expect(Date.now() - lost).toBeGreaterThanOrEqual(4500);
-      expect(states(holds).slice(SLOTS)).toEqual(Array(CALLERS - SLOTS).fill("UNAVAILABLE"));
+      expect(states(holds).slice(SHARE)).toEqual(Array(CALLERS - SHARE).fill("UNAVAILABLE"));
       const after = auth.stats();
-      expect(after.verifyRefused - before.verifyRefused).toBe(CALLERS - SLOTS);
-      expect(after.verifyCalls - before.verifyCalls).toBe(SLOTS);
+      expect(after.verifyRefused - before.verifyRefused).toBe(CALLERS - SHARE);
+      expect(after.verifyCalls - before.verifyCalls).toBe(SHARE);
       expect(after.verifyWaiting).toBe(0);
-      // The four in flight are answered once Tessera is: their streams run on.
+      // The three in flight are answered once Tessera is: their streams run on.
       verifyProxy.restore();
       await sleep(500);
-      expect(states(holds).slice(0, SLOTS)).toEqual(Array(SLOTS).fill("running"));
-      expect(auth.stats().verifyCalls - before.verifyCalls).toBe(SLOTS);
+      expect(states(holds).slice(0, SHARE)).toEqual(Array(SHARE).fill("running"));
+      expect(auth.stats().verifyCalls - before.verifyCalls).toBe(SHARE);
     });
     // One line for the lot (written at close, the interval's end), with their count.
     const lines = warnings.filter((w) => /maxConcurrentVerifications/.test(w.msg));
     expect(lines).toHaveLength(1);
     expect(lines[0]!.msg).toMatch(/re-check waited/);
-    expect(lines[0]!.obj).toMatchObject({ count: CALLERS - SLOTS });
+    expect(lines[0]!.obj).toMatchObject({ count: CALLERS - SHARE });
   });
 });

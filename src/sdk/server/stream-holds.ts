@@ -102,8 +102,9 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * slots (up to {@link RECHECK_MS}) rather than being refused when more distinct credentials
  * are held than the slots. Meanwhile the stream runs on its last admission, as during any
  * re-check, and nothing else is admitted on it: the cache is empty since the loss, so a new
- * call with its credential is verified by Tessera (or refused 503 while the slots are taken).
- * An event naming a waiting stream takes it out of the queue and checks it at once.
+ * call with its credential is verified by Tessera (the waiting re-checks leave it a share of
+ * the slots). An event naming a waiting stream takes it out of the queue and checks it at
+ * once, as is a re-check every `recheckMs` while the watch stays down (no event would come).
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
@@ -199,6 +200,8 @@ export class StreamHolds {
     try {
       // Let the rest of the watch's message apply first (its later events, the cache's drops).
       await undefined;
+      // Released (or ended) meanwhile, in the tick of the loss: nobody asks Tessera for it.
+      if (!this.#held.has(held)) return;
       do {
         held.again = false;
         held.vouched = this.#o.watching();
@@ -219,8 +222,9 @@ export class StreamHolds {
    * watch, or while nothing vouches for it) may wait for a verification slot, as every held
    * stream is re-checked at once after a loss: the stream runs on its last admission meanwhile,
    * as during any re-check. A first check does not (a new call is refused at once, 503), nor
-   * one an event or the certificate's end asked for: it is answered at once, or refused 503 at
-   * once when no slot is free, never left waiting behind the others. Undefined: the wait was
+   * one an event, the certificate's end or the watch staying down a whole `recheckMs` asked
+   * for: it is answered at once, or refused 503 at once when no slot is free, never left
+   * waiting behind the others. Undefined: the wait was
    * cancelled (see {@link #poke} and {@link #drop}).
    */
   async #authenticate(held: Held): Promise<TesseraPrincipal | undefined> {
@@ -282,7 +286,9 @@ export class StreamHolds {
       const at = this.#o.now();
       if (at >= expires) this.#end(held, expired(held.principal!));
       else if (this.#certificateEnded(held, at)) this.#poke(held, true);
-      else if (!deadline) this.#poke(held);
+      // A re-check while the watch stays down (no event would come for a revocation): at
+      // once, as an event's. It waits only while the watch is back (it replays what it missed).
+      else if (!deadline) this.#poke(held, !this.#o.watching());
       // A timer can fire a millisecond before Date.now() reaches its deadline: wait the rest
       // rather than verify again with the certificate it is about to drop.
       else this.#arm(held);

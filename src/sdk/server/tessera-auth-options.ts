@@ -51,13 +51,18 @@ export interface TesseraAuthOptions {
   /**
    * Distinct credentials verified by Tessera at once (default 1024); past it a new call is
    * refused with 503 at once. Calls for one credential share one verification. A held
-   * stream's re-check (every stream the watch vouched for is re-checked when it is lost,
-   * which Tessera does about hourly, and every 5 s while it stays down) instead waits, first
-   * in first out, for a verification to end, for up to 5 s: only then is it refused and the
-   * stream ended with 503 (counted in `verifyRefused`, reported once per interval). While it
-   * waits the stream runs on its last admission, as during any re-check, and the cache stays
-   * empty, so nothing else is admitted on the strength of it; a revocation event naming it
-   * checks it at once (ending it, 503 when no slot is free).
+   * stream's re-check after a loss of the watch (every stream it vouched for is re-checked
+   * then, and Tessera ends the watch about hourly) instead waits, first in first out, for a
+   * slot, for up to 5 s: only then is it refused and the stream ended with 503 (counted in
+   * `verifyRefused`, reported once per interval). Waiting re-checks fly in at most 3/4 of
+   * the slots (at least 1); the rest stay free for new calls and for the re-checks that never
+   * wait: a revocation event's, a certificate's end, and the one every 5 s while the watch
+   * stays down (or is off). So a revocation Tessera records while the watch is down (no event
+   * comes) ends a held stream within 5 s + 2 × `verifyTimeoutMs` (9 s by default; 503 at once
+   * if no slot is free then); if the watch comes back meanwhile, the events it replays end it,
+   * and a stream's next re-check waits for a slot as after a loss (10 s + 2 × `verifyTimeoutMs`
+   * at most). While a re-check waits the stream runs on its last admission, as during any
+   * re-check, and the cache stays empty, so nothing else is admitted on the strength of it.
    */
   maxConcurrentVerifications?: number;
   /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */

@@ -18,6 +18,13 @@ interface Waiter<T> {
   off(): void;
 }
 
+interface Flight<T> {
+  readonly epoch: number;
+  readonly answer: Promise<T>;
+  /** Asked for a call that may wait: it holds one of their share of the slots. */
+  readonly waitable: boolean;
+}
+
 /** Why a call was refused: no slot free at once, or none within the wait's deadline. */
 export type FlightRefusal = "busy" | "waited";
 
@@ -33,15 +40,22 @@ export type FlightRefusal = "busy" | "waited";
  * ones. Past it a call is refused with `refusal("busy")` at once, and counted.
  *
  * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
- * in first out, for a flight to end, and is refused with `refusal("waited")` (counted once)
- * only when `waitMs` pass first. A flight ending hands its slot to the oldest waiting
- * credential before anything else runs, so a queue only exists while every slot is taken,
- * and a call that may not wait is refused then as before. Waiters for one credential wait
- * as one entry and share its flight; one timer, for the oldest entry's deadline, serves the
- * whole queue (deadlines are in arrival order). A waiter leaves when its signal aborts.
+ * in first out, for a slot, and is refused with `refusal("waited")` (counted once) only when
+ * `waitMs` pass first. Such calls fly in at most {@link recheckShare} of the slots (3/4 of
+ * `max`, at least 1): a loss re-checks every held stream at once, and without it the queue
+ * took every slot as it freed, refusing each new call (and each urgent re-check) for as long
+ * as it lasted. The rest stay free for calls that may not wait. A flight ending hands its
+ * slot to the oldest waiting credential while those fly in fewer than their share, before
+ * anything else runs. Waiters for one credential wait as one entry and share its flight;
+ * one timer, for the oldest entry's deadline, serves the whole queue (deadlines are in
+ * arrival order). A waiter leaves when its signal aborts.
  */
 export class VerifyFlights<T> {
-  readonly #flights = new Map<string, { epoch: number; answer: Promise<T> }>();
+  readonly #flights = new Map<string, Flight<T>>();
+  /** Flights asked for calls that may wait (counted against {@link recheckShare}). */
+  #waitable = 0;
+  /** Slots calls that may wait fly in at most: 3/4 of `max`, at least 1. */
+  readonly recheckShare: number;
   /** Waiting credentials, oldest first (a Map keeps insertion order and deletes in O(1)). */
   readonly #queue = new Map<string, Queued<T>>();
   #timer: NodeJS.Timeout | undefined;
@@ -54,7 +68,9 @@ export class VerifyFlights<T> {
     private readonly refusal: (why: FlightRefusal) => Error = () =>
       new Error("too many verifications in flight"),
     private readonly waitMs = 5000,
-  ) {}
+  ) {
+    this.recheckShare = Math.max(1, Math.floor((max * 3) / 4));
+  }
 
   /** Calls waiting for a slot now. */
   get waiting(): number {
@@ -74,24 +90,47 @@ export class VerifyFlights<T> {
   ): Promise<T> {
     const pending = this.#flights.get(credential);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
-    if (pending === undefined && this.#flights.size >= this.max) {
-      if (wait !== undefined) return this.#enqueue(credential, epoch, ask, wait.signal);
-      this.refused++;
-      return Promise.reject(this.refusal("busy"));
+    // A credential in flight at an earlier epoch is asked again in the slot it holds.
+    if (pending === undefined) {
+      if (wait !== undefined) {
+        // Behind the queue, first in first out; and within the share of the slots.
+        if (this.#queue.size > 0 || !this.#free(true))
+          return this.#enqueue(credential, epoch, ask, wait.signal);
+      } else if (!this.#free(false)) {
+        this.refused++;
+        return Promise.reject(this.refusal("busy"));
+      }
     }
-    return this.#fly(credential, epoch, ask);
+    return this.#fly(credential, epoch, ask, wait !== undefined);
   }
 
-  #fly(credential: string, epoch: number, ask: () => Promise<T>): Promise<T> {
-    const flight = {
+  /** Whether a slot is free for a call (`waitable`: one that may wait, within its share). */
+  #free(waitable: boolean): boolean {
+    return this.#flights.size < this.max && (!waitable || this.#waitable < this.recheckShare);
+  }
+
+  #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
+    const flight: Flight<T> = {
       epoch,
+      waitable,
       answer: ask().finally(() => {
         if (this.#flights.get(credential) !== flight) return;
         this.#flights.delete(credential);
+        if (waitable) this.#waitable--;
         this.#pump();
       }),
     };
+    if (this.#flights.get(credential)?.waitable) this.#waitable--;
     this.#flights.set(credential, flight);
+    if (waitable) this.#waitable++;
+    // A new call for a waiting credential, in a slot kept free: asked after every waiter
+    // began, it answers them too (so that a waiting credential never has a flight).
+    const queued = this.#queue.get(credential);
+    if (queued !== undefined) {
+      this.#queue.delete(credential);
+      this.#settle(queued, (waiter) => waiter.resolve(flight.answer));
+      if (this.#queue.size === 0) this.#disarm();
+    }
     return flight.answer;
   }
 
@@ -125,14 +164,14 @@ export class VerifyFlights<T> {
     if (this.#queue.size === 0) this.#disarm();
   }
 
-  /** Hand free slots to the oldest waiting credentials. */
+  /** Hand free slots, within the share, to the oldest waiting credentials. */
   #pump(): void {
     // A waiting credential has no flight (it would have joined or replaced it, not waited),
-    // and none starts but here while any waits: every slot is taken until this hands it on.
+    // and none that may wait starts but here while any waits.
     for (const entry of this.#queue.values()) {
-      if (this.#flights.size >= this.max) break;
+      if (!this.#free(true)) break;
       this.#queue.delete(entry.credential);
-      const answer = this.#fly(entry.credential, entry.epoch, entry.ask);
+      const answer = this.#fly(entry.credential, entry.epoch, entry.ask, true);
       this.#settle(entry, (waiter) => waiter.resolve(answer));
     }
     if (this.#queue.size === 0) this.#disarm();
