@@ -5,6 +5,8 @@ import {
   VerificationService,
   type WatchRevocationsResponse,
 } from "../gen/tessera/v1/verification_service_pb.js";
+import type { App } from "../src/app.js";
+import type { NotificationHandler } from "../src/storage/pg-notify.js";
 import { withHeaders } from "./helpers.js";
 
 /** Shared by the WatchRevocations tests (one server, two instances). */
@@ -111,4 +113,38 @@ export function earlierCursor(databaseId: string, position: number): string {
   plain.writeBigUInt64BE(BigInt(position));
   const body = Buffer.concat([cipher.update(plain), cipher.final()]);
   return Buffer.concat([iv, body, cipher.getAuthTag()]).toString("base64url");
+}
+
+/** Hold every notification an instance's listening session receives until the returned function is called. */
+export function holdNotifications(app: App): () => void {
+  const handlers = (app.notifier as unknown as { handlers: Map<string, Set<NotificationHandler>> }).handlers;
+  const queue: (() => void)[] = [];
+  let holding = true;
+  const restore: (() => void)[] = [];
+  for (const set of handlers.values()) {
+    const fns = [...set];
+    const gate: NotificationHandler = (payload, pid) => {
+      const deliver = () => {
+        for (const fn of fns) fn(payload, pid);
+      };
+      if (holding) queue.push(deliver);
+      else deliver();
+    };
+    set.clear();
+    set.add(gate);
+    restore.push(() => {
+      set.delete(gate);
+      for (const fn of fns) set.add(fn);
+    });
+  }
+  return () => {
+    holding = false;
+    for (const deliver of queue.splice(0)) deliver();
+    for (const fn of restore) fn();
+  };
+}
+
+/** Unary calls (VerifyCredential) to `unary`, streams (WatchRevocations) to `stream`: a load balancer's choice. */
+export function splitTransport(unary: Transport, stream: Transport): Transport {
+  return { unary: unary.unary.bind(unary), stream: stream.stream.bind(stream) };
 }

@@ -1,13 +1,33 @@
 import { errors, TesseraError } from "../errors.js";
 import type { RevocationEventRepository } from "../storage/repositories/revocation-events.js";
 import type { SqlRunner } from "../storage/sql.js";
+import { type FeedAnchor, markOf } from "./revocation-cursor.js";
 import type { RevocationFeed } from "./revocation-feed.js";
 
-/** How long a verification waits for its instance to catch up with the feed before Unavailable. */
-export const CATCH_UP_MS = 2_000;
+/**
+ * How long a verification waits for its instance to catch up with the feed before Unavailable,
+ * at most: below the SDK's default `verifyTimeoutMs` (2 s), so that the caller hears the
+ * answer rather than leaving first (a call with a deadline waits {@link DEADLINE_MARGIN_MS} less than it).
+ */
+export const CATCH_UP_MS = 1_500;
+
+/** What a call with a deadline keeps of it for the verification and the answer's way back. */
+export const DEADLINE_MARGIN_MS = 250;
 
 /** Cursors opened and kept (a caller sends one until its next event): past it the map starts over. */
 const KEPT_CURSORS = 1_024;
+
+/** Events read by the feed whose marks are kept (a cursor names one of the last few, as a rule). */
+const KEPT_EVENTS = 1_024;
+
+/** A caller's cursor, opened: its position and mark, and the epoch in which it was found caught up with. */
+export interface CaughtUpCursor {
+  readonly position: number;
+  /** None: an earlier version's cursor (its position alone, as that version did). */
+  readonly mark: Buffer | undefined;
+  /** The feed's restart count when every event through it was found reflected here (-1: not yet). */
+  vouched: number;
+}
 
 /** Dependencies of {@link RevocationCatchUp}. */
 export interface RevocationCatchUpDeps {
@@ -42,15 +62,34 @@ export class RevocationCatchUp {
   #flight: Promise<void> | undefined;
   /** Reads of the newest id started (a call knows whether one began after it). */
   #reads = 0;
-  readonly #opened = new Map<string, number>();
+  /** The feed's restarts this instance has emptied its cache for. */
+  #epoch = 0;
+  readonly #opened = new Map<string, CaughtUpCursor>();
+  /** The last events the feed read, by id: what a cursor's mark is checked against. */
+  readonly #seen = new Map<number, FeedAnchor>();
+  /** Marks of events caught up with by a read of this instance's own (any cursor naming one costs nothing). */
+  readonly #caughtUp = new Map<number, Buffer>();
   readonly #timeoutMs: number;
 
   constructor(private readonly deps: RevocationCatchUpDeps) {
     this.#timeoutMs = deps.timeoutMs ?? CATCH_UP_MS;
-    deps.feed.subscribe((batch) => this.#reached(batch.position));
-    // The feed restarted (its ids went back: a restore) or stopped vouching: what was claimed
-    // past its position is claimed no more (ids below it may be drawn again, for new events).
+    deps.feed.subscribe((batch) => {
+      for (const e of batch.events) keep(this.#seen, e.id, e);
+      this.#reached(batch.position);
+    });
     deps.feed.onLost(() => {
+      if (deps.feed.restarts !== this.#epoch) {
+        // The feed restarted: its ids went back (a restore), and the restore's commit may have
+        // changed state this cache kept (no notification of it needs to have come). Emptied, and
+        // only the feed's own position is claimed: ids at or below the old one are drawn again.
+        this.#epoch = deps.feed.restarts;
+        this.#seen.clear();
+        this.#caughtUp.clear();
+        this.deps.sql.evictState?.();
+        this.#applied = deps.feed.position;
+        return;
+      }
+      // It stopped vouching: what was claimed past its position is claimed no more.
       this.#applied = Math.min(this.#applied, deps.feed.position);
     });
   }
@@ -61,42 +100,68 @@ export class RevocationCatchUp {
   }
 
   /**
-   * The feed position `cursor` (a WatchRevocations cursor) names, remembered per cursor (a
-   * caller sends the same one until its next event: opening it is AES-GCM); throws
-   * INVALID_ARGUMENT for a cursor this deployment did not issue.
+   * The cursor (a WatchRevocations cursor: VerifyCredential's `min_revocation_position`) when
+   * this instance must first catch up with it ({@link catchUp}), or undefined when every event
+   * it names is reflected here already: its position is applied and its mark is that of the
+   * event this feed read at that id (or it was caught up with, in this epoch of the feed).
+   * Opened cursors are kept (a caller sends the same one until its next event: opening it is
+   * AES-GCM). Throws INVALID_ARGUMENT for a cursor this deployment did not issue.
    */
-  positionOf(cursor: string): number {
-    const kept = this.#opened.get(cursor);
-    if (kept !== undefined) return kept;
-    const opened = this.deps.feed.cursors.open(cursor);
-    if (opened === undefined)
-      throw errors.invalidArgument(
-        "min_revocation_position is not a cursor of this deployment's revocation feed",
-        "min_revocation_position",
-      );
-    if (this.#opened.size >= KEPT_CURSORS) this.#opened.clear();
-    this.#opened.set(cursor, opened.position);
-    return opened.position;
+  behind(cursor: string): CaughtUpCursor | undefined {
+    let kept = this.#opened.get(cursor);
+    if (kept === undefined) {
+      const opened = this.deps.feed.cursors.open(cursor);
+      if (opened === undefined)
+        throw errors.invalidArgument(
+          "min_revocation_position is not a cursor of this deployment's revocation feed",
+          "min_revocation_position",
+        );
+      if (this.#opened.size >= KEPT_CURSORS) this.#opened.clear();
+      kept = { position: opened.position, mark: opened.mark, vouched: -1 };
+      this.#opened.set(cursor, kept);
+    }
+    if (kept.vouched === this.#epoch) return undefined;
+    if (kept.position > this.#applied) return kept;
+    // Applied, if the event at that id is the one the caller was sent: after a restore the
+    // feed this instance read and the caller's are two, until this one reads past it.
+    if (kept.mark !== undefined && !this.#known(kept.position, kept.mark)) return kept;
+    kept.vouched = this.#epoch;
+    return undefined;
+  }
+
+  /** Whether the feed read, at `position`, the event `mark` is of. */
+  #known(position: number, mark: Buffer): boolean {
+    const feed = this.deps.feed;
+    if (this.#caughtUp.get(position)?.equals(mark)) return true;
+    const anchor = position === feed.position ? feed.anchor : this.#seen.get(position);
+    if (anchor === undefined && position !== 0) return false;
+    return markOf(anchor).equals(mark);
   }
 
   /**
-   * Resolves once every event through `position` (the caller checked {@link applied} is
-   * below it) is reflected here: the feed's newest id read by a query that started after
-   * this call, and the cache emptied after it. Rejects UNAVAILABLE past the bound or when
-   * the database cannot be read: never an answer that may predate the event.
+   * Resolves once every event through `cursor` is reflected here: the feed's newest id read by
+   * a query that started after this call, and the cache emptied after it (a cursor whose mark
+   * this instance does not know makes one such read even when its position is applied, and
+   * wakes the feed, which then sees whether its ids went back). From then on the cursor costs
+   * nothing (one above the newest id, left by a restore, included). Rejects UNAVAILABLE past
+   * `timeoutMs` (at most {@link CATCH_UP_MS}) or when the database cannot be read: never an
+   * answer that may predate the event.
    */
-  catchUp(position: number): Promise<void> {
+  catchUp(cursor: CaughtUpCursor, timeoutMs = this.#timeoutMs): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(behind()), this.#timeoutMs);
+      timer = setTimeout(() => reject(behind()), Math.min(timeoutMs, this.#timeoutMs));
       timer.unref();
     });
-    return Promise.race([this.#until(position), late]).finally(() => clearTimeout(timer));
+    return Promise.race([this.#until(cursor), late]).finally(() => clearTimeout(timer));
   }
 
-  async #until(position: number): Promise<void> {
+  async #until(cursor: CaughtUpCursor): Promise<void> {
     const asked = this.#reads;
-    while (this.#applied < position) {
+    const epoch = this.#epoch;
+    const unknown = cursor.position <= this.#applied;
+    if (unknown) this.deps.feed.wake();
+    while (unknown || this.#applied < cursor.position) {
       // A read already running may have started before the caller's event committed: it
       // is joined, and once it is over, a read of this call's own (shared with later callers) decides.
       const flight = this.#flight ?? this.#start();
@@ -105,8 +170,11 @@ export class RevocationCatchUp {
       // Read since this call began: every event the caller was sent had committed by then,
       // and the cache was emptied after it. A position still above is none the feed holds
       // (its ids went back: a restore); the state read from now on is the database's own.
-      if (started > asked) return;
+      if (started > asked) break;
     }
+    if (cursor.mark !== undefined && this.#epoch === epoch)
+      keep(this.#caughtUp, cursor.position, cursor.mark);
+    cursor.vouched = this.#epoch;
   }
 
   /** One read of the newest event id, shared by the callers waiting meanwhile. */
@@ -135,6 +203,15 @@ export class RevocationCatchUp {
     if (position <= this.#applied) return;
     this.deps.sql.evictState?.();
     this.#applied = position;
+  }
+}
+
+/** Set `key` in `map`, the oldest entries dropped past {@link KEPT_EVENTS}. */
+function keep<V>(map: Map<number, V>, key: number, value: V): void {
+  map.set(key, value);
+  for (const old of map.keys()) {
+    if (map.size <= KEPT_EVENTS) break;
+    map.delete(old);
   }
 }
 

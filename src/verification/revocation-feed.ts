@@ -71,6 +71,7 @@ export class RevocationFeed {
   private readonly drainHandlers = new Set<() => void>();
   private readonly lostHandlers = new Set<() => void>();
   private reading = false;
+  private restartCount = 0;
   private again = false;
   private closed = false;
   private draining = false;
@@ -171,6 +172,11 @@ export class RevocationFeed {
   /** The id of the last event read. */
   get position(): number {
     return this.last?.id ?? 0;
+  }
+
+  /** How often the feed found its ids went back and started over from the newest event (a restore). */
+  get restarts(): number {
+    return this.restartCount;
   }
 
   /** The last event read (none: the feed was empty), whose cursor a stream starting now is given. */
@@ -361,6 +367,7 @@ export class RevocationFeed {
       "revocation feed: the last event read is gone (its ids went back: restored from a backup?); ending every stream",
     );
     this.last = newest;
+    this.restartCount++;
     for (const fn of [...this.lostHandlers]) fn();
   }
 

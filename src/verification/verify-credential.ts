@@ -71,6 +71,8 @@ export interface CredentialVerifier {
     callerState: RequestState,
     input: VerificationInput,
   ): Verification | Promise<Verification>;
+  /** Whether `credential` has a shape Tessera issues (no I/O): anything else {@link verify} answers MALFORMED. */
+  wellFormed(credential: string): boolean;
 }
 
 /** Dependencies of {@link createCredentialVerifier}. */
@@ -120,6 +122,7 @@ export function createCredentialVerifier(deps: CredentialVerifierDeps): Credenti
         return verification.then((v) => audited(caller, callerState, input, v));
       return audited(caller, callerState, input, verification);
     },
+    wellFormed: (credential) => classify(credential, prefixes) !== "malformed",
   };
 
   /** Write the verification to the audit log; returns it. */

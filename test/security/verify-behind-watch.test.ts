@@ -1,11 +1,10 @@
 import { join } from "node:path";
-import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import type { App } from "../../src/app.js";
 import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
-import type { NotificationHandler } from "../../src/storage/pg-notify.js";
 import { DbProxy } from "../db-proxy.js";
 import {
   clientFor,
@@ -16,7 +15,7 @@ import {
   withHeaders,
 } from "../helpers.js";
 import { adminLogin, short, verifierMachine } from "../machine-fixtures.js";
-import { Watcher } from "../watch-fixtures.js";
+import { holdNotifications, splitTransport, Watcher } from "../watch-fixtures.js";
 
 /**
  * VerifyCredential answers never lag a revocation the caller has already heard of. A
@@ -34,38 +33,29 @@ import { Watcher } from "../watch-fixtures.js";
 /** A barrier that outlasts the test: the revocation's write waits for B, whose notifications are held. */
 const config = { database: { barrierTimeoutMs: 30_000 } };
 
-/** Hold every notification B's listening session receives until the returned function is called. */
-function holdNotifications(app: App): () => void {
-  const handlers = (app.notifier as unknown as { handlers: Map<string, Set<NotificationHandler>> }).handlers;
-  const queue: (() => void)[] = [];
-  let holding = true;
-  const restore: (() => void)[] = [];
-  for (const set of handlers.values()) {
-    const fns = [...set];
-    const gate: NotificationHandler = (payload, pid) => {
-      const deliver = () => {
-        for (const fn of fns) fn(payload, pid);
-      };
-      if (holding) queue.push(deliver);
-      else deliver();
-    };
-    set.clear();
-    set.add(gate);
-    restore.push(() => {
-      set.delete(gate);
-      for (const fn of fns) set.add(fn);
-    });
-  }
-  return () => {
-    holding = false;
-    for (const deliver of queue.splice(0)) deliver();
-    for (const fn of restore) fn();
-  };
-}
+/*
+ * VerifyCredential's `min_revocation_position` when the feed's ids go back (a restore from a
+ * backup, or failover to a replica that was behind): the ids are drawn again for other events,
+ * so "the caller's position is at or below what this instance applied" no longer means the
+ * caller's events are reflected here. Each cursor carries the mark of its event; an instance
+ * that does not know the event at that id as the caller's catches up (and its feed looks), and
+ * a feed that restarted empties the state cache. A cursor left above the feed's end by the
+ * restore costs one read, not a flush of the state cache per call, and a credential of no shape
+ * Tessera issues is answered MALFORMED before any catching up.
+ * Two instances A and B on one PostgreSQL schema, over TLS; B's notifications held.
+ */
 
-/** Unary calls (VerifyCredential) to `unary`, streams (WatchRevocations) to `stream`: a load balancer's choice. */
-function split(unary: Transport, stream: Transport): Transport {
-  return { unary: unary.unary.bind(unary), stream: stream.stream.bind(stream) };
+/** As test/watch-revocations-restore.test.ts: the events after `backupAt` gone, the sequence back; `revoke` in the same commit. */
+async function restore(app: App, backupAt: number, revoke: string[] = []): Promise<void> {
+  await app.storage.em.fork().transactional(async (tx) => {
+    await tx.execute("delete from revocation_events where id > ?", [backupAt]);
+    await tx.execute("select setval(pg_get_serial_sequence('revocation_events', 'id'), ?, ?)", [
+      Math.max(backupAt, 1),
+      backupAt > 0,
+    ]);
+    for (const id of revoke)
+      await tx.execute("update api_tokens set revoked_at = ? where id = ?", [new Date(), id]);
+  });
 }
 
 describe("a downstream watching one instance and verifying through another (postgres)", () => {
@@ -97,16 +87,22 @@ describe("a downstream watching one instance and verifying through another (post
     return { id: res.id, token: res.token };
   }
 
-  it("refuses a personal access token whose revocation the watch delivered before B heard of it, and caches nothing", async () => {
-    const { id, token } = await pat();
+  /** An SDK core watching A and verifying through B (a load balancer's choice), up. */
+  async function watchingAVerifyingB(): Promise<TesseraAuth> {
     const auth = createTesseraAuth({
       server: a.server.url,
       caFile: join(a.certs.dir, "ca.crt"),
       credential: verifier,
-      transport: split(b.connect(), a.connect()),
+      transport: splitTransport(b.connect(), a.connect()),
     });
     cores.push(auth);
     expect(await auth.ready(10_000)).toBe(true);
+    return auth;
+  }
+
+  it("refuses a personal access token whose revocation the watch delivered before B heard of it, and caches nothing", async () => {
+    const { id, token } = await pat();
+    const auth = await watchingAVerifyingB();
     // Verified by B: its state cache keeps the token's row, the SDK the answer.
     expect((await auth.authenticate(`Bearer ${token}`)).kind).toBe("user");
 
@@ -168,6 +164,118 @@ describe("a downstream watching one instance and verifying through another (post
       .then(() => undefined, ConnectError.from);
     expect(err?.code).toBe(Code.InvalidArgument);
   });
+
+  describe("after the feed's ids went back", () => {
+    /** A PAT, and ten events after it that both instances have read; returns the newest id. */
+    async function patAndHistory(): Promise<{ id: string; token: string; high: number }> {
+      const tokens = clientFor(TokenService, a.connect(), root);
+      const { id, token } = await tokens.createPersonalAccessToken({ name: `restored-${short()}` });
+      for (let i = 0; i < 10; i++) {
+        const t = await tokens.createPersonalAccessToken({ name: `event-${short()}` });
+        await tokens.revokePersonalAccessToken({ id: t.id });
+      }
+      const high = a.app.revocations.position;
+      await expect.poll(() => b.app.revocations.position, { timeout: 10_000 }).toBe(high);
+      return { id, token, high };
+    }
+
+    const onB = () =>
+      createClient(VerificationService, withHeaders(b.connect(), { authorization: `Bearer ${verifier}` }));
+
+    async function cursorOfA(): Promise<string> {
+      const watcher = Watcher.open(a.connect(), verifier);
+      await watcher.first();
+      const cursor = watcher.cursor;
+      watcher.close();
+      return cursor;
+    }
+
+    /** B's answer as of a cursor of A's, then B's notifications released and the restore awaited. */
+    async function onBAsOfA(token: string, restored: Promise<void>): Promise<string> {
+      const answer = await onB().verifyCredential({
+        credential: token,
+        minRevocationPosition: await cursorOfA(),
+      });
+      for (const release of releases.splice(0)) release();
+      await restored;
+      return VerificationCode[answer.code]!;
+    }
+
+    it("refuses a PAT revoked in the restore's commit on B, whose feed has not seen the restore, and so does the SDK", async () => {
+      const pat = await patAndHistory();
+      const auth = await watchingAVerifyingB();
+      expect((await onB().verifyCredential({ credential: pat.token })).code).toBe(VerificationCode.VALID);
+      expect((await auth.authenticate(`Bearer ${pat.token}`)).kind).toBe("user");
+
+      releases.push(holdNotifications(b.app));
+      const { resets, events } = auth.stats().watch!;
+      const restored = restore(a.app, pat.high - 5, [pat.id]);
+      // A's feed saw the restore: the SDK was answered reset (its cursor now names A's newest event).
+      await expect
+        .poll(() => auth.stats().watch!.resets + auth.stats().watch!.events, { timeout: 10_000 })
+        .toBeGreaterThan(resets + events);
+      // B's has not: it still claims the old newest id, above the SDK's cursor.
+      expect(b.app.revocations.position).toBe(pat.high);
+      const refused = await auth.authenticate(`Bearer ${pat.token}`).then(
+        () => "admitted",
+        (e: { reason?: string }) => e.reason,
+      );
+      expect(refused).toBe("TOKEN_REVOKED");
+      expect(await onBAsOfA(pat.token, restored)).toBe("REVOKED");
+    }, 60_000);
+
+    it("refuses it on B whose feed saw the restore before any notification of its commit reached B", async () => {
+      const pat = await patAndHistory();
+      expect((await onB().verifyCredential({ credential: pat.token })).code).toBe(VerificationCode.VALID);
+      releases.push(holdNotifications(b.app));
+      const restored = restore(a.app, pat.high - 5, [pat.id]);
+      await expect.poll(() => a.app.revocations.position, { timeout: 10_000 }).toBeLessThan(pat.high);
+      // B's feed woken (as by a notification of an earlier change): it sees the ids went back.
+      b.app.revocations.wake();
+      await expect.poll(() => b.app.revocations.position, { timeout: 10_000 }).toBeLessThan(pat.high);
+      expect(await onBAsOfA(pat.token, restored)).toBe("REVOKED");
+    }, 60_000);
+
+    it("costs one read for a cursor left past the feed's end by a restore, not a flush of the state cache per call", async () => {
+      const pat = await patAndHistory();
+      const before = await cursorOfA();
+      const spare = await clientFor(TokenService, a.connect(), root).createPersonalAccessToken({
+        name: `spare-${short()}`,
+      });
+      await restore(a.app, pat.high - 5, [spare.id]);
+      await expect.poll(() => b.app.revocations.position, { timeout: 10_000 }).toBeLessThan(pat.high);
+      const v = onB();
+      const invalidations = () => b.app.sql.cacheStats().invalidations;
+      const start = invalidations();
+      for (let i = 0; i < 20; i++) {
+        const answer = await v.verifyCredential({ credential: pat.token, minRevocationPosition: before });
+        expect(VerificationCode[answer.code]).toBe("VALID");
+      }
+      expect(invalidations() - start).toBeLessThanOrEqual(1);
+    }, 60_000);
+
+    it("answers a credential of no shape Tessera issues MALFORMED without catching up with a cursor past the feed's end", async () => {
+      const v = onB();
+      const invalidations = () => b.app.sql.cacheStats().invalidations;
+      const feed = b.app.revocations;
+      const past = feed.cursors.seal({
+        id: feed.position + 50,
+        kind: "credential",
+        subjectId: "past",
+        tenantId: "past",
+        occurredAt: Date.now(),
+      });
+      const garbage = invalidations();
+      for (let i = 0; i < 20; i++) {
+        const answer = await v.verifyCredential({
+          credential: `tsr_garbage${i}`,
+          minRevocationPosition: past,
+        });
+        expect(VerificationCode[answer.code]).toBe("MALFORMED");
+      }
+      expect(invalidations() - garbage).toBe(0);
+    }, 60_000);
+  });
 });
 
 describe("min_revocation_position on one SQLite instance", () => {
@@ -214,35 +322,76 @@ describe("an instance behind the caller's position whose database stops answerin
     await dropSchema(`postgres://postgres@127.0.0.1:5432/test?schema=${schema}`);
   });
 
-  it("answers Unavailable with Retry-After within its bound, never the answer it kept", async () => {
+  /** A PAT answered VALID (its rows kept), and a VerifyCredential client. */
+  async function verifiedOnce(name: string) {
     const root = await adminLogin(s.connect());
     const verifier = await verifierMachine(s.connect(), root);
     const { token } = await clientFor(TokenService, s.connect(), root).createPersonalAccessToken({
-      name: `frozen-${short()}`,
+      name: `${name}-${short()}`,
     });
     const v = createClient(
       VerificationService,
       withHeaders(s.connect(), { authorization: `Bearer ${verifier}` }),
     );
     expect((await v.verifyCredential({ credential: token })).code).toBe(VerificationCode.VALID);
-    // A position past what this instance has read: a revocation another instance's feed
-    // delivered (committed, its notification not yet here).
+    return { token, v };
+  }
+
+  /**
+   * A position past what this instance has read: a revocation another instance's feed
+   * delivered (committed, its notification not yet here). Each call a new cursor.
+   */
+  function ahead(subjectId: string): string {
     const feed = s.app.revocations;
-    const ahead = feed.cursors.seal({
+    return feed.cursors.seal({
       id: feed.position + 1,
       kind: "credential",
-      subjectId: "ahead",
+      subjectId,
       tenantId: "ahead",
       occurredAt: Date.now(),
     });
+  }
+
+  it("answers Unavailable with Retry-After within its bound, never the answer it kept", async () => {
+    const { token, v } = await verifiedOnce("frozen");
+    const cursor = ahead("frozen");
     proxy.freeze();
     const started = performance.now();
     const err = await v
-      .verifyCredential({ credential: token, minRevocationPosition: ahead }, { timeoutMs: 10_000 })
+      .verifyCredential({ credential: token, minRevocationPosition: cursor }, { timeoutMs: 10_000 })
       .then(() => undefined, ConnectError.from);
     expect(err?.code).toBe(Code.Unavailable);
     expect(err?.metadata.get("retry-after")).toBe("1");
     expect(performance.now() - started).toBeLessThan(5_000);
     proxy.restore();
+    // The database answers again: the same cursor is caught up with (the read held meanwhile is over).
+    const answer = await v.verifyCredential({ credential: token, minRevocationPosition: cursor });
+    expect(answer.code).toBe(VerificationCode.VALID);
+  }, 60_000);
+
+  it("answers Unavailable before the call's own deadline (the SDK's default 2 s), not after the caller left", async () => {
+    const { token, v } = await verifiedOnce("deadline");
+    // The listening session back from the freeze before (the state cache serves the caller's rows again).
+    await expect
+      .poll(() => s.app.notifier?.online && s.app.notifier.provenAgoMs < 500, { timeout: 10_000 })
+      .toBe(true);
+    expect((await v.verifyCredential({ credential: token })).code).toBe(VerificationCode.VALID);
+    proxy.freeze();
+    // The SDK's default deadline (2 s), and a shorter one: each answered Unavailable by the server.
+    const answers = await Promise.all(
+      [2_000, 800].map((timeoutMs) =>
+        v
+          .verifyCredential(
+            { credential: token, minRevocationPosition: ahead(`${timeoutMs}`) },
+            { timeoutMs },
+          )
+          .then(() => undefined, ConnectError.from),
+      ),
+    );
+    proxy.restore();
+    for (const err of answers) {
+      expect(err?.code).toBe(Code.Unavailable);
+      expect(err?.metadata.get("retry-after")).toBe("1");
+    }
   }, 60_000);
 });

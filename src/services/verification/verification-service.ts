@@ -13,7 +13,11 @@ import { isValidScope } from "../../auth/scopes.js";
 import { requestState } from "../../context.js";
 import { errors } from "../../errors.js";
 import { frozenAnswer } from "../../transport/index.js";
-import type { RevocationCatchUp } from "../../verification/revocation-catch-up.js";
+import {
+  CATCH_UP_MS,
+  DEADLINE_MARGIN_MS,
+  type RevocationCatchUp,
+} from "../../verification/revocation-catch-up.js";
 import {
   type CredentialVerifier,
   clientAddressOf,
@@ -54,13 +58,14 @@ export function createVerificationService(deps: {
         clientAddress: clientAddressOf(req.clientAddress),
       };
       const state = requestState(ctx.values);
-      // The hot path when the caller's position is applied already: a kept cursor's position
-      // and one integer comparison (nothing at all when the field is empty).
+      // The hot path when the caller's position is applied already: a kept cursor, found caught
+      // up with in this epoch of the feed (nothing at all when the field is empty). A credential
+      // of no shape Tessera issues is answered MALFORMED without catching up: no read, no flush.
       if (req.minRevocationPosition !== "") {
-        const position = catchUp.positionOf(req.minRevocationPosition);
-        if (position > catchUp.applied)
+        const cursor = catchUp.behind(req.minRevocationPosition);
+        if (cursor !== undefined && deps.verifier.wellFormed(input.credential))
           return catchUp
-            .catchUp(position)
+            .catchUp(cursor, catchUpBound(ctx.timeoutMs()))
             .then(() => deps.verifier.verify(caller, state, input))
             .then(verificationResponse);
       }
@@ -70,6 +75,16 @@ export function createVerificationService(deps: {
         : verificationResponse(verification);
     },
   };
+}
+
+/**
+ * How long a call may wait to catch up: {@link CATCH_UP_MS} at most, and
+ * {@link DEADLINE_MARGIN_MS} less than what is left of the call's own deadline (its timeout
+ * header), so that a caller that set one hears Unavailable before it gives up.
+ */
+function catchUpBound(remainingMs: number | undefined): number {
+  if (remainingMs === undefined) return CATCH_UP_MS;
+  return Math.max(0, Math.min(CATCH_UP_MS, remainingMs - DEADLINE_MARGIN_MS));
 }
 
 /**
