@@ -117,7 +117,7 @@ export class RevocationCatchUp {
           "min_revocation_position",
         );
       if (this.#opened.size >= KEPT_CURSORS) this.#opened.clear();
-      kept = { position: opened.position, mark: opened.mark, vouched: -1 };
+      kept = { position: opened.position, mark: opened.mark && own(opened.mark), vouched: -1 };
       this.#opened.set(cursor, kept);
     }
     if (kept.vouched === this.#epoch) return undefined;
@@ -180,12 +180,15 @@ export class RevocationCatchUp {
   /** One read of the newest event id, shared by the callers waiting meanwhile. */
   #start(): Promise<void> {
     this.#reads++;
+    const epoch = this.#epoch;
     const flight = this.deps.events.lastId().then(
       (newest) => {
         // Emptied even when the newest id is no news (a position past it names no event of
         // this feed: its ids went back), so that what the caller reads next is read anew.
         this.deps.sql.evictState?.();
-        this.#applied = Math.max(this.#applied, newest);
+        // A read begun before the feed restarted answers the old timeline's id: claimed, it
+        // would vouch for ids the new timeline draws again before this instance read them.
+        if (this.#epoch === epoch) this.#applied = Math.max(this.#applied, newest);
       },
       () => {
         throw behind();
@@ -204,6 +207,16 @@ export class RevocationCatchUp {
     this.deps.sql.evictState?.();
     this.#applied = position;
   }
+}
+
+/**
+ * A copy of `bytes` in memory of its own: an opened cursor's mark is a view of a larger
+ * buffer (8 KB: the pool's), which a kept mark would keep alive; `Buffer.alloc` never pools.
+ */
+function own(bytes: Buffer): Buffer {
+  const copy = Buffer.alloc(bytes.length);
+  bytes.copy(copy);
+  return copy;
 }
 
 /** Set `key` in `map`, the oldest entries dropped past {@link KEPT_EVENTS}. */
