@@ -43,8 +43,8 @@ export interface StreamHoldsOptions {
    */
   max?: number;
   /**
-   * How often, at most, a stream nothing vouches for (the watch down, or off) is verified
-   * again (default {@link RECHECK_MS}): after between 4/5 of it and all of it, at random.
+   * How often a stream nothing vouches for (the watch down, or off) is verified again
+   * (default {@link RECHECK_MS}): after between all of it and 6/5 of it, at random.
    */
   recheckMs?: number;
 }
@@ -77,9 +77,9 @@ interface Held {
 }
 
 /**
- * How often, at most, a stream nothing vouches for is verified again, and so how long a
- * re-check may wait for a verification slot (the core's VerifyFlights): a stream nothing
- * vouches for runs that long between checks anyway.
+ * How often a stream nothing vouches for is verified again (plus up to a fifth, at random),
+ * and so how long a re-check may wait for a verification slot (the core's VerifyFlights): a
+ * stream nothing vouches for runs that long between checks anyway.
  */
 export const RECHECK_MS = 5000;
 
@@ -113,11 +113,12 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * once. The re-check every `recheckMs` while nothing vouches for a stream (the watch down:
  * no event would come) waits at the head of the queue, ahead of a loss's, within the same
  * share, so that a flood of new calls (anyone can send them) never ends it: only a wait of
- * {@link RECHECK_MS} does. Its timer fires after between 4/5 of `recheckMs` and all of it,
- * at random: a loss re-checks every stream at once, and their timers would fire in bursts.
- * A revocation Tessera records while nothing vouches for a stream ends it within
- * `recheckMs` + {@link RECHECK_MS} + 2 x the longest verification (a check that answered
- * just before it, the timer, the wait, the check that answers it).
+ * {@link RECHECK_MS} does. Its timer fires after between `recheckMs` and 6/5 of it, at
+ * random: a loss re-checks every stream at once, and their timers would fire in bursts; never
+ * sooner, so that they do not go ahead of the loss's re-checks still waiting (each waits
+ * {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
+ * stream ends it within 6/5 `recheckMs` + {@link RECHECK_MS} + 2 x the longest verification
+ * (a check that answered just before it, the timer, the wait, the check that answers it).
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
@@ -295,7 +296,7 @@ export class StreamHolds {
     const delay = Math.min(
       expires - now,
       certificateEnd + 1 - now,
-      held.vouched ? MAX_DELAY_MS : Math.ceil(this.#recheckMs * (0.8 + 0.2 * Math.random())),
+      held.vouched ? MAX_DELAY_MS : Math.ceil(this.#recheckMs * (1 + 0.2 * Math.random())),
       MAX_DELAY_MS,
     );
     // A re-check (or a step towards a deadline past setTimeout's range) checks again when it fires.
