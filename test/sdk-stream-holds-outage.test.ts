@@ -1,4 +1,4 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 import { afterEach, describe, expect, it } from "vitest";
 import {
@@ -6,10 +6,9 @@ import {
   VerificationService,
   VerifiedPrincipalKind,
   type VerifyCredentialResponseSchema,
-  type WatchRevocationsResponse,
-  WatchRevocationsResponseSchema,
 } from "../gen/tessera/v1/verification_service_pb.js";
 import { createTesseraAuth, type StreamHold, type TesseraAuth } from "../src/sdk/server/index.js";
+import { FakeStream } from "./sdk-fake-watch.js";
 
 /**
  * Held streams while nothing vouches for them (the watch down, or `watch: false`), through
@@ -18,31 +17,6 @@ import { createTesseraAuth, type StreamHold, type TesseraAuth } from "../src/sdk
  */
 
 type Answer = MessageInitShape<typeof VerifyCredentialResponseSchema>;
-type Message = Partial<Omit<WatchRevocationsResponse, "$typeName">>;
-
-/** One WatchRevocations stream: it sends what the test pushes (an Error ends it). */
-class FakeStream {
-  readonly #queue: (Message | Error)[] = [];
-  #wake: (() => void) | undefined;
-  push(m: Message | Error): void {
-    this.#queue.push(m);
-    this.#wake?.();
-  }
-  async *messages(signal: AbortSignal): AsyncGenerator<WatchRevocationsResponse> {
-    while (!signal.aborted) {
-      const next = this.#queue.shift();
-      if (next === undefined) {
-        await new Promise<void>((resolve) => {
-          this.#wake = resolve;
-          signal.addEventListener("abort", () => resolve(), { once: true });
-        });
-        continue;
-      }
-      if (next instanceof Error) throw next;
-      yield create(WatchRevocationsResponseSchema, next as never);
-    }
-  }
-}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
