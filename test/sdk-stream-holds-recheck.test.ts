@@ -189,6 +189,23 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     for (const h of f.held) h.release();
   });
 
+  it("ends a stream whose periodic re-check waited past the queue's deadline, saturated: within 6/5 recheckMs + 5 s of its last answer", async () => {
+    const { f } = await lostFor100msRechecks();
+    // The first three answered; from now on Tessera answers nothing: the slots stay taken.
+    f.answerAll();
+    const answered = Date.now();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    // Their periodic re-checks wait at the head of the queue rather than being refused at once.
+    await expect.poll(() => f.flights.waiting, { timeout: 1000, interval: 5 }).toBe(17);
+    await new Promise((r) => setTimeout(r, 1000));
+    expect(running(f.held).slice(0, 3)).toEqual(Array(3).fill("running"));
+    expect(f.flights.refused).toBe(0);
+    await expect.poll(() => f.held[0]!.signal.aborted, { timeout: 6000, interval: 10 }).toBe(true);
+    expect(Date.now() - answered).toBeLessThanOrEqual(120 + 5000 + 250);
+    expect(f.held[0]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
+    for (const h of f.held) h.release();
+  }, 10_000);
+
   it("times its periodic re-checks at random between recheckMs and 6/5 of it, so that they do not come in bursts", async () => {
     const f = await fixture(40, 64, { watching: () => false, recheckMs: 500 });
     f.holds.onLost();
