@@ -1,5 +1,5 @@
 import { generateKeyPairSync, type KeyObject, sign } from "node:crypto";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 import { afterEach, describe, expect, it } from "vitest";
@@ -9,8 +9,6 @@ import {
   VerificationService,
   VerifiedPrincipalKind,
   type VerifyCredentialResponseSchema,
-  type WatchRevocationsResponse,
-  WatchRevocationsResponseSchema,
 } from "../gen/tessera/v1/verification_service_pb.js";
 import {
   createTesseraAuth,
@@ -18,6 +16,7 @@ import {
   type TesseraAuth,
   TesseraAuthError,
 } from "../src/sdk/server/index.js";
+import { FakeStream } from "./sdk-fake-watch.js";
 
 /**
  * The interceptor's core against an in-memory VerificationService whose WatchRevocations
@@ -27,31 +26,6 @@ import {
  */
 
 type Answer = MessageInitShape<typeof VerifyCredentialResponseSchema>;
-type Message = Partial<Omit<WatchRevocationsResponse, "$typeName">>;
-
-/** One WatchRevocations stream: messages pushed by the test, or a failure. */
-class FakeStream {
-  readonly #queue: (Message | Error)[] = [];
-  #wake: (() => void) | undefined;
-  push(m: Message | Error): void {
-    this.#queue.push(m);
-    this.#wake?.();
-  }
-  async *messages(signal: AbortSignal): AsyncGenerator<WatchRevocationsResponse> {
-    while (!signal.aborted) {
-      const next = this.#queue.shift();
-      if (next === undefined) {
-        await new Promise<void>((resolve) => {
-          this.#wake = resolve;
-          signal.addEventListener("abort", () => resolve(), { once: true });
-        });
-        continue;
-      }
-      if (next instanceof Error) throw next;
-      yield create(WatchRevocationsResponseSchema, next as never);
-    }
-  }
-}
 
 interface Fake {
   verifyCalls: number;

@@ -53,7 +53,7 @@ async function fixture(n: number, slots: number, o: { watching?: () => boolean; 
             answers.push(() => answer().then(resolve, reject)),
           );
         },
-        wait && { signal: wait },
+        wait,
       );
     },
     watching: o.watching ?? (() => true),
@@ -170,22 +170,61 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     expect(f.asked).not.toContain("5");
   });
 
-  it("re-checks a stream every recheckMs while the watch stays down without waiting behind the queue: a revocation (no event) ends it then", async () => {
+  it("re-checks a stream every recheckMs while the watch stays down at the head of the queue, ahead of the loss's: a revocation (no event) ends it then", async () => {
     const { f } = await lostFor100msRechecks();
     // The first three answered (nothing vouches for them now), three more asked, fourteen waiting.
     f.answerAll();
     await expect.poll(() => f.asked).toHaveLength(6);
     expect(f.flights.waiting).toBe(14);
     f.revoked.add("0");
-    const started = Date.now();
-    // Its next re-check is asked at once in the free slot, not after the fourteen (5 s).
-    await expect
-      .poll(() => f.asked.filter((a) => a === "0"), { timeout: 1000, interval: 10 })
-      .toHaveLength(2);
-    expect(Date.now() - started).toBeLessThan(1000);
+    // Their periodic re-checks wait (the share is taken; a new call's slot stays free), ahead of the fourteen.
+    await expect.poll(() => f.flights.waiting, { timeout: 1000, interval: 5 }).toBe(17);
+    expect(f.flights.refused).toBe(0);
+    f.answerAll();
+    await expect.poll(() => f.asked).toHaveLength(9);
+    expect(f.asked.slice(6).sort()).toEqual(["0", "1", "2"]);
     f.answerAll();
     await expect.poll(() => f.held[0]!.signal.aborted, { timeout: 1000 }).toBe(true);
     expect(f.held[0]!.signal.reason).toMatchObject({ reason: "TOKEN_REVOKED" });
+    for (const h of f.held) h.release();
+  });
+
+  it("ends a stream whose periodic re-check waited past the queue's deadline, saturated: within 6/5 recheckMs + 5 s of its last answer", async () => {
+    const { f } = await lostFor100msRechecks();
+    // The first three answered; from now on Tessera answers nothing: the slots stay taken.
+    f.answerAll();
+    const answered = Date.now();
+    await expect.poll(() => f.asked).toHaveLength(6);
+    // Their periodic re-checks wait at the head of the queue rather than being refused at once.
+    await expect.poll(() => f.flights.waiting, { timeout: 1000, interval: 5 }).toBe(17);
+    await new Promise((r) => setTimeout(r, 1000));
+    expect(running(f.held).slice(0, 3)).toEqual(Array(3).fill("running"));
+    expect(f.flights.refused).toBe(0);
+    await expect.poll(() => f.held[0]!.signal.aborted, { timeout: 6000, interval: 10 }).toBe(true);
+    expect(Date.now() - answered).toBeLessThanOrEqual(120 + 5000 + 250);
+    expect(f.held[0]!.signal.reason).toMatchObject({ reason: "UNAVAILABLE" });
+    for (const h of f.held) h.release();
+  }, 10_000);
+
+  it("times its periodic re-checks at random between recheckMs and 6/5 of it, so that they do not come in bursts", async () => {
+    const f = await fixture(40, 64, { watching: () => false, recheckMs: 500 });
+    f.holds.onLost();
+    await tick();
+    f.answerAll();
+    const started = Date.now();
+    const at = new Map<string, number>();
+    // Each stream's periodic re-check, answered as it comes.
+    while (at.size < 40 && Date.now() - started < 2000) {
+      for (const id of f.asked.splice(0)) if (!at.has(id)) at.set(id, Date.now() - started);
+      f.answerAll();
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    const times = [...at.values()].sort((a, b) => a - b);
+    expect(times).toHaveLength(40);
+    expect(times[0]).toBeGreaterThanOrEqual(495);
+    expect(times.at(-1)).toBeLessThanOrEqual(660);
+    // Spread over the window, not one burst.
+    expect(times.at(-1)! - times[0]!).toBeGreaterThan(40);
     for (const h of f.held) h.release();
   });
 

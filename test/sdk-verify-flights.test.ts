@@ -28,7 +28,7 @@ function scripted(max: number, waitMs = 60_000) {
     },
     waitMs,
   );
-  const answer = (credential: string, wait?: { signal?: AbortSignal }, epoch = 0) =>
+  const answer = (credential: string, wait?: { signal?: AbortSignal; first?: boolean }, epoch = 0) =>
     flights.answer(
       credential,
       epoch,
@@ -154,6 +154,50 @@ describe("the SDK's verifications in flight", () => {
     for (const c of ["w1", "w2", "w3"]) f.settle(c);
     await tick();
     expect(f.asked).toEqual(["w1", "w2", "w3", "x"]);
+  });
+
+  it("serves the calls waiting first (the periodic re-checks) ahead of the others, first in first out, within the same share", async () => {
+    const f = scripted(4);
+    for (const c of ["w1", "w2", "w3"]) void f.answer(c, {});
+    const queued = ["q1", "q2"].map((c) => f.answer(c, {}));
+    const first = ["p1", "p2"].map((c) => f.answer(c, { first: true }));
+    // The share is taken: they wait too, although the fourth slot is free (it stays the new calls').
+    expect(f.asked).toEqual(["w1", "w2", "w3"]);
+    expect(f.flights.waiting).toBe(4);
+    for (const c of ["w1", "w2", "w3", "p1", "p2"]) {
+      f.settle(c);
+      await tick();
+    }
+    expect(f.asked).toEqual(["w1", "w2", "w3", "p1", "p2", "q1", "q2"]);
+    for (const c of ["q1", "q2"]) f.settle(c);
+    expect(await Promise.all([...first, ...queued])).toEqual([
+      "answer p1",
+      "answer p2",
+      "answer q1",
+      "answer q2",
+    ]);
+    expect(f.refusals).toEqual([]);
+  });
+
+  it("holds a call that may wait to its share when it would replace a new call's flight of an older epoch", async () => {
+    const f = scripted(4);
+    for (const c of ["a", "b", "c"]) void f.answer(c, undefined, 0);
+    void f.answer("d", {}, 0);
+    // A loss (epoch 1): held streams of a, b and c re-checked. Two fit in the share, replacing
+    // the new calls' flights; the third would hold a fourth slot of re-checks: it waits.
+    const c1 = f.answer("c", {}, 1);
+    void f.answer("a", {}, 1);
+    const b1 = f.answer("b", {}, 1);
+    expect(f.asked).toEqual(["a", "b", "c", "d", "c", "a"]);
+    expect(f.flights.waiting).toBe(1);
+    // When a re-check's flight ends, b's flies in its slot.
+    f.settle("d");
+    await tick();
+    expect(f.asked).toEqual(["a", "b", "c", "d", "c", "a", "b"]);
+    f.settle("b");
+    f.settle("c");
+    expect(await Promise.all([c1, b1])).toEqual(["answer c", "answer b"]);
+    expect(f.refusals).toEqual([]);
   });
 
   it("gives calls that may wait 3/4 of the slots, at least one", () => {

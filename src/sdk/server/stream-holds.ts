@@ -23,13 +23,14 @@ export interface StreamHoldsOptions {
   /**
    * The core's authentication of a new call (then authorized against the stream's rule).
    * With `wait`, a re-check that may wait for a verification slot when none is free (see
-   * VerifyFlights), rejected with `wait`'s reason once it aborts while waiting. @throws
+   * VerifyFlights; `first`: ahead of the others), rejected with `wait.signal`'s reason once
+   * it aborts while waiting. @throws
    */
   authenticate(
     authorization: string | undefined,
     thumbprint: string | undefined,
     clientAddress: string | undefined,
-    wait?: AbortSignal,
+    wait?: { signal: AbortSignal; first?: boolean },
   ): Promise<TesseraPrincipal>;
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
@@ -41,7 +42,10 @@ export interface StreamHoldsOptions {
    * admitted unwatched. A call still being verified is not counted.
    */
   max?: number;
-  /** How often a stream nothing vouches for (the watch down, or off) is verified again (default {@link RECHECK_MS}). */
+  /**
+   * How often a stream nothing vouches for (the watch down, or off) is verified again
+   * (default {@link RECHECK_MS}): after between all of it and 6/5 of it, at random.
+   */
   recheckMs?: number;
 }
 
@@ -65,15 +69,17 @@ interface Held {
   admitted: boolean;
   /** An event (or its certificate's end) concerns it: its next check must not wait for a slot. */
   urgent: boolean;
+  /** Its next check is the periodic one while nothing vouches for it: it waits at the queue's head. */
+  periodic: boolean;
   /** Aborted to take its check out of the wait for a verification slot (with {@link LEFT}). */
   waiting: AbortController | undefined;
   timer: NodeJS.Timeout | undefined;
 }
 
 /**
- * How often a stream nothing vouches for is verified again, and so how long a re-check may
- * wait for a verification slot (the core's VerifyFlights): a stream nothing vouches for runs
- * that long between checks anyway.
+ * How often a stream nothing vouches for is verified again (plus up to a fifth, at random),
+ * and so how long a re-check may wait for a verification slot (the core's VerifyFlights): a
+ * stream nothing vouches for runs that long between checks anyway.
  */
 export const RECHECK_MS = 5000;
 
@@ -104,7 +110,15 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * re-check, and nothing else is admitted on it: the cache is empty since the loss, so a new
  * call with its credential is verified by Tessera (the waiting re-checks leave it a share of
  * the slots). An event naming a waiting stream takes it out of the queue and checks it at
- * once, as is a re-check every `recheckMs` while the watch stays down (no event would come).
+ * once. The re-check every `recheckMs` while nothing vouches for a stream (the watch down:
+ * no event would come) waits at the head of the queue, ahead of a loss's, within the same
+ * share, so that a flood of new calls (anyone can send them) never ends it: only a wait of
+ * {@link RECHECK_MS} does. Its timer fires after between `recheckMs` and 6/5 of it, at
+ * random: a loss re-checks every stream at once, and their timers would fire in bursts; never
+ * sooner, so that they do not go ahead of the loss's re-checks still waiting (each waits
+ * {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
+ * stream ends it within 6/5 `recheckMs` + {@link RECHECK_MS} + 2 x the longest verification
+ * (a check that answered just before it, the timer, the wait, the check that answers it).
  */
 export class StreamHolds {
   readonly #held = new Set<Held>();
@@ -152,6 +166,7 @@ export class StreamHolds {
       vouched: false,
       admitted: false,
       urgent: false,
+      periodic: false,
       waiting: undefined,
       timer: undefined,
     };
@@ -221,21 +236,26 @@ export class StreamHolds {
    * One authentication of the stream. A re-check of an admitted stream (after a loss of the
    * watch, or while nothing vouches for it) may wait for a verification slot, as every held
    * stream is re-checked at once after a loss: the stream runs on its last admission meanwhile,
-   * as during any re-check. A first check does not (a new call is refused at once, 503), nor
-   * one an event, the certificate's end or the watch staying down a whole `recheckMs` asked
-   * for: it is answered at once, or refused 503 at once when no slot is free, never left
-   * waiting behind the others. Undefined: the wait was
-   * cancelled (see {@link #poke} and {@link #drop}).
+   * as during any re-check; the periodic one, while nothing vouches for it, waits ahead of
+   * those. A first check does not (a new call is refused at once, 503), nor one an event or
+   * the certificate's end asked for: it is answered at once, or refused 503 at once when no
+   * slot is free, never left waiting behind the others. Undefined: the wait was cancelled
+   * (see {@link #poke} and {@link #drop}).
    */
   async #authenticate(held: Held): Promise<TesseraPrincipal | undefined> {
     const { authorization, thumbprint, clientAddress } = held;
     const urgent = held.urgent || !held.admitted;
+    const first = held.periodic;
     held.urgent = false;
+    held.periodic = false;
     if (urgent) return this.#o.authenticate(authorization, thumbprint, clientAddress);
     const waiting = new AbortController();
     held.waiting = waiting;
     try {
-      return await this.#o.authenticate(authorization, thumbprint, clientAddress, waiting.signal);
+      return await this.#o.authenticate(authorization, thumbprint, clientAddress, {
+        signal: waiting.signal,
+        first,
+      });
     } catch (err) {
       if (err === LEFT) return undefined;
       throw err;
@@ -276,7 +296,7 @@ export class StreamHolds {
     const delay = Math.min(
       expires - now,
       certificateEnd + 1 - now,
-      held.vouched ? MAX_DELAY_MS : this.#recheckMs,
+      held.vouched ? MAX_DELAY_MS : Math.ceil(this.#recheckMs * (1 + 0.2 * Math.random())),
       MAX_DELAY_MS,
     );
     // A re-check (or a step towards a deadline past setTimeout's range) checks again when it fires.
@@ -286,9 +306,12 @@ export class StreamHolds {
       const at = this.#o.now();
       if (at >= expires) this.#end(held, expired(held.principal!));
       else if (this.#certificateEnded(held, at)) this.#poke(held, true);
-      // A re-check while the watch stays down (no event would come for a revocation): at
-      // once, as an event's. It waits only while the watch is back (it replays what it missed).
-      else if (!deadline) this.#poke(held, !this.#o.watching());
+      // A re-check while nothing vouches for the stream (no event would come for a
+      // revocation): at the head of the queue, ahead of a loss's re-checks.
+      else if (!deadline) {
+        held.periodic = true;
+        this.#poke(held);
+      }
       // A timer can fire a millisecond before Date.now() reaches its deadline: wait the rest
       // rather than verify again with the certificate it is about to drop.
       else this.#arm(held);

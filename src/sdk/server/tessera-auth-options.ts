@@ -54,15 +54,18 @@ export interface TesseraAuthOptions {
    * stream's re-check after a loss of the watch (every stream it vouched for is re-checked
    * then, and Tessera ends the watch about hourly) instead waits, first in first out, for a
    * slot, for up to 5 s: only then is it refused and the stream ended with 503 (counted in
-   * `verifyRefused`, reported once per interval). Waiting re-checks fly in at most 3/4 of
-   * the slots (at least 1); the rest stay free for new calls and for the re-checks that never
-   * wait: a revocation event's, a certificate's end, and the one every 5 s while the watch
-   * stays down (or is off). So a revocation Tessera records while the watch is down (no event
-   * comes) ends a held stream within 5 s + 2 × `verifyTimeoutMs` (9 s by default; 503 at once
-   * if no slot is free then); if the watch comes back meanwhile, the events it replays end it,
-   * and a stream's next re-check waits for a slot as after a loss (10 s + 2 × `verifyTimeoutMs`
-   * at most). While a re-check waits the stream runs on its last admission, as during any
-   * re-check, and the cache stays empty, so nothing else is admitted on the strength of it.
+   * `verifyRefused`, reported once per interval). So does the re-check every 5 s while the
+   * watch is down (or off), but ahead of a loss's (first in first out among themselves), so
+   * that new calls, which anyone can send, never end a held stream; each stream's comes after
+   * between 5 s and 6 s, at random, so that they do not come in bursts. Waiting re-checks fly
+   * in at most 3/4 of the slots (at least 1); the rest stay free for new calls and for the
+   * re-checks that never wait: a revocation event's and a certificate's end. So a revocation
+   * Tessera records while the watch is down (no event comes) ends a held stream within
+   * 11 s + 2 × `verifyTimeoutMs` (15 s by default: the check answering just before it, up to
+   * 6 s, a wait of up to 5 s, the check that refuses it or 503); 6 s + 2 × `verifyTimeoutMs`
+   * while a slot is free. If the watch comes back meanwhile, the events it replays end it. While a
+   * re-check waits the stream runs on its last admission, as during any re-check, and the
+   * cache stays empty, so nothing else is admitted on the strength of it.
    */
   maxConcurrentVerifications?: number;
   /** Longest lifetime of an access token (default 1 day): older tokens are verified by Tessera. */

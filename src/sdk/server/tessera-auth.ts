@@ -26,7 +26,7 @@ import type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-option
 import { createTesseraClient } from "./tessera-client.js";
 import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
-import { VerifyFlights } from "./verify-flights.js";
+import { type SlotWait, VerifyFlights } from "./verify-flights.js";
 
 export type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-options.js";
 
@@ -216,7 +216,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   async function online(
     credential: string,
     address: string | undefined,
-    wait: AbortSignal | undefined,
+    wait: SlotWait | undefined,
     jwtOnline = false,
     claims?: AccessTokenClaims,
   ): Promise<Admitted> {
@@ -244,7 +244,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
         counters.verifyCalls++;
         return tessera.verify(credential, address, watch?.position);
       },
-      wait && { signal: wait },
+      wait,
     );
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
@@ -267,7 +267,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   async function admit(
     authorization: string | undefined,
     address: string | undefined,
-    wait: AbortSignal | undefined,
+    wait: SlotWait | undefined,
   ): Promise<Admitted> {
     const credential = credentialOf(authorization);
     if (!looksLikeJwt(credential)) return online(credential, address, wait);
@@ -315,7 +315,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     authorization: string | undefined,
     certificateThumbprint?: string,
     clientAddress?: string,
-    wait?: AbortSignal,
+    wait?: SlotWait,
   ): Promise<TesseraPrincipal> {
     const hit = admitted(authorization, certificateThumbprint);
     if (hit !== undefined) return hit;

@@ -9,6 +9,8 @@ interface Queued<T> {
   /** performance.now() past which its waiters are refused. */
   readonly deadline: number;
   readonly waiters: Set<Waiter<T>>;
+  /** Waiting at the head of the queue (see {@link VerifyFlights.answer}'s `wait.first`). */
+  readonly first: boolean;
 }
 
 interface Waiter<T> {
@@ -23,6 +25,12 @@ interface Flight<T> {
   readonly answer: Promise<T>;
   /** Asked for a call that may wait: it holds one of their share of the slots. */
   readonly waitable: boolean;
+}
+
+/** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
+export interface SlotWait {
+  readonly signal?: AbortSignal;
+  readonly first?: boolean;
 }
 
 /** Why a call was refused: no slot free at once, or none within the wait's deadline. */
@@ -46,9 +54,13 @@ export type FlightRefusal = "busy" | "waited";
  * took every slot as it freed, refusing each new call (and each urgent re-check) for as long
  * as it lasted. The rest stay free for calls that may not wait. A flight ending hands its
  * slot to the oldest waiting credential while those fly in fewer than their share, before
- * anything else runs. Waiters for one credential wait as one entry and share its flight;
- * one timer, for the oldest entry's deadline, serves the whole queue (deadlines are in
- * arrival order). A waiter leaves when its signal aborts.
+ * anything else runs; calls asked to wait `first` (the periodic re-check while the watch is
+ * down) are served before all the others, first in first out among themselves. A call that
+ * may wait and would replace a flight of a call that may not (at an older epoch) waits too
+ * when the share is taken: it would hold one more slot of it. Waiters for one credential
+ * wait as one entry and share its flight; one timer, for the oldest entry's deadline,
+ * serves both queues (deadlines are in arrival order in each). A waiter leaves when its
+ * signal aborts.
  */
 export class VerifyFlights<T> {
   readonly #flights = new Map<string, Flight<T>>();
@@ -58,6 +70,8 @@ export class VerifyFlights<T> {
   readonly recheckShare: number;
   /** Waiting credentials, oldest first (a Map keeps insertion order and deletes in O(1)). */
   readonly #queue = new Map<string, Queued<T>>();
+  /** Those waiting `first`, served before {@link #queue} (a credential may wait in both). */
+  readonly #head = new Map<string, Queued<T>>();
   #timer: NodeJS.Timeout | undefined;
   #waiting = 0;
   /** Calls refused: `max` credentials were being asked already (at once, or past the wait). */
@@ -80,26 +94,25 @@ export class VerifyFlights<T> {
   /**
    * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
-   * then it is rejected with the signal's reason).
+   * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
    */
-  answer(
-    credential: string,
-    epoch: number,
-    ask: () => Promise<T>,
-    wait?: { signal?: AbortSignal },
-  ): Promise<T> {
+  answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
     const pending = this.#flights.get(credential);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
-    // A credential in flight at an earlier epoch is asked again in the slot it holds.
-    if (pending === undefined) {
-      if (wait !== undefined) {
-        // Behind the queue, first in first out; and within the share of the slots.
-        if (this.#queue.size > 0 || !this.#free(true))
-          return this.#enqueue(credential, epoch, ask, wait.signal);
-      } else if (!this.#free(false)) {
-        this.refused++;
-        return Promise.reject(this.refusal("busy"));
-      }
+    if (wait !== undefined) {
+      const first = wait.first === true;
+      const ahead = this.#head.size > 0 || (!first && this.#queue.size > 0);
+      // A credential in flight at an earlier epoch is asked again in the slot it holds, but
+      // one held by a call that may not wait is one more of the share.
+      if (
+        pending === undefined
+          ? ahead || !this.#free(true)
+          : !pending.waitable && this.#waitable >= this.recheckShare
+      )
+        return this.#enqueue(credential, epoch, ask, first, wait.signal);
+    } else if (pending === undefined && !this.#free(false)) {
+      this.refused++;
+      return Promise.reject(this.refusal("busy"));
     }
     return this.#fly(credential, epoch, ask, wait !== undefined);
   }
@@ -125,21 +138,36 @@ export class VerifyFlights<T> {
     if (waitable) this.#waitable++;
     // A new call for a waiting credential, in a slot kept free: asked after every waiter
     // began, it answers them too (so that a waiting credential never has a flight).
-    const queued = this.#queue.get(credential);
-    if (queued !== undefined) {
-      this.#queue.delete(credential);
+    for (const queue of [this.#head, this.#queue]) {
+      const queued = queue.get(credential);
+      if (queued === undefined) continue;
+      queue.delete(credential);
       this.#settle(queued, (waiter) => waiter.resolve(flight.answer));
-      if (this.#queue.size === 0) this.#disarm();
     }
+    if (this.#empty()) this.#disarm();
     return flight.answer;
   }
 
-  #enqueue(credential: string, epoch: number, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  #enqueue(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    first: boolean,
+    signal?: AbortSignal,
+  ): Promise<T> {
     if (signal?.aborted) return Promise.reject(signal.reason);
-    let entry = this.#queue.get(credential);
+    const queue = first ? this.#head : this.#queue;
+    let entry = queue.get(credential);
     if (entry === undefined) {
-      entry = { credential, epoch, ask, deadline: performance.now() + this.waitMs, waiters: new Set() };
-      this.#queue.set(credential, entry);
+      entry = {
+        credential,
+        epoch,
+        ask,
+        deadline: performance.now() + this.waitMs,
+        waiters: new Set(),
+        first,
+      };
+      queue.set(credential, entry);
       this.#arm();
     } else entry.epoch = Math.max(entry.epoch, epoch);
     const queued = entry;
@@ -159,36 +187,43 @@ export class VerifyFlights<T> {
     if (!entry.waiters.delete(waiter)) return;
     this.#waiting--;
     // Nobody waits for it any more: it is not asked (the timer skips a gone head on its own).
-    if (entry.waiters.size === 0 && this.#queue.get(entry.credential) === entry)
-      this.#queue.delete(entry.credential);
-    if (this.#queue.size === 0) this.#disarm();
+    const queue = entry.first ? this.#head : this.#queue;
+    if (entry.waiters.size === 0 && queue.get(entry.credential) === entry) queue.delete(entry.credential);
+    if (this.#empty()) this.#disarm();
   }
 
-  /** Hand free slots, within the share, to the oldest waiting credentials. */
+  #empty(): boolean {
+    return this.#head.size === 0 && this.#queue.size === 0;
+  }
+
+  /** Hand free slots, within the share, to the oldest waiting credentials (those waiting first, first). */
   #pump(): void {
-    // A waiting credential has no flight (it would have joined or replaced it, not waited),
-    // and none that may wait starts but here while any waits.
-    for (const entry of this.#queue.values()) {
-      if (!this.#free(true)) break;
-      this.#queue.delete(entry.credential);
-      const answer = this.#fly(entry.credential, entry.epoch, entry.ask, true);
-      this.#settle(entry, (waiter) => waiter.resolve(answer));
-    }
-    if (this.#queue.size === 0) this.#disarm();
+    // None that may wait starts but here while any waits. A waiting credential's flight, if
+    // any, is an older epoch's (it is replaced); the same credential waiting in the other
+    // queue is answered by this flight too (asked after it began waiting).
+    for (const queue of [this.#head, this.#queue])
+      for (const entry of queue.values()) {
+        if (!this.#free(true)) break;
+        queue.delete(entry.credential);
+        const answer = this.#fly(entry.credential, entry.epoch, entry.ask, true);
+        this.#settle(entry, (waiter) => waiter.resolve(answer));
+      }
+    if (this.#empty()) this.#disarm();
   }
 
   /** Refuse the waiters whose deadline passed, oldest first, then wait for the next one's. */
   #expire(): void {
     this.#timer = undefined;
     const now = performance.now();
-    for (const entry of this.#queue.values()) {
-      if (entry.deadline > now) break;
-      this.#queue.delete(entry.credential);
-      this.#settle(entry, (waiter) => {
-        this.refused++;
-        waiter.reject(this.refusal("waited"));
-      });
-    }
+    for (const queue of [this.#head, this.#queue])
+      for (const entry of queue.values()) {
+        if (entry.deadline > now) break;
+        queue.delete(entry.credential);
+        this.#settle(entry, (waiter) => {
+          this.refused++;
+          waiter.reject(this.refusal("waited"));
+        });
+      }
     this.#arm();
   }
 
@@ -201,12 +236,15 @@ export class VerifyFlights<T> {
     entry.waiters.clear();
   }
 
-  /** The one timer: the oldest entry's deadline. */
+  /** The one timer: the oldest entry's deadline, of either queue. */
   #arm(): void {
     if (this.#timer !== undefined) return;
-    const head = this.#queue.values().next();
-    if (head.done) return;
-    const delay = Math.max(1, Math.ceil(head.value.deadline - performance.now()));
+    const deadline = Math.min(
+      this.#head.values().next().value?.deadline ?? Number.POSITIVE_INFINITY,
+      this.#queue.values().next().value?.deadline ?? Number.POSITIVE_INFINITY,
+    );
+    if (deadline === Number.POSITIVE_INFINITY) return;
+    const delay = Math.max(1, Math.ceil(deadline - performance.now()));
     this.#timer = setTimeout(() => this.#expire(), delay);
     this.#timer.unref();
   }
