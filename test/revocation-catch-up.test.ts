@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import type { RevocationRecord } from "../src/storage/repositories/revocation-events.js";
-import { RevocationCatchUp } from "../src/verification/revocation-catch-up.js";
+import { KEPT_EVENTS, RevocationCatchUp } from "../src/verification/revocation-catch-up.js";
 import { CursorCodec } from "../src/verification/revocation-cursor.js";
 
 /**
@@ -86,6 +86,21 @@ describe("RevocationCatchUp", () => {
     r.deliver(Array.from({ length: 15 }, (_, i) => event(81 + i, "after")));
     expect(r.flushes.count).toBe(flushed + 1);
     expect(r.catchUp.applied).toBe(95);
+  });
+
+  it("vouches without a read for a cursor thousands of events old (a caller cycling old cursors empties no cache)", async () => {
+    const reads = { count: 0 };
+    const r = rig(async () => {
+      reads.count++;
+      return 5000;
+    });
+    const events = Array.from({ length: 5000 }, (_, i) => event(i + 1));
+    for (let i = 0; i < events.length; i += 500) r.deliver(events.slice(i, i + 500));
+    expect(KEPT_EVENTS).toBeGreaterThanOrEqual(5000);
+    const flushed = r.flushes.count;
+    for (const e of events) expect(r.catchUp.behind(r.codec.seal(e))).toBeUndefined();
+    expect(reads.count).toBe(0);
+    expect(r.flushes.count).toBe(flushed);
   });
 
   it("keeps an opened cursor's mark in memory of its own, not a view of a larger buffer", () => {

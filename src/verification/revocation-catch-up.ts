@@ -17,8 +17,13 @@ export const DEADLINE_MARGIN_MS = 250;
 /** Cursors opened and kept (a caller sends one until its next event): past it the map starts over. */
 const KEPT_CURSORS = 1_024;
 
-/** Events read by the feed whose marks are kept (a cursor names one of the last few, as a rule). */
-const KEPT_EVENTS = 1_024;
+/**
+ * Events read by the feed (and marks caught up with) that are kept: a cursor naming an older
+ * one costs a read and an emptied state cache. A cursor names one of the last few, as a rule;
+ * kept deep so that a caller cycling through old cursors needs that many events to pass and
+ * that many streams opened first (a few MB at most: an event's fields, or an 8-byte mark).
+ */
+export const KEPT_EVENTS = 16_384;
 
 /** A caller's cursor, opened: its position and mark, and the epoch in which it was found caught up with. */
 export interface CaughtUpCursor {
