@@ -7,6 +7,7 @@ import {
   verificationCodes,
   verifierMachine,
 } from "../machine-fixtures.js";
+import { pgHolds } from "../pg-holds.js";
 
 /**
  * A machine access token ended by a revocation (a disable) or by a rotation whose grace period
@@ -40,6 +41,28 @@ describe.each(["sqlite", "postgres"] as const)(
 
     const codes = (credential: string) => verificationCodes([long, short], verifier, credential);
 
+    /**
+     * A machine access token issued on the long-lived instance, then its machine user's
+     * credentials rotated there with a 300 s grace period, from `start`.
+     */
+    async function tokenRotatedWithGrace() {
+      const { machine, token } = await bearerMachine(long.connect(), root, []);
+      const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
+      const start = Date.now();
+      await clients(long.connect(), root).machines.rotateMachineUserCredentials({
+        id: machine.id,
+        gracePeriodSeconds: 300,
+      });
+      return { machine, jwt, start };
+    }
+
+    /** A rotation with a 600 s grace period on the short-lived instance. */
+    const rotateOnShort = async (id: string) =>
+      clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials({
+        id,
+        gracePeriodSeconds: 600,
+      });
+
     it("does not bring back a token a disable ended", async () => {
       const admin = clients(long.connect(), root).machines;
       const { machine, token } = await bearerMachine(long.connect(), root, []);
@@ -51,12 +74,7 @@ describe.each(["sqlite", "postgres"] as const)(
 
       // Past the short instance's access-token lifetime (and clock skew), within the token's.
       clock.pin(Date.now() + 120_000);
-      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
-        {
-          id: machine.id,
-          gracePeriodSeconds: 600,
-        },
-      );
+      await rotateOnShort(machine.id);
       expect(await codes(jwt), "the rotation's grace period revived a token the disable ended").toEqual([
         "REVOKED",
         "REVOKED",
@@ -71,12 +89,7 @@ describe.each(["sqlite", "postgres"] as const)(
       clock.pin(Date.now() + 120_000);
       expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
 
-      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
-        {
-          id: machine.id,
-          gracePeriodSeconds: 600,
-        },
-      );
+      await rotateOnShort(machine.id);
       expect(await codes(jwt), "the second rotation's grace period revived the first one's token").toEqual([
         "REVOKED",
         "REVOKED",
@@ -88,62 +101,31 @@ describe.each(["sqlite", "postgres"] as const)(
     // A cut-off still in its grace period, replaced past the rotating instance's window, must
     // not stretch or revive what it ends (found by the merge review of w-rmach).
     it("ends a pre-rotation token no later than its rotation's grace period", async () => {
-      const { machine, token } = await bearerMachine(long.connect(), root, []);
-      const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
-      const start = Date.now();
-      await clients(long.connect(), root).machines.rotateMachineUserCredentials({
-        id: machine.id,
-        gracePeriodSeconds: 300,
-      });
+      const { machine, jwt, start } = await tokenRotatedWithGrace();
       clock.pin(start + 200_000); // past the short instance's window, within the grace period
       expect(await codes(jwt)).toEqual(["VALID", "VALID"]);
-      await clients(short.connect(), await adminLogin(short.connect())).machines.rotateMachineUserCredentials(
-        { id: machine.id, gracePeriodSeconds: 600 },
-      );
+      await rotateOnShort(machine.id);
       clock.pin(start + 400_000); // the first grace period is over
       expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
     });
 
-    // PostgreSQL: a transaction holds the row while the rotation (its clock read) waits.
+    // PostgreSQL: a transaction of the test's holds the row while the rotation (its clock read) waits.
     it.runIf(kind === "postgres")(
       "never brings back a token ended while a rotation that began before the end waited for the row",
       async () => {
-        const { machine, token } = await bearerMachine(long.connect(), root, []);
-        const jwt = (await clients(long.connect(), token).machines.issueAccessToken({})).accessToken;
-        const start = Date.now();
-        await clients(long.connect(), root).machines.rotateMachineUserCredentials({
-          id: machine.id,
-          gracePeriodSeconds: 300,
-        });
+        const { machine, jwt, start } = await tokenRotatedWithGrace();
+        const { waiterOn, hold } = pgHolds(() => long.app.storage.em.getConnection().getKnex());
         clock.pin(start + 299_000); // 1 s before the grace period ends
-        const shortAdmin = clients(short.connect(), await adminLogin(short.connect())).machines;
-        let release!: () => void;
-        const gate = new Promise<void>((r) => {
-          release = r;
-        });
-        let locked!: () => void;
-        const isLocked = new Promise<void>((r) => {
-          locked = r;
-        });
-        const holder = long.app.storage.em.fork().transactional(async (tx) => {
-          await tx
-            .getConnection()
-            .execute(
-              "select id from machine_users where id = ? for update",
-              [machine.id],
-              "all",
-              tx.getTransactionContext(),
-            );
-          locked();
-          await gate;
-        });
-        await isLocked;
-        const rotation = shortAdmin.rotateMachineUserCredentials({ id: machine.id, gracePeriodSeconds: 600 });
-        await new Promise((r) => setTimeout(r, 500));
-        clock.pin(start + 305_000); // the grace period is over: the token is ended
-        expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
-        release();
-        await holder;
+        const holder = await hold("select id from machine_users where id = ? for update", [machine.id]);
+        let rotation!: Promise<unknown>;
+        try {
+          rotation = rotateOnShort(machine.id);
+          await waiterOn(holder.pid);
+          clock.pin(start + 305_000); // the grace period is over: the token is ended
+          expect(await codes(jwt)).toEqual(["REVOKED", "REVOKED"]);
+        } finally {
+          await holder.release();
+        }
         await rotation;
         expect(await codes(jwt), "the token the first rotation ended verifies again").toEqual([
           "REVOKED",
