@@ -7,8 +7,12 @@ import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import type { App } from "../src/app.js";
+import { createUserClaimsLoader } from "../src/auth/user-principal.js";
+import { createManualClock } from "../src/clock.js";
 import type { RequestState } from "../src/context.js";
 import { TesseraError } from "../src/errors.js";
+import { UserStateRepository } from "../src/storage/repositories/subject-state.js";
+import { toMillis } from "../src/storage/sql.js";
 import { rejection } from "./errors-util.js";
 import {
   ADMIN_PASSWORD,
@@ -226,6 +230,44 @@ describe.each(DATABASES)("hot path ($name)", (db) => {
     await expect(
       Promise.resolve().then(() => app.authenticator.authenticate(credential, state())),
     ).rejects.toMatchObject({ reason: "TOKEN_REVOKED" });
+  });
+
+  it("reads no clock for a JWT ending by its session's end, and ends one minted past it at that end, memoized or not", async () => {
+    const session = await clientFor(UserService, memoryTransport(app)).login({
+      username: "admin",
+      password: ADMIN_PASSWORD,
+    });
+    const claims = await app.jwt.verify(session.accessToken);
+    const t = createManualClock();
+    const reads = vi.fn(t.now);
+    const load = createUserClaimsLoader(new UserStateRepository(app.sql), {
+      sessionMaxLifetime: 3600,
+      now: reads,
+    });
+    const state = () => ({ requestId: "r", ip: "127.0.0.1", certificate: null, principal: null });
+    await load(claims, state());
+    expect((await load(claims, state())).expiresAt).toBe(claims.exp * 1000);
+    expect(reads).not.toHaveBeenCalled();
+
+    // As an instance with no bound mints it: an exp past the session's end.
+    const [row] = await app.sql.all<{ created_at: unknown }>("select created_at from sessions where id = ?", [
+      claims.sid,
+    ]);
+    const end = Math.floor((toMillis(row!.created_at)! + 3600_000) / 1000) * 1000;
+    const late = { ...claims, exp: end / 1000 + 600 };
+    t.set(end - 1);
+    const first = await load(late, state());
+    expect(first.expiresAt).toBe(end);
+    expect(await load(late, state())).toBe(first);
+    t.set(end);
+    await expect(Promise.resolve().then(() => load(late, state()))).rejects.toMatchObject({
+      reason: "TOKEN_EXPIRED",
+    });
+    // One with no bound: no clock either.
+    reads.mockClear();
+    const unbounded = createUserClaimsLoader(new UserStateRepository(app.sql), { now: reads });
+    expect((await unbounded(late, state())).expiresAt).toBe(late.exp * 1000);
+    expect(reads).not.toHaveBeenCalled();
   });
 });
 

@@ -1,3 +1,4 @@
+import { type Clock, systemClock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
 import type { UserAuthState, UserStateRepository } from "../storage/repositories/subject-state.js";
@@ -9,6 +10,7 @@ import type { PasswordUpgrader } from "./password-upgrade.js";
 import { type Principal, TENANT_DISABLED_MESSAGE } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
+import { SESSION_LIFETIME_OVER, sessionEnd } from "./session-end.js";
 
 export { isTenantId, type UserAuthState } from "../storage/repositories/subject-state.js";
 
@@ -32,6 +34,14 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
   if (user.tenantDisabled) throw new TesseraError("PRINCIPAL_DISABLED", TENANT_DISABLED_MESSAGE);
 }
 
+/** What {@link createUserClaimsLoader} reads besides the user's state. */
+export interface UserClaimsLoaderOptions {
+  /** `auth.sessionMaxLifetime` (seconds): a session's tokens stop this long after its login; 0: no bound. */
+  sessionMaxLifetime?: number;
+  /** The clock a session's end is read against (tests pass a manual one). */
+  now?: Clock;
+}
+
 /**
  * Loader for user access tokens: the user must still exist and be enabled, the token's
  * session (`sid`) must not have ended, and the token's scopes are cut down to what the
@@ -40,18 +50,24 @@ export function assertUserActive(user: UserAuthState | null): asserts user is Us
  * sessions were tracked have long expired, so only a leaked signing key makes one now;
  * accepted, it would outlive every revocation of its user's sessions. A field check, before
  * any read: it costs the hot path nothing.
+ *
+ * Past its session's absolute end (auth/session-end.ts) a token is refused TOKEN_EXPIRED. The
+ * issuer caps every token at that end, so only one an instance not enforcing it minted (an
+ * older version in a rolling upgrade, or one configured with no bound) gets that far.
  */
-export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader {
+export function createUserClaimsLoader(
+  users: UserStateRepository,
+  options: UserClaimsLoaderOptions = {},
+): ClaimsLoader {
+  const { sessionMaxLifetime = 0, now = systemClock } = options;
   /**
-   * The last principal made from each user row, with the claims and certificate it was made
-   * from: the state cache hands out the same frozen row, and the JWT cache the same claims,
-   * until either changes, so a token seen before gets the same frozen principal back instead
-   * of a new object and scope list per call. A new row (any change, or no cache) misses.
+   * Per user row: its session's end, and the last principal made from it with the claims and
+   * certificate it was made from. The state cache hands out the same frozen row, and the JWT
+   * cache the same claims, until either changes, so the end is computed once per row and a
+   * token seen before gets the same frozen principal back instead of a new object and scope
+   * list per call. A new row (any change, or no cache) misses.
    */
-  const made = new WeakMap<
-    UserAuthState,
-    { claims: AccessTokenClaims; certificate: unknown; principal: Principal }
-  >();
+  const made = new WeakMap<UserAuthState, RowMemo>();
   return (claims, state) => {
     if (claims.sid === undefined) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
     return andThen(users.bySession(claims.sub, claims.sid), (row) => principalOf(claims, state, row));
@@ -69,10 +85,24 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
     if (user.sessionRevoked) throw new TesseraError("TOKEN_REVOKED", "the session has ended");
     if (user.tenantId !== claims.tid)
       throw new TesseraError("TOKEN_INVALID", "token tenant does not match its user");
+    let memo = made.get(user);
+    if (memo === undefined) {
+      // A row read with a session always has its start; without one (a bug) it fails closed.
+      memo = { end: sessionEnd(user.sessionStartedAt ?? Number.NEGATIVE_INFINITY, sessionMaxLifetime) };
+      made.set(user, memo);
+    }
+    // A token ending by its session's end needs no clock here: its own `exp`, checked exactly,
+    // ends it first. Before the memo's principal: that one must not outlive the session either.
+    let expiresAt = claims.exp * 1000;
+    if (expiresAt > memo.end) {
+      if (now() >= memo.end) throw new TesseraError("TOKEN_EXPIRED", SESSION_LIFETIME_OVER);
+      // What is told of its end (VerifyCredential's answer a downstream service caches, a
+      // WatchRevocations stream's deadline, introspection's exp) must be the session's.
+      expiresAt = memo.end;
+    }
     state.user = user;
-    const last = made.get(user);
-    if (last !== undefined && last.claims === claims && last.certificate === state.certificate)
-      return last.principal;
+    if (memo.claims === claims && memo.certificate === state.certificate && memo.principal !== undefined)
+      return memo.principal;
     const principal: Principal = {
       kind: "user",
       method: "jwt",
@@ -82,16 +112,27 @@ export function createUserClaimsLoader(users: UserStateRepository): ClaimsLoader
       // Shared by every call with these claims: frozen to the list too.
       scopes: Object.freeze(intersectScopes(parseScopeString(claims.scope), user.scopes)),
       certificate: state.certificate,
-      expiresAt: claims.exp * 1000,
+      expiresAt,
     };
     if (claims.jti) principal.credentialId = claims.jti;
     if (typeof claims.iat === "number") principal.issuedAt = claims.iat * 1000;
     principal.sessionId = claims.sid;
     if (claims.cnf?.["x5t#S256"] !== undefined) principal.certificateBinding = claims.cnf["x5t#S256"];
     Object.freeze(principal);
-    made.set(user, { claims, certificate: state.certificate, principal });
+    memo.claims = claims;
+    memo.certificate = state.certificate;
+    memo.principal = principal;
     return principal;
   }
+}
+
+/** What {@link createUserClaimsLoader} keeps per user row. */
+interface RowMemo {
+  /** The row's session's absolute end (epoch ms; infinite with no bound). */
+  readonly end: number;
+  claims?: AccessTokenClaims;
+  certificate?: unknown;
+  principal?: Principal;
 }
 
 /** Options for {@link createUserBasicVerifier}. */

@@ -41,7 +41,7 @@ export function createVerifierChain(config: Config, deps: VerifierChainDeps): Au
   if (config.admin.token) authenticator.bearer.push(createAdminTokenVerifier(config.admin.token));
   authenticator.bearer.push(
     createJwtBearerVerifier(jwt, {
-      user: createUserClaimsLoader(users),
+      user: createUserClaimsLoader(users, { sessionMaxLifetime: config.auth.sessionMaxLifetime, now: clock }),
       machine: createMachineClaimsLoader(machines, clock),
     }),
   );

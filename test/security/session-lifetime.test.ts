@@ -7,6 +7,7 @@ import { decodeJwt } from "jose";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { hashRefreshToken, SessionIssuer } from "../../src/services/user/sessions.js";
 import { RefreshToken, Session, User } from "../../src/storage/entities.js";
 import { rejection } from "../errors-util.js";
@@ -14,12 +15,13 @@ import {
   clientFor,
   DATABASES,
   pinnableClock,
+  sharedInstances,
   startTestServer,
   type TestDatabase,
   type TestServer,
   withHeaders,
 } from "../helpers.js";
-import { adminLogin, short } from "../machine-fixtures.js";
+import { adminLogin, short, verificationCodes, verifierMachine } from "../machine-fixtures.js";
 
 /**
  * A session has an absolute lifetime (auth.sessionMaxLifetime) from its login: refreshed as
@@ -275,3 +277,103 @@ describe.each(DATABASES)("a session's absolute lifetime on two instances ($name)
     expect(await reasonOf(refreshOn(a.grpc(), onA.refreshToken))).toBe("TOKEN_EXPIRED");
   });
 });
+
+describe.each(DATABASES)(
+  "a session's end on every call, for tokens an instance not bounding it issued ($name)",
+  (db) => {
+    const clock = pinnableClock();
+    // On one database: an instance with no bound (as one from before it, in a rolling upgrade)
+    // and one bounding sessions at MAX.
+    const [unbounded, bounded] = ((servers) => [() => servers[0]!, () => servers[1]!])(
+      sharedInstances(
+        db.name === "sqlite" ? "sqlite" : "postgres",
+        [{ auth: { ...config.auth, sessionMaxLifetime: 0 } }, config],
+        { clock: clock.now },
+      ),
+    );
+    let root: string;
+    let verifier: string;
+    let agent: Agent;
+
+    beforeAll(async () => {
+      root = await adminLogin(bounded().connect());
+      verifier = await verifierMachine(bounded().connect(), root);
+      agent = new Agent({ connect: { ca: bounded().certs.ca } });
+    });
+    afterAll(async () => {
+      clock.release();
+      await agent?.close();
+    });
+
+    const current = (ts: TestServer, token: string) =>
+      clientFor(UserService, ts.connect(), token).getCurrentUser({});
+    const verify = (token: string) =>
+      createClient(
+        VerificationService,
+        withHeaders(bounded().connect(), { authorization: `Bearer ${verifier}` }),
+      ).verifyCredential({ credential: token });
+    async function introspect(token: string) {
+      const res = await request(`${bounded().server.url}/oauth2/introspect`, {
+        method: "POST",
+        dispatcher: agent,
+        headers: {
+          "content-type": "application/x-www-form-urlencoded",
+          authorization: `Bearer ${verifier}`,
+        },
+        body: new URLSearchParams({ token }).toString(),
+      });
+      expect(res.statusCode).toBe(200);
+      return (await res.body.json()) as Record<string, unknown>;
+    }
+
+    /** Refreshed on the unbounded instance at t0+1700 s and t0+3400 s (the refresh tokens live 1800 s): its last pair. */
+    async function warmUnbounded(t0: number, refreshToken: string) {
+      clock.pin(t0 + 1700 * S);
+      const first = await refreshOn(unbounded().grpc(), refreshToken);
+      clock.pin(t0 + 3400 * S);
+      return refreshOn(unbounded().grpc(), first.refreshToken);
+    }
+
+    it("refuses a token minted past its session's end once the end comes: TOKEN_EXPIRED on a call, EXPIRED to VerifyCredential, inactive to introspection", async () => {
+      const t0 = wholeSecond();
+      clock.pin(t0);
+      const login = await loginAt(unbounded(), root);
+      const end = t0 + MAX * S;
+      // Kept warm near the end where nothing bounds it: an access token to t0+4000 s.
+      const late = await warmUnbounded(t0, login.refreshToken);
+      expect(at(late.accessTokenExpiresAt)).toBe(t0 + 4000 * S);
+
+      // Before the end: accepted, and what is told of its end is the session's.
+      clock.pin(end - S);
+      expect((await current(bounded(), late.accessToken)).username).toMatch(/^sl-/);
+      const before = await verify(late.accessToken);
+      expect(before.valid).toBe(true);
+      expect(at(before.expiresAt)).toBe(end);
+      expect(await introspect(late.accessToken)).toMatchObject({ active: true, exp: end / S });
+
+      // At the end: the same claims and the same cached row, refused (no principal kept from before).
+      clock.pin(end);
+      expect(await reasonOf(current(bounded(), late.accessToken))).toBe("TOKEN_EXPIRED");
+      expect(await verificationCodes([bounded()], verifier, late.accessToken)).toEqual(["EXPIRED"]);
+      expect(await introspect(late.accessToken)).toEqual({ active: false });
+      // The session itself is not revoked: only its time is up.
+      const em = bounded().app.storage.em.fork();
+      expect((await em.findOneOrFail(Session, { id: login.sid })).revokedAt ?? null).toBeNull();
+    });
+
+    it("changes nothing where sessions have no bound (auth.sessionMaxLifetime 0)", async () => {
+      const t0 = wholeSecond();
+      clock.pin(t0);
+      const login = await loginAt(unbounded(), root);
+      const late = await warmUnbounded(t0, login.refreshToken);
+      clock.pin(t0 + 3900 * S);
+      expect((await current(unbounded(), late.accessToken)).username).toMatch(/^sl-/);
+      const verified = await createClient(
+        VerificationService,
+        withHeaders(unbounded().connect(), { authorization: `Bearer ${verifier}` }),
+      ).verifyCredential({ credential: late.accessToken });
+      expect(verified.valid).toBe(true);
+      expect(at(verified.expiresAt)).toBe(t0 + 4000 * S);
+    });
+  },
+);

@@ -4,6 +4,7 @@ import { assertMayManage, NEW_PRINCIPAL } from "../../auth/authority.js";
 import type { JwtService } from "../../auth/jwt.js";
 import { TENANT_DISABLED_MESSAGE } from "../../auth/principal.js";
 import { parseScopeString } from "../../auth/scopes.js";
+import { SESSION_LIFETIME_OVER, sessionEnd } from "../../auth/session-end.js";
 import { type Clock, systemClock } from "../../clock.js";
 import { REFRESH_TOKEN_PREFIX } from "../../config/auth.js";
 import { TesseraError } from "../../errors.js";
@@ -29,9 +30,6 @@ export function hashRefreshToken(token: string): string {
   // 256 random bits: a fast hash is enough; a slow one would protect nothing more.
   return createHash("sha256").update(token).digest("hex");
 }
-
-/** Why a refresh past a session's absolute end is refused (TOKEN_EXPIRED, as an expired refresh token). */
-const SESSION_LIFETIME_OVER = "the session reached its maximum lifetime; log in again";
 
 /** The shape of the refresh tokens {@link SessionIssuer.issue} makes: the prefix and 32 random bytes, base64url. */
 const REFRESH_TOKEN_SHAPE = new RegExp(`^${REFRESH_TOKEN_PREFIX}[A-Za-z0-9_-]{43}$`);
@@ -61,11 +59,7 @@ export class SessionIssuer {
    * instances configured alike decide alike, and a changed bound applies to every session.
    */
   private endOf(startedAt: number): number {
-    // Down to a whole second, as a JWT's `exp` is: a pair issued in the end's last fraction
-    // of a second carried an access token dead on arrival.
-    return this.maxLifetimeSeconds > 0
-      ? Math.floor((startedAt + this.maxLifetimeSeconds * 1000) / 1000) * 1000
-      : Number.POSITIVE_INFINITY;
+    return sessionEnd(startedAt, this.maxLifetimeSeconds);
   }
 
   /** When session `familyId` must end (ms; infinite with no bound), from {@link startOf}. */

@@ -28,6 +28,11 @@ export interface UserAuthState {
    * been revoked. Always false for a row read without one.
    */
   sessionRevoked: boolean;
+  /**
+   * Read with a session: when it began (epoch ms, its row's `created_at`, the start the
+   * session's absolute end is counted from, see auth/session-end.ts). Null for a row read without one.
+   */
+  sessionStartedAt: number | null;
 }
 
 interface UserRow {
@@ -41,6 +46,7 @@ interface UserRow {
   created_at: unknown;
   /** Present only in rows read with a session. */
   session_revoked_at?: unknown;
+  session_created_at?: unknown;
 }
 
 const SELECT_USER =
@@ -70,7 +76,7 @@ const USER_BY_TENANT_NAME_USERNAME = `${SELECT_USER}t.name = ? and u.username = 
  */
 const USER_BY_SESSION =
   "select u.id, u.username, u.tenant_id, u.scopes, u.disabled, u.password_hash, u.created_at, " +
-  "t.disabled as tenant_disabled, s.revoked_at as session_revoked_at " +
+  "t.disabled as tenant_disabled, s.revoked_at as session_revoked_at, s.created_at as session_created_at " +
   "from users u join tenants t on t.id = u.tenant_id join sessions s on s.user_id = u.id " +
   "where u.id = ? and s.id = ?";
 
@@ -96,6 +102,7 @@ const userState = oncePerRow(
     passwordHash: row.password_hash,
     createdAt: toMillis(row.created_at) ?? 0,
     sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
+    sessionStartedAt: toMillis(row.session_created_at),
   }),
 );
 
