@@ -86,7 +86,7 @@ export interface RevocationCatchUpDeps {
 export class RevocationCatchUp {
   #applied: Claim = { id: 0, mark: markOf(undefined) };
   #flight: Promise<void> | undefined;
-  /** Reads of the newest id started (a call knows whether one began after it). */
+  /** Reads of the newest event started (a call knows whether one began after it). */
   #reads = 0;
   /** The feed's restarts this instance has emptied its cache for. */
   #epoch = 0;
@@ -268,7 +268,7 @@ export class RevocationCatchUp {
     const epoch = this.#epoch;
     const flight = this.deps.events.newest().then(
       (newest) => {
-        // Emptied even when the newest id is no news (a position past it names no event of
+        // Emptied even when the newest event is no news (a position past it names no event of
         // this feed: its ids went back), so that what the caller reads next is read anew.
         this.deps.sql.evictState?.();
         // A read begun before the feed restarted answers the old timeline's event: claimed, it
