@@ -187,6 +187,20 @@ describe("RevocationCatchUp", () => {
     expect(r.flushes.count).toBe(flushed + 1);
   });
 
+  it("answers Unavailable when the event at the cursor's id cannot be read, neither vouching nor emptying the cache", async () => {
+    const { r, flushed } = longFeed();
+    r.events.at = async () => {
+      throw new Error("connection terminated");
+    };
+    const cursor = r.catchUp.behind(r.codec.seal(event(1)))!;
+    await expect(r.catchUp.catchUp(cursor, 60_000)).rejects.toMatchObject({
+      reason: "UNAVAILABLE",
+      headers: { "retry-after": "1" },
+    });
+    expect(cursor.vouched).toBe(-1);
+    expect(r.flushes.count).toBe(flushed);
+  });
+
   it("keeps an opened cursor's mark in memory of its own, not a view of a larger buffer", () => {
     const r = rig();
     r.deliver(r.events.add([event(1)]));
