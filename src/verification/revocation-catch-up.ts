@@ -175,9 +175,9 @@ export class RevocationCatchUp {
    * applied position whose mark this instance does not know is settled by {@link #confirmed}
    * when it can be; when not, it makes one such read too, and wakes the feed, which then sees
    * whether its ids went back. From then on the cursor costs nothing (one above the newest id,
-   * left by a restore, included). Rejects UNAVAILABLE past
-   * `timeoutMs` (at most {@link CATCH_UP_MS}) or when the database cannot be read: never an
-   * answer that may predate the event.
+   * left by a restore, included). Rejects UNAVAILABLE past `timeoutMs` (at most
+   * {@link CATCH_UP_MS}) or when the database cannot be read: never an answer that may
+   * predate the event.
    */
   catchUp(cursor: CaughtUpCursor, timeoutMs = this.#timeoutMs): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
