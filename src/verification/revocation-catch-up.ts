@@ -1,5 +1,8 @@
 import { errors, TesseraError } from "../errors.js";
-import type { RevocationEventRepository } from "../storage/repositories/revocation-events.js";
+import type {
+  RevocationEventRepository,
+  RevocationRecord,
+} from "../storage/repositories/revocation-events.js";
 import type { SqlRunner } from "../storage/sql.js";
 import { type FeedAnchor, markOf } from "./revocation-cursor.js";
 import type { RevocationFeed } from "./revocation-feed.js";
@@ -19,9 +22,9 @@ const KEPT_CURSORS = 1_024;
 
 /**
  * Events read by the feed (and marks caught up with) that are kept: a cursor naming an older
- * one costs a read and an emptied state cache. A cursor names one of the last few, as a rule;
- * kept deep so that a caller cycling through old cursors needs that many events to pass and
- * that many streams opened first (a few MB at most: an event's fields, or an 8-byte mark).
+ * one costs two reads by primary key (and, only when they do not match, a read of the newest
+ * event and an emptied state cache). A cursor names one of the last few, as a rule; kept deep
+ * so that the reads are rare (a few MB at most: an event's fields, or an 8-byte mark).
  */
 export const KEPT_EVENTS = 16_384;
 
@@ -32,6 +35,22 @@ export interface CaughtUpCursor {
   readonly mark: Buffer | undefined;
   /** The feed's restart count when every event through it was found reflected here (-1: not yet). */
   vouched: number;
+}
+
+/** What {@link RevocationCatchUp.applied} was claimed at: an id, and the mark of the event read there (zeros: none). */
+interface Claim {
+  readonly id: number;
+  readonly mark: Buffer;
+}
+
+/**
+ * A read of the event at one id, shared by the callers that need it: `seq` numbers its start
+ * among the others, `done` is how many had started when its answer came (-1: not yet).
+ */
+interface EventRead {
+  readonly seq: number;
+  done: number;
+  readonly read: Promise<RevocationRecord | undefined>;
 }
 
 /** Dependencies of {@link RevocationCatchUp}. */
@@ -59,16 +78,21 @@ export interface RevocationCatchUpDeps {
  * read of state that starts later sees those commits; a read that was in flight then is not
  * kept (the cache's epoch). The feed's own reads raise it (each batch read empties the cache:
  * a batch comes of writes that empty it anyway), and a caller ahead of it makes the instance
- * read the feed's newest id itself, one query, then empty the cache (concurrent callers
- * share the read).
+ * read the feed's newest event itself, one query, then empty the cache (concurrent callers
+ * share the read). Each claim keeps the event it was made at ({@link Claim}): a cursor at an
+ * applied position whose event this instance no longer remembers is settled by reading that
+ * event and the claim's back ({@link #confirmed}), without emptying the cache.
  */
 export class RevocationCatchUp {
-  #applied = 0;
+  #applied: Claim = { id: 0, mark: markOf(undefined) };
   #flight: Promise<void> | undefined;
-  /** Reads of the newest id started (a call knows whether one began after it). */
+  /** Reads of the newest event started (a call knows whether one began after it). */
   #reads = 0;
   /** The feed's restarts this instance has emptied its cache for. */
   #epoch = 0;
+  /** Reads of the event at an id in flight, by id; `#eventReads` counts those started. */
+  readonly #inFlight = new Map<number, EventRead>();
+  #eventReads = 0;
   readonly #opened = new Map<string, CaughtUpCursor>();
   /** The last events the feed read, by id: what a cursor's mark is checked against. */
   readonly #seen = new Map<number, FeedAnchor>();
@@ -80,7 +104,8 @@ export class RevocationCatchUp {
     this.#timeoutMs = deps.timeoutMs ?? CATCH_UP_MS;
     deps.feed.subscribe((batch) => {
       for (const e of batch.events) keep(this.#seen, e.id, e);
-      this.#reached(batch.position);
+      const last = batch.events.at(-1);
+      if (last?.id === batch.position) this.#reached(last);
     });
     deps.feed.onLost(() => {
       if (deps.feed.restarts !== this.#epoch) {
@@ -91,17 +116,17 @@ export class RevocationCatchUp {
         this.#seen.clear();
         this.#caughtUp.clear();
         this.deps.sql.evictState?.();
-        this.#applied = deps.feed.position;
+        this.#claim(deps.feed.anchor);
         return;
       }
       // It stopped vouching: what was claimed past its position is claimed no more.
-      this.#applied = Math.min(this.#applied, deps.feed.position);
+      if (deps.feed.position < this.#applied.id) this.#claim(deps.feed.anchor);
     });
   }
 
   /** The id through which every revocation event is reflected in this instance's caches. */
   get applied(): number {
-    return this.#applied;
+    return this.#applied.id;
   }
 
   /**
@@ -126,7 +151,7 @@ export class RevocationCatchUp {
       this.#opened.set(cursor, kept);
     }
     if (kept.vouched === this.#epoch) return undefined;
-    if (kept.position > this.#applied) return kept;
+    if (kept.position > this.#applied.id) return kept;
     // Applied, if the event at that id is the one the caller was sent: after a restore the
     // feed this instance read and the caller's are two, until this one reads past it.
     if (kept.mark !== undefined && !this.#known(kept.position, kept.mark)) return kept;
@@ -138,19 +163,21 @@ export class RevocationCatchUp {
   #known(position: number, mark: Buffer): boolean {
     const feed = this.deps.feed;
     if (this.#caughtUp.get(position)?.equals(mark)) return true;
+    if (position === this.#applied.id && this.#applied.mark.equals(mark)) return true;
     const anchor = position === feed.position ? feed.anchor : this.#seen.get(position);
     if (anchor === undefined && position !== 0) return false;
     return markOf(anchor).equals(mark);
   }
 
   /**
-   * Resolves once every event through `cursor` is reflected here: the feed's newest id read by
-   * a query that started after this call, and the cache emptied after it (a cursor whose mark
-   * this instance does not know makes one such read even when its position is applied, and
-   * wakes the feed, which then sees whether its ids went back). From then on the cursor costs
-   * nothing (one above the newest id, left by a restore, included). Rejects UNAVAILABLE past
-   * `timeoutMs` (at most {@link CATCH_UP_MS}) or when the database cannot be read: never an
-   * answer that may predate the event.
+   * Resolves once every event through `cursor` is reflected here: the feed's newest event read
+   * by a query that started after this call, and the cache emptied after it. A cursor at an
+   * applied position whose mark this instance does not know is settled by {@link #confirmed}
+   * when it can be; when not, it makes one such read too, and wakes the feed, which then sees
+   * whether its ids went back. From then on the cursor costs nothing (one above the newest id,
+   * left by a restore, included). Rejects UNAVAILABLE past `timeoutMs` (at most
+   * {@link CATCH_UP_MS}) or when the database cannot be read: never an answer that may
+   * predate the event.
    */
   catchUp(cursor: CaughtUpCursor, timeoutMs = this.#timeoutMs): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
@@ -164,9 +191,18 @@ export class RevocationCatchUp {
   async #until(cursor: CaughtUpCursor): Promise<void> {
     const asked = this.#reads;
     const epoch = this.#epoch;
-    const unknown = cursor.position <= this.#applied;
+    const claim = this.#applied;
+    const unknown = cursor.position <= claim.id;
+    const { mark } = cursor;
+    const confirmed = unknown && mark !== undefined && (await this.#confirmed(cursor.position, mark, claim));
+    // Unless withdrawn meanwhile (the feed restarted, or stopped vouching below it): then caught up with as before.
+    if (confirmed && mark !== undefined && this.#epoch === epoch && cursor.position <= this.#applied.id) {
+      keep(this.#caughtUp, cursor.position, mark);
+      cursor.vouched = epoch;
+      return;
+    }
     if (unknown) this.deps.feed.wake();
-    while (unknown || this.#applied < cursor.position) {
+    while (unknown || this.#applied.id < cursor.position) {
       // A read already running may have started before the caller's event committed: it
       // is joined, and once it is over, a read of this call's own (shared with later callers) decides.
       const flight = this.#flight ?? this.#start();
@@ -182,18 +218,62 @@ export class RevocationCatchUp {
     cursor.vouched = this.#epoch;
   }
 
-  /** One read of the newest event id, shared by the callers waiting meanwhile. */
+  /**
+   * Whether the event `mark` is of is at `position` on the database now, and so is the event
+   * `claim` was made at: the caller's event is then one this instance read (a restore since
+   * the claim would have taken its id back, drawing it again for another event or none), and
+   * reflected here as every other up to the claim. Read in that order, each by a query begun
+   * after the one before it ended: both hold at the second's instant, between the claim's and now.
+   */
+  async #confirmed(position: number, mark: Buffer, claim: Claim): Promise<boolean> {
+    const caller = await this.#eventAt(position, this.#eventReads);
+    if (!markOf(caller.event).equals(mark)) return false;
+    return markOf((await this.#eventAt(claim.id, caller.done)).event).equals(claim.mark);
+  }
+
+  /**
+   * The event at `id` (none: undefined), read by a query that began once `after` reads had
+   * begun: one in flight that began earlier is waited out, and one begun since, by any caller,
+   * is shared. Rejects UNAVAILABLE when the database cannot be read.
+   */
+  async #eventAt(id: number, after: number): Promise<{ event: RevocationRecord | undefined; done: number }> {
+    for (;;) {
+      const flight = this.#inFlight.get(id) ?? this.#readEvent(id);
+      const event = await flight.read;
+      if (flight.seq > after) return { event, done: flight.done };
+    }
+  }
+
+  #readEvent(id: number): EventRead {
+    const flight: EventRead = {
+      seq: ++this.#eventReads,
+      done: -1,
+      read: this.deps.events
+        .at(id)
+        .catch(() => {
+          throw behind();
+        })
+        .finally(() => {
+          flight.done = this.#eventReads;
+          if (this.#inFlight.get(id) === flight) this.#inFlight.delete(id);
+        }),
+    };
+    this.#inFlight.set(id, flight);
+    return flight;
+  }
+
+  /** One read of the newest event, shared by the callers waiting meanwhile. */
   #start(): Promise<void> {
     this.#reads++;
     const epoch = this.#epoch;
-    const flight = this.deps.events.lastId().then(
+    const flight = this.deps.events.newest().then(
       (newest) => {
-        // Emptied even when the newest id is no news (a position past it names no event of
+        // Emptied even when the newest event is no news (a position past it names no event of
         // this feed: its ids went back), so that what the caller reads next is read anew.
         this.deps.sql.evictState?.();
-        // A read begun before the feed restarted answers the old timeline's id: claimed, it
+        // A read begun before the feed restarted answers the old timeline's event: claimed, it
         // would vouch for ids the new timeline draws again before this instance read them.
-        if (this.#epoch === epoch) this.#applied = Math.max(this.#applied, newest);
+        if (this.#epoch === epoch && (newest?.id ?? 0) > this.#applied.id) this.#claim(newest);
       },
       () => {
         throw behind();
@@ -206,11 +286,16 @@ export class RevocationCatchUp {
     return shared;
   }
 
-  /** Every event through `position` has committed and was read: empty the cache, then claim it. */
-  #reached(position: number): void {
-    if (position <= this.#applied) return;
+  /** Every event through `last` has committed and was read: empty the cache, then claim it. */
+  #reached(last: FeedAnchor): void {
+    if (last.id <= this.#applied.id) return;
     this.deps.sql.evictState?.();
-    this.#applied = position;
+    this.#claim(last);
+  }
+
+  /** Claim every event through `anchor` (none: an empty feed) as applied, keeping the event's mark. */
+  #claim(anchor: FeedAnchor | undefined): void {
+    this.#applied = { id: anchor?.id ?? 0, mark: markOf(anchor) };
   }
 }
 
