@@ -153,7 +153,7 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
 
   it("releases a stream reset while it reads the database to resume, whose first message then meets a closed stream", async () => {
     // The resume's first read waits (as on a loaded database) until the client has gone.
-    const lastId = RevocationEventRepository.prototype.lastId;
+    const newest = RevocationEventRepository.prototype.newest;
     let reached!: () => void;
     const reading = new Promise<void>((resolve) => {
       reached = resolve;
@@ -162,10 +162,10 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
     const gate = new Promise<void>((resolve) => {
       release = resolve;
     });
-    RevocationEventRepository.prototype.lastId = async function (this: RevocationEventRepository) {
+    RevocationEventRepository.prototype.newest = async function (this: RevocationEventRepository) {
       reached();
       await gate;
-      return lastId.call(this);
+      return newest.call(this);
     };
     try {
       const { session, stream } = start({ cursor });
@@ -178,7 +178,7 @@ describe("WatchRevocations streams ended by the client, the deadline or the serv
       await openDrops();
       session.destroy();
     } finally {
-      RevocationEventRepository.prototype.lastId = lastId;
+      RevocationEventRepository.prototype.newest = newest;
       release();
     }
   });
