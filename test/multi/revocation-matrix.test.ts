@@ -1,3 +1,4 @@
+import { join } from "node:path";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -5,6 +6,7 @@ import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
+import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
 import { rejection } from "../errors-util.js";
 import { clientFor, POSTGRES, type TestDatabase, withHeaders } from "../helpers.js";
 import {
@@ -14,6 +16,7 @@ import {
   mintClientCertificate,
   short,
 } from "../machine-fixtures.js";
+import { splitTransport } from "../watch-fixtures.js";
 import { type Instances, startInstances, stopInstances } from "./fixtures.js";
 
 /**
@@ -379,4 +382,56 @@ describe("the revocation matrix across two PostgreSQL instances", () => {
       await held.close?.();
     }
   });
+});
+
+/**
+ * The same cells through the SDK's core (what createTesseraAuthInterceptor and the middleware
+ * run), its revocation watch on the revoking instance and its VerifyCredential calls on the
+ * other, as behind a load balancer. Its cache is dropped by the watch's events, which race the
+ * revoking RPC's answer: the test waits for the event, then the SDK's next call must be
+ * refused, verified anew by the checked instance as of that event's cursor.
+ */
+describe("the same cells through the SDK, watching the revoking instance and verifying through the other", () => {
+  let auth: TesseraAuth;
+  beforeAll(async () => {
+    auth = createTesseraAuth({
+      server: m.b.url,
+      caFile: join(m.certs.dir, "ca.crt"),
+      credential: m.verifier,
+      transport: splitTransport(checked, m.tb),
+    });
+    expect(await auth.ready(10_000)).toBe(true);
+  });
+  afterAll(() => auth?.close());
+
+  /** The SDK's answer: "ok", or the refusal's reason. */
+  async function sdk(header: string): Promise<string> {
+    try {
+      await auth.authenticate(header);
+      return "ok";
+    } catch (err) {
+      return (err as { reason?: string }).reason ?? String(err);
+    }
+  }
+
+  // Refresh tokens and certificates are not presented to a service in a header.
+  const headerless = ["refresh token", "client certificate (binding)"];
+  it.each(CELLS.filter(([kind]) => !headerless.includes(kind)))(
+    "%s, %s on one instance: refused by the SDK's next call once the event is in",
+    async (kind, action) => {
+      const held = await KINDS[kind]!.make();
+      const presented = held.presented!;
+      const header = presented.startsWith("Basic ") ? presented : `Bearer ${presented}`;
+      expect(await sdk(header)).toBe("ok");
+      // The second call is answered by the SDK itself (its cache, or offline for a JWT).
+      const calls = auth.stats().verifyCalls;
+      expect(await sdk(header)).toBe("ok");
+      expect(auth.stats().verifyCalls).toBe(calls);
+
+      const events = auth.stats().watch!.events;
+      await held.acts[action]!();
+      await expect.poll(() => auth.stats().watch!.events).toBeGreaterThan(events);
+      expect(await sdk(header)).not.toBe("ok");
+    },
+  );
 });
