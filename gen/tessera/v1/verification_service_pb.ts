@@ -306,7 +306,9 @@ export enum VerificationCode {
   EXPIRED = 3,
 
   /**
-   * Revoked, replaced by a credential rotation, its session ended or its owner deleted.
+   * Revoked, rotated out once a grace period has run out, its session ended, or (a JWT) its
+   * owner deleted. A PAT, API key, machine token or Basic pair is deleted with its owner, and one
+   * rotated out without a grace period is gone: NOT_FOUND.
    *
    * @generated from enum value: REVOKED = 4;
    */
