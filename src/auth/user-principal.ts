@@ -1,7 +1,11 @@
 import { type Clock, systemClock } from "../clock.js";
 import type { RequestState } from "../context.js";
 import { TesseraError } from "../errors.js";
-import type { UserAuthState, UserStateRepository } from "../storage/repositories/subject-state.js";
+import {
+  sessionStartOf,
+  type UserAuthState,
+  type UserStateRepository,
+} from "../storage/repositories/subject-state.js";
 import type { BasicVerifier, ClaimsLoader } from "./authenticator.js";
 import { andThen } from "./awaitable.js";
 import type { AccessTokenClaims } from "./jwt.js";
@@ -88,7 +92,12 @@ export function createUserClaimsLoader(
     let memo = made.get(user);
     if (memo === undefined) {
       // A row read with a session always has its start; without one (a bug) it fails closed.
-      memo = { end: sessionEnd(user.sessionStartedAt ?? Number.NEGATIVE_INFINITY, sessionMaxLifetime) };
+      // Parsed only with a bound: a timestamp's parse is the costliest step of a row's read.
+      const end =
+        sessionMaxLifetime > 0
+          ? sessionEnd(sessionStartOf(user) ?? Number.NEGATIVE_INFINITY, sessionMaxLifetime)
+          : Number.POSITIVE_INFINITY;
+      memo = { end };
       made.set(user, memo);
     }
     // A token ending by its session's end needs no clock here: its own `exp`, checked exactly,

@@ -304,7 +304,7 @@ export const authSchema = z
       .register(configKeys, {
         env: "TESSERA_SESSION_MAX_LIFETIME",
         description:
-          "Absolute lifetime of a user session in seconds (2592000: 30 days), from its login, however often it is refreshed: a refresh past it is refused with TOKEN_EXPIRED (the refresh token left unspent, as an expired one), and no refresh or access token it issues outlives it; an access token of it that outlives it (issued by an instance with no bound) is refused with TOKEN_EXPIRED from that end, on every call. Applies to sessions opened before it was set, from their login. 0: no bound (a session refreshed within auth.jwt.refreshTokenTtl lasts forever).",
+          "Absolute lifetime of a user session in seconds (2592000: 30 days), from its login, however often it is refreshed: a refresh past it is refused with TOKEN_EXPIRED (the refresh token left unspent, as an expired one), and no refresh or access token it issues outlives it; an access token of it that outlives it (issued by an instance with no bound) is refused with TOKEN_EXPIRED from that end, on every call Tessera answers (the SDK's offline JWT check sees only exp). Applies to sessions opened before it was set, from their login. 0: no bound (a session refreshed within auth.jwt.refreshTokenTtl lasts forever).",
       }),
     sessionPruneInterval: z.number().int().min(0).default(3600).register(configKeys, {
       env: "TESSERA_SESSION_PRUNE_INTERVAL",

@@ -29,10 +29,16 @@ export interface UserAuthState {
    */
   sessionRevoked: boolean;
   /**
-   * Read with a session: when it began (epoch ms, its row's `created_at`, the start the
-   * session's absolute end is counted from, see auth/session-end.ts). Null for a row read without one.
+   * Read with a session: its row's `created_at` as the database returned it, the start the
+   * session's absolute end is counted from (see auth/session-end.ts); read it with
+   * {@link sessionStartOf}. Left unparsed: only an instance with a bound needs it, once per row.
    */
-  sessionStartedAt: number | null;
+  sessionCreatedAt: unknown;
+}
+
+/** When `user`'s session began (epoch ms), for a row read with one; null otherwise. */
+export function sessionStartOf(user: UserAuthState): number | null {
+  return toMillis(user.sessionCreatedAt);
 }
 
 interface UserRow {
@@ -102,7 +108,7 @@ const userState = oncePerRow(
     passwordHash: row.password_hash,
     createdAt: toMillis(row.created_at) ?? 0,
     sessionRevoked: row.session_revoked_at !== undefined && row.session_revoked_at !== null,
-    sessionStartedAt: toMillis(row.session_created_at),
+    sessionCreatedAt: row.session_created_at ?? null,
   }),
 );
 
