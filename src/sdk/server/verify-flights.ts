@@ -44,9 +44,9 @@ export type FlightRefusal = "busy" | "waited";
  * and each one not yet known was one more call to Tessera held in memory (queued behind the
  * connection's stream limit) for as long as the caller kept sending new ones. A slot is held
  * by each call until Tessera answers it (or its timeout ends it), a call replaced by a later
- * epoch's included: the epoch moves with every event of any tenant, and a re-ask that reused
- * the earlier call's slot sent Tessera one more call per event. So a re-ask takes a slot of
- * its own, by the rules of any other call. Past `max` a call is refused with
+ * epoch's included: the epoch moves with every event of any tenant, so a re-ask sharing the
+ * earlier call's slot would let each event put one more call at Tessera. A re-ask takes a
+ * slot of its own, by the rules of any other call. Past `max` a call is refused with
  * `refusal("busy")` at once, and counted.
  *
  * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
