@@ -1,5 +1,14 @@
+import { createRouterTransport } from "@connectrpc/connect";
 import { describe, expect, it } from "vitest";
+import {
+  RevocationKind,
+  VerificationCode,
+  VerificationService,
+  VerifiedPrincipalKind,
+} from "../gen/tessera/v1/verification_service_pb.js";
+import { createTesseraAuth, type TesseraAuthError } from "../src/sdk/server/index.js";
 import { type FlightRefusal, VerifyFlights } from "../src/sdk/server/verify-flights.js";
+import { FakeStream } from "./sdk-fake-watch.js";
 
 /**
  * The core's verifications in flight on their own: at most `max` distinct credentials asked
@@ -15,11 +24,13 @@ function deferred<T>() {
   return { promise, resolve };
 }
 
-/** Flights whose answers the test gives, recording what was asked. */
+/** Flights whose answers the test gives, recording what was asked and how many asks were at Tessera at once. */
 function scripted(max: number, waitMs = 60_000) {
   const asked: string[] = [];
-  const answers = new Map<string, ReturnType<typeof deferred<string>>>();
+  /** Each credential's asks not answered yet, oldest first. */
+  const answers = new Map<string, ReturnType<typeof deferred<string>>[]>();
   const refusals: FlightRefusal[] = [];
+  const tessera = { atOnce: 0, peak: 0 };
   const flights = new VerifyFlights<string>(
     max,
     (why) => {
@@ -34,14 +45,16 @@ function scripted(max: number, waitMs = 60_000) {
       epoch,
       () => {
         asked.push(credential);
+        tessera.peak = Math.max(tessera.peak, ++tessera.atOnce);
         const d = deferred<string>();
-        answers.set(credential, d);
-        return d.promise;
+        answers.set(credential, [...(answers.get(credential) ?? []), d]);
+        return d.promise.finally(() => tessera.atOnce--);
       },
       wait,
     );
-  const settle = (credential: string) => answers.get(credential)!.resolve(`answer ${credential}`);
-  return { flights, asked, refusals, answer, settle };
+  /** Tessera answers the oldest ask for `credential` it has not answered. */
+  const settle = (credential: string) => answers.get(credential)!.shift()!.resolve(`answer ${credential}`);
+  return { flights, asked, refusals, answer, settle, tessera };
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
@@ -179,30 +192,143 @@ describe("the SDK's verifications in flight", () => {
     expect(f.refusals).toEqual([]);
   });
 
-  it("holds a call that may wait to its share when it would replace a new call's flight of an older epoch", async () => {
+  it("counts a call a later epoch's replaced until Tessera answers it: five epochs at a cap of 2 never put more than 2 calls at Tessera", async () => {
+    const f = scripted(2);
+    const first = [f.answer("a"), f.answer("b")];
+    // Revocation events of any tenant move the epoch: each new call for a or b asks again,
+    // which needs a slot of its own (the earlier call is still at Tessera): none is free.
+    const reasks: Promise<string>[] = [];
+    for (let epoch = 1; epoch <= 5; epoch++)
+      for (const c of ["a", "b"]) reasks.push(f.answer(c, undefined, epoch).catch((e: Error) => e.message));
+    expect(f.asked).toEqual(["a", "b"]);
+    expect(f.tessera.peak).toBe(2);
+    expect(await Promise.all(reasks)).toEqual(Array(10).fill("refused: busy"));
+    expect(f.flights.refused).toBe(10);
+    // Once Tessera answers a's first call, its slot is free for the re-ask (joined at its epoch).
+    f.settle("a");
+    expect(await first[0]).toBe("answer a");
+    const again = [f.answer("a", undefined, 5), f.answer("a", undefined, 5)];
+    expect(f.asked).toEqual(["a", "b", "a"]);
+    f.settle("a");
+    f.settle("b");
+    expect(await Promise.all([...again, first[1]])).toEqual(["answer a", "answer a", "answer b"]);
+    expect(f.tessera.peak).toBe(2);
+  });
+
+  it("makes a re-check asking again at a later epoch wait for a slot of its own, first in first out, within the share", async () => {
     const f = scripted(4);
     for (const c of ["a", "b", "c"]) void f.answer(c, undefined, 0);
     void f.answer("d", {}, 0);
-    // A loss (epoch 1): held streams of a, b and c re-checked. Two fit in the share, replacing
-    // the new calls' flights; the third would hold a fourth slot of re-checks: it waits.
-    const c1 = f.answer("c", {}, 1);
-    void f.answer("a", {}, 1);
-    const b1 = f.answer("b", {}, 1);
-    expect(f.asked).toEqual(["a", "b", "c", "d", "c", "a"]);
-    expect(f.flights.waiting).toBe(1);
-    // When a re-check's flight ends, b's flies in its slot.
-    f.settle("d");
-    await tick();
-    expect(f.asked).toEqual(["a", "b", "c", "d", "c", "a", "b"]);
-    f.settle("b");
+    // A loss (epoch 1): held streams of c, a and b re-checked. Every slot is held by a call
+    // still at Tessera, the replaced ones included: the three wait, in arrival order.
+    const rechecks = ["c", "a", "b"].map((c) => f.answer(c, {}, 1));
+    expect(f.asked).toEqual(["a", "b", "c", "d"]);
+    expect(f.flights.waiting).toBe(3);
+    // Each call Tessera answers hands its slot to the oldest waiting re-check.
+    for (const [answered, next] of [
+      ["d", "c"],
+      ["a", "a"],
+      ["b", "b"],
+    ]) {
+      f.settle(answered!);
+      await tick();
+      expect(f.asked.at(-1)).toBe(next);
+    }
+    // c's first call, still at Tessera, holds the fourth slot: a new call is refused until it answers.
+    expect(f.flights.waiting).toBe(0);
+    await expect(f.answer("e")).rejects.toThrow("refused: busy");
     f.settle("c");
-    expect(await Promise.all([c1, b1])).toEqual(["answer c", "answer b"]);
-    expect(f.refusals).toEqual([]);
+    await tick();
+    // The share holds: three re-checks fly, the fourth slot is the new calls'.
+    const e = f.answer("e");
+    expect(f.asked).toEqual(["a", "b", "c", "d", "c", "a", "b", "e"]);
+    for (const c of ["c", "a", "b", "e"]) f.settle(c);
+    expect(await Promise.all([...rechecks, e])).toEqual(["answer c", "answer a", "answer b", "answer e"]);
+    expect(f.tessera.peak).toBe(4);
+    expect(f.refusals).toEqual(["busy"]);
   });
 
   it("gives calls that may wait 3/4 of the slots, at least one", () => {
     expect([1, 2, 3, 4, 64, 1024].map((max) => new VerifyFlights(max).recheckShare)).toEqual([
       1, 1, 2, 3, 48, 768,
     ]);
+  });
+});
+
+/** Tessera answering VerifyCredential only when the test opens its gate, counting the calls it holds at once. */
+function gatedTessera() {
+  const watch = new FakeStream();
+  const at = { asked: 0, now: 0, peak: 0 };
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => {
+    open = resolve;
+  });
+  const transport = createRouterTransport(({ service }) =>
+    service(VerificationService, {
+      async verifyCredential(req) {
+        at.asked++;
+        at.peak = Math.max(at.peak, ++at.now);
+        await gate;
+        at.now--;
+        return {
+          valid: true,
+          code: VerificationCode.VALID,
+          principalId: `user-${req.credential}`,
+          principalKind: VerifiedPrincipalKind.USER,
+          tenantId: "tenant-1",
+          credentialId: `cid-${req.credential}`,
+          credentialKind: "pat",
+        };
+      },
+      async *watchRevocations(_req, ctx) {
+        yield* watch.messages(ctx.signal);
+      },
+    }),
+  );
+  return { watch, at, open, transport };
+}
+
+describe("the core's VerifyCredential calls at Tessera", () => {
+  it("never outnumber maxConcurrentVerifications while revocation events of other tenants move the watch's epoch", async () => {
+    const tessera = gatedTessera();
+    const auth = createTesseraAuth({
+      server: "https://tessera.invalid",
+      transport: tessera.transport,
+      maxConcurrentVerifications: 2,
+      jwt: { verify: "online" },
+      fetchJson: async () => ({ keys: [] }),
+    });
+    try {
+      tessera.watch.push({ cursor: "c0", heartbeatSeconds: 30 });
+      expect(await auth.ready(5000)).toBe(true);
+      const first = ["a", "b"].map((c) => auth.authenticate(`Bearer pat-${c}`));
+      await expect.poll(() => tessera.at.now).toBe(2);
+      // Five events of another tenant, each followed by a new call for each credential in flight.
+      const again: Promise<unknown>[] = [];
+      for (let i = 1; i <= 5; i++) {
+        const events = auth.stats().watch!.events;
+        tessera.watch.push({
+          cursor: `c${i}`,
+          events: [{ kind: RevocationKind.SUBJECT, id: `elsewhere-${i}`, tenantId: "tenant-2" } as never],
+        });
+        await expect.poll(() => auth.stats().watch!.events).toBe(events + 1);
+        for (const c of ["a", "b"]) again.push(auth.authenticate(`Bearer pat-${c}`).catch((e: unknown) => e));
+      }
+      // Each of the ten was asked of Tessera or refused by the core, and Tessera has seen every one asked.
+      await expect.poll(() => auth.stats().verifyCalls + auth.stats().verifyRefused).toBe(12);
+      await expect.poll(() => tessera.at.asked).toBe(auth.stats().verifyCalls);
+      expect(tessera.at.peak).toBe(2);
+      tessera.open();
+      expect((await Promise.all(first)).map((p) => p.id)).toEqual(["user-pat-a", "user-pat-b"]);
+      // Refused 503 at once, as any call past the bound: the earlier calls held both slots.
+      const refused = (await Promise.all(again)) as TesseraAuthError[];
+      expect(refused.map((e) => [e.reason, e.retryAfterSeconds])).toEqual(Array(10).fill(["UNAVAILABLE", 1]));
+      // Their slots free once Tessera answered: a call is asked again.
+      expect((await auth.authenticate("Bearer pat-a")).id).toBe("user-pat-a");
+      expect(auth.stats().verifyCalls).toBe(3);
+      expect(tessera.at.peak).toBe(2);
+    } finally {
+      auth.close();
+    }
   });
 });

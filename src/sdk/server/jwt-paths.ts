@@ -75,11 +75,17 @@ export interface OfflineVerdictDeps {
   now: () => number;
 }
 
-/** Whether an offline-verified token may be admitted without asking Tessera. */
+/**
+ * Whether an offline-verified token may be admitted without asking Tessera. A user's token
+ * without `sid` is refused as Tessera refuses it (an ended session's): every one Tessera
+ * mints names its session, so only a leaked signing key makes one, and no session
+ * revocation would ever end it. A machine user's token (`pk` "machine") has no session.
+ */
 export function offlineVerdict(
   claims: AccessTokenClaims,
   deps: OfflineVerdictDeps,
 ): "accept" | "ask" | "revoked" {
+  if (claims.pk === "user" && !claims.sid) return "revoked";
   const { watch, skewMs } = deps;
   if (!watch?.healthy() || !deps.walled.has(claims.tid)) return "ask";
   const issued = claims.iat * 1000;

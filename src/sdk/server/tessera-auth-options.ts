@@ -49,8 +49,10 @@ export interface TesseraAuthOptions {
   /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
   verifyTimeoutMs?: number;
   /**
-   * Distinct credentials verified by Tessera at once (default 1024); past it a new call is
-   * refused with 503 at once. Calls for one credential share one verification. A held
+   * VerifyCredential calls at Tessera at once (default 1024); past it a new call is refused
+   * with 503 at once. Calls for one credential share one verification, until a revocation
+   * event (of any tenant) or a loss of the watch: a call after it asks again, in a slot of
+   * its own, the earlier call holding its slot until Tessera answers it. A held
    * stream's re-check after a loss of the watch (every stream it vouched for is re-checked
    * then, and Tessera ends the watch about hourly) instead waits, first in first out, for a
    * slot, for up to 5 s: only then is it refused and the stream ended with 503 (counted in
@@ -100,7 +102,7 @@ export interface TesseraAuthStats {
   cacheHits: number;
   verifyCalls: number;
   /**
-   * Calls refused (503) because `maxConcurrentVerifications` credentials were being verified:
+   * Calls refused (503) because `maxConcurrentVerifications` VerifyCredential calls were at Tessera:
    * new calls at once, held streams' re-checks once they waited past their deadline.
    */
   verifyRefused: number;

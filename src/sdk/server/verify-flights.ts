@@ -23,8 +23,6 @@ interface Waiter<T> {
 interface Flight<T> {
   readonly epoch: number;
   readonly answer: Promise<T>;
-  /** Asked for a call that may wait: it holds one of their share of the slots. */
-  readonly waitable: boolean;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -42,29 +40,34 @@ export type FlightRefusal = "busy" | "waited";
  * before an event (or a loss of the stream) may carry an answer the event revokes, so it
  * is joined only by calls at the epoch it was asked in; a later call asks again.
  *
- * At most `max` distinct credentials are asked at once: the service's callers choose the
- * credentials, and each one not yet known was one more call to Tessera held in memory
- * (queued behind the connection's stream limit) for as long as the caller kept sending new
- * ones. Past it a call is refused with `refusal("busy")` at once, and counted.
+ * At most `max` calls are at Tessera at once: the service's callers choose the credentials,
+ * and each one not yet known was one more call to Tessera held in memory (queued behind the
+ * connection's stream limit) for as long as the caller kept sending new ones. A slot is held
+ * by each call until Tessera answers it (or its timeout ends it), a call replaced by a later
+ * epoch's included: the epoch moves with every event of any tenant, so a re-ask sharing the
+ * earlier call's slot would let each event put one more call at Tessera. A re-ask takes a
+ * slot of its own, by the rules of any other call. Past `max` a call is refused with
+ * `refusal("busy")` at once, and counted.
  *
  * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
  * in first out, for a slot, and is refused with `refusal("waited")` (counted once) only when
  * `waitMs` pass first. Such calls fly in at most {@link recheckShare} of the slots (3/4 of
  * `max`, at least 1): a loss re-checks every held stream at once, and without it the queue
  * took every slot as it freed, refusing each new call (and each urgent re-check) for as long
- * as it lasted. The rest stay free for calls that may not wait. A flight ending hands its
+ * as it lasted. The rest stay free for calls that may not wait. A call ending hands its
  * slot to the oldest waiting credential while those fly in fewer than their share, before
  * anything else runs; calls asked to wait `first` (the periodic re-check while the watch is
- * down) are served before all the others, first in first out among themselves. A call that
- * may wait and would replace a flight of a call that may not (at an older epoch) waits too
- * when the share is taken: it would hold one more slot of it. Waiters for one credential
- * wait as one entry and share its flight; one timer, for the oldest entry's deadline,
- * serves both queues (deadlines are in arrival order in each). A waiter leaves when its
- * signal aborts.
+ * down) are served before all the others, first in first out among themselves. Waiters for
+ * one credential wait as one entry and share its flight; one timer, for the oldest entry's
+ * deadline, serves both queues (deadlines are in arrival order in each). A waiter leaves
+ * when its signal aborts.
  */
 export class VerifyFlights<T> {
+  /** The latest flight of each credential: the one later calls at its epoch join. */
   readonly #flights = new Map<string, Flight<T>>();
-  /** Flights asked for calls that may wait (counted against {@link recheckShare}). */
+  /** Calls at Tessera now, those replaced by a later epoch's included (counted against `max`). */
+  #asking = 0;
+  /** Of those, the ones asked for calls that may wait (counted against {@link recheckShare}). */
   #waitable = 0;
   /** Slots calls that may wait fly in at most: 3/4 of `max`, at least 1. */
   readonly recheckShare: number;
@@ -99,18 +102,13 @@ export class VerifyFlights<T> {
   answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
     const pending = this.#flights.get(credential);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
+    // A credential in flight at an earlier epoch is asked again in a slot of its own: that
+    // call is still at Tessera until it settles.
     if (wait !== undefined) {
       const first = wait.first === true;
       const ahead = this.#head.size > 0 || (!first && this.#queue.size > 0);
-      // A credential in flight at an earlier epoch is asked again in the slot it holds, but
-      // one held by a call that may not wait is one more of the share.
-      if (
-        pending === undefined
-          ? ahead || !this.#free(true)
-          : !pending.waitable && this.#waitable >= this.recheckShare
-      )
-        return this.#enqueue(credential, epoch, ask, first, wait.signal);
-    } else if (pending === undefined && !this.#free(false)) {
+      if (ahead || !this.#free(true)) return this.#enqueue(credential, epoch, ask, first, wait.signal);
+    } else if (!this.#free(false)) {
       this.refused++;
       return Promise.reject(this.refusal("busy"));
     }
@@ -119,25 +117,25 @@ export class VerifyFlights<T> {
 
   /** Whether a slot is free for a call (`waitable`: one that may wait, within its share). */
   #free(waitable: boolean): boolean {
-    return this.#flights.size < this.max && (!waitable || this.#waitable < this.recheckShare);
+    return this.#asking < this.max && (!waitable || this.#waitable < this.recheckShare);
   }
 
   #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
     const flight: Flight<T> = {
       epoch,
-      waitable,
       answer: ask().finally(() => {
-        if (this.#flights.get(credential) !== flight) return;
-        this.#flights.delete(credential);
+        // Its slot frees whether or not a later epoch's call replaced it.
+        this.#asking--;
         if (waitable) this.#waitable--;
+        if (this.#flights.get(credential) === flight) this.#flights.delete(credential);
         this.#pump();
       }),
     };
-    if (this.#flights.get(credential)?.waitable) this.#waitable--;
-    this.#flights.set(credential, flight);
+    this.#asking++;
     if (waitable) this.#waitable++;
+    this.#flights.set(credential, flight);
     // A new call for a waiting credential, in a slot kept free: asked after every waiter
-    // began, it answers them too (so that a waiting credential never has a flight).
+    // began, it answers them too (a waiting credential's flight, if any, is an older epoch's).
     for (const queue of [this.#head, this.#queue]) {
       const queued = queue.get(credential);
       if (queued === undefined) continue;
