@@ -41,6 +41,13 @@ class Events {
     this.reads.at++;
     return this.rows.get(id);
   };
+  /** Through which id retention deleted the events, and how often that was read. */
+  prunedThrough = 0;
+  infoReads = 0;
+  info = async () => {
+    this.infoReads++;
+    return { databaseId: "db", prunedThrough: this.prunedThrough };
+  };
 }
 
 function rig(events = new Events()) {
@@ -185,6 +192,46 @@ describe("RevocationCatchUp", () => {
     expect(r.events.reads).toEqual({ newest: 1, at: 2 });
     expect(r.feed.wakes).toBe(1);
     expect(r.flushes.count).toBe(flushed + 1);
+  });
+
+  it("settles a cursor whose event retention deleted by the applied event alone, the cache kept", async () => {
+    const { r, applied, flushed } = longFeed();
+    for (let id = 1; id <= 100; id++) r.events.rows.delete(id);
+    r.events.prunedThrough = 100;
+    const cursor = r.catchUp.behind(r.codec.seal(event(1)))!;
+    await r.catchUp.catchUp(cursor, 60_000);
+    expect(r.flushes.count).toBe(flushed);
+    expect(r.events.reads).toEqual({ newest: 0, at: 2 });
+    expect(r.events.infoReads).toBe(1);
+    expect(r.feed.wakes).toBe(0);
+    expect(r.catchUp.applied).toBe(applied.id);
+    expect(cursor.vouched).toBe(0);
+  });
+
+  it("catches up as before when the event at the cursor's id is gone but retention did not take it", async () => {
+    const { r, flushed } = longFeed();
+    r.events.rows.delete(1);
+    const cursor = r.catchUp.behind(r.codec.seal(event(1)))!;
+    await r.catchUp.catchUp(cursor, 60_000);
+    expect(r.events.reads).toEqual({ newest: 1, at: 1 });
+    expect(r.flushes.count).toBe(flushed + 1);
+  });
+
+  it("empties the cache once for a cursor left past the feed's end by a restore, whichever of its strings comes", async () => {
+    const r = rig();
+    r.deliver(r.events.add(Array.from({ length: 200 }, (_, i) => event(i + 1))));
+    // More strings of one position (each stream message has its own) than opened cursors are kept.
+    const strings = Array.from({ length: 1_100 }, () => r.codec.seal(event(150)));
+    for (let id = 101; id <= 200; id++) r.events.rows.delete(id);
+    r.restart(event(100));
+    const flushed = r.flushes.count;
+    for (let round = 0; round < 2; round++)
+      for (const s of strings) {
+        const behind = r.catchUp.behind(s);
+        if (behind) await r.catchUp.catchUp(behind, 60_000);
+      }
+    expect(r.flushes.count).toBe(flushed + 1);
+    expect(r.events.reads.newest).toBe(1);
   });
 
   it("answers Unavailable when the event at the cursor's id cannot be read, neither vouching nor emptying the cache", async () => {

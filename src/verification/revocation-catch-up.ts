@@ -151,6 +151,13 @@ export class RevocationCatchUp {
       this.#opened.set(cursor, kept);
     }
     if (kept.vouched === this.#epoch) return undefined;
+    // Caught up with in this epoch of the feed, whichever string names it: a position past the
+    // newest id (left by a restore) comes in a new string with each message, and the strings
+    // kept are few.
+    if (kept.mark !== undefined && this.#caughtUp.get(kept.position)?.equals(kept.mark)) {
+      kept.vouched = this.#epoch;
+      return undefined;
+    }
     if (kept.position > this.#applied.id) return kept;
     // Applied, if the event at that id is the one the caller was sent: after a restore the
     // feed this instance read and the caller's are two, until this one reads past it.
@@ -227,8 +234,22 @@ export class RevocationCatchUp {
    */
   async #confirmed(position: number, mark: Buffer, claim: Claim): Promise<boolean> {
     const caller = await this.#eventAt(position, this.#eventReads);
-    if (!markOf(caller.event).equals(mark)) return false;
+    if (caller.event === undefined ? !(await this.#pruned(position)) : !markOf(caller.event).equals(mark))
+      return false;
     return markOf((await this.#eventAt(claim.id, caller.done)).event).equals(claim.mark);
+  }
+
+  /**
+   * Whether retention deleted the event at `position` (read after finding none there): the
+   * claim's event, read next, then settles it alone. Unchanged, no id at or below it went back
+   * since the claim, so the caller's event was reflected by the claim, or was of a timeline the
+   * database had left before it. Without this, any cursor older than the retention cost a flush.
+   */
+  async #pruned(position: number): Promise<boolean> {
+    const info = await this.deps.events.info().catch(() => {
+      throw behind();
+    });
+    return position <= info.prunedThrough;
   }
 
   /**
