@@ -110,7 +110,8 @@ export class VerifyFlights<T> {
   }
 
   /**
-   * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
+   * The answer for `credential`: its flight at Tessera if asked at `epoch` or later, else its
+   * follow-up's (asked once that flight settles), else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
    * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
    */
