@@ -23,6 +23,18 @@ interface Waiter<T> {
 interface Flight<T> {
   readonly epoch: number;
   readonly answer: Promise<T>;
+  /** Asked for a call that may wait: counted against {@link VerifyFlights.recheckShare}. */
+  readonly waitable: boolean;
+  /** Calls at a later epoch, asked once this flight settles, in its slot. */
+  next: FollowUp<T> | undefined;
+}
+
+/** A credential's next ask, for calls at an epoch later than its flight's (see {@link VerifyFlights}). */
+interface FollowUp<T> {
+  /** The latest epoch a joiner asked at: asked after every one of them began, it carries it. */
+  epoch: number;
+  readonly ask: () => Promise<T>;
+  readonly waiters: Set<Waiter<T>>;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -38,15 +50,18 @@ export type FlightRefusal = "busy" | "waited";
  * VerifyCredential calls in flight, by credential, each with the revocation watch's epoch
  * when it was asked: concurrent calls for one credential share one answer. A call asked
  * before an event (or a loss of the stream) may carry an answer the event revokes, so it
- * is joined only by calls at the epoch it was asked in; a later call asks again.
+ * is joined only by calls at its epoch or earlier; a later call asks again.
  *
  * At most `max` calls are at Tessera at once: the service's callers choose the credentials,
  * and each one not yet known was one more call to Tessera held in memory (queued behind the
  * connection's stream limit) for as long as the caller kept sending new ones. A slot is held
- * by each call until Tessera answers it (or its timeout ends it), a call replaced by a later
- * epoch's included: the epoch moves with every event of any tenant, so a re-ask sharing the
- * earlier call's slot would let each event put one more call at Tessera. A re-ask takes a
- * slot of its own, by the rules of any other call. Past `max` a call is refused with
+ * by each call until Tessera answers it (or its timeout ends it). A credential is at Tessera
+ * once at a time: the epoch moves with every event of any tenant, so a re-ask in a slot of
+ * its own let an event storm put a hot credential in many slots, refusing everyone else.
+ * A call at a later epoch joins the credential's follow-up instead, asked (at the latest
+ * epoch of its joiners) once the call at Tessera settles, in the slot that call held and of
+ * its kind (so the share below holds): never refused, it waits for at most that call's
+ * timeout, and leaves when its signal aborts. Past `max` a new credential is refused with
  * `refusal("busy")` at once, and counted.
  *
  * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
@@ -54,8 +69,8 @@ export type FlightRefusal = "busy" | "waited";
  * `waitMs` pass first. Such calls fly in at most {@link recheckShare} of the slots (3/4 of
  * `max`, at least 1): a loss re-checks every held stream at once, and without it the queue
  * took every slot as it freed, refusing each new call (and each urgent re-check) for as long
- * as it lasted. The rest stay free for calls that may not wait. A call ending hands its
- * slot to the oldest waiting credential while those fly in fewer than their share, before
+ * as it lasted. The rest stay free for calls that may not wait. A call ending without a
+ * follow-up hands its slot to the oldest waiting credential while those fly in fewer than their share, before
  * anything else runs; calls asked to wait `first` (the periodic re-check while the watch is
  * down) are served before all the others, first in first out among themselves. Waiters for
  * one credential wait as one entry and share its flight; one timer, for the oldest entry's
@@ -63,9 +78,9 @@ export type FlightRefusal = "busy" | "waited";
  * when its signal aborts.
  */
 export class VerifyFlights<T> {
-  /** The latest flight of each credential: the one later calls at its epoch join. */
+  /** The flight of each credential at Tessera: calls at its epoch or earlier join it. */
   readonly #flights = new Map<string, Flight<T>>();
-  /** Calls at Tessera now, those replaced by a later epoch's included (counted against `max`). */
+  /** Calls at Tessera now (counted against `max`). */
   #asking = 0;
   /** Of those, the ones asked for calls that may wait (counted against {@link recheckShare}). */
   #waitable = 0;
@@ -77,7 +92,7 @@ export class VerifyFlights<T> {
   readonly #head = new Map<string, Queued<T>>();
   #timer: NodeJS.Timeout | undefined;
   #waiting = 0;
-  /** Calls refused: `max` credentials were being asked already (at once, or past the wait). */
+  /** Calls refused: `max` verifications were at Tessera already (at once, or past the wait). */
   refused = 0;
 
   constructor(
@@ -95,15 +110,15 @@ export class VerifyFlights<T> {
   }
 
   /**
-   * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
+   * The answer for `credential`: its flight at Tessera if asked at `epoch` or later, else its
+   * follow-up's (asked once that flight settles), else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
    * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
    */
   answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
     const pending = this.#flights.get(credential);
-    if (pending !== undefined && pending.epoch === epoch) return pending.answer;
-    // A credential in flight at an earlier epoch is asked again in a slot of its own: that
-    // call is still at Tessera until it settles.
+    if (pending !== undefined)
+      return epoch <= pending.epoch ? pending.answer : this.#follow(pending, epoch, ask, wait?.signal);
     if (wait !== undefined) {
       const first = wait.first === true;
       const ahead = this.#head.size > 0 || (!first && this.#queue.size > 0);
@@ -120,22 +135,28 @@ export class VerifyFlights<T> {
     return this.#asking < this.max && (!waitable || this.#waitable < this.recheckShare);
   }
 
-  #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
+  /** `handed`: in the slot of the credential's flight that just settled (already counted). */
+  #fly(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    waitable: boolean,
+    handed = false,
+  ): Promise<T> {
     const flight: Flight<T> = {
       epoch,
-      answer: ask().finally(() => {
-        // Its slot frees whether or not a later epoch's call replaced it.
-        this.#asking--;
-        if (waitable) this.#waitable--;
-        if (this.#flights.get(credential) === flight) this.#flights.delete(credential);
-        this.#pump();
-      }),
+      waitable,
+      next: undefined,
+      answer: ask().finally(() => this.#landed(credential, flight)),
     };
-    this.#asking++;
-    if (waitable) this.#waitable++;
+    if (!handed) {
+      this.#asking++;
+      if (waitable) this.#waitable++;
+    }
     this.#flights.set(credential, flight);
     // A new call for a waiting credential, in a slot kept free: asked after every waiter
-    // began, it answers them too (a waiting credential's flight, if any, is an older epoch's).
+    // began, it answers them too (a waiting credential has no flight: calls for one at Tessera
+    // join it or its follow-up).
     for (const queue of [this.#head, this.#queue]) {
       const queued = queue.get(credential);
       if (queued === undefined) continue;
@@ -144,6 +165,61 @@ export class VerifyFlights<T> {
     }
     if (this.#empty()) this.#disarm();
     return flight.answer;
+  }
+
+  /** Tessera answered `flight` (or it failed): its slot goes to its follow-up, else is free. */
+  #landed(credential: string, flight: Flight<T>): void {
+    const next = flight.next;
+    flight.next = undefined;
+    if (this.#flights.get(credential) === flight) this.#flights.delete(credential);
+    if (next !== undefined && next.waiters.size > 0) {
+      // Of the settling flight's kind, so the counts (and the share) stay as they were.
+      const answer = this.#fly(credential, next.epoch, next.ask, flight.waitable, true);
+      for (const waiter of next.waiters) {
+        waiter.off();
+        waiter.resolve(answer);
+      }
+      return;
+    }
+    this.#asking--;
+    if (flight.waitable) this.#waitable--;
+    this.#pump();
+  }
+
+  /** Join `flight`'s follow-up at `epoch` (raising its epoch); leave it when `signal` aborts. */
+  #follow(flight: Flight<T>, epoch: number, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    const next = flight.next ?? { epoch, ask, waiters: new Set<Waiter<T>>() };
+    flight.next = next;
+    next.epoch = Math.max(next.epoch, epoch);
+    return new Promise<T>((resolve, reject) => {
+      const leave = () => {
+        // Nobody left to answer: the slot frees when the flight settles, not asked again.
+        if (next.waiters.delete(waiter)) reject(signal!.reason);
+      };
+      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
+      next.waiters.add(waiter);
+      signal?.addEventListener("abort", leave, { once: true });
+    });
+  }
+
+  /**
+   * Reject every call waiting (for a slot or a follow-up) with `reason`: the core closes, and
+   * nothing vouches for what would be asked after. Flights at Tessera end on their own.
+   */
+  close(reason: Error): void {
+    for (const flight of this.#flights.values()) {
+      for (const waiter of flight.next?.waiters ?? []) {
+        waiter.off();
+        waiter.reject(reason);
+      }
+      flight.next = undefined;
+    }
+    for (const queue of [this.#head, this.#queue]) {
+      for (const entry of queue.values()) this.#settle(entry, (waiter) => waiter.reject(reason));
+      queue.clear();
+    }
+    this.#disarm();
   }
 
   #enqueue(
@@ -196,9 +272,9 @@ export class VerifyFlights<T> {
 
   /** Hand free slots, within the share, to the oldest waiting credentials (those waiting first, first). */
   #pump(): void {
-    // None that may wait starts but here while any waits. A waiting credential's flight, if
-    // any, is an older epoch's (it is replaced); the same credential waiting in the other
-    // queue is answered by this flight too (asked after it began waiting).
+    // None that may wait starts but here while any waits. A waiting credential is not at
+    // Tessera; the same credential waiting in the other queue is answered by this flight too
+    // (asked after it began waiting).
     for (const queue of [this.#head, this.#queue])
       for (const entry of queue.values()) {
         if (!this.#free(true)) break;
