@@ -48,7 +48,7 @@ async function onFakeClock(body: () => Promise<void>): Promise<void> {
 async function fixture(n: number, slots: number, o: { watching?: () => boolean; recheckMs?: number } = {}) {
   const flights = new VerifyFlights<TesseraPrincipal>(
     slots,
-    () => new TesseraAuthError("UNAVAILABLE", "too many verifications at Tessera at once"),
+    () => new TesseraAuthError("UNAVAILABLE", "too many credentials are being verified at once"),
   );
   const asked: string[] = [];
   const answers: Array<() => void> = [];

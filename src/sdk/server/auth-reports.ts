@@ -5,7 +5,7 @@ import { RECHECK_MS } from "./stream-holds.js";
 
 /** The core's reports; `flush` writes the open intervals' lines (at close). */
 export interface AuthReports {
-  /** A call refused because `maxConcurrentVerifications` verifications were at Tessera. */
+  /** A call refused because `maxConcurrentVerifications` credentials were being verified. */
   verifyRefused(): void;
   /** A held stream's re-check refused because it waited for a verification slot past its deadline. */
   recheckRefused(): void;
@@ -24,7 +24,10 @@ export interface AuthReports {
 export function createAuthReports(logger: TesseraLogger, now: () => number): AuthReports {
   const refused = new AggregatedLog(
     (fields) =>
-      logger.warn(fields, "calls refused with 503: maxConcurrentVerifications verifications were at Tessera"),
+      logger.warn(
+        fields,
+        "calls refused with 503: maxConcurrentVerifications credentials were being verified by Tessera",
+      ),
     now,
   );
   const rechecks = new AggregatedLog(

@@ -238,9 +238,8 @@ export class StreamHolds {
    * stream is re-checked at once after a loss: the stream runs on its last admission meanwhile,
    * as during any re-check; the periodic one, while nothing vouches for it, waits ahead of
    * those. A first check does not (a new call is refused at once, 503), nor one an event or
-   * the certificate's end asked for: it is asked at once (after its credential's call already
-   * at Tessera, if any), or refused 503 at once when no slot is free, never left waiting
-   * behind the others. Undefined: the wait was cancelled
+   * the certificate's end asked for: it is answered at once, or refused 503 at once when no
+   * slot is free, never left waiting behind the others. Undefined: the wait was cancelled
    * (see {@link #poke} and {@link #drop}).
    */
   async #authenticate(held: Held): Promise<TesseraPrincipal | undefined> {

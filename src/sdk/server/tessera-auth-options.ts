@@ -49,11 +49,8 @@ export interface TesseraAuthOptions {
   /** Deadline of one VerifyCredential call (default 2 s); past it the call is refused with 503. */
   verifyTimeoutMs?: number;
   /**
-   * VerifyCredential calls at Tessera at once (default 1024); past it a new call is refused
-   * with 503 at once. Calls for one credential share one verification, until a revocation
-   * event (of any tenant) or a loss of the watch: a credential is at Tessera once at a time,
-   * so the calls after it wait for the earlier call (up to `verifyTimeoutMs`), which holds
-   * its slot until Tessera answers it, then ask again once, in that slot, never refused. A held
+   * Distinct credentials verified by Tessera at once (default 1024); past it a new call is
+   * refused with 503 at once. Calls for one credential share one verification. A held
    * stream's re-check after a loss of the watch (every stream it vouched for is re-checked
    * then, and Tessera ends the watch about hourly) instead waits, first in first out, for a
    * slot, for up to 5 s: only then is it refused and the stream ended with 503 (counted in
@@ -65,11 +62,8 @@ export interface TesseraAuthOptions {
    * re-checks that never wait: a revocation event's and a certificate's end. So a revocation
    * Tessera records while the watch is down (no event comes) ends a held stream within
    * 11 s + 2 × `verifyTimeoutMs` (15 s by default: the check answering just before it, up to
-   * 6 s, a wait of up to 5 s for a slot, or of up to `verifyTimeoutMs` for its credential's
-   * call already at Tessera, the check that refuses it or 503; 6 s + 3 × `verifyTimeoutMs` if
-   * that is more); 6 s + 3 × `verifyTimeoutMs` while a slot is free (6 s + 2 ×
-   * `verifyTimeoutMs` unless another call of its credential is at Tessera then). If the watch
-   * comes back meanwhile, the events it replays end it. While a
+   * 6 s, a wait of up to 5 s, the check that refuses it or 503); 6 s + 2 × `verifyTimeoutMs`
+   * while a slot is free. If the watch comes back meanwhile, the events it replays end it. While a
    * re-check waits the stream runs on its last admission, as during any re-check, and the
    * cache stays empty, so nothing else is admitted on the strength of it.
    */
@@ -106,7 +100,7 @@ export interface TesseraAuthStats {
   cacheHits: number;
   verifyCalls: number;
   /**
-   * Calls refused (503) because `maxConcurrentVerifications` VerifyCredential calls were at Tessera:
+   * Calls refused (503) because `maxConcurrentVerifications` credentials were being verified:
    * new calls at once, held streams' re-checks once they waited past their deadline.
    */
   verifyRefused: number;

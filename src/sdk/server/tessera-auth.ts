@@ -204,7 +204,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     (why) => {
       if (why === "waited") reports.recheckRefused();
       else reports.verifyRefused();
-      return unavailable("too many verifications at Tessera at once");
+      return unavailable("too many credentials are being verified at once");
     },
     RECHECK_MS,
   );
@@ -368,10 +368,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     }),
     close() {
       // Nothing vouches for a held stream once the core stops following revocations.
-      const closing = unavailable("the service is shutting down");
-      streams.endAll(closing);
-      // Calls waiting for a credential's call at Tessera to settle end now, not asked after it.
-      inflight.close(closing);
+      streams.endAll(unavailable("the service is shutting down"));
       watch?.close();
       cache.clear();
       memo.clear();

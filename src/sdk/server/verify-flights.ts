@@ -23,18 +23,8 @@ interface Waiter<T> {
 interface Flight<T> {
   readonly epoch: number;
   readonly answer: Promise<T>;
-  /** Asked for a call that may wait: counted against {@link VerifyFlights.recheckShare}. */
+  /** Asked for a call that may wait: it holds one of their share of the slots. */
   readonly waitable: boolean;
-  /** Calls at a later epoch, asked once this flight settles, in its slot. */
-  next: FollowUp<T> | undefined;
-}
-
-/** A credential's next ask, for calls at an epoch later than its flight's (see {@link VerifyFlights}). */
-interface FollowUp<T> {
-  /** The latest epoch a joiner asked at: asked after every one of them began, it carries it. */
-  epoch: number;
-  readonly ask: () => Promise<T>;
-  readonly waiters: Set<Waiter<T>>;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -50,39 +40,31 @@ export type FlightRefusal = "busy" | "waited";
  * VerifyCredential calls in flight, by credential, each with the revocation watch's epoch
  * when it was asked: concurrent calls for one credential share one answer. A call asked
  * before an event (or a loss of the stream) may carry an answer the event revokes, so it
- * is joined only by calls at its epoch or earlier; a later call asks again.
+ * is joined only by calls at the epoch it was asked in; a later call asks again.
  *
- * At most `max` calls are at Tessera at once: the service's callers choose the credentials,
- * and each one not yet known was one more call to Tessera held in memory (queued behind the
- * connection's stream limit) for as long as the caller kept sending new ones. A slot is held
- * by each call until Tessera answers it (or its timeout ends it). A credential is at Tessera
- * once at a time: the epoch moves with every event of any tenant, so a re-ask in a slot of
- * its own let an event storm put a hot credential in many slots, refusing everyone else.
- * A call at a later epoch joins the credential's follow-up instead, asked (at the latest
- * epoch of its joiners) once the call at Tessera settles, in the slot that call held and of
- * its kind (so the share below holds): never refused, it waits for at most that call's
- * timeout, and leaves when its signal aborts. Past `max` a new credential is refused with
- * `refusal("busy")` at once, and counted.
+ * At most `max` distinct credentials are asked at once: the service's callers choose the
+ * credentials, and each one not yet known was one more call to Tessera held in memory
+ * (queued behind the connection's stream limit) for as long as the caller kept sending new
+ * ones. Past it a call is refused with `refusal("busy")` at once, and counted.
  *
  * Except a call that may wait (a held stream's re-check: see StreamHolds): it waits, first
  * in first out, for a slot, and is refused with `refusal("waited")` (counted once) only when
  * `waitMs` pass first. Such calls fly in at most {@link recheckShare} of the slots (3/4 of
  * `max`, at least 1): a loss re-checks every held stream at once, and without it the queue
  * took every slot as it freed, refusing each new call (and each urgent re-check) for as long
- * as it lasted. The rest stay free for calls that may not wait. A call ending without a
- * follow-up hands its slot to the oldest waiting credential while those fly in fewer than their share, before
+ * as it lasted. The rest stay free for calls that may not wait. A flight ending hands its
+ * slot to the oldest waiting credential while those fly in fewer than their share, before
  * anything else runs; calls asked to wait `first` (the periodic re-check while the watch is
- * down) are served before all the others, first in first out among themselves. Waiters for
- * one credential wait as one entry and share its flight; one timer, for the oldest entry's
- * deadline, serves both queues (deadlines are in arrival order in each). A waiter leaves
- * when its signal aborts.
+ * down) are served before all the others, first in first out among themselves. A call that
+ * may wait and would replace a flight of a call that may not (at an older epoch) waits too
+ * when the share is taken: it would hold one more slot of it. Waiters for one credential
+ * wait as one entry and share its flight; one timer, for the oldest entry's deadline,
+ * serves both queues (deadlines are in arrival order in each). A waiter leaves when its
+ * signal aborts.
  */
 export class VerifyFlights<T> {
-  /** The flight of each credential at Tessera: calls at its epoch or earlier join it. */
   readonly #flights = new Map<string, Flight<T>>();
-  /** Calls at Tessera now (counted against `max`). */
-  #asking = 0;
-  /** Of those, the ones asked for calls that may wait (counted against {@link recheckShare}). */
+  /** Flights asked for calls that may wait (counted against {@link recheckShare}). */
   #waitable = 0;
   /** Slots calls that may wait fly in at most: 3/4 of `max`, at least 1. */
   readonly recheckShare: number;
@@ -92,7 +74,7 @@ export class VerifyFlights<T> {
   readonly #head = new Map<string, Queued<T>>();
   #timer: NodeJS.Timeout | undefined;
   #waiting = 0;
-  /** Calls refused: `max` verifications were at Tessera already (at once, or past the wait). */
+  /** Calls refused: `max` credentials were being asked already (at once, or past the wait). */
   refused = 0;
 
   constructor(
@@ -110,20 +92,25 @@ export class VerifyFlights<T> {
   }
 
   /**
-   * The answer for `credential`: its flight at Tessera if asked at `epoch` or later, else its
-   * follow-up's (asked once that flight settles), else `ask()`'s. With `wait`,
+   * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
    * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
    */
   answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
     const pending = this.#flights.get(credential);
-    if (pending !== undefined)
-      return epoch <= pending.epoch ? pending.answer : this.#follow(pending, epoch, ask, wait?.signal);
+    if (pending !== undefined && pending.epoch === epoch) return pending.answer;
     if (wait !== undefined) {
       const first = wait.first === true;
       const ahead = this.#head.size > 0 || (!first && this.#queue.size > 0);
-      if (ahead || !this.#free(true)) return this.#enqueue(credential, epoch, ask, first, wait.signal);
-    } else if (!this.#free(false)) {
+      // A credential in flight at an earlier epoch is asked again in the slot it holds, but
+      // one held by a call that may not wait is one more of the share.
+      if (
+        pending === undefined
+          ? ahead || !this.#free(true)
+          : !pending.waitable && this.#waitable >= this.recheckShare
+      )
+        return this.#enqueue(credential, epoch, ask, first, wait.signal);
+    } else if (pending === undefined && !this.#free(false)) {
       this.refused++;
       return Promise.reject(this.refusal("busy"));
     }
@@ -132,31 +119,25 @@ export class VerifyFlights<T> {
 
   /** Whether a slot is free for a call (`waitable`: one that may wait, within its share). */
   #free(waitable: boolean): boolean {
-    return this.#asking < this.max && (!waitable || this.#waitable < this.recheckShare);
+    return this.#flights.size < this.max && (!waitable || this.#waitable < this.recheckShare);
   }
 
-  /** `handed`: in the slot of the credential's flight that just settled (already counted). */
-  #fly(
-    credential: string,
-    epoch: number,
-    ask: () => Promise<T>,
-    waitable: boolean,
-    handed = false,
-  ): Promise<T> {
+  #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
     const flight: Flight<T> = {
       epoch,
       waitable,
-      next: undefined,
-      answer: ask().finally(() => this.#landed(credential, flight)),
+      answer: ask().finally(() => {
+        if (this.#flights.get(credential) !== flight) return;
+        this.#flights.delete(credential);
+        if (waitable) this.#waitable--;
+        this.#pump();
+      }),
     };
-    if (!handed) {
-      this.#asking++;
-      if (waitable) this.#waitable++;
-    }
+    if (this.#flights.get(credential)?.waitable) this.#waitable--;
     this.#flights.set(credential, flight);
+    if (waitable) this.#waitable++;
     // A new call for a waiting credential, in a slot kept free: asked after every waiter
-    // began, it answers them too (a waiting credential has no flight: calls for one at Tessera
-    // join it or its follow-up).
+    // began, it answers them too (so that a waiting credential never has a flight).
     for (const queue of [this.#head, this.#queue]) {
       const queued = queue.get(credential);
       if (queued === undefined) continue;
@@ -165,61 +146,6 @@ export class VerifyFlights<T> {
     }
     if (this.#empty()) this.#disarm();
     return flight.answer;
-  }
-
-  /** Tessera answered `flight` (or it failed): its slot goes to its follow-up, else is free. */
-  #landed(credential: string, flight: Flight<T>): void {
-    const next = flight.next;
-    flight.next = undefined;
-    if (this.#flights.get(credential) === flight) this.#flights.delete(credential);
-    if (next !== undefined && next.waiters.size > 0) {
-      // Of the settling flight's kind, so the counts (and the share) stay as they were.
-      const answer = this.#fly(credential, next.epoch, next.ask, flight.waitable, true);
-      for (const waiter of next.waiters) {
-        waiter.off();
-        waiter.resolve(answer);
-      }
-      return;
-    }
-    this.#asking--;
-    if (flight.waitable) this.#waitable--;
-    this.#pump();
-  }
-
-  /** Join `flight`'s follow-up at `epoch` (raising its epoch); leave it when `signal` aborts. */
-  #follow(flight: Flight<T>, epoch: number, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    if (signal?.aborted) return Promise.reject(signal.reason);
-    const next = flight.next ?? { epoch, ask, waiters: new Set<Waiter<T>>() };
-    flight.next = next;
-    next.epoch = Math.max(next.epoch, epoch);
-    return new Promise<T>((resolve, reject) => {
-      const leave = () => {
-        // Nobody left to answer: the slot frees when the flight settles, not asked again.
-        if (next.waiters.delete(waiter)) reject(signal!.reason);
-      };
-      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
-      next.waiters.add(waiter);
-      signal?.addEventListener("abort", leave, { once: true });
-    });
-  }
-
-  /**
-   * Reject every call waiting (for a slot or a follow-up) with `reason`: the core closes, and
-   * nothing vouches for what would be asked after. Flights at Tessera end on their own.
-   */
-  close(reason: Error): void {
-    for (const flight of this.#flights.values()) {
-      for (const waiter of flight.next?.waiters ?? []) {
-        waiter.off();
-        waiter.reject(reason);
-      }
-      flight.next = undefined;
-    }
-    for (const queue of [this.#head, this.#queue]) {
-      for (const entry of queue.values()) this.#settle(entry, (waiter) => waiter.reject(reason));
-      queue.clear();
-    }
-    this.#disarm();
   }
 
   #enqueue(
@@ -272,9 +198,9 @@ export class VerifyFlights<T> {
 
   /** Hand free slots, within the share, to the oldest waiting credentials (those waiting first, first). */
   #pump(): void {
-    // None that may wait starts but here while any waits. A waiting credential is not at
-    // Tessera; the same credential waiting in the other queue is answered by this flight too
-    // (asked after it began waiting).
+    // None that may wait starts but here while any waits. A waiting credential's flight, if
+    // any, is an older epoch's (it is replaced); the same credential waiting in the other
+    // queue is answered by this flight too (asked after it began waiting).
     for (const queue of [this.#head, this.#queue])
       for (const entry of queue.values()) {
         if (!this.#free(true)) break;
