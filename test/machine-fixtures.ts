@@ -129,8 +129,13 @@ export async function authenticates(transport: Transport, credential: string): P
 }
 
 /** A machine user of the caller's tenant that may call VerificationService (auth:verify): its token. */
-export async function verifierMachine(transport: Transport, adminToken: string): Promise<string> {
+export async function verifierMachine(
+  transport: Transport,
+  adminToken: string,
+  tenantId?: string,
+): Promise<string> {
   const res = await clients(transport, adminToken).machines.createMachineUser({
+    ...(tenantId !== undefined ? { tenantId } : {}),
     name: `verifier-${short()}`,
     authType: MachineAuthType.BEARER,
     scopes: ["auth:verify"],

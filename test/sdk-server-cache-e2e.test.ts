@@ -7,7 +7,7 @@ import { TokenService } from "../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../gen/tessera/v1/user_service_pb.js";
 import { createTesseraAuth, type TesseraAuth, TesseraAuthError } from "../src/sdk/server/index.js";
 import { clientFor, DATABASES, startTestServer, type TestServer } from "./helpers.js";
-import { adminLogin, clients, short } from "./machine-fixtures.js";
+import { adminLogin, clients, short, verifierMachine } from "./machine-fixtures.js";
 
 /**
  * The SDK's positive cache against a real Tessera over TLS, its bounds counted where the
@@ -79,14 +79,7 @@ describe.each(DATABASES)("the SDK's VerifyCredential cache against Tessera on $n
     root = await adminLogin(ts.connect());
     const admin = clients(ts.connect(), root);
     tenantId = (await admin.tenants.createTenant({ name: `cache-${short()}` })).tenant!.id;
-    verifierToken = (
-      await admin.machines.createMachineUser({
-        tenantId,
-        name: `verifier-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).token;
+    verifierToken = await verifierMachine(ts.connect(), root, tenantId);
   }, 120_000);
 
   afterEach(() => {

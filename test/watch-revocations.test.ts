@@ -8,7 +8,7 @@ import { RevocationKind as K, VerificationService } from "../gen/tessera/v1/veri
 import { RevocationEventRepository } from "../src/storage/repositories/revocation-events.js";
 import { CursorCodec } from "../src/verification/revocation-cursor.js";
 import { clientFor, DATABASES, SQLITE, startTestServer, type TestServer } from "./helpers.js";
-import { adminLogin, basic, clients, short } from "./machine-fixtures.js";
+import { adminLogin, basic, clients, short, verifierMachine } from "./machine-fixtures.js";
 import { Watcher } from "./watch-fixtures.js";
 
 /**
@@ -92,14 +92,7 @@ describe.each(DATABASES)("WatchRevocations on $name", (db) => {
     const { tenant } = await admin.tenants.createTenant({ name: `watch-${short()}` });
     tenantId = tenant!.id;
     applicationId = (await admin.tenants.createApplication({ tenantId, name: "workflows" })).application!.id;
-    verifierToken = (
-      await admin.machines.createMachineUser({
-        tenantId,
-        name: `verifier-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).token;
+    verifierToken = await verifierMachine(plain, root, tenantId);
     superToken = (
       await admin.machines.createMachineUser({
         name: `super-${short()}`,

@@ -22,6 +22,7 @@ import {
   connectedWithCertificate,
   mintClientCertificate,
   short,
+  verifierMachine,
 } from "../machine-fixtures.js";
 
 /**
@@ -64,14 +65,7 @@ describe.each(DATABASES)("review 2026-12-06c on $name", (db) => {
   it("SDK: a session ended while the revocation stream was down is refused while a long catch-up is still arriving", async () => {
     const admin = clients(ts.connect(), root);
     const tenantId = (await admin.tenants.createTenant({ name: `catchup-${short()}` })).tenant!.id;
-    const verifier = (
-      await admin.machines.createMachineUser({
-        tenantId,
-        name: `verifier-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).token;
+    const verifier = await verifierMachine(ts.connect(), root, tenantId);
 
     // The network between the service and Tessera, under the test's hand: it can cut the
     // stream, keep it from reconnecting, and slow down the messages of the resumed one.

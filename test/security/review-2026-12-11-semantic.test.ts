@@ -16,7 +16,7 @@ import {
   type TestServer,
   withHeaders,
 } from "../helpers.js";
-import { adminLogin, authenticatedAs, basic, clients, short } from "../machine-fixtures.js";
+import { adminLogin, authenticatedAs, basic, clients, short, verifierMachine } from "../machine-fixtures.js";
 import { freshIps, LIMITS_ON } from "./fixtures.js";
 
 /**
@@ -108,14 +108,7 @@ describe.each(DATABASES)("review 2026-12-11 (semantic, machine tokens) on $name"
     root = await adminLogin(ts.connect());
     const admin = clients(ts.connect(), root);
     tenantId = (await admin.tenants.createTenant({ name: `rev8-${short()}` })).tenant!.id;
-    verifierToken = (
-      await admin.machines.createMachineUser({
-        tenantId,
-        name: `verifier-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).token;
+    verifierToken = await verifierMachine(ts.connect(), root, tenantId);
   }, 120_000);
   afterAll(async () => {
     for (const c of cores.splice(0)) c.close();

@@ -2,11 +2,11 @@ import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { decodeJwt } from "jose";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { MachineAuthType, MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "../../src/sdk/server/index.js";
 import { clientFor, SQLITE, startTestServer, type TestServer } from "../helpers.js";
-import { adminLogin, clients, short } from "../machine-fixtures.js";
+import { adminLogin, clients, short, verifierMachine } from "../machine-fixtures.js";
 
 /**
  * Tessera refuses a user access token without `sid` as an ended session's (every one it
@@ -23,16 +23,10 @@ describe("SDK: a user access token without a session, verified offline", () => {
 
   beforeAll(async () => {
     ts = await startTestServer(SQLITE);
-    const admin = clients(ts.connect(), await adminLogin(ts.connect()));
+    const root = await adminLogin(ts.connect());
+    const admin = clients(ts.connect(), root);
     tenantId = (await admin.tenants.createTenant({ name: `sidless-${short()}` })).tenant!.id;
-    verifier = (
-      await admin.machines.createMachineUser({
-        tenantId,
-        name: `verifier-${short()}`,
-        authType: MachineAuthType.BEARER,
-        scopes: ["auth:verify"],
-      })
-    ).token;
+    verifier = await verifierMachine(ts.connect(), root, tenantId);
     const username = `u-${short()}`;
     const password = "sidless user password";
     const created = await admin.users.createUser({ tenantId, username, password, scopes: ["ticks:read"] });
