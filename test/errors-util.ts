@@ -20,3 +20,17 @@ export async function rejection(
 }
 
 export { Code };
+
+/**
+ * What became of a call: "ok", or its refusal as the reason (its code's name when it has
+ * none); with `withCode`, as "Code/REASON", for tables where the code matters too.
+ */
+export async function outcome(call: Promise<unknown>, options: { withCode?: boolean } = {}): Promise<string> {
+  try {
+    await call;
+    return "ok";
+  } catch (err) {
+    const r = await rejection(Promise.reject(err));
+    return options.withCode ? `${Code[r.code]}/${r.reason ?? ""}` : r.reason || Code[r.code];
+  }
+}

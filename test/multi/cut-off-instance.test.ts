@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { DbProxy } from "../db-proxy.js";
-import { rejection } from "../errors-util.js";
+import { outcome, rejection } from "../errors-util.js";
 import {
   clientFor,
   createTestCerts,
@@ -34,16 +34,6 @@ let w: TestServer;
 let p: TestServer;
 let tw: Transport;
 let tp: Transport;
-
-async function outcome(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "ok";
-  } catch (err) {
-    const r = await rejection(Promise.reject(err));
-    return r.reason || Code[r.code];
-  }
-}
 
 const me = (t: Transport, token: string) => clientFor(UserService, t, token).getCurrentUser({});
 

@@ -1,6 +1,6 @@
 import type { ChildProcess } from "node:child_process";
 import { setTimeout as sleep } from "node:timers/promises";
-import { Code, createClient, type Transport } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
@@ -8,7 +8,7 @@ import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { createApp } from "../../src/app.js";
 import { startServer } from "../../src/server.js";
 import { initORM, type Storage } from "../../src/storage/orm.js";
-import { rejection } from "../errors-util.js";
+import { outcome } from "../errors-util.js";
 import {
   clientFor,
   createTestCerts,
@@ -52,17 +52,6 @@ let probe: Storage;
 let ta: Transport;
 let tb: Transport;
 let adminA: string;
-
-/** The outcome of a call: "ok" or the refusal's reason (its code when it has none). */
-async function outcome(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "ok";
-  } catch (err) {
-    const r = await rejection(Promise.reject(err));
-    return r.reason || Code[r.code];
-  }
-}
 
 /** Call twice on A and check both were answered from its cache (so a stale entry would be served). */
 async function warmOnA(call: () => Promise<unknown>): Promise<void> {

@@ -1,5 +1,5 @@
 import { join } from "node:path";
-import { Code, createClient, type Transport } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import { Agent, request } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MachineAuthType } from "../../gen/tessera/v1/machine_user_service_pb.js";
@@ -7,7 +7,7 @@ import { TokenService } from "../../gen/tessera/v1/token_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { VerificationCode, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
 import { createTesseraAuth, type TesseraAuth } from "../../src/sdk/server/index.js";
-import { rejection } from "../errors-util.js";
+import { outcome } from "../errors-util.js";
 import { clientFor, POSTGRES, type TestDatabase, withHeaders } from "../helpers.js";
 import {
   basic,
@@ -101,17 +101,6 @@ async function formOk(path: string, body: Record<string, string>, headers: Recor
   const res = await form(m.b.url, path, body, headers);
   expect(res.status, JSON.stringify(res.json)).toBe(200);
   return res.json;
-}
-
-/** The outcome of a call: "ok", or its refusal as "Code/REASON". */
-async function outcome(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "ok";
-  } catch (err) {
-    const r = await rejection(Promise.reject(err));
-    return `${Code[r.code]}/${r.reason ?? ""}`;
-  }
 }
 
 /** VerifyCredential's code on the checked instance. */
@@ -369,7 +358,7 @@ describe("the revocation matrix across two PostgreSQL instances", () => {
       await held.acts[action]!();
       // No wait: A's RPC has returned, so every instance must refuse it now.
       const [used, code, introspection] = await Promise.all([
-        outcome(held.use()),
+        outcome(held.use(), { withCode: true }),
         held.presented === undefined ? undefined : verified(held.presented),
         held.presented === undefined ? undefined : introspected(held.presented),
       ]);
