@@ -168,6 +168,10 @@ export function createOfflineJwtVerifier(options: OfflineJwtOptions): OfflineJwt
    * it lacks (at most once per `refetchGapMs`). @throws UNAVAILABLE when no set was ever fetched.
    */
   async function current(kid?: string): Promise<void> {
+    // A fetch under way brings the newest set there is: wait for it, whatever its outcome (the
+    // checks below decide with what it left), instead of refusing the calls of a cold start,
+    // or of a new kid's first moments, that arrive while it is in flight.
+    if (inflight !== undefined) await inflight.catch(() => undefined);
     const t = now();
     // After a failed fetch (Tessera down or overloaded), tried again at most once per
     // FAILED_FETCH_GAP_MS, not on every call: meanwhile the last keys stay in use.
