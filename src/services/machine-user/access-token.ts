@@ -5,6 +5,7 @@ import type { PeerCertificateInfo, Principal } from "../../auth/principal.js";
 import type { Clock } from "../../clock.js";
 import { TesseraError } from "../../errors.js";
 import { MachineCredential, MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
+import { MAX_SAN_URIS } from "../../storage/repositories/subject-state.js";
 
 /** What issuing a machine access token needs. */
 export interface MachineTokenIssuerDeps {
@@ -70,12 +71,17 @@ export async function issueMachineAccessToken(
     }
   }
   const thumbprint = certificate?.thumbprint;
+  // Issued to the certificate alone (not to a password or token sent over its connection):
+  // its authority is the certificate's binding, re-decided from these claims at every use.
+  const certificateSanUris =
+    principal.method === "mtls" && certificate ? certificate.sanUris.slice(0, MAX_SAN_URIS) : undefined;
   const issued = await deps.jwt.issue({
     subject: principal.id,
     tenantId: principal.tenantId,
     scopes: [...scopes],
     kind: "machine",
     ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
+    ...(certificateSanUris ? { certificateSanUris } : {}),
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
   // A certificate's binding was read when the call was authenticated. Checked again after the

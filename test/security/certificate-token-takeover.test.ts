@@ -1,0 +1,266 @@
+import { createClient } from "@connectrpc/connect";
+import { decodeJwt, SignJWT } from "jose";
+import { Agent, request } from "undici";
+import { beforeAll, describe, expect, it } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
+import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
+import { CERTIFICATE_TOKEN_CLAIMS } from "../../src/auth/certificate-token.js";
+import { DATABASES, SQLITE, type TestServer } from "../helpers.js";
+import {
+  basic,
+  basicMachine,
+  bearerMachine,
+  clients,
+  short,
+  verificationCodes,
+  verifierMachine,
+} from "../machine-fixtures.js";
+import {
+  type Backend,
+  certificateTenant,
+  certificateUser,
+  machineOutcome,
+  mintBackend,
+  presenting,
+} from "./fixtures.js";
+
+/**
+ * A machine access token issued to a client certificate alone (IssueAccessToken over mTLS,
+ * or the token endpoint's tls_client_auth) had that certificate's binding for authority.
+ * Before it was marked (`amr: ["mtls"]`, `cert_san_uris`), a binding change that took the
+ * certificate from its machine user (a fingerprint bound to another machine user of the
+ * tenant, a SAN URI contest won by another, an unbind or a scope change that flipped a
+ * contest) left the token acting as that machine user until it expired, while the
+ * certificate itself no longer authenticated as it. Now every use re-decides the
+ * certificate's owner from the token: its next request, VerifyCredential and introspection
+ * refuse it. A token obtained by a password or token sent over the certificate's connection
+ * keeps today's behaviour: bound to the certificate (cnf), its authority the credential's.
+ */
+
+/** What each way of presenting `token` answers: an RPC over `backend`'s connection, VerifyCredential, introspection. */
+async function uses(ts: TestServer, verifier: string, backend: Backend, token: string) {
+  const agent = new Agent({ connect: { ca: ts.certs.ca } });
+  try {
+    const res = await request(`${ts.server.url}/oauth2/introspect`, {
+      method: "POST",
+      dispatcher: agent,
+      headers: { "content-type": "application/x-www-form-urlencoded", authorization: `Bearer ${verifier}` },
+      body: new URLSearchParams({ token }).toString(),
+    });
+    const introspection = (await res.body.json()) as { active: boolean };
+    return {
+      rpc: await machineOutcome(presenting(ts, backend), token),
+      verified: (await verificationCodes([ts], verifier, token))[0],
+      active: introspection.active,
+    };
+  } finally {
+    await agent.close();
+  }
+}
+
+const WORKS = { rpc: "ok", verified: "VALID", active: true };
+const ENDED = { rpc: "TOKEN_REVOKED", verified: "REVOKED", active: false };
+
+/** A client_credentials token from the token endpoint, the client authenticated by `backend`'s certificate alone. */
+async function tlsClientAuthToken(ts: TestServer, backend: Backend): Promise<string> {
+  const agent = new Agent({ connect: { ca: ts.certs.ca, cert: backend.cert, key: backend.key } });
+  try {
+    const res = await request(`${ts.server.url}/oauth2/token`, {
+      method: "POST",
+      dispatcher: agent,
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({ grant_type: "client_credentials" }).toString(),
+    });
+    const json = (await res.body.json()) as { access_token?: string };
+    expect(res.statusCode, JSON.stringify(json)).toBe(200);
+    return json.access_token!;
+  } finally {
+    await agent.close();
+  }
+}
+
+/** The certificate alone's IssueAccessToken answer: the token. */
+async function certificateToken(ts: TestServer, backend: Backend): Promise<string> {
+  return (await createClient(MachineUserService, presenting(ts, backend)).issueAccessToken({})).accessToken;
+}
+
+describe.each(DATABASES)("a machine access token issued to a certificate alone, on $name", (db) => {
+  const c = certificateTenant(db);
+  let verifier: string;
+  beforeAll(async () => {
+    verifier = await verifierMachine(c.transport, c.root, c.tenant.tenant.id);
+  });
+
+  const root = () => clients(c.transport, c.root).machines;
+  const tenantId = () => c.tenant.tenant.id;
+
+  /** A user of the tenant holding `scopes` (besides admin:machine-users), logged in: its MachineUserService client. */
+  async function tenantAdmin(scopes: string[]) {
+    const username = `ta-${short()}`;
+    const password = "tenant admin password";
+    await clients(c.transport, c.root).users.createUser({
+      username,
+      password,
+      scopes: ["admin:machine-users", ...scopes],
+      tenantId: tenantId(),
+    });
+    const login = await createClient(UserService, c.transport).login({
+      username,
+      password,
+      tenant: tenantId(),
+    });
+    return clients(c.transport, login.accessToken).machines;
+  }
+
+  /** A bearer machine user of the tenant holding `scopes`, `san` bound to it by `binder` (default: the admin). */
+  async function sanBound(san: string, scopes: string[] = [], binder = root()): Promise<string> {
+    const { machine } = await bearerMachine(c.transport, c.root, [], { tenantId: tenantId(), scopes });
+    await binder.bindCertificate({ machineUserId: machine!.id, identity: { case: "sanUri", value: san } });
+    return machine!.id;
+  }
+
+  it("ends on the next request once the certificate's fingerprint is bound to another machine user of its tenant", async () => {
+    const san = `spiffe://tenant.example/a/${short()}`;
+    // A Basic machine user, so that a token its password obtains over the certificate's connection can be compared.
+    const a = await basicMachine(c.transport, c.root, [], { tenantId: tenantId() });
+    await root().bindCertificate({ machineUserId: a.machine!.id, identity: { case: "sanUri", value: san } });
+    const backend = await mintBackend(c.ts, san);
+    expect(await certificateUser(c.ts, backend)).toBe(a.machine!.id);
+
+    const overRpc = await certificateToken(c.ts, backend);
+    const overOAuth = await tlsClientAuthToken(c.ts, backend);
+    const passwordToken = (
+      await clients(presenting(c.ts, backend), basic(a.username, a.password)).machines.issueAccessToken({})
+    ).accessToken;
+    for (const token of [overRpc, overOAuth]) {
+      const claims = decodeJwt(token);
+      expect(claims.sub).toBe(a.machine!.id);
+      expect(claims[CERTIFICATE_TOKEN_CLAIMS.amr]).toEqual(["mtls"]);
+      expect(claims[CERTIFICATE_TOKEN_CLAIMS.sanUris]).toEqual([san]);
+      expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
+    }
+    // Bound to the certificate, not marked: its authority is the password.
+    const unmarked = decodeJwt(passwordToken);
+    expect(unmarked.cnf).toBeDefined();
+    expect(unmarked[CERTIFICATE_TOKEN_CLAIMS.amr]).toBeUndefined();
+    expect(unmarked[CERTIFICATE_TOKEN_CLAIMS.sanUris]).toBeUndefined();
+
+    // Not over-broad: another certificate's fingerprint bound to another machine user changes nothing.
+    const unrelated = await mintBackend(c.ts, `spiffe://tenant.example/other/${short()}`);
+    const { machine: other } = await bearerMachine(c.transport, c.root, [], { tenantId: tenantId() });
+    await root().bindCertificate({
+      machineUserId: other!.id,
+      identity: { case: "sha256Fingerprint", value: unrelated.fingerprint },
+    });
+    expect(await uses(c.ts, verifier, backend, overRpc)).toEqual(WORKS);
+
+    const { machine: b } = await bearerMachine(c.transport, c.root, [], { tenantId: tenantId() });
+    await root().bindCertificate({
+      machineUserId: b!.id,
+      identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+    });
+    expect(await certificateUser(c.ts, backend)).toBe(b!.id);
+    expect(await uses(c.ts, verifier, backend, overRpc)).toEqual(ENDED);
+    expect(await uses(c.ts, verifier, backend, overOAuth)).toEqual(ENDED);
+    // Today's behaviour for the password's token: it still acts as A over the certificate's connection.
+    expect(await uses(c.ts, verifier, backend, passwordToken)).toEqual(WORKS);
+  });
+
+  it("ends once another machine user wins a SAN URI contest for the certificate", async () => {
+    const san = `spiffe://tenant.example/a/${short()}`;
+    const rival = `spiffe://tenant.example/b/${short()}`;
+    // Bound by the tenant's admin (admin:machine-users), who may not manage B (cluster:read).
+    const a = await sanBound(san, [], clients(c.transport, c.tenant.token).machines);
+    const backend = await mintBackend(c.ts, san, rival);
+    expect(await certificateUser(c.ts, backend)).toBe(a);
+    const token = await certificateToken(c.ts, backend);
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
+
+    const b = await sanBound(rival, ["cluster:read"]);
+    expect(await certificateUser(c.ts, backend)).toBe(b);
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+  });
+
+  it("ends once an unbind of another machine user's binding turns the certificate into a contest", async () => {
+    const [sanA, sanB, sanD] = ["a", "b", "d"].map((n) => `spiffe://tenant.example/${n}/${short()}`);
+    // A's binder (the admin) may manage every rival; B's may manage A but not D; D's may manage neither.
+    const a = await sanBound(sanA!, ["cluster:read"]);
+    await sanBound(sanB!, [], await tenantAdmin(["cluster:read"]));
+    const d = await sanBound(sanD!, ["cluster:write"], await tenantAdmin(["cluster:write"]));
+    const backend = await mintBackend(c.ts, sanA!, sanB!, sanD!);
+    expect(await certificateUser(c.ts, backend)).toBe(a);
+    const token = await certificateToken(c.ts, backend);
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
+
+    // D's binding gone, B's binder may manage its one rival: A's and B's both stand.
+    await root().unbindCertificate({ machineUserId: d, identity: { case: "sanUri", value: sanD! } });
+    expect(await certificateUser(c.ts, backend)).toBe("CREDENTIALS_INVALID");
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+  });
+
+  it("ends once a scope change lets a rival binding contest the certificate", async () => {
+    const san = `spiffe://tenant.example/a/${short()}`;
+    const rival = `spiffe://tenant.example/b/${short()}`;
+    const a = await sanBound(san, ["cluster:read"]);
+    // Bound by the tenant's admin, who may not manage A while A holds cluster:read.
+    await sanBound(rival, [], clients(c.transport, c.tenant.token).machines);
+    const backend = await mintBackend(c.ts, san, rival);
+    expect(await certificateUser(c.ts, backend)).toBe(a);
+    const token = await certificateToken(c.ts, backend);
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
+
+    await root().updateMachineUser({ id: a, scopes: { scopes: [] } });
+    expect(await certificateUser(c.ts, backend)).toBe("CREDENTIALS_INVALID");
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+  });
+});
+
+describe("marker claims that are malformed (HS256, whose secret the test holds)", () => {
+  const secret = "certificate token takeover test secret, 32+ chars";
+  const c = certificateTenant(SQLITE, { auth: { jwt: { secret } } });
+
+  /** A token Tessera's secret signs with the claims of a marked token for `subject`, less or more. */
+  async function minted(subject: string, claims: Record<string, unknown>): Promise<string> {
+    const { issuer, audience } = c.ts.app.config.auth.jwt;
+    const now = Math.floor(Date.now() / 1000);
+    return new SignJWT({ tid: c.tenant.tenant.id, scope: "", pk: "machine", ...claims })
+      .setProtectedHeader({ alg: "HS256", typ: "at+jwt" })
+      .setIssuer(issuer)
+      .setAudience(audience)
+      .setSubject(subject)
+      .setIssuedAt(now)
+      .setExpirationTime(now + 300)
+      .setJti(crypto.randomUUID())
+      .sign(new TextEncoder().encode(secret));
+  }
+
+  it("refuses amr mtls without cert_san_uris, without cnf, or with cert_san_uris not a string array", async () => {
+    const san = `spiffe://tenant.example/a/${short()}`;
+    const { machine } = await bearerMachine(c.transport, c.root, [], { tenantId: c.tenant.tenant.id });
+    await clients(c.transport, c.root).machines.bindCertificate({
+      machineUserId: machine!.id,
+      identity: { case: "sanUri", value: san },
+    });
+    const backend = await mintBackend(c.ts, san);
+    const issued = decodeJwt(await certificateToken(c.ts, backend));
+    const cnf = issued.cnf;
+    const over = presenting(c.ts, backend);
+    // The well-formed one the test signs is accepted, so each refusal below is its claims'.
+    expect(
+      await machineOutcome(over, await minted(machine!.id, { cnf, amr: ["mtls"], cert_san_uris: [san] })),
+    ).toBe("ok");
+    for (const claims of [
+      { cnf, amr: ["mtls"] },
+      { cnf, amr: ["mtls"], cert_san_uris: san },
+      { cnf, amr: ["mtls"], cert_san_uris: [1] },
+      { cnf, amr: "mtls", cert_san_uris: [san] },
+    ])
+      expect(await machineOutcome(over, await minted(machine!.id, claims)), JSON.stringify(claims)).toBe(
+        "TOKEN_INVALID",
+      );
+    // Without cnf it is no certificate's token: presented on any connection, refused as malformed.
+    expect(
+      await machineOutcome(c.transport, await minted(machine!.id, { amr: ["mtls"], cert_san_uris: [san] })),
+    ).toBe("TOKEN_INVALID");
+  });
+});
