@@ -61,6 +61,18 @@ async function uses(ts: TestServer, verifier: string, backend: Backend, token: s
 const WORKS = { rpc: "ok", verified: "VALID", active: true };
 const ENDED = { rpc: "TOKEN_REVOKED", verified: "REVOKED", active: false };
 
+/**
+ * Authenticate `token` as VerifyCredential does (its `cnf` standing in for the certificate):
+ * its machine user, and whether that was decided without a promise.
+ */
+async function decided(ts: TestServer, token: string): Promise<{ now: boolean; id: string | undefined }> {
+  const thumbprint = (decodeJwt(token).cnf as { "x5t#S256": string })["x5t#S256"];
+  const certificate = { thumbprint, sha256Fingerprint: "", commonName: null, sanUris: [] };
+  const state = { requestId: "certificate-token", ip: "127.0.0.1", certificate, principal: null };
+  const answer = ts.app.authenticator.authenticate({ type: "bearer", token }, state);
+  return { now: !(answer instanceof Promise), id: (await answer)?.id };
+}
+
 /** A client_credentials token from the token endpoint, the client authenticated by `backend`'s certificate alone. */
 async function tlsClientAuthToken(ts: TestServer, backend: Backend): Promise<string> {
   const agent = new Agent({ connect: { ca: ts.certs.ca, cert: backend.cert, key: backend.key } });
@@ -139,6 +151,10 @@ describe.each(DATABASES)("a machine access token issued to a certificate alone, 
       expect(claims[CERTIFICATE_TOKEN_CLAIMS.sanUris]).toEqual([san]);
       expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
     }
+    // Its re-decision is read through the state cache: once warm, decided without a promise.
+    await decided(c.ts, overRpc);
+    const warm = await decided(c.ts, overRpc);
+    expect(warm).toEqual({ now: true, id: a.machine!.id });
     // Bound to the certificate, not marked: its authority is the password.
     const unmarked = decodeJwt(passwordToken);
     expect(unmarked.cnf).toBeDefined();
