@@ -1,10 +1,11 @@
-import { createClient } from "@connectrpc/connect";
+import { Code, createClient } from "@connectrpc/connect";
 import { decodeJwt, SignJWT } from "jose";
 import { Agent, request } from "undici";
 import { beforeAll, describe, expect, it } from "vitest";
 import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { UserService } from "../../gen/tessera/v1/user_service_pb.js";
 import { CERTIFICATE_TOKEN_CLAIMS } from "../../src/auth/certificate-token.js";
+import { rejection } from "../errors-util.js";
 import { DATABASES, SQLITE, type TestServer } from "../helpers.js";
 import {
   basic,
@@ -73,8 +74,11 @@ async function decided(ts: TestServer, token: string): Promise<{ now: boolean; i
   return { now: !(answer instanceof Promise), id: (await answer)?.id };
 }
 
-/** A client_credentials token from the token endpoint, the client authenticated by `backend`'s certificate alone. */
-async function tlsClientAuthToken(ts: TestServer, backend: Backend): Promise<string> {
+/** The token endpoint's client_credentials answer, the client authenticated by `backend`'s certificate alone. */
+async function tlsClientAuth(
+  ts: TestServer,
+  backend: Backend,
+): Promise<{ status: number; json: { access_token?: string; error?: string; error_description?: string } }> {
   const agent = new Agent({ connect: { ca: ts.certs.ca, cert: backend.cert, key: backend.key } });
   try {
     const res = await request(`${ts.server.url}/oauth2/token`, {
@@ -83,12 +87,17 @@ async function tlsClientAuthToken(ts: TestServer, backend: Backend): Promise<str
       headers: { "content-type": "application/x-www-form-urlencoded" },
       body: new URLSearchParams({ grant_type: "client_credentials" }).toString(),
     });
-    const json = (await res.body.json()) as { access_token?: string };
-    expect(res.statusCode, JSON.stringify(json)).toBe(200);
-    return json.access_token!;
+    return { status: res.statusCode, json: (await res.body.json()) as never };
   } finally {
     await agent.close();
   }
+}
+
+/** A client_credentials token from the token endpoint, the client authenticated by `backend`'s certificate alone. */
+async function tlsClientAuthToken(ts: TestServer, backend: Backend): Promise<string> {
+  const { status, json } = await tlsClientAuth(ts, backend);
+  expect(status, JSON.stringify(json)).toBe(200);
+  return json.access_token!;
 }
 
 /** The certificate alone's IssueAccessToken answer: the token. */
@@ -228,6 +237,26 @@ describe.each(DATABASES)("a machine access token issued to a certificate alone, 
     await root().updateMachineUser({ id: a, scopes: { scopes: [] } });
     expect(await certificateUser(c.ts, backend)).toBe("CREDENTIALS_INVALID");
     expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+  });
+
+  it("is refused at issuance, not issued unmarked, when the certificate's SAN URIs make it too long to verify", async () => {
+    const long = (n: string) => `spiffe://tenant.example/${n.repeat(1900)}/${short()}`;
+    const san = long("x");
+    const a = await sanBound(san);
+    // One such SAN URI still makes a token that verifies: the refusal below is the length's.
+    const one = await mintBackend(c.ts, san);
+    expect(await uses(c.ts, verifier, one, await certificateToken(c.ts, one))).toEqual(WORKS);
+
+    const two = await mintBackend(c.ts, san, long("y"));
+    expect(await certificateUser(c.ts, two)).toBe(a);
+    const refused = await rejection(certificateToken(c.ts, two));
+    expect(refused.code).toBe(Code.InvalidArgument);
+    expect(refused.message).toMatch(/SAN URIs make its access token too long to verify/);
+    const { status, json } = await tlsClientAuth(c.ts, two);
+    expect(status).toBe(400);
+    expect(json.access_token).toBeUndefined();
+    expect(json.error).toBe("invalid_request");
+    expect(json.error_description).toMatch(/SAN URIs make its access token too long to verify/);
   });
 });
 
