@@ -13,6 +13,7 @@ import {
   bearerMachine,
   clients,
   short,
+  tenantWithAdmin,
   verificationCodes,
   verifierMachine,
 } from "../machine-fixtures.js";
@@ -237,6 +238,36 @@ describe.each(DATABASES)("a machine access token issued to a certificate alone, 
     await root().updateMachineUser({ id: a, scopes: { scopes: [] } });
     expect(await certificateUser(c.ts, backend)).toBe("CREDENTIALS_INVALID");
     expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+  });
+
+  it("ends while another tenant binds the certificate's fingerprint, behind the tenant wall, and holds again once A proves it", async () => {
+    const san = `spiffe://tenant.example/a/${short()}`;
+    const a = await sanBound(san);
+    const backend = await mintBackend(c.ts, san);
+    const token = await certificateToken(c.ts, backend);
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
+
+    // Tenant Y binds C's fingerprint: bound in two tenants, the certificate authenticates as no one.
+    const y = await tenantWithAdmin(c.transport, c.root, ["admin:machine-users"]);
+    const yVerifier = await verifierMachine(c.transport, c.root, y.tenant!.id);
+    const { machine: yb } = await bearerMachine(c.transport, y.token, [], {});
+    await clients(c.transport, y.token).machines.bindCertificate({
+      machineUserId: yb!.id,
+      identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+    });
+    expect(await certificateUser(c.ts, backend)).toBe("AUTH_REQUIRED");
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(ENDED);
+    // To Y's own verifier, A's token is another tenant's: not there at all.
+    expect((await verificationCodes([c.ts], yVerifier, token))[0]).toBe("NOT_FOUND");
+
+    // A's owner proves C's fingerprint (over C's connection): Y's binding gives way, C is A's again.
+    await clients(presenting(c.ts, backend), c.root).machines.bindCertificate({
+      machineUserId: a,
+      identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+    });
+    expect(await certificateUser(c.ts, backend)).toBe(a);
+    // REVOKED is not final for such a token: it holds whenever its certificate is its machine user's.
+    expect(await uses(c.ts, verifier, backend, token)).toEqual(WORKS);
   });
 
   it("is refused at issuance, not issued unmarked, when the certificate's SAN URIs make it too long to verify", async () => {
