@@ -9,7 +9,8 @@ import type { PeerCertificateInfo } from "./principal.js";
  * authenticated (mTLS): `amr` (RFC 8176) holding `mtls` marks it, and `cert_san_uris` carries
  * the certificate's SAN URIs as Tessera read them. With the fingerprint in `cnf` they are the
  * inputs of machineOfCertificate, so every use re-decides the certificate's owner from the
- * token alone. The SDK keeps its own copy of these names (it does not import the server).
+ * token alone. The SDK does not import the server: its copy of these names is in
+ * src/sdk/server/token-claims.ts, and the two must change together.
  */
 export const CERTIFICATE_TOKEN_CLAIMS = Object.freeze({
   amr: "amr",
