@@ -1107,7 +1107,8 @@ export const MachineUserService: GenService<{
    * connection that does not present that same certificate. Issued to the certificate alone
    * (no header), it also carries `amr: ["mtls"]` and `cert_san_uris`, and is refused
    * (TOKEN_REVOKED) from the request after a binding change that takes the certificate from
-   * the machine user.
+   * the machine user. A certificate whose SAN URIs would make that token too long for
+   * VerifyCredential is refused one (INVALID_ARGUMENT).
    *
    * @generated from rpc tessera.v1.MachineUserService.IssueAccessToken
    */

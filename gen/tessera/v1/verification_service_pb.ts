@@ -311,8 +311,10 @@ export enum VerificationCode {
    * Revoked, rotated out once a grace period has run out, its session ended, or (a JWT) its
    * owner deleted, or (a machine access token the client certificate alone obtained, marked
    * `amr: ["mtls"]`) that certificate no longer authenticates as its machine user: another
-   * binding took it, or turned it into a contest. A PAT, API key, machine token or Basic pair
-   * is deleted with its owner, and one rotated out without a grace period is gone: NOT_FOUND.
+   * binding took it, or turned it into a contest; not final for such a token: it is VALID again
+   * once the certificate authenticates as its machine user again. A PAT, API key, machine token
+   * or Basic pair is deleted with its owner, and one rotated out without a grace period is gone:
+   * NOT_FOUND.
    *
    * @generated from enum value: REVOKED = 4;
    */
