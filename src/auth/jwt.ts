@@ -16,6 +16,7 @@ import { type Clock, systemClock } from "../clock.js";
 import type { Config } from "../config.js";
 import { TesseraError } from "../errors.js";
 import type { Storage } from "../storage/orm.js";
+import { CERTIFICATE_TOKEN_CLAIMS } from "./certificate-token.js";
 import type { MasterKey } from "./master-key.js";
 import {
   keyPrePublicationSeconds,
@@ -46,6 +47,8 @@ export interface AccessTokenClaims extends JWTPayload {
   sid?: string;
   /** RFC 8705 certificate binding. */
   cnf?: { "x5t#S256": string };
+  // A machine token issued to a certificate alone also carries `amr` and `cert_san_uris`:
+  // read them with grantingCertificateOf (certificate-token.ts), which checks their shape.
 }
 
 /** What to put in a new access token. */
@@ -59,6 +62,8 @@ export interface IssueAccessToken {
   sessionId?: string;
   /** base64url SHA-256 of the client certificate (RFC 8705 x5t#S256). */
   certificateThumbprint?: string;
+  /** Its SAN URIs, when that certificate alone authenticated the machine user: marks the token (CERTIFICATE_TOKEN_CLAIMS). */
+  certificateSanUris?: readonly string[];
   /** Override the configured lifetime (seconds). */
   ttlSeconds?: number;
   /** No later than this: `exp` is cut to it (a user session's absolute end). */
@@ -285,6 +290,10 @@ export async function createJwtService(options: JwtServiceOptions): Promise<JwtS
       if (claims.username) payload.preferred_username = claims.username;
       if (claims.sessionId) payload.sid = claims.sessionId;
       if (claims.certificateThumbprint) payload.cnf = { "x5t#S256": claims.certificateThumbprint };
+      if (claims.certificateThumbprint && claims.certificateSanUris) {
+        payload[CERTIFICATE_TOKEN_CLAIMS.amr] = [CERTIFICATE_TOKEN_CLAIMS.mtls];
+        payload[CERTIFICATE_TOKEN_CLAIMS.sanUris] = [...claims.certificateSanUris];
+      }
       const token = await new SignJWT(payload)
         .setProtectedHeader({ alg: signing.alg, kid: signing.kid, typ: ACCESS_TOKEN_TYP })
         .setIssuer(config.issuer)

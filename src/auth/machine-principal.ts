@@ -9,16 +9,15 @@ import type {
 } from "../storage/repositories/subject-state.js";
 import type { BearerVerifier, CertificateVerifier, ClaimsLoader } from "./authenticator.js";
 import { mayManage } from "./authority.js";
-import { andThen } from "./awaitable.js";
+import { type Awaitable, andThen } from "./awaitable.js";
+import {
+  CERTIFICATE_TOKEN_CLAIMS,
+  type CertificateIdentity,
+  grantingCertificateOf,
+} from "./certificate-token.js";
 import type { AccessTokenClaims } from "./jwt.js";
 import type { LastUsedTracker } from "./last-used.js";
-import {
-  type AuthMethod,
-  type PeerCertificateInfo,
-  type Principal,
-  TENANT_DISABLED_MESSAGE,
-  walledOff,
-} from "./principal.js";
+import { type AuthMethod, type Principal, TENANT_DISABLED_MESSAGE, walledOff } from "./principal.js";
 import { intersectScopes, parseScopeString } from "./scopes.js";
 import type { VerifiedSecretCache } from "./secret-cache.js";
 import { storedSecretVerifier } from "./stored-secret.js";
@@ -56,11 +55,20 @@ export type { MachineAuthState, MachineCredentialState } from "../storage/reposi
  * every rival machine user count (see {@link contesting}); two that still do are refused
  * rather than guessed between.
  */
-export async function machineOfCertificate(
+export function machineOfCertificate(
   machines: Pick<MachineStateRepository, "bindingsOf">,
-  certificate: PeerCertificateInfo,
-): Promise<{ bindingId: string; machine: MachineAuthState } | null> {
-  const rows = await machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris);
+  certificate: CertificateIdentity,
+): Awaitable<{ bindingId: string; machine: MachineAuthState } | null> {
+  return andThen(machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris), (rows) =>
+    ownerAmong(certificate, rows),
+  );
+}
+
+/** {@link machineOfCertificate}'s decision among the bindings read. */
+function ownerAmong(
+  certificate: CertificateIdentity,
+  rows: readonly CertificateBindingState[],
+): { bindingId: string; machine: MachineAuthState } | null {
   if (rows.length === 0) return null;
   // Every binding of this certificate counts, a proven SAN URI's rivals too: it proves its
   // maker holds *a* certificate carrying that URI, not this one. Otherwise a CA that gave one
@@ -188,7 +196,10 @@ export function machinePrincipal(
   machine: MachineAuthState,
   method: AuthMethod,
   state: RequestState,
-  extra: Pick<Principal, "credentialId" | "expiresAt" | "issuedAt" | "certificateBinding"> & {
+  extra: Pick<
+    Principal,
+    "credentialId" | "expiresAt" | "issuedAt" | "certificateBinding" | "grantingCertificate"
+  > & {
     scopes?: readonly string[];
   } = {},
 ): Principal {
@@ -205,6 +216,7 @@ export function machinePrincipal(
   if (extra.expiresAt !== undefined) principal.expiresAt = extra.expiresAt;
   if (extra.issuedAt !== undefined) principal.issuedAt = extra.issuedAt;
   if (extra.certificateBinding !== undefined) principal.certificateBinding = extra.certificateBinding;
+  if (extra.grantingCertificate !== undefined) principal.grantingCertificate = extra.grantingCertificate;
   return principal;
 }
 
@@ -295,18 +307,37 @@ export function createMachineCertificateVerifier(
  * in the token's tenant and be enabled (with its tenant); the token's scopes are cut to
  * what it holds now; and a token issued before the last credential rotation stops when
  * the previous credentials do (tokens issued by a credential in its grace period never
- * outlive it: IssueAccessToken caps their lifetime).
+ * outlive it: IssueAccessToken caps their lifetime); one issued to a certificate alone
+ * holds while that certificate authenticates as its machine user.
  */
 export function createMachineClaimsLoader(
   machines: MachineStateRepository,
   now: Clock = Date.now,
 ): ClaimsLoader {
-  return (claims, state) => andThen(machines.byId(claims.sub), (row) => principalOf(claims, state, row));
+  return (claims, state) =>
+    claims[CERTIFICATE_TOKEN_CLAIMS.amr] === undefined
+      ? andThen(machines.byId(claims.sub), (row) => principalOf(claims, state, row))
+      : marked(claims, state);
+
+  /**
+   * A token with `amr`: one issued to a certificate alone had that certificate's binding for
+   * authority, so it holds only while the certificate (its fingerprint and SAN URIs) still
+   * authenticates as its subject. The bindings read carry the machine user's state: one read.
+   */
+  function marked(claims: AccessTokenClaims, state: RequestState): Awaitable<Principal> {
+    const certificate = grantingCertificateOf(claims);
+    if (certificate === null)
+      return andThen(machines.byId(claims.sub), (row) => principalOf(claims, state, row));
+    return andThen(machines.bindingsOf(certificate.sha256Fingerprint, certificate.sanUris), (rows) =>
+      principalOf(claims, state, ownerNamed(certificate, rows, claims.sub), certificate),
+    );
+  }
 
   function principalOf(
     claims: AccessTokenClaims,
     state: RequestState,
     machine: MachineAuthState | null,
+    grantingCertificate?: CertificateIdentity,
   ): Principal {
     assertMachineActive(machine);
     if (machine.tenantId !== claims.tid)
@@ -340,6 +371,29 @@ export function createMachineClaimsLoader(
     if (typeof claims.iat === "number") extra.issuedAt = claims.iat * 1000;
     if (claims.cnf?.["x5t#S256"] !== undefined) extra.certificateBinding = claims.cnf["x5t#S256"];
     if (claims.jti) extra.credentialId = claims.jti;
+    if (grantingCertificate !== undefined) extra.grantingCertificate = grantingCertificate;
     return machinePrincipal(machine, "jwt", state, extra);
   }
+}
+
+/**
+ * The machine user `certificate` authenticates as among `rows` (its bindings) when that is
+ * `subject`; else (another, no one, the rule's refusals) its token as `subject` is over.
+ */
+function ownerNamed(
+  certificate: CertificateIdentity,
+  rows: readonly CertificateBindingState[],
+  subject: string,
+): MachineAuthState {
+  let owner: ReturnType<typeof ownerAmong> = null;
+  try {
+    owner = ownerAmong(certificate, rows);
+  } catch (err) {
+    if (!(err instanceof TesseraError)) throw err;
+  }
+  if (owner?.machine.id === subject) return owner.machine;
+  throw new TesseraError(
+    "TOKEN_REVOKED",
+    "the certificate the token was issued to no longer authenticates as its machine user",
+  );
 }

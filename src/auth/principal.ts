@@ -53,6 +53,12 @@ export interface Principal {
   sessionId?: string;
   /** RFC 8705 `x5t#S256` the credential (a JWT) is bound to. */
   certificateBinding?: string;
+  /**
+   * A machine access token issued to a client certificate alone (marked: certificate-token.ts):
+   * that certificate's fingerprint and SAN URIs, which must keep authenticating as the token's
+   * machine user for the token to hold.
+   */
+  grantingCertificate?: Pick<PeerCertificateInfo, "sha256Fingerprint" | "sanUris">;
 }
 
 /** The message of the refusal of a credential whose tenant is disabled (verification tells it from a disabled principal by it). */

@@ -11,6 +11,7 @@ import { parseToken } from "../auth/token-format.js";
 import { budgetKey, normalizeIp } from "../client-ip.js";
 import type { RequestState } from "../context.js";
 import { errors, isRefusal, TesseraError } from "../errors.js";
+import { MAX_STRING_LENGTH } from "../interceptors/input.js";
 import type { RateLimits } from "../rate-limit.js";
 import { canSeeTenant, tenantScope } from "../services/common.js";
 
@@ -88,8 +89,12 @@ export interface CredentialVerifierDeps {
 /** The audit action of a verification. */
 export const VERIFY_ACTION = "credential.verify";
 
-/** Longer than any credential Tessera issues (a JWT with every claim is well under 2 KiB). */
-const MAX_CREDENTIAL_LENGTH = 4096;
+/**
+ * The longest credential verification takes, "Bearer " included: that of any request string
+ * (VerifyCredential's field is refused past it before it gets here), and introspection's too.
+ * Machine access tokens are refused at issuance rather than issued past it (access-token.ts).
+ */
+export const MAX_CREDENTIAL_LENGTH = MAX_STRING_LENGTH;
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+$/;
 const TOKEN_CHARS = /^[\x21-\x7e]+$/;
 

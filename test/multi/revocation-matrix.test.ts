@@ -16,6 +16,7 @@ import {
   mintClientCertificate,
   short,
 } from "../machine-fixtures.js";
+import { mintBackend } from "../security/fixtures.js";
 import { splitTransport } from "../watch-fixtures.js";
 import { type Instances, startInstances, stopInstances } from "./fixtures.js";
 
@@ -45,6 +46,8 @@ type Action =
   | "tenant"
   | "rotate"
   | "unbind"
+  | "takeover"
+  | "contest"
   | "password"
   | "reset"
   | "revokeTokens";
@@ -71,6 +74,8 @@ const VERIFY_CODE: Record<Action, string> = {
   tenant: "TENANT_DISABLED",
   rotate: "REVOKED",
   unbind: "REVOKED",
+  takeover: "REVOKED",
+  contest: "REVOKED",
   password: "REVOKED",
   reset: "REVOKED",
   revokeTokens: "REVOKED",
@@ -176,7 +181,7 @@ async function machineSubject(authType: MachineAuthType) {
     // No grace period: the previous credentials stop at once.
     rotate: () => root().machines.rotateMachineUserCredentials({ id }),
   };
-  return { id, res, acts };
+  return { id, tenantId, res, acts };
 }
 
 const check = (t: Transport, auth: string | Record<string, string>) =>
@@ -300,6 +305,67 @@ const KINDS: Record<
       };
     },
   },
+  "access token issued to a client certificate alone": {
+    // takeover: the certificate's fingerprint bound to another machine user of its tenant (it
+    // then authenticates as that one); contest: a rival SAN URI binding whose binder may not
+    // manage the machine user (cluster:read), which then loses that scope, so the rival's
+    // binding stands too. Neither revokes anything of the token's machine user.
+    actions: ["takeover", "contest", "unbind", "disable", "delete", "tenant"],
+    async make() {
+      const s = await machineSubject(MachineAuthType.BEARER);
+      const [san, rivalSan] = [`spiffe://matrix.example/${short()}`, `spiffe://matrix.example/${short()}`];
+      const identity = { case: "sanUri" as const, value: san };
+      await root().machines.bindCertificate({ machineUserId: s.id, identity });
+      const backend = await mintBackend(m.a, san, rivalSan);
+      const conn = await connectedWithCertificate(m.a, backend);
+      const token = (await conn.client.issueAccessToken({})).accessToken;
+      return {
+        use: () => check(conn.transport, token),
+        presented: token,
+        cached: true,
+        acts: {
+          ...s.acts,
+          unbind: () => root().machines.unbindCertificate({ machineUserId: s.id, identity }),
+          async takeover() {
+            const other = await root().machines.createMachineUser({
+              tenantId: s.tenantId,
+              name: `rm-${short()}`,
+              authType: MachineAuthType.BEARER,
+            });
+            await root().machines.bindCertificate({
+              machineUserId: other.machineUser!.id,
+              identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+            });
+          },
+          async contest() {
+            const username = `rm-${short()}`;
+            await root().users.createUser({
+              username,
+              password: PASSWORD,
+              scopes: ["admin:machine-users"],
+              tenantId: s.tenantId,
+            });
+            const login = await createClient(UserService, revoking()).login({
+              username,
+              password: PASSWORD,
+              tenant: s.tenantId,
+            });
+            const binder = clients(revoking(), login.accessToken).machines;
+            const rival = await binder.createMachineUser({
+              name: `rm-${short()}`,
+              authType: MachineAuthType.BEARER,
+            });
+            await binder.bindCertificate({
+              machineUserId: rival.machineUser!.id,
+              identity: { case: "sanUri", value: rivalSan },
+            });
+            await root().machines.updateMachineUser({ id: s.id, scopes: { scopes: [] } });
+          },
+        },
+        close: async () => conn.sessionManager.abort(),
+      };
+    },
+  },
   "OAuth client_credentials access token": {
     actions: ["revoke", "rotate", "disable", "delete", "tenant"],
     async make() {
@@ -403,8 +469,13 @@ describe("the same cells through the SDK, watching the revoking instance and ver
     }
   }
 
-  // Refresh tokens and certificates are not presented to a service in a header.
-  const headerless = ["refresh token", "client certificate (binding)"];
+  // Refresh tokens and certificates are not presented to a service in a header, nor is a
+  // certificate's access token without its certificate (which `authenticate(header)` is not given).
+  const headerless = [
+    "refresh token",
+    "client certificate (binding)",
+    "access token issued to a client certificate alone",
+  ];
   it.each(CELLS.filter(([kind]) => !headerless.includes(kind)))(
     "%s, %s on one instance: refused by the SDK's next call once the event is in",
     async (kind, action) => {

@@ -1,10 +1,11 @@
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { describe, expect, it } from "vitest";
+import { MachineUserService } from "../../gen/tessera/v1/machine_user_service_pb.js";
 import { RevocationKind, VerificationService } from "../../gen/tessera/v1/verification_service_pb.js";
-import { DATABASES } from "../helpers.js";
+import { DATABASES, withHeaders } from "../helpers.js";
 import { bearerMachine, clients, short, tenantWithAdmin } from "../machine-fixtures.js";
 import { Watcher } from "../watch-fixtures.js";
-import { certificateTenant, certificateUser, mintBackend, presenting } from "./fixtures.js";
+import { certificateTenant, certificateUser, machineOutcome, mintBackend, presenting } from "./fixtures.js";
 
 /**
  * The review of 2026-12-06 (cert-review): a WatchRevocations stream authenticated by a
@@ -19,8 +20,12 @@ import { certificateTenant, certificateUser, mintBackend, presenting } from "./f
 describe.each(DATABASES)("a certificate-authenticated WatchRevocations stream on $name", (db) => {
   const c = certificateTenant(db, { verification: { watchHeartbeatSeconds: 1 } });
 
-  /** A watcher machine user of the tenant, its certificate bound by SAN URI (unproven), and its open stream. */
-  async function watching() {
+  /**
+   * A watcher machine user of the tenant, its certificate bound by SAN URI (unproven), and its
+   * open stream: authenticated by the certificate alone, or (`byToken`) by an access token the
+   * certificate alone obtained, presented over it.
+   */
+  async function watching(byToken = false) {
     const san = `spiffe://tenant.example/watcher/${short()}`;
     const { machine } = await bearerMachine(c.transport, c.root, [c.tenant.application.id], {
       tenantId: c.tenant.tenant.id,
@@ -32,9 +37,15 @@ describe.each(DATABASES)("a certificate-authenticated WatchRevocations stream on
       identity: { case: "sanUri", value: san },
     });
     expect(await certificateUser(c.ts, backend)).toBe(machine!.id);
-    const watcher = new Watcher(createClient(VerificationService, presenting(c.ts, backend)));
+    let over = presenting(c.ts, backend);
+    let token = "";
+    if (byToken) {
+      token = (await createClient(MachineUserService, over).issueAccessToken({})).accessToken;
+      over = withHeaders(over, { authorization: `Bearer ${token}` });
+    }
+    const watcher = new Watcher(createClient(VerificationService, over));
     await watcher.first();
-    return { machine: machine!, backend, watcher };
+    return { machine: machine!, backend, watcher, token };
   }
 
   async function expectEnded(watcher: Watcher): Promise<void> {
@@ -55,6 +66,24 @@ describe.each(DATABASES)("a certificate-authenticated WatchRevocations stream on
       });
       expect(await certificateUser(c.ts, backend)).toBe(other!.id);
       await expectEnded(watcher);
+    } finally {
+      watcher.close();
+    }
+  });
+
+  it("opened with a token the certificate alone obtained, ends once the fingerprint is bound to another machine user", async () => {
+    const { backend, watcher, token } = await watching(true);
+    try {
+      const { machine: other } = await bearerMachine(c.transport, c.root, [c.tenant.application.id], {
+        tenantId: c.tenant.tenant.id,
+      });
+      await clients(c.transport, c.root).machines.bindCertificate({
+        machineUserId: other!.id,
+        identity: { case: "sha256Fingerprint", value: backend.fingerprint },
+      });
+      await expectEnded(watcher);
+      // Its reconnection is refused by authentication, as any other call with the token.
+      expect(await machineOutcome(presenting(c.ts, backend), token)).toBe("TOKEN_REVOKED");
     } finally {
       watcher.close();
     }

@@ -1104,7 +1104,11 @@ export const MachineUserService: GenService<{
   /**
    * A short-lived access token (JWT) for the calling machine principal. Over mTLS it is
    * bound to the client certificate (RFC 8705 `cnf.x5t#S256`) and refused on any
-   * connection that does not present that same certificate.
+   * connection that does not present that same certificate. Issued to the certificate alone
+   * (no header), it also carries `amr: ["mtls"]` and `cert_san_uris`, and is refused
+   * (TOKEN_REVOKED) from the request after a binding change that takes the certificate from
+   * the machine user. A certificate whose SAN URIs would make that token too long for
+   * VerifyCredential is refused one (INVALID_ARGUMENT).
    *
    * @generated from rpc tessera.v1.MachineUserService.IssueAccessToken
    */

@@ -126,7 +126,9 @@ export type VerifyCredentialResponse = Message<"tessera.v1.VerifyCredentialRespo
   /**
    * RFC 8705 `x5t#S256` (base64url SHA-256 of the DER certificate) the credential is bound
    * to; empty when unbound. A bound credential is valid only when presented over a
-   * connection with that client certificate: the caller must check it.
+   * connection with that client certificate: the caller must check it. When the certificate
+   * alone obtained the token (`amr: ["mtls"]`), Tessera has also checked that it still
+   * authenticates as the token's machine user; a binding change ends the token at once.
    *
    * @generated from field: string certificate_thumbprint = 8;
    */
@@ -307,8 +309,12 @@ export enum VerificationCode {
 
   /**
    * Revoked, rotated out once a grace period has run out, its session ended, or (a JWT) its
-   * owner deleted. A PAT, API key, machine token or Basic pair is deleted with its owner, and one
-   * rotated out without a grace period is gone: NOT_FOUND.
+   * owner deleted, or (a machine access token the client certificate alone obtained, marked
+   * `amr: ["mtls"]`) that certificate no longer authenticates as its machine user: another
+   * binding took it, or turned it into a contest; not final for such a token: it is VALID again
+   * once the certificate authenticates as its machine user again. A PAT, API key, machine token
+   * or Basic pair is deleted with its owner, and one rotated out without a grace period is gone:
+   * NOT_FOUND.
    *
    * @generated from enum value: REVOKED = 4;
    */

@@ -3,8 +3,13 @@ import type { EntityManager } from "@mikro-orm/knex";
 import type { JwtService } from "../../auth/jwt.js";
 import type { PeerCertificateInfo, Principal } from "../../auth/principal.js";
 import type { Clock } from "../../clock.js";
-import { TesseraError } from "../../errors.js";
+import { errors, TesseraError } from "../../errors.js";
 import { MachineCredential, MachineUser, MachineUserCertificate } from "../../storage/machine-entities.js";
+import { MAX_SAN_URIS } from "../../storage/repositories/subject-state.js";
+import { MAX_CREDENTIAL_LENGTH } from "../../verification/verify-credential.js";
+
+/** The longest access token issued: one that verifies presented with "Bearer " too. */
+const MAX_ISSUED_TOKEN_LENGTH = MAX_CREDENTIAL_LENGTH - "Bearer ".length;
 
 /** What issuing a machine access token needs. */
 export interface MachineTokenIssuerDeps {
@@ -33,7 +38,8 @@ export interface IssuedMachineToken {
  *   outliving a rotation or its credential);
  * - never issued within the second of the last rotation (`iat` has one-second resolution
  *   and tokens from that second count as pre-rotation);
- * - a credential in its rotation grace period issues tokens that end with it.
+ * - a credential in its rotation grace period issues tokens that end with it;
+ * - a certificate's own token (marked with its SAN URIs) too long to verify is refused.
  */
 export async function issueMachineAccessToken(
   deps: MachineTokenIssuerDeps,
@@ -70,14 +76,26 @@ export async function issueMachineAccessToken(
     }
   }
   const thumbprint = certificate?.thumbprint;
+  // Issued to the certificate alone (not to a password or token sent over its connection):
+  // its authority is the certificate's binding, re-decided from these claims at every use.
+  const certificateSanUris =
+    principal.method === "mtls" && certificate ? certificate.sanUris.slice(0, MAX_SAN_URIS) : undefined;
   const issued = await deps.jwt.issue({
     subject: principal.id,
     tenantId: principal.tenantId,
     scopes: [...scopes],
     kind: "machine",
     ...(thumbprint ? { certificateThumbprint: thumbprint } : {}),
+    ...(certificateSanUris ? { certificateSanUris } : {}),
     ...(ttlSeconds !== undefined ? { ttlSeconds } : {}),
   });
+  // Its claims carry the SAN URIs, of any length: past what verification takes, the token
+  // would work on Tessera's own calls while VerifyCredential and introspection refuse it. An
+  // unmarked token instead would leave the certificate's binding out of its authority.
+  if (certificateSanUris && issued.token.length > MAX_ISSUED_TOKEN_LENGTH)
+    throw errors.invalidArgument(
+      `the client certificate's SAN URIs make its access token too long to verify (over ${MAX_ISSUED_TOKEN_LENGTH} characters): use a certificate with fewer or shorter SAN URIs`,
+    );
   // A certificate's binding was read when the call was authenticated. Checked again after the
   // signature, no lock needed: a binding gone refuses the token; one still seen means the
   // unbinding commits later, and its cut-off (iat up to its second, inclusive) reaches the

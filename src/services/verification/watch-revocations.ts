@@ -9,6 +9,7 @@ import {
   type WatchRevocationsResponse,
   WatchRevocationsResponseSchema,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import type { CertificateIdentity } from "../../auth/certificate-token.js";
 import { machineOfCertificate } from "../../auth/machine-principal.js";
 import type { Principal } from "../../auth/principal.js";
 import type { Clock } from "../../clock.js";
@@ -88,14 +89,19 @@ function certificateBound(caller: Principal): boolean {
 }
 
 /**
- * Whether the certificate an mTLS caller authenticated by still authenticates as it. Another
- * binding can take the certificate (a fingerprint bound to another machine user, another
- * tenant's binding of it) with an event naming that other machine user, perhaps in another
- * tenant, so a stream cannot tell from the events alone: it asks the one rule again.
+ * Whether the certificate an mTLS caller authenticated by (or its token was issued to, alone:
+ * `grantingCertificate`) still authenticates as it. Another binding can take the certificate
+ * (a fingerprint bound to another machine user, another tenant's binding of it) with an event
+ * naming that other machine user, perhaps in another tenant, so a stream cannot tell from the
+ * events alone: it asks the one rule again.
  */
-async function certificateStillNames(deps: WatchRevocationsDeps, caller: Principal): Promise<boolean> {
+async function certificateStillNames(
+  deps: WatchRevocationsDeps,
+  caller: Principal,
+  certificate: CertificateIdentity,
+): Promise<boolean> {
   try {
-    return (await machineOfCertificate(deps.machines, caller.certificate!))?.machine.id === caller.id;
+    return (await machineOfCertificate(deps.machines, certificate))?.machine.id === caller.id;
   } catch (err) {
     // The rule's refusals (bound in two tenants, or contested): it authenticates no one.
     if (
@@ -221,7 +227,7 @@ async function* watch(
       (bound && caller.certificate?.notAfter) || Number.POSITIVE_INFINITY,
     );
     const certificateHolds = bound ? state.certificateHolds : undefined;
-    const byCertificate = caller.method === "mtls" && caller.certificate != null;
+    const byCertificate = caller.method === "mtls" ? caller.certificate : caller.grantingCertificate;
     while (!ctx.signal.aborted && !feed.isDraining && Date.now() < endAt) {
       // The token or certificate the caller authenticated by expired, or a CRL or CA reloaded
       // since refuses it: like a revoked caller's, the stream ends and the reconnection is refused.
@@ -243,13 +249,13 @@ async function* watch(
         let resetAt: RevocationRecord | undefined;
         // Bindings and machine users change only with SUBJECT events, of any tenant: at the
         // first of these batches' the certificate is resolved again, once.
-        let resolved = !byCertificate;
+        let resolved = byCertificate == null;
         for (const batch of batches) {
           for (const e of batch.events) {
             if (e.id <= position) continue;
             if (!resolved && e.kind === "subject") {
               resolved = true;
-              if (!(await certificateStillNames(deps, caller))) {
+              if (!(await certificateStillNames(deps, caller, byCertificate!))) {
                 callerChanged = true;
                 break;
               }

@@ -243,8 +243,8 @@ const REPLACE_SECRET_HASH =
 
 const MACHINE_BY_ID = `select ${MACHINE_COLUMNS} from machine_users m ${MACHINE_JOINS} where m.id = ?`;
 
-/** At most this many SAN URIs of a certificate are looked up (one statement per count). */
-const MAX_SAN_URIS = 16;
+/** At most this many SAN URIs of a certificate are looked up (one statement per count), and kept in its tokens. */
+export const MAX_SAN_URIS = 16;
 
 function bindingQuery(sanCount: number): string {
   const sans = sanCount > 0 ? ` or b.san_uri in (${new Array(sanCount).fill("?").join(", ")})` : "";
