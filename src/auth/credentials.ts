@@ -1,5 +1,6 @@
 import { TesseraError } from "../errors.js";
 import { invalidCharacterAt } from "../interceptors/input.js";
+import { ONE_AUTHORIZATION } from "./repeated-authorization.js";
 
 /** A credential found in the request headers. Never log it. */
 export type PresentedCredential =
@@ -57,6 +58,9 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
   if (authorization === null) return null;
   const known = bearerByHeader.get(authorization);
   if (known !== undefined) return known;
+  // A repeated header, joined (the transports join the repeats Node keeps one of): two
+  // credentials, refused as a repeated X-API-Key is, whichever of them is valid.
+  if (authorization.includes(", ")) throw new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION);
   const value = authorization.trim();
   const space = value.indexOf(" ");
   if (space < 0)
