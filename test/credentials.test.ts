@@ -69,6 +69,10 @@ describe("credential parsing", () => {
       expect(reasonOf(() => parseCredentials(h))).toBe("AUTH_HEADER_MALFORMED");
       expect(() => parseCredentials(h)).toThrow(ONE_AUTHORIZATION);
     }
+    // A scheme whose own values hold ", " is refused as the scheme it is.
+    expect(() => parseCredentials(new Headers({ authorization: 'Digest username="a", realm="b"' }))).toThrow(
+      "unsupported Authorization scheme",
+    );
   });
   it("parses a bearer header once: the same frozen credential for the same value, with every check kept", () => {
     const header = () => new Headers({ authorization: "Bearer kept.once.token" });

@@ -58,9 +58,6 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
   if (authorization === null) return null;
   const known = bearerByHeader.get(authorization);
   if (known !== undefined) return known;
-  // A repeated header, joined (the transports join the repeats Node keeps one of): two
-  // credentials, refused as a repeated X-API-Key is, whichever of them is valid.
-  if (authorization.includes(", ")) throw new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION);
   const value = authorization.trim();
   const space = value.indexOf(" ");
   if (space < 0)
@@ -70,6 +67,11 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
     );
   const scheme = value.slice(0, space).toLowerCase();
   const rest = value.slice(space + 1).trim();
+  // A repeated header, joined (the transports join the repeats Node keeps one of): two
+  // credentials, refused as a repeated X-API-Key is, whichever of them is valid. Neither a
+  // token nor base64 holds ", "; other schemes' values may (Digest), and are refused below.
+  if ((scheme === "bearer" || scheme === "basic") && rest.includes(", "))
+    throw new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION);
   if (scheme === "bearer") {
     if (!rest || !TOKEN_CHARS.test(rest) || rest.includes(",")) {
       throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token>");

@@ -159,16 +159,17 @@ function presentedClient(
   const secret = form.get("client_secret");
   const clientId = form.get("client_id");
   if (authorization !== undefined || headers["x-api-key"] !== undefined) {
-    // A repeated header, joined (oauth/index.ts): two credentials in one request, whichever
-    // of them is valid: RFC 6749 §5.2's invalid_request ("includes multiple credentials").
-    if (authorization?.includes(", "))
+    if (secret !== undefined)
+      throw new OAuthError("invalid_request", "use one client authentication method, not several");
+    const scheme = (authorization ?? "").trim().split(" ")[0]!.toLowerCase();
+    // A repeated header, joined (oauth/index.ts): two credentials in one request, whichever of
+    // them is valid: RFC 6749 §5.2's invalid_request ("includes multiple credentials"). Neither
+    // base64 nor a token holds ", " (see parseCredentials).
+    if ((scheme === "basic" || scheme === "bearer") && authorization!.includes(", "))
       throw withCause(
         new OAuthError("invalid_request", ONE_AUTHORIZATION),
         new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION),
       );
-    if (secret !== undefined)
-      throw new OAuthError("invalid_request", "use one client authentication method, not several");
-    const scheme = (authorization ?? "").trim().split(" ")[0]!.toLowerCase();
     if (scheme === "basic" && headers["x-api-key"] === undefined) {
       const encoded = authorization!.trim().slice(5).trim();
       if (!/^[A-Za-z0-9+/]+={0,2}$/.test(encoded)) throw malformed();
