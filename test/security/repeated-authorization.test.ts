@@ -23,13 +23,17 @@ const ONE = "send one Authorization header";
 
 type Pair = readonly [string, string];
 
-/** An HTTP/1.1 request over TLS with `authorization` sent as one header line per value. */
+/**
+ * An HTTP/1.1 request over TLS with `authorization` sent as one header line per value, and
+ * `between` sent after the first of them.
+ */
 function http1(
   ts: TestServer,
   path: string,
   contentType: string,
   authorization: string[],
   body: Buffer | string,
+  between: Pair[] = [],
 ): Promise<{ status: number; headers: Record<string, unknown>; body: Buffer }> {
   return new Promise((resolve, reject) => {
     const req = request(
@@ -44,7 +48,7 @@ function http1(
           new URL(ts.server.url).host,
           "content-type",
           contentType,
-          ...authorization.flatMap((v) => ["authorization", v]),
+          ...authorization.flatMap((v, i) => ["authorization", v, ...(i === 0 ? between.flat() : [])]),
         ],
       },
       (res) => {
@@ -85,12 +89,30 @@ function grpcWebTrailer(body: Buffer): string {
   return "";
 }
 
+/**
+ * More header lines than Node's HTTP/1.1 parser keeps by default: past its limit it dropped
+ * the rest, a second Authorization among them, and served the first.
+ */
+const FILLERS: Pair[] = Array.from({ length: 1100 }, (_, i) => [`x-filler-${i}`, "1"] as const);
+
+/** tessera_auth_attempts_total's refusals of a malformed credential, in the exposition text. */
+function malformedRefusals(text: string): number {
+  let n = 0;
+  for (const line of text.split("\n"))
+    if (line.startsWith("tessera_auth_attempts_total{") && line.includes('credential="malformed"'))
+      n += Number(line.slice(line.lastIndexOf(" ") + 1));
+  return n;
+}
+
 const EMPTY_GRPC = envelope(0, new Uint8Array(0));
 const FORM = "application/x-www-form-urlencoded";
 
+// Metrics on, for the credential kind a refusal is counted under (nothing listens for them here).
+const METRICS = { metrics: { listen: "127.0.0.1:0" } };
+
 describe.each<[string, ConfigInput]>([
-  ["fast", {}],
-  ["connect", { server: { transport: "connect" } }],
+  ["fast", METRICS],
+  ["connect", { ...METRICS, server: { transport: "connect" } }],
 ])("two Authorization headers on the %s transport", (_name, config) => {
   let ts: TestServer;
   let admin: string;
@@ -172,6 +194,29 @@ describe.each<[string, ConfigInput]>([
     }
   });
 
+  it("counts them as a malformed credential in tessera_auth_attempts_total", async () => {
+    const before = malformedRefusals(await ts.app.metrics!.scrape());
+    for (const pair of pairs()) {
+      expect((await http1(ts, ME, "application/json", [...pair], "{}")).status).toBe(401);
+      const grpc = await h2(
+        ts,
+        ME,
+        [["content-type", "application/grpc"], ["te", "trailers"], ...auth(pair)],
+        EMPTY_GRPC,
+      );
+      expect(grpcRefusal(grpc).reason).toBe("AUTH_HEADER_MALFORMED");
+    }
+    expect(malformedRefusals(await ts.app.metrics!.scrape())).toBe(before + 2 * pairs().length);
+  });
+
+  it("answers 431 over HTTP/1.1 to more header lines than the parser keeps, not the first Authorization's call", async () => {
+    const answer = await http1(ts, ME, "application/json", [`Bearer ${admin}`, GARBAGE], "{}", FILLERS);
+    expect(answer.status, answer.body.toString()).toBe(431);
+    // Before routing: OAuth is answered by neither transport, and is cut the same.
+    const token = await http1(ts, "/oauth2/token", FORM, [GARBAGE], "grant_type=client_credentials", FILLERS);
+    expect(token.status, token.body.toString()).toBe(431);
+  });
+
   it("refuses them where admission runs in the pipeline: an audited call, after its body, and a stream", async () => {
     for (const pair of pairs()) {
       // Audited: authenticated once its body is read (the admission interceptor's Headers).
@@ -227,6 +272,18 @@ describe("two Authorization headers at the OAuth endpoints", () => {
     );
     expect(introspect.status, introspect.body.toString()).toBe(200);
     expect(JSON.parse(introspect.body.toString())).toEqual({ active: false });
+  });
+
+  it("answers 431 at /oauth2/token over HTTP/1.1 to more header lines than the parser keeps", async () => {
+    const answer = await http1(
+      ts,
+      "/oauth2/token",
+      FORM,
+      [basic, "Basic Z2FyYmFnZTpnYXJiYWdl"],
+      "grant_type=client_credentials",
+      FILLERS,
+    );
+    expect(answer.status, answer.body.toString()).toBe(431);
   });
 
   it("answers 400 invalid_request at /oauth2/token, /introspect and /revoke, over HTTP/1.1 and HTTP/2", async () => {
