@@ -131,6 +131,9 @@ export function createCallObserver(options: CallObserverOptions): CallObserver |
     if (authorization !== undefined && apiKey !== undefined) return "malformed";
     if (apiKey !== undefined) return "api_key";
     if (typeof authorization !== "string") return state.certificate ? "mtls" : "none";
+    // A repeated header, joined by the transport (transport/node-bridge.ts); else a scheme
+    // whose values hold ", " (Digest), malformed too.
+    if (authorization.includes(", ")) return "malformed";
     const value = authorization.trim();
     const space = value.indexOf(" ");
     const scheme = space < 0 ? "" : value.slice(0, space).toLowerCase();

@@ -10,7 +10,7 @@ import { ageConnections } from "./server/connection-age.js";
 import { boundConnections } from "./server/connection-limits.js";
 import { trackHandshakeEnds } from "./server/handshake-ends.js";
 import { NO_PEER_TRUST, type PeerTrust, stampConnections } from "./server/peer-trust.js";
-import { createRequestHandler } from "./server/request-handler.js";
+import { createRequestHandler, MAX_HTTP1_HEADERS } from "./server/request-handler.js";
 import { loadTlsMaterial, type OpenKeyPolicy, tlsStatus } from "./server/tls-material.js";
 import { installTransport } from "./transport/index.js";
 import type { NodeResponse as Response } from "./transport/stream-server.js";
@@ -110,6 +110,8 @@ export async function startServer(app: App): Promise<TesseraServer> {
     // Development only: h2c plus HTTP/1.1 on one port.
     server = http2.createServer({ settings, allowHTTP1: true } as http2.ServerOptions);
   }
+  // Read by Node's HTTP/1.1 parser for each connection the server takes (allowHTTP1).
+  (server as unknown as { maxHeadersCount: number }).maxHeadersCount = MAX_HTTP1_HEADERS;
   if (tls) {
     handshakeAnchors = stampConnections(server, () => trust.anchors);
     // After the stamp: a handshake's chain is read against the anchors it was verified by.

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { parseCredentials } from "../src/auth/credentials.js";
+import { ONE_AUTHORIZATION, repeatedAuthorization } from "../src/auth/repeated-authorization.js";
 import type { TesseraError } from "../src/errors.js";
 
 const reasonOf = (fn: () => unknown) => {
@@ -49,6 +50,29 @@ describe("credential parsing", () => {
         "AUTH_HEADER_MALFORMED",
       );
     }
+  });
+  it("finds a repeated Authorization header in Node's raw list, in any case, and refuses it joined", () => {
+    const raw = (...names: string[]) => names.flatMap((name, i) => [name, `Bearer t${i}`]);
+    expect(repeatedAuthorization(raw("host", "authorization", "accept"))).toBeUndefined();
+    expect(repeatedAuthorization(raw("Authorization", "x-api-key", "AUTHORIZATION"))).toBe(
+      "Bearer t0, Bearer t2",
+    );
+    expect(repeatedAuthorization(raw("authorization", "authorization", "authorization"))).toBe(
+      "Bearer t0, Bearer t1, Bearer t2",
+    );
+    // Same length, another name (the letters' case bit alone decides).
+    expect(repeatedAuthorization(raw("authorization", "authorizatioN", "authorizati0n"))).toBe(
+      "Bearer t0, Bearer t1",
+    );
+    for (const joined of ["Bearer a, Bearer b", "Bearer a, Bearer a", "Basic YTpi, Basic YTpi"]) {
+      const h = new Headers({ authorization: joined });
+      expect(reasonOf(() => parseCredentials(h))).toBe("AUTH_HEADER_MALFORMED");
+      expect(() => parseCredentials(h)).toThrow(ONE_AUTHORIZATION);
+    }
+    // A scheme whose own values hold ", " is refused as the scheme it is.
+    expect(() => parseCredentials(new Headers({ authorization: 'Digest username="a", realm="b"' }))).toThrow(
+      "unsupported Authorization scheme",
+    );
   });
   it("parses a bearer header once: the same frozen credential for the same value, with every check kept", () => {
     const header = () => new Headers({ authorization: "Bearer kept.once.token" });

@@ -155,11 +155,12 @@ describe("the @tessera/sdk package", () => {
       "LICENSE",
     ])
       expect(files, f).toContain(f);
-    // Besides the SDK only src/auth/scopes (no imports of its own, shared so the client's
-    // hasPermission and the server decide alike) is compiled in.
+    // Besides the SDK only src/auth/scopes and src/auth/repeated-authorization (no imports of
+    // their own, shared so that the SDK and the server decide alike) are compiled in.
     const modules = files.filter((f) => /^dist\/(esm|cjs)\/src\/.*\.js$/.test(f));
     const outside = modules.filter(
-      (f) => !/^dist\/(esm|cjs)\/src\/(sdk\/(server\/)?[\w-]+|auth\/scopes)\.js$/.test(f),
+      (f) =>
+        !/^dist\/(esm|cjs)\/src\/(sdk\/(server\/)?[\w-]+|auth\/(scopes|repeated-authorization))\.js$/.test(f),
     );
     expect(outside).toEqual([]);
     expect(files.some((f) => f.endsWith(".ts") && !f.endsWith(".d.ts"))).toBe(false);

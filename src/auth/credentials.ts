@@ -1,5 +1,6 @@
 import { TesseraError } from "../errors.js";
 import { invalidCharacterAt } from "../interceptors/input.js";
+import { ONE_AUTHORIZATION } from "./repeated-authorization.js";
 
 /** A credential found in the request headers. Never log it. */
 export type PresentedCredential =
@@ -66,6 +67,11 @@ export function parseCredentials(headers: HeaderSource): PresentedCredential | n
     );
   const scheme = value.slice(0, space).toLowerCase();
   const rest = value.slice(space + 1).trim();
+  // A repeated header, joined (the transports join the repeats Node keeps one of): two
+  // credentials, refused as a repeated X-API-Key is, whichever of them is valid. Neither a
+  // token nor base64 holds ", "; other schemes' values may (Digest), and are refused below.
+  if ((scheme === "bearer" || scheme === "basic") && rest.includes(", "))
+    throw new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION);
   if (scheme === "bearer") {
     if (!rest || !TOKEN_CHARS.test(rest) || rest.includes(",")) {
       throw new TesseraError("AUTH_HEADER_MALFORMED", "expected Authorization: Bearer <token>");

@@ -6,6 +6,7 @@ import { authenticationRefusal, spendFailure } from "../admission/authenticate.j
 import type { Authenticator } from "../auth/authenticator.js";
 import { type HeaderSource, type PresentedCredential, parseCredentials } from "../auth/credentials.js";
 import type { Principal } from "../auth/principal.js";
+import { ONE_AUTHORIZATION } from "../auth/repeated-authorization.js";
 import { budgetKey } from "../client-ip.js";
 import type { RequestState } from "../context.js";
 import { TesseraError, wwwAuthenticate } from "../errors.js";
@@ -161,6 +162,14 @@ function presentedClient(
     if (secret !== undefined)
       throw new OAuthError("invalid_request", "use one client authentication method, not several");
     const scheme = (authorization ?? "").trim().split(" ")[0]!.toLowerCase();
+    // A repeated header, joined (oauth/index.ts): two credentials in one request, whichever of
+    // them is valid: RFC 6749 §5.2's invalid_request ("includes multiple credentials"). Neither
+    // base64 nor a token holds ", " (see parseCredentials).
+    if ((scheme === "basic" || scheme === "bearer") && authorization!.includes(", "))
+      throw withCause(
+        new OAuthError("invalid_request", ONE_AUTHORIZATION),
+        new TesseraError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION),
+      );
     if (scheme === "basic" && headers["x-api-key"] === undefined) {
       const encoded = authorization!.trim().slice(5).trim();
       if (!/^[A-Za-z0-9+/]+={0,2}$/.test(encoded)) throw malformed();

@@ -8,6 +8,7 @@ import { rateLimitHeaders } from "../rate-limit/refusal.js";
 import { loggableError } from "../storage/errors.js";
 import { reportRefusedSession } from "../storage/refused-sessions.js";
 import { stopUnreadPlainBody } from "../transport/early-answers.js";
+import { joinRepeatedAuthorization } from "../transport/node-bridge.js";
 import { discoveryDocument, issuerOf, OAUTH_PATHS } from "./discovery.js";
 import { countAddress, type OAuthRequest, readForm } from "./form.js";
 import { type IntrospectionEndpointDeps, introspectionEndpoint } from "./introspect.js";
@@ -167,6 +168,8 @@ export function createOAuthEndpoints(deps: OAuthDeps): OAuthEndpoints {
         fail(req, res, path, new OAuthError("invalid_request", "use POST", 405, { allow: "POST" }), state);
         return;
       }
+      // Node kept the first of a repeated Authorization header: joined, form.ts refuses it.
+      joinRepeatedAuthorization(req);
       (async () => {
         await countAddress(deps.limits, state);
         const form = await readForm(req, deps.maxBodyBytes);

@@ -36,6 +36,13 @@ import {
   stateOf,
 } from "./request-facts.js";
 
+/**
+ * The HTTP/1.1 header lines a request may have (the server's `maxHeadersCount`). Node's parser
+ * drops the lines past its limit without a word, a repeated Authorization or X-API-Key among
+ * them, so a request that reached it is answered 431 rather than served from part of its headers.
+ */
+export const MAX_HTTP1_HEADERS = 256;
+
 /** Strict-Transport-Security, sent over TLS only (seed 003). */
 const HSTS = "max-age=31536000; includeSubDomains";
 
@@ -189,6 +196,15 @@ export function createRequestHandler(
     const requestId = requestIdOf(req);
     // For the answers written here; the adapter sets them on its own (`responseHeaders`).
     const setCommonHeaders = () => setHeaders(res, commonHeaders(req, requestId));
+
+    // Over HTTP/2 a header list past its bound resets the stream before it gets here.
+    if (!("stream" in req) && req.rawHeaders.length >= 2 * MAX_HTTP1_HEADERS) {
+      setCommonHeaders();
+      res.setHeader("connection", "close");
+      res.statusCode = 431;
+      res.end();
+      return;
+    }
 
     if (req.method === "OPTIONS" && corsAllowed(req.headers.origin)) {
       setCommonHeaders();

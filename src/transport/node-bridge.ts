@@ -1,6 +1,7 @@
 import type * as http from "node:http";
 import type { Readable } from "node:stream";
 import { Code, ConnectError, type ContextValues } from "@connectrpc/connect";
+import { repeatedAuthorization } from "../auth/repeated-authorization.js";
 import type { NodeRequest } from "./stream-server.js";
 import type { UnaryRequest } from "./unary-protocols.js";
 
@@ -132,6 +133,22 @@ export function closeReason(req: NodeRequest): ConnectError {
     `http/2 stream closed with error code ${H2_CODES[rstCode!]} (0x${rstCode!.toString(16)})`,
     code,
   );
+}
+
+/**
+ * Make `req.headers` hold a repeated Authorization header as fetch Headers would ("a, b"), for
+ * everything that reads it after (admission before the body, the Headers of the admission
+ * interceptor, connect-node's adapter): Node kept only its first value. Joined, the repeat is
+ * refused as a repeated X-API-Key is (auth/credentials.ts). The raw list is scanned only when
+ * the header was sent.
+ */
+export function joinRepeatedAuthorization(req: {
+  readonly headers: http.IncomingHttpHeaders;
+  readonly rawHeaders: readonly string[];
+}): void {
+  if (req.headers.authorization === undefined) return;
+  const joined = repeatedAuthorization(req.rawHeaders);
+  if (joined !== undefined) req.headers.authorization = joined;
 }
 
 /** Node's incoming headers as fetch Headers, without HTTP/2 pseudo-headers. */

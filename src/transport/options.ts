@@ -18,7 +18,7 @@ import type { CallErrorHook, UnaryProtocol } from "./unary-protocols.js";
  * object (stream-server.ts serves both).
  */
 export interface ConnectHandler extends StreamingHandler {
-  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): boolean;
+  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, rawHeaders: string[]): boolean;
   /** The RPC a request path (query string allowed) names, or undefined when none does. */
   methodOf(url: string | undefined): DescMethod | undefined;
 }

@@ -19,7 +19,13 @@ import {
   writeUnaryAnswer,
 } from "./early-answers.js";
 import { answerFailedCall, internalErrorOf } from "./last-resort.js";
-import { AdapterRequest, bodyOf, closeReason, RequestSignal } from "./node-bridge.js";
+import {
+  AdapterRequest,
+  bodyOf,
+  closeReason,
+  joinRepeatedAuthorization,
+  RequestSignal,
+} from "./node-bridge.js";
 import { protocolOf, writeErrorResponse, writeResponse } from "./node-response.js";
 import type { ConnectHandler, ConnectHandlerOptions } from "./options.js";
 import type { StockDispatch } from "./stock-adapter.js";
@@ -47,7 +53,7 @@ export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
  */
 export interface StreamingHandler {
   (req: http.IncomingMessage | http2.Http2ServerRequest, res: NodeResponse): void;
-  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): boolean;
+  stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, rawHeaders: string[]): boolean;
 }
 
 /**
@@ -62,6 +68,8 @@ export class StreamRequest {
   constructor(
     readonly stream: http2.ServerHttp2Stream,
     readonly headers: http2.IncomingHttpHeaders,
+    /** The header list as received (the session's "stream" event gives it), as `Http2ServerRequest.rawHeaders`. */
+    readonly rawHeaders: string[],
   ) {
     // An "error" without a listener would be thrown; the compatibility layer ignores them too.
     stream.on("error", ignoreStreamError);
@@ -126,7 +134,8 @@ export function serveRequests(
       // Refused by a bound before this listener ran (server.maxOpenStreamsPerIp: RST_STREAM
       // REFUSED_STREAM promises the client none of its call ran, and a flood costs no more).
       if (stream.closed) return;
-      if (!handler.stream(stream, headers)) onCompatStream.call(this, stream, headers, flags, rawHeaders);
+      if (!handler.stream(stream, headers, rawHeaders))
+        onCompatStream.call(this, stream, headers, flags, rawHeaders);
     },
   );
 }
@@ -182,6 +191,8 @@ export function serveCalls(
     res: NodeResponse | undefined,
     route: Route | undefined = routeOf(req.url),
   ): void {
+    // Before anything reads the credential: admission here, or in the pipeline, or connect-node's.
+    joinRepeatedAuthorization(req);
     const common = responseHeaders?.(req);
     if (!route) {
       setHeaders(res!, common);
@@ -240,11 +251,11 @@ export function serveCalls(
 
   const serve = handleConnect as ConnectHandler;
   serve.methodOf = (url) => routeOf(url)?.handler.method;
-  serve.stream = (stream, headers) => {
+  serve.stream = (stream, headers, rawHeaders) => {
     if (stock !== undefined) return false;
     const route = acceptedRoute(headers);
     if (route === undefined) return false;
-    const req = new StreamRequest(stream, headers);
+    const req = new StreamRequest(stream, headers, rawHeaders);
     prepare?.(req);
     handleConnect(req, undefined, route);
     return true;

@@ -1,5 +1,5 @@
-// Builds @tessera/sdk from the repository's sources (src/sdk, the one shared
-// src/auth/scopes.ts, gen/): an ES module build and a CommonJS build of the same files,
+// Builds @tessera/sdk from the repository's sources (src/sdk, the shared src/auth/scopes.ts
+// and src/auth/repeated-authorization.ts, gen/): an ES module build and a CommonJS build of the same files,
 // each with its declarations, plus the .proto files, their compiled descriptor set and the licence. Run by `npm pack`
 // (prepack) in this folder, or `npm run build:sdk` at the root.
 import { execFileSync } from "node:child_process";

@@ -1,8 +1,10 @@
 import { type DescMethod, getOption, hasOption } from "@bufbuild/protobuf";
 import type { Interceptor, StreamRequest, StreamResponse } from "@connectrpc/connect";
 import { auth as authOption } from "../../../gen/tessera/v1/options_pb.js";
+import { ONE_AUTHORIZATION } from "../../auth/repeated-authorization.js";
 import { refusalOf, TesseraAuthError, toConnectError } from "./errors.js";
 import {
+  authorizationRepeatedKey,
   clientAddressKey,
   clientCertificateEndKey,
   clientCertificateKey,
@@ -156,6 +158,8 @@ export function createTesseraAuthInterceptor(
       rule = ruleOf(req.method);
       if (rule === null) throw new TesseraAuthError("ACCESS_DENIED", "method has no auth rule");
       if (!rule.public) {
+        if (req.contextValues.get(authorizationRepeatedKey))
+          throw new TesseraAuthError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION);
         authorization = req.header.get("authorization") ?? undefined;
         thumbprint = req.contextValues.get(clientCertificateKey);
         // A header admitted before is answered synchronously: no promise of ours on the way.

@@ -1,10 +1,12 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
+import { ONE_AUTHORIZATION } from "../../auth/repeated-authorization.js";
 import { refusalOf, TesseraAuthError } from "./errors.js";
 import {
   clientCertificateThumbprint,
   connectionOf,
   peerAddressOf,
+  repeatsAuthorization,
   type TesseraPrincipal,
 } from "./principal.js";
 import { createTesseraAuth, type TesseraAuth, type TesseraAuthOptions } from "./tessera-auth.js";
@@ -113,6 +115,10 @@ export function createTesseraAuthMiddleware<Req extends TesseraMiddlewareRequest
       return;
     }
     const header = req.headers.authorization;
+    if (repeatsAuthorization(req)) {
+      refuse(res, new TesseraAuthError("AUTH_HEADER_MALFORMED", ONE_AUTHORIZATION));
+      return;
+    }
     const admit = (principal: TesseraPrincipal) => {
       core.authorize(principal, rule);
       principals.set(req, principal);

@@ -6,6 +6,7 @@ import {
   VerifiedPrincipalKind,
   type VerifyCredentialResponse,
 } from "../../../gen/tessera/v1/verification_service_pb.js";
+import { repeatedAuthorization } from "../../auth/repeated-authorization.js";
 import type { AccessTokenClaims } from "./offline-jwt.js";
 
 /** Who called a protected method: what the handler reads from its context. */
@@ -135,16 +136,47 @@ export function peerAddressOf(req: {
   return typeof address === "string" ? address : undefined;
 }
 
+/** A request as Node hands it over, as far as a repeated Authorization header is read from it. */
+interface HeadersAsSent {
+  headers?: { authorization?: unknown };
+  rawHeaders?: readonly string[];
+}
+
+/**
+ * Whether `req` came with more than one Authorization header: Node keeps the first value only
+ * (`req.headers` shows one), and a proxy in front reading another would disagree with us on who
+ * is calling. Refused, whichever of them is valid.
+ */
+export function repeatsAuthorization(req: HeadersAsSent): boolean {
+  return (
+    req.headers?.authorization !== undefined &&
+    req.rawHeaders !== undefined &&
+    repeatedAuthorization(req.rawHeaders) !== undefined
+  );
+}
+
+/**
+ * Set by {@link tesseraContextValues} on a call that came with more than one Authorization
+ * header (see {@link repeatsAuthorization}), which connect-node's Headers show as one: the
+ * interceptor refuses it.
+ */
+export const authorizationRepeatedKey = createContextKey<boolean>(false, {
+  description: "whether the call came with more than one Authorization header",
+});
+
 /**
  * `contextValues` for connect-node's adapter, so that certificate-bound credentials can be
- * checked and the client's address reaches VerifyCredential:
- * `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
+ * checked, the client's address reaches VerifyCredential and a repeated Authorization header
+ * is refused: `connectNodeAdapter({ routes, interceptors, contextValues: tesseraContextValues })`.
  */
-export function tesseraContextValues(req: {
-  socket?: unknown;
-  stream?: { session?: { socket?: unknown } };
-}): ContextValues {
+export function tesseraContextValues(
+  req: {
+    socket?: unknown;
+    stream?: { session?: { socket?: unknown } };
+  } & HeadersAsSent,
+): ContextValues {
   const values = createContextValues();
+  if (repeatsAuthorization(req)) values.set(authorizationRepeatedKey, true);
   const connection = connectionOf(req);
   const thumbprint = clientCertificateThumbprint(connection);
   if (thumbprint) {
