@@ -4,7 +4,7 @@ import type { DescMethod } from "@bufbuild/protobuf";
 import { Code, cors as connectCors } from "@connectrpc/connect";
 import { type AdmissionDeps, createAdmissionHooks } from "../admission/index.js";
 import type { App } from "../app.js";
-import { createCallObserver, createUnknownPathObserver } from "../call-observer.js";
+import { createCallObserver, createHttpObserver, createUnknownPathObserver } from "../call-observer.js";
 import { budgetKey } from "../client-ip.js";
 import { CallValues, requestStateKey } from "../context.js";
 import { toConnectError } from "../errors.js";
@@ -150,6 +150,7 @@ export function createRequestHandler(
     log: app.accessLog,
     access: config.log.access,
   });
+  const observeHttp = createHttpObserver({ metrics: app.metrics, log: app.accessLog, access: config.log.access });
   // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
   const adapter = createTransport(config.server.transport, {
     routes: app.routes,
@@ -203,6 +204,14 @@ export function createRequestHandler(
       res.setHeader("connection", "close");
       res.statusCode = 431;
       res.end();
+      // Counted and logged like any answer, under a fixed name (never the request's path).
+      attachState(req, requestId);
+      observeHttp?.(stateOf(req), {
+        path: "unknown",
+        httpMethod: req.method,
+        status: 431,
+        error: "request_header_fields_too_large",
+      });
       return;
     }
 

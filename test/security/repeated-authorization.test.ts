@@ -104,6 +104,15 @@ function malformedRefusals(text: string): number {
   return n;
 }
 
+/** The 431 answers in tessera_http_requests_total. */
+function tooLarge(text: string): number {
+  let n = 0;
+  for (const line of text.split("\n"))
+    if (line.startsWith("tessera_http_requests_total{") && line.includes('status="431"'))
+      n += Number(line.slice(line.lastIndexOf(" ") + 1));
+  return n;
+}
+
 const EMPTY_GRPC = envelope(0, new Uint8Array(0));
 const FORM = "application/x-www-form-urlencoded";
 
@@ -210,8 +219,11 @@ describe.each<[string, ConfigInput]>([
   });
 
   it("answers 431 over HTTP/1.1 to more header lines than the parser keeps, not the first Authorization's call", async () => {
+    const before = tooLarge(await ts.app.metrics!.scrape());
     const answer = await http1(ts, ME, "application/json", [`Bearer ${admin}`, GARBAGE], "{}", FILLERS);
     expect(answer.status, answer.body.toString()).toBe(431);
+    // Counted, as every answer is.
+    expect(tooLarge(await ts.app.metrics!.scrape())).toBe(before + 1);
     // Below the limit, a request with many headers is served.
     const many = await http1(ts, ME, "application/json", [`Bearer ${admin}`], "{}", FILLERS.slice(0, 240));
     expect(many.status, many.body.toString()).toBe(200);
