@@ -95,23 +95,21 @@ function grpcWebTrailer(body: Buffer): string {
  */
 const FILLERS: Pair[] = Array.from({ length: 1100 }, (_, i) => [`x-filler-${i}`, "1"] as const);
 
-/** tessera_auth_attempts_total's refusals of a malformed credential, in the exposition text. */
-function malformedRefusals(text: string): number {
+/** The sum of metric `name`'s series carrying `label` (name="value"), in the exposition text. */
+function metricSum(text: string, name: string, label: string): number {
   let n = 0;
   for (const line of text.split("\n"))
-    if (line.startsWith("tessera_auth_attempts_total{") && line.includes('credential="malformed"'))
+    if (line.startsWith(`${name}{`) && line.includes(label))
       n += Number(line.slice(line.lastIndexOf(" ") + 1));
   return n;
 }
 
+/** tessera_auth_attempts_total's refusals of a malformed credential. */
+const malformedRefusals = (text: string) =>
+  metricSum(text, "tessera_auth_attempts_total", 'credential="malformed"');
+
 /** The 431 answers in tessera_http_requests_total. */
-function tooLarge(text: string): number {
-  let n = 0;
-  for (const line of text.split("\n"))
-    if (line.startsWith("tessera_http_requests_total{") && line.includes('status="431"'))
-      n += Number(line.slice(line.lastIndexOf(" ") + 1));
-  return n;
-}
+const tooLarge = (text: string) => metricSum(text, "tessera_http_requests_total", 'status="431"');
 
 const EMPTY_GRPC = envelope(0, new Uint8Array(0));
 const FORM = "application/x-www-form-urlencoded";
