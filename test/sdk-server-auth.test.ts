@@ -738,6 +738,152 @@ describe("the downstream auth core", () => {
       expect(fetches.length).toBe(2);
     });
 
+    describe("a machine token whose authority came from a client certificate (amr mtls)", () => {
+      /**
+       * What Tessera issues a machine user that authenticated by its certificate: Tessera
+       * refuses it once the certificate resolves to another machine user, with no event
+       * naming this one, so the SDK asks Tessera on every call rather than trust the JWKS,
+       * its cache or a verification asked before the call began.
+       */
+      const machineAt = (t: number, over: Record<string, unknown> = {}) =>
+        claimsAt(t, {
+          sub: "mu-1",
+          pk: "machine",
+          sid: undefined,
+          jti: "jti-mu",
+          cnf: { "x5t#S256": "thumb-1" },
+          amr: ["mtls"],
+          cert_san_uris: ["spiffe://example.test/worker"],
+          ...over,
+        });
+      const machineValid = valid({
+        principalId: "mu-1",
+        principalKind: VerifiedPrincipalKind.MACHINE_USER,
+        credentialKind: "jwt",
+        credentialId: "jti-mu",
+        certificateThumbprint: "thumb-1",
+      });
+      const revoked: Answer = { valid: false, code: VerificationCode.REVOKED };
+
+      it("is asked of Tessera on every call while the stream vouches for offline tokens, never cached, and refused once Tessera refuses it", async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        await learnWall(fake, a);
+        clock.t += 2000;
+        const marked = s.token(machineAt(clock.t));
+        fake.answers.set(marked, machineValid);
+        for (let i = 0; i < 3; i++) {
+          const p = await a.authenticate(`Bearer ${marked}`, "thumb-1");
+          expect(p).toMatchObject({ id: "mu-1", kind: "machine_user", certificateThumbprint: "thumb-1" });
+          expect(a.admitted(`Bearer ${marked}`, "thumb-1")).toBeUndefined();
+        }
+        expect(fake.verifyCalls).toBe(4);
+        // Another binding took the certificate: no event, Tessera refuses the token.
+        fake.answers.set(marked, revoked);
+        expect((await refusal(a.authenticate(`Bearer ${marked}`, "thumb-1"))).reason).toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(5);
+        expect(a.stats()).toMatchObject({ offlineJwts: 0, cacheHits: 0, cacheSize: 1 });
+
+        // The same machine user's token without the marker (a secret's, or an older Tessera's),
+        // bound or not, and a user's token: offline, and from memory, as before.
+        const before = a.stats().offlineJwts;
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, cert_san_uris: undefined }));
+        const secret = s.token(
+          machineAt(clock.t, { amr: ["pwd"], cnf: undefined, cert_san_uris: undefined }),
+        );
+        const user = s.token(claimsAt(clock.t));
+        for (let i = 0; i < 2; i++) {
+          expect((await a.authenticate(`Bearer ${unmarked}`, "thumb-1")).id).toBe("mu-1");
+          expect((await a.authenticate(`Bearer ${secret}`)).id).toBe("mu-1");
+          expect((await a.authenticate(`Bearer ${user}`)).id).toBe("user-1");
+        }
+        expect(a.admitted(`Bearer ${unmarked}`, "thumb-1")?.id).toBe("mu-1");
+        expect(a.admitted(`Bearer ${user}`)?.id).toBe("user-1");
+        expect(a.stats().offlineJwts).toBe(before + 8);
+        expect(fake.verifyCalls).toBe(5);
+      });
+
+      it('is asked of Tessera on every call with jwt.verify "online", never cached, while an unmarked token is', async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk], verify: "online" });
+        await up(fake, a, 3600);
+        const marked = s.token(machineAt(clock.t));
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+        fake.answers.set(marked, machineValid);
+        fake.answers.set(unmarked, machineValid);
+        await a.authenticate(`Bearer ${marked}`, "thumb-1");
+        await a.authenticate(`Bearer ${marked}`, "thumb-1");
+        expect(fake.verifyCalls).toBe(2);
+        fake.answers.set(marked, revoked);
+        expect((await refusal(a.authenticate(`Bearer ${marked}`, "thumb-1"))).reason).toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(3);
+        await a.authenticate(`Bearer ${unmarked}`, "thumb-1");
+        await a.authenticate(`Bearer ${unmarked}`, "thumb-1");
+        expect(fake.verifyCalls).toBe(4);
+        expect(a.stats()).toMatchObject({ cacheHits: 1, cacheSize: 1 });
+      });
+
+      it("is not answered by a verification of it asked before the call began; calls that began before share one", async () => {
+        const s = signer();
+        // The stream down: every token is Tessera's to answer, and concurrent calls of one
+        // credential share a verification while no event comes.
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        const marked = s.token(machineAt(clock.t));
+        fake.answers.set(marked, machineValid);
+        let release: () => void = () => {};
+        fake.hold = new Promise<void>((r) => {
+          release = r;
+        });
+        const first = a.authenticate(`Bearer ${marked}`, "thumb-1");
+        await expect.poll(() => fake.verifyCalls).toBe(1);
+        // The certificate changes hands while that answer is on its way.
+        fake.answers.set(marked, revoked);
+        const later = a.authenticate(`Bearer ${marked}`, "thumb-1");
+        await expect.poll(() => fake.verifyCalls).toBe(2);
+        fake.hold = undefined;
+        release();
+        expect((await first).id).toBe("mu-1");
+        expect((await refusal(later)).reason).toBe("TOKEN_REVOKED");
+        // An unmarked token's calls still share one verification.
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+        fake.answers.set(unmarked, machineValid);
+        fake.hold = new Promise<void>((r) => {
+          release = r;
+        });
+        const shared = [1, 2, 3].map(() => a.authenticate(`Bearer ${unmarked}`, "thumb-1"));
+        await expect.poll(() => fake.verifyCalls).toBe(3);
+        fake.hold = undefined;
+        release();
+        for (const p of await Promise.all(shared)) expect(p.id).toBe("mu-1");
+        expect(fake.verifyCalls).toBe(3);
+      });
+
+      it("ends a held stream once Tessera refuses its token, with no event and the watch up; an unmarked token's stream is not asked again", async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        await learnWall(fake, a);
+        clock.t += 2000;
+        const marked = s.token(machineAt(clock.t));
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+        fake.answers.set(marked, machineValid);
+        const rule = { scopes: ["workflows:read"] };
+        const held = await a.holdStream(`Bearer ${marked}`, "thumb-1", rule);
+        const other = await a.holdStream(`Bearer ${unmarked}`, "thumb-1", rule);
+        expect(fake.verifyCalls).toBe(2);
+        // Another binding took the certificate: Tessera refuses the token, and sends no event.
+        fake.answers.set(marked, revoked);
+        await expect
+          .poll(() => (held.signal.reason as TesseraAuthError | undefined)?.reason, { timeout: 15_000 })
+          .toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(3);
+        expect(a.watching()).toBe(true);
+        expect(other.signal.aborted).toBe(false);
+        other.release();
+      }, 20_000);
+    });
+
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {
       const s = signer();
       const { clock, fetches, auth: a } = setup({ jwks: [s.jwk] });

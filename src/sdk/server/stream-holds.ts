@@ -34,6 +34,13 @@ export interface StreamHoldsOptions {
   ): Promise<TesseraPrincipal>;
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
+  /**
+   * Whether `principal` was admitted by a credential the watch cannot vouch for (an access
+   * token whose authority came from a client certificate: another binding can take the
+   * certificate with no event naming it): its stream is re-checked every `recheckMs`, as
+   * while the watch is down.
+   */
+  exact?(principal: TesseraPrincipal): boolean;
   now(): number;
   /** The refusal a stream ends with when a check fails with `err`, reporting a bug (default: `refusalOf`, unreported). */
   refusalOf?(err: unknown): TesseraAuthError;
@@ -113,10 +120,11 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * once. The re-check every `recheckMs` while nothing vouches for a stream (the watch down:
  * no event would come) waits at the head of the queue, ahead of a loss's, within the same
  * share, so that a flood of new calls (anyone can send them) never ends it: only a wait of
- * {@link RECHECK_MS} does. Its timer fires after between `recheckMs` and 6/5 of it, at
- * random: a loss re-checks every stream at once, and their timers would fire in bursts; never
- * sooner, so that they do not go ahead of the loss's re-checks still waiting (each waits
- * {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
+ * {@link RECHECK_MS} does. A stream whose credential the watch can never vouch for (see
+ * `exact`) is re-checked so too, the watch up or not. Its timer fires after between
+ * `recheckMs` and 6/5 of it, at random: a loss re-checks every stream at once, and their
+ * timers would fire in bursts; never sooner, so that they do not go ahead of the loss's
+ * re-checks still waiting (each waits {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
  * stream ends it within 6/5 `recheckMs` + {@link RECHECK_MS} + 2 x the longest verification
  * (a check that answered just before it, the timer, the wait, the check that answers it).
  */
@@ -225,6 +233,7 @@ export class StreamHolds {
         if (principal === undefined) continue;
         authorize(principal, held.rule);
         held.principal = principal;
+        if (this.#o.exact?.(principal)) held.vouched = false;
       } while (held.again && this.#held.has(held));
     } finally {
       held.checking = false;
