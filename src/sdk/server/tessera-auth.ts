@@ -215,9 +215,6 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     RECHECK_MS,
   );
 
-  /** VerifyCredential calls asked so far: a certificate-authority token's flight epoch (see online). */
-  let asks = 0;
-
   /**
    * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
    * the watch's epoch and the cache's deadline when the answer is (now) cached, else `until` 0.
@@ -249,17 +246,17 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     const { exact, sid } = jwtOnline ? onlinePayload(credential) : offlinePayload(claims);
     const epoch = watch?.epoch ?? 0;
     // Concurrent first uses of one credential share one answer, whichever client sent each.
-    // A certificate-authority token's binding changes without an event: its epoch is the
-    // asks so far, which its own ask moves, so no call that began after an ask joins it.
+    // A certificate-authority token's binding changes without an event: no call joins an ask
+    // made before it began, yet one ask at a time (the calls meanwhile share the next one).
     const res = await inflight.answer(
       credential,
-      exact ? asks : epoch,
+      epoch,
       () => {
         counters.verifyCalls++;
-        asks++;
         return tessera.verify(credential, address, watch?.position);
       },
       wait,
+      exact,
     );
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {

@@ -25,6 +25,14 @@ interface Flight<T> {
   readonly answer: Promise<T>;
   /** Asked for a call that may wait: it holds one of their share of the slots. */
   readonly waitable: boolean;
+  /** An exact credential's next ask, joined by the calls that arrived while this one flies. */
+  follow?: FollowUp<T>;
+}
+
+/** The ask made in a flight's slot once it ends, for calls that began after it was asked. */
+interface FollowUp<T> {
+  readonly ask: () => Promise<T>;
+  readonly waiters: Set<Waiter<T>>;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -61,6 +69,14 @@ export type FlightRefusal = "busy" | "waited";
  * wait as one entry and share its flight; one timer, for the oldest entry's deadline,
  * serves both queues (deadlines are in arrival order in each). A waiter leaves when its
  * signal aborts.
+ *
+ * An `exact` credential (one whose answer may change with no event: see VerifyFlights.answer)
+ * is never answered by a flight asked before the call began, yet asked by one flight at a
+ * time: the calls arriving while it flies join one follow-up, asked when it ends, in its slot
+ * (none waits for a slot, nor is refused for one). Each new call asking at once instead let
+ * anyone holding such a token, or forging one where JWTs go to Tessera, keep any number of
+ * asks at Tessera in one slot. A joiner leaves when its signal aborts; a follow-up nobody
+ * joins any more is not asked.
  */
 export class VerifyFlights<T> {
   readonly #flights = new Map<string, Flight<T>>();
@@ -95,9 +111,18 @@ export class VerifyFlights<T> {
    * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
    * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
+   * `exact`: whatever the epoch, a flight asked before the call began never answers it; one
+   * in flight is followed up (see the class).
    */
-  answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
+  answer(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    wait?: SlotWait,
+    exact = false,
+  ): Promise<T> {
     const pending = this.#flights.get(credential);
+    if (exact && pending !== undefined) return this.#follow(pending, ask, wait?.signal);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
     if (wait !== undefined) {
       const first = wait.first === true;
@@ -123,11 +148,29 @@ export class VerifyFlights<T> {
   }
 
   #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
+    // An ask that throws at once still makes a flight that ends: a follow-up is asked inside
+    // its predecessor's end, where a throw would keep the slot for good.
+    let asked: Promise<T>;
+    try {
+      asked = ask();
+    } catch (err) {
+      asked = Promise.reject(err);
+    }
     const flight: Flight<T> = {
       epoch,
       waitable,
-      answer: ask().finally(() => {
+      answer: asked.finally(() => {
         if (this.#flights.get(credential) !== flight) return;
+        const follow = flight.follow;
+        if (follow !== undefined) {
+          // Asked now, after each of its joiners began, in the slot this flight leaves.
+          const answer = this.#fly(credential, epoch, follow.ask, waitable);
+          for (const waiter of follow.waiters) {
+            waiter.off();
+            waiter.resolve(answer);
+          }
+          return;
+        }
         this.#flights.delete(credential);
         if (waitable) this.#waitable--;
         this.#pump();
@@ -146,6 +189,23 @@ export class VerifyFlights<T> {
     }
     if (this.#empty()) this.#disarm();
     return flight.answer;
+  }
+
+  /** Join the follow-up of `flight` (an exact credential's), until `signal` aborts. */
+  #follow(flight: Flight<T>, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    flight.follow ??= { ask, waiters: new Set() };
+    const follow = flight.follow;
+    return new Promise<T>((resolve, reject) => {
+      const leave = () => {
+        follow.waiters.delete(waiter);
+        if (follow.waiters.size === 0 && flight.follow === follow) flight.follow = undefined;
+        reject(signal!.reason);
+      };
+      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
+      follow.waiters.add(waiter);
+      signal?.addEventListener("abort", leave, { once: true });
+    });
   }
 
   #enqueue(
