@@ -60,6 +60,9 @@ function scripted(max: number, waitMs = 60_000) {
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
+/** The promise's value if it settled by the next tick, else "pending" (a hung call fails, not hangs). */
+const now = <T>(p: Promise<T>) => Promise.race([p, tick().then(() => "pending")]);
+
 describe("the SDK's verifications in flight", () => {
   it("gives a call that may wait the next free slot, first in first out, one flight per credential, and refuses a new call at once meanwhile", async () => {
     const f = scripted(2);
@@ -284,6 +287,89 @@ describe("the SDK's verifications in flight", () => {
       expect(f.asked).toEqual(["x", "x"]);
       f.settle("x", "second");
       expect(await stays).toBe("second");
+    });
+
+    it("serves a re-check waiting in the queue before the follow-up: then its joiners that may wait queue for the next slot, the others are refused at once", async () => {
+      const f = scripted(1);
+      void f.answer("x", undefined, 0, true);
+      const refused = f.answer("x", undefined, 0, true).catch((e: Error) => e.message);
+      const waits = f.answer("x", {}, 0, true);
+      const recheck = f.answer("r", {});
+      expect(f.flights.waiting).toBe(1);
+      f.settle("x", "first");
+      await tick();
+      // The slot went to the re-check, not to x's follow-up.
+      expect(f.asked).toEqual(["x", "r"]);
+      expect(await now(refused)).toBe("refused: busy");
+      expect(f.flights.waiting).toBe(1);
+      f.settle("r");
+      expect(await recheck).toBe("answer r");
+      await tick();
+      // Asked after its joiners began, in the slot the re-check freed.
+      expect(f.asked).toEqual(["x", "r", "x"]);
+      f.settle("x", "second");
+      expect(await now(waits)).toBe("second");
+      expect(f.refusals).toEqual(["busy"]);
+      expect(f.flights.waiting).toBe(0);
+    });
+
+    it("counts a follow-up in the re-checks' share only when one of its joiners may wait, whoever began the chain", async () => {
+      // A chain begun by a re-check, followed up for a call that may not wait: out of the share.
+      const begunWaiting = scripted(4);
+      void begunWaiting.answer("a", {});
+      void begunWaiting.answer("b", {});
+      void begunWaiting.answer("x", {}, 0, true);
+      void begunWaiting.answer("x", undefined, 0, true);
+      expect(begunWaiting.flights.recheckShare).toBe(3);
+      begunWaiting.settle("x");
+      await tick();
+      expect(begunWaiting.asked).toEqual(["a", "b", "x", "x"]);
+      void begunWaiting.answer("c", {});
+      expect(begunWaiting.asked).toEqual(["a", "b", "x", "x", "c"]);
+      expect(begunWaiting.flights.waiting).toBe(0);
+
+      // A chain begun by a call that may not wait, followed up for a re-check: in the share.
+      const begunNot = scripted(4);
+      void begunNot.answer("a", {});
+      void begunNot.answer("b", {});
+      void begunNot.answer("x", undefined, 0, true);
+      void begunNot.answer("x", {}, 0, true);
+      begunNot.settle("x");
+      await tick();
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x"]);
+      void begunNot.answer("c", {});
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x"]);
+      expect(begunNot.flights.waiting).toBe(1);
+      // The last slot stays free for a call that may not wait.
+      void begunNot.answer("y");
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x", "y"]);
+    });
+
+    it("keeps busy exact tokens filling every slot from starving a waiting re-check: it is served as the first of them answers", async () => {
+      const f = scripted(4, 1000);
+      const busy = ["m0", "m1", "m2", "m3"];
+      for (const m of busy) void f.answer(m, undefined, 0, true).catch(() => {});
+      let served = false;
+      const recheck = f.answer("r", {}).then((v) => {
+        served = true;
+        return v;
+      });
+      const refused: Promise<string>[] = [];
+      // Each token gets a new call during every flight of it, round after round.
+      for (let round = 0; round < 3 && !served; round++)
+        for (const m of busy) {
+          refused.push(f.answer(m, undefined, 0, true).catch((e: Error) => e.message));
+          f.settle(m);
+          await tick();
+          if (f.asked.includes("r")) f.settle("r");
+          await tick();
+        }
+      expect(served).toBe(true);
+      expect(await recheck).toBe("answer r");
+      expect(f.asked.slice(0, 5)).toEqual(["m0", "m1", "m2", "m3", "r"]);
+      // m0's follow-up found no slot free for its call: refused at once, as a new one.
+      expect(await now(refused[0])).toBe("refused: busy");
+      expect(f.refusals).not.toContain("waited");
     });
 
     it("frees the slot whatever the answer: a failed ask is followed up, and a follow-up thrown at once refuses its joiners", async () => {

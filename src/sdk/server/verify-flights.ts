@@ -32,7 +32,12 @@ interface Flight<T> {
 /** The ask made in a flight's slot once it ends, for calls that began after it was asked. */
 interface FollowUp<T> {
   readonly ask: () => Promise<T>;
-  readonly waiters: Set<Waiter<T>>;
+  readonly waiters: Set<Joiner<T>>;
+}
+
+/** A call joining a follow-up, with how it may wait for a slot (none: it may not). */
+interface Joiner<T> extends Waiter<T> {
+  readonly wait?: SlotWait;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -72,10 +77,11 @@ export type FlightRefusal = "busy" | "waited";
  *
  * An `exact` credential (one whose answer may change with no event: see VerifyFlights.answer)
  * is never answered by a flight asked before the call began, yet asked by one flight at a
- * time: the calls arriving while it flies join one follow-up, asked when it ends, in its slot
- * (none waits for a slot, nor is refused for one). Each new call asking at once instead let
- * anyone holding such a token, or forging one where JWTs go to Tessera, keep any number of
- * asks at Tessera in one slot. A joiner leaves when its signal aborts; a follow-up nobody
+ * time: the calls arriving while it flies join one follow-up, asked when it ends. Each new
+ * call asking at once instead let anyone holding such a token, or forging one where JWTs go
+ * to Tessera, keep any number of asks at Tessera in one slot. The follow-up takes the slot
+ * as its joiners' own call would, after the waiting calls were served: handed on for good, a
+ * busy token's chain kept it from them. A joiner leaves when its signal aborts; a follow-up nobody
  * joins any more is not asked.
  */
 export class VerifyFlights<T> {
@@ -122,7 +128,7 @@ export class VerifyFlights<T> {
     exact = false,
   ): Promise<T> {
     const pending = this.#flights.get(credential);
-    if (exact && pending !== undefined) return this.#follow(pending, ask, wait?.signal);
+    if (exact && pending !== undefined) return this.#follow(pending, ask, wait);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
     if (wait !== undefined) {
       const first = wait.first === true;
@@ -161,19 +167,10 @@ export class VerifyFlights<T> {
       waitable,
       answer: asked.finally(() => {
         if (this.#flights.get(credential) !== flight) return;
-        const follow = flight.follow;
-        if (follow !== undefined) {
-          // Asked now, after each of its joiners began, in the slot this flight leaves.
-          const answer = this.#fly(credential, epoch, follow.ask, waitable);
-          for (const waiter of follow.waiters) {
-            waiter.off();
-            waiter.resolve(answer);
-          }
-          return;
-        }
         this.#flights.delete(credential);
         if (waitable) this.#waitable--;
         this.#pump();
+        if (flight.follow !== undefined) this.#followUp(credential, epoch, flight.follow);
       }),
     };
     if (this.#flights.get(credential)?.waitable) this.#waitable--;
@@ -191,21 +188,60 @@ export class VerifyFlights<T> {
     return flight.answer;
   }
 
-  /** Join the follow-up of `flight` (an exact credential's), until `signal` aborts. */
-  #follow(flight: Flight<T>, ask: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** Join the follow-up of `flight` (an exact credential's), until `wait.signal` aborts. */
+  #follow(flight: Flight<T>, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
+    const signal = wait?.signal;
     if (signal?.aborted) return Promise.reject(signal.reason);
     flight.follow ??= { ask, waiters: new Set() };
     const follow = flight.follow;
     return new Promise<T>((resolve, reject) => {
       const leave = () => {
-        follow.waiters.delete(waiter);
+        follow.waiters.delete(joiner);
         if (follow.waiters.size === 0 && flight.follow === follow) flight.follow = undefined;
         reject(signal!.reason);
       };
-      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
-      follow.waiters.add(waiter);
+      const joiner: Joiner<T> = {
+        resolve,
+        reject,
+        wait,
+        off: () => signal?.removeEventListener("abort", leave),
+      };
+      follow.waiters.add(joiner);
       signal?.addEventListener("abort", leave, { once: true });
     });
+  }
+
+  /**
+   * Ask `follow` once its flight's slot is freed and the waiting calls were served first:
+   * a chain kept its slot for good otherwise, each waiting re-check running out its wait.
+   * It takes a slot as a new call of its joiners would (in the share if one may wait);
+   * with none free, those that may wait queue and the others are refused at once.
+   */
+  #followUp(credential: string, epoch: number, follow: FollowUp<T>): void {
+    const joiners = [...follow.waiters];
+    for (const joiner of joiners) joiner.off();
+    // The queue served may have asked it (a call that waited for it at an older epoch).
+    const asked = this.#flights.get(credential);
+    if (asked !== undefined) {
+      for (const joiner of joiners) joiner.resolve(asked.answer);
+      return;
+    }
+    const mayWait = joiners.some((joiner) => joiner.wait !== undefined);
+    let waitable: boolean | undefined;
+    if (mayWait && this.#free(true)) waitable = true;
+    else if (joiners.some((joiner) => joiner.wait === undefined) && this.#free(false)) waitable = false;
+    if (waitable !== undefined) {
+      // Asked now, after each of its joiners began.
+      const answer = this.#fly(credential, epoch, follow.ask, waitable);
+      for (const joiner of joiners) joiner.resolve(answer);
+      return;
+    }
+    for (const joiner of joiners)
+      if (joiner.wait === undefined) {
+        this.refused++;
+        joiner.reject(this.refusal("busy"));
+      } else
+        this.#wait(credential, epoch, follow.ask, joiner.wait.first === true, joiner.wait.signal, joiner);
   }
 
   #enqueue(
@@ -216,6 +252,20 @@ export class VerifyFlights<T> {
     signal?: AbortSignal,
   ): Promise<T> {
     if (signal?.aborted) return Promise.reject(signal.reason);
+    return new Promise<T>((resolve, reject) =>
+      this.#wait(credential, epoch, ask, first, signal, { resolve, reject }),
+    );
+  }
+
+  /** Queue a call (`settle`: how it is answered) for `credential`'s slot, until `signal` aborts. */
+  #wait(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    first: boolean,
+    signal: AbortSignal | undefined,
+    settle: Pick<Waiter<T>, "resolve" | "reject">,
+  ): void {
     const queue = first ? this.#head : this.#queue;
     let entry = queue.get(credential);
     if (entry === undefined) {
@@ -231,16 +281,15 @@ export class VerifyFlights<T> {
       this.#arm();
     } else entry.epoch = Math.max(entry.epoch, epoch);
     const queued = entry;
-    return new Promise<T>((resolve, reject) => {
-      const leave = () => {
-        this.#leave(queued, waiter);
-        reject(signal!.reason);
-      };
-      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
-      queued.waiters.add(waiter);
-      this.#waiting++;
-      signal?.addEventListener("abort", leave, { once: true });
-    });
+    const { resolve, reject } = settle;
+    const leave = () => {
+      this.#leave(queued, waiter);
+      reject(signal!.reason);
+    };
+    const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
+    queued.waiters.add(waiter);
+    this.#waiting++;
+    signal?.addEventListener("abort", leave, { once: true });
   }
 
   #leave(entry: Queued<T>, waiter: Waiter<T>): void {
