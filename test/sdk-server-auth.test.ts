@@ -15,6 +15,7 @@ import {
   type JwtVerifyMode,
   type TesseraAuth,
   TesseraAuthError,
+  type TesseraPrincipal,
 } from "../src/sdk/server/index.js";
 import { FakeStream } from "./sdk-fake-watch.js";
 
@@ -29,6 +30,9 @@ type Answer = MessageInitShape<typeof VerifyCredentialResponseSchema>;
 
 interface Fake {
   verifyCalls: number;
+  /** VerifyCredential calls not answered yet, and the most there were at once. */
+  inFlight: number;
+  peakInFlight: number;
   /** While set, VerifyCredential waits for it before answering. */
   hold?: Promise<void> | undefined;
   answers: Map<string, Answer>;
@@ -41,6 +45,8 @@ interface Fake {
 function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterTransport> } {
   const fake: Fake = {
     verifyCalls: 0,
+    inFlight: 0,
+    peakInFlight: 0,
     answers: new Map(),
     down: false,
     watchRefused: false,
@@ -51,11 +57,19 @@ function fakeTessera(): { fake: Fake; transport: ReturnType<typeof createRouterT
     service(VerificationService, {
       async verifyCredential(req) {
         fake.verifyCalls++;
-        // Decided when asked; `hold` delays only its arrival.
-        const answer = fake.answers.get(req.credential) ?? { valid: false, code: VerificationCode.NOT_FOUND };
-        if (fake.hold) await fake.hold;
-        if (fake.down) throw new ConnectError("storage down", Code.Unavailable);
-        return answer;
+        fake.peakInFlight = Math.max(fake.peakInFlight, ++fake.inFlight);
+        try {
+          // Decided when asked; `hold` delays only its arrival.
+          const answer = fake.answers.get(req.credential) ?? {
+            valid: false,
+            code: VerificationCode.NOT_FOUND,
+          };
+          if (fake.hold) await fake.hold;
+          if (fake.down) throw new ConnectError("storage down", Code.Unavailable);
+          return answer;
+        } finally {
+          fake.inFlight--;
+        }
       },
       async *watchRevocations(req, ctx) {
         if (fake.watchRefused) throw new ConnectError("not implemented", Code.Unimplemented);
@@ -736,6 +750,224 @@ describe("the downstream auth core", () => {
         ).toBe("UNAVAILABLE");
       // The discovery document, then the default key set's address: one attempt.
       expect(fetches.length).toBe(2);
+    });
+
+    describe("a machine token whose authority came from a client certificate (amr mtls)", () => {
+      /**
+       * What Tessera issues a machine user that authenticated by its certificate: Tessera
+       * refuses it once the certificate resolves to another machine user, with no event
+       * naming this one, so the SDK asks Tessera on every call rather than trust the JWKS,
+       * its cache or a verification asked before the call began.
+       */
+      const machineAt = (t: number, over: Record<string, unknown> = {}) =>
+        claimsAt(t, {
+          sub: "mu-1",
+          pk: "machine",
+          sid: undefined,
+          jti: "jti-mu",
+          cnf: { "x5t#S256": "thumb-1" },
+          amr: ["mtls"],
+          cert_san_uris: ["spiffe://example.test/worker"],
+          ...over,
+        });
+      const machineValid = valid({
+        principalId: "mu-1",
+        principalKind: VerifiedPrincipalKind.MACHINE_USER,
+        credentialKind: "jwt",
+        credentialId: "jti-mu",
+        certificateThumbprint: "thumb-1",
+      });
+      const revoked: Answer = { valid: false, code: VerificationCode.REVOKED };
+
+      it("is asked of Tessera on every call while the stream vouches for offline tokens, never cached, and refused once Tessera refuses it", async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        await learnWall(fake, a);
+        clock.t += 2000;
+        const marked = s.token(machineAt(clock.t));
+        fake.answers.set(marked, machineValid);
+        for (let i = 0; i < 3; i++) {
+          const p = await a.authenticate(`Bearer ${marked}`, "thumb-1");
+          expect(p).toMatchObject({ id: "mu-1", kind: "machine_user", certificateThumbprint: "thumb-1" });
+          expect(a.admitted(`Bearer ${marked}`, "thumb-1")).toBeUndefined();
+        }
+        expect(fake.verifyCalls).toBe(4);
+        // Another binding took the certificate: no event, Tessera refuses the token.
+        fake.answers.set(marked, revoked);
+        expect((await refusal(a.authenticate(`Bearer ${marked}`, "thumb-1"))).reason).toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(5);
+        expect(a.stats()).toMatchObject({ offlineJwts: 0, cacheHits: 0, cacheSize: 1 });
+
+        // The same machine user's token without the marker (a secret's, or an older Tessera's),
+        // bound or not, and a user's token: offline, and from memory, as before.
+        const before = a.stats().offlineJwts;
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, cert_san_uris: undefined }));
+        const secret = s.token(
+          machineAt(clock.t, { amr: ["pwd"], cnf: undefined, cert_san_uris: undefined }),
+        );
+        const user = s.token(claimsAt(clock.t));
+        for (let i = 0; i < 2; i++) {
+          expect((await a.authenticate(`Bearer ${unmarked}`, "thumb-1")).id).toBe("mu-1");
+          expect((await a.authenticate(`Bearer ${secret}`)).id).toBe("mu-1");
+          expect((await a.authenticate(`Bearer ${user}`)).id).toBe("user-1");
+        }
+        expect(a.admitted(`Bearer ${unmarked}`, "thumb-1")?.id).toBe("mu-1");
+        expect(a.admitted(`Bearer ${user}`)?.id).toBe("user-1");
+        expect(a.stats().offlineJwts).toBe(before + 8);
+        expect(fake.verifyCalls).toBe(5);
+      });
+
+      it('is asked of Tessera on every call with jwt.verify "online", never cached, while an unmarked token is', async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk], verify: "online" });
+        await up(fake, a, 3600);
+        const marked = s.token(machineAt(clock.t));
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+        fake.answers.set(marked, machineValid);
+        fake.answers.set(unmarked, machineValid);
+        await a.authenticate(`Bearer ${marked}`, "thumb-1");
+        await a.authenticate(`Bearer ${marked}`, "thumb-1");
+        expect(fake.verifyCalls).toBe(2);
+        fake.answers.set(marked, revoked);
+        expect((await refusal(a.authenticate(`Bearer ${marked}`, "thumb-1"))).reason).toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(3);
+        await a.authenticate(`Bearer ${unmarked}`, "thumb-1");
+        await a.authenticate(`Bearer ${unmarked}`, "thumb-1");
+        expect(fake.verifyCalls).toBe(4);
+        expect(a.stats()).toMatchObject({ cacheHits: 1, cacheSize: 1 });
+      });
+
+      /** Hold Tessera's answers until the returned function is called. */
+      function holdAnswers(fake: Fake): () => void {
+        let release: () => void = () => {};
+        fake.hold = new Promise<void>((r) => {
+          release = r;
+        });
+        return () => {
+          fake.hold = undefined;
+          release();
+        };
+      }
+
+      it.each([
+        ["down", false],
+        ["up", true],
+      ])(
+        "is not answered by a verification of it asked before the call began (the stream %s): it waits for the next, asked once that one answers",
+        async (_state, streamUp) => {
+          const s = signer();
+          const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+          if (streamUp) {
+            // No event comes in the meantime: the epoch every other credential's calls share stays.
+            await up(fake, a, 3600);
+            await learnWall(fake, a);
+            clock.t += 2000;
+          }
+          const before = fake.verifyCalls;
+          const marked = s.token(machineAt(clock.t));
+          fake.answers.set(marked, machineValid);
+          const release = holdAnswers(fake);
+          const first = a.authenticate(`Bearer ${marked}`, "thumb-1");
+          await expect.poll(() => fake.verifyCalls).toBe(before + 1);
+          // The certificate changes hands while that answer is on its way.
+          fake.answers.set(marked, revoked);
+          const later = a.authenticate(`Bearer ${marked}`, "thumb-1");
+          await new Promise((r) => setTimeout(r, 20));
+          expect(fake.verifyCalls).toBe(before + 1);
+          release();
+          expect((await first).id).toBe("mu-1");
+          expect((await refusal(later)).reason).toBe("TOKEN_REVOKED");
+          expect(fake.verifyCalls).toBe(before + 2);
+          expect(fake.peakInFlight).toBe(1);
+          if (streamUp) return;
+          // An unmarked token's calls still share one verification.
+          const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+          fake.answers.set(unmarked, machineValid);
+          const go = holdAnswers(fake);
+          const shared = [1, 2, 3].map(() => a.authenticate(`Bearer ${unmarked}`, "thumb-1"));
+          await expect.poll(() => fake.verifyCalls).toBe(3);
+          go();
+          for (const p of await Promise.all(shared)) expect(p.id).toBe("mu-1");
+          expect(fake.verifyCalls).toBe(3);
+        },
+      );
+
+      it("is asked of Tessera one verification at a time, however many calls of it come at once: those during one share the next", async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        await learnWall(fake, a);
+        clock.t += 2000;
+        const marked = s.token(machineAt(clock.t));
+        fake.answers.set(marked, machineValid);
+        // The key set fetched: calls during its first fetch are refused 503 without waiting for it.
+        await a.authenticate(`Bearer ${marked}`, "thumb-1");
+        const release = holdAnswers(fake);
+        const outcome = (p: Promise<TesseraPrincipal>) =>
+          p.then(
+            (principal) => principal.id,
+            (e: unknown) => (e as TesseraAuthError).reason,
+          );
+        const before = fake.verifyCalls;
+        const calls = Array.from({ length: 200 }, () =>
+          outcome(a.authenticate(`Bearer ${marked}`, "thumb-1")),
+        );
+        await expect.poll(() => fake.verifyCalls).toBe(before + 1);
+        await new Promise((r) => setTimeout(r, 50));
+        expect(fake.verifyCalls).toBe(before + 1);
+        // Another binding takes the certificate while the first is asked: each later call is refused.
+        fake.answers.set(marked, revoked);
+        const after = outcome(a.authenticate(`Bearer ${marked}`, "thumb-1"));
+        release();
+        const results = await Promise.all(calls);
+        expect(results.filter((r) => r === "mu-1")).toHaveLength(1);
+        expect(results.filter((r) => r === "TOKEN_REVOKED")).toHaveLength(199);
+        expect(await after).toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(before + 2);
+        expect(fake.peakInFlight).toBe(1);
+        expect(a.stats().verifyRefused).toBe(0);
+      });
+
+      it('keeps a forged one (jwt.verify "online") to one verification at a time at Tessera, however many calls send it', async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ verify: "online" });
+        const [header, payload] = s.token(machineAt(clock.t)).split(".");
+        const forged = `${header}.${payload}.${"A".repeat(86)}`;
+        const release = holdAnswers(fake);
+        const calls = Array.from({ length: 300 }, () => refusal(a.authenticate(`Bearer ${forged}`)));
+        await expect.poll(() => fake.verifyCalls).toBe(1);
+        await new Promise((r) => setTimeout(r, 50));
+        expect(fake.verifyCalls).toBe(1);
+        release();
+        for (const err of await Promise.all(calls)) expect(err.reason).not.toBe("UNAVAILABLE");
+        expect(fake.verifyCalls).toBe(2);
+        expect(fake.peakInFlight).toBe(1);
+      });
+
+      it("ends a held stream once Tessera refuses its token, with no event and the watch up; an unmarked token's stream is not asked again", async () => {
+        const s = signer();
+        const { fake, clock, auth: a } = setup({ jwks: [s.jwk] });
+        await up(fake, a, 3600);
+        await learnWall(fake, a);
+        clock.t += 2000;
+        const marked = s.token(machineAt(clock.t));
+        const unmarked = s.token(machineAt(clock.t, { amr: undefined, jti: "jti-2" }));
+        fake.answers.set(marked, machineValid);
+        const rule = { scopes: ["workflows:read"] };
+        const held = await a.holdStream(`Bearer ${marked}`, "thumb-1", rule);
+        const other = await a.holdStream(`Bearer ${unmarked}`, "thumb-1", rule);
+        expect(fake.verifyCalls).toBe(2);
+        // Another binding took the certificate: Tessera refuses the token, and sends no event.
+        fake.answers.set(marked, revoked);
+        await expect
+          .poll(() => (held.signal.reason as TesseraAuthError | undefined)?.reason, { timeout: 15_000 })
+          .toBe("TOKEN_REVOKED");
+        expect(fake.verifyCalls).toBe(3);
+        expect(a.watching()).toBe(true);
+        expect(other.signal.aborted).toBe(false);
+        other.release();
+      }, 20_000);
     });
 
     it("refetches the key set once for an unknown kid, and not again for every made-up kid", async () => {

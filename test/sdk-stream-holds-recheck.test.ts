@@ -45,7 +45,11 @@ async function onFakeClock(body: () => Promise<void>): Promise<void> {
 }
 
 /** `n` held streams of distinct credentials behind `slots` verification slots; Tessera answers when told. */
-async function fixture(n: number, slots: number, o: { watching?: () => boolean; recheckMs?: number } = {}) {
+async function fixture(
+  n: number,
+  slots: number,
+  o: { watching?: () => boolean; recheckMs?: number; exact?: (p: TesseraPrincipal) => boolean } = {},
+) {
   const flights = new VerifyFlights<TesseraPrincipal>(
     slots,
     () => new TesseraAuthError("UNAVAILABLE", "too many credentials are being verified at once"),
@@ -75,6 +79,7 @@ async function fixture(n: number, slots: number, o: { watching?: () => boolean; 
       );
     },
     watching: o.watching ?? (() => true),
+    ...(o.exact ? { exact: o.exact } : {}),
     now: Date.now,
     ...(o.recheckMs ? { recheckMs: o.recheckMs } : {}),
   });
@@ -268,6 +273,33 @@ describe("the SDK's held streams re-checked past the verification slots", () => 
     }
     f.answerAll();
     expect(running(f.held)).toEqual(Array(20).fill("running"));
+    expect(f.flights.refused).toBe(0);
+    for (const h of f.held) h.release();
+  });
+
+  it("queues the periodic re-check of a stream the watch cannot vouch for behind a loss's while the watch is up, not ahead of them", async () => {
+    const watch = { up: true };
+    // Stream 0's credential is one the watch never vouches for (see `exact`): re-checked every 100 ms.
+    const f = await fixture(20, 4, {
+      watching: () => watch.up,
+      recheckMs: 100,
+      exact: (p) => p.id === "user-0",
+    });
+    // A loss, the watch back at once: the nineteen others are re-checked, three asked, sixteen waiting.
+    watch.up = false;
+    f.holds.onLost();
+    watch.up = true;
+    await tick();
+    expect(f.asked).toHaveLength(3);
+    expect(f.asked).not.toContain("0");
+    // Stream 0's periodic re-check comes while they wait: it queues behind them.
+    await expect.poll(() => f.flights.waiting, { timeout: 1000, interval: 5 }).toBe(17);
+    for (let round = 0; round < 20 && !f.asked.includes("0"); round++) {
+      f.answerAll();
+      await tick();
+    }
+    expect(f.asked.indexOf("0")).toBe(19);
+    f.answerAll();
     expect(f.flights.refused).toBe(0);
     for (const h of f.held) h.release();
   });

@@ -9,10 +9,12 @@ import { type FlightRefusal, VerifyFlights } from "../src/sdk/server/verify-flig
 
 function deferred<T>() {
   let resolve!: (v: T) => void;
-  const promise = new Promise<T>((res) => {
+  let reject!: (err: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
     resolve = res;
+    reject = rej;
   });
-  return { promise, resolve };
+  return { promise, resolve, reject };
 }
 
 /** Flights whose answers the test gives, recording what was asked. */
@@ -20,6 +22,8 @@ function scripted(max: number, waitMs = 60_000) {
   const asked: string[] = [];
   const answers = new Map<string, ReturnType<typeof deferred<string>>>();
   const refusals: FlightRefusal[] = [];
+  /** Credentials whose ask throws at once. */
+  const throwing = new Set<string>();
   const flights = new VerifyFlights<string>(
     max,
     (why) => {
@@ -28,23 +32,36 @@ function scripted(max: number, waitMs = 60_000) {
     },
     waitMs,
   );
-  const answer = (credential: string, wait?: { signal?: AbortSignal; first?: boolean }, epoch = 0) =>
+  const answer = (
+    credential: string,
+    wait?: { signal?: AbortSignal; first?: boolean },
+    epoch = 0,
+    exact = false,
+  ) =>
     flights.answer(
       credential,
       epoch,
       () => {
         asked.push(credential);
+        if (throwing.has(credential)) throw new Error(`thrown ${credential}`);
         const d = deferred<string>();
         answers.set(credential, d);
         return d.promise;
       },
       wait,
+      exact,
     );
-  const settle = (credential: string) => answers.get(credential)!.resolve(`answer ${credential}`);
-  return { flights, asked, refusals, answer, settle };
+  /** Answer the credential's latest ask. */
+  const settle = (credential: string, value = `answer ${credential}`) =>
+    answers.get(credential)!.resolve(value);
+  const fail = (credential: string) => answers.get(credential)!.reject(new Error(`failed ${credential}`));
+  return { flights, asked, refusals, answer, settle, fail, throwing };
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
+
+/** The promise's value if it settled by the next tick, else "pending" (a hung call fails, not hangs). */
+const now = <T>(p: Promise<T>) => Promise.race([p, tick().then(() => "pending")]);
 
 describe("the SDK's verifications in flight", () => {
   it("gives a call that may wait the next free slot, first in first out, one flight per credential, and refuses a new call at once meanwhile", async () => {
@@ -204,5 +221,173 @@ describe("the SDK's verifications in flight", () => {
     expect([1, 2, 3, 4, 64, 1024].map((max) => new VerifyFlights(max).recheckShare)).toEqual([
       1, 1, 2, 3, 48, 768,
     ]);
+  });
+
+  describe("of an exact credential (its answer may change with no event)", () => {
+    it("asks it one flight at a time: the calls during one join the next, asked in its slot when it ends, never refused for a slot", async () => {
+      const f = scripted(2);
+      const first = f.answer("x", undefined, 0, true);
+      void f.answer("y");
+      // Whatever their epoch, and whether they may wait or not.
+      const during = [
+        f.answer("x", undefined, 0, true),
+        f.answer("x", {}, 0, true),
+        f.answer("x", undefined, 5, true),
+      ];
+      expect(f.asked).toEqual(["x", "y"]);
+      expect(f.flights.waiting).toBe(0);
+      await expect(f.answer("z")).rejects.toThrow("refused: busy");
+      f.settle("x", "first");
+      expect(await first).toBe("first");
+      expect(f.asked).toEqual(["x", "y", "x"]);
+      // The follow-up took the slot: no other credential got it meanwhile.
+      await expect(f.answer("z")).rejects.toThrow("refused: busy");
+      const later = f.answer("x", undefined, 0, true);
+      f.settle("x", "second");
+      expect(await Promise.all(during)).toEqual(["second", "second", "second"]);
+      expect(f.asked).toEqual(["x", "y", "x", "x"]);
+      f.settle("x", "third");
+      expect(await later).toBe("third");
+      await tick();
+      void f.answer("z");
+      expect(f.asked).toEqual(["x", "y", "x", "x", "z"]);
+      expect(f.refusals).toEqual(["busy", "busy"]);
+    });
+
+    it("lets a joiner leave when its signal aborts: a follow-up nobody joins any more is not asked, and the slot is freed", async () => {
+      const f = scripted(1);
+      const first = f.answer("x", undefined, 0, true);
+      const gone = new AbortController();
+      const left = f.answer("x", { signal: gone.signal }, 0, true).catch((e: unknown) => e);
+      const aborted = new AbortController();
+      aborted.abort("gone before");
+      const late = f.answer("x", { signal: aborted.signal }, 0, true).catch((e: unknown) => e);
+      gone.abort("left");
+      expect(await left).toBe("left");
+      expect(await late).toBe("gone before");
+      f.settle("x");
+      expect(await first).toBe("answer x");
+      await tick();
+      expect(f.asked).toEqual(["x"]);
+      void f.answer("y");
+      expect(f.asked).toEqual(["x", "y"]);
+      expect(f.refusals).toEqual([]);
+    });
+
+    it("keeps one joiner's leaving from taking the others out: the follow-up is asked for those that stay", async () => {
+      const f = scripted(1);
+      void f.answer("x", undefined, 0, true);
+      const gone = new AbortController();
+      const left = f.answer("x", { signal: gone.signal }, 0, true).catch((e: unknown) => e);
+      const stays = f.answer("x", {}, 0, true);
+      gone.abort("left");
+      expect(await left).toBe("left");
+      f.settle("x", "first");
+      await tick();
+      expect(f.asked).toEqual(["x", "x"]);
+      f.settle("x", "second");
+      expect(await stays).toBe("second");
+    });
+
+    it("serves a re-check waiting in the queue before the follow-up: then its joiners that may wait queue for the next slot, the others are refused at once", async () => {
+      const f = scripted(1);
+      void f.answer("x", undefined, 0, true);
+      const refused = f.answer("x", undefined, 0, true).catch((e: Error) => e.message);
+      const waits = f.answer("x", {}, 0, true);
+      const recheck = f.answer("r", {});
+      expect(f.flights.waiting).toBe(1);
+      f.settle("x", "first");
+      await tick();
+      // The slot went to the re-check, not to x's follow-up.
+      expect(f.asked).toEqual(["x", "r"]);
+      expect(await now(refused)).toBe("refused: busy");
+      expect(f.flights.waiting).toBe(1);
+      f.settle("r");
+      expect(await recheck).toBe("answer r");
+      await tick();
+      // Asked after its joiners began, in the slot the re-check freed.
+      expect(f.asked).toEqual(["x", "r", "x"]);
+      f.settle("x", "second");
+      expect(await now(waits)).toBe("second");
+      expect(f.refusals).toEqual(["busy"]);
+      expect(f.flights.waiting).toBe(0);
+    });
+
+    it("counts a follow-up in the re-checks' share only when one of its joiners may wait, whoever began the chain", async () => {
+      // A chain begun by a re-check, followed up for a call that may not wait: out of the share.
+      const begunWaiting = scripted(4);
+      void begunWaiting.answer("a", {});
+      void begunWaiting.answer("b", {});
+      void begunWaiting.answer("x", {}, 0, true);
+      void begunWaiting.answer("x", undefined, 0, true);
+      expect(begunWaiting.flights.recheckShare).toBe(3);
+      begunWaiting.settle("x");
+      await tick();
+      expect(begunWaiting.asked).toEqual(["a", "b", "x", "x"]);
+      void begunWaiting.answer("c", {});
+      expect(begunWaiting.asked).toEqual(["a", "b", "x", "x", "c"]);
+      expect(begunWaiting.flights.waiting).toBe(0);
+
+      // A chain begun by a call that may not wait, followed up for a re-check: in the share.
+      const begunNot = scripted(4);
+      void begunNot.answer("a", {});
+      void begunNot.answer("b", {});
+      void begunNot.answer("x", undefined, 0, true);
+      void begunNot.answer("x", {}, 0, true);
+      begunNot.settle("x");
+      await tick();
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x"]);
+      void begunNot.answer("c", {});
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x"]);
+      expect(begunNot.flights.waiting).toBe(1);
+      // The last slot stays free for a call that may not wait.
+      void begunNot.answer("y");
+      expect(begunNot.asked).toEqual(["a", "b", "x", "x", "y"]);
+    });
+
+    it("keeps busy exact tokens filling every slot from starving a waiting re-check: it is served as the first of them answers", async () => {
+      const f = scripted(4, 1000);
+      const busy = ["m0", "m1", "m2", "m3"];
+      for (const m of busy) void f.answer(m, undefined, 0, true).catch(() => {});
+      let served = false;
+      const recheck = f.answer("r", {}).then((v) => {
+        served = true;
+        return v;
+      });
+      const refused: Promise<string>[] = [];
+      // Each token gets a new call during every flight of it, round after round.
+      for (let round = 0; round < 3 && !served; round++)
+        for (const m of busy) {
+          refused.push(f.answer(m, undefined, 0, true).catch((e: Error) => e.message));
+          f.settle(m);
+          await tick();
+          if (f.asked.includes("r")) f.settle("r");
+          await tick();
+        }
+      expect(served).toBe(true);
+      expect(await recheck).toBe("answer r");
+      expect(f.asked.slice(0, 5)).toEqual(["m0", "m1", "m2", "m3", "r"]);
+      // m0's follow-up found no slot free for its call: refused at once, as a new one.
+      expect(await now(refused[0])).toBe("refused: busy");
+      expect(f.refusals).not.toContain("waited");
+    });
+
+    it("frees the slot whatever the answer: a failed ask is followed up, and a follow-up thrown at once refuses its joiners", async () => {
+      const f = scripted(1);
+      const first = f.answer("x", undefined, 0, true).catch((e: Error) => e.message);
+      const second = f.answer("x", undefined, 0, true);
+      f.fail("x");
+      expect(await first).toBe("failed x");
+      expect(f.asked).toEqual(["x", "x"]);
+      const third = f.answer("x", undefined, 0, true).catch((e: Error) => e.message);
+      f.throwing.add("x");
+      f.settle("x", "second");
+      expect(await second).toBe("second");
+      expect(await third).toBe("thrown x");
+      await tick();
+      void f.answer("y");
+      expect(f.asked).toEqual(["x", "x", "x", "y"]);
+      expect(f.refusals).toEqual([]);
+    });
   });
 });

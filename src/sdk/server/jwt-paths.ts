@@ -4,6 +4,7 @@
 
 import type { AccessTokenClaims, JwtAlgorithm } from "./offline-jwt.js";
 import type { RevocationWatch } from "./revocation-watch.js";
+import { certificateAuthority } from "./token-claims.js";
 
 /**
  * How JWTs are verified: "offline" against Tessera's JWKS only (a token signed otherwise is
@@ -49,19 +50,36 @@ export async function verifiesOnline(
   return !(offline as readonly string[]).includes(alg) && (await keyless());
 }
 
+/** What the core reads of a credential it asks Tessera about (see {@link onlinePayload}). */
+export interface AskedClaims {
+  exact: boolean;
+  sid: string | undefined;
+}
+
+/** The same of an access token verified offline (none for an opaque credential). */
+export function offlinePayload(claims: AccessTokenClaims | undefined): AskedClaims {
+  return { exact: claims !== undefined && certificateAuthority(claims), sid: claims?.sid };
+}
+
 /**
- * The session (`sid`) of a JWT Tessera has just answered VALID for. VerifyCredential checked
- * this very token's signature, so its payload is Tessera's own; the `sid` keys the cached
- * answer to the session's revocation events (logout, session revoked).
+ * What the core reads of a JWT it sends to Tessera, from one decoding of its payload:
+ * `exact`, whether its authority came from a client certificate (see certificateAuthority:
+ * then no answer for it is shared or cached), and its session (`sid`), which counts only once
+ * Tessera has answered VALID for this very token (Tessera checked its signature, so the
+ * payload is Tessera's own): the `sid` keys the cached answer to the session's revocation
+ * events (logout, session revoked).
  */
-export function vouchedSession(token: string): string | undefined {
+export function onlinePayload(token: string): AskedClaims {
   try {
     const payload: unknown = JSON.parse(Buffer.from(token.split(".")[1] ?? "", "base64url").toString());
-    const sid =
-      typeof payload === "object" && payload !== null ? (payload as { sid?: unknown }).sid : undefined;
-    return typeof sid === "string" && sid !== "" ? sid : undefined;
+    if (typeof payload !== "object" || payload === null) return { exact: false, sid: undefined };
+    const sid = (payload as { sid?: unknown }).sid;
+    return {
+      exact: certificateAuthority(payload),
+      sid: typeof sid === "string" && sid !== "" ? sid : undefined,
+    };
   } catch {
-    return undefined;
+    return { exact: false, sid: undefined };
   }
 }
 

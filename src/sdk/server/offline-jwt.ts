@@ -22,6 +22,8 @@ export interface AccessTokenClaims {
   jti?: string;
   sid?: string;
   cnf?: { "x5t#S256"?: string };
+  /** Authentication methods (RFC 8176), as Tessera wrote them: read by certificateAuthority alone. */
+  amr?: unknown;
 }
 
 interface Key {

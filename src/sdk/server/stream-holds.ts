@@ -34,6 +34,13 @@ export interface StreamHoldsOptions {
   ): Promise<TesseraPrincipal>;
   /** Whether the revocation watch vouches for what it has not reported. */
   watching(): boolean;
+  /**
+   * Whether `principal` was admitted by a credential the watch cannot vouch for (an access
+   * token whose authority came from a client certificate: another binding can take the
+   * certificate with no event naming it): its stream is re-checked every `recheckMs`, as
+   * while the watch is down.
+   */
+  exact?(principal: TesseraPrincipal): boolean;
   now(): number;
   /** The refusal a stream ends with when a check fails with `err`, reporting a bug (default: `refusalOf`, unreported). */
   refusalOf?(err: unknown): TesseraAuthError;
@@ -69,7 +76,7 @@ interface Held {
   admitted: boolean;
   /** An event (or its certificate's end) concerns it: its next check must not wait for a slot. */
   urgent: boolean;
-  /** Its next check is the periodic one while nothing vouches for it: it waits at the queue's head. */
+  /** Its next check is the periodic one while the watch is down: it waits at the queue's head. */
   periodic: boolean;
   /** Aborted to take its check out of the wait for a verification slot (with {@link LEFT}). */
   waiting: AbortController | undefined;
@@ -113,10 +120,12 @@ const MAX_DELAY_MS = 2 ** 31 - 1;
  * once. The re-check every `recheckMs` while nothing vouches for a stream (the watch down:
  * no event would come) waits at the head of the queue, ahead of a loss's, within the same
  * share, so that a flood of new calls (anyone can send them) never ends it: only a wait of
- * {@link RECHECK_MS} does. Its timer fires after between `recheckMs` and 6/5 of it, at
- * random: a loss re-checks every stream at once, and their timers would fire in bursts; never
- * sooner, so that they do not go ahead of the loss's re-checks still waiting (each waits
- * {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
+ * {@link RECHECK_MS} does. A stream whose credential the watch can never vouch for (see
+ * `exact`) is re-checked so too, the watch up or not; while it is up, its re-check waits in
+ * the queue behind a loss's, as they do. Its timer fires after between
+ * `recheckMs` and 6/5 of it, at random: a loss re-checks every stream at once, and their
+ * timers would fire in bursts; never sooner, so that they do not go ahead of the loss's
+ * re-checks still waiting (each waits {@link RECHECK_MS} at most). A revocation Tessera records while nothing vouches for a
  * stream ends it within 6/5 `recheckMs` + {@link RECHECK_MS} + 2 x the longest verification
  * (a check that answered just before it, the timer, the wait, the check that answers it).
  */
@@ -225,6 +234,7 @@ export class StreamHolds {
         if (principal === undefined) continue;
         authorize(principal, held.rule);
         held.principal = principal;
+        if (this.#o.exact?.(principal)) held.vouched = false;
       } while (held.again && this.#held.has(held));
     } finally {
       held.checking = false;
@@ -236,7 +246,7 @@ export class StreamHolds {
    * One authentication of the stream. A re-check of an admitted stream (after a loss of the
    * watch, or while nothing vouches for it) may wait for a verification slot, as every held
    * stream is re-checked at once after a loss: the stream runs on its last admission meanwhile,
-   * as during any re-check; the periodic one, while nothing vouches for it, waits ahead of
+   * as during any re-check; the periodic one, while the watch is down, waits ahead of
    * those. A first check does not (a new call is refused at once, 503), nor one an event or
    * the certificate's end asked for: it is answered at once, or refused 503 at once when no
    * slot is free, never left waiting behind the others. Undefined: the wait was cancelled
@@ -307,9 +317,11 @@ export class StreamHolds {
       if (at >= expires) this.#end(held, expired(held.principal!));
       else if (this.#certificateEnded(held, at)) this.#poke(held, true);
       // A re-check while nothing vouches for the stream (no event would come for a
-      // revocation): at the head of the queue, ahead of a loss's re-checks.
+      // revocation): while the watch is down, at the head of the queue, ahead of a loss's
+      // re-checks. While it is up (a credential it cannot vouch for: see `exact`), behind them:
+      // enough such streams would otherwise take every slot the loss's re-checks wait for.
       else if (!deadline) {
-        held.periodic = true;
+        held.periodic = !this.#o.watching();
         this.#poke(held);
       }
       // A timer can fire a millisecond before Date.now() reaches its deadline: wait the rest

@@ -11,7 +11,7 @@ import { AdmissionMemo } from "./admission-memo.js";
 import { createAuthReports } from "./auth-reports.js";
 import { refusalOf, TesseraAuthError } from "./errors.js";
 import { fetchJson } from "./fetch-json.js";
-import { offlineVerdict, verifiesOnline, vouchedSession } from "./jwt-paths.js";
+import { offlinePayload, offlineVerdict, onlinePayload, verifiesOnline } from "./jwt-paths.js";
 import {
   type AccessTokenClaims,
   createOfflineJwtVerifier,
@@ -24,6 +24,7 @@ import { RevocationWatch } from "./revocation-watch.js";
 import { RECHECK_MS, type StreamHold, StreamHolds } from "./stream-holds.js";
 import type { TesseraAuthOptions, TesseraAuthStats } from "./tessera-auth-options.js";
 import { createTesseraClient } from "./tessera-client.js";
+import { certificateAuthority } from "./token-claims.js";
 import { authorize, credentialOf, type DownstreamRule, REFUSALS, unavailable } from "./verdicts.js";
 import { VerifiedCache } from "./verified-cache.js";
 import { type SlotWait, VerifyFlights } from "./verify-flights.js";
@@ -97,8 +98,10 @@ interface Admitted {
  * keys (see `jwt.verify`); personal access tokens, API keys, machine tokens, Basic pairs and
  * the access tokens of an HS256 Tessera through Tessera's VerifyCredential, whose VALID
  * answers are cached while the WatchRevocations stream is up (each event drops what it
- * names); while it is down (not yet connected, broken, silent past twice its heartbeat)
- * the cache is empty and every call is verified by Tessera, access tokens included.
+ * names), except for an access token whose authority came from a client certificate:
+ * Tessera answers that one on every call. While the stream is down (not yet connected,
+ * broken, silent past twice its heartbeat) the cache is empty and every call is verified by
+ * Tessera, access tokens included.
  * Tessera unreachable: UNAVAILABLE (503 + Retry-After), never an admission.
  */
 export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
@@ -165,9 +168,12 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
    */
   const walled = new Set<string>();
 
+  /** Principals of certificate-authority tokens: the watch never vouches for them (see online). */
+  const exactPrincipals = new WeakSet<TesseraPrincipal>();
   const streams = new StreamHolds({
     authenticate,
     watching: () => watch?.healthy() ?? false,
+    exact: (principal) => exactPrincipals.has(principal),
     now,
     refusalOf: (err) => refusalOf(err, reports.bug),
   });
@@ -212,6 +218,8 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
   /**
    * Tessera's answer for `credential`, from the cache while the stream vouches for it; with
    * the watch's epoch and the cache's deadline when the answer is (now) cached, else `until` 0.
+   * A certificate-authority token's (see certificateAuthority) is asked on every call, never
+   * cached: the cache is read before its claims, as it never holds one.
    */
   async function online(
     credential: string,
@@ -235,8 +243,11 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
         };
       }
     }
+    const { exact, sid } = jwtOnline ? onlinePayload(credential) : offlinePayload(claims);
     const epoch = watch?.epoch ?? 0;
     // Concurrent first uses of one credential share one answer, whichever client sent each.
+    // A certificate-authority token's binding changes without an event: no call joins an ask
+    // made before it began, yet one ask at a time (the calls meanwhile share the next one).
     const res = await inflight.answer(
       credential,
       epoch,
@@ -245,6 +256,7 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
         return tessera.verify(credential, address, watch?.position);
       },
       wait,
+      exact,
     );
     if (res.code === VerificationCode.RATE_LIMITED)
       throw new TesseraAuthError("RATE_LIMITED", "too many failed verifications: retry later", {
@@ -254,10 +266,12 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
       const [reason, message] = REFUSALS[res.code] ?? ["CREDENTIALS_INVALID", "credentials are invalid"];
       throw new TesseraAuthError(reason, message);
     }
-    const principal = principalOfAnswer(res, jwtOnline ? vouchedSession(credential) : claims?.sid);
+    const principal = principalOfAnswer(res, sid);
     if (res.tenantId !== "") walled.add(res.tenantId);
+    if (exact) exactPrincipals.add(principal);
     // Stored only when no event and no loss of the stream came in while Tessera answered.
-    const until = trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
+    const until =
+      !exact && trusted && watch?.healthy() && watch.epoch === epoch ? cache.set(credential, principal) : 0;
     return { principal, epoch, until, offline: false, credential };
   }
 
@@ -277,7 +291,9 @@ export function createTesseraAuth(options: TesseraAuthOptions): TesseraAuth {
     const claims = await jwt.verify(credential);
     const verdict = offlineVerdict(claims, verdictDeps);
     if (verdict === "revoked") throw new TesseraAuthError("TOKEN_REVOKED", "credential is revoked");
-    if (verdict === "ask") return online(credential, address, wait, false, claims);
+    // Only Tessera knows whether a certificate-authority token's certificate is still its own.
+    if (verdict === "ask" || certificateAuthority(claims))
+      return online(credential, address, wait, false, claims);
     counters.offlineJwts++;
     // Accepted while the watch is healthy; offlineVerdict asks again past the lifetime bound.
     const until = Math.min(claims.exp * 1000, claims.iat * 1000 + maxLifetimeMs);

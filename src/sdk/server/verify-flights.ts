@@ -25,6 +25,19 @@ interface Flight<T> {
   readonly answer: Promise<T>;
   /** Asked for a call that may wait: it holds one of their share of the slots. */
   readonly waitable: boolean;
+  /** An exact credential's next ask, joined by the calls that arrived while this one flies. */
+  follow?: FollowUp<T>;
+}
+
+/** The ask made in a flight's slot once it ends, for calls that began after it was asked. */
+interface FollowUp<T> {
+  readonly ask: () => Promise<T>;
+  readonly waiters: Set<Joiner<T>>;
+}
+
+/** A call joining a follow-up, with how it may wait for a slot (none: it may not). */
+interface Joiner<T> extends Waiter<T> {
+  readonly wait?: SlotWait;
 }
 
 /** How a call may wait for a slot: until `signal` aborts; `first`, ahead of those that do not. */
@@ -61,6 +74,15 @@ export type FlightRefusal = "busy" | "waited";
  * wait as one entry and share its flight; one timer, for the oldest entry's deadline,
  * serves both queues (deadlines are in arrival order in each). A waiter leaves when its
  * signal aborts.
+ *
+ * An `exact` credential (one whose answer may change with no event: see VerifyFlights.answer)
+ * is never answered by a flight asked before the call began, yet asked by one flight at a
+ * time: the calls arriving while it flies join one follow-up, asked when it ends. Each new
+ * call asking at once instead let anyone holding such a token, or forging one where JWTs go
+ * to Tessera, keep any number of asks at Tessera in one slot. The follow-up takes the slot
+ * as its joiners' own call would, after the waiting calls were served: handed on for good, a
+ * busy token's chain kept it from them. A joiner leaves when its signal aborts; a follow-up nobody
+ * joins any more is not asked.
  */
 export class VerifyFlights<T> {
   readonly #flights = new Map<string, Flight<T>>();
@@ -95,9 +117,18 @@ export class VerifyFlights<T> {
    * The answer for `credential`: the flight asked at `epoch`, else `ask()`'s. With `wait`,
    * the call waits for a slot when none is free (until `waitMs`, or `wait.signal` aborts:
    * then it is rejected with the signal's reason); `wait.first`: ahead of those that do not.
+   * `exact`: whatever the epoch, a flight asked before the call began never answers it; one
+   * in flight is followed up (see the class).
    */
-  answer(credential: string, epoch: number, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
+  answer(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    wait?: SlotWait,
+    exact = false,
+  ): Promise<T> {
     const pending = this.#flights.get(credential);
+    if (exact && pending !== undefined) return this.#follow(pending, ask, wait);
     if (pending !== undefined && pending.epoch === epoch) return pending.answer;
     if (wait !== undefined) {
       const first = wait.first === true;
@@ -123,14 +154,23 @@ export class VerifyFlights<T> {
   }
 
   #fly(credential: string, epoch: number, ask: () => Promise<T>, waitable: boolean): Promise<T> {
+    // An ask that throws at once still makes a flight that ends: a follow-up is asked inside
+    // its predecessor's end, where a throw would keep the slot for good.
+    let asked: Promise<T>;
+    try {
+      asked = ask();
+    } catch (err) {
+      asked = Promise.reject(err);
+    }
     const flight: Flight<T> = {
       epoch,
       waitable,
-      answer: ask().finally(() => {
+      answer: asked.finally(() => {
         if (this.#flights.get(credential) !== flight) return;
         this.#flights.delete(credential);
         if (waitable) this.#waitable--;
         this.#pump();
+        if (flight.follow !== undefined) this.#followUp(credential, epoch, flight.follow);
       }),
     };
     if (this.#flights.get(credential)?.waitable) this.#waitable--;
@@ -148,6 +188,62 @@ export class VerifyFlights<T> {
     return flight.answer;
   }
 
+  /** Join the follow-up of `flight` (an exact credential's), until `wait.signal` aborts. */
+  #follow(flight: Flight<T>, ask: () => Promise<T>, wait?: SlotWait): Promise<T> {
+    const signal = wait?.signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    flight.follow ??= { ask, waiters: new Set() };
+    const follow = flight.follow;
+    return new Promise<T>((resolve, reject) => {
+      const leave = () => {
+        follow.waiters.delete(joiner);
+        if (follow.waiters.size === 0 && flight.follow === follow) flight.follow = undefined;
+        reject(signal!.reason);
+      };
+      const joiner: Joiner<T> = {
+        resolve,
+        reject,
+        wait,
+        off: () => signal?.removeEventListener("abort", leave),
+      };
+      follow.waiters.add(joiner);
+      signal?.addEventListener("abort", leave, { once: true });
+    });
+  }
+
+  /**
+   * Ask `follow` once its flight's slot is freed and the waiting calls were served first:
+   * a chain kept its slot for good otherwise, each waiting re-check running out its wait.
+   * It takes a slot as a new call of its joiners would (in the share if one may wait);
+   * with none free, those that may wait queue and the others are refused at once.
+   */
+  #followUp(credential: string, epoch: number, follow: FollowUp<T>): void {
+    const joiners = [...follow.waiters];
+    for (const joiner of joiners) joiner.off();
+    // The queue served may have asked it (a call that waited for it at an older epoch).
+    const asked = this.#flights.get(credential);
+    if (asked !== undefined) {
+      for (const joiner of joiners) joiner.resolve(asked.answer);
+      return;
+    }
+    const mayWait = joiners.some((joiner) => joiner.wait !== undefined);
+    let waitable: boolean | undefined;
+    if (mayWait && this.#free(true)) waitable = true;
+    else if (joiners.some((joiner) => joiner.wait === undefined) && this.#free(false)) waitable = false;
+    if (waitable !== undefined) {
+      // Asked now, after each of its joiners began.
+      const answer = this.#fly(credential, epoch, follow.ask, waitable);
+      for (const joiner of joiners) joiner.resolve(answer);
+      return;
+    }
+    for (const joiner of joiners)
+      if (joiner.wait === undefined) {
+        this.refused++;
+        joiner.reject(this.refusal("busy"));
+      } else
+        this.#wait(credential, epoch, follow.ask, joiner.wait.first === true, joiner.wait.signal, joiner);
+  }
+
   #enqueue(
     credential: string,
     epoch: number,
@@ -156,6 +252,20 @@ export class VerifyFlights<T> {
     signal?: AbortSignal,
   ): Promise<T> {
     if (signal?.aborted) return Promise.reject(signal.reason);
+    return new Promise<T>((resolve, reject) =>
+      this.#wait(credential, epoch, ask, first, signal, { resolve, reject }),
+    );
+  }
+
+  /** Queue a call (`settle`: how it is answered) for `credential`'s slot, until `signal` aborts. */
+  #wait(
+    credential: string,
+    epoch: number,
+    ask: () => Promise<T>,
+    first: boolean,
+    signal: AbortSignal | undefined,
+    settle: Pick<Waiter<T>, "resolve" | "reject">,
+  ): void {
     const queue = first ? this.#head : this.#queue;
     let entry = queue.get(credential);
     if (entry === undefined) {
@@ -171,16 +281,15 @@ export class VerifyFlights<T> {
       this.#arm();
     } else entry.epoch = Math.max(entry.epoch, epoch);
     const queued = entry;
-    return new Promise<T>((resolve, reject) => {
-      const leave = () => {
-        this.#leave(queued, waiter);
-        reject(signal!.reason);
-      };
-      const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
-      queued.waiters.add(waiter);
-      this.#waiting++;
-      signal?.addEventListener("abort", leave, { once: true });
-    });
+    const { resolve, reject } = settle;
+    const leave = () => {
+      this.#leave(queued, waiter);
+      reject(signal!.reason);
+    };
+    const waiter: Waiter<T> = { resolve, reject, off: () => signal?.removeEventListener("abort", leave) };
+    queued.waiters.add(waiter);
+    this.#waiting++;
+    signal?.addEventListener("abort", leave, { once: true });
   }
 
   #leave(entry: Queued<T>, waiter: Waiter<T>): void {
