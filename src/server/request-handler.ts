@@ -150,7 +150,11 @@ export function createRequestHandler(
     log: app.accessLog,
     access: config.log.access,
   });
-  const observeHttp = createHttpObserver({ metrics: app.metrics, log: app.accessLog, access: config.log.access });
+  const observeHttp = createHttpObserver({
+    metrics: app.metrics,
+    log: app.accessLog,
+    access: config.log.access,
+  });
   // connect-node's adapter with a leaner bridge to Node (see transport/fast-adapter.ts for why).
   const adapter = createTransport(config.server.transport, {
     routes: app.routes,
