@@ -58,6 +58,8 @@ interface Held {
   use(): Promise<unknown>;
   /** The credential as VerifyCredential and /oauth2/introspect take it (none for refresh tokens and certificates). */
   presented?: string;
+  /** RFC 8705 `x5t#S256` of the certificate a bound credential is presented with (a service is given it too). */
+  thumbprint?: string;
   /** Each action, done on the revoking instance. */
   acts: Partial<Record<Action, () => Promise<unknown>>>;
   /** Whether warm-up calls are answered from the state cache (a refresh writes its session). */
@@ -322,6 +324,7 @@ const KINDS: Record<
       return {
         use: () => check(conn.transport, token),
         presented: token,
+        thumbprint: Buffer.from(backend.fingerprint, "hex").toString("base64url"),
         cached: true,
         acts: {
           ...s.acts,
@@ -460,22 +463,19 @@ describe("the same cells through the SDK, watching the revoking instance and ver
   afterAll(() => auth?.close());
 
   /** The SDK's answer: "ok", or the refusal's reason. */
-  async function sdk(header: string): Promise<string> {
+  async function sdk(header: string, thumbprint?: string): Promise<string> {
     try {
-      await auth.authenticate(header);
+      await auth.authenticate(header, thumbprint);
       return "ok";
     } catch (err) {
       return (err as { reason?: string }).reason ?? String(err);
     }
   }
 
-  // Refresh tokens and certificates are not presented to a service in a header, nor is a
-  // certificate's access token without its certificate (which `authenticate(header)` is not given).
-  const headerless = [
-    "refresh token",
-    "client certificate (binding)",
-    "access token issued to a client certificate alone",
-  ];
+  // Refresh tokens and certificates are not presented to a service in a header; a certificate's
+  // own access token has its cells below.
+  const certificateToken = "access token issued to a client certificate alone";
+  const headerless = ["refresh token", "client certificate (binding)", certificateToken];
   it.each(CELLS.filter(([kind]) => !headerless.includes(kind)))(
     "%s, %s on one instance: refused by the SDK's next call once the event is in",
     async (kind, action) => {
@@ -492,6 +492,27 @@ describe("the same cells through the SDK, watching the revoking instance and ver
       await held.acts[action]!();
       await expect.poll(() => auth.stats().watch!.events).toBeGreaterThan(events);
       expect(await sdk(header)).not.toBe("ok");
+    },
+  );
+
+  // A takeover or contest names no event the token's machine user is in: the SDK asks Tessera
+  // on every call of such a token (never offline, never cached), so no event is waited for.
+  it.each(CELLS.filter(([kind]) => kind === certificateToken))(
+    "%s, %s on one instance: asked on every call, refused by the SDK's very next one",
+    async (kind, action) => {
+      const held = await KINDS[kind]!.make();
+      try {
+        const header = `Bearer ${held.presented!}`;
+        for (let i = 0; i < 2; i++) {
+          const calls = auth.stats().verifyCalls;
+          expect(await sdk(header, held.thumbprint)).toBe("ok");
+          expect(auth.stats().verifyCalls).toBe(calls + 1);
+        }
+        await held.acts[action]!();
+        expect(await sdk(header, held.thumbprint)).not.toBe("ok");
+      } finally {
+        await held.close?.();
+      }
     },
   );
 });
