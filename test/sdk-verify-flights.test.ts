@@ -343,6 +343,19 @@ describe("the SDK's verifications in flight", () => {
       // The last slot stays free for a call that may not wait.
       void begunNot.answer("y");
       expect(begunNot.asked).toEqual(["a", "b", "x", "x", "y"]);
+
+      // The share full, a follow-up for a re-check alone waits for it rather than take the last
+      // slot, which stays free for a call that may not wait.
+      const shareFull = scripted(4);
+      for (const c of ["a", "b", "c"]) void shareFull.answer(c, {});
+      void shareFull.answer("x", undefined, 0, true);
+      void shareFull.answer("x", {}, 0, true);
+      shareFull.settle("x");
+      await tick();
+      expect(shareFull.asked).toEqual(["a", "b", "c", "x"]);
+      expect(shareFull.flights.waiting).toBe(1);
+      void shareFull.answer("y");
+      expect(shareFull.asked).toEqual(["a", "b", "c", "x", "y"]);
     });
 
     it("keeps busy exact tokens filling every slot from starving a waiting re-check: it is served as the first of them answers", async () => {
